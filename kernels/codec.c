@@ -1,0 +1,383 @@
+/* codec.c -- the codec registry and everything codecs have in common: spec
+ * strings, layouts, views over worker memory and their bounds checks.
+ *
+ * Encode and decode walk the block as layers x {K, V} parts and hand each
+ * codec one tile at a time, so the bounds check happens once per block here
+ * and no codec computes an address from a client-supplied stride itself.
+ */
+#include "codec_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+static const vqkv__codec_ops_t *const vqkv__codecs[] = {
+    &vqkv__fp16_ops,  &vqkv__fp8_ops, &vqkv__kivi2_ops,
+    &vqkv__kivi4_ops, &vqkv__rvq_ops, &vqkv__vqkv_ops,
+};
+
+const char *vqkv_strerror(int err)
+{
+    switch (err) {
+    case VQKV_OK: return "success";
+    case VQKV_EINVAL: return "invalid argument";
+    case VQKV_ESPEC: return "codec spec not understood";
+    case VQKV_ERANGE: return "block lies outside the registered region";
+    case VQKV_ENOMEM: return "out of memory";
+    case VQKV_ENOCODEBOOK: return "codec has no codebooks yet (train or load them)";
+    case VQKV_EIO: return "file could not be read or written";
+    case VQKV_EFORMAT: return "file is malformed, truncated or fails its checksum";
+    case VQKV_EMISMATCH: return "file was made for another layout or codec";
+    default: return "unknown error";
+    }
+}
+
+size_t vqkv_dtype_size(vqkv_dtype_t dtype)
+{
+    switch (dtype) {
+    case VQKV_DTYPE_F16:
+    case VQKV_DTYPE_BF16: return 2;
+    case VQKV_DTYPE_F32: return 4;
+    }
+    return 0;
+}
+
+int vqkv_layout_check(const vqkv_layout_t *layout)
+{
+    if (layout == NULL || vqkv_dtype_size(layout->dtype) == 0)
+        return VQKV_EINVAL;
+    if (layout->num_layers == 0 || layout->num_layers > 1024)
+        return VQKV_EINVAL;
+    if (layout->num_kv_heads == 0 || layout->num_kv_heads > 1024)
+        return VQKV_EINVAL;
+    if (layout->head_dim == 0 || layout->head_dim % 2 != 0 || layout->head_dim > VQKV_MAX_HEAD_DIM)
+        return VQKV_EINVAL;
+    if (layout->block_tokens == 0 || layout->block_tokens > 4096)
+        return VQKV_EINVAL;
+    return VQKV_OK;
+}
+
+static uint64_t vqkv__tensor_bytes(const vqkv_layout_t *layout, uint32_t num_slots)
+{
+    return (uint64_t)num_slots * layout->block_tokens * layout->num_kv_heads * layout->head_dim *
+           vqkv_dtype_size(layout->dtype);
+}
+
+static void vqkv__view_inner(vqkv_kv_view_t *view, const vqkv_layout_t *layout, uint32_t num_slots)
+{
+    size_t esize = vqkv_dtype_size(layout->dtype);
+    memset(view, 0, sizeof *view);
+    view->num_slots = num_slots;
+    view->head_stride = (uint64_t)layout->head_dim * esize;
+    view->token_stride = view->head_stride * layout->num_kv_heads;
+    view->slot_stride = view->token_stride * layout->block_tokens;
+}
+
+void vqkv_kv_view_vllm(vqkv_kv_view_t *view, const vqkv_layout_t *layout, uint32_t num_slots)
+{
+    vqkv__view_inner(view, layout, num_slots);
+    view->kv_stride = vqkv__tensor_bytes(layout, num_slots);
+    view->layer_stride = 2 * view->kv_stride;
+    view->region_bytes = view->layer_stride * layout->num_layers;
+}
+
+void vqkv_kv_view_split(vqkv_kv_view_t *view, const vqkv_layout_t *layout, uint32_t num_slots,
+                        uint64_t gap)
+{
+    vqkv__view_inner(view, layout, num_slots);
+    view->kv_stride = vqkv__tensor_bytes(layout, num_slots) + gap;
+    view->layer_stride = 2 * view->kv_stride;
+    view->region_bytes = view->layer_stride * layout->num_layers;
+}
+
+/* *acc += a * b, false on overflow. */
+static bool vqkv__mul_add(uint64_t *acc, uint64_t a, uint64_t b)
+{
+    uint64_t prod;
+    return !__builtin_mul_overflow(a, b, &prod) && !__builtin_add_overflow(*acc, prod, acc);
+}
+
+int vqkv_kv_view_check(const vqkv_layout_t *layout, const vqkv_kv_view_t *view, uint32_t slot)
+{
+    if (view == NULL || vqkv_layout_check(layout) != VQKV_OK)
+        return VQKV_EINVAL;
+    if (slot >= view->num_slots)
+        return VQKV_ERANGE;
+    /* The last byte the block touches, computed without wrapping. */
+    uint64_t end = view->offset;
+    uint64_t row = (uint64_t)layout->head_dim * vqkv_dtype_size(layout->dtype);
+    if (!vqkv__mul_add(&end, layout->num_layers - 1, view->layer_stride) ||
+        !vqkv__mul_add(&end, 1, view->kv_stride) || !vqkv__mul_add(&end, slot, view->slot_stride) ||
+        !vqkv__mul_add(&end, layout->block_tokens - 1, view->token_stride) ||
+        !vqkv__mul_add(&end, layout->num_kv_heads - 1, view->head_stride) ||
+        !vqkv__mul_add(&end, 1, row))
+        return VQKV_ERANGE;
+    return end <= view->region_bytes ? VQKV_OK : VQKV_ERANGE;
+}
+
+/* Splits "name:k=v,k=v" into spec. */
+static int vqkv__spec_parse(const char *text, vqkv__spec_t *spec)
+{
+    memset(spec, 0, sizeof *spec);
+    size_t name_len = strcspn(text, ":");
+    if (name_len == 0 || name_len >= sizeof spec->name)
+        return VQKV_ESPEC;
+    memcpy(spec->name, text, name_len);
+    const char *p = text + name_len;
+    if (*p == '\0')
+        return VQKV_OK;
+    p++;
+    while (*p != '\0') {
+        if (spec->n == VQKV__MAX_PARAMS)
+            return VQKV_ESPEC;
+        vqkv__param_t *param = &spec->p[spec->n++];
+        size_t key_len = strcspn(p, "=,");
+        if (key_len == 0 || key_len >= sizeof param->key || p[key_len] != '=')
+            return VQKV_ESPEC;
+        memcpy(param->key, p, key_len);
+        p += key_len + 1;
+        size_t val_len = strcspn(p, ",");
+        if (val_len == 0 || val_len >= sizeof param->word)
+            return VQKV_ESPEC;
+        memcpy(param->word, p, val_len);
+        param->is_num = strspn(param->word, "0123456789") == val_len && val_len <= 9;
+        if (param->is_num)
+            param->num = (uint32_t)strtoul(param->word, NULL, 10);
+        p += val_len;
+        if (*p == ',' && *++p == '\0')
+            return VQKV_ESPEC;
+        for (uint32_t i = 0; i + 1 < spec->n; i++)
+            if (strcmp(spec->p[i].key, param->key) == 0)
+                return VQKV_ESPEC;
+    }
+    return VQKV_OK;
+}
+
+static vqkv__param_t *vqkv__spec_find(vqkv__spec_t *spec, const char *key)
+{
+    for (uint32_t i = 0; i < spec->n; i++) {
+        if (strcmp(spec->p[i].key, key) == 0) {
+            spec->p[i].used = true;
+            return &spec->p[i];
+        }
+    }
+    return NULL;
+}
+
+int vqkv__spec_num(vqkv__spec_t *spec, const char *key, uint32_t dflt, uint32_t lo, uint32_t hi,
+                   uint32_t *out)
+{
+    vqkv__param_t *param = vqkv__spec_find(spec, key);
+    *out = dflt;
+    if (param == NULL)
+        return VQKV_OK;
+    if (!param->is_num || param->num < lo || param->num > hi)
+        return VQKV_ESPEC;
+    *out = param->num;
+    return VQKV_OK;
+}
+
+int vqkv__spec_word(vqkv__spec_t *spec, const char *key, const char *const *choices, uint32_t dflt,
+                    uint32_t *out)
+{
+    vqkv__param_t *param = vqkv__spec_find(spec, key);
+    *out = dflt;
+    if (param == NULL)
+        return VQKV_OK;
+    for (uint32_t i = 0; choices[i] != NULL; i++) {
+        if (strcmp(param->word, choices[i]) == 0) {
+            *out = i;
+            return VQKV_OK;
+        }
+    }
+    return VQKV_ESPEC;
+}
+
+int vqkv_codec_create(const char *spec_text, const vqkv_layout_t *layout, vqkv_codec_t **out)
+{
+    vqkv__spec_t spec;
+    vqkv_codec_t *codec = NULL;
+    int rc;
+
+    if (out == NULL || spec_text == NULL || vqkv_layout_check(layout) != VQKV_OK)
+        return VQKV_EINVAL;
+    *out = NULL;
+    rc = vqkv__spec_parse(spec_text, &spec);
+    if (rc != VQKV_OK)
+        return rc;
+
+    const vqkv__codec_ops_t *ops = NULL;
+    for (size_t i = 0; i < sizeof vqkv__codecs / sizeof vqkv__codecs[0]; i++)
+        if (strcmp(vqkv__codecs[i]->name, spec.name) == 0)
+            ops = vqkv__codecs[i];
+    if (ops == NULL)
+        return VQKV_ESPEC;
+
+    codec = calloc(1, sizeof *codec);
+    if (codec == NULL)
+        return VQKV_ENOMEM;
+    codec->ops = ops;
+    codec->layout = *layout;
+    rc = ops->init(codec, &spec);
+    if (rc != VQKV_OK)
+        goto fail;
+    for (uint32_t i = 0; i < spec.n; i++) {
+        if (!spec.p[i].used) {
+            rc = VQKV_ESPEC;
+            goto fail;
+        }
+    }
+    codec->block_bytes = (codec->part_bytes[0] + codec->part_bytes[1]) * layout->num_layers;
+    *out = codec;
+    return VQKV_OK;
+
+fail:
+    vqkv_codec_free(codec);
+    return rc;
+}
+
+void vqkv_codec_free(vqkv_codec_t *codec)
+{
+    if (codec == NULL)
+        return;
+    if (codec->state != NULL && codec->ops->free_state != NULL)
+        codec->ops->free_state(codec->state);
+    free(codec);
+}
+
+const char *vqkv_codec_spec(const vqkv_codec_t *codec)
+{
+    return codec->spec;
+}
+
+const vqkv_layout_t *vqkv_codec_layout(const vqkv_codec_t *codec)
+{
+    return &codec->layout;
+}
+
+size_t vqkv_codec_block_bytes(const vqkv_codec_t *codec)
+{
+    return codec->block_bytes;
+}
+
+double vqkv_codec_bits_per_value(const vqkv_codec_t *codec)
+{
+    const vqkv_layout_t *l = &codec->layout;
+    double values = 2.0 * l->num_layers * l->num_kv_heads * l->head_dim * l->block_tokens;
+    return (double)codec->block_bytes * 8.0 / values;
+}
+
+int vqkv_codec_needs_training(const vqkv_codec_t *codec)
+{
+    return codec->ops->needs_training != NULL && codec->ops->needs_training(codec);
+}
+
+int vqkv_codec_train(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x, size_t n_vectors,
+                     const vqkv_train_opts_t *opts)
+{
+    static const vqkv_train_opts_t defaults = {0};
+    if (codec == NULL || layer >= codec->layout.num_layers || (kv != 0 && kv != 1))
+        return VQKV_EINVAL;
+    if (codec->ops->train == NULL)
+        return VQKV_OK;
+    if (x == NULL || n_vectors == 0)
+        return VQKV_EINVAL;
+    return codec->ops->train(codec, layer, kv, x, n_vectors, opts != NULL ? opts : &defaults);
+}
+
+/* The tile of (layer, kv) of a checked slot. */
+static vqkv__tile_t vqkv__tile_at(const vqkv_codec_t *codec, const void *base,
+                                  const vqkv_kv_view_t *view, uint32_t slot, uint32_t layer, int kv)
+{
+    vqkv__tile_t tile;
+    tile.base = (uint8_t *)base + view->offset + layer * view->layer_stride +
+                (uint64_t)kv * view->kv_stride + slot * view->slot_stride;
+    tile.token_stride = view->token_stride;
+    tile.head_stride = view->head_stride;
+    tile.dtype = codec->layout.dtype;
+    return tile;
+}
+
+static int vqkv__codec_check(const vqkv_codec_t *codec, const void *base, const void *block,
+                             const vqkv_kv_view_t *view, uint32_t slot)
+{
+    if (codec == NULL || base == NULL || block == NULL || view == NULL)
+        return VQKV_EINVAL;
+    if (vqkv_codec_needs_training(codec))
+        return VQKV_ENOCODEBOOK;
+    return vqkv_kv_view_check(&codec->layout, view, slot);
+}
+
+int vqkv_codec_encode(const vqkv_codec_t *codec, const void *base, const vqkv_kv_view_t *view,
+                      uint32_t slot, uint8_t *out)
+{
+    int rc = vqkv__codec_check(codec, base, out, view, slot);
+    if (rc != VQKV_OK)
+        return rc;
+    for (uint32_t layer = 0; layer < codec->layout.num_layers; layer++) {
+        for (int kv = 0; kv < 2; kv++) {
+            vqkv__tile_t tile = vqkv__tile_at(codec, base, view, slot, layer, kv);
+            codec->ops->encode_part(codec, layer, kv, &tile, out);
+            out += codec->part_bytes[kv];
+        }
+    }
+    return VQKV_OK;
+}
+
+int vqkv_codec_decode(const vqkv_codec_t *codec, const uint8_t *in, void *base,
+                      const vqkv_kv_view_t *view, uint32_t slot)
+{
+    int rc = vqkv__codec_check(codec, base, in, view, slot);
+    if (rc != VQKV_OK)
+        return rc;
+    for (uint32_t layer = 0; layer < codec->layout.num_layers; layer++) {
+        for (int kv = 0; kv < 2; kv++) {
+            vqkv__tile_t tile = vqkv__tile_at(codec, base, view, slot, layer, kv);
+            codec->ops->decode_part(codec, layer, kv, in, &tile);
+            in += codec->part_bytes[kv];
+        }
+    }
+    return VQKV_OK;
+}
+
+void vqkv__tile_load(const vqkv__tile_t *tile, uint32_t t, uint32_t h, uint32_t n, float *out)
+{
+    const uint8_t *p = tile->base + t * tile->token_stride + h * tile->head_stride;
+    uint16_t u16;
+    switch (tile->dtype) {
+    case VQKV_DTYPE_F16:
+        for (uint32_t i = 0; i < n; i++) {
+            memcpy(&u16, p + 2 * i, 2);
+            out[i] = vqkv_f16_to_f32(u16);
+        }
+        break;
+    case VQKV_DTYPE_BF16:
+        for (uint32_t i = 0; i < n; i++) {
+            memcpy(&u16, p + 2 * i, 2);
+            out[i] = vqkv_bf16_to_f32(u16);
+        }
+        break;
+    case VQKV_DTYPE_F32: memcpy(out, p, (size_t)n * 4); break;
+    }
+}
+
+void vqkv__tile_store(const vqkv__tile_t *tile, uint32_t t, uint32_t h, uint32_t n, const float *in)
+{
+    uint8_t *p = tile->base + t * tile->token_stride + h * tile->head_stride;
+    uint16_t u16;
+    switch (tile->dtype) {
+    case VQKV_DTYPE_F16:
+        for (uint32_t i = 0; i < n; i++) {
+            u16 = vqkv_f32_to_f16(in[i]);
+            memcpy(p + 2 * i, &u16, 2);
+        }
+        break;
+    case VQKV_DTYPE_BF16:
+        for (uint32_t i = 0; i < n; i++) {
+            u16 = vqkv_f32_to_bf16(in[i]);
+            memcpy(p + 2 * i, &u16, 2);
+        }
+        break;
+    case VQKV_DTYPE_F32: memcpy(p, in, (size_t)n * 4); break;
+    }
+}

@@ -1,0 +1,102 @@
+/* codec_internal.h -- what the codec implementations share with codec.c.
+ *
+ * A codec compresses a block as layers x {K, V} independent parts: part
+ * (layer, kv) is part_bytes[kv] bytes at offset
+ *   layer * (part_bytes[0] + part_bytes[1]) + kv * part_bytes[0]
+ * of the block. Each implementation supplies encode_part/decode_part over a
+ * vqkv__tile_t, the [block_tokens][heads][head_dim] window of one (layer,
+ * kv, slot) in worker memory, so codec.c alone deals with views and bounds.
+ */
+#ifndef VQKV_CODEC_INTERNAL_H
+#define VQKV_CODEC_INTERNAL_H
+
+#include "numeric.h"
+#include "vqkv_codec.h"
+
+#include <stdbool.h>
+
+/* One (layer, kv, slot) in worker memory: element (t, h, d) lives at
+ * base + t*token_stride + h*head_stride + d*element size. */
+typedef struct {
+    uint8_t *base;
+    uint64_t token_stride;
+    uint64_t head_stride;
+    vqkv_dtype_t dtype;
+} vqkv__tile_t;
+
+/* One "key=value" of a spec string; values are unsigned or words. */
+typedef struct {
+    char key[16];
+    char word[16];
+    uint32_t num;
+    bool is_num;
+    bool used;
+} vqkv__param_t;
+
+#define VQKV__MAX_PARAMS 8
+
+typedef struct {
+    char name[16];
+    vqkv__param_t p[VQKV__MAX_PARAMS];
+    uint32_t n;
+} vqkv__spec_t;
+
+typedef struct vqkv__codec_ops {
+    const char *name;
+    /* Reads its parameters from spec, fills codec->part_bytes and
+     * codec->spec, and allocates codec->state. */
+    int (*init)(vqkv_codec_t *codec, vqkv__spec_t *spec);
+    void (*free_state)(void *state);
+    void (*encode_part)(const vqkv_codec_t *codec, uint32_t layer, int kv, const vqkv__tile_t *tile,
+                        uint8_t *out);
+    void (*decode_part)(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
+                        const vqkv__tile_t *tile);
+    /* NULL for codecs without codebooks. */
+    int (*train)(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x, size_t n,
+                 const vqkv_train_opts_t *opts);
+    bool (*needs_training)(const vqkv_codec_t *codec);
+    /* The codebooks as one float array, for the codebook file. */
+    float *(*books)(const vqkv_codec_t *codec, size_t *n_floats);
+    /* Called after books() was overwritten by a loaded file. */
+    void (*books_loaded)(vqkv_codec_t *codec);
+} vqkv__codec_ops_t;
+
+struct vqkv_codec {
+    const vqkv__codec_ops_t *ops;
+    vqkv_layout_t layout;
+    char spec[96];
+    size_t part_bytes[2];
+    size_t block_bytes;
+    void *state;
+};
+
+/* Spec parameters: each returns VQKV_ESPEC for a present but bad value. */
+int vqkv__spec_num(vqkv__spec_t *spec, const char *key, uint32_t dflt, uint32_t lo, uint32_t hi,
+                   uint32_t *out);
+int vqkv__spec_word(vqkv__spec_t *spec, const char *key, const char *const *choices, uint32_t dflt,
+                    uint32_t *out);
+
+/* Token-head vectors in worker memory, converted through float. */
+void vqkv__tile_load(const vqkv__tile_t *tile, uint32_t t, uint32_t h, uint32_t n, float *out);
+void vqkv__tile_store(const vqkv__tile_t *tile, uint32_t t, uint32_t h, uint32_t n,
+                      const float *in);
+
+static inline void vqkv__put_u16(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+
+static inline uint16_t vqkv__get_u16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | (p[1] << 8));
+}
+
+extern const vqkv__codec_ops_t vqkv__fp16_ops;
+extern const vqkv__codec_ops_t vqkv__fp8_ops;
+extern const vqkv__codec_ops_t vqkv__kivi2_ops;
+extern const vqkv__codec_ops_t vqkv__kivi4_ops;
+extern const vqkv__codec_ops_t vqkv__rvq_ops;
+extern const vqkv__codec_ops_t vqkv__vqkv_ops;
+
+#endif

@@ -1,0 +1,312 @@
+/* codec_scalar.c -- the codecs that need no codebooks: fp16 passthrough,
+ * fp8 e4m3 with per token-head scales, and KIVI's grouped asymmetric
+ * integers (keys per channel over the block's tokens, values per token).
+ *
+ * Byte layouts are in kernels/README.md. Every scale and minimum is rounded
+ * to fp16 before quantizing, so the encoder quantizes against exactly the
+ * values the decoder will reconstruct with.
+ */
+#include "bitpack.h"
+#include "codec_internal.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+/* ---- fp16 ------------------------------------------------------------ */
+
+static int vqkv__fp16_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
+{
+    (void)spec;
+    const vqkv_layout_t *l = &codec->layout;
+    codec->part_bytes[0] = codec->part_bytes[1] =
+        (size_t)l->block_tokens * l->num_kv_heads * l->head_dim * 2;
+    snprintf(codec->spec, sizeof codec->spec, "fp16");
+    return VQKV_OK;
+}
+
+static void vqkv__fp16_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
+                              const vqkv__tile_t *tile, uint8_t *out)
+{
+    (void)layer, (void)kv;
+    const vqkv_layout_t *l = &codec->layout;
+    float row[VQKV_MAX_HEAD_DIM];
+    size_t row_bytes = (size_t)l->head_dim * 2;
+    for (uint32_t t = 0; t < l->block_tokens; t++) {
+        for (uint32_t h = 0; h < l->num_kv_heads; h++, out += row_bytes) {
+            if (tile->dtype == VQKV_DTYPE_F16) {
+                memcpy(out, tile->base + t * tile->token_stride + h * tile->head_stride, row_bytes);
+                continue;
+            }
+            vqkv__tile_load(tile, t, h, l->head_dim, row);
+            for (uint32_t d = 0; d < l->head_dim; d++)
+                vqkv__put_u16(out + 2 * d, vqkv_f32_to_f16(row[d]));
+        }
+    }
+}
+
+static void vqkv__fp16_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
+                              const vqkv__tile_t *tile)
+{
+    (void)layer, (void)kv;
+    const vqkv_layout_t *l = &codec->layout;
+    float row[VQKV_MAX_HEAD_DIM];
+    size_t row_bytes = (size_t)l->head_dim * 2;
+    for (uint32_t t = 0; t < l->block_tokens; t++) {
+        for (uint32_t h = 0; h < l->num_kv_heads; h++, in += row_bytes) {
+            if (tile->dtype == VQKV_DTYPE_F16) {
+                memcpy(tile->base + t * tile->token_stride + h * tile->head_stride, in, row_bytes);
+                continue;
+            }
+            for (uint32_t d = 0; d < l->head_dim; d++)
+                row[d] = vqkv_f16_to_f32(vqkv__get_u16(in + 2 * d));
+            vqkv__tile_store(tile, t, h, l->head_dim, row);
+        }
+    }
+}
+
+const vqkv__codec_ops_t vqkv__fp16_ops = {
+    .name = "fp16",
+    .init = vqkv__fp16_init,
+    .encode_part = vqkv__fp16_encode,
+    .decode_part = vqkv__fp16_decode,
+};
+
+/* ---- fp8 e4m3 -------------------------------------------------------- */
+
+static int vqkv__fp8_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
+{
+    (void)spec;
+    const vqkv_layout_t *l = &codec->layout;
+    size_t vectors = (size_t)l->block_tokens * l->num_kv_heads;
+    codec->part_bytes[0] = codec->part_bytes[1] = vectors * (2 + l->head_dim);
+    snprintf(codec->spec, sizeof codec->spec, "fp8");
+    return VQKV_OK;
+}
+
+static void vqkv__fp8_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
+                             const vqkv__tile_t *tile, uint8_t *out)
+{
+    (void)layer, (void)kv;
+    const vqkv_layout_t *l = &codec->layout;
+    uint8_t *scales = out;
+    uint8_t *codes = out + 2 * (size_t)l->block_tokens * l->num_kv_heads;
+    float row[VQKV_MAX_HEAD_DIM];
+    for (uint32_t t = 0; t < l->block_tokens; t++) {
+        for (uint32_t h = 0; h < l->num_kv_heads; h++) {
+            vqkv__tile_load(tile, t, h, l->head_dim, row);
+            float amax = 0.0f;
+            for (uint32_t d = 0; d < l->head_dim; d++)
+                amax = fmaxf(amax, fabsf(row[d]));
+            uint16_t scale_h = vqkv_f32_to_f16(fminf(amax / VQKV_E4M3_MAX, VQKV_F16_MAX));
+            float scale = vqkv_f16_to_f32(scale_h);
+            vqkv__put_u16(scales, scale_h);
+            scales += 2;
+            for (uint32_t d = 0; d < l->head_dim; d++)
+                *codes++ = scale > 0.0f ? vqkv_f32_to_e4m3(row[d] / scale) : 0;
+        }
+    }
+}
+
+static void vqkv__fp8_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
+                             const vqkv__tile_t *tile)
+{
+    (void)layer, (void)kv;
+    const vqkv_layout_t *l = &codec->layout;
+    const uint8_t *scales = in;
+    const uint8_t *codes = in + 2 * (size_t)l->block_tokens * l->num_kv_heads;
+    float row[VQKV_MAX_HEAD_DIM];
+    for (uint32_t t = 0; t < l->block_tokens; t++) {
+        for (uint32_t h = 0; h < l->num_kv_heads; h++) {
+            float scale = vqkv_f16_to_f32(vqkv__get_u16(scales));
+            scales += 2;
+            for (uint32_t d = 0; d < l->head_dim; d++)
+                row[d] = vqkv_e4m3_to_f32(*codes++) * scale;
+            vqkv__tile_store(tile, t, h, l->head_dim, row);
+        }
+    }
+}
+
+const vqkv__codec_ops_t vqkv__fp8_ops = {
+    .name = "fp8",
+    .init = vqkv__fp8_init,
+    .encode_part = vqkv__fp8_encode,
+    .decode_part = vqkv__fp8_decode,
+};
+
+/* ---- KIVI ------------------------------------------------------------ */
+
+typedef struct {
+    uint32_t bits;
+    uint32_t group; /* value channels per group */
+} vqkv__kivi_t;
+
+/* Quantization groups in a part: keys have one per (head, channel), values
+ * one per (token, head, channel group). */
+static size_t vqkv__kivi_groups(const vqkv_codec_t *codec, int kv)
+{
+    const vqkv_layout_t *l = &codec->layout;
+    const vqkv__kivi_t *k = codec->state;
+    if (kv == 0)
+        return (size_t)l->num_kv_heads * l->head_dim;
+    return (size_t)l->block_tokens * l->num_kv_heads * (l->head_dim / k->group);
+}
+
+static int vqkv__kivi_init(vqkv_codec_t *codec, vqkv__spec_t *spec, uint32_t bits)
+{
+    const vqkv_layout_t *l = &codec->layout;
+    uint32_t group;
+    int rc = vqkv__spec_num(spec, "g", l->head_dim < 32 ? l->head_dim : 32, 1, l->head_dim, &group);
+    if (rc != VQKV_OK || l->head_dim % group != 0)
+        return VQKV_ESPEC;
+    vqkv__kivi_t *k = malloc(sizeof *k);
+    if (k == NULL)
+        return VQKV_ENOMEM;
+    k->bits = bits;
+    k->group = group;
+    codec->state = k;
+    uint64_t values = (uint64_t)l->block_tokens * l->num_kv_heads * l->head_dim;
+    for (int kv = 0; kv < 2; kv++)
+        codec->part_bytes[kv] = 4 * vqkv__kivi_groups(codec, kv) + vqkv__bits_bytes(values, bits);
+    snprintf(codec->spec, sizeof codec->spec, "kivi%u:g=%u", bits, group);
+    return VQKV_OK;
+}
+
+static int vqkv__kivi2_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
+{
+    return vqkv__kivi_init(codec, spec, 2);
+}
+
+static int vqkv__kivi4_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
+{
+    return vqkv__kivi_init(codec, spec, 4);
+}
+
+/* Stores the fp16 minimum and step of [lo, hi] and returns them as floats. */
+static void vqkv__kivi_range(float lo, float hi, uint32_t bits, uint8_t *min_out, uint8_t *step_out,
+                             float *min, float *step)
+{
+    uint16_t min_h = vqkv_f32_to_f16(lo);
+    uint16_t step_h = vqkv_f32_to_f16(fminf((hi - lo) / (float)((1u << bits) - 1u), VQKV_F16_MAX));
+    vqkv__put_u16(min_out, min_h);
+    vqkv__put_u16(step_out, step_h);
+    *min = vqkv_f16_to_f32(min_h);
+    *step = vqkv_f16_to_f32(step_h);
+}
+
+static uint32_t vqkv__kivi_code(float x, float min, float step, uint32_t bits)
+{
+    if (!(step > 0.0f))
+        return 0;
+    float q = nearbyintf((x - min) / step);
+    float top = (float)((1u << bits) - 1u);
+    return (uint32_t)(q < 0.0f ? 0.0f : (q > top ? top : q));
+}
+
+static void vqkv__kivi_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
+                              const vqkv__tile_t *tile, uint8_t *out)
+{
+    (void)layer;
+    const vqkv_layout_t *l = &codec->layout;
+    const vqkv__kivi_t *k = codec->state;
+    size_t groups = vqkv__kivi_groups(codec, kv);
+    uint8_t *mins = out, *steps = out + 2 * groups, *codes = out + 4 * groups;
+    uint32_t D = l->head_dim, H = l->num_kv_heads;
+    float row[VQKV_MAX_HEAD_DIM];
+
+    memset(codes, 0, codec->part_bytes[kv] - 4 * groups);
+    if (kv == 0) {
+        /* Keys: a channel's range over the block's tokens, one pass to find
+         * it and one to quantize, reading worker memory twice rather than
+         * copying the block. */
+        float lo[VQKV_MAX_HEAD_DIM], hi[VQKV_MAX_HEAD_DIM];
+        float min[VQKV_MAX_HEAD_DIM], step[VQKV_MAX_HEAD_DIM];
+        for (uint32_t h = 0; h < H; h++) {
+            for (uint32_t t = 0; t < l->block_tokens; t++) {
+                vqkv__tile_load(tile, t, h, D, row);
+                for (uint32_t d = 0; d < D; d++) {
+                    lo[d] = t == 0 ? row[d] : fminf(lo[d], row[d]);
+                    hi[d] = t == 0 ? row[d] : fmaxf(hi[d], row[d]);
+                }
+            }
+            for (uint32_t d = 0; d < D; d++) {
+                size_t g = (size_t)h * D + d;
+                vqkv__kivi_range(lo[d], hi[d], k->bits, mins + 2 * g, steps + 2 * g, &min[d],
+                                 &step[d]);
+            }
+            for (uint32_t t = 0; t < l->block_tokens; t++) {
+                vqkv__tile_load(tile, t, h, D, row);
+                uint64_t base = ((uint64_t)t * H + h) * D;
+                for (uint32_t d = 0; d < D; d++)
+                    vqkv__bits_put(codes, (base + d) * k->bits, k->bits,
+                                   vqkv__kivi_code(row[d], min[d], step[d], k->bits));
+            }
+        }
+        return;
+    }
+    for (uint32_t t = 0; t < l->block_tokens; t++) {
+        for (uint32_t h = 0; h < H; h++) {
+            vqkv__tile_load(tile, t, h, D, row);
+            uint64_t base = ((uint64_t)t * H + h) * D;
+            for (uint32_t c0 = 0; c0 < D; c0 += k->group) {
+                float lo = row[c0], hi = row[c0], min, step;
+                for (uint32_t d = c0; d < c0 + k->group; d++) {
+                    lo = fminf(lo, row[d]);
+                    hi = fmaxf(hi, row[d]);
+                }
+                size_t g = (base + c0) / k->group;
+                vqkv__kivi_range(lo, hi, k->bits, mins + 2 * g, steps + 2 * g, &min, &step);
+                for (uint32_t d = c0; d < c0 + k->group; d++)
+                    vqkv__bits_put(codes, (base + d) * k->bits, k->bits,
+                                   vqkv__kivi_code(row[d], min, step, k->bits));
+            }
+        }
+    }
+}
+
+static void vqkv__kivi_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
+                              const vqkv__tile_t *tile)
+{
+    (void)layer;
+    const vqkv_layout_t *l = &codec->layout;
+    const vqkv__kivi_t *k = codec->state;
+    size_t groups = vqkv__kivi_groups(codec, kv);
+    const uint8_t *mins = in, *steps = in + 2 * groups, *codes = in + 4 * groups;
+    uint32_t D = l->head_dim, H = l->num_kv_heads;
+    float row[VQKV_MAX_HEAD_DIM];
+
+    for (uint32_t t = 0; t < l->block_tokens; t++) {
+        for (uint32_t h = 0; h < H; h++) {
+            uint64_t base = ((uint64_t)t * H + h) * D;
+            for (uint32_t d = 0; d < D; d++) {
+                size_t g = kv == 0 ? (size_t)h * D + d : (size_t)((base + d) / k->group);
+                float min = vqkv_f16_to_f32(vqkv__get_u16(mins + 2 * g));
+                float step = vqkv_f16_to_f32(vqkv__get_u16(steps + 2 * g));
+                uint32_t q = vqkv__bits_get(codes, (base + d) * k->bits, k->bits);
+                row[d] = fmaf((float)q, step, min);
+            }
+            vqkv__tile_store(tile, t, h, D, row);
+        }
+    }
+}
+
+static void vqkv__kivi_free(void *state)
+{
+    free(state);
+}
+
+const vqkv__codec_ops_t vqkv__kivi2_ops = {
+    .name = "kivi2",
+    .init = vqkv__kivi2_init,
+    .free_state = vqkv__kivi_free,
+    .encode_part = vqkv__kivi_encode,
+    .decode_part = vqkv__kivi_decode,
+};
+
+const vqkv__codec_ops_t vqkv__kivi4_ops = {
+    .name = "kivi4",
+    .init = vqkv__kivi4_init,
+    .free_state = vqkv__kivi_free,
+    .encode_part = vqkv__kivi_encode,
+    .decode_part = vqkv__kivi_decode,
+};

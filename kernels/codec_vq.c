@@ -1,0 +1,478 @@
+/* codec_vq.c -- the vector-quantization codecs, rvq and vqkv, as one engine.
+ *
+ * Both quantize each token-head vector as one or two "branches": a branch
+ * is an ordered subset of the head's channels with its own fp16 RMS norm,
+ * cut into groups of d consecutive (in branch order) channels, each group
+ * coded by r residual stages of 2^b-entry codebooks. Codebooks are per
+ * (layer, K|V, branch, group, stage) and shared by all kv heads.
+ *   rvq:  one branch per side; key channels strided (group g holds channels
+ *         g, g+G, g+2G, ... so every group mixes RoPE frequencies and holds
+ *         whole rotate-half pairs) or contiguous; values contiguous.
+ *   vqkv: keys in two branches, the high-frequency RoPE pairs (index <
+ *         head_dim/4) and the low-frequency ones, each pair's two channels
+ *         kept adjacent; product VQ (r = 1) with sub-vectors dhi and dlo;
+ *         values one contiguous branch of sub-vectors dv.
+ *
+ * Encoding is a nearest-codeword search per group and stage, O(2^b * d) per
+ * group: the cost of the codec, paid on put. Decoding is table lookups and
+ * adds. Training runs one k-means per (branch, group) stage chain, spread
+ * over worker threads; each chain has its own derived seed, so results do
+ * not depend on the thread count.
+ */
+#include "bitpack.h"
+#include "codec_internal.h"
+#include "kmeans.h"
+
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+
+#define VQKV__MAX_BITS 12
+#define VQKV__MAX_STAGES 8
+
+typedef struct {
+    uint32_t n_channels;
+    uint32_t d;
+    uint32_t stages;
+    uint32_t groups;
+    uint32_t first_code; /* index of this branch's first code in a vector */
+    size_t first_word;   /* codewords of its side before this branch's */
+    size_t first_float;  /* codebook floats of its side before this branch's */
+    uint16_t chan[VQKV_MAX_HEAD_DIM];
+} vqkv__branch_t;
+
+typedef struct {
+    uint32_t n_branches;
+    vqkv__branch_t br[2];
+    uint32_t codes; /* codes per token-head vector */
+    size_t words;   /* codewords per layer */
+    size_t floats;  /* codebook floats per layer */
+} vqkv__side_t;
+
+/* Codebook floats are laid out [layer][K then V][branch][group][stage]
+ * [2^b][d]; norms2 holds ||codeword||^2 in the same order, one per word. */
+typedef struct {
+    uint32_t bits;
+    vqkv__side_t side[2];
+    float *books;
+    float *norms2;
+    uint8_t *trained; /* [layers][2] */
+} vqkv__vq_t;
+
+typedef struct {
+    float *words;
+    float *norms2;
+} vqkv__book_t;
+
+static void vqkv__branch_add(vqkv__vq_t *vq, int kv, const uint16_t *chan, uint32_t n, uint32_t d,
+                             uint32_t r)
+{
+    vqkv__side_t *side = &vq->side[kv];
+    vqkv__branch_t *br = &side->br[side->n_branches++];
+    br->n_channels = n;
+    br->d = d;
+    br->stages = r;
+    br->groups = n / d;
+    br->first_code = side->codes;
+    br->first_word = side->words;
+    br->first_float = side->floats;
+    memcpy(br->chan, chan, n * sizeof *chan);
+    size_t words = (size_t)br->groups * r << vq->bits;
+    side->codes += br->groups * r;
+    side->words += words;
+    side->floats += words * d;
+}
+
+static vqkv__book_t vqkv__book(const vqkv__vq_t *vq, uint32_t layer, int kv,
+                               const vqkv__branch_t *br, uint32_t g, uint32_t s)
+{
+    const vqkv__side_t *k = &vq->side[0], *v = &vq->side[1];
+    size_t index = ((size_t)g * br->stages + s) << vq->bits;
+    size_t word = layer * (k->words + v->words) + (kv ? k->words : 0) + br->first_word + index;
+    size_t flt =
+        layer * (k->floats + v->floats) + (kv ? k->floats : 0) + br->first_float + index * br->d;
+    vqkv__book_t book = {vq->books + flt, vq->norms2 + word};
+    return book;
+}
+
+static size_t vqkv__vq_total_floats(const vqkv_codec_t *codec)
+{
+    const vqkv__vq_t *vq = codec->state;
+    return codec->layout.num_layers * (vq->side[0].floats + vq->side[1].floats);
+}
+
+static void vqkv__vq_free(void *state)
+{
+    vqkv__vq_t *vq = state;
+    free(vq->books);
+    free(vq->norms2);
+    free(vq->trained);
+    free(vq);
+}
+
+/* Sizes the parts and allocates the codebooks once the branches exist. */
+static int vqkv__vq_finish(vqkv_codec_t *codec)
+{
+    vqkv__vq_t *vq = codec->state;
+    const vqkv_layout_t *l = &codec->layout;
+    size_t vectors = (size_t)l->block_tokens * l->num_kv_heads;
+    for (int kv = 0; kv < 2; kv++) {
+        const vqkv__side_t *side = &vq->side[kv];
+        codec->part_bytes[kv] =
+            vectors * side->n_branches * 2 + vqkv__bits_bytes(vectors * side->codes, vq->bits);
+    }
+    size_t words = l->num_layers * (vq->side[0].words + vq->side[1].words);
+    vq->books = calloc(vqkv__vq_total_floats(codec), sizeof(float));
+    vq->norms2 = calloc(words, sizeof(float));
+    vq->trained = calloc((size_t)l->num_layers * 2, 1);
+    if (vq->books == NULL || vq->norms2 == NULL || vq->trained == NULL)
+        return VQKV_ENOMEM;
+    return VQKV_OK;
+}
+
+static int vqkv__vq_alloc(vqkv_codec_t *codec, uint32_t bits)
+{
+    vqkv__vq_t *vq = calloc(1, sizeof *vq);
+    if (vq == NULL)
+        return VQKV_ENOMEM;
+    vq->bits = bits;
+    codec->state = vq;
+    return VQKV_OK;
+}
+
+static int vqkv__rvq_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
+{
+    static const char *const kgroups[] = {"strided", "contig", NULL};
+    uint32_t D = codec->layout.head_dim, d, b, r, kgroup;
+    uint16_t chan[VQKV_MAX_HEAD_DIM];
+    int rc;
+
+    if ((rc = vqkv__spec_num(spec, "d", 8, 1, D, &d)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "b", 8, 1, VQKV__MAX_BITS, &b)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "r", 2, 1, VQKV__MAX_STAGES, &r)) != VQKV_OK ||
+        (rc = vqkv__spec_word(spec, "kgroup", kgroups, 0, &kgroup)) != VQKV_OK)
+        return rc;
+    if (D % d != 0)
+        return VQKV_ESPEC;
+    if ((rc = vqkv__vq_alloc(codec, b)) != VQKV_OK)
+        return rc;
+
+    uint32_t G = D / d;
+    for (uint32_t i = 0; i < D; i++)
+        chan[i] = (uint16_t)(kgroup == 0 ? (i % d) * G + i / d : i);
+    vqkv__branch_add(codec->state, 0, chan, D, d, r);
+    for (uint32_t i = 0; i < D; i++)
+        chan[i] = (uint16_t)i;
+    vqkv__branch_add(codec->state, 1, chan, D, d, r);
+    snprintf(codec->spec, sizeof codec->spec, "rvq:d=%u,b=%u,r=%u,kgroup=%s", d, b, r,
+             kgroups[kgroup]);
+    return vqkv__vq_finish(codec);
+}
+
+static int vqkv__vqkv_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
+{
+    uint32_t D = codec->layout.head_dim, b, dlo, dhi, dv;
+    uint16_t chan[VQKV_MAX_HEAD_DIM];
+    int rc;
+
+    if ((rc = vqkv__spec_num(spec, "b", 8, 1, VQKV__MAX_BITS, &b)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "dlo", 4, 2, D, &dlo)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "dhi", 8, 2, D, &dhi)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "dv", 4, 1, D, &dv)) != VQKV_OK)
+        return rc;
+    /* Each branch holds D/4 whole rotate-half pairs, cut into sub-vectors
+     * of whole pairs. */
+    if (D % 4 != 0 || dlo % 2 != 0 || dhi % 2 != 0 || (D / 2) % dlo != 0 || (D / 2) % dhi != 0 ||
+        D % dv != 0)
+        return VQKV_ESPEC;
+    if ((rc = vqkv__vq_alloc(codec, b)) != VQKV_OK)
+        return rc;
+
+    for (int lo = 0; lo < 2; lo++) {
+        uint32_t first_pair = lo ? D / 4 : 0;
+        for (uint32_t p = 0; p < D / 4; p++) {
+            chan[2 * p] = (uint16_t)(first_pair + p);
+            chan[2 * p + 1] = (uint16_t)(first_pair + p + D / 2);
+        }
+        vqkv__branch_add(codec->state, 0, chan, D / 2, lo ? dlo : dhi, 1);
+    }
+    for (uint32_t i = 0; i < D; i++)
+        chan[i] = (uint16_t)i;
+    vqkv__branch_add(codec->state, 1, chan, D, dv, 1);
+    snprintf(codec->spec, sizeof codec->spec, "vqkv:b=%u,dlo=%u,dhi=%u,dv=%u", b, dlo, dhi, dv);
+    return vqkv__vq_finish(codec);
+}
+
+/* The branch's fp16 RMS norm of row, and row's branch channels divided by
+ * it (zeros for a zero norm). Training and encoding share it, so codebooks
+ * are trained on exactly what gets quantized. */
+static uint16_t vqkv__branch_normalize(const vqkv__branch_t *br, const float *row, float *u)
+{
+    float ss = 0.0f;
+    for (uint32_t i = 0; i < br->n_channels; i++)
+        ss += row[br->chan[i]] * row[br->chan[i]];
+    float rms = sqrtf(ss / (float)br->n_channels);
+    uint16_t norm_h = vqkv_f32_to_f16(fminf(rms, VQKV_F16_MAX));
+    float norm = vqkv_f16_to_f32(norm_h);
+    for (uint32_t i = 0; i < br->n_channels; i++)
+        u[i] = norm > 0.0f ? row[br->chan[i]] / norm : 0.0f;
+    return norm_h;
+}
+
+static void vqkv__vq_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
+                            const vqkv__tile_t *tile, uint8_t *out)
+{
+    const vqkv__vq_t *vq = codec->state;
+    const vqkv__side_t *side = &vq->side[kv];
+    const vqkv_layout_t *l = &codec->layout;
+    uint32_t H = l->num_kv_heads, b = vq->bits;
+    size_t vectors = (size_t)l->block_tokens * H;
+    uint8_t *norms = out, *codes = out + 2 * vectors * side->n_branches;
+    float row[VQKV_MAX_HEAD_DIM], u[VQKV_MAX_HEAD_DIM];
+
+    memset(codes, 0, codec->part_bytes[kv] - 2 * vectors * side->n_branches);
+    for (uint32_t t = 0; t < l->block_tokens; t++) {
+        for (uint32_t h = 0; h < H; h++) {
+            size_t v = (size_t)t * H + h;
+            vqkv__tile_load(tile, t, h, l->head_dim, row);
+            for (uint32_t bi = 0; bi < side->n_branches; bi++) {
+                const vqkv__branch_t *br = &side->br[bi];
+                vqkv__put_u16(norms + 2 * (v * side->n_branches + bi),
+                              vqkv__branch_normalize(br, row, u));
+                for (uint32_t g = 0; g < br->groups; g++) {
+                    float *resid = u + (size_t)g * br->d;
+                    for (uint32_t s = 0; s < br->stages; s++) {
+                        vqkv__book_t book = vqkv__book(vq, layer, kv, br, g, s);
+                        uint32_t c = vqkv__nearest(resid, book.words, book.norms2, br->d, 1u << b);
+                        uint64_t pos = v * side->codes + br->first_code + g * br->stages + s;
+                        vqkv__bits_put(codes, pos * b, b, c);
+                        for (uint32_t j = 0; j < br->d; j++)
+                            resid[j] -= book.words[(size_t)c * br->d + j];
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
+                            const vqkv__tile_t *tile)
+{
+    const vqkv__vq_t *vq = codec->state;
+    const vqkv__side_t *side = &vq->side[kv];
+    const vqkv_layout_t *l = &codec->layout;
+    uint32_t H = l->num_kv_heads, b = vq->bits;
+    size_t vectors = (size_t)l->block_tokens * H;
+    const uint8_t *norms = in, *codes = in + 2 * vectors * side->n_branches;
+    float row[VQKV_MAX_HEAD_DIM], acc[VQKV_MAX_HEAD_DIM];
+
+    for (uint32_t t = 0; t < l->block_tokens; t++) {
+        for (uint32_t h = 0; h < H; h++) {
+            size_t v = (size_t)t * H + h;
+            for (uint32_t bi = 0; bi < side->n_branches; bi++) {
+                const vqkv__branch_t *br = &side->br[bi];
+                float norm =
+                    vqkv_f16_to_f32(vqkv__get_u16(norms + 2 * (v * side->n_branches + bi)));
+                for (uint32_t g = 0; g < br->groups; g++) {
+                    memset(acc, 0, br->d * sizeof(float));
+                    for (uint32_t s = 0; s < br->stages; s++) {
+                        vqkv__book_t book = vqkv__book(vq, layer, kv, br, g, s);
+                        uint64_t pos = v * side->codes + br->first_code + g * br->stages + s;
+                        const float *w =
+                            book.words + (size_t)vqkv__bits_get(codes, pos * b, b) * br->d;
+                        for (uint32_t j = 0; j < br->d; j++)
+                            acc[j] += w[j];
+                    }
+                    for (uint32_t j = 0; j < br->d; j++)
+                        row[br->chan[g * br->d + j]] = acc[j] * norm;
+                }
+            }
+            vqkv__tile_store(tile, t, h, l->head_dim, row);
+        }
+    }
+}
+
+/* ---- training --------------------------------------------------------- */
+
+typedef struct {
+    vqkv_codec_t *codec;
+    uint32_t layer;
+    int kv;
+    const float *u[2]; /* normalized samples per branch, [m][n_channels] */
+    size_t m;
+    const vqkv_train_opts_t *opts;
+    uint32_t n_tasks;
+    uint32_t next_task;
+    int rc;
+    pthread_mutex_t lock;
+} vqkv__train_job_t;
+
+/* Trains the r-stage chain of one (branch, group): each stage is k-means on
+ * what the stages before it left over. */
+static int vqkv__train_group(vqkv__train_job_t *job, uint32_t bi, uint32_t g)
+{
+    vqkv__vq_t *vq = job->codec->state;
+    const vqkv__branch_t *br = &vq->side[job->kv].br[bi];
+    uint32_t d = br->d, k = 1u << vq->bits;
+    float *x = malloc(job->m * d * sizeof *x);
+    if (x == NULL)
+        return VQKV_ENOMEM;
+    for (size_t i = 0; i < job->m; i++)
+        memcpy(x + i * d, job->u[bi] + i * br->n_channels + (size_t)g * d, d * sizeof *x);
+
+    int rc = VQKV_OK;
+    for (uint32_t s = 0; s < br->stages && rc == VQKV_OK; s++) {
+        vqkv__book_t book = vqkv__book(vq, job->layer, job->kv, br, g, s);
+        uint64_t seed = vqkv__mix64(job->opts->seed ^ vqkv__mix64(((uint64_t)job->layer << 32) |
+                                                                  ((uint64_t)job->kv << 24) |
+                                                                  (bi << 20) | (g << 8) | s));
+        uint32_t iters = job->opts->iterations ? job->opts->iterations : 16;
+        rc = vqkv__kmeans(x, job->m, d, k, iters, seed, book.words);
+        if (rc != VQKV_OK)
+            break;
+        vqkv__centroid_norms(book.words, d, k, book.norms2);
+        for (size_t i = 0; i < job->m; i++) {
+            float *xi = x + i * d;
+            const float *w =
+                book.words + (size_t)vqkv__nearest(xi, book.words, book.norms2, d, k) * d;
+            for (uint32_t j = 0; j < d; j++)
+                xi[j] -= w[j];
+        }
+    }
+    free(x);
+    return rc;
+}
+
+static void *vqkv__train_worker(void *arg)
+{
+    vqkv__train_job_t *job = arg;
+    const vqkv__side_t *side = &((vqkv__vq_t *)job->codec->state)->side[job->kv];
+    for (;;) {
+        pthread_mutex_lock(&job->lock);
+        uint32_t task = job->next_task++;
+        pthread_mutex_unlock(&job->lock);
+        if (task >= job->n_tasks)
+            return NULL;
+        uint32_t bi = task < side->br[0].groups ? 0 : 1;
+        uint32_t g = bi == 0 ? task : task - side->br[0].groups;
+        int rc = vqkv__train_group(job, bi, g);
+        if (rc != VQKV_OK) {
+            pthread_mutex_lock(&job->lock);
+            job->rc = rc;
+            pthread_mutex_unlock(&job->lock);
+        }
+    }
+}
+
+static int vqkv__vq_train(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x, size_t n,
+                          const vqkv_train_opts_t *opts)
+{
+    vqkv__vq_t *vq = codec->state;
+    const vqkv__side_t *side = &vq->side[kv];
+    uint32_t D = codec->layout.head_dim;
+    size_t cap = opts->max_samples ? opts->max_samples : 16384;
+    size_t m = n < cap ? n : cap;
+    vqkv__train_job_t job = {.codec = codec, .layer = layer, .kv = kv, .m = m, .opts = opts};
+    float *u[2] = {NULL, NULL};
+    int rc = VQKV_ENOMEM;
+
+    for (uint32_t bi = 0; bi < side->n_branches; bi++) {
+        u[bi] = malloc(m * side->br[bi].n_channels * sizeof(float));
+        if (u[bi] == NULL)
+            goto out;
+        job.u[bi] = u[bi];
+    }
+    /* An even stride over the samples keeps every part of the sequence. */
+    for (size_t i = 0; i < m; i++) {
+        const float *row = x + (size_t)((double)i * (double)n / (double)m) * D;
+        for (uint32_t bi = 0; bi < side->n_branches; bi++) {
+            for (uint32_t c = 0; c < D; c++)
+                if (!isfinite(row[c])) {
+                    rc = VQKV_EINVAL;
+                    goto out;
+                }
+            vqkv__branch_normalize(&side->br[bi], row, u[bi] + i * side->br[bi].n_channels);
+        }
+    }
+
+    job.n_tasks = side->br[0].groups + (side->n_branches > 1 ? side->br[1].groups : 0);
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    uint32_t threads = opts->threads ? opts->threads : (cpus > 0 ? (uint32_t)cpus : 1);
+    if (threads > job.n_tasks)
+        threads = job.n_tasks;
+    pthread_t tids[64];
+    if (threads > 64)
+        threads = 64;
+    pthread_mutex_init(&job.lock, NULL);
+    uint32_t started = 0;
+    for (; started + 1 < threads; started++)
+        if (pthread_create(&tids[started], NULL, vqkv__train_worker, &job) != 0)
+            break;
+    vqkv__train_worker(&job);
+    for (uint32_t i = 0; i < started; i++)
+        pthread_join(tids[i], NULL);
+    pthread_mutex_destroy(&job.lock);
+    rc = job.rc;
+    vq->trained[layer * 2 + kv] = rc == VQKV_OK;
+out:
+    free(u[0]);
+    free(u[1]);
+    return rc;
+}
+
+static bool vqkv__vq_needs_training(const vqkv_codec_t *codec)
+{
+    const vqkv__vq_t *vq = codec->state;
+    for (size_t i = 0; i < (size_t)codec->layout.num_layers * 2; i++)
+        if (!vq->trained[i])
+            return true;
+    return false;
+}
+
+static float *vqkv__vq_books(const vqkv_codec_t *codec, size_t *n_floats)
+{
+    *n_floats = vqkv__vq_total_floats(codec);
+    return ((vqkv__vq_t *)codec->state)->books;
+}
+
+static void vqkv__vq_books_loaded(vqkv_codec_t *codec)
+{
+    vqkv__vq_t *vq = codec->state;
+    for (uint32_t layer = 0; layer < codec->layout.num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++)
+            for (uint32_t bi = 0; bi < vq->side[kv].n_branches; bi++) {
+                const vqkv__branch_t *br = &vq->side[kv].br[bi];
+                for (uint32_t g = 0; g < br->groups; g++)
+                    for (uint32_t s = 0; s < br->stages; s++) {
+                        vqkv__book_t book = vqkv__book(vq, layer, kv, br, g, s);
+                        vqkv__centroid_norms(book.words, br->d, 1u << vq->bits, book.norms2);
+                    }
+            }
+    memset(vq->trained, 1, (size_t)codec->layout.num_layers * 2);
+}
+
+const vqkv__codec_ops_t vqkv__rvq_ops = {
+    .name = "rvq",
+    .init = vqkv__rvq_init,
+    .free_state = vqkv__vq_free,
+    .encode_part = vqkv__vq_encode,
+    .decode_part = vqkv__vq_decode,
+    .train = vqkv__vq_train,
+    .needs_training = vqkv__vq_needs_training,
+    .books = vqkv__vq_books,
+    .books_loaded = vqkv__vq_books_loaded,
+};
+
+const vqkv__codec_ops_t vqkv__vqkv_ops = {
+    .name = "vqkv",
+    .init = vqkv__vqkv_init,
+    .free_state = vqkv__vq_free,
+    .encode_part = vqkv__vq_encode,
+    .decode_part = vqkv__vq_decode,
+    .train = vqkv__vq_train,
+    .needs_training = vqkv__vq_needs_training,
+    .books = vqkv__vq_books,
+    .books_loaded = vqkv__vq_books_loaded,
+};

@@ -1,0 +1,35 @@
+/* kmeans.h -- k-means++ seeding and Lloyd iterations for codebook training.
+ *
+ * Deterministic: the same data, k, iterations and seed give the same
+ * centroids on every machine and at every thread count (callers parallelize
+ * across independent trainings, never inside one).
+ */
+#ifndef VQKV_KMEANS_H
+#define VQKV_KMEANS_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+/* Trains k centroids[k][d] on x[n][d]. With n < k the surplus centroids
+ * repeat data points (they stay unused). VQKV_OK or VQKV_ENOMEM. */
+int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iterations,
+                 uint64_t seed, float *centroids);
+
+/* The centroid nearest to x, by ||c||^2 - 2 x.c with norms2[c] = ||c||^2;
+ * ties go to the lower index. O(k*d). */
+uint32_t vqkv__nearest(const float *x, const float *centroids, const float *norms2, uint32_t d,
+                       uint32_t k);
+
+/* norms2[c] = ||centroids[c]||^2 for c < k. */
+void vqkv__centroid_norms(const float *centroids, uint32_t d, uint32_t k, float *norms2);
+
+/* splitmix64: a tiny, well-mixed generator and seed combiner. */
+static inline uint64_t vqkv__mix64(uint64_t x)
+{
+    x += 0x9e3779b97f4a7c15ull;
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+#endif

@@ -1,0 +1,164 @@
+/* vqkv_codec.h -- the codec interface every vqkv block passes through.
+ *
+ * A codec turns one KV block (block_tokens tokens x all layers x K and V x
+ * all kv heads x head_dim) into a fixed number of bytes and back. Blocks are
+ * read straight out of, and written straight into, the worker's own paged KV
+ * memory, described by a vqkv_kv_view_t of byte strides: there is no dense
+ * intermediate copy on either path. The compressed byte layout of every codec
+ * is documented in kernels/README.md; a GPU implementation decodes the same
+ * bytes to the same values.
+ *
+ * Codecs are named by spec strings, "name" or "name:key=value,key=value":
+ *   fp16                 passthrough, bit-exact for fp16 memory
+ *   fp8                  e4m3 with one fp16 scale per token-head
+ *   kivi2[:g=32]         KIVI: keys per channel over the block's tokens,
+ *   kivi4[:g=32]         values per token in groups of g channels
+ *   rvq[:d=8,b=8,r=2,kgroup=strided|contig]
+ *                        residual VQ: r stages of 2^b-entry codebooks over
+ *                        groups of d channels, per (layer, K|V)
+ *   vqkv[:b=8,dlo=4,dhi=8,dv=4]
+ *                        product VQ with separate branches (own norm, own
+ *                        codebooks, own sub-vector size) for the low- and
+ *                        high-frequency RoPE subspaces of keys
+ * VQ codecs need codebooks: train them (vqkv_codec_train) or load them
+ * (vqkv_codebook_load) before encoding.
+ *
+ * Thread safety: a codec is immutable once its codebooks are in place;
+ * encode and decode may then run from any number of threads at once.
+ * Training and loading must not race with anything else on the same codec.
+ *
+ * Errors are negative VQKV_E* codes; vqkv_strerror() names them.
+ */
+#ifndef VQKV_CODEC_H
+#define VQKV_CODEC_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+enum {
+    VQKV_OK = 0,
+    VQKV_EINVAL = -1,      /* an argument is out of its domain */
+    VQKV_ESPEC = -2,       /* codec spec not understood */
+    VQKV_ERANGE = -3,      /* a slot or stride reaches outside the region */
+    VQKV_ENOMEM = -4,      /* allocation failed */
+    VQKV_ENOCODEBOOK = -5, /* VQ codec used before training or loading */
+    VQKV_EIO = -6,         /* a file could not be read or written */
+    VQKV_EFORMAT = -7,     /* file malformed, truncated or checksum wrong */
+    VQKV_EMISMATCH = -8,   /* file made for another layout or codec */
+};
+
+/* A static string naming err; never NULL. */
+const char *vqkv_strerror(int err);
+
+typedef enum {
+    VQKV_DTYPE_F16 = 0,
+    VQKV_DTYPE_BF16 = 1,
+    VQKV_DTYPE_F32 = 2,
+} vqkv_dtype_t;
+
+/* Bytes of one element of dtype, 0 for an unknown dtype. */
+size_t vqkv_dtype_size(vqkv_dtype_t dtype);
+
+/* The model's KV shape as one worker sees it. */
+typedef struct {
+    uint32_t num_layers;
+    uint32_t num_kv_heads;
+    uint32_t head_dim;
+    uint32_t block_tokens;
+    vqkv_dtype_t dtype;
+} vqkv_layout_t;
+
+/* Checks every field: VQKV_OK or VQKV_EINVAL. head_dim must be even (RoPE
+ * pairs) and at most VQKV_MAX_HEAD_DIM. */
+#define VQKV_MAX_HEAD_DIM 512
+int vqkv_layout_check(const vqkv_layout_t *layout);
+
+/* Where the paged KV cache lives inside a region of worker memory. Element
+ * (layer, kv, slot, token, head, dim) sits at byte
+ *   offset + layer*layer_stride + kv*kv_stride + slot*slot_stride
+ *          + token*token_stride + head*head_stride + dim*element_size
+ * with kv 0 for K and 1 for V. head_dim is always contiguous. */
+typedef struct {
+    uint64_t region_bytes;
+    uint64_t offset;
+    uint64_t layer_stride;
+    uint64_t kv_stride;
+    uint64_t slot_stride;
+    uint64_t token_stride;
+    uint64_t head_stride;
+    uint32_t num_slots;
+} vqkv_kv_view_t;
+
+/* vLLM's cache, all layers in one region: [layers][2][slots][tokens][heads][dim]. */
+void vqkv_kv_view_vllm(vqkv_kv_view_t *view, const vqkv_layout_t *layout, uint32_t num_slots);
+
+/* Separate K and V tensors per layer, [slots][tokens][heads][dim] each, laid
+ * out K0 V0 K1 V1 ... with `gap` bytes of padding after every tensor. */
+void vqkv_kv_view_split(vqkv_kv_view_t *view, const vqkv_layout_t *layout, uint32_t num_slots,
+                        uint64_t gap);
+
+/* VQKV_OK when every byte of block `slot` lies inside the region, else
+ * VQKV_ERANGE (VQKV_EINVAL for a malformed view). Encode and decode call it
+ * before touching memory; the arithmetic cannot overflow. */
+int vqkv_kv_view_check(const vqkv_layout_t *layout, const vqkv_kv_view_t *view, uint32_t slot);
+
+typedef struct vqkv_codec vqkv_codec_t;
+
+/* Parses spec for layout. On success *out owns a new codec. */
+int vqkv_codec_create(const char *spec, const vqkv_layout_t *layout, vqkv_codec_t **out);
+void vqkv_codec_free(vqkv_codec_t *codec);
+
+/* The canonical spec: every parameter spelled out, so equal codecs have
+ * equal strings. */
+const char *vqkv_codec_spec(const vqkv_codec_t *codec);
+const vqkv_layout_t *vqkv_codec_layout(const vqkv_codec_t *codec);
+
+/* Fixed size of one compressed block. */
+size_t vqkv_codec_block_bytes(const vqkv_codec_t *codec);
+
+/* Stored bits per K/V value: block_bytes * 8 over the values in a block. */
+double vqkv_codec_bits_per_value(const vqkv_codec_t *codec);
+
+/* 1 while a VQ codec lacks codebooks for some (layer, K|V), else 0. */
+int vqkv_codec_needs_training(const vqkv_codec_t *codec);
+
+typedef struct {
+    uint64_t seed;        /* same seed, same data: same codebooks */
+    uint32_t iterations;  /* Lloyd iterations per stage (default 16) */
+    uint32_t threads;     /* worker threads (0: one per online CPU) */
+    uint32_t max_samples; /* subsample to at most this many vectors (0: 16384) */
+} vqkv_train_opts_t;
+
+/* Trains the codebooks of one (layer, kv) from n_vectors token-head vectors
+ * x[n_vectors][head_dim] (kv 0 for keys, 1 for values). Codecs without
+ * codebooks accept and ignore it. */
+int vqkv_codec_train(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x, size_t n_vectors,
+                     const vqkv_train_opts_t *opts);
+
+/* Compresses block `slot` of the view at base into out[block_bytes]. */
+int vqkv_codec_encode(const vqkv_codec_t *codec, const void *base, const vqkv_kv_view_t *view,
+                      uint32_t slot, uint8_t *out);
+
+/* Writes the block in[block_bytes] into slot `slot` of the view at base. */
+int vqkv_codec_decode(const vqkv_codec_t *codec, const uint8_t *in, void *base,
+                      const vqkv_kv_view_t *view, uint32_t slot);
+
+/* Codebook files: msgpack, versioned, with the layout, the canonical spec
+ * and a SHA-256 of the contents. load refuses a file for another layout or
+ * codec (VQKV_EMISMATCH) and anything malformed (VQKV_EFORMAT). */
+int vqkv_codebook_save(const vqkv_codec_t *codec, const char *path);
+int vqkv_codebook_load(vqkv_codec_t *codec, const char *path);
+
+/* Same, to and from memory; save allocates *buf with malloc. */
+int vqkv_codebook_save_buffer(const vqkv_codec_t *codec, uint8_t **buf, size_t *len);
+int vqkv_codebook_load_buffer(vqkv_codec_t *codec, const uint8_t *buf, size_t len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
