@@ -340,44 +340,56 @@ int vqkv_codec_decode(const vqkv_codec_t *codec, const uint8_t *in, void *base,
     return VQKV_OK;
 }
 
-void vqkv__tile_load(const vqkv__tile_t *tile, uint32_t t, uint32_t h, uint32_t n, float *out)
+void vqkv_dtype_to_f32(vqkv_dtype_t dtype, const void *src, size_t n, float *dst)
 {
-    const uint8_t *p = tile->base + t * tile->token_stride + h * tile->head_stride;
+    const uint8_t *p = src;
     uint16_t u16;
-    switch (tile->dtype) {
+    switch (dtype) {
     case VQKV_DTYPE_F16:
-        for (uint32_t i = 0; i < n; i++) {
+        for (size_t i = 0; i < n; i++) {
             memcpy(&u16, p + 2 * i, 2);
-            out[i] = vqkv_f16_to_f32(u16);
+            dst[i] = vqkv_f16_to_f32(u16);
         }
         break;
     case VQKV_DTYPE_BF16:
-        for (uint32_t i = 0; i < n; i++) {
+        for (size_t i = 0; i < n; i++) {
             memcpy(&u16, p + 2 * i, 2);
-            out[i] = vqkv_bf16_to_f32(u16);
+            dst[i] = vqkv_bf16_to_f32(u16);
         }
         break;
-    case VQKV_DTYPE_F32: memcpy(out, p, (size_t)n * 4); break;
+    case VQKV_DTYPE_F32: memcpy(dst, p, n * 4); break;
     }
+}
+
+void vqkv_dtype_from_f32(vqkv_dtype_t dtype, const float *src, size_t n, void *dst)
+{
+    uint8_t *p = dst;
+    uint16_t u16;
+    switch (dtype) {
+    case VQKV_DTYPE_F16:
+        for (size_t i = 0; i < n; i++) {
+            u16 = vqkv_f32_to_f16(src[i]);
+            memcpy(p + 2 * i, &u16, 2);
+        }
+        break;
+    case VQKV_DTYPE_BF16:
+        for (size_t i = 0; i < n; i++) {
+            u16 = vqkv_f32_to_bf16(src[i]);
+            memcpy(p + 2 * i, &u16, 2);
+        }
+        break;
+    case VQKV_DTYPE_F32: memcpy(p, src, n * 4); break;
+    }
+}
+
+void vqkv__tile_load(const vqkv__tile_t *tile, uint32_t t, uint32_t h, uint32_t n, float *out)
+{
+    vqkv_dtype_to_f32(tile->dtype, tile->base + t * tile->token_stride + h * tile->head_stride, n,
+                      out);
 }
 
 void vqkv__tile_store(const vqkv__tile_t *tile, uint32_t t, uint32_t h, uint32_t n, const float *in)
 {
-    uint8_t *p = tile->base + t * tile->token_stride + h * tile->head_stride;
-    uint16_t u16;
-    switch (tile->dtype) {
-    case VQKV_DTYPE_F16:
-        for (uint32_t i = 0; i < n; i++) {
-            u16 = vqkv_f32_to_f16(in[i]);
-            memcpy(p + 2 * i, &u16, 2);
-        }
-        break;
-    case VQKV_DTYPE_BF16:
-        for (uint32_t i = 0; i < n; i++) {
-            u16 = vqkv_f32_to_bf16(in[i]);
-            memcpy(p + 2 * i, &u16, 2);
-        }
-        break;
-    case VQKV_DTYPE_F32: memcpy(p, in, (size_t)n * 4); break;
-    }
+    vqkv_dtype_from_f32(tile->dtype, in, n,
+                        tile->base + t * tile->token_stride + h * tile->head_stride);
 }

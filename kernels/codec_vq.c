@@ -52,9 +52,12 @@ typedef struct {
 } vqkv__side_t;
 
 /* Codebook floats are laid out [layer][K then V][branch][group][stage]
- * [2^b][d]; norms2 holds ||codeword||^2 in the same order, one per word. */
+ * [2^b][d], followed by the channel statistics [layer][K then V][head]
+ * {mean[head_dim], scale[head_dim]}; norms2 holds ||codeword||^2 in
+ * codebook order, one per word. */
 typedef struct {
     uint32_t bits;
+    bool channel_scale; /* divide by the channel's std as well as centering */
     vqkv__side_t side[2];
     float *books;
     float *norms2;
@@ -97,10 +100,26 @@ static vqkv__book_t vqkv__book(const vqkv__vq_t *vq, uint32_t layer, int kv,
     return book;
 }
 
-static size_t vqkv__vq_total_floats(const vqkv_codec_t *codec)
+static size_t vqkv__vq_book_floats(const vqkv_codec_t *codec)
 {
     const vqkv__vq_t *vq = codec->state;
     return codec->layout.num_layers * (vq->side[0].floats + vq->side[1].floats);
+}
+
+static size_t vqkv__vq_total_floats(const vqkv_codec_t *codec)
+{
+    const vqkv_layout_t *l = &codec->layout;
+    return vqkv__vq_book_floats(codec) +
+           (size_t)l->num_layers * 2 * l->num_kv_heads * 2 * l->head_dim;
+}
+
+/* mean[head_dim] of (layer, kv, head); scale[head_dim] follows it. */
+static float *vqkv__channel_stats(const vqkv_codec_t *codec, uint32_t layer, int kv, uint32_t head)
+{
+    const vqkv__vq_t *vq = codec->state;
+    const vqkv_layout_t *l = &codec->layout;
+    size_t index = ((size_t)layer * 2 + (size_t)kv) * l->num_kv_heads + head;
+    return vq->books + vqkv__vq_book_floats(codec) + index * 2 * l->head_dim;
 }
 
 static void vqkv__vq_free(void *state)
@@ -132,12 +151,13 @@ static int vqkv__vq_finish(vqkv_codec_t *codec)
     return VQKV_OK;
 }
 
-static int vqkv__vq_alloc(vqkv_codec_t *codec, uint32_t bits)
+static int vqkv__vq_alloc(vqkv_codec_t *codec, uint32_t bits, uint32_t channel_scale)
 {
     vqkv__vq_t *vq = calloc(1, sizeof *vq);
     if (vq == NULL)
         return VQKV_ENOMEM;
     vq->bits = bits;
+    vq->channel_scale = channel_scale != 0;
     codec->state = vq;
     return VQKV_OK;
 }
@@ -145,18 +165,19 @@ static int vqkv__vq_alloc(vqkv_codec_t *codec, uint32_t bits)
 static int vqkv__rvq_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
 {
     static const char *const kgroups[] = {"strided", "contig", NULL};
-    uint32_t D = codec->layout.head_dim, d, b, r, kgroup;
+    uint32_t D = codec->layout.head_dim, d, b, r, kgroup, cs;
     uint16_t chan[VQKV_MAX_HEAD_DIM];
     int rc;
 
     if ((rc = vqkv__spec_num(spec, "d", 8, 1, D, &d)) != VQKV_OK ||
         (rc = vqkv__spec_num(spec, "b", 8, 1, VQKV__MAX_BITS, &b)) != VQKV_OK ||
         (rc = vqkv__spec_num(spec, "r", 2, 1, VQKV__MAX_STAGES, &r)) != VQKV_OK ||
-        (rc = vqkv__spec_word(spec, "kgroup", kgroups, 0, &kgroup)) != VQKV_OK)
+        (rc = vqkv__spec_word(spec, "kgroup", kgroups, 0, &kgroup)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "cs", 0, 0, 1, &cs)) != VQKV_OK)
         return rc;
     if (D % d != 0)
         return VQKV_ESPEC;
-    if ((rc = vqkv__vq_alloc(codec, b)) != VQKV_OK)
+    if ((rc = vqkv__vq_alloc(codec, b, cs)) != VQKV_OK)
         return rc;
 
     uint32_t G = D / d;
@@ -166,28 +187,29 @@ static int vqkv__rvq_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
     for (uint32_t i = 0; i < D; i++)
         chan[i] = (uint16_t)i;
     vqkv__branch_add(codec->state, 1, chan, D, d, r);
-    snprintf(codec->spec, sizeof codec->spec, "rvq:d=%u,b=%u,r=%u,kgroup=%s", d, b, r,
-             kgroups[kgroup]);
+    snprintf(codec->spec, sizeof codec->spec, "rvq:d=%u,b=%u,r=%u,kgroup=%s,cs=%u", d, b, r,
+             kgroups[kgroup], cs);
     return vqkv__vq_finish(codec);
 }
 
 static int vqkv__vqkv_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
 {
-    uint32_t D = codec->layout.head_dim, b, dlo, dhi, dv;
+    uint32_t D = codec->layout.head_dim, b, dlo, dhi, dv, cs;
     uint16_t chan[VQKV_MAX_HEAD_DIM];
     int rc;
 
     if ((rc = vqkv__spec_num(spec, "b", 8, 1, VQKV__MAX_BITS, &b)) != VQKV_OK ||
         (rc = vqkv__spec_num(spec, "dlo", 4, 2, D, &dlo)) != VQKV_OK ||
         (rc = vqkv__spec_num(spec, "dhi", 8, 2, D, &dhi)) != VQKV_OK ||
-        (rc = vqkv__spec_num(spec, "dv", 4, 1, D, &dv)) != VQKV_OK)
+        (rc = vqkv__spec_num(spec, "dv", 4, 1, D, &dv)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "cs", 0, 0, 1, &cs)) != VQKV_OK)
         return rc;
     /* Each branch holds D/4 whole rotate-half pairs, cut into sub-vectors
      * of whole pairs. */
     if (D % 4 != 0 || dlo % 2 != 0 || dhi % 2 != 0 || (D / 2) % dlo != 0 || (D / 2) % dhi != 0 ||
         D % dv != 0)
         return VQKV_ESPEC;
-    if ((rc = vqkv__vq_alloc(codec, b)) != VQKV_OK)
+    if ((rc = vqkv__vq_alloc(codec, b, cs)) != VQKV_OK)
         return rc;
 
     for (int lo = 0; lo < 2; lo++) {
@@ -201,7 +223,8 @@ static int vqkv__vqkv_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
     for (uint32_t i = 0; i < D; i++)
         chan[i] = (uint16_t)i;
     vqkv__branch_add(codec->state, 1, chan, D, dv, 1);
-    snprintf(codec->spec, sizeof codec->spec, "vqkv:b=%u,dlo=%u,dhi=%u,dv=%u", b, dlo, dhi, dv);
+    snprintf(codec->spec, sizeof codec->spec, "vqkv:b=%u,dlo=%u,dhi=%u,dv=%u,cs=%u", b, dlo, dhi,
+             dv, cs);
     return vqkv__vq_finish(codec);
 }
 
@@ -221,6 +244,17 @@ static uint16_t vqkv__branch_normalize(const vqkv__branch_t *br, const float *ro
     return norm_h;
 }
 
+/* Centers (and with cs=1 scales) row by its head's channel statistics, so
+ * codebooks shared by all heads see each head's channels around zero. */
+static void vqkv__channel_whiten(const vqkv_codec_t *codec, uint32_t layer, int kv, uint32_t head,
+                                 float *row)
+{
+    const float *mean = vqkv__channel_stats(codec, layer, kv, head);
+    const float *scale = mean + codec->layout.head_dim;
+    for (uint32_t c = 0; c < codec->layout.head_dim; c++)
+        row[c] = (row[c] - mean[c]) / scale[c];
+}
+
 static void vqkv__vq_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
                             const vqkv__tile_t *tile, uint8_t *out)
 {
@@ -237,6 +271,7 @@ static void vqkv__vq_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
         for (uint32_t h = 0; h < H; h++) {
             size_t v = (size_t)t * H + h;
             vqkv__tile_load(tile, t, h, l->head_dim, row);
+            vqkv__channel_whiten(codec, layer, kv, h, row);
             for (uint32_t bi = 0; bi < side->n_branches; bi++) {
                 const vqkv__branch_t *br = &side->br[bi];
                 vqkv__put_u16(norms + 2 * (v * side->n_branches + bi),
@@ -289,6 +324,10 @@ static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, c
                         row[br->chan[g * br->d + j]] = acc[j] * norm;
                 }
             }
+            const float *mean = vqkv__channel_stats(codec, layer, kv, h);
+            const float *scale = mean + l->head_dim;
+            for (uint32_t c = 0; c < l->head_dim; c++)
+                row[c] = fmaf(row[c], scale[c], mean[c]);
             vqkv__tile_store(tile, t, h, l->head_dim, row);
         }
     }
@@ -366,6 +405,35 @@ static void *vqkv__train_worker(void *arg)
     }
 }
 
+/* Fits each head's channel mean (and std, with cs=1) over all n vectors,
+ * x being [tokens][kv_heads][head_dim]. O(n * head_dim), in double. */
+static int vqkv__channel_fit(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x, size_t n)
+{
+    const vqkv__vq_t *vq = codec->state;
+    uint32_t H = codec->layout.num_kv_heads, D = codec->layout.head_dim;
+    size_t per_head = n / H;
+    if (n % H != 0)
+        return VQKV_EINVAL;
+    for (size_t i = 0; i < n * D; i++)
+        if (!isfinite(x[i]))
+            return VQKV_EINVAL;
+    for (uint32_t h = 0; h < H; h++) {
+        float *mean = vqkv__channel_stats(codec, layer, kv, h), *scale = mean + D;
+        for (uint32_t c = 0; c < D; c++) {
+            double sum = 0.0, sq = 0.0;
+            for (size_t t = 0; t < per_head; t++) {
+                double v = x[(t * H + h) * D + c];
+                sum += v;
+                sq += v * v;
+            }
+            double mu = sum / (double)per_head, var = sq / (double)per_head - mu * mu;
+            mean[c] = (float)mu;
+            scale[c] = vq->channel_scale && var > 1e-12 ? (float)sqrt(var) : 1.0f;
+        }
+    }
+    return VQKV_OK;
+}
+
 static int vqkv__vq_train(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x, size_t n,
                           const vqkv_train_opts_t *opts)
 {
@@ -384,17 +452,17 @@ static int vqkv__vq_train(vqkv_codec_t *codec, uint32_t layer, int kv, const flo
             goto out;
         job.u[bi] = u[bi];
     }
+    rc = vqkv__channel_fit(codec, layer, kv, x, n);
+    if (rc != VQKV_OK)
+        goto out;
     /* An even stride over the samples keeps every part of the sequence. */
     for (size_t i = 0; i < m; i++) {
-        const float *row = x + (size_t)((double)i * (double)n / (double)m) * D;
-        for (uint32_t bi = 0; bi < side->n_branches; bi++) {
-            for (uint32_t c = 0; c < D; c++)
-                if (!isfinite(row[c])) {
-                    rc = VQKV_EINVAL;
-                    goto out;
-                }
+        size_t pick = (size_t)((double)i * (double)n / (double)m);
+        float row[VQKV_MAX_HEAD_DIM];
+        memcpy(row, x + pick * D, D * sizeof *row);
+        vqkv__channel_whiten(codec, layer, kv, (uint32_t)(pick % codec->layout.num_kv_heads), row);
+        for (uint32_t bi = 0; bi < side->n_branches; bi++)
             vqkv__branch_normalize(&side->br[bi], row, u[bi] + i * side->br[bi].n_channels);
-        }
     }
 
     job.n_tasks = side->br[0].groups + (side->n_branches > 1 ? side->br[1].groups : 0);

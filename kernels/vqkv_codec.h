@@ -63,6 +63,11 @@ typedef enum {
 /* Bytes of one element of dtype, 0 for an unknown dtype. */
 size_t vqkv_dtype_size(vqkv_dtype_t dtype);
 
+/* Converts n elements of dtype at src (any alignment) to float, and back
+ * with round-to-nearest-even. */
+void vqkv_dtype_to_f32(vqkv_dtype_t dtype, const void *src, size_t n, float *dst);
+void vqkv_dtype_from_f32(vqkv_dtype_t dtype, const float *src, size_t n, void *dst);
+
 /* The model's KV shape as one worker sees it. */
 typedef struct {
     uint32_t num_layers;
@@ -134,8 +139,10 @@ typedef struct {
 } vqkv_train_opts_t;
 
 /* Trains the codebooks of one (layer, kv) from n_vectors token-head vectors
- * x[n_vectors][head_dim] (kv 0 for keys, 1 for values). Codecs without
- * codebooks accept and ignore it. */
+ * x[tokens][num_kv_heads][head_dim], n_vectors = tokens * num_kv_heads
+ * (kv 0 for keys, 1 for values; VQKV_EINVAL for a non-finite value or
+ * n_vectors not a multiple of num_kv_heads). Codecs without codebooks
+ * accept and ignore it. */
 int vqkv_codec_train(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x, size_t n_vectors,
                      const vqkv_train_opts_t *opts);
 
