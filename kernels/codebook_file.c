@@ -20,6 +20,8 @@
 #include <openssl/evp.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #define VQKV__CODEBOOK_FORMAT "vqkv-codebook"
 #define VQKV__CODEBOOK_VERSION 1
@@ -227,17 +229,15 @@ int vqkv_codebook_load_buffer(vqkv_codec_t *codec, const uint8_t *buf, size_t le
         !vqkv__unpack_whole(&body, body_ptr, body_size))
         goto out;
 
-    float *books = codec->ops->books(codec, &n_floats);
+    codec->ops->books(codec, &n_floats);
     staged = malloc(n_floats * sizeof *staged);
     if (staged == NULL) {
         rc = VQKV_ENOMEM;
         goto out;
     }
     rc = vqkv__body_load(codec, &body.data, staged, n_floats);
-    if (rc != VQKV_OK)
-        goto out;
-    memcpy(books, staged, n_floats * sizeof *staged);
-    codec->ops->books_loaded(codec);
+    if (rc == VQKV_OK)
+        rc = codec->ops->books_install(codec, staged);
 out:
     free(staged);
     msgpack_unpacked_destroy(&top);
@@ -254,21 +254,23 @@ int vqkv_codebook_save(const vqkv_codec_t *codec, const char *path)
     int rc = vqkv_codebook_save_buffer(codec, &buf, &len);
     if (rc != VQKV_OK)
         return rc;
-    /* Write beside the target and rename, so a reader never sees half a file. */
+    /* Write a unique file beside the target and rename it into place, so
+     * a reader never sees half a file and concurrent saves do not mix. */
     char tmp[4096];
-    if (snprintf(tmp, sizeof tmp, "%s.tmp", path) >= (int)sizeof tmp) {
+    if (snprintf(tmp, sizeof tmp, "%s.XXXXXX", path) >= (int)sizeof tmp) {
         free(buf);
         return VQKV_EINVAL;
     }
-    FILE *f = fopen(tmp, "wb");
+    int fd = mkstemp(tmp);
     rc = VQKV_EIO;
-    if (f != NULL) {
-        bool ok = fwrite(buf, 1, len, f) == len;
-        ok = fclose(f) == 0 && ok;
+    if (fd >= 0) {
+        FILE *f = fdopen(fd, "wb");
+        bool ok = f != NULL && fwrite(buf, 1, len, f) == len;
+        ok = (f != NULL ? fclose(f) == 0 : close(fd) == 0) && ok;
         if (ok && rename(tmp, path) == 0)
             rc = VQKV_OK;
         else
-            remove(tmp);
+            unlink(tmp);
     }
     free(buf);
     return rc;
@@ -283,11 +285,10 @@ int vqkv_codebook_load(vqkv_codec_t *codec, const char *path)
         return VQKV_EIO;
     int rc = VQKV_EIO;
     uint8_t *buf = NULL;
-    long size = -1;
-    if (fseek(f, 0, SEEK_END) == 0)
-        size = ftell(f);
-    if (size < 0 || fseek(f, 0, SEEK_SET) != 0)
+    struct stat st;
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode))
         goto out;
+    off_t size = st.st_size;
     if (size == 0 || (unsigned long long)size > VQKV__CODEBOOK_MAX_BYTES) {
         rc = VQKV_EFORMAT;
         goto out;

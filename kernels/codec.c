@@ -126,7 +126,8 @@ static int vqkv__spec_parse(const char *text, vqkv__spec_t *spec)
     const char *p = text + name_len;
     if (*p == '\0')
         return VQKV_OK;
-    p++;
+    if (*++p == '\0') /* "name:" with nothing after the colon */
+        return VQKV_ESPEC;
     while (*p != '\0') {
         if (spec->n == VQKV__MAX_PARAMS)
             return VQKV_ESPEC;

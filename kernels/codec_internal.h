@@ -56,9 +56,11 @@ typedef struct vqkv__codec_ops {
                  const vqkv_train_opts_t *opts);
     bool (*needs_training)(const vqkv_codec_t *codec);
     /* The codebooks as one float array, for the codebook file. */
-    float *(*books)(const vqkv_codec_t *codec, size_t *n_floats);
-    /* Called after books() was overwritten by a loaded file. */
-    void (*books_loaded)(vqkv_codec_t *codec);
+    const float *(*books)(const vqkv_codec_t *codec, size_t *n_floats);
+    /* Checks books (as many floats as books() reports, all finite) and
+     * makes them the codec's: VQKV_OK, or VQKV_EFORMAT leaving the codec
+     * as it was. */
+    int (*books_install)(vqkv_codec_t *codec, const float *books);
 } vqkv__codec_ops_t;
 
 struct vqkv_codec {

@@ -51,22 +51,24 @@ typedef struct {
     size_t floats;  /* codebook floats per layer */
 } vqkv__side_t;
 
-/* Codebook floats are laid out [layer][K then V][branch][group][stage]
- * [2^b][d], followed by the channel statistics [layer][K then V][head]
- * {mean[head_dim], scale[head_dim]}; norms2 holds ||codeword||^2 in
- * codebook order, one per word. */
+/* Codebook floats are laid out [layer][set][K then V][branch][group]
+ * [stage][2^b][d] (a set per kv head with ph=1, else one), followed by the channel statistics
+ * [layer][K then V][head] {mean[head_dim], scale[head_dim]}. `search` holds each codebook's search
+ * form (kmeans.h), (d + 1) floats per codeword in codebook order, so a codebook's search form
+ * starts at its word offset plus its float offset. */
 typedef struct {
     uint32_t bits;
     bool channel_scale; /* divide by the channel's std as well as centering */
+    uint32_t sets;      /* codebook sets per layer: 1, or one per kv head */
     vqkv__side_t side[2];
     float *books;
-    float *norms2;
+    float *search;
     uint8_t *trained; /* [layers][2] */
 } vqkv__vq_t;
 
 typedef struct {
     float *words;
-    float *norms2;
+    float *search;
 } vqkv__book_t;
 
 static void vqkv__branch_add(vqkv__vq_t *vq, int kv, const uint16_t *chan, uint32_t n, uint32_t d,
@@ -96,14 +98,20 @@ static vqkv__book_t vqkv__book(const vqkv__vq_t *vq, uint32_t layer, int kv,
     size_t word = layer * (k->words + v->words) + (kv ? k->words : 0) + br->first_word + index;
     size_t flt =
         layer * (k->floats + v->floats) + (kv ? k->floats : 0) + br->first_float + index * br->d;
-    vqkv__book_t book = {vq->books + flt, vq->norms2 + word};
+    vqkv__book_t book = {vq->books + flt, vq->search + word + flt};
     return book;
+}
+
+/* Codebooks are addressed by "set layer" layer * sets + set. */
+static uint32_t vqkv__set_layer(const vqkv__vq_t *vq, uint32_t layer, uint32_t head)
+{
+    return layer * vq->sets + (vq->sets > 1 ? head : 0);
 }
 
 static size_t vqkv__vq_book_floats(const vqkv_codec_t *codec)
 {
     const vqkv__vq_t *vq = codec->state;
-    return codec->layout.num_layers * (vq->side[0].floats + vq->side[1].floats);
+    return (size_t)codec->layout.num_layers * vq->sets * (vq->side[0].floats + vq->side[1].floats);
 }
 
 static size_t vqkv__vq_total_floats(const vqkv_codec_t *codec)
@@ -126,7 +134,7 @@ static void vqkv__vq_free(void *state)
 {
     vqkv__vq_t *vq = state;
     free(vq->books);
-    free(vq->norms2);
+    free(vq->search);
     free(vq->trained);
     free(vq);
 }
@@ -142,42 +150,51 @@ static int vqkv__vq_finish(vqkv_codec_t *codec)
         codec->part_bytes[kv] =
             vectors * side->n_branches * 2 + vqkv__bits_bytes(vectors * side->codes, vq->bits);
     }
-    size_t words = l->num_layers * (vq->side[0].words + vq->side[1].words);
+    size_t words = (size_t)l->num_layers * vq->sets * (vq->side[0].words + vq->side[1].words);
     vq->books = calloc(vqkv__vq_total_floats(codec), sizeof(float));
-    vq->norms2 = calloc(words, sizeof(float));
+    vq->search = calloc(words + vqkv__vq_book_floats(codec), sizeof(float));
     vq->trained = calloc((size_t)l->num_layers * 2, 1);
-    if (vq->books == NULL || vq->norms2 == NULL || vq->trained == NULL)
+    if (vq->books == NULL || vq->search == NULL || vq->trained == NULL)
         return VQKV_ENOMEM;
     return VQKV_OK;
 }
 
-static int vqkv__vq_alloc(vqkv_codec_t *codec, uint32_t bits, uint32_t channel_scale)
+/* Parses what rvq and vqkv share, b, cs and ph, and allocates the state.
+ * Writes ",b=..,cs=..,ph=.." for the canonical spec into tail. */
+static int vqkv__vq_alloc(vqkv_codec_t *codec, vqkv__spec_t *spec, char *tail, size_t tail_len)
 {
+    uint32_t b, cs, ph;
+    int rc;
+    if ((rc = vqkv__spec_num(spec, "b", 8, 1, VQKV__MAX_BITS, &b)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "cs", 0, 0, 1, &cs)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "ph", 0, 0, 1, &ph)) != VQKV_OK)
+        return rc;
     vqkv__vq_t *vq = calloc(1, sizeof *vq);
     if (vq == NULL)
         return VQKV_ENOMEM;
-    vq->bits = bits;
-    vq->channel_scale = channel_scale != 0;
+    vq->bits = b;
+    vq->channel_scale = cs != 0;
+    vq->sets = ph ? codec->layout.num_kv_heads : 1;
     codec->state = vq;
+    snprintf(tail, tail_len, "b=%u,cs=%u,ph=%u", b, cs, ph);
     return VQKV_OK;
 }
 
 static int vqkv__rvq_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
 {
     static const char *const kgroups[] = {"strided", "contig", NULL};
-    uint32_t D = codec->layout.head_dim, d, b, r, kgroup, cs;
+    uint32_t D = codec->layout.head_dim, d, r, kgroup;
     uint16_t chan[VQKV_MAX_HEAD_DIM];
+    char tail[48];
     int rc;
 
     if ((rc = vqkv__spec_num(spec, "d", 8, 1, D, &d)) != VQKV_OK ||
-        (rc = vqkv__spec_num(spec, "b", 8, 1, VQKV__MAX_BITS, &b)) != VQKV_OK ||
         (rc = vqkv__spec_num(spec, "r", 2, 1, VQKV__MAX_STAGES, &r)) != VQKV_OK ||
-        (rc = vqkv__spec_word(spec, "kgroup", kgroups, 0, &kgroup)) != VQKV_OK ||
-        (rc = vqkv__spec_num(spec, "cs", 0, 0, 1, &cs)) != VQKV_OK)
+        (rc = vqkv__spec_word(spec, "kgroup", kgroups, 0, &kgroup)) != VQKV_OK)
         return rc;
     if (D % d != 0)
         return VQKV_ESPEC;
-    if ((rc = vqkv__vq_alloc(codec, b, cs)) != VQKV_OK)
+    if ((rc = vqkv__vq_alloc(codec, spec, tail, sizeof tail)) != VQKV_OK)
         return rc;
 
     uint32_t G = D / d;
@@ -187,29 +204,28 @@ static int vqkv__rvq_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
     for (uint32_t i = 0; i < D; i++)
         chan[i] = (uint16_t)i;
     vqkv__branch_add(codec->state, 1, chan, D, d, r);
-    snprintf(codec->spec, sizeof codec->spec, "rvq:d=%u,b=%u,r=%u,kgroup=%s,cs=%u", d, b, r,
-             kgroups[kgroup], cs);
+    snprintf(codec->spec, sizeof codec->spec, "rvq:d=%u,r=%u,kgroup=%s,%s", d, r, kgroups[kgroup],
+             tail);
     return vqkv__vq_finish(codec);
 }
 
 static int vqkv__vqkv_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
 {
-    uint32_t D = codec->layout.head_dim, b, dlo, dhi, dv, cs;
+    uint32_t D = codec->layout.head_dim, dlo, dhi, dv;
     uint16_t chan[VQKV_MAX_HEAD_DIM];
+    char tail[48];
     int rc;
 
-    if ((rc = vqkv__spec_num(spec, "b", 8, 1, VQKV__MAX_BITS, &b)) != VQKV_OK ||
-        (rc = vqkv__spec_num(spec, "dlo", 4, 2, D, &dlo)) != VQKV_OK ||
+    if ((rc = vqkv__spec_num(spec, "dlo", 4, 2, D, &dlo)) != VQKV_OK ||
         (rc = vqkv__spec_num(spec, "dhi", 8, 2, D, &dhi)) != VQKV_OK ||
-        (rc = vqkv__spec_num(spec, "dv", 4, 1, D, &dv)) != VQKV_OK ||
-        (rc = vqkv__spec_num(spec, "cs", 0, 0, 1, &cs)) != VQKV_OK)
+        (rc = vqkv__spec_num(spec, "dv", 4, 1, D, &dv)) != VQKV_OK)
         return rc;
     /* Each branch holds D/4 whole rotate-half pairs, cut into sub-vectors
      * of whole pairs. */
     if (D % 4 != 0 || dlo % 2 != 0 || dhi % 2 != 0 || (D / 2) % dlo != 0 || (D / 2) % dhi != 0 ||
         D % dv != 0)
         return VQKV_ESPEC;
-    if ((rc = vqkv__vq_alloc(codec, b, cs)) != VQKV_OK)
+    if ((rc = vqkv__vq_alloc(codec, spec, tail, sizeof tail)) != VQKV_OK)
         return rc;
 
     for (int lo = 0; lo < 2; lo++) {
@@ -223,8 +239,7 @@ static int vqkv__vqkv_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
     for (uint32_t i = 0; i < D; i++)
         chan[i] = (uint16_t)i;
     vqkv__branch_add(codec->state, 1, chan, D, dv, 1);
-    snprintf(codec->spec, sizeof codec->spec, "vqkv:b=%u,dlo=%u,dhi=%u,dv=%u,cs=%u", b, dlo, dhi,
-             dv, cs);
+    snprintf(codec->spec, sizeof codec->spec, "vqkv:dlo=%u,dhi=%u,dv=%u,%s", dlo, dhi, dv, tail);
     return vqkv__vq_finish(codec);
 }
 
@@ -270,6 +285,7 @@ static void vqkv__vq_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
     for (uint32_t t = 0; t < l->block_tokens; t++) {
         for (uint32_t h = 0; h < H; h++) {
             size_t v = (size_t)t * H + h;
+            uint32_t set_layer = vqkv__set_layer(vq, layer, h);
             vqkv__tile_load(tile, t, h, l->head_dim, row);
             vqkv__channel_whiten(codec, layer, kv, h, row);
             for (uint32_t bi = 0; bi < side->n_branches; bi++) {
@@ -279,8 +295,8 @@ static void vqkv__vq_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
                 for (uint32_t g = 0; g < br->groups; g++) {
                     float *resid = u + (size_t)g * br->d;
                     for (uint32_t s = 0; s < br->stages; s++) {
-                        vqkv__book_t book = vqkv__book(vq, layer, kv, br, g, s);
-                        uint32_t c = vqkv__nearest(resid, book.words, book.norms2, br->d, 1u << b);
+                        vqkv__book_t book = vqkv__book(vq, set_layer, kv, br, g, s);
+                        uint32_t c = vqkv__nearest(resid, book.search, br->d, 1u << b);
                         uint64_t pos = v * side->codes + br->first_code + g * br->stages + s;
                         vqkv__bits_put(codes, pos * b, b, c);
                         for (uint32_t j = 0; j < br->d; j++)
@@ -306,6 +322,7 @@ static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, c
     for (uint32_t t = 0; t < l->block_tokens; t++) {
         for (uint32_t h = 0; h < H; h++) {
             size_t v = (size_t)t * H + h;
+            uint32_t set_layer = vqkv__set_layer(vq, layer, h);
             for (uint32_t bi = 0; bi < side->n_branches; bi++) {
                 const vqkv__branch_t *br = &side->br[bi];
                 float norm =
@@ -313,7 +330,7 @@ static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, c
                 for (uint32_t g = 0; g < br->groups; g++) {
                     memset(acc, 0, br->d * sizeof(float));
                     for (uint32_t s = 0; s < br->stages; s++) {
-                        vqkv__book_t book = vqkv__book(vq, layer, kv, br, g, s);
+                        vqkv__book_t book = vqkv__book(vq, set_layer, kv, br, g, s);
                         uint64_t pos = v * side->codes + br->first_code + g * br->stages + s;
                         const float *w =
                             book.words + (size_t)vqkv__bits_get(codes, pos * b, b) * br->d;
@@ -337,7 +354,7 @@ static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, c
 
 typedef struct {
     vqkv_codec_t *codec;
-    uint32_t layer;
+    uint32_t layer; /* the set layer whose codebooks are trained */
     int kv;
     const float *u[2]; /* normalized samples per branch, [m][n_channels] */
     size_t m;
@@ -371,11 +388,10 @@ static int vqkv__train_group(vqkv__train_job_t *job, uint32_t bi, uint32_t g)
         rc = vqkv__kmeans(x, job->m, d, k, iters, seed, book.words);
         if (rc != VQKV_OK)
             break;
-        vqkv__centroid_norms(book.words, d, k, book.norms2);
+        vqkv__search_prepare(book.words, d, k, book.search);
         for (size_t i = 0; i < job->m; i++) {
             float *xi = x + i * d;
-            const float *w =
-                book.words + (size_t)vqkv__nearest(xi, book.words, book.norms2, d, k) * d;
+            const float *w = book.words + (size_t)vqkv__nearest(xi, book.search, d, k) * d;
             for (uint32_t j = 0; j < d; j++)
                 xi[j] -= w[j];
         }
@@ -434,55 +450,69 @@ static int vqkv__channel_fit(vqkv_codec_t *codec, uint32_t layer, int kv, const 
     return VQKV_OK;
 }
 
+/* Runs the job's (branch, group) chains on up to opts->threads threads. */
+static int vqkv__train_run(vqkv__train_job_t *job)
+{
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    uint32_t threads = job->opts->threads ? job->opts->threads : (cpus > 0 ? (uint32_t)cpus : 1);
+    pthread_t tids[64];
+    if (threads > job->n_tasks)
+        threads = job->n_tasks;
+    if (threads > 64)
+        threads = 64;
+    job->next_task = 0;
+    job->rc = VQKV_OK;
+    uint32_t started = 0;
+    for (; started + 1 < threads; started++)
+        if (pthread_create(&tids[started], NULL, vqkv__train_worker, job) != 0)
+            break;
+    vqkv__train_worker(job);
+    for (uint32_t i = 0; i < started; i++)
+        pthread_join(tids[i], NULL);
+    return job->rc;
+}
+
 static int vqkv__vq_train(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x, size_t n,
                           const vqkv_train_opts_t *opts)
 {
     vqkv__vq_t *vq = codec->state;
     const vqkv__side_t *side = &vq->side[kv];
-    uint32_t D = codec->layout.head_dim;
+    uint32_t D = codec->layout.head_dim, H = codec->layout.num_kv_heads;
+    /* With a set per head, each set learns from its head's vectors only. */
+    size_t rows = vq->sets > 1 ? n / H : n;
     size_t cap = opts->max_samples ? opts->max_samples : 16384;
-    size_t m = n < cap ? n : cap;
-    vqkv__train_job_t job = {.codec = codec, .layer = layer, .kv = kv, .m = m, .opts = opts};
+    size_t m = rows < cap ? rows : cap;
+    vqkv__train_job_t job = {.codec = codec, .kv = kv, .m = m, .opts = opts};
     float *u[2] = {NULL, NULL};
-    int rc = VQKV_ENOMEM;
+    int rc = vqkv__channel_fit(codec, layer, kv, x, n);
+    if (rc != VQKV_OK)
+        return rc;
 
+    rc = VQKV_ENOMEM;
     for (uint32_t bi = 0; bi < side->n_branches; bi++) {
         u[bi] = malloc(m * side->br[bi].n_channels * sizeof(float));
         if (u[bi] == NULL)
             goto out;
         job.u[bi] = u[bi];
     }
-    rc = vqkv__channel_fit(codec, layer, kv, x, n);
-    if (rc != VQKV_OK)
-        goto out;
-    /* An even stride over the samples keeps every part of the sequence. */
-    for (size_t i = 0; i < m; i++) {
-        size_t pick = (size_t)((double)i * (double)n / (double)m);
-        float row[VQKV_MAX_HEAD_DIM];
-        memcpy(row, x + pick * D, D * sizeof *row);
-        vqkv__channel_whiten(codec, layer, kv, (uint32_t)(pick % codec->layout.num_kv_heads), row);
-        for (uint32_t bi = 0; bi < side->n_branches; bi++)
-            vqkv__branch_normalize(&side->br[bi], row, u[bi] + i * side->br[bi].n_channels);
-    }
-
     job.n_tasks = side->br[0].groups + (side->n_branches > 1 ? side->br[1].groups : 0);
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    uint32_t threads = opts->threads ? opts->threads : (cpus > 0 ? (uint32_t)cpus : 1);
-    if (threads > job.n_tasks)
-        threads = job.n_tasks;
-    pthread_t tids[64];
-    if (threads > 64)
-        threads = 64;
     pthread_mutex_init(&job.lock, NULL);
-    uint32_t started = 0;
-    for (; started + 1 < threads; started++)
-        if (pthread_create(&tids[started], NULL, vqkv__train_worker, &job) != 0)
-            break;
-    vqkv__train_worker(&job);
-    for (uint32_t i = 0; i < started; i++)
-        pthread_join(tids[i], NULL);
+    rc = VQKV_OK;
+    for (uint32_t set = 0; set < vq->sets && rc == VQKV_OK; set++) {
+        /* An even stride over the rows keeps every part of the sequence. */
+        for (size_t i = 0; i < m; i++) {
+            size_t r = (size_t)((double)i * (double)rows / (double)m);
+            size_t pick = vq->sets > 1 ? r * H + set : r;
+            float row[VQKV_MAX_HEAD_DIM];
+            memcpy(row, x + pick * D, D * sizeof *row);
+            vqkv__channel_whiten(codec, layer, kv, (uint32_t)(pick % H), row);
+            for (uint32_t bi = 0; bi < side->n_branches; bi++)
+                vqkv__branch_normalize(&side->br[bi], row, u[bi] + i * side->br[bi].n_channels);
+        }
+        job.layer = layer * vq->sets + set;
+        rc = vqkv__train_run(&job);
+    }
     pthread_mutex_destroy(&job.lock);
-    rc = job.rc;
     vq->trained[layer * 2 + kv] = rc == VQKV_OK;
 out:
     free(u[0]);
@@ -499,26 +529,35 @@ static bool vqkv__vq_needs_training(const vqkv_codec_t *codec)
     return false;
 }
 
-static float *vqkv__vq_books(const vqkv_codec_t *codec, size_t *n_floats)
+static const float *vqkv__vq_books(const vqkv_codec_t *codec, size_t *n_floats)
 {
     *n_floats = vqkv__vq_total_floats(codec);
     return ((vqkv__vq_t *)codec->state)->books;
 }
 
-static void vqkv__vq_books_loaded(vqkv_codec_t *codec)
+static int vqkv__vq_books_install(vqkv_codec_t *codec, const float *books)
 {
     vqkv__vq_t *vq = codec->state;
-    for (uint32_t layer = 0; layer < codec->layout.num_layers; layer++)
+    size_t stats = vqkv__vq_book_floats(codec), total = vqkv__vq_total_floats(codec);
+    uint32_t D = codec->layout.head_dim;
+    /* Channel scales divide on encode: only positive ones are sane. */
+    for (size_t i = stats; i < total; i += 2 * D)
+        for (uint32_t c = 0; c < D; c++)
+            if (!(books[i + D + c] > 0.0f))
+                return VQKV_EFORMAT;
+    memcpy(vq->books, books, total * sizeof *books);
+    for (uint32_t sl = 0; sl < codec->layout.num_layers * vq->sets; sl++)
         for (int kv = 0; kv < 2; kv++)
             for (uint32_t bi = 0; bi < vq->side[kv].n_branches; bi++) {
                 const vqkv__branch_t *br = &vq->side[kv].br[bi];
                 for (uint32_t g = 0; g < br->groups; g++)
                     for (uint32_t s = 0; s < br->stages; s++) {
-                        vqkv__book_t book = vqkv__book(vq, layer, kv, br, g, s);
-                        vqkv__centroid_norms(book.words, br->d, 1u << vq->bits, book.norms2);
+                        vqkv__book_t book = vqkv__book(vq, sl, kv, br, g, s);
+                        vqkv__search_prepare(book.words, br->d, 1u << vq->bits, book.search);
                     }
             }
     memset(vq->trained, 1, (size_t)codec->layout.num_layers * 2);
+    return VQKV_OK;
 }
 
 const vqkv__codec_ops_t vqkv__rvq_ops = {
@@ -530,7 +569,7 @@ const vqkv__codec_ops_t vqkv__rvq_ops = {
     .train = vqkv__vq_train,
     .needs_training = vqkv__vq_needs_training,
     .books = vqkv__vq_books,
-    .books_loaded = vqkv__vq_books_loaded,
+    .books_install = vqkv__vq_books_install,
 };
 
 const vqkv__codec_ops_t vqkv__vqkv_ops = {
@@ -542,5 +581,5 @@ const vqkv__codec_ops_t vqkv__vqkv_ops = {
     .train = vqkv__vq_train,
     .needs_training = vqkv__vq_needs_training,
     .books = vqkv__vq_books,
-    .books_loaded = vqkv__vq_books_loaded,
+    .books_install = vqkv__vq_books_install,
 };

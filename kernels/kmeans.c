@@ -15,30 +15,40 @@
 #include <stdlib.h>
 #include <string.h>
 
-void vqkv__centroid_norms(const float *centroids, uint32_t d, uint32_t k, float *norms2)
+void vqkv__search_prepare(const float *centroids, uint32_t d, uint32_t k, float *search)
 {
+    float *norms2 = search, *wt = search + k;
     for (uint32_t c = 0; c < k; c++) {
         float s = 0.0f;
-        for (uint32_t j = 0; j < d; j++)
-            s += centroids[(size_t)c * d + j] * centroids[(size_t)c * d + j];
+        for (uint32_t j = 0; j < d; j++) {
+            float w = centroids[(size_t)c * d + j];
+            s += w * w;
+            wt[(size_t)j * k + c] = w;
+        }
         norms2[c] = s;
     }
 }
 
-uint32_t vqkv__nearest(const float *x, const float *centroids, const float *norms2, uint32_t d,
-                       uint32_t k)
+uint32_t vqkv__nearest(const float *x, const float *search, uint32_t d, uint32_t k)
 {
+    enum { CHUNK = 64 };
+    const float *norms2 = search, *wt = search + k;
+    float dist[CHUNK], best_dist = FLT_MAX;
     uint32_t best = 0;
-    float best_dist = FLT_MAX;
-    for (uint32_t c = 0; c < k; c++) {
-        const float *cv = centroids + (size_t)c * d;
-        float dot = 0.0f;
-        for (uint32_t j = 0; j < d; j++)
-            dot += x[j] * cv[j];
-        float dist = norms2[c] - 2.0f * dot;
-        if (dist < best_dist) {
-            best_dist = dist;
-            best = c;
+    for (uint32_t c0 = 0; c0 < k; c0 += CHUNK) {
+        uint32_t n = k - c0 < CHUNK ? k - c0 : CHUNK;
+        memcpy(dist, norms2 + c0, n * sizeof *dist);
+        for (uint32_t j = 0; j < d; j++) {
+            float m = -2.0f * x[j];
+            const float *w = wt + (size_t)j * k + c0;
+            for (uint32_t i = 0; i < n; i++)
+                dist[i] += m * w[i];
+        }
+        for (uint32_t i = 0; i < n; i++) {
+            if (dist[i] < best_dist) {
+                best_dist = dist[i];
+                best = c0 + i;
+            }
         }
     }
     return best;
@@ -97,22 +107,22 @@ int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iter
     int rc = VQKV_ENOMEM;
     uint64_t rng = seed;
     float *mind = malloc(n * sizeof *mind);
-    float *norms2 = malloc(k * sizeof *norms2);
+    float *search = malloc((size_t)k * (d + 1) * sizeof *search);
     double *sums = malloc((size_t)k * d * sizeof *sums);
     size_t *counts = malloc(k * sizeof *counts);
     uint32_t *assign = malloc(n * sizeof *assign);
-    if (mind == NULL || norms2 == NULL || sums == NULL || counts == NULL || assign == NULL)
+    if (mind == NULL || search == NULL || sums == NULL || counts == NULL || assign == NULL)
         goto out;
 
     vqkv__kmeanspp(x, n, d, k, &rng, centroids, mind);
     for (uint32_t it = 0; it < iterations; it++) {
-        vqkv__centroid_norms(centroids, d, k, norms2);
+        vqkv__search_prepare(centroids, d, k, search);
         memset(sums, 0, (size_t)k * d * sizeof *sums);
         memset(counts, 0, k * sizeof *counts);
         size_t moved = 0;
         for (size_t i = 0; i < n; i++) {
             const float *xi = x + i * d;
-            uint32_t c = vqkv__nearest(xi, centroids, norms2, d, k);
+            uint32_t c = vqkv__nearest(xi, search, d, k);
             moved += it == 0 || c != assign[i];
             assign[i] = c;
             mind[i] = vqkv__dist2(xi, centroids + (size_t)c * d, d);
@@ -142,7 +152,7 @@ int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iter
     rc = VQKV_OK;
 out:
     free(mind);
-    free(norms2);
+    free(search);
     free(sums);
     free(counts);
     free(assign);

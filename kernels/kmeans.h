@@ -15,13 +15,14 @@
 int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iterations,
                  uint64_t seed, float *centroids);
 
-/* The centroid nearest to x, by ||c||^2 - 2 x.c with norms2[c] = ||c||^2;
- * ties go to the lower index. O(k*d). */
-uint32_t vqkv__nearest(const float *x, const float *centroids, const float *norms2, uint32_t d,
-                       uint32_t k);
+/* A codebook's search form, (d + 1) * k floats: ||c||^2 for each of the k
+ * centroids, then the centroids transposed to [d][k], so the distance loop
+ * runs over contiguous centroids and vectorizes. */
+void vqkv__search_prepare(const float *centroids, uint32_t d, uint32_t k, float *search);
 
-/* norms2[c] = ||centroids[c]||^2 for c < k. */
-void vqkv__centroid_norms(const float *centroids, uint32_t d, uint32_t k, float *norms2);
+/* The centroid nearest to x by ||c||^2 - 2 x.c, from the search form; ties
+ * go to the lower index. O(k*d). */
+uint32_t vqkv__nearest(const float *x, const float *search, uint32_t d, uint32_t k);
 
 /* splitmix64: a tiny, well-mixed generator and seed combiner. */
 static inline uint64_t vqkv__mix64(uint64_t x)

@@ -1,0 +1,1756 @@
+/* test_codec.c -- the codec interface of kernels/vqkv_codec.h: spec strings,
+ * layouts, views and their bounds, block sizes, and round trips of every
+ * codec through strided worker memory of every dtype.
+ *
+ * The VQ codecs are trained once per run (small sets, few iterations) and
+ * their codebooks copied into every codec that needs them, through the
+ * codebook buffer functions.
+ */
+#include "test_util.h"
+
+#include <float.h>
+#include <pthread.h>
+
+/* The layout most tests use: small, but with more than one layer, head and
+ * slot so that a stride mix-up shows. */
+#define TEST_LAYERS 2
+#define TEST_HEADS 2
+#define TEST_HEAD_DIM 64
+#define TEST_TOKENS 16
+#define TEST_SLOTS 3
+#define PROFILE_SEED 42u
+#define TRAIN_VECTORS 2048u
+
+typedef enum { KIND_FP16, KIND_FP8, KIND_KIVI, KIND_RVQ, KIND_VQKV } codec_kind_t;
+
+typedef struct {
+    const char *spec;
+    /* Name and every parameter the canonical spec must spell out. */
+    const char *canonical;
+    codec_kind_t kind;
+    /* Parameters spelled out again here, to compute sizes independently. */
+    uint32_t bits, d, r, g, dlo, dhi, dv;
+    /* bits/value on the test layout, worked out by hand from the layout. */
+    double bits_per_value;
+    /* Relative error bounds (||x - x'|| / ||x||) for keys and values on
+     * the synthetic data: the worst measured (test_error_per_codec prints
+     * it) plus about 20-25%, so a real regression fails. */
+    double max_key_error, max_value_error;
+} codec_case_t;
+
+static const codec_case_t cases[] = {
+    {.spec = "fp16", .canonical = "fp16", .kind = KIND_FP16, .bits_per_value = 16.0},
+    {.spec = "fp8",
+     .canonical = "fp8",
+     .kind = KIND_FP8,
+     .bits_per_value = 8.25,
+     .max_key_error = 0.03,
+     .max_value_error = 0.03},
+    {.spec = "kivi2",
+     .canonical = "kivi2:g=32",
+     .kind = KIND_KIVI,
+     .bits = 2,
+     .g = 32,
+     .bits_per_value = 3.5,
+     .max_key_error = 0.28,
+     .max_value_error = 0.56},
+    {.spec = "kivi4",
+     .canonical = "kivi4:g=32",
+     .kind = KIND_KIVI,
+     .bits = 4,
+     .g = 32,
+     .bits_per_value = 5.5,
+     .max_key_error = 0.055,
+     .max_value_error = 0.11},
+    {.spec = "rvq",
+     .canonical = "rvq:d=8,b=8,r=2,kgroup=strided,cs=0",
+     .kind = KIND_RVQ,
+     .bits = 8,
+     .d = 8,
+     .r = 2,
+     .bits_per_value = 2.25,
+     .max_key_error = 0.17,
+     .max_value_error = 0.38},
+    {.spec = "rvq:kgroup=contig",
+     .canonical = "rvq:d=8,b=8,r=2,kgroup=contig,cs=0",
+     .kind = KIND_RVQ,
+     .bits = 8,
+     .d = 8,
+     .r = 2,
+     .bits_per_value = 2.25,
+     .max_key_error = 0.17,
+     .max_value_error = 0.38},
+    {.spec = "rvq:d=4,b=6,r=3",
+     .canonical = "rvq:d=4,b=6,r=3,kgroup=strided,cs=0",
+     .kind = KIND_RVQ,
+     .bits = 6,
+     .d = 4,
+     .r = 3,
+     .bits_per_value = 4.75,
+     .max_key_error = 0.05,
+     .max_value_error = 0.11},
+    {.spec = "vqkv",
+     .canonical = "vqkv:b=8,dlo=4,dhi=8,dv=4,cs=0",
+     .kind = KIND_VQKV,
+     .bits = 8,
+     .dlo = 4,
+     .dhi = 8,
+     .dv = 4,
+     .bits_per_value = 2.125,
+     .max_key_error = 0.24,
+     .max_value_error = 0.36},
+    {.spec = "vqkv:b=6,dlo=2,dhi=4,dv=8",
+     .canonical = "vqkv:b=6,dlo=2,dhi=4,dv=8,cs=0",
+     .kind = KIND_VQKV,
+     .bits = 6,
+     .dlo = 2,
+     .dhi = 4,
+     .dv = 8,
+     .bits_per_value = 1.875,
+     .max_key_error = 0.18,
+     .max_value_error = 0.72},
+};
+#define NUM_CASES (sizeof cases / sizeof cases[0])
+
+static const vqkv_dtype_t all_dtypes[] = {VQKV_DTYPE_F16, VQKV_DTYPE_BF16, VQKV_DTYPE_F32};
+static const char *const dtype_names[] = {"f16", "bf16", "f32"};
+
+/* Codebooks of each VQ case, trained once in the group setup. */
+static uint8_t *trained_books[NUM_CASES];
+static size_t trained_books_len[NUM_CASES];
+
+static vqkv_layout_t test_layout(vqkv_dtype_t dtype)
+{
+    vqkv_layout_t l = {TEST_LAYERS, TEST_HEADS, TEST_HEAD_DIM, TEST_TOKENS, dtype};
+    return l;
+}
+
+static int is_vq(const codec_case_t *c)
+{
+    return c->kind == KIND_RVQ || c->kind == KIND_VQKV;
+}
+
+static size_t case_named(const char *spec)
+{
+    for (size_t i = 0; i < NUM_CASES; i++)
+        if (strcmp(cases[i].spec, spec) == 0)
+            return i;
+    fail_msg("no test case \"%s\"", spec);
+    return 0;
+}
+
+static vqkv_codec_t *make_codec(size_t case_index, vqkv_dtype_t dtype)
+{
+    vqkv_layout_t l = test_layout(dtype);
+    vqkv_codec_t *codec = NULL;
+    assert_ok(vqkv_codec_create(cases[case_index].spec, &l, &codec));
+    assert_non_null(codec);
+    if (is_vq(&cases[case_index]))
+        assert_ok(vqkv_codebook_load_buffer(codec, trained_books[case_index],
+                                            trained_books_len[case_index]));
+    assert_int_equal(vqkv_codec_needs_training(codec), 0);
+    return codec;
+}
+
+static int train_all_cases(void **state)
+{
+    (void)state;
+    vqkv_train_opts_t opts = {.seed = 1, .iterations = 4};
+    for (size_t i = 0; i < NUM_CASES; i++) {
+        if (!is_vq(&cases[i]))
+            continue;
+        vqkv_layout_t l = test_layout(VQKV_DTYPE_F16);
+        vqkv_codec_t *codec = NULL;
+        if (vqkv_codec_create(cases[i].spec, &l, &codec) != VQKV_OK ||
+            test_train_all(codec, PROFILE_SEED, TRAIN_VECTORS, &opts) != VQKV_OK ||
+            vqkv_codebook_save_buffer(codec, &trained_books[i], &trained_books_len[i]) != VQKV_OK) {
+            vqkv_codec_free(codec);
+            return -1;
+        }
+        vqkv_codec_free(codec);
+    }
+    return 0;
+}
+
+static int free_trained(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < NUM_CASES; i++)
+        free(trained_books[i]);
+    return 0;
+}
+
+/* ---- sizes -------------------------------------------------------------- */
+
+static uint64_t bytes_for_bits(uint64_t bits)
+{
+    return (bits + 7) / 8;
+}
+
+/* Block bytes from each codec's documented byte layout. */
+static uint64_t expected_block_bytes(const codec_case_t *c, const vqkv_layout_t *l)
+{
+    uint64_t T = l->block_tokens, H = l->num_kv_heads, D = l->head_dim, key = 0, value = 0;
+    switch (c->kind) {
+    case KIND_FP16: key = value = T * H * D * 2; break;
+    case KIND_FP8: key = value = T * H * (2 + D); break; /* fp16 scale + a byte a value */
+    case KIND_KIVI:
+        /* fp16 min and step per key channel, per value channel group. */
+        key = 4 * H * D + bytes_for_bits(T * H * D * c->bits);
+        value = 4 * T * H * (D / c->g) + bytes_for_bits(T * H * D * c->bits);
+        break;
+    case KIND_RVQ:
+        key = value = 2 * T * H + bytes_for_bits(T * H * (D / c->d) * c->r * c->bits);
+        break;
+    case KIND_VQKV:
+        /* Keys: two branches, each with its own fp16 norm. */
+        key = 4 * T * H + bytes_for_bits(T * H * ((D / 2) / c->dlo + (D / 2) / c->dhi) * c->bits);
+        value = 2 * T * H + bytes_for_bits(T * H * (D / c->dv) * c->bits);
+        break;
+    }
+    return l->num_layers * (key + value);
+}
+
+/* Whether canonical spec `got` names codec `name` with every "key=value" of
+ * `items` (comma separated) among its parameters. Parameters the list does
+ * not name may appear too, in any order: the promise is "every parameter
+ * spelled out", not a fixed set. */
+static int spec_has(const char *got, const char *name, const char *items)
+{
+    size_t name_len = strlen(name);
+    if (strncmp(got, name, name_len) != 0)
+        return 0;
+    if (got[name_len] == '\0')
+        return *items == '\0';
+    if (got[name_len] != ':')
+        return 0;
+    char padded_got[128], item[32];
+    snprintf(padded_got, sizeof padded_got, ",%s,", got + name_len + 1);
+    for (const char *p = items; *p != '\0';) {
+        size_t len = strcspn(p, ",");
+        snprintf(item, sizeof item, ",%.*s,", (int)len, p);
+        if (strstr(padded_got, item) == NULL)
+            return 0;
+        p += len + (p[len] == ',');
+    }
+    return 1;
+}
+
+static void assert_canonical(const char *spec, const vqkv_layout_t *l, const char *name,
+                             const char *items)
+{
+    vqkv_codec_t *codec = NULL, *again = NULL;
+    assert_ok(vqkv_codec_create(spec, l, &codec));
+    const char *canonical = vqkv_codec_spec(codec);
+    if (!spec_has(canonical, name, items)) {
+        print_error("\"%s\" has the canonical spec \"%s\", which lacks some of %s:%s\n", spec,
+                    canonical, name, items);
+        vqkv_codec_free(codec);
+        fail();
+    }
+    /* A fixed point: the canonical string names the same codec. */
+    assert_ok(vqkv_codec_create(canonical, l, &again));
+    assert_string_equal(vqkv_codec_spec(again), canonical);
+    assert_int_equal(vqkv_codec_block_bytes(again), vqkv_codec_block_bytes(codec));
+    vqkv_codec_free(again);
+    vqkv_codec_free(codec);
+}
+
+static void test_canonical_specs(void **state)
+{
+    (void)state;
+    vqkv_layout_t l = test_layout(VQKV_DTYPE_F16);
+    for (size_t i = 0; i < NUM_CASES; i++) {
+        const char *colon = strchr(cases[i].canonical, ':');
+        char name[16];
+        size_t name_len = colon ? (size_t)(colon - cases[i].canonical) : strlen(cases[i].canonical);
+        snprintf(name, sizeof name, "%.*s", (int)name_len, cases[i].canonical);
+        assert_canonical(cases[i].spec, &l, name, colon ? colon + 1 : "");
+        vqkv_codec_t *codec = NULL;
+        assert_ok(vqkv_codec_create(cases[i].spec, &l, &codec));
+        assert_memory_equal(vqkv_codec_layout(codec), &l, sizeof l);
+        vqkv_codec_free(codec);
+    }
+    /* The unparameterized codecs have nothing to spell out. */
+    vqkv_codec_t *codec = NULL;
+    assert_ok(vqkv_codec_create("fp16", &l, &codec));
+    assert_string_equal(vqkv_codec_spec(codec), "fp16");
+    vqkv_codec_free(codec);
+    assert_ok(vqkv_codec_create("fp8", &l, &codec));
+    assert_string_equal(vqkv_codec_spec(codec), "fp8");
+    vqkv_codec_free(codec);
+
+    /* Key order and defaults spelled out do not change the codec: equal
+     * codecs have equal strings. */
+    static const char *const same_as_rvq[] = {"rvq:r=2,b=8,d=8", "rvq:kgroup=strided", "rvq:cs=0",
+                                              "rvq:d=8,b=8,r=2,kgroup=strided"};
+    vqkv_codec_t *plain = NULL;
+    assert_ok(vqkv_codec_create("rvq", &l, &plain));
+    for (size_t i = 0; i < sizeof same_as_rvq / sizeof same_as_rvq[0]; i++) {
+        assert_ok(vqkv_codec_create(same_as_rvq[i], &l, &codec));
+        assert_string_equal(vqkv_codec_spec(codec), vqkv_codec_spec(plain));
+        vqkv_codec_free(codec);
+    }
+    /* ... and different codecs different ones. */
+    static const char *const not_rvq[] = {"rvq:b=7", "rvq:kgroup=contig", "rvq:cs=1", "rvq:r=1",
+                                          "rvq:d=4"};
+    for (size_t i = 0; i < sizeof not_rvq / sizeof not_rvq[0]; i++) {
+        assert_ok(vqkv_codec_create(not_rvq[i], &l, &codec));
+        assert_string_not_equal(vqkv_codec_spec(codec), vqkv_codec_spec(plain));
+        vqkv_codec_free(codec);
+    }
+    vqkv_codec_free(plain);
+
+    assert_canonical("vqkv:cs=1,dv=8", &l, "vqkv", "b=8,dlo=4,dhi=8,dv=8,cs=1");
+    assert_canonical("rvq:b=6,cs=1", &l, "rvq", "d=8,b=6,r=2,kgroup=strided,cs=1");
+    assert_canonical("kivi2:g=16", &l, "kivi2", "g=16");
+    /* KIVI's default group is capped at head_dim. */
+    vqkv_layout_t narrow = {1, 1, 16, 4, VQKV_DTYPE_F16};
+    assert_canonical("kivi4", &narrow, "kivi4", "g=16");
+}
+
+static void test_block_bytes_and_bits_per_value(void **state)
+{
+    (void)state;
+    vqkv_layout_t l = test_layout(VQKV_DTYPE_F16);
+    for (size_t i = 0; i < NUM_CASES; i++) {
+        vqkv_codec_t *codec = NULL;
+        assert_ok(vqkv_codec_create(cases[i].spec, &l, &codec));
+        assert_int_equal(vqkv_codec_block_bytes(codec), expected_block_bytes(&cases[i], &l));
+        double values = 2.0 * TEST_LAYERS * TEST_HEADS * TEST_HEAD_DIM * TEST_TOKENS;
+        assert_true(vqkv_codec_bits_per_value(codec) ==
+                    (double)vqkv_codec_block_bytes(codec) * 8.0 / values);
+        if (fabs(vqkv_codec_bits_per_value(codec) - cases[i].bits_per_value) > 1e-12) {
+            print_error("%s: %.6f bits/value, expected %.6f\n", cases[i].spec,
+                        vqkv_codec_bits_per_value(codec), cases[i].bits_per_value);
+            fail();
+        }
+        vqkv_codec_free(codec);
+    }
+    /* The dtype of worker memory does not change the compressed size. */
+    vqkv_layout_t f32 = test_layout(VQKV_DTYPE_F32);
+    vqkv_codec_t *a = NULL, *b = NULL;
+    assert_ok(vqkv_codec_create("fp8", &l, &a));
+    assert_ok(vqkv_codec_create("fp8", &f32, &b));
+    assert_int_equal(vqkv_codec_block_bytes(a), vqkv_codec_block_bytes(b));
+    vqkv_codec_free(a);
+    vqkv_codec_free(b);
+
+    /* fp8 is 8 bits plus a 16-bit scale per head vector on any head_dim. */
+    static const uint32_t head_dims[] = {32, 64, 128, 256};
+    for (size_t i = 0; i < 4; i++) {
+        vqkv_layout_t hl = {1, 1, head_dims[i], 4, VQKV_DTYPE_F16};
+        assert_ok(vqkv_codec_create("fp8", &hl, &a));
+        assert_true(vqkv_codec_bits_per_value(a) == 8.0 + 16.0 / head_dims[i]);
+        vqkv_codec_free(a);
+    }
+}
+
+/* A layout whose code streams do not end on a byte boundary. */
+static const vqkv_layout_t odd_layout = {3, 1, 8, 3, VQKV_DTYPE_F16};
+
+static const codec_case_t odd_cases[] = {
+    {.spec = "rvq:d=8,b=5,r=1",
+     .kind = KIND_RVQ,
+     .bits = 5,
+     .d = 8,
+     .r = 1,
+     .max_key_error = 0.25,
+     .max_value_error = 0.8},
+    {.spec = "rvq:d=2,b=3,r=3",
+     .kind = KIND_RVQ,
+     .bits = 3,
+     .d = 2,
+     .r = 3,
+     .max_key_error = 0.06,
+     .max_value_error = 0.16},
+    {.spec = "kivi2:g=4",
+     .kind = KIND_KIVI,
+     .bits = 2,
+     .g = 4,
+     .max_key_error = 0.07,
+     .max_value_error = 0.2},
+    {.spec = "kivi4:g=2",
+     .kind = KIND_KIVI,
+     .bits = 4,
+     .g = 2,
+     .max_key_error = 0.015,
+     .max_value_error = 0.005},
+    {.spec = "vqkv:b=5,dlo=2,dhi=2,dv=8",
+     .kind = KIND_VQKV,
+     .bits = 5,
+     .dlo = 2,
+     .dhi = 2,
+     .dv = 8,
+     .max_key_error = 0.08,
+     .max_value_error = 0.8},
+    {.spec = "fp8", .kind = KIND_FP8, .max_key_error = 0.03, .max_value_error = 0.03},
+};
+
+/* Sizes on the odd layout, and a round trip through buffers of exactly
+ * block_bytes (so the sanitizers see any write past the packed tail). */
+static void test_odd_layout_packing(void **state)
+{
+    (void)state;
+    const vqkv_layout_t *l = &odd_layout;
+    vqkv_train_opts_t opts = {.seed = 3, .iterations = 4};
+    vqkv_kv_view_t view;
+    vqkv_kv_view_vllm(&view, l, 1);
+    size_t n = test_block_values(l);
+    float *src = malloc(n * sizeof *src), *got = malloc(n * sizeof *got);
+    uint8_t *region = malloc(view.region_bytes), *out_region = malloc(view.region_bytes);
+    assert_non_null(src);
+    assert_non_null(got);
+    assert_non_null(region);
+    assert_non_null(out_region);
+    test_synth_block(l, PROFILE_SEED, 5, src);
+    test_write_block(l, &view, region, 0, src);
+    test_read_block(l, &view, region, 0, src);
+
+    for (size_t i = 0; i < sizeof odd_cases / sizeof odd_cases[0]; i++) {
+        const codec_case_t *c = &odd_cases[i];
+        vqkv_codec_t *codec = NULL;
+        assert_ok(vqkv_codec_create(c->spec, l, &codec));
+        uint64_t want = expected_block_bytes(c, l);
+        if (vqkv_codec_block_bytes(codec) != want) {
+            print_error("%s: %zu block bytes, expected %llu\n", c->spec,
+                        vqkv_codec_block_bytes(codec), (unsigned long long)want);
+            fail();
+        }
+        if (is_vq(c))
+            assert_ok(test_train_all(codec, PROFILE_SEED, 256, &opts));
+        uint8_t *block = malloc(want);
+        assert_non_null(block);
+        assert_ok(vqkv_codec_encode(codec, region, &view, 0, block));
+        assert_ok(vqkv_codec_decode(codec, block, out_region, &view, 0));
+        test_read_block(l, &view, out_region, 0, got);
+        for (int kv = 0; kv < 2; kv++) {
+            double err = test_rel_error(l, src, got, kv);
+            double bound = kv ? c->max_value_error : c->max_key_error;
+            if (!(err <= bound)) {
+                print_error("%s %s: relative error %.4f over %.4f\n", c->spec, kv ? "V" : "K", err,
+                            bound);
+                fail();
+            }
+        }
+        free(block);
+        vqkv_codec_free(codec);
+    }
+    free(src);
+    free(got);
+    free(region);
+    free(out_region);
+}
+
+/* Every (token, head) of a (layer, kv) holds the same vector, so every
+ * token of a head must decode to the same vector too (heads may differ:
+ * VQ codecs keep per-head channel statistics): a code or norm read from
+ * the wrong bit offset anywhere in the block, the packed tail included,
+ * shows. */
+static void check_equal_vectors_decode_equally(vqkv_codec_t *codec)
+{
+    const vqkv_layout_t *l = vqkv_codec_layout(codec);
+    vqkv_kv_view_t v;
+    vqkv_kv_view_vllm(&v, l, 1);
+    size_t n = test_block_values(l);
+    float *src = malloc(n * sizeof *src), *got = malloc(n * sizeof *got);
+    float *one = malloc(l->head_dim * sizeof *one);
+    uint8_t *region = malloc(v.region_bytes), *block = malloc(vqkv_codec_block_bytes(codec));
+    assert_true(src && got && one && region && block);
+    for (uint32_t layer = 0; layer < l->num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++) {
+            test_synth_vectors(PROFILE_SEED, 31, layer, kv, l->head_dim, 1, one);
+            for (uint32_t t = 0; t < l->block_tokens; t++)
+                for (uint32_t h = 0; h < l->num_kv_heads; h++)
+                    memcpy(src + test_block_index(l, layer, kv, t, h, 0), one,
+                           l->head_dim * sizeof *one);
+        }
+    test_write_block(l, &v, region, 0, src);
+    assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
+    memset(region, 0, v.region_bytes);
+    assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
+    test_read_block(l, &v, region, 0, got);
+    for (uint32_t layer = 0; layer < l->num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++)
+            for (uint32_t t = 0; t < l->block_tokens; t++)
+                for (uint32_t h = 0; h < l->num_kv_heads; h++)
+                    if (memcmp(got + test_block_index(l, layer, kv, t, h, 0),
+                               got + test_block_index(l, layer, kv, 0, h, 0),
+                               l->head_dim * sizeof *got) != 0) {
+                        print_error("%s: layer %u %s token %u head %u decodes differently\n",
+                                    vqkv_codec_spec(codec), layer, kv ? "V" : "K", t, h);
+                        fail();
+                    }
+    free(src);
+    free(got);
+    free(one);
+    free(region);
+    free(block);
+}
+
+static void test_equal_vectors_decode_equally(void **state)
+{
+    (void)state;
+    for (size_t ci = 0; ci < NUM_CASES; ci++) {
+        vqkv_codec_t *codec = make_codec(ci, VQKV_DTYPE_F16);
+        check_equal_vectors_decode_equally(codec);
+        vqkv_codec_free(codec);
+    }
+    vqkv_train_opts_t opts = {.seed = 3, .iterations = 4};
+    for (size_t i = 0; i < sizeof odd_cases / sizeof odd_cases[0]; i++) {
+        vqkv_codec_t *codec = NULL;
+        assert_ok(vqkv_codec_create(odd_cases[i].spec, &odd_layout, &codec));
+        if (is_vq(&odd_cases[i]))
+            assert_ok(test_train_all(codec, PROFILE_SEED, 256, &opts));
+        check_equal_vectors_decode_equally(codec);
+        vqkv_codec_free(codec);
+    }
+}
+
+/* fp8 and KIVI promise more than an average: every value lands within
+ * half a quantization step of where it was. The fp16 rounding of scales and
+ * minima (2^-11 relative) and the store into memory are allowed for. */
+static void check_per_value_bounds(vqkv_codec_t *codec, const codec_case_t *c)
+{
+    const vqkv_layout_t *l = vqkv_codec_layout(codec);
+    const double fp16_rel = 1.01 / 2048.0;
+    /* Half an ulp of the memory's dtype, relative, for the final store. */
+    const double out_rel = l->dtype == VQKV_DTYPE_F32    ? 0.0
+                           : l->dtype == VQKV_DTYPE_BF16 ? 1.01 / 512.0
+                                                         : fp16_rel;
+    vqkv_kv_view_t v;
+    vqkv_kv_view_vllm(&v, l, 1);
+    size_t n = test_block_values(l);
+    float *src = malloc(n * sizeof *src), *got = malloc(n * sizeof *got);
+    uint8_t *region = malloc(v.region_bytes), *block = malloc(vqkv_codec_block_bytes(codec));
+    assert_true(src && got && region && block);
+    test_synth_block(l, PROFILE_SEED, 4242, src);
+    test_write_block(l, &v, region, 0, src);
+    test_read_block(l, &v, region, 0, src);
+    assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
+    assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
+    test_read_block(l, &v, region, 0, got);
+    uint32_t levels = (1u << c->bits) - 1;
+    for (uint32_t layer = 0; layer < l->num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++)
+            for (uint32_t t = 0; t < l->block_tokens; t++)
+                for (uint32_t h = 0; h < l->num_kv_heads; h++) {
+                    const float *x = src + test_block_index(l, layer, kv, t, h, 0);
+                    const float *y = got + test_block_index(l, layer, kv, t, h, 0);
+                    double amax = 0.0;
+                    for (uint32_t d = 0; d < l->head_dim; d++)
+                        amax = fmax(amax, fabs(x[d]));
+                    for (uint32_t d = 0; d < l->head_dim; d++) {
+                        double bound, err = fabs((double)x[d] - (double)y[d]);
+                        if (c->kind == KIND_FP8) {
+                            /* 3 mantissa bits: half an ulp is 2^-4 of the
+                             * value; subnormals are steps of scale * 2^-9. */
+                            bound = fabs(x[d]) / 16.0 + amax / 448.0 / 1024.0 + amax * fp16_rel +
+                                    fabs(y[d]) * out_rel;
+                        } else {
+                            /* Keys: the channel's range over the block's
+                             * tokens; values: the channel group's range. */
+                            double lo = INFINITY, hi = -INFINITY;
+                            for (uint32_t u = 0; u < (kv == 0 ? l->block_tokens : 1); u++)
+                                for (uint32_t e = 0; e < (kv == 0 ? 1 : c->g); e++) {
+                                    uint32_t tt = kv == 0 ? u : t;
+                                    uint32_t dd = kv == 0 ? d : d / c->g * c->g + e;
+                                    double xv = src[test_block_index(l, layer, kv, tt, h, dd)];
+                                    lo = fmin(lo, xv);
+                                    hi = fmax(hi, xv);
+                                }
+                            bound = (hi - lo) / levels / 2.0 + (fabs(lo) + (hi - lo)) * fp16_rel +
+                                    fabs(y[d]) * out_rel + 1e-7;
+                        }
+                        if (!(err <= bound)) {
+                            print_error("%s: layer %u %s token %u head %u dim %u: %g decoded "
+                                        "as %g, more than %g off\n",
+                                        c->spec, layer, kv ? "V" : "K", t, h, d, x[d], y[d], bound);
+                            fail();
+                        }
+                    }
+                }
+    free(src);
+    free(got);
+    free(region);
+    free(block);
+}
+
+static void test_scalar_codecs_per_value_bounds(void **state)
+{
+    (void)state;
+    for (size_t di = 0; di < 3; di++) {
+        for (size_t ci = 0; ci < NUM_CASES; ci++) {
+            if (cases[ci].kind != KIND_FP8 && cases[ci].kind != KIND_KIVI)
+                continue;
+            vqkv_codec_t *codec = make_codec(ci, all_dtypes[di]);
+            check_per_value_bounds(codec, &cases[ci]);
+            vqkv_codec_free(codec);
+        }
+    }
+    for (size_t i = 0; i < sizeof odd_cases / sizeof odd_cases[0]; i++) {
+        if (odd_cases[i].kind != KIND_FP8 && odd_cases[i].kind != KIND_KIVI)
+            continue;
+        vqkv_codec_t *codec = NULL;
+        assert_ok(vqkv_codec_create(odd_cases[i].spec, &odd_layout, &codec));
+        check_per_value_bounds(codec, &odd_cases[i]);
+        vqkv_codec_free(codec);
+    }
+}
+
+/* ---- the documented byte layouts (kernels/README.md) ---------------------- */
+
+/* fp8 and KIVI are fully specified there, encoder included, so a block can
+ * be built here from the description alone and must match the library's
+ * byte for byte; a GPU implementation is held to the same bytes. */
+
+static void put_u16_le(uint8_t *p, uint16_t v)
+{
+    p[0] = (uint8_t)v;
+    p[1] = (uint8_t)(v >> 8);
+}
+
+static uint16_t get_u16_le(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | (p[1] << 8));
+}
+
+static void put_bits(uint8_t *stream, uint64_t index, uint32_t width, uint32_t code)
+{
+    for (uint32_t b = 0; b < width; b++) {
+        uint64_t bit = index * width + b;
+        if (code >> b & 1u)
+            stream[bit / 8] |= (uint8_t)(1u << (bit % 8));
+    }
+}
+
+static uint32_t get_bits(const uint8_t *stream, uint64_t index, uint32_t width)
+{
+    uint32_t code = 0;
+    for (uint32_t b = 0; b < width; b++) {
+        uint64_t bit = index * width + b;
+        code |= (uint32_t)(stream[bit / 8] >> (bit % 8) & 1u) << b;
+    }
+    return code;
+}
+
+/* One part, x[T][H][D] in, bytes out (zeroed by the caller); returns its
+ * size. */
+static size_t readme_fp8_encode(const vqkv_layout_t *l, const float *x, uint8_t *part)
+{
+    size_t vectors = (size_t)l->block_tokens * l->num_kv_heads, D = l->head_dim;
+    uint8_t *codes = part + 2 * vectors;
+    for (size_t v = 0; v < vectors; v++) {
+        float amax = 0.0f;
+        for (size_t d = 0; d < D; d++)
+            amax = fmaxf(amax, fabsf(x[v * D + d]));
+        uint16_t scale_h = vqkv_f32_to_f16(fminf(amax / 448.0f, 65504.0f));
+        float scale = vqkv_f16_to_f32(scale_h);
+        put_u16_le(part + 2 * v, scale_h);
+        for (size_t d = 0; d < D; d++)
+            codes[v * D + d] = scale == 0.0f ? 0 : vqkv_f32_to_e4m3(x[v * D + d] / scale);
+    }
+    return vectors * (2 + D);
+}
+
+static size_t readme_fp8_decode(const vqkv_layout_t *l, const uint8_t *part, float *x)
+{
+    size_t vectors = (size_t)l->block_tokens * l->num_kv_heads, D = l->head_dim;
+    for (size_t v = 0; v < vectors; v++)
+        for (size_t d = 0; d < D; d++)
+            x[v * D + d] = vqkv_e4m3_to_f32(part[2 * vectors + v * D + d]) *
+                           vqkv_f16_to_f32(get_u16_le(part + 2 * v));
+    return vectors * (2 + D);
+}
+
+/* The quantization group of value (v, d) and the number of groups. */
+static size_t kivi_group(const vqkv_layout_t *l, int kv, uint32_t g, size_t v, size_t d)
+{
+    return kv == 0 ? (v % l->num_kv_heads) * l->head_dim + d : (v * l->head_dim + d) / g;
+}
+
+static size_t kivi_groups(const vqkv_layout_t *l, int kv, uint32_t g)
+{
+    size_t values = (size_t)l->block_tokens * l->num_kv_heads * l->head_dim;
+    return kv == 0 ? (size_t)l->num_kv_heads * l->head_dim : values / g;
+}
+
+static size_t readme_kivi_encode(const vqkv_layout_t *l, int kv, uint32_t bits, uint32_t g,
+                                 const float *x, uint8_t *part)
+{
+    size_t vectors = (size_t)l->block_tokens * l->num_kv_heads, D = l->head_dim;
+    size_t G = kivi_groups(l, kv, g);
+    float *lo = malloc(G * sizeof *lo), *hi = malloc(G * sizeof *hi);
+    assert_true(lo && hi);
+    for (size_t i = 0; i < G; i++) {
+        lo[i] = INFINITY;
+        hi[i] = -INFINITY;
+    }
+    for (size_t v = 0; v < vectors; v++)
+        for (size_t d = 0; d < D; d++) {
+            size_t grp = kivi_group(l, kv, g, v, d);
+            lo[grp] = fminf(lo[grp], x[v * D + d]);
+            hi[grp] = fmaxf(hi[grp], x[v * D + d]);
+        }
+    float top = (float)((1u << bits) - 1u);
+    for (size_t i = 0; i < G; i++) {
+        put_u16_le(part + 2 * i, vqkv_f32_to_f16(lo[i]));
+        put_u16_le(part + 2 * G + 2 * i, vqkv_f32_to_f16(fminf((hi[i] - lo[i]) / top, 65504.0f)));
+    }
+    for (size_t v = 0; v < vectors; v++)
+        for (size_t d = 0; d < D; d++) {
+            size_t grp = kivi_group(l, kv, g, v, d);
+            float min = vqkv_f16_to_f32(get_u16_le(part + 2 * grp));
+            float step = vqkv_f16_to_f32(get_u16_le(part + 2 * G + 2 * grp));
+            float q = step > 0.0f ? nearbyintf((x[v * D + d] - min) / step) : 0.0f;
+            q = q < 0.0f ? 0.0f : (q > top ? top : q);
+            put_bits(part + 4 * G, v * D + d, bits, (uint32_t)q);
+        }
+    free(lo);
+    free(hi);
+    return 4 * G + (vectors * D * bits + 7) / 8;
+}
+
+static size_t readme_kivi_decode(const vqkv_layout_t *l, int kv, uint32_t bits, uint32_t g,
+                                 const uint8_t *part, float *x)
+{
+    size_t vectors = (size_t)l->block_tokens * l->num_kv_heads, D = l->head_dim;
+    size_t G = kivi_groups(l, kv, g);
+    for (size_t v = 0; v < vectors; v++)
+        for (size_t d = 0; d < D; d++) {
+            size_t grp = kivi_group(l, kv, g, v, d);
+            float min = vqkv_f16_to_f32(get_u16_le(part + 2 * grp));
+            float step = vqkv_f16_to_f32(get_u16_le(part + 2 * G + 2 * grp));
+            x[v * D + d] = fmaf((float)get_bits(part + 4 * G, v * D + d, bits), step, min);
+        }
+    return 4 * G + (vectors * D * bits + 7) / 8;
+}
+
+/* Encodes with the library and with the description; the bytes must be
+ * identical, and the library's decode must give the described values. */
+static void check_readme_layout(const codec_case_t *c, const vqkv_layout_t *layout)
+{
+    vqkv_layout_t l = *layout;
+    vqkv_codec_t *codec = NULL;
+    assert_ok(vqkv_codec_create(c->spec, &l, &codec));
+    size_t block_bytes = vqkv_codec_block_bytes(codec), n = test_block_values(&l);
+    size_t per_side = n / l.num_layers / 2;
+    vqkv_kv_view_t v;
+    vqkv_kv_view_vllm(&v, &l, 1);
+    float *src = malloc(n * sizeof *src), *want = malloc(n * sizeof *want);
+    float *got = malloc(n * sizeof *got);
+    uint8_t *region = malloc(v.region_bytes), *block = malloc(block_bytes);
+    uint8_t *readme = calloc(block_bytes, 1);
+    assert_true(src && want && got && region && block && readme);
+    test_synth_block(&l, PROFILE_SEED, 303, src);
+    /* A constant channel and a zero vector exercise step 0 and scale 0. */
+    for (uint32_t t = 0; t < l.block_tokens; t++)
+        src[test_block_index(&l, 0, 0, t, 0, 1)] = 0.75f;
+    memset(src + test_block_index(&l, 0, 1, 0, 0, 0), 0, l.head_dim * sizeof *src);
+    test_write_block(&l, &v, region, 0, src);
+    test_read_block(&l, &v, region, 0, src);
+    assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
+
+    size_t at = 0;
+    for (uint32_t layer = 0; layer < l.num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++) {
+            const float *x = src + test_block_index(&l, layer, kv, 0, 0, 0);
+            at += c->kind == KIND_FP8 ? readme_fp8_encode(&l, x, readme + at)
+                                      : readme_kivi_encode(&l, kv, c->bits, c->g, x, readme + at);
+        }
+    assert_int_equal(at, block_bytes);
+    for (size_t i = 0; i < block_bytes; i++)
+        if (block[i] != readme[i]) {
+            print_error("%s: block byte %zu is 0x%02x, the README's layout says 0x%02x\n", c->spec,
+                        i, block[i], readme[i]);
+            fail();
+        }
+
+    at = 0;
+    for (uint32_t layer = 0; layer < l.num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++) {
+            float *x = want + test_block_index(&l, layer, kv, 0, 0, 0);
+            at += c->kind == KIND_FP8 ? readme_fp8_decode(&l, readme + at, x)
+                                      : readme_kivi_decode(&l, kv, c->bits, c->g, readme + at, x);
+        }
+    vqkv_codec_free(codec);
+    /* Decode into f32 memory, so the values are seen before any rounding. */
+    l.dtype = VQKV_DTYPE_F32;
+    assert_ok(vqkv_codec_create(c->spec, &l, &codec));
+    vqkv_kv_view_t v32;
+    vqkv_kv_view_vllm(&v32, &l, 1);
+    uint8_t *region32 = malloc(v32.region_bytes);
+    assert_non_null(region32);
+    assert_ok(vqkv_codec_decode(codec, block, region32, &v32, 0));
+    test_read_block(&l, &v32, region32, 0, got);
+    for (size_t i = 0; i < n; i++)
+        if (vqkv_f32_to_bits(got[i]) != vqkv_f32_to_bits(want[i])) {
+            print_error("%s: value %zu (side %zu) decodes to %a, the README says %a\n", c->spec, i,
+                        i / per_side % 2, got[i], want[i]);
+            fail();
+        }
+    free(src);
+    free(want);
+    free(got);
+    free(region);
+    free(region32);
+    free(block);
+    free(readme);
+    vqkv_codec_free(codec);
+}
+
+static void test_scalar_codecs_match_documented_layout(void **state)
+{
+    (void)state;
+    for (size_t ci = 0; ci < NUM_CASES; ci++)
+        if (cases[ci].kind == KIND_FP8 || cases[ci].kind == KIND_KIVI)
+            check_readme_layout(&cases[ci], &(vqkv_layout_t){2, 2, 64, 16, VQKV_DTYPE_F16});
+    for (size_t i = 0; i < sizeof odd_cases / sizeof odd_cases[0]; i++)
+        if (odd_cases[i].kind == KIND_FP8 || odd_cases[i].kind == KIND_KIVI)
+            check_readme_layout(&odd_cases[i], &odd_layout);
+}
+
+/* ---- views ---------------------------------------------------------------- */
+
+typedef enum { VIEW_VLLM, VIEW_SPLIT, VIEW_OFFSET, VIEW_HEAD_MAJOR, NUM_VIEW_KINDS } view_kind_t;
+static const char *const view_names[] = {"vllm", "split", "offset", "head-major"};
+
+/* Builds a view of TEST_SLOTS slots of kind `kind`. */
+static void make_view(view_kind_t kind, const vqkv_layout_t *l, vqkv_kv_view_t *v)
+{
+    uint64_t esize = vqkv_dtype_size(l->dtype);
+    switch (kind) {
+    case VIEW_VLLM: vqkv_kv_view_vllm(v, l, TEST_SLOTS); break;
+    case VIEW_SPLIT: vqkv_kv_view_split(v, l, TEST_SLOTS, 192); break;
+    case VIEW_OFFSET:
+        /* The cache starts inside a larger allocation, with bytes after it. */
+        vqkv_kv_view_vllm(v, l, TEST_SLOTS);
+        v->offset = 96;
+        v->region_bytes += 96 + 40;
+        break;
+    case VIEW_HEAD_MAJOR:
+        /* [layers][slots][K|V][heads][tokens][dim], as FlashInfer's HND:
+         * strides in an order the helpers never produce. */
+        memset(v, 0, sizeof *v);
+        v->num_slots = TEST_SLOTS;
+        v->token_stride = l->head_dim * esize;
+        v->head_stride = v->token_stride * l->block_tokens;
+        v->kv_stride = v->head_stride * l->num_kv_heads;
+        v->slot_stride = 2 * v->kv_stride;
+        v->layer_stride = v->slot_stride * TEST_SLOTS;
+        v->region_bytes = v->layer_stride * l->num_layers;
+        break;
+    case NUM_VIEW_KINDS: break;
+    }
+}
+
+static void test_view_helpers_match_documented_shapes(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < 3; i++) {
+        vqkv_layout_t l = {3, 4, 32, 8, all_dtypes[i]};
+        uint64_t e = vqkv_dtype_size(l.dtype), tensor = 5ull * 8 * 4 * 32 * e;
+        vqkv_kv_view_t v;
+        vqkv_kv_view_vllm(&v, &l, 5);
+        assert_int_equal(v.offset, 0);
+        assert_int_equal(v.num_slots, 5);
+        assert_int_equal(v.head_stride, 32 * e);
+        assert_int_equal(v.token_stride, 4 * 32 * e);
+        assert_int_equal(v.slot_stride, 8 * 4 * 32 * e);
+        assert_int_equal(v.kv_stride, tensor);
+        assert_int_equal(v.layer_stride, 2 * tensor);
+        assert_int_equal(v.region_bytes, 3 * 2 * tensor);
+
+        vqkv_kv_view_split(&v, &l, 5, 100);
+        assert_int_equal(v.offset, 0);
+        assert_int_equal(v.head_stride, 32 * e);
+        assert_int_equal(v.token_stride, 4 * 32 * e);
+        assert_int_equal(v.slot_stride, 8 * 4 * 32 * e);
+        assert_int_equal(v.kv_stride, tensor + 100);
+        assert_int_equal(v.layer_stride, 2 * (tensor + 100));
+        assert_int_equal(v.region_bytes, 3 * 2 * (tensor + 100));
+    }
+}
+
+/* Region bytes that belong to block `slot`: the only ones decode may write. */
+static uint8_t *slot_byte_mask(const vqkv_layout_t *l, const vqkv_kv_view_t *v, uint32_t slot)
+{
+    uint8_t *mask = calloc(v->region_bytes, 1);
+    assert_non_null(mask);
+    size_t esize = vqkv_dtype_size(l->dtype);
+    for (uint32_t layer = 0; layer < l->num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++)
+            for (uint32_t t = 0; t < l->block_tokens; t++)
+                for (uint32_t h = 0; h < l->num_kv_heads; h++)
+                    for (uint32_t d = 0; d < l->head_dim; d++) {
+                        uint64_t off = test_element_offset(l, v, layer, kv, slot, t, h, d);
+                        assert_true(off + esize <= v->region_bytes);
+                        memset(mask + off, 1, esize);
+                    }
+    return mask;
+}
+
+static void fill_sentinel(uint8_t *p, size_t n, int inverted)
+{
+    for (size_t i = 0; i < n; i++)
+        p[i] = (uint8_t)((i * 131u + 17u) ^ (inverted ? 0xffu : 0u));
+}
+
+/* Decodes block into slot of the view twice, over two sentinel fills that
+ * differ in every byte: outside the slot both fills must survive, inside
+ * it both results must agree (so every element was written, and nothing
+ * depends on what was there before). Returns the decoded values. */
+static void decode_into_sentinels(const vqkv_codec_t *codec, const uint8_t *block,
+                                  const vqkv_kv_view_t *v, uint32_t slot, float *decoded)
+{
+    const vqkv_layout_t *l = vqkv_codec_layout(codec);
+    uint8_t *mask = slot_byte_mask(l, v, slot);
+    uint8_t *a = malloc(v->region_bytes), *b = malloc(v->region_bytes);
+    assert_non_null(a);
+    assert_non_null(b);
+    fill_sentinel(a, v->region_bytes, 0);
+    fill_sentinel(b, v->region_bytes, 1);
+    assert_ok(vqkv_codec_decode(codec, block, a, v, slot));
+    assert_ok(vqkv_codec_decode(codec, block, b, v, slot));
+    for (size_t i = 0; i < v->region_bytes; i++) {
+        uint8_t sentinel = (uint8_t)(i * 131u + 17u), inverted = (uint8_t)(sentinel ^ 0xffu);
+        if (mask[i] ? a[i] != b[i] : (a[i] != sentinel || b[i] != inverted)) {
+            print_error("%s: byte %zu of the region (%s slot %u) wrong after decode\n",
+                        vqkv_codec_spec(codec), i, mask[i] ? "inside" : "outside", slot);
+            fail();
+        }
+    }
+    test_read_block(l, v, a, slot, decoded);
+    free(mask);
+    free(a);
+    free(b);
+}
+
+static void assert_error_within(const char *what, const vqkv_layout_t *l, const float *ref,
+                                const float *got, double max_key, double max_value)
+{
+    for (int kv = 0; kv < 2; kv++) {
+        double err = test_rel_error(l, ref, got, kv);
+        double bound = kv ? max_value : max_key;
+        if (!(err <= bound)) {
+            print_error("%s %s: relative error %.5f over the bound %.5f\n", what, kv ? "V" : "K",
+                        err, bound);
+            fail();
+        }
+    }
+}
+
+/* Every codec, every dtype, every view: the block encodes to the same bytes
+ * whatever the view (encoding depends on the values alone), decodes within
+ * the codec's error bound, and decode writes exactly the slot's elements. */
+static void test_round_trip_views_and_dtypes(void **state)
+{
+    (void)state;
+    for (size_t ci = 0; ci < NUM_CASES; ci++) {
+        const codec_case_t *c = &cases[ci];
+        for (size_t di = 0; di < 3; di++) {
+            vqkv_codec_t *codec = make_codec(ci, all_dtypes[di]);
+            const vqkv_layout_t *l = vqkv_codec_layout(codec);
+            size_t n = test_block_values(l), block_bytes = vqkv_codec_block_bytes(codec);
+            float *src = malloc(n * sizeof *src), *in_memory = malloc(n * sizeof *in_memory);
+            float *got = malloc(n * sizeof *got);
+            uint8_t *reference = malloc(block_bytes), *block = malloc(block_bytes);
+            assert_non_null(src);
+            assert_non_null(in_memory);
+            assert_non_null(got);
+            assert_non_null(reference);
+            assert_non_null(block);
+            test_synth_block(l, PROFILE_SEED, 1000, src);
+
+            for (view_kind_t vk = 0; vk < NUM_VIEW_KINDS; vk++) {
+                vqkv_kv_view_t v;
+                make_view(vk, l, &v);
+                uint8_t *region = calloc(v.region_bytes, 1);
+                assert_non_null(region);
+                /* Other slots hold other data, which must not leak in. */
+                for (uint32_t s = 0; s < TEST_SLOTS; s++) {
+                    float *other = malloc(n * sizeof *other);
+                    assert_non_null(other);
+                    test_synth_block(l, PROFILE_SEED, 2000 + s, other);
+                    test_write_block(l, &v, region, s, s == 1 ? src : other);
+                    free(other);
+                }
+                test_read_block(l, &v, region, 1, in_memory);
+                assert_ok(vqkv_codec_encode(codec, region, &v, 1, block));
+                if (vk == VIEW_VLLM)
+                    memcpy(reference, block, block_bytes);
+                else if (memcmp(reference, block, block_bytes) != 0) {
+                    print_error("%s %s: the %s view encodes to other bytes than vllm's\n", c->spec,
+                                dtype_names[di], view_names[vk]);
+                    fail();
+                }
+                for (uint32_t slot = 0; slot < TEST_SLOTS; slot += 2) {
+                    decode_into_sentinels(codec, block, &v, slot, got);
+                    char what[128];
+                    snprintf(what, sizeof what, "%s %s %s slot %u", c->spec, dtype_names[di],
+                             view_names[vk], slot);
+                    if (c->kind == KIND_FP16) {
+                        /* Exactly the value rounded to fp16 and back into the
+                         * memory's dtype: nothing else is lost. */
+                        for (size_t i = 0; i < n; i++) {
+                            uint8_t expect[4];
+                            test_store(l->dtype, expect,
+                                       vqkv_f16_to_f32(vqkv_f32_to_f16(in_memory[i])));
+                            assert_int_equal(vqkv_f32_to_bits(got[i]),
+                                             vqkv_f32_to_bits(test_load(l->dtype, expect)));
+                        }
+                    } else {
+                        /* bf16 memory adds its own rounding (2^-9) on the way out. */
+                        double slack = all_dtypes[di] == VQKV_DTYPE_BF16 ? 0.004 : 0.0;
+                        assert_error_within(what, l, in_memory, got, c->max_key_error + slack,
+                                            c->max_value_error + slack);
+                    }
+                }
+                free(region);
+            }
+            free(src);
+            free(in_memory);
+            free(got);
+            free(reference);
+            free(block);
+            vqkv_codec_free(codec);
+        }
+    }
+}
+
+/* The decoded value is a float rounded to the memory's dtype, the same
+ * rounding the numeric functions do, whatever the dtype. */
+static void test_decode_dtypes_agree(void **state)
+{
+    (void)state;
+    for (size_t ci = 0; ci < NUM_CASES; ci++) {
+        vqkv_codec_t *f32 = make_codec(ci, VQKV_DTYPE_F32);
+        vqkv_codec_t *f16 = make_codec(ci, VQKV_DTYPE_F16);
+        vqkv_codec_t *bf16 = make_codec(ci, VQKV_DTYPE_BF16);
+        const vqkv_layout_t *l32 = vqkv_codec_layout(f32);
+        size_t n = test_block_values(l32), block_bytes = vqkv_codec_block_bytes(f32);
+        vqkv_kv_view_t v32, v16;
+        vqkv_kv_view_vllm(&v32, l32, 1);
+        vqkv_kv_view_vllm(&v16, vqkv_codec_layout(f16), 1);
+        float *src = malloc(n * sizeof *src), *wide = malloc(n * sizeof *wide);
+        float *narrow = malloc(n * sizeof *narrow);
+        uint8_t *r32 = malloc(v32.region_bytes), *r16 = malloc(v16.region_bytes);
+        uint8_t *block = malloc(block_bytes);
+        assert_true(src && wide && narrow && r32 && r16 && block);
+        test_synth_block(l32, PROFILE_SEED, 77, src);
+        test_write_block(l32, &v32, r32, 0, src);
+        assert_ok(vqkv_codec_encode(f32, r32, &v32, 0, block));
+
+        assert_ok(vqkv_codec_decode(f32, block, r32, &v32, 0));
+        test_read_block(l32, &v32, r32, 0, wide);
+        assert_ok(vqkv_codec_decode(f16, block, r16, &v16, 0));
+        test_read_block(vqkv_codec_layout(f16), &v16, r16, 0, narrow);
+        for (size_t i = 0; i < n; i++)
+            assert_int_equal(vqkv_f32_to_bits(narrow[i]),
+                             vqkv_f32_to_bits(vqkv_f16_to_f32(vqkv_f32_to_f16(wide[i]))));
+        assert_ok(vqkv_codec_decode(bf16, block, r16, &v16, 0));
+        test_read_block(vqkv_codec_layout(bf16), &v16, r16, 0, narrow);
+        for (size_t i = 0; i < n; i++)
+            assert_int_equal(vqkv_f32_to_bits(narrow[i]),
+                             vqkv_f32_to_bits(vqkv_bf16_to_f32(vqkv_f32_to_bf16(wide[i]))));
+        free(src);
+        free(wide);
+        free(narrow);
+        free(r32);
+        free(r16);
+        free(block);
+        vqkv_codec_free(f32);
+        vqkv_codec_free(f16);
+        vqkv_codec_free(bf16);
+    }
+}
+
+/* Measures and prints each codec's error on fresh synthetic blocks in fp16
+ * memory (what the table of bounds was set from), and holds it to them. */
+static void test_error_per_codec(void **state)
+{
+    (void)state;
+    for (size_t ci = 0; ci < NUM_CASES; ci++) {
+        vqkv_codec_t *codec = make_codec(ci, VQKV_DTYPE_F16);
+        const vqkv_layout_t *l = vqkv_codec_layout(codec);
+        vqkv_kv_view_t v;
+        vqkv_kv_view_vllm(&v, l, 1);
+        size_t n = test_block_values(l);
+        float *src = malloc(n * sizeof *src), *got = malloc(n * sizeof *got);
+        uint8_t *region = malloc(v.region_bytes), *block = malloc(vqkv_codec_block_bytes(codec));
+        assert_true(src && got && region && block);
+        double worst[2] = {0.0, 0.0};
+        for (uint64_t sample = 0; sample < 4; sample++) {
+            test_synth_block(l, PROFILE_SEED, 500 + sample, src);
+            test_write_block(l, &v, region, 0, src);
+            test_read_block(l, &v, region, 0, src);
+            assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
+            assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
+            test_read_block(l, &v, region, 0, got);
+            for (int kv = 0; kv < 2; kv++)
+                worst[kv] = fmax(worst[kv], test_rel_error(l, src, got, kv));
+        }
+        print_message("  %-44s %6.3f bits/value  rel. error K %.4f (<= %.3f)  V %.4f (<= %.3f)\n",
+                      vqkv_codec_spec(codec), vqkv_codec_bits_per_value(codec), worst[0],
+                      cases[ci].max_key_error, worst[1], cases[ci].max_value_error);
+        assert_true(worst[0] <= cases[ci].max_key_error);
+        assert_true(worst[1] <= cases[ci].max_value_error);
+        free(src);
+        free(got);
+        free(region);
+        free(block);
+        vqkv_codec_free(codec);
+    }
+}
+
+/* ---- fp16 is lossless ----------------------------------------------------- */
+
+/* Every one of the 65536 fp16 bit patterns, NaN payloads and signs, infs
+ * and subnormals included, survives the fp16 codec in fp16 memory. */
+static void test_fp16_bit_exact_all_patterns(void **state)
+{
+    (void)state;
+    vqkv_layout_t l = test_layout(VQKV_DTYPE_F16);
+    vqkv_codec_t *codec = NULL;
+    assert_ok(vqkv_codec_create("fp16", &l, &codec));
+    vqkv_kv_view_t v;
+    vqkv_kv_view_split(&v, &l, 2, 64);
+    uint8_t *region = malloc(v.region_bytes), *out = malloc(v.region_bytes);
+    uint8_t *block = malloc(vqkv_codec_block_bytes(codec));
+    assert_true(region && out && block);
+    size_t values = test_block_values(&l);
+    uint32_t next = 0;
+    while (next <= 0xffffu) {
+        for (uint32_t layer = 0; layer < l.num_layers; layer++)
+            for (int kv = 0; kv < 2; kv++)
+                for (uint32_t t = 0; t < l.block_tokens; t++)
+                    for (uint32_t h = 0; h < l.num_kv_heads; h++)
+                        for (uint32_t d = 0; d < l.head_dim; d++) {
+                            uint16_t bits = (uint16_t)next++;
+                            memcpy(region + test_element_offset(&l, &v, layer, kv, 1, t, h, d),
+                                   &bits, 2);
+                        }
+        assert_ok(vqkv_codec_encode(codec, region, &v, 1, block));
+        memset(out, 0, v.region_bytes);
+        assert_ok(vqkv_codec_decode(codec, block, out, &v, 0));
+        for (uint32_t layer = 0; layer < l.num_layers; layer++)
+            for (int kv = 0; kv < 2; kv++)
+                for (uint32_t t = 0; t < l.block_tokens; t++)
+                    for (uint32_t h = 0; h < l.num_kv_heads; h++)
+                        assert_memory_equal(
+                            out + test_element_offset(&l, &v, layer, kv, 0, t, h, 0),
+                            region + test_element_offset(&l, &v, layer, kv, 1, t, h, 0),
+                            (size_t)l.head_dim * 2);
+    }
+    assert_true(next >= 0x10000u && values > 0);
+    free(region);
+    free(out);
+    free(block);
+    vqkv_codec_free(codec);
+}
+
+/* In f32 memory the fp16 codec keeps every fp16-representable value
+ * exactly (signed zeros, subnormals, infinities) and NaN stays NaN. */
+static void test_fp16_codec_f32_memory_specials(void **state)
+{
+    (void)state;
+    vqkv_layout_t l = {1, 1, 16, 2, VQKV_DTYPE_F32};
+    vqkv_codec_t *codec = NULL;
+    assert_ok(vqkv_codec_create("fp16", &l, &codec));
+    vqkv_kv_view_t v;
+    vqkv_kv_view_vllm(&v, &l, 1);
+    const float specials[] = {0.0f,
+                              -0.0f,
+                              1.0f,
+                              -65504.0f,
+                              65504.0f,
+                              ldexpf(1.0f, -24),
+                              -ldexpf(1.0f, -24),
+                              ldexpf(1023.0f, -24),
+                              ldexpf(1.0f, -14),
+                              INFINITY,
+                              -INFINITY,
+                              NAN,
+                              3.140625f,
+                              -0.0009765625f,
+                              1000.5f,
+                              2048.0f};
+    size_t n = test_block_values(&l);
+    float *src = malloc(n * sizeof *src), *got = malloc(n * sizeof *got);
+    uint8_t *region = malloc(v.region_bytes), *block = malloc(vqkv_codec_block_bytes(codec));
+    assert_true(src && got && region && block);
+    for (size_t i = 0; i < n; i++)
+        src[i] = specials[i % 16];
+    test_write_block(&l, &v, region, 0, src);
+    assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
+    memset(region, 0, v.region_bytes);
+    assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
+    test_read_block(&l, &v, region, 0, got);
+    for (size_t i = 0; i < n; i++) {
+        if (isnan(src[i]))
+            assert_true(isnan(got[i]));
+        else
+            assert_int_equal(vqkv_f32_to_bits(got[i]), vqkv_f32_to_bits(src[i]));
+    }
+    /* Values fp16 cannot hold come back rounded to nearest even. */
+    for (size_t i = 0; i < n; i++)
+        src[i] = 1.0f + ldexpf(1.0f, -11) * (float)(i % 4); /* 1, 1+ulp/2, 1+ulp, 1+3ulp/2 */
+    test_write_block(&l, &v, region, 0, src);
+    assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
+    assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
+    test_read_block(&l, &v, region, 0, got);
+    const float rounded[4] = {1.0f, 1.0f, 1.0f + ldexpf(1.0f, -10), 1.0f + ldexpf(2.0f, -10)};
+    for (size_t i = 0; i < n; i++)
+        assert_true(got[i] == rounded[i % 4]);
+    free(src);
+    free(got);
+    free(region);
+    free(block);
+    vqkv_codec_free(codec);
+}
+
+/* ---- determinism ---------------------------------------------------------- */
+
+/* Encoding the same input gives the same bytes, every one of them set by
+ * the encoder (whatever the buffer held) and none written past the block;
+ * decoding the same bytes gives the same values. */
+static void test_determinism(void **state)
+{
+    (void)state;
+    enum { GUARD = 64 };
+    for (size_t ci = 0; ci < NUM_CASES; ci++) {
+        vqkv_codec_t *codec = make_codec(ci, VQKV_DTYPE_F16);
+        const vqkv_layout_t *l = vqkv_codec_layout(codec);
+        size_t block_bytes = vqkv_codec_block_bytes(codec), n = test_block_values(l);
+        vqkv_kv_view_t v;
+        vqkv_kv_view_vllm(&v, l, 2);
+        float *src = malloc(n * sizeof *src);
+        uint8_t *region = calloc(v.region_bytes, 1);
+        uint8_t *zeros = malloc(block_bytes + GUARD), *ones = malloc(block_bytes + GUARD);
+        uint8_t *out_a = malloc(v.region_bytes), *out_b = malloc(v.region_bytes);
+        assert_true(src && region && zeros && ones && out_a && out_b);
+        test_synth_block(l, PROFILE_SEED, 9, src);
+        test_write_block(l, &v, region, 1, src);
+        memset(zeros, 0x00, block_bytes + GUARD);
+        memset(ones, 0xff, block_bytes + GUARD);
+        assert_ok(vqkv_codec_encode(codec, region, &v, 1, zeros));
+        assert_ok(vqkv_codec_encode(codec, region, &v, 1, ones));
+        assert_memory_equal(zeros, ones, block_bytes);
+        for (size_t i = 0; i < GUARD; i++) {
+            assert_int_equal(zeros[block_bytes + i], 0x00);
+            assert_int_equal(ones[block_bytes + i], 0xff);
+        }
+        /* A second codec made from the same spec and codebooks agrees. */
+        vqkv_codec_t *twin = make_codec(ci, VQKV_DTYPE_F16);
+        assert_ok(vqkv_codec_encode(twin, region, &v, 1, ones));
+        assert_memory_equal(zeros, ones, block_bytes);
+
+        memset(out_a, 0, v.region_bytes);
+        memset(out_b, 0, v.region_bytes);
+        assert_ok(vqkv_codec_decode(codec, zeros, out_a, &v, 0));
+        assert_ok(vqkv_codec_decode(codec, zeros, out_b, &v, 0));
+        assert_memory_equal(out_a, out_b, v.region_bytes);
+        assert_ok(vqkv_codec_decode(twin, zeros, out_b, &v, 0));
+        assert_memory_equal(out_a, out_b, v.region_bytes);
+        free(src);
+        free(region);
+        free(zeros);
+        free(ones);
+        free(out_a);
+        free(out_b);
+        vqkv_codec_free(twin);
+        vqkv_codec_free(codec);
+    }
+}
+
+/* Decoding bytes that no encoder wrote stays inside the slot: the daemon
+ * never decodes foreign bytes, but a corrupt pool must not turn into a
+ * wild write. */
+static void test_decode_arbitrary_bytes_stays_in_slot(void **state)
+{
+    (void)state;
+    for (size_t ci = 0; ci < NUM_CASES; ci++) {
+        vqkv_codec_t *codec = make_codec(ci, VQKV_DTYPE_BF16);
+        const vqkv_layout_t *l = vqkv_codec_layout(codec);
+        size_t block_bytes = vqkv_codec_block_bytes(codec), n = test_block_values(l);
+        vqkv_kv_view_t v;
+        make_view(VIEW_SPLIT, l, &v);
+        uint8_t *block = malloc(block_bytes);
+        float *got = malloc(n * sizeof *got);
+        assert_true(block && got);
+        test_rng_t rng = {ci + 1};
+        for (size_t i = 0; i < block_bytes; i++)
+            block[i] = (uint8_t)test_rng_next(&rng);
+        decode_into_sentinels(codec, block, &v, 2, got);
+        memset(block, 0xff, block_bytes);
+        decode_into_sentinels(codec, block, &v, 0, got);
+        free(block);
+        free(got);
+        vqkv_codec_free(codec);
+    }
+}
+
+/* A codec with its codebooks in place is shared by threads that encode and
+ * decode at once; each must get exactly what a lone caller gets. */
+typedef struct {
+    const vqkv_codec_t *codec;
+    const vqkv_kv_view_t *view;
+    const uint8_t *region;      /* the source block in slot 0 */
+    const uint8_t *want_block;  /* what a lone encode gave */
+    const uint8_t *want_region; /* what a lone decode gave */
+    int failures;
+} concurrent_job_t;
+
+static void *encode_decode_repeatedly(void *arg)
+{
+    concurrent_job_t *job = arg;
+    size_t block_bytes = vqkv_codec_block_bytes(job->codec);
+    uint8_t *block = malloc(block_bytes), *out = malloc(job->view->region_bytes);
+    if (block == NULL || out == NULL) {
+        job->failures++;
+    } else {
+        for (int round = 0; round < 8; round++) {
+            memset(out, 0, job->view->region_bytes);
+            if (vqkv_codec_encode(job->codec, job->region, job->view, 0, block) != VQKV_OK ||
+                memcmp(block, job->want_block, block_bytes) != 0 ||
+                vqkv_codec_decode(job->codec, block, out, job->view, 0) != VQKV_OK ||
+                memcmp(out, job->want_region, job->view->region_bytes) != 0)
+                job->failures++;
+        }
+    }
+    free(block);
+    free(out);
+    return NULL;
+}
+
+static void test_concurrent_use(void **state)
+{
+    (void)state;
+    enum { THREADS = 3 };
+    for (size_t ci = 0; ci < NUM_CASES; ci++) {
+        vqkv_codec_t *codec = make_codec(ci, VQKV_DTYPE_BF16);
+        const vqkv_layout_t *l = vqkv_codec_layout(codec);
+        vqkv_kv_view_t v;
+        vqkv_kv_view_vllm(&v, l, 1);
+        size_t n = test_block_values(l);
+        float *src = malloc(n * sizeof *src);
+        uint8_t *region = malloc(v.region_bytes), *want_region = calloc(v.region_bytes, 1);
+        uint8_t *want_block = malloc(vqkv_codec_block_bytes(codec));
+        assert_true(src && region && want_region && want_block);
+        test_synth_block(l, PROFILE_SEED, 61, src);
+        test_write_block(l, &v, region, 0, src);
+        assert_ok(vqkv_codec_encode(codec, region, &v, 0, want_block));
+        assert_ok(vqkv_codec_decode(codec, want_block, want_region, &v, 0));
+
+        concurrent_job_t jobs[THREADS];
+        pthread_t threads[THREADS];
+        for (int t = 0; t < THREADS; t++) {
+            jobs[t] = (concurrent_job_t){codec, &v, region, want_block, want_region, 0};
+            assert_int_equal(pthread_create(&threads[t], NULL, encode_decode_repeatedly, &jobs[t]),
+                             0);
+        }
+        for (int t = 0; t < THREADS; t++) {
+            assert_int_equal(pthread_join(threads[t], NULL), 0);
+            if (jobs[t].failures != 0) {
+                print_error("%s: %d of 8 concurrent rounds differed in thread %d\n",
+                            vqkv_codec_spec(codec), jobs[t].failures, t);
+                fail();
+            }
+        }
+        free(src);
+        free(region);
+        free(want_region);
+        free(want_block);
+        vqkv_codec_free(codec);
+    }
+}
+
+/* ---- bounds ----------------------------------------------------------------- */
+
+/* The last slot of a region that ends exactly at its last byte works, with
+ * the region allocated to exactly that size; one byte less is refused
+ * before any memory is touched. */
+static void test_last_slot_exact_region(void **state)
+{
+    (void)state;
+    for (size_t di = 0; di < 3; di++) {
+        const codec_case_t *c = &cases[case_named("kivi4")];
+        vqkv_codec_t *codec = make_codec(case_named("kivi4"), all_dtypes[di]);
+        const vqkv_layout_t *l = vqkv_codec_layout(codec);
+        size_t n = test_block_values(l), block_bytes = vqkv_codec_block_bytes(codec);
+        for (int split = 0; split < 2; split++) {
+            vqkv_kv_view_t v;
+            if (split) {
+                /* The trailing gap after the last V tensor is not needed. */
+                vqkv_kv_view_split(&v, l, TEST_SLOTS, 32);
+                v.region_bytes -= 32;
+            } else {
+                vqkv_kv_view_vllm(&v, l, TEST_SLOTS);
+            }
+            uint32_t last = TEST_SLOTS - 1;
+            assert_int_equal(test_element_offset(l, &v, l->num_layers - 1, 1, last,
+                                                 l->block_tokens - 1, l->num_kv_heads - 1,
+                                                 l->head_dim - 1) +
+                                 vqkv_dtype_size(l->dtype),
+                             v.region_bytes);
+            uint8_t *region = malloc(v.region_bytes), *block = malloc(block_bytes);
+            float *src = malloc(n * sizeof *src), *got = malloc(n * sizeof *got);
+            assert_true(region && block && src && got);
+            memset(region, 0, v.region_bytes);
+            test_synth_block(l, PROFILE_SEED, 11, src);
+            test_write_block(l, &v, region, last, src);
+            test_read_block(l, &v, region, last, src);
+            assert_ok(vqkv_kv_view_check(l, &v, last));
+            assert_ok(vqkv_codec_encode(codec, region, &v, last, block));
+            memset(region, 0, v.region_bytes);
+            assert_ok(vqkv_codec_decode(codec, block, region, &v, last));
+            test_read_block(l, &v, region, last, got);
+            assert_error_within("last slot", l, src, got, c->max_key_error + 0.004,
+                                c->max_value_error + 0.004);
+
+            vqkv_kv_view_t short_view = v;
+            short_view.region_bytes--;
+            memset(block, 0x5a, block_bytes);
+            memset(region, 0x3c, v.region_bytes);
+            assert_rc(vqkv_kv_view_check(l, &short_view, last), VQKV_ERANGE);
+            assert_rc(vqkv_codec_encode(codec, region, &short_view, last, block), VQKV_ERANGE);
+            assert_rc(vqkv_codec_decode(codec, block, region, &short_view, last), VQKV_ERANGE);
+            for (size_t i = 0; i < block_bytes; i++)
+                assert_int_equal(block[i], 0x5a);
+            for (size_t i = 0; i < v.region_bytes; i++)
+                assert_int_equal(region[i], 0x3c);
+            /* The earlier slots still fit. */
+            assert_ok(vqkv_kv_view_check(l, &short_view, last - 1));
+            free(region);
+            free(block);
+            free(src);
+            free(got);
+        }
+        vqkv_codec_free(codec);
+    }
+}
+
+static void test_bad_slots_and_strides_refused(void **state)
+{
+    (void)state;
+    vqkv_codec_t *codec = make_codec(case_named("fp8"), VQKV_DTYPE_F16);
+    const vqkv_layout_t *l = vqkv_codec_layout(codec);
+    uint8_t region[64] = {0};
+    uint8_t *block = malloc(vqkv_codec_block_bytes(codec));
+    assert_non_null(block);
+    vqkv_kv_view_t good, v;
+    vqkv_kv_view_vllm(&good, l, TEST_SLOTS);
+
+    /* Slots past the end. */
+    assert_rc(vqkv_kv_view_check(l, &good, TEST_SLOTS), VQKV_ERANGE);
+    assert_rc(vqkv_kv_view_check(l, &good, UINT32_MAX), VQKV_ERANGE);
+    assert_rc(vqkv_codec_encode(codec, region, &good, TEST_SLOTS, block), VQKV_ERANGE);
+    assert_rc(vqkv_codec_decode(codec, block, region, &good, TEST_SLOTS), VQKV_ERANGE);
+    v = good;
+    v.num_slots = 0;
+    assert_rc(vqkv_kv_view_check(l, &v, 0), VQKV_ERANGE);
+
+    /* Strides whose products or sums wrap around uint64: a huge claimed
+     * region must not make them pass. */
+    const uint64_t huge = UINT64_MAX;
+    vqkv_kv_view_t overflowing[6];
+    for (size_t i = 0; i < 6; i++) {
+        overflowing[i] = good;
+        overflowing[i].region_bytes = huge;
+    }
+    overflowing[0].layer_stride = huge - 5;    /* the next term's sum wraps */
+    overflowing[1].slot_stride = huge / 2 + 1; /* slot 2 * stride wraps */
+    overflowing[2].token_stride = huge / 8;    /* 15 tokens * stride wraps */
+    overflowing[3].head_stride = huge;         /* 1 * stride, then the sum wraps */
+    overflowing[4].offset = huge - 100;        /* offset + extent wraps */
+    overflowing[5].kv_stride = huge - 10;      /* kv + rest of the block wraps */
+    for (size_t i = 0; i < 6; i++) {
+        assert_rc(vqkv_kv_view_check(l, &overflowing[i], 2), VQKV_ERANGE);
+        assert_rc(vqkv_codec_encode(codec, region, &overflowing[i], 2, block), VQKV_ERANGE);
+        assert_rc(vqkv_codec_decode(codec, block, region, &overflowing[i], 2), VQKV_ERANGE);
+    }
+    /* A region too small for even the first slot. */
+    v = good;
+    v.region_bytes = sizeof region;
+    assert_rc(vqkv_codec_encode(codec, region, &v, 0, block), VQKV_ERANGE);
+    assert_rc(vqkv_codec_decode(codec, block, region, &v, 0), VQKV_ERANGE);
+    /* An offset that pushes a fitting block out of the region. */
+    v = good;
+    v.offset = 1;
+    assert_rc(vqkv_kv_view_check(l, &v, TEST_SLOTS - 1), VQKV_ERANGE);
+    assert_ok(vqkv_kv_view_check(l, &v, 0));
+    free(block);
+    vqkv_codec_free(codec);
+}
+
+static void test_null_arguments(void **state)
+{
+    (void)state;
+    vqkv_layout_t l = test_layout(VQKV_DTYPE_F16);
+    vqkv_codec_t *codec = make_codec(case_named("fp8"), VQKV_DTYPE_F16), *out = NULL;
+    vqkv_kv_view_t v;
+    vqkv_kv_view_vllm(&v, &l, 1);
+    uint8_t *region = calloc(v.region_bytes, 1), *block = malloc(vqkv_codec_block_bytes(codec));
+    assert_true(region && block);
+    float x[TEST_HEAD_DIM] = {0};
+
+    assert_rc(vqkv_codec_create(NULL, &l, &out), VQKV_EINVAL);
+    assert_rc(vqkv_codec_create("fp8", NULL, &out), VQKV_EINVAL);
+    assert_rc(vqkv_codec_create("fp8", &l, NULL), VQKV_EINVAL);
+    assert_null(out);
+    assert_rc(vqkv_codec_encode(NULL, region, &v, 0, block), VQKV_EINVAL);
+    assert_rc(vqkv_codec_encode(codec, NULL, &v, 0, block), VQKV_EINVAL);
+    assert_rc(vqkv_codec_encode(codec, region, NULL, 0, block), VQKV_EINVAL);
+    assert_rc(vqkv_codec_encode(codec, region, &v, 0, NULL), VQKV_EINVAL);
+    assert_rc(vqkv_codec_decode(NULL, block, region, &v, 0), VQKV_EINVAL);
+    assert_rc(vqkv_codec_decode(codec, NULL, region, &v, 0), VQKV_EINVAL);
+    assert_rc(vqkv_codec_decode(codec, block, NULL, &v, 0), VQKV_EINVAL);
+    assert_rc(vqkv_codec_decode(codec, block, region, NULL, 0), VQKV_EINVAL);
+    assert_rc(vqkv_kv_view_check(NULL, &v, 0), VQKV_EINVAL);
+    assert_rc(vqkv_kv_view_check(&l, NULL, 0), VQKV_EINVAL);
+    assert_rc(vqkv_codec_train(NULL, 0, 0, x, 1, NULL), VQKV_EINVAL);
+    assert_rc(vqkv_layout_check(NULL), VQKV_EINVAL);
+    vqkv_codec_free(NULL); /* a no-op, like free(NULL) */
+
+    vqkv_codec_t *vq = NULL;
+    assert_ok(vqkv_codec_create("rvq:b=4", &l, &vq));
+    assert_rc(vqkv_codec_train(vq, 0, 0, NULL, 1, NULL), VQKV_EINVAL);
+    assert_rc(vqkv_codec_train(vq, 0, 0, x, 0, NULL), VQKV_EINVAL);
+    assert_rc(vqkv_codec_train(vq, TEST_LAYERS, 0, x, 1, NULL), VQKV_EINVAL);
+    assert_rc(vqkv_codec_train(vq, 0, 2, x, 1, NULL), VQKV_EINVAL);
+    assert_rc(vqkv_codec_train(vq, 0, -1, x, 1, NULL), VQKV_EINVAL);
+    /* Vectors come as [tokens][kv_heads][head_dim]: whole tokens only. */
+    float three[3 * TEST_HEAD_DIM] = {0};
+    assert_rc(vqkv_codec_train(vq, 0, 0, three, 3, NULL), VQKV_EINVAL);
+    assert_int_equal(vqkv_codec_needs_training(vq), 1);
+    /* Codecs without codebooks accept training and ignore it. */
+    assert_ok(vqkv_codec_train(codec, 0, 0, x, 1, NULL));
+    vqkv_codec_free(vq);
+    free(region);
+    free(block);
+    vqkv_codec_free(codec);
+}
+
+/* ---- specs and layouts ------------------------------------------------- */
+
+static void test_bad_specs_refused(void **state)
+{
+    (void)state;
+    static const char *const bad[] = {
+        "",
+        "fp17",
+        "FP16",
+        "rvq:",
+        "fp16:",
+        ":d=8",
+        "rvq:d=8,",
+        "rvq:,d=8",
+        "rvq:d=8,,b=8",
+        "rvq:d",
+        "rvq:d=",
+        "rvq:=8",
+        "rvq:d=8,d=8",
+        "rvq:d=8,b=8,d=4",
+        "rvq:q=1",
+        "rvq:D=8",
+        "rvq:d=3",   /* does not divide head_dim 64 */
+        "rvq:d=128", /* more than head_dim */
+        "rvq:d=0",
+        "rvq:b=0",
+        "rvq:b=13",
+        "rvq:r=0",
+        "rvq:r=9",
+        "rvq:d=-8",
+        "rvq:d=+8",
+        "rvq:d=8x",
+        "rvq:b=4294967304", /* wraps to 8 in 32 bits */
+        "rvq:kgroup=foo",
+        "rvq:kgroup=",
+        "rvq:kgroup=8",
+        "rvq:d=eight",
+        "rvq:d=8:b=8",
+        "rvq:d=8;b=8",
+        "rvq d=8",
+        "fp16:d=8",
+        "fp8:g=32",
+        "kivi2:g=0",
+        "kivi2:g=5",
+        "kivi4:g=128",
+        "kivi4:d=8",
+        "vqkv:dlo=3",
+        "vqkv:dhi=6",  /* 6 does not divide the 32 channels of a branch */
+        "vqkv:dlo=64", /* a sub-vector larger than its branch */
+        "vqkv:dv=7",
+        "vqkv:dv=0",
+        "vqkv:b=13",
+        "vqkv:r=2",
+        "vqkv:kgroup=contig",
+        "averyveryverylongcodecname",
+        "rvq:averyveryverylongkey=1",
+        "rvq:d=8,b=8,r=2,kgroup=strided,d=8",
+        "rvq:cs=2",
+        "vqkv:cs=yes",
+        "rvq:a=1,b=1,c=1,d=1,e=1,f=1,g=1,h=1,i=1",
+    };
+    vqkv_layout_t l = test_layout(VQKV_DTYPE_F16);
+    int accepted = 0;
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        vqkv_codec_t *codec = (vqkv_codec_t *)&l; /* any non-NULL: must come back NULL */
+        int rc = vqkv_codec_create(bad[i], &l, &codec);
+        if (rc != VQKV_ESPEC || codec != NULL) {
+            print_error("spec \"%s\": %d (%s), expected VQKV_ESPEC and no codec\n", bad[i], rc,
+                        vqkv_strerror(rc));
+            vqkv_codec_free(rc == VQKV_OK ? codec : NULL);
+            accepted++;
+        }
+    }
+    assert_int_equal(accepted, 0);
+    /* vqkv needs head_dim divisible by 4 (two branches of whole RoPE pairs). */
+    vqkv_layout_t odd_pairs = {1, 1, 6, 4, VQKV_DTYPE_F16};
+    vqkv_codec_t *codec = NULL;
+    assert_rc(vqkv_codec_create("vqkv:dlo=2,dhi=2,dv=2", &odd_pairs, &codec), VQKV_ESPEC);
+    assert_ok(vqkv_codec_create("rvq:d=2", &odd_pairs, &codec));
+    vqkv_codec_free(codec);
+}
+
+static void test_invalid_layouts_refused(void **state)
+{
+    (void)state;
+    const vqkv_layout_t good = test_layout(VQKV_DTYPE_F16);
+    vqkv_layout_t bad[12];
+    for (size_t i = 0; i < 12; i++)
+        bad[i] = good;
+    bad[0].head_dim = 63; /* RoPE pairs need an even head_dim */
+    bad[1].num_layers = 0;
+    bad[2].num_kv_heads = 0;
+    bad[3].head_dim = 0;
+    bad[4].block_tokens = 0;
+    bad[5].head_dim = VQKV_MAX_HEAD_DIM + 2;
+    bad[6].dtype = (vqkv_dtype_t)3;
+    bad[7].dtype = (vqkv_dtype_t)-1;
+    bad[8].num_layers = UINT32_MAX;
+    bad[9].num_kv_heads = UINT32_MAX;
+    bad[10].block_tokens = UINT32_MAX;
+    bad[11].head_dim = UINT32_MAX - 1;
+    assert_ok(vqkv_layout_check(&good));
+    for (size_t i = 0; i < 12; i++) {
+        vqkv_codec_t *codec = NULL;
+        assert_rc(vqkv_layout_check(&bad[i]), VQKV_EINVAL);
+        assert_rc(vqkv_codec_create("fp16", &bad[i], &codec), VQKV_EINVAL);
+        assert_null(codec);
+        vqkv_kv_view_t v = {UINT64_MAX, 0, 0, 0, 0, 0, 0, 1};
+        assert_rc(vqkv_kv_view_check(&bad[i], &v, 0), VQKV_EINVAL);
+    }
+    /* The limits themselves are fine. */
+    vqkv_layout_t edge = {1, 1, VQKV_MAX_HEAD_DIM, 1, VQKV_DTYPE_F32};
+    assert_ok(vqkv_layout_check(&edge));
+    edge.head_dim = 2;
+    assert_ok(vqkv_layout_check(&edge));
+
+    assert_int_equal(vqkv_dtype_size(VQKV_DTYPE_F16), 2);
+    assert_int_equal(vqkv_dtype_size(VQKV_DTYPE_BF16), 2);
+    assert_int_equal(vqkv_dtype_size(VQKV_DTYPE_F32), 4);
+    assert_int_equal(vqkv_dtype_size((vqkv_dtype_t)7), 0);
+}
+
+/* ---- training state ----------------------------------------------------- */
+
+static void test_vq_needs_every_part_trained(void **state)
+{
+    (void)state;
+    static const char *const specs[] = {"rvq:b=4,r=1", "vqkv:b=4"};
+    vqkv_train_opts_t opts = {.seed = 5, .iterations = 2};
+    for (size_t si = 0; si < 2; si++) {
+        vqkv_layout_t l = test_layout(VQKV_DTYPE_F16);
+        vqkv_codec_t *codec = NULL;
+        assert_ok(vqkv_codec_create(specs[si], &l, &codec));
+        vqkv_kv_view_t v;
+        vqkv_kv_view_vllm(&v, &l, 1);
+        uint8_t *region = calloc(v.region_bytes, 1);
+        uint8_t *block = calloc(vqkv_codec_block_bytes(codec), 1);
+        float *x = malloc(64 * TEST_HEAD_DIM * sizeof *x);
+        assert_true(region && block && x);
+
+        const uint32_t order[4][2] = {{1, 1}, {0, 0}, {1, 0}, {0, 1}};
+        for (size_t step = 0; step < 4; step++) {
+            assert_int_equal(vqkv_codec_needs_training(codec), 1);
+            assert_rc(vqkv_codec_encode(codec, region, &v, 0, block), VQKV_ENOCODEBOOK);
+            assert_rc(vqkv_codec_decode(codec, block, region, &v, 0), VQKV_ENOCODEBOOK);
+            uint8_t *buf = NULL;
+            size_t len = 0;
+            assert_rc(vqkv_codebook_save_buffer(codec, &buf, &len), VQKV_ENOCODEBOOK);
+            test_synth_vectors(PROFILE_SEED, step, order[step][0], (int)order[step][1],
+                               TEST_HEAD_DIM, 64, x);
+            assert_ok(vqkv_codec_train(codec, order[step][0], (int)order[step][1], x, 64, &opts));
+            /* Training the same part again does not count twice. */
+            if (step == 1)
+                assert_ok(
+                    vqkv_codec_train(codec, order[step][0], (int)order[step][1], x, 64, &opts));
+        }
+        assert_int_equal(vqkv_codec_needs_training(codec), 0);
+        assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
+        assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
+        free(region);
+        free(block);
+        free(x);
+        vqkv_codec_free(codec);
+    }
+    /* Codecs without codebooks never need training. */
+    for (size_t ci = 0; ci < NUM_CASES; ci++) {
+        if (is_vq(&cases[ci]))
+            continue;
+        vqkv_layout_t l = test_layout(VQKV_DTYPE_F16);
+        vqkv_codec_t *codec = NULL;
+        assert_ok(vqkv_codec_create(cases[ci].spec, &l, &codec));
+        assert_int_equal(vqkv_codec_needs_training(codec), 0);
+        vqkv_codec_free(codec);
+    }
+}
+
+static void test_strerror_names_every_code(void **state)
+{
+    (void)state;
+    const int codes[] = {VQKV_OK,          VQKV_EINVAL, VQKV_ESPEC,   VQKV_ERANGE,   VQKV_ENOMEM,
+                         VQKV_ENOCODEBOOK, VQKV_EIO,    VQKV_EFORMAT, VQKV_EMISMATCH};
+    const size_t n = sizeof codes / sizeof codes[0];
+    const char *unknown = vqkv_strerror(-1000);
+    assert_non_null(unknown);
+    assert_non_null(vqkv_strerror(1));
+    for (size_t i = 0; i < n; i++) {
+        const char *s = vqkv_strerror(codes[i]);
+        assert_non_null(s);
+        assert_true(strlen(s) > 0);
+        assert_string_not_equal(s, unknown);
+        for (size_t j = 0; j < i; j++)
+            assert_string_not_equal(s, vqkv_strerror(codes[j]));
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_canonical_specs),
+        cmocka_unit_test(test_block_bytes_and_bits_per_value),
+        cmocka_unit_test(test_odd_layout_packing),
+        cmocka_unit_test(test_equal_vectors_decode_equally),
+        cmocka_unit_test(test_scalar_codecs_per_value_bounds),
+        cmocka_unit_test(test_scalar_codecs_match_documented_layout),
+        cmocka_unit_test(test_view_helpers_match_documented_shapes),
+        cmocka_unit_test(test_error_per_codec),
+        cmocka_unit_test(test_round_trip_views_and_dtypes),
+        cmocka_unit_test(test_decode_dtypes_agree),
+        cmocka_unit_test(test_fp16_bit_exact_all_patterns),
+        cmocka_unit_test(test_fp16_codec_f32_memory_specials),
+        cmocka_unit_test(test_determinism),
+        cmocka_unit_test(test_decode_arbitrary_bytes_stays_in_slot),
+        cmocka_unit_test(test_concurrent_use),
+        cmocka_unit_test(test_last_slot_exact_region),
+        cmocka_unit_test(test_bad_slots_and_strides_refused),
+        cmocka_unit_test(test_null_arguments),
+        cmocka_unit_test(test_bad_specs_refused),
+        cmocka_unit_test(test_invalid_layouts_refused),
+        cmocka_unit_test(test_vq_needs_every_part_trained),
+        cmocka_unit_test(test_strerror_names_every_code),
+    };
+    return cmocka_run_group_tests(tests, train_all_cases, free_trained);
+}

@@ -1,0 +1,331 @@
+/* test_kmeans.c -- k-means (kernels/kmeans.h) and codebook training through
+ * the codec interface: results depend on the data and the seed alone, never
+ * on the thread count, and training does what it is for.
+ */
+#include "test_util.h"
+
+#include "kmeans.h"
+
+#include <float.h>
+
+static double dist2(const float *a, const float *b, uint32_t d)
+{
+    double s = 0.0;
+    for (uint32_t j = 0; j < d; j++)
+        s += ((double)a[j] - b[j]) * ((double)a[j] - b[j]);
+    return s;
+}
+
+/* Mean squared distance of each point to its nearest centroid. */
+static double distortion(const float *x, size_t n, uint32_t d, const float *centroids, uint32_t k)
+{
+    double total = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        double best = DBL_MAX;
+        for (uint32_t c = 0; c < k; c++)
+            best = fmin(best, dist2(x + i * d, centroids + (size_t)c * d, d));
+        total += best;
+    }
+    return total / (double)n;
+}
+
+static float *gaussian_points(size_t n, uint32_t d, uint64_t seed)
+{
+    float *x = malloc(n * d * sizeof *x);
+    assert_non_null(x);
+    test_rng_t rng = {seed};
+    for (size_t i = 0; i < n * d; i++)
+        x[i] = (float)test_rng_gaussian(&rng);
+    return x;
+}
+
+/* ---- k-means -------------------------------------------------------------- */
+
+/* Eight tight, far-apart clusters: every seed must find all eight, each
+ * centroid at its cluster's centre. */
+static void test_kmeans_recovers_clusters(void **state)
+{
+    (void)state;
+    enum { K = 8, D = 4, PER_CLUSTER = 64, N = K * PER_CLUSTER };
+    float centres[K * D], x[N * D], centroids[K * D];
+    test_rng_t rng = {99};
+    for (size_t i = 0; i < K * D; i++)
+        centres[i] = (float)(100.0 * test_rng_uniform(&rng));
+    for (size_t i = 0; i < N; i++)
+        for (uint32_t j = 0; j < D; j++)
+            x[i * D + j] = centres[(i % K) * D + j] + 0.2f * (float)test_rng_gaussian(&rng);
+
+    for (uint64_t seed = 1; seed <= 5; seed++) {
+        assert_ok(vqkv__kmeans(x, N, D, K, 10, seed, centroids));
+        for (uint32_t c = 0; c < K; c++) {
+            /* One centroid per centre, within a few noise widths. */
+            uint32_t matches = 0;
+            for (uint32_t k = 0; k < K; k++)
+                matches += dist2(centres + c * D, centroids + k * D, D) < 0.1;
+            assert_int_equal(matches, 1);
+        }
+        assert_true(distortion(x, N, D, centroids, K) < 4 * 0.2 * 0.2 * 1.5);
+    }
+}
+
+static void test_kmeans_deterministic_by_seed(void **state)
+{
+    (void)state;
+    enum { N = 600, D = 4, K = 16 };
+    float *x = gaussian_points(N, D, 3);
+    float a[K * D], b[K * D];
+    assert_ok(vqkv__kmeans(x, N, D, K, 6, 11, a));
+    assert_ok(vqkv__kmeans(x, N, D, K, 6, 11, b));
+    assert_memory_equal(a, b, sizeof a);
+    assert_ok(vqkv__kmeans(x, N, D, K, 6, 12, b));
+    assert_memory_not_equal(a, b, sizeof a);
+    free(x);
+}
+
+/* Lloyd iterations never make the fit worse than the seeding alone. */
+static void test_kmeans_iterations_lower_distortion(void **state)
+{
+    (void)state;
+    enum { N = 1000, D = 8, K = 32 };
+    float *x = gaussian_points(N, D, 4);
+    float seeded[K * D], trained[K * D];
+    assert_ok(vqkv__kmeans(x, N, D, K, 0, 5, seeded));
+    assert_ok(vqkv__kmeans(x, N, D, K, 8, 5, trained));
+    double before = distortion(x, N, D, seeded, K), after = distortion(x, N, D, trained, K);
+    assert_true(after < before * 0.9);
+    free(x);
+}
+
+/* With fewer points than centroids, every point becomes a centroid and the
+ * surplus centroids repeat points: nothing invented, nothing NaN. */
+static void test_kmeans_fewer_points_than_centroids(void **state)
+{
+    (void)state;
+    enum { N = 5, D = 3, K = 8 };
+    float *x = gaussian_points(N, D, 6);
+    float centroids[K * D];
+    assert_ok(vqkv__kmeans(x, N, D, K, 4, 1, centroids));
+    for (uint32_t c = 0; c < K; c++) {
+        int is_point = 0;
+        for (size_t i = 0; i < N; i++)
+            is_point |= memcmp(centroids + c * D, x + i * D, D * sizeof(float)) == 0;
+        assert_true(is_point);
+    }
+    for (size_t i = 0; i < N; i++) {
+        int covered = 0;
+        for (uint32_t c = 0; c < K; c++)
+            covered |= memcmp(centroids + c * D, x + i * D, D * sizeof(float)) == 0;
+        assert_true(covered);
+    }
+    free(x);
+}
+
+/* All points equal: no division by an empty cluster, no NaN. */
+static void test_kmeans_identical_points(void **state)
+{
+    (void)state;
+    enum { N = 100, D = 4, K = 16 };
+    float x[N * D], centroids[K * D];
+    for (size_t i = 0; i < N * D; i++)
+        x[i] = (float)(i % D) - 1.5f;
+    assert_ok(vqkv__kmeans(x, N, D, K, 5, 1, centroids));
+    for (uint32_t c = 0; c < K; c++)
+        assert_memory_equal(centroids + c * D, x, D * sizeof(float));
+}
+
+static void test_nearest_matches_brute_force(void **state)
+{
+    (void)state;
+    enum { N = 200, D = 6, K = 100 }; /* K not a multiple of any chunk size */
+    float *x = gaussian_points(N, D, 8), *centroids = gaussian_points(K, D, 9);
+    float *search = malloc((size_t)K * (D + 1) * sizeof *search);
+    assert_non_null(search);
+    vqkv__search_prepare(centroids, D, K, search);
+    for (size_t i = 0; i < N; i++) {
+        uint32_t got = vqkv__nearest(x + i * D, search, D, K), best = 0;
+        for (uint32_t c = 1; c < K; c++)
+            if (dist2(x + i * D, centroids + c * D, D) < dist2(x + i * D, centroids + best * D, D))
+                best = c;
+        /* Float rounding may pick a centroid that is as near to within
+         * rounding; never a clearly farther one. */
+        assert_true(dist2(x + i * D, centroids + got * D, D) <=
+                    dist2(x + i * D, centroids + best * D, D) + 1e-4);
+    }
+    /* Equal distances go to the lower index. */
+    const float twins[3 * 2] = {1.0f, 0.0f, -1.0f, 0.0f, 1.0f, 0.0f};
+    float twin_search[3 * 3];
+    vqkv__search_prepare(twins, 2, 3, twin_search);
+    assert_int_equal(vqkv__nearest((const float[2]){0.0f, 0.0f}, twin_search, 2, 3), 0);
+    assert_int_equal(vqkv__nearest((const float[2]){2.0f, 0.0f}, twin_search, 2, 3), 0);
+    assert_int_equal(vqkv__nearest((const float[2]){-2.0f, 0.0f}, twin_search, 2, 3), 1);
+    free(search);
+    free(x);
+    free(centroids);
+}
+
+/* ---- training through the codec -------------------------------------------- */
+
+static uint8_t *trained_bytes(const char *spec, const vqkv_layout_t *l, size_t n,
+                              const vqkv_train_opts_t *opts, size_t *len)
+{
+    vqkv_codec_t *codec = NULL;
+    uint8_t *buf = NULL;
+    assert_ok(vqkv_codec_create(spec, l, &codec));
+    assert_ok(test_train_all(codec, 42, n, opts));
+    assert_int_equal(vqkv_codec_needs_training(codec), 0);
+    assert_ok(vqkv_codebook_save_buffer(codec, &buf, len));
+    vqkv_codec_free(codec);
+    return buf;
+}
+
+/* Same data and seed: the same codebooks, byte for byte, with one thread,
+ * two, or one per CPU; another seed gives other codebooks. */
+static void test_training_deterministic_across_threads(void **state)
+{
+    (void)state;
+    static const char *const specs[] = {"rvq:d=8,b=6,r=2", "vqkv:b=5,dlo=2,dhi=4,dv=4,cs=1"};
+    vqkv_layout_t l = {1, 2, 32, 8, VQKV_DTYPE_F16};
+    for (size_t si = 0; si < 2; si++) {
+        vqkv_train_opts_t opts = {.seed = 17, .iterations = 4, .threads = 1};
+        size_t len_one, len_two, len_all, len_other;
+        uint8_t *one = trained_bytes(specs[si], &l, 512, &opts, &len_one);
+        opts.threads = 2;
+        uint8_t *two = trained_bytes(specs[si], &l, 512, &opts, &len_two);
+        opts.threads = 0;
+        uint8_t *all = trained_bytes(specs[si], &l, 512, &opts, &len_all);
+        opts.seed = 18;
+        uint8_t *other = trained_bytes(specs[si], &l, 512, &opts, &len_other);
+        assert_int_equal(len_one, len_two);
+        assert_int_equal(len_one, len_all);
+        assert_memory_equal(one, two, len_one);
+        assert_memory_equal(one, all, len_one);
+        assert_int_equal(len_one, len_other);
+        assert_memory_not_equal(one, other, len_one);
+        free(one);
+        free(two);
+        free(all);
+        free(other);
+    }
+}
+
+/* Relative error of held-out blocks through a codec trained on n vectors. */
+static void held_out_error(const char *spec, double err[2])
+{
+    vqkv_layout_t l = {1, 2, 64, 32, VQKV_DTYPE_F32};
+    vqkv_train_opts_t opts = {.seed = 1, .iterations = 4};
+    vqkv_codec_t *codec = NULL;
+    assert_ok(vqkv_codec_create(spec, &l, &codec));
+    assert_ok(test_train_all(codec, 42, 2048, &opts));
+    vqkv_kv_view_t v;
+    vqkv_kv_view_vllm(&v, &l, 1);
+    size_t n = test_block_values(&l);
+    float *src = malloc(n * sizeof *src), *got = malloc(n * sizeof *got);
+    uint8_t *region = malloc(v.region_bytes), *block = malloc(vqkv_codec_block_bytes(codec));
+    assert_true(src && got && region && block);
+    test_synth_block(&l, 42, 123, src);
+    test_write_block(&l, &v, region, 0, src);
+    assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
+    assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
+    test_read_block(&l, &v, region, 0, got);
+    err[0] = test_rel_error(&l, src, got, 0);
+    err[1] = test_rel_error(&l, src, got, 1);
+    free(src);
+    free(got);
+    free(region);
+    free(block);
+    vqkv_codec_free(codec);
+}
+
+/* Each residual stage quantizes what the ones before it left, so more
+ * stages must mean clearly less error. */
+static void test_more_stages_lower_error(void **state)
+{
+    (void)state;
+    static const char *const specs[] = {"rvq:d=8,b=6,r=1", "rvq:d=8,b=6,r=2", "rvq:d=8,b=6,r=3"};
+    double err[3][2];
+    for (size_t i = 0; i < 3; i++) {
+        held_out_error(specs[i], err[i]);
+        print_message("  %-18s rel. error K %.4f  V %.4f\n", specs[i], err[i][0], err[i][1]);
+    }
+    for (size_t i = 1; i < 3; i++)
+        for (int kv = 0; kv < 2; kv++)
+            assert_true(err[i][kv] < 0.9 * err[i - 1][kv]);
+}
+
+/* A refused training call changes nothing: a non-finite value anywhere in
+ * the vectors is refused before the codebooks are touched. */
+static void test_training_refuses_non_finite(void **state)
+{
+    (void)state;
+    vqkv_layout_t l = {1, 2, 16, 4, VQKV_DTYPE_F16};
+    vqkv_train_opts_t opts = {.seed = 2, .iterations = 2};
+    enum { N = 128 };
+    vqkv_codec_t *codec = NULL;
+    assert_ok(vqkv_codec_create("rvq:d=4,b=4,r=1", &l, &codec));
+    float *x = malloc(N * 16 * sizeof *x);
+    assert_non_null(x);
+    const float bad_values[] = {NAN, INFINITY, -INFINITY};
+    for (size_t i = 0; i < 3; i++) {
+        test_synth_vectors(42, 1, 0, 0, 16, N, x);
+        x[(N - 1) * 16 + 15] = bad_values[i]; /* the very last value */
+        assert_rc(vqkv_codec_train(codec, 0, 0, x, N, &opts), VQKV_EINVAL);
+    }
+    assert_int_equal(vqkv_codec_needs_training(codec), 1);
+
+    assert_ok(test_train_all(codec, 42, N, &opts));
+    uint8_t *before = NULL, *after = NULL;
+    size_t before_len, after_len;
+    assert_ok(vqkv_codebook_save_buffer(codec, &before, &before_len));
+    test_synth_vectors(42, 7, 0, 1, 16, N, x);
+    x[3] = NAN;
+    assert_rc(vqkv_codec_train(codec, 0, 1, x, N, &opts), VQKV_EINVAL);
+    assert_int_equal(vqkv_codec_needs_training(codec), 0);
+    assert_ok(vqkv_codebook_save_buffer(codec, &after, &after_len));
+    assert_int_equal(before_len, after_len);
+    assert_memory_equal(before, after, before_len);
+    free(before);
+    free(after);
+    free(x);
+    vqkv_codec_free(codec);
+}
+
+/* Training on the same data with max_samples capping it is still
+ * deterministic, and a cap above the data size changes nothing. */
+static void test_training_max_samples(void **state)
+{
+    (void)state;
+    vqkv_layout_t l = {1, 2, 16, 4, VQKV_DTYPE_F16};
+    vqkv_train_opts_t opts = {.seed = 4, .iterations = 3, .max_samples = 100};
+    size_t len_a, len_b, len_c, len_d;
+    uint8_t *a = trained_bytes("rvq:d=4,b=4,r=2", &l, 400, &opts, &len_a);
+    uint8_t *b = trained_bytes("rvq:d=4,b=4,r=2", &l, 400, &opts, &len_b);
+    assert_int_equal(len_a, len_b);
+    assert_memory_equal(a, b, len_a);
+    opts.max_samples = 400;
+    uint8_t *c = trained_bytes("rvq:d=4,b=4,r=2", &l, 400, &opts, &len_c);
+    opts.max_samples = 100000;
+    uint8_t *d = trained_bytes("rvq:d=4,b=4,r=2", &l, 400, &opts, &len_d);
+    assert_int_equal(len_c, len_d);
+    assert_memory_equal(c, d, len_c);
+    free(a);
+    free(b);
+    free(c);
+    free(d);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_kmeans_recovers_clusters),
+        cmocka_unit_test(test_kmeans_deterministic_by_seed),
+        cmocka_unit_test(test_kmeans_iterations_lower_distortion),
+        cmocka_unit_test(test_kmeans_fewer_points_than_centroids),
+        cmocka_unit_test(test_kmeans_identical_points),
+        cmocka_unit_test(test_nearest_matches_brute_force),
+        cmocka_unit_test(test_training_deterministic_across_threads),
+        cmocka_unit_test(test_more_stages_lower_error),
+        cmocka_unit_test(test_training_refuses_non_finite),
+        cmocka_unit_test(test_training_max_samples),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,243 @@
+/* test_util.h -- helpers the unit tests share: a seeded generator, synthetic
+ * KV vectors shaped like real keys and values, and element access into a
+ * view computed from the documented stride formula, independently of the
+ * library's own address arithmetic.
+ *
+ * It includes cmocka (with the headers cmocka needs first), the codec
+ * interface and numeric.h, so a test includes it alone.
+ */
+#ifndef VQKV_TEST_UTIL_H
+#define VQKV_TEST_UTIL_H
+
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cmocka.h>
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "numeric.h"
+#include "vqkv_codec.h"
+
+/* Fails with both codes named, which a bare assert_int_equal on negative
+ * ints does not do. */
+#define assert_rc(expr, want)                                                                      \
+    do {                                                                                           \
+        int got_rc_ = (expr);                                                                      \
+        int want_rc_ = (want);                                                                     \
+        if (got_rc_ != want_rc_) {                                                                 \
+            print_error("%s returned %d (%s), expected %d (%s)\n", #expr, got_rc_,                 \
+                        vqkv_strerror(got_rc_), want_rc_, vqkv_strerror(want_rc_));                \
+            fail();                                                                                \
+        }                                                                                          \
+    } while (0)
+
+#define assert_ok(expr) assert_rc(expr, VQKV_OK)
+
+/* ---- deterministic random numbers ------------------------------------ */
+
+typedef struct {
+    uint64_t state;
+} test_rng_t;
+
+static inline uint64_t test_rng_next(test_rng_t *rng)
+{
+    uint64_t x = (rng->state += 0x9e3779b97f4a7c15ull);
+    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
+    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
+    return x ^ (x >> 31);
+}
+
+/* Uniform in [0, 1). */
+static inline double test_rng_uniform(test_rng_t *rng)
+{
+    return (double)(test_rng_next(rng) >> 11) * (1.0 / 9007199254740992.0);
+}
+
+static inline double test_rng_gaussian(test_rng_t *rng)
+{
+    double u1 = 1.0 - test_rng_uniform(rng); /* (0, 1]: log stays finite */
+    double u2 = test_rng_uniform(rng);
+    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+/* ---- synthetic KV ------------------------------------------------------ */
+
+/* Real keys have a channel profile: most channels moderate, a few outlier
+ * channels with large magnitude and a nonzero mean (what makes per-channel
+ * key quantization worthwhile). Values are closer to isotropic with a
+ * per-token scale. The profile depends only on (profile_seed, layer, kv), so
+ * training vectors and test blocks drawn with different sample seeds come
+ * from the same distribution. */
+typedef struct {
+    float scale[VQKV_MAX_HEAD_DIM];
+    float mean[VQKV_MAX_HEAD_DIM];
+} test_profile_t;
+
+static inline void test_profile(uint64_t profile_seed, uint32_t layer, int kv, uint32_t head_dim,
+                                test_profile_t *p)
+{
+    test_rng_t rng = {profile_seed * 1000003u + layer * 2u + (uint64_t)kv};
+    for (uint32_t c = 0; c < head_dim; c++) {
+        p->scale[c] = (float)(0.3 + 1.2 * test_rng_uniform(&rng));
+        p->mean[c] = 0.0f;
+    }
+    if (kv == 0) {
+        for (int i = 0; i < 4 && (uint32_t)i < head_dim; i++) {
+            uint32_t c = (uint32_t)(test_rng_next(&rng) % head_dim);
+            p->scale[c] = 6.0f;
+            p->mean[c] = (test_rng_next(&rng) & 1) ? 8.0f : -8.0f;
+        }
+    }
+}
+
+/* n token-head vectors out[n][head_dim] of (layer, kv). */
+static inline void test_synth_vectors(uint64_t profile_seed, uint64_t sample_seed, uint32_t layer,
+                                      int kv, uint32_t head_dim, size_t n, float *out)
+{
+    test_profile_t p;
+    test_profile(profile_seed, layer, kv, head_dim, &p);
+    test_rng_t rng = {sample_seed ^ (0x51ed2701ull * (layer * 2u + (uint64_t)kv + 1u))};
+    for (size_t i = 0; i < n; i++) {
+        float token_scale = kv == 1 ? (float)(0.5 + test_rng_uniform(&rng)) : 1.0f;
+        for (uint32_t c = 0; c < head_dim; c++)
+            out[i * head_dim + c] =
+                p.mean[c] + token_scale * p.scale[c] * (float)test_rng_gaussian(&rng);
+    }
+}
+
+/* ---- blocks in strided memory -------------------------------------- */
+
+/* Values of one block as a dense float array [layers][2][tokens][heads][dim]. */
+static inline size_t test_block_values(const vqkv_layout_t *l)
+{
+    return (size_t)l->num_layers * 2 * l->block_tokens * l->num_kv_heads * l->head_dim;
+}
+
+static inline size_t test_block_index(const vqkv_layout_t *l, uint32_t layer, int kv, uint32_t t,
+                                      uint32_t h, uint32_t d)
+{
+    return ((((size_t)layer * 2 + (size_t)kv) * l->block_tokens + t) * l->num_kv_heads + h) *
+               l->head_dim +
+           d;
+}
+
+/* The byte offset of an element, straight from the formula in vqkv_codec.h. */
+static inline uint64_t test_element_offset(const vqkv_layout_t *l, const vqkv_kv_view_t *v,
+                                           uint32_t layer, int kv, uint32_t slot, uint32_t t,
+                                           uint32_t h, uint32_t d)
+{
+    return v->offset + layer * v->layer_stride + (uint64_t)kv * v->kv_stride +
+           slot * v->slot_stride + t * v->token_stride + h * v->head_stride +
+           d * (uint64_t)vqkv_dtype_size(l->dtype);
+}
+
+static inline void test_store(vqkv_dtype_t dtype, uint8_t *p, float value)
+{
+    uint16_t u16;
+    switch (dtype) {
+    case VQKV_DTYPE_F16:
+        u16 = vqkv_f32_to_f16(value);
+        memcpy(p, &u16, 2);
+        break;
+    case VQKV_DTYPE_BF16:
+        u16 = vqkv_f32_to_bf16(value);
+        memcpy(p, &u16, 2);
+        break;
+    case VQKV_DTYPE_F32: memcpy(p, &value, 4); break;
+    }
+}
+
+static inline float test_load(vqkv_dtype_t dtype, const uint8_t *p)
+{
+    uint16_t u16;
+    float f = 0.0f;
+    switch (dtype) {
+    case VQKV_DTYPE_F16: memcpy(&u16, p, 2); return vqkv_f16_to_f32(u16);
+    case VQKV_DTYPE_BF16: memcpy(&u16, p, 2); return vqkv_bf16_to_f32(u16);
+    case VQKV_DTYPE_F32: memcpy(&f, p, 4); return f;
+    }
+    return f;
+}
+
+/* Writes values[block_values] into block `slot` of the view at base. */
+static inline void test_write_block(const vqkv_layout_t *l, const vqkv_kv_view_t *v, uint8_t *base,
+                                    uint32_t slot, const float *values)
+{
+    for (uint32_t layer = 0; layer < l->num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++)
+            for (uint32_t t = 0; t < l->block_tokens; t++)
+                for (uint32_t h = 0; h < l->num_kv_heads; h++)
+                    for (uint32_t d = 0; d < l->head_dim; d++)
+                        test_store(l->dtype,
+                                   base + test_element_offset(l, v, layer, kv, slot, t, h, d),
+                                   values[test_block_index(l, layer, kv, t, h, d)]);
+}
+
+static inline void test_read_block(const vqkv_layout_t *l, const vqkv_kv_view_t *v,
+                                   const uint8_t *base, uint32_t slot, float *values)
+{
+    for (uint32_t layer = 0; layer < l->num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++)
+            for (uint32_t t = 0; t < l->block_tokens; t++)
+                for (uint32_t h = 0; h < l->num_kv_heads; h++)
+                    for (uint32_t d = 0; d < l->head_dim; d++)
+                        values[test_block_index(l, layer, kv, t, h, d)] = test_load(
+                            l->dtype, base + test_element_offset(l, v, layer, kv, slot, t, h, d));
+}
+
+/* A block of synthetic KV: every (layer, kv) drawn from its profile. */
+static inline void test_synth_block(const vqkv_layout_t *l, uint64_t profile_seed,
+                                    uint64_t sample_seed, float *values)
+{
+    size_t vectors = (size_t)l->block_tokens * l->num_kv_heads;
+    for (uint32_t layer = 0; layer < l->num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++)
+            test_synth_vectors(profile_seed, sample_seed, layer, kv, l->head_dim, vectors,
+                               values + test_block_index(l, layer, kv, 0, 0, 0));
+}
+
+/* Trains every (layer, kv) of codec on n synthetic vectors each. */
+static inline int test_train_all(vqkv_codec_t *codec, uint64_t profile_seed, size_t n,
+                                 const vqkv_train_opts_t *opts)
+{
+    const vqkv_layout_t *l = vqkv_codec_layout(codec);
+    float *x = malloc(n * l->head_dim * sizeof *x);
+    int rc = x == NULL ? VQKV_ENOMEM : VQKV_OK;
+    for (uint32_t layer = 0; layer < l->num_layers && rc == VQKV_OK; layer++) {
+        for (int kv = 0; kv < 2 && rc == VQKV_OK; kv++) {
+            test_synth_vectors(profile_seed, 0x7a11u, layer, kv, l->head_dim, n, x);
+            rc = vqkv_codec_train(codec, layer, kv, x, n, opts);
+        }
+    }
+    free(x);
+    return rc;
+}
+
+/* ||a - b|| / ||a|| over the values of side kv (0 K, 1 V; -1 both). */
+static inline double test_rel_error(const vqkv_layout_t *l, const float *ref, const float *got,
+                                    int kv_only)
+{
+    double err = 0.0, norm = 0.0;
+    size_t per_side = (size_t)l->block_tokens * l->num_kv_heads * l->head_dim;
+    for (uint32_t layer = 0; layer < l->num_layers; layer++) {
+        for (int kv = 0; kv < 2; kv++) {
+            if (kv_only >= 0 && kv != kv_only)
+                continue;
+            size_t first = test_block_index(l, layer, kv, 0, 0, 0);
+            for (size_t i = first; i < first + per_side; i++) {
+                double diff = (double)ref[i] - (double)got[i];
+                err += diff * diff;
+                norm += (double)ref[i] * (double)ref[i];
+            }
+        }
+    }
+    return norm > 0.0 ? sqrt(err / norm) : sqrt(err);
+}
+
+#endif
