@@ -15,9 +15,11 @@
  */
 #include "codec_internal.h"
 
+#include <fcntl.h>
 #include <math.h>
 #include <msgpack.h>
 #include <openssl/evp.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/stat.h>
@@ -254,19 +256,26 @@ int vqkv_codebook_save(const vqkv_codec_t *codec, const char *path)
     int rc = vqkv_codebook_save_buffer(codec, &buf, &len);
     if (rc != VQKV_OK)
         return rc;
-    /* Write a unique file beside the target and rename it into place, so
-     * a reader never sees half a file and concurrent saves do not mix. */
+    /* Write a file of our own beside the target (O_EXCL, so concurrent
+     * saves never share one; mode 0666 less the umask, like any file the
+     * user creates) and rename it into place: readers see whole files. */
+    static atomic_uint counter;
     char tmp[4096];
-    if (snprintf(tmp, sizeof tmp, "%s.XXXXXX", path) >= (int)sizeof tmp) {
+    if (snprintf(tmp, sizeof tmp, "%s.%ld.%u.tmp", path, (long)getpid(),
+                 atomic_fetch_add(&counter, 1)) >= (int)sizeof tmp) {
         free(buf);
         return VQKV_EINVAL;
     }
-    int fd = mkstemp(tmp);
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0666);
     rc = VQKV_EIO;
     if (fd >= 0) {
-        FILE *f = fdopen(fd, "wb");
-        bool ok = f != NULL && fwrite(buf, 1, len, f) == len;
-        ok = (f != NULL ? fclose(f) == 0 : close(fd) == 0) && ok;
+        bool ok = true;
+        for (size_t off = 0; ok && off < len;) {
+            ssize_t n = write(fd, buf + off, len - off);
+            ok = n > 0;
+            off += ok ? (size_t)n : 0;
+        }
+        ok = close(fd) == 0 && ok;
         if (ok && rename(tmp, path) == 0)
             rc = VQKV_OK;
         else
@@ -280,28 +289,35 @@ int vqkv_codebook_load(vqkv_codec_t *codec, const char *path)
 {
     if (codec == NULL || path == NULL)
         return VQKV_EINVAL;
-    FILE *f = fopen(path, "rb");
-    if (f == NULL)
+    /* O_NONBLOCK: a FIFO must not hang the open; only regular files pass. */
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
+    if (fd < 0)
         return VQKV_EIO;
     int rc = VQKV_EIO;
     uint8_t *buf = NULL;
     struct stat st;
-    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode))
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode))
         goto out;
-    off_t size = st.st_size;
-    if (size == 0 || (unsigned long long)size > VQKV__CODEBOOK_MAX_BYTES) {
+    if (st.st_size == 0 || (unsigned long long)st.st_size > VQKV__CODEBOOK_MAX_BYTES) {
         rc = VQKV_EFORMAT;
         goto out;
     }
-    buf = malloc((size_t)size);
+    size_t size = (size_t)st.st_size, got = 0;
+    buf = malloc(size);
     if (buf == NULL) {
         rc = VQKV_ENOMEM;
         goto out;
     }
-    if (fread(buf, 1, (size_t)size, f) == (size_t)size)
-        rc = vqkv_codebook_load_buffer(codec, buf, (size_t)size);
+    while (got < size) {
+        ssize_t n = read(fd, buf + got, size - got);
+        if (n <= 0)
+            break;
+        got += (size_t)n;
+    }
+    if (got == size)
+        rc = vqkv_codebook_load_buffer(codec, buf, size);
 out:
     free(buf);
-    fclose(f);
+    close(fd);
     return rc;
 }

@@ -275,15 +275,26 @@ static void vqkv__kivi_decode(const vqkv_codec_t *codec, uint32_t layer, int kv,
     uint32_t D = l->head_dim, H = l->num_kv_heads;
     float row[VQKV_MAX_HEAD_DIM];
 
-    for (uint32_t t = 0; t < l->block_tokens; t++) {
-        for (uint32_t h = 0; h < H; h++) {
+    float min[VQKV_MAX_HEAD_DIM], step[VQKV_MAX_HEAD_DIM];
+
+    /* Heads outermost, so a key head's per-channel ranges are converted
+     * once for all its tokens; a value row's groups are its own. */
+    for (uint32_t h = 0; h < H; h++) {
+        if (kv == 0) {
+            vqkv_dtype_to_f32(VQKV_DTYPE_F16, mins + 2 * (size_t)h * D, D, min);
+            vqkv_dtype_to_f32(VQKV_DTYPE_F16, steps + 2 * (size_t)h * D, D, step);
+        }
+        for (uint32_t t = 0; t < l->block_tokens; t++) {
             uint64_t base = ((uint64_t)t * H + h) * D;
+            if (kv == 1) {
+                size_t g0 = (size_t)(base / k->group), n = D / k->group;
+                vqkv_dtype_to_f32(VQKV_DTYPE_F16, mins + 2 * g0, n, min);
+                vqkv_dtype_to_f32(VQKV_DTYPE_F16, steps + 2 * g0, n, step);
+            }
             for (uint32_t d = 0; d < D; d++) {
-                size_t g = kv == 0 ? (size_t)h * D + d : (size_t)((base + d) / k->group);
-                float min = vqkv_f16_to_f32(vqkv__get_u16(mins + 2 * g));
-                float step = vqkv_f16_to_f32(vqkv__get_u16(steps + 2 * g));
+                uint32_t g = kv == 0 ? d : d / k->group;
                 uint32_t q = vqkv__bits_get(codes, (base + d) * k->bits, k->bits);
-                row[d] = fmaf((float)q, step, min);
+                row[d] = (float)q * step[g] + min[g];
             }
             vqkv__tile_store(tile, t, h, D, row);
         }

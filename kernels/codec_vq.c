@@ -60,6 +60,7 @@ typedef struct {
     uint32_t bits;
     bool channel_scale; /* divide by the channel's std as well as centering */
     uint32_t sets;      /* codebook sets per layer: 1, or one per kv head */
+    bool block_center;  /* keys carry their per-block channel means */
     vqkv__side_t side[2];
     float *books;
     float *search;
@@ -139,6 +140,16 @@ static void vqkv__vq_free(void *state)
     free(vq);
 }
 
+/* Bytes of the per-block channel means that start a part: f16
+ * [heads][head_dim] for keys with bc=1, none otherwise. */
+static size_t vqkv__block_mean_bytes(const vqkv_codec_t *codec, int kv)
+{
+    const vqkv__vq_t *vq = codec->state;
+    return vq->block_center && kv == 0
+               ? (size_t)2 * codec->layout.num_kv_heads * codec->layout.head_dim
+               : 0;
+}
+
 /* Sizes the parts and allocates the codebooks once the branches exist. */
 static int vqkv__vq_finish(vqkv_codec_t *codec)
 {
@@ -147,8 +158,8 @@ static int vqkv__vq_finish(vqkv_codec_t *codec)
     size_t vectors = (size_t)l->block_tokens * l->num_kv_heads;
     for (int kv = 0; kv < 2; kv++) {
         const vqkv__side_t *side = &vq->side[kv];
-        codec->part_bytes[kv] =
-            vectors * side->n_branches * 2 + vqkv__bits_bytes(vectors * side->codes, vq->bits);
+        codec->part_bytes[kv] = vqkv__block_mean_bytes(codec, kv) + vectors * side->n_branches * 2 +
+                                vqkv__bits_bytes(vectors * side->codes, vq->bits);
     }
     size_t words = (size_t)l->num_layers * vq->sets * (vq->side[0].words + vq->side[1].words);
     vq->books = calloc(vqkv__vq_total_floats(codec), sizeof(float));
@@ -159,15 +170,16 @@ static int vqkv__vq_finish(vqkv_codec_t *codec)
     return VQKV_OK;
 }
 
-/* Parses what rvq and vqkv share, b, cs and ph, and allocates the state.
- * Writes ",b=..,cs=..,ph=.." for the canonical spec into tail. */
+/* Parses what rvq and vqkv share, b, cs, ph and bc, and allocates the
+ * state. Writes "b=..,cs=..,ph=..,bc=.." for the canonical spec into tail. */
 static int vqkv__vq_alloc(vqkv_codec_t *codec, vqkv__spec_t *spec, char *tail, size_t tail_len)
 {
-    uint32_t b, cs, ph;
+    uint32_t b, cs, ph, bc;
     int rc;
     if ((rc = vqkv__spec_num(spec, "b", 8, 1, VQKV__MAX_BITS, &b)) != VQKV_OK ||
         (rc = vqkv__spec_num(spec, "cs", 0, 0, 1, &cs)) != VQKV_OK ||
-        (rc = vqkv__spec_num(spec, "ph", 0, 0, 1, &ph)) != VQKV_OK)
+        (rc = vqkv__spec_num(spec, "ph", 0, 0, 1, &ph)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "bc", 1, 0, 1, &bc)) != VQKV_OK)
         return rc;
     vqkv__vq_t *vq = calloc(1, sizeof *vq);
     if (vq == NULL)
@@ -175,8 +187,9 @@ static int vqkv__vq_alloc(vqkv_codec_t *codec, vqkv__spec_t *spec, char *tail, s
     vq->bits = b;
     vq->channel_scale = cs != 0;
     vq->sets = ph ? codec->layout.num_kv_heads : 1;
+    vq->block_center = bc != 0;
     codec->state = vq;
-    snprintf(tail, tail_len, "b=%u,cs=%u,ph=%u", b, cs, ph);
+    snprintf(tail, tail_len, "b=%u,cs=%u,ph=%u,bc=%u", b, cs, ph, bc);
     return VQKV_OK;
 }
 
@@ -270,6 +283,33 @@ static void vqkv__channel_whiten(const vqkv_codec_t *codec, uint32_t layer, int 
         row[c] = (row[c] - mean[c]) / scale[c];
 }
 
+/* x limited to the finite f16 range, so a stored mean or norm never
+ * becomes inf for bf16 or f32 memory. */
+static float vqkv__f16_clamp(float x)
+{
+    return fminf(fmaxf(x, -VQKV_F16_MAX), VQKV_F16_MAX);
+}
+
+/* Stores each head's channel means over the block's tokens as f16
+ * [heads][head_dim]: two passes over worker memory, no copy of the block. */
+static void vqkv__block_means_encode(const vqkv_codec_t *codec, const vqkv__tile_t *tile,
+                                     uint8_t *out)
+{
+    const vqkv_layout_t *l = &codec->layout;
+    float row[VQKV_MAX_HEAD_DIM], sum[VQKV_MAX_HEAD_DIM];
+    for (uint32_t h = 0; h < l->num_kv_heads; h++) {
+        memset(sum, 0, l->head_dim * sizeof *sum);
+        for (uint32_t t = 0; t < l->block_tokens; t++) {
+            vqkv__tile_load(tile, t, h, l->head_dim, row);
+            for (uint32_t c = 0; c < l->head_dim; c++)
+                sum[c] += row[c];
+        }
+        for (uint32_t c = 0; c < l->head_dim; c++)
+            sum[c] = vqkv__f16_clamp(sum[c] / (float)l->block_tokens);
+        vqkv_dtype_from_f32(VQKV_DTYPE_F16, sum, l->head_dim, out + 2 * (size_t)h * l->head_dim);
+    }
+}
+
 static void vqkv__vq_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
                             const vqkv__tile_t *tile, uint8_t *out)
 {
@@ -278,15 +318,25 @@ static void vqkv__vq_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
     const vqkv_layout_t *l = &codec->layout;
     uint32_t H = l->num_kv_heads, b = vq->bits;
     size_t vectors = (size_t)l->block_tokens * H;
-    uint8_t *norms = out, *codes = out + 2 * vectors * side->n_branches;
-    float row[VQKV_MAX_HEAD_DIM], u[VQKV_MAX_HEAD_DIM];
+    size_t mean_bytes = vqkv__block_mean_bytes(codec, kv);
+    uint8_t *block_means = out, *norms = out + mean_bytes;
+    uint8_t *codes = norms + 2 * vectors * side->n_branches;
+    float row[VQKV_MAX_HEAD_DIM], u[VQKV_MAX_HEAD_DIM], bm[VQKV_MAX_HEAD_DIM];
 
-    memset(codes, 0, codec->part_bytes[kv] - 2 * vectors * side->n_branches);
+    memset(codes, 0, codec->part_bytes[kv] - mean_bytes - 2 * vectors * side->n_branches);
+    if (mean_bytes > 0)
+        vqkv__block_means_encode(codec, tile, block_means);
     for (uint32_t t = 0; t < l->block_tokens; t++) {
         for (uint32_t h = 0; h < H; h++) {
             size_t v = (size_t)t * H + h;
             uint32_t set_layer = vqkv__set_layer(vq, layer, h);
             vqkv__tile_load(tile, t, h, l->head_dim, row);
+            if (mean_bytes > 0) {
+                vqkv_dtype_to_f32(VQKV_DTYPE_F16, block_means + 2 * (size_t)h * l->head_dim,
+                                  l->head_dim, bm);
+                for (uint32_t c = 0; c < l->head_dim; c++)
+                    row[c] -= bm[c];
+            }
             vqkv__channel_whiten(codec, layer, kv, h, row);
             for (uint32_t bi = 0; bi < side->n_branches; bi++) {
                 const vqkv__branch_t *br = &side->br[bi];
@@ -316,8 +366,10 @@ static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, c
     const vqkv_layout_t *l = &codec->layout;
     uint32_t H = l->num_kv_heads, b = vq->bits;
     size_t vectors = (size_t)l->block_tokens * H;
-    const uint8_t *norms = in, *codes = in + 2 * vectors * side->n_branches;
-    float row[VQKV_MAX_HEAD_DIM], acc[VQKV_MAX_HEAD_DIM];
+    size_t mean_bytes = vqkv__block_mean_bytes(codec, kv);
+    const uint8_t *block_means = in, *norms = in + mean_bytes;
+    const uint8_t *codes = norms + 2 * vectors * side->n_branches;
+    float row[VQKV_MAX_HEAD_DIM], acc[VQKV_MAX_HEAD_DIM], bm[VQKV_MAX_HEAD_DIM];
 
     for (uint32_t t = 0; t < l->block_tokens; t++) {
         for (uint32_t h = 0; h < H; h++) {
@@ -344,7 +396,13 @@ static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, c
             const float *mean = vqkv__channel_stats(codec, layer, kv, h);
             const float *scale = mean + l->head_dim;
             for (uint32_t c = 0; c < l->head_dim; c++)
-                row[c] = fmaf(row[c], scale[c], mean[c]);
+                row[c] = row[c] * scale[c] + mean[c];
+            if (mean_bytes > 0) {
+                vqkv_dtype_to_f32(VQKV_DTYPE_F16, block_means + 2 * (size_t)h * l->head_dim,
+                                  l->head_dim, bm);
+                for (uint32_t c = 0; c < l->head_dim; c++)
+                    row[c] += bm[c];
+            }
             vqkv__tile_store(tile, t, h, l->head_dim, row);
         }
     }
@@ -472,6 +530,31 @@ static int vqkv__train_run(vqkv__train_job_t *job)
     return job->rc;
 }
 
+/* out = x [tokens][heads][head_dim] minus each block's f16-rounded channel
+ * means, as the encoder subtracts them; a last partial block uses its own. */
+static int vqkv__block_center(const vqkv_codec_t *codec, const float *x, size_t tokens, float *out)
+{
+    const vqkv_layout_t *l = &codec->layout;
+    size_t row = (size_t)l->num_kv_heads * l->head_dim;
+    float *mean = malloc(row * sizeof *mean);
+    if (mean == NULL)
+        return VQKV_ENOMEM;
+    for (size_t t0 = 0; t0 < tokens; t0 += l->block_tokens) {
+        size_t nt = tokens - t0 < l->block_tokens ? tokens - t0 : l->block_tokens;
+        memset(mean, 0, row * sizeof *mean);
+        for (size_t t = t0; t < t0 + nt; t++)
+            for (size_t i = 0; i < row; i++)
+                mean[i] += x[t * row + i];
+        for (size_t i = 0; i < row; i++)
+            mean[i] = vqkv_f16_to_f32(vqkv_f32_to_f16(vqkv__f16_clamp(mean[i] / (float)nt)));
+        for (size_t t = t0; t < t0 + nt; t++)
+            for (size_t i = 0; i < row; i++)
+                out[t * row + i] = x[t * row + i] - mean[i];
+    }
+    free(mean);
+    return VQKV_OK;
+}
+
 static int vqkv__vq_train(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x, size_t n,
                           const vqkv_train_opts_t *opts)
 {
@@ -483,11 +566,24 @@ static int vqkv__vq_train(vqkv_codec_t *codec, uint32_t layer, int kv, const flo
     size_t cap = opts->max_samples ? opts->max_samples : 16384;
     size_t m = rows < cap ? rows : cap;
     vqkv__train_job_t job = {.codec = codec, .kv = kv, .m = m, .opts = opts};
-    float *u[2] = {NULL, NULL};
-    int rc = vqkv__channel_fit(codec, layer, kv, x, n);
-    if (rc != VQKV_OK)
-        return rc;
+    float *u[2] = {NULL, NULL}, *centered = NULL;
+    int rc = VQKV_ENOMEM;
 
+    if (n % H != 0)
+        return VQKV_EINVAL;
+    if (vqkv__block_mean_bytes(codec, kv) > 0) {
+        centered = malloc(n * D * sizeof *centered);
+        if (centered == NULL)
+            return VQKV_ENOMEM;
+        if (vqkv__block_center(codec, x, n / H, centered) != VQKV_OK) {
+            free(centered);
+            return VQKV_ENOMEM;
+        }
+        x = centered;
+    }
+    rc = vqkv__channel_fit(codec, layer, kv, x, n);
+    if (rc != VQKV_OK)
+        goto out;
     rc = VQKV_ENOMEM;
     for (uint32_t bi = 0; bi < side->n_branches; bi++) {
         u[bi] = malloc(m * side->br[bi].n_channels * sizeof(float));
@@ -517,6 +613,7 @@ static int vqkv__vq_train(vqkv_codec_t *codec, uint32_t layer, int kv, const flo
 out:
     free(u[0]);
     free(u[1]);
+    free(centered);
     return rc;
 }
 

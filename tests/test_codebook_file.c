@@ -11,8 +11,10 @@
  */
 #include "test_util.h"
 
+#include <dirent.h>
 #include <msgpack.h>
 #include <openssl/evp.h>
+#include <pthread.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -210,6 +212,17 @@ static void good_fields(file_fields_t *ff, body_fields_t *bf)
 
 /* ---- helpers ---------------------------------------------------------------- */
 
+/* The values of the reference block: synthetic KV rounded to multiples of
+ * 1/64 below 32 in magnitude, so each is exact in f16 and sums of a few of
+ * them are exact in float. */
+static void reference_src(float *src)
+{
+    size_t n = test_block_values(&base_layout);
+    test_synth_block(&base_layout, 42, 77, src);
+    for (size_t i = 0; i < n; i++)
+        src[i] = fminf(fmaxf(nearbyintf(src[i] * 64.0f) / 64.0f, -31.5f), 31.5f);
+}
+
 /* A block encoded by `trained`, and what trained decodes it to. */
 static void reference_block(uint8_t **block, uint8_t **decoded, vqkv_kv_view_t *v)
 {
@@ -220,7 +233,7 @@ static void reference_block(uint8_t **block, uint8_t **decoded, vqkv_kv_view_t *
     *block = malloc(vqkv_codec_block_bytes(trained));
     *decoded = malloc(v->region_bytes);
     assert_true(src && region && *block && *decoded);
-    test_synth_block(&base_layout, 42, 77, src);
+    reference_src(src);
     test_write_block(&base_layout, v, region, 0, src);
     assert_ok(vqkv_codec_encode(trained, region, v, 0, *block));
     memset(*decoded, 0, v->region_bytes);
@@ -239,7 +252,7 @@ static void assert_codes_like_trained(const vqkv_codec_t *codec)
     float *src = malloc(n * sizeof *src);
     uint8_t *region = malloc(v.region_bytes), *again = malloc(vqkv_codec_block_bytes(codec));
     assert_true(src && region && again);
-    test_synth_block(&base_layout, 42, 77, src);
+    reference_src(src);
     test_write_block(&base_layout, &v, region, 0, src);
     assert_ok(vqkv_codec_encode(codec, region, &v, 0, again));
     assert_memory_equal(again, block, vqkv_codec_block_bytes(trained));
@@ -331,7 +344,10 @@ static void test_loads_across_block_tokens_and_dtype(void **state)
     assert_int_equal(vqkv_codec_needs_training(codec), 0);
     /* The same token-head vector codes to the same values: a block whose
      * first tokens match the reference block decodes them to the same
-     * values, up to the dtype. */
+     * values, up to the dtype. With bc=1 (SPEC's default) the block's key
+     * channel means must match too: the longer block holds the reference
+     * block's tokens twice, and as their values sum exactly in float its
+     * means are exactly the reference block's. */
     vqkv_kv_view_t v_ref, v;
     uint8_t *block, *decoded;
     reference_block(&block, &decoded, &v_ref);
@@ -341,16 +357,14 @@ static void test_loads_across_block_tokens_and_dtype(void **state)
     float *want = malloc(n_ref * sizeof(float)), *got = malloc(n * sizeof(float));
     uint8_t *region = malloc(v.region_bytes), *big_block = malloc(vqkv_codec_block_bytes(codec));
     assert_true(src_ref && src && want && got && region && big_block);
-    test_synth_block(&base_layout, 42, 77, src_ref);
-    test_synth_block(&l, 42, 78, src);
+    reference_src(src_ref);
     for (uint32_t layer = 0; layer < l.num_layers; layer++)
         for (int kv = 0; kv < 2; kv++)
-            for (uint32_t t = 0; t < base_layout.block_tokens; t++)
+            for (uint32_t t = 0; t < l.block_tokens; t++)
                 for (uint32_t h = 0; h < l.num_kv_heads; h++)
                     for (uint32_t d = 0; d < l.head_dim; d++)
-                        src[test_block_index(&l, layer, kv, t, h, d)] =
-                            vqkv_f16_to_f32(vqkv_f32_to_f16(
-                                src_ref[test_block_index(&base_layout, layer, kv, t, h, d)]));
+                        src[test_block_index(&l, layer, kv, t, h, d)] = src_ref[test_block_index(
+                            &base_layout, layer, kv, t % base_layout.block_tokens, h, d)];
     test_write_block(&l, &v, region, 0, src);
     assert_ok(vqkv_codec_encode(codec, region, &v, 0, big_block));
     assert_ok(vqkv_codec_decode(codec, big_block, region, &v, 0));
@@ -558,6 +572,10 @@ static void test_hostile_checksummed_files_refused(void **state)
     vqkv_codec_free(contig);
     bf.codec = "rvq:d=4,b=4,r=2"; /* not canonical: names are compared exactly */
     REFUSED(VQKV_EMISMATCH, "non-canonical codec name");
+    vqkv_codec_t *no_bc = new_codec("rvq:d=4,b=4,r=2,bc=0", &base_layout);
+    bf.codec = vqkv_codec_spec(no_bc);
+    REFUSED(VQKV_EMISMATCH, "the codec without block means");
+    vqkv_codec_free(no_bc);
 #undef REFUSED
     free(bad_books);
 }
@@ -578,6 +596,10 @@ static void test_files_for_other_codecs_refused(void **state)
         {"rvq:d=4,b=4,r=2,cs=1", {2, 2, 16, 4, VQKV_DTYPE_F16}},
         {"rvq:d=4,b=4,r=1", {2, 2, 16, 4, VQKV_DTYPE_F16}},
         {"vqkv:b=4,dlo=2,dhi=2,dv=4", {2, 2, 16, 4, VQKV_DTYPE_F16}},
+        /* The same number of floats as SPEC's, without block means. */
+        {"rvq:d=4,b=4,r=2,bc=0", {2, 2, 16, 4, VQKV_DTYPE_F16}},
+        /* A codebook set per head. */
+        {"rvq:d=4,b=4,r=2,ph=1", {2, 2, 16, 4, VQKV_DTYPE_F16}},
     };
     for (size_t i = 0; i < sizeof others / sizeof others[0]; i++) {
         vqkv_codec_t *codec = new_codec(others[i].spec, &others[i].layout);
@@ -680,13 +702,40 @@ static size_t side_floats(const readme_side_t *side, uint32_t bits)
     return n;
 }
 
+/* What a VQ codec's spec says about its layout, spelled out by hand. */
+typedef struct {
+    uint32_t bits;
+    int bc;       /* keys start with f16 block_mean[H][D] */
+    int per_head; /* ph=1: a codebook set per kv head */
+    readme_side_t sides[2];
+} readme_vq_t;
+
+static size_t side_codes_per_vector(const readme_side_t *side)
+{
+    size_t codes = 0;
+    for (uint32_t br = 0; br < side->n_branches; br++)
+        codes += side->channels[br] / side->d[br] * side->stages[br];
+    return codes;
+}
+
+/* Bytes of part kv: block means (keys with bc=1), norms, code stream. */
+static size_t readme_part_bytes(const vqkv_layout_t *l, const readme_vq_t *vq, int kv,
+                                size_t *mean_bytes)
+{
+    size_t vectors = (size_t)l->block_tokens * l->num_kv_heads;
+    const readme_side_t *side = &vq->sides[kv];
+    *mean_bytes = kv == 0 && vq->bc ? (size_t)2 * l->num_kv_heads * l->head_dim : 0;
+    return *mean_bytes + vectors * side->n_branches * 2 +
+           (vectors * side_codes_per_vector(side) * vq->bits + 7) / 8;
+}
+
 /* Decodes random bytes with codec (f32 memory) and by the description from
  * the codebook floats of `file`; both must agree bit for bit. */
 static void check_vq_decode_matches_readme(vqkv_codec_t *codec, const uint8_t *file,
-                                           size_t file_len, uint32_t bits,
-                                           const readme_side_t sides[2])
+                                           size_t file_len, const readme_vq_t *vq)
 {
     const vqkv_layout_t *l = vqkv_codec_layout(codec);
+    const uint32_t bits = vq->bits;
     assert_int_equal(l->dtype, VQKV_DTYPE_F32);
     assert_ok(vqkv_codebook_load_buffer(codec, file, file_len));
 
@@ -703,12 +752,15 @@ static void check_vq_decode_matches_readme(vqkv_codec_t *codec, const uint8_t *f
     }
     free(raw);
 
+    /* [layer][set][K, V][branch][group][stage][2^b][d], then the statistics
+     * [layer][K, V][head]{mean[D], scale[D]}. */
     uint32_t T = l->block_tokens, H = l->num_kv_heads, D = l->head_dim;
-    size_t layer_floats = side_floats(&sides[0], bits) + side_floats(&sides[1], bits);
-    size_t stats_at = l->num_layers * layer_floats;
+    uint32_t sets = vq->per_head ? H : 1;
+    size_t set_floats = side_floats(&vq->sides[0], bits) + side_floats(&vq->sides[1], bits);
+    size_t stats_at = (size_t)l->num_layers * sets * set_floats;
     assert_int_equal(n_floats, stats_at + (size_t)l->num_layers * 2 * H * 2 * D);
 
-    /* Random norms (finite, positive) and codes. */
+    /* Random codes; finite, positive norms; finite block means. */
     size_t block_bytes = vqkv_codec_block_bytes(codec);
     uint8_t *block = malloc(block_bytes);
     assert_non_null(block);
@@ -718,17 +770,18 @@ static void check_vq_decode_matches_readme(vqkv_codec_t *codec, const uint8_t *f
     size_t at = 0;
     for (uint32_t layer = 0; layer < l->num_layers; layer++)
         for (int kv = 0; kv < 2; kv++) {
-            const readme_side_t *side = &sides[kv];
-            size_t codes_per_vector = 0;
-            for (uint32_t br = 0; br < side->n_branches; br++)
-                codes_per_vector += side->channels[br] / side->d[br] * side->stages[br];
-            for (size_t i = 0; i < (size_t)T * H * side->n_branches; i++) {
-                uint16_t norm = vqkv_f32_to_f16((float)(0.1 + 4.0 * test_rng_uniform(&rng)));
-                block[at + 2 * i] = (uint8_t)norm;
-                block[at + 2 * i + 1] = (uint8_t)(norm >> 8);
+            size_t mean_bytes, part = readme_part_bytes(l, vq, kv, &mean_bytes);
+            for (size_t i = 0; i < mean_bytes / 2; i++) {
+                uint16_t mean = vqkv_f32_to_f16((float)(8.0 * test_rng_uniform(&rng) - 4.0));
+                block[at + 2 * i] = (uint8_t)mean;
+                block[at + 2 * i + 1] = (uint8_t)(mean >> 8);
             }
-            at += (size_t)T * H * side->n_branches * 2 +
-                  ((size_t)T * H * codes_per_vector * bits + 7) / 8;
+            for (size_t i = 0; i < (size_t)T * H * vq->sides[kv].n_branches; i++) {
+                uint16_t norm = vqkv_f32_to_f16((float)(0.1 + 4.0 * test_rng_uniform(&rng)));
+                block[at + mean_bytes + 2 * i] = (uint8_t)norm;
+                block[at + mean_bytes + 2 * i + 1] = (uint8_t)(norm >> 8);
+            }
+            at += part;
         }
     assert_int_equal(at, block_bytes);
 
@@ -744,14 +797,17 @@ static void check_vq_decode_matches_readme(vqkv_codec_t *codec, const uint8_t *f
     at = 0;
     for (uint32_t layer = 0; layer < l->num_layers; layer++)
         for (int kv = 0; kv < 2; kv++) {
-            const readme_side_t *side = &sides[kv];
-            size_t codes_per_vector = 0;
-            for (uint32_t br = 0; br < side->n_branches; br++)
-                codes_per_vector += side->channels[br] / side->d[br] * side->stages[br];
-            const uint8_t *norms = block + at;
+            const readme_side_t *side = &vq->sides[kv];
+            size_t codes_per_vector = side_codes_per_vector(side);
+            size_t mean_bytes, part = readme_part_bytes(l, vq, kv, &mean_bytes);
+            const uint8_t *block_means = block + at;
+            const uint8_t *norms = block_means + mean_bytes;
             const uint8_t *codes = norms + (size_t)T * H * side->n_branches * 2;
-            size_t side_at = layer * layer_floats + (kv ? side_floats(&sides[0], bits) : 0);
             for (size_t vec = 0; vec < (size_t)T * H; vec++) {
+                uint32_t t = (uint32_t)(vec / H), h = (uint32_t)(vec % H);
+                size_t set = vq->per_head ? h : 0;
+                size_t side_at = ((size_t)layer * sets + set) * set_floats +
+                                 (kv ? side_floats(&vq->sides[0], bits) : 0);
                 float y[VQKV_MAX_HEAD_DIM];
                 size_t code_index = vec * codes_per_vector, branch_at = side_at;
                 for (uint32_t br = 0; br < side->n_branches; br++) {
@@ -778,14 +834,19 @@ static void check_vq_decode_matches_readme(vqkv_codec_t *codec, const uint8_t *f
                     }
                     branch_at += (size_t)side->channels[br] * side->stages[br] << bits;
                 }
-                uint32_t t = (uint32_t)(vec / H), h = (uint32_t)(vec % H);
                 const float *mean = books + stats_at + (((size_t)layer * 2 + kv) * H + h) * 2 * D;
-                for (uint32_t c = 0; c < D; c++)
-                    want[test_block_index(l, layer, kv, t, h, c)] =
-                        fmaf(y[c], mean[D + c], mean[c]);
+                for (uint32_t c = 0; c < D; c++) {
+                    /* Each multiply and add rounded on its own, never fused. */
+                    float x = y[c] * mean[D + c];
+                    x = x + mean[c];
+                    if (mean_bytes > 0) {
+                        const uint8_t *bm = block_means + 2 * ((size_t)h * D + c);
+                        x += vqkv_f16_to_f32((uint16_t)(bm[0] | bm[1] << 8));
+                    }
+                    want[test_block_index(l, layer, kv, t, h, c)] = x;
+                }
             }
-            at += (size_t)T * H * side->n_branches * 2 +
-                  ((size_t)T * H * codes_per_vector * bits + 7) / 8;
+            at += part;
         }
     for (size_t i = 0; i < n; i++)
         if (vqkv_f32_to_bits(got[i]) != vqkv_f32_to_bits(want[i])) {
@@ -800,44 +861,305 @@ static void check_vq_decode_matches_readme(vqkv_codec_t *codec, const uint8_t *f
     free(want);
 }
 
+/* Trains spec on base_layout's shape in f32 memory and checks its decode
+ * against the description. */
+static void check_trained_vq_decode(const char *spec, const readme_vq_t *vq)
+{
+    vqkv_layout_t l = base_layout;
+    l.dtype = VQKV_DTYPE_F32;
+    vqkv_train_opts_t opts = {.seed = 5, .iterations = 2};
+    vqkv_codec_t *codec = new_codec(spec, &l);
+    assert_ok(test_train_all(codec, 42, 64, &opts));
+    uint8_t *file = NULL;
+    size_t len = 0;
+    assert_ok(vqkv_codebook_save_buffer(codec, &file, &len));
+    vqkv_codec_free(codec);
+    codec = new_codec(spec, &l);
+    check_vq_decode_matches_readme(codec, file, len, vq);
+    free(file);
+    vqkv_codec_free(codec);
+}
+
 static void test_vq_decode_matches_documented_layout(void **state)
 {
     (void)state;
     vqkv_layout_t l = base_layout;
     l.dtype = VQKV_DTYPE_F32;
-    readme_side_t sides[2];
+    uint32_t D = l.head_dim;
+    readme_vq_t vq;
 
-    /* rvq, strided keys: the run's trained codebooks. */
-    rvq_side(l.head_dim, 4, 2, 1, &sides[0]);
-    rvq_side(l.head_dim, 4, 2, 0, &sides[1]);
+    /* rvq, strided keys, block means (the default): the run's codebooks. */
+    vq = (readme_vq_t){.bits = 4, .bc = 1, .per_head = 0};
+    rvq_side(D, 4, 2, 1, &vq.sides[0]);
+    rvq_side(D, 4, 2, 0, &vq.sides[1]);
     vqkv_codec_t *codec = new_codec(SPEC, &l);
-    check_vq_decode_matches_readme(codec, good_file, good_len, 4, sides);
+    check_vq_decode_matches_readme(codec, good_file, good_len, &vq);
     vqkv_codec_free(codec);
 
-    /* vqkv with channel scaling, trained here. */
-    static const char *const vqkv_spec = "vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1";
-    vqkv_train_opts_t opts = {.seed = 5, .iterations = 2};
-    codec = new_codec(vqkv_spec, &l);
-    assert_ok(test_train_all(codec, 42, 64, &opts));
-    uint8_t *file = NULL;
-    size_t len = 0;
-    assert_ok(vqkv_codebook_save_buffer(codec, &file, &len));
-    vqkv_key_side(l.head_dim, 4, 2, &sides[0]);
-    rvq_side(l.head_dim, 8, 1, 0, &sides[1]);
-    check_vq_decode_matches_readme(codec, file, len, 3, sides);
-    free(file);
-    vqkv_codec_free(codec);
+    /* The same without block means. */
+    vq.bc = 0;
+    check_trained_vq_decode("rvq:d=4,b=4,r=2,bc=0", &vq);
+
+    /* A codebook set per head, with and without block means. */
+    vq.per_head = 1;
+    check_trained_vq_decode("rvq:d=4,b=4,r=2,bc=0,ph=1", &vq);
+    vq.bc = 1;
+    check_trained_vq_decode("rvq:d=4,b=4,r=2,ph=1", &vq);
+
+    /* vqkv with channel scaling. */
+    vq = (readme_vq_t){.bits = 3, .bc = 1, .per_head = 0};
+    vqkv_key_side(D, 4, 2, &vq.sides[0]);
+    rvq_side(D, 8, 1, 0, &vq.sides[1]);
+    check_trained_vq_decode("vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1", &vq);
+    /* ... with a set per head and no block means. */
+    vq.bc = 0;
+    vq.per_head = 1;
+    check_trained_vq_decode("vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1,bc=0,ph=1", &vq);
 
     /* rvq with contiguous keys and several stages. */
-    static const char *const contig_spec = "rvq:d=2,b=5,r=3,kgroup=contig";
-    codec = new_codec(contig_spec, &l);
-    assert_ok(test_train_all(codec, 42, 64, &opts));
-    assert_ok(vqkv_codebook_save_buffer(codec, &file, &len));
-    rvq_side(l.head_dim, 2, 3, 0, &sides[0]);
-    rvq_side(l.head_dim, 2, 3, 0, &sides[1]);
-    check_vq_decode_matches_readme(codec, file, len, 5, sides);
+    vq = (readme_vq_t){.bits = 5, .bc = 1, .per_head = 0};
+    rvq_side(D, 2, 3, 0, &vq.sides[0]);
+    rvq_side(D, 2, 3, 0, &vq.sides[1]);
+    check_trained_vq_decode("rvq:d=2,b=5,r=3,kgroup=contig", &vq);
+}
+
+/* ---- block-centered keys and per-head sets ------------------------------------ */
+
+/* The codec that `spec` names on base_layout's shape in f32 memory, loaded
+ * with the codebook floats of `books` (raw little-endian bytes) through a
+ * hand-built file. */
+static vqkv_codec_t *codec_with_books(const char *spec, const uint8_t *books, size_t books_len)
+{
+    vqkv_layout_t l = base_layout;
+    l.dtype = VQKV_DTYPE_F32;
+    vqkv_codec_t *codec = new_codec(spec, &l);
+    file_fields_t ff;
+    body_fields_t bf;
+    good_fields(&ff, &bf);
+    bf.codec = vqkv_codec_spec(codec);
+    bf.books = books;
+    bf.books_len = books_len;
+    size_t len;
+    uint8_t *file = build_file(&ff, &bf, &len);
+    assert_ok(vqkv_codebook_load_buffer(codec, file, len));
     free(file);
-    vqkv_codec_free(codec);
+    return codec;
+}
+
+/* bc=1 is bc=0 around the block means, on both paths: with the same
+ * codebooks, a bc=1 key part is the f16 block means followed by exactly the
+ * bc=0 part of the keys minus those means, and decodes to the bc=0 decode
+ * plus the means (a float add); value parts are identical. */
+static void test_block_centered_coding_matches_documented(void **state)
+{
+    (void)state;
+    good_fields(&(file_fields_t){0}, &(body_fields_t){0}); /* extracts good_books */
+    vqkv_codec_t *bc1 = codec_with_books(SPEC, good_books, good_books_len);
+    vqkv_codec_t *bc0 = codec_with_books(SPEC ",bc=0", good_books, good_books_len);
+    const vqkv_layout_t *l = vqkv_codec_layout(bc1);
+    uint32_t T = l->block_tokens, H = l->num_kv_heads, D = l->head_dim;
+    readme_vq_t vq = {.bits = 4, .bc = 1};
+    rvq_side(D, 4, 2, 1, &vq.sides[0]);
+    rvq_side(D, 4, 2, 0, &vq.sides[1]);
+    size_t mean_bytes, key1 = readme_part_bytes(l, &vq, 0, &mean_bytes);
+    size_t value = readme_part_bytes(l, &vq, 1, &(size_t){0});
+    size_t key0 = key1 - mean_bytes;
+    assert_int_equal(vqkv_codec_block_bytes(bc1), l->num_layers * (key1 + value));
+    assert_int_equal(vqkv_codec_block_bytes(bc0), l->num_layers * (key0 + value));
+
+    size_t n = test_block_values(l);
+    vqkv_kv_view_t v;
+    vqkv_kv_view_vllm(&v, l, 1);
+    float *src = malloc(n * sizeof *src), *centered = malloc(n * sizeof *centered);
+    float *got1 = malloc(n * sizeof *got1), *got0 = malloc(n * sizeof *got0);
+    uint16_t *means = malloc((size_t)l->num_layers * H * D * sizeof *means);
+    uint8_t *region = malloc(v.region_bytes), *block1 = malloc(vqkv_codec_block_bytes(bc1));
+    uint8_t *block0 = malloc(vqkv_codec_block_bytes(bc0));
+    assert_true(src && centered && got1 && got0 && means && region && block1 && block0);
+    test_synth_block(l, 42, 91, src);
+    memcpy(centered, src, n * sizeof *src);
+    for (uint32_t layer = 0; layer < l->num_layers; layer++) {
+        uint16_t *m = means + (size_t)layer * H * D;
+        test_block_means_f16(l, src + test_block_index(l, layer, 0, 0, 0, 0), m);
+        for (uint32_t t = 0; t < T; t++)
+            for (uint32_t h = 0; h < H; h++)
+                for (uint32_t d = 0; d < D; d++)
+                    centered[test_block_index(l, layer, 0, t, h, d)] -=
+                        vqkv_f16_to_f32(m[(size_t)h * D + d]);
+    }
+    test_write_block(l, &v, region, 0, src);
+    assert_ok(vqkv_codec_encode(bc1, region, &v, 0, block1));
+    test_write_block(l, &v, region, 0, centered);
+    assert_ok(vqkv_codec_encode(bc0, region, &v, 0, block0));
+    for (uint32_t layer = 0; layer < l->num_layers; layer++) {
+        const uint8_t *k1 = block1 + layer * (key1 + value), *k0 = block0 + layer * (key0 + value);
+        const uint16_t *m = means + (size_t)layer * H * D;
+        for (size_t i = 0; i < (size_t)H * D; i++)
+            assert_int_equal(k1[2 * i] | k1[2 * i + 1] << 8, m[i]);
+        assert_memory_equal(k1 + mean_bytes, k0, key0);
+        assert_memory_equal(k1 + key1, k0 + key0, value);
+    }
+
+    assert_ok(vqkv_codec_decode(bc1, block1, region, &v, 0));
+    test_read_block(l, &v, region, 0, got1);
+    assert_ok(vqkv_codec_decode(bc0, block0, region, &v, 0));
+    test_read_block(l, &v, region, 0, got0);
+    for (uint32_t layer = 0; layer < l->num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++)
+            for (uint32_t t = 0; t < T; t++)
+                for (uint32_t h = 0; h < H; h++)
+                    for (uint32_t d = 0; d < D; d++) {
+                        size_t i = test_block_index(l, layer, kv, t, h, d);
+                        float want = got0[i];
+                        if (kv == 0)
+                            want += vqkv_f16_to_f32(means[((size_t)layer * H + h) * D + d]);
+                        assert_int_equal(vqkv_f32_to_bits(got1[i]), vqkv_f32_to_bits(want));
+                    }
+    free(src);
+    free(centered);
+    free(got1);
+    free(got0);
+    free(means);
+    free(region);
+    free(block1);
+    free(block0);
+    vqkv_codec_free(bc1);
+    vqkv_codec_free(bc0);
+}
+
+/* Training with bc=1 block-centers the keys as the encoder will: each chunk
+ * of block_tokens tokens, and a last partial chunk, loses its own f16
+ * channel means. So its codebooks and statistics are, bit for bit, those of
+ * bc=0 trained on keys centered that way here; values are trained alike. */
+static void test_block_centered_training_matches_documented(void **state)
+{
+    (void)state;
+    static const char *const specs[][2] = {
+        {SPEC, SPEC ",bc=0"},
+        {"vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1,ph=1", "vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1,ph=1,bc=0"},
+    };
+    const vqkv_layout_t *l = &base_layout;
+    uint32_t T = l->block_tokens, H = l->num_kv_heads, D = l->head_dim;
+    const size_t tokens = 25 * (size_t)T + 3, n = tokens * H, row = (size_t)H * D;
+    vqkv_train_opts_t opts = {.seed = 31, .iterations = 3};
+    float *x = malloc(n * D * sizeof *x), *centered = malloc(n * D * sizeof *centered);
+    float *mean = malloc(row * sizeof *mean);
+    assert_true(x && centered && mean);
+    for (size_t si = 0; si < sizeof specs / sizeof specs[0]; si++) {
+        vqkv_codec_t *bc1 = new_codec(specs[si][0], l), *bc0 = new_codec(specs[si][1], l);
+        for (uint32_t layer = 0; layer < l->num_layers; layer++)
+            for (int kv = 0; kv < 2; kv++) {
+                test_synth_vectors(42, 600 + si, layer, kv, D, n, x);
+                memcpy(centered, x, n * D * sizeof *x);
+                for (size_t t0 = 0; kv == 0 && t0 < tokens; t0 += T) {
+                    size_t nt = tokens - t0 < T ? tokens - t0 : T;
+                    for (size_t i = 0; i < row; i++) {
+                        float sum = 0.0f;
+                        for (size_t t = t0; t < t0 + nt; t++)
+                            sum += x[t * row + i];
+                        mean[i] = vqkv_f16_to_f32(vqkv_f32_to_f16(sum / (float)nt));
+                    }
+                    for (size_t t = t0; t < t0 + nt; t++)
+                        for (size_t i = 0; i < row; i++)
+                            centered[t * row + i] = x[t * row + i] - mean[i];
+                }
+                assert_ok(vqkv_codec_train(bc1, layer, kv, x, n, &opts));
+                assert_ok(vqkv_codec_train(bc0, layer, kv, centered, n, &opts));
+            }
+        uint8_t *file1, *file0;
+        size_t len1, len0, books1_len, books0_len;
+        assert_ok(vqkv_codebook_save_buffer(bc1, &file1, &len1));
+        assert_ok(vqkv_codebook_save_buffer(bc0, &file0, &len0));
+        uint8_t *books1 = extract_books(file1, len1, &books1_len);
+        uint8_t *books0 = extract_books(file0, len0, &books0_len);
+        assert_int_equal(books1_len, books0_len);
+        if (memcmp(books1, books0, books1_len) != 0) {
+            size_t i = 0;
+            while (books1[i] == books0[i])
+                i++;
+            print_error("%s: codebook float %zu differs from bc=0 trained on centered keys\n",
+                        specs[si][0], i / 4);
+            fail();
+        }
+        free(file1);
+        free(file0);
+        free(books1);
+        free(books0);
+        vqkv_codec_free(bc1);
+        vqkv_codec_free(bc0);
+    }
+    free(x);
+    free(centered);
+    free(mean);
+}
+
+/* Channel scales divide on encode, so a file with a scale that is not > 0
+ * is refused as malformed, checksum or not, and leaves the codec as it was;
+ * any finite mean, and any positive scale, is fine. */
+static void test_nonpositive_scales_refused(void **state)
+{
+    (void)state;
+    file_fields_t ff;
+    body_fields_t bf;
+    good_fields(&ff, &bf);
+    const vqkv_layout_t *l = &base_layout;
+    uint32_t H = l->num_kv_heads, D = l->head_dim;
+    size_t n_floats = good_books_len / 4;
+    size_t stats_at = n_floats - (size_t)l->num_layers * 2 * H * 2 * D;
+    /* The mean and scale float index of (layer, kv, head, channel). */
+#define STAT(layer, kv, head, c, is_scale)                                                         \
+    (stats_at + ((((size_t)(layer)*2 + (kv)) * H + (head)) * 2 + (is_scale)) * D + (c))
+    const size_t scales[] = {STAT(0, 0, 0, 0, 1), STAT(1, 0, 1, 7, 1),
+                             STAT(l->num_layers - 1, 1, H - 1, D - 1, 1)};
+    const size_t means[] = {STAT(0, 0, 0, 0, 0), STAT(l->num_layers - 1, 1, H - 1, D - 1, 0)};
+#undef STAT
+    uint8_t *books = malloc(good_books_len);
+    assert_non_null(books);
+    /* The run's file has unit scales (cs=0), where the offsets say. */
+    for (size_t i = 0; i < 3; i++) {
+        const uint8_t *p = good_books + 4 * scales[i];
+        assert_true(vqkv_bits_to_f32((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
+                                     (uint32_t)p[3] << 24) == 1.0f);
+    }
+
+    static const float bad[] = {0.0f, -0.0f, -1.0f, -0x1p-149f, -65504.0f};
+    static const float fine_scales[] = {2.0f, 1e-3f, 65504.0f};
+    static const float fine_means[] = {0.0f, -0.0f, -7.5f, 1e6f};
+    for (size_t pass = 0; pass < 3; pass++) {
+        size_t count = pass == 0   ? sizeof bad / sizeof bad[0]
+                       : pass == 1 ? sizeof fine_scales / sizeof fine_scales[0]
+                                   : sizeof fine_means / sizeof fine_means[0];
+        const float *vals = pass == 0 ? bad : pass == 1 ? fine_scales : fine_means;
+        size_t n_at = pass == 2 ? 2 : 3;
+        for (size_t vi = 0; vi < count; vi++)
+            for (size_t ai = 0; ai < n_at; ai++) {
+                size_t at = pass == 2 ? means[ai] : scales[ai];
+                uint32_t bits = vqkv_f32_to_bits(vals[vi]);
+                memcpy(books, good_books, good_books_len);
+                for (int b = 0; b < 4; b++) /* little-endian */
+                    books[4 * at + (size_t)b] = (uint8_t)(bits >> (8 * b));
+                good_fields(&ff, &bf);
+                bf.books = books;
+                size_t len;
+                uint8_t *file = build_file(&ff, &bf, &len);
+                char what[96];
+                snprintf(what, sizeof what, "%s %a at float %zu", pass == 2 ? "mean" : "scale",
+                         (double)vals[vi], at);
+                if (pass == 0) {
+                    assert_refused(file, len, VQKV_EFORMAT, what);
+                } else {
+                    vqkv_codec_t *codec = new_codec(SPEC, &base_layout);
+                    int rc = vqkv_codebook_load_buffer(codec, file, len);
+                    if (rc != VQKV_OK) {
+                        print_error("%s: refused with %d (%s)\n", what, rc, vqkv_strerror(rc));
+                        fail();
+                    }
+                    vqkv_codec_free(codec);
+                }
+                free(file);
+            }
+    }
+    free(books);
 }
 
 /* ---- files on disk -------------------------------------------------------- */
@@ -862,22 +1184,76 @@ static int make_scratch(void **state)
     return 0;
 }
 
-static void remove_in(const scratch_t *s, const char *name)
+/* Removes what the tests left in the scratch directory, one level of
+ * subdirectories included, then the directory itself. */
+static void remove_tree(const char *dir)
 {
-    char path[700];
-    snprintf(path, sizeof path, "%s/%s", s->dir, name);
-    unlink(path);
+    DIR *d = opendir(dir);
+    if (d == NULL)
+        return;
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        char path[1200];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        if (unlink(path) != 0)
+            remove_tree(path);
+    }
+    closedir(d);
+    rmdir(dir);
 }
 
 static int remove_scratch(void **state)
 {
     scratch_t *s = *state;
-    static const char *const names[] = {"books.vqcb", "books.vqcb.tmp", "empty.vqcb", "cut.vqcb"};
-    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
-        remove_in(s, names[i]);
-    rmdir(s->dir);
+    remove_tree(s->dir);
     free(s);
     return 0;
+}
+
+/* The directory holds exactly the entries `names` (NULL-terminated): no
+ * temporary file of a save is left behind. */
+static void assert_dir_holds(const char *dir, const char *const *names)
+{
+    size_t want = 0, seen = 0;
+    while (names[want] != NULL)
+        want++;
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    struct dirent *e;
+    while ((e = readdir(d)) != NULL) {
+        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
+            continue;
+        int known = 0;
+        for (size_t i = 0; i < want; i++)
+            known |= strcmp(e->d_name, names[i]) == 0;
+        if (!known) {
+            print_error("%s holds an unexpected \"%s\"\n", dir, e->d_name);
+            closedir(d);
+            fail();
+        }
+        seen++;
+    }
+    closedir(d);
+    assert_int_equal(seen, want);
+}
+
+/* The bytes of the file at path. */
+static uint8_t *read_whole(const char *path, size_t *len)
+{
+    FILE *f = fopen(path, "rb");
+    assert_non_null(f);
+    assert_int_equal(fseek(f, 0, SEEK_END), 0);
+    long size = ftell(f);
+    assert_true(size >= 0);
+    rewind(f);
+    uint8_t *buf = malloc((size_t)size + 1);
+    assert_non_null(buf);
+    assert_int_equal(fread(buf, 1, (size_t)size, f), (size_t)size);
+    fclose(f);
+    *len = (size_t)size;
+    return buf;
 }
 
 static void write_file(const char *path, const uint8_t *data, size_t len)
@@ -903,10 +1279,7 @@ static void test_path_round_trip(void **state)
     fclose(f);
     assert_memory_equal(disk, good_file, good_len);
     free(disk);
-    char tmp_path[700];
-    snprintf(tmp_path, sizeof tmp_path, "%s.tmp", s->path);
-    struct stat st;
-    assert_int_equal(stat(tmp_path, &st), -1);
+    assert_dir_holds(s->dir, (const char *const[]){"books.vqcb", NULL});
 
     vqkv_codec_t *codec = new_codec(SPEC, &base_layout);
     assert_ok(vqkv_codebook_load(codec, s->path));
@@ -918,6 +1291,28 @@ static void test_path_round_trip(void **state)
     codec = new_codec(SPEC, &base_layout);
     assert_ok(vqkv_codebook_load(codec, s->path));
     vqkv_codec_free(codec);
+    assert_dir_holds(s->dir, (const char *const[]){"books.vqcb", NULL});
+}
+
+/* A saved codebook file is created like any file the process writes, mode
+ * 0666 less the umask, so that a daemon running as another user of the
+ * group can read what vqkvctl saved: not the 0600 of a private temporary. */
+static void test_saved_file_mode(void **state)
+{
+    scratch_t *s = *state;
+    mode_t mask = umask(022); /* read the umask; set a usual one */
+    snprintf(s->path, sizeof s->path, "%s/books.vqcb", s->dir);
+    int rc = vqkv_codebook_save(trained, s->path);
+    struct stat st;
+    int stat_rc = stat(s->path, &st);
+    umask(mask);
+    assert_ok(rc);
+    assert_int_equal(stat_rc, 0);
+    if ((st.st_mode & 0777) != 0644) {
+        print_error("saved with mode %03o under umask 022, expected 644\n",
+                    (unsigned)(st.st_mode & 0777));
+        fail();
+    }
 }
 
 static void test_path_errors(void **state)
@@ -947,6 +1342,207 @@ static void test_path_errors(void **state)
     assert_rc(vqkv_codebook_load(codec, path), VQKV_EIO);
     assert_codes_like_trained(codec);
     vqkv_codec_free(codec);
+
+    /* A directory is not a codebook file: loading it is an I/O error that
+     * leaves the codec alone, and saving over it fails without leaving a
+     * temporary behind, beside it or (for "dir/") inside it. */
+    char dir[700], dir_slash[710];
+    snprintf(dir, sizeof dir, "%s/books.d", s->dir);
+    snprintf(dir_slash, sizeof dir_slash, "%s/", dir);
+    assert_int_equal(mkdir(dir, 0700), 0);
+    codec = new_codec(SPEC, &base_layout);
+    assert_rc(vqkv_codebook_load(codec, dir), VQKV_EIO);
+    assert_rc(vqkv_codebook_load(codec, dir_slash), VQKV_EIO);
+    assert_int_equal(vqkv_codec_needs_training(codec), 1);
+    assert_ok(vqkv_codebook_load_buffer(codec, good_file, good_len));
+    assert_rc(vqkv_codebook_load(codec, dir), VQKV_EIO);
+    assert_codes_like_trained(codec);
+    vqkv_codec_free(codec);
+    assert_rc(vqkv_codebook_save(trained, dir), VQKV_EIO);
+    assert_rc(vqkv_codebook_save(trained, dir_slash), VQKV_EIO);
+    assert_dir_holds(s->dir, (const char *const[]){"empty.vqcb", "cut.vqcb", "books.d", NULL});
+    assert_dir_holds(dir, (const char *const[]){NULL});
+}
+
+/* Several threads save different codecs' codebooks to one path while
+ * another loads it: every load sees a whole file, and at the end the file
+ * is exactly one of the saved ones, with no temporary left beside it. */
+enum { SAVERS = 4, SAVES_EACH = 25, LOADS = 100 };
+
+typedef struct {
+    const vqkv_codec_t *codec;
+    const char *path;
+    int failures;
+} saver_t;
+
+static void *save_repeatedly(void *arg)
+{
+    saver_t *job = arg;
+    for (int i = 0; i < SAVES_EACH; i++)
+        if (vqkv_codebook_save(job->codec, job->path) != VQKV_OK)
+            job->failures++;
+    return NULL;
+}
+
+typedef struct {
+    const char *path;
+    uint8_t *const *files; /* what each saver's codec saves */
+    const size_t *lens;
+    int failures;
+} loader_t;
+
+static void *load_repeatedly(void *arg)
+{
+    loader_t *job = arg;
+    vqkv_codec_t *codec = NULL;
+    if (vqkv_codec_create(SPEC, &base_layout, &codec) != VQKV_OK)
+        return (void *)1;
+    for (int i = 0; i < LOADS; i++) {
+        uint8_t *buf = NULL;
+        size_t len = 0;
+        int one_of = 0;
+        if (vqkv_codebook_load(codec, job->path) == VQKV_OK &&
+            vqkv_codebook_save_buffer(codec, &buf, &len) == VQKV_OK)
+            for (int k = 0; k < SAVERS; k++)
+                one_of |= len == job->lens[k] && memcmp(buf, job->files[k], len) == 0;
+        job->failures += !one_of;
+        free(buf);
+    }
+    vqkv_codec_free(codec);
+    return NULL;
+}
+
+static void test_concurrent_saves(void **state)
+{
+    scratch_t *s = *state;
+    snprintf(s->path, sizeof s->path, "%s/books.vqcb", s->dir);
+    vqkv_codec_t *codecs[SAVERS];
+    uint8_t *files[SAVERS];
+    size_t lens[SAVERS];
+    saver_t savers[SAVERS];
+    pthread_t threads[SAVERS + 1];
+    for (int k = 0; k < SAVERS; k++) {
+        vqkv_train_opts_t opts = {.seed = 100 + (uint64_t)k, .iterations = 2};
+        codecs[k] = new_codec(SPEC, &base_layout);
+        assert_ok(test_train_all(codecs[k], 42, 64, &opts));
+        assert_ok(vqkv_codebook_save_buffer(codecs[k], &files[k], &lens[k]));
+        for (int j = 0; j < k; j++)
+            assert_false(lens[j] == lens[k] && memcmp(files[j], files[k], lens[k]) == 0);
+        savers[k] = (saver_t){codecs[k], s->path, 0};
+    }
+    assert_ok(vqkv_codebook_save(codecs[0], s->path));
+    loader_t loader = {s->path, files, lens, 0};
+    for (int k = 0; k < SAVERS; k++)
+        assert_int_equal(pthread_create(&threads[k], NULL, save_repeatedly, &savers[k]), 0);
+    assert_int_equal(pthread_create(&threads[SAVERS], NULL, load_repeatedly, &loader), 0);
+    void *loader_rc = NULL;
+    for (int k = 0; k < SAVERS; k++)
+        assert_int_equal(pthread_join(threads[k], NULL), 0);
+    assert_int_equal(pthread_join(threads[SAVERS], &loader_rc), 0);
+    assert_null(loader_rc);
+    for (int k = 0; k < SAVERS; k++)
+        assert_int_equal(savers[k].failures, 0);
+    if (loader.failures != 0) {
+        print_error("%d of %d loads during the saves failed or got another file\n", loader.failures,
+                    LOADS);
+        fail();
+    }
+
+    size_t len;
+    uint8_t *disk = read_whole(s->path, &len);
+    int one_of = 0;
+    for (int k = 0; k < SAVERS; k++)
+        one_of |= len == lens[k] && memcmp(disk, files[k], len) == 0;
+    assert_true(one_of);
+    vqkv_codec_t *codec = new_codec(SPEC, &base_layout);
+    assert_ok(vqkv_codebook_load(codec, s->path));
+    vqkv_codec_free(codec);
+    assert_dir_holds(s->dir, (const char *const[]){"books.vqcb", NULL});
+    free(disk);
+    for (int k = 0; k < SAVERS; k++) {
+        free(files[k]);
+        vqkv_codec_free(codecs[k]);
+    }
+}
+
+/* Codecs a and b (same spec and layout) encode a block to the same bytes
+ * and decode it to the same values. */
+static void assert_codes_alike(const vqkv_codec_t *a, const vqkv_codec_t *b)
+{
+    const vqkv_layout_t *l = vqkv_codec_layout(a);
+    size_t n = test_block_values(l), block_bytes = vqkv_codec_block_bytes(a);
+    assert_int_equal(vqkv_codec_block_bytes(b), block_bytes);
+    vqkv_kv_view_t v;
+    vqkv_kv_view_vllm(&v, l, 1);
+    float *src = malloc(n * sizeof *src);
+    uint8_t *region_a = malloc(v.region_bytes), *region_b = malloc(v.region_bytes);
+    uint8_t *block_a = malloc(block_bytes), *block_b = malloc(block_bytes);
+    assert_true(src && region_a && region_b && block_a && block_b);
+    test_synth_block(l, 42, 4321, src);
+    test_write_block(l, &v, region_a, 0, src);
+    assert_ok(vqkv_codec_encode(a, region_a, &v, 0, block_a));
+    assert_ok(vqkv_codec_encode(b, region_a, &v, 0, block_b));
+    assert_memory_equal(block_a, block_b, block_bytes);
+    memset(region_a, 0, v.region_bytes);
+    memset(region_b, 0xff, v.region_bytes);
+    assert_ok(vqkv_codec_decode(a, block_a, region_a, &v, 0));
+    assert_ok(vqkv_codec_decode(b, block_a, region_b, &v, 0));
+    assert_memory_equal(region_a, region_b, v.region_bytes);
+    free(src);
+    free(region_a);
+    free(region_b);
+    free(block_a);
+    free(block_b);
+}
+
+/* A codec with a codebook set per head goes through a file, on disk and in
+ * memory, and comes back coding exactly as it did: every head's set in its
+ * place. */
+static void test_per_head_file_round_trip(void **state)
+{
+    scratch_t *s = *state;
+    static const char *const specs[] = {"rvq:d=4,b=4,r=2,ph=1", "vqkv:b=4,dlo=2,dhi=4,dv=8,ph=1",
+                                        "rvq:d=4,b=4,r=2,ph=1,bc=0,cs=1"};
+    vqkv_layout_t l = {2, 3, 16, 4, VQKV_DTYPE_BF16};
+    vqkv_train_opts_t opts = {.seed = 77, .iterations = 3};
+    snprintf(s->path, sizeof s->path, "%s/books.vqcb", s->dir);
+    for (size_t si = 0; si < sizeof specs / sizeof specs[0]; si++) {
+        vqkv_codec_t *codec = new_codec(specs[si], &l);
+        assert_ok(test_train_all(codec, 42, 96, &opts));
+        assert_ok(vqkv_codebook_save(codec, s->path));
+        vqkv_codec_t *from_disk = new_codec(specs[si], &l);
+        assert_ok(vqkv_codebook_load(from_disk, s->path));
+        assert_codes_alike(codec, from_disk);
+        uint8_t *buf = NULL;
+        size_t len = 0;
+        assert_ok(vqkv_codebook_save_buffer(codec, &buf, &len));
+        vqkv_codec_t *from_buffer = new_codec(specs[si], &l);
+        assert_ok(vqkv_codebook_load_buffer(from_buffer, buf, len));
+        assert_codes_alike(codec, from_buffer);
+        /* The file on disk is the buffer, and it saves back unchanged. */
+        size_t disk_len;
+        uint8_t *disk = read_whole(s->path, &disk_len);
+        assert_int_equal(disk_len, len);
+        assert_memory_equal(disk, buf, len);
+        uint8_t *again = NULL;
+        size_t again_len = 0;
+        assert_ok(vqkv_codebook_save_buffer(from_disk, &again, &again_len));
+        assert_int_equal(again_len, len);
+        assert_memory_equal(again, buf, len);
+        /* ... and a shared-set codec of the same parameters refuses it. */
+        char shared[64];
+        snprintf(shared, sizeof shared, "%s", specs[si]);
+        memcpy(strstr(shared, "ph=1"), "ph=0", 4);
+        vqkv_codec_t *other = new_codec(shared, &l);
+        assert_rc(vqkv_codebook_load_buffer(other, buf, len), VQKV_EMISMATCH);
+        vqkv_codec_free(other);
+        free(disk);
+        free(again);
+        free(buf);
+        vqkv_codec_free(from_buffer);
+        vqkv_codec_free(from_disk);
+        vqkv_codec_free(codec);
+    }
 }
 
 int main(void)
@@ -963,8 +1559,15 @@ int main(void)
         cmocka_unit_test(test_codecs_without_codebooks),
         cmocka_unit_test(test_null_arguments),
         cmocka_unit_test(test_vq_decode_matches_documented_layout),
+        cmocka_unit_test(test_block_centered_coding_matches_documented),
+        cmocka_unit_test(test_block_centered_training_matches_documented),
+        cmocka_unit_test(test_nonpositive_scales_refused),
         cmocka_unit_test_setup_teardown(test_path_round_trip, make_scratch, remove_scratch),
         cmocka_unit_test_setup_teardown(test_path_errors, make_scratch, remove_scratch),
+        cmocka_unit_test_setup_teardown(test_saved_file_mode, make_scratch, remove_scratch),
+        cmocka_unit_test_setup_teardown(test_concurrent_saves, make_scratch, remove_scratch),
+        cmocka_unit_test_setup_teardown(test_per_head_file_round_trip, make_scratch,
+                                        remove_scratch),
     };
     return cmocka_run_group_tests(tests, train_once, free_trained);
 }

