@@ -21,8 +21,11 @@ DEFAULT_SOURCE = (
     "from Debian package golang-github-pierrec-lz4-dev"
 )
 
-_START = re.compile(r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG.*$", re.MULTILINE)
-_END = re.compile(r"^\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG.*$", re.MULTILINE)
+_START = re.compile(r"^\*\*\* ?START OF (THIS|THE) PROJECT GUTENBERG.*$", re.MULTILINE | re.IGNORECASE)
+_END = re.compile(
+    r"^(\*\*\* ?END OF (THIS|THE) PROJECT GUTENBERG|End of (the )?Project Gutenberg).*$",
+    re.MULTILINE | re.IGNORECASE,
+)
 
 
 def clean_text(raw: str) -> str:

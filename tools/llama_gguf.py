@@ -131,15 +131,11 @@ def silu(x: np.ndarray) -> np.ndarray:
     return x / (1.0 + np.exp(-x))
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
-
-
 def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """Negative log-likelihood of targets[i] under logits[i], in nats."""
-    logp = log_softmax(logits.astype(np.float64))
-    return -logp[np.arange(len(targets)), targets]
+    """Negative log-likelihood of targets[i] under logits[i] [T, vocab], in nats."""
+    peak = logits.max(axis=-1)
+    lse = np.log(np.exp(logits - peak[:, None]).sum(axis=-1, dtype=np.float64)) + peak
+    return lse - logits[np.arange(len(targets)), targets]
 
 
 def build_tokenizer(reader: gguf.GGUFReader) -> tokenizers.Tokenizer:
@@ -191,7 +187,7 @@ class LlamaModel:
         self.inv_freq = config.rope_theta ** (-np.arange(half, dtype=np.float64) / half)
 
     @classmethod
-    def from_gguf(cls, path: str | Path | None = None) -> "LlamaModel":
+    def from_gguf(cls, path: str | Path | None = None) -> LlamaModel:
         """Loads and dequantizes a llama-architecture GGUF (default: SmolLM2)."""
         reader = gguf.GGUFReader(str(path or default_gguf_path()))
         f = reader.fields

