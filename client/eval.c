@@ -6,8 +6,9 @@
  * exactly as the daemon would. Errors are sums of squares over everything,
  * so long and short layers weigh by their values, not by their count.
  *
- * Attention is scored on the held-out window alone: the query at held-out
- * position p attends causally to held-out keys 0..p, with the dump's real
+ * The held-out window is the start of the sequence, so attention there is
+ * exact causal attention: the query at position p attends to keys 0..p,
+ * the attention sink included, with the dump's real
  * (RoPE'd) queries, grouped-query heads mapped as h_kv = h_q / (q_heads /
  * kv_heads). That costs O(queries * p * heads * head_dim) per layer, so only
  * every attn_stride-th query is scored; the reference outputs are computed
@@ -244,11 +245,10 @@ static int vqkv__bench_init(vqkv__bench_t *b, const vqkv__dump_t *dump,
     for (uint32_t layer = 0; layer < l->num_layers; layer++) {
         for (int kv = 0; kv < 2; kv++) {
             const vqkv_st_tensor_t *t = kv ? dump->v[layer] : dump->k[layer];
-            vqkv_st_read_f32(t, (uint64_t)b->train_tokens * row, held_out * row,
-                             (float *)vqkv__cache_at(b, b->cache, layer, kv));
+            vqkv_st_read_f32(t, 0, held_out * row, (float *)vqkv__cache_at(b, b->cache, layer, kv));
         }
         for (uint32_t qi = 0; qi < b->queries; qi++)
-            vqkv_st_read_f32(dump->q[layer], (uint64_t)(b->train_tokens + qi * stride) * qrow, qrow,
+            vqkv_st_read_f32(dump->q[layer], (uint64_t)qi * stride * qrow, qrow,
                              b->q + ((size_t)layer * b->queries + qi) * qrow);
         vqkv__attention(b, dump, b->cache, layer, stride,
                         b->attn_ref + (size_t)layer * b->queries * qrow);
@@ -279,6 +279,7 @@ static int vqkv__train(vqkv_codec_t *codec, const vqkv__dump_t *dump, const vqkv
                        const vqkv_eval_opts_t *opts)
 {
     size_t n = (size_t)b->train_tokens * dump->kv_heads;
+    uint64_t first = ((uint64_t)dump->tokens - b->train_tokens) * dump->kv_heads * dump->head_dim;
     float *x = malloc(n * dump->head_dim * sizeof *x);
     if (x == NULL)
         return VQKV_ENOMEM;
@@ -286,7 +287,7 @@ static int vqkv__train(vqkv_codec_t *codec, const vqkv__dump_t *dump, const vqkv
     int rc = VQKV_OK;
     for (uint32_t layer = 0; layer < dump->layers && rc == VQKV_OK; layer++) {
         for (int kv = 0; kv < 2 && rc == VQKV_OK; kv++) {
-            vqkv_st_read_f32(kv ? dump->v[layer] : dump->k[layer], 0, n * dump->head_dim, x);
+            vqkv_st_read_f32(kv ? dump->v[layer] : dump->k[layer], first, n * dump->head_dim, x);
             rc = vqkv_codec_train(codec, layer, kv, x, n, &topts);
         }
     }

@@ -2,8 +2,11 @@
  *
  * The dump is a safetensors file with, per layer N, `layers.N.q`
  * [tokens, q_heads, head_dim] and `layers.N.k`, `layers.N.v`
- * [tokens, kv_heads, head_dim]. Codebooks are trained on the first tokens
- * and every figure is measured on the held-out tokens after them.
+ * [tokens, kv_heads, head_dim]. Codebooks are trained on the last tokens
+ * and every figure is measured on the held-out tokens before them, from
+ * position 0: a real cache always holds the start of its sequence, the
+ * attention-sink token included, and that is where shared codebooks fail
+ * first.
  */
 #ifndef VQKV_EVAL_H
 #define VQKV_EVAL_H
@@ -16,7 +19,7 @@ typedef struct {
     const char *const *specs;
     size_t n_specs;
     uint32_t block_tokens; /* tokens per block (default 32) */
-    uint32_t train_tokens; /* tokens to train on (default: half the dump) */
+    uint32_t train_tokens; /* last tokens to train on (default: half the dump) */
     uint32_t attn_stride;  /* score every n-th held-out query (default 4) */
     uint64_t seed;
     uint32_t threads;     /* training threads (0: all CPUs) */

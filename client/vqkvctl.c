@@ -21,17 +21,18 @@ static void vqkvctl_usage(FILE *out)
 {
     fputs("usage: vqkvctl eval --kv FILE --codec SPEC [--codec SPEC ...] [options]\n"
           "\n"
-          "eval: train each codec's codebooks on the first tokens of a KV dump and\n"
-          "measure it on the held-out rest.\n"
+          "eval: train each codec's codebooks on the last tokens of a KV dump and\n"
+          "measure it on the held-out tokens before them (from position 0).\n"
           "  --kv FILE             safetensors with layers.N.q/k/v\n"
           "  --codec SPEC          codec to evaluate (repeatable), e.g. rvq:d=8,b=8,r=2\n"
           "  --block-tokens N      tokens per block (default 32)\n"
-          "  --train-tokens N      tokens to train on (default: half the dump)\n"
+          "  --train-tokens N      last tokens to train on (default: half the dump)\n"
           "  --attn-stride N       score every N-th held-out query (default 4)\n"
           "  --seed N              training seed (default 0)\n"
           "  --threads N           training threads (default: all CPUs)\n"
           "  --save-codebooks DIR  write each trained codec's codebook file to DIR\n"
-          "  --json                one JSON array on stdout\n",
+          "  --json                one JSON array on stdout instead of the table\n"
+          "  --json-file FILE      also write that JSON array to FILE\n",
           out);
 }
 
@@ -48,7 +49,7 @@ static bool vqkvctl_parse_u64(const char *text, uint64_t max, uint64_t *out)
     return true;
 }
 
-static void vqkvctl_print_json(const vqkv_eval_result_t *res, size_t n)
+static void vqkvctl_print_json(FILE *out, const vqkv_eval_result_t *res, size_t n)
 {
     struct json_object *arr = json_object_new_array();
     for (size_t i = 0; i < n; i++) {
@@ -66,7 +67,7 @@ static void vqkvctl_print_json(const vqkv_eval_result_t *res, size_t n)
         json_object_object_add(o, "decode_gbps", json_object_new_double(res[i].decode_gbps));
         json_object_array_add(arr, o);
     }
-    puts(json_object_to_json_string_ext(arr, JSON_C_TO_STRING_PRETTY));
+    fprintf(out, "%s\n", json_object_to_json_string_ext(arr, JSON_C_TO_STRING_PRETTY));
     json_object_put(arr);
 }
 
@@ -93,6 +94,7 @@ static int vqkvctl_eval(int argc, char **argv)
         {"threads", required_argument, NULL, 'j'},
         {"save-codebooks", required_argument, NULL, 'o'},
         {"json", no_argument, NULL, 'J'},
+        {"json-file", required_argument, NULL, 'f'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -100,6 +102,7 @@ static int vqkvctl_eval(int argc, char **argv)
     vqkv_eval_opts_t opts = {.specs = specs};
     vqkv_eval_result_t results[VQKVCTL_MAX_CODECS];
     bool json = false;
+    const char *json_file = NULL;
     uint64_t num;
     int c;
 
@@ -115,6 +118,7 @@ static int vqkvctl_eval(int argc, char **argv)
             break;
         case 'o': opts.save_dir = optarg; break;
         case 'J': json = true; break;
+        case 'f': json_file = optarg; break;
         case 'h': vqkvctl_usage(stdout); return 0;
         case 'b':
         case 't':
@@ -150,9 +154,21 @@ static int vqkvctl_eval(int argc, char **argv)
         return 1;
     }
     if (json)
-        vqkvctl_print_json(results, opts.n_specs);
+        vqkvctl_print_json(stdout, results, opts.n_specs);
     else
         vqkvctl_print_table(results, opts.n_specs);
+    if (json_file != NULL) {
+        FILE *f = fopen(json_file, "w");
+        if (f == NULL) {
+            fprintf(stderr, "vqkvctl eval: cannot write %s\n", json_file);
+            return 1;
+        }
+        vqkvctl_print_json(f, results, opts.n_specs);
+        if (fclose(f) != 0) {
+            fprintf(stderr, "vqkvctl eval: cannot write %s\n", json_file);
+            return 1;
+        }
+    }
     return 0;
 }
 
