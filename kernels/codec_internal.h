@@ -94,6 +94,11 @@ static inline uint16_t vqkv__get_u16(const uint8_t *p)
     return (uint16_t)(p[0] | (p[1] << 8));
 }
 
+/* One row of n values as an f16 scale (amax / 448) and n e4m3 codes: the
+ * fp8 codec's vectors, and the VQ codecs' escape vectors. */
+void vqkv__fp8_row_encode(const float *row, uint32_t n, uint8_t *scale_out, uint8_t *codes);
+void vqkv__fp8_row_decode(const uint8_t *scale_in, const uint8_t *codes, uint32_t n, float *row);
+
 extern const vqkv__codec_ops_t vqkv__fp16_ops;
 extern const vqkv__codec_ops_t vqkv__fp8_ops;
 extern const vqkv__codec_ops_t vqkv__kivi2_ops;

@@ -74,6 +74,25 @@ const vqkv__codec_ops_t vqkv__fp16_ops = {
 
 /* ---- fp8 e4m3 -------------------------------------------------------- */
 
+void vqkv__fp8_row_encode(const float *row, uint32_t n, uint8_t *scale_out, uint8_t *codes)
+{
+    float amax = 0.0f;
+    for (uint32_t d = 0; d < n; d++)
+        amax = fmaxf(amax, fabsf(row[d]));
+    uint16_t scale_h = vqkv_f32_to_f16(fminf(amax / VQKV_E4M3_MAX, VQKV_F16_MAX));
+    float scale = vqkv_f16_to_f32(scale_h);
+    vqkv__put_u16(scale_out, scale_h);
+    for (uint32_t d = 0; d < n; d++)
+        codes[d] = scale > 0.0f ? vqkv_f32_to_e4m3(row[d] / scale) : 0;
+}
+
+void vqkv__fp8_row_decode(const uint8_t *scale_in, const uint8_t *codes, uint32_t n, float *row)
+{
+    float scale = vqkv_f16_to_f32(vqkv__get_u16(scale_in));
+    for (uint32_t d = 0; d < n; d++)
+        row[d] = vqkv_e4m3_to_f32(codes[d]) * scale;
+}
+
 static int vqkv__fp8_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
 {
     (void)spec;
@@ -95,15 +114,9 @@ static void vqkv__fp8_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
     for (uint32_t t = 0; t < l->block_tokens; t++) {
         for (uint32_t h = 0; h < l->num_kv_heads; h++) {
             vqkv__tile_load(tile, t, h, l->head_dim, row);
-            float amax = 0.0f;
-            for (uint32_t d = 0; d < l->head_dim; d++)
-                amax = fmaxf(amax, fabsf(row[d]));
-            uint16_t scale_h = vqkv_f32_to_f16(fminf(amax / VQKV_E4M3_MAX, VQKV_F16_MAX));
-            float scale = vqkv_f16_to_f32(scale_h);
-            vqkv__put_u16(scales, scale_h);
+            vqkv__fp8_row_encode(row, l->head_dim, scales, codes);
             scales += 2;
-            for (uint32_t d = 0; d < l->head_dim; d++)
-                *codes++ = scale > 0.0f ? vqkv_f32_to_e4m3(row[d] / scale) : 0;
+            codes += l->head_dim;
         }
     }
 }
@@ -118,10 +131,9 @@ static void vqkv__fp8_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, 
     float row[VQKV_MAX_HEAD_DIM];
     for (uint32_t t = 0; t < l->block_tokens; t++) {
         for (uint32_t h = 0; h < l->num_kv_heads; h++) {
-            float scale = vqkv_f16_to_f32(vqkv__get_u16(scales));
+            vqkv__fp8_row_decode(scales, codes, l->head_dim, row);
             scales += 2;
-            for (uint32_t d = 0; d < l->head_dim; d++)
-                row[d] = vqkv_e4m3_to_f32(*codes++) * scale;
+            codes += l->head_dim;
             vqkv__tile_store(tile, t, h, l->head_dim, row);
         }
     }

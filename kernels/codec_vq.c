@@ -4,7 +4,7 @@
  * is an ordered subset of the head's channels with its own fp16 RMS norm,
  * cut into groups of d consecutive (in branch order) channels, each group
  * coded by r residual stages of 2^b-entry codebooks. Codebooks are per
- * (layer, K|V, branch, group, stage) and shared by all kv heads.
+ * (layer, K|V, branch, group, stage), shared by all kv heads unless ph=1.
  *   rvq:  one branch per side; key channels strided (group g holds channels
  *         g, g+G, g+2G, ... so every group mixes RoPE frequencies and holds
  *         whole rotate-half pairs) or contiguous; values contiguous.
@@ -31,6 +31,9 @@
 
 #define VQKV__MAX_BITS 12
 #define VQKV__MAX_STAGES 8
+#define VQKV__MAX_ESCAPES 8
+/* An escape: u32 vector index (all ones: unused), f16 scale, e4m3[D]. */
+#define VQKV__ESCAPE_BYTES(D) (4u + 2u + (D))
 
 typedef struct {
     uint32_t n_channels;
@@ -61,6 +64,7 @@ typedef struct {
     bool channel_scale; /* divide by the channel's std as well as centering */
     uint32_t sets;      /* codebook sets per layer: 1, or one per kv head */
     bool block_center;  /* keys carry their per-block channel means */
+    uint32_t escapes;   /* outlier vectors per part kept in fp8 */
     vqkv__side_t side[2];
     float *books;
     float *search;
@@ -159,7 +163,8 @@ static int vqkv__vq_finish(vqkv_codec_t *codec)
     for (int kv = 0; kv < 2; kv++) {
         const vqkv__side_t *side = &vq->side[kv];
         codec->part_bytes[kv] = vqkv__block_mean_bytes(codec, kv) + vectors * side->n_branches * 2 +
-                                vqkv__bits_bytes(vectors * side->codes, vq->bits);
+                                vqkv__bits_bytes(vectors * side->codes, vq->bits) +
+                                (size_t)vq->escapes * VQKV__ESCAPE_BYTES(l->head_dim);
     }
     size_t words = (size_t)l->num_layers * vq->sets * (vq->side[0].words + vq->side[1].words);
     vq->books = calloc(vqkv__vq_total_floats(codec), sizeof(float));
@@ -170,16 +175,18 @@ static int vqkv__vq_finish(vqkv_codec_t *codec)
     return VQKV_OK;
 }
 
-/* Parses what rvq and vqkv share, b, cs, ph and bc, and allocates the
- * state. Writes "b=..,cs=..,ph=..,bc=.." for the canonical spec into tail. */
+/* Parses what rvq and vqkv share, b, cs, ph, bc and esc, and allocates the
+ * state. Writes "b=..,cs=..,ph=..,bc=..,esc=.." for the canonical spec into
+ * tail. */
 static int vqkv__vq_alloc(vqkv_codec_t *codec, vqkv__spec_t *spec, char *tail, size_t tail_len)
 {
-    uint32_t b, cs, ph, bc;
+    uint32_t b, cs, ph, bc, esc;
     int rc;
     if ((rc = vqkv__spec_num(spec, "b", 8, 1, VQKV__MAX_BITS, &b)) != VQKV_OK ||
         (rc = vqkv__spec_num(spec, "cs", 0, 0, 1, &cs)) != VQKV_OK ||
         (rc = vqkv__spec_num(spec, "ph", 0, 0, 1, &ph)) != VQKV_OK ||
-        (rc = vqkv__spec_num(spec, "bc", 1, 0, 1, &bc)) != VQKV_OK)
+        (rc = vqkv__spec_num(spec, "bc", 0, 0, 1, &bc)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "esc", 0, 0, VQKV__MAX_ESCAPES, &esc)) != VQKV_OK)
         return rc;
     vqkv__vq_t *vq = calloc(1, sizeof *vq);
     if (vq == NULL)
@@ -188,8 +195,9 @@ static int vqkv__vq_alloc(vqkv_codec_t *codec, vqkv__spec_t *spec, char *tail, s
     vq->channel_scale = cs != 0;
     vq->sets = ph ? codec->layout.num_kv_heads : 1;
     vq->block_center = bc != 0;
+    vq->escapes = esc;
     codec->state = vq;
-    snprintf(tail, tail_len, "b=%u,cs=%u,ph=%u,bc=%u", b, cs, ph, bc);
+    snprintf(tail, tail_len, "b=%u,cs=%u,ph=%u,bc=%u,esc=%u", b, cs, ph, bc, esc);
     return VQKV_OK;
 }
 
@@ -290,24 +298,115 @@ static float vqkv__f16_clamp(float x)
     return fminf(fmaxf(x, -VQKV_F16_MAX), VQKV_F16_MAX);
 }
 
-/* Stores each head's channel means over the block's tokens as f16
- * [heads][head_dim]: two passes over worker memory, no copy of the block. */
-static void vqkv__block_means_encode(const vqkv_codec_t *codec, const vqkv__tile_t *tile,
-                                     uint8_t *out)
+/* The vectors of one part: in worker memory (encode) or a dense
+ * [tokens][heads][head_dim] array (training), so that both choose block
+ * means and escapes by the very same code. */
+typedef struct {
+    const vqkv__tile_t *tile;
+    const float *dense;
+    uint32_t tokens;
+} vqkv__rows_t;
+
+static void vqkv__rows_get(const vqkv_codec_t *codec, const vqkv__rows_t *rows, uint32_t t,
+                           uint32_t h, float *out)
+{
+    const vqkv_layout_t *l = &codec->layout;
+    if (rows->tile != NULL)
+        vqkv__tile_load(rows->tile, t, h, l->head_dim, out);
+    else
+        memcpy(out, rows->dense + ((size_t)t * l->num_kv_heads + h) * l->head_dim,
+               l->head_dim * sizeof *out);
+}
+
+static bool vqkv__is_escape(const uint32_t *escapes, uint32_t n, uint32_t v)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (escapes[i] == v)
+            return true;
+    return false;
+}
+
+/* Writes each head's channel means over the part's tokens, the escapes left
+ * out, as f16 [heads][head_dim]: a float sum in token order over the count.
+ * One pass over the rows per call; no copy of them. */
+static void vqkv__block_means(const vqkv_codec_t *codec, const vqkv__rows_t *rows,
+                              const uint32_t *escapes, uint32_t n_escapes, uint8_t *out)
 {
     const vqkv_layout_t *l = &codec->layout;
     float row[VQKV_MAX_HEAD_DIM], sum[VQKV_MAX_HEAD_DIM];
     for (uint32_t h = 0; h < l->num_kv_heads; h++) {
+        uint32_t count = 0;
         memset(sum, 0, l->head_dim * sizeof *sum);
-        for (uint32_t t = 0; t < l->block_tokens; t++) {
-            vqkv__tile_load(tile, t, h, l->head_dim, row);
+        for (uint32_t t = 0; t < rows->tokens; t++) {
+            if (vqkv__is_escape(escapes, n_escapes, t * l->num_kv_heads + h))
+                continue;
+            vqkv__rows_get(codec, rows, t, h, row);
             for (uint32_t c = 0; c < l->head_dim; c++)
                 sum[c] += row[c];
+            count++;
         }
         for (uint32_t c = 0; c < l->head_dim; c++)
-            sum[c] = vqkv__f16_clamp(sum[c] / (float)l->block_tokens);
+            sum[c] = count > 0 ? vqkv__f16_clamp(sum[c] / (float)count) : 0.0f;
         vqkv_dtype_from_f32(VQKV_DTYPE_F16, sum, l->head_dim, out + 2 * (size_t)h * l->head_dim);
     }
+}
+
+/* Picks the part's escapes: the vectors farthest (squared L2) from their
+ * head's reference, which is the all-token block mean `means` (f16) for
+ * centered keys and the trained channel mean otherwise. These are the
+ * outliers shared codebooks cannot follow, the attention-sink token first
+ * among them. Largest distance first, ties to the lower index; returns how
+ * many (at most vq->escapes). O(tokens * heads * (head_dim + escapes)). */
+static uint32_t vqkv__pick_escapes(const vqkv_codec_t *codec, uint32_t layer, int kv,
+                                   const vqkv__rows_t *rows, const uint8_t *means,
+                                   uint32_t *escapes)
+{
+    const vqkv__vq_t *vq = codec->state;
+    const vqkv_layout_t *l = &codec->layout;
+    uint32_t H = l->num_kv_heads, D = l->head_dim, n = 0;
+    float row[VQKV_MAX_HEAD_DIM], ref[VQKV_MAX_HEAD_DIM], dist[VQKV__MAX_ESCAPES];
+    for (uint32_t h = 0; h < H; h++) {
+        if (means != NULL)
+            vqkv_dtype_to_f32(VQKV_DTYPE_F16, means + 2 * (size_t)h * D, D, ref);
+        else
+            memcpy(ref, vqkv__channel_stats(codec, layer, kv, h), D * sizeof *ref);
+        for (uint32_t t = 0; t < rows->tokens; t++) {
+            vqkv__rows_get(codec, rows, t, h, row);
+            float d2 = 0.0f;
+            for (uint32_t c = 0; c < D; c++)
+                d2 += (row[c] - ref[c]) * (row[c] - ref[c]);
+            uint32_t v = t * H + h, at = n;
+            /* Insertion by distance; equal distances keep the lower index first. */
+            while (at > 0 && (d2 > dist[at - 1] || (d2 == dist[at - 1] && v < escapes[at - 1])))
+                at--;
+            if (at >= vq->escapes)
+                continue;
+            uint32_t keep = n < vq->escapes ? n : vq->escapes - 1; /* entries that survive */
+            memmove(&escapes[at + 1], &escapes[at], (keep - at) * sizeof *escapes);
+            memmove(&dist[at + 1], &dist[at], (keep - at) * sizeof *dist);
+            escapes[at] = v;
+            dist[at] = d2;
+            n = keep + 1;
+        }
+    }
+    return n;
+}
+
+/* Chooses the part's escapes and, for centered keys, stores the means of
+ * the other tokens (the escapes were picked against the all-token means):
+ * an outlier must not drag the mean the rest is coded against. */
+static uint32_t vqkv__center_and_escape(const vqkv_codec_t *codec, uint32_t layer, int kv,
+                                        const vqkv__rows_t *rows, uint8_t *means, uint32_t *escapes)
+{
+    const vqkv__vq_t *vq = codec->state;
+    if (means != NULL)
+        vqkv__block_means(codec, rows, NULL, 0, means);
+    if (vq->escapes == 0)
+        return 0;
+    uint32_t n = vqkv__pick_escapes(codec, layer, kv, rows, means, escapes);
+    if (means != NULL)
+        vqkv__block_means(codec, rows, escapes, n, means);
+    return n;
 }
 
 static void vqkv__vq_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
@@ -321,11 +420,26 @@ static void vqkv__vq_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
     size_t mean_bytes = vqkv__block_mean_bytes(codec, kv);
     uint8_t *block_means = out, *norms = out + mean_bytes;
     uint8_t *codes = norms + 2 * vectors * side->n_branches;
+    size_t code_bytes = vqkv__bits_bytes(vectors * side->codes, b);
+    uint8_t *escape_out = codes + code_bytes;
     float row[VQKV_MAX_HEAD_DIM], u[VQKV_MAX_HEAD_DIM], bm[VQKV_MAX_HEAD_DIM];
+    vqkv__rows_t rows = {tile, NULL, l->block_tokens};
+    uint32_t escapes[VQKV__MAX_ESCAPES];
 
-    memset(codes, 0, codec->part_bytes[kv] - mean_bytes - 2 * vectors * side->n_branches);
-    if (mean_bytes > 0)
-        vqkv__block_means_encode(codec, tile, block_means);
+    memset(codes, 0, code_bytes);
+    uint32_t n_escapes = vqkv__center_and_escape(codec, layer, kv, &rows,
+                                                 mean_bytes > 0 ? block_means : NULL, escapes);
+    for (uint32_t i = 0; i < vq->escapes; i++, escape_out += VQKV__ESCAPE_BYTES(l->head_dim)) {
+        uint32_t v = i < n_escapes ? escapes[i] : UINT32_MAX;
+        for (int k = 0; k < 4; k++)
+            escape_out[k] = (uint8_t)(v >> (8 * k));
+        if (i < n_escapes) {
+            vqkv__tile_load(tile, v / H, v % H, l->head_dim, row);
+            vqkv__fp8_row_encode(row, l->head_dim, escape_out + 4, escape_out + 6);
+        } else {
+            memset(escape_out + 4, 0, 2 + l->head_dim);
+        }
+    }
     for (uint32_t t = 0; t < l->block_tokens; t++) {
         for (uint32_t h = 0; h < H; h++) {
             size_t v = (size_t)t * H + h;
@@ -406,6 +520,17 @@ static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, c
             vqkv__tile_store(tile, t, h, l->head_dim, row);
         }
     }
+    /* Escapes overwrite their vectors; an index outside the block (unused,
+     * or a damaged block) is skipped, so no byte outside the slot moves. */
+    const uint8_t *escape_in = codes + vqkv__bits_bytes(vectors * side->codes, b);
+    for (uint32_t i = 0; i < vq->escapes; i++, escape_in += VQKV__ESCAPE_BYTES(l->head_dim)) {
+        uint32_t v = (uint32_t)escape_in[0] | (uint32_t)escape_in[1] << 8 |
+                     (uint32_t)escape_in[2] << 16 | (uint32_t)escape_in[3] << 24;
+        if (v >= vectors)
+            continue;
+        vqkv__fp8_row_decode(escape_in + 4, escape_in + 6, l->head_dim, row);
+        vqkv__tile_store(tile, v / H, v % H, l->head_dim, row);
+    }
 }
 
 /* ---- training --------------------------------------------------------- */
@@ -479,8 +604,11 @@ static void *vqkv__train_worker(void *arg)
     }
 }
 
-/* Fits each head's channel mean (and std, with cs=1) over all n vectors,
- * x being [tokens][kv_heads][head_dim]. O(n * head_dim), in double. */
+/* With cs=1, standardizes each head's channels: mean and std over all n
+ * vectors, x being [tokens][kv_heads][head_dim], O(n * head_dim) in double.
+ * With cs=0 the statistics are the identity (mean 0, scale 1): centering
+ * lowered the average error a little but raised perplexity a lot, because
+ * the attention-sink token sits far from every mean. */
 static int vqkv__channel_fit(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x, size_t n)
 {
     const vqkv__vq_t *vq = codec->state;
@@ -501,7 +629,7 @@ static int vqkv__channel_fit(vqkv_codec_t *codec, uint32_t layer, int kv, const 
                 sq += v * v;
             }
             double mu = sum / (double)per_head, var = sq / (double)per_head - mu * mu;
-            mean[c] = (float)mu;
+            mean[c] = vq->channel_scale ? (float)mu : 0.0f;
             scale[c] = vq->channel_scale && var > 1e-12 ? (float)sqrt(var) : 1.0f;
         }
     }
@@ -530,28 +658,33 @@ static int vqkv__train_run(vqkv__train_job_t *job)
     return job->rc;
 }
 
-/* out = x [tokens][heads][head_dim] minus each block's f16-rounded channel
- * means, as the encoder subtracts them; a last partial block uses its own. */
+/* out = x [tokens][heads][head_dim] minus each block's f16 channel means,
+ * chosen exactly as the encoder chooses them (escapes left out); a last
+ * partial block is a block of its own. */
 static int vqkv__block_center(const vqkv_codec_t *codec, const float *x, size_t tokens, float *out)
 {
     const vqkv_layout_t *l = &codec->layout;
     size_t row = (size_t)l->num_kv_heads * l->head_dim;
-    float *mean = malloc(row * sizeof *mean);
-    if (mean == NULL)
+    uint8_t *means = malloc(row * 2);
+    float mean[VQKV_MAX_HEAD_DIM];
+    uint32_t escapes[VQKV__MAX_ESCAPES];
+    if (means == NULL)
         return VQKV_ENOMEM;
     for (size_t t0 = 0; t0 < tokens; t0 += l->block_tokens) {
         size_t nt = tokens - t0 < l->block_tokens ? tokens - t0 : l->block_tokens;
-        memset(mean, 0, row * sizeof *mean);
-        for (size_t t = t0; t < t0 + nt; t++)
-            for (size_t i = 0; i < row; i++)
-                mean[i] += x[t * row + i];
-        for (size_t i = 0; i < row; i++)
-            mean[i] = vqkv_f16_to_f32(vqkv_f32_to_f16(vqkv__f16_clamp(mean[i] / (float)nt)));
-        for (size_t t = t0; t < t0 + nt; t++)
-            for (size_t i = 0; i < row; i++)
-                out[t * row + i] = x[t * row + i] - mean[i];
+        vqkv__rows_t rows = {NULL, x + t0 * row, (uint32_t)nt};
+        vqkv__center_and_escape(codec, 0, 0, &rows, means, escapes);
+        for (uint32_t h = 0; h < l->num_kv_heads; h++) {
+            vqkv_dtype_to_f32(VQKV_DTYPE_F16, means + 2 * (size_t)h * l->head_dim, l->head_dim,
+                              mean);
+            for (size_t t = t0; t < t0 + nt; t++)
+                for (uint32_t c = 0; c < l->head_dim; c++) {
+                    size_t i = t * row + (size_t)h * l->head_dim + c;
+                    out[i] = x[i] - mean[c];
+                }
+        }
     }
-    free(mean);
+    free(means);
     return VQKV_OK;
 }
 

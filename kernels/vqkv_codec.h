@@ -13,13 +13,17 @@
  *   fp8                  e4m3 with one fp16 scale per token-head
  *   kivi2[:g=32]         KIVI: keys per channel over the block's tokens,
  *   kivi4[:g=32]         values per token in groups of g channels
- *   rvq[:d=8,b=8,r=2,kgroup=strided|contig]
+ *   rvq[:d=8,r=2,kgroup=strided|contig]
  *                        residual VQ: r stages of 2^b-entry codebooks over
  *                        groups of d channels, per (layer, K|V)
- *   vqkv[:b=8,dlo=4,dhi=8,dv=4]
+ *   vqkv[:dlo=4,dhi=8,dv=4]
  *                        product VQ with separate branches (own norm, own
  *                        codebooks, own sub-vector size) for the low- and
  *                        high-frequency RoPE subspaces of keys
+ *   both VQ codecs also take b=8 (code bits), esc=0 (outlier vectors per
+ *   part kept in fp8), bc=0 (per-block key channel means), cs=0 (channel
+ *   standardization), ph=0 (codebooks per kv head); kernels/README.md says
+ *   what each costs and buys.
  * VQ codecs need codebooks: train them (vqkv_codec_train) or load them
  * (vqkv_codebook_load) before encoding.
  *

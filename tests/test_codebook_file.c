@@ -18,7 +18,11 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
-#define SPEC "rvq:d=4,b=4,r=2"
+/* The run's codec: keys with block means (bc=1, not the default), no
+ * escapes, no channel statistics (cs=0). SPEC_BC0 is its twin without
+ * block means, the default; both have the same number of codebook floats. */
+#define SPEC "rvq:d=4,b=4,r=2,bc=1"
+#define SPEC_BC0 "rvq:d=4,b=4,r=2"
 
 static const vqkv_layout_t base_layout = {2, 2, 16, 4, VQKV_DTYPE_F16};
 
@@ -344,7 +348,7 @@ static void test_loads_across_block_tokens_and_dtype(void **state)
     assert_int_equal(vqkv_codec_needs_training(codec), 0);
     /* The same token-head vector codes to the same values: a block whose
      * first tokens match the reference block decodes them to the same
-     * values, up to the dtype. With bc=1 (SPEC's default) the block's key
+     * values, up to the dtype. With bc=1 (as SPEC has) the block's key
      * channel means must match too: the longer block holds the reference
      * block's tokens twice, and as their values sum exactly in float its
      * means are exactly the reference block's. */
@@ -570,12 +574,21 @@ static void test_hostile_checksummed_files_refused(void **state)
     bf.codec = vqkv_codec_spec(contig);
     REFUSED(VQKV_EMISMATCH, "other codec");
     vqkv_codec_free(contig);
-    bf.codec = "rvq:d=4,b=4,r=2"; /* not canonical: names are compared exactly */
+    bf.codec = SPEC; /* not canonical: names are compared exactly */
     REFUSED(VQKV_EMISMATCH, "non-canonical codec name");
-    vqkv_codec_t *no_bc = new_codec("rvq:d=4,b=4,r=2,bc=0", &base_layout);
-    bf.codec = vqkv_codec_spec(no_bc);
-    REFUSED(VQKV_EMISMATCH, "the codec without block means");
-    vqkv_codec_free(no_bc);
+    /* Codecs with the same number of floats that code otherwise. */
+    static const char *const same_size[][2] = {
+        {SPEC_BC0, "the codec without block means"},
+        {SPEC ",esc=1", "the codec with an escape"},
+        {SPEC ",esc=8", "the codec with eight escapes"},
+        {SPEC ",cs=1", "the codec with channel statistics"},
+    };
+    for (size_t i = 0; i < sizeof same_size / sizeof same_size[0]; i++) {
+        vqkv_codec_t *other = new_codec(same_size[i][0], &base_layout);
+        bf.codec = vqkv_codec_spec(other);
+        REFUSED(VQKV_EMISMATCH, same_size[i][1]);
+        vqkv_codec_free(other);
+    }
 #undef REFUSED
     free(bad_books);
 }
@@ -596,8 +609,10 @@ static void test_files_for_other_codecs_refused(void **state)
         {"rvq:d=4,b=4,r=2,cs=1", {2, 2, 16, 4, VQKV_DTYPE_F16}},
         {"rvq:d=4,b=4,r=1", {2, 2, 16, 4, VQKV_DTYPE_F16}},
         {"vqkv:b=4,dlo=2,dhi=2,dv=4", {2, 2, 16, 4, VQKV_DTYPE_F16}},
-        /* The same number of floats as SPEC's, without block means. */
-        {"rvq:d=4,b=4,r=2,bc=0", {2, 2, 16, 4, VQKV_DTYPE_F16}},
+        /* The same number of floats as SPEC's, without block means, with
+         * escapes. */
+        {SPEC_BC0, {2, 2, 16, 4, VQKV_DTYPE_F16}},
+        {SPEC ",esc=2", {2, 2, 16, 4, VQKV_DTYPE_F16}},
         /* A codebook set per head. */
         {"rvq:d=4,b=4,r=2,ph=1", {2, 2, 16, 4, VQKV_DTYPE_F16}},
     };
@@ -707,6 +722,8 @@ typedef struct {
     uint32_t bits;
     int bc;       /* keys start with f16 block_mean[H][D] */
     int per_head; /* ph=1: a codebook set per kv head */
+    int cs;       /* cs=1: real channel statistics; cs=0: mean 0, scale 1 */
+    uint32_t esc; /* escape entries at the end of every part */
     readme_side_t sides[2];
 } readme_vq_t;
 
@@ -718,7 +735,8 @@ static size_t side_codes_per_vector(const readme_side_t *side)
     return codes;
 }
 
-/* Bytes of part kv: block means (keys with bc=1), norms, code stream. */
+/* Bytes of part kv: block means (keys with bc=1), norms, code stream,
+ * escape entries. */
 static size_t readme_part_bytes(const vqkv_layout_t *l, const readme_vq_t *vq, int kv,
                                 size_t *mean_bytes)
 {
@@ -726,7 +744,28 @@ static size_t readme_part_bytes(const vqkv_layout_t *l, const readme_vq_t *vq, i
     const readme_side_t *side = &vq->sides[kv];
     *mean_bytes = kv == 0 && vq->bc ? (size_t)2 * l->num_kv_heads * l->head_dim : 0;
     return *mean_bytes + vectors * side->n_branches * 2 +
-           (vectors * side_codes_per_vector(side) * vq->bits + 7) / 8;
+           (vectors * side_codes_per_vector(side) * vq->bits + 7) / 8 +
+           vq->esc * test_escape_bytes(l);
+}
+
+/* The codebook floats of a file's raw little-endian bytes. */
+static float *books_as_floats(const uint8_t *raw, size_t books_len)
+{
+    size_t n = books_len / 4;
+    float *books = malloc((n + 1) * sizeof *books);
+    assert_non_null(books);
+    for (size_t i = 0; i < n; i++)
+        books[i] = vqkv_bits_to_f32(test_get_u32(raw + 4 * i));
+    return books;
+}
+
+/* Where the channel statistics of (layer, kv, head) start among a file's
+ * floats: mean[D], then scale[D]. */
+static size_t stats_index(const vqkv_layout_t *l, size_t n_floats, uint32_t layer, int kv,
+                          uint32_t head)
+{
+    size_t stats_at = n_floats - (size_t)l->num_layers * 2 * l->num_kv_heads * 2 * l->head_dim;
+    return stats_at + (((size_t)layer * 2 + (size_t)kv) * l->num_kv_heads + head) * 2 * l->head_dim;
 }
 
 /* Decodes random bytes with codec (f32 memory) and by the description from
@@ -743,13 +782,7 @@ static void check_vq_decode_matches_readme(vqkv_codec_t *codec, const uint8_t *f
     size_t books_len;
     uint8_t *raw = extract_books(file, file_len, &books_len);
     size_t n_floats = books_len / 4;
-    float *books = malloc(n_floats * sizeof *books);
-    assert_non_null(books);
-    for (size_t i = 0; i < n_floats; i++) {
-        const uint8_t *p = raw + 4 * i;
-        books[i] = vqkv_bits_to_f32((uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 |
-                                    (uint32_t)p[3] << 24);
-    }
+    float *books = books_as_floats(raw, books_len);
     free(raw);
 
     /* [layer][set][K, V][branch][group][stage][2^b][d], then the statistics
@@ -759,6 +792,11 @@ static void check_vq_decode_matches_readme(vqkv_codec_t *codec, const uint8_t *f
     size_t set_floats = side_floats(&vq->sides[0], bits) + side_floats(&vq->sides[1], bits);
     size_t stats_at = (size_t)l->num_layers * sets * set_floats;
     assert_int_equal(n_floats, stats_at + (size_t)l->num_layers * 2 * H * 2 * D);
+    assert_int_equal(stats_index(l, n_floats, 0, 0, 0), stats_at);
+    /* Without cs=1 the statistics are the identity: mean 0, scale 1. */
+    for (size_t i = stats_at; !vq->cs && i < n_floats; i++)
+        assert_int_equal(vqkv_f32_to_bits(books[i]),
+                         vqkv_f32_to_bits((i - stats_at) / D % 2 ? 1.0f : 0.0f));
 
     /* Random codes; finite, positive norms; finite block means. */
     size_t block_bytes = vqkv_codec_block_bytes(codec);
@@ -781,17 +819,44 @@ static void check_vq_decode_matches_readme(vqkv_codec_t *codec, const uint8_t *f
                 block[at + mean_bytes + 2 * i] = (uint8_t)norm;
                 block[at + mean_bytes + 2 * i + 1] = (uint8_t)(norm >> 8);
             }
+            /* Escapes: indices inside the block (repeats likely), the first
+             * one past it (always in the block's very last entry), far past
+             * it and unused; finite scales of either sign; e4m3 codes that
+             * are not NaN. */
+            uint8_t *entry = block + at + part - vq->esc * test_escape_bytes(l);
+            for (uint32_t i = 0; i < vq->esc; i++, entry += test_escape_bytes(l)) {
+                uint32_t kind = (uint32_t)(test_rng_next(&rng) % 8), index;
+                index = kind < 5   ? (uint32_t)(test_rng_next(&rng) % (T * H))
+                        : kind < 6 ? T * H
+                        : kind < 7 ? T * H + 1 + (uint32_t)(test_rng_next(&rng) >> 33)
+                                   : UINT32_MAX;
+                if (at + part == block_bytes && i == vq->esc - 1)
+                    index = T * H;
+                test_put_u32(entry, index);
+                uint16_t scale = vqkv_f32_to_f16((float)(4.0 * test_rng_uniform(&rng) - 2.0));
+                entry[4] = (uint8_t)scale;
+                entry[5] = (uint8_t)(scale >> 8);
+                for (uint32_t c = 0; c < D; c++)
+                    if ((entry[6 + c] & 0x7f) == 0x7f)
+                        entry[6 + c] ^= 0x01;
+            }
             at += part;
         }
     assert_int_equal(at, block_bytes);
 
+    /* Two slots, decoding into the first: the second must keep its bytes
+     * (in this layout token T of slot 0 would be token 0 of slot 1). */
     vqkv_kv_view_t v;
-    vqkv_kv_view_vllm(&v, l, 1);
-    uint8_t *region = calloc(v.region_bytes, 1);
+    vqkv_kv_view_vllm(&v, l, 2);
+    uint8_t *region = malloc(v.region_bytes);
     size_t n = test_block_values(l);
     float *got = malloc(n * sizeof *got), *want = malloc(n * sizeof *want);
     assert_true(region && got && want);
+    memset(region, 0x7f, v.region_bytes);
     assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
+    test_read_block(l, &v, region, 1, got);
+    for (size_t i = 0; i < n; i++)
+        assert_int_equal(vqkv_f32_to_bits(got[i]), 0x7f7f7f7fu);
     test_read_block(l, &v, region, 0, got);
 
     at = 0;
@@ -846,6 +911,15 @@ static void check_vq_decode_matches_readme(vqkv_codec_t *codec, const uint8_t *f
                     want[test_block_index(l, layer, kv, t, h, c)] = x;
                 }
             }
+            /* Last, the escapes in order, each overwriting its vector. */
+            const uint8_t *entry = block + at + part - vq->esc * test_escape_bytes(l);
+            for (uint32_t i = 0; i < vq->esc; i++, entry += test_escape_bytes(l)) {
+                uint32_t index = test_get_u32(entry);
+                if (index >= T * H)
+                    continue;
+                test_fp8_row_decode(test_get_u16(entry + 4), entry + 6, D,
+                                    want + test_block_index(l, layer, kv, index / H, index % H, 0));
+            }
             at += part;
         }
     for (size_t i = 0; i < n; i++)
@@ -888,39 +962,48 @@ static void test_vq_decode_matches_documented_layout(void **state)
     uint32_t D = l.head_dim;
     readme_vq_t vq;
 
-    /* rvq, strided keys, block means (the default): the run's codebooks. */
-    vq = (readme_vq_t){.bits = 4, .bc = 1, .per_head = 0};
+    /* rvq, strided keys, block means: the run's codebooks. */
+    vq = (readme_vq_t){.bits = 4, .bc = 1};
     rvq_side(D, 4, 2, 1, &vq.sides[0]);
     rvq_side(D, 4, 2, 0, &vq.sides[1]);
     vqkv_codec_t *codec = new_codec(SPEC, &l);
     check_vq_decode_matches_readme(codec, good_file, good_len, &vq);
     vqkv_codec_free(codec);
 
-    /* The same without block means. */
+    /* The same without block means (the default), then with escapes. */
     vq.bc = 0;
-    check_trained_vq_decode("rvq:d=4,b=4,r=2,bc=0", &vq);
+    check_trained_vq_decode(SPEC_BC0, &vq);
+    vq.esc = 3;
+    check_trained_vq_decode(SPEC_BC0 ",esc=3", &vq);
+    vq.bc = 1;
+    check_trained_vq_decode(SPEC ",esc=3", &vq);
 
     /* A codebook set per head, with and without block means. */
-    vq.per_head = 1;
-    check_trained_vq_decode("rvq:d=4,b=4,r=2,bc=0,ph=1", &vq);
-    vq.bc = 1;
+    vq = (readme_vq_t){.bits = 4, .per_head = 1};
+    rvq_side(D, 4, 2, 1, &vq.sides[0]);
+    rvq_side(D, 4, 2, 0, &vq.sides[1]);
     check_trained_vq_decode("rvq:d=4,b=4,r=2,ph=1", &vq);
+    vq.bc = 1;
+    vq.esc = 1;
+    check_trained_vq_decode("rvq:d=4,b=4,r=2,ph=1,bc=1,esc=1", &vq);
 
-    /* vqkv with channel scaling. */
-    vq = (readme_vq_t){.bits = 3, .bc = 1, .per_head = 0};
+    /* vqkv with channel scaling and block means, as many escapes as the
+     * block has vectors. */
+    vq = (readme_vq_t){.bits = 3, .bc = 1, .cs = 1, .esc = 8};
     vqkv_key_side(D, 4, 2, &vq.sides[0]);
     rvq_side(D, 8, 1, 0, &vq.sides[1]);
-    check_trained_vq_decode("vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1", &vq);
-    /* ... with a set per head and no block means. */
+    check_trained_vq_decode("vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1,bc=1,esc=8", &vq);
+    /* ... with a set per head, no block means, no escapes. */
     vq.bc = 0;
     vq.per_head = 1;
-    check_trained_vq_decode("vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1,bc=0,ph=1", &vq);
+    vq.esc = 0;
+    check_trained_vq_decode("vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1,ph=1", &vq);
 
     /* rvq with contiguous keys and several stages. */
-    vq = (readme_vq_t){.bits = 5, .bc = 1, .per_head = 0};
+    vq = (readme_vq_t){.bits = 5, .bc = 1, .esc = 2};
     rvq_side(D, 2, 3, 0, &vq.sides[0]);
     rvq_side(D, 2, 3, 0, &vq.sides[1]);
-    check_trained_vq_decode("rvq:d=2,b=5,r=3,kgroup=contig", &vq);
+    check_trained_vq_decode("rvq:d=2,b=5,r=3,kgroup=contig,bc=1,esc=2", &vq);
 }
 
 /* ---- block-centered keys and per-head sets ------------------------------------ */
@@ -946,122 +1029,213 @@ static vqkv_codec_t *codec_with_books(const char *spec, const uint8_t *books, si
     return codec;
 }
 
-/* bc=1 is bc=0 around the block means, on both paths: with the same
- * codebooks, a bc=1 key part is the f16 block means followed by exactly the
- * bc=0 part of the keys minus those means, and decodes to the bc=0 decode
- * plus the means (a float add); value parts are identical. */
+/* Plants outliers into x[tokens][H][D] of base_layout's heads: every 5th
+ * token's head 1 gets two large spikes, and every 7th token's heads all get
+ * the same spiky vector, so escapes and the means around them matter. */
+static void plant_outliers(const vqkv_layout_t *l, float *x, size_t tokens)
+{
+    uint32_t H = l->num_kv_heads, D = l->head_dim;
+    for (size_t t = 0; t < tokens; t++)
+        for (uint32_t h = 0; h < H; h++) {
+            float *v = x + (t * H + h) * D;
+            if (t % 7 == 3) {
+                for (uint32_t d = 0; d < D; d++)
+                    v[d] = d % 3 ? 0.5f : -0.25f;
+                v[D / 2] = 30.0f;
+            } else if (t % 5 == 1 && h == 1) {
+                v[1] += 40.0f;
+                v[D - 2] -= 35.0f;
+            }
+        }
+}
+
+/* bc=1 is bc=0 around the block means, on both paths, escapes apart: with
+ * the same codebooks (cs=0, so every reference not a block mean is 0), a
+ * bc=1,esc=E key part is the f16 block means of the tokens that are not
+ * escapes, then exactly the bc=0,esc=0 part of the keys minus those means,
+ * then the E escape entries of the keys as they were; it decodes to the
+ * bc=0 decode plus the means (a float add), but for the escaped vectors,
+ * which decode to their fp8 rows. A value part is the bc=0 value part and
+ * its own escape entries. */
 static void test_block_centered_coding_matches_documented(void **state)
 {
     (void)state;
     good_fields(&(file_fields_t){0}, &(body_fields_t){0}); /* extracts good_books */
-    vqkv_codec_t *bc1 = codec_with_books(SPEC, good_books, good_books_len);
-    vqkv_codec_t *bc0 = codec_with_books(SPEC ",bc=0", good_books, good_books_len);
-    const vqkv_layout_t *l = vqkv_codec_layout(bc1);
-    uint32_t T = l->block_tokens, H = l->num_kv_heads, D = l->head_dim;
-    readme_vq_t vq = {.bits = 4, .bc = 1};
-    rvq_side(D, 4, 2, 1, &vq.sides[0]);
-    rvq_side(D, 4, 2, 0, &vq.sides[1]);
-    size_t mean_bytes, key1 = readme_part_bytes(l, &vq, 0, &mean_bytes);
-    size_t value = readme_part_bytes(l, &vq, 1, &(size_t){0});
-    size_t key0 = key1 - mean_bytes;
-    assert_int_equal(vqkv_codec_block_bytes(bc1), l->num_layers * (key1 + value));
-    assert_int_equal(vqkv_codec_block_bytes(bc0), l->num_layers * (key0 + value));
-
-    size_t n = test_block_values(l);
+    static const uint32_t escs[] = {0, 2, 8};
+    vqkv_codec_t *bc0 = codec_with_books(SPEC_BC0, good_books, good_books_len);
+    const vqkv_layout_t *l = vqkv_codec_layout(bc0);
+    const uint32_t T = l->block_tokens, H = l->num_kv_heads, D = l->head_dim;
+    size_t n = test_block_values(l), vectors = (size_t)T * H;
     vqkv_kv_view_t v;
     vqkv_kv_view_vllm(&v, l, 1);
     float *src = malloc(n * sizeof *src), *centered = malloc(n * sizeof *centered);
     float *got1 = malloc(n * sizeof *got1), *got0 = malloc(n * sizeof *got0);
+    float *row = malloc(D * sizeof *row);
     uint16_t *means = malloc((size_t)l->num_layers * H * D * sizeof *means);
-    uint8_t *region = malloc(v.region_bytes), *block1 = malloc(vqkv_codec_block_bytes(bc1));
-    uint8_t *block0 = malloc(vqkv_codec_block_bytes(bc0));
-    assert_true(src && centered && got1 && got0 && means && region && block1 && block0);
+    uint32_t *escapes = malloc((size_t)l->num_layers * 2 * 8 * sizeof *escapes);
+    uint32_t *n_esc = malloc((size_t)l->num_layers * 2 * sizeof *n_esc);
+    uint8_t *region = malloc(v.region_bytes), *codes = malloc(D);
+    assert_true(src && centered && got1 && got0 && row && means && escapes && n_esc && region &&
+                codes);
     test_synth_block(l, 42, 91, src);
-    memcpy(centered, src, n * sizeof *src);
-    for (uint32_t layer = 0; layer < l->num_layers; layer++) {
-        uint16_t *m = means + (size_t)layer * H * D;
-        test_block_means_f16(l, src + test_block_index(l, layer, 0, 0, 0, 0), m);
-        for (uint32_t t = 0; t < T; t++)
-            for (uint32_t h = 0; h < H; h++)
-                for (uint32_t d = 0; d < D; d++)
-                    centered[test_block_index(l, layer, 0, t, h, d)] -=
-                        vqkv_f16_to_f32(m[(size_t)h * D + d]);
-    }
-    test_write_block(l, &v, region, 0, src);
-    assert_ok(vqkv_codec_encode(bc1, region, &v, 0, block1));
-    test_write_block(l, &v, region, 0, centered);
-    assert_ok(vqkv_codec_encode(bc0, region, &v, 0, block0));
-    for (uint32_t layer = 0; layer < l->num_layers; layer++) {
-        const uint8_t *k1 = block1 + layer * (key1 + value), *k0 = block0 + layer * (key0 + value);
-        const uint16_t *m = means + (size_t)layer * H * D;
-        for (size_t i = 0; i < (size_t)H * D; i++)
-            assert_int_equal(k1[2 * i] | k1[2 * i + 1] << 8, m[i]);
-        assert_memory_equal(k1 + mean_bytes, k0, key0);
-        assert_memory_equal(k1 + key1, k0 + key0, value);
-    }
-
-    assert_ok(vqkv_codec_decode(bc1, block1, region, &v, 0));
-    test_read_block(l, &v, region, 0, got1);
-    assert_ok(vqkv_codec_decode(bc0, block0, region, &v, 0));
-    test_read_block(l, &v, region, 0, got0);
     for (uint32_t layer = 0; layer < l->num_layers; layer++)
         for (int kv = 0; kv < 2; kv++)
-            for (uint32_t t = 0; t < T; t++)
-                for (uint32_t h = 0; h < H; h++)
-                    for (uint32_t d = 0; d < D; d++) {
-                        size_t i = test_block_index(l, layer, kv, t, h, d);
-                        float want = got0[i];
-                        if (kv == 0)
-                            want += vqkv_f16_to_f32(means[((size_t)layer * H + h) * D + d]);
-                        assert_int_equal(vqkv_f32_to_bits(got1[i]), vqkv_f32_to_bits(want));
+            plant_outliers(l, src + test_block_index(l, layer, kv, 0, 0, 0), T);
+
+    for (size_t ei = 0; ei < sizeof escs / sizeof escs[0]; ei++) {
+        const uint32_t esc = escs[ei];
+        char spec[64];
+        snprintf(spec, sizeof spec, SPEC ",esc=%u", esc);
+        vqkv_codec_t *bc1 = codec_with_books(spec, good_books, good_books_len);
+        readme_vq_t vq = {.bits = 4, .bc = 1, .esc = esc};
+        rvq_side(D, 4, 2, 1, &vq.sides[0]);
+        rvq_side(D, 4, 2, 0, &vq.sides[1]);
+        size_t mean_bytes, key1 = readme_part_bytes(l, &vq, 0, &mean_bytes);
+        size_t value1 = readme_part_bytes(l, &vq, 1, &(size_t){0});
+        size_t entries = esc * test_escape_bytes(l);
+        size_t key0 = key1 - mean_bytes - entries, value0 = value1 - entries;
+        assert_int_equal(vqkv_codec_block_bytes(bc1), l->num_layers * (key1 + value1));
+        assert_int_equal(vqkv_codec_block_bytes(bc0), l->num_layers * (key0 + value0));
+        uint8_t *block1 = malloc(vqkv_codec_block_bytes(bc1));
+        uint8_t *block0 = malloc(vqkv_codec_block_bytes(bc0));
+        assert_true(block1 && block0);
+
+        /* The encoder's plan, by the README: escapes, then the means of
+         * what is left. */
+        memcpy(centered, src, n * sizeof *src);
+        for (uint32_t layer = 0; layer < l->num_layers; layer++)
+            for (int kv = 0; kv < 2; kv++) {
+                uint16_t *m = means + (size_t)layer * H * D;
+                size_t part = (size_t)layer * 2 + (size_t)kv;
+                n_esc[part] = test_part_plan(l, src + test_block_index(l, layer, kv, 0, 0, 0), esc,
+                                             NULL, kv == 0 ? m : NULL, escapes + part * 8);
+                assert_int_equal(n_esc[part], esc < vectors ? esc : vectors);
+                for (uint32_t t = 0; kv == 0 && t < T; t++)
+                    for (uint32_t h = 0; h < H; h++)
+                        for (uint32_t d = 0; d < D; d++)
+                            centered[test_block_index(l, layer, 0, t, h, d)] -=
+                                vqkv_f16_to_f32(m[(size_t)h * D + d]);
+            }
+        if (esc == 2) {
+            /* The planted outliers are what the values' escapes (their
+             * reference is 0) catch: token 1's spiked head 1 first, then of
+             * token 3's two equal vectors, tied, the lower index. */
+            assert_int_equal(escapes[1 * 8 + 0], 1 * H + 1);
+            assert_int_equal(escapes[1 * 8 + 1], 3 * H + 0);
+        }
+        test_write_block(l, &v, region, 0, src);
+        assert_ok(vqkv_codec_encode(bc1, region, &v, 0, block1));
+        test_write_block(l, &v, region, 0, centered);
+        assert_ok(vqkv_codec_encode(bc0, region, &v, 0, block0));
+        for (uint32_t layer = 0; layer < l->num_layers; layer++) {
+            const uint8_t *k1 = block1 + layer * (key1 + value1);
+            const uint8_t *k0 = block0 + layer * (key0 + value0);
+            const uint16_t *m = means + (size_t)layer * H * D;
+            for (size_t i = 0; i < (size_t)H * D; i++)
+                assert_int_equal(test_get_u16(k1 + 2 * i), m[i]);
+            assert_memory_equal(k1 + mean_bytes, k0, key0);
+            assert_memory_equal(k1 + key1, k0 + key0, value0);
+            for (int kv = 0; kv < 2; kv++) {
+                size_t part = (size_t)layer * 2 + (size_t)kv;
+                const uint8_t *entry = k1 + (kv ? key1 + value1 : key1) - entries;
+                for (uint32_t i = 0; i < esc; i++, entry += test_escape_bytes(l)) {
+                    uint32_t index = i < n_esc[part] ? escapes[part * 8 + i] : UINT32_MAX;
+                    assert_int_equal(test_get_u32(entry), index);
+                    if (index == UINT32_MAX)
+                        continue;
+                    const float *x = src + test_block_index(l, layer, kv, index / H, index % H, 0);
+                    assert_int_equal(test_get_u16(entry + 4), test_fp8_row_encode(x, D, codes));
+                    assert_memory_equal(entry + 6, codes, D);
+                }
+            }
+        }
+
+        assert_ok(vqkv_codec_decode(bc1, block1, region, &v, 0));
+        test_read_block(l, &v, region, 0, got1);
+        assert_ok(vqkv_codec_decode(bc0, block0, region, &v, 0));
+        test_read_block(l, &v, region, 0, got0);
+        for (uint32_t layer = 0; layer < l->num_layers; layer++)
+            for (int kv = 0; kv < 2; kv++) {
+                size_t part = (size_t)layer * 2 + (size_t)kv;
+                for (uint32_t t = 0; t < T; t++)
+                    for (uint32_t h = 0; h < H; h++) {
+                        uint32_t vec = t * H + h;
+                        int escaped = test_listed(escapes + part * 8, n_esc[part], vec);
+                        if (escaped) {
+                            const float *x = src + test_block_index(l, layer, kv, t, h, 0);
+                            test_fp8_row_decode(test_fp8_row_encode(x, D, codes), codes, D, row);
+                        }
+                        for (uint32_t d = 0; d < D; d++) {
+                            size_t i = test_block_index(l, layer, kv, t, h, d);
+                            float want = got0[i];
+                            if (escaped)
+                                want = row[d];
+                            else if (kv == 0)
+                                want += vqkv_f16_to_f32(means[((size_t)layer * H + h) * D + d]);
+                            assert_int_equal(vqkv_f32_to_bits(got1[i]), vqkv_f32_to_bits(want));
+                        }
                     }
+            }
+        free(block1);
+        free(block0);
+        vqkv_codec_free(bc1);
+    }
     free(src);
     free(centered);
     free(got1);
     free(got0);
+    free(row);
     free(means);
+    free(escapes);
+    free(n_esc);
     free(region);
-    free(block1);
-    free(block0);
-    vqkv_codec_free(bc1);
+    free(codes);
     vqkv_codec_free(bc0);
 }
 
 /* Training with bc=1 block-centers the keys as the encoder will: each chunk
  * of block_tokens tokens, and a last partial chunk, loses its own f16
- * channel means. So its codebooks and statistics are, bit for bit, those of
- * bc=0 trained on keys centered that way here; values are trained alike. */
+ * channel means, taken over the tokens that are not the chunk's escapes
+ * (picked against the all-token means, as the encoder picks them). So its
+ * codebooks and statistics are, bit for bit, those of bc=0 trained on keys
+ * centered that way here; values are trained alike. */
 static void test_block_centered_training_matches_documented(void **state)
 {
     (void)state;
-    static const char *const specs[][2] = {
-        {SPEC, SPEC ",bc=0"},
-        {"vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1,ph=1", "vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1,ph=1,bc=0"},
+    static const struct {
+        const char *bc1, *bc0;
+        uint32_t esc;
+    } specs[] = {
+        {SPEC, SPEC_BC0, 0},
+        {"vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1,ph=1,bc=1", "vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1,ph=1", 0},
+        {SPEC ",esc=3", SPEC_BC0, 3},
+        /* Every vector of a whole chunk (and of the last, partial one) is
+         * an escape: the means are 0 and centering changes nothing. */
+        {"vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1,ph=1,bc=1,esc=8", "vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1,ph=1",
+         8},
     };
     const vqkv_layout_t *l = &base_layout;
     uint32_t T = l->block_tokens, H = l->num_kv_heads, D = l->head_dim;
     const size_t tokens = 25 * (size_t)T + 3, n = tokens * H, row = (size_t)H * D;
     vqkv_train_opts_t opts = {.seed = 31, .iterations = 3};
     float *x = malloc(n * D * sizeof *x), *centered = malloc(n * D * sizeof *centered);
-    float *mean = malloc(row * sizeof *mean);
+    uint16_t *mean = malloc(row * sizeof *mean);
     assert_true(x && centered && mean);
     for (size_t si = 0; si < sizeof specs / sizeof specs[0]; si++) {
-        vqkv_codec_t *bc1 = new_codec(specs[si][0], l), *bc0 = new_codec(specs[si][1], l);
+        vqkv_codec_t *bc1 = new_codec(specs[si].bc1, l), *bc0 = new_codec(specs[si].bc0, l);
         for (uint32_t layer = 0; layer < l->num_layers; layer++)
             for (int kv = 0; kv < 2; kv++) {
                 test_synth_vectors(42, 600 + si, layer, kv, D, n, x);
+                plant_outliers(l, x, tokens);
                 memcpy(centered, x, n * D * sizeof *x);
                 for (size_t t0 = 0; kv == 0 && t0 < tokens; t0 += T) {
-                    size_t nt = tokens - t0 < T ? tokens - t0 : T;
-                    for (size_t i = 0; i < row; i++) {
-                        float sum = 0.0f;
-                        for (size_t t = t0; t < t0 + nt; t++)
-                            sum += x[t * row + i];
-                        mean[i] = vqkv_f16_to_f32(vqkv_f32_to_f16(sum / (float)nt));
-                    }
-                    for (size_t t = t0; t < t0 + nt; t++)
+                    vqkv_layout_t chunk = *l;
+                    chunk.block_tokens = (uint32_t)(tokens - t0 < T ? tokens - t0 : T);
+                    uint32_t escapes[8];
+                    test_part_plan(&chunk, x + t0 * row, specs[si].esc, NULL, mean, escapes);
+                    for (size_t t = t0; t < t0 + chunk.block_tokens; t++)
                         for (size_t i = 0; i < row; i++)
-                            centered[t * row + i] = x[t * row + i] - mean[i];
+                            centered[t * row + i] = x[t * row + i] - vqkv_f16_to_f32(mean[i]);
                 }
                 assert_ok(vqkv_codec_train(bc1, layer, kv, x, n, &opts));
                 assert_ok(vqkv_codec_train(bc0, layer, kv, centered, n, &opts));
@@ -1078,7 +1252,7 @@ static void test_block_centered_training_matches_documented(void **state)
             while (books1[i] == books0[i])
                 i++;
             print_error("%s: codebook float %zu differs from bc=0 trained on centered keys\n",
-                        specs[si][0], i / 4);
+                        specs[si].bc1, i / 4);
             fail();
         }
         free(file1);
@@ -1091,6 +1265,210 @@ static void test_block_centered_training_matches_documented(void **state)
     free(x);
     free(centered);
     free(mean);
+}
+
+/* ---- channel statistics and escapes ----------------------------------------- */
+
+/* Training vectors [tokens][H][D] of (layer, kv) whose heads sit apart:
+ * head 1 shifted by +5 on every channel (so channel means are far from 0),
+ * head 0's value channel 2 constant. */
+static void shifted_heads(const vqkv_layout_t *l, uint32_t layer, int kv, size_t tokens,
+                          uint64_t seed, float *x)
+{
+    uint32_t H = l->num_kv_heads, D = l->head_dim;
+    test_synth_vectors(42, seed, layer, kv, D, tokens * H, x);
+    for (size_t t = 0; t < tokens; t++) {
+        for (uint32_t d = 0; d < D; d++)
+            x[(t * H + 1) * D + d] += 5.0f;
+        if (kv == 1)
+            x[t * H * D + 2] = 3.0f;
+    }
+}
+
+/* cs=0 codecs keep no channel statistics: whatever they were trained on,
+ * every mean in their file is exactly 0 and every scale exactly 1. cs=1
+ * codecs store each (layer, side, head)'s channel mean and standard
+ * deviation over the training vectors; a constant channel still gets a
+ * positive scale, so the file loads back. */
+static void test_channel_statistics_in_file(void **state)
+{
+    (void)state;
+    static const char *const specs[] = {SPEC_BC0,
+                                        SPEC,
+                                        SPEC_BC0 ",esc=2",
+                                        "rvq:d=4,b=4,r=2,ph=1",
+                                        "vqkv:b=3,dlo=2,dhi=4,dv=8,bc=1,esc=1",
+                                        "rvq:d=4,b=4,r=2,cs=1",
+                                        "rvq:d=4,b=4,r=2,cs=1,esc=2",
+                                        "vqkv:b=3,dlo=2,dhi=4,dv=8,cs=1,ph=1"};
+    const vqkv_layout_t *l = &base_layout;
+    const uint32_t H = l->num_kv_heads, D = l->head_dim;
+    enum { TOKENS = 96 };
+    vqkv_train_opts_t opts = {.seed = 3, .iterations = 2};
+    float *x = malloc((size_t)TOKENS * H * D * sizeof *x);
+    assert_non_null(x);
+    for (size_t si = 0; si < sizeof specs / sizeof specs[0]; si++) {
+        int cs = strstr(specs[si], "cs=1") != NULL;
+        vqkv_codec_t *codec = new_codec(specs[si], l);
+        for (uint32_t layer = 0; layer < l->num_layers; layer++)
+            for (int kv = 0; kv < 2; kv++) {
+                shifted_heads(l, layer, kv, TOKENS, 70 + si, x);
+                assert_ok(vqkv_codec_train(codec, layer, kv, x, (size_t)TOKENS * H, &opts));
+            }
+        uint8_t *file = NULL;
+        size_t len = 0, books_len;
+        assert_ok(vqkv_codebook_save_buffer(codec, &file, &len));
+        uint8_t *raw = extract_books(file, len, &books_len);
+        float *books = books_as_floats(raw, books_len);
+        size_t n_floats = books_len / 4;
+        for (uint32_t layer = 0; layer < l->num_layers; layer++)
+            for (int kv = 0; kv < 2; kv++) {
+                shifted_heads(l, layer, kv, TOKENS, 70 + si, x);
+                for (uint32_t h = 0; h < H; h++) {
+                    const float *mean = books + stats_index(l, n_floats, layer, kv, h);
+                    const float *scale = mean + D;
+                    for (uint32_t c = 0; c < D; c++) {
+                        if (!cs) {
+                            assert_int_equal(vqkv_f32_to_bits(mean[c]), 0);
+                            assert_int_equal(vqkv_f32_to_bits(scale[c]), 0x3f800000u);
+                            continue;
+                        }
+                        /* Keys with bc=1 would be centered first: none here. */
+                        double sum = 0.0, sq = 0.0;
+                        for (size_t t = 0; t < TOKENS; t++) {
+                            double value = x[(t * H + h) * D + c];
+                            sum += value;
+                            sq += value * value;
+                        }
+                        double mu = sum / TOKENS, sd = sqrt(fmax(sq / TOKENS - mu * mu, 0.0));
+                        if (!(fabs(mean[c] - mu) <= 1e-5 * (1.0 + fabs(mu)))) {
+                            print_error("%s: layer %u %s head %u channel %u: mean %g, the data's "
+                                        "%g\n",
+                                        specs[si], layer, kv ? "V" : "K", h, c, mean[c], mu);
+                            fail();
+                        }
+                        if (kv == 1 && h == 0 && c == 2) {
+                            assert_true(mean[c] == 3.0f);
+                            assert_true(scale[c] > 0.0f && isfinite(scale[c]));
+                        } else if (!(fabs(scale[c] - sd) <= 1e-5 * sd)) {
+                            print_error("%s: layer %u %s head %u channel %u: scale %g, the data's "
+                                        "std %g\n",
+                                        specs[si], layer, kv ? "V" : "K", h, c, scale[c], sd);
+                            fail();
+                        }
+                    }
+                }
+            }
+        vqkv_codec_t *again = new_codec(specs[si], l);
+        assert_ok(vqkv_codebook_load_buffer(again, file, len));
+        vqkv_codec_free(again);
+        free(books);
+        free(raw);
+        free(file);
+        vqkv_codec_free(codec);
+    }
+    free(x);
+}
+
+/* With cs=1 an escape is measured from its head's trained channel mean (and
+ * for keys with bc=1 from the block means): a head whose vectors all sit
+ * far from 0, around their mean, has no outliers, while a modest spike in
+ * the other head is one. Every part's escapes are the README's, computed
+ * with the means the file holds. */
+static void test_escapes_measured_from_channel_mean(void **state)
+{
+    (void)state;
+    static const char *const specs[] = {"rvq:d=4,b=4,r=2,cs=1,esc=2",
+                                        "rvq:d=4,b=4,r=2,cs=1,bc=1,esc=2"};
+    vqkv_layout_t l = base_layout;
+    l.dtype = VQKV_DTYPE_F32;
+    const uint32_t T = l.block_tokens, H = l.num_kv_heads, D = l.head_dim;
+    enum { TOKENS = 128 };
+    vqkv_train_opts_t opts = {.seed = 4, .iterations = 2};
+    size_t n = test_block_values(&l);
+    vqkv_kv_view_t v;
+    vqkv_kv_view_vllm(&v, &l, 1);
+    float *x = malloc((size_t)TOKENS * H * D * sizeof *x), *src = malloc(n * sizeof *src);
+    float *channel_mean = malloc((size_t)H * D * sizeof *channel_mean);
+    uint16_t *means = malloc((size_t)H * D * sizeof *means);
+    uint8_t *region = malloc(v.region_bytes);
+    assert_true(x && src && channel_mean && means && region);
+    /* Head 0 sits around 20 on every channel, in training and in the block;
+     * token 2's head 1 (vector 5) gets two spikes. */
+    test_synth_block(&l, 42, 17, src);
+    for (uint32_t layer = 0; layer < l.num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++)
+            for (uint32_t t = 0; t < T; t++) {
+                for (uint32_t d = 0; d < D; d++)
+                    src[test_block_index(&l, layer, kv, t, 0, d)] += 20.0f;
+                if (t == 2) {
+                    src[test_block_index(&l, layer, kv, t, 1, 4)] += 30.0f;
+                    src[test_block_index(&l, layer, kv, t, 1, 9)] -= 25.0f;
+                }
+            }
+    test_write_block(&l, &v, region, 0, src);
+    for (size_t si = 0; si < sizeof specs / sizeof specs[0]; si++) {
+        int bc = strstr(specs[si], "bc=1") != NULL;
+        vqkv_codec_t *codec = new_codec(specs[si], &l);
+        for (uint32_t layer = 0; layer < l.num_layers; layer++)
+            for (int kv = 0; kv < 2; kv++) {
+                test_synth_vectors(42, 5, layer, kv, D, (size_t)TOKENS * H, x);
+                for (size_t i = 0; i < (size_t)TOKENS * H * D; i += (size_t)H * D)
+                    for (uint32_t d = 0; d < D; d++)
+                        x[i + d] += 20.0f;
+                assert_ok(vqkv_codec_train(codec, layer, kv, x, (size_t)TOKENS * H, &opts));
+            }
+        uint8_t *file = NULL, *block = malloc(vqkv_codec_block_bytes(codec));
+        size_t len = 0, books_len;
+        assert_non_null(block);
+        assert_ok(vqkv_codebook_save_buffer(codec, &file, &len));
+        uint8_t *raw = extract_books(file, len, &books_len);
+        float *books = books_as_floats(raw, books_len);
+        assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
+        readme_vq_t vq = {.bits = 4, .bc = bc, .cs = 1, .esc = 2};
+        rvq_side(D, 4, 2, 1, &vq.sides[0]);
+        rvq_side(D, 4, 2, 0, &vq.sides[1]);
+        size_t at = 0;
+        for (uint32_t layer = 0; layer < l.num_layers; layer++)
+            for (int kv = 0; kv < 2; kv++) {
+                size_t mean_bytes, part = readme_part_bytes(&l, &vq, kv, &mean_bytes);
+                for (uint32_t h = 0; h < H; h++)
+                    memcpy(channel_mean + (size_t)h * D,
+                           books + stats_index(&l, books_len / 4, layer, kv, h), D * sizeof(float));
+                /* The trained means are where the data is, not 0; for keys
+                 * with bc=1, where the data is once block-centered. */
+                float head_avg[2] = {0.0f, 0.0f};
+                for (uint32_t d = 0; d < D; d++)
+                    for (uint32_t h = 0; h < 2; h++)
+                        head_avg[h] += channel_mean[(size_t)h * D + d] / (float)D;
+                if (mean_bytes > 0)
+                    assert_true(fabsf(head_avg[0]) < 1.0f && fabsf(head_avg[1]) < 1.0f);
+                else
+                    assert_true(head_avg[0] > 17.0f && fabsf(head_avg[1]) < 3.0f);
+                uint32_t want[2];
+                assert_int_equal(test_part_plan(&l, src + test_block_index(&l, layer, kv, 0, 0, 0),
+                                                2, channel_mean, mean_bytes ? means : NULL, want),
+                                 2);
+                const uint8_t *entry = block + at + part - 2 * test_escape_bytes(&l);
+                assert_int_equal(test_get_u32(entry), 2 * H + 1);
+                for (uint32_t i = 0; i < 2; i++, entry += test_escape_bytes(&l))
+                    assert_int_equal(test_get_u32(entry), want[i]);
+                for (size_t i = 0; i < mean_bytes / 2; i++)
+                    assert_int_equal(test_get_u16(block + at + 2 * i), means[i]);
+                at += part;
+            }
+        assert_int_equal(at, vqkv_codec_block_bytes(codec));
+        free(books);
+        free(raw);
+        free(file);
+        free(block);
+        vqkv_codec_free(codec);
+    }
+    free(x);
+    free(src);
+    free(channel_mean);
+    free(means);
+    free(region);
 }
 
 /* Channel scales divide on encode, so a file with a scale that is not > 0
@@ -1501,8 +1879,9 @@ static void assert_codes_alike(const vqkv_codec_t *a, const vqkv_codec_t *b)
 static void test_per_head_file_round_trip(void **state)
 {
     scratch_t *s = *state;
-    static const char *const specs[] = {"rvq:d=4,b=4,r=2,ph=1", "vqkv:b=4,dlo=2,dhi=4,dv=8,ph=1",
-                                        "rvq:d=4,b=4,r=2,ph=1,bc=0,cs=1"};
+    static const char *const specs[] = {"rvq:d=4,b=4,r=2,ph=1",
+                                        "vqkv:b=4,dlo=2,dhi=4,dv=8,ph=1,bc=1,esc=2",
+                                        "rvq:d=4,b=4,r=2,ph=1,cs=1"};
     vqkv_layout_t l = {2, 3, 16, 4, VQKV_DTYPE_BF16};
     vqkv_train_opts_t opts = {.seed = 77, .iterations = 3};
     snprintf(s->path, sizeof s->path, "%s/books.vqcb", s->dir);
@@ -1561,6 +1940,8 @@ int main(void)
         cmocka_unit_test(test_vq_decode_matches_documented_layout),
         cmocka_unit_test(test_block_centered_coding_matches_documented),
         cmocka_unit_test(test_block_centered_training_matches_documented),
+        cmocka_unit_test(test_channel_statistics_in_file),
+        cmocka_unit_test(test_escapes_measured_from_channel_mean),
         cmocka_unit_test(test_nonpositive_scales_refused),
         cmocka_unit_test_setup_teardown(test_path_round_trip, make_scratch, remove_scratch),
         cmocka_unit_test_setup_teardown(test_path_errors, make_scratch, remove_scratch),

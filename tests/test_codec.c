@@ -1,6 +1,7 @@
 /* test_codec.c -- the codec interface of kernels/vqkv_codec.h: spec strings,
- * layouts, views and their bounds, block sizes, and round trips of every
- * codec through strided worker memory of every dtype.
+ * layouts, views and their bounds, block sizes, the documented byte layouts
+ * (fp8 and KIVI whole, the VQ codecs' block means and escape entries), and
+ * round trips of every codec through strided worker memory of every dtype.
  *
  * The VQ codecs are trained once per run (small sets, few iterations) and
  * their codebooks copied into every codec that needs them, through the
@@ -30,8 +31,9 @@ typedef struct {
     codec_kind_t kind;
     /* Parameters spelled out again here, to compute sizes independently. */
     uint32_t bits, d, r, g, dlo, dhi, dv;
-    /* VQ only: whether keys carry block means (bc=1, the default). */
-    uint32_t bc;
+    /* VQ only: whether keys carry block means (bc=1; the default is 0), and
+     * the escape entries per part (esc, default 0). */
+    uint32_t bc, esc;
     /* bits/value on the test layout, worked out by hand from the layout. */
     double bits_per_value;
     /* Relative error bounds (||x - x'|| / ||x||) for keys and values on
@@ -64,28 +66,48 @@ static const codec_case_t cases[] = {
      .bits_per_value = 5.5,
      .max_key_error = 0.055,
      .max_value_error = 0.11},
+    /* The defaults: no block means, no escapes, no channel statistics. */
     {.spec = "rvq",
-     .canonical = "rvq:d=8,r=2,kgroup=strided,b=8,cs=0,ph=0,bc=1",
+     .canonical = "rvq:d=8,r=2,kgroup=strided,b=8,cs=0,ph=0,bc=0,esc=0",
      .kind = KIND_RVQ,
      .bits = 8,
      .d = 8,
      .r = 2,
-     .bc = 1,
-     .bits_per_value = 2.75,
+     .bits_per_value = 2.25,
      .max_key_error = 0.17,
      .max_value_error = 0.38},
     {.spec = "rvq:kgroup=contig",
-     .canonical = "rvq:d=8,r=2,kgroup=contig,b=8,cs=0,ph=0,bc=1",
+     .canonical = "rvq:d=8,r=2,kgroup=contig,b=8,cs=0,ph=0,bc=0,esc=0",
      .kind = KIND_RVQ,
      .bits = 8,
      .d = 8,
      .r = 2,
-     .bc = 1,
-     .bits_per_value = 2.75,
+     .bits_per_value = 2.25,
      .max_key_error = 0.17,
      .max_value_error = 0.38},
+    /* Two escape entries of 6 + 64 bytes per part. */
+    {.spec = "rvq:esc=2",
+     .canonical = "rvq:d=8,r=2,kgroup=strided,b=8,cs=0,ph=0,bc=0,esc=2",
+     .kind = KIND_RVQ,
+     .bits = 8,
+     .d = 8,
+     .r = 2,
+     .esc = 2,
+     .bits_per_value = 2.796875,
+     .max_key_error = 0.165,
+     .max_value_error = 0.35},
     {.spec = "rvq:d=4,b=6,r=3",
-     .canonical = "rvq:d=4,r=3,kgroup=strided,b=6,cs=0,ph=0,bc=1",
+     .canonical = "rvq:d=4,r=3,kgroup=strided,b=6,cs=0,ph=0,bc=0,esc=0",
+     .kind = KIND_RVQ,
+     .bits = 6,
+     .d = 4,
+     .r = 3,
+     .bits_per_value = 4.75,
+     .max_key_error = 0.05,
+     .max_value_error = 0.11},
+    /* The same with block means on the keys. */
+    {.spec = "rvq:d=4,b=6,r=3,bc=1",
+     .canonical = "rvq:d=4,r=3,kgroup=strided,b=6,cs=0,ph=0,bc=1,esc=0",
      .kind = KIND_RVQ,
      .bits = 6,
      .d = 4,
@@ -94,41 +116,41 @@ static const codec_case_t cases[] = {
      .bits_per_value = 5.25,
      .max_key_error = 0.05,
      .max_value_error = 0.11},
-    /* Without block means: the layout from before bc existed. */
-    {.spec = "rvq:d=4,b=6,r=3,bc=0",
-     .canonical = "rvq:d=4,r=3,kgroup=strided,b=6,cs=0,ph=0,bc=0",
-     .kind = KIND_RVQ,
-     .bits = 6,
-     .d = 4,
-     .r = 3,
-     .bc = 0,
-     .bits_per_value = 4.75,
-     .max_key_error = 0.05,
-     .max_value_error = 0.11},
     /* A codebook set per kv head. */
     {.spec = "rvq:b=6,ph=1",
-     .canonical = "rvq:d=8,r=2,kgroup=strided,b=6,cs=0,ph=1,bc=1",
+     .canonical = "rvq:d=8,r=2,kgroup=strided,b=6,cs=0,ph=1,bc=0,esc=0",
      .kind = KIND_RVQ,
      .bits = 6,
      .d = 8,
      .r = 2,
-     .bc = 1,
-     .bits_per_value = 2.25,
+     .bits_per_value = 1.75,
      .max_key_error = 0.22,
      .max_value_error = 0.49},
     {.spec = "vqkv",
-     .canonical = "vqkv:dlo=4,dhi=8,dv=4,b=8,cs=0,ph=0,bc=1",
+     .canonical = "vqkv:dlo=4,dhi=8,dv=4,b=8,cs=0,ph=0,bc=0,esc=0",
+     .kind = KIND_VQKV,
+     .bits = 8,
+     .dlo = 4,
+     .dhi = 8,
+     .dv = 4,
+     .bits_per_value = 2.125,
+     .max_key_error = 0.24,
+     .max_value_error = 0.36},
+    /* Block means and escapes together. */
+    {.spec = "vqkv:bc=1,esc=3",
+     .canonical = "vqkv:dlo=4,dhi=8,dv=4,b=8,cs=0,ph=0,bc=1,esc=3",
      .kind = KIND_VQKV,
      .bits = 8,
      .dlo = 4,
      .dhi = 8,
      .dv = 4,
      .bc = 1,
-     .bits_per_value = 2.625,
-     .max_key_error = 0.24,
-     .max_value_error = 0.36},
-    {.spec = "vqkv:b=6,dlo=2,dhi=4,dv=8",
-     .canonical = "vqkv:dlo=2,dhi=4,dv=8,b=6,cs=0,ph=0,bc=1",
+     .esc = 3,
+     .bits_per_value = 3.4453125,
+     .max_key_error = 0.21,
+     .max_value_error = 0.33},
+    {.spec = "vqkv:b=6,dlo=2,dhi=4,dv=8,bc=1",
+     .canonical = "vqkv:dlo=2,dhi=4,dv=8,b=6,cs=0,ph=0,bc=1,esc=0",
      .kind = KIND_VQKV,
      .bits = 6,
      .dlo = 2,
@@ -138,14 +160,13 @@ static const codec_case_t cases[] = {
      .bits_per_value = 2.375,
      .max_key_error = 0.18,
      .max_value_error = 0.72},
-    {.spec = "vqkv:b=6,dlo=2,dhi=4,dv=8,bc=0,ph=1",
-     .canonical = "vqkv:dlo=2,dhi=4,dv=8,b=6,cs=0,ph=1,bc=0",
+    {.spec = "vqkv:b=6,dlo=2,dhi=4,dv=8,ph=1",
+     .canonical = "vqkv:dlo=2,dhi=4,dv=8,b=6,cs=0,ph=1,bc=0,esc=0",
      .kind = KIND_VQKV,
      .bits = 6,
      .dlo = 2,
      .dhi = 4,
      .dv = 8,
-     .bc = 0,
      .bits_per_value = 1.875,
      .max_key_error = 0.18,
      .max_value_error = 0.72},
@@ -248,9 +269,13 @@ static uint64_t expected_part_bytes(const codec_case_t *c, const vqkv_layout_t *
         value = 2 * T * H + bytes_for_bits(T * H * (D / c->dv) * c->bits);
         break;
     }
-    /* With bc=1 a key part starts with f16 block_mean[H][D]; values never. */
-    if (c->kind == KIND_RVQ || c->kind == KIND_VQKV)
+    if (c->kind == KIND_RVQ || c->kind == KIND_VQKV) {
+        /* With bc=1 a key part starts with f16 block_mean[H][D]; values never. */
         key += c->bc ? 2 * H * D : 0;
+        /* Every part ends with esc entries: u32 index, f16 scale, e4m3[D]. */
+        key += c->esc * (4 + 2 + D);
+        value += c->esc * (4 + 2 + D);
+    }
     return kv == 0 ? key : value;
 }
 
@@ -337,13 +362,16 @@ static void test_canonical_specs(void **state)
 
     /* Key order and defaults spelled out do not change the codec: equal
      * codecs have equal strings. */
-    static const char *const same_as_rvq[] = {"rvq:r=2,b=8,d=8",
-                                              "rvq:kgroup=strided",
-                                              "rvq:cs=0",
-                                              "rvq:ph=0",
-                                              "rvq:bc=1",
-                                              "rvq:d=8,b=8,r=2,kgroup=strided",
-                                              "rvq:bc=1,ph=0,cs=0,b=8,kgroup=strided,r=2,d=8"};
+    static const char *const same_as_rvq[] = {
+        "rvq:r=2,b=8,d=8",
+        "rvq:kgroup=strided",
+        "rvq:cs=0",
+        "rvq:ph=0",
+        "rvq:bc=0",
+        "rvq:esc=0",
+        "rvq:d=8,b=8,r=2,kgroup=strided",
+        "rvq:esc=0,bc=0,ph=0,cs=0,b=8,kgroup=strided,r=2,d=8",
+    };
     vqkv_codec_t *plain = NULL;
     assert_ok(vqkv_codec_create("rvq", &l, &plain));
     for (size_t i = 0; i < sizeof same_as_rvq / sizeof same_as_rvq[0]; i++) {
@@ -352,8 +380,9 @@ static void test_canonical_specs(void **state)
         vqkv_codec_free(codec);
     }
     /* ... and different codecs different ones. */
-    static const char *const not_rvq[] = {"rvq:b=7", "rvq:kgroup=contig", "rvq:cs=1", "rvq:r=1",
-                                          "rvq:d=4", "rvq:ph=1",          "rvq:bc=0"};
+    static const char *const not_rvq[] = {"rvq:b=7",  "rvq:kgroup=contig", "rvq:cs=1",
+                                          "rvq:r=1",  "rvq:d=4",           "rvq:ph=1",
+                                          "rvq:bc=1", "rvq:esc=1",         "rvq:esc=8"};
     for (size_t i = 0; i < sizeof not_rvq / sizeof not_rvq[0]; i++) {
         assert_ok(vqkv_codec_create(not_rvq[i], &l, &codec));
         assert_string_not_equal(vqkv_codec_spec(codec), vqkv_codec_spec(plain));
@@ -361,16 +390,20 @@ static void test_canonical_specs(void **state)
     }
     vqkv_codec_free(plain);
 
-    assert_canonical("vqkv:cs=1,dv=8", &l, "vqkv", "b=8,dlo=4,dhi=8,dv=8,cs=1,ph=0,bc=1");
-    assert_canonical("rvq:b=6,cs=1", &l, "rvq", "d=8,b=6,r=2,kgroup=strided,cs=1,ph=0,bc=1");
-    assert_canonical("rvq:ph=1,bc=0", &l, "rvq", "d=8,b=8,r=2,kgroup=strided,cs=0,ph=1,bc=0");
-    assert_canonical("vqkv:bc=0", &l, "vqkv", "b=8,dlo=4,dhi=8,dv=4,cs=0,ph=0,bc=0");
+    assert_canonical("vqkv:cs=1,dv=8", &l, "vqkv", "b=8,dlo=4,dhi=8,dv=8,cs=1,ph=0,bc=0,esc=0");
+    assert_canonical("rvq:b=6,cs=1", &l, "rvq", "d=8,b=6,r=2,kgroup=strided,cs=1,ph=0,bc=0,esc=0");
+    assert_canonical("rvq:ph=1,bc=1", &l, "rvq", "d=8,b=8,r=2,kgroup=strided,cs=0,ph=1,bc=1,esc=0");
+    assert_canonical("vqkv:bc=1", &l, "vqkv", "b=8,dlo=4,dhi=8,dv=4,cs=0,ph=0,bc=1,esc=0");
+    assert_canonical("rvq:esc=8,bc=1", &l, "rvq",
+                     "d=8,b=8,r=2,kgroup=strided,cs=0,ph=0,bc=1,esc=8");
+    assert_canonical("vqkv:esc=5", &l, "vqkv", "b=8,dlo=4,dhi=8,dv=4,cs=0,ph=0,bc=0,esc=5");
     /* The canonical strings the README shows. */
     assert_ok(vqkv_codec_create("rvq", &l, &codec));
-    assert_string_equal(vqkv_codec_spec(codec), "rvq:d=8,r=2,kgroup=strided,b=8,cs=0,ph=0,bc=1");
+    assert_string_equal(vqkv_codec_spec(codec),
+                        "rvq:d=8,r=2,kgroup=strided,b=8,cs=0,ph=0,bc=0,esc=0");
     vqkv_codec_free(codec);
     assert_ok(vqkv_codec_create("vqkv", &l, &codec));
-    assert_string_equal(vqkv_codec_spec(codec), "vqkv:dlo=4,dhi=8,dv=4,b=8,cs=0,ph=0,bc=1");
+    assert_string_equal(vqkv_codec_spec(codec), "vqkv:dlo=4,dhi=8,dv=4,b=8,cs=0,ph=0,bc=0,esc=0");
     vqkv_codec_free(codec);
     assert_canonical("kivi2:g=16", &l, "kivi2", "g=16");
     /* KIVI's default group is capped at head_dim. */
@@ -406,7 +439,8 @@ static void test_block_bytes_and_bits_per_value(void **state)
     vqkv_codec_free(b);
 
     /* The bits/value column of the README's table (D=64, T=32): block means
-     * cost 16/T bits per key value, whatever the number of heads. */
+     * cost 16/T bits per key value, whatever the number of heads. The rows
+     * marked "(bc=1)" there name bc=1 explicitly: the default is bc=0. */
     static const struct {
         const char *spec;
         double bits_per_value;
@@ -416,9 +450,11 @@ static void test_block_bytes_and_bits_per_value(void **state)
         {"kivi2:g=32", 3.0},
         {"kivi4:g=32", 5.0},
         {"rvq:d=8,b=8,r=2,bc=0", 2.25},
-        {"rvq:d=8,b=8,r=2", 2.5},
-        {"rvq:d=8,b=7,r=2", 2.25},
-        {"vqkv:dlo=4,dhi=8,dv=4,b=8", 2.375},
+        {"rvq:d=8,b=8,r=2,bc=1", 2.5},
+        {"rvq:d=8,b=7,r=2,bc=1", 2.25},
+        {"vqkv:dlo=4,dhi=8,dv=4,b=8,bc=1", 2.375},
+        /* The default rvq is 2.25 bits/value on head_dim 64. */
+        {"rvq", 2.25},
     };
     for (uint32_t heads = 1; heads <= 8; heads *= 8) {
         vqkv_layout_t readme = {2, heads, 64, 32, VQKV_DTYPE_BF16};
@@ -428,6 +464,31 @@ static void test_block_bytes_and_bits_per_value(void **state)
                 print_error("%s: %.6f bits/value, the README says %.6f\n", table[i].spec,
                             vqkv_codec_bits_per_value(a), table[i].bits_per_value);
                 fail();
+            }
+            vqkv_codec_free(a);
+        }
+    }
+
+    /* Escapes cost exactly esc * (6 + D) bytes per part on any layout, on
+     * top of the same codec without them, and nothing else changes. */
+    static const vqkv_layout_t esc_layouts[] = {{2, 8, 64, 32, VQKV_DTYPE_BF16},
+                                                {1, 1, 8, 3, VQKV_DTYPE_F16},
+                                                {3, 4, 128, 16, VQKV_DTYPE_F32}};
+    static const char *const esc_specs[][2] = {
+        {"rvq", "rvq:esc=%u"},
+        {"rvq:bc=1,ph=1", "rvq:bc=1,ph=1,esc=%u"},
+        {"vqkv:dlo=2,dhi=2,dv=8", "vqkv:dlo=2,dhi=2,dv=8,esc=%u"}};
+    for (size_t li = 0; li < sizeof esc_layouts / sizeof esc_layouts[0]; li++) {
+        const vqkv_layout_t *el = &esc_layouts[li];
+        for (size_t si = 0; si < sizeof esc_specs / sizeof esc_specs[0]; si++) {
+            assert_ok(vqkv_codec_create(esc_specs[si][0], el, &a));
+            for (uint32_t esc = 1; esc <= 8; esc++) {
+                char spec[64];
+                snprintf(spec, sizeof spec, esc_specs[si][1], esc);
+                assert_ok(vqkv_codec_create(spec, el, &b));
+                assert_int_equal(vqkv_codec_block_bytes(b) - vqkv_codec_block_bytes(a),
+                                 (size_t)el->num_layers * 2 * esc * (6 + el->head_dim));
+                vqkv_codec_free(b);
             }
             vqkv_codec_free(a);
         }
@@ -447,7 +508,7 @@ static void test_block_bytes_and_bits_per_value(void **state)
 static const vqkv_layout_t odd_layout = {3, 1, 8, 3, VQKV_DTYPE_F16};
 
 static const codec_case_t odd_cases[] = {
-    {.spec = "rvq:d=8,b=5,r=1",
+    {.spec = "rvq:d=8,b=5,r=1,bc=1",
      .kind = KIND_RVQ,
      .bits = 5,
      .d = 8,
@@ -455,15 +516,14 @@ static const codec_case_t odd_cases[] = {
      .bc = 1,
      .max_key_error = 0.25,
      .max_value_error = 0.8},
-    {.spec = "rvq:d=8,b=5,r=1,bc=0",
+    {.spec = "rvq:d=8,b=5,r=1",
      .kind = KIND_RVQ,
      .bits = 5,
      .d = 8,
      .r = 1,
-     .bc = 0,
      .max_key_error = 0.25,
      .max_value_error = 0.8},
-    {.spec = "rvq:d=2,b=3,r=3",
+    {.spec = "rvq:d=2,b=3,r=3,bc=1",
      .kind = KIND_RVQ,
      .bits = 3,
      .d = 2,
@@ -471,6 +531,17 @@ static const codec_case_t odd_cases[] = {
      .bc = 1,
      .max_key_error = 0.06,
      .max_value_error = 0.16},
+    /* More escapes than the block has vectors: every vector is one, so the
+     * codec is as good as fp8, and the block means are 0. */
+    {.spec = "rvq:d=8,b=5,r=1,bc=1,esc=8",
+     .kind = KIND_RVQ,
+     .bits = 5,
+     .d = 8,
+     .r = 1,
+     .bc = 1,
+     .esc = 8,
+     .max_key_error = 0.03,
+     .max_value_error = 0.03},
     {.spec = "kivi2:g=4",
      .kind = KIND_KIVI,
      .bits = 2,
@@ -483,7 +554,7 @@ static const codec_case_t odd_cases[] = {
      .g = 2,
      .max_key_error = 0.015,
      .max_value_error = 0.005},
-    {.spec = "vqkv:b=5,dlo=2,dhi=2,dv=8",
+    {.spec = "vqkv:b=5,dlo=2,dhi=2,dv=8,bc=1",
      .kind = KIND_VQKV,
      .bits = 5,
      .dlo = 2,
@@ -492,13 +563,21 @@ static const codec_case_t odd_cases[] = {
      .bc = 1,
      .max_key_error = 0.08,
      .max_value_error = 0.8},
-    {.spec = "vqkv:b=5,dlo=2,dhi=2,dv=8,bc=0",
+    {.spec = "vqkv:b=5,dlo=2,dhi=2,dv=8",
      .kind = KIND_VQKV,
      .bits = 5,
      .dlo = 2,
      .dhi = 2,
      .dv = 8,
-     .bc = 0,
+     .max_key_error = 0.08,
+     .max_value_error = 0.8},
+    {.spec = "vqkv:b=5,dlo=2,dhi=2,dv=8,esc=1",
+     .kind = KIND_VQKV,
+     .bits = 5,
+     .dlo = 2,
+     .dhi = 2,
+     .dv = 8,
+     .esc = 1,
      .max_key_error = 0.08,
      .max_value_error = 0.8},
     {.spec = "fp8", .kind = KIND_FP8, .max_key_error = 0.03, .max_value_error = 0.03},
@@ -536,9 +615,16 @@ static void test_odd_layout_packing(void **state)
         }
         if (is_vq(c))
             assert_ok(test_train_all(codec, PROFILE_SEED, 256, &opts));
-        uint8_t *block = malloc(want);
-        assert_non_null(block);
+        uint8_t *block = malloc(want), *again = malloc(want);
+        assert_true(block && again);
+        /* Every byte, padding and unused escape entries included, is the
+         * encoder's, whatever the buffer held. */
+        memset(block, 0x00, want);
+        memset(again, 0xff, want);
         assert_ok(vqkv_codec_encode(codec, region, &view, 0, block));
+        assert_ok(vqkv_codec_encode(codec, region, &view, 0, again));
+        assert_memory_equal(block, again, want);
+        free(again);
         assert_ok(vqkv_codec_decode(codec, block, out_region, &view, 0));
         test_read_block(l, &view, out_region, 0, got);
         for (int kv = 0; kv < 2; kv++) {
@@ -563,44 +649,70 @@ static void test_odd_layout_packing(void **state)
  * token of a head must decode to the same vector too (heads may differ:
  * VQ codecs keep per-head channel statistics): a code or norm read from
  * the wrong bit offset anywhere in the block, the packed tail included,
- * shows. */
-static void check_equal_vectors_decode_equally(vqkv_codec_t *codec)
+ * shows. With escapes (cases with cs=0 only), every vector is as far from
+ * its reference as any other, so the escapes are the first vectors in index
+ * order, stored as entries 0, 1, ... (unused ones all ones) and decoded as
+ * fp8; the others still all decode alike. */
+static void check_equal_vectors_decode_equally(vqkv_codec_t *codec, const codec_case_t *c)
 {
     const vqkv_layout_t *l = vqkv_codec_layout(codec);
+    const uint32_t vectors = l->block_tokens * l->num_kv_heads, D = l->head_dim;
     vqkv_kv_view_t v;
     vqkv_kv_view_vllm(&v, l, 1);
     size_t n = test_block_values(l);
     float *src = malloc(n * sizeof *src), *got = malloc(n * sizeof *got);
-    float *one = malloc(l->head_dim * sizeof *one);
-    uint8_t *region = malloc(v.region_bytes), *block = malloc(vqkv_codec_block_bytes(codec));
-    assert_true(src && got && one && region && block);
+    float *one = malloc(D * sizeof *one), *fp8 = malloc(D * sizeof *fp8);
+    uint8_t *codes = malloc(D), *region = malloc(v.region_bytes);
+    uint8_t *block = malloc(vqkv_codec_block_bytes(codec));
+    assert_true(src && got && one && fp8 && codes && region && block);
     for (uint32_t layer = 0; layer < l->num_layers; layer++)
         for (int kv = 0; kv < 2; kv++) {
-            test_synth_vectors(PROFILE_SEED, 31, layer, kv, l->head_dim, 1, one);
+            test_synth_vectors(PROFILE_SEED, 31, layer, kv, D, 1, one);
             for (uint32_t t = 0; t < l->block_tokens; t++)
                 for (uint32_t h = 0; h < l->num_kv_heads; h++)
-                    memcpy(src + test_block_index(l, layer, kv, t, h, 0), one,
-                           l->head_dim * sizeof *one);
+                    memcpy(src + test_block_index(l, layer, kv, t, h, 0), one, D * sizeof *one);
         }
     test_write_block(l, &v, region, 0, src);
+    test_read_block(l, &v, region, 0, src);
     assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
     memset(region, 0, v.region_bytes);
     assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
     test_read_block(l, &v, region, 0, got);
+    uint32_t escaped = c->esc < vectors ? c->esc : vectors;
+    assert_true(c->esc == 0 || strstr(c->spec, "cs=1") == NULL);
     for (uint32_t layer = 0; layer < l->num_layers; layer++)
-        for (int kv = 0; kv < 2; kv++)
-            for (uint32_t t = 0; t < l->block_tokens; t++)
-                for (uint32_t h = 0; h < l->num_kv_heads; h++)
-                    if (memcmp(got + test_block_index(l, layer, kv, t, h, 0),
-                               got + test_block_index(l, layer, kv, 0, h, 0),
-                               l->head_dim * sizeof *got) != 0) {
+        for (int kv = 0; kv < 2; kv++) {
+            const uint8_t *entry = block + part_offset(c, l, layer, kv) +
+                                   expected_part_bytes(c, l, kv) - c->esc * test_escape_bytes(l);
+            for (uint32_t i = 0; i < c->esc; i++, entry += test_escape_bytes(l))
+                assert_int_equal(test_get_u32(entry), i < escaped ? i : UINT32_MAX);
+            /* What an escape decodes to: fp8 of the vector, then the dtype. */
+            uint16_t scale =
+                test_fp8_row_encode(src + test_block_index(l, layer, kv, 0, 0, 0), D, codes);
+            test_fp8_row_decode(scale, codes, D, fp8);
+            for (uint32_t d = 0; d < D; d++)
+                fp8[d] = vqkv_f16_to_f32(vqkv_f32_to_f16(fp8[d]));
+            for (uint32_t h = 0; h < l->num_kv_heads; h++) {
+                uint32_t first =
+                    escaped / l->num_kv_heads + (h < escaped % l->num_kv_heads ? 1 : 0);
+                for (uint32_t t = 0; t < l->block_tokens; t++) {
+                    const float *want = t * l->num_kv_heads + h < escaped
+                                            ? fp8
+                                            : got + test_block_index(l, layer, kv, first, h, 0);
+                    if (memcmp(got + test_block_index(l, layer, kv, t, h, 0), want,
+                               D * sizeof *got) != 0) {
                         print_error("%s: layer %u %s token %u head %u decodes differently\n",
                                     vqkv_codec_spec(codec), layer, kv ? "V" : "K", t, h);
                         fail();
                     }
+                }
+            }
+        }
     free(src);
     free(got);
     free(one);
+    free(fp8);
+    free(codes);
     free(region);
     free(block);
 }
@@ -610,7 +722,7 @@ static void test_equal_vectors_decode_equally(void **state)
     (void)state;
     for (size_t ci = 0; ci < NUM_CASES; ci++) {
         vqkv_codec_t *codec = make_codec(ci, VQKV_DTYPE_F16);
-        check_equal_vectors_decode_equally(codec);
+        check_equal_vectors_decode_equally(codec, &cases[ci]);
         vqkv_codec_free(codec);
     }
     vqkv_train_opts_t opts = {.seed = 3, .iterations = 4};
@@ -619,9 +731,23 @@ static void test_equal_vectors_decode_equally(void **state)
         assert_ok(vqkv_codec_create(odd_cases[i].spec, &odd_layout, &codec));
         if (is_vq(&odd_cases[i]))
             assert_ok(test_train_all(codec, PROFILE_SEED, 256, &opts));
-        check_equal_vectors_decode_equally(codec);
+        check_equal_vectors_decode_equally(codec, &odd_cases[i]);
         vqkv_codec_free(codec);
     }
+}
+
+/* How far fp8 may move value x of a vector whose largest magnitude is amax,
+ * y being what came back into memory of dtype: 3 mantissa bits make half
+ * an ulp 2^-4 of the value, subnormals are steps of scale * 2^-9, the scale
+ * is rounded to f16 (2^-11 relative), and the store into memory rounds
+ * once more (half an ulp of the dtype). */
+static double fp8_error_bound(double x, double y, double amax, vqkv_dtype_t dtype)
+{
+    const double fp16_rel = 1.01 / 2048.0;
+    const double out_rel = dtype == VQKV_DTYPE_F32    ? 0.0
+                           : dtype == VQKV_DTYPE_BF16 ? 1.01 / 512.0
+                                                      : fp16_rel;
+    return fabs(x) / 16.0 + amax / 448.0 / 1024.0 + amax * fp16_rel + fabs(y) * out_rel;
 }
 
 /* fp8 and KIVI promise more than an average: every value lands within
@@ -660,10 +786,7 @@ static void check_per_value_bounds(vqkv_codec_t *codec, const codec_case_t *c)
                     for (uint32_t d = 0; d < l->head_dim; d++) {
                         double bound, err = fabs((double)x[d] - (double)y[d]);
                         if (c->kind == KIND_FP8) {
-                            /* 3 mantissa bits: half an ulp is 2^-4 of the
-                             * value; subnormals are steps of scale * 2^-9. */
-                            bound = fabs(x[d]) / 16.0 + amax / 448.0 / 1024.0 + amax * fp16_rel +
-                                    fabs(y[d]) * out_rel;
+                            bound = fp8_error_bound(x[d], y[d], amax, l->dtype);
                         } else {
                             /* Keys: the channel's range over the block's
                              * tokens; values: the channel group's range. */
@@ -931,50 +1054,79 @@ static void test_scalar_codecs_match_documented_layout(void **state)
 
 /* ---- block-centered keys (bc=1) ------------------------------------------ */
 
-/* Encodes `values` with codec and compares the f16 block_mean[H][D] at the
- * start of every key part with the README's definition, computed here from
- * the values as they sit in memory. */
-static void check_block_means(const vqkv_codec_t *codec, const codec_case_t *c, const float *values)
+/* Encodes `values` with codec (a case with cs=0, whose channel means are 0)
+ * and compares what the README fixes about every part with its definition,
+ * computed here from the values as they sit in memory: for keys with bc=1
+ * the f16 block_mean[H][D] at the start (the escaped tokens left out), and
+ * the escape entries at the end (index, f16 scale, e4m3 codes; all-ones
+ * index when unused). */
+static void check_means_and_escapes(const vqkv_codec_t *codec, const codec_case_t *c,
+                                    const float *values)
 {
     const vqkv_layout_t *l = vqkv_codec_layout(codec);
-    size_t n = test_block_values(l), means = (size_t)l->num_kv_heads * l->head_dim;
+    const uint32_t D = l->head_dim;
+    size_t n = test_block_values(l), means = (size_t)l->num_kv_heads * D;
+    assert_null(strstr(c->spec, "cs=1")); /* the references below are 0 */
     vqkv_kv_view_t v;
     vqkv_kv_view_vllm(&v, l, 1);
     assert_int_equal(vqkv_codec_block_bytes(codec), expected_block_bytes(c, l));
     float *in_memory = malloc(n * sizeof *in_memory);
     uint16_t *want = malloc(means * sizeof *want);
-    uint8_t *region = malloc(v.region_bytes), *block = malloc(vqkv_codec_block_bytes(codec));
-    assert_true(in_memory && want && region && block);
+    uint8_t *codes = malloc(D), *region = malloc(v.region_bytes);
+    uint8_t *block = malloc(vqkv_codec_block_bytes(codec));
+    uint32_t escapes[8];
+    assert_true(in_memory && want && codes && region && block && c->esc <= 8);
     test_write_block(l, &v, region, 0, values);
     test_read_block(l, &v, region, 0, in_memory);
     assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
-    for (uint32_t layer = 0; layer < l->num_layers; layer++) {
-        test_block_means_f16(l, in_memory + test_block_index(l, layer, 0, 0, 0, 0), want);
-        const uint8_t *part = block + part_offset(c, l, layer, 0);
-        for (size_t i = 0; i < means; i++)
-            if (get_u16_le(part + 2 * i) != want[i]) {
-                print_error("%s %s: layer %u block_mean[%zu][%zu] is 0x%04x, the README says "
-                            "0x%04x\n",
-                            c->spec, dtype_names[l->dtype], layer, i / l->head_dim, i % l->head_dim,
-                            get_u16_le(part + 2 * i), want[i]);
-                fail();
+    for (uint32_t layer = 0; layer < l->num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++) {
+            const float *x = in_memory + test_block_index(l, layer, kv, 0, 0, 0);
+            int has_means = kv == 0 && c->bc;
+            uint32_t n_esc = test_part_plan(l, x, c->esc, NULL, has_means ? want : NULL, escapes);
+            const uint8_t *part = block + part_offset(c, l, layer, kv);
+            for (size_t i = 0; has_means && i < means; i++)
+                if (test_get_u16(part + 2 * i) != want[i]) {
+                    print_error("%s %s: layer %u block_mean[%zu][%zu] is 0x%04x, the README says "
+                                "0x%04x\n",
+                                c->spec, dtype_names[l->dtype], layer, i / D, i % D,
+                                test_get_u16(part + 2 * i), want[i]);
+                    fail();
+                }
+            const uint8_t *entry =
+                part + expected_part_bytes(c, l, kv) - c->esc * test_escape_bytes(l);
+            for (uint32_t i = 0; i < c->esc; i++, entry += test_escape_bytes(l)) {
+                uint32_t index = i < n_esc ? escapes[i] : UINT32_MAX;
+                if (test_get_u32(entry) != index) {
+                    print_error("%s %s: layer %u %s escape %u holds vector %u, the README says "
+                                "%u\n",
+                                c->spec, dtype_names[l->dtype], layer, kv ? "V" : "K", i,
+                                test_get_u32(entry), index);
+                    fail();
+                }
+                if (i >= n_esc)
+                    continue;
+                uint16_t scale = test_fp8_row_encode(x + (size_t)index * D, D, codes);
+                assert_int_equal(test_get_u16(entry + 4), scale);
+                assert_memory_equal(entry + 6, codes, D);
             }
-    }
+        }
     free(in_memory);
     free(want);
+    free(codes);
     free(region);
     free(block);
 }
 
 /* With bc=1 every key part starts with each head's channel means over the
- * block's tokens: summed in float in token order, divided by T, rounded to
- * f16. */
-static void test_block_means_stored_as_documented(void **state)
+ * block's tokens (summed in float in token order, divided by their count,
+ * rounded to f16), and with esc > 0 every part ends with its escapes. */
+static void test_means_and_escapes_stored_as_documented(void **state)
 {
     (void)state;
     for (size_t di = 0; di < 3; di++) {
         for (size_t ci = 0; ci < NUM_CASES; ci++) {
-            if (!is_vq(&cases[ci]) || !cases[ci].bc)
+            if (!is_vq(&cases[ci]) || (!cases[ci].bc && !cases[ci].esc))
                 continue;
             vqkv_codec_t *codec = make_codec(ci, all_dtypes[di]);
             const vqkv_layout_t *l = vqkv_codec_layout(codec);
@@ -986,17 +1138,18 @@ static void test_block_means_stored_as_documented(void **state)
                 /* A channel whose mean depends on the order of the sum:
                  * 1 + 2^25 - 2^25 + 0 ... is 0 summed in float in token
                  * order, 1/T in double or in any order that adds the two
-                 * large values first. f16 memory cannot hold 2^25. */
+                 * large values first. f16 memory cannot hold 2^25. (With
+                 * escapes, tokens 1 and 2 become two of them.) */
                 static const float first[3] = {1.0f, 0x1p25f, -0x1p25f};
                 for (uint32_t t = 0; t < l->block_tokens; t++)
                     src[test_block_index(l, 0, 0, t, 0, 3)] = t < 3 ? first[t] : 0.0f;
                 uint16_t *ref = malloc((size_t)l->num_kv_heads * l->head_dim * sizeof *ref);
                 assert_non_null(ref);
-                test_block_means_f16(l, src + test_block_index(l, 0, 0, 0, 0, 0), ref);
+                test_block_means_f16(l, src + test_block_index(l, 0, 0, 0, 0, 0), NULL, 0, ref);
                 assert_int_equal(ref[3], 0x0000);
                 free(ref);
             }
-            check_block_means(codec, &cases[ci], src);
+            check_means_and_escapes(codec, &cases[ci], src);
             free(src);
             vqkv_codec_free(codec);
         }
@@ -1004,7 +1157,7 @@ static void test_block_means_stored_as_documented(void **state)
     /* Three tokens: a mean that is not a power-of-two division. */
     vqkv_train_opts_t opts = {.seed = 3, .iterations = 4};
     for (size_t i = 0; i < sizeof odd_cases / sizeof odd_cases[0]; i++) {
-        if (!is_vq(&odd_cases[i]) || !odd_cases[i].bc)
+        if (!is_vq(&odd_cases[i]) || (!odd_cases[i].bc && !odd_cases[i].esc))
             continue;
         vqkv_codec_t *codec = NULL;
         assert_ok(vqkv_codec_create(odd_cases[i].spec, &odd_layout, &codec));
@@ -1014,7 +1167,7 @@ static void test_block_means_stored_as_documented(void **state)
         assert_non_null(src);
         for (uint64_t sample = 0; sample < 8; sample++) {
             test_synth_block(&odd_layout, PROFILE_SEED, 4100 + sample, src);
-            check_block_means(codec, &odd_cases[i], src);
+            check_means_and_escapes(codec, &odd_cases[i], src);
         }
         free(src);
         vqkv_codec_free(codec);
@@ -1026,7 +1179,7 @@ static void test_block_means_stored_as_documented(void **state)
 static void test_block_centering_leaves_values_alone(void **state)
 {
     (void)state;
-    size_t i1 = case_named("rvq:d=4,b=6,r=3"), i0 = case_named("rvq:d=4,b=6,r=3,bc=0");
+    size_t i1 = case_named("rvq:d=4,b=6,r=3,bc=1"), i0 = case_named("rvq:d=4,b=6,r=3");
     const codec_case_t *c1 = &cases[i1], *c0 = &cases[i0];
     for (size_t di = 0; di < 3; di++) {
         vqkv_codec_t *bc1 = make_codec(i1, all_dtypes[di]);
@@ -1380,6 +1533,374 @@ static void assert_error_within(const char *what, const vqkv_layout_t *l, const 
             fail();
         }
     }
+}
+
+/* ---- escapes (esc > 0) ------------------------------------------------------ */
+
+/* Turns x[D] into a vector no codebook trained on ordinary keys or values
+ * has seen, as the attention-sink token's are: small everywhere but for
+ * two spikes. */
+static void make_spike(float *x, uint32_t D, uint32_t c1, float v1, uint32_t c2, float v2)
+{
+    for (uint32_t d = 0; d < D; d++)
+        x[d] = d % 2 ? 0.5f : -0.5f;
+    x[c1] = v1;
+    x[c2] = v2;
+}
+
+/* A synthetic block with outliers planted in layer 1, K and V alike: the
+ * farthest at token 5 head 1 (vector 11 with two heads), and one vector
+ * planted in both heads of token 9 (vectors 18 and 19), the same in each. */
+enum { SPIKE_A = 11, SPIKE_B0 = 18, SPIKE_B1 = 19 };
+
+static void planted_block(const vqkv_layout_t *l, float *src)
+{
+    assert_int_equal(l->num_kv_heads, 2);
+    test_synth_block(l, PROFILE_SEED, 808, src);
+    for (int kv = 0; kv < 2; kv++) {
+        make_spike(src + test_block_index(l, 1, kv, 5, 1, 0), l->head_dim, 3, 90.0f, 40, -70.0f);
+        for (uint32_t h = 0; h < 2; h++)
+            make_spike(src + test_block_index(l, 1, kv, 9, h, 0), l->head_dim, 10, 50.0f, 50,
+                       45.0f);
+    }
+}
+
+/* ||x - y|| / ||x|| of one vector. */
+static double vector_error(const float *x, const float *y, uint32_t D)
+{
+    double err = 0.0, norm = 0.0;
+    for (uint32_t d = 0; d < D; d++) {
+        err += ((double)x[d] - y[d]) * ((double)x[d] - y[d]);
+        norm += (double)x[d] * x[d];
+    }
+    return sqrt(err / norm);
+}
+
+/* The escape index of entry i of part (layer, kv) in block. */
+static uint8_t *escape_entry(const codec_case_t *c, const vqkv_layout_t *l, uint8_t *block,
+                             uint32_t layer, int kv, uint32_t i)
+{
+    return block + part_offset(c, l, layer, kv) + expected_part_bytes(c, l, kv) -
+           (c->esc - i) * test_escape_bytes(l);
+}
+
+/* The escapes are the vectors farthest from their head's reference, largest
+ * first, ties to the lower index: the planted outliers, where the one in
+ * both heads of a token is tied against 0 (cs=0, bc=0) and only its head 0
+ * copy fits in two entries. They come back with fp8's error, where a codec
+ * without escapes loses most of them. With bc=1 the key block means leave
+ * the escaped tokens out. Without block means, escapes only add entries:
+ * the rest of each part is the esc=0 codec's, byte for byte. */
+static void test_escapes_pick_planted_outliers(void **state)
+{
+    (void)state;
+    static const struct {
+        const char *with, *without;
+        uint32_t want[3]; /* layer 1's V escapes; K's the same but for bc=1's order */
+    } pairs[] = {
+        {"rvq:esc=2", "rvq", {SPIKE_A, SPIKE_B0}},
+        {"vqkv:bc=1,esc=3", "vqkv", {SPIKE_A, SPIKE_B0, SPIKE_B1}},
+    };
+    const uint32_t planted[3] = {SPIKE_A, SPIKE_B0, SPIKE_B1};
+    for (size_t pi = 0; pi < sizeof pairs / sizeof pairs[0]; pi++) {
+        size_t ci = case_named(pairs[pi].with), c0 = case_named(pairs[pi].without);
+        const codec_case_t *c = &cases[ci];
+        vqkv_codec_t *codec = make_codec(ci, VQKV_DTYPE_F32);
+        vqkv_codec_t *plain = make_codec(c0, VQKV_DTYPE_F32);
+        const vqkv_layout_t *l = vqkv_codec_layout(codec);
+        const uint32_t D = l->head_dim, H = l->num_kv_heads;
+        size_t n = test_block_values(l);
+        vqkv_kv_view_t v;
+        vqkv_kv_view_vllm(&v, l, 1);
+        float *src = malloc(n * sizeof *src), *got = malloc(n * sizeof *got);
+        float *got0 = malloc(n * sizeof *got0);
+        uint8_t *region = malloc(v.region_bytes), *block = malloc(vqkv_codec_block_bytes(codec));
+        uint8_t *block0 = malloc(vqkv_codec_block_bytes(plain));
+        assert_true(src && got && got0 && region && block && block0);
+        planted_block(l, src);
+        /* Every part's means and escapes as the README defines them. */
+        check_means_and_escapes(codec, c, src);
+
+        test_write_block(l, &v, region, 0, src);
+        assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
+        assert_ok(vqkv_codec_encode(plain, region, &v, 0, block0));
+        for (int kv = 0; kv < 2; kv++) {
+            uint32_t got_index[3];
+            for (uint32_t i = 0; i < c->esc; i++)
+                got_index[i] = test_get_u32(escape_entry(c, l, block, 1, kv, i));
+            if (kv == 1 || !c->bc) {
+                for (uint32_t i = 0; i < c->esc; i++)
+                    assert_int_equal(got_index[i], pairs[pi].want[i]);
+            } else {
+                /* Against the block means the two copies are no longer
+                 * tied; which comes first is the README's call, checked
+                 * above. */
+                assert_int_equal(got_index[0], SPIKE_A);
+                assert_true((got_index[1] == SPIKE_B0 && got_index[2] == SPIKE_B1) ||
+                            (got_index[1] == SPIKE_B1 && got_index[2] == SPIKE_B0));
+            }
+        }
+        if (!c->bc)
+            for (uint32_t layer = 0; layer < l->num_layers; layer++)
+                for (int kv = 0; kv < 2; kv++)
+                    assert_memory_equal(block + part_offset(c, l, layer, kv),
+                                        block0 + part_offset(&cases[c0], l, layer, kv),
+                                        expected_part_bytes(&cases[c0], l, kv));
+        if (c->bc) {
+            /* Head 1's stored key means leave tokens 5 and 9 out: 14 of the
+             * 16 tokens, where the all-token mean is far off. */
+            const uint8_t *means = block + part_offset(c, l, 1, 0);
+            for (uint32_t d = 0; d < D; d++) {
+                float sum = 0.0f, all = 0.0f;
+                for (uint32_t t = 0; t < l->block_tokens; t++) {
+                    float x = src[test_block_index(l, 1, 0, t, 1, d)];
+                    all += x;
+                    if (t != 5 && t != 9)
+                        sum += x;
+                }
+                uint16_t want = vqkv_f32_to_f16(sum / (float)(l->block_tokens - 2));
+                assert_int_equal(test_get_u16(means + 2 * ((size_t)D + d)), want);
+                if (d == 3 || d == 40)
+                    assert_int_not_equal(want, vqkv_f32_to_f16(all / (float)l->block_tokens));
+            }
+        }
+
+        assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
+        test_read_block(l, &v, region, 0, got);
+        assert_ok(vqkv_codec_decode(plain, block0, region, &v, 0));
+        test_read_block(l, &v, region, 0, got0);
+        for (int kv = 0; kv < 2; kv++)
+            for (uint32_t p = 0; p < 3; p++) {
+                uint32_t vec = planted[p];
+                const float *x = src + test_block_index(l, 1, kv, vec / H, vec % H, 0);
+                const float *y = got + test_block_index(l, 1, kv, vec / H, vec % H, 0);
+                const float *y0 = got0 + test_block_index(l, 1, kv, vec / H, vec % H, 0);
+                double err = vector_error(x, y, D), err0 = vector_error(x, y0, D);
+                print_message("  %s %s vector %u: rel. error %.4f, %.4f without escapes\n", c->spec,
+                              kv ? "V" : "K", vec, err, err0);
+                assert_true(err0 > 0.25);
+                int escaped = 0;
+                for (uint32_t i = 0; i < c->esc; i++)
+                    escaped |= test_get_u32(escape_entry(c, l, block, 1, kv, i)) == vec;
+                if (!escaped)
+                    continue;
+                double amax = 0.0;
+                for (uint32_t d = 0; d < D; d++)
+                    amax = fmax(amax, fabs(x[d]));
+                for (uint32_t d = 0; d < D; d++)
+                    if (!(fabs((double)x[d] - y[d]) <=
+                          fp8_error_bound(x[d], y[d], amax, l->dtype))) {
+                        print_error("%s: escaped vector %u dim %u: %g decoded as %g\n", c->spec,
+                                    vec, d, x[d], y[d]);
+                        fail();
+                    }
+                assert_true(err < 0.04);
+            }
+        free(src);
+        free(got);
+        free(got0);
+        free(region);
+        free(block);
+        free(block0);
+        vqkv_codec_free(codec);
+        vqkv_codec_free(plain);
+    }
+}
+
+/* A damaged escape index (T*H or more, patched into an encoded block) is
+ * ignored like an unused one: the vector it named decodes from its codes,
+ * every other value is as before, and nothing outside the slot is written.
+ * An index below T*H overwrites that vector with the entry's fp8 row. */
+static void test_damaged_escape_index_ignored(void **state)
+{
+    (void)state;
+    size_t ci = case_named("rvq:esc=2");
+    const codec_case_t *c = &cases[ci];
+    vqkv_codec_t *codec = make_codec(ci, VQKV_DTYPE_BF16);
+    const vqkv_layout_t *l = vqkv_codec_layout(codec);
+    const uint32_t D = l->head_dim, H = l->num_kv_heads, vectors = l->block_tokens * H;
+    size_t n = test_block_values(l), block_bytes = vqkv_codec_block_bytes(codec);
+    vqkv_kv_view_t dense, v;
+    vqkv_kv_view_vllm(&dense, l, 1);
+    make_view(VIEW_SPLIT, l, &v);
+    float *src = malloc(n * sizeof *src), *orig = malloc(n * sizeof *orig);
+    float *unused = malloc(n * sizeof *unused), *got = malloc(n * sizeof *got);
+    float *row = malloc(D * sizeof *row);
+    uint8_t *region = malloc(dense.region_bytes), *block = malloc(block_bytes);
+    uint8_t *patched = malloc(block_bytes);
+    assert_true(src && orig && unused && got && row && region && block && patched);
+    planted_block(l, src);
+    test_write_block(l, &dense, region, 0, src);
+    assert_ok(vqkv_codec_encode(codec, region, &dense, 0, block));
+    decode_into_sentinels(codec, block, &v, 2, orig);
+
+    /* Entry 0 of layer 1's keys names the spike; marking it unused makes
+     * that vector, and only it, decode from its codes. */
+    uint8_t *entry = escape_entry(c, l, patched, 1, 0, 0);
+    memcpy(patched, block, block_bytes);
+    assert_int_equal(test_get_u32(entry), SPIKE_A);
+    test_put_u32(entry, UINT32_MAX);
+    decode_into_sentinels(codec, patched, &v, 2, unused);
+    for (size_t i = 0; i < n; i++) {
+        int spike = i / D == test_block_index(l, 1, 0, SPIKE_A / H, SPIKE_A % H, 0) / D;
+        if (!spike)
+            assert_int_equal(vqkv_f32_to_bits(orig[i]), vqkv_f32_to_bits(unused[i]));
+    }
+    assert_memory_not_equal(orig + test_block_index(l, 1, 0, SPIKE_A / H, SPIKE_A % H, 0),
+                            unused + test_block_index(l, 1, 0, SPIKE_A / H, SPIKE_A % H, 0),
+                            D * sizeof *orig);
+
+    static const uint32_t damaged[] = {0, 1, 0x7fffffffu, 0x80000000u, 0xfffffffeu};
+    for (size_t di = 0; di < sizeof damaged / sizeof damaged[0]; di++) {
+        uint32_t index = di < 2 ? vectors + damaged[di] : damaged[di];
+        memcpy(patched, block, block_bytes);
+        test_put_u32(entry, index);
+        decode_into_sentinels(codec, patched, &v, 2, got);
+        if (memcmp(got, unused, n * sizeof *got) != 0) {
+            print_error("escape index 0x%08x: the block decodes otherwise than with the entry "
+                        "unused\n",
+                        index);
+            fail();
+        }
+    }
+    /* The very last entry of the block, too. */
+    uint8_t *last = escape_entry(c, l, patched, l->num_layers - 1, 1, c->esc - 1);
+    assert_ptr_equal(last + test_escape_bytes(l), patched + block_bytes);
+    memcpy(patched, block, block_bytes);
+    uint32_t last_index = test_get_u32(last);
+    assert_true(last_index < vectors);
+    test_put_u32(last, UINT32_MAX);
+    decode_into_sentinels(codec, patched, &v, 2, unused);
+    test_put_u32(last, vectors);
+    decode_into_sentinels(codec, patched, &v, 2, got);
+    assert_memory_equal(got, unused, n * sizeof *got);
+
+    /* The last vector of the block is a valid target: entry 0's row lands
+     * there, and the spike decodes from its codes. */
+    memcpy(patched, block, block_bytes);
+    test_put_u32(entry, vectors - 1);
+    decode_into_sentinels(codec, patched, &v, 2, got);
+    test_fp8_row_decode(test_get_u16(entry + 4), entry + 6, D, row);
+    for (uint32_t d = 0; d < D; d++) {
+        size_t at = test_block_index(l, 1, 0, (vectors - 1) / H, (vectors - 1) % H, d);
+        assert_int_equal(vqkv_f32_to_bits(got[at]),
+                         vqkv_f32_to_bits(vqkv_bf16_to_f32(vqkv_f32_to_bf16(row[d]))));
+    }
+    size_t spike = test_block_index(l, 1, 0, SPIKE_A / H, SPIKE_A % H, 0);
+    memcpy(patched, block, block_bytes);
+    test_put_u32(entry, UINT32_MAX);
+    decode_into_sentinels(codec, patched, &v, 2, unused);
+    assert_memory_equal(got + spike, unused + spike, D * sizeof *got);
+    free(src);
+    free(orig);
+    free(unused);
+    free(got);
+    free(row);
+    free(region);
+    free(block);
+    free(patched);
+    vqkv_codec_free(codec);
+}
+
+/* More escape entries than the block has vectors (esc=8, two vectors):
+ * every vector is an escape, in index order, the other entries are unused
+ * (all-ones index), the block means are 0 (no token is left), and the
+ * block decodes to exactly the fp8 rows, nothing outside the slot moving. */
+static void test_more_escapes_than_vectors(void **state)
+{
+    (void)state;
+    static const codec_case_t tiny[] = {
+        {.spec = "rvq:d=4,b=3,r=1,bc=1,esc=8",
+         .kind = KIND_RVQ,
+         .bits = 3,
+         .d = 4,
+         .r = 1,
+         .bc = 1,
+         .esc = 8},
+        {.spec = "vqkv:b=3,dlo=2,dhi=2,dv=4,esc=8",
+         .kind = KIND_VQKV,
+         .bits = 3,
+         .dlo = 2,
+         .dhi = 2,
+         .dv = 4,
+         .esc = 8},
+        /* Channel statistics: the order is theirs, the set is the same. */
+        {.spec = "rvq:d=8,b=2,r=2,cs=1,ph=1,esc=8",
+         .kind = KIND_RVQ,
+         .bits = 2,
+         .d = 8,
+         .r = 2,
+         .esc = 8},
+    };
+    const vqkv_layout_t l = {2, 1, 8, 2, VQKV_DTYPE_F32};
+    const uint32_t D = l.head_dim, vectors = l.block_tokens * l.num_kv_heads;
+    vqkv_train_opts_t opts = {.seed = 8, .iterations = 2};
+    size_t n = test_block_values(&l);
+    vqkv_kv_view_t v;
+    vqkv_kv_view_vllm(&v, &l, 2);
+    float *src = malloc(n * sizeof *src), *got = malloc(n * sizeof *got);
+    float *row = malloc(D * sizeof *row);
+    uint8_t *region = calloc(v.region_bytes, 1), *codes = malloc(D);
+    assert_true(src && got && row && region && codes);
+    test_synth_block(&l, PROFILE_SEED, 13, src);
+    test_write_block(&l, &v, region, 0, src);
+    for (size_t si = 0; si < sizeof tiny / sizeof tiny[0]; si++) {
+        const codec_case_t *c = &tiny[si];
+        vqkv_codec_t *codec = NULL;
+        assert_ok(vqkv_codec_create(c->spec, &l, &codec));
+        assert_ok(test_train_all(codec, PROFILE_SEED, 32, &opts));
+        size_t block_bytes = vqkv_codec_block_bytes(codec);
+        assert_int_equal(block_bytes, expected_block_bytes(c, &l));
+        uint8_t *block = malloc(block_bytes);
+        assert_non_null(block);
+        assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
+        for (uint32_t layer = 0; layer < l.num_layers; layer++)
+            for (int kv = 0; kv < 2; kv++) {
+                const uint8_t *part = block + part_offset(c, &l, layer, kv);
+                for (size_t i = 0; kv == 0 && c->bc && i < 2 * (size_t)D; i++)
+                    assert_int_equal(part[i], 0);
+                /* Ordered by distance (known here for cs=0), each vector once. */
+                const float *part_src = src + test_block_index(&l, layer, kv, 0, 0, 0);
+                uint32_t order[8], seen = 0;
+                uint16_t means[8];
+                assert_int_equal(
+                    test_part_plan(&l, part_src, 8, NULL, kv == 0 && c->bc ? means : NULL, order),
+                    vectors);
+                const uint8_t *entry =
+                    part + expected_part_bytes(c, &l, kv) - 8 * test_escape_bytes(&l);
+                for (uint32_t i = 0; i < 8; i++, entry += test_escape_bytes(&l)) {
+                    uint32_t index = test_get_u32(entry);
+                    if (i >= vectors) {
+                        assert_int_equal(index, UINT32_MAX);
+                        continue;
+                    }
+                    if (strstr(c->spec, "cs=1") == NULL)
+                        assert_int_equal(index, order[i]);
+                    assert_true(index < vectors && !(seen >> index & 1u));
+                    seen |= 1u << index;
+                    const float *x = part_src + (size_t)index * D;
+                    assert_int_equal(test_get_u16(entry + 4), test_fp8_row_encode(x, D, codes));
+                    assert_memory_equal(entry + 6, codes, D);
+                }
+            }
+        decode_into_sentinels(codec, block, &v, 1, got);
+        for (uint32_t layer = 0; layer < l.num_layers; layer++)
+            for (int kv = 0; kv < 2; kv++)
+                for (uint32_t t = 0; t < l.block_tokens; t++) {
+                    size_t first = test_block_index(&l, layer, kv, t, 0, 0);
+                    test_fp8_row_decode(test_fp8_row_encode(src + first, D, codes), codes, D, row);
+                    for (uint32_t d = 0; d < D; d++)
+                        assert_int_equal(vqkv_f32_to_bits(got[first + d]),
+                                         vqkv_f32_to_bits(row[d]));
+                }
+        free(block);
+        vqkv_codec_free(codec);
+    }
+    free(src);
+    free(got);
+    free(row);
+    free(region);
+    free(codes);
 }
 
 /* Every codec, every dtype, every view: the block encodes to the same bytes
@@ -2039,6 +2560,13 @@ static void test_bad_specs_refused(void **state)
         "rvq:ph=2",
         "vqkv:ph=1x",
         "rvq:bc=0,bc=1",
+        "rvq:esc=9", /* at most 8 escapes per part */
+        "rvq:esc=-1",
+        "rvq:esc=",
+        "vqkv:esc=all",
+        "rvq:esc=1,esc=1",
+        "fp8:esc=1",
+        "kivi2:esc=2",
         "fp8:bc=0",
         "kivi2:bc=1",
         "kivi4:ph=1",
@@ -2187,10 +2715,13 @@ int main(void)
         cmocka_unit_test(test_equal_vectors_decode_equally),
         cmocka_unit_test(test_scalar_codecs_per_value_bounds),
         cmocka_unit_test(test_scalar_codecs_match_documented_layout),
-        cmocka_unit_test(test_block_means_stored_as_documented),
+        cmocka_unit_test(test_means_and_escapes_stored_as_documented),
         cmocka_unit_test(test_block_centering_leaves_values_alone),
         cmocka_unit_test(test_block_means_beyond_f16_range),
         cmocka_unit_test(test_block_centering_helps_drifting_keys),
+        cmocka_unit_test(test_escapes_pick_planted_outliers),
+        cmocka_unit_test(test_damaged_escape_index_ignored),
+        cmocka_unit_test(test_more_escapes_than_vectors),
         cmocka_unit_test(test_view_helpers_match_documented_shapes),
         cmocka_unit_test(test_error_per_codec),
         cmocka_unit_test(test_round_trip_views_and_dtypes),

@@ -183,8 +183,11 @@ static uint8_t *trained_bytes(const char *spec, const vqkv_layout_t *l, size_t n
 static void test_training_deterministic_across_threads(void **state)
 {
     (void)state;
-    static const char *const specs[] = {"rvq:d=8,b=6,r=2", "vqkv:b=5,dlo=2,dhi=4,dv=4,cs=1",
-                                        "rvq:d=8,b=6,r=2,ph=1,bc=0", "vqkv:b=5,ph=1"};
+    /* Block-centered keys (bc=1) with escapes left out of the means, channel
+     * statistics, sets per head, and the defaults. */
+    static const char *const specs[] = {"rvq:d=8,b=6,r=2,bc=1,esc=3",
+                                        "vqkv:b=5,dlo=2,dhi=4,dv=4,cs=1", "rvq:d=8,b=6,r=2,ph=1",
+                                        "vqkv:b=5,ph=1,bc=1", "rvq:d=8,b=6,r=2"};
     vqkv_layout_t l = {1, 2, 32, 8, VQKV_DTYPE_F16};
     for (size_t si = 0; si < sizeof specs / sizeof specs[0]; si++) {
         vqkv_train_opts_t opts = {.seed = 17, .iterations = 4, .threads = 1};
@@ -262,7 +265,10 @@ static void test_training_refuses_non_finite(void **state)
     vqkv_train_opts_t opts = {.seed = 2, .iterations = 2};
     enum { N = 128 };
     vqkv_codec_t *codec = NULL;
-    assert_ok(vqkv_codec_create("rvq:d=4,b=4,r=1", &l, &codec));
+    /* This codec block-centers its keys (escapes left out of the means)
+     * before it fits the statistics: non-finite values must still be
+     * refused before anything changes. */
+    assert_ok(vqkv_codec_create("rvq:d=4,b=4,r=1,bc=1,esc=2", &l, &codec));
     float *x = malloc(N * 16 * sizeof *x);
     assert_non_null(x);
     const float bad_values[] = {NAN, INFINITY, -INFINITY};
@@ -280,8 +286,8 @@ static void test_training_refuses_non_finite(void **state)
     test_synth_vectors(42, 7, 0, 1, 16, N, x);
     x[3] = NAN;
     assert_rc(vqkv_codec_train(codec, 0, 1, x, N, &opts), VQKV_EINVAL);
-    /* Keys are block-centered first (bc=1 by default): the refusal still
-     * comes before anything is touched. */
+    /* Keys are block-centered first: the refusal still comes before
+     * anything is touched. */
     test_synth_vectors(42, 8, 0, 0, 16, N, x);
     x[N * 16 - 1] = INFINITY;
     assert_rc(vqkv_codec_train(codec, 0, 0, x, N, &opts), VQKV_EINVAL);
@@ -433,8 +439,9 @@ static void test_per_head_sets_learn_from_their_head_only(void **state)
 {
     (void)state;
     vqkv_layout_t l = {2, 3, 16, 8, VQKV_DTYPE_F32};
-    static const char *const specs[] = {"rvq:d=4,b=4,r=2,ph=1", "vqkv:b=4,dlo=2,dhi=4,dv=4,ph=1",
-                                        "rvq:d=4,b=4,r=2,ph=0"};
+    static const char *const specs[] = {"rvq:d=4,b=4,r=2,ph=1,bc=1",
+                                        "vqkv:b=4,dlo=2,dhi=4,dv=4,ph=1",
+                                        "rvq:d=4,b=4,r=2,ph=1,cs=1", "rvq:d=4,b=4,r=2,ph=0"};
     const int same = 0, other = 1;
     size_t n = test_block_values(&l);
     float *src = malloc(n * sizeof *src), *got[2];

@@ -219,21 +219,140 @@ static inline int test_train_all(vqkv_codec_t *codec, uint64_t profile_seed, siz
     return rc;
 }
 
-/* The block means a VQ codec with bc=1 stores at the start of each key part
- * (kernels/README.md): per (head, channel), the float sum over the block's
- * tokens in token order, divided by T, rounded to f16 (nearest even).
- * x is one (layer, K) of a block as it sits in memory, [tokens][heads][dim];
- * out is f16 [heads][dim]. */
-static inline void test_block_means_f16(const vqkv_layout_t *l, const float *x, uint16_t *out)
+/* ---- the VQ codecs' block means and escapes (kernels/README.md) ------------ */
+
+/* Whether vector v is among list[n]. */
+static inline int test_listed(const uint32_t *list, uint32_t n, uint32_t v)
+{
+    for (uint32_t i = 0; i < n; i++)
+        if (list[i] == v)
+            return 1;
+    return 0;
+}
+
+/* The block means a VQ codec with bc=1 stores at the start of each key part:
+ * per (head, channel), the float sum in token order over the block's tokens
+ * whose vector t*H + h is not among skip[n_skip] (the escapes), divided by
+ * their count, clamped to +-65504 and rounded to f16 (nearest even); 0 when
+ * no token is left. x is one (layer, K) of a block as it sits in memory,
+ * [tokens][heads][dim]; out is f16 [heads][dim]. */
+static inline void test_block_means_f16(const vqkv_layout_t *l, const float *x,
+                                        const uint32_t *skip, uint32_t n_skip, uint16_t *out)
 {
     uint32_t H = l->num_kv_heads, D = l->head_dim;
     for (uint32_t h = 0; h < H; h++)
         for (uint32_t d = 0; d < D; d++) {
             float sum = 0.0f;
-            for (uint32_t t = 0; t < l->block_tokens; t++)
+            uint32_t count = 0;
+            for (uint32_t t = 0; t < l->block_tokens; t++) {
+                if (test_listed(skip, n_skip, t * H + h))
+                    continue;
                 sum += x[((size_t)t * H + h) * D + d];
-            out[(size_t)h * D + d] = vqkv_f32_to_f16(sum / (float)l->block_tokens);
+                count++;
+            }
+            float mean = count > 0 ? fminf(fmaxf(sum / (float)count, -65504.0f), 65504.0f) : 0.0f;
+            out[(size_t)h * D + d] = vqkv_f32_to_f16(mean);
         }
+}
+
+/* The escapes of one part x[tokens][heads][dim]: the min(esc, T*H) vectors
+ * farthest from their head's reference ref[heads][dim] (squared L2, a float
+ * sum in channel order), largest first, equal distances in index order.
+ * Returns how many; out[esc] receives their indices. */
+static inline uint32_t test_pick_escapes(const vqkv_layout_t *l, const float *x, const float *ref,
+                                         uint32_t esc, uint32_t *out)
+{
+    uint32_t H = l->num_kv_heads, D = l->head_dim, vectors = l->block_tokens * H, n = 0;
+    float *dist = malloc(vectors * sizeof *dist);
+    assert_non_null(dist);
+    for (uint32_t v = 0; v < vectors; v++) {
+        float d2 = 0.0f;
+        for (uint32_t c = 0; c < D; c++) {
+            float diff = x[(size_t)v * D + c] - ref[(size_t)(v % H) * D + c];
+            d2 += diff * diff;
+        }
+        dist[v] = d2;
+    }
+    for (; n < esc && n < vectors; n++) {
+        uint32_t best = UINT32_MAX;
+        for (uint32_t v = 0; v < vectors; v++)
+            if (!test_listed(out, n, v) && (best == UINT32_MAX || dist[v] > dist[best]))
+                best = v;
+        out[n] = best;
+    }
+    free(dist);
+    return n;
+}
+
+/* What a VQ encoder decides for one part before coding it: its escapes and,
+ * for keys with bc=1 (block_means not NULL), the stored f16 block means.
+ * The reference is the all-token block mean for those keys, else each
+ * head's channel-statistics mean channel_mean[heads][dim] (NULL: 0, as
+ * every cs=0 codec has). Returns the number of escapes. */
+static inline uint32_t test_part_plan(const vqkv_layout_t *l, const float *x, uint32_t esc,
+                                      const float *channel_mean, uint16_t *block_means,
+                                      uint32_t *escapes)
+{
+    size_t row = (size_t)l->num_kv_heads * l->head_dim;
+    float *ref = calloc(row, sizeof *ref);
+    assert_non_null(ref);
+    if (block_means != NULL) {
+        test_block_means_f16(l, x, NULL, 0, block_means);
+        for (size_t i = 0; i < row; i++)
+            ref[i] = vqkv_f16_to_f32(block_means[i]);
+    } else if (channel_mean != NULL) {
+        memcpy(ref, channel_mean, row * sizeof *ref);
+    }
+    uint32_t n = test_pick_escapes(l, x, ref, esc, escapes);
+    if (block_means != NULL)
+        test_block_means_f16(l, x, escapes, n, block_means);
+    free(ref);
+    return n;
+}
+
+/* The fp8 codec's row format, which escapes use too: returns the f16 scale
+ * f16(min(amax / 448, 65504)) and writes codes[n] = e4m3(x / scale) (0 for
+ * a zero scale). */
+static inline uint16_t test_fp8_row_encode(const float *x, uint32_t n, uint8_t *codes)
+{
+    float amax = 0.0f;
+    for (uint32_t i = 0; i < n; i++)
+        amax = fmaxf(amax, fabsf(x[i]));
+    uint16_t scale_h = vqkv_f32_to_f16(fminf(amax / 448.0f, 65504.0f));
+    float scale = vqkv_f16_to_f32(scale_h);
+    for (uint32_t i = 0; i < n; i++)
+        codes[i] = scale == 0.0f ? 0 : vqkv_f32_to_e4m3(x[i] / scale);
+    return scale_h;
+}
+
+static inline void test_fp8_row_decode(uint16_t scale_h, const uint8_t *codes, uint32_t n, float *x)
+{
+    float scale = vqkv_f16_to_f32(scale_h);
+    for (uint32_t i = 0; i < n; i++)
+        x[i] = vqkv_e4m3_to_f32(codes[i]) * scale;
+}
+
+/* Little-endian fields of the compressed layouts. */
+static inline uint16_t test_get_u16(const uint8_t *p)
+{
+    return (uint16_t)(p[0] | (p[1] << 8));
+}
+
+static inline uint32_t test_get_u32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+static inline void test_put_u32(uint8_t *p, uint32_t v)
+{
+    for (int i = 0; i < 4; i++)
+        p[i] = (uint8_t)(v >> (8 * i));
+}
+
+/* Bytes of one escape entry: u32 index, f16 scale, e4m3[head_dim]. */
+static inline size_t test_escape_bytes(const vqkv_layout_t *l)
+{
+    return 6 + (size_t)l->head_dim;
 }
 
 /* ||a - b|| / ||a|| over the values of side kv (0 K, 1 V; -1 both). */
