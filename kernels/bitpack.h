@@ -23,6 +23,9 @@ static inline void vqkv__bits_put(uint8_t *buf, uint64_t bitpos, uint32_t width,
 
 static inline uint32_t vqkv__bits_get(const uint8_t *buf, uint64_t bitpos, uint32_t width)
 {
+    uint32_t first = (uint32_t)(bitpos & 7u);
+    if (first + width <= 8u) /* within one byte: every 1/2/4/8-bit code */
+        return (uint32_t)(buf[bitpos >> 3] >> first) & ((1u << width) - 1u);
     uint32_t value = 0, shift = 0;
     while (width > 0) {
         uint32_t off = (uint32_t)(bitpos & 7u);

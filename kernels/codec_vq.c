@@ -285,6 +285,8 @@ static uint16_t vqkv__branch_normalize(const vqkv__branch_t *br, const float *ro
 static void vqkv__channel_whiten(const vqkv_codec_t *codec, uint32_t layer, int kv, uint32_t head,
                                  float *row)
 {
+    if (!((const vqkv__vq_t *)codec->state)->channel_scale)
+        return; /* cs=0 statistics are the identity */
     const float *mean = vqkv__channel_stats(codec, layer, kv, head);
     const float *scale = mean + codec->layout.head_dim;
     for (uint32_t c = 0; c < codec->layout.head_dim; c++)
@@ -507,10 +509,12 @@ static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, c
                         row[br->chan[g * br->d + j]] = acc[j] * norm;
                 }
             }
-            const float *mean = vqkv__channel_stats(codec, layer, kv, h);
-            const float *scale = mean + l->head_dim;
-            for (uint32_t c = 0; c < l->head_dim; c++)
-                row[c] = row[c] * scale[c] + mean[c];
+            if (vq->channel_scale) { /* cs=0 statistics are the identity */
+                const float *mean = vqkv__channel_stats(codec, layer, kv, h);
+                const float *scale = mean + l->head_dim;
+                for (uint32_t c = 0; c < l->head_dim; c++)
+                    row[c] = row[c] * scale[c] + mean[c];
+            }
             if (mean_bytes > 0) {
                 vqkv_dtype_to_f32(VQKV_DTYPE_F16, block_means + 2 * (size_t)h * l->head_dim,
                                   l->head_dim, bm);
