@@ -1,0 +1,81 @@
+/* server.h -- vqkvd's server: the listening Unix socket, the connected
+ * clients and the requests they send, all driven by one libuv loop.
+ *
+ * Everything the server holds lives in one vqkvd_server_t (Redis-style: one
+ * explicit struct, no hidden globals), so a test or a later in-process
+ * harness can run one next to anything else on a loop of its own. Nothing
+ * in here blocks: the listening socket and every client socket are
+ * non-blocking, read through uv_poll_t, and replies wait in a per-client
+ * queue until the socket takes them.
+ *
+ * The server is single-threaded and not thread-safe: every call below must
+ * come from the loop's thread.
+ */
+#ifndef VQKVD_SERVER_H
+#define VQKVD_SERVER_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include <uv.h>
+
+/* Uids (and gids) --allow-uid (--allow-gid) may name. */
+#define VQKVD_MAX_ALLOWED 32
+
+/* The daemon's settings. vqkvd_config_defaults fills every field. */
+typedef struct {
+    const char *socket_path; /* borrowed; must outlive the server */
+    uint32_t max_frame;      /* Welcome.max_frame_bytes */
+    uint32_t max_inflight;   /* Welcome.max_inflight */
+    uint32_t max_regions;    /* Welcome.max_regions */
+    uint32_t max_clients;    /* connections past this are refused (VQKV_ELIMIT) */
+    /* A peer may connect when its uid is in allow_uids or its gid in
+     * allow_gids (SO_PEERCRED). Defaults: the daemon's own uid and root. */
+    uid_t allow_uids[VQKVD_MAX_ALLOWED];
+    size_t n_allow_uids;
+    gid_t allow_gids[VQKVD_MAX_ALLOWED];
+    size_t n_allow_gids;
+} vqkvd_config_t;
+
+typedef struct vqkvd_client vqkvd_client_t;
+
+typedef struct {
+    uv_loop_t *loop;
+    vqkvd_config_t cfg;
+
+    int listen_fd;             /* -1 once closed */
+    uv_poll_t listen_poll;     /* readable: connections to accept */
+    uv_timer_t accept_backoff; /* restarts accepting after EMFILE */
+    int socket_created;        /* the socket file is ours to unlink */
+
+    vqkvd_client_t *clients; /* doubly linked, newest first */
+    uint32_t n_clients;      /* StatsReply.clients */
+    uint64_t next_client_id; /* for logs */
+
+    /* Tenant salts are SHA-256(salt_secret || tenant): the same for every
+     * process of a tenant, unguessable by another tenant. Drawn at start,
+     * so salts (and with them keys) change when the daemon restarts, which
+     * is harmless while the store does not outlive the process. */
+    uint8_t salt_secret[32];
+    int stopping;
+} vqkvd_server_t;
+
+/* Fills cfg with the defaults (socket_path NULL). */
+void vqkvd_config_defaults(vqkvd_config_t *cfg);
+
+/* Binds and listens on cfg->socket_path (mode 0660) and starts accepting on
+ * loop. A socket file left by a dead daemon is replaced; one a live daemon
+ * listens on is not (-EADDRINUSE), nor a path that is not a socket
+ * (-EEXIST). Returns 0 or a negative errno; on failure nothing is left
+ * open, though the loop may need one more run to finish closing handles
+ * (only when libuv refuses to poll the socket). */
+int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t *cfg);
+
+/* Stops accepting, removes the socket file and closes every client, without
+ * waiting for their queued replies. The handles finish closing on the next
+ * loop iteration; uv_run then returns once nothing else is active. Safe to
+ * call twice. */
+void vqkvd_server_stop(vqkvd_server_t *s);
+
+#endif

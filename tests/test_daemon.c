@@ -1,0 +1,577 @@
+/* test_daemon.c -- vqkvd as a process: each test starts the daemon binary
+ * on a socket in a fresh temporary directory, talks to it with the blocking
+ * client helpers of proto/frame.h, and stops it with SIGTERM, requiring
+ * exit status 0 and the socket file gone (so under ASan a leak in the
+ * daemon, which makes it exit non-zero, fails the test that caused it).
+ *
+ * Client sockets have 5 s receive and send timeouts, so a daemon that
+ * hangs fails a test instead of blocking the suite.
+ */
+#include <errno.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "frame.h"
+
+#define CLIENT_TIMEOUT_S 5
+/* ASan makes the daemon slow to start and to stop. */
+#define DAEMON_DEADLINE_MS 20000
+
+/* assert on a protocol code, naming both on failure. */
+#define assert_prc(expr, want)                                                                     \
+    do {                                                                                           \
+        int got_rc_ = (expr);                                                                      \
+        int want_rc_ = (want);                                                                     \
+        if (got_rc_ != want_rc_) {                                                                 \
+            print_error("%s returned %d (%s), expected %d (%s)\n", #expr, got_rc_,                 \
+                        vqkv_proto_strerror(got_rc_), want_rc_, vqkv_proto_strerror(want_rc_));    \
+            fail();                                                                                \
+        }                                                                                          \
+    } while (0)
+
+typedef struct {
+    char dir[64];
+    char path[96];
+    pid_t pid;
+} daemon_t;
+
+typedef struct {
+    int fd;
+    vqkv_frame_reader_t reader;
+    uint64_t next_id;
+} client_t;
+
+static long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
+    nanosleep(&ts, NULL);
+}
+
+static int try_connect(const char *path)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        close(fd);
+        return -1;
+    }
+    struct timeval tv = {CLIENT_TIMEOUT_S, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    return fd;
+}
+
+/* Runs the daemon with extra arguments (NULL-terminated) on path; returns
+ * its pid. Does not wait for it to listen. */
+static pid_t spawn_daemon(const char *path, const char *const *extra)
+{
+    const char *argv[16] = {VQKVD_PATH, "--socket", path, "--log-level", "debug"};
+    size_t n = 5;
+    for (size_t i = 0; extra != NULL && extra[i] != NULL && n < 15; i++)
+        argv[n++] = extra[i];
+    argv[n] = NULL;
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        execv(VQKVD_PATH, (char *const *)argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+/* Waits for pid to exit; its wait status, or -1 after the deadline (then
+ * it is killed). */
+static int wait_exit(pid_t pid)
+{
+    long deadline = now_ms() + DAEMON_DEADLINE_MS;
+    int status;
+    while (now_ms() < deadline) {
+        pid_t got = waitpid(pid, &status, WNOHANG);
+        if (got == pid)
+            return status;
+        sleep_ms(5);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    return -1;
+}
+
+static void daemon_start(daemon_t *d, const char *const *extra)
+{
+    snprintf(d->dir, sizeof d->dir, "/tmp/vqkvd-test.XXXXXX");
+    assert_non_null(mkdtemp(d->dir));
+    snprintf(d->path, sizeof d->path, "%s/vqkv.sock", d->dir);
+    d->pid = spawn_daemon(d->path, extra);
+    long deadline = now_ms() + DAEMON_DEADLINE_MS;
+    for (;;) {
+        int fd = try_connect(d->path);
+        if (fd >= 0) {
+            close(fd);
+            return;
+        }
+        int status;
+        if (waitpid(d->pid, &status, WNOHANG) == d->pid) {
+            d->pid = -1;
+            fail_msg("vqkvd exited at start (status %#x)", status);
+        }
+        if (now_ms() > deadline)
+            fail_msg("vqkvd did not listen on %s in time", d->path);
+        sleep_ms(5);
+    }
+}
+
+/* SIGTERM; requires exit status 0 and the socket file gone. */
+static void daemon_stop(daemon_t *d)
+{
+    if (d->pid <= 0)
+        return;
+    assert_int_equal(kill(d->pid, SIGTERM), 0);
+    int status = wait_exit(d->pid);
+    d->pid = -1;
+    assert_true(status != -1);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        fail_msg("vqkvd ended with wait status %#x, not exit 0", status);
+    struct stat st;
+    assert_int_equal(lstat(d->path, &st), -1);
+    assert_int_equal(errno, ENOENT);
+}
+
+static int setup(void **state)
+{
+    daemon_t *d = calloc(1, sizeof *d);
+    assert_non_null(d);
+    *state = d;
+    daemon_start(d, NULL);
+    return 0;
+}
+
+static int setup_refusing(void **state)
+{
+    daemon_t *d = calloc(1, sizeof *d);
+    assert_non_null(d);
+    *state = d;
+    char uid[16];
+    snprintf(uid, sizeof uid, "%u", (unsigned)getuid() + 1);
+    const char *const extra[] = {"--allow-uid", uid, NULL};
+    daemon_start(d, extra);
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    daemon_t *d = *state;
+    daemon_stop(d);
+    unlink(d->path);
+    rmdir(d->dir);
+    free(d);
+    return 0;
+}
+
+/* ---- client helpers -------------------------------------------------------- */
+
+static void client_open(client_t *c, const daemon_t *d)
+{
+    c->fd = try_connect(d->path);
+    assert_true(c->fd >= 0);
+    assert_prc(vqkv_frame_reader_init(&c->reader, VQKV_FRAME_DEFAULT_MAX), VQKV_OK);
+    c->next_id = 1;
+}
+
+static void client_close(client_t *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    vqkv_frame_reader_free(&c->reader);
+}
+
+static uint64_t send_env(client_t *c, Vqkv__Envelope *env)
+{
+    env->request_id = c->next_id++;
+    assert_prc(vqkv_frame_send(c->fd, env, NULL, 0, VQKV_FRAME_DEFAULT_MAX), VQKV_OK);
+    return env->request_id;
+}
+
+static void send_raw(client_t *c, const void *bytes, size_t len)
+{
+    assert_int_equal(send(c->fd, bytes, len, MSG_NOSIGNAL), (ssize_t)len);
+}
+
+static Vqkv__Envelope *recv_env(client_t *c)
+{
+    vqkv_frame_t frame;
+    assert_prc(vqkv_frame_recv(c->fd, &c->reader, &frame), VQKV_OK);
+    Vqkv__Envelope *env = NULL;
+    assert_prc(vqkv_frame_unpack(frame.data, frame.len, &env), VQKV_OK);
+    vqkv_frame_clear(&frame);
+    assert_prc(vqkv_frame_check(env), VQKV_OK);
+    return env;
+}
+
+static void expect_closed(client_t *c)
+{
+    vqkv_frame_t frame;
+    assert_prc(vqkv_frame_recv(c->fd, &c->reader, &frame), VQKV_ECLOSED);
+}
+
+static void expect_error(Vqkv__Envelope *env, uint64_t id, int code)
+{
+    assert_int_equal(env->body_case, VQKV__ENVELOPE__BODY_ERROR);
+    assert_int_equal(env->request_id, id);
+    assert_prc(env->error->code, code);
+    assert_true(strlen(env->error->message) > 0);
+    vqkv_frame_envelope_free(env);
+}
+
+static uint64_t send_hello(client_t *c, uint32_t version)
+{
+    Vqkv__Hello hello = VQKV__HELLO__INIT;
+    hello.protocol_version = version;
+    hello.client_name = "test_daemon";
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_HELLO;
+    env.hello = &hello;
+    return send_env(c, &env);
+}
+
+static uint64_t send_stats(client_t *c)
+{
+    Vqkv__Stats stats = VQKV__STATS__INIT;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_STATS;
+    env.stats = &stats;
+    return send_env(c, &env);
+}
+
+/* Hello and its Welcome, checked; returns the Welcome envelope. */
+static Vqkv__Envelope *hello_ok(client_t *c)
+{
+    uint64_t id = send_hello(c, VQKV_PROTO_VERSION);
+    Vqkv__Envelope *env = recv_env(c);
+    assert_int_equal(env->request_id, id);
+    assert_int_equal(env->body_case, VQKV__ENVELOPE__BODY_WELCOME);
+    return env;
+}
+
+/* Stats and its reply; returns StatsReply.clients. */
+static uint32_t stats_clients(client_t *c)
+{
+    uint64_t id = send_stats(c);
+    Vqkv__Envelope *env = recv_env(c);
+    assert_int_equal(env->request_id, id);
+    assert_int_equal(env->body_case, VQKV__ENVELOPE__BODY_STATS_REPLY);
+    const Vqkv__StatsReply *st = env->stats_reply;
+    assert_int_equal(st->hits + st->misses + st->blocks + st->bytes_stored + st->evictions, 0);
+    uint32_t clients = st->clients;
+    vqkv_frame_envelope_free(env);
+    return clients;
+}
+
+/* ---- tests ------------------------------------------------------------------ */
+
+static void test_hello_welcome(void **state)
+{
+    client_t a, b;
+    client_open(&a, *state);
+    client_open(&b, *state);
+    Vqkv__Envelope *wa = hello_ok(&a);
+    const Vqkv__Welcome *w = wa->welcome;
+    assert_int_equal(w->protocol_version, VQKV_PROTO_VERSION);
+    assert_int_equal(w->max_frame_bytes, VQKV_FRAME_DEFAULT_MAX);
+    assert_true(w->max_inflight > 0);
+    assert_true(w->max_regions > 0);
+    assert_string_equal(w->backend, "cpu");
+    assert_int_equal(w->n_devices, 0);
+    char uid[16];
+    snprintf(uid, sizeof uid, "%u", (unsigned)getuid());
+    assert_string_equal(w->tenant, uid);
+    assert_int_equal(w->tenant_salt.len, 32);
+    assert_true(strlen(w->server_version) > 0);
+
+    /* Same tenant, same salt. */
+    Vqkv__Envelope *wb = hello_ok(&b);
+    assert_int_equal(wb->welcome->tenant_salt.len, 32);
+    assert_memory_equal(wb->welcome->tenant_salt.data, w->tenant_salt.data, 32);
+    vqkv_frame_envelope_free(wa);
+    vqkv_frame_envelope_free(wb);
+
+    /* A second Hello is refused; the connection goes on. */
+    uint64_t id = send_hello(&a, VQKV_PROTO_VERSION);
+    expect_error(recv_env(&a), id, VQKV_EPROTO);
+    assert_int_equal(stats_clients(&a), 2);
+    client_close(&a);
+    client_close(&b);
+}
+
+static void test_wrong_version(void **state)
+{
+    client_t c;
+    client_open(&c, *state);
+    uint64_t id = send_hello(&c, VQKV_PROTO_VERSION + 1);
+    expect_error(recv_env(&c), id, VQKV_EVERSION);
+    /* No session yet, but the connection still works. */
+    id = send_stats(&c);
+    expect_error(recv_env(&c), id, VQKV_EPROTO);
+    vqkv_frame_envelope_free(hello_ok(&c));
+    client_close(&c);
+}
+
+static void test_stats_before_hello(void **state)
+{
+    client_t c;
+    client_open(&c, *state);
+    uint64_t id = send_stats(&c);
+    expect_error(recv_env(&c), id, VQKV_EPROTO);
+    vqkv_frame_envelope_free(hello_ok(&c));
+    assert_int_equal(stats_clients(&c), 1);
+    client_close(&c);
+}
+
+static void test_not_implemented(void **state)
+{
+    client_t c;
+    client_open(&c, *state);
+    vqkv_frame_envelope_free(hello_ok(&c));
+    Vqkv__Lookup lookup = VQKV__LOOKUP__INIT;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_LOOKUP;
+    env.lookup = &lookup;
+    uint64_t id = send_env(&c, &env);
+    Vqkv__Envelope *reply = recv_env(&c);
+    assert_non_null(strstr(reply->error->message, "not implemented"));
+    expect_error(reply, id, VQKV_EPROTO);
+
+    /* A reply type sent as a request. */
+    Vqkv__Ack ack = VQKV__ACK__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_ACK;
+    env.ack = &ack;
+    id = send_env(&c, &env);
+    expect_error(recv_env(&c), id, VQKV_EPROTO);
+    assert_int_equal(stats_clients(&c), 1);
+    client_close(&c);
+}
+
+static void test_garbage_frame(void **state)
+{
+    client_t c;
+    client_open(&c, *state);
+    vqkv_frame_envelope_free(hello_ok(&c));
+    /* Five bytes that are no Envelope (field 31, wire type 7). */
+    static const uint8_t garbage[] = {5, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0xff};
+    send_raw(&c, garbage, sizeof garbage);
+    expect_error(recv_env(&c), 0, VQKV_EMALFORMED);
+    /* An empty frame: an Envelope with no body. */
+    static const uint8_t empty[] = {0, 0, 0, 0};
+    send_raw(&c, empty, sizeof empty);
+    expect_error(recv_env(&c), 0, VQKV_EUNKNOWN);
+    assert_int_equal(stats_clients(&c), 1);
+    client_close(&c);
+}
+
+static void test_oversized_frame(void **state)
+{
+    client_t good, bad;
+    client_open(&good, *state);
+    client_open(&bad, *state);
+    vqkv_frame_envelope_free(hello_ok(&good));
+    vqkv_frame_envelope_free(hello_ok(&bad));
+    static const uint8_t huge[] = {0xff, 0xff, 0xff, 0x7f};
+    send_raw(&bad, huge, sizeof huge);
+    expect_error(recv_env(&bad), 0, VQKV_ETOOBIG);
+    expect_closed(&bad);
+    client_close(&bad);
+    /* The other client is untouched; the closed one is gone from Stats
+     * (its close may be seen a moment after this Stats, hence the loop). */
+    long deadline = now_ms() + DAEMON_DEADLINE_MS;
+    while (stats_clients(&good) != 1)
+        assert_true(now_ms() < deadline);
+    client_close(&good);
+}
+
+#define MANY 16
+
+static void test_many_clients(void **state)
+{
+    client_t c[MANY];
+    uint64_t ids[MANY];
+    for (int i = 0; i < MANY; i++)
+        client_open(&c[i], *state);
+    /* Every Hello goes out before any Welcome is read. */
+    for (int i = 0; i < MANY; i++)
+        ids[i] = send_hello(&c[i], VQKV_PROTO_VERSION);
+    for (int i = 0; i < MANY; i++) {
+        Vqkv__Envelope *env = recv_env(&c[i]);
+        assert_int_equal(env->request_id, ids[i]);
+        assert_int_equal(env->body_case, VQKV__ENVELOPE__BODY_WELCOME);
+        vqkv_frame_envelope_free(env);
+    }
+    assert_int_equal(stats_clients(&c[0]), MANY);
+    for (int i = MANY / 2; i < MANY; i++)
+        client_close(&c[i]);
+    long deadline = now_ms() + DAEMON_DEADLINE_MS;
+    while (stats_clients(&c[0]) != MANY / 2)
+        assert_true(now_ms() < deadline);
+    for (int i = 0; i < MANY / 2; i++)
+        client_close(&c[i]);
+}
+
+/* Sends n Stats in one write; returns the first request id. */
+static uint64_t send_stats_batch(client_t *c, uint32_t n)
+{
+    Vqkv__Stats stats = VQKV__STATS__INIT;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_STATS;
+    env.stats = &stats;
+    uint8_t *all = NULL;
+    size_t all_len = 0;
+    uint64_t first = c->next_id;
+    for (uint32_t i = 0; i < n; i++) {
+        env.request_id = c->next_id++;
+        uint8_t *buf;
+        size_t len;
+        assert_prc(vqkv_frame_encode(&env, VQKV_FRAME_DEFAULT_MAX, &buf, &len), VQKV_OK);
+        all = realloc(all, all_len + len);
+        assert_non_null(all);
+        memcpy(all + all_len, buf, len);
+        all_len += len;
+        free(buf);
+    }
+    send_raw(c, all, all_len);
+    free(all);
+    return first;
+}
+
+/* max_inflight requests in one write are all answered; far more each get
+ * exactly one reply, in order: a StatsReply, or VQKV_ELIMIT once the
+ * daemon holds max_inflight unwritten replies. The first max_inflight are
+ * never refused, and the connection stays usable. */
+#define PIPELINED 1000
+
+static void test_pipelined_requests(void **state)
+{
+    client_t c;
+    client_open(&c, *state);
+    Vqkv__Envelope *welcome = hello_ok(&c);
+    uint32_t limit = welcome->welcome->max_inflight;
+    assert_true(limit > 0 && limit < PIPELINED);
+    vqkv_frame_envelope_free(welcome);
+
+    uint64_t first = send_stats_batch(&c, limit);
+    for (uint32_t i = 0; i < limit; i++) {
+        Vqkv__Envelope *reply = recv_env(&c);
+        assert_int_equal(reply->request_id, first + i);
+        assert_int_equal(reply->body_case, VQKV__ENVELOPE__BODY_STATS_REPLY);
+        vqkv_frame_envelope_free(reply);
+    }
+
+    first = send_stats_batch(&c, PIPELINED);
+    uint32_t refused = 0;
+    for (uint32_t i = 0; i < PIPELINED; i++) {
+        Vqkv__Envelope *reply = recv_env(&c);
+        assert_int_equal(reply->request_id, first + i);
+        if (reply->body_case == VQKV__ENVELOPE__BODY_ERROR) {
+            assert_true(i >= limit);
+            assert_prc(reply->error->code, VQKV_ELIMIT);
+            refused++;
+        } else {
+            assert_int_equal(reply->body_case, VQKV__ENVELOPE__BODY_STATS_REPLY);
+        }
+        vqkv_frame_envelope_free(reply);
+    }
+    print_message("%u of %d pipelined requests refused with VQKV_ELIMIT\n", refused, PIPELINED);
+    assert_int_equal(stats_clients(&c), 1);
+    client_close(&c);
+}
+
+static void test_refused_peer(void **state)
+{
+    client_t c;
+    client_open(&c, *state);
+    expect_error(recv_env(&c), 0, VQKV_EPERM);
+    expect_closed(&c);
+    client_close(&c);
+}
+
+static void test_sigterm_with_client(void **state)
+{
+    daemon_t *d = *state;
+    client_t c;
+    client_open(&c, d);
+    vqkv_frame_envelope_free(hello_ok(&c));
+    daemon_stop(d);
+    expect_closed(&c);
+    client_close(&c);
+}
+
+static void test_stale_socket(void **state)
+{
+    daemon_t *d = *state;
+    /* A second daemon on the live socket refuses to start and leaves the
+     * first one's socket alone. */
+    pid_t second = spawn_daemon(d->path, NULL);
+    int status = wait_exit(second);
+    assert_true(status != -1 && WIFEXITED(status) && WEXITSTATUS(status) != 0);
+    client_t c;
+    client_open(&c, d);
+    vqkv_frame_envelope_free(hello_ok(&c));
+    client_close(&c);
+    daemon_stop(d);
+
+    /* A socket file nobody listens on (a daemon that died) is replaced. */
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    snprintf(addr.sun_path, sizeof addr.sun_path, "%s", d->path);
+    int fd = socket(AF_UNIX, SOCK_STREAM, 0);
+    assert_int_equal(bind(fd, (struct sockaddr *)&addr, sizeof addr), 0);
+    close(fd);
+    d->pid = spawn_daemon(d->path, NULL);
+    long deadline = now_ms() + DAEMON_DEADLINE_MS;
+    while ((fd = try_connect(d->path)) < 0)
+        assert_true(now_ms() < deadline);
+    close(fd);
+    struct stat st;
+    assert_int_equal(stat(d->path, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0660);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_hello_welcome, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_wrong_version, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_stats_before_hello, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_not_implemented, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_garbage_frame, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_oversized_frame, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_many_clients, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pipelined_requests, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_refused_peer, setup_refusing, teardown),
+        cmocka_unit_test_setup_teardown(test_sigterm_with_client, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_stale_socket, setup, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
