@@ -75,6 +75,13 @@ static void pack_bin(msgpack_packer *pk, const void *data, size_t len)
     msgpack_pack_bin_body(pk, data, len);
 }
 
+/* One "key": u32 entry of a map, as the layout fields are written. */
+static void pack_u32_entry(msgpack_packer *pk, const char *key, uint32_t value)
+{
+    pack_str(pk, key);
+    msgpack_pack_uint32(pk, value);
+}
+
 typedef struct {
     uint32_t num_layers, num_kv_heads, head_dim, block_tokens;
     const char *dtype;
@@ -101,14 +108,10 @@ static void pack_body(const body_fields_t *f, msgpack_sbuffer *out)
     msgpack_pack_map(&pk, f->extra_key ? 4 : 3);
     pack_str(&pk, "layout");
     msgpack_pack_map(&pk, 5);
-    pack_str(&pk, "num_layers");
-    msgpack_pack_uint32(&pk, f->num_layers);
-    pack_str(&pk, "num_kv_heads");
-    msgpack_pack_uint32(&pk, f->num_kv_heads);
-    pack_str(&pk, "head_dim");
-    msgpack_pack_uint32(&pk, f->head_dim);
-    pack_str(&pk, "block_tokens");
-    msgpack_pack_uint32(&pk, f->block_tokens);
+    pack_u32_entry(&pk, "num_layers", f->num_layers);
+    pack_u32_entry(&pk, "num_kv_heads", f->num_kv_heads);
+    pack_u32_entry(&pk, "head_dim", f->head_dim);
+    pack_u32_entry(&pk, "block_tokens", f->block_tokens);
     pack_str(&pk, "dtype");
     pack_str(&pk, f->dtype);
     pack_str(&pk, "codec");
@@ -159,6 +162,22 @@ static uint8_t *build_file(const file_fields_t *ff, const body_fields_t *bf, siz
     return file;
 }
 
+/* The bin value of key in msgpack map, which must be there: the file's
+ * "body" and the body's "books" are both found this way. */
+static const msgpack_object *map_bin_field(const msgpack_object *map, const char *key)
+{
+    const msgpack_object *found = NULL;
+    size_t key_len = strlen(key);
+    for (uint32_t i = 0; i < map->via.map.size; i++) {
+        const msgpack_object_kv *kv = &map->via.map.ptr[i];
+        if (kv->key.via.str.size == key_len && memcmp(kv->key.via.str.ptr, key, key_len) == 0)
+            found = &kv->val;
+    }
+    assert_non_null(found);
+    assert_int_equal(found->type, MSGPACK_OBJECT_BIN);
+    return found;
+}
+
 /* The "books" bin inside a codebook file, copied out. */
 static uint8_t *extract_books(const uint8_t *file, size_t file_len, size_t *books_len)
 {
@@ -167,24 +186,11 @@ static uint8_t *extract_books(const uint8_t *file, size_t file_len, size_t *book
     msgpack_unpacked_init(&body);
     assert_int_equal(msgpack_unpack_next(&top, (const char *)file, file_len, NULL),
                      MSGPACK_UNPACK_SUCCESS);
-    const msgpack_object *body_obj = NULL, *books_obj = NULL;
-    for (uint32_t i = 0; i < top.data.via.map.size; i++) {
-        const msgpack_object_kv *kv = &top.data.via.map.ptr[i];
-        if (kv->key.via.str.size == 4 && memcmp(kv->key.via.str.ptr, "body", 4) == 0)
-            body_obj = &kv->val;
-    }
-    assert_non_null(body_obj);
-    assert_int_equal(body_obj->type, MSGPACK_OBJECT_BIN);
+    const msgpack_object *body_obj = map_bin_field(&top.data, "body");
     assert_int_equal(
         msgpack_unpack_next(&body, body_obj->via.bin.ptr, body_obj->via.bin.size, NULL),
         MSGPACK_UNPACK_SUCCESS);
-    for (uint32_t i = 0; i < body.data.via.map.size; i++) {
-        const msgpack_object_kv *kv = &body.data.via.map.ptr[i];
-        if (kv->key.via.str.size == 5 && memcmp(kv->key.via.str.ptr, "books", 5) == 0)
-            books_obj = &kv->val;
-    }
-    assert_non_null(books_obj);
-    assert_int_equal(books_obj->type, MSGPACK_OBJECT_BIN);
+    const msgpack_object *books_obj = map_bin_field(&body.data, "books");
     *books_len = books_obj->via.bin.size;
     uint8_t *books = malloc(*books_len + 1); /* + 1: never malloc(0) */
     assert_non_null(books);
@@ -263,11 +269,7 @@ static void assert_codes_like_trained(const vqkv_codec_t *codec)
     memset(region, 0, v.region_bytes);
     assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
     assert_memory_equal(region, decoded, v.region_bytes);
-    free(src);
-    free(region);
-    free(again);
-    free(block);
-    free(decoded);
+    test_free_all(src, region, again, block, decoded);
 }
 
 /* Loads buf into a codec already holding the good codebooks and into an
@@ -285,12 +287,7 @@ static void assert_refused(const uint8_t *buf, size_t len, int want, const char 
     }
     assert_int_equal(vqkv_codec_needs_training(fresh), 1);
     assert_int_equal(vqkv_codec_needs_training(loaded), 0);
-    uint8_t *after = NULL;
-    size_t after_len = 0;
-    assert_ok(vqkv_codebook_save_buffer(loaded, &after, &after_len));
-    assert_int_equal(after_len, good_len);
-    assert_memory_equal(after, good_file, good_len);
-    free(after);
+    test_assert_saves_as(loaded, good_file, good_len);
     vqkv_codec_free(loaded);
     vqkv_codec_free(fresh);
 }
@@ -319,12 +316,7 @@ static void test_buffer_round_trip(void **state)
     assert_int_equal(vqkv_codec_needs_training(codec), 0);
     assert_codes_like_trained(codec);
     /* Saving what was loaded gives the same file. */
-    uint8_t *again = NULL;
-    size_t again_len = 0;
-    assert_ok(vqkv_codebook_save_buffer(codec, &again, &again_len));
-    assert_int_equal(again_len, good_len);
-    assert_memory_equal(again, good_file, good_len);
-    free(again);
+    test_assert_saves_as(codec, good_file, good_len);
     /* Loading over trained codebooks replaces them. */
     vqkv_codec_t *other = new_codec(SPEC, &base_layout);
     vqkv_train_opts_t opts = {.seed = 1234, .iterations = 2};
@@ -383,14 +375,7 @@ static void test_loads_across_block_tokens_and_dtype(void **state)
                             vqkv_f32_to_f16(got[test_block_index(&l, layer, kv, t, h, d)]),
                             vqkv_f32_to_f16(
                                 want[test_block_index(&base_layout, layer, kv, t, h, d)]));
-    free(src_ref);
-    free(src);
-    free(want);
-    free(got);
-    free(region);
-    free(big_block);
-    free(block);
-    free(decoded);
+    test_free_all(src_ref, src, want, got, region, big_block, block, decoded);
     vqkv_codec_free(codec);
 }
 
@@ -499,6 +484,13 @@ static void test_hostile_checksummed_files_refused(void **state)
         good_fields(&ff, &bf);                                                                     \
     } while (0)
 
+    /* The same after one change to the fields: a case per line. */
+#define REFUSED_AFTER(change, want, what)                                                          \
+    do {                                                                                           \
+        change;                                                                                    \
+        REFUSED(want, what);                                                                       \
+    } while (0)
+
     /* The builder's own good file loads (so the refusals below are about
      * the one thing each changes). */
     file = build_file(&ff, &bf, &len);
@@ -508,17 +500,14 @@ static void test_hostile_checksummed_files_refused(void **state)
     free(file);
 
     /* Codebooks of the wrong size. */
-    bf.books_len -= 4;
-    REFUSED(VQKV_EFORMAT, "books one float short");
+    REFUSED_AFTER(bf.books_len -= 4, VQKV_EFORMAT, "books one float short");
     memcpy(bad_books, good_books, good_books_len);
     memset(bad_books + good_books_len, 0, 8);
     bf.books = bad_books;
     bf.books_len += 4;
     REFUSED(VQKV_EFORMAT, "books one float long");
-    bf.books_len -= 1;
-    REFUSED(VQKV_EFORMAT, "books not a whole number of floats");
-    bf.books_len = 0;
-    REFUSED(VQKV_EFORMAT, "no books");
+    REFUSED_AFTER(bf.books_len -= 1, VQKV_EFORMAT, "books not a whole number of floats");
+    REFUSED_AFTER(bf.books_len = 0, VQKV_EFORMAT, "no books");
 
     /* Non-finite codebook values (quiet NaN, +-inf, signalling NaN), at the
      * first float and the last. */
@@ -529,24 +518,17 @@ static void test_hostile_checksummed_files_refused(void **state)
             size_t at = last ? (n_floats - 1) * 4 : 0;
             for (int b = 0; b < 4; b++) /* little-endian */
                 bad_books[at + (size_t)b] = (uint8_t)(non_finite[i] >> (8 * b));
-            bf.books = bad_books;
-            REFUSED(VQKV_EFORMAT, "non-finite codebook value");
+            REFUSED_AFTER(bf.books = bad_books, VQKV_EFORMAT, "non-finite codebook value");
         }
     }
 
     /* The header around a good body. */
-    ff.format = "vqkv-codebook2";
-    REFUSED(VQKV_EFORMAT, "wrong format string");
-    ff.format = "";
-    REFUSED(VQKV_EFORMAT, "empty format string");
-    ff.version = 2;
-    REFUSED(VQKV_EFORMAT, "version 2");
-    ff.version = 0;
-    REFUSED(VQKV_EFORMAT, "version 0");
-    ff.sha_len = 31;
-    REFUSED(VQKV_EFORMAT, "short digest");
-    ff.corrupt_sha = 1;
-    REFUSED(VQKV_EFORMAT, "wrong digest");
+    REFUSED_AFTER(ff.format = "vqkv-codebook2", VQKV_EFORMAT, "wrong format string");
+    REFUSED_AFTER(ff.format = "", VQKV_EFORMAT, "empty format string");
+    REFUSED_AFTER(ff.version = 2, VQKV_EFORMAT, "version 2");
+    REFUSED_AFTER(ff.version = 0, VQKV_EFORMAT, "version 0");
+    REFUSED_AFTER(ff.sha_len = 31, VQKV_EFORMAT, "short digest");
+    REFUSED_AFTER(ff.corrupt_sha = 1, VQKV_EFORMAT, "wrong digest");
 
     /* A body that is not the expected map, its digest correct. */
     static const uint8_t garbage_body[] = {0xde, 0xad, 0xbe, 0xef};
@@ -557,22 +539,16 @@ static void test_hostile_checksummed_files_refused(void **state)
     ff.body = map_body;
     ff.body_len = sizeof map_body;
     REFUSED(VQKV_EFORMAT, "empty body map");
-    bf.extra_key = 1;
-    REFUSED(VQKV_EFORMAT, "body with an unknown key");
-    bf.dtype = "f64";
-    REFUSED(VQKV_EFORMAT, "unknown dtype");
+    REFUSED_AFTER(bf.extra_key = 1, VQKV_EFORMAT, "body with an unknown key");
+    REFUSED_AFTER(bf.dtype = "f64", VQKV_EFORMAT, "unknown dtype");
 
     /* Well-formed, but for another layout or codec. */
-    bf.num_layers = 3;
-    REFUSED(VQKV_EMISMATCH, "other num_layers");
-    bf.head_dim = 32;
-    REFUSED(VQKV_EMISMATCH, "other head_dim");
-    bf.num_kv_heads = 1;
-    REFUSED(VQKV_EMISMATCH, "other num_kv_heads");
+    REFUSED_AFTER(bf.num_layers = 3, VQKV_EMISMATCH, "other num_layers");
+    REFUSED_AFTER(bf.head_dim = 32, VQKV_EMISMATCH, "other head_dim");
+    REFUSED_AFTER(bf.num_kv_heads = 1, VQKV_EMISMATCH, "other num_kv_heads");
     /* Same codebook size, other meaning. */
     vqkv_codec_t *contig = new_codec("rvq:d=4,b=4,r=2,kgroup=contig", &base_layout);
-    bf.codec = vqkv_codec_spec(contig);
-    REFUSED(VQKV_EMISMATCH, "other codec");
+    REFUSED_AFTER(bf.codec = vqkv_codec_spec(contig), VQKV_EMISMATCH, "other codec");
     vqkv_codec_free(contig);
     bf.codec = SPEC; /* not canonical: names are compared exactly */
     REFUSED(VQKV_EMISMATCH, "non-canonical codec name");
@@ -585,11 +561,11 @@ static void test_hostile_checksummed_files_refused(void **state)
     };
     for (size_t i = 0; i < sizeof same_size / sizeof same_size[0]; i++) {
         vqkv_codec_t *other = new_codec(same_size[i][0], &base_layout);
-        bf.codec = vqkv_codec_spec(other);
-        REFUSED(VQKV_EMISMATCH, same_size[i][1]);
+        REFUSED_AFTER(bf.codec = vqkv_codec_spec(other), VQKV_EMISMATCH, same_size[i][1]);
         vqkv_codec_free(other);
     }
 #undef REFUSED
+#undef REFUSED_AFTER
     free(bad_books);
 }
 
@@ -928,11 +904,7 @@ static void check_vq_decode_matches_readme(vqkv_codec_t *codec, const uint8_t *f
                         i, got[i], want[i]);
             fail();
         }
-    free(books);
-    free(block);
-    free(region);
-    free(got);
-    free(want);
+    test_free_all(books, block, region, got, want);
 }
 
 /* Trains spec on base_layout's shape in f32 memory and checks its decode
@@ -1180,16 +1152,7 @@ static void test_block_centered_coding_matches_documented(void **state)
         free(block0);
         vqkv_codec_free(bc1);
     }
-    free(src);
-    free(centered);
-    free(got1);
-    free(got0);
-    free(row);
-    free(means);
-    free(escapes);
-    free(n_esc);
-    free(region);
-    free(codes);
+    test_free_all(src, centered, got1, got0, row, means, escapes, n_esc, region, codes);
     vqkv_codec_free(bc0);
 }
 
@@ -1255,16 +1218,11 @@ static void test_block_centered_training_matches_documented(void **state)
                         specs[si].bc1, i / 4);
             fail();
         }
-        free(file1);
-        free(file0);
-        free(books1);
-        free(books0);
+        test_free_all(file1, file0, books1, books0);
         vqkv_codec_free(bc1);
         vqkv_codec_free(bc0);
     }
-    free(x);
-    free(centered);
-    free(mean);
+    test_free_all(x, centered, mean);
 }
 
 /* ---- channel statistics and escapes ----------------------------------------- */
@@ -1362,9 +1320,7 @@ static void test_channel_statistics_in_file(void **state)
         vqkv_codec_t *again = new_codec(specs[si], l);
         assert_ok(vqkv_codebook_load_buffer(again, file, len));
         vqkv_codec_free(again);
-        free(books);
-        free(raw);
-        free(file);
+        test_free_all(books, raw, file);
         vqkv_codec_free(codec);
     }
     free(x);
@@ -1458,17 +1414,10 @@ static void test_escapes_measured_from_channel_mean(void **state)
                 at += part;
             }
         assert_int_equal(at, vqkv_codec_block_bytes(codec));
-        free(books);
-        free(raw);
-        free(file);
-        free(block);
+        test_free_all(books, raw, file, block);
         vqkv_codec_free(codec);
     }
-    free(x);
-    free(src);
-    free(channel_mean);
-    free(means);
-    free(region);
+    test_free_all(x, src, channel_mean, means, region);
 }
 
 /* Channel scales divide on encode, so a file with a scale that is not > 0
@@ -1866,11 +1815,7 @@ static void assert_codes_alike(const vqkv_codec_t *a, const vqkv_codec_t *b)
     assert_ok(vqkv_codec_decode(a, block_a, region_a, &v, 0));
     assert_ok(vqkv_codec_decode(b, block_a, region_b, &v, 0));
     assert_memory_equal(region_a, region_b, v.region_bytes);
-    free(src);
-    free(region_a);
-    free(region_b);
-    free(block_a);
-    free(block_b);
+    test_free_all(src, region_a, region_b, block_a, block_b);
 }
 
 /* A codec with a codebook set per head goes through a file, on disk and in
@@ -1903,11 +1848,7 @@ static void test_per_head_file_round_trip(void **state)
         uint8_t *disk = read_whole(s->path, &disk_len);
         assert_int_equal(disk_len, len);
         assert_memory_equal(disk, buf, len);
-        uint8_t *again = NULL;
-        size_t again_len = 0;
-        assert_ok(vqkv_codebook_save_buffer(from_disk, &again, &again_len));
-        assert_int_equal(again_len, len);
-        assert_memory_equal(again, buf, len);
+        test_assert_saves_as(from_disk, buf, len);
         /* ... and a shared-set codec of the same parameters refuses it. */
         char shared[64];
         snprintf(shared, sizeof shared, "%s", specs[si]);
@@ -1916,7 +1857,6 @@ static void test_per_head_file_round_trip(void **state)
         assert_rc(vqkv_codebook_load_buffer(other, buf, len), VQKV_EMISMATCH);
         vqkv_codec_free(other);
         free(disk);
-        free(again);
         free(buf);
         vqkv_codec_free(from_buffer);
         vqkv_codec_free(from_disk);

@@ -42,6 +42,13 @@ typedef struct {
     double max_key_error, max_value_error;
 } codec_case_t;
 
+/* The default rvq's parameters, size and bounds. kgroup only changes which
+ * key channels share a subvector, so rvq:kgroup=contig has the same size,
+ * and it is held to the same bounds. */
+#define DEFAULT_RVQ_FIELDS                                                                         \
+    .kind = KIND_RVQ, .bits = 8, .d = 8, .r = 2, .bits_per_value = 2.25, .max_key_error = 0.17,    \
+    .max_value_error = 0.38
+
 static const codec_case_t cases[] = {
     {.spec = "fp16", .canonical = "fp16", .kind = KIND_FP16, .bits_per_value = 16.0},
     {.spec = "fp8",
@@ -69,22 +76,10 @@ static const codec_case_t cases[] = {
     /* The defaults: no block means, no escapes, no channel statistics. */
     {.spec = "rvq",
      .canonical = "rvq:d=8,r=2,kgroup=strided,b=8,cs=0,ph=0,bc=0,esc=0",
-     .kind = KIND_RVQ,
-     .bits = 8,
-     .d = 8,
-     .r = 2,
-     .bits_per_value = 2.25,
-     .max_key_error = 0.17,
-     .max_value_error = 0.38},
+     DEFAULT_RVQ_FIELDS},
     {.spec = "rvq:kgroup=contig",
      .canonical = "rvq:d=8,r=2,kgroup=contig,b=8,cs=0,ph=0,bc=0,esc=0",
-     .kind = KIND_RVQ,
-     .bits = 8,
-     .d = 8,
-     .r = 2,
-     .bits_per_value = 2.25,
-     .max_key_error = 0.17,
-     .max_value_error = 0.38},
+     DEFAULT_RVQ_FIELDS},
     /* Two escape entries of 6 + 64 bytes per part. */
     {.spec = "rvq:esc=2",
      .canonical = "rvq:d=8,r=2,kgroup=strided,b=8,cs=0,ph=0,bc=0,esc=2",
@@ -212,6 +207,34 @@ static vqkv_codec_t *make_codec(size_t case_index, vqkv_dtype_t dtype)
     assert_int_equal(vqkv_codec_needs_training(codec), 0);
     return codec;
 }
+
+/* Many tests run one check on a codec of every case, in memory of one
+ * dtype. EVERY_CASE_TEST(suffix, dtype) registers check_<suffix> as the
+ * test test_<suffix>: cmocka hands the pair to run_every_case as the
+ * test's state, which makes and frees the codecs. */
+typedef struct {
+    void (*check)(vqkv_codec_t *codec, size_t case_index);
+    vqkv_dtype_t dtype;
+} every_case_test_t;
+
+static void run_every_case(void **state)
+{
+    const every_case_test_t *test = *state;
+    for (size_t ci = 0; ci < NUM_CASES; ci++) {
+        vqkv_codec_t *codec = make_codec(ci, test->dtype);
+        test->check(codec, ci);
+        vqkv_codec_free(codec);
+    }
+}
+
+/* Left unformatted: clang-format would put each brace of the compound
+ * literal on a line of its own. */
+/* clang-format off */
+#define EVERY_CASE_TEST(suffix, memory_dtype)                                                      \
+    {.name = "test_" #suffix,                                                                      \
+     .test_func = run_every_case,                                                                  \
+     .initial_state = &(every_case_test_t){.check = check_##suffix, .dtype = memory_dtype}}
+/* clang-format on */
 
 static int train_all_cases(void **state)
 {
@@ -504,6 +527,67 @@ static void test_block_bytes_and_bits_per_value(void **state)
     }
 }
 
+/* ---- one block through a codec ------------------------------------------ */
+
+/* The working memory most checks need for one block of a codec: a vLLM view
+ * with one slot, the values put in (src) and read back out (got), the
+ * worker memory and the compressed block. Set up and freed in one place so
+ * that each check states only what it does with them. */
+typedef struct {
+    const vqkv_layout_t *l;
+    vqkv_kv_view_t v;
+    size_t n;
+    float *src, *got;
+    uint8_t *region, *block;
+} block_buffers_t;
+
+static void block_buffers_init(block_buffers_t *b, const vqkv_codec_t *codec)
+{
+    b->l = vqkv_codec_layout(codec);
+    vqkv_kv_view_vllm(&b->v, b->l, 1);
+    b->n = test_block_values(b->l);
+    b->src = malloc(b->n * sizeof *b->src);
+    b->got = malloc(b->n * sizeof *b->got);
+    b->region = malloc(b->v.region_bytes);
+    b->block = malloc(vqkv_codec_block_bytes(codec));
+    assert_true(b->src && b->got && b->region && b->block);
+}
+
+static void block_buffers_free(block_buffers_t *b)
+{
+    test_free_all(b->src, b->got, b->region, b->block);
+}
+
+/* Writes src into slot 0 and reads it back, so that src then holds exactly
+ * what the codec sees (the values rounded to the memory's dtype), and
+ * encodes that slot into block. */
+static void encode_src(block_buffers_t *b, const vqkv_codec_t *codec)
+{
+    test_write_block(b->l, &b->v, b->region, 0, b->src);
+    test_read_block(b->l, &b->v, b->region, 0, b->src);
+    assert_ok(vqkv_codec_encode(codec, b->region, &b->v, 0, b->block));
+}
+
+/* Decodes block into slot 0 and reads the result into got. */
+static void decode_to_got(block_buffers_t *b, const vqkv_codec_t *codec)
+{
+    assert_ok(vqkv_codec_decode(codec, b->block, b->region, &b->v, 0));
+    test_read_block(b->l, &b->v, b->region, 0, b->got);
+}
+
+/* Codes the values in b->src with codec and, from the same values, with its
+ * twin plain (the same codec less one feature) in twin: for tests showing
+ * what that one feature changes, and what it leaves alone. */
+static void code_with_twin(block_buffers_t *b, const vqkv_codec_t *codec, block_buffers_t *twin,
+                           const vqkv_codec_t *plain)
+{
+    memcpy(twin->src, b->src, b->n * sizeof *b->src);
+    encode_src(b, codec);
+    encode_src(twin, plain);
+    decode_to_got(b, codec);
+    decode_to_got(twin, plain);
+}
+
 /* A layout whose code streams do not end on a byte boundary. */
 static const vqkv_layout_t odd_layout = {3, 1, 8, 3, VQKV_DTYPE_F16};
 
@@ -639,10 +723,7 @@ static void test_odd_layout_packing(void **state)
         free(block);
         vqkv_codec_free(codec);
     }
-    free(src);
-    free(got);
-    free(region);
-    free(out_region);
+    test_free_all(src, got, region, out_region);
 }
 
 /* Every (token, head) of a (layer, kv) holds the same vector, so every
@@ -657,14 +738,12 @@ static void check_equal_vectors_decode_equally(vqkv_codec_t *codec, const codec_
 {
     const vqkv_layout_t *l = vqkv_codec_layout(codec);
     const uint32_t vectors = l->block_tokens * l->num_kv_heads, D = l->head_dim;
-    vqkv_kv_view_t v;
-    vqkv_kv_view_vllm(&v, l, 1);
-    size_t n = test_block_values(l);
-    float *src = malloc(n * sizeof *src), *got = malloc(n * sizeof *got);
+    block_buffers_t b;
+    block_buffers_init(&b, codec);
+    float *src = b.src, *got = b.got;
     float *one = malloc(D * sizeof *one), *fp8 = malloc(D * sizeof *fp8);
-    uint8_t *codes = malloc(D), *region = malloc(v.region_bytes);
-    uint8_t *block = malloc(vqkv_codec_block_bytes(codec));
-    assert_true(src && got && one && fp8 && codes && region && block);
+    uint8_t *codes = malloc(D), *block = b.block;
+    assert_true(one && fp8 && codes);
     for (uint32_t layer = 0; layer < l->num_layers; layer++)
         for (int kv = 0; kv < 2; kv++) {
             test_synth_vectors(PROFILE_SEED, 31, layer, kv, D, 1, one);
@@ -672,12 +751,9 @@ static void check_equal_vectors_decode_equally(vqkv_codec_t *codec, const codec_
                 for (uint32_t h = 0; h < l->num_kv_heads; h++)
                     memcpy(src + test_block_index(l, layer, kv, t, h, 0), one, D * sizeof *one);
         }
-    test_write_block(l, &v, region, 0, src);
-    test_read_block(l, &v, region, 0, src);
-    assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
-    memset(region, 0, v.region_bytes);
-    assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
-    test_read_block(l, &v, region, 0, got);
+    encode_src(&b, codec);
+    memset(b.region, 0, b.v.region_bytes);
+    decode_to_got(&b, codec);
     uint32_t escaped = c->esc < vectors ? c->esc : vectors;
     assert_true(c->esc == 0 || strstr(c->spec, "cs=1") == NULL);
     for (uint32_t layer = 0; layer < l->num_layers; layer++)
@@ -708,13 +784,8 @@ static void check_equal_vectors_decode_equally(vqkv_codec_t *codec, const codec_
                 }
             }
         }
-    free(src);
-    free(got);
-    free(one);
-    free(fp8);
-    free(codes);
-    free(region);
-    free(block);
+    block_buffers_free(&b);
+    test_free_all(one, fp8, codes);
 }
 
 static void test_equal_vectors_decode_equally(void **state)
@@ -761,18 +832,12 @@ static void check_per_value_bounds(vqkv_codec_t *codec, const codec_case_t *c)
     const double out_rel = l->dtype == VQKV_DTYPE_F32    ? 0.0
                            : l->dtype == VQKV_DTYPE_BF16 ? 1.01 / 512.0
                                                          : fp16_rel;
-    vqkv_kv_view_t v;
-    vqkv_kv_view_vllm(&v, l, 1);
-    size_t n = test_block_values(l);
-    float *src = malloc(n * sizeof *src), *got = malloc(n * sizeof *got);
-    uint8_t *region = malloc(v.region_bytes), *block = malloc(vqkv_codec_block_bytes(codec));
-    assert_true(src && got && region && block);
-    test_synth_block(l, PROFILE_SEED, 4242, src);
-    test_write_block(l, &v, region, 0, src);
-    test_read_block(l, &v, region, 0, src);
-    assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
-    assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
-    test_read_block(l, &v, region, 0, got);
+    block_buffers_t b;
+    block_buffers_init(&b, codec);
+    const float *src = b.src, *got = b.got;
+    test_synth_block(l, PROFILE_SEED, 4242, b.src);
+    encode_src(&b, codec);
+    decode_to_got(&b, codec);
     uint32_t levels = (1u << c->bits) - 1;
     for (uint32_t layer = 0; layer < l->num_layers; layer++)
         for (int kv = 0; kv < 2; kv++)
@@ -810,10 +875,7 @@ static void check_per_value_bounds(vqkv_codec_t *codec, const codec_case_t *c)
                         }
                     }
                 }
-    free(src);
-    free(got);
-    free(region);
-    free(block);
+    block_buffers_free(&b);
 }
 
 static void test_scalar_codecs_per_value_bounds(void **state)
@@ -1031,13 +1093,7 @@ static void check_readme_layout(const codec_case_t *c, const vqkv_layout_t *layo
                         i / per_side % 2, got[i], want[i]);
             fail();
         }
-    free(src);
-    free(want);
-    free(got);
-    free(region);
-    free(region32);
-    free(block);
-    free(readme);
+    test_free_all(src, want, got, region, region32, block, readme);
     vqkv_codec_free(codec);
 }
 
@@ -1067,18 +1123,17 @@ static void check_means_and_escapes(const vqkv_codec_t *codec, const codec_case_
     const uint32_t D = l->head_dim;
     size_t n = test_block_values(l), means = (size_t)l->num_kv_heads * D;
     assert_null(strstr(c->spec, "cs=1")); /* the references below are 0 */
-    vqkv_kv_view_t v;
-    vqkv_kv_view_vllm(&v, l, 1);
     assert_int_equal(vqkv_codec_block_bytes(codec), expected_block_bytes(c, l));
-    float *in_memory = malloc(n * sizeof *in_memory);
+    block_buffers_t b;
+    block_buffers_init(&b, codec);
     uint16_t *want = malloc(means * sizeof *want);
-    uint8_t *codes = malloc(D), *region = malloc(v.region_bytes);
-    uint8_t *block = malloc(vqkv_codec_block_bytes(codec));
+    uint8_t *codes = malloc(D);
     uint32_t escapes[8];
-    assert_true(in_memory && want && codes && region && block && c->esc <= 8);
-    test_write_block(l, &v, region, 0, values);
-    test_read_block(l, &v, region, 0, in_memory);
-    assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
+    assert_true(want && codes && c->esc <= 8);
+    memcpy(b.src, values, n * sizeof *values);
+    encode_src(&b, codec);
+    const float *in_memory = b.src;
+    const uint8_t *block = b.block;
     for (uint32_t layer = 0; layer < l->num_layers; layer++)
         for (int kv = 0; kv < 2; kv++) {
             const float *x = in_memory + test_block_index(l, layer, kv, 0, 0, 0);
@@ -1111,11 +1166,9 @@ static void check_means_and_escapes(const vqkv_codec_t *codec, const codec_case_
                 assert_memory_equal(entry + 6, codes, D);
             }
         }
-    free(in_memory);
+    block_buffers_free(&b);
     free(want);
     free(codes);
-    free(region);
-    free(block);
 }
 
 /* With bc=1 every key part starts with each head's channel means over the
@@ -1184,41 +1237,27 @@ static void test_block_centering_leaves_values_alone(void **state)
     for (size_t di = 0; di < 3; di++) {
         vqkv_codec_t *bc1 = make_codec(i1, all_dtypes[di]);
         vqkv_codec_t *bc0 = make_codec(i0, all_dtypes[di]);
-        const vqkv_layout_t *l = vqkv_codec_layout(bc1);
-        size_t n = test_block_values(l);
-        vqkv_kv_view_t v;
-        vqkv_kv_view_vllm(&v, l, 1);
-        float *src = malloc(n * sizeof *src), *got1 = malloc(n * sizeof *got1);
-        float *got0 = malloc(n * sizeof *got0);
-        uint8_t *region = malloc(v.region_bytes), *block1 = malloc(vqkv_codec_block_bytes(bc1));
-        uint8_t *block0 = malloc(vqkv_codec_block_bytes(bc0));
-        assert_true(src && got1 && got0 && region && block1 && block0);
+        block_buffers_t b1, b0;
+        block_buffers_init(&b1, bc1);
+        block_buffers_init(&b0, bc0);
+        const vqkv_layout_t *l = b1.l;
         assert_int_equal(vqkv_codec_block_bytes(bc1) - vqkv_codec_block_bytes(bc0),
                          (size_t)l->num_layers * l->num_kv_heads * l->head_dim * 2);
-        test_synth_block(l, PROFILE_SEED, 4242, src);
-        test_write_block(l, &v, region, 0, src);
-        assert_ok(vqkv_codec_encode(bc1, region, &v, 0, block1));
-        assert_ok(vqkv_codec_encode(bc0, region, &v, 0, block0));
+        test_synth_block(l, PROFILE_SEED, 4242, b1.src);
+        code_with_twin(&b1, bc1, &b0, bc0);
+        const float *got1 = b1.got, *got0 = b0.got;
         for (uint32_t layer = 0; layer < l->num_layers; layer++)
-            assert_memory_equal(block1 + part_offset(c1, l, layer, 1),
-                                block0 + part_offset(c0, l, layer, 1),
+            assert_memory_equal(b1.block + part_offset(c1, l, layer, 1),
+                                b0.block + part_offset(c0, l, layer, 1),
                                 expected_part_bytes(c0, l, 1));
-        assert_ok(vqkv_codec_decode(bc1, block1, region, &v, 0));
-        test_read_block(l, &v, region, 0, got1);
-        assert_ok(vqkv_codec_decode(bc0, block0, region, &v, 0));
-        test_read_block(l, &v, region, 0, got0);
         for (uint32_t layer = 0; layer < l->num_layers; layer++) {
             size_t first = test_block_index(l, layer, 1, 0, 0, 0);
             assert_memory_equal(got1 + first, got0 + first,
                                 (size_t)l->block_tokens * l->num_kv_heads * l->head_dim *
                                     sizeof *got1);
         }
-        free(src);
-        free(got1);
-        free(got0);
-        free(region);
-        free(block1);
-        free(block0);
+        block_buffers_free(&b1);
+        block_buffers_free(&b0);
         vqkv_codec_free(bc1);
         vqkv_codec_free(bc0);
     }
@@ -1286,11 +1325,7 @@ static void test_block_means_beyond_f16_range(void **state)
     print_message("  keys beyond f16: rel. error K %.2e with bc=0, %.2e with bc=1\n", err[0],
                   err[1]);
     assert_true(err[1] <= 2.0 * err[0]);
-    free(keys);
-    free(values);
-    free(src);
-    free(got);
-    free(region);
+    test_free_all(keys, values, src, got, region);
 }
 
 /* Keys as RoPE leaves them: each head's key before rotation is a constant
@@ -1397,12 +1432,7 @@ static void test_block_centering_helps_drifting_keys(void **state)
             assert_memory_equal(got[0] + first, got[1] + first, (size_t)T * H * D * sizeof(float));
         }
     }
-    free(keys);
-    free(values);
-    free(src);
-    free(got[0]);
-    free(got[1]);
-    free(region);
+    test_free_all(keys, values, src, got[0], got[1], region);
 }
 
 /* ---- views ---------------------------------------------------------------- */
@@ -1516,9 +1546,7 @@ static void decode_into_sentinels(const vqkv_codec_t *codec, const uint8_t *bloc
         }
     }
     test_read_block(l, v, a, slot, decoded);
-    free(mask);
-    free(a);
-    free(b);
+    test_free_all(mask, a, b);
 }
 
 static void assert_error_within(const char *what, const vqkv_layout_t *l, const float *ref,
@@ -1609,21 +1637,18 @@ static void test_escapes_pick_planted_outliers(void **state)
         vqkv_codec_t *plain = make_codec(c0, VQKV_DTYPE_F32);
         const vqkv_layout_t *l = vqkv_codec_layout(codec);
         const uint32_t D = l->head_dim, H = l->num_kv_heads;
-        size_t n = test_block_values(l);
-        vqkv_kv_view_t v;
-        vqkv_kv_view_vllm(&v, l, 1);
-        float *src = malloc(n * sizeof *src), *got = malloc(n * sizeof *got);
-        float *got0 = malloc(n * sizeof *got0);
-        uint8_t *region = malloc(v.region_bytes), *block = malloc(vqkv_codec_block_bytes(codec));
-        uint8_t *block0 = malloc(vqkv_codec_block_bytes(plain));
-        assert_true(src && got && got0 && region && block && block0);
-        planted_block(l, src);
+        block_buffers_t b, b0;
+        block_buffers_init(&b, codec);
+        block_buffers_init(&b0, plain);
+        planted_block(l, b.src);
         /* Every part's means and escapes as the README defines them. */
-        check_means_and_escapes(codec, c, src);
+        check_means_and_escapes(codec, c, b.src);
 
-        test_write_block(l, &v, region, 0, src);
-        assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
-        assert_ok(vqkv_codec_encode(plain, region, &v, 0, block0));
+        /* f32 memory: src is not rounded on the way in. */
+        code_with_twin(&b, codec, &b0, plain);
+        const float *src = b.src, *got = b.got, *got0 = b0.got;
+        uint8_t *block = b.block;
+        const uint8_t *block0 = b0.block;
         for (int kv = 0; kv < 2; kv++) {
             uint32_t got_index[3];
             for (uint32_t i = 0; i < c->esc; i++)
@@ -1665,10 +1690,6 @@ static void test_escapes_pick_planted_outliers(void **state)
             }
         }
 
-        assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
-        test_read_block(l, &v, region, 0, got);
-        assert_ok(vqkv_codec_decode(plain, block0, region, &v, 0));
-        test_read_block(l, &v, region, 0, got0);
         for (int kv = 0; kv < 2; kv++)
             for (uint32_t p = 0; p < 3; p++) {
                 uint32_t vec = planted[p];
@@ -1696,12 +1717,8 @@ static void test_escapes_pick_planted_outliers(void **state)
                     }
                 assert_true(err < 0.04);
             }
-        free(src);
-        free(got);
-        free(got0);
-        free(region);
-        free(block);
-        free(block0);
+        block_buffers_free(&b);
+        block_buffers_free(&b0);
         vqkv_codec_free(codec);
         vqkv_codec_free(plain);
     }
@@ -1791,14 +1808,7 @@ static void test_damaged_escape_index_ignored(void **state)
     test_put_u32(entry, UINT32_MAX);
     decode_into_sentinels(codec, patched, &v, 2, unused);
     assert_memory_equal(got + spike, unused + spike, D * sizeof *got);
-    free(src);
-    free(orig);
-    free(unused);
-    free(got);
-    free(row);
-    free(region);
-    free(block);
-    free(patched);
+    test_free_all(src, orig, unused, got, row, region, block, patched);
     vqkv_codec_free(codec);
 }
 
@@ -1896,11 +1906,7 @@ static void test_more_escapes_than_vectors(void **state)
         free(block);
         vqkv_codec_free(codec);
     }
-    free(src);
-    free(got);
-    free(row);
-    free(region);
-    free(codes);
+    test_free_all(src, got, row, region, codes);
 }
 
 /* Every codec, every dtype, every view: the block encodes to the same bytes
@@ -1971,11 +1977,7 @@ static void test_round_trip_views_and_dtypes(void **state)
                 }
                 free(region);
             }
-            free(src);
-            free(in_memory);
-            free(got);
-            free(reference);
-            free(block);
+            test_free_all(src, in_memory, got, reference, block);
             vqkv_codec_free(codec);
         }
     }
@@ -2016,12 +2018,7 @@ static void test_decode_dtypes_agree(void **state)
         for (size_t i = 0; i < n; i++)
             assert_int_equal(vqkv_f32_to_bits(narrow[i]),
                              vqkv_f32_to_bits(vqkv_bf16_to_f32(vqkv_f32_to_bf16(wide[i]))));
-        free(src);
-        free(wide);
-        free(narrow);
-        free(r32);
-        free(r16);
-        free(block);
+        test_free_all(src, wide, narrow, r32, r16, block);
         vqkv_codec_free(f32);
         vqkv_codec_free(f16);
         vqkv_codec_free(bf16);
@@ -2030,40 +2027,24 @@ static void test_decode_dtypes_agree(void **state)
 
 /* Measures and prints each codec's error on fresh synthetic blocks in fp16
  * memory (what the table of bounds was set from), and holds it to them. */
-static void test_error_per_codec(void **state)
+static void check_error_per_codec(vqkv_codec_t *codec, size_t ci)
 {
-    (void)state;
-    for (size_t ci = 0; ci < NUM_CASES; ci++) {
-        vqkv_codec_t *codec = make_codec(ci, VQKV_DTYPE_F16);
-        const vqkv_layout_t *l = vqkv_codec_layout(codec);
-        vqkv_kv_view_t v;
-        vqkv_kv_view_vllm(&v, l, 1);
-        size_t n = test_block_values(l);
-        float *src = malloc(n * sizeof *src), *got = malloc(n * sizeof *got);
-        uint8_t *region = malloc(v.region_bytes), *block = malloc(vqkv_codec_block_bytes(codec));
-        assert_true(src && got && region && block);
-        double worst[2] = {0.0, 0.0};
-        for (uint64_t sample = 0; sample < 4; sample++) {
-            test_synth_block(l, PROFILE_SEED, 500 + sample, src);
-            test_write_block(l, &v, region, 0, src);
-            test_read_block(l, &v, region, 0, src);
-            assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
-            assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
-            test_read_block(l, &v, region, 0, got);
-            for (int kv = 0; kv < 2; kv++)
-                worst[kv] = fmax(worst[kv], test_rel_error(l, src, got, kv));
-        }
-        print_message("  %-44s %6.3f bits/value  rel. error K %.4f (<= %.3f)  V %.4f (<= %.3f)\n",
-                      vqkv_codec_spec(codec), vqkv_codec_bits_per_value(codec), worst[0],
-                      cases[ci].max_key_error, worst[1], cases[ci].max_value_error);
-        assert_true(worst[0] <= cases[ci].max_key_error);
-        assert_true(worst[1] <= cases[ci].max_value_error);
-        free(src);
-        free(got);
-        free(region);
-        free(block);
-        vqkv_codec_free(codec);
+    block_buffers_t b;
+    block_buffers_init(&b, codec);
+    double worst[2] = {0.0, 0.0};
+    for (uint64_t sample = 0; sample < 4; sample++) {
+        test_synth_block(b.l, PROFILE_SEED, 500 + sample, b.src);
+        encode_src(&b, codec);
+        decode_to_got(&b, codec);
+        for (int kv = 0; kv < 2; kv++)
+            worst[kv] = fmax(worst[kv], test_rel_error(b.l, b.src, b.got, kv));
     }
+    print_message("  %-44s %6.3f bits/value  rel. error K %.4f (<= %.3f)  V %.4f (<= %.3f)\n",
+                  vqkv_codec_spec(codec), vqkv_codec_bits_per_value(codec), worst[0],
+                  cases[ci].max_key_error, worst[1], cases[ci].max_value_error);
+    assert_true(worst[0] <= cases[ci].max_key_error);
+    assert_true(worst[1] <= cases[ci].max_value_error);
+    block_buffers_free(&b);
 }
 
 /* ---- fp16 is lossless ----------------------------------------------------- */
@@ -2106,9 +2087,7 @@ static void test_fp16_bit_exact_all_patterns(void **state)
                             (size_t)l.head_dim * 2);
     }
     assert_true(next >= 0x10000u && values > 0);
-    free(region);
-    free(out);
-    free(block);
+    test_free_all(region, out, block);
     vqkv_codec_free(codec);
 }
 
@@ -2165,10 +2144,7 @@ static void test_fp16_codec_f32_memory_specials(void **state)
     const float rounded[4] = {1.0f, 1.0f, 1.0f + ldexpf(1.0f, -10), 1.0f + ldexpf(2.0f, -10)};
     for (size_t i = 0; i < n; i++)
         assert_true(got[i] == rounded[i % 4]);
-    free(src);
-    free(got);
-    free(region);
-    free(block);
+    test_free_all(src, got, region, block);
     vqkv_codec_free(codec);
 }
 
@@ -2177,80 +2153,67 @@ static void test_fp16_codec_f32_memory_specials(void **state)
 /* Encoding the same input gives the same bytes, every one of them set by
  * the encoder (whatever the buffer held) and none written past the block;
  * decoding the same bytes gives the same values. */
-static void test_determinism(void **state)
+static void check_determinism(vqkv_codec_t *codec, size_t ci)
 {
-    (void)state;
     enum { GUARD = 64 };
-    for (size_t ci = 0; ci < NUM_CASES; ci++) {
-        vqkv_codec_t *codec = make_codec(ci, VQKV_DTYPE_F16);
-        const vqkv_layout_t *l = vqkv_codec_layout(codec);
-        size_t block_bytes = vqkv_codec_block_bytes(codec), n = test_block_values(l);
-        vqkv_kv_view_t v;
-        vqkv_kv_view_vllm(&v, l, 2);
-        float *src = malloc(n * sizeof *src);
-        uint8_t *region = calloc(v.region_bytes, 1);
-        uint8_t *zeros = malloc(block_bytes + GUARD), *ones = malloc(block_bytes + GUARD);
-        uint8_t *out_a = malloc(v.region_bytes), *out_b = malloc(v.region_bytes);
-        assert_true(src && region && zeros && ones && out_a && out_b);
-        test_synth_block(l, PROFILE_SEED, 9, src);
-        test_write_block(l, &v, region, 1, src);
-        memset(zeros, 0x00, block_bytes + GUARD);
-        memset(ones, 0xff, block_bytes + GUARD);
-        assert_ok(vqkv_codec_encode(codec, region, &v, 1, zeros));
-        assert_ok(vqkv_codec_encode(codec, region, &v, 1, ones));
-        assert_memory_equal(zeros, ones, block_bytes);
-        for (size_t i = 0; i < GUARD; i++) {
-            assert_int_equal(zeros[block_bytes + i], 0x00);
-            assert_int_equal(ones[block_bytes + i], 0xff);
-        }
-        /* A second codec made from the same spec and codebooks agrees. */
-        vqkv_codec_t *twin = make_codec(ci, VQKV_DTYPE_F16);
-        assert_ok(vqkv_codec_encode(twin, region, &v, 1, ones));
-        assert_memory_equal(zeros, ones, block_bytes);
-
-        memset(out_a, 0, v.region_bytes);
-        memset(out_b, 0, v.region_bytes);
-        assert_ok(vqkv_codec_decode(codec, zeros, out_a, &v, 0));
-        assert_ok(vqkv_codec_decode(codec, zeros, out_b, &v, 0));
-        assert_memory_equal(out_a, out_b, v.region_bytes);
-        assert_ok(vqkv_codec_decode(twin, zeros, out_b, &v, 0));
-        assert_memory_equal(out_a, out_b, v.region_bytes);
-        free(src);
-        free(region);
-        free(zeros);
-        free(ones);
-        free(out_a);
-        free(out_b);
-        vqkv_codec_free(twin);
-        vqkv_codec_free(codec);
+    const vqkv_layout_t *l = vqkv_codec_layout(codec);
+    size_t block_bytes = vqkv_codec_block_bytes(codec), n = test_block_values(l);
+    vqkv_kv_view_t v;
+    vqkv_kv_view_vllm(&v, l, 2);
+    float *src = malloc(n * sizeof *src);
+    uint8_t *region = calloc(v.region_bytes, 1);
+    uint8_t *zeros = malloc(block_bytes + GUARD), *ones = malloc(block_bytes + GUARD);
+    uint8_t *out_a = malloc(v.region_bytes), *out_b = malloc(v.region_bytes);
+    assert_true(src && region && zeros && ones && out_a && out_b);
+    test_synth_block(l, PROFILE_SEED, 9, src);
+    test_write_block(l, &v, region, 1, src);
+    memset(zeros, 0x00, block_bytes + GUARD);
+    memset(ones, 0xff, block_bytes + GUARD);
+    assert_ok(vqkv_codec_encode(codec, region, &v, 1, zeros));
+    assert_ok(vqkv_codec_encode(codec, region, &v, 1, ones));
+    assert_memory_equal(zeros, ones, block_bytes);
+    for (size_t i = 0; i < GUARD; i++) {
+        assert_int_equal(zeros[block_bytes + i], 0x00);
+        assert_int_equal(ones[block_bytes + i], 0xff);
     }
+    /* A second codec made from the same spec and codebooks agrees. */
+    vqkv_codec_t *twin = make_codec(ci, VQKV_DTYPE_F16);
+    assert_ok(vqkv_codec_encode(twin, region, &v, 1, ones));
+    assert_memory_equal(zeros, ones, block_bytes);
+
+    memset(out_a, 0, v.region_bytes);
+    assert_ok(vqkv_codec_decode(codec, zeros, out_a, &v, 0));
+    /* The same codec again, and the twin, decode to the same memory. */
+    const vqkv_codec_t *decoders[] = {codec, twin};
+    for (size_t i = 0; i < 2; i++) {
+        memset(out_b, 0, v.region_bytes);
+        assert_ok(vqkv_codec_decode(decoders[i], zeros, out_b, &v, 0));
+        assert_memory_equal(out_a, out_b, v.region_bytes);
+    }
+    test_free_all(src, region, zeros, ones, out_a, out_b);
+    vqkv_codec_free(twin);
 }
 
 /* Decoding bytes that no encoder wrote stays inside the slot: the daemon
  * never decodes foreign bytes, but a corrupt pool must not turn into a
  * wild write. */
-static void test_decode_arbitrary_bytes_stays_in_slot(void **state)
+static void check_decode_arbitrary_bytes_stays_in_slot(vqkv_codec_t *codec, size_t ci)
 {
-    (void)state;
-    for (size_t ci = 0; ci < NUM_CASES; ci++) {
-        vqkv_codec_t *codec = make_codec(ci, VQKV_DTYPE_BF16);
-        const vqkv_layout_t *l = vqkv_codec_layout(codec);
-        size_t block_bytes = vqkv_codec_block_bytes(codec), n = test_block_values(l);
-        vqkv_kv_view_t v;
-        make_view(VIEW_SPLIT, l, &v);
-        uint8_t *block = malloc(block_bytes);
-        float *got = malloc(n * sizeof *got);
-        assert_true(block && got);
-        test_rng_t rng = {ci + 1};
-        for (size_t i = 0; i < block_bytes; i++)
-            block[i] = (uint8_t)test_rng_next(&rng);
-        decode_into_sentinels(codec, block, &v, 2, got);
-        memset(block, 0xff, block_bytes);
-        decode_into_sentinels(codec, block, &v, 0, got);
-        free(block);
-        free(got);
-        vqkv_codec_free(codec);
-    }
+    const vqkv_layout_t *l = vqkv_codec_layout(codec);
+    size_t block_bytes = vqkv_codec_block_bytes(codec), n = test_block_values(l);
+    vqkv_kv_view_t v;
+    make_view(VIEW_SPLIT, l, &v);
+    uint8_t *block = malloc(block_bytes);
+    float *got = malloc(n * sizeof *got);
+    assert_true(block && got);
+    test_rng_t rng = {ci + 1};
+    for (size_t i = 0; i < block_bytes; i++)
+        block[i] = (uint8_t)test_rng_next(&rng);
+    decode_into_sentinels(codec, block, &v, 2, got);
+    memset(block, 0xff, block_bytes);
+    decode_into_sentinels(codec, block, &v, 0, got);
+    free(block);
+    free(got);
 }
 
 /* A codec with its codebooks in place is shared by threads that encode and
@@ -2286,46 +2249,38 @@ static void *encode_decode_repeatedly(void *arg)
     return NULL;
 }
 
-static void test_concurrent_use(void **state)
+static void check_concurrent_use(vqkv_codec_t *codec, size_t ci)
 {
-    (void)state;
+    (void)ci;
     enum { THREADS = 3 };
-    for (size_t ci = 0; ci < NUM_CASES; ci++) {
-        vqkv_codec_t *codec = make_codec(ci, VQKV_DTYPE_BF16);
-        const vqkv_layout_t *l = vqkv_codec_layout(codec);
-        vqkv_kv_view_t v;
-        vqkv_kv_view_vllm(&v, l, 1);
-        size_t n = test_block_values(l);
-        float *src = malloc(n * sizeof *src);
-        uint8_t *region = malloc(v.region_bytes), *want_region = calloc(v.region_bytes, 1);
-        uint8_t *want_block = malloc(vqkv_codec_block_bytes(codec));
-        assert_true(src && region && want_region && want_block);
-        test_synth_block(l, PROFILE_SEED, 61, src);
-        test_write_block(l, &v, region, 0, src);
-        assert_ok(vqkv_codec_encode(codec, region, &v, 0, want_block));
-        assert_ok(vqkv_codec_decode(codec, want_block, want_region, &v, 0));
+    const vqkv_layout_t *l = vqkv_codec_layout(codec);
+    vqkv_kv_view_t v;
+    vqkv_kv_view_vllm(&v, l, 1);
+    size_t n = test_block_values(l);
+    float *src = malloc(n * sizeof *src);
+    uint8_t *region = malloc(v.region_bytes), *want_region = calloc(v.region_bytes, 1);
+    uint8_t *want_block = malloc(vqkv_codec_block_bytes(codec));
+    assert_true(src && region && want_region && want_block);
+    test_synth_block(l, PROFILE_SEED, 61, src);
+    test_write_block(l, &v, region, 0, src);
+    assert_ok(vqkv_codec_encode(codec, region, &v, 0, want_block));
+    assert_ok(vqkv_codec_decode(codec, want_block, want_region, &v, 0));
 
-        concurrent_job_t jobs[THREADS];
-        pthread_t threads[THREADS];
-        for (int t = 0; t < THREADS; t++) {
-            jobs[t] = (concurrent_job_t){codec, &v, region, want_block, want_region, 0};
-            assert_int_equal(pthread_create(&threads[t], NULL, encode_decode_repeatedly, &jobs[t]),
-                             0);
-        }
-        for (int t = 0; t < THREADS; t++) {
-            assert_int_equal(pthread_join(threads[t], NULL), 0);
-            if (jobs[t].failures != 0) {
-                print_error("%s: %d of 8 concurrent rounds differed in thread %d\n",
-                            vqkv_codec_spec(codec), jobs[t].failures, t);
-                fail();
-            }
-        }
-        free(src);
-        free(region);
-        free(want_region);
-        free(want_block);
-        vqkv_codec_free(codec);
+    concurrent_job_t jobs[THREADS];
+    pthread_t threads[THREADS];
+    for (int t = 0; t < THREADS; t++) {
+        jobs[t] = (concurrent_job_t){codec, &v, region, want_block, want_region, 0};
+        assert_int_equal(pthread_create(&threads[t], NULL, encode_decode_repeatedly, &jobs[t]), 0);
     }
+    for (int t = 0; t < THREADS; t++) {
+        assert_int_equal(pthread_join(threads[t], NULL), 0);
+        if (jobs[t].failures != 0) {
+            print_error("%s: %d of 8 concurrent rounds differed in thread %d\n",
+                        vqkv_codec_spec(codec), jobs[t].failures, t);
+            fail();
+        }
+    }
+    test_free_all(src, region, want_region, want_block);
 }
 
 /* ---- bounds ----------------------------------------------------------------- */
@@ -2384,10 +2339,7 @@ static void test_last_slot_exact_region(void **state)
                 assert_int_equal(region[i], 0x3c);
             /* The earlier slots still fit. */
             assert_ok(vqkv_kv_view_check(l, &short_view, last - 1));
-            free(region);
-            free(block);
-            free(src);
-            free(got);
+            test_free_all(region, block, src, got);
         }
         vqkv_codec_free(codec);
     }
@@ -2670,9 +2622,7 @@ static void test_vq_needs_every_part_trained(void **state)
         assert_int_equal(vqkv_codec_needs_training(codec), 0);
         assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
         assert_ok(vqkv_codec_decode(codec, block, region, &v, 0));
-        free(region);
-        free(block);
-        free(x);
+        test_free_all(region, block, x);
         vqkv_codec_free(codec);
     }
     /* Codecs without codebooks never need training. */
@@ -2723,14 +2673,14 @@ int main(void)
         cmocka_unit_test(test_damaged_escape_index_ignored),
         cmocka_unit_test(test_more_escapes_than_vectors),
         cmocka_unit_test(test_view_helpers_match_documented_shapes),
-        cmocka_unit_test(test_error_per_codec),
+        EVERY_CASE_TEST(error_per_codec, VQKV_DTYPE_F16),
         cmocka_unit_test(test_round_trip_views_and_dtypes),
         cmocka_unit_test(test_decode_dtypes_agree),
         cmocka_unit_test(test_fp16_bit_exact_all_patterns),
         cmocka_unit_test(test_fp16_codec_f32_memory_specials),
-        cmocka_unit_test(test_determinism),
-        cmocka_unit_test(test_decode_arbitrary_bytes_stays_in_slot),
-        cmocka_unit_test(test_concurrent_use),
+        EVERY_CASE_TEST(determinism, VQKV_DTYPE_F16),
+        EVERY_CASE_TEST(decode_arbitrary_bytes_stays_in_slot, VQKV_DTYPE_BF16),
+        EVERY_CASE_TEST(concurrent_use, VQKV_DTYPE_BF16),
         cmocka_unit_test(test_last_slot_exact_region),
         cmocka_unit_test(test_bad_slots_and_strides_refused),
         cmocka_unit_test(test_null_arguments),

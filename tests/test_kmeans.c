@@ -73,12 +73,12 @@ static void test_kmeans_deterministic_by_seed(void **state)
     (void)state;
     enum { N = 600, D = 4, K = 16 };
     float *x = gaussian_points(N, D, 3);
-    float a[K * D], b[K * D];
-    assert_ok(vqkv__kmeans(x, N, D, K, 6, 11, a));
-    assert_ok(vqkv__kmeans(x, N, D, K, 6, 11, b));
-    assert_memory_equal(a, b, sizeof a);
-    assert_ok(vqkv__kmeans(x, N, D, K, 6, 12, b));
-    assert_memory_not_equal(a, b, sizeof a);
+    float first[K * D], same_seed[K * D], other_seed[K * D];
+    assert_ok(vqkv__kmeans(x, N, D, K, 6, 11, first));
+    assert_ok(vqkv__kmeans(x, N, D, K, 6, 11, same_seed));
+    assert_ok(vqkv__kmeans(x, N, D, K, 6, 12, other_seed));
+    assert_memory_equal(first, same_seed, sizeof first);
+    assert_memory_not_equal(first, other_seed, sizeof first);
     free(x);
 }
 
@@ -158,9 +158,7 @@ static void test_nearest_matches_brute_force(void **state)
     assert_int_equal(vqkv__nearest((const float[2]){0.0f, 0.0f}, twin_search, 2, 3), 0);
     assert_int_equal(vqkv__nearest((const float[2]){2.0f, 0.0f}, twin_search, 2, 3), 0);
     assert_int_equal(vqkv__nearest((const float[2]){-2.0f, 0.0f}, twin_search, 2, 3), 1);
-    free(search);
-    free(x);
-    free(centroids);
+    test_free_all(search, x, centroids);
 }
 
 /* ---- training through the codec -------------------------------------------- */
@@ -205,10 +203,7 @@ static void test_training_deterministic_across_threads(void **state)
         assert_memory_equal(one, all, len_one);
         assert_int_equal(len_one, len_other);
         assert_memory_not_equal(one, other, len_one);
-        free(one);
-        free(two);
-        free(all);
-        free(other);
+        test_free_all(one, two, all, other);
     }
 }
 
@@ -233,10 +228,7 @@ static void held_out_error(const char *spec, double err[2])
     test_read_block(&l, &v, region, 0, got);
     err[0] = test_rel_error(&l, src, got, 0);
     err[1] = test_rel_error(&l, src, got, 1);
-    free(src);
-    free(got);
-    free(region);
-    free(block);
+    test_free_all(src, got, region, block);
     vqkv_codec_free(codec);
 }
 
@@ -280,8 +272,8 @@ static void test_training_refuses_non_finite(void **state)
     assert_int_equal(vqkv_codec_needs_training(codec), 1);
 
     assert_ok(test_train_all(codec, 42, N, &opts));
-    uint8_t *before = NULL, *after = NULL;
-    size_t before_len, after_len;
+    uint8_t *before = NULL;
+    size_t before_len;
     assert_ok(vqkv_codebook_save_buffer(codec, &before, &before_len));
     test_synth_vectors(42, 7, 0, 1, 16, N, x);
     x[3] = NAN;
@@ -292,11 +284,8 @@ static void test_training_refuses_non_finite(void **state)
     x[N * 16 - 1] = INFINITY;
     assert_rc(vqkv_codec_train(codec, 0, 0, x, N, &opts), VQKV_EINVAL);
     assert_int_equal(vqkv_codec_needs_training(codec), 0);
-    assert_ok(vqkv_codebook_save_buffer(codec, &after, &after_len));
-    assert_int_equal(before_len, after_len);
-    assert_memory_equal(before, after, before_len);
+    test_assert_saves_as(codec, before, before_len);
     free(before);
-    free(after);
     free(x);
     vqkv_codec_free(codec);
 }
@@ -319,10 +308,7 @@ static void test_training_max_samples(void **state)
     uint8_t *d = trained_bytes("rvq:d=4,b=4,r=2", &l, 400, &opts, &len_d);
     assert_int_equal(len_c, len_d);
     assert_memory_equal(c, d, len_c);
-    free(a);
-    free(b);
-    free(c);
-    free(d);
+    test_free_all(a, b, c, d);
 }
 
 /* ---- a codebook set per kv head (ph=1) --------------------------------------- */
@@ -475,9 +461,7 @@ static void test_per_head_sets_learn_from_their_head_only(void **state)
         vqkv_codec_free(a);
         vqkv_codec_free(b);
     }
-    free(src);
-    free(got[0]);
-    free(got[1]);
+    test_free_all(src, got[0], got[1]);
 }
 
 int main(void)

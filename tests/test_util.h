@@ -39,6 +39,15 @@
 
 #define assert_ok(expr) assert_rc(expr, VQKV_OK)
 
+/* Frees every pointer given: tests hold many buffers and let go of them
+ * together, and one line for that keeps the end of each test readable. */
+#define test_free_all(...)                                                                         \
+    do {                                                                                           \
+        void *to_free_[] = {__VA_ARGS__};                                                          \
+        for (size_t i_ = 0; i_ < sizeof to_free_ / sizeof to_free_[0]; i_++)                       \
+            free(to_free_[i_]);                                                                    \
+    } while (0)
+
 /* ---- deterministic random numbers ------------------------------------ */
 
 typedef struct {
@@ -217,6 +226,20 @@ static inline int test_train_all(vqkv_codec_t *codec, uint64_t profile_seed, siz
     }
     free(x);
     return rc;
+}
+
+/* Saves codec's codebooks and checks they are byte for byte want[want_len]:
+ * how the tests show that a load, a refused load or a refused training left
+ * (or put) exactly those codebooks in place. */
+static inline void test_assert_saves_as(const vqkv_codec_t *codec, const uint8_t *want,
+                                        size_t want_len)
+{
+    uint8_t *saved = NULL;
+    size_t saved_len = 0;
+    assert_ok(vqkv_codebook_save_buffer(codec, &saved, &saved_len));
+    assert_int_equal(saved_len, want_len);
+    assert_memory_equal(saved, want, want_len);
+    free(saved);
 }
 
 /* ---- the VQ codecs' block means and escapes (kernels/README.md) ------------ */
