@@ -1,0 +1,286 @@
+/* pool.c -- the slot pool (pool.h) and its CPU arena.
+ *
+ * The CPU arena is one memfd mapped MAP_SHARED once at start: chunks are
+ * consecutive ranges of it handed out by a bump counter, so taking a chunk
+ * is O(1) and costs no syscall. The kernel backs pages on first touch, so
+ * a large arena costs nothing until blocks arrive.
+ *
+ * A class keeps its free slots on a stack of handles. When it runs dry it
+ * takes a whole chunk and pushes every slot of it (O(slots per chunk), once
+ * per chunk, which is what makes alloc O(1) amortized). The stack is sized
+ * to the class's slot count, so a push never fails.
+ */
+#include "pool.h"
+
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "vqkv_codec.h"
+
+#define SLOT_CHUNK(h) ((uint32_t)((h) >> 32))
+#define SLOT_INDEX(h) ((uint32_t)((h)&0xffffffffu))
+#define SLOT_HANDLE(c, i) (((uint64_t)(c) << 32) | (uint64_t)(i))
+
+/* ---- CPU arena ---------------------------------------------------------- */
+
+static int cpu_alloc_chunk(vqkvd_arena_t *a, void **ptr, uint64_t *offset)
+{
+    if (a->chunks_used >= a->max_chunks)
+        return VQKV_ENOMEM;
+    uint64_t off = (uint64_t)a->chunks_used * a->chunk_bytes;
+    a->chunks_used++;
+    *ptr = a->base + off;
+    *offset = off;
+    return VQKV_OK;
+}
+
+static void cpu_free_all(vqkvd_arena_t *a)
+{
+    if (a->base != NULL)
+        munmap(a->base, (size_t)a->bytes);
+    if (a->fd >= 0)
+        close(a->fd);
+    a->base = NULL;
+    a->fd = -1;
+}
+
+static const vqkvd_arena_ops_t cpu_ops = {"cpu", cpu_alloc_chunk, cpu_free_all};
+
+int vqkvd_arena_init_cpu(vqkvd_arena_t *a, uint64_t bytes, uint64_t chunk_bytes)
+{
+    long page_l = sysconf(_SC_PAGESIZE);
+    uint64_t page = page_l > 0 ? (uint64_t)page_l : 4096;
+
+    memset(a, 0, sizeof(*a));
+    a->fd = -1;
+    if (chunk_bytes == 0)
+        chunk_bytes = VQKVD_POOL_DEFAULT_CHUNK;
+    if (chunk_bytes % page != 0 || chunk_bytes > UINT32_MAX || bytes == 0 ||
+        bytes > UINT64_MAX - page)
+        return VQKV_EINVAL;
+    bytes = (bytes + page - 1) / page * page;
+    if (bytes < chunk_bytes || bytes / chunk_bytes > UINT32_MAX || bytes > SIZE_MAX)
+        return VQKV_EINVAL;
+
+    int fd = memfd_create("vqkvd-pool", MFD_CLOEXEC);
+    if (fd < 0)
+        return VQKV_ENOMEM;
+    if (ftruncate(fd, (off_t)bytes) != 0) {
+        close(fd);
+        return VQKV_ENOMEM;
+    }
+    void *base = mmap(NULL, (size_t)bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (base == MAP_FAILED) {
+        close(fd);
+        return VQKV_ENOMEM;
+    }
+    a->ops = &cpu_ops;
+    a->bytes = bytes;
+    a->chunk_bytes = chunk_bytes;
+    a->max_chunks = (uint32_t)(bytes / chunk_bytes);
+    a->fd = fd;
+    a->base = base;
+    return VQKV_OK;
+}
+
+/* ---- pool --------------------------------------------------------------- */
+
+int vqkvd_pool_init(vqkvd_pool_t *p, const vqkvd_arena_t *arena)
+{
+    memset(p, 0, sizeof(*p));
+    p->arena = *arena;
+    if (arena->ops == NULL || arena->max_chunks == 0) {
+        vqkvd_pool_destroy(p);
+        return VQKV_EINVAL;
+    }
+    p->chunks = calloc(arena->max_chunks, sizeof(*p->chunks));
+    if (p->chunks == NULL) {
+        vqkvd_pool_destroy(p);
+        return VQKV_ENOMEM;
+    }
+    return VQKV_OK;
+}
+
+int vqkvd_pool_init_cpu(vqkvd_pool_t *p, uint64_t arena_bytes, uint64_t chunk_bytes)
+{
+    vqkvd_arena_t a;
+    memset(p, 0, sizeof(*p));
+    p->arena.fd = -1;
+    int rc = vqkvd_arena_init_cpu(&a, arena_bytes, chunk_bytes);
+    if (rc != VQKV_OK)
+        return rc;
+    return vqkvd_pool_init(p, &a);
+}
+
+void vqkvd_pool_destroy(vqkvd_pool_t *p)
+{
+    if (p->chunks != NULL) {
+        for (uint32_t c = 0; c < p->arena.chunks_used; c++)
+            free(p->chunks[c].used);
+    }
+    for (uint32_t i = 0; i < p->n_classes; i++)
+        free(p->classes[i].free);
+    free(p->classes);
+    free(p->chunks);
+    if (p->arena.ops != NULL)
+        p->arena.ops->free_all(&p->arena);
+    memset(p, 0, sizeof(*p));
+    p->arena.fd = -1;
+}
+
+int vqkvd_pool_add_class(vqkvd_pool_t *p, uint32_t slot_bytes)
+{
+    if (p->chunks == NULL || slot_bytes == 0 || slot_bytes > p->arena.chunk_bytes)
+        return VQKV_EINVAL;
+    if (p->n_classes >= VQKVD_POOL_MAX_CLASSES)
+        return VQKV_ENOMEM;
+    /* Grown by one each time: classes are registered rarely (one per
+     * layout), so the O(n) copy is not worth a capacity field. */
+    vqkvd_slot_class_t *cl = realloc(p->classes, (p->n_classes + 1) * sizeof(*cl));
+    if (cl == NULL)
+        return VQKV_ENOMEM;
+    p->classes = cl;
+    memset(&cl[p->n_classes], 0, sizeof(*cl));
+    cl[p->n_classes].slot_bytes = slot_bytes;
+    cl[p->n_classes].slots_per_chunk = (uint32_t)(p->arena.chunk_bytes / slot_bytes);
+    return (int)p->n_classes++;
+}
+
+/* Gives class cls one more chunk and pushes its slots, the last slot first
+ * so that allocation walks a fresh chunk from its start. O(slots per chunk). */
+static int class_grow(vqkvd_pool_t *p, uint32_t cls)
+{
+    vqkvd_slot_class_t *cl = &p->classes[cls];
+    uint64_t need = cl->slots_total + cl->slots_per_chunk;
+    uint8_t *used = NULL;
+    void *ptr = NULL;
+    uint64_t offset = 0;
+    uint32_t c = p->arena.chunks_used; /* the index the next chunk gets */
+    int rc = VQKV_ENOMEM;
+
+    if (p->arena.chunks_used >= p->arena.max_chunks)
+        return VQKV_ENOMEM;
+    if (need > cl->cap_free) {
+        uint64_t cap = cl->cap_free ? cl->cap_free * 2 : cl->slots_per_chunk;
+        while (cap < need)
+            cap *= 2;
+        uint64_t *f = realloc(cl->free, cap * sizeof(*f));
+        if (f == NULL)
+            goto cleanup;
+        cl->free = f;
+        cl->cap_free = cap;
+    }
+    used = calloc(cl->slots_per_chunk, 1);
+    if (used == NULL)
+        goto cleanup;
+    rc = p->arena.ops->alloc_chunk(&p->arena, &ptr, &offset);
+    if (rc != VQKV_OK)
+        goto cleanup;
+    p->chunks[c].ptr = ptr;
+    p->chunks[c].offset = offset;
+    p->chunks[c].cls = cls;
+    p->chunks[c].used = used;
+    used = NULL;
+    for (uint32_t i = cl->slots_per_chunk; i-- > 0;)
+        cl->free[cl->n_free++] = SLOT_HANDLE(c, i);
+    cl->n_chunks++;
+    cl->slots_total = need;
+cleanup:
+    free(used);
+    return rc;
+}
+
+int vqkvd_pool_alloc(vqkvd_pool_t *p, uint32_t cls, uint64_t *slot)
+{
+    if (cls >= p->n_classes || slot == NULL)
+        return VQKV_EINVAL;
+    vqkvd_slot_class_t *cl = &p->classes[cls];
+    if (cl->n_free == 0) {
+        int rc = class_grow(p, cls);
+        if (rc != VQKV_OK)
+            return rc;
+    }
+    uint64_t h = cl->free[--cl->n_free];
+    p->chunks[SLOT_CHUNK(h)].used[SLOT_INDEX(h)] = 1;
+    cl->slots_used++;
+    p->slots_used++;
+    p->bytes_stored += cl->slot_bytes;
+    *slot = h;
+    return VQKV_OK;
+}
+
+/* The chunk of a handle naming a slot that exists (used or not), or NULL. */
+static const vqkvd_chunk_t *slot_chunk(const vqkvd_pool_t *p, uint64_t slot)
+{
+    uint32_t c = SLOT_CHUNK(slot);
+    if (p->chunks == NULL || c >= p->arena.chunks_used)
+        return NULL;
+    const vqkvd_chunk_t *ch = &p->chunks[c];
+    if (SLOT_INDEX(slot) >= p->classes[ch->cls].slots_per_chunk)
+        return NULL;
+    return ch;
+}
+
+int vqkvd_pool_free(vqkvd_pool_t *p, uint64_t slot)
+{
+    const vqkvd_chunk_t *ch = slot_chunk(p, slot);
+    if (ch == NULL || !ch->used[SLOT_INDEX(slot)])
+        return VQKV_EINVAL;
+    vqkvd_slot_class_t *cl = &p->classes[ch->cls];
+    ch->used[SLOT_INDEX(slot)] = 0;
+    cl->free[cl->n_free++] = slot; /* fits: the stack holds every slot of cl */
+    cl->slots_used--;
+    p->slots_used--;
+    p->bytes_stored -= cl->slot_bytes;
+    return VQKV_OK;
+}
+
+int vqkvd_pool_slot_class(const vqkvd_pool_t *p, uint64_t slot)
+{
+    const vqkvd_chunk_t *ch = slot_chunk(p, slot);
+    if (ch == NULL || !ch->used[SLOT_INDEX(slot)])
+        return VQKV_EINVAL;
+    return (int)ch->cls;
+}
+
+void *vqkvd_pool_slot_ptr(const vqkvd_pool_t *p, uint64_t slot)
+{
+    const vqkvd_chunk_t *ch = slot_chunk(p, slot);
+    if (ch == NULL || ch->ptr == NULL)
+        return NULL;
+    return ch->ptr + (uint64_t)SLOT_INDEX(slot) * p->classes[ch->cls].slot_bytes;
+}
+
+uint64_t vqkvd_pool_slot_offset(const vqkvd_pool_t *p, uint64_t slot)
+{
+    const vqkvd_chunk_t *ch = slot_chunk(p, slot);
+    if (ch == NULL)
+        return UINT64_MAX;
+    return ch->offset + (uint64_t)SLOT_INDEX(slot) * p->classes[ch->cls].slot_bytes;
+}
+
+int vqkvd_pool_fd(const vqkvd_pool_t *p)
+{
+    return p->arena.fd;
+}
+
+uint32_t vqkvd_pool_class_slot_bytes(const vqkvd_pool_t *p, uint32_t cls)
+{
+    return cls < p->n_classes ? p->classes[cls].slot_bytes : 0;
+}
+
+void vqkvd_pool_stats(const vqkvd_pool_t *p, vqkvd_pool_stats_t *st)
+{
+    memset(st, 0, sizeof(*st));
+    st->arena_bytes = p->arena.bytes;
+    st->chunk_bytes = p->arena.chunk_bytes;
+    st->chunks_total = p->arena.max_chunks;
+    st->usable_bytes = (uint64_t)p->arena.max_chunks * p->arena.chunk_bytes;
+    st->chunks_used = p->arena.chunks_used;
+    st->bytes_in_chunks = (uint64_t)p->arena.chunks_used * p->arena.chunk_bytes;
+    st->slots_used = p->slots_used;
+    st->bytes_stored = p->bytes_stored;
+}

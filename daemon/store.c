@@ -1,0 +1,583 @@
+/* store.c -- the block index (store.h).
+ *
+ * Three structures share the blocks: a chained hash table from (tenant,
+ * model, key) to block, an intrusive LRU list (head = least recent) and the
+ * parent pointers with their child counts. Leases live apart, in a table by
+ * id and a list sorted by expiry. Every block is one malloc; its pointer is
+ * stable for as long as it is present, which is what lets leases and
+ * children point at blocks directly (a leased block or a parent is never
+ * evicted, so those pointers never dangle).
+ */
+#include "store.h"
+
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#include "vqkv_codec.h"
+#include "vqkv_proto.h"
+
+static const uint8_t zero_key[VQKVD_KEY_BYTES];
+
+/* ---- hashing: SipHash-1-3 over key || tenant || model (40 bytes) ------- */
+
+#define ROTL(x, b) (uint64_t)(((x) << (b)) | ((x) >> (64 - (b))))
+#define SIPROUND                                                                                   \
+    do {                                                                                           \
+        v0 += v1;                                                                                  \
+        v1 = ROTL(v1, 13);                                                                         \
+        v1 ^= v0;                                                                                  \
+        v0 = ROTL(v0, 32);                                                                         \
+        v2 += v3;                                                                                  \
+        v3 = ROTL(v3, 16);                                                                         \
+        v3 ^= v2;                                                                                  \
+        v0 += v3;                                                                                  \
+        v3 = ROTL(v3, 21);                                                                         \
+        v3 ^= v0;                                                                                  \
+        v2 += v1;                                                                                  \
+        v1 = ROTL(v1, 17);                                                                         \
+        v1 ^= v2;                                                                                  \
+        v2 = ROTL(v2, 32);                                                                         \
+    } while (0)
+
+static uint64_t le64(const uint8_t *p)
+{
+    uint64_t v = 0;
+    for (int i = 7; i >= 0; i--)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static uint64_t key_hash(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
+                         const uint8_t *key)
+{
+    uint64_t v0 = s->sip_k0 ^ 0x736f6d6570736575ull;
+    uint64_t v1 = s->sip_k1 ^ 0x646f72616e646f6dull;
+    uint64_t v2 = s->sip_k0 ^ 0x6c7967656e657261ull;
+    uint64_t v3 = s->sip_k1 ^ 0x7465646279746573ull;
+    uint64_t m[6];
+    for (int i = 0; i < 4; i++)
+        m[i] = le64(key + 8 * i);
+    m[4] = (uint64_t)tenant | ((uint64_t)model << 32);
+    m[5] = (uint64_t)40 << 56; /* the length byte of the final block */
+    for (int i = 0; i < 6; i++) {
+        v3 ^= m[i];
+        SIPROUND;
+        v0 ^= m[i];
+    }
+    v2 ^= 0xff;
+    SIPROUND;
+    SIPROUND;
+    SIPROUND;
+    return v0 ^ v1 ^ v2 ^ v3;
+}
+
+static vqkvd_block_t **bucket_of(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
+                                 const uint8_t *key)
+{
+    return &s->buckets[key_hash(s, tenant, model, key) & s->bucket_mask];
+}
+
+static vqkvd_block_t *block_get(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
+                                const uint8_t *key)
+{
+    vqkvd_block_t *b = *bucket_of(s, tenant, model, key);
+    for (; b != NULL; b = b->hnext) {
+        if (b->tenant == tenant && b->model == model && memcmp(b->key, key, VQKVD_KEY_BYTES) == 0)
+            return b;
+    }
+    return NULL;
+}
+
+/* Doubles the bucket array when blocks outnumber buckets: O(blocks), so O(1)
+ * amortized per insert. A failed grow only leaves chains longer. */
+static void table_maybe_grow(vqkvd_store_t *s)
+{
+    uint64_t n = s->bucket_mask + 1;
+    if (s->stats.blocks < n || n > (UINT64_MAX >> 1) / sizeof(vqkvd_block_t *))
+        return;
+    vqkvd_block_t **nb = calloc(2 * n, sizeof(*nb));
+    if (nb == NULL)
+        return;
+    vqkvd_block_t **old = s->buckets;
+    s->buckets = nb;
+    s->bucket_mask = 2 * n - 1;
+    for (uint64_t i = 0; i < n; i++) {
+        vqkvd_block_t *b = old[i];
+        while (b != NULL) {
+            vqkvd_block_t *next = b->hnext;
+            vqkvd_block_t **head = bucket_of(s, b->tenant, b->model, b->key);
+            b->hnext = *head;
+            *head = b;
+            b = next;
+        }
+    }
+    free(old);
+}
+
+/* ---- LRU list ------------------------------------------------------------ */
+
+static void lru_unlink(vqkvd_store_t *s, vqkvd_block_t *b)
+{
+    if (b->lru_prev != NULL)
+        b->lru_prev->lru_next = b->lru_next;
+    else
+        s->lru_head = b->lru_next;
+    if (b->lru_next != NULL)
+        b->lru_next->lru_prev = b->lru_prev;
+    else
+        s->lru_tail = b->lru_prev;
+    b->lru_prev = b->lru_next = NULL;
+}
+
+static void lru_append(vqkvd_store_t *s, vqkvd_block_t *b)
+{
+    b->stamp = ++s->next_stamp;
+    b->lru_prev = s->lru_tail;
+    b->lru_next = NULL;
+    if (s->lru_tail != NULL)
+        s->lru_tail->lru_next = b;
+    else
+        s->lru_head = b;
+    s->lru_tail = b;
+}
+
+static void lru_touch(vqkvd_store_t *s, vqkvd_block_t *b)
+{
+    lru_unlink(s, b);
+    lru_append(s, b);
+}
+
+/* ---- tenants ------------------------------------------------------------- */
+
+static vqkvd_tenant_stats_t *tenant_find(const vqkvd_store_t *s, uint32_t tenant)
+{
+    for (uint32_t i = 0; i < s->n_tenants; i++) {
+        if (s->tenants[i].tenant == tenant)
+            return &s->tenants[i];
+    }
+    return NULL;
+}
+
+/* The tenant's entry, made on first use; NULL only when out of memory. */
+static vqkvd_tenant_stats_t *tenant_get(vqkvd_store_t *s, uint32_t tenant)
+{
+    vqkvd_tenant_stats_t *t = tenant_find(s, tenant);
+    if (t != NULL)
+        return t;
+    if (s->n_tenants == s->cap_tenants) {
+        uint32_t cap = s->cap_tenants ? s->cap_tenants * 2 : 8;
+        t = realloc(s->tenants, cap * sizeof(*t));
+        if (t == NULL)
+            return NULL;
+        s->tenants = t;
+        s->cap_tenants = cap;
+    }
+    t = &s->tenants[s->n_tenants++];
+    memset(t, 0, sizeof(*t));
+    t->tenant = tenant;
+    return t;
+}
+
+/* ---- blocks -------------------------------------------------------------- */
+
+static int block_evictable(const vqkvd_block_t *b, uint64_t now)
+{
+    return b->children == 0 && b->refs == 0 && b->pin_until <= now;
+}
+
+/* Unlinks b from everything, gives its slot back and frees it. b must be a
+ * leaf without leases. O(bucket chain). */
+static void block_remove(vqkvd_store_t *s, vqkvd_block_t *b)
+{
+    vqkvd_block_t **pp = bucket_of(s, b->tenant, b->model, b->key);
+    while (*pp != b)
+        pp = &(*pp)->hnext;
+    *pp = b->hnext;
+    lru_unlink(s, b);
+    if (b->parent != NULL)
+        b->parent->children--;
+    vqkvd_pool_free(s->pool, b->slot);
+    vqkvd_tenant_stats_t *t = tenant_find(s, b->tenant); /* made at insert */
+    if (t != NULL) {
+        t->blocks--;
+        t->bytes_stored -= b->stored_bytes;
+        t->bytes_logical -= b->logical_bytes;
+    }
+    s->stats.blocks--;
+    s->stats.bytes_stored -= b->stored_bytes;
+    s->stats.bytes_logical -= b->logical_bytes;
+    free(b);
+}
+
+/* Evicts least recently used evictable leaves: of class cls only and just
+ * one when cls >= 0 (an alloc of that class failed), else any class until
+ * the pool holds at most target bytes. Returns how many went.
+ *
+ * When an evicted block's parent becomes a leaf and is older than where the
+ * scan stands, the scan steps back to it: everything older than the cursor
+ * was looked at already and only that parent changed, so the order stays
+ * strictly LRU among leaves. */
+static uint64_t evict(vqkvd_store_t *s, uint64_t now, uint64_t target, int cls)
+{
+    uint64_t n = 0;
+    vqkvd_block_t *b = s->lru_head;
+
+    while (b != NULL) {
+        if (cls < 0 && s->pool->bytes_stored <= target)
+            break;
+        vqkvd_block_t *next = b->lru_next;
+        if (block_evictable(b, now) && (cls < 0 || b->cls == (uint32_t)cls)) {
+            vqkvd_block_t *parent = b->parent;
+            block_remove(s, b);
+            n++;
+            if (cls >= 0)
+                break;
+            if (parent != NULL && block_evictable(parent, now) &&
+                (next == NULL || parent->stamp < next->stamp))
+                next = parent;
+        }
+        b = next;
+    }
+    s->stats.evictions += n;
+    return n;
+}
+
+int vqkvd_store_init(vqkvd_store_t *s, vqkvd_pool_t *pool, double high, double low,
+                     const uint8_t *seed)
+{
+    uint8_t rnd[16];
+
+    memset(s, 0, sizeof(*s));
+    if (pool == NULL || !(low > 0.0) || !(low <= high) || !(high <= 1.0))
+        return VQKV_EINVAL;
+    if (seed == NULL) {
+        if (getrandom(rnd, sizeof(rnd), 0) != (ssize_t)sizeof(rnd))
+            return VQKV_EIO;
+        seed = rnd;
+    }
+    s->buckets = calloc(64, sizeof(*s->buckets));
+    s->lease_buckets = calloc(64, sizeof(*s->lease_buckets));
+    if (s->buckets == NULL || s->lease_buckets == NULL) {
+        vqkvd_store_destroy(s);
+        return VQKV_ENOMEM;
+    }
+    vqkvd_pool_stats_t ps;
+    vqkvd_pool_stats(pool, &ps);
+    s->pool = pool;
+    s->high_bytes = (uint64_t)(high * (double)ps.usable_bytes);
+    s->low_bytes = (uint64_t)(low * (double)ps.usable_bytes);
+    s->sip_k0 = le64(seed);
+    s->sip_k1 = le64(seed + 8);
+    s->bucket_mask = 63;
+    s->lease_mask = 63;
+    s->next_lease_id = 1;
+    return VQKV_OK;
+}
+
+static void lease_free(vqkvd_store_t *s, vqkvd_lease_t *l);
+
+void vqkvd_store_destroy(vqkvd_store_t *s)
+{
+    while (s->lease_head != NULL)
+        lease_free(s, s->lease_head);
+    /* Everything goes at once, so the tree order does not matter here. */
+    vqkvd_block_t *b = s->lru_head;
+    while (b != NULL) {
+        vqkvd_block_t *next = b->lru_next;
+        if (s->pool != NULL)
+            vqkvd_pool_free(s->pool, b->slot);
+        free(b);
+        b = next;
+    }
+    free(s->buckets);
+    free(s->lease_buckets);
+    free(s->tenants);
+    memset(s, 0, sizeof(*s));
+}
+
+int vqkvd_store_insert(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *key,
+                       const uint8_t *parent_key, uint32_t cls, uint32_t logical_bytes,
+                       uint64_t now, uint64_t *slot)
+{
+    vqkvd_block_t *parent = NULL, *b = NULL;
+    uint64_t h = 0;
+    int rc;
+
+    if (key == NULL || slot == NULL || cls >= s->pool->n_classes)
+        return VQKV_EINVAL;
+    uint32_t slot_bytes = vqkvd_pool_class_slot_bytes(s->pool, cls);
+    b = block_get(s, tenant, model, key);
+    if (b != NULL) {
+        lru_touch(s, b);
+        *slot = b->slot;
+        return VQKVD_STORE_PRESENT;
+    }
+    if (parent_key != NULL && memcmp(parent_key, zero_key, VQKVD_KEY_BYTES) != 0) {
+        parent = block_get(s, tenant, model, parent_key);
+        if (parent == NULL)
+            return VQKVD_STORE_NOPARENT;
+    }
+    vqkvd_tenant_stats_t *t = tenant_get(s, tenant);
+    b = malloc(sizeof(*b));
+    if (t == NULL || b == NULL) {
+        rc = VQKV_ENOMEM;
+        goto cleanup;
+    }
+
+    /* The parent is a leaf until b exists, and the most recent one at that:
+     * hold it so that making room for b cannot take it. */
+    if (parent != NULL)
+        parent->refs++;
+    if (s->pool->bytes_stored + slot_bytes > s->high_bytes)
+        evict(s, now, s->low_bytes, -1);
+    rc = vqkvd_pool_alloc(s->pool, cls, &h);
+    if (rc == VQKV_ENOMEM) {
+        /* Other classes may hold the free memory; then only this class's
+         * own blocks can make room. */
+        evict(s, now, s->low_bytes, -1);
+        rc = vqkvd_pool_alloc(s->pool, cls, &h);
+        if (rc == VQKV_ENOMEM && evict(s, now, 0, (int)cls) > 0)
+            rc = vqkvd_pool_alloc(s->pool, cls, &h);
+    }
+    if (parent != NULL)
+        parent->refs--;
+    if (rc != VQKV_OK)
+        goto cleanup;
+
+    memset(b, 0, sizeof(*b));
+    b->tenant = tenant;
+    b->model = model;
+    memcpy(b->key, key, VQKVD_KEY_BYTES);
+    b->parent = parent;
+    b->cls = cls;
+    b->logical_bytes = logical_bytes;
+    b->stored_bytes = slot_bytes;
+    b->slot = h;
+    vqkvd_block_t **head = bucket_of(s, tenant, model, key);
+    b->hnext = *head;
+    *head = b;
+    lru_append(s, b);
+    if (parent != NULL)
+        parent->children++;
+    t->blocks++;
+    t->bytes_stored += slot_bytes;
+    t->bytes_logical += logical_bytes;
+    s->stats.blocks++;
+    s->stats.bytes_stored += slot_bytes;
+    s->stats.bytes_logical += logical_bytes;
+    s->stats.inserts++;
+    *slot = h;
+    b = NULL;
+    table_maybe_grow(s);
+cleanup:
+    free(b);
+    return rc;
+}
+
+/* ---- leases -------------------------------------------------------------- */
+
+static vqkvd_lease_t **lease_slot(vqkvd_store_t *s, uint64_t id)
+{
+    vqkvd_lease_t **pp = &s->lease_buckets[id & s->lease_mask];
+    while (*pp != NULL && (*pp)->id != id)
+        pp = &(*pp)->hnext;
+    return pp;
+}
+
+/* Doubles the lease table at load 1: O(1) amortized. */
+static void lease_table_maybe_grow(vqkvd_store_t *s)
+{
+    uint64_t n = s->lease_mask + 1;
+    if (s->stats.leases < n || n > (UINT64_MAX >> 1) / sizeof(vqkvd_lease_t *))
+        return;
+    vqkvd_lease_t **nb = calloc(2 * n, sizeof(*nb));
+    if (nb == NULL)
+        return;
+    for (uint64_t i = 0; i < n; i++) {
+        vqkvd_lease_t *l = s->lease_buckets[i];
+        while (l != NULL) {
+            vqkvd_lease_t *next = l->hnext;
+            l->hnext = nb[l->id & (2 * n - 1)];
+            nb[l->id & (2 * n - 1)] = l;
+            l = next;
+        }
+    }
+    free(s->lease_buckets);
+    s->lease_buckets = nb;
+    s->lease_mask = 2 * n - 1;
+}
+
+/* Drops l's holds on its blocks and frees it. O(l->n + bucket chain). */
+static void lease_free(vqkvd_store_t *s, vqkvd_lease_t *l)
+{
+    vqkvd_lease_t **pp = lease_slot(s, l->id);
+    if (*pp == l)
+        *pp = l->hnext;
+    if (l->prev != NULL)
+        l->prev->next = l->next;
+    else
+        s->lease_head = l->next;
+    if (l->next != NULL)
+        l->next->prev = l->prev;
+    else
+        s->lease_tail = l->prev;
+    for (uint32_t i = 0; i < l->n; i++)
+        l->blocks[i]->refs--;
+    s->stats.leases--;
+    free(l);
+}
+
+int vqkvd_store_lookup(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *keys,
+                       uint32_t n, uint64_t now, uint64_t owner, uint64_t ttl_ms,
+                       uint64_t *lease_id, uint64_t *slots)
+{
+    vqkvd_lease_t *l = NULL;
+    uint32_t found = 0;
+
+    if ((keys == NULL && n > 0) || n > VQKVD_STORE_MAX_CHAIN ||
+        (lease_id != NULL && (ttl_ms == 0 || ttl_ms > UINT64_MAX - now)))
+        return VQKV_EINVAL;
+    while (found < n && block_get(s, tenant, model, keys + (size_t)found * VQKVD_KEY_BYTES))
+        found++;
+    if (lease_id != NULL && found > 0) {
+        l = malloc(sizeof(*l) + (size_t)found * sizeof(l->blocks[0]));
+        if (l == NULL)
+            return VQKV_ENOMEM;
+    }
+
+    /* Nothing can fail from here on. */
+    for (uint32_t i = 0; i < found; i++) {
+        vqkvd_block_t *b = block_get(s, tenant, model, keys + (size_t)i * VQKVD_KEY_BYTES);
+        lru_touch(s, b);
+        if (slots != NULL)
+            slots[i] = b->slot;
+        if (l != NULL) {
+            l->blocks[i] = b;
+            b->refs++;
+        }
+    }
+    s->stats.hits += found;
+    s->stats.misses += n - found;
+    if (lease_id != NULL)
+        *lease_id = 0;
+    if (l == NULL)
+        return (int)found;
+
+    l->id = s->next_lease_id++;
+    l->owner = owner;
+    l->expiry = now + ttl_ms;
+    l->n = found;
+    vqkvd_lease_t **pp = lease_slot(s, l->id);
+    l->hnext = NULL;
+    *pp = l;
+    /* Sorted insert from the tail: O(1) when every TTL is the same. */
+    vqkvd_lease_t *after = s->lease_tail;
+    while (after != NULL && after->expiry > l->expiry)
+        after = after->prev;
+    l->prev = after;
+    l->next = after != NULL ? after->next : s->lease_head;
+    if (l->next != NULL)
+        l->next->prev = l;
+    else
+        s->lease_tail = l;
+    if (after != NULL)
+        after->next = l;
+    else
+        s->lease_head = l;
+    s->stats.leases++;
+    lease_table_maybe_grow(s);
+    *lease_id = l->id;
+    return (int)found;
+}
+
+int vqkvd_store_release(vqkvd_store_t *s, uint64_t owner, uint64_t lease_id)
+{
+    vqkvd_lease_t *l = *lease_slot(s, lease_id);
+    if (lease_id == 0 || l == NULL || l->owner != owner)
+        return VQKV_ELEASE;
+    lease_free(s, l);
+    return VQKV_OK;
+}
+
+uint64_t vqkvd_store_release_owner(vqkvd_store_t *s, uint64_t owner)
+{
+    uint64_t n = 0;
+    vqkvd_lease_t *l = s->lease_head;
+    while (l != NULL) {
+        vqkvd_lease_t *next = l->next;
+        if (l->owner == owner) {
+            lease_free(s, l);
+            n++;
+        }
+        l = next;
+    }
+    return n;
+}
+
+uint64_t vqkvd_store_sweep(vqkvd_store_t *s, uint64_t now)
+{
+    uint64_t n = 0;
+    while (s->lease_head != NULL && s->lease_head->expiry <= now) {
+        lease_free(s, s->lease_head);
+        n++;
+    }
+    return n;
+}
+
+/* ---- pins, upkeep, queries ------------------------------------------------ */
+
+int vqkvd_store_pin(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *key,
+                    uint64_t now, uint64_t ttl_ms)
+{
+    if (key == NULL || ttl_ms == 0 || ttl_ms > UINT64_MAX - now)
+        return VQKV_EINVAL;
+    vqkvd_block_t *b = block_get(s, tenant, model, key);
+    if (b == NULL)
+        return VQKVD_STORE_ABSENT;
+    b->pin_until = now + ttl_ms;
+    return VQKV_OK;
+}
+
+int vqkvd_store_unpin(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *key)
+{
+    if (key == NULL)
+        return VQKV_EINVAL;
+    vqkvd_block_t *b = block_get(s, tenant, model, key);
+    if (b == NULL)
+        return VQKVD_STORE_ABSENT;
+    b->pin_until = 0;
+    return VQKV_OK;
+}
+
+uint64_t vqkvd_store_tick(vqkvd_store_t *s, uint64_t now)
+{
+    vqkvd_store_sweep(s, now);
+    if (s->pool->bytes_stored <= s->high_bytes)
+        return 0;
+    return evict(s, now, s->low_bytes, -1);
+}
+
+const vqkvd_block_t *vqkvd_store_find(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
+                                      const uint8_t *key)
+{
+    if (key == NULL)
+        return NULL;
+    return block_get(s, tenant, model, key);
+}
+
+void vqkvd_store_stats(const vqkvd_store_t *s, vqkvd_store_stats_t *st)
+{
+    *st = s->stats;
+}
+
+void vqkvd_store_tenant_stats(const vqkvd_store_t *s, uint32_t tenant, vqkvd_tenant_stats_t *st)
+{
+    const vqkvd_tenant_stats_t *t = tenant_find(s, tenant);
+    if (t != NULL) {
+        *st = *t;
+        return;
+    }
+    memset(st, 0, sizeof(*st));
+    st->tenant = tenant;
+}

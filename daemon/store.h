@@ -1,0 +1,184 @@
+/* store.h -- vqkvd's block index: which compressed blocks are present, for
+ * whom, in which pool slot, and which may be evicted.
+ *
+ * A block is named by (tenant, model handle, 32-byte key): two tenants with
+ * the same key have two blocks and never see each other's. Blocks form
+ * chains through their parent key (all zero for a chain's first block), so
+ * a lookup of keys k0..kn-1 answers with the longest present prefix, and
+ * eviction takes leaves only: a block that is the parent of a present block
+ * stays until its children are gone, so a chain never has a hole.
+ *
+ * A lookup may take a lease on the blocks it found: until the lease is
+ * released or expires, none of them is evicted (the worker is copying them).
+ * A pin keeps one block until its TTL runs out. Time is always passed in
+ * (monotonic milliseconds), so the store never reads a clock and tests need
+ * no sleeps; pins expire lazily, leases when vqkvd_store_sweep runs.
+ *
+ * Eviction is least-recently-used among evictable leaves (not leased, not
+ * pinned, no children). It runs when an insert would take the pool above
+ * the high watermark (down to the low one) and when the pool has no slot
+ * for the block; when nothing can go, insert says VQKV_ENOMEM: out of
+ * capacity, every block is leased, pinned or a parent of one.
+ *
+ * Costs: key lookup is O(1) average (chained hash, SipHash-1-3 with a
+ * per-store secret key, so a tenant cannot make another's lookups slow by
+ * choosing colliding keys; the table doubles at load 1, O(1) amortized);
+ * LRU moves are O(1) (intrusive list); taking a lease on n blocks is O(n);
+ * release is O(n) for its blocks; sweep is O(expired leases) (leases are
+ * kept sorted by expiry, inserted from the tail, O(1) when TTLs are equal).
+ * Eviction is O(blocks examined): protected blocks at the old end of the
+ * list are skipped each time, and the scan steps back to a parent that has
+ * just become a leaf so the order stays strictly LRU among leaves.
+ *
+ * Single-threaded like the rest of the daemon: call from the loop's thread.
+ */
+#ifndef VQKVD_STORE_H
+#define VQKVD_STORE_H
+
+#include <stdint.h>
+
+#include "pool.h"
+
+#define VQKVD_KEY_BYTES 32
+
+/* Longest chain one lookup takes (a lease holds one pointer per block). */
+#define VQKVD_STORE_MAX_CHAIN 65536
+
+/* Outcomes that are not errors (positive, so rc < 0 still means failure). */
+#define VQKVD_STORE_PRESENT 1  /* insert: the block is already there; put is idempotent */
+#define VQKVD_STORE_ABSENT 2   /* pin/unpin: no such block (evicted, or never put) */
+#define VQKVD_STORE_NOPARENT 3 /* insert: the parent is not present; the chain broke */
+
+typedef struct vqkvd_block vqkvd_block_t;
+
+struct vqkvd_block {
+    uint32_t tenant;
+    uint32_t model;
+    uint8_t key[VQKVD_KEY_BYTES];
+    vqkvd_block_t *parent; /* NULL for a root; stays valid: a parent outlives its children */
+    uint32_t children;     /* present blocks whose parent this is */
+    uint32_t refs;         /* leases on it (and an insert of a child in progress) */
+    uint32_t cls;          /* pool slot class */
+    uint32_t logical_bytes;
+    uint32_t stored_bytes; /* the slot's size */
+    uint64_t slot;         /* pool handle */
+    uint64_t pin_until;    /* monotonic ms; pinned while now < pin_until; 0: never pinned */
+    uint64_t stamp;        /* LRU order: larger is more recent, unique */
+    vqkvd_block_t *lru_prev, *lru_next;
+    vqkvd_block_t *hnext; /* hash bucket chain */
+};
+
+typedef struct vqkvd_lease vqkvd_lease_t;
+
+struct vqkvd_lease {
+    uint64_t id; /* never 0 */
+    uint64_t owner;
+    uint64_t expiry;            /* monotonic ms */
+    vqkvd_lease_t *prev, *next; /* sorted by expiry, oldest first */
+    vqkvd_lease_t *hnext;
+    uint32_t n;
+    vqkvd_block_t *blocks[];
+};
+
+typedef struct {
+    uint32_t tenant;
+    uint64_t blocks;
+    uint64_t bytes_stored;
+    uint64_t bytes_logical;
+} vqkvd_tenant_stats_t;
+
+typedef struct {
+    uint64_t blocks;
+    uint64_t bytes_stored;
+    uint64_t bytes_logical;
+    uint64_t hits;      /* blocks a lookup found */
+    uint64_t misses;    /* blocks a lookup asked for past the present prefix */
+    uint64_t evictions; /* blocks evicted */
+    uint64_t inserts;   /* blocks inserted (not counting "already present") */
+    uint64_t leases;    /* leases held now */
+} vqkvd_store_stats_t;
+
+typedef struct {
+    vqkvd_pool_t *pool; /* borrowed; outlives the store */
+    uint64_t high_bytes, low_bytes;
+    uint64_t sip_k0, sip_k1;
+
+    vqkvd_block_t **buckets;
+    uint64_t bucket_mask;               /* buckets - 1; a power of two */
+    vqkvd_block_t *lru_head, *lru_tail; /* least recently used first */
+    uint64_t next_stamp;
+
+    vqkvd_lease_t **lease_buckets; /* by id & lease_mask: ids are sequential */
+    uint64_t lease_mask;
+    vqkvd_lease_t *lease_head, *lease_tail; /* earliest expiry first */
+    uint64_t next_lease_id;
+
+    vqkvd_tenant_stats_t *tenants; /* linear search: tenants are few (uids) */
+    uint32_t n_tenants, cap_tenants;
+
+    vqkvd_store_stats_t stats;
+} vqkvd_store_t;
+
+/* Starts an empty store over pool. high and low are fractions of the
+ * pool's usable bytes (0 < low <= high <= 1). seed: 16 bytes keying the
+ * hash, or NULL for fresh random bytes (tests pass one to be repeatable).
+ * VQKV_EINVAL, VQKV_ENOMEM, or VQKV_OK. */
+int vqkvd_store_init(vqkvd_store_t *s, vqkvd_pool_t *pool, double high, double low,
+                     const uint8_t *seed);
+
+/* Frees every block (its slot goes back to the pool) and lease. Safe on a
+ * zeroed store and twice. */
+void vqkvd_store_destroy(vqkvd_store_t *s);
+
+/* Inserts a block of class cls with parent_key (NULL or all zero: a root)
+ * and takes a pool slot for it, evicting as the header describes; *slot
+ * gets the handle to write the payload to. Returns VQKV_OK, then
+ * VQKVD_STORE_PRESENT (the block is there already: nothing changes but its
+ * LRU place; *slot gets its slot), VQKVD_STORE_NOPARENT, VQKV_ENOMEM (out
+ * of capacity, or no memory) or VQKV_EINVAL. O(1) average plus eviction. */
+int vqkvd_store_insert(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *key,
+                       const uint8_t *parent_key, uint32_t cls, uint32_t logical_bytes,
+                       uint64_t now, uint64_t *slot);
+
+/* Looks up the chain keys[0..n-1] (n * 32 bytes) and returns the length of
+ * the longest present prefix (0..n), or VQKV_EINVAL / VQKV_ENOMEM. The
+ * prefix becomes most recently used, hits and misses are counted. With
+ * lease_id non-NULL and a non-empty prefix, a lease owned by owner and
+ * expiring at now + ttl_ms is taken on exactly those blocks (*lease_id; 0
+ * when the prefix is empty). slots, when non-NULL, gets the prefix's slot
+ * handles. O(n). */
+int vqkvd_store_lookup(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *keys,
+                       uint32_t n, uint64_t now, uint64_t owner, uint64_t ttl_ms,
+                       uint64_t *lease_id, uint64_t *slots);
+
+/* Releases a lease: VQKV_OK, or VQKV_ELEASE when no lease of that id is held
+ * by owner (released, expired, or another client's). O(blocks in it). */
+int vqkvd_store_release(vqkvd_store_t *s, uint64_t owner, uint64_t lease_id);
+
+/* Releases every lease of owner (a client that went away); returns how many.
+ * O(leases held). */
+uint64_t vqkvd_store_release_owner(vqkvd_store_t *s, uint64_t owner);
+
+/* Releases the leases whose expiry is <= now; returns how many. */
+uint64_t vqkvd_store_sweep(vqkvd_store_t *s, uint64_t now);
+
+/* Pins a block until now + ttl_ms (ttl_ms > 0; a later pin replaces the
+ * TTL), or unpins it. VQKV_OK, VQKVD_STORE_ABSENT or VQKV_EINVAL. */
+int vqkvd_store_pin(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *key,
+                    uint64_t now, uint64_t ttl_ms);
+int vqkvd_store_unpin(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *key);
+
+/* Sweeps leases, then evicts down to the low watermark if the pool is
+ * above the high one. Returns the blocks evicted. For a periodic timer. */
+uint64_t vqkvd_store_tick(vqkvd_store_t *s, uint64_t now);
+
+/* The block, without touching its LRU place or the counters; NULL when absent. */
+const vqkvd_block_t *vqkvd_store_find(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
+                                      const uint8_t *key);
+
+void vqkvd_store_stats(const vqkvd_store_t *s, vqkvd_store_stats_t *st);
+
+/* A tenant's blocks and bytes (zeros for a tenant never seen). O(tenants). */
+void vqkvd_store_tenant_stats(const vqkvd_store_t *s, uint32_t tenant, vqkvd_tenant_stats_t *st);
+
+#endif
