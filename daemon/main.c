@@ -3,17 +3,19 @@
  * (socket file removed, every client closed, exit status 0).
  *
  *   vqkvd [--socket PATH] [--log-level debug|info|warn|error]
- *         [--allow-uid N ...] [--allow-gid N ...]
+ *         [--allow-uid N ...] [--allow-gid N ...] [--pool-bytes N[K|M|G]]
  *
  * The default socket is $XDG_RUNTIME_DIR/vqkv/vqkv.sock, or
  * /run/vqkv/vqkv.sock as root; its directory is created 0750 when missing.
  * --allow-uid and --allow-gid replace the default allow list (the daemon's
- * own uid and root) with the ids they name.
+ * own uid and root) with the ids they name. --pool-bytes sizes the block
+ * pool (default 1G; K, M and G are powers of 1024).
  */
 #include <errno.h>
 #include <getopt.h>
 #include <limits.h>
 #include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -33,7 +35,7 @@ typedef struct {
 static void vqkvd__usage(FILE *f)
 {
     fprintf(f, "usage: vqkvd [--socket PATH] [--log-level debug|info|warn|error]\n"
-               "             [--allow-uid N ...] [--allow-gid N ...]\n");
+               "             [--allow-uid N ...] [--allow-gid N ...] [--pool-bytes N[K|M|G]]\n");
 }
 
 static int vqkvd__parse_id(const char *text, unsigned *out)
@@ -44,6 +46,34 @@ static int vqkvd__parse_id(const char *text, unsigned *out)
     if (errno != 0 || end == text || *end != '\0' || text[0] == '-' || v >= UINT_MAX)
         return -1;
     *out = (unsigned)v;
+    return 0;
+}
+
+/* "N", "NK", "NM" or "NG" (also lower case) into *out; -1 for anything
+ * else, zero, or a size that overflows. */
+static int vqkvd__parse_bytes(const char *text, uint64_t *out)
+{
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(text, &end, 10);
+    if (errno != 0 || end == text || text[0] == '-' || text[0] == '+')
+        return -1;
+    unsigned shift = 0;
+    switch (*end) {
+    case '\0': break;
+    case 'k':
+    case 'K': shift = 10; break;
+    case 'm':
+    case 'M': shift = 20; break;
+    case 'g':
+    case 'G': shift = 30; break;
+    default: return -1;
+    }
+    if (*end != '\0' && end[1] != '\0')
+        return -1;
+    if (v == 0 || v > (UINT64_MAX >> shift))
+        return -1;
+    *out = (uint64_t)v << shift;
     return 0;
 }
 
@@ -83,6 +113,7 @@ int main(int argc, char **argv)
         {"log-level", required_argument, NULL, 'l'},
         {"allow-uid", required_argument, NULL, 'u'},
         {"allow-gid", required_argument, NULL, 'g'},
+        {"pool-bytes", required_argument, NULL, 'p'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
@@ -120,6 +151,14 @@ int main(int argc, char **argv)
                 cfg.allow_uids[cfg.n_allow_uids++] = (uid_t)id;
             else
                 cfg.allow_gids[cfg.n_allow_gids++] = (gid_t)id;
+            break;
+        case 'p':
+            if (vqkvd__parse_bytes(optarg, &cfg.pool_bytes) < 0) {
+                fprintf(stderr,
+                        "vqkvd: bad --pool-bytes \"%s\" (a positive size such as 512M or 4G)\n",
+                        optarg);
+                return 2;
+            }
             break;
         case 'h': vqkvd__usage(stdout); return 0;
         default: vqkvd__usage(stderr); return 2;
@@ -162,6 +201,7 @@ out:
     /* Runs until the signal handler has closed every handle, or finishes
      * the closes a failed start left. */
     uv_run(&loop, UV_RUN_DEFAULT);
+    vqkvd_server_destroy(&m.server);
     rc = uv_loop_close(&loop);
     if (rc < 0) {
         vqkvd_log(VQKVD_LOG_ERROR, "event loop still busy at exit: %s", uv_strerror(rc));

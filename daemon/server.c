@@ -40,54 +40,19 @@
 
 #include "frame.h"
 #include "log.h"
+#include "session.h"
 #include "vqkv_proto.h"
 
 #ifndef VQKVD_VERSION
 #define VQKVD_VERSION "0.0.0"
 #endif
 
-/* Hello.client_name may be this long. */
-#define VQKVD_NAME_MAX 64
 /* Connections accepted per wakeup of the listening socket, so a connection
  * storm cannot hold the loop away from the clients already in. */
 #define VQKVD_ACCEPT_BATCH 64
 /* How long accepting pauses when the process runs out of fds: the pending
  * connection keeps the socket readable, so retrying at once would spin. */
 #define VQKVD_ACCEPT_BACKOFF_MS 100
-
-/* One reply waiting for the socket: a whole encoded frame. */
-typedef struct vqkvd_out {
-    struct vqkvd_out *next;
-    uint8_t *buf;
-    size_t len, off; /* off bytes already written */
-    int counted;     /* the reply of a request counted in inflight */
-} vqkvd_out_t;
-
-struct vqkvd_client {
-    vqkvd_server_t *server;
-    vqkvd_client_t *prev, *next;
-    uint64_t id;
-    int fd;
-    uv_poll_t poll;
-    int events; /* the events poll is started with; 0 when stopped */
-    vqkv_frame_reader_t reader;
-
-    pid_t pid; /* SO_PEERCRED, at connect time */
-    uid_t uid;
-    gid_t gid;
-    char tenant[16]; /* the uid in decimal */
-    uint8_t salt[32];
-    char name[VQKVD_NAME_MAX + 1]; /* Hello.client_name */
-    int hello_done;
-
-    vqkvd_out_t *out_head, *out_tail;
-    uint32_t out_count;
-    uint32_t inflight; /* requests whose reply is queued, not yet written */
-
-    int closing; /* write what is queued, then close; read nothing more */
-    int dead;    /* close now: the socket failed */
-    int closed;  /* uv_close called; freed in its callback */
-};
 
 /* ---- configuration ----------------------------------------------------- */
 
@@ -98,6 +63,7 @@ void vqkvd_config_defaults(vqkvd_config_t *cfg)
     cfg->max_inflight = 64;
     cfg->max_regions = 16;
     cfg->max_clients = 1024;
+    cfg->pool_bytes = 1ull << 30;
     cfg->allow_uids[cfg->n_allow_uids++] = getuid();
     if (getuid() != 0)
         cfg->allow_uids[cfg->n_allow_uids++] = 0;
@@ -116,10 +82,20 @@ static int vqkvd__peer_allowed(const vqkvd_config_t *cfg, uid_t uid, gid_t gid)
 
 /* ---- clients: closing and writing -------------------------------------- */
 
+/* Jobs on the thread pool hold references too: the struct outlives the
+ * connection until the last of them has looked at c->closed. */
+void vqkvd_client_unref(vqkvd_client_t *c)
+{
+    if (--c->refs > 0)
+        return;
+    free(c);
+}
+
 static void vqkvd__client_on_close(uv_handle_t *handle)
 {
     vqkvd_client_t *c = handle->data;
     close(c->fd);
+    c->fd = -1;
     vqkv_frame_reader_free(&c->reader);
     while (c->out_head != NULL) {
         vqkvd_out_t *o = c->out_head;
@@ -127,7 +103,8 @@ static void vqkvd__client_on_close(uv_handle_t *handle)
         free(o->buf);
         free(o);
     }
-    free(c);
+    c->out_tail = NULL;
+    vqkvd_client_unref(c);
 }
 
 /* Unlinks c at once (so Stats no longer counts it) and frees it when libuv
@@ -145,6 +122,7 @@ static void vqkvd__client_close(vqkvd_client_t *c)
     if (c->next != NULL)
         c->next->prev = c->prev;
     s->n_clients--;
+    vqkvd_session_client_gone(c);
     vqkvd_log(VQKVD_LOG_DEBUG, "client %llu: closed (pid %d uid %u)", (unsigned long long)c->id,
               (int)c->pid, (unsigned)c->uid);
     uv_close((uv_handle_t *)&c->poll, vqkvd__client_on_close);
@@ -172,6 +150,8 @@ static void vqkvd__queue(vqkvd_client_t *c, uint8_t *buf, size_t len, int counte
 
 static void vqkvd__reply(vqkvd_client_t *c, Vqkv__Envelope *env, int counted)
 {
+    if (c->closed)
+        return; /* a job finished after its client left: nobody to tell */
     uint8_t *buf;
     size_t len;
     int rc = vqkv_frame_encode(env, VQKV_FRAME_LIMIT, &buf, &len);
@@ -206,6 +186,21 @@ static void vqkvd__reply_error(vqkvd_client_t *c, uint64_t request_id, int count
     env.body_case = VQKV__ENVELOPE__BODY_ERROR;
     env.error = &err;
     vqkvd__reply(c, &env, counted);
+}
+
+void vqkvd_client_reply(vqkvd_client_t *c, Vqkv__Envelope *env)
+{
+    vqkvd__reply(c, env, 1);
+}
+
+void vqkvd_client_error(vqkvd_client_t *c, uint64_t request_id, int code, const char *fmt, ...)
+{
+    char msg[256];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    vqkvd__reply_error(c, request_id, 1, code, "%s", msg);
 }
 
 /* Writes queued replies until the queue is empty or the socket is full,
@@ -264,7 +259,7 @@ static void vqkvd__client_on_poll(uv_poll_t *handle, int status, int events);
 /* After any work on c: write what can be written, then close c or watch
  * for what it needs next (readable unless closing or full, writable while
  * replies wait). */
-static void vqkvd__client_settle(vqkvd_client_t *c)
+void vqkvd_client_settle(vqkvd_client_t *c)
 {
     if (c->closed)
         return;
@@ -362,9 +357,13 @@ static void vqkvd__handle_hello(vqkvd_client_t *c, const Vqkv__Envelope *req)
 
 static void vqkvd__handle_stats(vqkvd_client_t *c, const Vqkv__Envelope *req)
 {
-    /* The store does not exist yet: its counters are all zero. */
     Vqkv__StatsReply st = VQKV__STATS_REPLY__INIT;
+    Vqkv__TenantStats ts = VQKV__TENANT_STATS__INIT;
+    vqkvd_session_stats(c, &st, &ts);
     st.clients = c->server->n_clients;
+    Vqkv__TenantStats *tenants[1] = {&ts};
+    st.n_tenants = 1;
+    st.tenants = tenants;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.request_id = req->request_id;
     env.body_case = VQKV__ENVELOPE__BODY_STATS_REPLY;
@@ -372,13 +371,13 @@ static void vqkvd__handle_stats(vqkvd_client_t *c, const Vqkv__Envelope *req)
     vqkvd__reply(c, &env, 1);
 }
 
-static void vqkvd__dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req)
+static void vqkvd__dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
 {
     if (req->request_id == 0) {
         vqkvd__reply_error(c, 0, 1, VQKV_EPROTO, "request_id 0 is reserved for the daemon");
         return;
     }
-    if (c->inflight >= c->server->cfg.max_inflight) {
+    if (c->inflight + c->pending >= c->server->cfg.max_inflight) {
         vqkvd__reply_error(c, req->request_id, 0, VQKV_ELIMIT, "more than %u requests in flight",
                            (unsigned)c->server->cfg.max_inflight);
         return;
@@ -399,7 +398,7 @@ static void vqkvd__dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req)
     case VQKV__ENVELOPE__BODY_PUT:
     case VQKV__ENVELOPE__BODY_LOOKUP:
     case VQKV__ENVELOPE__BODY_GET:
-    case VQKV__ENVELOPE__BODY_RELEASE:
+    case VQKV__ENVELOPE__BODY_RELEASE: vqkvd_session_dispatch(c, req, frame); return;
     case VQKV__ENVELOPE__BODY_PIN:
     case VQKV__ENVELOPE__BODY_UNPIN:
         vqkvd__reply_error(c, req->request_id, 1, VQKV_EPROTO, "%s is not implemented yet", name);
@@ -428,14 +427,15 @@ static void vqkvd__handle_frame(vqkvd_client_t *c, vqkv_frame_t *frame)
                            "unknown field, enum value or message type, or no body");
         goto out;
     }
-    /* No request takes fds until RegisterRegion exists; clearing the frame
-     * closes them, so a stray fd never stays open in the daemon. */
-    if (frame->n_fds > 0) {
+    /* Only RegisterRegion takes fds (and checks their count itself);
+     * clearing the frame closes any other, so a stray fd never stays open
+     * in the daemon. */
+    if (frame->n_fds > 0 && req->body_case != VQKV__ENVELOPE__BODY_REGISTER_REGION) {
         vqkvd__reply_error(c, req->request_id, 1, VQKV_EFDS, "%s takes no file descriptors",
                            vqkvd__body_name(req->body_case));
         goto out;
     }
-    vqkvd__dispatch(c, req);
+    vqkvd__dispatch(c, req, frame);
 out:
     vqkv_frame_envelope_free(req);
     vqkv_frame_clear(frame);
@@ -507,7 +507,7 @@ static void vqkvd__client_on_poll(uv_poll_t *handle, int status, int events)
     /* Also without UV_READABLE: frames left over from a full queue are
      * taken now that it drained. */
     vqkvd__client_read(c, events & UV_READABLE);
-    vqkvd__client_settle(c);
+    vqkvd_client_settle(c);
 }
 
 /* ---- accepting ----------------------------------------------------------- */
@@ -544,6 +544,7 @@ static void vqkvd__client_new(vqkvd_server_t *s, int fd)
         return;
     }
     c->server = s;
+    c->refs = 1; /* the connection's, dropped once the poll handle is closed */
     c->id = ++s->next_client_id;
     c->fd = fd;
     c->pid = cred.pid;
@@ -581,7 +582,7 @@ static void vqkvd__client_new(vqkvd_server_t *s, int fd)
                            (unsigned)s->cfg.max_clients);
         c->closing = 1;
     }
-    vqkvd__client_settle(c);
+    vqkvd_client_settle(c);
 }
 
 static void vqkvd__on_listen(uv_poll_t *handle, int status, int events);
@@ -663,6 +664,9 @@ int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t 
     if (getrandom(s->salt_secret, sizeof s->salt_secret, 0) != (ssize_t)sizeof s->salt_secret)
         return -errno;
 
+    rc = vqkvd_session_start(s);
+    if (rc < 0)
+        return rc;
     rc = vqkvd__clear_stale(&addr);
     if (rc < 0)
         goto fail;
@@ -704,6 +708,7 @@ int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t 
     return 0;
 
 fail:
+    vqkvd_session_stop(s);
     if (s->listen_fd >= 0)
         close(s->listen_fd);
     s->listen_fd = -1;
@@ -727,5 +732,11 @@ void vqkvd_server_stop(vqkvd_server_t *s)
     s->socket_created = 0;
     while (s->clients != NULL)
         vqkvd__client_close(s->clients);
+    vqkvd_session_stop(s);
     vqkvd_log(VQKVD_LOG_INFO, "stopped");
+}
+
+void vqkvd_server_destroy(vqkvd_server_t *s)
+{
+    vqkvd_session_destroy(s);
 }

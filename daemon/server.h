@@ -20,6 +20,9 @@
 
 #include <uv.h>
 
+#include "pool.h"
+#include "store.h"
+
 /* Uids (and gids) --allow-uid (--allow-gid) may name. */
 #define VQKVD_MAX_ALLOWED 32
 
@@ -30,6 +33,7 @@ typedef struct {
     uint32_t max_inflight;   /* Welcome.max_inflight */
     uint32_t max_regions;    /* Welcome.max_regions */
     uint32_t max_clients;    /* connections past this are refused (VQKV_ELIMIT) */
+    uint64_t pool_bytes;     /* the CPU pool's arena (--pool-bytes) */
     /* A peer may connect when its uid is in allow_uids or its gid in
      * allow_gids (SO_PEERCRED). Defaults: the daemon's own uid and root. */
     uid_t allow_uids[VQKVD_MAX_ALLOWED];
@@ -39,6 +43,7 @@ typedef struct {
 } vqkvd_config_t;
 
 typedef struct vqkvd_client vqkvd_client_t;
+typedef struct vqkvd_model vqkvd_model_t;
 
 typedef struct {
     uv_loop_t *loop;
@@ -59,23 +64,37 @@ typedef struct {
      * is harmless while the store does not outlive the process. */
     uint8_t salt_secret[32];
     int stopping;
+
+    /* The blocks (session.c): the pool holds their bytes, the store indexes
+     * them; the timer sweeps expired leases and evicts every 100 ms. */
+    vqkvd_pool_t pool;
+    vqkvd_store_t store;
+    uv_timer_t tick;
+    vqkvd_model_t **models; /* by id - 1; shared by the clients of a tenant */
+    uint32_t n_models, cap_models;
 } vqkvd_server_t;
 
 /* Fills cfg with the defaults (socket_path NULL). */
 void vqkvd_config_defaults(vqkvd_config_t *cfg);
 
-/* Binds and listens on cfg->socket_path (mode 0660) and starts accepting on
- * loop. A socket file left by a dead daemon is replaced; one a live daemon
- * listens on is not (-EADDRINUSE), nor a path that is not a socket
+/* Creates the pool (cfg->pool_bytes) and the store, binds and listens on
+ * cfg->socket_path (mode 0660) and starts accepting on loop. A socket file left by a dead daemon is
+ * replaced; one a live daemon listens on is not (-EADDRINUSE), nor a path that is not a socket
  * (-EEXIST). Returns 0 or a negative errno; on failure nothing is left
  * open, though the loop may need one more run to finish closing handles
  * (only when libuv refuses to poll the socket). */
 int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t *cfg);
 
 /* Stops accepting, removes the socket file and closes every client, without
- * waiting for their queued replies. The handles finish closing on the next
+ * waiting for their queued replies (work already on the thread pool
+ * finishes; its replies are dropped). The handles finish closing on the next
  * loop iteration; uv_run then returns once nothing else is active. Safe to
  * call twice. */
 void vqkvd_server_stop(vqkvd_server_t *s);
+
+/* Frees the pool, the store and the models. Call after vqkvd_server_stop,
+ * once uv_run has returned (no job is left on the thread pool); also after
+ * a failed start. Safe twice. */
+void vqkvd_server_destroy(vqkvd_server_t *s);
 
 #endif

@@ -581,3 +581,16 @@ void vqkvd_store_tenant_stats(const vqkvd_store_t *s, uint32_t tenant, vqkvd_ten
     memset(st, 0, sizeof(*st));
     st->tenant = tenant;
 }
+
+const vqkvd_lease_t *vqkvd_store_lease_find(const vqkvd_store_t *s, uint64_t lease_id,
+                                            uint64_t owner, uint64_t now)
+{
+    if (s == NULL || s->lease_buckets == NULL)
+        return NULL;
+    const vqkvd_lease_t *l = s->lease_buckets[lease_id & s->lease_mask];
+    while (l != NULL && l->id != lease_id)
+        l = l->hnext;
+    if (l == NULL || l->owner != owner || l->expiry <= now)
+        return NULL;
+    return l;
+}

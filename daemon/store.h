@@ -155,6 +155,11 @@ int vqkvd_store_lookup(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const 
  * by owner (released, expired, or another client's). O(blocks in it). */
 int vqkvd_store_release(vqkvd_store_t *s, uint64_t owner, uint64_t lease_id);
 
+/* The lease lease_id if owner holds it and it has not expired by now (the
+ * sweep may not have run yet), else NULL. O(1) expected. */
+const vqkvd_lease_t *vqkvd_store_lease_find(const vqkvd_store_t *s, uint64_t lease_id,
+                                            uint64_t owner, uint64_t now);
+
 /* Releases every lease of owner (a client that went away); returns how many.
  * O(leases held). */
 uint64_t vqkvd_store_release_owner(vqkvd_store_t *s, uint64_t owner);

@@ -357,14 +357,22 @@ static void test_not_implemented(void **state)
     client_t c;
     client_open(&c, *state);
     vqkv_frame_envelope_free(hello_ok(&c));
-    Vqkv__Lookup lookup = VQKV__LOOKUP__INIT;
+    Vqkv__Pin pin = VQKV__PIN__INIT;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_LOOKUP;
-    env.lookup = &lookup;
+    env.body_case = VQKV__ENVELOPE__BODY_PIN;
+    env.pin = &pin;
     uint64_t id = send_env(&c, &env);
     Vqkv__Envelope *reply = recv_env(&c);
     assert_non_null(strstr(reply->error->message, "not implemented"));
     expect_error(reply, id, VQKV_EPROTO);
+
+    /* Lookup is served, but names a model this connection never registered. */
+    Vqkv__Lookup lookup = VQKV__LOOKUP__INIT;
+    lookup.model_handle = 1;
+    env.body_case = VQKV__ENVELOPE__BODY_LOOKUP;
+    env.lookup = &lookup;
+    id = send_env(&c, &env);
+    expect_error(recv_env(&c), id, VQKV_EHANDLE);
 
     /* A reply type sent as a request. */
     Vqkv__Ack ack = VQKV__ACK__INIT;

@@ -1,0 +1,838 @@
+/* session.c -- vqkvd's block requests on the CPU backend: RegisterModel,
+ * RegisterRegion (a memfd of worker KV memory, mapped shared), Put (encode
+ * blocks out of the region into the pool), Lookup (longest present prefix,
+ * leased), Get (decode leased blocks into the region), Release, and the
+ * store counters of Stats.
+ *
+ * The loop never runs a codec: encoding and decoding run on libuv's thread
+ * pool (uv_queue_work), one job per request. A Put job encodes into a
+ * malloc'd staging buffer, and its completion, back on the loop, inserts the
+ * blocks into the store and copies them into their pool slots (a memcpy of
+ * block_bytes per block on the loop; inserting first could evict for blocks
+ * whose encode then failed). A Get job decodes straight from the pool slots;
+ * each block it reads holds a store reference (refs) until the job is done,
+ * so neither a Release nor an expiring lease nor eviction can reuse a slot
+ * under it.
+ *
+ * Every job references its client and its region (session.h), so a client
+ * that disconnects with work on the thread pool leaks nothing and crashes
+ * nothing: the work finishes against the still-mapped region, Put results
+ * are still stored (the bytes are good), and the reply is dropped.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "session.h"
+
+/* How often leases are swept and the pool evicted down to its watermark. */
+#define VQKVD_TICK_MS 100
+/* A lookup's lease lasts this long unless released: ample for a Get. */
+#define VQKVD_LEASE_TTL_MS 30000
+/* Bytes of staging one Put may take (n * block_bytes): bounds what one
+ * request makes the daemon allocate; larger Puts must be split. */
+#define VQKVD_PUT_STAGING_MAX (256u << 20)
+/* RegisterModel.model_id may be this long. */
+#define VQKVD_MODEL_ID_MAX 256
+/* Pool watermarks: evict above 90% down to 80%. */
+#define VQKVD_HIGH_WATER 0.9
+#define VQKVD_LOW_WATER 0.8
+
+typedef enum { VQKVD_JOB_PUT, VQKVD_JOB_GET } vqkvd_job_kind_t;
+
+/* One request on the thread pool. The arrays are allocated with the job. */
+typedef struct {
+    uv_work_t work;
+    vqkvd_job_kind_t kind;
+    vqkvd_client_t *c;
+    vqkvd_region_t *r;
+    vqkvd_model_t *m;
+    uint64_t request_id;
+    uint32_t n;
+    uint32_t *slots; /* region slots */
+    int rc;          /* the first codec error, VQKV_OK otherwise */
+    uint32_t failed; /* the block it came from */
+    /* Put */
+    uint8_t *keys, *parents; /* n * 32 each */
+    uint8_t *has_parent;     /* n flags */
+    uint8_t *skip;           /* present when queued: not encoded */
+    uint8_t *data;           /* n * block_bytes of staging */
+    /* Get */
+    vqkvd_block_t **blocks; /* each holds a ref until the job is done */
+    const uint8_t **src;    /* their pool slots, looked up on the loop */
+} vqkvd_job_t;
+
+/* ---- pool, store, timer ------------------------------------------------- */
+
+static void vqkvd__on_tick(uv_timer_t *t)
+{
+    vqkvd_server_t *s = t->data;
+    vqkvd_store_tick(&s->store, uv_now(s->loop));
+}
+
+/* Chunks of 16 MiB, or a quarter of a small pool so that it still has a
+ * few chunks (and a test's tiny pool can evict): a class strands at most a
+ * chunk, and a block larger than a chunk cannot be stored. */
+static uint64_t vqkvd__chunk_bytes(uint64_t pool_bytes)
+{
+    long page_l = sysconf(_SC_PAGESIZE);
+    uint64_t page = page_l > 0 ? (uint64_t)page_l : 4096;
+    uint64_t chunk = pool_bytes / 4;
+    if (chunk > (16u << 20))
+        chunk = 16u << 20;
+    chunk -= chunk % page;
+    return chunk < page ? page : chunk;
+}
+
+int vqkvd_session_start(vqkvd_server_t *s)
+{
+    uint64_t chunk = vqkvd__chunk_bytes(s->cfg.pool_bytes);
+    int rc = vqkvd_pool_init_cpu(&s->pool, s->cfg.pool_bytes, chunk);
+    if (rc != VQKV_OK) {
+        vqkvd_log(VQKVD_LOG_ERROR, "pool of %llu bytes: %s", (unsigned long long)s->cfg.pool_bytes,
+                  vqkv_strerror(rc));
+        return rc == VQKV_ENOMEM ? -ENOMEM : -EINVAL;
+    }
+    rc = vqkvd_store_init(&s->store, &s->pool, VQKVD_HIGH_WATER, VQKVD_LOW_WATER, NULL);
+    if (rc != VQKV_OK) {
+        vqkvd_pool_destroy(&s->pool);
+        return -ENOMEM;
+    }
+    uv_timer_init(s->loop, &s->tick); /* cannot fail */
+    s->tick.data = s;
+    uv_timer_start(&s->tick, vqkvd__on_tick, VQKVD_TICK_MS, VQKVD_TICK_MS);
+    vqkvd_log(VQKVD_LOG_INFO, "pool: %llu bytes in %llu-byte chunks",
+              (unsigned long long)s->cfg.pool_bytes, (unsigned long long)chunk);
+    return 0;
+}
+
+void vqkvd_session_stop(vqkvd_server_t *s)
+{
+    if (s->tick.loop != NULL && !uv_is_closing((uv_handle_t *)&s->tick))
+        uv_close((uv_handle_t *)&s->tick, NULL);
+}
+
+void vqkvd_session_destroy(vqkvd_server_t *s)
+{
+    for (uint32_t i = 0; i < s->n_models; i++) {
+        vqkv_codec_free(s->models[i]->codec);
+        free(s->models[i]->model_id);
+        free(s->models[i]);
+    }
+    free(s->models);
+    s->models = NULL;
+    s->n_models = s->cap_models = 0;
+    vqkvd_store_destroy(&s->store);
+    vqkvd_pool_destroy(&s->pool);
+}
+
+void vqkvd_session_stats(vqkvd_client_t *c, Vqkv__StatsReply *st, Vqkv__TenantStats *ts)
+{
+    vqkvd_server_t *s = c->server;
+    vqkvd_store_stats_t ss;
+    vqkvd_store_stats(&s->store, &ss);
+    vqkvd_pool_stats_t ps;
+    vqkvd_pool_stats(&s->pool, &ps);
+    st->hits = ss.hits;
+    st->misses = ss.misses;
+    st->blocks = ss.blocks;
+    st->bytes_stored = ss.bytes_stored;
+    st->bytes_logical = ss.bytes_logical;
+    st->evictions = ss.evictions;
+    st->leases = ss.leases;
+    st->pool_bytes = ps.usable_bytes;
+    vqkvd_tenant_stats_t t;
+    vqkvd_store_tenant_stats(&s->store, (uint32_t)c->uid, &t);
+    ts->tenant = c->tenant;
+    ts->blocks = t.blocks;
+    ts->bytes_stored = t.bytes_stored;
+    ts->bytes_logical = t.bytes_logical;
+}
+
+/* ---- handles ------------------------------------------------------------- */
+
+static vqkvd_model_t *vqkvd__client_model(const vqkvd_client_t *c, uint64_t handle)
+{
+    for (uint32_t i = 0; i < c->n_models; i++)
+        if (c->models[i] == handle)
+            return c->server->models[handle - 1];
+    return NULL;
+}
+
+static vqkvd_region_t *vqkvd__client_region(const vqkvd_client_t *c, uint64_t handle)
+{
+    for (vqkvd_region_t *r = c->regions; r != NULL; r = r->next)
+        if (r->handle == handle)
+            return r;
+    return NULL;
+}
+
+static void vqkvd__region_unref(vqkvd_region_t *r)
+{
+    if (--r->refs > 0)
+        return;
+    munmap(r->base, r->map_bytes);
+    free(r);
+}
+
+void vqkvd_session_client_gone(vqkvd_client_t *c)
+{
+    uint64_t n = vqkvd_store_release_owner(&c->server->store, c->id);
+    if (n > 0)
+        vqkvd_log(VQKVD_LOG_DEBUG, "client %llu: %llu leases released", (unsigned long long)c->id,
+                  (unsigned long long)n);
+    while (c->regions != NULL) {
+        vqkvd_region_t *r = c->regions;
+        c->regions = r->next;
+        vqkvd__region_unref(r);
+    }
+    c->n_regions = 0;
+}
+
+/* ---- RegisterModel --------------------------------------------------------- */
+
+static vqkvd_model_t *vqkvd__model_find(const vqkvd_server_t *s, uint32_t tenant,
+                                        const char *model_id, uint32_t first, uint32_t count)
+{
+    for (uint32_t i = 0; i < s->n_models; i++) {
+        vqkvd_model_t *m = s->models[i];
+        if (m->tenant == tenant && m->kv_head_first == first && m->kv_head_count == count &&
+            strcmp(m->model_id, model_id) == 0)
+            return m;
+    }
+    return NULL;
+}
+
+static int vqkvd__layout_equal(const vqkv_layout_t *a, const vqkv_layout_t *b)
+{
+    return a->num_layers == b->num_layers && a->num_kv_heads == b->num_kv_heads &&
+           a->head_dim == b->head_dim && a->block_tokens == b->block_tokens && a->dtype == b->dtype;
+}
+
+/* A new model taking codec; NULL (codec still the caller's) on failure,
+ * with *why set. */
+static vqkvd_model_t *vqkvd__model_new(vqkvd_server_t *s, uint32_t tenant, const char *model_id,
+                                       const Vqkv__RegisterModel *rm, const vqkv_layout_t *layout,
+                                       vqkv_codec_t *codec, uint64_t logical, const char **why)
+{
+    vqkvd_model_t *m = NULL;
+    *why = "out of memory";
+    if (s->n_models == s->cap_models) {
+        uint32_t cap = s->cap_models ? 2 * s->cap_models : 8;
+        vqkvd_model_t **grown = realloc(s->models, cap * sizeof *grown);
+        if (grown == NULL)
+            goto fail;
+        s->models = grown;
+        s->cap_models = cap;
+    }
+    m = calloc(1, sizeof *m);
+    if (m == NULL || (m->model_id = strdup(model_id)) == NULL)
+        goto fail;
+    size_t bb = vqkv_codec_block_bytes(codec);
+    /* The class is taken last: a pool class cannot be given back. */
+    int cls = bb <= UINT32_MAX ? vqkvd_pool_add_class(&s->pool, (uint32_t)bb) : VQKV_EINVAL;
+    if (cls < 0) {
+        *why = "the codec's block does not fit one pool chunk";
+        goto fail;
+    }
+    m->id = s->n_models + 1;
+    m->tenant = tenant;
+    m->kv_head_first = rm->kv_head_first;
+    m->kv_head_count = rm->kv_head_count;
+    m->layout = *layout;
+    m->codec = codec;
+    m->cls = (uint32_t)cls;
+    m->block_bytes = (uint32_t)bb;
+    m->logical_bytes = (uint32_t)logical;
+    s->models[s->n_models++] = m;
+    return m;
+
+fail:
+    if (m != NULL)
+        free(m->model_id);
+    free(m);
+    return NULL;
+}
+
+static void vqkvd__register_model(vqkvd_client_t *c, const Vqkv__Envelope *req)
+{
+    vqkvd_server_t *s = c->server;
+    const Vqkv__RegisterModel *rm = req->register_model;
+    const Vqkv__Layout *wl = rm->layout;
+    vqkv_codec_t *codec = NULL;
+    uint64_t id = req->request_id;
+
+    size_t id_len = strlen(rm->model_id);
+    if (id_len == 0 || id_len > VQKVD_MODEL_ID_MAX) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "model_id must have 1 to %d bytes, not %zu",
+                           VQKVD_MODEL_ID_MAX, id_len);
+        return;
+    }
+    if (wl == NULL) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "RegisterModel has no layout");
+        return;
+    }
+    if (rm->kv_head_count == 0 || rm->kv_head_first > wl->num_kv_heads ||
+        rm->kv_head_count > wl->num_kv_heads - rm->kv_head_first) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "kv heads [%u, +%u) are not within the %u of %s",
+                           (unsigned)rm->kv_head_first, (unsigned)rm->kv_head_count,
+                           (unsigned)wl->num_kv_heads, rm->model_id);
+        return;
+    }
+    vqkv_layout_t layout = {wl->num_layers, rm->kv_head_count, wl->head_dim, wl->block_tokens,
+                            (vqkv_dtype_t)wl->dtype};
+    if (vqkv_layout_check(&layout) != VQKV_OK) {
+        vqkvd_client_error(c, id, VQKV_EINVAL,
+                           "layout %u layers x %u heads x %u dims x %u tokens (dtype %d) is not "
+                           "valid (head_dim even, at most %d)",
+                           (unsigned)layout.num_layers, (unsigned)layout.num_kv_heads,
+                           (unsigned)layout.head_dim, (unsigned)layout.block_tokens,
+                           (int)layout.dtype, VQKV_MAX_HEAD_DIM);
+        return;
+    }
+    /* Uncompressed bytes of one block: K and V of every layer, token, head. */
+    uint64_t logical = (uint64_t)layout.num_layers * 2 * layout.block_tokens * layout.num_kv_heads *
+                       layout.head_dim * vqkv_dtype_size(layout.dtype);
+    if (logical > UINT32_MAX) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "a block of %llu bytes is too large",
+                           (unsigned long long)logical);
+        return;
+    }
+    int rc = vqkv_codec_create(rm->codec, &layout, &codec);
+    if (rc != VQKV_OK) {
+        vqkvd_client_error(c, id, rc, "codec \"%s\": %s", rm->codec, vqkv_strerror(rc));
+        return;
+    }
+    const char *spec = vqkv_codec_spec(codec);
+    if (vqkv_codec_needs_training(codec)) {
+        vqkvd_client_error(c, id, VQKV_ENOCODEBOOK,
+                           "codebooks for %s are not loaded; VQ codecs come with online "
+                           "calibration",
+                           spec);
+        goto cleanup;
+    }
+    vqkvd_model_t *m =
+        vqkvd__model_find(s, (uint32_t)c->uid, rm->model_id, rm->kv_head_first, rm->kv_head_count);
+    if (m != NULL && (!vqkvd__layout_equal(&m->layout, &layout) ||
+                      strcmp(vqkv_codec_spec(m->codec), spec) != 0)) {
+        vqkvd_client_error(c, id, VQKV_EMISMATCH,
+                           "model \"%s\" is registered with another layout or codec (%s, not %s)",
+                           rm->model_id, vqkv_codec_spec(m->codec), spec);
+        goto cleanup;
+    }
+    if ((m == NULL || vqkvd__client_model(c, m->id) == NULL) &&
+        c->n_models == VQKVD_CLIENT_MAX_MODELS) {
+        vqkvd_client_error(c, id, VQKV_ELIMIT, "a connection may register %d models",
+                           VQKVD_CLIENT_MAX_MODELS);
+        goto cleanup;
+    }
+    if (m == NULL) {
+        const char *why;
+        m = vqkvd__model_new(s, (uint32_t)c->uid, rm->model_id, rm, &layout, codec, logical, &why);
+        if (m == NULL) {
+            vqkvd_client_error(c, id, VQKV_ENOMEM, "model \"%s\": %s", rm->model_id, why);
+            goto cleanup;
+        }
+        codec = NULL; /* the model's now */
+        vqkvd_log(VQKVD_LOG_INFO, "model %u: \"%s\" heads [%u, +%u) codec %s, %u-byte blocks",
+                  (unsigned)m->id, m->model_id, (unsigned)m->kv_head_first,
+                  (unsigned)m->kv_head_count, vqkv_codec_spec(m->codec), (unsigned)m->block_bytes);
+    }
+    if (vqkvd__client_model(c, m->id) == NULL)
+        c->models[c->n_models++] = m->id;
+
+    Vqkv__ModelRegistered mr = VQKV__MODEL_REGISTERED__INIT;
+    mr.model_handle = m->id;
+    mr.codec = (char *)vqkv_codec_spec(m->codec);
+    mr.block_bytes = m->block_bytes;
+    mr.codebooks_ready = 1;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.request_id = id;
+    env.body_case = VQKV__ENVELOPE__BODY_MODEL_REGISTERED;
+    env.model_registered = &mr;
+    vqkvd_client_reply(c, &env);
+
+cleanup:
+    vqkv_codec_free(codec);
+}
+
+/* ---- RegisterRegion -------------------------------------------------------- */
+
+static void vqkvd__register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
+                                   const vqkv_frame_t *frame)
+{
+    const Vqkv__RegisterRegion *rr = req->register_region;
+    uint64_t id = req->request_id;
+
+    if (rr->kind != VQKV__REGION_KIND__REGION_KIND_MEMFD) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "region kind %d is not served by the cpu backend",
+                           (int)rr->kind);
+        return;
+    }
+    if (rr->cuda_ipc_handle.len > 0 || rr->device != 0) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "cuda_ipc_handle and device are reserved");
+        return;
+    }
+    if (rr->num_fds != 1 || frame->n_fds != 1) {
+        vqkvd_client_error(c, id, VQKV_EFDS,
+                           "a MEMFD region comes with exactly 1 fd (num_fds %u, %zu came)",
+                           (unsigned)rr->num_fds, frame->n_fds);
+        return;
+    }
+    vqkvd_model_t *m = vqkvd__client_model(c, rr->model_handle);
+    if (m == NULL) {
+        vqkvd_client_error(c, id, VQKV_EHANDLE, "no model %llu on this connection",
+                           (unsigned long long)rr->model_handle);
+        return;
+    }
+    if (c->n_regions >= c->server->cfg.max_regions) {
+        vqkvd_client_error(c, id, VQKV_ELIMIT, "a connection may register %u regions",
+                           (unsigned)c->server->cfg.max_regions);
+        return;
+    }
+    int fd = frame->fds[0];
+    struct stat st;
+    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        vqkvd_client_error(c, id, VQKV_EMAP, "the fd is not a memfd");
+        return;
+    }
+    if (rr->region_bytes == 0 || rr->region_bytes > (uint64_t)st.st_size ||
+        rr->offset >= rr->region_bytes) {
+        vqkvd_client_error(c, id, VQKV_ERANGE,
+                           "region of %llu bytes at offset %llu does not fit the memfd's %lld",
+                           (unsigned long long)rr->region_bytes, (unsigned long long)rr->offset,
+                           (long long)st.st_size);
+        return;
+    }
+    vqkv_kv_view_t view = {rr->region_bytes, rr->offset,       rr->layer_stride, rr->kv_stride,
+                           rr->slot_stride,  rr->token_stride, rr->head_stride,  rr->num_slots};
+    /* Strides are unsigned, so the last slot reaches furthest: checking it
+     * checks every slot, once, here instead of per request. */
+    if (rr->num_slots == 0 || vqkv_kv_view_check(&m->layout, &view, rr->num_slots - 1) != VQKV_OK) {
+        vqkvd_client_error(c, id, VQKV_ERANGE,
+                           "the view of %u slots reaches past the region's %llu bytes",
+                           (unsigned)rr->num_slots, (unsigned long long)rr->region_bytes);
+        return;
+    }
+    /* A shrunk memfd would turn the daemon's next read into SIGBUS: seal it
+     * against shrinking (the owner may still grow it). */
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) < 0) {
+        vqkvd_client_error(c, id, VQKV_EMAP,
+                           "cannot seal the memfd against shrinking (%s); create it with "
+                           "MFD_ALLOW_SEALING",
+                           strerror(errno));
+        return;
+    }
+    void *base = mmap(NULL, rr->region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (base == MAP_FAILED) {
+        vqkvd_client_error(c, id, VQKV_EMAP, "mmap of %llu bytes: %s",
+                           (unsigned long long)rr->region_bytes, strerror(errno));
+        return;
+    }
+    vqkvd_region_t *r = calloc(1, sizeof *r);
+    if (r == NULL) {
+        munmap(base, rr->region_bytes);
+        vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
+        return;
+    }
+    r->handle = ++c->next_region;
+    r->refs = 1; /* the client's list */
+    r->model = m;
+    r->base = base;
+    r->map_bytes = rr->region_bytes;
+    r->view = view;
+    r->next = c->regions;
+    c->regions = r;
+    c->n_regions++;
+    /* The mapping keeps the memory; the frame closes the fd. */
+
+    Vqkv__RegionRegistered rg = VQKV__REGION_REGISTERED__INIT;
+    rg.region_handle = r->handle;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.request_id = id;
+    env.body_case = VQKV__ENVELOPE__BODY_REGION_REGISTERED;
+    env.region_registered = &rg;
+    vqkvd_client_reply(c, &env);
+}
+
+/* ---- jobs ---------------------------------------------------------------- */
+
+static vqkvd_job_t *vqkvd__job_new(vqkvd_job_kind_t kind, vqkvd_client_t *c, vqkvd_region_t *r,
+                                   uint64_t request_id, uint32_t n)
+{
+    vqkvd_job_t *j = calloc(1, sizeof *j);
+    if (j == NULL)
+        return NULL;
+    j->kind = kind;
+    j->c = c;
+    j->r = r;
+    j->m = r->model;
+    j->request_id = request_id;
+    j->n = n;
+    j->slots = calloc(n ? n : 1, sizeof *j->slots);
+    if (j->slots == NULL) {
+        free(j);
+        return NULL;
+    }
+    return j;
+}
+
+static void vqkvd__job_free(vqkvd_job_t *j)
+{
+    free(j->slots);
+    free(j->keys);
+    free(j->parents);
+    free(j->has_parent);
+    free(j->skip);
+    free(j->data);
+    free(j->blocks);
+    free(j->src);
+    free(j);
+}
+
+static void vqkvd__job_after(uv_work_t *w, int status);
+
+/* Runs on a pool thread: only the job, the codec and the region's mapping. */
+static void vqkvd__job_work(uv_work_t *w)
+{
+    vqkvd_job_t *j = w->data;
+    const vqkvd_model_t *m = j->m;
+    for (uint32_t i = 0; i < j->n && j->rc == VQKV_OK; i++) {
+        if (j->kind == VQKVD_JOB_PUT) {
+            if (j->skip[i])
+                continue;
+            j->rc = vqkv_codec_encode(m->codec, j->r->base, &j->r->view, j->slots[i],
+                                      j->data + (size_t)i * m->block_bytes);
+        } else {
+            j->rc = vqkv_codec_decode(m->codec, j->src[i], j->r->base, &j->r->view, j->slots[i]);
+        }
+        j->failed = i;
+    }
+}
+
+/* Hands j to the thread pool, holding its client and region. */
+static int vqkvd__job_queue(vqkvd_job_t *j)
+{
+    j->work.data = j;
+    int rc = uv_queue_work(j->c->server->loop, &j->work, vqkvd__job_work, vqkvd__job_after);
+    if (rc < 0)
+        return rc;
+    j->c->refs++;
+    j->c->pending++;
+    j->r->refs++;
+    return 0;
+}
+
+/* Back on the loop: stores a Put's blocks, answers. */
+static void vqkvd__put_done(vqkvd_job_t *j)
+{
+    vqkvd_server_t *s = j->c->server;
+    const vqkvd_model_t *m = j->m;
+    Vqkv__PutStatus *status = calloc(j->n ? j->n : 1, sizeof *status);
+    if (status == NULL) {
+        vqkvd_client_error(j->c, j->request_id, VQKV_ENOMEM, "out of memory");
+        return;
+    }
+    uint32_t stored = 0;
+    uint64_t now = uv_now(s->loop);
+    for (uint32_t i = 0; i < j->n; i++) {
+        if (j->skip[i]) {
+            status[i] = VQKV__PUT_STATUS__PUT_PRESENT;
+            continue;
+        }
+        uint64_t slot;
+        int rc = vqkvd_store_insert(
+            &s->store, (uint32_t)j->c->uid, m->id, j->keys + (size_t)i * VQKVD_KEY_BYTES,
+            j->has_parent[i] ? j->parents + (size_t)i * VQKVD_KEY_BYTES : NULL, m->cls,
+            m->logical_bytes, now, &slot);
+        if (rc == VQKV_OK) {
+            memcpy(vqkvd_pool_slot_ptr(&s->pool, slot), j->data + (size_t)i * m->block_bytes,
+                   m->block_bytes);
+            status[i] = VQKV__PUT_STATUS__PUT_STORED;
+            stored++;
+        } else if (rc == VQKVD_STORE_PRESENT) {
+            status[i] = VQKV__PUT_STATUS__PUT_PRESENT;
+        } else if (rc == VQKVD_STORE_NOPARENT) {
+            status[i] = VQKV__PUT_STATUS__PUT_NO_PARENT;
+        } else {
+            status[i] = VQKV__PUT_STATUS__PUT_NO_SPACE;
+        }
+    }
+    Vqkv__PutDone pd = VQKV__PUT_DONE__INIT;
+    pd.stored = stored;
+    pd.n_status = j->n;
+    pd.status = status;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.request_id = j->request_id;
+    env.body_case = VQKV__ENVELOPE__BODY_PUT_DONE;
+    env.put_done = &pd;
+    vqkvd_client_reply(j->c, &env);
+    free(status);
+}
+
+static void vqkvd__job_after(uv_work_t *w, int status)
+{
+    vqkvd_job_t *j = w->data;
+    vqkvd_client_t *c = j->c;
+    c->pending--;
+    if (j->kind == VQKVD_JOB_GET)
+        for (uint32_t i = 0; i < j->n; i++)
+            j->blocks[i]->refs--;
+    if (status < 0) {
+        vqkvd_client_error(c, j->request_id, VQKV_EIO, "the job was cancelled: %s",
+                           uv_strerror(status));
+    } else if (j->rc != VQKV_OK) {
+        vqkvd_client_error(c, j->request_id, j->rc, "block %u (slot %u): %s", (unsigned)j->failed,
+                           (unsigned)j->slots[j->failed], vqkv_strerror(j->rc));
+    } else if (j->kind == VQKVD_JOB_PUT) {
+        /* Stored even when the client has gone: the bytes are good. */
+        vqkvd__put_done(j);
+    } else {
+        Vqkv__GetDone gd = VQKV__GET_DONE__INIT;
+        gd.written = j->n;
+        Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+        env.request_id = j->request_id;
+        env.body_case = VQKV__ENVELOPE__BODY_GET_DONE;
+        env.get_done = &gd;
+        vqkvd_client_reply(c, &env);
+    }
+    vqkvd__region_unref(j->r);
+    vqkvd__job_free(j);
+    vqkvd_client_settle(c);
+    vqkvd_client_unref(c);
+}
+
+/* ---- Put ------------------------------------------------------------------ */
+
+static void vqkvd__put(vqkvd_client_t *c, const Vqkv__Envelope *req)
+{
+    vqkvd_server_t *s = c->server;
+    const Vqkv__Put *p = req->put;
+    uint64_t id = req->request_id;
+    vqkvd_job_t *j = NULL;
+
+    vqkvd_model_t *m = vqkvd__client_model(c, p->model_handle);
+    vqkvd_region_t *r = vqkvd__client_region(c, p->region_handle);
+    if (m == NULL || r == NULL) {
+        vqkvd_client_error(c, id, VQKV_EHANDLE, "no %s %llu on this connection",
+                           m == NULL ? "model" : "region",
+                           (unsigned long long)(m == NULL ? p->model_handle : p->region_handle));
+        return;
+    }
+    if (r->model != m) {
+        vqkvd_client_error(c, id, VQKV_EMISMATCH, "region %llu holds model %u, not %u",
+                           (unsigned long long)r->handle, (unsigned)r->model->id, (unsigned)m->id);
+        return;
+    }
+    if (p->cuda_event.len > 0) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "cuda_event is reserved for the CUDA backend");
+        return;
+    }
+    size_t n = p->n_keys;
+    if (p->n_parent_keys != n || p->n_slots != n) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "%zu keys, %zu parent_keys and %zu slots differ", n,
+                           p->n_parent_keys, p->n_slots);
+        return;
+    }
+    if ((uint64_t)n * m->block_bytes > VQKVD_PUT_STAGING_MAX) {
+        vqkvd_client_error(c, id, VQKV_ELIMIT, "a Put of %zu blocks of %u bytes is over %u bytes",
+                           n, (unsigned)m->block_bytes, VQKVD_PUT_STAGING_MAX);
+        return;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (p->keys[i].len != VQKVD_KEY_BYTES ||
+            (p->parent_keys[i].len != 0 && p->parent_keys[i].len != VQKVD_KEY_BYTES)) {
+            vqkvd_client_error(c, id, VQKV_EINVAL, "block %zu: keys are %d bytes", i,
+                               VQKVD_KEY_BYTES);
+            return;
+        }
+        if (p->slots[i] >= r->view.num_slots) {
+            vqkvd_client_error(c, id, VQKV_ERANGE, "block %zu: slot %u outside region of %u slots",
+                               i, (unsigned)p->slots[i], (unsigned)r->view.num_slots);
+            return;
+        }
+    }
+    j = vqkvd__job_new(VQKVD_JOB_PUT, c, r, id, (uint32_t)n);
+    if (j == NULL)
+        goto nomem;
+    size_t cnt = n ? n : 1;
+    j->keys = malloc(cnt * VQKVD_KEY_BYTES);
+    j->parents = calloc(cnt, VQKVD_KEY_BYTES);
+    j->has_parent = calloc(cnt, 1);
+    j->skip = calloc(cnt, 1);
+    j->data = malloc(cnt * m->block_bytes);
+    if (j->keys == NULL || j->parents == NULL || j->has_parent == NULL || j->skip == NULL ||
+        j->data == NULL)
+        goto nomem;
+    for (size_t i = 0; i < n; i++) {
+        memcpy(j->keys + i * VQKVD_KEY_BYTES, p->keys[i].data, VQKVD_KEY_BYTES);
+        if (p->parent_keys[i].len == VQKVD_KEY_BYTES) {
+            memcpy(j->parents + i * VQKVD_KEY_BYTES, p->parent_keys[i].data, VQKVD_KEY_BYTES);
+            j->has_parent[i] = 1;
+        }
+        j->slots[i] = p->slots[i];
+        /* Held already: nothing to read (PUT_PRESENT). */
+        j->skip[i] = vqkvd_store_find(&s->store, (uint32_t)c->uid, m->id,
+                                      j->keys + i * VQKVD_KEY_BYTES) != NULL;
+    }
+    int rc = vqkvd__job_queue(j);
+    if (rc < 0) {
+        vqkvd_client_error(c, id, VQKV_EIO, "cannot queue the work: %s", uv_strerror(rc));
+        vqkvd__job_free(j);
+    }
+    return;
+
+nomem:
+    if (j != NULL)
+        vqkvd__job_free(j);
+    vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
+}
+
+/* ---- Lookup, Get, Release ---------------------------------------------------- */
+
+static void vqkvd__lookup(vqkvd_client_t *c, const Vqkv__Envelope *req)
+{
+    vqkvd_server_t *s = c->server;
+    const Vqkv__Lookup *lk = req->lookup;
+    uint64_t id = req->request_id;
+    vqkvd_model_t *m = vqkvd__client_model(c, lk->model_handle);
+    if (m == NULL) {
+        vqkvd_client_error(c, id, VQKV_EHANDLE, "no model %llu on this connection",
+                           (unsigned long long)lk->model_handle);
+        return;
+    }
+    if (lk->n_keys > VQKVD_STORE_MAX_CHAIN) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "a lookup takes at most %d keys",
+                           VQKVD_STORE_MAX_CHAIN);
+        return;
+    }
+    for (size_t i = 0; i < lk->n_keys; i++) {
+        if (lk->keys[i].len != VQKVD_KEY_BYTES) {
+            vqkvd_client_error(c, id, VQKV_EINVAL, "key %zu is not %d bytes", i, VQKVD_KEY_BYTES);
+            return;
+        }
+    }
+    uint8_t *keys = malloc(lk->n_keys ? lk->n_keys * VQKVD_KEY_BYTES : 1);
+    if (keys == NULL) {
+        vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
+        return;
+    }
+    for (size_t i = 0; i < lk->n_keys; i++)
+        memcpy(keys + i * VQKVD_KEY_BYTES, lk->keys[i].data, VQKVD_KEY_BYTES);
+    uint64_t lease = 0;
+    int rc = vqkvd_store_lookup(&s->store, (uint32_t)c->uid, m->id, keys, (uint32_t)lk->n_keys,
+                                uv_now(s->loop), c->id, VQKVD_LEASE_TTL_MS, &lease, NULL);
+    free(keys);
+    if (rc < 0) {
+        vqkvd_client_error(c, id, rc, "lookup: %s", vqkv_proto_strerror(rc));
+        return;
+    }
+    Vqkv__LookupResult lr = VQKV__LOOKUP_RESULT__INIT;
+    lr.present = (uint32_t)rc;
+    lr.lease_id = lease;
+    lr.lease_ttl_ms = lease != 0 ? VQKVD_LEASE_TTL_MS : 0;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.request_id = id;
+    env.body_case = VQKV__ENVELOPE__BODY_LOOKUP_RESULT;
+    env.lookup_result = &lr;
+    vqkvd_client_reply(c, &env);
+}
+
+static void vqkvd__get(vqkvd_client_t *c, const Vqkv__Envelope *req)
+{
+    vqkvd_server_t *s = c->server;
+    const Vqkv__Get *g = req->get;
+    uint64_t id = req->request_id;
+
+    vqkvd_region_t *r = vqkvd__client_region(c, g->region_handle);
+    if (r == NULL) {
+        vqkvd_client_error(c, id, VQKV_EHANDLE, "no region %llu on this connection",
+                           (unsigned long long)g->region_handle);
+        return;
+    }
+    const vqkvd_lease_t *l = vqkvd_store_lease_find(&s->store, g->lease_id, c->id, uv_now(s->loop));
+    if (l == NULL) {
+        vqkvd_client_error(c, id, VQKV_ELEASE,
+                           "lease %llu is not held by this connection (released, expired, or "
+                           "another's)",
+                           (unsigned long long)g->lease_id);
+        return;
+    }
+    if (g->n_slots > l->n) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "%zu slots for a lease of %u blocks", g->n_slots,
+                           (unsigned)l->n);
+        return;
+    }
+    for (size_t i = 0; i < g->n_slots; i++) {
+        if (g->slots[i] >= r->view.num_slots) {
+            vqkvd_client_error(c, id, VQKV_ERANGE, "block %zu: slot %u outside region of %u slots",
+                               i, (unsigned)g->slots[i], (unsigned)r->view.num_slots);
+            return;
+        }
+        if (l->blocks[i]->model != r->model->id) {
+            vqkvd_client_error(c, id, VQKV_EMISMATCH, "the lease holds model %u, region %llu %u",
+                               (unsigned)l->blocks[i]->model, (unsigned long long)r->handle,
+                               (unsigned)r->model->id);
+            return;
+        }
+    }
+    vqkvd_job_t *j = vqkvd__job_new(VQKVD_JOB_GET, c, r, id, (uint32_t)g->n_slots);
+    if (j != NULL) {
+        j->blocks = calloc(g->n_slots ? g->n_slots : 1, sizeof *j->blocks);
+        j->src = calloc(g->n_slots ? g->n_slots : 1, sizeof *j->src);
+    }
+    if (j == NULL || j->blocks == NULL || j->src == NULL) {
+        if (j != NULL)
+            vqkvd__job_free(j);
+        vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
+        return;
+    }
+    for (size_t i = 0; i < g->n_slots; i++) {
+        j->slots[i] = g->slots[i];
+        j->blocks[i] = l->blocks[i];
+        j->src[i] = vqkvd_pool_slot_ptr(&s->pool, l->blocks[i]->slot);
+    }
+    int rc = vqkvd__job_queue(j);
+    if (rc < 0) {
+        vqkvd_client_error(c, id, VQKV_EIO, "cannot queue the work: %s", uv_strerror(rc));
+        vqkvd__job_free(j);
+        return;
+    }
+    /* The job's own hold: the slots stay put whatever happens to the lease. */
+    for (uint32_t i = 0; i < j->n; i++)
+        j->blocks[i]->refs++;
+}
+
+static void vqkvd__release(vqkvd_client_t *c, const Vqkv__Envelope *req)
+{
+    int rc = vqkvd_store_release(&c->server->store, c->id, req->release->lease_id);
+    if (rc != VQKV_OK) {
+        vqkvd_client_error(c, req->request_id, rc, "lease %llu is not held by this connection",
+                           (unsigned long long)req->release->lease_id);
+        return;
+    }
+    Vqkv__Ack ack = VQKV__ACK__INIT;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.request_id = req->request_id;
+    env.body_case = VQKV__ENVELOPE__BODY_ACK;
+    env.ack = &ack;
+    vqkvd_client_reply(c, &env);
+}
+
+void vqkvd_session_dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
+{
+    switch (req->body_case) {
+    case VQKV__ENVELOPE__BODY_REGISTER_MODEL: vqkvd__register_model(c, req); return;
+    case VQKV__ENVELOPE__BODY_REGISTER_REGION: vqkvd__register_region(c, req, frame); return;
+    case VQKV__ENVELOPE__BODY_PUT: vqkvd__put(c, req); return;
+    case VQKV__ENVELOPE__BODY_LOOKUP: vqkvd__lookup(c, req); return;
+    case VQKV__ENVELOPE__BODY_GET: vqkvd__get(c, req); return;
+    case VQKV__ENVELOPE__BODY_RELEASE: vqkvd__release(c, req); return;
+    default: vqkvd_client_error(c, req->request_id, VQKV_EPROTO, "not a block request"); return;
+    }
+}

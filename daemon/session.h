@@ -1,0 +1,124 @@
+/* session.h -- what server.c (connections, framing, replies) and session.c
+ * (the block requests: models, regions, Put, Lookup, Get, Release) share.
+ * Private to the daemon; nothing outside daemon/ includes it.
+ *
+ * Lifetimes. A client is referenced by its connection (dropped once libuv
+ * has closed the poll handle) and by every job on the thread pool; it is
+ * freed when the last reference goes, so a job that finishes after its
+ * client disconnected still has somewhere to look (c->closed) and drops its
+ * reply. Regions are referenced the same way: by the client's region list
+ * (until the connection closes) and by each job that reads or writes them,
+ * and are unmapped with the last reference. Models live as long as the
+ * server: they are shared by every client of a tenant and a job may hold
+ * one past its client.
+ *
+ * Everything here runs on the loop's thread except the bodies of jobs
+ * (session.c), which touch only their job, the codec (immutable) and
+ * memory the loop keeps alive for them.
+ */
+#ifndef VQKVD_SESSION_H
+#define VQKVD_SESSION_H
+
+#include <stdint.h>
+#include <sys/types.h>
+
+#include <uv.h>
+
+#include "frame.h"
+#include "server.h"
+#include "vqkv_proto.h"
+
+/* Hello.client_name may be this long. */
+#define VQKVD_NAME_MAX 64
+/* Models one connection may register. */
+#define VQKVD_CLIENT_MAX_MODELS 64
+
+/* One reply waiting for the socket: a whole encoded frame. */
+typedef struct vqkvd_out {
+    struct vqkvd_out *next;
+    uint8_t *buf;
+    size_t len, off; /* off bytes already written */
+    int counted;     /* the reply of a request counted in inflight */
+} vqkvd_out_t;
+
+/* A registered model, shared by (tenant, model_id, head range). */
+struct vqkvd_model {
+    uint32_t id; /* the store's model number and the wire handle; never 0 */
+    uint32_t tenant;
+    char *model_id;
+    uint32_t kv_head_first, kv_head_count;
+    vqkv_layout_t layout; /* this rank's slice: num_kv_heads = kv_head_count */
+    vqkv_codec_t *codec;
+    uint32_t cls;           /* pool slot class */
+    uint32_t block_bytes;   /* compressed */
+    uint32_t logical_bytes; /* uncompressed, in the workers' dtype */
+};
+
+/* A mapped MEMFD region of one client. */
+typedef struct vqkvd_region {
+    struct vqkvd_region *next; /* the client's list */
+    uint64_t handle;
+    uint32_t refs;
+    vqkvd_model_t *model;
+    uint8_t *base; /* the mapping, map_bytes long */
+    size_t map_bytes;
+    vqkv_kv_view_t view;
+} vqkvd_region_t;
+
+struct vqkvd_client {
+    vqkvd_server_t *server;
+    vqkvd_client_t *prev, *next;
+    uint64_t id; /* also the owner of its leases */
+    uint32_t refs;
+    int fd;
+    uv_poll_t poll;
+    int events; /* the events poll is started with; 0 when stopped */
+    vqkv_frame_reader_t reader;
+
+    pid_t pid; /* SO_PEERCRED, at connect time */
+    uid_t uid;
+    gid_t gid;
+    char tenant[16]; /* the uid in decimal */
+    uint8_t salt[32];
+    char name[VQKVD_NAME_MAX + 1]; /* Hello.client_name */
+    int hello_done;
+
+    vqkvd_out_t *out_head, *out_tail;
+    uint32_t out_count;
+    uint32_t inflight; /* requests whose reply is queued, not yet written */
+    uint32_t pending;  /* requests on the thread pool, not yet replied */
+
+    uint32_t models[VQKVD_CLIENT_MAX_MODELS]; /* ids this connection registered */
+    uint32_t n_models;
+    vqkvd_region_t *regions;
+    uint32_t n_regions;
+    uint64_t next_region;
+
+    int closing; /* write what is queued, then close; read nothing more */
+    int dead;    /* close now: the socket failed */
+    int closed;  /* uv_close called; freed when refs reach 0 */
+};
+
+/* server.c: replies (counted in inflight), settling and references. */
+void vqkvd_client_reply(vqkvd_client_t *c, Vqkv__Envelope *env);
+void vqkvd_client_error(vqkvd_client_t *c, uint64_t request_id, int code, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+void vqkvd_client_settle(vqkvd_client_t *c);
+void vqkvd_client_unref(vqkvd_client_t *c);
+
+/* session.c: the server's pool, store, models and tick timer. */
+int vqkvd_session_start(vqkvd_server_t *s);
+void vqkvd_session_stop(vqkvd_server_t *s);    /* closes the timer */
+void vqkvd_session_destroy(vqkvd_server_t *s); /* after the loop has run dry */
+
+/* session.c: a request the session layer owns. frame is the request's
+ * frame; a handler that keeps an fd sets its slot to -1. */
+void vqkvd_session_dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
+
+/* session.c: the connection is gone: leases released, regions dropped. */
+void vqkvd_session_client_gone(vqkvd_client_t *c);
+
+/* session.c: fills the store part of a StatsReply (tenant: the client's). */
+void vqkvd_session_stats(vqkvd_client_t *c, Vqkv__StatsReply *st, Vqkv__TenantStats *ts);
+
+#endif

@@ -1,0 +1,802 @@
+/* test_daemon_kv.c -- vqkvd's block requests as a process: models, memfd
+ * regions, Put, Lookup, Get and Release between two connections of one
+ * tenant, on the CPU backend. The daemon binary runs on a socket in a fresh
+ * temporary directory (the helpers are test_daemon.c's) and is stopped with
+ * SIGTERM; exit status 0 is required, so under ASan a leak in the daemon
+ * fails the test that caused it.
+ *
+ * Regions hold a vLLM-layout cache [layers][2][slots][tokens][heads][dim] of
+ * random fp16 values in [-2, 2] (finite, so the fp16 codec's bit-exactness
+ * is checked byte for byte).
+ */
+#include <errno.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "frame.h"
+#include "vqkv_codec.h"
+
+#define CLIENT_TIMEOUT_S 5
+/* ASan makes the daemon slow to start and to stop. */
+#define DAEMON_DEADLINE_MS 20000
+
+/* assert on a protocol code, naming both on failure. */
+#define assert_prc(expr, want)                                                                     \
+    do {                                                                                           \
+        int got_rc_ = (expr);                                                                      \
+        int want_rc_ = (want);                                                                     \
+        if (got_rc_ != want_rc_) {                                                                 \
+            print_error("%s returned %d (%s), expected %d (%s)\n", #expr, got_rc_,                 \
+                        vqkv_proto_strerror(got_rc_), want_rc_, vqkv_proto_strerror(want_rc_));    \
+            fail();                                                                                \
+        }                                                                                          \
+    } while (0)
+
+typedef struct {
+    char dir[64];
+    char path[96];
+    pid_t pid;
+} daemon_t;
+
+typedef struct {
+    int fd;
+    vqkv_frame_reader_t reader;
+    uint64_t next_id;
+} client_t;
+
+static long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
+    nanosleep(&ts, NULL);
+}
+
+static int try_connect(const char *path)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        close(fd);
+        return -1;
+    }
+    struct timeval tv = {CLIENT_TIMEOUT_S, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    return fd;
+}
+
+/* Runs the daemon with extra arguments (NULL-terminated) on path; returns
+ * its pid. Does not wait for it to listen. */
+static pid_t spawn_daemon(const char *path, const char *const *extra)
+{
+    const char *argv[16] = {VQKVD_PATH, "--socket", path, "--log-level", "debug"};
+    size_t n = 5;
+    for (size_t i = 0; extra != NULL && extra[i] != NULL && n < 15; i++)
+        argv[n++] = extra[i];
+    argv[n] = NULL;
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        execv(VQKVD_PATH, (char *const *)argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+/* Waits for pid to exit; its wait status, or -1 after the deadline (then
+ * it is killed). */
+static int wait_exit(pid_t pid)
+{
+    long deadline = now_ms() + DAEMON_DEADLINE_MS;
+    int status;
+    while (now_ms() < deadline) {
+        pid_t got = waitpid(pid, &status, WNOHANG);
+        if (got == pid)
+            return status;
+        sleep_ms(5);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    return -1;
+}
+
+static void daemon_start(daemon_t *d, const char *const *extra)
+{
+    snprintf(d->dir, sizeof d->dir, "/tmp/vqkvd-test.XXXXXX");
+    assert_non_null(mkdtemp(d->dir));
+    snprintf(d->path, sizeof d->path, "%s/vqkv.sock", d->dir);
+    d->pid = spawn_daemon(d->path, extra);
+    long deadline = now_ms() + DAEMON_DEADLINE_MS;
+    for (;;) {
+        int fd = try_connect(d->path);
+        if (fd >= 0) {
+            close(fd);
+            return;
+        }
+        int status;
+        if (waitpid(d->pid, &status, WNOHANG) == d->pid) {
+            d->pid = -1;
+            fail_msg("vqkvd exited at start (status %#x)", status);
+        }
+        if (now_ms() > deadline)
+            fail_msg("vqkvd did not listen on %s in time", d->path);
+        sleep_ms(5);
+    }
+}
+
+/* SIGTERM; requires exit status 0 and the socket file gone. */
+static void daemon_stop(daemon_t *d)
+{
+    if (d->pid <= 0)
+        return;
+    assert_int_equal(kill(d->pid, SIGTERM), 0);
+    int status = wait_exit(d->pid);
+    d->pid = -1;
+    assert_true(status != -1);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        fail_msg("vqkvd ended with wait status %#x, not exit 0", status);
+    struct stat st;
+    assert_int_equal(lstat(d->path, &st), -1);
+    assert_int_equal(errno, ENOENT);
+}
+
+static int setup(void **state)
+{
+    daemon_t *d = calloc(1, sizeof *d);
+    assert_non_null(d);
+    *state = d;
+    daemon_start(d, NULL);
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    daemon_t *d = *state;
+    daemon_stop(d);
+    unlink(d->path);
+    rmdir(d->dir);
+    free(d);
+    return 0;
+}
+
+/* ---- client helpers -------------------------------------------------------- */
+
+static void client_open(client_t *c, const daemon_t *d)
+{
+    c->fd = try_connect(d->path);
+    assert_true(c->fd >= 0);
+    assert_prc(vqkv_frame_reader_init(&c->reader, VQKV_FRAME_DEFAULT_MAX), VQKV_OK);
+    c->next_id = 1;
+}
+
+static void client_close(client_t *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    vqkv_frame_reader_free(&c->reader);
+}
+
+static uint64_t send_env(client_t *c, Vqkv__Envelope *env)
+{
+    env->request_id = c->next_id++;
+    assert_prc(vqkv_frame_send(c->fd, env, NULL, 0, VQKV_FRAME_DEFAULT_MAX), VQKV_OK);
+    return env->request_id;
+}
+
+static Vqkv__Envelope *recv_env(client_t *c)
+{
+    vqkv_frame_t frame;
+    assert_prc(vqkv_frame_recv(c->fd, &c->reader, &frame), VQKV_OK);
+    Vqkv__Envelope *env = NULL;
+    assert_prc(vqkv_frame_unpack(frame.data, frame.len, &env), VQKV_OK);
+    vqkv_frame_clear(&frame);
+    assert_prc(vqkv_frame_check(env), VQKV_OK);
+    return env;
+}
+
+static void expect_error(Vqkv__Envelope *env, uint64_t id, int code)
+{
+    assert_int_equal(env->body_case, VQKV__ENVELOPE__BODY_ERROR);
+    assert_int_equal(env->request_id, id);
+    assert_prc(env->error->code, code);
+    assert_true(strlen(env->error->message) > 0);
+    vqkv_frame_envelope_free(env);
+}
+
+/* ---- requests ------------------------------------------------------------- */
+
+#define LAYERS 2
+#define HEADS 2
+#define DIM 64
+#define TOKENS 16
+#define SLOTS 8
+#define MODEL "test/model@main"
+
+static const vqkv_layout_t layout = {LAYERS, HEADS, DIM, TOKENS, VQKV_DTYPE_F16};
+
+/* A request's reply, checked to be for id; the caller frees it. */
+static Vqkv__Envelope *call(client_t *c, Vqkv__Envelope *env, const int *fds, size_t n_fds)
+{
+    env->request_id = c->next_id++;
+    assert_prc(vqkv_frame_send(c->fd, env, fds, n_fds, VQKV_FRAME_DEFAULT_MAX), VQKV_OK);
+    Vqkv__Envelope *reply = recv_env(c);
+    assert_int_equal(reply->request_id, env->request_id);
+    return reply;
+}
+
+/* The reply must be an Error of code whose message contains text. */
+static void expect_refused(Vqkv__Envelope *reply, int code, const char *text)
+{
+    assert_int_equal(reply->body_case, VQKV__ENVELOPE__BODY_ERROR);
+    if (text != NULL && strstr(reply->error->message, text) == NULL)
+        fail_msg("\"%s\" does not say \"%s\"", reply->error->message, text);
+    expect_error(reply, reply->request_id, code);
+}
+
+static void hello(client_t *c)
+{
+    Vqkv__Hello h = VQKV__HELLO__INIT;
+    h.protocol_version = VQKV_PROTO_VERSION;
+    h.client_name = "test_daemon_kv";
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_HELLO;
+    env.hello = &h;
+    Vqkv__Envelope *r = call(c, &env, NULL, 0);
+    assert_int_equal(r->body_case, VQKV__ENVELOPE__BODY_WELCOME);
+    vqkv_frame_envelope_free(r);
+}
+
+static Vqkv__Envelope *register_model(client_t *c, const char *model_id, const char *codec)
+{
+    Vqkv__Layout wl = VQKV__LAYOUT__INIT;
+    wl.num_layers = LAYERS;
+    wl.num_kv_heads = HEADS;
+    wl.head_dim = DIM;
+    wl.block_tokens = TOKENS;
+    wl.dtype = VQKV__DTYPE__DTYPE_F16;
+    Vqkv__RegisterModel rm = VQKV__REGISTER_MODEL__INIT;
+    rm.model_id = (char *)model_id;
+    rm.layout = &wl;
+    rm.kv_head_first = 0;
+    rm.kv_head_count = HEADS;
+    rm.codec = (char *)codec;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_REGISTER_MODEL;
+    env.register_model = &rm;
+    return call(c, &env, NULL, 0);
+}
+
+static uint64_t model_ok(client_t *c, const char *model_id, const char *codec)
+{
+    Vqkv__Envelope *r = register_model(c, model_id, codec);
+    if (r->body_case == VQKV__ENVELOPE__BODY_ERROR)
+        fail_msg("RegisterModel: %s", r->error->message);
+    assert_int_equal(r->body_case, VQKV__ENVELOPE__BODY_MODEL_REGISTERED);
+    uint64_t h = r->model_registered->model_handle;
+    assert_true(h != 0);
+    assert_true(r->model_registered->block_bytes > 0);
+    assert_true(strncmp(r->model_registered->codec, codec, strlen(codec)) == 0);
+    vqkv_frame_envelope_free(r);
+    return h;
+}
+
+/* A memfd region of worker memory, mapped here too. */
+typedef struct {
+    int fd;
+    uint8_t *base;
+    vqkv_kv_view_t view;
+} region_t;
+
+static uint16_t f16(float x)
+{
+    uint16_t h;
+    vqkv_dtype_from_f32(VQKV_DTYPE_F16, &x, 1, &h);
+    return h;
+}
+
+static void region_new(region_t *r, uint32_t slots, unsigned seed)
+{
+    vqkv_kv_view_vllm(&r->view, &layout, slots);
+    r->fd = memfd_create("test_daemon_kv", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    assert_true(r->fd >= 0);
+    assert_int_equal(ftruncate(r->fd, (off_t)r->view.region_bytes), 0);
+    r->base = mmap(NULL, r->view.region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, r->fd, 0);
+    assert_true(r->base != MAP_FAILED);
+    srand(seed);
+    uint16_t *v = (uint16_t *)r->base;
+    for (size_t i = 0; i < r->view.region_bytes / 2; i++)
+        v[i] = f16((float)rand() / (float)RAND_MAX * 4.0f - 2.0f);
+}
+
+static void region_free(region_t *r)
+{
+    munmap(r->base, r->view.region_bytes);
+    close(r->fd);
+}
+
+/* RegisterRegion with explicit sizes and fds; the reply. */
+static Vqkv__Envelope *register_region(client_t *c, uint64_t model, const region_t *r,
+                                       uint64_t bytes, uint64_t offset, uint32_t slots,
+                                       size_t n_fds)
+{
+    Vqkv__RegisterRegion rr = VQKV__REGISTER_REGION__INIT;
+    rr.model_handle = model;
+    rr.kind = VQKV__REGION_KIND__REGION_KIND_MEMFD;
+    rr.region_bytes = bytes;
+    rr.offset = offset;
+    rr.layer_stride = r->view.layer_stride;
+    rr.kv_stride = r->view.kv_stride;
+    rr.slot_stride = r->view.slot_stride;
+    rr.token_stride = r->view.token_stride;
+    rr.head_stride = r->view.head_stride;
+    rr.num_slots = slots;
+    rr.num_fds = 1;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_REGISTER_REGION;
+    env.register_region = &rr;
+    return call(c, &env, &r->fd, n_fds);
+}
+
+static uint64_t region_ok(client_t *c, uint64_t model, const region_t *r)
+{
+    Vqkv__Envelope *e = register_region(c, model, r, r->view.region_bytes, 0, r->view.num_slots, 1);
+    if (e->body_case == VQKV__ENVELOPE__BODY_ERROR)
+        fail_msg("RegisterRegion: %s", e->error->message);
+    assert_int_equal(e->body_case, VQKV__ENVELOPE__BODY_REGION_REGISTERED);
+    uint64_t h = e->region_registered->region_handle;
+    assert_true(h != 0);
+    vqkv_frame_envelope_free(e);
+    return h;
+}
+
+/* Key i of chain `chain`: any 32 distinct bytes do here. */
+static void make_key(uint8_t key[32], unsigned chain, unsigned i)
+{
+    for (unsigned b = 0; b < 32; b++)
+        key[b] = (uint8_t)(chain * 31 + i * 7 + b * 13 + (b == 0 ? chain : 0) + (b == 1 ? i : 0));
+}
+
+/* Put blocks i0..i0+n-1 of chain from slots; chained says whether block i
+ * names block i-1 as its parent (block 0 never has one). */
+static Vqkv__Envelope *put(client_t *c, uint64_t model, uint64_t region, unsigned chain,
+                           unsigned i0, size_t n, const uint32_t *slots, int chained)
+{
+    uint8_t keys[64][32], parents[64][32];
+    ProtobufCBinaryData k[64], p[64];
+    assert_true(n <= 64);
+    for (size_t i = 0; i < n; i++) {
+        make_key(keys[i], chain, i0 + (unsigned)i);
+        k[i] = (ProtobufCBinaryData){32, keys[i]};
+        p[i] = (ProtobufCBinaryData){0, NULL};
+        if (chained && i0 + i > 0) {
+            make_key(parents[i], chain, i0 + (unsigned)i - 1);
+            p[i] = (ProtobufCBinaryData){32, parents[i]};
+        }
+    }
+    Vqkv__Put pr = VQKV__PUT__INIT;
+    pr.model_handle = model;
+    pr.region_handle = region;
+    pr.n_keys = pr.n_parent_keys = pr.n_slots = n;
+    pr.keys = k;
+    pr.parent_keys = p;
+    pr.slots = (uint32_t *)slots;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_PUT;
+    env.put = &pr;
+    return call(c, &env, NULL, 0);
+}
+
+/* A Put that must succeed; returns PutDone.stored. */
+static uint32_t put_ok(client_t *c, uint64_t model, uint64_t region, unsigned chain, unsigned i0,
+                       size_t n, const uint32_t *slots, int chained)
+{
+    Vqkv__Envelope *e = put(c, model, region, chain, i0, n, slots, chained);
+    if (e->body_case == VQKV__ENVELOPE__BODY_ERROR)
+        fail_msg("Put: %s", e->error->message);
+    assert_int_equal(e->body_case, VQKV__ENVELOPE__BODY_PUT_DONE);
+    assert_int_equal(e->put_done->n_status, n);
+    uint32_t stored = e->put_done->stored;
+    vqkv_frame_envelope_free(e);
+    return stored;
+}
+
+/* Lookup of chain keys 0..n-1, plus one unknown key when extra; returns
+ * present and the lease. */
+static uint32_t lookup(client_t *c, uint64_t model, unsigned chain, size_t n, int extra,
+                       uint64_t *lease)
+{
+    uint8_t keys[65][32];
+    ProtobufCBinaryData k[65];
+    for (size_t i = 0; i < n; i++)
+        make_key(keys[i], chain, (unsigned)i);
+    if (extra)
+        make_key(keys[n], 9999, 0);
+    for (size_t i = 0; i < n + (extra ? 1 : 0); i++)
+        k[i] = (ProtobufCBinaryData){32, keys[i]};
+    Vqkv__Lookup lk = VQKV__LOOKUP__INIT;
+    lk.model_handle = model;
+    lk.n_keys = n + (extra ? 1 : 0);
+    lk.keys = k;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_LOOKUP;
+    env.lookup = &lk;
+    Vqkv__Envelope *e = call(c, &env, NULL, 0);
+    assert_int_equal(e->body_case, VQKV__ENVELOPE__BODY_LOOKUP_RESULT);
+    uint32_t present = e->lookup_result->present;
+    *lease = e->lookup_result->lease_id;
+    assert_true((present == 0) == (*lease == 0));
+    vqkv_frame_envelope_free(e);
+    return present;
+}
+
+static Vqkv__Envelope *get(client_t *c, uint64_t lease, uint64_t region, const uint32_t *slots,
+                           size_t n)
+{
+    Vqkv__Get g = VQKV__GET__INIT;
+    g.lease_id = lease;
+    g.region_handle = region;
+    g.n_slots = n;
+    g.slots = (uint32_t *)slots;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_GET;
+    env.get = &g;
+    return call(c, &env, NULL, 0);
+}
+
+static void get_ok(client_t *c, uint64_t lease, uint64_t region, const uint32_t *slots, size_t n)
+{
+    Vqkv__Envelope *e = get(c, lease, region, slots, n);
+    if (e->body_case == VQKV__ENVELOPE__BODY_ERROR)
+        fail_msg("Get: %s", e->error->message);
+    assert_int_equal(e->body_case, VQKV__ENVELOPE__BODY_GET_DONE);
+    assert_int_equal(e->get_done->written, n);
+    vqkv_frame_envelope_free(e);
+}
+
+static Vqkv__Envelope *release(client_t *c, uint64_t lease)
+{
+    Vqkv__Release rl = VQKV__RELEASE__INIT;
+    rl.lease_id = lease;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_RELEASE;
+    env.release = &rl;
+    return call(c, &env, NULL, 0);
+}
+
+/* StatsReply; the caller frees the envelope. */
+static Vqkv__Envelope *stats(client_t *c)
+{
+    Vqkv__Stats st = VQKV__STATS__INIT;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_STATS;
+    env.stats = &st;
+    Vqkv__Envelope *e = call(c, &env, NULL, 0);
+    assert_int_equal(e->body_case, VQKV__ENVELOPE__BODY_STATS_REPLY);
+    return e;
+}
+
+/* Copies block `from` of region a into block `to` of the buffer shaped like
+ * region b (both vLLM views of the same layout), row by row. */
+static void copy_block(uint8_t *dst, const vqkv_kv_view_t *dv, uint32_t to, const uint8_t *src,
+                       const vqkv_kv_view_t *sv, uint32_t from)
+{
+    for (uint32_t l = 0; l < LAYERS; l++)
+        for (uint32_t kv = 0; kv < 2; kv++)
+            for (uint32_t t = 0; t < TOKENS; t++)
+                for (uint32_t h = 0; h < HEADS; h++) {
+                    size_t so = sv->offset + l * sv->layer_stride + kv * sv->kv_stride +
+                                from * sv->slot_stride + t * sv->token_stride + h * sv->head_stride;
+                    size_t d = dv->offset + l * dv->layer_stride + kv * dv->kv_stride +
+                               to * dv->slot_stride + t * dv->token_stride + h * dv->head_stride;
+                    memcpy(dst + d, src + so, DIM * 2);
+                }
+}
+
+/* ---- tests ------------------------------------------------------------------ */
+
+static void test_share_fp16(void **state)
+{
+    client_t a, b;
+    region_t ra, rb;
+    client_open(&a, *state);
+    client_open(&b, *state);
+    hello(&a);
+    hello(&b);
+    uint64_t ma = model_ok(&a, MODEL, "fp16");
+    region_new(&ra, SLOTS, 1);
+    uint64_t ha = region_ok(&a, ma, &ra);
+    static const uint32_t from[4] = {1, 3, 5, 7};
+    assert_int_equal(put_ok(&a, ma, ha, 1, 0, 4, from, 1), 4);
+    /* Idempotent: the same blocks again are all present. */
+    Vqkv__Envelope *e = put(&a, ma, ha, 1, 0, 4, from, 1);
+    assert_int_equal(e->put_done->stored, 0);
+    for (size_t i = 0; i < 4; i++)
+        assert_int_equal(e->put_done->status[i], VQKV__PUT_STATUS__PUT_PRESENT);
+    vqkv_frame_envelope_free(e);
+
+    /* B shares the model; another codec under the same id is refused. */
+    uint64_t mb = model_ok(&b, MODEL, "fp16");
+    assert_int_equal(mb, ma);
+    expect_refused(register_model(&b, MODEL, "kivi4"), VQKV_EMISMATCH, "another");
+    region_new(&rb, SLOTS, 2);
+    uint64_t hb = region_ok(&b, mb, &rb);
+    uint8_t *want = malloc(rb.view.region_bytes);
+    assert_non_null(want);
+    memcpy(want, rb.base, rb.view.region_bytes);
+
+    uint64_t lease;
+    assert_int_equal(lookup(&b, mb, 1, 4, 1, &lease), 4);
+    /* A may not use B's lease. */
+    static const uint32_t one[1] = {0};
+    expect_refused(get(&a, lease, ha, one, 1), VQKV_ELEASE, "lease");
+    static const uint32_t to[4] = {0, 2, 4, 6};
+    get_ok(&b, lease, hb, to, 4);
+    for (size_t i = 0; i < 4; i++)
+        copy_block(want, &rb.view, to[i], ra.base, &ra.view, from[i]);
+    assert_memory_equal(rb.base, want, rb.view.region_bytes);
+    free(want);
+
+    e = stats(&b);
+    const Vqkv__StatsReply *st = e->stats_reply;
+    assert_int_equal(st->blocks, 4);
+    assert_int_equal(st->hits, 4);
+    assert_int_equal(st->misses, 1);
+    assert_int_equal(st->clients, 2);
+    assert_int_equal(st->leases, 1);
+    assert_int_equal(st->bytes_logical, 4ull * LAYERS * 2 * TOKENS * HEADS * DIM * 2);
+    assert_true(st->pool_bytes > 0);
+    assert_int_equal(st->n_tenants, 1);
+    assert_int_equal(st->tenants[0]->blocks, 4);
+    vqkv_frame_envelope_free(e);
+
+    e = release(&b, lease);
+    assert_int_equal(e->body_case, VQKV__ENVELOPE__BODY_ACK);
+    vqkv_frame_envelope_free(e);
+    expect_refused(release(&b, lease), VQKV_ELEASE, NULL);
+    expect_refused(get(&b, lease, hb, to, 4), VQKV_ELEASE, NULL);
+    client_close(&a);
+    client_close(&b);
+    region_free(&ra);
+    region_free(&rb);
+}
+
+static void test_kivi4_roundtrip(void **state)
+{
+    client_t c;
+    region_t r;
+    client_open(&c, *state);
+    hello(&c);
+    uint64_t m = model_ok(&c, "test/kivi", "kivi4");
+    region_new(&r, 4, 3);
+    uint64_t h = region_ok(&c, m, &r);
+    static const uint32_t from[1] = {0}, to[1] = {2};
+    assert_int_equal(put_ok(&c, m, h, 2, 0, 1, from, 1), 1);
+    uint8_t *before = malloc(r.view.region_bytes);
+    assert_non_null(before);
+    memcpy(before, r.base, r.view.region_bytes);
+    uint64_t lease;
+    assert_int_equal(lookup(&c, m, 2, 1, 0, &lease), 1);
+    get_ok(&c, lease, h, to, 1);
+
+    /* 4 bits over a range of at most 4: half a step is 4/15/2 = 0.133. */
+    float max_err = 0;
+    for (uint32_t l = 0; l < LAYERS; l++)
+        for (uint32_t kv = 0; kv < 2; kv++)
+            for (uint32_t t = 0; t < TOKENS; t++)
+                for (uint32_t hd = 0; hd < HEADS; hd++) {
+                    size_t o = l * r.view.layer_stride + kv * r.view.kv_stride +
+                               t * r.view.token_stride + hd * r.view.head_stride;
+                    float x[DIM], y[DIM];
+                    vqkv_dtype_to_f32(VQKV_DTYPE_F16, r.base + o, DIM, x);
+                    vqkv_dtype_to_f32(VQKV_DTYPE_F16, r.base + o + 2 * r.view.slot_stride, DIM, y);
+                    for (int i = 0; i < DIM; i++) {
+                        float d = x[i] > y[i] ? x[i] - y[i] : y[i] - x[i];
+                        max_err = d > max_err ? d : max_err;
+                    }
+                }
+    assert_true(max_err > 0.0f);
+    if (max_err > 0.15f)
+        fail_msg("kivi4 max error %g over 0.15", (double)max_err);
+    /* Nothing but slot 2 changed. */
+    copy_block(before, &r.view, 2, r.base, &r.view, 2);
+    assert_memory_equal(r.base, before, r.view.region_bytes);
+    free(before);
+    client_close(&c);
+    region_free(&r);
+}
+
+static void test_refusals(void **state)
+{
+    client_t c;
+    region_t r;
+    client_open(&c, *state);
+    hello(&c);
+    expect_refused(register_model(&c, MODEL, "vqkv"), VQKV_ENOCODEBOOK, "codebooks for vqkv");
+    expect_refused(register_model(&c, MODEL, "nonsense"), VQKV_ESPEC, "nonsense");
+    expect_refused(register_model(&c, "", "fp16"), VQKV_EINVAL, "model_id");
+    uint64_t m = model_ok(&c, MODEL, "fp16");
+    region_new(&r, SLOTS, 4);
+    uint64_t bytes = r.view.region_bytes;
+
+    /* Regions: no fd, a size past the memfd, an offset past the region, a
+     * view past the region, an unknown model. */
+    expect_refused(register_region(&c, m, &r, bytes, 0, SLOTS, 0), VQKV_EFDS, "1 fd");
+    expect_refused(register_region(&c, m, &r, bytes + 4096, 0, SLOTS, 1), VQKV_ERANGE, "memfd");
+    expect_refused(register_region(&c, m, &r, bytes, bytes, SLOTS, 1), VQKV_ERANGE, "offset");
+    expect_refused(register_region(&c, m, &r, bytes, 0, SLOTS + 1, 1), VQKV_ERANGE, "slots");
+    expect_refused(register_region(&c, m, &r, bytes, 64, SLOTS, 1), VQKV_ERANGE, "slots");
+    expect_refused(register_region(&c, 77, &r, bytes, 0, SLOTS, 1), VQKV_EHANDLE, "model");
+    uint64_t h = region_ok(&c, m, &r);
+
+    /* A slot past the region refuses the whole Put; the daemon goes on. */
+    static const uint32_t bad[2] = {0, SLOTS};
+    expect_refused(put(&c, m, h, 3, 0, 2, bad, 1), VQKV_ERANGE, "slot 8 outside region");
+    expect_refused(put(&c, m, h + 1, 3, 0, 2, bad, 1), VQKV_EHANDLE, "region");
+    static const uint32_t good[2] = {0, 1};
+    assert_int_equal(put_ok(&c, m, h, 3, 0, 2, good, 1), 2);
+    /* A chain whose parent is unknown. */
+    Vqkv__Envelope *e = put(&c, m, h, 4, 5, 1, good, 1);
+    assert_int_equal(e->put_done->status[0], VQKV__PUT_STATUS__PUT_NO_PARENT);
+    vqkv_frame_envelope_free(e);
+    uint64_t lease;
+    assert_int_equal(lookup(&c, m, 3, 2, 0, &lease), 2);
+    expect_refused(get(&c, lease, h, bad, 2), VQKV_ERANGE, "slot 8");
+    expect_refused(get(&c, lease + 1, h, good, 2), VQKV_ELEASE, NULL);
+    static const uint32_t three[3] = {2, 3, 4};
+    expect_refused(get(&c, lease, h, three, 3), VQKV_EINVAL, "lease of 2");
+    e = stats(&c);
+    assert_int_equal(e->stats_reply->blocks, 2);
+    vqkv_frame_envelope_free(e);
+    client_close(&c);
+    region_free(&r);
+}
+
+static int setup_tiny_pool(void **state)
+{
+    daemon_t *d = calloc(1, sizeof *d);
+    assert_non_null(d);
+    *state = d;
+    /* 256 KiB: 4 chunks of 64 KiB, 16 blocks of 16 KiB. */
+    const char *const extra[] = {"--pool-bytes", "256K", NULL};
+    daemon_start(d, extra);
+    return 0;
+}
+
+static void test_eviction_keeps_leased(void **state)
+{
+    client_t c;
+    region_t r;
+    client_open(&c, *state);
+    hello(&c);
+    uint64_t m = model_ok(&c, MODEL, "fp16");
+    region_new(&r, SLOTS, 5);
+    uint64_t h = region_ok(&c, m, &r);
+    static const uint32_t first[4] = {0, 1, 2, 3};
+    assert_int_equal(put_ok(&c, m, h, 1, 0, 4, first, 1), 4);
+    uint64_t lease;
+    assert_int_equal(lookup(&c, m, 1, 4, 0, &lease), 4);
+    /* 40 more roots, 4 per Put: far past the pool's 16 blocks. */
+    static const uint32_t more[4] = {4, 5, 6, 7};
+    for (unsigned i = 0; i < 40; i += 4)
+        assert_int_equal(put_ok(&c, m, h, 100 + i, 0, 1, more, 0) +
+                             put_ok(&c, m, h, 101 + i, 0, 1, more + 1, 0) +
+                             put_ok(&c, m, h, 102 + i, 0, 1, more + 2, 0) +
+                             put_ok(&c, m, h, 103 + i, 0, 1, more + 3, 0),
+                         4);
+    Vqkv__Envelope *e = stats(&c);
+    assert_true(e->stats_reply->evictions > 0);
+    assert_true(e->stats_reply->blocks <= 16);
+    vqkv_frame_envelope_free(e);
+
+    /* The leased chain survived, byte for byte. */
+    uint8_t *want = malloc(r.view.region_bytes);
+    assert_non_null(want);
+    memcpy(want, r.base, r.view.region_bytes);
+    for (uint32_t i = 0; i < 4; i++)
+        copy_block(want, &r.view, more[i], r.base, &r.view, first[i]);
+    get_ok(&c, lease, h, more, 4);
+    assert_memory_equal(r.base, want, r.view.region_bytes);
+    free(want);
+    uint64_t again;
+    assert_int_equal(lookup(&c, m, 1, 4, 0, &again), 4);
+    client_close(&c);
+    region_free(&r);
+}
+
+/* A client that sends work and leaves at once: the daemon finishes it,
+ * drops the replies, frees everything (ASan) and serves the next client. */
+static void test_client_dies_midrequest(void **state)
+{
+    region_t r;
+    region_new(&r, SLOTS, 6);
+    for (int round = 0; round < 4; round++) {
+        client_t c;
+        client_open(&c, *state);
+        hello(&c);
+        uint64_t m = model_ok(&c, MODEL, "kivi2");
+        uint64_t h = region_ok(&c, m, &r);
+        static const uint32_t slots[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+        assert_int_equal(put_ok(&c, m, h, 7, 0, 8, slots, 1), round == 0 ? 8 : 0);
+        uint64_t lease;
+        assert_int_equal(lookup(&c, m, 7, 8, 0, &lease), 8);
+        /* Requests sent, replies never read. */
+        Vqkv__Get g = VQKV__GET__INIT;
+        g.lease_id = lease;
+        g.region_handle = h;
+        g.n_slots = 8;
+        g.slots = (uint32_t *)slots;
+        Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+        env.body_case = VQKV__ENVELOPE__BODY_GET;
+        env.get = &g;
+        send_env(&c, &env);
+        send_env(&c, &env);
+        client_close(&c);
+    }
+    client_t b;
+    client_open(&b, *state);
+    hello(&b);
+    long deadline = now_ms() + DAEMON_DEADLINE_MS;
+    for (;;) {
+        Vqkv__Envelope *e = stats(&b);
+        int done = e->stats_reply->clients == 1 && e->stats_reply->leases == 0;
+        vqkv_frame_envelope_free(e);
+        if (done)
+            break;
+        assert_true(now_ms() < deadline);
+        sleep_ms(5);
+    }
+    client_close(&b);
+    region_free(&r);
+}
+
+static void test_bad_pool_bytes(void **state)
+{
+    (void)state;
+    static const char *const bad[] = {"12X", "0", "-5M", "", "1MM", "99999999999G"};
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        const char *const extra[] = {"--pool-bytes", bad[i], NULL};
+        pid_t pid = spawn_daemon("/nonexistent/vqkv.sock", extra);
+        int status = wait_exit(pid);
+        if (!WIFEXITED(status) || WEXITSTATUS(status) != 2)
+            fail_msg("--pool-bytes \"%s\": wait status %#x, not exit 2", bad[i], status);
+    }
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_share_fp16, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_kivi4_roundtrip, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_refusals, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_eviction_keeps_leased, setup_tiny_pool, teardown),
+        cmocka_unit_test_setup_teardown(test_client_dies_midrequest, setup, teardown),
+        cmocka_unit_test(test_bad_pool_bytes),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
