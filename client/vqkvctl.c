@@ -3,11 +3,17 @@
  * One subcommand per job; every subcommand prints a readable table, or
  * with --json one JSON document on stdout, and exits non-zero with a
  * message on stderr when anything fails.
- *   eval   codec fidelity on a KV dump (see eval.h)
+ *   eval    codec fidelity on a KV dump (see eval.h)
+ *   stats   the daemon's counters (libvqkv, vqkv.h)
+ *   health  exit 0 when the daemon answers Hello, non-zero otherwise
+ * --socket PATH before stats or health names the daemon's socket (default:
+ * $XDG_RUNTIME_DIR/vqkv/vqkv.sock, or /run/vqkv/vqkv.sock as root).
  */
 #include "eval.h"
+#include "vqkv.h"
 #include "vqkv_codec.h"
 
+#include <errno.h>
 #include <getopt.h>
 #include <json-c/json.h>
 #include <stdbool.h>
@@ -20,6 +26,13 @@
 static void vqkvctl_usage(FILE *out)
 {
     fputs("usage: vqkvctl eval --kv FILE --codec SPEC [--codec SPEC ...] [options]\n"
+          "       vqkvctl [--socket PATH] stats [--json]\n"
+          "       vqkvctl [--socket PATH] health\n"
+          "\n"
+          "stats: the daemon's counters (blocks, bytes, hits, misses, evictions, ...).\n"
+          "health: exit 0 when the daemon answers, 1 with a message otherwise.\n"
+          "  --socket PATH         the daemon's socket (default: $XDG_RUNTIME_DIR/vqkv/vqkv.sock,\n"
+          "                        or /run/vqkv/vqkv.sock as root)\n"
           "\n"
           "eval: train each codec's codebooks on the last tokens of a KV dump and\n"
           "measure it on the held-out tokens before them (from position 0).\n"
@@ -172,6 +185,100 @@ static int vqkvctl_eval(int argc, char **argv)
     return 0;
 }
 
+#define VQKVCTL_TIMEOUT_MS 5000
+
+/* Connects for stats and health; prints why not and returns NULL on failure. */
+static vqkv_client_t *vqkvctl_connect(const char *cmd, const char *socket_path)
+{
+    char path[108];
+    if (socket_path == NULL) {
+        if (vqkv_default_socket(path, sizeof path) != VQKV_OK) {
+            fprintf(stderr, "vqkvctl %s: XDG_RUNTIME_DIR is not set; give --socket PATH\n", cmd);
+            return NULL;
+        }
+        socket_path = path;
+    }
+    vqkv_client_t *client;
+    errno = 0;
+    int rc = vqkv_connect(socket_path, "vqkvctl", VQKVCTL_TIMEOUT_MS, &client);
+    if (rc != VQKV_OK) {
+        int e = errno;
+        fprintf(stderr, "vqkvctl %s: cannot talk to vqkvd at %s: %s%s%s\n", cmd, socket_path,
+                vqkv_client_strerror(rc), rc == VQKV_EIO && e != 0 ? ": " : "",
+                rc == VQKV_EIO && e != 0 ? strerror(e) : "");
+        return NULL;
+    }
+    return client;
+}
+
+static int vqkvctl_health(int argc, char **argv, const char *socket_path)
+{
+    if (argc != 1) {
+        vqkvctl_usage(stderr);
+        return 2;
+    }
+    (void)argv;
+    vqkv_client_t *client = vqkvctl_connect("health", socket_path);
+    if (client == NULL)
+        return 1;
+    printf("ok: vqkvd %s, %s backend, tenant %s\n", vqkv_client_server_version(client),
+           vqkv_client_backend(client), vqkv_client_tenant(client));
+    vqkv_close(client);
+    return 0;
+}
+
+static int vqkvctl_stats(int argc, char **argv, const char *socket_path)
+{
+    bool json = false;
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--json") == 0) {
+            json = true;
+        } else {
+            vqkvctl_usage(stderr);
+            return 2;
+        }
+    }
+    vqkv_client_t *client = vqkvctl_connect("stats", socket_path);
+    if (client == NULL)
+        return 1;
+    vqkv_stats_t st;
+    int rc = vqkv_stats(client, &st);
+    if (rc != VQKV_OK) {
+        fprintf(stderr, "vqkvctl stats: %s: %s\n", vqkv_client_strerror(rc),
+                vqkv_last_error(client));
+        vqkv_close(client);
+        return 1;
+    }
+    vqkv_close(client);
+    if (json) {
+        struct json_object *o = json_object_new_object();
+        json_object_object_add(o, "blocks", json_object_new_uint64(st.blocks));
+        json_object_object_add(o, "bytes_stored", json_object_new_uint64(st.bytes_stored));
+        json_object_object_add(o, "bytes_logical", json_object_new_uint64(st.bytes_logical));
+        json_object_object_add(o, "hits", json_object_new_uint64(st.hits));
+        json_object_object_add(o, "misses", json_object_new_uint64(st.misses));
+        json_object_object_add(o, "evictions", json_object_new_uint64(st.evictions));
+        json_object_object_add(o, "clients", json_object_new_uint64(st.clients));
+        json_object_object_add(o, "leases", json_object_new_uint64(st.leases));
+        json_object_object_add(o, "pool_bytes", json_object_new_uint64(st.pool_bytes));
+        printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY));
+        json_object_put(o);
+    } else {
+        double ratio =
+            st.bytes_stored > 0 ? (double)st.bytes_logical / (double)st.bytes_stored : 0.0;
+        printf("blocks         %llu\n", (unsigned long long)st.blocks);
+        printf("bytes_stored   %llu\n", (unsigned long long)st.bytes_stored);
+        printf("bytes_logical  %llu (%.2fx)\n", (unsigned long long)st.bytes_logical, ratio);
+        printf("hits           %llu\n", (unsigned long long)st.hits);
+        printf("misses         %llu\n", (unsigned long long)st.misses);
+        printf("evictions      %llu\n", (unsigned long long)st.evictions);
+        printf("clients        %u\n", st.clients);
+        printf("leases         %llu\n", (unsigned long long)st.leases);
+        printf("pool_bytes     %llu\n", (unsigned long long)st.pool_bytes);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
@@ -180,7 +287,25 @@ int main(int argc, char **argv)
     }
     if (strcmp(argv[1], "eval") == 0)
         return vqkvctl_eval(argc - 1, argv + 1);
-    fprintf(stderr, "vqkvctl: unknown command '%s'\n", argv[1]);
+    const char *socket_path = NULL;
+    int i = 1;
+    while (i < argc && strncmp(argv[i], "--socket", 8) == 0) {
+        if (argv[i][8] == '=') {
+            socket_path = argv[i] + 9;
+            i++;
+        } else if (argv[i][8] == '\0' && i + 1 < argc) {
+            socket_path = argv[i + 1];
+            i += 2;
+        } else {
+            vqkvctl_usage(stderr);
+            return 2;
+        }
+    }
+    if (i < argc && strcmp(argv[i], "stats") == 0)
+        return vqkvctl_stats(argc - i, argv + i, socket_path);
+    if (i < argc && strcmp(argv[i], "health") == 0)
+        return vqkvctl_health(argc - i, argv + i, socket_path);
+    fprintf(stderr, "vqkvctl: unknown command '%s'\n", i < argc ? argv[i] : "");
     vqkvctl_usage(stderr);
     return 2;
 }

@@ -14,6 +14,7 @@
 
 #include "vqkv.pb-c.h"
 #include "vqkv_codec.h"
+#include "vqkv_errors.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -26,26 +27,6 @@ extern "C" {
 
 /* Bytes of a block key (SHA-256). */
 #define VQKV_PROTO_KEY_BYTES 32
-
-enum {
-    /* Framing and decoding (proto/frame.h). */
-    VQKV_ETOOBIG = -100, /* frame longer than the limit, or unpacks to more memory than allowed */
-    VQKV_EMALFORMED = -101, /* bytes are not a valid packed Envelope */
-    VQKV_EUNKNOWN = -102,   /* unknown field, enum value or message type, or no message at all */
-    VQKV_EFDS = -103,       /* file descriptors sent wrongly: too many, or not with a frame start */
-    VQKV_ECLOSED = -104,    /* the peer closed the connection between frames */
-    VQKV_ETRUNC = -105,     /* the peer closed the connection inside a frame */
-    VQKV_EAGAIN = -106,     /* a non-blocking socket has no more data now; local, never sent */
-    /* Requests (sent by the daemon in Error.code). */
-    VQKV_EVERSION = -107, /* protocol version not spoken */
-    VQKV_EPROTO = -108,   /* request not valid here: before Hello, a reply type, id reused */
-    VQKV_EHANDLE = -109,  /* unknown model or region handle */
-    VQKV_ELEASE = -110,   /* unknown or expired lease */
-    VQKV_ELIMIT = -111,   /* a Welcome limit reached (requests in flight, regions) */
-    VQKV_EPERM = -112,    /* peer not allowed to connect or to make this request */
-    VQKV_EQUOTA = -113,   /* the tenant's byte quota is used up */
-    VQKV_EMAP = -114,     /* region memory could not be opened or mapped */
-};
 
 /* A static string naming err, for the codes here and those of
  * kernels/vqkv_codec.h; never NULL. */

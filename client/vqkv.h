@@ -1,0 +1,229 @@
+/* vqkv.h -- libvqkv, the worker library for vqkvd.
+ *
+ * A worker (an inference engine process, one per TP rank) connects to the
+ * node's vqkvd over its Unix socket, declares the model it serves, shares
+ * the memory of its paged KV cache with the daemon, and then offloads full
+ * blocks to the daemon (vqkv_put) and brings them back (vqkv_lookup, then
+ * vqkv_get into its own slots, then vqkv_release). The daemon compresses the
+ * blocks with the model's codec and keeps them for every worker of the
+ * tenant; blocks are named by chained keys that vqkv_model_block_keys computes
+ * from the token ids, so two workers that share a prompt prefix share its
+ * blocks.
+ *
+ *   vqkv_client_t *c;
+ *   vqkv_model_t *m;
+ *   vqkv_region_t r;
+ *   vqkv_connect(NULL, "worker-tp0", 5000, &c);
+ *   vqkv_register_model(c, "org/model@rev", &layout, "fp16", &m);
+ *   vqkv_memfd_create("kv", view.region_bytes, &fd);   (map it, use it)
+ *   vqkv_register_memfd_region(c, m, fd, view.region_bytes, 0, &view, &r);
+ *   vqkv_model_block_keys(m, NULL, tokens, n_tokens, NULL, 0, keys, max, &n_keys);
+ *   vqkv_put(c, m, r, keys, NULL, slots, n_keys, NULL);
+ *   ...
+ *   vqkv_lookup(c, m, keys, n_keys, &found, &lease);
+ *   vqkv_get(c, lease, r, slots, found);
+ *   vqkv_release(c, lease);
+ *   vqkv_close(c);
+ *
+ * Every call is synchronous: it sends one request and blocks until its
+ * reply (or the connection's receive timeout). Every function returns
+ * VQKV_OK (0) or a non-negative count on success and a negative VQKV_E*
+ * code on failure; vqkv_client_strerror names a code. Codes the daemon sent
+ * in an Error reply are passed through unchanged (proto/vqkv_proto.h lists
+ * them: VQKV_EHANDLE, VQKV_ELEASE, VQKV_EQUOTA, ...), and the daemon's
+ * message, or a local one, is kept until the next call on that client:
+ * vqkv_last_error. Failed requests have no effect on the daemon.
+ *
+ * Handles (models, regions, leases) belong to the connection that made them
+ * and die with it: closing a connection (or the process dying) releases
+ * everything it held in the daemon.
+ *
+ * Thread safety: a vqkv_client_t is one connection and must be used by one
+ * thread at a time (use one connection per thread, or lock around every
+ * call). Different clients may be used from different threads at once.
+ * vqkv_model_block_keys only reads its model and may be called from any thread
+ * while the model's client is open, concurrently with calls on that client.
+ * vqkv_memfd_create and vqkv_client_strerror are thread-safe.
+ */
+#ifndef VQKV_H
+#define VQKV_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "vqkv_codec.h"  /* vqkv_layout_t, vqkv_kv_view_t, VQKV_OK and the VQKV_E* codes */
+#include "vqkv_errors.h" /* the protocol's codes, VQKV_ETOOBIG and on */
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Bytes of a block key. */
+#define VQKV_KEY_BYTES 32
+
+/* One connection to vqkvd. Opaque. */
+typedef struct vqkv_client vqkv_client_t;
+
+/* A model registered on a connection. Opaque; owned by its client and
+ * freed by vqkv_close. */
+typedef struct vqkv_model vqkv_model_t;
+
+/* A region of worker memory registered on a connection; never 0. */
+typedef uint64_t vqkv_region_t;
+
+/* A lease on looked-up blocks; 0 means nothing is leased. */
+typedef uint64_t vqkv_lease_t;
+
+/* What happened to one block of vqkv_put (the values of PutStatus in
+ * proto/vqkv.proto). */
+typedef enum {
+    VQKV_PUT_STORED = 0,     /* compressed and stored */
+    VQKV_PUT_PRESENT = 1,    /* already held under this key; nothing was read */
+    VQKV_PUT_NO_PARENT = 2,  /* the parent key is not held: refused */
+    VQKV_PUT_NO_SPACE = 3,   /* the pool is full and nothing could be evicted */
+    VQKV_PUT_OVER_QUOTA = 4, /* the tenant's byte quota is used up */
+} vqkv_put_status_t;
+
+/* Daemon-wide counters (vqkv_stats). Byte counts are bytes. */
+typedef struct {
+    uint64_t hits;          /* keys lookups found */
+    uint64_t misses;        /* keys lookups asked for past the found prefix */
+    uint64_t blocks;        /* blocks held now */
+    uint64_t bytes_stored;  /* compressed bytes held now */
+    uint64_t bytes_logical; /* the same blocks uncompressed, in the workers' dtype */
+    uint64_t evictions;     /* blocks evicted since the daemon started */
+    uint32_t clients;       /* connections open now */
+    uint64_t pool_bytes;    /* pool capacity */
+    uint64_t leases;        /* leases held now */
+} vqkv_stats_t;
+
+/* ---- connections ---------------------------------------------------------- */
+
+/* The daemon's default socket into buf: $XDG_RUNTIME_DIR/vqkv/vqkv.sock,
+ * or /run/vqkv/vqkv.sock as root. VQKV_EINVAL when XDG_RUNTIME_DIR is
+ * unset (as a non-root user) or buf is too small. */
+int vqkv_default_socket(char *buf, size_t size);
+
+/* Connects to the daemon at socket_path (NULL: vqkv_default_socket) and
+ * opens the session (Hello, Welcome), keeping the tenant's key salt.
+ * client_name (NULL: "libvqkv", at most 64 bytes) shows in the daemon's
+ * logs. timeout_ms (> 0) bounds the wait for every reply on this client;
+ * a request whose reply does not come in time fails with VQKV_EAGAIN (a
+ * late reply is skipped by the next call). On success *client is a new
+ * client (vqkv_close); on failure it is NULL and the code says why:
+ * VQKV_EIO with errno set when the socket cannot be reached, VQKV_EVERSION,
+ * VQKV_EPERM or another code the daemon sent. */
+int vqkv_connect(const char *socket_path, const char *client_name, int timeout_ms,
+                 vqkv_client_t **client);
+
+/* Closes the connection and frees the client and its models. NULL is fine. */
+void vqkv_close(vqkv_client_t *client);
+
+/* The message of the last failed call on client ("" after a success); valid
+ * until the next call on client. Never NULL. */
+const char *vqkv_last_error(const vqkv_client_t *client);
+
+/* A static string naming a VQKV_E* code (either header's); never NULL. */
+const char *vqkv_client_strerror(int err);
+
+/* What the daemon said in Welcome, for logs: its tenant name for this peer,
+ * its backend ("cpu" or "cuda") and its version. Valid while client is. */
+const char *vqkv_client_tenant(const vqkv_client_t *client);
+const char *vqkv_client_backend(const vqkv_client_t *client);
+const char *vqkv_client_server_version(const vqkv_client_t *client);
+
+/* ---- models --------------------------------------------------------------- */
+
+/* Declares the model this worker serves: model_id names the weights (at
+ * most 256 bytes, e.g. "org/name@revision"), layout its KV shape (all of
+ * its kv heads: this version registers no tensor-parallel head slice), and
+ * codec_spec the codec the daemon stores its blocks with
+ * (kernels/vqkv_codec.h: "fp16", "kivi4:g=32", ...). Workers registering
+ * the same id, layout and codec share blocks. On success *model belongs to
+ * client. The daemon refuses a spec it does not know (VQKV_ESPEC; the
+ * message names the spec) or an id registered with another layout or codec
+ * (VQKV_EMISMATCH). */
+int vqkv_register_model(vqkv_client_t *client, const char *model_id, const vqkv_layout_t *layout,
+                        const char *codec_spec, vqkv_model_t **model);
+
+/* The canonical codec spec the daemon answered (every parameter spelled
+ * out; the codec_id in block keys), and the stored bytes of one block. */
+const char *vqkv_model_codec(const vqkv_model_t *model);
+uint32_t vqkv_model_block_bytes(const vqkv_model_t *model);
+
+/* Computes the keys of the full blocks of tokens (floor(n_tokens /
+ * layout.block_tokens) of them) for model under the client's tenant: the
+ * chained SHA-256 of client/block_keys.h with the tenant salt from Welcome,
+ * the model id and the canonical codec spec. parent is the key of the
+ * block just before tokens[0] (NULL starts a sequence); extra (extra_len
+ * bytes, may be NULL when 0) goes into every key (a LoRA adapter's name,
+ * image hashes). VQKV_EINVAL when max_keys is too small. Pure: see the
+ * thread-safety note above. */
+int vqkv_model_block_keys(const vqkv_model_t *model, const uint8_t *parent, const uint32_t *tokens,
+                          size_t n_tokens, const uint8_t *extra, size_t extra_len,
+                          uint8_t (*keys)[VQKV_KEY_BYTES], size_t max_keys, size_t *n_keys);
+
+/* ---- regions -------------------------------------------------------------- */
+
+/* Creates a memfd of bytes bytes that vqkv_register_memfd_region accepts:
+ * close-on-exec and with MFD_ALLOW_SEALING (the daemon seals its size so
+ * the memory it maps cannot shrink under it). name shows in
+ * /proc/PID/fd. *fd is the caller's to mmap and close. VQKV_EIO with errno
+ * set when the kernel refuses. */
+int vqkv_memfd_create(const char *name, uint64_t bytes, int *fd);
+
+/* Lets the daemon read and write the worker's KV cache in memfd (from
+ * vqkv_memfd_create; the fd stays the caller's, the daemon maps its own
+ * copy). bytes is the memfd's size and offset where the KV view starts in
+ * it; strides gives the view's strides and num_slots (its region_bytes and
+ * offset fields are ignored in favour of the arguments). The daemon checks
+ * the whole view against bytes (VQKV_ERANGE) and refuses a memfd it cannot
+ * seal or map (VQKV_EMAP). On success *region names it in vqkv_put and
+ * vqkv_get on this client. */
+int vqkv_register_memfd_region(vqkv_client_t *client, const vqkv_model_t *model, int memfd,
+                               uint64_t bytes, uint64_t offset, const vqkv_kv_view_t *strides,
+                               vqkv_region_t *region);
+
+/* ---- blocks --------------------------------------------------------------- */
+
+/* Offloads n full blocks: block i, in slot slots[i] of region, is stored
+ * under keys[i]. parents[i] is the key of the block before it in its
+ * sequence, all zero bytes for a sequence's first block; parents may be
+ * NULL, and then keys must be one chain from its start (block 0 has no
+ * parent, block i's parent is keys[i - 1]), as vqkv_model_block_keys computes
+ * them. The slots must not be overwritten before this returns. statuses,
+ * when not NULL, receives n vqkv_put_status_t values. Returns the number
+ * of blocks stored (>= 0), or a negative code, with nothing stored, when
+ * the request was refused (an out-of-range slot: VQKV_ERANGE). */
+int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t region,
+             const uint8_t (*keys)[VQKV_KEY_BYTES], const uint8_t (*parents)[VQKV_KEY_BYTES],
+             const uint32_t *slots, size_t n, vqkv_put_status_t *statuses);
+
+/* Finds how many leading keys of the chain keys[0..n) the daemon holds
+ * (*found) and leases them (*lease; 0 when *found is 0), so they are not
+ * evicted before vqkv_get reads them. Release the lease (vqkv_release) as
+ * soon as the blocks are read; it expires on its own after the daemon's
+ * lease time. */
+int vqkv_lookup(vqkv_client_t *client, const vqkv_model_t *model,
+                const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n, size_t *found,
+                vqkv_lease_t *lease);
+
+/* Decompresses the lease's first n blocks into region: block i into slot
+ * slots[i]. Returns the number of blocks written (>= 0), or a negative
+ * code (VQKV_ELEASE for an unknown or expired lease, VQKV_ERANGE for a
+ * slot outside the region: nothing is then written). The lease stays
+ * valid, so a failed get can be retried. */
+int vqkv_get(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t region, const uint32_t *slots,
+             size_t n);
+
+/* Ends a lease. 0 is accepted and does nothing. */
+int vqkv_release(vqkv_client_t *client, vqkv_lease_t lease);
+
+/* The daemon's counters into *stats. */
+int vqkv_stats(vqkv_client_t *client, vqkv_stats_t *stats);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif
