@@ -1,0 +1,230 @@
+/* daemon_harness.h -- what the tests that run vqkvd as a process share:
+ * starting the binary (VQKVD_PATH) on a socket in a fresh temporary
+ * directory, stopping it with SIGTERM and requiring exit status 0 and the
+ * socket file gone (under ASan a leak makes the daemon exit non-zero), and
+ * a blocking client over proto/frame.h with 5 s socket timeouts, so a hung
+ * daemon fails a test instead of blocking the suite. Test-only: static
+ * functions, included by one test file each.
+ */
+#ifndef VQKV_DAEMON_HARNESS_H
+#define VQKV_DAEMON_HARNESS_H
+
+#include <errno.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+
+#include "frame.h"
+
+#define CLIENT_TIMEOUT_S 5
+/* ASan makes the daemon slow to start and to stop. */
+#define DAEMON_DEADLINE_MS 20000
+
+/* assert on a protocol code, naming both on failure. */
+#define assert_prc(expr, want)                                                                     \
+    do {                                                                                           \
+        int got_rc_ = (expr);                                                                      \
+        int want_rc_ = (want);                                                                     \
+        if (got_rc_ != want_rc_) {                                                                 \
+            print_error("%s returned %d (%s), expected %d (%s)\n", #expr, got_rc_,                 \
+                        vqkv_proto_strerror(got_rc_), want_rc_, vqkv_proto_strerror(want_rc_));    \
+            fail();                                                                                \
+        }                                                                                          \
+    } while (0)
+
+typedef struct {
+    char dir[64];
+    char path[96];
+    pid_t pid;
+} daemon_t;
+
+typedef struct {
+    int fd;
+    vqkv_frame_reader_t reader;
+    uint64_t next_id;
+} client_t;
+
+static long now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void sleep_ms(long ms)
+{
+    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
+    nanosleep(&ts, NULL);
+}
+
+static int try_connect(const char *path)
+{
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return -1;
+    if (connect(fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+        close(fd);
+        return -1;
+    }
+    struct timeval tv = {CLIENT_TIMEOUT_S, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+    return fd;
+}
+
+/* Runs the daemon with extra arguments (NULL-terminated) on path; returns
+ * its pid. Does not wait for it to listen. */
+static pid_t spawn_daemon(const char *path, const char *const *extra)
+{
+    const char *argv[16] = {VQKVD_PATH, "--socket", path, "--log-level", "debug"};
+    size_t n = 5;
+    for (size_t i = 0; extra != NULL && extra[i] != NULL && n < 15; i++)
+        argv[n++] = extra[i];
+    argv[n] = NULL;
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        execv(VQKVD_PATH, (char *const *)argv);
+        _exit(127);
+    }
+    return pid;
+}
+
+/* Waits for pid to exit; its wait status, or -1 after the deadline (then
+ * it is killed). */
+static int wait_exit(pid_t pid)
+{
+    long deadline = now_ms() + DAEMON_DEADLINE_MS;
+    int status;
+    while (now_ms() < deadline) {
+        pid_t got = waitpid(pid, &status, WNOHANG);
+        if (got == pid)
+            return status;
+        sleep_ms(5);
+    }
+    kill(pid, SIGKILL);
+    waitpid(pid, &status, 0);
+    return -1;
+}
+
+static void daemon_start(daemon_t *d, const char *const *extra)
+{
+    snprintf(d->dir, sizeof d->dir, "/tmp/vqkvd-test.XXXXXX");
+    assert_non_null(mkdtemp(d->dir));
+    snprintf(d->path, sizeof d->path, "%s/vqkv.sock", d->dir);
+    d->pid = spawn_daemon(d->path, extra);
+    long deadline = now_ms() + DAEMON_DEADLINE_MS;
+    for (;;) {
+        int fd = try_connect(d->path);
+        if (fd >= 0) {
+            close(fd);
+            return;
+        }
+        int status;
+        if (waitpid(d->pid, &status, WNOHANG) == d->pid) {
+            d->pid = -1;
+            fail_msg("vqkvd exited at start (status %#x)", status);
+        }
+        if (now_ms() > deadline)
+            fail_msg("vqkvd did not listen on %s in time", d->path);
+        sleep_ms(5);
+    }
+}
+
+/* SIGTERM; requires exit status 0 and the socket file gone. */
+static void daemon_stop(daemon_t *d)
+{
+    if (d->pid <= 0)
+        return;
+    assert_int_equal(kill(d->pid, SIGTERM), 0);
+    int status = wait_exit(d->pid);
+    d->pid = -1;
+    assert_true(status != -1);
+    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
+        fail_msg("vqkvd ended with wait status %#x, not exit 0", status);
+    struct stat st;
+    assert_int_equal(lstat(d->path, &st), -1);
+    assert_int_equal(errno, ENOENT);
+}
+
+static int setup(void **state)
+{
+    daemon_t *d = calloc(1, sizeof *d);
+    assert_non_null(d);
+    *state = d;
+    daemon_start(d, NULL);
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    daemon_t *d = *state;
+    daemon_stop(d);
+    unlink(d->path);
+    rmdir(d->dir);
+    free(d);
+    return 0;
+}
+
+/* ---- client helpers -------------------------------------------------------- */
+
+static void client_open(client_t *c, const daemon_t *d)
+{
+    c->fd = try_connect(d->path);
+    assert_true(c->fd >= 0);
+    assert_prc(vqkv_frame_reader_init(&c->reader, VQKV_FRAME_DEFAULT_MAX), VQKV_OK);
+    c->next_id = 1;
+}
+
+static void client_close(client_t *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    vqkv_frame_reader_free(&c->reader);
+}
+
+static uint64_t send_env(client_t *c, Vqkv__Envelope *env)
+{
+    env->request_id = c->next_id++;
+    assert_prc(vqkv_frame_send(c->fd, env, NULL, 0, VQKV_FRAME_DEFAULT_MAX), VQKV_OK);
+    return env->request_id;
+}
+
+static Vqkv__Envelope *recv_env(client_t *c)
+{
+    vqkv_frame_t frame;
+    assert_prc(vqkv_frame_recv(c->fd, &c->reader, &frame), VQKV_OK);
+    Vqkv__Envelope *env = NULL;
+    assert_prc(vqkv_frame_unpack(frame.data, frame.len, &env), VQKV_OK);
+    vqkv_frame_clear(&frame);
+    assert_prc(vqkv_frame_check(env), VQKV_OK);
+    return env;
+}
+
+static void expect_error(Vqkv__Envelope *env, uint64_t id, int code)
+{
+    assert_int_equal(env->body_case, VQKV__ENVELOPE__BODY_ERROR);
+    assert_int_equal(env->request_id, id);
+    assert_prc(env->error->code, code);
+    assert_true(strlen(env->error->message) > 0);
+    vqkv_frame_envelope_free(env);
+}
+
+#endif
