@@ -538,6 +538,61 @@ int vqkv_release(vqkv_client_t *client, vqkv_lease_t lease)
     return VQKV_OK;
 }
 
+/* Pin (unpin 0) or Unpin (unpin 1); the Ack's count into *count. */
+static int vqkv__pin_call(vqkv_client_t *client, const vqkv_model_t *model,
+                          const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n, uint32_t ttl_ms,
+                          int unpin, size_t *count)
+{
+    const char *what = unpin ? "unpin" : "pin";
+    if (client == NULL)
+        return VQKV_EINVAL;
+    if (model == NULL || (n > 0 && keys == NULL))
+        return vqkv__fail(client, VQKV_EINVAL, "%s: bad argument", what);
+    ProtobufCBinaryData *k = calloc(n ? n : 1, sizeof *k);
+    if (k == NULL)
+        return vqkv__fail(client, VQKV_ENOMEM, "%s: out of memory", what);
+    for (size_t i = 0; i < n; i++)
+        k[i] = (ProtobufCBinaryData){VQKV_KEY_BYTES, (uint8_t *)keys[i]};
+    Vqkv__Pin p = VQKV__PIN__INIT;
+    Vqkv__Unpin u = VQKV__UNPIN__INIT;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    if (unpin) {
+        u.model_handle = model->handle;
+        u.n_keys = n;
+        u.keys = k;
+        env.body_case = VQKV__ENVELOPE__BODY_UNPIN;
+        env.unpin = &u;
+    } else {
+        p.model_handle = model->handle;
+        p.n_keys = n;
+        p.keys = k;
+        p.ttl_ms = ttl_ms;
+        env.body_case = VQKV__ENVELOPE__BODY_PIN;
+        env.pin = &p;
+    }
+    Vqkv__Envelope *r;
+    int rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_ACK, &r);
+    free(k);
+    if (rc != VQKV_OK)
+        return rc;
+    if (count != NULL)
+        *count = r->ack->count;
+    vqkv_frame_envelope_free(r);
+    return VQKV_OK;
+}
+
+int vqkv_pin(vqkv_client_t *client, const vqkv_model_t *model,
+             const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n, uint32_t ttl_ms, size_t *count)
+{
+    return vqkv__pin_call(client, model, keys, n, ttl_ms, 0, count);
+}
+
+int vqkv_unpin(vqkv_client_t *client, const vqkv_model_t *model,
+               const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n, size_t *count)
+{
+    return vqkv__pin_call(client, model, keys, n, 0, 1, count);
+}
+
 int vqkv_stats(vqkv_client_t *client, vqkv_stats_t *stats)
 {
     if (client == NULL)

@@ -219,6 +219,22 @@ int vqkv_get(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t region, co
 /* Ends a lease. 0 is accepted and does nothing. */
 int vqkv_release(vqkv_client_t *client, vqkv_lease_t lease);
 
+/* Keeps the blocks keys[0..n) of model from being evicted (a system prompt
+ * every request shares, say): for ttl_ms milliseconds, or with ttl_ms 0
+ * until vqkv_unpin or until this client closes. Keys the daemon does not
+ * hold are skipped; *count (may be NULL) receives how many blocks were
+ * pinned. Pinning a pinned block again replaces its time. At most 65536
+ * keys a call (VQKV_EINVAL), and a client may hold at most 65536 blocks
+ * pinned with ttl_ms 0 (VQKV_ELIMIT, with nothing pinned). */
+int vqkv_pin(vqkv_client_t *client, const vqkv_model_t *model,
+             const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n, uint32_t ttl_ms, size_t *count);
+
+/* Ends the pins of the blocks keys[0..n) of model, whoever of the tenant
+ * pinned them; blocks not pinned are skipped. *count (may be NULL) receives
+ * how many blocks were unpinned. */
+int vqkv_unpin(vqkv_client_t *client, const vqkv_model_t *model,
+               const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n, size_t *count);
+
 /* The daemon's counters into *stats. */
 int vqkv_stats(vqkv_client_t *client, vqkv_stats_t *stats);
 

@@ -398,11 +398,9 @@ static void vqkvd__dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_f
     case VQKV__ENVELOPE__BODY_PUT:
     case VQKV__ENVELOPE__BODY_LOOKUP:
     case VQKV__ENVELOPE__BODY_GET:
-    case VQKV__ENVELOPE__BODY_RELEASE: vqkvd_session_dispatch(c, req, frame); return;
+    case VQKV__ENVELOPE__BODY_RELEASE:
     case VQKV__ENVELOPE__BODY_PIN:
-    case VQKV__ENVELOPE__BODY_UNPIN:
-        vqkvd__reply_error(c, req->request_id, 1, VQKV_EPROTO, "%s is not implemented yet", name);
-        return;
+    case VQKV__ENVELOPE__BODY_UNPIN: vqkvd_session_dispatch(c, req, frame); return;
     default:
         vqkvd__reply_error(c, req->request_id, 1, VQKV_EPROTO, "%s is a reply, not a request",
                            name);

@@ -1,8 +1,8 @@
 /* session.c -- vqkvd's block requests on the CPU backend: RegisterModel,
  * RegisterRegion (a memfd of worker KV memory, mapped shared), Put (encode
  * blocks out of the region into the pool), Lookup (longest present prefix,
- * leased), Get (decode leased blocks into the region), Release, and the
- * store counters of Stats.
+ * leased), Get (decode leased blocks into the region), Release, Pin and
+ * Unpin (keep blocks from eviction), and the store counters of Stats.
  *
  * The loop never runs a codec: encoding and decoding run on libuv's thread
  * pool (uv_queue_work), one job per request. A Put job encodes into a
@@ -34,6 +34,9 @@
 #define VQKVD_TICK_MS 100
 /* A lookup's lease lasts this long unless released: ample for a Get. */
 #define VQKVD_LEASE_TTL_MS 30000
+/* A Pin with ttl_ms 0 pins for this long (about 36 million years) and the
+ * connection remembers the block, to unpin it on Unpin or when it closes. */
+#define VQKVD_PIN_FOREVER_MS (UINT64_C(1) << 60)
 /* Bytes of staging one Put may take (n * block_bytes): bounds what one
  * request makes the daemon allocate; larger Puts must be split. */
 #define VQKVD_PUT_STAGING_MAX (256u << 20)
@@ -192,6 +195,16 @@ void vqkvd_session_client_gone(vqkvd_client_t *c)
         vqkvd__region_unref(r);
     }
     c->n_regions = 0;
+    vqkvd_server_t *s = c->server;
+    for (uint32_t i = 0; i < c->cap_pins; i++)
+        if (c->pins[i].model != 0)
+            vqkvd_store_unpin(&s->store, (uint32_t)c->uid, c->pins[i].model, c->pins[i].key);
+    if (c->n_pins > 0)
+        vqkvd_log(VQKVD_LOG_DEBUG, "client %llu: %u pins released", (unsigned long long)c->id,
+                  (unsigned)c->n_pins);
+    free(c->pins);
+    c->pins = NULL;
+    c->n_pins = c->cap_pins = 0;
 }
 
 /* ---- RegisterModel --------------------------------------------------------- */
@@ -824,6 +837,191 @@ static void vqkvd__release(vqkvd_client_t *c, const Vqkv__Envelope *req)
     vqkvd_client_reply(c, &env);
 }
 
+/* ---- Pin, Unpin --------------------------------------------------------------- */
+
+/* c's ttl_ms 0 pins are a hash table with linear probing; the keys are
+ * already hashes, so their first bytes are the hash. */
+static uint32_t vqkvd__pin_hash(uint32_t model, const uint8_t *key)
+{
+    uint64_t h;
+    memcpy(&h, key, sizeof h);
+    h ^= (uint64_t)model * UINT64_C(0x9e3779b97f4a7c15);
+    return (uint32_t)(h ^ (h >> 32));
+}
+
+/* The slot of (model, key) in c's pins, or -1. */
+static long vqkvd__pin_index(const vqkvd_client_t *c, uint32_t model, const uint8_t *key)
+{
+    if (c->cap_pins == 0)
+        return -1;
+    uint32_t mask = c->cap_pins - 1;
+    for (uint32_t i = vqkvd__pin_hash(model, key) & mask; c->pins[i].model != 0; i = (i + 1) & mask)
+        if (c->pins[i].model == model && memcmp(c->pins[i].key, key, VQKVD_KEY_BYTES) == 0)
+            return (long)i;
+    return -1;
+}
+
+/* Adds (model, key), absent, to c's pins; the table has room. */
+static void vqkvd__pin_add(vqkvd_client_t *c, uint32_t model, const uint8_t *key)
+{
+    uint32_t mask = c->cap_pins - 1;
+    uint32_t i = vqkvd__pin_hash(model, key) & mask;
+    while (c->pins[i].model != 0)
+        i = (i + 1) & mask;
+    c->pins[i].model = model;
+    memcpy(c->pins[i].key, key, VQKVD_KEY_BYTES);
+    c->n_pins++;
+}
+
+/* Empties slot i, moving later entries of its run back (no tombstones). */
+static void vqkvd__pin_remove_at(vqkvd_client_t *c, uint32_t i)
+{
+    uint32_t mask = c->cap_pins - 1;
+    for (uint32_t j = (i + 1) & mask; c->pins[j].model != 0; j = (j + 1) & mask) {
+        uint32_t home = vqkvd__pin_hash(c->pins[j].model, c->pins[j].key) & mask;
+        /* j's entry may move to i unless its home lies cyclically in (i, j]. */
+        int stays = i <= j ? (home > i && home <= j) : (home > i || home <= j);
+        if (!stays) {
+            c->pins[i] = c->pins[j];
+            i = j;
+        }
+    }
+    c->pins[i].model = 0;
+    c->n_pins--;
+}
+
+static void vqkvd__pin_forget(vqkvd_client_t *c, uint32_t model, const uint8_t *key)
+{
+    long i = vqkvd__pin_index(c, model, key);
+    if (i >= 0)
+        vqkvd__pin_remove_at(c, (uint32_t)i);
+}
+
+/* Room for want entries at a load of at most one half. */
+static int vqkvd__pin_reserve(vqkvd_client_t *c, uint32_t want)
+{
+    if ((uint64_t)want * 2 <= c->cap_pins)
+        return VQKV_OK;
+    uint32_t cap = c->cap_pins ? c->cap_pins : 64;
+    while ((uint64_t)want * 2 > cap)
+        cap *= 2;
+    vqkvd_pin_t *old = c->pins;
+    uint32_t old_cap = c->cap_pins;
+    c->pins = calloc(cap, sizeof *c->pins);
+    if (c->pins == NULL) {
+        c->pins = old;
+        return VQKV_ENOMEM;
+    }
+    c->cap_pins = cap;
+    c->n_pins = 0;
+    for (uint32_t i = 0; i < old_cap; i++)
+        if (old[i].model != 0)
+            vqkvd__pin_add(c, old[i].model, old[i].key);
+    free(old);
+    return VQKV_OK;
+}
+
+/* The model and the keys of a Pin or Unpin; NULL, with the error sent, when
+ * they are refused. */
+static vqkvd_model_t *vqkvd__pin_check(vqkvd_client_t *c, uint64_t id, const char *what,
+                                       uint64_t model_handle, size_t n_keys,
+                                       const ProtobufCBinaryData *keys)
+{
+    vqkvd_model_t *m = vqkvd__client_model(c, model_handle);
+    if (m == NULL) {
+        vqkvd_client_error(c, id, VQKV_EHANDLE, "no model %llu on this connection",
+                           (unsigned long long)model_handle);
+        return NULL;
+    }
+    if (n_keys > VQKVD_STORE_MAX_CHAIN) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "%s takes at most %d keys", what,
+                           VQKVD_STORE_MAX_CHAIN);
+        return NULL;
+    }
+    for (size_t i = 0; i < n_keys; i++) {
+        if (keys[i].len != VQKVD_KEY_BYTES) {
+            vqkvd_client_error(c, id, VQKV_EINVAL, "key %zu is not %d bytes", i, VQKVD_KEY_BYTES);
+            return NULL;
+        }
+    }
+    return m;
+}
+
+static void vqkvd__ack(vqkvd_client_t *c, uint64_t id, uint32_t count)
+{
+    Vqkv__Ack ack = VQKV__ACK__INIT;
+    ack.count = count;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.request_id = id;
+    env.body_case = VQKV__ENVELOPE__BODY_ACK;
+    env.ack = &ack;
+    vqkvd_client_reply(c, &env);
+}
+
+static void vqkvd__pin(vqkvd_client_t *c, const Vqkv__Envelope *req)
+{
+    vqkvd_server_t *s = c->server;
+    const Vqkv__Pin *p = req->pin;
+    uint64_t id = req->request_id;
+    vqkvd_model_t *m = vqkvd__pin_check(c, id, "a pin", p->model_handle, p->n_keys, p->keys);
+    if (m == NULL)
+        return;
+    uint32_t tenant = (uint32_t)c->uid;
+    int forever = p->ttl_ms == 0;
+    if (forever) {
+        /* Room for every key up front, so a pin is never half done. */
+        if (p->n_keys > VQKVD_CLIENT_MAX_PINS - c->n_pins) {
+            vqkvd_client_error(c, id, VQKV_ELIMIT,
+                               "a connection may hold at most %d blocks pinned until Unpin",
+                               VQKVD_CLIENT_MAX_PINS);
+            return;
+        }
+        if (vqkvd__pin_reserve(c, c->n_pins + (uint32_t)p->n_keys) != VQKV_OK) {
+            vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
+            return;
+        }
+    }
+    uint64_t now = uv_now(s->loop);
+    uint64_t ttl = forever ? VQKVD_PIN_FOREVER_MS : p->ttl_ms;
+    uint32_t count = 0;
+    for (size_t i = 0; i < p->n_keys; i++) {
+        const uint8_t *key = p->keys[i].data;
+        if (vqkvd_store_pin(&s->store, tenant, m->id, key, now, ttl) != VQKV_OK)
+            continue; /* not held: skipped */
+        count++;
+        /* A later pin replaces the TTL: only a ttl_ms 0 pin is remembered. */
+        long at = vqkvd__pin_index(c, m->id, key);
+        if (forever && at < 0)
+            vqkvd__pin_add(c, m->id, key);
+        else if (!forever && at >= 0)
+            vqkvd__pin_remove_at(c, (uint32_t)at);
+    }
+    vqkvd__ack(c, id, count);
+}
+
+static void vqkvd__unpin(vqkvd_client_t *c, const Vqkv__Envelope *req)
+{
+    vqkvd_server_t *s = c->server;
+    const Vqkv__Unpin *u = req->unpin;
+    uint64_t id = req->request_id;
+    vqkvd_model_t *m = vqkvd__pin_check(c, id, "an unpin", u->model_handle, u->n_keys, u->keys);
+    if (m == NULL)
+        return;
+    uint32_t tenant = (uint32_t)c->uid;
+    uint64_t now = uv_now(s->loop);
+    uint32_t count = 0;
+    for (size_t i = 0; i < u->n_keys; i++) {
+        const uint8_t *key = u->keys[i].data;
+        vqkvd__pin_forget(c, m->id, key);
+        const vqkvd_block_t *b = vqkvd_store_find(&s->store, tenant, m->id, key);
+        if (b == NULL || b->pin_until <= now)
+            continue; /* absent or not pinned: skipped */
+        vqkvd_store_unpin(&s->store, tenant, m->id, key);
+        count++;
+    }
+    vqkvd__ack(c, id, count);
+}
+
 void vqkvd_session_dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
 {
     switch (req->body_case) {
@@ -833,6 +1031,8 @@ void vqkvd_session_dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_f
     case VQKV__ENVELOPE__BODY_LOOKUP: vqkvd__lookup(c, req); return;
     case VQKV__ENVELOPE__BODY_GET: vqkvd__get(c, req); return;
     case VQKV__ENVELOPE__BODY_RELEASE: vqkvd__release(c, req); return;
+    case VQKV__ENVELOPE__BODY_PIN: vqkvd__pin(c, req); return;
+    case VQKV__ENVELOPE__BODY_UNPIN: vqkvd__unpin(c, req); return;
     default: vqkvd_client_error(c, req->request_id, VQKV_EPROTO, "not a block request"); return;
     }
 }

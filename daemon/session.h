@@ -1,5 +1,6 @@
 /* session.h -- what server.c (connections, framing, replies) and session.c
- * (the block requests: models, regions, Put, Lookup, Get, Release) share.
+ * (the block requests: models, regions, Put, Lookup, Get, Release, Pin,
+ * Unpin) share.
  * Private to the daemon; nothing outside daemon/ includes it.
  *
  * Lifetimes. A client is referenced by its connection (dropped once libuv
@@ -32,6 +33,15 @@
 #define VQKVD_NAME_MAX 64
 /* Models one connection may register. */
 #define VQKVD_CLIENT_MAX_MODELS 64
+/* Blocks one connection may hold pinned with ttl_ms 0 (until Unpin or close). */
+#define VQKVD_CLIENT_MAX_PINS 65536
+
+/* A block this connection pinned with ttl_ms 0: unpinned when it closes.
+ * An entry of an open-addressing table; model 0 (never an id) is empty. */
+typedef struct {
+    uint32_t model;
+    uint8_t key[VQKVD_KEY_BYTES];
+} vqkvd_pin_t;
 
 /* One reply waiting for the socket: a whole encoded frame. */
 typedef struct vqkvd_out {
@@ -93,6 +103,8 @@ struct vqkvd_client {
     vqkvd_region_t *regions;
     uint32_t n_regions;
     uint64_t next_region;
+    vqkvd_pin_t *pins; /* ttl_ms 0 pins: a table of cap_pins (a power of 2) */
+    uint32_t n_pins, cap_pins;
 
     int closing; /* write what is queued, then close; read nothing more */
     int dead;    /* close now: the socket failed */
@@ -115,7 +127,8 @@ void vqkvd_session_destroy(vqkvd_server_t *s); /* after the loop has run dry */
  * frame; a handler that keeps an fd sets its slot to -1. */
 void vqkvd_session_dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
 
-/* session.c: the connection is gone: leases released, regions dropped. */
+/* session.c: the connection is gone: leases released, ttl_ms 0 pins
+ * undone, regions dropped. */
 void vqkvd_session_client_gone(vqkvd_client_t *c);
 
 /* session.c: fills the store part of a StatsReply (tenant: the client's). */

@@ -514,6 +514,164 @@ static void test_eviction_keeps_leased(void **state)
     region_free(&r);
 }
 
+/* Pin (unpin 0: ttl_ms) or Unpin (unpin 1) of chain keys 0..n-1; key_len
+ * other than 32 makes every key that long. */
+static Vqkv__Envelope *pin_req(client_t *c, uint64_t model, unsigned chain, size_t n,
+                               uint32_t ttl_ms, int unpin, size_t key_len)
+{
+    uint8_t keys[8][32];
+    ProtobufCBinaryData k[8];
+    assert_true(n <= 8 && key_len <= 32);
+    for (size_t i = 0; i < n; i++) {
+        make_key(keys[i], chain, (unsigned)i);
+        k[i] = (ProtobufCBinaryData){key_len, keys[i]};
+    }
+    Vqkv__Pin p = VQKV__PIN__INIT;
+    Vqkv__Unpin u = VQKV__UNPIN__INIT;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    if (unpin) {
+        u.model_handle = model;
+        u.n_keys = n;
+        u.keys = k;
+        env.body_case = VQKV__ENVELOPE__BODY_UNPIN;
+        env.unpin = &u;
+    } else {
+        p.model_handle = model;
+        p.n_keys = n;
+        p.keys = k;
+        p.ttl_ms = ttl_ms;
+        env.body_case = VQKV__ENVELOPE__BODY_PIN;
+        env.pin = &p;
+    }
+    return call(c, &env, NULL, 0);
+}
+
+/* A Pin or Unpin that must succeed; returns Ack.count. */
+static uint32_t pin_ok(client_t *c, uint64_t model, unsigned chain, size_t n, uint32_t ttl_ms,
+                       int unpin)
+{
+    Vqkv__Envelope *e = pin_req(c, model, chain, n, ttl_ms, unpin, 32);
+    if (e->body_case == VQKV__ENVELOPE__BODY_ERROR)
+        fail_msg("%s: %s", unpin ? "Unpin" : "Pin", e->error->message);
+    assert_int_equal(e->body_case, VQKV__ENVELOPE__BODY_ACK);
+    uint32_t count = e->ack->count;
+    vqkv_frame_envelope_free(e);
+    return count;
+}
+
+/* How many leading blocks of chain the daemon holds (the lease released). */
+static uint32_t held(client_t *c, uint64_t model, unsigned chain, size_t n)
+{
+    uint64_t lease;
+    uint32_t present = lookup(c, model, chain, n, 0, &lease);
+    if (lease != 0) {
+        Vqkv__Envelope *e = release(c, lease);
+        assert_int_equal(e->body_case, VQKV__ENVELOPE__BODY_ACK);
+        vqkv_frame_envelope_free(e);
+    }
+    return present;
+}
+
+/* 40 roots, far past the tiny pool's 16 blocks: chains 16 + 40 * (round %
+ * 6) on, so consecutive rounds put new keys (make_key's bytes repeat with
+ * the chain modulo 256). */
+static void flood(client_t *c, uint64_t model, uint64_t region, unsigned round)
+{
+    static const uint32_t more[4] = {4, 5, 6, 7};
+    unsigned base = 16 + 40 * (round % 6);
+    uint32_t stored = 0;
+    for (unsigned i = 0; i < 40; i++)
+        stored += put_ok(c, model, region, base + i, 0, 1, more + i % 4, 0);
+    assert_true(stored >= 16);
+}
+
+static uint64_t mono_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void test_pins(void **state)
+{
+    client_t a, b;
+    region_t r;
+    client_open(&a, *state);
+    hello(&a);
+    uint64_t m = model_ok(&a, MODEL, "fp16");
+    region_new(&r, SLOTS, 6);
+    uint64_t h = region_ok(&a, m, &r);
+    static const uint32_t first[4] = {0, 1, 2, 3};
+
+    /* Refused: bad key size, unknown model. */
+    expect_refused(pin_req(&a, m, 1, 2, 0, 0, 31), VQKV_EINVAL, "not 32 bytes");
+    expect_refused(pin_req(&a, m, 1, 2, 0, 1, 16), VQKV_EINVAL, "not 32 bytes");
+    expect_refused(pin_req(&a, m + 1000, 1, 2, 0, 0, 32), VQKV_EHANDLE, "no model");
+    expect_refused(pin_req(&a, m + 1000, 1, 2, 0, 1, 32), VQKV_EHANDLE, "no model");
+
+    /* Pinned with ttl 0, the chain survives eviction; keys not held are
+     * skipped. */
+    assert_int_equal(put_ok(&a, m, h, 1, 0, 4, first, 1), 4);
+    assert_int_equal(pin_ok(&a, m, 1, 6, 0, 0), 4);
+    flood(&a, m, h, 0);
+    Vqkv__Envelope *e = stats(&a);
+    assert_true(e->stats_reply->evictions > 0);
+    assert_true(e->stats_reply->blocks <= 16);
+    vqkv_frame_envelope_free(e);
+    assert_int_equal(held(&a, m, 1, 4), 4);
+
+    /* Unpin counts the blocks it unpinned; then they can go. */
+    assert_int_equal(pin_ok(&a, m, 1, 4, 0, 1), 4);
+    assert_int_equal(pin_ok(&a, m, 1, 4, 0, 1), 0);
+    flood(&a, m, h, 1);
+    assert_int_equal(held(&a, m, 1, 4), 0);
+
+    /* The pins of a connection that closed are released. */
+    assert_int_equal(put_ok(&a, m, h, 2, 0, 4, first, 1), 4);
+    client_open(&b, *state);
+    hello(&b);
+    uint64_t mb = model_ok(&b, MODEL, "fp16");
+    assert_int_equal(pin_ok(&b, mb, 2, 4, 0, 0), 4);
+    flood(&a, m, h, 2);
+    assert_int_equal(held(&a, m, 2, 4), 4);
+    client_close(&b);
+    uint64_t deadline = mono_ms() + 10000;
+    for (;;) {
+        e = stats(&a);
+        uint32_t clients = e->stats_reply->clients;
+        vqkv_frame_envelope_free(e);
+        if (clients == 1)
+            break;
+        if (mono_ms() > deadline)
+            fail_msg("the daemon still counts %u clients", clients);
+        usleep(10000);
+    }
+    flood(&a, m, h, 3);
+    assert_int_equal(held(&a, m, 2, 4), 0);
+
+    /* A pin with a TTL holds, then lapses. */
+    assert_int_equal(put_ok(&a, m, h, 3, 0, 4, first, 1), 4);
+    uint64_t pinned_at = mono_ms();
+    assert_int_equal(pin_ok(&a, m, 3, 4, 1500, 0), 4);
+    flood(&a, m, h, 4);
+    uint32_t still = held(&a, m, 3, 4);
+    if (mono_ms() - pinned_at < 1500)
+        assert_int_equal(still, 4);
+    deadline = mono_ms() + 10000;
+    for (unsigned round = 0;; round++) {
+        if (mono_ms() - pinned_at > 1500) {
+            flood(&a, m, h, 5 + round);
+            if (held(&a, m, 3, 4) == 0)
+                break;
+        }
+        if (mono_ms() > deadline)
+            fail_msg("the pin with a TTL never lapsed");
+        usleep(20000);
+    }
+    client_close(&a);
+    region_free(&r);
+}
+
 /* A client that sends work and leaves at once: the daemon finishes it,
  * drops the replies, frees everything (ASan) and serves the next client. */
 static void test_client_dies_midrequest(void **state)
@@ -580,6 +738,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_kivi4_roundtrip, setup, teardown),
         cmocka_unit_test_setup_teardown(test_refusals, setup, teardown),
         cmocka_unit_test_setup_teardown(test_eviction_keeps_leased, setup_tiny_pool, teardown),
+        cmocka_unit_test_setup_teardown(test_pins, setup_tiny_pool, teardown),
         cmocka_unit_test_setup_teardown(test_client_dies_midrequest, setup, teardown),
         cmocka_unit_test(test_bad_pool_bytes),
     };

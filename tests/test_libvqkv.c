@@ -319,6 +319,20 @@ static void test_put_lookup_get(void **state)
     assert_true(strlen(vqkv_last_error(b)) > 0);
     assert_vqkv(vqkv_release(b, 0), VQKV_OK);
 
+    /* Pins: counts of blocks pinned and unpinned; keys not held are skipped. */
+    uint8_t pin_keys[NBLOCKS + 1][VQKV_KEY_BYTES];
+    memcpy(pin_keys, keys_b, NBLOCKS * VQKV_KEY_BYTES);
+    memset(pin_keys[NBLOCKS], 0xee, VQKV_KEY_BYTES);
+    size_t count = 99;
+    assert_vqkv(vqkv_pin(b, mb, pin_keys, NBLOCKS + 1, 0, &count), VQKV_OK);
+    assert_int_equal(count, NBLOCKS);
+    assert_vqkv(vqkv_pin(a, ma, pin_keys, 1, 60000, NULL), VQKV_OK);
+    assert_vqkv(vqkv_unpin(b, mb, pin_keys, NBLOCKS + 1, &count), VQKV_OK);
+    assert_int_equal(count, NBLOCKS);
+    assert_vqkv(vqkv_unpin(b, mb, pin_keys, NBLOCKS, &count), VQKV_OK);
+    assert_int_equal(count, 0);
+    assert_vqkv(vqkv_pin(b, NULL, pin_keys, 1, 0, &count), VQKV_EINVAL);
+
     vqkv_stats_t stats;
     assert_vqkv(vqkv_stats(a, &stats), VQKV_OK);
     assert_int_equal(stats.blocks, NBLOCKS);
