@@ -708,28 +708,52 @@ nomem:
 
 /* ---- Lookup, Get, Release ---------------------------------------------------- */
 
+/* The model of a request naming keys, once the handle, the number of keys
+ * and every key's size are checked; NULL after an Error reply. */
+static vqkvd_model_t *vqkvd__keys_check(vqkvd_client_t *c, uint64_t id, const char *what,
+                                        uint64_t model_handle, size_t n_keys,
+                                        const ProtobufCBinaryData *keys)
+{
+    vqkvd_model_t *m = vqkvd__client_model(c, model_handle);
+    if (m == NULL) {
+        vqkvd_client_error(c, id, VQKV_EHANDLE, "no model %llu on this connection",
+                           (unsigned long long)model_handle);
+        return NULL;
+    }
+    if (n_keys > VQKVD_STORE_MAX_CHAIN) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "%s takes at most %d keys", what,
+                           VQKVD_STORE_MAX_CHAIN);
+        return NULL;
+    }
+    for (size_t i = 0; i < n_keys; i++) {
+        if (keys[i].len != VQKVD_KEY_BYTES) {
+            vqkvd_client_error(c, id, VQKV_EINVAL, "key %zu is not %d bytes", i, VQKVD_KEY_BYTES);
+            return NULL;
+        }
+    }
+    return m;
+}
+
+/* The reply of requests with nothing to say but a count. */
+static void vqkvd__ack(vqkvd_client_t *c, uint64_t id, uint32_t count)
+{
+    Vqkv__Ack ack = VQKV__ACK__INIT;
+    ack.count = count;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.request_id = id;
+    env.body_case = VQKV__ENVELOPE__BODY_ACK;
+    env.ack = &ack;
+    vqkvd_client_reply(c, &env);
+}
+
 static void vqkvd__lookup(vqkvd_client_t *c, const Vqkv__Envelope *req)
 {
     vqkvd_server_t *s = c->server;
     const Vqkv__Lookup *lk = req->lookup;
     uint64_t id = req->request_id;
-    vqkvd_model_t *m = vqkvd__client_model(c, lk->model_handle);
-    if (m == NULL) {
-        vqkvd_client_error(c, id, VQKV_EHANDLE, "no model %llu on this connection",
-                           (unsigned long long)lk->model_handle);
+    vqkvd_model_t *m = vqkvd__keys_check(c, id, "a lookup", lk->model_handle, lk->n_keys, lk->keys);
+    if (m == NULL)
         return;
-    }
-    if (lk->n_keys > VQKVD_STORE_MAX_CHAIN) {
-        vqkvd_client_error(c, id, VQKV_EINVAL, "a lookup takes at most %d keys",
-                           VQKVD_STORE_MAX_CHAIN);
-        return;
-    }
-    for (size_t i = 0; i < lk->n_keys; i++) {
-        if (lk->keys[i].len != VQKVD_KEY_BYTES) {
-            vqkvd_client_error(c, id, VQKV_EINVAL, "key %zu is not %d bytes", i, VQKVD_KEY_BYTES);
-            return;
-        }
-    }
     uint8_t *keys = malloc(lk->n_keys ? lk->n_keys * VQKVD_KEY_BYTES : 1);
     if (keys == NULL) {
         vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
@@ -829,12 +853,7 @@ static void vqkvd__release(vqkvd_client_t *c, const Vqkv__Envelope *req)
                            (unsigned long long)req->release->lease_id);
         return;
     }
-    Vqkv__Ack ack = VQKV__ACK__INIT;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.request_id = req->request_id;
-    env.body_case = VQKV__ENVELOPE__BODY_ACK;
-    env.ack = &ack;
-    vqkvd_client_reply(c, &env);
+    vqkvd__ack(c, req->request_id, 0);
 }
 
 /* ---- Pin, Unpin --------------------------------------------------------------- */
@@ -923,47 +942,13 @@ static int vqkvd__pin_reserve(vqkvd_client_t *c, uint32_t want)
 
 /* The model and the keys of a Pin or Unpin; NULL, with the error sent, when
  * they are refused. */
-static vqkvd_model_t *vqkvd__pin_check(vqkvd_client_t *c, uint64_t id, const char *what,
-                                       uint64_t model_handle, size_t n_keys,
-                                       const ProtobufCBinaryData *keys)
-{
-    vqkvd_model_t *m = vqkvd__client_model(c, model_handle);
-    if (m == NULL) {
-        vqkvd_client_error(c, id, VQKV_EHANDLE, "no model %llu on this connection",
-                           (unsigned long long)model_handle);
-        return NULL;
-    }
-    if (n_keys > VQKVD_STORE_MAX_CHAIN) {
-        vqkvd_client_error(c, id, VQKV_EINVAL, "%s takes at most %d keys", what,
-                           VQKVD_STORE_MAX_CHAIN);
-        return NULL;
-    }
-    for (size_t i = 0; i < n_keys; i++) {
-        if (keys[i].len != VQKVD_KEY_BYTES) {
-            vqkvd_client_error(c, id, VQKV_EINVAL, "key %zu is not %d bytes", i, VQKVD_KEY_BYTES);
-            return NULL;
-        }
-    }
-    return m;
-}
-
-static void vqkvd__ack(vqkvd_client_t *c, uint64_t id, uint32_t count)
-{
-    Vqkv__Ack ack = VQKV__ACK__INIT;
-    ack.count = count;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.request_id = id;
-    env.body_case = VQKV__ENVELOPE__BODY_ACK;
-    env.ack = &ack;
-    vqkvd_client_reply(c, &env);
-}
 
 static void vqkvd__pin(vqkvd_client_t *c, const Vqkv__Envelope *req)
 {
     vqkvd_server_t *s = c->server;
     const Vqkv__Pin *p = req->pin;
     uint64_t id = req->request_id;
-    vqkvd_model_t *m = vqkvd__pin_check(c, id, "a pin", p->model_handle, p->n_keys, p->keys);
+    vqkvd_model_t *m = vqkvd__keys_check(c, id, "a pin", p->model_handle, p->n_keys, p->keys);
     if (m == NULL)
         return;
     uint32_t tenant = (uint32_t)c->uid;
@@ -1004,7 +989,7 @@ static void vqkvd__unpin(vqkvd_client_t *c, const Vqkv__Envelope *req)
     vqkvd_server_t *s = c->server;
     const Vqkv__Unpin *u = req->unpin;
     uint64_t id = req->request_id;
-    vqkvd_model_t *m = vqkvd__pin_check(c, id, "an unpin", u->model_handle, u->n_keys, u->keys);
+    vqkvd_model_t *m = vqkvd__keys_check(c, id, "an unpin", u->model_handle, u->n_keys, u->keys);
     if (m == NULL)
         return;
     uint32_t tenant = (uint32_t)c->uid;
