@@ -408,6 +408,18 @@ static bool vqkv__zero_key(const uint8_t *key)
     return true;
 }
 
+/* The wire form of n keys: entries pointing into keys (borrowed, not
+ * copied); NULL when out of memory. The caller frees the array. */
+static ProtobufCBinaryData *vqkv__wire_keys(const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n)
+{
+    ProtobufCBinaryData *k = calloc(n ? n : 1, sizeof *k);
+    if (k == NULL)
+        return NULL;
+    for (size_t i = 0; i < n; i++)
+        k[i] = (ProtobufCBinaryData){VQKV_KEY_BYTES, (uint8_t *)keys[i]};
+    return k;
+}
+
 int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t region,
              const uint8_t (*keys)[VQKV_KEY_BYTES], const uint8_t (*parents)[VQKV_KEY_BYTES],
              const uint32_t *slots, size_t n, vqkv_put_status_t *statuses)
@@ -416,7 +428,7 @@ int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t reg
         return VQKV_EINVAL;
     if (model == NULL || (n > 0 && (keys == NULL || slots == NULL)) || n > UINT32_MAX)
         return vqkv__fail(client, VQKV_EINVAL, "put: bad argument");
-    ProtobufCBinaryData *k = calloc(n ? n : 1, sizeof *k);
+    ProtobufCBinaryData *k = vqkv__wire_keys(keys, n);
     ProtobufCBinaryData *p = calloc(n ? n : 1, sizeof *p);
     if (k == NULL || p == NULL) {
         free(k);
@@ -424,7 +436,6 @@ int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t reg
         return vqkv__fail(client, VQKV_ENOMEM, "put: out of memory");
     }
     for (size_t i = 0; i < n; i++) {
-        k[i] = (ProtobufCBinaryData){VQKV_KEY_BYTES, (uint8_t *)keys[i]};
         const uint8_t *parent = NULL;
         if (parents != NULL)
             parent = vqkv__zero_key(parents[i]) ? NULL : parents[i];
@@ -471,11 +482,9 @@ int vqkv_lookup(vqkv_client_t *client, const vqkv_model_t *model,
         return VQKV_EINVAL;
     if (model == NULL || found == NULL || lease == NULL || (n > 0 && keys == NULL))
         return vqkv__fail(client, VQKV_EINVAL, "lookup: bad argument");
-    ProtobufCBinaryData *k = calloc(n ? n : 1, sizeof *k);
+    ProtobufCBinaryData *k = vqkv__wire_keys(keys, n);
     if (k == NULL)
         return vqkv__fail(client, VQKV_ENOMEM, "lookup: out of memory");
-    for (size_t i = 0; i < n; i++)
-        k[i] = (ProtobufCBinaryData){VQKV_KEY_BYTES, (uint8_t *)keys[i]};
     Vqkv__Lookup lk = VQKV__LOOKUP__INIT;
     lk.model_handle = model->handle;
     lk.n_keys = n;
@@ -548,11 +557,9 @@ static int vqkv__pin_call(vqkv_client_t *client, const vqkv_model_t *model,
         return VQKV_EINVAL;
     if (model == NULL || (n > 0 && keys == NULL))
         return vqkv__fail(client, VQKV_EINVAL, "%s: bad argument", what);
-    ProtobufCBinaryData *k = calloc(n ? n : 1, sizeof *k);
+    ProtobufCBinaryData *k = vqkv__wire_keys(keys, n);
     if (k == NULL)
         return vqkv__fail(client, VQKV_ENOMEM, "%s: out of memory", what);
-    for (size_t i = 0; i < n; i++)
-        k[i] = (ProtobufCBinaryData){VQKV_KEY_BYTES, (uint8_t *)keys[i]};
     Vqkv__Pin p = VQKV__PIN__INIT;
     Vqkv__Unpin u = VQKV__UNPIN__INIT;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
