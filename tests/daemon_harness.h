@@ -4,7 +4,7 @@
  * socket file gone (under ASan a leak makes the daemon exit non-zero), and
  * a blocking client over proto/frame.h with 5 s socket timeouts, so a hung
  * daemon fails a test instead of blocking the suite. Test-only: static
- * functions, included by one test file each.
+ * inline functions, so a test that uses only some of them compiles clean.
  */
 #ifndef VQKV_DAEMON_HARNESS_H
 #define VQKV_DAEMON_HARNESS_H
@@ -58,20 +58,20 @@ typedef struct {
     uint64_t next_id;
 } client_t;
 
-static long now_ms(void)
+static inline long now_ms(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
-static void sleep_ms(long ms)
+static inline void sleep_ms(long ms)
 {
     struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
     nanosleep(&ts, NULL);
 }
 
-static int try_connect(const char *path)
+static inline int try_connect(const char *path)
 {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path);
@@ -90,7 +90,7 @@ static int try_connect(const char *path)
 
 /* Runs the daemon with extra arguments (NULL-terminated) on path; returns
  * its pid. Does not wait for it to listen. */
-static pid_t spawn_daemon(const char *path, const char *const *extra)
+static inline pid_t spawn_daemon(const char *path, const char *const *extra)
 {
     const char *argv[16] = {VQKVD_PATH, "--socket", path, "--log-level", "debug"};
     size_t n = 5;
@@ -108,7 +108,7 @@ static pid_t spawn_daemon(const char *path, const char *const *extra)
 
 /* Waits for pid to exit; its wait status, or -1 after the deadline (then
  * it is killed). */
-static int wait_exit(pid_t pid)
+static inline int wait_exit(pid_t pid)
 {
     long deadline = now_ms() + DAEMON_DEADLINE_MS;
     int status;
@@ -123,7 +123,7 @@ static int wait_exit(pid_t pid)
     return -1;
 }
 
-static void daemon_start(daemon_t *d, const char *const *extra)
+static inline void daemon_start(daemon_t *d, const char *const *extra)
 {
     snprintf(d->dir, sizeof d->dir, "/tmp/vqkvd-test.XXXXXX");
     assert_non_null(mkdtemp(d->dir));
@@ -148,7 +148,7 @@ static void daemon_start(daemon_t *d, const char *const *extra)
 }
 
 /* SIGTERM; requires exit status 0 and the socket file gone. */
-static void daemon_stop(daemon_t *d)
+static inline void daemon_stop(daemon_t *d)
 {
     if (d->pid <= 0)
         return;
@@ -163,7 +163,7 @@ static void daemon_stop(daemon_t *d)
     assert_int_equal(errno, ENOENT);
 }
 
-static int setup(void **state)
+static inline int setup(void **state)
 {
     daemon_t *d = calloc(1, sizeof *d);
     assert_non_null(d);
@@ -172,7 +172,7 @@ static int setup(void **state)
     return 0;
 }
 
-static int teardown(void **state)
+static inline int teardown(void **state)
 {
     daemon_t *d = *state;
     daemon_stop(d);
@@ -184,7 +184,7 @@ static int teardown(void **state)
 
 /* ---- client helpers -------------------------------------------------------- */
 
-static void client_open(client_t *c, const daemon_t *d)
+static inline void client_open(client_t *c, const daemon_t *d)
 {
     c->fd = try_connect(d->path);
     assert_true(c->fd >= 0);
@@ -192,7 +192,7 @@ static void client_open(client_t *c, const daemon_t *d)
     c->next_id = 1;
 }
 
-static void client_close(client_t *c)
+static inline void client_close(client_t *c)
 {
     if (c->fd >= 0)
         close(c->fd);
@@ -200,14 +200,14 @@ static void client_close(client_t *c)
     vqkv_frame_reader_free(&c->reader);
 }
 
-static uint64_t send_env(client_t *c, Vqkv__Envelope *env)
+static inline uint64_t send_env(client_t *c, Vqkv__Envelope *env)
 {
     env->request_id = c->next_id++;
     assert_prc(vqkv_frame_send(c->fd, env, NULL, 0, VQKV_FRAME_DEFAULT_MAX), VQKV_OK);
     return env->request_id;
 }
 
-static Vqkv__Envelope *recv_env(client_t *c)
+static inline Vqkv__Envelope *recv_env(client_t *c)
 {
     vqkv_frame_t frame;
     assert_prc(vqkv_frame_recv(c->fd, &c->reader, &frame), VQKV_OK);
@@ -218,7 +218,7 @@ static Vqkv__Envelope *recv_env(client_t *c)
     return env;
 }
 
-static void expect_error(Vqkv__Envelope *env, uint64_t id, int code)
+static inline void expect_error(Vqkv__Envelope *env, uint64_t id, int code)
 {
     assert_int_equal(env->body_case, VQKV__ENVELOPE__BODY_ERROR);
     assert_int_equal(env->request_id, id);

@@ -24,10 +24,9 @@
 #include <cmocka.h>
 #include <json-c/json.h>
 
+#include "daemon_harness.h"
 #include "vqkv.h"
 
-/* ASan makes the daemon slow to start and to stop. */
-#define DAEMON_DEADLINE_MS 20000
 #define TIMEOUT_MS 5000
 
 #define assert_vqkv(expr, want)                                                                    \
@@ -40,101 +39,6 @@
             fail();                                                                                \
         }                                                                                          \
     } while (0)
-
-typedef struct {
-    char dir[64];
-    char path[96];
-    pid_t pid;
-} daemon_t;
-
-static long now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static void sleep_ms(long ms)
-{
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000};
-    nanosleep(&ts, NULL);
-}
-
-static int can_connect(const char *path)
-{
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    snprintf(addr.sun_path, sizeof addr.sun_path, "%s", path);
-    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0)
-        return 0;
-    int ok = connect(fd, (struct sockaddr *)&addr, sizeof addr) == 0;
-    close(fd);
-    return ok;
-}
-
-static void daemon_start(daemon_t *d)
-{
-    snprintf(d->dir, sizeof d->dir, "/tmp/vqkvd-test.XXXXXX");
-    assert_non_null(mkdtemp(d->dir));
-    snprintf(d->path, sizeof d->path, "%s/vqkv.sock", d->dir);
-    d->pid = fork();
-    assert_true(d->pid >= 0);
-    if (d->pid == 0) {
-        execl(VQKVD_PATH, VQKVD_PATH, "--socket", d->path, "--log-level", "warn", (char *)NULL);
-        _exit(127);
-    }
-    long deadline = now_ms() + DAEMON_DEADLINE_MS;
-    while (!can_connect(d->path)) {
-        int status;
-        if (waitpid(d->pid, &status, WNOHANG) == d->pid) {
-            d->pid = -1;
-            fail_msg("vqkvd exited at start (status %#x)", status);
-        }
-        if (now_ms() > deadline)
-            fail_msg("vqkvd did not listen on %s in time", d->path);
-        sleep_ms(5);
-    }
-}
-
-static void daemon_stop(daemon_t *d)
-{
-    if (d->pid <= 0)
-        return;
-    assert_int_equal(kill(d->pid, SIGTERM), 0);
-    long deadline = now_ms() + DAEMON_DEADLINE_MS;
-    int status = -1;
-    while (waitpid(d->pid, &status, WNOHANG) != d->pid) {
-        if (now_ms() > deadline) {
-            kill(d->pid, SIGKILL);
-            waitpid(d->pid, &status, 0);
-            d->pid = -1;
-            fail_msg("vqkvd did not stop in time");
-        }
-        sleep_ms(5);
-    }
-    d->pid = -1;
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        fail_msg("vqkvd ended with wait status %#x, not exit 0", status);
-}
-
-static int setup(void **state)
-{
-    daemon_t *d = calloc(1, sizeof *d);
-    assert_non_null(d);
-    *state = d;
-    daemon_start(d);
-    return 0;
-}
-
-static int teardown(void **state)
-{
-    daemon_t *d = *state;
-    daemon_stop(d);
-    unlink(d->path);
-    rmdir(d->dir);
-    free(d);
-    return 0;
-}
 
 /* Runs vqkvctl with args (NULL-terminated) and returns its exit status;
  * its stdout goes into out (NUL-terminated, truncated to size). */
