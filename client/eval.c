@@ -138,6 +138,7 @@ typedef struct {
     float *q;        /* [layers][queries][q_heads][head_dim] */
     float *attn_ref; /* same shape: attention over the original cache */
     float *attn_out; /* one layer of a codec's attention */
+    float *scores;   /* one query's attention weights, [held-out tokens] */
 } vqkv__bench_t;
 
 static const float *vqkv__cache_at(const vqkv__bench_t *b, const float *cache, uint32_t layer,
@@ -153,13 +154,10 @@ static void vqkv__attention(const vqkv__bench_t *b, const vqkv__dump_t *dump, co
                             uint32_t layer, uint32_t stride, float *out)
 {
     uint32_t D = dump->head_dim, Hq = dump->q_heads, Hkv = dump->kv_heads;
-    uint32_t n_keys = b->blocks * b->layout.block_tokens;
     const float *K = vqkv__cache_at(b, cache, layer, 0), *V = vqkv__cache_at(b, cache, layer, 1);
     const float *Q = b->q + (size_t)layer * b->queries * Hq * D;
     float scale = 1.0f / sqrtf((float)D);
-    float *p = malloc(n_keys * sizeof *p);
-    if (p == NULL)
-        abort();
+    float *p = b->scores;
     for (uint32_t qi = 0; qi < b->queries; qi++) {
         uint32_t pos = qi * stride;
         for (uint32_t hq = 0; hq < Hq; hq++) {
@@ -187,7 +185,6 @@ static void vqkv__attention(const vqkv__bench_t *b, const vqkv__dump_t *dump, co
                 o[d] /= sum;
         }
     }
-    free(p);
 }
 
 static void vqkv__bench_free(vqkv__bench_t *b)
@@ -197,6 +194,7 @@ static void vqkv__bench_free(vqkv__bench_t *b)
     free(b->q);
     free(b->attn_ref);
     free(b->attn_out);
+    free(b->scores);
 }
 
 static int vqkv__bench_init(vqkv__bench_t *b, const vqkv__dump_t *dump,
@@ -237,7 +235,8 @@ static int vqkv__bench_init(vqkv__bench_t *b, const vqkv__dump_t *dump,
     b->q = malloc(q_floats * sizeof(float));
     b->attn_ref = malloc(q_floats * sizeof(float));
     b->attn_out = malloc(q_floats / l->num_layers * sizeof(float));
-    if (!b->cache || !b->restored || !b->q || !b->attn_ref || !b->attn_out) {
+    b->scores = malloc((size_t)held_out * sizeof(float));
+    if (!b->cache || !b->restored || !b->q || !b->attn_ref || !b->attn_out || !b->scores) {
         vqkv__bench_free(b);
         return vqkv__eval_fail(err, errlen, VQKV_ENOMEM, "out of memory");
     }
