@@ -64,6 +64,8 @@ void vqkvd_config_defaults(vqkvd_config_t *cfg)
     cfg->max_regions = 16;
     cfg->max_clients = 1024;
     cfg->pool_bytes = 1ull << 30;
+    cfg->device = "auto";
+    cfg->calib_tokens = 2048;
     cfg->allow_uids[cfg->n_allow_uids++] = getuid();
     if (getuid() != 0)
         cfg->allow_uids[cfg->n_allow_uids++] = 0;

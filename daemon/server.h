@@ -40,6 +40,28 @@ typedef struct {
     size_t n_allow_uids;
     gid_t allow_gids[VQKVD_MAX_ALLOWED];
     size_t n_allow_gids;
+    /* Peers whose Stats reply lists every tenant (vqkvctl run by an
+     * operator); others see the totals and their own tenant. */
+    uid_t admin_uids[VQKVD_MAX_ALLOWED];
+    size_t n_admin_uids;
+
+    /* Where trained codebooks are saved and looked for (borrowed; NULL:
+     * codebooks live only as long as the process). */
+    const char *state_dir;
+    /* "cpu", "auto" or "cuda:N" (borrowed); only the CPU backend exists
+     * so far, which "auto" picks on a machine without one. */
+    const char *device;
+    /* A VQ model without codebooks stores blocks in the fp16 fallback until
+     * this many tokens of them are collected, then trains in the background. */
+    uint32_t calib_tokens;
+
+    /* Byte quotas on compressed bytes held, per tenant (uid): quota_bytes
+     * for a uid named in quota_uids, default_quota_bytes for the others;
+     * 0 is unlimited. */
+    uint64_t default_quota_bytes;
+    uid_t quota_uids[VQKVD_MAX_ALLOWED];
+    uint64_t quota_bytes[VQKVD_MAX_ALLOWED];
+    size_t n_quotas;
 } vqkvd_config_t;
 
 typedef struct vqkvd_client vqkvd_client_t;
