@@ -8,6 +8,7 @@
 #include "vqkv.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -30,6 +31,7 @@ struct vqkv_model {
     char *codec; /* canonical spec */
     uint32_t block_bytes;
     uint32_t block_tokens;
+    int codebooks_ready; /* as of the last registration */
     uint8_t salt[VQKV_BLOCK_KEY_SALT_LEN];
 };
 
@@ -262,13 +264,11 @@ int vqkv_connect(const char *socket_path, const char *client_name, int timeout_m
 
 /* ---- models ------------------------------------------------------------------- */
 
-int vqkv_register_model(vqkv_client_t *client, const char *model_id, const vqkv_layout_t *layout,
-                        const char *codec_spec, vqkv_model_t **model)
+/* RegisterModel, with the codebook file open on codebook_fd (or -1). */
+static int vqkv__register_model(vqkv_client_t *client, const char *model_id,
+                                const vqkv_layout_t *layout, const char *codec_spec,
+                                int codebook_fd, vqkv_model_t **model)
 {
-    if (client == NULL)
-        return VQKV_EINVAL;
-    if (model_id == NULL || layout == NULL || codec_spec == NULL || model == NULL)
-        return vqkv__fail(client, VQKV_EINVAL, "register_model: NULL argument");
     *model = NULL;
     Vqkv__Layout wl = VQKV__LAYOUT__INIT;
     wl.num_layers = layout->num_layers;
@@ -282,17 +282,21 @@ int vqkv_register_model(vqkv_client_t *client, const char *model_id, const vqkv_
     rm.kv_head_first = 0;
     rm.kv_head_count = layout->num_kv_heads;
     rm.codec = (char *)codec_spec;
+    rm.num_fds = codebook_fd >= 0;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.body_case = VQKV__ENVELOPE__BODY_REGISTER_MODEL;
     env.register_model = &rm;
     Vqkv__Envelope *r;
-    int rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_MODEL_REGISTERED, &r);
+    int rc = vqkv__call(client, &env, &codebook_fd, codebook_fd >= 0,
+                        VQKV__ENVELOPE__BODY_MODEL_REGISTERED, &r);
     if (rc != VQKV_OK)
         return rc;
     Vqkv__ModelRegistered *mr = r->model_registered;
-    /* Registering again on a connection returns the same handle. */
+    /* Registering again on a connection returns the same handle, with
+     * codebooks_ready brought up to date. */
     for (vqkv_model_t *m = client->models; m != NULL; m = m->next) {
         if (m->handle == mr->model_handle) {
+            m->codebooks_ready = mr->codebooks_ready;
             vqkv_frame_envelope_free(r);
             *model = m;
             return VQKV_OK;
@@ -315,12 +319,46 @@ int vqkv_register_model(vqkv_client_t *client, const char *model_id, const vqkv_
     m->handle = mr->model_handle;
     m->block_bytes = mr->block_bytes;
     m->block_tokens = layout->block_tokens;
+    m->codebooks_ready = mr->codebooks_ready;
     memcpy(m->salt, client->salt, sizeof m->salt);
     vqkv_frame_envelope_free(r);
     m->next = client->models;
     client->models = m;
     *model = m;
     return VQKV_OK;
+}
+
+int vqkv_register_model(vqkv_client_t *client, const char *model_id, const vqkv_layout_t *layout,
+                        const char *codec_spec, vqkv_model_t **model)
+{
+    if (client == NULL)
+        return VQKV_EINVAL;
+    if (model_id == NULL || layout == NULL || codec_spec == NULL || model == NULL)
+        return vqkv__fail(client, VQKV_EINVAL, "register_model: NULL argument");
+    return vqkv__register_model(client, model_id, layout, codec_spec, -1, model);
+}
+
+int vqkv_register_model_codebook(vqkv_client_t *client, const char *model_id,
+                                 const vqkv_layout_t *layout, const char *codec_spec,
+                                 const char *codebook_path, vqkv_model_t **model)
+{
+    if (client == NULL)
+        return VQKV_EINVAL;
+    if (model_id == NULL || layout == NULL || codec_spec == NULL || codebook_path == NULL ||
+        model == NULL)
+        return vqkv__fail(client, VQKV_EINVAL, "register_model_codebook: NULL argument");
+    int fd = open(codebook_path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return vqkv__fail(client, VQKV_EINVAL, "register_model_codebook: %s: %s", codebook_path,
+                          strerror(errno));
+    int rc = vqkv__register_model(client, model_id, layout, codec_spec, fd, model);
+    close(fd);
+    return rc;
+}
+
+int vqkv_model_codebooks_ready(const vqkv_model_t *model)
+{
+    return model != NULL && model->codebooks_ready;
 }
 
 const char *vqkv_model_codec(const vqkv_model_t *model)

@@ -146,6 +146,22 @@ const char *vqkv_client_server_version(const vqkv_client_t *client);
 int vqkv_register_model(vqkv_client_t *client, const char *model_id, const vqkv_layout_t *layout,
                         const char *codec_spec, vqkv_model_t **model);
 
+/* Like vqkv_register_model, with codebooks for a VQ codec from a file
+ * (kernels/vqkv_codec.h vqkv_codebook_save, e.g. trained by `vqkvctl eval
+ * --save-codebooks`), sent to the daemon as an fd. Without a file the daemon
+ * uses codebooks it saved earlier for this model, or calibrates online:
+ * blocks are stored fp16 until it has trained codebooks on the first
+ * blocks put. VQKV_EMISMATCH when the model already stores blocks under
+ * other codebooks; the file's own errors as the daemon found them. */
+int vqkv_register_model_codebook(vqkv_client_t *client, const char *model_id,
+                                 const vqkv_layout_t *layout, const char *codec_spec,
+                                 const char *codebook_path, vqkv_model_t **model);
+
+/* 1 when the model's codec had its codebooks at its last registration on
+ * this connection (always for codecs without codebooks); registering again
+ * refreshes it, which is how a worker learns that calibration finished. */
+int vqkv_model_codebooks_ready(const vqkv_model_t *model);
+
 /* The canonical codec spec the daemon answered (every parameter spelled
  * out; the codec_id in block keys), and the stored bytes of one block. */
 const char *vqkv_model_codec(const vqkv_model_t *model);

@@ -427,10 +427,11 @@ static void vqkvd__handle_frame(vqkvd_client_t *c, vqkv_frame_t *frame)
                            "unknown field, enum value or message type, or no body");
         goto out;
     }
-    /* Only RegisterRegion takes fds (and checks their count itself);
-     * clearing the frame closes any other, so a stray fd never stays open
-     * in the daemon. */
-    if (frame->n_fds > 0 && req->body_case != VQKV__ENVELOPE__BODY_REGISTER_REGION) {
+    /* Only RegisterRegion and RegisterModel (a codebook file) take fds, and
+     * check their count themselves; clearing the frame closes any other, so
+     * a stray fd never stays open in the daemon. */
+    if (frame->n_fds > 0 && req->body_case != VQKV__ENVELOPE__BODY_REGISTER_REGION &&
+        req->body_case != VQKV__ENVELOPE__BODY_REGISTER_MODEL) {
         vqkvd__reply_error(c, req->request_id, 1, VQKV_EFDS, "%s takes no file descriptors",
                            vqkvd__body_name(req->body_case));
         goto out;

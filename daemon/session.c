@@ -27,6 +27,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "calib.h"
 #include "log.h"
 #include "session.h"
 
@@ -55,6 +56,8 @@ typedef struct {
     vqkvd_client_t *c;
     vqkvd_region_t *r;
     vqkvd_model_t *m;
+    const vqkv_codec_t *codec; /* Put: the model's codec or its fallback */
+    uint32_t cls, block_bytes; /* Put: that codec's pool class and block */
     uint64_t request_id;
     uint32_t n;
     uint32_t *slots; /* region slots */
@@ -66,8 +69,9 @@ typedef struct {
     uint8_t *skip;           /* present when queued: not encoded */
     uint8_t *data;           /* n * block_bytes of staging */
     /* Get */
-    vqkvd_block_t **blocks; /* each holds a ref until the job is done */
-    const uint8_t **src;    /* their pool slots, looked up on the loop */
+    vqkvd_block_t **blocks;      /* each holds a ref until the job is done */
+    const uint8_t **src;         /* their pool slots, looked up on the loop */
+    const vqkv_codec_t **codecs; /* what decodes each: codec or fallback */
 } vqkvd_job_t;
 
 /* ---- pool, store, timer ------------------------------------------------- */
@@ -123,6 +127,8 @@ void vqkvd_session_stop(vqkvd_server_t *s)
 void vqkvd_session_destroy(vqkvd_server_t *s)
 {
     for (uint32_t i = 0; i < s->n_models; i++) {
+        vqkvd_calib_free(s->models[i]);
+        vqkv_codec_free(s->models[i]->fallback);
         vqkv_codec_free(s->models[i]->codec);
         free(s->models[i]->model_id);
         free(s->models[i]);
@@ -259,6 +265,7 @@ static vqkvd_model_t *vqkvd__model_new(vqkvd_server_t *s, uint32_t tenant, const
     m->kv_head_count = rm->kv_head_count;
     m->layout = *layout;
     m->codec = codec;
+    m->ready = !vqkv_codec_needs_training(codec);
     m->cls = (uint32_t)cls;
     m->block_bytes = (uint32_t)bb;
     m->logical_bytes = (uint32_t)logical;
@@ -272,7 +279,65 @@ fail:
     return NULL;
 }
 
-static void vqkvd__register_model(vqkvd_client_t *c, const Vqkv__Envelope *req)
+/* A fresh codec like m's holding the codebook file open on fd; NULL with
+ * *rc and *why set when the file does not hold codebooks for it. */
+static vqkv_codec_t *vqkvd__codebook_read(const vqkvd_model_t *m, int fd, int *rc, const char **why)
+{
+    vqkv_codec_t *codec = NULL;
+    *why = "out of memory";
+    *rc = vqkv_codec_create(vqkv_codec_spec(m->codec), &m->layout, &codec);
+    if (*rc == VQKV_OK)
+        *rc = vqkvd_calib_load_fd(codec, fd, why);
+    if (*rc != VQKV_OK) {
+        vqkv_codec_free(codec);
+        return NULL;
+    }
+    return codec;
+}
+
+/* 1 when a and b hold the same codebooks (compared as saved files). */
+static int vqkvd__codebooks_equal(const vqkv_codec_t *a, const vqkv_codec_t *b)
+{
+    uint8_t *ba = NULL, *bb = NULL;
+    size_t la = 0, lb = 0;
+    int equal = vqkv_codebook_save_buffer(a, &ba, &la) == VQKV_OK &&
+                vqkv_codebook_save_buffer(b, &bb, &lb) == VQKV_OK && la == lb &&
+                memcmp(ba, bb, la) == 0;
+    free(ba);
+    free(bb);
+    return equal;
+}
+
+/* Codebooks sent for a model already registered. Taken while it has none
+ * (its fp16 blocks keep their fallback); once it has some, accepted only
+ * when equal, since blocks already encoded with them would decode wrongly
+ * under others. Swapping m->codec is safe while it is not ready: no job
+ * reads it, and no block of its class exists. */
+static int vqkvd__model_take_codebooks(vqkvd_model_t *m, int fd, const char **why)
+{
+    if (vqkvd_calib_training(m)) {
+        *why = "the model is training its own codebooks; register it again without a file";
+        return VQKV_EMISMATCH;
+    }
+    int rc;
+    vqkv_codec_t *sent = vqkvd__codebook_read(m, fd, &rc, why);
+    if (sent == NULL)
+        return rc;
+    if (m->ready) {
+        rc = vqkvd__codebooks_equal(sent, m->codec) ? VQKV_OK : VQKV_EMISMATCH;
+        *why = "the model already stores blocks with other codebooks";
+        vqkv_codec_free(sent);
+        return rc;
+    }
+    vqkv_codec_free(m->codec);
+    m->codec = sent;
+    m->ready = 1;
+    vqkvd_calib_free(m);
+    return VQKV_OK;
+}
+
+static void vqkvd__register_model(vqkvd_client_t *c, const Vqkv__Envelope *req,
+                                  const vqkv_frame_t *frame)
 {
     vqkvd_server_t *s = c->server;
     const Vqkv__RegisterModel *rm = req->register_model;
@@ -322,11 +387,16 @@ static void vqkvd__register_model(vqkvd_client_t *c, const Vqkv__Envelope *req)
         return;
     }
     const char *spec = vqkv_codec_spec(codec);
-    if (vqkv_codec_needs_training(codec)) {
-        vqkvd_client_error(c, id, VQKV_ENOCODEBOOK,
-                           "codebooks for %s are not loaded; VQ codecs come with online "
-                           "calibration",
-                           spec);
+    if (rm->num_fds > 1 || frame->n_fds != rm->num_fds) {
+        vqkvd_client_error(c, id, VQKV_EFDS,
+                           "RegisterModel comes with 0 fds or 1 (a codebook file): num_fds %u, "
+                           "%zu came",
+                           (unsigned)rm->num_fds, frame->n_fds);
+        goto cleanup;
+    }
+    int codebook_fd = frame->n_fds == 1 ? frame->fds[0] : -1;
+    if (codebook_fd >= 0 && !vqkv_codec_needs_training(codec)) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "codec %s has no codebooks to load", spec);
         goto cleanup;
     }
     vqkvd_model_t *m =
@@ -344,14 +414,33 @@ static void vqkvd__register_model(vqkvd_client_t *c, const Vqkv__Envelope *req)
                            VQKVD_CLIENT_MAX_MODELS);
         goto cleanup;
     }
+    const char *why;
+    if (m != NULL && codebook_fd >= 0) {
+        rc = vqkvd__model_take_codebooks(m, codebook_fd, &why);
+        if (rc != VQKV_OK) {
+            vqkvd_client_error(c, id, rc, "model \"%s\": %s", rm->model_id, why);
+            goto cleanup;
+        }
+    }
     if (m == NULL) {
-        const char *why;
+        if (codebook_fd >= 0 && (rc = vqkvd_calib_load_fd(codec, codebook_fd, &why)) != VQKV_OK) {
+            vqkvd_client_error(c, id, rc, "model \"%s\": %s", rm->model_id, why);
+            goto cleanup;
+        }
         m = vqkvd__model_new(s, (uint32_t)c->uid, rm->model_id, rm, &layout, codec, logical, &why);
         if (m == NULL) {
             vqkvd_client_error(c, id, VQKV_ENOMEM, "model \"%s\": %s", rm->model_id, why);
             goto cleanup;
         }
         codec = NULL; /* the model's now */
+        /* Registered even when calibration cannot start: its Puts then say
+         * why, and a later RegisterModel with a codebook file mends it. */
+        if (!m->ready && !vqkvd_calib_load_saved(s, m) &&
+            (rc = vqkvd_calib_begin(s, m)) != VQKV_OK) {
+            vqkvd_client_error(c, id, rc, "model \"%s\": cannot start calibration: %s",
+                               rm->model_id, vqkv_strerror(rc));
+            goto cleanup;
+        }
         vqkvd_log(VQKVD_LOG_INFO, "model %u: \"%s\" heads [%u, +%u) codec %s, %u-byte blocks",
                   (unsigned)m->id, m->model_id, (unsigned)m->kv_head_first,
                   (unsigned)m->kv_head_count, vqkv_codec_spec(m->codec), (unsigned)m->block_bytes);
@@ -363,7 +452,7 @@ static void vqkvd__register_model(vqkvd_client_t *c, const Vqkv__Envelope *req)
     mr.model_handle = m->id;
     mr.codec = (char *)vqkv_codec_spec(m->codec);
     mr.block_bytes = m->block_bytes;
-    mr.codebooks_ready = 1;
+    mr.codebooks_ready = m->ready;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.request_id = id;
     env.body_case = VQKV__ENVELOPE__BODY_MODEL_REGISTERED;
@@ -505,6 +594,7 @@ static void vqkvd__job_free(vqkvd_job_t *j)
     free(j->data);
     free(j->blocks);
     free(j->src);
+    free(j->codecs);
     free(j);
 }
 
@@ -514,15 +604,15 @@ static void vqkvd__job_after(uv_work_t *w, int status);
 static void vqkvd__job_work(uv_work_t *w)
 {
     vqkvd_job_t *j = w->data;
-    const vqkvd_model_t *m = j->m;
     for (uint32_t i = 0; i < j->n && j->rc == VQKV_OK; i++) {
         if (j->kind == VQKVD_JOB_PUT) {
             if (j->skip[i])
                 continue;
-            j->rc = vqkv_codec_encode(m->codec, j->r->base, &j->r->view, j->slots[i],
-                                      j->data + (size_t)i * m->block_bytes);
+            j->rc = vqkv_codec_encode(j->codec, j->r->base, &j->r->view, j->slots[i],
+                                      j->data + (size_t)i * j->block_bytes);
         } else {
-            j->rc = vqkv_codec_decode(m->codec, j->src[i], j->r->base, &j->r->view, j->slots[i]);
+            j->rc =
+                vqkv_codec_decode(j->codecs[i], j->src[i], j->r->base, &j->r->view, j->slots[i]);
         }
         j->failed = i;
     }
@@ -545,7 +635,7 @@ static int vqkvd__job_queue(vqkvd_job_t *j)
 static void vqkvd__put_done(vqkvd_job_t *j)
 {
     vqkvd_server_t *s = j->c->server;
-    const vqkvd_model_t *m = j->m;
+    vqkvd_model_t *m = j->m;
     Vqkv__PutStatus *status = calloc(j->n ? j->n : 1, sizeof *status);
     if (status == NULL) {
         vqkvd_client_error(j->c, j->request_id, VQKV_ENOMEM, "out of memory");
@@ -561,11 +651,13 @@ static void vqkvd__put_done(vqkvd_job_t *j)
         uint64_t slot;
         int rc = vqkvd_store_insert(
             &s->store, (uint32_t)j->c->uid, m->id, j->keys + (size_t)i * VQKVD_KEY_BYTES,
-            j->has_parent[i] ? j->parents + (size_t)i * VQKVD_KEY_BYTES : NULL, m->cls,
+            j->has_parent[i] ? j->parents + (size_t)i * VQKVD_KEY_BYTES : NULL, j->cls,
             m->logical_bytes, now, &slot);
         if (rc == VQKV_OK) {
-            memcpy(vqkvd_pool_slot_ptr(&s->pool, slot), j->data + (size_t)i * m->block_bytes,
-                   m->block_bytes);
+            const uint8_t *block = j->data + (size_t)i * j->block_bytes;
+            memcpy(vqkvd_pool_slot_ptr(&s->pool, slot), block, j->block_bytes);
+            if (j->codec == m->fallback)
+                vqkvd_calib_add(s, m, block);
             status[i] = VQKV__PUT_STATUS__PUT_STORED;
             stored++;
         } else if (rc == VQKVD_STORE_PRESENT) {
@@ -652,9 +744,19 @@ static void vqkvd__put(vqkvd_client_t *c, const Vqkv__Envelope *req)
                            p->n_parent_keys, p->n_slots);
         return;
     }
-    if ((uint64_t)n * m->block_bytes > VQKVD_PUT_STAGING_MAX) {
+    if (!m->ready && m->fallback == NULL) {
+        vqkvd_client_error(c, id, VQKV_ENOCODEBOOK,
+                           "model %u has no codebooks (calibration "
+                           "could not start); register it with a codebook file",
+                           (unsigned)m->id);
+        return;
+    }
+    /* Chosen now, for the whole request: a model that turns ready while
+     * the job runs still stores these blocks in the fallback's class. */
+    uint32_t bytes = m->ready ? m->block_bytes : m->fallback_bytes;
+    if ((uint64_t)n * bytes > VQKVD_PUT_STAGING_MAX) {
         vqkvd_client_error(c, id, VQKV_ELIMIT, "a Put of %zu blocks of %u bytes is over %u bytes",
-                           n, (unsigned)m->block_bytes, VQKVD_PUT_STAGING_MAX);
+                           n, (unsigned)bytes, VQKVD_PUT_STAGING_MAX);
         return;
     }
     for (size_t i = 0; i < n; i++) {
@@ -673,12 +775,15 @@ static void vqkvd__put(vqkvd_client_t *c, const Vqkv__Envelope *req)
     j = vqkvd__job_new(VQKVD_JOB_PUT, c, r, id, (uint32_t)n);
     if (j == NULL)
         goto nomem;
+    j->codec = m->ready ? m->codec : m->fallback;
+    j->cls = m->ready ? m->cls : m->fallback_cls;
+    j->block_bytes = bytes;
     size_t cnt = n ? n : 1;
     j->keys = malloc(cnt * VQKVD_KEY_BYTES);
     j->parents = calloc(cnt, VQKVD_KEY_BYTES);
     j->has_parent = calloc(cnt, 1);
     j->skip = calloc(cnt, 1);
-    j->data = malloc(cnt * m->block_bytes);
+    j->data = malloc(cnt * bytes);
     if (j->keys == NULL || j->parents == NULL || j->has_parent == NULL || j->skip == NULL ||
         j->data == NULL)
         goto nomem;
@@ -822,8 +927,9 @@ static void vqkvd__get(vqkvd_client_t *c, const Vqkv__Envelope *req)
     if (j != NULL) {
         j->blocks = calloc(g->n_slots ? g->n_slots : 1, sizeof *j->blocks);
         j->src = calloc(g->n_slots ? g->n_slots : 1, sizeof *j->src);
+        j->codecs = calloc(g->n_slots ? g->n_slots : 1, sizeof *j->codecs);
     }
-    if (j == NULL || j->blocks == NULL || j->src == NULL) {
+    if (j == NULL || j->blocks == NULL || j->src == NULL || j->codecs == NULL) {
         if (j != NULL)
             vqkvd__job_free(j);
         vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
@@ -833,6 +939,10 @@ static void vqkvd__get(vqkvd_client_t *c, const Vqkv__Envelope *req)
         j->slots[i] = g->slots[i];
         j->blocks[i] = l->blocks[i];
         j->src[i] = vqkvd_pool_slot_ptr(&s->pool, l->blocks[i]->slot);
+        /* Blocks put before the model's codebooks were ready are fp16. */
+        const vqkvd_model_t *m = r->model;
+        j->codecs[i] =
+            m->fallback != NULL && l->blocks[i]->cls == m->fallback_cls ? m->fallback : m->codec;
     }
     int rc = vqkvd__job_queue(j);
     if (rc < 0) {
@@ -1010,7 +1120,7 @@ static void vqkvd__unpin(vqkvd_client_t *c, const Vqkv__Envelope *req)
 void vqkvd_session_dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
 {
     switch (req->body_case) {
-    case VQKV__ENVELOPE__BODY_REGISTER_MODEL: vqkvd__register_model(c, req); return;
+    case VQKV__ENVELOPE__BODY_REGISTER_MODEL: vqkvd__register_model(c, req, frame); return;
     case VQKV__ENVELOPE__BODY_REGISTER_REGION: vqkvd__register_region(c, req, frame); return;
     case VQKV__ENVELOPE__BODY_PUT: vqkvd__put(c, req); return;
     case VQKV__ENVELOPE__BODY_LOOKUP: vqkvd__lookup(c, req); return;

@@ -51,17 +51,29 @@ typedef struct vqkvd_out {
     int counted;     /* the reply of a request counted in inflight */
 } vqkvd_out_t;
 
-/* A registered model, shared by (tenant, model_id, head range). */
+typedef struct vqkvd_calib vqkvd_calib_t;
+
+/* A registered model, shared by (tenant, model_id, head range).
+ *
+ * A VQ codec registered without codebooks is not ready: its Puts are stored
+ * with the fp16 fallback (a pool class of its own) while calib.c collects
+ * them as calibration samples and trains; once the codebooks are in, ready
+ * turns 1 and later Puts use codec. Blocks already stored stay fp16: a
+ * block's pool class says which codec decodes it. */
 struct vqkvd_model {
     uint32_t id; /* the store's model number and the wire handle; never 0 */
     uint32_t tenant;
     char *model_id;
     uint32_t kv_head_first, kv_head_count;
-    vqkv_layout_t layout; /* this rank's slice: num_kv_heads = kv_head_count */
-    vqkv_codec_t *codec;
-    uint32_t cls;           /* pool slot class */
-    uint32_t block_bytes;   /* compressed */
+    vqkv_layout_t layout;   /* this rank's slice: num_kv_heads = kv_head_count */
+    vqkv_codec_t *codec;    /* as registered; trained in place by calib.c */
+    uint32_t cls;           /* pool slot class of codec's blocks */
+    uint32_t block_bytes;   /* compressed by codec */
     uint32_t logical_bytes; /* uncompressed, in the workers' dtype */
+    int ready;              /* codec has its codebooks: Puts use it */
+    vqkv_codec_t *fallback; /* fp16, while not ready; NULL when never needed */
+    uint32_t fallback_cls, fallback_bytes;
+    vqkvd_calib_t *calib; /* collecting or training; NULL otherwise */
 };
 
 /* A mapped MEMFD region of one client. */

@@ -422,7 +422,6 @@ static void test_refusals(void **state)
     region_t r;
     client_open(&c, *state);
     hello(&c);
-    expect_refused(register_model(&c, MODEL, "vqkv"), VQKV_ENOCODEBOOK, "codebooks for vqkv");
     expect_refused(register_model(&c, MODEL, "nonsense"), VQKV_ESPEC, "nonsense");
     expect_refused(register_model(&c, "", "fp16"), VQKV_EINVAL, "model_id");
     uint64_t m = model_ok(&c, MODEL, "fp16");
