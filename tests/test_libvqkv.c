@@ -4,6 +4,7 @@
  * required (under ASan a daemon leak fails the test). Apart from starting
  * the processes, everything goes through libvqkv's public API.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -26,6 +27,7 @@
 
 #include "daemon_harness.h"
 #include "vqkv.h"
+#include "vqkv_codec.h"
 
 #define TIMEOUT_MS 5000
 
@@ -333,12 +335,284 @@ static void test_health(void **state)
     assert_int_equal(run_ctl(unknown, out, sizeof out), 2);
 }
 
+/* ---- codebooks -------------------------------------------------------------- */
+
+/* Small codebooks (16 entries) train in a blink; 64 tokens are 4 blocks. */
+#define VQ_SPEC "rvq:d=8,b=4,r=1"
+#define CALIB_BLOCKS 4
+#define CALIB_TOKENS_ARG "64"
+
+/* Every full block of tokens chained from `first` on, keys into keys. */
+static void chain_keys(const vqkv_model_t *m, uint32_t first, uint8_t (*keys)[VQKV_KEY_BYTES],
+                       size_t n)
+{
+    uint32_t tokens[CALIB_BLOCKS * TOKENS];
+    assert_true(n <= CALIB_BLOCKS);
+    for (size_t i = 0; i < n * TOKENS; i++)
+        tokens[i] = first + (uint32_t)i;
+    size_t got = 0;
+    assert_vqkv(vqkv_model_block_keys(m, NULL, tokens, n * TOKENS, NULL, 0, keys, n, &got),
+                VQKV_OK);
+    assert_int_equal(got, n);
+}
+
+/* Puts n blocks from slots first.. of region h, all stored. */
+static void put_chain(vqkv_client_t *c, const vqkv_model_t *m, vqkv_region_t h,
+                      uint32_t first_token, uint32_t first_slot, size_t n)
+{
+    uint8_t keys[CALIB_BLOCKS][VQKV_KEY_BYTES];
+    uint32_t slots[CALIB_BLOCKS];
+    chain_keys(m, first_token, keys, n);
+    for (size_t i = 0; i < n; i++)
+        slots[i] = first_slot + (uint32_t)i;
+    assert_vqkv(vqkv_put(c, m, h, keys, NULL, slots, n, NULL), (int)n);
+}
+
+/* Looks the chain up and gets all n blocks into slots first.. of h. */
+static void get_chain(vqkv_client_t *c, const vqkv_model_t *m, vqkv_region_t h,
+                      uint32_t first_token, uint32_t first_slot, size_t n)
+{
+    uint8_t keys[CALIB_BLOCKS][VQKV_KEY_BYTES];
+    uint32_t slots[CALIB_BLOCKS];
+    chain_keys(m, first_token, keys, n);
+    for (size_t i = 0; i < n; i++)
+        slots[i] = first_slot + (uint32_t)i;
+    size_t found = 0;
+    vqkv_lease_t lease = 0;
+    assert_vqkv(vqkv_lookup(c, m, keys, n, &found, &lease), VQKV_OK);
+    assert_int_equal(found, n);
+    assert_vqkv(vqkv_get(c, lease, h, slots, n), (int)n);
+    assert_vqkv(vqkv_release(c, lease), VQKV_OK);
+}
+
+/* A region_t over malloc'd memory holding what codec makes of slots
+ * [first, first + n) of src: the bytes a Get through the daemon must write. */
+static void region_expected(region_t *want, const vqkv_codec_t *codec, const region_t *src,
+                            uint32_t first, size_t n)
+{
+    want->fd = -1;
+    want->view = src->view;
+    want->base = malloc(src->view.region_bytes);
+    assert_non_null(want->base);
+    memcpy(want->base, src->base, src->view.region_bytes);
+    uint8_t *block = malloc(vqkv_codec_block_bytes(codec));
+    assert_non_null(block);
+    for (uint32_t s = first; s < first + n; s++) {
+        assert_vqkv(vqkv_codec_encode(codec, src->base, &src->view, s, block), VQKV_OK);
+        assert_vqkv(vqkv_codec_decode(codec, block, want->base, &want->view, s), VQKV_OK);
+    }
+    free(block);
+}
+
+/* Trains spec's codebooks on every slot of r (seeded) and saves them to path. */
+static void train_file(const char *spec, const region_t *r, uint64_t seed, const char *path)
+{
+    vqkv_codec_t *codec = NULL;
+    assert_vqkv(vqkv_codec_create(spec, &layout, &codec), VQKV_OK);
+    size_t part = (size_t)TOKENS * HEADS * DIM;
+    float *x = malloc(SLOTS * part * sizeof *x);
+    assert_non_null(x);
+    vqkv_train_opts_t opts = {.seed = seed, .threads = 1};
+    for (uint32_t l = 0; l < LAYERS; l++)
+        for (int kv = 0; kv < 2; kv++) {
+            for (uint32_t s = 0; s < SLOTS; s++)
+                vqkv_dtype_to_f32(VQKV_DTYPE_F16,
+                                  r->base + l * r->view.layer_stride + kv * r->view.kv_stride +
+                                      s * r->view.slot_stride,
+                                  part, x + s * part);
+            assert_vqkv(vqkv_codec_train(codec, l, kv, x, SLOTS * part / DIM, &opts), VQKV_OK);
+        }
+    assert_vqkv(vqkv_codebook_save(codec, path), VQKV_OK);
+    free(x);
+    vqkv_codec_free(codec);
+}
+
+/* The one codebook file vqkvd saved under state_dir into path. */
+static void saved_codebook(const char *state_dir, char *path, size_t size)
+{
+    char dir[256];
+    snprintf(dir, sizeof dir, "%s/codebooks", state_dir);
+    DIR *dp = opendir(dir);
+    if (dp == NULL)
+        fail_msg("vqkvd saved nothing under %s", state_dir);
+    int found = 0;
+    for (struct dirent *e; (e = readdir(dp)) != NULL;) {
+        size_t len = strlen(e->d_name);
+        if (len > 5 && strcmp(e->d_name + len - 5, ".vqcb") == 0) {
+            snprintf(path, size, "%s/%s", dir, e->d_name);
+            found++;
+        } else {
+            assert_true(e->d_name[0] == '.'); /* no temporary file left */
+        }
+    }
+    closedir(dp);
+    assert_int_equal(found, 1);
+}
+
+/* A VQ model without codebooks stores fp16 until CALIB_BLOCKS are in,
+ * trains, switches, saves; a restarted daemon loads the saved codebooks. */
+static void test_online_calibration(void **state)
+{
+    (void)state;
+    char state_dir[] = "/tmp/vqkvd-state.XXXXXX";
+    assert_non_null(mkdtemp(state_dir));
+    const char *extra[] = {"--state-dir", state_dir, "--calibration-tokens", CALIB_TOKENS_ARG,
+                           NULL};
+    daemon_t d;
+    daemon_start(&d, extra);
+    vqkv_client_t *c = connect_ok(&d, "calibration");
+    vqkv_model_t *m;
+    assert_vqkv(vqkv_register_model(c, MODEL, &layout, VQ_SPEC, &m), VQKV_OK);
+    assert_false(vqkv_model_codebooks_ready(m));
+    region_t ra, rb;
+    region_new(&ra, 21);
+    region_new(&rb, 22);
+    vqkv_region_t ha, hb;
+    assert_vqkv(vqkv_register_memfd_region(c, m, ra.fd, ra.view.region_bytes, 0, &ra.view, &ha),
+                VQKV_OK);
+    assert_vqkv(vqkv_register_memfd_region(c, m, rb.fd, rb.view.region_bytes, 0, &rb.view, &hb),
+                VQKV_OK);
+
+    /* Before the codebooks: fp16, so the round trip is exact. */
+    uint64_t fp16_bytes = 2u * LAYERS * TOKENS * HEADS * DIM * 2;
+    put_chain(c, m, ha, 100, 0, CALIB_BLOCKS);
+    vqkv_stats_t st;
+    assert_vqkv(vqkv_stats(c, &st), VQKV_OK);
+    assert_int_equal(st.bytes_stored, CALIB_BLOCKS * fp16_bytes);
+
+    long deadline = now_ms() + DAEMON_DEADLINE_MS;
+    while (!vqkv_model_codebooks_ready(m)) {
+        if (now_ms() > deadline)
+            fail_msg("codebooks not trained after %d blocks", CALIB_BLOCKS);
+        sleep_ms(10);
+        assert_vqkv(vqkv_register_model(c, MODEL, &layout, VQ_SPEC, &m), VQKV_OK);
+    }
+    char path[512];
+    saved_codebook(state_dir, path, sizeof path);
+    vqkv_codec_t *codec = NULL;
+    assert_vqkv(vqkv_codec_create(vqkv_model_codec(m), &layout, &codec), VQKV_OK);
+    assert_vqkv(vqkv_codebook_load(codec, path), VQKV_OK);
+
+    /* After: the VQ codec's bytes, and its decode exactly. */
+    put_chain(c, m, ha, 500, 4, CALIB_BLOCKS);
+    assert_vqkv(vqkv_stats(c, &st), VQKV_OK);
+    assert_int_equal(st.bytes_stored,
+                     CALIB_BLOCKS * (fp16_bytes + (uint64_t)vqkv_model_block_bytes(m)));
+    region_t want;
+    region_expected(&want, codec, &ra, 4, CALIB_BLOCKS);
+    assert_memory_not_equal(want.base + 4 * ra.view.slot_stride, ra.base + 4 * ra.view.slot_stride,
+                            ra.view.slot_stride);
+    get_chain(c, m, hb, 100, 0, CALIB_BLOCKS);
+    get_chain(c, m, hb, 500, 4, CALIB_BLOCKS);
+    for (uint32_t s = 0; s < CALIB_BLOCKS; s++) {
+        assert_block_equal(&rb, s, &ra, s);
+        assert_block_equal(&rb, 4 + s, &want, 4 + s);
+    }
+    vqkv_close(c);
+    daemon_stop(&d);
+    rmdir(d.dir);
+
+    /* A new daemon on the same state dir: ready at once, same codebooks. */
+    daemon_start(&d, extra);
+    c = connect_ok(&d, "after restart");
+    assert_vqkv(vqkv_register_model(c, MODEL, &layout, VQ_SPEC, &m), VQKV_OK);
+    assert_true(vqkv_model_codebooks_ready(m));
+    assert_vqkv(vqkv_register_memfd_region(c, m, ra.fd, ra.view.region_bytes, 0, &ra.view, &ha),
+                VQKV_OK);
+    assert_vqkv(vqkv_register_memfd_region(c, m, rb.fd, rb.view.region_bytes, 0, &rb.view, &hb),
+                VQKV_OK);
+    put_chain(c, m, ha, 900, 4, CALIB_BLOCKS);
+    memset(rb.base, 0, rb.view.region_bytes);
+    get_chain(c, m, hb, 900, 4, CALIB_BLOCKS);
+    for (uint32_t s = 4; s < 4 + CALIB_BLOCKS; s++)
+        assert_block_equal(&rb, s, &want, s);
+    vqkv_close(c);
+    daemon_stop(&d);
+    rmdir(d.dir);
+
+    free(want.base);
+    vqkv_codec_free(codec);
+    region_free(&ra);
+    region_free(&rb);
+    assert_int_equal(unlink(path), 0);
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/codebooks", state_dir);
+    assert_int_equal(rmdir(dir), 0);
+    assert_int_equal(rmdir(state_dir), 0);
+}
+
+/* Codebook files sent with RegisterModel: used at once; others for a model
+ * that has codebooks, other codecs' files and garbage are refused. */
+static void test_codebook_files(void **state)
+{
+    daemon_t *d = *state;
+    region_t r;
+    region_new(&r, 31);
+    char cb1[128], cb2[128], other[128], junk[128];
+    snprintf(cb1, sizeof cb1, "%s/one.vqcb", d->dir);
+    snprintf(cb2, sizeof cb2, "%s/two.vqcb", d->dir);
+    snprintf(other, sizeof other, "%s/other.vqcb", d->dir);
+    snprintf(junk, sizeof junk, "%s/junk.vqcb", d->dir);
+    train_file(VQ_SPEC, &r, 1, cb1);
+    train_file(VQ_SPEC, &r, 2, cb2);
+    train_file("rvq:d=8,b=4,r=2", &r, 1, other);
+    FILE *f = fopen(junk, "w");
+    assert_non_null(f);
+    fputs("not a codebook file", f);
+    fclose(f);
+
+    vqkv_client_t *c = connect_ok(d, "codebooks");
+    vqkv_model_t *m = NULL;
+    assert_vqkv(vqkv_register_model_codebook(c, MODEL, &layout, VQ_SPEC, junk, &m), VQKV_EFORMAT);
+    assert_vqkv(vqkv_register_model_codebook(c, MODEL, &layout, VQ_SPEC, other, &m),
+                VQKV_EMISMATCH);
+    assert_vqkv(vqkv_register_model_codebook(c, MODEL, &layout, "fp16", cb1, &m), VQKV_EINVAL);
+    assert_vqkv(vqkv_register_model_codebook(c, MODEL, &layout, VQ_SPEC, d->dir, &m), VQKV_EINVAL);
+    strcat(junk, ".missing");
+    assert_vqkv(vqkv_register_model_codebook(c, MODEL, &layout, VQ_SPEC, junk, &m), VQKV_EINVAL);
+
+    assert_vqkv(vqkv_register_model_codebook(c, MODEL, &layout, VQ_SPEC, cb1, &m), VQKV_OK);
+    assert_true(vqkv_model_codebooks_ready(m));
+    assert_vqkv(vqkv_register_model_codebook(c, MODEL, &layout, VQ_SPEC, cb1, &m), VQKV_OK);
+    vqkv_model_t *refused = m;
+    assert_vqkv(vqkv_register_model_codebook(c, MODEL, &layout, VQ_SPEC, cb2, &refused),
+                VQKV_EMISMATCH);
+    assert_null(refused);
+    if (strstr(vqkv_last_error(c), "other codebooks") == NULL)
+        fail_msg("\"%s\" does not say why", vqkv_last_error(c));
+
+    vqkv_codec_t *codec = NULL;
+    assert_vqkv(vqkv_codec_create(VQ_SPEC, &layout, &codec), VQKV_OK);
+    assert_vqkv(vqkv_codebook_load(codec, cb1), VQKV_OK);
+    region_t want;
+    region_expected(&want, codec, &r, 0, 2);
+    vqkv_region_t h;
+    assert_vqkv(vqkv_register_memfd_region(c, m, r.fd, r.view.region_bytes, 0, &r.view, &h),
+                VQKV_OK);
+    put_chain(c, m, h, 7, 0, 2);
+    get_chain(c, m, h, 7, 2, 2);
+    for (uint32_t s = 0; s < 2; s++)
+        assert_block_equal(&r, 2 + s, &want, s);
+
+    vqkv_close(c);
+    free(want.base);
+    vqkv_codec_free(codec);
+    region_free(&r);
+    const char *files[] = {cb1, cb2, other};
+    for (size_t i = 0; i < 3; i++)
+        assert_int_equal(unlink(files[i]), 0);
+    junk[strlen(junk) - strlen(".missing")] = '\0';
+    assert_int_equal(unlink(junk), 0);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_put_lookup_get, setup, teardown),
         cmocka_unit_test_setup_teardown(test_errors, setup, teardown),
         cmocka_unit_test_setup_teardown(test_health, setup, teardown),
+        cmocka_unit_test(test_online_calibration),
+        cmocka_unit_test_setup_teardown(test_codebook_files, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
