@@ -717,6 +717,51 @@ static void test_client_dies_midrequest(void **state)
     region_free(&r);
 }
 
+/* SIGTERM with Gets still on the thread pool: the daemon exits 0
+ * (under ASan: leaking nothing), and the client reads whole replies, then
+ * the end of the stream, never a torn frame. */
+static void test_sigterm_inflight(void **state)
+{
+    daemon_t *d = *state;
+    region_t r;
+    region_new(&r, SLOTS, 8);
+    client_t c;
+    client_open(&c, d);
+    hello(&c);
+    uint64_t m = model_ok(&c, MODEL, "kivi2");
+    uint64_t h = region_ok(&c, m, &r);
+    static const uint32_t slots[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+    assert_int_equal(put_ok(&c, m, h, 1, 0, 8, slots, 1), 8);
+    uint64_t lease;
+    assert_int_equal(lookup(&c, m, 1, 8, 0, &lease), 8);
+    Vqkv__Get g = VQKV__GET__INIT;
+    g.lease_id = lease;
+    g.region_handle = h;
+    g.n_slots = 8;
+    g.slots = (uint32_t *)slots;
+    Vqkv__Envelope get = VQKV__ENVELOPE__INIT;
+    get.body_case = VQKV__ENVELOPE__BODY_GET;
+    get.get = &g;
+    for (int i = 0; i < 16; i++)
+        send_env(&c, &get);
+    daemon_stop(d);
+    for (;;) {
+        vqkv_frame_t frame;
+        int rc = vqkv_frame_recv(c.fd, &c.reader, &frame);
+        if (rc == VQKV_ECLOSED)
+            break;
+        assert_prc(rc, VQKV_OK);
+        Vqkv__Envelope *e = NULL;
+        assert_prc(vqkv_frame_unpack(frame.data, frame.len, &e), VQKV_OK);
+        vqkv_frame_clear(&frame);
+        assert_true(e->body_case == VQKV__ENVELOPE__BODY_GET_DONE ||
+                    e->body_case == VQKV__ENVELOPE__BODY_ERROR);
+        vqkv_frame_envelope_free(e);
+    }
+    client_close(&c);
+    region_free(&r);
+}
+
 static void test_bad_pool_bytes(void **state)
 {
     (void)state;
@@ -739,6 +784,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_eviction_keeps_leased, setup_tiny_pool, teardown),
         cmocka_unit_test_setup_teardown(test_pins, setup_tiny_pool, teardown),
         cmocka_unit_test_setup_teardown(test_client_dies_midrequest, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_sigterm_inflight, setup, teardown),
         cmocka_unit_test(test_bad_pool_bytes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
