@@ -345,7 +345,7 @@ static void vqkvd__handle_hello(vqkvd_client_t *c, const Vqkv__Envelope *req)
     w.max_frame_bytes = cfg->max_frame;
     w.max_inflight = cfg->max_inflight;
     w.max_regions = cfg->max_regions;
-    w.backend = "cpu";
+    w.backend = (char *)c->server->backend->name;
     w.tenant = c->tenant;
     w.tenant_salt.data = c->salt;
     w.tenant_salt.len = sizeof c->salt;
@@ -704,8 +704,8 @@ int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t 
         uv_close((uv_handle_t *)&s->accept_backoff, NULL);
         goto fail;
     }
-    vqkvd_log(VQKVD_LOG_INFO, "listening on %s (backend cpu, protocol %d)", addr.sun_path,
-              VQKV_PROTO_VERSION);
+    vqkvd_log(VQKVD_LOG_INFO, "listening on %s (backend %s, protocol %d)", addr.sun_path,
+              s->backend->name, VQKV_PROTO_VERSION);
     return 0;
 
 fail:

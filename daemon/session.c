@@ -1,11 +1,13 @@
-/* session.c -- vqkvd's block requests on the CPU backend: RegisterModel,
- * RegisterRegion (a memfd of worker KV memory, mapped shared), Put (encode
- * blocks out of the region into the pool), Lookup (longest present prefix,
- * leased), Get (decode leased blocks into the region), Release, Pin and
- * Unpin (keep blocks from eviction), and the store counters of Stats.
+/* session.c -- vqkvd's block requests: RegisterModel, RegisterRegion
+ * (worker KV memory, opened by the backend), Put (encode blocks out of the
+ * region into the pool), Lookup (longest present prefix, leased), Get
+ * (decode leased blocks into the region), Release, Pin and Unpin (keep
+ * blocks from eviction), and the store counters of Stats. Every index a
+ * request carries is checked here; the backend (backend.h) only ever sees
+ * checked slots.
  *
  * The loop never runs a codec: encoding and decoding run on libuv's thread
- * pool (uv_queue_work), one job per request. A Put job encodes into a
+ * pool (uv_queue_work), one job per request, as one backend batch. A Put job encodes into a
  * malloc'd staging buffer, and its completion, back on the loop, inserts the
  * blocks into the store and copies them into their pool slots (a memcpy of
  * block_bytes per block on the loop; inserting first could evict for blocks
@@ -19,12 +21,8 @@
  * nothing: the work finishes against the still-mapped region, Put results
  * are still stored (the bytes are good), and the reply is dropped.
  */
-#include <errno.h>
-#include <fcntl.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
 #include <unistd.h>
 
 #include "calib.h"
@@ -98,6 +96,7 @@ static uint64_t vqkvd__chunk_bytes(uint64_t pool_bytes)
 
 int vqkvd_session_start(vqkvd_server_t *s)
 {
+    s->backend = &vqkvd_backend_cpu;
     uint64_t chunk = vqkvd__chunk_bytes(s->cfg.pool_bytes);
     int rc = vqkvd_pool_init_cpu(&s->pool, s->cfg.pool_bytes, chunk);
     if (rc != VQKV_OK) {
@@ -185,7 +184,7 @@ static void vqkvd__region_unref(vqkvd_region_t *r)
 {
     if (--r->refs > 0)
         return;
-    munmap(r->base, r->map_bytes);
+    r->backend->region_close(&r->mem);
     free(r);
 }
 
@@ -471,11 +470,6 @@ static void vqkvd__register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
     const Vqkv__RegisterRegion *rr = req->register_region;
     uint64_t id = req->request_id;
 
-    if (rr->kind != VQKV__REGION_KIND__REGION_KIND_MEMFD) {
-        vqkvd_client_error(c, id, VQKV_EINVAL, "region kind %d is not served by the cpu backend",
-                           (int)rr->kind);
-        return;
-    }
     if (rr->cuda_ipc_handle.len > 0 || rr->device != 0) {
         vqkvd_client_error(c, id, VQKV_EINVAL, "cuda_ipc_handle and device are reserved");
         return;
@@ -497,18 +491,9 @@ static void vqkvd__register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
                            (unsigned)c->server->cfg.max_regions);
         return;
     }
-    int fd = frame->fds[0];
-    struct stat st;
-    if (fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-        vqkvd_client_error(c, id, VQKV_EMAP, "the fd is not a memfd");
-        return;
-    }
-    if (rr->region_bytes == 0 || rr->region_bytes > (uint64_t)st.st_size ||
-        rr->offset >= rr->region_bytes) {
-        vqkvd_client_error(c, id, VQKV_ERANGE,
-                           "region of %llu bytes at offset %llu does not fit the memfd's %lld",
-                           (unsigned long long)rr->region_bytes, (unsigned long long)rr->offset,
-                           (long long)st.st_size);
+    if (rr->region_bytes == 0 || rr->offset >= rr->region_bytes) {
+        vqkvd_client_error(c, id, VQKV_ERANGE, "offset %llu is outside the region's %llu bytes",
+                           (unsigned long long)rr->offset, (unsigned long long)rr->region_bytes);
         return;
     }
     vqkv_kv_view_t view = {rr->region_bytes, rr->offset,       rr->layer_stride, rr->kv_stride,
@@ -521,37 +506,27 @@ static void vqkvd__register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
                            (unsigned)rr->num_slots, (unsigned long long)rr->region_bytes);
         return;
     }
-    /* A shrunk memfd would turn the daemon's next read into SIGBUS: seal it
-     * against shrinking (the owner may still grow it). */
-    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) < 0) {
-        vqkvd_client_error(c, id, VQKV_EMAP,
-                           "cannot seal the memfd against shrinking (%s); create it with "
-                           "MFD_ALLOW_SEALING",
-                           strerror(errno));
-        return;
-    }
-    void *base = mmap(NULL, rr->region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    if (base == MAP_FAILED) {
-        vqkvd_client_error(c, id, VQKV_EMAP, "mmap of %llu bytes: %s",
-                           (unsigned long long)rr->region_bytes, strerror(errno));
-        return;
-    }
     vqkvd_region_t *r = calloc(1, sizeof *r);
     if (r == NULL) {
-        munmap(base, rr->region_bytes);
         vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
         return;
     }
+    const char *why;
+    int rc = c->server->backend->region_open(rr, frame->fds[0], &r->mem, &why);
+    if (rc != VQKV_OK) {
+        free(r);
+        vqkvd_client_error(c, id, rc, "region of %llu bytes: %s",
+                           (unsigned long long)rr->region_bytes, why);
+        return;
+    }
+    r->backend = c->server->backend;
     r->handle = ++c->next_region;
     r->refs = 1; /* the client's list */
     r->model = m;
-    r->base = base;
-    r->map_bytes = rr->region_bytes;
     r->view = view;
     r->next = c->regions;
     c->regions = r;
     c->n_regions++;
-    /* The mapping keeps the memory; the frame closes the fd. */
 
     Vqkv__RegionRegistered rg = VQKV__REGION_REGISTERED__INIT;
     rg.region_handle = r->handle;
@@ -600,22 +575,23 @@ static void vqkvd__job_free(vqkvd_job_t *j)
 
 static void vqkvd__job_after(uv_work_t *w, int status);
 
-/* Runs on a pool thread: only the job, the codec and the region's mapping. */
+/* Runs on a pool thread: only the job, the codecs and the region's memory. */
 static void vqkvd__job_work(uv_work_t *w)
 {
     vqkvd_job_t *j = w->data;
-    for (uint32_t i = 0; i < j->n && j->rc == VQKV_OK; i++) {
-        if (j->kind == VQKVD_JOB_PUT) {
-            if (j->skip[i])
-                continue;
-            j->rc = vqkv_codec_encode(j->codec, j->r->base, &j->r->view, j->slots[i],
-                                      j->data + (size_t)i * j->block_bytes);
-        } else {
-            j->rc =
-                vqkv_codec_decode(j->codecs[i], j->src[i], j->r->base, &j->r->view, j->slots[i]);
-        }
-        j->failed = i;
+    vqkvd_batch_t b = {.base = j->r->mem.base, .view = &j->r->view, .slots = j->slots, .n = j->n};
+    if (j->kind == VQKVD_JOB_PUT) {
+        b.codec = j->codec;
+        b.skip = j->skip;
+        b.out = j->data;
+        b.out_stride = j->block_bytes;
+        j->rc = j->r->backend->encode(&b);
+    } else {
+        b.codecs = j->codecs;
+        b.src = j->src;
+        j->rc = j->r->backend->decode(&b);
     }
+    j->failed = b.failed;
 }
 
 /* Hands j to the thread pool, holding its client and region. */

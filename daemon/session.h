@@ -25,6 +25,7 @@
 
 #include <uv.h>
 
+#include "backend.h"
 #include "frame.h"
 #include "server.h"
 #include "vqkv_proto.h"
@@ -82,8 +83,8 @@ typedef struct vqkvd_region {
     uint64_t handle;
     uint32_t refs;
     vqkvd_model_t *model;
-    uint8_t *base; /* the mapping, map_bytes long */
-    size_t map_bytes;
+    const vqkvd_backend_t *backend; /* closes mem with the last reference */
+    vqkvd_region_mem_t mem;
     vqkv_kv_view_t view;
 } vqkvd_region_t;
 

@@ -1,0 +1,71 @@
+/* backend.h -- what differs between vqkvd's CPU and CUDA backends, behind
+ * one table of functions.
+ *
+ * The session layer (session.c) checks every request, owns the handles,
+ * leases and the store, and never touches worker memory or runs a codec
+ * itself. It asks the backend for three things: to open the worker memory a
+ * RegisterRegion names (CPU: seal and map a memfd; CUDA: open an IPC handle
+ * or import a VMM fd), to run one request's batch of encodes or decodes (on
+ * a libuv thread-pool thread: the CPU backend runs the codec there, block
+ * by block; a CUDA backend launches one kernel for the batch on its stream
+ * and waits for it or records an event), and to close a region once the
+ * last job using it has finished. Where compressed blocks live is the
+ * pool's arena (pool.h), the fourth seam.
+ *
+ * A batch names its blocks by slot; the session has checked every slot
+ * against the region's view before the backend sees it.
+ */
+#ifndef VQKVD_BACKEND_H
+#define VQKVD_BACKEND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "vqkv_codec.h"
+#include "vqkv_proto.h"
+
+/* Worker memory a backend opened. */
+typedef struct {
+    uint8_t *base; /* where view offsets start (CPU: the host mapping) */
+    size_t bytes;  /* the region's size, all of it reachable from base */
+} vqkvd_region_mem_t;
+
+/* One request's blocks. Encode reads slots[i] of the view at base into
+ * out + i * out_stride with codec, skipping blocks whose skip flag is set;
+ * decode writes src[i] into slots[i] with codecs[i] (blocks stored before a
+ * model's codebooks were ready decode with its fp16 fallback). */
+typedef struct {
+    uint8_t *base;
+    const vqkv_kv_view_t *view;
+    const uint32_t *slots;
+    uint32_t n;
+    /* encode */
+    const vqkv_codec_t *codec;
+    const uint8_t *skip;
+    uint8_t *out;
+    size_t out_stride;
+    /* decode */
+    const vqkv_codec_t *const *codecs;
+    const uint8_t *const *src;
+    /* set by the backend on failure: the block that failed */
+    uint32_t failed;
+} vqkvd_batch_t;
+
+typedef struct {
+    const char *name; /* Welcome.backend */
+    /* On the loop: opens the memory of rr (its view already checked
+     * against rr->region_bytes) with the frame's fd, or -1 where the kind
+     * takes none. VQKV_OK, or an error with *why for the client. */
+    int (*region_open)(const Vqkv__RegisterRegion *rr, int fd, vqkvd_region_mem_t *mem,
+                       const char **why);
+    /* Once no job uses the region any more. */
+    void (*region_close)(vqkvd_region_mem_t *mem);
+    /* On a thread-pool thread; VQKV_OK or the first block's error. */
+    int (*encode)(vqkvd_batch_t *b);
+    int (*decode)(vqkvd_batch_t *b);
+} vqkvd_backend_t;
+
+/* Host memory: memfd regions, codecs run on the calling thread. */
+extern const vqkvd_backend_t vqkvd_backend_cpu;
+
+#endif

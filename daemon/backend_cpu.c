@@ -1,0 +1,87 @@
+/* backend_cpu.c -- vqkvd's CPU backend: worker KV memory shared as a
+ * memfd, mapped into the daemon, and the portable codecs of kernels/ run
+ * on libuv's thread-pool threads, one block after another.
+ *
+ * A memfd is sealed against shrinking before it is mapped: a worker that
+ * truncated it under the mapping would turn the daemon's next read into
+ * SIGBUS. Growing stays allowed; the mapping covers region_bytes only.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+#include "backend.h"
+
+static int vqkvd__cpu_region_open(const Vqkv__RegisterRegion *rr, int fd, vqkvd_region_mem_t *mem,
+                                  const char **why)
+{
+    if (rr->kind != VQKV__REGION_KIND__REGION_KIND_MEMFD) {
+        *why = "the cpu backend serves MEMFD regions only";
+        return VQKV_EINVAL;
+    }
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
+        *why = "the fd is not a memfd";
+        return VQKV_EMAP;
+    }
+    if (rr->region_bytes > (uint64_t)st.st_size) {
+        *why = "the region is larger than the memfd";
+        return VQKV_ERANGE;
+    }
+    if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) < 0) {
+        *why = "cannot seal the memfd against shrinking; create it with MFD_ALLOW_SEALING";
+        return VQKV_EMAP;
+    }
+    void *base = mmap(NULL, rr->region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (base == MAP_FAILED) {
+        *why = errno == ENOMEM ? "mmap: out of address space or memory" : "mmap refused";
+        return VQKV_EMAP;
+    }
+    /* The mapping keeps the memory; the caller's frame closes the fd. */
+    mem->base = base;
+    mem->bytes = rr->region_bytes;
+    return VQKV_OK;
+}
+
+static void vqkvd__cpu_region_close(vqkvd_region_mem_t *mem)
+{
+    munmap(mem->base, mem->bytes);
+    mem->base = NULL;
+}
+
+static int vqkvd__cpu_encode(vqkvd_batch_t *b)
+{
+    for (uint32_t i = 0; i < b->n; i++) {
+        if (b->skip[i])
+            continue;
+        int rc = vqkv_codec_encode(b->codec, b->base, b->view, b->slots[i],
+                                   b->out + (size_t)i * b->out_stride);
+        if (rc != VQKV_OK) {
+            b->failed = i;
+            return rc;
+        }
+    }
+    return VQKV_OK;
+}
+
+static int vqkvd__cpu_decode(vqkvd_batch_t *b)
+{
+    for (uint32_t i = 0; i < b->n; i++) {
+        int rc = vqkv_codec_decode(b->codecs[i], b->src[i], b->base, b->view, b->slots[i]);
+        if (rc != VQKV_OK) {
+            b->failed = i;
+            return rc;
+        }
+    }
+    return VQKV_OK;
+}
+
+const vqkvd_backend_t vqkvd_backend_cpu = {
+    .name = "cpu",
+    .region_open = vqkvd__cpu_region_open,
+    .region_close = vqkvd__cpu_region_close,
+    .encode = vqkvd__cpu_encode,
+    .decode = vqkvd__cpu_decode,
+};
