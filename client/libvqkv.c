@@ -30,8 +30,8 @@ struct vqkv_model {
     char *model_id;
     char *codec; /* canonical spec */
     uint32_t block_bytes;
-    uint32_t block_tokens;
-    int codebooks_ready; /* as of the last registration */
+    vqkv_layout_t layout;
+    int codebooks_ready; /* as of the last RegisterModel or FindModel */
     uint8_t salt[VQKV_BLOCK_KEY_SALT_LEN];
 };
 
@@ -264,6 +264,62 @@ int vqkv_connect(const char *socket_path, const char *client_name, int timeout_m
 
 /* ---- models ------------------------------------------------------------------- */
 
+/* Sends env (RegisterModel or FindModel, with fd when >= 0) and keeps the
+ * model its ModelRegistered reply names: layout, or the reply's when NULL.
+ * A handle the client has already is the same model, its codebooks_ready
+ * brought up to date. */
+static int vqkv__model_call(vqkv_client_t *client, Vqkv__Envelope *env, int fd,
+                            const char *model_id, const vqkv_layout_t *layout, vqkv_model_t **model)
+{
+    Vqkv__Envelope *r;
+    int rc = vqkv__call(client, env, &fd, fd >= 0, VQKV__ENVELOPE__BODY_MODEL_REGISTERED, &r);
+    if (rc != VQKV_OK)
+        return rc;
+    Vqkv__ModelRegistered *mr = r->model_registered;
+    vqkv_model_t *m = NULL;
+    if (layout == NULL && mr->layout == NULL) {
+        rc = vqkv__fail(client, VQKV_EPROTO, "the daemon sent no layout for \"%s\"", model_id);
+        goto cleanup;
+    }
+    for (m = client->models; m != NULL; m = m->next) {
+        if (m->handle == mr->model_handle) {
+            m->codebooks_ready = mr->codebooks_ready;
+            goto cleanup;
+        }
+    }
+    m = calloc(1, sizeof *m);
+    if (m != NULL) {
+        m->model_id = vqkv__strdup(model_id);
+        m->codec = vqkv__strdup(mr->codec);
+    }
+    if (m == NULL || m->model_id == NULL || m->codec == NULL) {
+        if (m != NULL) {
+            free(m->model_id);
+            free(m->codec);
+            free(m);
+        }
+        m = NULL;
+        rc = vqkv__fail(client, VQKV_ENOMEM, "model \"%s\": out of memory", model_id);
+        goto cleanup;
+    }
+    m->handle = mr->model_handle;
+    m->block_bytes = mr->block_bytes;
+    m->codebooks_ready = mr->codebooks_ready;
+    if (layout != NULL)
+        m->layout = *layout;
+    else
+        m->layout =
+            (vqkv_layout_t){mr->layout->num_layers, mr->layout->num_kv_heads, mr->layout->head_dim,
+                            mr->layout->block_tokens, (vqkv_dtype_t)mr->layout->dtype};
+    memcpy(m->salt, client->salt, sizeof m->salt);
+    m->next = client->models;
+    client->models = m;
+cleanup:
+    vqkv_frame_envelope_free(r);
+    *model = m;
+    return rc;
+}
+
 /* RegisterModel, with the codebook file open on codebook_fd (or -1). */
 static int vqkv__register_model(vqkv_client_t *client, const char *model_id,
                                 const vqkv_layout_t *layout, const char *codec_spec,
@@ -286,46 +342,7 @@ static int vqkv__register_model(vqkv_client_t *client, const char *model_id,
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.body_case = VQKV__ENVELOPE__BODY_REGISTER_MODEL;
     env.register_model = &rm;
-    Vqkv__Envelope *r;
-    int rc = vqkv__call(client, &env, &codebook_fd, codebook_fd >= 0,
-                        VQKV__ENVELOPE__BODY_MODEL_REGISTERED, &r);
-    if (rc != VQKV_OK)
-        return rc;
-    Vqkv__ModelRegistered *mr = r->model_registered;
-    /* Registering again on a connection returns the same handle, with
-     * codebooks_ready brought up to date. */
-    for (vqkv_model_t *m = client->models; m != NULL; m = m->next) {
-        if (m->handle == mr->model_handle) {
-            m->codebooks_ready = mr->codebooks_ready;
-            vqkv_frame_envelope_free(r);
-            *model = m;
-            return VQKV_OK;
-        }
-    }
-    vqkv_model_t *m = calloc(1, sizeof *m);
-    if (m != NULL) {
-        m->model_id = vqkv__strdup(model_id);
-        m->codec = vqkv__strdup(mr->codec);
-    }
-    if (m == NULL || m->model_id == NULL || m->codec == NULL) {
-        if (m != NULL) {
-            free(m->model_id);
-            free(m->codec);
-            free(m);
-        }
-        vqkv_frame_envelope_free(r);
-        return vqkv__fail(client, VQKV_ENOMEM, "register_model: out of memory");
-    }
-    m->handle = mr->model_handle;
-    m->block_bytes = mr->block_bytes;
-    m->block_tokens = layout->block_tokens;
-    m->codebooks_ready = mr->codebooks_ready;
-    memcpy(m->salt, client->salt, sizeof m->salt);
-    vqkv_frame_envelope_free(r);
-    m->next = client->models;
-    client->models = m;
-    *model = m;
-    return VQKV_OK;
+    return vqkv__model_call(client, &env, codebook_fd, model_id, layout, model);
 }
 
 int vqkv_register_model(vqkv_client_t *client, const char *model_id, const vqkv_layout_t *layout,
@@ -348,9 +365,11 @@ int vqkv_register_model_codebook(vqkv_client_t *client, const char *model_id,
         model == NULL)
         return vqkv__fail(client, VQKV_EINVAL, "register_model_codebook: NULL argument");
     int fd = open(codebook_path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
+    if (fd < 0) {
+        *model = NULL;
         return vqkv__fail(client, VQKV_EINVAL, "register_model_codebook: %s: %s", codebook_path,
                           strerror(errno));
+    }
     int rc = vqkv__register_model(client, model_id, layout, codec_spec, fd, model);
     close(fd);
     return rc;
@@ -359,6 +378,29 @@ int vqkv_register_model_codebook(vqkv_client_t *client, const char *model_id,
 int vqkv_model_codebooks_ready(const vqkv_model_t *model)
 {
     return model != NULL && model->codebooks_ready;
+}
+
+int vqkv_model_find(vqkv_client_t *client, const char *model_id, uint32_t kv_head_first,
+                    uint32_t kv_head_count, vqkv_model_t **model)
+{
+    if (client == NULL)
+        return VQKV_EINVAL;
+    if (model_id == NULL || model == NULL)
+        return vqkv__fail(client, VQKV_EINVAL, "model_find: NULL argument");
+    *model = NULL;
+    Vqkv__FindModel fm = VQKV__FIND_MODEL__INIT;
+    fm.model_id = (char *)model_id;
+    fm.kv_head_first = kv_head_first;
+    fm.kv_head_count = kv_head_count;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_FIND_MODEL;
+    env.find_model = &fm;
+    return vqkv__model_call(client, &env, -1, model_id, NULL, model);
+}
+
+void vqkv_model_layout(const vqkv_model_t *model, vqkv_layout_t *layout)
+{
+    *layout = model->layout;
 }
 
 const char *vqkv_model_codec(const vqkv_model_t *model)
@@ -381,8 +423,8 @@ int vqkv_model_block_keys(const vqkv_model_t *model, const uint8_t *parent, cons
     memcpy(ctx.tenant_salt, model->salt, sizeof ctx.tenant_salt);
     ctx.model_id = model->model_id;
     ctx.codec_id = model->codec;
-    return vqkv_block_keys_continue(&ctx, parent, tokens, n_tokens, model->block_tokens, extra,
-                                    extra_len, keys, max_keys, n_keys);
+    return vqkv_block_keys_continue(&ctx, parent, tokens, n_tokens, model->layout.block_tokens,
+                                    extra, extra_len, keys, max_keys, n_keys);
 }
 
 /* ---- regions ------------------------------------------------------------------- */
@@ -638,6 +680,47 @@ int vqkv_unpin(vqkv_client_t *client, const vqkv_model_t *model,
     return vqkv__pin_call(client, model, keys, n, 0, 1, count);
 }
 
+int vqkv_evict(vqkv_client_t *client, const vqkv_model_t *model,
+               const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n, int all, size_t *count)
+{
+    if (client == NULL)
+        return VQKV_EINVAL;
+    if (model == NULL || (n > 0 && keys == NULL) || (all && n > 0))
+        return vqkv__fail(client, VQKV_EINVAL, "evict: bad argument");
+    ProtobufCBinaryData *k = vqkv__wire_keys(keys, n);
+    if (k == NULL)
+        return vqkv__fail(client, VQKV_ENOMEM, "evict: out of memory");
+    Vqkv__Evict e = VQKV__EVICT__INIT;
+    e.model_handle = model->handle;
+    e.n_keys = n;
+    e.keys = k;
+    e.all = all != 0;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_EVICT;
+    env.evict = &e;
+    Vqkv__Envelope *r;
+    int rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_ACK, &r);
+    free(k);
+    if (rc != VQKV_OK)
+        return rc;
+    if (count != NULL)
+        *count = r->ack->count;
+    vqkv_frame_envelope_free(r);
+    return VQKV_OK;
+}
+
+static void vqkv__tenant_stats(vqkv_tenant_stats_t *out, const Vqkv__TenantStats *t)
+{
+    snprintf(out->tenant, sizeof out->tenant, "%s", t->tenant);
+    out->hits = t->hits;
+    out->misses = t->misses;
+    out->blocks = t->blocks;
+    out->bytes_stored = t->bytes_stored;
+    out->bytes_logical = t->bytes_logical;
+    out->evictions = t->evictions;
+    out->quota_bytes = t->quota_bytes;
+}
+
 int vqkv_stats(vqkv_client_t *client, vqkv_stats_t *stats)
 {
     if (client == NULL)
@@ -663,7 +746,10 @@ int vqkv_stats(vqkv_client_t *client, vqkv_stats_t *stats)
         .clients = s->clients,
         .pool_bytes = s->pool_bytes,
         .leases = s->leases,
+        .n_tenants_total = s->n_tenants > UINT32_MAX ? UINT32_MAX : (uint32_t)s->n_tenants,
     };
+    for (size_t i = 0; i < s->n_tenants && i < VQKV_STATS_MAX_TENANTS; i++)
+        vqkv__tenant_stats(&stats->tenants[stats->n_tenants++], s->tenants[i]);
     vqkv_frame_envelope_free(r);
     return VQKV_OK;
 }

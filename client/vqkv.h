@@ -84,7 +84,24 @@ typedef enum {
     VQKV_PUT_OVER_QUOTA = 4, /* the tenant's byte quota is used up */
 } vqkv_put_status_t;
 
-/* Daemon-wide counters (vqkv_stats). Byte counts are bytes. */
+/* One tenant's counters (vqkv_stats_t.tenants). */
+typedef struct {
+    char tenant[32];        /* the daemon's name for the tenant (the uid in decimal) */
+    uint64_t hits;          /* keys its lookups found */
+    uint64_t misses;        /* keys its lookups asked for past the found prefix */
+    uint64_t blocks;        /* blocks it holds now */
+    uint64_t bytes_stored;  /* compressed bytes it holds now: what the quota limits */
+    uint64_t bytes_logical; /* the same blocks uncompressed */
+    uint64_t evictions;     /* its blocks evicted since the daemon started, for room
+                               (the pool or its quota) or by vqkv_evict */
+    uint64_t quota_bytes;   /* its quota on bytes_stored; 0 when unlimited */
+} vqkv_tenant_stats_t;
+
+/* Tenant entries vqkv_stats keeps; more are counted, not kept. */
+#define VQKV_STATS_MAX_TENANTS 64
+
+/* Daemon-wide counters and per-tenant entries (vqkv_stats). Byte counts
+ * are bytes. */
 typedef struct {
     uint64_t hits;          /* keys lookups found */
     uint64_t misses;        /* keys lookups asked for past the found prefix */
@@ -95,6 +112,12 @@ typedef struct {
     uint32_t clients;       /* connections open now */
     uint64_t pool_bytes;    /* pool capacity */
     uint64_t leases;        /* leases held now */
+    /* The caller's own tenant first; then, when the daemon's config names
+     * the caller's uid an admin, every other tenant it knows. tenants[0 ..
+     * n_tenants) are kept; n_tenants_total is how many the daemon sent. */
+    uint32_t n_tenants;
+    uint32_t n_tenants_total;
+    vqkv_tenant_stats_t tenants[VQKV_STATS_MAX_TENANTS];
 } vqkv_stats_t;
 
 /* ---- connections ---------------------------------------------------------- */
@@ -146,6 +169,18 @@ const char *vqkv_client_server_version(const vqkv_client_t *client);
 int vqkv_register_model(vqkv_client_t *client, const char *model_id, const vqkv_layout_t *layout,
                         const char *codec_spec, vqkv_model_t **model);
 
+/* Opens a model the client's tenant has already registered, on any
+ * connection, without knowing its layout or codec (an admin tool pinning
+ * or evicting a worker's blocks): model_id and the head range
+ * [kv_head_first, kv_head_first + kv_head_count); kv_head_count 0 takes
+ * the range starting at kv_head_first that was registered first (0 and 0
+ * for a model registered with vqkv_register_model). On success *model
+ * belongs to client like vqkv_register_model's, with the daemon's layout
+ * (vqkv_model_layout). VQKV_EHANDLE when the tenant has registered no such
+ * model; another tenant's models are never found. */
+int vqkv_model_find(vqkv_client_t *client, const char *model_id, uint32_t kv_head_first,
+                    uint32_t kv_head_count, vqkv_model_t **model);
+
 /* Like vqkv_register_model, with codebooks for a VQ codec from a file
  * (kernels/vqkv_codec.h vqkv_codebook_save, e.g. trained by `vqkvctl eval
  * --save-codebooks`), sent to the daemon as an fd. Without a file the daemon
@@ -166,6 +201,10 @@ int vqkv_model_codebooks_ready(const vqkv_model_t *model);
  * out; the codec_id in block keys), and the stored bytes of one block. */
 const char *vqkv_model_codec(const vqkv_model_t *model);
 uint32_t vqkv_model_block_bytes(const vqkv_model_t *model);
+
+/* The model's layout: the one registered, or for vqkv_model_find the
+ * daemon's, whose num_kv_heads counts the head range's heads. */
+void vqkv_model_layout(const vqkv_model_t *model, vqkv_layout_t *layout);
 
 /* Computes the keys of the full blocks of tokens (floor(n_tokens /
  * layout.block_tokens) of them) for model under the client's tenant: the
@@ -250,6 +289,17 @@ int vqkv_pin(vqkv_client_t *client, const vqkv_model_t *model,
  * how many blocks were unpinned. */
 int vqkv_unpin(vqkv_client_t *client, const vqkv_model_t *model,
                const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n, size_t *count);
+
+/* Removes the blocks keys[0..n) of model now, each with its descendants
+ * (a block whose parent is gone could never be looked up); a named block
+ * whose subtree holds a leased or pinned block is skipped whole, and keys
+ * not held are skipped. With all (keys NULL, n 0) every block of the model
+ * that has no leased or pinned block at or below it goes. Only the
+ * client's tenant's blocks are touched. *count (may be NULL) receives how
+ * many blocks were removed; they count as evictions. At most 65536 keys a
+ * call. */
+int vqkv_evict(vqkv_client_t *client, const vqkv_model_t *model,
+               const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n, int all, size_t *count);
 
 /* The daemon's counters into *stats. */
 int vqkv_stats(vqkv_client_t *client, vqkv_stats_t *stats);

@@ -4,9 +4,11 @@
  * with --json one JSON document on stdout, and exits non-zero with a
  * message on stderr when anything fails.
  *   eval    codec fidelity on a KV dump (see eval.h)
- *   stats   the daemon's counters (libvqkv, vqkv.h)
+ *   stats   the daemon's counters, totals and per tenant (libvqkv, vqkv.h)
  *   health  exit 0 when the daemon answers Hello, non-zero otherwise
- * --socket PATH before stats or health names the daemon's socket (default:
+ *   pin, unpin, evict   act on the full blocks of a token sequence (or, for
+ *           evict, of a whole model) of a model the tenant registered
+ * --socket PATH before the daemon's commands names its socket (default:
  * $XDG_RUNTIME_DIR/vqkv/vqkv.sock, or /run/vqkv/vqkv.sock as root).
  */
 #include "eval.h"
@@ -28,9 +30,24 @@ static void vqkvctl_usage(FILE *out)
     fputs("usage: vqkvctl eval --kv FILE --codec SPEC [--codec SPEC ...] [options]\n"
           "       vqkvctl [--socket PATH] stats [--json]\n"
           "       vqkvctl [--socket PATH] health\n"
+          "       vqkvctl [--socket PATH] pin --model ID [--heads FIRST:COUNT]\n"
+          "               (--tokens 1,2,3,...|--tokens-file FILE) [--ttl-ms N] [--json]\n"
+          "       vqkvctl [--socket PATH] unpin --model ID [--heads FIRST:COUNT]\n"
+          "               (--tokens 1,2,3,...|--tokens-file FILE) [--json]\n"
+          "       vqkvctl [--socket PATH] evict --model ID [--heads FIRST:COUNT]\n"
+          "               (--tokens 1,2,3,...|--tokens-file FILE|--all) [--json]\n"
           "\n"
-          "stats: the daemon's counters (blocks, bytes, hits, misses, evictions, ...).\n"
+          "stats: the daemon's counters (blocks, bytes, hits, misses, evictions, ...), in\n"
+          "total and per tenant (every tenant for an admin, else the caller's own).\n"
           "health: exit 0 when the daemon answers, 1 with a message otherwise.\n"
+          "pin, unpin, evict: the full blocks of the token ids (decimal, separated by\n"
+          "commas or white space) of a model this user's workers registered, keyed as\n"
+          "they key them. evict also takes each block's descendants; --all evicts\n"
+          "every block of the model that is not leased or pinned (nor above one).\n"
+          "  --heads FIRST:COUNT   the registered kv head range (default: the one\n"
+          "                        starting at head 0)\n"
+          "  --ttl-ms N            how long the pin lasts (default: 4294967295, about\n"
+          "                        49 days; unpin ends it)\n"
           "  --socket PATH         the daemon's socket (default: $XDG_RUNTIME_DIR/vqkv/vqkv.sock,\n"
           "                        or /run/vqkv/vqkv.sock as root)\n"
           "\n"
@@ -261,6 +278,21 @@ static int vqkvctl_stats(int argc, char **argv, const char *socket_path)
         json_object_object_add(o, "clients", json_object_new_uint64(st.clients));
         json_object_object_add(o, "leases", json_object_new_uint64(st.leases));
         json_object_object_add(o, "pool_bytes", json_object_new_uint64(st.pool_bytes));
+        struct json_object *tenants = json_object_new_array();
+        for (uint32_t i = 0; i < st.n_tenants; i++) {
+            const vqkv_tenant_stats_t *t = &st.tenants[i];
+            struct json_object *to = json_object_new_object();
+            json_object_object_add(to, "tenant", json_object_new_string(t->tenant));
+            json_object_object_add(to, "blocks", json_object_new_uint64(t->blocks));
+            json_object_object_add(to, "bytes_stored", json_object_new_uint64(t->bytes_stored));
+            json_object_object_add(to, "bytes_logical", json_object_new_uint64(t->bytes_logical));
+            json_object_object_add(to, "hits", json_object_new_uint64(t->hits));
+            json_object_object_add(to, "misses", json_object_new_uint64(t->misses));
+            json_object_object_add(to, "evictions", json_object_new_uint64(t->evictions));
+            json_object_object_add(to, "quota_bytes", json_object_new_uint64(t->quota_bytes));
+            json_object_array_add(tenants, to);
+        }
+        json_object_object_add(o, "tenants", tenants);
         printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY));
         json_object_put(o);
     } else {
@@ -275,8 +307,238 @@ static int vqkvctl_stats(int argc, char **argv, const char *socket_path)
         printf("clients        %u\n", st.clients);
         printf("leases         %llu\n", (unsigned long long)st.leases);
         printf("pool_bytes     %llu\n", (unsigned long long)st.pool_bytes);
+        printf("\n%-12s %10s %14s %14s %10s %10s %10s %14s\n", "tenant", "blocks", "bytes_stored",
+               "bytes_logical", "hits", "misses", "evictions", "quota_bytes");
+        for (uint32_t i = 0; i < st.n_tenants; i++) {
+            const vqkv_tenant_stats_t *t = &st.tenants[i];
+            char quota[24] = "unlimited";
+            if (t->quota_bytes != 0)
+                snprintf(quota, sizeof quota, "%llu", (unsigned long long)t->quota_bytes);
+            printf("%-12s %10llu %14llu %14llu %10llu %10llu %10llu %14s\n", t->tenant,
+                   (unsigned long long)t->blocks, (unsigned long long)t->bytes_stored,
+                   (unsigned long long)t->bytes_logical, (unsigned long long)t->hits,
+                   (unsigned long long)t->misses, (unsigned long long)t->evictions, quota);
+        }
     }
     return 0;
+}
+
+/* ---- pin, unpin, evict -------------------------------------------------------- */
+
+/* What pin, unpin and evict act on. */
+typedef struct {
+    const char *model;
+    uint32_t head_first, head_count; /* count 0: the range registered first */
+    uint32_t *tokens;
+    size_t n_tokens, cap_tokens;
+    uint32_t ttl_ms;
+    bool has_tokens, has_ttl, all, json;
+} vqkvctl_blocks_t;
+
+/* Appends the token ids in text (decimal, separated by commas or white
+ * space) to b->tokens; false on anything else. */
+static bool vqkvctl_parse_tokens(vqkvctl_blocks_t *b, const char *text)
+{
+    const char *sep = ", \t\r\n";
+    const char *p = text + strspn(text, sep);
+    while (*p != '\0') {
+        size_t len = strcspn(p, sep);
+        char word[16];
+        uint64_t v;
+        if (len >= sizeof word)
+            return false;
+        memcpy(word, p, len);
+        word[len] = '\0';
+        if (!vqkvctl_parse_u64(word, UINT32_MAX, &v))
+            return false;
+        if (b->n_tokens == b->cap_tokens) {
+            size_t cap = b->cap_tokens ? 2 * b->cap_tokens : 256;
+            uint32_t *grown = realloc(b->tokens, cap * sizeof *grown);
+            if (grown == NULL)
+                return false;
+            b->tokens = grown;
+            b->cap_tokens = cap;
+        }
+        b->tokens[b->n_tokens++] = (uint32_t)v;
+        p += len;
+        p += strspn(p, sep);
+    }
+    b->has_tokens = true;
+    return true;
+}
+
+/* The token ids of a file (the whole file is read: token lists are small). */
+static bool vqkvctl_parse_tokens_file(vqkvctl_blocks_t *b, const char *path)
+{
+    FILE *f = fopen(path, "r");
+    if (f == NULL)
+        return false;
+    char *text = NULL;
+    size_t len = 0, cap = 0, got;
+    bool ok = true;
+    do {
+        if (len + 4096 + 1 > cap) {
+            cap = cap ? 2 * cap : 8192;
+            char *grown = realloc(text, cap);
+            if (grown == NULL) {
+                ok = false;
+                break;
+            }
+            text = grown;
+        }
+        got = fread(text + len, 1, cap - len - 1, f);
+        len += got;
+    } while (got > 0);
+    ok = ok && !ferror(f);
+    fclose(f);
+    if (ok) {
+        text[len] = '\0';
+        ok = memchr(text, '\0', len) == NULL && vqkvctl_parse_tokens(b, text);
+    }
+    free(text);
+    return ok;
+}
+
+/* Parses the options of cmd; 0, or the exit status of a usage error. */
+static int vqkvctl_blocks_parse(const char *cmd, int argc, char **argv, vqkvctl_blocks_t *b)
+{
+    static const struct option options[] = {
+        {"model", required_argument, NULL, 'm'},  {"heads", required_argument, NULL, 'H'},
+        {"tokens", required_argument, NULL, 't'}, {"tokens-file", required_argument, NULL, 'f'},
+        {"ttl-ms", required_argument, NULL, 'T'}, {"all", no_argument, NULL, 'a'},
+        {"json", no_argument, NULL, 'J'},         {NULL, 0, NULL, 0},
+    };
+    bool pin = strcmp(cmd, "pin") == 0, evict = strcmp(cmd, "evict") == 0;
+    uint64_t num, first, count;
+    int c;
+    while ((c = getopt_long(argc, argv, "", options, NULL)) != -1) {
+        switch (c) {
+        case 'm': b->model = optarg; break;
+        case 'H': {
+            char *colon = strchr(optarg, ':');
+            if (colon == NULL) {
+                fprintf(stderr, "vqkvctl %s: --heads takes FIRST:COUNT\n", cmd);
+                return 2;
+            }
+            *colon = '\0';
+            if (!vqkvctl_parse_u64(optarg, UINT32_MAX, &first) ||
+                !vqkvctl_parse_u64(colon + 1, UINT32_MAX, &count) || count == 0) {
+                fprintf(stderr, "vqkvctl %s: --heads takes FIRST:COUNT, COUNT > 0\n", cmd);
+                return 2;
+            }
+            b->head_first = (uint32_t)first;
+            b->head_count = (uint32_t)count;
+            break;
+        }
+        case 't':
+        case 'f':
+            if (!(c == 't' ? vqkvctl_parse_tokens(b, optarg)
+                           : vqkvctl_parse_tokens_file(b, optarg))) {
+                fprintf(stderr, "vqkvctl %s: %s%s is not a list of token ids\n", cmd,
+                        c == 't' ? "" : "the file ", optarg);
+                return 2;
+            }
+            break;
+        case 'T':
+            if (!pin || !vqkvctl_parse_u64(optarg, UINT32_MAX, &num) || num == 0) {
+                fprintf(stderr, "vqkvctl %s: --ttl-ms is pin's, from 1 to %u\n", cmd,
+                        (unsigned)UINT32_MAX);
+                return 2;
+            }
+            b->ttl_ms = (uint32_t)num;
+            b->has_ttl = true;
+            break;
+        case 'a':
+            if (!evict) {
+                vqkvctl_usage(stderr);
+                return 2;
+            }
+            b->all = true;
+            break;
+        case 'J': b->json = true; break;
+        default: vqkvctl_usage(stderr); return 2;
+        }
+    }
+    if (b->model == NULL || optind != argc || b->has_tokens == b->all) {
+        vqkvctl_usage(stderr);
+        return 2;
+    }
+    /* A pin with ttl_ms 0 would end as vqkvctl disconnects: the longest
+     * TTL the protocol carries instead. */
+    if (pin && !b->has_ttl)
+        b->ttl_ms = UINT32_MAX;
+    return 0;
+}
+
+/* pin, unpin and evict: find the model, key the tokens, act, report. */
+static int vqkvctl_blocks(int argc, char **argv, const char *socket_path)
+{
+    const char *cmd = argv[0];
+    vqkvctl_blocks_t b = {0};
+    uint8_t(*keys)[VQKV_KEY_BYTES] = NULL;
+    vqkv_client_t *client = NULL;
+    size_t n_keys = 0, count = 0;
+    int status = vqkvctl_blocks_parse(cmd, argc, argv, &b);
+    if (status != 0)
+        goto cleanup;
+    status = 1;
+    client = vqkvctl_connect(cmd, socket_path);
+    if (client == NULL)
+        goto cleanup;
+    vqkv_model_t *m;
+    int rc = vqkv_model_find(client, b.model, b.head_first, b.head_count, &m);
+    if (rc == VQKV_OK && !b.all) {
+        vqkv_layout_t layout;
+        vqkv_model_layout(m, &layout);
+        size_t max = b.n_tokens / layout.block_tokens;
+        if (max == 0) {
+            fprintf(stderr, "vqkvctl %s: %zu tokens make no full block of %u\n", cmd, b.n_tokens,
+                    (unsigned)layout.block_tokens);
+            goto cleanup;
+        }
+        keys = malloc(max * sizeof *keys);
+        rc = keys == NULL ? VQKV_ENOMEM
+                          : vqkv_model_block_keys(m, NULL, b.tokens, b.n_tokens, NULL, 0, keys, max,
+                                                  &n_keys);
+    }
+    if (rc == VQKV_OK) {
+        if (strcmp(cmd, "pin") == 0)
+            rc = vqkv_pin(client, m, (const uint8_t(*)[VQKV_KEY_BYTES])keys, n_keys, b.ttl_ms,
+                          &count);
+        else if (strcmp(cmd, "unpin") == 0)
+            rc = vqkv_unpin(client, m, (const uint8_t(*)[VQKV_KEY_BYTES])keys, n_keys, &count);
+        else
+            rc = vqkv_evict(client, m, (const uint8_t(*)[VQKV_KEY_BYTES])keys, n_keys, b.all,
+                            &count);
+    }
+    if (rc != VQKV_OK) {
+        fprintf(stderr, "vqkvctl %s: model \"%s\": %s: %s\n", cmd, b.model,
+                vqkv_client_strerror(rc), vqkv_last_error(client));
+        goto cleanup;
+    }
+    /* "pinned", "unpinned", "evicted". */
+    char done[16];
+    snprintf(done, sizeof done, "%s%s", cmd, strcmp(cmd, "evict") == 0 ? "ed" : "ned");
+    if (b.json) {
+        struct json_object *o = json_object_new_object();
+        json_object_object_add(o, "model", json_object_new_string(b.model));
+        if (!b.all)
+            json_object_object_add(o, "blocks", json_object_new_uint64(n_keys));
+        json_object_object_add(o, done, json_object_new_uint64(count));
+        printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY));
+        json_object_put(o);
+    } else if (b.all) {
+        printf("%s %zu blocks of %s\n", done, count, b.model);
+    } else {
+        printf("%s %zu of %zu blocks of %s\n", done, count, n_keys, b.model);
+    }
+    status = 0;
+
+cleanup:
+    vqkv_close(client);
+    free(keys);
+    free(b.tokens);
+    return status;
 }
 
 int main(int argc, char **argv)
@@ -305,6 +567,9 @@ int main(int argc, char **argv)
         return vqkvctl_stats(argc - i, argv + i, socket_path);
     if (i < argc && strcmp(argv[i], "health") == 0)
         return vqkvctl_health(argc - i, argv + i, socket_path);
+    if (i < argc && (strcmp(argv[i], "pin") == 0 || strcmp(argv[i], "unpin") == 0 ||
+                     strcmp(argv[i], "evict") == 0))
+        return vqkvctl_blocks(argc - i, argv + i, socket_path);
     fprintf(stderr, "vqkvctl: unknown command '%s'\n", i < argc ? argv[i] : "");
     vqkvctl_usage(stderr);
     return 2;

@@ -312,6 +312,8 @@ static const char *vqkvd__body_name(Vqkv__Envelope__BodyCase body)
     case VQKV__ENVELOPE__BODY_ACK: return "Ack";
     case VQKV__ENVELOPE__BODY_STATS: return "Stats";
     case VQKV__ENVELOPE__BODY_STATS_REPLY: return "StatsReply";
+    case VQKV__ENVELOPE__BODY_EVICT: return "Evict";
+    case VQKV__ENVELOPE__BODY_FIND_MODEL: return "FindModel";
     default: return "nothing";
     }
 }
@@ -360,17 +362,17 @@ static void vqkvd__handle_hello(vqkvd_client_t *c, const Vqkv__Envelope *req)
 static void vqkvd__handle_stats(vqkvd_client_t *c, const Vqkv__Envelope *req)
 {
     Vqkv__StatsReply st = VQKV__STATS_REPLY__INIT;
-    Vqkv__TenantStats ts = VQKV__TENANT_STATS__INIT;
-    vqkvd_session_stats(c, &st, &ts);
+    if (vqkvd_session_stats(c, &st) != VQKV_OK) {
+        vqkvd__reply_error(c, req->request_id, 1, VQKV_ENOMEM, "out of memory");
+        return;
+    }
     st.clients = c->server->n_clients;
-    Vqkv__TenantStats *tenants[1] = {&ts};
-    st.n_tenants = 1;
-    st.tenants = tenants;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.request_id = req->request_id;
     env.body_case = VQKV__ENVELOPE__BODY_STATS_REPLY;
     env.stats_reply = &st;
     vqkvd__reply(c, &env, 1);
+    free(st.tenants);
 }
 
 static void vqkvd__dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
@@ -402,7 +404,9 @@ static void vqkvd__dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_f
     case VQKV__ENVELOPE__BODY_GET:
     case VQKV__ENVELOPE__BODY_RELEASE:
     case VQKV__ENVELOPE__BODY_PIN:
-    case VQKV__ENVELOPE__BODY_UNPIN: vqkvd_session_dispatch(c, req, frame); return;
+    case VQKV__ENVELOPE__BODY_UNPIN:
+    case VQKV__ENVELOPE__BODY_EVICT:
+    case VQKV__ENVELOPE__BODY_FIND_MODEL: vqkvd_session_dispatch(c, req, frame); return;
     default:
         vqkvd__reply_error(c, req->request_id, 1, VQKV_EPROTO, "%s is a reply, not a request",
                            name);

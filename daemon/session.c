@@ -2,7 +2,8 @@
  * (worker KV memory, opened by the backend), Put (encode blocks out of the
  * region into the pool), Lookup (longest present prefix, leased), Get
  * (decode leased blocks into the region), Release, Pin and Unpin (keep
- * blocks from eviction), and the store counters of Stats. Every index a
+ * blocks from eviction), Evict and FindModel (what an admin tool needs to
+ * act on a tenant's blocks), and the store counters of Stats. Every index a
  * request carries is checked here; the backend (backend.h) only ever sees
  * checked slots.
  *
@@ -21,6 +22,7 @@
  * nothing: the work finishes against the still-mapped region, Put results
  * are still stored (the bytes are good), and the reply is dropped.
  */
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -105,7 +107,13 @@ int vqkvd_session_start(vqkvd_server_t *s)
         return rc == VQKV_ENOMEM ? -ENOMEM : -EINVAL;
     }
     rc = vqkvd_store_init(&s->store, &s->pool, VQKVD_HIGH_WATER, VQKVD_LOW_WATER, NULL);
+    /* Quotas are the config's, fixed for the daemon's life: set once. */
+    vqkvd_store_set_default_quota(&s->store, s->cfg.default_quota_bytes);
+    for (size_t i = 0; i < s->cfg.n_quotas && rc == VQKV_OK; i++)
+        rc =
+            vqkvd_store_set_quota(&s->store, (uint32_t)s->cfg.quota_uids[i], s->cfg.quota_bytes[i]);
     if (rc != VQKV_OK) {
+        vqkvd_store_destroy(&s->store);
         vqkvd_pool_destroy(&s->pool);
         return -ENOMEM;
     }
@@ -139,7 +147,36 @@ void vqkvd_session_destroy(vqkvd_server_t *s)
     vqkvd_pool_destroy(&s->pool);
 }
 
-void vqkvd_session_stats(vqkvd_client_t *c, Vqkv__StatsReply *st, Vqkv__TenantStats *ts)
+/* A StatsReply tenant entry with the room for its name. */
+typedef struct {
+    Vqkv__TenantStats ts;
+    char name[16]; /* the uid in decimal */
+} vqkvd_tenant_entry_t;
+
+static void vqkvd__tenant_entry(vqkvd_tenant_entry_t *e, const vqkvd_tenant_stats_t *t)
+{
+    vqkv__tenant_stats__init(&e->ts);
+    snprintf(e->name, sizeof e->name, "%u", (unsigned)t->tenant);
+    e->ts.tenant = e->name;
+    e->ts.hits = t->hits;
+    e->ts.misses = t->misses;
+    e->ts.blocks = t->blocks;
+    e->ts.bytes_stored = t->bytes_stored;
+    e->ts.bytes_logical = t->bytes_logical;
+    e->ts.evictions = t->evictions;
+    e->ts.quota_bytes = t->quota_bytes;
+}
+
+static int vqkvd__is_admin(const vqkvd_client_t *c)
+{
+    const vqkvd_config_t *cfg = &c->server->cfg;
+    for (size_t i = 0; i < cfg->n_admin_uids; i++)
+        if (cfg->admin_uids[i] == c->uid)
+            return 1;
+    return 0;
+}
+
+int vqkvd_session_stats(vqkvd_client_t *c, Vqkv__StatsReply *st)
 {
     vqkvd_server_t *s = c->server;
     vqkvd_store_stats_t ss;
@@ -154,12 +191,28 @@ void vqkvd_session_stats(vqkvd_client_t *c, Vqkv__StatsReply *st, Vqkv__TenantSt
     st->evictions = ss.evictions;
     st->leases = ss.leases;
     st->pool_bytes = ps.usable_bytes;
+
+    /* The pointers, then the entries, in one allocation: room for the
+     * caller's own entry and every tenant the store knows. */
+    uint32_t own = (uint32_t)c->uid;
+    size_t cap = vqkvd__is_admin(c) ? (size_t)s->store.n_tenants + 1 : 1;
+    size_t ptr_bytes = cap * sizeof *st->tenants;
+    Vqkv__TenantStats **tenants = calloc(1, ptr_bytes + cap * sizeof(vqkvd_tenant_entry_t));
+    if (tenants == NULL)
+        return VQKV_ENOMEM;
+    vqkvd_tenant_entry_t *entries = (vqkvd_tenant_entry_t *)((uint8_t *)tenants + ptr_bytes);
     vqkvd_tenant_stats_t t;
-    vqkvd_store_tenant_stats(&s->store, (uint32_t)c->uid, &t);
-    ts->tenant = c->tenant;
-    ts->blocks = t.blocks;
-    ts->bytes_stored = t.bytes_stored;
-    ts->bytes_logical = t.bytes_logical;
+    vqkvd_store_tenant_stats(&s->store, own, &t);
+    vqkvd__tenant_entry(&entries[0], &t);
+    size_t n = 1;
+    for (uint32_t i = 0; n < cap && i < s->store.n_tenants; i++)
+        if (s->store.tenants[i].tenant != own)
+            vqkvd__tenant_entry(&entries[n++], &s->store.tenants[i]);
+    for (size_t i = 0; i < n; i++)
+        tenants[i] = &entries[i].ts;
+    st->n_tenants = n;
+    st->tenants = tenants;
+    return VQKV_OK;
 }
 
 /* ---- handles ------------------------------------------------------------- */
@@ -276,6 +329,30 @@ fail:
         free(m->model_id);
     free(m);
     return NULL;
+}
+
+/* ModelRegistered for m: the reply to RegisterModel and FindModel. */
+static void vqkvd__model_reply(vqkvd_client_t *c, uint64_t id, const vqkvd_model_t *m)
+{
+    Vqkv__Layout wl = VQKV__LAYOUT__INIT;
+    wl.num_layers = m->layout.num_layers;
+    wl.num_kv_heads = m->layout.num_kv_heads;
+    wl.head_dim = m->layout.head_dim;
+    wl.block_tokens = m->layout.block_tokens;
+    wl.dtype = (Vqkv__DType)m->layout.dtype;
+    Vqkv__ModelRegistered mr = VQKV__MODEL_REGISTERED__INIT;
+    mr.model_handle = m->id;
+    mr.codec = (char *)vqkv_codec_spec(m->codec);
+    mr.block_bytes = m->block_bytes;
+    mr.codebooks_ready = m->ready;
+    mr.layout = &wl;
+    mr.kv_head_first = m->kv_head_first;
+    mr.kv_head_count = m->kv_head_count;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.request_id = id;
+    env.body_case = VQKV__ENVELOPE__BODY_MODEL_REGISTERED;
+    env.model_registered = &mr;
+    vqkvd_client_reply(c, &env);
 }
 
 /* A fresh codec like m's holding the codebook file open on fd; NULL with
@@ -447,16 +524,7 @@ static void vqkvd__register_model(vqkvd_client_t *c, const Vqkv__Envelope *req,
     if (vqkvd__client_model(c, m->id) == NULL)
         c->models[c->n_models++] = m->id;
 
-    Vqkv__ModelRegistered mr = VQKV__MODEL_REGISTERED__INIT;
-    mr.model_handle = m->id;
-    mr.codec = (char *)vqkv_codec_spec(m->codec);
-    mr.block_bytes = m->block_bytes;
-    mr.codebooks_ready = m->ready;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.request_id = id;
-    env.body_case = VQKV__ENVELOPE__BODY_MODEL_REGISTERED;
-    env.model_registered = &mr;
-    vqkvd_client_reply(c, &env);
+    vqkvd__model_reply(c, id, m);
 
 cleanup:
     vqkv_codec_free(codec);
@@ -640,6 +708,8 @@ static void vqkvd__put_done(vqkvd_job_t *j)
             status[i] = VQKV__PUT_STATUS__PUT_PRESENT;
         } else if (rc == VQKVD_STORE_NOPARENT) {
             status[i] = VQKV__PUT_STATUS__PUT_NO_PARENT;
+        } else if (rc == VQKV_EQUOTA) {
+            status[i] = VQKV__PUT_STATUS__PUT_OVER_QUOTA;
         } else {
             status[i] = VQKV__PUT_STATUS__PUT_NO_SPACE;
         }
@@ -1093,6 +1163,84 @@ static void vqkvd__unpin(vqkvd_client_t *c, const Vqkv__Envelope *req)
     vqkvd__ack(c, id, count);
 }
 
+/* ---- Evict, FindModel ---------------------------------------------------------- */
+
+static void vqkvd__evict(vqkvd_client_t *c, const Vqkv__Envelope *req)
+{
+    vqkvd_server_t *s = c->server;
+    const Vqkv__Evict *e = req->evict;
+    uint64_t id = req->request_id;
+    vqkvd_model_t *m = vqkvd__keys_check(c, id, "an evict", e->model_handle, e->n_keys, e->keys);
+    if (m == NULL)
+        return;
+    if (e->all && e->n_keys > 0) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "an evict names keys or sets all, not both");
+        return;
+    }
+    uint8_t *keys = malloc(e->n_keys ? e->n_keys * VQKVD_KEY_BYTES : 1);
+    if (keys == NULL) {
+        vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
+        return;
+    }
+    for (size_t i = 0; i < e->n_keys; i++)
+        memcpy(keys + i * VQKVD_KEY_BYTES, e->keys[i].data, VQKVD_KEY_BYTES);
+    int64_t n = vqkvd_store_evict(&s->store, (uint32_t)c->uid, m->id, keys, (uint32_t)e->n_keys,
+                                  e->all, uv_now(s->loop));
+    free(keys);
+    if (n < 0) {
+        vqkvd_client_error(c, id, (int)n, "evict: %s", vqkv_proto_strerror((int)n));
+        return;
+    }
+    vqkvd_log(VQKVD_LOG_DEBUG, "client %llu: evicted %lld blocks of model %u",
+              (unsigned long long)c->id, (long long)n, (unsigned)m->id);
+    vqkvd__ack(c, id, n > UINT32_MAX ? UINT32_MAX : (uint32_t)n);
+}
+
+/* The model a FindModel names, of c's tenant only; kv_head_count 0 takes
+ * the first registered with kv_head_first. O(models): finds are rare. */
+static vqkvd_model_t *vqkvd__find_tenant_model(const vqkvd_client_t *c, const Vqkv__FindModel *fm)
+{
+    const vqkvd_server_t *s = c->server;
+    for (uint32_t i = 0; i < s->n_models; i++) {
+        vqkvd_model_t *m = s->models[i];
+        if (m->tenant == (uint32_t)c->uid && m->kv_head_first == fm->kv_head_first &&
+            (fm->kv_head_count == 0 || m->kv_head_count == fm->kv_head_count) &&
+            strcmp(m->model_id, fm->model_id) == 0)
+            return m;
+    }
+    return NULL;
+}
+
+static void vqkvd__find_model(vqkvd_client_t *c, const Vqkv__Envelope *req)
+{
+    const Vqkv__FindModel *fm = req->find_model;
+    uint64_t id = req->request_id;
+
+    size_t id_len = strlen(fm->model_id);
+    if (id_len == 0 || id_len > VQKVD_MODEL_ID_MAX) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "model_id must have 1 to %d bytes, not %zu",
+                           VQKVD_MODEL_ID_MAX, id_len);
+        return;
+    }
+    vqkvd_model_t *m = vqkvd__find_tenant_model(c, fm);
+    if (m == NULL) {
+        vqkvd_client_error(
+            c, id, VQKV_EHANDLE, "tenant %s has registered no model \"%s\" with heads [%u, +%u)",
+            c->tenant, fm->model_id, (unsigned)fm->kv_head_first, (unsigned)fm->kv_head_count);
+        return;
+    }
+    if (vqkvd__client_model(c, m->id) == NULL) {
+        if (c->n_models == VQKVD_CLIENT_MAX_MODELS) {
+            vqkvd_client_error(c, id, VQKV_ELIMIT, "a connection may register %d models",
+                               VQKVD_CLIENT_MAX_MODELS);
+            return;
+        }
+        c->models[c->n_models++] = m->id;
+    }
+
+    vqkvd__model_reply(c, id, m);
+}
+
 void vqkvd_session_dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
 {
     switch (req->body_case) {
@@ -1104,6 +1252,8 @@ void vqkvd_session_dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_f
     case VQKV__ENVELOPE__BODY_RELEASE: vqkvd__release(c, req); return;
     case VQKV__ENVELOPE__BODY_PIN: vqkvd__pin(c, req); return;
     case VQKV__ENVELOPE__BODY_UNPIN: vqkvd__unpin(c, req); return;
+    case VQKV__ENVELOPE__BODY_EVICT: vqkvd__evict(c, req); return;
+    case VQKV__ENVELOPE__BODY_FIND_MODEL: vqkvd__find_model(c, req); return;
     default: vqkvd_client_error(c, req->request_id, VQKV_EPROTO, "not a block request"); return;
     }
 }

@@ -1,6 +1,6 @@
 /* session.h -- what server.c (connections, framing, replies) and session.c
  * (the block requests: models, regions, Put, Lookup, Get, Release, Pin,
- * Unpin) share.
+ * Unpin, Evict, FindModel) share.
  * Private to the daemon; nothing outside daemon/ includes it.
  *
  * Lifetimes. A client is referenced by its connection (dropped once libuv
@@ -144,7 +144,10 @@ void vqkvd_session_dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_f
  * undone, regions dropped. */
 void vqkvd_session_client_gone(vqkvd_client_t *c);
 
-/* session.c: fills the store part of a StatsReply (tenant: the client's). */
-void vqkvd_session_stats(vqkvd_client_t *c, Vqkv__StatsReply *st, Vqkv__TenantStats *ts);
+/* session.c: fills the store part of a StatsReply and its tenants: the
+ * client's own first, then, for a peer in cfg.admin_uids, every other
+ * tenant the store knows. st->tenants is one allocation, entries included:
+ * free(st->tenants) once the reply is packed. VQKV_OK or VQKV_ENOMEM. */
+int vqkvd_session_stats(vqkvd_client_t *c, Vqkv__StatsReply *st);
 
 #endif

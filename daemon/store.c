@@ -7,6 +7,11 @@
  * stable for as long as it is present, which is what lets leases and
  * children point at blocks directly (a leased block or a parent is never
  * evicted, so those pointers never dangle).
+ *
+ * Tenants are a small array of counters, one entry per tenant seen (or
+ * given a quota). A block's bytes are added to its tenant's entry when it
+ * is inserted and taken off when it goes, the same moments the totals
+ * change, so the entries always sum to the totals.
  */
 #include "store.h"
 
@@ -176,6 +181,7 @@ static vqkvd_tenant_stats_t *tenant_get(vqkvd_store_t *s, uint32_t tenant)
     t = &s->tenants[s->n_tenants++];
     memset(t, 0, sizeof(*t));
     t->tenant = tenant;
+    t->quota_bytes = s->default_quota_bytes;
     return t;
 }
 
@@ -186,8 +192,8 @@ static int block_evictable(const vqkvd_block_t *b, uint64_t now)
     return b->children == 0 && b->refs == 0 && b->pin_until <= now;
 }
 
-/* Unlinks b from everything, gives its slot back and frees it. b must be a
- * leaf without leases. O(bucket chain). */
+/* Unlinks b from everything, gives its slot back and frees it, counting
+ * an eviction. b must be a leaf without leases. O(bucket chain). */
 static void block_remove(vqkvd_store_t *s, vqkvd_block_t *b)
 {
     vqkvd_block_t **pp = bucket_of(s, b->tenant, b->model, b->key);
@@ -203,7 +209,9 @@ static void block_remove(vqkvd_store_t *s, vqkvd_block_t *b)
         t->blocks--;
         t->bytes_stored -= b->stored_bytes;
         t->bytes_logical -= b->logical_bytes;
+        t->evictions++;
     }
+    s->stats.evictions++;
     s->stats.blocks--;
     s->stats.bytes_stored -= b->stored_bytes;
     s->stats.bytes_logical -= b->logical_bytes;
@@ -211,23 +219,26 @@ static void block_remove(vqkvd_store_t *s, vqkvd_block_t *b)
 }
 
 /* Evicts least recently used evictable leaves: of class cls only and just
- * one when cls >= 0 (an alloc of that class failed), else any class until
- * the pool holds at most target bytes. Returns how many went.
+ * one when cls >= 0 (an alloc of that class failed); else of tenant t only
+ * until it holds at most target bytes when t is not NULL (its quota); else
+ * any until the pool holds at most target bytes. Returns how many went.
  *
  * When an evicted block's parent becomes a leaf and is older than where the
  * scan stands, the scan steps back to it: everything older than the cursor
  * was looked at already and only that parent changed, so the order stays
  * strictly LRU among leaves. */
-static uint64_t evict(vqkvd_store_t *s, uint64_t now, uint64_t target, int cls)
+static uint64_t evict(vqkvd_store_t *s, uint64_t now, uint64_t target, int cls,
+                      const vqkvd_tenant_stats_t *t)
 {
     uint64_t n = 0;
     vqkvd_block_t *b = s->lru_head;
 
     while (b != NULL) {
-        if (cls < 0 && s->pool->bytes_stored <= target)
+        if (cls < 0 && (t != NULL ? t->bytes_stored : s->pool->bytes_stored) <= target)
             break;
         vqkvd_block_t *next = b->lru_next;
-        if (block_evictable(b, now) && (cls < 0 || b->cls == (uint32_t)cls)) {
+        if (block_evictable(b, now) && (cls < 0 || b->cls == (uint32_t)cls) &&
+            (t == NULL || b->tenant == t->tenant)) {
             vqkvd_block_t *parent = b->parent;
             block_remove(s, b);
             n++;
@@ -239,7 +250,6 @@ static uint64_t evict(vqkvd_store_t *s, uint64_t now, uint64_t target, int cls)
         }
         b = next;
     }
-    s->stats.evictions += n;
     return n;
 }
 
@@ -302,7 +312,7 @@ int vqkvd_store_insert(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const 
 {
     vqkvd_block_t *parent = NULL, *b = NULL;
     uint64_t h = 0;
-    int rc;
+    int rc = VQKV_OK;
 
     if (key == NULL || slot == NULL || cls >= s->pool->n_classes)
         return VQKV_EINVAL;
@@ -329,15 +339,23 @@ int vqkvd_store_insert(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const 
      * hold it so that making room for b cannot take it. */
     if (parent != NULL)
         parent->refs++;
-    if (s->pool->bytes_stored + slot_bytes > s->high_bytes)
-        evict(s, now, s->low_bytes, -1);
-    rc = vqkvd_pool_alloc(s->pool, cls, &h);
+    /* The quota first: what the tenant evicts for it also makes room in
+     * the pool. */
+    if (t->quota_bytes != 0 && t->bytes_stored + slot_bytes > t->quota_bytes) {
+        if (slot_bytes <= t->quota_bytes)
+            evict(s, now, t->quota_bytes - slot_bytes, -1, t);
+        rc = t->bytes_stored + slot_bytes > t->quota_bytes ? VQKV_EQUOTA : VQKV_OK;
+    }
+    if (rc == VQKV_OK && s->pool->bytes_stored + slot_bytes > s->high_bytes)
+        evict(s, now, s->low_bytes, -1, NULL);
+    if (rc == VQKV_OK)
+        rc = vqkvd_pool_alloc(s->pool, cls, &h);
     if (rc == VQKV_ENOMEM) {
         /* Other classes may hold the free memory; then only this class's
          * own blocks can make room. */
-        evict(s, now, s->low_bytes, -1);
+        evict(s, now, s->low_bytes, -1, NULL);
         rc = vqkvd_pool_alloc(s->pool, cls, &h);
-        if (rc == VQKV_ENOMEM && evict(s, now, 0, (int)cls) > 0)
+        if (rc == VQKV_ENOMEM && evict(s, now, 0, (int)cls, NULL) > 0)
             rc = vqkvd_pool_alloc(s->pool, cls, &h);
     }
     if (parent != NULL)
@@ -438,6 +456,9 @@ int vqkvd_store_lookup(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const 
     if ((keys == NULL && n > 0) || n > VQKVD_STORE_MAX_CHAIN ||
         (lease_id != NULL && (ttl_ms == 0 || ttl_ms > UINT64_MAX - now)))
         return VQKV_EINVAL;
+    vqkvd_tenant_stats_t *t = tenant_get(s, tenant);
+    if (t == NULL)
+        return VQKV_ENOMEM;
     while (found < n && block_get(s, tenant, model, keys + (size_t)found * VQKVD_KEY_BYTES))
         found++;
     if (lease_id != NULL && found > 0) {
@@ -457,6 +478,8 @@ int vqkvd_store_lookup(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const 
             b->refs++;
         }
     }
+    t->hits += found;
+    t->misses += n - found;
     s->stats.hits += found;
     s->stats.misses += n - found;
     if (lease_id != NULL)
@@ -525,6 +548,99 @@ uint64_t vqkvd_store_sweep(vqkvd_store_t *s, uint64_t now)
     return n;
 }
 
+/* ---- explicit evict ------------------------------------------------------- */
+
+/* Flags of a block's mark during one vqkvd_store_evict. */
+#define MARK_PROTECTED 1u /* named, and its subtree holds a leased or pinned block */
+#define MARK_DOOMED 2u    /* goes */
+
+static void mark_named(vqkvd_block_t *b, uint64_t gen)
+{
+    b->mark_gen = gen;
+    b->mark = b;
+    b->mark_flags = 0;
+}
+
+/* The innermost named block at or above b, NULL when none is. Remembered in
+ * every block walked, so one pass over all blocks is O(blocks), however
+ * long the chains. */
+static vqkvd_block_t *mark_named_above(vqkvd_block_t *b, uint64_t gen)
+{
+    vqkvd_block_t *top = b;
+    while (top != NULL && top->mark_gen != gen)
+        top = top->parent;
+    vqkvd_block_t *named = top != NULL ? top->mark : NULL;
+    for (; b != top; b = b->parent) {
+        b->mark_gen = gen;
+        b->mark = named;
+        b->mark_flags = 0;
+    }
+    return named;
+}
+
+static int mark_doomed(const vqkvd_block_t *b, uint64_t gen)
+{
+    return b != NULL && b->mark_gen == gen && (b->mark_flags & MARK_DOOMED);
+}
+
+/* Four passes over the LRU list, because blocks know their parent but not
+ * their children: name, protect (a leased or pinned block protects every
+ * named block above it), doom (a block goes when its innermost named block
+ * is unprotected; those are whole subtrees), remove (leaves first). */
+int64_t vqkvd_store_evict(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *keys,
+                          uint32_t n, int all, uint64_t now)
+{
+    vqkvd_block_t *b;
+    int64_t removed = 0;
+
+    if ((!all && keys == NULL && n > 0) || n > VQKVD_STORE_MAX_CHAIN)
+        return VQKV_EINVAL;
+    uint64_t gen = ++s->mark_gen;
+    if (all) {
+        for (b = s->lru_head; b != NULL; b = b->lru_next)
+            if (b->tenant == tenant && b->model == model)
+                mark_named(b, gen);
+    } else {
+        for (uint32_t i = 0; i < n; i++) {
+            b = block_get(s, tenant, model, keys + (size_t)i * VQKVD_KEY_BYTES);
+            if (b != NULL)
+                mark_named(b, gen);
+        }
+    }
+    for (b = s->lru_head; b != NULL; b = b->lru_next) {
+        if (b->tenant != tenant || b->model != model || (b->refs == 0 && b->pin_until <= now))
+            continue;
+        vqkvd_block_t *named = mark_named_above(b, gen);
+        while (named != NULL && !(named->mark_flags & MARK_PROTECTED)) {
+            named->mark_flags |= MARK_PROTECTED;
+            named = named->parent != NULL ? mark_named_above(named->parent, gen) : NULL;
+        }
+    }
+    for (b = s->lru_head; b != NULL; b = b->lru_next) {
+        if (b->tenant != tenant || b->model != model)
+            continue;
+        const vqkvd_block_t *named = mark_named_above(b, gen);
+        if (named != NULL && !(named->mark_flags & MARK_PROTECTED))
+            b->mark_flags |= MARK_DOOMED;
+    }
+    /* A doomed block's children are doomed too, so once they are gone it
+     * is a leaf: removing upward from each doomed leaf takes all of them. */
+    b = s->lru_head;
+    while (b != NULL) {
+        vqkvd_block_t *next = b->lru_next;
+        for (vqkvd_block_t *p = b; mark_doomed(p, gen) && p->children == 0;) {
+            vqkvd_block_t *parent = p->parent;
+            if (p == next)
+                next = p->lru_next;
+            block_remove(s, p);
+            removed++;
+            p = parent;
+        }
+        b = next;
+    }
+    return removed;
+}
+
 /* ---- pins, upkeep, queries ------------------------------------------------ */
 
 int vqkvd_store_pin(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *key,
@@ -555,7 +671,7 @@ uint64_t vqkvd_store_tick(vqkvd_store_t *s, uint64_t now)
     vqkvd_store_sweep(s, now);
     if (s->pool->bytes_stored <= s->high_bytes)
         return 0;
-    return evict(s, now, s->low_bytes, -1);
+    return evict(s, now, s->low_bytes, -1, NULL);
 }
 
 const vqkvd_block_t *vqkvd_store_find(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
@@ -580,6 +696,21 @@ void vqkvd_store_tenant_stats(const vqkvd_store_t *s, uint32_t tenant, vqkvd_ten
     }
     memset(st, 0, sizeof(*st));
     st->tenant = tenant;
+    st->quota_bytes = s->default_quota_bytes;
+}
+
+int vqkvd_store_set_quota(vqkvd_store_t *s, uint32_t tenant, uint64_t quota_bytes)
+{
+    vqkvd_tenant_stats_t *t = tenant_get(s, tenant);
+    if (t == NULL)
+        return VQKV_ENOMEM;
+    t->quota_bytes = quota_bytes;
+    return VQKV_OK;
+}
+
+void vqkvd_store_set_default_quota(vqkvd_store_t *s, uint64_t quota_bytes)
+{
+    s->default_quota_bytes = quota_bytes;
 }
 
 const vqkvd_lease_t *vqkvd_store_lease_find(const vqkvd_store_t *s, uint64_t lease_id,

@@ -20,6 +20,12 @@
  * for the block; when nothing can go, insert says VQKV_ENOMEM: out of
  * capacity, every block is leased, pinned or a parent of one.
  *
+ * Tenants may have a byte quota on the compressed bytes they hold. An
+ * insert that would take its tenant over evicts that tenant's own least
+ * recently used evictable leaves first (never another tenant's), and says
+ * VQKV_EQUOTA when they cannot make room. An explicit evict
+ * (vqkvd_store_evict) removes named blocks with their descendants.
+ *
  * Costs: key lookup is O(1) average (chained hash, SipHash-1-3 with a
  * per-store secret key, so a tenant cannot make another's lookups slow by
  * choosing colliding keys; the table doubles at load 1, O(1) amortized);
@@ -28,7 +34,11 @@
  * kept sorted by expiry, inserted from the tail, O(1) when TTLs are equal).
  * Eviction is O(blocks examined): protected blocks at the old end of the
  * list are skipped each time, and the scan steps back to a parent that has
- * just become a leaf so the order stays strictly LRU among leaves.
+ * just become a leaf so the order stays strictly LRU among leaves. A
+ * quota eviction walks the same list and skips other tenants' blocks: no
+ * per-tenant list to keep up on every touch, at the price of a longer walk
+ * when a tenant at its quota owns few of the old blocks. An explicit evict
+ * is O(blocks in the store): a few passes over the list, no allocation.
  *
  * Single-threaded like the rest of the daemon: call from the loop's thread.
  */
@@ -66,6 +76,12 @@ struct vqkvd_block {
     uint64_t stamp;        /* LRU order: larger is more recent, unique */
     vqkvd_block_t *lru_prev, *lru_next;
     vqkvd_block_t *hnext; /* hash bucket chain */
+    /* Scratch of vqkvd_store_evict, valid while mark_gen equals the store's:
+     * the innermost named block at or above this one, and flags. Kept in
+     * the block so an evict needs no allocation. */
+    uint64_t mark_gen;
+    vqkvd_block_t *mark;
+    uint32_t mark_flags;
 };
 
 typedef struct vqkvd_lease vqkvd_lease_t;
@@ -80,11 +96,16 @@ struct vqkvd_lease {
     vqkvd_block_t *blocks[];
 };
 
+/* One tenant's counters; also the store's entry for it. */
 typedef struct {
     uint32_t tenant;
     uint64_t blocks;
-    uint64_t bytes_stored;
+    uint64_t bytes_stored; /* what the quota limits */
     uint64_t bytes_logical;
+    uint64_t hits;        /* blocks its lookups found */
+    uint64_t misses;      /* blocks its lookups asked for past the present prefix */
+    uint64_t evictions;   /* its blocks evicted, for room or by vqkvd_store_evict */
+    uint64_t quota_bytes; /* 0: unlimited */
 } vqkvd_tenant_stats_t;
 
 typedef struct {
@@ -93,7 +114,7 @@ typedef struct {
     uint64_t bytes_logical;
     uint64_t hits;      /* blocks a lookup found */
     uint64_t misses;    /* blocks a lookup asked for past the present prefix */
-    uint64_t evictions; /* blocks evicted */
+    uint64_t evictions; /* blocks evicted (the tenants' evictions summed) */
     uint64_t inserts;   /* blocks inserted (not counting "already present") */
     uint64_t leases;    /* leases held now */
 } vqkvd_store_stats_t;
@@ -113,8 +134,12 @@ typedef struct {
     vqkvd_lease_t *lease_head, *lease_tail; /* earliest expiry first */
     uint64_t next_lease_id;
 
-    vqkvd_tenant_stats_t *tenants; /* linear search: tenants are few (uids) */
+    /* Linear search: tenants are few (uids). Read-only outside store.c
+     * (the daemon lists them in Stats). */
+    vqkvd_tenant_stats_t *tenants;
     uint32_t n_tenants, cap_tenants;
+    uint64_t default_quota_bytes; /* given to tenants as they are first seen */
+    uint64_t mark_gen;            /* vqkvd_store_evict's pass number */
 
     vqkvd_store_stats_t stats;
 } vqkvd_store_t;
@@ -134,8 +159,10 @@ void vqkvd_store_destroy(vqkvd_store_t *s);
  * and takes a pool slot for it, evicting as the header describes; *slot
  * gets the handle to write the payload to. Returns VQKV_OK, then
  * VQKVD_STORE_PRESENT (the block is there already: nothing changes but its
- * LRU place; *slot gets its slot), VQKVD_STORE_NOPARENT, VQKV_ENOMEM (out
- * of capacity, or no memory) or VQKV_EINVAL. O(1) average plus eviction. */
+ * LRU place; *slot gets its slot), VQKVD_STORE_NOPARENT, VQKV_EQUOTA (the
+ * tenant's quota cannot take the block even after evicting the tenant's
+ * evictable blocks), VQKV_ENOMEM (out of capacity, or no memory) or
+ * VQKV_EINVAL. O(1) average plus eviction. */
 int vqkvd_store_insert(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *key,
                        const uint8_t *parent_key, uint32_t cls, uint32_t logical_bytes,
                        uint64_t now, uint64_t *slot);
@@ -173,6 +200,27 @@ int vqkvd_store_pin(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uin
                     uint64_t now, uint64_t ttl_ms);
 int vqkvd_store_unpin(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *key);
 
+/* Removes the blocks keys[0..n) (n * 32 bytes) of (tenant, model) together
+ * with their descendants, since a child whose parent is gone could never be
+ * looked up again. A named block whose subtree holds a leased or pinned
+ * block is skipped, whole, except for named blocks inside it whose own
+ * subtree holds none; keys not held are skipped. all (keys then unused)
+ * names every block of (tenant, model): every block without a leased or
+ * pinned block at or below it goes. Returns the number of blocks removed
+ * (counted as evictions), or VQKV_EINVAL. O(blocks in the store + n). */
+int64_t vqkvd_store_evict(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *keys,
+                          uint32_t n, int all, uint64_t now);
+
+/* Sets a tenant's quota on compressed bytes held (0: unlimited), making
+ * its entry if it has none. A tenant already over a lowered quota keeps its
+ * blocks until its next insert, which evicts down first. VQKV_ENOMEM or
+ * VQKV_OK. O(tenants). */
+int vqkvd_store_set_quota(vqkvd_store_t *s, uint32_t tenant, uint64_t quota_bytes);
+
+/* The quota of tenants first seen from now on (0: unlimited, the default);
+ * set it before serving. */
+void vqkvd_store_set_default_quota(vqkvd_store_t *s, uint64_t quota_bytes);
+
 /* Sweeps leases, then evicts down to the low watermark if the pool is
  * above the high one. Returns the blocks evicted. For a periodic timer. */
 uint64_t vqkvd_store_tick(vqkvd_store_t *s, uint64_t now);
@@ -183,7 +231,8 @@ const vqkvd_block_t *vqkvd_store_find(const vqkvd_store_t *s, uint32_t tenant, u
 
 void vqkvd_store_stats(const vqkvd_store_t *s, vqkvd_store_stats_t *st);
 
-/* A tenant's blocks and bytes (zeros for a tenant never seen). O(tenants). */
+/* A tenant's counters (zeros and the default quota for a tenant never
+ * seen). O(tenants). */
 void vqkvd_store_tenant_stats(const vqkvd_store_t *s, uint32_t tenant, vqkvd_tenant_stats_t *st);
 
 #endif

@@ -67,6 +67,8 @@ typedef struct {
     Vqkv__Stats stats;
     Vqkv__StatsReply stats_reply;
     Vqkv__TenantStats tenant[2];
+    Vqkv__Evict evict;
+    Vqkv__FindModel find_model;
     Vqkv__TenantStats *tenantp[2];
     uint8_t keys[KEYS][VQKV_PROTO_KEY_BYTES];
     ProtobufCBinaryData key_bd[KEYS], parent_bd[KEYS];
@@ -288,6 +290,20 @@ static int sample_build(sample_t *s, uint32_t body_case, uint64_t request_id)
         s->stats_reply.tenants = s->tenantp;
         s->env.stats_reply = &s->stats_reply;
         return 1;
+    case VQKV__ENVELOPE__BODY_EVICT:
+        s->evict = (Vqkv__Evict)VQKV__EVICT__INIT;
+        s->evict.model_handle = 9;
+        s->evict.n_keys = 2;
+        s->evict.keys = s->key_bd;
+        s->env.evict = &s->evict;
+        return 1;
+    case VQKV__ENVELOPE__BODY_FIND_MODEL:
+        s->find_model = (Vqkv__FindModel)VQKV__FIND_MODEL__INIT;
+        s->find_model.model_id = "HuggingFaceTB/SmolLM2-135M@main";
+        s->find_model.kv_head_first = 2;
+        s->find_model.kv_head_count = 2;
+        s->env.find_model = &s->find_model;
+        return 1;
     }
     return 0;
 }
@@ -473,7 +489,7 @@ static void test_every_message_round_trip(void **state)
     (void)state;
     uint32_t cases[32];
     size_t n = body_cases(cases, 32);
-    assert_int_equal(n, 19);
+    assert_int_equal(n, 21);
     for (size_t i = 0; i < n; i++) {
         sample_t *s = malloc(sizeof *s);
         assert_non_null(s);
@@ -541,7 +557,7 @@ static void test_split_at_every_byte(void **state)
     (void)state;
     stream_t st;
     stream_build(&st);
-    assert_int_equal(st.n_frames, 20);
+    assert_int_equal(st.n_frames, 22);
 
     stream_check_cuts(&st, NULL, 0);
     for (size_t k = 0; k <= st.len; k++)

@@ -4,7 +4,8 @@
  * pins that keep blocks and then expire (time is passed in, never slept),
  * eviction that is LRU among leaves and never leaves a child without its
  * parent, the watermarks, "out of capacity" when nothing may go, exact
- * counters, and a seeded run of thousands of random operations checked
+ * counters, per-tenant counters and byte quotas, explicit evicts of
+ * subtrees, and a seeded run of thousands of random operations checked
  * against a reference model after every step.
  *
  * Slots are one page and so are chunks, so the pool holds exactly as many
@@ -426,6 +427,289 @@ static void test_parents_hold_for_children(void **state)
     teardown(&p, &s);
 }
 
+/* ---- tenants: counters, quotas, explicit evict ------------------------------ */
+
+/* Inserts key id for tenant t, model 0, under parent id par (0: a root). */
+static int put_t(vqkvd_store_t *s, uint32_t t, uint32_t id, uint32_t par, uint64_t now)
+{
+    uint8_t k[K], pk[K];
+    uint64_t slot;
+    key_of(k, id);
+    key_of(pk, par);
+    return vqkvd_store_insert(s, t, 0, k, par != 0 ? pk : NULL, 0, 10, now, &slot);
+}
+
+static int present_t(const vqkvd_store_t *s, uint32_t t, uint32_t id)
+{
+    uint8_t k[K];
+    key_of(k, id);
+    return vqkvd_store_find(s, t, 0, k) != NULL;
+}
+
+/* Every tenant's bytes and blocks are exactly those of its present blocks,
+ * the entries sum to the totals, and none is over its quota. */
+static void check_tenants(const vqkvd_store_t *s)
+{
+    vqkvd_store_stats_t st;
+    vqkvd_store_stats(s, &st);
+    uint64_t blocks = 0, bytes = 0, logical = 0, hits = 0, misses = 0, evictions = 0;
+    for (uint32_t i = 0; i < s->n_tenants; i++) {
+        const vqkvd_tenant_stats_t *t = &s->tenants[i];
+        uint64_t tb = 0, ts = 0, tl = 0;
+        for (const vqkvd_block_t *b = s->lru_head; b != NULL; b = b->lru_next) {
+            if (b->tenant == t->tenant) {
+                tb++;
+                ts += b->stored_bytes;
+                tl += b->logical_bytes;
+            }
+        }
+        assert_int_equal(t->blocks, tb);
+        assert_int_equal(t->bytes_stored, ts);
+        assert_int_equal(t->bytes_logical, tl);
+        assert_true(t->quota_bytes == 0 || t->bytes_stored <= t->quota_bytes);
+        blocks += t->blocks;
+        bytes += t->bytes_stored;
+        logical += t->bytes_logical;
+        hits += t->hits;
+        misses += t->misses;
+        evictions += t->evictions;
+    }
+    assert_int_equal(st.blocks, blocks);
+    assert_int_equal(st.bytes_stored, bytes);
+    assert_int_equal(st.bytes_logical, logical);
+    assert_int_equal(st.hits, hits);
+    assert_int_equal(st.misses, misses);
+    assert_int_equal(st.evictions, evictions);
+    assert_int_equal(s->pool->bytes_stored, bytes);
+}
+
+static void test_tenant_counters(void **state)
+{
+    (void)state;
+    vqkvd_pool_t p;
+    vqkvd_store_t s;
+    vqkvd_tenant_stats_t t1, t2;
+    uint8_t keys[3 * K];
+
+    setup(&p, &s, 4, 1.0, 1.0);
+    assert_int_equal(put_t(&s, 1, 1, 0, 0), VQKV_OK);
+    assert_int_equal(put_t(&s, 1, 2, 1, 0), VQKV_OK);
+    assert_int_equal(put_t(&s, 2, 1, 0, 0), VQKV_OK);
+    uint32_t ids[3] = {1, 2, 3};
+    keys_of(keys, ids, 3);
+    assert_int_equal(vqkvd_store_lookup(&s, 1, 0, keys, 3, 0, 1, 0, NULL, NULL), 2);
+    assert_int_equal(vqkvd_store_lookup(&s, 1, 0, keys + 2 * K, 1, 0, 1, 0, NULL, NULL), 0);
+    assert_int_equal(vqkvd_store_lookup(&s, 2, 0, keys, 3, 0, 1, 0, NULL, NULL), 1);
+    /* Full: tenant 2's next block evicts the least recent leaf, tenant 1's
+     * block 2 (no quota: the pool is shared). */
+    assert_int_equal(put_t(&s, 2, 7, 0, 0), VQKV_OK);
+    assert_int_equal(put_t(&s, 2, 8, 0, 0), VQKV_OK);
+    vqkvd_store_tenant_stats(&s, 1, &t1);
+    vqkvd_store_tenant_stats(&s, 2, &t2);
+    assert_int_equal(t1.hits, 2);
+    assert_int_equal(t1.misses, 2);
+    assert_int_equal(t2.hits, 1);
+    assert_int_equal(t2.misses, 2);
+    assert_int_equal(t1.evictions, 1);
+    assert_int_equal(t2.evictions, 0);
+    assert_int_equal(t1.blocks, 1);
+    assert_int_equal(t2.blocks, 3);
+    assert_int_equal(t1.quota_bytes, 0);
+    assert_false(present_t(&s, 1, 2));
+    check_tenants(&s);
+    teardown(&p, &s);
+}
+
+static void test_quota_evicts_own_lru(void **state)
+{
+    (void)state;
+    vqkvd_pool_t p;
+    vqkvd_store_t s;
+    vqkvd_tenant_stats_t ts;
+    vqkvd_store_stats_t st;
+    uint8_t keys[2 * K];
+    uint64_t lease;
+
+    setup(&p, &s, 16, 1.0, 1.0);
+    assert_int_equal(vqkvd_store_set_quota(&s, 1, 3 * page()), VQKV_OK);
+    vqkvd_store_set_default_quota(&s, 2 * page() + 1); /* room for 2 slots */
+    /* Tenant 2, at the default quota, makes room from its own blocks. Its
+     * blocks stay the oldest, unprotected: tenant 1's quota never takes them. */
+    assert_int_equal(put_t(&s, 2, 50, 0, 0), VQKV_OK);
+    assert_int_equal(put_t(&s, 2, 51, 0, 0), VQKV_OK);
+    assert_int_equal(put_t(&s, 2, 52, 0, 0), VQKV_OK);
+    assert_false(present_t(&s, 2, 50));
+    /* Tenant 1: a chain 1 <- 2 and a root 3, at its quota of 3 slots. */
+    assert_int_equal(put_t(&s, 1, 1, 0, 1), VQKV_OK);
+    assert_int_equal(put_t(&s, 1, 2, 1, 2), VQKV_OK);
+    assert_int_equal(put_t(&s, 1, 3, 0, 3), VQKV_OK);
+    /* A fourth: leaves before parents, so 2 goes (1 is older but a parent). */
+    assert_int_equal(put_t(&s, 1, 4, 0, 4), VQKV_OK);
+    assert_false(present_t(&s, 1, 2));
+    assert_true(present_t(&s, 1, 1) && present_t(&s, 1, 3) && present_t(&s, 1, 4));
+    assert_true(present_t(&s, 2, 51) && present_t(&s, 2, 52));
+    /* Again: now 1 is the least recent leaf. */
+    assert_int_equal(put_t(&s, 1, 5, 0, 5), VQKV_OK);
+    assert_false(present_t(&s, 1, 1));
+    check_tenants(&s);
+
+    /* Everything of tenant 1 leased or pinned: over quota, nothing evicted. */
+    uint32_t lk[2] = {3, 4};
+    keys_of(keys, lk, 2);
+    assert_int_equal(vqkvd_store_lookup(&s, 1, 0, keys, 1, 6, 9, 100, &lease, NULL), 1);
+    assert_int_equal(vqkvd_store_pin(&s, 1, 0, keys + K, 6, 100), VQKV_OK);
+    uint8_t k5[K];
+    key_of(k5, 5);
+    assert_int_equal(vqkvd_store_pin(&s, 1, 0, k5, 6, 100), VQKV_OK);
+    vqkvd_store_stats(&s, &st);
+    uint64_t ev = st.evictions;
+    assert_int_equal(put_t(&s, 1, 6, 0, 7), VQKV_EQUOTA);
+    /* Extending a chain whose parent is the only candidate: the parent is
+     * held for its child, so also over quota. */
+    assert_int_equal(vqkvd_store_unpin(&s, 1, 0, k5), VQKV_OK);
+    assert_int_equal(put_t(&s, 1, 6, 5, 8), VQKV_EQUOTA);
+    vqkvd_store_stats(&s, &st);
+    assert_int_equal(st.evictions, ev);
+    assert_true(present_t(&s, 1, 3) && present_t(&s, 1, 4) && present_t(&s, 1, 5));
+    assert_false(present_t(&s, 1, 6));
+    /* Present blocks are not new bytes: still fine at the quota. */
+    assert_int_equal(put_t(&s, 1, 5, 0, 9), VQKVD_STORE_PRESENT);
+    /* The lease goes: 3 is the least recent evictable leaf. */
+    assert_int_equal(vqkvd_store_release(&s, 9, lease), VQKV_OK);
+    assert_int_equal(put_t(&s, 1, 6, 5, 10), VQKV_OK);
+    assert_false(present_t(&s, 1, 3));
+    assert_true(present_t(&s, 1, 4) && present_t(&s, 1, 5) && present_t(&s, 1, 6));
+    check_tenants(&s);
+
+    /* Exact accounting after all that: 3 slots, 3 evictions for tenant 1;
+     * tenant 2 untouched, the pool holds just these 5 blocks. */
+    vqkvd_store_tenant_stats(&s, 1, &ts);
+    assert_int_equal(ts.blocks, 3);
+    assert_int_equal(ts.bytes_stored, 3 * page());
+    assert_int_equal(ts.bytes_logical, 30);
+    assert_int_equal(ts.evictions, 3);
+    assert_int_equal(ts.quota_bytes, 3 * page());
+    vqkvd_store_tenant_stats(&s, 2, &ts);
+    assert_int_equal(ts.blocks, 2);
+    assert_int_equal(ts.bytes_stored, 2 * page());
+    assert_int_equal(ts.evictions, 1);
+    assert_int_equal(ts.quota_bytes, 2 * page() + 1);
+    vqkvd_store_tenant_stats(&s, 3, &ts); /* never seen: the default */
+    assert_int_equal(ts.quota_bytes, 2 * page() + 1);
+    assert_int_equal(p.slots_used, 5);
+
+    /* A lowered quota: the next insert evicts down to it first. A quota
+     * smaller than one slot takes nothing at all. */
+    assert_int_equal(vqkvd_store_set_quota(&s, 1, 2 * page()), VQKV_OK);
+    assert_int_equal(put_t(&s, 1, 7, 0, 11), VQKV_OK);
+    vqkvd_store_tenant_stats(&s, 1, &ts);
+    assert_int_equal(ts.blocks, 2);
+    assert_true(present_t(&s, 1, 7));
+    assert_int_equal(vqkvd_store_set_quota(&s, 4, page() - 1), VQKV_OK);
+    assert_int_equal(put_t(&s, 4, 1, 0, 11), VQKV_EQUOTA);
+    /* 0 is unlimited. */
+    assert_int_equal(vqkvd_store_set_quota(&s, 2, 0), VQKV_OK);
+    assert_int_equal(put_t(&s, 2, 53, 0, 12), VQKV_OK);
+    assert_true(present_t(&s, 2, 51) && present_t(&s, 2, 52) && present_t(&s, 2, 53));
+    check_tenants(&s);
+    teardown(&p, &s);
+}
+
+/* The tree under tenant 1, model 0:  1 <- 2 <- 3,  2 <- 4,  1 <- 5 <- 6. */
+static void put_tree(vqkvd_store_t *s)
+{
+    static const uint32_t id[6] = {1, 2, 3, 4, 5, 6}, par[6] = {0, 1, 2, 2, 1, 5};
+    for (int i = 0; i < 6; i++)
+        assert_int_equal(put_t(s, 1, id[i], par[i], 0), VQKV_OK);
+}
+
+static int64_t evict_ids(vqkvd_store_t *s, const uint32_t *ids, uint32_t n, uint64_t now)
+{
+    uint8_t keys[8 * K];
+    keys_of(keys, ids, (int)n);
+    return vqkvd_store_evict(s, 1, 0, keys, n, 0, now);
+}
+
+static void test_evict_subtrees(void **state)
+{
+    (void)state;
+    vqkvd_pool_t p;
+    vqkvd_store_t s;
+    vqkvd_tenant_stats_t ts;
+    uint8_t k[K];
+
+    setup(&p, &s, 16, 1.0, 1.0);
+    put_tree(&s);
+    /* The same keys under another tenant and another model stay. */
+    assert_int_equal(put_t(&s, 2, 2, 0, 0), VQKV_OK);
+    uint64_t slot;
+    key_of(k, 2);
+    assert_int_equal(vqkvd_store_insert(&s, 1, 9, k, NULL, 0, 1, 0, &slot), VQKV_OK);
+
+    /* 2 goes with 3 and 4; an absent key is skipped. */
+    uint32_t two[2] = {2, 99};
+    assert_int_equal(evict_ids(&s, two, 2, 0), 3);
+    assert_false(present_t(&s, 1, 2) || present_t(&s, 1, 3) || present_t(&s, 1, 4));
+    assert_true(present_t(&s, 1, 1) && present_t(&s, 1, 5) && present_t(&s, 1, 6));
+    assert_true(present_t(&s, 2, 2));
+    assert_non_null(vqkvd_store_find(&s, 1, 9, k));
+    assert_int_equal(vqkvd_store_find(&s, 1, 0, (key_of(k, 1), k))->children, 1);
+    check_tenants(&s);
+    assert_int_equal(evict_ids(&s, two, 2, 0), 0);
+    teardown(&p, &s);
+
+    /* A pinned 4 protects 2 and 1 (named), not 5: naming 1, 2 and 5 takes
+     * 5 and 6 only; naming 3 inside 2's subtree still takes 3. */
+    setup(&p, &s, 16, 1.0, 1.0);
+    put_tree(&s);
+    key_of(k, 4);
+    assert_int_equal(vqkvd_store_pin(&s, 1, 0, k, 0, 100), VQKV_OK);
+    uint32_t named[3] = {1, 2, 5};
+    assert_int_equal(evict_ids(&s, named, 3, 0), 2);
+    assert_true(present_t(&s, 1, 1) && present_t(&s, 1, 2) && present_t(&s, 1, 3));
+    assert_false(present_t(&s, 1, 5) || present_t(&s, 1, 6));
+    uint32_t nested[2] = {1, 3};
+    assert_int_equal(evict_ids(&s, nested, 2, 0), 1);
+    assert_false(present_t(&s, 1, 3));
+    /* Once the pin has run out, 1 takes everything left. */
+    assert_int_equal(evict_ids(&s, nested, 1, 100), 3);
+    vqkvd_store_tenant_stats(&s, 1, &ts);
+    assert_int_equal(ts.blocks, 0);
+    assert_int_equal(ts.evictions, 6);
+    check_tenants(&s);
+    teardown(&p, &s);
+
+    /* all: everything without a leased or pinned block at or below it. A
+     * lease on the chain 1, 2 keeps those two; 3, 4, 5 and 6 go; the other
+     * tenant's and model's blocks stay. */
+    setup(&p, &s, 16, 1.0, 1.0);
+    put_tree(&s);
+    assert_int_equal(put_t(&s, 2, 1, 0, 0), VQKV_OK);
+    uint8_t keys[2 * K];
+    uint32_t chain[2] = {1, 2};
+    keys_of(keys, chain, 2);
+    uint64_t lease;
+    assert_int_equal(vqkvd_store_lookup(&s, 1, 0, keys, 2, 0, 5, 100, &lease, NULL), 2);
+    assert_int_equal(vqkvd_store_evict(&s, 1, 0, NULL, 0, 1, 0), 4);
+    assert_true(present_t(&s, 1, 1) && present_t(&s, 1, 2) && present_t(&s, 2, 1));
+    assert_false(present_t(&s, 1, 3) || present_t(&s, 1, 4) || present_t(&s, 1, 5));
+    assert_int_equal(vqkvd_store_evict(&s, 1, 0, NULL, 0, 1, 0), 0);
+    assert_int_equal(vqkvd_store_release(&s, 5, lease), VQKV_OK);
+    assert_int_equal(vqkvd_store_evict(&s, 1, 0, NULL, 0, 1, 0), 2);
+    vqkvd_store_tenant_stats(&s, 1, &ts);
+    assert_int_equal(ts.blocks, 0);
+    assert_int_equal(ts.evictions, 6);
+    vqkvd_store_tenant_stats(&s, 2, &ts);
+    assert_int_equal(ts.blocks, 1);
+    assert_int_equal(ts.evictions, 0);
+    check_tenants(&s);
+    /* Bad arguments. */
+    assert_int_equal(vqkvd_store_evict(&s, 1, 0, NULL, 1, 0, 0), VQKV_EINVAL);
+    assert_int_equal(vqkvd_store_evict(&s, 1, 0, keys, VQKVD_STORE_MAX_CHAIN + 1, 0, 0),
+                     VQKV_EINVAL);
+    teardown(&p, &s);
+}
+
 /* ---- randomized run against a reference model ---------------------------- */
 
 #define R_TENANTS 2
@@ -661,6 +945,7 @@ static void test_random_against_model(void **state)
             assert_int_equal(vqkvd_store_release_owner(&s, owner), want);
         }
         check_all(&s, ref, now);
+        check_tenants(&s);
         assert_int_equal(s.stats.leases, (uint64_t)n_leases);
     }
     /* The run did what it is meant to test. */
@@ -688,6 +973,9 @@ int main(void)
         cmocka_unit_test(test_leases_protect_and_expire),
         cmocka_unit_test(test_pins_protect_and_expire),
         cmocka_unit_test(test_parents_hold_for_children),
+        cmocka_unit_test(test_tenant_counters),
+        cmocka_unit_test(test_quota_evicts_own_lru),
+        cmocka_unit_test(test_evict_subtrees),
         cmocka_unit_test(test_random_against_model),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
