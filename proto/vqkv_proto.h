@@ -23,7 +23,7 @@ extern "C" {
 /* Hello.protocol_version. Bumped for any change an older peer would
  * misread; adding a message type or field counts, since peers refuse
  * unknown fields. */
-#define VQKV_PROTO_VERSION 1
+#define VQKV_PROTO_VERSION 2
 
 /* Bytes of a block key (SHA-256). */
 #define VQKV_PROTO_KEY_BYTES 32
