@@ -135,8 +135,9 @@ done
 
 # ---- results --------------------------------------------------------------------
 mkdir -p bench/out
-jq -s '{bench: "serve", vqkv: [.[] | select(.bench == "vqkv-benchmark" and .mode == "serve")],
-        redis: [.[] | select(.bench == "redis-benchmark")],
+jq -s '{bench: "serve",
+        vqkv: [.[] | select(.bench == "vqkv-benchmark" and .mode == "serve")] | sort_by(.clients),
+        redis: [.[] | select(.bench == "redis-benchmark")] | sort_by(.clients, .value_bytes),
         capacity: [.[] | select(.mode == "capacity")]}' \
     "$dir"/vqkv-*.json "$dir"/redis-*.json "$dir"/cap-*.json >bench/out/serve.json
 
