@@ -162,9 +162,10 @@ static int bench_prefix_keys(const bench_t *b, const vqkv_model_t *model, uint64
     size_t n_tokens = (size_t)b->o.blocks_per_get * b->layout.block_tokens, n = 0;
     for (size_t i = 0; i < n_tokens; i++)
         tokens[i] = 1u + bench_mix32(id * 0x9e3779b97f4a7c15ull + i) % 49151u;
-    /* The first token alone would collide across ids now and then; the
-     * first token's position in the id keeps chains apart. */
+    /* The id itself in the first two tokens: distinct ids give distinct
+     * first blocks, hence distinct chains, whatever the mixing does. */
     tokens[0] = (uint32_t)id;
+    tokens[1] = (uint32_t)(id >> 32);
     int rc = vqkv_model_block_keys(model, NULL, tokens, n_tokens, NULL, 0, keys,
                                    b->o.blocks_per_get, &n);
     return rc != VQKV_OK ? rc : (n == b->o.blocks_per_get ? VQKV_OK : VQKV_EINVAL);
@@ -337,8 +338,7 @@ out:
     free(tokens);
     free(keys);
     free(put_keys);
-    if (w.client != NULL)
-        vqkv_worker_close(&w);
+    vqkv_worker_close(&w);
 }
 
 /* Writes all of buf, or fails. */

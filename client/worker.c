@@ -60,6 +60,8 @@ int vqkv_worker_open(vqkv_worker_t *w, const char *socket_path, const char *clie
     w->layout = *layout;
     vqkv_kv_view_vllm(&w->view, layout, num_slots);
 
+    /* Generous: with dozens of clients on a few cores a get queues behind
+     * many others' decodes, and a slow reply is a figure, not an error. */
     int rc = vqkv_connect(socket_path, client_name, 30000, &w->client);
     if (rc != VQKV_OK) {
         int saved = errno;
