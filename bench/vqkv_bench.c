@@ -1,0 +1,672 @@
+/* vqkv_bench.c -- vqkv-benchmark, vqkvd's serving benchmark in the manner
+ * of redis-benchmark.
+ *
+ * Serving mode: N client processes (fork), each with its own connection,
+ * memfd KV region and the same model id, so they share blocks as the
+ * workers of one node would. A setup phase, before any client starts,
+ * puts P prefixes of K blocks each and pins them for the run (so the
+ * puts the clients make cannot evict what they look up). Then, for S
+ * seconds, every client loops: look up a random prefix, get its blocks
+ * into its own slots, release the lease; every put_every-th loop it first
+ * puts a fresh prefix of K blocks, as a worker offloading a new request
+ * would. Each request's latency goes into a log-linear histogram (32
+ * buckets per power of two: within 3%) in memory shared with the parent,
+ * which merges them when the clients are done. Processes rather than
+ * threads, because a real node's workers are processes, and so that the
+ * client side never contends on one allocator or one lock.
+ *
+ * Capacity mode (--capacity): one client puts distinct one-block prefixes
+ * into a daemon that holds nothing yet, reading the daemon's counters after
+ * every put, until the first eviction. The most blocks held before it,
+ * times block_tokens, over the pool's GiB, is the tokens a GiB of pool
+ * holds with that codec: measured, so slot rounding, chunk tails and the
+ * eviction watermark are all in it. It needs a fresh daemon per codec and
+ * shape: the pool hands chunks to a layout for good.
+ *
+ * The KV data is synthetic (client/worker.h): the codecs' speed barely
+ * depends on the values, and capacity not at all.
+ *
+ * usage: vqkv-benchmark --socket PATH [--clients N] [--seconds S]
+ *          [--codec SPEC] [--shape smollm2-135m|llama3-8b]
+ *          [--blocks-per-get K] [--prefixes P] [--put-every M]
+ *          [--capacity] [--json FILE]
+ */
+#include <errno.h>
+#include <getopt.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "vqkv.h"
+#include "worker.h"
+
+#define BENCH_MAX_CLIENTS 1024
+/* Log-linear histogram of nanoseconds: exact below 64, then 32 buckets per
+ * power of two, up to 2^64. */
+#define BENCH_HIST_SUB 32
+#define BENCH_HIST_BUCKETS (60 * BENCH_HIST_SUB)
+
+enum { BENCH_LOOKUP, BENCH_GET, BENCH_RELEASE, BENCH_PUT, BENCH_KINDS };
+static const char *const bench_kind_names[BENCH_KINDS] = {"lookup", "get", "release", "put"};
+
+typedef struct {
+    uint64_t n;
+    uint64_t counts[BENCH_HIST_BUCKETS];
+} bench_hist_t;
+
+/* What one client process reports, in memory shared with the parent. */
+typedef struct {
+    bench_hist_t hist[BENCH_KINDS];
+    uint64_t hits, misses, blocks_got, blocks_put;
+    uint64_t end_ns; /* CLOCK_MONOTONIC, comparable across processes */
+    int failed;
+    char error[256];
+} bench_result_t;
+
+typedef struct {
+    const char *socket_path;
+    const char *codec;
+    const char *shape;
+    const char *json_path;
+    uint32_t clients, blocks_per_get, prefixes, put_every;
+    double seconds;
+    int capacity;
+} bench_opts_t;
+
+typedef struct {
+    bench_opts_t o;
+    vqkv_layout_t layout;
+    char model_id[64];
+    char codec[128]; /* the canonical spec the daemon answered at setup */
+} bench_t;
+
+static uint64_t bench_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- latency histograms ------------------------------------------------------ */
+
+static unsigned bench_hist_bucket(uint64_t ns)
+{
+    if (ns < 2 * BENCH_HIST_SUB)
+        return (unsigned)ns;
+    unsigned msb = 63u - (unsigned)__builtin_clzll(ns);
+    unsigned shift = msb - 5u; /* keeps the top bit and 5 more */
+    return (shift + 1u) * BENCH_HIST_SUB + (unsigned)((ns >> shift) & (BENCH_HIST_SUB - 1));
+}
+
+/* The middle of bucket i, in nanoseconds. */
+static double bench_hist_value(unsigned i)
+{
+    if (i < 2 * BENCH_HIST_SUB)
+        return (double)i;
+    unsigned shift = i / BENCH_HIST_SUB - 1u;
+    double lower = (double)((uint64_t)(BENCH_HIST_SUB + i % BENCH_HIST_SUB) << shift);
+    return lower + (double)(1ull << shift) / 2.0;
+}
+
+static void bench_hist_add(bench_hist_t *h, uint64_t ns)
+{
+    h->counts[bench_hist_bucket(ns)]++;
+    h->n++;
+}
+
+static void bench_hist_merge(bench_hist_t *into, const bench_hist_t *h)
+{
+    for (unsigned i = 0; i < BENCH_HIST_BUCKETS; i++)
+        into->counts[i] += h->counts[i];
+    into->n += h->n;
+}
+
+/* The q-quantile in microseconds; 0 for an empty histogram. */
+static double bench_hist_quantile_us(const bench_hist_t *h, double q)
+{
+    if (h->n == 0)
+        return 0.0;
+    uint64_t rank = (uint64_t)(q * (double)h->n);
+    if (rank >= h->n)
+        rank = h->n - 1;
+    uint64_t seen = 0;
+    for (unsigned i = 0; i < BENCH_HIST_BUCKETS; i++) {
+        seen += h->counts[i];
+        if (seen > rank)
+            return bench_hist_value(i) / 1e3;
+    }
+    return 0.0;
+}
+
+/* ---- prefixes ---------------------------------------------------------------- */
+
+static uint32_t bench_mix32(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    return (uint32_t)x;
+}
+
+/* The keys of prefix `id` (K blocks) into keys: token ids that no other id
+ * shares, so every prefix is its own chain. Setup prefixes are ids
+ * 0..P-1; the ones clients put during the run have the top bits set. */
+static int bench_prefix_keys(const bench_t *b, const vqkv_model_t *model, uint64_t id,
+                             uint32_t *tokens, uint8_t (*keys)[VQKV_KEY_BYTES])
+{
+    size_t n_tokens = (size_t)b->o.blocks_per_get * b->layout.block_tokens, n = 0;
+    for (size_t i = 0; i < n_tokens; i++)
+        tokens[i] = 1u + bench_mix32(id * 0x9e3779b97f4a7c15ull + i) % 49151u;
+    /* The id itself in the first two tokens: distinct ids give distinct
+     * first blocks, hence distinct chains, whatever the mixing does. */
+    tokens[0] = (uint32_t)id;
+    tokens[1] = (uint32_t)(id >> 32);
+    int rc = vqkv_model_block_keys(model, NULL, tokens, n_tokens, NULL, 0, keys,
+                                   b->o.blocks_per_get, &n);
+    return rc != VQKV_OK ? rc : (n == b->o.blocks_per_get ? VQKV_OK : VQKV_EINVAL);
+}
+
+/* Fills slots first..first+K-1 with the blocks of keys and puts them;
+ * fails unless every block is stored or was already held. */
+static int bench_put_prefix(const bench_t *b, vqkv_worker_t *w, uint32_t first,
+                            const uint8_t (*keys)[VQKV_KEY_BYTES], char *err, size_t errlen)
+{
+    uint32_t slots[64];
+    vqkv_put_status_t st[64];
+    for (uint32_t i = 0; i < b->o.blocks_per_get; i++)
+        slots[i] = first + i;
+    int rc = vqkv_put(w->client, w->model, w->region, keys, NULL, slots, b->o.blocks_per_get, st);
+    if (rc < 0) {
+        snprintf(err, errlen, "put: %s", vqkv_last_error(w->client));
+        return rc;
+    }
+    for (uint32_t i = 0; i < b->o.blocks_per_get; i++) {
+        if (st[i] != VQKV_PUT_STORED && st[i] != VQKV_PUT_PRESENT) {
+            snprintf(err, errlen, "put: block %u not stored (status %d%s)", i, (int)st[i],
+                     st[i] == VQKV_PUT_NO_SPACE ? ": the pool is full, give vqkvd a larger "
+                                                  "--pool-bytes or use fewer --prefixes"
+                                                : "");
+            return VQKV_EINVAL;
+        }
+    }
+    return VQKV_OK;
+}
+
+/* ---- serving mode ------------------------------------------------------------- */
+
+/* Puts the shared prefixes and pins them for the run (and a minute more),
+ * on a connection of its own that is closed before any client starts. */
+static int bench_setup(bench_t *b)
+{
+    char err[512];
+    vqkv_worker_t w;
+    if (vqkv_worker_open(&w, b->o.socket_path, "vqkv-benchmark-setup", b->model_id, &b->layout,
+                         b->o.codec, b->o.blocks_per_get, err, sizeof err) != VQKV_OK) {
+        fprintf(stderr, "vqkv-benchmark: %s\n", err);
+        return -1;
+    }
+    snprintf(b->codec, sizeof b->codec, "%s", vqkv_model_codec(w.model));
+    size_t n_tokens = (size_t)b->o.blocks_per_get * b->layout.block_tokens;
+    uint32_t *tokens = malloc(n_tokens * sizeof *tokens);
+    uint8_t(*keys)[VQKV_KEY_BYTES] = malloc(b->o.blocks_per_get * sizeof *keys);
+    int rc = tokens == NULL || keys == NULL ? VQKV_ENOMEM : VQKV_OK;
+    snprintf(err, sizeof err, "out of memory");
+    uint32_t ttl_ms = (uint32_t)((b->o.seconds + 60.0) * 1000.0);
+    for (uint32_t p = 0; p < b->o.prefixes && rc == VQKV_OK; p++) {
+        rc = bench_prefix_keys(b, w.model, p, tokens, keys);
+        if (rc != VQKV_OK) {
+            snprintf(err, sizeof err, "block keys: %s", vqkv_client_strerror(rc));
+            break;
+        }
+        for (uint32_t i = 0; i < b->o.blocks_per_get; i++)
+            vqkv_worker_fill_synthetic(&b->layout, &w.view, w.base, i, keys[i]);
+        rc = bench_put_prefix(b, &w, 0, (const uint8_t(*)[VQKV_KEY_BYTES])keys, err, sizeof err);
+        if (rc == VQKV_OK) {
+            rc = vqkv_pin(w.client, w.model, (const uint8_t(*)[VQKV_KEY_BYTES])keys,
+                          b->o.blocks_per_get, ttl_ms, NULL);
+            if (rc != VQKV_OK)
+                snprintf(err, sizeof err, "pin: %s", vqkv_last_error(w.client));
+        }
+    }
+    if (rc != VQKV_OK)
+        fprintf(stderr, "vqkv-benchmark: setup: %s\n", err);
+    free(tokens);
+    free(keys);
+    vqkv_worker_close(&w);
+    return rc == VQKV_OK ? 0 : -1;
+}
+
+/* One client's whole life: set up, say ready, wait for go, loop until the
+ * deadline. Errors end the loop and are reported through r. */
+static void bench_client(const bench_t *b, uint32_t index, bench_result_t *r, int ready_fd,
+                         int go_fd)
+{
+    char name[48];
+    snprintf(name, sizeof name, "vqkv-benchmark-%u", index);
+    vqkv_worker_t w;
+    uint32_t k = b->o.blocks_per_get;
+    /* Slots 0..K-1 take gets, K..2K-1 hold the blocks this client puts. */
+    int rc = vqkv_worker_open(&w, b->o.socket_path, name, b->model_id, &b->layout, b->o.codec,
+                              2 * k, r->error, sizeof r->error);
+    size_t n_tokens = (size_t)k * b->layout.block_tokens;
+    uint32_t *tokens = malloc(n_tokens * sizeof *tokens);
+    uint8_t(*keys)[VQKV_KEY_BYTES] = malloc((size_t)b->o.prefixes * k * sizeof *keys);
+    uint8_t(*put_keys)[VQKV_KEY_BYTES] = malloc(k * sizeof *put_keys);
+    if (rc == VQKV_OK && (tokens == NULL || keys == NULL || put_keys == NULL)) {
+        snprintf(r->error, sizeof r->error, "out of memory");
+        rc = VQKV_ENOMEM;
+    }
+    for (uint32_t p = 0; p < b->o.prefixes && rc == VQKV_OK; p++)
+        rc = bench_prefix_keys(b, w.model, p, tokens, keys + (size_t)p * k);
+    if (rc == VQKV_OK)
+        for (uint32_t i = 0; i < k; i++)
+            vqkv_worker_fill_synthetic(&b->layout, &w.view, w.base, k + i, keys[i]);
+    r->failed = rc != VQKV_OK;
+    if (r->failed && r->error[0] == '\0')
+        snprintf(r->error, sizeof r->error, "block keys: %s", vqkv_client_strerror(rc));
+
+    char byte = 1;
+    if (write(ready_fd, &byte, 1) != 1 || r->failed || read(go_fd, &byte, 1) != 1)
+        goto out;
+
+    uint32_t slots[64];
+    for (uint32_t i = 0; i < k; i++)
+        slots[i] = i;
+    uint64_t rng = 0x243f6a8885a308d3ull ^ ((uint64_t)index << 32 | index);
+    uint64_t deadline = bench_now_ns() + (uint64_t)(b->o.seconds * 1e9);
+    for (uint64_t loop = 1; bench_now_ns() < deadline; loop++) {
+        uint64_t t0 = bench_now_ns(), t1;
+        if (b->o.put_every != 0 && loop % b->o.put_every == 0) {
+            uint64_t id = 1ull << 63 | (uint64_t)index << 40 | loop;
+            rc = bench_prefix_keys(b, w.model, id, tokens, put_keys);
+            if (rc == VQKV_OK)
+                rc = bench_put_prefix(b, &w, k, (const uint8_t(*)[VQKV_KEY_BYTES])put_keys,
+                                      r->error, sizeof r->error);
+            if (rc != VQKV_OK) {
+                r->failed = 1;
+                break;
+            }
+            t1 = bench_now_ns();
+            bench_hist_add(&r->hist[BENCH_PUT], t1 - t0);
+            r->blocks_put += k;
+            t0 = t1;
+        }
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        const uint8_t(*want)[VQKV_KEY_BYTES] =
+            (const uint8_t(*)[VQKV_KEY_BYTES])keys + (size_t)(rng % b->o.prefixes) * k;
+        size_t found = 0;
+        vqkv_lease_t lease = 0;
+        rc = vqkv_lookup(w.client, w.model, want, k, &found, &lease);
+        if (rc != VQKV_OK) {
+            snprintf(r->error, sizeof r->error, "lookup: %s", vqkv_last_error(w.client));
+            r->failed = 1;
+            break;
+        }
+        t1 = bench_now_ns();
+        bench_hist_add(&r->hist[BENCH_LOOKUP], t1 - t0);
+        r->hits += found;
+        r->misses += k - found;
+        if (found == 0)
+            continue;
+        rc = vqkv_get(w.client, lease, w.region, slots, found);
+        uint64_t t2 = bench_now_ns();
+        if (rc != (int)found) {
+            snprintf(r->error, sizeof r->error, "get: %s",
+                     rc < 0 ? vqkv_last_error(w.client) : "fewer blocks than leased");
+            r->failed = 1;
+            break;
+        }
+        bench_hist_add(&r->hist[BENCH_GET], t2 - t1);
+        r->blocks_got += found;
+        rc = vqkv_release(w.client, lease);
+        if (rc != VQKV_OK) {
+            snprintf(r->error, sizeof r->error, "release: %s", vqkv_last_error(w.client));
+            r->failed = 1;
+            break;
+        }
+        bench_hist_add(&r->hist[BENCH_RELEASE], bench_now_ns() - t2);
+    }
+    r->end_ns = bench_now_ns();
+out:
+    free(tokens);
+    free(keys);
+    free(put_keys);
+    vqkv_worker_close(&w);
+}
+
+/* Writes all of buf, or fails. */
+static int bench_write_all(int fd, const char *buf, size_t n)
+{
+    while (n > 0) {
+        ssize_t w = write(fd, buf, n);
+        if (w < 0 && errno == EINTR)
+            continue;
+        if (w <= 0)
+            return -1;
+        buf += w;
+        n -= (size_t)w;
+    }
+    return 0;
+}
+
+static int bench_serve(bench_t *b)
+{
+    if (bench_setup(b) < 0)
+        return 1;
+    size_t shared_bytes = (size_t)b->o.clients * sizeof(bench_result_t);
+    bench_result_t *results =
+        mmap(NULL, shared_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    int ready[2], go[2];
+    if (results == MAP_FAILED || pipe(ready) < 0 || pipe(go) < 0) {
+        fprintf(stderr, "vqkv-benchmark: shared memory or pipes: %s\n", strerror(errno));
+        return 1;
+    }
+    fflush(NULL);
+    uint32_t started = 0;
+    pid_t pids[BENCH_MAX_CLIENTS];
+    for (; started < b->o.clients; started++) {
+        pid_t pid = fork();
+        if (pid < 0) {
+            fprintf(stderr, "vqkv-benchmark: fork: %s\n", strerror(errno));
+            break;
+        }
+        if (pid == 0) {
+            close(ready[0]);
+            close(go[1]);
+            bench_client(b, started, &results[started], ready[1], go[0]);
+            _exit(0);
+        }
+        pids[started] = pid;
+    }
+    close(ready[1]);
+    /* Every client has connected and registered (or failed) before the
+     * clock starts: setup never counts. A client that died early shows as
+     * end of file here. */
+    uint32_t ready_count = 0;
+    char byte;
+    while (ready_count < started) {
+        ssize_t n = read(ready[0], &byte, 1);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            break;
+        ready_count++;
+    }
+    char go_bytes[BENCH_MAX_CLIENTS];
+    memset(go_bytes, 1, sizeof go_bytes);
+    uint64_t start_ns = bench_now_ns();
+    /* The parent keeps go[0] open, so this cannot SIGPIPE when clients
+     * that failed their setup are gone. */
+    int status = bench_write_all(go[1], go_bytes, started) == 0 ? 0 : 1;
+    close(go[1]);
+    for (uint32_t i = 0; i < started; i++) {
+        int ws = 0;
+        if (waitpid(pids[i], &ws, 0) != pids[i] || !WIFEXITED(ws) || WEXITSTATUS(ws) != 0) {
+            fprintf(stderr, "vqkv-benchmark: client %u died (wait status %#x)\n", i, ws);
+            status = 1;
+        }
+    }
+    close(ready[0]);
+    close(go[0]);
+    if (started < b->o.clients)
+        status = 1;
+
+    bench_hist_t merged[BENCH_KINDS], all;
+    memset(merged, 0, sizeof merged);
+    memset(&all, 0, sizeof all);
+    uint64_t hits = 0, misses = 0, got = 0, put = 0, end_ns = start_ns;
+    for (uint32_t i = 0; i < started; i++) {
+        const bench_result_t *r = &results[i];
+        if (r->failed) {
+            fprintf(stderr, "vqkv-benchmark: client %u: %s\n", i, r->error);
+            status = 1;
+        }
+        for (int k = 0; k < BENCH_KINDS; k++) {
+            bench_hist_merge(&merged[k], &r->hist[k]);
+            bench_hist_merge(&all, &r->hist[k]);
+        }
+        hits += r->hits;
+        misses += r->misses;
+        got += r->blocks_got;
+        put += r->blocks_put;
+        if (r->end_ns > end_ns)
+            end_ns = r->end_ns;
+    }
+    munmap(results, shared_bytes);
+    if (status != 0)
+        return status;
+
+    double secs = (double)(end_ns - start_ns) / 1e9;
+    double lookups_s = (double)merged[BENCH_LOOKUP].n / secs;
+    double gets_s = (double)merged[BENCH_GET].n / secs;
+    double puts_s = (double)merged[BENCH_PUT].n / secs;
+    double gbps = (double)got * (double)vqkv_worker_block_logical_bytes(&b->layout) / secs / 1e9;
+    double hit_rate = hits + misses ? (double)hits / (double)(hits + misses) : 0.0;
+    printf("%7s %11s %9s %9s %8s %19s %19s %17s %8s\n", "clients", "lookups/s", "gets/s",
+           "get GB/s", "puts/s", "lookup p50/p99 us", "get p50/p99 us", "all p50/p99 us",
+           "hit rate");
+    printf("%7u %11.0f %9.0f %9.3f %8.1f %9.1f/%-9.1f %9.1f/%-9.1f %8.1f/%-8.1f %7.1f%%\n",
+           b->o.clients, lookups_s, gets_s, gbps, puts_s,
+           bench_hist_quantile_us(&merged[BENCH_LOOKUP], 0.5),
+           bench_hist_quantile_us(&merged[BENCH_LOOKUP], 0.99),
+           bench_hist_quantile_us(&merged[BENCH_GET], 0.5),
+           bench_hist_quantile_us(&merged[BENCH_GET], 0.99), bench_hist_quantile_us(&all, 0.5),
+           bench_hist_quantile_us(&all, 0.99), 100.0 * hit_rate);
+    if (b->o.json_path == NULL)
+        return 0;
+    FILE *f = fopen(b->o.json_path, "w");
+    if (f == NULL) {
+        fprintf(stderr, "vqkv-benchmark: cannot write %s: %s\n", b->o.json_path, strerror(errno));
+        return 1;
+    }
+    fprintf(f,
+            "{\"bench\": \"vqkv-benchmark\", \"mode\": \"serve\", \"shape\": \"%s\", \"codec\": "
+            "\"%s\", \"clients\": %u, \"seconds\": %.3f, \"blocks_per_get\": %u, \"prefixes\": "
+            "%u, \"put_every\": %u, \"block_logical_bytes\": %llu, \"lookups\": %llu, \"gets\": "
+            "%llu, \"puts\": %llu, \"lookups_per_s\": %.1f, \"gets_per_s\": %.1f, "
+            "\"puts_per_s\": %.1f, \"get_gbps\": %.4f, \"hit_rate\": %.4f, \"p50_us\": %.1f, "
+            "\"p99_us\": %.1f",
+            b->o.shape, b->codec, b->o.clients, secs, b->o.blocks_per_get, b->o.prefixes,
+            b->o.put_every, (unsigned long long)vqkv_worker_block_logical_bytes(&b->layout),
+            (unsigned long long)merged[BENCH_LOOKUP].n, (unsigned long long)merged[BENCH_GET].n,
+            (unsigned long long)merged[BENCH_PUT].n, lookups_s, gets_s, puts_s, gbps, hit_rate,
+            bench_hist_quantile_us(&all, 0.5), bench_hist_quantile_us(&all, 0.99));
+    for (int k = 0; k < BENCH_KINDS; k++)
+        fprintf(f, ", \"%s_p50_us\": %.1f, \"%s_p99_us\": %.1f", bench_kind_names[k],
+                bench_hist_quantile_us(&merged[k], 0.5), bench_kind_names[k],
+                bench_hist_quantile_us(&merged[k], 0.99));
+    fprintf(f, "}\n");
+    return fclose(f) == 0 ? 0 : 1;
+}
+
+/* ---- capacity mode ------------------------------------------------------------- */
+
+static int bench_capacity(bench_t *b)
+{
+    char err[512];
+    vqkv_worker_t w;
+    if (vqkv_worker_open(&w, b->o.socket_path, "vqkv-benchmark-capacity", b->model_id, &b->layout,
+                         b->o.codec, 1, err, sizeof err) != VQKV_OK) {
+        fprintf(stderr, "vqkv-benchmark: %s\n", err);
+        return 1;
+    }
+    vqkv_stats_t st;
+    int rc = vqkv_stats(w.client, &st);
+    if (rc != VQKV_OK || st.blocks != 0 || st.evictions != 0) {
+        fprintf(stderr,
+                "vqkv-benchmark: --capacity needs a fresh daemon that holds no blocks%s%s\n",
+                rc != VQKV_OK ? ": stats: " : "", rc != VQKV_OK ? vqkv_last_error(w.client) : "");
+        vqkv_worker_close(&w);
+        return 1;
+    }
+    /* One block a put, so the count is exact to the block. The slot's
+     * data is put again and again under new keys: what a block holds does
+     * not change its stored size. The loop ends at the first eviction, or
+     * when twice the pool's worth of blocks never caused one. */
+    uint32_t tokens[64];
+    uint8_t key[1][VQKV_KEY_BYTES];
+    size_t n = 0;
+    vqkv_worker_fill_synthetic(&b->layout, &w.view, w.base, 0, (const uint8_t[VQKV_KEY_BYTES]){1});
+    uint64_t limit = 2 * st.pool_bytes / vqkv_model_block_bytes(w.model) + 2;
+    uint64_t peak_blocks = 0, peak_stored = 0;
+    int full = 0;
+    const uint32_t slot = 0;
+    for (uint64_t id = 0; id < limit; id++) {
+        for (uint32_t i = 0; i < b->layout.block_tokens; i++)
+            tokens[i] = 1u + bench_mix32(id * 64 + i) % 49151u;
+        tokens[0] = (uint32_t)id;
+        vqkv_put_status_t ps = VQKV_PUT_STORED;
+        rc = vqkv_model_block_keys(w.model, NULL, tokens, b->layout.block_tokens, NULL, 0, key, 1,
+                                   &n);
+        if (rc == VQKV_OK)
+            rc = vqkv_put(w.client, w.model, w.region, (const uint8_t(*)[VQKV_KEY_BYTES])key, NULL,
+                          &slot, 1, &ps);
+        if (rc >= 0)
+            rc = vqkv_stats(w.client, &st);
+        if (rc < 0) {
+            fprintf(stderr, "vqkv-benchmark: capacity fill: %s\n", vqkv_last_error(w.client));
+            vqkv_worker_close(&w);
+            return 1;
+        }
+        /* NO_SPACE without an eviction would mean nothing was evictable:
+         * the pool is just as full. */
+        full = st.evictions > 0 || ps == VQKV_PUT_NO_SPACE;
+        if (full)
+            break;
+        peak_blocks = st.blocks;
+        peak_stored = st.bytes_stored;
+    }
+    uint32_t block_bytes = vqkv_model_block_bytes(w.model);
+    snprintf(b->codec, sizeof b->codec, "%s", vqkv_model_codec(w.model));
+    if (!full) {
+        fprintf(stderr,
+                "vqkv-benchmark: %llu blocks and still no eviction: is --pool-bytes "
+                "larger than the daemon says?\n",
+                (unsigned long long)peak_blocks);
+        vqkv_worker_close(&w);
+        return 1;
+    }
+    double pool_gib = (double)st.pool_bytes / (double)(1u << 30);
+    double tokens_per_gib = (double)peak_blocks * b->layout.block_tokens / pool_gib;
+    double fp16_per_gib = (double)(1u << 30) / (double)vqkv_worker_block_logical_bytes(&b->layout) *
+                          b->layout.block_tokens;
+    printf("%-14s %-24s %11s %13s %12s %15s %12s\n", "shape", "codec", "block bytes", "blocks held",
+           "pool used", "tokens per GiB", "f16 ideal");
+    printf("%-14s %-24s %11u %13llu %11.1f%% %15.0f %12.0f\n", b->o.shape, b->codec, block_bytes,
+           (unsigned long long)peak_blocks, 100.0 * (double)peak_stored / (double)st.pool_bytes,
+           tokens_per_gib, fp16_per_gib);
+    vqkv_worker_close(&w);
+    if (b->o.json_path == NULL)
+        return 0;
+    FILE *f = fopen(b->o.json_path, "w");
+    if (f == NULL) {
+        fprintf(stderr, "vqkv-benchmark: cannot write %s: %s\n", b->o.json_path, strerror(errno));
+        return 1;
+    }
+    fprintf(f,
+            "{\"bench\": \"vqkv-benchmark\", \"mode\": \"capacity\", \"shape\": \"%s\", "
+            "\"codec\": \"%s\", \"block_tokens\": %u, \"block_bytes\": %u, "
+            "\"block_logical_bytes\": %llu, \"pool_bytes\": %llu, \"blocks_held\": %llu, "
+            "\"bytes_stored\": %llu, \"tokens_per_gib\": %.1f, \"fp16_ideal_tokens_per_gib\": "
+            "%.1f}\n",
+            b->o.shape, b->codec, b->layout.block_tokens, block_bytes,
+            (unsigned long long)vqkv_worker_block_logical_bytes(&b->layout),
+            (unsigned long long)st.pool_bytes, (unsigned long long)peak_blocks,
+            (unsigned long long)peak_stored, tokens_per_gib, fp16_per_gib);
+    return fclose(f) == 0 ? 0 : 1;
+}
+
+/* ---- command line ---------------------------------------------------------------- */
+
+static void bench_usage(FILE *f)
+{
+    fputs("usage: vqkv-benchmark --socket PATH [--clients N] [--seconds S] [--codec SPEC]\n"
+          "                      [--shape smollm2-135m|llama3-8b] [--blocks-per-get K]\n"
+          "                      [--prefixes P] [--put-every M] [--capacity] [--json FILE]\n"
+          "  --clients N        client processes, 1..1024 (default 1)\n"
+          "  --seconds S        how long the clients loop (default 5)\n"
+          "  --codec SPEC       the model's codec (default kivi4)\n"
+          "  --shape NAME       the model's KV shape (default smollm2-135m)\n"
+          "  --blocks-per-get K blocks per prefix, looked up and got at once, 1..64 (default 4)\n"
+          "  --prefixes P       prefixes put and pinned before the run (default 64)\n"
+          "  --put-every M      a client puts a new prefix every M loops (default 16, 0: never)\n"
+          "  --capacity         instead: fill a fresh daemon until it evicts, report tokens/GiB\n"
+          "  --json FILE        also write the figures as one JSON object\n",
+          f);
+}
+
+static int bench_parse(int argc, char **argv, bench_opts_t *o)
+{
+    static const struct option longopts[] = {
+        {"socket", required_argument, NULL, 's'},
+        {"clients", required_argument, NULL, 'c'},
+        {"seconds", required_argument, NULL, 't'},
+        {"codec", required_argument, NULL, 'C'},
+        {"shape", required_argument, NULL, 'S'},
+        {"blocks-per-get", required_argument, NULL, 'k'},
+        {"prefixes", required_argument, NULL, 'p'},
+        {"put-every", required_argument, NULL, 'P'},
+        {"capacity", no_argument, NULL, 'a'},
+        {"json", required_argument, NULL, 'j'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    *o = (bench_opts_t){NULL, "kivi4", "smollm2-135m", NULL, 1, 4, 64, 16, 5.0, 0};
+    int opt;
+    while ((opt = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
+        switch (opt) {
+        case 's': o->socket_path = optarg; break;
+        case 'c': o->clients = (uint32_t)strtoul(optarg, NULL, 10); break;
+        case 't': o->seconds = strtod(optarg, NULL); break;
+        case 'C': o->codec = optarg; break;
+        case 'S': o->shape = optarg; break;
+        case 'k': o->blocks_per_get = (uint32_t)strtoul(optarg, NULL, 10); break;
+        case 'p': o->prefixes = (uint32_t)strtoul(optarg, NULL, 10); break;
+        case 'P': o->put_every = (uint32_t)strtoul(optarg, NULL, 10); break;
+        case 'a': o->capacity = 1; break;
+        case 'j': o->json_path = optarg; break;
+        case 'h': bench_usage(stdout); exit(0);
+        default: return -1;
+        }
+    }
+    if (optind < argc || o->socket_path == NULL) {
+        fprintf(stderr, "vqkv-benchmark: --socket PATH is required\n");
+        return -1;
+    }
+    if (o->clients < 1 || o->clients > BENCH_MAX_CLIENTS || !(o->seconds > 0.0) ||
+        o->seconds > 86400.0 || o->blocks_per_get < 1 || o->blocks_per_get > 64 ||
+        o->prefixes < 1) {
+        fprintf(stderr,
+                "vqkv-benchmark: --clients 1..%d, --seconds up to a day, "
+                "--blocks-per-get 1..64, --prefixes at least 1\n",
+                BENCH_MAX_CLIENTS);
+        return -1;
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    bench_t b;
+    if (bench_parse(argc, argv, &b.o) < 0) {
+        bench_usage(stderr);
+        return 2;
+    }
+    if (vqkv_worker_shape(b.o.shape, &b.layout) != VQKV_OK) {
+        fprintf(stderr, "vqkv-benchmark: unknown --shape %s (smollm2-135m or llama3-8b)\n",
+                b.o.shape);
+        return 2;
+    }
+    /* One model id per shape: runs with different codecs need a fresh
+     * daemon each, as a daemon refuses a second codec under one id. */
+    snprintf(b.model_id, sizeof b.model_id, "vqkv-benchmark/%s", b.o.shape);
+    signal(SIGPIPE, SIG_IGN);
+    return b.o.capacity ? bench_capacity(&b) : bench_serve(&b);
+}

@@ -1,0 +1,77 @@
+#!/bin/sh
+# The two-worker demo: one vqkvd, and two inference workers as separate
+# processes whose prompts share a 1024-token system prompt. The first
+# offloads its prompt's KV blocks; the second, which never computed that
+# prefix, finds it, gets it straight into its own paged KV memory and checks
+# every restored byte against the codec. Then the daemon's counters, and the
+# daemon is stopped with SIGTERM and must exit 0.
+#
+# Builds nothing: run it after `cmake --build --preset default`. The build
+# folder is build/, or $VQKV_BUILD_DIR (the ctest entry points it at its
+# own). Real SmolLM2-135M KV is used when tools/fidelity.sh has dumped it to
+# bench/out/kv.safetensors (or $VQKV_KV names a dump), synthetic KV
+# otherwise. The codec is $VQKV_CODEC, kivi4 by default.
+set -eu
+cd "$(dirname "$0")/.."
+build=${VQKV_BUILD_DIR:-build}
+codec=${VQKV_CODEC:-kivi4}
+kv=${VQKV_KV:-bench/out/kv.safetensors}
+for bin in "$build/daemon/vqkvd" "$build/client/vqkvctl" "$build/client/vqkv-demo"; do
+    if [ ! -x "$bin" ]; then
+        echo "demo.sh: $bin is missing: build first (cmake --preset default && cmake --build --preset default -j2)" >&2
+        exit 1
+    fi
+done
+
+dir=$(mktemp -d "${TMPDIR:-/tmp}/vqkv-demo.XXXXXX")
+sock="$dir/vqkv.sock"
+pid=""
+cleanup() {
+    if [ -n "$pid" ]; then
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" 2>/dev/null || true
+    fi
+    rm -rf "$dir"
+}
+trap cleanup EXIT
+trap 'exit 1' INT TERM HUP
+
+"$build/daemon/vqkvd" --socket "$sock" --pool-bytes 256M --log-level warn &
+pid=$!
+# Waits for the daemon to answer, or for it to die; a minute is only a
+# guard against a daemon that hangs at start (ASan builds start slowly).
+tries=0
+until "$build/client/vqkvctl" --socket "$sock" health >/dev/null 2>&1; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+        echo "demo.sh: vqkvd exited at start" >&2
+        pid=""
+        exit 1
+    fi
+    tries=$((tries + 1))
+    if [ "$tries" -ge 600 ]; then
+        echo "demo.sh: vqkvd did not answer on $sock" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+
+set -- --socket "$sock" --codec "$codec"
+if [ -f "$kv" ]; then
+    set -- "$@" --kv "$kv"
+fi
+echo "== worker 1 (its own process): offload prompt A"
+"$build/client/vqkv-demo" --role offload "$@"
+echo "== worker 2 (another process): restore prompt B's shared prefix"
+"$build/client/vqkv-demo" --role restore "$@"
+echo "== vqkvctl stats"
+"$build/client/vqkvctl" --socket "$sock" stats
+
+kill -TERM "$pid"
+status=0
+wait "$pid" || status=$?
+pid=""
+if [ "$status" -ne 0 ]; then
+    echo "demo.sh: vqkvd exited with status $status" >&2
+    exit 1
+fi
+echo "== vqkvd stopped cleanly"
