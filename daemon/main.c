@@ -1,15 +1,32 @@
-/* main.c -- vqkvd: parses the command line, picks the socket path, runs the
- * server on libuv's loop until SIGINT or SIGTERM, then stops cleanly
- * (socket file removed, every client closed, exit status 0).
+/* main.c -- vqkvd: reads the configuration file and then the command line
+ * over it, picks the socket path and the state directory, runs the server
+ * on libuv's loop until SIGINT or SIGTERM, then stops cleanly (socket file
+ * removed, every client closed, exit status 0).
  *
- *   vqkvd [--socket PATH] [--log-level debug|info|warn|error]
- *         [--allow-uid N ...] [--allow-gid N ...] [--pool-bytes N[K|M|G]]
+ *   vqkvd [--config FILE] [--check-config] [--socket PATH]
+ *         [--log-level debug|info|warn|error] [--allow-uid N ...] [--allow-gid N ...]
+ *         [--pool-bytes N[K|M|G]] [--state-dir DIR] [--device cpu|auto|cuda:N]
+ *         [--calibration-tokens N]
+ *
+ * The configuration file (config.h; vqkvd.conf documents every key) is
+ * FILE, or else VQKVD_CONFIG_PATH (/etc/vqkv/vqkvd.conf in a /usr install)
+ * when that exists. Flags override the file wherever they stand: the
+ * command line is read twice, first for --config, --check-config and
+ * --help, then, after the file, for the rest. --check-config stops there
+ * and prints "ok" (exit status 0) or what is wrong (exit status 2, as for
+ * any refused file or flag).
  *
  * The default socket is $XDG_RUNTIME_DIR/vqkv/vqkv.sock, or
  * /run/vqkv/vqkv.sock as root; its directory is created 0750 when missing.
- * --allow-uid and --allow-gid replace the default allow list (the daemon's
- * own uid and root) with the ids they name. --pool-bytes sizes the block
- * pool (default 1G; K, M and G are powers of 1024).
+ * --allow-uid and --allow-gid replace the allow lists (the file's, else the
+ * defaults: the daemon's own uid and root) with the ids they name.
+ * --pool-bytes sizes the block pool (default 1G; K, M and G are powers of
+ * 1024). The state directory, where trained codebooks are kept, defaults to
+ * $STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/vqkv as root,
+ * else $XDG_STATE_HOME/vqkv or ~/.local/state/vqkv; it is created 0700 with
+ * its parents, and when that fails the daemon warns and runs without one.
+ * Only the CPU backend is built so far: --device auto runs it and cuda:N is
+ * refused with exit status 2.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -24,6 +41,7 @@
 
 #include <uv.h>
 
+#include "config.h"
 #include "log.h"
 #include "server.h"
 
@@ -32,48 +50,118 @@ typedef struct {
     uv_signal_t sigint, sigterm;
 } vqkvd_main_t;
 
+static const struct option vqkvd__options[] = {
+    {"config", required_argument, NULL, 'c'},
+    {"check-config", no_argument, NULL, 'C'},
+    {"socket", required_argument, NULL, 's'},
+    {"log-level", required_argument, NULL, 'l'},
+    {"allow-uid", required_argument, NULL, 'u'},
+    {"allow-gid", required_argument, NULL, 'g'},
+    {"pool-bytes", required_argument, NULL, 'p'},
+    {"state-dir", required_argument, NULL, 'S'},
+    {"device", required_argument, NULL, 'd'},
+    {"calibration-tokens", required_argument, NULL, 't'},
+    {"help", no_argument, NULL, 'h'},
+    {NULL, 0, NULL, 0},
+};
+
 static void vqkvd__usage(FILE *f)
 {
-    fprintf(f, "usage: vqkvd [--socket PATH] [--log-level debug|info|warn|error]\n"
-               "             [--allow-uid N ...] [--allow-gid N ...] [--pool-bytes N[K|M|G]]\n");
+    fprintf(f, "usage: vqkvd [--config FILE] [--check-config] [--socket PATH]\n"
+               "             [--log-level debug|info|warn|error] [--allow-uid N ...]\n"
+               "             [--allow-gid N ...] [--pool-bytes N[K|M|G]] [--state-dir DIR]\n"
+               "             [--device cpu|auto|cuda:N] [--calibration-tokens N]\n");
 }
 
-static int vqkvd__parse_id(const char *text, unsigned *out)
+/* Always -1, so a refused flag is one line: return vqkvd__bad_flag(...). */
+static int vqkvd__bad_flag(const char *flag, const char *value, const char *expected)
 {
-    char *end;
-    errno = 0;
-    unsigned long v = strtoul(text, &end, 10);
-    if (errno != 0 || end == text || *end != '\0' || text[0] == '-' || v >= UINT_MAX)
-        return -1;
-    *out = (unsigned)v;
+    fprintf(stderr, "vqkvd: bad --%s \"%s\" (%s)\n", flag, value, expected);
+    return -1;
+}
+
+/* The first pass: --config, --check-config and --help, which decide what
+ * happens before anything else is read. Other flags are skipped quietly
+ * here (opterr 0) and complained about by the second pass. Returns 1 for
+ * --help, else 0. */
+static int vqkvd__first_pass(int argc, char **argv, const char **config, int *check_only)
+{
+    int opt;
+    opterr = 0;
+    while ((opt = getopt_long(argc, argv, "h", vqkvd__options, NULL)) != -1) {
+        if (opt == 'h')
+            return 1;
+        if (opt == 'c')
+            *config = optarg;
+        else if (opt == 'C')
+            *check_only = 1;
+    }
+    /* 0, not 1: glibc then starts over completely for the second pass. */
+    optind = 0;
+    opterr = 1;
     return 0;
 }
 
-/* "N", "NK", "NM" or "NG" (also lower case) into *out; -1 for anything
- * else, zero, or a size that overflows. */
-static int vqkvd__parse_bytes(const char *text, uint64_t *out)
+/* The second pass: every other flag, over what the file set. Returns 0, or
+ * -1 after saying what is wrong. */
+static int vqkvd__apply_flags(int argc, char **argv, vqkvd_config_t *cfg)
 {
-    char *end;
-    errno = 0;
-    unsigned long long v = strtoull(text, &end, 10);
-    if (errno != 0 || end == text || text[0] == '-' || text[0] == '+')
-        return -1;
-    unsigned shift = 0;
-    switch (*end) {
-    case '\0': break;
-    case 'k':
-    case 'K': shift = 10; break;
-    case 'm':
-    case 'M': shift = 20; break;
-    case 'g':
-    case 'G': shift = 30; break;
-    default: return -1;
+    int own_allow_list = 0; /* the first --allow-* drops the file's or default lists */
+    int opt;
+    while ((opt = getopt_long(argc, argv, "h", vqkvd__options, NULL)) != -1) {
+        unsigned id;
+        switch (opt) {
+        case 'c':
+        case 'C': break; /* the first pass's */
+        case 's': cfg->socket_path = optarg; break;
+        case 'l':
+            vqkvd_log_level = vqkvd_log_parse_level(optarg);
+            if (vqkvd_log_level < 0)
+                return vqkvd__bad_flag("log-level", optarg, "debug, info, warn or error");
+            break;
+        case 'u':
+        case 'g':
+            if (vqkvd_config_parse_id(optarg, &id) < 0)
+                return vqkvd__bad_flag(opt == 'u' ? "allow-uid" : "allow-gid", optarg,
+                                       "a numeric id");
+            if (!own_allow_list)
+                cfg->n_allow_uids = cfg->n_allow_gids = 0;
+            own_allow_list = 1;
+            if ((opt == 'u' ? cfg->n_allow_uids : cfg->n_allow_gids) >= VQKVD_MAX_ALLOWED) {
+                fprintf(stderr, "vqkvd: at most %d uids and %d gids\n", VQKVD_MAX_ALLOWED,
+                        VQKVD_MAX_ALLOWED);
+                return -1;
+            }
+            if (opt == 'u')
+                cfg->allow_uids[cfg->n_allow_uids++] = (uid_t)id;
+            else
+                cfg->allow_gids[cfg->n_allow_gids++] = (gid_t)id;
+            break;
+        case 'p':
+            if (vqkvd_config_parse_bytes(optarg, &cfg->pool_bytes) < 0)
+                return vqkvd__bad_flag("pool-bytes", optarg, "a positive size such as 512M or 4G");
+            break;
+        case 'S':
+            if (optarg[0] == '\0')
+                return vqkvd__bad_flag("state-dir", optarg, "a directory");
+            cfg->state_dir = optarg;
+            break;
+        case 'd':
+            if (vqkvd_config_check_device(optarg) < 0)
+                return vqkvd__bad_flag("device", optarg, "cpu, auto or cuda:N");
+            cfg->device = optarg;
+            break;
+        case 't':
+            if (vqkvd_config_parse_count(optarg, &cfg->calib_tokens) < 0)
+                return vqkvd__bad_flag("calibration-tokens", optarg, "a positive whole number");
+            break;
+        default: vqkvd__usage(stderr); return -1;
+        }
     }
-    if (*end != '\0' && end[1] != '\0')
+    if (optind < argc) {
+        vqkvd__usage(stderr);
         return -1;
-    if (v == 0 || v > (UINT64_MAX >> shift))
-        return -1;
-    *out = (uint64_t)v << shift;
+    }
     return 0;
 }
 
@@ -97,6 +185,80 @@ static int vqkvd__default_socket(char *buf, size_t size)
     return n < 0 || (size_t)n >= size ? -1 : 0;
 }
 
+/* mkdir -p: path and its missing parents, all with mode (they are ours,
+ * like ~/.local/state, or already there, like /var/lib). An existing
+ * directory keeps its mode: systemd creates StateDirectory= with its own.
+ * path is written to and restored. Returns 0 or a negative errno. */
+static int vqkvd__make_dirs(char *path, mode_t mode)
+{
+    if (path[0] == '\0')
+        return -ENOENT;
+    for (char *slash = strchr(path + 1, '/');; slash = strchr(slash + 1, '/')) {
+        if (slash != NULL)
+            *slash = '\0';
+        int rc = mkdir(path, mode) < 0 && errno != EEXIST ? -errno : 0;
+        if (slash != NULL)
+            *slash = '/';
+        if (rc < 0)
+            return rc;
+        if (slash == NULL)
+            break;
+    }
+    struct stat st;
+    if (stat(path, &st) < 0)
+        return -errno;
+    return S_ISDIR(st.st_mode) ? 0 : -ENOTDIR;
+}
+
+/* The default state directory into buf; -ENOENT when the environment names
+ * none (no $HOME), -ENAMETOOLONG. $STATE_DIRECTORY may list several
+ * directories separated by colons; the first is ours. */
+static int vqkvd__default_state_dir(char *buf, size_t size)
+{
+    const char *systemd = getenv("STATE_DIRECTORY");
+    const char *xdg = getenv("XDG_STATE_HOME");
+    const char *home = getenv("HOME");
+    int n;
+    if (systemd != NULL && systemd[0] != '\0')
+        n = snprintf(buf, size, "%.*s", (int)strcspn(systemd, ":"), systemd);
+    else if (getuid() == 0)
+        n = snprintf(buf, size, "/var/lib/vqkv");
+    else if (xdg != NULL && xdg[0] == '/') /* relative ones are invalid (XDG spec) */
+        n = snprintf(buf, size, "%s/vqkv", xdg);
+    else if (home != NULL && home[0] != '\0')
+        n = snprintf(buf, size, "%s/.local/state/vqkv", home);
+    else
+        return -ENOENT;
+    return n < 0 || (size_t)n >= size ? -ENAMETOOLONG : 0;
+}
+
+/* Points cfg->state_dir at the state directory (copied into buf), created
+ * when missing, or at NULL with a warning when there is none: a daemon that
+ * cannot keep its codebooks still serves, it only trains them again after a
+ * restart, which beats not starting at all. */
+static void vqkvd__open_state_dir(vqkvd_config_t *cfg, char *buf, size_t size)
+{
+    const char *given = cfg->state_dir;
+    cfg->state_dir = NULL;
+    int rc;
+    if (given != NULL) {
+        rc = (size_t)snprintf(buf, size, "%s", given) < size ? 0 : -ENAMETOOLONG;
+    } else if ((rc = vqkvd__default_state_dir(buf, size)) == -ENOENT) {
+        vqkvd_log(VQKVD_LOG_WARN, "no state directory ($HOME is not set; give --state-dir DIR): "
+                                  "trained codebooks will not be kept");
+        return;
+    }
+    if (rc == 0)
+        rc = vqkvd__make_dirs(buf, 0700);
+    if (rc < 0) {
+        vqkvd_log(VQKVD_LOG_WARN, "state directory %s: %s; trained codebooks will not be kept",
+                  given != NULL ? given : buf, strerror(-rc));
+        return;
+    }
+    cfg->state_dir = buf;
+    vqkvd_log(VQKVD_LOG_INFO, "state directory %s", buf);
+}
+
 static void vqkvd__on_signal(uv_signal_t *sig, int signum)
 {
     vqkvd_main_t *m = sig->data;
@@ -106,73 +268,20 @@ static void vqkvd__on_signal(uv_signal_t *sig, int signum)
     uv_close((uv_handle_t *)&m->sigterm, NULL);
 }
 
-int main(int argc, char **argv)
+/* Starts the server with cfg (the socket and state directory defaults
+ * filled in here) and runs the loop until a signal stops it. Returns the
+ * exit status. */
+static int vqkvd__run(vqkvd_config_t *cfg)
 {
-    static const struct option opts[] = {
-        {"socket", required_argument, NULL, 's'},
-        {"log-level", required_argument, NULL, 'l'},
-        {"allow-uid", required_argument, NULL, 'u'},
-        {"allow-gid", required_argument, NULL, 'g'},
-        {"pool-bytes", required_argument, NULL, 'p'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
-    };
-    vqkvd_config_t cfg;
-    vqkvd_config_defaults(&cfg);
-    int own_allow_list = 0; /* the first --allow-* drops the defaults */
-    char default_path[PATH_MAX];
-    int opt;
-    while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
-        unsigned id;
-        switch (opt) {
-        case 's': cfg.socket_path = optarg; break;
-        case 'l':
-            vqkvd_log_level = vqkvd_log_parse_level(optarg);
-            if (vqkvd_log_level < 0) {
-                fprintf(stderr, "vqkvd: unknown log level \"%s\"\n", optarg);
-                return 2;
-            }
-            break;
-        case 'u':
-        case 'g':
-            if (vqkvd__parse_id(optarg, &id) < 0) {
-                fprintf(stderr, "vqkvd: bad id \"%s\"\n", optarg);
-                return 2;
-            }
-            if (!own_allow_list)
-                cfg.n_allow_uids = cfg.n_allow_gids = 0;
-            own_allow_list = 1;
-            if ((opt == 'u' ? cfg.n_allow_uids : cfg.n_allow_gids) >= VQKVD_MAX_ALLOWED) {
-                fprintf(stderr, "vqkvd: at most %d uids and %d gids\n", VQKVD_MAX_ALLOWED,
-                        VQKVD_MAX_ALLOWED);
-                return 2;
-            }
-            if (opt == 'u')
-                cfg.allow_uids[cfg.n_allow_uids++] = (uid_t)id;
-            else
-                cfg.allow_gids[cfg.n_allow_gids++] = (gid_t)id;
-            break;
-        case 'p':
-            if (vqkvd__parse_bytes(optarg, &cfg.pool_bytes) < 0) {
-                fprintf(stderr,
-                        "vqkvd: bad --pool-bytes \"%s\" (a positive size such as 512M or 4G)\n",
-                        optarg);
-                return 2;
-            }
-            break;
-        case 'h': vqkvd__usage(stdout); return 0;
-        default: vqkvd__usage(stderr); return 2;
-        }
-    }
-    if (optind < argc) {
-        vqkvd__usage(stderr);
-        return 2;
-    }
-    if (cfg.socket_path == NULL) {
-        if (vqkvd__default_socket(default_path, sizeof default_path) < 0)
+    char socket_buf[PATH_MAX], state_buf[PATH_MAX];
+    if (cfg->socket_path == NULL) {
+        if (vqkvd__default_socket(socket_buf, sizeof socket_buf) < 0)
             return 1;
-        cfg.socket_path = default_path;
+        cfg->socket_path = socket_buf;
     }
+    vqkvd__open_state_dir(cfg, state_buf, sizeof state_buf);
+    if (strcmp(cfg->device, "auto") == 0)
+        vqkvd_log(VQKVD_LOG_INFO, "device auto: no CUDA backend is built in; using the CPU");
     /* Replies are sent with MSG_NOSIGNAL; this covers anything else that
      * writes to a socket whose peer left. */
     signal(SIGPIPE, SIG_IGN);
@@ -185,9 +294,9 @@ int main(int argc, char **argv)
         vqkvd_log(VQKVD_LOG_ERROR, "event loop: %s", uv_strerror(rc));
         return 1;
     }
-    rc = vqkvd_server_start(&m.server, &loop, &cfg);
+    rc = vqkvd_server_start(&m.server, &loop, cfg);
     if (rc < 0) {
-        vqkvd_log(VQKVD_LOG_ERROR, "cannot listen on %s: %s", cfg.socket_path, strerror(-rc));
+        vqkvd_log(VQKVD_LOG_ERROR, "cannot listen on %s: %s", cfg->socket_path, strerror(-rc));
         goto out;
     }
     uv_signal_init(&loop, &m.sigint);
@@ -207,5 +316,47 @@ out:
         vqkvd_log(VQKVD_LOG_ERROR, "event loop still busy at exit: %s", uv_strerror(rc));
         status = 1;
     }
+    return status;
+}
+
+int main(int argc, char **argv)
+{
+    vqkvd_config_t cfg;
+    vqkvd_config_file_t file = {0};
+    const char *config_path = NULL;
+    int check_only = 0;
+    char err[512];
+    int status = 2;
+
+    vqkvd_config_defaults(&cfg);
+    if (vqkvd__first_pass(argc, argv, &config_path, &check_only) > 0) {
+        vqkvd__usage(stdout);
+        return 0;
+    }
+    int rc = vqkvd_config_load(&cfg, &file, config_path != NULL ? config_path : VQKVD_CONFIG_PATH,
+                               err, sizeof err);
+    /* Without --config, a missing default file just means the defaults. */
+    if (rc < 0 && !(rc == -ENOENT && config_path == NULL)) {
+        fprintf(stderr, "vqkvd: %s\n", err);
+        goto out;
+    }
+    if (file.log_level != 0)
+        vqkvd_log_level = file.log_level;
+    if (vqkvd__apply_flags(argc, argv, &cfg) < 0)
+        goto out;
+    if (strncmp(cfg.device, "cuda:", 5) == 0) {
+        fprintf(stderr, "vqkvd: device %s: this vqkvd has no CUDA backend; use --device cpu\n",
+                cfg.device);
+        goto out;
+    }
+    if (check_only) {
+        printf("ok\n");
+        status = 0;
+        goto out;
+    }
+    status = vqkvd__run(&cfg);
+
+out:
+    vqkvd_config_file_free(&file);
     return status;
 }

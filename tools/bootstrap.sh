@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 # redis-server, redis-tools and jq are bench/serve.sh's anchor and its JSON tool.
 pkgs="build-essential cmake pkg-config git libuv1-dev libprotobuf-c-dev protobuf-c-compiler
       libmsgpack-dev libcmocka-dev libsystemd-dev libjson-c-dev libssl-dev python3 python3-venv
-      golang-github-pierrec-lz4-dev redis-server redis-tools jq"
+      golang-github-pierrec-lz4-dev libinih-dev redis-server redis-tools jq"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"

@@ -1,0 +1,421 @@
+/* config.c -- vqkvd's configuration file (config.h).
+ *
+ * inih splits the file into (section, key, value) and calls
+ * vqkvd__config_on_key for each pair; the handler looks the key up, parses
+ * the value and applies it to a working copy of the config. The copy (about
+ * 1 KiB) and its strings replace the caller's only when the whole file is
+ * good, so a bad file changes nothing.
+ *
+ * inih reports the line of the first error it meets, but Debian builds it
+ * without INI_HANDLER_LINENO, so a handler is not told its line. Our own
+ * line reader therefore counts the lines (inih asks for exactly one per
+ * line it parses), which gives the handler's messages their line numbers;
+ * the same reader refuses overlong lines outright (inih would cut them) and
+ * drops leading whitespace, which turns inih's continuation lines off.
+ */
+#include "config.h"
+
+#include <errno.h>
+#include <ini.h>
+#include <limits.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "log.h"
+
+/* The keys of [vqkvd]; the names are in vqkvd__config_keys. */
+enum {
+    VQKVD__CONFIG_SOCKET,
+    VQKVD__CONFIG_POOL_BYTES,
+    VQKVD__CONFIG_DEVICE,
+    VQKVD__CONFIG_STATE_DIR,
+    VQKVD__CONFIG_LOG_LEVEL,
+    VQKVD__CONFIG_ALLOW_UIDS,
+    VQKVD__CONFIG_ALLOW_GIDS,
+    VQKVD__CONFIG_ADMIN_UIDS,
+    VQKVD__CONFIG_CALIB_TOKENS,
+    VQKVD__CONFIG_MAX_CLIENTS,
+    VQKVD__CONFIG_MAX_INFLIGHT,
+    VQKVD__CONFIG_MAX_REGIONS,
+    VQKVD__CONFIG_N_KEYS,
+};
+
+static const char *const vqkvd__config_keys[VQKVD__CONFIG_N_KEYS] = {
+    [VQKVD__CONFIG_SOCKET] = "socket",
+    [VQKVD__CONFIG_POOL_BYTES] = "pool_bytes",
+    [VQKVD__CONFIG_DEVICE] = "device",
+    [VQKVD__CONFIG_STATE_DIR] = "state_dir",
+    [VQKVD__CONFIG_LOG_LEVEL] = "log_level",
+    [VQKVD__CONFIG_ALLOW_UIDS] = "allow_uids",
+    [VQKVD__CONFIG_ALLOW_GIDS] = "allow_gids",
+    [VQKVD__CONFIG_ADMIN_UIDS] = "admin_uids",
+    [VQKVD__CONFIG_CALIB_TOKENS] = "calibration_tokens",
+    [VQKVD__CONFIG_MAX_CLIENTS] = "max_clients",
+    [VQKVD__CONFIG_MAX_INFLIGHT] = "max_inflight",
+    [VQKVD__CONFIG_MAX_REGIONS] = "max_regions",
+};
+
+typedef struct {
+    vqkvd_config_t cfg;       /* the working copy */
+    vqkvd_config_file_t file; /* the strings it points to */
+    FILE *f;
+    const char *path;
+    int lineno;   /* the line inih is parsing */
+    int err_line; /* the first error's line; 0 while there is none */
+    int rc;       /* the first error's code */
+    char *err;
+    size_t err_size;
+    int key_line[VQKVD__CONFIG_N_KEYS]; /* where each key was set; 0: not yet */
+    int default_quota_line;
+    int quota_line[VQKVD_MAX_ALLOWED]; /* where cfg.quota_uids[i] was set */
+    int own_allow_list;                /* an allow_* key has dropped the defaults */
+    int own_quotas;                    /* a uid.N key has dropped the caller's */
+} vqkvd__config_parser_t;
+
+/* ---- values ------------------------------------------------------------- */
+
+/* The leading decimal digits of text into *out and the first character
+ * after them into *end; -EINVAL when text does not start with a digit (so
+ * signs and spaces, which strtoull would take, are refused) or overflows.
+ * The public parsers add their suffixes and bounds. */
+static int vqkvd__config_parse_digits(const char *text, const char **end, unsigned long long *out)
+{
+    if (text[0] < '0' || text[0] > '9')
+        return -EINVAL;
+    char *stop;
+    errno = 0;
+    unsigned long long v = strtoull(text, &stop, 10);
+    if (errno != 0)
+        return -EINVAL;
+    *end = stop;
+    *out = v;
+    return 0;
+}
+
+int vqkvd_config_parse_bytes(const char *text, uint64_t *out)
+{
+    const char *end;
+    unsigned long long v;
+    if (vqkvd__config_parse_digits(text, &end, &v) < 0)
+        return -EINVAL;
+    unsigned shift = 0;
+    switch (*end) {
+    case '\0': break;
+    case 'k':
+    case 'K': shift = 10; break;
+    case 'm':
+    case 'M': shift = 20; break;
+    case 'g':
+    case 'G': shift = 30; break;
+    default: return -EINVAL;
+    }
+    if (*end != '\0' && end[1] != '\0')
+        return -EINVAL;
+    if (v == 0 || v > (UINT64_MAX >> shift))
+        return -EINVAL;
+    *out = (uint64_t)v << shift;
+    return 0;
+}
+
+int vqkvd_config_parse_id(const char *text, unsigned *out)
+{
+    const char *end;
+    unsigned long long v;
+    if (vqkvd__config_parse_digits(text, &end, &v) < 0 || *end != '\0' || v >= UINT_MAX)
+        return -EINVAL;
+    *out = (unsigned)v;
+    return 0;
+}
+
+int vqkvd_config_parse_count(const char *text, uint32_t *out)
+{
+    const char *end;
+    unsigned long long v;
+    if (vqkvd__config_parse_digits(text, &end, &v) < 0 || *end != '\0' || v == 0 || v > UINT32_MAX)
+        return -EINVAL;
+    *out = (uint32_t)v;
+    return 0;
+}
+
+int vqkvd_config_check_device(const char *text)
+{
+    if (strcmp(text, "cpu") == 0 || strcmp(text, "auto") == 0)
+        return 0;
+    const char *end;
+    unsigned long long ordinal;
+    if (strncmp(text, "cuda:", 5) != 0 ||
+        vqkvd__config_parse_digits(text + 5, &end, &ordinal) < 0 || *end != '\0' ||
+        ordinal > INT_MAX)
+        return -EINVAL;
+    return 0;
+}
+
+/* ---- the parser ----------------------------------------------------------- */
+
+/* Records the first error as "path:line: message" (later ones are often its
+ * consequences, and one clear message is what an operator acts on).
+ * Returns 0, which is "failed" to inih. */
+static int vqkvd__config_fail(vqkvd__config_parser_t *p, int rc, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static int vqkvd__config_fail(vqkvd__config_parser_t *p, int rc, const char *fmt, ...)
+{
+    if (p->err_line != 0)
+        return 0;
+    p->err_line = p->lineno;
+    p->rc = rc;
+    int n = snprintf(p->err, p->err_size, "%s:%d: ", p->path, p->lineno);
+    if (n >= 0 && (size_t)n < p->err_size) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(p->err + n, p->err_size - (size_t)n, fmt, ap);
+        va_end(ap);
+    }
+    return 0;
+}
+
+/* inih's reader: one line per call, counted. A line that does not fit buf
+ * is read to its end and refused; leading blanks are dropped, since inih
+ * would take an indented line for the continuation of the previous value. */
+static char *vqkvd__config_read_line(char *buf, int size, void *stream)
+{
+    vqkvd__config_parser_t *p = stream;
+    if (fgets(buf, size, p->f) == NULL)
+        return NULL;
+    p->lineno++;
+    size_t len = strlen(buf);
+    if (len == (size_t)size - 1 && buf[len - 1] != '\n') {
+        int c;
+        do
+            c = getc(p->f);
+        while (c != EOF && c != '\n');
+        vqkvd__config_fail(p, -EINVAL, "line longer than %d characters", size - 2);
+        buf[0] = '\0';
+        return buf;
+    }
+    size_t blanks = strspn(buf, " \t");
+    memmove(buf, buf + blanks, len - blanks + 1);
+    return buf;
+}
+
+static int vqkvd__config_set_string(vqkvd__config_parser_t *p, char **own, const char **use,
+                                    const char *value)
+{
+    char *copy = strdup(value);
+    if (copy == NULL)
+        return vqkvd__config_fail(p, -ENOMEM, "out of memory");
+    *own = copy;
+    *use = copy;
+    return 1;
+}
+
+static int vqkvd__config_set_count(vqkvd__config_parser_t *p, const char *name, const char *value,
+                                   uint32_t *out)
+{
+    if (vqkvd_config_parse_count(value, out) < 0)
+        return vqkvd__config_fail(p, -EINVAL, "bad %s \"%s\" (a positive whole number)", name,
+                                  value);
+    return 1;
+}
+
+/* Adds a comma or blank separated list of ids, possibly empty, to the list
+ * key names. The first allow_uids or allow_gids empties both allow lists,
+ * as the command line's first --allow-* does: the file's allow list is the
+ * whole of it, not an addition to the defaults (the daemon's uid and root),
+ * so "allow_uids =" with allow_gids admits by group alone. */
+static int vqkvd__config_add_ids(vqkvd__config_parser_t *p, int key, const char *value)
+{
+    vqkvd_config_t *cfg = &p->cfg;
+    const char *name = vqkvd__config_keys[key];
+    if (key != VQKVD__CONFIG_ADMIN_UIDS && !p->own_allow_list) {
+        cfg->n_allow_uids = cfg->n_allow_gids = 0;
+        p->own_allow_list = 1;
+    }
+    size_t *n = key == VQKVD__CONFIG_ALLOW_UIDS   ? &cfg->n_allow_uids
+                : key == VQKVD__CONFIG_ALLOW_GIDS ? &cfg->n_allow_gids
+                                                  : &cfg->n_admin_uids;
+    for (const char *s = value + strspn(value, ", \t"); *s != '\0'; s += strspn(s, ", \t")) {
+        size_t len = strcspn(s, ", \t");
+        char word[16];
+        unsigned id;
+        if (len >= sizeof word)
+            return vqkvd__config_fail(p, -EINVAL, "bad id \"%.*s\" in %s", (int)len, s, name);
+        memcpy(word, s, len);
+        word[len] = '\0';
+        if (vqkvd_config_parse_id(word, &id) < 0)
+            return vqkvd__config_fail(p, -EINVAL, "bad id \"%s\" in %s", word, name);
+        if (*n == VQKVD_MAX_ALLOWED)
+            return vqkvd__config_fail(p, -EINVAL, "more than %d ids in %s", VQKVD_MAX_ALLOWED,
+                                      name);
+        if (key == VQKVD__CONFIG_ALLOW_UIDS)
+            cfg->allow_uids[*n] = (uid_t)id;
+        else if (key == VQKVD__CONFIG_ALLOW_GIDS)
+            cfg->allow_gids[*n] = (gid_t)id;
+        else
+            cfg->admin_uids[*n] = (uid_t)id;
+        ++*n;
+        s += len;
+    }
+    return 1;
+}
+
+static int vqkvd__config_on_vqkvd(vqkvd__config_parser_t *p, const char *name, const char *value)
+{
+    int key = 0;
+    while (key < VQKVD__CONFIG_N_KEYS && strcmp(name, vqkvd__config_keys[key]) != 0)
+        key++;
+    if (key == VQKVD__CONFIG_N_KEYS)
+        return vqkvd__config_fail(p, -EINVAL, "unknown key \"%s\" in [vqkvd]", name);
+    int list = key == VQKVD__CONFIG_ALLOW_UIDS || key == VQKVD__CONFIG_ALLOW_GIDS ||
+               key == VQKVD__CONFIG_ADMIN_UIDS;
+    if (!list && value[0] == '\0')
+        return vqkvd__config_fail(p, -EINVAL, "no value for \"%s\"", name);
+    if (!list && p->key_line[key] != 0)
+        return vqkvd__config_fail(p, -EINVAL, "\"%s\" given twice (first on line %d)", name,
+                                  p->key_line[key]);
+    p->key_line[key] = p->lineno;
+
+    vqkvd_config_t *cfg = &p->cfg;
+    switch (key) {
+    case VQKVD__CONFIG_SOCKET:
+        return vqkvd__config_set_string(p, &p->file.socket_path, &cfg->socket_path, value);
+    case VQKVD__CONFIG_STATE_DIR:
+        return vqkvd__config_set_string(p, &p->file.state_dir, &cfg->state_dir, value);
+    case VQKVD__CONFIG_DEVICE:
+        if (vqkvd_config_check_device(value) < 0)
+            return vqkvd__config_fail(p, -EINVAL, "bad device \"%s\" (cpu, auto or cuda:N)", value);
+        return vqkvd__config_set_string(p, &p->file.device, &cfg->device, value);
+    case VQKVD__CONFIG_POOL_BYTES:
+        if (vqkvd_config_parse_bytes(value, &cfg->pool_bytes) < 0)
+            return vqkvd__config_fail(
+                p, -EINVAL, "bad pool_bytes \"%s\" (a positive size such as 512M or 4G)", value);
+        return 1;
+    case VQKVD__CONFIG_LOG_LEVEL:
+        p->file.log_level = vqkvd_log_parse_level(value);
+        if (p->file.log_level < 0)
+            return vqkvd__config_fail(p, -EINVAL,
+                                      "bad log_level \"%s\" (debug, info, warn or error)", value);
+        return 1;
+    case VQKVD__CONFIG_CALIB_TOKENS:
+        return vqkvd__config_set_count(p, name, value, &cfg->calib_tokens);
+    case VQKVD__CONFIG_MAX_CLIENTS:
+        return vqkvd__config_set_count(p, name, value, &cfg->max_clients);
+    case VQKVD__CONFIG_MAX_INFLIGHT:
+        return vqkvd__config_set_count(p, name, value, &cfg->max_inflight);
+    case VQKVD__CONFIG_MAX_REGIONS:
+        return vqkvd__config_set_count(p, name, value, &cfg->max_regions);
+    default: return vqkvd__config_add_ids(p, key, value);
+    }
+}
+
+/* "default = SIZE" and "uid.N = SIZE", SIZE a byte size or "unlimited"
+ * (stored as 0). The first uid.N drops the caller's per-uid quotas, as the
+ * allow lists do, so every entry came from this file and a uid named twice
+ * can point at the line of the first. */
+static int vqkvd__config_on_quota(vqkvd__config_parser_t *p, const char *name, const char *value)
+{
+    vqkvd_config_t *cfg = &p->cfg;
+    unsigned uid = 0;
+    int is_default = strcmp(name, "default") == 0;
+    if (!is_default && (strncmp(name, "uid.", 4) != 0 || vqkvd_config_parse_id(name + 4, &uid) < 0))
+        return vqkvd__config_fail(p, -EINVAL, "unknown key \"%s\" in [quota] (default or uid.N)",
+                                  name);
+    if (value[0] == '\0')
+        return vqkvd__config_fail(p, -EINVAL, "no value for \"%s\"", name);
+    uint64_t bytes = 0;
+    if (strcmp(value, "unlimited") != 0 && vqkvd_config_parse_bytes(value, &bytes) < 0)
+        return vqkvd__config_fail(
+            p, -EINVAL, "bad quota \"%s\" for %s (a size such as 4G, or unlimited)", value, name);
+    if (is_default) {
+        if (p->default_quota_line != 0)
+            return vqkvd__config_fail(p, -EINVAL, "\"default\" given twice (first on line %d)",
+                                      p->default_quota_line);
+        p->default_quota_line = p->lineno;
+        cfg->default_quota_bytes = bytes;
+        return 1;
+    }
+    if (!p->own_quotas) {
+        cfg->n_quotas = 0;
+        p->own_quotas = 1;
+    }
+    for (size_t i = 0; i < cfg->n_quotas; i++)
+        if (cfg->quota_uids[i] == (uid_t)uid)
+            return vqkvd__config_fail(p, -EINVAL, "\"%s\" given twice (first on line %d)", name,
+                                      p->quota_line[i]);
+    if (cfg->n_quotas == VQKVD_MAX_ALLOWED)
+        return vqkvd__config_fail(p, -EINVAL, "more than %d uid quotas", VQKVD_MAX_ALLOWED);
+    p->quota_line[cfg->n_quotas] = p->lineno;
+    cfg->quota_uids[cfg->n_quotas] = (uid_t)uid;
+    cfg->quota_bytes[cfg->n_quotas++] = bytes;
+    return 1;
+}
+
+static int vqkvd__config_on_key(void *user, const char *section, const char *name,
+                                const char *value)
+{
+    vqkvd__config_parser_t *p = user;
+    if (p->err_line != 0)
+        return 1; /* only the first error is reported */
+    if (section[0] == '\0')
+        return vqkvd__config_fail(p, -EINVAL, "key \"%s\" before any [section]", name);
+    if (strcmp(section, "vqkvd") != 0 && strcmp(section, "quota") != 0)
+        return vqkvd__config_fail(p, -EINVAL, "unknown section [%s]", section);
+    if (strcmp(section, "vqkvd") == 0)
+        return vqkvd__config_on_vqkvd(p, name, value);
+    return vqkvd__config_on_quota(p, name, value);
+}
+
+int vqkvd_config_load(vqkvd_config_t *cfg, vqkvd_config_file_t *file, const char *path, char *err,
+                      size_t err_size)
+{
+    vqkvd__config_parser_t p = {.cfg = *cfg, .path = path, .err = err, .err_size = err_size};
+    p.f = fopen(path, "re");
+    if (p.f == NULL) {
+        int rc = -errno;
+        snprintf(err, err_size, "%s: %s", path, strerror(-rc));
+        return rc;
+    }
+    int rc = 0;
+    int line = ini_parse_stream(vqkvd__config_read_line, &p, vqkvd__config_on_key, &p);
+    int read_errno = errno;
+    if (ferror(p.f)) {
+        /* fgets failed: EISDIR for a directory, EIO for a bad disk. */
+        rc = read_errno != 0 ? -read_errno : -EIO;
+        snprintf(err, err_size, "%s: %s", path, strerror(-rc));
+        goto out;
+    }
+    if (line < 0) {
+        rc = -ENOMEM; /* inih's only other failure: its line buffer */
+        snprintf(err, err_size, "%s: out of memory", path);
+        goto out;
+    }
+    /* inih's own complaints (a line that is neither a section, a pair nor
+     * a comment) come without a message; ours are on later lines or none. */
+    if (line > 0 && (p.err_line == 0 || line < p.err_line)) {
+        p.err_line = 0;
+        p.lineno = line;
+        vqkvd__config_fail(&p, -EINVAL, "expected \"key = value\", \"[section]\" or a # comment");
+    }
+    if (p.err_line != 0) {
+        rc = p.rc;
+        goto out;
+    }
+    *cfg = p.cfg;
+    *file = p.file;
+    memset(&p.file, 0, sizeof p.file);
+
+out:
+    fclose(p.f);
+    vqkvd_config_file_free(&p.file);
+    return rc;
+}
+
+void vqkvd_config_file_free(vqkvd_config_file_t *file)
+{
+    free(file->socket_path);
+    free(file->state_dir);
+    free(file->device);
+    memset(file, 0, sizeof *file);
+}

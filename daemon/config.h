@@ -1,0 +1,78 @@
+/* config.h -- vqkvd's configuration file: an INI file (inih) whose keys
+ * fill a vqkvd_config_t, plus the value parsers the command line shares
+ * with it, so a size, an id or a device is spelled the same way in both.
+ *
+ *   [vqkvd]
+ *   socket = /run/vqkv/vqkv.sock
+ *   pool_bytes = 4G
+ *   allow_uids = 1000, 1001
+ *   [quota]
+ *   default = 4G
+ *   uid.1000 = unlimited
+ *
+ * The file is checked whole before anything is applied: the first bad line
+ * (unknown section or key, bad value, a key given twice, too many ids, a
+ * line inih cannot read) fails the load with -EINVAL and a message that
+ * names the file and the line ("vqkvd.conf:12: unknown key \"pol_bytes\" in
+ * [vqkvd]"), and leaves the caller's config as it was. Nothing here prints
+ * or logs: messages go into the caller's buffer, so vqkvd --check-config and
+ * the daemon's start report them the same way.
+ *
+ * Syntax (inih, as Debian builds it): "key = value" lines under "[section]"
+ * headers; lines starting with # or ; are comments, as is the rest of a
+ * line after " ;". Leading whitespace is ignored, so a value cannot
+ * continue onto the next line (inih's Python-style continuation lines are
+ * turned off that way). A line must fit inih's line buffer (200 bytes with
+ * its newline); a longer one is refused, not cut.
+ */
+#ifndef VQKVD_CONFIG_H
+#define VQKVD_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "server.h"
+
+/* The strings a loaded file lends to its vqkvd_config_t (owned here, freed
+ * by vqkvd_config_file_free), and the one setting that is not part of it. */
+typedef struct {
+    char *socket_path;
+    char *state_dir;
+    char *device;
+    int log_level; /* VQKVD_LOG_* from log_level =, 0 when the file has none */
+} vqkvd_config_file_t;
+
+/* Reads the INI file at path into cfg, which holds the defaults (or
+ * whatever the caller started from): only the keys the file names change.
+ * allow_uids or allow_gids, the first time either appears, replaces both
+ * default allow lists; a list key given again adds to its list. Strings
+ * are copied into file, which must be zeroed (or freed) before the call and
+ * must outlive cfg's use of them.
+ *
+ * Returns 0; -ENOENT (or another negative errno) when the file cannot be
+ * opened or read; -EINVAL for a bad line; -ENOMEM. On error err holds a
+ * one-line message starting with path (and ":LINE: " for a bad line), and
+ * cfg and file are untouched. */
+int vqkvd_config_load(vqkvd_config_t *cfg, vqkvd_config_file_t *file, const char *path, char *err,
+                      size_t err_size);
+
+/* Frees the strings of a loaded file and zeroes it. Safe twice. */
+void vqkvd_config_file_free(vqkvd_config_file_t *file);
+
+/* "N", "NK", "NM" or "NG" (either case; powers of 1024) into *out; -EINVAL
+ * for anything else, zero, or a size that overflows. */
+int vqkvd_config_parse_bytes(const char *text, uint64_t *out);
+
+/* A uid or gid in decimal (0 .. UINT_MAX - 1; -1 is no id) into *out;
+ * -EINVAL otherwise. */
+int vqkvd_config_parse_id(const char *text, unsigned *out);
+
+/* A positive decimal count that fits 32 bits into *out; -EINVAL otherwise. */
+int vqkvd_config_parse_count(const char *text, uint32_t *out);
+
+/* 0 when text names a device: "cpu", "auto" or "cuda:N" (N a decimal
+ * ordinal); -EINVAL otherwise. Whether the device exists is the caller's
+ * question. */
+int vqkvd_config_check_device(const char *text);
+
+#endif
