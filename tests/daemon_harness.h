@@ -49,6 +49,8 @@
 typedef struct {
     char dir[64];
     char path[96];
+    char config[96]; /* an empty file: no installed vqkvd.conf applies */
+    char state[96];  /* the state dir, so no test writes outside dir */
     pid_t pid;
 } daemon_t;
 
@@ -92,9 +94,9 @@ static inline int try_connect(const char *path)
  * its pid. Does not wait for it to listen. */
 static inline pid_t spawn_daemon(const char *path, const char *const *extra)
 {
-    const char *argv[16] = {VQKVD_PATH, "--socket", path, "--log-level", "debug"};
+    const char *argv[24] = {VQKVD_PATH, "--socket", path, "--log-level", "debug"};
     size_t n = 5;
-    for (size_t i = 0; extra != NULL && extra[i] != NULL && n < 15; i++)
+    for (size_t i = 0; extra != NULL && extra[i] != NULL && n < 23; i++)
         argv[n++] = extra[i];
     argv[n] = NULL;
     pid_t pid = fork();
@@ -123,12 +125,30 @@ static inline int wait_exit(pid_t pid)
     return -1;
 }
 
+/* spawn_daemon on d's socket with d's empty config file and state dir
+ * (made by daemon_start), so that no installed vqkvd.conf applies and
+ * nothing is written outside d->dir; extra comes later, so it wins. */
+static inline pid_t daemon_spawn(const daemon_t *d, const char *const *extra)
+{
+    const char *args[20] = {"--config", d->config, "--state-dir", d->state};
+    size_t n = 4;
+    for (size_t i = 0; extra != NULL && extra[i] != NULL && n < 19; i++)
+        args[n++] = extra[i];
+    args[n] = NULL;
+    return spawn_daemon(d->path, args);
+}
+
 static inline void daemon_start(daemon_t *d, const char *const *extra)
 {
     snprintf(d->dir, sizeof d->dir, "/tmp/vqkvd-test.XXXXXX");
     assert_non_null(mkdtemp(d->dir));
     snprintf(d->path, sizeof d->path, "%s/vqkv.sock", d->dir);
-    d->pid = spawn_daemon(d->path, extra);
+    snprintf(d->config, sizeof d->config, "%s/vqkvd.conf", d->dir);
+    snprintf(d->state, sizeof d->state, "%s/state", d->dir);
+    FILE *f = fopen(d->config, "w");
+    assert_non_null(f);
+    fclose(f);
+    d->pid = daemon_spawn(d, extra);
     long deadline = now_ms() + DAEMON_DEADLINE_MS;
     for (;;) {
         int fd = try_connect(d->path);
@@ -172,12 +192,21 @@ static inline int setup(void **state)
     return 0;
 }
 
+/* Removes what daemon_start made in d->dir (the daemon made the state
+ * dir; a test that filled it empties it). */
+static inline void daemon_cleanup(daemon_t *d)
+{
+    unlink(d->path);
+    unlink(d->config);
+    rmdir(d->state);
+    rmdir(d->dir);
+}
+
 static inline int teardown(void **state)
 {
     daemon_t *d = *state;
     daemon_stop(d);
-    unlink(d->path);
-    rmdir(d->dir);
+    daemon_cleanup(d);
     free(d);
     return 0;
 }

@@ -318,7 +318,7 @@ static void test_stale_socket(void **state)
     daemon_t *d = *state;
     /* A second daemon on the live socket refuses to start and leaves the
      * first one's socket alone. */
-    pid_t second = spawn_daemon(d->path, NULL);
+    pid_t second = daemon_spawn(d, NULL);
     int status = wait_exit(second);
     assert_true(status != -1 && WIFEXITED(status) && WEXITSTATUS(status) != 0);
     client_t c;
@@ -333,7 +333,7 @@ static void test_stale_socket(void **state)
     int fd = socket(AF_UNIX, SOCK_STREAM, 0);
     assert_int_equal(bind(fd, (struct sockaddr *)&addr, sizeof addr), 0);
     close(fd);
-    d->pid = spawn_daemon(d->path, NULL);
+    d->pid = daemon_spawn(d, NULL);
     long deadline = now_ms() + DAEMON_DEADLINE_MS;
     while ((fd = try_connect(d->path)) < 0)
         assert_true(now_ms() < deadline);

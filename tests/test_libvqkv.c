@@ -510,7 +510,7 @@ static void test_online_calibration(void **state)
     }
     vqkv_close(c);
     daemon_stop(&d);
-    rmdir(d.dir);
+    daemon_cleanup(&d);
 
     /* A new daemon on the same state dir: ready at once, same codebooks. */
     daemon_start(&d, extra);
@@ -528,7 +528,7 @@ static void test_online_calibration(void **state)
         assert_block_equal(&rb, s, &want, s);
     vqkv_close(c);
     daemon_stop(&d);
-    rmdir(d.dir);
+    daemon_cleanup(&d);
 
     free(want.base);
     vqkv_codec_free(codec);
