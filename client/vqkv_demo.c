@@ -21,13 +21,17 @@
  * keys depend only on them, and the KV only on the block's position (dump)
  * or key (synthetic).
  *
- * A codec that needs codebooks cannot be reproduced here (the daemon
- * calibrates its own), so for such a codec the byte check is replaced by a
- * bound on the relative reconstruction error, --max-rel-err.
+ * A VQ codec needs codebooks, which the daemon trains online on the first
+ * blocks it stores. With --warmup-tokens N the offload worker first puts N
+ * tokens of other traffic and waits until the daemon has trained, so its
+ * own prompt is stored compressed. The restoring worker checks bytes
+ * exactly when --codebook names the file the daemon saved (under its state
+ * dir), and otherwise against a bound on the relative reconstruction
+ * error, --max-rel-err.
  *
  * usage: vqkv-demo --role offload|restore [--socket PATH] [--codec SPEC]
  *                  [--kv FILE] [--prefix-tokens N] [--user-tokens N]
- *                  [--max-rel-err X]
+ *                  [--warmup-tokens N] [--codebook FILE] [--max-rel-err X]
  * Exit status 0 when everything was stored, found and restored exactly as
  * expected, 1 otherwise, 2 for a usage error.
  */
@@ -49,7 +53,8 @@ typedef struct {
     const char *socket_path; /* NULL: the daemon's default socket */
     const char *codec;
     const char *kv_path;
-    uint32_t prefix_tokens, user_tokens;
+    const char *codebook; /* restore: the daemon's codebook file */
+    uint32_t prefix_tokens, user_tokens, warmup_tokens;
     double max_rel_err;
 } demo_opts_t;
 
@@ -75,7 +80,8 @@ static double demo_now(void)
 static void demo_usage(FILE *f)
 {
     fputs("usage: vqkv-demo --role offload|restore [--socket PATH] [--codec SPEC] [--kv FILE]\n"
-          "                 [--prefix-tokens N] [--user-tokens N] [--max-rel-err X]\n"
+          "                 [--prefix-tokens N] [--user-tokens N] [--warmup-tokens N]\n"
+          "                 [--codebook FILE] [--max-rel-err X]\n"
           "  --role offload   put the KV blocks of prompt A (system prompt + user A)\n"
           "  --role restore   look up prompt B (same system prompt + user B), get the\n"
           "                   shared prefix into this worker's slots and verify it\n"
@@ -83,8 +89,11 @@ static void demo_usage(FILE *f)
           "  --kv FILE        real SmolLM2-135M KV from tools/kvdump.py (default: synthetic)\n"
           "  --prefix-tokens  tokens of the shared system prompt (default 1024)\n"
           "  --user-tokens    tokens after it, different per role (default 264)\n"
-          "  --max-rel-err    bound on the relative error for codecs with codebooks\n"
-          "                   (default 0.5; other codecs must match bit for bit)\n",
+          "  --warmup-tokens  offload: first put this many tokens of other traffic and\n"
+          "                   wait until the daemon has trained the codec's codebooks\n"
+          "  --codebook FILE  restore: the codebooks the daemon saved, for a byte check\n"
+          "  --max-rel-err    bound on the relative error for codecs with codebooks and\n"
+          "                   no --codebook (default 0.5; others must match bit for bit)\n",
           f);
 }
 
@@ -123,6 +132,84 @@ static void demo_print_stats(vqkv_client_t *client)
            (double)st.bytes_logical / mib, ratio,
            (double)(st.bytes_logical - st.bytes_stored) / mib, (unsigned long long)st.hits,
            (unsigned long long)st.misses);
+}
+
+/* Seconds the offload worker waits for the daemon's codebook training. */
+#define DEMO_TRAIN_WAIT_S 300.0
+
+/* Other traffic before the prompt, while the daemon has no codebooks for a
+ * VQ codec: `tokens` tokens (rounded down to blocks) of their own chain,
+ * put in batches through the prompt's slots with the prompt's KV (block j
+ * of the warm-up carries the KV of prompt block j mod n_keys), then waits
+ * until the daemon has trained. Nothing to do when it has codebooks. */
+static int demo_warmup(demo_t *d, vqkv_worker_t *w, uint32_t tokens)
+{
+    if (vqkv_model_codebooks_ready(w->model) || tokens < d->layout.block_tokens)
+        return 0;
+    size_t n = tokens / d->layout.block_tokens, batch = d->n_keys;
+    uint32_t *ids = malloc((size_t)tokens * sizeof *ids);
+    uint8_t(*keys)[VQKV_KEY_BYTES] = malloc(n * sizeof *keys);
+    uint32_t *slots = malloc(batch * sizeof *slots);
+    int status = 1;
+    if (ids == NULL || keys == NULL || slots == NULL || batch == 0) {
+        fprintf(stderr, "vqkv-demo: out of memory\n");
+        goto out;
+    }
+    for (size_t i = 0; i < tokens; i++)
+        ids[i] = demo_token(i, 0, 3);
+    size_t got = 0;
+    int rc = vqkv_model_block_keys(w->model, NULL, ids, tokens, NULL, 0, keys, n, &got);
+    if (rc != VQKV_OK) {
+        fprintf(stderr, "vqkv-demo: warm-up keys: %s\n", vqkv_client_strerror(rc));
+        goto out;
+    }
+    printf("offload: vqkvd has no codebooks for %s yet: it stores fp16 while it calibrates on "
+           "the first blocks; putting %zu blocks of warm-up traffic\n",
+           vqkv_model_codec(w->model), n);
+    double t0 = demo_now();
+    for (size_t first = 0; first < n; first += batch) {
+        size_t m = n - first < batch ? n - first : batch;
+        for (size_t i = 0; i < m; i++) {
+            slots[i] = (uint32_t)i;
+            if (d->have_dump)
+                demo_fill(d, &w->view, w->base, slots[i], (first + i) % d->n_keys);
+            else
+                vqkv_worker_fill_synthetic(&d->layout, &w->view, w->base, slots[i],
+                                           keys[first + i]);
+        }
+        rc = vqkv_put(w->client, w->model, w->region, keys + first, first ? keys + first - 1 : NULL,
+                      slots, m, NULL);
+        if (rc < 0) {
+            fprintf(stderr, "vqkv-demo: warm-up put: %s\n", vqkv_last_error(w->client));
+            goto out;
+        }
+    }
+    /* Registering again is how a worker learns that training finished. */
+    while (!vqkv_model_codebooks_ready(w->model)) {
+        if (demo_now() - t0 > DEMO_TRAIN_WAIT_S) {
+            fprintf(stderr,
+                    "vqkv-demo: no codebooks after %.0f s: is vqkvd's "
+                    "--calibration-tokens over --warmup-tokens?\n",
+                    DEMO_TRAIN_WAIT_S);
+            goto out;
+        }
+        struct timespec pause = {0, 50 * 1000 * 1000};
+        nanosleep(&pause, NULL);
+        vqkv_model_t *again = NULL;
+        if (vqkv_register_model(w->client, DEMO_MODEL_ID, &d->layout, vqkv_model_codec(w->model),
+                                &again) != VQKV_OK) {
+            fprintf(stderr, "vqkv-demo: register again: %s\n", vqkv_last_error(w->client));
+            goto out;
+        }
+    }
+    printf("offload: vqkvd trained its codebooks: %.1f s after the warm-up began\n",
+           demo_now() - t0);
+    status = 0;
+out:
+    free(ids);
+    free(keys);
+    free(slots);
+    return status;
 }
 
 static int demo_offload(demo_t *d, vqkv_worker_t *w)
@@ -194,16 +281,22 @@ static int demo_compare(const demo_t *d, const vqkv_worker_t *w, uint32_t slot, 
     return mismatch;
 }
 
-/* Checks every restored block: exact against a local encode and decode,
- * or within max_rel_err for a codec that needs codebooks. */
+/* Checks every restored block: exact against a local encode and decode
+ * (with the daemon's codebooks from the file codebook, for a VQ codec), or
+ * within max_rel_err for a VQ codec without them. */
 static int demo_verify(const demo_t *d, const vqkv_worker_t *w, const uint32_t *slots, size_t n,
-                       double max_rel_err)
+                       const char *codebook, double max_rel_err)
 {
     vqkv_codec_t *codec = NULL;
     const char *spec = vqkv_model_codec(w->model);
     int rc = vqkv_codec_create(spec, &d->layout, &codec);
     if (rc != VQKV_OK) {
         fprintf(stderr, "vqkv-demo: cannot create codec %s locally: %s\n", spec, vqkv_strerror(rc));
+        return 1;
+    }
+    if (codebook != NULL && (rc = vqkv_codebook_load(codec, codebook)) != VQKV_OK) {
+        fprintf(stderr, "vqkv-demo: %s: %s\n", codebook, vqkv_strerror(rc));
+        vqkv_codec_free(codec);
         return 1;
     }
     int exact = !vqkv_codec_needs_training(codec);
@@ -264,7 +357,7 @@ out:
     return status;
 }
 
-static int demo_restore(demo_t *d, vqkv_worker_t *w, double max_rel_err)
+static int demo_restore(demo_t *d, vqkv_worker_t *w, const char *codebook, double max_rel_err)
 {
     size_t found = 0;
     vqkv_lease_t lease = 0;
@@ -307,7 +400,7 @@ static int demo_restore(demo_t *d, vqkv_worker_t *w, double max_rel_err)
         printf("restore: got %zu blocks = %.1f MiB of f16 KV into this worker's own slots in "
                "%.1f ms (%.2f GB/s)\n",
                found, bytes / 1048576.0, dt * 1e3, dt > 0 ? bytes / dt / 1e9 : 0.0);
-        status = demo_verify(d, w, slots, found, max_rel_err);
+        status = demo_verify(d, w, slots, found, codebook, max_rel_err);
     } else if (rc >= 0)
         fprintf(stderr, "vqkv-demo: get wrote %d of %zu blocks\n", rc, found);
     free(slots);
@@ -324,10 +417,12 @@ static int demo_parse(int argc, char **argv, demo_opts_t *o)
         {"prefix-tokens", required_argument, NULL, 'p'},
         {"user-tokens", required_argument, NULL, 'u'},
         {"max-rel-err", required_argument, NULL, 'e'},
+        {"warmup-tokens", required_argument, NULL, 'w'},
+        {"codebook", required_argument, NULL, 'b'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    *o = (demo_opts_t){NULL, NULL, "kivi4", NULL, 1024, 264, 0.5};
+    *o = (demo_opts_t){NULL, NULL, "kivi4", NULL, NULL, 1024, 264, 0, 0.5};
     int opt;
     while ((opt = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
         switch (opt) {
@@ -338,6 +433,8 @@ static int demo_parse(int argc, char **argv, demo_opts_t *o)
         case 'p': o->prefix_tokens = (uint32_t)strtoul(optarg, NULL, 10); break;
         case 'u': o->user_tokens = (uint32_t)strtoul(optarg, NULL, 10); break;
         case 'e': o->max_rel_err = strtod(optarg, NULL); break;
+        case 'w': o->warmup_tokens = (uint32_t)strtoul(optarg, NULL, 10); break;
+        case 'b': o->codebook = optarg; break;
         case 'h': demo_usage(stdout); exit(0);
         default: return -1;
         }
@@ -346,9 +443,10 @@ static int demo_parse(int argc, char **argv, demo_opts_t *o)
         (strcmp(o->role, "offload") != 0 && strcmp(o->role, "restore") != 0))
         return -1;
     if (o->prefix_tokens < 16 || o->prefix_tokens > (1u << 20) || o->user_tokens > (1u << 20) ||
-        !(o->max_rel_err > 0.0)) {
+        o->warmup_tokens > (1u << 20) || !(o->max_rel_err > 0.0)) {
         fprintf(stderr, "vqkv-demo: --prefix-tokens must be 16..2^20 (a block at least), "
-                        "--user-tokens at most 2^20, --max-rel-err positive\n");
+                        "--user-tokens and --warmup-tokens at most 2^20, --max-rel-err "
+                        "positive\n");
         return -1;
     }
     return 0;
@@ -404,13 +502,18 @@ int main(int argc, char **argv)
     if (rc != VQKV_OK)
         fprintf(stderr, "vqkv-demo: block keys: %s\n", vqkv_client_strerror(rc));
     else {
+        uint64_t logical = vqkv_worker_block_logical_bytes(&d.layout);
         printf("%s: prompt of %zu tokens (%u shared + %u own) = %zu full blocks, codec %s (%u "
-               "bytes a block, %llu in f16), KV %s\n",
+               "bytes a block, %llu in f16: %.2fx), KV %s\n",
                o.role, d.n_tokens, o.prefix_tokens, o.user_tokens, d.n_keys,
                vqkv_model_codec(w.model), vqkv_model_block_bytes(w.model),
-               (unsigned long long)vqkv_worker_block_logical_bytes(&d.layout),
+               (unsigned long long)logical,
+               (double)logical / (double)vqkv_model_block_bytes(w.model),
                d.have_dump ? o.kv_path : "synthetic");
-        status = restore ? demo_restore(&d, &w, o.max_rel_err) : demo_offload(&d, &w);
+        status = restore ? demo_restore(&d, &w, o.codebook, o.max_rel_err)
+                         : demo_warmup(&d, &w, o.warmup_tokens);
+        if (!restore && status == 0)
+            status = demo_offload(&d, &w);
         demo_print_stats(w.client);
     }
     vqkv_worker_close(&w);

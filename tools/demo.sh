@@ -1,20 +1,23 @@
 #!/bin/sh
 # The two-worker demo: one vqkvd, and two inference workers as separate
-# processes whose prompts share a 1024-token system prompt. The first
-# offloads its prompt's KV blocks; the second, which never computed that
-# prefix, finds it, gets it straight into its own paged KV memory and checks
-# every restored byte against the codec. Then the daemon's counters, and the
-# daemon is stopped with SIGTERM and must exit 0.
+# processes whose prompts share a 1024-token system prompt. The first puts
+# some warm-up traffic, on which the daemon trains the codec's codebooks
+# (online calibration), then offloads its prompt's KV blocks; the second,
+# which never computed that prefix, finds it, gets it straight into its own
+# paged KV memory and checks every restored byte against the codec (with
+# the codebooks the daemon saved in its state dir). Then the daemon's
+# counters, and the daemon is stopped with SIGTERM and must exit 0.
 #
 # Builds nothing: run it after `cmake --build --preset default`. The build
 # folder is build/, or $VQKV_BUILD_DIR (the ctest entry points it at its
 # own). Real SmolLM2-135M KV is used when tools/fidelity.sh has dumped it to
 # bench/out/kv.safetensors (or $VQKV_KV names a dump), synthetic KV
-# otherwise. The codec is $VQKV_CODEC, kivi4 by default.
+# otherwise. The codec is $VQKV_CODEC, rvq:d=8,b=8,r=2 (2.25 bits a value)
+# by default; the daemon calibrates it on 512 tokens.
 set -eu
 cd "$(dirname "$0")/.."
 build=${VQKV_BUILD_DIR:-build}
-codec=${VQKV_CODEC:-kivi4}
+codec=${VQKV_CODEC:-rvq:d=8,b=8,r=2}
 kv=${VQKV_KV:-bench/out/kv.safetensors}
 for bin in "$build/daemon/vqkvd" "$build/client/vqkvctl" "$build/client/vqkv-demo"; do
     if [ ! -x "$bin" ]; then
@@ -36,7 +39,10 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 1' INT TERM HUP
 
-"$build/daemon/vqkvd" --socket "$sock" --pool-bytes 256M --log-level warn &
+# An empty config file, so that an installed vqkvd.conf does not apply.
+: >"$dir/vqkvd.conf"
+"$build/daemon/vqkvd" --config "$dir/vqkvd.conf" --socket "$sock" --state-dir "$dir/state" \
+    --pool-bytes 256M --calibration-tokens 512 --log-level warn &
 pid=$!
 # Waits for the daemon to answer, or for it to die; a minute is only a
 # guard against a daemon that hangs at start (ASan builds start slowly).
@@ -60,8 +66,11 @@ if [ -f "$kv" ]; then
     set -- "$@" --kv "$kv"
 fi
 echo "== worker 1 (its own process): offload prompt A"
-"$build/client/vqkv-demo" --role offload "$@"
+"$build/client/vqkv-demo" --role offload --warmup-tokens 512 "$@"
 echo "== worker 2 (another process): restore prompt B's shared prefix"
+for file in "$dir"/state/codebooks/*.vqcb; do
+    [ -f "$file" ] && set -- "$@" --codebook "$file"
+done
 "$build/client/vqkv-demo" --role restore "$@"
 echo "== vqkvctl stats"
 "$build/client/vqkvctl" --socket "$sock" stats
