@@ -39,6 +39,7 @@ enum {
     VQKVD__CONFIG_MAX_CLIENTS,
     VQKVD__CONFIG_MAX_INFLIGHT,
     VQKVD__CONFIG_MAX_REGIONS,
+    VQKVD__CONFIG_LEASE_MS,
     VQKVD__CONFIG_N_KEYS,
 };
 
@@ -55,6 +56,7 @@ static const char *const vqkvd__config_keys[VQKVD__CONFIG_N_KEYS] = {
     [VQKVD__CONFIG_MAX_CLIENTS] = "max_clients",
     [VQKVD__CONFIG_MAX_INFLIGHT] = "max_inflight",
     [VQKVD__CONFIG_MAX_REGIONS] = "max_regions",
+    [VQKVD__CONFIG_LEASE_MS] = "lease_ms",
 };
 
 typedef struct {
@@ -306,6 +308,7 @@ static int vqkvd__config_on_vqkvd(vqkvd__config_parser_t *p, const char *name, c
         return vqkvd__config_set_count(p, name, value, &cfg->max_inflight);
     case VQKVD__CONFIG_MAX_REGIONS:
         return vqkvd__config_set_count(p, name, value, &cfg->max_regions);
+    case VQKVD__CONFIG_LEASE_MS: return vqkvd__config_set_count(p, name, value, &cfg->lease_ms);
     default: return vqkvd__config_add_ids(p, key, value);
     }
 }

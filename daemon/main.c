@@ -6,7 +6,7 @@
  *   vqkvd [--config FILE] [--check-config] [--socket PATH]
  *         [--log-level debug|info|warn|error] [--allow-uid N ...] [--allow-gid N ...]
  *         [--pool-bytes N[K|M|G]] [--state-dir DIR] [--device cpu|auto|cuda:N]
- *         [--calibration-tokens N]
+ *         [--calibration-tokens N] [--lease-ms N]
  *
  * The configuration file (config.h; vqkvd.conf documents every key) is
  * FILE, or else VQKVD_CONFIG_PATH (/etc/vqkv/vqkvd.conf in a /usr install)
@@ -61,6 +61,7 @@ static const struct option vqkvd__options[] = {
     {"state-dir", required_argument, NULL, 'S'},
     {"device", required_argument, NULL, 'd'},
     {"calibration-tokens", required_argument, NULL, 't'},
+    {"lease-ms", required_argument, NULL, 'L'},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
 };
@@ -70,7 +71,7 @@ static void vqkvd__usage(FILE *f)
     fprintf(f, "usage: vqkvd [--config FILE] [--check-config] [--socket PATH]\n"
                "             [--log-level debug|info|warn|error] [--allow-uid N ...]\n"
                "             [--allow-gid N ...] [--pool-bytes N[K|M|G]] [--state-dir DIR]\n"
-               "             [--device cpu|auto|cuda:N] [--calibration-tokens N]\n");
+               "             [--device cpu|auto|cuda:N] [--calibration-tokens N] [--lease-ms N]\n");
 }
 
 /* Always -1, so a refused flag is one line: return vqkvd__bad_flag(...). */
@@ -154,6 +155,10 @@ static int vqkvd__apply_flags(int argc, char **argv, vqkvd_config_t *cfg)
         case 't':
             if (vqkvd_config_parse_count(optarg, &cfg->calib_tokens) < 0)
                 return vqkvd__bad_flag("calibration-tokens", optarg, "a positive whole number");
+            break;
+        case 'L':
+            if (vqkvd_config_parse_count(optarg, &cfg->lease_ms) < 0)
+                return vqkvd__bad_flag("lease-ms", optarg, "a positive whole number");
             break;
         default: vqkvd__usage(stderr); return -1;
         }

@@ -66,6 +66,7 @@ void vqkvd_config_defaults(vqkvd_config_t *cfg)
     cfg->pool_bytes = 1ull << 30;
     cfg->device = "auto";
     cfg->calib_tokens = 2048;
+    cfg->lease_ms = 30000;
     cfg->allow_uids[cfg->n_allow_uids++] = getuid();
     if (getuid() != 0)
         cfg->allow_uids[cfg->n_allow_uids++] = 0;

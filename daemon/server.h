@@ -55,6 +55,8 @@ typedef struct {
     /* A VQ model without codebooks stores blocks in the fp16 fallback until
      * this many tokens of them are collected, then trains in the background. */
     uint32_t calib_tokens;
+    /* A Lookup's lease lasts this long unless released (--lease-ms). */
+    uint32_t lease_ms;
 
     /* Byte quotas on compressed bytes held, per tenant (uid): quota_bytes
      * for a uid named in quota_uids, default_quota_bytes for the others;

@@ -33,8 +33,6 @@
 
 /* How often leases are swept and the pool evicted down to its watermark. */
 #define VQKVD_TICK_MS 100
-/* A lookup's lease lasts this long unless released: ample for a Get. */
-#define VQKVD_LEASE_TTL_MS 30000
 /* A Pin with ttl_ms 0 pins for this long (about 36 million years) and the
  * connection remembers the block, to unpin it on Unpin or when it closes. */
 #define VQKVD_PIN_FOREVER_MS (UINT64_C(1) << 60)
@@ -914,7 +912,7 @@ static void vqkvd__lookup(vqkvd_client_t *c, const Vqkv__Envelope *req)
         memcpy(keys + i * VQKVD_KEY_BYTES, lk->keys[i].data, VQKVD_KEY_BYTES);
     uint64_t lease = 0;
     int rc = vqkvd_store_lookup(&s->store, (uint32_t)c->uid, m->id, keys, (uint32_t)lk->n_keys,
-                                uv_now(s->loop), c->id, VQKVD_LEASE_TTL_MS, &lease, NULL);
+                                uv_now(s->loop), c->id, s->cfg.lease_ms, &lease, NULL);
     free(keys);
     if (rc < 0) {
         vqkvd_client_error(c, id, rc, "lookup: %s", vqkv_proto_strerror(rc));
@@ -923,7 +921,7 @@ static void vqkvd__lookup(vqkvd_client_t *c, const Vqkv__Envelope *req)
     Vqkv__LookupResult lr = VQKV__LOOKUP_RESULT__INIT;
     lr.present = (uint32_t)rc;
     lr.lease_id = lease;
-    lr.lease_ttl_ms = lease != 0 ? VQKVD_LEASE_TTL_MS : 0;
+    lr.lease_ttl_ms = lease != 0 ? s->cfg.lease_ms : 0;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.request_id = id;
     env.body_case = VQKV__ENVELOPE__BODY_LOOKUP_RESULT;

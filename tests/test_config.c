@@ -85,6 +85,7 @@ static void start_config(vqkvd_config_t *cfg)
     cfg->allow_gids[cfg->n_allow_gids++] = 5;
     cfg->device = "auto";
     cfg->calib_tokens = 2048;
+    cfg->lease_ms = 30000;
     cfg->quota_uids[cfg->n_quotas] = 77;
     cfg->quota_bytes[cfg->n_quotas++] = 1ull << 20;
 }
@@ -120,6 +121,7 @@ static void test_every_key(void **state)
                           "allow_gids = 27 44\n"
                           "admin_uids = 0,1000\n"
                           "calibration_tokens = 4096\n"
+                          "lease_ms = 250\n"
                           "max_clients = 7\n"
                           "max_inflight = 9\n"
                           "max_regions = 3\n"
@@ -147,6 +149,7 @@ static void test_every_key(void **state)
     assert_int_equal(cfg.admin_uids[0], 0);
     assert_int_equal(cfg.admin_uids[1], 1000);
     assert_int_equal(cfg.calib_tokens, 4096);
+    assert_int_equal(cfg.lease_ms, 250);
     assert_int_equal(cfg.max_clients, 7);
     assert_int_equal(cfg.max_inflight, 9);
     assert_int_equal(cfg.max_regions, 3);

@@ -461,15 +461,21 @@ static void test_refusals(void **state)
     region_free(&r);
 }
 
-static int setup_tiny_pool(void **state)
+/* A daemon started with one more flag. */
+static int setup_with(void **state, const char *flag, const char *value)
 {
     daemon_t *d = calloc(1, sizeof *d);
     assert_non_null(d);
     *state = d;
-    /* 256 KiB: 4 chunks of 64 KiB, 16 blocks of 16 KiB. */
-    const char *const extra[] = {"--pool-bytes", "256K", NULL};
+    const char *const extra[] = {flag, value, NULL};
     daemon_start(d, extra);
     return 0;
+}
+
+static int setup_tiny_pool(void **state)
+{
+    /* 256 KiB: 4 chunks of 64 KiB, 16 blocks of 16 KiB. */
+    return setup_with(state, "--pool-bytes", "256K");
 }
 
 static void test_eviction_keeps_leased(void **state)
@@ -762,6 +768,50 @@ static void test_sigterm_inflight(void **state)
     region_free(&r);
 }
 
+/* A lease neither got nor released expires: Get on it is refused with
+ * VQKV_ELEASE and the daemon no longer counts it. */
+static void test_lease_expires(void **state)
+{
+    daemon_t *d = *state;
+    region_t r;
+    region_new(&r, SLOTS, 9);
+    client_t c;
+    client_open(&c, d);
+    hello(&c);
+    uint64_t m = model_ok(&c, MODEL, "fp16");
+    uint64_t h = region_ok(&c, m, &r);
+    static const uint32_t slots[2] = {0, 1};
+    assert_int_equal(put_ok(&c, m, h, 3, 0, 2, slots, 1), 2);
+    uint64_t lease;
+    assert_int_equal(lookup(&c, m, 3, 2, 0, &lease), 2);
+    long deadline = now_ms() + DAEMON_DEADLINE_MS;
+    for (;;) {
+        Vqkv__Envelope *e = stats(&c);
+        uint64_t leases = e->stats_reply->leases;
+        vqkv_frame_envelope_free(e);
+        if (leases == 0)
+            break;
+        assert_true(now_ms() < deadline);
+        sleep_ms(20);
+    }
+    Vqkv__Get g = VQKV__GET__INIT;
+    g.lease_id = lease;
+    g.region_handle = h;
+    g.n_slots = 2;
+    g.slots = (uint32_t *)slots;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_GET;
+    env.get = &g;
+    expect_refused(call(&c, &env, NULL, 0), VQKV_ELEASE, "lease");
+    client_close(&c);
+    region_free(&r);
+}
+
+static int setup_short_leases(void **state)
+{
+    return setup_with(state, "--lease-ms", "200");
+}
+
 static void test_bad_pool_bytes(void **state)
 {
     (void)state;
@@ -785,6 +835,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_pins, setup_tiny_pool, teardown),
         cmocka_unit_test_setup_teardown(test_client_dies_midrequest, setup, teardown),
         cmocka_unit_test_setup_teardown(test_sigterm_inflight, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_lease_expires, setup_short_leases, teardown),
         cmocka_unit_test(test_bad_pool_bytes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
