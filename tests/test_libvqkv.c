@@ -25,61 +25,11 @@
 #include <cmocka.h>
 #include <json-c/json.h>
 
-#include "daemon_harness.h"
+#include "libvqkv_harness.h"
 #include "vqkv.h"
 #include "vqkv_codec.h"
 
 #define TIMEOUT_MS 5000
-
-#define assert_vqkv(expr, want)                                                                    \
-    do {                                                                                           \
-        int got_rc_ = (expr);                                                                      \
-        int want_rc_ = (want);                                                                     \
-        if (got_rc_ != want_rc_) {                                                                 \
-            print_error("%s returned %d (%s), expected %d (%s)\n", #expr, got_rc_,                 \
-                        vqkv_client_strerror(got_rc_), want_rc_, vqkv_client_strerror(want_rc_));  \
-            fail();                                                                                \
-        }                                                                                          \
-    } while (0)
-
-/* Runs vqkvctl with args (NULL-terminated) and returns its exit status;
- * its stdout goes into out (NUL-terminated, truncated to size). */
-static int run_ctl(const char *const *args, char *out, size_t size)
-{
-    const char *argv[16] = {VQKVCTL_PATH};
-    size_t n = 1;
-    for (size_t i = 0; args[i] != NULL && n < 15; i++)
-        argv[n++] = args[i];
-    argv[n] = NULL;
-    int pipefd[2];
-    assert_int_equal(pipe(pipefd), 0);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        dup2(pipefd[1], STDOUT_FILENO);
-        close(pipefd[0]);
-        close(pipefd[1]);
-        execv(VQKVCTL_PATH, (char *const *)argv);
-        _exit(127);
-    }
-    close(pipefd[1]);
-    size_t got = 0;
-    for (;;) {
-        ssize_t r = read(pipefd[0], out + got, size - 1 - got);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break;
-        got += (size_t)r;
-        if (got == size - 1)
-            break;
-    }
-    out[got] = '\0';
-    close(pipefd[0]);
-    int status;
-    assert_int_equal(waitpid(pid, &status, 0), pid);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
 
 /* ---- a worker's KV cache ---------------------------------------------------- */
 

@@ -10,7 +10,7 @@
 
 #include <json-c/json.h>
 
-#include "daemon_harness.h"
+#include "libvqkv_harness.h"
 #include "vqkv.h"
 
 #define TIMEOUT_MS 5000
@@ -22,17 +22,6 @@
 #define MODEL "test/tenants@main"
 
 static const vqkv_layout_t layout = {LAYERS, HEADS, DIM, TOKENS, VQKV_DTYPE_F16};
-
-#define assert_vqkv(expr, want)                                                                    \
-    do {                                                                                           \
-        int got_rc_ = (expr);                                                                      \
-        int want_rc_ = (want);                                                                     \
-        if (got_rc_ != want_rc_) {                                                                 \
-            print_error("%s returned %d (%s), expected %d (%s)\n", #expr, got_rc_,                 \
-                        vqkv_client_strerror(got_rc_), want_rc_, vqkv_client_strerror(want_rc_));  \
-            fail();                                                                                \
-        }                                                                                          \
-    } while (0)
 
 /* A worker: a connection, its model and a region of SLOTS slots. */
 typedef struct {
@@ -292,45 +281,66 @@ static void test_evict_refused_on_the_wire(void **state)
     worker_close(&w);
 }
 
-/* ---- vqkvctl ---------------------------------------------------------------- */
-
-/* Runs vqkvctl with args (NULL-terminated); its exit status, stdout in out. */
-static int run_ctl(const char *const *args, char *out, size_t size)
+/* A quota from the config file, through the daemon: the tenant's own LRU
+ * blocks make room for new ones, it never holds more than its quota, and
+ * with everything it holds pinned a Put gets PUT_OVER_QUOTA. */
+static void test_quota_from_config(void **state)
 {
-    const char *argv[24] = {VQKVCTL_PATH};
-    size_t n = 1;
-    for (size_t i = 0; args[i] != NULL && n < 23; i++)
-        argv[n++] = args[i];
-    argv[n] = NULL;
-    int pipefd[2];
-    assert_int_equal(pipe(pipefd), 0);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        dup2(pipefd[1], STDOUT_FILENO);
-        close(pipefd[0]);
-        close(pipefd[1]);
-        execv(VQKVCTL_PATH, (char *const *)argv);
-        _exit(127);
-    }
-    close(pipefd[1]);
-    size_t got = 0;
-    for (;;) {
-        ssize_t r = read(pipefd[0], out + got, size - 1 - got);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r <= 0)
-            break;
-        got += (size_t)r;
-        if (got == size - 1)
-            break;
-    }
-    out[got] = '\0';
-    close(pipefd[0]);
-    int status;
-    assert_int_equal(waitpid(pid, &status, 0), pid);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    (void)state;
+    const uint64_t block = 2ull * LAYERS * TOKENS * HEADS * DIM * 2; /* fp16 */
+    char dir[] = "/tmp/vqkv-quota.XXXXXX", conf[64];
+    assert_non_null(mkdtemp(dir));
+    snprintf(conf, sizeof conf, "%s/vqkvd.conf", dir);
+    FILE *f = fopen(conf, "w");
+    assert_non_null(f);
+    fprintf(f, "[quota]\ndefault = %llu\n", (unsigned long long)(3 * block));
+    fclose(f);
+    const char *const extra[] = {"--config", conf, NULL};
+    daemon_t d;
+    daemon_start(&d, extra);
+    worker_t w;
+    worker_open(&w, &d);
+
+    uint8_t first[3][VQKV_KEY_BYTES], second[2][VQKV_KEY_BYTES], third[1][VQKV_KEY_BYTES];
+    vqkv_stats_t st;
+    put_chain(&w, 0, 3, first);
+    vqkv_tenant_stats_t t = own_stats(&w, &st);
+    assert_int_equal(t.quota_bytes, 3 * block);
+    assert_int_equal(t.bytes_stored, 3 * block);
+    put_chain(&w, 1000, 2, second);
+    t = own_stats(&w, &st);
+    assert_int_equal(t.bytes_stored, 3 * block);
+    assert_int_equal(t.blocks, 3);
+    assert_int_equal(t.evictions, 2);
+    assert_int_equal(lookup_count(&w, (const uint8_t(*)[VQKV_KEY_BYTES])second, 2), 2);
+
+    size_t pinned = 0;
+    assert_vqkv(vqkv_pin(w.c, w.m, (const uint8_t(*)[VQKV_KEY_BYTES])first, 3, 0, &pinned),
+                VQKV_OK);
+    assert_int_equal(pinned, 1);
+    assert_vqkv(vqkv_pin(w.c, w.m, (const uint8_t(*)[VQKV_KEY_BYTES])second, 2, 0, &pinned),
+                VQKV_OK);
+    assert_int_equal(pinned, 2);
+    uint32_t tokens[TOKENS], slot = 0;
+    tokens_of(tokens, 1, 5000);
+    size_t n = 0;
+    assert_vqkv(vqkv_model_block_keys(w.m, NULL, tokens, TOKENS, NULL, 0, third, 1, &n), VQKV_OK);
+    vqkv_put_status_t status;
+    assert_vqkv(vqkv_put(w.c, w.m, w.region, (const uint8_t(*)[VQKV_KEY_BYTES])third, NULL, &slot,
+                         1, &status),
+                0);
+    assert_int_equal(status, VQKV_PUT_OVER_QUOTA);
+    t = own_stats(&w, &st);
+    assert_int_equal(t.bytes_stored, 3 * block);
+
+    worker_close(&w);
+    daemon_stop(&d);
+    daemon_cleanup(&d);
+    assert_int_equal(unlink(conf), 0);
+    assert_int_equal(rmdir(dir), 0);
 }
+
+/* ---- vqkvctl ---------------------------------------------------------------- */
 
 /* The JSON object vqkvctl printed, and its integer field name. */
 static int64_t json_int(const char *out, const char *name)
@@ -427,6 +437,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_evict, setup, teardown),
         cmocka_unit_test_setup_teardown(test_evict_refused_on_the_wire, setup, teardown),
         cmocka_unit_test_setup_teardown(test_vqkvctl, setup, teardown),
+        cmocka_unit_test(test_quota_from_config),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
