@@ -627,6 +627,19 @@ int vqkv_release(vqkv_client_t *client, vqkv_lease_t lease)
     return VQKV_OK;
 }
 
+/* Sends env, whose reply is an Ack; its count into *count (may be NULL). */
+static int vqkv__ack_call(vqkv_client_t *client, Vqkv__Envelope *env, size_t *count)
+{
+    Vqkv__Envelope *r;
+    int rc = vqkv__call(client, env, NULL, 0, VQKV__ENVELOPE__BODY_ACK, &r);
+    if (rc != VQKV_OK)
+        return rc;
+    if (count != NULL)
+        *count = r->ack->count;
+    vqkv_frame_envelope_free(r);
+    return VQKV_OK;
+}
+
 /* Pin (unpin 0) or Unpin (unpin 1); the Ack's count into *count. */
 static int vqkv__pin_call(vqkv_client_t *client, const vqkv_model_t *model,
                           const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n, uint32_t ttl_ms,
@@ -657,15 +670,9 @@ static int vqkv__pin_call(vqkv_client_t *client, const vqkv_model_t *model,
         env.body_case = VQKV__ENVELOPE__BODY_PIN;
         env.pin = &p;
     }
-    Vqkv__Envelope *r;
-    int rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_ACK, &r);
+    int rc = vqkv__ack_call(client, &env, count);
     free(k);
-    if (rc != VQKV_OK)
-        return rc;
-    if (count != NULL)
-        *count = r->ack->count;
-    vqkv_frame_envelope_free(r);
-    return VQKV_OK;
+    return rc;
 }
 
 int vqkv_pin(vqkv_client_t *client, const vqkv_model_t *model,
@@ -698,15 +705,9 @@ int vqkv_evict(vqkv_client_t *client, const vqkv_model_t *model,
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.body_case = VQKV__ENVELOPE__BODY_EVICT;
     env.evict = &e;
-    Vqkv__Envelope *r;
-    int rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_ACK, &r);
+    int rc = vqkv__ack_call(client, &env, count);
     free(k);
-    if (rc != VQKV_OK)
-        return rc;
-    if (count != NULL)
-        *count = r->ack->count;
-    vqkv_frame_envelope_free(r);
-    return VQKV_OK;
+    return rc;
 }
 
 static void vqkv__tenant_stats(vqkv_tenant_stats_t *out, const Vqkv__TenantStats *t)

@@ -895,6 +895,21 @@ static void vqkvd__ack(vqkvd_client_t *c, uint64_t id, uint32_t count)
     vqkvd_client_reply(c, &env);
 }
 
+/* The n checked keys end to end, as the store takes them (malloc'd); NULL
+ * with the error sent when out of memory. */
+static uint8_t *vqkvd__keys_flat(vqkvd_client_t *c, uint64_t id, const ProtobufCBinaryData *keys,
+                                 size_t n)
+{
+    uint8_t *flat = malloc(n ? n * VQKVD_KEY_BYTES : 1);
+    if (flat == NULL) {
+        vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++)
+        memcpy(flat + i * VQKVD_KEY_BYTES, keys[i].data, VQKVD_KEY_BYTES);
+    return flat;
+}
+
 static void vqkvd__lookup(vqkvd_client_t *c, const Vqkv__Envelope *req)
 {
     vqkvd_server_t *s = c->server;
@@ -903,13 +918,9 @@ static void vqkvd__lookup(vqkvd_client_t *c, const Vqkv__Envelope *req)
     vqkvd_model_t *m = vqkvd__keys_check(c, id, "a lookup", lk->model_handle, lk->n_keys, lk->keys);
     if (m == NULL)
         return;
-    uint8_t *keys = malloc(lk->n_keys ? lk->n_keys * VQKVD_KEY_BYTES : 1);
-    if (keys == NULL) {
-        vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
+    uint8_t *keys = vqkvd__keys_flat(c, id, lk->keys, lk->n_keys);
+    if (keys == NULL)
         return;
-    }
-    for (size_t i = 0; i < lk->n_keys; i++)
-        memcpy(keys + i * VQKVD_KEY_BYTES, lk->keys[i].data, VQKVD_KEY_BYTES);
     uint64_t lease = 0;
     int rc = vqkvd_store_lookup(&s->store, (uint32_t)c->uid, m->id, keys, (uint32_t)lk->n_keys,
                                 uv_now(s->loop), c->id, s->cfg.lease_ms, &lease, NULL);
@@ -1175,13 +1186,9 @@ static void vqkvd__evict(vqkvd_client_t *c, const Vqkv__Envelope *req)
         vqkvd_client_error(c, id, VQKV_EINVAL, "an evict names keys or sets all, not both");
         return;
     }
-    uint8_t *keys = malloc(e->n_keys ? e->n_keys * VQKVD_KEY_BYTES : 1);
-    if (keys == NULL) {
-        vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
+    uint8_t *keys = vqkvd__keys_flat(c, id, e->keys, e->n_keys);
+    if (keys == NULL)
         return;
-    }
-    for (size_t i = 0; i < e->n_keys; i++)
-        memcpy(keys + i * VQKVD_KEY_BYTES, e->keys[i].data, VQKVD_KEY_BYTES);
     int64_t n = vqkvd_store_evict(&s->store, (uint32_t)c->uid, m->id, keys, (uint32_t)e->n_keys,
                                   e->all, uv_now(s->loop));
     free(keys);

@@ -240,17 +240,26 @@ static uint32_t lookup(client_t *c, uint64_t model, unsigned chain, size_t n, in
     return present;
 }
 
+/* env, a Get of lease into slots[0..n) of region, its body in g. */
+static void get_request(Vqkv__Get *g, Vqkv__Envelope *env, uint64_t lease, uint64_t region,
+                        const uint32_t *slots, size_t n)
+{
+    *g = (Vqkv__Get)VQKV__GET__INIT;
+    g->lease_id = lease;
+    g->region_handle = region;
+    g->n_slots = n;
+    g->slots = (uint32_t *)slots;
+    *env = (Vqkv__Envelope)VQKV__ENVELOPE__INIT;
+    env->body_case = VQKV__ENVELOPE__BODY_GET;
+    env->get = g;
+}
+
 static Vqkv__Envelope *get(client_t *c, uint64_t lease, uint64_t region, const uint32_t *slots,
                            size_t n)
 {
-    Vqkv__Get g = VQKV__GET__INIT;
-    g.lease_id = lease;
-    g.region_handle = region;
-    g.n_slots = n;
-    g.slots = (uint32_t *)slots;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_GET;
-    env.get = &g;
+    Vqkv__Get g;
+    Vqkv__Envelope env;
+    get_request(&g, &env, lease, region, slots, n);
     return call(c, &env, NULL, 0);
 }
 
@@ -694,14 +703,9 @@ static void test_client_dies_midrequest(void **state)
         uint64_t lease;
         assert_int_equal(lookup(&c, m, 7, 8, 0, &lease), 8);
         /* Requests sent, replies never read. */
-        Vqkv__Get g = VQKV__GET__INIT;
-        g.lease_id = lease;
-        g.region_handle = h;
-        g.n_slots = 8;
-        g.slots = (uint32_t *)slots;
-        Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-        env.body_case = VQKV__ENVELOPE__BODY_GET;
-        env.get = &g;
+        Vqkv__Get g;
+        Vqkv__Envelope env;
+        get_request(&g, &env, lease, h, slots, 8);
         send_env(&c, &env);
         send_env(&c, &env);
         client_close(&c);
@@ -740,14 +744,9 @@ static void test_sigterm_inflight(void **state)
     assert_int_equal(put_ok(&c, m, h, 1, 0, 8, slots, 1), 8);
     uint64_t lease;
     assert_int_equal(lookup(&c, m, 1, 8, 0, &lease), 8);
-    Vqkv__Get g = VQKV__GET__INIT;
-    g.lease_id = lease;
-    g.region_handle = h;
-    g.n_slots = 8;
-    g.slots = (uint32_t *)slots;
-    Vqkv__Envelope get = VQKV__ENVELOPE__INIT;
-    get.body_case = VQKV__ENVELOPE__BODY_GET;
-    get.get = &g;
+    Vqkv__Get g;
+    Vqkv__Envelope get;
+    get_request(&g, &get, lease, h, slots, 8);
     for (int i = 0; i < 16; i++)
         send_env(&c, &get);
     daemon_stop(d);
@@ -794,15 +793,7 @@ static void test_lease_expires(void **state)
         assert_true(now_ms() < deadline);
         sleep_ms(20);
     }
-    Vqkv__Get g = VQKV__GET__INIT;
-    g.lease_id = lease;
-    g.region_handle = h;
-    g.n_slots = 2;
-    g.slots = (uint32_t *)slots;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_GET;
-    env.get = &g;
-    expect_refused(call(&c, &env, NULL, 0), VQKV_ELEASE, "lease");
+    expect_refused(get(&c, lease, h, slots, 2), VQKV_ELEASE, "lease");
     client_close(&c);
     region_free(&r);
 }

@@ -292,12 +292,15 @@ static void test_health(void **state)
 #define CALIB_BLOCKS 4
 #define CALIB_TOKENS_ARG "64"
 
-/* Every full block of tokens chained from `first` on, keys into keys. */
+/* The keys of n blocks of tokens chained from `first` on, and the slots
+ * first_slot.. that hold them. */
 static void chain_keys(const vqkv_model_t *m, uint32_t first, uint8_t (*keys)[VQKV_KEY_BYTES],
-                       size_t n)
+                       uint32_t first_slot, uint32_t *slots, size_t n)
 {
     uint32_t tokens[CALIB_BLOCKS * TOKENS];
     assert_true(n <= CALIB_BLOCKS);
+    for (size_t i = 0; i < n; i++)
+        slots[i] = first_slot + (uint32_t)i;
     for (size_t i = 0; i < n * TOKENS; i++)
         tokens[i] = first + (uint32_t)i;
     size_t got = 0;
@@ -312,9 +315,7 @@ static void put_chain(vqkv_client_t *c, const vqkv_model_t *m, vqkv_region_t h,
 {
     uint8_t keys[CALIB_BLOCKS][VQKV_KEY_BYTES];
     uint32_t slots[CALIB_BLOCKS];
-    chain_keys(m, first_token, keys, n);
-    for (size_t i = 0; i < n; i++)
-        slots[i] = first_slot + (uint32_t)i;
+    chain_keys(m, first_token, keys, first_slot, slots, n);
     assert_vqkv(vqkv_put(c, m, h, keys, NULL, slots, n, NULL), (int)n);
 }
 
@@ -324,9 +325,7 @@ static void get_chain(vqkv_client_t *c, const vqkv_model_t *m, vqkv_region_t h,
 {
     uint8_t keys[CALIB_BLOCKS][VQKV_KEY_BYTES];
     uint32_t slots[CALIB_BLOCKS];
-    chain_keys(m, first_token, keys, n);
-    for (size_t i = 0; i < n; i++)
-        slots[i] = first_slot + (uint32_t)i;
+    chain_keys(m, first_token, keys, first_slot, slots, n);
     size_t found = 0;
     vqkv_lease_t lease = 0;
     assert_vqkv(vqkv_lookup(c, m, keys, n, &found, &lease), VQKV_OK);
