@@ -356,6 +356,15 @@ static int bench_write_all(int fd, const char *buf, size_t n)
     return 0;
 }
 
+/* The --json file, opened for writing; NULL, said on stderr, when it cannot be. */
+static FILE *bench_json_open(const char *path)
+{
+    FILE *f = fopen(path, "w");
+    if (f == NULL)
+        fprintf(stderr, "vqkv-benchmark: cannot write %s: %s\n", path, strerror(errno));
+    return f;
+}
+
 static int bench_serve(bench_t *b)
 {
     if (bench_setup(b) < 0)
@@ -461,11 +470,9 @@ static int bench_serve(bench_t *b)
            bench_hist_quantile_us(&all, 0.99), 100.0 * hit_rate);
     if (b->o.json_path == NULL)
         return 0;
-    FILE *f = fopen(b->o.json_path, "w");
-    if (f == NULL) {
-        fprintf(stderr, "vqkv-benchmark: cannot write %s: %s\n", b->o.json_path, strerror(errno));
+    FILE *f = bench_json_open(b->o.json_path);
+    if (f == NULL)
         return 1;
-    }
     fprintf(f,
             "{\"bench\": \"vqkv-benchmark\", \"mode\": \"serve\", \"shape\": \"%s\", \"codec\": "
             "\"%s\", \"clients\": %u, \"seconds\": %.3f, \"blocks_per_get\": %u, \"prefixes\": "
@@ -565,11 +572,9 @@ static int bench_capacity(bench_t *b)
     vqkv_worker_close(&w);
     if (b->o.json_path == NULL)
         return 0;
-    FILE *f = fopen(b->o.json_path, "w");
-    if (f == NULL) {
-        fprintf(stderr, "vqkv-benchmark: cannot write %s: %s\n", b->o.json_path, strerror(errno));
+    FILE *f = bench_json_open(b->o.json_path);
+    if (f == NULL)
         return 1;
-    }
     fprintf(f,
             "{\"bench\": \"vqkv-benchmark\", \"mode\": \"capacity\", \"shape\": \"%s\", "
             "\"codec\": \"%s\", \"block_tokens\": %u, \"block_bytes\": %u, "

@@ -1105,9 +1105,6 @@ static int vqkvd__pin_reserve(vqkvd_client_t *c, uint32_t want)
     return VQKV_OK;
 }
 
-/* The model and the keys of a Pin or Unpin; NULL, with the error sent, when
- * they are refused. */
-
 static void vqkvd__pin(vqkvd_client_t *c, const Vqkv__Envelope *req)
 {
     vqkvd_server_t *s = c->server;

@@ -138,17 +138,10 @@ static inline pid_t daemon_spawn(const daemon_t *d, const char *const *extra)
     return spawn_daemon(d->path, args);
 }
 
-static inline void daemon_start(daemon_t *d, const char *const *extra)
+/* Waits until the daemon d->pid accepts on d->path; fails the test when it
+ * exits first or does not listen before the deadline. */
+static inline void daemon_wait_listening(daemon_t *d)
 {
-    snprintf(d->dir, sizeof d->dir, "/tmp/vqkvd-test.XXXXXX");
-    assert_non_null(mkdtemp(d->dir));
-    snprintf(d->path, sizeof d->path, "%s/vqkv.sock", d->dir);
-    snprintf(d->config, sizeof d->config, "%s/vqkvd.conf", d->dir);
-    snprintf(d->state, sizeof d->state, "%s/state", d->dir);
-    FILE *f = fopen(d->config, "w");
-    assert_non_null(f);
-    fclose(f);
-    d->pid = daemon_spawn(d, extra);
     long deadline = now_ms() + DAEMON_DEADLINE_MS;
     for (;;) {
         int fd = try_connect(d->path);
@@ -165,6 +158,20 @@ static inline void daemon_start(daemon_t *d, const char *const *extra)
             fail_msg("vqkvd did not listen on %s in time", d->path);
         sleep_ms(5);
     }
+}
+
+static inline void daemon_start(daemon_t *d, const char *const *extra)
+{
+    snprintf(d->dir, sizeof d->dir, "/tmp/vqkvd-test.XXXXXX");
+    assert_non_null(mkdtemp(d->dir));
+    snprintf(d->path, sizeof d->path, "%s/vqkv.sock", d->dir);
+    snprintf(d->config, sizeof d->config, "%s/vqkvd.conf", d->dir);
+    snprintf(d->state, sizeof d->state, "%s/state", d->dir);
+    FILE *f = fopen(d->config, "w");
+    assert_non_null(f);
+    fclose(f);
+    d->pid = daemon_spawn(d, extra);
+    daemon_wait_listening(d);
 }
 
 /* SIGTERM; requires exit status 0 and the socket file gone. */

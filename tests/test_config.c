@@ -500,22 +500,7 @@ static void start_logged(fixture_t *fx, daemon_t *d, const char *const *extra, c
     for (size_t i = 0; extra[i] != NULL && i < 11; i++)
         args[4 + i] = extra[i];
     d->pid = spawn_logged(args, fx->log, env);
-    long deadline = now_ms() + DAEMON_DEADLINE_MS;
-    for (;;) {
-        int fd = try_connect(d->path);
-        if (fd >= 0) {
-            close(fd);
-            return;
-        }
-        int status;
-        if (waitpid(d->pid, &status, WNOHANG) == d->pid) {
-            d->pid = -1;
-            fail_msg("vqkvd exited at start (status %#x)", status);
-        }
-        if (now_ms() > deadline)
-            fail_msg("vqkvd did not listen on %s in time", d->path);
-        sleep_ms(5);
-    }
+    daemon_wait_listening(d);
 }
 
 static void expect_output(const char *out, const char *want)
