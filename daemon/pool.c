@@ -5,10 +5,14 @@
  * is O(1) and costs no syscall. The kernel backs pages on first touch, so
  * a large arena costs nothing until blocks arrive.
  *
- * A class keeps its free slots on a stack of handles. When it runs dry it
- * takes a whole chunk and pushes every slot of it (O(slots per chunk), once
- * per chunk, which is what makes alloc O(1) amortized). The stack is sized
- * to the class's slot count, so a push never fails.
+ * Each chunk keeps its free slots on a stack of indices sized to its slot
+ * count (so a push never fails), and a class links its chunks that have a
+ * free slot. When none has, the class takes a chunk: an emptied one from
+ * the pool's spare stack first, else the next from the arena, and fills its
+ * stack (O(slots per chunk), once per chunk taken, which is what makes
+ * alloc O(1) amortized). A chunk that empties is given back (see pool.h for
+ * the one a class keeps); its stack and flags are freed with it because the
+ * next class cuts it into slots of another size.
  */
 #include "pool.h"
 
@@ -97,7 +101,8 @@ int vqkvd_pool_init(vqkvd_pool_t *p, const vqkvd_arena_t *arena)
         return VQKV_EINVAL;
     }
     p->chunks = calloc(arena->max_chunks, sizeof(*p->chunks));
-    if (p->chunks == NULL) {
+    p->spare = malloc(arena->max_chunks * sizeof(*p->spare));
+    if (p->chunks == NULL || p->spare == NULL) {
         vqkvd_pool_destroy(p);
         return VQKV_ENOMEM;
     }
@@ -118,13 +123,14 @@ int vqkvd_pool_init_cpu(vqkvd_pool_t *p, uint64_t arena_bytes, uint64_t chunk_by
 void vqkvd_pool_destroy(vqkvd_pool_t *p)
 {
     if (p->chunks != NULL) {
-        for (uint32_t c = 0; c < p->arena.chunks_used; c++)
+        for (uint32_t c = 0; c < p->arena.chunks_used; c++) {
             free(p->chunks[c].used);
+            free(p->chunks[c].free);
+        }
     }
-    for (uint32_t i = 0; i < p->n_classes; i++)
-        free(p->classes[i].free);
     free(p->classes);
     free(p->chunks);
+    free(p->spare);
     if (p->arena.ops != NULL)
         p->arena.ops->free_all(&p->arena);
     memset(p, 0, sizeof(*p));
@@ -146,51 +152,93 @@ int vqkvd_pool_add_class(vqkvd_pool_t *p, uint32_t slot_bytes)
     memset(&cl[p->n_classes], 0, sizeof(*cl));
     cl[p->n_classes].slot_bytes = slot_bytes;
     cl[p->n_classes].slots_per_chunk = (uint32_t)(p->arena.chunk_bytes / slot_bytes);
+    cl[p->n_classes].with_room = VQKVD_POOL_NO_CHUNK;
     return (int)p->n_classes++;
 }
 
-/* Gives class cls one more chunk and pushes its slots, the last slot first
- * so that allocation walks a fresh chunk from its start. O(slots per chunk). */
-static int class_grow(vqkvd_pool_t *p, uint32_t cls)
+/* Puts chunk c at the head of its class's list of chunks with room. O(1). */
+static void pool__room_link(vqkvd_pool_t *p, vqkvd_slot_class_t *cl, uint32_t c)
+{
+    vqkvd_chunk_t *ch = &p->chunks[c];
+    ch->prev = VQKVD_POOL_NO_CHUNK;
+    ch->next = cl->with_room;
+    if (cl->with_room != VQKVD_POOL_NO_CHUNK)
+        p->chunks[cl->with_room].prev = c;
+    cl->with_room = c;
+}
+
+static void pool__room_unlink(vqkvd_pool_t *p, vqkvd_slot_class_t *cl, uint32_t c)
+{
+    vqkvd_chunk_t *ch = &p->chunks[c];
+    if (ch->prev != VQKVD_POOL_NO_CHUNK)
+        p->chunks[ch->prev].next = ch->next;
+    else
+        cl->with_room = ch->next;
+    if (ch->next != VQKVD_POOL_NO_CHUNK)
+        p->chunks[ch->next].prev = ch->prev;
+}
+
+/* Gives class cls a chunk (a spare one, else the arena's next) with every
+ * slot free, the last slot deepest so that allocation walks the chunk
+ * from its start. O(slots per chunk). */
+static int pool__class_grow(vqkvd_pool_t *p, uint32_t cls)
 {
     vqkvd_slot_class_t *cl = &p->classes[cls];
-    uint64_t need = cl->slots_total + cl->slots_per_chunk;
-    uint8_t *used = NULL;
-    void *ptr = NULL;
-    uint64_t offset = 0;
-    uint32_t c = p->arena.chunks_used; /* the index the next chunk gets */
+    if (p->n_spare == 0 && p->arena.chunks_used >= p->arena.max_chunks)
+        return VQKV_ENOMEM; /* before allocating, since a full pool asks often */
+    uint8_t *used = calloc(cl->slots_per_chunk, 1);
+    uint32_t *free_idx = malloc(cl->slots_per_chunk * sizeof(*free_idx));
     int rc = VQKV_ENOMEM;
+    uint32_t c;
 
-    if (p->arena.chunks_used >= p->arena.max_chunks)
-        return VQKV_ENOMEM;
-    if (need > cl->cap_free) {
-        uint64_t cap = cl->cap_free ? cl->cap_free * 2 : cl->slots_per_chunk;
-        while (cap < need)
-            cap *= 2;
-        uint64_t *f = realloc(cl->free, cap * sizeof(*f));
-        if (f == NULL)
+    if (used == NULL || free_idx == NULL)
+        goto cleanup;
+    if (p->n_spare > 0) {
+        c = p->spare[--p->n_spare];
+    } else {
+        void *ptr = NULL;
+        uint64_t offset = 0;
+        c = p->arena.chunks_used; /* the index the arena's next chunk gets */
+        rc = p->arena.ops->alloc_chunk(&p->arena, &ptr, &offset);
+        if (rc != VQKV_OK)
             goto cleanup;
-        cl->free = f;
-        cl->cap_free = cap;
+        p->chunks[c].ptr = ptr;
+        p->chunks[c].offset = offset;
     }
-    used = calloc(cl->slots_per_chunk, 1);
-    if (used == NULL)
-        goto cleanup;
-    rc = p->arena.ops->alloc_chunk(&p->arena, &ptr, &offset);
-    if (rc != VQKV_OK)
-        goto cleanup;
-    p->chunks[c].ptr = ptr;
-    p->chunks[c].offset = offset;
-    p->chunks[c].cls = cls;
-    p->chunks[c].used = used;
-    used = NULL;
+    vqkvd_chunk_t *ch = &p->chunks[c];
+    ch->cls = cls;
+    ch->used = used;
+    ch->free = free_idx;
+    ch->n_free = 0;
     for (uint32_t i = cl->slots_per_chunk; i-- > 0;)
-        cl->free[cl->n_free++] = SLOT_HANDLE(c, i);
+        ch->free[ch->n_free++] = i;
+    used = NULL;
+    free_idx = NULL;
+    pool__room_link(p, cl, c);
     cl->n_chunks++;
-    cl->slots_total = need;
+    cl->slots_total += cl->slots_per_chunk;
+    cl->n_free += cl->slots_per_chunk;
+    rc = VQKV_OK;
 cleanup:
     free(used);
+    free(free_idx);
     return rc;
+}
+
+/* Gives empty chunk c of class cl back to the pool's spares. O(1). */
+static void pool__class_shrink(vqkvd_pool_t *p, vqkvd_slot_class_t *cl, uint32_t c)
+{
+    vqkvd_chunk_t *ch = &p->chunks[c];
+    pool__room_unlink(p, cl, c);
+    free(ch->used);
+    free(ch->free);
+    ch->used = NULL;
+    ch->free = NULL;
+    ch->n_free = 0;
+    cl->n_chunks--;
+    cl->slots_total -= cl->slots_per_chunk;
+    cl->n_free -= cl->slots_per_chunk;
+    p->spare[p->n_spare++] = c;
 }
 
 int vqkvd_pool_alloc(vqkvd_pool_t *p, uint32_t cls, uint64_t *slot)
@@ -198,17 +246,22 @@ int vqkvd_pool_alloc(vqkvd_pool_t *p, uint32_t cls, uint64_t *slot)
     if (cls >= p->n_classes || slot == NULL)
         return VQKV_EINVAL;
     vqkvd_slot_class_t *cl = &p->classes[cls];
-    if (cl->n_free == 0) {
-        int rc = class_grow(p, cls);
+    if (cl->with_room == VQKVD_POOL_NO_CHUNK) {
+        int rc = pool__class_grow(p, cls);
         if (rc != VQKV_OK)
             return rc;
     }
-    uint64_t h = cl->free[--cl->n_free];
-    p->chunks[SLOT_CHUNK(h)].used[SLOT_INDEX(h)] = 1;
+    uint32_t c = cl->with_room;
+    vqkvd_chunk_t *ch = &p->chunks[c];
+    uint32_t i = ch->free[--ch->n_free];
+    if (ch->n_free == 0)
+        pool__room_unlink(p, cl, c);
+    ch->used[i] = 1;
+    cl->n_free--;
     cl->slots_used++;
     p->slots_used++;
     p->bytes_stored += cl->slot_bytes;
-    *slot = h;
+    *slot = SLOT_HANDLE(c, i);
     return VQKV_OK;
 }
 
@@ -219,22 +272,30 @@ static const vqkvd_chunk_t *slot_chunk(const vqkvd_pool_t *p, uint64_t slot)
     if (p->chunks == NULL || c >= p->arena.chunks_used)
         return NULL;
     const vqkvd_chunk_t *ch = &p->chunks[c];
-    if (SLOT_INDEX(slot) >= p->classes[ch->cls].slots_per_chunk)
+    if (ch->used == NULL || SLOT_INDEX(slot) >= p->classes[ch->cls].slots_per_chunk)
         return NULL;
     return ch;
 }
 
 int vqkvd_pool_free(vqkvd_pool_t *p, uint64_t slot)
 {
-    const vqkvd_chunk_t *ch = slot_chunk(p, slot);
-    if (ch == NULL || !ch->used[SLOT_INDEX(slot)])
+    if (slot_chunk(p, slot) == NULL || !p->chunks[SLOT_CHUNK(slot)].used[SLOT_INDEX(slot)])
         return VQKV_EINVAL;
+    uint32_t c = SLOT_CHUNK(slot);
+    vqkvd_chunk_t *ch = &p->chunks[c];
     vqkvd_slot_class_t *cl = &p->classes[ch->cls];
     ch->used[SLOT_INDEX(slot)] = 0;
-    cl->free[cl->n_free++] = slot; /* fits: the stack holds every slot of cl */
+    ch->free[ch->n_free++] = SLOT_INDEX(slot); /* fits: the stack holds every slot */
+    if (ch->n_free == 1)
+        pool__room_link(p, cl, c);
+    cl->n_free++;
     cl->slots_used--;
     p->slots_used--;
     p->bytes_stored -= cl->slot_bytes;
+    /* Kept when it is the class's only chunk with room (pool.h). */
+    if (ch->n_free == cl->slots_per_chunk &&
+        (ch->prev != VQKVD_POOL_NO_CHUNK || ch->next != VQKVD_POOL_NO_CHUNK))
+        pool__class_shrink(p, cl, c);
     return VQKV_OK;
 }
 
@@ -279,8 +340,8 @@ void vqkvd_pool_stats(const vqkvd_pool_t *p, vqkvd_pool_stats_t *st)
     st->chunk_bytes = p->arena.chunk_bytes;
     st->chunks_total = p->arena.max_chunks;
     st->usable_bytes = (uint64_t)p->arena.max_chunks * p->arena.chunk_bytes;
-    st->chunks_used = p->arena.chunks_used;
-    st->bytes_in_chunks = (uint64_t)p->arena.chunks_used * p->arena.chunk_bytes;
+    st->chunks_used = p->arena.chunks_used - p->n_spare;
+    st->bytes_in_chunks = st->chunks_used * p->arena.chunk_bytes;
     st->slots_used = p->slots_used;
     st->bytes_stored = p->bytes_stored;
 }

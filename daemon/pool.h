@@ -4,10 +4,13 @@
  * so the pool never needs a general allocator: each registered layout gets
  * a "slot class" (slot bytes = the codec's block bytes), and a class takes
  * chunks of the arena (2 MiB by default) one at a time and cuts them into
- * slots. Allocating and freeing a slot is a pop or push on the class's free
+ * slots. Allocating and freeing a slot is a pop or push on a chunk's free
  * stack: O(1) amortized, no search, no fragmentation inside a chunk. A chunk
- * stays with its class until the pool is destroyed (the store evicts within
- * a class when another class holds the free slots).
+ * that empties goes back to the pool for any class to take, unless it is
+ * the class's only chunk with room: a model whose blocks all went (the
+ * lossless fallback a VQ model uses while it calibrates, a model no worker
+ * uses any more) strands at most one chunk, and a class that frees and
+ * takes one slot over and over at a chunk boundary does not churn chunks.
  *
  * The arena is the only part that knows where memory comes from. The CPU
  * backend is one memfd (MFD_CLOEXEC) mapped once, so the payload can be
@@ -61,23 +64,29 @@ struct vqkvd_arena {
  * chunk, VQKV_ENOMEM when the kernel refuses; on failure nothing is open. */
 int vqkvd_arena_init_cpu(vqkvd_arena_t *a, uint64_t bytes, uint64_t chunk_bytes);
 
-/* One slot class. The free stack holds every free slot of the class's
- * chunks, so alloc never looks at a chunk. */
+/* No chunk: the end of a class's list of chunks with room. */
+#define VQKVD_POOL_NO_CHUNK UINT32_MAX
+
+/* One slot class. Its chunks with a free slot form a list, so alloc looks
+ * at one chunk only: the list's head. */
 typedef struct {
     uint32_t slot_bytes;
     uint32_t slots_per_chunk;
     uint32_t n_chunks;
     uint64_t slots_total; /* n_chunks * slots_per_chunk */
     uint64_t slots_used;
-    uint64_t *free; /* stack of free handles */
-    uint64_t n_free, cap_free;
+    uint64_t n_free;    /* free slots over the class's chunks */
+    uint32_t with_room; /* first chunk with a free slot, or VQKVD_POOL_NO_CHUNK */
 } vqkvd_slot_class_t;
 
 typedef struct {
     uint8_t *ptr;    /* NULL-able on backends the host cannot address */
     uint64_t offset; /* in the arena */
     uint32_t cls;
-    uint8_t *used; /* slots_per_chunk flags: catches double frees */
+    uint8_t *used;  /* slots_per_chunk flags (catches double frees); NULL: spare */
+    uint32_t *free; /* stack of the chunk's free slot indices */
+    uint32_t n_free;
+    uint32_t prev, next; /* the class's chunks with room (VQKVD_POOL_NO_CHUNK ends) */
 } vqkvd_chunk_t;
 
 typedef struct {
@@ -85,6 +94,8 @@ typedef struct {
     vqkvd_slot_class_t *classes;
     uint32_t n_classes;
     vqkvd_chunk_t *chunks; /* arena.max_chunks entries */
+    uint32_t *spare;       /* stack of emptied chunks no class holds */
+    uint32_t n_spare;
     uint64_t bytes_stored; /* sum over classes of slots_used * slot_bytes */
     uint64_t slots_used;
 } vqkvd_pool_t;

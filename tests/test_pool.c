@@ -2,7 +2,8 @@
  * rounded and refused as documented, slots handed out and taken back with
  * exact accounting, classes taking chunks until the arena is full and then
  * VQKV_ENOMEM, handles that do not name an allocated slot refused, slots
- * that never overlap, and a memfd that really holds what is written
+ * that never overlap, emptied chunks passing to another class (all but the
+ * one a class keeps), and a memfd that really holds what is written
  * through the mapping (read back with pread on the fd).
  *
  * Chunks are one page here so that a few slots fill an arena.
@@ -101,7 +102,7 @@ static void test_alloc_free_exact(void **state)
     vqkvd_pool_stats(&p, &st);
     assert_int_equal(st.slots_used, 8);
     assert_int_equal(st.bytes_stored, 8 * (uint64_t)sb);
-    assert_int_equal(st.chunks_used, 3); /* chunks stay with their class */
+    assert_int_equal(st.chunks_used, 3); /* a chunk with slots in use stays */
 
     /* Handles that name no slot: a chunk not given out, an index past the
      * chunk's slots, an unused slot of a used chunk. */
@@ -185,6 +186,74 @@ static void test_classes_fill_arena(void **state)
     vqkvd_pool_destroy(&p);
 }
 
+/* What a VQ model's calibration leaves behind: a class (its lossless
+ * fallback) fills the arena, then its blocks all go. Every chunk but one
+ * comes back and the other class (the VQ codec) grows into them; the one
+ * kept is reused by its own class first. */
+static void test_emptied_chunks_pass_to_other_classes(void **state)
+{
+    (void)state;
+    vqkvd_pool_t p;
+    vqkvd_pool_stats_t st;
+    uint64_t pg = page();
+    uint32_t small = (uint32_t)(pg / 4), big = (uint32_t)(pg / 2);
+    uint64_t hs[32], hb[16];
+
+    assert_int_equal(vqkvd_pool_init_cpu(&p, 8 * pg, pg), VQKV_OK);
+    assert_int_equal(vqkvd_pool_add_class(&p, big), 0);   /* 2 a chunk */
+    assert_int_equal(vqkvd_pool_add_class(&p, small), 1); /* 4 a chunk */
+    for (int i = 0; i < 16; i++)
+        assert_int_equal(vqkvd_pool_alloc(&p, 0, &hb[i]), VQKV_OK);
+    assert_int_equal(vqkvd_pool_alloc(&p, 1, &hs[0]), VQKV_ENOMEM);
+
+    /* Freed in an order that empties chunks one by one and leaves them
+     * half full on the way. */
+    for (int i = 0; i < 16; i++)
+        assert_int_equal(vqkvd_pool_free(&p, hb[i ^ 1]), VQKV_OK);
+    vqkvd_pool_stats(&p, &st);
+    assert_int_equal(st.slots_used, 0);
+    assert_int_equal(st.bytes_stored, 0);
+    assert_int_equal(st.chunks_used, 1);
+    assert_int_equal(st.bytes_in_chunks, pg);
+    assert_int_equal(p.classes[0].n_chunks, 1);
+    assert_int_equal(p.classes[0].n_free, 2);
+    assert_int_equal(p.classes[0].slots_total, 2);
+    /* A freed handle names no slot any more, in a spare chunk or not. */
+    assert_int_equal(vqkvd_pool_free(&p, hb[0]), VQKV_EINVAL);
+    assert_int_equal(vqkvd_pool_slot_class(&p, hb[15]), VQKV_EINVAL);
+
+    /* The small class takes the 7 spare chunks: 28 slots. */
+    int ns = 0;
+    while (ns < 32 && vqkvd_pool_alloc(&p, 1, &hs[ns]) == VQKV_OK)
+        ns++;
+    assert_int_equal(ns, 28);
+    vqkvd_pool_stats(&p, &st);
+    assert_int_equal(st.chunks_used, 8);
+    assert_int_equal(p.classes[1].n_chunks, 7);
+    assert_int_equal(st.bytes_stored, 28 * (uint64_t)small);
+    /* Written slots of the reused chunks do not overlap the kept one. */
+    for (int i = 0; i < ns; i++)
+        memset(vqkvd_pool_slot_ptr(&p, hs[i]), 0x5a, small);
+    uint64_t kept;
+    assert_int_equal(vqkvd_pool_alloc(&p, 0, &kept), VQKV_OK);
+    memset(vqkvd_pool_slot_ptr(&p, kept), 0xc3, big);
+    for (int i = 0; i < ns; i++) {
+        const uint8_t *s = vqkvd_pool_slot_ptr(&p, hs[i]);
+        assert_int_equal(s[0], 0x5a);
+        assert_int_equal(s[small - 1], 0x5a);
+    }
+
+    /* One slot freed and taken again at a chunk boundary keeps its chunk. */
+    assert_int_equal(vqkvd_pool_free(&p, hs[27]), VQKV_OK);
+    assert_int_equal(vqkvd_pool_free(&p, hs[26]), VQKV_OK);
+    assert_int_equal(vqkvd_pool_free(&p, hs[25]), VQKV_OK);
+    assert_int_equal(vqkvd_pool_free(&p, hs[24]), VQKV_OK);
+    vqkvd_pool_stats(&p, &st);
+    assert_int_equal(st.chunks_used, 8);
+    assert_int_equal(vqkvd_pool_alloc(&p, 1, &hs[24]), VQKV_OK);
+    vqkvd_pool_destroy(&p);
+}
+
 static void test_memfd_backs_slots(void **state)
 {
     (void)state;
@@ -228,6 +297,7 @@ int main(void)
         cmocka_unit_test(test_init_sizes),
         cmocka_unit_test(test_alloc_free_exact),
         cmocka_unit_test(test_classes_fill_arena),
+        cmocka_unit_test(test_emptied_chunks_pass_to_other_classes),
         cmocka_unit_test(test_memfd_backs_slots),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
