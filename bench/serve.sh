@@ -15,7 +15,12 @@
 # capacity. Builds nothing: run it after `cmake --build --preset default`.
 # Settings from the environment: VQKV_BUILD_DIR (build), VQKV_CODEC (kivi4),
 # VQKV_BENCH_SECONDS (5 per vqkv run), VQKV_BENCH_CLIENTS ("1 8 64"),
-# VQKV_REDIS_REQUESTS (4000 large GETs; small ones run 25x as many).
+# VQKV_REDIS_REQUESTS (4000 large GETs; small ones run 25x as many),
+# VQKV_BENCH_PARTS ("serving capacity": which halves run).
+#
+# A VQ codec's capacity is measured after online calibration: vqkvd starts
+# with --calibration-tokens 1024, the benchmark puts as many warm-up tokens,
+# waits for the codebooks and evicts the warm-up before it counts.
 set -eu
 cd "$(dirname "$0")/.."
 build=${VQKV_BUILD_DIR:-build}
@@ -23,6 +28,9 @@ codec=${VQKV_CODEC:-kivi4}
 seconds=${VQKV_BENCH_SECONDS:-5}
 clients=${VQKV_BENCH_CLIENTS:-"1 8 64"}
 redis_n=${VQKV_REDIS_REQUESTS:-4000}
+parts=${VQKV_BENCH_PARTS:-"serving capacity"}
+part() { case " $parts " in *" $1 "*) return 0 ;; esac; return 1; }
+calib_tokens=1024
 bench="$build/bench/vqkv-benchmark"
 for tool in "$build/daemon/vqkvd" "$build/client/vqkvctl" "$bench"; do
     if [ ! -x "$tool" ]; then
@@ -53,7 +61,9 @@ trap 'exit 1' INT TERM HUP
 # Starts vqkvd with pool size $1 on $dir/vqkv.sock and waits until it answers.
 vqkvd_start() {
     rm -f "$dir/vqkv.sock"
-    "$build/daemon/vqkvd" --socket "$dir/vqkv.sock" --pool-bytes "$1" --log-level warn &
+    rm -rf "$dir/state"
+    "$build/daemon/vqkvd" --socket "$dir/vqkv.sock" --pool-bytes "$1" --log-level warn \
+        --config /dev/null --state-dir "$dir/state" --calibration-tokens "$calib_tokens" &
     vqkvd_pid=$!
     tries=0
     until "$build/client/vqkvctl" --socket "$dir/vqkv.sock" health >/dev/null 2>&1; do
@@ -79,6 +89,7 @@ vqkvd_stop() {
 }
 
 # ---- vqkvd serving ------------------------------------------------------------
+if part serving; then
 # One daemon for every client count, as a node would run it; 1 GiB so the
 # clients' puts rarely have to evict.
 vqkvd_start 1G
@@ -121,17 +132,20 @@ done
 kill "$redis_pid"
 wait "$redis_pid" 2>/dev/null || true
 redis_pid=""
+fi
 
 # ---- capacity ------------------------------------------------------------------
+if part capacity; then
 for shape in llama3-8b smollm2-135m; do
-    for c in fp16 fp8 kivi4 kivi2; do
+    for c in fp16 fp8 kivi4 kivi2 rvq:d=8,b=8,r=2 vqkv; do
         echo "capacity: $shape $c" >&2
         vqkvd_start 256M
         "$bench" --socket "$dir/vqkv.sock" --capacity --shape "$shape" --codec "$c" \
-            --json "$dir/cap-$shape-$c.json" >&2
+            --warmup-tokens "$calib_tokens" --json "$dir/cap-$shape-$c.json" >&2
         vqkvd_stop
     done
 done
+fi
 
 # ---- results --------------------------------------------------------------------
 mkdir -p bench/out
@@ -139,8 +153,9 @@ jq -s '{bench: "serve",
         vqkv: [.[] | select(.bench == "vqkv-benchmark" and .mode == "serve")] | sort_by(.clients),
         redis: [.[] | select(.bench == "redis-benchmark")] | sort_by(.clients, .value_bytes),
         capacity: [.[] | select(.mode == "capacity")]}' \
-    "$dir"/vqkv-*.json "$dir"/redis-*.json "$dir"/cap-*.json >bench/out/serve.json
+    $(find "$dir" -maxdepth 1 -name '*.json' | sort) >bench/out/serve.json
 
+if part serving; then
 echo
 echo "Serving: vqkvd ($codec, SmolLM2-135M shape, 4-block gets) and redis-server, Unix sockets"
 jq -r '
@@ -155,6 +170,8 @@ jq -r '
     awk -F'\t' 'NR == 1 { printf "%-8s %-24s %10s %8s %10s %10s\n", $1, $2, $3, $4, $5, $6; next }
                 { printf "%-8s %-24s %10.0f %8s %10.1f %10.1f\n", $1, $2, $3,
                          $4 == "" ? "" : sprintf("%.3f", $4), $5, $6 }'
+fi
+if part capacity; then
 echo
 echo "Capacity: tokens held per GiB of a 256 MiB pool, filled until the first eviction"
 jq -r '
@@ -166,5 +183,6 @@ jq -r '
   | map(tostring) | @tsv' bench/out/serve.json |
     awk -F'\t' 'NR == 1 { printf "%-13s %-24s %12s %12s %11s %8s\n", $1, $2, $3, $4, $5, $6; next }
                 { printf "%-13s %-24s %12s %12s %11.0f %7.2fx\n", $1, $2, $3, $4, $5, $6 }'
+fi
 echo
 echo "bench/out/serve.json written"

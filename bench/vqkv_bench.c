@@ -21,7 +21,11 @@
  * times block_tokens, over the pool's GiB, is the tokens a GiB of pool
  * holds with that codec: measured, so slot rounding, chunk tails and the
  * eviction watermark are all in it. It needs a fresh daemon per codec and
- * shape: the pool hands chunks to a layout for good.
+ * shape, as a daemon refuses a second codec under one model id. A VQ codec
+ * the daemon has no codebooks for is stored fp16 while it calibrates, so
+ * the fill first puts --warmup-tokens of other blocks, waits for the
+ * codebooks, evicts those blocks and counts from there: the fallback's
+ * chunks go back to the pool but for the one its class keeps (pool.h).
  *
  * The KV data is synthetic (client/worker.h): the codecs' speed barely
  * depends on the values, and capacity not at all.
@@ -29,7 +33,7 @@
  * usage: vqkv-benchmark --socket PATH [--clients N] [--seconds S]
  *          [--codec SPEC] [--shape smollm2-135m|llama3-8b]
  *          [--blocks-per-get K] [--prefixes P] [--put-every M]
- *          [--capacity] [--json FILE]
+ *          [--capacity] [--warmup-tokens N] [--json FILE]
  */
 #include <errno.h>
 #include <getopt.h>
@@ -76,6 +80,7 @@ typedef struct {
     uint32_t clients, blocks_per_get, prefixes, put_every;
     double seconds;
     int capacity;
+    uint32_t warmup_tokens;
 } bench_opts_t;
 
 typedef struct {
@@ -495,6 +500,30 @@ static int bench_serve(bench_t *b)
 
 /* ---- capacity mode ------------------------------------------------------------- */
 
+/* Puts block `id` of the fill, a one-block prefix of its own, from slot 0;
+ * with fill, first writes the block's own synthetic KV there (calibration
+ * needs varied data; the count does not). */
+static int bench_capacity_put(const bench_t *b, vqkv_worker_t *w, uint64_t id, int fill,
+                              vqkv_put_status_t *ps)
+{
+    uint32_t tokens[64];
+    uint8_t key[1][VQKV_KEY_BYTES];
+    size_t n = 0;
+    const uint32_t slot = 0;
+    for (uint32_t i = 0; i < b->layout.block_tokens; i++)
+        tokens[i] = 1u + bench_mix32(id * 64 + i) % 49151u;
+    tokens[0] = (uint32_t)id;
+    int rc =
+        vqkv_model_block_keys(w->model, NULL, tokens, b->layout.block_tokens, NULL, 0, key, 1, &n);
+    if (rc != VQKV_OK)
+        return rc;
+    if (fill)
+        vqkv_worker_fill_synthetic(&b->layout, &w->view, w->base, slot, key[0]);
+    *ps = VQKV_PUT_STORED;
+    return vqkv_put(w->client, w->model, w->region, (const uint8_t(*)[VQKV_KEY_BYTES])key, NULL,
+                    &slot, 1, ps);
+}
+
 static int bench_capacity(bench_t *b)
 {
     char err[512];
@@ -517,24 +546,34 @@ static int bench_capacity(bench_t *b)
      * data is put again and again under new keys: what a block holds does
      * not change its stored size. The loop ends at the first eviction, or
      * when twice the pool's worth of blocks never caused one. */
-    uint32_t tokens[64];
-    uint8_t key[1][VQKV_KEY_BYTES];
-    size_t n = 0;
     vqkv_worker_fill_synthetic(&b->layout, &w.view, w.base, 0, (const uint8_t[VQKV_KEY_BYTES]){1});
-    uint64_t limit = 2 * st.pool_bytes / vqkv_model_block_bytes(w.model) + 2;
+    uint64_t id = 0, evictions_before = 0;
+    vqkv_put_status_t ps = VQKV_PUT_STORED;
+    if (!vqkv_model_codebooks_ready(w.model)) {
+        uint64_t warmup_blocks = b->o.warmup_tokens / b->layout.block_tokens;
+        size_t evicted = 0;
+        for (; id < warmup_blocks && rc >= 0; id++)
+            rc = bench_capacity_put(b, &w, id, 1, &ps);
+        if (rc >= 0)
+            rc = vqkv_worker_wait_codebooks(&w, b->model_id, 300.0, err, sizeof err);
+        else
+            snprintf(err, sizeof err, "warm-up put: %s", vqkv_last_error(w.client));
+        if (rc >= 0 && (rc = vqkv_evict(w.client, w.model, NULL, 0, 1, &evicted)) < 0)
+            snprintf(err, sizeof err, "evict the warm-up: %s", vqkv_last_error(w.client));
+        if (rc >= 0 && (rc = vqkv_stats(w.client, &st)) < 0)
+            snprintf(err, sizeof err, "stats: %s", vqkv_last_error(w.client));
+        if (rc < 0) {
+            fprintf(stderr, "vqkv-benchmark: capacity: %s\n", err);
+            vqkv_worker_close(&w);
+            return 1;
+        }
+        evictions_before = st.evictions;
+    }
+    uint64_t limit = id + 2 * st.pool_bytes / vqkv_model_block_bytes(w.model) + 2;
     uint64_t peak_blocks = 0, peak_stored = 0;
     int full = 0;
-    const uint32_t slot = 0;
-    for (uint64_t id = 0; id < limit; id++) {
-        for (uint32_t i = 0; i < b->layout.block_tokens; i++)
-            tokens[i] = 1u + bench_mix32(id * 64 + i) % 49151u;
-        tokens[0] = (uint32_t)id;
-        vqkv_put_status_t ps = VQKV_PUT_STORED;
-        rc = vqkv_model_block_keys(w.model, NULL, tokens, b->layout.block_tokens, NULL, 0, key, 1,
-                                   &n);
-        if (rc == VQKV_OK)
-            rc = vqkv_put(w.client, w.model, w.region, (const uint8_t(*)[VQKV_KEY_BYTES])key, NULL,
-                          &slot, 1, &ps);
+    for (; id < limit; id++) {
+        rc = bench_capacity_put(b, &w, id, 0, &ps);
         if (rc >= 0)
             rc = vqkv_stats(w.client, &st);
         if (rc < 0) {
@@ -544,7 +583,7 @@ static int bench_capacity(bench_t *b)
         }
         /* NO_SPACE without an eviction would mean nothing was evictable:
          * the pool is just as full. */
-        full = st.evictions > 0 || ps == VQKV_PUT_NO_SPACE;
+        full = st.evictions > evictions_before || ps == VQKV_PUT_NO_SPACE;
         if (full)
             break;
         peak_blocks = st.blocks;
@@ -564,11 +603,12 @@ static int bench_capacity(bench_t *b)
     double tokens_per_gib = (double)peak_blocks * b->layout.block_tokens / pool_gib;
     double fp16_per_gib = (double)(1u << 30) / (double)vqkv_worker_block_logical_bytes(&b->layout) *
                           b->layout.block_tokens;
-    printf("%-14s %-24s %11s %13s %12s %15s %12s\n", "shape", "codec", "block bytes", "blocks held",
-           "pool used", "tokens per GiB", "f16 ideal");
-    printf("%-14s %-24s %11u %13llu %11.1f%% %15.0f %12.0f\n", b->o.shape, b->codec, block_bytes,
-           (unsigned long long)peak_blocks, 100.0 * (double)peak_stored / (double)st.pool_bytes,
-           tokens_per_gib, fp16_per_gib);
+    int codec_width = strlen(b->codec) > 24 ? (int)strlen(b->codec) : 24;
+    printf("%-14s %-*s %11s %13s %12s %15s %12s\n", "shape", codec_width, "codec", "block bytes",
+           "blocks held", "pool used", "tokens per GiB", "f16 ideal");
+    printf("%-14s %-*s %11u %13llu %11.1f%% %15.0f %12.0f\n", b->o.shape, codec_width, b->codec,
+           block_bytes, (unsigned long long)peak_blocks,
+           100.0 * (double)peak_stored / (double)st.pool_bytes, tokens_per_gib, fp16_per_gib);
     vqkv_worker_close(&w);
     if (b->o.json_path == NULL)
         return 0;
@@ -594,7 +634,8 @@ static void bench_usage(FILE *f)
 {
     fputs("usage: vqkv-benchmark --socket PATH [--clients N] [--seconds S] [--codec SPEC]\n"
           "                      [--shape smollm2-135m|llama3-8b] [--blocks-per-get K]\n"
-          "                      [--prefixes P] [--put-every M] [--capacity] [--json FILE]\n"
+          "                      [--prefixes P] [--put-every M] [--capacity]\n"
+          "                      [--warmup-tokens N] [--json FILE]\n"
           "  --clients N        client processes, 1..1024 (default 1)\n"
           "  --seconds S        how long the clients loop (default 5)\n"
           "  --codec SPEC       the model's codec (default kivi4)\n"
@@ -603,6 +644,8 @@ static void bench_usage(FILE *f)
           "  --prefixes P       prefixes put and pinned before the run (default 64)\n"
           "  --put-every M      a client puts a new prefix every M loops (default 16, 0: never)\n"
           "  --capacity         instead: fill a fresh daemon until it evicts, report tokens/GiB\n"
+          "  --warmup-tokens N  capacity of a VQ codec the daemon has no codebooks for: first\n"
+          "                     put N tokens for it to calibrate on (default 2048)\n"
           "  --json FILE        also write the figures as one JSON object\n",
           f);
 }
@@ -619,11 +662,12 @@ static int bench_parse(int argc, char **argv, bench_opts_t *o)
         {"prefixes", required_argument, NULL, 'p'},
         {"put-every", required_argument, NULL, 'P'},
         {"capacity", no_argument, NULL, 'a'},
+        {"warmup-tokens", required_argument, NULL, 'w'},
         {"json", required_argument, NULL, 'j'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    *o = (bench_opts_t){NULL, "kivi4", "smollm2-135m", NULL, 1, 4, 64, 16, 5.0, 0};
+    *o = (bench_opts_t){NULL, "kivi4", "smollm2-135m", NULL, 1, 4, 64, 16, 5.0, 0, 2048};
     int opt;
     while ((opt = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
         switch (opt) {
@@ -636,6 +680,7 @@ static int bench_parse(int argc, char **argv, bench_opts_t *o)
         case 'p': o->prefixes = (uint32_t)strtoul(optarg, NULL, 10); break;
         case 'P': o->put_every = (uint32_t)strtoul(optarg, NULL, 10); break;
         case 'a': o->capacity = 1; break;
+        case 'w': o->warmup_tokens = (uint32_t)strtoul(optarg, NULL, 10); break;
         case 'j': o->json_path = optarg; break;
         case 'h': bench_usage(stdout); exit(0);
         default: return -1;

@@ -184,23 +184,11 @@ static int demo_warmup(demo_t *d, vqkv_worker_t *w, uint32_t tokens)
             goto out;
         }
     }
-    /* Registering again is how a worker learns that training finished. */
-    while (!vqkv_model_codebooks_ready(w->model)) {
-        if (demo_now() - t0 > DEMO_TRAIN_WAIT_S) {
-            fprintf(stderr,
-                    "vqkv-demo: no codebooks after %.0f s: is vqkvd's "
-                    "--calibration-tokens over --warmup-tokens?\n",
-                    DEMO_TRAIN_WAIT_S);
-            goto out;
-        }
-        struct timespec pause = {0, 50 * 1000 * 1000};
-        nanosleep(&pause, NULL);
-        vqkv_model_t *again = NULL;
-        if (vqkv_register_model(w->client, DEMO_MODEL_ID, &d->layout, vqkv_model_codec(w->model),
-                                &again) != VQKV_OK) {
-            fprintf(stderr, "vqkv-demo: register again: %s\n", vqkv_last_error(w->client));
-            goto out;
-        }
+    char err[256];
+    rc = vqkv_worker_wait_codebooks(w, DEMO_MODEL_ID, DEMO_TRAIN_WAIT_S, err, sizeof err);
+    if (rc != VQKV_OK) {
+        fprintf(stderr, "vqkv-demo: %s\n", err);
+        goto out;
     }
     printf("offload: vqkvd trained its codebooks: %.1f s after the warm-up began\n",
            demo_now() - t0);

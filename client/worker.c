@@ -16,6 +16,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 static int vqkv__worker_fail(char *err, size_t errlen, int rc, const char *fmt, ...)
@@ -115,6 +116,27 @@ void vqkv_worker_close(vqkv_worker_t *w)
 }
 
 /* ---- KV data ----------------------------------------------------------------- */
+
+int vqkv_worker_wait_codebooks(vqkv_worker_t *w, const char *model_id, double timeout_s, char *err,
+                               size_t errlen)
+{
+    const struct timespec pause = {0, 50 * 1000 * 1000};
+    for (double waited = 0.0; !vqkv_model_codebooks_ready(w->model); waited += 0.05) {
+        if (waited >= timeout_s)
+            return vqkv__worker_fail(err, errlen, VQKV_ENOCODEBOOK,
+                                     "no codebooks for %s after %.0f s: is vqkvd's "
+                                     "calibration_tokens over the tokens put?",
+                                     vqkv_model_codec(w->model), timeout_s);
+        nanosleep(&pause, NULL);
+        vqkv_model_t *again = NULL;
+        int rc = vqkv_register_model(w->client, model_id, &w->layout, vqkv_model_codec(w->model),
+                                     &again);
+        if (rc != VQKV_OK)
+            return vqkv__worker_fail(err, errlen, rc, "register %s again: %s", model_id,
+                                     vqkv_last_error(w->client));
+    }
+    return VQKV_OK;
+}
 
 static uint64_t vqkv__splitmix64(uint64_t *state)
 {

@@ -56,6 +56,15 @@ int vqkv_worker_open(vqkv_worker_t *w, const char *socket_path, const char *clie
  * region and the model's handle with it; stored blocks stay). */
 void vqkv_worker_close(vqkv_worker_t *w);
 
+/* Waits until vqkvd has codebooks for the worker's model: registers
+ * model_id again every 50 ms (how a worker learns that online calibration
+ * finished; vqkv.h) for at most timeout_s seconds. VQKV_ENOCODEBOOK with the
+ * reason in err when training did not finish in time (too few tokens put
+ * for the daemon's calibration_tokens, most likely); the registration's
+ * own error otherwise. Returns at once for a model that has them. */
+int vqkv_worker_wait_codebooks(vqkv_worker_t *w, const char *model_id, double timeout_s, char *err,
+                               size_t errlen);
+
 /* Writes synthetic KV into block `slot` of the view at base: keys with
  * per-channel means and scales and a few outlier channels per head (the
  * structure KIVI's per-channel key quantization is built for), values

@@ -1,12 +1,17 @@
 /* test_tenants.c -- per-tenant counters, Evict, FindModel and vqkvctl's
  * pin, unpin, evict and stats against the vqkvd binary, through libvqkv.
- * A test runs as one uid, so this is one tenant; tenant isolation, quotas
- * and the eviction rules are covered in-process in test_store.c. The
- * daemon runs on a socket in a fresh temporary directory
- * (tests/daemon_harness.h) and must exit 0 on SIGTERM (under ASan: no
- * leak).
+ * Most tests run as one uid, so one tenant; test_two_uids forks a second
+ * worker that drops to another uid (root only: skipped, loudly, as any
+ * other user) to show that tenants never see each other's blocks through
+ * the daemon, and that a uid not on the allow list is refused. The eviction
+ * rules are covered in-process in test_store.c. The daemon runs on a
+ * socket in a fresh temporary directory (tests/daemon_harness.h) and must
+ * exit 0 on SIGTERM (under ASan: no leak).
  */
+#include <grp.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/wait.h>
 
 #include <json-c/json.h>
 
@@ -429,6 +434,134 @@ static void test_vqkvctl(void **state)
     worker_close(&w);
 }
 
+/* Uids for the second tenant and for a peer the daemon does not allow:
+ * nobody's, and one below it that no account uses on Debian. */
+#define OTHER_UID 65534
+#define REFUSED_UID 65533
+
+/* Runs fn(d, keys) in a child process as uid (and gid) and returns its exit
+ * status: cmocka's asserts do not cross a fork, so the child reports the
+ * first check that failed as its status (0: all held). */
+static int as_uid(uid_t uid, int (*fn)(const daemon_t *, const uint8_t (*)[VQKV_KEY_BYTES]),
+                  const daemon_t *d, const uint8_t (*keys)[VQKV_KEY_BYTES])
+{
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        if (setgroups(0, NULL) != 0 || setresgid(uid, uid, uid) != 0 ||
+            setresuid(uid, uid, uid) != 0)
+            _exit(100);
+        _exit(fn(d, keys));
+    }
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    return WEXITSTATUS(status);
+}
+
+/* The second tenant: the first tenant's chain (same tokens, so its own
+ * keys, and the first tenant's keys as they are) misses; putting the same
+ * tokens stores new blocks; its stats show itself only. */
+static int other_tenant(const daemon_t *d, const uint8_t (*first_keys)[VQKV_KEY_BYTES])
+{
+    vqkv_client_t *c = NULL;
+    vqkv_model_t *m = NULL;
+    vqkv_kv_view_t view;
+    vqkv_region_t region;
+    int fd = -1;
+    uint32_t tokens[4 * TOKENS], slots[4] = {0, 1, 2, 3};
+    uint8_t keys[4][VQKV_KEY_BYTES];
+    size_t n = 0, found = 99;
+    vqkv_lease_t lease = 0;
+    vqkv_put_status_t put[4];
+    vqkv_stats_t st;
+
+    if (vqkv_connect(d->path, "test_tenants-other", TIMEOUT_MS, &c) != VQKV_OK)
+        return 1;
+    if (vqkv_register_model(c, MODEL, &layout, "fp16", &m) != VQKV_OK)
+        return 2;
+    vqkv_kv_view_vllm(&view, &layout, SLOTS);
+    if (vqkv_memfd_create("test_tenants-other", view.region_bytes, &fd) != VQKV_OK ||
+        vqkv_register_memfd_region(c, m, fd, view.region_bytes, 0, &view, &region) != VQKV_OK)
+        return 3;
+    tokens_of(tokens, 4, 100);
+    if (vqkv_model_block_keys(m, NULL, tokens, 4 * TOKENS, NULL, 0, keys, 4, &n) != VQKV_OK ||
+        n != 4)
+        return 4;
+    if (memcmp(keys[0], first_keys[0], VQKV_KEY_BYTES) == 0)
+        return 5; /* the salt differs per tenant */
+    if (vqkv_lookup(c, m, (const uint8_t(*)[VQKV_KEY_BYTES])keys, 4, &found, &lease) != VQKV_OK ||
+        found != 0 || vqkv_release(c, lease) != VQKV_OK)
+        return 6;
+    if (vqkv_lookup(c, m, first_keys, 4, &found, &lease) != VQKV_OK || found != 0 ||
+        vqkv_release(c, lease) != VQKV_OK)
+        return 7;
+    if (vqkv_put(c, m, region, (const uint8_t(*)[VQKV_KEY_BYTES])keys, NULL, slots, 4, put) < 0)
+        return 8;
+    for (int i = 0; i < 4; i++)
+        if (put[i] != VQKV_PUT_STORED)
+            return 9;
+    if (vqkv_lookup(c, m, (const uint8_t(*)[VQKV_KEY_BYTES])keys, 4, &found, &lease) != VQKV_OK ||
+        found != 4 || vqkv_release(c, lease) != VQKV_OK)
+        return 10;
+    if (vqkv_stats(c, &st) != VQKV_OK || st.n_tenants != 1 ||
+        strcmp(st.tenants[0].tenant, vqkv_client_tenant(c)) != 0 || st.tenants[0].blocks != 4 ||
+        st.tenants[0].hits != 4 || st.tenants[0].misses != 8)
+        return 11;
+    vqkv_close(c);
+    close(fd);
+    return 0;
+}
+
+/* A uid the daemon does not allow: connecting fails with VQKV_EPERM. */
+static int refused_peer(const daemon_t *d, const uint8_t (*unused)[VQKV_KEY_BYTES])
+{
+    (void)unused;
+    vqkv_client_t *c = NULL;
+    int rc = vqkv_connect(d->path, "test_tenants-refused", TIMEOUT_MS, &c);
+    if (rc == VQKV_OK)
+        vqkv_close(c);
+    return rc == VQKV_EPERM ? 0 : 1;
+}
+
+static void test_two_uids(void **state)
+{
+    (void)state;
+    if (geteuid() != 0) {
+        fprintf(stderr, "test_two_uids: SKIPPED: needs root to run a worker as uid %d\n",
+                OTHER_UID);
+        skip();
+    }
+    const char *const extra[] = {"--allow-uid", "0", "--allow-uid", "65534", NULL};
+    daemon_t d;
+    daemon_start(&d, extra);
+    /* The allow list is the daemon's gate, so the test opens the way to
+     * the socket for the other uids. */
+    assert_int_equal(chmod(d.dir, 0711), 0);
+    assert_int_equal(chmod(d.path, 0666), 0);
+
+    worker_t w;
+    uint8_t keys[4][VQKV_KEY_BYTES];
+    worker_open(&w, &d);
+    put_chain(&w, 100, 4, keys);
+    assert_int_equal(as_uid(OTHER_UID, other_tenant, &d, (const uint8_t(*)[VQKV_KEY_BYTES])keys),
+                     0);
+    assert_int_equal(as_uid(REFUSED_UID, refused_peer, &d, NULL), 0);
+
+    /* The first tenant still has its own blocks, untouched by the other's
+     * identical chain, and sees only itself. */
+    assert_int_equal(lookup_count(&w, (const uint8_t(*)[VQKV_KEY_BYTES])keys, 4), 4);
+    vqkv_stats_t st;
+    vqkv_tenant_stats_t t = own_stats(&w, &st);
+    assert_int_equal(t.blocks, 4);
+    assert_int_equal(t.hits, 4);
+    assert_int_equal(t.misses, 0);
+    assert_int_equal(st.blocks, 8);
+    worker_close(&w);
+    daemon_stop(&d);
+    daemon_cleanup(&d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -438,6 +571,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_evict_refused_on_the_wire, setup, teardown),
         cmocka_unit_test_setup_teardown(test_vqkvctl, setup, teardown),
         cmocka_unit_test(test_quota_from_config),
+        cmocka_unit_test(test_two_uids),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
