@@ -62,10 +62,13 @@
 #define VQKVD_PLAIN_TEXT "text/plain; charset=utf-8"
 
 /* Upper bounds of the latency buckets, in nanoseconds: 100 us to 2.5 s. */
-static const uint64_t vqkvd__latency_bounds[VQKVD_LATENCY_BUCKETS] = {
+static const uint64_t vqkvd__latency_bounds[] = {
     100000,   250000,   500000,    1000000,   2500000,   5000000,    10000000,
     25000000, 50000000, 100000000, 250000000, 500000000, 1000000000, 2500000000,
 };
+_Static_assert(sizeof vqkvd__latency_bounds / sizeof vqkvd__latency_bounds[0] ==
+                   VQKVD_LATENCY_BUCKETS,
+               "server.h's VQKVD_LATENCY_BUCKETS counts these bounds");
 
 /* What the loop hands the handler: a copy, owned by whoever holds it. */
 typedef struct {

@@ -32,8 +32,11 @@
 /* Always 1: what returned what, against what was expected. */
 static int traffic_fail(const vqkv_worker_t *w, const char *what, long got, long want)
 {
-    fprintf(stderr, "metrics_traffic: %s returned %ld (%s; %s), expected %ld\n", what, got,
-            got < 0 ? vqkv_client_strerror((int)got) : "a count", vqkv_last_error(w->client), want);
+    if (got < 0)
+        fprintf(stderr, "metrics_traffic: %s returned %ld (%s: %s), expected %ld\n", what, got,
+                vqkv_client_strerror((int)got), vqkv_last_error(w->client), want);
+    else
+        fprintf(stderr, "metrics_traffic: %s returned %ld, expected %ld\n", what, got, want);
     return 1;
 }
 
