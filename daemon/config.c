@@ -15,6 +15,7 @@
  */
 #include "config.h"
 
+#include <arpa/inet.h>
 #include <errno.h>
 #include <ini.h>
 #include <limits.h>
@@ -40,6 +41,7 @@ enum {
     VQKVD__CONFIG_MAX_INFLIGHT,
     VQKVD__CONFIG_MAX_REGIONS,
     VQKVD__CONFIG_LEASE_MS,
+    VQKVD__CONFIG_METRICS_ADDRESS,
     VQKVD__CONFIG_N_KEYS,
 };
 
@@ -57,6 +59,7 @@ static const char *const vqkvd__config_keys[VQKVD__CONFIG_N_KEYS] = {
     [VQKVD__CONFIG_MAX_INFLIGHT] = "max_inflight",
     [VQKVD__CONFIG_MAX_REGIONS] = "max_regions",
     [VQKVD__CONFIG_LEASE_MS] = "lease_ms",
+    [VQKVD__CONFIG_METRICS_ADDRESS] = "metrics_address",
 };
 
 typedef struct {
@@ -151,6 +154,43 @@ int vqkvd_config_check_device(const char *text)
         vqkvd__config_parse_digits(text + 5, &end, &ordinal) < 0 || *end != '\0' ||
         ordinal > INT_MAX)
         return -EINVAL;
+    return 0;
+}
+
+int vqkvd_config_parse_address(const char *text, vqkvd_inet_addr_t *addr)
+{
+    const char *colon = strrchr(text, ':');
+    const char *end;
+    unsigned long long port;
+    if (colon == NULL || vqkvd__config_parse_digits(colon + 1, &end, &port) < 0 || *end != '\0' ||
+        port > 65535)
+        return -EINVAL;
+    char host[INET6_ADDRSTRLEN + 2]; /* with the brackets */
+    size_t host_len = (size_t)(colon - text);
+    if (host_len >= sizeof host)
+        return -EINVAL;
+    memcpy(host, text, host_len);
+    host[host_len] = '\0';
+    memset(addr, 0, sizeof *addr);
+    if (host_len > 2 && host[0] == '[' && host[host_len - 1] == ']') {
+        host[host_len - 1] = '\0';
+        if (inet_pton(AF_INET6, host + 1, &addr->in6.sin6_addr) != 1 ||
+            !IN6_IS_ADDR_LOOPBACK(&addr->in6.sin6_addr))
+            return -EINVAL;
+        addr->in6.sin6_family = AF_INET6;
+        addr->in6.sin6_port = htons((uint16_t)port);
+        return 0;
+    }
+    /* "localhost" is loopback by definition (RFC 6761), so it is not
+     * looked up: /etc/hosts could point it anywhere. */
+    if (strcmp(host, "localhost") == 0)
+        addr->in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    else if (inet_pton(AF_INET, host, &addr->in.sin_addr) != 1)
+        return -EINVAL;
+    if (ntohl(addr->in.sin_addr.s_addr) >> 24 != IN_LOOPBACKNET)
+        return -EINVAL;
+    addr->in.sin_family = AF_INET;
+    addr->in.sin_port = htons((uint16_t)port);
     return 0;
 }
 
@@ -309,6 +349,13 @@ static int vqkvd__config_on_vqkvd(vqkvd__config_parser_t *p, const char *name, c
     case VQKVD__CONFIG_MAX_REGIONS:
         return vqkvd__config_set_count(p, name, value, &cfg->max_regions);
     case VQKVD__CONFIG_LEASE_MS: return vqkvd__config_set_count(p, name, value, &cfg->lease_ms);
+    case VQKVD__CONFIG_METRICS_ADDRESS: {
+        vqkvd_inet_addr_t addr;
+        if (vqkvd_config_parse_address(value, &addr) < 0)
+            return vqkvd__config_fail(p, -EINVAL, "bad metrics_address \"%s\" (%s)", value,
+                                      VQKVD_CONFIG_ADDRESS_HELP);
+        return vqkvd__config_set_string(p, &p->file.metrics_address, &cfg->metrics_address, value);
+    }
     default: return vqkvd__config_add_ids(p, key, value);
     }
 }
@@ -420,5 +467,6 @@ void vqkvd_config_file_free(vqkvd_config_file_t *file)
     free(file->socket_path);
     free(file->state_dir);
     free(file->device);
+    free(file->metrics_address);
     memset(file, 0, sizeof *file);
 }

@@ -31,6 +31,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include <netinet/in.h>
+
 #include "server.h"
 
 /* The strings a loaded file lends to its vqkvd_config_t (owned here, freed
@@ -39,6 +41,7 @@ typedef struct {
     char *socket_path;
     char *state_dir;
     char *device;
+    char *metrics_address;
     int log_level; /* VQKVD_LOG_* from log_level =, 0 when the file has none */
 } vqkvd_config_file_t;
 
@@ -74,5 +77,22 @@ int vqkvd_config_parse_count(const char *text, uint32_t *out);
  * ordinal); -EINVAL otherwise. Whether the device exists is the caller's
  * question. */
 int vqkvd_config_check_device(const char *text);
+
+/* A TCP address to listen on. */
+typedef union {
+    struct sockaddr sa;
+    struct sockaddr_in in;
+    struct sockaddr_in6 in6;
+} vqkvd_inet_addr_t;
+
+/* What vqkvd_config_parse_address takes, for messages. */
+#define VQKVD_CONFIG_ADDRESS_HELP                                                                  \
+    "HOST:PORT on loopback: 127.0.0.1:9464, [::1]:9464 or localhost:9464; port 0 picks a free one"
+
+/* "HOST:PORT" into *addr: HOST an IPv4 address in 127.0.0.0/8, [::1] or
+ * localhost (127.0.0.1, never looked up), PORT 0 to 65535. -EINVAL for
+ * anything else, any other address included: what listens there (the
+ * metrics endpoint) has no authentication, so it stays on the host. */
+int vqkvd_config_parse_address(const char *text, vqkvd_inet_addr_t *addr);
 
 #endif

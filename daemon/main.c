@@ -6,7 +6,7 @@
  *   vqkvd [--config FILE] [--check-config] [--socket PATH]
  *         [--log-level debug|info|warn|error] [--allow-uid N ...] [--allow-gid N ...]
  *         [--pool-bytes N[K|M|G]] [--state-dir DIR] [--device cpu|auto|cuda:N]
- *         [--calibration-tokens N] [--lease-ms N]
+ *         [--calibration-tokens N] [--lease-ms N] [--metrics-address HOST:PORT]
  *
  * The configuration file (config.h; vqkvd.conf documents every key) is
  * FILE, or else VQKVD_CONFIG_PATH (/etc/vqkv/vqkvd.conf in a /usr install)
@@ -26,7 +26,9 @@
  * else $XDG_STATE_HOME/vqkv or ~/.local/state/vqkv; it is created 0700 with
  * its parents, and when that fails the daemon warns and runs without one.
  * Only the CPU backend is built so far: --device auto runs it and cuda:N is
- * refused with exit status 2.
+ * refused with exit status 2. --metrics-address serves Prometheus metrics
+ * and a health check over HTTP (metrics.h) on a loopback address; any
+ * other address is refused with exit status 2.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -43,6 +45,7 @@
 
 #include "config.h"
 #include "log.h"
+#include "metrics.h"
 #include "server.h"
 
 typedef struct {
@@ -62,6 +65,7 @@ static const struct option vqkvd__options[] = {
     {"device", required_argument, NULL, 'd'},
     {"calibration-tokens", required_argument, NULL, 't'},
     {"lease-ms", required_argument, NULL, 'L'},
+    {"metrics-address", required_argument, NULL, 'M'},
     {"help", no_argument, NULL, 'h'},
     {NULL, 0, NULL, 0},
 };
@@ -71,7 +75,8 @@ static void vqkvd__usage(FILE *f)
     fprintf(f, "usage: vqkvd [--config FILE] [--check-config] [--socket PATH]\n"
                "             [--log-level debug|info|warn|error] [--allow-uid N ...]\n"
                "             [--allow-gid N ...] [--pool-bytes N[K|M|G]] [--state-dir DIR]\n"
-               "             [--device cpu|auto|cuda:N] [--calibration-tokens N] [--lease-ms N]\n");
+               "             [--device cpu|auto|cuda:N] [--calibration-tokens N] [--lease-ms N]\n"
+               "             [--metrics-address HOST:PORT]\n");
 }
 
 /* Always -1, so a refused flag is one line: return vqkvd__bad_flag(...). */
@@ -160,6 +165,13 @@ static int vqkvd__apply_flags(int argc, char **argv, vqkvd_config_t *cfg)
             if (vqkvd_config_parse_count(optarg, &cfg->lease_ms) < 0)
                 return vqkvd__bad_flag("lease-ms", optarg, "a positive whole number");
             break;
+        case 'M': {
+            vqkvd_inet_addr_t addr;
+            if (vqkvd_config_parse_address(optarg, &addr) < 0)
+                return vqkvd__bad_flag("metrics-address", optarg, VQKVD_CONFIG_ADDRESS_HELP);
+            cfg->metrics_address = optarg;
+            break;
+        }
         default: vqkvd__usage(stderr); return -1;
         }
     }
@@ -293,6 +305,7 @@ static int vqkvd__run(vqkvd_config_t *cfg)
 
     uv_loop_t loop;
     vqkvd_main_t m;
+    vqkvd_metrics_t *metrics = NULL;
     int status = 1;
     int rc = uv_loop_init(&loop);
     if (rc < 0) {
@@ -302,6 +315,10 @@ static int vqkvd__run(vqkvd_config_t *cfg)
     rc = vqkvd_server_start(&m.server, &loop, cfg);
     if (rc < 0) {
         vqkvd_log(VQKVD_LOG_ERROR, "cannot listen on %s: %s", cfg->socket_path, strerror(-rc));
+        goto out;
+    }
+    if (vqkvd_metrics_start(&metrics, &m.server) < 0) {
+        vqkvd_server_stop(&m.server);
         goto out;
     }
     uv_signal_init(&loop, &m.sigint);
@@ -315,6 +332,7 @@ out:
     /* Runs until the signal handler has closed every handle, or finishes
      * the closes a failed start left. */
     uv_run(&loop, UV_RUN_DEFAULT);
+    vqkvd_metrics_stop(metrics);
     vqkvd_server_destroy(&m.server);
     rc = uv_loop_close(&loop);
     if (rc < 0) {

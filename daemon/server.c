@@ -40,6 +40,7 @@
 
 #include "frame.h"
 #include "log.h"
+#include "metrics.h"
 #include "session.h"
 #include "vqkv_proto.h"
 
@@ -180,6 +181,7 @@ static void vqkvd__reply_error(vqkvd_client_t *c, uint64_t request_id, int count
     va_end(ap);
     vqkvd_log(VQKVD_LOG_DEBUG, "client %llu: request %llu: %s: %s", (unsigned long long)c->id,
               (unsigned long long)request_id, vqkv_proto_strerror(code), msg);
+    vqkvd_metrics_count_error(&c->server->counters, code);
 
     Vqkv__Error err = VQKV__ERROR__INIT;
     err.code = code;
@@ -367,7 +369,6 @@ static void vqkvd__handle_stats(vqkvd_client_t *c, const Vqkv__Envelope *req)
         vqkvd__reply_error(c, req->request_id, 1, VQKV_ENOMEM, "out of memory");
         return;
     }
-    st.clients = c->server->n_clients;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.request_id = req->request_id;
     env.body_case = VQKV__ENVELOPE__BODY_STATS_REPLY;
@@ -378,6 +379,7 @@ static void vqkvd__handle_stats(vqkvd_client_t *c, const Vqkv__Envelope *req)
 
 static void vqkvd__dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
 {
+    vqkvd_metrics_count_request(&c->server->counters, req->body_case);
     if (req->request_id == 0) {
         vqkvd__reply_error(c, 0, 1, VQKV_EPROTO, "request_id 0 is reserved for the daemon");
         return;

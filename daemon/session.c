@@ -29,6 +29,7 @@
 
 #include "calib.h"
 #include "log.h"
+#include "metrics.h"
 #include "session.h"
 
 /* How often leases are swept and the pool evicted down to its watermark. */
@@ -57,6 +58,7 @@ typedef struct {
     const vqkv_codec_t *codec; /* Put: the model's codec or its fallback */
     uint32_t cls, block_bytes; /* Put: that codec's pool class and block */
     uint64_t request_id;
+    uint64_t queued_ns; /* uv_hrtime when handed to the thread pool */
     uint32_t n;
     uint32_t *slots; /* region slots */
     int rc;          /* the first codec error, VQKV_OK otherwise */
@@ -174,21 +176,33 @@ static int vqkvd__is_admin(const vqkvd_client_t *c)
     return 0;
 }
 
+void vqkvd_session_totals(const vqkvd_server_t *s, vqkvd_totals_t *t)
+{
+    memset(t, 0, sizeof *t);
+    vqkvd_store_stats(&s->store, &t->store);
+    vqkvd_pool_stats(&s->pool, &t->pool);
+    t->clients = s->n_clients;
+    t->models = s->n_models;
+    for (const vqkvd_client_t *c = s->clients; c != NULL; c = c->next) {
+        t->regions += c->n_regions;
+        t->pins += c->n_pins;
+    }
+}
+
 int vqkvd_session_stats(vqkvd_client_t *c, Vqkv__StatsReply *st)
 {
     vqkvd_server_t *s = c->server;
-    vqkvd_store_stats_t ss;
-    vqkvd_store_stats(&s->store, &ss);
-    vqkvd_pool_stats_t ps;
-    vqkvd_pool_stats(&s->pool, &ps);
-    st->hits = ss.hits;
-    st->misses = ss.misses;
-    st->blocks = ss.blocks;
-    st->bytes_stored = ss.bytes_stored;
-    st->bytes_logical = ss.bytes_logical;
-    st->evictions = ss.evictions;
-    st->leases = ss.leases;
-    st->pool_bytes = ps.usable_bytes;
+    vqkvd_totals_t tot;
+    vqkvd_session_totals(s, &tot);
+    st->hits = tot.store.hits;
+    st->misses = tot.store.misses;
+    st->blocks = tot.store.blocks;
+    st->bytes_stored = tot.store.bytes_stored;
+    st->bytes_logical = tot.store.bytes_logical;
+    st->evictions = tot.store.evictions;
+    st->leases = tot.store.leases;
+    st->clients = tot.clients;
+    st->pool_bytes = tot.pool.usable_bytes;
 
     /* The pointers, then the entries, in one allocation: room for the
      * caller's own entry and every tenant the store knows. */
@@ -664,6 +678,7 @@ static void vqkvd__job_work(uv_work_t *w)
 static int vqkvd__job_queue(vqkvd_job_t *j)
 {
     j->work.data = j;
+    j->queued_ns = uv_hrtime();
     int rc = uv_queue_work(j->c->server->loop, &j->work, vqkvd__job_work, vqkvd__job_after);
     if (rc < 0)
         return rc;
@@ -750,6 +765,9 @@ static void vqkvd__job_after(uv_work_t *w, int status)
         env.get_done = &gd;
         vqkvd_client_reply(c, &env);
     }
+    vqkvd_metrics_observe(&c->server->counters,
+                          j->kind == VQKVD_JOB_PUT ? VQKVD_TIMED_PUT : VQKVD_TIMED_GET,
+                          uv_hrtime() - j->queued_ns);
     vqkvd__region_unref(j->r);
     vqkvd__job_free(j);
     vqkvd_client_settle(c);

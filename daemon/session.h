@@ -144,10 +144,25 @@ void vqkvd_session_dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_f
  * undone, regions dropped. */
 void vqkvd_session_client_gone(vqkvd_client_t *c);
 
-/* session.c: fills the store part of a StatsReply and its tenants: the
- * client's own first, then, for a peer in cfg.admin_uids, every other
- * tenant the store knows. st->tenants is one allocation, entries included:
- * free(st->tenants) once the reply is packed. VQKV_OK or VQKV_ENOMEM. */
+/* The daemon-wide figures of the moment, as Stats answers them and the
+ * metrics endpoint (metrics.h) exports them. */
+typedef struct {
+    vqkvd_store_stats_t store;
+    vqkvd_pool_stats_t pool;
+    uint32_t clients; /* connections open */
+    uint32_t models;  /* registered since start (they live as long as the server) */
+    uint64_t regions; /* registered by the open connections */
+    uint64_t pins;    /* ttl_ms 0 pins the open connections hold */
+} vqkvd_totals_t;
+
+/* session.c: fills t. O(clients): regions and pins are summed over them. */
+void vqkvd_session_totals(const vqkvd_server_t *s, vqkvd_totals_t *t);
+
+/* session.c: fills a StatsReply from vqkvd_session_totals, with its
+ * tenants: the client's own first, then, for a peer in cfg.admin_uids,
+ * every other tenant the store knows. st->tenants is one allocation,
+ * entries included: free(st->tenants) once the reply is packed. VQKV_OK or
+ * VQKV_ENOMEM. */
 int vqkvd_session_stats(vqkvd_client_t *c, Vqkv__StatsReply *st);
 
 #endif
