@@ -555,7 +555,7 @@ static int bench_capacity(bench_t *b)
         for (; id < warmup_blocks && rc >= 0; id++)
             rc = bench_capacity_put(b, &w, id, 1, &ps);
         if (rc >= 0)
-            rc = vqkv_worker_wait_codebooks(&w, b->model_id, 300.0, err, sizeof err);
+            rc = vqkv_worker_wait_codebooks(&w, b->model_id, 1800.0, err, sizeof err);
         else
             snprintf(err, sizeof err, "warm-up put: %s", vqkv_last_error(w.client));
         if (rc >= 0 && (rc = vqkv_evict(w.client, w.model, NULL, 0, 1, &evicted)) < 0)
