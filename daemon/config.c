@@ -420,7 +420,10 @@ out:
 
 /* How vqkvd_config_diff compares and writes each key of [vqkvd], and
  * whether vqkvd_config_take_live takes it: this table is the one place
- * that says which keys a running daemon applies. */
+ * that says which keys a running daemon applies. A key added above needs a
+ * row here; without one a reload neither reports nor applies it. Strings
+ * and sizes are never live: nothing running could take them without a
+ * restart (the socket, the pool, the device, the state directory). */
 enum {
     VQKVD__VALUE_NONE, /* not in vqkvd_config_t (log_level) */
     VQKVD__VALUE_STRING,
@@ -429,25 +432,25 @@ enum {
     VQKVD__VALUE_IDS,
 };
 
-static const struct {
+typedef struct {
     unsigned char kind;
     unsigned char live;
     size_t offset;   /* of the value (a list's array) in vqkvd_config_t */
     size_t n_offset; /* of a list's length */
-} vqkvd__config_fields[VQKVD__CONFIG_N_KEYS] = {
-#define VQKVD__FIELD(kind, live, field)                                                            \
-    {                                                                                              \
-        kind, live, offsetof(vqkvd_config_t, field), 0                                             \
-    }
-#define VQKVD__LIST(field)                                                                         \
-    {                                                                                              \
-        VQKVD__VALUE_IDS, 1, offsetof(vqkvd_config_t, field), offsetof(vqkvd_config_t, n_##field)  \
-    }
+} vqkvd__config_field_t;
+
+/* clang-format off */
+#define VQKVD__FIELD(kind, live, field) {kind, live, offsetof(vqkvd_config_t, field), 0}
+#define VQKVD__LIST(field) \
+    {VQKVD__VALUE_IDS, 1, offsetof(vqkvd_config_t, field), offsetof(vqkvd_config_t, n_##field)}
+/* clang-format on */
+
+static const vqkvd__config_field_t vqkvd__config_fields[VQKVD__CONFIG_N_KEYS] = {
     [VQKVD__CONFIG_SOCKET] = VQKVD__FIELD(VQKVD__VALUE_STRING, 0, socket_path),
     [VQKVD__CONFIG_POOL_BYTES] = VQKVD__FIELD(VQKVD__VALUE_BYTES, 0, pool_bytes),
     [VQKVD__CONFIG_DEVICE] = VQKVD__FIELD(VQKVD__VALUE_STRING, 0, device),
     [VQKVD__CONFIG_STATE_DIR] = VQKVD__FIELD(VQKVD__VALUE_STRING, 0, state_dir),
-    [VQKVD__CONFIG_LOG_LEVEL] = {VQKVD__VALUE_NONE, 1, 0, 0},
+    [VQKVD__CONFIG_LOG_LEVEL] = {VQKVD__VALUE_NONE, 1, 0, 0}, /* the caller's: see config.h */
     [VQKVD__CONFIG_ALLOW_UIDS] = VQKVD__LIST(allow_uids),
     [VQKVD__CONFIG_ALLOW_GIDS] = VQKVD__LIST(allow_gids),
     [VQKVD__CONFIG_ADMIN_UIDS] = VQKVD__LIST(admin_uids),
@@ -455,13 +458,15 @@ static const struct {
     [VQKVD__CONFIG_CALIB_TOKENS] = VQKVD__FIELD(VQKVD__VALUE_COUNT, 1, calib_tokens),
     /* Checked as a connection arrives; clients past a lowered limit stay. */
     [VQKVD__CONFIG_MAX_CLIENTS] = VQKVD__FIELD(VQKVD__VALUE_COUNT, 1, max_clients),
+    /* Every client was told these two in Welcome. */
     [VQKVD__CONFIG_MAX_INFLIGHT] = VQKVD__FIELD(VQKVD__VALUE_COUNT, 0, max_inflight),
     [VQKVD__CONFIG_MAX_REGIONS] = VQKVD__FIELD(VQKVD__VALUE_COUNT, 0, max_regions),
     /* Leases taken from now on; those held keep their expiry. */
     [VQKVD__CONFIG_LEASE_MS] = VQKVD__FIELD(VQKVD__VALUE_COUNT, 1, lease_ms),
+};
+
 #undef VQKVD__FIELD
 #undef VQKVD__LIST
-};
 
 /* The allow lists share one reader: gid_t and uid_t are both 32-bit
  * unsigned on Linux. */

@@ -4,6 +4,7 @@
  *     socket accepts, STATUS= lines (refreshed when a client connects),
  *     WATCHDOG=1 pings at half of WATCHDOG_USEC, RELOADING=1 and READY=1
  *     around a SIGHUP, STOPPING=1 on SIGTERM, then exit status 0;
+ *   - which keys a reload applies live (config.c's table), in-process;
  *   - SIGHUP reloads: a raised quota lets a Put through that was over it,
  *     a changed pool_bytes is logged as needing a restart, log_level takes
  *     effect, a broken file is refused with its file:line and the old
@@ -18,6 +19,7 @@
  */
 #include <sys/mman.h>
 
+#include "config.h"
 #include "libvqkv_harness.h"
 #include "vqkv.h"
 
@@ -459,6 +461,56 @@ static void test_reload_keeps_flags(void **state)
     daemon_stop(&sv->d);
 }
 
+/* ---- which keys reload live, in-process ----------------------------------------- */
+
+static void collect_change(const vqkvd_config_change_t *ch, void *user)
+{
+    char *out = user;
+    size_t len = strlen(out);
+    snprintf(out + len, 1024 - len, "%s: %s -> %s%s\n", ch->key, ch->was, ch->now,
+             ch->live ? "" : " (restart)");
+}
+
+/* vqkvd_config_diff names each changed key once, in the file's words,
+ * with id lists compared as sets; vqkvd_config_take_live takes the live
+ * ones only, after which only the restart keys still differ. */
+static void test_config_diff(void **state)
+{
+    (void)state;
+    vqkvd_config_t running, next;
+    char out[1024] = "";
+    memset(&running, 0, sizeof running);
+    running.pool_bytes = 1ull << 30;
+    running.lease_ms = 30000;
+    running.n_allow_uids = 2;
+    running.allow_uids[0] = 1;
+    running.allow_uids[1] = 2;
+    next = running;
+    next.allow_uids[0] = 2;
+    next.allow_uids[1] = 1;
+    vqkvd_config_diff(&running, &next, collect_change, out);
+    assert_string_equal(out, "");
+
+    next.pool_bytes = 2ull << 30;
+    next.lease_ms = 5;
+    next.allow_uids[next.n_allow_uids++] = 3;
+    next.quota_uids[0] = 7;
+    next.quota_bytes[0] = 1u << 20;
+    next.n_quotas = 1;
+    vqkvd_config_diff(&running, &next, collect_change, out);
+    assert_string_equal(out, "pool_bytes: 1G -> 2G (restart)\n"
+                             "allow_uids: 1, 2 -> 2, 1, 3\n"
+                             "lease_ms: 30000 -> 5\n"
+                             "[quota] uid.7: (not set) -> 1M\n");
+
+    vqkvd_config_take_live(&running, &next);
+    out[0] = '\0';
+    vqkvd_config_diff(&running, &next, collect_change, out);
+    assert_string_equal(out, "pool_bytes: 1G -> 2G (restart)\n");
+    assert_int_equal(running.lease_ms, 5);
+    assert_int_equal(running.n_quotas, 1);
+}
+
 /* ---- socket activation ---------------------------------------------------------- */
 
 static char activator[PATH_MAX];
@@ -553,6 +605,7 @@ static void test_activation_refuses_datagram(void **state)
 int main(int argc, char **argv)
 {
     const struct CMUnitTest service[] = {
+        cmocka_unit_test(test_config_diff),
         cmocka_unit_test_setup_teardown(test_notify, setup_service, teardown_service),
         cmocka_unit_test_setup_teardown(test_reload_quota, setup_service, teardown_service),
         cmocka_unit_test_setup_teardown(test_reload_log_level, setup_service, teardown_service),
