@@ -30,16 +30,16 @@
 /* The daemon's settings. vqkvd_config_defaults fills every field. */
 typedef struct {
     const char *socket_path; /* borrowed; must outlive the server */
+    uint32_t max_frame;      /* Welcome.max_frame_bytes */
+    uint32_t max_inflight;   /* Welcome.max_inflight */
+    uint32_t max_regions;    /* Welcome.max_regions */
+    uint32_t max_clients;    /* connections past this are refused (VQKV_ELIMIT) */
+    uint64_t pool_bytes;     /* the CPU pool's arena (--pool-bytes) */
     /* A listening Unix stream socket handed over by the service manager
      * (socket activation) to serve on instead of binding socket_path, or
      * -1. The server owns it from vqkvd_server_start on and never unlinks
      * its file: it belongs to whoever bound it. */
     int listen_fd;
-    uint32_t max_frame;    /* Welcome.max_frame_bytes */
-    uint32_t max_inflight; /* Welcome.max_inflight */
-    uint32_t max_regions;  /* Welcome.max_regions */
-    uint32_t max_clients;  /* connections past this are refused (VQKV_ELIMIT) */
-    uint64_t pool_bytes;   /* the CPU pool's arena (--pool-bytes) */
     /* A peer may connect when its uid is in allow_uids or its gid in
      * allow_gids (SO_PEERCRED). Defaults: the daemon's own uid and root. */
     uid_t allow_uids[VQKVD_MAX_ALLOWED];
@@ -138,11 +138,11 @@ typedef struct {
 
 void vqkvd_server_status(const vqkvd_server_t *s, vqkvd_server_status_t *st);
 
-/* Stops accepting, removes the socket file and closes every client, without
- * waiting for their queued replies (work already on the thread pool
- * finishes; its replies are dropped). The handles finish closing on the next
- * loop iteration; uv_run then returns once nothing else is active. Safe to
- * call twice. */
+/* Stops accepting, removes the socket file it bound (never the file of an
+ * inherited listen_fd) and closes every client, without waiting for their
+ * queued replies (work already on the thread pool finishes; its replies
+ * are dropped). The handles finish closing on the next loop iteration;
+ * uv_run then returns once nothing else is active. Safe to call twice. */
 void vqkvd_server_stop(vqkvd_server_t *s);
 
 /* Frees the pool, the store and the models. Call after vqkvd_server_stop,
