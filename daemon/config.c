@@ -20,6 +20,7 @@
 #include <ini.h>
 #include <limits.h>
 #include <stdarg.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -460,6 +461,239 @@ out:
     fclose(p.f);
     vqkvd_config_file_free(&p.file);
     return rc;
+}
+
+/* ---- reloading ------------------------------------------------------------ */
+
+/* How vqkvd_config_diff compares and writes each key of [vqkvd], and
+ * whether vqkvd_config_take_live takes it: this table is the one place
+ * that says which keys a running daemon applies. A key added above needs a
+ * row here; without one a reload neither reports nor applies it. Strings
+ * and sizes are never live: nothing running could take them without a
+ * restart (the socket, the pool, the device, the state directory). */
+enum {
+    VQKVD__VALUE_NONE, /* not in vqkvd_config_t (log_level) */
+    VQKVD__VALUE_STRING,
+    VQKVD__VALUE_BYTES,
+    VQKVD__VALUE_COUNT,
+    VQKVD__VALUE_IDS,
+};
+
+typedef struct {
+    unsigned char kind;
+    unsigned char live;
+    size_t offset;   /* of the value (a list's array) in vqkvd_config_t */
+    size_t n_offset; /* of a list's length */
+} vqkvd__config_field_t;
+
+/* clang-format off */
+#define VQKVD__FIELD(kind, live, field) {kind, live, offsetof(vqkvd_config_t, field), 0}
+#define VQKVD__LIST(field) \
+    {VQKVD__VALUE_IDS, 1, offsetof(vqkvd_config_t, field), offsetof(vqkvd_config_t, n_##field)}
+/* clang-format on */
+
+static const vqkvd__config_field_t vqkvd__config_fields[VQKVD__CONFIG_N_KEYS] = {
+    [VQKVD__CONFIG_SOCKET] = VQKVD__FIELD(VQKVD__VALUE_STRING, 0, socket_path),
+    [VQKVD__CONFIG_POOL_BYTES] = VQKVD__FIELD(VQKVD__VALUE_BYTES, 0, pool_bytes),
+    [VQKVD__CONFIG_DEVICE] = VQKVD__FIELD(VQKVD__VALUE_STRING, 0, device),
+    [VQKVD__CONFIG_STATE_DIR] = VQKVD__FIELD(VQKVD__VALUE_STRING, 0, state_dir),
+    [VQKVD__CONFIG_LOG_LEVEL] = {VQKVD__VALUE_NONE, 1, 0, 0}, /* the caller's: see config.h */
+    [VQKVD__CONFIG_ALLOW_UIDS] = VQKVD__LIST(allow_uids),
+    [VQKVD__CONFIG_ALLOW_GIDS] = VQKVD__LIST(allow_gids),
+    [VQKVD__CONFIG_ADMIN_UIDS] = VQKVD__LIST(admin_uids),
+    /* Read when a model starts calibrating: later models get the new count. */
+    [VQKVD__CONFIG_CALIB_TOKENS] = VQKVD__FIELD(VQKVD__VALUE_COUNT, 1, calib_tokens),
+    /* Checked as a connection arrives; clients past a lowered limit stay. */
+    [VQKVD__CONFIG_MAX_CLIENTS] = VQKVD__FIELD(VQKVD__VALUE_COUNT, 1, max_clients),
+    /* Every client was told these two in Welcome. */
+    [VQKVD__CONFIG_MAX_INFLIGHT] = VQKVD__FIELD(VQKVD__VALUE_COUNT, 0, max_inflight),
+    [VQKVD__CONFIG_MAX_REGIONS] = VQKVD__FIELD(VQKVD__VALUE_COUNT, 0, max_regions),
+    /* Leases taken from now on; those held keep their expiry. */
+    [VQKVD__CONFIG_LEASE_MS] = VQKVD__FIELD(VQKVD__VALUE_COUNT, 1, lease_ms),
+    /* The HTTP listener is bound once, at start. */
+    [VQKVD__CONFIG_METRICS_ADDRESS] = VQKVD__FIELD(VQKVD__VALUE_STRING, 0, metrics_address),
+};
+
+#undef VQKVD__FIELD
+#undef VQKVD__LIST
+
+/* The allow lists share one reader: gid_t and uid_t are both 32-bit
+ * unsigned on Linux. */
+_Static_assert(sizeof(uid_t) == sizeof(gid_t), "uid_t and gid_t differ");
+
+static const void *vqkvd__config_at(const vqkvd_config_t *cfg, size_t offset)
+{
+    return (const char *)cfg + offset;
+}
+
+static size_t vqkvd__config_n_ids(const vqkvd_config_t *cfg, int key)
+{
+    return *(const size_t *)vqkvd__config_at(cfg, vqkvd__config_fields[key].n_offset);
+}
+
+static int vqkvd__config_has_id(const uid_t *ids, size_t n, uid_t id)
+{
+    for (size_t i = 0; i < n; i++)
+        if (ids[i] == id)
+            return 1;
+    return 0;
+}
+
+/* A byte size the way the file writes it: "4G" when it is a whole number
+ * of GiB, and so on down to bytes. */
+static void vqkvd__config_format_bytes(char *buf, size_t size, uint64_t bytes)
+{
+    static const char suffix[] = "GMK";
+    for (unsigned i = 0; i < 3; i++) {
+        unsigned shift = 30 - 10 * i;
+        if (bytes != 0 && bytes % (1ull << shift) == 0) {
+            snprintf(buf, size, "%llu%c", (unsigned long long)(bytes >> shift), suffix[i]);
+            return;
+        }
+    }
+    snprintf(buf, size, "%llu", (unsigned long long)bytes);
+}
+
+static void vqkvd__config_format_quota(char *buf, size_t size, uint64_t bytes)
+{
+    if (bytes == 0)
+        snprintf(buf, size, "unlimited");
+    else
+        vqkvd__config_format_bytes(buf, size, bytes);
+}
+
+/* Writes key's value in cfg into buf. */
+static void vqkvd__config_format(char *buf, size_t size, const vqkvd_config_t *cfg, int key)
+{
+    const void *v = vqkvd__config_at(cfg, vqkvd__config_fields[key].offset);
+    switch (vqkvd__config_fields[key].kind) {
+    case VQKVD__VALUE_STRING: {
+        const char *text = *(const char *const *)v;
+        snprintf(buf, size, "%s", text != NULL ? text : "(default)");
+        return;
+    }
+    case VQKVD__VALUE_BYTES: vqkvd__config_format_bytes(buf, size, *(const uint64_t *)v); return;
+    case VQKVD__VALUE_COUNT: snprintf(buf, size, "%u", (unsigned)*(const uint32_t *)v); return;
+    default: break;
+    }
+    const uid_t *ids = v;
+    size_t n = vqkvd__config_n_ids(cfg, key), len = 0;
+    buf[0] = '\0';
+    if (n == 0)
+        snprintf(buf, size, "(none)");
+    for (size_t i = 0; i < n && len < size; i++) {
+        int w = snprintf(buf + len, size - len, "%s%u", i > 0 ? ", " : "", (unsigned)ids[i]);
+        len += w > 0 ? (size_t)w : 0;
+    }
+}
+
+static int vqkvd__config_equal(const vqkvd_config_t *a, const vqkvd_config_t *b, int key)
+{
+    const void *va = vqkvd__config_at(a, vqkvd__config_fields[key].offset);
+    const void *vb = vqkvd__config_at(b, vqkvd__config_fields[key].offset);
+    switch (vqkvd__config_fields[key].kind) {
+    case VQKVD__VALUE_STRING: {
+        const char *sa = *(const char *const *)va, *sb = *(const char *const *)vb;
+        return sa == sb || (sa != NULL && sb != NULL && strcmp(sa, sb) == 0);
+    }
+    case VQKVD__VALUE_BYTES: return *(const uint64_t *)va == *(const uint64_t *)vb;
+    case VQKVD__VALUE_COUNT: return *(const uint32_t *)va == *(const uint32_t *)vb;
+    default: break;
+    }
+    /* As sets: every id of each is in the other. O(n^2) on 32 ids. */
+    size_t na = vqkvd__config_n_ids(a, key), nb = vqkvd__config_n_ids(b, key);
+    for (size_t i = 0; i < na; i++)
+        if (!vqkvd__config_has_id(vb, nb, ((const uid_t *)va)[i]))
+            return 0;
+    for (size_t i = 0; i < nb; i++)
+        if (!vqkvd__config_has_id(va, na, ((const uid_t *)vb)[i]))
+            return 0;
+    return 1;
+}
+
+/* The quota cfg names for uid on a uid.N line, or -1 when it names none. */
+static int64_t vqkvd__config_uid_quota(const vqkvd_config_t *cfg, uid_t uid)
+{
+    for (size_t i = 0; i < cfg->n_quotas; i++)
+        if (cfg->quota_uids[i] == uid)
+            return (int64_t)cfg->quota_bytes[i];
+    return -1;
+}
+
+/* Reports the line "uid.N" when its value differs: a uid named in one
+ * config only is "(not set)" in the other (it gets the default there). */
+static void vqkvd__config_diff_uid_quota(const vqkvd_config_t *running, const vqkvd_config_t *next,
+                                         uid_t uid, vqkvd_config_change_fn fn, void *user)
+{
+    int64_t was = vqkvd__config_uid_quota(running, uid), now = vqkvd__config_uid_quota(next, uid);
+    if (was == now)
+        return;
+    vqkvd_config_change_t ch = {.live = 1};
+    snprintf(ch.key, sizeof ch.key, "[quota] uid.%u", (unsigned)uid);
+    if (was < 0)
+        snprintf(ch.was, sizeof ch.was, "(not set)");
+    else
+        vqkvd__config_format_quota(ch.was, sizeof ch.was, (uint64_t)was);
+    if (now < 0)
+        snprintf(ch.now, sizeof ch.now, "(not set)");
+    else
+        vqkvd__config_format_quota(ch.now, sizeof ch.now, (uint64_t)now);
+    fn(&ch, user);
+}
+
+void vqkvd_config_diff(const vqkvd_config_t *running, const vqkvd_config_t *next,
+                       vqkvd_config_change_fn fn, void *user)
+{
+    vqkvd_config_change_t ch;
+    for (int key = 0; key < VQKVD__CONFIG_N_KEYS; key++) {
+        if (vqkvd__config_fields[key].kind == VQKVD__VALUE_NONE ||
+            vqkvd__config_equal(running, next, key))
+            continue;
+        memset(&ch, 0, sizeof ch);
+        snprintf(ch.key, sizeof ch.key, "%s", vqkvd__config_keys[key]);
+        vqkvd__config_format(ch.was, sizeof ch.was, running, key);
+        vqkvd__config_format(ch.now, sizeof ch.now, next, key);
+        ch.live = vqkvd__config_fields[key].live;
+        fn(&ch, user);
+    }
+    if (running->default_quota_bytes != next->default_quota_bytes) {
+        memset(&ch, 0, sizeof ch);
+        snprintf(ch.key, sizeof ch.key, "[quota] default");
+        vqkvd__config_format_quota(ch.was, sizeof ch.was, running->default_quota_bytes);
+        vqkvd__config_format_quota(ch.now, sizeof ch.now, next->default_quota_bytes);
+        ch.live = 1;
+        fn(&ch, user);
+    }
+    for (size_t i = 0; i < running->n_quotas; i++)
+        vqkvd__config_diff_uid_quota(running, next, running->quota_uids[i], fn, user);
+    for (size_t i = 0; i < next->n_quotas; i++)
+        if (vqkvd__config_uid_quota(running, next->quota_uids[i]) < 0)
+            vqkvd__config_diff_uid_quota(running, next, next->quota_uids[i], fn, user);
+}
+
+void vqkvd_config_take_live(vqkvd_config_t *cfg, const vqkvd_config_t *next)
+{
+    for (int key = 0; key < VQKVD__CONFIG_N_KEYS; key++) {
+        size_t offset = vqkvd__config_fields[key].offset;
+        size_t n_offset = vqkvd__config_fields[key].n_offset;
+        if (!vqkvd__config_fields[key].live)
+            continue;
+        switch (vqkvd__config_fields[key].kind) {
+        case VQKVD__VALUE_COUNT:
+            memcpy((char *)cfg + offset, vqkvd__config_at(next, offset), sizeof(uint32_t));
+            break;
+        case VQKVD__VALUE_IDS:
+            memcpy((char *)cfg + offset, vqkvd__config_at(next, offset),
+                   VQKVD_MAX_ALLOWED * sizeof(uid_t));
+            memcpy((char *)cfg + n_offset, vqkvd__config_at(next, n_offset), sizeof(size_t));
+            break;
+        default: break; /* log_level is the caller's */
+        }
+    }
+    cfg->default_quota_bytes = next->default_quota_bytes;
+    memcpy(cfg->quota_uids, next->quota_uids, sizeof cfg->quota_uids);
+    memcpy(cfg->quota_bytes, next->quota_bytes, sizeof cfg->quota_bytes);
+    cfg->n_quotas = next->n_quotas;
 }
 
 void vqkvd_config_file_free(vqkvd_config_file_t *file)

@@ -62,6 +62,35 @@ int vqkvd_config_load(vqkvd_config_t *cfg, vqkvd_config_file_t *file, const char
 /* Frees the strings of a loaded file and zeroes it. Safe twice. */
 void vqkvd_config_file_free(vqkvd_config_file_t *file);
 
+/* ---- reloading (SIGHUP) -------------------------------------------------- */
+
+/* One setting whose value differs between two configs, named and written
+ * the way the file names and writes it. */
+typedef struct {
+    char key[32];  /* "pool_bytes", "allow_uids", "[quota] default", "[quota] uid.1000" */
+    char was[400]; /* "1G", "1000, 1001", "unlimited", "(default)", "(not set)" */
+    char now[400];
+    int live; /* vqkvd_config_take_live takes it: no restart needed */
+} vqkvd_config_change_t;
+
+typedef void (*vqkvd_config_change_fn)(const vqkvd_config_change_t *change, void *user);
+
+/* Calls fn once for every key whose value differs between running and
+ * next, in the order of the keys in [vqkvd], then [quota]. Id lists are
+ * compared as sets (their order means nothing). log_level is not part of a
+ * vqkvd_config_t and is the caller's to compare; listen_fd, max_frame are
+ * not keys. */
+void vqkvd_config_diff(const vqkvd_config_t *running, const vqkvd_config_t *next,
+                       vqkvd_config_change_fn fn, void *user);
+
+/* Copies from next into cfg what a running daemon takes without a restart:
+ * allow_uids, allow_gids, admin_uids, calibration_tokens, max_clients,
+ * lease_ms and the quotas. The rest of cfg stays: socket, pool_bytes,
+ * device, state_dir, max_inflight (every client was told it in Welcome)
+ * and max_regions (likewise) need a restart. No pointer is copied, so cfg
+ * borrows nothing from next. */
+void vqkvd_config_take_live(vqkvd_config_t *cfg, const vqkvd_config_t *next);
+
 /* "N", "NK", "NM" or "NG" (either case; powers of 1024) into *out; -EINVAL
  * for anything else, zero, or a size that overflows. */
 int vqkvd_config_parse_bytes(const char *text, uint64_t *out);

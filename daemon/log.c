@@ -8,21 +8,30 @@
 
 int vqkvd_log_level = VQKVD_LOG_INFO;
 
+static const struct {
+    const char *name;
+    int prio;
+} vqkvd__log_levels[] = {
+    {"debug", VQKVD_LOG_DEBUG},
+    {"info", VQKVD_LOG_INFO},
+    {"warn", VQKVD_LOG_WARN},
+    {"error", VQKVD_LOG_ERROR},
+};
+
 int vqkvd_log_parse_level(const char *name)
 {
-    static const struct {
-        const char *name;
-        int prio;
-    } levels[] = {
-        {"debug", VQKVD_LOG_DEBUG},
-        {"info", VQKVD_LOG_INFO},
-        {"warn", VQKVD_LOG_WARN},
-        {"error", VQKVD_LOG_ERROR},
-    };
-    for (size_t i = 0; i < sizeof levels / sizeof levels[0]; i++)
-        if (strcmp(name, levels[i].name) == 0)
-            return levels[i].prio;
+    for (size_t i = 0; i < sizeof vqkvd__log_levels / sizeof vqkvd__log_levels[0]; i++)
+        if (strcmp(name, vqkvd__log_levels[i].name) == 0)
+            return vqkvd__log_levels[i].prio;
     return -1;
+}
+
+const char *vqkvd_log_level_name(int prio)
+{
+    for (size_t i = 0; i < sizeof vqkvd__log_levels / sizeof vqkvd__log_levels[0]; i++)
+        if (vqkvd__log_levels[i].prio == prio)
+            return vqkvd__log_levels[i].name;
+    return "?";
 }
 
 void vqkvd_log(int prio, const char *fmt, ...)

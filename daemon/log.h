@@ -3,7 +3,9 @@
  * turns into the entry's priority when the daemon runs under systemd and a
  * reader of a terminal can ignore. Messages above the configured level are
  * dropped before they are formatted, so a debug line costs one compare when
- * debug is off.
+ * debug is off. Info, the default, logs what happens to the daemon (start,
+ * stop, reloads, trained codebooks), never a line per request or
+ * connection: those are debug.
  */
 #ifndef VQKVD_LOG_H
 #define VQKVD_LOG_H
@@ -21,6 +23,9 @@ extern int vqkvd_log_level;
 
 /* The priority named "debug", "info", "warn" or "error", or -1. */
 int vqkvd_log_parse_level(const char *name);
+
+/* The name of a priority vqkvd_log_parse_level returns ("info"), or "?". */
+const char *vqkvd_log_level_name(int prio);
 
 /* Writes one line (no trailing newline in fmt) with one write, so lines of
  * one process never interleave mid-line. */

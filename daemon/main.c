@@ -29,6 +29,23 @@
  * refused with exit status 2. --metrics-address serves Prometheus metrics
  * and a health check over HTTP (metrics.h) on a loopback address; any
  * other address is refused with exit status 2.
+ *
+ * Under systemd. Socket activation: when the service manager passes
+ * exactly one listening Unix stream socket (LISTEN_FDS=1, LISTEN_PID ours),
+ * vqkvd serves on it instead of binding the socket path, and leaves its
+ * file alone at exit (the socket unit owns it); any other set of fds is
+ * refused with exit status 2. notify.h tells a Type=notify unit when the
+ * daemon is ready, its status, and pings the watchdog.
+ *
+ * SIGHUP reloads: the configuration is computed again exactly as at start
+ * (the same file, or the default file if it exists, then the same flags
+ * over it, so a flag still wins) and what a running daemon can take is
+ * applied (vqkvd_config_take_live: allow lists, admin uids, quotas,
+ * log_level, lease_ms, max_clients, calibration_tokens), one log line per
+ * changed key; a changed key that cannot change live is logged as needing
+ * a restart and keeps its running value. A file that does not load is
+ * refused whole, with its file:line in the log, and nothing changes. The
+ * file is read on libuv's thread pool, since the loop never blocks.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -41,16 +58,36 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <systemd/sd-daemon.h>
 #include <uv.h>
 
 #include "config.h"
 #include "log.h"
 #include "metrics.h"
+#include "notify.h"
 #include "server.h"
 
 typedef struct {
     vqkvd_server_t server;
-    uv_signal_t sigint, sigterm;
+    vqkvd_notify_t notify;
+    vqkvd_metrics_t *metrics; /* NULL unless metrics_address is set */
+    uv_signal_t sigint, sigterm, sighup;
+    int stopping;
+
+    /* What SIGHUP computes the configuration from, as at start. */
+    int argc;
+    char **argv;
+    const char *config_path;    /* --config, or NULL: VQKVD_CONFIG_PATH if it exists */
+    const vqkvd_config_t *boot; /* what file and flags gave at start, before the
+                                   socket and state directory defaults */
+    uv_work_t reload;
+    int reloading;    /* the file is being read on the thread pool */
+    int reload_again; /* another SIGHUP came meanwhile */
+    /* The thread pool's result; the loop reads it once the work is done. */
+    vqkvd_config_t next;
+    vqkvd_config_file_t next_file;
+    int next_rc;
+    char next_err[512];
 } vqkvd_main_t;
 
 static const struct option vqkvd__options[] = {
@@ -102,18 +139,19 @@ static int vqkvd__first_pass(int argc, char **argv, const char **config, int *ch
         else if (opt == 'C')
             *check_only = 1;
     }
-    /* 0, not 1: glibc then starts over completely for the second pass. */
-    optind = 0;
     opterr = 1;
     return 0;
 }
 
-/* The second pass: every other flag, over what the file set. Returns 0, or
- * -1 after saying what is wrong. */
-static int vqkvd__apply_flags(int argc, char **argv, vqkvd_config_t *cfg)
+/* The second pass: every other flag, over what the file set, and the log
+ * level into *log_level (which holds the file's). Runs again on each
+ * reload. Returns 0, or -1 after saying what is wrong. */
+static int vqkvd__apply_flags(int argc, char **argv, vqkvd_config_t *cfg, int *log_level)
 {
     int own_allow_list = 0; /* the first --allow-* drops the file's or default lists */
     int opt;
+    /* 0, not 1: glibc then starts over completely, also after a pass. */
+    optind = 0;
     while ((opt = getopt_long(argc, argv, "h", vqkvd__options, NULL)) != -1) {
         unsigned id;
         switch (opt) {
@@ -121,8 +159,8 @@ static int vqkvd__apply_flags(int argc, char **argv, vqkvd_config_t *cfg)
         case 'C': break; /* the first pass's */
         case 's': cfg->socket_path = optarg; break;
         case 'l':
-            vqkvd_log_level = vqkvd_log_parse_level(optarg);
-            if (vqkvd_log_level < 0)
+            *log_level = vqkvd_log_parse_level(optarg);
+            if (*log_level < 0)
                 return vqkvd__bad_flag("log-level", optarg, "debug, info, warn or error");
             break;
         case 'u':
@@ -180,6 +218,25 @@ static int vqkvd__apply_flags(int argc, char **argv, vqkvd_config_t *cfg)
         return -1;
     }
     return 0;
+}
+
+/* The defaults, then the file over them: path, or VQKVD_CONFIG_PATH when
+ * path is NULL, a missing default file meaning the defaults. The flags
+ * come after (vqkvd__apply_flags). Touches no global, so a reload runs it
+ * on the thread pool. Returns 0 or what vqkvd_config_load returns, the
+ * message in err. */
+static int vqkvd__read_file(const char *path, vqkvd_config_t *cfg, vqkvd_config_file_t *file,
+                            char *err, size_t err_size)
+{
+    vqkvd_config_defaults(cfg);
+    int rc = vqkvd_config_load(cfg, file, path != NULL ? path : VQKVD_CONFIG_PATH, err, err_size);
+    return rc == -ENOENT && path == NULL ? 0 : rc;
+}
+
+/* The level the file asks for, or the default (info). */
+static int vqkvd__file_log_level(const vqkvd_config_file_t *file)
+{
+    return file->log_level != 0 ? file->log_level : VQKVD_LOG_INFO;
 }
 
 /* The default socket path into buf, its directory created 0750 when
@@ -276,22 +333,178 @@ static void vqkvd__open_state_dir(vqkvd_config_t *cfg, char *buf, size_t size)
     vqkvd_log(VQKVD_LOG_INFO, "state directory %s", buf);
 }
 
-static void vqkvd__on_signal(uv_signal_t *sig, int signum)
+/* ---- signals ---------------------------------------------------------------- */
+
+static void vqkvd__on_stop(uv_signal_t *sig, int signum)
 {
     vqkvd_main_t *m = sig->data;
     vqkvd_log(VQKVD_LOG_INFO, "%s: stopping", strsignal(signum));
+    m->stopping = 1;
+    vqkvd_notify_stop(&m->notify);
     vqkvd_server_stop(&m->server);
     uv_close((uv_handle_t *)&m->sigint, NULL);
     uv_close((uv_handle_t *)&m->sigterm, NULL);
+    uv_close((uv_handle_t *)&m->sighup, NULL);
+}
+
+typedef struct {
+    unsigned applied, restart;
+} vqkvd_reload_counts_t;
+
+static void vqkvd__reload_log_change(const vqkvd_config_change_t *ch, void *user)
+{
+    vqkvd_reload_counts_t *counts = user;
+    if (ch->live) {
+        vqkvd_log(VQKVD_LOG_INFO, "reload: %s: %s -> %s", ch->key, ch->was, ch->now);
+        counts->applied++;
+        return;
+    }
+    vqkvd_log(VQKVD_LOG_WARN, "reload: %s: %s -> %s needs a restart; running with %s until then",
+              ch->key, ch->was, ch->now, ch->was);
+    counts->restart++;
+}
+
+/* The file is read (m->next): the flags over it as at start, then every
+ * change logged and what can change live applied. The running config the
+ * changes are measured against is the start's with the live settings as
+ * they are now, so a key that needs a restart is reported on every reload
+ * until there is one. */
+static void vqkvd__reload_apply(vqkvd_main_t *m)
+{
+    const char *path = m->config_path != NULL ? m->config_path : VQKVD_CONFIG_PATH;
+    if (m->next_rc < 0) {
+        vqkvd_log(VQKVD_LOG_ERROR, "reload refused: %s; the running configuration stays",
+                  m->next_err);
+        return;
+    }
+    int level = vqkvd__file_log_level(&m->next_file);
+    if (vqkvd__apply_flags(m->argc, m->argv, &m->next, &level) < 0) {
+        vqkvd_log(VQKVD_LOG_ERROR, "reload refused: the command line does not apply; "
+                                   "the running configuration stays");
+        return;
+    }
+    /* The reload's lines show at the more verbose of the old and the new
+     * level, so turning debug on or off is logged either way. */
+    int old_level = vqkvd_log_level;
+    if (level > vqkvd_log_level)
+        vqkvd_log_level = level;
+    vqkvd_config_t running = *m->boot;
+    vqkvd_config_take_live(&running, &m->server.cfg);
+    vqkvd_reload_counts_t counts = {0, 0};
+    vqkvd_config_diff(&running, &m->next, vqkvd__reload_log_change, &counts);
+    if (level != old_level) {
+        vqkvd_log(VQKVD_LOG_INFO, "reload: log_level: %s -> %s", vqkvd_log_level_name(old_level),
+                  vqkvd_log_level_name(level));
+        counts.applied++;
+    }
+    uint32_t closed = vqkvd_server_reconfigure(&m->server, &m->next);
+    char peers[64] = "";
+    if (closed > 0)
+        snprintf(peers, sizeof peers, "; %u client%s no longer allowed, closed", (unsigned)closed,
+                 closed == 1 ? "" : "s");
+    if (counts.applied == 0 && counts.restart == 0)
+        vqkvd_log(VQKVD_LOG_INFO, "reloaded %s: nothing changed%s", path, peers);
+    else
+        vqkvd_log(VQKVD_LOG_INFO, "reloaded %s: %u change%s applied, %u need%s a restart%s", path,
+                  counts.applied, counts.applied == 1 ? "" : "s", counts.restart,
+                  counts.restart == 1 ? "s" : "", peers);
+    vqkvd_log_level = level;
+}
+
+static void vqkvd__reload_read(uv_work_t *work)
+{
+    vqkvd_main_t *m = work->data;
+    memset(&m->next_file, 0, sizeof m->next_file);
+    m->next_rc =
+        vqkvd__read_file(m->config_path, &m->next, &m->next_file, m->next_err, sizeof m->next_err);
+}
+
+static void vqkvd__reload_begin(vqkvd_main_t *m);
+
+static void vqkvd__reload_done(uv_work_t *work, int status)
+{
+    vqkvd_main_t *m = work->data;
+    m->reloading = 0;
+    if (!m->stopping && status == 0)
+        vqkvd__reload_apply(m);
+    vqkvd_config_file_free(&m->next_file); /* nothing running points into it */
+    if (m->stopping)
+        return;
+    vqkvd_notify_ready(&m->notify);
+    if (m->reload_again) {
+        m->reload_again = 0;
+        vqkvd__reload_begin(m);
+    }
+}
+
+static void vqkvd__reload_begin(vqkvd_main_t *m)
+{
+    vqkvd_notify_reloading(&m->notify);
+    m->reloading = 1;
+    m->reload.data = m;
+    int rc = uv_queue_work(m->server.loop, &m->reload, vqkvd__reload_read, vqkvd__reload_done);
+    if (rc < 0) {
+        m->reloading = 0;
+        vqkvd_log(VQKVD_LOG_ERROR, "reload refused: %s", uv_strerror(rc));
+        vqkvd_notify_ready(&m->notify);
+    }
+}
+
+/* A SIGHUP during a reload is not lost: the file may have changed again
+ * after the read began, so one more reload follows. */
+static void vqkvd__on_reload(uv_signal_t *sig, int signum)
+{
+    vqkvd_main_t *m = sig->data;
+    vqkvd_log(VQKVD_LOG_INFO, "%s: reloading the configuration", strsignal(signum));
+    if (m->reloading)
+        m->reload_again = 1;
+    else
+        vqkvd__reload_begin(m);
+}
+
+/* ---- start --------------------------------------------------------------------- */
+
+/* The socket the service manager passed (socket activation) into
+ * cfg->listen_fd, or -1 when it passed none. sd_listen_fds checks
+ * LISTEN_PID against this process and unsets the variables. Anything but
+ * exactly one listening Unix stream socket is a unit that does not match
+ * this daemon: refused (-1, logged) rather than guessed at. */
+static int vqkvd__inherited_socket(vqkvd_config_t *cfg)
+{
+    cfg->listen_fd = -1;
+    int n = sd_listen_fds(1);
+    if (n < 0) {
+        vqkvd_log(VQKVD_LOG_ERROR, "socket activation: LISTEN_FDS: %s", strerror(-n));
+        return -1;
+    }
+    if (n == 0)
+        return 0;
+    if (n > 1) {
+        vqkvd_log(VQKVD_LOG_ERROR,
+                  "socket activation passed %d sockets; vqkvd serves exactly one listening "
+                  "Unix stream socket (one ListenStream= with a path)",
+                  n);
+        return -1;
+    }
+    int rc = sd_is_socket_unix(SD_LISTEN_FDS_START, SOCK_STREAM, 1, NULL, 0);
+    if (rc <= 0) {
+        vqkvd_log(VQKVD_LOG_ERROR,
+                  "socket activation: fd %d is not a listening Unix stream socket%s%s "
+                  "(vqkvd needs ListenStream= with a path)",
+                  SD_LISTEN_FDS_START, rc < 0 ? ": " : "", rc < 0 ? strerror(-rc) : "");
+        return -1;
+    }
+    cfg->listen_fd = SD_LISTEN_FDS_START;
+    return 0;
 }
 
 /* Starts the server with cfg (the socket and state directory defaults
  * filled in here) and runs the loop until a signal stops it. Returns the
  * exit status. */
-static int vqkvd__run(vqkvd_config_t *cfg)
+static int vqkvd__run(vqkvd_main_t *m, vqkvd_config_t *cfg)
 {
     char socket_buf[PATH_MAX], state_buf[PATH_MAX];
-    if (cfg->socket_path == NULL) {
+    if (cfg->socket_path == NULL && cfg->listen_fd < 0) {
         if (vqkvd__default_socket(socket_buf, sizeof socket_buf) < 0)
             return 1;
         cfg->socket_path = socket_buf;
@@ -304,36 +517,40 @@ static int vqkvd__run(vqkvd_config_t *cfg)
     signal(SIGPIPE, SIG_IGN);
 
     uv_loop_t loop;
-    vqkvd_main_t m;
-    vqkvd_metrics_t *metrics = NULL;
     int status = 1;
     int rc = uv_loop_init(&loop);
     if (rc < 0) {
         vqkvd_log(VQKVD_LOG_ERROR, "event loop: %s", uv_strerror(rc));
         return 1;
     }
-    rc = vqkvd_server_start(&m.server, &loop, cfg);
+    rc = vqkvd_server_start(&m->server, &loop, cfg);
     if (rc < 0) {
-        vqkvd_log(VQKVD_LOG_ERROR, "cannot listen on %s: %s", cfg->socket_path, strerror(-rc));
+        vqkvd_log(VQKVD_LOG_ERROR, "cannot listen on %s: %s",
+                  cfg->listen_fd >= 0 ? "the socket from socket activation" : cfg->socket_path,
+                  strerror(-rc));
         goto out;
     }
-    if (vqkvd_metrics_start(&metrics, &m.server) < 0) {
-        vqkvd_server_stop(&m.server);
+    if (vqkvd_metrics_start(&m->metrics, &m->server) < 0) {
+        vqkvd_server_stop(&m->server);
         goto out;
     }
-    uv_signal_init(&loop, &m.sigint);
-    uv_signal_init(&loop, &m.sigterm);
-    m.sigint.data = m.sigterm.data = &m;
-    uv_signal_start(&m.sigint, vqkvd__on_signal, SIGINT);
-    uv_signal_start(&m.sigterm, vqkvd__on_signal, SIGTERM);
+    uv_signal_init(&loop, &m->sigint);
+    uv_signal_init(&loop, &m->sigterm);
+    uv_signal_init(&loop, &m->sighup);
+    m->sigint.data = m->sigterm.data = m->sighup.data = m;
+    uv_signal_start(&m->sigint, vqkvd__on_stop, SIGINT);
+    uv_signal_start(&m->sigterm, vqkvd__on_stop, SIGTERM);
+    uv_signal_start(&m->sighup, vqkvd__on_reload, SIGHUP);
+    vqkvd_notify_start(&m->notify, &loop, &m->server);
     status = 0;
 
 out:
     /* Runs until the signal handler has closed every handle, or finishes
      * the closes a failed start left. */
     uv_run(&loop, UV_RUN_DEFAULT);
-    vqkvd_metrics_stop(metrics);
-    vqkvd_server_destroy(&m.server);
+    vqkvd_metrics_stop(m->metrics);
+    m->metrics = NULL;
+    vqkvd_server_destroy(&m->server);
     rc = uv_loop_close(&loop);
     if (rc < 0) {
         vqkvd_log(VQKVD_LOG_ERROR, "event loop still busy at exit: %s", uv_strerror(rc));
@@ -344,29 +561,26 @@ out:
 
 int main(int argc, char **argv)
 {
+    vqkvd_main_t m;
     vqkvd_config_t cfg;
     vqkvd_config_file_t file = {0};
-    const char *config_path = NULL;
     int check_only = 0;
     char err[512];
     int status = 2;
 
-    vqkvd_config_defaults(&cfg);
-    if (vqkvd__first_pass(argc, argv, &config_path, &check_only) > 0) {
+    memset(&m, 0, sizeof m);
+    if (vqkvd__first_pass(argc, argv, &m.config_path, &check_only) > 0) {
         vqkvd__usage(stdout);
         return 0;
     }
-    int rc = vqkvd_config_load(&cfg, &file, config_path != NULL ? config_path : VQKVD_CONFIG_PATH,
-                               err, sizeof err);
-    /* Without --config, a missing default file just means the defaults. */
-    if (rc < 0 && !(rc == -ENOENT && config_path == NULL)) {
+    if (vqkvd__read_file(m.config_path, &cfg, &file, err, sizeof err) < 0) {
         fprintf(stderr, "vqkvd: %s\n", err);
         goto out;
     }
-    if (file.log_level != 0)
-        vqkvd_log_level = file.log_level;
-    if (vqkvd__apply_flags(argc, argv, &cfg) < 0)
+    int level = vqkvd__file_log_level(&file);
+    if (vqkvd__apply_flags(argc, argv, &cfg, &level) < 0)
         goto out;
+    vqkvd_log_level = level;
     if (strncmp(cfg.device, "cuda:", 5) == 0) {
         fprintf(stderr, "vqkvd: device %s: this vqkvd has no CUDA backend; use --device cpu\n",
                 cfg.device);
@@ -377,7 +591,13 @@ int main(int argc, char **argv)
         status = 0;
         goto out;
     }
-    status = vqkvd__run(&cfg);
+    if (vqkvd__inherited_socket(&cfg) < 0)
+        goto out;
+    const vqkvd_config_t boot = cfg;
+    m.argc = argc;
+    m.argv = argv;
+    m.boot = &boot;
+    status = vqkvd__run(&m, &cfg);
 
 out:
     vqkvd_config_file_free(&file);

@@ -25,6 +25,7 @@
 #include "server.h"
 
 #include <errno.h>
+#include <fcntl.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -38,6 +39,7 @@
 
 #include <openssl/evp.h>
 
+#include "config.h"
 #include "frame.h"
 #include "log.h"
 #include "metrics.h"
@@ -60,6 +62,7 @@
 void vqkvd_config_defaults(vqkvd_config_t *cfg)
 {
     memset(cfg, 0, sizeof *cfg);
+    cfg->listen_fd = -1;
     cfg->max_frame = VQKV_FRAME_DEFAULT_MAX;
     cfg->max_inflight = 64;
     cfg->max_regions = 16;
@@ -655,6 +658,79 @@ static int vqkvd__clear_stale(const struct sockaddr_un *addr)
     return unlink(addr->sun_path) < 0 && errno != ENOENT ? -errno : 0;
 }
 
+/* Binds and listens on addr (mode 0660) into s->listen_fd. */
+static int vqkvd__listen_path(vqkvd_server_t *s, const struct sockaddr_un *addr)
+{
+    int rc = vqkvd__clear_stale(addr);
+    if (rc < 0)
+        return rc;
+    s->listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (s->listen_fd < 0)
+        return -errno;
+    /* The umask makes bind create the file 0660 already, so there is no
+     * moment when a wider mode lets someone connect. Single-threaded here. */
+    mode_t old_mask = umask(0117);
+    rc = bind(s->listen_fd, (const struct sockaddr *)addr, sizeof *addr);
+    int bind_errno = errno;
+    umask(old_mask);
+    if (rc < 0)
+        return -bind_errno;
+    s->socket_created = 1;
+    if (chmod(addr->sun_path, 0660) < 0 || listen(s->listen_fd, SOMAXCONN) < 0)
+        return -errno;
+    vqkvd_log(VQKVD_LOG_INFO, "listening on %s (backend %s, protocol %d)", addr->sun_path,
+              s->backend->name, VQKV_PROTO_VERSION);
+    return 0;
+}
+
+/* Takes the socket the service manager bound and listens on (its file,
+ * mode and owner are the socket unit's) into s->listen_fd, non-blocking:
+ * the accept loop relies on EAGAIN. The flag is on the open file
+ * description, which the manager shares; it only polls the socket. */
+static int vqkvd__listen_inherited(vqkvd_server_t *s, int fd)
+{
+    s->listen_fd = fd;
+    int flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
+        return -errno;
+    struct sockaddr_un addr = {.sun_family = AF_UNIX};
+    socklen_t len = sizeof addr - 1; /* room for the NUL a full sun_path lacks */
+    if (getsockname(fd, (struct sockaddr *)&addr, &len) < 0)
+        return -errno;
+    if (addr.sun_path[0] == '\0' && len > offsetof(struct sockaddr_un, sun_path))
+        addr.sun_path[0] = '@'; /* abstract, written the way systemd writes it */
+    vqkvd_log(VQKVD_LOG_INFO,
+              "listening on %s (socket activation, fd %d; the socket setting is not used; "
+              "backend %s, protocol %d)",
+              addr.sun_path[0] != '\0' ? addr.sun_path : "an unnamed socket", fd, s->backend->name,
+              VQKV_PROTO_VERSION);
+    return 0;
+}
+
+/* The tenants' quotas from s->cfg: the default for tenants first seen
+ * from now on, and for every tenant the store knows already its uid.N
+ * quota or else the default, so that a reload reaches them too. */
+static int vqkvd__apply_quotas(vqkvd_server_t *s)
+{
+    const vqkvd_config_t *cfg = &s->cfg;
+    vqkvd_store_set_default_quota(&s->store, cfg->default_quota_bytes);
+    for (uint32_t i = 0; i < s->store.n_tenants; i++) {
+        uint32_t tenant = s->store.tenants[i].tenant;
+        uint64_t quota = cfg->default_quota_bytes;
+        for (size_t j = 0; j < cfg->n_quotas; j++)
+            if ((uint32_t)cfg->quota_uids[j] == tenant)
+                quota = cfg->quota_bytes[j];
+        if (vqkvd_store_set_quota(&s->store, tenant, quota) != VQKV_OK)
+            return -ENOMEM;
+    }
+    /* Tenants not seen yet get an entry now, holding their own quota. */
+    for (size_t j = 0; j < cfg->n_quotas; j++)
+        if (vqkvd_store_set_quota(&s->store, (uint32_t)cfg->quota_uids[j], cfg->quota_bytes[j]) !=
+            VQKV_OK)
+            return -ENOMEM;
+    return 0;
+}
+
 int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t *cfg)
 {
     memset(s, 0, sizeof *s);
@@ -663,41 +739,27 @@ int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t 
     s->listen_fd = -1;
     int rc = 0;
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    if (cfg->socket_path == NULL || cfg->max_frame == 0 || cfg->max_frame > VQKV_FRAME_LIMIT ||
-        cfg->max_inflight == 0)
+    if ((cfg->socket_path == NULL && cfg->listen_fd < 0) || cfg->max_frame == 0 ||
+        cfg->max_frame > VQKV_FRAME_LIMIT || cfg->max_inflight == 0)
         return -EINVAL;
-    if (strlen(cfg->socket_path) >= sizeof addr.sun_path)
-        return -ENAMETOOLONG;
-    memcpy(addr.sun_path, cfg->socket_path, strlen(cfg->socket_path) + 1);
+    if (cfg->listen_fd < 0) {
+        if (strlen(cfg->socket_path) >= sizeof addr.sun_path)
+            return -ENAMETOOLONG;
+        memcpy(addr.sun_path, cfg->socket_path, strlen(cfg->socket_path) + 1);
+    }
     if (getrandom(s->salt_secret, sizeof s->salt_secret, 0) != (ssize_t)sizeof s->salt_secret)
         return -errno;
 
     rc = vqkvd_session_start(s);
     if (rc < 0)
         return rc;
-    rc = vqkvd__clear_stale(&addr);
+    rc = vqkvd__apply_quotas(s);
     if (rc < 0)
         goto fail;
-    s->listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    if (s->listen_fd < 0) {
-        rc = -errno;
+    rc = cfg->listen_fd >= 0 ? vqkvd__listen_inherited(s, cfg->listen_fd)
+                             : vqkvd__listen_path(s, &addr);
+    if (rc < 0)
         goto fail;
-    }
-    /* The umask makes bind create the file 0660 already, so there is no
-     * moment when a wider mode lets someone connect. Single-threaded here. */
-    mode_t old_mask = umask(0117);
-    rc = bind(s->listen_fd, (const struct sockaddr *)&addr, sizeof addr);
-    int bind_errno = errno;
-    umask(old_mask);
-    if (rc < 0) {
-        rc = -bind_errno;
-        goto fail;
-    }
-    s->socket_created = 1;
-    if (chmod(addr.sun_path, 0660) < 0 || listen(s->listen_fd, SOMAXCONN) < 0) {
-        rc = -errno;
-        goto fail;
-    }
     rc = uv_poll_init(loop, &s->listen_poll, s->listen_fd);
     if (rc < 0)
         goto fail;
@@ -711,8 +773,6 @@ int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t 
         uv_close((uv_handle_t *)&s->accept_backoff, NULL);
         goto fail;
     }
-    vqkvd_log(VQKVD_LOG_INFO, "listening on %s (backend %s, protocol %d)", addr.sun_path,
-              s->backend->name, VQKV_PROTO_VERSION);
     return 0;
 
 fail:
@@ -742,6 +802,43 @@ void vqkvd_server_stop(vqkvd_server_t *s)
         vqkvd__client_close(s->clients);
     vqkvd_session_stop(s);
     vqkvd_log(VQKVD_LOG_INFO, "stopped");
+}
+
+uint32_t vqkvd_server_reconfigure(vqkvd_server_t *s, const vqkvd_config_t *next)
+{
+    vqkvd_config_take_live(&s->cfg, next);
+    if (vqkvd__apply_quotas(s) < 0)
+        vqkvd_log(VQKVD_LOG_ERROR, "out of memory setting quotas; some keep their old value");
+    uint32_t closed = 0;
+    vqkvd_client_t *next_c;
+    for (vqkvd_client_t *c = s->clients; c != NULL; c = next_c) {
+        next_c = c->next; /* settling may close c */
+        if (c->closing || vqkvd__peer_allowed(&s->cfg, c->uid, c->gid))
+            continue;
+        vqkvd_log(VQKVD_LOG_WARN, "client %llu (pid %d uid %u gid %u): no longer allowed; closing",
+                  (unsigned long long)c->id, (int)c->pid, (unsigned)c->uid, (unsigned)c->gid);
+        vqkvd__reply_error(c, 0, 0, VQKV_EPERM, "uid %u gid %u may no longer use this daemon",
+                           (unsigned)c->uid, (unsigned)c->gid);
+        c->closing = 1;
+        vqkvd_client_settle(c);
+        closed++;
+    }
+    return closed;
+}
+
+void vqkvd_server_status(const vqkvd_server_t *s, vqkvd_server_status_t *st)
+{
+    vqkvd_store_stats_t ss;
+    vqkvd_pool_stats_t ps;
+    vqkvd_store_stats(&s->store, &ss);
+    vqkvd_pool_stats(&s->pool, &ps);
+    *st = (vqkvd_server_status_t){
+        .hits = ss.hits,
+        .misses = ss.misses,
+        .bytes_stored = ss.bytes_stored,
+        .pool_bytes = ps.usable_bytes,
+        .clients = s->n_clients,
+    };
 }
 
 void vqkvd_server_destroy(vqkvd_server_t *s)

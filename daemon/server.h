@@ -35,6 +35,11 @@ typedef struct {
     uint32_t max_regions;    /* Welcome.max_regions */
     uint32_t max_clients;    /* connections past this are refused (VQKV_ELIMIT) */
     uint64_t pool_bytes;     /* the CPU pool's arena (--pool-bytes) */
+    /* A listening Unix stream socket handed over by the service manager
+     * (socket activation) to serve on instead of binding socket_path, or
+     * -1. The server owns it from vqkvd_server_start on and never unlinks
+     * its file: it belongs to whoever bound it. */
+    int listen_fd;
     /* A peer may connect when its uid is in allow_uids or its gid in
      * allow_gids (SO_PEERCRED). Defaults: the daemon's own uid and root. */
     uid_t allow_uids[VQKVD_MAX_ALLOWED];
@@ -125,22 +130,44 @@ typedef struct {
     vqkvd_counters_t counters;
 } vqkvd_server_t;
 
-/* Fills cfg with the defaults (socket_path NULL). */
+/* Fills cfg with the defaults (socket_path NULL, listen_fd -1). */
 void vqkvd_config_defaults(vqkvd_config_t *cfg);
 
-/* Creates the pool (cfg->pool_bytes) and the store, binds and listens on
- * cfg->socket_path (mode 0660) and starts accepting on loop. A socket file left by a dead daemon is
- * replaced; one a live daemon listens on is not (-EADDRINUSE), nor a path that is not a socket
- * (-EEXIST). Returns 0 or a negative errno; on failure nothing is left
- * open, though the loop may need one more run to finish closing handles
- * (only when libuv refuses to poll the socket). */
+/* Creates the pool (cfg->pool_bytes) and the store with the quotas, binds
+ * and listens on cfg->socket_path (mode 0660), or takes cfg->listen_fd,
+ * and starts accepting on loop. A socket file left by a dead daemon is
+ * replaced; one a live daemon listens on is not (-EADDRINUSE), nor a path
+ * that is not a socket (-EEXIST). Returns 0 or a negative errno; on failure
+ * nothing is left open, though the loop may need one more run to finish
+ * closing handles (only when libuv refuses to poll the socket). */
 int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t *cfg);
 
-/* Stops accepting, removes the socket file and closes every client, without
- * waiting for their queued replies (work already on the thread pool
- * finishes; its replies are dropped). The handles finish closing on the next
- * loop iteration; uv_run then returns once nothing else is active. Safe to
- * call twice. */
+/* Applies what a running server can take from next (a reloaded config;
+ * vqkvd_config_take_live in config.h lists the settings): the allow lists
+ * and admin uids, the quotas (of tenants already known too: a lowered quota
+ * evicts on the tenant's next Put), calibration_tokens, max_clients and
+ * lease_ms. Connected peers that the new allow lists no longer admit get an
+ * Error VQKV_EPERM and are closed, as if they had just connected: leaving
+ * them would keep a revoked uid reading and writing its tenant's blocks
+ * until it chose to leave. Returns how many were closed. */
+uint32_t vqkvd_server_reconfigure(vqkvd_server_t *s, const vqkvd_config_t *next);
+
+/* What vqkvd_notify (notify.h) shows as the service's status, from the
+ * same counters as a StatsReply. */
+typedef struct {
+    uint64_t hits, misses; /* blocks lookups found, and asked for past the prefix */
+    uint64_t bytes_stored; /* compressed bytes held */
+    uint64_t pool_bytes;   /* what blocks may use */
+    uint32_t clients;      /* connected */
+} vqkvd_server_status_t;
+
+void vqkvd_server_status(const vqkvd_server_t *s, vqkvd_server_status_t *st);
+
+/* Stops accepting, removes the socket file it bound (never the file of an
+ * inherited listen_fd) and closes every client, without waiting for their
+ * queued replies (work already on the thread pool finishes; its replies
+ * are dropped). The handles finish closing on the next loop iteration;
+ * uv_run then returns once nothing else is active. Safe to call twice. */
 void vqkvd_server_stop(vqkvd_server_t *s);
 
 /* Frees the pool, the store and the models. Call after vqkvd_server_stop,

@@ -106,12 +106,8 @@ int vqkvd_session_start(vqkvd_server_t *s)
                   vqkv_strerror(rc));
         return rc == VQKV_ENOMEM ? -ENOMEM : -EINVAL;
     }
+    /* The quotas are server.c's to set: a reload sets them again. */
     rc = vqkvd_store_init(&s->store, &s->pool, VQKVD_HIGH_WATER, VQKVD_LOW_WATER, NULL);
-    /* Quotas are the config's, fixed for the daemon's life: set once. */
-    vqkvd_store_set_default_quota(&s->store, s->cfg.default_quota_bytes);
-    for (size_t i = 0; i < s->cfg.n_quotas && rc == VQKV_OK; i++)
-        rc =
-            vqkvd_store_set_quota(&s->store, (uint32_t)s->cfg.quota_uids[i], s->cfg.quota_bytes[i]);
     if (rc != VQKV_OK) {
         vqkvd_store_destroy(&s->store);
         vqkvd_pool_destroy(&s->pool);

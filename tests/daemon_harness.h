@@ -1,15 +1,18 @@
 /* daemon_harness.h -- what the tests that run vqkvd as a process share:
  * starting the binary (VQKVD_PATH) on a socket in a fresh temporary
  * directory, stopping it with SIGTERM and requiring exit status 0 and the
- * socket file gone (under ASan a leak makes the daemon exit non-zero), and
- * a blocking client over proto/frame.h with 5 s socket timeouts, so a hung
- * daemon fails a test instead of blocking the suite. Test-only: static
+ * socket file gone (under ASan a leak makes the daemon exit non-zero),
+ * running it with its output in a file and an environment of its own
+ * (spawn_process), and a blocking client over proto/frame.h with 5 s
+ * socket timeouts, so a hung daemon fails a test instead of blocking the
+ * suite. Test-only: static
  * inline functions, so a test that uses only some of them compiles clean.
  */
 #ifndef VQKV_DAEMON_HARNESS_H
 #define VQKV_DAEMON_HARNESS_H
 
 #include <errno.h>
+#include <fcntl.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -160,7 +163,9 @@ static inline void daemon_wait_listening(daemon_t *d)
     }
 }
 
-static inline void daemon_start(daemon_t *d, const char *const *extra)
+/* Makes d's temporary directory and empty config file and names its
+ * socket and state dir; starts nothing (d->pid -1). */
+static inline void daemon_prepare(daemon_t *d)
 {
     snprintf(d->dir, sizeof d->dir, "/tmp/vqkvd-test.XXXXXX");
     assert_non_null(mkdtemp(d->dir));
@@ -170,8 +175,36 @@ static inline void daemon_start(daemon_t *d, const char *const *extra)
     FILE *f = fopen(d->config, "w");
     assert_non_null(f);
     fclose(f);
+    d->pid = -1;
+}
+
+static inline void daemon_start(daemon_t *d, const char *const *extra)
+{
+    daemon_prepare(d);
     d->pid = daemon_spawn(d, extra);
     daemon_wait_listening(d);
+}
+
+/* Runs argv (argv[0] a path, NULL-terminated) with its stdout and stderr
+ * appended to log (unless NULL) and env ("NAME=value" strings,
+ * NULL-terminated, may be NULL) added to its environment; returns its pid.
+ * For a daemon run under a wrapper, or with an environment of its own. */
+static inline pid_t spawn_process(const char *const *argv, const char *log, const char *const *env)
+{
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        if (log != NULL) {
+            int fd = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+            if (fd < 0 || dup2(fd, STDOUT_FILENO) < 0 || dup2(fd, STDERR_FILENO) < 0)
+                _exit(126);
+        }
+        for (size_t i = 0; env != NULL && env[i] != NULL; i++)
+            putenv((char *)env[i]);
+        execv(argv[0], (char *const *)argv);
+        _exit(127);
+    }
+    return pid;
 }
 
 /* SIGTERM; requires exit status 0 and the socket file gone. */
