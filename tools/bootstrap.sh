@@ -7,11 +7,13 @@ cd "$(dirname "$0")/.."
 # golang-github-pierrec-lz4-dev ships the public-domain text the fidelity tools read;
 # redis-server, redis-tools and jq are bench/serve.sh's anchor and its JSON tool;
 # libmicrohttpd-dev serves vqkvd's metrics endpoint; systemd ships
-# systemd-socket-activate, which tests/test_service.c runs vqkvd under.
+# systemd-socket-activate (tests/test_service.c), systemd-analyze,
+# -sysusers and -tmpfiles; procps (the units' kill), man-db and groff-base
+# check the installed units and man pages.
 pkgs="build-essential cmake pkg-config git libuv1-dev libprotobuf-c-dev protobuf-c-compiler
       libmsgpack-dev libcmocka-dev libsystemd-dev libjson-c-dev libssl-dev python3 python3-venv
       golang-github-pierrec-lz4-dev libinih-dev redis-server redis-tools jq
-      libmicrohttpd-dev systemd"
+      libmicrohttpd-dev systemd procps man-db groff-base"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
