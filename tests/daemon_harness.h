@@ -21,6 +21,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -95,6 +96,15 @@ static inline int try_connect(const char *path)
 
 /* Runs the daemon with extra arguments (NULL-terminated) on path; returns
  * its pid. Does not wait for it to listen. */
+/* In a child between fork and exec: the child gets SIGTERM when the test
+ * process dies, so a test that fails (cmocka longjmps past its stop) never
+ * leaves a daemon behind holding ctest's output pipe open. */
+static inline void harness_die_with_parent(pid_t parent)
+{
+    if (prctl(PR_SET_PDEATHSIG, SIGTERM) != 0 || getppid() != parent)
+        _exit(125);
+}
+
 static inline pid_t spawn_daemon(const char *path, const char *const *extra)
 {
     const char *argv[24] = {VQKVD_PATH, "--socket", path, "--log-level", "debug"};
@@ -102,9 +112,10 @@ static inline pid_t spawn_daemon(const char *path, const char *const *extra)
     for (size_t i = 0; extra != NULL && extra[i] != NULL && n < 23; i++)
         argv[n++] = extra[i];
     argv[n] = NULL;
-    pid_t pid = fork();
+    pid_t parent = getpid(), pid = fork();
     assert_true(pid >= 0);
     if (pid == 0) {
+        harness_die_with_parent(parent);
         execv(VQKVD_PATH, (char *const *)argv);
         _exit(127);
     }
@@ -191,9 +202,10 @@ static inline void daemon_start(daemon_t *d, const char *const *extra)
  * For a daemon run under a wrapper, or with an environment of its own. */
 static inline pid_t spawn_process(const char *const *argv, const char *log, const char *const *env)
 {
-    pid_t pid = fork();
+    pid_t parent = getpid(), pid = fork();
     assert_true(pid >= 0);
     if (pid == 0) {
+        harness_die_with_parent(parent);
         if (log != NULL) {
             int fd = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
             if (fd < 0 || dup2(fd, STDOUT_FILENO) < 0 || dup2(fd, STDERR_FILENO) < 0)
