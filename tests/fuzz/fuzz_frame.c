@@ -13,10 +13,11 @@
  * exactly where that parse meets a length over max_frame (fd errors aside
  * when fds are sent); end of stream is VQKV_ECLOSED on a frame boundary and
  * VQKV_ETRUNC inside one; no fd stays open. Every payload that unpacks
- * passes vqkv_frame_check or gets VQKV_EUNKNOWN, re-encodes through
- * vqkv_frame_encode with a correct length prefix, and its re-encoding
- * unpacks to an Envelope that re-encodes to the same bytes (packing is a
- * fixed point after one round).
+ * passes vqkv_frame_check or gets VQKV_EUNKNOWN and re-encodes through
+ * vqkv_frame_encode with a correct length prefix; one that passes the
+ * check re-encodes to bytes that unpack to an Envelope that passes it too
+ * and re-encodes to the same bytes (packing is a fixed point after one
+ * round).
  */
 #include <fcntl.h>
 #include <string.h>
@@ -50,13 +51,20 @@ static void fuzz__check_envelope(const Vqkv__Envelope *env)
     FUZZ_CHECK(once_len >= VQKV_FRAME_HEADER_BYTES &&
                    fuzz__le32(once) == once_len - VQKV_FRAME_HEADER_BYTES,
                "length prefix %u for %zu bytes", (unsigned)fuzz__le32(once), once_len);
+    if (strict != VQKV_OK) {
+        /* Every peer refuses it, so its round trip does not matter; and
+         * protobuf-c keeps even an unknown field numbered 0 (spelled as a
+         * two-byte tag), whose re-encoding then no longer unpacks. */
+        free(once);
+        return;
+    }
     Vqkv__Envelope *again = NULL;
     rc = vqkv_frame_unpack(once + VQKV_FRAME_HEADER_BYTES, once_len - VQKV_FRAME_HEADER_BYTES,
                            &again);
     FUZZ_CHECK(rc == VQKV_OK, "a re-encoded Envelope does not unpack: %d", rc);
     FUZZ_CHECK(again->request_id == env->request_id && again->body_case == env->body_case,
                "request_id or body changed in a round trip");
-    FUZZ_CHECK(vqkv_frame_check(again) == strict, "strictness changed in a round trip");
+    FUZZ_CHECK(vqkv_frame_check(again) == VQKV_OK, "strictness changed in a round trip");
     rc = vqkv_frame_encode(again, VQKV_FRAME_LIMIT, &twice, &twice_len);
     FUZZ_CHECK(rc == VQKV_OK && twice_len == once_len && memcmp(once, twice, once_len) == 0,
                "re-encoding is not stable (%zu then %zu bytes)", once_len, twice_len);
