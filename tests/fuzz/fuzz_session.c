@@ -66,18 +66,8 @@ typedef struct {
     int closed;    /* the server closed the connection */
 } fuzz__session_t;
 
-/* The socket file is gone once the server stops; the directory goes at exit. */
-static void fuzz__cleanup(void)
-{
-    rmdir(fuzz__g.dir);
-}
-
 static void fuzz__init(void)
 {
-    snprintf(fuzz__g.dir, sizeof fuzz__g.dir, "/tmp/vqkv-fuzz-XXXXXX");
-    FUZZ_CHECK(mkdtemp(fuzz__g.dir) != NULL, "mkdtemp: %s", strerror(errno));
-    atexit(fuzz__cleanup);
-    snprintf(fuzz__g.sock, sizeof fuzz__g.sock, "%s/vqkvd.sock", fuzz__g.dir);
     fuzz__g.devnull = open("/dev/null", O_RDONLY | O_CLOEXEC);
     FUZZ_CHECK(fuzz__g.devnull >= 0, "cannot open /dev/null");
     for (int i = 0; i < FUZZ_N_CODECS; i++)
@@ -332,6 +322,11 @@ static void fuzz__check_replies(fuzz__session_t *S)
 
 static void fuzz__start(fuzz__session_t *S, int setup)
 {
+    /* A directory per input, removed when the server has stopped (and
+     * unlinked its socket): libFuzzer may leave without running atexit. */
+    snprintf(fuzz__g.dir, sizeof fuzz__g.dir, "/tmp/vqkv-fuzz-XXXXXX");
+    FUZZ_CHECK(mkdtemp(fuzz__g.dir) != NULL, "mkdtemp: %s", strerror(errno));
+    snprintf(fuzz__g.sock, sizeof fuzz__g.sock, "%s/vqkvd.sock", fuzz__g.dir);
     FUZZ_CHECK(uv_loop_init(&S->loop) == 0, "uv_loop_init");
     vqkvd_config_t cfg;
     vqkvd_config_defaults(&cfg);
@@ -364,6 +359,7 @@ static void fuzz__stop(fuzz__session_t *S)
     vqkvd_server_stop(&S->server);
     uv_run(&S->loop, UV_RUN_DEFAULT); /* until the jobs and the handles are done */
     vqkvd_server_destroy(&S->server);
+    FUZZ_CHECK(rmdir(fuzz__g.dir) == 0, "the socket file was left behind: %s", strerror(errno));
     FUZZ_CHECK(uv_loop_close(&S->loop) == 0, "the server left a handle open");
     close(S->region_fd);
     vqkv_frame_reader_free(&S->reader);
