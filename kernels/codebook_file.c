@@ -152,11 +152,94 @@ static bool vqkv__map_str_is(const msgpack_object *map, const char *key, const c
            memcmp(o->via.str.ptr, want, o->via.str.size) == 0;
 }
 
+/* Nesting deeper than a codebook file's is refused before unpacking. */
+#define VQKV__MSGPACK_MAX_DEPTH 8
+
+/* Big-endian n-byte unsigned at p. */
+static uint64_t vqkv__load_be(const uint8_t *p, size_t n)
+{
+    uint64_t v = 0;
+    for (size_t i = 0; i < n; i++)
+        v = v << 8 | p[i];
+    return v;
+}
+
+/* msgpack-c's unpacker allocates a map's or array's elements as soon as it
+ * reads the count, before it knows whether the input holds them: a 6-byte
+ * file declaring 2^32 map entries makes it ask for 96 GiB. Every element
+ * takes at least one byte, so this walk over the headers (bins and strings
+ * skipped whole, O(objects)) refuses a count over the bytes left, and deep
+ * nesting, which bounds what the unpacker then allocates by len. */
+static bool vqkv__msgpack_bounded(const uint8_t *p, size_t len)
+{
+    uint64_t pending[VQKV__MSGPACK_MAX_DEPTH + 1] = {1}; /* objects left per level */
+    int depth = 0;
+    size_t off = 0;
+    while (depth >= 0) {
+        if (pending[depth] == 0) {
+            depth--;
+            continue;
+        }
+        pending[depth]--;
+        if (off >= len)
+            return false;
+        uint8_t b = p[off++];
+        size_t count_bytes = 0, size_bytes = 0; /* a count or a size follows */
+        uint64_t skip = 0, per = 0;             /* fixed bytes; objects per count */
+        if (b <= 0x7f || b >= 0xe0 || b == 0xc0 || b == 0xc2 || b == 0xc3)
+            continue; /* fixint, nil, bool */
+        if ((b & 0xf0) == 0x80 || (b & 0xf0) == 0x90) {
+            uint64_t n = (uint64_t)(b & 0x0f) * ((b & 0xf0) == 0x80 ? 2 : 1);
+            if (n > len - off || depth == VQKV__MSGPACK_MAX_DEPTH)
+                return false;
+            pending[++depth] = n;
+            continue;
+        }
+        if ((b & 0xe0) == 0xa0) {
+            skip = b & 0x1f; /* fixstr */
+        } else if (b >= 0xc4 && b <= 0xc6) {
+            size_bytes = (size_t)1 << (b - 0xc4); /* bin 8/16/32 */
+        } else if (b >= 0xc7 && b <= 0xc9) {
+            size_bytes = (size_t)1 << (b - 0xc7); /* ext 8/16/32, then a type byte */
+            skip = 1;
+        } else if (b >= 0xca && b <= 0xd3) {
+            static const uint8_t fixed[] = {4, 8, 1, 2, 4, 8, 1, 2, 4, 8}; /* floats, ints */
+            skip = fixed[b - 0xca];
+        } else if (b >= 0xd4 && b <= 0xd8) {
+            skip = 1 + ((uint64_t)1 << (b - 0xd4)); /* fixext: type and 1..16 bytes */
+        } else if (b >= 0xd9 && b <= 0xdb) {
+            size_bytes = (size_t)1 << (b - 0xd9); /* str 8/16/32 */
+        } else if (b >= 0xdc && b <= 0xdf) {
+            count_bytes = b & 1 ? 4 : 2; /* array 16/32, map 16/32 */
+            per = b >= 0xde ? 2 : 1;
+        } else {
+            return false; /* 0xc1, never used */
+        }
+        size_t n_bytes = count_bytes + size_bytes;
+        if (n_bytes > len - off)
+            return false;
+        uint64_t n = vqkv__load_be(p + off, n_bytes);
+        off += n_bytes;
+        if (count_bytes > 0) {
+            if (n * per > len - off || depth == VQKV__MSGPACK_MAX_DEPTH)
+                return false;
+            pending[++depth] = n * per;
+            continue;
+        }
+        skip += n;
+        if (skip > len - off)
+            return false;
+        off += (size_t)skip;
+    }
+    return true;
+}
+
 /* Unpacks exactly one object spanning all of buf. */
 static bool vqkv__unpack_whole(msgpack_unpacked *u, const char *buf, size_t len)
 {
     size_t off = 0;
-    return msgpack_unpack_next(u, buf, len, &off) == MSGPACK_UNPACK_SUCCESS && off == len;
+    return vqkv__msgpack_bounded((const uint8_t *)buf, len) &&
+           msgpack_unpack_next(u, buf, len, &off) == MSGPACK_UNPACK_SUCCESS && off == len;
 }
 
 /* Checks the body against codec and copies its codebooks into books. */

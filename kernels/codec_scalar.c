@@ -212,7 +212,10 @@ static uint32_t vqkv__kivi_code(float x, float min, float step, uint32_t bits)
         return 0;
     float q = nearbyintf((x - min) / step);
     float top = (float)((1u << bits) - 1u);
-    return (uint32_t)(q < 0.0f ? 0.0f : (q > top ? top : q));
+    /* "q > 0" and not "q < 0" so that NaN (from a NaN or infinite value in
+     * worker memory) gives code 0: converting NaN to an integer is
+     * undefined behaviour. */
+    return (uint32_t)(q > 0.0f ? (q > top ? top : q) : 0.0f);
 }
 
 static void vqkv__kivi_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,

@@ -1,0 +1,538 @@
+/* make_seeds.c -- writes the seed corpora of the fuzz targets:
+ *
+ *   fuzz_make_seeds tests/fuzz daemon/vqkvd.conf
+ *
+ * Seeds are small meaningful inputs the fuzzer starts from: valid frames of
+ * every request type, request sequences that walk a session through
+ * models, regions, Put, Lookup, Get and the rest (and through the errors a
+ * client can provoke), real codebook files, the shipped configuration and
+ * a few variants, and the documented block-key vector. The output is
+ * deterministic, so regenerating changes nothing unless this file or a
+ * format changed; the files are committed, and the replay tests run them.
+ */
+#include <errno.h>
+#include <msgpack.h>
+#include <string.h>
+
+#include "fuzz.h"
+
+static const char *seeds__root;
+
+/* Requests wait for the replies before them, as a client that waits for
+ * PutDone before its Lookup; the fuzzer takes the flag off to pipeline. */
+#define SEEDS_OP (FUZZ_OP_FRAME | FUZZ_OP_SYNC)
+
+static void seeds__write(const char *target, const char *name, const void *data, size_t len)
+{
+    char path[4096];
+    snprintf(path, sizeof path, "%s/%s/corpus/%s", seeds__root, target, name);
+    FILE *f = fopen(path, "wb");
+    FUZZ_CHECK(f != NULL, "%s: %s", path, strerror(errno));
+    FUZZ_CHECK(fwrite(data, 1, len, f) == len && fclose(f) == 0, "%s: write failed", path);
+}
+
+/* ---- envelopes ------------------------------------------------------------ */
+
+/* A key whose bytes all equal b. */
+static ProtobufCBinaryData seeds__key(uint8_t b)
+{
+    static uint8_t keys[256][VQKV_PROTO_KEY_BYTES];
+    memset(keys[b], b, VQKV_PROTO_KEY_BYTES);
+    return (ProtobufCBinaryData){.len = VQKV_PROTO_KEY_BYTES, .data = keys[b]};
+}
+
+/* One request of each kind, filled in by the callers' arguments. */
+typedef struct {
+    uint8_t *buf;
+    size_t len;
+    uint64_t next_id;
+} seeds__session_t;
+
+static Vqkv__Envelope seeds__env(seeds__session_t *s, Vqkv__Envelope__BodyCase body)
+{
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.request_id = s->next_id++;
+    env.body_case = body;
+    return env;
+}
+
+/* Put of n blocks chained from key first (the first block a root), in
+ * slots 0..n-1 of region 1 of model 1. */
+static void seeds__put_chain(seeds__session_t *s, uint8_t first, size_t n)
+{
+    ProtobufCBinaryData keys[8], parents[8];
+    uint32_t slots[8];
+    for (size_t i = 0; i < n; i++) {
+        keys[i] = seeds__key((uint8_t)(first + i));
+        parents[i] = i ? seeds__key((uint8_t)(first + i - 1)) : (ProtobufCBinaryData){0};
+        slots[i] = (uint32_t)i;
+    }
+    Vqkv__Put put = VQKV__PUT__INIT;
+    put.model_handle = 1;
+    put.region_handle = 1;
+    put.n_keys = put.n_parent_keys = put.n_slots = n;
+    put.keys = keys;
+    put.parent_keys = parents;
+    put.slots = slots;
+    Vqkv__Envelope env = seeds__env(s, VQKV__ENVELOPE__BODY_PUT);
+    env.put = &put;
+    fuzz_record_envelope(&s->buf, &s->len, SEEDS_OP, &env);
+}
+
+static void seeds__lookup(seeds__session_t *s, uint8_t first, size_t n)
+{
+    ProtobufCBinaryData keys[8];
+    for (size_t i = 0; i < n; i++)
+        keys[i] = seeds__key((uint8_t)(first + i));
+    Vqkv__Lookup lk = VQKV__LOOKUP__INIT;
+    lk.model_handle = 1;
+    lk.n_keys = n;
+    lk.keys = keys;
+    Vqkv__Envelope env = seeds__env(s, VQKV__ENVELOPE__BODY_LOOKUP);
+    env.lookup = &lk;
+    fuzz_record_envelope(&s->buf, &s->len, SEEDS_OP, &env);
+}
+
+/* Get of lease 1 (the first lease of a connection) into slots 4.. */
+static void seeds__get(seeds__session_t *s, size_t n)
+{
+    uint32_t slots[8];
+    for (size_t i = 0; i < n; i++)
+        slots[i] = (uint32_t)(4 + i);
+    Vqkv__Get get = VQKV__GET__INIT;
+    get.lease_id = 1;
+    get.region_handle = 1;
+    get.n_slots = n;
+    get.slots = slots;
+    Vqkv__Envelope env = seeds__env(s, VQKV__ENVELOPE__BODY_GET);
+    env.get = &get;
+    fuzz_record_envelope(&s->buf, &s->len, SEEDS_OP, &env);
+}
+
+static void seeds__release(seeds__session_t *s, uint64_t lease)
+{
+    Vqkv__Release rel = VQKV__RELEASE__INIT;
+    rel.lease_id = lease;
+    Vqkv__Envelope env = seeds__env(s, VQKV__ENVELOPE__BODY_RELEASE);
+    env.release = &rel;
+    fuzz_record_envelope(&s->buf, &s->len, SEEDS_OP, &env);
+}
+
+static void seeds__pin(seeds__session_t *s, uint8_t first, size_t n, uint32_t ttl_ms, int unpin)
+{
+    ProtobufCBinaryData keys[8];
+    for (size_t i = 0; i < n; i++)
+        keys[i] = seeds__key((uint8_t)(first + i));
+    Vqkv__Pin pin = VQKV__PIN__INIT;
+    Vqkv__Unpin un = VQKV__UNPIN__INIT;
+    Vqkv__Envelope env;
+    if (unpin) {
+        un.model_handle = 1;
+        un.n_keys = n;
+        un.keys = keys;
+        env = seeds__env(s, VQKV__ENVELOPE__BODY_UNPIN);
+        env.unpin = &un;
+    } else {
+        pin.model_handle = 1;
+        pin.n_keys = n;
+        pin.keys = keys;
+        pin.ttl_ms = ttl_ms;
+        env = seeds__env(s, VQKV__ENVELOPE__BODY_PIN);
+        env.pin = &pin;
+    }
+    fuzz_record_envelope(&s->buf, &s->len, SEEDS_OP, &env);
+}
+
+static void seeds__evict(seeds__session_t *s, uint8_t first, size_t n, int all)
+{
+    ProtobufCBinaryData keys[8];
+    for (size_t i = 0; i < n; i++)
+        keys[i] = seeds__key((uint8_t)(first + i));
+    Vqkv__Evict ev = VQKV__EVICT__INIT;
+    ev.model_handle = 1;
+    ev.n_keys = n;
+    ev.keys = keys;
+    ev.all = all;
+    Vqkv__Envelope env = seeds__env(s, VQKV__ENVELOPE__BODY_EVICT);
+    env.evict = &ev;
+    fuzz_record_envelope(&s->buf, &s->len, SEEDS_OP, &env);
+}
+
+static void seeds__find_model(seeds__session_t *s, const char *model_id)
+{
+    Vqkv__FindModel fm = VQKV__FIND_MODEL__INIT;
+    fm.model_id = (char *)model_id;
+    Vqkv__Envelope env = seeds__env(s, VQKV__ENVELOPE__BODY_FIND_MODEL);
+    env.find_model = &fm;
+    fuzz_record_envelope(&s->buf, &s->len, SEEDS_OP, &env);
+}
+
+static void seeds__stats(seeds__session_t *s)
+{
+    Vqkv__Stats st = VQKV__STATS__INIT;
+    Vqkv__Envelope env = seeds__env(s, VQKV__ENVELOPE__BODY_STATS);
+    env.stats = &st;
+    fuzz_record_envelope(&s->buf, &s->len, SEEDS_OP, &env);
+}
+
+static void seeds__hello(seeds__session_t *s, uint32_t version)
+{
+    Vqkv__Hello hello = VQKV__HELLO__INIT;
+    hello.protocol_version = version;
+    hello.client_name = "seed";
+    Vqkv__Envelope env = seeds__env(s, VQKV__ENVELOPE__BODY_HELLO);
+    env.hello = &hello;
+    fuzz_record_envelope(&s->buf, &s->len, SEEDS_OP, &env);
+}
+
+/* A second region of model 1 over the second half of the memfd, split K
+ * and V tensors, sent with op (so also without its fd). */
+static void seeds__region(seeds__session_t *s, int op)
+{
+    vqkv_kv_view_t view;
+    vqkv_kv_view_split(&view, &fuzz_layout, 2, 64);
+    Vqkv__RegisterRegion rr = VQKV__REGISTER_REGION__INIT;
+    rr.model_handle = 1;
+    rr.kind = VQKV__REGION_KIND__REGION_KIND_MEMFD;
+    rr.region_bytes = FUZZ_REGION_MEMFD_BYTES;
+    rr.offset = FUZZ_REGION_MEMFD_BYTES / 2;
+    rr.layer_stride = view.layer_stride;
+    rr.kv_stride = view.kv_stride;
+    rr.slot_stride = view.slot_stride;
+    rr.token_stride = view.token_stride;
+    rr.head_stride = view.head_stride;
+    rr.num_slots = view.num_slots;
+    rr.num_fds = 1;
+    Vqkv__Envelope env = seeds__env(s, VQKV__ENVELOPE__BODY_REGISTER_REGION);
+    env.register_region = &rr;
+    fuzz_record_envelope(&s->buf, &s->len, op, &env);
+}
+
+/* ---- session ---------------------------------------------------------------- */
+
+static void seeds__session_begin(seeds__session_t *s, uint8_t setup)
+{
+    s->buf = malloc(1);
+    FUZZ_CHECK(s->buf != NULL, "out of memory");
+    s->buf[0] = setup;
+    s->len = 1;
+    s->next_id = 10;
+}
+
+/* Takes FUZZ_OP_SYNC off every record: the requests pipeline. */
+static void seeds__pipeline(seeds__session_t *s)
+{
+    for (size_t off = 1; off + 3 <= s->len;
+         off += 3 + ((size_t)s->buf[off + 1] | (size_t)s->buf[off + 2] << 8))
+        s->buf[off] &= (uint8_t)~FUZZ_OP_SYNC;
+}
+
+static void seeds__session_end(seeds__session_t *s, const char *name)
+{
+    seeds__write("session", name, s->buf, s->len);
+    free(s->buf);
+}
+
+static void seeds__session(void)
+{
+    seeds__session_t s;
+    char name[64];
+
+    /* The main path once per codec: Put a chain, look it up, get it back,
+     * release, and count (for VQ codecs without a file, the Puts fill
+     * calibration and the third trains the codebooks). */
+    for (int c = 0; c < FUZZ_N_CODECS; c++) {
+        for (int books = 0; books < 2; books++) {
+            if (books && !fuzz_codec_needs_books(fuzz_codecs[c]))
+                continue;
+            seeds__session_begin(
+                &s, (uint8_t)(c << FUZZ_SETUP_CODEC_SHIFT | (books ? FUZZ_SETUP_CODEBOOK : 0)));
+            seeds__put_chain(&s, 1, 3);
+            seeds__put_chain(&s, 1, 4);
+            seeds__lookup(&s, 1, 4);
+            seeds__get(&s, 4);
+            seeds__release(&s, 1);
+            seeds__stats(&s);
+            snprintf(name, sizeof name, "put-lookup-get-%d%s", c, books ? "-books" : "");
+            seeds__session_end(&s, name);
+        }
+    }
+
+    /* Pins, unpins, evictions and FindModel. */
+    seeds__session_begin(&s, 0);
+    seeds__put_chain(&s, 1, 4);
+    seeds__pin(&s, 1, 2, 0, 0);
+    seeds__pin(&s, 3, 2, 5000, 0);
+    seeds__evict(&s, 1, 1, 0);
+    seeds__pin(&s, 1, 1, 0, 1);
+    seeds__evict(&s, 0, 0, 1);
+    seeds__find_model(&s, "fuzz");
+    seeds__find_model(&s, "other");
+    seeds__stats(&s);
+    uint8_t *copy = malloc(s.len);
+    FUZZ_CHECK(copy != NULL, "out of memory");
+    memcpy(copy, s.buf, s.len);
+    seeds__session_end(&s, "pin-evict-find");
+    s.buf = copy; /* the same requests without waiting for replies */
+    seeds__pipeline(&s);
+    seeds__session_end(&s, "pin-evict-find-pipelined");
+
+    /* A lease held across an evict, a second region, a Get through it. */
+    seeds__session_begin(&s, 0);
+    seeds__put_chain(&s, 20, 2);
+    seeds__lookup(&s, 20, 2);
+    seeds__evict(&s, 0, 0, 1);
+    seeds__region(&s, FUZZ_OP_FRAME_REGION);
+    seeds__get(&s, 1);
+    seeds__release(&s, 1);
+    seeds__release(&s, 1);
+    seeds__session_end(&s, "lease-region-evict");
+
+    /* Worker memory with NaN, infinities and huge values, then Puts. */
+    for (int c = 0; c < 4; c++) {
+        seeds__session_begin(&s, (uint8_t)(c << FUZZ_SETUP_CODEC_SHIFT));
+        const uint8_t poke[] = {0, 0, 0, 0, 0x00, 0x7c, 0x00, 0xfc, 0x01, 0x7e, 0xff, 0x7b};
+        fuzz_record_bytes(&s.buf, &s.len, FUZZ_OP_POKE, poke, sizeof poke);
+        seeds__put_chain(&s, 40, 2);
+        seeds__lookup(&s, 40, 2);
+        seeds__get(&s, 2);
+        snprintf(name, sizeof name, "nonfinite-kv-%d", c);
+        seeds__session_end(&s, name);
+    }
+
+    /* The session from nothing: requests before Hello, a wrong version,
+     * the prelude by hand, Hello twice. */
+    seeds__session_begin(&s, FUZZ_SETUP_NO_PRELUDE);
+    seeds__stats(&s);
+    seeds__hello(&s, VQKV_PROTO_VERSION + 1);
+    fuzz_prelude(&s.buf, &s.len, 4 << FUZZ_SETUP_CODEC_SHIFT | FUZZ_SETUP_CODEBOOK);
+    seeds__hello(&s, VQKV_PROTO_VERSION);
+    seeds__put_chain(&s, 1, 2);
+    seeds__session_end(&s, "no-prelude");
+
+    /* Errors a client can provoke: fds where none belong or missing,
+     * request_id 0, a reply sent as a request, bytes that are no
+     * Envelope, a frame over max_frame. */
+    seeds__session_begin(&s, 0);
+    seeds__region(&s, FUZZ_OP_FRAME);
+    seeds__region(&s, FUZZ_OP_FRAME_REGION | FUZZ_OP_STRAY_FD);
+    seeds__put_chain(&s, 1, 1);
+    {
+        Vqkv__Ack ack = VQKV__ACK__INIT;
+        Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+        env.body_case = VQKV__ENVELOPE__BODY_ACK;
+        env.ack = &ack;
+        fuzz_record_envelope(&s.buf, &s.len, FUZZ_OP_FRAME, &env); /* id 0, a reply */
+        env.request_id = 99;
+        fuzz_record_envelope(&s.buf, &s.len, FUZZ_OP_FRAME | FUZZ_OP_STRAY_FD, &env);
+    }
+    const uint8_t junk[] = {0xff, 0xff, 0xff, 0x0f, 0x12};
+    fuzz_record_bytes(&s.buf, &s.len, FUZZ_OP_FRAME, junk, sizeof junk);
+    seeds__lookup(&s, 1, 1);
+    seeds__session_end(&s, "errors");
+
+    seeds__session_begin(&s, 0);
+    seeds__stats(&s);
+    static uint8_t big[20000];
+    fuzz_record_bytes(&s.buf, &s.len, FUZZ_OP_FRAME, big, sizeof big);
+    seeds__session_end(&s, "frame-too-big");
+}
+
+/* ---- frame ------------------------------------------------------------------ */
+
+static void seeds__frame(void)
+{
+    /* Every request of the session seeds, as one framed stream. */
+    seeds__session_t s;
+    seeds__session_begin(&s, 0);
+    fuzz_prelude(&s.buf, &s.len, 4 << FUZZ_SETUP_CODEC_SHIFT);
+    seeds__put_chain(&s, 1, 3);
+    seeds__lookup(&s, 1, 3);
+    seeds__get(&s, 3);
+    seeds__release(&s, 1);
+    seeds__pin(&s, 1, 2, 0, 0);
+    seeds__pin(&s, 1, 2, 0, 1);
+    seeds__evict(&s, 1, 1, 0);
+    seeds__find_model(&s, "fuzz");
+    seeds__stats(&s);
+    /* Records to frames: the u16 length becomes the u32 one. */
+    uint8_t *stream = malloc(2 + s.len * 2);
+    FUZZ_CHECK(stream != NULL, "out of memory");
+    size_t n = 2;
+    for (size_t off = 1; off + 3 <= s.len;) {
+        size_t len = (size_t)s.buf[off + 1] | (size_t)s.buf[off + 2] << 8;
+        stream[n++] = (uint8_t)len;
+        stream[n++] = (uint8_t)(len >> 8);
+        stream[n++] = 0;
+        stream[n++] = 0;
+        memcpy(stream + n, s.buf + off + 3, len);
+        n += len;
+        off += 3 + len;
+    }
+    free(s.buf);
+    static const struct {
+        uint8_t mode, seed;
+        const char *name;
+    } runs[] = {
+        {0x0f, 0, "requests-whole"},         {0x0d, 1, "requests-8-byte-chunks"},
+        {0x0c, 2, "requests-1-byte-chunks"}, {0x1e, 3, "requests-chunks-fds"},
+        {0x01, 4, "requests-max-16"},
+    };
+    for (size_t i = 0; i < sizeof runs / sizeof runs[0]; i++) {
+        stream[0] = runs[i].mode;
+        stream[1] = runs[i].seed;
+        seeds__write("frame", runs[i].name, stream, n);
+    }
+    /* A cut stream, an empty frame, a length over every maximum. */
+    stream[0] = 0x0f;
+    seeds__write("frame", "requests-cut", stream, n - 3);
+    const uint8_t edges[] = {0x0f, 0,    0,    0,    0,    0,    4,    0,    0,
+                             0,    0x08, 0x01, 0x1a, 0x00, 0xff, 0xff, 0xff, 0xff};
+    seeds__write("frame", "empty-then-too-big", edges, sizeof edges);
+    free(stream);
+}
+
+/* ---- codebook --------------------------------------------------------------- */
+
+/* The body bin of a codebook file. */
+static void seeds__body(const uint8_t *file, size_t len, const char **body, size_t *body_len)
+{
+    msgpack_unpacked u;
+    msgpack_unpacked_init(&u);
+    size_t off = 0;
+    FUZZ_CHECK(msgpack_unpack_next(&u, (const char *)file, len, &off) == MSGPACK_UNPACK_SUCCESS,
+               "a codebook file does not unpack");
+    *body = NULL;
+    const msgpack_object_map *map = &u.data.via.map;
+    for (uint32_t i = 0; i < map->size; i++)
+        if (map->ptr[i].key.via.str.size == 4 &&
+            memcmp(map->ptr[i].key.via.str.ptr, "body", 4) == 0) {
+            /* The object points into file, which outlives u. */
+            *body = map->ptr[i].val.via.bin.ptr;
+            *body_len = map->ptr[i].val.via.bin.size;
+        }
+    msgpack_unpacked_destroy(&u);
+    FUZZ_CHECK(*body != NULL, "a codebook file without a body");
+}
+
+static void seeds__codebook(void)
+{
+    for (int i = 0; i < FUZZ_N_VQ_SPECS; i++) {
+        uint8_t *file;
+        size_t len;
+        FUZZ_CHECK(fuzz_codebook_make(fuzz_vq_specs[i], &fuzz_layout, &file, &len) == VQKV_OK,
+                   "codebooks for %s", fuzz_vq_specs[i]);
+        uint8_t *seed = malloc(len + 1);
+        FUZZ_CHECK(seed != NULL, "out of memory");
+        char name[64];
+        seed[0] = (uint8_t)i;
+        memcpy(seed + 1, file, len);
+        snprintf(name, sizeof name, "file-%d", i);
+        seeds__write("codebook", name, seed, len + 1);
+        /* The same file offered to the next spec: another codec's. */
+        seed[0] = (uint8_t)((i + 1) % FUZZ_N_VQ_SPECS);
+        snprintf(name, sizeof name, "file-%d-as-%d", i, seed[0]);
+        seeds__write("codebook", name, seed, len + 1);
+        const char *body;
+        size_t body_len;
+        seeds__body(file, len, &body, &body_len);
+        seed[0] = (uint8_t)(0x80 | i);
+        memcpy(seed + 1, body, body_len);
+        snprintf(name, sizeof name, "body-%d", i);
+        seeds__write("codebook", name, seed, body_len + 1);
+        free(seed);
+        free(file);
+    }
+}
+
+/* ---- config ------------------------------------------------------------------ */
+
+static void seeds__config(const char *shipped)
+{
+    FILE *f = fopen(shipped, "rb");
+    FUZZ_CHECK(f != NULL, "%s: %s", shipped, strerror(errno));
+    static char text[65536];
+    size_t n = fread(text, 1, sizeof text, f);
+    fclose(f);
+    seeds__write("config", "vqkvd.conf", text, n);
+
+    static const struct {
+        const char *name, *text;
+    } files[] = {
+        {"every-key", "[vqkvd]\nsocket = /run/vqkv/vqkv.sock\npool_bytes = 512M\n"
+                      "device = cuda:0\nstate_dir = /var/lib/vqkv\nlog_level = debug\n"
+                      "allow_uids = 0, 1000 1001\nallow_gids = 100\nadmin_uids = 0\n"
+                      "calibration_tokens = 4096\nmax_clients = 8\nmax_inflight = 32\n"
+                      "max_regions = 2\nlease_ms = 1000\n"
+                      "[quota]\ndefault = 4G\nuid.1000 = unlimited\nuid.1001 = 64k\n"},
+        {"lists-twice", "[vqkvd]\nallow_uids = 1\nallow_uids = 2,3\n; comment\n"
+                        "# comment\nadmin_uids =\n"},
+        {"bad-value", "[vqkvd]\npool_bytes = 0\n"},
+        {"unknown-key", "[vqkvd]\npol_bytes = 1G\n"},
+        {"twice", "[quota]\nuid.5 = 1G\nuid.5 = 2G\n"},
+        {"no-section", "pool_bytes = 1G\n"},
+        {"garbage", "[vqkvd\n=\n  indented = 1\n"},
+    };
+    for (size_t i = 0; i < sizeof files / sizeof files[0]; i++)
+        seeds__write("config", files[i].name, files[i].text, strlen(files[i].text));
+}
+
+/* ---- block keys ---------------------------------------------------------------- */
+
+static void seeds__block_keys(void)
+{
+    /* block_keys.h's vector: zero salt, "m", "fp16", tokens {1, 2}. */
+    uint8_t seed[128] = {0};
+    size_t n = 32;
+    seed[n++] = 1;
+    seed[n++] = 'm';
+    seed[n++] = 4;
+    memcpy(seed + n, "fp16", 4);
+    n += 4;
+    seed[n++] = 0; /* extra */
+    seed[n++] = 2; /* block_tokens */
+    seed[n++] = 0; /* split */
+    seed[n++] = 0; /* slack */
+    const uint8_t tokens[] = {1, 0, 0, 0, 2, 0, 0, 0};
+    memcpy(seed + n, tokens, sizeof tokens);
+    seeds__write("block_keys", "documented-vector", seed, n + sizeof tokens);
+
+    /* Three blocks of 3 with extra bytes, continued at block 2. */
+    uint8_t more[128];
+    size_t m = 0;
+    for (int i = 0; i < 32; i++)
+        more[m++] = (uint8_t)(i * 7);
+    more[m++] = 5;
+    memcpy(more + m, "model", 5);
+    m += 5;
+    more[m++] = 5;
+    memcpy(more + m, "kivi4", 5);
+    m += 5;
+    more[m++] = 3;
+    memcpy(more + m, "img", 3);
+    m += 3;
+    more[m++] = 3;
+    more[m++] = 2;
+    more[m++] = 1;
+    for (uint32_t t = 0; t < 10; t++) {
+        uint32_t tok = 1000 + t * 37;
+        memcpy(more + m, &tok, 4);
+        m += 4;
+    }
+    seeds__write("block_keys", "three-blocks-extra", more, m);
+}
+
+int main(int argc, char **argv)
+{
+    if (argc != 3) {
+        fprintf(stderr, "usage: %s FUZZ_DIR VQKVD_CONF\n", argv[0]);
+        return 2;
+    }
+    seeds__root = argv[1];
+    seeds__session();
+    seeds__frame();
+    seeds__codebook();
+    seeds__config(argv[2]);
+    seeds__block_keys();
+    return 0;
+}
