@@ -18,7 +18,7 @@
 #include "libvqkv_harness.h"
 #include "vqkv.h"
 
-#define TIMEOUT_MS 5000
+#define TIMEOUT_MS 30000
 #define LAYERS 2
 #define HEADS 2
 #define DIM 64

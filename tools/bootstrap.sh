@@ -9,11 +9,12 @@ cd "$(dirname "$0")/.."
 # libmicrohttpd-dev serves vqkvd's metrics endpoint; systemd ships
 # systemd-socket-activate (tests/test_service.c), systemd-analyze,
 # -sysusers and -tmpfiles; procps (the units' kill), man-db and groff-base
-# check the installed units and man pages.
+# check the installed units and man pages; clang and libclang-rt-14-dev
+# build the libFuzzer targets (tools/fuzz.sh).
 pkgs="build-essential cmake pkg-config git libuv1-dev libprotobuf-c-dev protobuf-c-compiler
       libmsgpack-dev libcmocka-dev libsystemd-dev libjson-c-dev libssl-dev python3 python3-venv
       golang-github-pierrec-lz4-dev libinih-dev redis-server redis-tools jq
-      libmicrohttpd-dev systemd procps man-db groff-base"
+      libmicrohttpd-dev systemd procps man-db groff-base clang libclang-rt-14-dev"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
