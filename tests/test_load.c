@@ -87,13 +87,18 @@ static const char *const load_status_names[] = {"stored", "present", "no_parent"
                                                 "over_quota"};
 #define LOAD_STATUSES (sizeof load_status_names / sizeof load_status_names[0])
 
-/* What one client process reports, in memory shared with the parent. */
+/* A client's counts, and the run's (their sum). */
 typedef struct {
     uint64_t calls[LOAD_KINDS];
     uint64_t errors[LOAD_KINDS][LOAD_CODES]; /* by -code */
     uint64_t statuses[LOAD_STATUSES];        /* per block put */
     uint64_t blocks_found, blocks_asked, blocks_got, bytes_checked, wrong_bytes;
     uint64_t stats_over_pool; /* StatsReplies with bytes_stored > pool_bytes */
+} load_counts_t;
+
+/* What one client process reports, in memory shared with the parent. */
+typedef struct {
+    load_counts_t n;
     float samples_us[LOAD_KINDS][LOAD_SAMPLES];
     uint64_t end_ns;
     _Atomic int ready, setup_failed; /* polled by the parent */
@@ -160,7 +165,7 @@ typedef struct {
 
 static void load_sample(load_worker_t *lw, int kind, uint64_t ns)
 {
-    uint64_t seen = lw->out->calls[kind]++;
+    uint64_t seen = lw->out->n.calls[kind]++;
     uint64_t j = seen < LOAD_SAMPLES ? seen : load_rand(&lw->sample_rng) % (seen + 1);
     if (j < LOAD_SAMPLES)
         lw->out->samples_us[kind][j] = (float)ns / 1e3f;
@@ -174,7 +179,7 @@ static int load_count(load_worker_t *lw, int kind, int rc, int allowed, uint64_t
     load_sample(lw, kind, load_now_ns() - t0);
     if (rc >= 0)
         return rc;
-    lw->out->errors[kind][-rc < LOAD_CODES ? -rc : LOAD_CODES - 1]++;
+    lw->out->n.errors[kind][-rc < LOAD_CODES ? -rc : LOAD_CODES - 1]++;
     if (rc == allowed)
         return rc;
     if (lw->out->error[0] == '\0')
@@ -223,7 +228,7 @@ static uint64_t load_check_block(load_worker_t *lw, uint32_t slot, const uint8_t
                     for (size_t i = 0; i < row_bytes; i++)
                         wrong += got[i] != want[i];
                 }
-    lw->out->bytes_checked += vqkv_worker_block_logical_bytes(l);
+    lw->out->n.bytes_checked += vqkv_worker_block_logical_bytes(l);
     return wrong;
 }
 
@@ -257,7 +262,7 @@ static void load_put(load_worker_t *lw, uint32_t s)
     if (load_count(lw, LOAD_PUT, rc, 0, t0) < 0)
         return;
     for (uint32_t i = 0; i < LOAD_CHAIN; i++)
-        lw->out->statuses[(unsigned)st[i] < LOAD_STATUSES ? st[i] : LOAD_STATUSES - 1]++;
+        lw->out->n.statuses[(unsigned)st[i] < LOAD_STATUSES ? st[i] : LOAD_STATUSES - 1]++;
 }
 
 /* Lookup of the first 1..LOAD_CHAIN blocks of s; then, mostly, a get of
@@ -273,8 +278,8 @@ static void load_lookup_get(load_worker_t *lw, uint32_t s)
                          &found, &lease);
     if (load_count(lw, LOAD_LOOKUP, rc, 0, t0) < 0)
         return;
-    lw->out->blocks_asked += want;
-    lw->out->blocks_found += found;
+    lw->out->n.blocks_asked += want;
+    lw->out->n.blocks_found += found;
     if (found == 0)
         return;
     if (load_rand(&lw->rng) % 10 != 0) {
@@ -286,9 +291,9 @@ static void load_lookup_get(load_worker_t *lw, uint32_t s)
         t0 = load_now_ns();
         rc = vqkv_get(lw->w.client, lease, lw->w.region, slots, found);
         if (load_count(lw, LOAD_GET, rc, VQKV_ELEASE, t0) >= 0) {
-            lw->out->blocks_got += (uint64_t)rc;
+            lw->out->n.blocks_got += (uint64_t)rc;
             for (int i = 0; i < rc; i++)
-                lw->out->wrong_bytes += load_check_block(lw, slots[i], keys[i]);
+                lw->out->n.wrong_bytes += load_check_block(lw, slots[i], keys[i]);
         }
     }
     t0 = load_now_ns();
@@ -328,7 +333,7 @@ static void load_stats(load_worker_t *lw)
     uint64_t t0 = load_now_ns();
     if (load_count(lw, LOAD_STATS, vqkv_stats(lw->w.client, &st), 0, t0) >= 0 &&
         st.bytes_stored > st.pool_bytes)
-        lw->out->stats_over_pool++;
+        lw->out->n.stats_over_pool++;
 }
 
 /* The body of client `index`: set up, wait for the start, run the mix
@@ -428,6 +433,34 @@ static uint32_t load_watch(const daemon_t *d, vqkv_client_t *c, load_shared_t *s
 
 /* ---- the report ------------------------------------------------------------ */
 
+static void load_counts_add(load_counts_t *into, const load_counts_t *n)
+{
+    for (int k = 0; k < LOAD_KINDS; k++) {
+        into->calls[k] += n->calls[k];
+        for (int e = 0; e < LOAD_CODES; e++)
+            into->errors[k][e] += n->errors[k][e];
+    }
+    for (size_t i = 0; i < LOAD_STATUSES; i++)
+        into->statuses[i] += n->statuses[i];
+    into->blocks_found += n->blocks_found;
+    into->blocks_asked += n->blocks_asked;
+    into->blocks_got += n->blocks_got;
+    into->bytes_checked += n->bytes_checked;
+    into->wrong_bytes += n->wrong_bytes;
+    into->stats_over_pool += n->stats_over_pool;
+}
+
+/* Errors that are not documented outcomes: all but a get's expired lease. */
+static uint64_t load_unexpected(const load_counts_t *n)
+{
+    uint64_t sum = 0;
+    for (int k = 0; k < LOAD_KINDS; k++)
+        for (int e = 1; e < LOAD_CODES; e++)
+            if (!(k == LOAD_GET && e == -VQKV_ELEASE))
+                sum += n->errors[k][e];
+    return sum;
+}
+
 static int load_cmp_float(const void *a, const void *b)
 {
     float x = *(const float *)a, y = *(const float *)b;
@@ -440,23 +473,23 @@ typedef struct {
     int sampled;
 } load_kind_t;
 
-/* Sums the clients' counts of kind and takes its percentiles over the
- * samples of all clients. */
-static void load_kind_sum(const load_shared_t *sh, const load_run_t *run, int kind, load_kind_t *k)
+/* The run's figures for kind from the totals, with its percentiles over
+ * the samples of all clients. */
+static void load_kind_sum(const load_shared_t *sh, const load_run_t *run,
+                          const load_counts_t *total, int kind, load_kind_t *k)
 {
     uint64_t n = 0;
     memset(k, 0, sizeof *k);
-    for (uint32_t i = 0; i < run->clients; i++) {
-        const load_client_t *cl = &sh->clients[i];
-        k->calls += cl->calls[kind];
-        for (int e = 0; e < LOAD_CODES; e++)
-            k->errors[e] += cl->errors[kind][e];
-        n += cl->calls[kind] < LOAD_SAMPLES ? cl->calls[kind] : LOAD_SAMPLES;
-        k->sampled |= cl->calls[kind] > LOAD_SAMPLES;
-    }
-    k->ok = k->calls;
-    for (int e = 0; e < LOAD_CODES; e++)
+    k->calls = k->ok = total->calls[kind];
+    for (int e = 0; e < LOAD_CODES; e++) {
+        k->errors[e] = total->errors[kind][e];
         k->ok -= k->errors[e];
+    }
+    for (uint32_t i = 0; i < run->clients; i++) {
+        uint64_t calls = sh->clients[i].n.calls[kind];
+        n += calls < LOAD_SAMPLES ? calls : LOAD_SAMPLES;
+        k->sampled |= calls > LOAD_SAMPLES;
+    }
     k->ops_s = (double)k->calls / run->elapsed_s;
     if (n == 0)
         return;
@@ -465,7 +498,7 @@ static void load_kind_sum(const load_shared_t *sh, const load_run_t *run, int ki
     uint64_t at = 0;
     for (uint32_t i = 0; i < run->clients; i++) {
         const load_client_t *cl = &sh->clients[i];
-        uint64_t m = cl->calls[kind] < LOAD_SAMPLES ? cl->calls[kind] : LOAD_SAMPLES;
+        uint64_t m = cl->n.calls[kind] < LOAD_SAMPLES ? cl->n.calls[kind] : LOAD_SAMPLES;
         memcpy(all + at, cl->samples_us[kind], m * sizeof *all);
         at += m;
     }
@@ -476,8 +509,7 @@ static void load_kind_sum(const load_shared_t *sh, const load_run_t *run, int ki
     free(all);
 }
 
-static void load_report(const load_shared_t *sh, const load_run_t *run, const uint64_t *totals,
-                        const uint64_t *statuses)
+static void load_report(const load_shared_t *sh, const load_run_t *run, const load_counts_t *t)
 {
     load_kind_t k[LOAD_KINDS];
     const char *json_path = getenv("VQKV_LOAD_JSON");
@@ -502,7 +534,7 @@ static void load_report(const load_shared_t *sh, const load_run_t *run, const ui
             (unsigned long long)run->sequences * LOAD_CHAIN);
     fprintf(f, "  \"kinds\": {");
     for (int i = 0; i < LOAD_KINDS; i++) {
-        load_kind_sum(sh, run, i, &k[i]);
+        load_kind_sum(sh, run, t, i, &k[i]);
         printf("%-8s %10llu %10llu %10.0f %10.1f %10.1f %10.1f  ", load_kind_names[i],
                (unsigned long long)k[i].calls, (unsigned long long)k[i].ok, k[i].ops_s, k[i].p50_us,
                k[i].p99_us, k[i].max_us);
@@ -527,15 +559,15 @@ static void load_report(const load_shared_t *sh, const load_run_t *run, const ui
     fprintf(f, "\n  },\n  \"put_statuses\": {");
     printf("put statuses (blocks):");
     for (size_t i = 0; i < LOAD_STATUSES; i++) {
-        printf(" %s %llu", load_status_names[i], (unsigned long long)statuses[i]);
+        printf(" %s %llu", load_status_names[i], (unsigned long long)t->statuses[i]);
         fprintf(f, "%s\"%s\": %llu", i == 0 ? "" : ", ", load_status_names[i],
-                (unsigned long long)statuses[i]);
+                (unsigned long long)t->statuses[i]);
     }
     printf("\nblocks got %llu, bytes checked %llu, wrong bytes %llu; lookups found %llu of %llu "
            "blocks asked; evictions %llu\n",
-           (unsigned long long)totals[0], (unsigned long long)totals[1],
-           (unsigned long long)totals[2], (unsigned long long)totals[3],
-           (unsigned long long)totals[4], (unsigned long long)run->evictions);
+           (unsigned long long)t->blocks_got, (unsigned long long)t->bytes_checked,
+           (unsigned long long)t->wrong_bytes, (unsigned long long)t->blocks_found,
+           (unsigned long long)t->blocks_asked, (unsigned long long)run->evictions);
     printf("daemon: max bytes_stored %llu of %u; max RSS %.1f MiB (before the load %.1f MiB, "
            "bound %.1f MiB); max RssShmem %.1f MiB (bound %.1f MiB); %llu samples\n",
            (unsigned long long)run->max_bytes_stored, LOAD_POOL_BYTES,
@@ -551,10 +583,11 @@ static void load_report(const load_shared_t *sh, const load_run_t *run, const ui
         "  \"max_bytes_stored\": %llu,\n  \"rss_before_bytes\": %llu,\n"
         "  \"max_rss_bytes\": %llu,\n  \"rss_bound_bytes\": %llu,\n"
         "  \"max_rss_shmem_bytes\": %llu,\n  \"shmem_bound_bytes\": %llu\n}\n",
-        (unsigned long long)totals[0], (unsigned long long)totals[1], (unsigned long long)totals[2],
-        (unsigned long long)totals[3], (unsigned long long)totals[4],
-        (unsigned long long)run->evictions, (unsigned long long)run->max_bytes_stored,
-        (unsigned long long)run->rss0, (unsigned long long)run->max_rss,
+        (unsigned long long)t->blocks_got, (unsigned long long)t->bytes_checked,
+        (unsigned long long)t->wrong_bytes, (unsigned long long)t->blocks_found,
+        (unsigned long long)t->blocks_asked, (unsigned long long)run->evictions,
+        (unsigned long long)run->max_bytes_stored, (unsigned long long)run->rss0,
+        (unsigned long long)run->max_rss,
         (unsigned long long)(run->rss0 + LOAD_POOL_BYTES + run->region_bytes + run->slack_bytes),
         (unsigned long long)run->max_shmem,
         (unsigned long long)(LOAD_POOL_BYTES + run->region_bytes));
@@ -641,23 +674,13 @@ static void test_load(void **state)
         fail_msg("%u clients still running %d s after the end: a request hung", hung,
                  LOAD_GRACE_MS / 1000);
 
-    uint64_t end = start, totals[5] = {0}, statuses[LOAD_STATUSES] = {0}, unexpected = 0,
-             over_pool = 0;
+    uint64_t end = start;
+    load_counts_t *total = calloc(1, sizeof *total);
+    assert_non_null(total);
     for (uint32_t i = 0; i < run.clients; i++) {
         const load_client_t *cl = &sh->clients[i];
         end = cl->end_ns > end ? cl->end_ns : end;
-        totals[0] += cl->blocks_got;
-        totals[1] += cl->bytes_checked;
-        totals[2] += cl->wrong_bytes;
-        totals[3] += cl->blocks_found;
-        totals[4] += cl->blocks_asked;
-        over_pool += cl->stats_over_pool;
-        for (size_t s = 0; s < LOAD_STATUSES; s++)
-            statuses[s] += cl->statuses[s];
-        for (int k = 0; k < LOAD_KINDS; k++)
-            for (int e = 1; e < LOAD_CODES; e++)
-                if (!(k == LOAD_GET && e == -VQKV_ELEASE))
-                    unexpected += cl->errors[k][e];
+        load_counts_add(total, &cl->n);
         if (cl->error[0] != '\0')
             print_error("client %u: %s\n", i, cl->error);
     }
@@ -670,17 +693,18 @@ static void test_load(void **state)
         assert_true(now_ms() < deadline);
     } while (st.clients != 1 || st.leases != 0);
     run.evictions = st.evictions - st0.evictions;
-    load_report(sh, &run, totals, statuses);
+    load_report(sh, &run, total);
 
-    assert_int_equal(totals[2], 0);  /* wrong bytes */
-    assert_true(totals[0] > 0);      /* gets did run and were checked */
-    assert_int_equal(unexpected, 0); /* only documented errors */
-    assert_int_equal(over_pool, 0);  /* the clients' own Stats agree */
-    assert_true(run.evictions > 0);  /* the pool was oversubscribed */
+    assert_int_equal(total->wrong_bytes, 0);
+    assert_true(total->blocks_got > 0); /* gets did run and were checked */
+    assert_int_equal(load_unexpected(total), 0);
+    assert_int_equal(total->stats_over_pool, 0); /* the clients' own Stats agree */
+    assert_true(run.evictions > 0);              /* the pool was oversubscribed */
     assert_true(run.max_bytes_stored <= LOAD_POOL_BYTES);
     assert_true(run.max_shmem <= LOAD_POOL_BYTES + run.region_bytes);
     assert_true(run.max_rss <= run.rss0 + LOAD_POOL_BYTES + run.region_bytes + run.slack_bytes);
 
+    free(total);
     munmap(sh, sh_bytes);
     vqkv_close(c);
     daemon_stop(&d);
