@@ -463,7 +463,11 @@ static void vqkvd__reader_failed(vqkvd_client_t *c, int rc)
         c->dead = 1;
         return;
     }
-    vqkvd__reply_error(c, 0, 0, rc, "the stream cannot be trusted any more; closing");
+    if (rc == VQKV_ETOOBIG)
+        vqkvd__reply_error(c, 0, 0, rc, "a frame is longer than max_frame, %u bytes; closing",
+                           (unsigned)c->server->cfg.max_frame);
+    else
+        vqkvd__reply_error(c, 0, 0, rc, "the stream cannot be trusted any more; closing");
     c->closing = 1;
 }
 

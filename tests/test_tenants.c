@@ -8,7 +8,6 @@
  * socket in a fresh temporary directory (tests/daemon_harness.h) and must
  * exit 0 on SIGTERM (under ASan: no leak).
  */
-#include <grp.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -439,31 +438,20 @@ static void test_vqkvctl(void **state)
 #define OTHER_UID 65534
 #define REFUSED_UID 65533
 
-/* Runs fn(d, keys) in a child process as uid (and gid) and returns its exit
- * status: cmocka's asserts do not cross a fork, so the child reports the
- * first check that failed as its status (0: all held). */
-static int as_uid(uid_t uid, int (*fn)(const daemon_t *, const uint8_t (*)[VQKV_KEY_BYTES]),
-                  const daemon_t *d, const uint8_t (*keys)[VQKV_KEY_BYTES])
-{
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        if (setgroups(0, NULL) != 0 || setresgid(uid, uid, uid) != 0 ||
-            setresuid(uid, uid, uid) != 0)
-            _exit(100);
-        _exit(fn(d, keys));
-    }
-    int status = 0;
-    assert_int_equal(waitpid(pid, &status, 0), pid);
-    assert_true(WIFEXITED(status));
-    return WEXITSTATUS(status);
-}
+/* What the checks run as another uid get: the daemon and the first
+ * tenant's keys. */
+typedef struct {
+    const daemon_t *d;
+    const uint8_t (*keys)[VQKV_KEY_BYTES];
+} other_arg_t;
 
 /* The second tenant: the first tenant's chain (same tokens, so its own
  * keys, and the first tenant's keys as they are) misses; putting the same
  * tokens stores new blocks; its stats show itself only. */
-static int other_tenant(const daemon_t *d, const uint8_t (*first_keys)[VQKV_KEY_BYTES])
+static int other_tenant(const void *arg)
 {
+    const daemon_t *d = ((const other_arg_t *)arg)->d;
+    const uint8_t(*first_keys)[VQKV_KEY_BYTES] = ((const other_arg_t *)arg)->keys;
     vqkv_client_t *c = NULL;
     vqkv_model_t *m = NULL;
     vqkv_kv_view_t view;
@@ -514,9 +502,9 @@ static int other_tenant(const daemon_t *d, const uint8_t (*first_keys)[VQKV_KEY_
 }
 
 /* A uid the daemon does not allow: connecting fails with VQKV_EPERM. */
-static int refused_peer(const daemon_t *d, const uint8_t (*unused)[VQKV_KEY_BYTES])
+static int refused_peer(const void *arg)
 {
-    (void)unused;
+    const daemon_t *d = ((const other_arg_t *)arg)->d;
     vqkv_client_t *c = NULL;
     int rc = vqkv_connect(d->path, "test_tenants-refused", TIMEOUT_MS, &c);
     if (rc == VQKV_OK)
@@ -537,16 +525,15 @@ static void test_two_uids(void **state)
     daemon_start(&d, extra);
     /* The allow list is the daemon's gate, so the test opens the way to
      * the socket for the other uids. */
-    assert_int_equal(chmod(d.dir, 0711), 0);
-    assert_int_equal(chmod(d.path, 0666), 0);
+    daemon_open_to_all(&d);
 
     worker_t w;
     uint8_t keys[4][VQKV_KEY_BYTES];
     worker_open(&w, &d);
     put_chain(&w, 100, 4, keys);
-    assert_int_equal(as_uid(OTHER_UID, other_tenant, &d, (const uint8_t(*)[VQKV_KEY_BYTES])keys),
-                     0);
-    assert_int_equal(as_uid(REFUSED_UID, refused_peer, &d, NULL), 0);
+    const other_arg_t arg = {&d, (const uint8_t(*)[VQKV_KEY_BYTES])keys};
+    assert_int_equal(run_as(OTHER_UID, OTHER_UID, other_tenant, &arg), 0);
+    assert_int_equal(run_as(REFUSED_UID, REFUSED_UID, refused_peer, &arg), 0);
 
     /* The first tenant still has its own blocks, untouched by the other's
      * identical chain, and sees only itself. */
