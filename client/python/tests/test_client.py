@@ -244,13 +244,19 @@ def test_lookup_finds_the_longest_prefix_and_leases_it(client: vqkv.Client) -> N
         assert (miss.found, miss.id) == (0, 0)
 
 
-def test_put_statuses(client: vqkv.Client) -> None:
-    model, _, region, keys = offload(client, tokens=TOKENS[:32])
-    again = client.put(model, region, keys, [0, 1])
+def test_put_statuses_and_continuations(client: vqkv.Client) -> None:
+    model, _, region, stored = offload(client, tokens=TOKENS[:32])  # blocks 0 and 1
+    again = client.put(model, region, stored, [0, 1])
     assert again == vqkv.PutResult(0, [vqkv.PutStatus.PRESENT] * 2)
-    orphan = model.block_keys(TOKENS[48:64], parent=model.block_keys(TOKENS[:48])[2])
-    r = client.put(model, region, orphan, [3], parents=[model.block_keys(TOKENS[:48])[2].tobytes()])
-    assert r == vqkv.PutResult(0, [vqkv.PutStatus.NO_PARENT])
+    keys = model.block_keys(TOKENS)
+    parents = np.vstack([np.zeros((1, vqkv.KEY_BYTES), np.uint8), keys[:-1]])
+    # Block 3 without block 2 is refused; then blocks 2 and 3 continue the stored prefix.
+    assert client.put(model, region, keys[3:], [3], parents=parents[3:]) == vqkv.PutResult(
+        0, [vqkv.PutStatus.NO_PARENT]
+    )
+    assert client.put(model, region, keys[2:], [2, 3], parents=parents[2:]).stored == 2
+    with client.lookup(model, keys) as lease:
+        assert lease.found == N_BLOCKS
 
 
 # ---- pin, unpin, evict, stats --------------------------------------------------------------------

@@ -38,8 +38,9 @@ KEY_BYTES = 32
 STATS_MAX_TENANTS = 64
 
 # The checkout this file sits in, when it sits in one: src/vqkv/ under
-# client/python/ of the repository.
+# client/python/ of the repository (an installed copy sits in none).
 _CHECKOUT = Path(__file__).resolve().parents[4]
+_IN_CHECKOUT = (_CHECKOUT / "client" / "python" / "src" / "vqkv" / "_native.py").is_file()
 _BUILD_TREE_LIBRARY = _CHECKOUT / "build" / "client" / "libvqkv.so"
 
 
@@ -181,14 +182,12 @@ def find_library() -> str:
     env = os.environ.get("VQKV_LIBRARY")
     if env:
         return env
-    if _BUILD_TREE_LIBRARY.is_file() and (_CHECKOUT / "client" / "vqkv.h").is_file():
+    if _IN_CHECKOUT and _BUILD_TREE_LIBRARY.is_file():
         return str(_BUILD_TREE_LIBRARY)
     found = ctypes.util.find_library("vqkv")
     if found is None:
-        raise LibraryNotFoundError(
-            "libvqkv not found: set VQKV_LIBRARY to libvqkv.so, build the checkout "
-            f"({_BUILD_TREE_LIBRARY} is missing) or install the library"
-        )
+        build = f", build the checkout ({_BUILD_TREE_LIBRARY} is missing)" if _IN_CHECKOUT else ""
+        raise LibraryNotFoundError(f"libvqkv not found: set VQKV_LIBRARY to libvqkv.so{build} or install it")
     return found
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _call, _native
+from .errors import VqkvError
 from .memory import KVCache, KVView, Layout
 
 __all__ = [
@@ -322,7 +323,12 @@ class Client:
             timeout_ms,
             ctypes.byref(self._c),
         )
-        _call.check_local(rc, f"connect to {socket_path or 'the default socket'}")
+        if rc < 0:
+            try:
+                where = socket_path or default_socket()
+            except VqkvError:
+                where = "the default socket (XDG_RUNTIME_DIR unset)"
+            _call.check_local(rc, f"connect to {where}")
         self.tenant: str = lib.vqkv_client_tenant(self._c).decode()
         """the daemon's tenant name for this peer (the uid in decimal, or a configured name)"""
         self.backend: str = lib.vqkv_client_backend(self._c).decode()

@@ -245,6 +245,8 @@ class KVCache:
         (:meth:`KVView.split`, K and V per layer, ``gap`` bytes after each).
         ``name`` shows in ``/proc/PID/fd``.
         """
+        if kind not in ("vllm", "split"):
+            raise _call.invalid(f'kind must be "vllm" or "split", not {kind!r}')
         view = KVView.vllm(layout, num_blocks) if kind == "vllm" else KVView.split(layout, num_blocks, gap)
         fd = memfd_create(name, view.region_bytes)
         try:
