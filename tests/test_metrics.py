@@ -16,10 +16,8 @@ is none. The binaries come from VQKVD_PATH and METRICS_TRAFFIC_PATH.
 """
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -49,7 +47,9 @@ if __name__ == "__main__":
         sys.exit(77)
     sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", __file__]))
 
+import daemon_harness  # noqa: E402
 import pytest  # noqa: E402
+from daemon_harness import HANG_GUARD_S  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 if not (os.access(VQKVD, os.X_OK) and os.access(TRAFFIC, os.X_OK)):
@@ -62,38 +62,22 @@ BLOCKS, PUTS, LOOKUPS, EXTRA, PINS = 8, 2, 3, 2, 3
 LAYERS, KV_HEADS, HEAD_DIM, BLOCK_TOKENS, F16_BYTES = 2, 2, 64, 16, 2
 LOGICAL_BLOCK = LAYERS * 2 * KV_HEADS * HEAD_DIM * BLOCK_TOKENS * F16_BYTES
 POOL_BYTES = 64 << 20
-# Guards against a daemon that hangs on start or stop; never a timing check.
-HANG_GUARD_S = 60
 
 
-class Daemon:
-    """vqkvd on a socket in tmp_path, stderr in a file; stop() wants exit 0."""
+class Daemon(daemon_harness.Daemon):
+    """vqkvd on a socket in tmp_path, with url set when a metrics address is configured."""
 
     def __init__(self, tmp_path, *args, config_text=""):
-        self.log = tmp_path / "vqkvd.log"
-        self.socket = tmp_path / "vqkv.sock"
-        config = tmp_path / "daemon.conf"
-        config.write_text(config_text)
-        metrics = bool(args) or "metrics_address" in config_text
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(
-                [VQKVD, "--config", str(config), "--socket", str(self.socket),
-                 "--state-dir", str(tmp_path / "state"), "--pool-bytes", str(POOL_BYTES),
-                 *args], stdin=subprocess.DEVNULL, stderr=log)
         self.url = None
-        deadline = time.monotonic() + HANG_GUARD_S
-        while not self.socket.exists() or (metrics and self.url is None):
-            assert self.proc.poll() is None, f"vqkvd exited: {self.log.read_text()}"
-            assert time.monotonic() < deadline, f"vqkvd did not start: {self.log.read_text()}"
-            for line in self.log.read_text().splitlines():
-                if "metrics on http://" in line:
-                    self.url = line.split("metrics on ")[1].split("/metrics")[0]
-            time.sleep(0.02)
+        metrics = bool(args) or "metrics_address" in config_text
+        super().__init__(VQKVD, tmp_path, *args, config_text=config_text, pool_bytes=POOL_BYTES,
+                         ready=self._found_url if metrics else None)
 
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        rc = self.proc.wait(HANG_GUARD_S)
-        assert rc == 0, f"vqkvd exited with {rc}: {self.log.read_text()}"
+    def _found_url(self):
+        for line in self.log.read_text().splitlines():
+            if "metrics on http://" in line:
+                self.url = line.split("metrics on ")[1].split("/metrics")[0]
+        return self.url is not None
 
 
 @pytest.fixture

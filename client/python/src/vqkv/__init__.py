@@ -1,0 +1,97 @@
+"""vqkv: the Python client of vqkvd, the node-local compressed KV-cache block daemon.
+
+A thin, typed layer over libvqkv (``vqkv.h``) through ctypes: no compiled
+extension, the same wire protocol and block keys as every C worker. A worker
+connects (:class:`Client`), registers its model (:meth:`Client.register_model`)
+and the memory of its paged KV cache (:class:`KVCache` in a memfd,
+:meth:`Client.register_cache`), then offloads full blocks
+(:meth:`Client.put`) and brings them back (:meth:`Client.lookup`,
+:meth:`Client.get`, release), keyed by :meth:`Model.block_keys`::
+
+    import vqkv
+
+    layout = vqkv.Layout(num_layers=2, num_kv_heads=2, head_dim=64, block_tokens=16)
+    with vqkv.Client("/run/vqkv/vqkv.sock", name="worker-0") as client:
+        model = client.register_model("org/model@rev", layout, "fp16")
+        cache = vqkv.KVCache.create(layout, num_blocks=64)
+        region = client.register_cache(model, cache)
+        keys = model.block_keys(tokens)
+        client.put(model, region, keys, slots=range(len(keys)))
+        with client.lookup(model, keys) as lease:
+            lease.get(region, slots=free_slots[: lease.found])
+
+Failures raise :class:`VqkvError` (``.code``, ``.name``, ``.message``) or one
+of its subclasses. CUDA memory needs the daemon's CUDA backend, which does not
+exist yet (:meth:`Client.register_cuda_tensor`).
+"""
+
+from ._native import LibraryNotFoundError, find_library
+from .client import (
+    KEY_BYTES,
+    Client,
+    Keys,
+    KeysLike,
+    Lease,
+    Model,
+    PutResult,
+    PutStatus,
+    Region,
+    Stats,
+    TenantStats,
+    default_socket,
+)
+from .errors import (
+    CodecSpecError,
+    ConnectionLostError,
+    DaemonTimeoutError,
+    ErrorCode,
+    HandleError,
+    InvalidArgumentError,
+    LeaseError,
+    LimitError,
+    MapError,
+    MismatchError,
+    OutOfRangeError,
+    PermissionDeniedError,
+    QuotaError,
+    VqkvError,
+)
+from .memory import DType, KVCache, KVView, Layout, memfd_create
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KEY_BYTES",
+    "Client",
+    "CodecSpecError",
+    "ConnectionLostError",
+    "DType",
+    "DaemonTimeoutError",
+    "ErrorCode",
+    "HandleError",
+    "InvalidArgumentError",
+    "KVCache",
+    "KVView",
+    "Keys",
+    "KeysLike",
+    "Layout",
+    "Lease",
+    "LeaseError",
+    "LibraryNotFoundError",
+    "LimitError",
+    "MapError",
+    "MismatchError",
+    "Model",
+    "OutOfRangeError",
+    "PermissionDeniedError",
+    "PutResult",
+    "PutStatus",
+    "QuotaError",
+    "Region",
+    "Stats",
+    "TenantStats",
+    "VqkvError",
+    "default_socket",
+    "find_library",
+    "memfd_create",
+]
