@@ -189,6 +189,10 @@ int vqkvd_session_stats(vqkvd_client_t *c, Vqkv__StatsReply *st)
     st->evictions = ss.evictions;
     st->leases = ss.leases;
     st->pool_bytes = ps.usable_bytes;
+    st->pool_slots_used = ps.slots_used;
+    st->pool_bytes_used = ps.bytes_stored;
+    for (const vqkvd_client_t *o = s->clients; o != NULL; o = o->next)
+        st->regions += o->n_regions;
 
     /* The pointers, then the entries, in one allocation: room for the
      * caller's own entry and every tenant the store knows. */

@@ -144,7 +144,8 @@ void vqkvd_session_dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_f
  * undone, regions dropped. */
 void vqkvd_session_client_gone(vqkvd_client_t *c);
 
-/* session.c: fills the store part of a StatsReply and its tenants: the
+/* session.c: fills the store and pool part of a StatsReply (regions
+ * counted over the open connections) and its tenants: the
  * client's own first, then, for a peer in cfg.admin_uids, every other
  * tenant the store knows. st->tenants is one allocation, entries included:
  * free(st->tenants) once the reply is packed. VQKV_OK or VQKV_ENOMEM. */
