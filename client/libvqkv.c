@@ -1,5 +1,20 @@
 /* libvqkv.c -- the worker library (vqkv.h): synchronous request/reply over
- * the blocking frame helpers of proto/frame.h. */
+ * the blocking frame helpers of proto/frame.h.
+ *
+ * A client outlives its connection. When the socket fails (the daemon
+ * exited, crashed or was restarted), the call in progress fails with
+ * VQKV_ECLOSED and the socket is dropped; the next call connects again to
+ * the same path, says Hello, and registers again every model and region
+ * the client holds before it sends its own request. For that the client
+ * keeps what it registered: each model's request, and a dup of each
+ * region's memfd (one fd a region, held until vqkv_close) and of a codebook
+ * file sent with a model. The caller's handles never change: a
+ * vqkv_model_t keeps the daemon's current model handle, a region handle is
+ * the client's own number mapped to the daemon's, and a lease handle
+ * carries the number of the connection that took it in its top 16 bits, so
+ * a lease from a connection that is gone is refused here (VQKV_ELEASE)
+ * instead of naming some new lease of the restarted daemon.
+ */
 /* vqkv_proto.h first: vqkv.h then leaves out its copy of the codes. */
 #include "frame.h"
 #include "vqkv_proto.h"
@@ -10,6 +25,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,33 +39,66 @@
 #define VQKV__ERR_LEN 512
 _Static_assert(VQKV_KEY_BYTES == VQKV_PROTO_KEY_BYTES, "key size");
 #define VQKV__NAME_MAX 64
+/* A lease handle: the connection's generation above, the daemon's id below. */
+#define VQKV__LEASE_GEN_SHIFT 48
+#define VQKV__LEASE_ID_MASK ((UINT64_C(1) << VQKV__LEASE_GEN_SHIFT) - 1)
+
+/* A tenant salt from a Welcome. A restarted daemon draws new salts, so a
+ * reconnect may bring one; the old ones are freed only by vqkv_close
+ * because vqkv_model_block_keys on another thread may still be reading one
+ * (32 bytes kept per restart). */
+typedef struct vqkv__salt {
+    struct vqkv__salt *next;
+    uint8_t bytes[VQKV_BLOCK_KEY_SALT_LEN];
+} vqkv__salt_t;
 
 struct vqkv_model {
     struct vqkv_model *next;
-    uint64_t handle;
+    uint64_t handle; /* the daemon's, on the current connection */
     char *model_id;
     char *codec; /* canonical spec */
     uint32_t block_bytes;
     vqkv_layout_t layout;
-    int codebooks_ready; /* as of the last RegisterModel or FindModel */
-    uint8_t salt[VQKV_BLOCK_KEY_SALT_LEN];
+    uint32_t kv_head_first, kv_head_count; /* the range FindModel names */
+    int registered;                        /* by RegisterModel (else found by FindModel) */
+    int codebook_fd;                       /* the file it was registered with, or -1 */
+    int codebooks_ready;                   /* as of the last RegisterModel or FindModel */
+    _Atomic(const vqkv__salt_t *) salt;    /* swapped by a reconnect */
 };
 
+/* A registered memfd region, kept to register it again after a reconnect. */
+typedef struct vqkv__region {
+    struct vqkv__region *next;
+    vqkv_region_t handle;   /* the caller's */
+    uint64_t daemon_handle; /* the daemon's, on the current connection */
+    const vqkv_model_t *model;
+    int memfd; /* a dup of the caller's */
+    uint64_t bytes, offset;
+    vqkv_kv_view_t view;
+} vqkv__region_t;
+
 struct vqkv_client {
-    int fd;
+    int fd; /* -1 between a lost connection and the next call */
     vqkv_frame_reader_t reader;
     uint64_t next_id;
     uint32_t max_frame; /* the daemon's, from Welcome */
     int timeout_ms;
-    uint8_t salt[VQKV_BLOCK_KEY_SALT_LEN];
+    uint16_t gen; /* connections made; goes into lease handles */
+    struct sockaddr_un addr;
+    char name[VQKV__NAME_MAX + 1];
+    vqkv__salt_t *salts; /* the current one first */
     char *tenant;
     char *backend;
     char *server_version;
     vqkv_model_t *models;
+    vqkv__region_t *regions;
+    vqkv_region_t next_region;
     char err[VQKV__ERR_LEN];
 };
 
 /* ---- helpers ---------------------------------------------------------------- */
+
+static int vqkv__ready(vqkv_client_t *c);
 
 static int vqkv__fail(vqkv_client_t *c, int code, const char *fmt, ...)
 {
@@ -69,37 +118,54 @@ static char *vqkv__strdup(const char *s)
     return d;
 }
 
+/* Drops the connection; the next call makes a new one. */
+static void vqkv__disconnect(vqkv_client_t *c)
+{
+    if (c->fd >= 0)
+        close(c->fd);
+    c->fd = -1;
+    vqkv_frame_reader_free(&c->reader);
+}
+
+/* The socket failed under a request: its bytes may be half sent or half
+ * read, so nothing more can go over it. */
+static int vqkv__lost(vqkv_client_t *c, int e)
+{
+    vqkv__disconnect(c);
+    return vqkv__fail(c, VQKV_ECLOSED, "vqkvd closed the connection (%s); the next call reconnects",
+                      e != 0 ? strerror(e) : "end of stream");
+}
+
 /* Sends env (request_id assigned here) with fds, then waits for the reply
  * carrying its id; replies to earlier requests that timed out are skipped.
- * *reply is the reply (an Error becomes its code, the message kept). */
+ * *reply is the reply (an Error becomes its code, the message kept). A
+ * failed socket drops the connection: VQKV_ECLOSED. */
 static int vqkv__call(vqkv_client_t *c, Vqkv__Envelope *env, const int *fds, size_t n_fds,
                       Vqkv__Envelope__BodyCase want, Vqkv__Envelope **reply)
 {
     *reply = NULL;
-    c->err[0] = '\0';
-    if (c->fd < 0)
-        return vqkv__fail(c, VQKV_ECLOSED, "connection is closed after an earlier error");
     env->request_id = c->next_id++;
     int rc = vqkv_frame_send(c->fd, env, fds, n_fds, c->max_frame);
     if (rc == VQKV_ETOOBIG)
         return vqkv__fail(c, rc, "request exceeds the daemon's frame limit of %u bytes",
                           c->max_frame);
-    if (rc != VQKV_OK) {
-        int e = errno;
-        rc = vqkv__fail(c, rc, "sending request: %s", strerror(e));
-        errno = e;
-        return rc;
-    }
+    if (rc == VQKV_EIO)
+        return vqkv__lost(c, errno);
+    if (rc != VQKV_OK)
+        return vqkv__fail(c, rc, "sending request: %s", vqkv_proto_strerror(rc));
     for (;;) {
         vqkv_frame_t frame;
+        errno = 0;
         rc = vqkv_frame_recv(c->fd, &c->reader, &frame);
         if (rc == VQKV_EAGAIN)
             return vqkv__fail(c, rc, "no reply from vqkvd within %d ms", c->timeout_ms);
+        if (rc == VQKV_EIO || rc == VQKV_ECLOSED || rc == VQKV_ETRUNC)
+            return vqkv__lost(c, rc == VQKV_EIO ? errno : 0);
         if (rc != VQKV_OK) {
-            /* The stream is out of step or gone: no later call can succeed. */
-            close(c->fd);
-            c->fd = -1;
-            return vqkv__fail(c, rc, "receiving reply: %s", vqkv_proto_strerror(rc));
+            /* The stream is out of step: no later request can be read. */
+            vqkv__disconnect(c);
+            return vqkv__fail(c, rc, "receiving reply: %s; the next call reconnects",
+                              vqkv_proto_strerror(rc));
         }
         Vqkv__Envelope *r = NULL;
         rc = vqkv_frame_unpack(frame.data, frame.len, &r);
@@ -167,25 +233,118 @@ const char *vqkv_client_server_version(const vqkv_client_t *client)
     return client->server_version;
 }
 
+static void vqkv__model_free(vqkv_model_t *m)
+{
+    if (m->codebook_fd >= 0)
+        close(m->codebook_fd);
+    free(m->model_id);
+    free(m->codec);
+    free(m);
+}
+
 void vqkv_close(vqkv_client_t *client)
 {
     if (client == NULL)
         return;
-    if (client->fd >= 0)
-        close(client->fd);
-    vqkv_frame_reader_free(&client->reader);
-    vqkv_model_t *m = client->models;
-    while (m != NULL) {
-        vqkv_model_t *next = m->next;
-        free(m->model_id);
-        free(m->codec);
-        free(m);
-        m = next;
+    vqkv__disconnect(client);
+    while (client->models != NULL) {
+        vqkv_model_t *m = client->models;
+        client->models = m->next;
+        vqkv__model_free(m);
+    }
+    while (client->regions != NULL) {
+        vqkv__region_t *r = client->regions;
+        client->regions = r->next;
+        close(r->memfd);
+        free(r);
+    }
+    while (client->salts != NULL) {
+        vqkv__salt_t *t = client->salts;
+        client->salts = t->next;
+        free(t);
     }
     free(client->tenant);
     free(client->backend);
     free(client->server_version);
     free(client);
+}
+
+/* *field = value, keeping the old string (and pointers to it) when equal. */
+static int vqkv__keep_string(char **field, const char *value)
+{
+    if (*field != NULL && strcmp(*field, value) == 0)
+        return VQKV_OK;
+    char *d = vqkv__strdup(value);
+    if (d == NULL)
+        return VQKV_ENOMEM;
+    free(*field);
+    *field = d;
+    return VQKV_OK;
+}
+
+/* Keeps what Welcome says: limits, names and the tenant salt (a new salt
+ * node when it changed, which the models then point to). */
+static int vqkv__welcome(vqkv_client_t *c, const Vqkv__Welcome *w)
+{
+    if (w->tenant_salt.len != VQKV_BLOCK_KEY_SALT_LEN || w->max_frame_bytes == 0)
+        return vqkv__fail(c, VQKV_EPROTO, "vqkvd sent a Welcome without a salt or a frame limit");
+    c->max_frame = w->max_frame_bytes < VQKV_FRAME_LIMIT ? w->max_frame_bytes : VQKV_FRAME_LIMIT;
+    if (vqkv__keep_string(&c->tenant, w->tenant) != VQKV_OK ||
+        vqkv__keep_string(&c->backend, w->backend) != VQKV_OK ||
+        vqkv__keep_string(&c->server_version, w->server_version) != VQKV_OK)
+        return vqkv__fail(c, VQKV_ENOMEM, "out of memory");
+    if (c->salts != NULL &&
+        memcmp(c->salts->bytes, w->tenant_salt.data, VQKV_BLOCK_KEY_SALT_LEN) == 0)
+        return VQKV_OK;
+    vqkv__salt_t *t = malloc(sizeof *t);
+    if (t == NULL)
+        return vqkv__fail(c, VQKV_ENOMEM, "out of memory");
+    memcpy(t->bytes, w->tenant_salt.data, VQKV_BLOCK_KEY_SALT_LEN);
+    t->next = c->salts;
+    c->salts = t;
+    for (vqkv_model_t *m = c->models; m != NULL; m = m->next)
+        atomic_store_explicit(&m->salt, t, memory_order_release);
+    return VQKV_OK;
+}
+
+/* Connects to c->addr and opens the session (Hello, Welcome). On failure
+ * the client is left disconnected with the reason in c->err. */
+static int vqkv__open(vqkv_client_t *c)
+{
+    int rc = vqkv_frame_reader_init(&c->reader, VQKV_FRAME_DEFAULT_MAX);
+    if (rc != VQKV_OK)
+        return vqkv__fail(c, rc, "frame reader: %s", vqkv_proto_strerror(rc));
+    c->max_frame = VQKV_FRAME_DEFAULT_MAX;
+    c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (c->fd < 0 || connect(c->fd, (struct sockaddr *)&c->addr, sizeof c->addr) < 0) {
+        int e = errno;
+        vqkv__disconnect(c);
+        errno = e;
+        return vqkv__fail(c, VQKV_EIO, "cannot reach vqkvd at %s: %s", c->addr.sun_path,
+                          strerror(e));
+    }
+    struct timeval tv = {c->timeout_ms / 1000, (c->timeout_ms % 1000) * 1000};
+    setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+
+    Vqkv__Hello h = VQKV__HELLO__INIT;
+    h.protocol_version = VQKV_PROTO_VERSION;
+    h.client_name = c->name;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_HELLO;
+    env.hello = &h;
+    Vqkv__Envelope *r;
+    rc = vqkv__call(c, &env, NULL, 0, VQKV__ENVELOPE__BODY_WELCOME, &r);
+    if (rc == VQKV_OK) {
+        rc = vqkv__welcome(c, r->welcome);
+        vqkv_frame_envelope_free(r);
+    }
+    if (rc != VQKV_OK) {
+        vqkv__disconnect(c);
+        return rc;
+    }
+    c->gen++;
+    return VQKV_OK;
 }
 
 int vqkv_connect(const char *socket_path, const char *client_name, int timeout_ms,
@@ -202,61 +361,26 @@ int vqkv_connect(const char *socket_path, const char *client_name, int timeout_m
     }
     if (client_name == NULL)
         client_name = "libvqkv";
-    struct sockaddr_un addr = {.sun_family = AF_UNIX};
-    if (timeout_ms <= 0 || strlen(socket_path) >= sizeof addr.sun_path ||
-        strlen(client_name) > VQKV__NAME_MAX)
-        return VQKV_EINVAL;
-    memcpy(addr.sun_path, socket_path, strlen(socket_path) + 1);
-
     vqkv_client_t *c = calloc(1, sizeof *c);
     if (c == NULL)
         return VQKV_ENOMEM;
+    if (timeout_ms <= 0 || strlen(socket_path) >= sizeof c->addr.sun_path ||
+        strlen(client_name) > VQKV__NAME_MAX) {
+        free(c);
+        return VQKV_EINVAL;
+    }
+    c->fd = -1;
     c->next_id = 1;
-    c->max_frame = VQKV_FRAME_DEFAULT_MAX;
     c->timeout_ms = timeout_ms;
-    c->fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (c->fd < 0 || connect(c->fd, (struct sockaddr *)&addr, sizeof addr) < 0) {
+    c->addr.sun_family = AF_UNIX;
+    memcpy(c->addr.sun_path, socket_path, strlen(socket_path) + 1);
+    memcpy(c->name, client_name, strlen(client_name) + 1);
+    int rc = vqkv__open(c);
+    if (rc != VQKV_OK) {
         int e = errno;
         vqkv_close(c);
         errno = e;
-        return VQKV_EIO;
-    }
-    struct timeval tv = {timeout_ms / 1000, (timeout_ms % 1000) * 1000};
-    setsockopt(c->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-    setsockopt(c->fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-    int rc = vqkv_frame_reader_init(&c->reader, VQKV_FRAME_DEFAULT_MAX);
-    if (rc != VQKV_OK) {
-        vqkv_close(c);
         return rc;
-    }
-
-    Vqkv__Hello h = VQKV__HELLO__INIT;
-    h.protocol_version = VQKV_PROTO_VERSION;
-    h.client_name = (char *)client_name;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_HELLO;
-    env.hello = &h;
-    Vqkv__Envelope *r;
-    rc = vqkv__call(c, &env, NULL, 0, VQKV__ENVELOPE__BODY_WELCOME, &r);
-    if (rc != VQKV_OK) {
-        vqkv_close(c);
-        return rc;
-    }
-    Vqkv__Welcome *w = r->welcome;
-    if (w->tenant_salt.len != VQKV_BLOCK_KEY_SALT_LEN || w->max_frame_bytes == 0) {
-        vqkv_frame_envelope_free(r);
-        vqkv_close(c);
-        return VQKV_EPROTO;
-    }
-    memcpy(c->salt, w->tenant_salt.data, VQKV_BLOCK_KEY_SALT_LEN);
-    c->max_frame = w->max_frame_bytes < VQKV_FRAME_LIMIT ? w->max_frame_bytes : VQKV_FRAME_LIMIT;
-    c->tenant = vqkv__strdup(w->tenant);
-    c->backend = vqkv__strdup(w->backend);
-    c->server_version = vqkv__strdup(w->server_version);
-    vqkv_frame_envelope_free(r);
-    if (c->tenant == NULL || c->backend == NULL || c->server_version == NULL) {
-        vqkv_close(c);
-        return VQKV_ENOMEM;
     }
     *client = c;
     return VQKV_OK;
@@ -264,59 +388,118 @@ int vqkv_connect(const char *socket_path, const char *client_name, int timeout_m
 
 /* ---- models ------------------------------------------------------------------- */
 
-/* Sends env (RegisterModel or FindModel, with fd when >= 0) and keeps the
- * model its ModelRegistered reply names: layout, or the reply's when NULL.
- * A handle the client has already is the same model, its codebooks_ready
- * brought up to date. */
-static int vqkv__model_call(vqkv_client_t *client, Vqkv__Envelope *env, int fd,
-                            const char *model_id, const vqkv_layout_t *layout, vqkv_model_t **model)
+/* A model request: RegisterModel of layout and codec (with the codebook
+ * file on fd when >= 0) when layout is not NULL, else FindModel of the
+ * head range [first, first + count). */
+typedef struct {
+    const char *model_id;
+    const vqkv_layout_t *layout;
+    const char *codec;
+    int fd;
+    uint32_t first, count;
+} vqkv__model_req_t;
+
+/* Sends req; *reply is its ModelRegistered, with a layout. */
+static int vqkv__model_send(vqkv_client_t *c, const vqkv__model_req_t *req, Vqkv__Envelope **reply)
 {
+    Vqkv__Layout wl = VQKV__LAYOUT__INIT;
+    Vqkv__RegisterModel rm = VQKV__REGISTER_MODEL__INIT;
+    Vqkv__FindModel fm = VQKV__FIND_MODEL__INIT;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    if (req->layout != NULL) {
+        wl.num_layers = req->layout->num_layers;
+        wl.num_kv_heads = req->layout->num_kv_heads;
+        wl.head_dim = req->layout->head_dim;
+        wl.block_tokens = req->layout->block_tokens;
+        wl.dtype = (Vqkv__DType)req->layout->dtype;
+        rm.model_id = (char *)req->model_id;
+        rm.layout = &wl;
+        rm.kv_head_first = 0;
+        rm.kv_head_count = req->layout->num_kv_heads;
+        rm.codec = (char *)req->codec;
+        rm.num_fds = req->fd >= 0;
+        env.body_case = VQKV__ENVELOPE__BODY_REGISTER_MODEL;
+        env.register_model = &rm;
+    } else {
+        fm.model_id = (char *)req->model_id;
+        fm.kv_head_first = req->first;
+        fm.kv_head_count = req->count;
+        env.body_case = VQKV__ENVELOPE__BODY_FIND_MODEL;
+        env.find_model = &fm;
+    }
+    int rc =
+        vqkv__call(c, &env, &req->fd, req->fd >= 0, VQKV__ENVELOPE__BODY_MODEL_REGISTERED, reply);
+    if (rc == VQKV_OK && (*reply)->model_registered->layout == NULL) {
+        vqkv_frame_envelope_free(*reply);
+        *reply = NULL;
+        return vqkv__fail(c, VQKV_EPROTO, "the daemon sent no layout for \"%s\"", req->model_id);
+    }
+    return rc;
+}
+
+/* Sends req and keeps the model its reply names. A handle the client has
+ * already is the same model, its codebooks_ready brought up to date. */
+static int vqkv__model_call(vqkv_client_t *c, const vqkv__model_req_t *req, vqkv_model_t **model)
+{
+    *model = NULL;
     Vqkv__Envelope *r;
-    int rc = vqkv__call(client, env, &fd, fd >= 0, VQKV__ENVELOPE__BODY_MODEL_REGISTERED, &r);
+    int rc = vqkv__model_send(c, req, &r);
     if (rc != VQKV_OK)
         return rc;
-    Vqkv__ModelRegistered *mr = r->model_registered;
-    vqkv_model_t *m = NULL;
-    if (layout == NULL && mr->layout == NULL) {
-        rc = vqkv__fail(client, VQKV_EPROTO, "the daemon sent no layout for \"%s\"", model_id);
-        goto cleanup;
-    }
-    for (m = client->models; m != NULL; m = m->next) {
-        if (m->handle == mr->model_handle) {
-            m->codebooks_ready = mr->codebooks_ready;
+    const Vqkv__ModelRegistered *mr = r->model_registered;
+    vqkv_model_t *m;
+    for (m = c->models; m != NULL; m = m->next)
+        if (m->handle == mr->model_handle)
+            break;
+    if (m == NULL) {
+        m = calloc(1, sizeof *m);
+        if (m == NULL || (m->model_id = vqkv__strdup(req->model_id)) == NULL ||
+            (m->codec = vqkv__strdup(mr->codec)) == NULL) {
+            if (m != NULL) {
+                m->codebook_fd = -1;
+                vqkv__model_free(m);
+            }
+            rc = vqkv__fail(c, VQKV_ENOMEM, "model \"%s\": out of memory", req->model_id);
             goto cleanup;
         }
+        m->handle = mr->model_handle;
+        m->block_bytes = mr->block_bytes;
+        const Vqkv__Layout *wl = mr->layout;
+        m->layout = (vqkv_layout_t){wl->num_layers, wl->num_kv_heads, wl->head_dim,
+                                    wl->block_tokens, (vqkv_dtype_t)wl->dtype};
+        m->kv_head_first = mr->kv_head_first;
+        m->kv_head_count = mr->kv_head_count;
+        m->codebook_fd = -1;
+        atomic_init(&m->salt, c->salts);
+        m->next = c->models;
+        c->models = m;
     }
-    m = calloc(1, sizeof *m);
-    if (m != NULL) {
-        m->model_id = vqkv__strdup(model_id);
-        m->codec = vqkv__strdup(mr->codec);
-    }
-    if (m == NULL || m->model_id == NULL || m->codec == NULL) {
-        if (m != NULL) {
-            free(m->model_id);
-            free(m->codec);
-            free(m);
-        }
-        m = NULL;
-        rc = vqkv__fail(client, VQKV_ENOMEM, "model \"%s\": out of memory", model_id);
-        goto cleanup;
-    }
-    m->handle = mr->model_handle;
-    m->block_bytes = mr->block_bytes;
+    m->registered |= req->layout != NULL;
     m->codebooks_ready = mr->codebooks_ready;
-    if (layout != NULL)
-        m->layout = *layout;
-    else
-        m->layout =
-            (vqkv_layout_t){mr->layout->num_layers, mr->layout->num_kv_heads, mr->layout->head_dim,
-                            mr->layout->block_tokens, (vqkv_dtype_t)mr->layout->dtype};
-    memcpy(m->salt, client->salt, sizeof m->salt);
-    m->next = client->models;
-    client->models = m;
+    *model = m;
 cleanup:
     vqkv_frame_envelope_free(r);
-    *model = m;
+    return rc;
+}
+
+/* Registers m again on a new connection: same id, layout, codec and
+ * codebook file, or found again when the client only found it. */
+static int vqkv__model_restore(vqkv_client_t *c, vqkv_model_t *m)
+{
+    vqkv__model_req_t req = {m->model_id,      m->registered ? &m->layout : NULL,
+                             m->codec,         m->codebook_fd,
+                             m->kv_head_first, m->kv_head_count};
+    Vqkv__Envelope *r;
+    int rc = vqkv__model_send(c, &req, &r);
+    if (rc != VQKV_OK)
+        return rc;
+    const Vqkv__ModelRegistered *mr = r->model_registered;
+    if (strcmp(mr->codec, m->codec) != 0 || mr->block_bytes != m->block_bytes)
+        rc = vqkv__fail(c, VQKV_EMISMATCH, "model \"%s\" is now %s, not %s", m->model_id, mr->codec,
+                        m->codec);
+    m->handle = mr->model_handle;
+    m->codebooks_ready = mr->codebooks_ready;
+    vqkv_frame_envelope_free(r);
     return rc;
 }
 
@@ -326,23 +509,11 @@ static int vqkv__register_model(vqkv_client_t *client, const char *model_id,
                                 int codebook_fd, vqkv_model_t **model)
 {
     *model = NULL;
-    Vqkv__Layout wl = VQKV__LAYOUT__INIT;
-    wl.num_layers = layout->num_layers;
-    wl.num_kv_heads = layout->num_kv_heads;
-    wl.head_dim = layout->head_dim;
-    wl.block_tokens = layout->block_tokens;
-    wl.dtype = (Vqkv__DType)layout->dtype;
-    Vqkv__RegisterModel rm = VQKV__REGISTER_MODEL__INIT;
-    rm.model_id = (char *)model_id;
-    rm.layout = &wl;
-    rm.kv_head_first = 0;
-    rm.kv_head_count = layout->num_kv_heads;
-    rm.codec = (char *)codec_spec;
-    rm.num_fds = codebook_fd >= 0;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_REGISTER_MODEL;
-    env.register_model = &rm;
-    return vqkv__model_call(client, &env, codebook_fd, model_id, layout, model);
+    int rc = vqkv__ready(client);
+    if (rc != VQKV_OK)
+        return rc;
+    vqkv__model_req_t req = {model_id, layout, codec_spec, codebook_fd, 0, layout->num_kv_heads};
+    return vqkv__model_call(client, &req, model);
 }
 
 int vqkv_register_model(vqkv_client_t *client, const char *model_id, const vqkv_layout_t *layout,
@@ -371,7 +542,13 @@ int vqkv_register_model_codebook(vqkv_client_t *client, const char *model_id,
                           strerror(errno));
     }
     int rc = vqkv__register_model(client, model_id, layout, codec_spec, fd, model);
-    close(fd);
+    /* The model keeps the first file it was given, to send after a reconnect. */
+    if (rc == VQKV_OK && (*model)->codebook_fd < 0) {
+        (*model)->codebook_fd = fd;
+        fd = -1;
+    }
+    if (fd >= 0)
+        close(fd);
     return rc;
 }
 
@@ -388,14 +565,11 @@ int vqkv_model_find(vqkv_client_t *client, const char *model_id, uint32_t kv_hea
     if (model_id == NULL || model == NULL)
         return vqkv__fail(client, VQKV_EINVAL, "model_find: NULL argument");
     *model = NULL;
-    Vqkv__FindModel fm = VQKV__FIND_MODEL__INIT;
-    fm.model_id = (char *)model_id;
-    fm.kv_head_first = kv_head_first;
-    fm.kv_head_count = kv_head_count;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_FIND_MODEL;
-    env.find_model = &fm;
-    return vqkv__model_call(client, &env, -1, model_id, NULL, model);
+    int rc = vqkv__ready(client);
+    if (rc != VQKV_OK)
+        return rc;
+    vqkv__model_req_t req = {model_id, NULL, NULL, -1, kv_head_first, kv_head_count};
+    return vqkv__model_call(client, &req, model);
 }
 
 void vqkv_model_layout(const vqkv_model_t *model, vqkv_layout_t *layout)
@@ -420,7 +594,8 @@ int vqkv_model_block_keys(const vqkv_model_t *model, const uint8_t *parent, cons
     if (model == NULL)
         return VQKV_EINVAL;
     vqkv_block_key_ctx_t ctx;
-    memcpy(ctx.tenant_salt, model->salt, sizeof ctx.tenant_salt);
+    const vqkv__salt_t *salt = atomic_load_explicit(&model->salt, memory_order_acquire);
+    memcpy(ctx.tenant_salt, salt->bytes, sizeof ctx.tenant_salt);
     ctx.model_id = model->model_id;
     ctx.codec_id = model->codec;
     return vqkv_block_keys_continue(&ctx, parent, tokens, n_tokens, model->layout.block_tokens,
@@ -446,6 +621,48 @@ int vqkv_memfd_create(const char *name, uint64_t bytes, int *fd)
     return VQKV_OK;
 }
 
+/* Registers r on the current connection (its memfd sent) and keeps the
+ * daemon's handle for it. */
+static int vqkv__region_send(vqkv_client_t *c, vqkv__region_t *r)
+{
+    Vqkv__RegisterRegion rr = VQKV__REGISTER_REGION__INIT;
+    rr.model_handle = r->model->handle;
+    rr.kind = VQKV__REGION_KIND__REGION_KIND_MEMFD;
+    rr.region_bytes = r->bytes;
+    rr.offset = r->offset;
+    rr.layer_stride = r->view.layer_stride;
+    rr.kv_stride = r->view.kv_stride;
+    rr.slot_stride = r->view.slot_stride;
+    rr.token_stride = r->view.token_stride;
+    rr.head_stride = r->view.head_stride;
+    rr.num_slots = r->view.num_slots;
+    rr.num_fds = 1;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_REGISTER_REGION;
+    env.register_region = &rr;
+    Vqkv__Envelope *reply;
+    int rc = vqkv__call(c, &env, &r->memfd, 1, VQKV__ENVELOPE__BODY_REGION_REGISTERED, &reply);
+    if (rc != VQKV_OK)
+        return rc;
+    r->daemon_handle = reply->region_registered->region_handle;
+    vqkv_frame_envelope_free(reply);
+    return VQKV_OK;
+}
+
+/* The daemon's handle of the client's region; VQKV_EHANDLE when the client
+ * has none of that number. */
+static int vqkv__region_handle(vqkv_client_t *c, vqkv_region_t region, uint64_t *handle)
+{
+    for (const vqkv__region_t *r = c->regions; r != NULL; r = r->next) {
+        if (r->handle == region) {
+            *handle = r->daemon_handle;
+            return VQKV_OK;
+        }
+    }
+    return vqkv__fail(c, VQKV_EHANDLE, "region %llu was not registered on this client",
+                      (unsigned long long)region);
+}
+
 int vqkv_register_memfd_region(vqkv_client_t *client, const vqkv_model_t *model, int memfd,
                                uint64_t bytes, uint64_t offset, const vqkv_kv_view_t *strides,
                                vqkv_region_t *region)
@@ -454,28 +671,75 @@ int vqkv_register_memfd_region(vqkv_client_t *client, const vqkv_model_t *model,
         return VQKV_EINVAL;
     if (model == NULL || strides == NULL || region == NULL || memfd < 0)
         return vqkv__fail(client, VQKV_EINVAL, "register_memfd_region: bad argument");
-    Vqkv__RegisterRegion rr = VQKV__REGISTER_REGION__INIT;
-    rr.model_handle = model->handle;
-    rr.kind = VQKV__REGION_KIND__REGION_KIND_MEMFD;
-    rr.region_bytes = bytes;
-    rr.offset = offset;
-    rr.layer_stride = strides->layer_stride;
-    rr.kv_stride = strides->kv_stride;
-    rr.slot_stride = strides->slot_stride;
-    rr.token_stride = strides->token_stride;
-    rr.head_stride = strides->head_stride;
-    rr.num_slots = strides->num_slots;
-    rr.num_fds = 1;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_REGISTER_REGION;
-    env.register_region = &rr;
-    Vqkv__Envelope *r;
-    int rc = vqkv__call(client, &env, &memfd, 1, VQKV__ENVELOPE__BODY_REGION_REGISTERED, &r);
+    int rc = vqkv__ready(client);
     if (rc != VQKV_OK)
         return rc;
-    *region = r->region_registered->region_handle;
-    vqkv_frame_envelope_free(r);
+    vqkv__region_t *r = calloc(1, sizeof *r);
+    if (r == NULL)
+        return vqkv__fail(client, VQKV_ENOMEM, "register_memfd_region: out of memory");
+    /* Our own copy of the fd, to send again after a reconnect. */
+    r->memfd = fcntl(memfd, F_DUPFD_CLOEXEC, 0);
+    if (r->memfd < 0) {
+        int e = errno;
+        free(r);
+        return vqkv__fail(client, e == EBADF ? VQKV_EINVAL : VQKV_EIO, "register_memfd_region: %s",
+                          strerror(e));
+    }
+    r->model = model;
+    r->bytes = bytes;
+    r->offset = offset;
+    r->view = *strides;
+    rc = vqkv__region_send(client, r);
+    if (rc != VQKV_OK) {
+        close(r->memfd);
+        free(r);
+        return rc;
+    }
+    r->handle = ++client->next_region;
+    r->next = client->regions;
+    client->regions = r;
+    *region = r->handle;
     return VQKV_OK;
+}
+
+/* ---- reconnecting ---------------------------------------------------------------- */
+
+/* Registers every model, then every region, on a fresh connection. */
+static int vqkv__restore(vqkv_client_t *c)
+{
+    for (vqkv_model_t *m = c->models; m != NULL; m = m->next) {
+        int rc = vqkv__model_restore(c, m);
+        if (rc != VQKV_OK)
+            return rc;
+    }
+    for (vqkv__region_t *r = c->regions; r != NULL; r = r->next) {
+        int rc = vqkv__region_send(c, r);
+        if (rc != VQKV_OK)
+            return rc;
+    }
+    return VQKV_OK;
+}
+
+/* Every call starts here: clears the last error and, when the connection
+ * was lost, connects again and restores the client's models and regions.
+ * A failure leaves the client disconnected, for the next call to retry. */
+static int vqkv__ready(vqkv_client_t *c)
+{
+    c->err[0] = '\0';
+    if (c->fd >= 0)
+        return VQKV_OK;
+    int rc = vqkv__open(c);
+    if (rc == VQKV_OK)
+        rc = vqkv__restore(c);
+    if (rc == VQKV_OK || rc == VQKV_ECLOSED)
+        return rc; /* connected, or lost again, saying so */
+    int e = errno;
+    char why[VQKV__ERR_LEN];
+    memcpy(why, c->err, sizeof why);
+    vqkv__disconnect(c);
+    vqkv__fail(c, rc, "reconnecting to vqkvd: %s; the next call tries again", why);
+    errno = e;
+    return rc;
 }
 
 /* ---- blocks ------------------------------------------------------------------- */
@@ -500,6 +764,20 @@ static ProtobufCBinaryData *vqkv__wire_keys(const uint8_t (*keys)[VQKV_KEY_BYTES
     return k;
 }
 
+/* The daemon's id of a lease handle; VQKV_ELEASE when the connection that
+ * took it is gone (its daemon-side lease went with it). Generations wrap
+ * after 65536 connections, which no worker makes in a lease's lifetime. */
+static int vqkv__lease_id(vqkv_client_t *c, vqkv_lease_t lease, uint64_t *id)
+{
+    if (lease != 0 && lease >> VQKV__LEASE_GEN_SHIFT != c->gen)
+        return vqkv__fail(c, VQKV_ELEASE,
+                          "lease %llu was taken on an earlier connection to vqkvd; look the "
+                          "blocks up again",
+                          (unsigned long long)lease);
+    *id = lease & VQKV__LEASE_ID_MASK;
+    return VQKV_OK;
+}
+
 int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t region,
              const uint8_t (*keys)[VQKV_KEY_BYTES], const uint8_t (*parents)[VQKV_KEY_BYTES],
              const uint32_t *slots, size_t n, vqkv_put_status_t *statuses)
@@ -508,6 +786,12 @@ int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t reg
         return VQKV_EINVAL;
     if (model == NULL || (n > 0 && (keys == NULL || slots == NULL)) || n > UINT32_MAX)
         return vqkv__fail(client, VQKV_EINVAL, "put: bad argument");
+    uint64_t daemon_region = 0;
+    int rc = vqkv__ready(client);
+    if (rc == VQKV_OK)
+        rc = vqkv__region_handle(client, region, &daemon_region);
+    if (rc != VQKV_OK)
+        return rc;
     ProtobufCBinaryData *k = vqkv__wire_keys(keys, n);
     ProtobufCBinaryData *p = calloc(n ? n : 1, sizeof *p);
     if (k == NULL || p == NULL) {
@@ -526,7 +810,7 @@ int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t reg
     }
     Vqkv__Put put = VQKV__PUT__INIT;
     put.model_handle = model->handle;
-    put.region_handle = region;
+    put.region_handle = daemon_region;
     put.n_keys = n;
     put.keys = k;
     put.n_parent_keys = n;
@@ -537,7 +821,7 @@ int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t reg
     env.body_case = VQKV__ENVELOPE__BODY_PUT;
     env.put = &put;
     Vqkv__Envelope *r;
-    int rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_PUT_DONE, &r);
+    rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_PUT_DONE, &r);
     free(k);
     free(p);
     if (rc != VQKV_OK)
@@ -562,6 +846,9 @@ int vqkv_lookup(vqkv_client_t *client, const vqkv_model_t *model,
         return VQKV_EINVAL;
     if (model == NULL || found == NULL || lease == NULL || (n > 0 && keys == NULL))
         return vqkv__fail(client, VQKV_EINVAL, "lookup: bad argument");
+    int rc = vqkv__ready(client);
+    if (rc != VQKV_OK)
+        return rc;
     ProtobufCBinaryData *k = vqkv__wire_keys(keys, n);
     if (k == NULL)
         return vqkv__fail(client, VQKV_ENOMEM, "lookup: out of memory");
@@ -573,13 +860,18 @@ int vqkv_lookup(vqkv_client_t *client, const vqkv_model_t *model,
     env.body_case = VQKV__ENVELOPE__BODY_LOOKUP;
     env.lookup = &lk;
     Vqkv__Envelope *r;
-    int rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_LOOKUP_RESULT, &r);
+    rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_LOOKUP_RESULT, &r);
     free(k);
     if (rc != VQKV_OK)
         return rc;
+    uint64_t id = r->lookup_result->lease_id;
     *found = r->lookup_result->present;
-    *lease = r->lookup_result->lease_id;
     vqkv_frame_envelope_free(r);
+    /* Never seen: 2^48 leases would take years; that one expires unused. */
+    if (id > VQKV__LEASE_ID_MASK)
+        return vqkv__fail(client, VQKV_EPROTO, "lookup: lease id %llu is out of range",
+                          (unsigned long long)id);
+    *lease = id == 0 ? 0 : (uint64_t)client->gen << VQKV__LEASE_GEN_SHIFT | id;
     return VQKV_OK;
 }
 
@@ -590,16 +882,24 @@ int vqkv_get(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t region, co
         return VQKV_EINVAL;
     if ((n > 0 && slots == NULL) || n > UINT32_MAX)
         return vqkv__fail(client, VQKV_EINVAL, "get: bad argument");
+    uint64_t id = 0, daemon_region = 0;
+    int rc = vqkv__ready(client);
+    if (rc == VQKV_OK)
+        rc = vqkv__lease_id(client, lease, &id);
+    if (rc == VQKV_OK)
+        rc = vqkv__region_handle(client, region, &daemon_region);
+    if (rc != VQKV_OK)
+        return rc;
     Vqkv__Get g = VQKV__GET__INIT;
-    g.lease_id = lease;
-    g.region_handle = region;
+    g.lease_id = id;
+    g.region_handle = daemon_region;
     g.n_slots = n;
     g.slots = (uint32_t *)slots;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.body_case = VQKV__ENVELOPE__BODY_GET;
     env.get = &g;
     Vqkv__Envelope *r;
-    int rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_GET_DONE, &r);
+    rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_GET_DONE, &r);
     if (rc != VQKV_OK)
         return rc;
     int written = (int)r->get_done->written;
@@ -614,13 +914,19 @@ int vqkv_release(vqkv_client_t *client, vqkv_lease_t lease)
     client->err[0] = '\0';
     if (lease == 0)
         return VQKV_OK;
+    uint64_t id = 0;
+    int rc = vqkv__ready(client);
+    if (rc == VQKV_OK)
+        rc = vqkv__lease_id(client, lease, &id);
+    if (rc != VQKV_OK)
+        return rc;
     Vqkv__Release rel = VQKV__RELEASE__INIT;
-    rel.lease_id = lease;
+    rel.lease_id = id;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.body_case = VQKV__ENVELOPE__BODY_RELEASE;
     env.release = &rel;
     Vqkv__Envelope *r;
-    int rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_ACK, &r);
+    rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_ACK, &r);
     if (rc != VQKV_OK)
         return rc;
     vqkv_frame_envelope_free(r);
@@ -650,6 +956,9 @@ static int vqkv__pin_call(vqkv_client_t *client, const vqkv_model_t *model,
         return VQKV_EINVAL;
     if (model == NULL || (n > 0 && keys == NULL))
         return vqkv__fail(client, VQKV_EINVAL, "%s: bad argument", what);
+    int rc = vqkv__ready(client);
+    if (rc != VQKV_OK)
+        return rc;
     ProtobufCBinaryData *k = vqkv__wire_keys(keys, n);
     if (k == NULL)
         return vqkv__fail(client, VQKV_ENOMEM, "%s: out of memory", what);
@@ -670,7 +979,7 @@ static int vqkv__pin_call(vqkv_client_t *client, const vqkv_model_t *model,
         env.body_case = VQKV__ENVELOPE__BODY_PIN;
         env.pin = &p;
     }
-    int rc = vqkv__ack_call(client, &env, count);
+    rc = vqkv__ack_call(client, &env, count);
     free(k);
     return rc;
 }
@@ -694,6 +1003,9 @@ int vqkv_evict(vqkv_client_t *client, const vqkv_model_t *model,
         return VQKV_EINVAL;
     if (model == NULL || (n > 0 && keys == NULL) || (all && n > 0))
         return vqkv__fail(client, VQKV_EINVAL, "evict: bad argument");
+    int rc = vqkv__ready(client);
+    if (rc != VQKV_OK)
+        return rc;
     ProtobufCBinaryData *k = vqkv__wire_keys(keys, n);
     if (k == NULL)
         return vqkv__fail(client, VQKV_ENOMEM, "evict: out of memory");
@@ -705,7 +1017,7 @@ int vqkv_evict(vqkv_client_t *client, const vqkv_model_t *model,
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.body_case = VQKV__ENVELOPE__BODY_EVICT;
     env.evict = &e;
-    int rc = vqkv__ack_call(client, &env, count);
+    rc = vqkv__ack_call(client, &env, count);
     free(k);
     return rc;
 }
@@ -728,12 +1040,15 @@ int vqkv_stats(vqkv_client_t *client, vqkv_stats_t *stats)
         return VQKV_EINVAL;
     if (stats == NULL)
         return vqkv__fail(client, VQKV_EINVAL, "stats: NULL argument");
+    int rc = vqkv__ready(client);
+    if (rc != VQKV_OK)
+        return rc;
     Vqkv__Stats st = VQKV__STATS__INIT;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.body_case = VQKV__ENVELOPE__BODY_STATS;
     env.stats = &st;
     Vqkv__Envelope *r;
-    int rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_STATS_REPLY, &r);
+    rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_STATS_REPLY, &r);
     if (rc != VQKV_OK)
         return rc;
     const Vqkv__StatsReply *s = r->stats_reply;
@@ -747,6 +1062,9 @@ int vqkv_stats(vqkv_client_t *client, vqkv_stats_t *stats)
         .clients = s->clients,
         .pool_bytes = s->pool_bytes,
         .leases = s->leases,
+        .regions = s->regions,
+        .pool_slots_used = s->pool_slots_used,
+        .pool_bytes_used = s->pool_bytes_used,
         .n_tenants_total = s->n_tenants > UINT32_MAX ? UINT32_MAX : (uint32_t)s->n_tenants,
     };
     for (size_t i = 0; i < s->n_tenants && i < VQKV_STATS_MAX_TENANTS; i++)

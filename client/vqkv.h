@@ -34,15 +34,37 @@
  * message, or a local one, is kept until the next call on that client:
  * vqkv_last_error. Failed requests have no effect on the daemon.
  *
- * Handles (models, regions, leases) belong to the connection that made them
- * and die with it: closing a connection (or the process dying) releases
- * everything it held in the daemon.
+ * Handles (models, regions, leases) belong to the client that made them:
+ * closing it (or the process dying) releases everything it held in the
+ * daemon.
+ *
+ * Reconnecting. When the daemon goes away (it stopped, crashed or was
+ * restarted), the call in progress fails with VQKV_ECLOSED ("vqkvd closed
+ * the connection; the next call reconnects"), having taken effect or not.
+ * The next call on the client connects again to the same socket with the
+ * same name and timeout, registers again every model (same id, layout,
+ * codec and codebook file) and region the client holds, and then makes its
+ * own request; the caller's vqkv_model_t pointers and region handles stay
+ * valid. While the daemon is not back, that call fails (VQKV_EIO with errno
+ * set when the socket cannot be reached, or the code of what else failed;
+ * the message starts "reconnecting") and the next one tries again. What
+ * the daemon held for the old connection is gone: a lease taken before is
+ * refused (VQKV_ELEASE; look the blocks up again) and pins with ttl_ms 0
+ * are undone. A restarted daemon holds no blocks and draws new tenant
+ * salts, so keys computed before it restarted find nothing: compute them
+ * again after a VQKV_ECLOSED (vqkv_model_block_keys uses the new salt from
+ * the reconnect on). A VQ model registered without a codebook file gets the
+ * codebooks the daemon saved in its state directory
+ * (vqkv_model_codebooks_ready says so). To register regions again the
+ * client keeps a dup of each region's memfd, and of a model's codebook
+ * file, until vqkv_close: one fd each.
  *
  * Thread safety: a vqkv_client_t is one connection and must be used by one
  * thread at a time (use one connection per thread, or lock around every
  * call). Different clients may be used from different threads at once.
  * vqkv_model_block_keys only reads its model and may be called from any thread
- * while the model's client is open, concurrently with calls on that client.
+ * while the model's client is open, concurrently with calls on that client
+ * (keys computed during a call that reconnects have the old or the new salt).
  * vqkv_memfd_create and vqkv_client_strerror are thread-safe.
  */
 #ifndef VQKV_H
@@ -112,6 +134,11 @@ typedef struct {
     uint32_t clients;       /* connections open now */
     uint64_t pool_bytes;    /* pool capacity */
     uint64_t leases;        /* leases held now */
+    uint64_t regions;       /* regions registered by the connections open now */
+    /* The pool's own count of slots in use and of their bytes: equal to
+     * blocks and bytes_stored unless a slot went astray. */
+    uint64_t pool_slots_used;
+    uint64_t pool_bytes_used;
     /* The caller's own tenant first; then, when the daemon's config names
      * the caller's uid an admin, every other tenant it knows. tenants[0 ..
      * n_tenants) are kept; n_tenants_total is how many the daemon sent. */
@@ -132,7 +159,8 @@ int vqkv_default_socket(char *buf, size_t size);
  * client_name (NULL: "libvqkv", at most 64 bytes) shows in the daemon's
  * logs. timeout_ms (> 0) bounds the wait for every reply on this client;
  * a request whose reply does not come in time fails with VQKV_EAGAIN (a
- * late reply is skipped by the next call). On success *client is a new
+ * late reply is skipped by the next call). The client keeps socket_path,
+ * client_name and timeout_ms to reconnect with. On success *client is a new
  * client (vqkv_close); on failure it is NULL and the code says why:
  * VQKV_EIO with errno set when the socket cannot be reached, VQKV_EVERSION,
  * VQKV_EPERM or another code the daemon sent. */
@@ -150,7 +178,8 @@ const char *vqkv_last_error(const vqkv_client_t *client);
 const char *vqkv_client_strerror(int err);
 
 /* What the daemon said in Welcome, for logs: its tenant name for this peer,
- * its backend ("cpu" or "cuda") and its version. Valid while client is. */
+ * its backend ("cpu" or "cuda") and its version. Valid while client is,
+ * until a reconnect finds the daemon saying something else. */
 const char *vqkv_client_tenant(const vqkv_client_t *client);
 const char *vqkv_client_backend(const vqkv_client_t *client);
 const char *vqkv_client_server_version(const vqkv_client_t *client);
@@ -271,7 +300,8 @@ int vqkv_lookup(vqkv_client_t *client, const vqkv_model_t *model,
 int vqkv_get(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t region, const uint32_t *slots,
              size_t n);
 
-/* Ends a lease. 0 is accepted and does nothing. */
+/* Ends a lease. 0 is accepted and does nothing. VQKV_ELEASE for a lease
+ * taken before the client reconnected: the daemon let it go already. */
 int vqkv_release(vqkv_client_t *client, vqkv_lease_t lease);
 
 /* Keeps the blocks keys[0..n) of model from being evicted (a system prompt

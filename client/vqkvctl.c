@@ -278,6 +278,9 @@ static int vqkvctl_stats(int argc, char **argv, const char *socket_path)
         json_object_object_add(o, "clients", json_object_new_uint64(st.clients));
         json_object_object_add(o, "leases", json_object_new_uint64(st.leases));
         json_object_object_add(o, "pool_bytes", json_object_new_uint64(st.pool_bytes));
+        json_object_object_add(o, "regions", json_object_new_uint64(st.regions));
+        json_object_object_add(o, "pool_slots_used", json_object_new_uint64(st.pool_slots_used));
+        json_object_object_add(o, "pool_bytes_used", json_object_new_uint64(st.pool_bytes_used));
         struct json_object *tenants = json_object_new_array();
         for (uint32_t i = 0; i < st.n_tenants; i++) {
             const vqkv_tenant_stats_t *t = &st.tenants[i];
@@ -307,6 +310,7 @@ static int vqkvctl_stats(int argc, char **argv, const char *socket_path)
         printf("clients        %u\n", st.clients);
         printf("leases         %llu\n", (unsigned long long)st.leases);
         printf("pool_bytes     %llu\n", (unsigned long long)st.pool_bytes);
+        printf("regions        %llu\n", (unsigned long long)st.regions);
         printf("\n%-12s %10s %14s %14s %10s %10s %10s %14s\n", "tenant", "blocks", "bytes_stored",
                "bytes_logical", "hits", "misses", "evictions", "quota_bytes");
         for (uint32_t i = 0; i < st.n_tenants; i++) {

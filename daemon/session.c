@@ -199,6 +199,9 @@ int vqkvd_session_stats(vqkvd_client_t *c, Vqkv__StatsReply *st)
     st->leases = tot.store.leases;
     st->clients = tot.clients;
     st->pool_bytes = tot.pool.usable_bytes;
+    st->regions = tot.regions;
+    st->pool_slots_used = tot.pool.slots_used;
+    st->pool_bytes_used = tot.pool.bytes_stored;
 
     /* The pointers, then the entries, in one allocation: room for the
      * caller's own entry and every tenant the store knows. */

@@ -7,6 +7,11 @@
  * socket timeouts, so a hung daemon fails a test instead of blocking the
  * suite. Test-only: static
  * inline functions, so a test that uses only some of them compiles clean.
+ *
+ * $VQKV_DAEMON_WRAPPER, when set, is a command (words split at spaces, no
+ * quoting) the daemon runs under, e.g. "valgrind --error-exitcode=99"
+ * (tools/valgrind.sh); the deadlines and client timeouts below are then ten
+ * times longer, since such a daemon starts, answers and exits slowly.
  */
 #ifndef VQKV_DAEMON_HARNESS_H
 #define VQKV_DAEMON_HARNESS_H
@@ -34,9 +39,16 @@
 
 #include "frame.h"
 
-#define CLIENT_TIMEOUT_S 5
+/* 10 when the daemon runs under $VQKV_DAEMON_WRAPPER, else 1. */
+static inline int daemon_slowdown(void)
+{
+    const char *w = getenv("VQKV_DAEMON_WRAPPER");
+    return w != NULL && w[0] != '\0' ? 10 : 1;
+}
+
+#define CLIENT_TIMEOUT_S (5 * daemon_slowdown())
 /* ASan makes the daemon slow to start and to stop. */
-#define DAEMON_DEADLINE_MS 20000
+#define DAEMON_DEADLINE_MS (20000L * daemon_slowdown())
 
 /* assert on a protocol code, naming both on failure. */
 #define assert_prc(expr, want)                                                                     \
@@ -94,8 +106,6 @@ static inline int try_connect(const char *path)
     return fd;
 }
 
-/* Runs the daemon with extra arguments (NULL-terminated) on path; returns
- * its pid. Does not wait for it to listen. */
 /* In a child between fork and exec: the child gets SIGTERM when the test
  * process dies, so a test that fails (cmocka longjmps past its stop) never
  * leaves a daemon behind holding ctest's output pipe open. */
@@ -105,18 +115,30 @@ static inline void harness_die_with_parent(pid_t parent)
         _exit(125);
 }
 
+/* Runs the daemon with extra arguments (NULL-terminated) on path, under
+ * $VQKV_DAEMON_WRAPPER when set; returns its pid. Does not wait for it to
+ * listen. */
 static inline pid_t spawn_daemon(const char *path, const char *const *extra)
 {
-    const char *argv[24] = {VQKVD_PATH, "--socket", path, "--log-level", "debug"};
-    size_t n = 5;
-    for (size_t i = 0; extra != NULL && extra[i] != NULL && n < 23; i++)
+    char wrapper[1024];
+    snprintf(wrapper, sizeof wrapper, "%s",
+             daemon_slowdown() > 1 ? getenv("VQKV_DAEMON_WRAPPER") : "");
+    const char *argv[48];
+    size_t n = 0;
+    for (char *save = NULL, *w = strtok_r(wrapper, " ", &save); w != NULL && n < 16;
+         w = strtok_r(NULL, " ", &save))
+        argv[n++] = w;
+    const char *own[] = {VQKVD_PATH, "--socket", path, "--log-level", "debug"};
+    for (size_t i = 0; i < sizeof own / sizeof own[0]; i++)
+        argv[n++] = own[i];
+    for (size_t i = 0; extra != NULL && extra[i] != NULL && n < 47; i++)
         argv[n++] = extra[i];
     argv[n] = NULL;
     pid_t parent = getpid(), pid = fork();
     assert_true(pid >= 0);
     if (pid == 0) {
         harness_die_with_parent(parent);
-        execv(VQKVD_PATH, (char *const *)argv);
+        execvp(argv[0], (char *const *)argv);
         _exit(127);
     }
     return pid;

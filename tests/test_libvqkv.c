@@ -554,6 +554,83 @@ static void test_codebook_files(void **state)
     assert_int_equal(unlink(junk), 0);
 }
 
+/* ---- reconnecting ----------------------------------------------------------- */
+
+/* The daemon dies (SIGKILL) under a client holding a model, a region and
+ * a lease: the next call says so, the one after (no daemon yet) says it
+ * could not reconnect, and once a daemon is back on the socket the client
+ * works again with the same model and region handles; the old lease is
+ * refused. */
+static void test_reconnect(void **state)
+{
+    daemon_t *d = *state;
+    vqkv_client_t *c = connect_ok(d, "reconnect");
+    vqkv_model_t *m;
+    assert_vqkv(vqkv_register_model(c, MODEL, &layout, "fp16", &m), VQKV_OK);
+    region_t ra, rb;
+    region_new(&ra, 41);
+    region_new(&rb, 42);
+    vqkv_region_t ha, hb;
+    assert_vqkv(vqkv_register_memfd_region(c, m, ra.fd, ra.view.region_bytes, 0, &ra.view, &ha),
+                VQKV_OK);
+    assert_vqkv(vqkv_register_memfd_region(c, m, rb.fd, rb.view.region_bytes, 0, &rb.view, &hb),
+                VQKV_OK);
+    put_chain(c, m, ha, 10, 0, CALIB_BLOCKS);
+    uint8_t keys[CALIB_BLOCKS][VQKV_KEY_BYTES];
+    uint32_t slots[CALIB_BLOCKS];
+    chain_keys(m, 10, keys, 0, slots, CALIB_BLOCKS);
+    size_t found = 0;
+    vqkv_lease_t lease = 0;
+    assert_vqkv(vqkv_lookup(c, m, keys, CALIB_BLOCKS, &found, &lease), VQKV_OK);
+    assert_int_equal(found, CALIB_BLOCKS);
+    vqkv_stats_t st;
+    assert_vqkv(vqkv_stats(c, &st), VQKV_OK);
+    assert_int_equal(st.regions, 2);
+    assert_int_equal(st.leases, 1);
+
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_int_equal(waitpid(d->pid, NULL, 0), d->pid);
+    assert_vqkv(vqkv_stats(c, &st), VQKV_ECLOSED);
+    if (strstr(vqkv_last_error(c), "the next call reconnects") == NULL)
+        fail_msg("\"%s\" does not say what happens next", vqkv_last_error(c));
+    /* Nothing listens: the call fails, and says the next one tries again. */
+    assert_vqkv(vqkv_stats(c, &st), VQKV_EIO);
+    if (strstr(vqkv_last_error(c), "reconnecting") == NULL ||
+        strstr(vqkv_last_error(c), "the next call tries again") == NULL)
+        fail_msg("\"%s\" does not say it is reconnecting", vqkv_last_error(c));
+
+    d->pid = daemon_spawn(d, NULL);
+    daemon_wait_listening(d);
+    assert_vqkv(vqkv_stats(c, &st), VQKV_OK);
+    assert_int_equal(st.regions, 2);
+    assert_int_equal(st.leases, 0);
+    assert_int_equal(st.blocks, 0);
+    assert_int_equal(st.clients, 1);
+    /* Same model and region handles; keys computed again (a new daemon
+     * may give the tenant a new salt). */
+    put_chain(c, m, ha, 10, 0, CALIB_BLOCKS);
+    chain_keys(m, 10, keys, 0, slots, CALIB_BLOCKS);
+    vqkv_lease_t fresh = 0;
+    assert_vqkv(vqkv_lookup(c, m, keys, CALIB_BLOCKS, &found, &fresh), VQKV_OK);
+    assert_int_equal(found, CALIB_BLOCKS);
+    /* The old lease went with the old daemon, though the new one may have
+     * given the fresh lease the same number. */
+    assert_true(fresh != lease);
+    assert_vqkv(vqkv_get(c, lease, hb, slots, CALIB_BLOCKS), VQKV_ELEASE);
+    assert_vqkv(vqkv_release(c, lease), VQKV_ELEASE);
+    memset(rb.base, 0, rb.view.region_bytes);
+    assert_vqkv(vqkv_get(c, fresh, hb, slots, CALIB_BLOCKS), CALIB_BLOCKS);
+    assert_vqkv(vqkv_release(c, fresh), VQKV_OK);
+    for (uint32_t s = 0; s < CALIB_BLOCKS; s++)
+        assert_block_equal(&rb, s, &ra, s);
+    /* A region number this client never had is refused here. */
+    assert_vqkv(vqkv_put(c, m, ha + hb, keys, NULL, slots, 1, NULL), VQKV_EHANDLE);
+
+    vqkv_close(c);
+    region_free(&ra);
+    region_free(&rb);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -562,6 +639,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_health, setup, teardown),
         cmocka_unit_test(test_online_calibration),
         cmocka_unit_test_setup_teardown(test_codebook_files, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reconnect, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -13,7 +13,8 @@
 # own). Real SmolLM2-135M KV is used when tools/fidelity.sh has dumped it to
 # bench/out/kv.safetensors (or $VQKV_KV names a dump), synthetic KV
 # otherwise. The codec is $VQKV_CODEC, rvq:d=8,b=8,r=2 (2.25 bits a value)
-# by default; the daemon calibrates it on 512 tokens.
+# by default; the daemon calibrates it on 512 tokens. $VQKV_DAEMON_WRAPPER,
+# when set, is a command the daemon runs under (tools/valgrind.sh sets it).
 set -eu
 cd "$(dirname "$0")/.."
 build=${VQKV_BUILD_DIR:-build}
@@ -41,7 +42,8 @@ trap 'exit 1' INT TERM HUP
 
 # An empty config file, so that an installed vqkvd.conf does not apply.
 : >"$dir/vqkvd.conf"
-"$build/daemon/vqkvd" --config "$dir/vqkvd.conf" --socket "$sock" --state-dir "$dir/state" \
+# shellcheck disable=SC2086 # the wrapper is a command line: split it
+${VQKV_DAEMON_WRAPPER:-} "$build/daemon/vqkvd" --config "$dir/vqkvd.conf" --socket "$sock" --state-dir "$dir/state" \
     --pool-bytes 256M --calibration-tokens 512 --log-level warn &
 pid=$!
 # Waits for the daemon to answer, or for it to die; a minute is only a
