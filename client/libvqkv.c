@@ -149,18 +149,25 @@ static int vqkv__call(vqkv_client_t *c, Vqkv__Envelope *env, const int *fds, siz
     if (rc == VQKV_ETOOBIG)
         return vqkv__fail(c, rc, "request exceeds the daemon's frame limit of %u bytes",
                           c->max_frame);
-    if (rc == VQKV_EIO)
-        return vqkv__lost(c, errno);
-    if (rc != VQKV_OK)
+    /* A daemon that refuses a peer (not allowed, too many clients) sends an
+     * Error and closes at once, so the request can meet a broken pipe: the
+     * Error is still queued here and says more than EPIPE does. */
+    int send_errno = 0;
+    if (rc == VQKV_EIO) {
+        send_errno = errno;
+        if (send_errno != EPIPE && send_errno != ECONNRESET)
+            return vqkv__lost(c, send_errno);
+    } else if (rc != VQKV_OK) {
         return vqkv__fail(c, rc, "sending request: %s", vqkv_proto_strerror(rc));
+    }
     for (;;) {
         vqkv_frame_t frame;
         errno = 0;
         rc = vqkv_frame_recv(c->fd, &c->reader, &frame);
-        if (rc == VQKV_EAGAIN)
+        if (rc == VQKV_EAGAIN && send_errno == 0)
             return vqkv__fail(c, rc, "no reply from vqkvd within %d ms", c->timeout_ms);
-        if (rc == VQKV_EIO || rc == VQKV_ECLOSED || rc == VQKV_ETRUNC)
-            return vqkv__lost(c, rc == VQKV_EIO ? errno : 0);
+        if (rc == VQKV_EIO || rc == VQKV_ECLOSED || rc == VQKV_ETRUNC || rc == VQKV_EAGAIN)
+            return vqkv__lost(c, send_errno != 0 ? send_errno : rc == VQKV_EIO ? errno : 0);
         if (rc != VQKV_OK) {
             /* The stream is out of step: no later request can be read. */
             vqkv__disconnect(c);
@@ -182,9 +189,15 @@ static int vqkv__call(vqkv_client_t *c, Vqkv__Envelope *env, const int *fds, siz
         }
         if (r->body_case == VQKV__ENVELOPE__BODY_ERROR) {
             int code = r->error->code < 0 ? r->error->code : VQKV_EPROTO;
+            if (send_errno != 0)
+                vqkv__disconnect(c); /* the daemon's last words: it has closed */
             vqkv__fail(c, code, "%s", r->error->message);
             vqkv_frame_envelope_free(r);
             return code;
+        }
+        if (send_errno != 0) {
+            vqkv_frame_envelope_free(r);
+            return vqkv__lost(c, send_errno);
         }
         if (r->body_case != want) {
             vqkv_frame_envelope_free(r);

@@ -416,16 +416,27 @@ static void test_reload_closes_disallowed(void **state)
     start_service(sv, NULL, NULL, 1);
     client_t c;
     client_open(&c, &sv->d);
+    worker_t w;
+    worker_open(&w, &sv->d);
 
     snprintf(conf, sizeof conf, "[vqkvd]\nallow_uids = %u\n", (unsigned)getuid() + 1);
     write_conf(sv, conf);
     reload(sv, "reloaded ", 1);
     expect_log(sv, "no longer allowed; closing");
-    expect_log(sv, "1 client no longer allowed");
+    expect_log(sv, "2 clients no longer allowed");
     expect_error(recv_env(&c), 0, VQKV_EPERM);
     vqkv_frame_t frame;
     assert_prc(vqkv_frame_recv(c.fd, &c.reader, &frame), VQKV_ECLOSED);
     client_close(&c);
+
+    /* libvqkv's next call meets the closed socket (a broken pipe once the
+     * daemon has closed) and still reports why: the Error queued before
+     * the close. Its reconnect is refused the same way. */
+    vqkv_stats_t st;
+    assert_vqkv(vqkv_stats(w.c, &st), VQKV_EPERM);
+    assert_vqkv(vqkv_stats(w.c, &st), VQKV_EPERM);
+    assert_non_null(strstr(vqkv_last_error(w.c), "may not use this daemon"));
+    worker_close(&w);
 
     client_open(&c, &sv->d);
     expect_error(recv_env(&c), 0, VQKV_EPERM);
