@@ -10,11 +10,11 @@ cd "$(dirname "$0")/.."
 # systemd-socket-activate (tests/test_service.c), systemd-analyze,
 # -sysusers and -tmpfiles; procps (the units' kill), man-db and groff-base
 # check the installed units and man pages; clang and libclang-rt-14-dev
-# build the libFuzzer targets (tools/fuzz.sh).
+# build the libFuzzer targets (tools/fuzz.sh); valgrind runs tools/valgrind.sh.
 pkgs="build-essential cmake pkg-config git libuv1-dev libprotobuf-c-dev protobuf-c-compiler
       libmsgpack-dev libcmocka-dev libsystemd-dev libjson-c-dev libssl-dev python3 python3-venv
       golang-github-pierrec-lz4-dev libinih-dev redis-server redis-tools jq
-      libmicrohttpd-dev systemd procps man-db groff-base clang libclang-rt-14-dev"
+      libmicrohttpd-dev systemd procps man-db groff-base clang libclang-rt-14-dev valgrind"
 missing=""
 for p in $pkgs; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"
