@@ -32,6 +32,7 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
 #include <unistd.h>
@@ -212,12 +213,22 @@ static int vqkv__call(vqkv_client_t *c, Vqkv__Envelope *env, const int *fds, siz
 
 int vqkv_default_socket(char *buf, size_t size)
 {
+    static const char system_socket[] = "/run/vqkv/vqkv.sock";
     if (buf == NULL)
         return VQKV_EINVAL;
-    const char *base = getuid() == 0 ? "/run" : getenv("XDG_RUNTIME_DIR");
-    if (base == NULL || base[0] == '\0')
-        return VQKV_EINVAL;
-    int n = snprintf(buf, size, "%s/vqkv/vqkv.sock", base);
+    const char *env = getenv("VQKV_SOCKET");
+    const char *xdg = getenv("XDG_RUNTIME_DIR");
+    int n = -1;
+    if (env != NULL && env[0] != '\0') {
+        n = snprintf(buf, size, "%s", env);
+    } else if (getuid() != 0 && xdg != NULL && xdg[0] != '\0') {
+        struct stat st;
+        n = snprintf(buf, size, "%s/vqkv/vqkv.sock", xdg);
+        if (n >= 0 && (size_t)n < size && (stat(buf, &st) != 0 || !S_ISSOCK(st.st_mode)))
+            n = -1; /* no daemon of the user's own: the system one */
+    }
+    if (n < 0)
+        n = snprintf(buf, size, "%s", system_socket);
     return n < 0 || (size_t)n >= size ? VQKV_EINVAL : VQKV_OK;
 }
 

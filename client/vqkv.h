@@ -149,9 +149,11 @@ typedef struct {
 
 /* ---- connections ---------------------------------------------------------- */
 
-/* The daemon's default socket into buf: $XDG_RUNTIME_DIR/vqkv/vqkv.sock,
- * or /run/vqkv/vqkv.sock as root. VQKV_EINVAL when XDG_RUNTIME_DIR is
- * unset (as a non-root user) or buf is too small. */
+/* The daemon's default socket into buf: $VQKV_SOCKET when set; else, as
+ * root, /run/vqkv/vqkv.sock (the system service's, vqkvd.socket); else
+ * $XDG_RUNTIME_DIR/vqkv/vqkv.sock when that socket exists (a vqkvd the user
+ * runs), else /run/vqkv/vqkv.sock: a worker in group vqkv reaches the system
+ * service with no configuration. VQKV_EINVAL when buf is too small. */
 int vqkv_default_socket(char *buf, size_t size);
 
 /* Connects to the daemon at socket_path (NULL: vqkv_default_socket) and

@@ -9,7 +9,7 @@
  *   pin, unpin, evict   act on the full blocks of a token sequence (or, for
  *           evict, of a whole model) of a model the tenant registered
  * --socket PATH before the daemon's commands names its socket (default:
- * $XDG_RUNTIME_DIR/vqkv/vqkv.sock, or /run/vqkv/vqkv.sock as root).
+ * vqkv_default_socket, vqkv.h).
  */
 #include "eval.h"
 #include "vqkv.h"
@@ -48,8 +48,9 @@ static void vqkvctl_usage(FILE *out)
           "                        starting at head 0)\n"
           "  --ttl-ms N            how long the pin lasts (default: 4294967295, about\n"
           "                        49 days; unpin ends it)\n"
-          "  --socket PATH         the daemon's socket (default: $XDG_RUNTIME_DIR/vqkv/vqkv.sock,\n"
-          "                        or /run/vqkv/vqkv.sock as root)\n"
+          "  --socket PATH         the daemon's socket (default: $VQKV_SOCKET, else your own\n"
+          "                        $XDG_RUNTIME_DIR/vqkv/vqkv.sock if it exists, else\n"
+          "                        /run/vqkv/vqkv.sock)\n"
           "\n"
           "eval: train each codec's codebooks on the last tokens of a KV dump and\n"
           "measure it on the held-out tokens before them (from position 0).\n"
@@ -210,7 +211,8 @@ static vqkv_client_t *vqkvctl_connect(const char *cmd, const char *socket_path)
     char path[108];
     if (socket_path == NULL) {
         if (vqkv_default_socket(path, sizeof path) != VQKV_OK) {
-            fprintf(stderr, "vqkvctl %s: XDG_RUNTIME_DIR is not set; give --socket PATH\n", cmd);
+            fprintf(stderr, "vqkvctl %s: the default socket path is too long; give --socket PATH\n",
+                    cmd);
             return NULL;
         }
         socket_path = path;

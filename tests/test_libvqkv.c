@@ -631,6 +631,63 @@ static void test_reconnect(void **state)
     region_free(&rb);
 }
 
+/* The default socket as a user other than root (fn runs as nobody):
+ * $VQKV_SOCKET first, then the user's own socket only when one exists,
+ * else the system service's. */
+static int default_socket_as_user(const void *arg)
+{
+    const daemon_t *d = arg;
+    char buf[108], xdg[128];
+    setenv("VQKV_SOCKET", d->path, 1);
+    if (vqkv_default_socket(buf, sizeof buf) != VQKV_OK || strcmp(buf, d->path) != 0)
+        return 1;
+    unsetenv("VQKV_SOCKET");
+    unsetenv("XDG_RUNTIME_DIR");
+    if (vqkv_default_socket(buf, sizeof buf) != VQKV_OK || strcmp(buf, "/run/vqkv/vqkv.sock") != 0)
+        return 2;
+    /* d->dir stands in for XDG_RUNTIME_DIR: no vqkv/vqkv.sock there. */
+    setenv("XDG_RUNTIME_DIR", d->dir, 1);
+    if (vqkv_default_socket(buf, sizeof buf) != VQKV_OK || strcmp(buf, "/run/vqkv/vqkv.sock") != 0)
+        return 3;
+    /* The parent made <dir>/xdg/vqkv/vqkv.sock a link to the daemon's socket. */
+    snprintf(xdg, sizeof xdg, "%s/xdg", d->dir);
+    setenv("XDG_RUNTIME_DIR", xdg, 1);
+    snprintf(xdg, sizeof xdg, "%s/xdg/vqkv/vqkv.sock", d->dir);
+    if (vqkv_default_socket(buf, sizeof buf) != VQKV_OK || strcmp(buf, xdg) != 0)
+        return 4;
+    if (vqkv_default_socket(buf, 8) != VQKV_EINVAL)
+        return 5;
+    return 0;
+}
+
+static void test_default_socket(void **state)
+{
+    daemon_t *d = *state;
+    char buf[108];
+    /* Root always gets the system service's socket unless told otherwise. */
+    unsetenv("VQKV_SOCKET");
+    assert_int_equal(vqkv_default_socket(buf, sizeof buf), VQKV_OK);
+    if (geteuid() != 0) {
+        fprintf(stderr, "test_default_socket: SKIPPED the non-root cases: needs root to run "
+                        "them as another uid\n");
+        skip();
+    }
+    assert_string_equal(buf, "/run/vqkv/vqkv.sock");
+    char dir[128], link[160];
+    snprintf(dir, sizeof dir, "%s/xdg", d->dir);
+    assert_int_equal(mkdir(dir, 0755), 0);
+    snprintf(dir, sizeof dir, "%s/xdg/vqkv", d->dir);
+    assert_int_equal(mkdir(dir, 0755), 0);
+    snprintf(link, sizeof link, "%s/vqkv.sock", dir);
+    assert_int_equal(symlink(d->path, link), 0);
+    daemon_open_to_all(d);
+    assert_int_equal(run_as(65534, 65534, default_socket_as_user, d), 0);
+    unlink(link);
+    rmdir(dir);
+    snprintf(dir, sizeof dir, "%s/xdg", d->dir);
+    rmdir(dir);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -640,6 +697,7 @@ int main(void)
         cmocka_unit_test(test_online_calibration),
         cmocka_unit_test_setup_teardown(test_codebook_files, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reconnect, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_default_socket, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

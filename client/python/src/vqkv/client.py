@@ -117,6 +117,9 @@ class Stats:
     clients: int
     pool_bytes: int
     leases: int
+    regions: int
+    pool_slots_used: int
+    pool_bytes_used: int
     tenants: list[TenantStats]
     n_tenants_total: int
 
@@ -134,13 +137,15 @@ class Region:
 
 
 def default_socket() -> str:
-    """The daemon's default socket: ``$XDG_RUNTIME_DIR/vqkv/vqkv.sock``, or ``/run/vqkv/vqkv.sock`` as root.
+    """The daemon's default socket: ``$VQKV_SOCKET`` when set; else, for a user other than root,
+    ``$XDG_RUNTIME_DIR/vqkv/vqkv.sock`` when that socket exists; else ``/run/vqkv/vqkv.sock``
+    (the system service's).
 
-    Raises :class:`vqkv.InvalidArgumentError` when ``XDG_RUNTIME_DIR`` is unset (as a non-root user).
+    Raises :class:`vqkv.InvalidArgumentError` when the path does not fit a socket address.
     """
     buf = ctypes.create_string_buffer(4096)
     _call.check_local(
-        _native.lib().vqkv_default_socket(buf, len(buf)), "default socket: XDG_RUNTIME_DIR unset"
+        _native.lib().vqkv_default_socket(buf, len(buf)), "default socket: path too long"
     )
     return buf.value.decode()
 
@@ -327,7 +332,7 @@ class Client:
             try:
                 where = socket_path or default_socket()
             except VqkvError:
-                where = "the default socket (XDG_RUNTIME_DIR unset)"
+                where = "the default socket (path too long)"
             _call.check_local(rc, f"connect to {where}")
         self.tenant: str = lib.vqkv_client_tenant(self._c).decode()
         """the daemon's tenant name for this peer (the uid in decimal, or a configured name)"""
@@ -595,6 +600,9 @@ class Client:
             st.clients,
             st.pool_bytes,
             st.leases,
+            st.regions,
+            st.pool_slots_used,
+            st.pool_bytes_used,
             tenants,
             st.n_tenants_total,
         )
