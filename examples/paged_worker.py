@@ -256,6 +256,19 @@ def kv_error(restored: DynamicCache, computed: DynamicCache, tokens: int) -> dic
     return err
 
 
+def forced_agreement(model: Any, cache: DynamicCache, logits: torch.Tensor, reference: list[int]) -> int:
+    """Steps at which ``cache`` predicts the reference's next token when fed the reference itself.
+
+    Teacher forcing: one forward over the reference, so a single early miss
+    does not send the rest of the comparison down another text.
+    """
+    predicted = [int(logits.argmax())]
+    if len(reference) > 1:
+        out = model(input_ids=torch.tensor([reference[:-1]]), past_key_values=cache, use_cache=True)
+        predicted += out.logits[0].argmax(-1).tolist()
+    return sum(p == r for p, r in zip(predicted, reference))
+
+
 def restore(args: argparse.Namespace, lm: Any, tokenizer: Any, client: vqkv.Client) -> dict[str, Any]:
     layout = make_layout(lm, args)
     model = client.register_model(MODEL_ID, layout, args.codec, codebook=args.codebook)
@@ -265,31 +278,42 @@ def restore(args: argparse.Namespace, lm: Any, tokenizer: Any, client: vqkv.Clie
     b = layout.block_tokens
     # The prompt's last token is always computed: its logits give the first new token.
     keys = model.block_keys(prompt[: (len(prompt) - 1) // b * b])
-    # Untimed: the first forward of a process pays one-time setup, for neither side to carry.
-    with torch.inference_mode():
-        forward(lm, prompt[:b], DynamicCache(config=lm.config))
+    # This worker's own slots, counting down from the top: a get writes
+    # wherever the worker's block table says.
+    slots = list(range(args.num_blocks - 1, args.num_blocks - 1 - len(keys), -1))
+    tail = prompt[len(keys) * b :]
 
-    with torch.inference_mode():
+    def restore_once() -> tuple[DynamicCache, torch.Tensor, float, float]:
+        """Lookup, get, rebuild, tail: the cache, the first logits, seconds to the get's end and to them."""
         t0 = time.perf_counter()
         with client.lookup(model, keys) as lease:
             if lease.found != len(keys):
                 raise SystemExit(f"paged_worker: vqkvd holds {lease.found} of the prompt's {len(keys)} blocks")
-            # This worker's own slots, counting down from the top, to show a get
-            # writes wherever its block table says.
-            slots = list(range(args.num_blocks - 1, args.num_blocks - 1 - lease.found, -1))
             lease.get(region, slots)
         t_get = time.perf_counter()
         dyn = paged.load(slots, lm.config)
-        logits = forward(lm, prompt[len(slots) * b :], dyn)
-        t_restore = time.perf_counter()
-        restored = greedy(lm, dyn, logits, args.new_tokens)
+        logits = forward(lm, tail, dyn)
+        return dyn, logits, t_get - t0, time.perf_counter() - t0
 
-        ref_cache = DynamicCache(config=lm.config)
-        t0_prefill = time.perf_counter()
-        logits = forward(lm, prompt, ref_cache)
-        t_prefill = time.perf_counter()
-        reference_kv = kv_error(paged.load(slots, lm.config), ref_cache, len(slots) * b)
-        reference = greedy(lm, ref_cache, logits, args.new_tokens)
+    def prefill_once() -> tuple[DynamicCache, torch.Tensor, float]:
+        dyn = DynamicCache(config=lm.config)
+        t0 = time.perf_counter()
+        logits = forward(lm, prompt, dyn)
+        return dyn, logits, time.perf_counter() - t0
+
+    with torch.inference_mode():
+        # Untimed: the first forward of a process pays one-time setup, for neither side to carry.
+        forward(lm, prompt[:b], DynamicCache(config=lm.config))
+        # The best of --repeat runs each: the machine's other load only ever adds time.
+        restores = [restore_once() for _ in range(args.repeat)]
+        prefills = [prefill_once() for _ in range(args.repeat)]
+        dyn, logits = restores[0][:2]
+        ref_cache, ref_logits = prefills[0][:2]
+        kv = kv_error(paged.load(slots, lm.config), ref_cache, len(keys) * b)
+        restored = greedy(lm, dyn, logits, args.new_tokens)
+        reference = greedy(lm, ref_cache, ref_logits, args.new_tokens)
+        forced_cache = paged.load(slots, lm.config)
+        forced = forced_agreement(lm, forced_cache, forward(lm, tail, forced_cache), reference)
 
     agree = sum(r == x for r, x in zip(restored, reference))
     diverge = next((i for i, (r, x) in enumerate(zip(restored, reference)) if r != x), None)
@@ -298,18 +322,22 @@ def restore(args: argparse.Namespace, lm: Any, tokenizer: Any, client: vqkv.Clie
         "dtype": args.dtype,
         "prompt_tokens": len(prompt),
         "block_tokens": b,
-        "blocks_restored": len(slots),
-        "tail_tokens": len(prompt) - len(slots) * b,
+        "blocks_restored": len(keys),
+        "tail_tokens": len(tail),
         "new_tokens": args.new_tokens,
         "tokens_agree": agree,
         "agree_pct": 100.0 * agree / args.new_tokens,
         "first_divergence": diverge,
-        "get_ms": (t_get - t0) * 1e3,
-        "restore_ms": (t_restore - t0) * 1e3,
-        "prefill_ms": (t_prefill - t0_prefill) * 1e3,
+        "forced_agree": forced,
+        "repeat": args.repeat,
+        "get_ms": min(r[2] for r in restores) * 1e3,
+        "restore_ms": min(r[3] for r in restores) * 1e3,
+        "prefill_ms": min(p[2] for p in prefills) * 1e3,
+        "restore_ms_runs": [r[3] * 1e3 for r in restores],
+        "prefill_ms_runs": [p[2] * 1e3 for p in prefills],
         "block_bytes": model.block_bytes,
         "block_bytes_fp16": dataclasses.replace(layout, dtype=vqkv.DType.F16).block_bytes,
-        **reference_kv,
+        **kv,
         "restored_tokens": restored,
         "reference_tokens": reference,
         "restored_text": tokenizer.decode(restored),
@@ -317,12 +345,13 @@ def restore(args: argparse.Namespace, lm: Any, tokenizer: Any, client: vqkv.Clie
     }
     result["ratio_vs_fp16"] = result["block_bytes_fp16"] / result["block_bytes"]
     print(
-        f"restore: {model.codec}: {len(slots)} blocks got in {result['get_ms']:.1f} ms, "
-        f"{result['tail_tokens']} tail tokens recomputed: first token after {result['restore_ms']:.0f} ms "
-        f"against {result['prefill_ms']:.0f} ms for a full prefill; {agree}/{args.new_tokens} tokens "
-        f"agree with the uncompressed run, first divergence "
-        f"{'none' if diverge is None else diverge}; KV rel. error K {result['rel_err_k']:.4f} "
-        f"V {result['rel_err_v']:.4f}{' (bit-exact)' if reference_kv['kv_bit_exact'] else ''}"
+        f"restore: {model.codec}: {len(keys)} blocks got in {result['get_ms']:.1f} ms, "
+        f"{len(tail)} tail tokens recomputed: first token after {result['restore_ms']:.0f} ms "
+        f"against {result['prefill_ms']:.0f} ms for a full prefill (best of {args.repeat}); "
+        f"{agree}/{args.new_tokens} tokens agree with the uncompressed run, first divergence "
+        f"{'none' if diverge is None else diverge}, {forced}/{args.new_tokens} under teacher forcing; "
+        f"KV rel. error K {result['rel_err_k']:.4f} V {result['rel_err_v']:.4f}"
+        f"{' (bit-exact)' if kv['kv_bit_exact'] else ''}"
     )
     print(f"restore: continuation: {result['restored_text']!r}")
     if model.codec == "fp16" and layout.dtype == vqkv.DType.F16 and restored != reference:
@@ -347,10 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-tokens", type=int, default=0, help="offload: tokens to calibrate a VQ codec on")
     ap.add_argument("--warmup-offset", type=int, default=6000, help="the warm-up text's first token")
     ap.add_argument("--new-tokens", type=int, default=64, help="restore: tokens to generate (default 64)")
+    ap.add_argument("--repeat", type=int, default=3, help="restore: timed runs of each side (default 3)")
     ap.add_argument("--json", type=Path, help="restore: write the result here")
     args = ap.parse_args(argv)
-    if args.prompt_tokens < 1 or args.new_tokens < 1:
-        ap.error("--prompt-tokens and --new-tokens must be at least 1")
+    if args.prompt_tokens < 2 or args.new_tokens < 1 or args.repeat < 1:
+        ap.error("--prompt-tokens must be at least 2, --new-tokens and --repeat at least 1")
     if (args.prompt_tokens - 1) // args.block_tokens > args.num_blocks:
         ap.error("--num-blocks must hold the prompt's full blocks")
 
