@@ -163,6 +163,7 @@ def greedy(model: Any, cache: DynamicCache, logits: torch.Tensor, n: int) -> lis
 
 
 def make_layout(model: Any, args: argparse.Namespace) -> vqkv.Layout:
+    """The model's KV shape for vqkvd (SmolLM2-135M: 30 layers, 3 kv heads, head_dim 64)."""
     c = model.config
     return vqkv.Layout(
         num_layers=c.num_hidden_layers,
@@ -189,7 +190,7 @@ def wait_codebooks(
     return model
 
 
-def offload(args: argparse.Namespace, lm: Any, tokenizer: Any, client: vqkv.Client) -> dict[str, Any]:
+def offload(args: argparse.Namespace, lm: Any, tokenizer: Any, client: vqkv.Client) -> None:
     layout = make_layout(lm, args)
     model = client.register_model(MODEL_ID, layout, args.codec, codebook=args.codebook)
     paged = PagedKV(layout, args.num_blocks)
@@ -238,7 +239,6 @@ def offload(args: argparse.Namespace, lm: Any, tokenizer: Any, client: vqkv.Clie
     )
     if any(s not in (vqkv.PutStatus.STORED, vqkv.PutStatus.PRESENT) for s in res.statuses):
         raise SystemExit(f"paged_worker: put refused blocks: {res.statuses}")
-    return {"stored": res.stored, "blocks": n}
 
 
 def kv_error(restored: DynamicCache, computed: DynamicCache, tokens: int) -> dict[str, Any]:
