@@ -134,8 +134,8 @@ static int bench_codec(const char *spec, const vqkv_layout_t *layout, const vqkv
 
 int main(int argc, char **argv)
 {
-    static const char *default_specs[] = {"fp16", "fp8", "kivi4", "kivi2", "rvq:d=8,b=8,r=2",
-                                          "vqkv"};
+    static const char *default_specs[] = {"fp16", "fp8",   "kivi4", "kivi2", "rvq:d=8,b=8,r=2",
+                                          "vqkv", "commvq"};
     const char *specs[32];
     size_t n_specs = 0;
     uint32_t blocks = 4;

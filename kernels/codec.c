@@ -12,8 +12,8 @@
 #include <string.h>
 
 static const vqkv__codec_ops_t *const vqkv__codecs[] = {
-    &vqkv__fp16_ops,  &vqkv__fp8_ops, &vqkv__kivi2_ops,
-    &vqkv__kivi4_ops, &vqkv__rvq_ops, &vqkv__vqkv_ops,
+    &vqkv__fp16_ops, &vqkv__fp8_ops,  &vqkv__kivi2_ops,  &vqkv__kivi4_ops,
+    &vqkv__rvq_ops,  &vqkv__vqkv_ops, &vqkv__commvq_ops,
 };
 
 const char *vqkv_strerror(int err)

@@ -33,7 +33,7 @@ typedef struct {
     bool used;
 } vqkv__param_t;
 
-#define VQKV__MAX_PARAMS 8
+#define VQKV__MAX_PARAMS 12
 
 typedef struct {
     char name[16];
@@ -105,5 +105,6 @@ extern const vqkv__codec_ops_t vqkv__kivi2_ops;
 extern const vqkv__codec_ops_t vqkv__kivi4_ops;
 extern const vqkv__codec_ops_t vqkv__rvq_ops;
 extern const vqkv__codec_ops_t vqkv__vqkv_ops;
+extern const vqkv__codec_ops_t vqkv__commvq_ops;
 
 #endif

@@ -1,4 +1,5 @@
-/* codec_vq.c -- the vector-quantization codecs, rvq and vqkv, as one engine.
+/* codec_vq.c -- the vector-quantization codecs, rvq, vqkv and commvq, as one
+ * engine.
  *
  * Both quantize each token-head vector as one or two "branches": a branch
  * is an ordered subset of the head's channels with its own fp16 RMS norm,
@@ -12,6 +13,9 @@
  *         head_dim/4) and the low-frequency ones, each pair's two channels
  *         kept adjacent; product VQ (r = 1) with sub-vectors dhi and dlo;
  *         values one contiguous branch of sub-vectors dv.
+ *   commvq: keys in one branch of whole RoPE pairs, (re, im) adjacent,
+ *         coded by r stages of RoPE-commutative codebooks (commute.h)
+ *         trained by EM; values one contiguous branch as rvq's.
  *
  * Encoding is a nearest-codeword search per group and stage, O(2^b * d) per
  * group: the cost of the codec, paid on put. Decoding is table lookups and
@@ -21,6 +25,7 @@
  */
 #include "bitpack.h"
 #include "codec_internal.h"
+#include "commute.h"
 #include "kmeans.h"
 
 #include <math.h>
@@ -35,14 +40,19 @@
 /* An escape: u32 vector index (all ones: unused), f16 scale, e4m3[D]. */
 #define VQKV__ESCAPE_BYTES(D) (4u + 2u + (D))
 
+/* A branch's codebooks are free codewords, or (commute) commutative tables
+ * of 2^(b/2) rows from which the codewords are expanded. */
 typedef struct {
     uint32_t n_channels;
     uint32_t d;
     uint32_t stages;
     uint32_t groups;
+    bool commute;
     uint32_t first_code; /* index of this branch's first code in a vector */
     size_t first_word;   /* codewords of its side before this branch's */
-    size_t first_float;  /* codebook floats of its side before this branch's */
+    size_t first_float;  /* codebook parameter floats of its side before this branch's */
+    size_t first_wfloat; /* codeword floats of its side before this branch's */
+    size_t first_xfloat; /* expanded commutative codeword floats likewise */
     uint16_t chan[VQKV_MAX_HEAD_DIM];
 } vqkv__branch_t;
 
@@ -51,14 +61,18 @@ typedef struct {
     vqkv__branch_t br[2];
     uint32_t codes; /* codes per token-head vector */
     size_t words;   /* codewords per layer */
-    size_t floats;  /* codebook floats per layer */
+    size_t floats;  /* codebook parameter floats per layer (what files hold) */
+    size_t wfloats; /* codeword floats per layer */
+    size_t xfloats; /* codeword floats of commute branches per layer */
 } vqkv__side_t;
 
 /* Codebook floats are laid out [layer][set][K then V][branch][group]
  * [stage][2^b][d] (a set per kv head with ph=1, else one), followed by the channel statistics
  * [layer][K then V][head] {mean[head_dim], scale[head_dim]}. `search` holds each codebook's search
  * form (kmeans.h), (d + 1) floats per codeword in codebook order, so a codebook's search form
- * starts at its word offset plus its float offset. */
+ * starts at its word offset plus its codeword float offset. `expanded` holds the codewords of
+ * commute branches, expanded from their tables, [layer][set][K then V][branch][group][stage]
+ * [2^b][d] over those branches only; free codewords are read from `books` itself. */
 typedef struct {
     uint32_t bits;
     bool channel_scale; /* divide by the channel's std as well as centering */
@@ -68,16 +82,27 @@ typedef struct {
     vqkv__side_t side[2];
     float *books;
     float *search;
+    float *expanded;
     uint8_t *trained; /* [layers][2] */
 } vqkv__vq_t;
 
+/* One codebook: its parameters (what training writes and files hold), its
+ * codewords (the same floats unless the branch commutes) and search form. */
 typedef struct {
+    float *params;
     float *words;
     float *search;
 } vqkv__book_t;
 
+/* Parameter floats of one codebook of br: 2^b codewords, or a commutative
+ * table of 2^(b/2) rows. */
+static size_t vqkv__book_params(const vqkv__vq_t *vq, const vqkv__branch_t *br)
+{
+    return ((size_t)1 << (br->commute ? vq->bits / 2 : vq->bits)) * br->d;
+}
+
 static void vqkv__branch_add(vqkv__vq_t *vq, int kv, const uint16_t *chan, uint32_t n, uint32_t d,
-                             uint32_t r)
+                             uint32_t r, bool commute)
 {
     vqkv__side_t *side = &vq->side[kv];
     vqkv__branch_t *br = &side->br[side->n_branches++];
@@ -85,26 +110,45 @@ static void vqkv__branch_add(vqkv__vq_t *vq, int kv, const uint16_t *chan, uint3
     br->d = d;
     br->stages = r;
     br->groups = n / d;
+    br->commute = commute;
     br->first_code = side->codes;
     br->first_word = side->words;
     br->first_float = side->floats;
+    br->first_wfloat = side->wfloats;
+    br->first_xfloat = side->xfloats;
     memcpy(br->chan, chan, n * sizeof *chan);
-    size_t words = (size_t)br->groups * r << vq->bits;
+    size_t books = (size_t)br->groups * r, words = books << vq->bits;
     side->codes += br->groups * r;
     side->words += words;
-    side->floats += words * d;
+    side->floats += books * vqkv__book_params(vq, br);
+    side->wfloats += words * d;
+    side->xfloats += commute ? words * d : 0;
 }
 
 static vqkv__book_t vqkv__book(const vqkv__vq_t *vq, uint32_t layer, int kv,
                                const vqkv__branch_t *br, uint32_t g, uint32_t s)
 {
     const vqkv__side_t *k = &vq->side[0], *v = &vq->side[1];
-    size_t index = ((size_t)g * br->stages + s) << vq->bits;
+    size_t book_index = (size_t)g * br->stages + s, index = book_index << vq->bits;
     size_t word = layer * (k->words + v->words) + (kv ? k->words : 0) + br->first_word + index;
-    size_t flt =
-        layer * (k->floats + v->floats) + (kv ? k->floats : 0) + br->first_float + index * br->d;
-    vqkv__book_t book = {vq->books + flt, vq->search + word + flt};
+    size_t wflt = layer * (k->wfloats + v->wfloats) + (kv ? k->wfloats : 0) + br->first_wfloat +
+                  index * br->d;
+    size_t flt = layer * (k->floats + v->floats) + (kv ? k->floats : 0) + br->first_float +
+                 book_index * vqkv__book_params(vq, br);
+    vqkv__book_t book = {vq->books + flt, vq->books + flt, vq->search + word + wflt};
+    if (br->commute)
+        book.words = vq->expanded + layer * (k->xfloats + v->xfloats) + (kv ? k->xfloats : 0) +
+                     br->first_xfloat + index * br->d;
     return book;
+}
+
+/* Makes a codebook usable once its parameters are in place: expands a
+ * commutative table into codewords, then builds the search form. */
+static void vqkv__book_ready(const vqkv__vq_t *vq, const vqkv__branch_t *br, vqkv__book_t book)
+{
+    if (br->commute)
+        vqkv__commute_expand(book.params, br->d, vq->bits / 2, book.words);
+    vqkv__search_prepare(book.words, br->d, 1u << vq->bits, book.search);
 }
 
 /* Codebooks are addressed by "set layer" layer * sets + set. */
@@ -140,6 +184,7 @@ static void vqkv__vq_free(void *state)
     vqkv__vq_t *vq = state;
     free(vq->books);
     free(vq->search);
+    free(vq->expanded);
     free(vq->trained);
     free(vq);
 }
@@ -166,11 +211,15 @@ static int vqkv__vq_finish(vqkv_codec_t *codec)
                                 vqkv__bits_bytes(vectors * side->codes, vq->bits) +
                                 (size_t)vq->escapes * VQKV__ESCAPE_BYTES(l->head_dim);
     }
-    size_t words = (size_t)l->num_layers * vq->sets * (vq->side[0].words + vq->side[1].words);
+    size_t set_layers = (size_t)l->num_layers * vq->sets;
+    size_t words = set_layers * (vq->side[0].words + vq->side[1].words);
+    size_t wfloats = set_layers * (vq->side[0].wfloats + vq->side[1].wfloats);
+    size_t xfloats = set_layers * (vq->side[0].xfloats + vq->side[1].xfloats);
     vq->books = calloc(vqkv__vq_total_floats(codec), sizeof(float));
-    vq->search = calloc(words + vqkv__vq_book_floats(codec), sizeof(float));
+    vq->search = calloc(words + wfloats, sizeof(float));
+    vq->expanded = calloc(xfloats > 0 ? xfloats : 1, sizeof(float));
     vq->trained = calloc((size_t)l->num_layers * 2, 1);
-    if (vq->books == NULL || vq->search == NULL || vq->trained == NULL)
+    if (vq->books == NULL || vq->search == NULL || vq->expanded == NULL || vq->trained == NULL)
         return VQKV_ENOMEM;
     return VQKV_OK;
 }
@@ -221,10 +270,10 @@ static int vqkv__rvq_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
     uint32_t G = D / d;
     for (uint32_t i = 0; i < D; i++)
         chan[i] = (uint16_t)(kgroup == 0 ? (i % d) * G + i / d : i);
-    vqkv__branch_add(codec->state, 0, chan, D, d, r);
+    vqkv__branch_add(codec->state, 0, chan, D, d, r, false);
     for (uint32_t i = 0; i < D; i++)
         chan[i] = (uint16_t)i;
-    vqkv__branch_add(codec->state, 1, chan, D, d, r);
+    vqkv__branch_add(codec->state, 1, chan, D, d, r, false);
     snprintf(codec->spec, sizeof codec->spec, "rvq:d=%u,r=%u,kgroup=%s,%s", d, r, kgroups[kgroup],
              tail);
     return vqkv__vq_finish(codec);
@@ -255,12 +304,56 @@ static int vqkv__vqkv_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
             chan[2 * p] = (uint16_t)(first_pair + p);
             chan[2 * p + 1] = (uint16_t)(first_pair + p + D / 2);
         }
-        vqkv__branch_add(codec->state, 0, chan, D / 2, lo ? dlo : dhi, 1);
+        vqkv__branch_add(codec->state, 0, chan, D / 2, lo ? dlo : dhi, 1, false);
     }
     for (uint32_t i = 0; i < D; i++)
         chan[i] = (uint16_t)i;
-    vqkv__branch_add(codec->state, 1, chan, D, dv, 1);
+    vqkv__branch_add(codec->state, 1, chan, D, dv, 1, false);
     snprintf(codec->spec, sizeof codec->spec, "vqkv:dlo=%u,dhi=%u,dv=%u,%s", dlo, dhi, dv, tail);
+    return vqkv__vq_finish(codec);
+}
+
+/* commvq: keys as D/d groups of d/2 whole RoPE pairs, group g holding pairs
+ * g, g + D/d, g + 2D/d, ... (every group mixes frequencies, as rvq's
+ * strided keys do), each pair (re, im) adjacent; pair p is channels
+ * (p, p + D/2) with rope=neox (rotate-half, as vLLM and HF Llama cache keys)
+ * or (2p, 2p + 1) with rope=inter (interleaved, as GGUF/llama.cpp). */
+static int vqkv__commvq_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
+{
+    static const char *const ropes[] = {"neox", "inter", NULL};
+    uint32_t D = codec->layout.head_dim, d, r, dv, rv, rope;
+    uint16_t chan[VQKV_MAX_HEAD_DIM];
+    char tail[48];
+    int rc;
+
+    if ((rc = vqkv__spec_num(spec, "d", 8, 2, D, &d)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "r", 2, 1, VQKV__MAX_STAGES, &r)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "dv", d, 1, D, &dv)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "rv", r, 1, VQKV__MAX_STAGES, &rv)) != VQKV_OK ||
+        (rc = vqkv__spec_word(spec, "rope", ropes, 0, &rope)) != VQKV_OK)
+        return rc;
+    if (d % 2 != 0 || D % d != 0 || D % dv != 0)
+        return VQKV_ESPEC;
+    if ((rc = vqkv__vq_alloc(codec, spec, tail, sizeof tail)) != VQKV_OK)
+        return rc;
+    vqkv__vq_t *vq = codec->state;
+    if (vq->bits % 2 != 0) /* a codeword is a pair of table rows of b/2 bits each */
+        return VQKV_ESPEC;
+
+    uint32_t G = D / d;
+    for (uint32_t g = 0; g < G; g++) {
+        for (uint32_t j = 0; j < d / 2; j++) {
+            uint32_t p = g + j * G;
+            chan[g * d + 2 * j] = (uint16_t)(rope == 0 ? p : 2 * p);
+            chan[g * d + 2 * j + 1] = (uint16_t)(rope == 0 ? p + D / 2 : 2 * p + 1);
+        }
+    }
+    vqkv__branch_add(vq, 0, chan, D, d, r, true);
+    for (uint32_t i = 0; i < D; i++)
+        chan[i] = (uint16_t)i;
+    vqkv__branch_add(vq, 1, chan, D, dv, rv, false);
+    snprintf(codec->spec, sizeof codec->spec, "commvq:d=%u,r=%u,dv=%u,rv=%u,rope=%s,%s", d, r, dv,
+             rv, ropes[rope], tail);
     return vqkv__vq_finish(codec);
 }
 
@@ -572,10 +665,11 @@ static int vqkv__train_group(vqkv__train_job_t *job, uint32_t bi, uint32_t g)
                                                                   ((uint64_t)job->kv << 24) |
                                                                   (bi << 20) | (g << 8) | s));
         uint32_t iters = job->opts->iterations ? job->opts->iterations : 16;
-        rc = vqkv__kmeans(x, job->m, d, k, iters, seed, book.words);
+        rc = br->commute ? vqkv__commute_em(x, job->m, d, vq->bits / 2, iters, seed, book.params)
+                         : vqkv__kmeans(x, job->m, d, k, iters, seed, book.params);
         if (rc != VQKV_OK)
             break;
-        vqkv__search_prepare(book.words, d, k, book.search);
+        vqkv__book_ready(vq, br, book);
         for (size_t i = 0; i < job->m; i++) {
             float *xi = x + i * d;
             const float *w = book.words + (size_t)vqkv__nearest(xi, book.search, d, k) * d;
@@ -785,10 +879,8 @@ static int vqkv__vq_books_install(vqkv_codec_t *codec, const float *books)
             for (uint32_t bi = 0; bi < vq->side[kv].n_branches; bi++) {
                 const vqkv__branch_t *br = &vq->side[kv].br[bi];
                 for (uint32_t g = 0; g < br->groups; g++)
-                    for (uint32_t s = 0; s < br->stages; s++) {
-                        vqkv__book_t book = vqkv__book(vq, sl, kv, br, g, s);
-                        vqkv__search_prepare(book.words, br->d, 1u << vq->bits, book.search);
-                    }
+                    for (uint32_t s = 0; s < br->stages; s++)
+                        vqkv__book_ready(vq, br, vqkv__book(vq, sl, kv, br, g, s));
             }
     memset(vq->trained, 1, (size_t)codec->layout.num_layers * 2);
     return VQKV_OK;
@@ -809,6 +901,18 @@ const vqkv__codec_ops_t vqkv__rvq_ops = {
 const vqkv__codec_ops_t vqkv__vqkv_ops = {
     .name = "vqkv",
     .init = vqkv__vqkv_init,
+    .free_state = vqkv__vq_free,
+    .encode_part = vqkv__vq_encode,
+    .decode_part = vqkv__vq_decode,
+    .train = vqkv__vq_train,
+    .needs_training = vqkv__vq_needs_training,
+    .books = vqkv__vq_books,
+    .books_install = vqkv__vq_books_install,
+};
+
+const vqkv__codec_ops_t vqkv__commvq_ops = {
+    .name = "commvq",
+    .init = vqkv__commvq_init,
     .free_state = vqkv__vq_free,
     .encode_part = vqkv__vq_encode,
     .decode_part = vqkv__vq_decode,

@@ -20,7 +20,11 @@
  *                        product VQ with separate branches (own norm, own
  *                        codebooks, own sub-vector size) for the low- and
  *                        high-frequency RoPE subspaces of keys
- *   both VQ codecs also take b=8 (code bits), esc=0 (outlier vectors per
+ *   commvq[:d=8,r=2,dv=8,rv=2,rope=neox|inter]
+ *                        keys coded by r stages of RoPE-commutative
+ *                        codebooks over groups of d/2 RoPE pairs (EM-trained),
+ *                        values as rvq with dv, rv
+ *   the VQ codecs also take b=8 (code bits), esc=0 (outlier vectors per
  *   part kept in fp8), bc=0 (per-block key channel means), cs=0 (channel
  *   standardization), ph=0 (codebooks per kv head); kernels/README.md says
  *   what each costs and buys.

@@ -22,7 +22,7 @@
 #define PROFILE_SEED 42u
 #define TRAIN_VECTORS 2048u
 
-typedef enum { KIND_FP16, KIND_FP8, KIND_KIVI, KIND_RVQ, KIND_VQKV } codec_kind_t;
+typedef enum { KIND_FP16, KIND_FP8, KIND_KIVI, KIND_RVQ, KIND_VQKV, KIND_COMMVQ } codec_kind_t;
 
 typedef struct {
     const char *spec;
@@ -30,7 +30,7 @@ typedef struct {
     const char *canonical;
     codec_kind_t kind;
     /* Parameters spelled out again here, to compute sizes independently. */
-    uint32_t bits, d, r, g, dlo, dhi, dv;
+    uint32_t bits, d, r, g, dlo, dhi, dv, rv;
     /* VQ only: whether keys carry block means (bc=1; the default is 0), and
      * the escape entries per part (esc, default 0). */
     uint32_t bc, esc;
@@ -165,6 +165,30 @@ static const codec_case_t cases[] = {
      .bits_per_value = 1.875,
      .max_key_error = 0.18,
      .max_value_error = 0.72},
+    /* Commutative key codebooks; values as rvq's. */
+    {.spec = "commvq",
+     .canonical = "commvq:d=8,r=2,dv=8,rv=2,rope=neox,b=8,cs=0,ph=0,bc=0,esc=0",
+     .kind = KIND_COMMVQ,
+     .bits = 8,
+     .d = 8,
+     .r = 2,
+     .dv = 8,
+     .rv = 2,
+     .bits_per_value = 2.25,
+     .max_key_error = 0.19,
+     .max_value_error = 0.38},
+    {.spec = "commvq:d=4,r=3,dv=16,rv=1,rope=inter,b=6,esc=2",
+     .canonical = "commvq:d=4,r=3,dv=16,rv=1,rope=inter,b=6,cs=0,ph=0,bc=0,esc=2",
+     .kind = KIND_COMMVQ,
+     .bits = 6,
+     .d = 4,
+     .r = 3,
+     .dv = 16,
+     .rv = 1,
+     .esc = 2,
+     .bits_per_value = 3.234375,
+     .max_key_error = 0.075,
+     .max_value_error = 0.85},
 };
 #define NUM_CASES (sizeof cases / sizeof cases[0])
 
@@ -183,7 +207,7 @@ static vqkv_layout_t test_layout(vqkv_dtype_t dtype)
 
 static int is_vq(const codec_case_t *c)
 {
-    return c->kind == KIND_RVQ || c->kind == KIND_VQKV;
+    return c->kind == KIND_RVQ || c->kind == KIND_VQKV || c->kind == KIND_COMMVQ;
 }
 
 static size_t case_named(const char *spec)
@@ -291,8 +315,12 @@ static uint64_t expected_part_bytes(const codec_case_t *c, const vqkv_layout_t *
         key = 4 * T * H + bytes_for_bits(T * H * ((D / 2) / c->dlo + (D / 2) / c->dhi) * c->bits);
         value = 2 * T * H + bytes_for_bits(T * H * (D / c->dv) * c->bits);
         break;
+    case KIND_COMMVQ:
+        key = 2 * T * H + bytes_for_bits(T * H * (D / c->d) * c->r * c->bits);
+        value = 2 * T * H + bytes_for_bits(T * H * (D / c->dv) * c->rv * c->bits);
+        break;
     }
-    if (c->kind == KIND_RVQ || c->kind == KIND_VQKV) {
+    if (is_vq(c)) {
         /* With bc=1 a key part starts with f16 block_mean[H][D]; values never. */
         key += c->bc ? 2 * H * D : 0;
         /* Every part ends with esc entries: u32 index, f16 scale, e4m3[D]. */
@@ -2523,6 +2551,18 @@ static void test_bad_specs_refused(void **state)
         "kivi2:bc=1",
         "kivi4:ph=1",
         "rvq:a=1,b=1,c=1,d=1,e=1,f=1,g=1,h=1,i=1",
+        "commvq:b=7", /* a codeword is two table rows of b/2 bits */
+        "commvq:b=14",
+        "commvq:d=3",
+        "commvq:d=6", /* does not divide head_dim 64 */
+        "commvq:dv=7",
+        "commvq:rv=0",
+        "commvq:r=9",
+        "commvq:rope=halves",
+        "commvq:rope=",
+        "commvq:kgroup=contig",
+        "commvq:dlo=4",
+        "commvq:d=8,r=2,dv=8,rv=2,rope=neox,b=8,cs=0,ph=0,bc=0,esc=0,x=1",
     };
     vqkv_layout_t l = test_layout(VQKV_DTYPE_F16);
     int accepted = 0;

@@ -399,10 +399,11 @@ static void saved_codebook(const char *state_dir, char *path, size_t size)
 }
 
 /* A VQ model without codebooks stores fp16 until CALIB_BLOCKS are in,
- * trains, switches, saves; a restarted daemon loads the saved codebooks. */
-static void test_online_calibration(void **state)
+ * trains, switches, saves; a restarted daemon loads the saved codebooks.
+ * vqkvd trains through the generic codec interface, so every VQ codec
+ * (spec) takes this path unchanged. */
+static void online_calibration(const char *spec)
 {
-    (void)state;
     char state_dir[] = "/tmp/vqkvd-state.XXXXXX";
     assert_non_null(mkdtemp(state_dir));
     const char *extra[] = {"--state-dir", state_dir, "--calibration-tokens", CALIB_TOKENS_ARG,
@@ -411,7 +412,7 @@ static void test_online_calibration(void **state)
     daemon_start(&d, extra);
     vqkv_client_t *c = connect_ok(&d, "calibration");
     vqkv_model_t *m;
-    assert_vqkv(vqkv_register_model(c, MODEL, &layout, VQ_SPEC, &m), VQKV_OK);
+    assert_vqkv(vqkv_register_model(c, MODEL, &layout, spec, &m), VQKV_OK);
     assert_false(vqkv_model_codebooks_ready(m));
     region_t ra, rb;
     region_new(&ra, 21);
@@ -434,7 +435,7 @@ static void test_online_calibration(void **state)
         if (now_ms() > deadline)
             fail_msg("codebooks not trained after %d blocks", CALIB_BLOCKS);
         sleep_ms(10);
-        assert_vqkv(vqkv_register_model(c, MODEL, &layout, VQ_SPEC, &m), VQKV_OK);
+        assert_vqkv(vqkv_register_model(c, MODEL, &layout, spec, &m), VQKV_OK);
     }
     char path[512];
     saved_codebook(state_dir, path, sizeof path);
@@ -464,7 +465,7 @@ static void test_online_calibration(void **state)
     /* A new daemon on the same state dir: ready at once, same codebooks. */
     daemon_start(&d, extra);
     c = connect_ok(&d, "after restart");
-    assert_vqkv(vqkv_register_model(c, MODEL, &layout, VQ_SPEC, &m), VQKV_OK);
+    assert_vqkv(vqkv_register_model(c, MODEL, &layout, spec, &m), VQKV_OK);
     assert_true(vqkv_model_codebooks_ready(m));
     assert_vqkv(vqkv_register_memfd_region(c, m, ra.fd, ra.view.region_bytes, 0, &ra.view, &ha),
                 VQKV_OK);
@@ -488,6 +489,18 @@ static void test_online_calibration(void **state)
     snprintf(dir, sizeof dir, "%s/codebooks", state_dir);
     assert_int_equal(rmdir(dir), 0);
     assert_int_equal(rmdir(state_dir), 0);
+}
+
+static void test_online_calibration(void **state)
+{
+    (void)state;
+    online_calibration(VQ_SPEC);
+}
+
+static void test_online_calibration_commvq(void **state)
+{
+    (void)state;
+    online_calibration("commvq:d=8,b=4,r=1");
 }
 
 /* Codebook files sent with RegisterModel: used at once; others for a model
@@ -695,6 +708,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_errors, setup, teardown),
         cmocka_unit_test_setup_teardown(test_health, setup, teardown),
         cmocka_unit_test(test_online_calibration),
+        cmocka_unit_test(test_online_calibration_commvq),
         cmocka_unit_test_setup_teardown(test_codebook_files, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reconnect, setup, teardown),
         cmocka_unit_test_setup_teardown(test_default_socket, setup, teardown),

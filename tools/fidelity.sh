@@ -8,7 +8,7 @@ set -eu
 cd "$(dirname "$0")/.."
 mkdir -p bench/out
 [ -f bench/out/kv.safetensors ] || .venv/bin/python tools/kvdump.py --out bench/out/kv.safetensors
-codecs="fp16 fp8 kivi4 kivi2 rvq rvq:kgroup=contig rvq:esc=3 rvq:bc=1,esc=3 rvq:r=3 vqkv vqkv:esc=3"
+codecs="fp16 fp8 kivi4 kivi2 rvq rvq:kgroup=contig rvq:esc=3 rvq:bc=1,esc=3 rvq:r=3 vqkv vqkv:esc=3 rvq:d=16 commvq commvq:d=16"
 args=""
 for c in $codecs; do args="$args --codec $c"; done
 ./build/client/vqkvctl eval --kv bench/out/kv.safetensors $args --json-file bench/out/fidelity.json
