@@ -24,6 +24,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 build=${VQKV_BUILD_DIR:-build}
+vqkvd_who=serve.sh
+. tools/vqkvd.sh
 codec=${VQKV_CODEC:-kivi4}
 seconds=${VQKV_BENCH_SECONDS:-5}
 clients=${VQKV_BENCH_CLIENTS:-"1 8 64"}
@@ -65,27 +67,12 @@ vqkvd_start() {
     "$build/daemon/vqkvd" --socket "$dir/vqkv.sock" --pool-bytes "$1" --log-level warn \
         --config /dev/null --state-dir "$dir/state" --calibration-tokens "$calib_tokens" &
     vqkvd_pid=$!
-    tries=0
-    until "$build/client/vqkvctl" --socket "$dir/vqkv.sock" health >/dev/null 2>&1; do
-        tries=$((tries + 1))
-        if ! kill -0 "$vqkvd_pid" 2>/dev/null || [ "$tries" -ge 600 ]; then
-            echo "serve.sh: vqkvd did not come up" >&2
-            exit 1
-        fi
-        sleep 0.1
-    done
+    vqkvd_wait_ready "$vqkvd_pid" "$dir/vqkv.sock"
 }
 
-# SIGTERM, and vqkvd must exit 0.
 vqkvd_stop() {
-    kill -TERM "$vqkvd_pid"
-    status=0
-    wait "$vqkvd_pid" || status=$?
+    vqkvd_terminate "$vqkvd_pid"
     vqkvd_pid=""
-    if [ "$status" -ne 0 ]; then
-        echo "serve.sh: vqkvd exited with status $status" >&2
-        exit 1
-    fi
 }
 
 # ---- vqkvd serving ------------------------------------------------------------

@@ -23,6 +23,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 build=${VQKV_BUILD_DIR:-build}
+vqkvd_who=run.sh
+. tools/vqkvd.sh
 codecs=${VQKV_EXAMPLE_CODECS:-fp16 kivi4 kivi2 rvq:d=8,b=8,r=2}
 tokens=${VQKV_EXAMPLE_TOKENS:-64}
 repeat=${VQKV_EXAMPLE_REPEAT:-3}
@@ -58,39 +60,19 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 1' INT TERM HUP
 
-# Starts a vqkvd on $dir/$1/ and waits until it answers (a minute at most:
-# only a guard against one that hangs at start).
+# Starts a vqkvd on $dir/$1/ and waits until it answers.
 start_daemon() {
     mkdir -p "$dir/$1"
     : >"$dir/$1/vqkvd.conf"
     "$build/daemon/vqkvd" --config "$dir/$1/vqkvd.conf" --socket "$dir/$1/vqkv.sock" \
         --state-dir "$dir/$1/state" --pool-bytes 256M --calibration-tokens "$warmup" --log-level warn &
     pid=$!
-    tries=0
-    until "$build/client/vqkvctl" --socket "$dir/$1/vqkv.sock" health >/dev/null 2>&1; do
-        if ! kill -0 "$pid" 2>/dev/null; then
-            echo "run.sh: vqkvd exited at start" >&2
-            pid=""
-            exit 1
-        fi
-        tries=$((tries + 1))
-        if [ "$tries" -ge 600 ]; then
-            echo "run.sh: vqkvd did not answer on $dir/$1/vqkv.sock" >&2
-            exit 1
-        fi
-        sleep 0.1
-    done
+    vqkvd_wait_ready "$pid" "$dir/$1/vqkv.sock"
 }
 
 stop_daemon() {
-    kill -TERM "$pid"
-    status=0
-    wait "$pid" || status=$?
+    vqkvd_terminate "$pid"
     pid=""
-    if [ "$status" -ne 0 ]; then
-        echo "run.sh: vqkvd exited with status $status" >&2
-        exit 1
-    fi
 }
 
 worker() {

@@ -18,6 +18,8 @@
 set -eu
 cd "$(dirname "$0")/.."
 build=${VQKV_BUILD_DIR:-build}
+vqkvd_who=demo.sh
+. tools/vqkvd.sh
 codec=${VQKV_CODEC:-rvq:d=8,b=8,r=2}
 kv=${VQKV_KV:-bench/out/kv.safetensors}
 for bin in "$build/daemon/vqkvd" "$build/client/vqkvctl" "$build/client/vqkv-demo"; do
@@ -46,22 +48,7 @@ trap 'exit 1' INT TERM HUP
 ${VQKV_DAEMON_WRAPPER:-} "$build/daemon/vqkvd" --config "$dir/vqkvd.conf" --socket "$sock" --state-dir "$dir/state" \
     --pool-bytes 256M --calibration-tokens 512 --log-level warn &
 pid=$!
-# Waits for the daemon to answer, or for it to die; a minute is only a
-# guard against a daemon that hangs at start (ASan builds start slowly).
-tries=0
-until "$build/client/vqkvctl" --socket "$sock" health >/dev/null 2>&1; do
-    if ! kill -0 "$pid" 2>/dev/null; then
-        echo "demo.sh: vqkvd exited at start" >&2
-        pid=""
-        exit 1
-    fi
-    tries=$((tries + 1))
-    if [ "$tries" -ge 600 ]; then
-        echo "demo.sh: vqkvd did not answer on $sock" >&2
-        exit 1
-    fi
-    sleep 0.1
-done
+vqkvd_wait_ready "$pid" "$sock"
 
 set -- --socket "$sock" --codec "$codec"
 if [ -f "$kv" ]; then
@@ -77,12 +64,6 @@ done
 echo "== vqkvctl stats"
 "$build/client/vqkvctl" --socket "$sock" stats
 
-kill -TERM "$pid"
-status=0
-wait "$pid" || status=$?
+vqkvd_terminate "$pid"
 pid=""
-if [ "$status" -ne 0 ]; then
-    echo "demo.sh: vqkvd exited with status $status" >&2
-    exit 1
-fi
 echo "== vqkvd stopped cleanly"
