@@ -886,38 +886,21 @@ static int vqkv__vq_books_install(vqkv_codec_t *codec, const float *books)
     return VQKV_OK;
 }
 
-const vqkv__codec_ops_t vqkv__rvq_ops = {
-    .name = "rvq",
-    .init = vqkv__rvq_init,
-    .free_state = vqkv__vq_free,
-    .encode_part = vqkv__vq_encode,
-    .decode_part = vqkv__vq_decode,
-    .train = vqkv__vq_train,
-    .needs_training = vqkv__vq_needs_training,
-    .books = vqkv__vq_books,
-    .books_install = vqkv__vq_books_install,
-};
+/* The VQ codecs differ only in how a spec becomes branches (init); the
+ * rest of their ops are this file's. */
+#define VQKV__VQ_OPS(codec)                                                                        \
+    const vqkv__codec_ops_t vqkv__##codec##_ops = {                                                \
+        .name = #codec,                                                                            \
+        .init = vqkv__##codec##_init,                                                              \
+        .free_state = vqkv__vq_free,                                                               \
+        .encode_part = vqkv__vq_encode,                                                            \
+        .decode_part = vqkv__vq_decode,                                                            \
+        .train = vqkv__vq_train,                                                                   \
+        .needs_training = vqkv__vq_needs_training,                                                 \
+        .books = vqkv__vq_books,                                                                   \
+        .books_install = vqkv__vq_books_install,                                                   \
+    };
 
-const vqkv__codec_ops_t vqkv__vqkv_ops = {
-    .name = "vqkv",
-    .init = vqkv__vqkv_init,
-    .free_state = vqkv__vq_free,
-    .encode_part = vqkv__vq_encode,
-    .decode_part = vqkv__vq_decode,
-    .train = vqkv__vq_train,
-    .needs_training = vqkv__vq_needs_training,
-    .books = vqkv__vq_books,
-    .books_install = vqkv__vq_books_install,
-};
-
-const vqkv__codec_ops_t vqkv__commvq_ops = {
-    .name = "commvq",
-    .init = vqkv__commvq_init,
-    .free_state = vqkv__vq_free,
-    .encode_part = vqkv__vq_encode,
-    .decode_part = vqkv__vq_decode,
-    .train = vqkv__vq_train,
-    .needs_training = vqkv__vq_needs_training,
-    .books = vqkv__vq_books,
-    .books_install = vqkv__vq_books_install,
-};
+VQKV__VQ_OPS(rvq)
+VQKV__VQ_OPS(vqkv)
+VQKV__VQ_OPS(commvq)
