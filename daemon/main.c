@@ -335,6 +335,20 @@ static void vqkvd__open_state_dir(vqkvd_config_t *cfg, char *buf, size_t size)
 
 /* ---- signals ---------------------------------------------------------------- */
 
+/* Closing the watchers gives the signals their default action back, so a
+ * second SIGTERM (a supervisor's, an impatient operator's) would kill the
+ * daemon half way through its clean stop: they are ignored from here on;
+ * SIGKILL is the way to cut a stop short. */
+static void vqkvd__signals_close(vqkvd_main_t *m)
+{
+    uv_close((uv_handle_t *)&m->sigint, NULL);
+    uv_close((uv_handle_t *)&m->sigterm, NULL);
+    uv_close((uv_handle_t *)&m->sighup, NULL);
+    signal(SIGINT, SIG_IGN);
+    signal(SIGTERM, SIG_IGN);
+    signal(SIGHUP, SIG_IGN);
+}
+
 static void vqkvd__on_stop(uv_signal_t *sig, int signum)
 {
     vqkvd_main_t *m = sig->data;
@@ -342,9 +356,7 @@ static void vqkvd__on_stop(uv_signal_t *sig, int signum)
     m->stopping = 1;
     vqkvd_notify_stop(&m->notify);
     vqkvd_server_stop(&m->server);
-    uv_close((uv_handle_t *)&m->sigint, NULL);
-    uv_close((uv_handle_t *)&m->sigterm, NULL);
-    uv_close((uv_handle_t *)&m->sighup, NULL);
+    vqkvd__signals_close(m);
 }
 
 typedef struct {
@@ -462,6 +474,20 @@ static void vqkvd__on_reload(uv_signal_t *sig, int signum)
         vqkvd__reload_begin(m);
 }
 
+/* Watches SIGINT, SIGTERM (stop) and SIGHUP (reload). Started before the
+ * socket listens, so a stop signal sent as soon as it answers is handled
+ * (on the loop), never the default action that skips the clean stop. */
+static void vqkvd__signals_start(vqkvd_main_t *m, uv_loop_t *loop)
+{
+    uv_signal_init(loop, &m->sigint);
+    uv_signal_init(loop, &m->sigterm);
+    uv_signal_init(loop, &m->sighup);
+    m->sigint.data = m->sigterm.data = m->sighup.data = m;
+    uv_signal_start(&m->sigint, vqkvd__on_stop, SIGINT);
+    uv_signal_start(&m->sigterm, vqkvd__on_stop, SIGTERM);
+    uv_signal_start(&m->sighup, vqkvd__on_reload, SIGHUP);
+}
+
 /* ---- start --------------------------------------------------------------------- */
 
 /* The socket the service manager passed (socket activation) into
@@ -523,24 +549,20 @@ static int vqkvd__run(vqkvd_main_t *m, vqkvd_config_t *cfg)
         vqkvd_log(VQKVD_LOG_ERROR, "event loop: %s", uv_strerror(rc));
         return 1;
     }
+    vqkvd__signals_start(m, &loop);
     rc = vqkvd_server_start(&m->server, &loop, cfg);
     if (rc < 0) {
         vqkvd_log(VQKVD_LOG_ERROR, "cannot listen on %s: %s",
                   cfg->listen_fd >= 0 ? "the socket from socket activation" : cfg->socket_path,
                   strerror(-rc));
+        vqkvd__signals_close(m);
         goto out;
     }
     if (vqkvd_metrics_start(&m->metrics, &m->server) < 0) {
         vqkvd_server_stop(&m->server);
+        vqkvd__signals_close(m);
         goto out;
     }
-    uv_signal_init(&loop, &m->sigint);
-    uv_signal_init(&loop, &m->sigterm);
-    uv_signal_init(&loop, &m->sighup);
-    m->sigint.data = m->sigterm.data = m->sighup.data = m;
-    uv_signal_start(&m->sigint, vqkvd__on_stop, SIGINT);
-    uv_signal_start(&m->sigterm, vqkvd__on_stop, SIGTERM);
-    uv_signal_start(&m->sighup, vqkvd__on_reload, SIGHUP);
     vqkvd_notify_start(&m->notify, &loop, &m->server);
     status = 0;
 
