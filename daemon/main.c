@@ -50,11 +50,13 @@
 #include <errno.h>
 #include <getopt.h>
 #include <limits.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/signalfd.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -71,7 +73,8 @@ typedef struct {
     vqkvd_server_t server;
     vqkvd_notify_t notify;
     vqkvd_metrics_t *metrics; /* NULL unless metrics_address is set */
-    uv_signal_t sigint, sigterm, sighup;
+    int signal_fd;            /* signalfd of SIGINT, SIGTERM and SIGHUP */
+    uv_poll_t signal_poll;    /* readable: signals to act on */
     int stopping;
 
     /* What SIGHUP computes the configuration from, as at start. */
@@ -335,28 +338,15 @@ static void vqkvd__open_state_dir(vqkvd_config_t *cfg, char *buf, size_t size)
 
 /* ---- signals ---------------------------------------------------------------- */
 
-/* Closing the watchers gives the signals their default action back, so a
- * second SIGTERM (a supervisor's, an impatient operator's) would kill the
- * daemon half way through its clean stop: they are ignored from here on;
- * SIGKILL is the way to cut a stop short. */
-static void vqkvd__signals_close(vqkvd_main_t *m)
+static void vqkvd__on_stop(vqkvd_main_t *m, int signum)
 {
-    uv_close((uv_handle_t *)&m->sigint, NULL);
-    uv_close((uv_handle_t *)&m->sigterm, NULL);
-    uv_close((uv_handle_t *)&m->sighup, NULL);
-    signal(SIGINT, SIG_IGN);
-    signal(SIGTERM, SIG_IGN);
-    signal(SIGHUP, SIG_IGN);
-}
-
-static void vqkvd__on_stop(uv_signal_t *sig, int signum)
-{
-    vqkvd_main_t *m = sig->data;
+    if (m->stopping)
+        return; /* a repeated stop signal: the stop under way is the answer */
     vqkvd_log(VQKVD_LOG_INFO, "%s: stopping", strsignal(signum));
     m->stopping = 1;
     vqkvd_notify_stop(&m->notify);
     vqkvd_server_stop(&m->server);
-    vqkvd__signals_close(m);
+    uv_close((uv_handle_t *)&m->signal_poll, NULL);
 }
 
 typedef struct {
@@ -464,9 +454,10 @@ static void vqkvd__reload_begin(vqkvd_main_t *m)
 
 /* A SIGHUP during a reload is not lost: the file may have changed again
  * after the read began, so one more reload follows. */
-static void vqkvd__on_reload(uv_signal_t *sig, int signum)
+static void vqkvd__on_reload(vqkvd_main_t *m, int signum)
 {
-    vqkvd_main_t *m = sig->data;
+    if (m->stopping)
+        return;
     vqkvd_log(VQKVD_LOG_INFO, "%s: reloading the configuration", strsignal(signum));
     if (m->reloading)
         m->reload_again = 1;
@@ -474,18 +465,52 @@ static void vqkvd__on_reload(uv_signal_t *sig, int signum)
         vqkvd__reload_begin(m);
 }
 
-/* Watches SIGINT, SIGTERM (stop) and SIGHUP (reload). Started before the
- * socket listens, so a stop signal sent as soon as it answers is handled
- * (on the loop), never the default action that skips the clean stop. */
-static void vqkvd__signals_start(vqkvd_main_t *m, uv_loop_t *loop)
+static void vqkvd__on_signal(uv_poll_t *poll, int status, int events)
 {
-    uv_signal_init(loop, &m->sigint);
-    uv_signal_init(loop, &m->sigterm);
-    uv_signal_init(loop, &m->sighup);
-    m->sigint.data = m->sigterm.data = m->sighup.data = m;
-    uv_signal_start(&m->sigint, vqkvd__on_stop, SIGINT);
-    uv_signal_start(&m->sigterm, vqkvd__on_stop, SIGTERM);
-    uv_signal_start(&m->sighup, vqkvd__on_reload, SIGHUP);
+    vqkvd_main_t *m = poll->data;
+    struct signalfd_siginfo si;
+    (void)status;
+    (void)events;
+    while (!m->stopping && read(m->signal_fd, &si, sizeof si) == (ssize_t)sizeof si) {
+        if (si.ssi_signo == SIGHUP)
+            vqkvd__on_reload(m, SIGHUP);
+        else
+            vqkvd__on_stop(m, (int)si.ssi_signo);
+    }
+}
+
+/* SIGINT, SIGTERM (stop) and SIGHUP (reload) are blocked in every thread
+ * (this runs before any is created, and threads inherit the mask) and read
+ * from a signalfd on the loop. So no signal ever meets its default action:
+ * not one sent before the socket listens, nor one sent again while a clean
+ * stop is under way (it stays pending, unread, until exit), which libuv's
+ * handlers would leave to the default action once closed. Blocked signals
+ * are also inherited by exec'd children; vqkvd starts none. */
+static int vqkvd__signals_start(vqkvd_main_t *m, uv_loop_t *loop)
+{
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, SIGINT);
+    sigaddset(&set, SIGTERM);
+    sigaddset(&set, SIGHUP);
+    int rc = pthread_sigmask(SIG_BLOCK, &set, NULL);
+    if (rc != 0)
+        return -rc;
+    m->signal_fd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
+    if (m->signal_fd < 0)
+        return -errno;
+    rc = uv_poll_init(loop, &m->signal_poll, m->signal_fd);
+    if (rc == 0) {
+        m->signal_poll.data = m;
+        rc = uv_poll_start(&m->signal_poll, UV_READABLE, vqkvd__on_signal);
+        if (rc < 0)
+            uv_close((uv_handle_t *)&m->signal_poll, NULL);
+    }
+    if (rc < 0) {
+        close(m->signal_fd);
+        m->signal_fd = -1;
+    }
+    return rc;
 }
 
 /* ---- start --------------------------------------------------------------------- */
@@ -549,18 +574,22 @@ static int vqkvd__run(vqkvd_main_t *m, vqkvd_config_t *cfg)
         vqkvd_log(VQKVD_LOG_ERROR, "event loop: %s", uv_strerror(rc));
         return 1;
     }
-    vqkvd__signals_start(m, &loop);
+    rc = vqkvd__signals_start(m, &loop);
+    if (rc < 0) {
+        vqkvd_log(VQKVD_LOG_ERROR, "signals: %s", strerror(-rc));
+        goto out;
+    }
     rc = vqkvd_server_start(&m->server, &loop, cfg);
     if (rc < 0) {
         vqkvd_log(VQKVD_LOG_ERROR, "cannot listen on %s: %s",
                   cfg->listen_fd >= 0 ? "the socket from socket activation" : cfg->socket_path,
                   strerror(-rc));
-        vqkvd__signals_close(m);
+        uv_close((uv_handle_t *)&m->signal_poll, NULL);
         goto out;
     }
     if (vqkvd_metrics_start(&m->metrics, &m->server) < 0) {
         vqkvd_server_stop(&m->server);
-        vqkvd__signals_close(m);
+        uv_close((uv_handle_t *)&m->signal_poll, NULL);
         goto out;
     }
     vqkvd_notify_start(&m->notify, &loop, &m->server);
@@ -570,6 +599,8 @@ out:
     /* Runs until the signal handler has closed every handle, or finishes
      * the closes a failed start left. */
     uv_run(&loop, UV_RUN_DEFAULT);
+    if (m->signal_fd >= 0)
+        close(m->signal_fd); /* its poll is closed: uv_run has returned */
     vqkvd_metrics_stop(m->metrics);
     m->metrics = NULL;
     vqkvd_server_destroy(&m->server);
@@ -591,6 +622,7 @@ int main(int argc, char **argv)
     int status = 2;
 
     memset(&m, 0, sizeof m);
+    m.signal_fd = -1;
     if (vqkvd__first_pass(argc, argv, &m.config_path, &check_only) > 0) {
         vqkvd__usage(stdout);
         return 0;
