@@ -144,9 +144,10 @@ static inline pid_t spawn_daemon(const char *path, const char *const *extra)
     return pid;
 }
 
-/* Waits for pid to exit; its wait status, or -1 after the deadline (then
- * it is killed). */
-static inline int wait_exit(pid_t pid)
+/* Waits for pid to exit, sending it signum again at every poll when
+ * signum is not 0; its wait status, or -1 after the deadline (then it is
+ * killed). */
+static inline int wait_exit_signalling(pid_t pid, int signum)
 {
     long deadline = now_ms() + DAEMON_DEADLINE_MS;
     int status;
@@ -154,11 +155,18 @@ static inline int wait_exit(pid_t pid)
         pid_t got = waitpid(pid, &status, WNOHANG);
         if (got == pid)
             return status;
-        sleep_ms(5);
+        if (signum != 0)
+            kill(pid, signum);
+        sleep_ms(signum != 0 ? 1 : 5);
     }
     kill(pid, SIGKILL);
     waitpid(pid, &status, 0);
     return -1;
+}
+
+static inline int wait_exit(pid_t pid)
+{
+    return wait_exit_signalling(pid, 0);
 }
 
 /* spawn_daemon on d's socket with d's empty config file and state dir
@@ -241,13 +249,14 @@ static inline pid_t spawn_process(const char *const *argv, const char *log, cons
     return pid;
 }
 
-/* SIGTERM; requires exit status 0 and the socket file gone. */
-static inline void daemon_stop(daemon_t *d)
+/* SIGTERM (with repeat, sent again every millisecond until the daemon
+ * exits); requires exit status 0 and the socket file gone. */
+static inline void daemon_stop_repeating(daemon_t *d, int repeat)
 {
     if (d->pid <= 0)
         return;
     assert_int_equal(kill(d->pid, SIGTERM), 0);
-    int status = wait_exit(d->pid);
+    int status = wait_exit_signalling(d->pid, repeat ? SIGTERM : 0);
     d->pid = -1;
     assert_true(status != -1);
     if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
@@ -255,6 +264,11 @@ static inline void daemon_stop(daemon_t *d)
     struct stat st;
     assert_int_equal(lstat(d->path, &st), -1);
     assert_int_equal(errno, ENOENT);
+}
+
+static inline void daemon_stop(daemon_t *d)
+{
+    daemon_stop_repeating(d, 0);
 }
 
 static inline int setup(void **state)

@@ -752,15 +752,7 @@ static void test_sigterm_inflight(void **state)
     /* The stop signal comes again and again while vqkvd finishes the Gets
      * (a supervisor, an impatient operator): the clean stop must not be
      * cut short by the second one. */
-    assert_int_equal(kill(d->pid, SIGTERM), 0);
-    int status = 0;
-    while (waitpid(d->pid, &status, WNOHANG) == 0) {
-        kill(d->pid, SIGTERM);
-        sleep_ms(1);
-    }
-    d->pid = -1;
-    if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
-        fail_msg("vqkvd ended with wait status %#x, not exit 0", status);
+    daemon_stop_repeating(d, 1);
     for (;;) {
         vqkv_frame_t frame;
         int rc = vqkv_frame_recv(c.fd, &c.reader, &frame);
