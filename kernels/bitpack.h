@@ -3,13 +3,16 @@
  * Code i of width w occupies bits [i*w, (i+1)*w) of the stream, bit k being
  * bit (k % 8) of byte k / 8. Writers expect the destination zeroed. Byte at
  * a time: simple and layout-independent; codes are at most 16 bits wide.
+ * The CPU codecs and the GPU kernel bodies share these (VQKV_HD).
  */
 #ifndef VQKV_BITPACK_H
 #define VQKV_BITPACK_H
 
+#include "numeric.h"
+
 #include <stdint.h>
 
-static inline void vqkv__bits_put(uint8_t *buf, uint64_t bitpos, uint32_t width, uint32_t value)
+VQKV_HD void vqkv__bits_put(uint8_t *buf, uint64_t bitpos, uint32_t width, uint32_t value)
 {
     while (width > 0) {
         uint32_t off = (uint32_t)(bitpos & 7u);
@@ -21,7 +24,7 @@ static inline void vqkv__bits_put(uint8_t *buf, uint64_t bitpos, uint32_t width,
     }
 }
 
-static inline uint32_t vqkv__bits_get(const uint8_t *buf, uint64_t bitpos, uint32_t width)
+VQKV_HD uint32_t vqkv__bits_get(const uint8_t *buf, uint64_t bitpos, uint32_t width)
 {
     uint32_t first = (uint32_t)(bitpos & 7u);
     if (first + width <= 8u) /* within one byte: every 1/2/4/8-bit code */
@@ -39,7 +42,7 @@ static inline uint32_t vqkv__bits_get(const uint8_t *buf, uint64_t bitpos, uint3
 }
 
 /* Bytes that n codes of width bits take, rounded up. */
-static inline uint64_t vqkv__bits_bytes(uint64_t n, uint32_t width)
+VQKV_HD uint64_t vqkv__bits_bytes(uint64_t n, uint32_t width)
 {
     return (n * width + 7u) / 8u;
 }

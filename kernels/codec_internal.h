@@ -10,6 +10,7 @@
 #ifndef VQKV_CODEC_INTERNAL_H
 #define VQKV_CODEC_INTERNAL_H
 
+#include "cuda/kplan.h"
 #include "numeric.h"
 #include "vqkv_codec.h"
 
@@ -61,6 +62,10 @@ typedef struct vqkv__codec_ops {
      * makes them the codec's: VQKV_OK, or VQKV_EFORMAT leaving the codec
      * as it was. */
     int (*books_install)(vqkv_codec_t *codec, const float *books);
+    /* Fills the codec's kind and parameters into plan (kplan.h), whose
+     * layout and sizes are set, and for codecs with codebooks allocates
+     * *books in the plan's order. */
+    int (*kplan)(const vqkv_codec_t *codec, vqkv_kplan_t *plan, float **books);
 } vqkv__codec_ops_t;
 
 struct vqkv_codec {

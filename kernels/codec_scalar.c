@@ -65,11 +65,20 @@ static void vqkv__fp16_decode(const vqkv_codec_t *codec, uint32_t layer, int kv,
     }
 }
 
+/* fp16 and fp8 have no parameters for the kernels beyond their kind. */
+static int vqkv__fp16_kplan(const vqkv_codec_t *codec, vqkv_kplan_t *plan, float **books)
+{
+    (void)codec, (void)books;
+    plan->kind = VQKV_KIND_FP16;
+    return VQKV_OK;
+}
+
 const vqkv__codec_ops_t vqkv__fp16_ops = {
     .name = "fp16",
     .init = vqkv__fp16_init,
     .encode_part = vqkv__fp16_encode,
     .decode_part = vqkv__fp16_decode,
+    .kplan = vqkv__fp16_kplan,
 };
 
 /* ---- fp8 e4m3 -------------------------------------------------------- */
@@ -139,11 +148,19 @@ static void vqkv__fp8_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, 
     }
 }
 
+static int vqkv__fp8_kplan(const vqkv_codec_t *codec, vqkv_kplan_t *plan, float **books)
+{
+    (void)codec, (void)books;
+    plan->kind = VQKV_KIND_FP8;
+    return VQKV_OK;
+}
+
 const vqkv__codec_ops_t vqkv__fp8_ops = {
     .name = "fp8",
     .init = vqkv__fp8_init,
     .encode_part = vqkv__fp8_encode,
     .decode_part = vqkv__fp8_decode,
+    .kplan = vqkv__fp8_kplan,
 };
 
 /* ---- KIVI ------------------------------------------------------------ */
@@ -316,6 +333,16 @@ static void vqkv__kivi_decode(const vqkv_codec_t *codec, uint32_t layer, int kv,
     }
 }
 
+static int vqkv__kivi_kplan(const vqkv_codec_t *codec, vqkv_kplan_t *plan, float **books)
+{
+    (void)books;
+    const vqkv__kivi_t *k = codec->state;
+    plan->kind = VQKV_KIND_KIVI;
+    plan->bits = k->bits;
+    plan->group = k->group;
+    return VQKV_OK;
+}
+
 static void vqkv__kivi_free(void *state)
 {
     free(state);
@@ -327,6 +354,7 @@ const vqkv__codec_ops_t vqkv__kivi2_ops = {
     .free_state = vqkv__kivi_free,
     .encode_part = vqkv__kivi_encode,
     .decode_part = vqkv__kivi_decode,
+    .kplan = vqkv__kivi_kplan,
 };
 
 const vqkv__codec_ops_t vqkv__kivi4_ops = {
@@ -335,4 +363,5 @@ const vqkv__codec_ops_t vqkv__kivi4_ops = {
     .free_state = vqkv__kivi_free,
     .encode_part = vqkv__kivi_encode,
     .decode_part = vqkv__kivi_decode,
+    .kplan = vqkv__kivi_kplan,
 };

@@ -886,6 +886,74 @@ static int vqkv__vq_books_install(vqkv_codec_t *codec, const float *books)
     return VQKV_OK;
 }
 
+/* The kernels' view of the codec: branches with their channel maps, and the
+ * codewords (commutative tables expanded), their squared norms (the search
+ * form's, kmeans.h) and the channel statistics in one array (kplan.h).
+ * O(codebook floats), once per codec and device. */
+static int vqkv__vq_kplan(const vqkv_codec_t *codec, vqkv_kplan_t *plan, float **books_out)
+{
+    const vqkv__vq_t *vq = codec->state;
+    const vqkv_layout_t *l = &codec->layout;
+    size_t set_layers = (size_t)l->num_layers * vq->sets;
+    plan->kind = VQKV_KIND_VQ;
+    plan->bits = vq->bits;
+    plan->sets = vq->sets;
+    plan->channel_scale = vq->channel_scale;
+    plan->block_center = vq->block_center;
+    plan->escapes = vq->escapes;
+    for (int kv = 0; kv < 2; kv++) {
+        const vqkv__side_t *side = &vq->side[kv];
+        vqkv_kside_t *ks = &plan->side[kv];
+        ks->n_branches = side->n_branches;
+        ks->codes = side->codes;
+        ks->words = side->words;
+        ks->wfloats = side->wfloats;
+        for (uint32_t bi = 0; bi < side->n_branches; bi++) {
+            const vqkv__branch_t *br = &side->br[bi];
+            vqkv_kbranch_t *kb = &ks->br[bi];
+            kb->n_channels = br->n_channels;
+            kb->d = br->d;
+            kb->stages = br->stages;
+            kb->groups = br->groups;
+            kb->first_code = br->first_code;
+            kb->first_group = ks->groups;
+            kb->first_word = br->first_word;
+            kb->first_wfloat = br->first_wfloat;
+            memcpy(kb->chan, br->chan, br->n_channels * sizeof *br->chan);
+            ks->groups += br->groups;
+        }
+    }
+    size_t words = set_layers * (vq->side[0].words + vq->side[1].words);
+    size_t stats = vqkv__vq_total_floats(codec) - vqkv__vq_book_floats(codec);
+    plan->norms_at = set_layers * (vq->side[0].wfloats + vq->side[1].wfloats);
+    plan->stats_at = plan->norms_at + words;
+    plan->book_floats = plan->stats_at + stats;
+    float *books = malloc(plan->book_floats * sizeof *books);
+    if (books == NULL)
+        return VQKV_ENOMEM;
+    for (uint32_t sl = 0; sl < set_layers; sl++)
+        for (int kv = 0; kv < 2; kv++)
+            for (uint32_t bi = 0; bi < vq->side[kv].n_branches; bi++) {
+                const vqkv__branch_t *br = &vq->side[kv].br[bi];
+                size_t k = (size_t)1 << vq->bits;
+                for (uint32_t g = 0; g < br->groups; g++)
+                    for (uint32_t s = 0; s < br->stages; s++) {
+                        vqkv__book_t book = vqkv__book(vq, sl, kv, br, g, s);
+                        size_t index = ((size_t)g * br->stages + s) << vq->bits;
+                        size_t wf = sl * (vq->side[0].wfloats + vq->side[1].wfloats) +
+                                    (kv ? vq->side[0].wfloats : 0) + br->first_wfloat +
+                                    index * br->d;
+                        size_t w = sl * (vq->side[0].words + vq->side[1].words) +
+                                   (kv ? vq->side[0].words : 0) + br->first_word + index;
+                        memcpy(books + wf, book.words, k * br->d * sizeof *books);
+                        memcpy(books + plan->norms_at + w, book.search, k * sizeof *books);
+                    }
+            }
+    memcpy(books + plan->stats_at, vqkv__channel_stats(codec, 0, 0, 0), stats * sizeof *books);
+    *books_out = books;
+    return VQKV_OK;
+}
+
 /* The VQ codecs differ only in how a spec becomes branches (init); the
  * rest of their ops are this file's. */
 #define VQKV__VQ_OPS(codec)                                                                        \
@@ -899,6 +967,7 @@ static int vqkv__vq_books_install(vqkv_codec_t *codec, const float *books)
         .needs_training = vqkv__vq_needs_training,                                                 \
         .books = vqkv__vq_books,                                                                   \
         .books_install = vqkv__vq_books_install,                                                   \
+        .kplan = vqkv__vq_kplan,                                                                   \
     };
 
 VQKV__VQ_OPS(rvq)

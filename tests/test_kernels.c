@@ -1,0 +1,385 @@
+/* test_kernels.c -- the GPU codec kernels, emulated: every body of
+ * kernels/cuda/kbody.h run over its whole launch geometry on the CPU
+ * (kernel_emu.h) and held to the CPU codecs, for every codec and option,
+ * every dtype, the vLLM and the split K/V layout, odd shapes whose codes do
+ * not end on a byte, batches of 1 to 500 blocks, and slots that end on the
+ * region's last byte. Decode must give the CPU codec's bytes in the whole
+ * region (nothing outside the named slots moves); encode must give the CPU
+ * codec's bytes (the bodies repeat its float operations one for one), the
+ * same whichever order the threads run in.
+ */
+#include "kernel_emu.h"
+#include "test_util.h"
+
+#define PROFILE 42u
+
+typedef struct {
+    const char *spec;
+    vqkv_layout_t layout;
+} kcase_t;
+
+/* T=16, H=2, D=64, 2 layers: the shapes codec tests use; then an odd one
+ * (D=10, H=3, T=3) whose KIVI-2 key rows and 3- and 5-bit VQ vectors do
+ * not end on a byte. */
+#define MAIN_LAYOUT {2, 2, 64, 16, VQKV_DTYPE_F16}
+#define ODD_LAYOUT {2, 3, 10, 3, VQKV_DTYPE_F16}
+
+static const kcase_t kcases[] = {
+    {"fp16", MAIN_LAYOUT},
+    {"fp8", MAIN_LAYOUT},
+    {"kivi2", MAIN_LAYOUT},
+    {"kivi4", MAIN_LAYOUT},
+    {"kivi2:g=16", MAIN_LAYOUT},
+    {"rvq", MAIN_LAYOUT},
+    {"rvq:kgroup=contig", MAIN_LAYOUT},
+    {"rvq:esc=2", MAIN_LAYOUT},
+    {"rvq:d=4,b=6,r=3,bc=1", MAIN_LAYOUT},
+    {"rvq:b=6,ph=1", MAIN_LAYOUT},
+    {"rvq:cs=1,bc=1,esc=3", MAIN_LAYOUT},
+    {"rvq:d=16,b=5,r=1", MAIN_LAYOUT},
+    {"vqkv", MAIN_LAYOUT},
+    {"vqkv:bc=1,esc=1,cs=1", MAIN_LAYOUT},
+    {"commvq", MAIN_LAYOUT},
+    {"commvq:b=6,rope=inter,esc=1", MAIN_LAYOUT},
+    {"fp16", ODD_LAYOUT},
+    {"fp8", ODD_LAYOUT},
+    {"kivi2", ODD_LAYOUT},
+    {"kivi4:g=5", ODD_LAYOUT},
+    {"rvq:d=5,b=3,r=1,esc=1", ODD_LAYOUT},
+    {"rvq:d=2,b=5,r=2,bc=1", ODD_LAYOUT},
+};
+#define NUM_KCASES (sizeof kcases / sizeof kcases[0])
+
+static const vqkv_dtype_t dtypes[] = {VQKV_DTYPE_F16, VQKV_DTYPE_BF16, VQKV_DTYPE_F32};
+
+/* Codebooks trained once per case on f16 layout, loaded for every dtype. */
+static uint8_t *books_file[NUM_KCASES];
+static size_t books_file_len[NUM_KCASES];
+
+static int train_cases(void **state)
+{
+    (void)state;
+    vqkv_train_opts_t opts = {.seed = 3, .iterations = 3, .threads = 2};
+    for (size_t i = 0; i < NUM_KCASES; i++) {
+        vqkv_codec_t *codec = NULL;
+        int rc = vqkv_codec_create(kcases[i].spec, &kcases[i].layout, &codec);
+        if (rc == VQKV_OK && vqkv_codec_needs_training(codec)) {
+            rc = test_train_all(codec, PROFILE, 1026, &opts);
+            if (rc == VQKV_OK)
+                rc = vqkv_codebook_save_buffer(codec, &books_file[i], &books_file_len[i]);
+        }
+        vqkv_codec_free(codec);
+        if (rc != VQKV_OK) {
+            fprintf(stderr, "training %s: %s\n", kcases[i].spec, vqkv_strerror(rc));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int free_cases(void **state)
+{
+    (void)state;
+    for (size_t i = 0; i < NUM_KCASES; i++)
+        free(books_file[i]);
+    return 0;
+}
+
+static vqkv_codec_t *case_codec(size_t ci, vqkv_dtype_t dtype)
+{
+    vqkv_layout_t l = kcases[ci].layout;
+    l.dtype = dtype;
+    vqkv_codec_t *codec = NULL;
+    assert_ok(vqkv_codec_create(kcases[ci].spec, &l, &codec));
+    if (books_file[ci] != NULL)
+        assert_ok(vqkv_codebook_load_buffer(codec, books_file[ci], books_file_len[ci]));
+    return codec;
+}
+
+/* A worker region of num_slots slots in the vLLM or the split layout
+ * (with an odd gap), starting `offset` bytes in, ending exactly at the last
+ * slot's last byte, every slot filled with synthetic KV. */
+typedef struct {
+    vqkv_kv_view_t view;
+    uint8_t *mem;
+} region_t;
+
+static void region_make(region_t *r, const vqkv_layout_t *l, uint32_t num_slots, int split)
+{
+    if (split)
+        vqkv_kv_view_split(&r->view, l, num_slots, 40);
+    else
+        vqkv_kv_view_vllm(&r->view, l, num_slots);
+    r->view.offset = 24;
+    r->view.region_bytes += 24;
+    if (split) /* the last tensor's gap is not part of the region */
+        r->view.region_bytes -= 40;
+    r->mem = malloc(r->view.region_bytes);
+    assert_non_null(r->mem);
+    memset(r->mem, 0x5c, r->view.region_bytes);
+    float *values = malloc(test_block_values(l) * sizeof *values);
+    assert_non_null(values);
+    for (uint32_t s = 0; s < num_slots; s++) {
+        test_synth_block(l, PROFILE, 1000 + s, values);
+        /* A planted outlier vector in some slots, for the escapes. */
+        if (s % 3 == 1)
+            for (uint32_t d = 0; d < l->head_dim; d++)
+                values[test_block_index(l, 0, 0, 1, 0, d)] = 40.0f - (float)d;
+        test_write_block(l, &r->view, r->mem, s, values);
+    }
+    free(values);
+}
+
+static uint8_t *region_copy(const region_t *r, uint8_t fill)
+{
+    uint8_t *m = malloc(r->view.region_bytes);
+    assert_non_null(m);
+    memset(m, fill, r->view.region_bytes);
+    return m;
+}
+
+/* Blocks of a request: slots spread over the region, the last slot among
+ * them; block i at store offset i * block_bytes + 8 in a store with 8 spare
+ * bytes at each end. */
+typedef struct {
+    uint32_t *slots;
+    uint64_t *store_at;
+    uint32_t n;
+    uint64_t store_bytes;
+} request_t;
+
+static void request_make(request_t *q, uint32_t n, uint32_t num_slots, uint64_t block_bytes)
+{
+    q->n = n;
+    q->slots = malloc(n * sizeof *q->slots);
+    q->store_at = malloc(n * sizeof *q->store_at);
+    assert_non_null(q->slots);
+    assert_non_null(q->store_at);
+    for (uint32_t i = 0; i < n; i++) {
+        q->slots[i] = (uint32_t)(((uint64_t)i * 7 + num_slots - 1) % num_slots);
+        q->store_at[i] = 8 + (uint64_t)i * block_bytes;
+    }
+    q->store_bytes = 16 + (uint64_t)n * block_bytes;
+}
+
+static void request_free(request_t *q)
+{
+    free(q->slots);
+    free(q->store_at);
+}
+
+/* Holds the emulated kernels to the CPU codec for one codec, dtype, layout
+ * and batch size. */
+static void check_against_cpu(size_t ci, vqkv_dtype_t dtype, int split, uint32_t n_blocks,
+                              uint32_t num_slots)
+{
+    vqkv_codec_t *codec = case_codec(ci, dtype);
+    const vqkv_layout_t *l = vqkv_codec_layout(codec);
+    uint64_t bb = vqkv_codec_block_bytes(codec);
+    vqkv_kplan_t plan;
+    float *books = NULL;
+    assert_ok(vqkv_kplan_build(codec, &plan, &books));
+
+    region_t src;
+    region_make(&src, l, num_slots, split);
+    request_t q;
+    request_make(&q, n_blocks, num_slots, bb);
+
+    /* Encode: the CPU's bytes, block by block, in order and in reverse. */
+    uint8_t *want = malloc(q.store_bytes), *got = malloc(q.store_bytes);
+    uint8_t *got_rev = malloc(q.store_bytes);
+    assert_non_null(want);
+    assert_non_null(got);
+    assert_non_null(got_rev);
+    memset(want, 0xa5, q.store_bytes);
+    memset(got, 0xa5, q.store_bytes);
+    memset(got_rev, 0x3c, q.store_bytes);
+    for (uint32_t i = 0; i < n_blocks; i++)
+        assert_ok(vqkv_codec_encode(codec, src.mem, &src.view, q.slots[i], want + q.store_at[i]));
+    emu_request_t r = {&plan,       books, got,     q.store_bytes, q.store_at,
+                       src.mem,     &src.view,   q.slots, n_blocks};
+    assert_ok(emu_run(&r, 1, 0));
+    for (uint32_t i = 0; i < n_blocks; i++) {
+        if (memcmp(want + q.store_at[i], got + q.store_at[i], bb) != 0) {
+            size_t at = 0;
+            while (want[q.store_at[i] + at] == got[q.store_at[i] + at])
+                at++;
+            fail_msg("%s %d split=%d: block %u encodes differently from byte %zu of %zu",
+                     kcases[ci].spec, dtype, split, i, at, (size_t)bb);
+        }
+    }
+    assert_memory_equal(want, got, 8); /* nothing before the first block */
+    r.store = got_rev;
+    assert_ok(emu_run(&r, 1, 1));
+    for (uint32_t i = 0; i < n_blocks; i++)
+        assert_memory_equal(got + q.store_at[i], got_rev + q.store_at[i], bb);
+
+    /* Decode the CPU's blocks: the CPU's bytes in the whole region. */
+    uint8_t *cpu = region_copy(&src, 0x77), *emu = region_copy(&src, 0x77);
+    for (uint32_t i = 0; i < n_blocks; i++)
+        assert_ok(vqkv_codec_decode(codec, want + q.store_at[i], cpu, &src.view, q.slots[i]));
+    r.store = want;
+    r.worker = emu;
+    assert_ok(emu_run(&r, 0, 1));
+    if (memcmp(cpu, emu, src.view.region_bytes) != 0) {
+        size_t at = 0;
+        while (cpu[at] == emu[at])
+            at++;
+        fail_msg("%s dtype %d split=%d: decode differs at region byte %zu", kcases[ci].spec,
+                 dtype, split, at);
+    }
+    test_free_all(want, got, got_rev, cpu, emu, src.mem, books);
+    request_free(&q);
+    vqkv_codec_free(codec);
+}
+
+static void test_every_codec_dtype_layout(void **state)
+{
+    (void)state;
+    for (size_t ci = 0; ci < NUM_KCASES; ci++)
+        for (size_t di = 0; di < 3; di++)
+            for (int split = 0; split < 2; split++)
+                check_against_cpu(ci, dtypes[di], split, 3, 5);
+}
+
+static size_t kcase_named(const char *spec)
+{
+    for (size_t i = 0; i < NUM_KCASES; i++)
+        if (strcmp(kcases[i].spec, spec) == 0)
+            return i;
+    fail_msg("no case %s", spec);
+    return 0;
+}
+
+/* One block alone, and 500 blocks (more than the slots: the same slot
+ * restored several times, as a get may), in one launch each. */
+static void test_batches_of_1_and_500(void **state)
+{
+    (void)state;
+    static const char *const specs[] = {"fp16", "kivi2", "rvq", "rvq:esc=2", "commvq"};
+    for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
+        check_against_cpu(kcase_named(specs[i]), VQKV_DTYPE_F16, 0, 1, 1);
+        check_against_cpu(kcase_named(specs[i]), VQKV_DTYPE_BF16, 1, 500, 61);
+    }
+}
+
+/* A launch's geometry covers every unit once: grid * block >= units, and
+ * less than one block of threads more. */
+static void test_geometry_covers_units(void **state)
+{
+    (void)state;
+    for (size_t ci = 0; ci < NUM_KCASES; ci++) {
+        vqkv_codec_t *codec = case_codec(ci, VQKV_DTYPE_F16);
+        vqkv_kplan_t plan;
+        float *books = NULL;
+        assert_ok(vqkv_kplan_build(codec, &plan, &books));
+        for (int k = VQKV_KERNEL_DECODE; k <= VQKV_KERNEL_ENCODE; k++) {
+            vqkv_kbatch_t b = {.n_blocks = 37};
+            vqkv_kgeom_t g = vqkv_kbatch_prepare(&b, &plan, (vqkv_kernel_t)k);
+            assert_int_equal(g.block, VQKV_KERNEL_THREADS);
+            assert_int_equal(g.shared, 0);
+            uint64_t threads = (uint64_t)g.grid * g.block;
+            assert_true(threads >= b.total);
+            assert_true(threads < b.total + g.block);
+            assert_int_equal(b.total, 37ull * plan.layout.num_layers * (b.units[0] + b.units[1]));
+            if (k == VQKV_KERNEL_DECODE || k == VQKV_KERNEL_ENCODE)
+                assert_true(b.units[0] > 0 && b.units[1] > 0);
+        }
+        free(books);
+        vqkv_codec_free(codec);
+    }
+}
+
+/* Every slot and block offset is checked before a launch: one bad entry
+ * anywhere in the batch refuses it whole, and nothing is written. */
+static void test_out_of_range_refused_before_launch(void **state)
+{
+    (void)state;
+    size_t ci = kcase_named("rvq:esc=2");
+    vqkv_codec_t *codec = case_codec(ci, VQKV_DTYPE_F16);
+    const vqkv_layout_t *l = vqkv_codec_layout(codec);
+    uint64_t bb = vqkv_codec_block_bytes(codec);
+    vqkv_kplan_t plan;
+    float *books = NULL;
+    assert_ok(vqkv_kplan_build(codec, &plan, &books));
+    region_t reg;
+    region_make(&reg, l, 4, 0);
+    request_t q;
+    request_make(&q, 3, 4, bb);
+    uint8_t *store = calloc(1, q.store_bytes), *before = region_copy(&reg, 0);
+    memcpy(before, reg.mem, reg.view.region_bytes);
+    emu_request_t r = {&plan, books, store, q.store_bytes, q.store_at, reg.mem, &reg.view,
+                       q.slots, q.n};
+
+    q.slots[1] = 4; /* one past the last slot */
+    assert_rc(emu_run(&r, 0, 0), VQKV_ERANGE);
+    q.slots[1] = UINT32_MAX;
+    assert_rc(emu_run(&r, 1, 0), VQKV_ERANGE);
+    q.slots[1] = 1;
+    q.store_at[2] = q.store_bytes - bb + 1; /* the block's last byte past the store */
+    assert_rc(emu_run(&r, 0, 0), VQKV_ERANGE);
+    q.store_at[2] = UINT64_MAX - 3;
+    assert_rc(emu_run(&r, 0, 0), VQKV_ERANGE);
+    q.store_at[2] = 8;
+    vqkv_kv_view_t small = reg.view;
+    small.region_bytes -= 1; /* the last slot no longer fits */
+    r.view = &small;
+    q.slots[0] = 3;
+    assert_rc(emu_run(&r, 0, 0), VQKV_ERANGE);
+    r.view = &reg.view;
+    r.n_blocks = 0;
+    assert_rc(emu_run(&r, 0, 0), VQKV_EINVAL);
+    assert_memory_equal(before, reg.mem, reg.view.region_bytes);
+    r.n_blocks = q.n;
+    assert_ok(emu_run(&r, 1, 0));
+    assert_ok(emu_run(&r, 0, 0));
+    test_free_all(store, before, reg.mem, books);
+    request_free(&q);
+    vqkv_codec_free(codec);
+}
+
+/* A plan needs codebooks; the books array holds every codeword and norm. */
+static void test_plan_needs_codebooks(void **state)
+{
+    (void)state;
+    vqkv_layout_t l = MAIN_LAYOUT;
+    vqkv_codec_t *codec = NULL;
+    vqkv_kplan_t plan;
+    float *books = NULL;
+    assert_ok(vqkv_codec_create("rvq", &l, &codec));
+    assert_rc(vqkv_kplan_build(codec, &plan, &books), VQKV_ENOCODEBOOK);
+    vqkv_codec_free(codec);
+    codec = case_codec(kcase_named("rvq"), VQKV_DTYPE_F16);
+    assert_ok(vqkv_kplan_build(codec, &plan, &books));
+    /* rvq: 2 layers x 2 sides x 8 groups x 2 stages x 256 words of 8 floats,
+     * their norms, and the statistics. */
+    uint64_t words = 2ull * 2 * 8 * 2 * 256;
+    assert_int_equal(plan.norms_at, words * 8);
+    assert_int_equal(plan.stats_at, words * 9);
+    assert_int_equal(plan.book_floats, words * 9 + 2ull * 2 * 2 * 2 * 64);
+    for (uint64_t i = 0; i < words; i++) { /* each norm is its word's */
+        float s = 0.0f;
+        for (int j = 0; j < 8; j++)
+            s += books[i * 8 + j] * books[i * 8 + j];
+        assert_true(s == books[plan.norms_at + i]);
+    }
+    free(books);
+    vqkv_codec_free(codec);
+    codec = case_codec(kcase_named("kivi2"), VQKV_DTYPE_F16);
+    assert_ok(vqkv_kplan_build(codec, &plan, &books));
+    assert_null(books);
+    assert_int_equal(plan.kind, VQKV_KIND_KIVI);
+    vqkv_codec_free(codec);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_plan_needs_codebooks),
+        cmocka_unit_test(test_geometry_covers_units),
+        cmocka_unit_test(test_out_of_range_refused_before_launch),
+        cmocka_unit_test(test_every_codec_dtype_layout),
+        cmocka_unit_test(test_batches_of_1_and_500),
+    };
+    return cmocka_run_group_tests(tests, train_cases, free_cases);
+}
