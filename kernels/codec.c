@@ -28,6 +28,7 @@ const char *vqkv_strerror(int err)
     case VQKV_EIO: return "file could not be read or written";
     case VQKV_EFORMAT: return "file is malformed, truncated or fails its checksum";
     case VQKV_EMISMATCH: return "file was made for another layout or codec";
+    case VQKV_EDEVICE: return "no CUDA device, or a CUDA call failed";
     default: return "unknown error";
     }
 }

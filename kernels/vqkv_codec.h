@@ -57,6 +57,7 @@ enum {
     VQKV_EIO = -6,         /* a file could not be read or written */
     VQKV_EFORMAT = -7,     /* file malformed, truncated or checksum wrong */
     VQKV_EMISMATCH = -8,   /* file made for another layout or codec */
+    VQKV_EDEVICE = -9,     /* no CUDA device, or a CUDA call failed */
 };
 
 /* A static string naming err; never NULL. */

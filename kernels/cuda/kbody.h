@@ -33,7 +33,7 @@
 #include <math.h>
 
 #ifdef __CUDACC__
-#define VQKV_KB static __host__ __device__
+#define VQKV_KB __host__ __device__ inline
 #else
 #define VQKV_KB static inline
 #endif
