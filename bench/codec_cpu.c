@@ -11,6 +11,7 @@
  *
  * usage: codec_cpu [--blocks N] [--min-seconds S] [--json FILE] [SPEC ...]
  */
+#include "bench_util.h"
 #include "vqkv_codec.h"
 
 #include <math.h>
@@ -18,28 +19,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-static double bench_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
-/* Gaussian fp16 values with per-channel scales, as keys have. */
-static void bench_fill(uint16_t *cache, size_t n, uint32_t head_dim)
-{
-    uint64_t state = 42;
-    for (size_t i = 0; i < n; i++) {
-        state = state * 6364136223846793005ull + 1442695040888963407ull;
-        double u1 = ((double)(state >> 11) + 1.0) / 9007199254740993.0;
-        state = state * 6364136223846793005ull + 1442695040888963407ull;
-        double u2 = (double)(state >> 11) / 9007199254740992.0;
-        double g = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
-        float scale = 0.5f + (float)(i % head_dim) / (float)head_dim * 4.0f;
-        vqkv_dtype_from_f32(VQKV_DTYPE_F16, &(float){(float)g * scale}, 1, &cache[i]);
-    }
-}
 
 typedef struct {
     char spec[96];
@@ -97,19 +76,7 @@ static int bench_codec(const char *spec, const vqkv_layout_t *layout, const vqkv
         fprintf(stderr, "codec_cpu: %s: %s\n", spec, vqkv_strerror(rc));
         return rc;
     }
-    /* Train on the K and V of the first block of each layer. */
-    size_t vectors = (size_t)layout->block_tokens * layout->num_kv_heads;
-    float *x = malloc(vectors * layout->head_dim * sizeof *x);
-    vqkv_train_opts_t topts = {.seed = 1, .iterations = 4, .max_samples = 4096};
-    for (uint32_t l = 0; l < layout->num_layers && rc == VQKV_OK; l++) {
-        for (int kv = 0; kv < 2 && rc == VQKV_OK; kv++) {
-            const uint8_t *src =
-                (const uint8_t *)cache + l * view->layer_stride + kv * view->kv_stride;
-            vqkv_dtype_to_f32(VQKV_DTYPE_F16, src, vectors * layout->head_dim, x);
-            rc = vqkv_codec_train(codec, l, kv, x, vectors, &topts);
-        }
-    }
-    free(x);
+    rc = bench_train(codec, view, cache);
 
     uint8_t *packed = malloc(vqkv_codec_block_bytes(codec) * blocks);
     bench_pass_t pass = {

@@ -665,8 +665,9 @@ static int vqkv__train_group(vqkv__train_job_t *job, uint32_t bi, uint32_t g)
                                                                   ((uint64_t)job->kv << 24) |
                                                                   (bi << 20) | (g << 8) | s));
         uint32_t iters = job->opts->iterations ? job->opts->iterations : 16;
-        rc = br->commute ? vqkv__commute_em(x, job->m, d, vq->bits / 2, iters, seed, book.params)
-                         : vqkv__kmeans(x, job->m, d, k, iters, seed, book.params);
+        rc = br->commute
+                 ? vqkv__commute_em(x, job->m, d, vq->bits / 2, iters, seed, book.params)
+                 : vqkv__kmeans(x, job->m, d, k, iters, seed, job->opts->assigner, book.params);
         if (rc != VQKV_OK)
             break;
         vqkv__book_ready(vq, br, book);

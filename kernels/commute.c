@@ -211,7 +211,7 @@ int vqkv__commute_em(const float *x, size_t n, uint32_t d, uint32_t h, uint32_t 
 
     /* Start from k-means++ seeds as free codewords, projected onto the
      * commutative form by one soft M-step. */
-    rc = vqkv__kmeans(x, n, d, k, 0, seed, em.words);
+    rc = vqkv__kmeans(x, n, d, k, 0, seed, NULL, em.words);
     if (rc != VQKV_OK)
         goto out;
     vqkv__search_prepare(em.words, d, k, em.search);

@@ -102,7 +102,7 @@ static void vqkv__kmeanspp(const float *x, size_t n, uint32_t d, uint32_t k, uin
 }
 
 int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iterations,
-                 uint64_t seed, float *centroids)
+                 uint64_t seed, const vqkv_assigner_t *assigner, float *centroids)
 {
     int rc = VQKV_ENOMEM;
     uint64_t rng = seed;
@@ -111,7 +111,9 @@ int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iter
     double *sums = malloc((size_t)k * d * sizeof *sums);
     size_t *counts = malloc(k * sizeof *counts);
     uint32_t *assign = malloc(n * sizeof *assign);
-    if (mind == NULL || search == NULL || sums == NULL || counts == NULL || assign == NULL)
+    uint32_t *next = assigner != NULL ? malloc(n * sizeof *next) : NULL;
+    if (mind == NULL || search == NULL || sums == NULL || counts == NULL || assign == NULL ||
+        (assigner != NULL && next == NULL))
         goto out;
 
     vqkv__kmeanspp(x, n, d, k, &rng, centroids, mind);
@@ -120,12 +122,18 @@ int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iter
         memset(sums, 0, (size_t)k * d * sizeof *sums);
         memset(counts, 0, k * sizeof *counts);
         size_t moved = 0;
+        if (assigner != NULL) {
+            rc = assigner->assign(assigner->ctx, x, n, d, centroids, search, k, next, mind);
+            if (rc != VQKV_OK)
+                goto out;
+        }
         for (size_t i = 0; i < n; i++) {
             const float *xi = x + i * d;
-            uint32_t c = vqkv__nearest(xi, search, d, k);
+            uint32_t c = assigner != NULL ? next[i] : vqkv__nearest(xi, search, d, k);
             moved += it == 0 || c != assign[i];
             assign[i] = c;
-            mind[i] = vqkv__dist2(xi, centroids + (size_t)c * d, d);
+            if (assigner == NULL)
+                mind[i] = vqkv__dist2(xi, centroids + (size_t)c * d, d);
             counts[c]++;
             for (uint32_t j = 0; j < d; j++)
                 sums[(size_t)c * d + j] += xi[j];
@@ -156,5 +164,6 @@ out:
     free(sums);
     free(counts);
     free(assign);
+    free(next);
     return rc;
 }

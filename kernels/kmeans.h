@@ -7,13 +7,28 @@
 #ifndef VQKV_KMEANS_H
 #define VQKV_KMEANS_H
 
+#include "vqkv_codec.h"
+
 #include <stddef.h>
 #include <stdint.h>
 
-/* Trains k centroids[k][d] on x[n][d]. With n < k the surplus centroids
- * repeat data points (they stay unused). VQKV_OK or VQKV_ENOMEM. */
+/* Lloyd's assignment step, the O(n*k*d) part of every iteration, done
+ * elsewhere (vqkv_cuda_assigner: on a GPU). It must give what the CPU
+ * gives: assign[i] the index of x[i]'s nearest centroid by
+ * ||c||^2 - 2 x.c (norms[] holds ||c||^2, ties to the lower index, as
+ * vqkv__nearest), mind[i] the squared distance to it summed in channel
+ * order. Returns VQKV_OK or an error, which ends the training. */
+struct vqkv_assigner {
+    int (*assign)(void *ctx, const float *x, size_t n, uint32_t d, const float *centroids,
+                  const float *norms, uint32_t k, uint32_t *assign, float *mind);
+    void *ctx;
+};
+
+/* Trains k centroids[k][d] on x[n][d], the assignment steps on `assigner`
+ * (NULL: here). With n < k the surplus centroids repeat data points (they
+ * stay unused). VQKV_OK, VQKV_ENOMEM or the assigner's error. */
 int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iterations,
-                 uint64_t seed, float *centroids);
+                 uint64_t seed, const vqkv_assigner_t *assigner, float *centroids);
 
 /* A codebook's search form, (d + 1) * k floats: ||c||^2 for each of the k
  * centroids, then the centroids transposed to [d][k], so the distance loop

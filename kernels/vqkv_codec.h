@@ -140,11 +140,18 @@ double vqkv_codec_bits_per_value(const vqkv_codec_t *codec);
 /* 1 while a VQ codec lacks codebooks for some (layer, K|V), else 0. */
 int vqkv_codec_needs_training(const vqkv_codec_t *codec);
 
+/* Where k-means runs its assignment steps (vqkv_cuda_assigner() for a GPU). */
+typedef struct vqkv_assigner vqkv_assigner_t;
+
 typedef struct {
     uint64_t seed;        /* same seed, same data: same codebooks */
     uint32_t iterations;  /* Lloyd iterations per stage (default 16) */
     uint32_t threads;     /* worker threads (0: one per online CPU) */
     uint32_t max_samples; /* subsample to at most this many vectors (0: 16384) */
+    /* NULL: every step on this CPU's threads. Otherwise k-means hands its
+     * assignment steps to it, and the codebooks come out the same. commvq's
+     * key tables (EM) are trained on the CPU either way. */
+    const vqkv_assigner_t *assigner;
 } vqkv_train_opts_t;
 
 /* Trains the codebooks of one (layer, kv) from n_vectors token-head vectors

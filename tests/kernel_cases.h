@@ -20,8 +20,14 @@ typedef struct {
 /* T=16, H=2, D=64, 2 layers: the shapes codec tests use; then an odd one
  * (D=10, H=3, T=3) whose KIVI-2 key rows and 3- and 5-bit VQ vectors do
  * not end on a byte. */
-#define MAIN_LAYOUT {2, 2, 64, 16, VQKV_DTYPE_F16}
-#define ODD_LAYOUT {2, 3, 10, 3, VQKV_DTYPE_F16}
+#define MAIN_LAYOUT                                                                                \
+    {                                                                                              \
+        2, 2, 64, 16, VQKV_DTYPE_F16                                                               \
+    }
+#define ODD_LAYOUT                                                                                 \
+    {                                                                                              \
+        2, 3, 10, 3, VQKV_DTYPE_F16                                                                \
+    }
 
 static const kcase_t kcases[] = {
     {"fp16", MAIN_LAYOUT},

@@ -10,6 +10,7 @@
 #define VQKV_KERNEL_EMU_H
 
 #include "cuda/kbody.h"
+#include "kmeans.h"
 
 typedef void (*emu_body_t)(const vqkv_kbatch_t *b, uint32_t block_idx, uint32_t block_dim,
                            uint32_t thread_idx);
@@ -40,8 +41,8 @@ typedef struct {
 
 static inline int emu_run(const emu_request_t *r, int encode, int reverse)
 {
-    int rc = vqkv_kbatch_check(r->plan, r->view, r->slots, r->store_at, r->n_blocks,
-                               r->store_bytes);
+    int rc =
+        vqkv_kbatch_check(r->plan, r->view, r->slots, r->store_at, r->n_blocks, r->store_bytes);
     if (rc != VQKV_OK)
         return rc;
     vqkv_kbatch_t b;
@@ -63,6 +64,21 @@ static inline int emu_run(const emu_request_t *r, int encode, int reverse)
                vqkv_kbatch_prepare(&b, r->plan, VQKV_KERNEL_ENCODE_PREP), reverse);
     emu_launch(vqkv_kencode_body, &b, vqkv_kbatch_prepare(&b, r->plan, VQKV_KERNEL_ENCODE),
                reverse);
+    return VQKV_OK;
+}
+
+/* kmeans.h's assignment step by the device body, run over its geometry:
+ * what vqkv_cuda_assigner launches. */
+static inline int emu_assign(void *ctx, const float *x, size_t n, uint32_t d,
+                             const float *centroids, const float *norms, uint32_t k,
+                             uint32_t *assign, float *mind)
+{
+    (void)ctx;
+    vqkv_kassign_t a = {x, centroids, norms, assign, mind, n, d, k};
+    vqkv_kgeom_t g = vqkv_kassign_geometry(n);
+    for (uint32_t bi = 0; bi < g.grid; bi++)
+        for (uint32_t ti = 0; ti < g.block; ti++)
+            vqkv_kassign_body(&a, bi, g.block, ti);
     return VQKV_OK;
 }
 

@@ -39,8 +39,8 @@ static void check_against_cpu(size_t ci, vqkv_dtype_t dtype, int split, uint32_t
     memset(got_rev, 0x3c, q.store_bytes);
     for (uint32_t i = 0; i < n_blocks; i++)
         assert_ok(vqkv_codec_encode(codec, src.mem, &src.view, q.slots[i], want + q.store_at[i]));
-    emu_request_t r = {&plan,       books, got,     q.store_bytes, q.store_at,
-                       src.mem,     &src.view,   q.slots, n_blocks};
+    emu_request_t r = {&plan,   books,     got,     q.store_bytes, q.store_at,
+                       src.mem, &src.view, q.slots, n_blocks};
     assert_ok(emu_run(&r, 1, 0));
     for (uint32_t i = 0; i < n_blocks; i++) {
         if (memcmp(want + q.store_at[i], got + q.store_at[i], bb) != 0) {
@@ -68,8 +68,8 @@ static void check_against_cpu(size_t ci, vqkv_dtype_t dtype, int split, uint32_t
         size_t at = 0;
         while (cpu[at] == emu[at])
             at++;
-        fail_msg("%s dtype %d split=%d: decode differs at region byte %zu", kcases[ci].spec,
-                 dtype, split, at);
+        fail_msg("%s dtype %d split=%d: decode differs at region byte %zu", kcases[ci].spec, dtype,
+                 split, at);
     }
     test_free_all(want, got, got_rev, cpu, emu, src.mem, books);
     request_free(&q);
@@ -142,8 +142,8 @@ static void test_out_of_range_refused_before_launch(void **state)
     request_make(&q, 3, 4, bb);
     uint8_t *store = calloc(1, q.store_bytes), *before = region_copy(&reg, 0);
     memcpy(before, reg.mem, reg.view.region_bytes);
-    emu_request_t r = {&plan, books, store, q.store_bytes, q.store_at, reg.mem, &reg.view,
-                       q.slots, q.n};
+    emu_request_t r = {&plan,     books,   store, q.store_bytes, q.store_at, reg.mem,
+                       &reg.view, q.slots, q.n};
 
     q.slots[1] = 4; /* one past the last slot */
     assert_rc(emu_run(&r, 0, 0), VQKV_ERANGE);
@@ -206,6 +206,25 @@ static void test_plan_needs_codebooks(void **state)
     vqkv_codec_free(codec);
 }
 
+/* Training with the assignment steps in the device body gives the CPU's
+ * codebooks, bit for bit, for every trained case (commvq's key tables are
+ * EM on the CPU either way; its value codebooks go through k-means). */
+static void test_training_with_device_assignment(void **state)
+{
+    (void)state;
+    static const vqkv_assigner_t emulated = {emu_assign, NULL};
+    for (size_t ci = 0; ci < NUM_KCASES; ci++) {
+        if (books_file[ci] == NULL)
+            continue;
+        vqkv_codec_t *codec = NULL;
+        vqkv_train_opts_t opts = {.seed = 3, .iterations = 3, .threads = 2, .assigner = &emulated};
+        assert_ok(vqkv_codec_create(kcases[ci].spec, &kcases[ci].layout, &codec));
+        assert_ok(test_train_all(codec, PROFILE, 1026, &opts));
+        test_assert_saves_as(codec, books_file[ci], books_file_len[ci]);
+        vqkv_codec_free(codec);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -214,6 +233,7 @@ int main(void)
         cmocka_unit_test(test_out_of_range_refused_before_launch),
         cmocka_unit_test(test_every_codec_dtype_layout),
         cmocka_unit_test(test_batches_of_1_and_500),
+        cmocka_unit_test(test_training_with_device_assignment),
     };
     return cmocka_run_group_tests(tests, train_cases, free_cases);
 }

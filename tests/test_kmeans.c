@@ -56,7 +56,7 @@ static void test_kmeans_recovers_clusters(void **state)
             x[i * D + j] = centres[(i % K) * D + j] + 0.2f * (float)test_rng_gaussian(&rng);
 
     for (uint64_t seed = 1; seed <= 5; seed++) {
-        assert_ok(vqkv__kmeans(x, N, D, K, 10, seed, centroids));
+        assert_ok(vqkv__kmeans(x, N, D, K, 10, seed, NULL, centroids));
         for (uint32_t c = 0; c < K; c++) {
             /* One centroid per centre, within a few noise widths. */
             uint32_t matches = 0;
@@ -74,9 +74,9 @@ static void test_kmeans_deterministic_by_seed(void **state)
     enum { N = 600, D = 4, K = 16 };
     float *x = gaussian_points(N, D, 3);
     float first[K * D], same_seed[K * D], other_seed[K * D];
-    assert_ok(vqkv__kmeans(x, N, D, K, 6, 11, first));
-    assert_ok(vqkv__kmeans(x, N, D, K, 6, 11, same_seed));
-    assert_ok(vqkv__kmeans(x, N, D, K, 6, 12, other_seed));
+    assert_ok(vqkv__kmeans(x, N, D, K, 6, 11, NULL, first));
+    assert_ok(vqkv__kmeans(x, N, D, K, 6, 11, NULL, same_seed));
+    assert_ok(vqkv__kmeans(x, N, D, K, 6, 12, NULL, other_seed));
     assert_memory_equal(first, same_seed, sizeof first);
     assert_memory_not_equal(first, other_seed, sizeof first);
     free(x);
@@ -89,8 +89,8 @@ static void test_kmeans_iterations_lower_distortion(void **state)
     enum { N = 1000, D = 8, K = 32 };
     float *x = gaussian_points(N, D, 4);
     float seeded[K * D], trained[K * D];
-    assert_ok(vqkv__kmeans(x, N, D, K, 0, 5, seeded));
-    assert_ok(vqkv__kmeans(x, N, D, K, 8, 5, trained));
+    assert_ok(vqkv__kmeans(x, N, D, K, 0, 5, NULL, seeded));
+    assert_ok(vqkv__kmeans(x, N, D, K, 8, 5, NULL, trained));
     double before = distortion(x, N, D, seeded, K), after = distortion(x, N, D, trained, K);
     assert_true(after < before * 0.9);
     free(x);
@@ -104,7 +104,7 @@ static void test_kmeans_fewer_points_than_centroids(void **state)
     enum { N = 5, D = 3, K = 8 };
     float *x = gaussian_points(N, D, 6);
     float centroids[K * D];
-    assert_ok(vqkv__kmeans(x, N, D, K, 4, 1, centroids));
+    assert_ok(vqkv__kmeans(x, N, D, K, 4, 1, NULL, centroids));
     for (uint32_t c = 0; c < K; c++) {
         int is_point = 0;
         for (size_t i = 0; i < N; i++)
@@ -128,7 +128,7 @@ static void test_kmeans_identical_points(void **state)
     float x[N * D], centroids[K * D];
     for (size_t i = 0; i < N * D; i++)
         x[i] = (float)(i % D) - 1.5f;
-    assert_ok(vqkv__kmeans(x, N, D, K, 5, 1, centroids));
+    assert_ok(vqkv__kmeans(x, N, D, K, 5, 1, NULL, centroids));
     for (uint32_t c = 0; c < K; c++)
         assert_memory_equal(centroids + c * D, x, D * sizeof(float));
 }

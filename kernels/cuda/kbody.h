@@ -137,8 +137,8 @@ VQKV_KB int vqkv__kunit_at(const vqkv_kbatch_t *b, uint32_t block_idx, uint32_t 
     u->unit = (uint32_t)(u->kv ? r - b->units[0] : r);
     u->tile = b->worker + b->view.offset + u->layer * b->view.layer_stride +
               (uint64_t)u->kv * b->view.kv_stride + b->slots[u->block] * b->view.slot_stride;
-    u->part = b->store + b->store_at[u->block] +
-              u->layer * (p->part_bytes[0] + p->part_bytes[1]) + (u->kv ? p->part_bytes[0] : 0);
+    u->part = b->store + b->store_at[u->block] + u->layer * (p->part_bytes[0] + p->part_bytes[1]) +
+              (u->kv ? p->part_bytes[0] : 0);
     u->dtype = p->layout.dtype;
     u->esize = u->dtype == VQKV_DTYPE_F32 ? 4u : 2u;
     u->token_stride = b->view.token_stride;
@@ -413,8 +413,8 @@ VQKV_KB void vqkv__kdecode_vq(const vqkv_kbatch_t *b, const vqkv_kunit_t *u)
     const uint8_t *escape = NULL;
     for (uint32_t i = 0; i < p->escapes; i++) {
         const uint8_t *e = f.escapes + (uint64_t)i * VQKV_KESCAPE_BYTES(D);
-        uint32_t index = (uint32_t)e[0] | (uint32_t)e[1] << 8 | (uint32_t)e[2] << 16 |
-                         (uint32_t)e[3] << 24;
+        uint32_t index =
+            (uint32_t)e[0] | (uint32_t)e[1] << 8 | (uint32_t)e[2] << 16 | (uint32_t)e[3] << 24;
         if (index == v)
             escape = e;
     }
@@ -423,8 +423,8 @@ VQKV_KB void vqkv__kdecode_vq(const vqkv_kbatch_t *b, const vqkv_kunit_t *u)
     for (uint32_t s = 0; s < br->stages; s++) {
         uint64_t pos = (uint64_t)v * side->codes + br->first_code + (uint64_t)g * br->stages + s;
         uint32_t code = vqkv__bits_get(f.codes, pos * p->bits, p->bits);
-        words[s] = b->books + vqkv__kbook_words(p, set_layer, u->kv, br, g, s) +
-                   (uint64_t)code * br->d;
+        words[s] =
+            b->books + vqkv__kbook_words(p, set_layer, u->kv, br, g, s) + (uint64_t)code * br->d;
     }
     float norm = vqkv__kget_f16(f.norms + 2 * ((uint64_t)v * side->n_branches + bi));
     const float *mean = vqkv__kstats(b, u->layer, u->kv, h), *scale = mean + D;
@@ -605,6 +605,26 @@ VQKV_KB void vqkv__kencode_prep(const vqkv_kbatch_t *b, const vqkv_kunit_t *u)
     }
 }
 
+/* ---- k-means --------------------------------------------------------------- */
+
+/* Assignment unit: point i's nearest centroid, as vqkv__nearest picks it,
+ * and its squared distance, as kmeans.c sums it. */
+VQKV_KB void vqkv_kassign_body(const vqkv_kassign_t *a, uint32_t block_idx, uint32_t block_dim,
+                               uint32_t thread_idx)
+{
+    uint64_t i = (uint64_t)block_idx * block_dim + thread_idx;
+    if (i >= a->n)
+        return;
+    const float *x = a->x + i * a->d;
+    uint32_t c = vqkv__knearest(x, a->centroids, a->norms, a->d, a->k);
+    const float *w = a->centroids + (uint64_t)c * a->d;
+    float s = 0.0f;
+    for (uint32_t j = 0; j < a->d; j++)
+        s = VQKV_FADD(s, VQKV_FMUL(VQKV_FSUB(x[j], w[j]), VQKV_FSUB(x[j], w[j])));
+    a->assign[i] = c;
+    a->mind[i] = s;
+}
+
 /* ---- the bodies ---------------------------------------------------------------- */
 
 VQKV_KB void vqkv_kdecode_body(const vqkv_kbatch_t *b, uint32_t block_idx, uint32_t block_dim,
@@ -619,8 +639,8 @@ VQKV_KB void vqkv_kdecode_body(const vqkv_kbatch_t *b, uint32_t block_idx, uint3
         vqkv__kdecode_flat(b, &u);
 }
 
-VQKV_KB void vqkv_kencode_prep_body(const vqkv_kbatch_t *b, uint32_t block_idx,
-                                    uint32_t block_dim, uint32_t thread_idx)
+VQKV_KB void vqkv_kencode_prep_body(const vqkv_kbatch_t *b, uint32_t block_idx, uint32_t block_dim,
+                                    uint32_t thread_idx)
 {
     vqkv_kunit_t u;
     if (vqkv__kunit_at(b, block_idx, block_dim, thread_idx, &u))

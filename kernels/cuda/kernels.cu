@@ -9,6 +9,7 @@
  * launches once for the whole batch. Built with --fmad=false on top of the
  * bodies' explicit __fmul_rn/__fadd_rn, so no multiply-add is ever fused.
  */
+#include "../kmeans.h"
 #include "kbody.h"
 #include "vqkv_cuda.h"
 
@@ -19,7 +20,7 @@
 #include <string.h>
 
 struct vqkv_cuda_codec {
-    vqkv_kplan_t plan;     /* host copy: sizes, units, checks */
+    vqkv_kplan_t plan; /* host copy: sizes, units, checks */
     vqkv_kplan_t *plan_device;
     float *books_device;
 };
@@ -44,6 +45,11 @@ __global__ void __launch_bounds__(VQKV_KERNEL_THREADS) vqkv_kencode_prep(vqkv_kb
 __global__ void __launch_bounds__(VQKV_KERNEL_THREADS) vqkv_kencode(vqkv_kbatch_t b)
 {
     vqkv_kencode_body(&b, blockIdx.x, blockDim.x, threadIdx.x);
+}
+
+__global__ void __launch_bounds__(VQKV_KERNEL_THREADS) vqkv_kassign(vqkv_kassign_t a)
+{
+    vqkv_kassign_body(&a, blockIdx.x, blockDim.x, threadIdx.x);
 }
 
 static thread_local char vqkv__cuda_error[160];
@@ -203,29 +209,77 @@ static int vqkv__cuda_launch(vqkv__kernel_fn kernel, vqkv_kernel_t which, vqkv_k
 
 extern "C" int vqkv_cuda_decode(vqkv_cuda_job_t *job, const vqkv_cuda_codec_t *gc,
                                 const uint8_t *store, uint64_t store_bytes,
-                                const uint64_t *store_at, void *worker,
-                                const vqkv_kv_view_t *view, const uint32_t *slots,
-                                uint32_t n_blocks)
+                                const uint64_t *store_at, void *worker, const vqkv_kv_view_t *view,
+                                const uint32_t *slots, uint32_t n_blocks)
 {
     vqkv_kbatch_t b;
-    int rc = vqkv__cuda_batch(job, gc, (uint8_t *)store, store_bytes, store_at,
-                              (uint8_t *)worker, view, slots, n_blocks, &b);
+    int rc = vqkv__cuda_batch(job, gc, (uint8_t *)store, store_bytes, store_at, (uint8_t *)worker,
+                              view, slots, n_blocks, &b);
     if (rc != VQKV_OK)
         return rc;
     return vqkv__cuda_launch(vqkv_kdecode, VQKV_KERNEL_DECODE, &b, gc, job->stream);
 }
 
 extern "C" int vqkv_cuda_encode(vqkv_cuda_job_t *job, const vqkv_cuda_codec_t *gc, uint8_t *store,
-                                uint64_t store_bytes, const uint64_t *store_at,
-                                const void *worker, const vqkv_kv_view_t *view,
-                                const uint32_t *slots, uint32_t n_blocks)
+                                uint64_t store_bytes, const uint64_t *store_at, const void *worker,
+                                const vqkv_kv_view_t *view, const uint32_t *slots,
+                                uint32_t n_blocks)
 {
     vqkv_kbatch_t b;
-    int rc = vqkv__cuda_batch(job, gc, store, store_bytes, store_at, (uint8_t *)worker, view,
-                              slots, n_blocks, &b);
+    int rc = vqkv__cuda_batch(job, gc, store, store_bytes, store_at, (uint8_t *)worker, view, slots,
+                              n_blocks, &b);
     if (rc == VQKV_OK)
         rc = vqkv__cuda_launch(vqkv_kencode_prep, VQKV_KERNEL_ENCODE_PREP, &b, gc, job->stream);
     if (rc == VQKV_OK)
         rc = vqkv__cuda_launch(vqkv_kencode, VQKV_KERNEL_ENCODE, &b, gc, job->stream);
     return rc;
+}
+
+/* k-means assignment on the current device, on the calling thread's default
+ * stream, so training threads run their steps side by side. One
+ * stream-ordered allocation per step (no device-wide synchronization) holds
+ * the points, the centroids and the answers; O(n*d) bytes over the bus
+ * against O(n*k*d) work on the GPU. */
+static int vqkv__cuda_assign(void *ctx, const float *x, size_t n, uint32_t d,
+                             const float *centroids, const float *norms, uint32_t k,
+                             uint32_t *assign, float *mind)
+{
+    (void)ctx;
+    cudaStream_t stream = cudaStreamPerThread;
+    size_t x_bytes = n * d * sizeof(float), c_bytes = (size_t)k * d * sizeof(float);
+    size_t norm_bytes = k * sizeof(float), out_bytes = n * sizeof(float);
+    uint8_t *buf = NULL;
+    int rc = vqkv__cuda_rc(
+        cudaMallocAsync((void **)&buf, x_bytes + c_bytes + norm_bytes + 2 * out_bytes, stream));
+    if (rc != VQKV_OK)
+        return rc;
+    vqkv_kassign_t a;
+    a.x = (const float *)buf;
+    a.centroids = (const float *)(buf + x_bytes);
+    a.norms = (const float *)(buf + x_bytes + c_bytes);
+    a.assign = (uint32_t *)(buf + x_bytes + c_bytes + norm_bytes);
+    a.mind = (float *)(buf + x_bytes + c_bytes + norm_bytes + out_bytes);
+    a.n = n;
+    a.d = d;
+    a.k = k;
+    vqkv_kgeom_t g = vqkv_kassign_geometry(n);
+    cudaMemcpyAsync((void *)a.x, x, x_bytes, cudaMemcpyHostToDevice, stream);
+    cudaMemcpyAsync((void *)a.centroids, centroids, c_bytes, cudaMemcpyHostToDevice, stream);
+    cudaMemcpyAsync((void *)a.norms, norms, norm_bytes, cudaMemcpyHostToDevice, stream);
+    vqkv_kassign<<<g.grid, g.block, g.shared, stream>>>(a);
+    cudaMemcpyAsync(assign, a.assign, out_bytes, cudaMemcpyDeviceToHost, stream);
+    cudaMemcpyAsync(mind, a.mind, out_bytes, cudaMemcpyDeviceToHost, stream);
+    cudaFreeAsync(buf, stream);
+    /* Any failure above is sticky in the stream or reported here. */
+    rc = vqkv__cuda_rc(cudaGetLastError());
+    if (rc == VQKV_OK)
+        rc = vqkv__cuda_rc(cudaStreamSynchronize(stream));
+    return rc;
+}
+
+static const vqkv_assigner_t vqkv__cuda_assigner = {vqkv__cuda_assign, NULL};
+
+extern "C" const vqkv_assigner_t *vqkv_cuda_assigner(void)
+{
+    return vqkv_cuda_device_count() > 0 ? &vqkv__cuda_assigner : NULL;
 }

@@ -88,9 +88,9 @@ int vqkv_kbatch_check(const vqkv_kplan_t *plan, const vqkv_kv_view_t *view, cons
         for (int kv = 0; kv < 2; kv++)
             if (vqkv__kplan_units(plan, (vqkv_kernel_t)kernel, kv) > UINT32_MAX)
                 return VQKV_EINVAL;
-        uint64_t per_block = plan->layout.num_layers *
-                             (vqkv__kplan_units(plan, (vqkv_kernel_t)kernel, 0) +
-                              vqkv__kplan_units(plan, (vqkv_kernel_t)kernel, 1));
+        uint64_t per_block =
+            plan->layout.num_layers * (vqkv__kplan_units(plan, (vqkv_kernel_t)kernel, 0) +
+                                       vqkv__kplan_units(plan, (vqkv_kernel_t)kernel, 1));
         if (per_block * n_blocks / VQKV_KERNEL_THREADS >= INT32_MAX)
             return VQKV_EINVAL;
     }
@@ -102,4 +102,10 @@ int vqkv_kbatch_check(const vqkv_kplan_t *plan, const vqkv_kv_view_t *view, cons
             return VQKV_ERANGE;
     }
     return VQKV_OK;
+}
+
+vqkv_kgeom_t vqkv_kassign_geometry(uint64_t n)
+{
+    vqkv_kgeom_t geom = {(uint32_t)vqkv__ceil_div(n, VQKV_KERNEL_THREADS), VQKV_KERNEL_THREADS, 0};
+    return geom;
 }

@@ -106,6 +106,20 @@ typedef struct {
     vqkv_kind_t kind;  /* a copy of plan->kind, known on the host */
 } vqkv_kbatch_t;
 
+/* One k-means assignment step (kmeans.h's vqkv_assigner): point i of
+ * x[n][d] gets the nearest of centroids[k][d], norms[k] their squared
+ * norms. One unit per point. */
+typedef struct {
+    const float *x;
+    const float *centroids;
+    const float *norms;
+    uint32_t *assign;
+    float *mind;
+    uint64_t n;
+    uint32_t d;
+    uint32_t k;
+} vqkv_kassign_t;
+
 /* How a batch is launched: grid x block threads, shared bytes. */
 typedef struct {
     uint32_t grid;
@@ -148,6 +162,9 @@ int vqkv_kbatch_check(const vqkv_kplan_t *plan, const vqkv_kv_view_t *view, cons
  * geometry, grid 0 when the kernel has nothing to do for this codec. */
 vqkv_kgeom_t vqkv_kbatch_prepare(vqkv_kbatch_t *batch, const vqkv_kplan_t *plan,
                                  vqkv_kernel_t kernel);
+
+/* The geometry of an assignment step over n points. */
+vqkv_kgeom_t vqkv_kassign_geometry(uint64_t n);
 
 #ifdef __cplusplus
 }

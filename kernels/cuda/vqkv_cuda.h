@@ -70,6 +70,12 @@ int vqkv_cuda_encode(vqkv_cuda_job_t *job, const vqkv_cuda_codec_t *codec, uint8
                      uint64_t store_bytes, const uint64_t *store_at, const void *worker_device,
                      const vqkv_kv_view_t *view, const uint32_t *slots, uint32_t n_blocks);
 
+/* k-means on the GPU, for vqkv_train_opts_t.assigner: each assignment step
+ * of codebook training runs on the device that is current on the training
+ * thread when it runs, on that thread's default stream; the codebooks are
+ * the CPU's (the step gives the CPU's assignments). NULL without a device. */
+const vqkv_assigner_t *vqkv_cuda_assigner(void);
+
 #ifdef __cplusplus
 }
 #endif

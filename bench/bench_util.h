@@ -1,0 +1,59 @@
+/* bench_util.h -- what the codec benchmarks share: a monotonic clock and
+ * the synthetic fp16 KV they fill caches with (Gaussian, per-channel
+ * scales as keys have), and the brief codebook training they need (the
+ * codebooks' quality does not matter to a throughput figure, only the work
+ * per block does).
+ */
+#ifndef VQKV_BENCH_UTIL_H
+#define VQKV_BENCH_UTIL_H
+
+#include "vqkv_codec.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <time.h>
+
+static inline double bench_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Gaussian fp16 values with per-channel scales, as keys have. */
+static inline void bench_fill(uint16_t *cache, size_t n, uint32_t head_dim)
+{
+    uint64_t state = 42;
+    for (size_t i = 0; i < n; i++) {
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        double u1 = ((double)(state >> 11) + 1.0) / 9007199254740993.0;
+        state = state * 6364136223846793005ull + 1442695040888963407ull;
+        double u2 = (double)(state >> 11) / 9007199254740992.0;
+        double g = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+        float scale = 0.5f + (float)(i % head_dim) / (float)head_dim * 4.0f;
+        vqkv_dtype_from_f32(VQKV_DTYPE_F16, &(float){(float)g * scale}, 1, &cache[i]);
+    }
+}
+
+/* Trains codec on the K and V of the first slot of each layer of a fp16
+ * cache laid out by view. */
+static inline int bench_train(vqkv_codec_t *codec, const vqkv_kv_view_t *view, const void *cache)
+{
+    const vqkv_layout_t *layout = vqkv_codec_layout(codec);
+    size_t vectors = (size_t)layout->block_tokens * layout->num_kv_heads;
+    float *x = malloc(vectors * layout->head_dim * sizeof *x);
+    vqkv_train_opts_t topts = {.seed = 1, .iterations = 4, .max_samples = 4096};
+    int rc = x == NULL ? VQKV_ENOMEM : VQKV_OK;
+    for (uint32_t l = 0; l < layout->num_layers && rc == VQKV_OK; l++) {
+        for (int kv = 0; kv < 2 && rc == VQKV_OK; kv++) {
+            const uint8_t *src = (const uint8_t *)cache + view->offset + l * view->layer_stride +
+                                 kv * view->kv_stride;
+            vqkv_dtype_to_f32(VQKV_DTYPE_F16, src, vectors * layout->head_dim, x);
+            rc = vqkv_codec_train(codec, l, kv, x, vectors, &topts);
+        }
+    }
+    free(x);
+    return rc;
+}
+
+#endif
