@@ -160,6 +160,14 @@ static void test_out_of_range_refused_before_launch(void **state)
     r.view = &small;
     q.slots[0] = 3;
     assert_rc(emu_run(&r, 0, 0), VQKV_ERANGE);
+    vqkv_kv_view_t odd = reg.view;
+    odd.offset += 1; /* f16 elements at odd addresses */
+    r.view = &odd;
+    q.slots[0] = 0;
+    assert_rc(emu_run(&r, 0, 0), VQKV_EINVAL);
+    odd = reg.view;
+    odd.token_stride += 1;
+    assert_rc(emu_run(&r, 1, 0), VQKV_EINVAL);
     r.view = &reg.view;
     r.n_blocks = 0;
     assert_rc(emu_run(&r, 0, 0), VQKV_EINVAL);

@@ -75,30 +75,50 @@ VQKV_KB float vqkv__kget_f16(const uint8_t *p)
     return vqkv_f16_to_f32(vqkv__kget_u16(p));
 }
 
+/* An element of worker memory. vqkv_kbatch_check has made every element
+ * address a multiple of its size, so the device does one load or store of
+ * the element's width; the host goes through memcpy, which compiles to the
+ * same and keeps C's aliasing rules. */
 VQKV_KB float vqkv__kload(vqkv_dtype_t dtype, const uint8_t *p)
 {
-    uint32_t u;
+    uint16_t h = 0;
+    uint32_t u = 0;
+#ifdef __CUDA_ARCH__
+    h = dtype == VQKV_DTYPE_F32 ? 0 : *(const uint16_t *)p;
+    u = dtype == VQKV_DTYPE_F32 ? *(const uint32_t *)p : 0;
+#else
+    memcpy(&h, p, sizeof h);
+    memcpy(&u, p, dtype == VQKV_DTYPE_F32 ? sizeof u : 0);
+#endif
     switch (dtype) {
-    case VQKV_DTYPE_F16: return vqkv_f16_to_f32(vqkv__kget_u16(p));
-    case VQKV_DTYPE_BF16: return vqkv_bf16_to_f32(vqkv__kget_u16(p));
-    default:
-        u = (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-        return vqkv_bits_to_f32(u);
+    case VQKV_DTYPE_F16: return vqkv_f16_to_f32(h);
+    case VQKV_DTYPE_BF16: return vqkv_bf16_to_f32(h);
+    default: return vqkv_bits_to_f32(u);
     }
+}
+
+VQKV_KB void vqkv__kstore_bits(uint8_t *p, uint32_t bits, uint32_t size)
+{
+#ifdef __CUDA_ARCH__
+    if (size == 4)
+        *(uint32_t *)p = bits;
+    else
+        *(uint16_t *)p = (uint16_t)bits;
+#else
+    uint16_t h = (uint16_t)bits;
+    if (size == 4)
+        memcpy(p, &bits, sizeof bits);
+    else
+        memcpy(p, &h, sizeof h);
+#endif
 }
 
 VQKV_KB void vqkv__kstore(vqkv_dtype_t dtype, uint8_t *p, float x)
 {
-    uint32_t u;
     switch (dtype) {
-    case VQKV_DTYPE_F16: vqkv__kput_u16(p, vqkv_f32_to_f16(x)); return;
-    case VQKV_DTYPE_BF16: vqkv__kput_u16(p, vqkv_f32_to_bf16(x)); return;
-    default:
-        u = vqkv_f32_to_bits(x);
-        p[0] = (uint8_t)u;
-        p[1] = (uint8_t)(u >> 8);
-        p[2] = (uint8_t)(u >> 16);
-        p[3] = (uint8_t)(u >> 24);
+    case VQKV_DTYPE_F16: vqkv__kstore_bits(p, vqkv_f32_to_f16(x), 2); return;
+    case VQKV_DTYPE_BF16: vqkv__kstore_bits(p, vqkv_f32_to_bf16(x), 2); return;
+    default: vqkv__kstore_bits(p, vqkv_f32_to_bits(x), 4);
     }
 }
 
@@ -232,9 +252,8 @@ VQKV_KB void vqkv__kdecode_flat(const vqkv_kbatch_t *b, const vqkv_kunit_t *u)
         uint8_t *dst = vqkv__kelem(u, t, h, c);
         float x;
         if (p->kind == VQKV_KIND_FP16) {
-            if (u->dtype == VQKV_DTYPE_F16) { /* bytes as stored, NaN payloads too */
-                dst[0] = u->part[2 * i];
-                dst[1] = u->part[2 * i + 1];
+            if (u->dtype == VQKV_DTYPE_F16) { /* bits as stored, NaN payloads too */
+                vqkv__kstore_bits(dst, vqkv__kget_u16(u->part + 2 * i), 2);
                 continue;
             }
             x = vqkv__kget_f16(u->part + 2 * i);

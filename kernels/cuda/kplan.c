@@ -94,6 +94,13 @@ int vqkv_kbatch_check(const vqkv_kplan_t *plan, const vqkv_kv_view_t *view, cons
         if (per_block * n_blocks / VQKV_KERNEL_THREADS >= INT32_MAX)
             return VQKV_EINVAL;
     }
+    /* Element-aligned views (what every engine's cache is), so kernels move
+     * whole elements; the region's base is aligned by its allocator. */
+    uint64_t esize = vqkv_dtype_size(plan->layout.dtype);
+    if (view->offset % esize != 0 || view->layer_stride % esize != 0 ||
+        view->kv_stride % esize != 0 || view->slot_stride % esize != 0 ||
+        view->token_stride % esize != 0 || view->head_stride % esize != 0)
+        return VQKV_EINVAL;
     for (uint32_t i = 0; i < n_blocks; i++) {
         int rc = vqkv_kv_view_check(&plan->layout, view, slots[i]);
         if (rc != VQKV_OK)
