@@ -646,7 +646,8 @@ static void bench_usage(FILE *f)
           "  --capacity         instead: fill a fresh daemon until it evicts, report tokens/GiB\n"
           "  --warmup-tokens N  capacity of a VQ codec the daemon has no codebooks for: first\n"
           "                     put N tokens for it to calibrate on (default 2048)\n"
-          "  --json FILE        also write the figures as one JSON object\n",
+          "  --json FILE        also write the figures as one JSON object\n"
+          "  --version          print the version\n",
           f);
 }
 
@@ -665,6 +666,7 @@ static int bench_parse(int argc, char **argv, bench_opts_t *o)
         {"warmup-tokens", required_argument, NULL, 'w'},
         {"json", required_argument, NULL, 'j'},
         {"help", no_argument, NULL, 'h'},
+        {"version", no_argument, NULL, 'V'},
         {NULL, 0, NULL, 0},
     };
     *o = (bench_opts_t){NULL, "kivi4", "smollm2-135m", NULL, 1, 4, 64, 16, 5.0, 0, 2048};
@@ -683,6 +685,7 @@ static int bench_parse(int argc, char **argv, bench_opts_t *o)
         case 'w': o->warmup_tokens = (uint32_t)strtoul(optarg, NULL, 10); break;
         case 'j': o->json_path = optarg; break;
         case 'h': bench_usage(stdout); exit(0);
+        case 'V': printf("vqkv-benchmark %s\n", VQKV_VERSION); exit(0);
         default: return -1;
         }
     }

@@ -28,6 +28,7 @@
 static void vqkvctl_usage(FILE *out)
 {
     fputs("usage: vqkvctl eval --kv FILE --codec SPEC [--codec SPEC ...] [options]\n"
+          "       vqkvctl --version\n"
           "       vqkvctl [--socket PATH] stats [--json]\n"
           "       vqkvctl [--socket PATH] health\n"
           "       vqkvctl [--socket PATH] pin --model ID [--heads FIRST:COUNT]\n"
@@ -48,7 +49,8 @@ static void vqkvctl_usage(FILE *out)
           "                        starting at head 0)\n"
           "  --ttl-ms N            how long the pin lasts (default: 4294967295, about\n"
           "                        49 days; unpin ends it)\n"
-          "  --socket PATH         the daemon's socket (default: $VQKV_SOCKET, else your own\n"
+          "  --socket PATH         the daemon's socket, before or after the command\n"
+          "                        (default: $VQKV_SOCKET, else your own\n"
           "                        $XDG_RUNTIME_DIR/vqkv/vqkv.sock if it exists, else\n"
           "                        /run/vqkv/vqkv.sock)\n"
           "\n"
@@ -246,6 +248,65 @@ static int vqkvctl_health(int argc, char **argv, const char *socket_path)
     return 0;
 }
 
+/* n bytes as "12.3 MiB" (powers of 1024), or "512 B". */
+static const char *vqkvctl_bytes(uint64_t n, char *buf, size_t size)
+{
+    static const char *const units[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+    double v = (double)n;
+    size_t u = 0;
+    while (v >= 1024.0 && u + 1 < sizeof units / sizeof units[0]) {
+        v /= 1024.0;
+        u++;
+    }
+    if (u == 0)
+        snprintf(buf, size, "%llu B", (unsigned long long)n);
+    else
+        snprintf(buf, size, "%.1f %s", v, units[u]);
+    return buf;
+}
+
+/* Hits over lookups' blocks asked, as "87.5%", "-" before any. */
+static const char *vqkvctl_rate(uint64_t hits, uint64_t misses, char *buf, size_t size)
+{
+    if (hits + misses == 0)
+        snprintf(buf, size, "-");
+    else
+        snprintf(buf, size, "%.1f%%", 100.0 * (double)hits / (double)(hits + misses));
+    return buf;
+}
+
+/* The stats for a person: sizes in KiB/MiB/GiB, the compression ratio, the
+ * hit rate; --json has the exact counts. */
+static void vqkvctl_stats_table(const vqkv_stats_t *st)
+{
+    char a[32], b[32], c[32];
+    double ratio = st->bytes_stored > 0 ? (double)st->bytes_logical / (double)st->bytes_stored : 0;
+    printf("blocks      %llu held: %s stored, %s as the workers' KV (%.2fx smaller)\n",
+           (unsigned long long)st->blocks, vqkvctl_bytes(st->bytes_stored, a, sizeof a),
+           vqkvctl_bytes(st->bytes_logical, b, sizeof b), ratio);
+    printf("hit rate    %s (%llu blocks found, %llu missed)\n",
+           vqkvctl_rate(st->hits, st->misses, a, sizeof a), (unsigned long long)st->hits,
+           (unsigned long long)st->misses);
+    printf("evictions   %llu\n", (unsigned long long)st->evictions);
+    printf("pool        %s of %s used (%llu slots)\n", vqkvctl_bytes(st->pool_bytes_used, a, sizeof a),
+           vqkvctl_bytes(st->pool_bytes, b, sizeof b), (unsigned long long)st->pool_slots_used);
+    printf("clients     %u connected, %llu leases, %llu regions\n", st->clients,
+           (unsigned long long)st->leases, (unsigned long long)st->regions);
+    printf("\n%-12s %10s %12s %12s %9s %10s %12s\n", "tenant", "blocks", "stored", "logical",
+           "hit rate", "evictions", "quota");
+    for (uint32_t i = 0; i < st->n_tenants; i++) {
+        const vqkv_tenant_stats_t *t = &st->tenants[i];
+        char quota[32] = "unlimited";
+        if (t->quota_bytes != 0)
+            vqkvctl_bytes(t->quota_bytes, quota, sizeof quota);
+        printf("%-12s %10llu %12s %12s %9s %10llu %12s\n", t->tenant,
+               (unsigned long long)t->blocks, vqkvctl_bytes(t->bytes_stored, a, sizeof a),
+               vqkvctl_bytes(t->bytes_logical, b, sizeof b),
+               vqkvctl_rate(t->hits, t->misses, c, sizeof c), (unsigned long long)t->evictions,
+               quota);
+    }
+}
+
 static int vqkvctl_stats(int argc, char **argv, const char *socket_path)
 {
     bool json = false;
@@ -301,30 +362,7 @@ static int vqkvctl_stats(int argc, char **argv, const char *socket_path)
         printf("%s\n", json_object_to_json_string_ext(o, JSON_C_TO_STRING_PRETTY));
         json_object_put(o);
     } else {
-        double ratio =
-            st.bytes_stored > 0 ? (double)st.bytes_logical / (double)st.bytes_stored : 0.0;
-        printf("blocks         %llu\n", (unsigned long long)st.blocks);
-        printf("bytes_stored   %llu\n", (unsigned long long)st.bytes_stored);
-        printf("bytes_logical  %llu (%.2fx)\n", (unsigned long long)st.bytes_logical, ratio);
-        printf("hits           %llu\n", (unsigned long long)st.hits);
-        printf("misses         %llu\n", (unsigned long long)st.misses);
-        printf("evictions      %llu\n", (unsigned long long)st.evictions);
-        printf("clients        %u\n", st.clients);
-        printf("leases         %llu\n", (unsigned long long)st.leases);
-        printf("pool_bytes     %llu\n", (unsigned long long)st.pool_bytes);
-        printf("regions        %llu\n", (unsigned long long)st.regions);
-        printf("\n%-12s %10s %14s %14s %10s %10s %10s %14s\n", "tenant", "blocks", "bytes_stored",
-               "bytes_logical", "hits", "misses", "evictions", "quota_bytes");
-        for (uint32_t i = 0; i < st.n_tenants; i++) {
-            const vqkv_tenant_stats_t *t = &st.tenants[i];
-            char quota[24] = "unlimited";
-            if (t->quota_bytes != 0)
-                snprintf(quota, sizeof quota, "%llu", (unsigned long long)t->quota_bytes);
-            printf("%-12s %10llu %14llu %14llu %10llu %10llu %10llu %14s\n", t->tenant,
-                   (unsigned long long)t->blocks, (unsigned long long)t->bytes_stored,
-                   (unsigned long long)t->bytes_logical, (unsigned long long)t->hits,
-                   (unsigned long long)t->misses, (unsigned long long)t->evictions, quota);
-        }
+        vqkvctl_stats_table(&st);
     }
     return 0;
 }
@@ -547,36 +585,53 @@ cleanup:
     return status;
 }
 
+/* Takes --socket PATH (or --socket=PATH) out of argv wherever it stands, so
+ * `vqkvctl --socket X stats` and `vqkvctl stats --socket X` both work;
+ * argv keeps the rest in order. 0, or -1 for a --socket without a path. */
+static int vqkvctl_take_socket(int *argc, char **argv, const char **socket_path)
+{
+    int kept = 1;
+    for (int i = 1; i < *argc; i++) {
+        if (strncmp(argv[i], "--socket=", 9) == 0) {
+            *socket_path = argv[i] + 9;
+        } else if (strcmp(argv[i], "--socket") == 0) {
+            if (i + 1 >= *argc)
+                return -1;
+            *socket_path = argv[++i];
+        } else {
+            argv[kept++] = argv[i];
+        }
+    }
+    *argc = kept;
+    argv[kept] = NULL;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc < 2 || strcmp(argv[1], "--help") == 0 || strcmp(argv[1], "-h") == 0) {
         vqkvctl_usage(argc < 2 ? stderr : stdout);
         return argc < 2 ? 2 : 0;
     }
+    if (strcmp(argv[1], "--version") == 0) {
+        printf("vqkvctl %s\n", VQKV_VERSION);
+        return 0;
+    }
     if (strcmp(argv[1], "eval") == 0)
         return vqkvctl_eval(argc - 1, argv + 1);
     const char *socket_path = NULL;
-    int i = 1;
-    while (i < argc && strncmp(argv[i], "--socket", 8) == 0) {
-        if (argv[i][8] == '=') {
-            socket_path = argv[i] + 9;
-            i++;
-        } else if (argv[i][8] == '\0' && i + 1 < argc) {
-            socket_path = argv[i + 1];
-            i += 2;
-        } else {
-            vqkvctl_usage(stderr);
-            return 2;
-        }
+    if (vqkvctl_take_socket(&argc, argv, &socket_path) < 0 || argc < 2) {
+        vqkvctl_usage(stderr);
+        return 2;
     }
-    if (i < argc && strcmp(argv[i], "stats") == 0)
-        return vqkvctl_stats(argc - i, argv + i, socket_path);
-    if (i < argc && strcmp(argv[i], "health") == 0)
-        return vqkvctl_health(argc - i, argv + i, socket_path);
-    if (i < argc && (strcmp(argv[i], "pin") == 0 || strcmp(argv[i], "unpin") == 0 ||
-                     strcmp(argv[i], "evict") == 0))
-        return vqkvctl_blocks(argc - i, argv + i, socket_path);
-    fprintf(stderr, "vqkvctl: unknown command '%s'\n", i < argc ? argv[i] : "");
+    if (strcmp(argv[1], "stats") == 0)
+        return vqkvctl_stats(argc - 1, argv + 1, socket_path);
+    if (strcmp(argv[1], "health") == 0)
+        return vqkvctl_health(argc - 1, argv + 1, socket_path);
+    if (strcmp(argv[1], "pin") == 0 || strcmp(argv[1], "unpin") == 0 ||
+        strcmp(argv[1], "evict") == 0)
+        return vqkvctl_blocks(argc - 1, argv + 1, socket_path);
+    fprintf(stderr, "vqkvctl: unknown command '%s'\n", argv[1]);
     vqkvctl_usage(stderr);
     return 2;
 }

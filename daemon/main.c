@@ -9,8 +9,10 @@
  *         [--calibration-tokens N] [--lease-ms N] [--metrics-address HOST:PORT]
  *
  * The configuration file (config.h; vqkvd.conf documents every key) is
- * FILE, or else VQKVD_CONFIG_PATH (/etc/vqkv/vqkvd.conf in a /usr install)
- * when that exists. Flags override the file wherever they stand: the
+ * FILE, or else the installed default when that exists: /etc/vqkv/vqkvd.conf
+ * in a /usr install, PREFIX/etc/vqkv/vqkvd.conf in any other, found from
+ * where the vqkvd binary is, so an install moved with `cmake --install
+ * --prefix` reads its own (vqkvd --help prints the path). Flags override the file wherever they stand: the
  * command line is read twice, first for --config, --check-config and
  * --help, then, after the file, for the rest. --check-config stops there
  * and prints "ok" (exit status 0) or what is wrong (exit status 2, as for
@@ -80,7 +82,7 @@ typedef struct {
     /* What SIGHUP computes the configuration from, as at start. */
     int argc;
     char **argv;
-    const char *config_path;    /* --config, or NULL: VQKVD_CONFIG_PATH if it exists */
+    const char *config_path;    /* --config, or NULL: the default file if it exists */
     const vqkvd_config_t *boot; /* what file and flags gave at start, before the
                                    socket and state directory defaults */
     uv_work_t reload;
@@ -107,8 +109,41 @@ static const struct option vqkvd__options[] = {
     {"lease-ms", required_argument, NULL, 'L'},
     {"metrics-address", required_argument, NULL, 'M'},
     {"help", no_argument, NULL, 'h'},
+    {"version", no_argument, NULL, 'V'},
     {NULL, 0, NULL, 0},
 };
+
+/* The file read when no --config is given (CMakeLists.txt): beside the
+ * binary's prefix, or an absolute path for a /usr install. Computed once;
+ * a binary whose own path cannot be read falls back to the path relative
+ * to the working directory, which then simply does not exist. */
+static const char *vqkvd__default_config(void)
+{
+#ifdef VQKVD_CONFIG_RELATIVE
+    static char path[PATH_MAX];
+    if (path[0] == '\0') {
+        char exe[PATH_MAX], dir[PATH_MAX], joined[PATH_MAX];
+        ssize_t n = readlink("/proc/self/exe", exe, sizeof exe - 1);
+        exe[n > 0 ? n : 0] = '\0';
+        char *slash = strrchr(exe, '/');
+        if (slash != NULL)
+            *slash = '\0';
+        if (snprintf(joined, sizeof joined, "%s/%s", exe, VQKVD_CONFIG_RELATIVE) >=
+            (int)sizeof joined)
+            return VQKVD_CONFIG_RELATIVE;
+        /* Tidy "bin/../etc" when the directory exists, for messages. */
+        char *base = strrchr(joined, '/');
+        *base = '\0';
+        if (realpath(joined, dir) == NULL)
+            snprintf(dir, sizeof dir, "%s", joined);
+        if (snprintf(path, sizeof path, "%s/%s", dir, base + 1) >= (int)sizeof path)
+            return VQKVD_CONFIG_RELATIVE;
+    }
+    return path;
+#else
+    return VQKVD_CONFIG_ABSOLUTE;
+#endif
+}
 
 static void vqkvd__usage(FILE *f)
 {
@@ -116,7 +151,39 @@ static void vqkvd__usage(FILE *f)
                "             [--log-level debug|info|warn|error] [--allow-uid N ...]\n"
                "             [--allow-gid N ...] [--pool-bytes N[K|M|G]] [--state-dir DIR]\n"
                "             [--device cpu|auto|cuda:N] [--calibration-tokens N] [--lease-ms N]\n"
-               "             [--metrics-address HOST:PORT]\n");
+               "             [--metrics-address HOST:PORT] [--help] [--version]\n");
+}
+
+/* --help: every option with its default. Flags override the file's keys
+ * (vqkvd.conf(5) names them). */
+static void vqkvd__help(void)
+{
+    vqkvd_config_t d;
+    vqkvd_config_defaults(&d);
+    vqkvd__usage(stdout);
+    printf("\nvqkvd keeps LLM KV-cache blocks for inference workers, compressed.\n\n"
+           "  --config FILE           configuration file (default: %s, if it exists)\n"
+           "  --check-config          check the file and flags, print \"ok\" and exit\n"
+           "  --socket PATH           Unix socket to serve (default: /run/vqkv/vqkv.sock as root,\n"
+           "                          else $XDG_RUNTIME_DIR/vqkv/vqkv.sock)\n"
+           "  --log-level LEVEL       debug, info, warn or error (default: info)\n"
+           "  --allow-uid N           a uid that may connect; repeatable; replaces the\n"
+           "                          default list (this daemon's uid and root)\n"
+           "  --allow-gid N           a gid whose members may connect; repeatable (default: none)\n"
+           "  --pool-bytes N[K|M|G]   memory for compressed blocks (default: %lluM)\n"
+           "  --state-dir DIR         where trained codebooks are kept (default:\n"
+           "                          $STATE_DIRECTORY, /var/lib/vqkv as root, else\n"
+           "                          $XDG_STATE_HOME/vqkv or ~/.local/state/vqkv)\n"
+           "  --device DEV            cpu, auto or cuda:N (default: %s; this build: cpu)\n"
+           "  --calibration-tokens N  tokens a VQ model stores in fp16 before its codebooks\n"
+           "                          are trained (default: %u)\n"
+           "  --lease-ms N            how long a lookup's lease holds blocks (default: %u)\n"
+           "  --metrics-address A     HOST:PORT of the Prometheus endpoint, loopback only\n"
+           "                          (default: none)\n"
+           "  --help                  this text\n"
+           "  --version               the version\n",
+           vqkvd__default_config(), (unsigned long long)(d.pool_bytes >> 20), d.device,
+           d.calib_tokens, d.lease_ms);
 }
 
 /* Always -1, so a refused flag is one line: return vqkvd__bad_flag(...). */
@@ -128,15 +195,15 @@ static int vqkvd__bad_flag(const char *flag, const char *value, const char *expe
 
 /* The first pass: --config, --check-config and --help, which decide what
  * happens before anything else is read. Other flags are skipped quietly
- * here (opterr 0) and complained about by the second pass. Returns 1 for
- * --help, else 0. */
+ * here (opterr 0) and complained about by the second pass. Returns 'h' for
+ * --help, 'V' for --version, else 0. */
 static int vqkvd__first_pass(int argc, char **argv, const char **config, int *check_only)
 {
     int opt;
     opterr = 0;
     while ((opt = getopt_long(argc, argv, "h", vqkvd__options, NULL)) != -1) {
-        if (opt == 'h')
-            return 1;
+        if (opt == 'h' || opt == 'V')
+            return opt;
         if (opt == 'c')
             *config = optarg;
         else if (opt == 'C')
@@ -159,7 +226,8 @@ static int vqkvd__apply_flags(int argc, char **argv, vqkvd_config_t *cfg, int *l
         unsigned id;
         switch (opt) {
         case 'c':
-        case 'C': break; /* the first pass's */
+        case 'C':
+        case 'V': break; /* the first pass's */
         case 's': cfg->socket_path = optarg; break;
         case 'l':
             *log_level = vqkvd_log_parse_level(optarg);
@@ -223,7 +291,7 @@ static int vqkvd__apply_flags(int argc, char **argv, vqkvd_config_t *cfg, int *l
     return 0;
 }
 
-/* The defaults, then the file over them: path, or VQKVD_CONFIG_PATH when
+/* The defaults, then the file over them: path, or the default file when
  * path is NULL, a missing default file meaning the defaults. The flags
  * come after (vqkvd__apply_flags). Touches no global, so a reload runs it
  * on the thread pool. Returns 0 or what vqkvd_config_load returns, the
@@ -232,7 +300,8 @@ static int vqkvd__read_file(const char *path, vqkvd_config_t *cfg, vqkvd_config_
                             char *err, size_t err_size)
 {
     vqkvd_config_defaults(cfg);
-    int rc = vqkvd_config_load(cfg, file, path != NULL ? path : VQKVD_CONFIG_PATH, err, err_size);
+    int rc =
+        vqkvd_config_load(cfg, file, path != NULL ? path : vqkvd__default_config(), err, err_size);
     return rc == -ENOENT && path == NULL ? 0 : rc;
 }
 
@@ -373,7 +442,7 @@ static void vqkvd__reload_log_change(const vqkvd_config_change_t *ch, void *user
  * until there is one. */
 static void vqkvd__reload_apply(vqkvd_main_t *m)
 {
-    const char *path = m->config_path != NULL ? m->config_path : VQKVD_CONFIG_PATH;
+    const char *path = m->config_path != NULL ? m->config_path : vqkvd__default_config();
     if (m->next_rc < 0) {
         vqkvd_log(VQKVD_LOG_ERROR, "reload refused: %s; the running configuration stays",
                   m->next_err);
@@ -581,9 +650,8 @@ static int vqkvd__run(vqkvd_main_t *m, vqkvd_config_t *cfg)
     }
     rc = vqkvd_server_start(&m->server, &loop, cfg);
     if (rc < 0) {
-        vqkvd_log(VQKVD_LOG_ERROR, "cannot listen on %s: %s",
-                  cfg->listen_fd >= 0 ? "the socket from socket activation" : cfg->socket_path,
-                  strerror(-rc));
+        /* vqkvd_server_start has said what failed. */
+        vqkvd_log(VQKVD_LOG_ERROR, "not started");
         uv_close((uv_handle_t *)&m->signal_poll, NULL);
         goto out;
     }
@@ -623,9 +691,9 @@ int main(int argc, char **argv)
 
     memset(&m, 0, sizeof m);
     m.signal_fd = -1;
-    if (vqkvd__first_pass(argc, argv, &m.config_path, &check_only) > 0) {
-        vqkvd__usage(stdout);
-        return 0;
+    switch (vqkvd__first_pass(argc, argv, &m.config_path, &check_only)) {
+    case 'h': vqkvd__help(); return 0;
+    case 'V': printf("vqkvd %s\n", VQKVD_VERSION); return 0;
     }
     if (vqkvd__read_file(m.config_path, &cfg, &file, err, sizeof err) < 0) {
         fprintf(stderr, "vqkvd: %s\n", err);
@@ -635,6 +703,13 @@ int main(int argc, char **argv)
     if (vqkvd__apply_flags(argc, argv, &cfg, &level) < 0)
         goto out;
     vqkvd_log_level = level;
+    if (cfg.pool_bytes < VQKVD_POOL_MIN_BYTES) {
+        fprintf(stderr,
+                "vqkvd: pool_bytes %llu is below the minimum of %llu (64K): no block of a real "
+                "model would fit\n",
+                (unsigned long long)cfg.pool_bytes, (unsigned long long)VQKVD_POOL_MIN_BYTES);
+        goto out;
+    }
     if (strncmp(cfg.device, "cuda:", 5) == 0) {
         fprintf(stderr, "vqkvd: device %s: this vqkvd has no CUDA backend; use --device cpu\n",
                 cfg.device);

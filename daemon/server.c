@@ -747,12 +747,17 @@ int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t 
         cfg->max_frame > VQKV_FRAME_LIMIT || cfg->max_inflight == 0)
         return -EINVAL;
     if (cfg->listen_fd < 0) {
-        if (strlen(cfg->socket_path) >= sizeof addr.sun_path)
+        if (strlen(cfg->socket_path) >= sizeof addr.sun_path) {
+            vqkvd_log(VQKVD_LOG_ERROR, "socket path %s is longer than %zu bytes",
+                      cfg->socket_path, sizeof addr.sun_path - 1);
             return -ENAMETOOLONG;
+        }
         memcpy(addr.sun_path, cfg->socket_path, strlen(cfg->socket_path) + 1);
     }
-    if (getrandom(s->salt_secret, sizeof s->salt_secret, 0) != (ssize_t)sizeof s->salt_secret)
+    if (getrandom(s->salt_secret, sizeof s->salt_secret, 0) != (ssize_t)sizeof s->salt_secret) {
+        vqkvd_log(VQKVD_LOG_ERROR, "no random bytes for the tenant salts: %s", strerror(errno));
         return -errno;
+    }
 
     rc = vqkvd_session_start(s);
     if (rc < 0)
@@ -762,8 +767,12 @@ int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t 
         goto fail;
     rc = cfg->listen_fd >= 0 ? vqkvd__listen_inherited(s, cfg->listen_fd)
                              : vqkvd__listen_path(s, &addr);
-    if (rc < 0)
+    if (rc < 0) {
+        vqkvd_log(VQKVD_LOG_ERROR, "cannot listen on %s: %s",
+                  cfg->listen_fd >= 0 ? "the socket from socket activation" : cfg->socket_path,
+                  strerror(-rc));
         goto fail;
+    }
     rc = uv_poll_init(loop, &s->listen_poll, s->listen_fd);
     if (rc < 0)
         goto fail;

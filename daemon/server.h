@@ -24,6 +24,10 @@
 #include "pool.h"
 #include "store.h"
 
+/* The smallest pool vqkvd accepts: less holds no block of a real model
+ * (SmolLM2-135M's kivi4 block is 57 KiB). */
+#define VQKVD_POOL_MIN_BYTES (64ull << 10)
+
 /* Uids (and gids) --allow-uid (--allow-gid) may name. */
 #define VQKVD_MAX_ALLOWED 32
 

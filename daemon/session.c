@@ -102,8 +102,9 @@ int vqkvd_session_start(vqkvd_server_t *s)
     uint64_t chunk = vqkvd__chunk_bytes(s->cfg.pool_bytes);
     int rc = vqkvd_pool_init_cpu(&s->pool, s->cfg.pool_bytes, chunk);
     if (rc != VQKV_OK) {
-        vqkvd_log(VQKVD_LOG_ERROR, "pool of %llu bytes: %s", (unsigned long long)s->cfg.pool_bytes,
-                  vqkv_strerror(rc));
+        vqkvd_log(VQKVD_LOG_ERROR, "cannot make a pool of %llu bytes: %s%s",
+                  (unsigned long long)s->cfg.pool_bytes, vqkv_strerror(rc),
+                  rc == VQKV_ENOMEM ? " (lower pool_bytes, or raise the memory limit)" : "");
         return rc == VQKV_ENOMEM ? -ENOMEM : -EINVAL;
     }
     /* The quotas are server.c's to set: a reload sets them again. */

@@ -547,6 +547,12 @@ static void test_check_config(void **state)
     assert_int_equal(run_vqkvd(fx, bad_flag, out, sizeof out), 2);
     expect_output(out, "bad --pool-bytes \"lots\"");
 
+    /* A pool too small for any real block, from a flag or the file. */
+    const char *const tiny[] = {"--config", fx->conf, "--pool-bytes", "1K", "--check-config",
+                                NULL};
+    assert_int_equal(run_vqkvd(fx, tiny, out, sizeof out), 2);
+    expect_output(out, "pool_bytes 1024 is below the minimum of 65536");
+
     /* --config names a file that is not there. */
     char missing[160];
     snprintf(missing, sizeof missing, "%s/none.conf", fx->dir);
@@ -554,6 +560,25 @@ static void test_check_config(void **state)
     assert_int_equal(run_vqkvd(fx, gone, out, sizeof out), 2);
     snprintf(want, sizeof want, "%s: No such file or directory", missing);
     expect_output(out, want);
+}
+
+/* --version, and --help naming every flag with its default. */
+static void test_version_and_help(void **state)
+{
+    fixture_t *fx = *state;
+    char out[4096];
+    const char *const version[] = {"--version", NULL};
+    assert_int_equal(run_vqkvd(fx, version, out, sizeof out), 0);
+    assert_string_equal(out, "vqkvd " VQKV_VERSION "\n");
+    const char *const help[] = {"--help", NULL};
+    assert_int_equal(run_vqkvd(fx, help, out, sizeof out), 0);
+    static const char *const flags[] = {
+        "--config FILE",   "--check-config",        "--socket PATH", "--log-level",
+        "--allow-uid",     "--allow-gid",           "--pool-bytes",  "--state-dir",
+        "--device",        "--calibration-tokens N", "--lease-ms N",  "--metrics-address",
+        "(default: 1024M)", "(default: 30000)",     "(default: 2048)", "vqkv/vqkvd.conf, if it exists"};
+    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
+        expect_output(out, flags[i]);
 }
 
 static void test_cuda_refused(void **state)
@@ -659,6 +684,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_missing_file, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_check_config, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_cuda_refused, setup_dir, teardown_dir),
+        cmocka_unit_test_setup_teardown(test_version_and_help, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_flags_override_file, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_state_dir_from_systemd, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_state_dir_unusable, setup_dir, teardown_dir),

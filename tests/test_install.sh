@@ -227,4 +227,29 @@ daemon_pid=""
     cat "$tmp/vqkvd.log"
     fail "the installed vqkvd exited $status on SIGTERM"
 }
-echo "ok: installed tree, units, sysusers, config, libvqkv.so and libvqkv.a"
+
+# ---- installed elsewhere: cmake --install --prefix -----------------------------
+# Outside /usr, the install follows the prefix it is given: the default
+# config under it, vqkvd reading that one, and libvqkv.pc naming it.
+relocated=""
+if [ "$VQKV_PREFIX" != /usr ]; then
+    unset PKG_CONFIG_SYSROOT_DIR
+    reloc=$tmp/elsewhere
+    cmake --install "$build" --prefix "$reloc" >"$tmp/reloc.log" || {
+        cat "$tmp/reloc.log"
+        fail "cmake --install --prefix"
+    }
+    [ -f "$reloc/etc/vqkv/vqkvd.conf" ] || fail "--prefix $reloc: no $reloc/etc/vqkv/vqkvd.conf"
+    "$reloc/bin/vqkvd" --help | grep -qF "(default: $reloc/etc/vqkv/vqkvd.conf" ||
+        fail "the relocated vqkvd does not read $reloc/etc/vqkv/vqkvd.conf: $("$reloc/bin/vqkvd" --help)"
+    [ "$("$reloc/bin/vqkvd" --check-config)" = ok ] || fail "the relocated vqkvd's own config"
+    libdir_rel=${VQKV_LIBDIR#"$VQKV_PREFIX"/}
+    cflags=$(PKG_CONFIG_PATH="$reloc/$libdir_rel/pkgconfig" pkg-config --cflags libvqkv)
+    # shellcheck disable=SC2086 # one word, -I and the directory
+    set -- $cflags
+    incdir=$(cd "${1#-I}" 2>/dev/null && pwd -P) || fail "libvqkv.pc's $cflags is not a directory"
+    [ "$incdir" = "$(cd "$reloc/include/vqkv" && pwd -P)" ] ||
+        fail "the relocated libvqkv.pc says $cflags, not $reloc/include/vqkv"
+    relocated=", relocated with --prefix"
+fi
+echo "ok: installed tree, units, sysusers, config, libvqkv.so and libvqkv.a$relocated"

@@ -216,6 +216,16 @@ static void test_put_lookup_get(void **state)
     const char *table[] = {"--socket", d->path, "stats", NULL};
     assert_int_equal(run_ctl(table, out, sizeof out), 0);
     assert_non_null(strstr(out, "blocks"));
+    assert_non_null(strstr(out, "hit rate    100.0%"));
+    assert_non_null(strstr(out, "KiB stored"));
+    /* --socket after the command, and --version. */
+    const char *after[] = {"stats", "--socket", d->path, NULL};
+    char again[4096];
+    assert_int_equal(run_ctl(after, again, sizeof again), 0);
+    assert_non_null(strstr(again, "hit rate"));
+    const char *version[] = {"--version", NULL};
+    assert_int_equal(run_ctl(version, again, sizeof again), 0);
+    assert_string_equal(again, "vqkvctl " VQKV_VERSION "\n");
 
     vqkv_close(a);
     vqkv_close(b);

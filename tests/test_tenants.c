@@ -415,7 +415,8 @@ static void test_vqkvctl(void **state)
     json_object_put(o);
     const char *table[] = {"--socket", d->path, "stats", NULL};
     assert_int_equal(run_ctl(table, out, sizeof out), 0);
-    assert_non_null(strstr(out, "quota_bytes"));
+    assert_non_null(strstr(out, "quota"));
+    assert_non_null(strstr(out, "hit rate"));
     assert_non_null(strstr(out, vqkv_client_tenant(w.c)));
 
     /* Usage errors and a model the tenant never registered. */
