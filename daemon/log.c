@@ -1,9 +1,12 @@
-/* log.c -- stderr logging with journald priority prefixes (log.h). */
+/* log.c -- stderr logging, with journald priority prefixes when stderr is
+ * the journal (log.h). */
 #include "log.h"
 
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 int vqkvd_log_level = VQKVD_LOG_INFO;
@@ -34,6 +37,23 @@ const char *vqkvd_log_level_name(int prio)
     return "?";
 }
 
+/* Whether stderr is connected to the journal: systemd sets JOURNAL_STREAM
+ * to the "device:inode" of the stream it gives a service, and a stderr
+ * redirected elsewhere since no longer matches it. Asked once. */
+static int vqkvd__log_to_journal(void)
+{
+    static int journal = -1;
+    if (journal < 0) {
+        const char *stream = getenv("JOURNAL_STREAM");
+        unsigned long long dev, ino;
+        struct stat st;
+        journal = stream != NULL && sscanf(stream, "%llu:%llu", &dev, &ino) == 2 &&
+                  fstat(STDERR_FILENO, &st) == 0 && (unsigned long long)st.st_dev == dev &&
+                  (unsigned long long)st.st_ino == ino;
+    }
+    return journal;
+}
+
 void vqkvd_log(int prio, const char *fmt, ...)
 {
     if (prio > vqkvd_log_level)
@@ -41,7 +61,9 @@ void vqkvd_log(int prio, const char *fmt, ...)
     /* Formatted into one buffer and written at once: stdio would split a
      * long line into several writes. Longer lines are cut, not split. */
     char line[1024];
-    int n = snprintf(line, sizeof line, "<%d>", prio);
+    int n = vqkvd__log_to_journal()
+                ? snprintf(line, sizeof line, "<%d>", prio)
+                : snprintf(line, sizeof line, "vqkvd: %s: ", vqkvd_log_level_name(prio));
     va_list ap;
     va_start(ap, fmt);
     int m = vsnprintf(line + n, sizeof line - (size_t)n - 1, fmt, ap);

@@ -653,21 +653,33 @@ static void test_state_dir_from_systemd(void **state)
     expect_output(out, want);
 }
 
-/* A state directory that cannot be created is a warning, not a failure. */
+/* A state directory that cannot be created is a warning, not a failure.
+ * The warning's prefix: its priority for the journal (JOURNAL_STREAM names
+ * stderr's file), plain words anywhere else. */
 static void test_state_dir_unusable(void **state)
 {
     fixture_t *fx = *state;
-    char blocked[160], out[8192], want[256];
+    char blocked[160], out[8192], want[256], journal[96];
     write_file(fx->conf, "");
+    write_file(fx->log, "");
+    struct stat st;
+    assert_int_equal(stat(fx->log, &st), 0);
+    snprintf(journal, sizeof journal, "JOURNAL_STREAM=%llu:%llu", (unsigned long long)st.st_dev,
+             (unsigned long long)st.st_ino);
     snprintf(blocked, sizeof blocked, "%s/vqkvd.conf/state", fx->dir); /* under a file */
-    daemon_t d = {.pid = -1};
     const char *const extra[] = {"--config", fx->conf, "--state-dir", blocked, NULL};
-    start_logged(fx, &d, extra, NULL);
-    daemon_stop(&d);
-    read_file(fx->log, out, sizeof out);
-    snprintf(want, sizeof want,
-             "<4>state directory %s: Not a directory; trained codebooks will not be kept", blocked);
-    expect_output(out, want);
+    static const char *const prefixes[] = {"vqkvd: warn: ", "<4>"};
+    for (int to_journal = 0; to_journal < 2; to_journal++) {
+        daemon_t d = {.pid = -1};
+        start_logged(fx, &d, extra, to_journal ? journal : NULL);
+        daemon_stop(&d);
+        read_file(fx->log, out, sizeof out);
+        snprintf(want, sizeof want,
+                 "%sstate directory %s: Not a directory; trained codebooks will not be kept",
+                 prefixes[to_journal], blocked);
+        expect_output(out, want);
+        assert_null(strstr(out, to_journal ? "vqkvd: info: " : "<6>"));
+    }
 }
 
 int main(void)

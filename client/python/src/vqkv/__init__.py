@@ -20,9 +20,12 @@ and the memory of its paged KV cache (:class:`KVCache` in a memfd,
         with client.lookup(model, keys) as lease:
             lease.get(region, slots=free_slots[: lease.found])
 
-Failures raise :class:`VqkvError` (``.code``, ``.name``, ``.message``) or one
-of its subclasses. CUDA memory needs the daemon's CUDA backend, which does not
-exist yet (:meth:`Client.register_cuda_tensor`).
+Failures raise :class:`VqkvError` (``.code``; ``.name``, the code's C name such
+as ``"VQKV_ECLOSED"``; ``.description``; ``.message``) or one of its
+subclasses. A daemon that cannot be reached (:class:`DaemonUnreachableError`)
+and a connection that broke (:class:`ConnectionLostError`) also raise a
+``ConnectionError``. CUDA memory needs the daemon's CUDA backend, which does
+not exist yet (:meth:`Client.register_cuda_tensor`).
 """
 
 from ._native import LibraryNotFoundError, find_library
@@ -44,6 +47,7 @@ from .errors import (
     CodecSpecError,
     ConnectionLostError,
     DaemonTimeoutError,
+    DaemonUnreachableError,
     ErrorCode,
     HandleError,
     InvalidArgumentError,
@@ -55,6 +59,7 @@ from .errors import (
     PermissionDeniedError,
     QuotaError,
     VqkvError,
+    code_name,
 )
 from .memory import DType, KVCache, KVView, Layout, memfd_create
 
@@ -67,6 +72,7 @@ __all__ = [
     "ConnectionLostError",
     "DType",
     "DaemonTimeoutError",
+    "DaemonUnreachableError",
     "ErrorCode",
     "HandleError",
     "InvalidArgumentError",
@@ -91,6 +97,7 @@ __all__ = [
     "Stats",
     "TenantStats",
     "VqkvError",
+    "code_name",
     "default_socket",
     "find_library",
     "memfd_create",

@@ -8,16 +8,19 @@ import os
 from . import _native
 from .errors import ErrorCode, VqkvError, error_from_code
 
+# vqkv.h: a call that fails to reconnect says so first in its message.
+_RECONNECTING = "reconnecting"
 
-def code_name(code: int) -> str:
-    """libvqkv's name for a code (``vqkv_client_strerror``)."""
-    name: bytes = _native.lib().vqkv_client_strerror(code)
-    return name.decode(errors="replace")
+
+def describe(code: int) -> str:
+    """libvqkv's words for a code (``vqkv_client_strerror``)."""
+    text: bytes = _native.lib().vqkv_client_strerror(code)
+    return text.decode(errors="replace")
 
 
 def invalid(message: str) -> VqkvError:
     """The error for an argument refused before anything was sent (``EINVAL``)."""
-    return error_from_code(ErrorCode.EINVAL, code_name(ErrorCode.EINVAL), message)
+    return error_from_code(ErrorCode.EINVAL, describe(ErrorCode.EINVAL), message)
 
 
 def check(rc: int, client: ctypes.c_void_p, what: str) -> int:
@@ -27,23 +30,27 @@ def check(rc: int, client: ctypes.c_void_p, what: str) -> int:
     """
     if rc >= 0:
         return rc
-    message: bytes = _native.lib().vqkv_last_error(client)
-    raise error_from_code(rc, code_name(rc), message.decode(errors="replace") or what)
+    raw: bytes = _native.lib().vqkv_last_error(client)
+    message = raw.decode(errors="replace")
+    raise error_from_code(
+        rc, describe(rc), message or what, connecting=message.startswith(_RECONNECTING)
+    )
 
 
-def check_local(rc: int, what: str) -> int:
+def check_local(rc: int, what: str, *, connecting: bool = False) -> int:
     """Like :func:`check`, for the calls made without a client (connect, memfd_create).
 
-    Their only message is ``errno``, meaningful for ``EIO``.
+    Their only message is ``errno``, meaningful for ``EIO``; ``connecting``
+    is :func:`vqkv.errors.error_from_code`'s.
     """
     if rc >= 0:
         return rc
     message = what
     if rc == ErrorCode.EIO:
         message += f": {os.strerror(ctypes.get_errno())}"
-    raise error_from_code(rc, code_name(rc), message)
+    raise error_from_code(rc, describe(rc), message, connecting=connecting)
 
 
 def error_closed() -> VqkvError:
     """The error for a call on a client after :meth:`vqkv.Client.close` (``ECLOSED``)."""
-    return error_from_code(ErrorCode.ECLOSED, code_name(ErrorCode.ECLOSED), "the client is closed")
+    return error_from_code(ErrorCode.ECLOSED, describe(ErrorCode.ECLOSED), "the client is closed")

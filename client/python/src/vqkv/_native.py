@@ -8,10 +8,22 @@ on a machine without it.
 
 Where the library comes from, first match wins:
 
-1. ``$VQKV_LIBRARY``: a path to ``libvqkv.so`` (tests point it at a build).
-2. The build tree of the source checkout this package sits in, when it is
-   imported from there: ``build/client/libvqkv.so``.
-3. ``ctypes.util.find_library("vqkv")``: the installed library.
+1. ``$VQKV_LIBRARY``: a path to ``libvqkv.so`` (tests point it at a build),
+   taken as it is.
+2. ``libvqkv.so.0`` or ``libvqkv.so`` in the libdir of
+   ``pkg-config --variable=libdir libvqkv``, when pkg-config is installed and
+   finds ``libvqkv.pc`` (``cmake --install`` puts it in ``lib*/pkgconfig``;
+   ``$PKG_CONFIG_PATH`` adds a custom prefix's).
+3. ``ctypes.util.find_library("vqkv")``: what the dynamic linker's cache knows.
+4. ``libvqkv.so.0`` or ``libvqkv.so`` in the usual install libdirs, for an
+   install that ``ldconfig`` has not seen: ``/usr/local/lib``,
+   ``/usr/local/lib/<triplet>``, ``/usr/lib/<triplet>``, ``/usr/lib``
+   (``<triplet>`` is Python's multiarch tuple, such as ``x86_64-linux-gnu``).
+5. The build trees of the source checkout this package sits in, when it is
+   imported from there: ``build/client/libvqkv.so``, then
+   ``build-release/client/libvqkv.so``.
+
+:class:`LibraryNotFoundError` lists every place looked in when none has it.
 """
 
 from __future__ import annotations
@@ -19,7 +31,11 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import os
+import platform
+import subprocess
+import sysconfig
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 __all__ = [
@@ -41,7 +57,23 @@ STATS_MAX_TENANTS = 64
 # client/python/ of the repository (an installed copy sits in none).
 _CHECKOUT = Path(__file__).resolve().parents[4]
 _IN_CHECKOUT = (_CHECKOUT / "client" / "python" / "src" / "vqkv" / "_native.py").is_file()
-_BUILD_TREE_LIBRARY = _CHECKOUT / "build" / "client" / "libvqkv.so"
+_CHECKOUT_LIBRARIES = (
+    [_CHECKOUT / tree / "client" / "libvqkv.so" for tree in ("build", "build-release")]
+    if _IN_CHECKOUT
+    else []
+)
+
+# The soname first: the unversioned link only comes with a development install.
+_NAMES = ("libvqkv.so.0", "libvqkv.so")
+# Where cmake --install puts the library under the /usr/local and /usr
+# prefixes, GNUInstallDirs' libdir being lib or lib/<triplet>.
+_TRIPLET = sysconfig.get_config_var("MULTIARCH") or f"{platform.machine()}-linux-gnu"
+_SYSTEM_LIBDIRS = [
+    Path("/usr/local/lib"),
+    Path("/usr/local/lib", _TRIPLET),
+    Path("/usr/lib", _TRIPLET),
+    Path("/usr/lib"),
+]
 
 
 class LayoutStruct(ctypes.Structure):
@@ -177,21 +209,64 @@ _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
 
 
-def find_library() -> str:
-    """The path or name of libvqkv that :func:`lib` loads (see the module docstring).
+def _pkg_config_libdir() -> tuple[Path | None, str]:
+    """libvqkv.pc's libdir, or None and why there is none."""
+    try:
+        out = subprocess.run(
+            ["pkg-config", "--variable=libdir", "libvqkv"], capture_output=True, text=True, check=False
+        )
+    except OSError as e:
+        return None, f"pkg-config cannot run ({e.strerror})"
+    libdir = out.stdout.strip()
+    if out.returncode != 0 or not libdir:
+        path = os.environ.get("PKG_CONFIG_PATH", "")
+        return None, f"no libvqkv.pc on pkg-config's path (PKG_CONFIG_PATH={path!r})"
+    return Path(libdir), ""
 
-    Raises :class:`LibraryNotFoundError` when none of the three places has it.
+
+def _in(libdir: Path) -> Iterator[tuple[str, str | None]]:
+    for name in _NAMES:
+        path = libdir / name
+        yield str(path), str(path) if path.is_file() else None
+
+
+def _places() -> Iterator[tuple[str, str | None]]:
+    """Every place after $VQKV_LIBRARY, in order: how to name it, and the library it has or None.
+
+    A generator, so that nothing past the first hit runs (pkg-config and
+    find_library start processes).
+    """
+    libdir, why = _pkg_config_libdir()
+    if libdir is None:
+        yield f"pkg-config --variable=libdir libvqkv: {why}", None
+    else:
+        yield from _in(libdir)
+    yield 'ctypes.util.find_library("vqkv")', ctypes.util.find_library("vqkv")
+    for system in _SYSTEM_LIBDIRS:
+        yield from _in(system)
+    for build in _CHECKOUT_LIBRARIES:
+        yield str(build), str(build) if build.is_file() else None
+
+
+def find_library() -> str:
+    """The path or name of libvqkv that :func:`lib` loads (see the module docstring for the order).
+
+    Raises :class:`LibraryNotFoundError`, listing every place looked in, when none has it.
     """
     env = os.environ.get("VQKV_LIBRARY")
     if env:
         return env
-    if _IN_CHECKOUT and _BUILD_TREE_LIBRARY.is_file():
-        return str(_BUILD_TREE_LIBRARY)
-    found = ctypes.util.find_library("vqkv")
-    if found is None:
-        build = f", build the checkout ({_BUILD_TREE_LIBRARY} is missing)" if _IN_CHECKOUT else ""
-        raise LibraryNotFoundError(f"libvqkv not found: set VQKV_LIBRARY to libvqkv.so{build} or install it")
-    return found
+    looked = ["$VQKV_LIBRARY: not set"]
+    for place, found in _places():
+        if found:
+            return found
+        looked.append(place)
+    raise LibraryNotFoundError(
+        "libvqkv not found; looked in:\n"
+        + "".join(f"  {place}\n" for place in looked)
+        + "Install it (cmake --install BUILD_DIR, with --prefix DIR and DIR/lib/pkgconfig on"
+        " PKG_CONFIG_PATH for a custom prefix) or set VQKV_LIBRARY to the path of libvqkv.so."
+    )
 
 
 def lib() -> ctypes.CDLL:

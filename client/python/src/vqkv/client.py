@@ -311,8 +311,9 @@ class Client:
         timeout_ms: how long every call waits for its reply before it raises
             :class:`vqkv.DaemonTimeoutError`.
 
-    Raises :class:`vqkv.VqkvError` when the daemon cannot be reached (``EIO``)
-    or refuses the session (``EPERM``, ``EVERSION``).
+    Raises :class:`vqkv.DaemonUnreachableError` (a ``ConnectionError``) when
+    the daemon cannot be reached, :class:`vqkv.VqkvError` when it refuses the
+    session (``EPERM``, ``EVERSION``).
     """
 
     def __init__(
@@ -333,7 +334,7 @@ class Client:
                 where = socket_path or default_socket()
             except VqkvError:
                 where = "the default socket (path too long)"
-            _call.check_local(rc, f"connect to {where}")
+            _call.check_local(rc, f"connect to {where}", connecting=True)
         self.tenant: str = lib.vqkv_client_tenant(self._c).decode()
         """the daemon's tenant name for this peer (the uid in decimal, or a configured name)"""
         self.backend: str = lib.vqkv_client_backend(self._c).decode()

@@ -2,13 +2,21 @@
 
 libvqkv reports failures as negative ``VQKV_E*`` codes, the daemon's own code
 passed through for a refused request, with its message kept by the client
-(``vqkv_last_error``). The exception carries all three: ``code`` (the negative
-int), ``name`` (``vqkv_client_strerror`` of it) and ``message``. The codes a
-caller is likely to handle get a subclass of their own (a refused slot is an
-:class:`OutOfRangeError`, an expired lease a :class:`LeaseError`); the others
-raise :class:`VqkvError` itself. Some subclasses also derive from the
-matching builtin (``ValueError``, ``PermissionError``, ``TimeoutError``,
-``ConnectionError``), so code that does not know vqkv still catches them.
+(``vqkv_last_error``). The exception carries ``code`` (the negative int),
+``name`` (the code's ``VQKV_E*`` name in the C headers, such as
+``"VQKV_ECLOSED"``), ``description`` (``vqkv_client_strerror`` of it) and
+``message``. The codes a caller is likely to handle get a subclass of their
+own (a refused slot is an :class:`OutOfRangeError`, an expired lease a
+:class:`LeaseError`); the others raise :class:`VqkvError` itself. Some
+subclasses also derive from the matching builtin (``ValueError``,
+``PermissionError``, ``TimeoutError``, ``ConnectionError``), so code that
+does not know vqkv still catches them.
+
+Both failures to talk to the daemon derive from ``ConnectionError``:
+:class:`DaemonUnreachableError` when there is no daemon to connect to (the
+socket is missing, refuses the connection or is not a socket), whether in
+:class:`vqkv.Client` or in a call reconnecting after the daemon went away,
+and :class:`ConnectionLostError` when an open connection breaks.
 """
 
 from __future__ import annotations
@@ -30,12 +38,17 @@ __all__ = [
     "MapError",
     "DaemonTimeoutError",
     "ConnectionLostError",
+    "DaemonUnreachableError",
+    "code_name",
     "error_from_code",
 ]
 
 
 class ErrorCode(enum.IntEnum):
-    """The ``VQKV_E*`` codes of vqkv_codec.h (-1 to -99) and vqkv_errors.h (-100 on)."""
+    """The ``VQKV_E*`` codes of vqkv_codec.h (-1 to -99) and vqkv_errors.h (-100 on).
+
+    Each member is its C name without ``VQKV_`` (:func:`code_name` puts it back).
+    """
 
     EINVAL = -1
     ESPEC = -2
@@ -45,6 +58,7 @@ class ErrorCode(enum.IntEnum):
     EIO = -6
     EFORMAT = -7
     EMISMATCH = -8
+    EDEVICE = -9
     ETOOBIG = -100
     EMALFORMED = -101
     EUNKNOWN = -102
@@ -62,23 +76,37 @@ class ErrorCode(enum.IntEnum):
     EMAP = -114
 
 
+def code_name(code: int) -> str:
+    """The C name of ``code``, such as ``"VQKV_ECLOSED"``.
+
+    A code this package does not know (from a newer daemon) reads
+    ``"VQKV_E(-115)"``: still recognisable as a vqkv code, and not a real name.
+    """
+    if code in ErrorCode._value2member_map_:
+        return f"VQKV_{ErrorCode(code).name}"
+    return f"VQKV_E({code})"
+
+
 class VqkvError(Exception):
     """A libvqkv call failed.
 
     Attributes:
         code: the negative ``VQKV_E*`` code: an :class:`ErrorCode` when it is
             one this package knows, else the plain int.
-        name: libvqkv's name for the code (``vqkv_client_strerror``).
+        name: the code's C name, such as ``"VQKV_EHANDLE"`` (:func:`code_name`).
+        description: libvqkv's words for the code (``vqkv_client_strerror``).
         message: the daemon's message for a refused request, or libvqkv's own
             for a local failure; may be empty.
     """
 
-    def __init__(self, code: int, name: str, message: str = "") -> None:
+    def __init__(self, code: int, description: str, message: str = "") -> None:
         known = code in ErrorCode._value2member_map_
         self.code: int = ErrorCode(code) if known else code
-        self.name = name
+        self.name = code_name(code)
+        self.description = description
         self.message = message
-        super().__init__(f"{name} ({code}): {message}" if message else f"{name} ({code})")
+        head = f"{self.name} ({code}, {description})"
+        super().__init__(f"{head}: {message}" if message else head)
 
 
 class InvalidArgumentError(VqkvError, ValueError):
@@ -126,7 +154,20 @@ class DaemonTimeoutError(VqkvError, TimeoutError):
 
 
 class ConnectionLostError(VqkvError, ConnectionError):
-    """``VQKV_ECLOSED``/``VQKV_ETRUNC``: the connection is gone; open a new client."""
+    """``VQKV_ECLOSED``/``VQKV_ETRUNC``: the connection broke under a call.
+
+    The call may or may not have taken effect; the client's next call
+    reconnects (keys computed before then must be computed again). Also
+    raised for a call on a closed :class:`vqkv.Client`.
+    """
+
+
+class DaemonUnreachableError(VqkvError, ConnectionError):
+    """``VQKV_EIO`` while connecting or reconnecting: no daemon answers on the socket.
+
+    The message names the socket and the OS's reason (no such file,
+    connection refused, permission denied). Start vqkvd, or pass its socket.
+    """
 
 
 _SUBCLASSES: dict[int, type[VqkvError]] = {
@@ -146,6 +187,12 @@ _SUBCLASSES: dict[int, type[VqkvError]] = {
 }
 
 
-def error_from_code(code: int, name: str, message: str = "") -> VqkvError:
-    """The exception for ``code``: its subclass when it has one, else :class:`VqkvError`."""
-    return _SUBCLASSES.get(code, VqkvError)(code, name, message)
+def error_from_code(code: int, description: str, message: str = "", *, connecting: bool = False) -> VqkvError:
+    """The exception for ``code``: its subclass when it has one, else :class:`VqkvError`.
+
+    ``connecting`` says the call was (re)connecting, where ``EIO`` can only
+    mean the socket could not be reached; elsewhere it is a local I/O failure.
+    """
+    if connecting and code == ErrorCode.EIO:
+        return DaemonUnreachableError(code, description, message)
+    return _SUBCLASSES.get(code, VqkvError)(code, description, message)
