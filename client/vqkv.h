@@ -29,7 +29,7 @@
  * reply (or the connection's receive timeout). Every function returns
  * VQKV_OK (0) or a non-negative count on success and a negative VQKV_E*
  * code on failure; vqkv_client_strerror names a code. Codes the daemon sent
- * in an Error reply are passed through unchanged (proto/vqkv_proto.h lists
+ * in an Error reply are passed through unchanged (vqkv_errors.h lists
  * them: VQKV_EHANDLE, VQKV_ELEASE, VQKV_EQUOTA, ...), and the daemon's
  * message, or a local one, is kept until the next call on that client:
  * vqkv_last_error. Failed requests have no effect on the daemon.
@@ -263,8 +263,10 @@ int vqkv_memfd_create(const char *name, uint64_t bytes, int *fd);
  * copy). bytes is the memfd's size and offset where the KV view starts in
  * it; strides gives the view's strides and num_slots (its region_bytes and
  * offset fields are ignored in favour of the arguments). The daemon checks
- * the whole view against bytes (VQKV_ERANGE) and refuses a memfd it cannot
- * seal or map (VQKV_EMAP). On success *region names it in vqkv_put and
+ * the whole view against bytes (VQKV_ERANGE), refuses a view whose strides
+ * overlap, so that blocks would overwrite each other (VQKV_EINVAL, the
+ * message naming the stride; vqkv_kv_view_disjoint checks it here first),
+ * and refuses a memfd it cannot seal or map (VQKV_EMAP). On success *region names it in vqkv_put and
  * vqkv_get on this client. */
 int vqkv_register_memfd_region(vqkv_client_t *client, const vqkv_model_t *model, int memfd,
                                uint64_t bytes, uint64_t offset, const vqkv_kv_view_t *strides,

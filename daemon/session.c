@@ -291,10 +291,38 @@ static vqkvd_model_t *vqkvd__model_find(const vqkvd_server_t *s, uint32_t tenant
     return NULL;
 }
 
-static int vqkvd__layout_equal(const vqkv_layout_t *a, const vqkv_layout_t *b)
+/* Names the first field in which the registration `now` differs from the
+ * model as registered (`was`, with codec spec was_spec), as
+ * "num_kv_heads 4, registered 3"; 0 when none differs. */
+static int vqkvd__model_diff(const vqkv_layout_t *was, const char *was_spec,
+                             const vqkv_layout_t *now, const char *now_spec, char *buf,
+                             size_t size)
 {
-    return a->num_layers == b->num_layers && a->num_kv_heads == b->num_kv_heads &&
-           a->head_dim == b->head_dim && a->block_tokens == b->block_tokens && a->dtype == b->dtype;
+    static const char *const dtypes[] = {"f16", "bf16", "f32"};
+    const struct {
+        const char *name;
+        uint32_t was, now;
+    } fields[] = {
+        {"num_layers", was->num_layers, now->num_layers},
+        {"num_kv_heads", was->num_kv_heads, now->num_kv_heads},
+        {"head_dim", was->head_dim, now->head_dim},
+        {"block_tokens", was->block_tokens, now->block_tokens},
+    };
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
+        if (fields[i].was != fields[i].now) {
+            snprintf(buf, size, "%s %u, registered %u", fields[i].name, (unsigned)fields[i].now,
+                     (unsigned)fields[i].was);
+            return 1;
+        }
+    if (was->dtype != now->dtype) { /* both checked by vqkv_layout_check */
+        snprintf(buf, size, "dtype %s, registered %s", dtypes[now->dtype], dtypes[was->dtype]);
+        return 1;
+    }
+    if (strcmp(was_spec, now_spec) != 0) {
+        snprintf(buf, size, "codec %s, registered %s", now_spec, was_spec);
+        return 1;
+    }
+    return 0;
 }
 
 /* A new model taking codec; NULL (codec still the caller's) on failure,
@@ -489,11 +517,12 @@ static void vqkvd__register_model(vqkvd_client_t *c, const Vqkv__Envelope *req,
     }
     vqkvd_model_t *m =
         vqkvd__model_find(s, (uint32_t)c->uid, rm->model_id, rm->kv_head_first, rm->kv_head_count);
-    if (m != NULL && (!vqkvd__layout_equal(&m->layout, &layout) ||
-                      strcmp(vqkv_codec_spec(m->codec), spec) != 0)) {
+    char differs[160];
+    if (m != NULL && vqkvd__model_diff(&m->layout, vqkv_codec_spec(m->codec), &layout, spec,
+                                       differs, sizeof differs)) {
         vqkvd_client_error(c, id, VQKV_EMISMATCH,
-                           "model \"%s\" is registered with another layout or codec (%s, not %s)",
-                           rm->model_id, vqkv_codec_spec(m->codec), spec);
+                           "model \"%s\" is registered otherwise: this registration says %s",
+                           rm->model_id, differs);
         goto cleanup;
     }
     if ((m == NULL || vqkvd__client_model(c, m->id) == NULL) &&
@@ -584,6 +613,14 @@ static void vqkvd__register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
         vqkvd_client_error(c, id, VQKV_ERANGE,
                            "the view of %u slots reaches past the region's %llu bytes",
                            (unsigned)rr->num_slots, (unsigned long long)rr->region_bytes);
+        return;
+    }
+    const char *stride;
+    if (vqkv_kv_view_disjoint(&m->layout, &view, &stride) != VQKV_OK) {
+        vqkvd_client_error(c, id, VQKV_EINVAL,
+                           "the view overlaps itself: its %s is too small to step past what the "
+                           "smaller strides span, so blocks would overwrite each other",
+                           stride != NULL ? stride : "strides");
         return;
     }
     vqkvd_region_t *r = calloc(1, sizeof *r);

@@ -27,7 +27,7 @@ const char *vqkv_strerror(int err)
     case VQKV_ENOCODEBOOK: return "codec has no codebooks yet (train or load them)";
     case VQKV_EIO: return "file could not be read or written";
     case VQKV_EFORMAT: return "file is malformed, truncated or fails its checksum";
-    case VQKV_EMISMATCH: return "file was made for another layout or codec";
+    case VQKV_EMISMATCH: return "layout or codec does not match (a model, region or file)";
     case VQKV_EDEVICE: return "no CUDA device, or a CUDA call failed";
     default: return "unknown error";
     }
@@ -114,6 +114,48 @@ int vqkv_kv_view_check(const vqkv_layout_t *layout, const vqkv_kv_view_t *view, 
         !vqkv__mul_add(&end, 1, row))
         return VQKV_ERANGE;
     return end <= view->region_bytes ? VQKV_OK : VQKV_ERANGE;
+}
+
+int vqkv_kv_view_disjoint(const vqkv_layout_t *layout, const vqkv_kv_view_t *view,
+                          const char **stride)
+{
+    typedef struct {
+        const char *name;
+        uint64_t stride, count;
+    } vqkv__dim_t;
+    vqkv__dim_t dims[5] = {
+        {"head_stride", view->head_stride, layout->num_kv_heads},
+        {"token_stride", view->token_stride, layout->block_tokens},
+        {"slot_stride", view->slot_stride, view->num_slots},
+        {"kv_stride", view->kv_stride, 2},
+        {"layer_stride", view->layer_stride, layout->num_layers},
+    };
+    if (stride != NULL)
+        *stride = NULL;
+    if (vqkv_layout_check(layout) != VQKV_OK)
+        return VQKV_EINVAL;
+    /* Insertion sort by stride: five entries. */
+    for (int i = 1; i < 5; i++)
+        for (int j = i; j > 0 && dims[j].stride < dims[j - 1].stride; j--) {
+            vqkv__dim_t t = dims[j];
+            dims[j] = dims[j - 1];
+            dims[j - 1] = t;
+        }
+    uint64_t span = (uint64_t)layout->head_dim * vqkv_dtype_size(layout->dtype);
+    for (int i = 0; i < 5; i++) {
+        if (dims[i].count <= 1)
+            continue;
+        if (dims[i].stride < span) {
+            if (stride != NULL)
+                *stride = dims[i].name;
+            return VQKV_EINVAL;
+        }
+        uint64_t reach = 0;
+        if (!vqkv__mul_add(&reach, dims[i].count - 1, dims[i].stride) ||
+            __builtin_add_overflow(reach, span, &span))
+            return VQKV_EINVAL;
+    }
+    return VQKV_OK;
 }
 
 /* Splits "name:k=v,k=v" into spec. */

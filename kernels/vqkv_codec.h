@@ -56,7 +56,7 @@ enum {
     VQKV_ENOCODEBOOK = -5, /* VQ codec used before training or loading */
     VQKV_EIO = -6,         /* a file could not be read or written */
     VQKV_EFORMAT = -7,     /* file malformed, truncated or checksum wrong */
-    VQKV_EMISMATCH = -8,   /* file made for another layout or codec */
+    VQKV_EMISMATCH = -8,   /* layout or codec differs from the model's, region's or file's */
     VQKV_EDEVICE = -9,     /* no CUDA device, or a CUDA call failed */
 };
 
@@ -114,6 +114,16 @@ void vqkv_kv_view_vllm(vqkv_kv_view_t *view, const vqkv_layout_t *layout, uint32
  * out K0 V0 K1 V1 ... with `gap` bytes of padding after every tensor. */
 void vqkv_kv_view_split(vqkv_kv_view_t *view, const vqkv_layout_t *layout, uint32_t num_slots,
                         uint64_t gap);
+
+/* VQKV_OK when no byte of worker memory belongs to two elements of the
+ * view, VQKV_EINVAL otherwise, *stride (unless NULL) then naming the stride
+ * too small to clear what it steps over ("head_stride", ...). Dimensions
+ * are taken from the smallest stride up, each having to step past
+ * everything the smaller ones span: views that interleave, such as K and V
+ * per token, pass; a decode into an overlapping view would scramble other
+ * blocks. O(1). */
+int vqkv_kv_view_disjoint(const vqkv_layout_t *layout, const vqkv_kv_view_t *view,
+                          const char **stride);
 
 /* VQKV_OK when every byte of block `slot` lies inside the region, else
  * VQKV_ERANGE (VQKV_EINVAL for a malformed view). Encode and decode call it

@@ -1525,6 +1525,91 @@ static void test_view_helpers_match_documented_shapes(void **state)
     }
 }
 
+/* Whether two elements of the view share a byte, by marking every byte. */
+static int view_overlaps_brute(const vqkv_layout_t *l, const vqkv_kv_view_t *v)
+{
+    size_t esize = vqkv_dtype_size(l->dtype), row = l->head_dim * esize;
+    uint64_t end = 0;
+    for (uint32_t layer = 0; layer < l->num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++)
+            for (uint32_t s = 0; s < v->num_slots; s++) {
+                uint64_t o = test_element_offset(l, v, layer, kv, s, l->block_tokens - 1,
+                                                 l->num_kv_heads - 1, 0);
+                end = o + row > end ? o + row : end;
+            }
+    uint8_t *owned = calloc(end, 1);
+    assert_non_null(owned);
+    int overlap = 0;
+    for (uint32_t layer = 0; layer < l->num_layers; layer++)
+        for (int kv = 0; kv < 2; kv++)
+            for (uint32_t s = 0; s < v->num_slots; s++)
+                for (uint32_t t = 0; t < l->block_tokens; t++)
+                    for (uint32_t h = 0; h < l->num_kv_heads; h++) {
+                        uint64_t o = test_element_offset(l, v, layer, kv, s, t, h, 0);
+                        for (size_t b = 0; b < row; b++)
+                            overlap |= owned[o + b]++ != 0;
+                    }
+    free(owned);
+    return overlap;
+}
+
+/* Overlapping views are refused, naming the stride; the helpers' shapes,
+ * K and V interleaved per token, and dimensions of one element pass; and
+ * what the check passes, byte marking confirms disjoint (random strides). */
+static void test_view_overlap_refused(void **state)
+{
+    (void)state;
+    vqkv_layout_t l = {2, 3, 4, 3, VQKV_DTYPE_F16};
+    const char *stride = "unset";
+    vqkv_kv_view_t v;
+    vqkv_kv_view_vllm(&v, &l, 4);
+    assert_ok(vqkv_kv_view_disjoint(&l, &v, &stride));
+    assert_null(stride);
+    vqkv_kv_view_split(&v, &l, 4, 6);
+    assert_ok(vqkv_kv_view_disjoint(&l, &v, NULL));
+    /* [slots][tokens][K, V][heads][dim] in one tensor per layer. */
+    vqkv_kv_view_t inter = {0, 0, 4 * 3 * 2 * 3 * 8, 3 * 8, 3 * 2 * 3 * 8, 2 * 3 * 8, 8, 4};
+    assert_ok(vqkv_kv_view_disjoint(&l, &inter, NULL));
+
+    vqkv_kv_view_vllm(&v, &l, 4);
+    vqkv_kv_view_t bad = v;
+    bad.head_stride = 6; /* a head is 8 bytes */
+    assert_rc(vqkv_kv_view_disjoint(&l, &bad, &stride), VQKV_EINVAL);
+    assert_string_equal(stride, "head_stride");
+    bad = v;
+    bad.slot_stride = bad.token_stride * 2; /* three tokens a slot */
+    assert_rc(vqkv_kv_view_disjoint(&l, &bad, &stride), VQKV_EINVAL);
+    assert_string_equal(stride, "slot_stride");
+    bad = v;
+    bad.layer_stride = bad.kv_stride; /* layer 1's K is layer 0's V */
+    assert_rc(vqkv_kv_view_disjoint(&l, &bad, &stride), VQKV_EINVAL);
+    assert_string_equal(stride, "layer_stride");
+    /* One slot: its stride steps over nothing. */
+    bad = v;
+    bad.num_slots = 1;
+    bad.slot_stride = 0;
+    assert_ok(vqkv_kv_view_disjoint(&l, &bad, NULL));
+
+    test_rng_t rng = {99};
+    size_t passed = 0;
+    for (int i = 0; i < 4000; i++) {
+        vqkv_kv_view_t r = {0, 0, 8 * (1 + test_rng_next(&rng) % 80),
+                            8 * (test_rng_next(&rng) % 40), 8 * (test_rng_next(&rng) % 12),
+                            8 * (test_rng_next(&rng) % 6),  8 * (test_rng_next(&rng) % 3),
+                            1 + (uint32_t)(test_rng_next(&rng) % 3)};
+        if (vqkv_kv_view_disjoint(&l, &r, NULL) == VQKV_OK) {
+            passed++;
+            if (view_overlaps_brute(&l, &r))
+                fail_msg("strides layer %llu kv %llu slot %llu token %llu head %llu pass but "
+                         "overlap",
+                         (unsigned long long)r.layer_stride, (unsigned long long)r.kv_stride,
+                         (unsigned long long)r.slot_stride, (unsigned long long)r.token_stride,
+                         (unsigned long long)r.head_stride);
+        }
+    }
+    assert_true(passed > 20);
+}
+
 /* Region bytes that belong to block `slot`: the only ones decode may write. */
 static uint8_t *slot_byte_mask(const vqkv_layout_t *l, const vqkv_kv_view_t *v, uint32_t slot)
 {
@@ -2713,6 +2798,7 @@ int main(void)
         cmocka_unit_test(test_damaged_escape_index_ignored),
         cmocka_unit_test(test_more_escapes_than_vectors),
         cmocka_unit_test(test_view_helpers_match_documented_shapes),
+        cmocka_unit_test(test_view_overlap_refused),
         EVERY_CASE_TEST(error_per_codec, VQKV_DTYPE_F16),
         cmocka_unit_test(test_round_trip_views_and_dtypes),
         cmocka_unit_test(test_decode_dtypes_agree),

@@ -337,7 +337,8 @@ static void test_share_fp16(void **state)
     /* B shares the model; another codec under the same id is refused. */
     uint64_t mb = model_ok(&b, MODEL, "fp16");
     assert_int_equal(mb, ma);
-    expect_refused(register_model(&b, MODEL, "kivi4"), VQKV_EMISMATCH, "another");
+    expect_refused(register_model(&b, MODEL, "kivi4"), VQKV_EMISMATCH,
+                   "this registration says codec kivi4:g=32, registered fp16");
     region_new(&rb, SLOTS, 2);
     uint64_t hb = region_ok(&b, mb, &rb);
     uint8_t *want = malloc(rb.view.region_bytes);
@@ -445,6 +446,10 @@ static void test_refusals(void **state)
     expect_refused(register_region(&c, m, &r, bytes, 0, SLOTS + 1, 1), VQKV_ERANGE, "slots");
     expect_refused(register_region(&c, m, &r, bytes, 64, SLOTS, 1), VQKV_ERANGE, "slots");
     expect_refused(register_region(&c, 77, &r, bytes, 0, SLOTS, 1), VQKV_EHANDLE, "model");
+    region_t overlapping = r; /* heads half a head apart */
+    overlapping.view.head_stride /= 2;
+    expect_refused(register_region(&c, m, &overlapping, bytes, 0, SLOTS, 1), VQKV_EINVAL,
+                   "overlaps itself: its head_stride");
     uint64_t h = region_ok(&c, m, &r);
 
     /* A slot past the region refuses the whole Put; the daemon goes on. */

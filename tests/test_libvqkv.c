@@ -247,6 +247,18 @@ static void test_errors(void **state)
 
     assert_vqkv(vqkv_register_model(c, MODEL, &layout, "fp16", &m), VQKV_OK);
     assert_string_equal(vqkv_last_error(c), "");
+    /* The same id otherwise: the message names the field that differs. */
+    vqkv_layout_t other = layout;
+    other.dtype = VQKV_DTYPE_BF16;
+    vqkv_model_t *m2 = NULL;
+    assert_vqkv(vqkv_register_model(c, MODEL, &other, "fp16", &m2), VQKV_EMISMATCH);
+    if (strstr(vqkv_last_error(c), "dtype bf16, registered f16") == NULL)
+        fail_msg("\"%s\" does not name the dtype", vqkv_last_error(c));
+    other = layout;
+    other.block_tokens *= 2;
+    assert_vqkv(vqkv_register_model(c, MODEL, &other, "fp16", &m2), VQKV_EMISMATCH);
+    if (strstr(vqkv_last_error(c), "block_tokens") == NULL)
+        fail_msg("\"%s\" does not name block_tokens", vqkv_last_error(c));
     region_t r;
     region_new(&r, 3);
     vqkv_region_t h;
