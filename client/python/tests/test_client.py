@@ -15,9 +15,11 @@ import concurrent.futures
 import json
 import multiprocessing
 import os
+import socket
 import subprocess
 import threading
 import time
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -354,7 +356,8 @@ def test_refusals_are_exceptions_with_codes(client: vqkv.Client) -> None:
     model, cache, region, keys = offload(client)
     with pytest.raises(vqkv.HandleError) as e:
         client.put(model, vqkv.Region(999), keys[:1], [0])
-    assert (e.value.code, e.value.name) == (vqkv.ErrorCode.EHANDLE, "unknown model or region handle")
+    assert (e.value.code, e.value.name) == (vqkv.ErrorCode.EHANDLE, "VQKV_EHANDLE")
+    assert e.value.description == "unknown model or region handle"
     assert e.value.message and isinstance(e.value, vqkv.VqkvError)
 
     with pytest.raises(vqkv.OutOfRangeError, match="slot 8") as r:
@@ -380,6 +383,35 @@ def test_refusals_are_exceptions_with_codes(client: vqkv.Client) -> None:
         client.put(model, region, keys, [0])  # four keys, one slot
     with pytest.raises(vqkv.InvalidArgumentError):
         client.lookup(model, [b"short"])
+
+
+@pytest.mark.parametrize("why", ["missing", "refused"])
+def test_no_daemon_on_the_socket_is_a_connection_error(tmp_path: Path, why: str) -> None:
+    path = tmp_path / "vqkv.sock"
+    with socket.socket(socket.AF_UNIX) as bound:
+        if why == "refused":
+            bound.bind(str(path))  # a socket file nobody listens on
+        with pytest.raises(ConnectionError) as e:
+            vqkv.Client(str(path))
+    assert isinstance(e.value, vqkv.DaemonUnreachableError) and isinstance(e.value, vqkv.VqkvError)
+    assert (e.value.code, e.value.name) == (vqkv.ErrorCode.EIO, "VQKV_EIO")
+    reason = "No such file or directory" if why == "missing" else "Connection refused"
+    assert e.value.message == f"connect to {path}: {reason}"
+
+
+def test_a_daemon_that_goes_away_raises_connection_errors(daemon: Daemon) -> None:
+    with vqkv.Client(str(daemon.socket)) as client:
+        client.stats()
+        daemon.stop()
+        with pytest.raises(ConnectionError) as lost:
+            client.stats()
+        assert isinstance(lost.value, vqkv.ConnectionLostError)
+        assert (lost.value.code, lost.value.name) == (vqkv.ErrorCode.ECLOSED, "VQKV_ECLOSED")
+        # The next call reconnects, and finds nobody.
+        with pytest.raises(ConnectionError) as gone:
+            client.stats()
+        assert isinstance(gone.value, vqkv.DaemonUnreachableError)
+        assert gone.value.name == "VQKV_EIO" and gone.value.message.startswith("reconnecting")
 
 
 def test_closing_ends_everything_the_client_held(daemon: Daemon) -> None:

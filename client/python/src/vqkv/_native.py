@@ -57,6 +57,8 @@ STATS_MAX_TENANTS = 64
 # client/python/ of the repository (an installed copy sits in none).
 _CHECKOUT = Path(__file__).resolve().parents[4]
 _IN_CHECKOUT = (_CHECKOUT / "client" / "python" / "src" / "vqkv" / "_native.py").is_file()
+# The default and release presets' trees; not build-asan's, whose library
+# loads only with the ASan runtime preloaded (tests/run.sh does that).
 _CHECKOUT_LIBRARIES = (
     [_CHECKOUT / tree / "client" / "libvqkv.so" for tree in ("build", "build-release")]
     if _IN_CHECKOUT
@@ -216,15 +218,17 @@ def _pkg_config_libdir() -> tuple[Path | None, str]:
             ["pkg-config", "--variable=libdir", "libvqkv"], capture_output=True, text=True, check=False
         )
     except OSError as e:
-        return None, f"pkg-config cannot run ({e.strerror})"
+        return None, f"pkg-config cannot run: {e}"
     libdir = out.stdout.strip()
     if out.returncode != 0 or not libdir:
         path = os.environ.get("PKG_CONFIG_PATH", "")
         return None, f"no libvqkv.pc on pkg-config's path (PKG_CONFIG_PATH={path!r})"
-    return Path(libdir), ""
+    # resolve(): the .pc is relocatable, so its libdir reads PREFIX/lib/pkgconfig/../../lib.
+    return Path(libdir).resolve(), ""
 
 
-def _in(libdir: Path) -> Iterator[tuple[str, str | None]]:
+def _files_in(libdir: Path) -> Iterator[tuple[str, str | None]]:
+    """libdir's places for :func:`_places`, the soname first."""
     for name in _NAMES:
         path = libdir / name
         yield str(path), str(path) if path.is_file() else None
@@ -240,10 +244,11 @@ def _places() -> Iterator[tuple[str, str | None]]:
     if libdir is None:
         yield f"pkg-config --variable=libdir libvqkv: {why}", None
     else:
-        yield from _in(libdir)
-    yield 'ctypes.util.find_library("vqkv")', ctypes.util.find_library("vqkv")
+        yield from _files_in(libdir)
+    found = ctypes.util.find_library("vqkv")
+    yield 'ctypes.util.find_library("vqkv"): not in ld.so\'s cache or LD_LIBRARY_PATH', found
     for system in _SYSTEM_LIBDIRS:
-        yield from _in(system)
+        yield from _files_in(system)
     for build in _CHECKOUT_LIBRARIES:
         yield str(build), str(build) if build.is_file() else None
 
