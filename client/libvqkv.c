@@ -40,6 +40,12 @@
 #define VQKV__ERR_LEN 512
 _Static_assert(VQKV_KEY_BYTES == VQKV_PROTO_KEY_BYTES, "key size");
 #define VQKV__NAME_MAX 64
+/* Wire bytes per block of a Put (key and parent with their tags, a packed
+ * slot) and per key of a Pin, Unpin or Evict, rounded up; and what the
+ * rest of a request takes, generously. They cut large calls into parts. */
+#define VQKV__PUT_WIRE_BYTES 80
+#define VQKV__KEY_WIRE_BYTES 40
+#define VQKV__FRAME_SLACK 1024
 /* A lease handle: the connection's generation above, the daemon's id below. */
 #define VQKV__LEASE_GEN_SHIFT 48
 #define VQKV__LEASE_ID_MASK ((UINT64_C(1) << VQKV__LEASE_GEN_SHIFT) - 1)
@@ -802,20 +808,93 @@ static int vqkv__lease_id(vqkv_client_t *c, vqkv_lease_t lease, uint64_t *id)
     return VQKV_OK;
 }
 
+/* Whether a request that failed with rc is sent once more: only after its
+ * connection was lost (VQKV_ECLOSED: the next call reconnects), only once,
+ * and only for requests that may run twice (put, lookup, pin, unpin,
+ * evict, stats); a get or release names a lease the old connection took
+ * with it, so they are never retried. */
+static bool vqkv__again(int rc, int attempt)
+{
+    return rc == VQKV_ECLOSED && attempt == 0;
+}
+
+/* How many items one request may carry: what fits a frame at wire_bytes
+ * an item, and for a Put what the daemon stages, VQKV_PUT_STAGING_MAX, at
+ * staged_bytes an item. At least 1. */
+static size_t vqkv__per_request(const vqkv_client_t *c, size_t wire_bytes, uint64_t staged_bytes)
+{
+    size_t n = (c->max_frame - VQKV__FRAME_SLACK) / wire_bytes;
+    if (staged_bytes > 0 && VQKV_PUT_STAGING_MAX / staged_bytes < n)
+        n = (size_t)(VQKV_PUT_STAGING_MAX / staged_bytes);
+    return n > 0 ? n : 1;
+}
+
+/* Bytes the daemon stages per block of model: its stored size, or fp16's
+ * while it calibrates, whichever is larger. */
+static uint64_t vqkv__staged_bytes(const vqkv_model_t *m)
+{
+    const vqkv_layout_t *l = &m->layout;
+    uint64_t fp16 = (uint64_t)l->num_layers * 2 * l->block_tokens * l->num_kv_heads * l->head_dim * 2;
+    return fp16 > m->block_bytes ? fp16 : m->block_bytes;
+}
+
+/* One Put of as many of the n blocks as one request may carry (*sent of
+ * them), sent again once if the connection is lost under it. The number
+ * stored, or a negative code. */
+static int vqkv__put_part(vqkv_client_t *c, const vqkv_model_t *model, vqkv_region_t region,
+                          ProtobufCBinaryData *keys, ProtobufCBinaryData *parents,
+                          const uint32_t *slots, size_t n, vqkv_put_status_t *statuses,
+                          size_t *sent)
+{
+    int rc;
+    for (int attempt = 0;; attempt++) {
+        uint64_t daemon_region = 0;
+        rc = vqkv__ready(c);
+        if (rc == VQKV_OK)
+            rc = vqkv__region_handle(c, region, &daemon_region);
+        if (rc != VQKV_OK)
+            return rc;
+        size_t part = vqkv__per_request(c, VQKV__PUT_WIRE_BYTES, vqkv__staged_bytes(model));
+        *sent = n < part ? n : part;
+        Vqkv__Put put = VQKV__PUT__INIT;
+        put.model_handle = model->handle;
+        put.region_handle = daemon_region;
+        put.n_keys = put.n_parent_keys = put.n_slots = *sent;
+        put.keys = keys;
+        put.parent_keys = parents;
+        put.slots = (uint32_t *)slots;
+        Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+        env.body_case = VQKV__ENVELOPE__BODY_PUT;
+        env.put = &put;
+        Vqkv__Envelope *r;
+        rc = vqkv__call(c, &env, NULL, 0, VQKV__ENVELOPE__BODY_PUT_DONE, &r);
+        if (vqkv__again(rc, attempt))
+            continue;
+        if (rc != VQKV_OK)
+            return rc;
+        Vqkv__PutDone *pd = r->put_done;
+        if (pd->n_status != *sent) {
+            vqkv_frame_envelope_free(r);
+            return vqkv__fail(c, VQKV_EPROTO, "put: %zu statuses for %zu blocks", pd->n_status,
+                              *sent);
+        }
+        if (statuses != NULL)
+            for (size_t i = 0; i < *sent; i++)
+                statuses[i] = (vqkv_put_status_t)pd->status[i];
+        rc = (int)pd->stored;
+        vqkv_frame_envelope_free(r);
+        return rc;
+    }
+}
+
 int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t region,
              const uint8_t (*keys)[VQKV_KEY_BYTES], const uint8_t (*parents)[VQKV_KEY_BYTES],
              const uint32_t *slots, size_t n, vqkv_put_status_t *statuses)
 {
     if (client == NULL)
         return VQKV_EINVAL;
-    if (model == NULL || (n > 0 && (keys == NULL || slots == NULL)) || n > UINT32_MAX)
+    if (model == NULL || (n > 0 && (keys == NULL || slots == NULL)) || n > INT32_MAX)
         return vqkv__fail(client, VQKV_EINVAL, "put: bad argument");
-    uint64_t daemon_region = 0;
-    int rc = vqkv__ready(client);
-    if (rc == VQKV_OK)
-        rc = vqkv__region_handle(client, region, &daemon_region);
-    if (rc != VQKV_OK)
-        return rc;
     ProtobufCBinaryData *k = vqkv__wire_keys(keys, n);
     ProtobufCBinaryData *p = calloc(n ? n : 1, sizeof *p);
     if (k == NULL || p == NULL) {
@@ -823,6 +902,8 @@ int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t reg
         free(p);
         return vqkv__fail(client, VQKV_ENOMEM, "put: out of memory");
     }
+    /* Parents are spelled out for every block, so the parts a large put is
+     * cut into chain on across their boundaries. */
     for (size_t i = 0; i < n; i++) {
         const uint8_t *parent = NULL;
         if (parents != NULL)
@@ -832,35 +913,20 @@ int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t reg
         p[i] = parent == NULL ? (ProtobufCBinaryData){0, NULL}
                               : (ProtobufCBinaryData){VQKV_KEY_BYTES, (uint8_t *)parent};
     }
-    Vqkv__Put put = VQKV__PUT__INIT;
-    put.model_handle = model->handle;
-    put.region_handle = daemon_region;
-    put.n_keys = n;
-    put.keys = k;
-    put.n_parent_keys = n;
-    put.parent_keys = p;
-    put.n_slots = n;
-    put.slots = (uint32_t *)slots;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_PUT;
-    env.put = &put;
-    Vqkv__Envelope *r;
-    rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_PUT_DONE, &r);
+    int stored = 0, rc = VQKV_OK;
+    size_t done = 0;
+    do {
+        size_t sent = 0;
+        rc = vqkv__put_part(client, model, region, k + done, p + done, slots + (n ? done : 0),
+                            n - done, statuses != NULL ? statuses + done : NULL, &sent);
+        if (rc < 0)
+            break;
+        stored += rc;
+        done += sent;
+    } while (done < n);
     free(k);
     free(p);
-    if (rc != VQKV_OK)
-        return rc;
-    Vqkv__PutDone *pd = r->put_done;
-    if (pd->n_status != n) {
-        vqkv_frame_envelope_free(r);
-        return vqkv__fail(client, VQKV_EPROTO, "put: %zu statuses for %zu blocks", pd->n_status, n);
-    }
-    if (statuses != NULL)
-        for (size_t i = 0; i < n; i++)
-            statuses[i] = (vqkv_put_status_t)pd->status[i];
-    int stored = (int)pd->stored;
-    vqkv_frame_envelope_free(r);
-    return stored;
+    return rc < 0 ? rc : stored;
 }
 
 int vqkv_lookup(vqkv_client_t *client, const vqkv_model_t *model,
@@ -870,21 +936,26 @@ int vqkv_lookup(vqkv_client_t *client, const vqkv_model_t *model,
         return VQKV_EINVAL;
     if (model == NULL || found == NULL || lease == NULL || (n > 0 && keys == NULL))
         return vqkv__fail(client, VQKV_EINVAL, "lookup: bad argument");
-    int rc = vqkv__ready(client);
-    if (rc != VQKV_OK)
-        return rc;
     ProtobufCBinaryData *k = vqkv__wire_keys(keys, n);
     if (k == NULL)
         return vqkv__fail(client, VQKV_ENOMEM, "lookup: out of memory");
-    Vqkv__Lookup lk = VQKV__LOOKUP__INIT;
-    lk.model_handle = model->handle;
-    lk.n_keys = n;
-    lk.keys = k;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_LOOKUP;
-    env.lookup = &lk;
-    Vqkv__Envelope *r;
-    rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_LOOKUP_RESULT, &r);
+    Vqkv__Envelope *r = NULL;
+    int rc;
+    for (int attempt = 0;; attempt++) {
+        rc = vqkv__ready(client);
+        if (rc != VQKV_OK)
+            break;
+        Vqkv__Lookup lk = VQKV__LOOKUP__INIT;
+        lk.model_handle = model->handle;
+        lk.n_keys = n;
+        lk.keys = k;
+        Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+        env.body_case = VQKV__ENVELOPE__BODY_LOOKUP;
+        env.lookup = &lk;
+        rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_LOOKUP_RESULT, &r);
+        if (!vqkv__again(rc, attempt))
+            break;
+    }
     free(k);
     if (rc != VQKV_OK)
         return rc;
@@ -957,67 +1028,94 @@ int vqkv_release(vqkv_client_t *client, vqkv_lease_t lease)
     return VQKV_OK;
 }
 
-/* Sends env, whose reply is an Ack; its count into *count (may be NULL). */
-static int vqkv__ack_call(vqkv_client_t *client, Vqkv__Envelope *env, size_t *count)
-{
-    Vqkv__Envelope *r;
-    int rc = vqkv__call(client, env, NULL, 0, VQKV__ENVELOPE__BODY_ACK, &r);
-    if (rc != VQKV_OK)
-        return rc;
-    if (count != NULL)
-        *count = r->ack->count;
-    vqkv_frame_envelope_free(r);
-    return VQKV_OK;
-}
+/* What a Pin, Unpin or Evict names besides its keys. */
+typedef struct {
+    Vqkv__Envelope__BodyCase body;
+    uint32_t ttl_ms; /* Pin */
+    bool all;        /* Evict */
+} vqkv__keys_req_t;
 
-/* Pin (unpin 0) or Unpin (unpin 1); the Ack's count into *count. */
-static int vqkv__pin_call(vqkv_client_t *client, const vqkv_model_t *model,
-                          const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n, uint32_t ttl_ms,
-                          int unpin, size_t *count)
+/* Sends one request of kind q for keys[0..n), in as many parts as the
+ * frame needs, each sent once more if the connection is lost under it; the
+ * Acks' counts summed into *count (may be NULL). On an error, the parts
+ * before have taken effect. */
+static int vqkv__keys_call(vqkv_client_t *c, const vqkv_model_t *model,
+                           const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n,
+                           const vqkv__keys_req_t *q, size_t *count)
 {
-    const char *what = unpin ? "unpin" : "pin";
-    if (client == NULL)
-        return VQKV_EINVAL;
-    if (model == NULL || (n > 0 && keys == NULL))
-        return vqkv__fail(client, VQKV_EINVAL, "%s: bad argument", what);
-    int rc = vqkv__ready(client);
-    if (rc != VQKV_OK)
-        return rc;
     ProtobufCBinaryData *k = vqkv__wire_keys(keys, n);
     if (k == NULL)
-        return vqkv__fail(client, VQKV_ENOMEM, "%s: out of memory", what);
-    Vqkv__Pin p = VQKV__PIN__INIT;
-    Vqkv__Unpin u = VQKV__UNPIN__INIT;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    if (unpin) {
-        u.model_handle = model->handle;
-        u.n_keys = n;
-        u.keys = k;
-        env.body_case = VQKV__ENVELOPE__BODY_UNPIN;
-        env.unpin = &u;
-    } else {
-        p.model_handle = model->handle;
-        p.n_keys = n;
-        p.keys = k;
-        p.ttl_ms = ttl_ms;
-        env.body_case = VQKV__ENVELOPE__BODY_PIN;
-        env.pin = &p;
-    }
-    rc = vqkv__ack_call(client, &env, count);
+        return vqkv__fail(c, VQKV_ENOMEM, "out of memory");
+    size_t done = 0, total = 0;
+    int rc = VQKV_OK;
+    do {
+        size_t part = 0;
+        Vqkv__Envelope *r = NULL;
+        for (int attempt = 0;; attempt++) {
+            rc = vqkv__ready(c);
+            if (rc != VQKV_OK)
+                break;
+            part = vqkv__per_request(c, VQKV__KEY_WIRE_BYTES, 0);
+            part = n - done < part ? n - done : part;
+            Vqkv__Pin pin = VQKV__PIN__INIT;
+            Vqkv__Unpin unpin = VQKV__UNPIN__INIT;
+            Vqkv__Evict evict = VQKV__EVICT__INIT;
+            Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+            env.body_case = q->body;
+            if (q->body == VQKV__ENVELOPE__BODY_PIN) {
+                pin.model_handle = model->handle;
+                pin.n_keys = part;
+                pin.keys = k + done;
+                pin.ttl_ms = q->ttl_ms;
+                env.pin = &pin;
+            } else if (q->body == VQKV__ENVELOPE__BODY_UNPIN) {
+                unpin.model_handle = model->handle;
+                unpin.n_keys = part;
+                unpin.keys = k + done;
+                env.unpin = &unpin;
+            } else {
+                evict.model_handle = model->handle;
+                evict.n_keys = part;
+                evict.keys = k + done;
+                evict.all = q->all;
+                env.evict = &evict;
+            }
+            rc = vqkv__call(c, &env, NULL, 0, VQKV__ENVELOPE__BODY_ACK, &r);
+            if (!vqkv__again(rc, attempt))
+                break;
+        }
+        if (rc != VQKV_OK)
+            break;
+        total += r->ack->count;
+        vqkv_frame_envelope_free(r);
+        done += part;
+    } while (done < n);
     free(k);
+    if (rc == VQKV_OK && count != NULL)
+        *count = total;
     return rc;
 }
 
 int vqkv_pin(vqkv_client_t *client, const vqkv_model_t *model,
              const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n, uint32_t ttl_ms, size_t *count)
 {
-    return vqkv__pin_call(client, model, keys, n, ttl_ms, 0, count);
+    if (client == NULL)
+        return VQKV_EINVAL;
+    if (model == NULL || (n > 0 && keys == NULL) || n > VQKV_KEYS_MAX)
+        return vqkv__fail(client, VQKV_EINVAL, "pin: bad argument");
+    vqkv__keys_req_t q = {VQKV__ENVELOPE__BODY_PIN, ttl_ms, false};
+    return vqkv__keys_call(client, model, keys, n, &q, count);
 }
 
 int vqkv_unpin(vqkv_client_t *client, const vqkv_model_t *model,
                const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n, size_t *count)
 {
-    return vqkv__pin_call(client, model, keys, n, 0, 1, count);
+    if (client == NULL)
+        return VQKV_EINVAL;
+    if (model == NULL || (n > 0 && keys == NULL) || n > VQKV_KEYS_MAX)
+        return vqkv__fail(client, VQKV_EINVAL, "unpin: bad argument");
+    vqkv__keys_req_t q = {VQKV__ENVELOPE__BODY_UNPIN, 0, false};
+    return vqkv__keys_call(client, model, keys, n, &q, count);
 }
 
 int vqkv_evict(vqkv_client_t *client, const vqkv_model_t *model,
@@ -1025,25 +1123,10 @@ int vqkv_evict(vqkv_client_t *client, const vqkv_model_t *model,
 {
     if (client == NULL)
         return VQKV_EINVAL;
-    if (model == NULL || (n > 0 && keys == NULL) || (all && n > 0))
+    if (model == NULL || (n > 0 && keys == NULL) || (all && n > 0) || n > VQKV_KEYS_MAX)
         return vqkv__fail(client, VQKV_EINVAL, "evict: bad argument");
-    int rc = vqkv__ready(client);
-    if (rc != VQKV_OK)
-        return rc;
-    ProtobufCBinaryData *k = vqkv__wire_keys(keys, n);
-    if (k == NULL)
-        return vqkv__fail(client, VQKV_ENOMEM, "evict: out of memory");
-    Vqkv__Evict e = VQKV__EVICT__INIT;
-    e.model_handle = model->handle;
-    e.n_keys = n;
-    e.keys = k;
-    e.all = all != 0;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_EVICT;
-    env.evict = &e;
-    rc = vqkv__ack_call(client, &env, count);
-    free(k);
-    return rc;
+    vqkv__keys_req_t q = {VQKV__ENVELOPE__BODY_EVICT, 0, all != 0};
+    return vqkv__keys_call(client, model, keys, n, &q, count);
 }
 
 static void vqkv__tenant_stats(vqkv_tenant_stats_t *out, const Vqkv__TenantStats *t)
@@ -1064,15 +1147,20 @@ int vqkv_stats(vqkv_client_t *client, vqkv_stats_t *stats)
         return VQKV_EINVAL;
     if (stats == NULL)
         return vqkv__fail(client, VQKV_EINVAL, "stats: NULL argument");
-    int rc = vqkv__ready(client);
-    if (rc != VQKV_OK)
-        return rc;
-    Vqkv__Stats st = VQKV__STATS__INIT;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_STATS;
-    env.stats = &st;
-    Vqkv__Envelope *r;
-    rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_STATS_REPLY, &r);
+    Vqkv__Envelope *r = NULL;
+    int rc;
+    for (int attempt = 0;; attempt++) {
+        rc = vqkv__ready(client);
+        if (rc != VQKV_OK)
+            return rc;
+        Vqkv__Stats st = VQKV__STATS__INIT;
+        Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+        env.body_case = VQKV__ENVELOPE__BODY_STATS;
+        env.stats = &st;
+        rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_STATS_REPLY, &r);
+        if (!vqkv__again(rc, attempt))
+            break;
+    }
     if (rc != VQKV_OK)
         return rc;
     const Vqkv__StatsReply *s = r->stats_reply;

@@ -59,6 +59,36 @@
  * client keeps a dup of each region's memfd, and of a model's codebook
  * file, until vqkv_close: one fd each.
  *
+ * Retrying. A put, lookup, pin, unpin, evict or stats whose connection is
+ * lost under it is sent once more on a new connection (reconnecting as
+ * above), so a daemon that was restarted and is back costs the caller
+ * nothing: only when that second try fails too does the call return its
+ * error. A get or release is never retried (its lease went with the old
+ * connection: VQKV_ECLOSED, then look the blocks up again). A retried
+ * request may have run on the old daemon as well; every retried one may
+ * run twice without harm, and the blocks the old daemon held are gone.
+ *
+ * Limits. Each is the daemon's unless said otherwise, and checked before
+ * anything happens (the code in parentheses):
+ *   - vqkv_put: any n; libvqkv cuts a large put into several requests, each
+ *     within the frame (max_frame, 1 MiB by default: about 13,000 blocks)
+ *     and within 256 MiB of blocks as the daemon
+ *     stages them (fp16 while a model calibrates: 128 blocks of a
+ *     Llama-3-8B-shaped model, 2048 tokens, per request). A 128k-token
+ *     prompt is one call. On an error, the requests before it have stored
+ *     their blocks (their statuses say so).
+ *   - vqkv_lookup: one request, so at most about (max_frame - 1 KiB) / 34
+ *     keys (30,000 at 1 MiB: 480k tokens of 16-token blocks;
+ *     VQKV_ETOOBIG beyond) and at most VQKV_KEYS_MAX (VQKV_EINVAL).
+ *   - vqkv_pin, vqkv_unpin, vqkv_evict: at most VQKV_KEYS_MAX keys a call
+ *     (VQKV_EINVAL), sent in parts that fit the frame; a client holds at
+ *     most 65536 blocks pinned with ttl_ms 0 (VQKV_ELIMIT).
+ *   - vqkv_get: the lease's blocks, at most about max_frame / 5 slots.
+ *   - per connection: 64 models (VQKV_ELIMIT), max_regions regions (16),
+ *     max_inflight requests in flight (64); per daemon max_clients
+ *     connections (1024); model ids of 1 to 256 bytes (VQKV_EINVAL).
+ *   vqkvd.conf(5) sets max_frame, max_regions, max_inflight and max_clients.
+ *
  * Thread safety: a vqkv_client_t is one connection and must be used by one
  * thread at a time (use one connection per thread, or lock around every
  * call). Different clients may be used from different threads at once.
@@ -274,6 +304,10 @@ int vqkv_register_memfd_region(vqkv_client_t *client, const vqkv_model_t *model,
 
 /* ---- blocks --------------------------------------------------------------- */
 
+/* Keys one lookup, pin, unpin or evict may name: a chain of a million
+ * tokens in 16-token blocks. */
+#define VQKV_KEYS_MAX 65536
+
 /* Offloads n full blocks: block i, in slot slots[i] of region, is stored
  * under keys[i]. parents[i] is the key of the block before it in its
  * sequence, all zero bytes for a sequence's first block; parents may be
@@ -282,7 +316,9 @@ int vqkv_register_memfd_region(vqkv_client_t *client, const vqkv_model_t *model,
  * them. The slots must not be overwritten before this returns. statuses,
  * when not NULL, receives n vqkv_put_status_t values. Returns the number
  * of blocks stored (>= 0), or a negative code, with nothing stored, when
- * the request was refused (an out-of-range slot: VQKV_ERANGE). */
+ * the request was refused (an out-of-range slot: VQKV_ERANGE). Any n: a
+ * put larger than one request may carry is sent as several, in order
+ * (Limits above); if one of them is refused, the ones before it stand. */
 int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t region,
              const uint8_t (*keys)[VQKV_KEY_BYTES], const uint8_t (*parents)[VQKV_KEY_BYTES],
              const uint32_t *slots, size_t n, vqkv_put_status_t *statuses);
@@ -312,9 +348,10 @@ int vqkv_release(vqkv_client_t *client, vqkv_lease_t lease);
  * every request shares, say): for ttl_ms milliseconds, or with ttl_ms 0
  * until vqkv_unpin or until this client closes. Keys the daemon does not
  * hold are skipped; *count (may be NULL) receives how many blocks were
- * pinned. Pinning a pinned block again replaces its time. At most 65536
- * keys a call (VQKV_EINVAL), and a client may hold at most 65536 blocks
- * pinned with ttl_ms 0 (VQKV_ELIMIT, with nothing pinned). */
+ * pinned. Pinning a pinned block again replaces its time. At most
+ * VQKV_KEYS_MAX keys a call (VQKV_EINVAL), and a client may hold at most
+ * 65536 blocks pinned with ttl_ms 0 (VQKV_ELIMIT, with nothing of that
+ * request pinned). */
 int vqkv_pin(vqkv_client_t *client, const vqkv_model_t *model,
              const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n, uint32_t ttl_ms, size_t *count);
 
@@ -330,8 +367,8 @@ int vqkv_unpin(vqkv_client_t *client, const vqkv_model_t *model,
  * not held are skipped. With all (keys NULL, n 0) every block of the model
  * that has no leased or pinned block at or below it goes. Only the
  * client's tenant's blocks are touched. *count (may be NULL) receives how
- * many blocks were removed; they count as evictions. At most 65536 keys a
- * call. */
+ * many blocks were removed; they count as evictions. At most VQKV_KEYS_MAX
+ * keys a call. */
 int vqkv_evict(vqkv_client_t *client, const vqkv_model_t *model,
                const uint8_t (*keys)[VQKV_KEY_BYTES], size_t n, int all, size_t *count);
 

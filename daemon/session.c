@@ -37,9 +37,6 @@
 /* A Pin with ttl_ms 0 pins for this long (about 36 million years) and the
  * connection remembers the block, to unpin it on Unpin or when it closes. */
 #define VQKVD_PIN_FOREVER_MS (UINT64_C(1) << 60)
-/* Bytes of staging one Put may take (n * block_bytes): bounds what one
- * request makes the daemon allocate; larger Puts must be split. */
-#define VQKVD_PUT_STAGING_MAX (256u << 20)
 /* RegisterModel.model_id may be this long. */
 #define VQKVD_MODEL_ID_MAX 256
 /* Pool watermarks: evict above 90% down to 80%. */
@@ -853,9 +850,9 @@ static void vqkvd__put(vqkvd_client_t *c, const Vqkv__Envelope *req)
     /* Chosen now, for the whole request: a model that turns ready while
      * the job runs still stores these blocks in the fallback's class. */
     uint32_t bytes = m->ready ? m->block_bytes : m->fallback_bytes;
-    if ((uint64_t)n * bytes > VQKVD_PUT_STAGING_MAX) {
+    if ((uint64_t)n * bytes > VQKV_PUT_STAGING_MAX) {
         vqkvd_client_error(c, id, VQKV_ELIMIT, "a Put of %zu blocks of %u bytes is over %u bytes",
-                           n, (unsigned)bytes, VQKVD_PUT_STAGING_MAX);
+                           n, (unsigned)bytes, VQKV_PUT_STAGING_MAX);
         return;
     }
     for (size_t i = 0; i < n; i++) {

@@ -55,6 +55,10 @@ extern "C" {
 /* No configured maximum may exceed this: it bounds what one hostile peer
  * can make the daemon allocate per connection. */
 #define VQKV_FRAME_LIMIT (64u << 20)
+/* Bytes of blocks one Put may make the daemon stage (blocks times their
+ * stored size, fp16 while a model calibrates): bounds what one request
+ * allocates. libvqkv sends a larger vqkv_put as several Puts. */
+#define VQKV_PUT_STAGING_MAX (256u << 20)
 /* Bytes the reader reads the socket into between frames; payloads at least
  * this long are read straight into the frame instead. */
 #define VQKV_FRAME_STAGING_BYTES 16384u

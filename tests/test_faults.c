@@ -13,9 +13,10 @@
  *
  * A killed daemon: workers run traffic on a VQ model while the test kills
  * vqkvd (SIGKILL) and starts it again on the same socket and state dir, a
- * few times. Each worker must see the loss as VQKV_ECLOSED (or, while no
- * daemon listens, a failed reconnect) and nothing else, then reconnect on
- * its next call and go on; the model comes back with the codebooks the
+ * few times. Each worker must see the loss as VQKV_ECLOSED from a get or
+ * release (libvqkv retries the other requests on a new connection), a
+ * failed reconnect while no daemon listens, or a retried lookup that finds
+ * nothing on the new daemon, and nothing else, then go on; the model comes back with the codebooks the
  * first daemon trained and saved (codebooks_ready at registration, blocks
  * stored at the VQ size, decoded bytes identical to before the restarts).
  *
@@ -510,9 +511,16 @@ static int traffic_worker(const daemon_t *d, traffic_t *t, int w)
         int rc = vqkv_put(c, m, h, keys, NULL, slots, BLOCKS, NULL);
         if (rc >= 0)
             rc = vqkv_lookup(c, m, keys, BLOCKS, &found, &lease);
-        /* Put and lookup on one connection: all there. */
-        if (rc >= 0 && found != BLOCKS)
-            return 5;
+        /* Put and lookup on one daemon: all there. A lookup retried on a
+         * restarted daemon finds nothing, which counts as the restart. */
+        if (rc >= 0 && found != BLOCKS) {
+            if (t->epoch == epoch)
+                return 5;
+            if (lease != 0)
+                (void)vqkv_release(c, lease); /* the new daemon's; it would expire anyway */
+            t->closed[w]++;
+            continue;
+        }
         if (rc >= 0)
             rc = vqkv_get(c, lease, h, into, BLOCKS);
         if (rc >= 0)
@@ -645,10 +653,10 @@ static void test_killed_daemon(void **state)
         d.pid = daemon_spawn(&d, extra);
         daemon_wait_listening(&d);
 
-        /* The admin client sees the loss once, then finds the model ready:
-         * the codebooks came back from the state dir. */
+        /* The admin client's next call goes through (libvqkv retries it on
+         * a new connection) and finds the model ready: the codebooks came
+         * back from the state dir. */
         vqkv_stats_t st;
-        assert_vqkv(vqkv_stats(c, &st), VQKV_ECLOSED);
         assert_vqkv(vqkv_stats(c, &st), VQKV_OK);
         assert_true(vqkv_model_codebooks_ready(m));
         assert_int_equal(st.bytes_stored, st.blocks * vq_bytes);
@@ -663,12 +671,14 @@ static void test_killed_daemon(void **state)
         if (!WIFEXITED(status) || WEXITSTATUS(status) != 0)
             fail_msg("worker %d failed: status %#x, code %d (%s)", w, status, t->bad_code[w],
                      vqkv_client_strerror(t->bad_code[w]));
+        /* A full round after the last restart. Retried requests hide some
+         * restarts from a worker altogether, so it need not have seen
+         * each one as an error. */
         assert_int_equal(t->ok_epoch[w], RESTARTS);
-        /* Connected at every kill, so it saw every one. */
-        assert_true(t->closed[w] >= RESTARTS);
         closed += t->closed[w];
         refused += t->refused[w];
     }
+    assert_true(closed + refused > 0); /* the kills met traffic */
     vqkv_stats_t st;
     assert_vqkv(vqkv_stats(c, &st), VQKV_OK);
     assert_true(st.blocks > 0);

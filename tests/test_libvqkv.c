@@ -49,12 +49,18 @@ typedef struct {
     vqkv_kv_view_t view;
 } region_t;
 
-static void region_new(region_t *r, unsigned seed)
+/* A vLLM-layout region of slots slots of layout l, zeroed. */
+static void region_make(region_t *r, const vqkv_layout_t *l, uint32_t slots)
 {
-    vqkv_kv_view_vllm(&r->view, &layout, SLOTS);
+    vqkv_kv_view_vllm(&r->view, l, slots);
     assert_vqkv(vqkv_memfd_create("test_libvqkv", r->view.region_bytes, &r->fd), VQKV_OK);
     r->base = mmap(NULL, r->view.region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, r->fd, 0);
     assert_true(r->base != MAP_FAILED);
+}
+
+static void region_new(region_t *r, unsigned seed)
+{
+    region_make(r, &layout, SLOTS);
     srand(seed);
     uint16_t *v = (uint16_t *)r->base;
     for (size_t i = 0; i < r->view.region_bytes / 2; i++) {
@@ -625,10 +631,12 @@ static void test_reconnect(void **state)
 
     assert_int_equal(kill(d->pid, SIGKILL), 0);
     assert_int_equal(waitpid(d->pid, NULL, 0), d->pid);
-    assert_vqkv(vqkv_stats(c, &st), VQKV_ECLOSED);
-    if (strstr(vqkv_last_error(c), "the next call reconnects") == NULL)
-        fail_msg("\"%s\" does not say what happens next", vqkv_last_error(c));
-    /* Nothing listens: the call fails, and says the next one tries again. */
+    /* The lost connection is retried at once; nothing listens: the call
+     * fails, and says the next one tries again. */
+    assert_vqkv(vqkv_stats(c, &st), VQKV_EIO);
+    if (strstr(vqkv_last_error(c), "reconnecting") == NULL ||
+        strstr(vqkv_last_error(c), "the next call tries again") == NULL)
+        fail_msg("\"%s\" does not say it is reconnecting", vqkv_last_error(c));
     assert_vqkv(vqkv_stats(c, &st), VQKV_EIO);
     if (strstr(vqkv_last_error(c), "reconnecting") == NULL ||
         strstr(vqkv_last_error(c), "the next call tries again") == NULL)
@@ -658,6 +666,23 @@ static void test_reconnect(void **state)
     assert_vqkv(vqkv_release(c, fresh), VQKV_OK);
     for (uint32_t s = 0; s < CALIB_BLOCKS; s++)
         assert_block_equal(&rb, s, &ra, s);
+
+    /* Restarted between two calls: the next idempotent call just works
+     * (its first try meets the dead connection, the retry a new one); a
+     * get names a lease of the old connection and is not retried. */
+    assert_vqkv(vqkv_lookup(c, m, keys, CALIB_BLOCKS, &found, &fresh), VQKV_OK);
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_int_equal(waitpid(d->pid, NULL, 0), d->pid);
+    d->pid = daemon_spawn(d, NULL);
+    daemon_wait_listening(d);
+    assert_vqkv(vqkv_get(c, fresh, hb, slots, CALIB_BLOCKS), VQKV_ECLOSED);
+    assert_vqkv(vqkv_stats(c, &st), VQKV_OK); /* connected again */
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_int_equal(waitpid(d->pid, NULL, 0), d->pid);
+    d->pid = daemon_spawn(d, NULL);
+    daemon_wait_listening(d);
+    chain_keys(m, 10, keys, 0, slots, CALIB_BLOCKS);
+    assert_vqkv(vqkv_put(c, m, ha, keys, NULL, slots, CALIB_BLOCKS, NULL), CALIB_BLOCKS);
     /* A region number this client never had is refused here. */
     assert_vqkv(vqkv_put(c, m, ha + hb, keys, NULL, slots, 1, NULL), VQKV_EHANDLE);
 
@@ -723,6 +748,102 @@ static void test_default_socket(void **state)
     rmdir(dir);
 }
 
+/* Calls bigger than one request: a put of 300 MiB of fp16 (over the 256
+ * MiB a Put may stage) and one of 20,000 small blocks (over what a 1 MiB
+ * frame holds), each one call; a lookup of 20,000 keys; pin, unpin and
+ * evict of VQKV_KEYS_MAX keys, most of them absent. */
+static void test_large_calls(void **state)
+{
+    (void)state;
+    const char *extra[] = {"--pool-bytes", "1G", NULL};
+    daemon_t d;
+    daemon_start(&d, extra);
+    vqkv_client_t *c = connect_ok(&d, "large");
+
+    /* 1 MiB blocks: 8 layers x K, V x 32 tokens x 8 heads x 128 x f16. */
+    const vqkv_layout_t big = {8, 8, 128, 32, VQKV_DTYPE_F16};
+    enum { BIG = 300, SMALL = 20000 };
+    vqkv_model_t *mb, *ms;
+    assert_vqkv(vqkv_register_model(c, "test/big@main", &big, "fp16", &mb), VQKV_OK);
+    region_t rb, got;
+    region_make(&rb, &big, BIG);
+    region_make(&got, &big, 4);
+    for (uint32_t s = 0; s < BIG; s++) /* f16 bit patterns, distinct per slot */
+        for (uint32_t l = 0; l < big.num_layers; l++)
+            for (uint32_t kv = 0; kv < 2; kv++)
+                memset(rb.base + l * rb.view.layer_stride + kv * rb.view.kv_stride +
+                           s * rb.view.slot_stride,
+                       (int)(s * 7 + l + kv) & 0x3f, rb.view.slot_stride);
+    vqkv_region_t hb, hg;
+    assert_vqkv(vqkv_register_memfd_region(c, mb, rb.fd, rb.view.region_bytes, 0, &rb.view, &hb),
+                VQKV_OK);
+    assert_vqkv(
+        vqkv_register_memfd_region(c, mb, got.fd, got.view.region_bytes, 0, &got.view, &hg),
+        VQKV_OK);
+    uint32_t *tokens = malloc(SMALL * 4 * sizeof *tokens), *slots = malloc(SMALL * sizeof *slots);
+    uint8_t(*keys)[VQKV_KEY_BYTES] = calloc(VQKV_KEYS_MAX, VQKV_KEY_BYTES);
+    assert_non_null(tokens);
+    assert_non_null(slots);
+    assert_non_null(keys);
+    for (uint32_t i = 0; i < SMALL * 4; i++)
+        tokens[i] = i * 2654435761u % 50000;
+    for (uint32_t i = 0; i < SMALL; i++)
+        slots[i] = i;
+    size_t n = 0, found = 0, count = 0;
+    assert_vqkv(vqkv_model_block_keys(mb, NULL, tokens, BIG * 32, NULL, 0, keys, BIG, &n), VQKV_OK);
+    assert_int_equal(n, BIG);
+    assert_vqkv(vqkv_put(c, mb, hb, (const uint8_t(*)[VQKV_KEY_BYTES])keys, NULL, slots, BIG,
+                         NULL),
+                BIG);
+    vqkv_lease_t lease = 0;
+    assert_vqkv(vqkv_lookup(c, mb, (const uint8_t(*)[VQKV_KEY_BYTES])keys, BIG, &found, &lease),
+                VQKV_OK);
+    assert_int_equal(found, BIG); /* the chain ran on across the two requests */
+    assert_vqkv(vqkv_get(c, lease, hg, slots, 4), 4);
+    assert_vqkv(vqkv_release(c, lease), VQKV_OK);
+    assert_memory_equal(got.base, rb.base, got.view.slot_stride * 4); /* layer 0's K */
+
+    /* 128-byte blocks: 1 layer x K, V x 4 tokens x 1 head x 8 x f16. */
+    const vqkv_layout_t tiny = {1, 1, 8, 4, VQKV_DTYPE_F16};
+    assert_vqkv(vqkv_register_model(c, "test/tiny@main", &tiny, "fp16", &ms), VQKV_OK);
+    region_t rs;
+    region_make(&rs, &tiny, SMALL);
+    memset(rs.base, 0x11, rs.view.region_bytes);
+    vqkv_region_t hs;
+    assert_vqkv(vqkv_register_memfd_region(c, ms, rs.fd, rs.view.region_bytes, 0, &rs.view, &hs),
+                VQKV_OK);
+    assert_vqkv(vqkv_model_block_keys(ms, NULL, tokens, SMALL * 4, NULL, 0, keys, SMALL, &n),
+                VQKV_OK);
+    assert_int_equal(n, SMALL);
+    assert_vqkv(vqkv_put(c, ms, hs, (const uint8_t(*)[VQKV_KEY_BYTES])keys, NULL, slots, SMALL,
+                         NULL),
+                SMALL);
+    assert_vqkv(vqkv_lookup(c, ms, (const uint8_t(*)[VQKV_KEY_BYTES])keys, SMALL, &found, &lease),
+                VQKV_OK);
+    assert_int_equal(found, SMALL);
+    assert_vqkv(vqkv_release(c, lease), VQKV_OK);
+    for (size_t i = SMALL; i < VQKV_KEYS_MAX; i++) /* keys nobody holds */
+        memset(keys[i], (int)(i % 255) + 1, VQKV_KEY_BYTES);
+    const uint8_t(*all)[VQKV_KEY_BYTES] = (const uint8_t(*)[VQKV_KEY_BYTES])keys;
+    assert_vqkv(vqkv_pin(c, ms, all, VQKV_KEYS_MAX, 0, &count), VQKV_OK);
+    assert_int_equal(count, SMALL);
+    assert_vqkv(vqkv_unpin(c, ms, all, VQKV_KEYS_MAX, &count), VQKV_OK);
+    assert_int_equal(count, SMALL);
+    assert_vqkv(vqkv_pin(c, ms, all, VQKV_KEYS_MAX + 1, 0, &count), VQKV_EINVAL);
+    assert_vqkv(vqkv_evict(c, ms, all, VQKV_KEYS_MAX, 0, &count), VQKV_OK);
+    assert_int_equal(count, SMALL);
+
+    vqkv_close(c);
+    daemon_stop(&d);
+    daemon_cleanup(&d);
+    free(tokens);
+    free(slots);
+    free(keys);
+    region_free(&rb);
+    region_free(&got);
+    region_free(&rs);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -734,6 +855,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_codebook_files, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reconnect, setup, teardown),
         cmocka_unit_test_setup_teardown(test_default_socket, setup, teardown),
+        cmocka_unit_test(test_large_calls),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -25,7 +25,7 @@ from typing import Any, Literal
 import numpy as np
 import pytest
 from _worker import restore
-from conftest import POOL_BYTES
+from conftest import POOL_BYTES, VQKVD
 from daemon_harness import HANG_GUARD_S, Daemon
 
 import vqkv
@@ -401,10 +401,12 @@ def test_no_daemon_on_the_socket_is_a_connection_error(tmp_path: Path, why: str)
 
 def test_a_daemon_that_goes_away_raises_connection_errors(daemon: Daemon) -> None:
     with vqkv.Client(str(daemon.socket)) as client:
-        client.stats()
+        model, _, region, keys = offload(client)
+        lease = client.lookup(model, keys)
         daemon.stop()
+        # A get is never retried (its lease went with the connection).
         with pytest.raises(ConnectionError) as lost:
-            client.stats()
+            lease.get(region, [4, 5])
         assert isinstance(lost.value, vqkv.ConnectionLostError)
         assert (lost.value.code, lost.value.name) == (vqkv.ErrorCode.ECLOSED, "VQKV_ECLOSED")
         # The next call reconnects, and finds nobody.
@@ -412,6 +414,19 @@ def test_a_daemon_that_goes_away_raises_connection_errors(daemon: Daemon) -> Non
             client.stats()
         assert isinstance(gone.value, vqkv.DaemonUnreachableError)
         assert gone.value.name == "VQKV_EIO" and gone.value.message.startswith("reconnecting")
+
+
+def test_a_restarted_daemon_costs_idempotent_calls_nothing(daemon: Daemon) -> None:
+    with vqkv.Client(str(daemon.socket)) as client:
+        model, _, region, keys = offload(client)
+        daemon.stop()
+        again = Daemon(VQKVD, daemon.socket.parent, pool_bytes=POOL_BYTES)
+        try:
+            # The connection is dead, but libvqkv sends the put once more on a new one.
+            assert client.put(model, region, keys, range(len(keys))).stored == len(keys)
+            assert client.stats().blocks == len(keys)
+        finally:
+            again.stop()
 
 
 def test_closing_ends_everything_the_client_held(daemon: Daemon) -> None:
