@@ -30,11 +30,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #define VQKV__ERR_LEN 512
@@ -84,6 +86,25 @@ typedef struct vqkv__region {
     vqkv_kv_view_t view;
 } vqkv__region_t;
 
+/* One wire request of an asynchronous call (vqkv_put_start,
+ * vqkv_get_start) awaiting its reply. */
+typedef struct {
+    uint64_t wire_id; /* the Envelope's request_id */
+    vqkv_request_t request;
+    vqkv_put_status_t *statuses; /* a put part's, or NULL */
+    size_t n;                    /* blocks of a put part */
+    bool is_get;
+} vqkv__part_t;
+
+/* An asynchronous call: done once it is sealed (every part sent) and every
+ * part has its reply. */
+typedef struct {
+    vqkv_request_t request;
+    uint32_t parts_left;
+    bool sealed;
+    int result; /* blocks stored or written so far, or the first error */
+} vqkv__async_t;
+
 struct vqkv_client {
     int fd; /* -1 between a lost connection and the next call */
     vqkv_frame_reader_t reader;
@@ -100,6 +121,17 @@ struct vqkv_client {
     vqkv_model_t *models;
     vqkv__region_t *regions;
     vqkv_region_t next_region;
+    uint32_t max_inflight; /* the daemon's, from Welcome */
+    /* Asynchronous calls: parts awaiting replies, calls in progress, and
+     * completions not yet taken by vqkv_complete. O(in flight) lookups:
+     * at most VQKV_ASYNC_MAX, not needed faster so far. */
+    vqkv__part_t parts[VQKV_ASYNC_MAX];
+    size_t n_parts;
+    vqkv__async_t asyncs[VQKV_ASYNC_MAX];
+    size_t n_asyncs;
+    vqkv_completion_t done[VQKV_ASYNC_MAX];
+    size_t n_done;
+    vqkv_request_t next_request;
     char err[VQKV__ERR_LEN];
 };
 
@@ -125,13 +157,81 @@ static char *vqkv__strdup(const char *s)
     return d;
 }
 
-/* Drops the connection; the next call makes a new one. */
+static void vqkv__async_part_done(vqkv_client_t *c, size_t part, int result);
+
+/* Drops the connection; the next call makes a new one. Asynchronous calls
+ * waiting for replies on it complete with VQKV_ECLOSED. */
 static void vqkv__disconnect(vqkv_client_t *c)
 {
     if (c->fd >= 0)
         close(c->fd);
     c->fd = -1;
     vqkv_frame_reader_free(&c->reader);
+    while (c->n_parts > 0)
+        vqkv__async_part_done(c, c->n_parts - 1, VQKV_ECLOSED);
+}
+
+/* ---- asynchronous calls: bookkeeping -------------------------------------------- */
+
+static vqkv__async_t *vqkv__async_find(vqkv_client_t *c, vqkv_request_t request)
+{
+    for (size_t i = 0; i < c->n_asyncs; i++)
+        if (c->asyncs[i].request == request)
+            return &c->asyncs[i];
+    return NULL;
+}
+
+/* Moves a call whose every part has replied to the completions. */
+static void vqkv__async_finish(vqkv_client_t *c, vqkv__async_t *a)
+{
+    if (!a->sealed || a->parts_left > 0)
+        return;
+    c->done[c->n_done++] = (vqkv_completion_t){a->request, a->result};
+    *a = c->asyncs[--c->n_asyncs];
+}
+
+/* Part `part` has its result: blocks (>= 0) or an error code. */
+static void vqkv__async_part_done(vqkv_client_t *c, size_t part, int result)
+{
+    vqkv__async_t *a = vqkv__async_find(c, c->parts[part].request);
+    c->parts[part] = c->parts[--c->n_parts];
+    if (a == NULL)
+        return;
+    if (result < 0 && a->result >= 0)
+        a->result = result;
+    else if (result >= 0 && a->result >= 0)
+        a->result += result;
+    a->parts_left--;
+    vqkv__async_finish(c, a);
+}
+
+/* Takes r when it is the reply to a part of an asynchronous call (true,
+ * r freed), else leaves it (false). */
+static bool vqkv__async_reply(vqkv_client_t *c, Vqkv__Envelope *r)
+{
+    size_t i = 0;
+    while (i < c->n_parts && c->parts[i].wire_id != r->request_id)
+        i++;
+    if (i == c->n_parts || r->request_id == 0)
+        return false;
+    const vqkv__part_t *p = &c->parts[i];
+    int result;
+    if (r->body_case == VQKV__ENVELOPE__BODY_ERROR) {
+        result = r->error->code < 0 ? r->error->code : VQKV_EPROTO;
+        vqkv__fail(c, result, "%s", r->error->message);
+    } else if (r->body_case == VQKV__ENVELOPE__BODY_PUT_DONE && !p->is_get &&
+               p->n == r->put_done->n_status) {
+        for (size_t k = 0; p->statuses != NULL && k < p->n; k++)
+            p->statuses[k] = (vqkv_put_status_t)r->put_done->status[k];
+        result = (int)r->put_done->stored;
+    } else if (r->body_case == VQKV__ENVELOPE__BODY_GET_DONE && p->is_get) {
+        result = (int)r->get_done->written;
+    } else {
+        result = vqkv__fail(c, VQKV_EPROTO, "unexpected reply type %d", (int)r->body_case);
+    }
+    vqkv_frame_envelope_free(r);
+    vqkv__async_part_done(c, i, result);
+    return true;
 }
 
 /* The socket failed under a request: its bytes may be half sent or half
@@ -190,6 +290,8 @@ static int vqkv__call(vqkv_client_t *c, Vqkv__Envelope *env, const int *fds, siz
             vqkv_frame_envelope_free(r);
             return vqkv__fail(c, rc, "reply not understood: %s", vqkv_proto_strerror(rc));
         }
+        if (vqkv__async_reply(c, r))
+            continue; /* an asynchronous call's, kept for vqkv_complete */
         if (r->request_id != env->request_id && r->request_id != 0) {
             vqkv_frame_envelope_free(r); /* a late reply to an abandoned request */
             continue;
@@ -319,6 +421,7 @@ static int vqkv__welcome(vqkv_client_t *c, const Vqkv__Welcome *w)
     if (w->tenant_salt.len != VQKV_BLOCK_KEY_SALT_LEN || w->max_frame_bytes == 0)
         return vqkv__fail(c, VQKV_EPROTO, "vqkvd sent a Welcome without a salt or a frame limit");
     c->max_frame = w->max_frame_bytes < VQKV_FRAME_LIMIT ? w->max_frame_bytes : VQKV_FRAME_LIMIT;
+    c->max_inflight = w->max_inflight;
     if (vqkv__keep_string(&c->tenant, w->tenant) != VQKV_OK ||
         vqkv__keep_string(&c->backend, w->backend) != VQKV_OK ||
         vqkv__keep_string(&c->server_version, w->server_version) != VQKV_OK)
@@ -838,6 +941,51 @@ static uint64_t vqkv__staged_bytes(const vqkv_model_t *m)
     return fp16 > m->block_bytes ? fp16 : m->block_bytes;
 }
 
+/* A put's keys and parents as the wire has them (pointing into the
+ * caller's arrays). Parents are spelled out for every block, so the parts a
+ * large put is cut into chain on across their boundaries. */
+static int vqkv__put_wire(const uint8_t (*keys)[VQKV_KEY_BYTES],
+                          const uint8_t (*parents)[VQKV_KEY_BYTES], size_t n,
+                          ProtobufCBinaryData **k_out, ProtobufCBinaryData **p_out)
+{
+    ProtobufCBinaryData *k = vqkv__wire_keys(keys, n);
+    ProtobufCBinaryData *p = calloc(n ? n : 1, sizeof *p);
+    if (k == NULL || p == NULL) {
+        free(k);
+        free(p);
+        return VQKV_ENOMEM;
+    }
+    for (size_t i = 0; i < n; i++) {
+        const uint8_t *parent = NULL;
+        if (parents != NULL)
+            parent = vqkv__zero_key(parents[i]) ? NULL : parents[i];
+        else if (i > 0)
+            parent = keys[i - 1];
+        p[i] = parent == NULL ? (ProtobufCBinaryData){0, NULL}
+                              : (ProtobufCBinaryData){VQKV_KEY_BYTES, (uint8_t *)parent};
+    }
+    *k_out = k;
+    *p_out = p;
+    return VQKV_OK;
+}
+
+/* The Put of blocks keys[0..n) from slots of daemon region `region`. */
+static void vqkv__put_env(const vqkv_model_t *model, uint64_t region, ProtobufCBinaryData *keys,
+                          ProtobufCBinaryData *parents, const uint32_t *slots, size_t n,
+                          Vqkv__Put *put, Vqkv__Envelope *env)
+{
+    vqkv__put__init(put);
+    put->model_handle = model->handle;
+    put->region_handle = region;
+    put->n_keys = put->n_parent_keys = put->n_slots = n;
+    put->keys = keys;
+    put->parent_keys = parents;
+    put->slots = (uint32_t *)slots;
+    vqkv__envelope__init(env);
+    env->body_case = VQKV__ENVELOPE__BODY_PUT;
+    env->put = put;
+}
+
 /* One Put of as many of the n blocks as one request may carry (*sent of
  * them), sent again once if the connection is lost under it. The number
  * stored, or a negative code. */
@@ -856,16 +1004,9 @@ static int vqkv__put_part(vqkv_client_t *c, const vqkv_model_t *model, vqkv_regi
             return rc;
         size_t part = vqkv__per_request(c, VQKV__PUT_WIRE_BYTES, vqkv__staged_bytes(model));
         *sent = n < part ? n : part;
-        Vqkv__Put put = VQKV__PUT__INIT;
-        put.model_handle = model->handle;
-        put.region_handle = daemon_region;
-        put.n_keys = put.n_parent_keys = put.n_slots = *sent;
-        put.keys = keys;
-        put.parent_keys = parents;
-        put.slots = (uint32_t *)slots;
-        Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-        env.body_case = VQKV__ENVELOPE__BODY_PUT;
-        env.put = &put;
+        Vqkv__Put put;
+        Vqkv__Envelope env;
+        vqkv__put_env(model, daemon_region, keys, parents, slots, *sent, &put, &env);
         Vqkv__Envelope *r;
         rc = vqkv__call(c, &env, NULL, 0, VQKV__ENVELOPE__BODY_PUT_DONE, &r);
         if (vqkv__again(rc, attempt))
@@ -895,29 +1036,14 @@ int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t reg
         return VQKV_EINVAL;
     if (model == NULL || (n > 0 && (keys == NULL || slots == NULL)) || n > INT32_MAX)
         return vqkv__fail(client, VQKV_EINVAL, "put: bad argument");
-    ProtobufCBinaryData *k = vqkv__wire_keys(keys, n);
-    ProtobufCBinaryData *p = calloc(n ? n : 1, sizeof *p);
-    if (k == NULL || p == NULL) {
-        free(k);
-        free(p);
+    ProtobufCBinaryData *k, *p;
+    if (vqkv__put_wire(keys, parents, n, &k, &p) != VQKV_OK)
         return vqkv__fail(client, VQKV_ENOMEM, "put: out of memory");
-    }
-    /* Parents are spelled out for every block, so the parts a large put is
-     * cut into chain on across their boundaries. */
-    for (size_t i = 0; i < n; i++) {
-        const uint8_t *parent = NULL;
-        if (parents != NULL)
-            parent = vqkv__zero_key(parents[i]) ? NULL : parents[i];
-        else if (i > 0)
-            parent = keys[i - 1];
-        p[i] = parent == NULL ? (ProtobufCBinaryData){0, NULL}
-                              : (ProtobufCBinaryData){VQKV_KEY_BYTES, (uint8_t *)parent};
-    }
     int stored = 0, rc = VQKV_OK;
     size_t done = 0;
     do {
         size_t sent = 0;
-        rc = vqkv__put_part(client, model, region, k + done, p + done, slots + (n ? done : 0),
+        rc = vqkv__put_part(client, model, region, k + done, p + done, n > 0 ? slots + done : slots,
                             n - done, statuses != NULL ? statuses + done : NULL, &sent);
         if (rc < 0)
             break;
@@ -1026,6 +1152,233 @@ int vqkv_release(vqkv_client_t *client, vqkv_lease_t lease)
         return rc;
     vqkv_frame_envelope_free(r);
     return VQKV_OK;
+}
+
+/* ---- asynchronous calls ------------------------------------------------------- */
+
+/* Room for a call of `parts` wire requests: within VQKV_ASYNC_MAX calls and
+ * completions, and leaving one of the daemon's max_inflight requests for
+ * synchronous calls. */
+static int vqkv__async_room(vqkv_client_t *c, size_t parts)
+{
+    size_t inflight = c->max_inflight > 1 ? c->max_inflight - 1 : 1;
+    size_t limit = inflight < VQKV_ASYNC_MAX ? inflight : VQKV_ASYNC_MAX;
+    if (c->n_parts + parts > limit || c->n_asyncs + c->n_done >= VQKV_ASYNC_MAX)
+        return vqkv__fail(c, VQKV_ELIMIT,
+                          "%zu requests in flight and %zu completions not taken: take them "
+                          "(vqkv_complete) before starting more",
+                          c->n_parts, c->n_done);
+    return VQKV_OK;
+}
+
+/* Opens a call; its parts are sent by vqkv__async_send, then it is sealed. */
+static vqkv_request_t vqkv__async_open(vqkv_client_t *c)
+{
+    vqkv_request_t request = ++c->next_request;
+    c->asyncs[c->n_asyncs++] = (vqkv__async_t){request, 0, false, 0};
+    return request;
+}
+
+/* Sends env as a part of call `request`. */
+static int vqkv__async_send(vqkv_client_t *c, Vqkv__Envelope *env, vqkv_request_t request,
+                            vqkv_put_status_t *statuses, size_t n, bool is_get)
+{
+    env->request_id = c->next_id++;
+    int rc = vqkv_frame_send(c->fd, env, NULL, 0, c->max_frame);
+    if (rc == VQKV_ETOOBIG)
+        return vqkv__fail(c, rc, "request exceeds the daemon's frame limit of %u bytes",
+                          c->max_frame);
+    if (rc == VQKV_EIO)
+        return vqkv__lost(c, errno);
+    if (rc != VQKV_OK)
+        return vqkv__fail(c, rc, "sending request: %s", vqkv_proto_strerror(rc));
+    c->parts[c->n_parts++] = (vqkv__part_t){env->request_id, request, statuses, n, is_get};
+    vqkv__async_find(c, request)->parts_left++;
+    return VQKV_OK;
+}
+
+/* Ends the sending of call `request`: on success it completes when its
+ * replies are in (perhaps already); on failure it is dropped, with no
+ * completion, and rc returned. */
+static int vqkv__async_seal(vqkv_client_t *c, vqkv_request_t request, int rc)
+{
+    vqkv__async_t *a = vqkv__async_find(c, request);
+    if (rc != VQKV_OK) {
+        /* Its parts' replies, should any still come, find no call. */
+        for (size_t i = c->n_parts; i-- > 0;)
+            if (c->parts[i].request == request)
+                c->parts[i] = c->parts[--c->n_parts];
+        if (a != NULL)
+            *a = c->asyncs[--c->n_asyncs];
+        return rc;
+    }
+    a->sealed = true;
+    vqkv__async_finish(c, a);
+    return VQKV_OK;
+}
+
+int vqkv_put_start(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t region,
+                   const uint8_t (*keys)[VQKV_KEY_BYTES], const uint8_t (*parents)[VQKV_KEY_BYTES],
+                   const uint32_t *slots, size_t n, vqkv_put_status_t *statuses,
+                   vqkv_request_t *request)
+{
+    if (client == NULL)
+        return VQKV_EINVAL;
+    if (model == NULL || request == NULL || (n > 0 && (keys == NULL || slots == NULL)) ||
+        n > INT32_MAX)
+        return vqkv__fail(client, VQKV_EINVAL, "put_start: bad argument");
+    uint64_t daemon_region = 0;
+    int rc = vqkv__ready(client);
+    if (rc == VQKV_OK)
+        rc = vqkv__region_handle(client, region, &daemon_region);
+    if (rc != VQKV_OK)
+        return rc;
+    size_t per = vqkv__per_request(client, VQKV__PUT_WIRE_BYTES, vqkv__staged_bytes(model));
+    rc = vqkv__async_room(client, n > 0 ? (n + per - 1) / per : 1);
+    if (rc != VQKV_OK)
+        return rc;
+    ProtobufCBinaryData *k, *p;
+    if (vqkv__put_wire(keys, parents, n, &k, &p) != VQKV_OK)
+        return vqkv__fail(client, VQKV_ENOMEM, "put_start: out of memory");
+    vqkv_request_t id = vqkv__async_open(client);
+    size_t done = 0;
+    do {
+        size_t part = n - done < per ? n - done : per;
+        Vqkv__Put put;
+        Vqkv__Envelope env;
+        vqkv__put_env(model, daemon_region, k + done, p + done, n > 0 ? slots + done : slots, part,
+                      &put, &env);
+        rc = vqkv__async_send(client, &env, id, statuses != NULL ? statuses + done : NULL, part,
+                              false);
+        done += part;
+    } while (rc == VQKV_OK && done < n);
+    free(k);
+    free(p);
+    rc = vqkv__async_seal(client, id, rc);
+    if (rc == VQKV_OK)
+        *request = id;
+    return rc;
+}
+
+int vqkv_get_start(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t region,
+                   const uint32_t *slots, size_t n, vqkv_request_t *request)
+{
+    if (client == NULL)
+        return VQKV_EINVAL;
+    if (request == NULL || (n > 0 && slots == NULL) || n > INT32_MAX)
+        return vqkv__fail(client, VQKV_EINVAL, "get_start: bad argument");
+    uint64_t id = 0, daemon_region = 0;
+    int rc = vqkv__ready(client);
+    if (rc == VQKV_OK)
+        rc = vqkv__lease_id(client, lease, &id);
+    if (rc == VQKV_OK)
+        rc = vqkv__region_handle(client, region, &daemon_region);
+    if (rc == VQKV_OK)
+        rc = vqkv__async_room(client, 1);
+    if (rc != VQKV_OK)
+        return rc;
+    Vqkv__Get g = VQKV__GET__INIT;
+    g.lease_id = id;
+    g.region_handle = daemon_region;
+    g.n_slots = n;
+    g.slots = (uint32_t *)slots;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_GET;
+    env.get = &g;
+    vqkv_request_t call = vqkv__async_open(client);
+    rc = vqkv__async_seal(client, call, vqkv__async_send(client, &env, call, NULL, 0, true));
+    if (rc == VQKV_OK)
+        *request = call;
+    return rc;
+}
+
+int vqkv_client_fd(const vqkv_client_t *client)
+{
+    return client != NULL ? client->fd : -1;
+}
+
+size_t vqkv_async_pending(const vqkv_client_t *client)
+{
+    return client != NULL ? client->n_asyncs + client->n_done : 0;
+}
+
+/* Milliseconds left until deadline_ms (CLOCK_MONOTONIC), -1 for none. */
+static int vqkv__ms_left(int64_t deadline_ms)
+{
+    if (deadline_ms < 0)
+        return -1;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    int64_t left = deadline_ms - ((int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000);
+    return left > 0 ? (int)(left < INT32_MAX ? left : INT32_MAX) : 0;
+}
+
+/* Takes one step towards the next reply: a whole frame already read is
+ * routed, else the socket is read once, waiting up to wait_ms for it to
+ * be readable (-1: no limit). False when nothing came (time is up, or a
+ * signal). A lost connection fails the calls. */
+static bool vqkv__async_read(vqkv_client_t *c, int wait_ms)
+{
+    vqkv_frame_t frame;
+    int rc = vqkv_frame_reader_next(&c->reader, &frame);
+    if (rc == 0) {
+        struct pollfd pfd = {c->fd, POLLIN, 0};
+        if (poll(&pfd, 1, wait_ms) <= 0)
+            return false;
+        rc = vqkv_frame_reader_recv(&c->reader, c->fd, MSG_DONTWAIT);
+        if (rc == VQKV_EAGAIN)
+            return false;
+        if (rc > 0)
+            return true;
+    }
+    if (rc < 0) {
+        vqkv__lost(c, rc == VQKV_EIO ? errno : 0);
+        return true;
+    }
+    Vqkv__Envelope *r = NULL;
+    rc = vqkv_frame_unpack(frame.data, frame.len, &r);
+    vqkv_frame_clear(&frame);
+    if (rc == VQKV_OK)
+        rc = vqkv_frame_check(r);
+    if (rc != VQKV_OK) {
+        /* The stream is in step but the reply is lost to us: so is its call. */
+        vqkv_frame_envelope_free(r);
+        vqkv__disconnect(c);
+        vqkv__fail(c, rc, "reply not understood: %s; the next call reconnects",
+                   vqkv_proto_strerror(rc));
+        return true;
+    }
+    if (!vqkv__async_reply(c, r))
+        vqkv_frame_envelope_free(r); /* a late reply to an abandoned request */
+    return true;
+}
+
+int vqkv_complete(vqkv_client_t *client, int timeout_ms, vqkv_completion_t *done, size_t max)
+{
+    if (client == NULL)
+        return VQKV_EINVAL;
+    if (done == NULL || max == 0)
+        return vqkv__fail(client, VQKV_EINVAL, "complete: no room for completions");
+    int64_t deadline = -1;
+    if (timeout_ms >= 0) {
+        struct timespec ts;
+        clock_gettime(CLOCK_MONOTONIC, &ts);
+        deadline = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000 + timeout_ms;
+    }
+    for (;;) {
+        if (client->n_done > 0) {
+            size_t k = client->n_done < max ? client->n_done : max;
+            memcpy(done, client->done, k * sizeof *done);
+            client->n_done -= k;
+            memmove(client->done, client->done + k, client->n_done * sizeof *done);
+            return (int)k;
+        }
+        if (client->n_parts == 0)
+            return 0;
+        int left = vqkv__ms_left(deadline);
+        if (!vqkv__async_read(client, left) && left == 0)
+            return 0;
+    }
 }
 
 /* What a Pin, Unpin or Evict names besides its keys. */

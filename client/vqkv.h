@@ -25,8 +25,12 @@
  *   vqkv_release(c, lease);
  *   vqkv_close(c);
  *
- * Every call is synchronous: it sends one request and blocks until its
- * reply (or the connection's receive timeout). Every function returns
+ * Every call but the *_start ones is synchronous: it sends its request and
+ * blocks until the reply (or the connection's receive timeout).
+ * vqkv_put_start and vqkv_get_start send a request and return at once; its
+ * completion is collected later by vqkv_complete, so an engine's loop can
+ * overlap offloads and restores with its own work (see "Asynchronous
+ * calls" below). Every function returns
  * VQKV_OK (0) or a non-negative count on success and a negative VQKV_E*
  * code on failure; vqkv_client_strerror names a code. Codes the daemon sent
  * in an Error reply are passed through unchanged (vqkv_errors.h lists
@@ -91,7 +95,11 @@
  *
  * Thread safety: a vqkv_client_t is one connection and must be used by one
  * thread at a time (use one connection per thread, or lock around every
- * call). Different clients may be used from different threads at once.
+ * call). An engine's scheduler thread and each worker thread therefore
+ * hold clients of their own (a lease is read on the client that took it,
+ * so the worker looks up again what the scheduler decided to load); a
+ * thread that wants several requests in flight uses the *_start calls on
+ * its one client rather than more threads. Different clients may be used from different threads at once.
  * vqkv_model_block_keys only reads its model and may be called from any thread
  * while the model's client is open, concurrently with calls on that client
  * (keys computed during a call that reconnects have the old or the new salt).
@@ -303,6 +311,57 @@ int vqkv_register_memfd_region(vqkv_client_t *client, const vqkv_model_t *model,
                                vqkv_region_t *region);
 
 /* ---- blocks --------------------------------------------------------------- */
+
+/* ---- asynchronous calls --------------------------------------------------- */
+
+/* An asynchronous call, named by the client that started it. */
+typedef uint64_t vqkv_request_t;
+
+/* A finished asynchronous call: rc is what the synchronous call would have
+ * returned (blocks stored or written, or a negative code). */
+typedef struct {
+    vqkv_request_t request;
+    int rc;
+} vqkv_completion_t;
+
+/* Calls and completions a client holds at most: in flight plus finished
+ * but not yet taken by vqkv_complete. */
+#define VQKV_ASYNC_MAX 256
+
+/* vqkv_put, started: sends the request (as several, like vqkv_put, when
+ * large) and returns; *request names it in its completion. keys, parents
+ * and slots may be reused at once; the slots' memory must not change, and
+ * statuses (when not NULL) must stay valid, until the completion is taken.
+ * Returns VQKV_OK, or a negative code and then no completion will come:
+ * VQKV_ELIMIT when the client already holds VQKV_ASYNC_MAX calls and
+ * completions, or as many requests as the daemon's max_inflight less one
+ * (one stays for synchronous calls). A started call is never retried: a
+ * lost connection completes it with VQKV_ECLOSED. */
+int vqkv_put_start(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t region,
+                   const uint8_t (*keys)[VQKV_KEY_BYTES], const uint8_t (*parents)[VQKV_KEY_BYTES],
+                   const uint32_t *slots, size_t n, vqkv_put_status_t *statuses,
+                   vqkv_request_t *request);
+
+/* vqkv_get, started: the blocks are in place when its completion comes
+ * (rc the number written). */
+int vqkv_get_start(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t region,
+                   const uint32_t *slots, size_t n, vqkv_request_t *request);
+
+/* Takes up to max finished calls into done[], waiting up to timeout_ms for
+ * the first (0: not at all, -1: as long as it takes). Returns how many were
+ * taken (0 when none finished in time or none is in flight), or a negative
+ * code. Synchronous calls on the same client read the replies of started
+ * ones as they come and keep them here, so completions are never lost. */
+int vqkv_complete(vqkv_client_t *client, int timeout_ms, vqkv_completion_t *done, size_t max);
+
+/* The connection's socket, for an event loop: poll it for POLLIN, and when
+ * it is readable call vqkv_complete with timeout 0. Also call that after
+ * any synchronous call, which may have read replies already. -1 while
+ * disconnected; the socket changes when the client reconnects. */
+int vqkv_client_fd(const vqkv_client_t *client);
+
+/* Started calls not yet taken by vqkv_complete (in flight or finished). */
+size_t vqkv_async_pending(const vqkv_client_t *client);
 
 /* Keys one lookup, pin, unpin or evict may name: a chain of a million
  * tokens in 16-token blocks. */

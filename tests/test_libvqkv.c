@@ -5,6 +5,7 @@
  * the processes, everything goes through libvqkv's public API.
  */
 #include <dirent.h>
+#include <poll.h>
 #include <errno.h>
 #include <setjmp.h>
 #include <signal.h>
@@ -748,6 +749,119 @@ static void test_default_socket(void **state)
     rmdir(dir);
 }
 
+/* Started calls: eight puts in flight at once, their completions taken
+ * together; gets started on two leases; a synchronous call in between,
+ * which must not eat their replies; the socket polled as an engine's loop
+ * would; bad requests completing with their code; the in-flight bound; a
+ * daemon gone with calls in flight completing them with VQKV_ECLOSED. */
+static void test_async_calls(void **state)
+{
+    daemon_t *d = *state;
+    vqkv_client_t *c = connect_ok(d, "async");
+    vqkv_model_t *m;
+    assert_vqkv(vqkv_register_model(c, MODEL, &layout, "fp16", &m), VQKV_OK);
+    region_t ra, rb;
+    region_new(&ra, 51);
+    region_new(&rb, 52);
+    memset(rb.base, 0, rb.view.region_bytes);
+    vqkv_region_t ha, hb;
+    assert_vqkv(vqkv_register_memfd_region(c, m, ra.fd, ra.view.region_bytes, 0, &ra.view, &ha),
+                VQKV_OK);
+    assert_vqkv(vqkv_register_memfd_region(c, m, rb.fd, rb.view.region_bytes, 0, &rb.view, &hb),
+                VQKV_OK);
+    vqkv_completion_t done[16];
+    assert_int_equal(vqkv_complete(c, 0, done, 16), 0); /* nothing in flight */
+
+    /* Eight one-block chains, each its own put. */
+    uint8_t keys[SLOTS][1][VQKV_KEY_BYTES];
+    uint32_t slots[SLOTS];
+    vqkv_put_status_t statuses[SLOTS];
+    vqkv_request_t req[SLOTS];
+    for (uint32_t i = 0; i < SLOTS; i++) {
+        chain_keys(m, 1000 * (i + 1), keys[i], i, &slots[i], 1);
+        assert_vqkv(vqkv_put_start(c, m, ha, keys[i], NULL, &slots[i], 1, &statuses[i], &req[i]),
+                    VQKV_OK);
+    }
+    assert_int_equal(vqkv_async_pending(c), SLOTS);
+    vqkv_stats_t st; /* a synchronous call while they are in flight */
+    assert_vqkv(vqkv_stats(c, &st), VQKV_OK);
+    size_t got = 0;
+    while (got < SLOTS) {
+        struct pollfd pfd = {vqkv_client_fd(c), POLLIN, 0};
+        int n = vqkv_complete(c, 0, done + got, 16 - got);
+        assert_true(n >= 0);
+        if (n == 0)
+            assert_int_equal(poll(&pfd, 1, TIMEOUT_MS), 1);
+        got += (size_t)n;
+    }
+    assert_int_equal(vqkv_async_pending(c), 0);
+    for (uint32_t i = 0; i < SLOTS; i++) {
+        size_t k = 0;
+        while (k < SLOTS && done[k].request != req[i])
+            k++;
+        assert_true(k < SLOTS);
+        assert_int_equal(done[k].rc, 1);
+        assert_int_equal(statuses[i], VQKV_PUT_STORED);
+    }
+
+    /* Two leases, two gets in flight, into region b's slots in reverse. */
+    vqkv_lease_t lease[2];
+    size_t found = 0;
+    uint32_t into[2] = {SLOTS - 1, SLOTS - 2};
+    for (int i = 0; i < 2; i++) {
+        assert_vqkv(vqkv_lookup(c, m, keys[i], 1, &found, &lease[i]), VQKV_OK);
+        assert_int_equal(found, 1);
+        assert_vqkv(vqkv_get_start(c, lease[i], hb, &into[i], 1, &req[i]), VQKV_OK);
+    }
+    got = 0;
+    while (got < 2) {
+        int n = vqkv_complete(c, TIMEOUT_MS, done + got, 2 - got);
+        assert_true(n > 0);
+        got += (size_t)n;
+    }
+    assert_int_equal(done[0].rc + done[1].rc, 2);
+    assert_block_equal(&rb, SLOTS - 1, &ra, 0);
+    assert_block_equal(&rb, SLOTS - 2, &ra, 1);
+
+    /* Refused by the daemon: the completion carries the code. */
+    uint32_t bad = SLOTS;
+    vqkv_request_t r;
+    assert_vqkv(vqkv_get_start(c, lease[0], hb, &bad, 1, &r), VQKV_OK);
+    assert_int_equal(vqkv_complete(c, TIMEOUT_MS, done, 1), 1);
+    assert_int_equal(done[0].request, r);
+    assert_int_equal(done[0].rc, VQKV_ERANGE);
+    for (int i = 0; i < 2; i++)
+        assert_vqkv(vqkv_release(c, lease[i]), VQKV_OK);
+
+    /* The daemon's max_inflight (64) less one, then VQKV_ELIMIT. */
+    size_t started = 0;
+    int rc;
+    while ((rc = vqkv_put_start(c, m, ha, keys[started % SLOTS], NULL, &slots[started % SLOTS], 1,
+                                NULL, &r)) == VQKV_OK)
+        started++;
+    assert_int_equal(rc, VQKV_ELIMIT);
+    assert_int_equal(started, 63);
+    for (got = 0; got < started;) {
+        int n = vqkv_complete(c, TIMEOUT_MS, done, 16);
+        assert_true(n > 0);
+        for (int i = 0; i < n; i++)
+            assert_int_equal(done[i].rc, 0); /* all there already */
+        got += (size_t)n;
+    }
+
+    /* Calls in flight when the daemon dies complete with VQKV_ECLOSED. */
+    assert_vqkv(vqkv_put_start(c, m, ha, keys[0], NULL, &slots[0], 1, NULL, &r), VQKV_OK);
+    daemon_stop(d);
+    assert_int_equal(vqkv_complete(c, TIMEOUT_MS, done, 1), 1);
+    assert_int_equal(done[0].request, r);
+    assert_true(done[0].rc == VQKV_ECLOSED || done[0].rc == 0);
+    vqkv_close(c);
+    region_free(&ra);
+    region_free(&rb);
+    daemon_cleanup(d);
+    daemon_start(d, NULL); /* for the teardown's stop */
+}
+
 /* Calls bigger than one request: a put of 300 MiB of fp16 (over the 256
  * MiB a Put may stage) and one of 20,000 small blocks (over what a 1 MiB
  * frame holds), each one call; a lookup of 20,000 keys; pin, unpin and
@@ -856,6 +970,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_reconnect, setup, teardown),
         cmocka_unit_test_setup_teardown(test_default_socket, setup, teardown),
         cmocka_unit_test(test_large_calls),
+        cmocka_unit_test_setup_teardown(test_async_calls, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
