@@ -33,6 +33,7 @@
 
 #include "calib.h"
 #include "log.h"
+#include "transcode.h"
 
 struct vqkvd_calib {
     uv_work_t work;
@@ -207,7 +208,9 @@ static void vqkvd__calib_after(uv_work_t *w, int status)
         else if (k->saved > 0)
             vqkvd_log(VQKVD_LOG_INFO, "model %u: codebooks saved to %s", (unsigned)m->id, k->path);
     }
+    vqkvd_server_t *s = k->server;
     vqkvd_calib_free(m);
+    vqkvd_transcode_poll(s); /* the fp16 blocks stored meanwhile */
 }
 
 int vqkvd_calib_begin(vqkvd_server_t *s, vqkvd_model_t *m)

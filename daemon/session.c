@@ -31,6 +31,7 @@
 #include "log.h"
 #include "metrics.h"
 #include "session.h"
+#include "transcode.h"
 
 /* How often leases are swept and the pool evicted down to its watermark. */
 #define VQKVD_TICK_MS 100
@@ -77,6 +78,7 @@ static void vqkvd__on_tick(uv_timer_t *t)
 {
     vqkvd_server_t *s = t->data;
     vqkvd_store_tick(&s->store, uv_now(s->loop));
+    vqkvd_transcode_poll(s);
 }
 
 /* Chunks of 16 MiB, or a quarter of a small pool so that it still has a

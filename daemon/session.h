@@ -59,8 +59,9 @@ typedef struct vqkvd_calib vqkvd_calib_t;
  * A VQ codec registered without codebooks is not ready: its Puts are stored
  * with the fp16 fallback (a pool class of its own) while calib.c collects
  * them as calibration samples and trains; once the codebooks are in, ready
- * turns 1 and later Puts use codec. Blocks already stored stay fp16: a
- * block's pool class says which codec decodes it. */
+ * turns 1 and later Puts use codec. Blocks already stored are fp16 until
+ * transcode.c re-encodes them in the background: a block's pool class says
+ * which codec decodes it. */
 struct vqkvd_model {
     uint32_t id; /* the store's model number and the wire handle; never 0 */
     uint32_t tenant;
@@ -75,6 +76,9 @@ struct vqkvd_model {
     vqkv_codec_t *fallback; /* fp16, while not ready; NULL when never needed */
     uint32_t fallback_cls, fallback_bytes;
     vqkvd_calib_t *calib; /* collecting or training; NULL otherwise */
+    struct vqkvd_transcode *transcode; /* a batch of fallback blocks in flight, or NULL */
+    uint64_t transcoded;               /* fallback blocks re-encoded so far */
+    int transcode_done;                /* no fallback block left: no more walks */
 };
 
 /* A mapped MEMFD region of one client. */

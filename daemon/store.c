@@ -218,6 +218,19 @@ static void block_remove(vqkvd_store_t *s, vqkvd_block_t *b)
     free(b);
 }
 
+void vqkvd_store_rehome(vqkvd_store_t *s, vqkvd_block_t *b, uint32_t cls, uint64_t slot)
+{
+    uint32_t bytes = vqkvd_pool_class_slot_bytes(s->pool, cls);
+    vqkvd_tenant_stats_t *t = tenant_find(s, b->tenant); /* made at insert */
+    if (t != NULL)
+        t->bytes_stored = t->bytes_stored - b->stored_bytes + bytes;
+    s->stats.bytes_stored = s->stats.bytes_stored - b->stored_bytes + bytes;
+    vqkvd_pool_free(s->pool, b->slot);
+    b->cls = cls;
+    b->slot = slot;
+    b->stored_bytes = bytes;
+}
+
 /* Evicts least recently used evictable leaves: of class cls only and just
  * one when cls >= 0 (an alloc of that class failed); else of tenant t only
  * until it holds at most target bytes when t is not NULL (its quota); else

@@ -167,6 +167,11 @@ int vqkvd_store_insert(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const 
                        const uint8_t *parent_key, uint32_t cls, uint32_t logical_bytes,
                        uint64_t now, uint64_t *slot);
 
+/* Moves block b, which nothing but the caller holds, to slot of class cls
+ * (already taken from the pool, its payload written) and gives its old slot
+ * back; the stored-bytes counters follow. O(tenants). */
+void vqkvd_store_rehome(vqkvd_store_t *s, vqkvd_block_t *b, uint32_t cls, uint64_t slot);
+
 /* Looks up the chain keys[0..n-1] (n * 32 bytes) and returns the length of
  * the longest present prefix (0..n), or VQKV_EINVAL / VQKV_ENOMEM. The
  * prefix becomes most recently used, hits and misses are counted. With

@@ -427,6 +427,22 @@ static void saved_codebook(const char *state_dir, char *path, size_t size)
     assert_int_equal(found, 1);
 }
 
+/* Polls stats until the daemon stores `bytes` (or fails at the deadline). */
+static void wait_bytes_stored(vqkv_client_t *c, uint64_t bytes)
+{
+    long deadline = now_ms() + DAEMON_DEADLINE_MS;
+    vqkv_stats_t st;
+    for (;;) {
+        assert_vqkv(vqkv_stats(c, &st), VQKV_OK);
+        if (st.bytes_stored == bytes)
+            return;
+        if (now_ms() > deadline)
+            fail_msg("%llu bytes stored, not %llu", (unsigned long long)st.bytes_stored,
+                     (unsigned long long)bytes);
+        sleep_ms(10);
+    }
+}
+
 /* A VQ model without codebooks stores fp16 until CALIB_BLOCKS are in,
  * trains, switches, saves; a restarted daemon loads the saved codebooks.
  * vqkvd trains through the generic codec interface, so every VQ codec
@@ -472,21 +488,21 @@ static void online_calibration(const char *spec)
     assert_vqkv(vqkv_codec_create(vqkv_model_codec(m), &layout, &codec), VQKV_OK);
     assert_vqkv(vqkv_codebook_load(codec, path), VQKV_OK);
 
-    /* After: the VQ codec's bytes, and its decode exactly. */
+    /* After: the VQ codec's bytes, and its decode exactly; and the blocks
+     * stored in fp16 meanwhile are re-encoded in the background, to the
+     * very bytes a put now would store (the fallback was exact). */
     put_chain(c, m, ha, 500, 4, CALIB_BLOCKS);
+    wait_bytes_stored(c, 2 * CALIB_BLOCKS * (uint64_t)vqkv_model_block_bytes(m));
     assert_vqkv(vqkv_stats(c, &st), VQKV_OK);
-    assert_int_equal(st.bytes_stored,
-                     CALIB_BLOCKS * (fp16_bytes + (uint64_t)vqkv_model_block_bytes(m)));
+    assert_int_equal(st.blocks, 2 * CALIB_BLOCKS);
     region_t want;
-    region_expected(&want, codec, &ra, 4, CALIB_BLOCKS);
+    region_expected(&want, codec, &ra, 0, SLOTS);
     assert_memory_not_equal(want.base + 4 * ra.view.slot_stride, ra.base + 4 * ra.view.slot_stride,
                             ra.view.slot_stride);
     get_chain(c, m, hb, 100, 0, CALIB_BLOCKS);
     get_chain(c, m, hb, 500, 4, CALIB_BLOCKS);
-    for (uint32_t s = 0; s < CALIB_BLOCKS; s++) {
-        assert_block_equal(&rb, s, &ra, s);
-        assert_block_equal(&rb, 4 + s, &want, 4 + s);
-    }
+    for (uint32_t s = 0; s < SLOTS; s++)
+        assert_block_equal(&rb, s, &want, s);
     vqkv_close(c);
     daemon_stop(&d);
     daemon_cleanup(&d);
@@ -749,6 +765,63 @@ static void test_default_socket(void **state)
     rmdir(dir);
 }
 
+/* A leased fp16 block keeps its slot while the others are re-encoded (a
+ * get may be reading it), and is re-encoded once the lease ends. The lease
+ * is taken before the put that completes the calibration window, so the
+ * order is certain. */
+static void test_reencode_waits_for_leases(void **state)
+{
+    (void)state;
+    const char *extra[] = {"--calibration-tokens", CALIB_TOKENS_ARG, NULL};
+    daemon_t d;
+    daemon_start(&d, extra);
+    vqkv_client_t *c = connect_ok(&d, "reencode");
+    vqkv_model_t *m;
+    assert_vqkv(vqkv_register_model(c, MODEL, &layout, "rvq:d=8,b=4,r=1", &m), VQKV_OK);
+    region_t ra, rb;
+    region_new(&ra, 61);
+    region_new(&rb, 62);
+    vqkv_region_t ha, hb;
+    assert_vqkv(vqkv_register_memfd_region(c, m, ra.fd, ra.view.region_bytes, 0, &ra.view, &ha),
+                VQKV_OK);
+    assert_vqkv(vqkv_register_memfd_region(c, m, rb.fd, rb.view.region_bytes, 0, &rb.view, &hb),
+                VQKV_OK);
+    uint8_t keys[CALIB_BLOCKS][VQKV_KEY_BYTES];
+    uint32_t slots[CALIB_BLOCKS];
+    chain_keys(m, 7, keys, 0, slots, CALIB_BLOCKS);
+    size_t held = CALIB_BLOCKS - 1, found = 0;
+    assert_vqkv(vqkv_put(c, m, ha, keys, NULL, slots, held, NULL), (int)held);
+    vqkv_lease_t lease = 0;
+    assert_vqkv(vqkv_lookup(c, m, keys, held, &found, &lease), VQKV_OK);
+    assert_int_equal(found, held);
+    uint8_t parent[1][VQKV_KEY_BYTES];
+    memcpy(parent[0], keys[held - 1], VQKV_KEY_BYTES);
+    assert_vqkv(vqkv_put(c, m, ha, &keys[held], parent, &slots[held], 1, NULL), 1);
+
+    uint64_t fp16_bytes = 2u * LAYERS * TOKENS * HEADS * DIM * 2;
+    long deadline = now_ms() + DAEMON_DEADLINE_MS;
+    while (!vqkv_model_codebooks_ready(m)) {
+        if (now_ms() > deadline)
+            fail_msg("codebooks not trained");
+        sleep_ms(10);
+        assert_vqkv(vqkv_register_model(c, MODEL, &layout, "rvq:d=8,b=4,r=1", &m), VQKV_OK);
+    }
+    uint64_t vq_bytes = vqkv_model_block_bytes(m);
+    wait_bytes_stored(c, held * fp16_bytes + vq_bytes); /* the unleased one moved */
+    sleep_ms(300); /* three ticks: the leased ones stay */
+    wait_bytes_stored(c, held * fp16_bytes + vq_bytes);
+    assert_vqkv(vqkv_get(c, lease, hb, slots, held), (int)held);
+    for (uint32_t s = 0; s < held; s++)
+        assert_block_equal(&rb, s, &ra, s); /* still the exact fp16 bytes */
+    assert_vqkv(vqkv_release(c, lease), VQKV_OK);
+    wait_bytes_stored(c, CALIB_BLOCKS * vq_bytes);
+    vqkv_close(c);
+    daemon_stop(&d);
+    daemon_cleanup(&d);
+    region_free(&ra);
+    region_free(&rb);
+}
+
 /* Started calls: eight puts in flight at once, their completions taken
  * together; gets started on two leases; a synchronous call in between,
  * which must not eat their replies; the socket polled as an engine's loop
@@ -966,6 +1039,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_health, setup, teardown),
         cmocka_unit_test(test_online_calibration),
         cmocka_unit_test(test_online_calibration_commvq),
+        cmocka_unit_test(test_reencode_waits_for_leases),
         cmocka_unit_test_setup_teardown(test_codebook_files, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reconnect, setup, teardown),
         cmocka_unit_test_setup_teardown(test_default_socket, setup, teardown),
