@@ -4,7 +4,10 @@
  * 2 clients for 1 second must exit 0 and write JSON with every key
  * serve.sh reads, every lookup of a pinned prefix must hit, and a capacity
  * fill of a small pool must stop at its first eviction with the
- * tokens-per-GiB figure its own counts give.
+ * tokens-per-GiB figure its own counts give. Every run's stderr is
+ * captured: into a pipe it must hold no progress line (no '\r'), and a
+ * capacity fill on a pseudo-terminal must draw one, with blocks/s and an
+ * ETA, and erase it before the table.
  */
 #include <errno.h>
 #include <setjmp.h>
@@ -21,25 +24,33 @@
 #include <cmocka.h>
 #include <json-c/json.h>
 
+#include "capture.h"
 #include "daemon_harness.h"
 
-/* Runs vqkv-benchmark with args (NULL-terminated); its exit status. */
-static int run_bench(const char *const *args)
+/* Runs vqkv-benchmark with args (NULL-terminated), its stderr into err[len]
+ * through a pipe or, with tty, a pseudo-terminal (capture.h), and copied to
+ * ours for the test's log; its exit status. */
+static int run_bench_captured(const char *const *args, bool tty, char *err, size_t len)
 {
     const char *argv[24] = {VQKV_BENCHMARK_PATH};
     size_t n = 1;
     for (size_t i = 0; args[i] != NULL && n < 23; i++)
         argv[n++] = args[i];
     argv[n] = NULL;
-    pid_t pid = fork();
-    assert_true(pid >= 0);
-    if (pid == 0) {
-        execv(VQKV_BENCHMARK_PATH, (char *const *)argv);
-        _exit(127);
-    }
-    int status;
-    assert_int_equal(waitpid(pid, &status, 0), pid);
-    return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+    int rc = capture_run(argv, tty, err, len);
+    if (!tty)
+        fputs(err, stderr);
+    return rc;
+}
+
+/* run_bench_captured through a pipe, as under ctest or in a CI log: no
+ * progress line may be written there. */
+static int run_bench(const char *const *args)
+{
+    char err[8192];
+    int rc = run_bench_captured(args, false, err, sizeof err);
+    capture_assert_no_progress("vqkv-benchmark", err);
+    return rc;
 }
 
 static json_object *field(json_object *obj, const char *key)
@@ -124,11 +135,33 @@ static void test_capacity_json(void **state)
     assert_int_equal(run_bench(args), 1);
 }
 
+/* On a terminal the fill draws its progress line and erases it; the run's
+ * figures are the same as through a pipe. */
+static void test_capacity_progress_on_tty(void **state)
+{
+    daemon_t *d = *state;
+    char json_path[128];
+    snprintf(json_path, sizeof json_path, "%s/capacity-tty.json", d->dir);
+    const char *args[] = {"--socket", d->path,  "--capacity", "--codec",
+                          "fp16",     "--json", json_path,    NULL};
+    static char err[1 << 16];
+    assert_int_equal(run_bench_captured(args, true, err, sizeof err), 0);
+    static const char *const words[] = {"filling: ", " blocks, pool ", "% full, ", " blocks/s",
+                                        NULL};
+    capture_assert_progress("vqkv-benchmark --capacity", err, words);
+    json_object *obj = json_object_from_file(json_path);
+    assert_non_null(obj);
+    unlink(json_path);
+    assert_true(json_object_get_int64(field(obj, "blocks_held")) > 0);
+    json_object_put(obj);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_serve_json, setup, teardown),
         cmocka_unit_test_setup_teardown(test_capacity_json, setup_capacity, teardown),
+        cmocka_unit_test_setup_teardown(test_capacity_progress_on_tty, setup_capacity, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

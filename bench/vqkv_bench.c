@@ -26,6 +26,9 @@
  * the fill first puts --warmup-tokens of other blocks, waits for the
  * codebooks, evicts those blocks and counts from there: the fallback's
  * chunks go back to the pool but for the one its class keeps (pool.h).
+ * When stderr is a terminal the fill shows a progress line there
+ * (client/progress.h): blocks held, blocks/s, how full the pool is and an
+ * ETA to the daemon's 90% eviction watermark; it is erased before the table.
  *
  * The KV data is synthetic (client/worker.h): the codecs' speed barely
  * depends on the values, and capacity not at all.
@@ -46,6 +49,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "progress.h"
 #include "vqkv.h"
 #include "worker.h"
 
@@ -54,6 +58,9 @@
  * power of two, up to 2^64. */
 #define BENCH_HIST_SUB 32
 #define BENCH_HIST_BUCKETS (60 * BENCH_HIST_SUB)
+/* vqkvd evicts when a put would take the pool above this fraction
+ * (VQKVD_HIGH_WATER, daemon/session.c): where a capacity fill ends. */
+#define BENCH_EVICT_FRACTION 0.9
 
 enum { BENCH_LOOKUP, BENCH_GET, BENCH_RELEASE, BENCH_PUT, BENCH_KINDS };
 static const char *const bench_kind_names[BENCH_KINDS] = {"lookup", "get", "release", "put"};
@@ -569,14 +576,17 @@ static int bench_capacity(bench_t *b)
         }
         evictions_before = st.evictions;
     }
-    uint64_t limit = id + 2 * st.pool_bytes / vqkv_model_block_bytes(w.model) + 2;
+    uint64_t first = id, limit = id + 2 * st.pool_bytes / vqkv_model_block_bytes(w.model) + 2;
     uint64_t peak_blocks = 0, peak_stored = 0;
     int full = 0;
+    vqkv_progress_t progress;
+    vqkv_progress_start(&progress, stderr);
     for (; id < limit; id++) {
         rc = bench_capacity_put(b, &w, id, 0, &ps);
         if (rc >= 0)
             rc = vqkv_stats(w.client, &st);
         if (rc < 0) {
+            vqkv_progress_end(&progress);
             fprintf(stderr, "vqkv-benchmark: capacity fill: %s\n", vqkv_last_error(w.client));
             vqkv_worker_close(&w);
             return 1;
@@ -588,7 +598,19 @@ static int bench_capacity(bench_t *b)
             break;
         peak_blocks = st.blocks;
         peak_stored = st.bytes_stored;
+        if (vqkv_progress_due(&progress)) {
+            /* Every put adds the same slot bytes, so the blocks the fill
+             * will have put are the ones so far over the fraction of the
+             * way to the watermark the pool has come. */
+            double used = (double)st.pool_bytes_used / (double)st.pool_bytes;
+            double way = used / BENCH_EVICT_FRACTION, done = (double)(id + 1 - first);
+            char held[32];
+            vqkv_progress_update(&progress, done, way > 0.0 ? done / (way < 1.0 ? way : 1.0) : 0.0,
+                                 "blocks", "filling: %s blocks, pool %.0f%% full",
+                                 vqkv_progress_count(held, sizeof held, st.blocks), 100.0 * used);
+        }
     }
+    vqkv_progress_end(&progress);
     uint32_t block_bytes = vqkv_model_block_bytes(w.model);
     snprintf(b->codec, sizeof b->codec, "%s", vqkv_model_codec(w.model));
     if (!full) {

@@ -13,6 +13,11 @@
  * kv_heads). That costs O(queries * p * heads * head_dim) per layer, so only
  * every attn_stride-th query is scored; the reference outputs are computed
  * once and shared by all codecs.
+ *
+ * With opts->progress the run says where it is in layer steps (eval.h): the
+ * reference attention's layers, each layer a codec trains (K and V), each
+ * layer a codec's attention is scored on; codecs with nothing to train count
+ * no training steps, so the ETA is not thrown off by their instant ones.
  */
 #include "eval.h"
 
@@ -128,6 +133,34 @@ fail:
     return rc;
 }
 
+/* Where the run is, for opts->progress: done of total layer steps, and the
+ * codec being measured (1-based; 0 during the reference). */
+typedef struct {
+    vqkv_progress_t *p;
+    double done, total;
+    size_t codec, codecs;
+    const char *spec;
+} vqkv__eval_progress_t;
+
+/* Draws the progress line (when due) for the step about to run: phase, and
+ * layer of layers when layers is not 0. */
+static void vqkv__eval_show(const vqkv__eval_progress_t *ep, const char *phase, uint32_t layer,
+                            uint32_t layers)
+{
+    if (ep->p == NULL || !vqkv_progress_due(ep->p))
+        return;
+    char where[160], step[64] = "";
+    if (ep->codec == 0)
+        snprintf(where, sizeof where, "eval reference:");
+    else
+        snprintf(where, sizeof where, "eval %zu/%zu %s:", ep->codec, ep->codecs, ep->spec);
+    if (layers != 0)
+        snprintf(step, sizeof step, " layer %u/%u", layer + 1, layers);
+    double pct = ep->total > 0.0 ? 100.0 * ep->done / ep->total : 0.0;
+    vqkv_progress_update(ep->p, ep->done, ep->total, "layers", "%s %s%s, %.0f%%", where, phase,
+                         step, pct);
+}
+
 /* What every codec is measured against. */
 typedef struct {
     vqkv_layout_t layout;
@@ -198,7 +231,8 @@ static void vqkv__bench_free(vqkv__bench_t *b)
 }
 
 static int vqkv__bench_init(vqkv__bench_t *b, const vqkv__dump_t *dump,
-                            const vqkv_eval_opts_t *opts, char *err, size_t errlen)
+                            const vqkv_eval_opts_t *opts, vqkv__eval_progress_t *ep, char *err,
+                            size_t errlen)
 {
     memset(b, 0, sizeof *b);
     vqkv_layout_t *l = &b->layout;
@@ -212,6 +246,19 @@ static int vqkv__bench_init(vqkv__bench_t *b, const vqkv__dump_t *dump,
                                "dump shape (kv_heads %u, head_dim %u) or block_tokens %u is not "
                                "a valid layout",
                                l->num_kv_heads, l->head_dim, l->block_tokens);
+    if (ep->p != NULL) {
+        /* The steps: the reference, then each codec's attention and, when
+         * it has codebooks to train, its training. A spec that does not
+         * make a codec fails in vqkv__eval_codec, with its reason. */
+        ep->total = (double)l->num_layers * (double)(1 + opts->n_specs);
+        for (size_t i = 0; i < opts->n_specs; i++) {
+            vqkv_codec_t *codec = NULL;
+            if (vqkv_codec_create(opts->specs[i], l, &codec) == VQKV_OK &&
+                vqkv_codec_needs_training(codec))
+                ep->total += l->num_layers;
+            vqkv_codec_free(codec);
+        }
+    }
     b->train_tokens = opts->train_tokens ? opts->train_tokens : dump->tokens / 2;
     if (b->train_tokens >= dump->tokens)
         return vqkv__eval_fail(err, errlen, VQKV_EINVAL,
@@ -249,8 +296,10 @@ static int vqkv__bench_init(vqkv__bench_t *b, const vqkv__dump_t *dump,
         for (uint32_t qi = 0; qi < b->queries; qi++)
             vqkv_st_read_f32(dump->q[layer], (uint64_t)qi * stride * qrow, qrow,
                              b->q + ((size_t)layer * b->queries + qi) * qrow);
+        vqkv__eval_show(ep, "attention", layer, l->num_layers);
         vqkv__attention(b, dump, b->cache, layer, stride,
                         b->attn_ref + (size_t)layer * b->queries * qrow);
+        ep->done++;
     }
     return VQKV_OK;
 }
@@ -275,8 +324,10 @@ static double vqkv__err_rel(const vqkv__err_t *e)
 }
 
 static int vqkv__train(vqkv_codec_t *codec, const vqkv__dump_t *dump, const vqkv__bench_t *b,
-                       const vqkv_eval_opts_t *opts)
+                       const vqkv_eval_opts_t *opts, vqkv__eval_progress_t *ep)
 {
+    /* As counted in vqkv__bench_init: steps only for codebooks to train. */
+    bool counted = vqkv_codec_needs_training(codec);
     size_t n = (size_t)b->train_tokens * dump->kv_heads;
     uint64_t first = ((uint64_t)dump->tokens - b->train_tokens) * dump->kv_heads * dump->head_dim;
     float *x = malloc(n * dump->head_dim * sizeof *x);
@@ -285,10 +336,14 @@ static int vqkv__train(vqkv_codec_t *codec, const vqkv__dump_t *dump, const vqkv
     vqkv_train_opts_t topts = {.seed = opts->seed, .threads = opts->threads};
     int rc = VQKV_OK;
     for (uint32_t layer = 0; layer < dump->layers && rc == VQKV_OK; layer++) {
+        if (counted)
+            vqkv__eval_show(ep, "training", layer, dump->layers);
         for (int kv = 0; kv < 2 && rc == VQKV_OK; kv++) {
             vqkv_st_read_f32(kv ? dump->v[layer] : dump->k[layer], first, n * dump->head_dim, x);
             rc = vqkv_codec_train(codec, layer, kv, x, n, &topts);
         }
+        if (counted)
+            ep->done++;
     }
     free(x);
     return rc;
@@ -308,8 +363,8 @@ static void vqkv__codebook_path(char *out, size_t len, const char *dir, const ch
 }
 
 static int vqkv__eval_codec(const char *spec, const vqkv__dump_t *dump, vqkv__bench_t *b,
-                            const vqkv_eval_opts_t *opts, vqkv_eval_result_t *res, char *err,
-                            size_t errlen)
+                            const vqkv_eval_opts_t *opts, vqkv__eval_progress_t *ep,
+                            vqkv_eval_result_t *res, char *err, size_t errlen)
 {
     vqkv_codec_t *codec = NULL;
     uint8_t *blocks = NULL;
@@ -322,7 +377,7 @@ static int vqkv__eval_codec(const char *spec, const vqkv__dump_t *dump, vqkv__be
     res->compression_ratio = 16.0 / res->bits_per_value;
 
     double t0 = vqkv__now();
-    rc = vqkv__train(codec, dump, b, opts);
+    rc = vqkv__train(codec, dump, b, opts, ep);
     if (rc != VQKV_OK) {
         rc = vqkv__eval_fail(err, errlen, rc, "codec '%s': training: %s", spec, vqkv_strerror(rc));
         goto out;
@@ -347,6 +402,7 @@ static int vqkv__eval_codec(const char *spec, const vqkv__dump_t *dump, vqkv__be
         goto out;
     }
     double fp16_bytes = (double)b->view.region_bytes / 2.0;
+    vqkv__eval_show(ep, "encoding and decoding", 0, 0);
     t0 = vqkv__now();
     for (uint32_t s = 0; s < b->blocks && rc == VQKV_OK; s++)
         rc = vqkv_codec_encode(codec, b->cache, &b->view, s, blocks + s * block_bytes);
@@ -365,11 +421,13 @@ static int vqkv__eval_codec(const char *spec, const vqkv__dump_t *dump, vqkv__be
     size_t attn = (size_t)b->queries * dump->q_heads * l->head_dim;
     vqkv__err_t e[3] = {{0, 0}, {0, 0}, {0, 0}};
     for (uint32_t layer = 0; layer < l->num_layers; layer++) {
+        vqkv__eval_show(ep, "attention", layer, l->num_layers);
         for (int kv = 0; kv < 2; kv++)
             vqkv__err_add(&e[kv], vqkv__cache_at(b, b->cache, layer, kv),
                           vqkv__cache_at(b, b->restored, layer, kv), side);
         vqkv__attention(b, dump, b->restored, layer, b->attn_stride, b->attn_out);
         vqkv__err_add(&e[2], b->attn_ref + layer * attn, b->attn_out, attn);
+        ep->done++;
     }
     res->k_rel_err = vqkv__err_rel(&e[0]);
     res->v_rel_err = vqkv__err_rel(&e[1]);
@@ -392,10 +450,18 @@ int vqkv_eval_run(const vqkv_eval_opts_t *opts, vqkv_eval_result_t *results, cha
     rc = vqkv__dump_open(opts->kv_path, &dump, err, errlen);
     if (rc != VQKV_OK)
         return rc;
-    rc = vqkv__bench_init(&bench, &dump, opts, err, errlen);
+    /* A progress that is off (no terminal) costs not even the counting. */
+    vqkv__eval_progress_t ep = {
+        .p = opts->progress != NULL && opts->progress->out != NULL ? opts->progress : NULL,
+        .codecs = opts->n_specs};
+    rc = vqkv__bench_init(&bench, &dump, opts, &ep, err, errlen);
     if (rc == VQKV_OK) {
-        for (size_t i = 0; i < opts->n_specs && rc == VQKV_OK; i++)
-            rc = vqkv__eval_codec(opts->specs[i], &dump, &bench, opts, &results[i], err, errlen);
+        for (size_t i = 0; i < opts->n_specs && rc == VQKV_OK; i++) {
+            ep.codec = i + 1;
+            ep.spec = opts->specs[i];
+            rc = vqkv__eval_codec(opts->specs[i], &dump, &bench, opts, &ep, &results[i], err,
+                                  errlen);
+        }
         vqkv__bench_free(&bench);
     }
     vqkv__dump_close(&dump);

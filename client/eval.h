@@ -14,6 +14,8 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "progress.h"
+
 typedef struct {
     const char *kv_path;
     const char *const *specs;
@@ -24,6 +26,11 @@ typedef struct {
     uint64_t seed;
     uint32_t threads;     /* training threads (0: all CPUs) */
     const char *save_dir; /* if set, trained codebooks are saved there */
+    /* If set, the run draws where it is on it (codec, phase, layer) in
+     * layer steps: the reference attention, each trained codec's training
+     * and each codec's attention, one step a layer. vqkv_eval_run leaves the
+     * line drawn; the caller ends it (vqkv_progress_end). */
+    vqkv_progress_t *progress;
 } vqkv_eval_opts_t;
 
 typedef struct {

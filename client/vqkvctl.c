@@ -3,7 +3,8 @@
  * One subcommand per job; every subcommand prints a readable table, or
  * with --json one JSON document on stdout, and exits non-zero with a
  * message on stderr when anything fails.
- *   eval    codec fidelity on a KV dump (see eval.h)
+ *   eval    codec fidelity on a KV dump (see eval.h); on a terminal it
+ *           shows a progress line on stderr (progress.h)
  *   stats   the daemon's counters, totals and per tenant (libvqkv, vqkv.h)
  *   health  exit 0 when the daemon answers Hello, non-zero otherwise
  *   pin, unpin, evict   act on the full blocks of a token sequence (or, for
@@ -55,7 +56,8 @@ static void vqkvctl_usage(FILE *out)
           "                        /run/vqkv/vqkv.sock)\n"
           "\n"
           "eval: train each codec's codebooks on the last tokens of a KV dump and\n"
-          "measure it on the held-out tokens before them (from position 0).\n"
+          "measure it on the held-out tokens before them (from position 0). On a\n"
+          "terminal, stderr shows a progress line (codec, layer, rate, ETA).\n"
           "  --kv FILE             safetensors with layers.N.q/k/v\n"
           "  --codec SPEC          codec to evaluate (repeatable), e.g. rvq:d=8,b=8,r=2\n"
           "  --block-tokens N      tokens per block (default 32)\n"
@@ -181,7 +183,13 @@ static int vqkvctl_eval(int argc, char **argv)
         return 2;
     }
     char err[512] = "";
+    /* Where the run is, on stderr when that is a terminal (progress.h),
+     * erased before the table, the JSON or the error. */
+    vqkv_progress_t progress;
+    vqkv_progress_start(&progress, stderr);
+    opts.progress = &progress;
     int rc = vqkv_eval_run(&opts, results, err, sizeof err);
+    vqkv_progress_end(&progress);
     if (rc != VQKV_OK) {
         fprintf(stderr, "vqkvctl eval: %s\n", err);
         return 1;
@@ -288,7 +296,8 @@ static void vqkvctl_stats_table(const vqkv_stats_t *st)
            vqkvctl_rate(st->hits, st->misses, a, sizeof a), (unsigned long long)st->hits,
            (unsigned long long)st->misses);
     printf("evictions   %llu\n", (unsigned long long)st->evictions);
-    printf("pool        %s of %s used (%llu slots)\n", vqkvctl_bytes(st->pool_bytes_used, a, sizeof a),
+    printf("pool        %s of %s used (%llu slots)\n",
+           vqkvctl_bytes(st->pool_bytes_used, a, sizeof a),
            vqkvctl_bytes(st->pool_bytes, b, sizeof b), (unsigned long long)st->pool_slots_used);
     printf("clients     %u connected, %llu leases, %llu regions\n", st->clients,
            (unsigned long long)st->leases, (unsigned long long)st->regions);
@@ -299,8 +308,8 @@ static void vqkvctl_stats_table(const vqkv_stats_t *st)
         char quota[32] = "unlimited";
         if (t->quota_bytes != 0)
             vqkvctl_bytes(t->quota_bytes, quota, sizeof quota);
-        printf("%-12s %10llu %12s %12s %9s %10llu %12s\n", t->tenant,
-               (unsigned long long)t->blocks, vqkvctl_bytes(t->bytes_stored, a, sizeof a),
+        printf("%-12s %10llu %12s %12s %9s %10llu %12s\n", t->tenant, (unsigned long long)t->blocks,
+               vqkvctl_bytes(t->bytes_stored, a, sizeof a),
                vqkvctl_bytes(t->bytes_logical, b, sizeof b),
                vqkvctl_rate(t->hits, t->misses, c, sizeof c), (unsigned long long)t->evictions,
                quota);

@@ -1,4 +1,5 @@
-/* test_eval.c -- the safetensors reader, `vqkvctl eval` and its JSON.
+/* test_eval.c -- the safetensors reader, `vqkvctl eval` and its JSON, and
+ * its progress line: drawn on a terminal, never into a pipe.
  *
  * Dumps are written by the tests themselves: a small model of 2 layers,
  * 4 query heads over 2 kv heads, head_dim 16, with values that fp16 holds
@@ -21,6 +22,8 @@
 #include <unistd.h>
 
 #include <cmocka.h>
+
+#include "capture.h"
 
 #define T_LAYERS 2
 #define T_TOKENS 192
@@ -321,6 +324,30 @@ static void test_vqkvctl_json(void **state)
     unlink(path);
 }
 
+/* vqkvctl eval's progress: with stderr a pipe, not a byte of it (stderr
+ * stays empty); on a pseudo-terminal, a line naming the phase, codec and
+ * layer with a rate and an ETA, erased before the results. */
+static void test_vqkvctl_progress(void **state)
+{
+    (void)state;
+    char *path = temp_path("progress");
+    write_dump(path, NULL);
+    const char *argv[] = {VQKVCTL_PATH,     "eval", "--kv",           path,
+                          "--codec",        "fp16", "--codec",        "rvq:d=4,b=4,r=2",
+                          "--block-tokens", "16",   "--train-tokens", "96",
+                          "--json",         NULL};
+    static char err[1 << 16];
+    assert_int_equal(capture_run(argv, false, err, sizeof err), 0);
+    capture_assert_no_progress("vqkvctl eval", err);
+    assert_string_equal(err, "");
+
+    assert_int_equal(capture_run(argv, true, err, sizeof err), 0);
+    static const char *const words[] = {"eval reference: attention layer 1/2, 0%, ", " layers/s",
+                                        NULL};
+    capture_assert_progress("vqkvctl eval", err, words);
+    unlink(path);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -330,6 +357,7 @@ int main(void)
         cmocka_unit_test(test_bad_requests_refused),
         cmocka_unit_test(test_reader_converts_dtypes),
         cmocka_unit_test(test_vqkvctl_json),
+        cmocka_unit_test(test_vqkvctl_progress),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

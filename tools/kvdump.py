@@ -15,6 +15,9 @@ RoPE is the rotate-half ("neox") convention: pair i of a head is channels
 count, the shapes and the RoPE convention and base.
 
     python tools/kvdump.py --out kv.safetensors --tokens 4096
+
+On a terminal, stderr shows the forward pass's progress, layer by layer,
+with its rate and ETA (tools/progress.py); into a pipe or a file, nothing.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from safetensors.numpy import save_file
 
 from corpus import load_text
 from llama_gguf import MODEL_NAME, LlamaModel
+from progress import Progress
 
 DTYPES = {"f16": np.float16, "f32": np.float32}
 
@@ -52,7 +56,10 @@ def main() -> None:
     t_load = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    res = model.forward(ids, keep_q=True)
+    n_layers = model.config.n_layers
+    with Progress("layers") as progress:
+        what = f"forward, {len(ids)} tokens"
+        res = model.forward(ids, keep_q=True, on_layer=lambda i: progress.update(i, n_layers, what))
     t_fwd = time.perf_counter() - t0
 
     dtype = DTYPES[args.dtype]

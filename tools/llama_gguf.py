@@ -320,6 +320,7 @@ class LlamaModel:
         prefix: list[tuple[np.ndarray, np.ndarray]] | None = None,
         logits_at=None,
         keep_q: bool = False,
+        on_layer=None,
     ) -> ForwardResult:
         """Runs tokens through the model.
 
@@ -330,6 +331,8 @@ class LlamaModel:
             next-token logits to return; the output projection is the most
             expensive step for short inputs, so ask only for what is needed.
         keep_q: also return every layer's queries (after RoPE).
+        on_layer: optional callable, called with i before layer i runs (how
+            long forwards show progress, tools/progress.py).
 
         Returned k and v cover only the new tokens, not the prefix.
         """
@@ -341,6 +344,8 @@ class LlamaModel:
         x = self.embed[tokens]
         qs, ks, vs = [], [], []
         for i, lw in enumerate(self.layers):
+            if on_layer is not None:
+                on_layer(i)
             h = rms_norm(x, lw.attn_norm, c.norm_eps)
             q = self.rope((h @ lw.wq).reshape(t, c.n_heads, c.head_dim), positions)
             k = self.rope((h @ lw.wk).reshape(t, c.n_kv_heads, c.head_dim), positions)

@@ -25,6 +25,11 @@ default book, see tools/corpus.py):
     then N x (P + C + 1)        evaluation sequences, back to back
 
     python tools/ppl.py --sequences 8 --json ppl.json
+
+On a terminal, stderr shows a progress line for each long loop (the
+calibration forward's layers, the codebook training's layers, the evaluation's
+runs of each codec on each sequence) with its rate and ETA (tools/progress.py);
+into a pipe or a file, nothing.
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import numpy as np
 
 from corpus import load_text
 from llama_gguf import MODEL_NAME, LlamaModel, token_nll
+from progress import Progress
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_LIB = REPO_ROOT / "build" / "kernels" / "libvqkv_kernels.so"
@@ -79,6 +85,7 @@ class TrainOpts(ctypes.Structure):
         ("iterations", ctypes.c_uint32),
         ("threads", ctypes.c_uint32),
         ("max_samples", ctypes.c_uint32),
+        ("assigner", ctypes.c_void_p),  # NULL: k-means on this CPU
     ]
 
 
@@ -245,52 +252,72 @@ def main() -> None:
     layout = Layout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, args.block_tokens, dtype_id)
 
     # Codecs (one per canonical spec), and codebooks for those that need them.
-    codecs, rows = [], {}
+    codecs, rows, given = [], {}, {}
     for spec in specs:
         c = Codec(lib, spec, layout)
         if c.spec not in rows:
             codecs.append(c)
             rows[c.spec] = Row(c.spec, c.bits_per_value)
+            given[c.spec] = spec  # the progress line's name for it: shorter
     to_train = [c for c in codecs if c.needs_training]
     t_calib = 0.0
     if to_train:
         t0 = time.perf_counter()
-        calib = model.forward(ids[args.offset : eval_start])
+        with Progress("layers") as progress:
+            what = f"calibration forward, {args.calib} tokens"
+            calib = model.forward(
+                ids[args.offset : eval_start], on_layer=lambda i: progress.update(i, cfg.n_layers, what)
+            )
         t_calib = time.perf_counter() - t0
         opts = TrainOpts(seed=args.seed)
-        for c in to_train:
-            t0 = time.perf_counter()
-            for layer in range(cfg.n_layers):
-                for kv, x in enumerate((calib.k[layer], calib.v[layer])):
-                    vectors = x.astype(cache_dtype).astype(np.float32).reshape(-1, cfg.head_dim)
-                    c.train(layer, kv, vectors, opts)
-            rows[c.spec].train_s = time.perf_counter() - t0
+        with Progress("layers") as progress:
+            for n, c in enumerate(to_train):
+                t0 = time.perf_counter()
+                for layer in range(cfg.n_layers):
+                    progress.update(
+                        n * cfg.n_layers + layer,
+                        len(to_train) * cfg.n_layers,
+                        f"training {given[c.spec]} ({n + 1}/{len(to_train)})",
+                    )
+                    for kv, x in enumerate((calib.k[layer], calib.v[layer])):
+                        vectors = x.astype(cache_dtype).astype(np.float32).reshape(-1, cfg.head_dim)
+                        c.train(layer, kv, vectors, opts)
+                rows[c.spec].train_s = time.perf_counter() - t0
         del calib
 
     reference = Row("reference", float(np.dtype(cache_dtype).itemsize * 8))
     t_model = 0.0
-    for s in range(args.sequences):
-        seq = ids[eval_start + s * seq_len : eval_start + (s + 1) * seq_len]
-        prefix, cont, targets = seq[: args.prefix], seq[args.prefix : -1], seq[args.prefix + 1 :]
-        t0 = time.perf_counter()
-        pre = model.forward(prefix)
-        t_model += time.perf_counter() - t0
-        cache = to_cache(pre.k, pre.v, args.block_tokens, cache_dtype)
-        del pre
-        for row, codec in [(reference, None)] + [(rows[c.spec], c) for c in codecs]:
-            if codec is None:
-                restored = cache
-            else:
-                t0 = time.perf_counter()
-                restored = codec.roundtrip(cache)
-                row.codec_s += time.perf_counter() - t0
-            row.k_err.append(rel_error(restored[:, 0], cache[:, 0]))
-            row.v_err.append(rel_error(restored[:, 1], cache[:, 1]))
+    # One run: the reference's or a codec's round trip and scored forward on
+    # one sequence.
+    runs = [(reference, None)] + [(rows[c.spec], c) for c in codecs]
+    with Progress("runs") as progress:
+        for s in range(args.sequences):
+            seq = ids[eval_start + s * seq_len : eval_start + (s + 1) * seq_len]
+            prefix, cont, targets = seq[: args.prefix], seq[args.prefix : -1], seq[args.prefix + 1 :]
+            where = f"sequence {s + 1}/{args.sequences}"
+            progress.update(s * len(runs), args.sequences * len(runs), f"{where}, prefix forward")
             t0 = time.perf_counter()
-            res = model.forward(cont, prefix=from_cache(restored), logits_at=slice(None))
+            pre = model.forward(prefix)
             t_model += time.perf_counter() - t0
-            row.nll.append(token_nll(res.logits, targets))
-        print(f"sequence {s + 1}/{args.sequences}: reference ppl so far {reference.ppl:.3f}", flush=True)
+            cache = to_cache(pre.k, pre.v, args.block_tokens, cache_dtype)
+            del pre
+            for r, (row, codec) in enumerate(runs):
+                name = "reference" if codec is None else given[codec.spec]
+                progress.update(s * len(runs) + r, args.sequences * len(runs), f"{where}, {name}")
+                if codec is None:
+                    restored = cache
+                else:
+                    t0 = time.perf_counter()
+                    restored = codec.roundtrip(cache)
+                    row.codec_s += time.perf_counter() - t0
+                row.k_err.append(rel_error(restored[:, 0], cache[:, 0]))
+                row.v_err.append(rel_error(restored[:, 1], cache[:, 1]))
+                t0 = time.perf_counter()
+                res = model.forward(cont, prefix=from_cache(restored), logits_at=slice(None))
+                t_model += time.perf_counter() - t0
+                row.nll.append(token_nll(res.logits, targets))
+            progress.clear()  # stdout may share the terminal
+            print(f"sequence {s + 1}/{args.sequences}: reference ppl so far {reference.ppl:.3f}", flush=True)
 
     ref_ppl = reference.ppl
     results = []

