@@ -304,8 +304,10 @@ int vqkv_memfd_create(const char *name, uint64_t bytes, int *fd);
  * the whole view against bytes (VQKV_ERANGE), refuses a view whose strides
  * overlap, so that blocks would overwrite each other (VQKV_EINVAL, the
  * message naming the stride; vqkv_kv_view_disjoint checks it here first),
- * and refuses a memfd it cannot seal or map (VQKV_EMAP). On success *region names it in vqkv_put and
- * vqkv_get on this client. */
+ * and refuses a memfd it cannot seal or map (VQKV_EMAP). On success *region
+ * names it in vqkv_put and vqkv_get on this client, for model and for any
+ * other model of the same layout (one cache for several models, or a model
+ * and its draft); another layout is VQKV_EMISMATCH, naming the field. */
 int vqkv_register_memfd_region(vqkv_client_t *client, const vqkv_model_t *model, int memfd,
                                uint64_t bytes, uint64_t offset, const vqkv_kv_view_t *strides,
                                vqkv_region_t *region);

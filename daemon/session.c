@@ -22,6 +22,7 @@
  * nothing: the work finishes against the still-mapped region, Put results
  * are still stored (the bytes are good), and the reply is dropped.
  */
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -292,7 +293,8 @@ static vqkvd_model_t *vqkvd__model_find(const vqkvd_server_t *s, uint32_t tenant
 
 /* Names the first field in which the registration `now` differs from the
  * model as registered (`was`, with codec spec was_spec), as
- * "num_kv_heads 4, registered 3"; 0 when none differs. */
+ * "num_kv_heads 4, registered 3"; 0 when none differs. With NULL specs the
+ * layouts alone are compared. */
 static int vqkvd__model_diff(const vqkv_layout_t *was, const char *was_spec,
                              const vqkv_layout_t *now, const char *now_spec, char *buf,
                              size_t size)
@@ -317,7 +319,7 @@ static int vqkvd__model_diff(const vqkv_layout_t *was, const char *was_spec,
         snprintf(buf, size, "dtype %s, registered %s", dtypes[now->dtype], dtypes[was->dtype]);
         return 1;
     }
-    if (strcmp(was_spec, now_spec) != 0) {
+    if (was_spec != NULL && now_spec != NULL && strcmp(was_spec, now_spec) != 0) {
         snprintf(buf, size, "codec %s, registered %s", now_spec, was_spec);
         return 1;
     }
@@ -653,10 +655,27 @@ static void vqkvd__register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
     vqkvd_client_reply(c, &env);
 }
 
+/* Whether region r can hold model m's blocks: a region serves every model
+ * of its own model's shape (one memfd for several models, a model and its
+ * draft); otherwise replies VQKV_EMISMATCH naming the field that differs. */
+static bool vqkvd__region_fits(vqkvd_client_t *c, uint64_t id, const vqkvd_region_t *r,
+                               const vqkvd_model_t *m)
+{
+    char differs[160];
+    if (r->model == m ||
+        !vqkvd__model_diff(&r->model->layout, NULL, &m->layout, NULL, differs, sizeof differs))
+        return true;
+    vqkvd_client_error(c, id, VQKV_EMISMATCH,
+                       "region %llu is shaped for model %u, which model %u does not fit (%s)",
+                       (unsigned long long)r->handle, (unsigned)r->model->id, (unsigned)m->id,
+                       differs);
+    return false;
+}
+
 /* ---- jobs ---------------------------------------------------------------- */
 
 static vqkvd_job_t *vqkvd__job_new(vqkvd_job_kind_t kind, vqkvd_client_t *c, vqkvd_region_t *r,
-                                   uint64_t request_id, uint32_t n)
+                                   vqkvd_model_t *m, uint64_t request_id, uint32_t n)
 {
     vqkvd_job_t *j = calloc(1, sizeof *j);
     if (j == NULL)
@@ -664,7 +683,7 @@ static vqkvd_job_t *vqkvd__job_new(vqkvd_job_kind_t kind, vqkvd_client_t *c, vqk
     j->kind = kind;
     j->c = c;
     j->r = r;
-    j->m = r->model;
+    j->m = m;
     j->request_id = request_id;
     j->n = n;
     j->slots = calloc(n ? n : 1, sizeof *j->slots);
@@ -827,11 +846,8 @@ static void vqkvd__put(vqkvd_client_t *c, const Vqkv__Envelope *req)
                            (unsigned long long)(m == NULL ? p->model_handle : p->region_handle));
         return;
     }
-    if (r->model != m) {
-        vqkvd_client_error(c, id, VQKV_EMISMATCH, "region %llu holds model %u, not %u",
-                           (unsigned long long)r->handle, (unsigned)r->model->id, (unsigned)m->id);
+    if (!vqkvd__region_fits(c, id, r, m))
         return;
-    }
     if (p->cuda_event.len > 0) {
         vqkvd_client_error(c, id, VQKV_EINVAL, "cuda_event is reserved for the CUDA backend");
         return;
@@ -870,7 +886,7 @@ static void vqkvd__put(vqkvd_client_t *c, const Vqkv__Envelope *req)
             return;
         }
     }
-    j = vqkvd__job_new(VQKVD_JOB_PUT, c, r, id, (uint32_t)n);
+    j = vqkvd__job_new(VQKVD_JOB_PUT, c, r, m, id, (uint32_t)n);
     if (j == NULL)
         goto nomem;
     j->codec = m->ready ? m->codec : m->fallback;
@@ -1025,14 +1041,12 @@ static void vqkvd__get(vqkvd_client_t *c, const Vqkv__Envelope *req)
                                i, (unsigned)g->slots[i], (unsigned)r->view.num_slots);
             return;
         }
-        if (l->blocks[i]->model != r->model->id) {
-            vqkvd_client_error(c, id, VQKV_EMISMATCH, "the lease holds model %u, region %llu %u",
-                               (unsigned)l->blocks[i]->model, (unsigned long long)r->handle,
-                               (unsigned)r->model->id);
-            return;
-        }
     }
-    vqkvd_job_t *j = vqkvd__job_new(VQKVD_JOB_GET, c, r, id, (uint32_t)g->n_slots);
+    /* A lease holds blocks of one model, the one its lookup named. */
+    vqkvd_model_t *lm = l->n > 0 ? s->models[l->blocks[0]->model - 1] : r->model;
+    if (!vqkvd__region_fits(c, id, r, lm))
+        return;
+    vqkvd_job_t *j = vqkvd__job_new(VQKVD_JOB_GET, c, r, lm, id, (uint32_t)g->n_slots);
     if (j != NULL) {
         j->blocks = calloc(g->n_slots ? g->n_slots : 1, sizeof *j->blocks);
         j->src = calloc(g->n_slots ? g->n_slots : 1, sizeof *j->src);
@@ -1049,9 +1063,9 @@ static void vqkvd__get(vqkvd_client_t *c, const Vqkv__Envelope *req)
         j->blocks[i] = l->blocks[i];
         j->src[i] = vqkvd_pool_slot_ptr(&s->pool, l->blocks[i]->slot);
         /* Blocks put before the model's codebooks were ready are fp16. */
-        const vqkvd_model_t *m = r->model;
-        j->codecs[i] =
-            m->fallback != NULL && l->blocks[i]->cls == m->fallback_cls ? m->fallback : m->codec;
+        j->codecs[i] = lm->fallback != NULL && l->blocks[i]->cls == lm->fallback_cls
+                           ? lm->fallback
+                           : lm->codec;
     }
     int rc = vqkvd__job_queue(j);
     if (rc < 0) {

@@ -822,6 +822,47 @@ static void test_reencode_waits_for_leases(void **state)
     region_free(&rb);
 }
 
+/* One region serves every model of its shape: a second model (another id
+ * and codec) puts from and gets into the first model's region; a model of
+ * another shape is refused, the field named. */
+static void test_region_shared_by_models(void **state)
+{
+    daemon_t *d = *state;
+    vqkv_client_t *c = connect_ok(d, "shared-region");
+    vqkv_model_t *ma, *mb, *mc;
+    assert_vqkv(vqkv_register_model(c, MODEL, &layout, "fp16", &ma), VQKV_OK);
+    assert_vqkv(vqkv_register_model(c, "test/draft@main", &layout, "kivi4", &mb), VQKV_OK);
+    vqkv_layout_t other = layout;
+    other.num_layers = LAYERS + 1;
+    assert_vqkv(vqkv_register_model(c, "test/deeper@main", &other, "fp16", &mc), VQKV_OK);
+    region_t r;
+    region_new(&r, 71);
+    vqkv_region_t h;
+    assert_vqkv(vqkv_register_memfd_region(c, ma, r.fd, r.view.region_bytes, 0, &r.view, &h),
+                VQKV_OK);
+    uint8_t keys[2][VQKV_KEY_BYTES];
+    uint32_t slots[2];
+    chain_keys(mb, 3, keys, 0, slots, 2);
+    assert_vqkv(vqkv_put(c, mb, h, keys, NULL, slots, 2, NULL), 2);
+    size_t found = 0;
+    vqkv_lease_t lease = 0;
+    assert_vqkv(vqkv_lookup(c, mb, keys, 2, &found, &lease), VQKV_OK);
+    assert_int_equal(found, 2);
+    uint32_t into[2] = {4, 5};
+    assert_vqkv(vqkv_get(c, lease, h, into, 2), 2);
+    assert_vqkv(vqkv_release(c, lease), VQKV_OK);
+    vqkv_stats_t st;
+    assert_vqkv(vqkv_stats(c, &st), VQKV_OK);
+    assert_int_equal(st.blocks, 2);
+    assert_true(st.bytes_stored < st.bytes_logical); /* stored as kivi4, the draft's codec */
+    chain_keys(mc, 3, keys, 0, slots, 2);
+    assert_vqkv(vqkv_put(c, mc, h, keys, NULL, slots, 2, NULL), VQKV_EMISMATCH);
+    if (strstr(vqkv_last_error(c), "num_layers 3, registered 2") == NULL)
+        fail_msg("\"%s\" does not name num_layers", vqkv_last_error(c));
+    vqkv_close(c);
+    region_free(&r);
+}
+
 /* Started calls: eight puts in flight at once, their completions taken
  * together; gets started on two leases; a synchronous call in between,
  * which must not eat their replies; the socket polled as an engine's loop
@@ -1045,6 +1086,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_default_socket, setup, teardown),
         cmocka_unit_test(test_large_calls),
         cmocka_unit_test_setup_teardown(test_async_calls, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_region_shared_by_models, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
