@@ -39,6 +39,9 @@ typedef struct {
     const vqkv_kv_view_t *view;
     const uint32_t *slots;
     uint32_t n;
+    /* decode: only layers [first_layer, end_layer) (a get split over
+     * threads); encode: whole blocks */
+    uint32_t first_layer, end_layer;
     /* encode */
     const vqkv_codec_t *codec;
     const uint8_t *skip;

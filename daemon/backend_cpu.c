@@ -1,6 +1,7 @@
 /* backend_cpu.c -- vqkvd's CPU backend: worker KV memory shared as a
- * memfd, mapped into the daemon, and the portable codecs of kernels/ run
- * on libuv's thread-pool threads, one block after another.
+ * memfd, mapped into the daemon, and the CPU codecs of kernels/ run on
+ * libuv's thread-pool threads: a put block after block, a get as batches
+ * layer by layer, a large one split by layers over several threads.
  *
  * A memfd is sealed against shrinking before it is mapped: a worker that
  * truncated it under the mapping would turn the daemon's next read into
@@ -66,10 +67,16 @@ static int vqkvd__cpu_encode(vqkvd_batch_t *b)
     return VQKV_OK;
 }
 
+/* Runs of blocks with one codec (blocks stored before a model's codebooks
+ * were ready have their fp16 fallback) decoded as one batch each: layer
+ * by layer, so a layer's codebooks are read once for the run. */
 static int vqkvd__cpu_decode(vqkvd_batch_t *b)
 {
-    for (uint32_t i = 0; i < b->n; i++) {
-        int rc = vqkv_codec_decode(b->codecs[i], b->src[i], b->base, b->view, b->slots[i]);
+    for (uint32_t i = 0, end; i < b->n; i = end) {
+        for (end = i + 1; end < b->n && b->codecs[end] == b->codecs[i]; end++)
+            ;
+        int rc = vqkv_codec_decode_batch(b->codecs[i], b->src + i, b->base, b->view, b->slots + i,
+                                         end - i, b->first_layer, b->end_layer);
         if (rc != VQKV_OK) {
             b->failed = i;
             return rc;

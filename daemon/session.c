@@ -47,9 +47,30 @@
 
 typedef enum { VQKVD_JOB_PUT, VQKVD_JOB_GET } vqkvd_job_kind_t;
 
-/* One request on the thread pool. The arrays are allocated with the job. */
+/* A get this large (values written) is split by layers over several of
+ * the thread pool's threads; smaller ones are not worth the handoffs. */
+#define VQKVD_SPLIT_VALUES (1u << 20)
+/* The most parts a job is split into: libuv's pool has 4 threads unless
+ * UV_THREADPOOL_SIZE says otherwise. */
+#define VQKVD_JOB_PARTS 4
+
+typedef struct vqkvd_job vqkvd_job_t;
+
+/* One thread's share of a job: layers [first_layer, end_layer). */
 typedef struct {
     uv_work_t work;
+    vqkvd_job_t *job;
+    uint32_t first_layer, end_layer;
+    int rc;
+    uint32_t failed;
+} vqkvd_job_part_t;
+
+/* One request on the thread pool, in one part or (a large get) several
+ * that run at once. The arrays are allocated with the job. */
+struct vqkvd_job {
+    vqkvd_job_part_t parts[VQKVD_JOB_PARTS];
+    uint32_t n_parts, parts_left;
+    int status; /* the first part's failed uv status, 0 otherwise */
     vqkvd_job_kind_t kind;
     vqkvd_client_t *c;
     vqkvd_region_t *r;
@@ -71,7 +92,7 @@ typedef struct {
     vqkvd_block_t **blocks;      /* each holds a ref until the job is done */
     const uint8_t **src;         /* their pool slots, looked up on the loop */
     const vqkv_codec_t **codecs; /* what decodes each: codec or fallback */
-} vqkvd_job_t;
+};
 
 /* ---- pool, store, timer ------------------------------------------------- */
 
@@ -710,33 +731,76 @@ static void vqkvd__job_free(vqkvd_job_t *j)
 
 static void vqkvd__job_after(uv_work_t *w, int status);
 
-/* Runs on a pool thread: only the job, the codecs and the region's memory. */
+/* Runs on a pool thread: only the job, the codecs and the region's memory,
+ * the part's layers of every block. */
 static void vqkvd__job_work(uv_work_t *w)
 {
-    vqkvd_job_t *j = w->data;
-    vqkvd_batch_t b = {.base = j->r->mem.base, .view = &j->r->view, .slots = j->slots, .n = j->n};
+    vqkvd_job_part_t *part = w->data;
+    vqkvd_job_t *j = part->job;
+    vqkvd_batch_t b = {.base = j->r->mem.base,
+                       .view = &j->r->view,
+                       .slots = j->slots,
+                       .n = j->n,
+                       .first_layer = part->first_layer,
+                       .end_layer = part->end_layer};
     if (j->kind == VQKVD_JOB_PUT) {
         b.codec = j->codec;
         b.skip = j->skip;
         b.out = j->data;
         b.out_stride = j->block_bytes;
-        j->rc = j->r->backend->encode(&b);
+        part->rc = j->r->backend->encode(&b);
     } else {
         b.codecs = j->codecs;
         b.src = j->src;
-        j->rc = j->r->backend->decode(&b);
+        part->rc = j->r->backend->decode(&b);
     }
-    j->failed = b.failed;
+    part->failed = b.failed;
 }
 
-/* Hands j to the thread pool, holding its client and region. */
+/* Back on the loop once per part; the last one finishes the job. */
+static void vqkvd__job_part_after(uv_work_t *w, int status)
+{
+    vqkvd_job_part_t *part = w->data;
+    vqkvd_job_t *j = part->job;
+    if (status < 0 && j->status == 0)
+        j->status = status;
+    if (part->rc != VQKV_OK && j->rc == VQKV_OK) {
+        j->rc = part->rc;
+        j->failed = part->failed;
+    }
+    if (--j->parts_left == 0)
+        vqkvd__job_after(&j->parts[0].work, j->status);
+}
+
+/* Hands j to the thread pool, holding its client and region: a large get
+ * in up to VQKVD_JOB_PARTS parts by layers, anything else in one. The
+ * parts that were queued finish the job even if a later one cannot be. */
 static int vqkvd__job_queue(vqkvd_job_t *j)
 {
-    j->work.data = j;
+    uint32_t layers = j->m->layout.num_layers, parts = 1;
+    if (j->kind == VQKVD_JOB_GET &&
+        (uint64_t)j->n * j->m->logical_bytes / vqkv_dtype_size(j->m->layout.dtype) >=
+            VQKVD_SPLIT_VALUES)
+        parts = layers < VQKVD_JOB_PARTS ? layers : VQKVD_JOB_PARTS;
     j->queued_ns = uv_hrtime();
-    int rc = uv_queue_work(j->c->server->loop, &j->work, vqkvd__job_work, vqkvd__job_after);
-    if (rc < 0)
-        return rc;
+    j->n_parts = j->parts_left = parts;
+    for (uint32_t i = 0; i < parts; i++) {
+        vqkvd_job_part_t *part = &j->parts[i];
+        part->job = j;
+        part->work.data = part;
+        part->first_layer = layers * i / parts;
+        part->end_layer = layers * (i + 1) / parts;
+        int rc = uv_queue_work(j->c->server->loop, &part->work, vqkvd__job_work,
+                               vqkvd__job_part_after);
+        if (rc < 0) {
+            if (i == 0)
+                return rc;
+            /* The queued parts finish the job, as failed. */
+            j->parts_left -= parts - i;
+            j->rc = VQKV_ENOMEM;
+            break;
+        }
+    }
     j->c->refs++;
     j->c->pending++;
     j->r->refs++;
@@ -796,7 +860,7 @@ static void vqkvd__put_done(vqkvd_job_t *j)
 
 static void vqkvd__job_after(uv_work_t *w, int status)
 {
-    vqkvd_job_t *j = w->data;
+    vqkvd_job_t *j = ((vqkvd_job_part_t *)w->data)->job;
     vqkvd_client_t *c = j->c;
     c->pending--;
     if (j->kind == VQKVD_JOB_GET)

@@ -384,8 +384,35 @@ int vqkv_codec_decode(const vqkv_codec_t *codec, const uint8_t *in, void *base,
     return VQKV_OK;
 }
 
+int vqkv_codec_decode_batch(const vqkv_codec_t *codec, const uint8_t *const *in, void *base,
+                            const vqkv_kv_view_t *view, const uint32_t *slots, size_t n,
+                            uint32_t first_layer, uint32_t end_layer)
+{
+    if (codec == NULL || (n > 0 && (in == NULL || slots == NULL)) || first_layer > end_layer ||
+        end_layer > codec->layout.num_layers)
+        return VQKV_EINVAL;
+    for (size_t i = 0; i < n; i++) {
+        int rc = vqkv__codec_check(codec, base, in[i], view, slots[i]);
+        if (rc != VQKV_OK)
+            return rc;
+    }
+    /* Layer-major: a layer's codebooks stay in cache over all the blocks. */
+    size_t layer_bytes = codec->part_bytes[0] + codec->part_bytes[1];
+    for (uint32_t layer = first_layer; layer < end_layer; layer++)
+        for (size_t i = 0; i < n; i++)
+            for (int kv = 0; kv < 2; kv++) {
+                vqkv__tile_t tile = vqkv__tile_at(codec, base, view, slots[i], layer, kv);
+                codec->ops->decode_part(codec, layer, kv,
+                                        in[i] + layer * layer_bytes + (kv ? codec->part_bytes[0] : 0),
+                                        &tile);
+            }
+    return VQKV_OK;
+}
+
 void vqkv_dtype_to_f32(vqkv_dtype_t dtype, const void *src, size_t n, float *dst)
 {
+    if (vqkv__rows_to_f32(dtype, src, n, dst))
+        return;
     const uint8_t *p = src;
     uint16_t u16;
     switch (dtype) {
@@ -407,6 +434,8 @@ void vqkv_dtype_to_f32(vqkv_dtype_t dtype, const void *src, size_t n, float *dst
 
 void vqkv_dtype_from_f32(vqkv_dtype_t dtype, const float *src, size_t n, void *dst)
 {
+    if (vqkv__rows_from_f32(dtype, src, n, dst))
+        return;
     uint8_t *p = dst;
     uint16_t u16;
     switch (dtype) {

@@ -83,6 +83,14 @@ int vqkv__spec_num(vqkv__spec_t *spec, const char *key, uint32_t dflt, uint32_t 
 int vqkv__spec_word(vqkv__spec_t *spec, const char *key, const char *const *choices, uint32_t dflt,
                     uint32_t *out);
 
+/* Rows of n values converted with this CPU's vector instructions
+ * (numeric_x86.c), bit for bit numeric.h's results; false, with nothing
+ * done, where there are none (or VQKV_CPU_SIMD=0 turned them off) or for
+ * f32, so the caller converts one value at a time. Any alignment. */
+bool vqkv__simd_enabled(void);
+bool vqkv__rows_to_f32(vqkv_dtype_t dtype, const void *src, size_t n, float *dst);
+bool vqkv__rows_from_f32(vqkv_dtype_t dtype, const float *src, size_t n, void *dst);
+
 /* Token-head vectors in worker memory, converted through float. */
 void vqkv__tile_load(const vqkv__tile_t *tile, uint32_t t, uint32_t h, uint32_t n, float *out);
 void vqkv__tile_store(const vqkv__tile_t *tile, uint32_t t, uint32_t h, uint32_t n,

@@ -10,6 +10,7 @@
 #include "codec_internal.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 
@@ -95,11 +96,23 @@ void vqkv__fp8_row_encode(const float *row, uint32_t n, uint8_t *scale_out, uint
         codes[d] = scale > 0.0f ? vqkv_f32_to_e4m3(row[d] / scale) : 0;
 }
 
+/* Every e4m3 code as a float, vqkv_e4m3_to_f32's own results: a lookup
+ * instead of bit assembly per value. */
+static float vqkv__e4m3_table[256];
+static pthread_once_t vqkv__e4m3_once = PTHREAD_ONCE_INIT;
+
+static void vqkv__e4m3_table_init(void)
+{
+    for (int c = 0; c < 256; c++)
+        vqkv__e4m3_table[c] = vqkv_e4m3_to_f32((uint8_t)c);
+}
+
 void vqkv__fp8_row_decode(const uint8_t *scale_in, const uint8_t *codes, uint32_t n, float *row)
 {
+    pthread_once(&vqkv__e4m3_once, vqkv__e4m3_table_init);
     float scale = vqkv_f16_to_f32(vqkv__get_u16(scale_in));
     for (uint32_t d = 0; d < n; d++)
-        row[d] = vqkv_e4m3_to_f32(codes[d]) * scale;
+        row[d] = vqkv__e4m3_table[codes[d]] * scale;
 }
 
 static int vqkv__fp8_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
@@ -296,6 +309,25 @@ static void vqkv__kivi_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
     }
 }
 
+/* The n codes from value `first` of a stream of `bits`-bit codes (2 or 4,
+ * so a row starts on a byte when first * bits is a multiple of 8), as
+ * floats. */
+static void vqkv__kivi_codes(const uint8_t *codes, uint64_t first, uint32_t n, uint32_t bits,
+                             float *q)
+{
+    uint32_t per_byte = 8 / bits, mask = (1u << bits) - 1;
+    uint64_t bit = first * bits;
+    uint32_t d = 0;
+    if (bit % 8 == 0) {
+        const uint8_t *p = codes + bit / 8;
+        for (; d + per_byte <= n; d += per_byte, p++)
+            for (uint32_t k = 0; k < per_byte; k++)
+                q[d + k] = (float)((*p >> (k * bits)) & mask);
+    }
+    for (; d < n; d++)
+        q[d] = (float)vqkv__bits_get(codes, (first + d) * bits, bits);
+}
+
 static void vqkv__kivi_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
                               const vqkv__tile_t *tile)
 {
@@ -323,10 +355,17 @@ static void vqkv__kivi_decode(const vqkv_codec_t *codec, uint32_t layer, int kv,
                 vqkv_dtype_to_f32(VQKV_DTYPE_F16, mins + 2 * g0, n, min);
                 vqkv_dtype_to_f32(VQKV_DTYPE_F16, steps + 2 * g0, n, step);
             }
-            for (uint32_t d = 0; d < D; d++) {
-                uint32_t g = kv == 0 ? d : d / k->group;
-                uint32_t q = vqkv__bits_get(codes, (base + d) * k->bits, k->bits);
-                row[d] = (float)q * step[g] + min[g];
+            /* Codes first, then the arithmetic in a loop without branches
+             * or bit fiddling, which the compiler vectorizes. */
+            float q[VQKV_MAX_HEAD_DIM];
+            vqkv__kivi_codes(codes, base, D, k->bits, q);
+            if (kv == 0) {
+                for (uint32_t d = 0; d < D; d++)
+                    row[d] = q[d] * step[d] + min[d];
+            } else {
+                for (uint32_t c0 = 0, g = 0; c0 < D; c0 += k->group, g++)
+                    for (uint32_t d = c0; d < c0 + k->group; d++)
+                        row[d] = q[d] * step[g] + min[g];
             }
             vqkv__tile_store(tile, t, h, D, row);
         }

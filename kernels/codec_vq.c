@@ -567,66 +567,113 @@ static void vqkv__vq_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
     }
 }
 
+/* The codeword tables of one (set layer, side), by code position in a
+ * vector (branch's first code + group * stages + stage): looked up once per
+ * head rather than once per value. */
+static void vqkv__vq_tables(const vqkv__vq_t *vq, uint32_t set_layer, int kv, const float **tables)
+{
+    const vqkv__side_t *side = &vq->side[kv];
+    for (uint32_t bi = 0; bi < side->n_branches; bi++) {
+        const vqkv__branch_t *br = &side->br[bi];
+        for (uint32_t g = 0; g < br->groups; g++)
+            for (uint32_t s = 0; s < br->stages; s++)
+                tables[br->first_code + g * br->stages + s] =
+                    vqkv__book(vq, set_layer, kv, br, g, s).words;
+    }
+}
+
+/* One group: the sum of its stages' codewords w[s][0..d) (float adds in
+ * stage order, from 0) times norm, at channels chan[0..d) of row. Inlined
+ * with d a constant, the common sizes become straight-line vector code. */
+static inline __attribute__((always_inline)) void
+vqkv__vq_group(const float *const *w, uint32_t stages, uint32_t d, float norm,
+               const uint16_t *chan, float *row)
+{
+    float acc[VQKV_MAX_HEAD_DIM];
+    for (uint32_t j = 0; j < d; j++)
+        acc[j] = 0.0f + w[0][j];
+    for (uint32_t s = 1; s < stages; s++)
+        for (uint32_t j = 0; j < d; j++)
+            acc[j] += w[s][j];
+    for (uint32_t j = 0; j < d; j++)
+        row[chan[j]] = acc[j] * norm;
+}
+
+/* One vector's channels from its codes: per group the sum of its stages'
+ * codewords (float adds in stage order, from 0) times the branch's norm,
+ * placed at the branch's channels. b = 8 reads codes as bytes. */
+static void vqkv__vq_decode_vector(const vqkv__vq_t *vq, const vqkv__side_t *side,
+                                   const float *const *tables, const uint8_t *norms,
+                                   const uint8_t *codes, uint64_t first_code, float *row)
+{
+    uint32_t b = vq->bits;
+    for (uint32_t bi = 0; bi < side->n_branches; bi++) {
+        const vqkv__branch_t *br = &side->br[bi];
+        float norm = vqkv_f16_to_f32(vqkv__get_u16(norms + 2 * bi));
+        uint32_t d = br->d;
+        for (uint32_t g = 0; g < br->groups; g++) {
+            uint32_t at = br->first_code + g * br->stages;
+            const float *w[VQKV__MAX_STAGES];
+            for (uint32_t s = 0; s < br->stages; s++) {
+                uint64_t pos = first_code + at + s;
+                uint32_t code = b == 8 ? codes[pos] : vqkv__bits_get(codes, pos * b, b);
+                w[s] = tables[at + s] + (size_t)code * d;
+            }
+            switch (d) { /* the common sizes as straight-line code */
+            case 4: vqkv__vq_group(w, br->stages, 4, norm, br->chan + (size_t)g * 4, row); break;
+            case 8: vqkv__vq_group(w, br->stages, 8, norm, br->chan + (size_t)g * 8, row); break;
+            case 16: vqkv__vq_group(w, br->stages, 16, norm, br->chan + (size_t)g * 16, row); break;
+            default: vqkv__vq_group(w, br->stages, d, norm, br->chan + (size_t)g * d, row);
+            }
+        }
+    }
+}
+
+/* Heads outermost, so each head's codebook tables (its own set with ph=1),
+ * statistics and block means are set up once for all its tokens. */
 static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
                             const vqkv__tile_t *tile)
 {
     const vqkv__vq_t *vq = codec->state;
     const vqkv__side_t *side = &vq->side[kv];
     const vqkv_layout_t *l = &codec->layout;
-    uint32_t H = l->num_kv_heads, b = vq->bits;
+    uint32_t H = l->num_kv_heads, D = l->head_dim;
     size_t vectors = (size_t)l->block_tokens * H;
     size_t mean_bytes = vqkv__block_mean_bytes(codec, kv);
     const uint8_t *block_means = in, *norms = in + mean_bytes;
     const uint8_t *codes = norms + 2 * vectors * side->n_branches;
-    float row[VQKV_MAX_HEAD_DIM], acc[VQKV_MAX_HEAD_DIM], bm[VQKV_MAX_HEAD_DIM];
+    float row[VQKV_MAX_HEAD_DIM], bm[VQKV_MAX_HEAD_DIM];
+    const float *tables[VQKV_MAX_HEAD_DIM * VQKV__MAX_STAGES];
 
-    for (uint32_t t = 0; t < l->block_tokens; t++) {
-        for (uint32_t h = 0; h < H; h++) {
+    for (uint32_t h = 0; h < H; h++) {
+        if (h == 0 || vq->sets > 1)
+            vqkv__vq_tables(vq, vqkv__set_layer(vq, layer, h), kv, tables);
+        const float *mean = vqkv__channel_stats(codec, layer, kv, h), *scale = mean + D;
+        if (mean_bytes > 0)
+            vqkv_dtype_to_f32(VQKV_DTYPE_F16, block_means + 2 * (size_t)h * D, D, bm);
+        for (uint32_t t = 0; t < l->block_tokens; t++) {
             size_t v = (size_t)t * H + h;
-            uint32_t set_layer = vqkv__set_layer(vq, layer, h);
-            for (uint32_t bi = 0; bi < side->n_branches; bi++) {
-                const vqkv__branch_t *br = &side->br[bi];
-                float norm =
-                    vqkv_f16_to_f32(vqkv__get_u16(norms + 2 * (v * side->n_branches + bi)));
-                for (uint32_t g = 0; g < br->groups; g++) {
-                    memset(acc, 0, br->d * sizeof(float));
-                    for (uint32_t s = 0; s < br->stages; s++) {
-                        vqkv__book_t book = vqkv__book(vq, set_layer, kv, br, g, s);
-                        uint64_t pos = v * side->codes + br->first_code + g * br->stages + s;
-                        const float *w =
-                            book.words + (size_t)vqkv__bits_get(codes, pos * b, b) * br->d;
-                        for (uint32_t j = 0; j < br->d; j++)
-                            acc[j] += w[j];
-                    }
-                    for (uint32_t j = 0; j < br->d; j++)
-                        row[br->chan[g * br->d + j]] = acc[j] * norm;
-                }
-            }
-            if (vq->channel_scale) { /* cs=0 statistics are the identity */
-                const float *mean = vqkv__channel_stats(codec, layer, kv, h);
-                const float *scale = mean + l->head_dim;
-                for (uint32_t c = 0; c < l->head_dim; c++)
+            vqkv__vq_decode_vector(vq, side, tables, norms + 2 * v * side->n_branches, codes,
+                                   (uint64_t)v * side->codes, row);
+            if (vq->channel_scale) /* cs=0 statistics are the identity */
+                for (uint32_t c = 0; c < D; c++)
                     row[c] = row[c] * scale[c] + mean[c];
-            }
-            if (mean_bytes > 0) {
-                vqkv_dtype_to_f32(VQKV_DTYPE_F16, block_means + 2 * (size_t)h * l->head_dim,
-                                  l->head_dim, bm);
-                for (uint32_t c = 0; c < l->head_dim; c++)
+            if (mean_bytes > 0)
+                for (uint32_t c = 0; c < D; c++)
                     row[c] += bm[c];
-            }
-            vqkv__tile_store(tile, t, h, l->head_dim, row);
+            vqkv__tile_store(tile, t, h, D, row);
         }
     }
     /* Escapes overwrite their vectors; an index outside the block (unused,
      * or a damaged block) is skipped, so no byte outside the slot moves. */
-    const uint8_t *escape_in = codes + vqkv__bits_bytes(vectors * side->codes, b);
-    for (uint32_t i = 0; i < vq->escapes; i++, escape_in += VQKV__ESCAPE_BYTES(l->head_dim)) {
+    const uint8_t *escape_in = codes + vqkv__bits_bytes(vectors * side->codes, vq->bits);
+    for (uint32_t i = 0; i < vq->escapes; i++, escape_in += VQKV__ESCAPE_BYTES(D)) {
         uint32_t v = (uint32_t)escape_in[0] | (uint32_t)escape_in[1] << 8 |
                      (uint32_t)escape_in[2] << 16 | (uint32_t)escape_in[3] << 24;
         if (v >= vectors)
             continue;
-        vqkv__fp8_row_decode(escape_in + 4, escape_in + 6, l->head_dim, row);
-        vqkv__tile_store(tile, v / H, v % H, l->head_dim, row);
+        vqkv__fp8_row_decode(escape_in + 4, escape_in + 6, D, row);
+        vqkv__tile_store(tile, v / H, v % H, D, row);
     }
 }
 

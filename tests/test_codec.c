@@ -2266,6 +2266,54 @@ static void test_fp16_codec_f32_memory_specials(void **state)
 /* Encoding the same input gives the same bytes, every one of them set by
  * the encoder (whatever the buffer held) and none written past the block;
  * decoding the same bytes gives the same values. */
+/* vqkv_codec_decode_batch writes what vqkv_codec_decode writes block by
+ * block, also in two layer ranges (as threads split a get), with slots in
+ * any order; a bad slot or layer range refuses the whole batch before any
+ * byte is written. */
+static void check_decode_batch(vqkv_codec_t *codec, size_t ci)
+{
+    (void)ci;
+    enum { SLOTS = 4, N = 3 };
+    const vqkv_layout_t *l = vqkv_codec_layout(codec);
+    size_t block_bytes = vqkv_codec_block_bytes(codec), n = test_block_values(l);
+    vqkv_kv_view_t v;
+    vqkv_kv_view_split(&v, l, SLOTS, 24);
+    float *src = malloc(n * sizeof *src);
+    uint8_t *region = calloc(v.region_bytes, 1), *packed = malloc(N * block_bytes);
+    uint8_t *one = malloc(v.region_bytes), *batch = malloc(v.region_bytes);
+    assert_true(src && region && packed && one && batch);
+    const uint32_t slots[N] = {3, 0, 2};
+    const uint8_t *in[N];
+    for (uint32_t i = 0; i < N; i++) {
+        test_synth_block(l, PROFILE_SEED, 40 + i, src);
+        test_write_block(l, &v, region, i, src);
+        in[i] = packed + i * block_bytes;
+        assert_ok(vqkv_codec_encode(codec, region, &v, i, packed + i * block_bytes));
+    }
+    memset(one, 0x5a, v.region_bytes);
+    for (uint32_t i = 0; i < N; i++)
+        assert_ok(vqkv_codec_decode(codec, in[i], one, &v, slots[i]));
+    memset(batch, 0x5a, v.region_bytes);
+    assert_ok(vqkv_codec_decode_batch(codec, in, batch, &v, slots, N, 0, l->num_layers));
+    assert_memory_equal(one, batch, v.region_bytes);
+    memset(batch, 0x5a, v.region_bytes);
+    uint32_t half = l->num_layers / 2;
+    assert_ok(vqkv_codec_decode_batch(codec, in, batch, &v, slots, N, half, l->num_layers));
+    assert_ok(vqkv_codec_decode_batch(codec, in, batch, &v, slots, N, 0, half));
+    assert_memory_equal(one, batch, v.region_bytes);
+
+    memset(batch, 0x5a, v.region_bytes);
+    memcpy(one, batch, v.region_bytes);
+    const uint32_t bad[N] = {3, SLOTS, 2};
+    assert_rc(vqkv_codec_decode_batch(codec, in, batch, &v, bad, N, 0, l->num_layers),
+              VQKV_ERANGE);
+    assert_rc(vqkv_codec_decode_batch(codec, in, batch, &v, slots, N, 1, 0), VQKV_EINVAL);
+    assert_rc(vqkv_codec_decode_batch(codec, in, batch, &v, slots, N, 0, l->num_layers + 1),
+              VQKV_EINVAL);
+    assert_memory_equal(one, batch, v.region_bytes);
+    test_free_all(src, region, packed, one, batch);
+}
+
 static void check_determinism(vqkv_codec_t *codec, size_t ci)
 {
     enum { GUARD = 64 };
@@ -2805,6 +2853,7 @@ int main(void)
         cmocka_unit_test(test_fp16_bit_exact_all_patterns),
         cmocka_unit_test(test_fp16_codec_f32_memory_specials),
         EVERY_CASE_TEST(determinism, VQKV_DTYPE_F16),
+        EVERY_CASE_TEST(decode_batch, VQKV_DTYPE_BF16),
         EVERY_CASE_TEST(decode_arbitrary_bytes_stays_in_slot, VQKV_DTYPE_BF16),
         EVERY_CASE_TEST(concurrent_use, VQKV_DTYPE_BF16),
         cmocka_unit_test(test_last_slot_exact_region),

@@ -237,6 +237,87 @@ static void test_e4m3_saturation_and_specials(void **state)
     assert_int_equal(vqkv_f32_to_e4m3(-FLT_TRUE_MIN), 0x80);
 }
 
+/* The row conversions (vqkv_dtype_to_f32 / from_f32, vector instructions
+ * where the CPU has them) against numeric.h one value at a time, bit for
+ * bit: every f16 and bf16 pattern, and float patterns at and around every
+ * f16 and bf16 rounding boundary, NaNs of every payload, subnormals, and 40
+ * million random ones; rows of every length mod 8 and at odd addresses. */
+static void check_rows(const float *x, size_t n)
+{
+    uint8_t *h = malloc(2 * n + 1), *b = malloc(2 * n + 1);
+    float *back = malloc(n * sizeof *back);
+    assert_non_null(h);
+    assert_non_null(b);
+    assert_non_null(back);
+    vqkv_dtype_from_f32(VQKV_DTYPE_F16, x, n, h + 1);
+    vqkv_dtype_from_f32(VQKV_DTYPE_BF16, x, n, b + 1);
+    for (size_t i = 0; i < n; i++) {
+        uint16_t got_h, got_b;
+        memcpy(&got_h, h + 1 + 2 * i, 2);
+        memcpy(&got_b, b + 1 + 2 * i, 2);
+        if (got_h != vqkv_f32_to_f16(x[i]) || got_b != vqkv_f32_to_bf16(x[i]))
+            fail_msg("float %08x: row f16 %04x bf16 %04x, numeric.h %04x %04x",
+                     vqkv_f32_to_bits(x[i]), got_h, got_b, vqkv_f32_to_f16(x[i]),
+                     vqkv_f32_to_bf16(x[i]));
+    }
+    vqkv_dtype_to_f32(VQKV_DTYPE_F16, h + 1, n, back);
+    for (size_t i = 0; i < n; i++) {
+        uint16_t v;
+        memcpy(&v, h + 1 + 2 * i, 2);
+        assert_int_equal(vqkv_f32_to_bits(back[i]), vqkv_f32_to_bits(vqkv_f16_to_f32(v)));
+    }
+    vqkv_dtype_to_f32(VQKV_DTYPE_BF16, b + 1, n, back);
+    for (size_t i = 0; i < n; i++) {
+        uint16_t v;
+        memcpy(&v, b + 1 + 2 * i, 2);
+        assert_int_equal(vqkv_f32_to_bits(back[i]), vqkv_f32_to_bits(vqkv_bf16_to_f32(v)));
+    }
+    free(h);
+    free(b);
+    free(back);
+}
+
+static void test_rows_match_numeric_h(void **state)
+{
+    (void)state;
+    enum { N = 1 << 20 };
+    float *x = malloc(N * sizeof *x);
+    assert_non_null(x);
+    /* Every 16-bit pattern as f16 and as bf16, so the way back sees them all. */
+    for (uint32_t i = 0; i < 65536; i++) {
+        x[2 * i] = vqkv_f16_to_f32((uint16_t)i);
+        x[2 * i + 1] = vqkv_bf16_to_f32((uint16_t)i);
+    }
+    check_rows(x, 2 * 65536);
+    /* Around every f16 value (rounding boundaries, subnormals, overflow)
+     * and around every bf16 one: the value and its neighbours. */
+    size_t n = 0;
+    for (uint32_t i = 0; i < 65536; i++) {
+        uint32_t f = vqkv_f32_to_bits(vqkv_f16_to_f32((uint16_t)i));
+        uint32_t g = (uint32_t)i << 16;
+        uint32_t near[] = {f - 1, f, f + 1, f + 0x1000 - 1, f + 0x1000, f + 0x1000 + 1,
+                           g + 0x7fff, g + 0x8000, g + 0x8001};
+        for (size_t k = 0; k < sizeof near / sizeof near[0]; k++) {
+            x[n++] = vqkv_bits_to_f32(near[k]);
+            if (n == N) {
+                check_rows(x, n);
+                n = 0;
+            }
+        }
+    }
+    check_rows(x, n);
+    /* Random patterns, NaN payloads among them, in rows of every length. */
+    uint64_t state_rng = 12345;
+    for (int round = 0; round < 40; round++) {
+        for (size_t i = 0; i < N; i++) {
+            state_rng = state_rng * 6364136223846793005ull + 1442695040888963407ull;
+            x[i] = vqkv_bits_to_f32((uint32_t)(state_rng >> 32));
+        }
+        check_rows(x, N - (size_t)round % 8);
+    }
+    free(x);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -250,6 +331,7 @@ int main(void)
         cmocka_unit_test(test_e4m3_known_values),
         cmocka_unit_test(test_e4m3_rounding_every_boundary),
         cmocka_unit_test(test_e4m3_saturation_and_specials),
+        cmocka_unit_test(test_rows_match_numeric_h),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

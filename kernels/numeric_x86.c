@@ -1,0 +1,172 @@
+/* numeric_x86.c -- numeric.h's fp16 and bf16 conversions over whole rows,
+ * eight values at a time with F16C and AVX2, for the x86-64 CPUs that have
+ * them (vqkv__simd_enabled says whether this one does and may).
+ *
+ * Bit for bit numeric.h's results, which the tests check exhaustively (every
+ * f16 and bf16 pattern, and float patterns around every rounding boundary):
+ * F16C rounds to nearest even as numeric.h does, subnormals included, but it
+ * keeps NaN payloads where numeric.h makes every NaN canonical (0x7e00 with
+ * its sign, 0x7fc0... for bf16) and quiets signalling ones on the way back,
+ * so NaN lanes are replaced by numeric.h's answer with a compare and a
+ * blend. Tails shorter than eight go through numeric.h itself.
+ */
+#include "codec_internal.h"
+
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+
+#define VQKV__X86 __attribute__((target("avx2,f16c")))
+
+/* The 16-bit halves of eight 32-bit lanes, in order (values fit 16 bits). */
+VQKV__X86 static inline __m128i vqkv__narrow(__m256i x)
+{
+    return _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
+}
+
+VQKV__X86 static void vqkv__f32_to_f16_x86(const float *src, size_t n, uint8_t *dst)
+{
+    const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 x = _mm256_loadu_ps(src + i);
+        __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m256i u = _mm256_castps_si256(x);
+        __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
+        __m256i canon = _mm256_or_si256(_mm256_srli_epi32(_mm256_andnot_si256(abs_mask, u), 16),
+                                        _mm256_set1_epi32(0x7e00));
+        h = _mm_blendv_epi8(h, vqkv__narrow(canon),
+                            _mm_packs_epi32(_mm256_castsi256_si128(nan),
+                                            _mm256_extracti128_si256(nan, 1)));
+        _mm_storeu_si128((__m128i *)(dst + 2 * i), h);
+    }
+    for (; i < n; i++) {
+        uint16_t h = vqkv_f32_to_f16(src[i]);
+        memcpy(dst + 2 * i, &h, sizeof h);
+    }
+}
+
+VQKV__X86 static void vqkv__f16_to_f32_x86(const uint8_t *src, size_t n, float *dst)
+{
+    const __m256i exp_mask = _mm256_set1_epi32(0x7c00);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m128i h = _mm_loadu_si128((const __m128i *)(src + 2 * i));
+        __m256 x = _mm256_cvtph_ps(h);
+        /* Inf and NaN as numeric.h builds them: the bits moved up, the
+         * exponent rebiased, no quiet bit added. */
+        __m256i w = _mm256_cvtepu16_epi32(h);
+        __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(w, exp_mask), exp_mask);
+        __m256i ours = _mm256_add_epi32(
+            _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x7fff)), 13),
+            _mm256_set1_epi32(0x70000000));
+        ours = _mm256_or_si256(ours, _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x8000)), 16));
+        x = _mm256_blendv_ps(x, _mm256_castsi256_ps(ours), _mm256_castsi256_ps(special));
+        _mm256_storeu_ps(dst + i, x);
+    }
+    for (; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, src + 2 * i, sizeof h);
+        dst[i] = vqkv_f16_to_f32(h);
+    }
+}
+
+VQKV__X86 static void vqkv__f32_to_bf16_x86(const float *src, size_t n, uint8_t *dst)
+{
+    const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
+    const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i u = _mm256_loadu_si256((const __m256i *)(src + i));
+        __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
+        __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
+        __m256i rne = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, half), odd), 16);
+        __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+        _mm_storeu_si128((__m128i *)(dst + 2 * i),
+                         vqkv__narrow(_mm256_blendv_epi8(rne, quiet, nan)));
+    }
+    for (; i < n; i++) {
+        uint16_t h = vqkv_f32_to_bf16(src[i]);
+        memcpy(dst + 2 * i, &h, sizeof h);
+    }
+}
+
+VQKV__X86 static void vqkv__bf16_to_f32_x86(const uint8_t *src, size_t n, float *dst)
+{
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(src + 2 * i)));
+        _mm256_storeu_si256((__m256i *)(dst + i), _mm256_slli_epi32(w, 16));
+    }
+    for (; i < n; i++) {
+        uint16_t h;
+        memcpy(&h, src + 2 * i, sizeof h);
+        dst[i] = vqkv_bf16_to_f32(h);
+    }
+}
+
+static int vqkv__simd;
+static pthread_once_t vqkv__simd_once = PTHREAD_ONCE_INIT;
+
+/* On when the CPU has AVX2 and F16C and VQKV_CPU_SIMD is not "0" (which
+ * forces numeric.h's one-at-a-time code, the reference, for tests and
+ * comparisons). */
+static void vqkv__simd_init(void)
+{
+    const char *env = getenv("VQKV_CPU_SIMD");
+    __builtin_cpu_init();
+    vqkv__simd = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+                 !(env != NULL && strcmp(env, "0") == 0);
+}
+
+bool vqkv__simd_enabled(void)
+{
+    pthread_once(&vqkv__simd_once, vqkv__simd_init);
+    return vqkv__simd != 0;
+}
+
+bool vqkv__rows_to_f32(vqkv_dtype_t dtype, const void *src, size_t n, float *dst)
+{
+    if (!vqkv__simd_enabled() || dtype == VQKV_DTYPE_F32)
+        return false;
+    if (dtype == VQKV_DTYPE_F16)
+        vqkv__f16_to_f32_x86(src, n, dst);
+    else
+        vqkv__bf16_to_f32_x86(src, n, dst);
+    return true;
+}
+
+bool vqkv__rows_from_f32(vqkv_dtype_t dtype, const float *src, size_t n, void *dst)
+{
+    if (!vqkv__simd_enabled() || dtype == VQKV_DTYPE_F32)
+        return false;
+    if (dtype == VQKV_DTYPE_F16)
+        vqkv__f32_to_f16_x86(src, n, dst);
+    else
+        vqkv__f32_to_bf16_x86(src, n, dst);
+    return true;
+}
+
+#else /* not x86-64: numeric.h's code everywhere */
+
+bool vqkv__simd_enabled(void)
+{
+    return false;
+}
+
+bool vqkv__rows_to_f32(vqkv_dtype_t dtype, const void *src, size_t n, float *dst)
+{
+    (void)dtype, (void)src, (void)n, (void)dst;
+    return false;
+}
+
+bool vqkv__rows_from_f32(vqkv_dtype_t dtype, const float *src, size_t n, void *dst)
+{
+    (void)dtype, (void)src, (void)n, (void)dst;
+    return false;
+}
+
+#endif
