@@ -17,6 +17,7 @@ daemon gets no LD_PRELOAD (it links its own runtime).
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -79,10 +80,19 @@ class Daemon:
                 preexec_fn=_die_with_parent,
             )
         deadline = time.monotonic() + HANG_GUARD_S
-        while not self.socket.exists() or (ready is not None and not ready()):
+        while not self.listening() or (ready is not None and not ready()):
             assert self.proc.poll() is None, f"vqkvd exited: {self.log.read_text()}"
             assert time.monotonic() < deadline, f"vqkvd did not start: {self.log.read_text()}"
             time.sleep(0.02)
+
+    def listening(self) -> bool:
+        """Whether a connection is accepted: the socket file appears at bind(), before listen()."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+            try:
+                probe.connect(str(self.socket))
+            except OSError:
+                return False
+        return True
 
     def stop(self) -> None:
         """SIGTERM, then exit status 0 wanted."""
