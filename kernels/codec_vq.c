@@ -582,26 +582,35 @@ static void vqkv__vq_tables(const vqkv__vq_t *vq, uint32_t set_layer, int kv, co
     }
 }
 
-/* One group: the sum of its stages' codewords w[s][0..d) (float adds in
- * stage order, from 0) times norm, at channels chan[0..d) of row. Inlined
- * with d a constant, the common sizes become straight-line vector code. */
+/* One branch of one vector: per group the sum of its stages' codewords
+ * (float adds in stage order, from 0) times the branch's norm, placed at
+ * the branch's channels. Inlined with d a constant, the common group sizes
+ * become straight-line code whose codeword loads overlap across groups. */
 static inline __attribute__((always_inline)) void
-vqkv__vq_group(const float *const *w, uint32_t stages, uint32_t d, float norm,
-               const uint16_t *chan, float *row)
+vqkv__vq_decode_branch(const vqkv__branch_t *br, uint32_t d, uint32_t b,
+                       const float *const *tables, const uint8_t *codes, uint64_t first_code,
+                       float norm, float *row)
 {
-    float acc[VQKV_MAX_HEAD_DIM];
-    for (uint32_t j = 0; j < d; j++)
-        acc[j] = 0.0f + w[0][j];
-    for (uint32_t s = 1; s < stages; s++)
+    for (uint32_t g = 0; g < br->groups; g++) {
+        uint32_t at = br->first_code + g * br->stages;
+        float acc[VQKV_MAX_HEAD_DIM];
         for (uint32_t j = 0; j < d; j++)
-            acc[j] += w[s][j];
-    for (uint32_t j = 0; j < d; j++)
-        row[chan[j]] = acc[j] * norm;
+            acc[j] = 0.0f;
+        for (uint32_t s = 0; s < br->stages; s++) {
+            uint64_t pos = first_code + at + s;
+            uint32_t code = b == 8 ? codes[pos] : vqkv__bits_get(codes, pos * b, b);
+            const float *w = tables[at + s] + (size_t)code * d;
+            for (uint32_t j = 0; j < d; j++)
+                acc[j] += w[j];
+        }
+        const uint16_t *chan = br->chan + (size_t)g * d;
+        for (uint32_t j = 0; j < d; j++)
+            row[chan[j]] = acc[j] * norm;
+    }
 }
 
-/* One vector's channels from its codes: per group the sum of its stages'
- * codewords (float adds in stage order, from 0) times the branch's norm,
- * placed at the branch's channels. b = 8 reads codes as bytes. */
+/* One vector's channels from its codes, branch by branch. b = 8 reads
+ * codes as bytes. */
 static void vqkv__vq_decode_vector(const vqkv__vq_t *vq, const vqkv__side_t *side,
                                    const float *const *tables, const uint8_t *norms,
                                    const uint8_t *codes, uint64_t first_code, float *row)
@@ -610,21 +619,11 @@ static void vqkv__vq_decode_vector(const vqkv__vq_t *vq, const vqkv__side_t *sid
     for (uint32_t bi = 0; bi < side->n_branches; bi++) {
         const vqkv__branch_t *br = &side->br[bi];
         float norm = vqkv_f16_to_f32(vqkv__get_u16(norms + 2 * bi));
-        uint32_t d = br->d;
-        for (uint32_t g = 0; g < br->groups; g++) {
-            uint32_t at = br->first_code + g * br->stages;
-            const float *w[VQKV__MAX_STAGES];
-            for (uint32_t s = 0; s < br->stages; s++) {
-                uint64_t pos = first_code + at + s;
-                uint32_t code = b == 8 ? codes[pos] : vqkv__bits_get(codes, pos * b, b);
-                w[s] = tables[at + s] + (size_t)code * d;
-            }
-            switch (d) { /* the common sizes as straight-line code */
-            case 4: vqkv__vq_group(w, br->stages, 4, norm, br->chan + (size_t)g * 4, row); break;
-            case 8: vqkv__vq_group(w, br->stages, 8, norm, br->chan + (size_t)g * 8, row); break;
-            case 16: vqkv__vq_group(w, br->stages, 16, norm, br->chan + (size_t)g * 16, row); break;
-            default: vqkv__vq_group(w, br->stages, d, norm, br->chan + (size_t)g * d, row);
-            }
+        switch (br->d) {
+        case 4: vqkv__vq_decode_branch(br, 4, b, tables, codes, first_code, norm, row); break;
+        case 8: vqkv__vq_decode_branch(br, 8, b, tables, codes, first_code, norm, row); break;
+        case 16: vqkv__vq_decode_branch(br, 16, b, tables, codes, first_code, norm, row); break;
+        default: vqkv__vq_decode_branch(br, br->d, b, tables, codes, first_code, norm, row);
         }
     }
 }
