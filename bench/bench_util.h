@@ -46,7 +46,7 @@ static inline int bench_train(vqkv_codec_t *codec, const vqkv_kv_view_t *view, c
     int rc = x == NULL ? VQKV_ENOMEM : VQKV_OK;
     for (uint32_t l = 0; l < layout->num_layers && rc == VQKV_OK; l++) {
         for (int kv = 0; kv < 2 && rc == VQKV_OK; kv++) {
-            const uint8_t *src = (const uint8_t *)cache + view->offset + l * view->layer_stride +
+            const uint8_t *src = (const uint8_t *)cache + view->offset + vqkv_kv_view_layer(view, l) +
                                  kv * view->kv_stride;
             vqkv_dtype_to_f32(VQKV_DTYPE_F16, src, vectors * layout->head_dim, x);
             rc = vqkv_codec_train(codec, l, kv, x, vectors, &topts);

@@ -83,7 +83,8 @@ typedef struct vqkv__region {
     const vqkv_model_t *model;
     int memfd; /* a dup of the caller's */
     uint64_t bytes, offset;
-    vqkv_kv_view_t view;
+    vqkv_kv_view_t view;     /* its layer_offsets point into layer_offsets */
+    uint64_t *layer_offsets; /* the caller's, copied; NULL for a strided view */
 } vqkv__region_t;
 
 /* One wire request of an asynchronous call (vqkv_put_start,
@@ -388,6 +389,7 @@ void vqkv_close(vqkv_client_t *client)
         vqkv__region_t *r = client->regions;
         client->regions = r->next;
         close(r->memfd);
+        free(r->layer_offsets);
         free(r);
     }
     while (client->salts != NULL) {
@@ -769,6 +771,8 @@ static int vqkv__region_send(vqkv_client_t *c, vqkv__region_t *r)
     rr.token_stride = r->view.token_stride;
     rr.head_stride = r->view.head_stride;
     rr.num_slots = r->view.num_slots;
+    rr.n_layer_offsets = r->layer_offsets != NULL ? r->model->layout.num_layers : 0;
+    rr.layer_offsets = r->layer_offsets;
     rr.num_fds = 1;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.body_case = VQKV__ENVELOPE__BODY_REGISTER_REGION;
@@ -822,9 +826,21 @@ int vqkv_register_memfd_region(vqkv_client_t *client, const vqkv_model_t *model,
     r->bytes = bytes;
     r->offset = offset;
     r->view = *strides;
+    size_t offsets_bytes = model->layout.num_layers * sizeof *r->layer_offsets;
+    if (strides->layer_offsets != NULL) {
+        r->layer_offsets = malloc(offsets_bytes);
+        if (r->layer_offsets == NULL) {
+            close(r->memfd);
+            free(r);
+            return vqkv__fail(client, VQKV_ENOMEM, "register_memfd_region: out of memory");
+        }
+        memcpy(r->layer_offsets, strides->layer_offsets, offsets_bytes);
+    }
+    r->view.layer_offsets = r->layer_offsets;
     rc = vqkv__region_send(client, r);
     if (rc != VQKV_OK) {
         close(r->memfd);
+        free(r->layer_offsets);
         free(r);
         return rc;
     }

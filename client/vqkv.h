@@ -300,7 +300,9 @@ int vqkv_memfd_create(const char *name, uint64_t bytes, int *fd);
  * vqkv_memfd_create; the fd stays the caller's, the daemon maps its own
  * copy). bytes is the memfd's size and offset where the KV view starts in
  * it; strides gives the view's strides and num_slots (its region_bytes and
- * offset fields are ignored in favour of the arguments). The daemon checks
+ * offset fields are ignored in favour of the arguments), and its
+ * layer_offsets, when not NULL, where each layer starts (copied: layers
+ * allocated apart inside the memfd, as vLLM's per-layer tensors are). The daemon checks
  * the whole view against bytes (VQKV_ERANGE), refuses a view whose strides
  * overlap, so that blocks would overwrite each other (VQKV_EINVAL, the
  * message naming the stride; vqkv_kv_view_disjoint checks it here first),

@@ -159,7 +159,7 @@ static float vqkv__gauss(uint64_t *state)
 static uint8_t *vqkv__row(const vqkv_kv_view_t *view, void *base, uint32_t layer, uint32_t kv,
                           uint32_t slot, uint32_t token, uint32_t head)
 {
-    return (uint8_t *)base + view->offset + layer * view->layer_stride + kv * view->kv_stride +
+    return (uint8_t *)base + view->offset + vqkv_kv_view_layer(view, layer) + kv * view->kv_stride +
            slot * view->slot_stride + token * view->token_stride + head * view->head_stride;
 }
 

@@ -271,6 +271,7 @@ static void vqkvd__region_unref(vqkvd_region_t *r)
     if (--r->refs > 0)
         return;
     r->backend->region_close(&r->mem);
+    free(r->layer_offsets);
     free(r);
 }
 
@@ -627,8 +628,15 @@ static void vqkvd__register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
                            (unsigned long long)rr->offset, (unsigned long long)rr->region_bytes);
         return;
     }
+    if (rr->n_layer_offsets != 0 && rr->n_layer_offsets != m->layout.num_layers) {
+        vqkvd_client_error(c, id, VQKV_EINVAL,
+                           "layer_offsets has %zu entries; the model has %u layers (or give none)",
+                           rr->n_layer_offsets, (unsigned)m->layout.num_layers);
+        return;
+    }
     vqkv_kv_view_t view = {rr->region_bytes, rr->offset,       rr->layer_stride, rr->kv_stride,
-                           rr->slot_stride,  rr->token_stride, rr->head_stride,  rr->num_slots};
+                           rr->slot_stride,  rr->token_stride, rr->head_stride,  rr->num_slots,
+                           rr->n_layer_offsets > 0 ? rr->layer_offsets : NULL};
     /* Strides are unsigned, so the last slot reaches furthest: checking it
      * checks every slot, once, here instead of per request. */
     if (rr->num_slots == 0 || vqkv_kv_view_check(&m->layout, &view, rr->num_slots - 1) != VQKV_OK) {
@@ -639,20 +647,35 @@ static void vqkvd__register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
     }
     const char *stride;
     if (vqkv_kv_view_disjoint(&m->layout, &view, &stride) != VQKV_OK) {
-        vqkvd_client_error(c, id, VQKV_EINVAL,
-                           "the view overlaps itself: its %s is too small to step past what the "
-                           "smaller strides span, so blocks would overwrite each other",
-                           stride != NULL ? stride : "strides");
+        if (stride != NULL && strcmp(stride, "layer_offsets") == 0)
+            vqkvd_client_error(c, id, VQKV_EINVAL,
+                               "the view overlaps itself: by its layer_offsets a layer starts "
+                               "before the one below it ends, so blocks would overwrite each "
+                               "other");
+        else
+            vqkvd_client_error(c, id, VQKV_EINVAL,
+                               "the view overlaps itself: its %s is too small to step past what "
+                               "the smaller strides span, so blocks would overwrite each other",
+                               stride != NULL ? stride : "strides");
         return;
     }
     vqkvd_region_t *r = calloc(1, sizeof *r);
+    size_t offsets_bytes = rr->n_layer_offsets * sizeof *rr->layer_offsets;
+    if (r != NULL && offsets_bytes > 0 && (r->layer_offsets = malloc(offsets_bytes)) == NULL) {
+        free(r);
+        r = NULL;
+    }
     if (r == NULL) {
         vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
         return;
     }
+    if (offsets_bytes > 0) /* the request's copy goes with the frame */
+        memcpy(r->layer_offsets, rr->layer_offsets, offsets_bytes);
+    view.layer_offsets = r->layer_offsets;
     const char *why;
     int rc = c->server->backend->region_open(rr, frame->fds[0], &r->mem, &why);
     if (rc != VQKV_OK) {
+        free(r->layer_offsets);
         free(r);
         vqkvd_client_error(c, id, rc, "region of %llu bytes: %s",
                            (unsigned long long)rr->region_bytes, why);

@@ -89,7 +89,8 @@ typedef struct vqkvd_region {
     vqkvd_model_t *model;
     const vqkvd_backend_t *backend; /* closes mem with the last reference */
     vqkvd_region_mem_t mem;
-    vqkv_kv_view_t view;
+    vqkv_kv_view_t view; /* its layer_offsets point into layer_offsets */
+    uint64_t *layer_offsets; /* per-layer starts, or NULL for a strided view */
 } vqkvd_region_t;
 
 struct vqkvd_client {

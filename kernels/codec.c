@@ -104,16 +104,31 @@ int vqkv_kv_view_check(const vqkv_layout_t *layout, const vqkv_kv_view_t *view, 
         return VQKV_EINVAL;
     if (slot >= view->num_slots)
         return VQKV_ERANGE;
-    /* The last byte the block touches, computed without wrapping. */
+    /* The last byte the block touches, computed without wrapping: from the
+     * layer that starts last. O(layers) with layer_offsets. */
     uint64_t end = view->offset;
     uint64_t row = (uint64_t)layout->head_dim * vqkv_dtype_size(layout->dtype);
-    if (!vqkv__mul_add(&end, layout->num_layers - 1, view->layer_stride) ||
+    uint64_t last_layer = 0;
+    if (view->layer_offsets != NULL) {
+        for (uint32_t l = 0; l < layout->num_layers; l++)
+            if (view->layer_offsets[l] > last_layer)
+                last_layer = view->layer_offsets[l];
+    }
+    if ((view->layer_offsets != NULL ? !vqkv__mul_add(&end, 1, last_layer)
+                                     : !vqkv__mul_add(&end, layout->num_layers - 1,
+                                                      view->layer_stride)) ||
         !vqkv__mul_add(&end, 1, view->kv_stride) || !vqkv__mul_add(&end, slot, view->slot_stride) ||
         !vqkv__mul_add(&end, layout->block_tokens - 1, view->token_stride) ||
         !vqkv__mul_add(&end, layout->num_kv_heads - 1, view->head_stride) ||
         !vqkv__mul_add(&end, 1, row))
         return VQKV_ERANGE;
     return end <= view->region_bytes ? VQKV_OK : VQKV_ERANGE;
+}
+
+static int vqkv__u64_cmp(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return (x > y) - (x < y);
 }
 
 int vqkv_kv_view_disjoint(const vqkv_layout_t *layout, const vqkv_kv_view_t *view,
@@ -123,12 +138,14 @@ int vqkv_kv_view_disjoint(const vqkv_layout_t *layout, const vqkv_kv_view_t *vie
         const char *name;
         uint64_t stride, count;
     } vqkv__dim_t;
+    /* With layer_offsets the layers are checked apart, below. */
     vqkv__dim_t dims[5] = {
         {"head_stride", view->head_stride, layout->num_kv_heads},
         {"token_stride", view->token_stride, layout->block_tokens},
         {"slot_stride", view->slot_stride, view->num_slots},
         {"kv_stride", view->kv_stride, 2},
-        {"layer_stride", view->layer_stride, layout->num_layers},
+        {"layer_stride", view->layer_stride,
+         view->layer_offsets != NULL ? 1 : layout->num_layers},
     };
     if (stride != NULL)
         *stride = NULL;
@@ -155,6 +172,19 @@ int vqkv_kv_view_disjoint(const vqkv_layout_t *layout, const vqkv_kv_view_t *vie
             __builtin_add_overflow(reach, span, &span))
             return VQKV_EINVAL;
     }
+    if (view->layer_offsets == NULL)
+        return VQKV_OK;
+    /* Layers placed apart: sorted by start, each must begin at or after
+     * the end of the one before. O(layers log layers). */
+    uint64_t starts[1024];
+    memcpy(starts, view->layer_offsets, layout->num_layers * sizeof *starts);
+    qsort(starts, layout->num_layers, sizeof *starts, vqkv__u64_cmp);
+    for (uint32_t l = 1; l < layout->num_layers; l++)
+        if (starts[l] - starts[l - 1] < span) {
+            if (stride != NULL)
+                *stride = "layer_offsets";
+            return VQKV_EINVAL;
+        }
     return VQKV_OK;
 }
 
@@ -334,7 +364,7 @@ static vqkv__tile_t vqkv__tile_at(const vqkv_codec_t *codec, const void *base,
                                   const vqkv_kv_view_t *view, uint32_t slot, uint32_t layer, int kv)
 {
     vqkv__tile_t tile;
-    tile.base = (uint8_t *)base + view->offset + layer * view->layer_stride +
+    tile.base = (uint8_t *)base + view->offset + vqkv_kv_view_layer(view, layer) +
                 (uint64_t)kv * view->kv_stride + slot * view->slot_stride;
     tile.token_stride = view->token_stride;
     tile.head_stride = view->head_stride;

@@ -95,7 +95,11 @@ int vqkv_layout_check(const vqkv_layout_t *layout);
  * (layer, kv, slot, token, head, dim) sits at byte
  *   offset + layer*layer_stride + kv*kv_stride + slot*slot_stride
  *          + token*token_stride + head*head_stride + dim*element_size
- * with kv 0 for K and 1 for V. head_dim is always contiguous. */
+ * with kv 0 for K and 1 for V. head_dim is always contiguous. With
+ * layer_offsets (num_layers entries, borrowed) layer l starts at
+ * offset + layer_offsets[l] instead of offset + l*layer_stride, which is
+ * ignored: layers allocated apart, as vLLM's per-layer tensors are, within
+ * one region. */
 typedef struct {
     uint64_t region_bytes;
     uint64_t offset;
@@ -105,7 +109,15 @@ typedef struct {
     uint64_t token_stride;
     uint64_t head_stride;
     uint32_t num_slots;
+    const uint64_t *layer_offsets; /* NULL: layer * layer_stride */
 } vqkv_kv_view_t;
+
+/* Where layer `layer` of the view starts, relative to view->offset. */
+static inline uint64_t vqkv_kv_view_layer(const vqkv_kv_view_t *view, uint32_t layer)
+{
+    return view->layer_offsets != NULL ? view->layer_offsets[layer]
+                                       : (uint64_t)layer * view->layer_stride;
+}
 
 /* vLLM's cache, all layers in one region: [layers][2][slots][tokens][heads][dim]. */
 void vqkv_kv_view_vllm(vqkv_kv_view_t *view, const vqkv_layout_t *layout, uint32_t num_slots);

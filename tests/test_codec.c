@@ -1568,7 +1568,7 @@ static void test_view_overlap_refused(void **state)
     vqkv_kv_view_split(&v, &l, 4, 6);
     assert_ok(vqkv_kv_view_disjoint(&l, &v, NULL));
     /* [slots][tokens][K, V][heads][dim] in one tensor per layer. */
-    vqkv_kv_view_t inter = {0, 0, 4 * 3 * 2 * 3 * 8, 3 * 8, 3 * 2 * 3 * 8, 2 * 3 * 8, 8, 4};
+    vqkv_kv_view_t inter = {0, 0, 4 * 3 * 2 * 3 * 8, 3 * 8, 3 * 2 * 3 * 8, 2 * 3 * 8, 8, 4, NULL};
     assert_ok(vqkv_kv_view_disjoint(&l, &inter, NULL));
 
     vqkv_kv_view_vllm(&v, &l, 4);
@@ -1596,7 +1596,7 @@ static void test_view_overlap_refused(void **state)
         vqkv_kv_view_t r = {0, 0, 8 * (1 + test_rng_next(&rng) % 80),
                             8 * (test_rng_next(&rng) % 40), 8 * (test_rng_next(&rng) % 12),
                             8 * (test_rng_next(&rng) % 6),  8 * (test_rng_next(&rng) % 3),
-                            1 + (uint32_t)(test_rng_next(&rng) % 3)};
+                            1 + (uint32_t)(test_rng_next(&rng) % 3), NULL};
         if (vqkv_kv_view_disjoint(&l, &r, NULL) == VQKV_OK) {
             passed++;
             if (view_overlaps_brute(&l, &r))
@@ -1608,6 +1608,61 @@ static void test_view_overlap_refused(void **state)
         }
     }
     assert_true(passed > 20);
+}
+
+/* Layers placed apart (layer_offsets: here in reverse order, with gaps):
+ * every codec round-trips through them exactly as through the strided
+ * view, the checks see the last layer's end, and layers that overlap are
+ * refused naming layer_offsets. */
+static void test_layer_offsets(void **state)
+{
+    (void)state;
+    vqkv_layout_t l = {3, 2, 64, 16, VQKV_DTYPE_BF16};
+    vqkv_kv_view_t strided, apart;
+    vqkv_kv_view_vllm(&strided, &l, 2);
+    uint64_t layer_bytes = strided.layer_stride, offsets[3];
+    apart = strided;
+    for (uint32_t k = 0; k < 3; k++)
+        offsets[k] = (2 - k) * (layer_bytes + 96); /* layer 0 last */
+    apart.layer_offsets = offsets;
+    apart.region_bytes = 2 * (layer_bytes + 96) + layer_bytes;
+    assert_ok(vqkv_kv_view_check(&l, &apart, 1));
+    apart.region_bytes -= 1;
+    assert_rc(vqkv_kv_view_check(&l, &apart, 1), VQKV_ERANGE);
+    apart.region_bytes += 1;
+    assert_ok(vqkv_kv_view_disjoint(&l, &apart, NULL));
+
+    float *src = malloc(test_block_values(&l) * sizeof *src);
+    uint8_t *a = calloc(strided.region_bytes, 1), *b = calloc(apart.region_bytes, 1);
+    uint8_t *out_a = calloc(strided.region_bytes, 1), *out_b = calloc(apart.region_bytes, 1);
+    assert_true(src && a && b && out_a && out_b);
+    test_synth_block(&l, PROFILE_SEED, 77, src);
+    test_write_block(&l, &strided, a, 1, src);
+    test_write_block(&l, &apart, b, 1, src);
+    static const char *const specs[] = {"fp16", "fp8", "kivi2"};
+    for (size_t i = 0; i < 3; i++) {
+        vqkv_codec_t *codec = NULL;
+        assert_ok(vqkv_codec_create(specs[i], &l, &codec));
+        size_t bb = vqkv_codec_block_bytes(codec);
+        uint8_t *pa = malloc(bb), *pb = malloc(bb);
+        assert_ok(vqkv_codec_encode(codec, a, &strided, 1, pa));
+        assert_ok(vqkv_codec_encode(codec, b, &apart, 1, pb));
+        assert_memory_equal(pa, pb, bb);
+        assert_ok(vqkv_codec_decode(codec, pa, out_a, &strided, 0));
+        assert_ok(vqkv_codec_decode(codec, pb, out_b, &apart, 0));
+        for (uint32_t layer = 0; layer < 3; layer++)
+            for (int kv = 0; kv < 2; kv++)
+                assert_memory_equal(out_a + test_element_offset(&l, &strided, layer, kv, 0, 0, 0, 0),
+                                    out_b + test_element_offset(&l, &apart, layer, kv, 0, 0, 0, 0),
+                                    strided.kv_stride / 2);
+        test_free_all(pa, pb);
+        vqkv_codec_free(codec);
+    }
+    const char *stride = NULL;
+    offsets[1] = offsets[0] + layer_bytes - 2; /* layer 1 runs into layer 0 */
+    assert_rc(vqkv_kv_view_disjoint(&l, &apart, &stride), VQKV_EINVAL);
+    assert_string_equal(stride, "layer_offsets");
+    test_free_all(src, a, b, out_a, out_b);
 }
 
 /* Region bytes that belong to block `slot`: the only ones decode may write. */
@@ -2743,7 +2798,7 @@ static void test_invalid_layouts_refused(void **state)
         assert_rc(vqkv_layout_check(&bad[i]), VQKV_EINVAL);
         assert_rc(vqkv_codec_create("fp16", &bad[i], &codec), VQKV_EINVAL);
         assert_null(codec);
-        vqkv_kv_view_t v = {UINT64_MAX, 0, 0, 0, 0, 0, 0, 1};
+        vqkv_kv_view_t v = {UINT64_MAX, 0, 0, 0, 0, 0, 0, 1, NULL};
         assert_rc(vqkv_kv_view_check(&bad[i], &v, 0), VQKV_EINVAL);
     }
     /* The limits themselves are fine. */
@@ -2847,6 +2902,7 @@ int main(void)
         cmocka_unit_test(test_more_escapes_than_vectors),
         cmocka_unit_test(test_view_helpers_match_documented_shapes),
         cmocka_unit_test(test_view_overlap_refused),
+        cmocka_unit_test(test_layer_offsets),
         EVERY_CASE_TEST(error_per_codec, VQKV_DTYPE_F16),
         cmocka_unit_test(test_round_trip_views_and_dtypes),
         cmocka_unit_test(test_decode_dtypes_agree),

@@ -168,6 +168,10 @@ static void test_out_of_range_refused_before_launch(void **state)
     odd = reg.view;
     odd.token_stride += 1;
     assert_rc(emu_run(&r, 1, 0), VQKV_EINVAL);
+    uint64_t offsets[2] = {0, reg.view.layer_stride}; /* per-layer offsets: not yet */
+    odd = reg.view;
+    odd.layer_offsets = offsets;
+    assert_rc(emu_run(&r, 0, 0), VQKV_EINVAL);
     r.view = &reg.view;
     r.n_blocks = 0;
     assert_rc(emu_run(&r, 0, 0), VQKV_EINVAL);

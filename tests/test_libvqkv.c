@@ -863,6 +863,73 @@ static void test_region_shared_by_models(void **state)
     region_free(&r);
 }
 
+/* A region whose layers sit apart in the memfd (reverse order, gaps):
+ * blocks put from it come back through it, and into a strided region,
+ * byte for byte; overlapping layers are refused naming layer_offsets. */
+static void test_region_layer_offsets(void **state)
+{
+    daemon_t *d = *state;
+    vqkv_client_t *c = connect_ok(d, "layer-offsets");
+    vqkv_model_t *m;
+    assert_vqkv(vqkv_register_model(c, MODEL, &layout, "fp16", &m), VQKV_OK);
+    region_t strided;
+    region_new(&strided, 81);
+    uint64_t layer_bytes = strided.view.layer_stride, offsets[LAYERS];
+    for (uint32_t l = 0; l < LAYERS; l++)
+        offsets[l] = (uint64_t)(LAYERS - 1 - l) * (layer_bytes + 4096);
+    vqkv_kv_view_t apart = strided.view;
+    apart.layer_offsets = offsets;
+    apart.region_bytes = (uint64_t)(LAYERS - 1) * (layer_bytes + 4096) + layer_bytes;
+    int fd;
+    assert_vqkv(vqkv_memfd_create("apart", apart.region_bytes, &fd), VQKV_OK);
+    uint8_t *base = mmap(NULL, apart.region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    assert_true(base != MAP_FAILED);
+    for (uint32_t l = 0; l < LAYERS; l++) /* the strided region's layers, placed apart */
+        memcpy(base + offsets[l], strided.base + l * layer_bytes, layer_bytes);
+    vqkv_region_t ha, hs;
+    assert_vqkv(vqkv_register_memfd_region(c, m, fd, apart.region_bytes, 0, &apart, &ha), VQKV_OK);
+    offsets[0] = 0; /* the caller's array may change: the library copied it */
+    assert_vqkv(vqkv_register_memfd_region(c, m, strided.fd, strided.view.region_bytes, 0,
+                                           &strided.view, &hs),
+                VQKV_OK);
+    uint8_t keys[2][VQKV_KEY_BYTES];
+    uint32_t slots[2];
+    chain_keys(m, 11, keys, 0, slots, 2);
+    assert_vqkv(vqkv_put(c, m, ha, keys, NULL, slots, 2, NULL), 2);
+    size_t found = 0;
+    vqkv_lease_t lease = 0;
+    assert_vqkv(vqkv_lookup(c, m, keys, 2, &found, &lease), VQKV_OK);
+    uint32_t into[2] = {6, 7};
+    assert_vqkv(vqkv_get(c, lease, hs, into, 2), 2);
+    assert_vqkv(vqkv_get(c, lease, ha, into, 2), 2);
+    assert_vqkv(vqkv_release(c, lease), VQKV_OK);
+    for (uint32_t s = 0; s < 2; s++)
+        assert_block_equal(&strided, 6 + s, &strided, s);
+    for (uint32_t l = 0; l < LAYERS; l++)
+        for (uint32_t s = 0; s < 2; s++)
+            for (uint32_t kv = 0; kv < 2; kv++) {
+                uint64_t in_layer = kv * strided.view.kv_stride;
+                assert_memory_equal(base + (uint64_t)(LAYERS - 1 - l) * (layer_bytes + 4096) +
+                                        in_layer + (6 + s) * strided.view.slot_stride,
+                                    strided.base + l * layer_bytes + in_layer +
+                                        s * strided.view.slot_stride,
+                                    strided.view.slot_stride);
+            }
+    uint64_t overlap[LAYERS];
+    for (uint32_t l = 0; l < LAYERS; l++)
+        overlap[l] = l * (layer_bytes / 2);
+    apart.layer_offsets = overlap;
+    vqkv_region_t bad;
+    assert_vqkv(vqkv_register_memfd_region(c, m, fd, apart.region_bytes, 0, &apart, &bad),
+                VQKV_EINVAL);
+    if (strstr(vqkv_last_error(c), "layer_offsets") == NULL)
+        fail_msg("\"%s\" does not name layer_offsets", vqkv_last_error(c));
+    vqkv_close(c);
+    munmap(base, apart.region_bytes);
+    close(fd);
+    region_free(&strided);
+}
+
 /* Started calls: eight puts in flight at once, their completions taken
  * together; gets started on two leases; a synchronous call in between,
  * which must not eat their replies; the socket polled as an engine's loop
@@ -1087,6 +1154,7 @@ int main(void)
         cmocka_unit_test(test_large_calls),
         cmocka_unit_test_setup_teardown(test_async_calls, setup, teardown),
         cmocka_unit_test_setup_teardown(test_region_shared_by_models, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_region_layer_offsets, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

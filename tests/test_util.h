@@ -141,7 +141,7 @@ static inline uint64_t test_element_offset(const vqkv_layout_t *l, const vqkv_kv
                                            uint32_t layer, int kv, uint32_t slot, uint32_t t,
                                            uint32_t h, uint32_t d)
 {
-    return v->offset + layer * v->layer_stride + (uint64_t)kv * v->kv_stride +
+    return v->offset + vqkv_kv_view_layer(v, layer) + (uint64_t)kv * v->kv_stride +
            slot * v->slot_stride + t * v->token_stride + h * v->head_stride +
            d * (uint64_t)vqkv_dtype_size(l->dtype);
 }

@@ -76,6 +76,8 @@ class KVView(ctypes.Structure):
         ("token_stride", ctypes.c_uint64),
         ("head_stride", ctypes.c_uint64),
         ("num_slots", ctypes.c_uint32),
+        # const uint64_t *: per-layer starts; None for a strided view
+        ("layer_offsets", ctypes.c_void_p),
     ]
 
 

@@ -97,6 +97,10 @@ int vqkv_kbatch_check(const vqkv_kplan_t *plan, const vqkv_kv_view_t *view, cons
     /* Element-aligned views (what every engine's cache is), so kernels move
      * whole elements; the region's base is aligned by its allocator. */
     uint64_t esize = vqkv_dtype_size(plan->layout.dtype);
+    /* Per-layer offsets live in host memory; the kernels read the view by
+     * value, so they take strided layers only (for now). */
+    if (view->layer_offsets != NULL)
+        return VQKV_EINVAL;
     if (view->offset % esize != 0 || view->layer_stride % esize != 0 ||
         view->kv_stride % esize != 0 || view->slot_stride % esize != 0 ||
         view->token_stride % esize != 0 || view->head_stride % esize != 0)

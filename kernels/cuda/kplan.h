@@ -153,7 +153,8 @@ int vqkv_kplan_build(const vqkv_codec_t *codec, vqkv_kplan_t *plan, float **book
 /* Checks a request before anything is launched: every slot inside the
  * view's region (vqkv_kv_view_check), every block's bytes inside a store of
  * store_bytes, an offset and strides that are multiples of the element
- * size, n_blocks > 0 and a launch that fits one grid. VQKV_OK, VQKV_ERANGE
+ * size, no layer_offsets (not on the GPU yet), n_blocks > 0 and a launch
+ * that fits one grid. VQKV_OK, VQKV_ERANGE
  * or VQKV_EINVAL. Host arrays. */
 int vqkv_kbatch_check(const vqkv_kplan_t *plan, const vqkv_kv_view_t *view, const uint32_t *slots,
                       const uint64_t *store_at, uint32_t n_blocks, uint64_t store_bytes);
