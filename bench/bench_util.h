@@ -10,7 +10,9 @@
 #include "vqkv_codec.h"
 
 #include <math.h>
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 static inline double bench_now(void)
@@ -35,6 +37,49 @@ static inline void bench_fill(uint16_t *cache, size_t n, uint32_t head_dim)
     }
 }
 
+/* The command line the codec benchmarks share:
+ *   NAME [--blocks N] [--min-seconds S] [--json FILE] [SPEC ...]
+ * the codecs of the table below when no SPEC is given. */
+typedef struct {
+    const char *specs[32];
+    size_t n_specs;
+    uint32_t blocks;    /* the caller's default before parsing */
+    double min_seconds; /* likewise */
+    const char *json_path;
+} bench_args_t;
+
+/* Parses argv over a's defaults: 0, or 2 (the exit status) after saying
+ * what is wrong. --blocks must be 1 to max_blocks. */
+static inline int bench_args_parse(bench_args_t *a, int argc, char **argv, const char *name,
+                                   uint32_t max_blocks)
+{
+    static const char *const default_specs[] = {
+        "fp16", "fp8", "kivi4", "kivi2", "rvq:d=8,b=8,r=2", "vqkv", "commvq"};
+    for (int i = 1; i < argc; i++) {
+        if (strcmp(argv[i], "--blocks") == 0 && i + 1 < argc)
+            a->blocks = (uint32_t)strtoul(argv[++i], NULL, 10);
+        else if (strcmp(argv[i], "--min-seconds") == 0 && i + 1 < argc)
+            a->min_seconds = strtod(argv[++i], NULL);
+        else if (strcmp(argv[i], "--json") == 0 && i + 1 < argc)
+            a->json_path = argv[++i];
+        else if (argv[i][0] != '-' && a->n_specs < 32)
+            a->specs[a->n_specs++] = argv[i];
+        else {
+            fprintf(stderr, "usage: %s [--blocks N] [--min-seconds S] [--json FILE] [SPEC ...]\n",
+                    name);
+            return 2;
+        }
+    }
+    if (a->n_specs == 0)
+        for (; a->n_specs < sizeof default_specs / sizeof default_specs[0]; a->n_specs++)
+            a->specs[a->n_specs] = default_specs[a->n_specs];
+    if (a->blocks == 0 || a->blocks > max_blocks || !(a->min_seconds >= 0.0)) {
+        fprintf(stderr, "%s: --blocks must be 1 to %u\n", name, (unsigned)max_blocks);
+        return 2;
+    }
+    return 0;
+}
+
 /* Trains codec on the K and V of the first slot of each layer of a fp16
  * cache laid out by view. */
 static inline int bench_train(vqkv_codec_t *codec, const vqkv_kv_view_t *view, const void *cache)
@@ -46,8 +91,8 @@ static inline int bench_train(vqkv_codec_t *codec, const vqkv_kv_view_t *view, c
     int rc = x == NULL ? VQKV_ENOMEM : VQKV_OK;
     for (uint32_t l = 0; l < layout->num_layers && rc == VQKV_OK; l++) {
         for (int kv = 0; kv < 2 && rc == VQKV_OK; kv++) {
-            const uint8_t *src = (const uint8_t *)cache + view->offset + vqkv_kv_view_layer(view, l) +
-                                 kv * view->kv_stride;
+            const uint8_t *src = (const uint8_t *)cache + view->offset +
+                                 vqkv_kv_view_layer(view, l) + kv * view->kv_stride;
             vqkv_dtype_to_f32(VQKV_DTYPE_F16, src, vectors * layout->head_dim, x);
             rc = vqkv_codec_train(codec, l, kv, x, vectors, &topts);
         }

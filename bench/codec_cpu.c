@@ -5,10 +5,9 @@
  * fp16 cache. Each codec encodes blocks out of it and decodes them back
  * into a second cache, one thread, and the figures are GB/s of fp16 in
  * (encode) and out (decode). Decode takes all blocks as one batch, as a
- * get does (vqkv_codec_decode_batch: layer by layer). memcpy of the same number of fp16 bytes between
- * the two caches, in the same run, is the baseline. VQ codebooks are trained
- * briefly on the same synthetic data: their quality does not matter here,
- * only the work per block does.
+ * get does (vqkv_codec_decode_batch: layer by layer). memcpy of the same number of fp16 bytes
+ * between the two caches, in the same run, is the baseline. VQ codebooks are trained briefly on the
+ * same synthetic data: their quality does not matter here, only the work per block does.
  *
  * usage: codec_cpu [--blocks N] [--min-seconds S] [--json FILE] [SPEC ...]
  */
@@ -111,36 +110,15 @@ static int bench_codec(const char *spec, const vqkv_layout_t *layout, const vqkv
 
 int main(int argc, char **argv)
 {
-    static const char *default_specs[] = {"fp16", "fp8",   "kivi4", "kivi2", "rvq:d=8,b=8,r=2",
-                                          "vqkv", "commvq"};
-    const char *specs[32];
-    size_t n_specs = 0;
-    uint32_t blocks = 4;
-    double min_seconds = 0.5;
-    const char *json_path = NULL;
-
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--blocks") == 0 && i + 1 < argc)
-            blocks = (uint32_t)strtoul(argv[++i], NULL, 10);
-        else if (strcmp(argv[i], "--min-seconds") == 0 && i + 1 < argc)
-            min_seconds = strtod(argv[++i], NULL);
-        else if (strcmp(argv[i], "--json") == 0 && i + 1 < argc)
-            json_path = argv[++i];
-        else if (argv[i][0] != '-' && n_specs < 32)
-            specs[n_specs++] = argv[i];
-        else {
-            fprintf(stderr,
-                    "usage: codec_cpu [--blocks N] [--min-seconds S] [--json FILE] [SPEC ...]\n");
-            return 2;
-        }
-    }
-    if (n_specs == 0)
-        for (; n_specs < sizeof default_specs / sizeof default_specs[0]; n_specs++)
-            specs[n_specs] = default_specs[n_specs];
-    if (blocks == 0 || blocks > BENCH_MAX_BLOCKS || !(min_seconds >= 0.0)) {
-        fprintf(stderr, "codec_cpu: --blocks must be 1 to %d\n", BENCH_MAX_BLOCKS);
-        return 2;
-    }
+    bench_args_t args = {.blocks = 4, .min_seconds = 0.5};
+    int bad = bench_args_parse(&args, argc, argv, "codec_cpu", BENCH_MAX_BLOCKS);
+    if (bad != 0)
+        return bad;
+    uint32_t blocks = args.blocks;
+    double min_seconds = args.min_seconds;
+    const char *json_path = args.json_path;
+    const char *const *specs = args.specs;
+    size_t n_specs = args.n_specs;
 
     vqkv_layout_t layout = {32, 8, 128, 32, VQKV_DTYPE_F16};
     vqkv_kv_view_t view;

@@ -148,36 +148,15 @@ static int gpu_write_json(const char *path, const char *device, uint32_t blocks,
 
 int main(int argc, char **argv)
 {
-    static const char *default_specs[] = {"fp16", "fp8",   "kivi4", "kivi2", "rvq:d=8,b=8,r=2",
-                                          "vqkv", "commvq"};
-    const char *specs[32];
-    size_t n_specs = 0;
-    uint32_t blocks = 64;
-    double min_seconds = 0.2;
-    const char *json_path = NULL;
-
-    for (int i = 1; i < argc; i++) {
-        if (strcmp(argv[i], "--blocks") == 0 && i + 1 < argc)
-            blocks = (uint32_t)strtoul(argv[++i], NULL, 10);
-        else if (strcmp(argv[i], "--min-seconds") == 0 && i + 1 < argc)
-            min_seconds = strtod(argv[++i], NULL);
-        else if (strcmp(argv[i], "--json") == 0 && i + 1 < argc)
-            json_path = argv[++i];
-        else if (argv[i][0] != '-' && n_specs < 32)
-            specs[n_specs++] = argv[i];
-        else {
-            fprintf(stderr,
-                    "usage: codec_gpu [--blocks N] [--min-seconds S] [--json FILE] [SPEC ...]\n");
-            return 2;
-        }
-    }
-    if (n_specs == 0)
-        for (; n_specs < sizeof default_specs / sizeof default_specs[0]; n_specs++)
-            specs[n_specs] = default_specs[n_specs];
-    if (blocks == 0 || blocks > 4096 || !(min_seconds >= 0.0)) {
-        fprintf(stderr, "codec_gpu: --blocks must be 1 to 4096\n");
-        return 2;
-    }
+    bench_args_t args = {.blocks = 64, .min_seconds = 0.2};
+    int bad = bench_args_parse(&args, argc, argv, "codec_gpu", 4096);
+    if (bad != 0)
+        return bad;
+    uint32_t blocks = args.blocks;
+    double min_seconds = args.min_seconds;
+    const char *json_path = args.json_path;
+    const char *const *specs = args.specs;
+    size_t n_specs = args.n_specs;
     if (vqkv_cuda_device_count() == 0) {
         fprintf(stderr, "codec_gpu: SKIPPED: no CUDA device\n");
         return 77;

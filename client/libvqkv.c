@@ -24,13 +24,13 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <poll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -244,6 +244,21 @@ static int vqkv__lost(vqkv_client_t *c, int e)
                       e != 0 ? strerror(e) : "end of stream");
 }
 
+/* The Envelope in frame (which it empties), checked; VQKV_OK with *r the
+ * caller's to free, or the error with nothing to free. */
+static int vqkv__unpack_reply(vqkv_frame_t *frame, Vqkv__Envelope **r)
+{
+    int rc = vqkv_frame_unpack(frame->data, frame->len, r);
+    vqkv_frame_clear(frame);
+    if (rc == VQKV_OK)
+        rc = vqkv_frame_check(*r);
+    if (rc != VQKV_OK) {
+        vqkv_frame_envelope_free(*r);
+        *r = NULL;
+    }
+    return rc;
+}
+
 /* Sends env (request_id assigned here) with fds, then waits for the reply
  * carrying its id; replies to earlier requests that timed out are skipped.
  * *reply is the reply (an Error becomes its code, the message kept). A
@@ -283,14 +298,9 @@ static int vqkv__call(vqkv_client_t *c, Vqkv__Envelope *env, const int *fds, siz
                               vqkv_proto_strerror(rc));
         }
         Vqkv__Envelope *r = NULL;
-        rc = vqkv_frame_unpack(frame.data, frame.len, &r);
-        vqkv_frame_clear(&frame);
-        if (rc == VQKV_OK)
-            rc = vqkv_frame_check(r);
-        if (rc != VQKV_OK) {
-            vqkv_frame_envelope_free(r);
+        rc = vqkv__unpack_reply(&frame, &r);
+        if (rc != VQKV_OK)
             return vqkv__fail(c, rc, "reply not understood: %s", vqkv_proto_strerror(rc));
-        }
         if (vqkv__async_reply(c, r))
             continue; /* an asynchronous call's, kept for vqkv_complete */
         if (r->request_id != env->request_id && r->request_id != 0) {
@@ -953,7 +963,8 @@ static size_t vqkv__per_request(const vqkv_client_t *c, size_t wire_bytes, uint6
 static uint64_t vqkv__staged_bytes(const vqkv_model_t *m)
 {
     const vqkv_layout_t *l = &m->layout;
-    uint64_t fp16 = (uint64_t)l->num_layers * 2 * l->block_tokens * l->num_kv_heads * l->head_dim * 2;
+    uint64_t fp16 =
+        (uint64_t)l->num_layers * 2 * l->block_tokens * l->num_kv_heads * l->head_dim * 2;
     return fp16 > m->block_bytes ? fp16 : m->block_bytes;
 }
 
@@ -1352,13 +1363,9 @@ static bool vqkv__async_read(vqkv_client_t *c, int wait_ms)
         return true;
     }
     Vqkv__Envelope *r = NULL;
-    rc = vqkv_frame_unpack(frame.data, frame.len, &r);
-    vqkv_frame_clear(&frame);
-    if (rc == VQKV_OK)
-        rc = vqkv_frame_check(r);
+    rc = vqkv__unpack_reply(&frame, &r);
     if (rc != VQKV_OK) {
         /* The stream is in step but the reply is lost to us: so is its call. */
-        vqkv_frame_envelope_free(r);
         vqkv__disconnect(c);
         vqkv__fail(c, rc, "reply not understood: %s; the next call reconnects",
                    vqkv_proto_strerror(rc));
