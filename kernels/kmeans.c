@@ -31,7 +31,7 @@ void vqkv__search_prepare(const float *centroids, uint32_t d, uint32_t k, float 
 
 uint32_t vqkv__nearest(const float *x, const float *search, uint32_t d, uint32_t k)
 {
-    enum { CHUNK = 64 };
+    enum { CHUNK = 256 };
     const float *norms2 = search, *wt = search + k;
     float dist[CHUNK], best_dist = FLT_MAX;
     uint32_t best = 0;
@@ -44,11 +44,18 @@ uint32_t vqkv__nearest(const float *x, const float *search, uint32_t d, uint32_t
             for (uint32_t i = 0; i < n; i++)
                 dist[i] += m * w[i];
         }
-        for (uint32_t i = 0; i < n; i++) {
-            if (dist[i] < best_dist) {
-                best_dist = dist[i];
-                best = c0 + i;
-            }
+        /* The chunk's least distance, then the first codeword at it: what
+         * a scan keeping the first strictly smaller one finds, NaNs never
+         * chosen, but in two passes the compiler vectorizes. */
+        float least = best_dist;
+        for (uint32_t i = 0; i < n; i++)
+            least = dist[i] < least ? dist[i] : least;
+        if (least < best_dist) {
+            uint32_t i = 0;
+            while (dist[i] != least)
+                i++;
+            best_dist = least;
+            best = c0 + i;
         }
     }
     return best;
