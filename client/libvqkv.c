@@ -1340,14 +1340,20 @@ static int vqkv__ms_left(int64_t deadline_ms)
     return left > 0 ? (int)(left < INT32_MAX ? left : INT32_MAX) : 0;
 }
 
+/* wait_ms of vqkv__async_read: route frames already read, never read. */
+#define VQKV__BUFFERED_ONLY (-2)
+
 /* Takes one step towards the next reply: a whole frame already read is
  * routed, else the socket is read once, waiting up to wait_ms for it to
- * be readable (-1: no limit). False when nothing came (time is up, or a
- * signal). A lost connection fails the calls. */
+ * be readable (-1: no limit; VQKV__BUFFERED_ONLY: not at all). False when
+ * nothing came (time is up, or a signal). A lost connection fails the
+ * calls. */
 static bool vqkv__async_read(vqkv_client_t *c, int wait_ms)
 {
     vqkv_frame_t frame;
     int rc = vqkv_frame_reader_next(&c->reader, &frame);
+    if (rc == 0 && wait_ms == VQKV__BUFFERED_ONLY)
+        return false;
     if (rc == 0) {
         struct pollfd pfd = {c->fd, POLLIN, 0};
         if (poll(&pfd, 1, wait_ms) <= 0)
@@ -1389,6 +1395,10 @@ int vqkv_complete(vqkv_client_t *client, int timeout_ms, vqkv_completion_t *done
         deadline = (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000 + timeout_ms;
     }
     for (;;) {
+        /* Replies already read off the socket first: the socket will not
+         * say they are there, so none may stay behind when this returns. */
+        while (client->n_parts > 0 && vqkv__async_read(client, VQKV__BUFFERED_ONLY))
+            ;
         if (client->n_done > 0) {
             size_t k = client->n_done < max ? client->n_done : max;
             memcpy(done, client->done, k * sizeof *done);

@@ -352,10 +352,12 @@ int vqkv_get_start(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t regi
                    const uint32_t *slots, size_t n, vqkv_request_t *request);
 
 /* Takes up to max finished calls into done[], waiting up to timeout_ms for
- * the first (0: not at all, -1: as long as it takes). Returns how many were
- * taken (0 when none finished in time or none is in flight), or a negative
- * code. Synchronous calls on the same client read the replies of started
- * ones as they come and keep them here, so completions are never lost. */
+ * the first (0: not at all, -1: as long as it takes). Every reply already
+ * read off the socket is taken in first. Returns how many were taken (0
+ * when none finished in time or none is in flight), or a negative code;
+ * when it returns max, more may be waiting: call it again before polling.
+ * Synchronous calls on the same client read the replies of started ones as
+ * they come and keep them here, so completions are never lost. */
 int vqkv_complete(vqkv_client_t *client, int timeout_ms, vqkv_completion_t *done, size_t max);
 
 /* The connection's socket, for an event loop: poll it for POLLIN, and when

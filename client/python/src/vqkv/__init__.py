@@ -20,6 +20,13 @@ and the memory of its paged KV cache (:class:`KVCache` in a memfd,
         with client.lookup(model, keys) as lease:
             lease.get(region, slots=free_slots[: lease.found])
 
+Those calls are synchronous. :meth:`Client.put_start` and
+:meth:`Client.get_start` send a put or a get and return a :class:`Request` at
+once; :meth:`Client.complete` collects the finished ones as
+:class:`Completion` objects (blocks stored or written, or the error the
+synchronous call would have raised; a put's statuses), and
+:meth:`Client.fileno` is the socket an event loop watches to know when.
+
 Failures raise :class:`VqkvError` (``.code``; ``.name``, the code's C name such
 as ``"VQKV_ECLOSED"``; ``.description``; ``.message``) or one of its
 subclasses. A daemon that cannot be reached (:class:`DaemonUnreachableError`)
@@ -30,8 +37,10 @@ not exist yet (:meth:`Client.register_cuda_tensor`).
 
 from ._native import LibraryNotFoundError, find_library
 from .client import (
+    ASYNC_MAX,
     KEY_BYTES,
     Client,
+    Completion,
     Keys,
     KeysLike,
     Lease,
@@ -39,6 +48,7 @@ from .client import (
     PutResult,
     PutStatus,
     Region,
+    Request,
     Stats,
     TenantStats,
     default_socket,
@@ -66,9 +76,11 @@ from .memory import DType, KVCache, KVView, Layout, memfd_create
 __version__ = "0.1.0"
 
 __all__ = [
+    "ASYNC_MAX",
     "KEY_BYTES",
     "Client",
     "CodecSpecError",
+    "Completion",
     "ConnectionLostError",
     "DType",
     "DaemonTimeoutError",
@@ -94,6 +106,7 @@ __all__ = [
     "PutStatus",
     "QuotaError",
     "Region",
+    "Request",
     "Stats",
     "TenantStats",
     "VqkvError",

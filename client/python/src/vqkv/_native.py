@@ -41,10 +41,12 @@ from pathlib import Path
 __all__ = [
     "KEY_BYTES",
     "STATS_MAX_TENANTS",
+    "ASYNC_MAX",
     "LayoutStruct",
     "KVViewStruct",
     "TenantStatsStruct",
     "StatsStruct",
+    "CompletionStruct",
     "LibraryNotFoundError",
     "find_library",
     "lib",
@@ -52,6 +54,7 @@ __all__ = [
 
 KEY_BYTES = 32
 STATS_MAX_TENANTS = 64
+ASYNC_MAX = 256  # VQKV_ASYNC_MAX
 
 # The checkout this file sits in, when it sits in one: src/vqkv/ under
 # client/python/ of the repository (an installed copy sits in none).
@@ -102,6 +105,8 @@ class KVViewStruct(ctypes.Structure):
         ("token_stride", ctypes.c_uint64),
         ("head_stride", ctypes.c_uint64),
         ("num_slots", ctypes.c_uint32),
+        # const uint64_t *: per-layer starts; None for a strided view
+        ("layer_offsets", ctypes.c_void_p),
     ]
 
 
@@ -139,6 +144,15 @@ class StatsStruct(ctypes.Structure):
         ("n_tenants", ctypes.c_uint32),
         ("n_tenants_total", ctypes.c_uint32),
         ("tenants", TenantStatsStruct * STATS_MAX_TENANTS),
+    ]
+
+
+class CompletionStruct(ctypes.Structure):
+    """``vqkv_completion_t``."""
+
+    _fields_ = [
+        ("request", ctypes.c_uint64),  # vqkv_request_t
+        ("rc", ctypes.c_int),
     ]
 
 
@@ -191,6 +205,14 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "vqkv_unpin": (_INT, [_P, _P, _KEYS, ctypes.c_size_t, _SIZEP]),
     "vqkv_evict": (_INT, [_P, _P, _KEYS, ctypes.c_size_t, _INT, _SIZEP]),
     "vqkv_stats": (_INT, [_P, ctypes.POINTER(StatsStruct)]),
+    "vqkv_put_start": (
+        _INT,
+        [_P, _P, ctypes.c_uint64, _KEYS, _KEYS, _U32P, ctypes.c_size_t, _P, _U64P],
+    ),
+    "vqkv_get_start": (_INT, [_P, ctypes.c_uint64, ctypes.c_uint64, _U32P, ctypes.c_size_t, _U64P]),
+    "vqkv_complete": (_INT, [_P, _INT, ctypes.POINTER(CompletionStruct), ctypes.c_size_t]),
+    "vqkv_client_fd": (_INT, [_P]),
+    "vqkv_async_pending": (ctypes.c_size_t, [_P]),
     # From libvqkv_kernels, which libvqkv links: dlsym on libvqkv's handle finds them.
     "vqkv_layout_check": (_INT, [ctypes.POINTER(LayoutStruct)]),
     "vqkv_kv_view_vllm": (

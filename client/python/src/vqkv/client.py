@@ -7,6 +7,13 @@ at a time on a connection; a :class:`Client` takes a lock around every call
 so threads may share it (the lock costs far less than the round trip;
 one client per thread still avoids waiting on each other).
 
+The exceptions are the started calls (``vqkv_put_start``,
+``vqkv_get_start``): :meth:`Client.put_start` and :meth:`Client.get_start`
+send their request and return a :class:`Request` at once, and
+:meth:`Client.complete` collects the finished ones as :class:`Completion`
+objects, whenever the caller likes (an event loop watches
+:meth:`Client.fileno`).
+
 Handles belong to their connection: closing the client (or the process
 dying) releases its models, regions, leases and pins in the daemon, and the
 :class:`Model` objects it made can no longer compute keys.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import enum
+import math
 import threading
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -30,7 +38,7 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _call, _native
-from .errors import VqkvError
+from .errors import VqkvError, error_from_code
 from .memory import KVCache, KVView, Layout
 
 __all__ = [
@@ -41,6 +49,9 @@ __all__ = [
     "Lease",
     "PutStatus",
     "PutResult",
+    "Request",
+    "Completion",
+    "ASYNC_MAX",
     "Stats",
     "TenantStats",
     "Keys",
@@ -49,6 +60,10 @@ __all__ = [
 ]
 
 KEY_BYTES = _native.KEY_BYTES
+
+ASYNC_MAX = _native.ASYNC_MAX
+"""Started calls and completions a client holds at most (``VQKV_ASYNC_MAX``): in flight plus
+finished but not yet taken by :meth:`Client.complete`."""
 
 Keys = npt.NDArray[np.uint8]
 """Block keys: shape ``(n, 32)``, uint8, C-contiguous."""
@@ -80,6 +95,80 @@ class PutResult:
 
     stored: int
     statuses: list[PutStatus]
+
+
+class Request:
+    """A call started by :meth:`Client.put_start` or :meth:`Client.get_start` (``vqkv_request_t``).
+
+    Its result comes later, in a :class:`Completion` that :meth:`Client.complete`
+    returns, whose ``request`` is this object. ``id`` names the call on its
+    client (1, 2, ... in the order started), ``kind`` is ``"put"`` or ``"get"``
+    and ``n`` the number of blocks it names; ``done`` turns true when its
+    completion is taken. Until then a put's request holds the buffer libvqkv
+    writes the blocks' statuses into when the replies come.
+    """
+
+    __slots__ = ("id", "kind", "n", "done", "_statuses")
+
+    def __init__(
+        self, request_id: int, kind: str, n: int, statuses: ctypes.Array[ctypes.c_int] | None = None
+    ) -> None:
+        """Wraps a request id; :meth:`Client.put_start` and :meth:`Client.get_start` make them."""
+        self.id = request_id
+        self.kind = kind
+        self.n = n
+        self.done = False
+        self._statuses = statuses
+
+    def __repr__(self) -> str:
+        state = ", done" if self.done else ""
+        return f"Request(id={self.id}, kind={self.kind!r}, n={self.n}{state})"
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    """A finished started call, as :meth:`Client.complete` takes it (``vqkv_completion_t``).
+
+    ``result`` is what the synchronous call would have returned, the blocks
+    stored (put) or written (get), or else the exception it would have raised,
+    of the same class (:class:`vqkv.OutOfRangeError` for a slot outside the
+    region, :class:`vqkv.ConnectionLostError` when the connection was lost
+    under the call, which is never retried), as an object, not raised; its
+    ``message`` names the call, since libvqkv keeps no daemon message per
+    started call. ``statuses`` are a put's blocks' statuses, as
+    :meth:`Client.put` returns them, when it succeeded; None for a get or a
+    failed put.
+    """
+
+    request: Request
+    result: int | VqkvError
+    statuses: list[PutStatus] | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Whether the call succeeded."""
+        return not isinstance(self.result, VqkvError)
+
+    @property
+    def error(self) -> VqkvError | None:
+        """The call's error, None when it succeeded."""
+        return self.result if isinstance(self.result, VqkvError) else None
+
+    def check(self) -> int:
+        """The blocks stored or written; raises the call's error when it failed."""
+        if isinstance(self.result, VqkvError):
+            raise self.result
+        return self.result
+
+    def put_result(self) -> PutResult:
+        """A put's :class:`PutResult`, as :meth:`Client.put` returns it; raises the put's error if it failed.
+
+        Raises ``TypeError`` for a get's completion.
+        """
+        stored = self.check()
+        if self.statuses is None:
+            raise TypeError(f"{self.request!r} is not a put")
+        return PutResult(stored, self.statuses)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +274,33 @@ def _u32p(a: npt.NDArray[np.uint32]) -> Any:
     return a.ctypes.data_as(ctypes.POINTER(ctypes.c_uint32))
 
 
+def _put_arrays(
+    keys: KeysLike, slots: IntsLike, parents: KeysLike | None, what: str
+) -> tuple[Keys, npt.NDArray[np.uint32], Keys | None]:
+    """A put's keys, slots and parents as the arrays libvqkv takes, their lengths checked."""
+    k = _keys_array(keys)
+    s = _u32_array(slots, "slots")
+    if s.size != len(k):
+        raise _call.invalid(f"{what}: {len(k)} keys but {s.size} slots")
+    p = None if parents is None else _keys_array(parents, "parents")
+    if p is not None and len(p) != len(k):
+        raise _call.invalid(f"{what}: {len(k)} keys but {len(p)} parents")
+    return k, s, p
+
+
+_TIMEOUT_MS_MAX = 2**31 - 1
+
+
+def _timeout_ms(timeout: float | None) -> int:
+    """:meth:`Client.complete`'s timeout in seconds as vqkv_complete's milliseconds (None: -1)."""
+    if timeout is None:
+        return -1
+    if not timeout >= 0:  # NaN too
+        raise _call.invalid(f"complete: timeout must be None or at least 0 seconds, not {timeout!r}")
+    ms = timeout * 1000
+    return _TIMEOUT_MS_MAX if ms >= _TIMEOUT_MS_MAX else math.ceil(ms)
+
+
 class Model:
     """A model registered on a client (``vqkv_model_t``): its codec, block size and key hashing.
 
@@ -286,6 +402,10 @@ class Lease:
         """:meth:`Client.get` on this lease."""
         return self._client.get(self, region, slots)
 
+    def get_start(self, region: Region, slots: IntsLike) -> Request:
+        """:meth:`Client.get_start` on this lease: release it only once the completion is taken."""
+        return self._client.get_start(self, region, slots)
+
     def release(self) -> None:
         """Ends the lease; later calls do nothing. See :meth:`Client.release`."""
         if self.id != 0 and not self._client.closed:
@@ -322,6 +442,10 @@ class Client:
         """Connects and opens the session (Hello, Welcome)."""
         self._lock = threading.Lock()
         self._c = ctypes.c_void_p()
+        # Started calls whose completion is not taken yet, by id: the Request
+        # a Completion hands back, and with it a put's statuses buffer, which
+        # libvqkv writes into until then.
+        self._requests: dict[int, Request] = {}
         lib = _native.lib()
         rc = lib.vqkv_connect(
             None if socket_path is None else socket_path.encode(),
@@ -360,6 +484,21 @@ class Client:
             c = self._open_handle()
             rc: int = getattr(_native.lib(), fn)(c, *args)
             return _call.check(rc, c, what)
+
+    def _start(self, request: Request, fn: str, *args: Any) -> Request:
+        """Calls the start function ``fn(client, *args, &id)`` under the lock and keeps ``request``.
+
+        It is kept under the same lock, so that no :meth:`complete` can take
+        its completion before it is known.
+        """
+        out = ctypes.c_uint64(0)
+        with self._lock:
+            c = self._open_handle()
+            rc: int = getattr(_native.lib(), fn)(c, *args, ctypes.byref(out))
+            _call.check(rc, c, f"{request.kind}_start")
+            request.id = out.value
+            self._requests[request.id] = request
+            return request
 
     # ---- models ------------------------------------------------------------------
 
@@ -484,13 +623,7 @@ class Client:
         Do not overwrite the slots before this returns. Raises
         :class:`vqkv.OutOfRangeError` (nothing stored) for a slot outside the region.
         """
-        k = _keys_array(keys)
-        s = _u32_array(slots, "slots")
-        if s.size != len(k):
-            raise _call.invalid(f"put: {len(k)} keys but {s.size} slots")
-        p = None if parents is None else _keys_array(parents, "parents")
-        if p is not None and len(p) != len(k):
-            raise _call.invalid(f"put: {len(k)} keys but {len(p)} parents")
+        k, s, p = _put_arrays(keys, slots, parents, "put")
         statuses = (ctypes.c_int * max(len(k), 1))()
         stored = self._invoke(
             "put",
@@ -608,14 +741,149 @@ class Client:
             st.n_tenants_total,
         )
 
+    # ---- started calls -----------------------------------------------------------
+
+    def put_start(
+        self,
+        model: Model,
+        region: Region,
+        keys: KeysLike,
+        slots: IntsLike,
+        *,
+        parents: KeysLike | None = None,
+    ) -> Request:
+        """:meth:`put`, started (``vqkv_put_start``): sends the request and returns at once.
+
+        The arguments are :meth:`put`'s, and may be reused as soon as this
+        returns (libvqkv has serialized them); the slots' memory in the cache
+        must not change until the completion is taken. :meth:`complete`
+        returns the :class:`Completion`: the blocks stored, or the error
+        :meth:`put` would have raised, and each block's :class:`PutStatus`
+        (:meth:`Completion.put_result`). Raises, with no completion to come,
+        :class:`vqkv.LimitError` when the client holds :data:`ASYNC_MAX`
+        started calls and completions, or as many requests in flight as the
+        daemon's ``max_inflight`` less one (one stays for synchronous calls),
+        :class:`vqkv.HandleError` for a region not registered on this client,
+        :class:`vqkv.ConnectionLostError` when the connection breaks while
+        sending. A started call is never retried: a connection lost under it
+        completes it with :class:`vqkv.ConnectionLostError`.
+        """
+        k, s, p = _put_arrays(keys, slots, parents, "put_start")
+        statuses = (ctypes.c_int * max(len(k), 1))()
+        return self._start(
+            Request(0, "put", len(k), statuses),
+            "vqkv_put_start",
+            model.handle,
+            region.handle,
+            _ptr(k),
+            None if p is None else _ptr(p),
+            _u32p(s),
+            len(k),
+            statuses,
+        )
+
+    def get_start(self, lease: Lease | int, region: Region, slots: IntsLike) -> Request:
+        """:meth:`get`, started (``vqkv_get_start``): sends the request and returns at once.
+
+        The blocks are in ``slots`` of ``region`` when its :class:`Completion`
+        comes (:meth:`complete`; its result the number written, or the error
+        :meth:`get` would have raised): do not read those slots, nor release
+        the lease, before then. ``slots`` may be reused as soon as this
+        returns. Raises as :meth:`put_start` does, and
+        :class:`vqkv.LeaseError` for a lease taken before the client reconnected.
+        """
+        s = _u32_array(slots, "slots")
+        lease_id = lease.id if isinstance(lease, Lease) else lease
+        return self._start(
+            Request(0, "get", s.size), "vqkv_get_start", lease_id, region.handle, _u32p(s), s.size
+        )
+
+    def complete(self, timeout: float | None = 0.0, max: int = 64) -> list[Completion]:
+        """Takes up to ``max`` finished started calls (``vqkv_complete``), in the order they finished.
+
+        Waits up to ``timeout`` seconds for the first one (0: not at all; None:
+        as long as it takes, while any call is in flight), then takes, without
+        waiting, every other one whose reply is in already; an empty list when
+        none finished in time or none is in flight. Fewer than ``max`` means
+        that nothing more had come: the next one makes :meth:`fileno` readable
+        (``max`` of them: call again, more may be waiting). A completion's
+        ``request`` is the :class:`Request` its start returned. Synchronous
+        calls on the client in between read the replies of started calls as
+        they come and keep them, so no completion is lost. The client's lock
+        is held while this waits, so the other threads' calls on the client
+        wait too.
+        """
+        if max < 1:
+            raise _call.invalid(f"complete: max must be at least 1, not {max}")
+        timeout_ms = _timeout_ms(timeout)
+        done = (_native.CompletionStruct * max)()
+        with self._lock:
+            c = self._open_handle()
+            lib = _native.lib()
+            n = _call.check(lib.vqkv_complete(c, timeout_ms, done, max), c, "complete")
+            # vqkv_complete returns with its first completions, and may leave
+            # further replies read off the socket but not yet routed, which
+            # poll() on the socket will never report: take them too, so that
+            # the socket is again what says whether anything is waiting.
+            while 0 < n < max:
+                rest = ctypes.byref(done[n])  # done[n:], in place
+                more = _call.check(lib.vqkv_complete(c, 0, rest, max - n), c, "complete")
+                if more == 0:
+                    break
+                n += more
+            return [self._completion(done[i].request, done[i].rc) for i in range(n)]
+
+    def _completion(self, request_id: int, rc: int) -> Completion:
+        """The :class:`Completion` of call ``request_id``, which ends its :class:`Request`."""
+        request = self._requests.pop(request_id, None)
+        if request is None:  # not started through this object: nothing to give back but its id
+            request = Request(request_id, "unknown", 0)
+        request.done = True
+        statuses, request._statuses = request._statuses, None
+        if rc < 0:
+            message = f"{request.kind} started as request {request.id}"
+            return Completion(request, error_from_code(rc, _call.describe(rc), message))
+        if statuses is None:
+            return Completion(request, rc)
+        return Completion(request, rc, [PutStatus(statuses[i]) for i in range(request.n)])
+
+    def fileno(self) -> int:
+        """The connection's socket (``vqkv_client_fd``), for ``select``, ``poll`` or an event loop.
+
+        When it is readable, call :meth:`complete` with timeout 0 (and again
+        while it returns as many as its ``max``); call that also after any
+        synchronous call, which may have read replies already (so a started
+        call's completion may be waiting while the socket is not readable).
+        -1 while disconnected; the socket changes when the client
+        reconnects, so ask again after a :class:`vqkv.ConnectionLostError`.
+        """
+        with self._lock:
+            fd: int = _native.lib().vqkv_client_fd(self._open_handle())
+            return fd
+
+    @property
+    def pending(self) -> int:
+        """Started calls whose completion is not taken yet, in flight or finished.
+
+        ``vqkv_async_pending``.
+        """
+        with self._lock:
+            n: int = _native.lib().vqkv_async_pending(self._open_handle())
+            return n
+
     # ---- lifetime ----------------------------------------------------------------
 
     def close(self) -> None:
-        """Closes the connection; the daemon drops its regions, leases and pins. Idempotent."""
+        """Closes the connection; the daemon drops its regions, leases and pins. Idempotent.
+
+        Started calls not completed yet never complete.
+        """
         with self._lock:
             if self._c:
                 _native.lib().vqkv_close(self._c)
                 self._c = ctypes.c_void_p()
+                # libvqkv writes no more statuses: the started calls end unanswered.
+                self._requests.clear()
 
     def __enter__(self) -> Client:
         return self

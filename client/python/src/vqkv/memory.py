@@ -149,7 +149,8 @@ class KVView:
 
     @classmethod
     def _from_struct(cls, st: _native.KVViewStruct) -> KVView:
-        return cls(*(getattr(st, field[0]) for field in _native.KVViewStruct._fields_))
+        # layer_offsets is C's only: the package's views are strided.
+        return cls(*(getattr(st, field.name) for field in dataclasses.fields(cls)))
 
     def to_struct(self) -> _native.KVViewStruct:
         """The C struct."""
