@@ -39,8 +39,8 @@ typedef struct {
     const vqkv_kv_view_t *view;
     const uint32_t *slots;
     uint32_t n;
-    /* decode: only layers [first_layer, end_layer) (a get split over
-     * threads); encode: whole blocks */
+    /* Only layers [first_layer, end_layer) of each block: a request split
+     * over threads. */
     uint32_t first_layer, end_layer;
     /* encode */
     const vqkv_codec_t *codec;

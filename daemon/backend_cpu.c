@@ -1,7 +1,7 @@
 /* backend_cpu.c -- vqkvd's CPU backend: worker KV memory shared as a
  * memfd, mapped into the daemon, and the CPU codecs of kernels/ run on
  * libuv's thread-pool threads: a put block after block, a get as batches
- * layer by layer, a large one split by layers over several threads.
+ * layer by layer; a large request split by layers over several threads.
  *
  * A memfd is sealed against shrinking before it is mapped: a worker that
  * truncated it under the mapping would turn the daemon's next read into
@@ -57,8 +57,9 @@ static int vqkvd__cpu_encode(vqkvd_batch_t *b)
     for (uint32_t i = 0; i < b->n; i++) {
         if (b->skip[i])
             continue;
-        int rc = vqkv_codec_encode(b->codec, b->base, b->view, b->slots[i],
-                                   b->out + (size_t)i * b->out_stride);
+        int rc = vqkv_codec_encode_layers(b->codec, b->base, b->view, b->slots[i],
+                                          b->out + (size_t)i * b->out_stride, b->first_layer,
+                                          b->end_layer);
         if (rc != VQKV_OK) {
             b->failed = i;
             return rc;

@@ -47,8 +47,9 @@
 
 typedef enum { VQKVD_JOB_PUT, VQKVD_JOB_GET } vqkvd_job_kind_t;
 
-/* A get this large (values written) is split by layers over several of
- * the thread pool's threads; smaller ones are not worth the handoffs. */
+/* A request this large (values read or written) is split by layers over
+ * several of the thread pool's threads; smaller ones are not worth the
+ * handoffs. */
 #define VQKVD_SPLIT_VALUES (1u << 20)
 /* The most parts a job is split into: libuv's pool has 4 threads unless
  * UV_THREADPOOL_SIZE says otherwise. */
@@ -795,15 +796,14 @@ static void vqkvd__job_part_after(uv_work_t *w, int status)
         vqkvd__job_after(&j->parts[0].work, j->status);
 }
 
-/* Hands j to the thread pool, holding its client and region: a large get
- * in up to VQKVD_JOB_PARTS parts by layers, anything else in one. The
- * parts that were queued finish the job even if a later one cannot be. */
+/* Hands j to the thread pool, holding its client and region: a large
+ * request in up to VQKVD_JOB_PARTS parts by layers, anything else in one.
+ * The parts that were queued finish the job even if a later one cannot be. */
 static int vqkvd__job_queue(vqkvd_job_t *j)
 {
     uint32_t layers = j->m->layout.num_layers, parts = 1;
-    if (j->kind == VQKVD_JOB_GET &&
-        (uint64_t)j->n * j->m->logical_bytes / vqkv_dtype_size(j->m->layout.dtype) >=
-            VQKVD_SPLIT_VALUES)
+    if ((uint64_t)j->n * j->m->logical_bytes / vqkv_dtype_size(j->m->layout.dtype) >=
+        VQKVD_SPLIT_VALUES)
         parts = layers < VQKVD_JOB_PARTS ? layers : VQKVD_JOB_PARTS;
     j->queued_ns = uv_hrtime();
     j->n_parts = j->parts_left = parts;

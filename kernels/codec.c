@@ -385,10 +385,21 @@ static int vqkv__codec_check(const vqkv_codec_t *codec, const void *base, const 
 int vqkv_codec_encode(const vqkv_codec_t *codec, const void *base, const vqkv_kv_view_t *view,
                       uint32_t slot, uint8_t *out)
 {
+    return vqkv_codec_encode_layers(codec, base, view, slot, out, 0,
+                                    codec != NULL ? codec->layout.num_layers : 0);
+}
+
+int vqkv_codec_encode_layers(const vqkv_codec_t *codec, const void *base,
+                             const vqkv_kv_view_t *view, uint32_t slot, uint8_t *out,
+                             uint32_t first_layer, uint32_t end_layer)
+{
     int rc = vqkv__codec_check(codec, base, out, view, slot);
     if (rc != VQKV_OK)
         return rc;
-    for (uint32_t layer = 0; layer < codec->layout.num_layers; layer++) {
+    if (first_layer > end_layer || end_layer > codec->layout.num_layers)
+        return VQKV_EINVAL;
+    out += (size_t)first_layer * (codec->part_bytes[0] + codec->part_bytes[1]);
+    for (uint32_t layer = first_layer; layer < end_layer; layer++) {
         for (int kv = 0; kv < 2; kv++) {
             vqkv__tile_t tile = vqkv__tile_at(codec, base, view, slot, layer, kv);
             codec->ops->encode_part(codec, layer, kv, &tile, out);

@@ -188,6 +188,12 @@ int vqkv_codec_train(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x
 int vqkv_codec_encode(const vqkv_codec_t *codec, const void *base, const vqkv_kv_view_t *view,
                       uint32_t slot, uint8_t *out);
 
+/* vqkv_codec_encode of layers [first_layer, end_layer) only: their parts
+ * of out, nothing else of it written (threads share a block by layers). */
+int vqkv_codec_encode_layers(const vqkv_codec_t *codec, const void *base,
+                             const vqkv_kv_view_t *view, uint32_t slot, uint8_t *out,
+                             uint32_t first_layer, uint32_t end_layer);
+
 /* Writes the block in[block_bytes] into slot `slot` of the view at base. */
 int vqkv_codec_decode(const vqkv_codec_t *codec, const uint8_t *in, void *base,
                       const vqkv_kv_view_t *view, uint32_t slot);

@@ -2324,7 +2324,8 @@ static void test_fp16_codec_f32_memory_specials(void **state)
 /* vqkv_codec_decode_batch writes what vqkv_codec_decode writes block by
  * block, also in two layer ranges (as threads split a get), with slots in
  * any order; a bad slot or layer range refuses the whole batch before any
- * byte is written. */
+ * byte is written. vqkv_codec_encode_layers in two ranges writes what one
+ * encode writes. */
 static void check_decode_batch(vqkv_codec_t *codec, size_t ci)
 {
     (void)ci;
@@ -2345,6 +2346,16 @@ static void check_decode_batch(vqkv_codec_t *codec, size_t ci)
         in[i] = packed + i * block_bytes;
         assert_ok(vqkv_codec_encode(codec, region, &v, i, packed + i * block_bytes));
     }
+    uint8_t *split = malloc(block_bytes + 1);
+    assert_non_null(split);
+    memset(split, 0xee, block_bytes + 1);
+    uint32_t mid = l->num_layers / 2;
+    assert_ok(vqkv_codec_encode_layers(codec, region, &v, 1, split, mid, l->num_layers));
+    assert_ok(vqkv_codec_encode_layers(codec, region, &v, 1, split, 0, mid));
+    assert_memory_equal(split, packed + block_bytes, block_bytes);
+    assert_int_equal(split[block_bytes], 0xee);
+    assert_rc(vqkv_codec_encode_layers(codec, region, &v, 1, split, 1, 0), VQKV_EINVAL);
+    free(split);
     memset(one, 0x5a, v.region_bytes);
     for (uint32_t i = 0; i < N; i++)
         assert_ok(vqkv_codec_decode(codec, in[i], one, &v, slots[i]));
