@@ -17,6 +17,7 @@
 #include <string.h>
 
 #if defined(__x86_64__)
+#include <cpuid.h>
 #include <immintrin.h>
 
 #define VQKV__X86 __attribute__((target("avx2,f16c")))
@@ -117,9 +118,12 @@ static pthread_once_t vqkv__simd_once = PTHREAD_ONCE_INIT;
 static void vqkv__simd_init(void)
 {
     const char *env = getenv("VQKV_CPU_SIMD");
+    unsigned eax, ebx, ecx, edx;
+    /* F16C from CPUID leaf 1 (ECX bit 29): clang has no builtin name for
+     * it; AVX2 (with the OS saving the YMM state) from the builtin. */
+    bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29)) != 0;
     __builtin_cpu_init();
-    vqkv__simd = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-                 !(env != NULL && strcmp(env, "0") == 0);
+    vqkv__simd = f16c && __builtin_cpu_supports("avx2") && !(env != NULL && strcmp(env, "0") == 0);
 }
 
 bool vqkv__simd_enabled(void)
