@@ -31,9 +31,12 @@ typedef struct {
 } vqkvd_region_mem_t;
 
 /* One request's blocks. Encode reads slots[i] of the view at base into
- * out + i * out_stride with codec, skipping blocks whose skip flag is set;
- * decode writes src[i] into slots[i] with codecs[i] (blocks stored before a
- * model's codebooks were ready decode with its fp16 fallback). */
+ * dst[i] with codec, skipping blocks whose dst is NULL (present already,
+ * or refused); decode writes src[i] into slots[i] with codecs[i] (blocks
+ * stored before a model's codebooks were ready decode with its fp16
+ * fallback). dst and src are pool slots: addresses in the backend's own
+ * arena (pool.h), resolved on the loop, so the bytes go straight between
+ * the worker's memory and the pool. */
 typedef struct {
     uint8_t *base;
     const vqkv_kv_view_t *view;
@@ -44,9 +47,7 @@ typedef struct {
     uint32_t first_layer, end_layer;
     /* encode */
     const vqkv_codec_t *codec;
-    const uint8_t *skip;
-    uint8_t *out;
-    size_t out_stride;
+    uint8_t *const *dst;
     /* decode */
     const vqkv_codec_t *const *codecs;
     const uint8_t *const *src;

@@ -55,11 +55,10 @@ static void vqkvd__cpu_region_close(vqkvd_region_mem_t *mem)
 static int vqkvd__cpu_encode(vqkvd_batch_t *b)
 {
     for (uint32_t i = 0; i < b->n; i++) {
-        if (b->skip[i])
+        if (b->dst[i] == NULL)
             continue;
-        int rc = vqkv_codec_encode_layers(b->codec, b->base, b->view, b->slots[i],
-                                          b->out + (size_t)i * b->out_stride, b->first_layer,
-                                          b->end_layer);
+        int rc = vqkv_codec_encode_layers(b->codec, b->base, b->view, b->slots[i], b->dst[i],
+                                          b->first_layer, b->end_layer);
         if (rc != VQKV_OK) {
             b->failed = i;
             return rc;

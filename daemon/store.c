@@ -22,7 +22,7 @@
 #include "vqkv_codec.h"
 #include "vqkv_proto.h"
 
-static const uint8_t zero_key[VQKVD_KEY_BYTES];
+static const uint8_t vqkvd__zero_key[VQKVD_KEY_BYTES];
 
 /* ---- hashing: SipHash-1-3 over key || tenant || model (40 bytes) ------- */
 
@@ -45,7 +45,7 @@ static const uint8_t zero_key[VQKVD_KEY_BYTES];
         v2 = ROTL(v2, 32);                                                                         \
     } while (0)
 
-static uint64_t le64(const uint8_t *p)
+static uint64_t vqkvd__le64(const uint8_t *p)
 {
     uint64_t v = 0;
     for (int i = 7; i >= 0; i--)
@@ -53,8 +53,8 @@ static uint64_t le64(const uint8_t *p)
     return v;
 }
 
-static uint64_t key_hash(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
-                         const uint8_t *key)
+static uint64_t vqkvd__store_hash(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
+                                  const uint8_t *key)
 {
     uint64_t v0 = s->sip_k0 ^ 0x736f6d6570736575ull;
     uint64_t v1 = s->sip_k1 ^ 0x646f72616e646f6dull;
@@ -62,7 +62,7 @@ static uint64_t key_hash(const vqkvd_store_t *s, uint32_t tenant, uint32_t model
     uint64_t v3 = s->sip_k1 ^ 0x7465646279746573ull;
     uint64_t m[6];
     for (int i = 0; i < 4; i++)
-        m[i] = le64(key + 8 * i);
+        m[i] = vqkvd__le64(key + 8 * i);
     m[4] = (uint64_t)tenant | ((uint64_t)model << 32);
     m[5] = (uint64_t)40 << 56; /* the length byte of the final block */
     for (int i = 0; i < 6; i++) {
@@ -77,16 +77,16 @@ static uint64_t key_hash(const vqkvd_store_t *s, uint32_t tenant, uint32_t model
     return v0 ^ v1 ^ v2 ^ v3;
 }
 
-static vqkvd_block_t **bucket_of(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
-                                 const uint8_t *key)
+static vqkvd_block_t **vqkvd__store_bucket(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
+                                           const uint8_t *key)
 {
-    return &s->buckets[key_hash(s, tenant, model, key) & s->bucket_mask];
+    return &s->buckets[vqkvd__store_hash(s, tenant, model, key) & s->bucket_mask];
 }
 
-static vqkvd_block_t *block_get(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
-                                const uint8_t *key)
+static vqkvd_block_t *vqkvd__store_block_get(const vqkvd_store_t *s, uint32_t tenant,
+                                             uint32_t model, const uint8_t *key)
 {
-    vqkvd_block_t *b = *bucket_of(s, tenant, model, key);
+    vqkvd_block_t *b = *vqkvd__store_bucket(s, tenant, model, key);
     for (; b != NULL; b = b->hnext) {
         if (b->tenant == tenant && b->model == model && memcmp(b->key, key, VQKVD_KEY_BYTES) == 0)
             return b;
@@ -94,9 +94,18 @@ static vqkvd_block_t *block_get(const vqkvd_store_t *s, uint32_t tenant, uint32_
     return NULL;
 }
 
+/* A committed block: a reserved one is no one's to see until its writer
+ * commits it. */
+static vqkvd_block_t *vqkvd__store_block_present(const vqkvd_store_t *s, uint32_t tenant,
+                                                 uint32_t model, const uint8_t *key)
+{
+    vqkvd_block_t *b = vqkvd__store_block_get(s, tenant, model, key);
+    return b != NULL && b->writer == 0 ? b : NULL;
+}
+
 /* Doubles the bucket array when blocks outnumber buckets: O(blocks), so O(1)
  * amortized per insert. A failed grow only leaves chains longer. */
-static void table_maybe_grow(vqkvd_store_t *s)
+static void vqkvd__store_table_maybe_grow(vqkvd_store_t *s)
 {
     uint64_t n = s->bucket_mask + 1;
     if (s->stats.blocks < n || n > (UINT64_MAX >> 1) / sizeof(vqkvd_block_t *))
@@ -111,7 +120,7 @@ static void table_maybe_grow(vqkvd_store_t *s)
         vqkvd_block_t *b = old[i];
         while (b != NULL) {
             vqkvd_block_t *next = b->hnext;
-            vqkvd_block_t **head = bucket_of(s, b->tenant, b->model, b->key);
+            vqkvd_block_t **head = vqkvd__store_bucket(s, b->tenant, b->model, b->key);
             b->hnext = *head;
             *head = b;
             b = next;
@@ -122,7 +131,7 @@ static void table_maybe_grow(vqkvd_store_t *s)
 
 /* ---- LRU list ------------------------------------------------------------ */
 
-static void lru_unlink(vqkvd_store_t *s, vqkvd_block_t *b)
+static void vqkvd__store_lru_unlink(vqkvd_store_t *s, vqkvd_block_t *b)
 {
     if (b->lru_prev != NULL)
         b->lru_prev->lru_next = b->lru_next;
@@ -135,7 +144,7 @@ static void lru_unlink(vqkvd_store_t *s, vqkvd_block_t *b)
     b->lru_prev = b->lru_next = NULL;
 }
 
-static void lru_append(vqkvd_store_t *s, vqkvd_block_t *b)
+static void vqkvd__store_lru_append(vqkvd_store_t *s, vqkvd_block_t *b)
 {
     b->stamp = ++s->next_stamp;
     b->lru_prev = s->lru_tail;
@@ -147,15 +156,15 @@ static void lru_append(vqkvd_store_t *s, vqkvd_block_t *b)
     s->lru_tail = b;
 }
 
-static void lru_touch(vqkvd_store_t *s, vqkvd_block_t *b)
+static void vqkvd__store_lru_touch(vqkvd_store_t *s, vqkvd_block_t *b)
 {
-    lru_unlink(s, b);
-    lru_append(s, b);
+    vqkvd__store_lru_unlink(s, b);
+    vqkvd__store_lru_append(s, b);
 }
 
 /* ---- tenants ------------------------------------------------------------- */
 
-static vqkvd_tenant_stats_t *tenant_find(const vqkvd_store_t *s, uint32_t tenant)
+static vqkvd_tenant_stats_t *vqkvd__store_tenant_find(const vqkvd_store_t *s, uint32_t tenant)
 {
     for (uint32_t i = 0; i < s->n_tenants; i++) {
         if (s->tenants[i].tenant == tenant)
@@ -165,9 +174,9 @@ static vqkvd_tenant_stats_t *tenant_find(const vqkvd_store_t *s, uint32_t tenant
 }
 
 /* The tenant's entry, made on first use; NULL only when out of memory. */
-static vqkvd_tenant_stats_t *tenant_get(vqkvd_store_t *s, uint32_t tenant)
+static vqkvd_tenant_stats_t *vqkvd__store_tenant_get(vqkvd_store_t *s, uint32_t tenant)
 {
-    vqkvd_tenant_stats_t *t = tenant_find(s, tenant);
+    vqkvd_tenant_stats_t *t = vqkvd__store_tenant_find(s, tenant);
     if (t != NULL)
         return t;
     if (s->n_tenants == s->cap_tenants) {
@@ -187,41 +196,51 @@ static vqkvd_tenant_stats_t *tenant_get(vqkvd_store_t *s, uint32_t tenant)
 
 /* ---- blocks -------------------------------------------------------------- */
 
-static int block_evictable(const vqkvd_block_t *b, uint64_t now)
+static int vqkvd__store_block_evictable(const vqkvd_block_t *b, uint64_t now)
 {
     return b->children == 0 && b->refs == 0 && b->pin_until <= now;
 }
 
-/* Unlinks b from everything, gives its slot back and frees it, counting
- * an eviction. b must be a leaf without leases. O(bucket chain). */
-static void block_remove(vqkvd_store_t *s, vqkvd_block_t *b)
+/* Unlinks b from the table, the LRU list (when committed) and its parent,
+ * gives its slot back and takes its bytes off the counters. b must be a
+ * leaf without leases. O(bucket chain). */
+static void vqkvd__store_block_unlink(vqkvd_store_t *s, vqkvd_block_t *b)
 {
-    vqkvd_block_t **pp = bucket_of(s, b->tenant, b->model, b->key);
+    vqkvd_block_t **pp = vqkvd__store_bucket(s, b->tenant, b->model, b->key);
     while (*pp != b)
         pp = &(*pp)->hnext;
     *pp = b->hnext;
-    lru_unlink(s, b);
+    if (b->writer == 0)
+        vqkvd__store_lru_unlink(s, b);
     if (b->parent != NULL)
         b->parent->children--;
     vqkvd_pool_free(s->pool, b->slot);
-    vqkvd_tenant_stats_t *t = tenant_find(s, b->tenant); /* made at insert */
+    vqkvd_tenant_stats_t *t = vqkvd__store_tenant_find(s, b->tenant); /* made at reserve */
     if (t != NULL) {
         t->blocks--;
         t->bytes_stored -= b->stored_bytes;
         t->bytes_logical -= b->logical_bytes;
-        t->evictions++;
     }
-    s->stats.evictions++;
     s->stats.blocks--;
     s->stats.bytes_stored -= b->stored_bytes;
     s->stats.bytes_logical -= b->logical_bytes;
+}
+
+/* Evicts committed block b, a leaf without leases, and frees it. */
+static void vqkvd__store_block_remove(vqkvd_store_t *s, vqkvd_block_t *b)
+{
+    vqkvd_tenant_stats_t *t = vqkvd__store_tenant_find(s, b->tenant);
+    if (t != NULL)
+        t->evictions++;
+    s->stats.evictions++;
+    vqkvd__store_block_unlink(s, b);
     free(b);
 }
 
 void vqkvd_store_rehome(vqkvd_store_t *s, vqkvd_block_t *b, uint32_t cls, uint64_t slot)
 {
     uint32_t bytes = vqkvd_pool_class_slot_bytes(s->pool, cls);
-    vqkvd_tenant_stats_t *t = tenant_find(s, b->tenant); /* made at insert */
+    vqkvd_tenant_stats_t *t = vqkvd__store_tenant_find(s, b->tenant); /* made at insert */
     if (t != NULL)
         t->bytes_stored = t->bytes_stored - b->stored_bytes + bytes;
     s->stats.bytes_stored = s->stats.bytes_stored - b->stored_bytes + bytes;
@@ -240,8 +259,8 @@ void vqkvd_store_rehome(vqkvd_store_t *s, vqkvd_block_t *b, uint32_t cls, uint64
  * scan stands, the scan steps back to it: everything older than the cursor
  * was looked at already and only that parent changed, so the order stays
  * strictly LRU among leaves. */
-static uint64_t evict(vqkvd_store_t *s, uint64_t now, uint64_t target, int cls,
-                      const vqkvd_tenant_stats_t *t)
+static uint64_t vqkvd__store_evict_lru(vqkvd_store_t *s, uint64_t now, uint64_t target, int cls,
+                                       const vqkvd_tenant_stats_t *t)
 {
     uint64_t n = 0;
     vqkvd_block_t *b = s->lru_head;
@@ -250,14 +269,14 @@ static uint64_t evict(vqkvd_store_t *s, uint64_t now, uint64_t target, int cls,
         if (cls < 0 && (t != NULL ? t->bytes_stored : s->pool->bytes_stored) <= target)
             break;
         vqkvd_block_t *next = b->lru_next;
-        if (block_evictable(b, now) && (cls < 0 || b->cls == (uint32_t)cls) &&
+        if (vqkvd__store_block_evictable(b, now) && (cls < 0 || b->cls == (uint32_t)cls) &&
             (t == NULL || b->tenant == t->tenant)) {
             vqkvd_block_t *parent = b->parent;
-            block_remove(s, b);
+            vqkvd__store_block_remove(s, b);
             n++;
             if (cls >= 0)
                 break;
-            if (parent != NULL && block_evictable(parent, now) &&
+            if (parent != NULL && vqkvd__store_block_evictable(parent, now) &&
                 (next == NULL || parent->stamp < next->stamp))
                 next = parent;
         }
@@ -290,28 +309,31 @@ int vqkvd_store_init(vqkvd_store_t *s, vqkvd_pool_t *pool, double high, double l
     s->pool = pool;
     s->high_bytes = (uint64_t)(high * (double)ps.usable_bytes);
     s->low_bytes = (uint64_t)(low * (double)ps.usable_bytes);
-    s->sip_k0 = le64(seed);
-    s->sip_k1 = le64(seed + 8);
+    s->sip_k0 = vqkvd__le64(seed);
+    s->sip_k1 = vqkvd__le64(seed + 8);
     s->bucket_mask = 63;
     s->lease_mask = 63;
     s->next_lease_id = 1;
     return VQKV_OK;
 }
 
-static void lease_free(vqkvd_store_t *s, vqkvd_lease_t *l);
+static void vqkvd__store_lease_free(vqkvd_store_t *s, vqkvd_lease_t *l);
 
 void vqkvd_store_destroy(vqkvd_store_t *s)
 {
     while (s->lease_head != NULL)
-        lease_free(s, s->lease_head);
-    /* Everything goes at once, so the tree order does not matter here. */
-    vqkvd_block_t *b = s->lru_head;
-    while (b != NULL) {
-        vqkvd_block_t *next = b->lru_next;
-        if (s->pool != NULL)
-            vqkvd_pool_free(s->pool, b->slot);
-        free(b);
-        b = next;
+        vqkvd__store_lease_free(s, s->lease_head);
+    /* Everything goes at once, so the tree order does not matter here; the
+     * table, unlike the LRU list, holds reserved blocks too. */
+    for (uint64_t i = 0; s->buckets != NULL && i <= s->bucket_mask; i++) {
+        vqkvd_block_t *b = s->buckets[i];
+        while (b != NULL) {
+            vqkvd_block_t *next = b->hnext;
+            if (s->pool != NULL)
+                vqkvd_pool_free(s->pool, b->slot);
+            free(b);
+            b = next;
+        }
     }
     free(s->buckets);
     free(s->lease_buckets);
@@ -319,64 +341,73 @@ void vqkvd_store_destroy(vqkvd_store_t *s)
     memset(s, 0, sizeof(*s));
 }
 
-int vqkvd_store_insert(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *key,
-                       const uint8_t *parent_key, uint32_t cls, uint32_t logical_bytes,
-                       uint64_t now, uint64_t *slot)
+/* Makes room for a slot_bytes block of tenant t: the tenant's quota first
+ * (what the tenant evicts for it also makes room in the pool), then the
+ * high watermark, then a slot of class cls, evicting as store.h describes.
+ * parent, when not NULL, is held so that making room cannot take it. */
+static int vqkvd__store_take_slot(vqkvd_store_t *s, vqkvd_tenant_stats_t *t, vqkvd_block_t *parent,
+                                  uint32_t cls, uint32_t slot_bytes, uint64_t now, uint64_t *slot)
 {
-    vqkvd_block_t *parent = NULL, *b = NULL;
-    uint64_t h = 0;
     int rc = VQKV_OK;
-
-    if (key == NULL || slot == NULL || cls >= s->pool->n_classes)
-        return VQKV_EINVAL;
-    uint32_t slot_bytes = vqkvd_pool_class_slot_bytes(s->pool, cls);
-    b = block_get(s, tenant, model, key);
-    if (b != NULL) {
-        lru_touch(s, b);
-        *slot = b->slot;
-        return VQKVD_STORE_PRESENT;
-    }
-    if (parent_key != NULL && memcmp(parent_key, zero_key, VQKVD_KEY_BYTES) != 0) {
-        parent = block_get(s, tenant, model, parent_key);
-        if (parent == NULL)
-            return VQKVD_STORE_NOPARENT;
-    }
-    vqkvd_tenant_stats_t *t = tenant_get(s, tenant);
-    b = malloc(sizeof(*b));
-    if (t == NULL || b == NULL) {
-        rc = VQKV_ENOMEM;
-        goto cleanup;
-    }
-
-    /* The parent is a leaf until b exists, and the most recent one at that:
-     * hold it so that making room for b cannot take it. */
     if (parent != NULL)
         parent->refs++;
-    /* The quota first: what the tenant evicts for it also makes room in
-     * the pool. */
     if (t->quota_bytes != 0 && t->bytes_stored + slot_bytes > t->quota_bytes) {
         if (slot_bytes <= t->quota_bytes)
-            evict(s, now, t->quota_bytes - slot_bytes, -1, t);
+            vqkvd__store_evict_lru(s, now, t->quota_bytes - slot_bytes, -1, t);
         rc = t->bytes_stored + slot_bytes > t->quota_bytes ? VQKV_EQUOTA : VQKV_OK;
     }
     if (rc == VQKV_OK && s->pool->bytes_stored + slot_bytes > s->high_bytes)
-        evict(s, now, s->low_bytes, -1, NULL);
+        vqkvd__store_evict_lru(s, now, s->low_bytes, -1, NULL);
     if (rc == VQKV_OK)
-        rc = vqkvd_pool_alloc(s->pool, cls, &h);
+        rc = vqkvd_pool_alloc(s->pool, cls, slot);
     if (rc == VQKV_ENOMEM) {
         /* Other classes may hold the free memory; then only this class's
          * own blocks can make room. */
-        evict(s, now, s->low_bytes, -1, NULL);
-        rc = vqkvd_pool_alloc(s->pool, cls, &h);
-        if (rc == VQKV_ENOMEM && evict(s, now, 0, (int)cls, NULL) > 0)
-            rc = vqkvd_pool_alloc(s->pool, cls, &h);
+        vqkvd__store_evict_lru(s, now, s->low_bytes, -1, NULL);
+        rc = vqkvd_pool_alloc(s->pool, cls, slot);
+        if (rc == VQKV_ENOMEM && vqkvd__store_evict_lru(s, now, 0, (int)cls, NULL) > 0)
+            rc = vqkvd_pool_alloc(s->pool, cls, slot);
     }
     if (parent != NULL)
         parent->refs--;
-    if (rc != VQKV_OK)
-        goto cleanup;
+    return rc;
+}
 
-    memset(b, 0, sizeof(*b));
+int vqkvd_store_reserve(vqkvd_store_t *s, uint64_t writer, uint32_t tenant, uint32_t model,
+                        const uint8_t *key, const uint8_t *parent_key, uint32_t cls,
+                        uint32_t logical_bytes, uint64_t now, vqkvd_block_t **out)
+{
+    vqkvd_block_t *parent = NULL, *b = NULL;
+    uint64_t h = 0;
+
+    if (writer == 0 || key == NULL || out == NULL || cls >= s->pool->n_classes)
+        return VQKV_EINVAL;
+    uint32_t slot_bytes = vqkvd_pool_class_slot_bytes(s->pool, cls);
+    b = vqkvd__store_block_get(s, tenant, model, key);
+    if (b != NULL) {
+        if (b->writer == 0)
+            vqkvd__store_lru_touch(s, b);
+        *out = b;
+        return VQKVD_STORE_PRESENT;
+    }
+    if (parent_key != NULL && memcmp(parent_key, vqkvd__zero_key, VQKVD_KEY_BYTES) != 0) {
+        parent = vqkvd__store_block_get(s, tenant, model, parent_key);
+        /* A parent another writer has yet to commit may still be aborted. */
+        if (parent == NULL || (parent->writer != 0 && parent->writer != writer))
+            return VQKVD_STORE_NOPARENT;
+    }
+    vqkvd_tenant_stats_t *t = vqkvd__store_tenant_get(s, tenant);
+    if (t == NULL)
+        return VQKV_ENOMEM;
+    int rc = vqkvd__store_take_slot(s, t, parent, cls, slot_bytes, now, &h);
+    if (rc != VQKV_OK)
+        return rc;
+    b = calloc(1, sizeof(*b));
+    if (b == NULL) {
+        vqkvd_pool_free(s->pool, h);
+        return VQKV_ENOMEM;
+    }
+    b->writer = writer;
     b->tenant = tenant;
     b->model = model;
     memcpy(b->key, key, VQKVD_KEY_BYTES);
@@ -385,10 +416,9 @@ int vqkvd_store_insert(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const 
     b->logical_bytes = logical_bytes;
     b->stored_bytes = slot_bytes;
     b->slot = h;
-    vqkvd_block_t **head = bucket_of(s, tenant, model, key);
+    vqkvd_block_t **head = vqkvd__store_bucket(s, tenant, model, key);
     b->hnext = *head;
     *head = b;
-    lru_append(s, b);
     if (parent != NULL)
         parent->children++;
     t->blocks++;
@@ -397,18 +427,53 @@ int vqkvd_store_insert(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const 
     s->stats.blocks++;
     s->stats.bytes_stored += slot_bytes;
     s->stats.bytes_logical += logical_bytes;
+    vqkvd__store_table_maybe_grow(s);
+    *out = b;
+    return VQKV_OK;
+}
+
+void vqkvd_store_commit(vqkvd_store_t *s, vqkvd_block_t *b)
+{
+    b->writer = 0;
+    vqkvd__store_lru_append(s, b);
     s->stats.inserts++;
-    *slot = h;
-    b = NULL;
-    table_maybe_grow(s);
-cleanup:
+}
+
+void vqkvd_store_abort(vqkvd_store_t *s, vqkvd_block_t *b)
+{
+    vqkvd__store_block_unlink(s, b);
     free(b);
+}
+
+int vqkvd_store_insert(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *key,
+                       const uint8_t *parent_key, uint32_t cls, uint32_t logical_bytes,
+                       uint64_t now, uint64_t *slot)
+{
+    vqkvd_block_t *b = NULL;
+    if (slot == NULL)
+        return VQKV_EINVAL;
+    int rc = vqkvd_store_reserve(s, VQKVD_STORE_WRITER_INSERT, tenant, model, key, parent_key, cls,
+                                 logical_bytes, now, &b);
+    if (rc == VQKV_OK)
+        vqkvd_store_commit(s, b);
+    if (rc == VQKV_OK || rc == VQKVD_STORE_PRESENT)
+        *slot = b->slot;
     return rc;
+}
+
+void vqkvd_store_hold(vqkvd_block_t *b)
+{
+    b->refs++;
+}
+
+void vqkvd_store_unhold(vqkvd_block_t *b)
+{
+    b->refs--;
 }
 
 /* ---- leases -------------------------------------------------------------- */
 
-static vqkvd_lease_t **lease_slot(vqkvd_store_t *s, uint64_t id)
+static vqkvd_lease_t **vqkvd__store_lease_slot(vqkvd_store_t *s, uint64_t id)
 {
     vqkvd_lease_t **pp = &s->lease_buckets[id & s->lease_mask];
     while (*pp != NULL && (*pp)->id != id)
@@ -417,7 +482,7 @@ static vqkvd_lease_t **lease_slot(vqkvd_store_t *s, uint64_t id)
 }
 
 /* Doubles the lease table at load 1: O(1) amortized. */
-static void lease_table_maybe_grow(vqkvd_store_t *s)
+static void vqkvd__store_lease_table_maybe_grow(vqkvd_store_t *s)
 {
     uint64_t n = s->lease_mask + 1;
     if (s->stats.leases < n || n > (UINT64_MAX >> 1) / sizeof(vqkvd_lease_t *))
@@ -440,9 +505,9 @@ static void lease_table_maybe_grow(vqkvd_store_t *s)
 }
 
 /* Drops l's holds on its blocks and frees it. O(l->n + bucket chain). */
-static void lease_free(vqkvd_store_t *s, vqkvd_lease_t *l)
+static void vqkvd__store_lease_free(vqkvd_store_t *s, vqkvd_lease_t *l)
 {
-    vqkvd_lease_t **pp = lease_slot(s, l->id);
+    vqkvd_lease_t **pp = vqkvd__store_lease_slot(s, l->id);
     if (*pp == l)
         *pp = l->hnext;
     if (l->prev != NULL)
@@ -469,10 +534,11 @@ int vqkvd_store_lookup(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const 
     if ((keys == NULL && n > 0) || n > VQKVD_STORE_MAX_CHAIN ||
         (lease_id != NULL && (ttl_ms == 0 || ttl_ms > UINT64_MAX - now)))
         return VQKV_EINVAL;
-    vqkvd_tenant_stats_t *t = tenant_get(s, tenant);
+    vqkvd_tenant_stats_t *t = vqkvd__store_tenant_get(s, tenant);
     if (t == NULL)
         return VQKV_ENOMEM;
-    while (found < n && block_get(s, tenant, model, keys + (size_t)found * VQKVD_KEY_BYTES))
+    while (found < n &&
+           vqkvd__store_block_present(s, tenant, model, keys + (size_t)found * VQKVD_KEY_BYTES))
         found++;
     if (lease_id != NULL && found > 0) {
         l = malloc(sizeof(*l) + (size_t)found * sizeof(l->blocks[0]));
@@ -482,8 +548,9 @@ int vqkvd_store_lookup(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const 
 
     /* Nothing can fail from here on. */
     for (uint32_t i = 0; i < found; i++) {
-        vqkvd_block_t *b = block_get(s, tenant, model, keys + (size_t)i * VQKVD_KEY_BYTES);
-        lru_touch(s, b);
+        vqkvd_block_t *b =
+            vqkvd__store_block_present(s, tenant, model, keys + (size_t)i * VQKVD_KEY_BYTES);
+        vqkvd__store_lru_touch(s, b);
         if (slots != NULL)
             slots[i] = b->slot;
         if (l != NULL) {
@@ -504,7 +571,7 @@ int vqkvd_store_lookup(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const 
     l->owner = owner;
     l->expiry = now + ttl_ms;
     l->n = found;
-    vqkvd_lease_t **pp = lease_slot(s, l->id);
+    vqkvd_lease_t **pp = vqkvd__store_lease_slot(s, l->id);
     l->hnext = NULL;
     *pp = l;
     /* Sorted insert from the tail: O(1) when every TTL is the same. */
@@ -522,17 +589,17 @@ int vqkvd_store_lookup(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const 
     else
         s->lease_head = l;
     s->stats.leases++;
-    lease_table_maybe_grow(s);
+    vqkvd__store_lease_table_maybe_grow(s);
     *lease_id = l->id;
     return (int)found;
 }
 
 int vqkvd_store_release(vqkvd_store_t *s, uint64_t owner, uint64_t lease_id)
 {
-    vqkvd_lease_t *l = *lease_slot(s, lease_id);
+    vqkvd_lease_t *l = *vqkvd__store_lease_slot(s, lease_id);
     if (lease_id == 0 || l == NULL || l->owner != owner)
         return VQKV_ELEASE;
-    lease_free(s, l);
+    vqkvd__store_lease_free(s, l);
     return VQKV_OK;
 }
 
@@ -543,7 +610,7 @@ uint64_t vqkvd_store_release_owner(vqkvd_store_t *s, uint64_t owner)
     while (l != NULL) {
         vqkvd_lease_t *next = l->next;
         if (l->owner == owner) {
-            lease_free(s, l);
+            vqkvd__store_lease_free(s, l);
             n++;
         }
         l = next;
@@ -555,7 +622,7 @@ uint64_t vqkvd_store_sweep(vqkvd_store_t *s, uint64_t now)
 {
     uint64_t n = 0;
     while (s->lease_head != NULL && s->lease_head->expiry <= now) {
-        lease_free(s, s->lease_head);
+        vqkvd__store_lease_free(s, s->lease_head);
         n++;
     }
     return n;
@@ -564,10 +631,10 @@ uint64_t vqkvd_store_sweep(vqkvd_store_t *s, uint64_t now)
 /* ---- explicit evict ------------------------------------------------------- */
 
 /* Flags of a block's mark during one vqkvd_store_evict. */
-#define MARK_PROTECTED 1u /* named, and its subtree holds a leased or pinned block */
-#define MARK_DOOMED 2u    /* goes */
+#define VQKVD__MARK_PROTECTED 1u /* named, and its subtree holds a leased or pinned block */
+#define VQKVD__MARK_DOOMED 2u    /* goes */
 
-static void mark_named(vqkvd_block_t *b, uint64_t gen)
+static void vqkvd__store_mark_named(vqkvd_block_t *b, uint64_t gen)
 {
     b->mark_gen = gen;
     b->mark = b;
@@ -577,7 +644,7 @@ static void mark_named(vqkvd_block_t *b, uint64_t gen)
 /* The innermost named block at or above b, NULL when none is. Remembered in
  * every block walked, so one pass over all blocks is O(blocks), however
  * long the chains. */
-static vqkvd_block_t *mark_named_above(vqkvd_block_t *b, uint64_t gen)
+static vqkvd_block_t *vqkvd__store_mark_named_above(vqkvd_block_t *b, uint64_t gen)
 {
     vqkvd_block_t *top = b;
     while (top != NULL && top->mark_gen != gen)
@@ -591,9 +658,9 @@ static vqkvd_block_t *mark_named_above(vqkvd_block_t *b, uint64_t gen)
     return named;
 }
 
-static int mark_doomed(const vqkvd_block_t *b, uint64_t gen)
+static int vqkvd__store_mark_doomed(const vqkvd_block_t *b, uint64_t gen)
 {
-    return b != NULL && b->mark_gen == gen && (b->mark_flags & MARK_DOOMED);
+    return b != NULL && b->mark_gen == gen && (b->mark_flags & VQKVD__MARK_DOOMED);
 }
 
 /* Four passes over the LRU list, because blocks know their parent but not
@@ -612,40 +679,41 @@ int64_t vqkvd_store_evict(vqkvd_store_t *s, uint32_t tenant, uint32_t model, con
     if (all) {
         for (b = s->lru_head; b != NULL; b = b->lru_next)
             if (b->tenant == tenant && b->model == model)
-                mark_named(b, gen);
+                vqkvd__store_mark_named(b, gen);
     } else {
         for (uint32_t i = 0; i < n; i++) {
-            b = block_get(s, tenant, model, keys + (size_t)i * VQKVD_KEY_BYTES);
+            b = vqkvd__store_block_present(s, tenant, model, keys + (size_t)i * VQKVD_KEY_BYTES);
             if (b != NULL)
-                mark_named(b, gen);
+                vqkvd__store_mark_named(b, gen);
         }
     }
     for (b = s->lru_head; b != NULL; b = b->lru_next) {
         if (b->tenant != tenant || b->model != model || (b->refs == 0 && b->pin_until <= now))
             continue;
-        vqkvd_block_t *named = mark_named_above(b, gen);
-        while (named != NULL && !(named->mark_flags & MARK_PROTECTED)) {
-            named->mark_flags |= MARK_PROTECTED;
-            named = named->parent != NULL ? mark_named_above(named->parent, gen) : NULL;
+        vqkvd_block_t *named = vqkvd__store_mark_named_above(b, gen);
+        while (named != NULL && !(named->mark_flags & VQKVD__MARK_PROTECTED)) {
+            named->mark_flags |= VQKVD__MARK_PROTECTED;
+            named =
+                named->parent != NULL ? vqkvd__store_mark_named_above(named->parent, gen) : NULL;
         }
     }
     for (b = s->lru_head; b != NULL; b = b->lru_next) {
         if (b->tenant != tenant || b->model != model)
             continue;
-        const vqkvd_block_t *named = mark_named_above(b, gen);
-        if (named != NULL && !(named->mark_flags & MARK_PROTECTED))
-            b->mark_flags |= MARK_DOOMED;
+        const vqkvd_block_t *named = vqkvd__store_mark_named_above(b, gen);
+        if (named != NULL && !(named->mark_flags & VQKVD__MARK_PROTECTED))
+            b->mark_flags |= VQKVD__MARK_DOOMED;
     }
     /* A doomed block's children are doomed too, so once they are gone it
      * is a leaf: removing upward from each doomed leaf takes all of them. */
     b = s->lru_head;
     while (b != NULL) {
         vqkvd_block_t *next = b->lru_next;
-        for (vqkvd_block_t *p = b; mark_doomed(p, gen) && p->children == 0;) {
+        for (vqkvd_block_t *p = b; vqkvd__store_mark_doomed(p, gen) && p->children == 0;) {
             vqkvd_block_t *parent = p->parent;
             if (p == next)
                 next = p->lru_next;
-            block_remove(s, p);
+            vqkvd__store_block_remove(s, p);
             removed++;
             p = parent;
         }
@@ -661,7 +729,7 @@ int vqkvd_store_pin(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uin
 {
     if (key == NULL || ttl_ms == 0 || ttl_ms > UINT64_MAX - now)
         return VQKV_EINVAL;
-    vqkvd_block_t *b = block_get(s, tenant, model, key);
+    vqkvd_block_t *b = vqkvd__store_block_present(s, tenant, model, key);
     if (b == NULL)
         return VQKVD_STORE_ABSENT;
     b->pin_until = now + ttl_ms;
@@ -672,7 +740,7 @@ int vqkvd_store_unpin(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const u
 {
     if (key == NULL)
         return VQKV_EINVAL;
-    vqkvd_block_t *b = block_get(s, tenant, model, key);
+    vqkvd_block_t *b = vqkvd__store_block_present(s, tenant, model, key);
     if (b == NULL)
         return VQKVD_STORE_ABSENT;
     b->pin_until = 0;
@@ -684,7 +752,7 @@ uint64_t vqkvd_store_tick(vqkvd_store_t *s, uint64_t now)
     vqkvd_store_sweep(s, now);
     if (s->pool->bytes_stored <= s->high_bytes)
         return 0;
-    return evict(s, now, s->low_bytes, -1, NULL);
+    return vqkvd__store_evict_lru(s, now, s->low_bytes, -1, NULL);
 }
 
 const vqkvd_block_t *vqkvd_store_find(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
@@ -692,7 +760,7 @@ const vqkvd_block_t *vqkvd_store_find(const vqkvd_store_t *s, uint32_t tenant, u
 {
     if (key == NULL)
         return NULL;
-    return block_get(s, tenant, model, key);
+    return vqkvd__store_block_present(s, tenant, model, key);
 }
 
 void vqkvd_store_stats(const vqkvd_store_t *s, vqkvd_store_stats_t *st)
@@ -702,7 +770,7 @@ void vqkvd_store_stats(const vqkvd_store_t *s, vqkvd_store_stats_t *st)
 
 void vqkvd_store_tenant_stats(const vqkvd_store_t *s, uint32_t tenant, vqkvd_tenant_stats_t *st)
 {
-    const vqkvd_tenant_stats_t *t = tenant_find(s, tenant);
+    const vqkvd_tenant_stats_t *t = vqkvd__store_tenant_find(s, tenant);
     if (t != NULL) {
         *st = *t;
         return;
@@ -714,7 +782,7 @@ void vqkvd_store_tenant_stats(const vqkvd_store_t *s, uint32_t tenant, vqkvd_ten
 
 int vqkvd_store_set_quota(vqkvd_store_t *s, uint32_t tenant, uint64_t quota_bytes)
 {
-    vqkvd_tenant_stats_t *t = tenant_get(s, tenant);
+    vqkvd_tenant_stats_t *t = vqkvd__store_tenant_get(s, tenant);
     if (t == NULL)
         return VQKV_ENOMEM;
     t->quota_bytes = quota_bytes;

@@ -62,12 +62,13 @@
 typedef struct vqkvd_block vqkvd_block_t;
 
 struct vqkvd_block {
+    uint64_t writer; /* while reserved: the reservation's writer; 0 once committed */
     uint32_t tenant;
     uint32_t model;
     uint8_t key[VQKVD_KEY_BYTES];
     vqkvd_block_t *parent; /* NULL for a root; stays valid: a parent outlives its children */
     uint32_t children;     /* present blocks whose parent this is */
-    uint32_t refs;         /* leases on it (and an insert of a child in progress) */
+    uint32_t refs;         /* leases and jobs reading it (and a child's reservation under way) */
     uint32_t cls;          /* pool slot class */
     uint32_t logical_bytes;
     uint32_t stored_bytes; /* the slot's size */
@@ -155,17 +156,49 @@ int vqkvd_store_init(vqkvd_store_t *s, vqkvd_pool_t *pool, double high, double l
  * zeroed store and twice. */
 void vqkvd_store_destroy(vqkvd_store_t *s);
 
-/* Inserts a block of class cls with parent_key (NULL or all zero: a root)
- * and takes a pool slot for it, evicting as the header describes; *slot
- * gets the handle to write the payload to. Returns VQKV_OK, then
- * VQKVD_STORE_PRESENT (the block is there already: nothing changes but its
- * LRU place; *slot gets its slot), VQKVD_STORE_NOPARENT, VQKV_EQUOTA (the
- * tenant's quota cannot take the block even after evicting the tenant's
- * evictable blocks), VQKV_ENOMEM (out of capacity, or no memory) or
- * VQKV_EINVAL. O(1) average plus eviction. */
+/* Inserting a block is two steps, so that its bytes can be written straight
+ * into its slot wherever the slot lives (host or device memory) and on
+ * another thread:
+ *
+ *   vqkvd_store_reserve  takes the slot (evicting as the header describes)
+ *                        and enters the block, reserved: lookups, finds,
+ *                        pins and evicts do not see it, nor does eviction;
+ *   vqkvd_store_commit   makes it present (the payload is in its slot);
+ *   vqkvd_store_abort    drops it and gives the slot back.
+ *
+ * The slot and the block's bytes count against the pool and the tenant's
+ * quota from the reservation on. writer names who reserved (any non-zero
+ * value, unique among the writers with reservations outstanding): a block
+ * may have a reserved parent of its own writer (a put of a whole chain),
+ * never another writer's, which may yet abort. A writer aborts children
+ * before their parents. A reservation always ends in a commit or an abort.
+ *
+ * Returns VQKV_OK with *b reserved; VQKVD_STORE_PRESENT (the block is
+ * there already, committed or reserved: *b is it, and a committed one
+ * becomes most recently used; a put is idempotent); VQKVD_STORE_NOPARENT;
+ * VQKV_EQUOTA (the tenant's quota cannot take the block even after
+ * evicting the tenant's evictable blocks); VQKV_ENOMEM (out of capacity,
+ * or no memory); VQKV_EINVAL. O(1) average plus eviction. */
+int vqkvd_store_reserve(vqkvd_store_t *s, uint64_t writer, uint32_t tenant, uint32_t model,
+                        const uint8_t *key, const uint8_t *parent_key, uint32_t cls,
+                        uint32_t logical_bytes, uint64_t now, vqkvd_block_t **b);
+void vqkvd_store_commit(vqkvd_store_t *s, vqkvd_block_t *b);
+void vqkvd_store_abort(vqkvd_store_t *s, vqkvd_block_t *b);
+
+/* The writer vqkvd_store_insert reserves as; callers of reserve use others. */
+#define VQKVD_STORE_WRITER_INSERT UINT64_MAX
+
+/* Reserve and commit in one step, for a payload written afterwards on the
+ * loop (tests, tools): the outcomes of vqkvd_store_reserve, with *slot the
+ * block's slot on VQKV_OK and VQKVD_STORE_PRESENT. */
 int vqkvd_store_insert(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *key,
                        const uint8_t *parent_key, uint32_t cls, uint32_t logical_bytes,
                        uint64_t now, uint64_t *slot);
+
+/* A job reading b's slot holds it, so that neither a release, an expiring
+ * lease nor eviction frees the slot under the job. O(1). */
+void vqkvd_store_hold(vqkvd_block_t *b);
+void vqkvd_store_unhold(vqkvd_block_t *b);
 
 /* Moves block b, which nothing but the caller holds, to slot of class cls
  * (already taken from the pool, its payload written) and gives its old slot

@@ -6,7 +6,7 @@
  *
  * One batch at a time per model, on libuv's thread pool. The loop picks up
  * to VQKVD_TRANSCODE_BATCH fallback blocks that nothing holds, takes a hold
- * on each (refs, so none is evicted) and a slot of the codec's class for
+ * on each (vqkvd_store_hold, so none is evicted) and a slot of the codec's class for
  * it; the job decodes each block into a one-slot scratch cache of the
  * model's layout and encodes it into its new slot; back on the loop, a
  * block still held by nobody else moves to the new slot and its fallback
@@ -71,7 +71,8 @@ static void vqkvd__transcode_after(uv_work_t *w, int status)
     uint32_t moved = 0;
     for (uint32_t i = 0; i < t->n; i++) {
         vqkvd__transcode_item_t *it = &t->items[i];
-        if (--it->block->refs == 0 && status == 0 && it->rc == VQKV_OK) {
+        vqkvd_store_unhold(it->block);
+        if (it->block->refs == 0 && status == 0 && it->rc == VQKV_OK) {
             vqkvd_store_rehome(&s->store, it->block, m->cls, it->slot);
             moved++;
         } else {
@@ -107,7 +108,7 @@ static void vqkvd__transcode_start(vqkvd_server_t *s, vqkvd_model_t *m)
         it->block = b;
         it->src = vqkvd_pool_slot_ptr(&s->pool, b->slot);
         it->dst = vqkvd_pool_slot_ptr(&s->pool, it->slot);
-        b->refs++;
+        vqkvd_store_hold(b);
         t->n++;
     }
     if (t->n == 0) {
@@ -130,7 +131,7 @@ static void vqkvd__transcode_start(vqkvd_server_t *s, vqkvd_model_t *m)
     t->work.data = t;
     if (uv_queue_work(s->loop, &t->work, vqkvd__transcode_work, vqkvd__transcode_after) < 0) {
         for (uint32_t i = 0; i < t->n; i++) {
-            t->items[i].block->refs--;
+            vqkvd_store_unhold(t->items[i].block);
             vqkvd_pool_free(&s->pool, t->items[i].slot);
         }
         free(t);

@@ -935,6 +935,57 @@ static void test_region_layer_offsets(void **state)
  * which must not eat their replies; the socket polled as an engine's loop
  * would; bad requests completing with their code; the in-flight bound; a
  * daemon gone with calls in flight completing them with VQKV_ECLOSED. */
+/* The same chain put twice at once, on one connection so that the daemon
+ * takes the second while the first is still encoding: the second finds
+ * every block being written by the first and says PRESENT, and by the time
+ * it answers they are there to be found. */
+static void test_concurrent_puts_of_a_chain(void **state)
+{
+    daemon_t *d = *state;
+    vqkv_client_t *c = connect_ok(d, "same-chain");
+    vqkv_model_t *m;
+    assert_vqkv(vqkv_register_model(c, MODEL, &layout, "fp16", &m), VQKV_OK);
+    region_t r;
+    region_new(&r, 61);
+    vqkv_region_t h;
+    assert_vqkv(vqkv_register_memfd_region(c, m, r.fd, r.view.region_bytes, 0, &r.view, &h),
+                VQKV_OK);
+    uint8_t keys[CALIB_BLOCKS][VQKV_KEY_BYTES];
+    uint32_t slots[CALIB_BLOCKS];
+    chain_keys(m, 7000, keys, 0, slots, CALIB_BLOCKS);
+    vqkv_put_status_t first[CALIB_BLOCKS], second[CALIB_BLOCKS];
+    vqkv_request_t r1, r2;
+    assert_vqkv(vqkv_put_start(c, m, h, keys, NULL, slots, CALIB_BLOCKS, first, &r1), VQKV_OK);
+    assert_vqkv(vqkv_put_start(c, m, h, keys, NULL, slots, CALIB_BLOCKS, second, &r2), VQKV_OK);
+    int second_done = 0;
+    while (!second_done) {
+        vqkv_completion_t done[2];
+        int n = vqkv_complete(c, TIMEOUT_MS, done, 2);
+        assert_true(n > 0);
+        for (int i = 0; i < n; i++) {
+            /* Blocks stored: all by the first, none by the second. */
+            assert_int_equal(done[i].rc, done[i].request == r1 ? CALIB_BLOCKS : 0);
+            second_done |= done[i].request == r2;
+        }
+    }
+    for (int i = 0; i < CALIB_BLOCKS; i++)
+        assert_int_equal(second[i], VQKV_PUT_PRESENT);
+    size_t found = 0;
+    vqkv_lease_t lease;
+    assert_vqkv(vqkv_lookup(c, m, keys, CALIB_BLOCKS, &found, &lease), VQKV_OK);
+    assert_int_equal(found, CALIB_BLOCKS);
+    assert_vqkv(vqkv_release(c, lease), VQKV_OK);
+    while (vqkv_async_pending(c) > 0) {
+        vqkv_completion_t done;
+        assert_int_equal(vqkv_complete(c, TIMEOUT_MS, &done, 1), 1);
+        assert_int_equal(done.rc, CALIB_BLOCKS);
+    }
+    for (int i = 0; i < CALIB_BLOCKS; i++)
+        assert_int_equal(first[i], VQKV_PUT_STORED);
+    region_free(&r);
+    vqkv_close(c);
+}
+
 static void test_async_calls(void **state)
 {
     daemon_t *d = *state;
@@ -1171,6 +1222,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_default_socket, setup, teardown),
         cmocka_unit_test(test_large_calls),
         cmocka_unit_test_setup_teardown(test_async_calls, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_concurrent_puts_of_a_chain, setup, teardown),
         cmocka_unit_test_setup_teardown(test_region_shared_by_models, setup, teardown),
         cmocka_unit_test_setup_teardown(test_region_layer_offsets, setup, teardown),
     };

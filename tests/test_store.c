@@ -4,7 +4,8 @@
  * pins that keep blocks and then expire (time is passed in, never slept),
  * eviction that is LRU among leaves and never leaves a child without its
  * parent, the watermarks, "out of capacity" when nothing may go, exact
- * counters, per-tenant counters and byte quotas, explicit evicts of
+ * counters, per-tenant counters and byte quotas, two-step inserts
+ * (reserve, then commit or abort), explicit evicts of
  * subtrees, and a seeded run of thousands of random operations checked
  * against a reference model after every step.
  *
@@ -238,6 +239,78 @@ static void test_duplicate_insert(void **state)
     assert_int_equal(st.inserts, 2);
     assert_int_equal(st.bytes_logical, 20);
     assert_int_equal(p.slots_used, 2);
+    teardown(&p, &s);
+}
+
+/* Two-step inserts: a reserved block holds its slot and its bytes but is
+ * no one's to see until it is committed; an abort leaves nothing behind;
+ * a chain may be reserved whole by one writer, never under another
+ * writer's reservation; eviction never takes a reserved block. */
+static void test_reserve_commit_abort(void **state)
+{
+    (void)state;
+    vqkvd_pool_t p;
+    vqkvd_store_t s;
+    vqkvd_store_stats_t st;
+    uint8_t a[K], b[K], c[K];
+    vqkvd_block_t *ra, *rb, *got;
+    uint64_t lease;
+
+    setup(&p, &s, 4, 1.0, 1.0);
+    key_of(a, 1);
+    key_of(b, 2);
+    key_of(c, 3);
+    assert_int_equal(vqkvd_store_reserve(&s, 0, 1, 0, a, NULL, 0, 10, 0, &ra), VQKV_EINVAL);
+    assert_int_equal(vqkvd_store_reserve(&s, 7, 1, 0, a, NULL, 0, 10, 0, &ra), VQKV_OK);
+    assert_int_equal(vqkvd_store_reserve(&s, 7, 1, 0, b, a, 0, 10, 0, &rb), VQKV_OK);
+    assert_non_null(vqkvd_pool_slot_ptr(&p, ra->slot));
+    /* Counted, not visible. */
+    vqkvd_store_stats(&s, &st);
+    assert_int_equal(st.blocks, 2);
+    assert_int_equal(st.inserts, 0);
+    assert_int_equal(st.bytes_stored, 2 * page());
+    assert_null(vqkvd_store_find(&s, 1, 0, a));
+    assert_int_equal(vqkvd_store_lookup(&s, 1, 0, a, 1, 0, 1, 100, &lease, NULL), 0);
+    assert_int_equal(vqkvd_store_pin(&s, 1, 0, a, 0, 100), VQKVD_STORE_ABSENT);
+    assert_int_equal(vqkvd_store_evict(&s, 1, 0, NULL, 0, 1, 0), 0);
+    /* Another writer: the key is taken, the reserved parent is not its. */
+    assert_int_equal(vqkvd_store_reserve(&s, 8, 1, 0, a, NULL, 0, 10, 0, &got),
+                     VQKVD_STORE_PRESENT);
+    assert_ptr_equal(got, ra);
+    assert_int_equal(vqkvd_store_reserve(&s, 8, 1, 0, c, b, 0, 10, 0, &got), VQKVD_STORE_NOPARENT);
+    /* A full pool evicts nothing reserved: out of capacity. */
+    assert_int_equal(vqkvd_store_reserve(&s, 8, 1, 0, c, NULL, 0, 10, 0, &got), VQKV_OK);
+    vqkvd_store_commit(&s, got);
+    key_of(c, 4);
+    assert_int_equal(vqkvd_store_reserve(&s, 8, 1, 0, c, NULL, 0, 10, 1, &got), VQKV_OK);
+    vqkvd_store_commit(&s, got);
+    key_of(c, 5);
+    assert_int_equal(vqkvd_store_reserve(&s, 8, 1, 0, c, NULL, 0, 10, 2, &got), VQKV_OK);
+    vqkvd_store_commit(&s, got); /* evicted key 3, the only committed leaf that was older */
+    vqkvd_store_stats(&s, &st);
+    assert_int_equal(st.evictions, 1);
+    assert_int_equal(st.blocks, 4);
+    /* Aborted children first: nothing is left, nothing counts as evicted. */
+    vqkvd_store_abort(&s, rb);
+    vqkvd_store_abort(&s, ra);
+    vqkvd_store_stats(&s, &st);
+    assert_int_equal(st.blocks, 2);
+    assert_int_equal(st.evictions, 1);
+    assert_int_equal(st.bytes_stored, 2 * page());
+    assert_int_equal(p.slots_used, 2);
+    /* Committed, the chain is found whole. */
+    assert_int_equal(vqkvd_store_reserve(&s, 9, 1, 0, a, NULL, 0, 10, 3, &ra), VQKV_OK);
+    assert_int_equal(vqkvd_store_reserve(&s, 9, 1, 0, b, a, 0, 10, 3, &rb), VQKV_OK);
+    vqkvd_store_commit(&s, ra);
+    vqkvd_store_commit(&s, rb);
+    uint8_t chain[2 * K];
+    memcpy(chain, a, K);
+    memcpy(chain + K, b, K);
+    assert_int_equal(vqkvd_store_lookup(&s, 1, 0, chain, 2, 4, 1, 100, NULL, NULL), 2);
+    /* A reservation still open when the store goes is freed with it. */
+    key_of(c, 6);
+    vqkvd_store_evict(&s, 1, 0, NULL, 0, 1, 5);
+    assert_int_equal(vqkvd_store_reserve(&s, 10, 1, 0, c, NULL, 0, 10, 6, &got), VQKV_OK);
     teardown(&p, &s);
 }
 
@@ -970,6 +1043,7 @@ int main(void)
         cmocka_unit_test(test_chain_lookup),
         cmocka_unit_test(test_tenants_models_isolated),
         cmocka_unit_test(test_duplicate_insert),
+        cmocka_unit_test(test_reserve_commit_abort),
         cmocka_unit_test(test_lru_leaves_first),
         cmocka_unit_test(test_watermarks),
         cmocka_unit_test(test_leases_protect_and_expire),
