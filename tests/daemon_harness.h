@@ -38,6 +38,7 @@
 #include <cmocka.h>
 
 #include "frame.h"
+#include "test_assert.h" /* assert_prc */
 
 /* 10 when the daemon runs under $VQKV_DAEMON_WRAPPER, else 1. */
 static inline int daemon_slowdown(void)
@@ -49,18 +50,6 @@ static inline int daemon_slowdown(void)
 #define CLIENT_TIMEOUT_S (5 * daemon_slowdown())
 /* ASan makes the daemon slow to start and to stop. */
 #define DAEMON_DEADLINE_MS (20000L * daemon_slowdown())
-
-/* assert on a protocol code, naming both on failure. */
-#define assert_prc(expr, want)                                                                     \
-    do {                                                                                           \
-        int got_rc_ = (expr);                                                                      \
-        int want_rc_ = (want);                                                                     \
-        if (got_rc_ != want_rc_) {                                                                 \
-            print_error("%s returned %d (%s), expected %d (%s)\n", #expr, got_rc_,                 \
-                        vqkv_proto_strerror(got_rc_), want_rc_, vqkv_proto_strerror(want_rc_));    \
-            fail();                                                                                \
-        }                                                                                          \
-    } while (0)
 
 typedef struct {
     char dir[64];

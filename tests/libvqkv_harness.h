@@ -1,6 +1,7 @@
 /* libvqkv_harness.h -- what the tests that drive vqkvd through libvqkv
- * (test_libvqkv.c, test_tenants.c, test_limits.c, test_load.c) share on top
- * of daemon_harness.h: an assert on libvqkv's codes that names both codes,
+ * (test_libvqkv.c, test_tenants.c, test_limits.c, test_load.c,
+ * test_faults.c, test_service.c) share on top of daemon_harness.h:
+ * libvqkv's header and the assert on its codes (assert_vqkv, test_assert.h),
  * running vqkvctl (VQKVCTL_PATH) with its stdout captured, and running a
  * check as another uid (root only). Test-only, static functions.
  */
@@ -11,18 +12,8 @@
 #include <sys/wait.h>
 
 #include "daemon_harness.h"
+#include "test_assert.h" /* assert_vqkv */
 #include "vqkv.h"
-
-#define assert_vqkv(expr, want)                                                                    \
-    do {                                                                                           \
-        int got_rc_ = (expr);                                                                      \
-        int want_rc_ = (want);                                                                     \
-        if (got_rc_ != want_rc_) {                                                                 \
-            print_error("%s returned %d (%s), expected %d (%s)\n", #expr, got_rc_,                 \
-                        vqkv_client_strerror(got_rc_), want_rc_, vqkv_client_strerror(want_rc_));  \
-            fail();                                                                                \
-        }                                                                                          \
-    } while (0)
 
 /* Runs vqkvctl with args (NULL-terminated) and returns its exit status;
  * its stdout goes into out (NUL-terminated, truncated to size). */

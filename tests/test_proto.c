@@ -21,20 +21,7 @@
 #include <unistd.h>
 
 #include "frame.h"
-
-/* assert_rc with the protocol's names for the codes. */
-#define assert_prc(expr, want)                                                                     \
-    do {                                                                                           \
-        int got_rc_ = (expr);                                                                      \
-        int want_rc_ = (want);                                                                     \
-        if (got_rc_ != want_rc_) {                                                                 \
-            print_error("%s returned %d (%s), expected %d (%s)\n", #expr, got_rc_,                 \
-                        vqkv_proto_strerror(got_rc_), want_rc_, vqkv_proto_strerror(want_rc_));    \
-            fail();                                                                                \
-        }                                                                                          \
-    } while (0)
-
-#define assert_pok(expr) assert_prc(expr, VQKV_OK)
+#include "test_assert.h" /* assert_prc, assert_pok */
 
 #define KEYS 6
 

@@ -22,22 +22,8 @@
 #include <string.h>
 
 #include "numeric.h"
+#include "test_assert.h" /* assert_rc, assert_ok */
 #include "vqkv_codec.h"
-
-/* Fails with both codes named, which a bare assert_int_equal on negative
- * ints does not do. */
-#define assert_rc(expr, want)                                                                      \
-    do {                                                                                           \
-        int got_rc_ = (expr);                                                                      \
-        int want_rc_ = (want);                                                                     \
-        if (got_rc_ != want_rc_) {                                                                 \
-            print_error("%s returned %d (%s), expected %d (%s)\n", #expr, got_rc_,                 \
-                        vqkv_strerror(got_rc_), want_rc_, vqkv_strerror(want_rc_));                \
-            fail();                                                                                \
-        }                                                                                          \
-    } while (0)
-
-#define assert_ok(expr) assert_rc(expr, VQKV_OK)
 
 /* Frees every pointer given: tests hold many buffers and let go of them
  * together, and one line for that keeps the end of each test readable. */
