@@ -1,10 +1,16 @@
-/* config.c -- vqkvd's configuration file (config.h).
+/* config.c -- vqkvd's configuration (config.h).
+ *
+ * vqkvd_config_keys is the one list of the keys of [vqkvd]. A row names
+ * the key's type, and the type decides the rest: vqkvd__config_parse reads
+ * a value of it (for the defaults, the file and the flags alike), and the
+ * reload code compares, writes and copies it. --help and the shipped
+ * vqkvd.conf are written from the same rows, so neither can forget a key.
  *
  * inih splits the file into (section, key, value) and calls
- * vqkvd__config_on_key for each pair; the handler looks the key up, parses
- * the value and applies it to a working copy of the config. The copy (about
- * 1 KiB) and its strings replace the caller's only when the whole file is
- * good, so a bad file changes nothing.
+ * vqkvd__config_on_key for each pair; the handler looks the key up and sets
+ * it in a working copy of the config. The copy (about 1 KiB) and its
+ * strings replace the caller's only when the whole file is good, so a bad
+ * file changes nothing.
  *
  * inih reports the line of the first error it meets, but Debian builds it
  * without INI_HANDLER_LINENO, so a handler is not told its line. Our own
@@ -24,61 +30,245 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
+#include "frame.h"
 #include "log.h"
 
-/* The keys of [vqkvd]; the names are in vqkvd__config_keys. */
-enum {
-    VQKVD__CONFIG_SOCKET,
-    VQKVD__CONFIG_POOL_BYTES,
-    VQKVD__CONFIG_DEVICE,
-    VQKVD__CONFIG_STATE_DIR,
-    VQKVD__CONFIG_LOG_LEVEL,
-    VQKVD__CONFIG_ALLOW_UIDS,
-    VQKVD__CONFIG_ALLOW_GIDS,
-    VQKVD__CONFIG_ADMIN_UIDS,
-    VQKVD__CONFIG_CALIB_TOKENS,
-    VQKVD__CONFIG_MAX_CLIENTS,
-    VQKVD__CONFIG_MAX_INFLIGHT,
-    VQKVD__CONFIG_MAX_REGIONS,
-    VQKVD__CONFIG_LEASE_MS,
-    VQKVD__CONFIG_METRICS_ADDRESS,
-    VQKVD__CONFIG_N_KEYS,
+/* ---- the keys --------------------------------------------------------------- */
+
+/* clang-format off */
+#define VQKVD__AT(field) .offset = offsetof(vqkvd_config_t, field)
+/* A string lives in the config and its copy in vqkvd_config_file_t under
+ * the same name. */
+#define VQKVD__STRING(field) VQKVD__AT(field), .file_offset = offsetof(vqkvd_config_file_t, field)
+#define VQKVD__LIST(field) VQKVD__AT(field), .n_offset = offsetof(vqkvd_config_t, n_##field)
+/* clang-format on */
+
+/* Strings and sizes are never live: nothing running could take them
+ * without a restart (the socket, the pool, the device, the state
+ * directory), and a live string would leave the running config pointing
+ * into the reloaded file's copy. */
+const vqkvd_config_key_t vqkvd_config_keys[] = {
+    {
+        .name = "socket",
+        .type = VQKVD_CONFIG_STRING,
+        .def_doc = "/run/vqkv/vqkv.sock as root, else $XDG_RUNTIME_DIR/vqkv/vqkv.sock",
+        .example = "/run/vqkv/vqkv.sock",
+        .flag = "socket",
+        .arg = "PATH",
+        .help = "Unix socket to serve",
+        .doc = "The Unix socket clients connect to; its directory is created 0750 when missing. "
+               "Under systemd the socket unit's ListenStream= decides it instead.",
+        VQKVD__STRING(socket_path),
+    },
+    {
+        .name = "pool_bytes",
+        .type = VQKVD_CONFIG_BYTES,
+        .def = "1G",
+        .flag = "pool-bytes",
+        .arg = "N[K|M|G]",
+        .help = "memory for compressed blocks",
+        .doc = "Bytes of memory that hold compressed blocks; K, M and G are powers of 1024. "
+               "The least recently used blocks are evicted past 90 %.",
+        VQKVD__AT(pool_bytes),
+    },
+    {
+        .name = "device",
+        .type = VQKVD_CONFIG_DEVICE,
+        .def = "auto",
+        .flag = "device",
+        .arg = "DEV",
+        .help = "cpu, auto or cuda:N; this build has the CPU only",
+        .doc = "Where blocks are kept and coded: cpu, auto (a CUDA GPU when this vqkvd has a "
+               "CUDA backend, else the CPU) or cuda:N. This vqkvd has no CUDA backend yet and "
+               "refuses cuda:N.",
+        VQKVD__STRING(device),
+    },
+    {
+        .name = "state_dir",
+        .type = VQKVD_CONFIG_STRING,
+        .def_doc = "$STATE_DIRECTORY when systemd sets it, /var/lib/vqkv as root, else "
+                   "$XDG_STATE_HOME/vqkv or ~/.local/state/vqkv",
+        .example = "/var/lib/vqkv",
+        .flag = "state-dir",
+        .arg = "DIR",
+        .help = "where trained codebooks are kept",
+        .doc = "Where trained codebooks are saved, so a restart does not retrain them; created "
+               "0700 with its parents when missing. When it cannot be created vqkvd runs "
+               "without one.",
+        VQKVD__STRING(state_dir),
+    },
+    {
+        /* The logger's: kept in vqkvd_config_file_t, compared by the caller. */
+        .name = "log_level",
+        .type = VQKVD_CONFIG_LOG_LEVEL,
+        .live = 1,
+        .def = "info",
+        .flag = "log-level",
+        .arg = "LEVEL",
+        .help = "debug, info, warn or error",
+        .doc = "Log lines of this level and above: debug, info, warn or error.",
+        .file_offset = offsetof(vqkvd_config_file_t, log_level),
+    },
+    {
+        /* The default is the daemon's own uid and root: vqkvd_config_defaults. */
+        .name = "allow_uids",
+        .type = VQKVD_CONFIG_IDS,
+        .live = 1,
+        .def_doc = "this daemon's uid and root",
+        .example = "0",
+        .flag = "allow-uid",
+        .arg = "N",
+        .help = "a uid that may connect; repeatable; the first --allow-uid or --allow-gid "
+                "replaces both default lists",
+        .doc = "Peers whose uid is in this list may connect (comma or blank separated, at most "
+               "32). allow_uids or allow_gids, the first time either appears, replaces both "
+               "default lists, so with only allow_gids = 1001 only processes of group 1001 "
+               "may connect.",
+        VQKVD__LIST(allow_uids),
+    },
+    {
+        .name = "allow_gids",
+        .type = VQKVD_CONFIG_IDS,
+        .live = 1,
+        .def = "",
+        .flag = "allow-gid",
+        .arg = "N",
+        .help = "a gid whose members may connect; repeatable",
+        .doc = "Peers whose primary gid is in this list may connect (comma or blank separated, "
+               "at most 32).",
+        VQKVD__LIST(allow_gids),
+    },
+    {
+        .name = "admin_uids",
+        .type = VQKVD_CONFIG_IDS,
+        .live = 1,
+        .def = "",
+        .doc = "Uids whose stats show every tenant (an operator's vqkvctl); others see the "
+               "totals and their own tenant (comma or blank separated, at most 32).",
+        VQKVD__LIST(admin_uids),
+    },
+    {
+        /* Read when a model starts calibrating: later models get the new count. */
+        .name = "calibration_tokens",
+        .type = VQKVD_CONFIG_COUNT,
+        .live = 1,
+        .def = "2048",
+        .flag = "calibration-tokens",
+        .arg = "N",
+        .help = "tokens a VQ model stores in fp16 before its codebooks are trained",
+        .doc = "A model with a VQ codec but no codebooks yet stores its blocks uncompressed "
+               "(fp16) until this many tokens have arrived, then trains its codebooks on them "
+               "in the background.",
+        VQKVD__AT(calib_tokens),
+    },
+    {
+        /* Checked as a connection arrives; clients past a lowered limit stay. */
+        .name = "max_clients",
+        .type = VQKVD_CONFIG_COUNT,
+        .live = 1,
+        .def = "1024",
+        .doc = "Connections at once; more are refused.",
+        VQKVD__AT(max_clients),
+    },
+    {
+        /* Every client was told this one and the next in Welcome. */
+        .name = "max_inflight",
+        .type = VQKVD_CONFIG_COUNT,
+        .def = "64",
+        .doc = "Requests a client may have unanswered; more are refused (VQKV_ELIMIT).",
+        VQKVD__AT(max_inflight),
+    },
+    {
+        .name = "max_regions",
+        .type = VQKVD_CONFIG_COUNT,
+        .def = "16",
+        .doc = "Memory regions a client may register.",
+        VQKVD__AT(max_regions),
+    },
+    {
+        /* Leases taken from now on; those held keep their expiry. */
+        .name = "lease_ms",
+        .type = VQKVD_CONFIG_COUNT,
+        .live = 1,
+        .def = "30000",
+        .flag = "lease-ms",
+        .arg = "N",
+        .help = "how long a lookup's lease holds blocks, in milliseconds",
+        .doc = "How long a Lookup's lease keeps its blocks from eviction when the worker "
+               "neither gets nor releases them, in milliseconds.",
+        VQKVD__AT(lease_ms),
+    },
+    {
+        /* The HTTP listener is bound once, at start. */
+        .name = "metrics_address",
+        .type = VQKVD_CONFIG_ADDRESS,
+        .def_doc = "none",
+        .example = "127.0.0.1:9464",
+        .flag = "metrics-address",
+        .arg = "HOST:PORT",
+        .help = "where to serve Prometheus metrics over HTTP, loopback only",
+        .doc = "Serve Prometheus metrics (GET /metrics) and a health check (GET /healthz: 200 "
+               "while the daemon answers, else 503) over HTTP on HOST:PORT. Only loopback is "
+               "accepted: 127.0.0.0/8, [::1] or localhost; the endpoint has no "
+               "authentication. Port 0 picks a free port, which vqkvd logs. docs/METRICS.md "
+               "lists the metrics.",
+        VQKVD__STRING(metrics_address),
+    },
 };
 
-static const char *const vqkvd__config_keys[VQKVD__CONFIG_N_KEYS] = {
-    [VQKVD__CONFIG_SOCKET] = "socket",
-    [VQKVD__CONFIG_POOL_BYTES] = "pool_bytes",
-    [VQKVD__CONFIG_DEVICE] = "device",
-    [VQKVD__CONFIG_STATE_DIR] = "state_dir",
-    [VQKVD__CONFIG_LOG_LEVEL] = "log_level",
-    [VQKVD__CONFIG_ALLOW_UIDS] = "allow_uids",
-    [VQKVD__CONFIG_ALLOW_GIDS] = "allow_gids",
-    [VQKVD__CONFIG_ADMIN_UIDS] = "admin_uids",
-    [VQKVD__CONFIG_CALIB_TOKENS] = "calibration_tokens",
-    [VQKVD__CONFIG_MAX_CLIENTS] = "max_clients",
-    [VQKVD__CONFIG_MAX_INFLIGHT] = "max_inflight",
-    [VQKVD__CONFIG_MAX_REGIONS] = "max_regions",
-    [VQKVD__CONFIG_LEASE_MS] = "lease_ms",
-    [VQKVD__CONFIG_METRICS_ADDRESS] = "metrics_address",
+_Static_assert(sizeof vqkvd_config_keys / sizeof vqkvd_config_keys[0] == VQKVD_CONFIG_N_KEYS,
+               "VQKVD_CONFIG_N_KEYS counts the rows of vqkvd_config_keys");
+
+#undef VQKVD__AT
+#undef VQKVD__STRING
+#undef VQKVD__LIST
+
+/* The allow lists share one reader: gid_t and uid_t are both 32-bit
+ * unsigned on Linux. */
+_Static_assert(sizeof(uid_t) == sizeof(gid_t), "uid_t and gid_t differ");
+
+/* What a refused value of each type should have been, for messages. */
+static const char *const vqkvd__config_expected[] = {
+    [VQKVD_CONFIG_DEVICE] = "cpu, auto or cuda:N",
+    [VQKVD_CONFIG_ADDRESS] = VQKVD_CONFIG_ADDRESS_HELP,
+    [VQKVD_CONFIG_BYTES] = "a positive size such as 512M or 4G",
+    [VQKVD_CONFIG_COUNT] = "a positive whole number",
+    [VQKVD_CONFIG_LOG_LEVEL] = "debug, info, warn or error",
 };
 
-typedef struct {
-    vqkvd_config_t cfg;       /* the working copy */
-    vqkvd_config_file_t file; /* the strings it points to */
-    FILE *f;
-    const char *path;
-    int lineno;   /* the line inih is parsing */
-    int err_line; /* the first error's line; 0 while there is none */
-    int rc;       /* the first error's code */
-    char *err;
-    size_t err_size;
-    int key_line[VQKVD__CONFIG_N_KEYS]; /* where each key was set; 0: not yet */
-    int default_quota_line;
-    int quota_line[VQKVD_MAX_ALLOWED]; /* where cfg.quota_uids[i] was set */
-    int own_allow_list;                /* an allow_* key has dropped the defaults */
-    int own_quotas;                    /* a uid.N key has dropped the caller's */
-} vqkvd__config_parser_t;
+static void *vqkvd__config_slot(void *base, size_t offset)
+{
+    return (char *)base + offset;
+}
+
+static const void *vqkvd__config_at(const void *base, size_t offset)
+{
+    return (const char *)base + offset;
+}
+
+static int vqkvd__config_is_string(vqkvd_config_type_t type)
+{
+    return type == VQKVD_CONFIG_STRING || type == VQKVD_CONFIG_DEVICE ||
+           type == VQKVD_CONFIG_ADDRESS;
+}
+
+/* allow_uids and allow_gids are one rule (a uid or a gid admits), so the
+ * first of either in a source replaces both defaults. */
+static int vqkvd__config_is_allow_list(const vqkvd_config_key_t *key)
+{
+    return key->type == VQKVD_CONFIG_IDS && (key->offset == offsetof(vqkvd_config_t, allow_uids) ||
+                                             key->offset == offsetof(vqkvd_config_t, allow_gids));
+}
+
+const vqkvd_config_key_t *vqkvd_config_find(const char *name)
+{
+    for (size_t i = 0; i < VQKVD_CONFIG_N_KEYS; i++)
+        if (strcmp(vqkvd_config_keys[i].name, name) == 0)
+            return &vqkvd_config_keys[i];
+    return NULL;
+}
 
 /* ---- values ------------------------------------------------------------- */
 
@@ -195,7 +385,139 @@ int vqkvd_config_parse_address(const char *text, vqkvd_inet_addr_t *addr)
     return 0;
 }
 
+/* ---- setting a key ------------------------------------------------------------ */
+
+/* Adds a comma or blank separated list of ids, possibly empty, to key's
+ * list. Returns 0 or -EINVAL with the message in err. */
+static int vqkvd__config_add_ids(vqkvd_config_t *cfg, const vqkvd_config_key_t *key,
+                                 const char *label, const char *value, char *err, size_t err_size)
+{
+    uid_t *ids = vqkvd__config_slot(cfg, key->offset);
+    size_t *n = vqkvd__config_slot(cfg, key->n_offset);
+    for (const char *s = value + strspn(value, ", \t"); *s != '\0'; s += strspn(s, ", \t")) {
+        size_t len = strcspn(s, ", \t");
+        char word[16];
+        unsigned id;
+        if (len >= sizeof word) {
+            snprintf(err, err_size, "bad id \"%.*s\" in %s", (int)len, s, label);
+            return -EINVAL;
+        }
+        memcpy(word, s, len);
+        word[len] = '\0';
+        if (vqkvd_config_parse_id(word, &id) < 0) {
+            snprintf(err, err_size, "bad id \"%s\" in %s", word, label);
+            return -EINVAL;
+        }
+        if (*n == VQKVD_MAX_ALLOWED) {
+            snprintf(err, err_size, "more than %d ids in %s", VQKVD_MAX_ALLOWED, label);
+            return -EINVAL;
+        }
+        ids[(*n)++] = (uid_t)id;
+        s += len;
+    }
+    return 0;
+}
+
+/* Parses value as key's type into cfg, or into *level for log_level. A
+ * string is pointed at, not copied. Returns 0 or -EINVAL with the message
+ * in err. */
+static int vqkvd__config_parse(vqkvd_config_t *cfg, int *level, const vqkvd_config_key_t *key,
+                               const char *label, const char *value, char *err, size_t err_size)
+{
+    void *slot = vqkvd__config_slot(cfg, key->offset);
+    vqkvd_inet_addr_t addr;
+    int ok = 1;
+    switch (key->type) {
+    case VQKVD_CONFIG_IDS: return vqkvd__config_add_ids(cfg, key, label, value, err, err_size);
+    case VQKVD_CONFIG_BYTES: ok = vqkvd_config_parse_bytes(value, slot) == 0; break;
+    case VQKVD_CONFIG_COUNT: ok = vqkvd_config_parse_count(value, slot) == 0; break;
+    case VQKVD_CONFIG_DEVICE: ok = vqkvd_config_check_device(value) == 0; break;
+    case VQKVD_CONFIG_ADDRESS: ok = vqkvd_config_parse_address(value, &addr) == 0; break;
+    case VQKVD_CONFIG_STRING: break;
+    case VQKVD_CONFIG_LOG_LEVEL:
+        ok = vqkvd_log_parse_level(value) >= 0;
+        if (ok)
+            *level = vqkvd_log_parse_level(value);
+        break;
+    }
+    if (!ok) {
+        snprintf(err, err_size, "bad %s \"%s\" (%s)", label, value,
+                 vqkvd__config_expected[key->type]);
+        return -EINVAL;
+    }
+    if (vqkvd__config_is_string(key->type))
+        *(const char **)slot = value;
+    return 0;
+}
+
+int vqkvd_config_set(vqkvd_config_source_t *src, const vqkvd_config_key_t *key, const char *label,
+                     const char *value, char *err, size_t err_size)
+{
+    if (key->type != VQKVD_CONFIG_IDS && value[0] == '\0') {
+        snprintf(err, err_size, "no value for \"%s\"", label);
+        return -EINVAL;
+    }
+    if (vqkvd__config_is_allow_list(key) && !src->own_allow_list) {
+        src->cfg->n_allow_uids = src->cfg->n_allow_gids = 0;
+        src->own_allow_list = 1;
+    }
+    char *copy = NULL;
+    if (vqkvd__config_is_string(key->type) && (copy = strdup(value)) == NULL) {
+        snprintf(err, err_size, "out of memory");
+        return -ENOMEM;
+    }
+    int rc = vqkvd__config_parse(src->cfg, &src->file->log_level, key, label,
+                                 copy != NULL ? copy : value, err, err_size);
+    if (copy != NULL) {
+        char **own = vqkvd__config_slot(src->file, key->file_offset);
+        if (rc < 0) {
+            free(copy);
+        } else {
+            free(*own); /* a flag given twice, or over the file's */
+            *own = copy;
+        }
+    }
+    return rc;
+}
+
+void vqkvd_config_defaults(vqkvd_config_t *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    cfg->listen_fd = -1;
+    cfg->max_frame = VQKV_FRAME_DEFAULT_MAX;
+    int level; /* the logger keeps its own default */
+    char err[8];
+    for (size_t i = 0; i < VQKVD_CONFIG_N_KEYS; i++) {
+        const vqkvd_config_key_t *key = &vqkvd_config_keys[i];
+        /* The table's defaults are literals, so pointing at them is safe;
+         * test_config checks that each one parses. */
+        if (key->def != NULL)
+            (void)vqkvd__config_parse(cfg, &level, key, key->name, key->def, err, sizeof err);
+    }
+    /* Who runs the daemon is no constant: its uid and root. */
+    cfg->allow_uids[cfg->n_allow_uids++] = getuid();
+    if (getuid() != 0)
+        cfg->allow_uids[cfg->n_allow_uids++] = 0;
+}
+
 /* ---- the parser ----------------------------------------------------------- */
+
+typedef struct {
+    vqkvd_config_t cfg;        /* the working copy */
+    vqkvd_config_file_t file;  /* the strings it points to */
+    vqkvd_config_source_t src; /* sets keys in the two */
+    FILE *f;
+    const char *path;
+    int lineno;   /* the line inih is parsing */
+    int err_line; /* the first error's line; 0 while there is none */
+    int rc;       /* the first error's code */
+    char *err;
+    size_t err_size;
+    int key_line[VQKVD_CONFIG_N_KEYS]; /* where each key was set; 0: not yet */
+    int default_quota_line;
+    int quota_line[VQKVD_MAX_ALLOWED]; /* where cfg.quota_uids[i] was set */
+    int own_quotas;                    /* a uid.N key has dropped the caller's */
+} vqkvd__config_parser_t;
 
 /* Records the first error as "path:line: message" (later ones are often its
  * consequences, and one clear message is what an operator acts on).
@@ -243,122 +565,24 @@ static char *vqkvd__config_read_line(char *buf, int size, void *stream)
     return buf;
 }
 
-static int vqkvd__config_set_string(vqkvd__config_parser_t *p, char **own, const char **use,
-                                    const char *value)
-{
-    char *copy = strdup(value);
-    if (copy == NULL)
-        return vqkvd__config_fail(p, -ENOMEM, "out of memory");
-    *own = copy;
-    *use = copy;
-    return 1;
-}
-
-static int vqkvd__config_set_count(vqkvd__config_parser_t *p, const char *name, const char *value,
-                                   uint32_t *out)
-{
-    if (vqkvd_config_parse_count(value, out) < 0)
-        return vqkvd__config_fail(p, -EINVAL, "bad %s \"%s\" (a positive whole number)", name,
-                                  value);
-    return 1;
-}
-
-/* Adds a comma or blank separated list of ids, possibly empty, to the list
- * key names. The first allow_uids or allow_gids empties both allow lists,
- * as the command line's first --allow-* does: the file's allow list is the
- * whole of it, not an addition to the defaults (the daemon's uid and root),
- * so "allow_uids =" with allow_gids admits by group alone. */
-static int vqkvd__config_add_ids(vqkvd__config_parser_t *p, int key, const char *value)
-{
-    vqkvd_config_t *cfg = &p->cfg;
-    const char *name = vqkvd__config_keys[key];
-    if (key != VQKVD__CONFIG_ADMIN_UIDS && !p->own_allow_list) {
-        cfg->n_allow_uids = cfg->n_allow_gids = 0;
-        p->own_allow_list = 1;
-    }
-    size_t *n = key == VQKVD__CONFIG_ALLOW_UIDS   ? &cfg->n_allow_uids
-                : key == VQKVD__CONFIG_ALLOW_GIDS ? &cfg->n_allow_gids
-                                                  : &cfg->n_admin_uids;
-    for (const char *s = value + strspn(value, ", \t"); *s != '\0'; s += strspn(s, ", \t")) {
-        size_t len = strcspn(s, ", \t");
-        char word[16];
-        unsigned id;
-        if (len >= sizeof word)
-            return vqkvd__config_fail(p, -EINVAL, "bad id \"%.*s\" in %s", (int)len, s, name);
-        memcpy(word, s, len);
-        word[len] = '\0';
-        if (vqkvd_config_parse_id(word, &id) < 0)
-            return vqkvd__config_fail(p, -EINVAL, "bad id \"%s\" in %s", word, name);
-        if (*n == VQKVD_MAX_ALLOWED)
-            return vqkvd__config_fail(p, -EINVAL, "more than %d ids in %s", VQKVD_MAX_ALLOWED,
-                                      name);
-        if (key == VQKVD__CONFIG_ALLOW_UIDS)
-            cfg->allow_uids[*n] = (uid_t)id;
-        else if (key == VQKVD__CONFIG_ALLOW_GIDS)
-            cfg->allow_gids[*n] = (gid_t)id;
-        else
-            cfg->admin_uids[*n] = (uid_t)id;
-        ++*n;
-        s += len;
-    }
-    return 1;
-}
-
+/* A key of [vqkvd]: set as a flag sets it, after the checks that only a
+ * file needs (a list key adds up; any other key given twice is refused). */
 static int vqkvd__config_on_vqkvd(vqkvd__config_parser_t *p, const char *name, const char *value)
 {
-    int key = 0;
-    while (key < VQKVD__CONFIG_N_KEYS && strcmp(name, vqkvd__config_keys[key]) != 0)
-        key++;
-    if (key == VQKVD__CONFIG_N_KEYS)
+    const vqkvd_config_key_t *key = vqkvd_config_find(name);
+    if (key == NULL)
         return vqkvd__config_fail(p, -EINVAL, "unknown key \"%s\" in [vqkvd]", name);
-    int list = key == VQKVD__CONFIG_ALLOW_UIDS || key == VQKVD__CONFIG_ALLOW_GIDS ||
-               key == VQKVD__CONFIG_ADMIN_UIDS;
-    if (!list && value[0] == '\0')
-        return vqkvd__config_fail(p, -EINVAL, "no value for \"%s\"", name);
-    if (!list && p->key_line[key] != 0)
+    size_t i = (size_t)(key - vqkvd_config_keys);
+    /* An empty value is reported as such (vqkvd_config_set), before this. */
+    if (key->type != VQKVD_CONFIG_IDS && value[0] != '\0' && p->key_line[i] != 0)
         return vqkvd__config_fail(p, -EINVAL, "\"%s\" given twice (first on line %d)", name,
-                                  p->key_line[key]);
-    p->key_line[key] = p->lineno;
-
-    vqkvd_config_t *cfg = &p->cfg;
-    switch (key) {
-    case VQKVD__CONFIG_SOCKET:
-        return vqkvd__config_set_string(p, &p->file.socket_path, &cfg->socket_path, value);
-    case VQKVD__CONFIG_STATE_DIR:
-        return vqkvd__config_set_string(p, &p->file.state_dir, &cfg->state_dir, value);
-    case VQKVD__CONFIG_DEVICE:
-        if (vqkvd_config_check_device(value) < 0)
-            return vqkvd__config_fail(p, -EINVAL, "bad device \"%s\" (cpu, auto or cuda:N)", value);
-        return vqkvd__config_set_string(p, &p->file.device, &cfg->device, value);
-    case VQKVD__CONFIG_POOL_BYTES:
-        if (vqkvd_config_parse_bytes(value, &cfg->pool_bytes) < 0)
-            return vqkvd__config_fail(
-                p, -EINVAL, "bad pool_bytes \"%s\" (a positive size such as 512M or 4G)", value);
-        return 1;
-    case VQKVD__CONFIG_LOG_LEVEL:
-        p->file.log_level = vqkvd_log_parse_level(value);
-        if (p->file.log_level < 0)
-            return vqkvd__config_fail(p, -EINVAL,
-                                      "bad log_level \"%s\" (debug, info, warn or error)", value);
-        return 1;
-    case VQKVD__CONFIG_CALIB_TOKENS:
-        return vqkvd__config_set_count(p, name, value, &cfg->calib_tokens);
-    case VQKVD__CONFIG_MAX_CLIENTS:
-        return vqkvd__config_set_count(p, name, value, &cfg->max_clients);
-    case VQKVD__CONFIG_MAX_INFLIGHT:
-        return vqkvd__config_set_count(p, name, value, &cfg->max_inflight);
-    case VQKVD__CONFIG_MAX_REGIONS:
-        return vqkvd__config_set_count(p, name, value, &cfg->max_regions);
-    case VQKVD__CONFIG_LEASE_MS: return vqkvd__config_set_count(p, name, value, &cfg->lease_ms);
-    case VQKVD__CONFIG_METRICS_ADDRESS: {
-        vqkvd_inet_addr_t addr;
-        if (vqkvd_config_parse_address(value, &addr) < 0)
-            return vqkvd__config_fail(p, -EINVAL, "bad metrics_address \"%s\" (%s)", value,
-                                      VQKVD_CONFIG_ADDRESS_HELP);
-        return vqkvd__config_set_string(p, &p->file.metrics_address, &cfg->metrics_address, value);
-    }
-    default: return vqkvd__config_add_ids(p, key, value);
-    }
+                                  p->key_line[i]);
+    p->key_line[i] = p->lineno;
+    char msg[512];
+    int rc = vqkvd_config_set(&p->src, key, name, value, msg, sizeof msg);
+    if (rc < 0)
+        return vqkvd__config_fail(p, rc, "%s", msg);
+    return 1;
 }
 
 /* "default = SIZE" and "uid.N = SIZE", SIZE a byte size or "unlimited"
@@ -422,6 +646,7 @@ int vqkvd_config_load(vqkvd_config_t *cfg, vqkvd_config_file_t *file, const char
                       size_t err_size)
 {
     vqkvd__config_parser_t p = {.cfg = *cfg, .path = path, .err = err, .err_size = err_size};
+    p.src = (vqkvd_config_source_t){.cfg = &p.cfg, .file = &p.file};
     p.f = fopen(path, "re");
     if (p.f == NULL) {
         int rc = -errno;
@@ -465,70 +690,21 @@ out:
 
 /* ---- reloading ------------------------------------------------------------ */
 
-/* How vqkvd_config_diff compares and writes each key of [vqkvd], and
- * whether vqkvd_config_take_live takes it: this table is the one place
- * that says which keys a running daemon applies. A key added above needs a
- * row here; without one a reload neither reports nor applies it. Strings
- * and sizes are never live: nothing running could take them without a
- * restart (the socket, the pool, the device, the state directory). */
-enum {
-    VQKVD__VALUE_NONE, /* not in vqkvd_config_t (log_level) */
-    VQKVD__VALUE_STRING,
-    VQKVD__VALUE_BYTES,
-    VQKVD__VALUE_COUNT,
-    VQKVD__VALUE_IDS,
-};
-
-typedef struct {
-    unsigned char kind;
-    unsigned char live;
-    size_t offset;   /* of the value (a list's array) in vqkvd_config_t */
-    size_t n_offset; /* of a list's length */
-} vqkvd__config_field_t;
-
-/* clang-format off */
-#define VQKVD__FIELD(kind, live, field) {kind, live, offsetof(vqkvd_config_t, field), 0}
-#define VQKVD__LIST(field) \
-    {VQKVD__VALUE_IDS, 1, offsetof(vqkvd_config_t, field), offsetof(vqkvd_config_t, n_##field)}
-/* clang-format on */
-
-static const vqkvd__config_field_t vqkvd__config_fields[VQKVD__CONFIG_N_KEYS] = {
-    [VQKVD__CONFIG_SOCKET] = VQKVD__FIELD(VQKVD__VALUE_STRING, 0, socket_path),
-    [VQKVD__CONFIG_POOL_BYTES] = VQKVD__FIELD(VQKVD__VALUE_BYTES, 0, pool_bytes),
-    [VQKVD__CONFIG_DEVICE] = VQKVD__FIELD(VQKVD__VALUE_STRING, 0, device),
-    [VQKVD__CONFIG_STATE_DIR] = VQKVD__FIELD(VQKVD__VALUE_STRING, 0, state_dir),
-    [VQKVD__CONFIG_LOG_LEVEL] = {VQKVD__VALUE_NONE, 1, 0, 0}, /* the caller's: see config.h */
-    [VQKVD__CONFIG_ALLOW_UIDS] = VQKVD__LIST(allow_uids),
-    [VQKVD__CONFIG_ALLOW_GIDS] = VQKVD__LIST(allow_gids),
-    [VQKVD__CONFIG_ADMIN_UIDS] = VQKVD__LIST(admin_uids),
-    /* Read when a model starts calibrating: later models get the new count. */
-    [VQKVD__CONFIG_CALIB_TOKENS] = VQKVD__FIELD(VQKVD__VALUE_COUNT, 1, calib_tokens),
-    /* Checked as a connection arrives; clients past a lowered limit stay. */
-    [VQKVD__CONFIG_MAX_CLIENTS] = VQKVD__FIELD(VQKVD__VALUE_COUNT, 1, max_clients),
-    /* Every client was told these two in Welcome. */
-    [VQKVD__CONFIG_MAX_INFLIGHT] = VQKVD__FIELD(VQKVD__VALUE_COUNT, 0, max_inflight),
-    [VQKVD__CONFIG_MAX_REGIONS] = VQKVD__FIELD(VQKVD__VALUE_COUNT, 0, max_regions),
-    /* Leases taken from now on; those held keep their expiry. */
-    [VQKVD__CONFIG_LEASE_MS] = VQKVD__FIELD(VQKVD__VALUE_COUNT, 1, lease_ms),
-    /* The HTTP listener is bound once, at start. */
-    [VQKVD__CONFIG_METRICS_ADDRESS] = VQKVD__FIELD(VQKVD__VALUE_STRING, 0, metrics_address),
-};
-
-#undef VQKVD__FIELD
-#undef VQKVD__LIST
-
-/* The allow lists share one reader: gid_t and uid_t are both 32-bit
- * unsigned on Linux. */
-_Static_assert(sizeof(uid_t) == sizeof(gid_t), "uid_t and gid_t differ");
-
-static const void *vqkvd__config_at(const vqkvd_config_t *cfg, size_t offset)
+/* Bytes of a key's value that vqkvd_config_take_live copies: 0 for the
+ * strings (never live, see the table) and for log_level (the caller's). */
+static size_t vqkvd__config_value_size(vqkvd_config_type_t type)
 {
-    return (const char *)cfg + offset;
+    switch (type) {
+    case VQKVD_CONFIG_BYTES: return sizeof(uint64_t);
+    case VQKVD_CONFIG_COUNT: return sizeof(uint32_t);
+    case VQKVD_CONFIG_IDS: return VQKVD_MAX_ALLOWED * sizeof(uid_t);
+    default: return 0;
+    }
 }
 
-static size_t vqkvd__config_n_ids(const vqkvd_config_t *cfg, int key)
+static size_t vqkvd__config_n_ids(const vqkvd_config_t *cfg, const vqkvd_config_key_t *key)
 {
-    return *(const size_t *)vqkvd__config_at(cfg, vqkvd__config_fields[key].n_offset);
+    return *(const size_t *)vqkvd__config_at(cfg, key->n_offset);
 }
 
 static int vqkvd__config_has_id(const uid_t *ids, size_t n, uid_t id)
@@ -563,18 +739,22 @@ static void vqkvd__config_format_quota(char *buf, size_t size, uint64_t bytes)
 }
 
 /* Writes key's value in cfg into buf. */
-static void vqkvd__config_format(char *buf, size_t size, const vqkvd_config_t *cfg, int key)
+static void vqkvd__config_format(char *buf, size_t size, const vqkvd_config_t *cfg,
+                                 const vqkvd_config_key_t *key)
 {
-    const void *v = vqkvd__config_at(cfg, vqkvd__config_fields[key].offset);
-    switch (vqkvd__config_fields[key].kind) {
-    case VQKVD__VALUE_STRING: {
+    const void *v = vqkvd__config_at(cfg, key->offset);
+    if (vqkvd__config_is_string(key->type)) {
         const char *text = *(const char *const *)v;
         snprintf(buf, size, "%s", text != NULL ? text : "(default)");
         return;
     }
-    case VQKVD__VALUE_BYTES: vqkvd__config_format_bytes(buf, size, *(const uint64_t *)v); return;
-    case VQKVD__VALUE_COUNT: snprintf(buf, size, "%u", (unsigned)*(const uint32_t *)v); return;
-    default: break;
+    if (key->type == VQKVD_CONFIG_BYTES) {
+        vqkvd__config_format_bytes(buf, size, *(const uint64_t *)v);
+        return;
+    }
+    if (key->type == VQKVD_CONFIG_COUNT) {
+        snprintf(buf, size, "%u", (unsigned)*(const uint32_t *)v);
+        return;
     }
     const uid_t *ids = v;
     size_t n = vqkvd__config_n_ids(cfg, key), len = 0;
@@ -587,19 +767,17 @@ static void vqkvd__config_format(char *buf, size_t size, const vqkvd_config_t *c
     }
 }
 
-static int vqkvd__config_equal(const vqkvd_config_t *a, const vqkvd_config_t *b, int key)
+static int vqkvd__config_equal(const vqkvd_config_t *a, const vqkvd_config_t *b,
+                               const vqkvd_config_key_t *key)
 {
-    const void *va = vqkvd__config_at(a, vqkvd__config_fields[key].offset);
-    const void *vb = vqkvd__config_at(b, vqkvd__config_fields[key].offset);
-    switch (vqkvd__config_fields[key].kind) {
-    case VQKVD__VALUE_STRING: {
+    const void *va = vqkvd__config_at(a, key->offset);
+    const void *vb = vqkvd__config_at(b, key->offset);
+    if (vqkvd__config_is_string(key->type)) {
         const char *sa = *(const char *const *)va, *sb = *(const char *const *)vb;
         return sa == sb || (sa != NULL && sb != NULL && strcmp(sa, sb) == 0);
     }
-    case VQKVD__VALUE_BYTES: return *(const uint64_t *)va == *(const uint64_t *)vb;
-    case VQKVD__VALUE_COUNT: return *(const uint32_t *)va == *(const uint32_t *)vb;
-    default: break;
-    }
+    if (key->type != VQKVD_CONFIG_IDS)
+        return memcmp(va, vb, vqkvd__config_value_size(key->type)) == 0;
     /* As sets: every id of each is in the other. O(n^2) on 32 ids. */
     size_t na = vqkvd__config_n_ids(a, key), nb = vqkvd__config_n_ids(b, key);
     for (size_t i = 0; i < na; i++)
@@ -645,15 +823,15 @@ void vqkvd_config_diff(const vqkvd_config_t *running, const vqkvd_config_t *next
                        vqkvd_config_change_fn fn, void *user)
 {
     vqkvd_config_change_t ch;
-    for (int key = 0; key < VQKVD__CONFIG_N_KEYS; key++) {
-        if (vqkvd__config_fields[key].kind == VQKVD__VALUE_NONE ||
-            vqkvd__config_equal(running, next, key))
+    for (size_t i = 0; i < VQKVD_CONFIG_N_KEYS; i++) {
+        const vqkvd_config_key_t *key = &vqkvd_config_keys[i];
+        if (key->type == VQKVD_CONFIG_LOG_LEVEL || vqkvd__config_equal(running, next, key))
             continue;
         memset(&ch, 0, sizeof ch);
-        snprintf(ch.key, sizeof ch.key, "%s", vqkvd__config_keys[key]);
+        snprintf(ch.key, sizeof ch.key, "%s", key->name);
         vqkvd__config_format(ch.was, sizeof ch.was, running, key);
         vqkvd__config_format(ch.now, sizeof ch.now, next, key);
-        ch.live = vqkvd__config_fields[key].live;
+        ch.live = key->live;
         fn(&ch, user);
     }
     if (running->default_quota_bytes != next->default_quota_bytes) {
@@ -673,22 +851,15 @@ void vqkvd_config_diff(const vqkvd_config_t *running, const vqkvd_config_t *next
 
 void vqkvd_config_take_live(vqkvd_config_t *cfg, const vqkvd_config_t *next)
 {
-    for (int key = 0; key < VQKVD__CONFIG_N_KEYS; key++) {
-        size_t offset = vqkvd__config_fields[key].offset;
-        size_t n_offset = vqkvd__config_fields[key].n_offset;
-        if (!vqkvd__config_fields[key].live)
+    for (size_t i = 0; i < VQKVD_CONFIG_N_KEYS; i++) {
+        const vqkvd_config_key_t *key = &vqkvd_config_keys[i];
+        if (!key->live)
             continue;
-        switch (vqkvd__config_fields[key].kind) {
-        case VQKVD__VALUE_COUNT:
-            memcpy((char *)cfg + offset, vqkvd__config_at(next, offset), sizeof(uint32_t));
-            break;
-        case VQKVD__VALUE_IDS:
-            memcpy((char *)cfg + offset, vqkvd__config_at(next, offset),
-                   VQKVD_MAX_ALLOWED * sizeof(uid_t));
-            memcpy((char *)cfg + n_offset, vqkvd__config_at(next, n_offset), sizeof(size_t));
-            break;
-        default: break; /* log_level is the caller's */
-        }
+        memcpy(vqkvd__config_slot(cfg, key->offset), vqkvd__config_at(next, key->offset),
+               vqkvd__config_value_size(key->type));
+        if (key->type == VQKVD_CONFIG_IDS)
+            memcpy(vqkvd__config_slot(cfg, key->n_offset), vqkvd__config_at(next, key->n_offset),
+                   sizeof(size_t));
     }
     cfg->default_quota_bytes = next->default_quota_bytes;
     memcpy(cfg->quota_uids, next->quota_uids, sizeof cfg->quota_uids);
@@ -703,4 +874,132 @@ void vqkvd_config_file_free(vqkvd_config_file_t *file)
     free(file->device);
     free(file->metrics_address);
     memset(file, 0, sizeof *file);
+}
+
+/* ---- --help and vqkvd.conf ------------------------------------------------------ */
+
+#define VQKVD__HELP_WIDTH 79
+#define VQKVD__HELP_COLUMN 26 /* where --help's text starts */
+#define VQKVD__CONF_WIDTH 76
+
+/* Writes text's words from column *col on, starting a new line with indent
+ * (its length the new column) before a word that would pass width; a word
+ * at the start of a line gets no blank before it. */
+static void vqkvd__config_wrap(FILE *f, int *col, const char *indent, int width, const char *text)
+{
+    int margin = (int)strlen(indent);
+    for (const char *s = text + strspn(text, " "); *s != '\0'; s += strspn(s, " ")) {
+        int len = (int)strcspn(s, " ");
+        if (*col > margin && *col + 1 + len > width) {
+            fprintf(f, "\n%s", indent);
+            *col = margin;
+        }
+        if (*col > margin) {
+            fputc(' ', f);
+            ++*col;
+        }
+        fwrite(s, 1, (size_t)len, f);
+        *col += len;
+        s += len;
+    }
+}
+
+/* The default in words: as the file writes it, "none" for an empty list,
+ * or the row's description of one the table cannot hold. */
+static const char *vqkvd__config_default_words(const vqkvd_config_key_t *key)
+{
+    if (key->def == NULL)
+        return key->def_doc;
+    return key->def[0] != '\0' ? key->def : "none";
+}
+
+void vqkvd_config_help_line(FILE *f, const char *option, const char *text, const char *def)
+{
+    char indent[VQKVD__HELP_COLUMN + 1];
+    memset(indent, ' ', VQKVD__HELP_COLUMN);
+    indent[VQKVD__HELP_COLUMN] = '\0';
+    int col = fprintf(f, "  %s", option);
+    if (col + 2 > VQKVD__HELP_COLUMN) {
+        fputc('\n', f);
+        col = 0;
+    }
+    fprintf(f, "%*s", VQKVD__HELP_COLUMN - col, "");
+    col = VQKVD__HELP_COLUMN;
+    vqkvd__config_wrap(f, &col, indent, VQKVD__HELP_WIDTH, text);
+    if (def != NULL) {
+        char phrase[256];
+        int len = snprintf(phrase, sizeof phrase, "(default: %s)", def);
+        /* Kept on one line where it fits one, so it reads (and greps) whole. */
+        if (col + 1 + len > VQKVD__HELP_WIDTH && VQKVD__HELP_COLUMN + len <= VQKVD__HELP_WIDTH) {
+            fprintf(f, "\n%s", indent);
+            col = VQKVD__HELP_COLUMN;
+        }
+        vqkvd__config_wrap(f, &col, indent, VQKVD__HELP_WIDTH, phrase);
+    }
+    fputc('\n', f);
+}
+
+void vqkvd_config_help(FILE *f)
+{
+    for (size_t i = 0; i < VQKVD_CONFIG_N_KEYS; i++) {
+        const vqkvd_config_key_t *key = &vqkvd_config_keys[i];
+        char option[64];
+        if (key->flag == NULL)
+            continue;
+        snprintf(option, sizeof option, "--%s %s", key->flag, key->arg);
+        vqkvd_config_help_line(f, option, key->help, vqkvd__config_default_words(key));
+    }
+}
+
+static const char vqkvd__config_conf_head[] =
+    "# vqkvd.conf -- the configuration of vqkvd, the vqkv KV-cache daemon.\n"
+    "#\n"
+    "# vqkvd reads this file when started without --config; a flag on its\n"
+    "# command line overrides the key of the same meaning here. Every key is\n"
+    "# shown commented out with its default, or an example where the default\n"
+    "# depends on the machine. Comments take whole lines (# or ;): a \"#\" after\n"
+    "# a value is part of the value. A key given twice is refused, except the\n"
+    "# id lists, which add up. Check an edited file with\n"
+    "#   vqkvd --check-config --config /etc/vqkv/vqkvd.conf\n"
+    "# vqkvd --print-default-config writes this file.\n"
+    "\n"
+    "[vqkvd]\n";
+
+/* [quota]'s keys are named by uid, so the section is written whole here. */
+static const char vqkvd__config_conf_quota[] =
+    "[quota]\n"
+    "# Compressed bytes each tenant (uid) may hold, K, M or G as above, or\n"
+    "# unlimited. default applies to every uid without a uid.N line of its own.\n"
+    "# A reload (SIGHUP) applies a change.\n"
+    "#default = unlimited\n"
+    "#uid.1000 = 4G\n";
+
+/* A key's paragraph: what it does, the default where the commented-out
+ * line cannot show it, its flag and whether a reload applies it. */
+static void vqkvd__config_write_key(FILE *f, const vqkvd_config_key_t *key)
+{
+    char sentence[256];
+    int col = fprintf(f, "# ");
+    vqkvd__config_wrap(f, &col, "# ", VQKVD__CONF_WIDTH, key->doc);
+    if (key->def == NULL || key->def[0] == '\0') {
+        snprintf(sentence, sizeof sentence, "Default: %s.", vqkvd__config_default_words(key));
+        vqkvd__config_wrap(f, &col, "# ", VQKVD__CONF_WIDTH, sentence);
+    }
+    if (key->flag != NULL) {
+        snprintf(sentence, sizeof sentence, "Flag: --%s.", key->flag);
+        vqkvd__config_wrap(f, &col, "# ", VQKVD__CONF_WIDTH, sentence);
+    }
+    vqkvd__config_wrap(f, &col, "# ", VQKVD__CONF_WIDTH,
+                       key->live ? "A reload (SIGHUP) applies a change."
+                                 : "A change needs a restart.");
+    const char *value = key->def != NULL ? key->def : key->example;
+    fprintf(f, "\n#%s =%s%s\n\n", key->name, value[0] != '\0' ? " " : "", value);
+}
+
+void vqkvd_config_write_default(FILE *f)
+{
+    fputs(vqkvd__config_conf_head, f);
+    for (size_t i = 0; i < VQKVD_CONFIG_N_KEYS; i++)
+        vqkvd__config_write_key(f, &vqkvd_config_keys[i]);
+    fputs(vqkvd__config_conf_quota, f);
 }

@@ -4,16 +4,23 @@
  * removed, every client closed, exit status 0).
  *
  *   vqkvd [--config FILE] [--check-config] [--socket PATH]
+ *         [--pool-bytes N[K|M|G]] [--device cpu|auto|cuda:N] [--state-dir DIR]
  *         [--log-level debug|info|warn|error] [--allow-uid N ...] [--allow-gid N ...]
- *         [--pool-bytes N[K|M|G]] [--state-dir DIR] [--device cpu|auto|cuda:N]
  *         [--calibration-tokens N] [--lease-ms N] [--metrics-address HOST:PORT]
+ *         [--print-default-config]
+ *
+ * Every flag but --config, --check-config, --print-default-config, --help
+ * and --version is a key of the configuration file: config.c's table of
+ * keys names it, and vqkvd_config_set parses it as the file's line would,
+ * so the options, --help and the flags' checks all follow from the table.
+ * --print-default-config prints the shipped vqkvd.conf, from the same table.
  *
  * The configuration file (config.h; vqkvd.conf documents every key) is
  * FILE, or else the installed default when that exists: /etc/vqkv/vqkvd.conf
  * in a /usr install, PREFIX/etc/vqkv/vqkvd.conf in any other, found from
  * where the vqkvd binary is, so an install moved with `cmake --install
- * --prefix` reads its own (vqkvd --help prints the path). Flags override the file wherever they stand: the
- * command line is read twice, first for --config, --check-config and
+ * --prefix` reads its own (vqkvd --help prints the path). Flags override the file wherever they
+ * stand: the command line is read twice, first for --config, --check-config and
  * --help, then, after the file, for the rest. --check-config stops there
  * and prints "ok" (exit status 0) or what is wrong (exit status 2, as for
  * any refused file or flag).
@@ -95,23 +102,38 @@ typedef struct {
     char next_err[512];
 } vqkvd_main_t;
 
-static const struct option vqkvd__options[] = {
+/* The flags that are no key. A key's flag gets VQKVD__OPT_KEY + its row
+ * in vqkvd_config_keys as getopt's value. */
+enum { VQKVD__OPT_KEY = 256 };
+
+static const struct option vqkvd__own_options[] = {
     {"config", required_argument, NULL, 'c'},
     {"check-config", no_argument, NULL, 'C'},
-    {"socket", required_argument, NULL, 's'},
-    {"log-level", required_argument, NULL, 'l'},
-    {"allow-uid", required_argument, NULL, 'u'},
-    {"allow-gid", required_argument, NULL, 'g'},
-    {"pool-bytes", required_argument, NULL, 'p'},
-    {"state-dir", required_argument, NULL, 'S'},
-    {"device", required_argument, NULL, 'd'},
-    {"calibration-tokens", required_argument, NULL, 't'},
-    {"lease-ms", required_argument, NULL, 'L'},
-    {"metrics-address", required_argument, NULL, 'M'},
+    /* the keys' flags go here, as in --help */
+    {"print-default-config", no_argument, NULL, 'P'},
     {"help", no_argument, NULL, 'h'},
     {"version", no_argument, NULL, 'V'},
-    {NULL, 0, NULL, 0},
 };
+
+#define VQKVD__OWN_FIRST 2 /* the own options before the keys' flags */
+#define VQKVD__N_OWN (sizeof vqkvd__own_options / sizeof vqkvd__own_options[0])
+
+/* vqkvd__own_options with the keys' flags, ended by a zeroed entry. */
+static struct option vqkvd__options[VQKVD__N_OWN + VQKVD_CONFIG_N_KEYS + 1];
+
+static void vqkvd__build_options(void)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < VQKVD__N_OWN; i++) {
+        if (i == VQKVD__OWN_FIRST)
+            for (size_t k = 0; k < VQKVD_CONFIG_N_KEYS; k++)
+                if (vqkvd_config_keys[k].flag != NULL)
+                    vqkvd__options[n++] =
+                        (struct option){vqkvd_config_keys[k].flag, required_argument, NULL,
+                                        VQKVD__OPT_KEY + (int)k};
+        vqkvd__options[n++] = vqkvd__own_options[i];
+    }
+}
 
 /* The file read when no --config is given (CMakeLists.txt): beside the
  * binary's prefix, or an absolute path for a /usr install. Computed once;
@@ -145,64 +167,62 @@ static const char *vqkvd__default_config(void)
 #endif
 }
 
+/* One bracket per option, wrapped under the first. */
 static void vqkvd__usage(FILE *f)
 {
-    fprintf(f, "usage: vqkvd [--config FILE] [--check-config] [--socket PATH]\n"
-               "             [--log-level debug|info|warn|error] [--allow-uid N ...]\n"
-               "             [--allow-gid N ...] [--pool-bytes N[K|M|G]] [--state-dir DIR]\n"
-               "             [--device cpu|auto|cuda:N] [--calibration-tokens N] [--lease-ms N]\n"
-               "             [--metrics-address HOST:PORT] [--help] [--version]\n");
+    static const char head[] = "usage: vqkvd";
+    int col = fprintf(f, "%s", head);
+    for (const struct option *o = vqkvd__options; o->name != NULL; o++) {
+        char item[80];
+        int len;
+        if (o->val >= VQKVD__OPT_KEY) {
+            const vqkvd_config_key_t *key = &vqkvd_config_keys[o->val - VQKVD__OPT_KEY];
+            len = snprintf(item, sizeof item, "[--%s %s%s]", o->name, key->arg,
+                           key->type == VQKVD_CONFIG_IDS ? " ..." : "");
+        } else {
+            len = snprintf(item, sizeof item, "[--%s%s]", o->name,
+                           o->has_arg == required_argument ? " FILE" : "");
+        }
+        if (col + 1 + len > 79) {
+            fprintf(f, "\n%*s", (int)sizeof head - 1, "");
+            col = (int)sizeof head - 1;
+        }
+        col += fprintf(f, " %s", item);
+    }
+    fputc('\n', f);
 }
 
-/* --help: every option with its default. Flags override the file's keys
- * (vqkvd.conf(5) names them). */
+/* --help: every option with its default; the keys' lines come from the
+ * table. */
 static void vqkvd__help(void)
 {
-    vqkvd_config_t d;
-    vqkvd_config_defaults(&d);
     vqkvd__usage(stdout);
-    printf("\nvqkvd keeps LLM KV-cache blocks for inference workers, compressed.\n\n"
-           "  --config FILE           configuration file (default: %s, if it exists)\n"
-           "  --check-config          check the file and flags, print \"ok\" and exit\n"
-           "  --socket PATH           Unix socket to serve (default: /run/vqkv/vqkv.sock as root,\n"
-           "                          else $XDG_RUNTIME_DIR/vqkv/vqkv.sock)\n"
-           "  --log-level LEVEL       debug, info, warn or error (default: info)\n"
-           "  --allow-uid N           a uid that may connect; repeatable; replaces the\n"
-           "                          default list (this daemon's uid and root)\n"
-           "  --allow-gid N           a gid whose members may connect; repeatable (default: none)\n"
-           "  --pool-bytes N[K|M|G]   memory for compressed blocks (default: %lluM)\n"
-           "  --state-dir DIR         where trained codebooks are kept (default:\n"
-           "                          $STATE_DIRECTORY, /var/lib/vqkv as root, else\n"
-           "                          $XDG_STATE_HOME/vqkv or ~/.local/state/vqkv)\n"
-           "  --device DEV            cpu, auto or cuda:N (default: %s; this build: cpu)\n"
-           "  --calibration-tokens N  tokens a VQ model stores in fp16 before its codebooks\n"
-           "                          are trained (default: %u)\n"
-           "  --lease-ms N            how long a lookup's lease holds blocks (default: %u)\n"
-           "  --metrics-address A     HOST:PORT of the Prometheus endpoint, loopback only\n"
-           "                          (default: none)\n"
-           "  --help                  this text\n"
-           "  --version               the version\n",
-           vqkvd__default_config(), (unsigned long long)(d.pool_bytes >> 20), d.device,
-           d.calib_tokens, d.lease_ms);
+    printf("\nvqkvd keeps LLM KV-cache blocks for inference workers, compressed.\n\n");
+    /* Not wrapped: the installation's path reads (and greps) whole. */
+    printf("  --config FILE           configuration file (default: %s, if it exists)\n",
+           vqkvd__default_config());
+    vqkvd_config_help_line(stdout, "--check-config",
+                           "check the file and flags, print \"ok\" and exit", NULL);
+    vqkvd_config_help(stdout);
+    vqkvd_config_help_line(stdout, "--print-default-config",
+                           "print the shipped vqkvd.conf, every key with its default, and exit",
+                           NULL);
+    vqkvd_config_help_line(stdout, "--help", "this text", NULL);
+    vqkvd_config_help_line(stdout, "--version", "the version", NULL);
+    printf("\nA flag overrides the file's key of the same name; vqkvd.conf(5) lists every key.\n");
 }
 
-/* Always -1, so a refused flag is one line: return vqkvd__bad_flag(...). */
-static int vqkvd__bad_flag(const char *flag, const char *value, const char *expected)
-{
-    fprintf(stderr, "vqkvd: bad --%s \"%s\" (%s)\n", flag, value, expected);
-    return -1;
-}
-
-/* The first pass: --config, --check-config and --help, which decide what
- * happens before anything else is read. Other flags are skipped quietly
- * here (opterr 0) and complained about by the second pass. Returns 'h' for
- * --help, 'V' for --version, else 0. */
+/* The first pass: --config, --check-config, --help, --version and
+ * --print-default-config, which decide what happens before anything else is
+ * read. Other flags are skipped quietly here (opterr 0) and complained
+ * about by the second pass. Returns 'h', 'V' or 'P' for the last three, else
+ * 0. */
 static int vqkvd__first_pass(int argc, char **argv, const char **config, int *check_only)
 {
     int opt;
     opterr = 0;
     while ((opt = getopt_long(argc, argv, "h", vqkvd__options, NULL)) != -1) {
-        if (opt == 'h' || opt == 'V')
+        if (opt == 'h' || opt == 'V' || opt == 'P')
             return opt;
         if (opt == 'c')
             *config = optarg;
@@ -213,75 +233,30 @@ static int vqkvd__first_pass(int argc, char **argv, const char **config, int *ch
     return 0;
 }
 
-/* The second pass: every other flag, over what the file set, and the log
- * level into *log_level (which holds the file's). Runs again on each
- * reload. Returns 0, or -1 after saying what is wrong. */
-static int vqkvd__apply_flags(int argc, char **argv, vqkvd_config_t *cfg, int *log_level)
+/* The second pass: every other flag, over what the file set into cfg and
+ * file (its strings and log level), each parsed as its key in the file
+ * would be. Runs again on each reload. Returns 0, or -1 after saying what
+ * is wrong. */
+static int vqkvd__apply_flags(int argc, char **argv, vqkvd_config_t *cfg, vqkvd_config_file_t *file)
 {
-    int own_allow_list = 0; /* the first --allow-* drops the file's or default lists */
+    /* A source of its own: the first --allow-* drops the file's lists. */
+    vqkvd_config_source_t src = {.cfg = cfg, .file = file};
     int opt;
     /* 0, not 1: glibc then starts over completely, also after a pass. */
     optind = 0;
     while ((opt = getopt_long(argc, argv, "h", vqkvd__options, NULL)) != -1) {
-        unsigned id;
-        switch (opt) {
-        case 'c':
-        case 'C':
-        case 'V': break; /* the first pass's */
-        case 's': cfg->socket_path = optarg; break;
-        case 'l':
-            *log_level = vqkvd_log_parse_level(optarg);
-            if (*log_level < 0)
-                return vqkvd__bad_flag("log-level", optarg, "debug, info, warn or error");
-            break;
-        case 'u':
-        case 'g':
-            if (vqkvd_config_parse_id(optarg, &id) < 0)
-                return vqkvd__bad_flag(opt == 'u' ? "allow-uid" : "allow-gid", optarg,
-                                       "a numeric id");
-            if (!own_allow_list)
-                cfg->n_allow_uids = cfg->n_allow_gids = 0;
-            own_allow_list = 1;
-            if ((opt == 'u' ? cfg->n_allow_uids : cfg->n_allow_gids) >= VQKVD_MAX_ALLOWED) {
-                fprintf(stderr, "vqkvd: at most %d uids and %d gids\n", VQKVD_MAX_ALLOWED,
-                        VQKVD_MAX_ALLOWED);
-                return -1;
-            }
-            if (opt == 'u')
-                cfg->allow_uids[cfg->n_allow_uids++] = (uid_t)id;
-            else
-                cfg->allow_gids[cfg->n_allow_gids++] = (gid_t)id;
-            break;
-        case 'p':
-            if (vqkvd_config_parse_bytes(optarg, &cfg->pool_bytes) < 0)
-                return vqkvd__bad_flag("pool-bytes", optarg, "a positive size such as 512M or 4G");
-            break;
-        case 'S':
-            if (optarg[0] == '\0')
-                return vqkvd__bad_flag("state-dir", optarg, "a directory");
-            cfg->state_dir = optarg;
-            break;
-        case 'd':
-            if (vqkvd_config_check_device(optarg) < 0)
-                return vqkvd__bad_flag("device", optarg, "cpu, auto or cuda:N");
-            cfg->device = optarg;
-            break;
-        case 't':
-            if (vqkvd_config_parse_count(optarg, &cfg->calib_tokens) < 0)
-                return vqkvd__bad_flag("calibration-tokens", optarg, "a positive whole number");
-            break;
-        case 'L':
-            if (vqkvd_config_parse_count(optarg, &cfg->lease_ms) < 0)
-                return vqkvd__bad_flag("lease-ms", optarg, "a positive whole number");
-            break;
-        case 'M': {
-            vqkvd_inet_addr_t addr;
-            if (vqkvd_config_parse_address(optarg, &addr) < 0)
-                return vqkvd__bad_flag("metrics-address", optarg, VQKVD_CONFIG_ADDRESS_HELP);
-            cfg->metrics_address = optarg;
-            break;
+        if (opt == 'c' || opt == 'C')
+            continue; /* the first pass's */
+        if (opt < VQKVD__OPT_KEY) {
+            vqkvd__usage(stderr);
+            return -1;
         }
-        default: vqkvd__usage(stderr); return -1;
+        const vqkvd_config_key_t *key = &vqkvd_config_keys[opt - VQKVD__OPT_KEY];
+        char label[64], err[512];
+        snprintf(label, sizeof label, "--%s", key->flag);
+        if (vqkvd_config_set(&src, key, label, optarg, err, sizeof err) < 0) {
+            fprintf(stderr, "vqkvd: %s\n", err);
+            return -1;
         }
     }
     if (optind < argc) {
@@ -305,10 +280,12 @@ static int vqkvd__read_file(const char *path, vqkvd_config_t *cfg, vqkvd_config_
     return rc == -ENOENT && path == NULL ? 0 : rc;
 }
 
-/* The level the file asks for, or the default (info). */
+/* The level the file and the flags ask for, or the table's default. */
 static int vqkvd__file_log_level(const vqkvd_config_file_t *file)
 {
-    return file->log_level != 0 ? file->log_level : VQKVD_LOG_INFO;
+    if (file->log_level != 0)
+        return file->log_level;
+    return vqkvd_log_parse_level(vqkvd_config_find("log_level")->def);
 }
 
 /* The default socket path into buf, its directory created 0750 when
@@ -448,12 +425,12 @@ static void vqkvd__reload_apply(vqkvd_main_t *m)
                   m->next_err);
         return;
     }
-    int level = vqkvd__file_log_level(&m->next_file);
-    if (vqkvd__apply_flags(m->argc, m->argv, &m->next, &level) < 0) {
+    if (vqkvd__apply_flags(m->argc, m->argv, &m->next, &m->next_file) < 0) {
         vqkvd_log(VQKVD_LOG_ERROR, "reload refused: the command line does not apply; "
                                    "the running configuration stays");
         return;
     }
+    int level = vqkvd__file_log_level(&m->next_file);
     /* The reload's lines show at the more verbose of the old and the new
      * level, so turning debug on or off is logged either way. */
     int old_level = vqkvd_log_level;
@@ -691,18 +668,19 @@ int main(int argc, char **argv)
 
     memset(&m, 0, sizeof m);
     m.signal_fd = -1;
+    vqkvd__build_options();
     switch (vqkvd__first_pass(argc, argv, &m.config_path, &check_only)) {
     case 'h': vqkvd__help(); return 0;
     case 'V': printf("vqkvd %s\n", VQKVD_VERSION); return 0;
+    case 'P': vqkvd_config_write_default(stdout); return 0;
     }
     if (vqkvd__read_file(m.config_path, &cfg, &file, err, sizeof err) < 0) {
         fprintf(stderr, "vqkvd: %s\n", err);
         goto out;
     }
-    int level = vqkvd__file_log_level(&file);
-    if (vqkvd__apply_flags(argc, argv, &cfg, &level) < 0)
+    if (vqkvd__apply_flags(argc, argv, &cfg, &file) < 0)
         goto out;
-    vqkvd_log_level = level;
+    vqkvd_log_level = vqkvd__file_log_level(&file);
     if (cfg.pool_bytes < VQKVD_POOL_MIN_BYTES) {
         fprintf(stderr,
                 "vqkvd: pool_bytes %llu is below the minimum of %llu (64K): no block of a real "

@@ -59,23 +59,6 @@
 
 /* ---- configuration ----------------------------------------------------- */
 
-void vqkvd_config_defaults(vqkvd_config_t *cfg)
-{
-    memset(cfg, 0, sizeof *cfg);
-    cfg->listen_fd = -1;
-    cfg->max_frame = VQKV_FRAME_DEFAULT_MAX;
-    cfg->max_inflight = 64;
-    cfg->max_regions = 16;
-    cfg->max_clients = 1024;
-    cfg->pool_bytes = 1ull << 30;
-    cfg->device = "auto";
-    cfg->calib_tokens = 2048;
-    cfg->lease_ms = 30000;
-    cfg->allow_uids[cfg->n_allow_uids++] = getuid();
-    if (getuid() != 0)
-        cfg->allow_uids[cfg->n_allow_uids++] = 0;
-}
-
 static int vqkvd__peer_allowed(const vqkvd_config_t *cfg, uid_t uid, gid_t gid)
 {
     for (size_t i = 0; i < cfg->n_allow_uids; i++)
@@ -748,8 +731,8 @@ int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t 
         return -EINVAL;
     if (cfg->listen_fd < 0) {
         if (strlen(cfg->socket_path) >= sizeof addr.sun_path) {
-            vqkvd_log(VQKVD_LOG_ERROR, "socket path %s is longer than %zu bytes",
-                      cfg->socket_path, sizeof addr.sun_path - 1);
+            vqkvd_log(VQKVD_LOG_ERROR, "socket path %s is longer than %zu bytes", cfg->socket_path,
+                      sizeof addr.sun_path - 1);
             return -ENAMETOOLONG;
         }
         memcpy(addr.sun_path, cfg->socket_path, strlen(cfg->socket_path) + 1);

@@ -134,7 +134,8 @@ typedef struct {
     vqkvd_counters_t counters;
 } vqkvd_server_t;
 
-/* Fills cfg with the defaults (socket_path NULL, listen_fd -1). */
+/* Fills cfg with the defaults (socket_path NULL, listen_fd -1): config.c,
+ * from its table of keys. */
 void vqkvd_config_defaults(vqkvd_config_t *cfg);
 
 /* Creates the pool (cfg->pool_bytes) and the store with the quotas, binds

@@ -2,8 +2,9 @@
  * sizes and their suffixes, id lists, quotas, each kind of refused line
  * with its line number, empty and missing files), then the binary's flags
  * (--check-config on good and bad files, --device cuda:N refused, flags
- * that override the file whatever their place on the command line, the
- * state directory created at start or done without).
+ * that override the file whatever their place on the command line and are
+ * parsed as the file's keys, the state directory created at start or done
+ * without), and the table of keys that both follow.
  *
  * Each test works in a fresh temporary directory. The daemon runs are the
  * pattern of daemon_harness.h, with the daemon's output in a file the test
@@ -548,8 +549,7 @@ static void test_check_config(void **state)
     expect_output(out, "bad --pool-bytes \"lots\"");
 
     /* A pool too small for any real block, from a flag or the file. */
-    const char *const tiny[] = {"--config", fx->conf, "--pool-bytes", "1K", "--check-config",
-                                NULL};
+    const char *const tiny[] = {"--config", fx->conf, "--pool-bytes", "1K", "--check-config", NULL};
     assert_int_equal(run_vqkvd(fx, tiny, out, sizeof out), 2);
     expect_output(out, "pool_bytes 1024 is below the minimum of 65536");
 
@@ -562,23 +562,126 @@ static void test_check_config(void **state)
     expect_output(out, want);
 }
 
-/* --version, and --help naming every flag with its default. */
+/* --version, and --help naming every flag of the table with its default
+ * (written as the file writes it); the table's defaults are the ones the
+ * daemon has always had. */
 static void test_version_and_help(void **state)
 {
     fixture_t *fx = *state;
-    char out[4096];
+    char out[8192], want[256];
     const char *const version[] = {"--version", NULL};
     assert_int_equal(run_vqkvd(fx, version, out, sizeof out), 0);
     assert_string_equal(out, "vqkvd " VQKV_VERSION "\n");
     const char *const help[] = {"--help", NULL};
     assert_int_equal(run_vqkvd(fx, help, out, sizeof out), 0);
-    static const char *const flags[] = {
-        "--config FILE",   "--check-config",        "--socket PATH", "--log-level",
-        "--allow-uid",     "--allow-gid",           "--pool-bytes",  "--state-dir",
-        "--device",        "--calibration-tokens N", "--lease-ms N",  "--metrics-address",
-        "(default: 1024M)", "(default: 30000)",     "(default: 2048)", "vqkv/vqkvd.conf, if it exists"};
-    for (size_t i = 0; i < sizeof flags / sizeof flags[0]; i++)
-        expect_output(out, flags[i]);
+    static const char *const own[] = {"--config FILE",          "--check-config",
+                                      "--print-default-config", "--version",
+                                      "(default: 1G)",          "(default: 30000)",
+                                      "(default: 2048)",        "vqkv/vqkvd.conf, if it exists"};
+    for (size_t i = 0; i < sizeof own / sizeof own[0]; i++)
+        expect_output(out, own[i]);
+    for (size_t i = 0; i < VQKVD_CONFIG_N_KEYS; i++) {
+        const vqkvd_config_key_t *key = &vqkvd_config_keys[i];
+        if (key->flag == NULL)
+            continue;
+        /* Followed by its text, or by a line break when it is too long. */
+        snprintf(want, sizeof want, "  --%s %s", key->flag, key->arg);
+        expect_output(out, want);
+        if (key->def != NULL && key->def[0] != '\0') {
+            snprintf(want, sizeof want, "(default: %s)", key->def);
+            expect_output(out, want);
+        }
+    }
+}
+
+/* The table of keys holds together: names found, defaults that parse and
+ * are what vqkvd_config_defaults gives, a flag with its argument and help,
+ * no live string (the running config would point into a freed file). */
+static void test_table(void **state)
+{
+    (void)state;
+    vqkvd_config_t defaults, cfg;
+    vqkvd_config_defaults(&defaults);
+    for (size_t i = 0; i < VQKVD_CONFIG_N_KEYS; i++) {
+        const vqkvd_config_key_t *key = &vqkvd_config_keys[i];
+        assert_ptr_equal(vqkvd_config_find(key->name), key);
+        assert_non_null(key->doc);
+        assert_true(key->flag == NULL || (key->arg != NULL && key->help != NULL));
+        assert_true(key->def != NULL || (key->def_doc != NULL && key->example != NULL));
+        if (key->type == VQKVD_CONFIG_STRING || key->type == VQKVD_CONFIG_DEVICE ||
+            key->type == VQKVD_CONFIG_ADDRESS)
+            assert_false(key->live);
+        if (key->def == NULL || key->type == VQKVD_CONFIG_LOG_LEVEL)
+            continue;
+        vqkvd_config_file_t file = {0};
+        vqkvd_config_source_t src = {.cfg = &cfg, .file = &file};
+        char err[256];
+        memset(&cfg, 0, sizeof cfg);
+        assert_int_equal(vqkvd_config_set(&src, key, key->name, key->def, err, sizeof err), 0);
+        assert_memory_equal((char *)&cfg + key->offset, (char *)&defaults + key->offset,
+                            key->type == VQKVD_CONFIG_BYTES   ? 8
+                            : key->type == VQKVD_CONFIG_COUNT ? 4
+                                                              : 0);
+        vqkvd_config_file_free(&file);
+    }
+    assert_null(vqkvd_config_find("pol_bytes"));
+    assert_int_equal(defaults.pool_bytes, 1ull << 30);
+    assert_string_equal(defaults.device, "auto");
+    assert_int_equal(defaults.calib_tokens, 2048);
+    assert_int_equal(defaults.lease_ms, 30000);
+    assert_int_equal(defaults.max_clients, 1024);
+    assert_int_equal(defaults.max_inflight, 64);
+    assert_int_equal(defaults.max_regions, 16);
+    assert_int_equal(defaults.listen_fd, -1);
+    assert_null(defaults.socket_path);
+    assert_null(defaults.metrics_address);
+    assert_int_equal(defaults.allow_uids[0], getuid());
+    assert_int_equal(defaults.n_allow_gids + defaults.n_admin_uids + defaults.n_quotas, 0);
+    assert_int_equal(vqkvd_log_parse_level(vqkvd_config_find("log_level")->def), VQKVD_LOG_INFO);
+}
+
+/* A flag goes through its key's parser: the file's message with the flag's
+ * name, the same bounds, and the strings copied (the file's replaced). */
+static void test_flags_parse_as_keys(void **state)
+{
+    fixture_t *fx = *state;
+    char out[2048];
+    static const struct {
+        const char *flag, *value, *want;
+    } bad[] = {
+        {"--lease-ms", "0", "vqkvd: bad --lease-ms \"0\" (a positive whole number)\n"},
+        {"--calibration-tokens", "-1", "bad --calibration-tokens \"-1\" (a positive whole"},
+        {"--device", "gpu", "vqkvd: bad --device \"gpu\" (cpu, auto or cuda:N)\n"},
+        {"--log-level", "loud", "bad --log-level \"loud\" (debug, info, warn or error)"},
+        {"--allow-uid", "root", "vqkvd: bad id \"root\" in --allow-uid\n"},
+        {"--state-dir", "", "vqkvd: no value for \"--state-dir\"\n"},
+    };
+    write_file(fx->conf, "");
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        const char *const args[] = {"--config",   fx->conf,         bad[i].flag,
+                                    bad[i].value, "--check-config", NULL};
+        assert_int_equal(run_vqkvd(fx, args, out, sizeof out), 2);
+        expect_output(out, bad[i].want);
+    }
+
+    vqkvd_config_t cfg;
+    vqkvd_config_file_t file = {0};
+    vqkvd_config_source_t src = {.cfg = &cfg, .file = &file};
+    char err[256];
+    start_config(&cfg);
+    const vqkvd_config_key_t *dev = vqkvd_config_find("device");
+    assert_int_equal(vqkvd_config_set(&src, dev, "--device", "cpu", err, sizeof err), 0);
+    assert_int_equal(vqkvd_config_set(&src, dev, "--device", "cuda:2", err, sizeof err), 0);
+    assert_string_equal(cfg.device, "cuda:2");
+    assert_ptr_equal(cfg.device, file.device);
+    /* The first allow list of a source drops both lists it started with. */
+    const vqkvd_config_key_t *gids = vqkvd_config_find("allow_gids");
+    assert_int_equal(vqkvd_config_set(&src, gids, "--allow-gid", "7", err, sizeof err), 0);
+    assert_int_equal(vqkvd_config_set(&src, gids, "--allow-gid", "8", err, sizeof err), 0);
+    assert_int_equal(cfg.n_allow_uids, 0);
+    assert_int_equal(cfg.n_allow_gids, 2);
+    assert_int_equal(cfg.allow_gids[1], 8);
+    vqkvd_config_file_free(&file);
 }
 
 static void test_cuda_refused(void **state)
@@ -697,6 +800,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_check_config, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_cuda_refused, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_version_and_help, setup_dir, teardown_dir),
+        cmocka_unit_test(test_table),
+        cmocka_unit_test_setup_teardown(test_flags_parse_as_keys, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_flags_override_file, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_state_dir_from_systemd, setup_dir, teardown_dir),
         cmocka_unit_test_setup_teardown(test_state_dir_unusable, setup_dir, teardown_dir),

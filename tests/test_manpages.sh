@@ -1,12 +1,15 @@
 #!/bin/sh
-# test_manpages.sh MANDIR VQKVD VQKVCTL CONF -- the man pages of docs/man
-# render without a single groff warning (-ww: every warning category), and
-# document what the programs take: each --flag that `vqkvd --help` and
-# `vqkvctl --help` print appears in vqkvd(8) and vqkvctl(1), and each key of
-# the shipped vqkvd.conf in vqkvd.conf(5). Skips (77) without groff.
+# test_manpages.sh MANDIR VQKVD VQKVCTL -- the man pages of docs/man render
+# without a single groff warning (-ww: every warning category), and document
+# what the programs take: each --flag that `vqkvd --help` and `vqkvctl --help`
+# print appears in vqkvd(8) and vqkvctl(1), and each key of the file that
+# `vqkvd --print-default-config` writes in vqkvd.conf(5). vqkvd's flags, its
+# --help and that file all come from the daemon's table of keys
+# (daemon/config.c), so every key and flag of the table is checked. Skips
+# (77) without groff.
 set -eu
 
-mandir=$1 vqkvd=$2 vqkvctl=$3 conf=$4
+mandir=$1 vqkvd=$2 vqkvctl=$3
 if ! command -v groff >/dev/null 2>&1; then
     echo "SKIPPED: groff is missing (Debian: apt-get install groff-base)"
     exit 77
@@ -41,9 +44,14 @@ check_flags() {
 check_flags vqkvd.8 "$vqkvd"
 check_flags vqkvctl.1 "$vqkvctl"
 
-# The shipped file lists every key, commented out: "#key = value". The page
+# The default file lists every key, commented out: "#key = value". The page
 # opens an entry with '.BI "key = "'; [quota]'s uid.1000 is its uid.N.
-for key in $(sed -n 's/^#\([a-z_.0-9]*\) *=.*/\1/p' "$conf" | sort -u); do
+keys=$("$vqkvd" --print-default-config | sed -n 's/^#\([a-z_.0-9]*\) *=.*/\1/p' | sort -u)
+if [ -z "$keys" ]; then
+    echo "FAIL: vqkvd --print-default-config lists no key"
+    status=1
+fi
+for key in $keys; do
     entry="^\\.BI \"$key = \""
     case $key in
     uid.*) entry='^\.BI uid\. N ' ;;
