@@ -58,10 +58,11 @@ typedef struct {
 typedef struct {
     const char *name; /* Welcome.backend */
     /* On the loop: opens the memory of rr (its view already checked
-     * against rr->region_bytes) with the frame's fd, or -1 where the kind
-     * takes none. VQKV_OK, or an error with *why for the client. */
-    int (*region_open)(const Vqkv__RegisterRegion *rr, int fd, vqkvd_region_mem_t *mem,
-                       const char **why);
+     * against rr->region_bytes) from the kinds of region and the fds the
+     * backend takes: what a region must carry is the backend's rule alone.
+     * VQKV_OK, or an error with why (a message for the client) filled. */
+    int (*region_open)(const Vqkv__RegisterRegion *rr, const int *fds, size_t n_fds,
+                       vqkvd_region_mem_t *mem, char *why, size_t why_size);
     /* Once no job uses the region any more. */
     void (*region_close)(vqkvd_region_mem_t *mem);
     /* On a thread-pool thread; VQKV_OK or the first block's error. */

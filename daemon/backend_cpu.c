@@ -3,41 +3,55 @@
  * libuv's thread-pool threads: a put block after block, a get as batches
  * layer by layer; a large request split by layers over several threads.
  *
+ * A region is a memfd with exactly one fd; the CUDA fields are refused.
  * A memfd is sealed against shrinking before it is mapped: a worker that
  * truncated it under the mapping would turn the daemon's next read into
  * SIGBUS. Growing stays allowed; the mapping covers region_bytes only.
  */
 #include <errno.h>
 #include <fcntl.h>
+#include <stdio.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 
 #include "backend.h"
 
-static int vqkvd__cpu_region_open(const Vqkv__RegisterRegion *rr, int fd, vqkvd_region_mem_t *mem,
-                                  const char **why)
+static int vqkvd__cpu_region_open(const Vqkv__RegisterRegion *rr, const int *fds, size_t n_fds,
+                                  vqkvd_region_mem_t *mem, char *why, size_t why_size)
 {
-    if (rr->kind != VQKV__REGION_KIND__REGION_KIND_MEMFD) {
-        *why = "the cpu backend serves MEMFD regions only";
+    if (rr->cuda_ipc_handle.len > 0 || rr->device != 0) {
+        snprintf(why, why_size, "cuda_ipc_handle and device are reserved");
         return VQKV_EINVAL;
     }
+    if (rr->kind != VQKV__REGION_KIND__REGION_KIND_MEMFD) {
+        snprintf(why, why_size, "the cpu backend serves MEMFD regions only");
+        return VQKV_EINVAL;
+    }
+    if (rr->num_fds != 1 || n_fds != 1) {
+        snprintf(why, why_size, "a MEMFD region comes with exactly 1 fd (num_fds %u, %zu came)",
+                 (unsigned)rr->num_fds, n_fds);
+        return VQKV_EFDS;
+    }
+    int fd = fds[0];
     struct stat st;
     if (fd < 0 || fstat(fd, &st) < 0 || !S_ISREG(st.st_mode)) {
-        *why = "the fd is not a memfd";
+        snprintf(why, why_size, "the fd is not a memfd");
         return VQKV_EMAP;
     }
     if (rr->region_bytes > (uint64_t)st.st_size) {
-        *why = "the region is larger than the memfd";
+        snprintf(why, why_size, "the region is larger than the memfd");
         return VQKV_ERANGE;
     }
     if (fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK) < 0) {
-        *why = "cannot seal the memfd against shrinking; create it with MFD_ALLOW_SEALING";
+        snprintf(why, why_size,
+                 "cannot seal the memfd against shrinking; create it with MFD_ALLOW_SEALING");
         return VQKV_EMAP;
     }
     void *base = mmap(NULL, rr->region_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     if (base == MAP_FAILED) {
-        *why = errno == ENOMEM ? "mmap: out of address space or memory" : "mmap refused";
+        snprintf(why, why_size, "%s",
+                 errno == ENOMEM ? "mmap: out of address space or memory" : "mmap refused");
         return VQKV_EMAP;
     }
     /* The mapping keeps the memory; the caller's frame closes the fd. */

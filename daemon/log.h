@@ -1,11 +1,10 @@
 /* log.h -- vqkvd's logging: one line per message on stderr. When stderr is
  * the journal (a systemd service) a line starts with its syslog priority in
  * angle brackets ("<6>" for info), which journald turns into the entry's
- * priority; anywhere else (a terminal, a file) with "vqkvd: info: ". Messages above the configured level are
- * dropped before they are formatted, so a debug line costs one compare when
- * debug is off. Info, the default, logs what happens to the daemon (start,
- * stop, reloads, trained codebooks), never a line per request or
- * connection: those are debug.
+ * priority; anywhere else (a terminal, a file) with "vqkvd: info: ". Messages above the configured
+ * level are dropped before they are formatted, so a debug line costs one compare when debug is off.
+ * Info, the default, logs what happens to the daemon (start, stop, reloads, trained codebooks),
+ * never a line per request or connection: those are debug.
  */
 #ifndef VQKVD_LOG_H
 #define VQKVD_LOG_H

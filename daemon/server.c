@@ -43,6 +43,7 @@
 #include "frame.h"
 #include "log.h"
 #include "metrics.h"
+#include "request.h"
 #include "session.h"
 #include "vqkv_proto.h"
 
@@ -279,36 +280,9 @@ void vqkvd_client_settle(vqkvd_client_t *c)
 
 /* ---- requests ------------------------------------------------------------ */
 
-static const char *vqkvd__body_name(Vqkv__Envelope__BodyCase body)
+void vqkvd_client_hello(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
 {
-    switch (body) {
-    case VQKV__ENVELOPE__BODY_ERROR: return "Error";
-    case VQKV__ENVELOPE__BODY_HELLO: return "Hello";
-    case VQKV__ENVELOPE__BODY_WELCOME: return "Welcome";
-    case VQKV__ENVELOPE__BODY_REGISTER_MODEL: return "RegisterModel";
-    case VQKV__ENVELOPE__BODY_MODEL_REGISTERED: return "ModelRegistered";
-    case VQKV__ENVELOPE__BODY_REGISTER_REGION: return "RegisterRegion";
-    case VQKV__ENVELOPE__BODY_REGION_REGISTERED: return "RegionRegistered";
-    case VQKV__ENVELOPE__BODY_PUT: return "Put";
-    case VQKV__ENVELOPE__BODY_PUT_DONE: return "PutDone";
-    case VQKV__ENVELOPE__BODY_LOOKUP: return "Lookup";
-    case VQKV__ENVELOPE__BODY_LOOKUP_RESULT: return "LookupResult";
-    case VQKV__ENVELOPE__BODY_GET: return "Get";
-    case VQKV__ENVELOPE__BODY_GET_DONE: return "GetDone";
-    case VQKV__ENVELOPE__BODY_RELEASE: return "Release";
-    case VQKV__ENVELOPE__BODY_PIN: return "Pin";
-    case VQKV__ENVELOPE__BODY_UNPIN: return "Unpin";
-    case VQKV__ENVELOPE__BODY_ACK: return "Ack";
-    case VQKV__ENVELOPE__BODY_STATS: return "Stats";
-    case VQKV__ENVELOPE__BODY_STATS_REPLY: return "StatsReply";
-    case VQKV__ENVELOPE__BODY_EVICT: return "Evict";
-    case VQKV__ENVELOPE__BODY_FIND_MODEL: return "FindModel";
-    default: return "nothing";
-    }
-}
-
-static void vqkvd__handle_hello(vqkvd_client_t *c, const Vqkv__Envelope *req)
-{
+    (void)frame;
     const Vqkv__Hello *hello = req->hello;
     if (c->hello_done) {
         vqkvd__reply_error(c, req->request_id, 1, VQKV_EPROTO, "Hello was already received");
@@ -348,8 +322,9 @@ static void vqkvd__handle_hello(vqkvd_client_t *c, const Vqkv__Envelope *req)
     vqkvd__reply(c, &env, 1);
 }
 
-static void vqkvd__handle_stats(vqkvd_client_t *c, const Vqkv__Envelope *req)
+void vqkvd_client_stats(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
 {
+    (void)frame;
     Vqkv__StatsReply st = VQKV__STATS_REPLY__INIT;
     if (vqkvd_session_stats(c, &st) != VQKV_OK) {
         vqkvd__reply_error(c, req->request_id, 1, VQKV_ENOMEM, "out of memory");
@@ -375,32 +350,17 @@ static void vqkvd__dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_f
                            (unsigned)c->server->cfg.max_inflight);
         return;
     }
-    const char *name = vqkvd__body_name(req->body_case);
-    if (req->body_case == VQKV__ENVELOPE__BODY_HELLO) {
-        vqkvd__handle_hello(c, req);
-        return;
-    }
-    if (!c->hello_done) {
-        vqkvd__reply_error(c, req->request_id, 1, VQKV_EPROTO, "%s before Hello", name);
-        return;
-    }
-    switch (req->body_case) {
-    case VQKV__ENVELOPE__BODY_STATS: vqkvd__handle_stats(c, req); return;
-    case VQKV__ENVELOPE__BODY_REGISTER_MODEL:
-    case VQKV__ENVELOPE__BODY_REGISTER_REGION:
-    case VQKV__ENVELOPE__BODY_PUT:
-    case VQKV__ENVELOPE__BODY_LOOKUP:
-    case VQKV__ENVELOPE__BODY_GET:
-    case VQKV__ENVELOPE__BODY_RELEASE:
-    case VQKV__ENVELOPE__BODY_PIN:
-    case VQKV__ENVELOPE__BODY_UNPIN:
-    case VQKV__ENVELOPE__BODY_EVICT:
-    case VQKV__ENVELOPE__BODY_FIND_MODEL: vqkvd_session_dispatch(c, req, frame); return;
-    default:
+    const vqkvd_request_t *r = vqkvd_request_of(req->body_case);
+    if (r->handle == NULL) {
         vqkvd__reply_error(c, req->request_id, 1, VQKV_EPROTO, "%s is a reply, not a request",
-                           name);
+                           r->name);
         return;
     }
+    if (!c->hello_done && !r->before_hello) {
+        vqkvd__reply_error(c, req->request_id, 1, VQKV_EPROTO, "%s before Hello", r->name);
+        return;
+    }
+    r->handle(c, req, frame);
 }
 
 /* One whole frame from the reader; takes it. */
@@ -420,13 +380,13 @@ static void vqkvd__handle_frame(vqkvd_client_t *c, vqkv_frame_t *frame)
                            "unknown field, enum value or message type, or no body");
         goto out;
     }
-    /* Only RegisterRegion and RegisterModel (a codebook file) take fds, and
-     * check their count themselves; clearing the frame closes any other, so
-     * a stray fd never stays open in the daemon. */
-    if (frame->n_fds > 0 && req->body_case != VQKV__ENVELOPE__BODY_REGISTER_REGION &&
-        req->body_case != VQKV__ENVELOPE__BODY_REGISTER_MODEL) {
+    /* Only requests the table allows take fds (RegisterRegion, and
+     * RegisterModel for a codebook file), and check their count themselves;
+     * clearing the frame closes any other, so a stray fd never stays open
+     * in the daemon. */
+    if (frame->n_fds > 0 && !vqkvd_request_of(req->body_case)->takes_fds) {
         vqkvd__reply_error(c, req->request_id, 1, VQKV_EFDS, "%s takes no file descriptors",
-                           vqkvd__body_name(req->body_case));
+                           vqkvd_request_of(req->body_case)->name);
         goto out;
     }
     vqkvd__dispatch(c, req, frame);

@@ -20,6 +20,7 @@
 #ifndef VQKVD_SESSION_H
 #define VQKVD_SESSION_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
 
@@ -75,7 +76,7 @@ struct vqkvd_model {
     int ready;              /* codec has its codebooks: Puts use it */
     vqkv_codec_t *fallback; /* fp16, while not ready; NULL when never needed */
     uint32_t fallback_cls, fallback_bytes;
-    vqkvd_calib_t *calib; /* collecting or training; NULL otherwise */
+    vqkvd_calib_t *calib;              /* collecting or training; NULL otherwise */
     struct vqkvd_transcode *transcode; /* a batch of fallback blocks in flight, or NULL */
     uint64_t transcoded;               /* fallback blocks re-encoded so far */
     int transcode_done;                /* no fallback block left: no more walks */
@@ -89,7 +90,7 @@ typedef struct vqkvd_region {
     vqkvd_model_t *model;
     const vqkvd_backend_t *backend; /* closes mem with the last reference */
     vqkvd_region_mem_t mem;
-    vqkv_kv_view_t view; /* its layer_offsets point into layer_offsets */
+    vqkv_kv_view_t view;     /* its layer_offsets point into layer_offsets */
     uint64_t *layer_offsets; /* per-layer starts, or NULL for a strided view */
 } vqkvd_region_t;
 
@@ -141,9 +142,53 @@ int vqkvd_session_start(vqkvd_server_t *s);
 void vqkvd_session_stop(vqkvd_server_t *s);    /* closes the timer */
 void vqkvd_session_destroy(vqkvd_server_t *s); /* after the loop has run dry */
 
-/* session.c: a request the session layer owns. frame is the request's
- * frame; a handler that keeps an fd sets its slot to -1. */
-void vqkvd_session_dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
+/* The handlers of request.c's table, one per request the session layer
+ * owns: models.c, jobs.c, pins.c, session.c. frame is the request's frame;
+ * a handler that keeps an fd sets its slot to -1. Each answers exactly
+ * once, now or when its job is done. */
+void vqkvd_session_register_model(vqkvd_client_t *c, const Vqkv__Envelope *req,
+                                  vqkv_frame_t *frame);
+void vqkvd_session_register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
+                                   vqkv_frame_t *frame);
+void vqkvd_session_find_model(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
+void vqkvd_session_put(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
+void vqkvd_session_lookup(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
+void vqkvd_session_get(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
+void vqkvd_session_release(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
+void vqkvd_session_pin(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
+void vqkvd_session_unpin(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
+void vqkvd_session_evict(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
+
+/* server.c: Hello and Stats, the requests of the connection itself. */
+void vqkvd_client_hello(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
+void vqkvd_client_stats(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
+
+/* ---- internal to the session layer's files -------------------------------
+ * Each replies with an Error itself where it returns NULL or false. */
+
+/* c's model or region of that handle, or NULL (no reply). */
+vqkvd_model_t *vqkvd__client_model(const vqkvd_client_t *c, uint64_t handle);
+vqkvd_region_t *vqkvd__client_region(const vqkvd_client_t *c, uint64_t handle);
+/* Drops a reference; the last one closes the region's memory. */
+void vqkvd__region_unref(vqkvd_region_t *r);
+/* Whether region r can hold model m's blocks (VQKV_EMISMATCH otherwise). */
+bool vqkvd__region_fits(vqkvd_client_t *c, uint64_t id, const vqkvd_region_t *r,
+                        const vqkvd_model_t *m);
+/* 0 when two layouts (and specs, when not NULL) agree, else 1 with the
+ * first field that differs written into why. */
+int vqkvd__model_diff(const vqkv_layout_t *was, const char *was_spec, const vqkv_layout_t *now,
+                      const char *now_spec, char *why, size_t why_size);
+/* The model of a request naming n_keys keys of 32 bytes. */
+vqkvd_model_t *vqkvd__keys_check(vqkvd_client_t *c, uint64_t id, const char *what,
+                                 uint64_t model_handle, size_t n_keys,
+                                 const ProtobufCBinaryData *keys);
+/* The keys, one after the other, in one allocation (NULL after ENOMEM). */
+uint8_t *vqkvd__keys_flat(vqkvd_client_t *c, uint64_t id, const ProtobufCBinaryData *keys,
+                          size_t n);
+/* Answers with an Ack of count. */
+void vqkvd__ack(vqkvd_client_t *c, uint64_t id, uint32_t count);
+/* Whether c's peer is in cfg.admin_uids. */
+int vqkvd__is_admin(const vqkvd_client_t *c);
 
 /* session.c: the connection is gone: leases released, ttl_ms 0 pins
  * undone, regions dropped. */

@@ -1,0 +1,552 @@
+/* jobs.c -- Put (encode blocks out of the worker's region into the pool),
+ * Lookup (longest present prefix, leased) and Get (decode leased blocks
+ * into the region).
+ *
+ * The loop never runs a codec: encoding and decoding run on libuv's thread
+ * pool (uv_queue_work), one job per request, as one backend batch. A Put
+ * reserves a pool slot for each new block on the loop (store.h: reserved
+ * blocks are invisible and cannot be evicted), the job encodes straight
+ * into those slots, and its completion, back on the loop, commits them (or
+ * aborts them all if the encode failed); no block is copied on the loop. A
+ * Get job decodes straight from the pool slots; each block it reads is
+ * held (vqkvd_store_hold) until the job is done, so neither a Release nor
+ * an expiring lease nor eviction can reuse a slot under it.
+ *
+ * Every job references its client and its region (session.h), so a client
+ * that disconnects with work on the thread pool leaks nothing and crashes
+ * nothing: the work finishes against the still-mapped region, Put results
+ * are still stored (the bytes are good), and the reply is dropped.
+ */
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "calib.h"
+#include "log.h"
+#include "metrics.h"
+#include "session.h"
+#include "transcode.h"
+
+typedef enum { VQKVD_JOB_PUT, VQKVD_JOB_GET } vqkvd_job_kind_t;
+
+/* A request this large (values read or written) is split by layers over
+ * several of the thread pool's threads; smaller ones are not worth the
+ * handoffs. */
+#define VQKVD_SPLIT_VALUES (1u << 20)
+/* The most parts a job is split into: libuv's pool has 4 threads unless
+ * UV_THREADPOOL_SIZE says otherwise. */
+#define VQKVD_JOB_PARTS 4
+
+typedef struct vqkvd_job vqkvd_job_t;
+
+/* A put (job) waiting for another's reserved block, its block index. */
+typedef struct vqkvd_put_wait {
+    struct vqkvd_put_wait *next;
+    vqkvd_job_t *job;
+    uint32_t index;
+} vqkvd_put_wait_t;
+
+/* One thread's share of a job: layers [first_layer, end_layer). */
+typedef struct {
+    uv_work_t work;
+    vqkvd_job_t *job;
+    uint32_t first_layer, end_layer;
+    int rc;
+    uint32_t failed;
+} vqkvd_job_part_t;
+
+/* One request on the thread pool, in one part or (a large get) several
+ * that run at once. The arrays are allocated with the job. */
+struct vqkvd_job {
+    vqkvd_job_part_t parts[VQKVD_JOB_PARTS];
+    uint32_t n_parts, parts_left;
+    int status; /* the first part's failed uv status, 0 otherwise */
+    vqkvd_job_kind_t kind;
+    vqkvd_client_t *c;
+    vqkvd_region_t *r;
+    vqkvd_model_t *m;
+    const vqkv_codec_t *codec; /* Put: the model's codec or its fallback */
+    uint32_t cls;              /* Put: that codec's pool class */
+    uint64_t request_id;
+    uint64_t queued_ns; /* uv_hrtime when handed to the thread pool */
+    uint32_t n;
+    uint32_t *slots; /* region slots */
+    int rc;          /* the first codec error, VQKV_OK otherwise */
+    uint32_t failed; /* the block it came from */
+    int work_done;   /* the thread pool is done with it (or it never went) */
+    /* Put: blocks reserved in the store (NULL: not written, status says
+     * why), written straight into their pool slots, committed when done */
+    Vqkv__PutStatus *put_status;
+    uint8_t **dst; /* the reserved blocks' slots; NULL for the others */
+    uint32_t reserved;
+    /* Put: blocks another put is writing. Told PRESENT, the client must
+     * find them, so the reply waits until those puts have committed. */
+    uint32_t waits;
+    vqkvd_put_wait_t *waiters; /* the puts waiting for this one's blocks */
+    /* Put: the reservations; Get: the blocks read, each held until done */
+    vqkvd_block_t **blocks;
+    /* Get */
+    const uint8_t **src;         /* their pool slots, looked up on the loop */
+    const vqkv_codec_t **codecs; /* what decodes each: codec or fallback */
+};
+
+/* ---- jobs ---------------------------------------------------------------- */
+
+static vqkvd_job_t *vqkvd__job_new(vqkvd_job_kind_t kind, vqkvd_client_t *c, vqkvd_region_t *r,
+                                   vqkvd_model_t *m, uint64_t request_id, uint32_t n)
+{
+    vqkvd_job_t *j = calloc(1, sizeof *j);
+    if (j == NULL)
+        return NULL;
+    j->kind = kind;
+    j->c = c;
+    j->r = r;
+    j->m = m;
+    j->request_id = request_id;
+    j->n = n;
+    j->slots = calloc(n ? n : 1, sizeof *j->slots);
+    if (j->slots == NULL) {
+        free(j);
+        return NULL;
+    }
+    return j;
+}
+
+static void vqkvd__job_free(vqkvd_job_t *j)
+{
+    free(j->slots);
+    free(j->put_status);
+    free(j->dst);
+    free(j->blocks);
+    free(j->src);
+    free(j->codecs);
+    free(j);
+}
+
+static void vqkvd__job_after(uv_work_t *w, int status);
+
+/* Runs on a pool thread: only the job, the codecs and the region's memory,
+ * the part's layers of every block. */
+static void vqkvd__job_work(uv_work_t *w)
+{
+    vqkvd_job_part_t *part = w->data;
+    vqkvd_job_t *j = part->job;
+    vqkvd_batch_t b = {.base = j->r->mem.base,
+                       .view = &j->r->view,
+                       .slots = j->slots,
+                       .n = j->n,
+                       .first_layer = part->first_layer,
+                       .end_layer = part->end_layer};
+    if (j->kind == VQKVD_JOB_PUT) {
+        b.codec = j->codec;
+        b.dst = j->dst;
+        part->rc = j->r->backend->encode(&b);
+    } else {
+        b.codecs = j->codecs;
+        b.src = j->src;
+        part->rc = j->r->backend->decode(&b);
+    }
+    part->failed = b.failed;
+}
+
+/* Back on the loop once per part; the last one finishes the job. */
+static void vqkvd__job_part_after(uv_work_t *w, int status)
+{
+    vqkvd_job_part_t *part = w->data;
+    vqkvd_job_t *j = part->job;
+    if (status < 0 && j->status == 0)
+        j->status = status;
+    if (part->rc != VQKV_OK && j->rc == VQKV_OK) {
+        j->rc = part->rc;
+        j->failed = part->failed;
+    }
+    if (--j->parts_left == 0)
+        vqkvd__job_after(&j->parts[0].work, j->status);
+}
+
+/* The references a job holds from the moment it is handed on until it
+ * ends: its client (freed only after) and its region (closed only after). */
+static void vqkvd__job_hold(vqkvd_job_t *j)
+{
+    j->c->refs++;
+    j->c->pending++;
+    j->r->refs++;
+}
+
+/* Hands j to the thread pool, holding its client and region: a large
+ * request in up to VQKVD_JOB_PARTS parts by layers, anything else in one.
+ * The parts that were queued finish the job even if a later one cannot be. */
+static int vqkvd__job_queue(vqkvd_job_t *j)
+{
+    uint32_t layers = j->m->layout.num_layers, parts = 1;
+    if ((uint64_t)j->n * j->m->logical_bytes / vqkv_dtype_size(j->m->layout.dtype) >=
+        VQKVD_SPLIT_VALUES)
+        parts = layers < VQKVD_JOB_PARTS ? layers : VQKVD_JOB_PARTS;
+    j->queued_ns = uv_hrtime();
+    j->n_parts = j->parts_left = parts;
+    for (uint32_t i = 0; i < parts; i++) {
+        vqkvd_job_part_t *part = &j->parts[i];
+        part->job = j;
+        part->work.data = part;
+        part->first_layer = layers * i / parts;
+        part->end_layer = layers * (i + 1) / parts;
+        int rc =
+            uv_queue_work(j->c->server->loop, &part->work, vqkvd__job_work, vqkvd__job_part_after);
+        if (rc < 0) {
+            if (i == 0)
+                return rc;
+            /* The queued parts finish the job, as failed. */
+            j->parts_left -= parts - i;
+            j->rc = VQKV_ENOMEM;
+            break;
+        }
+    }
+    vqkvd__job_hold(j);
+    return 0;
+}
+
+static void vqkvd__job_maybe_end(vqkvd_job_t *j);
+
+/* Back on the loop, the Put's blocks in their slots: commits them (stored
+ * even when the client has gone: the bytes are good), or aborts them all
+ * when the encode failed, children before parents. Then the puts waiting
+ * for them may answer; a block aborted under one becomes NO_SPACE there. */
+static void vqkvd__put_commit(vqkvd_job_t *j, int failed)
+{
+    vqkvd_server_t *s = j->c->server;
+    for (uint32_t k = j->n; k-- > 0;) {
+        vqkvd_block_t *b = j->blocks[k];
+        if (b == NULL)
+            continue;
+        if (failed) {
+            vqkvd_store_abort(&s->store, b);
+            continue;
+        }
+        vqkvd_store_commit(&s->store, b);
+        if (j->codec == j->m->fallback)
+            vqkvd_calib_add(s, j->m, j->dst[k]);
+    }
+    while (j->waiters != NULL) {
+        vqkvd_put_wait_t *w = j->waiters;
+        j->waiters = w->next;
+        if (failed)
+            w->job->put_status[w->index] = VQKV__PUT_STATUS__PUT_NO_SPACE;
+        if (--w->job->waits == 0)
+            vqkvd__job_maybe_end(w->job);
+        free(w);
+    }
+}
+
+static void vqkvd__job_reply(vqkvd_job_t *j)
+{
+    vqkvd_client_t *c = j->c;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.request_id = j->request_id;
+    if (j->status < 0) {
+        vqkvd_client_error(c, j->request_id, VQKV_EIO, "cannot run the job: %s",
+                           uv_strerror(j->status));
+    } else if (j->rc != VQKV_OK) {
+        vqkvd_client_error(c, j->request_id, j->rc, "block %u (slot %u): %s", (unsigned)j->failed,
+                           (unsigned)j->slots[j->failed], vqkv_strerror(j->rc));
+    } else if (j->kind == VQKVD_JOB_PUT) {
+        Vqkv__PutDone pd = VQKV__PUT_DONE__INIT;
+        pd.stored = j->reserved;
+        pd.n_status = j->n;
+        pd.status = j->put_status;
+        env.body_case = VQKV__ENVELOPE__BODY_PUT_DONE;
+        env.put_done = &pd;
+        vqkvd_client_reply(c, &env);
+    } else {
+        Vqkv__GetDone gd = VQKV__GET_DONE__INIT;
+        gd.written = j->n;
+        env.body_case = VQKV__ENVELOPE__BODY_GET_DONE;
+        env.get_done = &gd;
+        vqkvd_client_reply(c, &env);
+    }
+}
+
+/* Answers and frees a job once its work is done and nothing it waits for
+ * is outstanding; drops what vqkvd__job_hold took. */
+static void vqkvd__job_maybe_end(vqkvd_job_t *j)
+{
+    if (!j->work_done || j->waits > 0)
+        return;
+    vqkvd_client_t *c = j->c;
+    vqkvd__job_reply(j);
+    c->pending--;
+    vqkvd_metrics_observe(&c->server->counters,
+                          j->kind == VQKVD_JOB_PUT ? VQKVD_TIMED_PUT : VQKVD_TIMED_GET,
+                          uv_hrtime() - j->queued_ns);
+    vqkvd__region_unref(j->r);
+    vqkvd__job_free(j);
+    vqkvd_client_settle(c);
+    vqkvd_client_unref(c);
+}
+
+static void vqkvd__job_after(uv_work_t *w, int status)
+{
+    vqkvd_job_t *j = ((vqkvd_job_part_t *)w->data)->job;
+    if (status < 0 && j->status == 0)
+        j->status = status;
+    if (j->kind == VQKVD_JOB_GET)
+        for (uint32_t i = 0; i < j->n; i++)
+            vqkvd_store_unhold(j->blocks[i]);
+    else
+        vqkvd__put_commit(j, j->status < 0 || j->rc != VQKV_OK);
+    j->work_done = 1;
+    vqkvd__job_maybe_end(j);
+}
+
+/* ---- Put ------------------------------------------------------------------ */
+
+/* The model of a Put whose handles, counts, key sizes and slots are all
+ * good (*rp its region); NULL after an Error reply. */
+static vqkvd_model_t *vqkvd__put_check(vqkvd_client_t *c, uint64_t id, const Vqkv__Put *p,
+                                       vqkvd_region_t **rp)
+{
+    vqkvd_model_t *m = vqkvd__client_model(c, p->model_handle);
+    vqkvd_region_t *r = vqkvd__client_region(c, p->region_handle);
+    if (m == NULL || r == NULL) {
+        vqkvd_client_error(c, id, VQKV_EHANDLE, "no %s %llu on this connection",
+                           m == NULL ? "model" : "region",
+                           (unsigned long long)(m == NULL ? p->model_handle : p->region_handle));
+        return NULL;
+    }
+    if (!vqkvd__region_fits(c, id, r, m))
+        return NULL;
+    if (p->cuda_event.len > 0) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "cuda_event is reserved for the CUDA backend");
+        return NULL;
+    }
+    size_t n = p->n_keys;
+    if (p->n_parent_keys != n || p->n_slots != n) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "%zu keys, %zu parent_keys and %zu slots differ", n,
+                           p->n_parent_keys, p->n_slots);
+        return NULL;
+    }
+    if (!m->ready && m->fallback == NULL) {
+        vqkvd_client_error(c, id, VQKV_ENOCODEBOOK,
+                           "model %u has no codebooks (calibration "
+                           "could not start); register it with a codebook file",
+                           (unsigned)m->id);
+        return NULL;
+    }
+    uint32_t bytes = m->ready ? m->block_bytes : m->fallback_bytes;
+    if ((uint64_t)n * bytes > VQKV_PUT_STAGING_MAX) {
+        vqkvd_client_error(c, id, VQKV_ELIMIT, "a Put of %zu blocks of %u bytes is over %u bytes",
+                           n, (unsigned)bytes, VQKV_PUT_STAGING_MAX);
+        return NULL;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (p->keys[i].len != VQKVD_KEY_BYTES ||
+            (p->parent_keys[i].len != 0 && p->parent_keys[i].len != VQKVD_KEY_BYTES)) {
+            vqkvd_client_error(c, id, VQKV_EINVAL, "block %zu: keys are %d bytes", i,
+                               VQKVD_KEY_BYTES);
+            return NULL;
+        }
+        if (p->slots[i] >= r->view.num_slots) {
+            vqkvd_client_error(c, id, VQKV_ERANGE, "block %zu: slot %u outside region of %u slots",
+                               i, (unsigned)p->slots[i], (unsigned)r->view.num_slots);
+            return NULL;
+        }
+    }
+    *rp = r;
+    return m;
+}
+
+/* Makes j's reply wait for writer's commit of j's block i. Without memory
+ * for the wait, the block is reported NO_SPACE rather than PRESENT too
+ * early. */
+static void vqkvd__put_wait(vqkvd_job_t *j, uint32_t i, vqkvd_job_t *writer)
+{
+    vqkvd_put_wait_t *w = malloc(sizeof *w);
+    if (w == NULL) {
+        j->put_status[i] = VQKV__PUT_STATUS__PUT_NO_SPACE;
+        return;
+    }
+    w->job = j;
+    w->index = i;
+    w->next = writer->waiters;
+    writer->waiters = w;
+    j->waits++;
+}
+
+/* Reserves a pool slot for each block of the Put that is not there yet, in
+ * request order, so that a chain's blocks find their parents among its
+ * own reservations. The job is the reservations' writer: it lives until it
+ * has committed or aborted them all. Eviction for room happens here, before
+ * the encode: a put whose encode then fails has evicted for nothing, which
+ * only a defect can cause. */
+static void vqkvd__put_reserve(vqkvd_job_t *j, const Vqkv__Put *p, uint64_t now)
+{
+    vqkvd_server_t *s = j->c->server;
+    for (uint32_t i = 0; i < j->n; i++) {
+        vqkvd_block_t *b = NULL;
+        const uint8_t *parent =
+            p->parent_keys[i].len == VQKVD_KEY_BYTES ? p->parent_keys[i].data : NULL;
+        int rc =
+            vqkvd_store_reserve(&s->store, (uint64_t)(uintptr_t)j, (uint32_t)j->c->uid, j->m->id,
+                                p->keys[i].data, parent, j->cls, j->m->logical_bytes, now, &b);
+        j->slots[i] = p->slots[i];
+        switch (rc) {
+        case VQKV_OK:
+            j->blocks[i] = b;
+            j->dst[i] = vqkvd_pool_slot_ptr(&s->pool, b->slot);
+            j->put_status[i] = VQKV__PUT_STATUS__PUT_STORED;
+            j->reserved++;
+            break;
+        case VQKVD_STORE_PRESENT:
+            j->put_status[i] = VQKV__PUT_STATUS__PUT_PRESENT;
+            if (b->writer != 0 && b->writer != (uint64_t)(uintptr_t)j)
+                vqkvd__put_wait(j, i, (vqkvd_job_t *)(uintptr_t)b->writer);
+            break;
+        case VQKVD_STORE_NOPARENT: j->put_status[i] = VQKV__PUT_STATUS__PUT_NO_PARENT; break;
+        case VQKV_EQUOTA: j->put_status[i] = VQKV__PUT_STATUS__PUT_OVER_QUOTA; break;
+        default: j->put_status[i] = VQKV__PUT_STATUS__PUT_NO_SPACE; break;
+        }
+    }
+}
+
+void vqkvd_session_put(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
+{
+    (void)frame;
+    vqkvd_server_t *s = c->server;
+    const Vqkv__Put *p = req->put;
+    uint64_t id = req->request_id;
+    vqkvd_region_t *r = NULL;
+
+    vqkvd_model_t *m = vqkvd__put_check(c, id, p, &r);
+    if (m == NULL)
+        return;
+    size_t cnt = p->n_keys ? p->n_keys : 1;
+    vqkvd_job_t *j = vqkvd__job_new(VQKVD_JOB_PUT, c, r, m, id, (uint32_t)p->n_keys);
+    if (j != NULL) {
+        j->put_status = calloc(cnt, sizeof *j->put_status);
+        j->dst = calloc(cnt, sizeof *j->dst);
+        j->blocks = calloc(cnt, sizeof *j->blocks);
+    }
+    if (j == NULL || j->put_status == NULL || j->dst == NULL || j->blocks == NULL) {
+        if (j != NULL)
+            vqkvd__job_free(j);
+        vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
+        return;
+    }
+    /* Chosen now, for the whole request: a model that turns ready while
+     * the job runs still stores these blocks in the fallback's class. */
+    j->codec = m->ready ? m->codec : m->fallback;
+    j->cls = m->ready ? m->cls : m->fallback_cls;
+    vqkvd__put_reserve(j, p, uv_now(s->loop));
+    int rc = j->reserved > 0 ? vqkvd__job_queue(j) : 0;
+    if (j->reserved == 0 || rc < 0) {
+        /* Nothing to write, or no way to: ends now, or once the puts it
+         * waits for have committed. */
+        vqkvd__job_hold(j);
+        j->queued_ns = uv_hrtime();
+        j->status = rc;
+        j->work_done = 1;
+        if (rc < 0)
+            vqkvd__put_commit(j, 1);
+        vqkvd__job_maybe_end(j);
+    }
+}
+
+void vqkvd_session_lookup(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
+{
+    (void)frame;
+    vqkvd_server_t *s = c->server;
+    const Vqkv__Lookup *lk = req->lookup;
+    uint64_t id = req->request_id;
+    vqkvd_model_t *m = vqkvd__keys_check(c, id, "a lookup", lk->model_handle, lk->n_keys, lk->keys);
+    if (m == NULL)
+        return;
+    uint8_t *keys = vqkvd__keys_flat(c, id, lk->keys, lk->n_keys);
+    if (keys == NULL)
+        return;
+    uint64_t lease = 0;
+    int rc = vqkvd_store_lookup(&s->store, (uint32_t)c->uid, m->id, keys, (uint32_t)lk->n_keys,
+                                uv_now(s->loop), c->id, s->cfg.lease_ms, &lease, NULL);
+    free(keys);
+    if (rc < 0) {
+        vqkvd_client_error(c, id, rc, "lookup: %s", vqkv_proto_strerror(rc));
+        return;
+    }
+    Vqkv__LookupResult lr = VQKV__LOOKUP_RESULT__INIT;
+    lr.present = (uint32_t)rc;
+    lr.lease_id = lease;
+    lr.lease_ttl_ms = lease != 0 ? s->cfg.lease_ms : 0;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.request_id = id;
+    env.body_case = VQKV__ENVELOPE__BODY_LOOKUP_RESULT;
+    env.lookup_result = &lr;
+    vqkvd_client_reply(c, &env);
+}
+
+void vqkvd_session_get(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
+{
+    (void)frame;
+    vqkvd_server_t *s = c->server;
+    const Vqkv__Get *g = req->get;
+    uint64_t id = req->request_id;
+
+    vqkvd_region_t *r = vqkvd__client_region(c, g->region_handle);
+    if (r == NULL) {
+        vqkvd_client_error(c, id, VQKV_EHANDLE, "no region %llu on this connection",
+                           (unsigned long long)g->region_handle);
+        return;
+    }
+    const vqkvd_lease_t *l = vqkvd_store_lease_find(&s->store, g->lease_id, c->id, uv_now(s->loop));
+    if (l == NULL) {
+        vqkvd_client_error(c, id, VQKV_ELEASE,
+                           "lease %llu is not held by this connection (released, expired, or "
+                           "another's)",
+                           (unsigned long long)g->lease_id);
+        return;
+    }
+    if (g->n_slots > l->n) {
+        vqkvd_client_error(c, id, VQKV_EINVAL, "%zu slots for a lease of %u blocks", g->n_slots,
+                           (unsigned)l->n);
+        return;
+    }
+    for (size_t i = 0; i < g->n_slots; i++) {
+        if (g->slots[i] >= r->view.num_slots) {
+            vqkvd_client_error(c, id, VQKV_ERANGE, "block %zu: slot %u outside region of %u slots",
+                               i, (unsigned)g->slots[i], (unsigned)r->view.num_slots);
+            return;
+        }
+    }
+    /* A lease holds blocks of one model, the one its lookup named. */
+    vqkvd_model_t *lm = l->n > 0 ? s->models[l->blocks[0]->model - 1] : r->model;
+    if (!vqkvd__region_fits(c, id, r, lm))
+        return;
+    vqkvd_job_t *j = vqkvd__job_new(VQKVD_JOB_GET, c, r, lm, id, (uint32_t)g->n_slots);
+    if (j != NULL) {
+        j->blocks = calloc(g->n_slots ? g->n_slots : 1, sizeof *j->blocks);
+        j->src = calloc(g->n_slots ? g->n_slots : 1, sizeof *j->src);
+        j->codecs = calloc(g->n_slots ? g->n_slots : 1, sizeof *j->codecs);
+    }
+    if (j == NULL || j->blocks == NULL || j->src == NULL || j->codecs == NULL) {
+        if (j != NULL)
+            vqkvd__job_free(j);
+        vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
+        return;
+    }
+    for (size_t i = 0; i < g->n_slots; i++) {
+        j->slots[i] = g->slots[i];
+        j->blocks[i] = l->blocks[i];
+        j->src[i] = vqkvd_pool_slot_ptr(&s->pool, l->blocks[i]->slot);
+        /* Blocks put before the model's codebooks were ready are fp16. */
+        j->codecs[i] = lm->fallback != NULL && l->blocks[i]->cls == lm->fallback_cls ? lm->fallback
+                                                                                     : lm->codec;
+    }
+    int rc = vqkvd__job_queue(j);
+    if (rc < 0) {
+        vqkvd_client_error(c, id, VQKV_EIO, "cannot queue the work: %s", uv_strerror(rc));
+        vqkvd__job_free(j);
+        return;
+    }
+    /* The job's own hold: the slots stay put whatever happens to the lease. */
+    for (uint32_t i = 0; i < j->n; i++)
+        vqkvd_store_hold(j->blocks[i]);
+}
