@@ -10,7 +10,11 @@
  * by block; a CUDA backend launches one kernel for the batch on its stream
  * and waits for it or records an event), and to close a region once the
  * last job using it has finished. Where compressed blocks live is the
- * pool's arena (pool.h), the fourth seam.
+ * pool's arena (pool.h), which the backend supplies: one factory,
+ * vqkvd_backend_create, keyed on the configured device, makes both. A
+ * backend is an instance with a lifecycle: created from the configuration,
+ * told when a model's codebooks are final (a device backend uploads them
+ * then), destroyed after the pool.
  *
  * A batch names its blocks by slot; the session has checked every slot
  * against the region's view before the backend sees it.
@@ -21,6 +25,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "pool.h"
 #include "vqkv_codec.h"
 #include "vqkv_proto.h"
 
@@ -55,22 +60,51 @@ typedef struct {
     uint32_t failed;
 } vqkvd_batch_t;
 
+typedef struct vqkvd_backend vqkvd_backend_t;
+
+/* What a backend does. Every function gets its instance. */
 typedef struct {
     const char *name; /* Welcome.backend */
     /* On the loop: opens the memory of rr (its view already checked
      * against rr->region_bytes) from the kinds of region and the fds the
      * backend takes: what a region must carry is the backend's rule alone.
      * VQKV_OK, or an error with why (a message for the client) filled. */
-    int (*region_open)(const Vqkv__RegisterRegion *rr, const int *fds, size_t n_fds,
-                       vqkvd_region_mem_t *mem, char *why, size_t why_size);
+    int (*region_open)(vqkvd_backend_t *be, const Vqkv__RegisterRegion *rr, const int *fds,
+                       size_t n_fds, vqkvd_region_mem_t *mem, char *why, size_t why_size);
     /* Once no job uses the region any more. */
-    void (*region_close)(vqkvd_region_mem_t *mem);
+    void (*region_close)(vqkvd_backend_t *be, vqkvd_region_mem_t *mem);
     /* On a thread-pool thread; VQKV_OK or the first block's error. */
-    int (*encode)(vqkvd_batch_t *b);
-    int (*decode)(vqkvd_batch_t *b);
-} vqkvd_backend_t;
+    int (*encode)(vqkvd_backend_t *be, vqkvd_batch_t *b);
+    int (*decode)(vqkvd_backend_t *be, vqkvd_batch_t *b);
+    /* On the loop, once for each codec whose codebooks have become final
+     * (loaded, received or trained), before any block is encoded with
+     * them: a device backend uploads them. The host copy stays the
+     * reference. VQKV_OK or an error (the model then stays on its fp16
+     * fallback). */
+    int (*codebooks_ready)(vqkvd_backend_t *be, const vqkv_codec_t *codec);
+    /* After the last region closed and the pool is gone. */
+    void (*destroy)(vqkvd_backend_t *be);
+} vqkvd_backend_ops_t;
+
+/* A backend instance; a backend with state of its own embeds this first. */
+struct vqkvd_backend {
+    const vqkvd_backend_ops_t *ops;
+};
+
+/* Whether this vqkvd can serve device ("cpu", "auto" or "cuda:N"):
+ * VQKV_OK, or VQKV_EINVAL with why filled ("this vqkvd has no CUDA
+ * backend; use --device cpu"). Starts nothing: --check-config asks it. */
+int vqkvd_backend_check(const char *device, char *why, size_t why_size);
+
+/* The factory: creates the backend of device and the arena of arena_bytes
+ * in chunks of chunk_bytes it supplies the pool with (pool.h: the pool owns
+ * the arena from vqkvd_pool_init on). VQKV_OK; VQKV_EINVAL (a device this
+ * vqkvd cannot serve, bad sizes) or VQKV_ENOMEM, with why filled and
+ * nothing left open. */
+int vqkvd_backend_create(const char *device, uint64_t arena_bytes, uint64_t chunk_bytes,
+                         vqkvd_backend_t **be, vqkvd_arena_t *arena, char *why, size_t why_size);
 
 /* Host memory: memfd regions, codecs run on the calling thread. */
-extern const vqkvd_backend_t vqkvd_backend_cpu;
+int vqkvd_backend_cpu_create(vqkvd_backend_t **be);
 
 #endif

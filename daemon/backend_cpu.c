@@ -11,15 +11,18 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 
 #include "backend.h"
 
-static int vqkvd__cpu_region_open(const Vqkv__RegisterRegion *rr, const int *fds, size_t n_fds,
-                                  vqkvd_region_mem_t *mem, char *why, size_t why_size)
+static int vqkvd__cpu_region_open(vqkvd_backend_t *be, const Vqkv__RegisterRegion *rr,
+                                  const int *fds, size_t n_fds, vqkvd_region_mem_t *mem, char *why,
+                                  size_t why_size)
 {
+    (void)be;
     if (rr->cuda_ipc_handle.len > 0 || rr->device != 0) {
         snprintf(why, why_size, "cuda_ipc_handle and device are reserved");
         return VQKV_EINVAL;
@@ -60,14 +63,16 @@ static int vqkvd__cpu_region_open(const Vqkv__RegisterRegion *rr, const int *fds
     return VQKV_OK;
 }
 
-static void vqkvd__cpu_region_close(vqkvd_region_mem_t *mem)
+static void vqkvd__cpu_region_close(vqkvd_backend_t *be, vqkvd_region_mem_t *mem)
 {
+    (void)be;
     munmap(mem->base, mem->bytes);
     mem->base = NULL;
 }
 
-static int vqkvd__cpu_encode(vqkvd_batch_t *b)
+static int vqkvd__cpu_encode(vqkvd_backend_t *be, vqkvd_batch_t *b)
 {
+    (void)be;
     for (uint32_t i = 0; i < b->n; i++) {
         if (b->dst[i] == NULL)
             continue;
@@ -84,8 +89,9 @@ static int vqkvd__cpu_encode(vqkvd_batch_t *b)
 /* Runs of blocks with one codec (blocks stored before a model's codebooks
  * were ready have their fp16 fallback) decoded as one batch each: layer
  * by layer, so a layer's codebooks are read once for the run. */
-static int vqkvd__cpu_decode(vqkvd_batch_t *b)
+static int vqkvd__cpu_decode(vqkvd_backend_t *be, vqkvd_batch_t *b)
 {
+    (void)be;
     for (uint32_t i = 0, end; i < b->n; i = end) {
         for (end = i + 1; end < b->n && b->codecs[end] == b->codecs[i]; end++)
             ;
@@ -99,10 +105,35 @@ static int vqkvd__cpu_decode(vqkvd_batch_t *b)
     return VQKV_OK;
 }
 
-const vqkvd_backend_t vqkvd_backend_cpu = {
+/* The codecs run on the host copy: nothing to upload. */
+static int vqkvd__cpu_codebooks_ready(vqkvd_backend_t *be, const vqkv_codec_t *codec)
+{
+    (void)be;
+    (void)codec;
+    return VQKV_OK;
+}
+
+static void vqkvd__cpu_destroy(vqkvd_backend_t *be)
+{
+    free(be);
+}
+
+static const vqkvd_backend_ops_t vqkvd__cpu_ops = {
     .name = "cpu",
     .region_open = vqkvd__cpu_region_open,
     .region_close = vqkvd__cpu_region_close,
     .encode = vqkvd__cpu_encode,
     .decode = vqkvd__cpu_decode,
+    .codebooks_ready = vqkvd__cpu_codebooks_ready,
+    .destroy = vqkvd__cpu_destroy,
 };
+
+/* Stateless: the instance is its table of functions. */
+int vqkvd_backend_cpu_create(vqkvd_backend_t **be)
+{
+    *be = malloc(sizeof **be);
+    if (*be == NULL)
+        return VQKV_ENOMEM;
+    (*be)->ops = &vqkvd__cpu_ops;
+    return VQKV_OK;
+}

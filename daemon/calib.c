@@ -127,8 +127,9 @@ int vqkvd_calib_load_saved(vqkvd_server_t *s, vqkvd_model_t *m)
                   path, vqkv_strerror(rc));
         return 0;
     }
+    if (vqkvd_model_set_ready(s, m) != VQKV_OK)
+        return 0;
     vqkvd_log(VQKVD_LOG_INFO, "model %u: codebooks loaded from %s", (unsigned)m->id, path);
-    m->ready = 1;
     return 1;
 }
 
@@ -197,8 +198,7 @@ static void vqkvd__calib_after(uv_work_t *w, int status)
         vqkvd_log(VQKVD_LOG_ERROR,
                   "model %u: codebook training failed (%s); blocks stay in the fp16 fallback",
                   (unsigned)m->id, status < 0 ? uv_strerror(status) : vqkv_strerror(k->rc));
-    } else {
-        m->ready = 1;
+    } else if (vqkvd_model_set_ready(k->server, m) == VQKV_OK) {
         vqkvd_log(VQKVD_LOG_INFO, "model %u: codebooks trained on %u tokens in %.2f s; now %s",
                   (unsigned)m->id, (unsigned)(k->have * m->layout.block_tokens),
                   (double)k->train_ns / 1e9, vqkv_codec_spec(m->codec));

@@ -142,11 +142,11 @@ static void vqkvd__job_work(uv_work_t *w)
     if (j->kind == VQKVD_JOB_PUT) {
         b.codec = j->codec;
         b.dst = j->dst;
-        part->rc = j->r->backend->encode(&b);
+        part->rc = j->r->backend->ops->encode(j->r->backend, &b);
     } else {
         b.codecs = j->codecs;
         b.src = j->src;
-        part->rc = j->r->backend->decode(&b);
+        part->rc = j->r->backend->ops->decode(j->r->backend, &b);
     }
     part->failed = b.failed;
 }

@@ -607,8 +607,6 @@ static int vqkvd__run(vqkvd_main_t *m, vqkvd_config_t *cfg)
         cfg->socket_path = socket_buf;
     }
     vqkvd__open_state_dir(cfg, state_buf, sizeof state_buf);
-    if (strcmp(cfg->device, "auto") == 0)
-        vqkvd_log(VQKVD_LOG_INFO, "device auto: no CUDA backend is built in; using the CPU");
     /* Replies are sent with MSG_NOSIGNAL; this covers anything else that
      * writes to a socket whose peer left. */
     signal(SIGPIPE, SIG_IGN);
@@ -688,9 +686,9 @@ int main(int argc, char **argv)
                 (unsigned long long)cfg.pool_bytes, (unsigned long long)VQKVD_POOL_MIN_BYTES);
         goto out;
     }
-    if (strncmp(cfg.device, "cuda:", 5) == 0) {
-        fprintf(stderr, "vqkvd: device %s: this vqkvd has no CUDA backend; use --device cpu\n",
-                cfg.device);
+    char why[160];
+    if (vqkvd_backend_check(cfg.device, why, sizeof why) != VQKV_OK) {
+        fprintf(stderr, "vqkvd: %s\n", why);
         goto out;
     }
     if (check_only) {

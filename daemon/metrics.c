@@ -124,7 +124,7 @@ static vqkvd__snapshot_t *vqkvd__snapshot_take(const vqkvd_server_t *s)
     if (snap == NULL)
         return NULL;
     snap->stopping = s->stopping;
-    snap->backend = s->backend->name;
+    snap->backend = s->backend->ops->name;
     vqkvd_session_totals(s, &snap->totals);
     snap->counters = s->counters;
     snap->n_tenants = n;

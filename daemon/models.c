@@ -99,11 +99,12 @@ static vqkvd_model_t *vqkvd__model_new(vqkvd_server_t *s, uint32_t tenant, const
     m->kv_head_count = rm->kv_head_count;
     m->layout = *layout;
     m->codec = codec;
-    m->ready = !vqkv_codec_needs_training(codec);
     m->cls = (uint32_t)cls;
     m->block_bytes = (uint32_t)bb;
     m->logical_bytes = (uint32_t)logical;
     s->models[s->n_models++] = m;
+    if (!vqkv_codec_needs_training(codec))
+        vqkvd_model_set_ready(s, m);
     return m;
 
 fail:
@@ -171,7 +172,8 @@ static int vqkvd__codebooks_equal(const vqkv_codec_t *a, const vqkv_codec_t *b)
  * when equal, since blocks already encoded with them would decode wrongly
  * under others. Swapping m->codec is safe while it is not ready: no job
  * reads it, and no block of its class exists. */
-static int vqkvd__model_take_codebooks(vqkvd_model_t *m, int fd, const char **why)
+static int vqkvd__model_take_codebooks(vqkvd_server_t *s, vqkvd_model_t *m, int fd,
+                                       const char **why)
 {
     if (vqkvd_calib_training(m)) {
         *why = "the model is training its own codebooks; register it again without a file";
@@ -189,9 +191,10 @@ static int vqkvd__model_take_codebooks(vqkvd_model_t *m, int fd, const char **wh
     }
     vqkv_codec_free(m->codec);
     m->codec = sent;
-    m->ready = 1;
     vqkvd_calib_free(m);
-    return VQKV_OK;
+    rc = vqkvd_model_set_ready(s, m);
+    *why = "the backend cannot take its codebooks";
+    return rc;
 }
 
 /* The worker's layout of a RegisterModel, narrowed to its heads, into
@@ -321,7 +324,7 @@ void vqkvd_session_register_model(vqkvd_client_t *c, const Vqkv__Envelope *req, 
     }
     const char *why;
     if (m != NULL && codebook_fd >= 0 &&
-        (rc = vqkvd__model_take_codebooks(m, codebook_fd, &why)) != VQKV_OK) {
+        (rc = vqkvd__model_take_codebooks(c->server, m, codebook_fd, &why)) != VQKV_OK) {
         vqkvd_client_error(c, id, rc, "model \"%s\": %s", rm->model_id, why);
         goto cleanup;
     }
@@ -334,6 +337,22 @@ void vqkvd_session_register_model(vqkvd_client_t *c, const Vqkv__Envelope *req, 
 
 cleanup:
     vqkv_codec_free(codec);
+}
+
+/* The one place a model turns ready: its codebooks are final (it has
+ * none to train, or they were loaded, received or trained), the backend
+ * has taken them, and Puts from now on use the codec. VQKV_OK, or the
+ * backend's error, logged, with the model left as it was. */
+int vqkvd_model_set_ready(vqkvd_server_t *s, vqkvd_model_t *m)
+{
+    int rc = s->backend->ops->codebooks_ready(s->backend, m->codec);
+    if (rc != VQKV_OK) {
+        vqkvd_log(VQKVD_LOG_ERROR, "model %u: the %s backend cannot take its codebooks: %s",
+                  (unsigned)m->id, s->backend->ops->name, vqkv_strerror(rc));
+        return rc;
+    }
+    m->ready = 1;
+    return VQKV_OK;
 }
 
 /* ---- RegisterRegion -------------------------------------------------------- */
@@ -419,8 +438,8 @@ void vqkvd_session_register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
         memcpy(r->layer_offsets, rr->layer_offsets, offsets_bytes);
     view.layer_offsets = r->layer_offsets;
     char why[160];
-    int rc =
-        c->server->backend->region_open(rr, frame->fds, frame->n_fds, &r->mem, why, sizeof why);
+    int rc = c->server->backend->ops->region_open(c->server->backend, rr, frame->fds, frame->n_fds,
+                                                  &r->mem, why, sizeof why);
     if (rc != VQKV_OK) {
         free(r->layer_offsets);
         free(r);

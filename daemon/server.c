@@ -310,7 +310,7 @@ void vqkvd_client_hello(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame
     w.max_frame_bytes = cfg->max_frame;
     w.max_inflight = cfg->max_inflight;
     w.max_regions = cfg->max_regions;
-    w.backend = (char *)c->server->backend->name;
+    w.backend = (char *)c->server->backend->ops->name;
     w.tenant = c->tenant;
     w.tenant_salt.data = c->salt;
     w.tenant_salt.len = sizeof c->salt;
@@ -626,7 +626,7 @@ static int vqkvd__listen_path(vqkvd_server_t *s, const struct sockaddr_un *addr)
     if (chmod(addr->sun_path, 0660) < 0 || listen(s->listen_fd, SOMAXCONN) < 0)
         return -errno;
     vqkvd_log(VQKVD_LOG_INFO, "listening on %s (backend %s, protocol %d)", addr->sun_path,
-              s->backend->name, VQKV_PROTO_VERSION);
+              s->backend->ops->name, VQKV_PROTO_VERSION);
     return 0;
 }
 
@@ -649,8 +649,8 @@ static int vqkvd__listen_inherited(vqkvd_server_t *s, int fd)
     vqkvd_log(VQKVD_LOG_INFO,
               "listening on %s (socket activation, fd %d; the socket setting is not used; "
               "backend %s, protocol %d)",
-              addr.sun_path[0] != '\0' ? addr.sun_path : "an unnamed socket", fd, s->backend->name,
-              VQKV_PROTO_VERSION);
+              addr.sun_path[0] != '\0' ? addr.sun_path : "an unnamed socket", fd,
+              s->backend->ops->name, VQKV_PROTO_VERSION);
     return 0;
 }
 

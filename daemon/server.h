@@ -125,7 +125,7 @@ typedef struct {
 
     /* The blocks (session.c): the pool holds their bytes, the store indexes
      * them; the timer sweeps expired leases and evicts every 100 ms. */
-    const vqkvd_backend_t *backend; /* regions and codec runs (backend.h) */
+    vqkvd_backend_t *backend; /* regions, codec runs and the arena (backend.h) */
     vqkvd_pool_t pool;
     vqkvd_store_t store;
     uv_timer_t tick;

@@ -52,13 +52,21 @@ static uint64_t vqkvd__chunk_bytes(uint64_t pool_bytes)
 
 int vqkvd_session_start(vqkvd_server_t *s)
 {
-    s->backend = &vqkvd_backend_cpu;
     uint64_t chunk = vqkvd__chunk_bytes(s->cfg.pool_bytes);
-    int rc = vqkvd_pool_init_cpu(&s->pool, s->cfg.pool_bytes, chunk);
+    vqkvd_arena_t arena;
+    char why[256];
+    int rc = vqkvd_backend_create(s->cfg.device, s->cfg.pool_bytes, chunk, &s->backend, &arena, why,
+                                  sizeof why);
     if (rc != VQKV_OK) {
-        vqkvd_log(VQKVD_LOG_ERROR, "cannot make a pool of %llu bytes: %s%s",
-                  (unsigned long long)s->cfg.pool_bytes, vqkv_strerror(rc),
-                  rc == VQKV_ENOMEM ? " (lower pool_bytes, or raise the memory limit)" : "");
+        vqkvd_log(VQKVD_LOG_ERROR, "%s", why);
+        return rc == VQKV_ENOMEM ? -ENOMEM : -EINVAL;
+    }
+    rc = vqkvd_pool_init(&s->pool, &arena);
+    if (rc != VQKV_OK) {
+        vqkvd_log(VQKVD_LOG_ERROR, "cannot make a pool of %llu bytes: %s",
+                  (unsigned long long)s->cfg.pool_bytes, vqkv_strerror(rc));
+        s->backend->ops->destroy(s->backend);
+        s->backend = NULL;
         return rc == VQKV_ENOMEM ? -ENOMEM : -EINVAL;
     }
     /* The quotas are server.c's to set: a reload sets them again. */
@@ -66,6 +74,8 @@ int vqkvd_session_start(vqkvd_server_t *s)
     if (rc != VQKV_OK) {
         vqkvd_store_destroy(&s->store);
         vqkvd_pool_destroy(&s->pool);
+        s->backend->ops->destroy(s->backend);
+        s->backend = NULL;
         return -ENOMEM;
     }
     uv_timer_init(s->loop, &s->tick); /* cannot fail */
@@ -96,6 +106,9 @@ void vqkvd_session_destroy(vqkvd_server_t *s)
     s->n_models = s->cap_models = 0;
     vqkvd_store_destroy(&s->store);
     vqkvd_pool_destroy(&s->pool);
+    if (s->backend != NULL)
+        s->backend->ops->destroy(s->backend);
+    s->backend = NULL;
 }
 
 /* A StatsReply tenant entry with the room for its name. */
@@ -203,7 +216,7 @@ void vqkvd__region_unref(vqkvd_region_t *r)
 {
     if (--r->refs > 0)
         return;
-    r->backend->region_close(&r->mem);
+    r->backend->ops->region_close(r->backend, &r->mem);
     free(r->layer_offsets);
     free(r);
 }

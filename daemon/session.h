@@ -88,7 +88,7 @@ typedef struct vqkvd_region {
     uint64_t handle;
     uint32_t refs;
     vqkvd_model_t *model;
-    const vqkvd_backend_t *backend; /* closes mem with the last reference */
+    vqkvd_backend_t *backend; /* closes mem with the last reference */
     vqkvd_region_mem_t mem;
     vqkv_kv_view_t view;     /* its layer_offsets point into layer_offsets */
     uint64_t *layer_offsets; /* per-layer starts, or NULL for a strided view */
@@ -162,6 +162,10 @@ void vqkvd_session_evict(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_fram
 /* server.c: Hello and Stats, the requests of the connection itself. */
 void vqkvd_client_hello(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
 void vqkvd_client_stats(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
+
+/* models.c: codebooks final, the backend told, Puts use the codec (the
+ * only place a model turns ready). VQKV_OK or the backend's error. */
+int vqkvd_model_set_ready(vqkvd_server_t *s, vqkvd_model_t *m);
 
 /* ---- internal to the session layer's files -------------------------------
  * Each replies with an Error itself where it returns NULL or false. */
