@@ -44,7 +44,8 @@ struct vqkvd_calib {
     int training;
     /* Set by the job. */
     int rc;
-    int saved; /* 1 saved, 0 no state dir, -errno failed */
+    int saved;      /* 1 saved, 0 no state dir, VQKV_EIO failed */
+    int save_errno; /* why it failed */
     uint64_t train_ns;
     char path[PATH_MAX]; /* the codebook file, "" without a state dir */
 };
@@ -133,24 +134,31 @@ int vqkvd_calib_load_saved(vqkvd_server_t *s, vqkvd_model_t *m)
     return 1;
 }
 
-/* Writes the codebooks to k->path through a temporary name; 1 or -errno. */
+static int vqkvd__calib_save_failed(struct vqkvd_calib *k, int err)
+{
+    k->save_errno = err;
+    return VQKV_EIO;
+}
+
+/* Writes the codebooks to k->path through a temporary name; 1, or
+ * VQKV_EIO with k->save_errno set. */
 static int vqkvd__calib_save(struct vqkvd_calib *k)
 {
     char dir[PATH_MAX], tmp[PATH_MAX + 8];
     int n = snprintf(dir, sizeof dir, "%s/codebooks", k->server->cfg.state_dir);
     if (n < 0 || (size_t)n >= sizeof dir)
-        return -ENAMETOOLONG;
+        return vqkvd__calib_save_failed(k, ENAMETOOLONG);
     if (mkdir(dir, 0700) < 0 && errno != EEXIST)
-        return -errno;
+        return vqkvd__calib_save_failed(k, errno);
     snprintf(tmp, sizeof tmp, "%s.tmp", k->path);
     if (vqkv_codebook_save(k->model->codec, tmp) != VQKV_OK) {
         unlink(tmp);
-        return -EIO;
+        return vqkvd__calib_save_failed(k, EIO);
     }
     if (rename(tmp, k->path) < 0) {
         int err = errno;
         unlink(tmp);
-        return -err;
+        return vqkvd__calib_save_failed(k, err);
     }
     return 1;
 }
@@ -204,7 +212,7 @@ static void vqkvd__calib_after(uv_work_t *w, int status)
                   (double)k->train_ns / 1e9, vqkv_codec_spec(m->codec));
         if (k->saved < 0)
             vqkvd_log(VQKVD_LOG_WARN, "model %u: cannot save codebooks to %s: %s", (unsigned)m->id,
-                      k->path, strerror(-k->saved));
+                      k->path, strerror(k->save_errno));
         else if (k->saved > 0)
             vqkvd_log(VQKVD_LOG_INFO, "model %u: codebooks saved to %s", (unsigned)m->id, k->path);
     }

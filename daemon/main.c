@@ -624,13 +624,13 @@ static int vqkvd__run(vqkvd_main_t *m, vqkvd_config_t *cfg)
         goto out;
     }
     rc = vqkvd_server_start(&m->server, &loop, cfg);
-    if (rc < 0) {
+    if (rc != VQKV_OK) {
         /* vqkvd_server_start has said what failed. */
         vqkvd_log(VQKVD_LOG_ERROR, "not started");
         uv_close((uv_handle_t *)&m->signal_poll, NULL);
         goto out;
     }
-    if (vqkvd_metrics_start(&m->metrics, &m->server) < 0) {
+    if (vqkvd_metrics_start(&m->metrics, &m->server) != VQKV_OK) {
         vqkvd_server_stop(&m->server);
         uv_close((uv_handle_t *)&m->signal_poll, NULL);
         goto out;

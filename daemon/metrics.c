@@ -437,19 +437,19 @@ static int vqkvd__metrics_init_sync(vqkvd_metrics_t *m)
     pthread_condattr_t attr;
     int rc = pthread_condattr_init(&attr);
     if (rc != 0)
-        return -rc;
+        return VQKV_EIO;
     rc = pthread_condattr_setclock(&attr, CLOCK_MONOTONIC);
     if (rc == 0)
         rc = pthread_cond_init(&m->cond, &attr);
     pthread_condattr_destroy(&attr);
     if (rc != 0)
-        return -rc;
+        return VQKV_EIO;
     rc = pthread_mutex_init(&m->lock, NULL);
     if (rc != 0) {
         pthread_cond_destroy(&m->cond);
-        return -rc;
+        return VQKV_EIO;
     }
-    return 0;
+    return VQKV_OK;
 }
 
 int vqkvd_metrics_start(vqkvd_metrics_t **out, vqkvd_server_t *s)
@@ -457,15 +457,16 @@ int vqkvd_metrics_start(vqkvd_metrics_t **out, vqkvd_server_t *s)
     *out = NULL;
     const char *address = s->cfg.metrics_address;
     if (address == NULL)
-        return 0;
+        return VQKV_OK;
     vqkvd_inet_addr_t addr;
     if (vqkvd_config_parse_address(address, &addr) < 0)
-        return -EINVAL;
+        return VQKV_EINVAL;
     vqkvd_metrics_t *m = calloc(1, sizeof *m);
     if (m == NULL)
-        return -ENOMEM;
+        return VQKV_ENOMEM;
     int rc = vqkvd__metrics_init_sync(m);
-    if (rc < 0) {
+    if (rc != VQKV_OK) {
+        vqkvd_log(VQKVD_LOG_ERROR, "metrics endpoint: cannot make its lock");
         free(m);
         return rc;
     }
@@ -486,7 +487,7 @@ int vqkvd_metrics_start(vqkvd_metrics_t **out, vqkvd_server_t *s)
     if (m->mhd == NULL) {
         vqkvd_log(VQKVD_LOG_ERROR, "metrics endpoint: cannot listen on %s", address);
         uv_close((uv_handle_t *)&m->async, vqkvd__metrics_free); /* freed as the loop runs */
-        return -EADDRNOTAVAIL;
+        return VQKV_EIO;
     }
     /* The port the kernel picked when the address asked for port 0. */
     const union MHD_DaemonInfo *info = MHD_get_daemon_info(m->mhd, MHD_DAEMON_INFO_BIND_PORT);
@@ -498,7 +499,7 @@ int vqkvd_metrics_start(vqkvd_metrics_t **out, vqkvd_server_t *s)
               addr.sa.sa_family == AF_INET6 ? "[" : "", host,
               addr.sa.sa_family == AF_INET6 ? "]" : "", info != NULL ? (unsigned)info->port : 0u);
     *out = m;
-    return 0;
+    return VQKV_OK;
 }
 
 void vqkvd_metrics_stop(vqkvd_metrics_t *m)

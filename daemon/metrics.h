@@ -23,7 +23,8 @@ typedef struct vqkvd_metrics vqkvd_metrics_t;
  * vqkvd_config_parse_address) for the server s, which must have started.
  * With no address it does nothing: *out is NULL and 0 is returned. Logs
  * the address it listens on (the port picked when the address asks for
- * port 0) or why it cannot; returns 0 or a negative errno. */
+ * port 0) or why it cannot; returns VQKV_OK, VQKV_EINVAL, VQKV_ENOMEM or
+ * VQKV_EIO (it cannot listen there). */
 int vqkvd_metrics_start(vqkvd_metrics_t **out, vqkvd_server_t *s);
 
 /* Stops the endpoint and frees it; NULL is a no-op. Call once uv_run has

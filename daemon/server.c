@@ -584,36 +584,43 @@ static void vqkvd__on_listen(uv_poll_t *handle, int status, int events)
  * died), kept when something does. The probe and the unlink race with a
  * daemon starting at the same moment; systemd socket activation avoids
  * that, and two daemons started by hand at once are not worth a lock. */
-static int vqkvd__clear_stale(const struct sockaddr_un *addr)
+/* Keeps err beside the code a failed system call turns into. */
+static int vqkvd__sys_failed(vqkvd_server_t *s, int err)
+{
+    s->sys_errno = err;
+    return VQKV_EIO;
+}
+
+static int vqkvd__clear_stale(vqkvd_server_t *s, const struct sockaddr_un *addr)
 {
     struct stat st;
     if (lstat(addr->sun_path, &st) < 0)
-        return errno == ENOENT ? 0 : -errno;
+        return errno == ENOENT ? VQKV_OK : vqkvd__sys_failed(s, errno);
     if (!S_ISSOCK(st.st_mode))
-        return -EEXIST;
+        return vqkvd__sys_failed(s, EEXIST);
     int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
     if (fd < 0)
-        return -errno;
+        return vqkvd__sys_failed(s, errno);
     int rc = connect(fd, (const struct sockaddr *)addr, sizeof *addr);
     int err = errno;
     close(fd);
     if (rc == 0)
-        return -EADDRINUSE;
+        return vqkvd__sys_failed(s, EADDRINUSE);
     if (err != ECONNREFUSED)
-        return -err;
+        return vqkvd__sys_failed(s, err);
     vqkvd_log(VQKVD_LOG_INFO, "removing stale socket %s", addr->sun_path);
-    return unlink(addr->sun_path) < 0 && errno != ENOENT ? -errno : 0;
+    return unlink(addr->sun_path) < 0 && errno != ENOENT ? vqkvd__sys_failed(s, errno) : VQKV_OK;
 }
 
 /* Binds and listens on addr (mode 0660) into s->listen_fd. */
 static int vqkvd__listen_path(vqkvd_server_t *s, const struct sockaddr_un *addr)
 {
-    int rc = vqkvd__clear_stale(addr);
-    if (rc < 0)
+    int rc = vqkvd__clear_stale(s, addr);
+    if (rc != VQKV_OK)
         return rc;
     s->listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (s->listen_fd < 0)
-        return -errno;
+        return vqkvd__sys_failed(s, errno);
     /* The umask makes bind create the file 0660 already, so there is no
      * moment when a wider mode lets someone connect. Single-threaded here. */
     mode_t old_mask = umask(0117);
@@ -621,13 +628,13 @@ static int vqkvd__listen_path(vqkvd_server_t *s, const struct sockaddr_un *addr)
     int bind_errno = errno;
     umask(old_mask);
     if (rc < 0)
-        return -bind_errno;
+        return vqkvd__sys_failed(s, bind_errno);
     s->socket_created = 1;
     if (chmod(addr->sun_path, 0660) < 0 || listen(s->listen_fd, SOMAXCONN) < 0)
-        return -errno;
+        return vqkvd__sys_failed(s, errno);
     vqkvd_log(VQKVD_LOG_INFO, "listening on %s (backend %s, protocol %d)", addr->sun_path,
               s->backend->ops->name, VQKV_PROTO_VERSION);
-    return 0;
+    return VQKV_OK;
 }
 
 /* Takes the socket the service manager bound and listens on (its file,
@@ -639,11 +646,11 @@ static int vqkvd__listen_inherited(vqkvd_server_t *s, int fd)
     s->listen_fd = fd;
     int flags = fcntl(fd, F_GETFL);
     if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
-        return -errno;
+        return vqkvd__sys_failed(s, errno);
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     socklen_t len = sizeof addr - 1; /* room for the NUL a full sun_path lacks */
     if (getsockname(fd, (struct sockaddr *)&addr, &len) < 0)
-        return -errno;
+        return vqkvd__sys_failed(s, errno);
     if (addr.sun_path[0] == '\0' && len > offsetof(struct sockaddr_un, sun_path))
         addr.sun_path[0] = '@'; /* abstract, written the way systemd writes it */
     vqkvd_log(VQKVD_LOG_INFO,
@@ -651,7 +658,7 @@ static int vqkvd__listen_inherited(vqkvd_server_t *s, int fd)
               "backend %s, protocol %d)",
               addr.sun_path[0] != '\0' ? addr.sun_path : "an unnamed socket", fd,
               s->backend->ops->name, VQKV_PROTO_VERSION);
-    return 0;
+    return VQKV_OK;
 }
 
 /* The tenants' quotas from s->cfg: the default for tenants first seen
@@ -668,14 +675,14 @@ static int vqkvd__apply_quotas(vqkvd_server_t *s)
             if ((uint32_t)cfg->quota_uids[j] == tenant)
                 quota = cfg->quota_bytes[j];
         if (vqkvd_store_set_quota(&s->store, tenant, quota) != VQKV_OK)
-            return -ENOMEM;
+            return VQKV_ENOMEM;
     }
     /* Tenants not seen yet get an entry now, holding their own quota. */
     for (size_t j = 0; j < cfg->n_quotas; j++)
         if (vqkvd_store_set_quota(&s->store, (uint32_t)cfg->quota_uids[j], cfg->quota_bytes[j]) !=
             VQKV_OK)
-            return -ENOMEM;
-    return 0;
+            return VQKV_ENOMEM;
+    return VQKV_OK;
 }
 
 int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t *cfg)
@@ -688,48 +695,55 @@ int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t 
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
     if ((cfg->socket_path == NULL && cfg->listen_fd < 0) || cfg->max_frame == 0 ||
         cfg->max_frame > VQKV_FRAME_LIMIT || cfg->max_inflight == 0)
-        return -EINVAL;
+        return VQKV_EINVAL;
     if (cfg->listen_fd < 0) {
         if (strlen(cfg->socket_path) >= sizeof addr.sun_path) {
             vqkvd_log(VQKVD_LOG_ERROR, "socket path %s is longer than %zu bytes", cfg->socket_path,
                       sizeof addr.sun_path - 1);
-            return -ENAMETOOLONG;
+            return VQKV_EINVAL;
         }
         memcpy(addr.sun_path, cfg->socket_path, strlen(cfg->socket_path) + 1);
     }
     if (getrandom(s->salt_secret, sizeof s->salt_secret, 0) != (ssize_t)sizeof s->salt_secret) {
         vqkvd_log(VQKVD_LOG_ERROR, "no random bytes for the tenant salts: %s", strerror(errno));
-        return -errno;
+        return vqkvd__sys_failed(s, errno);
     }
 
     rc = vqkvd_session_start(s);
-    if (rc < 0)
+    if (rc != VQKV_OK)
         return rc;
     rc = vqkvd__apply_quotas(s);
-    if (rc < 0)
+    if (rc != VQKV_OK) {
+        vqkvd_log(VQKVD_LOG_ERROR, "no memory for the tenants' quotas");
         goto fail;
+    }
     rc = cfg->listen_fd >= 0 ? vqkvd__listen_inherited(s, cfg->listen_fd)
                              : vqkvd__listen_path(s, &addr);
-    if (rc < 0) {
+    if (rc != VQKV_OK) {
         vqkvd_log(VQKVD_LOG_ERROR, "cannot listen on %s: %s",
                   cfg->listen_fd >= 0 ? "the socket from socket activation" : cfg->socket_path,
-                  strerror(-rc));
+                  strerror(s->sys_errno));
         goto fail;
     }
     rc = uv_poll_init(loop, &s->listen_poll, s->listen_fd);
-    if (rc < 0)
+    if (rc < 0) {
+        vqkvd_log(VQKVD_LOG_ERROR, "cannot poll the listening socket: %s", uv_strerror(rc));
+        rc = vqkvd__sys_failed(s, -rc); /* libuv's codes are negative errnos on Unix */
         goto fail;
+    }
     s->listen_poll.data = s;
     uv_timer_init(loop, &s->accept_backoff); /* cannot fail */
     s->accept_backoff.data = s;
     rc = uv_poll_start(&s->listen_poll, UV_READABLE, vqkvd__on_listen);
     if (rc < 0) {
+        vqkvd_log(VQKVD_LOG_ERROR, "cannot poll the listening socket: %s", uv_strerror(rc));
+        rc = vqkvd__sys_failed(s, -rc);
         s->stopping = 1;
         uv_close((uv_handle_t *)&s->listen_poll, NULL);
         uv_close((uv_handle_t *)&s->accept_backoff, NULL);
         goto fail;
     }
-    return 0;
+    return VQKV_OK;
 
 fail:
     vqkvd_session_stop(s);

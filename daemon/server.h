@@ -111,6 +111,7 @@ typedef struct {
     uv_poll_t listen_poll;     /* readable: connections to accept */
     uv_timer_t accept_backoff; /* restarts accepting after EMFILE */
     int socket_created;        /* the socket file is ours to unlink */
+    int sys_errno;             /* errno of the system call that failed vqkvd_server_start */
 
     vqkvd_client_t *clients; /* doubly linked, newest first */
     uint32_t n_clients;      /* StatsReply.clients */
@@ -138,13 +139,16 @@ typedef struct {
  * from its table of keys. */
 void vqkvd_config_defaults(vqkvd_config_t *cfg);
 
-/* Creates the pool (cfg->pool_bytes) and the store with the quotas, binds
- * and listens on cfg->socket_path (mode 0660), or takes cfg->listen_fd,
- * and starts accepting on loop. A socket file left by a dead daemon is
- * replaced; one a live daemon listens on is not (-EADDRINUSE), nor a path
- * that is not a socket (-EEXIST). Returns 0 or a negative errno; on failure
- * nothing is left open, though the loop may need one more run to finish
- * closing handles (only when libuv refuses to poll the socket). */
+/* Creates the backend, the pool (cfg->pool_bytes) and the store with the
+ * quotas, binds and listens on cfg->socket_path (mode 0660), or takes
+ * cfg->listen_fd, and starts accepting on loop. A socket file left by a
+ * dead daemon is replaced; one a live daemon listens on is not
+ * (s->sys_errno EADDRINUSE), nor a path that is not a socket (EEXIST).
+ * Returns VQKV_OK or a VQKV_E* code as every daemon function does:
+ * VQKV_EINVAL (a config it cannot run), VQKV_ENOMEM, VQKV_EIO (a system
+ * call failed: s->sys_errno says which error). What failed is logged. On
+ * failure nothing is left open, though the loop may need one more run to
+ * finish closing handles (only when libuv refuses to poll the socket). */
 int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t *cfg);
 
 /* Applies what a running server can take from next (a reloaded config;

@@ -59,7 +59,7 @@ int vqkvd_session_start(vqkvd_server_t *s)
                                   sizeof why);
     if (rc != VQKV_OK) {
         vqkvd_log(VQKVD_LOG_ERROR, "%s", why);
-        return rc == VQKV_ENOMEM ? -ENOMEM : -EINVAL;
+        return rc;
     }
     rc = vqkvd_pool_init(&s->pool, &arena);
     if (rc != VQKV_OK) {
@@ -67,7 +67,7 @@ int vqkvd_session_start(vqkvd_server_t *s)
                   (unsigned long long)s->cfg.pool_bytes, vqkv_strerror(rc));
         s->backend->ops->destroy(s->backend);
         s->backend = NULL;
-        return rc == VQKV_ENOMEM ? -ENOMEM : -EINVAL;
+        return rc;
     }
     /* The quotas are server.c's to set: a reload sets them again. */
     rc = vqkvd_store_init(&s->store, &s->pool, VQKVD_HIGH_WATER, VQKVD_LOW_WATER, NULL);
@@ -76,14 +76,15 @@ int vqkvd_session_start(vqkvd_server_t *s)
         vqkvd_pool_destroy(&s->pool);
         s->backend->ops->destroy(s->backend);
         s->backend = NULL;
-        return -ENOMEM;
+        vqkvd_log(VQKVD_LOG_ERROR, "no memory for the block index");
+        return VQKV_ENOMEM;
     }
     uv_timer_init(s->loop, &s->tick); /* cannot fail */
     s->tick.data = s;
     uv_timer_start(&s->tick, vqkvd__on_tick, VQKVD_TICK_MS, VQKVD_TICK_MS);
     vqkvd_log(VQKVD_LOG_INFO, "pool: %llu bytes in %llu-byte chunks",
               (unsigned long long)s->cfg.pool_bytes, (unsigned long long)chunk);
-    return 0;
+    return VQKV_OK;
 }
 
 void vqkvd_session_stop(vqkvd_server_t *s)

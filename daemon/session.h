@@ -137,7 +137,8 @@ void vqkvd_client_error(vqkvd_client_t *c, uint64_t request_id, int code, const 
 void vqkvd_client_settle(vqkvd_client_t *c);
 void vqkvd_client_unref(vqkvd_client_t *c);
 
-/* session.c: the server's pool, store, models and tick timer. */
+/* session.c: the server's backend, pool, store and tick timer: VQKV_OK, or
+ * VQKV_EINVAL / VQKV_ENOMEM with what failed logged. */
 int vqkvd_session_start(vqkvd_server_t *s);
 void vqkvd_session_stop(vqkvd_server_t *s);    /* closes the timer */
 void vqkvd_session_destroy(vqkvd_server_t *s); /* after the loop has run dry */

@@ -339,7 +339,8 @@ static void fuzz__start(fuzz__session_t *S, int setup)
     /* Two blocks of fuzz_layout: the second Put of a VQ model trains. */
     cfg.calib_tokens = 2 * fuzz_layout.block_tokens;
     int rc = vqkvd_server_start(&S->server, &S->loop, &cfg);
-    FUZZ_CHECK(rc == 0, "vqkvd_server_start: %s", strerror(-rc));
+    FUZZ_CHECK(rc == VQKV_OK, "vqkvd_server_start: %s (%s)", vqkv_strerror(rc),
+               strerror(S->server.sys_errno));
 
     S->sock = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     struct sockaddr_un addr = {.sun_family = AF_UNIX};
