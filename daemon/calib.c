@@ -92,28 +92,19 @@ int vqkvd_calib_load_fd(vqkv_codec_t *codec, int fd, const char **why)
 }
 
 /* <state_dir>/codebooks/<uid>-<hash>.vqcb, the hash over everything that
- * makes codebooks interchangeable: model id, head range, layout, canonical
- * spec. 0, or -1 without a state dir or when the path does not fit. */
+ * makes codebooks interchangeable: the model's identity (model id, head
+ * range, layout, canonical spec). 0, or -1 without a state dir or when the path does not fit. */
 static int vqkvd__calib_path(const vqkvd_server_t *s, const vqkvd_model_t *m, char *buf,
                              size_t size)
 {
     if (s->cfg.state_dir == NULL)
         return -1;
-    char text[1024];
-    const vqkv_layout_t *l = &m->layout;
-    int n = snprintf(text, sizeof text, "%s\n%u %u\n%u %u %u %u %d\n%s", m->model_id,
-                     (unsigned)m->kv_head_first, (unsigned)m->kv_head_count,
-                     (unsigned)l->num_layers, (unsigned)l->num_kv_heads, (unsigned)l->head_dim,
-                     (unsigned)l->block_tokens, (int)l->dtype, vqkv_codec_spec(m->codec));
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned md_len = 0;
-    if (n < 0 || (size_t)n >= sizeof text ||
-        EVP_Digest(text, (size_t)n, md, &md_len, EVP_sha256(), NULL) != 1 || md_len < 16)
-        return -1;
+    const uint8_t *md = m->ident; /* a name that stays across releases (models.c) */
     char hex[33];
     for (int i = 0; i < 16; i++)
         snprintf(hex + 2 * i, 3, "%02x", md[i]);
-    n = snprintf(buf, size, "%s/codebooks/%u-%s.vqcb", s->cfg.state_dir, (unsigned)m->tenant, hex);
+    int n =
+        snprintf(buf, size, "%s/codebooks/%u-%s.vqcb", s->cfg.state_dir, (unsigned)m->tenant, hex);
     return n < 0 || (size_t)n >= size ? -1 : 0;
 }
 
@@ -242,6 +233,7 @@ int vqkvd_calib_begin(vqkvd_server_t *s, vqkvd_model_t *m)
     m->fallback_cls = (uint32_t)rc;
     m->fallback_bytes = (uint32_t)bytes;
     m->fallback = fallback;
+    vqkvd_codec_ident_set(&m->fallback_ident, fallback); /* fp16: no codebooks, cannot fail */
     k->server = s;
     k->model = m;
     k->work.data = k;

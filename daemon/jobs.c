@@ -67,8 +67,9 @@ struct vqkvd_job {
     vqkvd_client_t *c;
     vqkvd_region_t *r;
     vqkvd_model_t *m;
-    const vqkv_codec_t *codec; /* Put: the model's codec or its fallback */
-    uint32_t cls;              /* Put: that codec's pool class */
+    const vqkv_codec_t *codec;        /* Put: the model's codec or its fallback */
+    const vqkvd_codec_ident_t *ident; /* Put: its identity, recorded in every block */
+    uint32_t cls;                     /* Put: that codec's pool class */
     uint64_t request_id;
     uint64_t queued_ns; /* uv_hrtime when handed to the thread pool */
     uint32_t n;
@@ -386,12 +387,13 @@ static void vqkvd__put_reserve(vqkvd_job_t *j, const Vqkv__Put *p, uint64_t now)
         vqkvd_block_t *b = NULL;
         const uint8_t *parent =
             p->parent_keys[i].len == VQKVD_KEY_BYTES ? p->parent_keys[i].data : NULL;
-        int rc =
-            vqkvd_store_reserve(&s->store, (uint64_t)(uintptr_t)j, (uint32_t)j->c->uid, j->m->id,
-                                p->keys[i].data, parent, j->cls, j->m->logical_bytes, now, &b);
+        int rc = vqkvd_store_reserve(&s->store, (uint64_t)(uintptr_t)j, (uint32_t)j->c->uid,
+                                     j->m->store_id, p->keys[i].data, parent, j->cls,
+                                     j->m->logical_bytes, now, &b);
         j->slots[i] = p->slots[i];
         switch (rc) {
         case VQKV_OK:
+            b->codec = j->ident;
             j->blocks[i] = b;
             j->dst[i] = vqkvd_pool_slot_ptr(&s->pool, b->slot);
             j->put_status[i] = VQKV__PUT_STATUS__PUT_STORED;
@@ -436,6 +438,7 @@ void vqkvd_session_put(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_
     /* Chosen now, for the whole request: a model that turns ready while
      * the job runs still stores these blocks in the fallback's class. */
     j->codec = m->ready ? m->codec : m->fallback;
+    j->ident = m->ready ? &m->codec_ident : &m->fallback_ident;
     j->cls = m->ready ? m->cls : m->fallback_cls;
     vqkvd__put_reserve(j, p, uv_now(s->loop));
     int rc = j->reserved > 0 ? vqkvd__job_queue(j) : 0;
@@ -465,8 +468,9 @@ void vqkvd_session_lookup(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_fra
     if (keys == NULL)
         return;
     uint64_t lease = 0;
-    int rc = vqkvd_store_lookup(&s->store, (uint32_t)c->uid, m->id, keys, (uint32_t)lk->n_keys,
-                                uv_now(s->loop), c->id, s->cfg.lease_ms, &lease, NULL);
+    int rc =
+        vqkvd_store_lookup(&s->store, (uint32_t)c->uid, m->store_id, keys, (uint32_t)lk->n_keys,
+                           uv_now(s->loop), c->id, s->cfg.lease_ms, &lease, NULL);
     free(keys);
     if (rc < 0) {
         vqkvd_client_error(c, id, rc, "lookup: %s", vqkv_proto_strerror(rc));
@@ -481,6 +485,18 @@ void vqkvd_session_lookup(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_fra
     env.body_case = VQKV__ENVELOPE__BODY_LOOKUP_RESULT;
     env.lookup_result = &lr;
     vqkvd_client_reply(c, &env);
+}
+
+/* What decodes block b of model m: the codec its identity names (blocks
+ * put before the model's codebooks were ready are fp16), or NULL when it
+ * names neither of the model's: such a block is never decoded. */
+static const vqkv_codec_t *vqkvd__block_codec(const vqkvd_model_t *m, const vqkvd_block_t *b)
+{
+    if (b->codec == &m->codec_ident && m->ready)
+        return m->codec;
+    if (b->codec == &m->fallback_ident && m->fallback != NULL)
+        return m->fallback;
+    return NULL;
 }
 
 void vqkvd_session_get(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
@@ -516,10 +532,20 @@ void vqkvd_session_get(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_
             return;
         }
     }
-    /* A lease holds blocks of one model, the one its lookup named. */
-    vqkvd_model_t *lm = l->n > 0 ? s->models[l->blocks[0]->model - 1] : r->model;
-    if (!vqkvd__region_fits(c, id, r, lm))
+    /* A lease holds blocks of one model, the one its lookup named; models
+     * live as long as the server. */
+    vqkvd_model_t *lm =
+        l->n > 0 ? vqkvd_model_by_store_id(s, (uint32_t)c->uid, l->blocks[0]->model) : r->model;
+    if (lm == NULL || !vqkvd__region_fits(c, id, r, lm))
         return;
+    for (size_t i = 0; i < g->n_slots; i++) {
+        if (vqkvd__block_codec(lm, l->blocks[i]) == NULL) {
+            vqkvd_client_error(c, id, VQKV_EMISMATCH,
+                               "block %zu was encoded with %s, which model %u no longer has", i,
+                               l->blocks[i]->codec->spec, (unsigned)lm->id);
+            return;
+        }
+    }
     vqkvd_job_t *j = vqkvd__job_new(VQKVD_JOB_GET, c, r, lm, id, (uint32_t)g->n_slots);
     if (j != NULL) {
         j->blocks = calloc(g->n_slots ? g->n_slots : 1, sizeof *j->blocks);
@@ -536,9 +562,7 @@ void vqkvd_session_get(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_
         j->slots[i] = g->slots[i];
         j->blocks[i] = l->blocks[i];
         j->src[i] = vqkvd_pool_slot_ptr(&s->pool, l->blocks[i]->slot);
-        /* Blocks put before the model's codebooks were ready are fp16. */
-        j->codecs[i] = lm->fallback != NULL && l->blocks[i]->cls == lm->fallback_cls ? lm->fallback
-                                                                                     : lm->codec;
+        j->codecs[i] = vqkvd__block_codec(lm, l->blocks[i]);
     }
     int rc = vqkvd__job_queue(j);
     if (rc < 0) {

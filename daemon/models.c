@@ -10,6 +10,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <openssl/evp.h>
+
 #include "calib.h"
 #include "log.h"
 #include "metrics.h"
@@ -67,6 +69,56 @@ int vqkvd__model_diff(const vqkv_layout_t *was, const char *was_spec, const vqkv
     return 0;
 }
 
+/* SHA-256 of what a model is, in a text that does not change between
+ * releases: saved codebook files are named by it (calib.c), and the
+ * store's model number is its first 4 bytes. VQKV_OK, or VQKV_ENOMEM. */
+static int vqkvd__model_identify(vqkvd_model_t *m)
+{
+    char text[1024];
+    const vqkv_layout_t *l = &m->layout;
+    int n = snprintf(text, sizeof text, "%s\n%u %u\n%u %u %u %u %d\n%s", m->model_id,
+                     (unsigned)m->kv_head_first, (unsigned)m->kv_head_count,
+                     (unsigned)l->num_layers, (unsigned)l->num_kv_heads, (unsigned)l->head_dim,
+                     (unsigned)l->block_tokens, (int)l->dtype, vqkv_codec_spec(m->codec));
+    unsigned md_len = 0;
+    if (n < 0 || (size_t)n >= sizeof text ||
+        EVP_Digest(text, (size_t)n, m->ident, &md_len, EVP_sha256(), NULL) != 1 || md_len != 32)
+        return VQKV_ENOMEM;
+    m->store_id = (uint32_t)m->ident[0] | (uint32_t)m->ident[1] << 8 | (uint32_t)m->ident[2] << 16 |
+                  (uint32_t)m->ident[3] << 24;
+    if (m->store_id == 0)
+        m->store_id = 1;
+    return VQKV_OK;
+}
+
+/* The model of tenant whose store number is store_id, or NULL. O(models):
+ * a Get asks once, and models are few. */
+vqkvd_model_t *vqkvd_model_by_store_id(const vqkvd_server_t *s, uint32_t tenant, uint32_t store_id)
+{
+    for (uint32_t i = 0; i < s->n_models; i++)
+        if (s->models[i]->tenant == tenant && s->models[i]->store_id == store_id)
+            return s->models[i];
+    return NULL;
+}
+
+int vqkvd_codec_ident_set(vqkvd_codec_ident_t *id, const vqkv_codec_t *codec)
+{
+    uint8_t *buf = NULL;
+    size_t len = 0;
+    unsigned md_len = 0;
+    id->spec = vqkv_codec_spec(codec);
+    memset(id->codebooks_sha256, 0, sizeof id->codebooks_sha256);
+    int rc = vqkv_codebook_save_buffer(codec, &buf, &len);
+    if (rc == VQKV_EINVAL) /* a codec without codebooks */
+        return VQKV_OK;
+    if (rc == VQKV_OK &&
+        (EVP_Digest(buf, len, id->codebooks_sha256, &md_len, EVP_sha256(), NULL) != 1 ||
+         md_len != 32))
+        rc = VQKV_ENOMEM;
+    free(buf);
+    return rc;
+}
+
 /* A new model taking codec; NULL (codec still the caller's) on failure,
  * with *why set. */
 static vqkvd_model_t *vqkvd__model_new(vqkvd_server_t *s, uint32_t tenant, const char *model_id,
@@ -86,6 +138,17 @@ static vqkvd_model_t *vqkvd__model_new(vqkvd_server_t *s, uint32_t tenant, const
     m = calloc(1, sizeof *m);
     if (m == NULL || (m->model_id = strdup(model_id)) == NULL)
         goto fail;
+    m->tenant = tenant;
+    m->kv_head_first = rm->kv_head_first;
+    m->kv_head_count = rm->kv_head_count;
+    m->layout = *layout;
+    m->codec = codec;
+    if (vqkvd__model_identify(m) != VQKV_OK)
+        goto fail;
+    if (vqkvd_model_by_store_id(s, tenant, m->store_id) != NULL) {
+        *why = "its identity hash collides with another model's: rename it";
+        goto fail;
+    }
     size_t bb = vqkv_codec_block_bytes(codec);
     /* The class is taken last: a pool class cannot be given back. */
     int cls = bb <= UINT32_MAX ? vqkvd_pool_add_class(&s->pool, (uint32_t)bb) : VQKV_EINVAL;
@@ -94,11 +157,6 @@ static vqkvd_model_t *vqkvd__model_new(vqkvd_server_t *s, uint32_t tenant, const
         goto fail;
     }
     m->id = s->n_models + 1;
-    m->tenant = tenant;
-    m->kv_head_first = rm->kv_head_first;
-    m->kv_head_count = rm->kv_head_count;
-    m->layout = *layout;
-    m->codec = codec;
     m->cls = (uint32_t)cls;
     m->block_bytes = (uint32_t)bb;
     m->logical_bytes = (uint32_t)logical;
@@ -345,7 +403,9 @@ cleanup:
  * backend's error, logged, with the model left as it was. */
 int vqkvd_model_set_ready(vqkvd_server_t *s, vqkvd_model_t *m)
 {
-    int rc = s->backend->ops->codebooks_ready(s->backend, m->codec);
+    int rc = vqkvd_codec_ident_set(&m->codec_ident, m->codec);
+    if (rc == VQKV_OK)
+        rc = s->backend->ops->codebooks_ready(s->backend, m->codec);
     if (rc != VQKV_OK) {
         vqkvd_log(VQKVD_LOG_ERROR, "model %u: the %s backend cannot take its codebooks: %s",
                   (unsigned)m->id, s->backend->ops->name, vqkv_strerror(rc));

@@ -131,13 +131,13 @@ void vqkvd_session_pin(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_
     uint32_t count = 0;
     for (size_t i = 0; i < p->n_keys; i++) {
         const uint8_t *key = p->keys[i].data;
-        if (vqkvd_store_pin(&s->store, tenant, m->id, key, now, ttl) != VQKV_OK)
+        if (vqkvd_store_pin(&s->store, tenant, m->store_id, key, now, ttl) != VQKV_OK)
             continue; /* not held: skipped */
         count++;
         /* A later pin replaces the TTL: only a ttl_ms 0 pin is remembered. */
-        long at = vqkvd__pin_index(c, m->id, key);
+        long at = vqkvd__pin_index(c, m->store_id, key);
         if (forever && at < 0)
-            vqkvd__pin_add(c, m->id, key);
+            vqkvd__pin_add(c, m->store_id, key);
         else if (!forever && at >= 0)
             vqkvd__pin_remove_at(c, (uint32_t)at);
     }
@@ -158,11 +158,11 @@ void vqkvd_session_unpin(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_fram
     uint32_t count = 0;
     for (size_t i = 0; i < u->n_keys; i++) {
         const uint8_t *key = u->keys[i].data;
-        vqkvd__pin_forget(c, m->id, key);
-        const vqkvd_block_t *b = vqkvd_store_find(&s->store, tenant, m->id, key);
+        vqkvd__pin_forget(c, m->store_id, key);
+        const vqkvd_block_t *b = vqkvd_store_find(&s->store, tenant, m->store_id, key);
         if (b == NULL || b->pin_until <= now)
             continue; /* absent or not pinned: skipped */
-        vqkvd_store_unpin(&s->store, tenant, m->id, key);
+        vqkvd_store_unpin(&s->store, tenant, m->store_id, key);
         count++;
     }
     vqkvd__ack(c, id, count);
@@ -186,8 +186,8 @@ void vqkvd_session_evict(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_fram
     uint8_t *keys = vqkvd__keys_flat(c, id, e->keys, e->n_keys);
     if (keys == NULL)
         return;
-    int64_t n = vqkvd_store_evict(&s->store, (uint32_t)c->uid, m->id, keys, (uint32_t)e->n_keys,
-                                  e->all, uv_now(s->loop));
+    int64_t n = vqkvd_store_evict(&s->store, (uint32_t)c->uid, m->store_id, keys,
+                                  (uint32_t)e->n_keys, e->all, uv_now(s->loop));
     free(keys);
     if (n < 0) {
         vqkvd_client_error(c, id, (int)n, "evict: %s", vqkv_proto_strerror((int)n));

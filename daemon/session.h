@@ -55,16 +55,35 @@ typedef struct vqkvd_out {
 
 typedef struct vqkvd_calib vqkvd_calib_t;
 
+/* What a block was encoded with, recorded with the block (store.h) so that
+ * it is never decoded with anything else: the codec's canonical spec and
+ * the SHA-256 of its codebook file (vqkv_codebook_save_buffer's bytes; all
+ * zero for a codec without codebooks). A model holds two, its codec's and
+ * its fp16 fallback's; a disk or remote tier writes both into a block's
+ * record. */
+struct vqkvd_codec_ident {
+    const char *spec; /* the codec's own string */
+    uint8_t codebooks_sha256[32];
+};
+typedef struct vqkvd_codec_ident vqkvd_codec_ident_t;
+
 /* A registered model, shared by (tenant, model_id, head range).
  *
  * A VQ codec registered without codebooks is not ready: its Puts are stored
  * with the fp16 fallback (a pool class of its own) while calib.c collects
  * them as calibration samples and trains; once the codebooks are in, ready
  * turns 1 and later Puts use codec. Blocks already stored are fp16 until
- * transcode.c re-encodes them in the background: a block's pool class says
- * which codec decodes it. */
+ * transcode.c re-encodes them in the background: a block's codec identity
+ * says which codec decodes it.
+ *
+ * Two numbers name a model: id, its place in the server's table (the wire
+ * handle, the log lines), and store_id, a stable hash of what it is
+ * (ident: model_id, heads, layout and codec spec), the same in every run
+ * and on every node, which is what the store and every tier keep. */
 struct vqkvd_model {
-    uint32_t id; /* the store's model number and the wire handle; never 0 */
+    uint32_t id;       /* the wire handle: index + 1 in the server's models; never 0 */
+    uint32_t store_id; /* the store's model number: the first 4 bytes of ident; never 0 */
+    uint8_t ident[32]; /* SHA-256 of model_id, heads, layout and codec spec */
     uint32_t tenant;
     char *model_id;
     uint32_t kv_head_first, kv_head_count;
@@ -76,10 +95,12 @@ struct vqkvd_model {
     int ready;              /* codec has its codebooks: Puts use it */
     vqkv_codec_t *fallback; /* fp16, while not ready; NULL when never needed */
     uint32_t fallback_cls, fallback_bytes;
-    vqkvd_calib_t *calib;              /* collecting or training; NULL otherwise */
-    struct vqkvd_transcode *transcode; /* a batch of fallback blocks in flight, or NULL */
-    uint64_t transcoded;               /* fallback blocks re-encoded so far */
-    int transcode_done;                /* no fallback block left: no more walks */
+    vqkvd_codec_ident_t codec_ident;    /* set when ready */
+    vqkvd_codec_ident_t fallback_ident; /* set with the fallback */
+    vqkvd_calib_t *calib;               /* collecting or training; NULL otherwise */
+    struct vqkvd_transcode *transcode;  /* a batch of fallback blocks in flight, or NULL */
+    uint64_t transcoded;                /* fallback blocks re-encoded so far */
+    int transcode_done;                 /* no fallback block left: no more walks */
 };
 
 /* A mapped MEMFD region of one client. */
@@ -163,6 +184,13 @@ void vqkvd_session_evict(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_fram
 /* server.c: Hello and Stats, the requests of the connection itself. */
 void vqkvd_client_hello(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
 void vqkvd_client_stats(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
+
+/* models.c: the model of tenant with that store number, or NULL. */
+vqkvd_model_t *vqkvd_model_by_store_id(const vqkvd_server_t *s, uint32_t tenant, uint32_t store_id);
+
+/* models.c: fills id for codec (its spec; its codebooks' SHA-256, or zero
+ * for a codec without codebooks). VQKV_OK, or VQKV_ENOMEM. */
+int vqkvd_codec_ident_set(vqkvd_codec_ident_t *id, const vqkv_codec_t *codec);
 
 /* models.c: codebooks final, the backend told, Puts use the codec (the
  * only place a model turns ready). VQKV_OK or the backend's error. */

@@ -74,7 +74,10 @@ struct vqkvd_block {
     uint32_t stored_bytes; /* the slot's size */
     uint64_t slot;         /* pool handle */
     uint64_t pin_until;    /* monotonic ms; pinned while now < pin_until; 0: never pinned */
-    uint64_t stamp;        /* LRU order: larger is more recent, unique */
+    /* What encoded it (the session's vqkvd_codec_ident_t); set by the
+     * writer after reserving, never read by the store. */
+    const struct vqkvd_codec_ident *codec;
+    uint64_t stamp; /* LRU order: larger is more recent, unique */
     vqkvd_block_t *lru_prev, *lru_next;
     vqkvd_block_t *hnext; /* hash bucket chain */
     /* Scratch of vqkvd_store_evict, valid while mark_gen equals the store's:

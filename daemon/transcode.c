@@ -74,6 +74,7 @@ static void vqkvd__transcode_after(uv_work_t *w, int status)
         vqkvd_store_unhold(it->block);
         if (it->block->refs == 0 && status == 0 && it->rc == VQKV_OK) {
             vqkvd_store_rehome(&s->store, it->block, m->cls, it->slot);
+            it->block->codec = &m->codec_ident;
             moved++;
         } else {
             vqkvd_pool_free(&s->pool, it->slot);
@@ -97,7 +98,7 @@ static void vqkvd__transcode_start(vqkvd_server_t *s, vqkvd_model_t *m)
     uint64_t left = 0; /* fallback blocks, held ones too */
     for (vqkvd_block_t *b = s->store.lru_head; b != NULL && t->n < VQKVD_TRANSCODE_BATCH;
          b = b->lru_next) {
-        if (b->model != m->id || b->cls != m->fallback_cls)
+        if (b->tenant != m->tenant || b->model != m->store_id || b->codec != &m->fallback_ident)
             continue;
         left++;
         if (b->refs != 0)
