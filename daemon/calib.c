@@ -91,6 +91,9 @@ int vqkvd_calib_load_fd(vqkv_codec_t *codec, int fd, const char **why)
     return rc;
 }
 
+/* Bytes of the identity hash a codebook file is named by (in hex). */
+#define VQKVD__CODEBOOK_NAME_BYTES 16
+
 /* <state_dir>/codebooks/<uid>-<hash>.vqcb, the hash over everything that
  * makes codebooks interchangeable: the model's identity (model id, head
  * range, layout, canonical spec). 0, or -1 without a state dir or when the path does not fit. */
@@ -100,8 +103,8 @@ static int vqkvd__calib_path(const vqkvd_server_t *s, const vqkvd_model_t *m, ch
     if (s->cfg.state_dir == NULL)
         return -1;
     const uint8_t *md = m->ident; /* a name that stays across releases (models.c) */
-    char hex[33];
-    for (int i = 0; i < 16; i++)
+    char hex[2 * VQKVD__CODEBOOK_NAME_BYTES + 1];
+    for (int i = 0; i < VQKVD__CODEBOOK_NAME_BYTES; i++)
         snprintf(hex + 2 * i, 3, "%02x", md[i]);
     int n =
         snprintf(buf, size, "%s/codebooks/%u-%s.vqcb", s->cfg.state_dir, (unsigned)m->tenant, hex);

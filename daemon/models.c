@@ -82,7 +82,8 @@ static int vqkvd__model_identify(vqkvd_model_t *m)
                      (unsigned)l->block_tokens, (int)l->dtype, vqkv_codec_spec(m->codec));
     unsigned md_len = 0;
     if (n < 0 || (size_t)n >= sizeof text ||
-        EVP_Digest(text, (size_t)n, m->ident, &md_len, EVP_sha256(), NULL) != 1 || md_len != 32)
+        EVP_Digest(text, (size_t)n, m->ident, &md_len, EVP_sha256(), NULL) != 1 ||
+        md_len != sizeof m->ident)
         return VQKV_ENOMEM;
     m->store_id = (uint32_t)m->ident[0] | (uint32_t)m->ident[1] << 8 | (uint32_t)m->ident[2] << 16 |
                   (uint32_t)m->ident[3] << 24;
@@ -113,7 +114,7 @@ int vqkvd_codec_ident_set(vqkvd_codec_ident_t *id, const vqkv_codec_t *codec)
         return VQKV_OK;
     if (rc == VQKV_OK &&
         (EVP_Digest(buf, len, id->codebooks_sha256, &md_len, EVP_sha256(), NULL) != 1 ||
-         md_len != 32))
+         md_len != sizeof id->codebooks_sha256))
         rc = VQKV_ENOMEM;
     free(buf);
     return rc;

@@ -78,12 +78,16 @@ static void vqkvd__pin_forget(vqkvd_client_t *c, uint32_t model, const uint8_t *
         vqkvd__pin_remove_at(c, (uint32_t)i);
 }
 
+/* The pin table's first size: a connection that pins at all pins a few
+ * chains. */
+#define VQKVD_PINS_FIRST_CAP 64
+
 /* Room for want entries at a load of at most one half. */
 static int vqkvd__pin_reserve(vqkvd_client_t *c, uint32_t want)
 {
     if ((uint64_t)want * 2 <= c->cap_pins)
         return VQKV_OK;
-    uint32_t cap = c->cap_pins ? c->cap_pins : 64;
+    uint32_t cap = c->cap_pins ? c->cap_pins : VQKVD_PINS_FIRST_CAP;
     while ((uint64_t)want * 2 > cap)
         cap *= 2;
     vqkvd_pin_t *old = c->pins;

@@ -1,9 +1,11 @@
 /* pool.h -- vqkvd's memory pool: one arena carved into fixed-size slots.
  *
- * Every stored block is one codec block of a fixed size per model layout,
- * so the pool never needs a general allocator: each registered layout gets
- * a "slot class" (slot bytes = the codec's block bytes), and a class takes
- * chunks of the arena (2 MiB by default) one at a time and cuts them into
+ * Every stored block is one codec block of a fixed size per model and
+ * codec, so the pool never needs a general allocator: each registered model
+ * gets a "slot class" (slot bytes = its codec's block bytes; a VQ model
+ * that calibrates online a second one for its fp16 fallback), and a class
+ * takes chunks of the arena (VQKVD_POOL_DEFAULT_CHUNK when the caller
+ * passes 0; vqkvd uses 16 MiB) one at a time and cuts them into
  * slots. Allocating and freeing a slot is a pop or push on a chunk's free
  * stack: O(1) amortized, no search, no fragmentation inside a chunk. A chunk
  * that empties goes back to the pool for any class to take, unless it is
@@ -32,7 +34,7 @@
  * strand much memory. */
 #define VQKVD_POOL_DEFAULT_CHUNK (2u << 20)
 
-/* Slot classes a pool may have (one per registered layout). */
+/* Slot classes a pool may have (one per registered model and codec). */
 #define VQKVD_POOL_MAX_CLASSES 1024
 
 typedef struct vqkvd_arena vqkvd_arena_t;

@@ -470,10 +470,11 @@ static void vqkvd__client_on_poll(uv_poll_t *handle, int status, int events)
 
 /* ---- accepting ----------------------------------------------------------- */
 
-static void vqkvd__tenant_salt(const vqkvd_server_t *s, const char *tenant, uint8_t out[32])
+static void vqkvd__tenant_salt(const vqkvd_server_t *s, const char *tenant,
+                               uint8_t out[VQKVD_SALT_BYTES])
 {
     EVP_MD_CTX *md = EVP_MD_CTX_new();
-    unsigned int len = 32;
+    unsigned int len = VQKVD_SALT_BYTES;
     int ok = md != NULL && EVP_DigestInit_ex(md, EVP_sha256(), NULL) == 1 &&
              EVP_DigestUpdate(md, s->salt_secret, sizeof s->salt_secret) == 1 &&
              EVP_DigestUpdate(md, tenant, strlen(tenant)) == 1 &&
@@ -483,7 +484,7 @@ static void vqkvd__tenant_salt(const vqkvd_server_t *s, const char *tenant, uint
         return;
     /* Never seen in practice; a zero salt would merge tenants, so say so. */
     vqkvd_log(VQKVD_LOG_ERROR, "SHA-256 failed; tenant %s gets a zero salt", tenant);
-    memset(out, 0, 32);
+    memset(out, 0, VQKVD_SALT_BYTES);
 }
 
 static void vqkvd__client_new(vqkvd_server_t *s, int fd)

@@ -36,16 +36,20 @@ static void vqkvd__on_tick(uv_timer_t *t)
     vqkvd_transcode_poll(s);
 }
 
-/* Chunks of 16 MiB, or a quarter of a small pool so that it still has a
- * few chunks (and a test's tiny pool can evict): a class strands at most a
- * chunk, and a block larger than a chunk cannot be stored. */
+/* The daemon's pool chunk: 16 MiB (pool.h's own default, 2 MiB, is for
+ * callers that pass 0), or a quarter of a small pool so that it still has
+ * a few chunks (and a test's tiny pool can evict): a class strands at most
+ * a chunk, and a block larger than a chunk cannot be stored. */
+#define VQKVD_CHUNK_BYTES (16u << 20)
+#define VQKVD_CHUNKS_MIN 4
+
 static uint64_t vqkvd__chunk_bytes(uint64_t pool_bytes)
 {
     long page_l = sysconf(_SC_PAGESIZE);
     uint64_t page = page_l > 0 ? (uint64_t)page_l : 4096;
-    uint64_t chunk = pool_bytes / 4;
-    if (chunk > (16u << 20))
-        chunk = 16u << 20;
+    uint64_t chunk = pool_bytes / VQKVD_CHUNKS_MIN;
+    if (chunk > VQKVD_CHUNK_BYTES)
+        chunk = VQKVD_CHUNK_BYTES;
     chunk -= chunk % page;
     return chunk < page ? page : chunk;
 }

@@ -31,6 +31,8 @@
 #include "server.h"
 #include "vqkv_proto.h"
 
+/* Welcome.tenant_salt: a SHA-256. */
+#define VQKVD_SALT_BYTES 32
 /* Hello.client_name may be this long. */
 #define VQKVD_NAME_MAX 64
 /* Models one connection may register. */
@@ -129,7 +131,7 @@ struct vqkvd_client {
     uid_t uid;
     gid_t gid;
     char tenant[16]; /* the uid in decimal */
-    uint8_t salt[32];
+    uint8_t salt[VQKVD_SALT_BYTES];
     char name[VQKVD_NAME_MAX + 1]; /* Hello.client_name */
     int hello_done;
 
