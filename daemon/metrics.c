@@ -119,7 +119,7 @@ void vqkvd_metrics_observe(vqkvd_counters_t *c, int kind, uint64_t ns)
 
 static vqkvd__snapshot_t *vqkvd__snapshot_take(const vqkvd_server_t *s)
 {
-    uint32_t n = s->store.n_tenants;
+    uint32_t n = vqkvd_store_tenant_count(&s->store);
     vqkvd__snapshot_t *snap = malloc(sizeof *snap + (size_t)n * sizeof snap->tenants[0]);
     if (snap == NULL)
         return NULL;
@@ -128,8 +128,8 @@ static vqkvd__snapshot_t *vqkvd__snapshot_take(const vqkvd_server_t *s)
     vqkvd_session_totals(s, &snap->totals);
     snap->counters = s->counters;
     snap->n_tenants = n;
-    if (n > 0)
-        memcpy(snap->tenants, s->store.tenants, (size_t)n * sizeof snap->tenants[0]);
+    for (uint32_t i = 0; i < n; i++)
+        snap->tenants[i] = *vqkvd_store_tenant_at(&s->store, i);
     return snap;
 }
 

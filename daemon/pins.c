@@ -164,7 +164,7 @@ void vqkvd_session_unpin(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_fram
         const uint8_t *key = u->keys[i].data;
         vqkvd__pin_forget(c, m->store_id, key);
         const vqkvd_block_t *b = vqkvd_store_find(&s->store, tenant, m->store_id, key);
-        if (b == NULL || b->pin_until <= now)
+        if (b == NULL || !vqkvd_store_pinned(b, now))
             continue; /* absent or not pinned: skipped */
         vqkvd_store_unpin(&s->store, tenant, m->store_id, key);
         count++;

@@ -669,8 +669,8 @@ static int vqkvd__apply_quotas(vqkvd_server_t *s)
 {
     const vqkvd_config_t *cfg = &s->cfg;
     vqkvd_store_set_default_quota(&s->store, cfg->default_quota_bytes);
-    for (uint32_t i = 0; i < s->store.n_tenants; i++) {
-        uint32_t tenant = s->store.tenants[i].tenant;
+    for (uint32_t i = 0; i < vqkvd_store_tenant_count(&s->store); i++) {
+        uint32_t tenant = vqkvd_store_tenant_at(&s->store, i)->tenant;
         uint64_t quota = cfg->default_quota_bytes;
         for (size_t j = 0; j < cfg->n_quotas; j++)
             if ((uint32_t)cfg->quota_uids[j] == tenant)

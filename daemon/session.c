@@ -179,7 +179,8 @@ int vqkvd_session_stats(vqkvd_client_t *c, Vqkv__StatsReply *st)
     /* The pointers, then the entries, in one allocation: room for the
      * caller's own entry and every tenant the store knows. */
     uint32_t own = (uint32_t)c->uid;
-    size_t cap = vqkvd__is_admin(c) ? (size_t)s->store.n_tenants + 1 : 1;
+    uint32_t known = vqkvd_store_tenant_count(&s->store);
+    size_t cap = vqkvd__is_admin(c) ? (size_t)known + 1 : 1;
     size_t ptr_bytes = cap * sizeof *st->tenants;
     Vqkv__TenantStats **tenants = calloc(1, ptr_bytes + cap * sizeof(vqkvd_tenant_entry_t));
     if (tenants == NULL)
@@ -189,9 +190,11 @@ int vqkvd_session_stats(vqkvd_client_t *c, Vqkv__StatsReply *st)
     vqkvd_store_tenant_stats(&s->store, own, &t);
     vqkvd__tenant_entry(&entries[0], &t);
     size_t n = 1;
-    for (uint32_t i = 0; n < cap && i < s->store.n_tenants; i++)
-        if (s->store.tenants[i].tenant != own)
-            vqkvd__tenant_entry(&entries[n++], &s->store.tenants[i]);
+    for (uint32_t i = 0; n < cap && i < known; i++) {
+        const vqkvd_tenant_stats_t *other = vqkvd_store_tenant_at(&s->store, i);
+        if (other->tenant != own)
+            vqkvd__tenant_entry(&entries[n++], other);
+    }
     for (size_t i = 0; i < n; i++)
         tenants[i] = &entries[i].ts;
     st->n_tenants = n;

@@ -471,6 +471,31 @@ void vqkvd_store_unhold(vqkvd_block_t *b)
     b->refs--;
 }
 
+int vqkvd_store_held(const vqkvd_block_t *b)
+{
+    return b->refs != 0;
+}
+
+int vqkvd_store_pinned(const vqkvd_block_t *b, uint64_t now)
+{
+    return b->pin_until > now;
+}
+
+vqkvd_block_t *vqkvd_store_next(const vqkvd_store_t *s, const vqkvd_block_t *b)
+{
+    return b == NULL ? s->lru_head : b->lru_next;
+}
+
+uint32_t vqkvd_store_tenant_count(const vqkvd_store_t *s)
+{
+    return s->n_tenants;
+}
+
+const vqkvd_tenant_stats_t *vqkvd_store_tenant_at(const vqkvd_store_t *s, uint32_t i)
+{
+    return &s->tenants[i];
+}
+
 /* ---- leases -------------------------------------------------------------- */
 
 static vqkvd_lease_t **vqkvd__store_lease_slot(vqkvd_store_t *s, uint64_t id)

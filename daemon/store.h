@@ -202,6 +202,20 @@ int vqkvd_store_insert(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const 
  * lease nor eviction frees the slot under the job. O(1). */
 void vqkvd_store_hold(vqkvd_block_t *b);
 void vqkvd_store_unhold(vqkvd_block_t *b);
+/* Whether anything holds b (a lease, a job) or a pin keeps it at now. */
+int vqkvd_store_held(const vqkvd_block_t *b);
+int vqkvd_store_pinned(const vqkvd_block_t *b, uint64_t now);
+
+/* The committed blocks from least to most recently used: the first with
+ * b NULL, then the one after b; NULL at the end. For walks that change
+ * nothing but the blocks' payload (transcode.c). O(1) a step. */
+vqkvd_block_t *vqkvd_store_next(const vqkvd_store_t *s, const vqkvd_block_t *b);
+
+/* The tenants the store knows, in the order first seen: count, then each
+ * entry (i < count). The pointer is valid until the next insert or quota
+ * change. O(1). */
+uint32_t vqkvd_store_tenant_count(const vqkvd_store_t *s);
+const vqkvd_tenant_stats_t *vqkvd_store_tenant_at(const vqkvd_store_t *s, uint32_t i);
 
 /* Moves block b, which nothing but the caller holds, to slot of class cls
  * (already taken from the pool, its payload written) and gives its old slot

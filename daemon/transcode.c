@@ -72,7 +72,7 @@ static void vqkvd__transcode_after(uv_work_t *w, int status)
     for (uint32_t i = 0; i < t->n; i++) {
         vqkvd__transcode_item_t *it = &t->items[i];
         vqkvd_store_unhold(it->block);
-        if (it->block->refs == 0 && status == 0 && it->rc == VQKV_OK) {
+        if (!vqkvd_store_held(it->block) && status == 0 && it->rc == VQKV_OK) {
             vqkvd_store_rehome(&s->store, it->block, m->cls, it->slot);
             it->block->codec = &m->codec_ident;
             moved++;
@@ -96,12 +96,12 @@ static void vqkvd__transcode_start(vqkvd_server_t *s, vqkvd_model_t *m)
     if (t == NULL)
         return;        /* the tick tries again */
     uint64_t left = 0; /* fallback blocks, held ones too */
-    for (vqkvd_block_t *b = s->store.lru_head; b != NULL && t->n < VQKVD_TRANSCODE_BATCH;
-         b = b->lru_next) {
+    for (vqkvd_block_t *b = vqkvd_store_next(&s->store, NULL);
+         b != NULL && t->n < VQKVD_TRANSCODE_BATCH; b = vqkvd_store_next(&s->store, b)) {
         if (b->tenant != m->tenant || b->model != m->store_id || b->codec != &m->fallback_ident)
             continue;
         left++;
-        if (b->refs != 0)
+        if (vqkvd_store_held(b))
             continue; /* a lease or a get holds it: a later batch */
         vqkvd__transcode_item_t *it = &t->items[t->n];
         if (vqkvd_pool_alloc(&s->pool, m->cls, &it->slot) != VQKV_OK)
