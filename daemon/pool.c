@@ -24,13 +24,13 @@
 
 #include "vqkv_codec.h"
 
-#define SLOT_CHUNK(h) ((uint32_t)((h) >> 32))
-#define SLOT_INDEX(h) ((uint32_t)((h)&0xffffffffu))
-#define SLOT_HANDLE(c, i) (((uint64_t)(c) << 32) | (uint64_t)(i))
+#define VQKVD__SLOT_CHUNK(h) ((uint32_t)((h) >> 32))
+#define VQKVD__SLOT_INDEX(h) ((uint32_t)((h)&0xffffffffu))
+#define VQKVD__SLOT_HANDLE(c, i) (((uint64_t)(c) << 32) | (uint64_t)(i))
 
 /* ---- CPU arena ---------------------------------------------------------- */
 
-static int cpu_alloc_chunk(vqkvd_arena_t *a, void **ptr, uint64_t *offset)
+static int vqkvd__arena_cpu_alloc_chunk(vqkvd_arena_t *a, void **ptr, uint64_t *offset)
 {
     if (a->chunks_used >= a->max_chunks)
         return VQKV_ENOMEM;
@@ -41,7 +41,7 @@ static int cpu_alloc_chunk(vqkvd_arena_t *a, void **ptr, uint64_t *offset)
     return VQKV_OK;
 }
 
-static void cpu_free_all(vqkvd_arena_t *a)
+static void vqkvd__arena_cpu_free_all(vqkvd_arena_t *a)
 {
     if (a->base != NULL)
         munmap(a->base, (size_t)a->bytes);
@@ -51,7 +51,8 @@ static void cpu_free_all(vqkvd_arena_t *a)
     a->fd = -1;
 }
 
-static const vqkvd_arena_ops_t cpu_ops = {"cpu", cpu_alloc_chunk, cpu_free_all};
+static const vqkvd_arena_ops_t vqkvd__arena_cpu_ops = {"cpu", vqkvd__arena_cpu_alloc_chunk,
+                                                       vqkvd__arena_cpu_free_all};
 
 int vqkvd_arena_init_cpu(vqkvd_arena_t *a, uint64_t bytes, uint64_t chunk_bytes)
 {
@@ -81,7 +82,7 @@ int vqkvd_arena_init_cpu(vqkvd_arena_t *a, uint64_t bytes, uint64_t chunk_bytes)
         close(fd);
         return VQKV_ENOMEM;
     }
-    a->ops = &cpu_ops;
+    a->ops = &vqkvd__arena_cpu_ops;
     a->bytes = bytes;
     a->chunk_bytes = chunk_bytes;
     a->max_chunks = (uint32_t)(bytes / chunk_bytes);
@@ -157,7 +158,7 @@ int vqkvd_pool_add_class(vqkvd_pool_t *p, uint32_t slot_bytes)
 }
 
 /* Puts chunk c at the head of its class's list of chunks with room. O(1). */
-static void pool__room_link(vqkvd_pool_t *p, vqkvd_slot_class_t *cl, uint32_t c)
+static void vqkvd__pool_room_link(vqkvd_pool_t *p, vqkvd_slot_class_t *cl, uint32_t c)
 {
     vqkvd_chunk_t *ch = &p->chunks[c];
     ch->prev = VQKVD_POOL_NO_CHUNK;
@@ -167,7 +168,7 @@ static void pool__room_link(vqkvd_pool_t *p, vqkvd_slot_class_t *cl, uint32_t c)
     cl->with_room = c;
 }
 
-static void pool__room_unlink(vqkvd_pool_t *p, vqkvd_slot_class_t *cl, uint32_t c)
+static void vqkvd__pool_room_unlink(vqkvd_pool_t *p, vqkvd_slot_class_t *cl, uint32_t c)
 {
     vqkvd_chunk_t *ch = &p->chunks[c];
     if (ch->prev != VQKVD_POOL_NO_CHUNK)
@@ -181,7 +182,7 @@ static void pool__room_unlink(vqkvd_pool_t *p, vqkvd_slot_class_t *cl, uint32_t 
 /* Gives class cls a chunk (a spare one, else the arena's next) with every
  * slot free, the last slot deepest so that allocation walks the chunk
  * from its start. O(slots per chunk). */
-static int pool__class_grow(vqkvd_pool_t *p, uint32_t cls)
+static int vqkvd__pool_class_grow(vqkvd_pool_t *p, uint32_t cls)
 {
     vqkvd_slot_class_t *cl = &p->classes[cls];
     if (p->n_spare == 0 && p->arena.chunks_used >= p->arena.max_chunks)
@@ -214,7 +215,7 @@ static int pool__class_grow(vqkvd_pool_t *p, uint32_t cls)
         ch->free[ch->n_free++] = i;
     used = NULL;
     free_idx = NULL;
-    pool__room_link(p, cl, c);
+    vqkvd__pool_room_link(p, cl, c);
     cl->n_chunks++;
     cl->slots_total += cl->slots_per_chunk;
     cl->n_free += cl->slots_per_chunk;
@@ -226,10 +227,10 @@ cleanup:
 }
 
 /* Gives empty chunk c of class cl back to the pool's spares. O(1). */
-static void pool__class_shrink(vqkvd_pool_t *p, vqkvd_slot_class_t *cl, uint32_t c)
+static void vqkvd__pool_class_shrink(vqkvd_pool_t *p, vqkvd_slot_class_t *cl, uint32_t c)
 {
     vqkvd_chunk_t *ch = &p->chunks[c];
-    pool__room_unlink(p, cl, c);
+    vqkvd__pool_room_unlink(p, cl, c);
     free(ch->used);
     free(ch->free);
     ch->used = NULL;
@@ -247,7 +248,7 @@ int vqkvd_pool_alloc(vqkvd_pool_t *p, uint32_t cls, uint64_t *slot)
         return VQKV_EINVAL;
     vqkvd_slot_class_t *cl = &p->classes[cls];
     if (cl->with_room == VQKVD_POOL_NO_CHUNK) {
-        int rc = pool__class_grow(p, cls);
+        int rc = vqkvd__pool_class_grow(p, cls);
         if (rc != VQKV_OK)
             return rc;
     }
@@ -255,39 +256,40 @@ int vqkvd_pool_alloc(vqkvd_pool_t *p, uint32_t cls, uint64_t *slot)
     vqkvd_chunk_t *ch = &p->chunks[c];
     uint32_t i = ch->free[--ch->n_free];
     if (ch->n_free == 0)
-        pool__room_unlink(p, cl, c);
+        vqkvd__pool_room_unlink(p, cl, c);
     ch->used[i] = 1;
     cl->n_free--;
     cl->slots_used++;
     p->slots_used++;
     p->bytes_stored += cl->slot_bytes;
-    *slot = SLOT_HANDLE(c, i);
+    *slot = VQKVD__SLOT_HANDLE(c, i);
     return VQKV_OK;
 }
 
 /* The chunk of a handle naming a slot that exists (used or not), or NULL. */
-static const vqkvd_chunk_t *slot_chunk(const vqkvd_pool_t *p, uint64_t slot)
+static const vqkvd_chunk_t *vqkvd__pool_slot_chunk(const vqkvd_pool_t *p, uint64_t slot)
 {
-    uint32_t c = SLOT_CHUNK(slot);
+    uint32_t c = VQKVD__SLOT_CHUNK(slot);
     if (p->chunks == NULL || c >= p->arena.chunks_used)
         return NULL;
     const vqkvd_chunk_t *ch = &p->chunks[c];
-    if (ch->used == NULL || SLOT_INDEX(slot) >= p->classes[ch->cls].slots_per_chunk)
+    if (ch->used == NULL || VQKVD__SLOT_INDEX(slot) >= p->classes[ch->cls].slots_per_chunk)
         return NULL;
     return ch;
 }
 
 int vqkvd_pool_free(vqkvd_pool_t *p, uint64_t slot)
 {
-    if (slot_chunk(p, slot) == NULL || !p->chunks[SLOT_CHUNK(slot)].used[SLOT_INDEX(slot)])
+    if (vqkvd__pool_slot_chunk(p, slot) == NULL ||
+        !p->chunks[VQKVD__SLOT_CHUNK(slot)].used[VQKVD__SLOT_INDEX(slot)])
         return VQKV_EINVAL;
-    uint32_t c = SLOT_CHUNK(slot);
+    uint32_t c = VQKVD__SLOT_CHUNK(slot);
     vqkvd_chunk_t *ch = &p->chunks[c];
     vqkvd_slot_class_t *cl = &p->classes[ch->cls];
-    ch->used[SLOT_INDEX(slot)] = 0;
-    ch->free[ch->n_free++] = SLOT_INDEX(slot); /* fits: the stack holds every slot */
+    ch->used[VQKVD__SLOT_INDEX(slot)] = 0;
+    ch->free[ch->n_free++] = VQKVD__SLOT_INDEX(slot); /* fits: the stack holds every slot */
     if (ch->n_free == 1)
-        pool__room_link(p, cl, c);
+        vqkvd__pool_room_link(p, cl, c);
     cl->n_free++;
     cl->slots_used--;
     p->slots_used--;
@@ -295,32 +297,32 @@ int vqkvd_pool_free(vqkvd_pool_t *p, uint64_t slot)
     /* Kept when it is the class's only chunk with room (pool.h). */
     if (ch->n_free == cl->slots_per_chunk &&
         (ch->prev != VQKVD_POOL_NO_CHUNK || ch->next != VQKVD_POOL_NO_CHUNK))
-        pool__class_shrink(p, cl, c);
+        vqkvd__pool_class_shrink(p, cl, c);
     return VQKV_OK;
 }
 
 int vqkvd_pool_slot_class(const vqkvd_pool_t *p, uint64_t slot)
 {
-    const vqkvd_chunk_t *ch = slot_chunk(p, slot);
-    if (ch == NULL || !ch->used[SLOT_INDEX(slot)])
+    const vqkvd_chunk_t *ch = vqkvd__pool_slot_chunk(p, slot);
+    if (ch == NULL || !ch->used[VQKVD__SLOT_INDEX(slot)])
         return VQKV_EINVAL;
     return (int)ch->cls;
 }
 
 void *vqkvd_pool_slot_ptr(const vqkvd_pool_t *p, uint64_t slot)
 {
-    const vqkvd_chunk_t *ch = slot_chunk(p, slot);
+    const vqkvd_chunk_t *ch = vqkvd__pool_slot_chunk(p, slot);
     if (ch == NULL || ch->ptr == NULL)
         return NULL;
-    return ch->ptr + (uint64_t)SLOT_INDEX(slot) * p->classes[ch->cls].slot_bytes;
+    return ch->ptr + (uint64_t)VQKVD__SLOT_INDEX(slot) * p->classes[ch->cls].slot_bytes;
 }
 
 uint64_t vqkvd_pool_slot_offset(const vqkvd_pool_t *p, uint64_t slot)
 {
-    const vqkvd_chunk_t *ch = slot_chunk(p, slot);
+    const vqkvd_chunk_t *ch = vqkvd__pool_slot_chunk(p, slot);
     if (ch == NULL)
         return UINT64_MAX;
-    return ch->offset + (uint64_t)SLOT_INDEX(slot) * p->classes[ch->cls].slot_bytes;
+    return ch->offset + (uint64_t)VQKVD__SLOT_INDEX(slot) * p->classes[ch->cls].slot_bytes;
 }
 
 int vqkvd_pool_fd(const vqkvd_pool_t *p)
