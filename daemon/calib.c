@@ -47,7 +47,8 @@ struct vqkvd_calib {
     int saved;      /* 1 saved, 0 no state dir, VQKV_EIO failed */
     int save_errno; /* why it failed */
     uint64_t train_ns;
-    char path[PATH_MAX]; /* the codebook file, "" without a state dir */
+    vqkvd_codec_ident_t ident; /* of the trained codebooks, hashed off the loop */
+    char path[PATH_MAX];       /* the codebook file, "" without a state dir */
 };
 
 /* ---- files ----------------------------------------------------------------- */
@@ -122,7 +123,7 @@ int vqkvd_calib_load_saved(vqkvd_server_t *s, vqkvd_model_t *m)
                   path, vqkv_strerror(rc));
         return 0;
     }
-    if (vqkvd_model_set_ready(s, m) != VQKV_OK)
+    if (vqkvd_model_set_ready(s, m, NULL) != VQKV_OK)
         return 0;
     vqkvd_log(VQKVD_LOG_INFO, "model %u: codebooks loaded from %s", (unsigned)m->id, path);
     return 1;
@@ -160,7 +161,8 @@ static int vqkvd__calib_save(struct vqkvd_calib *k)
 /* ---- training ----------------------------------------------------------------- */
 
 /* On a pool thread: trains every (layer, kv) of the model's codec from the
- * samples, then saves. Touches only k, the codec and immutable model fields. */
+ * samples, hashes them for the model's codec identity, then saves. Touches
+ * only k, the codec and immutable model fields. */
 static void vqkvd__calib_work(uv_work_t *w)
 {
     struct vqkvd_calib *k = w->data;
@@ -186,6 +188,8 @@ static void vqkvd__calib_work(uv_work_t *w)
         }
     }
     free(x);
+    if (k->rc == VQKV_OK)
+        k->rc = vqkvd_codec_ident_set(&k->ident, m->codec);
     k->train_ns = uv_hrtime() - t0;
     if (k->rc == VQKV_OK && k->path[0] != '\0')
         k->saved = vqkvd__calib_save(k);
@@ -200,7 +204,7 @@ static void vqkvd__calib_after(uv_work_t *w, int status)
         vqkvd_log(VQKVD_LOG_ERROR,
                   "model %u: codebook training failed (%s); blocks stay in the fp16 fallback",
                   (unsigned)m->id, status < 0 ? uv_strerror(status) : vqkv_strerror(k->rc));
-    } else if (vqkvd_model_set_ready(k->server, m) == VQKV_OK) {
+    } else if (vqkvd_model_set_ready(k->server, m, &k->ident) == VQKV_OK) {
         vqkvd_log(VQKVD_LOG_INFO, "model %u: codebooks trained on %u tokens in %.2f s; now %s",
                   (unsigned)m->id, (unsigned)(k->have * m->layout.block_tokens),
                   (double)k->train_ns / 1e9, vqkv_codec_spec(m->codec));

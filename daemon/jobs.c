@@ -536,16 +536,13 @@ void vqkvd_session_get(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_
      * live as long as the server. */
     vqkvd_model_t *lm =
         l->n > 0 ? vqkvd_model_by_store_id(s, (uint32_t)c->uid, l->blocks[0]->model) : r->model;
-    if (lm == NULL || !vqkvd__region_fits(c, id, r, lm))
+    if (lm == NULL) {
+        vqkvd_client_error(c, id, VQKV_EHANDLE, "lease %llu names a model this daemon lacks",
+                           (unsigned long long)g->lease_id);
         return;
-    for (size_t i = 0; i < g->n_slots; i++) {
-        if (vqkvd__block_codec(lm, l->blocks[i]) == NULL) {
-            vqkvd_client_error(c, id, VQKV_EMISMATCH,
-                               "block %zu was encoded with %s, which model %u no longer has", i,
-                               l->blocks[i]->codec->spec, (unsigned)lm->id);
-            return;
-        }
     }
+    if (!vqkvd__region_fits(c, id, r, lm))
+        return;
     vqkvd_job_t *j = vqkvd__job_new(VQKVD_JOB_GET, c, r, lm, id, (uint32_t)g->n_slots);
     if (j != NULL) {
         j->blocks = calloc(g->n_slots ? g->n_slots : 1, sizeof *j->blocks);
@@ -563,6 +560,13 @@ void vqkvd_session_get(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_
         j->blocks[i] = l->blocks[i];
         j->src[i] = vqkvd_pool_slot_ptr(&s->pool, l->blocks[i]->slot);
         j->codecs[i] = vqkvd__block_codec(lm, l->blocks[i]);
+        if (j->codecs[i] == NULL) {
+            vqkvd_client_error(c, id, VQKV_EMISMATCH,
+                               "block %zu was encoded with %s, which model %u no longer has", i,
+                               l->blocks[i]->codec->spec, (unsigned)lm->id);
+            vqkvd__job_free(j);
+            return;
+        }
     }
     int rc = vqkvd__job_queue(j);
     if (rc < 0) {

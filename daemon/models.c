@@ -163,7 +163,7 @@ static vqkvd_model_t *vqkvd__model_new(vqkvd_server_t *s, uint32_t tenant, const
     m->logical_bytes = (uint32_t)logical;
     s->models[s->n_models++] = m;
     if (!vqkv_codec_needs_training(codec))
-        vqkvd_model_set_ready(s, m);
+        vqkvd_model_set_ready(s, m, NULL);
     return m;
 
 fail:
@@ -251,7 +251,7 @@ static int vqkvd__model_take_codebooks(vqkvd_server_t *s, vqkvd_model_t *m, int 
     vqkv_codec_free(m->codec);
     m->codec = sent;
     vqkvd_calib_free(m);
-    rc = vqkvd_model_set_ready(s, m);
+    rc = vqkvd_model_set_ready(s, m, NULL);
     *why = "the backend cannot take its codebooks";
     return rc;
 }
@@ -402,9 +402,13 @@ cleanup:
  * none to train, or they were loaded, received or trained), the backend
  * has taken them, and Puts from now on use the codec. VQKV_OK, or the
  * backend's error, logged, with the model left as it was. */
-int vqkvd_model_set_ready(vqkvd_server_t *s, vqkvd_model_t *m)
+int vqkvd_model_set_ready(vqkvd_server_t *s, vqkvd_model_t *m, const vqkvd_codec_ident_t *ident)
 {
-    int rc = vqkvd_codec_ident_set(&m->codec_ident, m->codec);
+    int rc = VQKV_OK;
+    if (ident != NULL)
+        m->codec_ident = *ident;
+    else
+        rc = vqkvd_codec_ident_set(&m->codec_ident, m->codec);
     if (rc == VQKV_OK)
         rc = s->backend->ops->codebooks_ready(s->backend, m->codec);
     if (rc != VQKV_OK) {

@@ -384,9 +384,10 @@ static void vqkvd__handle_frame(vqkvd_client_t *c, vqkv_frame_t *frame)
      * RegisterModel for a codebook file), and check their count themselves;
      * clearing the frame closes any other, so a stray fd never stays open
      * in the daemon. */
-    if (frame->n_fds > 0 && !vqkvd_request_of(req->body_case)->takes_fds) {
+    const vqkvd_request_t *r = vqkvd_request_of(req->body_case);
+    if (frame->n_fds > 0 && !r->takes_fds) {
         vqkvd__reply_error(c, req->request_id, 1, VQKV_EFDS, "%s takes no file descriptors",
-                           vqkvd_request_of(req->body_case)->name);
+                           r->name);
         goto out;
     }
     vqkvd__dispatch(c, req, frame);

@@ -195,8 +195,10 @@ vqkvd_model_t *vqkvd_model_by_store_id(const vqkvd_server_t *s, uint32_t tenant,
 int vqkvd_codec_ident_set(vqkvd_codec_ident_t *id, const vqkv_codec_t *codec);
 
 /* models.c: codebooks final, the backend told, Puts use the codec (the
- * only place a model turns ready). VQKV_OK or the backend's error. */
-int vqkvd_model_set_ready(vqkvd_server_t *s, vqkvd_model_t *m);
+ * only place a model turns ready). ident: the codec's identity when the
+ * caller hashed it already (training does, on the thread pool), else NULL
+ * to hash it here. VQKV_OK or the error. */
+int vqkvd_model_set_ready(vqkvd_server_t *s, vqkvd_model_t *m, const vqkvd_codec_ident_t *ident);
 
 /* ---- internal to the session layer's files -------------------------------
  * Each replies with an Error itself where it returns NULL or false. */

@@ -98,7 +98,7 @@ static void vqkvd__transcode_start(vqkvd_server_t *s, vqkvd_model_t *m)
     uint64_t left = 0; /* fallback blocks, held ones too */
     for (vqkvd_block_t *b = vqkvd_store_next(&s->store, NULL);
          b != NULL && t->n < VQKVD_TRANSCODE_BATCH; b = vqkvd_store_next(&s->store, b)) {
-        if (b->tenant != m->tenant || b->model != m->store_id || b->codec != &m->fallback_ident)
+        if (b->codec != &m->fallback_ident) /* another model's, or not fp16 */
             continue;
         left++;
         if (vqkvd_store_held(b))
