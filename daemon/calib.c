@@ -44,7 +44,7 @@ struct vqkvd_calib {
     int training;
     /* Set by the job. */
     int rc;
-    int saved;      /* 1 saved, 0 no state dir, VQKV_EIO failed */
+    int save_rc;    /* VQKV_OK, or VQKV_EIO; not tried when path is "" */
     int save_errno; /* why it failed */
     uint64_t train_ns;
     vqkvd_codec_ident_t ident; /* of the trained codebooks, hashed off the loop */
@@ -97,36 +97,37 @@ int vqkvd_calib_load_fd(vqkv_codec_t *codec, int fd, const char **why)
 
 /* <state_dir>/codebooks/<uid>-<hash>.vqcb, the hash over everything that
  * makes codebooks interchangeable: the model's identity (model id, head
- * range, layout, canonical spec). 0, or -1 without a state dir or when the path does not fit. */
-static int vqkvd__calib_path(const vqkvd_server_t *s, const vqkvd_model_t *m, char *buf,
+ * range, layout, canonical spec). False without a state dir or when the
+ * path does not fit: such a daemon keeps no codebooks. */
+static bool vqkvd__calib_path(const vqkvd_server_t *s, const vqkvd_model_t *m, char *buf,
                              size_t size)
 {
     if (s->cfg.state_dir == NULL)
-        return -1;
+        return false;
     const uint8_t *md = m->ident; /* a name that stays across releases (models.c) */
     char hex[2 * VQKVD__CODEBOOK_NAME_BYTES + 1];
     for (int i = 0; i < VQKVD__CODEBOOK_NAME_BYTES; i++)
         snprintf(hex + 2 * i, 3, "%02x", md[i]);
     int n =
         snprintf(buf, size, "%s/codebooks/%u-%s.vqcb", s->cfg.state_dir, (unsigned)m->tenant, hex);
-    return n < 0 || (size_t)n >= size ? -1 : 0;
+    return n >= 0 && (size_t)n < size;
 }
 
-int vqkvd_calib_load_saved(vqkvd_server_t *s, vqkvd_model_t *m)
+bool vqkvd_calib_load_saved(vqkvd_server_t *s, vqkvd_model_t *m)
 {
     char path[PATH_MAX];
-    if (vqkvd__calib_path(s, m, path, sizeof path) < 0 || access(path, F_OK) < 0)
-        return 0;
+    if (!vqkvd__calib_path(s, m, path, sizeof path) || access(path, F_OK) < 0)
+        return false;
     int rc = vqkv_codebook_load(m->codec, path);
     if (rc != VQKV_OK) {
         vqkvd_log(VQKVD_LOG_WARN, "model %u: ignoring saved codebooks %s: %s", (unsigned)m->id,
                   path, vqkv_strerror(rc));
-        return 0;
+        return false;
     }
     if (vqkvd_model_set_ready(s, m, NULL) != VQKV_OK)
-        return 0;
+        return false;
     vqkvd_log(VQKVD_LOG_INFO, "model %u: codebooks loaded from %s", (unsigned)m->id, path);
-    return 1;
+    return true;
 }
 
 static int vqkvd__calib_save_failed(struct vqkvd_calib *k, int err)
@@ -135,7 +136,7 @@ static int vqkvd__calib_save_failed(struct vqkvd_calib *k, int err)
     return VQKV_EIO;
 }
 
-/* Writes the codebooks to k->path through a temporary name; 1, or
+/* Writes the codebooks to k->path through a temporary name; VQKV_OK, or
  * VQKV_EIO with k->save_errno set. */
 static int vqkvd__calib_save(struct vqkvd_calib *k)
 {
@@ -155,7 +156,7 @@ static int vqkvd__calib_save(struct vqkvd_calib *k)
         unlink(tmp);
         return vqkvd__calib_save_failed(k, err);
     }
-    return 1;
+    return VQKV_OK;
 }
 
 /* ---- training ----------------------------------------------------------------- */
@@ -192,7 +193,7 @@ static void vqkvd__calib_work(uv_work_t *w)
         k->rc = vqkvd_codec_ident_set(&k->ident, m->codec);
     k->train_ns = uv_hrtime() - t0;
     if (k->rc == VQKV_OK && k->path[0] != '\0')
-        k->saved = vqkvd__calib_save(k);
+        k->save_rc = vqkvd__calib_save(k);
 }
 
 static void vqkvd__calib_after(uv_work_t *w, int status)
@@ -208,10 +209,11 @@ static void vqkvd__calib_after(uv_work_t *w, int status)
         vqkvd_log(VQKVD_LOG_INFO, "model %u: codebooks trained on %u tokens in %.2f s; now %s",
                   (unsigned)m->id, (unsigned)(k->have * m->layout.block_tokens),
                   (double)k->train_ns / 1e9, vqkv_codec_spec(m->codec));
-        if (k->saved < 0)
+        /* No path: no state dir to keep them in, as said at start. */
+        if (k->path[0] != '\0' && k->save_rc != VQKV_OK)
             vqkvd_log(VQKVD_LOG_WARN, "model %u: cannot save codebooks to %s: %s", (unsigned)m->id,
                       k->path, strerror(k->save_errno));
-        else if (k->saved > 0)
+        else if (k->path[0] != '\0')
             vqkvd_log(VQKVD_LOG_INFO, "model %u: codebooks saved to %s", (unsigned)m->id, k->path);
     }
     vqkvd_server_t *s = k->server;
@@ -244,7 +246,7 @@ int vqkvd_calib_begin(vqkvd_server_t *s, vqkvd_model_t *m)
     k->server = s;
     k->model = m;
     k->work.data = k;
-    if (vqkvd__calib_path(s, m, k->path, sizeof k->path) < 0)
+    if (!vqkvd__calib_path(s, m, k->path, sizeof k->path))
         k->path[0] = '\0';
     m->calib = k;
     vqkvd_log(

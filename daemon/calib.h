@@ -18,10 +18,10 @@
  * model) and arrive once per model, not worth a thread-pool round trip. */
 int vqkvd_calib_load_fd(vqkv_codec_t *codec, int fd, const char **why);
 
-/* Loads m's codebooks saved by an earlier run, if any: 1 when loaded (m is
- * ready), 0 when there is no state dir or no file for m, or when the file
- * is unusable (logged; training will replace it). Same cost as above. */
-int vqkvd_calib_load_saved(vqkvd_server_t *s, vqkvd_model_t *m);
+/* Loads m's codebooks saved by an earlier run, if any: true when loaded (m
+ * is ready); false when there is no state dir or no file for m, or when the
+ * file is unusable (logged; training will replace it). Same cost as above. */
+bool vqkvd_calib_load_saved(vqkvd_server_t *s, vqkvd_model_t *m);
 
 /* Starts online calibration of m, whose codec lacks codebooks: an fp16
  * fallback codec and pool class for its Puts, and room for

@@ -273,18 +273,18 @@ const vqkvd_config_key_t *vqkvd_config_find(const char *name)
 /* ---- values ------------------------------------------------------------- */
 
 /* The leading decimal digits of text into *out and the first character
- * after them into *end; -EINVAL when text does not start with a digit (so
+ * after them into *end; VQKV_EINVAL when text does not start with a digit (so
  * signs and spaces, which strtoull would take, are refused) or overflows.
  * The public parsers add their suffixes and bounds. */
 static int vqkvd__config_parse_digits(const char *text, const char **end, unsigned long long *out)
 {
     if (text[0] < '0' || text[0] > '9')
-        return -EINVAL;
+        return VQKV_EINVAL;
     char *stop;
     errno = 0;
     unsigned long long v = strtoull(text, &stop, 10);
     if (errno != 0)
-        return -EINVAL;
+        return VQKV_EINVAL;
     *end = stop;
     *out = v;
     return 0;
@@ -295,7 +295,7 @@ int vqkvd_config_parse_bytes(const char *text, uint64_t *out)
     const char *end;
     unsigned long long v;
     if (vqkvd__config_parse_digits(text, &end, &v) < 0)
-        return -EINVAL;
+        return VQKV_EINVAL;
     unsigned shift = 0;
     switch (*end) {
     case '\0': break;
@@ -305,12 +305,12 @@ int vqkvd_config_parse_bytes(const char *text, uint64_t *out)
     case 'M': shift = 20; break;
     case 'g':
     case 'G': shift = 30; break;
-    default: return -EINVAL;
+    default: return VQKV_EINVAL;
     }
     if (*end != '\0' && end[1] != '\0')
-        return -EINVAL;
+        return VQKV_EINVAL;
     if (v == 0 || v > (UINT64_MAX >> shift))
-        return -EINVAL;
+        return VQKV_EINVAL;
     *out = (uint64_t)v << shift;
     return 0;
 }
@@ -320,7 +320,7 @@ int vqkvd_config_parse_id(const char *text, unsigned *out)
     const char *end;
     unsigned long long v;
     if (vqkvd__config_parse_digits(text, &end, &v) < 0 || *end != '\0' || v >= UINT_MAX)
-        return -EINVAL;
+        return VQKV_EINVAL;
     *out = (unsigned)v;
     return 0;
 }
@@ -330,7 +330,7 @@ int vqkvd_config_parse_count(const char *text, uint32_t *out)
     const char *end;
     unsigned long long v;
     if (vqkvd__config_parse_digits(text, &end, &v) < 0 || *end != '\0' || v == 0 || v > UINT32_MAX)
-        return -EINVAL;
+        return VQKV_EINVAL;
     *out = (uint32_t)v;
     return 0;
 }
@@ -344,7 +344,7 @@ int vqkvd_config_check_device(const char *text)
     if (strncmp(text, "cuda:", 5) != 0 ||
         vqkvd__config_parse_digits(text + 5, &end, &ordinal) < 0 || *end != '\0' ||
         ordinal > INT_MAX)
-        return -EINVAL;
+        return VQKV_EINVAL;
     return 0;
 }
 
@@ -355,11 +355,11 @@ int vqkvd_config_parse_address(const char *text, vqkvd_inet_addr_t *addr)
     unsigned long long port;
     if (colon == NULL || vqkvd__config_parse_digits(colon + 1, &end, &port) < 0 || *end != '\0' ||
         port > 65535)
-        return -EINVAL;
+        return VQKV_EINVAL;
     char host[INET6_ADDRSTRLEN + 2]; /* with the brackets */
     size_t host_len = (size_t)(colon - text);
     if (host_len >= sizeof host)
-        return -EINVAL;
+        return VQKV_EINVAL;
     memcpy(host, text, host_len);
     host[host_len] = '\0';
     memset(addr, 0, sizeof *addr);
@@ -367,7 +367,7 @@ int vqkvd_config_parse_address(const char *text, vqkvd_inet_addr_t *addr)
         host[host_len - 1] = '\0';
         if (inet_pton(AF_INET6, host + 1, &addr->in6.sin6_addr) != 1 ||
             !IN6_IS_ADDR_LOOPBACK(&addr->in6.sin6_addr))
-            return -EINVAL;
+            return VQKV_EINVAL;
         addr->in6.sin6_family = AF_INET6;
         addr->in6.sin6_port = htons((uint16_t)port);
         return 0;
@@ -377,9 +377,9 @@ int vqkvd_config_parse_address(const char *text, vqkvd_inet_addr_t *addr)
     if (strcmp(host, "localhost") == 0)
         addr->in.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
     else if (inet_pton(AF_INET, host, &addr->in.sin_addr) != 1)
-        return -EINVAL;
+        return VQKV_EINVAL;
     if (ntohl(addr->in.sin_addr.s_addr) >> 24 != IN_LOOPBACKNET)
-        return -EINVAL;
+        return VQKV_EINVAL;
     addr->in.sin_family = AF_INET;
     addr->in.sin_port = htons((uint16_t)port);
     return 0;
@@ -388,7 +388,7 @@ int vqkvd_config_parse_address(const char *text, vqkvd_inet_addr_t *addr)
 /* ---- setting a key ------------------------------------------------------------ */
 
 /* Adds a comma or blank separated list of ids, possibly empty, to key's
- * list. Returns 0 or -EINVAL with the message in err. */
+ * list. Returns 0 or VQKV_EINVAL with the message in err. */
 static int vqkvd__config_add_ids(vqkvd_config_t *cfg, const vqkvd_config_key_t *key,
                                  const char *label, const char *value, char *err, size_t err_size)
 {
@@ -400,17 +400,17 @@ static int vqkvd__config_add_ids(vqkvd_config_t *cfg, const vqkvd_config_key_t *
         unsigned id;
         if (len >= sizeof word) {
             snprintf(err, err_size, "bad id \"%.*s\" in %s", (int)len, s, label);
-            return -EINVAL;
+            return VQKV_EINVAL;
         }
         memcpy(word, s, len);
         word[len] = '\0';
         if (vqkvd_config_parse_id(word, &id) < 0) {
             snprintf(err, err_size, "bad id \"%s\" in %s", word, label);
-            return -EINVAL;
+            return VQKV_EINVAL;
         }
         if (*n == VQKVD_MAX_ALLOWED) {
             snprintf(err, err_size, "more than %d ids in %s", VQKVD_MAX_ALLOWED, label);
-            return -EINVAL;
+            return VQKV_EINVAL;
         }
         ids[(*n)++] = (uid_t)id;
         s += len;
@@ -419,7 +419,7 @@ static int vqkvd__config_add_ids(vqkvd_config_t *cfg, const vqkvd_config_key_t *
 }
 
 /* Parses value as key's type into cfg, or into *level for log_level. A
- * string is pointed at, not copied. Returns 0 or -EINVAL with the message
+ * string is pointed at, not copied. Returns 0 or VQKV_EINVAL with the message
  * in err. */
 static int vqkvd__config_parse(vqkvd_config_t *cfg, int *level, const vqkvd_config_key_t *key,
                                const char *label, const char *value, char *err, size_t err_size)
@@ -443,7 +443,7 @@ static int vqkvd__config_parse(vqkvd_config_t *cfg, int *level, const vqkvd_conf
     if (!ok) {
         snprintf(err, err_size, "bad %s \"%s\" (%s)", label, value,
                  vqkvd__config_expected[key->type]);
-        return -EINVAL;
+        return VQKV_EINVAL;
     }
     if (vqkvd__config_is_string(key->type))
         *(const char **)slot = value;
@@ -455,7 +455,7 @@ int vqkvd_config_set(vqkvd_config_source_t *src, const vqkvd_config_key_t *key, 
 {
     if (key->type != VQKVD_CONFIG_IDS && value[0] == '\0') {
         snprintf(err, err_size, "no value for \"%s\"", label);
-        return -EINVAL;
+        return VQKV_EINVAL;
     }
     if (vqkvd__config_is_allow_list(key) && !src->own_allow_list) {
         src->cfg->n_allow_uids = src->cfg->n_allow_gids = 0;
@@ -464,7 +464,7 @@ int vqkvd_config_set(vqkvd_config_source_t *src, const vqkvd_config_key_t *key, 
     char *copy = NULL;
     if (vqkvd__config_is_string(key->type) && (copy = strdup(value)) == NULL) {
         snprintf(err, err_size, "out of memory");
-        return -ENOMEM;
+        return VQKV_ENOMEM;
     }
     int rc = vqkvd__config_parse(src->cfg, &src->file->log_level, key, label,
                                  copy != NULL ? copy : value, err, err_size);
@@ -556,7 +556,7 @@ static char *vqkvd__config_read_line(char *buf, int size, void *stream)
         do
             c = getc(p->f);
         while (c != EOF && c != '\n');
-        vqkvd__config_fail(p, -EINVAL, "line longer than %d characters", size - 2);
+        vqkvd__config_fail(p, VQKV_EINVAL, "line longer than %d characters", size - 2);
         buf[0] = '\0';
         return buf;
     }
@@ -571,11 +571,11 @@ static int vqkvd__config_on_vqkvd(vqkvd__config_parser_t *p, const char *name, c
 {
     const vqkvd_config_key_t *key = vqkvd_config_find(name);
     if (key == NULL)
-        return vqkvd__config_fail(p, -EINVAL, "unknown key \"%s\" in [vqkvd]", name);
+        return vqkvd__config_fail(p, VQKV_EINVAL, "unknown key \"%s\" in [vqkvd]", name);
     size_t i = (size_t)(key - vqkvd_config_keys);
     /* An empty value is reported as such (vqkvd_config_set), before this. */
     if (key->type != VQKVD_CONFIG_IDS && value[0] != '\0' && p->key_line[i] != 0)
-        return vqkvd__config_fail(p, -EINVAL, "\"%s\" given twice (first on line %d)", name,
+        return vqkvd__config_fail(p, VQKV_EINVAL, "\"%s\" given twice (first on line %d)", name,
                                   p->key_line[i]);
     p->key_line[i] = p->lineno;
     char msg[512];
@@ -595,17 +595,17 @@ static int vqkvd__config_on_quota(vqkvd__config_parser_t *p, const char *name, c
     unsigned uid = 0;
     int is_default = strcmp(name, "default") == 0;
     if (!is_default && (strncmp(name, "uid.", 4) != 0 || vqkvd_config_parse_id(name + 4, &uid) < 0))
-        return vqkvd__config_fail(p, -EINVAL, "unknown key \"%s\" in [quota] (default or uid.N)",
+        return vqkvd__config_fail(p, VQKV_EINVAL, "unknown key \"%s\" in [quota] (default or uid.N)",
                                   name);
     if (value[0] == '\0')
-        return vqkvd__config_fail(p, -EINVAL, "no value for \"%s\"", name);
+        return vqkvd__config_fail(p, VQKV_EINVAL, "no value for \"%s\"", name);
     uint64_t bytes = 0;
     if (strcmp(value, "unlimited") != 0 && vqkvd_config_parse_bytes(value, &bytes) < 0)
         return vqkvd__config_fail(
-            p, -EINVAL, "bad quota \"%s\" for %s (a size such as 4G, or unlimited)", value, name);
+            p, VQKV_EINVAL, "bad quota \"%s\" for %s (a size such as 4G, or unlimited)", value, name);
     if (is_default) {
         if (p->default_quota_line != 0)
-            return vqkvd__config_fail(p, -EINVAL, "\"default\" given twice (first on line %d)",
+            return vqkvd__config_fail(p, VQKV_EINVAL, "\"default\" given twice (first on line %d)",
                                       p->default_quota_line);
         p->default_quota_line = p->lineno;
         cfg->default_quota_bytes = bytes;
@@ -617,10 +617,10 @@ static int vqkvd__config_on_quota(vqkvd__config_parser_t *p, const char *name, c
     }
     for (size_t i = 0; i < cfg->n_quotas; i++)
         if (cfg->quota_uids[i] == (uid_t)uid)
-            return vqkvd__config_fail(p, -EINVAL, "\"%s\" given twice (first on line %d)", name,
+            return vqkvd__config_fail(p, VQKV_EINVAL, "\"%s\" given twice (first on line %d)", name,
                                       p->quota_line[i]);
     if (cfg->n_quotas == VQKVD_MAX_ALLOWED)
-        return vqkvd__config_fail(p, -EINVAL, "more than %d uid quotas", VQKVD_MAX_ALLOWED);
+        return vqkvd__config_fail(p, VQKV_EINVAL, "more than %d uid quotas", VQKVD_MAX_ALLOWED);
     p->quota_line[cfg->n_quotas] = p->lineno;
     cfg->quota_uids[cfg->n_quotas] = (uid_t)uid;
     cfg->quota_bytes[cfg->n_quotas++] = bytes;
@@ -634,9 +634,9 @@ static int vqkvd__config_on_key(void *user, const char *section, const char *nam
     if (p->err_line != 0)
         return 1; /* only the first error is reported */
     if (section[0] == '\0')
-        return vqkvd__config_fail(p, -EINVAL, "key \"%s\" before any [section]", name);
+        return vqkvd__config_fail(p, VQKV_EINVAL, "key \"%s\" before any [section]", name);
     if (strcmp(section, "vqkvd") != 0 && strcmp(section, "quota") != 0)
-        return vqkvd__config_fail(p, -EINVAL, "unknown section [%s]", section);
+        return vqkvd__config_fail(p, VQKV_EINVAL, "unknown section [%s]", section);
     if (strcmp(section, "vqkvd") == 0)
         return vqkvd__config_on_vqkvd(p, name, value);
     return vqkvd__config_on_quota(p, name, value);
@@ -649,21 +649,23 @@ int vqkvd_config_load(vqkvd_config_t *cfg, vqkvd_config_file_t *file, const char
     p.src = (vqkvd_config_source_t){.cfg = &p.cfg, .file = &p.file};
     p.f = fopen(path, "re");
     if (p.f == NULL) {
-        int rc = -errno;
-        snprintf(err, err_size, "%s: %s", path, strerror(-rc));
-        return rc;
+        int open_errno = errno;
+        snprintf(err, err_size, "%s: %s", path, strerror(open_errno));
+        errno = open_errno;
+        return VQKV_EIO;
     }
-    int rc = 0;
+    int rc = VQKV_OK, sys_errno = 0;
     int line = ini_parse_stream(vqkvd__config_read_line, &p, vqkvd__config_on_key, &p);
     int read_errno = errno;
     if (ferror(p.f)) {
         /* fgets failed: EISDIR for a directory, EIO for a bad disk. */
-        rc = read_errno != 0 ? -read_errno : -EIO;
-        snprintf(err, err_size, "%s: %s", path, strerror(-rc));
+        rc = VQKV_EIO;
+        sys_errno = read_errno != 0 ? read_errno : EIO;
+        snprintf(err, err_size, "%s: %s", path, strerror(sys_errno));
         goto out;
     }
     if (line < 0) {
-        rc = -ENOMEM; /* inih's only other failure: its line buffer */
+        rc = VQKV_ENOMEM; /* inih's only other failure: its line buffer */
         snprintf(err, err_size, "%s: out of memory", path);
         goto out;
     }
@@ -672,7 +674,7 @@ int vqkvd_config_load(vqkvd_config_t *cfg, vqkvd_config_file_t *file, const char
     if (line > 0 && (p.err_line == 0 || line < p.err_line)) {
         p.err_line = 0;
         p.lineno = line;
-        vqkvd__config_fail(&p, -EINVAL, "expected \"key = value\", \"[section]\" or a # comment");
+        vqkvd__config_fail(&p, VQKV_EINVAL, "expected \"key = value\", \"[section]\" or a # comment");
     }
     if (p.err_line != 0) {
         rc = p.rc;
@@ -685,6 +687,8 @@ int vqkvd_config_load(vqkvd_config_t *cfg, vqkvd_config_file_t *file, const char
 out:
     fclose(p.f);
     vqkvd_config_file_free(&p.file);
+    if (rc == VQKV_EIO)
+        errno = sys_errno;
     return rc;
 }
 

@@ -16,7 +16,7 @@
  * an id or a device is spelled the same way in both. The file is checked
  * whole before anything is applied: the first bad line (unknown section or
  * key, bad value, a key given twice, too many ids, a line inih cannot read)
- * fails the load with -EINVAL and a message that names the file and the
+ * fails the load with VQKV_EINVAL and a message that names the file and the
  * line ("vqkvd.conf:12: unknown key \"pol_bytes\" in [vqkvd]"), and leaves
  * the caller's config as it was. Nothing here logs: messages go into the
  * caller's buffer, so vqkvd --check-config and the daemon's start report
@@ -116,7 +116,7 @@ typedef struct {
  * grows (the first allow_uids or allow_gids of a source empties both allow
  * lists, so the defaults or an earlier source's lists are replaced, not
  * added to). label names the key in messages: the key's name for the file,
- * "--flag" for the command line. Returns 0, or -EINVAL or -ENOMEM with a
+ * "--flag" for the command line. Returns 0, or VQKV_EINVAL or VQKV_ENOMEM with a
  * message in err ("bad pool_bytes \"x\" (a positive size such as 512M or
  * 4G)"), src->cfg then being partly set. */
 int vqkvd_config_set(vqkvd_config_source_t *src, const vqkvd_config_key_t *key, const char *label,
@@ -143,8 +143,9 @@ void vqkvd_config_write_default(FILE *f);
  * which must be zeroed (or freed) before the call and must outlive cfg's
  * use of them.
  *
- * Returns 0; -ENOENT (or another negative errno) when the file cannot be
- * opened or read; -EINVAL for a bad line; -ENOMEM. On error err holds a
+ * Returns 0; VQKV_EIO when the file cannot be opened or read, with errno
+ * saying why (ENOENT: no such file); VQKV_EINVAL for a bad line;
+ * VQKV_ENOMEM. On error err holds a
  * one-line message starting with path (and ":LINE: " for a bad line), and
  * cfg and file are untouched. */
 int vqkvd_config_load(vqkvd_config_t *cfg, vqkvd_config_file_t *file, const char *path, char *err,
@@ -181,19 +182,19 @@ void vqkvd_config_diff(const vqkvd_config_t *running, const vqkvd_config_t *next
  * borrows nothing from next. */
 void vqkvd_config_take_live(vqkvd_config_t *cfg, const vqkvd_config_t *next);
 
-/* "N", "NK", "NM" or "NG" (either case; powers of 1024) into *out; -EINVAL
+/* "N", "NK", "NM" or "NG" (either case; powers of 1024) into *out; VQKV_EINVAL
  * for anything else, zero, or a size that overflows. */
 int vqkvd_config_parse_bytes(const char *text, uint64_t *out);
 
 /* A uid or gid in decimal (0 .. UINT_MAX - 1; -1 is no id) into *out;
- * -EINVAL otherwise. */
+ * VQKV_EINVAL otherwise. */
 int vqkvd_config_parse_id(const char *text, unsigned *out);
 
-/* A positive decimal count that fits 32 bits into *out; -EINVAL otherwise. */
+/* A positive decimal count that fits 32 bits into *out; VQKV_EINVAL otherwise. */
 int vqkvd_config_parse_count(const char *text, uint32_t *out);
 
 /* 0 when text names a device: "cpu", "auto" or "cuda:N" (N a decimal
- * ordinal); -EINVAL otherwise. Whether the device exists is the caller's
+ * ordinal); VQKV_EINVAL otherwise. Whether the device exists is the caller's
  * question. */
 int vqkvd_config_check_device(const char *text);
 
@@ -209,7 +210,7 @@ typedef union {
     "HOST:PORT on loopback: 127.0.0.1:9464, [::1]:9464 or localhost:9464; port 0 picks a free one"
 
 /* "HOST:PORT" into *addr: HOST an IPv4 address in 127.0.0.0/8, [::1] or
- * localhost (127.0.0.1, never looked up), PORT 0 to 65535. -EINVAL for
+ * localhost (127.0.0.1, never looked up), PORT 0 to 65535. VQKV_EINVAL for
  * anything else, any other address included: what listens there (the
  * metrics endpoint) has no authentication, so it stays on the host. */
 int vqkvd_config_parse_address(const char *text, vqkvd_inet_addr_t *addr);

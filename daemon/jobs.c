@@ -399,12 +399,12 @@ static void vqkvd__put_reserve(vqkvd_job_t *j, const Vqkv__Put *p, uint64_t now)
             j->put_status[i] = VQKV__PUT_STATUS__PUT_STORED;
             j->reserved++;
             break;
-        case VQKVD_STORE_PRESENT:
+        case VQKV_EEXIST:
             j->put_status[i] = VQKV__PUT_STATUS__PUT_PRESENT;
             if (b->writer != 0 && b->writer != (uint64_t)(uintptr_t)j)
                 vqkvd__put_wait(j, i, (vqkvd_job_t *)(uintptr_t)b->writer);
             break;
-        case VQKVD_STORE_NOPARENT: j->put_status[i] = VQKV__PUT_STATUS__PUT_NO_PARENT; break;
+        case VQKV_ENOPARENT: j->put_status[i] = VQKV__PUT_STATUS__PUT_NO_PARENT; break;
         case VQKV_EQUOTA: j->put_status[i] = VQKV__PUT_STATUS__PUT_OVER_QUOTA; break;
         default: j->put_status[i] = VQKV__PUT_STATUS__PUT_NO_SPACE; break;
         }

@@ -277,7 +277,7 @@ static int vqkvd__read_file(const char *path, vqkvd_config_t *cfg, vqkvd_config_
     vqkvd_config_defaults(cfg);
     int rc =
         vqkvd_config_load(cfg, file, path != NULL ? path : vqkvd__default_config(), err, err_size);
-    return rc == -ENOENT && path == NULL ? 0 : rc;
+    return rc == VQKV_EIO && errno == ENOENT && path == NULL ? VQKV_OK : rc;
 }
 
 /* The level the file and the flags ask for, or the table's default. */
@@ -311,31 +311,42 @@ static int vqkvd__default_socket(char *buf, size_t size)
 /* mkdir -p: path and its missing parents, all with mode (they are ours,
  * like ~/.local/state, or already there, like /var/lib). An existing
  * directory keeps its mode: systemd creates StateDirectory= with its own.
- * path is written to and restored. Returns 0 or a negative errno. */
+ * path is written to and restored. Returns VQKV_OK, or VQKV_EIO with errno
+ * saying why. */
 static int vqkvd__make_dirs(char *path, mode_t mode)
 {
-    if (path[0] == '\0')
-        return -ENOENT;
+    if (path[0] == '\0') {
+        errno = ENOENT;
+        return VQKV_EIO;
+    }
     for (char *slash = strchr(path + 1, '/');; slash = strchr(slash + 1, '/')) {
         if (slash != NULL)
             *slash = '\0';
-        int rc = mkdir(path, mode) < 0 && errno != EEXIST ? -errno : 0;
+        int failed = mkdir(path, mode) < 0 && errno != EEXIST;
+        int mkdir_errno = errno;
         if (slash != NULL)
             *slash = '/';
-        if (rc < 0)
-            return rc;
+        if (failed) {
+            errno = mkdir_errno;
+            return VQKV_EIO;
+        }
         if (slash == NULL)
             break;
     }
     struct stat st;
     if (stat(path, &st) < 0)
-        return -errno;
-    return S_ISDIR(st.st_mode) ? 0 : -ENOTDIR;
+        return VQKV_EIO;
+    if (!S_ISDIR(st.st_mode)) {
+        errno = ENOTDIR;
+        return VQKV_EIO;
+    }
+    return VQKV_OK;
 }
 
-/* The default state directory into buf; -ENOENT when the environment names
- * none (no $HOME), -ENAMETOOLONG. $STATE_DIRECTORY may list several
- * directories separated by colons; the first is ours. */
+/* The default state directory into buf: VQKV_OK; VQKV_EINVAL when the
+ * environment names none (no $HOME); VQKV_ERANGE when it does not fit.
+ * $STATE_DIRECTORY may list several directories separated by colons; the
+ * first is ours. */
 static int vqkvd__default_state_dir(char *buf, size_t size)
 {
     const char *systemd = getenv("STATE_DIRECTORY");
@@ -351,8 +362,8 @@ static int vqkvd__default_state_dir(char *buf, size_t size)
     else if (home != NULL && home[0] != '\0')
         n = snprintf(buf, size, "%s/.local/state/vqkv", home);
     else
-        return -ENOENT;
-    return n < 0 || (size_t)n >= size ? -ENAMETOOLONG : 0;
+        return VQKV_EINVAL;
+    return n < 0 || (size_t)n >= size ? VQKV_ERANGE : VQKV_OK;
 }
 
 /* Points cfg->state_dir at the state directory (copied into buf), created
@@ -365,17 +376,18 @@ static void vqkvd__open_state_dir(vqkvd_config_t *cfg, char *buf, size_t size)
     cfg->state_dir = NULL;
     int rc;
     if (given != NULL) {
-        rc = (size_t)snprintf(buf, size, "%s", given) < size ? 0 : -ENAMETOOLONG;
-    } else if ((rc = vqkvd__default_state_dir(buf, size)) == -ENOENT) {
+        rc = (size_t)snprintf(buf, size, "%s", given) < size ? VQKV_OK : VQKV_ERANGE;
+    } else if ((rc = vqkvd__default_state_dir(buf, size)) == VQKV_EINVAL) {
         vqkvd_log(VQKVD_LOG_WARN, "no state directory ($HOME is not set; give --state-dir DIR): "
                                   "trained codebooks will not be kept");
         return;
     }
-    if (rc == 0)
+    if (rc == VQKV_OK)
         rc = vqkvd__make_dirs(buf, 0700);
-    if (rc < 0) {
+    if (rc != VQKV_OK) {
         vqkvd_log(VQKVD_LOG_WARN, "state directory %s: %s; trained codebooks will not be kept",
-                  given != NULL ? given : buf, strerror(-rc));
+                  given != NULL ? given : buf,
+                  rc == VQKV_EIO ? strerror(errno) : "path too long");
         return;
     }
     cfg->state_dir = buf;
@@ -531,7 +543,8 @@ static void vqkvd__on_signal(uv_poll_t *poll, int status, int events)
  * not one sent before the socket listens, nor one sent again while a clean
  * stop is under way (it stays pending, unread, until exit), which libuv's
  * handlers would leave to the default action once closed. Blocked signals
- * are also inherited by exec'd children; vqkvd starts none. */
+ * are also inherited by exec'd children; vqkvd starts none. Returns VQKV_OK,
+ * or VQKV_EIO with what failed logged. */
 static int vqkvd__signals_start(vqkvd_main_t *m, uv_loop_t *loop)
 {
     sigset_t set;
@@ -540,11 +553,15 @@ static int vqkvd__signals_start(vqkvd_main_t *m, uv_loop_t *loop)
     sigaddset(&set, SIGTERM);
     sigaddset(&set, SIGHUP);
     int rc = pthread_sigmask(SIG_BLOCK, &set, NULL);
-    if (rc != 0)
-        return -rc;
+    if (rc != 0) {
+        vqkvd_log(VQKVD_LOG_ERROR, "blocking signals: %s", strerror(rc));
+        return VQKV_EIO;
+    }
     m->signal_fd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
-    if (m->signal_fd < 0)
-        return -errno;
+    if (m->signal_fd < 0) {
+        vqkvd_log(VQKVD_LOG_ERROR, "signalfd: %s", strerror(errno));
+        return VQKV_EIO;
+    }
     rc = uv_poll_init(loop, &m->signal_poll, m->signal_fd);
     if (rc == 0) {
         m->signal_poll.data = m;
@@ -553,10 +570,12 @@ static int vqkvd__signals_start(vqkvd_main_t *m, uv_loop_t *loop)
             uv_close((uv_handle_t *)&m->signal_poll, NULL);
     }
     if (rc < 0) {
+        vqkvd_log(VQKVD_LOG_ERROR, "watching the signalfd: %s", uv_strerror(rc));
         close(m->signal_fd);
         m->signal_fd = -1;
+        return VQKV_EIO;
     }
-    return rc;
+    return VQKV_OK;
 }
 
 /* ---- start --------------------------------------------------------------------- */
@@ -619,10 +638,8 @@ static int vqkvd__run(vqkvd_main_t *m, vqkvd_config_t *cfg)
         return 1;
     }
     rc = vqkvd__signals_start(m, &loop);
-    if (rc < 0) {
-        vqkvd_log(VQKVD_LOG_ERROR, "signals: %s", strerror(-rc));
+    if (rc != VQKV_OK)
         goto out;
-    }
     rc = vqkvd_server_start(&m->server, &loop, cfg);
     if (rc != VQKV_OK) {
         /* vqkvd_server_start has said what failed. */

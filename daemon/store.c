@@ -388,13 +388,13 @@ int vqkvd_store_reserve(vqkvd_store_t *s, uint64_t writer, uint32_t tenant, uint
         if (b->writer == 0)
             vqkvd__store_lru_touch(s, b);
         *out = b;
-        return VQKVD_STORE_PRESENT;
+        return VQKV_EEXIST;
     }
     if (parent_key != NULL && memcmp(parent_key, vqkvd__zero_key, VQKVD_KEY_BYTES) != 0) {
         parent = vqkvd__store_block_get(s, tenant, model, parent_key);
         /* A parent another writer has yet to commit may still be aborted. */
         if (parent == NULL || (parent->writer != 0 && parent->writer != writer))
-            return VQKVD_STORE_NOPARENT;
+            return VQKV_ENOPARENT;
     }
     vqkvd_tenant_stats_t *t = vqkvd__store_tenant_get(s, tenant);
     if (t == NULL)
@@ -456,7 +456,7 @@ int vqkvd_store_insert(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const 
                                  logical_bytes, now, &b);
     if (rc == VQKV_OK)
         vqkvd_store_commit(s, b);
-    if (rc == VQKV_OK || rc == VQKVD_STORE_PRESENT)
+    if (rc == VQKV_OK || rc == VQKV_EEXIST)
         *slot = b->slot;
     return rc;
 }
@@ -756,7 +756,7 @@ int vqkvd_store_pin(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uin
         return VQKV_EINVAL;
     vqkvd_block_t *b = vqkvd__store_block_present(s, tenant, model, key);
     if (b == NULL)
-        return VQKVD_STORE_ABSENT;
+        return VQKV_ENOENT;
     b->pin_until = now + ttl_ms;
     return VQKV_OK;
 }
@@ -767,7 +767,7 @@ int vqkvd_store_unpin(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const u
         return VQKV_EINVAL;
     vqkvd_block_t *b = vqkvd__store_block_present(s, tenant, model, key);
     if (b == NULL)
-        return VQKVD_STORE_ABSENT;
+        return VQKV_ENOENT;
     b->pin_until = 0;
     return VQKV_OK;
 }

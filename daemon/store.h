@@ -54,11 +54,6 @@
 /* Longest chain one lookup takes (a lease holds one pointer per block). */
 #define VQKVD_STORE_MAX_CHAIN 65536
 
-/* Outcomes that are not errors (positive, so rc < 0 still means failure). */
-#define VQKVD_STORE_PRESENT 1  /* insert: the block is already there; put is idempotent */
-#define VQKVD_STORE_ABSENT 2   /* pin/unpin: no such block (evicted, or never put) */
-#define VQKVD_STORE_NOPARENT 3 /* insert: the parent is not present; the chain broke */
-
 typedef struct vqkvd_block vqkvd_block_t;
 
 struct vqkvd_block {
@@ -176,9 +171,9 @@ void vqkvd_store_destroy(vqkvd_store_t *s);
  * never another writer's, which may yet abort. A writer aborts children
  * before their parents. A reservation always ends in a commit or an abort.
  *
- * Returns VQKV_OK with *b reserved; VQKVD_STORE_PRESENT (the block is
+ * Returns VQKV_OK with *b reserved; VQKV_EEXIST (the block is
  * there already, committed or reserved: *b is it, and a committed one
- * becomes most recently used; a put is idempotent); VQKVD_STORE_NOPARENT;
+ * becomes most recently used; a put is idempotent); VQKV_ENOPARENT;
  * VQKV_EQUOTA (the tenant's quota cannot take the block even after
  * evicting the tenant's evictable blocks); VQKV_ENOMEM (out of capacity,
  * or no memory); VQKV_EINVAL. O(1) average plus eviction. */
@@ -193,7 +188,7 @@ void vqkvd_store_abort(vqkvd_store_t *s, vqkvd_block_t *b);
 
 /* Reserve and commit in one step, for a payload written afterwards on the
  * loop (tests, tools): the outcomes of vqkvd_store_reserve, with *slot the
- * block's slot on VQKV_OK and VQKVD_STORE_PRESENT. */
+ * block's slot on VQKV_OK and VQKV_EEXIST. */
 int vqkvd_store_insert(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *key,
                        const uint8_t *parent_key, uint32_t cls, uint32_t logical_bytes,
                        uint64_t now, uint64_t *slot);
@@ -250,7 +245,7 @@ uint64_t vqkvd_store_release_owner(vqkvd_store_t *s, uint64_t owner);
 uint64_t vqkvd_store_sweep(vqkvd_store_t *s, uint64_t now);
 
 /* Pins a block until now + ttl_ms (ttl_ms > 0; a later pin replaces the
- * TTL), or unpins it. VQKV_OK, VQKVD_STORE_ABSENT or VQKV_EINVAL. */
+ * TTL), or unpins it. VQKV_OK, VQKV_ENOENT or VQKV_EINVAL. */
 int vqkvd_store_pin(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *key,
                     uint64_t now, uint64_t ttl_ms);
 int vqkvd_store_unpin(vqkvd_store_t *s, uint32_t tenant, uint32_t model, const uint8_t *key);

@@ -22,6 +22,9 @@ const char *vqkv_proto_strerror(int err)
     case VQKV_EPERM: return "not permitted";
     case VQKV_EQUOTA: return "tenant quota exceeded";
     case VQKV_EMAP: return "region memory could not be opened or mapped";
+    case VQKV_EEXIST: return "block already stored";
+    case VQKV_ENOENT: return "no such block";
+    case VQKV_ENOPARENT: return "the block's parent is not stored";
     default: return vqkv_strerror(err);
     }
 }

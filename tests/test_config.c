@@ -223,7 +223,7 @@ static void test_sizes(void **state)
     }
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         uint64_t v = 99;
-        if (vqkvd_config_parse_bytes(bad[i], &v) != -EINVAL)
+        if (vqkvd_config_parse_bytes(bad[i], &v) != VQKV_EINVAL)
             fail_msg("size \"%s\" was accepted", bad[i]);
         assert_int_equal(v, 99);
     }
@@ -247,7 +247,7 @@ static void test_numbers_and_devices(void **state)
     assert_int_equal(id, 4294967294u);
     static const char *const bad_ids[] = {"", "4294967295", "-1", "1a", " 1", "+1"};
     for (size_t i = 0; i < sizeof bad_ids / sizeof bad_ids[0]; i++)
-        if (vqkvd_config_parse_id(bad_ids[i], &id) != -EINVAL)
+        if (vqkvd_config_parse_id(bad_ids[i], &id) != VQKV_EINVAL)
             fail_msg("id \"%s\" was accepted", bad_ids[i]);
 
     uint32_t count = 0;
@@ -257,7 +257,7 @@ static void test_numbers_and_devices(void **state)
     assert_int_equal(count, UINT32_MAX);
     static const char *const bad_counts[] = {"", "0", "4294967296", "2k", "-3"};
     for (size_t i = 0; i < sizeof bad_counts / sizeof bad_counts[0]; i++)
-        if (vqkvd_config_parse_count(bad_counts[i], &count) != -EINVAL)
+        if (vqkvd_config_parse_count(bad_counts[i], &count) != VQKV_EINVAL)
             fail_msg("count \"%s\" was accepted", bad_counts[i]);
 
     static const char *const devices[] = {"cpu", "auto", "cuda:0", "cuda:15"};
@@ -267,7 +267,7 @@ static void test_numbers_and_devices(void **state)
         "", "CPU", "gpu", "cuda", "cuda:", "cuda:-1", "cuda:1x", "cuda:0 ", "cuda:99999999999",
     };
     for (size_t i = 0; i < sizeof bad_devices / sizeof bad_devices[0]; i++)
-        if (vqkvd_config_check_device(bad_devices[i]) != -EINVAL)
+        if (vqkvd_config_check_device(bad_devices[i]) != VQKV_EINVAL)
             fail_msg("device \"%s\" was accepted", bad_devices[i]);
 }
 
@@ -400,8 +400,8 @@ static void test_bad_lines(void **state)
         vqkvd_config_file_t file;
         char err[512], want[512];
         int rc = load(fx, cases[i].text, &cfg, &file, err, sizeof err);
-        if (rc != -EINVAL)
-            fail_msg("case %zu: %d, not -EINVAL, for:\n%s", i, rc, cases[i].text);
+        if (rc != VQKV_EINVAL)
+            fail_msg("case %zu: %d, not VQKV_EINVAL, for:\n%s", i, rc, cases[i].text);
         snprintf(want, sizeof want, "%s:%d: %s", fx->conf, cases[i].line, cases[i].message);
         assert_string_equal(err, want);
         /* Nothing was applied. */
@@ -441,11 +441,13 @@ static void test_missing_file(void **state)
     vqkvd_config_file_t file = {0};
     char err[256], want[256];
     start_config(&cfg);
-    assert_int_equal(vqkvd_config_load(&cfg, &file, fx->conf, err, sizeof err), -ENOENT);
+    assert_int_equal(vqkvd_config_load(&cfg, &file, fx->conf, err, sizeof err), VQKV_EIO);
+    assert_int_equal(errno, ENOENT);
     snprintf(want, sizeof want, "%s: No such file or directory", fx->conf);
     assert_string_equal(err, want);
     /* A directory opens, but does not read. */
-    assert_int_equal(vqkvd_config_load(&cfg, &file, fx->dir, err, sizeof err), -EISDIR);
+    assert_int_equal(vqkvd_config_load(&cfg, &file, fx->dir, err, sizeof err), VQKV_EIO);
+    assert_int_equal(errno, EISDIR);
     snprintf(want, sizeof want, "%s: Is a directory", fx->dir);
     assert_string_equal(err, want);
     start_config(&start);

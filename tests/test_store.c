@@ -186,11 +186,11 @@ static void test_tenants_models_isolated(void **state)
     assert_int_equal(vqkvd_store_lookup(&s, 2, 0, k, 1, 0, 9, 0, NULL, NULL), 0);
     assert_null(vqkvd_store_find(&s, 2, 0, k));
     assert_int_equal(vqkvd_store_lookup(&s, 1, 3, k, 1, 0, 9, 0, NULL, NULL), 0);
-    assert_int_equal(vqkvd_store_pin(&s, 2, 0, k, 0, 100), VQKVD_STORE_ABSENT);
+    assert_int_equal(vqkvd_store_pin(&s, 2, 0, k, 0, 100), VQKV_ENOENT);
     /* A child under another tenant's block has no parent. */
     uint8_t c[K];
     key_of(c, 6);
-    assert_int_equal(vqkvd_store_insert(&s, 2, 0, c, k, 0, 10, 0, &s2), VQKVD_STORE_NOPARENT);
+    assert_int_equal(vqkvd_store_insert(&s, 2, 0, c, k, 0, 10, 0, &s2), VQKV_ENOPARENT);
     /* The same key under tenant 2 is a block of its own. */
     assert_int_equal(vqkvd_store_insert(&s, 2, 0, k, NULL, 0, 20, 0, &s2), VQKV_OK);
     assert_int_equal(vqkvd_store_insert(&s, 1, 3, k, NULL, 0, 30, 0, &s3), VQKV_OK);
@@ -231,7 +231,7 @@ static void test_duplicate_insert(void **state)
     assert_int_equal(vqkvd_store_insert(&s, 1, 0, other, NULL, 0, 10, 1, &b), VQKV_OK);
     /* Again, even naming another parent: present, same slot, nothing new,
      * and it becomes the most recent. */
-    assert_int_equal(vqkvd_store_insert(&s, 1, 0, k, other, 0, 99, 2, &b), VQKVD_STORE_PRESENT);
+    assert_int_equal(vqkvd_store_insert(&s, 1, 0, k, other, 0, 99, 2, &b), VQKV_EEXIST);
     assert_int_equal(a, b);
     assert_ptr_equal(s.lru_tail, vqkvd_store_find(&s, 1, 0, k));
     vqkvd_store_stats(&s, &st);
@@ -271,13 +271,13 @@ static void test_reserve_commit_abort(void **state)
     assert_int_equal(st.bytes_stored, 2 * page());
     assert_null(vqkvd_store_find(&s, 1, 0, a));
     assert_int_equal(vqkvd_store_lookup(&s, 1, 0, a, 1, 0, 1, 100, &lease, NULL), 0);
-    assert_int_equal(vqkvd_store_pin(&s, 1, 0, a, 0, 100), VQKVD_STORE_ABSENT);
+    assert_int_equal(vqkvd_store_pin(&s, 1, 0, a, 0, 100), VQKV_ENOENT);
     assert_int_equal(vqkvd_store_evict(&s, 1, 0, NULL, 0, 1, 0), 0);
     /* Another writer: the key is taken, the reserved parent is not its. */
     assert_int_equal(vqkvd_store_reserve(&s, 8, 1, 0, a, NULL, 0, 10, 0, &got),
-                     VQKVD_STORE_PRESENT);
+                     VQKV_EEXIST);
     assert_ptr_equal(got, ra);
-    assert_int_equal(vqkvd_store_reserve(&s, 8, 1, 0, c, b, 0, 10, 0, &got), VQKVD_STORE_NOPARENT);
+    assert_int_equal(vqkvd_store_reserve(&s, 8, 1, 0, c, b, 0, 10, 0, &got), VQKV_ENOPARENT);
     /* A full pool evicts nothing reserved: out of capacity. */
     assert_int_equal(vqkvd_store_reserve(&s, 8, 1, 0, c, NULL, 0, 10, 0, &got), VQKV_OK);
     vqkvd_store_commit(&s, got);
@@ -462,7 +462,7 @@ static void test_pins_protect_and_expire(void **state)
     key_of(k, c);
     assert_int_equal(vqkvd_store_unpin(&s, 1, 0, k), VQKV_OK);
     key_of(k, a);
-    assert_int_equal(vqkvd_store_unpin(&s, 1, 0, k), VQKVD_STORE_ABSENT);
+    assert_int_equal(vqkvd_store_unpin(&s, 1, 0, k), VQKV_ENOENT);
     assert_int_equal(vqkvd_store_insert(&s, 1, 0, k, NULL, 0, 1, 101, &slot), VQKV_OK);
     assert_false(present(&s, 3));
     teardown(&p, &s);
@@ -646,7 +646,7 @@ static void test_quota_evicts_own_lru(void **state)
     assert_true(present_t(&s, 1, 3) && present_t(&s, 1, 4) && present_t(&s, 1, 5));
     assert_false(present_t(&s, 1, 6));
     /* Present blocks are not new bytes: still fine at the quota. */
-    assert_int_equal(put_t(&s, 1, 5, 0, 9), VQKVD_STORE_PRESENT);
+    assert_int_equal(put_t(&s, 1, 5, 0, 9), VQKV_EEXIST);
     /* The lease goes: 3 is the least recent evictable leaf. */
     assert_int_equal(vqkvd_store_release(&s, 9, lease), VQKV_OK);
     assert_int_equal(put_t(&s, 1, 6, 5, 10), VQKV_OK);
@@ -918,9 +918,9 @@ static void test_random_against_model(void **state)
             uint64_t ev0 = s.stats.evictions;
             int rc = vqkvd_store_insert(&s, t + 1, m, k, root ? NULL : par, m, 1 + id, now, &slot);
             if (r->present) {
-                assert_int_equal(rc, VQKVD_STORE_PRESENT);
+                assert_int_equal(rc, VQKV_EEXIST);
             } else if (!root && !ref[ridx(t, m, id - 1)].present) {
-                assert_int_equal(rc, VQKVD_STORE_NOPARENT);
+                assert_int_equal(rc, VQKV_ENOPARENT);
             } else if (rc == VQKV_ENOMEM) {
                 /* Out of capacity: no chunk left, no free slot of the class
                  * and no block of the class that could have gone. */
@@ -990,12 +990,12 @@ static void test_random_against_model(void **state)
             if (rng_next(&x) % 3) {
                 uint64_t ttl = 1 + rng_next(&x) % 200;
                 assert_int_equal(vqkvd_store_pin(&s, t + 1, m, k, now, ttl),
-                                 r->present ? VQKV_OK : VQKVD_STORE_ABSENT);
+                                 r->present ? VQKV_OK : VQKV_ENOENT);
                 if (r->present)
                     r->pin_until = now + ttl;
             } else {
                 assert_int_equal(vqkvd_store_unpin(&s, t + 1, m, k),
-                                 r->present ? VQKV_OK : VQKVD_STORE_ABSENT);
+                                 r->present ? VQKV_OK : VQKV_ENOENT);
                 if (r->present)
                     r->pin_until = 0;
             }

@@ -93,7 +93,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int rc = vqkvd_config_load(&cfg, &file, path, err, sizeof err);
     size_t path_len = strlen(path);
     if (rc != 0) {
-        FUZZ_CHECK(rc == -EINVAL, "a file in memory gave %d (%s)", rc, err);
+        FUZZ_CHECK(rc == VQKV_EINVAL, "a file in memory gave %d (%s)", rc, err);
         FUZZ_CHECK(fuzz__config_eq(&cfg, &defaults), "a refused file changed the config");
         FUZZ_CHECK(fuzz__file_empty(&file), "a refused file left strings");
         FUZZ_CHECK(strncmp(err, path, path_len) == 0 && err[path_len] == ':' &&

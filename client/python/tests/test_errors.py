@@ -37,9 +37,9 @@ def test_every_c_code_has_its_name() -> None:
 
 
 def test_a_code_from_a_newer_daemon_keeps_its_number() -> None:
-    e = error_from_code(-115, "unknown error")
-    assert (e.code, e.name) == (-115, "VQKV_E(-115)")
-    assert type(e) is vqkv.VqkvError and str(e) == "VQKV_E(-115) (-115, unknown error)"
+    e = error_from_code(-199, "unknown error")
+    assert (e.code, e.name) == (-199, "VQKV_E(-199)")
+    assert type(e) is vqkv.VqkvError and str(e) == "VQKV_E(-199) (-199, unknown error)"
 
 
 @pytest.mark.parametrize("code", [vqkv.ErrorCode.ECLOSED, vqkv.ErrorCode.ETRUNC])

@@ -74,13 +74,16 @@ class ErrorCode(enum.IntEnum):
     EPERM = -112
     EQUOTA = -113
     EMAP = -114
+    EEXIST = -115
+    ENOENT = -116
+    ENOPARENT = -117
 
 
 def code_name(code: int) -> str:
     """The C name of ``code``, such as ``"VQKV_ECLOSED"``.
 
     A code this package does not know (from a newer daemon) reads
-    ``"VQKV_E(-115)"``: still recognisable as a vqkv code, and not a real name.
+    ``"VQKV_E(-199)"``: still recognisable as a vqkv code, and not a real name.
     """
     if code in ErrorCode._value2member_map_:
         return f"VQKV_{ErrorCode(code).name}"
