@@ -100,7 +100,7 @@ int vqkvd_calib_load_fd(vqkv_codec_t *codec, int fd, const char **why)
  * range, layout, canonical spec). False without a state dir or when the
  * path does not fit: such a daemon keeps no codebooks. */
 static bool vqkvd__calib_path(const vqkvd_server_t *s, const vqkvd_model_t *m, char *buf,
-                             size_t size)
+                              size_t size)
 {
     if (s->cfg.state_dir == NULL)
         return false;

@@ -595,14 +595,15 @@ static int vqkvd__config_on_quota(vqkvd__config_parser_t *p, const char *name, c
     unsigned uid = 0;
     int is_default = strcmp(name, "default") == 0;
     if (!is_default && (strncmp(name, "uid.", 4) != 0 || vqkvd_config_parse_id(name + 4, &uid) < 0))
-        return vqkvd__config_fail(p, VQKV_EINVAL, "unknown key \"%s\" in [quota] (default or uid.N)",
-                                  name);
+        return vqkvd__config_fail(p, VQKV_EINVAL,
+                                  "unknown key \"%s\" in [quota] (default or uid.N)", name);
     if (value[0] == '\0')
         return vqkvd__config_fail(p, VQKV_EINVAL, "no value for \"%s\"", name);
     uint64_t bytes = 0;
     if (strcmp(value, "unlimited") != 0 && vqkvd_config_parse_bytes(value, &bytes) < 0)
-        return vqkvd__config_fail(
-            p, VQKV_EINVAL, "bad quota \"%s\" for %s (a size such as 4G, or unlimited)", value, name);
+        return vqkvd__config_fail(p, VQKV_EINVAL,
+                                  "bad quota \"%s\" for %s (a size such as 4G, or unlimited)",
+                                  value, name);
     if (is_default) {
         if (p->default_quota_line != 0)
             return vqkvd__config_fail(p, VQKV_EINVAL, "\"default\" given twice (first on line %d)",
@@ -674,7 +675,8 @@ int vqkvd_config_load(vqkvd_config_t *cfg, vqkvd_config_file_t *file, const char
     if (line > 0 && (p.err_line == 0 || line < p.err_line)) {
         p.err_line = 0;
         p.lineno = line;
-        vqkvd__config_fail(&p, VQKV_EINVAL, "expected \"key = value\", \"[section]\" or a # comment");
+        vqkvd__config_fail(&p, VQKV_EINVAL,
+                           "expected \"key = value\", \"[section]\" or a # comment");
     }
     if (p.err_line != 0) {
         rc = p.rc;

@@ -386,8 +386,7 @@ static void vqkvd__open_state_dir(vqkvd_config_t *cfg, char *buf, size_t size)
         rc = vqkvd__make_dirs(buf, 0700);
     if (rc != VQKV_OK) {
         vqkvd_log(VQKVD_LOG_WARN, "state directory %s: %s; trained codebooks will not be kept",
-                  given != NULL ? given : buf,
-                  rc == VQKV_EIO ? strerror(errno) : "path too long");
+                  given != NULL ? given : buf, rc == VQKV_EIO ? strerror(errno) : "path too long");
         return;
     }
     cfg->state_dir = buf;

@@ -27,8 +27,8 @@ enum {
     VQKV_EQUOTA = -113,   /* the tenant's byte quota is used up */
     VQKV_EMAP = -114,     /* region memory could not be opened or mapped */
     /* Blocks (the daemon's store; a Put reports them as PutStatus values). */
-    VQKV_EEXIST = -115,   /* the block is stored already (a put is idempotent) */
-    VQKV_ENOENT = -116,   /* no such block (evicted, or never put) */
+    VQKV_EEXIST = -115,    /* the block is stored already (a put is idempotent) */
+    VQKV_ENOENT = -116,    /* no such block (evicted, or never put) */
     VQKV_ENOPARENT = -117, /* the block's parent is not stored: its chain broke */
 };
 

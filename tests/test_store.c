@@ -274,8 +274,7 @@ static void test_reserve_commit_abort(void **state)
     assert_int_equal(vqkvd_store_pin(&s, 1, 0, a, 0, 100), VQKV_ENOENT);
     assert_int_equal(vqkvd_store_evict(&s, 1, 0, NULL, 0, 1, 0), 0);
     /* Another writer: the key is taken, the reserved parent is not its. */
-    assert_int_equal(vqkvd_store_reserve(&s, 8, 1, 0, a, NULL, 0, 10, 0, &got),
-                     VQKV_EEXIST);
+    assert_int_equal(vqkvd_store_reserve(&s, 8, 1, 0, a, NULL, 0, 10, 0, &got), VQKV_EEXIST);
     assert_ptr_equal(got, ra);
     assert_int_equal(vqkvd_store_reserve(&s, 8, 1, 0, c, b, 0, 10, 0, &got), VQKV_ENOPARENT);
     /* A full pool evicts nothing reserved: out of capacity. */
