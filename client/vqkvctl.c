@@ -117,6 +117,23 @@ static void vqkvctl_print_table(const vqkv_eval_result_t *res, size_t n)
                res[i].decode_gbps);
 }
 
+/* The results as JSON into path (--json-file): 0, or 1 with the reason
+ * on stderr. */
+static int vqkvctl_write_json(const char *path, const vqkv_eval_result_t *res, size_t n)
+{
+    FILE *f = fopen(path, "w");
+    if (f == NULL) {
+        fprintf(stderr, "vqkvctl eval: cannot write %s: %s\n", path, strerror(errno));
+        return 1;
+    }
+    vqkvctl_print_json(f, res, n);
+    if (fclose(f) != 0) {
+        fprintf(stderr, "vqkvctl eval: cannot write %s: %s\n", path, strerror(errno));
+        return 1;
+    }
+    return 0;
+}
+
 static int vqkvctl_eval(int argc, char **argv)
 {
     static const struct option options[] = {
@@ -198,19 +215,7 @@ static int vqkvctl_eval(int argc, char **argv)
         vqkvctl_print_json(stdout, results, opts.n_specs);
     else
         vqkvctl_print_table(results, opts.n_specs);
-    if (json_file != NULL) {
-        FILE *f = fopen(json_file, "w");
-        if (f == NULL) {
-            fprintf(stderr, "vqkvctl eval: cannot write %s\n", json_file);
-            return 1;
-        }
-        vqkvctl_print_json(f, results, opts.n_specs);
-        if (fclose(f) != 0) {
-            fprintf(stderr, "vqkvctl eval: cannot write %s\n", json_file);
-            return 1;
-        }
-    }
-    return 0;
+    return json_file != NULL ? vqkvctl_write_json(json_file, results, opts.n_specs) : 0;
 }
 
 #define VQKVCTL_TIMEOUT_MS 5000

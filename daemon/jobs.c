@@ -25,7 +25,6 @@
 
 #include "calib.h"
 #include "log.h"
-#include "metrics.h"
 #include "session.h"
 #include "transcode.h"
 
@@ -277,9 +276,9 @@ static void vqkvd__job_maybe_end(vqkvd_job_t *j)
     vqkvd_client_t *c = j->c;
     vqkvd__job_reply(j);
     c->pending--;
-    vqkvd_metrics_observe(&c->server->counters,
-                          j->kind == VQKVD_JOB_PUT ? VQKVD_TIMED_PUT : VQKVD_TIMED_GET,
-                          uv_hrtime() - j->queued_ns);
+    vqkvd_counters_observe(&c->server->counters,
+                           j->kind == VQKVD_JOB_PUT ? VQKVD_TIMED_PUT : VQKVD_TIMED_GET,
+                           uv_hrtime() - j->queued_ns);
     vqkvd__region_unref(j->r);
     vqkvd__job_free(j);
     vqkvd_client_settle(c);

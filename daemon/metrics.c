@@ -1,5 +1,5 @@
 /* metrics.c -- vqkvd's Prometheus and health endpoint (metrics.h), served
- * by libmicrohttpd, and the server's request, error and latency counters.
+ * by libmicrohttpd; it reads the server's figures and counts nothing itself.
  *
  * Threads. libmicrohttpd answers on one internal polling thread of its own,
  * while every figure lives on the loop's thread, read and written without
@@ -61,15 +61,6 @@
 #define VQKVD_METRICS_TEXT "text/plain; version=0.0.4; charset=utf-8"
 #define VQKVD_PLAIN_TEXT "text/plain; charset=utf-8"
 
-/* Upper bounds of the latency buckets, in nanoseconds: 100 us to 2.5 s. */
-static const uint64_t vqkvd__latency_bounds[] = {
-    100000,   250000,   500000,    1000000,   2500000,   5000000,    10000000,
-    25000000, 50000000, 100000000, 250000000, 500000000, 1000000000, 2500000000,
-};
-_Static_assert(sizeof vqkvd__latency_bounds / sizeof vqkvd__latency_bounds[0] ==
-                   VQKVD_LATENCY_BUCKETS,
-               "server.h's VQKVD_LATENCY_BUCKETS counts these bounds");
-
 /* What the loop hands the handler: a copy, owned by whoever holds it. */
 typedef struct {
     int stopping;
@@ -92,28 +83,6 @@ struct vqkvd_metrics {
     vqkvd__snapshot_t *snap;
     int stopped; /* set by vqkvd_metrics_stop: nobody will answer */
 };
-
-/* ---- counting, on the loop ---------------------------------------------- */
-
-void vqkvd_metrics_count_request(vqkvd_counters_t *c, int body_case)
-{
-    if (body_case >= 0 && body_case < VQKVD_BODY_CASES)
-        c->requests[body_case]++;
-}
-
-void vqkvd_metrics_count_error(vqkvd_counters_t *c, int code)
-{
-    c->errors[code < 0 && code > -VQKVD_ERROR_CODES ? -code : 0]++;
-}
-
-void vqkvd_metrics_observe(vqkvd_counters_t *c, int kind, uint64_t ns)
-{
-    int i = 0;
-    while (i < VQKVD_LATENCY_BUCKETS && ns > vqkvd__latency_bounds[i])
-        i++;
-    c->latency[kind][i]++;
-    c->latency_ns[kind] += ns;
-}
 
 /* ---- snapshots: taken on the loop, waited for on libmicrohttpd's thread -- */
 
@@ -286,7 +255,7 @@ static void vqkvd__render_counters(FILE *f, const vqkvd_counters_t *c)
         for (int i = 0; i < VQKVD_LATENCY_BUCKETS; i++) {
             count += c->latency[k][i];
             fprintf(f, "vqkv_request_duration_seconds_bucket{type=\"%s\",le=\"%g\"} %llu\n",
-                    timed[k], (double)vqkvd__latency_bounds[i] / 1e9, (unsigned long long)count);
+                    timed[k], (double)vqkvd_latency_bounds_ns[i] / 1e9, (unsigned long long)count);
         }
         count += c->latency[k][VQKVD_LATENCY_BUCKETS];
         fprintf(f, "vqkv_request_duration_seconds_bucket{type=\"%s\",le=\"+Inf\"} %llu\n", timed[k],

@@ -2,13 +2,12 @@
  * exposition format 0.0.4, every name in docs/METRICS.md) and GET /healthz
  * ("ok" while the event loop answers), served by libmicrohttpd on a
  * loopback address when the configuration names one (metrics_address,
- * --metrics-address), and the counters the server keeps for it on top of
- * what the store and the pool count.
+ * --metrics-address). It shows the store's, the pool's and counters.h's
+ * figures; nothing below it calls it.
  *
  * The endpoint lives on libmicrohttpd's thread and never reads the server
  * itself: it asks the loop for a snapshot (metrics.c says how and what it
- * costs). The counting helpers below run on the loop's thread, like
- * everything that touches a vqkvd_server_t.
+ * costs).
  */
 #ifndef VQKVD_METRICS_H
 #define VQKVD_METRICS_H
@@ -32,15 +31,5 @@ int vqkvd_metrics_start(vqkvd_metrics_t **out, vqkvd_server_t *s);
  * loop get 503, libmicrohttpd's thread is joined, and the loop is run once
  * more to close the handle that woke it. */
 void vqkvd_metrics_stop(vqkvd_metrics_t *m);
-
-/* A request of this Envelope body case was received. */
-void vqkvd_metrics_count_request(vqkvd_counters_t *c, int body_case);
-
-/* An Error reply with this (negative) code was sent. */
-void vqkvd_metrics_count_error(vqkvd_counters_t *c, int code);
-
-/* A request of kind VQKVD_TIMED_* was answered ns nanoseconds after it was
- * handed to the thread pool. */
-void vqkvd_metrics_observe(vqkvd_counters_t *c, int kind, uint64_t ns);
 
 #endif

@@ -14,7 +14,6 @@
 
 #include "calib.h"
 #include "log.h"
-#include "metrics.h"
 #include "session.h"
 #include "transcode.h"
 

@@ -1,48 +1,41 @@
-/* server.c -- vqkvd's listening socket, clients and request dispatch.
+/* server.c -- vqkvd's listening socket, accepting clients, and what a
+ * request goes through before its handler: unpacking, the fd rule, the
+ * in-flight limit, Hello first, then request.c's table.
  *
  * libuv's pipe API reads through its own buffers and cannot hand over the
  * SCM_RIGHTS fds a RegisterRegion carries (proto/README.md), so sockets are
- * plain non-blocking fds watched by uv_poll_t: readable means "call
- * vqkv_frame_reader_recv once", writable means "the reply queue may move".
- * epoll is level-triggered here, so reading once per wakeup and coming back
- * later loses nothing and keeps one busy client from starving the others.
+ * plain non-blocking fds watched by uv_poll_t; conn.c reads and writes
+ * them and hands each whole frame back here.
  *
  * A client's life: accepted, checked with SO_PEERCRED (refused peers get an
- * Error VQKV_EPERM and are closed), Hello, then requests. Every request gets
- * exactly one reply, queued and written as the socket takes it. Requests
- * count as in flight until their reply has left for the kernel; past
- * max_inflight a request is refused with VQKV_ELIMIT, and when the queue
- * itself reaches twice that the client is not read at all until it drains,
- * so a peer that never reads its replies costs a bounded amount of memory.
+ * Error VQKV_EPERM and are closed), Hello, then requests. Past max_inflight
+ * a request is refused with VQKV_ELIMIT.
  *
  * Errors come in two kinds. A frame that does not unpack or a request that
  * is not valid gets an Error and the connection goes on: the stream is
- * still in step. A reader error (a length over max_frame, misplaced fds)
- * means the stream cannot be trusted: the client gets an Error with
- * request_id 0 and is closed once it has been written ("closing"). A socket
- * error or EOF closes at once.
+ * still in step. A reader error means the stream cannot be trusted, and
+ * conn.c closes the connection once the Error is written.
  */
 #include "server.h"
 
 #include <errno.h>
 #include <fcntl.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/random.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
-#include <sys/uio.h>
 #include <sys/un.h>
 #include <unistd.h>
 
 #include <openssl/evp.h>
 
 #include "config.h"
+#include "conn.h"
+#include "counters.h"
 #include "frame.h"
 #include "log.h"
-#include "metrics.h"
 #include "request.h"
 #include "session.h"
 #include "vqkv_proto.h"
@@ -73,211 +66,6 @@ static int vqkvd__peer_allowed(const vqkvd_config_t *cfg, uid_t uid, gid_t gid)
 
 /* ---- clients: closing and writing -------------------------------------- */
 
-/* Jobs on the thread pool hold references too: the struct outlives the
- * connection until the last of them has looked at c->closed. */
-void vqkvd_client_unref(vqkvd_client_t *c)
-{
-    if (--c->refs > 0)
-        return;
-    free(c);
-}
-
-static void vqkvd__client_on_close(uv_handle_t *handle)
-{
-    vqkvd_client_t *c = handle->data;
-    close(c->fd);
-    c->fd = -1;
-    vqkv_frame_reader_free(&c->reader);
-    while (c->out_head != NULL) {
-        vqkvd_out_t *o = c->out_head;
-        c->out_head = o->next;
-        free(o->buf);
-        free(o);
-    }
-    c->out_tail = NULL;
-    vqkvd_client_unref(c);
-}
-
-/* Unlinks c at once (so Stats no longer counts it) and frees it when libuv
- * has let go of the poll handle, on the next loop iteration. */
-static void vqkvd__client_close(vqkvd_client_t *c)
-{
-    if (c->closed)
-        return;
-    c->closed = 1;
-    vqkvd_server_t *s = c->server;
-    if (c->prev != NULL)
-        c->prev->next = c->next;
-    else
-        s->clients = c->next;
-    if (c->next != NULL)
-        c->next->prev = c->prev;
-    s->n_clients--;
-    vqkvd_session_client_gone(c);
-    vqkvd_log(VQKVD_LOG_DEBUG, "client %llu: closed (pid %d uid %u)", (unsigned long long)c->id,
-              (int)c->pid, (unsigned)c->uid);
-    uv_close((uv_handle_t *)&c->poll, vqkvd__client_on_close);
-}
-
-/* Queues an encoded frame; takes buf. */
-static void vqkvd__queue(vqkvd_client_t *c, uint8_t *buf, size_t len, int counted)
-{
-    vqkvd_out_t *o = malloc(sizeof *o);
-    if (o == NULL) {
-        free(buf);
-        c->dead = 1; /* a lost reply would leave the client waiting forever */
-        return;
-    }
-    *o = (vqkvd_out_t){.buf = buf, .len = len, .counted = counted};
-    if (c->out_tail != NULL)
-        c->out_tail->next = o;
-    else
-        c->out_head = o;
-    c->out_tail = o;
-    c->out_count++;
-    if (counted)
-        c->inflight++;
-}
-
-static void vqkvd__reply(vqkvd_client_t *c, Vqkv__Envelope *env, int counted)
-{
-    if (c->closed)
-        return; /* a job finished after its client left: nobody to tell */
-    uint8_t *buf;
-    size_t len;
-    int rc = vqkv_frame_encode(env, VQKV_FRAME_LIMIT, &buf, &len);
-    if (rc != VQKV_OK) {
-        vqkvd_log(VQKVD_LOG_ERROR, "client %llu: cannot encode a reply: %s",
-                  (unsigned long long)c->id, vqkv_proto_strerror(rc));
-        c->dead = 1;
-        return;
-    }
-    vqkvd__queue(c, buf, len, counted);
-}
-
-static void vqkvd__reply_error(vqkvd_client_t *c, uint64_t request_id, int counted, int code,
-                               const char *fmt, ...) __attribute__((format(printf, 5, 6)));
-
-static void vqkvd__reply_error(vqkvd_client_t *c, uint64_t request_id, int counted, int code,
-                               const char *fmt, ...)
-{
-    char msg[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    vqkvd_log(VQKVD_LOG_DEBUG, "client %llu: request %llu: %s: %s", (unsigned long long)c->id,
-              (unsigned long long)request_id, vqkv_proto_strerror(code), msg);
-    vqkvd_metrics_count_error(&c->server->counters, code);
-
-    Vqkv__Error err = VQKV__ERROR__INIT;
-    err.code = code;
-    err.message = msg;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.request_id = request_id;
-    env.body_case = VQKV__ENVELOPE__BODY_ERROR;
-    env.error = &err;
-    vqkvd__reply(c, &env, counted);
-}
-
-void vqkvd_client_reply(vqkvd_client_t *c, Vqkv__Envelope *env)
-{
-    vqkvd__reply(c, env, 1);
-}
-
-void vqkvd_client_error(vqkvd_client_t *c, uint64_t request_id, int code, const char *fmt, ...)
-{
-    char msg[256];
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
-    vqkvd__reply_error(c, request_id, 1, code, "%s", msg);
-}
-
-/* Writes queued replies until the queue is empty or the socket is full,
- * up to VQKVD_FLUSH_IOV of them per sendmsg: small replies sent one by one
- * would each cost a socket buffer of their own in the kernel (several
- * hundred bytes for a 20-byte StatsReply) and fill the peer's queue early. */
-#define VQKVD_FLUSH_IOV 64
-
-static void vqkvd__flush(vqkvd_client_t *c)
-{
-    while (c->out_head != NULL && !c->dead) {
-        struct iovec iov[VQKVD_FLUSH_IOV];
-        int n_iov = 0;
-        for (vqkvd_out_t *o = c->out_head; o != NULL && n_iov < VQKVD_FLUSH_IOV; o = o->next) {
-            iov[n_iov].iov_base = o->buf + o->off;
-            iov[n_iov].iov_len = o->len - o->off;
-            n_iov++;
-        }
-        struct msghdr msg = {.msg_iov = iov, .msg_iovlen = (size_t)n_iov};
-        ssize_t n = sendmsg(c->fd, &msg, MSG_NOSIGNAL | MSG_DONTWAIT);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno != EAGAIN && errno != EWOULDBLOCK)
-                c->dead = 1; /* EPIPE, ECONNRESET: the peer is gone */
-            return;
-        }
-        size_t left = (size_t)n;
-        while (left > 0) {
-            vqkvd_out_t *o = c->out_head;
-            size_t take = o->len - o->off < left ? o->len - o->off : left;
-            o->off += take;
-            left -= take;
-            if (o->off < o->len)
-                break;
-            c->out_head = o->next;
-            if (c->out_head == NULL)
-                c->out_tail = NULL;
-            c->out_count--;
-            if (o->counted)
-                c->inflight--;
-            free(o->buf);
-            free(o);
-        }
-    }
-}
-
-/* The queue is so long that reading more would only grow it. */
-static int vqkvd__client_full(const vqkvd_client_t *c)
-{
-    return c->out_count >= 2 * c->server->cfg.max_inflight;
-}
-
-static void vqkvd__client_on_poll(uv_poll_t *handle, int status, int events);
-
-/* After any work on c: write what can be written, then close c or watch
- * for what it needs next (readable unless closing or full, writable while
- * replies wait). */
-void vqkvd_client_settle(vqkvd_client_t *c)
-{
-    if (c->closed)
-        return;
-    vqkvd__flush(c);
-    if (c->dead || (c->closing && c->out_head == NULL)) {
-        vqkvd__client_close(c);
-        return;
-    }
-    int want = 0;
-    if (!c->closing && !vqkvd__client_full(c))
-        want |= UV_READABLE;
-    if (c->out_head != NULL)
-        want |= UV_WRITABLE;
-    if (want == c->events)
-        return;
-    int rc =
-        want == 0 ? uv_poll_stop(&c->poll) : uv_poll_start(&c->poll, want, vqkvd__client_on_poll);
-    if (rc < 0) {
-        vqkvd_log(VQKVD_LOG_ERROR, "client %llu: poll: %s", (unsigned long long)c->id,
-                  uv_strerror(rc));
-        vqkvd__client_close(c);
-        return;
-    }
-    c->events = want;
-}
-
 /* ---- requests ------------------------------------------------------------ */
 
 void vqkvd_client_hello(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
@@ -285,18 +73,18 @@ void vqkvd_client_hello(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame
     (void)frame;
     const Vqkv__Hello *hello = req->hello;
     if (c->hello_done) {
-        vqkvd__reply_error(c, req->request_id, 1, VQKV_EPROTO, "Hello was already received");
+        vqkvd_client_error(c, req->request_id, VQKV_EPROTO, "Hello was already received");
         return;
     }
     if (hello->protocol_version != VQKV_PROTO_VERSION) {
-        vqkvd__reply_error(c, req->request_id, 1, VQKV_EVERSION,
+        vqkvd_client_error(c, req->request_id, VQKV_EVERSION,
                            "protocol version %u is not spoken; this daemon speaks %d",
                            (unsigned)hello->protocol_version, VQKV_PROTO_VERSION);
         return;
     }
     if (strlen(hello->client_name) > VQKVD_NAME_MAX) {
-        vqkvd__reply_error(c, req->request_id, 1, VQKV_EINVAL,
-                           "client_name is longer than %d bytes", VQKVD_NAME_MAX);
+        vqkvd_client_error(c, req->request_id, VQKV_EINVAL, "client_name is longer than %d bytes",
+                           VQKVD_NAME_MAX);
         return;
     }
     memcpy(c->name, hello->client_name, strlen(hello->client_name) + 1);
@@ -319,7 +107,7 @@ void vqkvd_client_hello(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame
     env.request_id = req->request_id;
     env.body_case = VQKV__ENVELOPE__BODY_WELCOME;
     env.welcome = &w;
-    vqkvd__reply(c, &env, 1);
+    vqkvd_client_reply(c, &env);
 }
 
 void vqkvd_client_stats(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
@@ -327,37 +115,37 @@ void vqkvd_client_stats(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame
     (void)frame;
     Vqkv__StatsReply st = VQKV__STATS_REPLY__INIT;
     if (vqkvd_session_stats(c, &st) != VQKV_OK) {
-        vqkvd__reply_error(c, req->request_id, 1, VQKV_ENOMEM, "out of memory");
+        vqkvd_client_error(c, req->request_id, VQKV_ENOMEM, "out of memory");
         return;
     }
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.request_id = req->request_id;
     env.body_case = VQKV__ENVELOPE__BODY_STATS_REPLY;
     env.stats_reply = &st;
-    vqkvd__reply(c, &env, 1);
+    vqkvd_client_reply(c, &env);
     free(st.tenants);
 }
 
 static void vqkvd__dispatch(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
 {
-    vqkvd_metrics_count_request(&c->server->counters, req->body_case);
+    vqkvd_counters_request(&c->server->counters, req->body_case);
     if (req->request_id == 0) {
-        vqkvd__reply_error(c, 0, 1, VQKV_EPROTO, "request_id 0 is reserved for the daemon");
+        vqkvd_client_error(c, 0, VQKV_EPROTO, "request_id 0 is reserved for the daemon");
         return;
     }
     if (c->inflight + c->pending >= c->server->cfg.max_inflight) {
-        vqkvd__reply_error(c, req->request_id, 0, VQKV_ELIMIT, "more than %u requests in flight",
-                           (unsigned)c->server->cfg.max_inflight);
+        vqkvd_client_refuse(c, req->request_id, VQKV_ELIMIT, "more than %u requests in flight",
+                            (unsigned)c->server->cfg.max_inflight);
         return;
     }
     const vqkvd_request_t *r = vqkvd_request_of(req->body_case);
     if (r->handle == NULL) {
-        vqkvd__reply_error(c, req->request_id, 1, VQKV_EPROTO, "%s is a reply, not a request",
+        vqkvd_client_error(c, req->request_id, VQKV_EPROTO, "%s is a reply, not a request",
                            r->name);
         return;
     }
     if (!c->hello_done && !r->before_hello) {
-        vqkvd__reply_error(c, req->request_id, 1, VQKV_EPROTO, "%s before Hello", r->name);
+        vqkvd_client_error(c, req->request_id, VQKV_EPROTO, "%s before Hello", r->name);
         return;
     }
     r->handle(c, req, frame);
@@ -371,12 +159,12 @@ static void vqkvd__handle_frame(vqkvd_client_t *c, vqkv_frame_t *frame)
     if (rc != VQKV_OK) {
         /* Which request it was is unknown, hence id 0; the stream itself
          * is still in step, so the connection goes on. */
-        vqkvd__reply_error(c, 0, 1, rc, "frame of %zu bytes does not unpack", frame->len);
+        vqkvd_client_error(c, 0, rc, "frame of %zu bytes does not unpack", frame->len);
         goto out;
     }
     rc = vqkv_frame_check(req);
     if (rc != VQKV_OK) {
-        vqkvd__reply_error(c, req->request_id, 1, rc,
+        vqkvd_client_error(c, req->request_id, rc,
                            "unknown field, enum value or message type, or no body");
         goto out;
     }
@@ -386,8 +174,7 @@ static void vqkvd__handle_frame(vqkvd_client_t *c, vqkv_frame_t *frame)
      * in the daemon. */
     const vqkvd_request_t *r = vqkvd_request_of(req->body_case);
     if (frame->n_fds > 0 && !r->takes_fds) {
-        vqkvd__reply_error(c, req->request_id, 1, VQKV_EFDS, "%s takes no file descriptors",
-                           r->name);
+        vqkvd_client_error(c, req->request_id, VQKV_EFDS, "%s takes no file descriptors", r->name);
         goto out;
     }
     vqkvd__dispatch(c, req, frame);
@@ -396,78 +183,27 @@ out:
     vqkv_frame_clear(frame);
 }
 
-/* The stream is over or cannot be trusted: EOF and socket errors close at
- * once, anything else gets an Error with request_id 0 first. */
-static void vqkvd__reader_failed(vqkvd_client_t *c, int rc)
+/* The connection's ops (conn.h): c is unlinked at once, so Stats no longer
+ * counts it, and its session state is undone. */
+static void vqkvd__client_gone(vqkvd_client_t *c)
 {
-    if (rc == VQKV_ECLOSED || rc == VQKV_ETRUNC || rc == VQKV_EIO) {
-        if (rc != VQKV_ECLOSED)
-            vqkvd_log(VQKVD_LOG_DEBUG, "client %llu: %s", (unsigned long long)c->id,
-                      vqkv_proto_strerror(rc));
-        c->dead = 1;
-        return;
-    }
-    if (rc == VQKV_ETOOBIG)
-        vqkvd__reply_error(c, 0, 0, rc, "a frame is longer than max_frame, %u bytes; closing",
-                           (unsigned)c->server->cfg.max_frame);
+    vqkvd_server_t *s = c->server;
+    if (c->prev != NULL)
+        c->prev->next = c->next;
     else
-        vqkvd__reply_error(c, 0, 0, rc, "the stream cannot be trusted any more; closing");
-    c->closing = 1;
+        s->clients = c->next;
+    if (c->next != NULL)
+        c->next->prev = c->prev;
+    s->n_clients--;
+    vqkvd_session_client_gone(c);
+    vqkvd_log(VQKVD_LOG_DEBUG, "client %llu: closed (pid %d uid %u)", (unsigned long long)c->id,
+              (int)c->pid, (unsigned)c->uid);
 }
 
-/* Takes every frame already read, then reads the socket once (when it is
- * readable) and takes what that brought. Stops early when c must stop
- * reading: the frames left stay in the reader for the next call. */
-static void vqkvd__client_read(vqkvd_client_t *c, int may_recv)
-{
-    for (;;) {
-        /* At the limit, hand the queue to the kernel before judging: a
-         * client within max_inflight must never see VQKV_ELIMIT just
-         * because its requests came in one read. Costs one sendmsg per
-         * request while a client pipelines past the limit. */
-        if (c->inflight >= c->server->cfg.max_inflight || vqkvd__client_full(c))
-            vqkvd__flush(c);
-        if (c->dead || c->closing || vqkvd__client_full(c))
-            return;
-        vqkv_frame_t frame;
-        int rc = vqkv_frame_reader_next(&c->reader, &frame);
-        if (rc == 1) {
-            vqkvd__handle_frame(c, &frame);
-            continue;
-        }
-        if (rc < 0) {
-            vqkvd__reader_failed(c, rc);
-            return;
-        }
-        if (!may_recv)
-            return;
-        may_recv = 0;
-        rc = vqkv_frame_reader_recv(&c->reader, c->fd, MSG_DONTWAIT);
-        if (rc == VQKV_EAGAIN)
-            return;
-        if (rc < 0) {
-            vqkvd__reader_failed(c, rc);
-            return;
-        }
-    }
-}
-
-static void vqkvd__client_on_poll(uv_poll_t *handle, int status, int events)
-{
-    vqkvd_client_t *c = handle->data;
-    if (status < 0) {
-        vqkvd_log(VQKVD_LOG_DEBUG, "client %llu: poll: %s", (unsigned long long)c->id,
-                  uv_strerror(status));
-        vqkvd__client_close(c);
-        return;
-    }
-    if (events & UV_WRITABLE)
-        vqkvd__flush(c);
-    /* Also without UV_READABLE: frames left over from a full queue are
-     * taken now that it drained. */
-    vqkvd__client_read(c, events & UV_READABLE);
-    vqkvd_client_settle(c);
-}
+static const vqkvd_conn_ops_t vqkvd__client_ops = {
+    .frame = vqkvd__handle_frame,
+    .gone = vqkvd__client_gone,
+};
 
 /* ---- accepting ----------------------------------------------------------- */
 
@@ -504,6 +240,7 @@ static void vqkvd__client_new(vqkvd_server_t *s, int fd)
         return;
     }
     c->server = s;
+    c->ops = &vqkvd__client_ops;
     c->refs = 1; /* the connection's, dropped once the poll handle is closed */
     c->id = ++s->next_client_id;
     c->fd = fd;
@@ -532,14 +269,14 @@ static void vqkvd__client_new(vqkvd_server_t *s, int fd)
     if (!vqkvd__peer_allowed(&s->cfg, cred.uid, cred.gid)) {
         vqkvd_log(VQKVD_LOG_WARN, "refused pid %d uid %u gid %u: not allowed", (int)cred.pid,
                   (unsigned)cred.uid, (unsigned)cred.gid);
-        vqkvd__reply_error(c, 0, 0, VQKV_EPERM, "uid %u gid %u may not use this daemon",
-                           (unsigned)cred.uid, (unsigned)cred.gid);
+        vqkvd_client_refuse(c, 0, VQKV_EPERM, "uid %u gid %u may not use this daemon",
+                            (unsigned)cred.uid, (unsigned)cred.gid);
         c->closing = 1;
     } else if (s->n_clients > s->cfg.max_clients) {
         vqkvd_log(VQKVD_LOG_WARN, "refused pid %d: %u clients already", (int)cred.pid,
                   (unsigned)s->cfg.max_clients);
-        vqkvd__reply_error(c, 0, 0, VQKV_ELIMIT, "the daemon serves %u clients already",
-                           (unsigned)s->cfg.max_clients);
+        vqkvd_client_refuse(c, 0, VQKV_ELIMIT, "the daemon serves %u clients already",
+                            (unsigned)s->cfg.max_clients);
         c->closing = 1;
     }
     vqkvd_client_settle(c);
@@ -771,7 +508,7 @@ void vqkvd_server_stop(vqkvd_server_t *s)
         vqkvd_log(VQKVD_LOG_WARN, "removing %s: %s", s->cfg.socket_path, strerror(errno));
     s->socket_created = 0;
     while (s->clients != NULL)
-        vqkvd__client_close(s->clients);
+        vqkvd_client_close(s->clients);
     vqkvd_session_stop(s);
     vqkvd_log(VQKVD_LOG_INFO, "stopped");
 }
@@ -789,8 +526,8 @@ uint32_t vqkvd_server_reconfigure(vqkvd_server_t *s, const vqkvd_config_t *next)
             continue;
         vqkvd_log(VQKVD_LOG_WARN, "client %llu (pid %d uid %u gid %u): no longer allowed; closing",
                   (unsigned long long)c->id, (int)c->pid, (unsigned)c->uid, (unsigned)c->gid);
-        vqkvd__reply_error(c, 0, 0, VQKV_EPERM, "uid %u gid %u may no longer use this daemon",
-                           (unsigned)c->uid, (unsigned)c->gid);
+        vqkvd_client_refuse(c, 0, VQKV_EPERM, "uid %u gid %u may no longer use this daemon",
+                            (unsigned)c->uid, (unsigned)c->gid);
         c->closing = 1;
         vqkvd_client_settle(c);
         closed++;

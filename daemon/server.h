@@ -21,6 +21,7 @@
 #include <uv.h>
 
 #include "backend.h"
+#include "counters.h"
 #include "pool.h"
 #include "store.h"
 
@@ -81,27 +82,6 @@ typedef struct {
 
 typedef struct vqkvd_client vqkvd_client_t;
 typedef struct vqkvd_model vqkvd_model_t;
-
-/* Envelope body cases are below this (requests are counted by case). */
-#define VQKVD_BODY_CASES 32
-/* Error codes are -1 .. -(this - 1); Error replies are counted by -code. */
-#define VQKVD_ERROR_CODES 128
-/* Upper bounds of the latency histogram's buckets (metrics.c has them). */
-#define VQKVD_LATENCY_BUCKETS 14
-
-/* The requests whose latency is kept: the ones that run on the thread pool. */
-enum { VQKVD_TIMED_PUT, VQKVD_TIMED_GET, VQKVD_TIMED_KINDS };
-
-/* What the server counts for the metrics endpoint (metrics.h) on top of
- * the store's and the pool's counters; bumped by metrics.h's helpers. */
-typedef struct {
-    uint64_t requests[VQKVD_BODY_CASES]; /* by Envelope body case */
-    uint64_t errors[VQKVD_ERROR_CODES];  /* by -code; [0]: codes outside the table */
-    /* Per timed kind: requests whose reply came within bucket i (the last
-     * one: later than every bound), and the sum of their latencies. */
-    uint64_t latency[VQKVD_TIMED_KINDS][VQKVD_LATENCY_BUCKETS + 1];
-    uint64_t latency_ns[VQKVD_TIMED_KINDS];
-} vqkvd_counters_t;
 
 typedef struct {
     uv_loop_t *loop;

@@ -17,7 +17,6 @@
 
 #include "calib.h"
 #include "log.h"
-#include "metrics.h"
 #include "session.h"
 #include "transcode.h"
 

@@ -1,17 +1,13 @@
-/* session.h -- what server.c (connections, framing, replies) and session.c
- * (the block requests: models, regions, Put, Lookup, Get, Release, Pin,
- * Unpin, Evict, FindModel) share.
+/* session.h -- the session layer: the block requests (models, regions,
+ * Put, Lookup, Get, Release, Pin, Unpin, Evict, FindModel) in models.c,
+ * jobs.c, pins.c and session.c, called by server.c through request.c's
+ * table, replying through conn.h.
  * Private to the daemon; nothing outside daemon/ includes it.
  *
- * Lifetimes. A client is referenced by its connection (dropped once libuv
- * has closed the poll handle) and by every job on the thread pool; it is
- * freed when the last reference goes, so a job that finishes after its
- * client disconnected still has somewhere to look (c->closed) and drops its
- * reply. Regions are referenced the same way: by the client's region list
- * (until the connection closes) and by each job that reads or writes them,
- * and are unmapped with the last reference. Models live as long as the
- * server: they are shared by every client of a tenant and a job may hold
- * one past its client.
+ * Lifetimes. A client lives as conn.h says. Regions are referenced the same way: by the client's
+ * region list (until the connection closes) and by each job that reads or writes them, and are
+ * unmapped with the last reference. Models live as long as the server: they are shared by every
+ * client of a tenant and a job may hold one past its client.
  *
  * Everything here runs on the loop's thread except the bodies of jobs
  * (session.c), which touch only their job, the codec (immutable) and
@@ -27,33 +23,17 @@
 #include <uv.h>
 
 #include "backend.h"
+#include "conn.h"
 #include "frame.h"
 #include "server.h"
 #include "vqkv_proto.h"
 
-/* Welcome.tenant_salt: a SHA-256. */
-#define VQKVD_SALT_BYTES 32
-/* Hello.client_name may be this long. */
-#define VQKVD_NAME_MAX 64
-/* Models one connection may register. */
-#define VQKVD_CLIENT_MAX_MODELS 64
-/* Blocks one connection may hold pinned with ttl_ms 0 (until Unpin or close). */
-#define VQKVD_CLIENT_MAX_PINS 65536
-
 /* A block this connection pinned with ttl_ms 0: unpinned when it closes.
  * An entry of an open-addressing table; model 0 (never an id) is empty. */
-typedef struct {
+typedef struct vqkvd_pin {
     uint32_t model;
     uint8_t key[VQKVD_KEY_BYTES];
 } vqkvd_pin_t;
-
-/* One reply waiting for the socket: a whole encoded frame. */
-typedef struct vqkvd_out {
-    struct vqkvd_out *next;
-    uint8_t *buf;
-    size_t len, off; /* off bytes already written */
-    int counted;     /* the reply of a request counted in inflight */
-} vqkvd_out_t;
 
 typedef struct vqkvd_calib vqkvd_calib_t;
 
@@ -116,49 +96,6 @@ typedef struct vqkvd_region {
     vqkv_kv_view_t view;     /* its layer_offsets point into layer_offsets */
     uint64_t *layer_offsets; /* per-layer starts, or NULL for a strided view */
 } vqkvd_region_t;
-
-struct vqkvd_client {
-    vqkvd_server_t *server;
-    vqkvd_client_t *prev, *next;
-    uint64_t id; /* also the owner of its leases */
-    uint32_t refs;
-    int fd;
-    uv_poll_t poll;
-    int events; /* the events poll is started with; 0 when stopped */
-    vqkv_frame_reader_t reader;
-
-    pid_t pid; /* SO_PEERCRED, at connect time */
-    uid_t uid;
-    gid_t gid;
-    char tenant[16]; /* the uid in decimal */
-    uint8_t salt[VQKVD_SALT_BYTES];
-    char name[VQKVD_NAME_MAX + 1]; /* Hello.client_name */
-    int hello_done;
-
-    vqkvd_out_t *out_head, *out_tail;
-    uint32_t out_count;
-    uint32_t inflight; /* requests whose reply is queued, not yet written */
-    uint32_t pending;  /* requests on the thread pool, not yet replied */
-
-    uint32_t models[VQKVD_CLIENT_MAX_MODELS]; /* ids this connection registered */
-    uint32_t n_models;
-    vqkvd_region_t *regions;
-    uint32_t n_regions;
-    uint64_t next_region;
-    vqkvd_pin_t *pins; /* ttl_ms 0 pins: a table of cap_pins (a power of 2) */
-    uint32_t n_pins, cap_pins;
-
-    int closing; /* write what is queued, then close; read nothing more */
-    int dead;    /* close now: the socket failed */
-    int closed;  /* uv_close called; freed when refs reach 0 */
-};
-
-/* server.c: replies (counted in inflight), settling and references. */
-void vqkvd_client_reply(vqkvd_client_t *c, Vqkv__Envelope *env);
-void vqkvd_client_error(vqkvd_client_t *c, uint64_t request_id, int code, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-void vqkvd_client_settle(vqkvd_client_t *c);
-void vqkvd_client_unref(vqkvd_client_t *c);
 
 /* session.c: the server's backend, pool, store and tick timer: VQKV_OK, or
  * VQKV_EINVAL / VQKV_ENOMEM with what failed logged. */
