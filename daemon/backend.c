@@ -10,6 +10,63 @@
 #include "backend.h"
 #include "log.h"
 
+/* Bytes of a cudaIpcMemHandle_t and of a CUDA device UUID. */
+#define VQKVD__CUDA_IPC_HANDLE_BYTES 64
+#define VQKVD__GPU_UUID_BYTES 16
+
+static int vqkvd__payload_fail(char *why, size_t why_size, int rc, const char *what)
+{
+    snprintf(why, why_size, "%s", what);
+    return rc;
+}
+
+int vqkvd_region_payload_check(const Vqkv__RegisterRegion *rr, size_t n_fds, char *why,
+                               size_t why_size)
+{
+    bool memfd = rr->kind == VQKV__REGION_KIND__REGION_KIND_MEMFD;
+    bool ipc = rr->kind == VQKV__REGION_KIND__REGION_KIND_CUDA_IPC;
+    bool vmm = rr->kind == VQKV__REGION_KIND__REGION_KIND_CUDA_VMM_FD;
+    if (!memfd && !ipc && !vmm)
+        return vqkvd__payload_fail(why, why_size, VQKV_EINVAL,
+                                   "kind must be MEMFD, CUDA_IPC or CUDA_VMM_FD");
+    size_t want_fds = ipc ? 0 : 1;
+    if (rr->num_fds != want_fds || n_fds != want_fds) {
+        snprintf(why, why_size, "a %s region comes with exactly %zu fd (num_fds %u, %zu came)",
+                 memfd ? "MEMFD"
+                 : ipc ? "CUDA_IPC"
+                       : "CUDA_VMM_FD",
+                 want_fds, (unsigned)rr->num_fds, n_fds);
+        return VQKV_EFDS;
+    }
+    if (rr->device != 0)
+        return vqkvd__payload_fail(why, why_size, VQKV_EINVAL,
+                                   "device must be 0; a GPU is named by gpu_uuid");
+    if (ipc != (rr->cuda_ipc_handle.len > 0) ||
+        (ipc && rr->cuda_ipc_handle.len != VQKVD__CUDA_IPC_HANDLE_BYTES))
+        return vqkvd__payload_fail(why, why_size, VQKV_EINVAL,
+                                   ipc ? "cuda_ipc_handle must be the 64 bytes of a "
+                                         "cudaIpcMemHandle_t"
+                                       : "cuda_ipc_handle belongs to CUDA_IPC regions only");
+    if (memfd == (rr->gpu_uuid.len > 0) || (!memfd && rr->gpu_uuid.len != VQKVD__GPU_UUID_BYTES))
+        return vqkvd__payload_fail(why, why_size, VQKV_EINVAL,
+                                   memfd ? "gpu_uuid belongs to CUDA regions only"
+                                         : "gpu_uuid must be the 16 bytes of a CUDA device UUID");
+    return VQKV_OK;
+}
+
+void vqkvd_gpu_uuid_format(const uint8_t uuid[16], char out[VQKVD_GPU_UUID_TEXT])
+{
+    static const char hex[] = "0123456789abcdef";
+    char *o = out + sprintf(out, "GPU");
+    for (int i = 0; i < VQKVD__GPU_UUID_BYTES; i++) {
+        if (i == 0 || i == 4 || i == 6 || i == 8 || i == 10)
+            *o++ = '-';
+        *o++ = hex[uuid[i] >> 4];
+        *o++ = hex[uuid[i] & 15];
+    }
+    *o = '\0';
+}
+
 int vqkvd_backend_check(const char *device, char *why, size_t why_size)
 {
     if (device == NULL || strcmp(device, "cpu") == 0 || strcmp(device, "auto") == 0)

@@ -22,6 +22,7 @@
 #ifndef VQKVD_BACKEND_H
 #define VQKVD_BACKEND_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -90,6 +91,20 @@ typedef struct {
 struct vqkvd_backend {
     const vqkvd_backend_ops_t *ops;
 };
+
+/* Whether rr's payload has the shape its kind asks for, whatever the
+ * backend: one fd with MEMFD and CUDA_VMM_FD, none with CUDA_IPC
+ * (VQKV_EFDS); a 64-byte cuda_ipc_handle with CUDA_IPC only, a 16-byte
+ * gpu_uuid with the CUDA kinds only, device 0 (VQKV_EINVAL). VQKV_OK, or
+ * the code with why filled. Checked before region_open, so a malformed
+ * payload reads the same to a CPU and to a CUDA daemon. */
+int vqkvd_region_payload_check(const Vqkv__RegisterRegion *rr, size_t n_fds, char *why,
+                               size_t why_size);
+
+/* A GPU's UUID as nvidia-smi -L writes it, "GPU-xxxxxxxx-xxxx-xxxx-xxxx-
+ * xxxxxxxxxxxx", for messages and logs. */
+#define VQKVD_GPU_UUID_TEXT 41
+void vqkvd_gpu_uuid_format(const uint8_t uuid[16], char out[VQKVD_GPU_UUID_TEXT]);
 
 /* Whether this vqkvd can serve device ("cpu", "auto" or "cuda:N"):
  * VQKV_OK, or VQKV_EINVAL with why filled ("this vqkvd has no CUDA

@@ -3,7 +3,7 @@
  * libuv's thread-pool threads: a put block after block, a get as batches
  * layer by layer; a large request split by layers over several threads.
  *
- * A region is a memfd with exactly one fd; the CUDA fields are refused.
+ * A region is a memfd; a CUDA region is refused (VQKV_EDEVICE): no GPU here.
  * A memfd is sealed against shrinking before it is mapped: a worker that
  * truncated it under the mapping would turn the daemon's next read into
  * SIGBUS. Growing stays allowed; the mapping covers region_bytes only.
@@ -23,18 +23,15 @@ static int vqkvd__cpu_region_open(vqkvd_backend_t *be, const Vqkv__RegisterRegio
                                   size_t why_size)
 {
     (void)be;
-    if (rr->cuda_ipc_handle.len > 0 || rr->device != 0) {
-        snprintf(why, why_size, "cuda_ipc_handle and device are reserved");
-        return VQKV_EINVAL;
-    }
+    (void)n_fds; /* one, for a MEMFD region: vqkvd_region_payload_check */
     if (rr->kind != VQKV__REGION_KIND__REGION_KIND_MEMFD) {
-        snprintf(why, why_size, "the cpu backend serves MEMFD regions only");
-        return VQKV_EINVAL;
-    }
-    if (rr->num_fds != 1 || n_fds != 1) {
-        snprintf(why, why_size, "a MEMFD region comes with exactly 1 fd (num_fds %u, %zu came)",
-                 (unsigned)rr->num_fds, n_fds);
-        return VQKV_EFDS;
+        char gpu[VQKVD_GPU_UUID_TEXT];
+        vqkvd_gpu_uuid_format(rr->gpu_uuid.data, gpu);
+        snprintf(why, why_size,
+                 "%s: this vqkvd runs the cpu backend and owns no GPU; a CUDA region needs "
+                 "vqkvd started with --device auto or cuda:N on that GPU's node",
+                 gpu);
+        return VQKV_EDEVICE;
     }
     int fd = fds[0];
     struct stat st;

@@ -501,8 +501,10 @@ void vqkvd_session_register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
     if (offsets_bytes > 0) /* the request's copy goes with the frame */
         memcpy(r->layer_offsets, rr->layer_offsets, offsets_bytes);
     view.layer_offsets = r->layer_offsets;
-    char why[160];
-    int rc = c->server->backend->ops->region_open(c->server->backend, rr, frame->fds, frame->n_fds,
+    char why[256];
+    int rc = vqkvd_region_payload_check(rr, frame->n_fds, why, sizeof why);
+    if (rc == VQKV_OK)
+        rc = c->server->backend->ops->region_open(c->server->backend, rr, frame->fds, frame->n_fds,
                                                   &r->mem, why, sizeof why);
     if (rc != VQKV_OK) {
         free(r->layer_offsets);

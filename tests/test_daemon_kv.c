@@ -148,6 +148,43 @@ static Vqkv__Envelope *register_region(client_t *c, uint64_t model, const region
     return call(c, &env, &r->fd, n_fds);
 }
 
+/* What a CUDA RegisterRegion carries, for the refusal cases. */
+typedef struct {
+    Vqkv__RegionKind kind;
+    size_t handle_bytes, uuid_bytes; /* cuda_ipc_handle, gpu_uuid */
+    uint32_t device;
+    size_t n_fds; /* num_fds says the same */
+    int code;
+    const char *says;
+} cuda_case_t;
+
+/* RegisterRegion of r's whole view as cc describes, fd sent n_fds times. */
+static Vqkv__Envelope *register_cuda_region(client_t *c, uint64_t model, const region_t *r,
+                                            const cuda_case_t *cc, int fd)
+{
+    static const uint8_t uuid[16] = {0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
+    uint8_t handle[65] = {0};
+    int fds[2] = {fd, fd};
+    Vqkv__RegisterRegion rr = VQKV__REGISTER_REGION__INIT;
+    rr.model_handle = model;
+    rr.kind = cc->kind;
+    rr.region_bytes = r->view.region_bytes;
+    rr.layer_stride = r->view.layer_stride;
+    rr.kv_stride = r->view.kv_stride;
+    rr.slot_stride = r->view.slot_stride;
+    rr.token_stride = r->view.token_stride;
+    rr.head_stride = r->view.head_stride;
+    rr.num_slots = r->view.num_slots;
+    rr.num_fds = (uint32_t)cc->n_fds;
+    rr.cuda_ipc_handle = (ProtobufCBinaryData){cc->handle_bytes, handle};
+    rr.gpu_uuid = (ProtobufCBinaryData){cc->uuid_bytes, (uint8_t *)uuid};
+    rr.device = cc->device;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_REGISTER_REGION;
+    env.register_region = &rr;
+    return call(c, &env, fds, cc->n_fds);
+}
+
 static uint64_t region_ok(client_t *c, uint64_t model, const region_t *r)
 {
     Vqkv__Envelope *e = register_region(c, model, r, r->view.region_bytes, 0, r->view.num_slots, 1);
@@ -471,6 +508,64 @@ static void test_refusals(void **state)
     e = stats(&c);
     assert_int_equal(e->stats_reply->blocks, 2);
     vqkv_frame_envelope_free(e);
+    client_close(&c);
+    region_free(&r);
+}
+
+/* CUDA regions sent to a daemon without a GPU: a malformed payload is
+ * refused for its shape (the same answer a CUDA daemon gives), a well-formed
+ * one with VQKV_EDEVICE naming the GPU; the fds sent are closed, and the
+ * connection and the daemon go on serving. */
+static void test_cuda_regions_refused(void **state)
+{
+    const Vqkv__RegionKind IPC = VQKV__REGION_KIND__REGION_KIND_CUDA_IPC;
+    const Vqkv__RegionKind VMM = VQKV__REGION_KIND__REGION_KIND_CUDA_VMM_FD;
+    const Vqkv__RegionKind MEMFD = VQKV__REGION_KIND__REGION_KIND_MEMFD;
+    const cuda_case_t cases[] = {
+        {IPC, 64, 16, 0, 0, VQKV_EDEVICE,
+         "GPU-deadbeef-0102-0304-0506-0708090a0b0c: this vqkvd "
+         "runs the cpu backend"},
+        {VMM, 0, 16, 0, 1, VQKV_EDEVICE, "owns no GPU"},
+        {IPC, 63, 16, 0, 0, VQKV_EINVAL, "64 bytes of a cudaIpcMemHandle_t"},
+        {IPC, 65, 16, 0, 0, VQKV_EINVAL, "64 bytes of a cudaIpcMemHandle_t"},
+        {IPC, 0, 16, 0, 0, VQKV_EINVAL, "64 bytes of a cudaIpcMemHandle_t"},
+        {IPC, 64, 15, 0, 0, VQKV_EINVAL, "16 bytes of a CUDA device UUID"},
+        {IPC, 64, 0, 0, 0, VQKV_EINVAL, "16 bytes of a CUDA device UUID"},
+        {IPC, 64, 16, 0, 1, VQKV_EFDS, "CUDA_IPC region comes with exactly 0 fd"},
+        {IPC, 64, 16, 2, 0, VQKV_EINVAL, "named by gpu_uuid"},
+        {VMM, 0, 16, 0, 0, VQKV_EFDS, "CUDA_VMM_FD region comes with exactly 1 fd"},
+        {VMM, 0, 16, 0, 2, VQKV_EFDS, "CUDA_VMM_FD region comes with exactly 1 fd"},
+        {VMM, 64, 16, 0, 1, VQKV_EINVAL, "CUDA_IPC regions only"},
+        {MEMFD, 0, 16, 0, 1, VQKV_EINVAL, "CUDA regions only"},
+        {VQKV__REGION_KIND__REGION_KIND_UNSPECIFIED, 0, 0, 0, 1, VQKV_EINVAL, "kind must be"},
+    };
+    client_t c;
+    region_t r;
+    client_open(&c, *state);
+    hello(&c);
+    uint64_t m = model_ok(&c, MODEL, "fp16");
+    region_new(&r, SLOTS, 5);
+    /* The fd of the wrong kind for a VMM region: a pipe. */
+    int pipe_fds[2];
+    assert_int_equal(pipe2(pipe_fds, O_CLOEXEC), 0);
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        int fd = cases[i].kind == VMM ? pipe_fds[0] : r.fd;
+        expect_refused(register_cuda_region(&c, m, &r, &cases[i], fd), cases[i].code,
+                       cases[i].says);
+    }
+    /* The daemon kept none of the fds: once ours is closed, the pipe has
+     * no reader left (its replies came after it closed what it got). */
+    signal(SIGPIPE, SIG_IGN);
+    close(pipe_fds[0]);
+    assert_int_equal(write(pipe_fds[1], "x", 1), -1);
+    assert_int_equal(errno, EPIPE);
+    close(pipe_fds[1]);
+    /* A CUDA region whose view runs past its allocation: the view check. */
+    region_t past = r;
+    past.view.num_slots = SLOTS + 1;
+    cuda_case_t ipc = {IPC, 64, 16, 0, 0, VQKV_ERANGE, NULL};
+    expect_refused(register_cuda_region(&c, m, &past, &ipc, -1), VQKV_ERANGE, "slots");
+    region_ok(&c, m, &r);
     client_close(&c);
     region_free(&r);
 }
@@ -833,6 +928,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_share_fp16, setup, teardown),
         cmocka_unit_test_setup_teardown(test_kivi4_roundtrip, setup, teardown),
         cmocka_unit_test_setup_teardown(test_refusals, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_cuda_regions_refused, setup, teardown),
         cmocka_unit_test_setup_teardown(test_eviction_keeps_leased, setup_tiny_pool, teardown),
         cmocka_unit_test_setup_teardown(test_pins, setup_tiny_pool, teardown),
         cmocka_unit_test_setup_teardown(test_client_dies_midrequest, setup, teardown),

@@ -61,7 +61,7 @@ typedef struct {
     ProtobufCBinaryData key_bd[KEYS], parent_bd[KEYS];
     uint32_t slots[KEYS];
     Vqkv__PutStatus status[5];
-    uint8_t blob[64]; /* uuids, salts, CUDA handles */
+    uint8_t blob[80]; /* uuids, salts, CUDA handles */
 } sample_t;
 
 static void sample_keys(sample_t *s, uint64_t seed)
@@ -76,7 +76,7 @@ static void sample_keys(sample_t *s, uint64_t seed)
                                  : (ProtobufCBinaryData){VQKV_PROTO_KEY_BYTES, s->keys[i - 1]};
         s->slots[i] = 1000u + 37u * (uint32_t)i;
     }
-    for (int b = 0; b < 64; b++)
+    for (int b = 0; b < (int)sizeof s->blob; b++)
         s->blob[b] = (uint8_t)(0xa0 + b);
 }
 
@@ -161,6 +161,7 @@ static int sample_build(sample_t *s, uint32_t body_case, uint64_t request_id)
         s->register_region.num_slots = 4000000;
         s->register_region.num_fds = 0;
         s->register_region.cuda_ipc_handle = (ProtobufCBinaryData){64, s->blob};
+        s->register_region.gpu_uuid = (ProtobufCBinaryData){16, s->blob + 64};
         s->register_region.device = 1;
         s->env.register_region = &s->register_region;
         return 1;

@@ -208,6 +208,34 @@ static void seeds__region(seeds__session_t *s, int op)
     fuzz_record_envelope(&s->buf, &s->len, op, &env);
 }
 
+/* A CUDA region of model 1 (a legacy IPC handle, or a VMM fd: the memfd
+ * stands in for it), which a daemon without a GPU refuses; mutations reach
+ * the payload checks with every size of handle and UUID. */
+static void seeds__cuda_region(seeds__session_t *s, Vqkv__RegionKind kind)
+{
+    static const uint8_t handle[64] = {1, 2, 3}, uuid[16] = {0xde, 0xad, 0xbe, 0xef};
+    vqkv_kv_view_t view;
+    vqkv_kv_view_vllm(&view, &fuzz_layout, 4);
+    Vqkv__RegisterRegion rr = VQKV__REGISTER_REGION__INIT;
+    rr.model_handle = 1;
+    rr.kind = kind;
+    rr.region_bytes = view.region_bytes;
+    rr.layer_stride = view.layer_stride;
+    rr.kv_stride = view.kv_stride;
+    rr.slot_stride = view.slot_stride;
+    rr.token_stride = view.token_stride;
+    rr.head_stride = view.head_stride;
+    rr.num_slots = view.num_slots;
+    bool ipc = kind == VQKV__REGION_KIND__REGION_KIND_CUDA_IPC;
+    rr.num_fds = ipc ? 0 : 1;
+    if (ipc)
+        rr.cuda_ipc_handle = (ProtobufCBinaryData){sizeof handle, (uint8_t *)handle};
+    rr.gpu_uuid = (ProtobufCBinaryData){sizeof uuid, (uint8_t *)uuid};
+    Vqkv__Envelope env = seeds__env(s, VQKV__ENVELOPE__BODY_REGISTER_REGION);
+    env.register_region = &rr;
+    fuzz_record_envelope(&s->buf, &s->len, ipc ? FUZZ_OP_FRAME : FUZZ_OP_FRAME_REGION, &env);
+}
+
 /* ---- session ---------------------------------------------------------------- */
 
 static void seeds__session_begin(seeds__session_t *s, uint8_t setup)
@@ -316,6 +344,8 @@ static void seeds__session(void)
     seeds__session_begin(&s, 0);
     seeds__region(&s, FUZZ_OP_FRAME);
     seeds__region(&s, FUZZ_OP_FRAME_REGION | FUZZ_OP_STRAY_FD);
+    seeds__cuda_region(&s, VQKV__REGION_KIND__REGION_KIND_CUDA_IPC);
+    seeds__cuda_region(&s, VQKV__REGION_KIND__REGION_KIND_CUDA_VMM_FD);
     seeds__put_chain(&s, 1, 1);
     {
         Vqkv__Ack ack = VQKV__ACK__INIT;
