@@ -20,6 +20,7 @@
 #include "vqkv_proto.h"
 
 #include "block_keys.h"
+#include "cuda_driver.h"
 #include "vqkv.h"
 
 #include <errno.h>
@@ -75,17 +76,29 @@ struct vqkv_model {
     _Atomic(const vqkv__salt_t *) salt;    /* swapped by a reconnect */
 };
 
-/* A registered memfd region, kept to register it again after a reconnect. */
+/* A registered region, kept to register it again after a reconnect: a
+ * memfd, a CUDA allocation's IPC handle, or a CUDA VMM allocation's fd. */
 typedef struct vqkv__region {
     struct vqkv__region *next;
     vqkv_region_t handle;   /* the caller's */
     uint64_t daemon_handle; /* the daemon's, on the current connection */
     const vqkv_model_t *model;
-    int memfd; /* a dup of the caller's */
+    Vqkv__RegionKind kind;
+    int fd; /* a dup of the caller's memfd, or the exported VMM fd; -1 for CUDA IPC */
+    uint8_t ipc_handle[VQKV__CUDA_IPC_HANDLE_BYTES]; /* CUDA IPC */
+    uint8_t gpu_uuid[VQKV__GPU_UUID_BYTES];          /* the CUDA kinds */
     uint64_t bytes, offset;
     vqkv_kv_view_t view;     /* its layer_offsets point into layer_offsets */
     uint64_t *layer_offsets; /* the caller's, copied; NULL for a strided view */
 } vqkv__region_t;
+
+static void vqkv__region_free(vqkv__region_t *r)
+{
+    if (r->fd >= 0)
+        close(r->fd);
+    free(r->layer_offsets);
+    free(r);
+}
 
 /* One wire request of an asynchronous call (vqkv_put_start,
  * vqkv_get_start) awaiting its reply. */
@@ -398,9 +411,7 @@ void vqkv_close(vqkv_client_t *client)
     while (client->regions != NULL) {
         vqkv__region_t *r = client->regions;
         client->regions = r->next;
-        close(r->memfd);
-        free(r->layer_offsets);
-        free(r);
+        vqkv__region_free(r);
     }
     while (client->salts != NULL) {
         vqkv__salt_t *t = client->salts;
@@ -766,13 +777,13 @@ int vqkv_memfd_create(const char *name, uint64_t bytes, int *fd)
     return VQKV_OK;
 }
 
-/* Registers r on the current connection (its memfd sent) and keeps the
- * daemon's handle for it. */
+/* Registers r on the current connection (its fd sent, if it has one) and
+ * keeps the daemon's handle for it. */
 static int vqkv__region_send(vqkv_client_t *c, vqkv__region_t *r)
 {
     Vqkv__RegisterRegion rr = VQKV__REGISTER_REGION__INIT;
     rr.model_handle = r->model->handle;
-    rr.kind = VQKV__REGION_KIND__REGION_KIND_MEMFD;
+    rr.kind = r->kind;
     rr.region_bytes = r->bytes;
     rr.offset = r->offset;
     rr.layer_stride = r->view.layer_stride;
@@ -783,12 +794,17 @@ static int vqkv__region_send(vqkv_client_t *c, vqkv__region_t *r)
     rr.num_slots = r->view.num_slots;
     rr.n_layer_offsets = r->layer_offsets != NULL ? r->model->layout.num_layers : 0;
     rr.layer_offsets = r->layer_offsets;
-    rr.num_fds = 1;
+    rr.num_fds = r->fd >= 0 ? 1 : 0;
+    if (r->kind == VQKV__REGION_KIND__REGION_KIND_CUDA_IPC)
+        rr.cuda_ipc_handle = (ProtobufCBinaryData){sizeof r->ipc_handle, r->ipc_handle};
+    if (r->kind != VQKV__REGION_KIND__REGION_KIND_MEMFD)
+        rr.gpu_uuid = (ProtobufCBinaryData){sizeof r->gpu_uuid, r->gpu_uuid};
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.body_case = VQKV__ENVELOPE__BODY_REGISTER_REGION;
     env.register_region = &rr;
     Vqkv__Envelope *reply;
-    int rc = vqkv__call(c, &env, &r->memfd, 1, VQKV__ENVELOPE__BODY_REGION_REGISTERED, &reply);
+    int rc =
+        vqkv__call(c, &env, &r->fd, rr.num_fds, VQKV__ENVELOPE__BODY_REGION_REGISTERED, &reply);
     if (rc != VQKV_OK)
         return rc;
     r->daemon_handle = reply->region_registered->region_handle;
@@ -810,6 +826,47 @@ static int vqkv__region_handle(vqkv_client_t *c, vqkv_region_t region, uint64_t 
                       (unsigned long long)region);
 }
 
+/* A region of model with strides, its fd -1 and layer offsets copied; NULL
+ * (the client's error set) when out of memory. */
+static vqkv__region_t *vqkv__region_new(vqkv_client_t *c, const vqkv_model_t *model,
+                                        const vqkv_kv_view_t *strides)
+{
+    vqkv__region_t *r = calloc(1, sizeof *r);
+    size_t offsets_bytes = model->layout.num_layers * sizeof *r->layer_offsets;
+    if (r != NULL && strides->layer_offsets != NULL &&
+        (r->layer_offsets = malloc(offsets_bytes)) == NULL) {
+        free(r);
+        r = NULL;
+    }
+    if (r == NULL) {
+        vqkv__fail(c, VQKV_ENOMEM, "register region: out of memory");
+        return NULL;
+    }
+    if (strides->layer_offsets != NULL)
+        memcpy(r->layer_offsets, strides->layer_offsets, offsets_bytes);
+    r->fd = -1;
+    r->model = model;
+    r->view = *strides;
+    r->view.layer_offsets = r->layer_offsets;
+    return r;
+}
+
+/* Sends r and, once the daemon took it, gives it the client's next handle;
+ * frees r when it did not. */
+static int vqkv__region_add(vqkv_client_t *c, vqkv__region_t *r, vqkv_region_t *region)
+{
+    int rc = vqkv__region_send(c, r);
+    if (rc != VQKV_OK) {
+        vqkv__region_free(r);
+        return rc;
+    }
+    r->handle = ++c->next_region;
+    r->next = c->regions;
+    c->regions = r;
+    *region = r->handle;
+    return VQKV_OK;
+}
+
 int vqkv_register_memfd_region(vqkv_client_t *client, const vqkv_model_t *model, int memfd,
                                uint64_t bytes, uint64_t offset, const vqkv_kv_view_t *strides,
                                vqkv_region_t *region)
@@ -821,44 +878,62 @@ int vqkv_register_memfd_region(vqkv_client_t *client, const vqkv_model_t *model,
     int rc = vqkv__ready(client);
     if (rc != VQKV_OK)
         return rc;
-    vqkv__region_t *r = calloc(1, sizeof *r);
+    vqkv__region_t *r = vqkv__region_new(client, model, strides);
     if (r == NULL)
-        return vqkv__fail(client, VQKV_ENOMEM, "register_memfd_region: out of memory");
+        return VQKV_ENOMEM;
     /* Our own copy of the fd, to send again after a reconnect. */
-    r->memfd = fcntl(memfd, F_DUPFD_CLOEXEC, 0);
-    if (r->memfd < 0) {
+    r->fd = fcntl(memfd, F_DUPFD_CLOEXEC, 0);
+    if (r->fd < 0) {
         int e = errno;
-        free(r);
+        vqkv__region_free(r);
         return vqkv__fail(client, e == EBADF ? VQKV_EINVAL : VQKV_EIO, "register_memfd_region: %s",
                           strerror(e));
     }
-    r->model = model;
+    r->kind = VQKV__REGION_KIND__REGION_KIND_MEMFD;
     r->bytes = bytes;
     r->offset = offset;
-    r->view = *strides;
-    size_t offsets_bytes = model->layout.num_layers * sizeof *r->layer_offsets;
-    if (strides->layer_offsets != NULL) {
-        r->layer_offsets = malloc(offsets_bytes);
-        if (r->layer_offsets == NULL) {
-            close(r->memfd);
-            free(r);
-            return vqkv__fail(client, VQKV_ENOMEM, "register_memfd_region: out of memory");
-        }
-        memcpy(r->layer_offsets, strides->layer_offsets, offsets_bytes);
+    return vqkv__region_add(client, r, region);
+}
+
+int vqkv_register_cuda_region(vqkv_client_t *client, const vqkv_model_t *model, uint64_t devptr,
+                              uint64_t bytes, const vqkv_kv_view_t *strides, vqkv_region_t *region)
+{
+    if (client == NULL)
+        return VQKV_EINVAL;
+    if (model == NULL || strides == NULL || region == NULL || devptr == 0 || bytes == 0 ||
+        strides->num_slots == 0)
+        return vqkv__fail(client, VQKV_EINVAL, "register_cuda_region: bad argument");
+    /* The daemon checks the view against the whole allocation; here it is
+     * held to the caller's bytes, so it never reaches a neighbouring tensor. */
+    vqkv_kv_view_t within = *strides;
+    within.region_bytes = bytes;
+    within.offset = 0;
+    int rc = vqkv_kv_view_check(&model->layout, &within, strides->num_slots - 1);
+    if (rc != VQKV_OK)
+        return vqkv__fail(client, rc,
+                          "register_cuda_region: the view reaches past the %llu "
+                          "bytes at 0x%llx",
+                          (unsigned long long)bytes, (unsigned long long)devptr);
+    vqkv__cuda_mem_t mem;
+    char why[VQKV__ERR_LEN];
+    rc = vqkv__cuda_describe(devptr, bytes, &mem, why, sizeof why);
+    if (rc != VQKV_OK)
+        return vqkv__fail(client, rc, "register_cuda_region: %s", why);
+    rc = vqkv__ready(client);
+    vqkv__region_t *r = rc == VQKV_OK ? vqkv__region_new(client, model, strides) : NULL;
+    if (r == NULL) {
+        if (mem.fd >= 0)
+            close(mem.fd);
+        return rc != VQKV_OK ? rc : VQKV_ENOMEM;
     }
-    r->view.layer_offsets = r->layer_offsets;
-    rc = vqkv__region_send(client, r);
-    if (rc != VQKV_OK) {
-        close(r->memfd);
-        free(r->layer_offsets);
-        free(r);
-        return rc;
-    }
-    r->handle = ++client->next_region;
-    r->next = client->regions;
-    client->regions = r;
-    *region = r->handle;
-    return VQKV_OK;
+    r->kind = mem.vmm ? VQKV__REGION_KIND__REGION_KIND_CUDA_VMM_FD
+                      : VQKV__REGION_KIND__REGION_KIND_CUDA_IPC;
+    r->fd = mem.fd;
+    r->bytes = mem.alloc_bytes;
+    r->offset = mem.offset;
+    memcpy(r->ipc_handle, mem.ipc_handle, sizeof r->ipc_handle);
+    memcpy(r->gpu_uuid, mem.gpu_uuid, sizeof r->gpu_uuid);
+    return vqkv__region_add(client, r, region);
 }
 
 /* ---- reconnecting ---------------------------------------------------------------- */

@@ -99,11 +99,11 @@
  * hold clients of their own (a lease is read on the client that took it,
  * so the worker looks up again what the scheduler decided to load); a
  * thread that wants several requests in flight uses the *_start calls on
- * its one client rather than more threads. Different clients may be used from different threads at once.
- * vqkv_model_block_keys only reads its model and may be called from any thread
- * while the model's client is open, concurrently with calls on that client
- * (keys computed during a call that reconnects have the old or the new salt).
- * vqkv_memfd_create and vqkv_client_strerror are thread-safe.
+ * its one client rather than more threads. Different clients may be used from different threads at
+ * once. vqkv_model_block_keys only reads its model and may be called from any thread while the
+ * model's client is open, concurrently with calls on that client (keys computed during a call that
+ * reconnects have the old or the new salt). vqkv_memfd_create and vqkv_client_strerror are
+ * thread-safe.
  */
 #ifndef VQKV_H
 #define VQKV_H
@@ -313,6 +313,28 @@ int vqkv_memfd_create(const char *name, uint64_t bytes, int *fd);
 int vqkv_register_memfd_region(vqkv_client_t *client, const vqkv_model_t *model, int memfd,
                                uint64_t bytes, uint64_t offset, const vqkv_kv_view_t *strides,
                                vqkv_region_t *region);
+
+/* Lets the daemon read and write a worker's KV cache in GPU memory: bytes
+ * at devptr (a CUDA device pointer: cudaMalloc, PyTorch's caching
+ * allocator, or the VMM API as PyTorch's expandable segments use it),
+ * laid out as strides says (its region_bytes and offset are ignored; the
+ * view starts at devptr and must lie within bytes: VQKV_ERANGE). The
+ * library asks the CUDA driver, loaded at run time (libcuda.so.1, or the
+ * library $VQKV_LIBCUDA names: neither is needed to load libvqkv), for the
+ * allocation holding devptr and its GPU's UUID, and sends vqkvd either a
+ * legacy IPC handle of the allocation with devptr's offset in it, or, for
+ * VMM memory, the physical allocation exported as a POSIX fd (which must
+ * hold all of the bytes, and be allocated with that handle type).
+ *
+ * VQKV_EDEVICE when the driver cannot be loaded, devptr is not device
+ * memory or a driver call fails (the error names it: vqkv_last_error), and
+ * from a vqkvd that does not own that GPU (a CPU daemon, or one on
+ * another node); otherwise as vqkv_register_memfd_region. Call it from a
+ * thread that can use devptr (the worker's own CUDA context). The memory
+ * must stay allocated until vqkv_close; after a reconnect the region is
+ * registered again from what was sent the first time. */
+int vqkv_register_cuda_region(vqkv_client_t *client, const vqkv_model_t *model, uint64_t devptr,
+                              uint64_t bytes, const vqkv_kv_view_t *strides, vqkv_region_t *region);
 
 /* ---- blocks --------------------------------------------------------------- */
 

@@ -930,6 +930,39 @@ static void test_region_layer_offsets(void **state)
     region_free(&strided);
 }
 
+/* A CUDA region where there is none to be had: bad arguments and a view
+ * past the tensor's bytes are refused before the driver is asked; host
+ * memory is VQKV_EDEVICE, the message naming why (no driver on this
+ * machine, or on a GPU machine, memory CUDA does not own). Nothing was
+ * registered: the client goes on with its memfd regions. */
+static void test_cuda_region_refused(void **state)
+{
+    daemon_t *d = *state;
+    vqkv_client_t *c = connect_ok(d, "cuda-region");
+    vqkv_model_t *m;
+    assert_vqkv(vqkv_register_model(c, MODEL, &layout, "fp16", &m), VQKV_OK);
+    region_t host;
+    region_new(&host, 91);
+    uint64_t ptr = (uint64_t)(uintptr_t)host.base, bytes = host.view.region_bytes;
+    vqkv_region_t h = 0;
+    assert_vqkv(vqkv_register_cuda_region(c, m, 0, bytes, &host.view, &h), VQKV_EINVAL);
+    assert_vqkv(vqkv_register_cuda_region(c, m, ptr, bytes, NULL, &h), VQKV_EINVAL);
+    assert_vqkv(vqkv_register_cuda_region(c, m, ptr, bytes - 1, &host.view, &h), VQKV_ERANGE);
+    if (strstr(vqkv_last_error(c), "view reaches past") == NULL)
+        fail_msg("\"%s\" does not say the view is too large", vqkv_last_error(c));
+    assert_vqkv(vqkv_register_cuda_region(c, m, ptr, bytes, &host.view, &h), VQKV_EDEVICE);
+    const char *why = vqkv_last_error(c);
+    if (strstr(why, "register_cuda_region: ") != why ||
+        (strstr(why, "CUDA driver is not available") == NULL &&
+         strstr(why, "is not device memory") == NULL))
+        fail_msg("\"%s\" does not say why", why);
+    assert_int_equal(h, 0);
+    vqkv_region_t ok;
+    assert_vqkv(vqkv_register_memfd_region(c, m, host.fd, bytes, 0, &host.view, &ok), VQKV_OK);
+    vqkv_close(c);
+    region_free(&host);
+}
+
 /* Started calls: eight puts in flight at once, their completions taken
  * together; gets started on two leases; a synchronous call in between,
  * which must not eat their replies; the socket polled as an engine's loop
@@ -1225,6 +1258,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_concurrent_puts_of_a_chain, setup, teardown),
         cmocka_unit_test_setup_teardown(test_region_shared_by_models, setup, teardown),
         cmocka_unit_test_setup_teardown(test_region_layer_offsets, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_cuda_region_refused, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

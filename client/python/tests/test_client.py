@@ -153,10 +153,45 @@ def test_torch_tensor_shares_the_memory() -> None:
         assert cache.array[1, 0, 2, 3, 1, 5] == 1.5
 
 
-def test_cuda_tensors_wait_for_the_cuda_backend(client: vqkv.Client) -> None:
+class _HostTensorPosingAsCuda:
+    """A tensor's interface over host memory: what libvqkv sees from a CUDA
+    tensor on a machine without a driver, or memory CUDA does not own."""
+
+    is_cuda = True
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array
+
+    def data_ptr(self) -> int:
+        return int(self.array.ctypes.data)
+
+    def numel(self) -> int:
+        return int(self.array.size)
+
+    def element_size(self) -> int:
+        return int(self.array.itemsize)
+
+    def is_contiguous(self) -> bool:
+        return True
+
+
+def test_cuda_tensor_without_a_gpu_is_a_device_error(client: vqkv.Client) -> None:
     model = client.register_model(MODEL, LAYOUT)
-    with pytest.raises(NotImplementedError, match="CUDA backend"):
-        client.register_cuda_tensor(model, object(), vqkv.KVView.vllm(LAYOUT, 1))
+    with pytest.raises(vqkv.InvalidArgumentError, match="CUDA tensor"):
+        client.register_cuda_tensor(model, np.zeros(8, np.float16))
+    fake = _HostTensorPosingAsCuda(np.zeros(LAYOUT.block_values * 3, np.float16))
+    with pytest.raises(vqkv.InvalidArgumentError, match="neither"):
+        client.register_cuda_tensor(model, fake, layout="paged")
+    with pytest.raises(vqkv.OutOfRangeError, match="view reaches past"):
+        client.register_cuda_tensor(model, fake, vqkv.KVView.vllm(LAYOUT, 4))
+    for layout in ("vllm", "split"):
+        with pytest.raises(vqkv.DeviceError) as err:
+            client.register_cuda_tensor(model, fake, layout=layout)
+        assert err.value.name == "VQKV_EDEVICE"
+        assert "CUDA driver is not available" in str(err.value) or "not device memory" in str(err.value)
+    # Nothing was registered; host memory still goes the memfd way.
+    with vqkv.KVCache.create(LAYOUT, 2) as cache:
+        assert client.register_cache(model, cache).handle > 0
 
 
 # ---- block keys ------------------------------------------------------------------------

@@ -31,8 +31,9 @@ Failures raise :class:`VqkvError` (``.code``; ``.name``, the code's C name such
 as ``"VQKV_ECLOSED"``; ``.description``; ``.message``) or one of its
 subclasses. A daemon that cannot be reached (:class:`DaemonUnreachableError`)
 and a connection that broke (:class:`ConnectionLostError`) also raise a
-``ConnectionError``. CUDA memory needs the daemon's CUDA backend, which does
-not exist yet (:meth:`Client.register_cuda_tensor`).
+``ConnectionError``. CUDA memory is registered with
+:meth:`Client.register_cuda_tensor`; serving it needs vqkvd's CUDA backend,
+which does not exist yet: a CPU daemon refuses it (:class:`DeviceError`).
 """
 
 from ._native import LibraryNotFoundError, find_library
@@ -58,6 +59,7 @@ from .errors import (
     ConnectionLostError,
     DaemonTimeoutError,
     DaemonUnreachableError,
+    DeviceError,
     ErrorCode,
     HandleError,
     InvalidArgumentError,
@@ -85,6 +87,7 @@ __all__ = [
     "DType",
     "DaemonTimeoutError",
     "DaemonUnreachableError",
+    "DeviceError",
     "ErrorCode",
     "HandleError",
     "InvalidArgumentError",

@@ -197,6 +197,10 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
         _INT,
         [_P, _P, _INT, ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(KVViewStruct), _U64P],
     ),
+    "vqkv_register_cuda_region": (
+        _INT,
+        [_P, _P, ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(KVViewStruct), _U64P],
+    ),
     "vqkv_put": (_INT, [_P, _P, ctypes.c_uint64, _KEYS, _KEYS, _U32P, ctypes.c_size_t, _P]),
     "vqkv_lookup": (_INT, [_P, _P, _KEYS, ctypes.c_size_t, _SIZEP, _U64P]),
     "vqkv_get": (_INT, [_P, ctypes.c_uint64, ctypes.c_uint64, _U32P, ctypes.c_size_t]),

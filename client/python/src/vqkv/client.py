@@ -592,17 +592,53 @@ class Client:
             raise _call.invalid("the cache's memfd is closed")
         return self.register_memfd(model, cache.fd, cache.size, cache.view)
 
-    def register_cuda_tensor(self, model: Model, tensor: Any, view: KVView) -> Region:
-        """Registering CUDA memory (CUDA IPC handles, VMM fds) needs vqkvd's CUDA backend.
+    def register_cuda_tensor(
+        self, model: Model, tensor: Any, view: KVView | None = None, *, layout: str = "vllm"
+    ) -> Region:
+        """Lets the daemon read and write a KV cache in a CUDA tensor (``vqkv_register_cuda_region``).
 
-        That backend does not exist yet, so this always raises
-        ``NotImplementedError``. On the CPU backend, keep the KV cache in a
-        :class:`vqkv.KVCache` (a memfd) and register it with :meth:`register_cache`.
+        ``tensor`` is a PyTorch CUDA tensor (or anything with ``is_cuda``,
+        ``data_ptr()``, ``numel()`` and ``element_size()``). ``view`` says
+        where the blocks are in it; without one the tensor must be contiguous
+        and is taken whole as ``layout``: ``"vllm"`` (``[layers][2][slots]
+        [tokens][heads][dim]``) or ``"split"`` (K and V per layer,
+        ``[slots][tokens][heads][dim]`` each), with as many slots as fit. The
+        library finds the tensor's allocation through the CUDA driver and
+        sends vqkvd an IPC handle with the tensor's offset, or a VMM fd for
+        PyTorch's expandable segments; the GPU is named by its UUID.
+
+        Raises :class:`vqkv.DeviceError` when there is no CUDA driver, the
+        memory is not device memory, or the daemon does not own that GPU
+        (a CPU daemon); :class:`vqkv.OutOfRangeError` when the view does not
+        fit in the tensor; :class:`vqkv.InvalidArgumentError` for a tensor
+        that is not on a CUDA device.
         """
-        raise NotImplementedError(
-            "CUDA regions need vqkvd's CUDA backend, which this version does not have; "
-            "use a memfd-backed vqkv.KVCache and Client.register_cache on the CPU backend"
+        if not getattr(tensor, "is_cuda", False):
+            raise _call.invalid("register_cuda_tensor takes a CUDA tensor; use register_cache for host memory")
+        nbytes = int(tensor.numel()) * int(tensor.element_size())
+        if view is None:
+            if not tensor.is_contiguous():
+                raise _call.invalid("a tensor without a view must be contiguous")
+            shape = model.layout
+            slots = nbytes // shape.block_bytes
+            if layout == "vllm":
+                view = KVView.vllm(shape, slots)
+            elif layout == "split":
+                view = KVView.split(shape, slots)
+            else:
+                raise _call.invalid(f'layout {layout!r} is neither "vllm" nor "split"')
+        st = view.to_struct()
+        region = ctypes.c_uint64(0)
+        self._invoke(
+            "register_region",
+            "vqkv_register_cuda_region",
+            model.handle,
+            int(tensor.data_ptr()),
+            nbytes,
+            ctypes.byref(st),
+            ctypes.byref(region),
         )
+        return Region(region.value, view)
 
     # ---- blocks ------------------------------------------------------------------
 

@@ -152,6 +152,10 @@ class MapError(VqkvError):
     """``VQKV_EMAP``: the daemon could not open, seal or map the region's memory."""
 
 
+class DeviceError(VqkvError):
+    """``VQKV_EDEVICE``: no CUDA driver or device, a CUDA call failed, or the daemon does not own the GPU."""
+
+
 class DaemonTimeoutError(VqkvError, TimeoutError):
     """``VQKV_EAGAIN``: no reply within the client's timeout (a late one is skipped)."""
 
@@ -184,6 +188,7 @@ _SUBCLASSES: dict[int, type[VqkvError]] = {
     ErrorCode.EPERM: PermissionDeniedError,
     ErrorCode.EQUOTA: QuotaError,
     ErrorCode.EMAP: MapError,
+    ErrorCode.EDEVICE: DeviceError,
     ErrorCode.EAGAIN: DaemonTimeoutError,
     ErrorCode.ECLOSED: ConnectionLostError,
     ErrorCode.ETRUNC: ConnectionLostError,
