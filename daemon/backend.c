@@ -1,10 +1,10 @@
 /* backend.c -- the backend factory (backend.h): the configured device
- * names the backend, and the backend supplies the pool's arena. Only the
- * CPU backend is built into vqkvd so far, so "auto" means the CPU and
- * "cuda:N" is refused with a message that says so; a CUDA backend adds its
- * case here and nowhere else.
+ * names the backend, and the backend supplies the pool's arena; and the
+ * checks every backend's regions pass first. A vqkvd built without CUDA
+ * refuses "cuda:N" with a message that says so, and "auto" is the CPU.
  */
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "backend.h"
@@ -67,24 +67,56 @@ void vqkvd_gpu_uuid_format(const uint8_t uuid[16], char out[VQKVD_GPU_UUID_TEXT]
     *o = '\0';
 }
 
-int vqkvd_backend_check(const char *device, char *why, size_t why_size)
+#ifdef VQKVD_CUDA
+#define VQKVD__HAVE_CUDA 1
+#else
+#define VQKVD__HAVE_CUDA 0
+/* Never called: the factory only names the CUDA backend when it is built. */
+int vqkvd_backend_cuda_create(int ordinal, uint64_t arena_bytes, uint64_t chunk_bytes,
+                              vqkvd_backend_t **be, vqkvd_arena_t *arena, char *why,
+                              size_t why_size)
 {
-    if (device == NULL || strcmp(device, "cpu") == 0 || strcmp(device, "auto") == 0)
-        return VQKV_OK;
-    snprintf(why, why_size, "device %s: this vqkvd has no CUDA backend; use --device cpu", device);
+    (void)ordinal, (void)arena_bytes, (void)chunk_bytes, (void)be, (void)arena;
+    snprintf(why, why_size, "this vqkvd has no CUDA backend");
     return VQKV_EINVAL;
 }
 
-int vqkvd_backend_create(const char *device, uint64_t arena_bytes, uint64_t chunk_bytes,
-                         vqkvd_backend_t **be, vqkvd_arena_t *arena, char *why, size_t why_size)
+int vqkvd_backend_cuda_count(void)
 {
-    *be = NULL;
-    int rc = vqkvd_backend_check(device, why, why_size);
-    if (rc != VQKV_OK)
-        return rc;
-    if (device != NULL && strcmp(device, "auto") == 0)
-        vqkvd_log(VQKVD_LOG_INFO, "device auto: no CUDA backend is built in; using the CPU");
-    rc = vqkvd_arena_init_cpu(arena, arena_bytes, chunk_bytes);
+    return 0;
+}
+#endif
+
+/* The GPU ordinal of "cuda:N", or -1 for "cpu" and "auto" (checked by
+ * vqkvd_config_check_device, so N fits an int). */
+static int vqkvd__backend_ordinal(const char *device)
+{
+    return device != NULL && strncmp(device, "cuda:", 5) == 0 ? atoi(device + 5) : -1;
+}
+
+int vqkvd_backend_check(const char *device, char *why, size_t why_size)
+{
+    int ordinal = vqkvd__backend_ordinal(device);
+    if (ordinal < 0)
+        return VQKV_OK;
+    if (!VQKVD__HAVE_CUDA) {
+        snprintf(why, why_size, "device %s: this vqkvd has no CUDA backend; use --device cpu",
+                 device);
+        return VQKV_EINVAL;
+    }
+    int gpus = vqkvd_backend_cuda_count();
+    if (ordinal < gpus)
+        return VQKV_OK;
+    snprintf(why, why_size, "device %s: this machine has %d CUDA device%s%s", device, gpus,
+             gpus == 1 ? "" : "s", gpus == 0 ? "; use --device cpu" : "");
+    return VQKV_EINVAL;
+}
+
+static int vqkvd__backend_create_cpu(uint64_t arena_bytes, uint64_t chunk_bytes,
+                                     vqkvd_backend_t **be, vqkvd_arena_t *arena, char *why,
+                                     size_t why_size)
+{
+    int rc = vqkvd_arena_init_cpu(arena, arena_bytes, chunk_bytes);
     if (rc != VQKV_OK) {
         snprintf(why, why_size, "cannot make a pool of %llu bytes: %s%s",
                  (unsigned long long)arena_bytes, vqkv_strerror(rc),
@@ -97,4 +129,29 @@ int vqkvd_backend_create(const char *device, uint64_t arena_bytes, uint64_t chun
         snprintf(why, why_size, "cannot make the cpu backend: %s", vqkv_strerror(rc));
     }
     return rc;
+}
+
+/* "auto" is the first GPU when there is one (one GPU per vqkvd so far),
+ * else the CPU. */
+int vqkvd_backend_create(const char *device, uint64_t arena_bytes, uint64_t chunk_bytes,
+                         vqkvd_backend_t **be, vqkvd_arena_t *arena, char *why, size_t why_size)
+{
+    *be = NULL;
+    int rc = vqkvd_backend_check(device, why, why_size);
+    if (rc != VQKV_OK)
+        return rc;
+    int ordinal = vqkvd__backend_ordinal(device);
+    if (device != NULL && strcmp(device, "auto") == 0) {
+        int gpus = vqkvd_backend_cuda_count();
+        if (gpus > 0)
+            ordinal = 0;
+        vqkvd_log(VQKVD_LOG_INFO, "device auto: %s",
+                  !VQKVD__HAVE_CUDA ? "no CUDA backend is built in; using the CPU"
+                  : gpus == 0       ? "no CUDA device; using the CPU"
+                                    : "using cuda:0");
+    }
+    if (ordinal >= 0)
+        return vqkvd_backend_cuda_create(ordinal, arena_bytes, chunk_bytes, be, arena, why,
+                                         why_size);
+    return vqkvd__backend_create_cpu(arena_bytes, chunk_bytes, be, arena, why, why_size);
 }

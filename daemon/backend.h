@@ -32,9 +32,17 @@
 
 /* Worker memory a backend opened. */
 typedef struct {
-    uint8_t *base; /* where view offsets start (CPU: the host mapping) */
+    uint8_t *base; /* where view offsets start (CPU: the host mapping; CUDA: a device address) */
     size_t bytes;  /* the region's size, all of it reachable from base */
+    uint64_t vmm_handle; /* CUDA: the imported VMM allocation; 0 for other kinds */
 } vqkvd_region_mem_t;
+
+/* A GPU a backend serves, for Welcome.devices and the logs. */
+typedef struct {
+    char name[256];   /* "NVIDIA H100 80GB HBM3" */
+    uint8_t uuid[16]; /* cuDeviceGetUuid's */
+    uint64_t pool_bytes;
+} vqkvd_device_t;
 
 /* One request's blocks. Encode reads slots[i] of the view at base into
  * dst[i] with codec, skipping blocks whose dst is NULL (present already,
@@ -77,6 +85,15 @@ typedef struct {
     /* On a thread-pool thread; VQKV_OK or the first block's error. */
     int (*encode)(vqkvd_backend_t *be, vqkvd_batch_t *b);
     int (*decode)(vqkvd_backend_t *be, vqkvd_batch_t *b);
+    /* Copies a stored block between its slot and host memory, for the
+     * work that runs the CPU codecs on stored bytes (calibration samples,
+     * re-encoding the fp16 fallback's blocks). Any thread; VQKV_OK or an
+     * error. */
+    int (*block_read)(vqkvd_backend_t *be, const uint8_t *slot, size_t bytes, void *host);
+    int (*block_write)(vqkvd_backend_t *be, uint8_t *slot, const void *host, size_t bytes);
+    /* true: a batch covers whole blocks (one launch for every layer), so
+     * the session does not split a request by layers over threads. */
+    bool whole_blocks;
     /* On the loop, once for each codec whose codebooks have become final
      * (loaded, received or trained), before any block is encoded with
      * them: a device backend uploads them. The host copy stays the
@@ -90,6 +107,7 @@ typedef struct {
 /* A backend instance; a backend with state of its own embeds this first. */
 struct vqkvd_backend {
     const vqkvd_backend_ops_t *ops;
+    const vqkvd_device_t *device; /* the GPU served; NULL on the CPU */
 };
 
 /* Whether rr's payload has the shape its kind asks for, whatever the
@@ -108,7 +126,8 @@ void vqkvd_gpu_uuid_format(const uint8_t uuid[16], char out[VQKVD_GPU_UUID_TEXT]
 
 /* Whether this vqkvd can serve device ("cpu", "auto" or "cuda:N"):
  * VQKV_OK, or VQKV_EINVAL with why filled ("this vqkvd has no CUDA
- * backend; use --device cpu"). Starts nothing: --check-config asks it. */
+ * backend; use --device cpu", "this machine has 1 CUDA device"). Counts
+ * the GPUs but opens none: --check-config asks it. */
 int vqkvd_backend_check(const char *device, char *why, size_t why_size);
 
 /* The factory: creates the backend of device and the arena of arena_bytes
@@ -121,5 +140,17 @@ int vqkvd_backend_create(const char *device, uint64_t arena_bytes, uint64_t chun
 
 /* Host memory: memfd regions, codecs run on the calling thread. */
 int vqkvd_backend_cpu_create(vqkvd_backend_t **be);
+
+/* vqkvd built with CUDA only (VQKVD_CUDA): GPU ordinal's backend with its
+ * arena of arena_bytes in device memory (one allocation of at most
+ * VQKVD_CUDA_MAX_ALLOC), carved into chunk_bytes chunks. VQKV_OK,
+ * VQKV_EINVAL (no such GPU, sizes), VQKV_ENOMEM or VQKV_EDEVICE, with why
+ * filled and nothing left allocated. */
+#define VQKVD_CUDA_MAX_ALLOC (64ull << 30)
+int vqkvd_backend_cuda_create(int ordinal, uint64_t arena_bytes, uint64_t chunk_bytes,
+                              vqkvd_backend_t **be, vqkvd_arena_t *arena, char *why,
+                              size_t why_size);
+/* GPUs this process sees; 0 without a driver, a device, or CUDA support. */
+int vqkvd_backend_cuda_count(void);
 
 #endif

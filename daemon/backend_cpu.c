@@ -102,6 +102,21 @@ static int vqkvd__cpu_decode(vqkvd_backend_t *be, vqkvd_batch_t *b)
     return VQKV_OK;
 }
 
+static int vqkvd__cpu_block_read(vqkvd_backend_t *be, const uint8_t *slot, size_t bytes, void *host)
+{
+    (void)be;
+    memcpy(host, slot, bytes);
+    return VQKV_OK;
+}
+
+static int vqkvd__cpu_block_write(vqkvd_backend_t *be, uint8_t *slot, const void *host,
+                                  size_t bytes)
+{
+    (void)be;
+    memcpy(slot, host, bytes);
+    return VQKV_OK;
+}
+
 /* The codecs run on the host copy: nothing to upload. */
 static int vqkvd__cpu_codebooks_ready(vqkvd_backend_t *be, const vqkv_codec_t *codec)
 {
@@ -121,6 +136,9 @@ static const vqkvd_backend_ops_t vqkvd__cpu_ops = {
     .region_close = vqkvd__cpu_region_close,
     .encode = vqkvd__cpu_encode,
     .decode = vqkvd__cpu_decode,
+    .block_read = vqkvd__cpu_block_read,
+    .block_write = vqkvd__cpu_block_write,
+    .whole_blocks = false,
     .codebooks_ready = vqkvd__cpu_codebooks_ready,
     .destroy = vqkvd__cpu_destroy,
 };
@@ -132,5 +150,6 @@ int vqkvd_backend_cpu_create(vqkvd_backend_t **be)
     if (*be == NULL)
         return VQKV_ENOMEM;
     (*be)->ops = &vqkvd__cpu_ops;
+    (*be)->device = NULL;
     return VQKV_OK;
 }

@@ -267,7 +267,11 @@ void vqkvd_calib_add(vqkvd_server_t *s, vqkvd_model_t *m, const uint8_t *block)
     struct vqkvd_calib *k = m->calib;
     if (k == NULL || k->training || k->have == k->want)
         return;
-    memcpy(k->samples + (size_t)k->have * m->fallback_bytes, block, m->fallback_bytes);
+    /* On the loop: a memcpy on the CPU, one small device-to-host copy on
+     * a GPU; at most `want` of them per model. */
+    if (s->backend->ops->block_read(s->backend, block, m->fallback_bytes,
+                                    k->samples + (size_t)k->have * m->fallback_bytes) != VQKV_OK)
+        return; /* a sample less; the next put brings another */
     if (++k->have < k->want)
         return;
     int rc = uv_queue_work(s->loop, &k->work, vqkvd__calib_work, vqkvd__calib_after);

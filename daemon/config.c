@@ -79,10 +79,11 @@ const vqkvd_config_key_t vqkvd_config_keys[] = {
         .def = "auto",
         .flag = "device",
         .arg = "DEV",
-        .help = "cpu, auto or cuda:N; this build has the CPU only",
-        .doc = "Where blocks are kept and coded: cpu, auto (a CUDA GPU when this vqkvd has a "
-               "CUDA backend, else the CPU) or cuda:N. This vqkvd has no CUDA backend yet and "
-               "refuses cuda:N.",
+        .help = "cpu, auto (the first GPU, else the CPU) or cuda:N",
+        .doc = "Where blocks are kept and coded: cpu (host memory; workers register memfd "
+               "regions), cuda:N (the memory of GPU N; workers register CUDA memory) or auto "
+               "(cuda:0 when vqkvd is built with CUDA and sees a GPU, else cpu). One GPU per "
+               "vqkvd. A vqkvd built without CUDA refuses cuda:N.",
         VQKVD__STRING(device),
     },
     {

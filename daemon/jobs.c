@@ -181,8 +181,9 @@ static void vqkvd__job_hold(vqkvd_job_t *j)
 static int vqkvd__job_queue(vqkvd_job_t *j)
 {
     uint32_t layers = j->m->layout.num_layers, parts = 1;
-    if ((uint64_t)j->n * j->m->logical_bytes / vqkv_dtype_size(j->m->layout.dtype) >=
-        VQKVD_SPLIT_VALUES)
+    if (!j->c->server->backend->ops->whole_blocks &&
+        (uint64_t)j->n * j->m->logical_bytes / vqkv_dtype_size(j->m->layout.dtype) >=
+            VQKVD_SPLIT_VALUES)
         parts = layers < VQKVD_JOB_PARTS ? layers : VQKVD_JOB_PARTS;
     j->queued_ns = uv_hrtime();
     j->n_parts = j->parts_left = parts;

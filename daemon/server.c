@@ -99,6 +99,15 @@ void vqkvd_client_hello(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame
     w.max_inflight = cfg->max_inflight;
     w.max_regions = cfg->max_regions;
     w.backend = (char *)c->server->backend->ops->name;
+    const vqkvd_device_t *dev = c->server->backend->device;
+    Vqkv__Device device = VQKV__DEVICE__INIT, *devices[1] = {&device};
+    if (dev != NULL) { /* one GPU per vqkvd so far */
+        device.name = (char *)dev->name;
+        device.uuid = (ProtobufCBinaryData){sizeof dev->uuid, (uint8_t *)dev->uuid};
+        device.pool_bytes = dev->pool_bytes;
+        w.n_devices = 1;
+        w.devices = devices;
+    }
     w.tenant = c->tenant;
     w.tenant_salt.data = c->salt;
     w.tenant_salt.len = sizeof c->salt;

@@ -8,7 +8,8 @@
  * to VQKVD_TRANSCODE_BATCH fallback blocks that nothing holds, takes a hold
  * on each (vqkvd_store_hold, so none is evicted) and a slot of the codec's class for
  * it; the job decodes each block into a one-slot scratch cache of the
- * model's layout and encodes it into its new slot; back on the loop, a
+ * model's layout and encodes it into its new slot (on host copies the
+ * backend moves, so a GPU's pool works alike); back on the loop, a
  * block still held by nobody else moves to the new slot and its fallback
  * slot goes back to the pool, while one a lease or a get took meanwhile
  * keeps its fp16 slot until a later batch (a get job reads the slot it
@@ -43,22 +44,35 @@ struct vqkvd_transcode {
     vqkvd__transcode_item_t items[VQKVD_TRANSCODE_BATCH];
 };
 
-/* On a pool thread: touches only the items' slots and immutable codecs. */
+/* On a pool thread: touches only the items' slots and immutable codecs.
+ * The CPU codecs run on host copies of the blocks, which the backend reads
+ * from and writes to their slots (memcpys on the CPU, copies to and from
+ * a GPU's memory there): two block copies each, noise next to a decode
+ * and an encode. */
 static void vqkvd__transcode_work(uv_work_t *w)
 {
     struct vqkvd_transcode *t = w->data;
     const vqkvd_model_t *m = t->model;
+    vqkvd_backend_t *be = t->server->backend;
     vqkv_kv_view_t view;
     vqkv_kv_view_vllm(&view, &m->layout, 1);
     uint8_t *scratch = malloc(view.region_bytes);
+    uint8_t *from = malloc(m->fallback_bytes), *to = malloc(m->block_bytes);
     for (uint32_t i = 0; i < t->n; i++) {
         vqkvd__transcode_item_t *it = &t->items[i];
-        it->rc = scratch == NULL ? VQKV_ENOMEM
-                                 : vqkv_codec_decode(m->fallback, it->src, scratch, &view, 0);
+        it->rc = scratch == NULL || from == NULL || to == NULL ? VQKV_ENOMEM : VQKV_OK;
         if (it->rc == VQKV_OK)
-            it->rc = vqkv_codec_encode(m->codec, scratch, &view, 0, it->dst);
+            it->rc = be->ops->block_read(be, it->src, m->fallback_bytes, from);
+        if (it->rc == VQKV_OK)
+            it->rc = vqkv_codec_decode(m->fallback, from, scratch, &view, 0);
+        if (it->rc == VQKV_OK)
+            it->rc = vqkv_codec_encode(m->codec, scratch, &view, 0, to);
+        if (it->rc == VQKV_OK)
+            it->rc = be->ops->block_write(be, it->dst, to, m->block_bytes);
     }
     free(scratch);
+    free(from);
+    free(to);
 }
 
 static void vqkvd__transcode_start(vqkvd_server_t *s, vqkvd_model_t *m);

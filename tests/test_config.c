@@ -686,22 +686,32 @@ static void test_flags_parse_as_keys(void **state)
     vqkvd_config_file_free(&file);
 }
 
+/* What vqkvd says of a GPU it cannot have: built without CUDA, it has no
+ * backend for any; built with it, no machine has a hundredth GPU. */
+#if VQKV_TEST_CUDA_BUILT
+#define NO_CUDA_99 "device cuda:99: this machine has "
+#define AUTO_WITHOUT_GPU "device auto: "
+#else
+#define NO_CUDA_99 "device cuda:99: this vqkvd has no CUDA backend; use --device cpu"
+#define AUTO_WITHOUT_GPU "device auto: no CUDA backend is built in; using the CPU"
+#endif
+
 static void test_cuda_refused(void **state)
 {
     fixture_t *fx = *state;
     char out[2048], sock[160];
     snprintf(sock, sizeof sock, "%s/vqkv.sock", fx->dir);
-    const char *const args[] = {"--socket", sock, "--device", "cuda:0", NULL};
+    const char *const args[] = {"--socket", sock, "--device", "cuda:99", NULL};
     assert_int_equal(run_vqkvd(fx, args, out, sizeof out), 2);
-    expect_output(out, "this vqkvd has no CUDA backend; use --device cpu");
+    expect_output(out, NO_CUDA_99);
     struct stat st;
     assert_int_equal(lstat(sock, &st), -1);
 
     /* From the file as well, unless a flag before --config overrides it. */
-    write_file(fx->conf, "[vqkvd]\ndevice = cuda:1\n");
+    write_file(fx->conf, "[vqkvd]\ndevice = cuda:99\n");
     const char *const from_file[] = {"--config", fx->conf, "--check-config", NULL};
     assert_int_equal(run_vqkvd(fx, from_file, out, sizeof out), 2);
-    expect_output(out, "device cuda:1: this vqkvd has no CUDA backend");
+    expect_output(out, NO_CUDA_99);
     const char *const overridden[] = {"--device",       "cpu", "--config", fx->conf,
                                       "--check-config", NULL};
     assert_int_equal(run_vqkvd(fx, overridden, out, sizeof out), 0);
@@ -734,7 +744,7 @@ static void test_flags_override_file(void **state)
     char want[256];
     snprintf(want, sizeof want, "state directory %s\n", state_dir);
     expect_output(out, want);
-    expect_output(out, "device auto: no CUDA backend is built in; using the CPU");
+    expect_output(out, AUTO_WITHOUT_GPU);
 }
 
 /* $STATE_DIRECTORY (systemd's StateDirectory=) is the default state

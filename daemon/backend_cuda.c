@@ -1,0 +1,576 @@
+/* backend_cuda.c -- vqkvd's CUDA backend (backend.h): compressed blocks in
+ * the memory of one GPU, workers' paged KV caches opened through CUDA IPC,
+ * and the codec kernels of kernels/cuda run between the two on streams of
+ * the daemon's own. Built only when vqkvd is built with CUDA (VQKVD_CUDA).
+ *
+ * The arena is one cudaMalloc of the pool's size (at most
+ * VQKVD_CUDA_MAX_ALLOC; a larger pool would need one kernel store per
+ * allocation, not needed so far), carved into chunks like the CPU's; a slot
+ * "pointer" is a device address the host never dereferences. A batch's
+ * device addresses become offsets into that one store, which is what the
+ * kernels take.
+ *
+ * Regions. A CUDA_IPC region is opened with cudaIpcOpenMemHandle (the
+ * handle names the allocation; the view's offset finds the tensor in it);
+ * a CUDA_VMM_FD region is imported from its fd (the driver API, reached
+ * through the runtime's entry points so vqkvd links no libcuda), mapped at
+ * an address of the daemon's and made readable and writable by this GPU.
+ * Either is refused unless its gpu_uuid is this GPU's. Both are closed by
+ * region_close, which the session calls after the last job using the
+ * region has finished.
+ *
+ * Streams. Each thread-pool thread runs its requests on a job of its own
+ * (a stream and the scratch for slot lists), taken from a free list under
+ * a mutex and given back after the request has been synchronised, so
+ * requests on different threads overlap on the GPU. A request is one launch
+ * for every block and layer (whole_blocks), so the session does not split
+ * it by layers.
+ *
+ * Failure. A CUDA error fails its request with the error's name. A sticky
+ * error (the context is lost: an illegal address, a launch failure) is
+ * logged and the process exits with status 70, so that systemd restarts
+ * vqkvd instead of it serving from a broken context.
+ */
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include <cuda.h>
+#include <cuda_runtime_api.h>
+
+#include "backend.h"
+#include "log.h"
+#include "vqkv_cuda.h"
+
+/* Slots one job's scratch lists: the most blocks a request names (a Put
+ * or Get is at most 256 MiB of logical KV; 65536 covers 4 KiB blocks). */
+#define VQKVD__CUDA_JOB_BLOCKS 65536
+/* Codecs whose device copies a backend keeps: one per model and fallback. */
+#define VQKVD__CUDA_MAX_CODECS (2 * 1024)
+/* The exit status after a sticky CUDA error (EX_SOFTWARE). */
+#define VQKVD__CUDA_EXIT_STICKY 70
+/* The driver API version the entry points are asked for. */
+#define VQKVD__CUDA_DRIVER_API 12000
+
+typedef struct {
+    CUresult (*import)(CUmemGenericAllocationHandle *, void *, CUmemAllocationHandleType);
+    CUresult (*reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
+    CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long);
+    CUresult (*set_access)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
+    CUresult (*unmap)(CUdeviceptr, size_t);
+    CUresult (*address_free)(CUdeviceptr, size_t);
+    CUresult (*release)(CUmemGenericAllocationHandle);
+    CUresult (*address_range)(CUdeviceptr *, size_t *, CUdeviceptr);
+} vqkvd__cuda_driver_t;
+
+typedef struct vqkvd__cuda_job_entry {
+    struct vqkvd__cuda_job_entry *next;
+    vqkv_cuda_job_t *job;
+    cudaStream_t stream;
+} vqkvd__cuda_job_entry_t;
+
+typedef struct {
+    vqkvd_backend_t base; /* first: the session sees this */
+    vqkvd_device_t info;
+    int ordinal;
+    vqkvd__cuda_driver_t driver;
+    uint8_t *store; /* the arena's device allocation */
+    uint64_t store_bytes;
+    pthread_mutex_t lock; /* jobs and codecs */
+    vqkvd__cuda_job_entry_t *idle_jobs;
+    struct {
+        const vqkv_codec_t *host;
+        vqkv_cuda_codec_t *device;
+    } codecs[VQKVD__CUDA_MAX_CODECS];
+    uint32_t n_codecs;
+} vqkvd__cuda_t;
+
+/* ---- errors ----------------------------------------------------------------- */
+
+/* Errors after which the context cannot be used again. */
+static bool vqkvd__cuda_sticky(cudaError_t err)
+{
+    switch (err) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorHardwareStackError:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorInvalidAddressSpace:
+    case cudaErrorInvalidPc:
+    case cudaErrorAssert:
+    case cudaErrorECCUncorrectable: return true;
+    default: return false;
+    }
+}
+
+/* After a failed CUDA call: exits on a sticky error (see the top). */
+static void vqkvd__cuda_check_context(const char *what)
+{
+    cudaError_t err = cudaPeekAtLastError();
+    if (!vqkvd__cuda_sticky(err))
+        return;
+    vqkvd_log(VQKVD_LOG_ERROR,
+              "%s: %s (%s): the CUDA context is lost; exiting so that vqkvd restarts", what,
+              cudaGetErrorName(err), cudaGetErrorString(err));
+    _exit(VQKVD__CUDA_EXIT_STICKY);
+}
+
+/* VQKV_OK, or VQKV_EDEVICE with why naming the call and the error. */
+static int vqkvd__cuda_rt(cudaError_t err, const char *call, char *why, size_t why_size)
+{
+    if (err == cudaSuccess)
+        return VQKV_OK;
+    snprintf(why, why_size, "%s: %s", call, cudaGetErrorName(err));
+    vqkvd__cuda_check_context(call);
+    return VQKV_EDEVICE;
+}
+
+static int vqkvd__cuda_drv(CUresult err, const char *call, char *why, size_t why_size)
+{
+    if (err == CUDA_SUCCESS)
+        return VQKV_OK;
+    snprintf(why, why_size, "%s: CUDA driver error %d", call, (int)err);
+    return VQKV_EMAP;
+}
+
+int vqkvd_backend_cuda_count(void)
+{
+    return vqkv_cuda_device_count();
+}
+
+/* ---- the arena -------------------------------------------------------------- */
+
+static int vqkvd__cuda_arena_alloc(vqkvd_arena_t *a, void **ptr, uint64_t *offset)
+{
+    if (a->chunks_used >= a->max_chunks)
+        return VQKV_ENOMEM;
+    uint64_t off = (uint64_t)a->chunks_used * a->chunk_bytes;
+    *ptr = a->base + off;
+    *offset = off;
+    a->chunks_used++;
+    return VQKV_OK;
+}
+
+static void vqkvd__cuda_arena_free(vqkvd_arena_t *a)
+{
+    if (a->base != NULL)
+        cudaFree(a->base);
+    a->base = NULL;
+}
+
+static const vqkvd_arena_ops_t vqkvd__cuda_arena_ops = {
+    .name = "cuda",
+    .alloc_chunk = vqkvd__cuda_arena_alloc,
+    .free_all = vqkvd__cuda_arena_free,
+};
+
+/* ---- jobs and device codecs ---------------------------------------------------- */
+
+/* A job for this thread's request: an idle one, or a new one on a stream
+ * of its own. NULL with why filled when CUDA cannot make one. */
+static vqkvd__cuda_job_entry_t *vqkvd__cuda_job_take(vqkvd__cuda_t *g, char *why, size_t why_size)
+{
+    pthread_mutex_lock(&g->lock);
+    vqkvd__cuda_job_entry_t *e = g->idle_jobs;
+    if (e != NULL)
+        g->idle_jobs = e->next;
+    pthread_mutex_unlock(&g->lock);
+    if (e != NULL)
+        return e;
+    e = calloc(1, sizeof *e);
+    if (e == NULL) {
+        snprintf(why, why_size, "out of memory");
+        return NULL;
+    }
+    if (vqkvd__cuda_rt(cudaStreamCreateWithFlags(&e->stream, cudaStreamNonBlocking),
+                       "cudaStreamCreate", why, why_size) != VQKV_OK) {
+        free(e);
+        return NULL;
+    }
+    if (vqkv_cuda_job_create(e->stream, VQKVD__CUDA_JOB_BLOCKS, &e->job) != VQKV_OK) {
+        snprintf(why, why_size, "a job: %s", vqkv_cuda_last_error());
+        cudaStreamDestroy(e->stream);
+        free(e);
+        return NULL;
+    }
+    return e;
+}
+
+static void vqkvd__cuda_job_give(vqkvd__cuda_t *g, vqkvd__cuda_job_entry_t *e)
+{
+    pthread_mutex_lock(&g->lock);
+    e->next = g->idle_jobs;
+    g->idle_jobs = e;
+    pthread_mutex_unlock(&g->lock);
+}
+
+/* codec's device copy, made on first use (codecs without codebooks) or
+ * when its codebooks became final; NULL when CUDA cannot make it. The
+ * codecs live as long as the server, so the host pointer names them. */
+static vqkv_cuda_codec_t *vqkvd__cuda_codec(vqkvd__cuda_t *g, const vqkv_codec_t *codec)
+{
+    vqkv_cuda_codec_t *found = NULL;
+    pthread_mutex_lock(&g->lock);
+    for (uint32_t i = 0; i < g->n_codecs && found == NULL; i++)
+        if (g->codecs[i].host == codec)
+            found = g->codecs[i].device;
+    if (found == NULL && g->n_codecs < VQKVD__CUDA_MAX_CODECS &&
+        vqkv_cuda_codec_create(codec, &found) == VQKV_OK) {
+        g->codecs[g->n_codecs].host = codec;
+        g->codecs[g->n_codecs].device = found;
+        g->n_codecs++;
+    }
+    pthread_mutex_unlock(&g->lock);
+    return found;
+}
+
+/* ---- regions --------------------------------------------------------------------- */
+
+static int vqkvd__cuda_open_ipc(vqkvd__cuda_t *g, const Vqkv__RegisterRegion *rr,
+                                vqkvd_region_mem_t *mem, char *why, size_t why_size)
+{
+    cudaIpcMemHandle_t handle;
+    memcpy(&handle, rr->cuda_ipc_handle.data, sizeof handle);
+    void *ptr = NULL;
+    int rc = vqkvd__cuda_rt(cudaIpcOpenMemHandle(&ptr, handle, cudaIpcMemLazyEnablePeerAccess),
+                            "cudaIpcOpenMemHandle", why, why_size);
+    if (rc != VQKV_OK)
+        return VQKV_EMAP;
+    /* The worker said how large its allocation is; the driver knows. */
+    CUdeviceptr start = 0;
+    size_t size = 0;
+    rc = vqkvd__cuda_drv(g->driver.address_range(&start, &size, (CUdeviceptr)(uintptr_t)ptr),
+                         "cuMemGetAddressRange", why, why_size);
+    if (rc == VQKV_OK && size < rr->region_bytes) {
+        snprintf(why, why_size, "region_bytes %llu is past the allocation's %zu bytes",
+                 (unsigned long long)rr->region_bytes, size);
+        rc = VQKV_ERANGE;
+    }
+    if (rc != VQKV_OK) {
+        cudaIpcCloseMemHandle(ptr);
+        return rc;
+    }
+    mem->base = ptr;
+    mem->bytes = rr->region_bytes;
+    mem->vmm_handle = 0;
+    return VQKV_OK;
+}
+
+static int vqkvd__cuda_open_vmm(vqkvd__cuda_t *g, const Vqkv__RegisterRegion *rr, int fd,
+                                vqkvd_region_mem_t *mem, char *why, size_t why_size)
+{
+    const vqkvd__cuda_driver_t *d = &g->driver;
+    CUmemGenericAllocationHandle h = 0;
+    CUdeviceptr va = 0;
+    size_t size = rr->region_bytes;
+    int rc = vqkvd__cuda_drv(
+        d->import(&h, (void *)(intptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+        "cuMemImportFromShareableHandle (is the fd an exported VMM allocation?)", why, why_size);
+    if (rc != VQKV_OK)
+        return rc;
+    rc = vqkvd__cuda_drv(d->reserve(&va, size, 0, 0, 0), "cuMemAddressReserve", why, why_size);
+    if (rc == VQKV_OK) {
+        rc = vqkvd__cuda_drv(d->map(va, size, 0, h, 0),
+                             "cuMemMap (region_bytes past the "
+                             "allocation?)",
+                             why, why_size);
+        if (rc != VQKV_OK)
+            d->address_free(va, size);
+    }
+    if (rc == VQKV_OK) {
+        CUmemAccessDesc access = {
+            .location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = g->ordinal},
+            .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
+        rc = vqkvd__cuda_drv(d->set_access(va, size, &access, 1), "cuMemSetAccess", why, why_size);
+        if (rc != VQKV_OK) {
+            d->unmap(va, size);
+            d->address_free(va, size);
+        }
+    }
+    if (rc != VQKV_OK) {
+        d->release(h);
+        return rc;
+    }
+    mem->base = (uint8_t *)(uintptr_t)va;
+    mem->bytes = size;
+    mem->vmm_handle = h;
+    return VQKV_OK;
+}
+
+static int vqkvd__cuda_region_open(vqkvd_backend_t *be, const Vqkv__RegisterRegion *rr,
+                                   const int *fds, size_t n_fds, vqkvd_region_mem_t *mem, char *why,
+                                   size_t why_size)
+{
+    vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
+    (void)n_fds; /* as the kind asks: vqkvd_region_payload_check */
+    if (rr->kind == VQKV__REGION_KIND__REGION_KIND_MEMFD) {
+        snprintf(why, why_size,
+                 "this vqkvd serves GPU memory (--device cuda); register the "
+                 "KV cache's CUDA memory, or run a cpu vqkvd for memfd regions");
+        return VQKV_EDEVICE;
+    }
+    if (memcmp(rr->gpu_uuid.data, g->info.uuid, sizeof g->info.uuid) != 0) {
+        char theirs[VQKVD_GPU_UUID_TEXT], ours[VQKVD_GPU_UUID_TEXT];
+        vqkvd_gpu_uuid_format(rr->gpu_uuid.data, theirs);
+        vqkvd_gpu_uuid_format(g->info.uuid, ours);
+        snprintf(why, why_size, "%s is not this vqkvd's GPU (it serves %s)", theirs, ours);
+        return VQKV_EDEVICE;
+    }
+    cudaSetDevice(g->ordinal);
+    if (rr->kind == VQKV__REGION_KIND__REGION_KIND_CUDA_IPC)
+        return vqkvd__cuda_open_ipc(g, rr, mem, why, why_size);
+    return vqkvd__cuda_open_vmm(g, rr, fds[0], mem, why, why_size);
+}
+
+static void vqkvd__cuda_region_close(vqkvd_backend_t *be, vqkvd_region_mem_t *mem)
+{
+    vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
+    cudaSetDevice(g->ordinal);
+    if (mem->vmm_handle != 0) {
+        CUdeviceptr va = (CUdeviceptr)(uintptr_t)mem->base;
+        g->driver.unmap(va, mem->bytes);
+        g->driver.address_free(va, mem->bytes);
+        g->driver.release(mem->vmm_handle);
+    } else {
+        cudaIpcCloseMemHandle(mem->base);
+    }
+    mem->base = NULL;
+}
+
+/* ---- requests --------------------------------------------------------------------- */
+
+/* One launch over runs of blocks with one codec (and for encode, only the
+ * blocks with somewhere to go): their slots and store offsets gathered,
+ * then run and waited for on this thread's job. */
+static int vqkvd__cuda_run(vqkvd__cuda_t *g, vqkvd_batch_t *b, bool encode)
+{
+    char why[160];
+    uint32_t *slots = malloc((size_t)b->n * sizeof *slots);
+    uint64_t *at = malloc((size_t)b->n * sizeof *at);
+    vqkvd__cuda_job_entry_t *e =
+        slots != NULL && at != NULL ? vqkvd__cuda_job_take(g, why, sizeof why) : NULL;
+    int rc = e == NULL ? VQKV_ENOMEM : VQKV_OK;
+    if (e == NULL && slots != NULL && at != NULL) {
+        vqkvd_log(VQKVD_LOG_ERROR, "cuda: %s", why);
+        rc = VQKV_EDEVICE;
+    }
+    cudaSetDevice(g->ordinal);
+    for (uint32_t i = 0, end; rc == VQKV_OK && i < b->n; i = end) {
+        const vqkv_codec_t *codec = encode ? b->codec : b->codecs[i];
+        uint32_t n = 0;
+        for (end = i; end < b->n && (encode || b->codecs[end] == codec); end++) {
+            const uint8_t *slot = encode ? b->dst[end] : b->src[end];
+            if (slot == NULL)
+                continue;
+            slots[n] = b->slots[end];
+            at[n++] = (uint64_t)(slot - g->store);
+        }
+        vqkv_cuda_codec_t *dc = vqkvd__cuda_codec(g, codec);
+        if (dc == NULL) {
+            rc = VQKV_EDEVICE;
+        } else if (n > 0) {
+            rc = encode ? vqkv_cuda_encode(e->job, dc, g->store, g->store_bytes, at, b->base,
+                                           b->view, slots, n)
+                        : vqkv_cuda_decode(e->job, dc, g->store, g->store_bytes, at, b->base,
+                                           b->view, slots, n);
+            if (rc == VQKV_OK)
+                rc = vqkv_cuda_job_sync(e->job);
+        }
+        if (rc != VQKV_OK) {
+            b->failed = i;
+            vqkvd_log(VQKVD_LOG_WARN, "cuda: %s of %u blocks: %s", encode ? "encode" : "decode", n,
+                      vqkv_cuda_last_error());
+            vqkvd__cuda_check_context(encode ? "encode" : "decode");
+        }
+    }
+    if (e != NULL)
+        vqkvd__cuda_job_give(g, e);
+    free(slots);
+    free(at);
+    return rc;
+}
+
+static int vqkvd__cuda_encode(vqkvd_backend_t *be, vqkvd_batch_t *b)
+{
+    return vqkvd__cuda_run((vqkvd__cuda_t *)be, b, true);
+}
+
+static int vqkvd__cuda_decode(vqkvd_backend_t *be, vqkvd_batch_t *b)
+{
+    return vqkvd__cuda_run((vqkvd__cuda_t *)be, b, false);
+}
+
+static int vqkvd__cuda_block_copy(vqkvd__cuda_t *g, void *dst, const void *src, size_t bytes,
+                                  enum cudaMemcpyKind kind)
+{
+    char why[96];
+    cudaSetDevice(g->ordinal);
+    int rc = vqkvd__cuda_rt(cudaMemcpy(dst, src, bytes, kind), "cudaMemcpy", why, sizeof why);
+    if (rc != VQKV_OK)
+        vqkvd_log(VQKVD_LOG_WARN, "cuda: a stored block: %s", why);
+    return rc;
+}
+
+static int vqkvd__cuda_block_read(vqkvd_backend_t *be, const uint8_t *slot, size_t bytes,
+                                  void *host)
+{
+    return vqkvd__cuda_block_copy((vqkvd__cuda_t *)be, host, slot, bytes, cudaMemcpyDeviceToHost);
+}
+
+static int vqkvd__cuda_block_write(vqkvd_backend_t *be, uint8_t *slot, const void *host,
+                                   size_t bytes)
+{
+    return vqkvd__cuda_block_copy((vqkvd__cuda_t *)be, slot, host, bytes, cudaMemcpyHostToDevice);
+}
+
+/* Uploads the final codebooks now, on the loop, so that no request pays
+ * for it; a failure keeps the model on its fp16 fallback. */
+static int vqkvd__cuda_codebooks_ready(vqkvd_backend_t *be, const vqkv_codec_t *codec)
+{
+    vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
+    cudaSetDevice(g->ordinal);
+    if (vqkvd__cuda_codec(g, codec) != NULL)
+        return VQKV_OK;
+    vqkvd_log(VQKVD_LOG_ERROR, "cuda: cannot upload codebooks: %s", vqkv_cuda_last_error());
+    return VQKV_EDEVICE;
+}
+
+static void vqkvd__cuda_destroy(vqkvd_backend_t *be)
+{
+    vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
+    cudaSetDevice(g->ordinal);
+    while (g->idle_jobs != NULL) {
+        vqkvd__cuda_job_entry_t *e = g->idle_jobs;
+        g->idle_jobs = e->next;
+        vqkv_cuda_job_free(e->job);
+        cudaStreamDestroy(e->stream);
+        free(e);
+    }
+    for (uint32_t i = 0; i < g->n_codecs; i++)
+        vqkv_cuda_codec_free(g->codecs[i].device);
+    pthread_mutex_destroy(&g->lock);
+    free(g);
+}
+
+static const vqkvd_backend_ops_t vqkvd__cuda_ops = {
+    .name = "cuda",
+    .region_open = vqkvd__cuda_region_open,
+    .region_close = vqkvd__cuda_region_close,
+    .encode = vqkvd__cuda_encode,
+    .decode = vqkvd__cuda_decode,
+    .block_read = vqkvd__cuda_block_read,
+    .block_write = vqkvd__cuda_block_write,
+    .whole_blocks = true,
+    .codebooks_ready = vqkvd__cuda_codebooks_ready,
+    .destroy = vqkvd__cuda_destroy,
+};
+
+/* ---- creation ---------------------------------------------------------------------- */
+
+/* The driver entry points for VMM regions, through the runtime. */
+static int vqkvd__cuda_driver_load(vqkvd__cuda_driver_t *d, char *why, size_t why_size)
+{
+    static const struct {
+        const char *symbol;
+        size_t offset;
+    } symbols[] = {
+        {"cuMemImportFromShareableHandle", offsetof(vqkvd__cuda_driver_t, import)},
+        {"cuMemAddressReserve", offsetof(vqkvd__cuda_driver_t, reserve)},
+        {"cuMemMap", offsetof(vqkvd__cuda_driver_t, map)},
+        {"cuMemSetAccess", offsetof(vqkvd__cuda_driver_t, set_access)},
+        {"cuMemUnmap", offsetof(vqkvd__cuda_driver_t, unmap)},
+        {"cuMemAddressFree", offsetof(vqkvd__cuda_driver_t, address_free)},
+        {"cuMemRelease", offsetof(vqkvd__cuda_driver_t, release)},
+        {"cuMemGetAddressRange", offsetof(vqkvd__cuda_driver_t, address_range)},
+    };
+    for (size_t i = 0; i < sizeof symbols / sizeof symbols[0]; i++) {
+        void *fn = NULL;
+        enum cudaDriverEntryPointQueryResult found;
+        cudaError_t err = cudaGetDriverEntryPointByVersion(
+            symbols[i].symbol, &fn, VQKVD__CUDA_DRIVER_API, cudaEnableDefault, &found);
+        if (err != cudaSuccess || found != cudaDriverEntryPointSuccess || fn == NULL) {
+            snprintf(why, why_size, "the CUDA driver has no %s", symbols[i].symbol);
+            return VQKV_EDEVICE;
+        }
+        memcpy((char *)d + symbols[i].offset, &fn, sizeof fn);
+    }
+    return VQKV_OK;
+}
+
+/* The device's name and UUID, and the arena's one allocation. */
+static int vqkvd__cuda_device_open(vqkvd__cuda_t *g, uint64_t arena_bytes, char *why,
+                                   size_t why_size)
+{
+    struct cudaDeviceProp prop;
+    int rc = vqkvd__cuda_rt(cudaSetDevice(g->ordinal), "cudaSetDevice", why, why_size);
+    if (rc == VQKV_OK)
+        rc = vqkvd__cuda_rt(cudaGetDeviceProperties(&prop, g->ordinal), "cudaGetDeviceProperties",
+                            why, why_size);
+    if (rc != VQKV_OK)
+        return rc;
+    snprintf(g->info.name, sizeof g->info.name, "%s", prop.name);
+    memcpy(g->info.uuid, prop.uuid.bytes, sizeof g->info.uuid);
+    g->info.pool_bytes = arena_bytes;
+    rc = vqkvd__cuda_driver_load(&g->driver, why, why_size);
+    if (rc != VQKV_OK)
+        return rc;
+    void *store = NULL;
+    cudaError_t err = cudaMalloc(&store, arena_bytes);
+    if (err != cudaSuccess) {
+        snprintf(why, why_size, "cudaMalloc of %llu bytes on %s: %s (lower pool_bytes)",
+                 (unsigned long long)arena_bytes, prop.name, cudaGetErrorName(err));
+        return err == cudaErrorMemoryAllocation ? VQKV_ENOMEM : VQKV_EDEVICE;
+    }
+    g->store = store;
+    g->store_bytes = arena_bytes;
+    return VQKV_OK;
+}
+
+int vqkvd_backend_cuda_create(int ordinal, uint64_t arena_bytes, uint64_t chunk_bytes,
+                              vqkvd_backend_t **be, vqkvd_arena_t *arena, char *why,
+                              size_t why_size)
+{
+    *be = NULL;
+    int n = vqkv_cuda_device_count();
+    if (ordinal < 0 || ordinal >= n) {
+        snprintf(why, why_size, "cuda:%d: this machine has %d CUDA device%s", ordinal, n,
+                 n == 1 ? "" : "s");
+        return VQKV_EINVAL;
+    }
+    if (chunk_bytes == 0 || arena_bytes < chunk_bytes || arena_bytes > VQKVD_CUDA_MAX_ALLOC) {
+        snprintf(why, why_size, "a GPU pool of %llu bytes: between one chunk and %llu GiB",
+                 (unsigned long long)arena_bytes, VQKVD_CUDA_MAX_ALLOC >> 30);
+        return VQKV_EINVAL;
+    }
+    vqkvd__cuda_t *g = calloc(1, sizeof *g);
+    if (g == NULL) {
+        snprintf(why, why_size, "out of memory");
+        return VQKV_ENOMEM;
+    }
+    g->ordinal = ordinal;
+    int rc = vqkvd__cuda_device_open(g, arena_bytes, why, why_size);
+    if (rc != VQKV_OK) {
+        free(g);
+        return rc;
+    }
+    pthread_mutex_init(&g->lock, NULL);
+    g->base.ops = &vqkvd__cuda_ops;
+    g->base.device = &g->info;
+    *arena = (vqkvd_arena_t){
+        .ops = &vqkvd__cuda_arena_ops,
+        .bytes = arena_bytes,
+        .chunk_bytes = chunk_bytes,
+        .max_chunks = (uint32_t)(arena_bytes / chunk_bytes),
+        .fd = -1,
+        .base = g->store,
+    };
+    char uuid[VQKVD_GPU_UUID_TEXT];
+    vqkvd_gpu_uuid_format(g->info.uuid, uuid);
+    vqkvd_log(VQKVD_LOG_INFO, "cuda:%d: %s (%s), a pool of %llu MiB in its memory", ordinal,
+              g->info.name, uuid, (unsigned long long)(arena_bytes >> 20));
+    *be = &g->base;
+    return VQKV_OK;
+}
