@@ -13,7 +13,6 @@
  *               as an fd, host memory and a range past the allocation are
  *               refused
  */
-#include <dlfcn.h>
 #include <errno.h>
 #include <setjmp.h>
 #include <stdarg.h>
@@ -30,8 +29,9 @@
 #include "vqkv_codec.h"
 
 #ifdef VQKV_TEST_GPU
-#include <cuda.h>
 #include <cuda_runtime.h>
+
+#include "cuda_vmm.h"
 #endif
 
 static const char *mode;
@@ -102,68 +102,24 @@ static void check_legacy(void)
     assert_int_equal(cudaFree(p), cudaSuccess);
 }
 
-/* The driver's entry points the VMM check calls, from libcuda.so.1 as
- * libvqkv finds it: the test links the runtime only, so that without a
- * driver it still starts, and skips. */
-static void *driver_fn(const char *name)
-{
-    static void *lib;
-    if (lib == NULL)
-        lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
-    void *fn = lib != NULL ? dlsym(lib, name) : NULL;
-    if (fn == NULL)
-        fail_msg("the driver has no %s", name);
-    return fn;
-}
-
-#define DRIVER(type, name) ((type)driver_fn(#name))
-
 static void check_vmm(void)
 {
-    typedef CUresult (*ctx_get_device_fn)(CUdevice *);
-    typedef CUresult (*granularity_fn)(size_t *, const CUmemAllocationProp *,
-                                       CUmemAllocationGranularity_flags);
-    typedef CUresult (*create_fn)(CUmemGenericAllocationHandle *, size_t,
-                                  const CUmemAllocationProp *, unsigned long long);
-    typedef CUresult (*reserve_fn)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
-    typedef CUresult (*map_fn)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle,
-                               unsigned long long);
-    typedef CUresult (*set_access_fn)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
-    typedef CUresult (*unmap_fn)(CUdeviceptr, size_t);
-    typedef CUresult (*release_fn)(CUmemGenericAllocationHandle);
-    CUdevice dev;
-    assert_int_equal(DRIVER(ctx_get_device_fn, cuCtxGetDevice)(&dev), CUDA_SUCCESS);
-    CUmemAllocationProp prop = {0};
-    prop.type = CU_MEM_ALLOCATION_TYPE_PINNED;
-    prop.location.type = CU_MEM_LOCATION_TYPE_DEVICE;
-    prop.location.id = dev;
-    prop.requestedHandleTypes = CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR;
-    size_t gran = 0;
-    assert_int_equal(DRIVER(granularity_fn, cuMemGetAllocationGranularity)(
-                         &gran, &prop, CU_MEM_ALLOC_GRANULARITY_MINIMUM),
-                     CUDA_SUCCESS);
-    size_t bytes = 4 * gran;
-    CUmemGenericAllocationHandle h;
-    CUdeviceptr va;
-    assert_int_equal(DRIVER(create_fn, cuMemCreate)(&h, bytes, &prop, 0), CUDA_SUCCESS);
-    assert_int_equal(DRIVER(reserve_fn, cuMemAddressReserve)(&va, bytes, 0, 0, 0), CUDA_SUCCESS);
-    assert_int_equal(DRIVER(map_fn, cuMemMap)(va, bytes, 0, h, 0), CUDA_SUCCESS);
-    CUmemAccessDesc access = {.location = prop.location,
-                              .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
-    assert_int_equal(DRIVER(set_access_fn, cuMemSetAccess)(va, bytes, &access, 1), CUDA_SUCCESS);
+    vmm_mem_t vm;
+    CUresult err = vmm_alloc(4u << 21, &vm);
+    if (err != CUDA_SUCCESS)
+        fail_msg("VMM allocation: CUDA driver error %d", (int)err);
+    size_t quarter = vm.bytes / 4;
     vqkv__cuda_mem_t mem;
     char why[256] = "";
-    int rc = vqkv__cuda_describe(va + gran, gran, &mem, why, sizeof why);
+    int rc = vqkv__cuda_describe(vm.va + quarter, quarter, &mem, why, sizeof why);
     if (rc != VQKV_OK)
         fail_msg("VMM memory: %s", why);
     assert_int_equal(mem.vmm, 1);
     assert_true(mem.fd >= 0);
-    assert_int_equal(mem.offset, gran);
-    assert_int_equal(mem.alloc_bytes, bytes);
+    assert_int_equal(mem.offset, quarter);
+    assert_int_equal(mem.alloc_bytes, vm.bytes);
     close(mem.fd);
-    assert_int_equal(DRIVER(unmap_fn, cuMemUnmap)(va, bytes), CUDA_SUCCESS);
-    assert_int_equal(DRIVER(unmap_fn, cuMemAddressFree)(va, bytes), CUDA_SUCCESS);
-    assert_int_equal(DRIVER(release_fn, cuMemRelease)(h), CUDA_SUCCESS);
+    vmm_free(&vm);
 }
 #endif
 

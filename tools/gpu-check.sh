@@ -2,16 +2,21 @@
 # gpu-check.sh -- everything about the CUDA code that only a GPU can prove,
 # in one run on a bare GPU machine: build the codecs with CUDA (kernels only:
 # the daemon's libraries need not be there), run the emulated and the real
-# kernel tests (ctest label gpu), the same GPU test under compute-sanitizer
-# memcheck, racecheck and initcheck, and bench/codec_gpu. Logs and JSON go to
+# kernel tests and libvqkv's CUDA driver test (ctest label gpu), the kernel
+# test under compute-sanitizer memcheck, racecheck and initcheck, and
+# bench/codec_gpu; then, when the daemon's libraries are there too, vqkvd's
+# CUDA backend between worker processes (test_cuda_daemon), also with the
+# daemon under memcheck. Logs and JSON go to
 # OUT_DIR (default $OUT, else gpu-check-out); summary.txt lists each step
 # with PASS, FAIL or SKIP. Exits non-zero when any step failed.
 #
 # usage: tools/gpu-check.sh [OUT_DIR]
 #
 # The build's Debian libraries (msgpack, cmocka, libcrypto) come from
-# .devdeps/ when present (its unpack.sh puts them in /opt/deps). Budget: under
-# 8 minutes on an H100/H200, about half of it the sanitizers; each step has a
+# .devdeps/ when present (its unpack.sh puts them in /opt/deps). Budget: the
+# kernel part under 8 minutes on an H100/H200, about half of it the
+# sanitizers; the daemon part is new and not yet timed on a GPU (estimated
+# 3-5 minutes: a full build, 30 s of soak, the memcheck run). Each step has a
 # time limit so one stuck step cannot take the rest with it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,9 +64,11 @@ grep -A3 "Compiling entry function" "$out/build.log" | grep -v "^--" >"$out/ptxa
 
 step ctest-unit 240 ctest --test-dir "$build" -L unit --output-on-failure
 step ctest-gpu 240 ctest --test-dir "$build" -L gpu --output-on-failure
-# ctest counts a skip as no failure: the GPU test must have run.
-grep -q "test_kernels_gpu .*Passed" "$out/ctest-gpu.log" ||
-    { echo "test_kernels_gpu did not pass on this machine" | tee -a "$summary"; failed=1; }
+# ctest counts a skip as no failure: the GPU tests must have run.
+for t in test_kernels_gpu test_cuda_driver_gpu; do
+    grep -q "$t .*Passed" "$out/ctest-gpu.log" ||
+        { echo "$t did not pass on this machine" | tee -a "$summary"; failed=1; }
+done
 
 gpu_test=$build/tests/test_kernels_gpu
 for tool in memcheck racecheck initcheck; do
@@ -73,6 +80,24 @@ done
 
 step codec_gpu 300 "$build/bench/codec_gpu" --json "$out/codec_gpu.json"
 cp "$out/codec_gpu.log" "$out/codec_gpu.txt" 2>/dev/null
+
+# The daemon's CUDA backend between worker processes needs the whole build,
+# so the daemon's libraries too (fetch-debs.sh with libmicrohttpd-dev,
+# libjson-c-dev, libssl-dev among its packages); without them it is skipped
+# and says so. The worker soak is shortened under memcheck.
+if pkg-config --exists libuv libprotobuf-c libmicrohttpd libsystemd inih json-c libcrypto; then
+    full=build-gpu-full
+    step configure-full 120 cmake -S . -B "$full" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+        -DVQKV_CUDA=ON -DVQKV_WERROR=OFF &&
+        step build-full 300 cmake --build "$full" -j"$jobs" --target test_cuda_daemon &&
+        {
+            VQKV_GPU_SOAK_S=30 step cuda-daemon 180 "$full/tests/test_cuda_daemon"
+            VQKV_GPU_SOAK_S=5 VQKV_DAEMON_WRAPPER="compute-sanitizer --tool memcheck --error-exitcode 1" \
+                step cuda-daemon-memcheck 240 "$full/tests/test_cuda_daemon"
+        }
+else
+    echo "cuda-daemon            SKIP (the daemon's libraries are not in .devdeps)" | tee -a "$summary"
+fi
 
 cat "$out/device.txt"
 cat "$out/codec_gpu.txt" 2>/dev/null

@@ -1,0 +1,355 @@
+/* test_cuda_daemon.c -- vqkvd's CUDA backend between worker processes on a
+ * real GPU (label gpu; exits 77, skipped, without a GPU). vqkvd runs with
+ * --device cuda:0; every worker is a process of its own that allocates a
+ * paged fp16 KV cache in GPU memory, registers it through libvqkv
+ * (vqkv_register_cuda_region) and puts or gets blocks; every byte a get
+ * wrote is checked against what the writer put (fp16 is lossless).
+ *
+ *   - a cudaMalloc cache (legacy IPC), the same with the tensor 4 KiB into
+ *     its allocation, and a VMM cache exported as an fd;
+ *   - a worker SIGKILLed right after starting a get: its regions are closed
+ *     (the daemon's region count goes back to 0) and the daemon serves on;
+ *   - VQKV_GPU_SOAK_S seconds (default 30) of 8 workers putting, looking up
+ *     and getting blocks of their own.
+ *
+ * The parent never touches CUDA (a process that did cannot fork workers that
+ * use it); the device check runs in a child too.
+ */
+#include <errno.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <cmocka.h>
+#include <cuda_runtime.h>
+
+#include "cuda_vmm.h"
+#include "libvqkv_harness.h"
+#include "vqkv_cuda.h"
+
+#define MODEL "test/cuda-daemon@1"
+#define SLOTS 32
+#define BLOCKS 8
+#define WORKERS 8
+#define TOKENS_PER_BLOCK 16
+
+static const vqkv_layout_t layout = {4, 2, 64, TOKENS_PER_BLOCK, VQKV_DTYPE_F16};
+
+typedef enum { CACHE_MALLOC, CACHE_AT_OFFSET, CACHE_VMM } cache_kind_t;
+
+/* A worker's cache on the GPU and its host image. */
+typedef struct {
+    cache_kind_t kind;
+    vqkv_kv_view_t view;
+    void *alloc; /* cudaMalloc'd, or NULL */
+    vmm_mem_t vmm;
+    uint8_t *tensor; /* where the view starts on the device */
+    uint8_t *host;   /* view.region_bytes */
+} cache_t;
+
+/* Failing a worker: a message and exit status 1, which the parent reports. */
+static void worker_fail(const char *fmt, ...) __attribute__((format(printf, 1, 2), noreturn));
+static void worker_fail(const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    fprintf(stderr, "worker %d: ", (int)getpid());
+    vfprintf(stderr, fmt, ap);
+    fputc('\n', stderr);
+    va_end(ap);
+    _exit(1);
+}
+
+#define WORKER_CHECK(cond, ...)                                                                    \
+    do {                                                                                           \
+        if (!(cond))                                                                               \
+            worker_fail(__VA_ARGS__);                                                              \
+    } while (0)
+
+static void cache_new(cache_t *k, cache_kind_t kind, unsigned seed)
+{
+    memset(k, 0, sizeof *k);
+    k->kind = kind;
+    vqkv_kv_view_vllm(&k->view, &layout, SLOTS);
+    size_t bytes = k->view.region_bytes, skip = kind == CACHE_AT_OFFSET ? 4096 : 0;
+    if (kind == CACHE_VMM) {
+        CUresult err = vmm_alloc(bytes, &k->vmm);
+        WORKER_CHECK(err == CUDA_SUCCESS, "VMM allocation: driver error %d", (int)err);
+        k->tensor = (uint8_t *)(uintptr_t)k->vmm.va;
+    } else {
+        cudaError_t err = cudaMalloc(&k->alloc, bytes + skip);
+        WORKER_CHECK(err == cudaSuccess, "cudaMalloc: %s", cudaGetErrorName(err));
+        k->tensor = (uint8_t *)k->alloc + skip;
+    }
+    k->host = malloc(bytes);
+    WORKER_CHECK(k->host != NULL, "out of memory");
+    srand(seed);
+    uint16_t *v = (uint16_t *)k->host;
+    for (size_t i = 0; i < bytes / 2; i++) {
+        float x = (float)rand() / (float)RAND_MAX * 4.0f - 2.0f;
+        vqkv_dtype_from_f32(VQKV_DTYPE_F16, &x, 1, &v[i]);
+    }
+    cudaError_t err = cudaMemcpy(k->tensor, k->host, bytes, cudaMemcpyHostToDevice);
+    WORKER_CHECK(err == cudaSuccess, "cudaMemcpy: %s", cudaGetErrorName(err));
+}
+
+static void cache_pull(cache_t *k)
+{
+    cudaError_t err = cudaMemcpy(k->host, k->tensor, k->view.region_bytes, cudaMemcpyDeviceToHost);
+    WORKER_CHECK(err == cudaSuccess, "cudaMemcpy back: %s", cudaGetErrorName(err));
+}
+
+/* Block `slot` of a equals block `other` of b, byte for byte. */
+static bool cache_block_equal(const cache_t *a, uint32_t slot, const cache_t *b, uint32_t other)
+{
+    for (uint32_t l = 0; l < layout.num_layers; l++)
+        for (uint32_t kv = 0; kv < 2; kv++) {
+            uint64_t at = l * a->view.layer_stride + kv * a->view.kv_stride;
+            if (memcmp(a->host + at + slot * a->view.slot_stride,
+                       b->host + at + other * b->view.slot_stride, a->view.slot_stride) != 0)
+                return false;
+        }
+    return true;
+}
+
+/* Connects, registers the model and the cache; the block keys of seq. */
+static vqkv_client_t *worker_open(const char *sock, cache_t *k, vqkv_model_t **m, vqkv_region_t *r,
+                                  unsigned seq, uint8_t (*keys)[VQKV_KEY_BYTES])
+{
+    vqkv_client_t *c = NULL;
+    WORKER_CHECK(vqkv_connect(sock, "gpu-worker", 10000, &c) == VQKV_OK, "connect");
+    WORKER_CHECK(vqkv_register_model(c, MODEL, &layout, "fp16", m) == VQKV_OK, "model: %s",
+                 vqkv_last_error(c));
+    int rc = vqkv_register_cuda_region(c, *m, (uint64_t)(uintptr_t)k->tensor, k->view.region_bytes,
+                                       &k->view, r);
+    WORKER_CHECK(rc == VQKV_OK, "register_cuda_region: %s", vqkv_last_error(c));
+    uint32_t tokens[BLOCKS * TOKENS_PER_BLOCK];
+    for (uint32_t i = 0; i < BLOCKS * TOKENS_PER_BLOCK; i++)
+        tokens[i] = seq * 100000u + i;
+    size_t n = 0;
+    rc = vqkv_model_block_keys(*m, NULL, tokens, BLOCKS * TOKENS_PER_BLOCK, NULL, 0, keys, BLOCKS,
+                               &n);
+    WORKER_CHECK(rc == VQKV_OK && n == BLOCKS, "block keys");
+    return c;
+}
+
+/* Puts slots 0..BLOCKS-1 of a cache of seed under the keys of seq. */
+static void worker_put(const char *sock, cache_kind_t kind, unsigned seed, unsigned seq)
+{
+    cache_t k;
+    cache_new(&k, kind, seed);
+    vqkv_model_t *m;
+    vqkv_region_t r;
+    uint8_t keys[BLOCKS][VQKV_KEY_BYTES];
+    vqkv_client_t *c = worker_open(sock, &k, &m, &r, seq, keys);
+    uint32_t slots[BLOCKS];
+    for (uint32_t i = 0; i < BLOCKS; i++)
+        slots[i] = i;
+    int rc = vqkv_put(c, m, r, keys, NULL, slots, BLOCKS, NULL);
+    WORKER_CHECK(rc == BLOCKS, "put: %d %s", rc, vqkv_last_error(c));
+    vqkv_close(c);
+}
+
+/* Gets the blocks of seq into slots SLOTS-1 down, and checks them against
+ * the cache the writer of seed made. */
+static void worker_get(const char *sock, cache_kind_t kind, unsigned seed, unsigned seq)
+{
+    cache_t k, want;
+    cache_new(&k, kind, seed + 1000);
+    cache_new(&want, CACHE_MALLOC, seed);
+    vqkv_model_t *m;
+    vqkv_region_t r;
+    uint8_t keys[BLOCKS][VQKV_KEY_BYTES];
+    vqkv_client_t *c = worker_open(sock, &k, &m, &r, seq, keys);
+    size_t found = 0;
+    vqkv_lease_t lease;
+    WORKER_CHECK(vqkv_lookup(c, m, keys, BLOCKS, &found, &lease) == VQKV_OK && found == BLOCKS,
+                 "lookup found %zu: %s", found, vqkv_last_error(c));
+    uint32_t slots[BLOCKS];
+    for (uint32_t i = 0; i < BLOCKS; i++)
+        slots[i] = SLOTS - 1 - i;
+    int rc = vqkv_get(c, lease, r, slots, BLOCKS);
+    WORKER_CHECK(rc == BLOCKS, "get: %d %s", rc, vqkv_last_error(c));
+    vqkv_release(c, lease);
+    cache_pull(&k);
+    for (uint32_t i = 0; i < BLOCKS; i++)
+        WORKER_CHECK(cache_block_equal(&k, SLOTS - 1 - i, &want, i), "block %u differs", i);
+    vqkv_close(c);
+}
+
+/* Starts a get and dies with it in flight. */
+static void worker_die_in_get(const char *sock, unsigned seed, unsigned seq)
+{
+    cache_t k;
+    cache_new(&k, CACHE_MALLOC, seed);
+    vqkv_model_t *m;
+    vqkv_region_t r;
+    uint8_t keys[BLOCKS][VQKV_KEY_BYTES];
+    vqkv_client_t *c = worker_open(sock, &k, &m, &r, seq, keys);
+    size_t found = 0;
+    vqkv_lease_t lease;
+    WORKER_CHECK(vqkv_lookup(c, m, keys, BLOCKS, &found, &lease) == VQKV_OK, "lookup");
+    uint32_t slots[BLOCKS];
+    for (uint32_t i = 0; i < BLOCKS; i++)
+        slots[i] = i;
+    vqkv_request_t req;
+    WORKER_CHECK(vqkv_get_start(c, lease, r, slots, found, &req) == VQKV_OK, "get_start");
+    raise(SIGKILL);
+}
+
+/* Puts, looks up and gets its own sequences until the deadline. */
+static void worker_soak(const char *sock, unsigned index, long until_ms)
+{
+    for (unsigned round = 0; now_ms() < until_ms; round++) {
+        unsigned seq = 1000 + index * 10000 + round;
+        worker_put(sock, (cache_kind_t)(round % 3), seq, seq);
+        worker_get(sock, (cache_kind_t)((round + 1) % 3), seq, seq);
+    }
+}
+
+/* Runs fn in a child with CUDA on device 0; returns its exit status. */
+typedef void (*worker_fn)(const daemon_t *d, unsigned arg);
+
+static pid_t worker_spawn(worker_fn fn, const daemon_t *d, unsigned arg)
+{
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        if (cudaSetDevice(0) != cudaSuccess)
+            _exit(77);
+        fn(d, arg);
+        _exit(0);
+    }
+    return pid;
+}
+
+static int worker_run(worker_fn fn, const daemon_t *d, unsigned arg)
+{
+    return wait_exit(worker_spawn(fn, d, arg));
+}
+
+static void put_malloc(const daemon_t *d, unsigned s)
+{
+    worker_put(d->path, CACHE_MALLOC, s, s);
+}
+static void get_malloc(const daemon_t *d, unsigned s)
+{
+    worker_get(d->path, CACHE_MALLOC, s, s);
+}
+static void put_offset(const daemon_t *d, unsigned s)
+{
+    worker_put(d->path, CACHE_AT_OFFSET, s, s);
+}
+static void get_offset(const daemon_t *d, unsigned s)
+{
+    worker_get(d->path, CACHE_AT_OFFSET, s, s);
+}
+static void put_vmm(const daemon_t *d, unsigned s)
+{
+    worker_put(d->path, CACHE_VMM, s, s);
+}
+static void get_vmm(const daemon_t *d, unsigned s)
+{
+    worker_get(d->path, CACHE_VMM, s, s);
+}
+static void die_in_get(const daemon_t *d, unsigned s)
+{
+    worker_die_in_get(d->path, s, s);
+}
+
+static long soak_until;
+static void soak(const daemon_t *d, unsigned i)
+{
+    worker_soak(d->path, i, soak_until);
+}
+
+static int setup_cuda(void **state)
+{
+    daemon_t *d = calloc(1, sizeof *d);
+    assert_non_null(d);
+    *state = d;
+    const char *const extra[] = {"--device", "cuda:0", "--pool-bytes", "256M", NULL};
+    daemon_start(d, extra);
+    return 0;
+}
+
+/* One worker puts, another gets into its own memory; then the caches
+ * swap kinds, so every pair of region kinds meets. */
+static void test_put_get_between_processes(void **state)
+{
+    const daemon_t *d = *state;
+    assert_int_equal(worker_run(put_malloc, d, 1), 0);
+    assert_int_equal(worker_run(get_malloc, d, 1), 0);
+    assert_int_equal(worker_run(put_offset, d, 2), 0);
+    assert_int_equal(worker_run(get_vmm, d, 2), 0);
+    assert_int_equal(worker_run(put_vmm, d, 3), 0);
+    assert_int_equal(worker_run(get_offset, d, 3), 0);
+}
+
+static void test_worker_killed_in_get(void **state)
+{
+    const daemon_t *d = *state;
+    assert_int_equal(worker_run(put_malloc, d, 4), 0);
+    int status = wait_exit(worker_spawn(die_in_get, d, 4));
+    assert_true(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
+    vqkv_client_t *c = NULL;
+    assert_vqkv(vqkv_connect(d->path, "gpu-watch", 10000, &c), VQKV_OK);
+    vqkv_stats_t st;
+    /* The get may still be running; its region closes once it is done. */
+    for (long deadline = now_ms() + 5000;; sleep_ms(20)) {
+        assert_vqkv(vqkv_stats(c, &st), VQKV_OK);
+        if (st.regions == 0 || now_ms() > deadline)
+            break;
+    }
+    assert_int_equal(st.regions, 0);
+    vqkv_close(c);
+    assert_int_equal(worker_run(get_malloc, d, 4), 0); /* and it serves on */
+}
+
+static void test_soak(void **state)
+{
+    const daemon_t *d = *state;
+    const char *env = getenv("VQKV_GPU_SOAK_S");
+    soak_until = now_ms() + 1000L * (env != NULL ? atol(env) : 30);
+    pid_t pids[WORKERS];
+    for (unsigned i = 0; i < WORKERS; i++)
+        pids[i] = worker_spawn(soak, d, i);
+    for (unsigned i = 0; i < WORKERS; i++) { /* longer than wait_exit's deadline */
+        int status = -1;
+        assert_int_equal(waitpid(pids[i], &status, 0), pids[i]);
+        assert_int_equal(status, 0);
+    }
+}
+
+/* Whether a worker would find a GPU; asked in a child (see the top). */
+static bool gpu_present(void)
+{
+    pid_t pid = fork();
+    if (pid == 0)
+        _exit(vqkv_cuda_device_count() > 0 ? 0 : 77);
+    int status = 0;
+    return pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) &&
+           WEXITSTATUS(status) == 0;
+}
+
+int main(void)
+{
+    if (!gpu_present()) {
+        fprintf(stderr, "SKIPPED: no CUDA device\n");
+        return 77;
+    }
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test_setup_teardown(test_put_get_between_processes, setup_cuda, teardown),
+        cmocka_unit_test_setup_teardown(test_worker_killed_in_get, setup_cuda, teardown),
+        cmocka_unit_test_setup_teardown(test_soak, setup_cuda, teardown),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
