@@ -1094,7 +1094,7 @@ static void vqkv__put_env(const vqkv_model_t *model, uint64_t region, ProtobufCB
 static int vqkv__put_part(vqkv_client_t *c, const vqkv_model_t *model, vqkv_region_t region,
                           ProtobufCBinaryData *keys, ProtobufCBinaryData *parents,
                           const uint32_t *slots, size_t n, vqkv_put_status_t *statuses,
-                          size_t *sent)
+                          const vqkv_cuda_event_t *event, size_t *sent)
 {
     int rc;
     for (int attempt = 0;; attempt++) {
@@ -1109,6 +1109,8 @@ static int vqkv__put_part(vqkv_client_t *c, const vqkv_model_t *model, vqkv_regi
         Vqkv__Put put;
         Vqkv__Envelope env;
         vqkv__put_env(model, daemon_region, keys, parents, slots, *sent, &put, &env);
+        if (event != NULL)
+            put.cuda_event = (ProtobufCBinaryData){sizeof event->bytes, (uint8_t *)event->bytes};
         Vqkv__Envelope *r;
         rc = vqkv__call(c, &env, NULL, 0, VQKV__ENVELOPE__BODY_PUT_DONE, &r);
         if (vqkv__again(rc, attempt))
@@ -1130,9 +1132,12 @@ static int vqkv__put_part(vqkv_client_t *c, const vqkv_model_t *model, vqkv_regi
     }
 }
 
-int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t region,
-             const uint8_t (*keys)[VQKV_KEY_BYTES], const uint8_t (*parents)[VQKV_KEY_BYTES],
-             const uint32_t *slots, size_t n, vqkv_put_status_t *statuses)
+/* vqkv_put and vqkv_put_after_event: every part of the put carries the
+ * event, which waiting on again costs nothing. */
+static int vqkv__put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t region,
+                     const uint8_t (*keys)[VQKV_KEY_BYTES],
+                     const uint8_t (*parents)[VQKV_KEY_BYTES], const uint32_t *slots, size_t n,
+                     vqkv_put_status_t *statuses, const vqkv_cuda_event_t *event)
 {
     if (client == NULL)
         return VQKV_EINVAL;
@@ -1146,7 +1151,7 @@ int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t reg
     do {
         size_t sent = 0;
         rc = vqkv__put_part(client, model, region, k + done, p + done, n > 0 ? slots + done : slots,
-                            n - done, statuses != NULL ? statuses + done : NULL, &sent);
+                            n - done, statuses != NULL ? statuses + done : NULL, event, &sent);
         if (rc < 0)
             break;
         stored += rc;
@@ -1155,6 +1160,23 @@ int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t reg
     free(k);
     free(p);
     return rc < 0 ? rc : stored;
+}
+
+int vqkv_put(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t region,
+             const uint8_t (*keys)[VQKV_KEY_BYTES], const uint8_t (*parents)[VQKV_KEY_BYTES],
+             const uint32_t *slots, size_t n, vqkv_put_status_t *statuses)
+{
+    return vqkv__put(client, model, region, keys, parents, slots, n, statuses, NULL);
+}
+
+int vqkv_put_after_event(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t region,
+                         const uint8_t (*keys)[VQKV_KEY_BYTES],
+                         const uint8_t (*parents)[VQKV_KEY_BYTES], const uint32_t *slots, size_t n,
+                         vqkv_put_status_t *statuses, const vqkv_cuda_event_t *event)
+{
+    if (client != NULL && event == NULL)
+        return vqkv__fail(client, VQKV_EINVAL, "put_after_event: no event");
+    return vqkv__put(client, model, region, keys, parents, slots, n, statuses, event);
 }
 
 int vqkv_lookup(vqkv_client_t *client, const vqkv_model_t *model,
@@ -1198,8 +1220,10 @@ int vqkv_lookup(vqkv_client_t *client, const vqkv_model_t *model,
     return VQKV_OK;
 }
 
-int vqkv_get(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t region, const uint32_t *slots,
-             size_t n)
+/* vqkv_get and vqkv_get_with_event: one request, so the event's last
+ * record is after every block's write. */
+static int vqkv__get(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t region,
+                     const uint32_t *slots, size_t n, const vqkv_cuda_event_t *event)
 {
     if (client == NULL)
         return VQKV_EINVAL;
@@ -1218,6 +1242,8 @@ int vqkv_get(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t region, co
     g.region_handle = daemon_region;
     g.n_slots = n;
     g.slots = (uint32_t *)slots;
+    if (event != NULL)
+        g.cuda_event = (ProtobufCBinaryData){sizeof event->bytes, (uint8_t *)event->bytes};
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.body_case = VQKV__ENVELOPE__BODY_GET;
     env.get = &g;
@@ -1228,6 +1254,20 @@ int vqkv_get(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t region, co
     int written = (int)r->get_done->written;
     vqkv_frame_envelope_free(r);
     return written;
+}
+
+int vqkv_get(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t region, const uint32_t *slots,
+             size_t n)
+{
+    return vqkv__get(client, lease, region, slots, n, NULL);
+}
+
+int vqkv_get_with_event(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t region,
+                        const uint32_t *slots, size_t n, const vqkv_cuda_event_t *event)
+{
+    if (client != NULL && event == NULL)
+        return vqkv__fail(client, VQKV_EINVAL, "get_with_event: no event");
+    return vqkv__get(client, lease, region, slots, n, event);
 }
 
 int vqkv_release(vqkv_client_t *client, vqkv_lease_t lease)

@@ -427,6 +427,35 @@ int vqkv_lookup(vqkv_client_t *client, const vqkv_model_t *model,
 int vqkv_get(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t region, const uint32_t *slots,
              size_t n);
 
+/* ---- GPU ordering ------------------------------------------------------------
+ * For CUDA regions (vqkv_register_cuda_region): a worker's interprocess
+ * event, so that neither side synchronizes a stream to hand blocks over.
+ * Create the event with cudaEventInterprocess | cudaEventDisableTiming and
+ * pass cudaIpcGetEventHandle's 64 bytes (PyTorch:
+ * torch.cuda.Event(interprocess=True).ipc_handle()); the event stays the
+ * worker's. A daemon without GPU events (the cpu backend) refuses both
+ * calls with VQKV_EDEVICE. */
+
+#define VQKV_CUDA_EVENT_BYTES 64
+typedef struct {
+    uint8_t bytes[VQKV_CUDA_EVENT_BYTES];
+} vqkv_cuda_event_t;
+
+/* vqkv_put of blocks the worker's stream may still be writing: record
+ * event on that stream after the writes, then call; vqkvd's stream waits
+ * on it before reading the slots. */
+int vqkv_put_after_event(vqkv_client_t *client, const vqkv_model_t *model, vqkv_region_t region,
+                         const uint8_t (*keys)[VQKV_KEY_BYTES],
+                         const uint8_t (*parents)[VQKV_KEY_BYTES], const uint32_t *slots, size_t n,
+                         vqkv_put_status_t *statuses, const vqkv_cuda_event_t *event);
+
+/* vqkv_get that returns as soon as the decode is queued on the GPU, with
+ * event recorded on vqkvd's stream after the last write: make the worker's
+ * stream wait on event (cudaStreamWaitEvent) before it reads the slots.
+ * The lease and the blocks stay held until the writes are done. */
+int vqkv_get_with_event(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t region,
+                        const uint32_t *slots, size_t n, const vqkv_cuda_event_t *event);
+
 /* Ends a lease. 0 is accepted and does nothing. VQKV_ELEASE for a lease
  * taken before the client reconnected: the daemon let it go already. */
 int vqkv_release(vqkv_client_t *client, vqkv_lease_t lease);

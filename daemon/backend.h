@@ -44,6 +44,9 @@ typedef struct {
     uint64_t pool_bytes;
 } vqkvd_device_t;
 
+/* Bytes of a cudaIpcEventHandle_t, a worker's event in a Put or a Get. */
+#define VQKVD_EVENT_BYTES 64
+
 /* One request's blocks. Encode reads slots[i] of the view at base into
  * dst[i] with codec, skipping blocks whose dst is NULL (present already,
  * or refused); decode writes src[i] into slots[i] with codecs[i] (blocks
@@ -67,6 +70,13 @@ typedef struct {
     const uint8_t *const *src;
     /* set by the backend on failure: the block that failed */
     uint32_t failed;
+    /* A worker's interprocess event (64 bytes; backends with events only),
+     * or NULL. Encode waits on wait_event before reading. Decode records
+     * record_event after the last write and returns without waiting, the
+     * work left in *pending for finish. */
+    const uint8_t *wait_event;
+    const uint8_t *record_event;
+    void *pending;
 } vqkvd_batch_t;
 
 typedef struct vqkvd_backend vqkvd_backend_t;
@@ -94,6 +104,11 @@ typedef struct {
     /* true: a batch covers whole blocks (one launch for every layer), so
      * the session does not split a request by layers over threads. */
     bool whole_blocks;
+    /* true: batches may carry a worker's events (the CUDA backend). */
+    bool events;
+    /* On a thread-pool thread: waits for a decode a batch left pending
+     * (record_event) and frees what it held. NULL without events. */
+    void (*finish)(vqkvd_backend_t *be, void *pending);
     /* On the loop, once for each codec whose codebooks have become final
      * (loaded, received or trained), before any block is encoded with
      * them: a device backend uploads them. The host copy stays the

@@ -139,6 +139,8 @@ static const vqkvd_backend_ops_t vqkvd__cpu_ops = {
     .block_read = vqkvd__cpu_block_read,
     .block_write = vqkvd__cpu_block_write,
     .whole_blocks = false,
+    .events = false,
+    .finish = NULL,
     .codebooks_ready = vqkvd__cpu_codebooks_ready,
     .destroy = vqkvd__cpu_destroy,
 };

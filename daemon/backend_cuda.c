@@ -26,6 +26,12 @@
  * for every block and layer (whole_blocks), so the session does not split
  * it by layers.
  *
+ * Events. A Put may name an interprocess event the worker recorded after
+ * writing its blocks: the job's stream waits on it before the encode. A
+ * Get may name one too: the job records it after the decode's launches
+ * and the session replies at once, while finish, on another pool thread,
+ * waits for the stream before the blocks' holds and the job are let go.
+ *
  * Failure. A CUDA error fails its request with the error's name. A sticky
  * error (the context is lost: an illegal address, a launch failure) is
  * logged and the process exits with status 70, so that systemd restarts
@@ -342,22 +348,36 @@ static void vqkvd__cuda_region_close(vqkvd_backend_t *be, vqkvd_region_mem_t *me
 
 /* ---- requests --------------------------------------------------------------------- */
 
-/* One launch over runs of blocks with one codec (and for encode, only the
- * blocks with somewhere to go): their slots and store offsets gathered,
- * then run and waited for on this thread's job. */
-static int vqkvd__cuda_run(vqkvd__cuda_t *g, vqkvd_batch_t *b, bool encode)
+/* A worker's interprocess event, opened in this process; NULL with the
+ * reason logged. The worker owns the event; destroying this handle only
+ * lets go of the daemon's reference. */
+static cudaEvent_t vqkvd__cuda_event_open(const uint8_t *handle_bytes)
 {
-    char why[160];
-    uint32_t *slots = malloc((size_t)b->n * sizeof *slots);
-    uint64_t *at = malloc((size_t)b->n * sizeof *at);
-    vqkvd__cuda_job_entry_t *e =
-        slots != NULL && at != NULL ? vqkvd__cuda_job_take(g, why, sizeof why) : NULL;
-    int rc = e == NULL ? VQKV_ENOMEM : VQKV_OK;
-    if (e == NULL && slots != NULL && at != NULL) {
-        vqkvd_log(VQKVD_LOG_ERROR, "cuda: %s", why);
-        rc = VQKV_EDEVICE;
-    }
-    cudaSetDevice(g->ordinal);
+    cudaIpcEventHandle_t handle;
+    memcpy(&handle, handle_bytes, sizeof handle);
+    cudaEvent_t ev = NULL;
+    cudaError_t err = cudaIpcOpenEventHandle(&ev, handle);
+    if (err == cudaSuccess)
+        return ev;
+    vqkvd_log(VQKVD_LOG_WARN, "cuda: a worker's event: cudaIpcOpenEventHandle: %s",
+              cudaGetErrorName(err));
+    return NULL;
+}
+
+/* A decode that replied before its blocks were written: the job, busy
+ * until the stream has run, and the worker's event it recorded. */
+typedef struct {
+    vqkvd__cuda_job_entry_t *entry;
+    cudaEvent_t event;
+} vqkvd__cuda_pending_t;
+
+/* Queues the launches for runs of blocks with one codec (and for encode,
+ * only the blocks with somewhere to go), their slots and store offsets
+ * gathered per run. */
+static int vqkvd__cuda_launch(vqkvd__cuda_t *g, vqkvd__cuda_job_entry_t *e, vqkvd_batch_t *b,
+                              bool encode, uint32_t *slots, uint64_t *at)
+{
+    int rc = VQKV_OK;
     for (uint32_t i = 0, end; rc == VQKV_OK && i < b->n; i = end) {
         const vqkv_codec_t *codec = encode ? b->codec : b->codecs[i];
         uint32_t n = 0;
@@ -369,28 +389,92 @@ static int vqkvd__cuda_run(vqkvd__cuda_t *g, vqkvd_batch_t *b, bool encode)
             at[n++] = (uint64_t)(slot - g->store);
         }
         vqkv_cuda_codec_t *dc = vqkvd__cuda_codec(g, codec);
-        if (dc == NULL) {
+        if (dc == NULL)
             rc = VQKV_EDEVICE;
-        } else if (n > 0) {
+        else if (n > 0)
             rc = encode ? vqkv_cuda_encode(e->job, dc, g->store, g->store_bytes, at, b->base,
                                            b->view, slots, n)
                         : vqkv_cuda_decode(e->job, dc, g->store, g->store_bytes, at, b->base,
                                            b->view, slots, n);
-            if (rc == VQKV_OK)
-                rc = vqkv_cuda_job_sync(e->job);
-        }
-        if (rc != VQKV_OK) {
+        if (rc != VQKV_OK)
             b->failed = i;
-            vqkvd_log(VQKVD_LOG_WARN, "cuda: %s of %u blocks: %s", encode ? "encode" : "decode", n,
-                      vqkv_cuda_last_error());
-            vqkvd__cuda_check_context(encode ? "encode" : "decode");
-        }
     }
+    return rc;
+}
+
+/* One request on this thread's job: waits on the worker's event first
+ * (encode), queues the launches, then either waits for them, or records
+ * the worker's event and leaves them pending (decode with record_event). */
+static int vqkvd__cuda_run(vqkvd__cuda_t *g, vqkvd_batch_t *b, bool encode)
+{
+    char why[160];
+    uint32_t *slots = malloc((size_t)b->n * sizeof *slots);
+    uint64_t *at = malloc((size_t)b->n * sizeof *at);
+    vqkvd__cuda_pending_t *pending = b->record_event != NULL ? calloc(1, sizeof *pending) : NULL;
+    if (slots == NULL || at == NULL || (b->record_event != NULL && pending == NULL)) {
+        free(slots);
+        free(at);
+        free(pending);
+        return VQKV_ENOMEM;
+    }
+    cudaSetDevice(g->ordinal);
+    vqkvd__cuda_job_entry_t *e = vqkvd__cuda_job_take(g, why, sizeof why);
+    int rc = e != NULL ? VQKV_OK : VQKV_EDEVICE;
+    if (e == NULL)
+        vqkvd_log(VQKVD_LOG_ERROR, "cuda: %s", why);
+    const uint8_t *worker_event = encode ? b->wait_event : b->record_event;
+    cudaEvent_t ev =
+        rc == VQKV_OK && worker_event != NULL ? vqkvd__cuda_event_open(worker_event) : NULL;
+    if (worker_event != NULL && ev == NULL)
+        rc = VQKV_EDEVICE;
+    if (rc == VQKV_OK && encode && ev != NULL)
+        rc = vqkvd__cuda_rt(cudaStreamWaitEvent(e->stream, ev, 0), "cudaStreamWaitEvent", why,
+                            sizeof why);
+    if (rc == VQKV_OK)
+        rc = vqkvd__cuda_launch(g, e, b, encode, slots, at);
+    if (rc == VQKV_OK && pending != NULL) {
+        rc = vqkvd__cuda_rt(cudaEventRecord(ev, e->stream), "cudaEventRecord", why, sizeof why);
+        if (rc == VQKV_OK) {
+            *pending = (vqkvd__cuda_pending_t){.entry = e, .event = ev};
+            b->pending = pending;
+            /* finish's now */
+            e = NULL;
+            ev = NULL;
+            pending = NULL;
+        }
+    } else if (rc == VQKV_OK) {
+        rc = vqkv_cuda_job_sync(e->job);
+    }
+    if (rc != VQKV_OK) {
+        vqkvd_log(VQKVD_LOG_WARN, "cuda: %s of %u blocks: %s", encode ? "encode" : "decode",
+                  (unsigned)b->n, vqkv_cuda_last_error());
+        vqkvd__cuda_check_context(encode ? "encode" : "decode");
+    }
+    if (e != NULL && e->job != NULL && rc != VQKV_OK)
+        vqkv_cuda_job_sync(e->job); /* nothing of it may still run when given back */
     if (e != NULL)
         vqkvd__cuda_job_give(g, e);
+    if (ev != NULL)
+        cudaEventDestroy(ev);
+    free(pending);
     free(slots);
     free(at);
     return rc;
+}
+
+static void vqkvd__cuda_finish(vqkvd_backend_t *be, void *pending)
+{
+    vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
+    vqkvd__cuda_pending_t *p = pending;
+    cudaSetDevice(g->ordinal);
+    if (vqkv_cuda_job_sync(p->entry->job) != VQKV_OK) {
+        vqkvd_log(VQKVD_LOG_WARN, "cuda: a decode replied early failed: %s",
+                  vqkv_cuda_last_error());
+        vqkvd__cuda_check_context("decode");
+    }
+    cudaEventDestroy(p->event);
+    vqkvd__cuda_job_give(g, p->entry);
+    free(p);
 }
 
 static int vqkvd__cuda_encode(vqkvd_backend_t *be, vqkvd_batch_t *b)
@@ -464,6 +548,8 @@ static const vqkvd_backend_ops_t vqkvd__cuda_ops = {
     .block_read = vqkvd__cuda_block_read,
     .block_write = vqkvd__cuda_block_write,
     .whole_blocks = true,
+    .events = true,
+    .finish = vqkvd__cuda_finish,
     .codebooks_ready = vqkvd__cuda_codebooks_ready,
     .destroy = vqkvd__cuda_destroy,
 };

@@ -90,6 +90,13 @@ struct vqkvd_job {
     /* Get */
     const uint8_t **src;         /* their pool slots, looked up on the loop */
     const vqkv_codec_t **codecs; /* what decodes each: codec or fallback */
+    /* A worker's interprocess event (backend.h): waited on before a Put's
+     * encode, recorded after a Get's decode, which then replies at once
+     * while the backend's finish waits for the work left pending. */
+    uint8_t event[VQKVD_EVENT_BYTES];
+    bool has_event;
+    void *pending;
+    bool replied; /* the early reply went: the end sends none */
 };
 
 /* ---- jobs ---------------------------------------------------------------- */
@@ -142,11 +149,14 @@ static void vqkvd__job_work(uv_work_t *w)
     if (j->kind == VQKVD_JOB_PUT) {
         b.codec = j->codec;
         b.dst = j->dst;
+        b.wait_event = j->has_event ? j->event : NULL;
         part->rc = j->r->backend->ops->encode(j->r->backend, &b);
     } else {
         b.codecs = j->codecs;
         b.src = j->src;
+        b.record_event = j->has_event ? j->event : NULL;
         part->rc = j->r->backend->ops->decode(j->r->backend, &b);
+        j->pending = b.pending; /* a job with an event runs in one part */
     }
     part->failed = b.failed;
 }
@@ -275,8 +285,10 @@ static void vqkvd__job_maybe_end(vqkvd_job_t *j)
     if (!j->work_done || j->waits > 0)
         return;
     vqkvd_client_t *c = j->c;
-    vqkvd__job_reply(j);
-    c->pending--;
+    if (!j->replied) {
+        vqkvd__job_reply(j);
+        c->pending--;
+    }
     vqkvd_counters_observe(&c->server->counters,
                            j->kind == VQKVD_JOB_PUT ? VQKVD_TIMED_PUT : VQKVD_TIMED_GET,
                            uv_hrtime() - j->queued_ns);
@@ -286,11 +298,52 @@ static void vqkvd__job_maybe_end(vqkvd_job_t *j)
     vqkvd_client_unref(c);
 }
 
+/* On a pool thread: the backend waits for a Get that replied early. */
+static void vqkvd__job_finish_work(uv_work_t *w)
+{
+    vqkvd_job_t *j = ((vqkvd_job_part_t *)w->data)->job;
+    j->r->backend->ops->finish(j->r->backend, j->pending);
+    j->pending = NULL;
+}
+
+/* Back on the loop once the blocks of an early Get are written: what the
+ * job held goes. */
+static void vqkvd__job_finish_after(uv_work_t *w, int status)
+{
+    vqkvd_job_t *j = ((vqkvd_job_part_t *)w->data)->job;
+    (void)status; /* the backend's finish ran, or libuv could not queue it: see below */
+    for (uint32_t i = 0; i < j->n; i++)
+        vqkvd_store_unhold(j->blocks[i]);
+    j->work_done = 1;
+    vqkvd__job_maybe_end(j);
+}
+
+/* A Get whose decode is queued with the worker's event recorded: replies
+ * now, and lets finish wait for the work on another pool thread, the
+ * blocks held until then. Waits here, on the loop, only when libuv cannot
+ * queue the wait (a loop that is closing). */
+static void vqkvd__job_reply_early(vqkvd_job_t *j)
+{
+    vqkvd__job_reply(j);
+    j->replied = true;
+    j->c->pending--;
+    vqkvd_client_settle(j->c);
+    uv_work_t *w = &j->parts[0].work;
+    if (uv_queue_work(j->c->server->loop, w, vqkvd__job_finish_work, vqkvd__job_finish_after) < 0) {
+        vqkvd__job_finish_work(w);
+        vqkvd__job_finish_after(w, 0);
+    }
+}
+
 static void vqkvd__job_after(uv_work_t *w, int status)
 {
     vqkvd_job_t *j = ((vqkvd_job_part_t *)w->data)->job;
     if (status < 0 && j->status == 0)
         j->status = status;
+    if (j->pending != NULL) {
+        vqkvd__job_reply_early(j);
+        return;
+    }
     if (j->kind == VQKVD_JOB_GET)
         for (uint32_t i = 0; i < j->n; i++)
             vqkvd_store_unhold(j->blocks[i]);
@@ -317,10 +370,6 @@ static vqkvd_model_t *vqkvd__put_check(vqkvd_client_t *c, uint64_t id, const Vqk
     }
     if (!vqkvd__region_fits(c, id, r, m))
         return NULL;
-    if (p->cuda_event.len > 0) {
-        vqkvd_client_error(c, id, VQKV_EINVAL, "cuda_event is reserved for the CUDA backend");
-        return NULL;
-    }
     size_t n = p->n_keys;
     if (p->n_parent_keys != n || p->n_slots != n) {
         vqkvd_client_error(c, id, VQKV_EINVAL, "%zu keys, %zu parent_keys and %zu slots differ", n,
@@ -411,6 +460,30 @@ static void vqkvd__put_reserve(vqkvd_job_t *j, const Vqkv__Put *p, uint64_t now)
     }
 }
 
+/* A request's cuda_event into j: none, or 64 bytes for a backend with
+ * events. false after replying with the error. */
+static bool vqkvd__job_event(vqkvd_job_t *j, uint64_t id, const ProtobufCBinaryData *ev)
+{
+    if (ev->len == 0)
+        return true;
+    const vqkvd_backend_t *be = j->c->server->backend;
+    if (ev->len != VQKVD_EVENT_BYTES) {
+        vqkvd_client_error(j->c, id, VQKV_EINVAL,
+                           "cuda_event is %zu bytes; a cudaIpcEventHandle_t is %d", ev->len,
+                           VQKVD_EVENT_BYTES);
+        return false;
+    }
+    if (!be->ops->events) {
+        vqkvd_client_error(j->c, id, VQKV_EDEVICE,
+                           "cuda_event: the %s backend has no GPU events; leave it empty",
+                           be->ops->name);
+        return false;
+    }
+    memcpy(j->event, ev->data, VQKVD_EVENT_BYTES);
+    j->has_event = true;
+    return true;
+}
+
 void vqkvd_session_put(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
 {
     (void)frame;
@@ -433,6 +506,10 @@ void vqkvd_session_put(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_
         if (j != NULL)
             vqkvd__job_free(j);
         vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
+        return;
+    }
+    if (!vqkvd__job_event(j, id, &p->cuda_event)) {
+        vqkvd__job_free(j);
         return;
     }
     /* Chosen now, for the whole request: a model that turns ready while
@@ -553,6 +630,10 @@ void vqkvd_session_get(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_
         if (j != NULL)
             vqkvd__job_free(j);
         vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
+        return;
+    }
+    if (!vqkvd__job_event(j, id, &g->cuda_event)) {
+        vqkvd__job_free(j);
         return;
     }
     for (size_t i = 0; i < g->n_slots; i++) {

@@ -7,6 +7,8 @@
  *
  *   - a cudaMalloc cache (legacy IPC), the same with the tensor 4 KiB into
  *     its allocation, and a VMM cache exported as an fd;
+ *   - a put and a get with the workers' interprocess events, neither
+ *     worker synchronizing its stream;
  *   - a worker SIGKILLed right after starting a get: its regions are closed
  *     (the daemon's region count goes back to 0) and the daemon serves on;
  *   - VQKV_GPU_SOAK_S seconds (default 30) of 8 workers putting, looking up
@@ -158,6 +160,83 @@ static void worker_put(const char *sock, cache_kind_t kind, unsigned seed, unsig
     vqkv_close(c);
 }
 
+/* A worker's interprocess event and its handle. */
+static cudaEvent_t worker_event(vqkv_cuda_event_t *handle)
+{
+    cudaEvent_t ev;
+    cudaIpcEventHandle_t h;
+    WORKER_CHECK(cudaEventCreateWithFlags(&ev, cudaEventInterprocess | cudaEventDisableTiming) ==
+                         cudaSuccess &&
+                     cudaIpcGetEventHandle(&h, ev) == cudaSuccess,
+                 "an interprocess event");
+    memcpy(handle->bytes, &h, sizeof handle->bytes);
+    return ev;
+}
+
+/* Put with an event: the blocks are written on a stream, and the daemon
+ * waits on the event recorded after them; the worker never synchronizes. */
+static void worker_put_event(const char *sock, unsigned seed, unsigned seq)
+{
+    cache_t k;
+    cache_new(&k, CACHE_MALLOC, seed);
+    WORKER_CHECK(cudaMemset(k.tensor, 0, k.view.region_bytes) == cudaSuccess &&
+                     cudaDeviceSynchronize() == cudaSuccess,
+                 "clearing the cache");
+    vqkv_model_t *m;
+    vqkv_region_t r;
+    uint8_t keys[BLOCKS][VQKV_KEY_BYTES];
+    vqkv_client_t *c = worker_open(sock, &k, &m, &r, seq, keys);
+    cudaStream_t stream;
+    WORKER_CHECK(cudaStreamCreate(&stream) == cudaSuccess, "stream");
+    vqkv_cuda_event_t handle;
+    cudaEvent_t ev = worker_event(&handle);
+    WORKER_CHECK(cudaMemcpyAsync(k.tensor, k.host, k.view.region_bytes, cudaMemcpyHostToDevice,
+                                 stream) == cudaSuccess &&
+                     cudaEventRecord(ev, stream) == cudaSuccess,
+                 "the writes and their event");
+    uint32_t slots[BLOCKS];
+    for (uint32_t i = 0; i < BLOCKS; i++)
+        slots[i] = i;
+    int rc = vqkv_put_after_event(c, m, r, keys, NULL, slots, BLOCKS, NULL, &handle);
+    WORKER_CHECK(rc == BLOCKS, "put_after_event: %d %s", rc, vqkv_last_error(c));
+    vqkv_close(c);
+}
+
+/* Get with an event: the call returns once the decode is queued; the
+ * worker's stream waits on the event, then copies the cache back. */
+static void worker_get_event(const char *sock, unsigned seed, unsigned seq)
+{
+    cache_t k, want;
+    cache_new(&k, CACHE_VMM, seed + 1000);
+    cache_new(&want, CACHE_MALLOC, seed);
+    vqkv_model_t *m;
+    vqkv_region_t r;
+    uint8_t keys[BLOCKS][VQKV_KEY_BYTES];
+    vqkv_client_t *c = worker_open(sock, &k, &m, &r, seq, keys);
+    size_t found = 0;
+    vqkv_lease_t lease;
+    WORKER_CHECK(vqkv_lookup(c, m, keys, BLOCKS, &found, &lease) == VQKV_OK && found == BLOCKS,
+                 "lookup found %zu", found);
+    uint32_t slots[BLOCKS];
+    for (uint32_t i = 0; i < BLOCKS; i++)
+        slots[i] = SLOTS - 1 - i;
+    vqkv_cuda_event_t handle;
+    cudaEvent_t ev = worker_event(&handle);
+    cudaStream_t stream;
+    WORKER_CHECK(cudaStreamCreate(&stream) == cudaSuccess, "stream");
+    int rc = vqkv_get_with_event(c, lease, r, slots, BLOCKS, &handle);
+    WORKER_CHECK(rc == BLOCKS, "get_with_event: %d %s", rc, vqkv_last_error(c));
+    WORKER_CHECK(cudaStreamWaitEvent(stream, ev, 0) == cudaSuccess &&
+                     cudaMemcpyAsync(k.host, k.tensor, k.view.region_bytes, cudaMemcpyDeviceToHost,
+                                     stream) == cudaSuccess &&
+                     cudaStreamSynchronize(stream) == cudaSuccess,
+                 "wait and copy back");
+    for (uint32_t i = 0; i < BLOCKS; i++)
+        WORKER_CHECK(cache_block_equal(&k, SLOTS - 1 - i, &want, i), "block %u differs", i);
+    vqkv_release(c, lease);
+    vqkv_close(c);
+}
+
 /* Gets the blocks of seq into slots SLOTS-1 down, and checks them against
  * the cache the writer of seed made. */
 static void worker_get(const char *sock, cache_kind_t kind, unsigned seed, unsigned seq)
@@ -215,60 +294,36 @@ static void worker_soak(const char *sock, unsigned index, long until_ms)
     }
 }
 
-/* Runs fn in a child with CUDA on device 0; returns its exit status. */
-typedef void (*worker_fn)(const daemon_t *d, unsigned arg);
+/* What a worker process does. */
+typedef enum { PUT, GET, PUT_EVENT, GET_EVENT, DIE_IN_GET, SOAK } role_t;
 
-static pid_t worker_spawn(worker_fn fn, const daemon_t *d, unsigned arg)
+static long soak_until;
+
+/* A child with CUDA on device 0 in role, on cache kind, with seed (its
+ * sequence too; the soak's worker index). */
+static pid_t worker_spawn(const daemon_t *d, role_t role, cache_kind_t kind, unsigned seed)
 {
     pid_t pid = fork();
     assert_true(pid >= 0);
-    if (pid == 0) {
-        if (cudaSetDevice(0) != cudaSuccess)
-            _exit(77);
-        fn(d, arg);
-        _exit(0);
+    if (pid != 0)
+        return pid;
+    if (cudaSetDevice(0) != cudaSuccess)
+        _exit(77);
+    switch (role) {
+    case PUT: worker_put(d->path, kind, seed, seed); break;
+    case GET: worker_get(d->path, kind, seed, seed); break;
+    case PUT_EVENT: worker_put_event(d->path, seed, seed); break;
+    case GET_EVENT: worker_get_event(d->path, seed, seed); break;
+    case DIE_IN_GET: worker_die_in_get(d->path, seed, seed); break;
+    case SOAK: worker_soak(d->path, seed, soak_until); break;
     }
-    return pid;
+    _exit(0);
 }
 
-static int worker_run(worker_fn fn, const daemon_t *d, unsigned arg)
+/* The worker's wait status. */
+static int worker_run(const daemon_t *d, role_t role, cache_kind_t kind, unsigned seed)
 {
-    return wait_exit(worker_spawn(fn, d, arg));
-}
-
-static void put_malloc(const daemon_t *d, unsigned s)
-{
-    worker_put(d->path, CACHE_MALLOC, s, s);
-}
-static void get_malloc(const daemon_t *d, unsigned s)
-{
-    worker_get(d->path, CACHE_MALLOC, s, s);
-}
-static void put_offset(const daemon_t *d, unsigned s)
-{
-    worker_put(d->path, CACHE_AT_OFFSET, s, s);
-}
-static void get_offset(const daemon_t *d, unsigned s)
-{
-    worker_get(d->path, CACHE_AT_OFFSET, s, s);
-}
-static void put_vmm(const daemon_t *d, unsigned s)
-{
-    worker_put(d->path, CACHE_VMM, s, s);
-}
-static void get_vmm(const daemon_t *d, unsigned s)
-{
-    worker_get(d->path, CACHE_VMM, s, s);
-}
-static void die_in_get(const daemon_t *d, unsigned s)
-{
-    worker_die_in_get(d->path, s, s);
-}
-
-static long soak_until;
-static void soak(const daemon_t *d, unsigned i)
-{
-    worker_soak(d->path, i, soak_until);
+    return wait_exit(worker_spawn(d, role, kind, seed));
 }
 
 static int setup_cuda(void **state)
@@ -286,19 +341,28 @@ static int setup_cuda(void **state)
 static void test_put_get_between_processes(void **state)
 {
     const daemon_t *d = *state;
-    assert_int_equal(worker_run(put_malloc, d, 1), 0);
-    assert_int_equal(worker_run(get_malloc, d, 1), 0);
-    assert_int_equal(worker_run(put_offset, d, 2), 0);
-    assert_int_equal(worker_run(get_vmm, d, 2), 0);
-    assert_int_equal(worker_run(put_vmm, d, 3), 0);
-    assert_int_equal(worker_run(get_offset, d, 3), 0);
+    assert_int_equal(worker_run(d, PUT, CACHE_MALLOC, 1), 0);
+    assert_int_equal(worker_run(d, GET, CACHE_MALLOC, 1), 0);
+    assert_int_equal(worker_run(d, PUT, CACHE_AT_OFFSET, 2), 0);
+    assert_int_equal(worker_run(d, GET, CACHE_VMM, 2), 0);
+    assert_int_equal(worker_run(d, PUT, CACHE_VMM, 3), 0);
+    assert_int_equal(worker_run(d, GET, CACHE_AT_OFFSET, 3), 0);
+}
+
+/* Neither worker synchronizes: the writer's event orders the daemon's
+ * encode after its writes, the reader's orders its read after the decode. */
+static void test_events_between_processes(void **state)
+{
+    const daemon_t *d = *state;
+    assert_int_equal(worker_run(d, PUT_EVENT, CACHE_MALLOC, 5), 0);
+    assert_int_equal(worker_run(d, GET_EVENT, CACHE_VMM, 5), 0);
 }
 
 static void test_worker_killed_in_get(void **state)
 {
     const daemon_t *d = *state;
-    assert_int_equal(worker_run(put_malloc, d, 4), 0);
-    int status = wait_exit(worker_spawn(die_in_get, d, 4));
+    assert_int_equal(worker_run(d, PUT, CACHE_MALLOC, 4), 0);
+    int status = worker_run(d, DIE_IN_GET, CACHE_MALLOC, 4);
     assert_true(WIFSIGNALED(status) && WTERMSIG(status) == SIGKILL);
     vqkv_client_t *c = NULL;
     assert_vqkv(vqkv_connect(d->path, "gpu-watch", 10000, &c), VQKV_OK);
@@ -311,7 +375,7 @@ static void test_worker_killed_in_get(void **state)
     }
     assert_int_equal(st.regions, 0);
     vqkv_close(c);
-    assert_int_equal(worker_run(get_malloc, d, 4), 0); /* and it serves on */
+    assert_int_equal(worker_run(d, GET, CACHE_MALLOC, 4), 0); /* and it serves on */
 }
 
 static void test_soak(void **state)
@@ -321,7 +385,7 @@ static void test_soak(void **state)
     soak_until = now_ms() + 1000L * (env != NULL ? atol(env) : 30);
     pid_t pids[WORKERS];
     for (unsigned i = 0; i < WORKERS; i++)
-        pids[i] = worker_spawn(soak, d, i);
+        pids[i] = worker_spawn(d, SOAK, CACHE_MALLOC, i);
     for (unsigned i = 0; i < WORKERS; i++) { /* longer than wait_exit's deadline */
         int status = -1;
         assert_int_equal(waitpid(pids[i], &status, 0), pids[i]);
@@ -348,6 +412,7 @@ int main(void)
     }
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_put_get_between_processes, setup_cuda, teardown),
+        cmocka_unit_test_setup_teardown(test_events_between_processes, setup_cuda, teardown),
         cmocka_unit_test_setup_teardown(test_worker_killed_in_get, setup_cuda, teardown),
         cmocka_unit_test_setup_teardown(test_soak, setup_cuda, teardown),
     };

@@ -565,7 +565,38 @@ static void test_cuda_regions_refused(void **state)
     past.view.num_slots = SLOTS + 1;
     cuda_case_t ipc = {IPC, 64, 16, 0, 0, VQKV_ERANGE, NULL};
     expect_refused(register_cuda_region(&c, m, &past, &ipc, -1), VQKV_ERANGE, "slots");
-    region_ok(&c, m, &r);
+
+    /* A worker's CUDA event with a Put or a Get: the cpu backend has none
+     * to wait on or record; a handle of the wrong size is refused first.
+     * Nothing was stored or written. */
+    uint64_t h = region_ok(&c, m, &r);
+    static const uint32_t slot0[1] = {0};
+    uint8_t key[32], event[65] = {0};
+    make_key(key, 77, 0);
+    ProtobufCBinaryData k = {32, key}, no_parent = {0, NULL};
+    Vqkv__Put pr = VQKV__PUT__INIT;
+    pr.model_handle = m;
+    pr.region_handle = h;
+    pr.n_keys = pr.n_parent_keys = pr.n_slots = 1;
+    pr.keys = &k;
+    pr.parent_keys = &no_parent;
+    pr.slots = (uint32_t *)slot0;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_PUT;
+    env.put = &pr;
+    pr.cuda_event = (ProtobufCBinaryData){65, event};
+    expect_refused(call(&c, &env, NULL, 0), VQKV_EINVAL, "a cudaIpcEventHandle_t is 64");
+    pr.cuda_event = (ProtobufCBinaryData){64, event};
+    expect_refused(call(&c, &env, NULL, 0), VQKV_EDEVICE, "the cpu backend has no GPU events");
+    pr.cuda_event = (ProtobufCBinaryData){0, NULL};
+    assert_int_equal(put_ok(&c, m, h, 77, 0, 1, slot0, 0), 1);
+    uint64_t lease;
+    assert_int_equal(lookup(&c, m, 77, 1, 0, &lease), 1);
+    Vqkv__Get g;
+    get_request(&g, &env, lease, h, slot0, 1);
+    g.cuda_event = (ProtobufCBinaryData){64, event};
+    expect_refused(call(&c, &env, NULL, 0), VQKV_EDEVICE, "no GPU events");
+    get_ok(&c, lease, h, slot0, 1);
     client_close(&c);
     region_free(&r);
 }

@@ -959,6 +959,25 @@ static void test_cuda_region_refused(void **state)
     assert_int_equal(h, 0);
     vqkv_region_t ok;
     assert_vqkv(vqkv_register_memfd_region(c, m, host.fd, bytes, 0, &host.view, &ok), VQKV_OK);
+
+    /* GPU events: none on the cpu backend, and a call without one is a
+     * caller's mistake. */
+    uint8_t keys[1][VQKV_KEY_BYTES];
+    uint32_t slots[1];
+    chain_keys(m, 93, keys, 0, slots, 1);
+    vqkv_cuda_event_t event = {{0}};
+    assert_vqkv(vqkv_put_after_event(c, m, ok, keys, NULL, slots, 1, NULL, NULL), VQKV_EINVAL);
+    assert_vqkv(vqkv_put_after_event(c, m, ok, keys, NULL, slots, 1, NULL, &event), VQKV_EDEVICE);
+    if (strstr(vqkv_last_error(c), "no GPU events") == NULL)
+        fail_msg("\"%s\" does not say why", vqkv_last_error(c));
+    assert_vqkv(vqkv_put(c, m, ok, keys, NULL, slots, 1, NULL), 1);
+    size_t found = 0;
+    vqkv_lease_t lease = 0;
+    assert_vqkv(vqkv_lookup(c, m, keys, 1, &found, &lease), VQKV_OK);
+    assert_int_equal(found, 1);
+    assert_vqkv(vqkv_get_with_event(c, lease, ok, slots, 1, NULL), VQKV_EINVAL);
+    assert_vqkv(vqkv_get_with_event(c, lease, ok, slots, 1, &event), VQKV_EDEVICE);
+    assert_vqkv(vqkv_get(c, lease, ok, slots, 1), 1);
     vqkv_close(c);
     region_free(&host);
 }

@@ -189,9 +189,20 @@ def test_cuda_tensor_without_a_gpu_is_a_device_error(client: vqkv.Client) -> Non
             client.register_cuda_tensor(model, fake, layout=layout)
         assert err.value.name == "VQKV_EDEVICE"
         assert "CUDA driver is not available" in str(err.value) or "not device memory" in str(err.value)
-    # Nothing was registered; host memory still goes the memfd way.
+    # Nothing was registered; host memory still goes the memfd way, and a
+    # CUDA event with its put or get is refused: the cpu backend has none.
     with vqkv.KVCache.create(LAYOUT, 2) as cache:
-        assert client.register_cache(model, cache).handle > 0
+        region = client.register_cache(model, cache)
+        keys = model.block_keys(TOKENS)[:1]
+        with pytest.raises(vqkv.InvalidArgumentError, match="64 bytes"):
+            client.put(model, region, keys, [0], event=b"short")
+        with pytest.raises(vqkv.DeviceError, match="no GPU events"):
+            client.put(model, region, keys, [0], event=bytes(64))
+        assert client.put(model, region, keys, [0]).stored == 1
+        with client.lookup(model, keys) as lease:
+            with pytest.raises(vqkv.DeviceError, match="no GPU events"):
+                lease.get(region, [1], event=bytes(64))
+            assert lease.get(region, [1]) == 1
 
 
 # ---- block keys ------------------------------------------------------------------------

@@ -168,6 +168,15 @@ _U64P = ctypes.POINTER(ctypes.c_uint64)
 _INT = ctypes.c_int
 _STR = ctypes.c_char_p
 
+CUDA_EVENT_BYTES = 64
+
+
+class CudaEventStruct(ctypes.Structure):
+    """``vqkv_cuda_event_t``: a cudaIpcEventHandle_t's bytes."""
+
+    _fields_ = [("bytes", ctypes.c_uint8 * CUDA_EVENT_BYTES)]
+
+
 # name: (restype, argtypes), as in vqkv.h and vqkv_codec.h.
 _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "vqkv_default_socket": (_INT, [ctypes.c_char_p, ctypes.c_size_t]),
@@ -202,6 +211,14 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
         [_P, _P, ctypes.c_uint64, ctypes.c_uint64, ctypes.POINTER(KVViewStruct), _U64P],
     ),
     "vqkv_put": (_INT, [_P, _P, ctypes.c_uint64, _KEYS, _KEYS, _U32P, ctypes.c_size_t, _P]),
+    "vqkv_put_after_event": (
+        _INT,
+        [_P, _P, ctypes.c_uint64, _KEYS, _KEYS, _U32P, ctypes.c_size_t, _P, ctypes.POINTER(CudaEventStruct)],
+    ),
+    "vqkv_get_with_event": (
+        _INT,
+        [_P, ctypes.c_uint64, ctypes.c_uint64, _U32P, ctypes.c_size_t, ctypes.POINTER(CudaEventStruct)],
+    ),
     "vqkv_lookup": (_INT, [_P, _P, _KEYS, ctypes.c_size_t, _SIZEP, _U64P]),
     "vqkv_get": (_INT, [_P, ctypes.c_uint64, ctypes.c_uint64, _U32P, ctypes.c_size_t]),
     "vqkv_release": (_INT, [_P, ctypes.c_uint64]),

@@ -225,6 +225,15 @@ class Region:
     view: KVView | None = None
 
 
+def _event_handle(event: Any) -> Any:
+    """A CUDA interprocess event as ``vqkv_cuda_event_t``: its ``ipc_handle()`` or the 64 bytes."""
+    raw = event.ipc_handle() if hasattr(event, "ipc_handle") else event
+    raw = bytes(raw)
+    if len(raw) != _native.CUDA_EVENT_BYTES:
+        raise _call.invalid(f"a CUDA event handle is {_native.CUDA_EVENT_BYTES} bytes, not {len(raw)}")
+    return ctypes.byref(_native.CudaEventStruct.from_buffer_copy(raw))
+
+
 def default_socket() -> str:
     """The daemon's default socket: ``$VQKV_SOCKET`` when set; else, for a user other than root,
     ``$XDG_RUNTIME_DIR/vqkv/vqkv.sock`` when that socket exists; else ``/run/vqkv/vqkv.sock``
@@ -398,9 +407,9 @@ class Lease:
         self.id = lease_id
         self.found = found
 
-    def get(self, region: Region, slots: IntsLike) -> int:
+    def get(self, region: Region, slots: IntsLike, *, event: Any = None) -> int:
         """:meth:`Client.get` on this lease."""
-        return self._client.get(self, region, slots)
+        return self._client.get(self, region, slots, event=event)
 
     def get_start(self, region: Region, slots: IntsLike) -> Request:
         """:meth:`Client.get_start` on this lease: release it only once the completion is taken."""
@@ -650,6 +659,7 @@ class Client:
         slots: IntsLike,
         *,
         parents: KeysLike | None = None,
+        event: Any = None,
     ) -> PutResult:
         """Offloads full blocks (``vqkv_put``): block i, in ``slots[i]`` of ``region``, under ``keys[i]``.
 
@@ -658,20 +668,19 @@ class Client:
         the key before block i, all zero bytes for a sequence's first block.
         Do not overwrite the slots before this returns. Raises
         :class:`vqkv.OutOfRangeError` (nothing stored) for a slot outside the region.
+
+        ``event``, for a CUDA region: a ``torch.cuda.Event(interprocess=True)``
+        recorded on the stream that wrote the blocks (or its 64-byte IPC
+        handle); the daemon waits on it before reading, so the stream need
+        not be synchronized (``vqkv_put_after_event``).
         """
         k, s, p = _put_arrays(keys, slots, parents, "put")
         statuses = (ctypes.c_int * max(len(k), 1))()
-        stored = self._invoke(
-            "put",
-            "vqkv_put",
-            model.handle,
-            region.handle,
-            _ptr(k),
-            None if p is None else _ptr(p),
-            _u32p(s),
-            len(k),
-            statuses,
-        )
+        args = [model.handle, region.handle, _ptr(k), None if p is None else _ptr(p), _u32p(s), len(k), statuses]
+        if event is None:
+            stored = self._invoke("put", "vqkv_put", *args)
+        else:
+            stored = self._invoke("put", "vqkv_put_after_event", *args, _event_handle(event))
         return PutResult(stored, [PutStatus(statuses[i]) for i in range(len(k))])
 
     def lookup(self, model: Model, keys: KeysLike) -> Lease:
@@ -688,16 +697,26 @@ class Client:
         )
         return Lease(self, lease.value, found.value)
 
-    def get(self, lease: Lease | int, region: Region, slots: IntsLike) -> int:
+    def get(self, lease: Lease | int, region: Region, slots: IntsLike, *, event: Any = None) -> int:
         """Decompresses the lease's first ``len(slots)`` blocks into ``region``: block i into ``slots[i]``.
 
         Returns the number of blocks written. Raises :class:`vqkv.LeaseError`
         for an unknown or expired lease and :class:`vqkv.OutOfRangeError` for a
         slot outside the region (nothing written; the lease stays valid).
+
+        ``event``, for a CUDA region: a ``torch.cuda.Event(interprocess=True)``
+        (or its 64-byte IPC handle). The call then returns once the decode is
+        queued, with the event recorded after the last write: call
+        ``torch.cuda.current_stream().wait_event(event)`` before reading the
+        slots (``vqkv_get_with_event``).
         """
         s = _u32_array(slots, "slots")
         lease_id = lease.id if isinstance(lease, Lease) else lease
-        return self._invoke("get", "vqkv_get", lease_id, region.handle, _u32p(s), s.size)
+        if event is None:
+            return self._invoke("get", "vqkv_get", lease_id, region.handle, _u32p(s), s.size)
+        return self._invoke(
+            "get", "vqkv_get_with_event", lease_id, region.handle, _u32p(s), s.size, _event_handle(event)
+        )
 
     def release(self, lease: Lease | int) -> None:
         """Ends a lease (``vqkv_release``); 0 does nothing.
