@@ -115,6 +115,10 @@ typedef struct {
      * reference. VQKV_OK or an error (the model then stays on its fp16
      * fallback). */
     int (*codebooks_ready)(vqkvd_backend_t *be, const vqkv_codec_t *codec);
+    /* On a thread-pool thread about to train codebooks: where k-means runs
+     * its assignment steps there (the GPU made current on that thread), or
+     * NULL for the CPU. */
+    const vqkv_assigner_t *(*assigner)(vqkvd_backend_t *be);
     /* After the last region closed and the pool is gone. */
     void (*destroy)(vqkvd_backend_t *be);
 } vqkvd_backend_ops_t;

@@ -142,6 +142,7 @@ static const vqkvd_backend_ops_t vqkvd__cpu_ops = {
     .events = false,
     .finish = NULL,
     .codebooks_ready = vqkvd__cpu_codebooks_ready,
+    .assigner = NULL,
     .destroy = vqkvd__cpu_destroy,
 };
 

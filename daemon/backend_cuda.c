@@ -522,6 +522,12 @@ static int vqkvd__cuda_codebooks_ready(vqkvd_backend_t *be, const vqkv_codec_t *
     return VQKV_EDEVICE;
 }
 
+static const vqkv_assigner_t *vqkvd__cuda_assigner(vqkvd_backend_t *be)
+{
+    cudaSetDevice(((vqkvd__cuda_t *)be)->ordinal);
+    return vqkv_cuda_assigner();
+}
+
 static void vqkvd__cuda_destroy(vqkvd_backend_t *be)
 {
     vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
@@ -551,6 +557,7 @@ static const vqkvd_backend_ops_t vqkvd__cuda_ops = {
     .events = true,
     .finish = vqkvd__cuda_finish,
     .codebooks_ready = vqkvd__cuda_codebooks_ready,
+    .assigner = vqkvd__cuda_assigner,
     .destroy = vqkvd__cuda_destroy,
 };
 

@@ -176,8 +176,12 @@ static void vqkvd__calib_work(uv_work_t *w)
         k->rc = VQKV_ENOMEM;
         return;
     }
-    /* Seeded: the same samples give the same codebooks on every run. */
-    vqkv_train_opts_t opts = {.seed = 1};
+    /* Seeded: the same samples give the same codebooks on every run; the
+     * assignment steps on the backend's GPU when it has one (the CPU
+     * trainer's updates, so the same codebooks either way). */
+    vqkvd_backend_t *be = k->server->backend;
+    vqkv_train_opts_t opts = {.seed = 1,
+                              .assigner = be->ops->assigner != NULL ? be->ops->assigner(be) : NULL};
     for (uint32_t layer = 0; layer < l->num_layers && k->rc == VQKV_OK; layer++) {
         for (int kv = 0; kv < 2 && k->rc == VQKV_OK; kv++) {
             size_t at = ((size_t)layer * 2 + (size_t)kv) * part * 2;

@@ -58,7 +58,10 @@ static Vqkv__Envelope seeds__env(seeds__session_t *s, Vqkv__Envelope__BodyCase b
 
 /* Put of n blocks chained from key first (the first block a root), in
  * slots 0..n-1 of region 1 of model 1. */
-static void seeds__put_chain(seeds__session_t *s, uint8_t first, size_t n)
+/* A Put of blocks first.. in slots 0..; with a worker's CUDA event when
+ * event is not NULL (a CPU daemon refuses it). */
+static void seeds__put_chain(seeds__session_t *s, uint8_t first, size_t n,
+                             const ProtobufCBinaryData *event)
 {
     ProtobufCBinaryData keys[8], parents[8];
     uint32_t slots[8];
@@ -74,6 +77,8 @@ static void seeds__put_chain(seeds__session_t *s, uint8_t first, size_t n)
     put.keys = keys;
     put.parent_keys = parents;
     put.slots = slots;
+    if (event != NULL)
+        put.cuda_event = *event;
     Vqkv__Envelope env = seeds__env(s, VQKV__ENVELOPE__BODY_PUT);
     env.put = &put;
     fuzz_record_envelope(&s->buf, &s->len, SEEDS_OP, &env);
@@ -93,8 +98,9 @@ static void seeds__lookup(seeds__session_t *s, uint8_t first, size_t n)
     fuzz_record_envelope(&s->buf, &s->len, SEEDS_OP, &env);
 }
 
-/* Get of lease 1 (the first lease of a connection) into slots 4.. */
-static void seeds__get(seeds__session_t *s, size_t n)
+/* Get of lease 1 (the first lease of a connection) into slots 4..; with a
+ * worker's CUDA event when event is not NULL. */
+static void seeds__get(seeds__session_t *s, size_t n, const ProtobufCBinaryData *event)
 {
     uint32_t slots[8];
     for (size_t i = 0; i < n; i++)
@@ -104,6 +110,8 @@ static void seeds__get(seeds__session_t *s, size_t n)
     get.region_handle = 1;
     get.n_slots = n;
     get.slots = slots;
+    if (event != NULL)
+        get.cuda_event = *event;
     Vqkv__Envelope env = seeds__env(s, VQKV__ENVELOPE__BODY_GET);
     env.get = &get;
     fuzz_record_envelope(&s->buf, &s->len, SEEDS_OP, &env);
@@ -275,10 +283,10 @@ static void seeds__session(void)
                 continue;
             seeds__session_begin(
                 &s, (uint8_t)(c << FUZZ_SETUP_CODEC_SHIFT | (books ? FUZZ_SETUP_CODEBOOK : 0)));
-            seeds__put_chain(&s, 1, 3);
-            seeds__put_chain(&s, 1, 4);
+            seeds__put_chain(&s, 1, 3, NULL);
+            seeds__put_chain(&s, 1, 4, NULL);
             seeds__lookup(&s, 1, 4);
-            seeds__get(&s, 4);
+            seeds__get(&s, 4, NULL);
             seeds__release(&s, 1);
             seeds__stats(&s);
             snprintf(name, sizeof name, "put-lookup-get-%d%s", c, books ? "-books" : "");
@@ -288,7 +296,7 @@ static void seeds__session(void)
 
     /* Pins, unpins, evictions and FindModel. */
     seeds__session_begin(&s, 0);
-    seeds__put_chain(&s, 1, 4);
+    seeds__put_chain(&s, 1, 4, NULL);
     seeds__pin(&s, 1, 2, 0, 0);
     seeds__pin(&s, 3, 2, 5000, 0);
     seeds__evict(&s, 1, 1, 0);
@@ -307,11 +315,11 @@ static void seeds__session(void)
 
     /* A lease held across an evict, a second region, a Get through it. */
     seeds__session_begin(&s, 0);
-    seeds__put_chain(&s, 20, 2);
+    seeds__put_chain(&s, 20, 2, NULL);
     seeds__lookup(&s, 20, 2);
     seeds__evict(&s, 0, 0, 1);
     seeds__region(&s, FUZZ_OP_FRAME_REGION);
-    seeds__get(&s, 1);
+    seeds__get(&s, 1, NULL);
     seeds__release(&s, 1);
     seeds__release(&s, 1);
     seeds__session_end(&s, "lease-region-evict");
@@ -321,9 +329,9 @@ static void seeds__session(void)
         seeds__session_begin(&s, (uint8_t)(c << FUZZ_SETUP_CODEC_SHIFT));
         const uint8_t poke[] = {0, 0, 0, 0, 0x00, 0x7c, 0x00, 0xfc, 0x01, 0x7e, 0xff, 0x7b};
         fuzz_record_bytes(&s.buf, &s.len, FUZZ_OP_POKE, poke, sizeof poke);
-        seeds__put_chain(&s, 40, 2);
+        seeds__put_chain(&s, 40, 2, NULL);
         seeds__lookup(&s, 40, 2);
-        seeds__get(&s, 2);
+        seeds__get(&s, 2, NULL);
         snprintf(name, sizeof name, "nonfinite-kv-%d", c);
         seeds__session_end(&s, name);
     }
@@ -335,7 +343,7 @@ static void seeds__session(void)
     seeds__hello(&s, VQKV_PROTO_VERSION + 1);
     fuzz_prelude(&s.buf, &s.len, 4 << FUZZ_SETUP_CODEC_SHIFT | FUZZ_SETUP_CODEBOOK);
     seeds__hello(&s, VQKV_PROTO_VERSION);
-    seeds__put_chain(&s, 1, 2);
+    seeds__put_chain(&s, 1, 2, NULL);
     seeds__session_end(&s, "no-prelude");
 
     /* Errors a client can provoke: fds where none belong or missing,
@@ -346,7 +354,13 @@ static void seeds__session(void)
     seeds__region(&s, FUZZ_OP_FRAME_REGION | FUZZ_OP_STRAY_FD);
     seeds__cuda_region(&s, VQKV__REGION_KIND__REGION_KIND_CUDA_IPC);
     seeds__cuda_region(&s, VQKV__REGION_KIND__REGION_KIND_CUDA_VMM_FD);
-    seeds__put_chain(&s, 1, 1);
+    {
+        static uint8_t event_bytes[64] = {7};
+        const ProtobufCBinaryData event = {sizeof event_bytes, event_bytes};
+        seeds__put_chain(&s, 1, 1, &event);
+        seeds__get(&s, 1, &event);
+    }
+    seeds__put_chain(&s, 1, 1, NULL);
     {
         Vqkv__Ack ack = VQKV__ACK__INIT;
         Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
@@ -376,9 +390,9 @@ static void seeds__frame(void)
     seeds__session_t s;
     seeds__session_begin(&s, 0);
     fuzz_prelude(&s.buf, &s.len, 4 << FUZZ_SETUP_CODEC_SHIFT);
-    seeds__put_chain(&s, 1, 3);
+    seeds__put_chain(&s, 1, 3, NULL);
     seeds__lookup(&s, 1, 3);
-    seeds__get(&s, 3);
+    seeds__get(&s, 3, NULL);
     seeds__release(&s, 1);
     seeds__pin(&s, 1, 2, 0, 0);
     seeds__pin(&s, 1, 2, 0, 1);
