@@ -73,7 +73,7 @@ typedef struct {
 /* What one client process reports, in memory shared with the parent. */
 typedef struct {
     bench_hist_t hist[BENCH_KINDS];
-    uint64_t hits, misses, blocks_got, blocks_put;
+    uint64_t hits, misses, blocks_got;
     uint64_t end_ns; /* CLOCK_MONOTONIC, comparable across processes */
     int failed;
     char error[256];
@@ -253,6 +253,74 @@ static int bench_setup(bench_t *b)
     return rc == VQKV_OK ? 0 : -1;
 }
 
+/* A client's timed loop, from go to the deadline; an error ends it and is
+ * reported through r. */
+static void bench_client_loop(const bench_t *b, vqkv_worker_t *w, uint32_t index,
+                              const uint8_t (*keys)[VQKV_KEY_BYTES], uint32_t *tokens,
+                              uint8_t (*put_keys)[VQKV_KEY_BYTES], bench_result_t *r)
+{
+    uint32_t k = b->o.blocks_per_get;
+    uint32_t slots[64];
+    for (uint32_t i = 0; i < k; i++)
+        slots[i] = i;
+    uint64_t rng = 0x243f6a8885a308d3ull ^ ((uint64_t)index << 32 | index);
+    uint64_t deadline = bench_now_ns() + (uint64_t)(b->o.seconds * 1e9);
+    for (uint64_t loop = 1; bench_now_ns() < deadline; loop++) {
+        uint64_t t0 = bench_now_ns(), t1;
+        int rc;
+        if (b->o.put_every != 0 && loop % b->o.put_every == 0) {
+            uint64_t id = 1ull << 63 | (uint64_t)index << 40 | loop;
+            rc = bench_prefix_keys(b, w->model, id, tokens, put_keys);
+            if (rc == VQKV_OK)
+                rc = bench_put_prefix(b, w, k, (const uint8_t(*)[VQKV_KEY_BYTES])put_keys, r->error,
+                                      sizeof r->error);
+            if (rc != VQKV_OK) {
+                r->failed = 1;
+                break;
+            }
+            t1 = bench_now_ns();
+            bench_hist_add(&r->hist[BENCH_PUT], t1 - t0);
+            t0 = t1;
+        }
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        const uint8_t(*want)[VQKV_KEY_BYTES] = keys + (size_t)(rng % b->o.prefixes) * k;
+        size_t found = 0;
+        vqkv_lease_t lease = 0;
+        rc = vqkv_lookup(w->client, w->model, want, k, &found, &lease);
+        if (rc != VQKV_OK) {
+            snprintf(r->error, sizeof r->error, "lookup: %s", vqkv_last_error(w->client));
+            r->failed = 1;
+            break;
+        }
+        t1 = bench_now_ns();
+        bench_hist_add(&r->hist[BENCH_LOOKUP], t1 - t0);
+        r->hits += found;
+        r->misses += k - found;
+        if (found == 0)
+            continue;
+        rc = vqkv_get(w->client, lease, w->region, slots, found);
+        uint64_t t2 = bench_now_ns();
+        if (rc != (int)found) {
+            snprintf(r->error, sizeof r->error, "get: %s",
+                     rc < 0 ? vqkv_last_error(w->client) : "fewer blocks than leased");
+            r->failed = 1;
+            break;
+        }
+        bench_hist_add(&r->hist[BENCH_GET], t2 - t1);
+        r->blocks_got += found;
+        rc = vqkv_release(w->client, lease);
+        if (rc != VQKV_OK) {
+            snprintf(r->error, sizeof r->error, "release: %s", vqkv_last_error(w->client));
+            r->failed = 1;
+            break;
+        }
+        bench_hist_add(&r->hist[BENCH_RELEASE], bench_now_ns() - t2);
+    }
+    r->end_ns = bench_now_ns();
+}
+
 /* One client's whole life: set up, say ready, wait for go, loop until the
  * deadline. Errors end the loop and are reported through r. */
 static void bench_client(const bench_t *b, uint32_t index, bench_result_t *r, int ready_fd,
@@ -283,70 +351,9 @@ static void bench_client(const bench_t *b, uint32_t index, bench_result_t *r, in
         snprintf(r->error, sizeof r->error, "block keys: %s", vqkv_client_strerror(rc));
 
     char byte = 1;
-    if (write(ready_fd, &byte, 1) != 1 || r->failed || read(go_fd, &byte, 1) != 1)
-        goto out;
-
-    uint32_t slots[64];
-    for (uint32_t i = 0; i < k; i++)
-        slots[i] = i;
-    uint64_t rng = 0x243f6a8885a308d3ull ^ ((uint64_t)index << 32 | index);
-    uint64_t deadline = bench_now_ns() + (uint64_t)(b->o.seconds * 1e9);
-    for (uint64_t loop = 1; bench_now_ns() < deadline; loop++) {
-        uint64_t t0 = bench_now_ns(), t1;
-        if (b->o.put_every != 0 && loop % b->o.put_every == 0) {
-            uint64_t id = 1ull << 63 | (uint64_t)index << 40 | loop;
-            rc = bench_prefix_keys(b, w.model, id, tokens, put_keys);
-            if (rc == VQKV_OK)
-                rc = bench_put_prefix(b, &w, k, (const uint8_t(*)[VQKV_KEY_BYTES])put_keys,
-                                      r->error, sizeof r->error);
-            if (rc != VQKV_OK) {
-                r->failed = 1;
-                break;
-            }
-            t1 = bench_now_ns();
-            bench_hist_add(&r->hist[BENCH_PUT], t1 - t0);
-            r->blocks_put += k;
-            t0 = t1;
-        }
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        const uint8_t(*want)[VQKV_KEY_BYTES] =
-            (const uint8_t(*)[VQKV_KEY_BYTES])keys + (size_t)(rng % b->o.prefixes) * k;
-        size_t found = 0;
-        vqkv_lease_t lease = 0;
-        rc = vqkv_lookup(w.client, w.model, want, k, &found, &lease);
-        if (rc != VQKV_OK) {
-            snprintf(r->error, sizeof r->error, "lookup: %s", vqkv_last_error(w.client));
-            r->failed = 1;
-            break;
-        }
-        t1 = bench_now_ns();
-        bench_hist_add(&r->hist[BENCH_LOOKUP], t1 - t0);
-        r->hits += found;
-        r->misses += k - found;
-        if (found == 0)
-            continue;
-        rc = vqkv_get(w.client, lease, w.region, slots, found);
-        uint64_t t2 = bench_now_ns();
-        if (rc != (int)found) {
-            snprintf(r->error, sizeof r->error, "get: %s",
-                     rc < 0 ? vqkv_last_error(w.client) : "fewer blocks than leased");
-            r->failed = 1;
-            break;
-        }
-        bench_hist_add(&r->hist[BENCH_GET], t2 - t1);
-        r->blocks_got += found;
-        rc = vqkv_release(w.client, lease);
-        if (rc != VQKV_OK) {
-            snprintf(r->error, sizeof r->error, "release: %s", vqkv_last_error(w.client));
-            r->failed = 1;
-            break;
-        }
-        bench_hist_add(&r->hist[BENCH_RELEASE], bench_now_ns() - t2);
-    }
-    r->end_ns = bench_now_ns();
-out:
+    if (write(ready_fd, &byte, 1) == 1 && !r->failed && read(go_fd, &byte, 1) == 1)
+        bench_client_loop(b, &w, index, (const uint8_t(*)[VQKV_KEY_BYTES])keys, tokens, put_keys,
+                          r);
     free(tokens);
     free(keys);
     free(put_keys);
@@ -377,18 +384,19 @@ static FILE *bench_json_open(const char *path)
     return f;
 }
 
-static int bench_serve(bench_t *b)
+/* The clients' figures, merged once they are done. */
+typedef struct {
+    bench_hist_t merged[BENCH_KINDS], all;
+    uint64_t hits, misses, got;
+    uint64_t start_ns, end_ns; /* when the clients were let go, when the last one stopped */
+} bench_totals_t;
+
+/* Forks the clients, lets them go together once all are ready and waits
+ * for them: how many started into *started_out, when they were let go into
+ * *start_ns. 1 when a client failed to fork or died, else 0. */
+static int bench_serve_clients(const bench_t *b, bench_result_t *results, int ready[2], int go[2],
+                               uint32_t *started_out, uint64_t *start_ns)
 {
-    if (bench_setup(b) < 0)
-        return 1;
-    size_t shared_bytes = (size_t)b->o.clients * sizeof(bench_result_t);
-    bench_result_t *results =
-        mmap(NULL, shared_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
-    int ready[2], go[2];
-    if (results == MAP_FAILED || pipe(ready) < 0 || pipe(go) < 0) {
-        fprintf(stderr, "vqkv-benchmark: shared memory or pipes: %s\n", strerror(errno));
-        return 1;
-    }
     fflush(NULL);
     uint32_t started = 0;
     pid_t pids[BENCH_MAX_CLIENTS];
@@ -406,6 +414,7 @@ static int bench_serve(bench_t *b)
         }
         pids[started] = pid;
     }
+    *started_out = started;
     close(ready[1]);
     /* Every client has connected and registered (or failed) before the
      * clock starts: setup never counts. A client that died early shows as
@@ -422,7 +431,7 @@ static int bench_serve(bench_t *b)
     }
     char go_bytes[BENCH_MAX_CLIENTS];
     memset(go_bytes, 1, sizeof go_bytes);
-    uint64_t start_ns = bench_now_ns();
+    *start_ns = bench_now_ns();
     /* The parent keeps go[0] open, so this cannot SIGPIPE when clients
      * that failed their setup are gone. */
     int status = bench_write_all(go[1], go_bytes, started) == 0 ? 0 : 1;
@@ -438,38 +447,47 @@ static int bench_serve(bench_t *b)
     close(go[0]);
     if (started < b->o.clients)
         status = 1;
+    return status;
+}
 
-    bench_hist_t merged[BENCH_KINDS], all;
-    memset(merged, 0, sizeof merged);
-    memset(&all, 0, sizeof all);
-    uint64_t hits = 0, misses = 0, got = 0, put = 0, end_ns = start_ns;
-    for (uint32_t i = 0; i < started; i++) {
+/* Merges the results of clients 0..n-1 into t, saying on stderr what
+ * failed in each that did; 1 when one did, else 0. */
+static int bench_serve_merge(const bench_result_t *results, uint32_t n, uint64_t start_ns,
+                             bench_totals_t *t)
+{
+    memset(t, 0, sizeof *t);
+    t->start_ns = t->end_ns = start_ns;
+    int status = 0;
+    for (uint32_t i = 0; i < n; i++) {
         const bench_result_t *r = &results[i];
         if (r->failed) {
             fprintf(stderr, "vqkv-benchmark: client %u: %s\n", i, r->error);
             status = 1;
         }
         for (int k = 0; k < BENCH_KINDS; k++) {
-            bench_hist_merge(&merged[k], &r->hist[k]);
-            bench_hist_merge(&all, &r->hist[k]);
+            bench_hist_merge(&t->merged[k], &r->hist[k]);
+            bench_hist_merge(&t->all, &r->hist[k]);
         }
-        hits += r->hits;
-        misses += r->misses;
-        got += r->blocks_got;
-        put += r->blocks_put;
-        if (r->end_ns > end_ns)
-            end_ns = r->end_ns;
+        t->hits += r->hits;
+        t->misses += r->misses;
+        t->got += r->blocks_got;
+        if (r->end_ns > t->end_ns)
+            t->end_ns = r->end_ns;
     }
-    munmap(results, shared_bytes);
-    if (status != 0)
-        return status;
+    return status;
+}
 
-    double secs = (double)(end_ns - start_ns) / 1e9;
+/* The serving table on stdout and, with --json, the same figures there. */
+static int bench_serve_report(const bench_t *b, const bench_totals_t *t)
+{
+    const bench_hist_t *merged = t->merged, *all = &t->all;
+    double secs = (double)(t->end_ns - t->start_ns) / 1e9;
     double lookups_s = (double)merged[BENCH_LOOKUP].n / secs;
     double gets_s = (double)merged[BENCH_GET].n / secs;
     double puts_s = (double)merged[BENCH_PUT].n / secs;
-    double gbps = (double)got * (double)vqkv_worker_block_logical_bytes(&b->layout) / secs / 1e9;
-    double hit_rate = hits + misses ? (double)hits / (double)(hits + misses) : 0.0;
+    double gbps = (double)t->got * (double)vqkv_worker_block_logical_bytes(&b->layout) / secs / 1e9;
+    uint64_t looked_up = t->hits + t->misses;
+    double hit_rate = looked_up ? (double)t->hits / (double)looked_up : 0.0;
     printf("%7s %11s %9s %9s %8s %19s %19s %17s %8s\n", "clients", "lookups/s", "gets/s",
            "get GB/s", "puts/s", "lookup p50/p99 us", "get p50/p99 us", "all p50/p99 us",
            "hit rate");
@@ -478,8 +496,8 @@ static int bench_serve(bench_t *b)
            bench_hist_quantile_us(&merged[BENCH_LOOKUP], 0.5),
            bench_hist_quantile_us(&merged[BENCH_LOOKUP], 0.99),
            bench_hist_quantile_us(&merged[BENCH_GET], 0.5),
-           bench_hist_quantile_us(&merged[BENCH_GET], 0.99), bench_hist_quantile_us(&all, 0.5),
-           bench_hist_quantile_us(&all, 0.99), 100.0 * hit_rate);
+           bench_hist_quantile_us(&merged[BENCH_GET], 0.99), bench_hist_quantile_us(all, 0.5),
+           bench_hist_quantile_us(all, 0.99), 100.0 * hit_rate);
     if (b->o.json_path == NULL)
         return 0;
     FILE *f = bench_json_open(b->o.json_path);
@@ -496,13 +514,37 @@ static int bench_serve(bench_t *b)
             b->o.put_every, (unsigned long long)vqkv_worker_block_logical_bytes(&b->layout),
             (unsigned long long)merged[BENCH_LOOKUP].n, (unsigned long long)merged[BENCH_GET].n,
             (unsigned long long)merged[BENCH_PUT].n, lookups_s, gets_s, puts_s, gbps, hit_rate,
-            bench_hist_quantile_us(&all, 0.5), bench_hist_quantile_us(&all, 0.99));
+            bench_hist_quantile_us(all, 0.5), bench_hist_quantile_us(all, 0.99));
     for (int k = 0; k < BENCH_KINDS; k++)
         fprintf(f, ", \"%s_p50_us\": %.1f, \"%s_p99_us\": %.1f", bench_kind_names[k],
                 bench_hist_quantile_us(&merged[k], 0.5), bench_kind_names[k],
                 bench_hist_quantile_us(&merged[k], 0.99));
     fprintf(f, "}\n");
     return fclose(f) == 0 ? 0 : 1;
+}
+
+static int bench_serve(bench_t *b)
+{
+    if (bench_setup(b) < 0)
+        return 1;
+    size_t shared_bytes = (size_t)b->o.clients * sizeof(bench_result_t);
+    bench_result_t *results =
+        mmap(NULL, shared_bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    int ready[2], go[2];
+    if (results == MAP_FAILED || pipe(ready) < 0 || pipe(go) < 0) {
+        fprintf(stderr, "vqkv-benchmark: shared memory or pipes: %s\n", strerror(errno));
+        return 1;
+    }
+    uint32_t started;
+    uint64_t start_ns;
+    int status = bench_serve_clients(b, results, ready, go, &started, &start_ns);
+    bench_totals_t t;
+    if (bench_serve_merge(results, started, start_ns, &t) != 0)
+        status = 1;
+    munmap(results, shared_bytes);
+    if (status != 0)
+        return status;
+    return bench_serve_report(b, &t);
 }
 
 /* ---- capacity mode ------------------------------------------------------------- */
@@ -531,6 +573,83 @@ static int bench_capacity_put(const bench_t *b, vqkv_worker_t *w, uint64_t id, i
                     &slot, 1, ps);
 }
 
+/* Puts --warmup-tokens of blocks for the daemon to calibrate the codec on,
+ * waits for its codebooks and evicts those blocks again. Sets *next_id to
+ * the first block id the fill may use and st to the counters after; -1,
+ * said on stderr, when any step fails. */
+static int bench_capacity_warmup(const bench_t *b, vqkv_worker_t *w, uint64_t *next_id,
+                                 vqkv_stats_t *st)
+{
+    char err[512];
+    uint64_t id = 0, warmup_blocks = b->o.warmup_tokens / b->layout.block_tokens;
+    vqkv_put_status_t ps = VQKV_PUT_STORED;
+    size_t evicted = 0;
+    int rc = VQKV_OK;
+    for (; id < warmup_blocks && rc >= 0; id++)
+        rc = bench_capacity_put(b, w, id, 1, &ps);
+    if (rc >= 0)
+        rc = vqkv_worker_wait_codebooks(w, b->model_id, 1800.0, err, sizeof err);
+    else
+        snprintf(err, sizeof err, "warm-up put: %s", vqkv_last_error(w->client));
+    if (rc >= 0 && (rc = vqkv_evict(w->client, w->model, NULL, 0, 1, &evicted)) < 0)
+        snprintf(err, sizeof err, "evict the warm-up: %s", vqkv_last_error(w->client));
+    if (rc >= 0 && (rc = vqkv_stats(w->client, st)) < 0)
+        snprintf(err, sizeof err, "stats: %s", vqkv_last_error(w->client));
+    if (rc < 0) {
+        fprintf(stderr, "vqkv-benchmark: capacity: %s\n", err);
+        return -1;
+    }
+    *next_id = id;
+    return 0;
+}
+
+/* Redraws the fill's progress line, done blocks into it. Every put adds
+ * the same slot bytes, so the blocks the fill will have put are the ones so
+ * far over the fraction of the way to the watermark the pool has come. */
+static void bench_capacity_progress(vqkv_progress_t *progress, const vqkv_stats_t *st, double done)
+{
+    double used = (double)st->pool_bytes_used / (double)st->pool_bytes;
+    double way = used / BENCH_EVICT_FRACTION;
+    char held[32];
+    vqkv_progress_update(progress, done, way > 0.0 ? done / (way < 1.0 ? way : 1.0) : 0.0, "blocks",
+                         "filling: %s blocks, pool %.0f%% full",
+                         vqkv_progress_count(held, sizeof held, st->blocks), 100.0 * used);
+}
+
+/* The capacity table on stdout and, with --json, the same figures there:
+ * peak_blocks and peak_stored are what the pool held before its first
+ * eviction. */
+static int bench_capacity_report(const bench_t *b, uint32_t block_bytes, uint64_t pool_bytes,
+                                 uint64_t peak_blocks, uint64_t peak_stored)
+{
+    double pool_gib = (double)pool_bytes / (double)(1u << 30);
+    double tokens_per_gib = (double)peak_blocks * b->layout.block_tokens / pool_gib;
+    double fp16_per_gib = (double)(1u << 30) / (double)vqkv_worker_block_logical_bytes(&b->layout) *
+                          b->layout.block_tokens;
+    int codec_width = strlen(b->codec) > 24 ? (int)strlen(b->codec) : 24;
+    printf("%-14s %-*s %11s %13s %12s %15s %12s\n", "shape", codec_width, "codec", "block bytes",
+           "blocks held", "pool used", "tokens per GiB", "f16 ideal");
+    printf("%-14s %-*s %11u %13llu %11.1f%% %15.0f %12.0f\n", b->o.shape, codec_width, b->codec,
+           block_bytes, (unsigned long long)peak_blocks,
+           100.0 * (double)peak_stored / (double)pool_bytes, tokens_per_gib, fp16_per_gib);
+    if (b->o.json_path == NULL)
+        return 0;
+    FILE *f = bench_json_open(b->o.json_path);
+    if (f == NULL)
+        return 1;
+    fprintf(f,
+            "{\"bench\": \"vqkv-benchmark\", \"mode\": \"capacity\", \"shape\": \"%s\", "
+            "\"codec\": \"%s\", \"block_tokens\": %u, \"block_bytes\": %u, "
+            "\"block_logical_bytes\": %llu, \"pool_bytes\": %llu, \"blocks_held\": %llu, "
+            "\"bytes_stored\": %llu, \"tokens_per_gib\": %.1f, \"fp16_ideal_tokens_per_gib\": "
+            "%.1f}\n",
+            b->o.shape, b->codec, b->layout.block_tokens, block_bytes,
+            (unsigned long long)vqkv_worker_block_logical_bytes(&b->layout),
+            (unsigned long long)pool_bytes, (unsigned long long)peak_blocks,
+            (unsigned long long)peak_stored, tokens_per_gib, fp16_per_gib);
+    return fclose(f) == 0 ? 0 : 1;
+}
+
 static int bench_capacity(bench_t *b)
 {
     char err[512];
@@ -557,20 +676,7 @@ static int bench_capacity(bench_t *b)
     uint64_t id = 0, evictions_before = 0;
     vqkv_put_status_t ps = VQKV_PUT_STORED;
     if (!vqkv_model_codebooks_ready(w.model)) {
-        uint64_t warmup_blocks = b->o.warmup_tokens / b->layout.block_tokens;
-        size_t evicted = 0;
-        for (; id < warmup_blocks && rc >= 0; id++)
-            rc = bench_capacity_put(b, &w, id, 1, &ps);
-        if (rc >= 0)
-            rc = vqkv_worker_wait_codebooks(&w, b->model_id, 1800.0, err, sizeof err);
-        else
-            snprintf(err, sizeof err, "warm-up put: %s", vqkv_last_error(w.client));
-        if (rc >= 0 && (rc = vqkv_evict(w.client, w.model, NULL, 0, 1, &evicted)) < 0)
-            snprintf(err, sizeof err, "evict the warm-up: %s", vqkv_last_error(w.client));
-        if (rc >= 0 && (rc = vqkv_stats(w.client, &st)) < 0)
-            snprintf(err, sizeof err, "stats: %s", vqkv_last_error(w.client));
-        if (rc < 0) {
-            fprintf(stderr, "vqkv-benchmark: capacity: %s\n", err);
+        if (bench_capacity_warmup(b, &w, &id, &st) < 0) {
             vqkv_worker_close(&w);
             return 1;
         }
@@ -598,56 +704,21 @@ static int bench_capacity(bench_t *b)
             break;
         peak_blocks = st.blocks;
         peak_stored = st.bytes_stored;
-        if (vqkv_progress_due(&progress)) {
-            /* Every put adds the same slot bytes, so the blocks the fill
-             * will have put are the ones so far over the fraction of the
-             * way to the watermark the pool has come. */
-            double used = (double)st.pool_bytes_used / (double)st.pool_bytes;
-            double way = used / BENCH_EVICT_FRACTION, done = (double)(id + 1 - first);
-            char held[32];
-            vqkv_progress_update(&progress, done, way > 0.0 ? done / (way < 1.0 ? way : 1.0) : 0.0,
-                                 "blocks", "filling: %s blocks, pool %.0f%% full",
-                                 vqkv_progress_count(held, sizeof held, st.blocks), 100.0 * used);
-        }
+        if (vqkv_progress_due(&progress))
+            bench_capacity_progress(&progress, &st, (double)(id + 1 - first));
     }
     vqkv_progress_end(&progress);
     uint32_t block_bytes = vqkv_model_block_bytes(w.model);
     snprintf(b->codec, sizeof b->codec, "%s", vqkv_model_codec(w.model));
+    vqkv_worker_close(&w);
     if (!full) {
         fprintf(stderr,
                 "vqkv-benchmark: %llu blocks and still no eviction: is --pool-bytes "
                 "larger than the daemon says?\n",
                 (unsigned long long)peak_blocks);
-        vqkv_worker_close(&w);
         return 1;
     }
-    double pool_gib = (double)st.pool_bytes / (double)(1u << 30);
-    double tokens_per_gib = (double)peak_blocks * b->layout.block_tokens / pool_gib;
-    double fp16_per_gib = (double)(1u << 30) / (double)vqkv_worker_block_logical_bytes(&b->layout) *
-                          b->layout.block_tokens;
-    int codec_width = strlen(b->codec) > 24 ? (int)strlen(b->codec) : 24;
-    printf("%-14s %-*s %11s %13s %12s %15s %12s\n", "shape", codec_width, "codec", "block bytes",
-           "blocks held", "pool used", "tokens per GiB", "f16 ideal");
-    printf("%-14s %-*s %11u %13llu %11.1f%% %15.0f %12.0f\n", b->o.shape, codec_width, b->codec,
-           block_bytes, (unsigned long long)peak_blocks,
-           100.0 * (double)peak_stored / (double)st.pool_bytes, tokens_per_gib, fp16_per_gib);
-    vqkv_worker_close(&w);
-    if (b->o.json_path == NULL)
-        return 0;
-    FILE *f = bench_json_open(b->o.json_path);
-    if (f == NULL)
-        return 1;
-    fprintf(f,
-            "{\"bench\": \"vqkv-benchmark\", \"mode\": \"capacity\", \"shape\": \"%s\", "
-            "\"codec\": \"%s\", \"block_tokens\": %u, \"block_bytes\": %u, "
-            "\"block_logical_bytes\": %llu, \"pool_bytes\": %llu, \"blocks_held\": %llu, "
-            "\"bytes_stored\": %llu, \"tokens_per_gib\": %.1f, \"fp16_ideal_tokens_per_gib\": "
-            "%.1f}\n",
-            b->o.shape, b->codec, b->layout.block_tokens, block_bytes,
-            (unsigned long long)vqkv_worker_block_logical_bytes(&b->layout),
-            (unsigned long long)st.pool_bytes, (unsigned long long)peak_blocks,
-            (unsigned long long)peak_stored, tokens_per_gib, fp16_per_gib);
-    return fclose(f) == 0 ? 0 : 1;
+    return bench_capacity_report(b, block_bytes, st.pool_bytes, peak_blocks, peak_stored);
 }
 
 /* ---- command line ---------------------------------------------------------------- */
