@@ -114,9 +114,9 @@ int vqkv_kv_view_check(const vqkv_layout_t *layout, const vqkv_kv_view_t *view, 
             if (view->layer_offsets[l] > last_layer)
                 last_layer = view->layer_offsets[l];
     }
-    if ((view->layer_offsets != NULL ? !vqkv__mul_add(&end, 1, last_layer)
-                                     : !vqkv__mul_add(&end, layout->num_layers - 1,
-                                                      view->layer_stride)) ||
+    if ((view->layer_offsets != NULL
+             ? !vqkv__mul_add(&end, 1, last_layer)
+             : !vqkv__mul_add(&end, layout->num_layers - 1, view->layer_stride)) ||
         !vqkv__mul_add(&end, 1, view->kv_stride) || !vqkv__mul_add(&end, slot, view->slot_stride) ||
         !vqkv__mul_add(&end, layout->block_tokens - 1, view->token_stride) ||
         !vqkv__mul_add(&end, layout->num_kv_heads - 1, view->head_stride) ||
@@ -144,8 +144,7 @@ int vqkv_kv_view_disjoint(const vqkv_layout_t *layout, const vqkv_kv_view_t *vie
         {"token_stride", view->token_stride, layout->block_tokens},
         {"slot_stride", view->slot_stride, view->num_slots},
         {"kv_stride", view->kv_stride, 2},
-        {"layer_stride", view->layer_stride,
-         view->layer_offsets != NULL ? 1 : layout->num_layers},
+        {"layer_stride", view->layer_stride, view->layer_offsets != NULL ? 1 : layout->num_layers},
     };
     if (stride != NULL)
         *stride = NULL;
@@ -443,9 +442,9 @@ int vqkv_codec_decode_batch(const vqkv_codec_t *codec, const uint8_t *const *in,
         for (size_t i = 0; i < n; i++)
             for (int kv = 0; kv < 2; kv++) {
                 vqkv__tile_t tile = vqkv__tile_at(codec, base, view, slots[i], layer, kv);
-                codec->ops->decode_part(codec, layer, kv,
-                                        in[i] + layer * layer_bytes + (kv ? codec->part_bytes[0] : 0),
-                                        &tile);
+                codec->ops->decode_part(
+                    codec, layer, kv, in[i] + layer * layer_bytes + (kv ? codec->part_bytes[0] : 0),
+                    &tile);
             }
     return VQKV_OK;
 }

@@ -88,6 +88,9 @@ int vqkv__spec_word(vqkv__spec_t *spec, const char *key, const char *const *choi
  * done, where there are none (or VQKV_CPU_SIMD=0 turned them off) or for
  * f32, so the caller converts one value at a time. Any alignment. */
 bool vqkv__simd_enabled(void);
+/* Whether AVX-512F is there and allowed too (VQKV_CPU_SIMD=avx2 stops at
+ * AVX2). */
+bool vqkv__simd_avx512(void);
 bool vqkv__rows_to_f32(vqkv_dtype_t dtype, const void *src, size_t n, float *dst);
 bool vqkv__rows_from_f32(vqkv_dtype_t dtype, const float *src, size_t n, void *dst);
 

@@ -587,9 +587,8 @@ static void vqkv__vq_tables(const vqkv__vq_t *vq, uint32_t set_layer, int kv, co
  * the branch's channels. Inlined with d a constant, the common group sizes
  * become straight-line code whose codeword loads overlap across groups. */
 static inline __attribute__((always_inline)) void
-vqkv__vq_decode_branch(const vqkv__branch_t *br, uint32_t d, uint32_t b,
-                       const float *const *tables, const uint8_t *codes, uint64_t first_code,
-                       float norm, float *row)
+vqkv__vq_decode_branch(const vqkv__branch_t *br, uint32_t d, uint32_t b, const float *const *tables,
+                       const uint8_t *codes, uint64_t first_code, float norm, float *row)
 {
     for (uint32_t g = 0; g < br->groups; g++) {
         uint32_t at = br->first_code + g * br->stages;

@@ -9,6 +9,8 @@
  */
 #include "kmeans.h"
 
+#include "codec_internal.h"
+
 #include "vqkv_codec.h"
 
 #include <float.h>
@@ -30,6 +32,14 @@ void vqkv__search_prepare(const float *centroids, uint32_t d, uint32_t k, float 
 }
 
 uint32_t vqkv__nearest(const float *x, const float *search, uint32_t d, uint32_t k)
+{
+    if (!vqkv__nearest_simd(d, k))
+        return vqkv__nearest_scalar(x, search, d, k);
+    return vqkv__simd_avx512() ? vqkv__nearest_x512(x, search, d, k)
+                               : vqkv__nearest_x86(x, search, d, k);
+}
+
+uint32_t vqkv__nearest_scalar(const float *x, const float *search, uint32_t d, uint32_t k)
 {
     enum { CHUNK = 256 };
     const float *norms2 = search, *wt = search + k;
@@ -76,16 +86,43 @@ static double vqkv__uniform(uint64_t *state)
     return (double)(*state >> 11) * (1.0 / 9007199254740992.0);
 }
 
-static void vqkv__kmeanspp(const float *x, size_t n, uint32_t d, uint32_t k, uint64_t *rng,
-                           float *centroids, float *mind)
+void vqkv__mind_update_scalar(const float *xt, size_t n, size_t start, uint32_t d, const float *c,
+                              float *mind, bool first)
 {
+    for (size_t i = start; i < n; i++) {
+        float s = 0.0f;
+        for (uint32_t j = 0; j < d; j++)
+            s += (xt[(size_t)j * n + i] - c[j]) * (xt[(size_t)j * n + i] - c[j]);
+        mind[i] = first || s < mind[i] ? s : mind[i];
+    }
+}
+
+void vqkv__mind_update(const float *xt, size_t n, uint32_t d, const float *c, float *mind,
+                       bool first)
+{
+    if (vqkv__simd_enabled())
+        vqkv__mind_update_x86(xt, n, d, c, mind, first);
+    else
+        vqkv__mind_update_scalar(xt, n, 0, d, c, mind, first);
+}
+
+/* k-means++: O(n*k*d), each pass over the points reading them transposed
+ * (xt), so that eight points' distances are built at once. */
+static int vqkv__kmeanspp(const float *x, size_t n, uint32_t d, uint32_t k, uint64_t *rng,
+                          float *centroids, float *mind)
+{
+    float *xt = malloc(n * d * sizeof *xt);
+    if (xt == NULL)
+        return VQKV_ENOMEM;
+    for (size_t i = 0; i < n; i++)
+        for (uint32_t j = 0; j < d; j++)
+            xt[(size_t)j * n + i] = x[i * d + j];
     size_t first = (size_t)(vqkv__uniform(rng) * (double)n);
     memcpy(centroids, x + first * d, d * sizeof(float));
     double total = 0.0;
-    for (size_t i = 0; i < n; i++) {
-        mind[i] = vqkv__dist2(x + i * d, centroids, d);
+    vqkv__mind_update(xt, n, d, centroids, mind, true);
+    for (size_t i = 0; i < n; i++)
         total += mind[i];
-    }
     for (uint32_t c = 1; c < k; c++) {
         size_t pick = (size_t)c % n;
         if (total > 0.0) {
@@ -98,14 +135,22 @@ static void vqkv__kmeanspp(const float *x, size_t n, uint32_t d, uint32_t k, uin
         }
         float *cv = centroids + (size_t)c * d;
         memcpy(cv, x + pick * d, d * sizeof(float));
+        vqkv__mind_update(xt, n, d, cv, mind, false);
         total = 0.0;
-        for (size_t i = 0; i < n; i++) {
-            float dist = vqkv__dist2(x + i * d, cv, d);
-            if (dist < mind[i])
-                mind[i] = dist;
+        for (size_t i = 0; i < n; i++)
             total += mind[i];
-        }
     }
+    free(xt);
+    return VQKV_OK;
+}
+
+/* Whether some cluster of k has no point. */
+static bool vqkv__some_empty(const size_t *counts, uint32_t k)
+{
+    for (uint32_t c = 0; c < k; c++)
+        if (counts[c] == 0)
+            return true;
+    return false;
 }
 
 int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iterations,
@@ -123,7 +168,8 @@ int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iter
         (assigner != NULL && next == NULL))
         goto out;
 
-    vqkv__kmeanspp(x, n, d, k, &rng, centroids, mind);
+    if (vqkv__kmeanspp(x, n, d, k, &rng, centroids, mind) != VQKV_OK)
+        goto out;
     for (uint32_t it = 0; it < iterations; it++) {
         vqkv__search_prepare(centroids, d, k, search);
         memset(sums, 0, (size_t)k * d * sizeof *sums);
@@ -139,14 +185,19 @@ int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iter
             uint32_t c = assigner != NULL ? next[i] : vqkv__nearest(xi, search, d, k);
             moved += it == 0 || c != assign[i];
             assign[i] = c;
-            if (assigner == NULL)
-                mind[i] = vqkv__dist2(xi, centroids + (size_t)c * d, d);
             counts[c]++;
             for (uint32_t j = 0; j < d; j++)
                 sums[(size_t)c * d + j] += xi[j];
         }
         if (moved == 0)
             break;
+        /* Each point's distance to its centroid serves only to re-seed an
+         * emptied cluster, so it is computed only then (the assigner gives
+         * it anyway): rare after the first iterations, and O(n*d) saved
+         * on every other. */
+        if (assigner == NULL && n > k && vqkv__some_empty(counts, k))
+            for (size_t i = 0; i < n; i++)
+                mind[i] = vqkv__dist2(x + i * d, centroids + (size_t)assign[i] * d, d);
         for (uint32_t c = 0; c < k; c++) {
             float *cv = centroids + (size_t)c * d;
             if (counts[c] > 0) {

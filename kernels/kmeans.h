@@ -9,6 +9,7 @@
 
 #include "vqkv_codec.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -36,8 +37,27 @@ int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iter
 void vqkv__search_prepare(const float *centroids, uint32_t d, uint32_t k, float *search);
 
 /* The centroid nearest to x by ||c||^2 - 2 x.c, from the search form; ties
- * go to the lower index. O(k*d). */
+ * go to the lower index. O(k*d). With AVX2 (search_x86.c) where the CPU
+ * has it and VQKV_CPU_SIMD is not 0; the scalar loop, the reference,
+ * otherwise: the same answer either way, bit for bit. */
 uint32_t vqkv__nearest(const float *x, const float *search, uint32_t d, uint32_t k);
+uint32_t vqkv__nearest_scalar(const float *x, const float *search, uint32_t d, uint32_t k);
+uint32_t vqkv__nearest_x86(const float *x, const float *search, uint32_t d, uint32_t k);
+/* The AVX-512F search; only where vqkv__simd_avx512() says it may run. */
+uint32_t vqkv__nearest_x512(const float *x, const float *search, uint32_t d, uint32_t k);
+/* Whether vqkv__nearest takes the AVX2 path for this d and k. */
+bool vqkv__nearest_simd(uint32_t d, uint32_t k);
+
+/* mind[i] = ||x[i] - c||^2 for every point (first), or the least of it and
+ * mind[i], with the points given transposed, xt[d][n]: each distance summed
+ * in channel order, every step rounded on its own, so the AVX2 path
+ * (search_x86.c) and the scalar one give the same floats. */
+void vqkv__mind_update(const float *xt, size_t n, uint32_t d, const float *c, float *mind,
+                       bool first);
+void vqkv__mind_update_scalar(const float *xt, size_t n, size_t start, uint32_t d, const float *c,
+                              float *mind, bool first);
+void vqkv__mind_update_x86(const float *xt, size_t n, uint32_t d, const float *c, float *mind,
+                           bool first);
 
 /* splitmix64: a tiny, well-mixed generator and seed combiner. */
 static inline uint64_t vqkv__mix64(uint64_t x)

@@ -39,9 +39,9 @@ VQKV__X86 static void vqkv__f32_to_f16_x86(const float *src, size_t n, uint8_t *
         __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
         __m256i canon = _mm256_or_si256(_mm256_srli_epi32(_mm256_andnot_si256(abs_mask, u), 16),
                                         _mm256_set1_epi32(0x7e00));
-        h = _mm_blendv_epi8(h, vqkv__narrow(canon),
-                            _mm_packs_epi32(_mm256_castsi256_si128(nan),
-                                            _mm256_extracti128_si256(nan, 1)));
+        h = _mm_blendv_epi8(
+            h, vqkv__narrow(canon),
+            _mm_packs_epi32(_mm256_castsi256_si128(nan), _mm256_extracti128_si256(nan, 1)));
         _mm_storeu_si128((__m128i *)(dst + 2 * i), h);
     }
     for (; i < n; i++) {
@@ -61,10 +61,11 @@ VQKV__X86 static void vqkv__f16_to_f32_x86(const uint8_t *src, size_t n, float *
          * exponent rebiased, no quiet bit added. */
         __m256i w = _mm256_cvtepu16_epi32(h);
         __m256i special = _mm256_cmpeq_epi32(_mm256_and_si256(w, exp_mask), exp_mask);
-        __m256i ours = _mm256_add_epi32(
-            _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x7fff)), 13),
-            _mm256_set1_epi32(0x70000000));
-        ours = _mm256_or_si256(ours, _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x8000)), 16));
+        __m256i ours =
+            _mm256_add_epi32(_mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x7fff)), 13),
+                             _mm256_set1_epi32(0x70000000));
+        ours = _mm256_or_si256(
+            ours, _mm256_slli_epi32(_mm256_and_si256(w, _mm256_set1_epi32(0x8000)), 16));
         x = _mm256_blendv_ps(x, _mm256_castsi256_ps(ours), _mm256_castsi256_ps(special));
         _mm256_storeu_ps(dst + i, x);
     }
@@ -109,27 +110,41 @@ VQKV__X86 static void vqkv__bf16_to_f32_x86(const uint8_t *src, size_t n, float 
     }
 }
 
+/* 0: the scalar reference; 1: AVX2 and F16C; 2: AVX-512F as well. */
 static int vqkv__simd;
 static pthread_once_t vqkv__simd_once = PTHREAD_ONCE_INIT;
 
-/* On when the CPU has AVX2 and F16C and VQKV_CPU_SIMD is not "0" (which
- * forces numeric.h's one-at-a-time code, the reference, for tests and
- * comparisons). */
+/* The best the CPU has, unless VQKV_CPU_SIMD says "0" (numeric.h's
+ * one-at-a-time code and the scalar search, the references, for tests and
+ * comparisons) or "avx2" (no AVX-512, to test and time that path on a CPU
+ * that has both). */
 static void vqkv__simd_init(void)
 {
     const char *env = getenv("VQKV_CPU_SIMD");
     unsigned eax, ebx, ecx, edx;
     /* F16C from CPUID leaf 1 (ECX bit 29): clang has no builtin name for
-     * it; AVX2 (with the OS saving the YMM state) from the builtin. */
+     * it; AVX2 and AVX-512F (with the OS saving their state) from the
+     * builtin. */
     bool f16c = __get_cpuid(1, &eax, &ebx, &ecx, &edx) && (ecx & (1u << 29)) != 0;
     __builtin_cpu_init();
-    vqkv__simd = f16c && __builtin_cpu_supports("avx2") && !(env != NULL && strcmp(env, "0") == 0);
+    if (!f16c || !__builtin_cpu_supports("avx2") || (env != NULL && strcmp(env, "0") == 0))
+        vqkv__simd = 0;
+    else if (!__builtin_cpu_supports("avx512f") || (env != NULL && strcmp(env, "avx2") == 0))
+        vqkv__simd = 1;
+    else
+        vqkv__simd = 2;
 }
 
 bool vqkv__simd_enabled(void)
 {
     pthread_once(&vqkv__simd_once, vqkv__simd_init);
     return vqkv__simd != 0;
+}
+
+bool vqkv__simd_avx512(void)
+{
+    pthread_once(&vqkv__simd_once, vqkv__simd_init);
+    return vqkv__simd == 2;
 }
 
 bool vqkv__rows_to_f32(vqkv_dtype_t dtype, const void *src, size_t n, float *dst)
@@ -157,6 +172,11 @@ bool vqkv__rows_from_f32(vqkv_dtype_t dtype, const float *src, size_t n, void *d
 #else /* not x86-64: numeric.h's code everywhere */
 
 bool vqkv__simd_enabled(void)
+{
+    return false;
+}
+
+bool vqkv__simd_avx512(void)
 {
     return false;
 }

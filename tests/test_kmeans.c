@@ -4,6 +4,7 @@
  */
 #include "test_util.h"
 
+#include "codec_internal.h"
 #include "kmeans.h"
 
 #include <float.h>
@@ -159,6 +160,84 @@ static void test_nearest_matches_brute_force(void **state)
     assert_int_equal(vqkv__nearest((const float[2]){2.0f, 0.0f}, twin_search, 2, 3), 0);
     assert_int_equal(vqkv__nearest((const float[2]){-2.0f, 0.0f}, twin_search, 2, 3), 1);
     test_free_all(search, x, centroids);
+}
+
+/* The AVX2 and AVX-512 searches (when this CPU has them) give the scalar reference's
+ * answer for every vector: codebook sizes 8 to 256 and dims 1 to 16,
+ * Gaussian data, exact ties (repeated codewords, a vector equidistant from
+ * two), signed zeros, huge values whose distances overflow to inf and NaN
+ * codewords, which neither path ever picks. */
+static void test_nearest_simd_matches_scalar(void **state)
+{
+    (void)state;
+    if (!vqkv__nearest_simd(8, 256))
+        skip(); /* no AVX2 here, or VQKV_CPU_SIMD=0: the reference is all there is */
+    static const uint32_t ks[] = {8, 16, 24, 64, 72, 136, 256, 392}, ds[] = {1, 2, 3, 4, 8, 16};
+    test_rng_t rng = {.state = 31};
+    for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++)
+        for (size_t di = 0; di < sizeof ds / sizeof ds[0]; di++) {
+            uint32_t k = ks[ki], d = ds[di];
+            float *words = malloc((size_t)k * d * sizeof *words);
+            float *search = malloc((size_t)k * (d + 1) * sizeof *search);
+            float x[16];
+            assert_non_null(words);
+            assert_non_null(search);
+            for (size_t i = 0; i < (size_t)k * d; i++)
+                words[i] = (float)test_rng_gaussian(&rng);
+            memcpy(words + (size_t)(k - 1) * d, words, d * sizeof *words); /* a twin of 0 */
+            words[(size_t)(k / 2) * d] = NAN;
+            if (k > 8)
+                words[(size_t)5 * d] = 3.0e38f; /* its norm overflows to inf */
+            vqkv__search_prepare(words, d, k, search);
+            for (int trial = 0; trial < 400; trial++) {
+                for (uint32_t j = 0; j < d; j++)
+                    x[j] = trial % 7 == 0 ? words[j]                   /* on codeword 0 */
+                           : trial % 11 == 0 ? (j % 2 ? -0.0f : 0.0f) /* signed zeros */
+                                             : (float)test_rng_gaussian(&rng) * 2.0f;
+                if (trial % 13 == 0)
+                    x[0] = 1.0e30f;
+                uint32_t want = vqkv__nearest_scalar(x, search, d, k);
+                uint32_t got = vqkv__nearest_x86(x, search, d, k);
+                if (got != want)
+                    fail_msg("k %u d %u trial %d: AVX2 %u, scalar %u", k, d, trial, got, want);
+                got = vqkv__simd_avx512() ? vqkv__nearest_x512(x, search, d, k) : want;
+                if (got != want)
+                    fail_msg("k %u d %u trial %d: AVX-512 %u, scalar %u", k, d, trial, got, want);
+            }
+            test_free_all(words, search);
+        }
+}
+
+/* k-means++'s distance pass: the AVX2 path's floats are the scalar
+ * reference's, first pass and later ones, tails of every length. */
+static void test_mind_update_simd_matches_scalar(void **state)
+{
+    (void)state;
+    if (!vqkv__nearest_simd(8, 256))
+        skip();
+    test_rng_t rng = {.state = 77};
+    static const size_t ns[] = {1, 7, 8, 9, 100, 1003};
+    static const uint32_t ds[] = {1, 3, 8, 16};
+    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++)
+        for (size_t di = 0; di < sizeof ds / sizeof ds[0]; di++) {
+            size_t n = ns[ni];
+            uint32_t d = ds[di];
+            float *xt = malloc(n * d * sizeof *xt), *want = malloc(n * sizeof *want);
+            float *got = malloc(n * sizeof *got), c[16];
+            assert_non_null(xt);
+            assert_non_null(want);
+            assert_non_null(got);
+            for (size_t i = 0; i < n * d; i++)
+                xt[i] = (float)test_rng_gaussian(&rng) * 3.0f;
+            for (int pass = 0; pass < 3; pass++) {
+                for (uint32_t j = 0; j < d; j++)
+                    c[j] = (float)test_rng_gaussian(&rng);
+                vqkv__mind_update_scalar(xt, n, 0, d, c, want, pass == 0);
+                vqkv__mind_update_x86(xt, n, d, c, got, pass == 0);
+                assert_memory_equal(got, want, n * sizeof *got);
+            }
+            test_free_all(xt, want, got);
+        }
 }
 
 /* ---- training through the codec -------------------------------------------- */
@@ -473,6 +552,8 @@ int main(void)
         cmocka_unit_test(test_kmeans_fewer_points_than_centroids),
         cmocka_unit_test(test_kmeans_identical_points),
         cmocka_unit_test(test_nearest_matches_brute_force),
+        cmocka_unit_test(test_nearest_simd_matches_scalar),
+        cmocka_unit_test(test_mind_update_simd_matches_scalar),
         cmocka_unit_test(test_training_deterministic_across_threads),
         cmocka_unit_test(test_more_stages_lower_error),
         cmocka_unit_test(test_training_refuses_non_finite),
