@@ -191,7 +191,7 @@ static void test_nearest_simd_matches_scalar(void **state)
             vqkv__search_prepare(words, d, k, search);
             for (int trial = 0; trial < 400; trial++) {
                 for (uint32_t j = 0; j < d; j++)
-                    x[j] = trial % 7 == 0 ? words[j]                   /* on codeword 0 */
+                    x[j] = trial % 7 == 0    ? words[j]               /* on codeword 0 */
                            : trial % 11 == 0 ? (j % 2 ? -0.0f : 0.0f) /* signed zeros */
                                              : (float)test_rng_gaussian(&rng) * 2.0f;
                 if (trial % 13 == 0)
