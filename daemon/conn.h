@@ -25,7 +25,7 @@
 #include <uv.h>
 
 #include "frame.h"
-#include "server.h"
+#include "state.h"
 #include "vqkv_proto.h"
 
 /* Welcome.tenant_salt: a SHA-256. */

@@ -14,7 +14,7 @@
 
 #include <stdint.h>
 
-#include "server.h"
+#include "state.h"
 
 typedef struct vqkvd_metrics vqkvd_metrics_t;
 

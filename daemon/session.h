@@ -25,7 +25,7 @@
 #include "backend.h"
 #include "conn.h"
 #include "frame.h"
-#include "server.h"
+#include "state.h"
 #include "vqkv_proto.h"
 
 /* A block this connection pinned with ttl_ms 0: unpinned when it closes.
@@ -119,10 +119,6 @@ void vqkvd_session_release(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_fr
 void vqkvd_session_pin(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
 void vqkvd_session_unpin(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
 void vqkvd_session_evict(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
-
-/* server.c: Hello and Stats, the requests of the connection itself. */
-void vqkvd_client_hello(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
-void vqkvd_client_stats(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
 
 /* models.c: the model of tenant with that store number, or NULL. */
 vqkvd_model_t *vqkvd_model_by_store_id(const vqkvd_server_t *s, uint32_t tenant, uint32_t store_id);

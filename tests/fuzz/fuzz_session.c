@@ -34,6 +34,7 @@
 #include "frame.h"
 #include "fuzz.h"
 #include "log.h"
+#include "server.h"
 #include "session.h"
 
 /* Small limits, so that they are reached. */

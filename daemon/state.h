@@ -1,0 +1,111 @@
+/* state.h -- what vqkvd holds: its settings (vqkvd_config_t) and the one
+ * vqkvd_server_t every layer reads and changes on the loop's thread. Types
+ * only: server.h has the server's functions, and the layers below it
+ * (session.h, conn.h) include this instead, so nothing below the server
+ * includes its header.
+ */
+#ifndef VQKVD_STATE_H
+#define VQKVD_STATE_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#include <uv.h>
+
+#include "backend.h"
+#include "counters.h"
+#include "pool.h"
+#include "store.h"
+
+/* The smallest pool vqkvd accepts: less holds no block of a real model
+ * (SmolLM2-135M's kivi4 block is 57 KiB). */
+#define VQKVD_POOL_MIN_BYTES (64ull << 10)
+
+/* Uids (and gids) --allow-uid (--allow-gid) may name. */
+#define VQKVD_MAX_ALLOWED 32
+
+/* The daemon's settings. vqkvd_config_defaults fills every field. */
+typedef struct {
+    const char *socket_path; /* borrowed; must outlive the server */
+    uint32_t max_frame;      /* Welcome.max_frame_bytes */
+    uint32_t max_inflight;   /* Welcome.max_inflight */
+    uint32_t max_regions;    /* Welcome.max_regions */
+    uint32_t max_clients;    /* connections past this are refused (VQKV_ELIMIT) */
+    uint64_t pool_bytes;     /* the CPU pool's arena (--pool-bytes) */
+    /* A listening Unix stream socket handed over by the service manager
+     * (socket activation) to serve on instead of binding socket_path, or
+     * -1. The server owns it from vqkvd_server_start on and never unlinks
+     * its file: it belongs to whoever bound it. */
+    int listen_fd;
+    /* A peer may connect when its uid is in allow_uids or its gid in
+     * allow_gids (SO_PEERCRED). Defaults: the daemon's own uid and root. */
+    uid_t allow_uids[VQKVD_MAX_ALLOWED];
+    size_t n_allow_uids;
+    gid_t allow_gids[VQKVD_MAX_ALLOWED];
+    size_t n_allow_gids;
+    /* Peers whose Stats reply lists every tenant (vqkvctl run by an
+     * operator); others see the totals and their own tenant. */
+    uid_t admin_uids[VQKVD_MAX_ALLOWED];
+    size_t n_admin_uids;
+
+    /* Where trained codebooks are saved and looked for (borrowed; NULL:
+     * codebooks live only as long as the process). */
+    const char *state_dir;
+    /* "cpu", "auto" or "cuda:N" (borrowed); only the CPU backend exists
+     * so far, which "auto" picks on a machine without one. */
+    const char *device;
+    /* A VQ model without codebooks stores blocks in the fp16 fallback until
+     * this many tokens of them are collected, then trains in the background. */
+    uint32_t calib_tokens;
+    /* A Lookup's lease lasts this long unless released (--lease-ms). */
+    uint32_t lease_ms;
+    /* HOST:PORT of the HTTP metrics endpoint (metrics.h; borrowed), a
+     * loopback address (config.h); NULL: no endpoint. */
+    const char *metrics_address;
+
+    /* Byte quotas on compressed bytes held, per tenant (uid): quota_bytes
+     * for a uid named in quota_uids, default_quota_bytes for the others;
+     * 0 is unlimited. */
+    uint64_t default_quota_bytes;
+    uid_t quota_uids[VQKVD_MAX_ALLOWED];
+    uint64_t quota_bytes[VQKVD_MAX_ALLOWED];
+    size_t n_quotas;
+} vqkvd_config_t;
+
+typedef struct vqkvd_client vqkvd_client_t;
+typedef struct vqkvd_model vqkvd_model_t;
+
+typedef struct {
+    uv_loop_t *loop;
+    vqkvd_config_t cfg;
+
+    int listen_fd;             /* -1 once closed */
+    uv_poll_t listen_poll;     /* readable: connections to accept */
+    uv_timer_t accept_backoff; /* restarts accepting after EMFILE */
+    int socket_created;        /* the socket file is ours to unlink */
+    int sys_errno;             /* errno of the system call that failed vqkvd_server_start */
+
+    vqkvd_client_t *clients; /* doubly linked, newest first */
+    uint32_t n_clients;      /* StatsReply.clients */
+    uint64_t next_client_id; /* for logs */
+
+    /* Tenant salts are SHA-256(salt_secret || tenant): the same for every
+     * process of a tenant, unguessable by another tenant. Drawn at start,
+     * so salts (and with them keys) change when the daemon restarts, which
+     * is harmless while the store does not outlive the process. */
+    uint8_t salt_secret[32];
+    int stopping;
+
+    /* The blocks (session.c): the pool holds their bytes, the store indexes
+     * them; the timer sweeps expired leases and evicts every 100 ms. */
+    vqkvd_backend_t *backend; /* regions, codec runs and the arena (backend.h) */
+    vqkvd_pool_t pool;
+    vqkvd_store_t store;
+    uv_timer_t tick;
+    vqkvd_model_t **models; /* by id - 1; shared by the clients of a tenant */
+    uint32_t n_models, cap_models;
+    vqkvd_counters_t counters;
+} vqkvd_server_t;
+
+#endif
