@@ -68,8 +68,10 @@ typedef struct {
     /* decode */
     const vqkv_codec_t *const *codecs;
     const uint8_t *const *src;
-    /* set by the backend on failure: the block that failed */
+    /* set by the backend on failure: the block that failed, and what the
+     * device said ("cudaErrorIllegalAddress"; empty when the code says it) */
     uint32_t failed;
+    char why[96];
     /* A worker's interprocess event (64 bytes; backends with events only),
      * or NULL. Encode waits on wait_event before reading. Decode records
      * record_event after the last write and returns without waiting, the

@@ -349,19 +349,17 @@ static void vqkvd__cuda_region_close(vqkvd_backend_t *be, vqkvd_region_mem_t *me
 /* ---- requests --------------------------------------------------------------------- */
 
 /* A worker's interprocess event, opened in this process; NULL with the
- * reason logged. The worker owns the event; destroying this handle only
+ * reason in why. The worker owns the event; destroying this handle only
  * lets go of the daemon's reference. */
-static cudaEvent_t vqkvd__cuda_event_open(const uint8_t *handle_bytes)
+static cudaEvent_t vqkvd__cuda_event_open(const uint8_t *handle_bytes, char *why, size_t why_size)
 {
     cudaIpcEventHandle_t handle;
     memcpy(&handle, handle_bytes, sizeof handle);
     cudaEvent_t ev = NULL;
-    cudaError_t err = cudaIpcOpenEventHandle(&ev, handle);
-    if (err == cudaSuccess)
-        return ev;
-    vqkvd_log(VQKVD_LOG_WARN, "cuda: a worker's event: cudaIpcOpenEventHandle: %s",
-              cudaGetErrorName(err));
-    return NULL;
+    if (vqkvd__cuda_rt(cudaIpcOpenEventHandle(&ev, handle),
+                       "the worker's event: cudaIpcOpenEventHandle", why, why_size) != VQKV_OK)
+        return NULL;
+    return ev;
 }
 
 /* A decode that replied before its blocks were written: the job, busy
@@ -407,7 +405,7 @@ static int vqkvd__cuda_launch(vqkvd__cuda_t *g, vqkvd__cuda_job_entry_t *e, vqkv
  * the worker's event and leaves them pending (decode with record_event). */
 static int vqkvd__cuda_run(vqkvd__cuda_t *g, vqkvd_batch_t *b, bool encode)
 {
-    char why[160];
+    char why[160] = "";
     uint32_t *slots = malloc((size_t)b->n * sizeof *slots);
     uint64_t *at = malloc((size_t)b->n * sizeof *at);
     vqkvd__cuda_pending_t *pending = b->record_event != NULL ? calloc(1, sizeof *pending) : NULL;
@@ -423,8 +421,9 @@ static int vqkvd__cuda_run(vqkvd__cuda_t *g, vqkvd_batch_t *b, bool encode)
     if (e == NULL)
         vqkvd_log(VQKVD_LOG_ERROR, "cuda: %s", why);
     const uint8_t *worker_event = encode ? b->wait_event : b->record_event;
-    cudaEvent_t ev =
-        rc == VQKV_OK && worker_event != NULL ? vqkvd__cuda_event_open(worker_event) : NULL;
+    cudaEvent_t ev = rc == VQKV_OK && worker_event != NULL
+                         ? vqkvd__cuda_event_open(worker_event, why, sizeof why)
+                         : NULL;
     if (worker_event != NULL && ev == NULL)
         rc = VQKV_EDEVICE;
     if (rc == VQKV_OK && encode && ev != NULL)
@@ -446,8 +445,13 @@ static int vqkvd__cuda_run(vqkvd__cuda_t *g, vqkvd_batch_t *b, bool encode)
         rc = vqkv_cuda_job_sync(e->job);
     }
     if (rc != VQKV_OK) {
+        /* The reply names the CUDA error; why, when set here, names the call. */
+        snprintf(b->why, sizeof b->why, "%s",
+                 why[0] != '\0'       ? why
+                 : rc == VQKV_EDEVICE ? vqkv_cuda_last_error()
+                                      : "");
         vqkvd_log(VQKVD_LOG_WARN, "cuda: %s of %u blocks: %s", encode ? "encode" : "decode",
-                  (unsigned)b->n, vqkv_cuda_last_error());
+                  (unsigned)b->n, b->why);
         vqkvd__cuda_check_context(encode ? "encode" : "decode");
     }
     if (e != NULL && e->job != NULL && rc != VQKV_OK)

@@ -54,6 +54,7 @@ typedef struct {
     uint32_t first_layer, end_layer;
     int rc;
     uint32_t failed;
+    char why[96]; /* the backend's words for rc */
 } vqkvd_job_part_t;
 
 /* One request on the thread pool, in one part or (a large get) several
@@ -75,6 +76,7 @@ struct vqkvd_job {
     uint32_t *slots; /* region slots */
     int rc;          /* the first codec error, VQKV_OK otherwise */
     uint32_t failed; /* the block it came from */
+    char why[96];    /* and the backend's words for it */
     int work_done;   /* the thread pool is done with it (or it never went) */
     /* Put: blocks reserved in the store (NULL: not written, status says
      * why), written straight into their pool slots, committed when done */
@@ -159,6 +161,7 @@ static void vqkvd__job_work(uv_work_t *w)
         j->pending = b.pending; /* a job with an event runs in one part */
     }
     part->failed = b.failed;
+    memcpy(part->why, b.why, sizeof part->why);
 }
 
 /* Back on the loop once per part; the last one finishes the job. */
@@ -171,6 +174,7 @@ static void vqkvd__job_part_after(uv_work_t *w, int status)
     if (part->rc != VQKV_OK && j->rc == VQKV_OK) {
         j->rc = part->rc;
         j->failed = part->failed;
+        memcpy(j->why, part->why, sizeof j->why);
     }
     if (--j->parts_left == 0)
         vqkvd__job_after(&j->parts[0].work, j->status);
@@ -259,8 +263,9 @@ static void vqkvd__job_reply(vqkvd_job_t *j)
         vqkvd_client_error(c, j->request_id, VQKV_EIO, "cannot run the job: %s",
                            uv_strerror(j->status));
     } else if (j->rc != VQKV_OK) {
-        vqkvd_client_error(c, j->request_id, j->rc, "block %u (slot %u): %s", (unsigned)j->failed,
-                           (unsigned)j->slots[j->failed], vqkv_strerror(j->rc));
+        vqkvd_client_error(c, j->request_id, j->rc, "block %u (slot %u): %s%s%s",
+                           (unsigned)j->failed, (unsigned)j->slots[j->failed], vqkv_strerror(j->rc),
+                           j->why[0] != '\0' ? ": " : "", j->why);
     } else if (j->kind == VQKVD_JOB_PUT) {
         Vqkv__PutDone pd = VQKV__PUT_DONE__INIT;
         pd.stored = j->reserved;
