@@ -69,7 +69,8 @@ VQKV__AVX2 static inline float vqkv__hmin(__m256 v)
         }                                                                                          \
     } while (0)
 
-#define VQKV__AVX512 __attribute__((target("avx512f")))
+/* One attribute with both: clang keeps only one of two stacked targets. */
+#define VQKV__AVX512 __attribute__((target("avx2,avx512f")))
 
 /* The same with sixteen lanes, blocks of 128 codewords; the codewords past
  * the last whole block go through the AVX2 blocks. */
@@ -101,8 +102,8 @@ VQKV__AVX2 static inline float vqkv__hmin(__m256 v)
         }                                                                                          \
     } while (0)
 
-VQKV__AVX2 VQKV__AVX512 uint32_t vqkv__nearest_x512(const float *x, const float *search, uint32_t d,
-                                                    uint32_t k)
+VQKV__AVX512 uint32_t vqkv__nearest_x512(const float *x, const float *search, uint32_t d,
+                                         uint32_t k)
 {
     const float *norms2 = search, *wt = search + k;
     float m[VQKV_MAX_HEAD_DIM], best_dist = FLT_MAX;
