@@ -34,8 +34,9 @@
  * $STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/vqkv as root,
  * else $XDG_STATE_HOME/vqkv or ~/.local/state/vqkv; it is created 0700 with
  * its parents, and when that fails the daemon warns and runs without one.
- * Only the CPU backend is built so far: --device auto runs it and cuda:N is
- * refused with exit status 2. --metrics-address serves Prometheus metrics
+ * --device cpu, cuda:N or auto (cuda:0 when built with CUDA and a GPU is
+ * seen, else the CPU); a cuda:N this vqkvd cannot serve (built without
+ * CUDA, or no GPU N) is refused with exit status 2. --metrics-address serves Prometheus metrics
  * and a health check over HTTP (metrics.h) on a loopback address; any
  * other address is refused with exit status 2.
  *

@@ -52,8 +52,9 @@ typedef struct {
     /* Where trained codebooks are saved and looked for (borrowed; NULL:
      * codebooks live only as long as the process). */
     const char *state_dir;
-    /* "cpu", "auto" or "cuda:N" (borrowed); only the CPU backend exists
-     * so far, which "auto" picks on a machine without one. */
+    /* "cpu", "auto" or "cuda:N" (borrowed): backend.c's factory picks the
+     * backend from it ("auto": cuda:0 when built with CUDA and a GPU is
+     * seen, else the CPU). */
     const char *device;
     /* A VQ model without codebooks stores blocks in the fp16 fallback until
      * this many tokens of them are collected, then trains in the background. */
