@@ -25,9 +25,12 @@
 #include <immintrin.h>
 
 #define VQKV__AVX2 __attribute__((target("avx2")))
+/* One attribute with both: clang keeps only one of two stacked targets. */
+#define VQKV__AVX512 __attribute__((target("avx2,avx512f")))
 
-/* The least of eight lanes. */
-VQKV__AVX2 static inline float vqkv__hmin(__m256 v)
+/* Per register width, the two steps that differ in form: the least lane,
+ * and the lanes equal to a value as bits. */
+VQKV__AVX2 static inline float vqkv__least256(__m256 v)
 {
     __m128 m = _mm_min_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     m = _mm_min_ps(m, _mm_movehl_ps(m, m));
@@ -35,33 +38,49 @@ VQKV__AVX2 static inline float vqkv__hmin(__m256 v)
     return _mm_cvtss_f32(m);
 }
 
-/* Codewords [c0, c0 + 8 * REGS) against best: their distances built in
- * registers, the least of them, and when it beats *best_dist the first
- * codeword at it. `d < least ? d : least` is _mm256_min_ps(d, least),
- * which returns its second operand when either is NaN or both are equal,
- * so NaN is never the least. REGS is a constant at each call, so the
- * accumulators stay in registers. */
-#define VQKV__SEARCH_BLOCK(REGS)                                                                   \
+VQKV__AVX2 static inline unsigned vqkv__hits256(__m256 v, __m256 at)
+{
+    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, at, _CMP_EQ_OQ));
+}
+
+VQKV__AVX512 static inline float vqkv__least512(__m512 v)
+{
+    return _mm512_reduce_min_ps(v);
+}
+
+VQKV__AVX512 static inline unsigned vqkv__hits512(__m512 v, __m512 at)
+{
+    return (unsigned)_mm512_cmp_ps_mask(v, at, _CMP_EQ_OQ);
+}
+
+/* Codewords [c0, c0 + LANES * REGS) against the best so far, in registers
+ * of BITS bits: their distances built in registers, the least of them, and
+ * when it beats best_dist the first codeword at it. `d < least ? d :
+ * least` is _mm*_min_ps(d, least), which returns its second operand when
+ * either is NaN or both are equal, so NaN is never the least. REGS is a
+ * constant at each use, so the accumulators stay in registers. */
+#define VQKV__SEARCH_BLOCK(BITS, LANES, REGS)                                                      \
     do {                                                                                           \
-        __m256 acc[REGS];                                                                          \
+        __m##BITS acc[REGS];                                                                       \
         for (uint32_t r = 0; r < (REGS); r++)                                                      \
-            acc[r] = _mm256_loadu_ps(norms2 + c0 + 8 * r);                                         \
+            acc[r] = _mm##BITS##_loadu_ps(norms2 + c0 + (LANES)*r);                                \
         for (uint32_t j = 0; j < d; j++) {                                                         \
-            __m256 mj = _mm256_set1_ps(m[j]);                                                      \
+            __m##BITS mj = _mm##BITS##_set1_ps(m[j]);                                              \
             const float *w = wt + (size_t)j * k + c0;                                              \
             for (uint32_t r = 0; r < (REGS); r++)                                                  \
-                acc[r] = _mm256_add_ps(acc[r], _mm256_mul_ps(mj, _mm256_loadu_ps(w + 8 * r)));     \
+                acc[r] = _mm##BITS##_add_ps(                                                       \
+                    acc[r], _mm##BITS##_mul_ps(mj, _mm##BITS##_loadu_ps(w + (LANES)*r)));          \
         }                                                                                          \
-        __m256 least = _mm256_set1_ps(best_dist);                                                  \
+        __m##BITS least = _mm##BITS##_set1_ps(best_dist);                                          \
         for (uint32_t r = 0; r < (REGS); r++)                                                      \
-            least = _mm256_min_ps(acc[r], least);                                                  \
-        float block_least = vqkv__hmin(least);                                                     \
+            least = _mm##BITS##_min_ps(acc[r], least);                                             \
+        float block_least = vqkv__least##BITS(least);                                              \
         if (block_least < best_dist) {                                                             \
-            __m256 at = _mm256_set1_ps(block_least);                                               \
+            __m##BITS at = _mm##BITS##_set1_ps(block_least);                                       \
             for (uint32_t r = 0; r < (REGS); r++) {                                                \
-                int hit = _mm256_movemask_ps(_mm256_cmp_ps(acc[r], at, _CMP_EQ_OQ));               \
+                unsigned hit = vqkv__hits##BITS(acc[r], at);                                       \
                 if (hit != 0) {                                                                    \
-                    best = c0 + 8 * r + (uint32_t)__builtin_ctz((unsigned)hit);                    \
+                    best = c0 + (LANES)*r + (uint32_t)__builtin_ctz(hit);                          \
                     break;                                                                         \
                 }                                                                                  \
             }                                                                                      \
@@ -69,67 +88,25 @@ VQKV__AVX2 static inline float vqkv__hmin(__m256 v)
         }                                                                                          \
     } while (0)
 
-/* One attribute with both: clang keeps only one of two stacked targets. */
-#define VQKV__AVX512 __attribute__((target("avx2,avx512f")))
+/* The search with eight registers of BITS bits a block; the codewords past
+ * the last whole block go eight at a time. */
+#define VQKV__NEAREST(NAME, TARGET, BITS, LANES)                                                   \
+    TARGET uint32_t NAME(const float *x, const float *search, uint32_t d, uint32_t k)              \
+    {                                                                                              \
+        const float *norms2 = search, *wt = search + k;                                            \
+        float m[VQKV_MAX_HEAD_DIM], best_dist = FLT_MAX;                                           \
+        uint32_t best = 0, c0 = 0;                                                                 \
+        for (uint32_t j = 0; j < d; j++)                                                           \
+            m[j] = -2.0f * x[j];                                                                   \
+        for (; c0 + 8 * (LANES) <= k; c0 += 8 * (LANES))                                           \
+            VQKV__SEARCH_BLOCK(BITS, LANES, 8);                                                    \
+        for (; c0 < k; c0 += 8)                                                                    \
+            VQKV__SEARCH_BLOCK(256, 8, 1);                                                         \
+        return best;                                                                               \
+    }
 
-/* The same with sixteen lanes, blocks of 128 codewords; the codewords past
- * the last whole block go through the AVX2 blocks. */
-#define VQKV__SEARCH_BLOCK16(REGS)                                                                 \
-    do {                                                                                           \
-        __m512 acc[REGS];                                                                          \
-        for (uint32_t r = 0; r < (REGS); r++)                                                      \
-            acc[r] = _mm512_loadu_ps(norms2 + c0 + 16 * r);                                        \
-        for (uint32_t j = 0; j < d; j++) {                                                         \
-            __m512 mj = _mm512_set1_ps(m[j]);                                                      \
-            const float *w = wt + (size_t)j * k + c0;                                              \
-            for (uint32_t r = 0; r < (REGS); r++)                                                  \
-                acc[r] = _mm512_add_ps(acc[r], _mm512_mul_ps(mj, _mm512_loadu_ps(w + 16 * r)));    \
-        }                                                                                          \
-        __m512 least = _mm512_set1_ps(best_dist);                                                  \
-        for (uint32_t r = 0; r < (REGS); r++)                                                      \
-            least = _mm512_min_ps(acc[r], least);                                                  \
-        float block_least = _mm512_reduce_min_ps(least);                                           \
-        if (block_least < best_dist) {                                                             \
-            __m512 at = _mm512_set1_ps(block_least);                                               \
-            for (uint32_t r = 0; r < (REGS); r++) {                                                \
-                __mmask16 hit = _mm512_cmp_ps_mask(acc[r], at, _CMP_EQ_OQ);                        \
-                if (hit != 0) {                                                                    \
-                    best = c0 + 16 * r + (uint32_t)__builtin_ctz((unsigned)hit);                   \
-                    break;                                                                         \
-                }                                                                                  \
-            }                                                                                      \
-            best_dist = block_least;                                                               \
-        }                                                                                          \
-    } while (0)
-
-VQKV__AVX512 uint32_t vqkv__nearest_x512(const float *x, const float *search, uint32_t d,
-                                         uint32_t k)
-{
-    const float *norms2 = search, *wt = search + k;
-    float m[VQKV_MAX_HEAD_DIM], best_dist = FLT_MAX;
-    uint32_t best = 0, c0 = 0;
-    for (uint32_t j = 0; j < d; j++)
-        m[j] = -2.0f * x[j];
-    for (; c0 + 128 <= k; c0 += 128)
-        VQKV__SEARCH_BLOCK16(8);
-    for (; c0 < k; c0 += 8)
-        VQKV__SEARCH_BLOCK(1);
-    return best;
-}
-
-VQKV__AVX2 uint32_t vqkv__nearest_x86(const float *x, const float *search, uint32_t d, uint32_t k)
-{
-    const float *norms2 = search, *wt = search + k;
-    float m[VQKV_MAX_HEAD_DIM], best_dist = FLT_MAX;
-    uint32_t best = 0, c0 = 0;
-    for (uint32_t j = 0; j < d; j++)
-        m[j] = -2.0f * x[j];
-    for (; c0 + 64 <= k; c0 += 64)
-        VQKV__SEARCH_BLOCK(8);
-    for (; c0 < k; c0 += 8)
-        VQKV__SEARCH_BLOCK(1);
-    return best;
-}
+VQKV__NEAREST(vqkv__nearest_x86, VQKV__AVX2, 256, 8)
+VQKV__NEAREST(vqkv__nearest_x512, VQKV__AVX512, 512, 16)
 
 VQKV__AVX2 void vqkv__mind_update_x86(const float *xt, size_t n, uint32_t d, const float *c,
                                       float *mind, bool first)
