@@ -76,11 +76,27 @@ static void worker_fail(const char *fmt, ...)
             worker_fail(__VA_ARGS__);                                                              \
     } while (0)
 
-static void cache_new(cache_t *k, cache_kind_t kind, unsigned seed)
+/* The host image of a cache of seed: what a writer of seed put there. */
+static void cache_image(cache_t *k, unsigned seed)
 {
     memset(k, 0, sizeof *k);
-    k->kind = kind;
     vqkv_kv_view_vllm(&k->view, &layout, SLOTS);
+    k->host = malloc(k->view.region_bytes);
+    WORKER_CHECK(k->host != NULL, "out of memory");
+    srand(seed);
+    uint16_t *v = (uint16_t *)k->host;
+    for (size_t i = 0; i < k->view.region_bytes / 2; i++) {
+        float x = (float)rand() / (float)RAND_MAX * 4.0f - 2.0f;
+        vqkv_dtype_from_f32(VQKV_DTYPE_F16, &x, 1, &v[i]);
+    }
+}
+
+/* A cache of kind on the GPU holding the image of seed, unless clear: then
+ * zeros on the GPU (the image stays, for the writer to copy in itself). */
+static void cache_new(cache_t *k, cache_kind_t kind, unsigned seed, bool clear)
+{
+    cache_image(k, seed);
+    k->kind = kind;
     size_t bytes = k->view.region_bytes, skip = kind == CACHE_AT_OFFSET ? 4096 : 0;
     if (kind == CACHE_VMM) {
         CUresult err = vmm_alloc(bytes, &k->vmm);
@@ -91,16 +107,10 @@ static void cache_new(cache_t *k, cache_kind_t kind, unsigned seed)
         WORKER_CHECK(err == cudaSuccess, "cudaMalloc: %s", cudaGetErrorName(err));
         k->tensor = (uint8_t *)k->alloc + skip;
     }
-    k->host = malloc(bytes);
-    WORKER_CHECK(k->host != NULL, "out of memory");
-    srand(seed);
-    uint16_t *v = (uint16_t *)k->host;
-    for (size_t i = 0; i < bytes / 2; i++) {
-        float x = (float)rand() / (float)RAND_MAX * 4.0f - 2.0f;
-        vqkv_dtype_from_f32(VQKV_DTYPE_F16, &x, 1, &v[i]);
-    }
-    cudaError_t err = cudaMemcpy(k->tensor, k->host, bytes, cudaMemcpyHostToDevice);
-    WORKER_CHECK(err == cudaSuccess, "cudaMemcpy: %s", cudaGetErrorName(err));
+    cudaError_t err = clear ? cudaMemset(k->tensor, 0, bytes)
+                            : cudaMemcpy(k->tensor, k->host, bytes, cudaMemcpyHostToDevice);
+    WORKER_CHECK(err == cudaSuccess && cudaDeviceSynchronize() == cudaSuccess,
+                 "filling the cache: %s", cudaGetErrorName(err));
 }
 
 static void cache_pull(cache_t *k)
@@ -143,21 +153,11 @@ static vqkv_client_t *worker_open(const char *sock, cache_t *k, vqkv_model_t **m
     return c;
 }
 
-/* Puts slots 0..BLOCKS-1 of a cache of seed under the keys of seq. */
-static void worker_put(const char *sock, cache_kind_t kind, unsigned seed, unsigned seq)
+/* Slots 0 .. BLOCKS-1, or from the last slot down. */
+static void worker_slots(uint32_t *slots, bool from_last)
 {
-    cache_t k;
-    cache_new(&k, kind, seed);
-    vqkv_model_t *m;
-    vqkv_region_t r;
-    uint8_t keys[BLOCKS][VQKV_KEY_BYTES];
-    vqkv_client_t *c = worker_open(sock, &k, &m, &r, seq, keys);
-    uint32_t slots[BLOCKS];
     for (uint32_t i = 0; i < BLOCKS; i++)
-        slots[i] = i;
-    int rc = vqkv_put(c, m, r, keys, NULL, slots, BLOCKS, NULL);
-    WORKER_CHECK(rc == BLOCKS, "put: %d %s", rc, vqkv_last_error(c));
-    vqkv_close(c);
+        slots[i] = from_last ? SLOTS - 1 - i : i;
 }
 
 /* A worker's interprocess event and its handle. */
@@ -173,92 +173,82 @@ static cudaEvent_t worker_event(vqkv_cuda_event_t *handle)
     return ev;
 }
 
-/* Put with an event: the blocks are written on a stream, and the daemon
- * waits on the event recorded after them; the worker never synchronizes. */
-static void worker_put_event(const char *sock, unsigned seed, unsigned seq)
+/* Puts slots 0..BLOCKS-1 of a cache of seed under the keys of seq. With
+ * an event, the worker writes the blocks on a stream and records the event
+ * after them, and never synchronizes: the daemon waits on it. */
+static void worker_put(const char *sock, cache_kind_t kind, unsigned seed, unsigned seq, bool event)
 {
     cache_t k;
-    cache_new(&k, CACHE_MALLOC, seed);
-    WORKER_CHECK(cudaMemset(k.tensor, 0, k.view.region_bytes) == cudaSuccess &&
-                     cudaDeviceSynchronize() == cudaSuccess,
-                 "clearing the cache");
+    cache_new(&k, kind, seed, event);
     vqkv_model_t *m;
     vqkv_region_t r;
     uint8_t keys[BLOCKS][VQKV_KEY_BYTES];
     vqkv_client_t *c = worker_open(sock, &k, &m, &r, seq, keys);
-    cudaStream_t stream;
-    WORKER_CHECK(cudaStreamCreate(&stream) == cudaSuccess, "stream");
-    vqkv_cuda_event_t handle;
-    cudaEvent_t ev = worker_event(&handle);
-    WORKER_CHECK(cudaMemcpyAsync(k.tensor, k.host, k.view.region_bytes, cudaMemcpyHostToDevice,
-                                 stream) == cudaSuccess &&
-                     cudaEventRecord(ev, stream) == cudaSuccess,
-                 "the writes and their event");
     uint32_t slots[BLOCKS];
-    for (uint32_t i = 0; i < BLOCKS; i++)
-        slots[i] = i;
-    int rc = vqkv_put_after_event(c, m, r, keys, NULL, slots, BLOCKS, NULL, &handle);
-    WORKER_CHECK(rc == BLOCKS, "put_after_event: %d %s", rc, vqkv_last_error(c));
+    worker_slots(slots, false);
+    int rc;
+    if (event) {
+        cudaStream_t stream;
+        vqkv_cuda_event_t handle;
+        cudaEvent_t ev = worker_event(&handle);
+        WORKER_CHECK(cudaStreamCreate(&stream) == cudaSuccess &&
+                         cudaMemcpyAsync(k.tensor, k.host, k.view.region_bytes,
+                                         cudaMemcpyHostToDevice, stream) == cudaSuccess &&
+                         cudaEventRecord(ev, stream) == cudaSuccess,
+                     "the writes and their event");
+        rc = vqkv_put_after_event(c, m, r, keys, NULL, slots, BLOCKS, NULL, &handle);
+    } else {
+        rc = vqkv_put(c, m, r, keys, NULL, slots, BLOCKS, NULL);
+    }
+    WORKER_CHECK(rc == BLOCKS, "put: %d %s", rc, vqkv_last_error(c));
     vqkv_close(c);
 }
 
-/* Get with an event: the call returns once the decode is queued; the
- * worker's stream waits on the event, then copies the cache back. */
-static void worker_get_event(const char *sock, unsigned seed, unsigned seq)
+/* Looks up the keys of seq, all of which must be there. */
+static vqkv_lease_t worker_lookup(vqkv_client_t *c, const vqkv_model_t *m,
+                                  const uint8_t (*keys)[VQKV_KEY_BYTES])
 {
-    cache_t k, want;
-    cache_new(&k, CACHE_VMM, seed + 1000);
-    cache_new(&want, CACHE_MALLOC, seed);
-    vqkv_model_t *m;
-    vqkv_region_t r;
-    uint8_t keys[BLOCKS][VQKV_KEY_BYTES];
-    vqkv_client_t *c = worker_open(sock, &k, &m, &r, seq, keys);
     size_t found = 0;
-    vqkv_lease_t lease;
+    vqkv_lease_t lease = 0;
     WORKER_CHECK(vqkv_lookup(c, m, keys, BLOCKS, &found, &lease) == VQKV_OK && found == BLOCKS,
-                 "lookup found %zu", found);
-    uint32_t slots[BLOCKS];
-    for (uint32_t i = 0; i < BLOCKS; i++)
-        slots[i] = SLOTS - 1 - i;
-    vqkv_cuda_event_t handle;
-    cudaEvent_t ev = worker_event(&handle);
-    cudaStream_t stream;
-    WORKER_CHECK(cudaStreamCreate(&stream) == cudaSuccess, "stream");
-    int rc = vqkv_get_with_event(c, lease, r, slots, BLOCKS, &handle);
-    WORKER_CHECK(rc == BLOCKS, "get_with_event: %d %s", rc, vqkv_last_error(c));
-    WORKER_CHECK(cudaStreamWaitEvent(stream, ev, 0) == cudaSuccess &&
-                     cudaMemcpyAsync(k.host, k.tensor, k.view.region_bytes, cudaMemcpyDeviceToHost,
-                                     stream) == cudaSuccess &&
-                     cudaStreamSynchronize(stream) == cudaSuccess,
-                 "wait and copy back");
-    for (uint32_t i = 0; i < BLOCKS; i++)
-        WORKER_CHECK(cache_block_equal(&k, SLOTS - 1 - i, &want, i), "block %u differs", i);
-    vqkv_release(c, lease);
-    vqkv_close(c);
+                 "lookup found %zu: %s", found, vqkv_last_error(c));
+    return lease;
 }
 
 /* Gets the blocks of seq into slots SLOTS-1 down, and checks them against
- * the cache the writer of seed made. */
-static void worker_get(const char *sock, cache_kind_t kind, unsigned seed, unsigned seq)
+ * the image a writer of seed put. With an event, the call returns once the
+ * decode is queued; the worker's stream waits on the event, then copies
+ * the cache back. */
+static void worker_get(const char *sock, cache_kind_t kind, unsigned seed, unsigned seq, bool event)
 {
     cache_t k, want;
-    cache_new(&k, kind, seed + 1000);
-    cache_new(&want, CACHE_MALLOC, seed);
+    cache_new(&k, kind, seed + 1000, false);
+    cache_image(&want, seed);
     vqkv_model_t *m;
     vqkv_region_t r;
     uint8_t keys[BLOCKS][VQKV_KEY_BYTES];
     vqkv_client_t *c = worker_open(sock, &k, &m, &r, seq, keys);
-    size_t found = 0;
-    vqkv_lease_t lease;
-    WORKER_CHECK(vqkv_lookup(c, m, keys, BLOCKS, &found, &lease) == VQKV_OK && found == BLOCKS,
-                 "lookup found %zu: %s", found, vqkv_last_error(c));
+    vqkv_lease_t lease = worker_lookup(c, m, keys);
     uint32_t slots[BLOCKS];
-    for (uint32_t i = 0; i < BLOCKS; i++)
-        slots[i] = SLOTS - 1 - i;
-    int rc = vqkv_get(c, lease, r, slots, BLOCKS);
-    WORKER_CHECK(rc == BLOCKS, "get: %d %s", rc, vqkv_last_error(c));
+    worker_slots(slots, true);
+    if (event) {
+        cudaStream_t stream;
+        vqkv_cuda_event_t handle;
+        cudaEvent_t ev = worker_event(&handle);
+        WORKER_CHECK(cudaStreamCreate(&stream) == cudaSuccess, "stream");
+        int rc = vqkv_get_with_event(c, lease, r, slots, BLOCKS, &handle);
+        WORKER_CHECK(rc == BLOCKS, "get_with_event: %d %s", rc, vqkv_last_error(c));
+        WORKER_CHECK(cudaStreamWaitEvent(stream, ev, 0) == cudaSuccess &&
+                         cudaMemcpyAsync(k.host, k.tensor, k.view.region_bytes,
+                                         cudaMemcpyDeviceToHost, stream) == cudaSuccess &&
+                         cudaStreamSynchronize(stream) == cudaSuccess,
+                     "wait and copy back");
+    } else {
+        int rc = vqkv_get(c, lease, r, slots, BLOCKS);
+        WORKER_CHECK(rc == BLOCKS, "get: %d %s", rc, vqkv_last_error(c));
+        cache_pull(&k);
+    }
     vqkv_release(c, lease);
-    cache_pull(&k);
     for (uint32_t i = 0; i < BLOCKS; i++)
         WORKER_CHECK(cache_block_equal(&k, SLOTS - 1 - i, &want, i), "block %u differs", i);
     vqkv_close(c);
@@ -268,19 +258,16 @@ static void worker_get(const char *sock, cache_kind_t kind, unsigned seed, unsig
 static void worker_die_in_get(const char *sock, unsigned seed, unsigned seq)
 {
     cache_t k;
-    cache_new(&k, CACHE_MALLOC, seed);
+    cache_new(&k, CACHE_MALLOC, seed, false);
     vqkv_model_t *m;
     vqkv_region_t r;
     uint8_t keys[BLOCKS][VQKV_KEY_BYTES];
     vqkv_client_t *c = worker_open(sock, &k, &m, &r, seq, keys);
-    size_t found = 0;
-    vqkv_lease_t lease;
-    WORKER_CHECK(vqkv_lookup(c, m, keys, BLOCKS, &found, &lease) == VQKV_OK, "lookup");
+    vqkv_lease_t lease = worker_lookup(c, m, keys);
     uint32_t slots[BLOCKS];
-    for (uint32_t i = 0; i < BLOCKS; i++)
-        slots[i] = i;
+    worker_slots(slots, false);
     vqkv_request_t req;
-    WORKER_CHECK(vqkv_get_start(c, lease, r, slots, found, &req) == VQKV_OK, "get_start");
+    WORKER_CHECK(vqkv_get_start(c, lease, r, slots, BLOCKS, &req) == VQKV_OK, "get_start");
     raise(SIGKILL);
 }
 
@@ -289,8 +276,8 @@ static void worker_soak(const char *sock, unsigned index, long until_ms)
 {
     for (unsigned round = 0; now_ms() < until_ms; round++) {
         unsigned seq = 1000 + index * 10000 + round;
-        worker_put(sock, (cache_kind_t)(round % 3), seq, seq);
-        worker_get(sock, (cache_kind_t)((round + 1) % 3), seq, seq);
+        worker_put(sock, (cache_kind_t)(round % 3), seq, seq, round % 2 == 1);
+        worker_get(sock, (cache_kind_t)((round + 1) % 3), seq, seq, round % 4 >= 2);
     }
 }
 
@@ -310,10 +297,10 @@ static pid_t worker_spawn(const daemon_t *d, role_t role, cache_kind_t kind, uns
     if (cudaSetDevice(0) != cudaSuccess)
         _exit(77);
     switch (role) {
-    case PUT: worker_put(d->path, kind, seed, seed); break;
-    case GET: worker_get(d->path, kind, seed, seed); break;
-    case PUT_EVENT: worker_put_event(d->path, seed, seed); break;
-    case GET_EVENT: worker_get_event(d->path, seed, seed); break;
+    case PUT: worker_put(d->path, kind, seed, seed, false); break;
+    case GET: worker_get(d->path, kind, seed, seed, false); break;
+    case PUT_EVENT: worker_put(d->path, kind, seed, seed, true); break;
+    case GET_EVENT: worker_get(d->path, kind, seed, seed, true); break;
     case DIE_IN_GET: worker_die_in_get(d->path, seed, seed); break;
     case SOAK: worker_soak(d->path, seed, soak_until); break;
     }
