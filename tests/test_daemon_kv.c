@@ -125,23 +125,32 @@ static void region_free(region_t *r)
     close(r->fd);
 }
 
+/* A RegisterRegion of model for r's whole view, as a memfd with its fd. */
+static void region_request(Vqkv__RegisterRegion *rr, uint64_t model, const region_t *r)
+{
+    *rr = (Vqkv__RegisterRegion)VQKV__REGISTER_REGION__INIT;
+    rr->model_handle = model;
+    rr->kind = VQKV__REGION_KIND__REGION_KIND_MEMFD;
+    rr->region_bytes = r->view.region_bytes;
+    rr->layer_stride = r->view.layer_stride;
+    rr->kv_stride = r->view.kv_stride;
+    rr->slot_stride = r->view.slot_stride;
+    rr->token_stride = r->view.token_stride;
+    rr->head_stride = r->view.head_stride;
+    rr->num_slots = r->view.num_slots;
+    rr->num_fds = 1;
+}
+
 /* RegisterRegion with explicit sizes and fds; the reply. */
 static Vqkv__Envelope *register_region(client_t *c, uint64_t model, const region_t *r,
                                        uint64_t bytes, uint64_t offset, uint32_t slots,
                                        size_t n_fds)
 {
-    Vqkv__RegisterRegion rr = VQKV__REGISTER_REGION__INIT;
-    rr.model_handle = model;
-    rr.kind = VQKV__REGION_KIND__REGION_KIND_MEMFD;
+    Vqkv__RegisterRegion rr;
+    region_request(&rr, model, r);
     rr.region_bytes = bytes;
     rr.offset = offset;
-    rr.layer_stride = r->view.layer_stride;
-    rr.kv_stride = r->view.kv_stride;
-    rr.slot_stride = r->view.slot_stride;
-    rr.token_stride = r->view.token_stride;
-    rr.head_stride = r->view.head_stride;
     rr.num_slots = slots;
-    rr.num_fds = 1;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.body_case = VQKV__ENVELOPE__BODY_REGISTER_REGION;
     env.register_region = &rr;
@@ -165,16 +174,9 @@ static Vqkv__Envelope *register_cuda_region(client_t *c, uint64_t model, const r
     static const uint8_t uuid[16] = {0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
     uint8_t handle[65] = {0};
     int fds[2] = {fd, fd};
-    Vqkv__RegisterRegion rr = VQKV__REGISTER_REGION__INIT;
-    rr.model_handle = model;
+    Vqkv__RegisterRegion rr;
+    region_request(&rr, model, r);
     rr.kind = cc->kind;
-    rr.region_bytes = r->view.region_bytes;
-    rr.layer_stride = r->view.layer_stride;
-    rr.kv_stride = r->view.kv_stride;
-    rr.slot_stride = r->view.slot_stride;
-    rr.token_stride = r->view.token_stride;
-    rr.head_stride = r->view.head_stride;
-    rr.num_slots = r->view.num_slots;
     rr.num_fds = (uint32_t)cc->n_fds;
     rr.cuda_ipc_handle = (ProtobufCBinaryData){cc->handle_bytes, handle};
     rr.gpu_uuid = (ProtobufCBinaryData){cc->uuid_bytes, (uint8_t *)uuid};
@@ -206,8 +208,11 @@ static void make_key(uint8_t key[32], unsigned chain, unsigned i)
 
 /* Put blocks i0..i0+n-1 of chain from slots; chained says whether block i
  * names block i-1 as its parent (block 0 never has one). */
-static Vqkv__Envelope *put(client_t *c, uint64_t model, uint64_t region, unsigned chain,
-                           unsigned i0, size_t n, const uint32_t *slots, int chained)
+/* A Put of n blocks of chain from i0 on, into slots, with a worker's CUDA
+ * event when event is not NULL; the reply. */
+static Vqkv__Envelope *put_event(client_t *c, uint64_t model, uint64_t region, unsigned chain,
+                                 unsigned i0, size_t n, const uint32_t *slots, int chained,
+                                 const ProtobufCBinaryData *event)
 {
     uint8_t keys[64][32], parents[64][32];
     ProtobufCBinaryData k[64], p[64];
@@ -228,10 +233,18 @@ static Vqkv__Envelope *put(client_t *c, uint64_t model, uint64_t region, unsigne
     pr.keys = k;
     pr.parent_keys = p;
     pr.slots = (uint32_t *)slots;
+    if (event != NULL)
+        pr.cuda_event = *event;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.body_case = VQKV__ENVELOPE__BODY_PUT;
     env.put = &pr;
     return call(c, &env, NULL, 0);
+}
+
+static Vqkv__Envelope *put(client_t *c, uint64_t model, uint64_t region, unsigned chain,
+                           unsigned i0, size_t n, const uint32_t *slots, int chained)
+{
+    return put_event(c, model, region, chain, i0, n, slots, chained, NULL);
 }
 
 /* A Put that must succeed; returns PutDone.stored. */
@@ -571,30 +584,19 @@ static void test_cuda_regions_refused(void **state)
      * Nothing was stored or written. */
     uint64_t h = region_ok(&c, m, &r);
     static const uint32_t slot0[1] = {0};
-    uint8_t key[32], event[65] = {0};
-    make_key(key, 77, 0);
-    ProtobufCBinaryData k = {32, key}, no_parent = {0, NULL};
-    Vqkv__Put pr = VQKV__PUT__INIT;
-    pr.model_handle = m;
-    pr.region_handle = h;
-    pr.n_keys = pr.n_parent_keys = pr.n_slots = 1;
-    pr.keys = &k;
-    pr.parent_keys = &no_parent;
-    pr.slots = (uint32_t *)slot0;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_PUT;
-    env.put = &pr;
-    pr.cuda_event = (ProtobufCBinaryData){65, event};
-    expect_refused(call(&c, &env, NULL, 0), VQKV_EINVAL, "a cudaIpcEventHandle_t is 64");
-    pr.cuda_event = (ProtobufCBinaryData){64, event};
-    expect_refused(call(&c, &env, NULL, 0), VQKV_EDEVICE, "the cpu backend has no GPU events");
-    pr.cuda_event = (ProtobufCBinaryData){0, NULL};
+    uint8_t event[65] = {0};
+    const ProtobufCBinaryData long_event = {65, event}, good_event = {64, event};
+    expect_refused(put_event(&c, m, h, 77, 0, 1, slot0, 0, &long_event), VQKV_EINVAL,
+                   "a cudaIpcEventHandle_t is 64");
+    expect_refused(put_event(&c, m, h, 77, 0, 1, slot0, 0, &good_event), VQKV_EDEVICE,
+                   "the cpu backend has no GPU events");
     assert_int_equal(put_ok(&c, m, h, 77, 0, 1, slot0, 0), 1);
     uint64_t lease;
     assert_int_equal(lookup(&c, m, 77, 1, 0, &lease), 1);
     Vqkv__Get g;
+    Vqkv__Envelope env;
     get_request(&g, &env, lease, h, slot0, 1);
-    g.cuda_event = (ProtobufCBinaryData){64, event};
+    g.cuda_event = good_event;
     expect_refused(call(&c, &env, NULL, 0), VQKV_EDEVICE, "no GPU events");
     get_ok(&c, lease, h, slot0, 1);
     client_close(&c);

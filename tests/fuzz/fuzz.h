@@ -88,6 +88,9 @@ enum {
  * the region memfd (3). They leave model handle 1 and region handle 1. */
 void fuzz_prelude(uint8_t **buf, size_t *len, int setup);
 
+/* A RegisterRegion of model 1 for view: a memfd region with its one fd. */
+void fuzz_region_request(Vqkv__RegisterRegion *rr, const vqkv_kv_view_t *view);
+
 /* Deterministic synthetic KV values (finite, spread like real keys and
  * values): n floats from seed. */
 void fuzz_kv_values(uint64_t seed, float *out, size_t n);

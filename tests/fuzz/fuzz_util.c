@@ -128,6 +128,22 @@ void fuzz_record_envelope(uint8_t **buf, size_t *len, int op, const Vqkv__Envelo
     free(packed);
 }
 
+void fuzz_region_request(Vqkv__RegisterRegion *rr, const vqkv_kv_view_t *view)
+{
+    *rr = (Vqkv__RegisterRegion)VQKV__REGISTER_REGION__INIT;
+    rr->model_handle = 1;
+    rr->kind = VQKV__REGION_KIND__REGION_KIND_MEMFD;
+    rr->region_bytes = view->region_bytes;
+    rr->offset = view->offset;
+    rr->layer_stride = view->layer_stride;
+    rr->kv_stride = view->kv_stride;
+    rr->slot_stride = view->slot_stride;
+    rr->token_stride = view->token_stride;
+    rr->head_stride = view->head_stride;
+    rr->num_slots = view->num_slots;
+    rr->num_fds = 1;
+}
+
 void fuzz_prelude(uint8_t **buf, size_t *len, int setup)
 {
     const char *codec = fuzz_codecs[(setup >> FUZZ_SETUP_CODEC_SHIFT) % FUZZ_N_CODECS];
@@ -161,18 +177,8 @@ void fuzz_prelude(uint8_t **buf, size_t *len, int setup)
 
     vqkv_kv_view_t view;
     vqkv_kv_view_vllm(&view, &fuzz_layout, FUZZ_REGION_SLOTS);
-    Vqkv__RegisterRegion rr = VQKV__REGISTER_REGION__INIT;
-    rr.model_handle = 1;
-    rr.kind = VQKV__REGION_KIND__REGION_KIND_MEMFD;
-    rr.region_bytes = view.region_bytes;
-    rr.offset = view.offset;
-    rr.layer_stride = view.layer_stride;
-    rr.kv_stride = view.kv_stride;
-    rr.slot_stride = view.slot_stride;
-    rr.token_stride = view.token_stride;
-    rr.head_stride = view.head_stride;
-    rr.num_slots = view.num_slots;
-    rr.num_fds = 1;
+    Vqkv__RegisterRegion rr;
+    fuzz_region_request(&rr, &view);
     env.request_id = 3;
     env.body_case = VQKV__ENVELOPE__BODY_REGISTER_REGION;
     env.register_region = &rr;

@@ -199,18 +199,10 @@ static void seeds__region(seeds__session_t *s, int op)
 {
     vqkv_kv_view_t view;
     vqkv_kv_view_split(&view, &fuzz_layout, 2, 64);
-    Vqkv__RegisterRegion rr = VQKV__REGISTER_REGION__INIT;
-    rr.model_handle = 1;
-    rr.kind = VQKV__REGION_KIND__REGION_KIND_MEMFD;
+    Vqkv__RegisterRegion rr;
+    fuzz_region_request(&rr, &view);
     rr.region_bytes = FUZZ_REGION_MEMFD_BYTES;
     rr.offset = FUZZ_REGION_MEMFD_BYTES / 2;
-    rr.layer_stride = view.layer_stride;
-    rr.kv_stride = view.kv_stride;
-    rr.slot_stride = view.slot_stride;
-    rr.token_stride = view.token_stride;
-    rr.head_stride = view.head_stride;
-    rr.num_slots = view.num_slots;
-    rr.num_fds = 1;
     Vqkv__Envelope env = seeds__env(s, VQKV__ENVELOPE__BODY_REGISTER_REGION);
     env.register_region = &rr;
     fuzz_record_envelope(&s->buf, &s->len, op, &env);
@@ -224,16 +216,9 @@ static void seeds__cuda_region(seeds__session_t *s, Vqkv__RegionKind kind)
     static const uint8_t handle[64] = {1, 2, 3}, uuid[16] = {0xde, 0xad, 0xbe, 0xef};
     vqkv_kv_view_t view;
     vqkv_kv_view_vllm(&view, &fuzz_layout, 4);
-    Vqkv__RegisterRegion rr = VQKV__REGISTER_REGION__INIT;
-    rr.model_handle = 1;
+    Vqkv__RegisterRegion rr;
+    fuzz_region_request(&rr, &view);
     rr.kind = kind;
-    rr.region_bytes = view.region_bytes;
-    rr.layer_stride = view.layer_stride;
-    rr.kv_stride = view.kv_stride;
-    rr.slot_stride = view.slot_stride;
-    rr.token_stride = view.token_stride;
-    rr.head_stride = view.head_stride;
-    rr.num_slots = view.num_slots;
     bool ipc = kind == VQKV__REGION_KIND__REGION_KIND_CUDA_IPC;
     rr.num_fds = ipc ? 0 : 1;
     if (ipc)
