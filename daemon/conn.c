@@ -104,17 +104,16 @@ static void vqkvd__reply(vqkvd_client_t *c, Vqkv__Envelope *env, int counted)
     vqkvd__queue(c, buf, len, counted);
 }
 
+/* An Error reply, logged at debug and counted by code; counted says
+ * whether it answers a request counted in inflight. */
 static void vqkvd__reply_error(vqkvd_client_t *c, uint64_t request_id, int counted, int code,
-                               const char *fmt, ...) __attribute__((format(printf, 5, 6)));
+                               const char *fmt, va_list ap) __attribute__((format(printf, 5, 0)));
 
 static void vqkvd__reply_error(vqkvd_client_t *c, uint64_t request_id, int counted, int code,
-                               const char *fmt, ...)
+                               const char *fmt, va_list ap)
 {
     char msg[256];
-    va_list ap;
-    va_start(ap, fmt);
     vsnprintf(msg, sizeof msg, fmt, ap);
-    va_end(ap);
     vqkvd_log(VQKVD_LOG_DEBUG, "client %llu: request %llu: %s: %s", (unsigned long long)c->id,
               (unsigned long long)request_id, vqkv_proto_strerror(code), msg);
     vqkvd_counters_error(&c->server->counters, code);
@@ -136,22 +135,18 @@ void vqkvd_client_reply(vqkvd_client_t *c, Vqkv__Envelope *env)
 
 void vqkvd_client_error(vqkvd_client_t *c, uint64_t request_id, int code, const char *fmt, ...)
 {
-    char msg[256];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    vqkvd__reply_error(c, request_id, 1, code, fmt, ap);
     va_end(ap);
-    vqkvd__reply_error(c, request_id, 1, code, "%s", msg);
 }
 
 void vqkvd_client_refuse(vqkvd_client_t *c, uint64_t request_id, int code, const char *fmt, ...)
 {
-    char msg[256];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof msg, fmt, ap);
+    vqkvd__reply_error(c, request_id, 0, code, fmt, ap);
     va_end(ap);
-    vqkvd__reply_error(c, request_id, 0, code, "%s", msg);
 }
 
 /* Writes queued replies until the queue is empty or the socket is full,
@@ -249,10 +244,10 @@ static void vqkvd__reader_failed(vqkvd_client_t *c, int rc)
         return;
     }
     if (rc == VQKV_ETOOBIG)
-        vqkvd__reply_error(c, 0, 0, rc, "a frame is longer than max_frame, %u bytes; closing",
-                           (unsigned)c->server->cfg.max_frame);
+        vqkvd_client_refuse(c, 0, rc, "a frame is longer than max_frame, %u bytes; closing",
+                            (unsigned)c->server->cfg.max_frame);
     else
-        vqkvd__reply_error(c, 0, 0, rc, "the stream cannot be trusted any more; closing");
+        vqkvd_client_refuse(c, 0, rc, "the stream cannot be trusted any more; closing");
     c->closing = 1;
 }
 
