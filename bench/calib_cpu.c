@@ -30,9 +30,8 @@ static const calib_shape_t calib_shapes[] = {
 };
 
 typedef struct {
-    double seconds;  /* training, all layers (scaled when fewer ran) */
-    double rel_err;  /* held-out round trip, sum (x - y)^2 / sum x^2 */
-    uint32_t layers; /* layers trained */
+    double seconds; /* training, all layers (scaled when fewer ran) */
+    double rel_err; /* held-out round trip, sum (x - y)^2 / sum x^2 */
 } calib_result_t;
 
 /* n token-head vectors of one (layer, kv) as floats: bench_fill's values
@@ -131,7 +130,6 @@ static int calib_run(const char *spec, const vqkv_layout_t *layout, uint32_t lay
         rc = calib_train(codec, 0, layers, tokens, &r->seconds);
     if (rc == VQKV_OK)
         rc = calib_train(codec, layers, layout->num_layers, layout->block_tokens, &rest);
-    r->layers = layers;
     r->seconds *= (double)layout->num_layers / layers;
     if (rc == VQKV_OK)
         r->rel_err = calib_error(codec, err_layers);
