@@ -215,7 +215,9 @@ static void vqkvd__cuda_job_give(vqkvd__cuda_t *g, vqkvd__cuda_job_entry_t *e)
 
 /* codec's device copy, made on first use (codecs without codebooks) or
  * when its codebooks became final; NULL when CUDA cannot make it. The
- * codecs live as long as the server, so the host pointer names them. */
+ * codecs live as long as the server, so the host pointer names them. A
+ * linear search under the lock, once per run of blocks: O(codecs), two
+ * per model, noise next to a launch; a hash is not needed so far. */
 static vqkv_cuda_codec_t *vqkvd__cuda_codec(vqkvd__cuda_t *g, const vqkv_codec_t *codec)
 {
     vqkv_cuda_codec_t *found = NULL;
