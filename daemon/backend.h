@@ -108,6 +108,9 @@ typedef struct {
     bool whole_blocks;
     /* true: batches may carry a worker's events (the CUDA backend). */
     bool events;
+    /* true: regions are host memory the thread pool may copy with memcpy,
+     * so puts may be staged (staging.h): the CPU backend. */
+    bool host_regions;
     /* On a thread-pool thread: waits for a decode a batch left pending
      * (record_event) and frees what it held. NULL without events. */
     void (*finish)(vqkvd_backend_t *be, void *pending);

@@ -140,6 +140,7 @@ static const vqkvd_backend_ops_t vqkvd__cpu_ops = {
     .block_write = vqkvd__cpu_block_write,
     .whole_blocks = false,
     .events = false,
+    .host_regions = true,
     .finish = NULL,
     .codebooks_ready = vqkvd__cpu_codebooks_ready,
     .assigner = NULL,

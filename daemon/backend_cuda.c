@@ -561,6 +561,7 @@ static const vqkvd_backend_ops_t vqkvd__cuda_ops = {
     .block_write = vqkvd__cuda_block_write,
     .whole_blocks = true,
     .events = true,
+    .host_regions = false,
     .finish = vqkvd__cuda_finish,
     .codebooks_ready = vqkvd__cuda_codebooks_ready,
     .assigner = vqkvd__cuda_assigner,

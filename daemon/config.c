@@ -74,6 +74,20 @@ const vqkvd_config_key_t vqkvd_config_keys[] = {
         VQKVD__AT(pool_bytes),
     },
     {
+        .name = "staging_bytes",
+        .type = VQKVD_CONFIG_BYTES_OFF,
+        .live = 1,
+        .def = "256M",
+        .flag = "staging-bytes",
+        .arg = "N[K|M|G]",
+        .help = "memory for puts not yet encoded (0: puts wait for their encode)",
+        .doc = "Bytes of memory for the blocks of puts that are answered before they are "
+               "encoded (CPU backend): a Put copies its blocks here, replies, and they are "
+               "encoded in the background, served from here until then. A Put that does not "
+               "fit waits for its encode instead. 0 turns staging off.",
+        VQKVD__AT(staging_bytes),
+    },
+    {
         .name = "device",
         .type = VQKVD_CONFIG_DEVICE,
         .def = "auto",
@@ -235,6 +249,7 @@ static const char *const vqkvd__config_expected[] = {
     [VQKVD_CONFIG_DEVICE] = "cpu, auto or cuda:N",
     [VQKVD_CONFIG_ADDRESS] = VQKVD_CONFIG_ADDRESS_HELP,
     [VQKVD_CONFIG_BYTES] = "a positive size such as 512M or 4G",
+    [VQKVD_CONFIG_BYTES_OFF] = "a size such as 256M, or 0 for off",
     [VQKVD_CONFIG_COUNT] = "a positive whole number",
     [VQKVD_CONFIG_LOG_LEVEL] = "debug, info, warn or error",
 };
@@ -431,6 +446,11 @@ static int vqkvd__config_parse(vqkvd_config_t *cfg, int *level, const vqkvd_conf
     switch (key->type) {
     case VQKVD_CONFIG_IDS: return vqkvd__config_add_ids(cfg, key, label, value, err, err_size);
     case VQKVD_CONFIG_BYTES: ok = vqkvd_config_parse_bytes(value, slot) == 0; break;
+    case VQKVD_CONFIG_BYTES_OFF:
+        ok = strcmp(value, "0") == 0 || vqkvd_config_parse_bytes(value, slot) == 0;
+        if (ok && strcmp(value, "0") == 0)
+            *(uint64_t *)slot = 0;
+        break;
     case VQKVD_CONFIG_COUNT: ok = vqkvd_config_parse_count(value, slot) == 0; break;
     case VQKVD_CONFIG_DEVICE: ok = vqkvd_config_check_device(value) == 0; break;
     case VQKVD_CONFIG_ADDRESS: ok = vqkvd_config_parse_address(value, &addr) == 0; break;
@@ -702,7 +722,8 @@ out:
 static size_t vqkvd__config_value_size(vqkvd_config_type_t type)
 {
     switch (type) {
-    case VQKVD_CONFIG_BYTES: return sizeof(uint64_t);
+    case VQKVD_CONFIG_BYTES:
+    case VQKVD_CONFIG_BYTES_OFF: return sizeof(uint64_t);
     case VQKVD_CONFIG_COUNT: return sizeof(uint32_t);
     case VQKVD_CONFIG_IDS: return VQKVD_MAX_ALLOWED * sizeof(uid_t);
     default: return 0;
@@ -755,7 +776,7 @@ static void vqkvd__config_format(char *buf, size_t size, const vqkvd_config_t *c
         snprintf(buf, size, "%s", text != NULL ? text : "(default)");
         return;
     }
-    if (key->type == VQKVD_CONFIG_BYTES) {
+    if (key->type == VQKVD_CONFIG_BYTES || key->type == VQKVD_CONFIG_BYTES_OFF) {
         vqkvd__config_format_bytes(buf, size, *(const uint64_t *)v);
         return;
     }

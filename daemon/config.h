@@ -71,6 +71,7 @@ typedef enum {
     VQKVD_CONFIG_DEVICE,    /* cpu, auto or cuda:N: likewise */
     VQKVD_CONFIG_ADDRESS,   /* a loopback HOST:PORT: likewise */
     VQKVD_CONFIG_BYTES,     /* uint64_t, N[K|M|G] */
+    VQKVD_CONFIG_BYTES_OFF, /* uint64_t, N[K|M|G] or 0 for off */
     VQKVD_CONFIG_COUNT,     /* uint32_t, positive */
     VQKVD_CONFIG_IDS,       /* uid_t or gid_t[VQKVD_MAX_ALLOWED] and its size_t count */
     VQKVD_CONFIG_LOG_LEVEL, /* int in vqkvd_config_file_t (see above) */
@@ -96,7 +97,7 @@ typedef struct {
     size_t file_offset; /* of the string's copy, or log_level, in vqkvd_config_file_t */
 } vqkvd_config_key_t;
 
-#define VQKVD_CONFIG_N_KEYS 14
+#define VQKVD_CONFIG_N_KEYS 15
 
 /* In the order of the file's [vqkvd] section. */
 extern const vqkvd_config_key_t vqkvd_config_keys[VQKVD_CONFIG_N_KEYS];

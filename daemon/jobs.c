@@ -28,7 +28,10 @@
 #include "session.h"
 #include "transcode.h"
 
-typedef enum { VQKVD_JOB_PUT, VQKVD_JOB_GET } vqkvd_job_kind_t;
+/* A Put copies or encodes blocks out of the worker's region, a Get
+ * decodes or copies them into it; an Encode, which no client waits for,
+ * encodes a staged Put's blocks after its reply (staging.h). */
+typedef enum { VQKVD_JOB_PUT, VQKVD_JOB_GET, VQKVD_JOB_ENCODE } vqkvd_job_kind_t;
 
 /* A request this large (values read or written) is split by layers over
  * several of the thread pool's threads; smaller ones are not worth the
@@ -64,9 +67,26 @@ struct vqkvd_job {
     uint32_t n_parts, parts_left;
     int status; /* the first part's failed uv status, 0 otherwise */
     vqkvd_job_kind_t kind;
-    vqkvd_client_t *c;
-    vqkvd_region_t *r;
+    vqkvd_server_t *s;
+    vqkvd_client_t *c; /* NULL for an Encode */
+    vqkvd_region_t *r; /* NULL for an Encode */
     vqkvd_model_t *m;
+    /* The memory the slots name: the region's, or an Encode's stage's */
+    uint8_t *base;
+    const vqkv_kv_view_t *view;
+    vqkvd_backend_t *be;
+    /* Put: the stage its new blocks are copied into, encoded after the
+     * reply (NULL: encoded before it); Encode: the stage it reads. */
+    vqkvd_stage_t *stage;
+    /* Put: each block's slot in the stage; Get: the stage slot of each
+     * block copied out of a stage */
+    uint32_t *stage_slots;
+    /* Encode: its blocks' tenant and keys, to find them again when done
+     * (eviction may have taken some), and their codes, one after another,
+     * copied into their slots then */
+    uint32_t tenant;
+    uint8_t *keys;
+    uint8_t *out;
     const vqkv_codec_t *codec;        /* Put: the model's codec or its fallback */
     const vqkvd_codec_ident_t *ident; /* Put: its identity, recorded in every block */
     uint32_t cls;                     /* Put: that codec's pool class */
@@ -92,6 +112,9 @@ struct vqkvd_job {
     /* Get */
     const uint8_t **src;         /* their pool slots, looked up on the loop */
     const vqkv_codec_t **codecs; /* what decodes each: codec or fallback */
+    /* The stage of each block whose encode has not yet run (held until
+     * the job ends), NULL for the others */
+    vqkvd_stage_t **stages;
     /* A worker's interprocess event (backend.h): waited on before a Put's
      * encode, recorded after a Get's decode, which then replies at once
      * while the backend's finish waits for the work left pending. */
@@ -103,16 +126,23 @@ struct vqkvd_job {
 
 /* ---- jobs ---------------------------------------------------------------- */
 
-static vqkvd_job_t *vqkvd__job_new(vqkvd_job_kind_t kind, vqkvd_client_t *c, vqkvd_region_t *r,
-                                   vqkvd_model_t *m, uint64_t request_id, uint32_t n)
+static vqkvd_job_t *vqkvd__job_new(vqkvd_job_kind_t kind, vqkvd_server_t *s, vqkvd_client_t *c,
+                                   vqkvd_region_t *r, vqkvd_model_t *m, uint64_t request_id,
+                                   uint32_t n)
 {
     vqkvd_job_t *j = calloc(1, sizeof *j);
     if (j == NULL)
         return NULL;
     j->kind = kind;
+    j->s = s;
     j->c = c;
     j->r = r;
     j->m = m;
+    j->be = s->backend;
+    if (r != NULL) {
+        j->base = r->mem.base;
+        j->view = &r->view;
+    }
     j->request_id = request_id;
     j->n = n;
     j->slots = calloc(n ? n : 1, sizeof *j->slots);
@@ -131,33 +161,84 @@ static void vqkvd__job_free(vqkvd_job_t *j)
     free(j->blocks);
     free(j->src);
     free(j->codecs);
+    if (j->stage != NULL)
+        vqkvd_stage_unref(j->stage);
+    for (uint32_t k = 0; j->stages != NULL && k < j->n; k++)
+        if (j->stages[k] != NULL)
+            vqkvd_stage_unref(j->stages[k]);
+    free(j->stage_slots);
+    free(j->keys);
+    free(j->out);
+    free(j->stages);
     free(j);
 }
 
 static void vqkvd__job_after(uv_work_t *w, int status);
 
-/* Runs on a pool thread: only the job, the codecs and the region's memory,
- * the part's layers of every block. */
+/* A staged Put's new blocks into its stage, for the part's layers: bytes
+ * unchanged, no codec. */
+static void vqkvd__put_copy(const vqkvd_job_t *j, const vqkvd_job_part_t *part)
+{
+    for (uint32_t i = 0; i < j->n; i++)
+        if (j->dst[i] != NULL)
+            vqkvd_stage_copy(&j->m->layout, j->view, j->base, j->slots[i], &j->stage->view,
+                             j->stage->mem, j->stage_slots[i], part->first_layer,
+                             part->end_layer);
+}
+
+/* A Get's blocks still in their stages encoded, for the part's layers,
+ * into the job's own buffer (their src): the codes their Encode is writing
+ * too, so that what a Get returns never depends on whether that is done. */
+static int vqkvd__get_encode_staged(vqkvd_job_t *j, vqkvd_job_part_t *part)
+{
+    for (uint32_t k = 0; k < j->n; k++) {
+        if (j->stages[k] == NULL)
+            continue;
+        vqkvd_batch_t e = {.base = j->stages[k]->mem,
+                           .view = &j->stages[k]->view,
+                           .slots = &j->stage_slots[k],
+                           .n = 1,
+                           .first_layer = part->first_layer,
+                           .end_layer = part->end_layer,
+                           .codec = j->codecs[k],
+                           .dst = &j->dst[k]};
+        int rc = j->be->ops->encode(j->be, &e);
+        if (rc != VQKV_OK) {
+            part->failed = k;
+            memcpy(part->why, e.why, sizeof part->why);
+            return rc;
+        }
+    }
+    return VQKV_OK;
+}
+
+/* Runs on a pool thread: only the job, the codecs, the region's memory and
+ * the stages it holds, the part's layers of every block. */
 static void vqkvd__job_work(uv_work_t *w)
 {
     vqkvd_job_part_t *part = w->data;
     vqkvd_job_t *j = part->job;
-    vqkvd_batch_t b = {.base = j->r->mem.base,
-                       .view = &j->r->view,
+    vqkvd_batch_t b = {.base = j->base,
+                       .view = j->view,
                        .slots = j->slots,
                        .n = j->n,
                        .first_layer = part->first_layer,
                        .end_layer = part->end_layer};
-    if (j->kind == VQKVD_JOB_PUT) {
+    part->rc = VQKV_OK;
+    if (j->kind == VQKVD_JOB_PUT && j->stage != NULL) {
+        vqkvd__put_copy(j, part);
+    } else if (j->kind != VQKVD_JOB_GET) {
         b.codec = j->codec;
         b.dst = j->dst;
         b.wait_event = j->has_event ? j->event : NULL;
-        part->rc = j->r->backend->ops->encode(j->r->backend, &b);
+        part->rc = j->be->ops->encode(j->be, &b);
     } else {
         b.codecs = j->codecs;
         b.src = j->src;
         b.record_event = j->has_event ? j->event : NULL;
-        part->rc = j->r->backend->ops->decode(j->r->backend, &b);
+        if (j->out != NULL && (part->rc = vqkvd__get_encode_staged(j, part)) != VQKV_OK)
+            return;
+        part->rc = j->be->ops->decode(j->be, &b);
         j->pending = b.pending; /* a job with an event runs in one part */
     }
     part->failed = b.failed;
@@ -184,9 +265,12 @@ static void vqkvd__job_part_after(uv_work_t *w, int status)
  * ends: its client (freed only after) and its region (closed only after). */
 static void vqkvd__job_hold(vqkvd_job_t *j)
 {
-    j->c->refs++;
-    j->c->pending++;
-    j->r->refs++;
+    if (j->c != NULL) {
+        j->c->refs++;
+        j->c->pending++;
+    }
+    if (j->r != NULL)
+        j->r->refs++;
 }
 
 /* Hands j to the thread pool, holding its client and region: a large
@@ -195,7 +279,7 @@ static void vqkvd__job_hold(vqkvd_job_t *j)
 static int vqkvd__job_queue(vqkvd_job_t *j)
 {
     uint32_t layers = j->m->layout.num_layers, parts = 1;
-    if (!j->c->server->backend->ops->whole_blocks &&
+    if (!j->be->ops->whole_blocks &&
         (uint64_t)j->n * j->m->logical_bytes / vqkv_dtype_size(j->m->layout.dtype) >=
             VQKVD_SPLIT_VALUES)
         parts = layers < VQKVD_JOB_PARTS ? layers : VQKVD_JOB_PARTS;
@@ -208,7 +292,7 @@ static int vqkvd__job_queue(vqkvd_job_t *j)
         part->first_layer = layers * i / parts;
         part->end_layer = layers * (i + 1) / parts;
         int rc =
-            uv_queue_work(j->c->server->loop, &part->work, vqkvd__job_work, vqkvd__job_part_after);
+            uv_queue_work(j->s->loop, &part->work, vqkvd__job_work, vqkvd__job_part_after);
         if (rc < 0) {
             if (i == 0)
                 return rc;
@@ -224,13 +308,15 @@ static int vqkvd__job_queue(vqkvd_job_t *j)
 
 static void vqkvd__job_maybe_end(vqkvd_job_t *j);
 
-/* Back on the loop, the Put's blocks in their slots: commits them (stored
- * even when the client has gone: the bytes are good), or aborts them all
- * when the encode failed, children before parents. Then the puts waiting
- * for them may answer; a block aborted under one becomes NO_SPACE there. */
+/* Back on the loop, the Put's blocks in their slots, or in its stage with
+ * their Encode queued: commits them (stored even when the client has gone:
+ * the bytes are good), or aborts them all when the work failed, children
+ * before parents. Then
+ * the puts waiting for them may answer; a block aborted under one becomes
+ * NO_SPACE there. */
 static void vqkvd__put_commit(vqkvd_job_t *j, int failed)
 {
-    vqkvd_server_t *s = j->c->server;
+    vqkvd_server_t *s = j->s;
     for (uint32_t k = j->n; k-- > 0;) {
         vqkvd_block_t *b = j->blocks[k];
         if (b == NULL)
@@ -240,8 +326,12 @@ static void vqkvd__put_commit(vqkvd_job_t *j, int failed)
             continue;
         }
         vqkvd_store_commit(&s->store, b);
-        if (j->codec == j->m->fallback)
+        if (j->stage != NULL) {
+            b->stage = j->stage;
+            b->stage_slot = j->stage_slots[k];
+        } else if (j->codec == j->m->fallback) {
             vqkvd_calib_add(s, j->m, j->dst[k]);
+        }
     }
     while (j->waiters != NULL) {
         vqkvd_put_wait_t *w = j->waiters;
@@ -264,7 +354,8 @@ static void vqkvd__job_reply(vqkvd_job_t *j)
                            uv_strerror(j->status));
     } else if (j->rc != VQKV_OK) {
         vqkvd_client_error(c, j->request_id, j->rc, "block %u (slot %u): %s%s%s",
-                           (unsigned)j->failed, (unsigned)j->slots[j->failed], vqkv_strerror(j->rc),
+                           (unsigned)j->failed,
+                           (unsigned)j->slots[j->failed], vqkv_strerror(j->rc),
                            j->why[0] != '\0' ? ": " : "", j->why);
     } else if (j->kind == VQKVD_JOB_PUT) {
         Vqkv__PutDone pd = VQKV__PUT_DONE__INIT;
@@ -290,6 +381,10 @@ static void vqkvd__job_maybe_end(vqkvd_job_t *j)
     if (!j->work_done || j->waits > 0)
         return;
     vqkvd_client_t *c = j->c;
+    if (c == NULL) { /* an Encode */
+        vqkvd__job_free(j);
+        return;
+    }
     if (!j->replied) {
         vqkvd__job_reply(j);
         c->pending--;
@@ -307,7 +402,7 @@ static void vqkvd__job_maybe_end(vqkvd_job_t *j)
 static void vqkvd__job_finish_work(uv_work_t *w)
 {
     vqkvd_job_t *j = ((vqkvd_job_part_t *)w->data)->job;
-    j->r->backend->ops->finish(j->r->backend, j->pending);
+    j->be->ops->finish(j->be, j->pending);
     j->pending = NULL;
 }
 
@@ -334,10 +429,108 @@ static void vqkvd__job_reply_early(vqkvd_job_t *j)
     j->c->pending--;
     vqkvd_client_settle(j->c);
     uv_work_t *w = &j->parts[0].work;
-    if (uv_queue_work(j->c->server->loop, w, vqkvd__job_finish_work, vqkvd__job_finish_after) < 0) {
+    if (uv_queue_work(j->s->loop, w, vqkvd__job_finish_work, vqkvd__job_finish_after) < 0) {
         vqkvd__job_finish_work(w);
         vqkvd__job_finish_after(w, 0);
     }
+}
+
+/* ---- staged puts' encodes ------------------------------------------------ */
+
+/* What a block whose staged encode failed records as its codec: it names
+ * no model's codec, so it is never decoded (only a defect gets here). */
+static const vqkvd_codec_ident_t vqkvd__encode_failed = {.spec = "nothing (its encode failed)"};
+
+/* The Encode of a staged Put's new blocks, from its stage into a buffer
+ * of its own, or NULL without memory. It takes its own reference on the
+ * stage. The codes are copied into the blocks' slots on the loop when it
+ * is done, not written there by the job: a staged block may be evicted
+ * meanwhile, its slot given to another block, and the loop knows which
+ * are left. The copy is of compressed bytes, a few percent of the encode's
+ * time. */
+static vqkvd_job_t *vqkvd__encode_new(const vqkvd_job_t *put)
+{
+    vqkvd_job_t *e = vqkvd__job_new(VQKVD_JOB_ENCODE, put->s, NULL, NULL, put->m, 0, put->reserved);
+    size_t bytes = vqkv_codec_block_bytes(put->codec);
+    if (e == NULL)
+        return NULL;
+    e->dst = calloc(put->reserved, sizeof *e->dst);
+    e->keys = malloc((size_t)put->reserved * VQKVD_KEY_BYTES);
+    e->out = malloc((size_t)put->reserved * bytes);
+    if (e->dst == NULL || e->keys == NULL || e->out == NULL) {
+        vqkvd__job_free(e);
+        return NULL;
+    }
+    e->tenant = (uint32_t)put->c->uid;
+    for (uint32_t i = 0, k = 0; i < put->n; i++) {
+        if (put->blocks[i] == NULL)
+            continue;
+        e->slots[k] = put->stage_slots[i];
+        e->dst[k] = e->out + (size_t)k * bytes;
+        memcpy(e->keys + (size_t)k * VQKVD_KEY_BYTES, put->blocks[i]->key, VQKVD_KEY_BYTES);
+        k++;
+    }
+    e->codec = put->codec;
+    e->ident = put->ident;
+    e->stage = put->stage;
+    vqkvd_stage_ref(e->stage);
+    e->base = e->stage->mem;
+    e->view = &e->stage->view;
+    return e;
+}
+
+/* Back on the loop after a Put's work. A staged Put's copy is done: its
+ * Encode is queued before the blocks are committed, so that a block is
+ * found only once its encode is sure to run. */
+static void vqkvd__put_after(vqkvd_job_t *j)
+{
+    int failed = j->status < 0 || j->rc != VQKV_OK;
+    if (!failed && j->stage != NULL) {
+        vqkvd_job_t *e = vqkvd__encode_new(j);
+        int rc = e != NULL ? vqkvd__job_queue(e) : VQKV_ENOMEM;
+        if (rc != 0) {
+            if (e != NULL)
+                vqkvd__job_free(e);
+            failed = 1;
+            j->rc = VQKV_ENOMEM;
+            j->failed = 0;
+            snprintf(j->why, sizeof j->why, "cannot start its encode");
+        }
+    }
+    vqkvd__put_commit(j, failed);
+}
+
+/* Back on the loop, a staged Put's blocks encoded: the codes of those
+ * still there (and still this stage's) go into their slots, and Gets
+ * decode them from now on; their stage goes with the last Get copying out
+ * of it. A block whose encode failed is marked never to be decoded and
+ * evicted unless something holds it. Children before parents, so that an
+ * evicted parent takes no child still to be visited. */
+static void vqkvd__encode_after(vqkvd_job_t *j)
+{
+    vqkvd_server_t *s = j->s;
+    size_t bytes = vqkv_codec_block_bytes(j->codec);
+    int rc = j->status < 0 ? VQKV_EIO : j->rc;
+    for (uint32_t k = j->n; k-- > 0;) {
+        const uint8_t *key = j->keys + (size_t)k * VQKVD_KEY_BYTES;
+        vqkvd_block_t *b = vqkvd_store_find(&s->store, j->tenant, j->m->store_id, key);
+        if (b == NULL || b->stage != j->stage)
+            continue; /* evicted while it was encoded */
+        b->stage = NULL;
+        uint8_t *slot = vqkvd_pool_slot_ptr(&s->pool, b->slot);
+        if (rc == VQKV_OK)
+            rc = j->be->ops->block_write(j->be, slot, j->out + (size_t)k * bytes, bytes);
+        if (rc != VQKV_OK) {
+            b->codec = &vqkvd__encode_failed;
+            vqkvd_store_evict(&s->store, b->tenant, b->model, b->key, 1, 0, uv_now(s->loop));
+        } else if (j->codec == j->m->fallback) {
+            vqkvd_calib_add(s, j->m, slot);
+        }
+    }
+    if (rc != VQKV_OK)
+        vqkvd_log(VQKVD_LOG_ERROR, "model %u: staged blocks could not be encoded (%s%s%s)",
+                  (unsigned)j->m->id, vqkv_strerror(rc), j->why[0] != '\0' ? ": " : "", j->why);
+    vqkvd_stage_encoded(j->stage);
 }
 
 static void vqkvd__job_after(uv_work_t *w, int status)
@@ -352,8 +545,10 @@ static void vqkvd__job_after(uv_work_t *w, int status)
     if (j->kind == VQKVD_JOB_GET)
         for (uint32_t i = 0; i < j->n; i++)
             vqkvd_store_unhold(j->blocks[i]);
+    else if (j->kind == VQKVD_JOB_ENCODE)
+        vqkvd__encode_after(j);
     else
-        vqkvd__put_commit(j, j->status < 0 || j->rc != VQKV_OK);
+        vqkvd__put_after(j);
     j->work_done = 1;
     vqkvd__job_maybe_end(j);
 }
@@ -465,6 +660,22 @@ static void vqkvd__put_reserve(vqkvd_job_t *j, const Vqkv__Put *p, uint64_t now)
     }
 }
 
+/* Gives a Put with new blocks a stage to copy them into, where the
+ * backend's regions are host memory and staging has room: it then replies
+ * once they are copied, and an Encode job writes their slots. Without one
+ * the Put encodes before its reply. Each block's stage slot is its place
+ * among the new blocks. */
+static void vqkvd__put_stage(vqkvd_job_t *j)
+{
+    vqkvd_server_t *s = j->s;
+    if (j->reserved == 0 || !j->be->ops->host_regions || j->has_event)
+        return;
+    j->stage = vqkvd_stage_new(&s->staging, s->cfg.staging_bytes, &j->m->layout, j->reserved);
+    for (uint32_t i = 0, k = 0; j->stage != NULL && i < j->n; i++)
+        if (j->blocks[i] != NULL)
+            j->stage_slots[i] = k++;
+}
+
 /* A request's cuda_event into j: none, or 64 bytes for a backend with
  * events. false after replying with the error. */
 static bool vqkvd__job_event(vqkvd_job_t *j, uint64_t id, const ProtobufCBinaryData *ev)
@@ -501,13 +712,15 @@ void vqkvd_session_put(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_
     if (m == NULL)
         return;
     size_t cnt = p->n_keys ? p->n_keys : 1;
-    vqkvd_job_t *j = vqkvd__job_new(VQKVD_JOB_PUT, c, r, m, id, (uint32_t)p->n_keys);
+    vqkvd_job_t *j = vqkvd__job_new(VQKVD_JOB_PUT, s, c, r, m, id, (uint32_t)p->n_keys);
     if (j != NULL) {
         j->put_status = calloc(cnt, sizeof *j->put_status);
         j->dst = calloc(cnt, sizeof *j->dst);
         j->blocks = calloc(cnt, sizeof *j->blocks);
+        j->stage_slots = calloc(cnt, sizeof *j->stage_slots);
     }
-    if (j == NULL || j->put_status == NULL || j->dst == NULL || j->blocks == NULL) {
+    if (j == NULL || j->put_status == NULL || j->dst == NULL || j->blocks == NULL ||
+        j->stage_slots == NULL) {
         if (j != NULL)
             vqkvd__job_free(j);
         vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
@@ -523,6 +736,7 @@ void vqkvd_session_put(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_
     j->ident = m->ready ? &m->codec_ident : &m->fallback_ident;
     j->cls = m->ready ? m->cls : m->fallback_cls;
     vqkvd__put_reserve(j, p, uv_now(s->loop));
+    vqkvd__put_stage(j);
     int rc = j->reserved > 0 ? vqkvd__job_queue(j) : 0;
     if (j->reserved == 0 || rc < 0) {
         /* Nothing to write, or no way to: ends now, or once the puts it
@@ -581,6 +795,90 @@ static const vqkv_codec_t *vqkvd__block_codec(const vqkvd_model_t *m, const vqkv
     return NULL;
 }
 
+/* Block i of lease l in the Get job j: decoded from its pool slot, or,
+ * while its encode runs, encoded by the job from its stage (held until the
+ * job ends) into the job's buffer at *out and decoded from there. false
+ * after an Error reply: a block no codec of the model decodes. */
+static bool vqkvd__get_block(vqkvd_job_t *j, uint32_t i, const vqkvd_lease_t *l,
+                             const Vqkv__Get *g, uint8_t **out)
+{
+    vqkvd_block_t *b = l->blocks[i];
+    j->slots[i] = g->slots[i];
+    j->blocks[i] = b;
+    j->codecs[i] = vqkvd__block_codec(j->m, b);
+    if (j->codecs[i] == NULL) {
+        if (b->codec == &vqkvd__encode_failed)
+            vqkvd_client_error(j->c, j->request_id, VQKV_EMISMATCH,
+                               "block %u could not be encoded and is being dropped", (unsigned)i);
+        else
+            vqkvd_client_error(j->c, j->request_id, VQKV_EMISMATCH,
+                               "block %u was encoded with %s, which model %u no longer has",
+                               (unsigned)i, b->codec->spec, (unsigned)j->m->id);
+        return false;
+    }
+    if (b->stage == NULL) {
+        j->src[i] = vqkvd_pool_slot_ptr(&j->s->pool, b->slot);
+        return true;
+    }
+    j->stages[i] = b->stage;
+    j->stage_slots[i] = b->stage_slot;
+    vqkvd_stage_ref(b->stage);
+    j->dst[i] = *out;
+    j->src[i] = *out;
+    *out += vqkv_codec_block_bytes(j->codecs[i]);
+    return true;
+}
+
+/* Bytes of the buffer a Get job encodes the staged blocks of lease l
+ * into: a block's size under the largest of the model's codecs each. */
+static size_t vqkvd__get_staged_bytes(const vqkvd_model_t *m, const vqkvd_lease_t *l, uint32_t n)
+{
+    size_t bytes = m->block_bytes > m->fallback_bytes ? m->block_bytes : m->fallback_bytes;
+    size_t total = 0;
+    for (uint32_t i = 0; i < n; i++)
+        total += l->blocks[i]->stage != NULL ? bytes : 0;
+    return total;
+}
+
+/* The Get job of g's slots from lease l into r, or NULL after an Error
+ * reply. */
+static vqkvd_job_t *vqkvd__get_new(vqkvd_client_t *c, uint64_t id, vqkvd_region_t *r,
+                                   vqkvd_model_t *lm, const vqkvd_lease_t *l, const Vqkv__Get *g)
+{
+    uint32_t n = (uint32_t)g->n_slots, cnt = n ? n : 1;
+    size_t staged = vqkvd__get_staged_bytes(lm, l, n);
+    vqkvd_job_t *j = vqkvd__job_new(VQKVD_JOB_GET, c->server, c, r, lm, id, n);
+    if (j != NULL) {
+        j->blocks = calloc(cnt, sizeof *j->blocks);
+        j->src = calloc(cnt, sizeof *j->src);
+        j->codecs = calloc(cnt, sizeof *j->codecs);
+        j->stages = calloc(cnt, sizeof *j->stages);
+        j->stage_slots = calloc(cnt, sizeof *j->stage_slots);
+        j->dst = calloc(cnt, sizeof *j->dst);
+        j->out = staged > 0 ? malloc(staged) : NULL;
+    }
+    if (j == NULL || j->blocks == NULL || j->src == NULL || j->codecs == NULL ||
+        j->stages == NULL || j->stage_slots == NULL || j->dst == NULL ||
+        (staged > 0 && j->out == NULL)) {
+        if (j != NULL)
+            vqkvd__job_free(j);
+        vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
+        return NULL;
+    }
+    if (!vqkvd__job_event(j, id, &g->cuda_event)) {
+        vqkvd__job_free(j);
+        return NULL;
+    }
+    uint8_t *out = j->out;
+    for (uint32_t i = 0; i < n; i++) {
+        if (!vqkvd__get_block(j, i, l, g, &out)) {
+            vqkvd__job_free(j);
+            return NULL;
+        }
+    }
+    return j;
+}
+
 void vqkvd_session_get(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
 {
     (void)frame;
@@ -625,35 +923,9 @@ void vqkvd_session_get(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_
     }
     if (!vqkvd__region_fits(c, id, r, lm))
         return;
-    vqkvd_job_t *j = vqkvd__job_new(VQKVD_JOB_GET, c, r, lm, id, (uint32_t)g->n_slots);
-    if (j != NULL) {
-        j->blocks = calloc(g->n_slots ? g->n_slots : 1, sizeof *j->blocks);
-        j->src = calloc(g->n_slots ? g->n_slots : 1, sizeof *j->src);
-        j->codecs = calloc(g->n_slots ? g->n_slots : 1, sizeof *j->codecs);
-    }
-    if (j == NULL || j->blocks == NULL || j->src == NULL || j->codecs == NULL) {
-        if (j != NULL)
-            vqkvd__job_free(j);
-        vqkvd_client_error(c, id, VQKV_ENOMEM, "out of memory");
+    vqkvd_job_t *j = vqkvd__get_new(c, id, r, lm, l, g);
+    if (j == NULL)
         return;
-    }
-    if (!vqkvd__job_event(j, id, &g->cuda_event)) {
-        vqkvd__job_free(j);
-        return;
-    }
-    for (size_t i = 0; i < g->n_slots; i++) {
-        j->slots[i] = g->slots[i];
-        j->blocks[i] = l->blocks[i];
-        j->src[i] = vqkvd_pool_slot_ptr(&s->pool, l->blocks[i]->slot);
-        j->codecs[i] = vqkvd__block_codec(lm, l->blocks[i]);
-        if (j->codecs[i] == NULL) {
-            vqkvd_client_error(c, id, VQKV_EMISMATCH,
-                               "block %zu was encoded with %s, which model %u no longer has", i,
-                               l->blocks[i]->codec->spec, (unsigned)lm->id);
-            vqkvd__job_free(j);
-            return;
-        }
-    }
     int rc = vqkvd__job_queue(j);
     if (rc < 0) {
         vqkvd_client_error(c, id, VQKV_EIO, "cannot queue the work: %s", uv_strerror(rc));

@@ -16,6 +16,7 @@
 #include "backend.h"
 #include "counters.h"
 #include "pool.h"
+#include "staging.h"
 #include "store.h"
 
 /* The smallest pool vqkvd accepts: less holds no block of a real model
@@ -33,6 +34,7 @@ typedef struct {
     uint32_t max_regions;    /* Welcome.max_regions */
     uint32_t max_clients;    /* connections past this are refused (VQKV_ELIMIT) */
     uint64_t pool_bytes;     /* the CPU pool's arena (--pool-bytes) */
+    uint64_t staging_bytes;  /* puts staged before their encode (staging.h); 0: off */
     /* A listening Unix stream socket handed over by the service manager
      * (socket activation) to serve on instead of binding socket_path, or
      * -1. The server owns it from vqkvd_server_start on and never unlinks
@@ -103,6 +105,7 @@ typedef struct {
     vqkvd_backend_t *backend; /* regions, codec runs and the arena (backend.h) */
     vqkvd_pool_t pool;
     vqkvd_store_t store;
+    vqkvd_staging_t staging; /* puts whose encode runs after their reply */
     uv_timer_t tick;
     vqkvd_model_t **models; /* by id - 1; shared by the clients of a tenant */
     uint32_t n_models, cap_models;

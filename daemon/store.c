@@ -780,8 +780,8 @@ uint64_t vqkvd_store_tick(vqkvd_store_t *s, uint64_t now)
     return vqkvd__store_evict_lru(s, now, s->low_bytes, -1, NULL);
 }
 
-const vqkvd_block_t *vqkvd_store_find(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
-                                      const uint8_t *key)
+vqkvd_block_t *vqkvd_store_find(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
+                                const uint8_t *key)
 {
     if (key == NULL)
         return NULL;

@@ -72,6 +72,11 @@ struct vqkvd_block {
     /* What encoded it (the session's vqkvd_codec_ident_t); set by the
      * writer after reserving, never read by the store. */
     const struct vqkvd_codec_ident *codec;
+    /* While its encode runs after the Put's reply: the stage holding the
+     * worker's bytes and the block's slot there (staging.h), its pool slot
+     * not yet written. NULL otherwise. Never read by the store. */
+    struct vqkvd_stage *stage;
+    uint32_t stage_slot;
     uint64_t stamp; /* LRU order: larger is more recent, unique */
     vqkvd_block_t *lru_prev, *lru_next;
     vqkvd_block_t *hnext; /* hash bucket chain */
@@ -276,8 +281,8 @@ void vqkvd_store_set_default_quota(vqkvd_store_t *s, uint64_t quota_bytes);
 uint64_t vqkvd_store_tick(vqkvd_store_t *s, uint64_t now);
 
 /* The block, without touching its LRU place or the counters; NULL when absent. */
-const vqkvd_block_t *vqkvd_store_find(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
-                                      const uint8_t *key);
+vqkvd_block_t *vqkvd_store_find(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
+                                const uint8_t *key);
 
 void vqkvd_store_stats(const vqkvd_store_t *s, vqkvd_store_stats_t *st);
 

@@ -115,8 +115,8 @@ static void vqkvd__transcode_start(vqkvd_server_t *s, vqkvd_model_t *m)
         if (b->codec != &m->fallback_ident) /* another model's, or not fp16 */
             continue;
         left++;
-        if (vqkvd_store_held(b))
-            continue; /* a lease or a get holds it: a later batch */
+        if (vqkvd_store_held(b) || b->stage != NULL)
+            continue; /* a lease or a get holds it, or its slot awaits its encode: a later batch */
         vqkvd__transcode_item_t *it = &t->items[t->n];
         if (vqkvd_pool_alloc(&s->pool, m->cls, &it->slot) != VQKV_OK)
             break;
