@@ -1678,6 +1678,10 @@ int vqkv_stats(vqkv_client_t *client, vqkv_stats_t *stats)
         .regions = s->regions,
         .pool_slots_used = s->pool_slots_used,
         .pool_bytes_used = s->pool_bytes_used,
+        .staging_bytes = s->staging_bytes,
+        .encode_backlog = s->encode_backlog,
+        .puts_staged = s->puts_staged,
+        .puts_staging_full = s->puts_staging_full,
         .n_tenants_total = s->n_tenants > UINT32_MAX ? UINT32_MAX : (uint32_t)s->n_tenants,
     };
     for (size_t i = 0; i < s->n_tenants && i < VQKV_STATS_MAX_TENANTS; i++)

@@ -177,6 +177,13 @@ typedef struct {
      * blocks and bytes_stored unless a slot went astray. */
     uint64_t pool_slots_used;
     uint64_t pool_bytes_used;
+    /* Puts answered before their encode: the bytes staged now, the blocks
+     * not yet encoded, and, since the daemon started, the puts staged and
+     * those that found staging full and waited for their encode. */
+    uint64_t staging_bytes;
+    uint64_t encode_backlog;
+    uint64_t puts_staged;
+    uint64_t puts_staging_full;
     /* The caller's own tenant first; then, when the daemon's config names
      * the caller's uid an admin, every other tenant it knows. tenants[0 ..
      * n_tenants) are kept; n_tenants_total is how many the daemon sent. */

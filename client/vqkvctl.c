@@ -304,6 +304,9 @@ static void vqkvctl_stats_table(const vqkv_stats_t *st)
     printf("pool        %s of %s used (%llu slots)\n",
            vqkvctl_bytes(st->pool_bytes_used, a, sizeof a),
            vqkvctl_bytes(st->pool_bytes, b, sizeof b), (unsigned long long)st->pool_slots_used);
+    printf("staging     %s for %llu blocks not yet encoded (%llu puts staged, %llu waited)\n",
+           vqkvctl_bytes(st->staging_bytes, a, sizeof a), (unsigned long long)st->encode_backlog,
+           (unsigned long long)st->puts_staged, (unsigned long long)st->puts_staging_full);
     printf("clients     %u connected, %llu leases, %llu regions\n", st->clients,
            (unsigned long long)st->leases, (unsigned long long)st->regions);
     printf("\n%-12s %10s %12s %12s %9s %10s %12s\n", "tenant", "blocks", "stored", "logical",
@@ -358,6 +361,11 @@ static int vqkvctl_stats(int argc, char **argv, const char *socket_path)
         json_object_object_add(o, "regions", json_object_new_uint64(st.regions));
         json_object_object_add(o, "pool_slots_used", json_object_new_uint64(st.pool_slots_used));
         json_object_object_add(o, "pool_bytes_used", json_object_new_uint64(st.pool_bytes_used));
+        json_object_object_add(o, "staging_bytes", json_object_new_uint64(st.staging_bytes));
+        json_object_object_add(o, "encode_backlog", json_object_new_uint64(st.encode_backlog));
+        json_object_object_add(o, "puts_staged", json_object_new_uint64(st.puts_staged));
+        json_object_object_add(o, "puts_staging_full",
+                               json_object_new_uint64(st.puts_staging_full));
         struct json_object *tenants = json_object_new_array();
         for (uint32_t i = 0; i < st.n_tenants; i++) {
             const vqkv_tenant_stats_t *t = &st.tenants[i];

@@ -182,8 +182,7 @@ static void vqkvd__put_copy(const vqkvd_job_t *j, const vqkvd_job_part_t *part)
     for (uint32_t i = 0; i < j->n; i++)
         if (j->dst[i] != NULL)
             vqkvd_stage_copy(&j->m->layout, j->view, j->base, j->slots[i], &j->stage->view,
-                             j->stage->mem, j->stage_slots[i], part->first_layer,
-                             part->end_layer);
+                             j->stage->mem, j->stage_slots[i], part->first_layer, part->end_layer);
 }
 
 /* A Get's blocks still in their stages encoded, for the part's layers,
@@ -291,8 +290,7 @@ static int vqkvd__job_queue(vqkvd_job_t *j)
         part->work.data = part;
         part->first_layer = layers * i / parts;
         part->end_layer = layers * (i + 1) / parts;
-        int rc =
-            uv_queue_work(j->s->loop, &part->work, vqkvd__job_work, vqkvd__job_part_after);
+        int rc = uv_queue_work(j->s->loop, &part->work, vqkvd__job_work, vqkvd__job_part_after);
         if (rc < 0) {
             if (i == 0)
                 return rc;
@@ -354,8 +352,7 @@ static void vqkvd__job_reply(vqkvd_job_t *j)
                            uv_strerror(j->status));
     } else if (j->rc != VQKV_OK) {
         vqkvd_client_error(c, j->request_id, j->rc, "block %u (slot %u): %s%s%s",
-                           (unsigned)j->failed,
-                           (unsigned)j->slots[j->failed], vqkv_strerror(j->rc),
+                           (unsigned)j->failed, (unsigned)j->slots[j->failed], vqkv_strerror(j->rc),
                            j->why[0] != '\0' ? ": " : "", j->why);
     } else if (j->kind == VQKVD_JOB_PUT) {
         Vqkv__PutDone pd = VQKV__PUT_DONE__INIT;
@@ -799,8 +796,8 @@ static const vqkv_codec_t *vqkvd__block_codec(const vqkvd_model_t *m, const vqkv
  * while its encode runs, encoded by the job from its stage (held until the
  * job ends) into the job's buffer at *out and decoded from there. false
  * after an Error reply: a block no codec of the model decodes. */
-static bool vqkvd__get_block(vqkvd_job_t *j, uint32_t i, const vqkvd_lease_t *l,
-                             const Vqkv__Get *g, uint8_t **out)
+static bool vqkvd__get_block(vqkvd_job_t *j, uint32_t i, const vqkvd_lease_t *l, const Vqkv__Get *g,
+                             uint8_t **out)
 {
     vqkvd_block_t *b = l->blocks[i];
     j->slots[i] = g->slots[i];

@@ -216,6 +216,16 @@ static void vqkvd__render_totals(FILE *f, const vqkvd__snapshot_t *snap)
                   t->pool.usable_bytes);
     vqkvd__scalar(f, "vqkv_pool_used_bytes", "gauge",
                   "Bytes of the pool handed to slot classes (chunks).", t->pool.bytes_in_chunks);
+    vqkvd__scalar(f, "vqkv_staging_bytes", "gauge",
+                  "Bytes of the puts answered before their encode, held until it is done.",
+                  t->staging.bytes);
+    vqkvd__scalar(f, "vqkv_encode_backlog_blocks", "gauge",
+                  "Blocks of staged puts not yet encoded.", t->staging.backlog);
+    vqkvd__scalar(f, "vqkv_puts_staged_total", "counter", "Puts answered before their encode.",
+                  t->staging.puts_staged);
+    vqkvd__scalar(f, "vqkv_puts_staging_full_total", "counter",
+                  "Puts that found staging full and waited for their encode.",
+                  t->staging.puts_full);
     vqkvd__scalar(f, "vqkv_leases", "gauge", "Lookup leases held.", t->store.leases);
     vqkvd__scalar(f, "vqkv_clients", "gauge", "Connections open.", t->clients);
     vqkvd__scalar(f, "vqkv_models", "gauge", "Models registered since the start.", t->models);

@@ -151,6 +151,7 @@ void vqkvd_session_totals(const vqkvd_server_t *s, vqkvd_totals_t *t)
     vqkvd_pool_stats(&s->pool, &t->pool);
     t->clients = s->n_clients;
     t->models = s->n_models;
+    t->staging = s->staging;
     for (const vqkvd_client_t *c = s->clients; c != NULL; c = c->next) {
         t->regions += c->n_regions;
         t->pins += c->n_pins;
@@ -174,6 +175,10 @@ int vqkvd_session_stats(vqkvd_client_t *c, Vqkv__StatsReply *st)
     st->regions = tot.regions;
     st->pool_slots_used = tot.pool.slots_used;
     st->pool_bytes_used = tot.pool.bytes_stored;
+    st->staging_bytes = tot.staging.bytes;
+    st->encode_backlog = tot.staging.backlog;
+    st->puts_staged = tot.staging.puts_staged;
+    st->puts_staging_full = tot.staging.puts_full;
 
     /* The pointers, then the entries, in one allocation: room for the
      * caller's own entry and every tenant the store knows. */

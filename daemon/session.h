@@ -173,6 +173,7 @@ typedef struct {
     uint32_t models;  /* registered since start (they live as long as the server) */
     uint64_t regions; /* registered by the open connections */
     uint64_t pins;    /* ttl_ms 0 pins the open connections hold */
+    vqkvd_staging_t staging;
 } vqkvd_totals_t;
 
 /* session.c: fills t. O(clients): regions and pins are summed over them. */

@@ -74,8 +74,7 @@ void vqkvd_stage_unref(vqkvd_stage_t *sg)
 
 void vqkvd_stage_copy(const vqkv_layout_t *layout, const vqkv_kv_view_t *from,
                       const uint8_t *from_base, uint32_t from_slot, const vqkv_kv_view_t *to,
-                      uint8_t *to_base, uint32_t to_slot, uint32_t first_layer,
-                      uint32_t end_layer)
+                      uint8_t *to_base, uint32_t to_slot, uint32_t first_layer, uint32_t end_layer)
 {
     size_t row = (size_t)layout->head_dim * vqkv_dtype_size(layout->dtype);
     uint32_t heads = layout->num_kv_heads, tokens = layout->block_tokens;

@@ -34,7 +34,7 @@ typedef struct vqkvd_stage {
     uint32_t refs; /* its encode job (or the Put copying into it) and each Get reading it */
     uint32_t n;    /* blocks */
     uint64_t bytes;
-    int encoded; /* its blocks are in their pool slots: they left the backlog */
+    int encoded;         /* its blocks are in their pool slots: they left the backlog */
     vqkv_kv_view_t view; /* n slots of one block each, at mem */
     uint8_t *mem;
 } vqkvd_stage_t;
@@ -65,7 +65,6 @@ void vqkvd_stage_unref(vqkvd_stage_t *sg);
  * K|V) part in one memcpy where both views keep it contiguous. */
 void vqkvd_stage_copy(const vqkv_layout_t *layout, const vqkv_kv_view_t *from,
                       const uint8_t *from_base, uint32_t from_slot, const vqkv_kv_view_t *to,
-                      uint8_t *to_base, uint32_t to_slot, uint32_t first_layer,
-                      uint32_t end_layer);
+                      uint8_t *to_base, uint32_t to_slot, uint32_t first_layer, uint32_t end_layer);
 
 #endif

@@ -942,6 +942,188 @@ static int setup_short_leases(void **state)
     return setup_with(state, "--lease-ms", "200");
 }
 
+/* ---- staged puts ------------------------------------------------------------ */
+
+/* want gets region r's slots [0, n) as codec spec stores them: encoded and
+ * decoded here by the library, into the same slots of a copy of r. */
+static void local_roundtrip(const region_t *r, uint32_t n, const char *spec, uint8_t *want)
+{
+    vqkv_codec_t *codec = NULL;
+    assert_int_equal(vqkv_codec_create(spec, &layout, &codec), VQKV_OK);
+    uint8_t *block = malloc(vqkv_codec_block_bytes(codec));
+    assert_non_null(block);
+    memcpy(want, r->base, r->view.region_bytes);
+    for (uint32_t i = 0; i < n; i++) {
+        assert_int_equal(vqkv_codec_encode(codec, r->base, &r->view, i, block), VQKV_OK);
+        assert_int_equal(vqkv_codec_decode(codec, block, want, &r->view, i), VQKV_OK);
+    }
+    free(block);
+    vqkv_codec_free(codec);
+}
+
+/* Slots [at, at + n) of r must hold slots [0, n) of want. */
+static void expect_blocks(const region_t *r, uint32_t at, uint32_t n, const uint8_t *want)
+{
+    uint8_t *got = calloc(1, r->view.region_bytes), *exp = calloc(1, r->view.region_bytes);
+    assert_true(got != NULL && exp != NULL);
+    for (uint32_t i = 0; i < n; i++) {
+        copy_block(got, &r->view, i, r->base, &r->view, at + i);
+        copy_block(exp, &r->view, i, want, &r->view, i);
+    }
+    assert_memory_equal(got, exp, r->view.region_bytes);
+    free(got);
+    free(exp);
+}
+
+/* A reply that must be an Ack. */
+static void expect_ok(Vqkv__Envelope *e)
+{
+    assert_int_equal(e->body_case, VQKV__ENVELOPE__BODY_ACK);
+    vqkv_frame_envelope_free(e);
+}
+
+/* The daemon's staging figures: puts staged, puts that found it full, and
+ * the blocks not yet encoded. */
+static void staging_figures(client_t *c, uint64_t *staged, uint64_t *full, uint64_t *backlog)
+{
+    Vqkv__Envelope *e = stats(c);
+    *staged = e->stats_reply->puts_staged;
+    *full = e->stats_reply->puts_staging_full;
+    *backlog = e->stats_reply->encode_backlog;
+    vqkv_frame_envelope_free(e);
+}
+
+/* Waits until every staged block is encoded and its stage freed (a
+ * liveness bound of a minute, not a speed limit). */
+static void await_encoded(client_t *c)
+{
+    for (int i = 0; i < 60000; i++) {
+        Vqkv__Envelope *e = stats(c);
+        int done = e->stats_reply->encode_backlog == 0 && e->stats_reply->staging_bytes == 0;
+        vqkv_frame_envelope_free(e);
+        if (done)
+            return;
+        usleep(1000);
+    }
+    fail_msg("staged blocks still not encoded after a minute");
+}
+
+/* A Put replies before its encode (staging is on by default); a Get
+ * returns the codec's bytes whether it comes while the blocks are staged
+ * or after their encode, the same bytes the library's own round trip
+ * gives. */
+static void test_staged_puts(void **state)
+{
+    client_t c;
+    region_t r;
+    client_open(&c, *state);
+    hello(&c);
+    uint64_t m = model_ok(&c, "test/staged", "kivi4");
+    region_new(&r, 8, 5);
+    uint64_t h = region_ok(&c, m, &r);
+    uint8_t *want = malloc(r.view.region_bytes);
+    assert_non_null(want);
+    local_roundtrip(&r, 4, "kivi4", want);
+    static const uint32_t from[4] = {0, 1, 2, 3}, to[4] = {4, 5, 6, 7};
+
+    assert_int_equal(put_ok(&c, m, h, 3, 0, 4, from, 1), 4);
+    uint64_t staged, full, backlog, lease;
+    staging_figures(&c, &staged, &full, &backlog);
+    assert_int_equal(staged, 1);
+    assert_int_equal(full, 0);
+    assert_true(backlog <= 4);
+    assert_int_equal(lookup(&c, m, 3, 4, 0, &lease), 4);
+    get_ok(&c, lease, h, to, 4);
+    expect_blocks(&r, 4, 4, want);
+    expect_ok(release(&c, lease));
+
+    await_encoded(&c);
+    memset(r.base + 4 * r.view.slot_stride, 0, 4 * r.view.slot_stride);
+    assert_int_equal(lookup(&c, m, 3, 4, 0, &lease), 4);
+    get_ok(&c, lease, h, to, 4);
+    expect_blocks(&r, 4, 4, want);
+    expect_ok(release(&c, lease));
+    /* Present blocks are not staged again. */
+    assert_int_equal(put_ok(&c, m, h, 3, 0, 4, from, 1), 0);
+    staging_figures(&c, &staged, &full, &backlog);
+    assert_int_equal(staged, 1);
+    free(want);
+    client_close(&c);
+    region_free(&r);
+}
+
+static int setup_small_staging(void **state)
+{
+    /* One fp16 block of the test layout: 2 layers x K, V x 16 tokens x 2
+     * heads x 64 x 2 bytes. */
+    return setup_with(state, "--staging-bytes", "16K");
+}
+
+/* A Put that does not fit in staging waits for its encode; one that fits
+ * is staged; both store the same bytes. */
+static void test_staging_full(void **state)
+{
+    client_t c;
+    region_t r;
+    client_open(&c, *state);
+    hello(&c);
+    uint64_t m = model_ok(&c, "test/staging-full", "fp16");
+    region_new(&r, 8, 6);
+    uint64_t h = region_ok(&c, m, &r);
+    uint8_t *want = malloc(r.view.region_bytes);
+    assert_non_null(want);
+    memcpy(want, r.base, r.view.region_bytes);
+    static const uint32_t from[2] = {0, 1}, to[2] = {4, 5};
+    uint64_t staged, full, backlog, lease;
+
+    assert_int_equal(put_ok(&c, m, h, 4, 0, 2, from, 1), 2);
+    staging_figures(&c, &staged, &full, &backlog);
+    assert_int_equal(staged, 0);
+    assert_int_equal(full, 1);
+    assert_int_equal(backlog, 0);
+    assert_int_equal(put_ok(&c, m, h, 5, 0, 1, from, 1), 1);
+    staging_figures(&c, &staged, &full, &backlog);
+    assert_int_equal(staged, 1);
+    assert_int_equal(full, 1);
+
+    assert_int_equal(lookup(&c, m, 4, 2, 0, &lease), 2);
+    get_ok(&c, lease, h, to, 2);
+    expect_blocks(&r, 4, 2, want);
+    expect_ok(release(&c, lease));
+    assert_int_equal(lookup(&c, m, 5, 1, 0, &lease), 1);
+    get_ok(&c, lease, h, to, 1);
+    expect_blocks(&r, 4, 1, want);
+    expect_ok(release(&c, lease));
+    await_encoded(&c);
+    free(want);
+    client_close(&c);
+    region_free(&r);
+}
+
+static int setup_no_staging(void **state)
+{
+    return setup_with(state, "--staging-bytes", "0");
+}
+
+/* staging_bytes 0: every Put waits for its encode. */
+static void test_staging_off(void **state)
+{
+    client_t c;
+    region_t r;
+    client_open(&c, *state);
+    hello(&c);
+    uint64_t m = model_ok(&c, "test/staging-off", "fp16");
+    region_new(&r, 4, 7);
+    uint64_t h = region_ok(&c, m, &r);
+    static const uint32_t from[2] = {0, 1};
+    uint64_t staged, full, backlog;
+    assert_int_equal(put_ok(&c, m, h, 6, 0, 2, from, 1), 2);
+    staging_figures(&c, &staged, &full, &backlog);
+    assert_int_equal(staged + full + backlog, 0);
+    client_close(&c);
+    region_free(&r);
+}
+
 static void test_bad_pool_bytes(void **state)
 {
     (void)state;
@@ -967,6 +1149,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_client_dies_midrequest, setup, teardown),
         cmocka_unit_test_setup_teardown(test_sigterm_inflight, setup, teardown),
         cmocka_unit_test_setup_teardown(test_lease_expires, setup_short_leases, teardown),
+        cmocka_unit_test_setup_teardown(test_staged_puts, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_staging_full, setup_small_staging, teardown),
+        cmocka_unit_test_setup_teardown(test_staging_off, setup_no_staging, teardown),
         cmocka_unit_test(test_bad_pool_bytes),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

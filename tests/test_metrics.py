@@ -17,6 +17,7 @@ is none. The binaries come from VQKVD_PATH and METRICS_TRAFFIC_PATH.
 import json
 import os
 import subprocess
+import time
 import sys
 import urllib.error
 import urllib.request
@@ -166,6 +167,11 @@ def test_metrics_count_the_traffic(daemon):
     assert value(s, "vqkv_regions") == 1
     assert value(s, "vqkv_connection_pins") == PINS
     assert value(s, "vqkv_leases") == 1  # the last lookup's, held
+    # The puts with new blocks replied before their encode (staging is on
+    # by default); none found staging full.
+    assert value(s, "vqkv_puts_staged_total") >= 1
+    assert value(s, "vqkv_puts_staging_full_total") == 0
+    assert 0 <= value(s, "vqkv_encode_backlog_blocks") <= BLOCKS
     # Every request, by type: the last lookup's lease is not released, and
     # one more Release names a lease that does not exist.
     assert labelled(s, "vqkv_requests_total", "type") == {
@@ -201,6 +207,14 @@ def test_metrics_count_the_traffic(daemon):
     assert value(s, "vqkv_connection_pins") == 0
     assert value(s, "vqkv_leases") == 0
     assert value(s, "vqkv_blocks") == BLOCKS
+    # Every staged block gets encoded and its stage freed.
+    deadline = time.monotonic() + 60
+    while (value(s, "vqkv_encode_backlog_blocks") or value(s, "vqkv_staging_bytes")) \
+            and time.monotonic() < deadline:
+        time.sleep(0.05)
+        s = scrape(daemon)
+    assert value(s, "vqkv_encode_backlog_blocks") == 0
+    assert value(s, "vqkv_staging_bytes") == 0
     assert value(s, "vqkv_models") == 1
 
 

@@ -209,6 +209,10 @@ class Stats:
     regions: int
     pool_slots_used: int
     pool_bytes_used: int
+    staging_bytes: int
+    encode_backlog: int
+    puts_staged: int
+    puts_staging_full: int
     tenants: list[TenantStats]
     n_tenants_total: int
 
@@ -792,6 +796,10 @@ class Client:
             st.regions,
             st.pool_slots_used,
             st.pool_bytes_used,
+            st.staging_bytes,
+            st.encode_backlog,
+            st.puts_staged,
+            st.puts_staging_full,
             tenants,
             st.n_tenants_total,
         )
