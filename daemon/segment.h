@@ -164,8 +164,10 @@ typedef int (*vqkvd_segment_scan_fn)(void *arg, const vqkvd_segment_record_t *re
 /* What a scan found. A whole file has bad_bytes 0. Otherwise the valid
  * records end at good_bytes and the rest is bad: a torn tail (bad_records
  * 1: the record cut short or damaged), or damage with bad_records - 1 whole
- * records behind it (found by searching the tail for headers that check),
- * which truncating at good_bytes would lose too. */
+ * records behind it, which truncating at good_bytes would lose too. They
+ * are found by searching the tail for headers that check, stepping over
+ * the payload of each found: the one place a scan reads more than headers,
+ * as much as the damaged stretch, only when there is damage. */
 typedef struct {
     uint64_t number;      /* the file header's segment number */
     uint64_t records;     /* valid records, each passed to the callback */
