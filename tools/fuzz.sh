@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 seconds=${VQKV_FUZZ_SECONDS:-30}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(frame session codebook config block_keys)
+[ ${#targets[@]} -gt 0 ] || targets=(frame session codebook config block_keys segment)
 
 # Without clang's libFuzzer runtime the preset cannot build: say what is
 # missing rather than fail somewhere inside cmake.

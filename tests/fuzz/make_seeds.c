@@ -6,15 +6,18 @@
  * every request type, request sequences that walk a session through
  * models, regions, Put, Lookup, Get and the rest (and through the errors a
  * client can provoke), real codebook files, the shipped configuration and
- * a few variants, and the documented block-key vector. The output is
+ * a few variants, the documented block-key vector, and a segment file
+ * from the disk tier's writer (whole, sealed, torn, damaged). The output is
  * deterministic, so regenerating changes nothing unless this file or a
  * format changed; the files are committed, and the replay tests run them.
  */
 #include <errno.h>
 #include <msgpack.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "fuzz.h"
+#include "segment.h"
 
 static const char *seeds__root;
 
@@ -551,6 +554,77 @@ static void seeds__block_keys(void)
     seeds__write("block_keys", "three-blocks-extra", more, m);
 }
 
+/* ---- segment files ---------------------------------------------------------------- */
+
+/* A segment of a root block, a tombstone and a child block, written by the
+ * real writer in a temporary directory and read back whole into out (its
+ * length back; at[] the records' offsets). */
+static size_t seeds__segment_file(uint8_t *out, size_t cap, uint64_t at[3])
+{
+    char dir[4096], path[4200], name[VQKVD_SEGMENT_NAME_BYTES];
+    const char *tmp = getenv("TMPDIR");
+    snprintf(dir, sizeof dir, "%s/vqkv-seeds-XXXXXX", tmp != NULL && *tmp ? tmp : "/tmp");
+    FUZZ_CHECK(mkdtemp(dir) != NULL, "mkdtemp: %s", strerror(errno));
+    vqkvd_segment_writer_t w;
+    FUZZ_CHECK(vqkvd_segment_create(&w, dir, 1) == VQKV_OK, "segment create: %s",
+               strerror(w.sys_errno));
+    uint8_t payload[48];
+    for (size_t i = 0; i < sizeof payload; i++)
+        payload[i] = (uint8_t)(i * 11 + 3);
+    for (uint32_t i = 0; i < 3; i++) {
+        vqkvd_segment_record_t r = {.seq = i + 1, .tenant = 1000, .model = 0x1234};
+        memset(r.key, 0x10 + (int)i, sizeof r.key);
+        if (i == 2)
+            memset(r.parent, 0x10, sizeof r.parent);
+        if (i == 1) {
+            r.flags = VQKVD_SEGMENT_TOMBSTONE;
+        } else {
+            r.payload_bytes = i ? 48 : 16;
+            r.logical_bytes = 4 * r.payload_bytes;
+            snprintf(r.spec, sizeof r.spec, "%s", i ? "rvq:d=8,b=8,r=2" : "fp16");
+            memset(r.codebooks_sha256, i ? 0xab : 0, sizeof r.codebooks_sha256);
+        }
+        FUZZ_CHECK(vqkvd_segment_append(&w, &r, payload, &at[i]) == VQKV_OK, "segment append");
+    }
+    size_t len = (size_t)w.end;
+    FUZZ_CHECK(len <= cap && vqkvd_segment_close(&w) == VQKV_OK, "segment close");
+    vqkvd_segment_name(1, name, sizeof name);
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    FILE *f = fopen(path, "rb");
+    FUZZ_CHECK(f != NULL && fread(out, 1, len, f) == len && fclose(f) == 0, "%s: read failed",
+               path);
+    FUZZ_CHECK(unlink(path) == 0 && rmdir(dir) == 0, "%s: %s", dir, strerror(errno));
+    return len;
+}
+
+/* Inputs of fuzz_segment.c: a mode byte, then a file. */
+static void seeds__segment(void)
+{
+    uint8_t file[1024], in[1025];
+    uint64_t at[3];
+    size_t len = seeds__segment_file(file, sizeof file, at);
+    const struct {
+        const char *name;
+        uint8_t mode;  /* fuzz_segment.c's mode bits */
+        size_t len;    /* of the file */
+        size_t damage; /* a byte whose bit 0 flips, or 0 */
+    } seeds[] = {
+        {"three-records", 0, len, 0},
+        {"three-records-sealed", 0x03, len, 0},
+        {"torn-tail", 0, len - 10, 0},
+        {"damaged-middle", 0, len, (size_t)at[1] + 20},
+        {"stop-after-one", 0x04 | 1 << 4, len, 0},
+        {"file-header-only", 0, VQKVD_SEGMENT_FILE_HEADER_BYTES, 0},
+    };
+    for (size_t i = 0; i < sizeof seeds / sizeof seeds[0]; i++) {
+        in[0] = seeds[i].mode;
+        memcpy(in + 1, file, seeds[i].len);
+        if (seeds[i].damage)
+            in[1 + seeds[i].damage] ^= 1;
+        seeds__write("segment", seeds[i].name, in, 1 + seeds[i].len);
+    }
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 3) {
@@ -563,5 +637,6 @@ int main(int argc, char **argv)
     seeds__codebook();
     seeds__config(argv[2]);
     seeds__block_keys();
+    seeds__segment();
     return 0;
 }
