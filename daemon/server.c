@@ -20,6 +20,7 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -231,6 +232,87 @@ static void vqkvd__tenant_salt(const vqkvd_server_t *s, const char *tenant,
     /* Never seen in practice; a zero salt would merge tenants, so say so. */
     vqkvd_log(VQKVD_LOG_ERROR, "SHA-256 failed; tenant %s gets a zero salt", tenant);
     memset(out, 0, VQKVD_SALT_BYTES);
+}
+
+static int vqkvd__sys_failed(vqkvd_server_t *s, int err);
+
+/* The tenant salts' secret from path, which must be a regular file of
+ * exactly its size that only this user can read. VQKV_OK, VQKV_ENOENT
+ * when there is none, or VQKV_EIO / VQKV_EPERM logged. */
+static int vqkvd__salt_secret_read(vqkvd_server_t *s, const char *path)
+{
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0 && errno == ENOENT)
+        return VQKV_ENOENT;
+    struct stat st;
+    ssize_t got = -1;
+    int rc = VQKV_EIO;
+    if (fd >= 0 && fstat(fd, &st) == 0) {
+        if (!S_ISREG(st.st_mode) || st.st_uid != geteuid() || (st.st_mode & 077) != 0) {
+            vqkvd_log(VQKVD_LOG_ERROR,
+                      "%s must be a file of this user that no one else can read (chmod 600)", path);
+            close(fd);
+            return VQKV_EPERM;
+        }
+        got = read(fd, s->salt_secret, sizeof s->salt_secret);
+        rc = got == (ssize_t)sizeof s->salt_secret && st.st_size == (off_t)got ? VQKV_OK : VQKV_EIO;
+    }
+    if (rc != VQKV_OK)
+        vqkvd_log(VQKVD_LOG_ERROR, "cannot read the tenant salts' secret %s: %s", path,
+                  got >= 0 ? "not 32 bytes" : strerror(errno));
+    if (fd >= 0)
+        close(fd);
+    return rc;
+}
+
+/* A new secret into path, whole or not at all: written to a temporary
+ * file (0600), synced, renamed over. VQKV_OK or VQKV_EIO logged. */
+static int vqkvd__salt_secret_write(vqkvd_server_t *s, const char *path)
+{
+    char tmp[PATH_MAX];
+    if (snprintf(tmp, sizeof tmp, "%s.new", path) >= (int)sizeof tmp)
+        return VQKV_EIO;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+    int ok = fd >= 0 &&
+             write(fd, s->salt_secret, sizeof s->salt_secret) == (ssize_t)sizeof s->salt_secret &&
+             fsync(fd) == 0;
+    int err = errno;
+    if (fd >= 0)
+        close(fd);
+    if (ok && rename(tmp, path) == 0)
+        return VQKV_OK;
+    err = ok ? errno : err;
+    unlink(tmp);
+    vqkvd_log(VQKVD_LOG_ERROR, "cannot save the tenant salts' secret %s: %s", path, strerror(err));
+    return VQKV_EIO;
+}
+
+/* The secret behind the tenant salts: kept in the state directory, so
+ * that block keys (and with them every block a disk tier holds) stay the
+ * same across restarts; drawn at start when there is no state directory.
+ * A secret file that is unreadable, the wrong size or readable by others
+ * stops the start: a new secret would silently orphan every stored block,
+ * a readable one would let another user compute a tenant's keys. */
+static int vqkvd__salt_secret(vqkvd_server_t *s)
+{
+    char path[PATH_MAX];
+    const char *dir = s->cfg.state_dir;
+    if (dir != NULL) {
+        if (snprintf(path, sizeof path, "%s/salt-secret", dir) >= (int)sizeof path)
+            return VQKV_EINVAL;
+        int rc = vqkvd__salt_secret_read(s, path);
+        if (rc != VQKV_ENOENT)
+            return rc;
+    }
+    if (getrandom(s->salt_secret, sizeof s->salt_secret, 0) != (ssize_t)sizeof s->salt_secret) {
+        vqkvd_log(VQKVD_LOG_ERROR, "no random bytes for the tenant salts: %s", strerror(errno));
+        return vqkvd__sys_failed(s, errno);
+    }
+    if (dir == NULL) {
+        vqkvd_log(VQKVD_LOG_INFO, "no state directory: tenant salts change with every start");
+        return VQKV_OK;
+    }
+    return vqkvd__salt_secret_write(s, path);
 }
 
 static void vqkvd__client_new(vqkvd_server_t *s, int fd)
@@ -452,10 +534,9 @@ int vqkvd_server_start(vqkvd_server_t *s, uv_loop_t *loop, const vqkvd_config_t 
         }
         memcpy(addr.sun_path, cfg->socket_path, strlen(cfg->socket_path) + 1);
     }
-    if (getrandom(s->salt_secret, sizeof s->salt_secret, 0) != (ssize_t)sizeof s->salt_secret) {
-        vqkvd_log(VQKVD_LOG_ERROR, "no random bytes for the tenant salts: %s", strerror(errno));
-        return vqkvd__sys_failed(s, errno);
-    }
+    rc = vqkvd__salt_secret(s);
+    if (rc != VQKV_OK)
+        return rc;
 
     rc = vqkvd_session_start(s);
     if (rc != VQKV_OK)

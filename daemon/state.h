@@ -94,9 +94,9 @@ typedef struct {
     uint64_t next_client_id; /* for logs */
 
     /* Tenant salts are SHA-256(salt_secret || tenant): the same for every
-     * process of a tenant, unguessable by another tenant. Drawn at start,
-     * so salts (and with them keys) change when the daemon restarts, which
-     * is harmless while the store does not outlive the process. */
+     * process of a tenant, unguessable by another tenant. Kept in the
+     * state directory (salt-secret, 0600), so salts and keys survive a
+     * restart; drawn at every start without one. */
     uint8_t salt_secret[32];
     int stopping;
 

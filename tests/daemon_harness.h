@@ -273,6 +273,9 @@ static inline int setup(void **state)
  * dir; a test that filled it empties it). */
 static inline void daemon_cleanup(daemon_t *d)
 {
+    char secret[sizeof d->state + 16];
+    snprintf(secret, sizeof secret, "%s/salt-secret", d->state);
+    unlink(secret);
     unlink(d->path);
     unlink(d->config);
     rmdir(d->state);

@@ -112,6 +112,50 @@ static void test_hello_welcome(void **state)
     client_close(&b);
 }
 
+/* A Welcome's salt, copied. */
+static void welcome_salt(const daemon_t *d, uint8_t salt[32])
+{
+    client_t c;
+    client_open(&c, d);
+    Vqkv__Envelope *w = hello_ok(&c);
+    assert_int_equal(w->welcome->tenant_salt.len, 32);
+    memcpy(salt, w->welcome->tenant_salt.data, 32);
+    vqkv_frame_envelope_free(w);
+    client_close(&c);
+}
+
+/* The tenant salts (and so every block key) survive a restart: their
+ * secret is kept in the state directory, 0600; a secret others could read
+ * stops the start rather than be used or replaced. */
+static void test_salt_survives_restart(void **state)
+{
+    daemon_t *d = *state;
+    uint8_t before[32], after[32];
+    welcome_salt(d, before);
+    daemon_stop(d);
+    char secret[sizeof d->state + 16];
+    snprintf(secret, sizeof secret, "%s/salt-secret", d->state);
+    struct stat st;
+    assert_int_equal(stat(secret, &st), 0);
+    assert_int_equal(st.st_mode & 0777, 0600);
+    assert_int_equal(st.st_size, 32);
+
+    d->pid = daemon_spawn(d, NULL);
+    daemon_wait_listening(d);
+    welcome_salt(d, after);
+    assert_memory_equal(before, after, 32);
+    daemon_stop(d);
+
+    assert_int_equal(chmod(secret, 0644), 0);
+    int status = wait_exit(daemon_spawn(d, NULL));
+    assert_true(WIFEXITED(status) && WEXITSTATUS(status) != 0);
+    assert_int_equal(chmod(secret, 0600), 0);
+    d->pid = daemon_spawn(d, NULL);
+    daemon_wait_listening(d);
+    welcome_salt(d, after);
+    assert_memory_equal(before, after, 32);
+}
+
 static void test_wrong_version(void **state)
 {
     client_t c;
@@ -347,6 +391,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_hello_welcome, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_salt_survives_restart, setup, teardown),
         cmocka_unit_test_setup_teardown(test_wrong_version, setup, teardown),
         cmocka_unit_test_setup_teardown(test_stats_before_hello, setup, teardown),
         cmocka_unit_test_setup_teardown(test_refused_requests, setup, teardown),
