@@ -115,6 +115,31 @@ const vqkvd_config_key_t vqkvd_config_keys[] = {
         VQKVD__STRING(state_dir),
     },
     {
+        .name = "disk_dir",
+        .type = VQKVD_CONFIG_STRING,
+        .def_doc = "none: no disk tier",
+        .example = "/var/cache/vqkv",
+        .flag = "disk-dir",
+        .arg = "DIR",
+        .help = "where evicted blocks are kept (the disk tier; off when unset)",
+        .doc = "Where blocks evicted from memory are written, compressed, in segment files, "
+               "so that lookups find them again, after a restart too; created 0700 when "
+               "missing. A stopping vqkvd writes there what memory holds and the disk lacks. "
+               "Off when unset.",
+        VQKVD__STRING(disk_dir),
+    },
+    {
+        .name = "disk_bytes",
+        .type = VQKVD_CONFIG_BYTES,
+        .def = "16G",
+        .flag = "disk-bytes",
+        .arg = "N[K|M|G]",
+        .help = "the most the disk tier's files hold",
+        .doc = "The most bytes the disk tier's segment files hold; past it the oldest segment "
+               "goes, with its blocks.",
+        VQKVD__AT(disk_bytes),
+    },
+    {
         /* The logger's: kept in vqkvd_config_file_t, compared by the caller. */
         .name = "log_level",
         .type = VQKVD_CONFIG_LOG_LEVEL,
@@ -899,6 +924,7 @@ void vqkvd_config_file_free(vqkvd_config_file_t *file)
 {
     free(file->socket_path);
     free(file->state_dir);
+    free(file->disk_dir);
     free(file->device);
     free(file->metrics_address);
     memset(file, 0, sizeof *file);

@@ -26,12 +26,15 @@
 #include "calib.h"
 #include "log.h"
 #include "session.h"
+#include "tiers.h"
 #include "transcode.h"
 
 /* A Put copies or encodes blocks out of the worker's region, a Get
  * decodes or copies them into it; an Encode, which no client waits for,
- * encodes a staged Put's blocks after its reply (staging.h). */
-typedef enum { VQKVD_JOB_PUT, VQKVD_JOB_GET, VQKVD_JOB_ENCODE } vqkvd_job_kind_t;
+ * encodes a staged Put's blocks after its reply (staging.h); a Promote
+ * reads a Lookup's blocks back from the disk tier (tiers.h) before the
+ * Lookup answers. */
+typedef enum { VQKVD_JOB_PUT, VQKVD_JOB_GET, VQKVD_JOB_ENCODE, VQKVD_JOB_PROMOTE } vqkvd_job_kind_t;
 
 /* A request this large (values read or written) is split by layers over
  * several of the thread pool's threads; smaller ones are not worth the
@@ -87,6 +90,12 @@ struct vqkvd_job {
     uint32_t tenant;
     uint8_t *keys;
     uint8_t *out;
+    /* Promote: the disk reads of its reserved blocks and how each went
+     * (VQKV_EAGAIN: not tried, or failed past the disk); keys (n_keys of
+     * them) are the Lookup's, answered when the blocks are in */
+    vqkvd_disk_read_t *reads;
+    int *read_rc;
+    uint32_t n_keys;
     const vqkv_codec_t *codec;        /* Put: the model's codec or its fallback */
     const vqkvd_codec_ident_t *ident; /* Put: its identity, recorded in every block */
     uint32_t cls;                     /* Put: that codec's pool class */
@@ -167,6 +176,8 @@ static void vqkvd__job_free(vqkvd_job_t *j)
         if (j->stages[k] != NULL)
             vqkvd_stage_unref(j->stages[k]);
     free(j->stage_slots);
+    free(j->reads);
+    free(j->read_rc);
     free(j->keys);
     free(j->out);
     free(j->stages);
@@ -211,6 +222,26 @@ static int vqkvd__get_encode_staged(vqkvd_job_t *j, vqkvd_job_part_t *part)
     return VQKV_OK;
 }
 
+/* A Promote's payloads from disk into their reserved slots, in chain
+ * order, until one fails: the blocks after it could not be committed
+ * without it. */
+static void vqkvd__promote_read(vqkvd_job_t *j)
+{
+    int rc = VQKV_OK;
+    for (uint32_t k = 0; k < j->n; k++) {
+        j->read_rc[k] = VQKV_EAGAIN;
+        if (rc != VQKV_OK)
+            continue;
+        uint32_t bytes = j->reads[k].rec.payload_bytes;
+        uint8_t *buf = malloc(bytes);
+        rc = buf != NULL ? vqkvd_disk_read(&j->reads[k], buf) : VQKV_ENOMEM;
+        j->read_rc[k] = rc == VQKV_ENOMEM ? VQKV_EAGAIN : rc;
+        if (rc == VQKV_OK && (rc = j->be->ops->block_write(j->be, j->dst[k], buf, bytes)) != 0)
+            j->read_rc[k] = VQKV_EAGAIN;
+        free(buf);
+    }
+}
+
 /* Runs on a pool thread: only the job, the codecs, the region's memory and
  * the stages it holds, the part's layers of every block. */
 static void vqkvd__job_work(uv_work_t *w)
@@ -224,7 +255,9 @@ static void vqkvd__job_work(uv_work_t *w)
                        .first_layer = part->first_layer,
                        .end_layer = part->end_layer};
     part->rc = VQKV_OK;
-    if (j->kind == VQKVD_JOB_PUT && j->stage != NULL) {
+    if (j->kind == VQKVD_JOB_PROMOTE) {
+        vqkvd__promote_read(j);
+    } else if (j->kind == VQKVD_JOB_PUT && j->stage != NULL) {
         vqkvd__put_copy(j, part);
     } else if (j->kind != VQKVD_JOB_GET) {
         b.codec = j->codec;
@@ -278,7 +311,7 @@ static void vqkvd__job_hold(vqkvd_job_t *j)
 static int vqkvd__job_queue(vqkvd_job_t *j)
 {
     uint32_t layers = j->m->layout.num_layers, parts = 1;
-    if (!j->be->ops->whole_blocks &&
+    if (!j->be->ops->whole_blocks && j->kind != VQKVD_JOB_PROMOTE &&
         (uint64_t)j->n * j->m->logical_bytes / vqkv_dtype_size(j->m->layout.dtype) >=
             VQKVD_SPLIT_VALUES)
         parts = layers < VQKVD_JOB_PARTS ? layers : VQKVD_JOB_PARTS;
@@ -305,6 +338,8 @@ static int vqkvd__job_queue(vqkvd_job_t *j)
 }
 
 static void vqkvd__job_maybe_end(vqkvd_job_t *j);
+static void vqkvd__lookup_answer(vqkvd_client_t *c, uint64_t id, const vqkvd_model_t *m,
+                                 const uint8_t *keys, uint32_t n);
 
 /* Back on the loop, the Put's blocks in their slots, or in its stage with
  * their Encode queued: commits them (stored even when the client has gone:
@@ -312,22 +347,34 @@ static void vqkvd__job_maybe_end(vqkvd_job_t *j);
  * before parents. Then
  * the puts waiting for them may answer; a block aborted under one becomes
  * NO_SPACE there. */
+static void vqkvd__job_commit(vqkvd_job_t *j, uint32_t good);
+
 static void vqkvd__put_commit(vqkvd_job_t *j, int failed)
 {
+    vqkvd__job_commit(j, failed ? 0 : j->n);
+}
+
+/* The blocks a job reserved: those before index good committed, the others
+ * aborted, children before parents. A waiting put whose block was aborted
+ * learns NO_SPACE (any abort tells every waiter so: it may ask again). */
+static void vqkvd__job_commit(vqkvd_job_t *j, uint32_t good)
+{
     vqkvd_server_t *s = j->s;
+    int failed = 0;
     for (uint32_t k = j->n; k-- > 0;) {
         vqkvd_block_t *b = j->blocks[k];
         if (b == NULL)
             continue;
-        if (failed) {
+        if (k >= good) {
             vqkvd_store_abort(&s->store, b);
+            failed = 1;
             continue;
         }
         vqkvd_store_commit(&s->store, b);
         if (j->stage != NULL) {
             b->stage = j->stage;
             b->stage_slot = j->stage_slots[k];
-        } else if (j->codec == j->m->fallback) {
+        } else if (j->kind == VQKVD_JOB_PUT && j->codec == j->m->fallback) {
             vqkvd_calib_add(s, j->m, j->dst[k]);
         }
     }
@@ -347,7 +394,11 @@ static void vqkvd__job_reply(vqkvd_job_t *j)
     vqkvd_client_t *c = j->c;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.request_id = j->request_id;
-    if (j->status < 0) {
+    if (j->kind == VQKVD_JOB_PROMOTE) {
+        /* Whatever came back from disk, the Lookup is answered from memory. */
+        if (!c->closing)
+            vqkvd__lookup_answer(c, j->request_id, j->m, j->keys, j->n_keys);
+    } else if (j->status < 0) {
         vqkvd_client_error(c, j->request_id, VQKV_EIO, "cannot run the job: %s",
                            uv_strerror(j->status));
     } else if (j->rc != VQKV_OK) {
@@ -386,9 +437,10 @@ static void vqkvd__job_maybe_end(vqkvd_job_t *j)
         vqkvd__job_reply(j);
         c->pending--;
     }
-    vqkvd_counters_observe(&c->server->counters,
-                           j->kind == VQKVD_JOB_PUT ? VQKVD_TIMED_PUT : VQKVD_TIMED_GET,
-                           uv_hrtime() - j->queued_ns);
+    if (j->kind != VQKVD_JOB_PROMOTE)
+        vqkvd_counters_observe(&c->server->counters,
+                               j->kind == VQKVD_JOB_PUT ? VQKVD_TIMED_PUT : VQKVD_TIMED_GET,
+                               uv_hrtime() - j->queued_ns);
     vqkvd__region_unref(j->r);
     vqkvd__job_free(j);
     vqkvd_client_settle(c);
@@ -528,6 +580,24 @@ static void vqkvd__encode_after(vqkvd_job_t *j)
         vqkvd_log(VQKVD_LOG_ERROR, "model %u: staged blocks could not be encoded (%s%s%s)",
                   (unsigned)j->m->id, vqkv_strerror(rc), j->why[0] != '\0' ? ": " : "", j->why);
     vqkvd_stage_encoded(j->stage);
+    if (s->stopping)
+        vqkvd_tiers_stop(s); /* the blocks it made whole go to disk too */
+}
+
+/* Each read a Promote started, ended on the disk's books (ran: the job's
+ * work ran, so read_rc says how each went): a damaged record leaves the
+ * index there. Returns how many blocks, from the first, came in whole. */
+static uint32_t vqkvd__promote_end_reads(vqkvd_job_t *j, bool ran)
+{
+    uint32_t good = 0;
+    for (uint32_t k = 0; j->reads != NULL && k < j->n; k++) {
+        if (j->reads[k].seg == NULL)
+            continue;
+        int rc = ran ? j->read_rc[k] : VQKV_EAGAIN;
+        good += rc == VQKV_OK && good == k;
+        vqkvd_disk_read_done(j->s->disk, &j->reads[k], rc);
+    }
+    return good;
 }
 
 static void vqkvd__job_after(uv_work_t *w, int status)
@@ -544,6 +614,8 @@ static void vqkvd__job_after(uv_work_t *w, int status)
             vqkvd_store_unhold(j->blocks[i]);
     else if (j->kind == VQKVD_JOB_ENCODE)
         vqkvd__encode_after(j);
+    else if (j->kind == VQKVD_JOB_PROMOTE)
+        vqkvd__job_commit(j, vqkvd__promote_end_reads(j, j->status >= 0));
     else
         vqkvd__put_after(j);
     j->work_done = 1;
@@ -748,23 +820,15 @@ void vqkvd_session_put(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_
     }
 }
 
-void vqkvd_session_lookup(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
+/* Answers a Lookup of keys[0..n) from the memory tier: the present
+ * prefix, leased. */
+static void vqkvd__lookup_answer(vqkvd_client_t *c, uint64_t id, const vqkvd_model_t *m,
+                                 const uint8_t *keys, uint32_t n)
 {
-    (void)frame;
     vqkvd_server_t *s = c->server;
-    const Vqkv__Lookup *lk = req->lookup;
-    uint64_t id = req->request_id;
-    vqkvd_model_t *m = vqkvd__keys_check(c, id, "a lookup", lk->model_handle, lk->n_keys, lk->keys);
-    if (m == NULL)
-        return;
-    uint8_t *keys = vqkvd__keys_flat(c, id, lk->keys, lk->n_keys);
-    if (keys == NULL)
-        return;
     uint64_t lease = 0;
-    int rc =
-        vqkvd_store_lookup(&s->store, (uint32_t)c->uid, m->store_id, keys, (uint32_t)lk->n_keys,
-                           uv_now(s->loop), c->id, s->cfg.lease_ms, &lease, NULL);
-    free(keys);
+    int rc = vqkvd_store_lookup(&s->store, (uint32_t)c->uid, m->store_id, keys, n, uv_now(s->loop),
+                                c->id, s->cfg.lease_ms, &lease, NULL);
     if (rc < 0) {
         vqkvd_client_error(c, id, rc, "lookup: %s", vqkv_proto_strerror(rc));
         return;
@@ -778,6 +842,86 @@ void vqkvd_session_lookup(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_fra
     env.body_case = VQKV__ENVELOPE__BODY_LOOKUP_RESULT;
     env.lookup_result = &lr;
     vqkvd_client_reply(c, &env);
+}
+
+/* Reserves slots for the disk blocks that continue keys[p..] after memory's
+ * prefix of p, as far as the pool and the tenant's quota let, and starts
+ * reading them. false (nothing reserved) when there are none. */
+static uint32_t vqkvd__promote_reserve(vqkvd_job_t *j, const uint8_t *keys, uint32_t p,
+                                       uint32_t run)
+{
+    vqkvd_server_t *s = j->s;
+    uint32_t k = 0;
+    for (; k < run; k++) {
+        const uint8_t *key = keys + (size_t)(p + k) * VQKVD_KEY_BYTES;
+        const vqkvd_disk_entry_t *e = vqkvd_disk_find(s->disk, j->tenant, j->m->store_id, key);
+        const vqkvd_codec_ident_t *ident = vqkvd_tiers_disk_ident(j->m, e);
+        vqkvd_block_t *b = NULL;
+        int rc = vqkvd_store_reserve(&s->store, (uint64_t)(uintptr_t)j, j->tenant, j->m->store_id,
+                                     key, p + k > 0 ? key - VQKVD_KEY_BYTES : NULL,
+                                     vqkvd_tiers_class(j->m, ident), j->m->logical_bytes,
+                                     uv_now(s->loop), &b);
+        if (rc != VQKV_OK)
+            break; /* no room, over quota, or another writer has it: the prefix so far */
+        b->codec = ident;
+        j->blocks[k] = b;
+        j->dst[k] = vqkvd_pool_slot_ptr(&s->pool, b->slot);
+        vqkvd_disk_read_start(s->disk, e, &j->reads[k]);
+    }
+    return k;
+}
+
+/* A Lookup whose chain goes on, on disk, past what memory holds: a
+ * Promote job reads those blocks into reserved pool slots and the Lookup
+ * is answered when they are in (vqkvd__job_reply). true when it started
+ * (it owns keys); false to answer from memory now. */
+static bool vqkvd__promote_start(vqkvd_client_t *c, uint64_t id, vqkvd_model_t *m, uint8_t *keys,
+                                 uint32_t n)
+{
+    vqkvd_server_t *s = c->server;
+    uint32_t tenant = (uint32_t)c->uid, p = 0;
+    while (p < n && vqkvd_store_find(&s->store, tenant, m->store_id,
+                                     keys + (size_t)p * VQKVD_KEY_BYTES) != NULL)
+        p++;
+    uint32_t run = vqkvd_tiers_disk_run(s, m, tenant, keys, p, n);
+    if (run == 0)
+        return false;
+    vqkvd_job_t *j = vqkvd__job_new(VQKVD_JOB_PROMOTE, s, c, NULL, m, id, run);
+    if (j == NULL)
+        return false;
+    j->tenant = tenant;
+    j->blocks = calloc(run, sizeof *j->blocks);
+    j->dst = calloc(run, sizeof *j->dst);
+    j->reads = calloc(run, sizeof *j->reads);
+    j->read_rc = calloc(run, sizeof *j->read_rc);
+    if (j->blocks == NULL || j->dst == NULL || j->reads == NULL || j->read_rc == NULL ||
+        (j->n = vqkvd__promote_reserve(j, keys, p, run)) == 0 || vqkvd__job_queue(j) != 0) {
+        vqkvd__promote_end_reads(j, false);
+        vqkvd__job_commit(j, 0);
+        vqkvd__job_free(j);
+        return false;
+    }
+    j->keys = keys;
+    j->n_keys = n;
+    return true;
+}
+
+void vqkvd_session_lookup(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
+{
+    (void)frame;
+    vqkvd_server_t *s = c->server;
+    const Vqkv__Lookup *lk = req->lookup;
+    uint64_t id = req->request_id;
+    vqkvd_model_t *m = vqkvd__keys_check(c, id, "a lookup", lk->model_handle, lk->n_keys, lk->keys);
+    if (m == NULL)
+        return;
+    uint8_t *keys = vqkvd__keys_flat(c, id, lk->keys, lk->n_keys);
+    if (keys == NULL)
+        return;
+    if (s->disk != NULL && vqkvd__promote_start(c, id, m, keys, (uint32_t)lk->n_keys))
+        return; /* answered once the blocks on disk are read back; it owns keys */
+    vqkvd__lookup_answer(c, id, m, keys, (uint32_t)lk->n_keys);
+    free(keys);
 }
 
 /* What decodes block b of model m: the codec its identity names (blocks

@@ -11,6 +11,7 @@
 #include "calib.h"
 #include "log.h"
 #include "session.h"
+#include "tiers.h"
 #include "transcode.h"
 
 /* A Pin with ttl_ms 0 pins for this long (about 36 million years) and the
@@ -191,6 +192,9 @@ void vqkvd_session_evict(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_fram
         return;
     int64_t n = vqkvd_store_evict(&s->store, (uint32_t)c->uid, m->store_id, keys,
                                   (uint32_t)e->n_keys, e->all, uv_now(s->loop));
+    if (n >= 0)
+        n += (int64_t)vqkvd_tiers_forget(s, (uint32_t)c->uid, m->store_id, keys,
+                                         (uint32_t)e->n_keys, e->all);
     free(keys);
     if (n < 0) {
         vqkvd_client_error(c, id, (int)n, "evict: %s", vqkv_proto_strerror((int)n));

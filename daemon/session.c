@@ -18,6 +18,7 @@
 #include "calib.h"
 #include "log.h"
 #include "session.h"
+#include "tiers.h"
 #include "transcode.h"
 
 /* How often leases are swept and the pool evicted down to its watermark. */
@@ -82,6 +83,15 @@ int vqkvd_session_start(vqkvd_server_t *s)
         vqkvd_log(VQKVD_LOG_ERROR, "no memory for the block index");
         return VQKV_ENOMEM;
     }
+    rc = vqkvd_tiers_start(s);
+    if (rc != VQKV_OK) {
+        vqkvd_store_destroy(&s->store);
+        vqkvd_pool_destroy(&s->pool);
+        s->backend->ops->destroy(s->backend);
+        s->backend = NULL;
+        vqkvd_log(VQKVD_LOG_ERROR, "no memory for the disk tier's index");
+        return rc;
+    }
     uv_timer_init(s->loop, &s->tick); /* cannot fail */
     s->tick.data = s;
     uv_timer_start(&s->tick, vqkvd__on_tick, VQKVD_TICK_MS, VQKVD_TICK_MS);
@@ -94,6 +104,7 @@ void vqkvd_session_stop(vqkvd_server_t *s)
 {
     if (s->tick.loop != NULL && !uv_is_closing((uv_handle_t *)&s->tick))
         uv_close((uv_handle_t *)&s->tick, NULL);
+    vqkvd_tiers_stop(s);
 }
 
 void vqkvd_session_destroy(vqkvd_server_t *s)
@@ -108,6 +119,7 @@ void vqkvd_session_destroy(vqkvd_server_t *s)
     free(s->models);
     s->models = NULL;
     s->n_models = s->cap_models = 0;
+    vqkvd_tiers_destroy(s);
     vqkvd_store_destroy(&s->store);
     vqkvd_pool_destroy(&s->pool);
     if (s->backend != NULL)

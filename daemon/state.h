@@ -7,6 +7,7 @@
 #ifndef VQKVD_STATE_H
 #define VQKVD_STATE_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <sys/types.h>
@@ -35,6 +36,8 @@ typedef struct {
     uint32_t max_clients;    /* connections past this are refused (VQKV_ELIMIT) */
     uint64_t pool_bytes;     /* the CPU pool's arena (--pool-bytes) */
     uint64_t staging_bytes;  /* puts staged before their encode (staging.h); 0: off */
+    const char *disk_dir;    /* the disk tier's segments (borrowed); NULL: no disk tier */
+    uint64_t disk_bytes;     /* the most its segment files hold */
     /* A listening Unix stream socket handed over by the service manager
      * (socket activation) to serve on instead of binding socket_path, or
      * -1. The server owns it from vqkvd_server_start on and never unlinks
@@ -106,6 +109,8 @@ typedef struct {
     vqkvd_pool_t pool;
     vqkvd_store_t store;
     vqkvd_staging_t staging; /* puts whose encode runs after their reply */
+    struct vqkvd_disk *disk; /* the disk tier (tiers.h), NULL when off */
+    bool flushing;           /* stopping: memory is being written to disk */
     uv_timer_t tick;
     vqkvd_model_t **models; /* by id - 1; shared by the clients of a tenant */
     uint32_t n_models, cap_models;

@@ -53,8 +53,8 @@ static uint64_t vqkvd__le64(const uint8_t *p)
     return v;
 }
 
-static uint64_t vqkvd__store_hash(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
-                                  const uint8_t *key)
+uint64_t vqkvd_store_hash(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
+                          const uint8_t *key)
 {
     uint64_t v0 = s->sip_k0 ^ 0x736f6d6570736575ull;
     uint64_t v1 = s->sip_k1 ^ 0x646f72616e646f6dull;
@@ -80,7 +80,7 @@ static uint64_t vqkvd__store_hash(const vqkvd_store_t *s, uint32_t tenant, uint3
 static vqkvd_block_t **vqkvd__store_bucket(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
                                            const uint8_t *key)
 {
-    return &s->buckets[vqkvd__store_hash(s, tenant, model, key) & s->bucket_mask];
+    return &s->buckets[vqkvd_store_hash(s, tenant, model, key) & s->bucket_mask];
 }
 
 static vqkvd_block_t *vqkvd__store_block_get(const vqkvd_store_t *s, uint32_t tenant,
@@ -272,6 +272,8 @@ static uint64_t vqkvd__store_evict_lru(vqkvd_store_t *s, uint64_t now, uint64_t 
         if (vqkvd__store_block_evictable(b, now) && (cls < 0 || b->cls == (uint32_t)cls) &&
             (t == NULL || b->tenant == t->tenant)) {
             vqkvd_block_t *parent = b->parent;
+            if (s->on_evict != NULL)
+                s->on_evict(s->on_evict_arg, b);
             vqkvd__store_block_remove(s, b);
             n++;
             if (cls >= 0)

@@ -146,6 +146,12 @@ typedef struct {
     uint64_t mark_gen;            /* vqkvd_store_evict's pass number */
 
     vqkvd_store_stats_t stats;
+    /* Called with each block that eviction takes for room or a quota,
+     * before its slot goes, so that a lower tier can keep it (disk.h);
+     * not for vqkvd_store_evict, whose blocks must go everywhere. NULL:
+     * none. */
+    void (*on_evict)(void *arg, const vqkvd_block_t *b);
+    void *on_evict_arg;
 } vqkvd_store_t;
 
 /* Starts an empty store over pool. high and low are fractions of the
@@ -279,6 +285,11 @@ void vqkvd_store_set_default_quota(vqkvd_store_t *s, uint64_t quota_bytes);
 /* Sweeps leases, then evicts down to the low watermark if the pool is
  * above the high one. Returns the blocks evicted. For a periodic timer. */
 uint64_t vqkvd_store_tick(vqkvd_store_t *s, uint64_t now);
+
+/* The hash of a block's name under the store's secret key (SipHash-1-3),
+ * for another index of the same names (disk.h). O(1). */
+uint64_t vqkvd_store_hash(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,
+                          const uint8_t *key);
 
 /* The block, without touching its LRU place or the counters; NULL when absent. */
 vqkvd_block_t *vqkvd_store_find(const vqkvd_store_t *s, uint32_t tenant, uint32_t model,

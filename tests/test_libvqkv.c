@@ -533,6 +533,8 @@ static void online_calibration(const char *spec)
     char dir[512];
     snprintf(dir, sizeof dir, "%s/codebooks", state_dir);
     assert_int_equal(rmdir(dir), 0);
+    snprintf(dir, sizeof dir, "%s/salt-secret", state_dir);
+    assert_int_equal(unlink(dir), 0);
     assert_int_equal(rmdir(state_dir), 0);
 }
 

@@ -1,0 +1,669 @@
+/* disk.c -- the disk tier (disk.h): an index of the blocks in the segment
+ * files of disk_dir, rebuilt from their headers at start, kept up to date
+ * by one write job at a time, trimmed by dropping the oldest segment.
+ *
+ * The index is a chained hash table keyed like the store's (SipHash with
+ * the store's secret key, so a tenant cannot slow another's lookups by
+ * choosing colliding keys), doubling at load 1. Dropping a segment walks
+ * the whole index for its entries: O(blocks on disk) once per segment,
+ * where a segment holds thousands of blocks; a per-segment list would cost
+ * two pointers a block to save that; not needed so far.
+ *
+ * A segment is at most VQKVD_DISK_SEGMENT_BYTES, and at most a quarter of
+ * disk_bytes, so that dropping the oldest frees a bounded share. The
+ * writer (segment.h) belongs to the write job in flight; the loop touches
+ * it only at open and close, when no job runs.
+ */
+#include "disk.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "vqkv_proto.h"
+
+#define VQKVD_DISK_SEGMENT_BYTES (256ull << 20)
+/* Segments one write job may start: a batch is at most one segment's bytes. */
+#define VQKVD_DISK_CREATED_MAX 2
+
+struct vqkvd_disk_seg {
+    vqkvd_disk_seg_t *next, *prev; /* the next newer and older */
+    uint64_t number;
+    int fd;         /* read-only, for payload reads; -1 once closed */
+    uint64_t bytes; /* the file's length, counted against the limit */
+    uint32_t refs;  /* the tier's own (until dropped) and each read in flight */
+};
+
+typedef struct vqkvd__disk_write {
+    struct vqkvd__disk_write *next;
+    vqkvd_segment_record_t rec;
+    uint8_t *payload;        /* NULL for a tombstone */
+    uint64_t number, offset; /* where it went */
+    int rc;
+    int sys_errno;
+} vqkvd__disk_write_t;
+
+struct vqkvd_disk {
+    char *dir;
+    uint64_t limit, segment_bytes;
+    uv_loop_t *loop;
+    const vqkvd_store_t *store; /* its hash key */
+    vqkvd_disk_entry_t **buckets;
+    uint64_t mask;
+    vqkvd_disk_seg_t *oldest, *newest;
+    uint64_t next_seq, next_number;
+    vqkvd_segment_writer_t writer;
+    /* evicted blocks waiting, oldest first; the batch the job writes */
+    vqkvd__disk_write_t *queue, *queue_tail, *batch;
+    uint64_t queue_bytes;
+    uv_work_t work;
+    bool writing;
+    bool off;          /* a segment could not be made: nothing more is written */
+    uint64_t *unlinks; /* dropped segments the next job deletes */
+    size_t n_unlinks;
+    uint64_t *unlinking; /* the job's share of them */
+    size_t n_unlinking;
+    struct {
+        uint64_t number;
+        int fd;
+    } created[VQKVD_DISK_CREATED_MAX];
+    uint32_t n_created;
+    void (*drained)(void *arg);
+    void *drained_arg;
+    vqkvd_disk_stats_t stats;
+};
+
+/* ---- the index ---------------------------------------------------------------- */
+
+static vqkvd_disk_entry_t **vqkvd__disk_bucket(const vqkvd_disk_t *d, uint32_t tenant,
+                                               uint32_t model, const uint8_t *key)
+{
+    return &d->buckets[vqkvd_store_hash(d->store, tenant, model, key) & d->mask];
+}
+
+static vqkvd_disk_entry_t **vqkvd__disk_link(const vqkvd_disk_t *d, uint32_t tenant, uint32_t model,
+                                             const uint8_t *key)
+{
+    vqkvd_disk_entry_t **p = vqkvd__disk_bucket(d, tenant, model, key);
+    for (; *p != NULL; p = &(*p)->hnext)
+        if ((*p)->tenant == tenant && (*p)->model == model &&
+            memcmp((*p)->key, key, VQKVD_KEY_BYTES) == 0)
+            break;
+    return p;
+}
+
+const vqkvd_disk_entry_t *vqkvd_disk_find(const vqkvd_disk_t *d, uint32_t tenant, uint32_t model,
+                                          const uint8_t *key)
+{
+    return d != NULL ? *vqkvd__disk_link(d, tenant, model, key) : NULL;
+}
+
+/* Doubles the table when entries outnumber buckets; a failed grow only
+ * leaves chains longer. O(1) amortized. */
+static void vqkvd__disk_maybe_grow(vqkvd_disk_t *d)
+{
+    uint64_t n = d->mask + 1;
+    if (d->stats.blocks < n)
+        return;
+    vqkvd_disk_entry_t **nb = calloc(2 * n, sizeof *nb), **old = d->buckets;
+    if (nb == NULL)
+        return;
+    d->buckets = nb;
+    d->mask = 2 * n - 1;
+    for (uint64_t i = 0; i < n; i++) {
+        for (vqkvd_disk_entry_t *e = old[i], *next; e != NULL; e = next) {
+            next = e->hnext;
+            vqkvd_disk_entry_t **head = vqkvd__disk_bucket(d, e->tenant, e->model, e->key);
+            e->hnext = *head;
+            *head = e;
+        }
+    }
+    free(old);
+}
+
+static void vqkvd__disk_unlink_entry(vqkvd_disk_t *d, vqkvd_disk_entry_t **link)
+{
+    vqkvd_disk_entry_t *e = *link;
+    *link = e->hnext;
+    d->stats.blocks--;
+    free(e);
+}
+
+/* What record rec (payload at payload_offset of seg) says: a tombstone
+ * removes the key's entry, a block replaces an older one. O(1) average. */
+static void vqkvd__disk_apply(vqkvd_disk_t *d, vqkvd_disk_seg_t *seg,
+                              const vqkvd_segment_record_t *rec, uint64_t payload_offset)
+{
+    vqkvd_disk_entry_t **link = vqkvd__disk_link(d, rec->tenant, rec->model, rec->key);
+    if (*link != NULL && (*link)->seq > rec->seq)
+        return;
+    if (*link != NULL)
+        vqkvd__disk_unlink_entry(d, link);
+    if (rec->flags & VQKVD_SEGMENT_TOMBSTONE)
+        return;
+    vqkvd_disk_entry_t *e = calloc(1, sizeof *e);
+    if (e == NULL)
+        return; /* a miss later, nothing wrong */
+    e->seg = seg;
+    e->seq = rec->seq;
+    e->payload_offset = payload_offset;
+    e->tenant = rec->tenant;
+    e->model = rec->model;
+    e->logical_bytes = rec->logical_bytes;
+    e->payload_bytes = rec->payload_bytes;
+    e->payload_crc = rec->payload_crc;
+    memcpy(e->key, rec->key, VQKVD_KEY_BYTES);
+    memcpy(e->parent, rec->parent, VQKVD_KEY_BYTES);
+    memcpy(e->spec, rec->spec, sizeof e->spec);
+    memcpy(e->codebooks_sha256, rec->codebooks_sha256, 32);
+    link = vqkvd__disk_bucket(d, e->tenant, e->model, e->key);
+    e->hnext = *link;
+    *link = e;
+    d->stats.blocks++;
+    vqkvd__disk_maybe_grow(d);
+}
+
+/* ---- segments ------------------------------------------------------------------ */
+
+static vqkvd_disk_seg_t *vqkvd__disk_seg_add(vqkvd_disk_t *d, uint64_t number, int fd,
+                                             uint64_t bytes)
+{
+    vqkvd_disk_seg_t *seg = calloc(1, sizeof *seg);
+    if (seg == NULL) {
+        close(fd);
+        return NULL;
+    }
+    seg->number = number;
+    seg->fd = fd;
+    seg->bytes = bytes;
+    seg->refs = 1;
+    seg->prev = d->newest;
+    if (d->newest != NULL)
+        d->newest->next = seg;
+    else
+        d->oldest = seg;
+    d->newest = seg;
+    d->stats.segments++;
+    d->stats.bytes += bytes;
+    return seg;
+}
+
+/* The segment of that number, searched from the newest: a write lands in
+ * the newest or the one before, so O(1) in practice. */
+static vqkvd_disk_seg_t *vqkvd__disk_seg_find(const vqkvd_disk_t *d, uint64_t number)
+{
+    vqkvd_disk_seg_t *seg = d->newest;
+    while (seg != NULL && seg->number > number)
+        seg = seg->prev;
+    return seg != NULL && seg->number == number ? seg : NULL;
+}
+
+static void vqkvd__disk_seg_unref(vqkvd_disk_seg_t *seg)
+{
+    if (--seg->refs > 0)
+        return;
+    if (seg->fd >= 0)
+        close(seg->fd);
+    free(seg);
+}
+
+/* Drops the oldest segment with every block the index has in it; the next
+ * write job deletes its file. O(blocks on disk). */
+static void vqkvd__disk_drop_oldest(vqkvd_disk_t *d)
+{
+    vqkvd_disk_seg_t *seg = d->oldest;
+    uint64_t *un = realloc(d->unlinks, (d->n_unlinks + 1) * sizeof *un);
+    if (un == NULL)
+        return; /* over the limit a little longer */
+    d->unlinks = un;
+    d->unlinks[d->n_unlinks++] = seg->number;
+    for (uint64_t i = 0; i <= d->mask; i++) {
+        vqkvd_disk_entry_t **link = &d->buckets[i];
+        while (*link != NULL) {
+            if ((*link)->seg == seg) {
+                vqkvd__disk_unlink_entry(d, link);
+                d->stats.dropped++;
+            } else {
+                link = &(*link)->hnext;
+            }
+        }
+    }
+    d->oldest = seg->next;
+    if (d->oldest != NULL)
+        d->oldest->prev = NULL;
+    if (d->newest == seg)
+        d->newest = NULL;
+    d->stats.segments--;
+    d->stats.bytes -= seg->bytes;
+    vqkvd__disk_seg_unref(seg);
+}
+
+/* The oldest segments go while the files are over the limit; the one
+ * being written stays. */
+static void vqkvd__disk_trim(vqkvd_disk_t *d)
+{
+    while (d->stats.bytes > d->limit && d->oldest != NULL && d->oldest != d->newest) {
+        uint64_t before = d->stats.segments;
+        vqkvd__disk_drop_oldest(d);
+        if (d->stats.segments == before)
+            break;
+    }
+}
+
+static int vqkvd__disk_scan_record(void *arg, const vqkvd_segment_record_t *rec,
+                                   uint64_t payload_offset)
+{
+    vqkvd_disk_t *d = arg;
+    vqkvd__disk_apply(d, d->newest, rec, payload_offset);
+    if (rec->seq >= d->next_seq)
+        d->next_seq = rec->seq + 1;
+    return VQKV_OK;
+}
+
+/* Adds segment number of the directory to the index: its headers read,
+ * a damaged tail counted and left out. A file that is not a segment is
+ * left alone and said so. */
+static void vqkvd__disk_load(vqkvd_disk_t *d, uint64_t number)
+{
+    char name[VQKVD_SEGMENT_NAME_BYTES], path[PATH_MAX];
+    vqkvd_segment_name(number, name, sizeof name);
+    snprintf(path, sizeof path, "%s/%s", d->dir, name);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) < 0) {
+        vqkvd_log(VQKVD_LOG_WARN, "disk: cannot read %s: %s; its blocks are lost", path,
+                  strerror(errno));
+        if (fd >= 0)
+            close(fd);
+        return;
+    }
+    if (vqkvd__disk_seg_add(d, number, fd, (uint64_t)st.st_size) == NULL)
+        return;
+    vqkvd_segment_scan_t scan;
+    int rc = vqkvd_segment_scan(fd, vqkvd__disk_scan_record, d, &scan);
+    if (rc != VQKV_OK || scan.bad_records > 0) {
+        d->stats.bad_records += rc != VQKV_OK ? 1 : scan.bad_records;
+        vqkvd_log(VQKVD_LOG_WARN,
+                  "disk: %s: %s; %llu records before byte %llu kept, %llu bad ones dropped", path,
+                  rc != VQKV_OK ? vqkv_proto_strerror(rc) : "damaged or cut short",
+                  (unsigned long long)scan.records, (unsigned long long)scan.good_bytes,
+                  (unsigned long long)(rc != VQKV_OK ? 1 : scan.bad_records));
+    }
+    if (number >= d->next_number)
+        d->next_number = number + 1;
+}
+
+/* ---- writing ----------------------------------------------------------------- */
+
+/* On the job's thread: makes the next segment and a read fd for it. */
+static int vqkvd__disk_new_segment(vqkvd_disk_t *d, int *sys_errno)
+{
+    vqkvd_segment_writer_t *w = &d->writer;
+    if (w->fd >= 0)
+        vqkvd_segment_close(w);
+    if (d->n_created == VQKVD_DISK_CREATED_MAX)
+        return VQKV_ELIMIT;
+    uint64_t number = d->next_number++;
+    int rc = vqkvd_segment_create(w, d->dir, number);
+    if (rc != VQKV_OK) {
+        *sys_errno = w->sys_errno;
+        return rc;
+    }
+    char name[VQKVD_SEGMENT_NAME_BYTES], path[PATH_MAX];
+    vqkvd_segment_name(number, name, sizeof name);
+    snprintf(path, sizeof path, "%s/%s", d->dir, name);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        *sys_errno = errno;
+        vqkvd_segment_close(w);
+        return VQKV_EIO;
+    }
+    d->created[d->n_created].number = number;
+    d->created[d->n_created++].fd = fd;
+    return VQKV_OK;
+}
+
+/* On a pool thread: deletes the dropped segments, appends the batch
+ * (a new segment where the current one is full or broken), syncs. */
+static void vqkvd__disk_write_work(uv_work_t *work)
+{
+    vqkvd_disk_t *d = work->data;
+    vqkvd_segment_writer_t *w = &d->writer;
+    char name[VQKVD_SEGMENT_NAME_BYTES], path[PATH_MAX];
+    for (size_t i = 0; i < d->n_unlinking; i++) {
+        vqkvd_segment_name(d->unlinking[i], name, sizeof name);
+        snprintf(path, sizeof path, "%s/%s", d->dir, name);
+        unlink(path);
+    }
+    int rc = VQKV_OK, err = 0;
+    for (vqkvd__disk_write_t *it = d->batch; it != NULL; it = it->next) {
+        uint64_t need = VQKVD_SEGMENT_RECORD_BYTES + it->rec.payload_bytes;
+        if (rc == VQKV_OK &&
+            (w->fd < 0 || w->broken ||
+             (w->end > VQKVD_SEGMENT_FILE_HEADER_BYTES && w->end + need > d->segment_bytes)))
+            rc = vqkvd__disk_new_segment(d, &err);
+        if (rc == VQKV_OK) {
+            it->rc = vqkvd_segment_append(w, &it->rec, it->payload, &it->offset);
+            it->number = w->number;
+            it->sys_errno = w->sys_errno;
+        } else {
+            it->rc = rc;
+            it->sys_errno = err;
+        }
+    }
+    if (w->fd >= 0 && vqkvd_segment_sync(w) != VQKV_OK)
+        for (vqkvd__disk_write_t *it = d->batch; it != NULL; it = it->next)
+            if (it->rc == VQKV_OK && it->number == w->number) {
+                it->rc = VQKV_EIO; /* not known to be on disk */
+                it->sys_errno = w->sys_errno;
+            }
+}
+
+static void vqkvd__disk_kick(vqkvd_disk_t *d);
+
+/* Back on the loop: the new segments join the list, the written blocks the
+ * index; failures are counted and said once a batch. */
+static void vqkvd__disk_write_after(uv_work_t *work, int status)
+{
+    vqkvd_disk_t *d = work->data;
+    for (uint32_t i = 0; i < d->n_created; i++)
+        vqkvd__disk_seg_add(d, d->created[i].number, d->created[i].fd,
+                            VQKVD_SEGMENT_FILE_HEADER_BYTES);
+    d->n_created = 0;
+    int failed = 0, err = 0;
+    for (vqkvd__disk_write_t *it = d->batch, *next; it != NULL; it = next) {
+        next = it->next;
+        if (status < 0 && it->rc == VQKV_OK)
+            it->rc = VQKV_EIO;
+        vqkvd_disk_seg_t *seg = it->rc == VQKV_OK ? vqkvd__disk_seg_find(d, it->number) : NULL;
+        if (seg != NULL) {
+            uint64_t end = it->offset + VQKVD_SEGMENT_RECORD_BYTES + it->rec.payload_bytes;
+            d->stats.bytes += end > seg->bytes ? end - seg->bytes : 0;
+            seg->bytes = end > seg->bytes ? end : seg->bytes;
+            vqkvd__disk_apply(d, seg, &it->rec, it->offset + VQKVD_SEGMENT_RECORD_BYTES);
+            d->stats.writes += !(it->rec.flags & VQKVD_SEGMENT_TOMBSTONE);
+            d->stats.write_bytes += it->rec.payload_bytes;
+        } else {
+            d->stats.write_errors++;
+            failed++;
+            err = it->sys_errno;
+        }
+        free(it->payload);
+        free(it);
+    }
+    /* A directory that refuses new files stays so: the tier stops
+     * writing. A full disk may have room once the oldest segment goes. */
+    d->off = d->off || err == EACCES || err == EROFS || err == ENOENT || err == EPERM;
+    if (err == ENOSPC && d->oldest != d->newest)
+        vqkvd__disk_drop_oldest(d);
+    if (failed > 0)
+        vqkvd_log(VQKVD_LOG_WARN, "disk: %d blocks not written to %s: %s%s", failed, d->dir,
+                  err != 0 ? strerror(err) : "write failed",
+                  d->off ? "; the disk tier writes nothing more until a restart" : "");
+    d->batch = NULL;
+    free(d->unlinking);
+    d->unlinking = NULL;
+    d->n_unlinking = 0;
+    d->writing = false;
+    vqkvd__disk_trim(d);
+    vqkvd__disk_kick(d);
+    if (!d->writing && d->drained != NULL)
+        d->drained(d->drained_arg);
+}
+
+void vqkvd_disk_on_drained(vqkvd_disk_t *d, void (*fn)(void *arg), void *arg)
+{
+    d->drained = fn;
+    d->drained_arg = arg;
+}
+
+bool vqkvd_disk_has_room(const vqkvd_disk_t *d, uint64_t bytes)
+{
+    return !d->off && d->queue_bytes + bytes <= VQKVD_DISK_QUEUE_BYTES;
+}
+
+/* Starts the write job with what is queued (up to a segment's bytes) and
+ * the segments to delete, unless one runs or there is nothing to do. */
+static void vqkvd__disk_kick(vqkvd_disk_t *d)
+{
+    if (d->writing || (d->queue == NULL && d->n_unlinks == 0))
+        return;
+    uint64_t bytes = 0;
+    vqkvd__disk_write_t **tail = &d->batch;
+    while (d->queue != NULL &&
+           (bytes == 0 || bytes + d->queue->rec.payload_bytes <= d->segment_bytes)) {
+        vqkvd__disk_write_t *it = d->queue;
+        d->queue = it->next;
+        it->next = NULL;
+        bytes += it->rec.payload_bytes;
+        d->queue_bytes -= it->rec.payload_bytes;
+        *tail = it;
+        tail = &it->next;
+    }
+    if (d->queue == NULL)
+        d->queue_tail = NULL;
+    d->unlinking = d->unlinks;
+    d->n_unlinking = d->n_unlinks;
+    d->unlinks = NULL;
+    d->n_unlinks = 0;
+    d->work.data = d;
+    d->writing = true;
+    if (uv_queue_work(d->loop, &d->work, vqkvd__disk_write_work, vqkvd__disk_write_after) < 0) {
+        d->writing = false; /* a closing loop: the batch goes unwritten */
+        vqkvd__disk_write_after(&d->work, UV_ECANCELED);
+    }
+}
+
+static bool vqkvd__disk_queue(vqkvd_disk_t *d, const vqkvd_segment_record_t *rec, uint8_t *payload)
+{
+    vqkvd__disk_write_t *it = calloc(1, sizeof *it);
+    if (it == NULL) {
+        free(payload);
+        return false;
+    }
+    it->rec = *rec;
+    it->rec.seq = d->next_seq++;
+    it->payload = payload;
+    if (d->queue_tail != NULL)
+        d->queue_tail->next = it;
+    else
+        d->queue = it;
+    d->queue_tail = it;
+    d->queue_bytes += rec->payload_bytes;
+    vqkvd__disk_kick(d);
+    return true;
+}
+
+bool vqkvd_disk_put(vqkvd_disk_t *d, const vqkvd_segment_record_t *rec, uint8_t *payload)
+{
+    if (!vqkvd_disk_has_room(d, rec->payload_bytes)) {
+        if (!d->off && d->stats.queue_full++ == 0)
+            vqkvd_log(VQKVD_LOG_WARN, "disk: the write queue is full; evicted blocks are lost "
+                                      "until it drains (vqkv_disk_queue_full_total counts them)");
+        free(payload);
+        return false;
+    }
+    return vqkvd__disk_queue(d, rec, payload);
+}
+
+bool vqkvd_disk_drop(vqkvd_disk_t *d, uint32_t tenant, uint32_t model, const uint8_t *key)
+{
+    vqkvd_disk_entry_t **link = vqkvd__disk_link(d, tenant, model, key);
+    if (*link == NULL)
+        return false;
+    vqkvd__disk_unlink_entry(d, link);
+    vqkvd_segment_record_t rec = {
+        .flags = VQKVD_SEGMENT_TOMBSTONE, .tenant = tenant, .model = model};
+    memcpy(rec.key, key, VQKVD_KEY_BYTES);
+    vqkvd__disk_queue(d, &rec, NULL);
+    return true;
+}
+
+/* One pass over the index dropping the blocks of (tenant, model) that
+ * are orphans (parent in neither tier), or, with every, all those not in
+ * memory; returns how many it dropped. */
+static uint64_t vqkvd__disk_orphan_pass(vqkvd_disk_t *d, uint32_t tenant, uint32_t model,
+                                        bool (*in_memory)(void *arg, const uint8_t *key), void *arg,
+                                        bool every)
+{
+    static const uint8_t zero[VQKVD_KEY_BYTES];
+    uint64_t n = 0;
+    for (uint64_t i = 0; i <= d->mask; i++) {
+        vqkvd_disk_entry_t **link = &d->buckets[i];
+        while (*link != NULL) {
+            vqkvd_disk_entry_t *e = *link;
+            bool keep = e->tenant != tenant || e->model != model ||
+                        (every ? in_memory(arg, e->key)
+                               : memcmp(e->parent, zero, VQKVD_KEY_BYTES) == 0 ||
+                                     *vqkvd__disk_link(d, tenant, model, e->parent) != NULL ||
+                                     in_memory(arg, e->parent));
+            if (keep) {
+                link = &e->hnext;
+                continue;
+            }
+            uint8_t key[VQKVD_KEY_BYTES];
+            memcpy(key, e->key, VQKVD_KEY_BYTES);
+            vqkvd_disk_drop(d, tenant, model, key); /* unlinks *link */
+            n++;
+        }
+    }
+    return n;
+}
+
+uint64_t vqkvd_disk_drop_orphans(vqkvd_disk_t *d, uint32_t tenant, uint32_t model,
+                                 bool (*in_memory)(void *arg, const uint8_t *key), void *arg)
+{
+    uint64_t total = 0, n;
+    while ((n = vqkvd__disk_orphan_pass(d, tenant, model, in_memory, arg, false)) > 0)
+        total += n;
+    return total;
+}
+
+uint64_t vqkvd_disk_drop_model(vqkvd_disk_t *d, uint32_t tenant, uint32_t model,
+                               bool (*in_memory)(void *arg, const uint8_t *key), void *arg)
+{
+    return vqkvd__disk_orphan_pass(d, tenant, model, in_memory, arg, true);
+}
+
+/* ---- reading ----------------------------------------------------------------- */
+
+void vqkvd_disk_read_start(vqkvd_disk_t *d, const vqkvd_disk_entry_t *e, vqkvd_disk_read_t *r)
+{
+    (void)d;
+    memset(r, 0, sizeof *r);
+    r->seg = e->seg;
+    r->seg->refs++;
+    r->seq = e->seq;
+    r->rec.payload_bytes = e->payload_bytes;
+    r->rec.payload_crc = e->payload_crc;
+    r->payload_offset = e->payload_offset;
+    r->tenant = e->tenant;
+    r->model = e->model;
+    memcpy(r->key, e->key, VQKVD_KEY_BYTES);
+}
+
+int vqkvd_disk_read(const vqkvd_disk_read_t *r, void *buf)
+{
+    int err = 0;
+    return vqkvd_segment_read_payload(r->seg->fd, &r->rec, r->payload_offset, buf,
+                                      r->rec.payload_bytes, &err);
+}
+
+void vqkvd_disk_read_done(vqkvd_disk_t *d, vqkvd_disk_read_t *r, int rc)
+{
+    if (rc == VQKV_OK) {
+        d->stats.reads++;
+        d->stats.read_bytes += r->rec.payload_bytes;
+    } else if (rc == VQKV_EFORMAT || rc == VQKV_EIO) {
+        vqkvd_disk_entry_t **link = vqkvd__disk_link(d, r->tenant, r->model, r->key);
+        if (*link != NULL && (*link)->seq == r->seq)
+            vqkvd__disk_unlink_entry(d, link);
+        d->stats.bad_records += rc == VQKV_EFORMAT;
+        vqkvd_log(VQKVD_LOG_WARN, "disk: segment %llu: a block at byte %llu %s; dropped",
+                  (unsigned long long)r->seg->number, (unsigned long long)r->payload_offset,
+                  rc == VQKV_EFORMAT ? "fails its checksum" : "cannot be read");
+    }
+    vqkvd__disk_seg_unref(r->seg);
+    r->seg = NULL;
+}
+
+/* ---- the tier ------------------------------------------------------------------ */
+
+int vqkvd_disk_open(const char *dir, uint64_t limit, uv_loop_t *loop, const vqkvd_store_t *store,
+                    vqkvd_disk_t **out, char *why, size_t why_size)
+{
+    *out = NULL;
+    if (dir == NULL || limit == 0 || loop == NULL || store == NULL)
+        return VQKV_EINVAL;
+    if (mkdir(dir, 0700) < 0 && errno != EEXIST) {
+        snprintf(why, why_size, "cannot make %s: %s", dir, strerror(errno));
+        return VQKV_EIO;
+    }
+    vqkvd_disk_t *d = calloc(1, sizeof *d);
+    uint64_t *numbers = NULL;
+    size_t count = 0;
+    int err = 0, rc = VQKV_ENOMEM;
+    if (d == NULL || (d->dir = strdup(dir)) == NULL ||
+        (d->buckets = calloc(64, sizeof *d->buckets)) == NULL)
+        goto fail;
+    d->mask = 63;
+    d->limit = limit;
+    d->stats.limit_bytes = limit;
+    d->segment_bytes = limit / 4 < VQKVD_DISK_SEGMENT_BYTES ? limit / 4 : VQKVD_DISK_SEGMENT_BYTES;
+    d->loop = loop;
+    d->store = store;
+    d->writer.fd = -1;
+    d->next_seq = 1;
+    rc = vqkvd_segment_list(dir, &numbers, &count, &err);
+    if (rc != VQKV_OK) {
+        snprintf(why, why_size, "cannot list %s: %s", dir, err ? strerror(err) : "out of memory");
+        goto fail;
+    }
+    for (size_t i = 0; i < count; i++)
+        vqkvd__disk_load(d, numbers[i]);
+    free(numbers);
+    vqkvd__disk_trim(d);
+    *out = d;
+    return VQKV_OK;
+fail:
+    if (rc == VQKV_ENOMEM)
+        snprintf(why, why_size, "out of memory");
+    vqkvd_disk_close(d);
+    return rc;
+}
+
+void vqkvd_disk_close(vqkvd_disk_t *d)
+{
+    if (d == NULL)
+        return;
+    if (d->writer.fd >= 0)
+        vqkvd_segment_close(&d->writer);
+    for (uint64_t i = 0; d->buckets != NULL && i <= d->mask; i++)
+        while (d->buckets[i] != NULL)
+            vqkvd__disk_unlink_entry(d, &d->buckets[i]);
+    while (d->oldest != NULL) {
+        vqkvd_disk_seg_t *seg = d->oldest;
+        d->oldest = seg->next;
+        vqkvd__disk_seg_unref(seg);
+    }
+    for (vqkvd__disk_write_t *it = d->queue, *next; it != NULL; it = next) {
+        next = it->next;
+        free(it->payload);
+        free(it);
+    }
+    free(d->unlinks);
+    free(d->buckets);
+    free(d->dir);
+    free(d);
+}
+
+void vqkvd_disk_stats(const vqkvd_disk_t *d, vqkvd_disk_stats_t *st)
+{
+    *st = d->stats;
+}

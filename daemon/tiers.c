@@ -1,0 +1,202 @@
+/* tiers.c -- the disk tier (disk.h) under the memory pool, as the session
+ * layer uses it: blocks evicted for room are written down, a stopping
+ * daemon writes down what memory holds and the disk lacks, an Evict goes
+ * through both tiers, and a lookup learns how far a chain continues on
+ * disk (jobs.c reads those blocks back).
+ *
+ * A block on disk is named by its model's store number, which is a stable
+ * hash of what the model is, and records its codec's spec and codebooks'
+ * SHA-256; it is read back only for a model whose codec (or fp16
+ * fallback) has exactly that identity, so never with other codebooks.
+ */
+#include "tiers.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "disk.h"
+#include "log.h"
+
+/* The identity of m that ident names (spec and codebooks), as the block
+ * header writes it: m's codec's when ready, its fallback's, or NULL. */
+static const vqkvd_codec_ident_t *vqkvd__tiers_ident(const vqkvd_model_t *m, const char *spec,
+                                                     const uint8_t *sha)
+{
+    if (m->ready && strcmp(m->codec_ident.spec, spec) == 0 &&
+        memcmp(m->codec_ident.codebooks_sha256, sha, 32) == 0)
+        return &m->codec_ident;
+    if (m->fallback != NULL && strcmp(m->fallback_ident.spec, spec) == 0 &&
+        memcmp(m->fallback_ident.codebooks_sha256, sha, 32) == 0)
+        return &m->fallback_ident;
+    return NULL;
+}
+
+const vqkvd_codec_ident_t *vqkvd_tiers_disk_ident(const vqkvd_model_t *m,
+                                                  const vqkvd_disk_entry_t *e)
+{
+    return vqkvd__tiers_ident(m, e->spec, e->codebooks_sha256);
+}
+
+/* Bytes of a block of m stored with ident, 0 for an identity m lacks. */
+static uint32_t vqkvd__tiers_block_bytes(const vqkvd_model_t *m, const vqkvd_codec_ident_t *ident)
+{
+    if (ident == &m->codec_ident)
+        return m->block_bytes;
+    if (ident == &m->fallback_ident)
+        return m->fallback_bytes;
+    return 0;
+}
+
+uint32_t vqkvd_tiers_class(const vqkvd_model_t *m, const vqkvd_codec_ident_t *ident)
+{
+    return ident == &m->codec_ident ? m->cls : m->fallback_cls;
+}
+
+/* Queues b for the disk unless the disk has it already (with the same
+ * identity) or cannot take it now. A staged block's slot is not written
+ * yet, and a block of an identity its model no longer has can never be
+ * read back: neither is written. false only when the queue is full; an
+ * evicted block is then lost to both tiers, and counted. */
+static bool vqkvd__tiers_write(vqkvd_server_t *s, const vqkvd_block_t *b, bool evicted)
+{
+    vqkvd_model_t *m = vqkvd_model_by_store_id(s, b->tenant, b->model);
+    uint32_t bytes = m != NULL && b->stage == NULL ? vqkvd__tiers_block_bytes(m, b->codec) : 0;
+    if (bytes == 0)
+        return true;
+    const vqkvd_disk_entry_t *e = vqkvd_disk_find(s->disk, b->tenant, b->model, b->key);
+    if (e != NULL && vqkvd_tiers_disk_ident(m, e) == b->codec)
+        return true;
+    if (!vqkvd_disk_has_room(s->disk, bytes)) {
+        vqkvd_segment_record_t refused = {.payload_bytes = bytes};
+        if (evicted)
+            vqkvd_disk_put(s->disk, &refused, NULL); /* refused, and counted */
+        return false;
+    }
+    uint8_t *payload = malloc(bytes);
+    if (payload == NULL ||
+        s->backend->ops->block_read(s->backend, vqkvd_pool_slot_ptr(&s->pool, b->slot), bytes,
+                                    payload) != VQKV_OK) {
+        free(payload);
+        return true;
+    }
+    vqkvd_segment_record_t rec = {.tenant = b->tenant,
+                                  .model = b->model,
+                                  .logical_bytes = b->logical_bytes,
+                                  .payload_bytes = bytes};
+    memcpy(rec.key, b->key, VQKVD_KEY_BYTES);
+    if (b->parent != NULL)
+        memcpy(rec.parent, b->parent->key, VQKVD_KEY_BYTES);
+    snprintf(rec.spec, sizeof rec.spec, "%s", b->codec->spec);
+    memcpy(rec.codebooks_sha256, b->codec->codebooks_sha256, 32);
+    vqkvd_disk_put(s->disk, &rec, payload);
+    return true;
+}
+
+/* store.h's on_evict: the block goes to disk rather than nowhere. The
+ * copy of its compressed bytes runs on the loop (block_read: a memcpy on
+ * the CPU backend); the write does not. */
+static void vqkvd__tiers_on_evict(void *arg, const vqkvd_block_t *b)
+{
+    vqkvd__tiers_write(arg, b, true);
+}
+
+/* Queues the blocks in memory the disk lacks, least recently used first,
+ * while the write queue has room. true when none is left. O(blocks in
+ * memory) a call: a flush makes one call per queue's worth written. */
+static bool vqkvd__tiers_flush_some(vqkvd_server_t *s)
+{
+    for (vqkvd_block_t *b = vqkvd_store_next(&s->store, NULL); b != NULL;
+         b = vqkvd_store_next(&s->store, b))
+        if (!vqkvd__tiers_write(s, b, false))
+            return false;
+    return true;
+}
+
+static void vqkvd__tiers_drained(void *arg)
+{
+    vqkvd_server_t *s = arg;
+    if (s->flushing && vqkvd__tiers_flush_some(s))
+        s->flushing = false;
+}
+
+int vqkvd_tiers_start(vqkvd_server_t *s)
+{
+    if (s->cfg.disk_dir == NULL)
+        return VQKV_OK;
+    char why[512];
+    uint64_t t0 = uv_hrtime();
+    int rc = vqkvd_disk_open(s->cfg.disk_dir, s->cfg.disk_bytes, s->loop, &s->store, &s->disk, why,
+                             sizeof why);
+    if (rc == VQKV_ENOMEM)
+        return rc;
+    if (rc != VQKV_OK) {
+        vqkvd_log(VQKVD_LOG_ERROR, "disk tier off: %s; blocks live in memory only", why);
+        return VQKV_OK;
+    }
+    vqkvd_disk_stats_t st;
+    vqkvd_disk_stats(s->disk, &st);
+    vqkvd_log(VQKVD_LOG_INFO,
+              "disk: %s: %llu blocks in %llu segments, %llu of %llu bytes (%.0f ms)",
+              s->cfg.disk_dir, (unsigned long long)st.blocks, (unsigned long long)st.segments,
+              (unsigned long long)st.bytes, (unsigned long long)st.limit_bytes,
+              (double)(uv_hrtime() - t0) / 1e6);
+    s->store.on_evict = vqkvd__tiers_on_evict;
+    s->store.on_evict_arg = s;
+    vqkvd_disk_on_drained(s->disk, vqkvd__tiers_drained, s);
+    return VQKV_OK;
+}
+
+void vqkvd_tiers_stop(vqkvd_server_t *s)
+{
+    if (s->disk != NULL)
+        s->flushing = !vqkvd__tiers_flush_some(s);
+}
+
+void vqkvd_tiers_destroy(vqkvd_server_t *s)
+{
+    vqkvd_disk_close(s->disk);
+    s->disk = NULL;
+}
+
+static bool vqkvd__tiers_in_memory(void *arg, const uint8_t *key)
+{
+    const struct {
+        const vqkvd_store_t *store;
+        uint32_t tenant, model;
+    } *q = arg;
+    return vqkvd_store_find(q->store, q->tenant, q->model, key) != NULL;
+}
+
+uint64_t vqkvd_tiers_forget(vqkvd_server_t *s, uint32_t tenant, uint32_t model, const uint8_t *keys,
+                            uint32_t n, bool all)
+{
+    if (s->disk == NULL)
+        return 0;
+    struct {
+        const vqkvd_store_t *store;
+        uint32_t tenant, model;
+    } q = {&s->store, tenant, model};
+    if (all)
+        return vqkvd_disk_drop_model(s->disk, tenant, model, vqkvd__tiers_in_memory, &q);
+    uint64_t gone = 0;
+    for (uint32_t i = 0; i < n; i++)
+        if (vqkvd_store_find(&s->store, tenant, model, keys + (size_t)i * VQKVD_KEY_BYTES) == NULL)
+            gone += vqkvd_disk_drop(s->disk, tenant, model, keys + (size_t)i * VQKVD_KEY_BYTES);
+    return gone + vqkvd_disk_drop_orphans(s->disk, tenant, model, vqkvd__tiers_in_memory, &q);
+}
+
+uint32_t vqkvd_tiers_disk_run(const vqkvd_server_t *s, const vqkvd_model_t *m, uint32_t tenant,
+                              const uint8_t *keys, uint32_t from, uint32_t n)
+{
+    static const uint8_t zero[VQKVD_KEY_BYTES];
+    uint32_t i = from;
+    for (; s->disk != NULL && i < n; i++) {
+        const vqkvd_disk_entry_t *e =
+            vqkvd_disk_find(s->disk, tenant, m->store_id, keys + (size_t)i * VQKVD_KEY_BYTES);
+        const uint8_t *parent = i > 0 ? keys + (size_t)(i - 1) * VQKVD_KEY_BYTES : zero;
+        if (e == NULL || memcmp(e->parent, parent, VQKVD_KEY_BYTES) != 0 ||
+            vqkvd_tiers_disk_ident(m, e) == NULL)
+            break;
+    }
+    return i - from;
+}

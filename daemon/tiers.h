@@ -1,0 +1,38 @@
+/* tiers.h -- the disk tier under the memory pool, for the session layer
+ * (tiers.c). Everything here runs on the loop.
+ */
+#ifndef VQKVD_TIERS_H
+#define VQKVD_TIERS_H
+
+#include "disk.h"
+#include "session.h"
+
+/* Opens cfg.disk_dir when set and hooks eviction to it. A tier that
+ * cannot open is logged and left off (VQKV_OK: memory serves alone);
+ * VQKV_ENOMEM stops the start. */
+int vqkvd_tiers_start(vqkvd_server_t *s);
+/* The daemon is stopping: what memory holds and the disk lacks is
+ * queued, the loop runs until it is written. Again after each staged
+ * encode that ends while stopping, for the blocks it made whole. */
+void vqkvd_tiers_stop(vqkvd_server_t *s);
+/* After the loop has run dry. */
+void vqkvd_tiers_destroy(vqkvd_server_t *s);
+
+/* After an Evict of keys[0..n) (or all) of (tenant, model) in memory: the
+ * disk forgets those no longer in memory and every chain below them (all:
+ * every block not in memory). Returns the blocks it forgot. */
+uint64_t vqkvd_tiers_forget(vqkvd_server_t *s, uint32_t tenant, uint32_t model, const uint8_t *keys,
+                            uint32_t n, bool all);
+
+/* How many of keys[from..n) follow one another on disk, each the child of
+ * the one before, with an identity model m decodes now. O(n). */
+uint32_t vqkvd_tiers_disk_run(const vqkvd_server_t *s, const vqkvd_model_t *m, uint32_t tenant,
+                              const uint8_t *keys, uint32_t from, uint32_t n);
+
+/* Which of m's identities disk block e has (NULL: none; never read). */
+const vqkvd_codec_ident_t *vqkvd_tiers_disk_ident(const vqkvd_model_t *m,
+                                                  const vqkvd_disk_entry_t *e);
+/* The pool class of m's blocks of identity ident. */
+uint32_t vqkvd_tiers_class(const vqkvd_model_t *m, const vqkvd_codec_ident_t *ident);
+
+#endif
