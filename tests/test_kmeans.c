@@ -134,6 +134,14 @@ static void test_kmeans_identical_points(void **state)
         assert_memory_equal(centroids + c * D, x, D * sizeof(float));
 }
 
+/* The batch search for one vector. */
+static uint32_t nearest(const float *x, const float *search, uint32_t d, uint32_t k)
+{
+    uint32_t c;
+    vqkv__nearest_batch(x, 1, d, search, d, k, &c);
+    return c;
+}
+
 static void test_nearest_matches_brute_force(void **state)
 {
     (void)state;
@@ -143,7 +151,7 @@ static void test_nearest_matches_brute_force(void **state)
     assert_non_null(search);
     vqkv__search_prepare(centroids, D, K, search);
     for (size_t i = 0; i < N; i++) {
-        uint32_t got = vqkv__nearest(x + i * D, search, D, K), best = 0;
+        uint32_t got = nearest(x + i * D, search, D, K), best = 0;
         for (uint32_t c = 1; c < K; c++)
             if (dist2(x + i * D, centroids + c * D, D) < dist2(x + i * D, centroids + best * D, D))
                 best = c;
@@ -156,9 +164,9 @@ static void test_nearest_matches_brute_force(void **state)
     const float twins[3 * 2] = {1.0f, 0.0f, -1.0f, 0.0f, 1.0f, 0.0f};
     float twin_search[3 * 3];
     vqkv__search_prepare(twins, 2, 3, twin_search);
-    assert_int_equal(vqkv__nearest((const float[2]){0.0f, 0.0f}, twin_search, 2, 3), 0);
-    assert_int_equal(vqkv__nearest((const float[2]){2.0f, 0.0f}, twin_search, 2, 3), 0);
-    assert_int_equal(vqkv__nearest((const float[2]){-2.0f, 0.0f}, twin_search, 2, 3), 1);
+    assert_int_equal(nearest((const float[2]){0.0f, 0.0f}, twin_search, 2, 3), 0);
+    assert_int_equal(nearest((const float[2]){2.0f, 0.0f}, twin_search, 2, 3), 0);
+    assert_int_equal(nearest((const float[2]){-2.0f, 0.0f}, twin_search, 2, 3), 1);
     test_free_all(search, x, centroids);
 }
 
