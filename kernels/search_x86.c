@@ -1,6 +1,9 @@
 /* search_x86.c -- the nearest-codeword search of kmeans.h with AVX2, for
  * the x86-64 CPUs that have it (vqkv__simd_enabled): k-means assignment in
- * codebook training, and every VQ encode.
+ * codebook training, and every VQ encode. Two searches: the exact one for
+ * one vector, below, and the batch search (further down), a fused
+ * multiply-add pass over four vectors at once made exact by an error bound
+ * and a rescore, which is what the encoders and training call.
  *
  * Bit for bit vqkv__nearest_scalar's answer. Each codeword's distance is
  * built exactly as the scalar loop builds it, ||c||^2 then + (-2 x[j]) *
