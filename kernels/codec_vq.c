@@ -504,67 +504,134 @@ static uint32_t vqkv__center_and_escape(const vqkv_codec_t *codec, uint32_t laye
     return n;
 }
 
+/* Vectors encoded together share every codebook search (vqkv__nearest_batch,
+ * which loads each codeword once for four of them and keeps the codebook in
+ * L1 across the batch): all of a part's vectors with one codebook set, one
+ * head's tokens with a set per head. Their rows and residuals live on the
+ * stack, VQKV__CHUNK_FLOATS floats each (16 KiB): 32 vectors of head_dim 128
+ * at once, never more than VQKV__CHUNK_VECTORS. */
+#define VQKV__CHUNK_FLOATS 4096u
+#define VQKV__CHUNK_VECTORS 64u
+
+/* A chunk: n vectors v0, v0 + step, ..., of one codebook set. */
+typedef struct {
+    size_t v0, step;
+    uint32_t n;
+} vqkv__chunk_t;
+
+/* The chunk's rows as the codebooks see them: minus the block means
+ * (keys with bc=1) and whitened by the channel statistics. */
+static void vqkv__chunk_rows(const vqkv_codec_t *codec, uint32_t layer, int kv,
+                             const vqkv__tile_t *tile, const uint8_t *block_means,
+                             const vqkv__chunk_t *chunk, float *rows)
+{
+    const vqkv_layout_t *l = &codec->layout;
+    uint32_t H = l->num_kv_heads, D = l->head_dim;
+    float bm[VQKV_MAX_HEAD_DIM];
+    for (uint32_t i = 0; i < chunk->n; i++) {
+        size_t v = chunk->v0 + i * chunk->step;
+        uint32_t h = (uint32_t)(v % H);
+        float *row = rows + (size_t)i * D;
+        vqkv__tile_load(tile, (uint32_t)(v / H), h, D, row);
+        if (block_means != NULL) {
+            vqkv_dtype_to_f32(VQKV_DTYPE_F16, block_means + 2 * (size_t)h * D, D, bm);
+            for (uint32_t c = 0; c < D; c++)
+                row[c] -= bm[c];
+        }
+        vqkv__channel_whiten(codec, layer, kv, h, row);
+    }
+}
+
+/* Encodes a chunk: per branch each vector's norm, then per group and stage
+ * one batch search for all of its vectors and their residuals' update. */
+static void vqkv__vq_encode_chunk(const vqkv_codec_t *codec, uint32_t layer, int kv,
+                                  const vqkv__tile_t *tile, const uint8_t *block_means,
+                                  const vqkv__chunk_t *chunk, uint8_t *norms, uint8_t *codes)
+{
+    const vqkv__vq_t *vq = codec->state;
+    const vqkv__side_t *side = &vq->side[kv];
+    uint32_t b = vq->bits, D = codec->layout.head_dim;
+    uint32_t set_layer =
+        vqkv__set_layer(vq, layer, (uint32_t)(chunk->v0 % codec->layout.num_kv_heads));
+    float rows[VQKV__CHUNK_FLOATS], u[VQKV__CHUNK_FLOATS];
+    uint32_t found[VQKV__CHUNK_VECTORS];
+
+    vqkv__chunk_rows(codec, layer, kv, tile, block_means, chunk, rows);
+    for (uint32_t bi = 0; bi < side->n_branches; bi++) {
+        const vqkv__branch_t *br = &side->br[bi];
+        for (uint32_t i = 0; i < chunk->n; i++) {
+            size_t v = chunk->v0 + i * chunk->step;
+            vqkv__put_u16(
+                norms + 2 * (v * side->n_branches + bi),
+                vqkv__branch_normalize(br, rows + (size_t)i * D, u + (size_t)i * br->n_channels));
+        }
+        for (uint32_t g = 0; g < br->groups; g++)
+            for (uint32_t s = 0; s < br->stages; s++) {
+                vqkv__book_t book = vqkv__book(vq, set_layer, kv, br, g, s);
+                float *resid = u + (size_t)g * br->d;
+                vqkv__nearest_batch(resid, chunk->n, br->n_channels, book.search, br->d, 1u << b,
+                                    found);
+                for (uint32_t i = 0; i < chunk->n; i++) {
+                    uint64_t v = chunk->v0 + i * chunk->step;
+                    uint64_t pos = v * side->codes + br->first_code + g * br->stages + s;
+                    vqkv__bits_put(codes, pos * b, b, found[i]);
+                    float *r = resid + (size_t)i * br->n_channels;
+                    for (uint32_t j = 0; j < br->d; j++)
+                        r[j] -= book.words[(size_t)found[i] * br->d + j];
+                }
+            }
+    }
+}
+
+/* The part's escapes: their entries, each vector's index and its fp8 row,
+ * unused entries all ones and zeros. */
+static void vqkv__vq_encode_escapes(const vqkv_codec_t *codec, const vqkv__tile_t *tile,
+                                    const uint32_t *escapes, uint32_t n_escapes, uint8_t *out)
+{
+    const vqkv__vq_t *vq = codec->state;
+    const vqkv_layout_t *l = &codec->layout;
+    float row[VQKV_MAX_HEAD_DIM];
+    for (uint32_t i = 0; i < vq->escapes; i++, out += VQKV__ESCAPE_BYTES(l->head_dim)) {
+        uint32_t v = i < n_escapes ? escapes[i] : UINT32_MAX;
+        for (int k = 0; k < 4; k++)
+            out[k] = (uint8_t)(v >> (8 * k));
+        if (i < n_escapes) {
+            vqkv__tile_load(tile, v / l->num_kv_heads, v % l->num_kv_heads, l->head_dim, row);
+            vqkv__fp8_row_encode(row, l->head_dim, out + 4, out + 6);
+        } else {
+            memset(out + 4, 0, 2 + l->head_dim);
+        }
+    }
+}
+
 static void vqkv__vq_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
                             const vqkv__tile_t *tile, uint8_t *out)
 {
     const vqkv__vq_t *vq = codec->state;
     const vqkv__side_t *side = &vq->side[kv];
     const vqkv_layout_t *l = &codec->layout;
-    uint32_t H = l->num_kv_heads, b = vq->bits;
+    uint32_t H = l->num_kv_heads;
     size_t vectors = (size_t)l->block_tokens * H;
     size_t mean_bytes = vqkv__block_mean_bytes(codec, kv);
-    uint8_t *block_means = out, *norms = out + mean_bytes;
+    uint8_t *block_means = mean_bytes > 0 ? out : NULL, *norms = out + mean_bytes;
     uint8_t *codes = norms + 2 * vectors * side->n_branches;
-    size_t code_bytes = vqkv__bits_bytes(vectors * side->codes, b);
-    uint8_t *escape_out = codes + code_bytes;
-    float row[VQKV_MAX_HEAD_DIM], u[VQKV_MAX_HEAD_DIM], bm[VQKV_MAX_HEAD_DIM];
+    size_t code_bytes = vqkv__bits_bytes(vectors * side->codes, vq->bits);
     vqkv__rows_t rows = {tile, NULL, l->block_tokens};
     uint32_t escapes[VQKV__MAX_ESCAPES];
 
     memset(codes, 0, code_bytes);
-    uint32_t n_escapes = vqkv__center_and_escape(codec, layer, kv, &rows,
-                                                 mean_bytes > 0 ? block_means : NULL, escapes);
-    for (uint32_t i = 0; i < vq->escapes; i++, escape_out += VQKV__ESCAPE_BYTES(l->head_dim)) {
-        uint32_t v = i < n_escapes ? escapes[i] : UINT32_MAX;
-        for (int k = 0; k < 4; k++)
-            escape_out[k] = (uint8_t)(v >> (8 * k));
-        if (i < n_escapes) {
-            vqkv__tile_load(tile, v / H, v % H, l->head_dim, row);
-            vqkv__fp8_row_encode(row, l->head_dim, escape_out + 4, escape_out + 6);
-        } else {
-            memset(escape_out + 4, 0, 2 + l->head_dim);
+    uint32_t n_escapes = vqkv__center_and_escape(codec, layer, kv, &rows, block_means, escapes);
+    vqkv__vq_encode_escapes(codec, tile, escapes, n_escapes, codes + code_bytes);
+    /* Chunks of one set: every vector in order, or each head's tokens. */
+    uint32_t sets = vq->sets > 1 ? H : 1, per = VQKV__CHUNK_FLOATS / l->head_dim;
+    size_t count = vectors / sets;
+    per = per < VQKV__CHUNK_VECTORS ? per : VQKV__CHUNK_VECTORS;
+    for (uint32_t h = 0; h < sets; h++)
+        for (size_t i = 0; i < count; i += per) {
+            vqkv__chunk_t chunk = {h + i * sets, sets,
+                                   (uint32_t)(count - i < per ? count - i : per)};
+            vqkv__vq_encode_chunk(codec, layer, kv, tile, block_means, &chunk, norms, codes);
         }
-    }
-    for (uint32_t t = 0; t < l->block_tokens; t++) {
-        for (uint32_t h = 0; h < H; h++) {
-            size_t v = (size_t)t * H + h;
-            uint32_t set_layer = vqkv__set_layer(vq, layer, h);
-            vqkv__tile_load(tile, t, h, l->head_dim, row);
-            if (mean_bytes > 0) {
-                vqkv_dtype_to_f32(VQKV_DTYPE_F16, block_means + 2 * (size_t)h * l->head_dim,
-                                  l->head_dim, bm);
-                for (uint32_t c = 0; c < l->head_dim; c++)
-                    row[c] -= bm[c];
-            }
-            vqkv__channel_whiten(codec, layer, kv, h, row);
-            for (uint32_t bi = 0; bi < side->n_branches; bi++) {
-                const vqkv__branch_t *br = &side->br[bi];
-                vqkv__put_u16(norms + 2 * (v * side->n_branches + bi),
-                              vqkv__branch_normalize(br, row, u));
-                for (uint32_t g = 0; g < br->groups; g++) {
-                    float *resid = u + (size_t)g * br->d;
-                    for (uint32_t s = 0; s < br->stages; s++) {
-                        vqkv__book_t book = vqkv__book(vq, set_layer, kv, br, g, s);
-                        uint32_t c = vqkv__nearest(resid, book.search, br->d, 1u << b);
-                        uint64_t pos = v * side->codes + br->first_code + g * br->stages + s;
-                        vqkv__bits_put(codes, pos * b, b, c);
-                        for (uint32_t j = 0; j < br->d; j++)
-                            resid[j] -= book.words[(size_t)c * br->d + j];
-                    }
-                }
-            }
-        }
-    }
 }
 
 /* The codeword tables of one (set layer, side), by code position in a
@@ -698,8 +765,12 @@ static int vqkv__train_group(vqkv__train_job_t *job, uint32_t bi, uint32_t g)
     const vqkv__branch_t *br = &vq->side[job->kv].br[bi];
     uint32_t d = br->d, k = 1u << vq->bits;
     float *x = malloc(job->m * d * sizeof *x);
-    if (x == NULL)
+    uint32_t *codes = malloc(job->m * sizeof *codes);
+    if (x == NULL || codes == NULL) {
+        free(x);
+        free(codes);
         return VQKV_ENOMEM;
+    }
     for (size_t i = 0; i < job->m; i++)
         memcpy(x + i * d, job->u[bi] + i * br->n_channels + (size_t)g * d, d * sizeof *x);
 
@@ -716,14 +787,16 @@ static int vqkv__train_group(vqkv__train_job_t *job, uint32_t bi, uint32_t g)
         if (rc != VQKV_OK)
             break;
         vqkv__book_ready(vq, br, book);
+        vqkv__nearest_batch(x, job->m, d, book.search, d, k, codes);
         for (size_t i = 0; i < job->m; i++) {
             float *xi = x + i * d;
-            const float *w = book.words + (size_t)vqkv__nearest(xi, book.search, d, k) * d;
+            const float *w = book.words + (size_t)codes[i] * d;
             for (uint32_t j = 0; j < d; j++)
                 xi[j] -= w[j];
         }
     }
     free(x);
+    free(codes);
     return rc;
 }
 

@@ -14,8 +14,49 @@
 #include "vqkv_codec.h"
 
 #include <float.h>
+#include <math.h>
 #include <stdlib.h>
 #include <string.h>
+
+/* Gives each centroid bit for bit equal to an earlier one the norm +inf.
+ * No search picks such a twin (the earlier one ties with it and comes
+ * first), and none picks a norm of +inf either (its distance stays +inf or
+ * turns NaN), so the answers do not change; what changes is that a codebook
+ * full of twins (all zero in a residual stage left nothing to code, or
+ * training's repeated points) no longer hands the batch search's fused pass
+ * (search_x86.c) a crowd of tied candidates to rescore. Each row hashed,
+ * then looked up in an open-addressed table of 2k slots; O(k*d). Codebooks
+ * over 512 codewords, which that pass leaves alone, are left as they are. */
+static void vqkv__mark_twins(const float *centroids, uint32_t d, uint32_t k, float *norms2)
+{
+    enum { MAX_K = 512 };
+    uint32_t hash[MAX_K], mask = 2 * k - 1;
+    uint16_t table[2 * MAX_K];
+    if (k > MAX_K || (k & (k - 1)) != 0)
+        return;
+    for (uint32_t c = 0; c < k; c++) {
+        uint64_t h = 0;
+        for (uint32_t j = 0; j < d; j++) {
+            uint32_t bits;
+            memcpy(&bits, centroids + (size_t)c * d + j, sizeof bits);
+            h = vqkv__mix64(h ^ bits);
+        }
+        hash[c] = (uint32_t)(h >> 32);
+    }
+    memset(table, 0xff, 2 * k * sizeof *table);
+    for (uint32_t c = 0; c < k; c++) {
+        uint32_t at = hash[c] & mask;
+        const float *row = centroids + (size_t)c * d;
+        while (table[at] != 0xffff &&
+               (hash[table[at]] != hash[c] ||
+                memcmp(centroids + (size_t)table[at] * d, row, d * sizeof *row) != 0))
+            at = (at + 1) & mask;
+        if (table[at] == 0xffff)
+            table[at] = (uint16_t)c;
+        else
+            norms2[c] = INFINITY;
+    }
+}
 
 void vqkv__search_prepare(const float *centroids, uint32_t d, uint32_t k, float *search)
 {
@@ -29,14 +70,28 @@ void vqkv__search_prepare(const float *centroids, uint32_t d, uint32_t k, float 
         }
         norms2[c] = s;
     }
+    vqkv__mark_twins(centroids, d, k, norms2);
 }
 
-uint32_t vqkv__nearest(const float *x, const float *search, uint32_t d, uint32_t k)
+void vqkv__nearest_batch(const float *xs, size_t n, size_t stride, const float *search, uint32_t d,
+                         uint32_t k, uint32_t *out)
 {
     if (!vqkv__nearest_simd(d, k))
-        return vqkv__nearest_scalar(x, search, d, k);
-    return vqkv__simd_avx512() ? vqkv__nearest_x512(x, search, d, k)
-                               : vqkv__nearest_x86(x, search, d, k);
+        vqkv__nearest_batch_scalar(xs, n, stride, search, d, k, out);
+    else if (vqkv__simd_avx512())
+        vqkv__nearest_batch_x512(xs, n, stride, search, d, k, out);
+    else if (vqkv__simd_fma())
+        vqkv__nearest_batch_x86(xs, n, stride, search, d, k, out);
+    else
+        for (size_t i = 0; i < n; i++)
+            out[i] = vqkv__nearest_x86(xs + i * stride, search, d, k);
+}
+
+void vqkv__nearest_batch_scalar(const float *xs, size_t n, size_t stride, const float *search,
+                                uint32_t d, uint32_t k, uint32_t *out)
+{
+    for (size_t i = 0; i < n; i++)
+        out[i] = vqkv__nearest_scalar(xs + i * stride, search, d, k);
 }
 
 uint32_t vqkv__nearest_scalar(const float *x, const float *search, uint32_t d, uint32_t k)
@@ -163,9 +218,9 @@ int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iter
     double *sums = malloc((size_t)k * d * sizeof *sums);
     size_t *counts = malloc(k * sizeof *counts);
     uint32_t *assign = malloc(n * sizeof *assign);
-    uint32_t *next = assigner != NULL ? malloc(n * sizeof *next) : NULL;
+    uint32_t *next = malloc(n * sizeof *next);
     if (mind == NULL || search == NULL || sums == NULL || counts == NULL || assign == NULL ||
-        (assigner != NULL && next == NULL))
+        next == NULL)
         goto out;
 
     if (vqkv__kmeanspp(x, n, d, k, &rng, centroids, mind) != VQKV_OK)
@@ -175,14 +230,14 @@ int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iter
         memset(sums, 0, (size_t)k * d * sizeof *sums);
         memset(counts, 0, k * sizeof *counts);
         size_t moved = 0;
-        if (assigner != NULL) {
-            rc = assigner->assign(assigner->ctx, x, n, d, centroids, search, k, next, mind);
-            if (rc != VQKV_OK)
-                goto out;
-        }
+        if (assigner == NULL)
+            vqkv__nearest_batch(x, n, d, search, d, k, next);
+        else if ((rc = assigner->assign(assigner->ctx, x, n, d, centroids, search, k, next,
+                                        mind)) != VQKV_OK)
+            goto out;
         for (size_t i = 0; i < n; i++) {
             const float *xi = x + i * d;
-            uint32_t c = assigner != NULL ? next[i] : vqkv__nearest(xi, search, d, k);
+            uint32_t c = next[i];
             moved += it == 0 || c != assign[i];
             assign[i] = c;
             counts[c]++;

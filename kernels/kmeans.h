@@ -33,19 +33,38 @@ int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iter
 
 /* A codebook's search form, (d + 1) * k floats: ||c||^2 for each of the k
  * centroids, then the centroids transposed to [d][k], so the distance loop
- * runs over contiguous centroids and vectorizes. */
+ * runs over contiguous centroids and vectorizes. A centroid bit for bit
+ * equal to an earlier one (up to 512 centroids, a power of two) has +inf
+ * for its norm instead: no search would pick it, and the batch search no
+ * longer has to rule it out. */
 void vqkv__search_prepare(const float *centroids, uint32_t d, uint32_t k, float *search);
 
 /* The centroid nearest to x by ||c||^2 - 2 x.c, from the search form; ties
- * go to the lower index. O(k*d). With AVX2 (search_x86.c) where the CPU
- * has it and VQKV_CPU_SIMD is not 0; the scalar loop, the reference,
- * otherwise: the same answer either way, bit for bit. */
-uint32_t vqkv__nearest(const float *x, const float *search, uint32_t d, uint32_t k);
+ * go to the lower index. O(k*d). vqkv__nearest_scalar is the reference:
+ * from ||c||^2, + (-2 x[j]) * c[j] for j in order, each product and sum
+ * rounded on its own, NaN never chosen. The AVX2 and AVX-512F searches
+ * (search_x86.c; the latter only where vqkv__simd_avx512() says it may run)
+ * give its answer bit for bit. */
 uint32_t vqkv__nearest_scalar(const float *x, const float *search, uint32_t d, uint32_t k);
 uint32_t vqkv__nearest_x86(const float *x, const float *search, uint32_t d, uint32_t k);
-/* The AVX-512F search; only where vqkv__simd_avx512() says it may run. */
 uint32_t vqkv__nearest_x512(const float *x, const float *search, uint32_t d, uint32_t k);
-/* Whether vqkv__nearest takes the AVX2 path for this d and k. */
+
+/* out[i] = the centroid nearest to the n vectors x_i = xs + i * stride, all
+ * searched in one codebook: the reference's answers, found with AVX-512F,
+ * or AVX2 and FMA, where the CPU has them and VQKV_CPU_SIMD allows (a fused
+ * pass over four vectors at once, made exact: search_x86.c), else vector
+ * by vector with vqkv__nearest_scalar. O(n*k*d); the batch is where the
+ * speed is, as each codeword is loaded once for four vectors. */
+void vqkv__nearest_batch(const float *xs, size_t n, size_t stride, const float *search, uint32_t d,
+                         uint32_t k, uint32_t *out);
+void vqkv__nearest_batch_scalar(const float *xs, size_t n, size_t stride, const float *search,
+                                uint32_t d, uint32_t k, uint32_t *out);
+void vqkv__nearest_batch_x86(const float *xs, size_t n, size_t stride, const float *search,
+                             uint32_t d, uint32_t k, uint32_t *out);
+void vqkv__nearest_batch_x512(const float *xs, size_t n, size_t stride, const float *search,
+                              uint32_t d, uint32_t k, uint32_t *out);
+/* Whether the vector searches may run for this d and k (a codebook size
+ * a multiple of 8). */
 bool vqkv__nearest_simd(uint32_t d, uint32_t k);
 
 /* mind[i] = ||x[i] - c||^2 for every point (first), or the least of it and

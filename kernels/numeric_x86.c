@@ -112,6 +112,7 @@ VQKV__X86 static void vqkv__bf16_to_f32_x86(const uint8_t *src, size_t n, float 
 
 /* 0: the scalar reference; 1: AVX2 and F16C; 2: AVX-512F as well. */
 static int vqkv__simd;
+static bool vqkv__fma; /* FMA too, at level 1 or 2 */
 static pthread_once_t vqkv__simd_once = PTHREAD_ONCE_INIT;
 
 /* The best the CPU has, unless VQKV_CPU_SIMD says "0" (numeric.h's
@@ -133,6 +134,7 @@ static void vqkv__simd_init(void)
         vqkv__simd = 1;
     else
         vqkv__simd = 2;
+    vqkv__fma = vqkv__simd != 0 && __builtin_cpu_supports("fma");
 }
 
 bool vqkv__simd_enabled(void)
@@ -145,6 +147,12 @@ bool vqkv__simd_avx512(void)
 {
     pthread_once(&vqkv__simd_once, vqkv__simd_init);
     return vqkv__simd == 2;
+}
+
+bool vqkv__simd_fma(void)
+{
+    pthread_once(&vqkv__simd_once, vqkv__simd_init);
+    return vqkv__fma;
 }
 
 bool vqkv__rows_to_f32(vqkv_dtype_t dtype, const void *src, size_t n, float *dst)
@@ -177,6 +185,11 @@ bool vqkv__simd_enabled(void)
 }
 
 bool vqkv__simd_avx512(void)
+{
+    return false;
+}
+
+bool vqkv__simd_fma(void)
 {
     return false;
 }

@@ -1,6 +1,9 @@
 /* search_x86.c -- the nearest-codeword search of kmeans.h with AVX2, for
  * the x86-64 CPUs that have it (vqkv__simd_enabled): k-means assignment in
- * codebook training, and every VQ encode.
+ * codebook training, and every VQ encode. Two searches: the exact one for
+ * one vector, below, and the batch search (further down), a fused
+ * multiply-add pass over four vectors at once made exact by an error bound
+ * and a rescore, which is what the encoders and training call.
  *
  * Bit for bit vqkv__nearest_scalar's answer. Each codeword's distance is
  * built exactly as the scalar loop builds it, ||c||^2 then + (-2 x[j]) *
@@ -20,6 +23,7 @@
 #include "kmeans.h"
 
 #include <float.h>
+#include <math.h>
 
 #if defined(__x86_64__)
 #include <immintrin.h>
@@ -108,6 +112,239 @@ VQKV__AVX512 static inline unsigned vqkv__hits512(__m512 v, __m512 at)
 VQKV__NEAREST(vqkv__nearest_x86, VQKV__AVX2, 256, 8)
 VQKV__NEAREST(vqkv__nearest_x512, VQKV__AVX512, 512, 16)
 
+/* ---- many vectors, one codebook: a fused pass made exact ------------------
+ *
+ * The reference distance of codeword c to x, with m_j = -2 x_j (exact) and
+ * n_c the stored float ||c||^2, is D_c = n_c, then D_c += m_j * c_j for j
+ * in order, d products and d sums each rounded. The batch search first
+ * builds F_c the same way with a fused multiply-add, one rounding a step and
+ * half the instructions, and bounds |F_c - D_c| by e for every c. The
+ * reference's answer c* (the first codeword at the least D) then has
+ *     F_c* <= D_c* + e <= D_f + e <= F_f + 2e,
+ * f being the codeword of least F, and so has every c tied with c*: the
+ * codewords with F_c <= F_f + 2e hold all of them. When there is one such
+ * codeword it is the answer; when there are more, each is scored again with
+ * the reference's own arithmetic and the first at the least taken, as the
+ * reference does. In practice one, as codewords within e (about 1e-6 of
+ * the distances' scale) of the best are rare.
+ *
+ * The bound. In IEEE single precision, u = 2^-24, each operation's result is
+ * (exact)(1 + t) + s with |t| <= u, |s| <= 2^-150 (s only where a product or
+ * a fused result is subnormal; sums that underflow are exact), and with
+ * gamma_n = n u / (1 - n u) the usual recursive-summation analysis gives,
+ * for E_c = n_c + sum_j m_j c_j computed exactly and
+ * M_c = n_c + sum_j |m_j c_j|:
+ *     |D_c - E_c| <= gamma_(d+1) M_c + d 2^-149   (term j: a product and at
+ *                                                   most d sums),
+ *     |F_c - E_c| <= gamma_d M_c + d 2^-149       (at most d roundings),
+ * so |F_c - D_c| <= (gamma_d + gamma_(d+1)) M_c + d 2^-148. By Cauchy-
+ * Schwarz M_c <= n_c + 2 ||x|| ||c||, and as n_c is ||c||^2 summed the same
+ * way, ||c||^2 <= (n_c + d 2^-149) / (1 - gamma_d). With N the largest n_c
+ * of the codebook, e = (gamma_d + gamma_(d+1)) (N + 2 ||x|| sqrt((N + d
+ * 2^-149) / (1 - gamma_d))) + d 2^-148 bounds every codeword; it is
+ * evaluated in double, whose own rounding (relative 2^-53 an operation) the
+ * factor VQKV__SLACK covers many times over, and F_f + 2e rounded up to a
+ * float. The analysis holds only without overflow, infinities and NaN:
+ * codebooks with N > 2^40 (or a NaN norm, which a NaN or infinite codeword
+ * gives) and vectors with ||x||^2 > 2^40 (or NaN) take the reference path
+ * instead; below those limits every term and partial sum of both paths is
+ * under 2^51, far from FLT_MAX, so the reference's start at FLT_MAX never
+ * excludes a codeword. Costs: the pass, k*d fused steps a vector; the scan
+ * of the k fused distances against the threshold, k/LANES compares; a
+ * d-step rescore per candidate when there are two or more. */
+#define VQKV__FUSED_LIMIT 0x1p40
+#define VQKV__SLACK 1.01
+/* The fused distances of a pass live on the stack, k at most this. */
+#define VQKV__FUSED_MAX_K 512u
+
+/* Vectors a fused pass takes at once. */
+#define VQKV__V 4
+
+/* One codebook's batch: its search form, and e = a + b ||x|| for the
+ * vectors searched in it. */
+typedef struct {
+    const float *search;
+    uint32_t d, k;
+    double a, b;
+} vqkv__batch_t;
+
+/* The codebook's part of the bound, over the codewords of finite norm (one
+ * of norm +inf, a twin or an overflowing codeword, starts both its fused
+ * and its reference distance at +inf, which stays +inf or turns NaN: never
+ * a candidate, never the reference's answer); false where a norm is NaN or
+ * over the limit (the reference path then). O(k), k a multiple of 8. */
+VQKV__AVX2 static bool vqkv__batch_init(vqkv__batch_t *bt, const float *search, uint32_t d,
+                                        uint32_t k)
+{
+    __m256 most = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    for (uint32_t c = 0; c < k; c += 8) {
+        __m256 n = _mm256_loadu_ps(search + c);
+        n = _mm256_andnot_ps(_mm256_cmp_ps(n, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ), n);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(n, _mm256_set1_ps((float)VQKV__FUSED_LIMIT),
+                                              _CMP_NLE_UQ)); /* NaN too */
+        most = _mm256_max_ps(n, most);
+    }
+    double nmax = -vqkv__least256(_mm256_sub_ps(_mm256_setzero_ps(), most));
+    double u = 0x1p-24, gd = d * u / (1.0 - d * u), gd1 = (d + 1) * u / (1.0 - (d + 1) * u);
+    double g = (gd + gd1) * VQKV__SLACK, cmax = sqrt((nmax + d * 0x1p-149) / (1.0 - gd));
+    bt->search = search;
+    bt->d = d;
+    bt->k = k;
+    bt->a = g * nmax + d * 0x1p-148 * VQKV__SLACK;
+    bt->b = g * 2.0 * cmax;
+    return _mm256_movemask_ps(bad) == 0;
+}
+
+/* The candidates' thresholds of the pass's vectors, F_f + 2e rounded up (in
+ * double, then up by more than the conversion to float can take off); NaN
+ * where x is out of the bound's reach or no codeword has a finite fused
+ * distance (the caller takes the reference path). */
+VQKV__AVX2 static inline void vqkv__thresholds(const vqkv__batch_t *bt, const double *xx,
+                                               const float *least, float *thr)
+{
+    __m256d lst = _mm256_cvtps_pd(_mm_loadu_ps(least));
+    __m256d e =
+        _mm256_add_pd(_mm256_set1_pd(bt->a),
+                      _mm256_mul_pd(_mm256_set1_pd(bt->b), _mm256_sqrt_pd(_mm256_loadu_pd(xx))));
+    __m256d t = _mm256_add_pd(lst, _mm256_add_pd(e, e));
+    __m256d up = _mm256_andnot_pd(_mm256_set1_pd(-0.0), t); /* |t| */
+    up = _mm256_add_pd(_mm256_mul_pd(up, _mm256_set1_pd(0x1p-22)), _mm256_set1_pd(0x1p-149));
+    _mm_storeu_ps(thr, _mm256_cvtpd_ps(_mm256_add_pd(t, up)));
+    for (uint32_t v = 0; v < VQKV__V; v++)
+        thr[v] = xx[v] <= VQKV__FUSED_LIMIT && least[v] < INFINITY ? thr[v] : NAN;
+}
+
+/* The reference's distance of codeword c, as vqkv__nearest_scalar builds it. */
+static float vqkv__exact_dist(const vqkv__batch_t *bt, const float *m, uint32_t c)
+{
+    float s = bt->search[c];
+    for (uint32_t j = 0; j < bt->d; j++)
+        s += m[j] * bt->search[bt->k + (size_t)j * bt->k + c];
+    return s;
+}
+
+VQKV__AVX2 static inline unsigned vqkv__below256(__m256 v, __m256 at)
+{
+    return (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, at, _CMP_LE_OQ));
+}
+
+VQKV__AVX512 static inline unsigned vqkv__below512(__m512 v, __m512 at)
+{
+    return (unsigned)_mm512_cmp_ps_mask(v, at, _CMP_LE_OQ);
+}
+
+/* One vector's answer from its fused distances f[k] and threshold: the
+ * candidates counted, the first of them taken if alone, else each rescored
+ * and the first at the least reference distance taken. */
+#define VQKV__SETTLE(NAME, TARGET, BITS, LANES, EXACT)                                             \
+    TARGET static uint32_t NAME(const vqkv__batch_t *bt, const float *x, const float *m,           \
+                                const float *f, float thr)                                         \
+    {                                                                                              \
+        if (thr != thr)                                                                            \
+            return EXACT(x, bt->search, bt->d, bt->k);                                             \
+        __m##BITS at = _mm##BITS##_set1_ps(thr);                                                   \
+        uint32_t count = 0, c0 = 0, best = 0;                                                      \
+        for (uint32_t c = 0; c < bt->k; c += (LANES))                                              \
+            count +=                                                                               \
+                (uint32_t)__builtin_popcount(vqkv__below##BITS(_mm##BITS##_loadu_ps(f + c), at));  \
+        unsigned hit;                                                                              \
+        while ((hit = vqkv__below##BITS(_mm##BITS##_loadu_ps(f + c0), at)) == 0)                   \
+            c0 += (LANES);                                                                         \
+        if (count == 1)                                                                            \
+            return c0 + (uint32_t)__builtin_ctz(hit);                                              \
+        float best_dist = INFINITY;                                                                \
+        for (; c0 < bt->k; c0 += (LANES))                                                          \
+            for (hit = vqkv__below##BITS(_mm##BITS##_loadu_ps(f + c0), at); hit != 0;              \
+                 hit &= hit - 1) {                                                                 \
+                uint32_t c = c0 + (uint32_t)__builtin_ctz(hit);                                    \
+                float dist = vqkv__exact_dist(bt, m, c);                                           \
+                best = best_dist == INFINITY || dist < best_dist ? c : best;                       \
+                best_dist = best == c ? dist : best_dist;                                          \
+            }                                                                                      \
+        return best;                                                                               \
+    }
+
+/* The fused pass over VQKV__V vectors at once (x[]; the answers of the
+ * first nv kept): each block of R registers of codewords is loaded once a
+ * channel for all of them, whose accumulators stay in registers. */
+#define VQKV__FUSED(NAME, SETTLE, TARGET, BITS, LANES, R)                                          \
+    TARGET static void NAME(const vqkv__batch_t *bt, const float *const *x, uint32_t nv,           \
+                            uint32_t *out)                                                         \
+    {                                                                                              \
+        enum { V = VQKV__V };                                                                      \
+        const float *norms2 = bt->search, *wt = bt->search + bt->k;                                \
+        uint32_t d = bt->d, k = bt->k;                                                             \
+        float m[V][VQKV_MAX_HEAD_DIM], f[V][VQKV__FUSED_MAX_K], lst[V], thr[V];                    \
+        double xx[V];                                                                              \
+        __m##BITS least[V];                                                                        \
+        for (uint32_t v = 0; v < V; v++) {                                                         \
+            xx[v] = 0.0;                                                                           \
+            for (uint32_t j = 0; j < d; j++) {                                                     \
+                m[v][j] = -2.0f * x[v][j];                                                         \
+                xx[v] += (double)x[v][j] * x[v][j];                                                \
+            }                                                                                      \
+            least[v] = _mm##BITS##_set1_ps(INFINITY);                                              \
+        }                                                                                          \
+        for (uint32_t c0 = 0; c0 < k; c0 += (LANES) * (R)) {                                       \
+            __m##BITS acc[V][R];                                                                   \
+            for (uint32_t r = 0; r < (R); r++)                                                     \
+                for (uint32_t v = 0; v < V; v++)                                                   \
+                    acc[v][r] = _mm##BITS##_loadu_ps(norms2 + c0 + (LANES)*r);                     \
+            for (uint32_t j = 0; j < d; j++) {                                                     \
+                __m##BITS w[R];                                                                    \
+                for (uint32_t r = 0; r < (R); r++)                                                 \
+                    w[r] = _mm##BITS##_loadu_ps(wt + (size_t)j * k + c0 + (LANES)*r);              \
+                for (uint32_t v = 0; v < V; v++) {                                                 \
+                    __m##BITS mv = _mm##BITS##_set1_ps(m[v][j]);                                   \
+                    for (uint32_t r = 0; r < (R); r++)                                             \
+                        acc[v][r] = _mm##BITS##_fmadd_ps(mv, w[r], acc[v][r]);                     \
+                }                                                                                  \
+            }                                                                                      \
+            for (uint32_t v = 0; v < V; v++)                                                       \
+                for (uint32_t r = 0; r < (R); r++) {                                               \
+                    _mm##BITS##_storeu_ps(f[v] + c0 + (LANES)*r, acc[v][r]);                       \
+                    least[v] = _mm##BITS##_min_ps(acc[v][r], least[v]);                            \
+                }                                                                                  \
+        }                                                                                          \
+        for (uint32_t v = 0; v < V; v++)                                                           \
+            lst[v] = vqkv__least##BITS(least[v]);                                                  \
+        vqkv__thresholds(bt, xx, lst, thr);                                                        \
+        for (uint32_t v = 0; v < nv; v++)                                                          \
+            out[v] = SETTLE(bt, x[v], m[v], f[v], thr[v]);                                         \
+    }
+
+/* The batch: VQKV__V vectors a pass, the last pass padded with repeats of
+ * the last vector; codebooks the pass cannot take (k not a multiple of a
+ * block, or over VQKV__FUSED_MAX_K) or the bound cannot cover go vector by
+ * vector through the exact search. */
+#define VQKV__BATCH(NAME, FUSED, TARGET, LANES, R, EXACT)                                          \
+    TARGET void NAME(const float *xs, size_t n, size_t stride, const float *search, uint32_t d,    \
+                     uint32_t k, uint32_t *out)                                                    \
+    {                                                                                              \
+        vqkv__batch_t bt;                                                                          \
+        if (k % ((LANES) * (R)) != 0 || k > VQKV__FUSED_MAX_K || d > VQKV_MAX_HEAD_DIM ||          \
+            !vqkv__batch_init(&bt, search, d, k)) {                                                \
+            for (size_t i = 0; i < n; i++)                                                         \
+                out[i] = EXACT(xs + i * stride, search, d, k);                                     \
+            return;                                                                                \
+        }                                                                                          \
+        for (size_t i = 0; i < n; i += VQKV__V) {                                                  \
+            const float *x[VQKV__V];                                                               \
+            uint32_t nv = n - i < VQKV__V ? (uint32_t)(n - i) : VQKV__V;                           \
+            for (uint32_t v = 0; v < VQKV__V; v++)                                                 \
+                x[v] = xs + (i + (v < nv ? v : nv - 1)) * stride;                                  \
+            FUSED(&bt, x, nv, out + i);                                                            \
+        }                                                                                          \
+    }
+
+#define VQKV__AVX2_FMA __attribute__((target("avx2,fma")))
+VQKV__SETTLE(vqkv__settle256, VQKV__AVX2_FMA, 256, 8, vqkv__nearest_x86)
+VQKV__FUSED(vqkv__fused256, vqkv__settle256, VQKV__AVX2_FMA, 256, 8, 2)
+VQKV__BATCH(vqkv__nearest_batch_x86, vqkv__fused256, VQKV__AVX2_FMA, 8, 2, vqkv__nearest_x86)
+VQKV__SETTLE(vqkv__settle512, VQKV__AVX512, 512, 16, vqkv__nearest_x512)
+VQKV__FUSED(vqkv__fused512, vqkv__settle512, VQKV__AVX512, 512, 16, 4)
+VQKV__BATCH(vqkv__nearest_batch_x512, vqkv__fused512, VQKV__AVX512, 16, 4, vqkv__nearest_x512)
+
 VQKV__AVX2 void vqkv__mind_update_x86(const float *xt, size_t n, uint32_t d, const float *c,
                                       float *mind, bool first)
 {
@@ -147,6 +384,18 @@ void vqkv__mind_update_x86(const float *xt, size_t n, uint32_t d, const float *c
 uint32_t vqkv__nearest_x86(const float *x, const float *search, uint32_t d, uint32_t k)
 {
     return vqkv__nearest_scalar(x, search, d, k);
+}
+
+void vqkv__nearest_batch_x86(const float *xs, size_t n, size_t stride, const float *search,
+                             uint32_t d, uint32_t k, uint32_t *out)
+{
+    vqkv__nearest_batch_scalar(xs, n, stride, search, d, k, out);
+}
+
+void vqkv__nearest_batch_x512(const float *xs, size_t n, size_t stride, const float *search,
+                              uint32_t d, uint32_t k, uint32_t *out)
+{
+    vqkv__nearest_batch_scalar(xs, n, stride, search, d, k, out);
 }
 
 bool vqkv__nearest_simd(uint32_t d, uint32_t k)

@@ -134,6 +134,14 @@ static void test_kmeans_identical_points(void **state)
         assert_memory_equal(centroids + c * D, x, D * sizeof(float));
 }
 
+/* The batch search for one vector. */
+static uint32_t nearest(const float *x, const float *search, uint32_t d, uint32_t k)
+{
+    uint32_t c;
+    vqkv__nearest_batch(x, 1, d, search, d, k, &c);
+    return c;
+}
+
 static void test_nearest_matches_brute_force(void **state)
 {
     (void)state;
@@ -143,7 +151,7 @@ static void test_nearest_matches_brute_force(void **state)
     assert_non_null(search);
     vqkv__search_prepare(centroids, D, K, search);
     for (size_t i = 0; i < N; i++) {
-        uint32_t got = vqkv__nearest(x + i * D, search, D, K), best = 0;
+        uint32_t got = nearest(x + i * D, search, D, K), best = 0;
         for (uint32_t c = 1; c < K; c++)
             if (dist2(x + i * D, centroids + c * D, D) < dist2(x + i * D, centroids + best * D, D))
                 best = c;
@@ -156,9 +164,9 @@ static void test_nearest_matches_brute_force(void **state)
     const float twins[3 * 2] = {1.0f, 0.0f, -1.0f, 0.0f, 1.0f, 0.0f};
     float twin_search[3 * 3];
     vqkv__search_prepare(twins, 2, 3, twin_search);
-    assert_int_equal(vqkv__nearest((const float[2]){0.0f, 0.0f}, twin_search, 2, 3), 0);
-    assert_int_equal(vqkv__nearest((const float[2]){2.0f, 0.0f}, twin_search, 2, 3), 0);
-    assert_int_equal(vqkv__nearest((const float[2]){-2.0f, 0.0f}, twin_search, 2, 3), 1);
+    assert_int_equal(nearest((const float[2]){0.0f, 0.0f}, twin_search, 2, 3), 0);
+    assert_int_equal(nearest((const float[2]){2.0f, 0.0f}, twin_search, 2, 3), 0);
+    assert_int_equal(nearest((const float[2]){-2.0f, 0.0f}, twin_search, 2, 3), 1);
     test_free_all(search, x, centroids);
 }
 
@@ -206,6 +214,131 @@ static void test_nearest_simd_matches_scalar(void **state)
             }
             test_free_all(words, search);
         }
+}
+
+/* Codebook kinds for the batch search's test, each aimed at one part of
+ * its exactness argument (search_x86.c). */
+enum { BOOK_GAUSS, BOOK_ULPS, BOOK_TWINS, BOOK_HUGE, BOOK_TINY, BOOK_ODD, BOOK_KINDS };
+
+/* A float n ulps from v (toward +inf for n > 0). */
+static float ulps_from(float v, int n)
+{
+    for (; n > 0; n--)
+        v = nextafterf(v, INFINITY);
+    for (; n < 0; n++)
+        v = nextafterf(v, -INFINITY);
+    return v;
+}
+
+static void make_book(int kind, test_rng_t *rng, uint32_t d, uint32_t k, float *words)
+{
+    float scale = kind == BOOK_HUGE ? 3.0e5f : kind == BOOK_TINY ? 1.0e-21f : 1.0f;
+    for (size_t i = 0; i < (size_t)k * d; i++)
+        words[i] = (float)test_rng_gaussian(rng) * scale;
+    for (uint32_t c = 1; c < k; c++) {
+        float *w = words + (size_t)c * d;
+        uint64_t r = test_rng_next(rng);
+        if (kind == BOOK_ULPS || (kind == BOOK_TWINS && r % 4 == 0)) {
+            /* A few ulps from an earlier codeword: near-ties everywhere. */
+            memcpy(w, words + (size_t)(r % c) * d, d * sizeof *w);
+            w[r % d] = ulps_from(w[r % d], kind == BOOK_TWINS ? 0 : (int)(r >> 40) % 7 - 3);
+        } else if (kind == BOOK_TWINS && r % 4 == 1) {
+            memset(w, 0, d * sizeof *w);
+        } else if (kind == BOOK_ODD && r % 16 == 0) {
+            w[r % d] = r % 3 == 0 ? NAN : r % 3 == 1 ? INFINITY : 3.0e38f;
+        } else if (kind == BOOK_ODD && r % 16 == 1) {
+            w[r % d] = r & 64 ? -0.0f : 0.0f;
+        }
+    }
+}
+
+/* A vector for book: Gaussian at the book's scale, on a codeword, half-way
+ * between two (ties in the reals), a codeword nudged by an ulp, signed
+ * zeros, or out of the fused pass's reach (huge, NaN, Inf). */
+static void make_vector(test_rng_t *rng, const float *words, uint32_t d, uint32_t k, float scale,
+                        float *x)
+{
+    uint64_t r = test_rng_next(rng);
+    const float *a = words + (size_t)(r % k) * d, *b = words + (size_t)((r >> 20) % k) * d;
+    for (uint32_t j = 0; j < d; j++) {
+        switch (r >> 56 & 7) {
+        case 0: x[j] = a[j]; break;
+        case 1: x[j] = a[j] * 0.5f + b[j] * 0.5f; break;
+        case 2: x[j] = ulps_from(a[j], (int)(test_rng_next(rng) % 3) - 1); break;
+        case 3: x[j] = test_rng_next(rng) & 1 ? -0.0f : 0.0f; break;
+        default: x[j] = (float)test_rng_gaussian(rng) * scale;
+        }
+    }
+    if ((r >> 32) % 97 == 0)
+        x[r % d] = (r >> 8) % 3 == 0 ? NAN : (r >> 8) % 3 == 1 ? -INFINITY : 1.0e25f;
+}
+
+/* The batch searches (AVX2 with FMA, AVX-512F: the fused pass and its
+ * rescore) give the scalar reference's answer for every vector of every
+ * codebook kind, d from 1 to 16 (odd ones too) and k from 8 to 512, batch
+ * lengths not a multiple of the pass's four vectors. About two million
+ * vectors; the dispatcher's answer too, whatever path it takes. */
+static void test_nearest_batch_matches_scalar(void **state)
+{
+    (void)state;
+    static const uint32_t ks[] = {8, 16, 24, 32, 64, 96, 128, 256, 512};
+    static const uint32_t ds[] = {1, 3, 4, 5, 8, 16};
+    enum { N = 2003 };
+    bool x86 = vqkv__nearest_simd(8, 256) && vqkv__simd_fma(), x512 = vqkv__simd_avx512();
+    test_rng_t rng = {.state = 4242};
+    float *xs = malloc((size_t)N * 16 * sizeof *xs);
+    uint32_t *got = malloc(N * sizeof *got);
+    size_t checked = 0;
+    assert_non_null(xs);
+    assert_non_null(got);
+    for (size_t ki = 0; ki < sizeof ks / sizeof ks[0]; ki++)
+        for (size_t di = 0; di < sizeof ds / sizeof ds[0]; di++)
+            for (int kind = 0; kind < BOOK_KINDS; kind++) {
+                uint32_t k = ks[ki], d = ds[di];
+                float *words = malloc((size_t)k * d * sizeof *words);
+                float *search = malloc((size_t)k * (d + 1) * sizeof *search);
+                assert_non_null(words);
+                assert_non_null(search);
+                make_book(kind, &rng, d, k, words);
+                vqkv__search_prepare(words, d, k, search);
+                float scale = kind == BOOK_HUGE ? 3.0e5f : kind == BOOK_TINY ? 1.0e-21f : 1.0f;
+                for (size_t i = 0; i < N; i++)
+                    make_vector(&rng, words, d, k, scale, xs + i * d);
+                for (int path = 0; path < 3; path++) {
+                    if ((path == 1 && !x86) || (path == 2 && !x512))
+                        continue;
+                    void (*batch)(const float *, size_t, size_t, const float *, uint32_t, uint32_t,
+                                  uint32_t *) = path == 0   ? vqkv__nearest_batch
+                                                : path == 1 ? vqkv__nearest_batch_x86
+                                                            : vqkv__nearest_batch_x512;
+                    batch(xs, N, d, search, d, k, got);
+                    for (size_t i = 0; i < N; i++) {
+                        uint32_t want = vqkv__nearest_scalar(xs + i * d, search, d, k);
+                        if (got[i] != want)
+                            fail_msg("k %u d %u kind %d path %d vector %zu: %u, scalar %u", k, d,
+                                     kind, path, i, got[i], want);
+                    }
+                    checked += N;
+                }
+                test_free_all(words, search);
+            }
+    print_message("%zu vectors checked\n", checked);
+    test_free_all(xs, got);
+}
+
+/* Twins get norm +inf in the search form, the first of them its own; the
+ * answers stay the reference's over the true norms. */
+static void test_search_prepare_marks_twins(void **state)
+{
+    (void)state;
+    const float words[4 * 2] = {1.0f, 2.0f, 0.0f, 0.0f, 1.0f, 2.0f, -0.0f, 0.0f};
+    float search[4 * 3];
+    vqkv__search_prepare(words, 2, 4, search);
+    assert_true(search[0] == 5.0f && search[1] == 0.0f);
+    assert_true(search[2] == INFINITY); /* twin of 0 */
+    assert_true(search[3] == 0.0f);     /* -0 differs in bits: kept */
+    assert_int_equal(nearest((const float[2]){1.0f, 2.0f}, search, 2, 4), 0);
+    assert_int_equal(nearest((const float[2]){0.0f, 0.0f}, search, 2, 4), 1);
 }
 
 /* k-means++'s distance pass: the AVX2 path's floats are the scalar
@@ -553,6 +686,8 @@ int main(void)
         cmocka_unit_test(test_kmeans_identical_points),
         cmocka_unit_test(test_nearest_matches_brute_force),
         cmocka_unit_test(test_nearest_simd_matches_scalar),
+        cmocka_unit_test(test_nearest_batch_matches_scalar),
+        cmocka_unit_test(test_search_prepare_marks_twins),
         cmocka_unit_test(test_mind_update_simd_matches_scalar),
         cmocka_unit_test(test_training_deterministic_across_threads),
         cmocka_unit_test(test_more_stages_lower_error),
