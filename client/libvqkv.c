@@ -1682,6 +1682,14 @@ int vqkv_stats(vqkv_client_t *client, vqkv_stats_t *stats)
         .encode_backlog = s->encode_backlog,
         .puts_staged = s->puts_staged,
         .puts_staging_full = s->puts_staging_full,
+        .disk_blocks = s->disk_blocks,
+        .disk_bytes = s->disk_bytes,
+        .disk_limit_bytes = s->disk_limit_bytes,
+        .disk_writes = s->disk_writes,
+        .disk_reads = s->disk_reads,
+        .disk_bad_records = s->disk_bad_records,
+        .disk_write_errors = s->disk_write_errors,
+        .disk_dropped = s->disk_dropped,
         .n_tenants_total = s->n_tenants > UINT32_MAX ? UINT32_MAX : (uint32_t)s->n_tenants,
     };
     for (size_t i = 0; i < s->n_tenants && i < VQKV_STATS_MAX_TENANTS; i++)

@@ -184,6 +184,18 @@ typedef struct {
     uint64_t encode_backlog;
     uint64_t puts_staged;
     uint64_t puts_staging_full;
+    /* The disk tier (zero without one): blocks and bytes held now, its
+     * limit; since start, blocks written, blocks read back (its hits),
+     * damaged records dropped, failed writes, blocks dropped with the
+     * oldest segments. */
+    uint64_t disk_blocks;
+    uint64_t disk_bytes;
+    uint64_t disk_limit_bytes;
+    uint64_t disk_writes;
+    uint64_t disk_reads;
+    uint64_t disk_bad_records;
+    uint64_t disk_write_errors;
+    uint64_t disk_dropped;
     /* The caller's own tenant first; then, when the daemon's config names
      * the caller's uid an admin, every other tenant it knows. tenants[0 ..
      * n_tenants) are kept; n_tenants_total is how many the daemon sent. */

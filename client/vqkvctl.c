@@ -307,6 +307,14 @@ static void vqkvctl_stats_table(const vqkv_stats_t *st)
     printf("staging     %s for %llu blocks not yet encoded (%llu puts staged, %llu waited)\n",
            vqkvctl_bytes(st->staging_bytes, a, sizeof a), (unsigned long long)st->encode_backlog,
            (unsigned long long)st->puts_staged, (unsigned long long)st->puts_staging_full);
+    if (st->disk_limit_bytes > 0)
+        printf("disk        %llu blocks, %s of %s; %llu written, %llu read back, %llu damaged, "
+               "%llu failed writes, %llu dropped\n",
+               (unsigned long long)st->disk_blocks, vqkvctl_bytes(st->disk_bytes, a, sizeof a),
+               vqkvctl_bytes(st->disk_limit_bytes, b, sizeof b),
+               (unsigned long long)st->disk_writes, (unsigned long long)st->disk_reads,
+               (unsigned long long)st->disk_bad_records, (unsigned long long)st->disk_write_errors,
+               (unsigned long long)st->disk_dropped);
     printf("clients     %u connected, %llu leases, %llu regions\n", st->clients,
            (unsigned long long)st->leases, (unsigned long long)st->regions);
     printf("\n%-12s %10s %12s %12s %9s %10s %12s\n", "tenant", "blocks", "stored", "logical",
@@ -366,6 +374,15 @@ static int vqkvctl_stats(int argc, char **argv, const char *socket_path)
         json_object_object_add(o, "puts_staged", json_object_new_uint64(st.puts_staged));
         json_object_object_add(o, "puts_staging_full",
                                json_object_new_uint64(st.puts_staging_full));
+        json_object_object_add(o, "disk_blocks", json_object_new_uint64(st.disk_blocks));
+        json_object_object_add(o, "disk_bytes", json_object_new_uint64(st.disk_bytes));
+        json_object_object_add(o, "disk_limit_bytes", json_object_new_uint64(st.disk_limit_bytes));
+        json_object_object_add(o, "disk_writes", json_object_new_uint64(st.disk_writes));
+        json_object_object_add(o, "disk_reads", json_object_new_uint64(st.disk_reads));
+        json_object_object_add(o, "disk_bad_records", json_object_new_uint64(st.disk_bad_records));
+        json_object_object_add(o, "disk_write_errors",
+                               json_object_new_uint64(st.disk_write_errors));
+        json_object_object_add(o, "disk_dropped", json_object_new_uint64(st.disk_dropped));
         struct json_object *tenants = json_object_new_array();
         for (uint32_t i = 0; i < st.n_tenants; i++) {
             const vqkv_tenant_stats_t *t = &st.tenants[i];

@@ -190,6 +190,28 @@ static const struct {
      offsetof(vqkvd_tenant_stats_t, quota_bytes)},
 };
 
+/* The disk tier's figures, all zero without one. */
+static void vqkvd__render_disk(FILE *f, const vqkvd_disk_stats_t *d)
+{
+    vqkvd__scalar(f, "vqkv_disk_blocks", "gauge", "Blocks the disk tier holds.", d->blocks);
+    vqkvd__scalar(f, "vqkv_disk_bytes", "gauge", "Bytes of the disk tier's segment files.",
+                  d->bytes);
+    vqkvd__scalar(f, "vqkv_disk_capacity_bytes", "gauge", "The disk tier's limit (disk_bytes).",
+                  d->limit_bytes);
+    vqkvd__scalar(f, "vqkv_disk_writes_total", "counter", "Blocks written to the disk tier.",
+                  d->writes);
+    vqkvd__scalar(f, "vqkv_disk_reads_total", "counter",
+                  "Blocks read back from the disk tier by lookups.", d->reads);
+    vqkvd__scalar(f, "vqkv_disk_bad_records_total", "counter",
+                  "Damaged disk records found and dropped.", d->bad_records);
+    vqkvd__scalar(f, "vqkv_disk_write_errors_total", "counter",
+                  "Blocks whose disk write failed (ENOSPC, ...).", d->write_errors);
+    vqkvd__scalar(f, "vqkv_disk_queue_full_total", "counter",
+                  "Evicted blocks not written: the write queue was full.", d->queue_full);
+    vqkvd__scalar(f, "vqkv_disk_dropped_total", "counter",
+                  "Blocks dropped with the disk tier's oldest segments.", d->dropped);
+}
+
 static void vqkvd__render_totals(FILE *f, const vqkvd__snapshot_t *snap)
 {
     const vqkvd_totals_t *t = &snap->totals;
@@ -226,6 +248,7 @@ static void vqkvd__render_totals(FILE *f, const vqkvd__snapshot_t *snap)
     vqkvd__scalar(f, "vqkv_puts_staging_full_total", "counter",
                   "Puts that found staging full and waited for their encode.",
                   t->staging.puts_full);
+    vqkvd__render_disk(f, &t->disk);
     vqkvd__scalar(f, "vqkv_leases", "gauge", "Lookup leases held.", t->store.leases);
     vqkvd__scalar(f, "vqkv_clients", "gauge", "Connections open.", t->clients);
     vqkvd__scalar(f, "vqkv_models", "gauge", "Models registered since the start.", t->models);

@@ -164,6 +164,8 @@ void vqkvd_session_totals(const vqkvd_server_t *s, vqkvd_totals_t *t)
     t->clients = s->n_clients;
     t->models = s->n_models;
     t->staging = s->staging;
+    if (s->disk != NULL)
+        vqkvd_disk_stats(s->disk, &t->disk);
     for (const vqkvd_client_t *c = s->clients; c != NULL; c = c->next) {
         t->regions += c->n_regions;
         t->pins += c->n_pins;
@@ -191,6 +193,14 @@ int vqkvd_session_stats(vqkvd_client_t *c, Vqkv__StatsReply *st)
     st->encode_backlog = tot.staging.backlog;
     st->puts_staged = tot.staging.puts_staged;
     st->puts_staging_full = tot.staging.puts_full;
+    st->disk_blocks = tot.disk.blocks;
+    st->disk_bytes = tot.disk.bytes;
+    st->disk_limit_bytes = tot.disk.limit_bytes;
+    st->disk_writes = tot.disk.writes;
+    st->disk_reads = tot.disk.reads;
+    st->disk_bad_records = tot.disk.bad_records;
+    st->disk_write_errors = tot.disk.write_errors;
+    st->disk_dropped = tot.disk.dropped;
 
     /* The pointers, then the entries, in one allocation: room for the
      * caller's own entry and every tenant the store knows. */

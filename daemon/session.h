@@ -24,6 +24,7 @@
 
 #include "backend.h"
 #include "conn.h"
+#include "disk.h"
 #include "frame.h"
 #include "state.h"
 #include "vqkv_proto.h"
@@ -174,6 +175,7 @@ typedef struct {
     uint64_t regions; /* registered by the open connections */
     uint64_t pins;    /* ttl_ms 0 pins the open connections hold */
     vqkvd_staging_t staging;
+    vqkvd_disk_stats_t disk; /* all zero without a disk tier */
 } vqkvd_totals_t;
 
 /* session.c: fills t. O(clients): regions and pins are summed over them. */

@@ -213,6 +213,14 @@ class Stats:
     encode_backlog: int
     puts_staged: int
     puts_staging_full: int
+    disk_blocks: int
+    disk_bytes: int
+    disk_limit_bytes: int
+    disk_writes: int
+    disk_reads: int
+    disk_bad_records: int
+    disk_write_errors: int
+    disk_dropped: int
     tenants: list[TenantStats]
     n_tenants_total: int
 
@@ -800,6 +808,14 @@ class Client:
             st.encode_backlog,
             st.puts_staged,
             st.puts_staging_full,
+            st.disk_blocks,
+            st.disk_bytes,
+            st.disk_limit_bytes,
+            st.disk_writes,
+            st.disk_reads,
+            st.disk_bad_records,
+            st.disk_write_errors,
+            st.disk_dropped,
             tenants,
             st.n_tenants_total,
         )
