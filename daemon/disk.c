@@ -301,6 +301,27 @@ static void vqkvd__disk_load(vqkvd_disk_t *d, uint64_t number)
 
 /* ---- writing ----------------------------------------------------------------- */
 
+/* Its write done: the entry of a queued block (still this record's: a
+ * later put or a drop may have replaced it) points into seg, or goes
+ * when the write failed (seg NULL). */
+static void vqkvd__disk_settle(vqkvd_disk_t *d, const vqkvd__disk_write_t *it,
+                               vqkvd_disk_seg_t *seg)
+{
+    if (it->payload == NULL)
+        return; /* a tombstone */
+    vqkvd_disk_entry_t **link = vqkvd__disk_link(d, it->rec.tenant, it->rec.model, it->rec.key);
+    vqkvd_disk_entry_t *e = *link;
+    if (e == NULL || e->seq != it->rec.seq)
+        return;
+    if (seg == NULL) {
+        vqkvd__disk_unlink_entry(d, link);
+        return;
+    }
+    e->seg = seg;
+    e->queued = NULL;
+    e->payload_offset = it->offset + VQKVD_SEGMENT_RECORD_BYTES;
+}
+
 /* On the job's thread: makes the next segment and a read fd for it. */
 static int vqkvd__disk_new_segment(vqkvd_disk_t *d, int *sys_errno)
 {
@@ -386,7 +407,6 @@ static void vqkvd__disk_write_after(uv_work_t *work, int status)
             uint64_t end = it->offset + VQKVD_SEGMENT_RECORD_BYTES + it->rec.payload_bytes;
             d->stats.bytes += end > seg->bytes ? end - seg->bytes : 0;
             seg->bytes = end > seg->bytes ? end : seg->bytes;
-            vqkvd__disk_apply(d, seg, &it->rec, it->offset + VQKVD_SEGMENT_RECORD_BYTES);
             d->stats.writes += !(it->rec.flags & VQKVD_SEGMENT_TOMBSTONE);
             d->stats.write_bytes += it->rec.payload_bytes;
         } else {
@@ -394,6 +414,7 @@ static void vqkvd__disk_write_after(uv_work_t *work, int status)
             failed++;
             err = it->sys_errno;
         }
+        vqkvd__disk_settle(d, it, seg);
         free(it->payload);
         free(it);
     }
@@ -470,6 +491,13 @@ static bool vqkvd__disk_queue(vqkvd_disk_t *d, const vqkvd_segment_record_t *rec
     it->rec = *rec;
     it->rec.seq = d->next_seq++;
     it->payload = payload;
+    if (payload != NULL) { /* found from now on, read from the queue */
+        it->rec.payload_crc = vqkvd_segment_crc32c(0, payload, rec->payload_bytes);
+        vqkvd__disk_apply(d, NULL, &it->rec, 0);
+        vqkvd_disk_entry_t *e = *vqkvd__disk_link(d, rec->tenant, rec->model, rec->key);
+        if (e != NULL && e->seq == it->rec.seq)
+            e->queued = payload;
+    }
     if (d->queue_tail != NULL)
         d->queue_tail->next = it;
     else
@@ -557,8 +585,12 @@ void vqkvd_disk_read_start(vqkvd_disk_t *d, const vqkvd_disk_entry_t *e, vqkvd_d
 {
     (void)d;
     memset(r, 0, sizeof *r);
+    r->started = true;
     r->seg = e->seg;
-    r->seg->refs++;
+    if (r->seg != NULL)
+        r->seg->refs++;
+    else if ((r->copy = malloc(e->payload_bytes)) != NULL)
+        memcpy(r->copy, e->queued, e->payload_bytes); /* compressed bytes, on the loop */
     r->seq = e->seq;
     r->rec.payload_bytes = e->payload_bytes;
     r->rec.payload_crc = e->payload_crc;
@@ -571,6 +603,12 @@ void vqkvd_disk_read_start(vqkvd_disk_t *d, const vqkvd_disk_entry_t *e, vqkvd_d
 int vqkvd_disk_read(const vqkvd_disk_read_t *r, void *buf)
 {
     int err = 0;
+    if (r->seg == NULL) {
+        if (r->copy == NULL)
+            return VQKV_ENOMEM;
+        memcpy(buf, r->copy, r->rec.payload_bytes);
+        return VQKV_OK;
+    }
     return vqkvd_segment_read_payload(r->seg->fd, &r->rec, r->payload_offset, buf,
                                       r->rec.payload_bytes, &err);
 }
@@ -586,11 +624,14 @@ void vqkvd_disk_read_done(vqkvd_disk_t *d, vqkvd_disk_read_t *r, int rc)
             vqkvd__disk_unlink_entry(d, link);
         d->stats.bad_records += rc == VQKV_EFORMAT;
         vqkvd_log(VQKVD_LOG_WARN, "disk: segment %llu: a block at byte %llu %s; dropped",
-                  (unsigned long long)r->seg->number, (unsigned long long)r->payload_offset,
+                  (unsigned long long)(r->seg != NULL ? r->seg->number : 0),
+                  (unsigned long long)r->payload_offset,
                   rc == VQKV_EFORMAT ? "fails its checksum" : "cannot be read");
     }
-    vqkvd__disk_seg_unref(r->seg);
-    r->seg = NULL;
+    if (r->seg != NULL)
+        vqkvd__disk_seg_unref(r->seg);
+    free(r->copy);
+    memset(r, 0, sizeof *r);
 }
 
 /* ---- the tier ------------------------------------------------------------------ */

@@ -3,12 +3,12 @@
  * lookups after eviction and after a restart.
  *
  * What it holds. A block the store evicts for room (store.h's on_evict)
- * is copied, compressed as it is, into a write queue; one write job at a
- * time appends the queue to the newest segment on libuv's thread pool and
- * syncs it, and only then does the index (tenant, model, key) -> where the
- * record is learn of it: a lookup never finds a block that is not on disk
- * yet. Between the eviction and the sync the block is in neither tier's
- * index; a lookup then misses it. A later record of a key replaces the
+ * is copied, compressed as it is, into a write queue, and the index
+ * (tenant, model, key) -> where the record is has it from then on: a
+ * lookup that finds it queued copies it from the queue. One write job at
+ * a time appends the queue to the newest segment on libuv's thread pool
+ * and syncs it; the index then points into the file (or, if the write
+ * failed, forgets the block). A later record of a key replaces the
  * earlier one (sequence numbers grow across the directory); a tombstone
  * record (an Evict) removes it, on disk too, so a restart does not bring
  * it back.
@@ -55,7 +55,8 @@ typedef struct vqkvd_disk_seg vqkvd_disk_seg_t;
 /* A block on disk as the index knows it. Read its fields, never write them. */
 typedef struct vqkvd_disk_entry {
     struct vqkvd_disk_entry *hnext;
-    vqkvd_disk_seg_t *seg;
+    vqkvd_disk_seg_t *seg; /* NULL while queued */
+    const uint8_t *queued; /* its payload in the write queue while queued */
     uint64_t seq;
     uint64_t payload_offset;
     uint32_t tenant, model, logical_bytes, payload_bytes, payload_crc;
@@ -68,7 +69,9 @@ typedef struct vqkvd_disk_entry {
 /* One payload a job reads: where it is, its segment held open until
  * vqkvd_disk_read_done. */
 typedef struct {
-    vqkvd_disk_seg_t *seg;
+    bool started;
+    vqkvd_disk_seg_t *seg; /* NULL: the payload was still queued, copied into copy */
+    uint8_t *copy;
     uint64_t seq;
     vqkvd_segment_record_t rec; /* payload_bytes and payload_crc */
     uint64_t payload_offset;

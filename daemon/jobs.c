@@ -441,7 +441,8 @@ static void vqkvd__job_maybe_end(vqkvd_job_t *j)
         vqkvd_counters_observe(&c->server->counters,
                                j->kind == VQKVD_JOB_PUT ? VQKVD_TIMED_PUT : VQKVD_TIMED_GET,
                                uv_hrtime() - j->queued_ns);
-    vqkvd__region_unref(j->r);
+    if (j->r != NULL)
+        vqkvd__region_unref(j->r);
     vqkvd__job_free(j);
     vqkvd_client_settle(c);
     vqkvd_client_unref(c);
@@ -563,8 +564,14 @@ static void vqkvd__encode_after(vqkvd_job_t *j)
     for (uint32_t k = j->n; k-- > 0;) {
         const uint8_t *key = j->keys + (size_t)k * VQKVD_KEY_BYTES;
         vqkvd_block_t *b = vqkvd_store_find(&s->store, j->tenant, j->m->store_id, key);
-        if (b == NULL || b->stage != j->stage)
-            continue; /* evicted while it was encoded */
+        if (b == NULL || b->stage != j->stage) {
+            /* Evicted while it was encoded: for room, it goes to disk now. */
+            uint32_t slot = j->slots[k];
+            if (rc == VQKV_OK && j->stage->evicted != NULL && j->stage->evicted[slot].evicted)
+                vqkvd_tiers_write_codes(s, j->m, j->ident, j->tenant, key, &j->stage->evicted[slot],
+                                        j->out + (size_t)k * bytes);
+            continue;
+        }
         b->stage = NULL;
         uint8_t *slot = vqkvd_pool_slot_ptr(&s->pool, b->slot);
         if (rc == VQKV_OK)
@@ -591,7 +598,7 @@ static uint32_t vqkvd__promote_end_reads(vqkvd_job_t *j, bool ran)
 {
     uint32_t good = 0;
     for (uint32_t k = 0; j->reads != NULL && k < j->n; k++) {
-        if (j->reads[k].seg == NULL)
+        if (!j->reads[k].started)
             continue;
         int rc = ran ? j->read_rc[k] : VQKV_EAGAIN;
         good += rc == VQKV_OK && good == k;

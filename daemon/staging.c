@@ -68,6 +68,7 @@ void vqkvd_stage_unref(vqkvd_stage_t *sg)
         return;
     vqkvd_stage_encoded(sg);
     sg->staging->bytes -= sg->bytes;
+    free(sg->evicted);
     free(sg->mem);
     free(sg);
 }

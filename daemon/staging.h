@@ -23,6 +23,7 @@
 #ifndef VQKVD_STAGING_H
 #define VQKVD_STAGING_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "vqkv_codec.h"
@@ -37,6 +38,14 @@ typedef struct vqkvd_stage {
     int encoded;         /* its blocks are in their pool slots: they left the backlog */
     vqkv_kv_view_t view; /* n slots of one block each, at mem */
     uint8_t *mem;
+    /* Blocks evicted for room before their encode was done, by stage
+     * slot: their codes go to the disk tier when it is (tiers.h); NULL
+     * until one is. */
+    struct vqkvd_stage_evicted {
+        bool evicted;
+        bool has_parent;
+        uint8_t parent[32];
+    } * evicted;
 } vqkvd_stage_t;
 
 struct vqkvd_staging {

@@ -97,7 +97,40 @@ static bool vqkvd__tiers_write(vqkvd_server_t *s, const vqkvd_block_t *b, bool e
  * the CPU backend); the write does not. */
 static void vqkvd__tiers_on_evict(void *arg, const vqkvd_block_t *b)
 {
-    vqkvd__tiers_write(arg, b, true);
+    vqkvd_stage_t *sg = b->stage;
+    if (sg == NULL) {
+        vqkvd__tiers_write(arg, b, true);
+        return;
+    }
+    /* Its codes do not exist yet: its Encode writes them down when done. */
+    if (sg->evicted == NULL && (sg->evicted = calloc(sg->n, sizeof *sg->evicted)) == NULL)
+        return;
+    struct vqkvd_stage_evicted *ev = &sg->evicted[b->stage_slot];
+    ev->evicted = true;
+    ev->has_parent = b->parent != NULL;
+    if (b->parent != NULL)
+        memcpy(ev->parent, b->parent->key, VQKVD_KEY_BYTES);
+}
+
+void vqkvd_tiers_write_codes(vqkvd_server_t *s, const vqkvd_model_t *m,
+                             const vqkvd_codec_ident_t *ident, uint32_t tenant, const uint8_t *key,
+                             const struct vqkvd_stage_evicted *ev, const uint8_t *codes)
+{
+    uint32_t bytes = vqkvd__tiers_block_bytes(m, ident);
+    uint8_t *payload = s->disk != NULL && bytes > 0 ? malloc(bytes) : NULL;
+    if (payload == NULL)
+        return;
+    memcpy(payload, codes, bytes);
+    vqkvd_segment_record_t rec = {.tenant = tenant,
+                                  .model = m->store_id,
+                                  .logical_bytes = m->logical_bytes,
+                                  .payload_bytes = bytes};
+    memcpy(rec.key, key, VQKVD_KEY_BYTES);
+    if (ev->has_parent)
+        memcpy(rec.parent, ev->parent, VQKVD_KEY_BYTES);
+    snprintf(rec.spec, sizeof rec.spec, "%s", ident->spec);
+    memcpy(rec.codebooks_sha256, ident->codebooks_sha256, 32);
+    vqkvd_disk_put(s->disk, &rec, payload);
 }
 
 /* Queues the blocks in memory the disk lacks, least recently used first,

@@ -24,6 +24,13 @@ void vqkvd_tiers_destroy(vqkvd_server_t *s);
 uint64_t vqkvd_tiers_forget(vqkvd_server_t *s, uint32_t tenant, uint32_t model, const uint8_t *keys,
                             uint32_t n, bool all);
 
+/* A staged block evicted for room before its encode was done (ev, from
+ * its stage), now encoded: codes go to the disk tier as the eviction
+ * would have sent them. */
+void vqkvd_tiers_write_codes(vqkvd_server_t *s, const vqkvd_model_t *m,
+                             const vqkvd_codec_ident_t *ident, uint32_t tenant, const uint8_t *key,
+                             const struct vqkvd_stage_evicted *ev, const uint8_t *codes);
+
 /* How many of keys[from..n) follow one another on disk, each the child of
  * the one before, with an identity model m decodes now. O(n). */
 uint32_t vqkvd_tiers_disk_run(const vqkvd_server_t *s, const vqkvd_model_t *m, uint32_t tenant,
