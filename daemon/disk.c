@@ -274,6 +274,9 @@ static void vqkvd__disk_load(vqkvd_disk_t *d, uint64_t number)
     char name[VQKVD_SEGMENT_NAME_BYTES], path[PATH_MAX];
     vqkvd_segment_name(number, name, sizeof name);
     snprintf(path, sizeof path, "%s/%s", d->dir, name);
+    /* Taken even when unreadable: a new segment must not collide with it. */
+    if (number >= d->next_number)
+        d->next_number = number + 1;
     int fd = open(path, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
     struct stat st;
     if (fd < 0 || fstat(fd, &st) < 0) {
@@ -295,8 +298,6 @@ static void vqkvd__disk_load(vqkvd_disk_t *d, uint64_t number)
                   (unsigned long long)scan.records, (unsigned long long)scan.good_bytes,
                   (unsigned long long)(rc != VQKV_OK ? 1 : scan.bad_records));
     }
-    if (number >= d->next_number)
-        d->next_number = number + 1;
 }
 
 /* ---- writing ----------------------------------------------------------------- */
