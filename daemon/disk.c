@@ -320,6 +320,7 @@ static void vqkvd__disk_settle(vqkvd_disk_t *d, const vqkvd__disk_write_t *it,
     }
     e->seg = seg;
     e->queued = NULL;
+    e->payload_crc = it->rec.payload_crc; /* set by the append */
     e->payload_offset = it->offset + VQKVD_SEGMENT_RECORD_BYTES;
 }
 
@@ -492,8 +493,8 @@ static bool vqkvd__disk_queue(vqkvd_disk_t *d, const vqkvd_segment_record_t *rec
     it->rec = *rec;
     it->rec.seq = d->next_seq++;
     it->payload = payload;
-    if (payload != NULL) { /* found from now on, read from the queue */
-        it->rec.payload_crc = vqkvd_segment_crc32c(0, payload, rec->payload_bytes);
+    if (payload !=
+        NULL) { /* found from now on, read from the queue (its CRC comes with the write) */
         vqkvd__disk_apply(d, NULL, &it->rec, 0);
         vqkvd_disk_entry_t *e = *vqkvd__disk_link(d, rec->tenant, rec->model, rec->key);
         if (e != NULL && e->seq == it->rec.seq)
@@ -509,12 +510,17 @@ static bool vqkvd__disk_queue(vqkvd_disk_t *d, const vqkvd_segment_record_t *rec
     return true;
 }
 
+void vqkvd_disk_refused(vqkvd_disk_t *d)
+{
+    if (!d->off && d->stats.queue_full++ == 0)
+        vqkvd_log(VQKVD_LOG_WARN, "disk: the write queue is full; evicted blocks are lost "
+                                  "until it drains (vqkv_disk_queue_full_total counts them)");
+}
+
 bool vqkvd_disk_put(vqkvd_disk_t *d, const vqkvd_segment_record_t *rec, uint8_t *payload)
 {
     if (!vqkvd_disk_has_room(d, rec->payload_bytes)) {
-        if (!d->off && d->stats.queue_full++ == 0)
-            vqkvd_log(VQKVD_LOG_WARN, "disk: the write queue is full; evicted blocks are lost "
-                                      "until it drains (vqkv_disk_queue_full_total counts them)");
+        vqkvd_disk_refused(d);
         free(payload);
         return false;
     }

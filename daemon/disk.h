@@ -109,6 +109,10 @@ void vqkvd_disk_on_drained(vqkvd_disk_t *d, void (*fn)(void *arg), void *arg);
 /* Whether the write queue takes bytes more now. */
 bool vqkvd_disk_has_room(const vqkvd_disk_t *d, uint64_t bytes);
 
+/* An evicted block the queue had no room for: counted (queue_full), and
+ * said once. */
+void vqkvd_disk_refused(vqkvd_disk_t *d);
+
 /* Queues a block for writing: payload (payload_bytes, malloc'd; the tier
  * frees it) with its header fields in rec (seq and payload_crc are the
  * tier's to set). Returns false, freeing payload, when the queue is full

@@ -744,7 +744,7 @@ static void vqkvd__put_reserve(vqkvd_job_t *j, const Vqkv__Put *p, uint64_t now)
 static void vqkvd__put_stage(vqkvd_job_t *j)
 {
     vqkvd_server_t *s = j->s;
-    if (j->reserved == 0 || !j->be->ops->host_regions || j->has_event)
+    if (j->reserved == 0 || !j->be->ops->host_regions)
         return;
     j->stage = vqkvd_stage_new(&s->staging, s->cfg.staging_bytes, &j->m->layout, j->reserved);
     for (uint32_t i = 0, k = 0; j->stage != NULL && i < j->n; i++)

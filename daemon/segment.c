@@ -393,7 +393,7 @@ done:
     return VQKV_OK;
 }
 
-int vqkvd_segment_append(vqkvd_segment_writer_t *w, const vqkvd_segment_record_t *rec,
+int vqkvd_segment_append(vqkvd_segment_writer_t *w, vqkvd_segment_record_t *rec,
                          const void *payload, uint64_t *offset)
 {
     if (w == NULL || rec == NULL || offset == NULL || w->fd < 0 ||
@@ -406,6 +406,7 @@ int vqkvd_segment_append(vqkvd_segment_writer_t *w, const vqkvd_segment_record_t
     }
     vqkvd_segment_record_t r = *rec;
     r.payload_crc = r.payload_bytes ? vqkvd_segment_crc32c(0, payload, r.payload_bytes) : 0;
+    rec->payload_crc = r.payload_crc;
     uint8_t head[VQKVD_SEGMENT_RECORD_BYTES];
     int rc = vqkvd_segment_encode(&r, head);
     if (rc != VQKV_OK)

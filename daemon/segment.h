@@ -136,14 +136,14 @@ typedef struct {
 int vqkvd_segment_create(vqkvd_segment_writer_t *w, const char *dir, uint64_t number);
 
 /* Appends rec and its payload (rec->payload_bytes bytes; rec->payload_crc
- * is computed here) at w->end with one pwritev, and sets *offset to where
- * the record starts (its payload is VQKVD_SEGMENT_RECORD_BYTES later).
+ * is computed here and written back into rec, for the caller's index) at w->end with one pwritev,
+ * and sets *offset to where the record starts (its payload is VQKVD_SEGMENT_RECORD_BYTES later).
  * Not durable until vqkvd_segment_sync. VQKV_EINVAL (a bad field, rec->seq
  * not above w->last_seq) changes nothing. VQKV_EIO keeps errno in
  * w->sys_errno (ENOSPC, EFBIG, ...): the part written is cut off again, and
  * when even that fails the writer is broken and refuses every further call
  * but close; a scan cuts the torn tail. */
-int vqkvd_segment_append(vqkvd_segment_writer_t *w, const vqkvd_segment_record_t *rec,
+int vqkvd_segment_append(vqkvd_segment_writer_t *w, vqkvd_segment_record_t *rec,
                          const void *payload, uint64_t *offset);
 
 /* fdatasync: the records appended so far survive a crash. VQKV_OK, or

@@ -52,6 +52,20 @@ uint32_t vqkvd_tiers_class(const vqkvd_model_t *m, const vqkvd_codec_ident_t *id
     return ident == &m->codec_ident ? m->cls : m->fallback_cls;
 }
 
+/* The header of a block's record: parent NULL for a chain's first block. */
+static void vqkvd__tiers_record(vqkvd_segment_record_t *rec, uint32_t tenant, uint32_t model,
+                                uint32_t logical_bytes, const uint8_t *key, const uint8_t *parent,
+                                const vqkvd_codec_ident_t *ident, uint32_t bytes)
+{
+    *rec = (vqkvd_segment_record_t){
+        .tenant = tenant, .model = model, .logical_bytes = logical_bytes, .payload_bytes = bytes};
+    memcpy(rec->key, key, VQKVD_KEY_BYTES);
+    if (parent != NULL)
+        memcpy(rec->parent, parent, VQKVD_KEY_BYTES);
+    snprintf(rec->spec, sizeof rec->spec, "%s", ident->spec);
+    memcpy(rec->codebooks_sha256, ident->codebooks_sha256, 32);
+}
+
 /* Queues b for the disk unless the disk has it already (with the same
  * identity) or cannot take it now. A staged block's slot is not written
  * yet, and a block of an identity its model no longer has can never be
@@ -67,9 +81,8 @@ static bool vqkvd__tiers_write(vqkvd_server_t *s, const vqkvd_block_t *b, bool e
     if (e != NULL && vqkvd_tiers_disk_ident(m, e) == b->codec)
         return true;
     if (!vqkvd_disk_has_room(s->disk, bytes)) {
-        vqkvd_segment_record_t refused = {.payload_bytes = bytes};
         if (evicted)
-            vqkvd_disk_put(s->disk, &refused, NULL); /* refused, and counted */
+            vqkvd_disk_refused(s->disk);
         return false;
     }
     uint8_t *payload = malloc(bytes);
@@ -79,15 +92,9 @@ static bool vqkvd__tiers_write(vqkvd_server_t *s, const vqkvd_block_t *b, bool e
         free(payload);
         return true;
     }
-    vqkvd_segment_record_t rec = {.tenant = b->tenant,
-                                  .model = b->model,
-                                  .logical_bytes = b->logical_bytes,
-                                  .payload_bytes = bytes};
-    memcpy(rec.key, b->key, VQKVD_KEY_BYTES);
-    if (b->parent != NULL)
-        memcpy(rec.parent, b->parent->key, VQKVD_KEY_BYTES);
-    snprintf(rec.spec, sizeof rec.spec, "%s", b->codec->spec);
-    memcpy(rec.codebooks_sha256, b->codec->codebooks_sha256, 32);
+    vqkvd_segment_record_t rec;
+    vqkvd__tiers_record(&rec, b->tenant, b->model, b->logical_bytes, b->key,
+                        b->parent != NULL ? b->parent->key : NULL, b->codec, bytes);
     vqkvd_disk_put(s->disk, &rec, payload);
     return true;
 }
@@ -121,15 +128,9 @@ void vqkvd_tiers_write_codes(vqkvd_server_t *s, const vqkvd_model_t *m,
     if (payload == NULL)
         return;
     memcpy(payload, codes, bytes);
-    vqkvd_segment_record_t rec = {.tenant = tenant,
-                                  .model = m->store_id,
-                                  .logical_bytes = m->logical_bytes,
-                                  .payload_bytes = bytes};
-    memcpy(rec.key, key, VQKVD_KEY_BYTES);
-    if (ev->has_parent)
-        memcpy(rec.parent, ev->parent, VQKVD_KEY_BYTES);
-    snprintf(rec.spec, sizeof rec.spec, "%s", ident->spec);
-    memcpy(rec.codebooks_sha256, ident->codebooks_sha256, 32);
+    vqkvd_segment_record_t rec;
+    vqkvd__tiers_record(&rec, tenant, m->store_id, m->logical_bytes, key,
+                        ev->has_parent ? ev->parent : NULL, ident, bytes);
     vqkvd_disk_put(s->disk, &rec, payload);
 }
 
