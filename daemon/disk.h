@@ -29,7 +29,7 @@
  * profiles many containers run under.
  *
  * Durability: a block is on disk once it has been evicted from memory and
- * its write job has synced (milliseconds later); a put alone is in memory
+ * its write job has synced; a put alone is in memory
  * only. docs/RELIABILITY.md states it for users.
  *
  * Single-threaded like the store, except vqkvd_disk_read, which any

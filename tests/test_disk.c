@@ -1023,6 +1023,19 @@ static void damage_check(fx_t *f, const uint32_t *want)
     sess_close(&s);
 }
 
+/* The damaged chain put again: exactly the lost blocks are stored anew,
+ * and after another restart it is whole, as is everything else. */
+static void damage_repair(fx_t *f, uint32_t chain, uint32_t lost, uint32_t *want)
+{
+    sess_t s;
+    sess_open(&s, f, "test/disk-damage", "fp16");
+    assert_int_equal(put_chain(&s, f, TAG_DAMAGE, chain, DAMAGE_BLOCKS), lost);
+    sess_close(&s);
+    fx_restart(f);
+    want[chain] = DAMAGE_BLOCKS;
+    damage_check(f, want);
+}
+
 /* The newest segment cut in the middle of its last record's payload: that
  * block is lost, nothing else; the daemon writes on in a new segment. */
 static void test_torn_tail(void **state)
@@ -1046,13 +1059,7 @@ static void test_torn_tail(void **state)
 
     /* The chain put again is whole after another restart, and so is
      * everything else. */
-    sess_t s;
-    sess_open(&s, f, "test/disk-damage", "fp16");
-    assert_int_equal(put_chain(&s, f, TAG_DAMAGE, chain, DAMAGE_BLOCKS), DAMAGE_BLOCKS - i);
-    sess_close(&s);
-    fx_restart(f);
-    want[chain] = DAMAGE_BLOCKS;
-    damage_check(f, want);
+    damage_repair(f, chain, DAMAGE_BLOCKS - i, want);
 }
 
 /* A byte flipped in one block's payload: the scan (headers only) keeps
@@ -1094,13 +1101,7 @@ static void test_flipped_payload(void **state)
     fx_restart(f);
     damage_check(f, want); /* the damaged record is still there; still refused */
 
-    sess_t s;
-    sess_open(&s, f, "test/disk-damage", "fp16");
-    assert_int_equal(put_chain(&s, f, TAG_DAMAGE, chain, DAMAGE_BLOCKS), DAMAGE_BLOCKS - i);
-    sess_close(&s);
-    fx_restart(f);
-    want[chain] = DAMAGE_BLOCKS;
-    damage_check(f, want);
+    damage_repair(f, chain, DAMAGE_BLOCKS - i, want);
 }
 
 /* Files named like segments that are not: random bytes, a stub shorter
