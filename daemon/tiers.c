@@ -17,24 +17,18 @@
 #include "disk.h"
 #include "log.h"
 
-/* The identity of m that ident names (spec and codebooks), as the block
- * header writes it: m's codec's when ready, its fallback's, or NULL. */
-static const vqkvd_codec_ident_t *vqkvd__tiers_ident(const vqkvd_model_t *m, const char *spec,
-                                                     const uint8_t *sha)
-{
-    if (m->ready && strcmp(m->codec_ident.spec, spec) == 0 &&
-        memcmp(m->codec_ident.codebooks_sha256, sha, 32) == 0)
-        return &m->codec_ident;
-    if (m->fallback != NULL && strcmp(m->fallback_ident.spec, spec) == 0 &&
-        memcmp(m->fallback_ident.codebooks_sha256, sha, 32) == 0)
-        return &m->fallback_ident;
-    return NULL;
-}
-
+/* The identity of m that e's record names (spec and codebooks): m's
+ * codec's when ready, its fallback's, or NULL. */
 const vqkvd_codec_ident_t *vqkvd_tiers_disk_ident(const vqkvd_model_t *m,
                                                   const vqkvd_disk_entry_t *e)
 {
-    return vqkvd__tiers_ident(m, e->spec, e->codebooks_sha256);
+    if (m->ready && strcmp(m->codec_ident.spec, e->spec) == 0 &&
+        memcmp(m->codec_ident.codebooks_sha256, e->codebooks_sha256, 32) == 0)
+        return &m->codec_ident;
+    if (m->fallback != NULL && strcmp(m->fallback_ident.spec, e->spec) == 0 &&
+        memcmp(m->fallback_ident.codebooks_sha256, e->codebooks_sha256, 32) == 0)
+        return &m->fallback_ident;
+    return NULL;
 }
 
 /* Bytes of a block of m stored with ident, 0 for an identity m lacks. */
