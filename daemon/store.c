@@ -273,7 +273,7 @@ static uint64_t vqkvd__store_evict_lru(vqkvd_store_t *s, uint64_t now, uint64_t 
             (t == NULL || b->tenant == t->tenant)) {
             vqkvd_block_t *parent = b->parent;
             if (s->on_evict != NULL)
-                s->on_evict(s->on_evict_arg, b);
+                s->on_evict(s->hooks_arg, b);
             vqkvd__store_block_remove(s, b);
             n++;
             if (cls >= 0)
@@ -740,6 +740,8 @@ int64_t vqkvd_store_evict(vqkvd_store_t *s, uint32_t tenant, uint32_t model, con
             vqkvd_block_t *parent = p->parent;
             if (p == next)
                 next = p->lru_next;
+            if (s->on_forget != NULL)
+                s->on_forget(s->hooks_arg, p);
             vqkvd__store_block_remove(s, p);
             removed++;
             p = parent;

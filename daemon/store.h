@@ -147,11 +147,13 @@ typedef struct {
 
     vqkvd_store_stats_t stats;
     /* Called with each block that eviction takes for room or a quota,
-     * before its slot goes, so that a lower tier can keep it (disk.h);
-     * not for vqkvd_store_evict, whose blocks must go everywhere. NULL:
-     * none. */
+     * before its slot goes, so that a lower tier can keep it (disk.h).
+     * NULL: none. */
     void (*on_evict)(void *arg, const vqkvd_block_t *b);
-    void *on_evict_arg;
+    /* Called with each block vqkvd_store_evict removes, so that a lower
+     * tier forgets it too (its copy must go everywhere). NULL: none. */
+    void (*on_forget)(void *arg, const vqkvd_block_t *b);
+    void *hooks_arg; /* both hooks' arg */
 } vqkvd_store_t;
 
 /* Starts an empty store over pool. high and low are fractions of the

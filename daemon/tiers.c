@@ -113,6 +113,14 @@ static void vqkvd__tiers_on_evict(void *arg, const vqkvd_block_t *b)
         memcpy(ev->parent, b->parent->key, VQKVD_KEY_BYTES);
 }
 
+/* store.h's on_forget: an Evict took b from memory, so its copy on disk
+ * goes too, counted once, as the memory block it was. */
+static void vqkvd__tiers_on_forget(void *arg, const vqkvd_block_t *b)
+{
+    vqkvd_server_t *s = arg;
+    vqkvd_disk_drop(s->disk, b->tenant, b->model, b->key);
+}
+
 void vqkvd_tiers_write_codes(vqkvd_server_t *s, const vqkvd_model_t *m,
                              const vqkvd_codec_ident_t *ident, uint32_t tenant, const uint8_t *key,
                              const struct vqkvd_stage_evicted *ev, const uint8_t *codes)
@@ -169,7 +177,8 @@ int vqkvd_tiers_start(vqkvd_server_t *s)
               (unsigned long long)st.bytes, (unsigned long long)st.limit_bytes,
               (double)(uv_hrtime() - t0) / 1e6);
     s->store.on_evict = vqkvd__tiers_on_evict;
-    s->store.on_evict_arg = s;
+    s->store.on_forget = vqkvd__tiers_on_forget;
+    s->store.hooks_arg = s;
     vqkvd_disk_on_drained(s->disk, vqkvd__tiers_drained, s);
     return VQKV_OK;
 }

@@ -20,7 +20,9 @@ void vqkvd_tiers_destroy(vqkvd_server_t *s);
 
 /* After an Evict of keys[0..n) (or all) of (tenant, model) in memory: the
  * disk forgets those no longer in memory and every chain below them (all:
- * every block not in memory). Returns the blocks it forgot. */
+ * every block not in memory). The disk copies of blocks the Evict took
+ * from memory went with them (store.h's on_forget), so this returns only
+ * the blocks that were on disk alone: each block forgotten counts once. */
 uint64_t vqkvd_tiers_forget(vqkvd_server_t *s, uint32_t tenant, uint32_t model, const uint8_t *keys,
                             uint32_t n, bool all);
 

@@ -26,8 +26,7 @@
  *     prefix found once is found again after every later crash, and after
  *     the rounds that end with a clean stop every chain is found whole.
  *
- * Checks that show a daemon defect not fixed yet are skipped (and say so)
- * unless VQKV_DISK_KNOWN_BUGS=1. VQKV_DISK_TESTS=PATTERN runs only the
+ * VQKV_DISK_TESTS=PATTERN runs only the
  * tests whose names match. The daemon's stderr goes to vqkvd.log in its
  * temporary directory, which VQKV_DISK_KEEP=1 keeps (its path printed)
  * instead of removing it.
@@ -806,8 +805,8 @@ static void test_evict_forgets_disk(void **state)
     /* On disk only: chain 0 whole, chain 1 from block 2. */
     assert_int_equal(evict(&s, TAG_FORGET, 0, 0, 0), 6);
     assert_int_equal(evict(&s, TAG_FORGET, 1, 2, 0), 4);
-    /* In both tiers (Ack.count: test_evict_count). */
-    assert_true(evict(&s, TAG_FORGET, 3, 0, 0) >= 6);
+    /* In both tiers: each block counted once. */
+    assert_int_equal(evict(&s, TAG_FORGET, 3, 0, 0), 6);
     assert_int_equal(check_chain(&s, f, TAG_FORGET, 0, 6), 0);
     assert_int_equal(check_chain(&s, f, TAG_FORGET, 1, 6), 2);
     assert_int_equal(check_chain(&s, f, TAG_FORGET, 2, 6), 6);
@@ -829,7 +828,7 @@ static void test_evict_forgets_disk(void **state)
     /* `all`: chain 2 in memory (just read back) and on disk, chains 1 and
      * 4 too; nothing of the model is left, now or after a restart. */
     sess_open(&s, f, "test/disk-forget", "fp16");
-    assert_true(evict(&s, TAG_FORGET, 0, 0, 1) >= 2 + 6 + 6);
+    assert_int_equal(evict(&s, TAG_FORGET, 0, 0, 1), 2 + 6 + 6);
     for (uint32_t c = 0; c < 5; c++)
         assert_int_equal(check_chain(&s, f, TAG_FORGET, c, 6), 0);
     sess_close(&s);
@@ -840,24 +839,11 @@ static void test_evict_forgets_disk(void **state)
     sess_close(&s);
 }
 
-/* Checks that show a daemon defect not fixed yet are skipped unless
- * VQKV_DISK_KNOWN_BUGS=1, so that the suite passes while they wait. */
-static void known_bug(const char *what)
-{
-    const char *env = getenv("VQKV_DISK_KNOWN_BUGS");
-    if (env == NULL || strcmp(env, "1") != 0) {
-        printf("test_disk: skipped, a known daemon defect (VQKV_DISK_KNOWN_BUGS=1 runs it): %s\n",
-               what);
-        skip();
-    }
-}
-
 /* Ack.count of an Evict is the blocks removed (vqkv.proto): a chain held
  * in both tiers (read back from disk) counts each block once, as does
  * `all`. */
 static void test_evict_count(void **state)
 {
-    known_bug("an Evict of blocks in both tiers counts each twice");
     fx_t *f = *state;
     sess_t s;
     sess_open(&s, f, "test/disk-count", "fp16");
