@@ -37,17 +37,37 @@ struct vqkvd_disk_seg {
     uint64_t number;
     int fd;         /* read-only, for payload reads; -1 once closed */
     uint64_t bytes; /* the file's length, counted against the limit */
-    uint32_t refs;  /* the tier's own (until dropped) and each read in flight */
+    /* Bytes of the records still needed: blocks the index points at
+     * (live), tombstones a compaction carried here (carried). The rest is
+     * what compaction reclaims. */
+    uint64_t live, carried;
+    bool gone;     /* dropped from the list; its file deleted by the next job */
+    uint32_t refs; /* the tier's own (until dropped) and each read in flight */
 };
 
 typedef struct vqkvd__disk_write {
     struct vqkvd__disk_write *next;
     vqkvd_segment_record_t rec;
-    uint8_t *payload;        /* NULL for a tombstone */
+    uint8_t *payload;        /* NULL for a tombstone, and for a move until read */
     uint64_t number, offset; /* where it went */
     int rc;
     int sys_errno;
+    /* A compaction's: a move reads its payload from src at src_offset (the
+     * record of sequence number src_seq); a carried tombstone has src
+     * NULL. */
+    bool compaction;
+    bool unread; /* a move whose payload could not be read (rc says why) */
+    vqkvd_disk_seg_t *src;
+    uint64_t src_offset, src_seq;
 } vqkvd__disk_write_t;
+
+/* One record of the segment being compacted, as its scan found it. */
+typedef struct {
+    uint64_t seq;
+    uint32_t tenant, model;
+    bool tombstone;
+    uint8_t key[VQKVD_KEY_BYTES];
+} vqkvd__disk_compact_rec_t;
 
 struct vqkvd_disk {
     char *dir;
@@ -76,6 +96,22 @@ struct vqkvd_disk {
     uint32_t n_created;
     void (*drained)(void *arg);
     void *drained_arg;
+    bool stopping; /* no compaction starts */
+    /* The compaction running (victim not NULL): a scan job lists the
+     * victim's records, then its live blocks and needed tombstones go
+     * through the write queue, and once all have settled the victim goes. */
+    struct {
+        vqkvd_disk_seg_t *victim; /* held by a ref while it runs */
+        uv_work_t work;
+        vqkvd__disk_compact_rec_t *recs;
+        size_t n, cap;
+        int rc;           /* of the scan */
+        bool carry;       /* the victim is not the oldest: tombstones move on */
+        uint64_t pending; /* its writes not yet settled */
+        bool failed;      /* a tombstone not carried: the victim stays */
+        bool blocked;     /* one failed: none starts before a write succeeds */
+        uint64_t moved;   /* blocks moved */
+    } compact;
     vqkvd_disk_stats_t stats;
 };
 
@@ -127,10 +163,18 @@ static void vqkvd__disk_maybe_grow(vqkvd_disk_t *d)
     free(old);
 }
 
+/* Bytes a block's record takes in its segment. */
+static uint64_t vqkvd__disk_record_bytes(uint32_t payload_bytes)
+{
+    return VQKVD_SEGMENT_RECORD_BYTES + (uint64_t)payload_bytes;
+}
+
 static void vqkvd__disk_unlink_entry(vqkvd_disk_t *d, vqkvd_disk_entry_t **link)
 {
     vqkvd_disk_entry_t *e = *link;
     *link = e->hnext;
+    if (e->seg != NULL)
+        e->seg->live -= vqkvd__disk_record_bytes(e->payload_bytes);
     d->stats.blocks--;
     free(e);
 }
@@ -165,6 +209,8 @@ static void vqkvd__disk_apply(vqkvd_disk_t *d, vqkvd_disk_seg_t *seg,
     link = vqkvd__disk_bucket(d, e->tenant, e->model, e->key);
     e->hnext = *link;
     *link = e;
+    if (seg != NULL)
+        seg->live += vqkvd__disk_record_bytes(e->payload_bytes);
     d->stats.blocks++;
     vqkvd__disk_maybe_grow(d);
 }
@@ -213,16 +259,40 @@ static void vqkvd__disk_seg_unref(vqkvd_disk_seg_t *seg)
     free(seg);
 }
 
+/* Takes seg out of the list, for the next write job to delete its file.
+ * false (nothing done) when there is no memory to note it. */
+static bool vqkvd__disk_seg_remove(vqkvd_disk_t *d, vqkvd_disk_seg_t *seg)
+{
+    uint64_t *un = realloc(d->unlinks, (d->n_unlinks + 1) * sizeof *un);
+    if (un == NULL)
+        return false;
+    d->unlinks = un;
+    d->unlinks[d->n_unlinks++] = seg->number;
+    if (seg->prev != NULL)
+        seg->prev->next = seg->next;
+    else
+        d->oldest = seg->next;
+    if (seg->next != NULL)
+        seg->next->prev = seg->prev;
+    else
+        d->newest = seg->prev;
+    seg->gone = true;
+    d->stats.segments--;
+    d->stats.bytes -= seg->bytes;
+    vqkvd__disk_seg_unref(seg);
+    return true;
+}
+
 /* Drops the oldest segment with every block the index has in it; the next
  * write job deletes its file. O(blocks on disk). */
 static void vqkvd__disk_drop_oldest(vqkvd_disk_t *d)
 {
     vqkvd_disk_seg_t *seg = d->oldest;
-    uint64_t *un = realloc(d->unlinks, (d->n_unlinks + 1) * sizeof *un);
-    if (un == NULL)
+    seg->refs++; /* the walk below still reads it */
+    if (!vqkvd__disk_seg_remove(d, seg)) {
+        seg->refs--;
         return; /* over the limit a little longer */
-    d->unlinks = un;
-    d->unlinks[d->n_unlinks++] = seg->number;
+    }
     for (uint64_t i = 0; i <= d->mask; i++) {
         vqkvd_disk_entry_t **link = &d->buckets[i];
         while (*link != NULL) {
@@ -234,13 +304,6 @@ static void vqkvd__disk_drop_oldest(vqkvd_disk_t *d)
             }
         }
     }
-    d->oldest = seg->next;
-    if (d->oldest != NULL)
-        d->oldest->prev = NULL;
-    if (d->newest == seg)
-        d->newest = NULL;
-    d->stats.segments--;
-    d->stats.bytes -= seg->bytes;
     vqkvd__disk_seg_unref(seg);
 }
 
@@ -302,14 +365,61 @@ static void vqkvd__disk_load(vqkvd_disk_t *d, uint64_t number)
 
 /* ---- writing ----------------------------------------------------------------- */
 
+static void vqkvd__disk_compact_settled(vqkvd_disk_t *d);
+static void vqkvd__disk_maybe_compact(vqkvd_disk_t *d);
+
+/* Memory an item holds while queued: its payload; a move reads its own
+ * when written. */
+static uint64_t vqkvd__disk_held_bytes(const vqkvd__disk_write_t *it)
+{
+    return it->src != NULL ? 0 : it->rec.payload_bytes;
+}
+
+/* A compaction's move done: the block's entry, if still the record
+ * moved, points at the copy in seg; a copy that could not be read (its
+ * payload damaged) leaves the index; one not written stays where it was. */
+static void vqkvd__disk_settle_move(vqkvd_disk_t *d, const vqkvd__disk_write_t *it,
+                                    vqkvd_disk_seg_t *seg)
+{
+    vqkvd_disk_entry_t **link = vqkvd__disk_link(d, it->rec.tenant, it->rec.model, it->rec.key);
+    vqkvd_disk_entry_t *e = *link;
+    if (e == NULL || e->seq != it->src_seq || e->seg != it->src)
+        return; /* dropped or replaced meanwhile: the copy is dead */
+    if (it->unread) {
+        /* Damaged (counted) or unreadable: not served, like a failed read. */
+        d->stats.bad_records += it->rc == VQKV_EFORMAT;
+        if (it->rc == VQKV_EFORMAT || it->rc == VQKV_EIO)
+            vqkvd__disk_unlink_entry(d, link);
+        return;
+    }
+    if (seg == NULL)
+        return;
+    uint64_t bytes = vqkvd__disk_record_bytes(e->payload_bytes);
+    e->seg->live -= bytes;
+    seg->live += bytes;
+    e->seg = seg;
+    e->seq = it->rec.seq;
+    e->payload_offset = it->offset + VQKVD_SEGMENT_RECORD_BYTES;
+    d->compact.moved++;
+}
+
 /* Its write done: the entry of a queued block (still this record's: a
  * later put or a drop may have replaced it) points into seg, or goes
  * when the write failed (seg NULL). */
 static void vqkvd__disk_settle(vqkvd_disk_t *d, const vqkvd__disk_write_t *it,
                                vqkvd_disk_seg_t *seg)
 {
-    if (it->payload == NULL)
-        return; /* a tombstone */
+    if (it->src != NULL) {
+        vqkvd__disk_settle_move(d, it, seg);
+        return;
+    }
+    if (it->rec.flags & VQKVD_SEGMENT_TOMBSTONE) {
+        if (it->compaction && seg != NULL)
+            seg->carried += VQKVD_SEGMENT_RECORD_BYTES;
+        else if (it->compaction)
+            d->compact.failed = true;
+        return;
+    }
     vqkvd_disk_entry_t **link = vqkvd__disk_link(d, it->rec.tenant, it->rec.model, it->rec.key);
     vqkvd_disk_entry_t *e = *link;
     if (e == NULL || e->seq != it->rec.seq)
@@ -322,6 +432,7 @@ static void vqkvd__disk_settle(vqkvd_disk_t *d, const vqkvd__disk_write_t *it,
     e->queued = NULL;
     e->payload_crc = it->rec.payload_crc; /* set by the append */
     e->payload_offset = it->offset + VQKVD_SEGMENT_RECORD_BYTES;
+    seg->live += vqkvd__disk_record_bytes(e->payload_bytes);
 }
 
 /* On the job's thread: makes the next segment and a read fd for it. */
@@ -371,6 +482,19 @@ static void vqkvd__disk_write_work(uv_work_t *work)
             (w->fd < 0 || w->broken ||
              (w->end > VQKVD_SEGMENT_FILE_HEADER_BYTES && w->end + need > d->segment_bytes)))
             rc = vqkvd__disk_new_segment(d, &err);
+        if (rc == VQKV_OK && it->src != NULL && it->payload == NULL) {
+            /* A move: its bytes come from the segment compacted. */
+            it->payload = malloc(it->rec.payload_bytes);
+            it->rc =
+                it->payload == NULL
+                    ? VQKV_ENOMEM
+                    : vqkvd_segment_read_payload(it->src->fd, &it->rec, it->src_offset, it->payload,
+                                                 it->rec.payload_bytes, &it->sys_errno);
+            if (it->rc != VQKV_OK) {
+                it->unread = true;
+                continue;
+            }
+        }
         if (rc == VQKV_OK) {
             it->rc = vqkvd_segment_append(w, &it->rec, it->payload, &it->offset);
             it->number = w->number;
@@ -405,18 +529,25 @@ static void vqkvd__disk_write_after(uv_work_t *work, int status)
         if (status < 0 && it->rc == VQKV_OK)
             it->rc = VQKV_EIO;
         vqkvd_disk_seg_t *seg = it->rc == VQKV_OK ? vqkvd__disk_seg_find(d, it->number) : NULL;
-        if (seg != NULL) {
+        if (it->unread) {
+            /* not a write that failed: vqkvd__disk_settle_move says */
+        } else if (seg != NULL) {
             uint64_t end = it->offset + VQKVD_SEGMENT_RECORD_BYTES + it->rec.payload_bytes;
             d->stats.bytes += end > seg->bytes ? end - seg->bytes : 0;
             seg->bytes = end > seg->bytes ? end : seg->bytes;
             d->stats.writes += !(it->rec.flags & VQKVD_SEGMENT_TOMBSTONE);
             d->stats.write_bytes += it->rec.payload_bytes;
+            d->compact.blocked = d->compact.blocked && it->compaction;
         } else {
             d->stats.write_errors++;
             failed++;
             err = it->sys_errno;
         }
         vqkvd__disk_settle(d, it, seg);
+        if (it->compaction)
+            vqkvd__disk_compact_settled(d);
+        if (it->src != NULL)
+            vqkvd__disk_seg_unref(it->src);
         free(it->payload);
         free(it);
     }
@@ -438,6 +569,7 @@ static void vqkvd__disk_write_after(uv_work_t *work, int status)
     vqkvd__disk_kick(d);
     if (!d->writing && d->drained != NULL)
         d->drained(d->drained_arg);
+    vqkvd__disk_maybe_compact(d);
 }
 
 void vqkvd_disk_on_drained(vqkvd_disk_t *d, void (*fn)(void *arg), void *arg)
@@ -465,7 +597,7 @@ static void vqkvd__disk_kick(vqkvd_disk_t *d)
         d->queue = it->next;
         it->next = NULL;
         bytes += it->rec.payload_bytes;
-        d->queue_bytes -= it->rec.payload_bytes;
+        d->queue_bytes -= vqkvd__disk_held_bytes(it);
         *tail = it;
         tail = &it->next;
     }
@@ -481,6 +613,17 @@ static void vqkvd__disk_kick(vqkvd_disk_t *d)
         d->writing = false; /* a closing loop: the batch goes unwritten */
         vqkvd__disk_write_after(&d->work, UV_ECANCELED);
     }
+}
+
+static void vqkvd__disk_enqueue(vqkvd_disk_t *d, vqkvd__disk_write_t *it)
+{
+    if (d->queue_tail != NULL)
+        d->queue_tail->next = it;
+    else
+        d->queue = it;
+    d->queue_tail = it;
+    d->queue_bytes += vqkvd__disk_held_bytes(it);
+    vqkvd__disk_kick(d);
 }
 
 static bool vqkvd__disk_queue(vqkvd_disk_t *d, const vqkvd_segment_record_t *rec, uint8_t *payload)
@@ -500,13 +643,7 @@ static bool vqkvd__disk_queue(vqkvd_disk_t *d, const vqkvd_segment_record_t *rec
         if (e != NULL && e->seq == it->rec.seq)
             e->queued = payload;
     }
-    if (d->queue_tail != NULL)
-        d->queue_tail->next = it;
-    else
-        d->queue = it;
-    d->queue_tail = it;
-    d->queue_bytes += rec->payload_bytes;
-    vqkvd__disk_kick(d);
+    vqkvd__disk_enqueue(d, it);
     return true;
 }
 
@@ -584,6 +721,176 @@ uint64_t vqkvd_disk_drop_model(vqkvd_disk_t *d, uint32_t tenant, uint32_t model,
                                bool (*in_memory)(void *arg, const uint8_t *key), void *arg)
 {
     return vqkvd__disk_orphan_pass(d, tenant, model, in_memory, arg, true);
+}
+
+/* ---- compaction ----------------------------------------------------------------- */
+
+/* A segment other than the newest is compacted when at most half of its
+ * records' bytes are still needed: its live blocks (and the tombstones
+ * that must outlive it) are appended anew, like evicted blocks, and once
+ * they are synced the file goes. Moving at most half to free at least
+ * half bounds the bytes written per byte reclaimed by one. Only while the
+ * write queue is idle, one segment at a time: evictions come first.
+ *
+ * Copies take new sequence numbers, so a restart prefers them to the
+ * originals (a SIGKILL before the old file goes leaves both; the later
+ * wins). A tombstone moves on only while its key has no record at all:
+ * with a new number it would otherwise kill that later record. A victim
+ * that is the oldest segment drops its tombstones: every record they
+ * could hide lies before them in it, and goes with it. */
+
+static bool vqkvd__disk_worth_compacting(const vqkvd_disk_seg_t *seg)
+{
+    return seg->bytes > VQKVD_SEGMENT_FILE_HEADER_BYTES &&
+           2 * (seg->live + seg->carried) <= seg->bytes - VQKVD_SEGMENT_FILE_HEADER_BYTES;
+}
+
+/* On the scan job's thread: notes each record of the victim. */
+static int vqkvd__disk_compact_collect(void *arg, const vqkvd_segment_record_t *rec,
+                                       uint64_t payload_offset)
+{
+    (void)payload_offset;
+    vqkvd_disk_t *d = arg;
+    if (d->compact.n == d->compact.cap) {
+        size_t cap = d->compact.cap != 0 ? 2 * d->compact.cap : 256;
+        vqkvd__disk_compact_rec_t *recs = realloc(d->compact.recs, cap * sizeof *recs);
+        if (recs == NULL)
+            return VQKV_ENOMEM;
+        d->compact.recs = recs;
+        d->compact.cap = cap;
+    }
+    vqkvd__disk_compact_rec_t *r = &d->compact.recs[d->compact.n++];
+    r->seq = rec->seq;
+    r->tenant = rec->tenant;
+    r->model = rec->model;
+    r->tombstone = (rec->flags & VQKVD_SEGMENT_TOMBSTONE) != 0;
+    memcpy(r->key, rec->key, VQKVD_KEY_BYTES);
+    return VQKV_OK;
+}
+
+static void vqkvd__disk_compact_scan(uv_work_t *work)
+{
+    vqkvd_disk_t *d = work->data;
+    vqkvd_segment_scan_t scan;
+    d->compact.rc =
+        vqkvd_segment_scan(d->compact.victim->fd, vqkvd__disk_compact_collect, d, &scan);
+}
+
+/* Every write of the compaction settled: the victim goes if no block is
+ * left in it and every tombstone it had to pass on was. */
+static void vqkvd__disk_compact_end(vqkvd_disk_t *d)
+{
+    vqkvd_disk_seg_t *victim = d->compact.victim;
+    uint64_t number = victim->number, bytes = victim->bytes;
+    bool done = !d->compact.failed && !victim->gone && victim->live == 0 &&
+                vqkvd__disk_seg_remove(d, victim);
+    if (done) {
+        d->stats.compactions++;
+        vqkvd_log(VQKVD_LOG_INFO,
+                  "disk: segment %llu compacted: %llu blocks moved, %llu bytes freed",
+                  (unsigned long long)number, (unsigned long long)d->compact.moved,
+                  (unsigned long long)bytes);
+    } else if (!victim->gone) {
+        d->compact.blocked = true; /* its writes failed: retried after one succeeds */
+    }
+    vqkvd__disk_seg_unref(victim);
+    free(d->compact.recs);
+    d->compact.recs = NULL;
+    d->compact.n = d->compact.cap = 0;
+    d->compact.victim = NULL;
+    vqkvd__disk_kick(d); /* deletes the file */
+}
+
+static void vqkvd__disk_compact_settled(vqkvd_disk_t *d)
+{
+    if (--d->compact.pending == 0)
+        vqkvd__disk_compact_end(d);
+}
+
+/* Queues a compaction's write: a move of e, or (e NULL) r's tombstone. */
+static bool vqkvd__disk_compact_queue(vqkvd_disk_t *d, const vqkvd__disk_compact_rec_t *r,
+                                      const vqkvd_disk_entry_t *e)
+{
+    vqkvd__disk_write_t *it = calloc(1, sizeof *it);
+    if (it == NULL)
+        return false;
+    it->compaction = true;
+    it->rec.tenant = r->tenant;
+    it->rec.model = r->model;
+    memcpy(it->rec.key, r->key, VQKVD_KEY_BYTES);
+    if (e == NULL) {
+        it->rec.flags = VQKVD_SEGMENT_TOMBSTONE;
+    } else {
+        it->rec.logical_bytes = e->logical_bytes;
+        it->rec.payload_bytes = e->payload_bytes;
+        it->rec.payload_crc = e->payload_crc;
+        memcpy(it->rec.parent, e->parent, VQKVD_KEY_BYTES);
+        memcpy(it->rec.spec, e->spec, sizeof it->rec.spec);
+        memcpy(it->rec.codebooks_sha256, e->codebooks_sha256, 32);
+        it->src = e->seg;
+        it->src->refs++;
+        it->src_offset = e->payload_offset;
+        it->src_seq = e->seq;
+    }
+    it->rec.seq = d->next_seq++;
+    d->compact.pending++;
+    vqkvd__disk_enqueue(d, it);
+    return true;
+}
+
+/* Back on the loop with the victim's records: queues what must move.
+ * O(records in the victim). */
+static void vqkvd__disk_compact_scanned(uv_work_t *work, int status)
+{
+    vqkvd_disk_t *d = work->data;
+    vqkvd_disk_seg_t *victim = d->compact.victim;
+    d->compact.pending = 1; /* this pass's own, so no write ends it early */
+    d->compact.failed = status < 0 || d->compact.rc != VQKV_OK || victim->gone;
+    for (size_t i = 0; i < d->compact.n && !d->compact.failed; i++) {
+        const vqkvd__disk_compact_rec_t *r = &d->compact.recs[i];
+        const vqkvd_disk_entry_t *e = *vqkvd__disk_link(d, r->tenant, r->model, r->key);
+        if (r->tombstone) {
+            if (!d->compact.carry || (e != NULL && e->seg != NULL))
+                continue;
+            /* A later record not yet written: the tombstone stays needed
+             * until it is; this victim waits. */
+            d->compact.failed = e != NULL || !vqkvd__disk_compact_queue(d, r, NULL);
+        } else if (e != NULL && e->seg == victim && e->seq == r->seq) {
+            d->compact.failed = !vqkvd__disk_compact_queue(d, r, e);
+        }
+    }
+    vqkvd__disk_compact_settled(d);
+}
+
+/* Starts compacting the oldest segment worth it, when the tier is idle.
+ * O(segments). */
+static void vqkvd__disk_maybe_compact(vqkvd_disk_t *d)
+{
+    if (d->compact.victim != NULL || d->compact.blocked || d->stopping || d->off || d->writing ||
+        d->queue != NULL)
+        return;
+    vqkvd_disk_seg_t *seg = d->oldest;
+    while (seg != NULL && seg != d->newest && !vqkvd__disk_worth_compacting(seg))
+        seg = seg->next;
+    if (seg == NULL || seg == d->newest)
+        return;
+    seg->refs++;
+    d->compact.victim = seg;
+    d->compact.carry = seg != d->oldest;
+    d->compact.n = 0;
+    d->compact.moved = 0;
+    d->compact.rc = VQKV_OK;
+    d->compact.work.data = d;
+    if (uv_queue_work(d->loop, &d->compact.work, vqkvd__disk_compact_scan,
+                      vqkvd__disk_compact_scanned) < 0) {
+        d->compact.victim = NULL; /* a closing loop */
+        vqkvd__disk_seg_unref(seg);
+    }
+}
+
+void vqkvd_disk_stop(vqkvd_disk_t *d)
+{
+    d->stopping = true;
 }
 
 /* ---- reading ----------------------------------------------------------------- */
@@ -677,6 +984,7 @@ int vqkvd_disk_open(const char *dir, uint64_t limit, uv_loop_t *loop, const vqkv
         vqkvd__disk_load(d, numbers[i]);
     free(numbers);
     vqkvd__disk_trim(d);
+    vqkvd__disk_maybe_compact(d);
     *out = d;
     return VQKV_OK;
 fail:
@@ -706,6 +1014,7 @@ void vqkvd_disk_close(vqkvd_disk_t *d)
         free(it);
     }
     free(d->unlinks);
+    free(d->compact.recs);
     free(d->buckets);
     free(d->dir);
     free(d);

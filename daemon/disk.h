@@ -19,7 +19,9 @@
  * and is not written again when it is evicted again, so a block hot
  * enough to stay in memory costs no writes. The write queue holds at
  * most VQKVD_DISK_QUEUE_BYTES; evictions past it are not written (counted).
- * The index costs about 200 bytes of memory a block on disk.
+ * The index costs about 200 bytes of memory a block on disk. Space of
+ * dropped blocks is reclaimed by compaction (disk.c): a segment at least
+ * half dead has its live records appended anew, then goes.
  *
  * I/O runs only on the thread pool: appends, syncs, payload reads (pread,
  * CRC-32C checked), unlinks. Opening the directory at start scans every
@@ -89,6 +91,7 @@ typedef struct {
     uint64_t reads, read_bytes;   /* blocks read back (promoted into memory) */
     uint64_t bad_records;         /* damaged records found by scans and reads, dropped */
     uint64_t dropped;             /* blocks dropped with the oldest segments */
+    uint64_t compactions;         /* segments whose live records moved on, and the file went */
 } vqkvd_disk_stats_t;
 
 /* Opens the tier in dir (made 0700 if missing) holding at most limit
@@ -101,6 +104,9 @@ int vqkvd_disk_open(const char *dir, uint64_t limit, uv_loop_t *loop, const vqkv
                     vqkvd_disk_t **out, char *why, size_t why_size);
 /* After the loop has run dry: frees everything, closes the files. */
 void vqkvd_disk_close(vqkvd_disk_t *d);
+
+/* No compaction starts from now on (a stopping daemon); one running ends. */
+void vqkvd_disk_stop(vqkvd_disk_t *d);
 
 /* Called when the write queue has drained and no write runs: a flush
  * (tiers.c) queues its next share then. */

@@ -210,6 +210,9 @@ static void vqkvd__render_disk(FILE *f, const vqkvd_disk_stats_t *d)
                   "Evicted blocks not written: the write queue was full.", d->queue_full);
     vqkvd__scalar(f, "vqkv_disk_dropped_total", "counter",
                   "Blocks dropped with the disk tier's oldest segments.", d->dropped);
+    vqkvd__scalar(f, "vqkv_disk_compactions_total", "counter",
+                  "Disk segments compacted: live records moved on, the file deleted.",
+                  d->compactions);
 }
 
 static void vqkvd__render_totals(FILE *f, const vqkvd__snapshot_t *snap)

@@ -185,8 +185,10 @@ int vqkvd_tiers_start(vqkvd_server_t *s)
 
 void vqkvd_tiers_stop(vqkvd_server_t *s)
 {
-    if (s->disk != NULL)
-        s->flushing = !vqkvd__tiers_flush_some(s);
+    if (s->disk == NULL)
+        return;
+    vqkvd_disk_stop(s->disk);
+    s->flushing = !vqkvd__tiers_flush_some(s);
 }
 
 void vqkvd_tiers_destroy(vqkvd_server_t *s)

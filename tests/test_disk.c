@@ -980,20 +980,29 @@ static void damage_prepare(fx_t *f)
     daemon_stop(&f->d);
 }
 
-/* Which block (chain, i) of the damage chains key names; fails when none. */
-static void damage_block(const uint8_t *key, uint32_t *chain, uint32_t *i)
+/* Which block (chain, i) of chains [0, chains) of tag, blocks long, key
+ * names: 1, or 0 when none. */
+static int block_of(const uint8_t *key, uint32_t tag, uint32_t chains, uint32_t blocks,
+                    uint32_t *chain, uint32_t *i)
 {
-    for (uint32_t c = 0; c < DAMAGE_CHAINS; c++)
-        for (uint32_t b = 0; b < DAMAGE_BLOCKS; b++) {
+    for (uint32_t c = 0; c < chains; c++)
+        for (uint32_t b = 0; b < blocks; b++) {
             uint8_t k[32];
-            chain_key(k, TAG_DAMAGE, c, b);
+            chain_key(k, tag, c, b);
             if (memcmp(k, key, 32) == 0) {
                 *chain = c;
                 *i = b;
-                return;
+                return 1;
             }
         }
-    fail_msg("a record of a key no test put");
+    return 0;
+}
+
+/* Which block (chain, i) of the damage chains key names; fails when none. */
+static void damage_block(const uint8_t *key, uint32_t *chain, uint32_t *i)
+{
+    if (!block_of(key, TAG_DAMAGE, DAMAGE_CHAINS, DAMAGE_BLOCKS, chain, i))
+        fail_msg("a record of a key no test put");
 }
 
 /* Every damage chain found as far as want says (want[c]), bytes checked. */
@@ -1387,6 +1396,146 @@ static void test_sigkill_loop(void **state)
     daemon_stop(&f->d);
 }
 
+/* ---- 7. compaction --------------------------------------------------------- */
+
+#define TAG_COMPACT 8
+#define COMPACT_CHAINS 24
+#define COMPACT_BLOCKS 6
+
+static int setup_compact(void **state)
+{
+    /* 16 fp16 blocks in memory; segments of 512 KiB, 31 blocks each. */
+    static const char *const flags[] = {"--pool-bytes", "256K", "--disk-bytes", "2M", NULL};
+    return fx_setup(state, flags);
+}
+
+/* Whether path names a file. */
+static int file_exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0;
+}
+
+/* The file holding the record (flags: 1 a tombstone, 0 a block) of key
+ * last, into path; 0 when no file has one. */
+static int record_file(const fx_t *f, const uint8_t *key, uint32_t flags, char path[192])
+{
+    static rec_t recs[1024];
+    size_t n = seg_records(f, recs, 1024);
+    int found = 0;
+    for (size_t i = 0; i < n; i++)
+        if (memcmp(recs[i].key, key, 32) == 0 && (recs[i].flags & 1) == flags) {
+            memcpy(path, recs[i].path, 192);
+            found = 1;
+        }
+    return found;
+}
+
+/* Puts chains from *next on until the disk dir has at least files
+ * segment files. */
+static void put_until_files(sess_t *s, fx_t *f, uint32_t *next, size_t files)
+{
+    char paths[32][192];
+    while (seg_files(f, paths, 32) < files) {
+        assert_true(*next < COMPACT_CHAINS);
+        assert_int_equal(put_chain(s, f, TAG_COMPACT, *next, COMPACT_BLOCKS), COMPACT_BLOCKS);
+        (*next)++;
+        sleep_ms(20); /* the write job runs behind the Puts */
+    }
+}
+
+/* A segment left with mostly dead records (its blocks' chains evicted) is
+ * compacted away: its file goes, its live blocks and the tombstones in it
+ * that still hide blocks of an older segment move on, and neither this run
+ * nor a restart brings the evicted chains back; every other chain reads
+ * back whole. */
+static void test_compaction(void **state)
+{
+    fx_t *f = *state;
+    sess_t s;
+    uint32_t next = 0;
+    uint8_t key0[32];
+    chain_key(key0, TAG_COMPACT, 0, 0);
+    sess_open(&s, f, "test/disk-compact", "fp16");
+    /* Chain 0 on disk in the oldest segment, then evicted: its tombstones
+     * go to a later segment, which more puts make not the newest. */
+    put_until_files(&s, f, &next, 2);
+    await_on_disk(f, TAG_COMPACT, 0, COMPACT_BLOCKS);
+    assert_int_equal(evict(&s, TAG_COMPACT, 0, 0, 0), COMPACT_BLOCKS);
+    char block0[192], tomb0[192];
+    long deadline = now_ms() + 10000L * daemon_slowdown();
+    while (!record_file(f, key0, 1, tomb0)) {
+        assert_true(now_ms() < deadline);
+        sleep_ms(5);
+    }
+    assert_true(record_file(f, key0, 0, block0));
+    assert_true(strcmp(block0, tomb0) < 0);
+    size_t files_before = 0;
+    {
+        char paths[32][192];
+        files_before = seg_files(f, paths, 32);
+        while (strcmp(paths[files_before - 1], tomb0) == 0) {
+            put_until_files(&s, f, &next, files_before + 1);
+            files_before = seg_files(f, paths, 32);
+        }
+    }
+
+    /* Every chain with a block in the tombstones' segment evicted but the
+     * first: it holds dead records only, but for chain 0's tombstones and
+     * at most a chain's blocks, which move. */
+    static rec_t recs[1024];
+    size_t n = seg_records(f, recs, 1024);
+    uint32_t evicted[COMPACT_CHAINS] = {0}, kept = 0;
+    evicted[0] = 1;
+    for (size_t r = 0; r < n; r++) {
+        uint32_t c, i;
+        if (strcmp(recs[r].path, tomb0) != 0 || (recs[r].flags & 1) ||
+            !block_of(recs[r].key, TAG_COMPACT, next, COMPACT_BLOCKS, &c, &i) || evicted[c] ||
+            c == kept)
+            continue;
+        if (kept == 0) {
+            kept = c;
+            continue;
+        }
+        assert_int_equal(evict(&s, TAG_COMPACT, c, 0, 0), COMPACT_BLOCKS);
+        evicted[c] = 1;
+    }
+    assert_true(kept > 0);
+    deadline = now_ms() + 10000L * daemon_slowdown();
+    while (file_exists(tomb0)) {
+        if (now_ms() > deadline)
+            fail_msg("%s (dead records only) was never compacted", tomb0);
+        sleep_ms(10);
+    }
+    assert_true(log_says(f, "compacted"));
+    /* Chain 0's blocks are still in the older segment; its tombstones
+     * moved on and keep them hidden. */
+    assert_true(file_exists(block0));
+    char moved[192];
+    assert_true(record_file(f, key0, 1, moved));
+    assert_true(strcmp(moved, tomb0) > 0);
+
+    uint32_t live = 0;
+    for (int round = 0; round < 2; round++) {
+        for (uint32_t c = 0; c < next; c++) {
+            uint32_t found = check_chain(&s, f, TAG_COMPACT, c, COMPACT_BLOCKS);
+            if (found != (evicted[c] ? 0 : COMPACT_BLOCKS))
+                fail_msg("round %d: chain %u (%s): %u blocks found", round, c,
+                         evicted[c] ? "evicted" : "kept", found);
+            live += !evicted[c] && round == 0;
+        }
+        sess_close(&s);
+        fx_restart(f);
+        sess_open(&s, f, "test/disk-compact", "fp16");
+    }
+    assert_true(live > 0);
+    /* The kept chain's blocks of the compacted segment were moved. */
+    uint8_t key[32];
+    chain_key(key, TAG_COMPACT, kept, 0);
+    assert_true(record_file(f, key, 0, moved) && strcmp(moved, tomb0) > 0);
+    sess_close(&s);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN); /* a Put to a killed daemon fails, not the test */
@@ -1412,6 +1561,7 @@ int main(void)
         cmocka_unit_test(test_disk_dir_unusable),
         cmocka_unit_test(test_disk_refuses_writes),
         cmocka_unit_test_setup_teardown(test_sigkill_loop, setup_tiny_pool, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_compaction, setup_compact, fx_teardown),
     };
     if (getenv("VQKV_DISK_TESTS") != NULL)
         cmocka_set_test_filter(getenv("VQKV_DISK_TESTS"));
