@@ -1296,6 +1296,27 @@ int vqkv_release(vqkv_client_t *client, vqkv_lease_t lease)
     return VQKV_OK;
 }
 
+int vqkv_flush(vqkv_client_t *client, size_t *written)
+{
+    if (client == NULL)
+        return VQKV_EINVAL;
+    int rc = vqkv__ready(client);
+    if (rc != VQKV_OK)
+        return rc;
+    Vqkv__Flush flush = VQKV__FLUSH__INIT;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_FLUSH;
+    env.flush = &flush;
+    Vqkv__Envelope *r;
+    rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_ACK, &r);
+    if (rc != VQKV_OK)
+        return rc;
+    if (written != NULL)
+        *written = r->ack->count;
+    vqkv_frame_envelope_free(r);
+    return VQKV_OK;
+}
+
 /* ---- asynchronous calls ------------------------------------------------------- */
 
 /* Room for a call of `parts` wire requests: within VQKV_ASYNC_MAX calls and

@@ -510,6 +510,14 @@ int vqkv_evict(vqkv_client_t *client, const vqkv_model_t *model,
 /* The daemon's counters into *stats. */
 int vqkv_stats(vqkv_client_t *client, vqkv_stats_t *stats);
 
+/* Writes to the daemon's disk tier every block its memory holds that the
+ * tier lacks, and returns once all of them are on disk and synced (a
+ * crash after that loses none); *written (may be NULL) receives how many
+ * blocks were written. An operator's call: VQKV_EPERM unless the caller
+ * is in admin_uids, root or the daemon's own user; VQKV_EINVAL without a
+ * disk tier; VQKV_EIO when some blocks could not be written (full disk). */
+int vqkv_flush(vqkv_client_t *client, size_t *written);
+
 #ifdef __cplusplus
 }
 #endif

@@ -552,8 +552,7 @@ int main(int argc, char **argv)
         printf("%s: prompt of %zu tokens (%u shared + %u own) = %zu full blocks, codec %s (%u "
                "bytes a block, %llu in f16: %.2fx), KV %s\n",
                o.role, d.n_tokens, o.prefix_tokens, o.user_tokens, d.n_keys, d.codec_name,
-               vqkv_model_block_bytes(w.model),
-               (unsigned long long)logical,
+               vqkv_model_block_bytes(w.model), (unsigned long long)logical,
                (double)logical / (double)vqkv_model_block_bytes(w.model),
                d.have_dump ? o.kv_path : "synthetic");
         status = restore ? demo_restore(&d, &w, o.codebook, o.max_rel_err)

@@ -38,6 +38,7 @@ static void vqkvctl_usage(FILE *out)
           "               (--tokens 1,2,3,...|--tokens-file FILE) [--json]\n"
           "       vqkvctl [--socket PATH] evict --model ID [--heads FIRST:COUNT]\n"
           "               (--tokens 1,2,3,...|--tokens-file FILE|--all) [--json]\n"
+          "       vqkvctl [--socket PATH] flush\n"
           "\n"
           "stats: the daemon's counters (blocks, bytes, hits, misses, evictions, ...), in\n"
           "total and per tenant (every tenant for an admin, else the caller's own).\n"
@@ -46,6 +47,8 @@ static void vqkvctl_usage(FILE *out)
           "commas or white space) of a model this user's workers registered, keyed as\n"
           "they key them. evict also takes each block's descendants; --all evicts\n"
           "every block of the model that is not leased or pinned (nor above one).\n"
+          "flush: write every block memory holds that the disk tier lacks, and return\n"
+          "once all are on disk (admin_uids, root or vqkvd's own user).\n"
           "  --heads FIRST:COUNT   the registered kv head range (default: the one\n"
           "                        starting at head 0)\n"
           "  --ttl-ms N            how long the pin lasts (default: 4294967295, about\n"
@@ -219,9 +222,11 @@ static int vqkvctl_eval(int argc, char **argv)
 }
 
 #define VQKVCTL_TIMEOUT_MS 5000
+/* A flush writes down what memory holds: minutes for a large pool. */
+#define VQKVCTL_FLUSH_TIMEOUT_MS (30 * 60 * 1000)
 
 /* Connects for stats and health; prints why not and returns NULL on failure. */
-static vqkv_client_t *vqkvctl_connect(const char *cmd, const char *socket_path)
+static vqkv_client_t *vqkvctl_connect(const char *cmd, const char *socket_path, int timeout_ms)
 {
     char path[108];
     if (socket_path == NULL) {
@@ -234,7 +239,7 @@ static vqkv_client_t *vqkvctl_connect(const char *cmd, const char *socket_path)
     }
     vqkv_client_t *client;
     errno = 0;
-    int rc = vqkv_connect(socket_path, "vqkvctl", VQKVCTL_TIMEOUT_MS, &client);
+    int rc = vqkv_connect(socket_path, "vqkvctl", timeout_ms, &client);
     if (rc != VQKV_OK) {
         int e = errno;
         fprintf(stderr, "vqkvctl %s: cannot talk to vqkvd at %s: %s%s%s\n", cmd, socket_path,
@@ -252,13 +257,33 @@ static int vqkvctl_health(int argc, char **argv, const char *socket_path)
         return 2;
     }
     (void)argv;
-    vqkv_client_t *client = vqkvctl_connect("health", socket_path);
+    vqkv_client_t *client = vqkvctl_connect("health", socket_path, VQKVCTL_TIMEOUT_MS);
     if (client == NULL)
         return 1;
     printf("ok: vqkvd %s, %s backend, tenant %s\n", vqkv_client_server_version(client),
            vqkv_client_backend(client), vqkv_client_tenant(client));
     vqkv_close(client);
     return 0;
+}
+
+static int vqkvctl_flush(int argc, char **argv, const char *socket_path)
+{
+    if (argc != 1) {
+        vqkvctl_usage(stderr);
+        return 2;
+    }
+    (void)argv;
+    vqkv_client_t *client = vqkvctl_connect("flush", socket_path, VQKVCTL_FLUSH_TIMEOUT_MS);
+    if (client == NULL)
+        return 1;
+    size_t written = 0;
+    int rc = vqkv_flush(client, &written);
+    if (rc != VQKV_OK)
+        fprintf(stderr, "vqkvctl: flush: %s\n", vqkv_last_error(client));
+    else
+        printf("flushed: %zu blocks written to the disk tier\n", written);
+    vqkv_close(client);
+    return rc == VQKV_OK ? 0 : 1;
 }
 
 /* n bytes as "12.3 MiB" (powers of 1024), or "512 B". */
@@ -343,7 +368,7 @@ static int vqkvctl_stats(int argc, char **argv, const char *socket_path)
             return 2;
         }
     }
-    vqkv_client_t *client = vqkvctl_connect("stats", socket_path);
+    vqkv_client_t *client = vqkvctl_connect("stats", socket_path, VQKVCTL_TIMEOUT_MS);
     if (client == NULL)
         return 1;
     vqkv_stats_t st;
@@ -565,7 +590,7 @@ static int vqkvctl_blocks(int argc, char **argv, const char *socket_path)
     if (status != 0)
         goto cleanup;
     status = 1;
-    client = vqkvctl_connect(cmd, socket_path);
+    client = vqkvctl_connect(cmd, socket_path, VQKVCTL_TIMEOUT_MS);
     if (client == NULL)
         goto cleanup;
     vqkv_model_t *m;
@@ -667,6 +692,8 @@ int main(int argc, char **argv)
         return vqkvctl_stats(argc - 1, argv + 1, socket_path);
     if (strcmp(argv[1], "health") == 0)
         return vqkvctl_health(argc - 1, argv + 1, socket_path);
+    if (strcmp(argv[1], "flush") == 0)
+        return vqkvctl_flush(argc - 1, argv + 1, socket_path);
     if (strcmp(argv[1], "pin") == 0 || strcmp(argv[1], "unpin") == 0 ||
         strcmp(argv[1], "evict") == 0)
         return vqkvctl_blocks(argc - 1, argv + 1, socket_path);

@@ -140,6 +140,20 @@ const vqkvd_config_key_t vqkvd_config_keys[] = {
         VQKVD__AT(disk_bytes),
     },
     {
+        .name = "disk_flush_ms",
+        .type = VQKVD_CONFIG_COUNT_OFF,
+        .live = 1,
+        .def = "0",
+        .flag = "disk-flush-ms",
+        .arg = "N",
+        .help = "write what memory holds down to the disk tier every N ms (0: never)",
+        .doc = "Every N milliseconds, write to the disk tier every block memory holds that it "
+               "lacks, in the background, so that a crash loses at most the blocks put in the "
+               "last N ms (and those still being written). 0: blocks reach disk only when "
+               "evicted, at a clean stop, or on `vqkvctl flush`.",
+        VQKVD__AT(disk_flush_ms),
+    },
+    {
         /* The logger's: kept in vqkvd_config_file_t, compared by the caller. */
         .name = "log_level",
         .type = VQKVD_CONFIG_LOG_LEVEL,
@@ -276,6 +290,7 @@ static const char *const vqkvd__config_expected[] = {
     [VQKVD_CONFIG_BYTES] = "a positive size such as 512M or 4G",
     [VQKVD_CONFIG_BYTES_OFF] = "a size such as 256M, or 0 for off",
     [VQKVD_CONFIG_COUNT] = "a positive whole number",
+    [VQKVD_CONFIG_COUNT_OFF] = "a whole number, 0 for off",
     [VQKVD_CONFIG_LOG_LEVEL] = "debug, info, warn or error",
 };
 
@@ -477,6 +492,11 @@ static int vqkvd__config_parse(vqkvd_config_t *cfg, int *level, const vqkvd_conf
             *(uint64_t *)slot = 0;
         break;
     case VQKVD_CONFIG_COUNT: ok = vqkvd_config_parse_count(value, slot) == 0; break;
+    case VQKVD_CONFIG_COUNT_OFF:
+        ok = strcmp(value, "0") == 0 || vqkvd_config_parse_count(value, slot) == 0;
+        if (ok && strcmp(value, "0") == 0)
+            *(uint32_t *)slot = 0;
+        break;
     case VQKVD_CONFIG_DEVICE: ok = vqkvd_config_check_device(value) == 0; break;
     case VQKVD_CONFIG_ADDRESS: ok = vqkvd_config_parse_address(value, &addr) == 0; break;
     case VQKVD_CONFIG_STRING: break;
@@ -749,7 +769,8 @@ static size_t vqkvd__config_value_size(vqkvd_config_type_t type)
     switch (type) {
     case VQKVD_CONFIG_BYTES:
     case VQKVD_CONFIG_BYTES_OFF: return sizeof(uint64_t);
-    case VQKVD_CONFIG_COUNT: return sizeof(uint32_t);
+    case VQKVD_CONFIG_COUNT:
+    case VQKVD_CONFIG_COUNT_OFF: return sizeof(uint32_t);
     case VQKVD_CONFIG_IDS: return VQKVD_MAX_ALLOWED * sizeof(uid_t);
     default: return 0;
     }
@@ -805,7 +826,7 @@ static void vqkvd__config_format(char *buf, size_t size, const vqkvd_config_t *c
         vqkvd__config_format_bytes(buf, size, *(const uint64_t *)v);
         return;
     }
-    if (key->type == VQKVD_CONFIG_COUNT) {
+    if (key->type == VQKVD_CONFIG_COUNT || key->type == VQKVD_CONFIG_COUNT_OFF) {
         snprintf(buf, size, "%u", (unsigned)*(const uint32_t *)v);
         return;
     }

@@ -74,6 +74,7 @@ typedef enum {
     VQKVD_CONFIG_BYTES,     /* uint64_t, N[K|M|G] */
     VQKVD_CONFIG_BYTES_OFF, /* uint64_t, N[K|M|G] or 0 for off */
     VQKVD_CONFIG_COUNT,     /* uint32_t, positive */
+    VQKVD_CONFIG_COUNT_OFF, /* uint32_t, positive or 0 for off */
     VQKVD_CONFIG_IDS,       /* uid_t or gid_t[VQKVD_MAX_ALLOWED] and its size_t count */
     VQKVD_CONFIG_LOG_LEVEL, /* int in vqkvd_config_file_t (see above) */
 } vqkvd_config_type_t;
@@ -98,7 +99,7 @@ typedef struct {
     size_t file_offset; /* of the string's copy, or log_level, in vqkvd_config_file_t */
 } vqkvd_config_key_t;
 
-#define VQKVD_CONFIG_N_KEYS 17
+#define VQKVD_CONFIG_N_KEYS 18
 
 /* In the order of the file's [vqkvd] section. */
 extern const vqkvd_config_key_t vqkvd_config_keys[VQKVD_CONFIG_N_KEYS];

@@ -94,8 +94,8 @@ struct vqkvd_disk {
         int fd;
     } created[VQKVD_DISK_CREATED_MAX];
     uint32_t n_created;
-    void (*drained)(void *arg);
-    void *drained_arg;
+    void (*written)(void *arg);
+    void *written_arg;
     bool stopping; /* no compaction starts */
     /* The compaction running (victim not NULL): a scan job lists the
      * victim's records, then its live blocks and needed tombstones go
@@ -567,15 +567,28 @@ static void vqkvd__disk_write_after(uv_work_t *work, int status)
     d->writing = false;
     vqkvd__disk_trim(d);
     vqkvd__disk_kick(d);
-    if (!d->writing && d->drained != NULL)
-        d->drained(d->drained_arg);
+    if (d->written != NULL)
+        d->written(d->written_arg);
     vqkvd__disk_maybe_compact(d);
 }
 
-void vqkvd_disk_on_drained(vqkvd_disk_t *d, void (*fn)(void *arg), void *arg)
+void vqkvd_disk_on_written(vqkvd_disk_t *d, void (*fn)(void *arg), void *arg)
 {
-    d->drained = fn;
-    d->drained_arg = arg;
+    d->written = fn;
+    d->written_arg = arg;
+}
+
+uint64_t vqkvd_disk_last_queued(const vqkvd_disk_t *d)
+{
+    return d->next_seq - 1;
+}
+
+bool vqkvd_disk_settled(const vqkvd_disk_t *d, uint64_t seq)
+{
+    /* The queue and the batch in flight hold the records not settled, in
+     * order; the batch is older. */
+    const vqkvd__disk_write_t *oldest = d->batch != NULL ? d->batch : d->queue;
+    return oldest == NULL || oldest->rec.seq > seq;
 }
 
 bool vqkvd_disk_has_room(const vqkvd_disk_t *d, uint64_t bytes)

@@ -108,9 +108,16 @@ void vqkvd_disk_close(vqkvd_disk_t *d);
 /* No compaction starts from now on (a stopping daemon); one running ends. */
 void vqkvd_disk_stop(vqkvd_disk_t *d);
 
-/* Called when the write queue has drained and no write runs: a flush
- * (tiers.c) queues its next share then. */
-void vqkvd_disk_on_drained(vqkvd_disk_t *d, void (*fn)(void *arg), void *arg);
+/* Called after each write job, its blocks settled: a flush (tiers.c)
+ * queues its next share then, and learns what is synced. */
+void vqkvd_disk_on_written(vqkvd_disk_t *d, void (*fn)(void *arg), void *arg);
+
+/* The sequence number of the last record queued (0 before any): records
+ * are written in the order of their numbers. */
+uint64_t vqkvd_disk_last_queued(const vqkvd_disk_t *d);
+/* Whether every record numbered up to seq has been written and synced,
+ * or failed (counted in write_errors). O(1). */
+bool vqkvd_disk_settled(const vqkvd_disk_t *d, uint64_t seq);
 
 /* Whether the write queue takes bytes more now. */
 bool vqkvd_disk_has_room(const vqkvd_disk_t *d, uint64_t bytes);

@@ -587,8 +587,8 @@ static void vqkvd__encode_after(vqkvd_job_t *j)
         vqkvd_log(VQKVD_LOG_ERROR, "model %u: staged blocks could not be encoded (%s%s%s)",
                   (unsigned)j->m->id, vqkv_strerror(rc), j->why[0] != '\0' ? ": " : "", j->why);
     vqkvd_stage_encoded(j->stage);
-    if (s->stopping)
-        vqkvd_tiers_stop(s); /* the blocks it made whole go to disk too */
+    if (s->stopping || s->flush_waits != NULL)
+        vqkvd_tiers_flush(s); /* the blocks it made whole go to disk too */
 }
 
 /* Each read a Promote started, ended on the disk's books (ran: the job's

@@ -1,6 +1,7 @@
 /* pins.c -- Pin and Unpin (keep blocks from eviction, for a TTL or, with
  * ttl_ms 0, until Unpin or the connection closes: the connection keeps a
- * table of those) and Evict (drop named blocks or a whole model's).
+ * table of those), Evict (drop named blocks or a whole model's) and Flush
+ * (write memory down to the disk tier; tiers.h).
  */
 #include <stdbool.h>
 #include <stdio.h>
@@ -172,7 +173,30 @@ void vqkvd_session_unpin(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_fram
     vqkvd__ack(c, id, count);
 }
 
-/* ---- Evict, FindModel ---------------------------------------------------------- */
+/* ---- Evict, FindModel, Flush --------------------------------------------------- */
+
+/* Whether c may make requests that act for every tenant: a uid of
+ * admin_uids, root, or vqkvd's own user (its operator). */
+static bool vqkvd__is_operator(const vqkvd_client_t *c)
+{
+    return vqkvd__is_admin(c) || c->uid == 0 || c->uid == geteuid();
+}
+
+void vqkvd_session_flush(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
+{
+    (void)frame;
+    vqkvd_server_t *s = c->server;
+    if (!vqkvd__is_operator(c)) {
+        vqkvd_client_error(c, req->request_id, VQKV_EPERM,
+                           "flush: only admin_uids, root or vqkvd's own user may flush");
+        return;
+    }
+    int rc = vqkvd_tiers_flush_wait(s, c, req->request_id);
+    if (rc == VQKV_EINVAL)
+        vqkvd_client_error(c, req->request_id, rc, "flush: there is no disk tier (disk_dir unset)");
+    else if (rc != VQKV_OK)
+        vqkvd_client_error(c, req->request_id, rc, "flush: %s", vqkv_proto_strerror(rc));
+}
 
 void vqkvd_session_evict(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
 {

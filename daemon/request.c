@@ -24,6 +24,7 @@ static const vqkvd_request_t vqkvd__requests[VQKVD_BODY_CASES] = {
     VQKVD__REQUEST(PIN, "Pin", vqkvd_session_pin, false, false),
     VQKVD__REQUEST(UNPIN, "Unpin", vqkvd_session_unpin, false, false),
     VQKVD__REQUEST(EVICT, "Evict", vqkvd_session_evict, false, false),
+    VQKVD__REQUEST(FLUSH, "Flush", vqkvd_session_flush, false, false),
     VQKVD__REPLY(ERROR, "Error"),
     VQKVD__REPLY(WELCOME, "Welcome"),
     VQKVD__REPLY(MODEL_REGISTERED, "ModelRegistered"),

@@ -34,6 +34,7 @@ static void vqkvd__on_tick(uv_timer_t *t)
     vqkvd_server_t *s = t->data;
     vqkvd_store_tick(&s->store, uv_now(s->loop));
     vqkvd_transcode_poll(s);
+    vqkvd_tiers_tick(s, uv_now(s->loop));
 }
 
 /* The daemon's pool chunk: 16 MiB (pool.h's own default, 2 MiB, is for

@@ -120,6 +120,7 @@ void vqkvd_session_release(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_fr
 void vqkvd_session_pin(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
 void vqkvd_session_unpin(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
 void vqkvd_session_evict(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
+void vqkvd_session_flush(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
 
 /* models.c: the model of tenant with that store number, or NULL. */
 vqkvd_model_t *vqkvd_model_by_store_id(const vqkvd_server_t *s, uint32_t tenant, uint32_t store_id);

@@ -44,6 +44,13 @@ vqkvd_stage_t *vqkvd_stage_new(vqkvd_staging_t *st, uint64_t limit_bytes,
                                 .token_stride = row * layout->num_kv_heads,
                                 .head_stride = row,
                                 .num_slots = n};
+    sg->number = ++st->made;
+    sg->older = st->newest;
+    if (st->newest != NULL)
+        st->newest->newer = sg;
+    else
+        st->unencoded = sg;
+    st->newest = sg;
     st->bytes += sg->bytes;
     st->backlog += n;
     st->puts_staged++;
@@ -55,10 +62,25 @@ void vqkvd_stage_ref(vqkvd_stage_t *sg)
     sg->refs++;
 }
 
+uint64_t vqkvd_staging_oldest_unencoded(const vqkvd_staging_t *st)
+{
+    return st->unencoded != NULL ? st->unencoded->number : st->made + 1;
+}
+
 void vqkvd_stage_encoded(vqkvd_stage_t *sg)
 {
-    if (!sg->encoded)
-        sg->staging->backlog -= sg->n;
+    vqkvd_staging_t *st = sg->staging;
+    if (sg->encoded)
+        return;
+    st->backlog -= sg->n;
+    if (sg->older != NULL)
+        sg->older->newer = sg->newer;
+    else
+        st->unencoded = sg->newer;
+    if (sg->newer != NULL)
+        sg->newer->older = sg->older;
+    else
+        st->newest = sg->older;
     sg->encoded = 1;
 }
 

@@ -32,6 +32,8 @@ typedef struct vqkvd_staging vqkvd_staging_t;
 
 typedef struct vqkvd_stage {
     vqkvd_staging_t *staging;
+    uint64_t number;                   /* stages are numbered as made, from 1 */
+    struct vqkvd_stage *older, *newer; /* the unencoded stages, oldest first */
     uint32_t refs; /* its encode job (or the Put copying into it) and each Get reading it */
     uint32_t n;    /* blocks */
     uint64_t bytes;
@@ -49,10 +51,12 @@ typedef struct vqkvd_stage {
 } vqkvd_stage_t;
 
 struct vqkvd_staging {
-    uint64_t bytes;       /* held by stages now */
-    uint64_t backlog;     /* blocks staged and not yet encoded */
-    uint64_t puts_staged; /* puts that replied before their encode */
-    uint64_t puts_full;   /* puts encoded before their reply: staging was full */
+    uint64_t made;                     /* the last stage's number */
+    vqkvd_stage_t *unencoded, *newest; /* stages not yet encoded, oldest first */
+    uint64_t bytes;                    /* held by stages now */
+    uint64_t backlog;                  /* blocks staged and not yet encoded */
+    uint64_t puts_staged;              /* puts that replied before their encode */
+    uint64_t puts_full;                /* puts encoded before their reply: staging was full */
 };
 
 /* A stage for n blocks of layout, counted against limit_bytes (the
@@ -62,6 +66,9 @@ struct vqkvd_staging {
 vqkvd_stage_t *vqkvd_stage_new(vqkvd_staging_t *st, uint64_t limit_bytes,
                                const vqkv_layout_t *layout, uint32_t n);
 void vqkvd_stage_ref(vqkvd_stage_t *sg);
+/* The number of the oldest stage not yet encoded, or made + 1 when every
+ * stage is: a flush waits for the stages made before it. O(1). */
+uint64_t vqkvd_staging_oldest_unencoded(const vqkvd_staging_t *st);
 /* Its blocks are encoded: they leave the backlog (as they do when a stage
  * goes unencoded, its Put failed). */
 void vqkvd_stage_encoded(vqkvd_stage_t *sg);

@@ -38,6 +38,7 @@ typedef struct {
     uint64_t staging_bytes;  /* puts staged before their encode (staging.h); 0: off */
     const char *disk_dir;    /* the disk tier's segments (borrowed); NULL: no disk tier */
     uint64_t disk_bytes;     /* the most its segment files hold */
+    uint32_t disk_flush_ms;  /* memory written down this often; 0: only on eviction and stop */
     /* A listening Unix stream socket handed over by the service manager
      * (socket activation) to serve on instead of binding socket_path, or
      * -1. The server owns it from vqkvd_server_start on and never unlinks
@@ -108,9 +109,12 @@ typedef struct {
     vqkvd_backend_t *backend; /* regions, codec runs and the arena (backend.h) */
     vqkvd_pool_t pool;
     vqkvd_store_t store;
-    vqkvd_staging_t staging; /* puts whose encode runs after their reply */
-    struct vqkvd_disk *disk; /* the disk tier (tiers.h), NULL when off */
-    bool flushing;           /* stopping: memory is being written to disk */
+    vqkvd_staging_t staging;              /* puts whose encode runs after their reply */
+    struct vqkvd_disk *disk;              /* the disk tier (tiers.h), NULL when off */
+    bool flushing;                        /* memory is being written to disk (tiers.h) */
+    uint64_t flush_queued;                /* blocks flushes queued, since start */
+    uint64_t flush_last_ms;               /* when disk_flush_ms last started one */
+    struct vqkvd_flush_wait *flush_waits; /* Flush requests not answered yet */
     uv_timer_t tick;
     vqkvd_model_t **models; /* by id - 1; shared by the clients of a tenant */
     uint32_t n_models, cap_models;

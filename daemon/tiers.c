@@ -89,7 +89,8 @@ static bool vqkvd__tiers_write(vqkvd_server_t *s, const vqkvd_block_t *b, bool e
     vqkvd_segment_record_t rec;
     vqkvd__tiers_record(&rec, b->tenant, b->model, b->logical_bytes, b->key,
                         b->parent != NULL ? b->parent->key : NULL, b->codec, bytes);
-    vqkvd_disk_put(s->disk, &rec, payload);
+    if (vqkvd_disk_put(s->disk, &rec, payload) && !evicted)
+        s->flush_queued++;
     return true;
 }
 
@@ -148,11 +149,103 @@ static bool vqkvd__tiers_flush_some(vqkvd_server_t *s)
     return true;
 }
 
-static void vqkvd__tiers_drained(void *arg)
+/* A Flush request waiting for its Ack. */
+struct vqkvd_flush_wait {
+    struct vqkvd_flush_wait *next;
+    vqkvd_client_t *c; /* held */
+    uint64_t id;
+    uint64_t stages;               /* the last stage made when it came: their blocks too */
+    uint64_t mark;                 /* 0 until all its blocks are queued; then the last record */
+    uint64_t queued, write_errors; /* flush_queued and the disk's when it came */
+};
+
+/* Answers w: an Ack with the blocks flushes queued meanwhile, or
+ * VQKV_EIO when writes failed meanwhile. */
+static void vqkvd__tiers_flush_answer(vqkvd_server_t *s, struct vqkvd_flush_wait *w)
 {
-    vqkvd_server_t *s = arg;
+    vqkvd_disk_stats_t st;
+    vqkvd_disk_stats(s->disk, &st);
+    uint64_t n = s->flush_queued - w->queued, failed = st.write_errors - w->write_errors;
+    if (failed > 0)
+        vqkvd_client_error(w->c, w->id, VQKV_EIO,
+                           "flush: %llu blocks could not be written to the disk tier (the log says "
+                           "why); the others are on disk",
+                           (unsigned long long)failed);
+    else
+        vqkvd__ack(w->c, w->id, n > UINT32_MAX ? UINT32_MAX : (uint32_t)n);
+    vqkvd_client_settle(w->c); /* answered outside its request: send it now */
+    vqkvd_client_unref(w->c);
+    free(w);
+}
+
+/* Goes on with a flush: queues what memory holds and the disk lacks, while
+ * the queue has room; then each waiting Flush whose stages are encoded
+ * (their blocks queued by now) waits for the last record queued, and is
+ * answered once that is synced. O(blocks in memory) while a flush runs,
+ * once per write job: under a steady stream of evictions the queue may
+ * never be idle, so a flush cannot wait for that. */
+static void vqkvd__tiers_flush_step(vqkvd_server_t *s)
+{
     if (s->flushing && vqkvd__tiers_flush_some(s))
         s->flushing = false;
+    uint64_t oldest_stage = vqkvd_staging_oldest_unencoded(&s->staging);
+    for (struct vqkvd_flush_wait **p = &s->flush_waits, *w; (w = *p) != NULL;) {
+        if (w->mark == 0 && !s->flushing && oldest_stage > w->stages)
+            w->mark = vqkvd_disk_last_queued(s->disk) + 1; /* + 1: never 0 */
+        if (w->mark != 0 && vqkvd_disk_settled(s->disk, w->mark - 1)) {
+            *p = w->next;
+            vqkvd__tiers_flush_answer(s, w);
+        } else {
+            p = &w->next;
+        }
+    }
+}
+
+static void vqkvd__tiers_written(void *arg)
+{
+    vqkvd__tiers_flush_step(arg);
+}
+
+void vqkvd_tiers_tick(vqkvd_server_t *s, uint64_t now_ms)
+{
+    if (s->disk == NULL)
+        return;
+    uint64_t every = s->cfg.disk_flush_ms;
+    if (every > 0 && now_ms - s->flush_last_ms >= every) {
+        s->flush_last_ms = now_ms;
+        vqkvd_tiers_flush(s);
+    } else if (s->flush_waits != NULL) {
+        vqkvd__tiers_flush_step(s);
+    }
+}
+
+void vqkvd_tiers_flush(vqkvd_server_t *s)
+{
+    if (s->disk == NULL)
+        return;
+    s->flushing = true;
+    vqkvd__tiers_flush_step(s);
+}
+
+int vqkvd_tiers_flush_wait(vqkvd_server_t *s, vqkvd_client_t *c, uint64_t id)
+{
+    if (s->disk == NULL)
+        return VQKV_EINVAL;
+    struct vqkvd_flush_wait *w = calloc(1, sizeof *w);
+    if (w == NULL)
+        return VQKV_ENOMEM;
+    vqkvd_disk_stats_t st;
+    vqkvd_disk_stats(s->disk, &st);
+    c->refs++;
+    *w = (struct vqkvd_flush_wait){.next = s->flush_waits,
+                                   .c = c,
+                                   .id = id,
+                                   .stages = s->staging.made,
+                                   .queued = s->flush_queued,
+                                   .write_errors = st.write_errors};
+    s->flush_waits = w;
+    vqkvd_tiers_flush(s);
+    return VQKV_OK;
 }
 
 int vqkvd_tiers_start(vqkvd_server_t *s)
@@ -179,7 +272,7 @@ int vqkvd_tiers_start(vqkvd_server_t *s)
     s->store.on_evict = vqkvd__tiers_on_evict;
     s->store.on_forget = vqkvd__tiers_on_forget;
     s->store.hooks_arg = s;
-    vqkvd_disk_on_drained(s->disk, vqkvd__tiers_drained, s);
+    vqkvd_disk_on_written(s->disk, vqkvd__tiers_written, s);
     return VQKV_OK;
 }
 
@@ -188,11 +281,18 @@ void vqkvd_tiers_stop(vqkvd_server_t *s)
     if (s->disk == NULL)
         return;
     vqkvd_disk_stop(s->disk);
-    s->flushing = !vqkvd__tiers_flush_some(s);
+    vqkvd_tiers_flush(s);
 }
 
 void vqkvd_tiers_destroy(vqkvd_server_t *s)
 {
+    /* Flushes still waiting (their writes failed to run): nobody to answer. */
+    while (s->flush_waits != NULL) {
+        struct vqkvd_flush_wait *w = s->flush_waits;
+        s->flush_waits = w->next;
+        vqkvd_client_unref(w->c);
+        free(w);
+    }
     vqkvd_disk_close(s->disk);
     s->disk = NULL;
 }

@@ -12,11 +12,26 @@
  * VQKV_ENOMEM stops the start. */
 int vqkvd_tiers_start(vqkvd_server_t *s);
 /* The daemon is stopping: what memory holds and the disk lacks is
- * queued, the loop runs until it is written. Again after each staged
- * encode that ends while stopping, for the blocks it made whole. */
+ * queued (vqkvd_tiers_flush), the loop runs until it is written; no
+ * compaction starts. */
 void vqkvd_tiers_stop(vqkvd_server_t *s);
+/* Every tick (session.c): starts the flush disk_flush_ms asks for when it
+ * is due, and goes on with one that waits (a Put that failed takes its
+ * stage out of the way without an encode to say so). */
+void vqkvd_tiers_tick(vqkvd_server_t *s, uint64_t now_ms);
 /* After the loop has run dry. */
 void vqkvd_tiers_destroy(vqkvd_server_t *s);
+
+/* Writes down what memory holds and the disk lacks, in the background
+ * (disk_flush_ms, a stop); again after each staged encode that ends
+ * while a flush waits, for the blocks it made whole. No-op without a
+ * disk tier. */
+void vqkvd_tiers_flush(vqkvd_server_t *s);
+/* A Flush request: flushes, and answers c's request id with an Ack (the
+ * blocks queued) once every block memory held when it came, staged ones
+ * included, is synced, or with VQKV_EIO if writes failed meanwhile.
+ * VQKV_EINVAL without a disk tier, VQKV_ENOMEM: nothing waits. */
+int vqkvd_tiers_flush_wait(vqkvd_server_t *s, vqkvd_client_t *c, uint64_t id);
 
 /* After an Evict of keys[0..n) (or all) of (tenant, model) in memory: the
  * disk forgets those no longer in memory and every chain below them (all:

@@ -123,6 +123,7 @@ static void test_every_key(void **state)
                           "admin_uids = 0,1000\n"
                           "calibration_tokens = 4096\n"
                           "lease_ms = 250\n"
+                          "disk_flush_ms = 1500\n"
                           "max_clients = 7\n"
                           "max_inflight = 9\n"
                           "max_regions = 3\n"
@@ -151,6 +152,7 @@ static void test_every_key(void **state)
     assert_int_equal(cfg.admin_uids[1], 1000);
     assert_int_equal(cfg.calib_tokens, 4096);
     assert_int_equal(cfg.lease_ms, 250);
+    assert_int_equal(cfg.disk_flush_ms, 1500);
     assert_int_equal(cfg.max_clients, 7);
     assert_int_equal(cfg.max_inflight, 9);
     assert_int_equal(cfg.max_regions, 3);
@@ -374,6 +376,8 @@ static void test_bad_lines(void **state)
         {"[vqkvd]\nadmin_uids = 99999999999999999999\n", 2,
          "bad id \"99999999999999999999\" in admin_uids"},
         {"[vqkvd]\nmax_clients = 0\n", 2, "bad max_clients \"0\" (a positive whole number)"},
+        {"[vqkvd]\ndisk_flush_ms = -1\n", 2,
+         "bad disk_flush_ms \"-1\" (a whole number, 0 for off)"},
         {"[vqkvd]\ncalibration_tokens = 2k\n", 2,
          "bad calibration_tokens \"2k\" (a positive whole number)"},
         {"[vqkvd]\nmax_inflight = 4294967296\n", 2,
@@ -622,7 +626,9 @@ static void test_table(void **state)
         assert_int_equal(vqkvd_config_set(&src, key, key->name, key->def, err, sizeof err), 0);
         assert_memory_equal((char *)&cfg + key->offset, (char *)&defaults + key->offset,
                             key->type == VQKVD_CONFIG_BYTES   ? 8
-                            : key->type == VQKVD_CONFIG_COUNT ? 4
+                            : key->type == VQKVD_CONFIG_COUNT ||
+                                    key->type == VQKVD_CONFIG_COUNT_OFF
+                                ? 4
                                                               : 0);
         vqkvd_config_file_free(&file);
     }

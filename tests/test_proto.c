@@ -56,6 +56,7 @@ typedef struct {
     Vqkv__TenantStats tenant[2];
     Vqkv__Evict evict;
     Vqkv__FindModel find_model;
+    Vqkv__Flush flush;
     Vqkv__TenantStats *tenantp[2];
     uint8_t keys[KEYS][VQKV_PROTO_KEY_BYTES];
     ProtobufCBinaryData key_bd[KEYS], parent_bd[KEYS];
@@ -292,6 +293,10 @@ static int sample_build(sample_t *s, uint32_t body_case, uint64_t request_id)
         s->find_model.kv_head_count = 2;
         s->env.find_model = &s->find_model;
         return 1;
+    case VQKV__ENVELOPE__BODY_FLUSH:
+        s->flush = (Vqkv__Flush)VQKV__FLUSH__INIT;
+        s->env.flush = &s->flush;
+        return 1;
     }
     return 0;
 }
@@ -477,7 +482,7 @@ static void test_every_message_round_trip(void **state)
     (void)state;
     uint32_t cases[32];
     size_t n = body_cases(cases, 32);
-    assert_int_equal(n, 21);
+    assert_int_equal(n, 22);
     for (size_t i = 0; i < n; i++) {
         sample_t *s = malloc(sizeof *s);
         assert_non_null(s);
@@ -545,7 +550,7 @@ static void test_split_at_every_byte(void **state)
     (void)state;
     stream_t st;
     stream_build(&st);
-    assert_int_equal(st.n_frames, 22);
+    assert_int_equal(st.n_frames, 23);
 
     stream_check_cuts(&st, NULL, 0);
     for (size_t k = 0; k <= st.len; k++)
