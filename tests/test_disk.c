@@ -20,6 +20,15 @@
  *   - a disk dir that cannot be used: "disk tier off", memory serves alone;
  *     a disk that refuses writes (RLIMIT_FSIZE: EFBIG, like a full disk):
  *     the daemon serves and still stops cleanly;
+ *   - a disk that fills up for real (ENOSPC): a 2 MiB tmpfs in a user and
+ *     mount namespace of the test's own, the daemon run inside it (skipped,
+ *     saying why, where the host allows no such namespace): the failed
+ *     writes counted and logged, memory serving on, writes going on once
+ *     there is room (made outside, or by dropping the oldest segment), a
+ *     stop and a start finding every block the files held; two tests fail
+ *     on purpose for what they found (KNOWN DEFECT): a stop that drops a
+ *     segment for room but does not write into it, and an Evict whose
+ *     tombstones do not fit coming back after a restart;
  *   - SIGKILL at random points, VQKV_DISK_ROUNDS rounds (default 100) from
  *     one printed seed (VQKV_DISK_SEED=N repeats it): after each restart
  *     every chain put so far reads back as a prefix of what was put, a
@@ -33,8 +42,11 @@
  */
 #include <dirent.h>
 #include <ftw.h>
+#include <linux/magic.h>
+#include <poll.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/vfs.h>
 
 #include "daemon_harness.h"
 #include "vqkv_codec.h"
@@ -123,7 +135,13 @@ typedef struct {
 typedef struct {
     daemon_t d;
     char disk[128]; /* --disk-dir */
+    char seen[160]; /* the disk dir as this process reaches it */
     char log[128];  /* the daemon's stderr, every run appended */
+    /* fx_tmpfs: the process holding the tmpfs's namespaces (0: none), the
+     * tmpfs as this process reaches it, the command the daemon runs under */
+    pid_t holder;
+    char fs[128];
+    char enter[96];
     const char *extra[12];
     region_t src, dst; /* puts read src's slots, gets write dst's */
     uint8_t *want;     /* shaped like the regions: a chain's expected blocks */
@@ -147,6 +165,7 @@ static fx_t *fx_new(const char *const *flags)
     assert_non_null(f);
     daemon_prepare(&f->d);
     snprintf(f->disk, sizeof f->disk, "%s/disk", f->d.dir);
+    snprintf(f->seen, sizeof f->seen, "%s", f->disk);
     snprintf(f->log, sizeof f->log, "%s/vqkvd.log", f->d.dir);
     size_t n = 0;
     f->extra[n++] = "--disk-dir";
@@ -159,6 +178,28 @@ static fx_t *fx_new(const char *const *flags)
     f->want = malloc(f->src.view.region_bytes);
     assert_non_null(f->want);
     return f;
+}
+
+/* daemon_spawn on the fixture's flags; with a tmpfs (fx_tmpfs), in its
+ * namespace: the harness runs the daemon under $VQKV_DAEMON_WRAPPER, so
+ * nsenter goes in front of the wrapper set, if any, for this one spawn. */
+static pid_t fx_daemon_spawn(const fx_t *f)
+{
+    if (f->holder <= 0)
+        return daemon_spawn(&f->d, f->extra);
+    const char *was = getenv("VQKV_DAEMON_WRAPPER");
+    char *saved = was != NULL && was[0] != '\0' ? strdup(was) : NULL;
+    char wrapper[1024];
+    snprintf(wrapper, sizeof wrapper, "%s%s%s", f->enter, saved != NULL ? " " : "",
+             saved != NULL ? saved : "");
+    assert_int_equal(setenv("VQKV_DAEMON_WRAPPER", wrapper, 1), 0);
+    pid_t pid = daemon_spawn(&f->d, f->extra);
+    if (saved != NULL)
+        setenv("VQKV_DAEMON_WRAPPER", saved, 1);
+    else
+        unsetenv("VQKV_DAEMON_WRAPPER");
+    free(saved);
+    return pid;
 }
 
 /* Starts the daemon on the fixture's dirs, its stderr appended to the log,
@@ -180,7 +221,7 @@ static void fx_spawn_limited(fx_t *f, const struct rlimit *fsize)
         was = signal(SIGXFSZ, SIG_IGN);
         setrlimit(RLIMIT_FSIZE, fsize);
     }
-    f->d.pid = daemon_spawn(&f->d, f->extra);
+    f->d.pid = fx_daemon_spawn(f);
     if (fsize != NULL) {
         setrlimit(RLIMIT_FSIZE, &old);
         signal(SIGXFSZ, was);
@@ -221,6 +262,105 @@ static int rm_entry(const char *path, const struct stat *st, int type, struct FT
     return 0;
 }
 
+/* Runs argv (argv[0] looked up in PATH) with its stdout and stderr into a
+ * pipe, whose reading end *out gets; returns its pid. */
+static pid_t spawn_piped(const char *const *argv, int *out)
+{
+    int p[2];
+    assert_int_equal(pipe2(p, O_CLOEXEC), 0);
+    pid_t parent = getpid(), pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        harness_die_with_parent(parent);
+        if (dup2(p[1], STDOUT_FILENO) < 0 || dup2(p[1], STDERR_FILENO) < 0)
+            _exit(126);
+        execvp(argv[0], (char *const *)argv);
+        dprintf(STDERR_FILENO, "cannot run %s: %s", argv[0], strerror(errno));
+        _exit(127);
+    }
+    close(p[1]);
+    *out = p[0];
+    return pid;
+}
+
+/* Reads fd into buf (NUL-terminated) until it holds until, fd ends or 10 s
+ * pass; whether until came. */
+static int read_until(int fd, const char *until, char *buf, size_t size)
+{
+    long deadline = now_ms() + 10000L * daemon_slowdown();
+    size_t n = 0;
+    buf[0] = '\0';
+    while (strstr(buf, until) == NULL && n + 1 < size) {
+        struct pollfd p = {.fd = fd, .events = POLLIN};
+        long left = deadline - now_ms();
+        if (left <= 0 || poll(&p, 1, (int)left) <= 0)
+            break;
+        ssize_t got = read(fd, buf + n, size - 1 - n);
+        if (got <= 0)
+            break;
+        n += (size_t)got;
+        buf[n] = '\0';
+    }
+    return strstr(buf, until) != NULL;
+}
+
+/* Puts f's disk dir on a tmpfs of size bytes (mount's size=, e.g. "2m"),
+ * without root on the host: a child (f->holder, killed at teardown) holds
+ * a user and mount namespace of its own with the tmpfs mounted on DIR/tmpfs,
+ * the daemon runs in that namespace (nsenter), so a restart sees the same
+ * files, and this process reaches them through /proc/HOLDER/root. The
+ * socket and the log stay in DIR, outside. Before the daemon's first start.
+ * Returns 0, or -1 with why filled where the host allows no such namespace
+ * (no unshare or nsenter, user namespaces off): the caller skips. */
+static int fx_tmpfs(fx_t *f, const char *size, char *why, size_t why_size)
+{
+    char mnt[96], said[512];
+    snprintf(mnt, sizeof mnt, "%s/tmpfs", f->d.dir);
+    assert_int_equal(mkdir(mnt, 0700), 0);
+    static const char script[] =
+        "mount -t tmpfs -o size=\"$1\" tmpfs \"$2\" && echo ready && exec sleep 1000000";
+    const char *const hold[] = {
+        "unshare", "--user", "--map-root-user", "--mount", "sh", "-c", script, "sh", size,
+        mnt,       NULL};
+    int fd;
+    pid_t pid = spawn_piped(hold, &fd);
+    int ready = read_until(fd, "ready\n", said, sizeof said);
+    close(fd);
+    if (!ready) {
+        kill(pid, SIGKILL);
+        waitpid(pid, NULL, 0);
+        snprintf(why, why_size, "unshare: %s", said[0] != '\0' ? said : "no answer in time");
+        return -1;
+    }
+    f->holder = pid;
+    char holder[16];
+    snprintf(holder, sizeof holder, "%d", (int)pid);
+    snprintf(f->enter, sizeof f->enter, "nsenter -t %s -U -m --preserve-credentials", holder);
+    /* The daemon's view: nsenter works and finds the tmpfs. */
+    const char *const look[] = {"nsenter", "-t", holder, "-U", "-m", "--preserve-credentials",
+                                "stat",    "-f", "-c",   "%T", mnt,  NULL};
+    pid_t looker = spawn_piped(look, &fd);
+    int entered = read_until(fd, "tmpfs\n", said, sizeof said);
+    close(fd);
+    kill(looker, SIGKILL);
+    waitpid(looker, NULL, 0);
+    if (!entered) {
+        snprintf(why, why_size, "nsenter: %s", said[0] != '\0' ? said : "no answer in time");
+        return -1;
+    }
+    /* This process's view. */
+    snprintf(f->fs, sizeof f->fs, "/proc/%s/root%s", holder, mnt);
+    struct statfs st;
+    int rc = statfs(f->fs, &st);
+    if (rc != 0 || st.f_type != TMPFS_MAGIC) {
+        snprintf(why, why_size, "%s: %s", f->fs, rc != 0 ? strerror(errno) : "not a tmpfs");
+        return -1;
+    }
+    snprintf(f->disk, sizeof f->disk, "%s/disk", mnt);
+    snprintf(f->seen, sizeof f->seen, "%s/disk", f->fs);
+    return 0;
+}
+
 static int fx_setup(void **state, const char *const *flags)
 {
     fx_t *f = fx_new(flags);
@@ -252,8 +392,13 @@ static int fx_teardown(void **state)
     close(f->src.fd);
     close(f->dst.fd);
     free(f->want);
+    if (f->holder > 0) { /* the tmpfs goes with its namespace */
+        kill(f->holder, SIGKILL);
+        waitpid(f->holder, NULL, 0);
+    }
     if (getenv("VQKV_DISK_KEEP") != NULL)
-        printf("test_disk: kept %s\n", f->d.dir);
+        printf("test_disk: kept %s%s\n", f->d.dir,
+               f->holder > 0 ? " (the tmpfs's files went with its namespace)" : "");
     else
         nftw(f->d.dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
     free(f);
@@ -637,13 +782,13 @@ static int by_name(const void *a, const void *b)
  * numbers do); returns how many, at most max. */
 static size_t seg_files(const fx_t *f, char (*paths)[192], size_t max)
 {
-    DIR *dir = opendir(f->disk);
+    DIR *dir = opendir(f->seen);
     assert_non_null(dir);
     size_t n = 0;
     for (struct dirent *de; (de = readdir(dir)) != NULL;)
         if (strncmp(de->d_name, "seg-", 4) == 0 && strlen(de->d_name) == 24 && n < max) {
             struct stat st;
-            snprintf(paths[n], 192, "%s/%.24s", f->disk, de->d_name);
+            snprintf(paths[n], 192, "%s/%.24s", f->seen, de->d_name);
             n += lstat(paths[n], &st) == 0 && S_ISREG(st.st_mode); /* regular files only */
         }
     closedir(dir);
@@ -1278,7 +1423,348 @@ static void test_disk_refuses_writes(void **state)
     fx_teardown(&st);
 }
 
-/* ---- 6. SIGKILL at random points ------------------------------------------ */
+/* ---- 6. a full disk ------------------------------------------------------ */
+
+#define TAG_FULL 8
+#define FULL_MAX 512 /* chains, of one block each: a block's fate is its chain's */
+
+/* What Stats says of the tiers: blocks (in memory) and disk_blocks now,
+ * the rest counted since the daemon started. */
+typedef struct {
+    uint64_t blocks, evictions, disk_blocks, disk_writes, disk_reads, disk_write_errors,
+        disk_bad_records, disk_dropped;
+} tier_stats_t;
+
+static tier_stats_t tier_stats(sess_t *s)
+{
+    Vqkv__Stats st = VQKV__STATS__INIT;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_STATS;
+    env.stats = &st;
+    Vqkv__Envelope *e = call(&s->c, &env, NULL, 0);
+    assert_int_equal(e->body_case, VQKV__ENVELOPE__BODY_STATS_REPLY);
+    const Vqkv__StatsReply *r = e->stats_reply;
+    tier_stats_t t = {r->blocks,     r->evictions,         r->disk_blocks,      r->disk_writes,
+                      r->disk_reads, r->disk_write_errors, r->disk_bad_records, r->disk_dropped};
+    vqkv_frame_envelope_free(e);
+    return t;
+}
+
+/* Which of chains [0, n) the segment files hold (held[c]), and how many
+ * block records they hold in all. */
+static uint32_t full_held(const fx_t *f, uint32_t n, uint8_t *held)
+{
+    static rec_t recs[FULL_MAX];
+    size_t records = seg_records(f, recs, FULL_MAX);
+    uint32_t blocks = 0;
+    memset(held, 0, n);
+    for (size_t r = 0; r < records; r++) {
+        if (recs[r].flags & 1)
+            continue; /* a tombstone */
+        blocks++;
+        for (uint32_t c = 0; c < n; c++) {
+            uint8_t key[32];
+            chain_key(key, TAG_FULL, c, 0);
+            if (memcmp(key, recs[r].key, 32) == 0)
+                held[c] = 1;
+        }
+    }
+    return blocks;
+}
+
+/* Waits (10 s at most) until the disk tier is at rest: every block evicted
+ * so far written or failed, and the segment files holding just the blocks
+ * the index counts (a dropped segment's file deleted). For a run that has
+ * read nothing back (a block read back and evicted again is not written
+ * again). Returns the stats then. */
+static tier_stats_t await_at_rest(const fx_t *f, sess_t *s, uint32_t n, uint8_t *held)
+{
+    long deadline = now_ms() + 10000L * daemon_slowdown();
+    for (;;) {
+        tier_stats_t st = tier_stats(s);
+        uint32_t blocks = full_held(f, n, held);
+        if (st.disk_writes + st.disk_write_errors == st.evictions && blocks == st.disk_blocks)
+            return st;
+        if (now_ms() > deadline)
+            fail_msg("the disk tier never came to rest: %llu blocks evicted, %llu written, %llu "
+                     "failed; the index counts %llu blocks, the segment files hold %u",
+                     (unsigned long long)st.evictions, (unsigned long long)st.disk_writes,
+                     (unsigned long long)st.disk_write_errors, (unsigned long long)st.disk_blocks,
+                     blocks);
+        sleep_ms(5);
+    }
+}
+
+/* Bytes the tmpfs has free. */
+static uint64_t full_room(const fx_t *f)
+{
+    struct statfs st;
+    assert_int_equal(statfs(f->fs, &st), 0);
+    return (uint64_t)st.f_bavail * (uint64_t)st.f_bsize;
+}
+
+/* Chains [from, to) of TAG_FULL put, each evicting a block of the tiny pool
+ * once it is full. */
+static void full_put(sess_t *s, fx_t *f, uint32_t from, uint32_t to)
+{
+    assert_true(to <= FULL_MAX);
+    for (uint32_t c = from; c < to; c++)
+        assert_int_equal(put_chain(s, f, TAG_FULL, c, 1), 1);
+}
+
+/* Whether the log has the line a write job that met ENOSPC writes. */
+static int full_said(const fx_t *f)
+{
+    char line[200];
+    snprintf(line, sizeof line, "blocks not written to %s: No space left on device", f->disk);
+    return log_says(f, line);
+}
+
+/* After a start, chains [0, n): each one whose block the segment files
+ * held (held) is found with its bytes, and so is every block the index
+ * counts (memory starts empty: all read from disk), no record damaged.
+ * Returns how many were found. */
+static uint32_t full_found(fx_t *f, uint32_t n, const uint8_t *held)
+{
+    sess_t s;
+    sess_open(&s, f, "test/disk-full", "fp16");
+    tier_stats_t st = tier_stats(&s);
+    uint32_t found = 0;
+    for (uint32_t c = 0; c < n; c++) {
+        uint32_t got = check_chain(&s, f, TAG_FULL, c, 1);
+        if (held[c] && got != 1)
+            fail_msg("chain %u: on disk before the stop, not found after the start", c);
+        found += got;
+    }
+    tier_stats_t end = tier_stats(&s);
+    sess_close(&s);
+    if (end.disk_bad_records > 0)
+        fail_msg("%llu damaged records found after the start (a failed append not cut back?)",
+                 (unsigned long long)end.disk_bad_records);
+    assert_int_equal(found, st.disk_blocks);
+    assert_int_equal(end.disk_reads, found);
+    return found;
+}
+
+static int setup_full(void **state)
+{
+    /* The tiny pool; disk_bytes far past the 2 MiB tmpfs: one 16 MiB
+     * segment (a quarter of disk_bytes) would take all of it. */
+    static const char *const flags[] = {"--pool-bytes", "256K", "--disk-bytes", "64M", NULL};
+    *state = fx_new(flags);
+    return 0;
+}
+
+static int setup_full_fifo(void **state)
+{
+    /* Segments of 1 MiB: the tmpfs holds two, less what records and pages
+     * cost, so the second meets ENOSPC with an older one to drop. */
+    static const char *const flags[] = {"--pool-bytes", "256K", "--disk-bytes", "4M", NULL};
+    *state = fx_new(flags);
+    return 0;
+}
+
+/* The daemon's disk dir on a 2 MiB tmpfs, or the test skipped, saying why. */
+static void full_tmpfs(fx_t *f, const char *test)
+{
+    char why[600];
+    if (fx_tmpfs(f, "2m", why, sizeof why) != 0) {
+        fprintf(stderr, "%s: SKIPPED: no small tmpfs to fill: %s\n", test, why);
+        skip();
+    }
+}
+
+/* A disk that fills up for real (ENOSPC) with disk_bytes far past it, so
+ * the tier's one segment holds all of it and nothing of its own can free
+ * room: the failed writes are counted and logged with the system's words,
+ * the memory tier serves on, room that appears (a file of someone else's
+ * deleted) is written on in the same segment, past the failed appends cut
+ * back; a stop on the full disk exits cleanly and the start finds every
+ * block the files held, bytes checked, nothing damaged. */
+static void test_disk_full(void **state)
+{
+    fx_t *f = *state;
+    full_tmpfs(f, "test_disk_full");
+    /* 512 KiB of the 2 MiB taken by someone else, deleted later. */
+    char ballast[160];
+    snprintf(ballast, sizeof ballast, "%s/ballast", f->fs);
+    uint8_t *zero = calloc(1, 512 << 10);
+    assert_non_null(zero);
+    write_file(ballast, zero, 512 << 10);
+    free(zero);
+    fx_spawn(f);
+
+    /* 160 blocks of 16 KiB through the 16-block pool: 2.2 MiB or more
+     * evicted to the 1.5 MiB left. */
+    static uint8_t held[FULL_MAX];
+    sess_t s;
+    sess_open(&s, f, "test/disk-full", "fp16");
+    full_put(&s, f, 0, 160);
+    tier_stats_t full = await_at_rest(f, &s, 160, held);
+    if (full.disk_write_errors == 0)
+        fail_msg("no write failed: %llu blocks written to a 2 MiB tmpfs",
+                 (unsigned long long)full.disk_writes);
+    assert_true(full.disk_writes > 0);
+    assert_true(full_said(f));
+    assert_false(log_says(f, "writes nothing more")); /* a full disk leaves the tier on */
+
+    /* The memory tier serves on: Puts stored, the newest chains read back
+     * from memory (no disk read) with their bytes; the blocks they evict
+     * fail too, none written. */
+    full_put(&s, f, 160, 168);
+    for (uint32_t c = 164; c < 168; c++)
+        assert_int_equal(check_chain(&s, f, TAG_FULL, c, 1), 1);
+    tier_stats_t still = await_at_rest(f, &s, 168, held);
+    assert_int_equal(still.disk_reads, 0);
+    assert_true(still.disk_write_errors > full.disk_write_errors);
+    assert_int_equal(still.disk_writes, full.disk_writes);
+
+    /* Room again: the next evictions are written (about 30 fit in the
+     * 512 KiB freed; 48 go, so the disk is full again for the stop). */
+    assert_int_equal(unlink(ballast), 0);
+    full_put(&s, f, 168, 216);
+    tier_stats_t after = await_at_rest(f, &s, 216, held);
+    if (after.disk_writes <= still.disk_writes)
+        fail_msg("no write after room was made: %llu blocks written, %llu failed",
+                 (unsigned long long)after.disk_writes,
+                 (unsigned long long)after.disk_write_errors);
+    assert_true(after.disk_write_errors > still.disk_write_errors);
+    uint32_t later = 0;
+    for (uint32_t c = 168; c < 216; c++)
+        later += held[c];
+    assert_true(later > 0);
+    sess_close(&s);
+
+    /* A stop on the full disk (its writes fail too, and it still exits 0)
+     * and a start: every block held before the stop is found. */
+    long t0 = now_ms();
+    daemon_stop(&f->d);
+    long stop_ms = now_ms() - t0;
+    fx_spawn(f);
+    uint32_t found = full_found(f, 216, held);
+    printf("test_disk: a full disk: %llu blocks written, %llu writes failed; stopped in %ld ms; "
+           "%u blocks found after the start, %llu held before the stop\n",
+           (unsigned long long)after.disk_writes, (unsigned long long)after.disk_write_errors,
+           stop_ms, found, (unsigned long long)after.disk_blocks);
+    assert_true(found >= after.disk_blocks);
+}
+
+/* The same with disk_bytes that lets the tier drop its oldest segment: a
+ * write that meets ENOSPC drops it, and the writes after go on without
+ * help; a stop and a start find every block the files held. A stop that
+ * must drop a segment for memory's blocks writes them in the room it made
+ * (KNOWN DEFECT: it does not). */
+static void test_disk_full_fifo(void **state)
+{
+    fx_t *f = *state;
+    full_tmpfs(f, "test_disk_full_fifo");
+    fx_spawn(f);
+    static uint8_t held[FULL_MAX];
+    sess_t s;
+    sess_open(&s, f, "test/disk-full", "fp16");
+    /* 200 blocks: 3 MiB or more evicted to the 2 MiB. */
+    full_put(&s, f, 0, 200);
+    tier_stats_t full = await_at_rest(f, &s, 200, held);
+    if (full.disk_write_errors == 0 || full.disk_dropped == 0)
+        fail_msg("%llu writes failed, %llu blocks dropped with the oldest segment: both "
+                 "expected on a 2 MiB tmpfs",
+                 (unsigned long long)full.disk_write_errors, (unsigned long long)full.disk_dropped);
+    assert_true(full_said(f));
+    /* Later evictions are written, in the room the drops made. */
+    full_put(&s, f, 200, 264);
+    tier_stats_t after = await_at_rest(f, &s, 264, held);
+    assert_true(after.disk_writes > full.disk_writes);
+    uint32_t later = 0;
+    for (uint32_t c = 200; c < 264; c++)
+        later += held[c];
+    assert_true(later > 0);
+
+    /* Filled on till the room left is less than memory's blocks take: the
+     * stop, which writes them down, must drop the oldest segment. Memory
+     * holds the newest chains (nothing was looked up), none on disk. */
+    uint32_t n = 264;
+    tier_stats_t st = after;
+    while (full_room(f) >= st.blocks * (RECORD_HEADER + FP16_BLOCK)) {
+        full_put(&s, f, n, n + 1);
+        st = await_at_rest(f, &s, ++n, held);
+    }
+    static uint8_t before[FULL_MAX];
+    memcpy(before, held, n);
+    const uint32_t memory = (uint32_t)st.blocks;
+    assert_true(memory > 0 && memory <= 16);
+    for (uint32_t c = n - memory; c < n; c++)
+        assert_false(before[c]);
+    sess_close(&s);
+
+    /* What the files hold once the stop is done is what the start must
+     * find. */
+    daemon_stop(&f->d);
+    uint32_t blocks = full_held(f, n, held), dropped = 0, written = 0;
+    for (uint32_t c = 0; c < n; c++)
+        dropped += before[c] && !held[c];
+    for (uint32_t c = n - memory; c < n; c++)
+        written += held[c];
+    assert_true(dropped > 0);
+    fx_spawn(f);
+    assert_int_equal(full_found(f, n, held), blocks);
+    printf("test_disk: a full disk, oldest segments dropped: %llu blocks written, %llu writes "
+           "failed, %llu dropped; the stop dropped %u blocks on disk and wrote %u of the %u in "
+           "memory; %u blocks found after the start\n",
+           (unsigned long long)st.disk_writes, (unsigned long long)st.disk_write_errors,
+           (unsigned long long)st.disk_dropped, dropped, written, memory, blocks);
+    /* KNOWN DEFECT, kept failing on purpose: the stop drops the oldest
+     * segment on ENOSPC but does not write memory's blocks into the room
+     * it made (daemon/disk.c, vqkvd__disk_write_after, forgets a failed
+     * batch; tiers.c's flush makes one pass), so it loses blocks on disk
+     * and in memory both. */
+    if (written != memory)
+        fail_msg("KNOWN DEFECT: the stop dropped %u blocks on disk to make room, yet wrote only "
+                 "%u of the %u blocks memory held",
+                 dropped, written, memory);
+}
+
+/* Evict `all` on a full disk: a tombstone for each block on disk, 208
+ * bytes each, more in all than the room left. Every block is gone at once
+ * and, an Evict being durable (docs/RELIABILITY.md), after a stop and a
+ * start too. */
+static void test_disk_full_evict(void **state)
+{
+    fx_t *f = *state;
+    full_tmpfs(f, "test_disk_full_evict");
+    fx_spawn(f);
+    static uint8_t held[FULL_MAX];
+    sess_t s;
+    sess_open(&s, f, "test/disk-full", "fp16");
+    full_put(&s, f, 0, 160);
+    tier_stats_t full = await_at_rest(f, &s, 160, held);
+    assert_true(full.disk_write_errors > 0);
+    /* The room left, and the rest of the page the segment ends in, take
+     * fewer tombstones than there are blocks on disk. */
+    assert_true(full_room(f) + (uint64_t)sysconf(_SC_PAGESIZE) < full.disk_blocks * RECORD_HEADER);
+    assert_int_equal(evict(&s, TAG_FULL, 0, 0, 1), full.blocks + full.disk_blocks);
+    for (uint32_t c = 0; c < 160; c++)
+        assert_int_equal(check_chain(&s, f, TAG_FULL, c, 1), 0);
+    sess_close(&s);
+    fx_restart(f);
+    sess_open(&s, f, "test/disk-full", "fp16");
+    uint32_t back = 0;
+    for (uint32_t c = 0; c < 160; c++)
+        back += check_chain(&s, f, TAG_FULL, c, 1);
+    sess_close(&s);
+    printf("test_disk: Evict all on a full disk: %llu blocks evicted from disk; %u blocks back "
+           "after a stop and a start\n",
+           (unsigned long long)full.disk_blocks, back);
+    /* KNOWN DEFECT, kept failing on purpose: a tombstone that meets ENOSPC
+     * is counted and forgotten (daemon/disk.c, vqkvd__disk_write_after;
+     * vqkvd_disk_drop has already taken the block from the index), so the
+     * blocks' records stay and a start brings them back. */
+    if (back > 0)
+        fail_msg("KNOWN DEFECT: %u of %llu evicted blocks are back after a stop and a start: "
+                 "their tombstones did not fit on the full disk",
+                 back, (unsigned long long)full.disk_blocks);
+}
+
+/* ---- 7. SIGKILL at random points ------------------------------------------ */
 
 #define TAG_KILL 7
 #define KILL_MAX_CHAINS 2048
@@ -1641,6 +2127,9 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_unreadable_segments, setup_tiny_pool, fx_teardown),
         cmocka_unit_test(test_disk_dir_unusable),
         cmocka_unit_test(test_disk_refuses_writes),
+        cmocka_unit_test_setup_teardown(test_disk_full, setup_full, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_disk_full_fifo, setup_full_fifo, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_disk_full_evict, setup_full, fx_teardown),
         cmocka_unit_test_setup_teardown(test_sigkill_loop, setup_tiny_pool, fx_teardown),
         cmocka_unit_test_setup_teardown(test_compaction, setup_compact, fx_teardown),
         cmocka_unit_test_setup_teardown(test_flush, setup_disk, fx_teardown),
