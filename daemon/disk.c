@@ -56,7 +56,8 @@ typedef struct vqkvd__disk_write {
      * record of sequence number src_seq); a carried tombstone has src
      * NULL. */
     bool compaction;
-    bool unread; /* a move whose payload could not be read (rc says why) */
+    bool unread;  /* a move whose payload could not be read (rc says why) */
+    bool retried; /* met a full disk once, written again in the room a drop made */
     vqkvd_disk_seg_t *src;
     uint64_t src_offset, src_seq;
 } vqkvd__disk_write_t;
@@ -513,6 +514,30 @@ static void vqkvd__disk_write_work(uv_work_t *work)
 }
 
 static void vqkvd__disk_kick(vqkvd_disk_t *d);
+static void vqkvd__disk_enqueue(vqkvd_disk_t *d, vqkvd__disk_write_t *it);
+
+/* A write that met a full disk, queued again with a new sequence number
+ * (records of a segment go in increasing order) when it is still wanted:
+ * a block whose entry is still this record (the entry follows it), a
+ * tombstone whose key has no record since. */
+static void vqkvd__disk_requeue(vqkvd_disk_t *d, vqkvd__disk_write_t *it)
+{
+    vqkvd_disk_entry_t *e = *vqkvd__disk_link(d, it->rec.tenant, it->rec.model, it->rec.key);
+    bool tombstone = (it->rec.flags & VQKVD_SEGMENT_TOMBSTONE) != 0;
+    if (tombstone ? e != NULL : e == NULL || e->seq != it->rec.seq) {
+        free(it->payload);
+        free(it);
+        return;
+    }
+    it->rec.seq = d->next_seq++;
+    if (!tombstone)
+        e->seq = it->rec.seq;
+    it->retried = true;
+    it->rc = VQKV_OK;
+    it->sys_errno = 0;
+    it->next = NULL;
+    vqkvd__disk_enqueue(d, it);
+}
 
 /* Back on the loop: the new segments join the list, the written blocks the
  * index; failures are counted and said once a batch. */
@@ -523,12 +548,32 @@ static void vqkvd__disk_write_after(uv_work_t *work, int status)
         vqkvd__disk_seg_add(d, d->created[i].number, d->created[i].fd,
                             VQKVD_SEGMENT_FILE_HEADER_BYTES);
     d->n_created = 0;
+    /* A full disk may have room once the oldest segment goes: the writes
+     * that met it are queued once more, to land in that room. */
+    bool room = false;
+    for (const vqkvd__disk_write_t *it = d->batch; it != NULL && !room; it = it->next)
+        room = it->rc != VQKV_OK && it->sys_errno == ENOSPC && d->oldest != d->newest;
+    if (room) {
+        vqkvd_log(VQKVD_LOG_WARN,
+                  "disk: %s: %s; the oldest segment goes, with its blocks, to make room for "
+                  "the blocks that met it",
+                  d->dir, strerror(ENOSPC));
+        vqkvd__disk_drop_oldest(d);
+    }
+    vqkvd__disk_write_t *again = NULL, **again_tail = &again;
     int failed = 0, err = 0;
     for (vqkvd__disk_write_t *it = d->batch, *next; it != NULL; it = next) {
         next = it->next;
         if (status < 0 && it->rc == VQKV_OK)
             it->rc = VQKV_EIO;
         vqkvd_disk_seg_t *seg = it->rc == VQKV_OK ? vqkvd__disk_seg_find(d, it->number) : NULL;
+        if (room && seg == NULL && !it->unread && !it->retried && !it->compaction &&
+            it->sys_errno == ENOSPC) {
+            it->next = NULL;
+            *again_tail = it;
+            again_tail = &it->next;
+            continue;
+        }
         if (it->unread) {
             /* not a write that failed: vqkvd__disk_settle_move says */
         } else if (seg != NULL) {
@@ -552,10 +597,8 @@ static void vqkvd__disk_write_after(uv_work_t *work, int status)
         free(it);
     }
     /* A directory that refuses new files stays so: the tier stops
-     * writing. A full disk may have room once the oldest segment goes. */
+     * writing. */
     d->off = d->off || err == EACCES || err == EROFS || err == ENOENT || err == EPERM;
-    if (err == ENOSPC && d->oldest != d->newest)
-        vqkvd__disk_drop_oldest(d);
     if (failed > 0)
         vqkvd_log(VQKVD_LOG_WARN, "disk: %d blocks not written to %s: %s%s", failed, d->dir,
                   err != 0 ? strerror(err) : "write failed",
@@ -565,6 +608,10 @@ static void vqkvd__disk_write_after(uv_work_t *work, int status)
     d->unlinking = NULL;
     d->n_unlinking = 0;
     d->writing = false;
+    for (vqkvd__disk_write_t *it = again, *next; it != NULL; it = next) {
+        next = it->next;
+        vqkvd__disk_requeue(d, it);
+    }
     vqkvd__disk_trim(d);
     vqkvd__disk_kick(d);
     if (d->written != NULL)
