@@ -550,14 +550,25 @@ static void vqkvd__disk_write_after(uv_work_t *work, int status)
     d->n_created = 0;
     /* A full disk may have room once the oldest segment goes: the writes
      * that met it are queued once more, to land in that room. */
-    bool room = false;
-    for (const vqkvd__disk_write_t *it = d->batch; it != NULL && !room; it = it->next)
-        room = it->rc != VQKV_OK && it->sys_errno == ENOSPC && d->oldest != d->newest;
+    /* A tombstone that does not fit would let a restart bring back what an
+     * Evict removed, so for one the tier drops even the segment it writes
+     * (every block on disk, when it is the only one), rather than that. */
+    bool full = false, tombstone = false;
+    for (const vqkvd__disk_write_t *it = d->batch; it != NULL; it = it->next)
+        if (it->rc != VQKV_OK && it->sys_errno == ENOSPC && !it->retried) {
+            full = true;
+            tombstone = tombstone || (it->rec.flags & VQKVD_SEGMENT_TOMBSTONE);
+        }
+    bool room = full && d->oldest != NULL && (d->oldest != d->newest || tombstone);
     if (room) {
+        bool only = d->oldest == d->newest;
         vqkvd_log(VQKVD_LOG_WARN,
-                  "disk: %s: %s; the oldest segment goes, with its blocks, to make room for "
-                  "the blocks that met it",
-                  d->dir, strerror(ENOSPC));
+                  "disk: %s: %s; the %s segment goes, with its blocks, to make room for the "
+                  "records that met it%s",
+                  d->dir, strerror(ENOSPC), only ? "only" : "oldest",
+                  only ? " (an Evict's tombstones)" : "");
+        if (only && d->writer.fd >= 0)
+            vqkvd_segment_close(&d->writer); /* no job runs: the next makes a new one */
         vqkvd__disk_drop_oldest(d);
     }
     vqkvd__disk_write_t *again = NULL, **again_tail = &again;

@@ -26,9 +26,9 @@
  *     writes counted and logged, memory serving on, writes going on once
  *     there is room (made outside, or by dropping the oldest segment), a
  *     stop and a start finding every block the files held, writes that
- *     met ENOSPC written again in the room a dropped segment made; an
- *     Evict whose tombstones find no room coming back after a restart is
- *     a known defect, skipped unless VQKV_DISK_KNOWN_BUGS=1;
+ *     met ENOSPC written again in the room a dropped segment made, an
+ *     Evict on a disk full to the last byte still durable (the only
+ *     segment goes rather than its tombstones);
  *   - SIGKILL at random points, VQKV_DISK_ROUNDS rounds (default 100) from
  *     one printed seed (VQKV_DISK_SEED=N repeats it): after each restart
  *     every chain put so far reads back as a prefix of what was put, a
@@ -1719,13 +1719,10 @@ static void test_disk_full_fifo(void **state)
            "memory; %u blocks found after the start\n",
            (unsigned long long)st.disk_writes, (unsigned long long)st.disk_write_errors,
            (unsigned long long)st.disk_dropped, dropped, written, memory, blocks);
-    /* KNOWN DEFECT, kept failing on purpose: the stop drops the oldest
-     * segment on ENOSPC but does not write memory's blocks into the room
-     * it made (daemon/disk.c, vqkvd__disk_write_after, forgets a failed
-     * batch; tiers.c's flush makes one pass), so it loses blocks on disk
-     * and in memory both. */
+    /* The writes of the stop that met ENOSPC went again into the room
+     * the drop made. */
     if (written != memory)
-        fail_msg("KNOWN DEFECT: the stop dropped %u blocks on disk to make room, yet wrote only "
+        fail_msg("the stop dropped %u blocks on disk to make room, yet wrote only "
                  "%u of the %u blocks memory held",
                  dropped, written, memory);
 }
@@ -1736,12 +1733,6 @@ static void test_disk_full_fifo(void **state)
  * start too. */
 static void test_disk_full_evict(void **state)
 {
-    const char *env = getenv("VQKV_DISK_KNOWN_BUGS");
-    if (env == NULL || strcmp(env, "1") != 0) {
-        printf("test_disk_full_evict: SKIPPED, a known daemon defect (VQKV_DISK_KNOWN_BUGS=1 runs "
-               "it): tombstones that find no room on a full disk are lost\n");
-        skip();
-    }
     fx_t *f = *state;
     full_tmpfs(f, "test_disk_full_evict");
     fx_spawn(f);
@@ -1767,13 +1758,11 @@ static void test_disk_full_evict(void **state)
     printf("test_disk: Evict all on a full disk: %llu blocks evicted from disk; %u blocks back "
            "after a stop and a start\n",
            (unsigned long long)full.disk_blocks, back);
-    /* KNOWN DEFECT, kept failing on purpose: a tombstone that meets ENOSPC
-     * is counted and forgotten (daemon/disk.c, vqkvd__disk_write_after;
-     * vqkvd_disk_drop has already taken the block from the index), so the
-     * blocks' records stay and a start brings them back. */
+    /* The tombstones that met ENOSPC made the tier drop its only segment
+     * (the records they hide with it) and were written in the room made. */
     if (back > 0)
-        fail_msg("KNOWN DEFECT: %u of %llu evicted blocks are back after a stop and a start: "
-                 "their tombstones did not fit on the full disk",
+        fail_msg("%u of %llu evicted blocks are back after a stop and a start: their "
+                 "tombstones did not fit on the full disk",
                  back, (unsigned long long)full.disk_blocks);
 }
 
