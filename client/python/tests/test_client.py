@@ -519,3 +519,32 @@ def test_threads_may_share_a_client(client: vqkv.Client) -> None:
         t.join()
     assert failures == []
     assert client.stats().hits == 4 * 20 * N_BLOCKS
+
+
+# ---- the disk tier through vqkvctl ------------------------------------------------------
+
+
+def test_vqkvctl_flush(daemon: Daemon, client: vqkv.Client, vqkvctl: str) -> None:
+    """flush needs a disk tier; with one it writes what memory holds, once."""
+
+    def flush(socket_path: Path) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [vqkvctl, "--socket", str(socket_path), "flush"], capture_output=True, text=True
+        )
+
+    none = flush(daemon.socket)
+    assert none.returncode == 1
+    assert "no disk tier" in none.stderr
+    disk = daemon.socket.parent / "tiered"
+    disk.mkdir()
+    tiered = Daemon(VQKVD, disk, "--disk-dir", str(disk / "disk"), pool_bytes=POOL_BYTES)
+    try:
+        with vqkv.Client(str(tiered.socket), name="pytest-disk", timeout_ms=30000) as c:
+            _, _, _, keys = offload(c)
+        first = flush(tiered.socket)
+        assert first.returncode == 0, first.stderr
+        assert first.stdout == f"flushed: {len(keys)} blocks written to the disk tier\n"
+        assert list((disk / "disk").glob("seg-*.vqs"))
+        assert flush(tiered.socket).stdout == "flushed: 0 blocks written to the disk tier\n"
+    finally:
+        tiered.stop()
