@@ -56,8 +56,9 @@ typedef struct vqkvd__disk_write {
      * record of sequence number src_seq); a carried tombstone has src
      * NULL. */
     bool compaction;
-    bool unread;  /* a move whose payload could not be read (rc says why) */
-    bool retried; /* met a full disk once, written again in the room a drop made */
+    bool unread;        /* a move whose payload could not be read (rc says why) */
+    bool retried;       /* met a full disk once, written again in the room a drop made */
+    uint64_t first_seq; /* its sequence number when first queued (a retry takes a new one) */
     vqkvd_disk_seg_t *src;
     uint64_t src_offset, src_seq;
 } vqkvd__disk_write_t;
@@ -97,7 +98,8 @@ struct vqkvd_disk {
     uint32_t n_created;
     void (*written)(void *arg);
     void *written_arg;
-    bool stopping; /* no compaction starts */
+    uint64_t retrying; /* items queued again after ENOSPC, not yet settled */
+    bool stopping;     /* no compaction starts */
     /* The compaction running (victim not NULL): a scan job lists the
      * victim's records, then its live blocks and needed tombstones go
      * through the write queue, and once all have settled the victim goes. */
@@ -260,15 +262,9 @@ static void vqkvd__disk_seg_unref(vqkvd_disk_seg_t *seg)
     free(seg);
 }
 
-/* Takes seg out of the list, for the next write job to delete its file.
- * false (nothing done) when there is no memory to note it. */
-static bool vqkvd__disk_seg_remove(vqkvd_disk_t *d, vqkvd_disk_seg_t *seg)
+/* Takes seg out of the list and the counts, its file left where it is. */
+static void vqkvd__disk_seg_detach(vqkvd_disk_t *d, vqkvd_disk_seg_t *seg)
 {
-    uint64_t *un = realloc(d->unlinks, (d->n_unlinks + 1) * sizeof *un);
-    if (un == NULL)
-        return false;
-    d->unlinks = un;
-    d->unlinks[d->n_unlinks++] = seg->number;
     if (seg->prev != NULL)
         seg->prev->next = seg->next;
     else
@@ -281,6 +277,18 @@ static bool vqkvd__disk_seg_remove(vqkvd_disk_t *d, vqkvd_disk_seg_t *seg)
     d->stats.segments--;
     d->stats.bytes -= seg->bytes;
     vqkvd__disk_seg_unref(seg);
+}
+
+/* Takes seg out of the list, for the next write job to delete its file.
+ * false (nothing done) when there is no memory to note it. */
+static bool vqkvd__disk_seg_remove(vqkvd_disk_t *d, vqkvd_disk_seg_t *seg)
+{
+    uint64_t *un = realloc(d->unlinks, (d->n_unlinks + 1) * sizeof *un);
+    if (un == NULL)
+        return false;
+    d->unlinks = un;
+    d->unlinks[d->n_unlinks++] = seg->number;
+    vqkvd__disk_seg_detach(d, seg);
     return true;
 }
 
@@ -331,8 +339,9 @@ static int vqkvd__disk_scan_record(void *arg, const vqkvd_segment_record_t *rec,
 }
 
 /* Adds segment number of the directory to the index: its headers read,
- * a damaged tail counted and left out. A file that is not a segment is
- * left alone and said so. */
+ * a damaged tail counted and left out. A file whose file header is not
+ * one of this version is left alone (not counted, never deleted) and said
+ * so. */
 static void vqkvd__disk_load(vqkvd_disk_t *d, uint64_t number)
 {
     char name[VQKVD_SEGMENT_NAME_BYTES], path[PATH_MAX];
@@ -354,13 +363,20 @@ static void vqkvd__disk_load(vqkvd_disk_t *d, uint64_t number)
         return;
     vqkvd_segment_scan_t scan;
     int rc = vqkvd_segment_scan(fd, vqkvd__disk_scan_record, d, &scan);
-    if (rc != VQKV_OK || scan.bad_records > 0) {
-        d->stats.bad_records += rc != VQKV_OK ? 1 : scan.bad_records;
+    if (rc == VQKV_EFORMAT) {
+        /* Before any record was read: nothing of it is in the index. */
+        vqkvd_log(VQKVD_LOG_WARN, "disk: %s is not a segment this vqkvd reads; left alone", path);
+        vqkvd__disk_seg_detach(d, d->newest);
+        return;
+    }
+    uint64_t bad = rc != VQKV_OK ? 1 : scan.bad_records;
+    if (bad > 0) {
+        d->stats.bad_records += bad;
         vqkvd_log(VQKVD_LOG_WARN,
                   "disk: %s: %s; %llu records before byte %llu kept, %llu bad ones dropped", path,
                   rc != VQKV_OK ? vqkv_proto_strerror(rc) : "damaged or cut short",
                   (unsigned long long)scan.records, (unsigned long long)scan.good_bytes,
-                  (unsigned long long)(rc != VQKV_OK ? 1 : scan.bad_records));
+                  (unsigned long long)bad);
     }
 }
 
@@ -436,12 +452,30 @@ static void vqkvd__disk_settle(vqkvd_disk_t *d, const vqkvd__disk_write_t *it,
     seg->live += vqkvd__disk_record_bytes(e->payload_bytes);
 }
 
-/* On the job's thread: makes the next segment and a read fd for it. */
-static int vqkvd__disk_new_segment(vqkvd_disk_t *d, int *sys_errno)
+/* On the job's thread: syncs the segment being written; when that fails,
+ * the batch's records before end that went into it are not known to be
+ * on disk. */
+static void vqkvd__disk_sync(vqkvd_disk_t *d, const vqkvd__disk_write_t *end)
 {
     vqkvd_segment_writer_t *w = &d->writer;
-    if (w->fd >= 0)
+    if (w->fd < 0 || vqkvd_segment_sync(w) == VQKV_OK)
+        return;
+    for (vqkvd__disk_write_t *it = d->batch; it != end; it = it->next)
+        if (it->rc == VQKV_OK && it->number == w->number) {
+            it->rc = VQKV_EIO;
+            it->sys_errno = w->sys_errno;
+        }
+}
+
+/* On the job's thread: makes the next segment and a read fd for it, the
+ * one before synced first (records up to end went there). */
+static int vqkvd__disk_new_segment(vqkvd_disk_t *d, const vqkvd__disk_write_t *end, int *sys_errno)
+{
+    vqkvd_segment_writer_t *w = &d->writer;
+    if (w->fd >= 0) {
+        vqkvd__disk_sync(d, end); /* a broken writer's sync fails: its records too */
         vqkvd_segment_close(w);
+    }
     if (d->n_created == VQKVD_DISK_CREATED_MAX)
         return VQKV_ELIMIT;
     uint64_t number = d->next_number++;
@@ -482,7 +516,7 @@ static void vqkvd__disk_write_work(uv_work_t *work)
         if (rc == VQKV_OK &&
             (w->fd < 0 || w->broken ||
              (w->end > VQKVD_SEGMENT_FILE_HEADER_BYTES && w->end + need > d->segment_bytes)))
-            rc = vqkvd__disk_new_segment(d, &err);
+            rc = vqkvd__disk_new_segment(d, it, &err);
         if (rc == VQKV_OK && it->src != NULL && it->payload == NULL) {
             /* A move: its bytes come from the segment compacted. */
             it->payload = malloc(it->rec.payload_bytes);
@@ -505,12 +539,7 @@ static void vqkvd__disk_write_work(uv_work_t *work)
             it->sys_errno = err;
         }
     }
-    if (w->fd >= 0 && vqkvd_segment_sync(w) != VQKV_OK)
-        for (vqkvd__disk_write_t *it = d->batch; it != NULL; it = it->next)
-            if (it->rc == VQKV_OK && it->number == w->number) {
-                it->rc = VQKV_EIO; /* not known to be on disk */
-                it->sys_errno = w->sys_errno;
-            }
+    vqkvd__disk_sync(d, NULL);
 }
 
 static void vqkvd__disk_kick(vqkvd_disk_t *d);
@@ -533,6 +562,7 @@ static void vqkvd__disk_requeue(vqkvd_disk_t *d, vqkvd__disk_write_t *it)
     if (!tombstone)
         e->seq = it->rec.seq;
     it->retried = true;
+    d->retrying++;
     it->rc = VQKV_OK;
     it->sys_errno = 0;
     it->next = NULL;
@@ -575,6 +605,7 @@ static void vqkvd__disk_write_after(uv_work_t *work, int status)
     int failed = 0, err = 0;
     for (vqkvd__disk_write_t *it = d->batch, *next; it != NULL; it = next) {
         next = it->next;
+        d->retrying -= it->retried;
         if (status < 0 && it->rc == VQKV_OK)
             it->rc = VQKV_EIO;
         vqkvd_disk_seg_t *seg = it->rc == VQKV_OK ? vqkvd__disk_seg_find(d, it->number) : NULL;
@@ -644,9 +675,18 @@ uint64_t vqkvd_disk_last_queued(const vqkvd_disk_t *d)
 bool vqkvd_disk_settled(const vqkvd_disk_t *d, uint64_t seq)
 {
     /* The queue and the batch in flight hold the records not settled, in
-     * order; the batch is older. */
+     * order; the batch is older. A retry is out of that order (a new
+     * number at the tail): while one waits, every item is looked at, by
+     * the number it was first queued with. */
     const vqkvd__disk_write_t *oldest = d->batch != NULL ? d->batch : d->queue;
-    return oldest == NULL || oldest->rec.seq > seq;
+    if (d->retrying == 0)
+        return oldest == NULL || oldest->rec.seq > seq;
+    const vqkvd__disk_write_t *lists[2] = {d->batch, d->queue};
+    for (int l = 0; l < 2; l++)
+        for (const vqkvd__disk_write_t *it = lists[l]; it != NULL; it = it->next)
+            if (it->first_seq <= seq)
+                return false;
+    return true;
 }
 
 bool vqkvd_disk_has_room(const vqkvd_disk_t *d, uint64_t bytes)
@@ -688,6 +728,8 @@ static void vqkvd__disk_kick(vqkvd_disk_t *d)
 
 static void vqkvd__disk_enqueue(vqkvd_disk_t *d, vqkvd__disk_write_t *it)
 {
+    if (it->first_seq == 0)
+        it->first_seq = it->rec.seq;
     if (d->queue_tail != NULL)
         d->queue_tail->next = it;
     else

@@ -897,6 +897,7 @@ static bool vqkvd__promote_start(vqkvd_client_t *c, uint64_t id, vqkvd_model_t *
     if (j == NULL)
         return false;
     j->tenant = tenant;
+    j->n = 0; /* none reserved yet: a failed calloc commits nothing */
     j->blocks = calloc(run, sizeof *j->blocks);
     j->dst = calloc(run, sizeof *j->dst);
     j->reads = calloc(run, sizeof *j->reads);

@@ -406,11 +406,11 @@ int vqkvd_segment_append(vqkvd_segment_writer_t *w, vqkvd_segment_record_t *rec,
     }
     vqkvd_segment_record_t r = *rec;
     r.payload_crc = r.payload_bytes ? vqkvd_segment_crc32c(0, payload, r.payload_bytes) : 0;
-    rec->payload_crc = r.payload_crc;
     uint8_t head[VQKVD_SEGMENT_RECORD_BYTES];
     int rc = vqkvd_segment_encode(&r, head);
     if (rc != VQKV_OK)
         return rc;
+    rec->payload_crc = r.payload_crc;
     struct iovec iov[2] = {{.iov_base = head, .iov_len = sizeof head},
                            {.iov_base = (void *)payload, .iov_len = r.payload_bytes}};
     int err = vqkvd__segment_pwritev_full(w->fd, iov, r.payload_bytes ? 2 : 1, w->end);

@@ -748,6 +748,29 @@ static int64_t flush(sess_t *s)
     return n;
 }
 
+/* What Stats says of the tiers: blocks (in memory) and disk_blocks now,
+ * the rest counted since the daemon started. */
+typedef struct {
+    uint64_t blocks, evictions, disk_blocks, disk_writes, disk_reads, disk_write_errors,
+        disk_bad_records, disk_dropped, disk_bytes;
+} tier_stats_t;
+
+static tier_stats_t tier_stats(sess_t *s)
+{
+    Vqkv__Stats st = VQKV__STATS__INIT;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_STATS;
+    env.stats = &st;
+    Vqkv__Envelope *e = call(&s->c, &env, NULL, 0);
+    assert_int_equal(e->body_case, VQKV__ENVELOPE__BODY_STATS_REPLY);
+    const Vqkv__StatsReply *r = e->stats_reply;
+    tier_stats_t t = {r->blocks,           r->evictions,    r->disk_blocks,
+                      r->disk_writes,      r->disk_reads,   r->disk_write_errors,
+                      r->disk_bad_records, r->disk_dropped, r->disk_bytes};
+    vqkv_frame_envelope_free(e);
+    return t;
+}
+
 /* ---- segment files ------------------------------------------------------- */
 
 #define FILE_HEADER 32
@@ -1315,8 +1338,21 @@ static void test_garbage_segments(void **state)
     for (uint32_t c = 0; c < DAMAGE_CHAINS; c++)
         want[c] = DAMAGE_BLOCKS;
     damage_check(f, want);
-    /* New blocks go to a new segment and come back after a restart. */
+    /* The files whose file header is not this version's (f0, f3) are left
+     * alone: not counted as the tier's bytes. */
+    char files[8][192];
+    size_t n_files = seg_files(f, files, 8);
+    uint64_t counted = 0;
+    for (size_t i = 0; i < n_files; i++) {
+        struct stat fs;
+        assert_int_equal(stat(files[i], &fs), 0);
+        counted += (uint64_t)fs.st_size;
+    }
     sess_t s;
+    sess_open(&s, f, "test/disk-damage", "fp16");
+    assert_int_equal(tier_stats(&s).disk_bytes, counted - sizeof junk - FILE_HEADER);
+    sess_close(&s);
+    /* New blocks go to a new segment and come back after a restart. */
     sess_open(&s, f, "test/disk-damage", "fp16");
     assert_int_equal(put_chain(&s, f, TAG_DAMAGE + 1, 0, 4), 4);
     sess_close(&s);
@@ -1433,28 +1469,6 @@ static void test_disk_refuses_writes(void **state)
 
 #define TAG_FULL 8
 #define FULL_MAX 512 /* chains, of one block each: a block's fate is its chain's */
-
-/* What Stats says of the tiers: blocks (in memory) and disk_blocks now,
- * the rest counted since the daemon started. */
-typedef struct {
-    uint64_t blocks, evictions, disk_blocks, disk_writes, disk_reads, disk_write_errors,
-        disk_bad_records, disk_dropped;
-} tier_stats_t;
-
-static tier_stats_t tier_stats(sess_t *s)
-{
-    Vqkv__Stats st = VQKV__STATS__INIT;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_STATS;
-    env.stats = &st;
-    Vqkv__Envelope *e = call(&s->c, &env, NULL, 0);
-    assert_int_equal(e->body_case, VQKV__ENVELOPE__BODY_STATS_REPLY);
-    const Vqkv__StatsReply *r = e->stats_reply;
-    tier_stats_t t = {r->blocks,     r->evictions,         r->disk_blocks,      r->disk_writes,
-                      r->disk_reads, r->disk_write_errors, r->disk_bad_records, r->disk_dropped};
-    vqkv_frame_envelope_free(e);
-    return t;
-}
 
 /* Which of chains [0, n) the segment files hold (held[c]), and how many
  * block records they hold in all. */
@@ -2141,9 +2155,10 @@ static void test_compaction_sigkill(void **state)
                          "%u blocks",
                          (unsigned long long)kill_seed, round, c, found, COMPACT_BLOCKS);
         }
-        tier_stats_t st = tier_stats(&s);
-        assert_int_equal(st.disk_dropped, 0);
-        assert_int_equal(st.disk_bad_records, 0);
+        /* No segment went for room (bad records may: a SIGKILL mid-append
+         * leaves a torn tail, which the scan counts; check_chain holds the
+         * bytes). */
+        assert_int_equal(tier_stats(&s).disk_dropped, 0);
         if (round == rounds) {
             sess_close(&s);
             break;
