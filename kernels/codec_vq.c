@@ -149,6 +149,7 @@ static void vqkv__book_ready(const vqkv__vq_t *vq, const vqkv__branch_t *br, vqk
     if (br->commute)
         vqkv__commute_expand(book.params, br->d, vq->bits / 2, book.words);
     vqkv__search_prepare(book.words, br->d, 1u << vq->bits, book.search);
+    vqkv__search_mark_twins(book.words, br->d, 1u << vq->bits, book.search);
 }
 
 /* Codebooks are addressed by "set layer" layer * sets + set. */

@@ -21,18 +21,20 @@
 /* Gives each centroid bit for bit equal to an earlier one the norm +inf.
  * No search picks such a twin (the earlier one ties with it and comes
  * first), and none picks a norm of +inf either (its distance stays +inf or
- * turns NaN), so the answers do not change; what changes is that a codebook
+ * turns NaN), so nearest searches answer as before; soft assignments
+ * would not (commvq's E-step), which is why search_prepare leaves it to
+ * callers. What changes is that a codebook
  * full of twins (all zero in a residual stage left nothing to code, or
  * training's repeated points) no longer hands the batch search's fused pass
  * (search_x86.c) a crowd of tied candidates to rescore. Each row hashed,
  * then looked up in an open-addressed table of 2k slots; O(k*d). Codebooks
- * over 512 codewords, which that pass leaves alone, are left as they are. */
-static void vqkv__mark_twins(const float *centroids, uint32_t d, uint32_t k, float *norms2)
+ * over VQKV__FUSED_MAX_K codewords, which that pass leaves alone, are left
+ * as they are. */
+void vqkv__search_mark_twins(const float *centroids, uint32_t d, uint32_t k, float *search)
 {
-    enum { MAX_K = 512 };
-    uint32_t hash[MAX_K], mask = 2 * k - 1;
-    uint16_t table[2 * MAX_K];
-    if (k > MAX_K || (k & (k - 1)) != 0)
+    uint32_t hash[VQKV__FUSED_MAX_K], mask = 2 * k - 1;
+    uint16_t table[2 * VQKV__FUSED_MAX_K];
+    if (k > VQKV__FUSED_MAX_K || (k & (k - 1)) != 0)
         return;
     for (uint32_t c = 0; c < k; c++) {
         uint64_t h = 0;
@@ -54,7 +56,7 @@ static void vqkv__mark_twins(const float *centroids, uint32_t d, uint32_t k, flo
         if (table[at] == 0xffff)
             table[at] = (uint16_t)c;
         else
-            norms2[c] = INFINITY;
+            search[c] = INFINITY;
     }
 }
 
@@ -70,7 +72,6 @@ void vqkv__search_prepare(const float *centroids, uint32_t d, uint32_t k, float 
         }
         norms2[c] = s;
     }
-    vqkv__mark_twins(centroids, d, k, norms2);
 }
 
 void vqkv__nearest_batch(const float *xs, size_t n, size_t stride, const float *search, uint32_t d,
@@ -227,6 +228,7 @@ int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iter
         goto out;
     for (uint32_t it = 0; it < iterations; it++) {
         vqkv__search_prepare(centroids, d, k, search);
+        vqkv__search_mark_twins(centroids, d, k, search);
         memset(sums, 0, (size_t)k * d * sizeof *sums);
         memset(counts, 0, k * sizeof *counts);
         size_t moved = 0;

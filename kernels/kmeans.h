@@ -17,7 +17,7 @@
  * elsewhere (vqkv_cuda_assigner: on a GPU). It must give what the CPU
  * gives: assign[i] the index of x[i]'s nearest centroid by
  * ||c||^2 - 2 x.c (norms[] holds ||c||^2, ties to the lower index, as
- * vqkv__nearest), mind[i] the squared distance to it summed in channel
+ * vqkv__nearest_scalar), mind[i] the squared distance to it summed in channel
  * order. Returns VQKV_OK or an error, which ends the training. */
 struct vqkv_assigner {
     int (*assign)(void *ctx, const float *x, size_t n, uint32_t d, const float *centroids,
@@ -31,13 +31,20 @@ struct vqkv_assigner {
 int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iterations,
                  uint64_t seed, const vqkv_assigner_t *assigner, float *centroids);
 
+/* Codebooks the batch search's fused pass takes (search_x86.c), and whose
+ * twins vqkv__search_mark_twins marks: at most this many codewords. */
+#define VQKV__FUSED_MAX_K 512u
+
 /* A codebook's search form, (d + 1) * k floats: ||c||^2 for each of the k
  * centroids, then the centroids transposed to [d][k], so the distance loop
- * runs over contiguous centroids and vectorizes. A centroid bit for bit
- * equal to an earlier one (up to 512 centroids, a power of two) has +inf
- * for its norm instead: no search would pick it, and the batch search no
- * longer has to rule it out. */
+ * runs over contiguous centroids and vectorizes. The norms are true ones
+ * (commvq's soft E-step reads them as distances). */
 void vqkv__search_prepare(const float *centroids, uint32_t d, uint32_t k, float *search);
+/* For nearest searches: a centroid bit for bit equal to an earlier one (k
+ * a power of two up to VQKV__FUSED_MAX_K) gets +inf for its norm in
+ * search: no search would pick it, and the batch search no longer has to
+ * rule it out. Answers stay those over the true norms. O(k*d). */
+void vqkv__search_mark_twins(const float *centroids, uint32_t d, uint32_t k, float *search);
 
 /* The centroid nearest to x by ||c||^2 - 2 x.c, from the search form; ties
  * go to the lower index. O(k*d). vqkv__nearest_scalar is the reference:

@@ -155,7 +155,6 @@ VQKV__NEAREST(vqkv__nearest_x512, VQKV__AVX512, 512, 16)
 #define VQKV__FUSED_LIMIT 0x1p40
 #define VQKV__SLACK 1.01
 /* The fused distances of a pass live on the stack, k at most this. */
-#define VQKV__FUSED_MAX_K 512u
 
 /* Vectors a fused pass takes at once. */
 #define VQKV__V 4
@@ -243,23 +242,26 @@ VQKV__AVX512 static inline unsigned vqkv__below512(__m512 v, __m512 at)
         if (thr != thr)                                                                            \
             return EXACT(x, bt->search, bt->d, bt->k);                                             \
         __m##BITS at = _mm##BITS##_set1_ps(thr);                                                   \
-        uint32_t count = 0, c0 = 0, best = 0;                                                      \
-        for (uint32_t c = 0; c < bt->k; c += (LANES))                                              \
-            count +=                                                                               \
-                (uint32_t)__builtin_popcount(vqkv__below##BITS(_mm##BITS##_loadu_ps(f + c), at));  \
-        unsigned hit;                                                                              \
-        while ((hit = vqkv__below##BITS(_mm##BITS##_loadu_ps(f + c0), at)) == 0)                   \
-            c0 += (LANES);                                                                         \
+        uint32_t count = 0, c0 = bt->k; /* c0: the first block with a candidate */                 \
+        for (uint32_t c = 0; c < bt->k; c += (LANES)) {                                            \
+            unsigned hit = vqkv__below##BITS(_mm##BITS##_loadu_ps(f + c), at);                     \
+            c0 = hit != 0 && c0 == bt->k ? c : c0;                                                 \
+            count += (uint32_t)__builtin_popcount(hit);                                            \
+        }                                                                                          \
         if (count == 1)                                                                            \
-            return c0 + (uint32_t)__builtin_ctz(hit);                                              \
+            return c0 +                                                                            \
+                   (uint32_t)__builtin_ctz(vqkv__below##BITS(_mm##BITS##_loadu_ps(f + c0), at));   \
+        uint32_t best = UINT32_MAX;                                                                \
         float best_dist = INFINITY;                                                                \
         for (; c0 < bt->k; c0 += (LANES))                                                          \
-            for (hit = vqkv__below##BITS(_mm##BITS##_loadu_ps(f + c0), at); hit != 0;              \
+            for (unsigned hit = vqkv__below##BITS(_mm##BITS##_loadu_ps(f + c0), at); hit != 0;     \
                  hit &= hit - 1) {                                                                 \
                 uint32_t c = c0 + (uint32_t)__builtin_ctz(hit);                                    \
                 float dist = vqkv__exact_dist(bt, m, c);                                           \
-                best = best_dist == INFINITY || dist < best_dist ? c : best;                       \
-                best_dist = best == c ? dist : best_dist;                                          \
+                if (best == UINT32_MAX || dist < best_dist) {                                      \
+                    best = c;                                                                      \
+                    best_dist = dist;                                                              \
+                }                                                                                  \
             }                                                                                      \
         return best;                                                                               \
     }

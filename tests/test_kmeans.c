@@ -197,6 +197,7 @@ static void test_nearest_simd_matches_scalar(void **state)
             if (k > 8)
                 words[(size_t)5 * d] = 3.0e38f; /* its norm overflows to inf */
             vqkv__search_prepare(words, d, k, search);
+            vqkv__search_mark_twins(words, d, k, search); /* as the encoders search */
             for (int trial = 0; trial < 400; trial++) {
                 for (uint32_t j = 0; j < d; j++)
                     x[j] = trial % 7 == 0    ? words[j]               /* on codeword 0 */
@@ -301,6 +302,7 @@ static void test_nearest_batch_matches_scalar(void **state)
                 assert_non_null(search);
                 make_book(kind, &rng, d, k, words);
                 vqkv__search_prepare(words, d, k, search);
+                vqkv__search_mark_twins(words, d, k, search); /* as the encoders search */
                 float scale = kind == BOOK_HUGE ? 3.0e5f : kind == BOOK_TINY ? 1.0e-21f : 1.0f;
                 for (size_t i = 0; i < N; i++)
                     make_vector(&rng, words, d, k, scale, xs + i * d);
@@ -328,12 +330,14 @@ static void test_nearest_batch_matches_scalar(void **state)
 
 /* Twins get norm +inf in the search form, the first of them its own; the
  * answers stay the reference's over the true norms. */
-static void test_search_prepare_marks_twins(void **state)
+static void test_search_mark_twins(void **state)
 {
     (void)state;
     const float words[4 * 2] = {1.0f, 2.0f, 0.0f, 0.0f, 1.0f, 2.0f, -0.0f, 0.0f};
     float search[4 * 3];
     vqkv__search_prepare(words, 2, 4, search);
+    assert_true(search[2] == 5.0f); /* the true norm: commvq's soft E-step reads it */
+    vqkv__search_mark_twins(words, 2, 4, search);
     assert_true(search[0] == 5.0f && search[1] == 0.0f);
     assert_true(search[2] == INFINITY); /* twin of 0 */
     assert_true(search[3] == 0.0f);     /* -0 differs in bits: kept */
@@ -687,7 +691,7 @@ int main(void)
         cmocka_unit_test(test_nearest_matches_brute_force),
         cmocka_unit_test(test_nearest_simd_matches_scalar),
         cmocka_unit_test(test_nearest_batch_matches_scalar),
-        cmocka_unit_test(test_search_prepare_marks_twins),
+        cmocka_unit_test(test_search_mark_twins),
         cmocka_unit_test(test_mind_update_simd_matches_scalar),
         cmocka_unit_test(test_training_deterministic_across_threads),
         cmocka_unit_test(test_more_stages_lower_error),

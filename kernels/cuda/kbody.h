@@ -626,7 +626,7 @@ VQKV_KB void vqkv__kencode_prep(const vqkv_kbatch_t *b, const vqkv_kunit_t *u)
 
 /* ---- k-means --------------------------------------------------------------- */
 
-/* Assignment unit: point i's nearest centroid, as vqkv__nearest picks it,
+/* Assignment unit: point i's nearest centroid, as vqkv__nearest_scalar picks it,
  * and its squared distance, as kmeans.c sums it. */
 VQKV_KB void vqkv_kassign_body(const vqkv_kassign_t *a, uint32_t block_idx, uint32_t block_dim,
                                uint32_t thread_idx)
