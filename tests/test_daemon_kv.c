@@ -1038,7 +1038,11 @@ static void test_staged_puts(void **state)
     expect_ok(release(&c, lease));
 
     await_encoded(&c);
-    memset(r.base + 4 * r.view.slot_stride, 0, 4 * r.view.slot_stride);
+    for (uint32_t l = 0; l < LAYERS; l++) /* slots 4..7 cleared, every layer's K and V */
+        for (uint32_t kv = 0; kv < 2; kv++)
+            memset(r.base + l * r.view.layer_stride + kv * r.view.kv_stride +
+                       4 * r.view.slot_stride,
+                   0, 4 * r.view.slot_stride);
     assert_int_equal(lookup(&c, m, 3, 4, 0, &lease), 4);
     get_ok(&c, lease, h, to, 4);
     expect_blocks(&r, 4, 4, want);
@@ -1073,7 +1077,7 @@ static void test_staging_full(void **state)
     uint8_t *want = malloc(r.view.region_bytes);
     assert_non_null(want);
     memcpy(want, r.base, r.view.region_bytes);
-    static const uint32_t from[2] = {0, 1}, to[2] = {4, 5};
+    static const uint32_t from[2] = {0, 1}, to[2] = {4, 5}, to_staged[1] = {6};
     uint64_t staged, full, backlog, lease;
 
     assert_int_equal(put_ok(&c, m, h, 4, 0, 2, from, 1), 2);
@@ -1091,8 +1095,8 @@ static void test_staging_full(void **state)
     expect_blocks(&r, 4, 2, want);
     expect_ok(release(&c, lease));
     assert_int_equal(lookup(&c, m, 5, 1, 0, &lease), 1);
-    get_ok(&c, lease, h, to, 1);
-    expect_blocks(&r, 4, 1, want);
+    get_ok(&c, lease, h, to_staged, 1); /* a slot no Get wrote before */
+    expect_blocks(&r, 6, 1, want);
     expect_ok(release(&c, lease));
     await_encoded(&c);
     free(want);
