@@ -225,7 +225,7 @@ static int vqkvctl_eval(int argc, char **argv)
 /* A flush writes down what memory holds: minutes for a large pool. */
 #define VQKVCTL_FLUSH_TIMEOUT_MS (30 * 60 * 1000)
 
-/* Connects for stats and health; prints why not and returns NULL on failure. */
+/* Connects for a command; prints why not and returns NULL on failure. */
 static vqkv_client_t *vqkvctl_connect(const char *cmd, const char *socket_path, int timeout_ms)
 {
     char path[108];

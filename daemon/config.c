@@ -487,15 +487,17 @@ static int vqkvd__config_parse(vqkvd_config_t *cfg, int *level, const vqkvd_conf
     case VQKVD_CONFIG_IDS: return vqkvd__config_add_ids(cfg, key, label, value, err, err_size);
     case VQKVD_CONFIG_BYTES: ok = vqkvd_config_parse_bytes(value, slot) == 0; break;
     case VQKVD_CONFIG_BYTES_OFF:
-        ok = strcmp(value, "0") == 0 || vqkvd_config_parse_bytes(value, slot) == 0;
-        if (ok && strcmp(value, "0") == 0)
+        if (strcmp(value, "0") == 0)
             *(uint64_t *)slot = 0;
+        else
+            ok = vqkvd_config_parse_bytes(value, slot) == 0;
         break;
     case VQKVD_CONFIG_COUNT: ok = vqkvd_config_parse_count(value, slot) == 0; break;
     case VQKVD_CONFIG_COUNT_OFF:
-        ok = strcmp(value, "0") == 0 || vqkvd_config_parse_count(value, slot) == 0;
-        if (ok && strcmp(value, "0") == 0)
+        if (strcmp(value, "0") == 0)
             *(uint32_t *)slot = 0;
+        else
+            ok = vqkvd_config_parse_count(value, slot) == 0;
         break;
     case VQKVD_CONFIG_DEVICE: ok = vqkvd_config_check_device(value) == 0; break;
     case VQKVD_CONFIG_ADDRESS: ok = vqkvd_config_parse_address(value, &addr) == 0; break;

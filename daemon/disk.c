@@ -12,7 +12,9 @@
  * A segment is at most VQKVD_DISK_SEGMENT_BYTES, and at most a quarter of
  * disk_bytes, so that dropping the oldest frees a bounded share. The
  * writer (segment.h) belongs to the write job in flight; the loop touches
- * it only at open and close, when no job runs.
+ * it only when no job runs: at close, and to give up the only segment on
+ * a full disk (vqkvd__disk_write_after). A segment is never appended to
+ * after a restart (a new one is made), so torn tails are left as they are.
  */
 #include "disk.h"
 
@@ -73,7 +75,7 @@ typedef struct {
 
 struct vqkvd_disk {
     char *dir;
-    uint64_t limit, segment_bytes;
+    uint64_t segment_bytes; /* the limit is stats.limit_bytes */
     uv_loop_t *loop;
     const vqkvd_store_t *store; /* its hash key */
     vqkvd_disk_entry_t **buckets;
@@ -126,15 +128,21 @@ static vqkvd_disk_entry_t **vqkvd__disk_bucket(const vqkvd_disk_t *d, uint32_t t
     return &d->buckets[vqkvd_store_hash(d->store, tenant, model, key) & d->mask];
 }
 
-static vqkvd_disk_entry_t **vqkvd__disk_link(const vqkvd_disk_t *d, uint32_t tenant, uint32_t model,
-                                             const uint8_t *key)
+/* The link to (tenant, model, key) in the chain at p, or to its end. */
+static vqkvd_disk_entry_t **vqkvd__disk_chain_find(vqkvd_disk_entry_t **p, uint32_t tenant,
+                                                   uint32_t model, const uint8_t *key)
 {
-    vqkvd_disk_entry_t **p = vqkvd__disk_bucket(d, tenant, model, key);
     for (; *p != NULL; p = &(*p)->hnext)
         if ((*p)->tenant == tenant && (*p)->model == model &&
             memcmp((*p)->key, key, VQKVD_KEY_BYTES) == 0)
             break;
     return p;
+}
+
+static vqkvd_disk_entry_t **vqkvd__disk_link(const vqkvd_disk_t *d, uint32_t tenant, uint32_t model,
+                                             const uint8_t *key)
+{
+    return vqkvd__disk_chain_find(vqkvd__disk_bucket(d, tenant, model, key), tenant, model, key);
 }
 
 const vqkvd_disk_entry_t *vqkvd_disk_find(const vqkvd_disk_t *d, uint32_t tenant, uint32_t model,
@@ -183,20 +191,24 @@ static void vqkvd__disk_unlink_entry(vqkvd_disk_t *d, vqkvd_disk_entry_t **link)
 }
 
 /* What record rec (payload at payload_offset of seg) says: a tombstone
- * removes the key's entry, a block replaces an older one. O(1) average. */
-static void vqkvd__disk_apply(vqkvd_disk_t *d, vqkvd_disk_seg_t *seg,
-                              const vqkvd_segment_record_t *rec, uint64_t payload_offset)
+ * removes the key's entry, a block replaces an older one. Returns the
+ * block's new entry, or NULL. O(1) average: one hash, since unlinking
+ * leaves the table's size alone. */
+static vqkvd_disk_entry_t *vqkvd__disk_apply(vqkvd_disk_t *d, vqkvd_disk_seg_t *seg,
+                                             const vqkvd_segment_record_t *rec,
+                                             uint64_t payload_offset)
 {
-    vqkvd_disk_entry_t **link = vqkvd__disk_link(d, rec->tenant, rec->model, rec->key);
+    vqkvd_disk_entry_t **head = vqkvd__disk_bucket(d, rec->tenant, rec->model, rec->key);
+    vqkvd_disk_entry_t **link = vqkvd__disk_chain_find(head, rec->tenant, rec->model, rec->key);
     if (*link != NULL && (*link)->seq > rec->seq)
-        return;
+        return NULL;
     if (*link != NULL)
         vqkvd__disk_unlink_entry(d, link);
     if (rec->flags & VQKVD_SEGMENT_TOMBSTONE)
-        return;
+        return NULL;
     vqkvd_disk_entry_t *e = calloc(1, sizeof *e);
     if (e == NULL)
-        return; /* a miss later, nothing wrong */
+        return NULL; /* a miss later, nothing wrong */
     e->seg = seg;
     e->seq = rec->seq;
     e->payload_offset = payload_offset;
@@ -209,16 +221,24 @@ static void vqkvd__disk_apply(vqkvd_disk_t *d, vqkvd_disk_seg_t *seg,
     memcpy(e->parent, rec->parent, VQKVD_KEY_BYTES);
     memcpy(e->spec, rec->spec, sizeof e->spec);
     memcpy(e->codebooks_sha256, rec->codebooks_sha256, 32);
-    link = vqkvd__disk_bucket(d, e->tenant, e->model, e->key);
-    e->hnext = *link;
-    *link = e;
+    e->hnext = *head;
+    *head = e;
     if (seg != NULL)
         seg->live += vqkvd__disk_record_bytes(e->payload_bytes);
     d->stats.blocks++;
     vqkvd__disk_maybe_grow(d);
+    return e;
 }
 
 /* ---- segments ------------------------------------------------------------------ */
+
+/* The path of segment number in d's directory. */
+static void vqkvd__disk_path(const vqkvd_disk_t *d, uint64_t number, char path[PATH_MAX])
+{
+    char name[VQKVD_SEGMENT_NAME_BYTES];
+    vqkvd_segment_name(number, name, sizeof name);
+    snprintf(path, PATH_MAX, "%s/%s", d->dir, name);
+}
 
 static vqkvd_disk_seg_t *vqkvd__disk_seg_add(vqkvd_disk_t *d, uint64_t number, int fd,
                                              uint64_t bytes)
@@ -294,13 +314,13 @@ static bool vqkvd__disk_seg_remove(vqkvd_disk_t *d, vqkvd_disk_seg_t *seg)
 
 /* Drops the oldest segment with every block the index has in it; the next
  * write job deletes its file. O(blocks on disk). */
-static void vqkvd__disk_drop_oldest(vqkvd_disk_t *d)
+static bool vqkvd__disk_drop_oldest(vqkvd_disk_t *d)
 {
     vqkvd_disk_seg_t *seg = d->oldest;
     seg->refs++; /* the walk below still reads it */
     if (!vqkvd__disk_seg_remove(d, seg)) {
         seg->refs--;
-        return; /* over the limit a little longer */
+        return false; /* over the limit a little longer */
     }
     for (uint64_t i = 0; i <= d->mask; i++) {
         vqkvd_disk_entry_t **link = &d->buckets[i];
@@ -314,18 +334,16 @@ static void vqkvd__disk_drop_oldest(vqkvd_disk_t *d)
         }
     }
     vqkvd__disk_seg_unref(seg);
+    return true;
 }
 
 /* The oldest segments go while the files are over the limit; the one
  * being written stays. */
 static void vqkvd__disk_trim(vqkvd_disk_t *d)
 {
-    while (d->stats.bytes > d->limit && d->oldest != NULL && d->oldest != d->newest) {
-        uint64_t before = d->stats.segments;
-        vqkvd__disk_drop_oldest(d);
-        if (d->stats.segments == before)
-            break;
-    }
+    while (d->stats.bytes > d->stats.limit_bytes && d->oldest != NULL && d->oldest != d->newest &&
+           vqkvd__disk_drop_oldest(d))
+        ;
 }
 
 static int vqkvd__disk_scan_record(void *arg, const vqkvd_segment_record_t *rec,
@@ -344,9 +362,8 @@ static int vqkvd__disk_scan_record(void *arg, const vqkvd_segment_record_t *rec,
  * so. */
 static void vqkvd__disk_load(vqkvd_disk_t *d, uint64_t number)
 {
-    char name[VQKVD_SEGMENT_NAME_BYTES], path[PATH_MAX];
-    vqkvd_segment_name(number, name, sizeof name);
-    snprintf(path, sizeof path, "%s/%s", d->dir, name);
+    char path[PATH_MAX];
+    vqkvd__disk_path(d, number, path);
     /* Taken even when unreadable: a new segment must not collide with it. */
     if (number >= d->next_number)
         d->next_number = number + 1;
@@ -484,9 +501,8 @@ static int vqkvd__disk_new_segment(vqkvd_disk_t *d, const vqkvd__disk_write_t *e
         *sys_errno = w->sys_errno;
         return rc;
     }
-    char name[VQKVD_SEGMENT_NAME_BYTES], path[PATH_MAX];
-    vqkvd_segment_name(number, name, sizeof name);
-    snprintf(path, sizeof path, "%s/%s", d->dir, name);
+    char path[PATH_MAX];
+    vqkvd__disk_path(d, number, path);
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
         *sys_errno = errno;
@@ -504,15 +520,14 @@ static void vqkvd__disk_write_work(uv_work_t *work)
 {
     vqkvd_disk_t *d = work->data;
     vqkvd_segment_writer_t *w = &d->writer;
-    char name[VQKVD_SEGMENT_NAME_BYTES], path[PATH_MAX];
+    char path[PATH_MAX];
     for (size_t i = 0; i < d->n_unlinking; i++) {
-        vqkvd_segment_name(d->unlinking[i], name, sizeof name);
-        snprintf(path, sizeof path, "%s/%s", d->dir, name);
+        vqkvd__disk_path(d, d->unlinking[i], path);
         unlink(path);
     }
     int rc = VQKV_OK, err = 0;
     for (vqkvd__disk_write_t *it = d->batch; it != NULL; it = it->next) {
-        uint64_t need = VQKVD_SEGMENT_RECORD_BYTES + it->rec.payload_bytes;
+        uint64_t need = vqkvd__disk_record_bytes(it->rec.payload_bytes);
         if (rc == VQKV_OK &&
             (w->fd < 0 || w->broken ||
              (w->end > VQKVD_SEGMENT_FILE_HEADER_BYTES && w->end + need > d->segment_bytes)))
@@ -619,7 +634,7 @@ static void vqkvd__disk_write_after(uv_work_t *work, int status)
         if (it->unread) {
             /* not a write that failed: vqkvd__disk_settle_move says */
         } else if (seg != NULL) {
-            uint64_t end = it->offset + VQKVD_SEGMENT_RECORD_BYTES + it->rec.payload_bytes;
+            uint64_t end = it->offset + vqkvd__disk_record_bytes(it->rec.payload_bytes);
             d->stats.bytes += end > seg->bytes ? end - seg->bytes : 0;
             seg->bytes = end > seg->bytes ? end : seg->bytes;
             d->stats.writes += !(it->rec.flags & VQKVD_SEGMENT_TOMBSTONE);
@@ -751,9 +766,8 @@ static bool vqkvd__disk_queue(vqkvd_disk_t *d, const vqkvd_segment_record_t *rec
     it->payload = payload;
     if (payload !=
         NULL) { /* found from now on, read from the queue (its CRC comes with the write) */
-        vqkvd__disk_apply(d, NULL, &it->rec, 0);
-        vqkvd_disk_entry_t *e = *vqkvd__disk_link(d, rec->tenant, rec->model, rec->key);
-        if (e != NULL && e->seq == it->rec.seq)
+        vqkvd_disk_entry_t *e = vqkvd__disk_apply(d, NULL, &it->rec, 0);
+        if (e != NULL)
             e->queued = payload;
     }
     vqkvd__disk_enqueue(d, it);
@@ -777,16 +791,23 @@ bool vqkvd_disk_put(vqkvd_disk_t *d, const vqkvd_segment_record_t *rec, uint8_t 
     return vqkvd__disk_queue(d, rec, payload);
 }
 
+/* Forgets the entry at link and queues its tombstone. */
+static void vqkvd__disk_drop_link(vqkvd_disk_t *d, vqkvd_disk_entry_t **link)
+{
+    const vqkvd_disk_entry_t *e = *link;
+    vqkvd_segment_record_t rec = {
+        .flags = VQKVD_SEGMENT_TOMBSTONE, .tenant = e->tenant, .model = e->model};
+    memcpy(rec.key, e->key, VQKVD_KEY_BYTES);
+    vqkvd__disk_unlink_entry(d, link);
+    vqkvd__disk_queue(d, &rec, NULL);
+}
+
 bool vqkvd_disk_drop(vqkvd_disk_t *d, uint32_t tenant, uint32_t model, const uint8_t *key)
 {
     vqkvd_disk_entry_t **link = vqkvd__disk_link(d, tenant, model, key);
     if (*link == NULL)
         return false;
-    vqkvd__disk_unlink_entry(d, link);
-    vqkvd_segment_record_t rec = {
-        .flags = VQKVD_SEGMENT_TOMBSTONE, .tenant = tenant, .model = model};
-    memcpy(rec.key, key, VQKVD_KEY_BYTES);
-    vqkvd__disk_queue(d, &rec, NULL);
+    vqkvd__disk_drop_link(d, link);
     return true;
 }
 
@@ -812,9 +833,7 @@ static uint64_t vqkvd__disk_orphan_pass(vqkvd_disk_t *d, uint32_t tenant, uint32
                 link = &e->hnext;
                 continue;
             }
-            uint8_t key[VQKVD_KEY_BYTES];
-            memcpy(key, e->key, VQKVD_KEY_BYTES);
-            vqkvd_disk_drop(d, tenant, model, key); /* unlinks *link */
+            vqkvd__disk_drop_link(d, link); /* *link is the next entry now */
             n++;
         }
     }
@@ -1008,9 +1027,8 @@ void vqkvd_disk_stop(vqkvd_disk_t *d)
 
 /* ---- reading ----------------------------------------------------------------- */
 
-void vqkvd_disk_read_start(vqkvd_disk_t *d, const vqkvd_disk_entry_t *e, vqkvd_disk_read_t *r)
+void vqkvd_disk_read_start(const vqkvd_disk_entry_t *e, vqkvd_disk_read_t *r)
 {
-    (void)d;
     memset(r, 0, sizeof *r);
     r->started = true;
     r->seg = e->seg;
@@ -1081,7 +1099,6 @@ int vqkvd_disk_open(const char *dir, uint64_t limit, uv_loop_t *loop, const vqkv
         (d->buckets = calloc(64, sizeof *d->buckets)) == NULL)
         goto fail;
     d->mask = 63;
-    d->limit = limit;
     d->stats.limit_bytes = limit;
     d->segment_bytes = limit / 4 < VQKVD_DISK_SEGMENT_BYTES ? limit / 4 : VQKVD_DISK_SEGMENT_BYTES;
     d->loop = loop;

@@ -153,7 +153,7 @@ const vqkvd_disk_entry_t *vqkvd_disk_find(const vqkvd_disk_t *d, uint32_t tenant
                                           const uint8_t *key);
 
 /* Starts reading e's payload: fills r and holds its segment open. */
-void vqkvd_disk_read_start(vqkvd_disk_t *d, const vqkvd_disk_entry_t *e, vqkvd_disk_read_t *r);
+void vqkvd_disk_read_start(const vqkvd_disk_entry_t *e, vqkvd_disk_read_t *r);
 /* Any thread: the payload of r into buf (r->rec.payload_bytes). VQKV_OK,
  * VQKV_EFORMAT (checksum or length wrong), VQKV_EIO. */
 int vqkvd_disk_read(const vqkvd_disk_read_t *r, void *buf);

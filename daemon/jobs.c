@@ -72,7 +72,7 @@ struct vqkvd_job {
     vqkvd_job_kind_t kind;
     vqkvd_server_t *s;
     vqkvd_client_t *c; /* NULL for an Encode */
-    vqkvd_region_t *r; /* NULL for an Encode */
+    vqkvd_region_t *r; /* NULL for an Encode and a Promote */
     vqkvd_model_t *m;
     /* The memory the slots name: the region's, or an Encode's stage's */
     uint8_t *base;
@@ -82,7 +82,7 @@ struct vqkvd_job {
      * reply (NULL: encoded before it); Encode: the stage it reads. */
     vqkvd_stage_t *stage;
     /* Put: each block's slot in the stage; Get: the stage slot of each
-     * block copied out of a stage */
+     * block encoded from a stage */
     uint32_t *stage_slots;
     /* Encode: its blocks' tenant and keys, to find them again when done
      * (eviction may have taken some), and their codes, one after another,
@@ -341,20 +341,8 @@ static void vqkvd__job_maybe_end(vqkvd_job_t *j);
 static void vqkvd__lookup_answer(vqkvd_client_t *c, uint64_t id, const vqkvd_model_t *m,
                                  const uint8_t *keys, uint32_t n);
 
-/* Back on the loop, the Put's blocks in their slots, or in its stage with
- * their Encode queued: commits them (stored even when the client has gone:
- * the bytes are good), or aborts them all when the work failed, children
- * before parents. Then
- * the puts waiting for them may answer; a block aborted under one becomes
- * NO_SPACE there. */
-static void vqkvd__job_commit(vqkvd_job_t *j, uint32_t good);
-
-static void vqkvd__put_commit(vqkvd_job_t *j, int failed)
-{
-    vqkvd__job_commit(j, failed ? 0 : j->n);
-}
-
-/* The blocks a job reserved: those before index good committed, the others
+/* The blocks a job reserved: those before index good committed (a Put's
+ * stored even when its client has gone: the bytes are good), the others
  * aborted, children before parents. A waiting put whose block was aborted
  * learns NO_SPACE (any abort tells every waiter so: it may ask again). */
 static void vqkvd__job_commit(vqkvd_job_t *j, uint32_t good)
@@ -547,7 +535,7 @@ static void vqkvd__put_after(vqkvd_job_t *j)
             snprintf(j->why, sizeof j->why, "cannot start its encode");
         }
     }
-    vqkvd__put_commit(j, failed);
+    vqkvd__job_commit(j, failed ? 0 : j->n);
 }
 
 /* Back on the loop, a staged Put's blocks encoded: the codes of those
@@ -561,6 +549,7 @@ static void vqkvd__encode_after(vqkvd_job_t *j)
     vqkvd_server_t *s = j->s;
     size_t bytes = vqkv_codec_block_bytes(j->codec);
     int rc = j->status < 0 ? VQKV_EIO : j->rc;
+    bool flush = s->stopping || s->flush_waits != NULL; /* the blocks it makes whole go too */
     for (uint32_t k = j->n; k-- > 0;) {
         const uint8_t *key = j->keys + (size_t)k * VQKVD_KEY_BYTES;
         vqkvd_block_t *b = vqkvd_store_find(&s->store, j->tenant, j->m->store_id, key);
@@ -579,16 +568,19 @@ static void vqkvd__encode_after(vqkvd_job_t *j)
         if (rc != VQKV_OK) {
             b->codec = &vqkvd__encode_failed;
             vqkvd_store_evict(&s->store, b->tenant, b->model, b->key, 1, 0, uv_now(s->loop));
-        } else if (j->codec == j->m->fallback) {
-            vqkvd_calib_add(s, j->m, slot);
+        } else {
+            if (j->codec == j->m->fallback)
+                vqkvd_calib_add(s, j->m, slot);
+            if (flush)
+                vqkvd_tiers_flush_block(s, b);
         }
     }
     if (rc != VQKV_OK)
         vqkvd_log(VQKVD_LOG_ERROR, "model %u: staged blocks could not be encoded (%s%s%s)",
                   (unsigned)j->m->id, vqkv_strerror(rc), j->why[0] != '\0' ? ": " : "", j->why);
     vqkvd_stage_encoded(j->stage);
-    if (s->stopping || s->flush_waits != NULL)
-        vqkvd_tiers_flush(s); /* the blocks it made whole go to disk too */
+    if (flush)
+        vqkvd_tiers_flush_resume(s);
 }
 
 /* Each read a Promote started, ended on the disk's books (ran: the job's
@@ -822,7 +814,7 @@ void vqkvd_session_put(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_
         j->status = rc;
         j->work_done = 1;
         if (rc < 0)
-            vqkvd__put_commit(j, 1);
+            vqkvd__job_commit(j, 0);
         vqkvd__job_maybe_end(j);
     }
 }
@@ -853,7 +845,7 @@ static void vqkvd__lookup_answer(vqkvd_client_t *c, uint64_t id, const vqkvd_mod
 
 /* Reserves slots for the disk blocks that continue keys[p..] after memory's
  * prefix of p, as far as the pool and the tenant's quota let, and starts
- * reading them. false (nothing reserved) when there are none. */
+ * reading them. Returns how many it reserved (0: none). */
 static uint32_t vqkvd__promote_reserve(vqkvd_job_t *j, const uint8_t *keys, uint32_t p,
                                        uint32_t run)
 {
@@ -873,7 +865,7 @@ static uint32_t vqkvd__promote_reserve(vqkvd_job_t *j, const uint8_t *keys, uint
         b->codec = ident;
         j->blocks[k] = b;
         j->dst[k] = vqkvd_pool_slot_ptr(&s->pool, b->slot);
-        vqkvd_disk_read_start(s->disk, e, &j->reads[k]);
+        vqkvd_disk_read_start(e, &j->reads[k]);
     }
     return k;
 }

@@ -56,7 +56,7 @@
  * the payloads weigh; a damaged payload shows when its block is read.
  * Records are written with one pwritev each and never rewritten; a crash
  * leaves a torn tail, which a scan reports (where it starts, how many bytes,
- * how many records it cuts off) for the caller to truncate. Nothing here
+ * how many records it cuts off); the caller decides what to do with it. Nothing here
  * decides what a tombstone or a later sequence number means for the index:
  * that is the caller's, this layer only keeps both on disk intact.
  *

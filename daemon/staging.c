@@ -1,6 +1,7 @@
 /* staging.c -- the stages of puts that reply before their encode
- * (staging.h): made and counted against the limit, copied into and out of
- * on the thread pool, freed with their last reference.
+ * (staging.h): made and counted against the limit, copied into on the
+ * thread pool, read by Encode and Get jobs, freed with their last
+ * reference.
  *
  * A stage is one malloc of n blocks: a Put's blocks are a few MiB, which
  * glibc maps and unmaps on its own, so staging holds no memory between

@@ -4,8 +4,9 @@
  * copies each new block out of the worker's region into a stage, commits
  * the blocks and replies; a background job then encodes them from the
  * stage into their pool slots (jobs.c). The copy is the worker's own bytes
- * in the worker's dtype, so until the encode is done a Get copies them back
- * out of the stage, exact, and lookups find the blocks like any other.
+ * in the worker's dtype; until the encode is done a Get encodes from the
+ * stage itself and decodes that (the bytes a Get returns never depend on
+ * when the encode runs), and lookups find the blocks like any other.
  *
  * A stage is one Put's new blocks in one allocation, block after block,
  * each laid out [layer][K|V][token][head][dim] (a vqkv_kv_view_t of n

@@ -19,14 +19,18 @@
 
 /* The identity of m that e's record names (spec and codebooks): m's
  * codec's when ready, its fallback's, or NULL. */
+static bool vqkvd__tiers_ident_is(const vqkvd_codec_ident_t *ident, const vqkvd_disk_entry_t *e)
+{
+    return strcmp(ident->spec, e->spec) == 0 &&
+           memcmp(ident->codebooks_sha256, e->codebooks_sha256, 32) == 0;
+}
+
 const vqkvd_codec_ident_t *vqkvd_tiers_disk_ident(const vqkvd_model_t *m,
                                                   const vqkvd_disk_entry_t *e)
 {
-    if (m->ready && strcmp(m->codec_ident.spec, e->spec) == 0 &&
-        memcmp(m->codec_ident.codebooks_sha256, e->codebooks_sha256, 32) == 0)
+    if (m->ready && vqkvd__tiers_ident_is(&m->codec_ident, e))
         return &m->codec_ident;
-    if (m->fallback != NULL && strcmp(m->fallback_ident.spec, e->spec) == 0 &&
-        memcmp(m->fallback_ident.codebooks_sha256, e->codebooks_sha256, 32) == 0)
+    if (m->fallback != NULL && vqkvd__tiers_ident_is(&m->fallback_ident, e))
         return &m->fallback_ident;
     return NULL;
 }
@@ -67,8 +71,10 @@ static void vqkvd__tiers_record(vqkvd_segment_record_t *rec, uint32_t tenant, ui
  * evicted block is then lost to both tiers, and counted. */
 static bool vqkvd__tiers_write(vqkvd_server_t *s, const vqkvd_block_t *b, bool evicted)
 {
+    if (b->stage != NULL)
+        return true;
     vqkvd_model_t *m = vqkvd_model_by_store_id(s, b->tenant, b->model);
-    uint32_t bytes = m != NULL && b->stage == NULL ? vqkvd__tiers_block_bytes(m, b->codec) : 0;
+    uint32_t bytes = m != NULL ? vqkvd__tiers_block_bytes(m, b->codec) : 0;
     if (bytes == 0)
         return true;
     const vqkvd_disk_entry_t *e = vqkvd_disk_find(s->disk, b->tenant, b->model, b->key);
@@ -206,6 +212,18 @@ static void vqkvd__tiers_written(void *arg)
     vqkvd__tiers_flush_step(arg);
 }
 
+void vqkvd_tiers_flush_block(vqkvd_server_t *s, const vqkvd_block_t *b)
+{
+    if (s->disk != NULL && !vqkvd__tiers_write(s, b, false))
+        s->flushing = true; /* the queue is full: memory is walked when it has room */
+}
+
+void vqkvd_tiers_flush_resume(vqkvd_server_t *s)
+{
+    if (s->disk != NULL)
+        vqkvd__tiers_flush_step(s);
+}
+
 void vqkvd_tiers_tick(vqkvd_server_t *s, uint64_t now_ms)
 {
     if (s->disk == NULL)
@@ -297,12 +315,15 @@ void vqkvd_tiers_destroy(vqkvd_server_t *s)
     s->disk = NULL;
 }
 
+/* Which store and model vqkvd__tiers_in_memory asks about. */
+typedef struct {
+    const vqkvd_store_t *store;
+    uint32_t tenant, model;
+} vqkvd__tiers_model_t;
+
 static bool vqkvd__tiers_in_memory(void *arg, const uint8_t *key)
 {
-    const struct {
-        const vqkvd_store_t *store;
-        uint32_t tenant, model;
-    } *q = arg;
+    const vqkvd__tiers_model_t *q = arg;
     return vqkvd_store_find(q->store, q->tenant, q->model, key) != NULL;
 }
 
@@ -311,10 +332,7 @@ uint64_t vqkvd_tiers_forget(vqkvd_server_t *s, uint32_t tenant, uint32_t model, 
 {
     if (s->disk == NULL)
         return 0;
-    struct {
-        const vqkvd_store_t *store;
-        uint32_t tenant, model;
-    } q = {&s->store, tenant, model};
+    vqkvd__tiers_model_t q = {&s->store, tenant, model};
     if (all)
         return vqkvd_disk_drop_model(s->disk, tenant, model, vqkvd__tiers_in_memory, &q);
     uint64_t gone = 0;

@@ -23,10 +23,14 @@ void vqkvd_tiers_tick(vqkvd_server_t *s, uint64_t now_ms);
 void vqkvd_tiers_destroy(vqkvd_server_t *s);
 
 /* Writes down what memory holds and the disk lacks, in the background
- * (disk_flush_ms, a stop); again after each staged encode that ends
- * while a flush waits, for the blocks it made whole. No-op without a
- * disk tier. */
+ * (disk_flush_ms, a stop). No-op without a disk tier. O(blocks in memory). */
 void vqkvd_tiers_flush(vqkvd_server_t *s);
+/* While a flush waits or the daemon stops, a staged encode that ends
+ * hands each block it made whole to vqkvd_tiers_flush_block, then calls
+ * vqkvd_tiers_flush_resume (the waiting Flushes learn their blocks are
+ * queued). O(blocks of the encode), not of memory. */
+void vqkvd_tiers_flush_block(vqkvd_server_t *s, const vqkvd_block_t *b);
+void vqkvd_tiers_flush_resume(vqkvd_server_t *s);
 /* A Flush request: flushes, and answers c's request id with an Ack (the
  * blocks queued) once every block memory held when it came, staged ones
  * included, is synced, or with VQKV_EIO if writes failed meanwhile.
