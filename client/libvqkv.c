@@ -1270,6 +1270,19 @@ int vqkv_get_with_event(vqkv_client_t *client, vqkv_lease_t lease, vqkv_region_t
     return vqkv__get(client, lease, region, slots, n, event);
 }
 
+/* A request answered with an Ack: its count into *count (may be NULL). */
+static int vqkv__ack_call(vqkv_client_t *c, Vqkv__Envelope *env, uint32_t *count)
+{
+    Vqkv__Envelope *r;
+    int rc = vqkv__call(c, env, NULL, 0, VQKV__ENVELOPE__BODY_ACK, &r);
+    if (rc != VQKV_OK)
+        return rc;
+    if (count != NULL)
+        *count = r->ack->count;
+    vqkv_frame_envelope_free(r);
+    return VQKV_OK;
+}
+
 int vqkv_release(vqkv_client_t *client, vqkv_lease_t lease)
 {
     if (client == NULL)
@@ -1288,12 +1301,7 @@ int vqkv_release(vqkv_client_t *client, vqkv_lease_t lease)
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.body_case = VQKV__ENVELOPE__BODY_RELEASE;
     env.release = &rel;
-    Vqkv__Envelope *r;
-    rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_ACK, &r);
-    if (rc != VQKV_OK)
-        return rc;
-    vqkv_frame_envelope_free(r);
-    return VQKV_OK;
+    return vqkv__ack_call(client, &env, NULL);
 }
 
 int vqkv_flush(vqkv_client_t *client, size_t *written)
@@ -1307,14 +1315,11 @@ int vqkv_flush(vqkv_client_t *client, size_t *written)
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.body_case = VQKV__ENVELOPE__BODY_FLUSH;
     env.flush = &flush;
-    Vqkv__Envelope *r;
-    rc = vqkv__call(client, &env, NULL, 0, VQKV__ENVELOPE__BODY_ACK, &r);
-    if (rc != VQKV_OK)
-        return rc;
-    if (written != NULL)
-        *written = r->ack->count;
-    vqkv_frame_envelope_free(r);
-    return VQKV_OK;
+    uint32_t count = 0;
+    rc = vqkv__ack_call(client, &env, &count);
+    if (rc == VQKV_OK && written != NULL)
+        *written = count;
+    return rc;
 }
 
 /* ---- asynchronous calls ------------------------------------------------------- */

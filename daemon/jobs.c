@@ -540,8 +540,8 @@ static void vqkvd__put_after(vqkvd_job_t *j)
 
 /* Back on the loop, a staged Put's blocks encoded: the codes of those
  * still there (and still this stage's) go into their slots, and Gets
- * decode them from now on; their stage goes with the last Get copying out
- * of it. A block whose encode failed is marked never to be decoded and
+ * decode them from now on; their stage goes with the last Get reading
+ * it. A block whose encode failed is marked never to be decoded and
  * evicted unless something holds it. Children before parents, so that an
  * evicted parent takes no child still to be visited. */
 static void vqkvd__encode_after(vqkvd_job_t *j)
