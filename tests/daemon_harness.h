@@ -78,6 +78,37 @@ static inline void sleep_ms(long ms)
     nanosleep(&ts, NULL);
 }
 
+/* A seeded generator for the tests that make random choices about a
+ * daemon (when to kill it, what to put): xorshift64*, small, seedable and
+ * the same on every platform. One per test program. */
+static uint64_t rng_state = 1;
+
+static inline uint64_t rng_next(void)
+{
+    rng_state ^= rng_state >> 12;
+    rng_state ^= rng_state << 25;
+    rng_state ^= rng_state >> 27;
+    return rng_state * UINT64_C(2685821657736338717);
+}
+
+static inline uint32_t rng_below(uint32_t n)
+{
+    return (uint32_t)(rng_next() % n);
+}
+
+/* The seed in environment variable env, else one from the time and pid;
+ * never 0, printed with how to repeat it. */
+static inline uint64_t rng_seed_from(const char *env, const char *program)
+{
+    const char *text = getenv(env);
+    uint64_t seed =
+        text != NULL ? strtoull(text, NULL, 10) : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
+    seed = seed != 0 ? seed : 1;
+    printf("%s: seed %llu (%s=%llu repeats it)\n", program, (unsigned long long)seed, env,
+           (unsigned long long)seed);
+    return seed;
+}
+
 static inline int try_connect(const char *path)
 {
     struct sockaddr_un addr = {.sun_family = AF_UNIX};

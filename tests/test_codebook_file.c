@@ -1499,11 +1499,7 @@ typedef struct {
 static int make_scratch(void **state)
 {
     scratch_t *s = calloc(1, sizeof *s);
-    const char *tmp = getenv("TMPDIR");
-    if (s == NULL)
-        return -1;
-    snprintf(s->dir, sizeof s->dir, "%s/vqkv-test-XXXXXX", tmp != NULL && *tmp ? tmp : "/tmp");
-    if (mkdtemp(s->dir) == NULL) {
+    if (s == NULL || test_make_dir(s->dir, sizeof s->dir, "vqkv-test") != 0) {
         free(s);
         return -1;
     }
@@ -1511,30 +1507,10 @@ static int make_scratch(void **state)
     return 0;
 }
 
-/* Removes what the tests left in the scratch directory, one level of
- * subdirectories included, then the directory itself. */
-static void remove_tree(const char *dir)
-{
-    DIR *d = opendir(dir);
-    if (d == NULL)
-        return;
-    struct dirent *e;
-    while ((e = readdir(d)) != NULL) {
-        if (strcmp(e->d_name, ".") == 0 || strcmp(e->d_name, "..") == 0)
-            continue;
-        char path[1200];
-        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
-        if (unlink(path) != 0)
-            remove_tree(path);
-    }
-    closedir(d);
-    rmdir(dir);
-}
-
 static int remove_scratch(void **state)
 {
     scratch_t *s = *state;
-    remove_tree(s->dir);
+    test_remove_tree(s->dir);
     free(s);
     return 0;
 }

@@ -11,11 +11,11 @@
  * reads back.
  */
 #include <fcntl.h>
-#include <ftw.h>
 
 #include "config.h"
 #include "daemon_harness.h"
 #include "log.h"
+#include "test_util.h"
 
 typedef struct {
     char dir[64];
@@ -35,18 +35,10 @@ static int setup_dir(void **state)
     return 0;
 }
 
-static int remove_entry(const char *path, const struct stat *st, int type, struct FTW *ftw)
-{
-    (void)st;
-    (void)type;
-    (void)ftw;
-    return remove(path);
-}
-
 static int teardown_dir(void **state)
 {
     fixture_t *fx = *state;
-    nftw(fx->dir, remove_entry, 16, FTW_DEPTH | FTW_PHYS);
+    test_remove_tree(fx->dir);
     free(fx);
     return 0;
 }
@@ -625,11 +617,10 @@ static void test_table(void **state)
         memset(&cfg, 0, sizeof cfg);
         assert_int_equal(vqkvd_config_set(&src, key, key->name, key->def, err, sizeof err), 0);
         assert_memory_equal((char *)&cfg + key->offset, (char *)&defaults + key->offset,
-                            key->type == VQKVD_CONFIG_BYTES   ? 8
-                            : key->type == VQKVD_CONFIG_COUNT ||
-                                    key->type == VQKVD_CONFIG_COUNT_OFF
+                            key->type == VQKVD_CONFIG_BYTES ? 8
+                            : key->type == VQKVD_CONFIG_COUNT || key->type == VQKVD_CONFIG_COUNT_OFF
                                 ? 4
-                                                              : 0);
+                                : 0);
         vqkvd_config_file_free(&file);
     }
     assert_null(vqkvd_config_find("pol_bytes"));

@@ -47,7 +47,6 @@
  * removing it.
  */
 #include <dirent.h>
-#include <ftw.h>
 #include <linux/magic.h>
 #include <poll.h>
 #include <sys/mman.h>
@@ -55,6 +54,7 @@
 #include <sys/vfs.h>
 
 #include "daemon_harness.h"
+#include "test_util.h"
 #include "vqkv_codec.h"
 
 #define LAYERS 2
@@ -259,15 +259,6 @@ static void fx_kill(fx_t *f)
     f->d.pid = -1;
 }
 
-static int rm_entry(const char *path, const struct stat *st, int type, struct FTW *ftw)
-{
-    (void)st;
-    (void)type;
-    (void)ftw;
-    remove(path);
-    return 0;
-}
-
 /* Runs argv (argv[0] looked up in PATH) with its stdout and stderr into a
  * pipe, whose reading end *out gets; returns its pid. */
 static pid_t spawn_piped(const char *const *argv, int *out)
@@ -406,21 +397,27 @@ static int fx_teardown(void **state)
         printf("test_disk: kept %s%s\n", f->d.dir,
                f->holder > 0 ? " (the tmpfs's files went with its namespace)" : "");
     else
-        nftw(f->d.dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+        test_remove_tree(f->d.dir);
     free(f);
     return 0;
 }
 
-static int log_says(const fx_t *f, const char *text)
+/* Lines of the daemon's log holding text. */
+static uint32_t log_count(const fx_t *f, const char *text)
 {
     FILE *in = fopen(f->log, "r");
     assert_non_null(in);
     char line[1024];
-    int found = 0;
-    while (!found && fgets(line, sizeof line, in) != NULL)
-        found = strstr(line, text) != NULL;
+    uint32_t n = 0;
+    while (fgets(line, sizeof line, in) != NULL)
+        n += strstr(line, text) != NULL;
     fclose(in);
-    return found;
+    return n;
+}
+
+static int log_says(const fx_t *f, const char *text)
+{
+    return log_count(f, text) > 0;
 }
 
 /* ---- requests ------------------------------------------------------------ */
@@ -783,11 +780,6 @@ typedef struct {
     uint8_t key[32];
 } rec_t;
 
-static uint32_t le32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
 static uint8_t *read_file(const char *path, size_t *size)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
@@ -837,13 +829,13 @@ static size_t seg_records(const fx_t *f, rec_t *out, size_t max)
         uint8_t *buf = read_file(paths[i], &size);
         for (uint64_t off = FILE_HEADER;
              off + RECORD_HEADER <= size && memcmp(buf + off, "VQKR", 4) == 0 && n < max;) {
-            uint32_t len = le32(buf + off + 32);
+            uint32_t len = test_get_u32(buf + off + 32);
             if (off + RECORD_HEADER + len > size)
                 break;
             rec_t *r = &out[n++];
             memcpy(r->path, paths[i], sizeof r->path);
             r->off = off;
-            r->flags = le32(buf + off + 8);
+            r->flags = test_get_u32(buf + off + 8);
             r->len = len;
             memcpy(r->key, buf + off + 40, 32);
             off += RECORD_HEADER + len;
@@ -1312,7 +1304,7 @@ static void test_garbage_segments(void **state)
     size_t size;
     uint8_t *real = read_file(paths[0], &size);
     assert_true(size > FILE_HEADER);
-    assert_int_equal(crc32c(real, 28), le32(real + 28));
+    assert_int_equal(crc32c(real, 28), test_get_u32(real + 28));
     free(real);
 
     uint8_t junk[4096];
@@ -1794,21 +1786,6 @@ static void test_disk_full_evict(void **state)
 #define TAG_KILL 7
 #define KILL_MAX_CHAINS 2048
 
-static uint64_t rng_state = 1;
-
-static uint64_t rng_next(void)
-{
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * UINT64_C(2685821657736338717);
-}
-
-static uint32_t rng_below(uint32_t n)
-{
-    return (uint32_t)(rng_next() % n);
-}
-
 static uint64_t kill_seed;
 
 /* Rounds of: a daemon on the same dirs with the tiny pool, every chain put
@@ -2189,13 +2166,7 @@ static void test_compaction_sigkill(void **state)
         fx_kill(f);
         fx_spawn(f);
     }
-    FILE *in = fopen(f->log, "r");
-    assert_non_null(in);
-    char line[1024];
-    uint32_t compactions = 0;
-    while (fgets(line, sizeof line, in) != NULL)
-        compactions += strstr(line, "compacted:") != NULL;
-    fclose(in);
+    uint32_t compactions = log_count(f, "compacted:");
     printf("test_disk: seed %llu: %u rounds, %u chains, %u compactions logged\n",
            (unsigned long long)kill_seed, rounds, chains, compactions);
     assert_true(compactions > 0);
@@ -2204,13 +2175,7 @@ static void test_compaction_sigkill(void **state)
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN); /* a Put to a killed daemon fails, not the test */
-    const char *env = getenv("VQKV_DISK_SEED");
-    kill_seed =
-        env != NULL ? strtoull(env, NULL, 10) : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
-    if (kill_seed == 0)
-        kill_seed = 1;
-    printf("test_disk: seed %llu (VQKV_DISK_SEED=%llu repeats it)\n", (unsigned long long)kill_seed,
-           (unsigned long long)kill_seed);
+    kill_seed = rng_seed_from("VQKV_DISK_SEED", "test_disk");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_restart_keeps_hits, setup_disk, fx_teardown),
         cmocka_unit_test_setup_teardown(test_evicted_fp16, setup_tiny_pool, fx_teardown),

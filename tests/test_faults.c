@@ -16,9 +16,9 @@
  * few times. Each worker must see the loss as VQKV_ECLOSED from a get or
  * release (libvqkv retries the other requests on a new connection), a
  * failed reconnect while no daemon listens, or a retried lookup that finds
- * nothing on the new daemon, and nothing else, then go on; the model comes back with the codebooks the
- * first daemon trained and saved (codebooks_ready at registration, blocks
- * stored at the VQ size, decoded bytes identical to before the restarts).
+ * nothing on the new daemon, and nothing else, then go on; the model comes back with the codebooks
+ * the first daemon trained and saved (codebooks_ready at registration, blocks stored at the VQ
+ * size, decoded bytes identical to before the restarts).
  *
  * The random choices come from one seed, printed; VQKV_FAULT_SEED=N runs the
  * same schedule again (the kernel's timing still differs) and
@@ -59,36 +59,6 @@
 #define MEMFD_NAME "test_faults"
 
 static const vqkv_layout_t layout = {LAYERS, HEADS, DIM, TOKENS, VQKV_DTYPE_F16};
-
-/* ---- a seeded generator --------------------------------------------------- */
-
-static uint64_t rng_state;
-
-static uint64_t rng_next(void)
-{
-    /* xorshift64*: small, seedable, and the same on every platform. */
-    rng_state ^= rng_state >> 12;
-    rng_state ^= rng_state << 25;
-    rng_state ^= rng_state >> 27;
-    return rng_state * UINT64_C(2685821657736338717);
-}
-
-static uint32_t rng_below(uint32_t n)
-{
-    return (uint32_t)(rng_next() % n);
-}
-
-static void rng_seed(void)
-{
-    const char *env = getenv("VQKV_FAULT_SEED");
-    uint64_t seed =
-        env != NULL ? strtoull(env, NULL, 10) : (uint64_t)time(NULL) ^ ((uint64_t)getpid() << 32);
-    if (seed == 0)
-        seed = 1;
-    rng_state = seed;
-    printf("test_faults: seed %llu (VQKV_FAULT_SEED=%llu repeats it)\n", (unsigned long long)seed,
-           (unsigned long long)seed);
-}
 
 /* ---- chains and their bytes ----------------------------------------------- */
 
@@ -707,7 +677,7 @@ static int setup_long_leases(void **state)
 
 int main(void)
 {
-    rng_seed();
+    rng_state = rng_seed_from("VQKV_FAULT_SEED", "test_faults");
     const struct CMUnitTest tests[] = {
         cmocka_unit_test_setup_teardown(test_killed_clients, setup_long_leases, teardown),
         cmocka_unit_test(test_killed_daemon),

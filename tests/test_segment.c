@@ -16,7 +16,6 @@
 
 #include <cmocka.h>
 
-#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <signal.h>
@@ -29,7 +28,7 @@
 #include <unistd.h>
 
 #include "segment.h"
-#include "test_assert.h"
+#include "test_util.h"
 #include "vqkv_codec.h"
 
 #define HDR VQKVD_SEGMENT_FILE_HEADER_BYTES
@@ -44,11 +43,7 @@ typedef struct {
 static int make_scratch(void **state)
 {
     scratch_t *s = calloc(1, sizeof *s);
-    const char *tmp = getenv("TMPDIR");
-    if (s == NULL)
-        return -1;
-    snprintf(s->dir, sizeof s->dir, "%s/vqkv-segment-XXXXXX", tmp != NULL && *tmp ? tmp : "/tmp");
-    if (mkdtemp(s->dir) == NULL) {
+    if (s == NULL || test_make_dir(s->dir, sizeof s->dir, "vqkv-segment") != 0) {
         free(s);
         return -1;
     }
@@ -56,40 +51,22 @@ static int make_scratch(void **state)
     return 0;
 }
 
-/* The scratch directory and what the tests left in it (one level). */
+/* The scratch directory and what the tests left in it. */
 static int drop_scratch(void **state)
 {
     scratch_t *s = *state;
-    chmod(s->dir, 0700);
-    DIR *d = opendir(s->dir);
-    struct dirent *e;
-    while (d != NULL && (e = readdir(d)) != NULL) {
-        char path[1024];
-        snprintf(path, sizeof path, "%s/%s", s->dir, e->d_name);
-        if (e->d_name[0] != '.' && unlink(path) != 0)
-            rmdir(path);
-    }
-    if (d != NULL)
-        closedir(d);
-    rmdir(s->dir);
+    test_remove_tree(s->dir);
     free(s);
     return 0;
-}
-
-static uint64_t rng_next(uint64_t *state)
-{
-    uint64_t x = (*state += 0x9e3779b97f4a7c15ull);
-    x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9ull;
-    x = (x ^ (x >> 27)) * 0x94d049bb133111ebull;
-    return x ^ (x >> 31);
 }
 
 /* n bytes from seed, none of them 'V', so that no payload holds a record's
  * magic and the search behind damage finds only real records. */
 static void fill_payload(uint8_t *p, size_t n, uint64_t seed)
 {
+    test_rng_t rng = {seed};
     for (size_t i = 0; i < n; i++) {
-        p[i] = (uint8_t)rng_next(&seed);
+        p[i] = (uint8_t)test_rng_next(&rng);
         if (p[i] == 'V')
             p[i] = 'v';
     }
@@ -129,21 +106,10 @@ static void assert_rec_equal(const vqkvd_segment_record_t *a, const vqkvd_segmen
     assert_string_equal(a->spec, b->spec);
 }
 
-static void put32(uint8_t *p, uint32_t x)
-{
-    for (int i = 0; i < 4; i++)
-        p[i] = (uint8_t)(x >> (8 * i));
-}
-
-static uint32_t get32(const uint8_t *p)
-{
-    return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
 /* Makes a record header's checksum right again after a change. */
 static void reseal(uint8_t *h)
 {
-    put32(h + 204, vqkvd_segment_crc32c(0, h, 204));
+    test_put_u32(h + 204, vqkvd_segment_crc32c(0, h, 204));
 }
 
 /* What scans saw: up to 256 records and their payload offsets. */
@@ -254,13 +220,13 @@ static void test_record_round_trip(void **state)
     assert_int_equal(h[6] | h[7] << 8, REC);
     assert_int_equal(h[16], 0x08);
     assert_int_equal(h[23], 0x01);
-    assert_int_equal(get32(h + 32), 4096);
-    assert_int_equal(get32(h + 36), 0xdeadbeefu);
+    assert_int_equal(test_get_u32(h + 32), 4096);
+    assert_int_equal(test_get_u32(h + 36), 0xdeadbeefu);
     assert_memory_equal(h + 40, r.key, 32);
     assert_memory_equal(h + 72, r.parent, 32);
     assert_memory_equal(h + 104, r.codebooks_sha256, 32);
     assert_string_equal((const char *)h + 136, r.spec);
-    assert_int_equal(get32(h + 204), vqkvd_segment_crc32c(0, h, 204));
+    assert_int_equal(test_get_u32(h + 204), vqkvd_segment_crc32c(0, h, 204));
     /* Bytes past the header are ignored; too few are refused. */
     memset(h + REC, 0x77, 8);
     assert_ok(vqkvd_segment_parse(h, sizeof h, &back));
@@ -334,7 +300,7 @@ static void test_parse_refuses_fields(void **state)
     assert_rc(vqkvd_segment_parse(h, REC, &back), VQKV_EFORMAT);
     /* The largest payload is fine. */
     memcpy(h, good, REC);
-    put32(h + 32, VQKVD_SEGMENT_MAX_PAYLOAD);
+    test_put_u32(h + 32, VQKVD_SEGMENT_MAX_PAYLOAD);
     reseal(h);
     assert_ok(vqkvd_segment_parse(h, REC, &back));
     assert_int_equal(back.payload_bytes, VQKVD_SEGMENT_MAX_PAYLOAD);
@@ -630,7 +596,7 @@ static void test_wrong_magic_and_version(void **state)
         memcpy(f, good, end);
         f[offs[i]] ^= 0x02;
         if (offs[i] != 28)
-            put32(f + 28, vqkvd_segment_crc32c(0, f, 28));
+            test_put_u32(f + 28, vqkvd_segment_crc32c(0, f, 28));
         fd = file_of(s->dir, f, end);
         seen_t seen;
         vqkvd_segment_scan_t sc;
@@ -667,7 +633,7 @@ static void test_hostile_lengths(void **state)
 
     /* A header claiming the largest payload, in a file that ends at once:
      * torn, nothing allocated or read for it. */
-    put32(f + at[0] + 32, VQKVD_SEGMENT_MAX_PAYLOAD);
+    test_put_u32(f + at[0] + 32, VQKVD_SEGMENT_MAX_PAYLOAD);
     reseal(f + at[0]);
     fd = file_of(s->dir, f, end);
     assert_ok(scan_fd(fd, &seen, &sc));

@@ -16,14 +16,51 @@
 
 #include <cmocka.h>
 
+#include <ftw.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "numeric.h"
 #include "test_assert.h" /* assert_rc, assert_ok */
 #include "vqkv_codec.h"
+
+/* A new directory prefix-XXXXXX under $TMPDIR (else /tmp), its path in
+ * dir (size bytes): 0, or -1. */
+static inline int test_make_dir(char *dir, size_t size, const char *prefix)
+{
+    const char *tmp = getenv("TMPDIR");
+    snprintf(dir, size, "%s/%s-XXXXXX", tmp != NULL && *tmp ? tmp : "/tmp", prefix);
+    return mkdtemp(dir) != NULL ? 0 : -1;
+}
+
+static inline int test__open_up(const char *path, const struct stat *st, int type, struct FTW *ftw)
+{
+    (void)st;
+    (void)ftw;
+    if (type == FTW_D || type == FTW_DNR)
+        chmod(path, 0700);
+    return 0;
+}
+
+static inline int test__remove(const char *path, const struct stat *st, int type, struct FTW *ftw)
+{
+    (void)st;
+    (void)type;
+    (void)ftw;
+    remove(path);
+    return 0;
+}
+
+/* Removes dir and everything under it, directories a test made unwritable
+ * or unreadable included (each opened up first). */
+static inline void test_remove_tree(const char *dir)
+{
+    nftw(dir, test__open_up, 16, FTW_PHYS);
+    nftw(dir, test__remove, 16, FTW_DEPTH | FTW_PHYS);
+}
 
 /* Frees every pointer given: tests hold many buffers and let go of them
  * together, and one line for that keeps the end of each test readable. */
