@@ -323,6 +323,10 @@ def bench_restore(args: argparse.Namespace, work: Path, sock: Path, codec: str) 
             d.stop()
             if lease.found != n or written != n:
                 raise SystemExit(f"disk.py: restored {lease.found} found / {written} written of {n} blocks")
+            if st.disk_reads - reads0 != n:
+                raise SystemExit(f"disk.py: the lookup read {st.disk_reads - reads0} of {n} blocks from disk")
+            if resident:
+                raise SystemExit(f"disk.py: {resident} bytes of the segments stayed cached after the drop")
             got = np.array(dst.array)
             if first is None:
                 first = got
