@@ -259,6 +259,13 @@ static void fx_kill(fx_t *f)
     f->d.pid = -1;
 }
 
+/* A SIGKILL and a start on the same dirs. */
+static void fx_crash(fx_t *f)
+{
+    fx_kill(f);
+    fx_spawn(f);
+}
+
 /* Runs argv (argv[0] looked up in PATH) with its stdout and stderr into a
  * pipe, whose reading end *out gets; returns its pid. */
 static pid_t spawn_piped(const char *const *argv, int *out)
@@ -677,6 +684,18 @@ static uint32_t check_chain(sess_t *s, fx_t *f, uint32_t tag, uint32_t chain, ui
     return found;
 }
 
+/* Chains [0, n) of tag, blocks long each, found as far as want[c] says,
+ * with their bytes. */
+static void check_chains(sess_t *s, fx_t *f, uint32_t tag, uint32_t n, uint32_t blocks,
+                         const uint32_t *want)
+{
+    for (uint32_t c = 0; c < n; c++) {
+        uint32_t found = check_chain(s, f, tag, c, blocks);
+        if (found != want[c])
+            fail_msg("chain %u: %u blocks found, %u expected", c, found, want[c]);
+    }
+}
+
 /* check_chain until the whole chain is found, for at most 10 s (writes to
  * disk are asynchronous); returns the last count found. */
 static uint32_t await_chain(sess_t *s, fx_t *f, uint32_t tag, uint32_t chain, uint32_t n)
@@ -991,21 +1010,14 @@ static void test_evict_forgets_disk(void **state)
     assert_int_equal(evict(&s, TAG_FORGET, 1, 2, 0), 4);
     /* In both tiers: each block counted once. */
     assert_int_equal(evict(&s, TAG_FORGET, 3, 0, 0), 6);
-    assert_int_equal(check_chain(&s, f, TAG_FORGET, 0, 6), 0);
-    assert_int_equal(check_chain(&s, f, TAG_FORGET, 1, 6), 2);
-    assert_int_equal(check_chain(&s, f, TAG_FORGET, 2, 6), 6);
-    assert_int_equal(check_chain(&s, f, TAG_FORGET, 3, 6), 0);
-    assert_int_equal(check_chain(&s, f, TAG_FORGET, 4, 6), 6);
+    static const uint32_t left[5] = {0, 2, 6, 0, 6}, none[5] = {0};
+    check_chains(&s, f, TAG_FORGET, 5, 6, left);
     sess_close(&s);
 
     for (int round = 0; round < 2; round++) {
         fx_restart(f);
         sess_open(&s, f, "test/disk-forget", "fp16");
-        assert_int_equal(check_chain(&s, f, TAG_FORGET, 0, 6), 0);
-        assert_int_equal(check_chain(&s, f, TAG_FORGET, 1, 6), 2);
-        assert_int_equal(check_chain(&s, f, TAG_FORGET, 2, 6), 6);
-        assert_int_equal(check_chain(&s, f, TAG_FORGET, 3, 6), 0);
-        assert_int_equal(check_chain(&s, f, TAG_FORGET, 4, 6), 6);
+        check_chains(&s, f, TAG_FORGET, 5, 6, left);
         sess_close(&s);
     }
 
@@ -1013,13 +1025,11 @@ static void test_evict_forgets_disk(void **state)
      * 4 too; nothing of the model is left, now or after a restart. */
     sess_open(&s, f, "test/disk-forget", "fp16");
     assert_int_equal(evict(&s, TAG_FORGET, 0, 0, 1), 2 + 6 + 6);
-    for (uint32_t c = 0; c < 5; c++)
-        assert_int_equal(check_chain(&s, f, TAG_FORGET, c, 6), 0);
+    check_chains(&s, f, TAG_FORGET, 5, 6, none);
     sess_close(&s);
     fx_restart(f);
     sess_open(&s, f, "test/disk-forget", "fp16");
-    for (uint32_t c = 0; c < 5; c++)
-        assert_int_equal(check_chain(&s, f, TAG_FORGET, c, 6), 0);
+    check_chains(&s, f, TAG_FORGET, 5, 6, none);
     sess_close(&s);
 }
 
@@ -1194,11 +1204,7 @@ static void damage_check(fx_t *f, const uint32_t *want)
 {
     sess_t s;
     sess_open(&s, f, "test/disk-damage", "fp16");
-    for (uint32_t c = 0; c < DAMAGE_CHAINS; c++) {
-        uint32_t found = check_chain(&s, f, TAG_DAMAGE, c, DAMAGE_BLOCKS);
-        if (found != want[c])
-            fail_msg("chain %u: %u blocks found, %u expected", c, found, want[c]);
-    }
+    check_chains(&s, f, TAG_DAMAGE, DAMAGE_CHAINS, DAMAGE_BLOCKS, want);
     sess_close(&s);
 }
 
@@ -2072,8 +2078,7 @@ static void test_flush(void **state)
     assert_int_equal(flush(&s), 0);
     assert_int_equal(put_chain(&s, f, TAG_FLUSH, 4, 6), 6); /* in memory only */
     sess_close(&s);
-    fx_kill(f);
-    fx_spawn(f);
+    fx_crash(f);
     sess_open(&s, f, "test/disk-flush", "fp16");
     for (uint32_t c = 0; c < 4; c++)
         assert_int_equal(check_chain(&s, f, TAG_FLUSH, c, 6), 6);
@@ -2102,8 +2107,7 @@ static void test_flush_interval(void **state)
     for (uint32_t c = 0; c < 3; c++)
         await_on_disk(f, TAG_FLUSH, c, 6);
     sess_close(&s);
-    fx_kill(f);
-    fx_spawn(f);
+    fx_crash(f);
     sess_open(&s, f, "test/disk-flush", "fp16");
     for (uint32_t c = 0; c < 3; c++)
         assert_int_equal(check_chain(&s, f, TAG_FLUSH, c, 6), 6);
@@ -2163,8 +2167,7 @@ static void test_compaction_sigkill(void **state)
         }
         sess_close(&s);
         sleep_ms((long)rng_below(25));
-        fx_kill(f);
-        fx_spawn(f);
+        fx_crash(f);
     }
     uint32_t compactions = log_count(f, "compacted:");
     printf("test_disk: seed %llu: %u rounds, %u chains, %u compactions logged\n",
