@@ -5,7 +5,9 @@
 set -eu
 cd "$(dirname "$0")/.."
 # golang-github-pierrec-lz4-dev ships the public-domain text the fidelity tools read;
-# redis-server, redis-tools and jq are bench/serve.sh's anchor and its JSON tool;
+# redis-server, redis-tools and jq are bench/serve.sh's anchor and its JSON tool,
+# and the servers tests/test_redis.c starts; libhiredis-dev is vqkvd's Redis
+# client library (daemon/redis.c);
 # libmicrohttpd-dev serves vqkvd's metrics endpoint; systemd ships
 # systemd-socket-activate (tests/test_service.c), systemd-analyze,
 # -sysusers and -tmpfiles; procps (the units' kill), man-db and groff-base
@@ -13,7 +15,7 @@ cd "$(dirname "$0")/.."
 # build the libFuzzer targets (tools/fuzz.sh); valgrind runs tools/valgrind.sh.
 pkgs="build-essential cmake pkg-config git libuv1-dev libprotobuf-c-dev protobuf-c-compiler
       libmsgpack-dev libcmocka-dev libsystemd-dev libjson-c-dev libssl-dev python3 python3-venv
-      golang-github-pierrec-lz4-dev libinih-dev redis-server redis-tools jq
+      golang-github-pierrec-lz4-dev libinih-dev redis-server redis-tools jq libhiredis-dev
       libmicrohttpd-dev systemd procps man-db groff-base clang libclang-rt-14-dev valgrind"
 missing=""
 for p in $pkgs; do
