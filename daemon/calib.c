@@ -225,6 +225,42 @@ static void vqkvd__calib_after(uv_work_t *w, int status)
     vqkvd_transcode_poll(s); /* the fp16 blocks stored meanwhile */
 }
 
+int vqkvd_calib_adopt(vqkvd_server_t *s, vqkvd_model_t *m, const uint8_t *buf, size_t len,
+                      const uint8_t sha256[32], const char **why)
+{
+    struct vqkvd_calib *k = m->calib;
+    *why = "the model is not calibrating";
+    if (m->ready || k == NULL || k->training)
+        return VQKV_EINVAL;
+    /* Checked in a codec of its own first: m's must not be left with half
+     * a set, nor with one that is not what its name says. */
+    vqkv_codec_t *check = NULL;
+    vqkvd_codec_ident_t ident;
+    int rc = vqkv_codec_create(vqkv_codec_spec(m->codec), &m->layout, &check);
+    *why = "not a codebook file of this model";
+    if (rc == VQKV_OK)
+        rc = vqkv_codebook_load_buffer(check, buf, len);
+    if (rc == VQKV_OK)
+        rc = vqkvd_codec_ident_set(&ident, check);
+    vqkv_codec_free(check);
+    if (rc == VQKV_OK && memcmp(ident.codebooks_sha256, sha256, 32) != 0) {
+        *why = "its SHA-256 is not the one it was published under";
+        rc = VQKV_EMISMATCH;
+    }
+    if (rc == VQKV_OK && (rc = vqkv_codebook_load_buffer(m->codec, buf, len)) == VQKV_OK &&
+        (rc = vqkvd_model_set_ready(s, m, &ident)) != VQKV_OK)
+        *why = "the backend cannot take its codebooks";
+    if (rc != VQKV_OK)
+        return rc;
+    /* One write of about a megabyte on the loop, once per model. */
+    if (k->path[0] != '\0' && vqkvd__calib_save(k) != VQKV_OK)
+        vqkvd_log(VQKVD_LOG_WARN, "model %u: cannot save codebooks to %s: %s", (unsigned)m->id,
+                  k->path, strerror(k->save_errno));
+    vqkvd_calib_free(m);
+    vqkvd_transcode_poll(s); /* the fp16 blocks stored meanwhile */
+    return VQKV_OK;
+}
+
 int vqkvd_calib_begin(vqkvd_server_t *s, vqkvd_model_t *m)
 {
     vqkv_codec_t *fallback = NULL;

@@ -34,6 +34,15 @@ int vqkvd_calib_begin(vqkvd_server_t *s, vqkvd_model_t *m);
  * training on the thread pool. O(fallback_bytes) memcpy on the loop. */
 void vqkvd_calib_add(vqkvd_server_t *s, vqkvd_model_t *m, const uint8_t *block);
 
+/* Adopts the codebook file buf[0..len), published by another node under
+ * sha256 (remote.h), for m, which is calibrating and not training: loaded
+ * into a codec of its own and checked against sha256 first, then m turns
+ * ready, the file is saved as a trained one would be, the samples go and
+ * the fp16 blocks are re-encoded. VQKV_OK, or an error with *why (m
+ * unchanged). O(len) on the loop, once per model. */
+int vqkvd_calib_adopt(vqkvd_server_t *s, vqkvd_model_t *m, const uint8_t *buf, size_t len,
+                      const uint8_t sha256[32], const char **why);
+
 /* 1 while m's codebooks are being trained on the thread pool. */
 int vqkvd_calib_training(const vqkvd_model_t *m);
 

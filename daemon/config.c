@@ -154,6 +154,86 @@ const vqkvd_config_key_t vqkvd_config_keys[] = {
         VQKVD__AT(disk_flush_ms),
     },
     {
+        .name = "remote",
+        .type = VQKVD_CONFIG_STRING,
+        .def_doc = "none: no remote tier",
+        .example = "redis://127.0.0.1:6379/0",
+        .flag = "remote",
+        .arg = "URL",
+        .help = "a Redis (or Redis Cluster) that nodes share blocks through (off when unset)",
+        .doc = "A Redis that every node of a deployment shares: redis://[user@]host:port[/db], "
+               "unix:///path[?db=N], or several redis://host:port seeds separated by commas for "
+               "a Redis Cluster. Blocks put here are also written there in the background, "
+               "compressed, and a lookup that ends in the local tiers fetches the chain's next "
+               "blocks from there; models adopt the codebooks another node published. "
+               "Off when unset.",
+        VQKVD__STRING(remote),
+    },
+    {
+        .name = "remote_password_file",
+        .type = VQKVD_CONFIG_STRING,
+        .def_doc = "none: no password (or the URL's)",
+        .example = "/etc/vqkv/redis-password",
+        .flag = "remote-password-file",
+        .arg = "FILE",
+        .help = "the remote tier's password, from a file only vqkvd's user reads",
+        .doc = "A file holding the remote tier's password (one line), owned by vqkvd's user and "
+               "readable by no one else; never put a password on the command line.",
+        VQKVD__STRING(remote_password_file),
+    },
+    {
+        .name = "remote_ttl_s",
+        .type = VQKVD_CONFIG_COUNT_OFF,
+        .live = 1,
+        .def = "86400",
+        .flag = "remote-ttl-s",
+        .arg = "N",
+        .help = "seconds a block written to the remote tier lives there (0: no expiry)",
+        .doc = "Seconds a block written to the remote tier lives there (Redis's EXPIRE). With "
+               "maxmemory-policy allkeys-lru, Redis's own eviction bounds its memory too. "
+               "0: no expiry.",
+        VQKVD__AT(remote_ttl_s),
+    },
+    {
+        .name = "remote_queue_bytes",
+        .type = VQKVD_CONFIG_BYTES,
+        .live = 1,
+        .def = "64M",
+        .flag = "remote-queue-bytes",
+        .arg = "N[K|M|G]",
+        .help = "the most bytes written to the remote tier and not yet acknowledged",
+        .doc = "The most bytes of blocks on their way to the remote tier and not yet "
+               "acknowledged; a block that would pass it is not sent (and counted), so a slow "
+               "or absent Redis never slows a put.",
+        VQKVD__AT(remote_queue_bytes),
+    },
+    {
+        .name = "remote_lookup_ms",
+        .type = VQKVD_CONFIG_COUNT,
+        .live = 1,
+        .def = "50",
+        .flag = "remote-lookup-ms",
+        .arg = "N",
+        .help = "how long a lookup waits for the remote tier before answering",
+        .doc = "How long a lookup that asks the remote tier waits for its answers; past it the "
+               "lookup answers with what the local tiers hold.",
+        VQKVD__AT(remote_lookup_ms),
+    },
+    {
+        .name = "salt_secret_file",
+        .type = VQKVD_CONFIG_STRING,
+        .def_doc = "salt-secret in the state directory, made at the first start",
+        .example = "/etc/vqkv/salt-secret",
+        .flag = "salt-secret-file",
+        .arg = "FILE",
+        .help = "the tenant salts' 32-byte secret (the same file on every node)",
+        .doc = "A file of exactly 32 random bytes, owned by vqkvd's user and readable by no one "
+               "else, from which tenants' salts (and with them block keys) are derived. Give "
+               "every node of a deployment the same file so that one tenant's prefixes have "
+               "the same keys on all of them (head -c 32 /dev/urandom > FILE; chmod 600 FILE).",
+        VQKVD__STRING(salt_secret_file),
+    },
+    {
         /* The logger's: kept in vqkvd_config_file_t, compared by the caller. */
         .name = "log_level",
         .type = VQKVD_CONFIG_LOG_LEVEL,
@@ -948,6 +1028,9 @@ void vqkvd_config_file_free(vqkvd_config_file_t *file)
     free(file->socket_path);
     free(file->state_dir);
     free(file->disk_dir);
+    free(file->remote);
+    free(file->remote_password_file);
+    free(file->salt_secret_file);
     free(file->device);
     free(file->metrics_address);
     memset(file, 0, sizeof *file);

@@ -58,6 +58,9 @@ typedef struct {
     char *socket_path;
     char *state_dir;
     char *disk_dir;
+    char *remote;
+    char *remote_password_file;
+    char *salt_secret_file;
     char *device;
     char *metrics_address;
     int log_level; /* VQKVD_LOG_* from log_level =, 0 when none was given */
@@ -99,7 +102,7 @@ typedef struct {
     size_t file_offset; /* of the string's copy, or log_level, in vqkvd_config_file_t */
 } vqkvd_config_key_t;
 
-#define VQKVD_CONFIG_N_KEYS 18
+#define VQKVD_CONFIG_N_KEYS 24
 
 /* In the order of the file's [vqkvd] section. */
 extern const vqkvd_config_key_t vqkvd_config_keys[VQKVD_CONFIG_N_KEYS];

@@ -25,6 +25,7 @@
 
 #include "calib.h"
 #include "log.h"
+#include "remote.h"
 #include "session.h"
 #include "tiers.h"
 #include "transcode.h"
@@ -96,6 +97,10 @@ struct vqkvd_job {
     vqkvd_disk_read_t *reads;
     int *read_rc;
     uint32_t n_keys;
+    /* Promote: blocks [remote_from, n) come from the remote tier, values
+     * remote_first on of this fetch (owned) */
+    vqkvd_remote_fetch_t *remote;
+    uint32_t remote_from, remote_first;
     const vqkv_codec_t *codec;        /* Put: the model's codec or its fallback */
     const vqkvd_codec_ident_t *ident; /* Put: its identity, recorded in every block */
     uint32_t cls;                     /* Put: that codec's pool class */
@@ -178,6 +183,7 @@ static void vqkvd__job_free(vqkvd_job_t *j)
     free(j->stage_slots);
     free(j->reads);
     free(j->read_rc);
+    vqkvd_remote_fetch_free(j->remote);
     free(j->keys);
     free(j->out);
     free(j->stages);
@@ -222,9 +228,23 @@ static int vqkvd__get_encode_staged(vqkvd_job_t *j, vqkvd_job_part_t *part)
     return VQKV_OK;
 }
 
-/* A Promote's payloads from disk into their reserved slots, in chain
- * order, until one fails: the blocks after it could not be committed
- * without it. */
+/* A remote block's payload, checked against its header's CRC (the rest
+ * of the header was checked on the loop), into its reserved slot. */
+static int vqkvd__promote_remote(vqkvd_job_t *j, uint32_t k)
+{
+    uint32_t i = j->remote_first + (k - j->remote_from);
+    const vqkvd_segment_record_t *rec = &j->remote->recs[i];
+    const uint8_t *payload = j->remote->values[i] + VQKVD_SEGMENT_RECORD_BYTES;
+    if (vqkvd_segment_crc32c(0, payload, rec->payload_bytes) != rec->payload_crc)
+        return VQKV_EFORMAT;
+    return j->be->ops->block_write(j->be, j->dst[k], payload, rec->payload_bytes) == VQKV_OK
+               ? VQKV_OK
+               : VQKV_EAGAIN;
+}
+
+/* A Promote's payloads from disk, then from the remote tier, into their
+ * reserved slots, in chain order, until one fails: the blocks after it
+ * could not be committed without it. */
 static void vqkvd__promote_read(vqkvd_job_t *j)
 {
     int rc = VQKV_OK;
@@ -232,6 +252,10 @@ static void vqkvd__promote_read(vqkvd_job_t *j)
         j->read_rc[k] = VQKV_EAGAIN;
         if (rc != VQKV_OK)
             continue;
+        if (k >= j->remote_from) {
+            rc = j->read_rc[k] = vqkvd__promote_remote(j, k);
+            continue;
+        }
         uint32_t bytes = j->reads[k].rec.payload_bytes;
         uint8_t *buf = malloc(bytes);
         rc = buf != NULL ? vqkvd_disk_read(&j->reads[k], buf) : VQKV_ENOMEM;
@@ -362,8 +386,10 @@ static void vqkvd__job_commit(vqkvd_job_t *j, uint32_t good)
         if (j->stage != NULL) {
             b->stage = j->stage;
             b->stage_slot = j->stage_slots[k];
-        } else if (j->kind == VQKVD_JOB_PUT && j->codec == j->m->fallback) {
-            vqkvd_calib_add(s, j->m, j->dst[k]);
+        } else if (j->kind == VQKVD_JOB_PUT) {
+            if (j->codec == j->m->fallback)
+                vqkvd_calib_add(s, j->m, j->dst[k]);
+            vqkvd_remote_put(s, j->m, b);
         }
     }
     while (j->waiters != NULL) {
@@ -573,6 +599,7 @@ static void vqkvd__encode_after(vqkvd_job_t *j)
                 vqkvd_calib_add(s, j->m, slot);
             if (flush)
                 vqkvd_tiers_flush_block(s, b);
+            vqkvd_remote_put(s, j->m, b);
         }
     }
     if (rc != VQKV_OK)
@@ -585,17 +612,23 @@ static void vqkvd__encode_after(vqkvd_job_t *j)
 
 /* Each read a Promote started, ended on the disk's books (ran: the job's
  * work ran, so read_rc says how each went): a damaged record leaves the
- * index there. Returns how many blocks, from the first, came in whole. */
+ * index there; the remote tier counts what it brought and what came
+ * damaged. Returns how many blocks, from the first, came in whole. */
 static uint32_t vqkvd__promote_end_reads(vqkvd_job_t *j, bool ran)
 {
-    uint32_t good = 0;
+    uint32_t good = 0, remote_good = 0, damaged = 0;
     for (uint32_t k = 0; j->reads != NULL && k < j->n; k++) {
-        if (!j->reads[k].started)
-            continue;
         int rc = ran ? j->read_rc[k] : VQKV_EAGAIN;
-        good += rc == VQKV_OK && good == k;
-        vqkvd_disk_read_done(j->s->disk, &j->reads[k], rc);
+        bool whole = rc == VQKV_OK && good == k;
+        good += whole;
+        if (k >= j->remote_from) {
+            remote_good += whole;
+            damaged += rc == VQKV_EFORMAT;
+        } else if (j->reads[k].started) {
+            vqkvd_disk_read_done(j->s->disk, &j->reads[k], rc);
+        }
     }
+    vqkvd_remote_fetch_result(j->s, remote_good, damaged);
     return good;
 }
 
@@ -843,9 +876,10 @@ static void vqkvd__lookup_answer(vqkvd_client_t *c, uint64_t id, const vqkvd_mod
     vqkvd_client_reply(c, &env);
 }
 
-/* Reserves slots for the disk blocks that continue keys[p..] after memory's
- * prefix of p, as far as the pool and the tenant's quota let, and starts
- * reading them. Returns how many it reserved (0: none). */
+/* Reserves slots for the disk blocks, then the remote ones, that continue
+ * keys[p..] after memory's prefix of p, as far as the pool and the
+ * tenant's quota let, and starts reading those on disk. Returns how many
+ * it reserved (0: none). */
 static uint32_t vqkvd__promote_reserve(vqkvd_job_t *j, const uint8_t *keys, uint32_t p,
                                        uint32_t run)
 {
@@ -853,8 +887,14 @@ static uint32_t vqkvd__promote_reserve(vqkvd_job_t *j, const uint8_t *keys, uint
     uint32_t k = 0;
     for (; k < run; k++) {
         const uint8_t *key = keys + (size_t)(p + k) * VQKVD_KEY_BYTES;
-        const vqkvd_disk_entry_t *e = vqkvd_disk_find(s->disk, j->tenant, j->m->store_id, key);
-        const vqkvd_codec_ident_t *ident = vqkvd_tiers_disk_ident(j->m, e);
+        const vqkvd_disk_entry_t *e = NULL;
+        const vqkvd_codec_ident_t *ident;
+        if (k >= j->remote_from) {
+            ident = j->remote->idents[j->remote_first + (k - j->remote_from)];
+        } else {
+            e = vqkvd_disk_find(s->disk, j->tenant, j->m->store_id, key);
+            ident = vqkvd_tiers_disk_ident(j->m, e);
+        }
         vqkvd_block_t *b = NULL;
         int rc = vqkvd_store_reserve(&s->store, (uint64_t)(uintptr_t)j, j->tenant, j->m->store_id,
                                      key, p + k > 0 ? key - VQKVD_KEY_BYTES : NULL,
@@ -865,30 +905,57 @@ static uint32_t vqkvd__promote_reserve(vqkvd_job_t *j, const uint8_t *keys, uint
         b->codec = ident;
         j->blocks[k] = b;
         j->dst[k] = vqkvd_pool_slot_ptr(&s->pool, b->slot);
-        vqkvd_disk_read_start(e, &j->reads[k]);
+        if (e != NULL)
+            vqkvd_disk_read_start(e, &j->reads[k]);
     }
     return k;
 }
 
-/* A Lookup whose chain goes on, on disk, past what memory holds: a
- * Promote job reads those blocks into reserved pool slots and the Lookup
- * is answered when they are in (vqkvd__job_reply). true when it started
- * (it owns keys); false to answer from memory now. */
-static bool vqkvd__promote_start(vqkvd_client_t *c, uint64_t id, vqkvd_model_t *m, uint8_t *keys,
-                                 uint32_t n)
+/* How many of keys[0..n) memory holds, from the first. O(that). */
+static uint32_t vqkvd__memory_prefix(const vqkvd_server_t *s, uint32_t tenant,
+                                     const vqkvd_model_t *m, const uint8_t *keys, uint32_t n)
 {
-    vqkvd_server_t *s = c->server;
-    uint32_t tenant = (uint32_t)c->uid, p = 0;
+    uint32_t p = 0;
     while (p < n && vqkvd_store_find(&s->store, tenant, m->store_id,
                                      keys + (size_t)p * VQKVD_KEY_BYTES) != NULL)
         p++;
-    uint32_t run = vqkvd_tiers_disk_run(s, m, tenant, keys, p, n);
+    return p;
+}
+
+/* How many of f's checked values, from the one for key index at on,
+ * follow one another. */
+static uint32_t vqkvd__remote_run(const vqkvd_remote_fetch_t *f, uint32_t at)
+{
+    uint32_t run = 0;
+    if (f == NULL || at < f->first)
+        return 0;
+    for (uint32_t i = at - f->first; i < f->n && f->idents[i] != NULL; i++)
+        run++;
+    return run;
+}
+
+/* A Lookup whose chain goes on past what memory holds, on disk and then
+ * in f (the remote tier's answers, or NULL): a Promote job reads those
+ * blocks into reserved pool slots and the Lookup is answered when they
+ * are in (vqkvd__job_reply). true when it started (it owns keys and f);
+ * false to answer from memory now. */
+static bool vqkvd__promote_start(vqkvd_client_t *c, uint64_t id, vqkvd_model_t *m, uint8_t *keys,
+                                 uint32_t n, vqkvd_remote_fetch_t *f)
+{
+    vqkvd_server_t *s = c->server;
+    uint32_t tenant = (uint32_t)c->uid;
+    uint32_t p = vqkvd__memory_prefix(s, tenant, m, keys, n);
+    uint32_t disk = s->disk != NULL ? vqkvd_tiers_disk_run(s, m, tenant, keys, p, n) : 0;
+    uint32_t run = disk + vqkvd__remote_run(f, p + disk);
     if (run == 0)
         return false;
     vqkvd_job_t *j = vqkvd__job_new(VQKVD_JOB_PROMOTE, s, c, NULL, m, id, run);
     if (j == NULL)
         return false;
     j->tenant = tenant;
+    j->remote = f;
+    j->remote_from = disk;
+    j->remote_first = p + disk - (f != NULL ? f->first : 0);
     j->n = 0; /* none reserved yet: a failed calloc commits nothing */
     j->blocks = calloc(run, sizeof *j->blocks);
     j->dst = calloc(run, sizeof *j->dst);
@@ -898,11 +965,68 @@ static bool vqkvd__promote_start(vqkvd_client_t *c, uint64_t id, vqkvd_model_t *
         (j->n = vqkvd__promote_reserve(j, keys, p, run)) == 0 || vqkvd__job_queue(j) != 0) {
         vqkvd__promote_end_reads(j, false);
         vqkvd__job_commit(j, 0);
+        j->remote = NULL; /* the caller's again */
         vqkvd__job_free(j);
         return false;
     }
     j->keys = keys;
     j->n_keys = n;
+    return true;
+}
+
+/* A Lookup waiting for the remote tier; holds its client like a job. */
+typedef struct {
+    vqkvd_client_t *c;
+    uint64_t id;
+    vqkvd_model_t *m;
+    uint8_t *keys;
+    uint32_t n;
+} vqkvd_remote_lookup_t;
+
+/* The remote tier has answered (or the deadline passed): the blocks it
+ * brought, after those on disk, come into memory, and the Lookup is
+ * answered. */
+static void vqkvd__remote_looked_up(void *arg, vqkvd_remote_fetch_t *f)
+{
+    vqkvd_remote_lookup_t *w = arg;
+    vqkvd_client_t *c = w->c;
+    if (c->closing || !vqkvd__promote_start(c, w->id, w->m, w->keys, w->n, f)) {
+        if (!c->closing)
+            vqkvd__lookup_answer(c, w->id, w->m, w->keys, w->n);
+        vqkvd_remote_fetch_free(f);
+        free(w->keys);
+    }
+    c->pending--;
+    free(w);
+    vqkvd_client_settle(c);
+    vqkvd_client_unref(c);
+}
+
+/* A Lookup whose chain goes on past memory and disk: the remote tier is
+ * asked for the rest (at most VQKVD_REMOTE_MAX_FETCH blocks). true when
+ * asked (it owns keys); false to go on without it (no more keys, or Redis
+ * is down). */
+static bool vqkvd__remote_lookup(vqkvd_client_t *c, uint64_t id, vqkvd_model_t *m, uint8_t *keys,
+                                 uint32_t n)
+{
+    vqkvd_server_t *s = c->server;
+    uint32_t tenant = (uint32_t)c->uid;
+    uint32_t p = vqkvd__memory_prefix(s, tenant, m, keys, n);
+    if (s->disk != NULL)
+        p += vqkvd_tiers_disk_run(s, m, tenant, keys, p, n);
+    if (p == n)
+        return false;
+    vqkvd_remote_lookup_t *w = malloc(sizeof *w);
+    if (w == NULL)
+        return false;
+    *w = (vqkvd_remote_lookup_t){.c = c, .id = id, .m = m, .keys = keys, .n = n};
+    uint32_t ask = n - p < VQKVD_REMOTE_MAX_FETCH ? n - p : VQKVD_REMOTE_MAX_FETCH;
+    if (vqkvd_remote_fetch(s, m, tenant, keys, p, ask, vqkvd__remote_looked_up, w) != VQKV_OK) {
+        free(w);
+        return false;
+    }
+    c->refs++;
+    c->pending++;
     return true;
 }
 
@@ -918,7 +1042,9 @@ void vqkvd_session_lookup(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_fra
     uint8_t *keys = vqkvd__keys_flat(c, id, lk->keys, lk->n_keys);
     if (keys == NULL)
         return;
-    if (s->disk != NULL && vqkvd__promote_start(c, id, m, keys, (uint32_t)lk->n_keys))
+    if (s->remote != NULL && vqkvd__remote_lookup(c, id, m, keys, (uint32_t)lk->n_keys))
+        return; /* answered once the remote tier has; it owns keys */
+    if (s->disk != NULL && vqkvd__promote_start(c, id, m, keys, (uint32_t)lk->n_keys, NULL))
         return; /* answered once the blocks on disk are read back; it owns keys */
     vqkvd__lookup_answer(c, id, m, keys, (uint32_t)lk->n_keys);
     free(keys);

@@ -215,6 +215,45 @@ static void vqkvd__render_disk(FILE *f, const vqkvd_disk_stats_t *d)
                   d->compactions);
 }
 
+/* The remote tier's figures, all zero without one. */
+static void vqkvd__render_remote(FILE *f, const vqkvd_remote_stats_t *r)
+{
+    vqkvd__scalar(f, "vqkv_remote_up", "gauge",
+                  "1 while the remote tier is connected (every node it needs), else 0.", r->up);
+    vqkvd__scalar(f, "vqkv_remote_puts_sent_total", "counter", "Blocks written to the remote tier.",
+                  r->puts_sent);
+    vqkvd__scalar(f, "vqkv_remote_puts_stored_total", "counter",
+                  "Blocks the remote tier acknowledged.", r->puts_stored);
+    vqkvd__scalar(f, "vqkv_remote_puts_failed_total", "counter",
+                  "Blocks written whose write failed (an error, a broken connection, no answer).",
+                  r->puts_failed);
+    vqkvd__scalar(f, "vqkv_remote_puts_skipped_total", "counter",
+                  "Blocks not written: the remote tier down or remote_queue_bytes reached.",
+                  r->puts_skipped);
+    vqkvd__scalar(f, "vqkv_remote_fetches_total", "counter",
+                  "Blocks lookups asked the remote tier for.", r->fetches);
+    vqkvd__scalar(f, "vqkv_remote_fetch_hits_total", "counter",
+                  "Blocks fetched from the remote tier into memory.", r->fetch_hits);
+    vqkvd__scalar(f, "vqkv_remote_fetch_misses_total", "counter",
+                  "Blocks asked for that the remote tier lacked.", r->fetch_misses);
+    vqkvd__scalar(f, "vqkv_remote_fetch_late_total", "counter",
+                  "Blocks asked for and not answered by the lookup's deadline.", r->fetch_late);
+    vqkvd__scalar(f, "vqkv_remote_rejected_total", "counter",
+                  "Values from the remote tier refused: header, length, chain, codec, codebooks "
+                  "or checksum.",
+                  r->rejected);
+    vqkvd__scalar(f, "vqkv_remote_codebooks_published_total", "counter",
+                  "Codebook sets this node published.", r->codebooks_published);
+    vqkvd__scalar(f, "vqkv_remote_codebooks_adopted_total", "counter",
+                  "Codebook sets adopted from another node.", r->codebooks_adopted);
+    vqkvd__scalar(f, "vqkv_remote_sent_bytes_total", "counter",
+                  "Bytes of blocks written to the remote tier.", r->bytes_sent);
+    vqkvd__scalar(f, "vqkv_remote_fetched_bytes_total", "counter",
+                  "Bytes of values fetched from the remote tier.", r->bytes_fetched);
+    vqkvd__scalar(f, "vqkv_remote_reconnects_total", "counter",
+                  "Connections to the remote tier made after the first.", r->reconnects);
+}
+
 static void vqkvd__render_totals(FILE *f, const vqkvd__snapshot_t *snap)
 {
     const vqkvd_totals_t *t = &snap->totals;
@@ -252,6 +291,7 @@ static void vqkvd__render_totals(FILE *f, const vqkvd__snapshot_t *snap)
                   "Puts that found staging full and waited for their encode.",
                   t->staging.puts_full);
     vqkvd__render_disk(f, &t->disk);
+    vqkvd__render_remote(f, &t->remote);
     vqkvd__scalar(f, "vqkv_leases", "gauge", "Lookup leases held.", t->store.leases);
     vqkvd__scalar(f, "vqkv_clients", "gauge", "Connections open.", t->clients);
     vqkvd__scalar(f, "vqkv_models", "gauge", "Models registered since the start.", t->models);

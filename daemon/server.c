@@ -287,9 +287,11 @@ static int vqkvd__salt_secret_write(vqkvd_server_t *s, const char *path)
     return VQKV_EIO;
 }
 
-/* The secret behind the tenant salts: kept in the state directory, so
- * that block keys (and with them every block a disk tier holds) stay the
- * same across restarts; drawn at start when there is no state directory.
+/* The secret behind the tenant salts: salt_secret_file when set (the
+ * same on every node, so a tenant's keys are too), else kept in the state
+ * directory, so that block keys (and with them every block a disk tier
+ * holds) stay the same across restarts; drawn at start when there is no
+ * state directory.
  * A secret file that is unreadable, the wrong size or readable by others
  * stops the start: a new secret would silently orphan every stored block,
  * a readable one would let another user compute a tenant's keys. */
@@ -297,6 +299,16 @@ static int vqkvd__salt_secret(vqkvd_server_t *s)
 {
     char path[PATH_MAX];
     const char *dir = s->cfg.state_dir;
+    if (s->cfg.salt_secret_file != NULL) {
+        /* Shared by the nodes of a deployment: never made up here, where
+         * a node's own secret would give its tenants keys no other node
+         * has. */
+        int rc = vqkvd__salt_secret_read(s, s->cfg.salt_secret_file);
+        if (rc == VQKV_ENOENT)
+            vqkvd_log(VQKVD_LOG_ERROR, "salt_secret_file %s does not exist",
+                      s->cfg.salt_secret_file);
+        return rc == VQKV_ENOENT ? VQKV_EIO : rc;
+    }
     if (dir != NULL) {
         if (snprintf(path, sizeof path, "%s/salt-secret", dir) >= (int)sizeof path)
             return VQKV_EINVAL;

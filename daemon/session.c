@@ -35,6 +35,7 @@ static void vqkvd__on_tick(uv_timer_t *t)
     vqkvd_store_tick(&s->store, uv_now(s->loop));
     vqkvd_transcode_poll(s);
     vqkvd_tiers_tick(s, uv_now(s->loop));
+    vqkvd_remote_tick(s, uv_now(s->loop));
 }
 
 /* The daemon's pool chunk: 16 MiB (pool.h's own default, 2 MiB, is for
@@ -93,6 +94,15 @@ int vqkvd_session_start(vqkvd_server_t *s)
         vqkvd_log(VQKVD_LOG_ERROR, "no memory for the disk tier's index");
         return rc;
     }
+    rc = vqkvd_remote_start(s);
+    if (rc != VQKV_OK) {
+        vqkvd_tiers_destroy(s);
+        vqkvd_store_destroy(&s->store);
+        vqkvd_pool_destroy(&s->pool);
+        s->backend->ops->destroy(s->backend);
+        s->backend = NULL;
+        return rc;
+    }
     uv_timer_init(s->loop, &s->tick); /* cannot fail */
     s->tick.data = s;
     uv_timer_start(&s->tick, vqkvd__on_tick, VQKVD_TICK_MS, VQKVD_TICK_MS);
@@ -106,6 +116,7 @@ void vqkvd_session_stop(vqkvd_server_t *s)
     if (s->tick.loop != NULL && !uv_is_closing((uv_handle_t *)&s->tick))
         uv_close((uv_handle_t *)&s->tick, NULL);
     vqkvd_tiers_stop(s);
+    vqkvd_remote_stop(s);
 }
 
 void vqkvd_session_destroy(vqkvd_server_t *s)
@@ -121,6 +132,7 @@ void vqkvd_session_destroy(vqkvd_server_t *s)
     s->models = NULL;
     s->n_models = s->cap_models = 0;
     vqkvd_tiers_destroy(s);
+    vqkvd_remote_destroy(s);
     vqkvd_store_destroy(&s->store);
     vqkvd_pool_destroy(&s->pool);
     if (s->backend != NULL)
@@ -167,6 +179,7 @@ void vqkvd_session_totals(const vqkvd_server_t *s, vqkvd_totals_t *t)
     t->staging = s->staging;
     if (s->disk != NULL)
         vqkvd_disk_stats(s->disk, &t->disk);
+    vqkvd_remote_stats(s, &t->remote);
     for (const vqkvd_client_t *c = s->clients; c != NULL; c = c->next) {
         t->regions += c->n_regions;
         t->pins += c->n_pins;

@@ -26,6 +26,7 @@
 #include "conn.h"
 #include "disk.h"
 #include "frame.h"
+#include "remote.h"
 #include "state.h"
 #include "vqkv_proto.h"
 
@@ -84,6 +85,12 @@ struct vqkvd_model {
     struct vqkvd_transcode *transcode;  /* a batch of fallback blocks in flight, or NULL */
     uint64_t transcoded;                /* fallback blocks re-encoded so far */
     int transcode_done;                 /* no fallback block left: no more walks */
+    /* The remote tier's codebook exchange (remote.h): the set published
+     * (or adopted, which needs no publishing), a request under way, and
+     * when to ask again. */
+    bool remote_shared;
+    bool remote_busy;
+    uint64_t remote_next_ms;
 };
 
 /* A mapped MEMFD region of one client. */
@@ -176,7 +183,8 @@ typedef struct {
     uint64_t regions; /* registered by the open connections */
     uint64_t pins;    /* ttl_ms 0 pins the open connections hold */
     vqkvd_staging_t staging;
-    vqkvd_disk_stats_t disk; /* all zero without a disk tier */
+    vqkvd_disk_stats_t disk;     /* all zero without a disk tier */
+    vqkvd_remote_stats_t remote; /* likewise without a remote tier */
 } vqkvd_totals_t;
 
 /* session.c: fills t. O(clients): regions and pins are summed over them. */

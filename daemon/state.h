@@ -39,6 +39,15 @@ typedef struct {
     const char *disk_dir;    /* the disk tier's segments (borrowed); NULL: no disk tier */
     uint64_t disk_bytes;     /* the most its segment files hold */
     uint32_t disk_flush_ms;  /* memory written down this often; 0: only on eviction and stop */
+    /* The remote tier (remote.h), all borrowed: a Redis URL or cluster
+     * seeds, NULL: none; its password's file; the secret the tenant salts
+     * derive from, NULL: the state directory's. */
+    const char *remote;
+    const char *remote_password_file;
+    const char *salt_secret_file;
+    uint32_t remote_ttl_s;       /* EXPIRE of a block written there; 0: none */
+    uint64_t remote_queue_bytes; /* the most sent there and not yet acknowledged */
+    uint32_t remote_lookup_ms;   /* a lookup's wait for its answers */
     /* A listening Unix stream socket handed over by the service manager
      * (socket activation) to serve on instead of binding socket_path, or
      * -1. The server owns it from vqkvd_server_start on and never unlinks
@@ -111,6 +120,7 @@ typedef struct {
     vqkvd_store_t store;
     vqkvd_staging_t staging;              /* puts whose encode runs after their reply */
     struct vqkvd_disk *disk;              /* the disk tier (tiers.h), NULL when off */
+    struct vqkvd_remote *remote;          /* the remote tier (remote.h), NULL when off */
     bool flushing;                        /* memory is being written to disk (tiers.h) */
     uint64_t flush_queued;                /* blocks flushes queued, since start */
     uint64_t flush_last_ms;               /* when disk_flush_ms last started one */

@@ -19,24 +19,30 @@
 
 /* The identity of m that e's record names (spec and codebooks): m's
  * codec's when ready, its fallback's, or NULL. */
-static bool vqkvd__tiers_ident_is(const vqkvd_codec_ident_t *ident, const vqkvd_disk_entry_t *e)
+static bool vqkvd__tiers_ident_is(const vqkvd_codec_ident_t *ident, const char *spec,
+                                  const uint8_t *codebooks_sha256)
 {
-    return strcmp(ident->spec, e->spec) == 0 &&
-           memcmp(ident->codebooks_sha256, e->codebooks_sha256, 32) == 0;
+    return strcmp(ident->spec, spec) == 0 &&
+           memcmp(ident->codebooks_sha256, codebooks_sha256, 32) == 0;
+}
+
+const vqkvd_codec_ident_t *vqkvd_tiers_ident(const vqkvd_model_t *m, const char *spec,
+                                             const uint8_t *codebooks_sha256)
+{
+    if (m->ready && vqkvd__tiers_ident_is(&m->codec_ident, spec, codebooks_sha256))
+        return &m->codec_ident;
+    if (m->fallback != NULL && vqkvd__tiers_ident_is(&m->fallback_ident, spec, codebooks_sha256))
+        return &m->fallback_ident;
+    return NULL;
 }
 
 const vqkvd_codec_ident_t *vqkvd_tiers_disk_ident(const vqkvd_model_t *m,
                                                   const vqkvd_disk_entry_t *e)
 {
-    if (m->ready && vqkvd__tiers_ident_is(&m->codec_ident, e))
-        return &m->codec_ident;
-    if (m->fallback != NULL && vqkvd__tiers_ident_is(&m->fallback_ident, e))
-        return &m->fallback_ident;
-    return NULL;
+    return vqkvd_tiers_ident(m, e->spec, e->codebooks_sha256);
 }
 
-/* Bytes of a block of m stored with ident, 0 for an identity m lacks. */
-static uint32_t vqkvd__tiers_block_bytes(const vqkvd_model_t *m, const vqkvd_codec_ident_t *ident)
+uint32_t vqkvd_tiers_block_bytes(const vqkvd_model_t *m, const vqkvd_codec_ident_t *ident)
 {
     if (ident == &m->codec_ident)
         return m->block_bytes;
@@ -50,10 +56,9 @@ uint32_t vqkvd_tiers_class(const vqkvd_model_t *m, const vqkvd_codec_ident_t *id
     return ident == &m->codec_ident ? m->cls : m->fallback_cls;
 }
 
-/* The header of a block's record: parent NULL for a chain's first block. */
-static void vqkvd__tiers_record(vqkvd_segment_record_t *rec, uint32_t tenant, uint32_t model,
-                                uint32_t logical_bytes, const uint8_t *key, const uint8_t *parent,
-                                const vqkvd_codec_ident_t *ident, uint32_t bytes)
+void vqkvd_tiers_record(vqkvd_segment_record_t *rec, uint32_t tenant, uint32_t model,
+                        uint32_t logical_bytes, const uint8_t *key, const uint8_t *parent,
+                        const vqkvd_codec_ident_t *ident, uint32_t bytes)
 {
     *rec = (vqkvd_segment_record_t){
         .tenant = tenant, .model = model, .logical_bytes = logical_bytes, .payload_bytes = bytes};
@@ -74,7 +79,7 @@ static bool vqkvd__tiers_write(vqkvd_server_t *s, const vqkvd_block_t *b, bool e
     if (b->stage != NULL)
         return true;
     vqkvd_model_t *m = vqkvd_model_by_store_id(s, b->tenant, b->model);
-    uint32_t bytes = m != NULL ? vqkvd__tiers_block_bytes(m, b->codec) : 0;
+    uint32_t bytes = m != NULL ? vqkvd_tiers_block_bytes(m, b->codec) : 0;
     if (bytes == 0)
         return true;
     const vqkvd_disk_entry_t *e = vqkvd_disk_find(s->disk, b->tenant, b->model, b->key);
@@ -93,8 +98,8 @@ static bool vqkvd__tiers_write(vqkvd_server_t *s, const vqkvd_block_t *b, bool e
         return true;
     }
     vqkvd_segment_record_t rec;
-    vqkvd__tiers_record(&rec, b->tenant, b->model, b->logical_bytes, b->key,
-                        b->parent != NULL ? b->parent->key : NULL, b->codec, bytes);
+    vqkvd_tiers_record(&rec, b->tenant, b->model, b->logical_bytes, b->key,
+                       b->parent != NULL ? b->parent->key : NULL, b->codec, bytes);
     if (vqkvd_disk_put(s->disk, &rec, payload) && !evicted)
         s->flush_queued++;
     return true;
@@ -132,14 +137,14 @@ void vqkvd_tiers_write_codes(vqkvd_server_t *s, const vqkvd_model_t *m,
                              const vqkvd_codec_ident_t *ident, uint32_t tenant, const uint8_t *key,
                              const struct vqkvd_stage_evicted *ev, const uint8_t *codes)
 {
-    uint32_t bytes = vqkvd__tiers_block_bytes(m, ident);
+    uint32_t bytes = vqkvd_tiers_block_bytes(m, ident);
     uint8_t *payload = s->disk != NULL && bytes > 0 ? malloc(bytes) : NULL;
     if (payload == NULL)
         return;
     memcpy(payload, codes, bytes);
     vqkvd_segment_record_t rec;
-    vqkvd__tiers_record(&rec, tenant, m->store_id, m->logical_bytes, key,
-                        ev->has_parent ? ev->parent : NULL, ident, bytes);
+    vqkvd_tiers_record(&rec, tenant, m->store_id, m->logical_bytes, key,
+                       ev->has_parent ? ev->parent : NULL, ident, bytes);
     vqkvd_disk_put(s->disk, &rec, payload);
 }
 

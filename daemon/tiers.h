@@ -57,6 +57,18 @@ void vqkvd_tiers_write_codes(vqkvd_server_t *s, const vqkvd_model_t *m,
 uint32_t vqkvd_tiers_disk_run(const vqkvd_server_t *s, const vqkvd_model_t *m, uint32_t tenant,
                               const uint8_t *keys, uint32_t from, uint32_t n);
 
+/* Which of m's identities (its codec's once ready, its fp16 fallback's)
+ * has this spec and codebooks' SHA-256; NULL: none, never decoded. */
+const vqkvd_codec_ident_t *vqkvd_tiers_ident(const vqkvd_model_t *m, const char *spec,
+                                             const uint8_t *codebooks_sha256);
+/* Bytes of a block of m stored with ident, 0 for an identity m lacks. */
+uint32_t vqkvd_tiers_block_bytes(const vqkvd_model_t *m, const vqkvd_codec_ident_t *ident);
+/* The record header of a block (segment.h; seq and payload_crc left 0):
+ * parent NULL for a chain's first block. */
+void vqkvd_tiers_record(vqkvd_segment_record_t *rec, uint32_t tenant, uint32_t model,
+                        uint32_t logical_bytes, const uint8_t *key, const uint8_t *parent,
+                        const vqkvd_codec_ident_t *ident, uint32_t bytes);
+
 /* Which of m's identities disk block e has (NULL: none; never read). */
 const vqkvd_codec_ident_t *vqkvd_tiers_disk_ident(const vqkvd_model_t *m,
                                                   const vqkvd_disk_entry_t *e);

@@ -25,6 +25,7 @@
 #include "transcode.h"
 
 #include "log.h"
+#include "remote.h"
 
 #include <stdlib.h>
 
@@ -89,6 +90,7 @@ static void vqkvd__transcode_after(uv_work_t *w, int status)
         if (!vqkvd_store_held(it->block) && status == 0 && it->rc == VQKV_OK) {
             vqkvd_store_rehome(&s->store, it->block, m->cls, it->slot);
             it->block->codec = &m->codec_ident;
+            vqkvd_remote_put(s, m, it->block);
             moved++;
         } else {
             vqkvd_pool_free(&s->pool, it->slot);
