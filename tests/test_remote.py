@@ -44,6 +44,15 @@ if __name__ == "__main__":
         if not (venv / "bin" / "python").exists():
             print("SKIPPED: test_remote needs .venv (run tools/bootstrap.sh)")
             sys.exit(77)
+        # An ASan build of libvqkv loads into Python only with its runtime
+        # preloaded; the daemon keeps its own leak check (daemon_harness.py).
+        ldd = subprocess.run(["ldd", os.environ["VQKV_LIBRARY"]], capture_output=True,
+                             text=True).stdout
+        asan = re.search(r"^\s*libasan\.so\S* => (\S+)", ldd, re.M)
+        if asan:
+            os.environ["VQKVD_ASAN_OPTIONS"] = os.environ.get("ASAN_OPTIONS", "")
+            os.environ["ASAN_OPTIONS"] = "detect_leaks=0"
+            os.environ["LD_PRELOAD"] = asan.group(1)
         os.execv(venv / "bin" / "python", [str(venv / "bin" / "python"), __file__])
     try:
         import numpy  # noqa: F401
@@ -91,6 +100,11 @@ def cluster_port() -> int:
             return port
 
 
+def redis_env() -> dict[str, str]:
+    """redis-server's and redis-cli's environment: without the ASan runtime Python may preload."""
+    return {k: v for k, v in os.environ.items() if k not in ("LD_PRELOAD", "ASAN_OPTIONS")}
+
+
 def wait_for(what: str, cond, guard: float = HANG_GUARD_S) -> None:
     """Waits for cond(), failing after guard seconds: a hang guard, never a timing check."""
     deadline = time.monotonic() + guard
@@ -114,7 +128,8 @@ class RedisServer:
             ["redis-server", "--port", "0", "--unixsocket", str(self.sock), "--unixsocketperm",
              "700", "--requirepass", PASSWORD, "--save", "", "--appendonly", "no", "--dir",
              str(self.dir), *self.args],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=redis_env(),
+            preexec_fn=daemon_harness._die_with_parent)
         wait_for("redis-server", self.answers)
 
     def client(self) -> redis.Redis:
@@ -430,12 +445,14 @@ class Cluster:
                  "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
                  "--requirepass", PASSWORD, "--masterauth", PASSWORD, "--save", "",
                  "--appendonly", "no", "--dir", str(d)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=redis_env(),
+            preexec_fn=daemon_harness._die_with_parent))
         for port in self.ports:
             wait_for(f"cluster node {port}", lambda p=port: self._answers(p))
         subprocess.run(["redis-cli", "-a", PASSWORD, "--no-auth-warning", "--cluster", "create",
                         *[f"127.0.0.1:{p}" for p in self.ports], "--cluster-replicas", "0",
-                        "--cluster-yes"], check=True, stdout=subprocess.DEVNULL, timeout=60)
+                        "--cluster-yes"], check=True, stdout=subprocess.DEVNULL, timeout=60, env=redis_env(),
+            preexec_fn=daemon_harness._die_with_parent)
         wait_for("cluster_state:ok", lambda: all(
             self.node(p).cluster("info")["cluster_state"] == "ok" for p in self.ports))
 
@@ -460,7 +477,8 @@ class Cluster:
             ["redis-cli", "-a", PASSWORD, "--no-auth-warning", "--cluster", "reshard",
              f"127.0.0.1:{self.ports[0]}", "--cluster-from", ids[source], "--cluster-to",
              ids[target], "--cluster-slots", str(slots), "--cluster-yes"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=redis_env(),
+            preexec_fn=daemon_harness._die_with_parent)
 
     def keys_per_node(self) -> list[int]:
         return [self.node(p).dbsize() for p in self.ports]
