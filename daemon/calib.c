@@ -247,8 +247,10 @@ int vqkvd_calib_adopt(vqkvd_server_t *s, vqkvd_model_t *m, const uint8_t *buf, s
         *why = "its SHA-256 is not the one it was published under";
         rc = VQKV_EMISMATCH;
     }
+    /* set_ready takes the identity from m's codec: ident's spec was the
+     * freed check codec's. */
     if (rc == VQKV_OK && (rc = vqkv_codebook_load_buffer(m->codec, buf, len)) == VQKV_OK &&
-        (rc = vqkvd_model_set_ready(s, m, &ident)) != VQKV_OK)
+        (rc = vqkvd_model_set_ready(s, m, NULL)) != VQKV_OK)
         *why = "the backend cannot take its codebooks";
     if (rc != VQKV_OK)
         return rc;
