@@ -130,6 +130,7 @@ class Node:
         from daemon_harness import Daemon
         d = work / name
         d.mkdir()
+        self.log = d / "vqkvd.log"
         self.daemon = Daemon(vqkvd, d, config_text=(
             f"[vqkvd]\nremote = {remote}\nsalt_secret_file = {secret}\n"
             f"metrics_address = 127.0.0.1:0\ncalibration_tokens = {calib_tokens}\n"
@@ -138,7 +139,7 @@ class Node:
         self.socket = str(self.daemon.socket)
 
     def _found_url(self) -> bool:
-        m = re.search(r"metrics on (http://\S+)/metrics", self.daemon.log.read_text())
+        m = re.search(r"metrics on (http://\S+)/metrics", self.log.read_text())
         self.url = m.group(1) if m else None
         return self.url is not None
 
@@ -166,8 +167,9 @@ def bench_codec(args, a: Node, b: Node, layout, shape: str, codec: str) -> dict[
     ma = ca.register_model(model_id, layout, codec)
     cache = vqkv.KVCache.create(layout, blocks)
     rng = np.random.default_rng(1)
-    for i in range(blocks):  # per block: no 512 MiB float64 temporary
-        cache.array[i] = rng.standard_normal(cache.array[i].shape).astype(cache.array.dtype)
+    for layer in range(layout.num_layers):  # a layer at a time: no 2 GiB float64 temporary
+        cache.array[layer] = rng.standard_normal(cache.array[layer].shape).astype(
+            cache.array.dtype)
     ra = ca.register_cache(ma, cache)
     stored0 = a.metric("puts_stored_total")
     if not ma.codebooks_ready:  # rvq: A calibrates on its first blocks, then B adopts
