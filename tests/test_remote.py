@@ -9,9 +9,10 @@ exactly A's bytes; Redis killed and restarted under traffic (both nodes keep
 serving from memory, count what they skipped and reconnect); values planted in
 Redis that are damaged or hostile (a short value, a flipped payload byte, a
 header for another key, another codec, a record whose header checksum was
-recomputed to look whole) are refused and counted, never decoded. Then the
-same two nodes on a three-node Redis Cluster started here, resharded while
-node A writes and node B reads.
+recomputed to look whole) are refused and counted, never decoded. The
+restore, the adoption and the refusals run twice: on one redis-server and on
+a three-node Redis Cluster started here (values land on every node); and the
+two nodes on such a cluster resharded while node A writes and node B reads.
 
 ctest runs this file as a script: it re-runs itself with the project's .venv
 (tools/bootstrap.sh) and skips, loudly, with exit status 77 without one or
@@ -24,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -81,6 +83,9 @@ MODEL = "test/remote@rev"
 BLOCKS = 6
 RECORD_BYTES = 208  # daemon/segment.h's record header before each value's payload
 PASSWORD = "s3cret-for-the-test"
+# A lookup's wait for Redis: long enough that a loaded machine (ASan, 2
+# cores) never answers late where a test wants every block.
+LOOKUP_MS = 3000
 
 # ---- servers ---------------------------------------------------------------------------
 
@@ -132,6 +137,10 @@ class RedisServer:
             preexec_fn=daemon_harness._die_with_parent)
         wait_for("redis-server", self.answers)
 
+    @property
+    def url(self) -> str:
+        return f"unix://{self.sock}"
+
     def client(self) -> redis.Redis:
         return redis.Redis(unix_socket_path=str(self.sock), password=PASSWORD)
 
@@ -158,7 +167,8 @@ class Node(daemon_harness.Daemon):
         self.url = None
         config = (f"[vqkvd]\nremote = {remote}\nremote_password_file = {password}\n"
                   f"salt_secret_file = {secret}\nmetrics_address = 127.0.0.1:0\n"
-                  "calibration_tokens = 64\n" + "".join(line + "\n" for line in extra))
+                  f"calibration_tokens = 64\nremote_lookup_ms = {LOOKUP_MS}\n" +
+                  "".join(line + "\n" for line in extra))
         super().__init__(VQKVD, directory, config_text=config, ready=self._found_url)
 
     def _found_url(self) -> bool:
@@ -194,11 +204,28 @@ def server(tmp_path: Path):
     r.stop()
 
 
+@pytest.fixture(params=["redis", "cluster"])
+def store(request, tmp_path: Path):
+    """What the nodes share: one redis-server, or a three-node Redis Cluster."""
+    s = RedisServer(tmp_path / "redis") if request.param == "redis" else Cluster(tmp_path)
+    yield s
+    s.stop()
+
+
 @pytest.fixture
-def nodes(tmp_path: Path, server: RedisServer, secret: Path):
-    url = f"unix://{server.sock}"
-    a = Node(tmp_path / "a", url, secret)
-    b = Node(tmp_path / "b", url, secret)
+def nodes(tmp_path: Path, store, secret: Path):
+    a = Node(tmp_path / "a", store.url, secret)
+    b = Node(tmp_path / "b", store.url, secret)
+    wait_for("both nodes connected", lambda: a.metric("up") == 1 and b.metric("up") == 1)
+    yield a, b
+    a.stop()
+    b.stop()
+
+
+@pytest.fixture
+def standalone_nodes(tmp_path: Path, server: RedisServer, secret: Path):
+    a = Node(tmp_path / "a", server.url, secret)
+    b = Node(tmp_path / "b", server.url, secret)
     wait_for("both nodes connected", lambda: a.metric("up") == 1 and b.metric("up") == 1)
     yield a, b
     a.stop()
@@ -329,9 +356,46 @@ def test_codebooks_trained_on_a_are_adopted_by_b(nodes) -> None:
     wb.close()
 
 
-def test_redis_down_and_back_under_traffic(nodes, server: RedisServer) -> None:
-    a, b = nodes
+def test_redis_down_and_back_under_traffic(standalone_nodes, server: RedisServer) -> None:
+    a, b = standalone_nodes
     wa, wb = Worker(a), Worker(b)
+    # A Redis that does not answer: the lookup answers with what is local
+    # once remote_lookup_ms have passed, the blocks asked for counted late.
+    keys = wa.put(seed=4)
+    written(a, BLOCKS)
+    server.proc.send_signal(signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        assert wb.restore(keys)[0] == 0
+        assert time.monotonic() - t0 >= LOOKUP_MS / 1000 * 0.9
+        assert b.metric("fetch_late_total") == BLOCKS
+    finally:
+        server.proc.send_signal(signal.SIGCONT)
+    # Traffic on both nodes all along, from workers of its own: A puts new
+    # chains and restores them, B looks them up; none of it may fail.
+    stop, errors, rounds = threading.Event(), [], [0]
+
+    def traffic() -> None:
+        ta, tb = Worker(a), Worker(b)
+        try:
+            seed = 100
+            while not stop.is_set():
+                keys = ta.put(seed=seed)
+                found, got = ta.restore(keys)
+                assert found == BLOCKS and np.array_equal(got, ta.slots(0, BLOCKS))
+                found, got = tb.restore(keys)
+                assert np.array_equal(got, ta.slots(0, found))
+                seed += 1
+                rounds[0] += 1
+        except Exception as e:  # noqa: BLE001 -- reported by the test's thread
+            errors.append(e)
+        finally:
+            ta.close()
+            tb.close()
+
+    thread = threading.Thread(target=traffic)
+    thread.start()
+    wait_for("traffic", lambda: rounds[0] >= 3 or errors)
     server.stop()
     wait_for("both nodes to see Redis gone", lambda: a.metric("up") == 0 and b.metric("up") == 0)
     # Both keep serving from memory; A's blocks are skipped, counted.
@@ -343,8 +407,12 @@ def test_redis_down_and_back_under_traffic(nodes, server: RedisServer) -> None:
     wait_for("both nodes reconnected", lambda: a.metric("up") == 1 and b.metric("up") == 1)
     assert a.metric("reconnects_total") >= 1 and b.metric("reconnects_total") >= 1
     keys = wa.put(seed=6)
-    written(a, BLOCKS)
-    assert wb.restore(keys)[0] == BLOCKS
+    wait_for("A's new chain in Redis", lambda: wb.restore(keys)[0] == BLOCKS)
+    done = rounds[0]
+    wait_for("more traffic", lambda: rounds[0] >= done + 3 or errors)
+    stop.set()
+    thread.join(HANG_GUARD_S)
+    assert not errors, errors
     wa.close()
     wb.close()
 
@@ -398,13 +466,13 @@ def damages(value: bytes, other: bytes) -> dict[str, bytes]:
     }
 
 
-def test_damaged_and_hostile_values_are_refused(nodes, server: RedisServer) -> None:
+def test_damaged_and_hostile_values_are_refused(nodes, store) -> None:
     a, b = nodes
     wa = Worker(a)
     keys = wa.put(seed=7)
     put = wa.slots(0, BLOCKS).copy()
     written(a, BLOCKS)
-    r = server.client()
+    r = store.client()
     name = block_key(r, bytes(keys[3]))
     good = r.get(name)
     other = r.get(block_key(r, bytes(keys[4])))
@@ -465,8 +533,12 @@ class Cluster:
         except redis.exceptions.ConnectionError:
             return False
 
-    def spec(self) -> str:
+    @property
+    def url(self) -> str:
         return ",".join(f"redis://127.0.0.1:{p}" for p in self.ports)
+
+    def client(self) -> redis.RedisCluster:
+        return redis.RedisCluster(host="127.0.0.1", port=self.ports[0], password=PASSWORD)
 
     def ids(self) -> list[str]:
         return [self.node(p).execute_command("CLUSTER MYID").decode() for p in self.ports]
@@ -494,8 +566,8 @@ def test_two_nodes_on_a_redis_cluster_resharded_under_traffic(tmp_path: Path,
     cluster = Cluster(tmp_path)
     a = b = None
     try:
-        a = Node(tmp_path / "a", cluster.spec(), secret)
-        b = Node(tmp_path / "b", cluster.spec(), secret)
+        a = Node(tmp_path / "a", cluster.url, secret)
+        b = Node(tmp_path / "b", cluster.url, secret)
         wait_for("both nodes connected", lambda: a.metric("up") == 1 and b.metric("up") == 1)
         wa, wb = Worker(a, num_blocks=64), Worker(b, num_blocks=64)
         chains = []
