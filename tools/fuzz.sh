@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 seconds=${VQKV_FUZZ_SECONDS:-30}
 targets=("$@")
-[ ${#targets[@]} -gt 0 ] || targets=(frame session codebook config block_keys segment)
+[ ${#targets[@]} -gt 0 ] || targets=(frame session codebook config block_keys segment redis_spec)
 
 # Without clang's libFuzzer runtime the preset cannot build: say what is
 # missing rather than fail somewhere inside cmake.
