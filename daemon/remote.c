@@ -137,12 +137,38 @@ static int vqkvd__remote_password(const char *path, char *out, size_t size)
     return VQKV_OK;
 }
 
+/* Where spec points, without its credentials, for the log. */
+static void vqkvd__remote_describe(const vqkvd_redis_spec_t *spec, char *out, size_t size)
+{
+    if (spec->path[0] != '\0') {
+        snprintf(out, size, "unix://%s db %u", spec->path, (unsigned)spec->db);
+        return;
+    }
+    int n = snprintf(out, size, "%s", spec->cluster ? "cluster" : "redis");
+    for (uint32_t i = 0; i < spec->n_addrs && n > 0 && (size_t)n < size; i++)
+        n += snprintf(out + n, size - (size_t)n, "%s%s:%u", i == 0 ? " " : ",", spec->addrs[i].host,
+                      (unsigned)spec->addrs[i].port);
+    if (!spec->cluster && n > 0 && (size_t)n < size)
+        snprintf(out + n, size - (size_t)n, " db %u", (unsigned)spec->db);
+}
+
 int vqkvd_remote_start(vqkvd_server_t *s)
 {
     const vqkvd_config_t *cfg = &s->cfg;
     if (cfg->remote == NULL)
         return VQKV_OK;
-    char password[VQKVD__REMOTE_PASSWORD_MAX], why[256];
+    /* Messages name the servers, never the URL: it may hold a password. */
+    char password[VQKVD__REMOTE_PASSWORD_MAX], why[256], where[256];
+    vqkvd_redis_spec_t spec;
+    if (vqkvd_redis_parse(cfg->remote, NULL, &spec, why, sizeof why) != VQKV_OK) {
+        vqkvd_log(VQKVD_LOG_ERROR, "remote: %s", why);
+        return VQKV_EINVAL;
+    }
+    vqkvd__remote_describe(&spec, where, sizeof where);
+    if (spec.password[0] != '\0' && cfg->remote_password_file == NULL)
+        vqkvd_log(VQKVD_LOG_WARN, "remote: the URL holds a password, which the command line "
+                                  "and the process list show; use remote_password_file");
+    explicit_bzero(&spec, sizeof spec);
     if (cfg->remote_password_file != NULL &&
         vqkvd__remote_password(cfg->remote_password_file, password, sizeof password) != VQKV_OK)
         return VQKV_EINVAL;
@@ -155,7 +181,7 @@ int vqkvd_remote_start(vqkvd_server_t *s)
     explicit_bzero(password, sizeof password);
     if (rc != VQKV_OK) {
         if (rc == VQKV_EINVAL)
-            vqkvd_log(VQKVD_LOG_ERROR, "remote %s: %s", cfg->remote, why);
+            vqkvd_log(VQKVD_LOG_ERROR, "remote %s: %s", where, why);
         free(rt);
         return rc;
     }
@@ -163,7 +189,7 @@ int vqkvd_remote_start(vqkvd_server_t *s)
     rt->drain.data = rt;
     rt->st.configured = true;
     s->remote = rt;
-    vqkvd_log(VQKVD_LOG_INFO, "remote tier: %s (connecting in the background)", cfg->remote);
+    vqkvd_log(VQKVD_LOG_INFO, "remote tier: %s (connecting in the background)", where);
     return VQKV_OK;
 }
 

@@ -185,9 +185,6 @@ class Node(daemon_harness.Daemon):
     def metric(self, name: str) -> float:
         return self.metrics()[f"vqkv_remote_{name}"]
 
-    def client(self) -> vqkv.Client:
-        return vqkv.Client(str(self.socket), name="test_remote", timeout_ms=30000)
-
 
 @pytest.fixture
 def secret(tmp_path: Path) -> Path:
@@ -242,8 +239,9 @@ def tokens(seed: int, blocks: int = BLOCKS) -> list[int]:
 class Worker:
     """A client of one node with a model and a KV cache in a memfd."""
 
-    def __init__(self, node: Node, codec: str = "fp16", num_blocks: int = 32) -> None:
-        self.client = node.client()
+    def __init__(self, node: daemon_harness.Daemon, codec: str = "fp16",
+                 num_blocks: int = 32) -> None:
+        self.client = vqkv.Client(str(node.socket), name="test_remote", timeout_ms=30000)
         self.codec = codec
         self.model = self.client.register_model(MODEL, LAYOUT, codec)
         self.cache = vqkv.KVCache.create(LAYOUT, num_blocks)
@@ -602,3 +600,33 @@ def test_two_nodes_on_a_redis_cluster_resharded_under_traffic(tmp_path: Path,
             if n is not None:
                 n.stop()
         cluster.stop()
+
+
+# ---- configuration ------------------------------------------------------------------------
+
+
+def test_a_password_in_the_url_is_warned_about_and_redis_down_at_start_is_no_failure(
+        tmp_path: Path) -> None:
+    # Nothing listens on port 1: vqkvd starts anyway and serves from memory.
+    d = daemon_harness.Daemon(VQKVD, tmp_path, "--remote", "redis://:hunter2-in-the-url@127.0.0.1:1/0")
+    try:
+        assert "use remote_password_file" in d.log.read_text()
+        w = Worker(d)
+        keys = w.put(seed=8)
+        assert w.restore(keys)[0] == BLOCKS
+        w.close()
+    finally:
+        d.stop()
+    assert "hunter2" not in d.log.read_text()
+
+
+def test_a_bad_remote_stops_the_start(tmp_path: Path) -> None:
+    for args, why in ((["--remote", "redis://host-without-port"], "remote"),
+                      (["--remote", "unix:///x.sock", "--remote-password-file",
+                        str(tmp_path / "absent")], "remote_password_file")):
+        log = tmp_path / "vqkvd.log"
+        with open(log, "w") as f:
+            rc = subprocess.run([VQKVD, "--config", "/dev/null", "--socket",
+                                 str(tmp_path / "s.sock"), *args], stderr=f,
+                                env=daemon_harness.daemon_env(), timeout=HANG_GUARD_S).returncode
+        assert rc != 0 and why in log.read_text(), log.read_text()
