@@ -502,23 +502,37 @@ class Cluster:
 
     def __init__(self, directory: Path) -> None:
         self.ports = [cluster_port() for _ in range(3)]
+        self.directory = directory
         self.procs = []
         for port in self.ports:
-            d = directory / f"cluster-{port}"
-            d.mkdir()
-            self.procs.append(subprocess.Popen(
-                ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled",
-                 "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
-                 "--requirepass", PASSWORD, "--masterauth", PASSWORD, "--save", "",
-                 "--appendonly", "no", "--dir", str(d)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=redis_env(),
-            preexec_fn=daemon_harness._die_with_parent))
+            (directory / f"cluster-{port}").mkdir()
+            self.procs.append(self._start(port))
         for port in self.ports:
             wait_for(f"cluster node {port}", lambda p=port: self._answers(p))
         subprocess.run(["redis-cli", "-a", PASSWORD, "--no-auth-warning", "--cluster", "create",
                         *[f"127.0.0.1:{p}" for p in self.ports], "--cluster-replicas", "0",
                         "--cluster-yes"], check=True, stdout=subprocess.DEVNULL, timeout=60, env=redis_env(),
             preexec_fn=daemon_harness._die_with_parent)
+        wait_for("cluster_state:ok", lambda: all(
+            self.node(p).cluster("info")["cluster_state"] == "ok" for p in self.ports))
+
+    def _start(self, port: int) -> subprocess.Popen:
+        """A node; started again in its directory, it rejoins with the slots nodes.conf names."""
+        return subprocess.Popen(
+            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled",
+             "yes", "--cluster-config-file", "nodes.conf", "--cluster-node-timeout", "2000",
+             "--requirepass", PASSWORD, "--masterauth", PASSWORD, "--save", "",
+             "--appendonly", "no", "--dir", str(self.directory / f"cluster-{port}")],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=redis_env(),
+            preexec_fn=daemon_harness._die_with_parent)
+
+    def kill(self, i: int) -> None:
+        self.procs[i].kill()
+        self.procs[i].wait()
+
+    def restart(self, i: int) -> None:
+        self.procs[i] = self._start(self.ports[i])
+        wait_for("the node back", lambda: self._answers(self.ports[i]))
         wait_for("cluster_state:ok", lambda: all(
             self.node(p).cluster("info")["cluster_state"] == "ok" for p in self.ports))
 
@@ -608,7 +622,8 @@ def test_two_nodes_on_a_redis_cluster_resharded_under_traffic(tmp_path: Path,
 def test_a_password_in_the_url_is_warned_about_and_redis_down_at_start_is_no_failure(
         tmp_path: Path) -> None:
     # Nothing listens on port 1: vqkvd starts anyway and serves from memory.
-    d = daemon_harness.Daemon(VQKVD, tmp_path, "--remote", "redis://:hunter2-in-the-url@127.0.0.1:1/0")
+    d = daemon_harness.Daemon(VQKVD, tmp_path, "--remote",
+                              "redis://:hunter2-in-the-url@127.0.0.1:1/0")
     try:
         assert "use remote_password_file" in d.log.read_text()
         w = Worker(d)
@@ -630,3 +645,38 @@ def test_a_bad_remote_stops_the_start(tmp_path: Path) -> None:
                                  str(tmp_path / "s.sock"), *args], stderr=f,
                                 env=daemon_harness.daemon_env(), timeout=HANG_GUARD_S).returncode
         assert rc != 0 and why in log.read_text(), log.read_text()
+
+
+def test_a_cluster_node_killed_and_restarted_under_traffic(tmp_path: Path, secret: Path) -> None:
+    cluster = Cluster(tmp_path)
+    a = b = None
+    try:
+        a = Node(tmp_path / "a", cluster.url, secret)
+        b = Node(tmp_path / "b", cluster.url, secret)
+        wait_for("both nodes connected", lambda: a.metric("up") == 1 and b.metric("up") == 1)
+        wa, wb = Worker(a), Worker(b)
+        cluster.kill(1)
+        wait_for("both nodes to see a node gone", lambda: a.metric("up") == 0 and
+                 b.metric("up") == 0)
+        # A third of the slots has no node: both go on serving from memory,
+        # and what B gets from the rest of the cluster is whole.
+        for seed in range(30, 33):
+            keys = wa.put(seed=seed)
+            assert wa.restore(keys)[0] == BLOCKS
+            found, got = wb.restore(keys)
+            assert np.array_equal(got, wa.slots(0, found))
+        cluster.restart(1)
+        wait_for("both nodes reconnected", lambda: a.metric("up") == 1 and b.metric("up") == 1)
+        keys = wa.put(seed=40)
+        wait_for("A's new chain through the cluster",
+                 lambda: wb.restore(keys)[0] == BLOCKS)
+        found, got = wb.restore(keys)
+        assert np.array_equal(got, wa.slots(0, BLOCKS))
+        assert b.metric("rejected_total") == 0
+        wa.close()
+        wb.close()
+    finally:
+        for n in (a, b):
+            if n is not None:
+                n.stop()
+        cluster.stop()
