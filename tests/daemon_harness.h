@@ -39,6 +39,7 @@
 
 #include "frame.h"
 #include "test_assert.h" /* assert_prc */
+#include "vqkv_codec.h"
 
 /* 10 when the daemon runs under $VQKV_DAEMON_WRAPPER, else 1. */
 static inline int daemon_slowdown(void)
@@ -356,6 +357,60 @@ static inline Vqkv__Envelope *recv_env(client_t *c)
     vqkv_frame_clear(&frame);
     assert_prc(vqkv_frame_check(env), VQKV_OK);
     return env;
+}
+
+/* A request (with fds) and its reply, checked to be for it; the caller
+ * frees the reply. */
+static inline Vqkv__Envelope *call(client_t *c, Vqkv__Envelope *env, const int *fds, size_t n_fds)
+{
+    env->request_id = c->next_id++;
+    assert_prc(vqkv_frame_send(c->fd, env, fds, n_fds, VQKV_FRAME_DEFAULT_MAX), VQKV_OK);
+    Vqkv__Envelope *reply = recv_env(c);
+    assert_int_equal(reply->request_id, env->request_id);
+    return reply;
+}
+
+/* A Hello of protocol version from a client called name; its id. */
+static inline uint64_t send_hello(client_t *c, uint32_t version, const char *name)
+{
+    Vqkv__Hello h = VQKV__HELLO__INIT;
+    h.protocol_version = version;
+    h.client_name = (char *)name;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_HELLO;
+    env.hello = &h;
+    return send_env(c, &env);
+}
+
+/* Hello, answered by a Welcome. */
+static inline void hello(client_t *c, const char *name)
+{
+    uint64_t id = send_hello(c, VQKV_PROTO_VERSION, name);
+    Vqkv__Envelope *r = recv_env(c);
+    assert_int_equal(r->request_id, id);
+    assert_int_equal(r->body_case, VQKV__ENVELOPE__BODY_WELCOME);
+    vqkv_frame_envelope_free(r);
+}
+
+/* RegisterModel of model_id with every head of l and codec; the reply. */
+static inline Vqkv__Envelope *register_model(client_t *c, const vqkv_layout_t *l,
+                                             const char *model_id, const char *codec)
+{
+    Vqkv__Layout wl = VQKV__LAYOUT__INIT;
+    wl.num_layers = l->num_layers;
+    wl.num_kv_heads = l->num_kv_heads;
+    wl.head_dim = l->head_dim;
+    wl.block_tokens = l->block_tokens;
+    wl.dtype = (Vqkv__DType)l->dtype;
+    Vqkv__RegisterModel rm = VQKV__REGISTER_MODEL__INIT;
+    rm.model_id = (char *)model_id;
+    rm.layout = &wl;
+    rm.kv_head_count = l->num_kv_heads;
+    rm.codec = (char *)codec;
+    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
+    env.body_case = VQKV__ENVELOPE__BODY_REGISTER_MODEL;
+    env.register_model = &rm;
+    return call(c, &env, NULL, 0);
 }
 
 static inline void expect_error(Vqkv__Envelope *env, uint64_t id, int code)

@@ -32,17 +32,6 @@ static void expect_closed(client_t *c)
     assert_prc(vqkv_frame_recv(c->fd, &c->reader, &frame), VQKV_ECLOSED);
 }
 
-static uint64_t send_hello(client_t *c, uint32_t version)
-{
-    Vqkv__Hello hello = VQKV__HELLO__INIT;
-    hello.protocol_version = version;
-    hello.client_name = "test_daemon";
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_HELLO;
-    env.hello = &hello;
-    return send_env(c, &env);
-}
-
 static uint64_t send_stats(client_t *c)
 {
     Vqkv__Stats stats = VQKV__STATS__INIT;
@@ -55,7 +44,7 @@ static uint64_t send_stats(client_t *c)
 /* Hello and its Welcome, checked; returns the Welcome envelope. */
 static Vqkv__Envelope *hello_ok(client_t *c)
 {
-    uint64_t id = send_hello(c, VQKV_PROTO_VERSION);
+    uint64_t id = send_hello(c, VQKV_PROTO_VERSION, "test_daemon");
     Vqkv__Envelope *env = recv_env(c);
     assert_int_equal(env->request_id, id);
     assert_int_equal(env->body_case, VQKV__ENVELOPE__BODY_WELCOME);
@@ -105,7 +94,7 @@ static void test_hello_welcome(void **state)
     vqkv_frame_envelope_free(wb);
 
     /* A second Hello is refused; the connection goes on. */
-    uint64_t id = send_hello(&a, VQKV_PROTO_VERSION);
+    uint64_t id = send_hello(&a, VQKV_PROTO_VERSION, "test_daemon");
     expect_error(recv_env(&a), id, VQKV_EPROTO);
     assert_int_equal(stats_clients(&a), 2);
     client_close(&a);
@@ -160,7 +149,7 @@ static void test_wrong_version(void **state)
 {
     client_t c;
     client_open(&c, *state);
-    uint64_t id = send_hello(&c, VQKV_PROTO_VERSION + 1);
+    uint64_t id = send_hello(&c, VQKV_PROTO_VERSION + 1, "test_daemon");
     expect_error(recv_env(&c), id, VQKV_EVERSION);
     /* No session yet, but the connection still works. */
     id = send_stats(&c);
@@ -252,7 +241,7 @@ static void test_many_clients(void **state)
         client_open(&c[i], *state);
     /* Every Hello goes out before any Welcome is read. */
     for (int i = 0; i < MANY; i++)
-        ids[i] = send_hello(&c[i], VQKV_PROTO_VERSION);
+        ids[i] = send_hello(&c[i], VQKV_PROTO_VERSION, "test_daemon");
     for (int i = 0; i < MANY; i++) {
         Vqkv__Envelope *env = recv_env(&c[i]);
         assert_int_equal(env->request_id, ids[i]);

@@ -25,16 +25,6 @@
 
 static const vqkv_layout_t layout = {LAYERS, HEADS, DIM, TOKENS, VQKV_DTYPE_F16};
 
-/* A request's reply, checked to be for id; the caller frees it. */
-static Vqkv__Envelope *call(client_t *c, Vqkv__Envelope *env, const int *fds, size_t n_fds)
-{
-    env->request_id = c->next_id++;
-    assert_prc(vqkv_frame_send(c->fd, env, fds, n_fds, VQKV_FRAME_DEFAULT_MAX), VQKV_OK);
-    Vqkv__Envelope *reply = recv_env(c);
-    assert_int_equal(reply->request_id, env->request_id);
-    return reply;
-}
-
 /* The reply must be an Error of code whose message contains text. */
 static void expect_refused(Vqkv__Envelope *reply, int code, const char *text)
 {
@@ -44,42 +34,9 @@ static void expect_refused(Vqkv__Envelope *reply, int code, const char *text)
     expect_error(reply, reply->request_id, code);
 }
 
-static void hello(client_t *c)
-{
-    Vqkv__Hello h = VQKV__HELLO__INIT;
-    h.protocol_version = VQKV_PROTO_VERSION;
-    h.client_name = "test_daemon_kv";
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_HELLO;
-    env.hello = &h;
-    Vqkv__Envelope *r = call(c, &env, NULL, 0);
-    assert_int_equal(r->body_case, VQKV__ENVELOPE__BODY_WELCOME);
-    vqkv_frame_envelope_free(r);
-}
-
-static Vqkv__Envelope *register_model(client_t *c, const char *model_id, const char *codec)
-{
-    Vqkv__Layout wl = VQKV__LAYOUT__INIT;
-    wl.num_layers = LAYERS;
-    wl.num_kv_heads = HEADS;
-    wl.head_dim = DIM;
-    wl.block_tokens = TOKENS;
-    wl.dtype = VQKV__DTYPE__DTYPE_F16;
-    Vqkv__RegisterModel rm = VQKV__REGISTER_MODEL__INIT;
-    rm.model_id = (char *)model_id;
-    rm.layout = &wl;
-    rm.kv_head_first = 0;
-    rm.kv_head_count = HEADS;
-    rm.codec = (char *)codec;
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_REGISTER_MODEL;
-    env.register_model = &rm;
-    return call(c, &env, NULL, 0);
-}
-
 static uint64_t model_ok(client_t *c, const char *model_id, const char *codec)
 {
-    Vqkv__Envelope *r = register_model(c, model_id, codec);
+    Vqkv__Envelope *r = register_model(c, &layout, model_id, codec);
     if (r->body_case == VQKV__ENVELOPE__BODY_ERROR)
         fail_msg("RegisterModel: %s", r->error->message);
     assert_int_equal(r->body_case, VQKV__ENVELOPE__BODY_MODEL_REGISTERED);
@@ -370,8 +327,8 @@ static void test_share_fp16(void **state)
     region_t ra, rb;
     client_open(&a, *state);
     client_open(&b, *state);
-    hello(&a);
-    hello(&b);
+    hello(&a, "test_daemon_kv");
+    hello(&b, "test_daemon_kv");
     uint64_t ma = model_ok(&a, MODEL, "fp16");
     region_new(&ra, SLOTS, 1);
     uint64_t ha = region_ok(&a, ma, &ra);
@@ -387,7 +344,7 @@ static void test_share_fp16(void **state)
     /* B shares the model; another codec under the same id is refused. */
     uint64_t mb = model_ok(&b, MODEL, "fp16");
     assert_int_equal(mb, ma);
-    expect_refused(register_model(&b, MODEL, "kivi4"), VQKV_EMISMATCH,
+    expect_refused(register_model(&b, &layout, MODEL, "kivi4"), VQKV_EMISMATCH,
                    "this registration says codec kivi4:g=32, registered fp16");
     region_new(&rb, SLOTS, 2);
     uint64_t hb = region_ok(&b, mb, &rb);
@@ -436,7 +393,7 @@ static void test_kivi4_roundtrip(void **state)
     client_t c;
     region_t r;
     client_open(&c, *state);
-    hello(&c);
+    hello(&c, "test_daemon_kv");
     uint64_t m = model_ok(&c, "test/kivi", "kivi4");
     region_new(&r, 4, 3);
     uint64_t h = region_ok(&c, m, &r);
@@ -481,9 +438,9 @@ static void test_refusals(void **state)
     client_t c;
     region_t r;
     client_open(&c, *state);
-    hello(&c);
-    expect_refused(register_model(&c, MODEL, "nonsense"), VQKV_ESPEC, "nonsense");
-    expect_refused(register_model(&c, "", "fp16"), VQKV_EINVAL, "model_id");
+    hello(&c, "test_daemon_kv");
+    expect_refused(register_model(&c, &layout, MODEL, "nonsense"), VQKV_ESPEC, "nonsense");
+    expect_refused(register_model(&c, &layout, "", "fp16"), VQKV_EINVAL, "model_id");
     uint64_t m = model_ok(&c, MODEL, "fp16");
     region_new(&r, SLOTS, 4);
     uint64_t bytes = r.view.region_bytes;
@@ -555,7 +512,7 @@ static void test_cuda_regions_refused(void **state)
     client_t c;
     region_t r;
     client_open(&c, *state);
-    hello(&c);
+    hello(&c, "test_daemon_kv");
     uint64_t m = model_ok(&c, MODEL, "fp16");
     region_new(&r, SLOTS, 5);
     /* The fd of the wrong kind for a VMM region: a pipe. */
@@ -625,7 +582,7 @@ static void test_eviction_keeps_leased(void **state)
     client_t c;
     region_t r;
     client_open(&c, *state);
-    hello(&c);
+    hello(&c, "test_daemon_kv");
     uint64_t m = model_ok(&c, MODEL, "fp16");
     region_new(&r, SLOTS, 5);
     uint64_t h = region_ok(&c, m, &r);
@@ -744,7 +701,7 @@ static void test_pins(void **state)
     client_t a, b;
     region_t r;
     client_open(&a, *state);
-    hello(&a);
+    hello(&a, "test_daemon_kv");
     uint64_t m = model_ok(&a, MODEL, "fp16");
     region_new(&r, SLOTS, 6);
     uint64_t h = region_ok(&a, m, &r);
@@ -776,7 +733,7 @@ static void test_pins(void **state)
     /* The pins of a connection that closed are released. */
     assert_int_equal(put_ok(&a, m, h, 2, 0, 4, first, 1), 4);
     client_open(&b, *state);
-    hello(&b);
+    hello(&b, "test_daemon_kv");
     uint64_t mb = model_ok(&b, MODEL, "fp16");
     assert_int_equal(pin_ok(&b, mb, 2, 4, 0, 0), 4);
     flood(&a, m, h, 2);
@@ -831,7 +788,7 @@ static void test_client_dies_midrequest(void **state)
     for (int round = 0; round < 4; round++) {
         client_t c;
         client_open(&c, *state);
-        hello(&c);
+        hello(&c, "test_daemon_kv");
         uint64_t m = model_ok(&c, MODEL, "kivi2");
         uint64_t h = region_ok(&c, m, &r);
         static const uint32_t slots[8] = {0, 1, 2, 3, 4, 5, 6, 7};
@@ -848,7 +805,7 @@ static void test_client_dies_midrequest(void **state)
     }
     client_t b;
     client_open(&b, *state);
-    hello(&b);
+    hello(&b, "test_daemon_kv");
     long deadline = now_ms() + DAEMON_DEADLINE_MS;
     for (;;) {
         Vqkv__Envelope *e = stats(&b);
@@ -873,7 +830,7 @@ static void test_sigterm_inflight(void **state)
     region_new(&r, SLOTS, 8);
     client_t c;
     client_open(&c, d);
-    hello(&c);
+    hello(&c, "test_daemon_kv");
     uint64_t m = model_ok(&c, MODEL, "kivi2");
     uint64_t h = region_ok(&c, m, &r);
     static const uint32_t slots[8] = {0, 1, 2, 3, 4, 5, 6, 7};
@@ -915,7 +872,7 @@ static void test_lease_expires(void **state)
     region_new(&r, SLOTS, 9);
     client_t c;
     client_open(&c, d);
-    hello(&c);
+    hello(&c, "test_daemon_kv");
     uint64_t m = model_ok(&c, MODEL, "fp16");
     uint64_t h = region_ok(&c, m, &r);
     static const uint32_t slots[2] = {0, 1};
@@ -1017,7 +974,7 @@ static void test_staged_puts(void **state)
     client_t c;
     region_t r;
     client_open(&c, *state);
-    hello(&c);
+    hello(&c, "test_daemon_kv");
     uint64_t m = model_ok(&c, "test/staged", "kivi4");
     region_new(&r, 8, 5);
     uint64_t h = region_ok(&c, m, &r);
@@ -1070,7 +1027,7 @@ static void test_staging_full(void **state)
     client_t c;
     region_t r;
     client_open(&c, *state);
-    hello(&c);
+    hello(&c, "test_daemon_kv");
     uint64_t m = model_ok(&c, "test/staging-full", "fp16");
     region_new(&r, 8, 6);
     uint64_t h = region_ok(&c, m, &r);
@@ -1115,7 +1072,7 @@ static void test_staging_off(void **state)
     client_t c;
     region_t r;
     client_open(&c, *state);
-    hello(&c);
+    hello(&c, "test_daemon_kv");
     uint64_t m = model_ok(&c, "test/staging-off", "fp16");
     region_new(&r, 4, 7);
     uint64_t h = region_ok(&c, m, &r);

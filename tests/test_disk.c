@@ -446,14 +446,6 @@ static Vqkv__Envelope *try_call(client_t *c, Vqkv__Envelope *env, const int *fds
     return r;
 }
 
-static Vqkv__Envelope *call(client_t *c, Vqkv__Envelope *env, const int *fds, size_t n_fds)
-{
-    Vqkv__Envelope *r = try_call(c, env, fds, n_fds);
-    if (r == NULL)
-        fail_msg("the daemon closed the connection");
-    return r;
-}
-
 /* A connection with one model and the fixture's two regions. */
 typedef struct {
     client_t c;
@@ -491,31 +483,8 @@ static void sess_open(sess_t *s, fx_t *f, const char *model, const char *codec)
 {
     client_open(&s->c, &f->d);
     s->codec = codec;
-    Vqkv__Hello h = VQKV__HELLO__INIT;
-    h.protocol_version = VQKV_PROTO_VERSION;
-    h.client_name = "test_disk";
-    Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_HELLO;
-    env.hello = &h;
-    Vqkv__Envelope *r = call(&s->c, &env, NULL, 0);
-    assert_int_equal(r->body_case, VQKV__ENVELOPE__BODY_WELCOME);
-    vqkv_frame_envelope_free(r);
-
-    Vqkv__Layout wl = VQKV__LAYOUT__INIT;
-    wl.num_layers = LAYERS;
-    wl.num_kv_heads = HEADS;
-    wl.head_dim = DIM;
-    wl.block_tokens = TOKENS;
-    wl.dtype = VQKV__DTYPE__DTYPE_F16;
-    Vqkv__RegisterModel rm = VQKV__REGISTER_MODEL__INIT;
-    rm.model_id = (char *)model;
-    rm.layout = &wl;
-    rm.kv_head_count = HEADS;
-    rm.codec = (char *)codec;
-    env = (Vqkv__Envelope)VQKV__ENVELOPE__INIT;
-    env.body_case = VQKV__ENVELOPE__BODY_REGISTER_MODEL;
-    env.register_model = &rm;
-    r = call(&s->c, &env, NULL, 0);
+    hello(&s->c, "test_disk");
+    Vqkv__Envelope *r = register_model(&s->c, &layout, model, codec);
     if (r->body_case == VQKV__ENVELOPE__BODY_ERROR)
         fail_msg("RegisterModel: %s", r->error->message);
     assert_int_equal(r->body_case, VQKV__ENVELOPE__BODY_MODEL_REGISTERED);
