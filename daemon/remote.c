@@ -29,6 +29,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "block_keys.h"
 #include "calib.h"
 #include "log.h"
 #include "redis.h"
@@ -72,14 +73,10 @@ typedef struct {
 
 /* ---- names ------------------------------------------------------------------- */
 
-static char *vqkvd__remote_hex(char *out, const uint8_t *bytes, size_t n)
+/* 32 bytes (a key, a model identity, a SHA-256) as 64 hex digits. */
+static char *vqkvd__remote_hex(char out[VQKV_BLOCK_KEY_HEX_LEN], const uint8_t *bytes)
 {
-    static const char digits[] = "0123456789abcdef";
-    for (size_t i = 0; i < n; i++) {
-        out[2 * i] = digits[bytes[i] >> 4];
-        out[2 * i + 1] = digits[bytes[i] & 15];
-    }
-    out[2 * n] = '\0';
+    vqkv_block_key_hex(bytes, out, VQKV_BLOCK_KEY_HEX_LEN);
     return out;
 }
 
@@ -89,22 +86,21 @@ static size_t vqkvd__remote_block_key(char *out, uint32_t tenant, const vqkvd_mo
 {
     char ident[65], hex[65];
     return (size_t)snprintf(out, VQKVD__REMOTE_KEY_BYTES, "vqkv:b:%u:%s:%s", (unsigned)tenant,
-                            vqkvd__remote_hex(ident, m->ident, 32),
-                            vqkvd__remote_hex(hex, key, VQKVD_KEY_BYTES));
+                            vqkvd__remote_hex(ident, m->ident), vqkvd__remote_hex(hex, key));
 }
 
 static size_t vqkvd__remote_codebooks_key(char *out, const uint8_t sha256[32])
 {
     char hex[65];
     return (size_t)snprintf(out, VQKVD__REMOTE_KEY_BYTES, "vqkv:cb:%s",
-                            vqkvd__remote_hex(hex, sha256, 32));
+                            vqkvd__remote_hex(hex, sha256));
 }
 
 static size_t vqkvd__remote_model_key(char *out, const vqkvd_model_t *m)
 {
     char ident[65];
     return (size_t)snprintf(out, VQKVD__REMOTE_KEY_BYTES, "vqkv:cbm:%u:%s", (unsigned)m->tenant,
-                            vqkvd__remote_hex(ident, m->ident, 32));
+                            vqkvd__remote_hex(ident, m->ident));
 }
 
 /* ---- start and stop ------------------------------------------------------------ */
@@ -491,7 +487,7 @@ static void vqkvd__remote_stored(void *arg, vqkvd_redis_status_t status, const r
     }
     char key[VQKVD__REMOTE_KEY_BYTES], hex[65];
     size_t key_len = vqkvd__remote_model_key(key, x->m);
-    const char *argv[] = {"SET", key, vqkvd__remote_hex(hex, x->sha256, 32), "NX"};
+    const char *argv[] = {"SET", key, vqkvd__remote_hex(hex, x->sha256), "NX"};
     size_t lens[] = {3, key_len, 64, 2};
     if (!vqkvd__remote_cb_send(x, 4, argv, lens, vqkvd__remote_named))
         vqkvd__remote_cb_end(x);
@@ -544,21 +540,6 @@ static void vqkvd__remote_file(void *arg, vqkvd_redis_status_t status, const red
     vqkvd__remote_cb_end(x);
 }
 
-/* Parses 64 hex digits into 32 bytes. */
-static bool vqkvd__remote_unhex(const char *hex, size_t len, uint8_t out[32])
-{
-    if (len != 64)
-        return false;
-    for (size_t i = 0; i < 64; i++) {
-        char c = hex[i];
-        int v = c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
-        if (v < 0)
-            return false;
-        out[i / 2] = (uint8_t)(i % 2 == 0 ? v << 4 : out[i / 2] | v);
-    }
-    return true;
-}
-
 static void vqkvd__remote_name(void *arg, vqkvd_redis_status_t status, const redisReply *reply)
 {
     vqkvd__remote_cb_t *x = arg;
@@ -566,7 +547,8 @@ static void vqkvd__remote_name(void *arg, vqkvd_redis_status_t status, const red
         vqkvd__remote_cb_end(x);
         return;
     }
-    if (!vqkvd__remote_unhex(reply->str, reply->len, x->sha256)) {
+    /* hiredis ends a string reply with a NUL, which from_hex needs. */
+    if (reply->len != 64 || vqkv_block_key_from_hex(reply->str, x->sha256) != VQKV_OK) {
         x->s->remote->st.rejected++;
         vqkvd__remote_cb_end(x);
         return;
