@@ -18,6 +18,7 @@ ctest runs this file as a script: it re-runs itself with the project's .venv
 (tools/bootstrap.sh) and skips, loudly, with exit status 77 without one or
 without redis-server. VQKVD_PATH and VQKV_LIBRARY name the built binaries.
 """
+import contextlib
 import os
 import re
 import shutil
@@ -209,24 +210,38 @@ def store(request, tmp_path: Path):
     s.stop()
 
 
+@contextlib.contextmanager
+def two_nodes(directory: Path, url: str, secret: Path, secret_b: Path | None = None):
+    """Nodes A and B on url, connected; stopped (exit status 0 wanted) at the end."""
+    started = []
+    try:
+        for name, key in (("a", secret), ("b", secret_b or secret)):
+            started.append(Node(directory / name, url, key))
+        a, b = started
+        wait_for("both nodes connected", lambda: a.metric("up") == 1 and b.metric("up") == 1)
+        yield a, b
+    finally:
+        for n in started:
+            n.stop()
+
+
 @pytest.fixture
 def nodes(tmp_path: Path, store, secret: Path):
-    a = Node(tmp_path / "a", store.url, secret)
-    b = Node(tmp_path / "b", store.url, secret)
-    wait_for("both nodes connected", lambda: a.metric("up") == 1 and b.metric("up") == 1)
-    yield a, b
-    a.stop()
-    b.stop()
+    with two_nodes(tmp_path, store.url, secret) as ab:
+        yield ab
 
 
 @pytest.fixture
 def standalone_nodes(tmp_path: Path, server: RedisServer, secret: Path):
-    a = Node(tmp_path / "a", server.url, secret)
-    b = Node(tmp_path / "b", server.url, secret)
-    wait_for("both nodes connected", lambda: a.metric("up") == 1 and b.metric("up") == 1)
-    yield a, b
-    a.stop()
-    b.stop()
+    with two_nodes(tmp_path, server.url, secret) as ab:
+        yield ab
+
+
+@pytest.fixture
+def cluster(tmp_path: Path):
+    c = Cluster(tmp_path)
+    yield c
+    c.stop()
 
 
 # ---- workers ---------------------------------------------------------------------------
@@ -310,10 +325,7 @@ def test_nodes_without_a_shared_secret_share_nothing(tmp_path: Path, server: Red
     other = tmp_path / "other-secret"
     other.write_bytes(os.urandom(32))
     other.chmod(0o600)
-    url = f"unix://{server.sock}"
-    a, b = Node(tmp_path / "a", url, secret), Node(tmp_path / "b", url, other)
-    try:
-        wait_for("both nodes connected", lambda: a.metric("up") == 1 and b.metric("up") == 1)
+    with two_nodes(tmp_path, server.url, secret, other) as (a, b):
         wa, wb = Worker(a), Worker(b)
         keys = wa.put(seed=2)
         written(a, BLOCKS)
@@ -324,9 +336,6 @@ def test_nodes_without_a_shared_secret_share_nothing(tmp_path: Path, server: Red
         assert wb.restore(keys)[0] == BLOCKS
         wa.close()
         wb.close()
-    finally:
-        a.stop()
-        b.stop()
 
 
 def test_codebooks_trained_on_a_are_adopted_by_b(nodes) -> None:
@@ -573,14 +582,9 @@ class Cluster:
             p.wait()
 
 
-def test_two_nodes_on_a_redis_cluster_resharded_under_traffic(tmp_path: Path,
+def test_two_nodes_on_a_redis_cluster_resharded_under_traffic(tmp_path: Path, cluster: "Cluster",
                                                              secret: Path) -> None:
-    cluster = Cluster(tmp_path)
-    a = b = None
-    try:
-        a = Node(tmp_path / "a", cluster.url, secret)
-        b = Node(tmp_path / "b", cluster.url, secret)
-        wait_for("both nodes connected", lambda: a.metric("up") == 1 and b.metric("up") == 1)
+    with two_nodes(tmp_path, cluster.url, secret) as (a, b):
         wa, wb = Worker(a, num_blocks=64), Worker(b, num_blocks=64)
         chains = []
         for seed in range(10, 20):
@@ -609,11 +613,32 @@ def test_two_nodes_on_a_redis_cluster_resharded_under_traffic(tmp_path: Path,
         assert b.metric("rejected_total") == 0
         wa.close()
         wb.close()
-    finally:
-        for n in (a, b):
-            if n is not None:
-                n.stop()
-        cluster.stop()
+
+
+def test_a_cluster_node_killed_and_restarted_under_traffic(tmp_path: Path, cluster: "Cluster",
+                                                           secret: Path) -> None:
+    with two_nodes(tmp_path, cluster.url, secret) as (a, b):
+        wa, wb = Worker(a), Worker(b)
+        cluster.kill(1)
+        wait_for("both nodes to see a node gone", lambda: a.metric("up") == 0 and
+                 b.metric("up") == 0)
+        # A third of the slots has no node: both go on serving from memory,
+        # and what B gets from the rest of the cluster is whole.
+        for seed in range(30, 33):
+            keys = wa.put(seed=seed)
+            assert wa.restore(keys)[0] == BLOCKS
+            found, got = wb.restore(keys)
+            assert np.array_equal(got, wa.slots(0, found))
+        cluster.restart(1)
+        wait_for("both nodes reconnected", lambda: a.metric("up") == 1 and b.metric("up") == 1)
+        keys = wa.put(seed=40)
+        wait_for("A's new chain through the cluster",
+                 lambda: wb.restore(keys)[0] == BLOCKS)
+        found, got = wb.restore(keys)
+        assert np.array_equal(got, wa.slots(0, BLOCKS))
+        assert b.metric("rejected_total") == 0
+        wa.close()
+        wb.close()
 
 
 # ---- configuration ------------------------------------------------------------------------
@@ -645,38 +670,3 @@ def test_a_bad_remote_stops_the_start(tmp_path: Path) -> None:
                                  str(tmp_path / "s.sock"), *args], stderr=f,
                                 env=daemon_harness.daemon_env(), timeout=HANG_GUARD_S).returncode
         assert rc != 0 and why in log.read_text(), log.read_text()
-
-
-def test_a_cluster_node_killed_and_restarted_under_traffic(tmp_path: Path, secret: Path) -> None:
-    cluster = Cluster(tmp_path)
-    a = b = None
-    try:
-        a = Node(tmp_path / "a", cluster.url, secret)
-        b = Node(tmp_path / "b", cluster.url, secret)
-        wait_for("both nodes connected", lambda: a.metric("up") == 1 and b.metric("up") == 1)
-        wa, wb = Worker(a), Worker(b)
-        cluster.kill(1)
-        wait_for("both nodes to see a node gone", lambda: a.metric("up") == 0 and
-                 b.metric("up") == 0)
-        # A third of the slots has no node: both go on serving from memory,
-        # and what B gets from the rest of the cluster is whole.
-        for seed in range(30, 33):
-            keys = wa.put(seed=seed)
-            assert wa.restore(keys)[0] == BLOCKS
-            found, got = wb.restore(keys)
-            assert np.array_equal(got, wa.slots(0, found))
-        cluster.restart(1)
-        wait_for("both nodes reconnected", lambda: a.metric("up") == 1 and b.metric("up") == 1)
-        keys = wa.put(seed=40)
-        wait_for("A's new chain through the cluster",
-                 lambda: wb.restore(keys)[0] == BLOCKS)
-        found, got = wb.restore(keys)
-        assert np.array_equal(got, wa.slots(0, BLOCKS))
-        assert b.metric("rejected_total") == 0
-        wa.close()
-        wb.close()
-    finally:
-        for n in (a, b):
-            if n is not None:
-                n.stop()
-        cluster.stop()
