@@ -15,10 +15,13 @@ daemon gets no LD_PRELOAD (it links its own runtime).
 """
 
 import ctypes
+import importlib
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +43,43 @@ def daemon_env() -> dict[str, str]:
         env["ASAN_OPTIONS"] = env.pop("VQKVD_ASAN_OPTIONS")
         env.pop("LD_PRELOAD", None)
     return env
+
+
+def run_script(script: str, needs: list[str]) -> None:
+    """Runs a test script under pytest with the project's .venv, or exits 77 (skipped, loudly).
+
+    For the scripts ctest runs directly: re-executes script with .venv's
+    Python (tools/bootstrap.sh makes it) unless it already runs there, checks
+    that the modules in needs import, then exits with pytest's status. When
+    VQKV_LIBRARY names an ASan build of libvqkv, its runtime is preloaded (it
+    loads into Python no other way) and the daemon keeps its own leak check
+    (VQKVD_ASAN_OPTIONS, read by daemon_env).
+    """
+    name = Path(script).stem
+    venv = Path(__file__).resolve().parent.parent / ".venv"
+    if Path(sys.prefix).resolve() != venv.resolve():
+        if not (venv / "bin" / "python").exists():
+            print(f"SKIPPED: {name} needs .venv with tools/requirements.txt "
+                  "(run tools/bootstrap.sh)")
+            sys.exit(77)
+        library = os.environ.get("VQKV_LIBRARY", "")
+        ldd = subprocess.run(["ldd", library], capture_output=True, text=True).stdout \
+            if library else ""
+        asan = re.search(r"^\s*libasan\.so\S* => (\S+)", ldd, re.M)
+        if asan:
+            os.environ["VQKVD_ASAN_OPTIONS"] = os.environ.get("ASAN_OPTIONS", "")
+            os.environ["ASAN_OPTIONS"] = "detect_leaks=0"
+            os.environ["LD_PRELOAD"] = asan.group(1)
+        os.execv(venv / "bin" / "python", [str(venv / "bin" / "python"), script])
+    try:
+        for module in ["pytest", *needs]:
+            importlib.import_module(module)
+    except ImportError as e:
+        print(f"SKIPPED: {name} needs {e.name} in .venv (run tools/bootstrap.sh)")
+        sys.exit(77)
+    import pytest
+
+    sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", script]))
 
 
 class Daemon:

@@ -33,20 +33,9 @@ if __name__ == "__main__":
     if not (os.access(VQKVD, os.X_OK) and os.access(TRAFFIC, os.X_OK)):
         print(NO_BINARIES)
         sys.exit(77)
-    venv = ROOT / ".venv"
-    if Path(sys.prefix).resolve() != venv.resolve():
-        if not (venv / "bin" / "python").exists():
-            print("SKIPPED: test_metrics needs .venv with tools/requirements.txt "
-                  "(run tools/bootstrap.sh)")
-            sys.exit(77)
-        os.execv(venv / "bin" / "python", [str(venv / "bin" / "python"), __file__])
-    try:
-        import prometheus_client  # noqa: F401
-        import pytest
-    except ImportError as e:
-        print(f"SKIPPED: test_metrics needs {e.name} in .venv (run tools/bootstrap.sh)")
-        sys.exit(77)
-    sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", __file__]))
+    import daemon_harness
+
+    daemon_harness.run_script(__file__, ["prometheus_client"])
 
 import daemon_harness  # noqa: E402
 import pytest  # noqa: E402

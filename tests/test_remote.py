@@ -42,29 +42,9 @@ if __name__ == "__main__":
     if shutil.which("redis-server") is None or shutil.which("redis-cli") is None:
         print("SKIPPED: test_remote needs redis-server and redis-cli (run tools/bootstrap.sh)")
         sys.exit(77)
-    venv = ROOT / ".venv"
-    if Path(sys.prefix).resolve() != venv.resolve():
-        if not (venv / "bin" / "python").exists():
-            print("SKIPPED: test_remote needs .venv (run tools/bootstrap.sh)")
-            sys.exit(77)
-        # An ASan build of libvqkv loads into Python only with its runtime
-        # preloaded; the daemon keeps its own leak check (daemon_harness.py).
-        ldd = subprocess.run(["ldd", os.environ["VQKV_LIBRARY"]], capture_output=True,
-                             text=True).stdout
-        asan = re.search(r"^\s*libasan\.so\S* => (\S+)", ldd, re.M)
-        if asan:
-            os.environ["VQKVD_ASAN_OPTIONS"] = os.environ.get("ASAN_OPTIONS", "")
-            os.environ["ASAN_OPTIONS"] = "detect_leaks=0"
-            os.environ["LD_PRELOAD"] = asan.group(1)
-        os.execv(venv / "bin" / "python", [str(venv / "bin" / "python"), __file__])
-    try:
-        import numpy  # noqa: F401
-        import pytest
-        import redis  # noqa: F401
-    except ImportError as e:
-        print(f"SKIPPED: test_remote needs {e.name} in .venv (run tools/bootstrap.sh)")
-        sys.exit(77)
-    sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", __file__]))
+    import daemon_harness
+
+    daemon_harness.run_script(__file__, ["numpy", "redis"])
 
 sys.path.insert(0, str(ROOT / "client" / "python" / "src"))
 
