@@ -752,17 +752,23 @@ static void test_tcp_auth_db(void **state)
     fx->passed = true;
 }
 
+/* A server on fx->sock (in fx->dir) with password, answering. */
+static void unix_server_start(fx_t *fx, const char *password)
+{
+    snprintf(fx->sock, sizeof fx->sock, "%s/redis.sock", fx->dir);
+    const char *extra[] = {
+        "--port", "0", "--unixsocket", fx->sock, "--unixsocketperm", "700", "--requirepass",
+        password, NULL};
+    server_start(fx, 0, extra);
+    server_wait(fx->sock, 0);
+}
+
 /* ---- 3. unix socket, wrong password ---------------------------------------------- */
 
 static void test_unix_wrong_password(void **state)
 {
     fx_t *fx = *state;
-    snprintf(fx->sock, sizeof fx->sock, "%s/redis.sock", fx->dir);
-    const char *extra[] = {
-        "--port", "0", "--unixsocket", fx->sock, "--unixsocketperm", "700", "--requirepass",
-        "right",  NULL};
-    server_start(fx, 0, extra);
-    server_wait(fx->sock, 0);
+    unix_server_start(fx, "right");
 
     /* The log goes to a file for a while, to be counted. */
     char log[320], spec[400];
@@ -820,12 +826,7 @@ static void test_unix_wrong_password(void **state)
 static void test_killed_restarted(void **state)
 {
     fx_t *fx = *state;
-    snprintf(fx->sock, sizeof fx->sock, "%s/redis.sock", fx->dir);
-    const char *extra[] = {
-        "--port", "0", "--unixsocket", fx->sock, "--unixsocketperm", "700", "--requirepass",
-        "pw4",    NULL};
-    server_start(fx, 0, extra);
-    server_wait(fx->sock, 0);
+    unix_server_start(fx, "pw4");
     char spec[400];
     snprintf(spec, sizeof spec, "unix://%s?db=2", fx->sock);
     create(fx, spec, "pw4", 1000);
