@@ -130,18 +130,14 @@ class Node:
         from daemon_harness import Daemon
         d = work / name
         d.mkdir()
-        self.log = d / "vqkvd.log"
         self.daemon = Daemon(vqkvd, d, config_text=(
             f"[vqkvd]\nremote = {remote}\nsalt_secret_file = {secret}\n"
             f"metrics_address = 127.0.0.1:0\ncalibration_tokens = {calib_tokens}\n"
             "remote_lookup_ms = 30000\nremote_queue_bytes = 4G\nstaging_bytes = 0\n"),
-            pool_bytes=pool_bytes, ready=self._found_url)
+            pool_bytes=pool_bytes)
         self.socket = str(self.daemon.socket)
-
-    def _found_url(self) -> bool:
-        m = re.search(r"metrics on (http://\S+)/metrics", self.log.read_text())
-        self.url = m.group(1) if m else None
-        return self.url is not None
+        wait_for("the metrics endpoint", self.daemon.found_metrics_url, 60)
+        self.url = self.daemon.url
 
     def metric(self, name: str) -> float:
         with urllib.request.urlopen(self.url + "/metrics", timeout=60) as r:

@@ -95,6 +95,7 @@ class Daemon:
         ready: "Callable[[], bool] | None" = None,
     ) -> None:
         directory = Path(directory)
+        self.url: "str | None" = None  # the metrics endpoint's (found_metrics_url)
         self.log = directory / "vqkvd.log"
         self.socket = directory / "vqkv.sock"
         self.pool_bytes = pool_bytes
@@ -124,6 +125,12 @@ class Daemon:
             assert self.proc.poll() is None, f"vqkvd exited: {self.log.read_text()}"
             assert time.monotonic() < deadline, f"vqkvd did not start: {self.log.read_text()}"
             time.sleep(0.02)
+
+    def found_metrics_url(self) -> bool:
+        """Whether the log names the metrics endpoint yet; url is then its http://HOST:PORT."""
+        m = re.search(r"metrics on (http://\S+)/metrics", self.log.read_text())
+        self.url = m.group(1) if m else None
+        return self.url is not None
 
     def listening(self) -> bool:
         """Whether a connection is accepted: the socket file appears at bind(), before listen()."""

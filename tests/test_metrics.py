@@ -58,16 +58,9 @@ class Daemon(daemon_harness.Daemon):
     """vqkvd on a socket in tmp_path, with url set when a metrics address is configured."""
 
     def __init__(self, tmp_path, *args, config_text=""):
-        self.url = None
         metrics = bool(args) or "metrics_address" in config_text
         super().__init__(VQKVD, tmp_path, *args, config_text=config_text, pool_bytes=POOL_BYTES,
-                         ready=self._found_url if metrics else None)
-
-    def _found_url(self):
-        for line in self.log.read_text().splitlines():
-            if "metrics on http://" in line:
-                self.url = line.split("metrics on ")[1].split("/metrics")[0]
-        return self.url is not None
+                         ready=self.found_metrics_url if metrics else None)
 
 
 @pytest.fixture

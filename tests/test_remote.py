@@ -145,17 +145,11 @@ class Node(daemon_harness.Daemon):
         password = directory / "redis-password"
         password.write_text(PASSWORD + "\n")
         password.chmod(0o600)
-        self.url = None
         config = (f"[vqkvd]\nremote = {remote}\nremote_password_file = {password}\n"
                   f"salt_secret_file = {secret}\nmetrics_address = 127.0.0.1:0\n"
                   f"calibration_tokens = 64\nremote_lookup_ms = {LOOKUP_MS}\n" +
                   "".join(line + "\n" for line in extra))
-        super().__init__(VQKVD, directory, config_text=config, ready=self._found_url)
-
-    def _found_url(self) -> bool:
-        m = re.search(r"metrics on (http://\S+)/metrics", self.log.read_text())
-        self.url = m.group(1) if m else None
-        return self.url is not None
+        super().__init__(VQKVD, directory, config_text=config, ready=self.found_metrics_url)
 
     def metrics(self) -> dict[str, float]:
         with urllib.request.urlopen(self.url + "/metrics", timeout=HANG_GUARD_S) as r:
