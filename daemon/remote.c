@@ -43,8 +43,6 @@
 #define VQKVD__REMOTE_CODEBOOK_RETRY_MS 1000u
 /* A stopping daemon waits this long for its SETs to be answered. */
 #define VQKVD__REMOTE_DRAIN_MS 1000u
-/* A password file larger than this is not one. */
-#define VQKVD__REMOTE_PASSWORD_MAX 512
 /* "vqkv:b:" + a uid + ":" + 64 hex + ":" + 64 hex, with room. */
 #define VQKVD__REMOTE_KEY_BYTES 160
 
@@ -125,7 +123,7 @@ static int vqkvd__remote_password(const char *path, char *out, size_t size)
         vqkvd_log(VQKVD_LOG_ERROR,
                   "remote_password_file %s must be a file of this user, under %d bytes, that no "
                   "one else can read (chmod 600)",
-                  path, VQKVD__REMOTE_PASSWORD_MAX);
+                  path, VQKVD_REDIS_PASSWORD_MAX + 1);
         return VQKV_EINVAL;
     }
     out[got] = '\0';
@@ -154,7 +152,7 @@ int vqkvd_remote_start(vqkvd_server_t *s)
     if (cfg->remote == NULL)
         return VQKV_OK;
     /* Messages name the servers, never the URL: it may hold a password. */
-    char password[VQKVD__REMOTE_PASSWORD_MAX], why[256], where[256];
+    char password[VQKVD_REDIS_PASSWORD_MAX + 1], why[256], where[256];
     vqkvd_redis_spec_t spec;
     if (vqkvd_redis_parse(cfg->remote, NULL, &spec, why, sizeof why) != VQKV_OK) {
         vqkvd_log(VQKVD_LOG_ERROR, "remote: %s", why);
@@ -183,7 +181,6 @@ int vqkvd_remote_start(vqkvd_server_t *s)
     }
     uv_timer_init(s->loop, &rt->drain); /* cannot fail */
     rt->drain.data = rt;
-    rt->st.configured = true;
     s->remote = rt;
     vqkvd_log(VQKVD_LOG_INFO, "remote tier: %s (connecting in the background)", where);
     return VQKV_OK;

@@ -47,7 +47,6 @@ typedef struct vqkvd_remote vqkvd_remote_t;
 
 /* Counters since start (docs/METRICS.md). */
 typedef struct vqkvd_remote_stats {
-    bool configured;       /* a remote tier is set up */
     bool up;               /* every node it needs is connected */
     uint64_t puts_sent;    /* blocks SET */
     uint64_t puts_stored;  /* of which Redis acknowledged */
