@@ -409,6 +409,24 @@ static void create(fx_t *fx, const char *spec, const char *password, uint32_t ti
         fail_msg("create %s: %d %s", spec, rc, why);
 }
 
+/* create, and connected within up_ms. */
+static void create_up(fx_t *fx, const char *spec, const char *password, uint32_t timeout_ms,
+                      uint64_t up_ms)
+{
+    create(fx, spec, password, timeout_ms);
+    assert_true(run_until(&fx->loop, cond_up, fx->r, up_ms));
+}
+
+/* A SET of key that must be answered OK. */
+static void set_ok(fx_t *fx, const char *key, const char *value)
+{
+    res_t res = {0};
+    issue_set(fx->r, &res, 2000, key, value);
+    wait_one(fx, &res);
+    assert_reply_str(&res, REDIS_REPLY_STATUS, "OK");
+    res_clear(&res);
+}
+
 /* ---- fixtures ------------------------------------------------------------------- */
 
 static int fx_setup(void **state)
@@ -667,8 +685,7 @@ static void test_tcp_auth_db(void **state)
     server_wait(NULL, fx->port[0]);
     /* A host name, resolved first; the URL's password is replaced. */
     snprintf(spec, sizeof spec, "redis://vqkv:wrong@localhost:%d/3", fx->port[0]);
-    create(fx, spec, "s3cret", 2000);
-    assert_true(run_until(&fx->loop, cond_up, fx->r, 5000));
+    create_up(fx, spec, "s3cret", 2000, 5000);
 
     uint8_t *value = malloc(MIB);
     assert_non_null(value);
@@ -829,12 +846,9 @@ static void test_killed_restarted(void **state)
     unix_server_start(fx, "pw4");
     char spec[400];
     snprintf(spec, sizeof spec, "unix://%s?db=2", fx->sock);
-    create(fx, spec, "pw4", 1000);
-    assert_true(run_until(&fx->loop, cond_up, fx->r, 5000));
+    create_up(fx, spec, "pw4", 1000, 5000);
+    set_ok(fx, "before", "1");
     res_t res = {0};
-    issue_set(fx->r, &res, 2000, "before", "1");
-    wait_one(fx, &res);
-    assert_reply_str(&res, REDIS_REPLY_STATUS, "OK");
 
     /* Killed with 50 commands queued and not yet written: all CLOSED. */
     enum { QUEUED = 50, WHILE_DOWN = 10 };
@@ -879,9 +893,7 @@ static void test_killed_restarted(void **state)
     wait_one(fx, &res);
     assert_int_equal(res.status, VQKVD_REDIS_REPLY);
     assert_int_equal(res.type, REDIS_REPLY_NIL);
-    issue_set(fx->r, &res, 2000, "after", "2");
-    wait_one(fx, &res);
-    assert_reply_str(&res, REDIS_REPLY_STATUS, "OK");
+    set_ok(fx, "after", "2");
     char out[64];
     assert_int_equal(
         cli(out, sizeof out, "-s %s -a pw4 --no-auth-warning -n 2 GET after", fx->sock), 0);
@@ -929,12 +941,9 @@ static void test_stopped(void **state)
     server_start(fx, 0, extra);
     server_wait(NULL, fx->port[0]);
     snprintf(spec, sizeof spec, "redis://127.0.0.1:%d", fx->port[0]);
-    create(fx, spec, NULL, 500);
-    assert_true(run_until(&fx->loop, cond_up, fx->r, 5000));
+    create_up(fx, spec, NULL, 500, 5000);
+    set_ok(fx, "k", "v");
     res_t res = {0};
-    issue_set(fx->r, &res, 2000, "k", "v");
-    wait_one(fx, &res);
-    assert_reply_str(&res, REDIS_REPLY_STATUS, "OK");
 
     /* Stopped briefly: TIMEOUT at 200 ms; after SIGCONT the late replies
      * come and are dropped (pending_bytes falls to 0, no callback runs
@@ -1207,8 +1216,7 @@ static void test_cluster_reshard(void **state)
     char spec[128];
     snprintf(spec, sizeof spec, "cluster://127.0.0.1:%d,redis://127.0.0.1:%d", fx->port[0],
              fx->port[1]);
-    create(fx, spec, NULL, 2000);
-    assert_true(run_until(&fx->loop, cond_up, fx->r, 10000));
+    create_up(fx, spec, NULL, 2000, 10000);
     vqkvd_redis_stats_t st = stats_of(fx->r);
     assert_int_equal(st.nodes, 3);
     assert_int_equal(st.nodes_up, 3);
