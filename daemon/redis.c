@@ -171,6 +171,17 @@ static uint16_t vqkvd__redis_crc16(const uint8_t *p, size_t n)
     return crc;
 }
 
+char *vqkvd_redis_reply_take_str(const redisReply *reply)
+{
+    /* hiredis 0.14 allocates str with malloc and frees it with free(),
+     * which takes NULL: the buffer can change hands. The callback's reply
+     * is const only to keep callers from changing what others read. */
+    redisReply *owned = (redisReply *)reply;
+    char *str = owned->str;
+    owned->str = NULL;
+    return str;
+}
+
 uint16_t vqkvd_redis_slot(const void *key, size_t keylen)
 {
     const uint8_t *k = key;

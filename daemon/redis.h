@@ -164,6 +164,13 @@ bool vqkvd_redis_up(const vqkvd_redis_t *r);
 
 void vqkvd_redis_stats(const vqkvd_redis_t *r, vqkvd_redis_stats_t *st);
 
+/* In a reply callback: takes the string of reply (a string, status or
+ * error reply) away from it, a malloc'd buffer of reply->len bytes and a
+ * NUL that the caller frees; hiredis then frees the rest. A large value
+ * changes hands instead of being copied out on the loop. NULL when reply
+ * has none. */
+char *vqkvd_redis_reply_take_str(const redisReply *reply);
+
 /* The cluster slot (0-16383) of key: CRC16 (XMODEM) of the key or of its
  * hash tag, modulo 16384. */
 uint16_t vqkvd_redis_slot(const void *key, size_t keylen);

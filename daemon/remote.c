@@ -10,10 +10,11 @@
  * Redis that is slow fills it and later blocks are skipped, counted.
  *
  * A fetch sends one GET per key: a cluster routes each alone, and the
- * client pipelines the GETs to one node on one connection. The answers
- * are copied out of hiredis's replies (which it frees after each
- * callback), so a fetch costs two copies of what it brings; at the
- * deadline, answers not in count as late and the lookup goes on with what
+ * client pipelines the GETs to one node on one connection. Each answer's
+ * buffer is taken over from hiredis's reply (vqkvd_redis_reply_take_str),
+ * so the loop copies nothing it brings: hiredis's reader copies each
+ * value once out of its read buffer, the Promote job once into the pool,
+ * off the loop. At the deadline, answers not in count as late and the lookup goes on with what
  * came. Everything read is checked before it is kept (the header's own
  * checksum, tenant, model, key, parent, lengths, codec identity); the
  * payload's CRC is checked by the job that copies it into the pool, off
@@ -355,9 +356,9 @@ static void vqkvd__remote_got(void *arg, vqkvd_redis_status_t status, const redi
     } else if (reply->type != REDIS_REPLY_STRING || reply->len < VQKVD_SEGMENT_RECORD_BYTES ||
                reply->len > VQKVD_SEGMENT_RECORD_BYTES + (size_t)VQKVD_SEGMENT_MAX_PAYLOAD) {
         st->rejected++;
-    } else if ((f->values[i] = malloc(reply->len)) != NULL) {
-        memcpy(f->values[i], reply->str, reply->len);
+    } else {
         f->lens[i] = (uint32_t)reply->len;
+        f->values[i] = (uint8_t *)vqkvd_redis_reply_take_str(reply);
         st->bytes_fetched += reply->len;
     }
     if (--f->left == 0)

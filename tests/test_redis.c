@@ -360,6 +360,30 @@ static void issue_set(vqkvd_redis_t *r, res_t *res, uint32_t deadline_ms, const 
     issue(r, res, deadline_ms, 3, argv, NULL);
 }
 
+/* A reply whose string a callback took (vqkvd_redis_reply_take_str). */
+typedef struct {
+    char *str;
+    size_t len;
+    bool reply_left_none; /* the reply's str was NULL after the take */
+    bool done;
+} taken_t;
+
+static void on_take(void *arg, vqkvd_redis_status_t status, const redisReply *reply)
+{
+    taken_t *t = arg;
+    t->done = true;
+    if (status != VQKVD_REDIS_REPLY)
+        return;
+    t->len = reply->len;
+    t->str = vqkvd_redis_reply_take_str(reply);
+    t->reply_left_none = reply->str == NULL;
+}
+
+static bool cond_taken(void *ctx)
+{
+    return ((taken_t *)ctx)->done;
+}
+
 static bool cond_answered(void *ctx)
 {
     return ((res_t *)ctx)->calls > 0;
@@ -706,6 +730,16 @@ static void test_tcp_auth_db(void **state)
     assert_int_equal(res.type, REDIS_REPLY_STRING);
     assert_int_equal(res.len, MIB);
     assert_memory_equal(res.str, value, MIB);
+    /* The same value taken over from the reply instead of copied. */
+    taken_t taken = {0};
+    const char *get[] = {"GET", "blob"};
+    assert_ok(vqkvd_redis_command(fx->r, "blob", 4, 2, get, NULL, 5000, on_take, &taken));
+    assert_true(run_until(&fx->loop, cond_taken, &taken, 5000));
+    assert_int_equal(taken.len, MIB);
+    assert_true(taken.reply_left_none);
+    assert_memory_equal(taken.str, value, MIB);
+    assert_int_equal(taken.str[MIB], '\0');
+    free(taken.str);
     free(value);
     /* nil, and an error reply, are replies. */
     issue_get(fx->r, &res, 5000, "missing");
