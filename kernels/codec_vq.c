@@ -8,7 +8,9 @@
  * (layer, K|V, branch, group, stage), shared by all kv heads unless ph=1.
  *   rvq:  one branch per side; key channels strided (group g holds channels
  *         g, g+G, g+2G, ... so every group mixes RoPE frequencies and holds
- *         whole rotate-half pairs) or contiguous; values contiguous.
+ *         whole rotate-half pairs) or contiguous; values contiguous,
+ *         with a d and r of their own (dv, rv) where bits are better spent
+ *         on keys.
  *   vqkv: keys in two branches, the high-frequency RoPE pairs (index <
  *         head_dim/4) and the low-frequency ones, each pair's two channels
  *         kept adjacent; product VQ (r = 1) with sub-vectors dhi and dlo;
@@ -254,16 +256,18 @@ static int vqkv__vq_alloc(vqkv_codec_t *codec, vqkv__spec_t *spec, char *tail, s
 static int vqkv__rvq_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
 {
     static const char *const kgroups[] = {"strided", "contig", NULL};
-    uint32_t D = codec->layout.head_dim, d, r, kgroup;
+    uint32_t D = codec->layout.head_dim, d, r, dv, rv, kgroup;
     uint16_t chan[VQKV_MAX_HEAD_DIM];
-    char tail[48];
+    char tail[48], values[32] = "";
     int rc;
 
     if ((rc = vqkv__spec_num(spec, "d", 8, 1, D, &d)) != VQKV_OK ||
         (rc = vqkv__spec_num(spec, "r", 2, 1, VQKV__MAX_STAGES, &r)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "dv", d, 1, D, &dv)) != VQKV_OK ||
+        (rc = vqkv__spec_num(spec, "rv", r, 1, VQKV__MAX_STAGES, &rv)) != VQKV_OK ||
         (rc = vqkv__spec_word(spec, "kgroup", kgroups, 0, &kgroup)) != VQKV_OK)
         return rc;
-    if (D % d != 0)
+    if (D % d != 0 || D % dv != 0)
         return VQKV_ESPEC;
     if ((rc = vqkv__vq_alloc(codec, spec, tail, sizeof tail)) != VQKV_OK)
         return rc;
@@ -274,9 +278,15 @@ static int vqkv__rvq_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
     vqkv__branch_add(codec->state, 0, chan, D, d, r, false);
     for (uint32_t i = 0; i < D; i++)
         chan[i] = (uint16_t)i;
-    vqkv__branch_add(codec->state, 1, chan, D, d, r, false);
-    snprintf(codec->spec, sizeof codec->spec, "rvq:d=%u,r=%u,kgroup=%s,%s", d, r, kgroups[kgroup],
-             tail);
+    vqkv__branch_add(codec->state, 1, chan, D, dv, rv, false);
+    /* Values' d and r are spelled out only where they differ from the keys':
+     * the canonical spec stays a function of the codec, and the specs (so
+     * model identities and codebook files) of symmetric codecs stay what
+     * they were before values could differ. */
+    if (dv != d || rv != r)
+        snprintf(values, sizeof values, "dv=%u,rv=%u,", dv, rv);
+    snprintf(codec->spec, sizeof codec->spec, "rvq:d=%u,r=%u,%skgroup=%s,%s", d, r, values,
+             kgroups[kgroup], tail);
     return vqkv__vq_finish(codec);
 }
 

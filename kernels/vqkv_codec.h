@@ -13,9 +13,11 @@
  *   fp8                  e4m3 with one fp16 scale per token-head
  *   kivi2[:g=32]         KIVI: keys per channel over the block's tokens,
  *   kivi4[:g=32]         values per token in groups of g channels
- *   rvq[:d=8,r=2,kgroup=strided|contig]
+ *   rvq[:d=8,r=2,dv=d,rv=r,kgroup=strided|contig]
  *                        residual VQ: r stages of 2^b-entry codebooks over
- *                        groups of d channels, per (layer, K|V)
+ *                        groups of d channels, per (layer, K|V); values
+ *                        with dv, rv (attention is more sensitive to key
+ *                        error, so keys may take more of the bits)
  *   vqkv[:dlo=4,dhi=8,dv=4]
  *                        product VQ with separate branches (own norm, own
  *                        codebooks, own sub-vector size) for the low- and

@@ -42,6 +42,7 @@ static const kcase_t kcases[] = {
     {"rvq:b=6,ph=1", MAIN_LAYOUT},
     {"rvq:cs=1,bc=1,esc=3", MAIN_LAYOUT},
     {"rvq:d=16,b=5,r=1", MAIN_LAYOUT},
+    {"rvq:r=3,dv=16,rv=2", MAIN_LAYOUT},
     {"vqkv", MAIN_LAYOUT},
     {"vqkv:bc=1,esc=1,cs=1", MAIN_LAYOUT},
     {"commvq", MAIN_LAYOUT},
@@ -52,6 +53,7 @@ static const kcase_t kcases[] = {
     {"kivi4:g=5", ODD_LAYOUT},
     {"rvq:d=5,b=3,r=1,esc=1", ODD_LAYOUT},
     {"rvq:d=2,b=5,r=2,bc=1", ODD_LAYOUT},
+    {"rvq:d=2,b=3,r=3,dv=5,rv=1", ODD_LAYOUT},
 };
 #define NUM_KCASES (sizeof kcases / sizeof kcases[0])
 

@@ -91,6 +91,19 @@ static const codec_case_t cases[] = {
      .bits_per_value = 2.796875,
      .max_key_error = 0.165,
      .max_value_error = 0.35},
+    /* Bits spent on keys: three stages on keys, values in groups of 16 with
+     * two; 3.25 bits a key value, 1.25 a value's. */
+    {.spec = "rvq:r=3,dv=16,rv=2",
+     .canonical = "rvq:d=8,r=3,dv=16,rv=2,kgroup=strided,b=8,cs=0,ph=0,bc=0,esc=0",
+     .kind = KIND_RVQ,
+     .bits = 8,
+     .d = 8,
+     .r = 3,
+     .dv = 16,
+     .rv = 2,
+     .bits_per_value = 2.25,
+     .max_key_error = 0.105,
+     .max_value_error = 0.65},
     {.spec = "rvq:d=4,b=6,r=3",
      .canonical = "rvq:d=4,r=3,kgroup=strided,b=6,cs=0,ph=0,bc=0,esc=0",
      .kind = KIND_RVQ,
@@ -307,8 +320,10 @@ static uint64_t expected_part_bytes(const codec_case_t *c, const vqkv_layout_t *
         key = 4 * H * D + bytes_for_bits(T * H * D * c->bits);
         value = 4 * T * H * (D / c->g) + bytes_for_bits(T * H * D * c->bits);
         break;
-    case KIND_RVQ:
-        key = value = 2 * T * H + bytes_for_bits(T * H * (D / c->d) * c->r * c->bits);
+    case KIND_RVQ: /* values' dv and rv default to the keys' d and r */
+        key = 2 * T * H + bytes_for_bits(T * H * (D / c->d) * c->r * c->bits);
+        value = 2 * T * H + bytes_for_bits(T * H * (D / (c->dv ? c->dv : c->d)) *
+                                           (c->rv ? c->rv : c->r) * c->bits);
         break;
     case KIND_VQKV:
         /* Keys: two branches, each with its own fp16 norm. */
@@ -422,6 +437,8 @@ static void test_canonical_specs(void **state)
         "rvq:esc=0",
         "rvq:d=8,b=8,r=2,kgroup=strided",
         "rvq:esc=0,bc=0,ph=0,cs=0,b=8,kgroup=strided,r=2,d=8",
+        "rvq:dv=8,rv=2",
+        "rvq:rv=2",
     };
     vqkv_codec_t *plain = NULL;
     assert_ok(vqkv_codec_create("rvq", &l, &plain));
@@ -431,9 +448,9 @@ static void test_canonical_specs(void **state)
         vqkv_codec_free(codec);
     }
     /* ... and different codecs different ones. */
-    static const char *const not_rvq[] = {"rvq:b=7",  "rvq:kgroup=contig", "rvq:cs=1",
-                                          "rvq:r=1",  "rvq:d=4",           "rvq:ph=1",
-                                          "rvq:bc=1", "rvq:esc=1",         "rvq:esc=8"};
+    static const char *const not_rvq[] = {
+        "rvq:b=7",  "rvq:kgroup=contig", "rvq:cs=1",  "rvq:r=1",  "rvq:d=4",   "rvq:ph=1",
+        "rvq:bc=1", "rvq:esc=1",         "rvq:esc=8", "rvq:rv=3", "rvq:dv=16", "rvq:d=16,dv=8"};
     for (size_t i = 0; i < sizeof not_rvq / sizeof not_rvq[0]; i++) {
         assert_ok(vqkv_codec_create(not_rvq[i], &l, &codec));
         assert_string_not_equal(vqkv_codec_spec(codec), vqkv_codec_spec(plain));
@@ -1593,10 +1610,15 @@ static void test_view_overlap_refused(void **state)
     test_rng_t rng = {99};
     size_t passed = 0;
     for (int i = 0; i < 4000; i++) {
-        vqkv_kv_view_t r = {0, 0, 8 * (1 + test_rng_next(&rng) % 80),
-                            8 * (test_rng_next(&rng) % 40), 8 * (test_rng_next(&rng) % 12),
-                            8 * (test_rng_next(&rng) % 6),  8 * (test_rng_next(&rng) % 3),
-                            1 + (uint32_t)(test_rng_next(&rng) % 3), NULL};
+        vqkv_kv_view_t r = {0,
+                            0,
+                            8 * (1 + test_rng_next(&rng) % 80),
+                            8 * (test_rng_next(&rng) % 40),
+                            8 * (test_rng_next(&rng) % 12),
+                            8 * (test_rng_next(&rng) % 6),
+                            8 * (test_rng_next(&rng) % 3),
+                            1 + (uint32_t)(test_rng_next(&rng) % 3),
+                            NULL};
         if (vqkv_kv_view_disjoint(&l, &r, NULL) == VQKV_OK) {
             passed++;
             if (view_overlaps_brute(&l, &r))
@@ -1652,7 +1674,8 @@ static void test_layer_offsets(void **state)
         assert_ok(vqkv_codec_decode(codec, pb, out_b, &apart, 0));
         for (uint32_t layer = 0; layer < 3; layer++)
             for (int kv = 0; kv < 2; kv++)
-                assert_memory_equal(out_a + test_element_offset(&l, &strided, layer, kv, 0, 0, 0, 0),
+                assert_memory_equal(out_a +
+                                        test_element_offset(&l, &strided, layer, kv, 0, 0, 0, 0),
                                     out_b + test_element_offset(&l, &apart, layer, kv, 0, 0, 0, 0),
                                     strided.kv_stride / 2);
         test_free_all(pa, pb);
@@ -2371,8 +2394,7 @@ static void check_decode_batch(vqkv_codec_t *codec, size_t ci)
     memset(batch, 0x5a, v.region_bytes);
     memcpy(one, batch, v.region_bytes);
     const uint32_t bad[N] = {3, SLOTS, 2};
-    assert_rc(vqkv_codec_decode_batch(codec, in, batch, &v, bad, N, 0, l->num_layers),
-              VQKV_ERANGE);
+    assert_rc(vqkv_codec_decode_batch(codec, in, batch, &v, bad, N, 0, l->num_layers), VQKV_ERANGE);
     assert_rc(vqkv_codec_decode_batch(codec, in, batch, &v, slots, N, 1, 0), VQKV_EINVAL);
     assert_rc(vqkv_codec_decode_batch(codec, in, batch, &v, slots, N, 0, l->num_layers + 1),
               VQKV_EINVAL);
@@ -2695,7 +2717,11 @@ static void test_bad_specs_refused(void **state)
         "rvq:d=8,b=8,d=4",
         "rvq:q=1",
         "rvq:D=8",
-        "rvq:d=3",   /* does not divide head_dim 64 */
+        "rvq:d=3",  /* does not divide head_dim 64 */
+        "rvq:dv=3", /* neither */
+        "rvq:dv=0",
+        "rvq:rv=0",
+        "rvq:rv=9",
         "rvq:d=128", /* more than head_dim */
         "rvq:d=0",
         "rvq:b=0",
