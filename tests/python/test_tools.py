@@ -8,6 +8,7 @@ golang-github-pierrec-lz4-dev) or the built codec library skip without them.
 import fcntl
 import importlib.metadata
 import io
+import json
 import os
 import pty
 import select
@@ -152,6 +153,41 @@ def test_fp16_codec_round_trip_is_exact():
     cache = np.random.default_rng(4).standard_normal((2, 2, 3, 16, 3, 64)).astype(np.float16)
     assert np.array_equal(codec.roundtrip(cache), cache)
     assert codec.bits_per_value == 16.0
+
+
+@needs_lib
+def test_rooted_codec_codes_slot_0_with_its_root_codec():
+    """SPEC@ROOT: the chain's first block through ROOT (here fp16: exact),
+    every later block exactly as SPEC alone codes it; bits averaged."""
+    lib = ppl.load_library(ppl.DEFAULT_LIB)
+    layout = ppl.Layout(2, 3, 64, 16, ppl.CACHE_DTYPES["f16"][0])
+    rooted = ppl.make_codec(lib, "fp8@fp16", layout)
+    assert isinstance(rooted, ppl.RootedCodec) and rooted.spec == "fp8@fp16"
+    alone = ppl.make_codec(lib, "fp8", layout)
+    assert isinstance(alone, ppl.Codec)
+    cache = np.random.default_rng(5).standard_normal((2, 2, 4, 16, 3, 64)).astype(np.float16)
+    got, body = rooted.roundtrip(cache), alone.roundtrip(cache)
+    assert np.array_equal(got[:, :, 0], cache[:, :, 0])
+    assert np.array_equal(got[:, :, 1:], body[:, :, 1:])
+    assert not np.array_equal(body[:, :, 0], cache[:, :, 0])
+    assert rooted.bits_per_value(4) == pytest.approx((16.0 + 3 * 8.25) / 4)
+    assert [c.spec for c in ppl.stage_codecs(rooted)] == ["fp8", "fp16"]
+
+
+def test_delta_stderr_is_paired_over_sequences():
+    ref = ppl.Row("reference", 16.0, nll=[np.full(4, 1.0), np.full(4, 2.0), np.full(4, 3.0)])
+    row = ppl.Row("c", 2.0, nll=[np.full(4, 1.01), np.full(4, 2.03), np.full(4, 3.02)])
+    # differences 0.01, 0.03, 0.02: std 0.01, over sqrt(3), in percent
+    assert row.delta_stderr_pct(ref) == pytest.approx(100 * 0.01 / np.sqrt(3))
+    assert ppl.Row("one", 2.0, nll=[np.full(4, 1.5)]).delta_stderr_pct(ref) == 0.0
+
+
+def test_key_error_by_position_range():
+    cache = np.ones((1, 2, 4, 2, 1, 2), np.float32)
+    restored = cache.copy()
+    restored[:, 0, 3] *= 1.5  # keys of the last slot only; values never count
+    restored[:, 1] = 0
+    assert ppl.rel_error_by_range(restored, cache, 2) == pytest.approx([0.0, np.sqrt(0.25 / 2)])
 
 
 @needs_lib
@@ -305,12 +341,19 @@ def test_kvdump_progress_on_a_terminal_only(tmp_path):
 @needs_model
 @needs_text
 @needs_lib
-def test_ppl_writes_no_progress_into_a_pipe():
+def test_ppl_writes_no_progress_into_a_pipe(tmp_path):
     """ppl.py's loops, stderr a pipe: the results on stdout, nothing on stderr."""
     cmd = [sys.executable, str(TOOLS / "ppl.py"), "--sequences", "1", "--prefix", "32", "--cont", "8"]
-    cmd += ["--block-tokens", "16", "--codec", "fp16", "--codec", "kivi4"]
+    cmd += ["--block-tokens", "16", "--codec", "fp16", "--codec", "kivi4@fp16", "--range-tokens", "16"]
+    cmd += ["--json", str(tmp_path / "ppl.json")]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stderr == ""
     assert "sequence 1/1: reference ppl so far" in done.stdout and "\r" not in done.stdout
-    assert "kivi4" in done.stdout
+    assert "kivi4:g=32@fp16" in done.stdout and "key relative error by prefix position" in done.stdout
+    rows = {r["codec"]: r for r in json.loads((tmp_path / "ppl.json").read_text())["results"]}
+    assert rows["fp16"]["delta_pct"] == 0.0 and rows["fp16"]["k_rel_err_by_range"] == [0.0, 0.0]
+    kivi = rows["kivi4:g=32@fp16"]
+    assert kivi["bits_per_value"] == pytest.approx((16.0 + 5.5) / 2)  # kivi4: 5.5 bits at 16 tokens
+    # the root block came back exact, the second one through kivi4
+    assert kivi["k_rel_err_by_range"][0] == 0.0 < kivi["k_rel_err_by_range"][1]
