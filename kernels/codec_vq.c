@@ -285,8 +285,12 @@ static int vqkv__rvq_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
      * they were before values could differ. */
     if (dv != d || rv != r)
         snprintf(values, sizeof values, "dv=%u,rv=%u,", dv, rv);
-    snprintf(codec->spec, sizeof codec->spec, "rvq:d=%u,r=%u,%skgroup=%s,%s", d, r, values,
-             kgroups[kgroup], tail);
+    /* Cannot overflow for the bounds checked above; checked all the same,
+     * since a cut spec would name another codec. */
+    int n = snprintf(codec->spec, sizeof codec->spec, "rvq:d=%u,r=%u,%skgroup=%s,%s", d, r, values,
+                     kgroups[kgroup], tail);
+    if (n < 0 || (size_t)n >= sizeof codec->spec)
+        return VQKV_ESPEC;
     return vqkv__vq_finish(codec);
 }
 
