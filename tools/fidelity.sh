@@ -4,9 +4,9 @@
 # each layer's prefix KV round-tripped through the codec (ppl.py) on two
 # books, 32 sequences each, with the standard error of every change.
 #
-#   tools/fidelity.sh           the full run (about 25 minutes on 2 cores)
+#   tools/fidelity.sh           the full run (estimated 25 minutes on 2 cores)
 #   tools/fidelity.sh --quick   8 sequences of one book, the recommended
-#                               codecs only (about 3 minutes)
+#                               codecs only (estimated 3 minutes)
 #
 # Writes bench/out/fidelity.json and bench/out/ppl_<book>.json (--quick:
 # bench/out/ppl_quick.json). Expects tools/bootstrap.sh to have made .venv.

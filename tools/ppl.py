@@ -289,6 +289,13 @@ def main() -> None:
     ap.add_argument("--kv-dtype", choices=CACHE_DTYPES, default="f16", help="cache dtype (default f16)")
     ap.add_argument("--seed", type=int, default=1, help="codebook training seed (default 1)")
     ap.add_argument(
+        "--calib-positions",
+        type=int,
+        default=0,
+        help="turn each calibration key by RoPE to a random position below this, as a calibration "
+        "that samples positions would see it (default 0: keys where they are)",
+    )
+    ap.add_argument(
         "--range-tokens", type=int, default=512, help="positions per key-error range (default 512)"
     )
     ap.add_argument("--text", type=Path, help="UTF-8 text file instead of the default book")
@@ -339,6 +346,10 @@ def main() -> None:
             )
         t_calib = time.perf_counter() - t0
         opts = TrainOpts(seed=args.seed)
+        # RoPE turns compose: the key of position p turned by q - p is that
+        # token's key at position q, so the keys sample positions [0, N).
+        n_calib = calib.k[0].shape[0]
+        positions = np.random.default_rng(args.seed).integers(0, max(args.calib_positions, 1), n_calib)
         with Progress("layers") as progress:
             given.update({c.spec: c.spec for c in to_train if c.spec not in given})
             for n, c in enumerate(to_train):
@@ -350,6 +361,8 @@ def main() -> None:
                         f"training {given[c.spec]} ({n + 1}/{len(to_train)})",
                     )
                     for kv, x in enumerate((calib.k[layer], calib.v[layer])):
+                        if kv == 0 and args.calib_positions:
+                            x = model.rope(x, positions - np.arange(n_calib))
                         vectors = x.astype(cache_dtype).astype(np.float32).reshape(-1, cfg.head_dim)
                         c.train(layer, kv, vectors, opts)
                 train_s[c.spec] = time.perf_counter() - t0
@@ -446,6 +459,7 @@ def main() -> None:
             "kv_dtype": args.kv_dtype,
             "seed": args.seed,
             "range_tokens": args.range_tokens,
+            "calib_positions": args.calib_positions,
             "reference_ppl": ref_ppl,
             "results": results,
             "timing_s": {"calibration_forward": t_calib, "evaluation_forwards": t_model, "total": total_s},

@@ -107,6 +107,15 @@ def test_rope_is_rotate_half_and_relative():
     assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-4)
 
 
+def test_rope_turns_compose():
+    """--calib-positions relies on it: a key at p turned by q - p is the key at q."""
+    m = tiny_model()
+    x = np.random.default_rng(2).standard_normal((5, 2, 8), dtype=np.float32)
+    here, there = np.arange(5), np.array([40, 3, 900, 0, 17])
+    turned = m.rope(m.rope(x, here), there - here)
+    np.testing.assert_allclose(turned, m.rope(x, there), atol=1e-4)
+
+
 def test_prefix_forward_matches_full_forward():
     m = tiny_model()
     tokens = np.random.default_rng(2).integers(0, 50, size=600)  # spans several query chunks
@@ -357,3 +366,25 @@ def test_ppl_writes_no_progress_into_a_pipe(tmp_path):
     assert kivi["bits_per_value"] == pytest.approx((16.0 + 5.5) / 2)  # kivi4: 5.5 bits at 16 tokens
     # the root block came back exact, the second one through kivi4
     assert kivi["k_rel_err_by_range"][0] == 0.0 < kivi["k_rel_err_by_range"][1]
+
+
+@needs_model
+@needs_text
+@needs_lib
+def test_ppl_calib_positions_turns_keys_only(tmp_path):
+    """--calib-positions retrains the key codebooks on turned keys; values are trained as before."""
+
+    def run(positions: int) -> dict:
+        out = tmp_path / f"ppl{positions}.json"
+        cmd = [sys.executable, str(TOOLS / "ppl.py"), "--sequences", "1", "--prefix", "32", "--cont", "8"]
+        cmd += ["--block-tokens", "16", "--calib", "64", "--codec", "rvq", "--json", str(out)]
+        cmd += ["--calib-positions", str(positions)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        return json.loads(out.read_text())
+
+    here, turned = run(0), run(4096)
+    assert (here["calib_positions"], turned["calib_positions"]) == (0, 4096)
+    a, b = here["results"][1], turned["results"][1]
+    assert a["v_rel_err"] == b["v_rel_err"]
+    assert a["k_rel_err"] != b["k_rel_err"]
