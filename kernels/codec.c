@@ -6,7 +6,9 @@
  * and no codec computes an address from a client-supplied stride itself.
  */
 #include "codec_internal.h"
+#include "kmeans.h"
 
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -345,17 +347,61 @@ int vqkv_codec_needs_training(const vqkv_codec_t *codec)
     return codec->ops->needs_training != NULL && codec->ops->needs_training(codec);
 }
 
+/* Copies the keys x[n_vectors / heads][heads][head_dim] into out, each
+ * block of block_tokens tokens turned by RoPE through one offset in [0,
+ * opts->rope_positions) drawn from the seed and layer: a block moves as a
+ * whole, so the relative positions inside it, which block centering (bc=1)
+ * sees, stay as they were. O(n_vectors * head_dim), one sin/cos per pair
+ * and block. */
+static void vqkv__rope_turn(const vqkv_codec_t *codec, uint32_t layer, const float *x,
+                           size_t n_vectors, const vqkv_train_opts_t *opts, float *out)
+{
+    const vqkv_layout_t *l = &codec->layout;
+    uint32_t D = l->head_dim, half = D / 2;
+    size_t block_vectors = (size_t)l->block_tokens * l->num_kv_heads;
+    for (size_t first = 0; first < n_vectors; first += block_vectors) {
+        uint64_t draw = vqkv__mix64(opts->seed ^ vqkv__mix64(((uint64_t)layer << 40) ^ first));
+        double offset = (double)(draw % opts->rope_positions);
+        size_t end = first + block_vectors < n_vectors ? first + block_vectors : n_vectors;
+        for (uint32_t i = 0; i < half; i++) {
+            double angle = offset * pow(opts->rope_theta, -2.0 * i / D);
+            double c = cos(angle), s = sin(angle);
+            uint32_t a = opts->rope_style == VQKV_ROPE_NEOX ? i : 2 * i;
+            uint32_t b = opts->rope_style == VQKV_ROPE_NEOX ? i + half : 2 * i + 1;
+            for (size_t v = first; v < end; v++) {
+                const float *k = x + v * D;
+                out[v * D + a] = (float)(k[a] * c - k[b] * s);
+                out[v * D + b] = (float)(k[b] * c + k[a] * s);
+            }
+        }
+    }
+}
+
 int vqkv_codec_train(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x, size_t n_vectors,
                      const vqkv_train_opts_t *opts)
 {
     static const vqkv_train_opts_t defaults = {0};
     if (codec == NULL || layer >= codec->layout.num_layers || (kv != 0 && kv != 1))
         return VQKV_EINVAL;
+    if (opts == NULL)
+        opts = &defaults;
+    if (opts->rope_positions > 0 &&
+        (!(opts->rope_theta > 1.0 && opts->rope_theta <= 1e30) ||
+         (opts->rope_style != VQKV_ROPE_NEOX && opts->rope_style != VQKV_ROPE_INTERLEAVED)))
+        return VQKV_EINVAL;
     if (codec->ops->train == NULL)
         return VQKV_OK;
     if (x == NULL || n_vectors == 0)
         return VQKV_EINVAL;
-    return codec->ops->train(codec, layer, kv, x, n_vectors, opts != NULL ? opts : &defaults);
+    if (kv != 0 || opts->rope_positions == 0)
+        return codec->ops->train(codec, layer, kv, x, n_vectors, opts);
+    float *turned = malloc(n_vectors * codec->layout.head_dim * sizeof *turned);
+    if (turned == NULL)
+        return VQKV_ENOMEM;
+    vqkv__rope_turn(codec, layer, x, n_vectors, opts, turned);
+    int rc = codec->ops->train(codec, layer, kv, turned, n_vectors, opts);
+    free(turned);
+    return rc;
 }
 
 /* The tile of (layer, kv) of a checked slot. */

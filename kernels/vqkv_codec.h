@@ -167,6 +167,14 @@ int vqkv_codec_needs_training(const vqkv_codec_t *codec);
 /* Where k-means runs its assignment steps (vqkv_cuda_assigner() for a GPU). */
 typedef struct vqkv_assigner vqkv_assigner_t;
 
+/* How a model pairs a head's channels for RoPE: rotate-half, pair i is
+ * channels (i, i + head_dim/2), as vLLM and Hugging Face Llama cache keys;
+ * or interleaved, pair i is (2i, 2i + 1), as GGUF/llama.cpp. */
+typedef enum {
+    VQKV_ROPE_NEOX = 0,
+    VQKV_ROPE_INTERLEAVED = 1,
+} vqkv_rope_style_t;
+
 typedef struct {
     uint64_t seed;        /* same seed, same data: same codebooks */
     uint32_t iterations;  /* Lloyd iterations per stage (default 16) */
@@ -176,13 +184,29 @@ typedef struct {
      * assignment steps to it, and the codebooks come out the same. commvq's
      * key tables (EM) are trained on the CPU either way. */
     const vqkv_assigner_t *assigner;
+    /* Keys are cached after RoPE, so codebooks trained on the positions a
+     * calibration saw (a daemon's first requests: a few thousand tokens)
+     * code keys further on worse. With rope_positions > 0, every token's
+     * keys are turned by RoPE through a random offset in [0,
+     * rope_positions) drawn from seed before training: the keys the token
+     * would have that much later (RoPE turns compose), so the codebooks
+     * see the rotations of every position up to about rope_positions.
+     * Values are trained as given. Needs the model's RoPE base rope_theta
+     * (10000 for Llama 2 and SmolLM2, 500000 for Llama 3; finite, > 1) and
+     * rope_style; a scaled RoPE (Llama 3.1's) turns its slowest pairs less
+     * than rope_theta says, so they are sampled over a wider angle than the
+     * model reaches. O(tokens * head_dim) sin/cos before the training. */
+    uint32_t rope_positions;
+    double rope_theta;
+    vqkv_rope_style_t rope_style;
 } vqkv_train_opts_t;
 
 /* Trains the codebooks of one (layer, kv) from n_vectors token-head vectors
  * x[tokens][num_kv_heads][head_dim], n_vectors = tokens * num_kv_heads
- * (kv 0 for keys, 1 for values; VQKV_EINVAL for a non-finite value or
- * n_vectors not a multiple of num_kv_heads). Codecs without codebooks
- * accept and ignore it. */
+ * (kv 0 for keys, 1 for values; VQKV_EINVAL for a non-finite value,
+ * n_vectors not a multiple of num_kv_heads, or rope_positions set with a
+ * rope_theta or rope_style out of range). Codecs without codebooks accept
+ * and ignore it. */
 int vqkv_codec_train(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x, size_t n_vectors,
                      const vqkv_train_opts_t *opts);
 

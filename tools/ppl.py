@@ -100,6 +100,9 @@ class TrainOpts(ctypes.Structure):
         ("threads", ctypes.c_uint32),
         ("max_samples", ctypes.c_uint32),
         ("assigner", ctypes.c_void_p),  # NULL: k-means on this CPU
+        ("rope_positions", ctypes.c_uint32),
+        ("rope_theta", ctypes.c_double),
+        ("rope_style", ctypes.c_int),  # 0: rotate-half ("neox"), as the cache here holds keys
     ]
 
 
@@ -292,8 +295,8 @@ def main() -> None:
         "--calib-positions",
         type=int,
         default=0,
-        help="turn each calibration key by RoPE to a random position below this, as a calibration "
-        "that samples positions would see it (default 0: keys where they are)",
+        help="the library turns each calibration block's keys by RoPE through a random offset below "
+        "this (vqkv_train_opts_t rope_positions), so codebooks see later positions (default 0: off)",
     )
     ap.add_argument(
         "--range-tokens", type=int, default=512, help="positions per key-error range (default 512)"
@@ -345,11 +348,7 @@ def main() -> None:
                 ids[args.offset : eval_start], on_layer=lambda i: progress.update(i, cfg.n_layers, what)
             )
         t_calib = time.perf_counter() - t0
-        opts = TrainOpts(seed=args.seed)
-        # RoPE turns compose: the key of position p turned by q - p is that
-        # token's key at position q, so the keys sample positions [0, N).
-        n_calib = calib.k[0].shape[0]
-        positions = np.random.default_rng(args.seed).integers(0, max(args.calib_positions, 1), n_calib)
+        opts = TrainOpts(seed=args.seed, rope_positions=args.calib_positions, rope_theta=cfg.rope_theta)
         with Progress("layers") as progress:
             given.update({c.spec: c.spec for c in to_train if c.spec not in given})
             for n, c in enumerate(to_train):
@@ -361,8 +360,6 @@ def main() -> None:
                         f"training {given[c.spec]} ({n + 1}/{len(to_train)})",
                     )
                     for kv, x in enumerate((calib.k[layer], calib.v[layer])):
-                        if kv == 0 and args.calib_positions:
-                            x = model.rope(x, positions - np.arange(n_calib))
                         vectors = x.astype(cache_dtype).astype(np.float32).reshape(-1, cfg.head_dim)
                         c.train(layer, kv, vectors, opts)
                 train_s[c.spec] = time.perf_counter() - t0
