@@ -354,7 +354,7 @@ int vqkv_codec_needs_training(const vqkv_codec_t *codec)
  * sees, stay as they were. O(n_vectors * head_dim), one sin/cos per pair
  * and block. */
 static void vqkv__rope_turn(const vqkv_codec_t *codec, uint32_t layer, const float *x,
-                           size_t n_vectors, const vqkv_train_opts_t *opts, float *out)
+                            size_t n_vectors, const vqkv_train_opts_t *opts, float *out)
 {
     const vqkv_layout_t *l = &codec->layout;
     uint32_t D = l->head_dim, half = D / 2;

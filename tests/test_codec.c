@@ -1485,7 +1485,8 @@ static void drift_assert_values_equal(const drift_data_t *dd, const float *a, co
 {
     for (uint32_t blk = 0; blk < DRIFT_BLOCKS; blk++) {
         size_t first = blk * dd->n + test_block_index(&drift_layout, 0, 1, 0, 0, 0);
-        assert_memory_equal(a + first, b + first, (size_t)DRIFT_T * DRIFT_H * DRIFT_D * sizeof(float));
+        assert_memory_equal(a + first, b + first,
+                            (size_t)DRIFT_T * DRIFT_H * DRIFT_D * sizeof(float));
     }
 }
 
