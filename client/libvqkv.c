@@ -72,8 +72,10 @@ struct vqkv_model {
     uint32_t kv_head_first, kv_head_count; /* the range FindModel names */
     int registered;                        /* by RegisterModel (else found by FindModel) */
     int codebook_fd;                       /* the file it was registered with, or -1 */
-    int codebooks_ready;                   /* as of the last RegisterModel or FindModel */
-    _Atomic(const vqkv__salt_t *) salt;    /* swapped by a reconnect */
+    int has_rope;                          /* rope was named at registration */
+    vqkv_rope_t rope;
+    int codebooks_ready;                /* as of the last RegisterModel or FindModel */
+    _Atomic(const vqkv__salt_t *) salt; /* swapped by a reconnect */
 };
 
 /* A registered region, kept to register it again after a reconnect: a
@@ -553,6 +555,7 @@ typedef struct {
     const char *codec;
     int fd;
     uint32_t first, count;
+    const vqkv_rope_t *rope; /* NULL: none named */
 } vqkv__model_req_t;
 
 /* Sends req; *reply is its ModelRegistered, with a layout. */
@@ -574,6 +577,10 @@ static int vqkv__model_send(vqkv_client_t *c, const vqkv__model_req_t *req, Vqkv
         rm.kv_head_count = req->layout->num_kv_heads;
         rm.codec = (char *)req->codec;
         rm.num_fds = req->fd >= 0;
+        if (req->rope != NULL) {
+            rm.rope_theta = req->rope->theta;
+            rm.rope_style = (Vqkv__RopeStyle)(req->rope->style + 1);
+        }
         env.body_case = VQKV__ENVELOPE__BODY_REGISTER_MODEL;
         env.register_model = &rm;
     } else {
@@ -631,6 +638,10 @@ static int vqkv__model_call(vqkv_client_t *c, const vqkv__model_req_t *req, vqkv
         c->models = m;
     }
     m->registered |= req->layout != NULL;
+    if (req->rope != NULL && !m->has_rope) {
+        m->has_rope = 1;
+        m->rope = *req->rope;
+    }
     m->codebooks_ready = mr->codebooks_ready;
     *model = m;
 cleanup:
@@ -642,9 +653,13 @@ cleanup:
  * codebook file, or found again when the client only found it. */
 static int vqkv__model_restore(vqkv_client_t *c, vqkv_model_t *m)
 {
-    vqkv__model_req_t req = {m->model_id,      m->registered ? &m->layout : NULL,
-                             m->codec,         m->codebook_fd,
-                             m->kv_head_first, m->kv_head_count};
+    vqkv__model_req_t req = {m->model_id,
+                             m->registered ? &m->layout : NULL,
+                             m->codec,
+                             m->codebook_fd,
+                             m->kv_head_first,
+                             m->kv_head_count,
+                             m->has_rope ? &m->rope : NULL};
     Vqkv__Envelope *r;
     int rc = vqkv__model_send(c, &req, &r);
     if (rc != VQKV_OK)
@@ -659,17 +674,36 @@ static int vqkv__model_restore(vqkv_client_t *c, vqkv_model_t *m)
     return rc;
 }
 
-/* RegisterModel, with the codebook file open on codebook_fd (or -1). */
+/* RegisterModel, with the codebook file at codebook_path (or NULL) and
+ * the RoPE rope (or NULL), both checked first. */
 static int vqkv__register_model(vqkv_client_t *client, const char *model_id,
                                 const vqkv_layout_t *layout, const char *codec_spec,
-                                int codebook_fd, vqkv_model_t **model)
+                                const char *codebook_path, const vqkv_rope_t *rope,
+                                vqkv_model_t **model)
 {
     *model = NULL;
+    if (rope != NULL && vqkv_rope_check(rope->theta, rope->style) != VQKV_OK)
+        return vqkv__fail(client, VQKV_EINVAL,
+                          "register_model: RoPE base %g, style %d: the base must be finite and "
+                          "above 1, the style VQKV_ROPE_NEOX or VQKV_ROPE_INTERLEAVED",
+                          rope->theta, (int)rope->style);
+    int fd = -1;
+    if (codebook_path != NULL && (fd = open(codebook_path, O_RDONLY | O_CLOEXEC)) < 0)
+        return vqkv__fail(client, VQKV_EINVAL, "register_model_codebook: %s: %s", codebook_path,
+                          strerror(errno));
     int rc = vqkv__ready(client);
-    if (rc != VQKV_OK)
-        return rc;
-    vqkv__model_req_t req = {model_id, layout, codec_spec, codebook_fd, 0, layout->num_kv_heads};
-    return vqkv__model_call(client, &req, model);
+    if (rc == VQKV_OK) {
+        vqkv__model_req_t req = {model_id, layout, codec_spec, fd, 0, layout->num_kv_heads, rope};
+        rc = vqkv__model_call(client, &req, model);
+    }
+    /* The model keeps the first file it was given, to send after a reconnect. */
+    if (rc == VQKV_OK && fd >= 0 && (*model)->codebook_fd < 0) {
+        (*model)->codebook_fd = fd;
+        fd = -1;
+    }
+    if (fd >= 0)
+        close(fd);
+    return rc;
 }
 
 int vqkv_register_model(vqkv_client_t *client, const char *model_id, const vqkv_layout_t *layout,
@@ -679,7 +713,7 @@ int vqkv_register_model(vqkv_client_t *client, const char *model_id, const vqkv_
         return VQKV_EINVAL;
     if (model_id == NULL || layout == NULL || codec_spec == NULL || model == NULL)
         return vqkv__fail(client, VQKV_EINVAL, "register_model: NULL argument");
-    return vqkv__register_model(client, model_id, layout, codec_spec, -1, model);
+    return vqkv__register_model(client, model_id, layout, codec_spec, NULL, NULL, model);
 }
 
 int vqkv_register_model_codebook(vqkv_client_t *client, const char *model_id,
@@ -691,21 +725,19 @@ int vqkv_register_model_codebook(vqkv_client_t *client, const char *model_id,
     if (model_id == NULL || layout == NULL || codec_spec == NULL || codebook_path == NULL ||
         model == NULL)
         return vqkv__fail(client, VQKV_EINVAL, "register_model_codebook: NULL argument");
-    int fd = open(codebook_path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        *model = NULL;
-        return vqkv__fail(client, VQKV_EINVAL, "register_model_codebook: %s: %s", codebook_path,
-                          strerror(errno));
-    }
-    int rc = vqkv__register_model(client, model_id, layout, codec_spec, fd, model);
-    /* The model keeps the first file it was given, to send after a reconnect. */
-    if (rc == VQKV_OK && (*model)->codebook_fd < 0) {
-        (*model)->codebook_fd = fd;
-        fd = -1;
-    }
-    if (fd >= 0)
-        close(fd);
-    return rc;
+    return vqkv__register_model(client, model_id, layout, codec_spec, codebook_path, NULL, model);
+}
+
+int vqkv_register_model_rope(vqkv_client_t *client, const char *model_id,
+                             const vqkv_layout_t *layout, const char *codec_spec,
+                             const char *codebook_path, const vqkv_rope_t *rope,
+                             vqkv_model_t **model)
+{
+    if (client == NULL)
+        return VQKV_EINVAL;
+    if (model_id == NULL || layout == NULL || codec_spec == NULL || model == NULL)
+        return vqkv__fail(client, VQKV_EINVAL, "register_model_rope: NULL argument");
+    return vqkv__register_model(client, model_id, layout, codec_spec, codebook_path, rope, model);
 }
 
 int vqkv_model_codebooks_ready(const vqkv_model_t *model)
@@ -724,7 +756,7 @@ int vqkv_model_find(vqkv_client_t *client, const char *model_id, uint32_t kv_hea
     int rc = vqkv__ready(client);
     if (rc != VQKV_OK)
         return rc;
-    vqkv__model_req_t req = {model_id, NULL, NULL, -1, kv_head_first, kv_head_count};
+    vqkv__model_req_t req = {model_id, NULL, NULL, -1, kv_head_first, kv_head_count, NULL};
     return vqkv__model_call(client, &req, model);
 }
 

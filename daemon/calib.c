@@ -42,6 +42,7 @@ struct vqkvd_calib {
     uint8_t *samples; /* want * fallback_bytes */
     uint32_t have, want;
     int training;
+    vqkv_train_opts_t opts; /* set on the loop as training starts */
     /* Set by the job. */
     int rc;
     int save_rc;    /* VQKV_OK, or VQKV_EIO; not tried when path is "" */
@@ -176,12 +177,7 @@ static void vqkvd__calib_work(uv_work_t *w)
         k->rc = VQKV_ENOMEM;
         return;
     }
-    /* Seeded: the same samples give the same codebooks on every run; the
-     * assignment steps on the backend's GPU when it has one (the CPU
-     * trainer's updates, so the same codebooks either way). */
-    vqkvd_backend_t *be = k->server->backend;
-    vqkv_train_opts_t opts = {.seed = 1,
-                              .assigner = be->ops->assigner != NULL ? be->ops->assigner(be) : NULL};
+    const vqkv_train_opts_t *opts = &k->opts;
     for (uint32_t layer = 0; layer < l->num_layers && k->rc == VQKV_OK; layer++) {
         for (int kv = 0; kv < 2 && k->rc == VQKV_OK; kv++) {
             size_t at = ((size_t)layer * 2 + (size_t)kv) * part * 2;
@@ -189,7 +185,7 @@ static void vqkvd__calib_work(uv_work_t *w)
                 vqkv_dtype_to_f32(VQKV_DTYPE_F16, k->samples + (size_t)b * m->fallback_bytes + at,
                                   part, x + (size_t)b * part);
             k->rc = vqkv_codec_train(m->codec, layer, kv, x, (size_t)k->have * part / l->head_dim,
-                                     &opts);
+                                     opts);
         }
     }
     free(x);
@@ -316,6 +312,19 @@ void vqkvd_calib_add(vqkvd_server_t *s, vqkvd_model_t *m, const uint8_t *block)
         return; /* a sample less; the next put brings another */
     if (++k->have < k->want)
         return;
+    /* Seeded: the same samples give the same codebooks on every run; the
+     * assignment steps on the backend's GPU when it has one (the CPU
+     * trainer's updates, so the same codebooks either way). Keys are turned
+     * through RoPE offsets when the model named its RoPE. Set here, on the
+     * loop, which alone changes the model and the config. */
+    vqkvd_backend_t *be = s->backend;
+    k->opts = (vqkv_train_opts_t){
+        .seed = 1, .assigner = be->ops->assigner != NULL ? be->ops->assigner(be) : NULL};
+    if (m->has_rope) {
+        k->opts.rope_positions = s->cfg.calib_positions;
+        k->opts.rope_theta = m->rope_theta;
+        k->opts.rope_style = m->rope_style;
+    }
     int rc = uv_queue_work(s->loop, &k->work, vqkvd__calib_work, vqkvd__calib_after);
     if (rc < 0) {
         vqkvd_log(VQKVD_LOG_ERROR, "model %u: cannot queue codebook training: %s", (unsigned)m->id,
@@ -324,8 +333,9 @@ void vqkvd_calib_add(vqkvd_server_t *s, vqkvd_model_t *m, const uint8_t *block)
         return;
     }
     k->training = 1;
-    vqkvd_log(VQKVD_LOG_INFO, "model %u: training codebooks on %u tokens", (unsigned)m->id,
-              (unsigned)(k->have * m->layout.block_tokens));
+    vqkvd_log(VQKVD_LOG_INFO, "model %u: training codebooks on %u tokens, keys at offsets below %u",
+              (unsigned)m->id, (unsigned)(k->have * m->layout.block_tokens),
+              (unsigned)k->opts.rope_positions);
 }
 
 int vqkvd_calib_training(const vqkvd_model_t *m)

@@ -298,6 +298,23 @@ const vqkvd_config_key_t vqkvd_config_keys[] = {
         VQKVD__AT(calib_tokens),
     },
     {
+        /* Read when a model starts training: later trainings get the new value. */
+        .name = "calibration_positions",
+        .type = VQKVD_CONFIG_COUNT_OFF,
+        .live = 1,
+        .def = "0",
+        .flag = "calibration-positions",
+        .arg = "N",
+        .help = "calibration keys of a model that named its RoPE sample positions below N",
+        .doc = "Keys are cached after RoPE, so codebooks trained on the first tokens a model "
+               "stores code keys further into long prompts worse. For a model whose workers "
+               "named its RoPE when registering, each calibration block's keys are turned "
+               "through a random offset below this many positions before training. Set it to "
+               "about the longest prompt served when that is well past calibration_tokens: it "
+               "costs fidelity on short prompts. 0 trains on the keys as they came.",
+        VQKVD__AT(calib_positions),
+    },
+    {
         /* Checked as a connection arrives; clients past a lowered limit stay. */
         .name = "max_clients",
         .type = VQKVD_CONFIG_COUNT,

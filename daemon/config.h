@@ -102,7 +102,7 @@ typedef struct {
     size_t file_offset; /* of the string's copy, or log_level, in vqkvd_config_file_t */
 } vqkvd_config_key_t;
 
-#define VQKVD_CONFIG_N_KEYS 24
+#define VQKVD_CONFIG_N_KEYS 25
 
 /* In the order of the file's [vqkvd] section. */
 extern const vqkvd_config_key_t vqkvd_config_keys[VQKVD_CONFIG_N_KEYS];

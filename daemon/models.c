@@ -301,6 +301,40 @@ static bool vqkvd__model_layout(vqkvd_client_t *c, uint64_t id, const Vqkv__Regi
     return true;
 }
 
+/* The RoPE a RegisterModel names, into *style (-1 for none) and *theta:
+ * both fields or neither. False after an Error reply. */
+static bool vqkvd__model_rope(vqkvd_client_t *c, uint64_t id, const Vqkv__RegisterModel *rm,
+                              int *style, double *theta)
+{
+    *theta = rm->rope_theta;
+    *style = (int)rm->rope_style - 1; /* RopeStyle is vqkv_rope_style_t + 1 */
+    if (*style < 0 && *theta == 0.0)
+        return true;
+    if (*style < 0 || vqkv_rope_check(*theta, (vqkv_rope_style_t)*style) != VQKV_OK) {
+        vqkvd_client_error(c, id, VQKV_EINVAL,
+                           "RoPE: rope_theta %g with rope_style %d; a RoPE is a base, finite "
+                           "and above 1, and a style (1 rotate-half, 2 interleaved), or neither",
+                           *theta, (int)rm->rope_style);
+        return false;
+    }
+    return true;
+}
+
+/* False after an Error reply (VQKV_EMISMATCH) when m has a RoPE and a
+ * registration names another. */
+static bool vqkvd__model_rope_agrees(vqkvd_client_t *c, uint64_t id, const vqkvd_model_t *m,
+                                     int style, double theta)
+{
+    if (style < 0 || !m->has_rope ||
+        (m->rope_style == (vqkv_rope_style_t)style && m->rope_theta == theta))
+        return true;
+    vqkvd_client_error(c, id, VQKV_EMISMATCH,
+                       "model \"%s\" is registered with RoPE base %g, style %d; this "
+                       "registration says base %g, style %d",
+                       m->model_id, m->rope_theta, (int)m->rope_style + 1, theta, style + 1);
+    return false;
+}
+
 /* A model first registered: its codebooks from codebook_fd, from the
  * state directory, or calibration started. Takes *codec (NULL on return
  * once the model holds it). The model, or NULL after an Error reply. */
@@ -344,7 +378,10 @@ void vqkvd_session_register_model(vqkvd_client_t *c, const Vqkv__Envelope *req, 
     vqkv_layout_t layout;
     uint64_t logical;
 
-    if (!vqkvd__model_layout(c, id, rm, &layout, &logical))
+    int rope_style;
+    double rope_theta;
+    if (!vqkvd__model_layout(c, id, rm, &layout, &logical) ||
+        !vqkvd__model_rope(c, id, rm, &rope_style, &rope_theta))
         return;
     int rc = vqkv_codec_create(rm->codec, &layout, &codec);
     if (rc != VQKV_OK) {
@@ -374,6 +411,8 @@ void vqkvd_session_register_model(vqkvd_client_t *c, const Vqkv__Envelope *req, 
                            rm->model_id, differs);
         goto cleanup;
     }
+    if (m != NULL && !vqkvd__model_rope_agrees(c, id, m, rope_style, rope_theta))
+        goto cleanup;
     if ((m == NULL || vqkvd__client_model(c, m->id) == NULL) &&
         c->n_models == VQKVD_CLIENT_MAX_MODELS) {
         vqkvd_client_error(c, id, VQKV_ELIMIT, "a connection may register %d models",
@@ -391,6 +430,12 @@ void vqkvd_session_register_model(vqkvd_client_t *c, const Vqkv__Envelope *req, 
         goto cleanup;
     if (vqkvd__client_model(c, m->id) == NULL)
         c->models[c->n_models++] = m->id;
+    /* The first RoPE named stays; read when training starts (calib.c). */
+    if (rope_style >= 0 && !m->has_rope) {
+        m->has_rope = true;
+        m->rope_theta = rope_theta;
+        m->rope_style = (vqkv_rope_style_t)rope_style;
+    }
     vqkvd__model_reply(c, id, m);
 
 cleanup:

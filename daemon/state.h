@@ -74,6 +74,9 @@ typedef struct {
     /* A VQ model without codebooks stores blocks in the fp16 fallback until
      * this many tokens of them are collected, then trains in the background. */
     uint32_t calib_tokens;
+    /* Calibration keys of a model that named its RoPE are turned through
+     * offsets below this (vqkv_train_opts_t rope_positions; 0: not turned). */
+    uint32_t calib_positions;
     /* A Lookup's lease lasts this long unless released (--lease-ms). */
     uint32_t lease_ms;
     /* HOST:PORT of the HTTP metrics endpoint (metrics.h; borrowed), a

@@ -347,6 +347,14 @@ int vqkv_codec_needs_training(const vqkv_codec_t *codec)
     return codec->ops->needs_training != NULL && codec->ops->needs_training(codec);
 }
 
+int vqkv_rope_check(double theta, vqkv_rope_style_t style)
+{
+    /* The upper bound keeps theta^(-2i/D) a normal double. */
+    if (!(theta > 1.0 && theta <= 1e30))
+        return VQKV_EINVAL;
+    return style == VQKV_ROPE_NEOX || style == VQKV_ROPE_INTERLEAVED ? VQKV_OK : VQKV_EINVAL;
+}
+
 /* Copies the keys x[n_vectors / heads][heads][head_dim] into out, each
  * block of block_tokens tokens turned by RoPE through one offset in [0,
  * opts->rope_positions) drawn from the seed and layer: a block moves as a
@@ -385,9 +393,7 @@ int vqkv_codec_train(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x
         return VQKV_EINVAL;
     if (opts == NULL)
         opts = &defaults;
-    if (opts->rope_positions > 0 &&
-        (!(opts->rope_theta > 1.0 && opts->rope_theta <= 1e30) ||
-         (opts->rope_style != VQKV_ROPE_NEOX && opts->rope_style != VQKV_ROPE_INTERLEAVED)))
+    if (opts->rope_positions > 0 && vqkv_rope_check(opts->rope_theta, opts->rope_style) != VQKV_OK)
         return VQKV_EINVAL;
     if (codec->ops->train == NULL)
         return VQKV_OK;

@@ -175,6 +175,9 @@ typedef enum {
     VQKV_ROPE_INTERLEAVED = 1,
 } vqkv_rope_style_t;
 
+/* VQKV_OK when theta (finite, > 1) and style make a RoPE, else VQKV_EINVAL. */
+int vqkv_rope_check(double theta, vqkv_rope_style_t style);
+
 typedef struct {
     uint64_t seed;        /* same seed, same data: same codebooks */
     uint32_t iterations;  /* Lloyd iterations per stage (default 16) */
@@ -191,7 +194,10 @@ typedef struct {
      * rope_positions) drawn from seed before training: the keys the token
      * would have that much later (RoPE turns compose), so the codebooks
      * see the rotations of every position up to about rope_positions.
-     * Values are trained as given. Needs the model's RoPE base rope_theta
+     * The codebooks spread over more rotations, so keys near the start
+     * are coded somewhat worse: rope_positions should be about the
+     * longest prompt served (bench/RESULTS.md). Values are trained as
+     * given. Needs the model's RoPE base rope_theta
      * (10000 for Llama 2 and SmolLM2, 500000 for Llama 3; finite, > 1) and
      * rope_style; a scaled RoPE (Llama 3.1's) turns its slowest pairs less
      * than rope_theta says, so they are sampled over a wider angle than the

@@ -6,10 +6,12 @@
  */
 #include <dirent.h>
 #include <errno.h>
+#include <math.h>
 #include <poll.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -382,26 +384,35 @@ static void region_expected(region_t *want, const vqkv_codec_t *codec, const reg
     free(block);
 }
 
-/* Trains spec's codebooks on every slot of r (seeded) and saves them to path. */
-static void train_file(const char *spec, const region_t *r, uint64_t seed, const char *path)
+/* spec's codec with codebooks trained on slots [0, n_slots) of r, as
+ * vqkvd trains on the blocks it keeps as samples. */
+static vqkv_codec_t *train_codec(const char *spec, const region_t *r, uint32_t n_slots,
+                                 const vqkv_train_opts_t *opts)
 {
     vqkv_codec_t *codec = NULL;
     assert_vqkv(vqkv_codec_create(spec, &layout, &codec), VQKV_OK);
     size_t part = (size_t)TOKENS * HEADS * DIM;
-    float *x = malloc(SLOTS * part * sizeof *x);
+    float *x = malloc(n_slots * part * sizeof *x);
     assert_non_null(x);
-    vqkv_train_opts_t opts = {.seed = seed, .threads = 1};
     for (uint32_t l = 0; l < LAYERS; l++)
         for (int kv = 0; kv < 2; kv++) {
-            for (uint32_t s = 0; s < SLOTS; s++)
+            for (uint32_t s = 0; s < n_slots; s++)
                 vqkv_dtype_to_f32(VQKV_DTYPE_F16,
                                   r->base + l * r->view.layer_stride + kv * r->view.kv_stride +
                                       s * r->view.slot_stride,
                                   part, x + s * part);
-            assert_vqkv(vqkv_codec_train(codec, l, kv, x, SLOTS * part / DIM, &opts), VQKV_OK);
+            assert_vqkv(vqkv_codec_train(codec, l, kv, x, n_slots * part / DIM, opts), VQKV_OK);
         }
-    assert_vqkv(vqkv_codebook_save(codec, path), VQKV_OK);
     free(x);
+    return codec;
+}
+
+/* Trains spec's codebooks on every slot of r (seeded) and saves them to path. */
+static void train_file(const char *spec, const region_t *r, uint64_t seed, const char *path)
+{
+    vqkv_train_opts_t opts = {.seed = seed, .threads = 1};
+    vqkv_codec_t *codec = train_codec(spec, r, SLOTS, &opts);
+    assert_vqkv(vqkv_codebook_save(codec, path), VQKV_OK);
     vqkv_codec_free(codec);
 }
 
@@ -425,6 +436,18 @@ static void saved_codebook(const char *state_dir, char *path, size_t size)
     }
     closedir(dp);
     assert_int_equal(found, 1);
+}
+
+/* Removes a daemon's state dir holding the one codebook file at path. */
+static void state_dir_remove(const char *state_dir, const char *path)
+{
+    assert_int_equal(unlink(path), 0);
+    char dir[512];
+    snprintf(dir, sizeof dir, "%s/codebooks", state_dir);
+    assert_int_equal(rmdir(dir), 0);
+    snprintf(dir, sizeof dir, "%s/salt-secret", state_dir);
+    assert_int_equal(unlink(dir), 0);
+    assert_int_equal(rmdir(state_dir), 0);
 }
 
 /* Polls stats until the daemon stores `bytes` (or fails at the deadline). */
@@ -529,13 +552,7 @@ static void online_calibration(const char *spec)
     vqkv_codec_free(codec);
     region_free(&ra);
     region_free(&rb);
-    assert_int_equal(unlink(path), 0);
-    char dir[512];
-    snprintf(dir, sizeof dir, "%s/codebooks", state_dir);
-    assert_int_equal(rmdir(dir), 0);
-    snprintf(dir, sizeof dir, "%s/salt-secret", state_dir);
-    assert_int_equal(unlink(dir), 0);
-    assert_int_equal(rmdir(state_dir), 0);
+    state_dir_remove(state_dir, path);
 }
 
 static void test_online_calibration(void **state)
@@ -548,6 +565,95 @@ static void test_online_calibration_commvq(void **state)
 {
     (void)state;
     online_calibration("commvq:d=8,b=4,r=1");
+}
+
+/* The block bytes codec a and codec b make of slot of r are the same. */
+static bool codecs_encode_alike(const vqkv_codec_t *a, const vqkv_codec_t *b, const region_t *r,
+                                uint32_t slot)
+{
+    size_t n = vqkv_codec_block_bytes(a);
+    uint8_t *ba = malloc(n), *bb = malloc(n);
+    assert_true(ba && bb && vqkv_codec_block_bytes(b) == n);
+    assert_vqkv(vqkv_codec_encode(a, r->base, &r->view, slot, ba), VQKV_OK);
+    assert_vqkv(vqkv_codec_encode(b, r->base, &r->view, slot, bb), VQKV_OK);
+    bool alike = memcmp(ba, bb, n) == 0;
+    free(ba);
+    free(bb);
+    return alike;
+}
+
+/* A model registered with its RoPE trains on keys turned through offsets
+ * below --calibration-positions: the daemon's codebooks are the library's
+ * trained with those options on the same blocks, not the ones trained on
+ * the keys as they came. A bad RoPE is refused by the library before
+ * anything is sent; another RoPE for the model by the daemon. */
+static void test_online_calibration_rope(void **state)
+{
+    (void)state;
+    char state_dir[] = "/tmp/vqkvd-state.XXXXXX";
+    assert_non_null(mkdtemp(state_dir));
+    const char *extra[] = {"--state-dir",
+                           state_dir,
+                           "--calibration-tokens",
+                           CALIB_TOKENS_ARG,
+                           "--calibration-positions",
+                           "4096",
+                           NULL};
+    daemon_t d;
+    daemon_start(&d, extra);
+    vqkv_client_t *c = connect_ok(&d, "rope");
+    const vqkv_rope_t rope = {10000.0, VQKV_ROPE_NEOX}, other = {500000.0, VQKV_ROPE_NEOX},
+                      bad[] = {{1.0, VQKV_ROPE_NEOX}, {NAN, VQKV_ROPE_NEOX}, {1e4, 2}};
+    vqkv_model_t *m;
+    for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        assert_vqkv(vqkv_register_model_rope(c, MODEL, &layout, VQ_SPEC, NULL, &bad[i], &m),
+                    VQKV_EINVAL);
+        assert_non_null(strstr(vqkv_last_error(c), "RoPE"));
+    }
+    assert_vqkv(vqkv_register_model_rope(c, MODEL, &layout, VQ_SPEC, NULL, &rope, &m), VQKV_OK);
+    assert_vqkv(vqkv_register_model_rope(c, MODEL, &layout, VQ_SPEC, NULL, &other, &m),
+                VQKV_EMISMATCH);
+    assert_non_null(strstr(vqkv_last_error(c), "RoPE base 10000"));
+    /* Naming none, or the same, is the same model. */
+    assert_vqkv(vqkv_register_model(c, MODEL, &layout, VQ_SPEC, &m), VQKV_OK);
+    region_t r;
+    region_new(&r, 23);
+    vqkv_region_t h;
+    assert_vqkv(vqkv_register_memfd_region(c, m, r.fd, r.view.region_bytes, 0, &r.view, &h),
+                VQKV_OK);
+    /* One block a put, so the daemon keeps its samples in slot order, as
+     * train_codec reads them (the blocks of one put may finish in any). */
+    for (uint32_t s = 0; s < CALIB_BLOCKS; s++)
+        put_chain(c, m, h, 100 + s * TOKENS, s, 1);
+    long deadline = now_ms() + DAEMON_DEADLINE_MS;
+    while (!vqkv_model_codebooks_ready(m)) {
+        if (now_ms() > deadline)
+            fail_msg("codebooks not trained after %d blocks", CALIB_BLOCKS);
+        sleep_ms(10);
+        assert_vqkv(vqkv_register_model_rope(c, MODEL, &layout, VQ_SPEC, NULL, &rope, &m), VQKV_OK);
+    }
+    char path[512];
+    saved_codebook(state_dir, path, sizeof path);
+    vqkv_codec_t *daemons = NULL;
+    assert_vqkv(vqkv_codec_create(vqkv_model_codec(m), &layout, &daemons), VQKV_OK);
+    assert_vqkv(vqkv_codebook_load(daemons, path), VQKV_OK);
+    vqkv_train_opts_t opts = {
+        .seed = 1, .rope_positions = 4096, .rope_theta = 10000.0, .rope_style = VQKV_ROPE_NEOX};
+    vqkv_codec_t *turned = train_codec(VQ_SPEC, &r, CALIB_BLOCKS, &opts);
+    opts.rope_positions = 0;
+    vqkv_codec_t *as_came = train_codec(VQ_SPEC, &r, CALIB_BLOCKS, &opts);
+    for (uint32_t s = CALIB_BLOCKS; s < SLOTS; s++) {
+        assert_true(codecs_encode_alike(daemons, turned, &r, s));
+        assert_false(codecs_encode_alike(daemons, as_came, &r, s));
+    }
+    vqkv_codec_free(daemons);
+    vqkv_codec_free(turned);
+    vqkv_codec_free(as_came);
+    vqkv_close(c);
+    daemon_stop(&d);
+    daemon_cleanup(&d);
+    region_free(&r);
+    state_dir_remove(state_dir, path);
 }
 
 /* Codebook files sent with RegisterModel: used at once; others for a model
@@ -1270,6 +1376,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_health, setup, teardown),
         cmocka_unit_test(test_online_calibration),
         cmocka_unit_test(test_online_calibration_commvq),
+        cmocka_unit_test(test_online_calibration_rope),
         cmocka_unit_test(test_reencode_waits_for_leases),
         cmocka_unit_test_setup_teardown(test_codebook_files, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reconnect, setup, teardown),

@@ -97,6 +97,20 @@ def test_models_and_their_codecs(client: vqkv.Client) -> None:
         client.find_model("test/never-registered")
 
 
+def test_model_rope(client: vqkv.Client) -> None:
+    """A model's RoPE: the first named stays, another is a mismatch, a bad one never leaves."""
+    m = client.register_model("test/rope", LAYOUT, "rvq:d=8,b=4,r=1", rope_theta=10000.0)
+    assert m.codebooks_ready is False
+    client.register_model("test/rope", LAYOUT, "rvq:d=8,b=4,r=1", rope_theta=10000.0)
+    client.register_model("test/rope", LAYOUT, "rvq:d=8,b=4,r=1")
+    with pytest.raises(vqkv.MismatchError, match="RoPE base 10000"):
+        client.register_model("test/rope", LAYOUT, "rvq:d=8,b=4,r=1", rope_theta=500000.0)
+    with pytest.raises(vqkv.InvalidArgumentError, match="RoPE"):
+        client.register_model("test/rope2", LAYOUT, "rvq:d=8,b=4,r=1", rope_theta=1.0)
+    with pytest.raises(ValueError, match="rope_style"):
+        client.register_model("test/rope2", LAYOUT, "rvq:d=8,b=4,r=1", rope_theta=1e4, rope_style="gptj")
+
+
 @pytest.mark.parametrize("kind", ["vllm", "split"])
 def test_cache_array_follows_the_c_view(kind: Literal["vllm", "split"]) -> None:
     with vqkv.KVCache.create(LAYOUT, 5, kind=kind, gap=256) as cache:

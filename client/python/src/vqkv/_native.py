@@ -93,6 +93,15 @@ class LayoutStruct(ctypes.Structure):
     ]
 
 
+class RopeStruct(ctypes.Structure):
+    """``vqkv_rope_t``."""
+
+    _fields_ = [
+        ("theta", ctypes.c_double),
+        ("style", ctypes.c_int),  # vqkv_rope_style_t, a C enum
+    ]
+
+
 class KVViewStruct(ctypes.Structure):
     """``vqkv_kv_view_t``."""
 
@@ -204,6 +213,10 @@ _SIGNATURES: dict[str, tuple[object, list[object]]] = {
     "vqkv_register_model_codebook": (
         _INT,
         [_P, _STR, ctypes.POINTER(LayoutStruct), _STR, _STR, ctypes.POINTER(_P)],
+    ),
+    "vqkv_register_model_rope": (
+        _INT,
+        [_P, _STR, ctypes.POINTER(LayoutStruct), _STR, _STR, ctypes.POINTER(RopeStruct), ctypes.POINTER(_P)],
     ),
     "vqkv_model_codebooks_ready": (_INT, [_P]),
     "vqkv_model_codec": (_STR, [_P]),

@@ -524,41 +524,50 @@ class Client:
     # ---- models ------------------------------------------------------------------
 
     def register_model(
-        self, model_id: str, layout: Layout, codec: str = "fp16", *, codebook: str | None = None
+        self,
+        model_id: str,
+        layout: Layout,
+        codec: str = "fp16",
+        *,
+        codebook: str | None = None,
+        rope_theta: float | None = None,
+        rope_style: str = "neox",
     ) -> Model:
-        """Declares the model this worker serves (``vqkv_register_model``).
+        """Declares the model this worker serves (``vqkv_register_model_rope``).
 
         ``model_id`` names the weights ("org/name@revision", at most 256 bytes),
         ``layout`` its KV shape and ``codec`` the spec the daemon stores blocks
         with ("fp16", "kivi4:g=32", "rvq", ...). Workers registering the same
         id, layout and codec share blocks. ``codebook`` is a codebook file for a
-        VQ codec (``vqkv_register_model_codebook``); without one the daemon uses
-        codebooks it saved for the model or calibrates online.
+        VQ codec; without one the daemon uses codebooks it saved for the model
+        or calibrates online. ``rope_theta``, the model's RoPE base (10000 for
+        Llama 2, 500000 for Llama 3), with ``rope_style`` ("neox" for
+        rotate-half, as vLLM and Hugging Face cache keys, or "interleaved"),
+        lets online calibration train codebooks that hold at later positions.
 
         Raises :class:`vqkv.CodecSpecError` for an unknown spec,
-        :class:`vqkv.MismatchError` for an id registered with another layout or codec.
+        :class:`vqkv.InvalidArgumentError` for a RoPE that is not one,
+        :class:`vqkv.MismatchError` for an id registered with another layout,
+        codec or RoPE.
         """
         st = layout.to_struct()
+        rope = None
+        if rope_theta is not None:
+            styles = {"neox": 0, "interleaved": 1}
+            if rope_style not in styles:
+                raise ValueError(f"rope_style must be one of {sorted(styles)}, not {rope_style!r}")
+            rope = ctypes.byref(_native.RopeStruct(rope_theta, styles[rope_style]))
         m = ctypes.c_void_p()
-        if codebook is None:
-            self._invoke(
-                f"register_model {model_id!r}",
-                "vqkv_register_model",
-                model_id.encode(),
-                ctypes.byref(st),
-                codec.encode(),
-                ctypes.byref(m),
-            )
-        else:
-            self._invoke(
-                f"register_model {model_id!r}",
-                "vqkv_register_model_codebook",
-                model_id.encode(),
-                ctypes.byref(st),
-                codec.encode(),
-                str(codebook).encode(),
-                ctypes.byref(m),
-            )
+        self._invoke(
+            f"register_model {model_id!r}",
+            "vqkv_register_model_rope",
+            model_id.encode(),
+            ctypes.byref(st),
+            codec.encode(),
+            None if codebook is None else str(codebook).encode(),
+            rope,
+            ctypes.byref(m),
+        )
         return Model(self, m, model_id)
 
     def find_model(self, model_id: str, kv_head_first: int = 0, kv_head_count: int = 0) -> Model:
