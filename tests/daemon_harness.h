@@ -392,9 +392,11 @@ static inline void hello(client_t *c, const char *name)
     vqkv_frame_envelope_free(r);
 }
 
-/* RegisterModel of model_id with every head of l and codec; the reply. */
-static inline Vqkv__Envelope *register_model(client_t *c, const vqkv_layout_t *l,
-                                             const char *model_id, const char *codec)
+/* RegisterModel of model_id with every head of l, codec and the RoPE
+ * fields as given (rope_style on the wire: 0 none); the reply. */
+static inline Vqkv__Envelope *register_model_rope(client_t *c, const vqkv_layout_t *l,
+                                                  const char *model_id, const char *codec,
+                                                  double rope_theta, int rope_style)
 {
     Vqkv__Layout wl = VQKV__LAYOUT__INIT;
     wl.num_layers = l->num_layers;
@@ -407,10 +409,19 @@ static inline Vqkv__Envelope *register_model(client_t *c, const vqkv_layout_t *l
     rm.layout = &wl;
     rm.kv_head_count = l->num_kv_heads;
     rm.codec = (char *)codec;
+    rm.rope_theta = rope_theta;
+    rm.rope_style = (Vqkv__RopeStyle)rope_style;
     Vqkv__Envelope env = VQKV__ENVELOPE__INIT;
     env.body_case = VQKV__ENVELOPE__BODY_REGISTER_MODEL;
     env.register_model = &rm;
     return call(c, &env, NULL, 0);
+}
+
+/* RegisterModel of model_id with every head of l and codec; the reply. */
+static inline Vqkv__Envelope *register_model(client_t *c, const vqkv_layout_t *l,
+                                             const char *model_id, const char *codec)
+{
+    return register_model_rope(c, l, model_id, codec, 0.0, 0);
 }
 
 static inline void expect_error(Vqkv__Envelope *env, uint64_t id, int code)

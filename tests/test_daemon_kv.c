@@ -9,6 +9,7 @@
  * random fp16 values in [-2, 2] (finite, so the fp16 codec's bit-exactness
  * is checked byte for byte).
  */
+#include <math.h>
 #include <sys/mman.h>
 
 #include "daemon_harness.h"
@@ -441,6 +442,18 @@ static void test_refusals(void **state)
     hello(&c, "test_daemon_kv");
     expect_refused(register_model(&c, &layout, MODEL, "nonsense"), VQKV_ESPEC, "nonsense");
     expect_refused(register_model(&c, &layout, "", "fp16"), VQKV_EINVAL, "model_id");
+    /* A RoPE is a base, finite and above 1, and a known style, or neither. */
+    static const struct {
+        double theta;
+        int style;
+    } ropes[] = {{1e4, 0}, {0.0, 1}, {1.0, 1}, {-1e4, 2}, {NAN, 1}, {INFINITY, 2}};
+    for (size_t i = 0; i < sizeof ropes / sizeof ropes[0]; i++)
+        expect_refused(
+            register_model_rope(&c, &layout, MODEL, "fp16", ropes[i].theta, ropes[i].style),
+            VQKV_EINVAL, "RoPE");
+    /* A style this daemon does not know is an unknown enum value. */
+    expect_refused(register_model_rope(&c, &layout, MODEL, "fp16", 1e4, 3), VQKV_EUNKNOWN,
+                   "enum value");
     uint64_t m = model_ok(&c, MODEL, "fp16");
     region_new(&r, SLOTS, 4);
     uint64_t bytes = r.view.region_bytes;
