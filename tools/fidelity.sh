@@ -5,7 +5,7 @@
 # books, 32 sequences each, with the standard error of every change.
 #
 #   tools/fidelity.sh           the full run (26 min 21 s on 2 cores with the KV dump kept)
-#   tools/fidelity.sh --quick   8 sequences of one book, the recommended
+#   tools/fidelity.sh --quick   8 sequences of one book, the candidate
 #                               codecs only (2 min 46 s)
 #
 # Writes bench/out/fidelity.json and bench/out/ppl_<book>.json (--quick:
