@@ -374,8 +374,8 @@ static void vqkv__rope_turn(const vqkv_codec_t *codec, uint32_t layer, const flo
         for (uint32_t i = 0; i < half; i++) {
             double angle = offset * pow(opts->rope_theta, -2.0 * i / D);
             double c = cos(angle), s = sin(angle);
-            uint32_t a = opts->rope_style == VQKV_ROPE_NEOX ? i : 2 * i;
-            uint32_t b = opts->rope_style == VQKV_ROPE_NEOX ? i + half : 2 * i + 1;
+            uint32_t a, b;
+            vqkv__rope_pair(opts->rope_style, D, i, &a, &b);
             for (size_t v = first; v < end; v++) {
                 const float *k = x + v * D;
                 out[v * D + a] = (float)(k[a] * c - k[b] * s);

@@ -112,6 +112,15 @@ static inline uint16_t vqkv__get_u16(const uint8_t *p)
     return (uint16_t)(p[0] | (p[1] << 8));
 }
 
+/* The channels (*re, *im) of RoPE pair p in a head of D channels: (p,
+ * p + D/2) rotate-half, (2p, 2p + 1) interleaved. */
+static inline void vqkv__rope_pair(vqkv_rope_style_t style, uint32_t D, uint32_t p, uint32_t *re,
+                                   uint32_t *im)
+{
+    *re = style == VQKV_ROPE_NEOX ? p : 2 * p;
+    *im = style == VQKV_ROPE_NEOX ? p + D / 2 : 2 * p + 1;
+}
+
 /* One row of n values as an f16 scale (amax / 448) and n e4m3 codes: the
  * fp8 codec's vectors, and the VQ codecs' escape vectors. */
 void vqkv__fp8_row_encode(const float *row, uint32_t n, uint8_t *scale_out, uint8_t *codes);

@@ -335,6 +335,7 @@ static int vqkv__vqkv_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
  * or (2p, 2p + 1) with rope=inter (interleaved, as GGUF/llama.cpp). */
 static int vqkv__commvq_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
 {
+    /* In vqkv_rope_style_t's order. */
     static const char *const ropes[] = {"neox", "inter", NULL};
     uint32_t D = codec->layout.head_dim, d, r, dv, rv, rope;
     uint16_t chan[VQKV_MAX_HEAD_DIM];
@@ -358,9 +359,10 @@ static int vqkv__commvq_init(vqkv_codec_t *codec, vqkv__spec_t *spec)
     uint32_t G = D / d;
     for (uint32_t g = 0; g < G; g++) {
         for (uint32_t j = 0; j < d / 2; j++) {
-            uint32_t p = g + j * G;
-            chan[g * d + 2 * j] = (uint16_t)(rope == 0 ? p : 2 * p);
-            chan[g * d + 2 * j + 1] = (uint16_t)(rope == 0 ? p + D / 2 : 2 * p + 1);
+            uint32_t re, im;
+            vqkv__rope_pair((vqkv_rope_style_t)rope, D, g + j * G, &re, &im);
+            chan[g * d + 2 * j] = (uint16_t)re;
+            chan[g * d + 2 * j + 1] = (uint16_t)im;
         }
     }
     vqkv__branch_add(vq, 0, chan, D, d, r, true);
