@@ -72,10 +72,9 @@ struct vqkv_model {
     uint32_t kv_head_first, kv_head_count; /* the range FindModel names */
     int registered;                        /* by RegisterModel (else found by FindModel) */
     int codebook_fd;                       /* the file it was registered with, or -1 */
-    int has_rope;                          /* rope was named at registration */
-    vqkv_rope_t rope;
-    int codebooks_ready;                /* as of the last RegisterModel or FindModel */
-    _Atomic(const vqkv__salt_t *) salt; /* swapped by a reconnect */
+    vqkv_rope_t rope;                      /* named at registration; theta 0: none */
+    int codebooks_ready;                   /* as of the last RegisterModel or FindModel */
+    _Atomic(const vqkv__salt_t *) salt;    /* swapped by a reconnect */
 };
 
 /* A registered region, kept to register it again after a reconnect: a
@@ -638,10 +637,8 @@ static int vqkv__model_call(vqkv_client_t *c, const vqkv__model_req_t *req, vqkv
         c->models = m;
     }
     m->registered |= req->layout != NULL;
-    if (req->rope != NULL && !m->has_rope) {
-        m->has_rope = 1;
+    if (req->rope != NULL && m->rope.theta == 0.0)
         m->rope = *req->rope;
-    }
     m->codebooks_ready = mr->codebooks_ready;
     *model = m;
 cleanup:
@@ -659,7 +656,7 @@ static int vqkv__model_restore(vqkv_client_t *c, vqkv_model_t *m)
                              m->codebook_fd,
                              m->kv_head_first,
                              m->kv_head_count,
-                             m->has_rope ? &m->rope : NULL};
+                             m->rope.theta != 0.0 ? &m->rope : NULL};
     Vqkv__Envelope *r;
     int rc = vqkv__model_send(c, &req, &r);
     if (rc != VQKV_OK)
@@ -682,7 +679,7 @@ static int vqkv__register_model(vqkv_client_t *client, const char *model_id,
                                 vqkv_model_t **model)
 {
     *model = NULL;
-    if (rope != NULL && vqkv_rope_check(rope->theta, rope->style) != VQKV_OK)
+    if (rope != NULL && vqkv_rope_check(rope) != VQKV_OK)
         return vqkv__fail(client, VQKV_EINVAL,
                           "register_model: RoPE base %g, style %d: the base must be finite and "
                           "above 1, the style VQKV_ROPE_NEOX or VQKV_ROPE_INTERLEAVED",

@@ -280,21 +280,15 @@ int vqkv_register_model_codebook(vqkv_client_t *client, const char *model_id,
                                  const vqkv_layout_t *layout, const char *codec_spec,
                                  const char *codebook_path, vqkv_model_t **model);
 
-/* The RoPE a model turns its keys by, for the daemon's online calibration:
- * keys are cached after RoPE, so codebooks trained on the first blocks the
- * daemon sees would code keys further into long prompts worse. Knowing
- * the RoPE, it trains on keys turned to positions sampled below its
- * calibration_positions (vqkvd.conf(5)). */
-typedef struct {
-    double theta;            /* the base: 10000 (Llama 2, SmolLM2), 500000 (Llama 3) */
-    vqkv_rope_style_t style; /* VQKV_ROPE_NEOX for vLLM's and Hugging Face's caches */
-} vqkv_rope_t;
-
 /* vqkv_register_model, or vqkv_register_model_codebook when codebook_path
- * is not NULL, also naming the model's RoPE (rope NULL: none, as those
- * do). VQKV_EINVAL for a RoPE vqkv_rope_check refuses, before anything is
- * sent; VQKV_EMISMATCH when the model was registered with another RoPE.
- * The model keeps it, to send again after a reconnect. */
+ * is not NULL, also naming the model's RoPE (vqkv_rope_t of
+ * kernels/vqkv_codec.h; NULL: none, as those do), for the daemon's online
+ * calibration: keys are cached after RoPE, so codebooks trained on the
+ * first blocks the daemon sees would code keys further into long prompts
+ * worse; knowing the RoPE, it trains on keys turned to positions sampled
+ * below its calibration_positions (vqkvd.conf(5)). VQKV_EINVAL for a RoPE vqkv_rope_check refuses,
+ * before anything is sent; VQKV_EMISMATCH when the model was registered with another RoPE. The
+ * model keeps it, to send again after a reconnect. */
 int vqkv_register_model_rope(vqkv_client_t *client, const char *model_id,
                              const vqkv_layout_t *layout, const char *codec_spec,
                              const char *codebook_path, const vqkv_rope_t *rope,

@@ -320,10 +320,9 @@ void vqkvd_calib_add(vqkvd_server_t *s, vqkvd_model_t *m, const uint8_t *block)
     vqkvd_backend_t *be = s->backend;
     k->opts = (vqkv_train_opts_t){
         .seed = 1, .assigner = be->ops->assigner != NULL ? be->ops->assigner(be) : NULL};
-    if (m->has_rope) {
+    if (m->rope.theta != 0.0) {
         k->opts.rope_positions = s->cfg.calib_positions;
-        k->opts.rope_theta = m->rope_theta;
-        k->opts.rope_style = m->rope_style;
+        k->opts.rope = m->rope;
     }
     int rc = uv_queue_work(s->loop, &k->work, vqkvd__calib_work, vqkvd__calib_after);
     if (rc < 0) {

@@ -301,20 +301,23 @@ static bool vqkvd__model_layout(vqkvd_client_t *c, uint64_t id, const Vqkv__Regi
     return true;
 }
 
-/* The RoPE a RegisterModel names, into *style (-1 for none) and *theta:
- * both fields or neither. False after an Error reply. */
+/* The RoPE a RegisterModel names into *rope (theta 0 for none): both
+ * fields or neither. False after an Error reply. */
 static bool vqkvd__model_rope(vqkvd_client_t *c, uint64_t id, const Vqkv__RegisterModel *rm,
-                              int *style, double *theta)
+                              vqkv_rope_t *rope)
 {
-    *theta = rm->rope_theta;
-    *style = (int)rm->rope_style - 1; /* RopeStyle is vqkv_rope_style_t + 1 */
-    if (*style < 0 && *theta == 0.0)
+    /* RopeStyle is vqkv_rope_style_t + 1; the frame check refused others. */
+    *rope = (vqkv_rope_t){rm->rope_theta, (vqkv_rope_style_t)(rm->rope_style - 1)};
+    if (rm->rope_style == VQKV__ROPE_STYLE__ROPE_STYLE_UNSPECIFIED && rope->theta == 0.0) {
+        *rope = (vqkv_rope_t){0};
         return true;
-    if (*style < 0 || vqkv_rope_check(*theta, (vqkv_rope_style_t)*style) != VQKV_OK) {
+    }
+    if (rm->rope_style == VQKV__ROPE_STYLE__ROPE_STYLE_UNSPECIFIED ||
+        vqkv_rope_check(rope) != VQKV_OK) {
         vqkvd_client_error(c, id, VQKV_EINVAL,
                            "RoPE: rope_theta %g with rope_style %d; a RoPE is a base, finite "
                            "and above 1, and a style (1 rotate-half, 2 interleaved), or neither",
-                           *theta, (int)rm->rope_style);
+                           rope->theta, (int)rm->rope_style);
         return false;
     }
     return true;
@@ -323,15 +326,16 @@ static bool vqkvd__model_rope(vqkvd_client_t *c, uint64_t id, const Vqkv__Regist
 /* False after an Error reply (VQKV_EMISMATCH) when m has a RoPE and a
  * registration names another. */
 static bool vqkvd__model_rope_agrees(vqkvd_client_t *c, uint64_t id, const vqkvd_model_t *m,
-                                     int style, double theta)
+                                     const vqkv_rope_t *rope)
 {
-    if (style < 0 || !m->has_rope ||
-        (m->rope_style == (vqkv_rope_style_t)style && m->rope_theta == theta))
+    if (rope->theta == 0.0 || m->rope.theta == 0.0 ||
+        (m->rope.style == rope->style && m->rope.theta == rope->theta))
         return true;
     vqkvd_client_error(c, id, VQKV_EMISMATCH,
                        "model \"%s\" is registered with RoPE base %g, style %d; this "
                        "registration says base %g, style %d",
-                       m->model_id, m->rope_theta, (int)m->rope_style + 1, theta, style + 1);
+                       m->model_id, m->rope.theta, (int)m->rope.style + 1, rope->theta,
+                       (int)rope->style + 1);
     return false;
 }
 
@@ -378,10 +382,8 @@ void vqkvd_session_register_model(vqkvd_client_t *c, const Vqkv__Envelope *req, 
     vqkv_layout_t layout;
     uint64_t logical;
 
-    int rope_style;
-    double rope_theta;
-    if (!vqkvd__model_layout(c, id, rm, &layout, &logical) ||
-        !vqkvd__model_rope(c, id, rm, &rope_style, &rope_theta))
+    vqkv_rope_t rope;
+    if (!vqkvd__model_layout(c, id, rm, &layout, &logical) || !vqkvd__model_rope(c, id, rm, &rope))
         return;
     int rc = vqkv_codec_create(rm->codec, &layout, &codec);
     if (rc != VQKV_OK) {
@@ -411,7 +413,7 @@ void vqkvd_session_register_model(vqkvd_client_t *c, const Vqkv__Envelope *req, 
                            rm->model_id, differs);
         goto cleanup;
     }
-    if (m != NULL && !vqkvd__model_rope_agrees(c, id, m, rope_style, rope_theta))
+    if (m != NULL && !vqkvd__model_rope_agrees(c, id, m, &rope))
         goto cleanup;
     if ((m == NULL || vqkvd__client_model(c, m->id) == NULL) &&
         c->n_models == VQKVD_CLIENT_MAX_MODELS) {
@@ -431,11 +433,8 @@ void vqkvd_session_register_model(vqkvd_client_t *c, const Vqkv__Envelope *req, 
     if (vqkvd__client_model(c, m->id) == NULL)
         c->models[c->n_models++] = m->id;
     /* The first RoPE named stays; read when training starts (calib.c). */
-    if (rope_style >= 0 && !m->has_rope) {
-        m->has_rope = true;
-        m->rope_theta = rope_theta;
-        m->rope_style = (vqkv_rope_style_t)rope_style;
-    }
+    if (m->rope.theta == 0.0)
+        m->rope = rope;
     vqkvd__model_reply(c, id, m);
 
 cleanup:

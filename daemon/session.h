@@ -83,13 +83,12 @@ struct vqkvd_model {
     vqkvd_codec_ident_t fallback_ident; /* set with the fallback */
     vqkvd_calib_t *calib;               /* collecting or training; NULL otherwise */
     /* The RoPE the first registration naming one gave (RegisterModel
-     * rope_theta, rope_style), for calibration that samples positions. */
-    bool has_rope;
-    double rope_theta;
-    vqkv_rope_style_t rope_style;
-    struct vqkvd_transcode *transcode;  /* a batch of fallback blocks in flight, or NULL */
-    uint64_t transcoded;                /* fallback blocks re-encoded so far */
-    int transcode_done;                 /* no fallback block left: no more walks */
+     * rope_theta, rope_style), for calibration that samples positions;
+     * theta 0 until then. */
+    vqkv_rope_t rope;
+    struct vqkvd_transcode *transcode; /* a batch of fallback blocks in flight, or NULL */
+    uint64_t transcoded;               /* fallback blocks re-encoded so far */
+    int transcode_done;                /* no fallback block left: no more walks */
     /* The remote tier's codebook exchange (remote.h): the set published
      * (or adopted, which needs no publishing), a request under way, and
      * when to ask again. */

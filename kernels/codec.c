@@ -347,12 +347,13 @@ int vqkv_codec_needs_training(const vqkv_codec_t *codec)
     return codec->ops->needs_training != NULL && codec->ops->needs_training(codec);
 }
 
-int vqkv_rope_check(double theta, vqkv_rope_style_t style)
+int vqkv_rope_check(const vqkv_rope_t *rope)
 {
     /* The upper bound keeps theta^(-2i/D) a normal double. */
-    if (!(theta > 1.0 && theta <= 1e30))
+    if (rope == NULL || !(rope->theta > 1.0 && rope->theta <= 1e30))
         return VQKV_EINVAL;
-    return style == VQKV_ROPE_NEOX || style == VQKV_ROPE_INTERLEAVED ? VQKV_OK : VQKV_EINVAL;
+    return rope->style == VQKV_ROPE_NEOX || rope->style == VQKV_ROPE_INTERLEAVED ? VQKV_OK
+                                                                                 : VQKV_EINVAL;
 }
 
 /* Copies the keys x[n_vectors / heads][heads][head_dim] into out, each
@@ -372,10 +373,10 @@ static void vqkv__rope_turn(const vqkv_codec_t *codec, uint32_t layer, const flo
         double offset = (double)(draw % opts->rope_positions);
         size_t end = first + block_vectors < n_vectors ? first + block_vectors : n_vectors;
         for (uint32_t i = 0; i < half; i++) {
-            double angle = offset * pow(opts->rope_theta, -2.0 * i / D);
+            double angle = offset * pow(opts->rope.theta, -2.0 * i / D);
             double c = cos(angle), s = sin(angle);
             uint32_t a, b;
-            vqkv__rope_pair(opts->rope_style, D, i, &a, &b);
+            vqkv__rope_pair(opts->rope.style, D, i, &a, &b);
             for (size_t v = first; v < end; v++) {
                 const float *k = x + v * D;
                 out[v * D + a] = (float)(k[a] * c - k[b] * s);
@@ -393,7 +394,7 @@ int vqkv_codec_train(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x
         return VQKV_EINVAL;
     if (opts == NULL)
         opts = &defaults;
-    if (opts->rope_positions > 0 && vqkv_rope_check(opts->rope_theta, opts->rope_style) != VQKV_OK)
+    if (opts->rope_positions > 0 && vqkv_rope_check(&opts->rope) != VQKV_OK)
         return VQKV_EINVAL;
     if (codec->ops->train == NULL)
         return VQKV_OK;

@@ -175,8 +175,15 @@ typedef enum {
     VQKV_ROPE_INTERLEAVED = 1,
 } vqkv_rope_style_t;
 
-/* VQKV_OK when theta (finite, > 1) and style make a RoPE, else VQKV_EINVAL. */
-int vqkv_rope_check(double theta, vqkv_rope_style_t style);
+/* The RoPE a model turns its keys by. */
+typedef struct {
+    double theta;            /* the base: 10000 (Llama 2, SmolLM2), 500000 (Llama 3) */
+    vqkv_rope_style_t style; /* VQKV_ROPE_NEOX for vLLM's and Hugging Face's caches */
+} vqkv_rope_t;
+
+/* VQKV_OK when rope's theta (finite, > 1) and style make a RoPE, else
+ * VQKV_EINVAL. */
+int vqkv_rope_check(const vqkv_rope_t *rope);
 
 typedef struct {
     uint64_t seed;        /* same seed, same data: same codebooks */
@@ -189,29 +196,27 @@ typedef struct {
     const vqkv_assigner_t *assigner;
     /* Keys are cached after RoPE, so codebooks trained on the positions a
      * calibration saw (a daemon's first requests: a few thousand tokens)
-     * code keys further on worse. With rope_positions > 0, every token's
-     * keys are turned by RoPE through a random offset in [0,
-     * rope_positions) drawn from seed before training: the keys the token
-     * would have that much later (RoPE turns compose), so the codebooks
+     * code keys further on worse. With rope_positions > 0, the keys of
+     * every block of block_tokens tokens are turned by `rope` through a
+     * random offset in [0, rope_positions) drawn from seed before training:
+     * the keys those tokens would have that much later (RoPE turns
+     * compose), so the codebooks
      * see the rotations of every position up to about rope_positions.
      * The codebooks spread over more rotations, so keys near the start
      * are coded somewhat worse: rope_positions should be about the
      * longest prompt served (bench/RESULTS.md). Values are trained as
-     * given. Needs the model's RoPE base rope_theta
-     * (10000 for Llama 2 and SmolLM2, 500000 for Llama 3; finite, > 1) and
-     * rope_style; a scaled RoPE (Llama 3.1's) turns its slowest pairs less
-     * than rope_theta says, so they are sampled over a wider angle than the
-     * model reaches. O(tokens * head_dim) sin/cos before the training. */
+     * given. A scaled RoPE (Llama 3.1's) turns its slowest pairs less
+     * than rope.theta says, so they are sampled over a wider angle than
+     * the model reaches. O(tokens * head_dim) before the training. */
     uint32_t rope_positions;
-    double rope_theta;
-    vqkv_rope_style_t rope_style;
+    vqkv_rope_t rope; /* read only with rope_positions > 0 */
 } vqkv_train_opts_t;
 
 /* Trains the codebooks of one (layer, kv) from n_vectors token-head vectors
  * x[tokens][num_kv_heads][head_dim], n_vectors = tokens * num_kv_heads
  * (kv 0 for keys, 1 for values; VQKV_EINVAL for a non-finite value,
  * n_vectors not a multiple of num_kv_heads, or rope_positions set with a
- * rope_theta or rope_style out of range). Codecs without codebooks accept
+ * rope vqkv_rope_check refuses). Codecs without codebooks accept
  * and ignore it. */
 int vqkv_codec_train(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x, size_t n_vectors,
                      const vqkv_train_opts_t *opts);

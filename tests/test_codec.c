@@ -1531,10 +1531,9 @@ static void test_rope_positions_train_keys_for_later_positions(void **state)
     const vqkv_train_opts_t as_given = {.seed = 7, .iterations = 4};
     vqkv_train_opts_t turned = as_given, wrong_pairs;
     turned.rope_positions = 8192;
-    turned.rope_theta = 10000.0;
-    turned.rope_style = VQKV_ROPE_NEOX;
+    turned.rope = (vqkv_rope_t){10000.0, VQKV_ROPE_NEOX};
     wrong_pairs = turned;
-    wrong_pairs.rope_style = VQKV_ROPE_INTERLEAVED;
+    wrong_pairs.rope.style = VQKV_ROPE_INTERLEAVED;
     drift_data_t dd;
     drift_data_init(&dd);
     float *got[3];
@@ -1566,12 +1565,11 @@ static void test_rope_positions_bad_opts_refused(void **state)
     float keys[DRIFT_H * DRIFT_D] = {0};
     vqkv_train_opts_t bad[4];
     for (int i = 0; i < 4; i++)
-        bad[i] = (vqkv_train_opts_t){
-            .rope_positions = 4096, .rope_theta = 10000.0, .rope_style = VQKV_ROPE_NEOX};
-    bad[0].rope_theta = 1.0;
-    bad[1].rope_theta = NAN;
-    bad[2].rope_theta = INFINITY;
-    bad[3].rope_style = (vqkv_rope_style_t)2;
+        bad[i] = (vqkv_train_opts_t){.rope_positions = 4096, .rope = {10000.0, VQKV_ROPE_NEOX}};
+    bad[0].rope.theta = 1.0;
+    bad[1].rope.theta = NAN;
+    bad[2].rope.theta = INFINITY;
+    bad[3].rope.style = (vqkv_rope_style_t)2;
     for (size_t si = 0; si < sizeof specs / sizeof specs[0]; si++) {
         vqkv_codec_t *codec = NULL;
         assert_ok(vqkv_codec_create(specs[si], l, &codec));

@@ -637,8 +637,7 @@ static void test_online_calibration_rope(void **state)
     vqkv_codec_t *daemons = NULL;
     assert_vqkv(vqkv_codec_create(vqkv_model_codec(m), &layout, &daemons), VQKV_OK);
     assert_vqkv(vqkv_codebook_load(daemons, path), VQKV_OK);
-    vqkv_train_opts_t opts = {
-        .seed = 1, .rope_positions = 4096, .rope_theta = 10000.0, .rope_style = VQKV_ROPE_NEOX};
+    vqkv_train_opts_t opts = {.seed = 1, .rope_positions = 4096, .rope = rope};
     vqkv_codec_t *turned = train_codec(VQ_SPEC, &r, CALIB_BLOCKS, &opts);
     opts.rope_positions = 0;
     vqkv_codec_t *as_came = train_codec(VQ_SPEC, &r, CALIB_BLOCKS, &opts);

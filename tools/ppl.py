@@ -93,6 +93,10 @@ class KVView(ctypes.Structure):
     ]
 
 
+class Rope(ctypes.Structure):
+    _fields_ = [("theta", ctypes.c_double), ("style", ctypes.c_int)]  # style 0: rotate-half
+
+
 class TrainOpts(ctypes.Structure):
     _fields_ = [
         ("seed", ctypes.c_uint64),
@@ -101,8 +105,7 @@ class TrainOpts(ctypes.Structure):
         ("max_samples", ctypes.c_uint32),
         ("assigner", ctypes.c_void_p),  # NULL: k-means on this CPU
         ("rope_positions", ctypes.c_uint32),
-        ("rope_theta", ctypes.c_double),
-        ("rope_style", ctypes.c_int),  # 0: rotate-half ("neox"), as the cache here holds keys
+        ("rope", Rope),
     ]
 
 
@@ -348,7 +351,7 @@ def main() -> None:
                 ids[args.offset : eval_start], on_layer=lambda i: progress.update(i, cfg.n_layers, what)
             )
         t_calib = time.perf_counter() - t0
-        opts = TrainOpts(seed=args.seed, rope_positions=args.calib_positions, rope_theta=cfg.rope_theta)
+        opts = TrainOpts(seed=args.seed, rope_positions=args.calib_positions, rope=Rope(cfg.rope_theta, 0))
         with Progress("layers") as progress:
             given.update({c.spec: c.spec for c in to_train if c.spec not in given})
             for n, c in enumerate(to_train):
