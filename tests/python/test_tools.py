@@ -108,7 +108,8 @@ def test_rope_is_rotate_half_and_relative():
 
 
 def test_rope_turns_compose():
-    """--calib-positions relies on it: a key at p turned by q - p is the key at q."""
+    """What position-sampled training (the library's rope_positions) rests on, held on this
+    model's RoPE: a key at p turned by q - p is the key at q."""
     m = tiny_model()
     x = np.random.default_rng(2).standard_normal((5, 2, 8), dtype=np.float32)
     here, there = np.arange(5), np.array([40, 3, 900, 0, 17])
