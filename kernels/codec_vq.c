@@ -29,6 +29,7 @@
 #include "codec_internal.h"
 #include "commute.h"
 #include "kmeans.h"
+#include "numeric_x86.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -62,6 +63,12 @@ typedef struct {
     uint32_t n_branches;
     vqkv__branch_t br[2];
     uint32_t codes; /* codes per token-head vector */
+    /* Where each channel's value is among a vector's group sums laid out
+     * in code order (branch by branch, group by group): the permutation a
+     * decode applies; in_order where it is the identity. */
+    int32_t order[VQKV_MAX_HEAD_DIM];
+    uint32_t ordered; /* channels of the branches so far */
+    bool in_order;
     size_t words;   /* codewords per layer */
     size_t floats;  /* codebook parameter floats per layer (what files hold) */
     size_t wfloats; /* codeword floats per layer */
@@ -119,6 +126,9 @@ static void vqkv__branch_add(vqkv__vq_t *vq, int kv, const uint16_t *chan, uint3
     br->first_wfloat = side->wfloats;
     br->first_xfloat = side->xfloats;
     memcpy(br->chan, chan, n * sizeof *chan);
+    for (uint32_t i = 0; i < n; i++)
+        side->order[chan[i]] = (int32_t)(side->ordered + i);
+    side->ordered += n;
     size_t books = (size_t)br->groups * r, words = books << vq->bits;
     side->codes += br->groups * r;
     side->words += words;
@@ -209,7 +219,10 @@ static int vqkv__vq_finish(vqkv_codec_t *codec)
     const vqkv_layout_t *l = &codec->layout;
     size_t vectors = (size_t)l->block_tokens * l->num_kv_heads;
     for (int kv = 0; kv < 2; kv++) {
-        const vqkv__side_t *side = &vq->side[kv];
+        vqkv__side_t *side = &vq->side[kv];
+        side->in_order = true;
+        for (uint32_t c = 0; c < l->head_dim; c++)
+            side->in_order = side->in_order && side->order[c] == (int32_t)c;
         codec->part_bytes[kv] = vqkv__block_mean_bytes(codec, kv) + vectors * side->n_branches * 2 +
                                 vqkv__bits_bytes(vectors * side->codes, vq->bits) +
                                 (size_t)vq->escapes * VQKV__ESCAPE_BYTES(l->head_dim);
@@ -711,6 +724,178 @@ static void vqkv__vq_decode_vector(const vqkv__vq_t *vq, const vqkv__side_t *sid
     }
 }
 
+/* One head's vectors of a part being decoded: where their codes, norms and
+ * codeword tables are, and what the rows get after the codewords. */
+typedef struct {
+    const vqkv__vq_t *vq;
+    const vqkv__side_t *side;
+    const float *const *tables;
+    const uint8_t *norms, *codes;
+    const float *mean, *scale; /* channel statistics; NULL with cs=0 (the identity) */
+    const float *bm;           /* block means; NULL without them */
+    const vqkv__tile_t *tile;
+    uint32_t head, heads, head_dim, tokens;
+} vqkv__head_decode_t;
+
+/* The scalar reference: each vector's channels from its codes, then its
+ * statistics and block means, then stored. */
+static void vqkv__vq_decode_head(const vqkv__head_decode_t *hd)
+{
+    const vqkv__side_t *side = hd->side;
+    uint32_t D = hd->head_dim;
+    float row[VQKV_MAX_HEAD_DIM];
+    for (uint32_t t = 0; t < hd->tokens; t++) {
+        size_t v = (size_t)t * hd->heads + hd->head;
+        vqkv__vq_decode_vector(hd->vq, side, hd->tables, hd->norms + 2 * v * side->n_branches,
+                               hd->codes, (uint64_t)v * side->codes, row);
+        if (hd->scale != NULL)
+            for (uint32_t c = 0; c < D; c++)
+                row[c] = row[c] * hd->scale[c] + hd->mean[c];
+        if (hd->bm != NULL)
+            for (uint32_t c = 0; c < D; c++)
+                row[c] += hd->bm[c];
+        vqkv__tile_store(hd->tile, t, hd->head, D, row);
+    }
+}
+
+#if defined(__x86_64__)
+/* ---- decode with AVX2 --------------------------------------------------
+ *
+ * vqkv__vq_decode_head's operations on each value, in the same order and
+ * each rounded on its own (the target has no FMA to contract into), so the
+ * bytes are the reference's: a group's stage sums are one register add a
+ * codeword per 8 (or 4) channels instead of one add per value, and the
+ * channel permutation (strided keys, vqkv's pair branches) is a gather from
+ * the group sums laid out in code order, side->order, instead of a store
+ * per value. About 6 instructions a value become under 1 for d = 8. */
+
+/* One group's stage sums times the branch norm, from 0 in stage order, d
+ * values to out. Inlined with d a constant, so d = 4, 8, 16 unroll. */
+VQKV__X86 static inline __attribute__((always_inline)) void
+vqkv__group_sums_x86(const float *const *w, uint32_t stages, uint32_t d, float norm, float *out)
+{
+    uint32_t j = 0;
+    for (; j + 8 <= d; j += 8) {
+        __m256 acc = _mm256_setzero_ps();
+        for (uint32_t s = 0; s < stages; s++)
+            acc = _mm256_add_ps(acc, _mm256_loadu_ps(w[s] + j));
+        _mm256_storeu_ps(out + j, _mm256_mul_ps(acc, _mm256_set1_ps(norm)));
+    }
+    for (; j + 4 <= d; j += 4) {
+        __m128 acc = _mm_setzero_ps();
+        for (uint32_t s = 0; s < stages; s++)
+            acc = _mm_add_ps(acc, _mm_loadu_ps(w[s] + j));
+        _mm_storeu_ps(out + j, _mm_mul_ps(acc, _mm_set1_ps(norm)));
+    }
+    for (; j < d; j++) {
+        float acc = 0.0f;
+        for (uint32_t s = 0; s < stages; s++)
+            acc += w[s][j];
+        out[j] = acc * norm;
+    }
+}
+
+/* One branch's group sums when codes are bytes (b = 8): a group's stage
+ * tables follow each other from the branch's first, so code position i of
+ * the branch picks codeword base + ((i << 8) + code) * d. Inlined with d
+ * and stages constants, the common shapes run straight-line code. */
+VQKV__X86 static inline __attribute__((always_inline)) void
+vqkv__branch_sums8_x86(const float *base, const uint8_t *codes, uint32_t groups, uint32_t stages,
+                       uint32_t d, float norm, float *sums)
+{
+    const float *w[VQKV__MAX_STAGES];
+    for (uint32_t g = 0, i = 0; g < groups; g++, sums += d) {
+        for (uint32_t s = 0; s < stages; s++, i++)
+            w[s] = base + (((size_t)i << 8) + codes[i]) * d;
+        vqkv__group_sums_x86(w, stages, d, norm, sums);
+    }
+}
+
+/* A vector's group sums in code order: branch by branch, group by group. */
+VQKV__X86 static void vqkv__vq_sums_x86(const vqkv__head_decode_t *hd, size_t v, float *sums)
+{
+    const vqkv__side_t *side = hd->side;
+    uint32_t b = hd->vq->bits;
+    uint64_t first_code = (uint64_t)v * side->codes;
+    const uint8_t *norms = hd->norms + 2 * v * side->n_branches;
+    for (uint32_t bi = 0; bi < side->n_branches; bi++) {
+        const vqkv__branch_t *br = &side->br[bi];
+        float norm = vqkv_f16_to_f32(vqkv__get_u16(norms + 2 * bi));
+        if (b == 8) {
+            const float *base = hd->tables[br->first_code];
+            const uint8_t *codes = hd->codes + first_code + br->first_code;
+            uint32_t shape = br->d << 4 | br->stages;
+#define VQKV__SHAPE(D, R)                                                                          \
+    case (D) << 4 | (R): vqkv__branch_sums8_x86(base, codes, br->groups, R, D, norm, sums); break
+            switch (shape) {
+                VQKV__SHAPE(4, 1);
+                VQKV__SHAPE(4, 2);
+                VQKV__SHAPE(8, 1);
+                VQKV__SHAPE(8, 2);
+                VQKV__SHAPE(8, 3);
+                VQKV__SHAPE(16, 1);
+                VQKV__SHAPE(16, 2);
+            default: vqkv__branch_sums8_x86(base, codes, br->groups, br->stages, br->d, norm, sums);
+            }
+#undef VQKV__SHAPE
+            sums += br->n_channels;
+            continue;
+        }
+        for (uint32_t g = 0; g < br->groups; g++, sums += br->d) {
+            uint32_t at = br->first_code + g * br->stages;
+            const float *w[VQKV__MAX_STAGES];
+            for (uint32_t s = 0; s < br->stages; s++) {
+                uint64_t pos = first_code + at + s;
+                w[s] = hd->tables[at + s] + (size_t)vqkv__bits_get(hd->codes, pos * b, b) * br->d;
+            }
+            vqkv__group_sums_x86(w, br->stages, br->d, norm, sums);
+        }
+    }
+}
+
+/* Row steps on 8 channels: statistics (multiply, then add) and block means. */
+VQKV__X86 static inline __m256 vqkv__row_finish_x86(const vqkv__head_decode_t *hd, uint32_t c,
+                                                    __m256 x)
+{
+    if (hd->scale != NULL)
+        x = _mm256_add_ps(_mm256_mul_ps(x, _mm256_loadu_ps(hd->scale + c)),
+                          _mm256_loadu_ps(hd->mean + c));
+    if (hd->bm != NULL)
+        x = _mm256_add_ps(x, _mm256_loadu_ps(hd->bm + c));
+    return x;
+}
+
+VQKV__X86 static void vqkv__vq_decode_head_x86(const vqkv__head_decode_t *hd)
+{
+    const vqkv__side_t *side = hd->side;
+    const vqkv__tile_t *tile = hd->tile;
+    uint32_t D = hd->head_dim, width = vqkv_dtype_size(tile->dtype);
+    float sums[VQKV_MAX_HEAD_DIM], tail[8];
+    for (uint32_t t = 0; t < hd->tokens; t++) {
+        vqkv__vq_sums_x86(hd, (size_t)t * hd->heads + hd->head, sums);
+        uint8_t *out = tile->base + t * tile->token_stride + hd->head * tile->head_stride;
+        uint32_t c = 0;
+        for (; c + 8 <= D; c += 8) {
+            __m256 x = side->in_order
+                           ? _mm256_loadu_ps(sums + c)
+                           : _mm256_i32gather_ps(
+                                 sums, _mm256_loadu_si256((const __m256i *)(side->order + c)), 4);
+            vqkv__store8_x86(tile->dtype, vqkv__row_finish_x86(hd, c, x), out + (size_t)c * width);
+        }
+        /* The last D % 8 channels, as vqkv__vq_decode_head does them. */
+        for (uint32_t i = 0; c + i < D; i++) {
+            float x = sums[side->order[c + i]];
+            if (hd->scale != NULL)
+                x = x * hd->scale[c + i] + hd->mean[c + i];
+            if (hd->bm != NULL)
+                x += hd->bm[c + i];
+            tail[i] = x;
+        }
+        vqkv_dtype_from_f32(tile->dtype, tail, D - c, out + (size_t)c * width);
+    }
+}
+#endif
+
 /* Heads outermost, so each head's codebook tables (its own set with ph=1),
  * statistics and block means are set up once for all its tokens. */
 static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
@@ -726,25 +911,28 @@ static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, c
     const uint8_t *codes = norms + 2 * vectors * side->n_branches;
     float row[VQKV_MAX_HEAD_DIM], bm[VQKV_MAX_HEAD_DIM];
     const float *tables[VQKV_MAX_HEAD_DIM * VQKV__MAX_STAGES];
+    vqkv__head_decode_t hd = {vq,   side, tables, norms, codes, NULL,           NULL,
+                              NULL, tile, 0,      H,     D,     l->block_tokens};
+#if defined(__x86_64__)
+    void (*decode_head)(const vqkv__head_decode_t *) =
+        vqkv__simd_enabled() ? vqkv__vq_decode_head_x86 : vqkv__vq_decode_head;
+#else
+    void (*decode_head)(const vqkv__head_decode_t *) = vqkv__vq_decode_head;
+#endif
 
     for (uint32_t h = 0; h < H; h++) {
         if (h == 0 || vq->sets > 1)
             vqkv__vq_tables(vq, vqkv__set_layer(vq, layer, h), kv, tables);
-        const float *mean = vqkv__channel_stats(codec, layer, kv, h), *scale = mean + D;
-        if (mean_bytes > 0)
-            vqkv_dtype_to_f32(VQKV_DTYPE_F16, block_means + 2 * (size_t)h * D, D, bm);
-        for (uint32_t t = 0; t < l->block_tokens; t++) {
-            size_t v = (size_t)t * H + h;
-            vqkv__vq_decode_vector(vq, side, tables, norms + 2 * v * side->n_branches, codes,
-                                   (uint64_t)v * side->codes, row);
-            if (vq->channel_scale) /* cs=0 statistics are the identity */
-                for (uint32_t c = 0; c < D; c++)
-                    row[c] = row[c] * scale[c] + mean[c];
-            if (mean_bytes > 0)
-                for (uint32_t c = 0; c < D; c++)
-                    row[c] += bm[c];
-            vqkv__tile_store(tile, t, h, D, row);
+        hd.head = h;
+        if (vq->channel_scale) {
+            hd.mean = vqkv__channel_stats(codec, layer, kv, h);
+            hd.scale = hd.mean + D;
         }
+        if (mean_bytes > 0) {
+            vqkv_dtype_to_f32(VQKV_DTYPE_F16, block_means + 2 * (size_t)h * D, D, bm);
+            hd.bm = bm;
+        }
+        decode_head(&hd);
     }
     /* Escapes overwrite their vectors; an index outside the block (unused,
      * or a damaged block) is skipped, so no byte outside the slot moves. */

@@ -10,6 +10,7 @@
  * so NaN lanes are replaced by numeric.h's answer with a compare and a
  * blend. Tails shorter than eight go through numeric.h itself.
  */
+#include "numeric_x86.h"
 #include "codec_internal.h"
 
 #include <pthread.h>
@@ -20,30 +21,11 @@
 #include <cpuid.h>
 #include <immintrin.h>
 
-#define VQKV__X86 __attribute__((target("avx2,f16c")))
-
-/* The 16-bit halves of eight 32-bit lanes, in order (values fit 16 bits). */
-VQKV__X86 static inline __m128i vqkv__narrow(__m256i x)
-{
-    return _mm_packus_epi32(_mm256_castsi256_si128(x), _mm256_extracti128_si256(x, 1));
-}
-
 VQKV__X86 static void vqkv__f32_to_f16_x86(const float *src, size_t n, uint8_t *dst)
 {
-    const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
     size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256 x = _mm256_loadu_ps(src + i);
-        __m128i h = _mm256_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        __m256i u = _mm256_castps_si256(x);
-        __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
-        __m256i canon = _mm256_or_si256(_mm256_srli_epi32(_mm256_andnot_si256(abs_mask, u), 16),
-                                        _mm256_set1_epi32(0x7e00));
-        h = _mm_blendv_epi8(
-            h, vqkv__narrow(canon),
-            _mm_packs_epi32(_mm256_castsi256_si128(nan), _mm256_extracti128_si256(nan, 1)));
-        _mm_storeu_si128((__m128i *)(dst + 2 * i), h);
-    }
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + 2 * i), vqkv__f16x8_from_f32(_mm256_loadu_ps(src + i)));
     for (; i < n; i++) {
         uint16_t h = vqkv_f32_to_f16(src[i]);
         memcpy(dst + 2 * i, &h, sizeof h);
@@ -78,18 +60,9 @@ VQKV__X86 static void vqkv__f16_to_f32_x86(const uint8_t *src, size_t n, float *
 
 VQKV__X86 static void vqkv__f32_to_bf16_x86(const float *src, size_t n, uint8_t *dst)
 {
-    const __m256i abs_mask = _mm256_set1_epi32(0x7fffffff), inf = _mm256_set1_epi32(0x7f800000);
-    const __m256i one = _mm256_set1_epi32(1), half = _mm256_set1_epi32(0x7fff);
     size_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        __m256i u = _mm256_loadu_si256((const __m256i *)(src + i));
-        __m256i nan = _mm256_cmpgt_epi32(_mm256_and_si256(u, abs_mask), inf);
-        __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), one);
-        __m256i rne = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(u, half), odd), 16);
-        __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
-        _mm_storeu_si128((__m128i *)(dst + 2 * i),
-                         vqkv__narrow(_mm256_blendv_epi8(rne, quiet, nan)));
-    }
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(dst + 2 * i), vqkv__bf16x8_from_f32(_mm256_loadu_ps(src + i)));
     for (; i < n; i++) {
         uint16_t h = vqkv_f32_to_bf16(src[i]);
         memcpy(dst + 2 * i, &h, sizeof h);
