@@ -8,6 +8,7 @@
  */
 #include "bitpack.h"
 #include "codec_internal.h"
+#include "numeric_x86.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -143,6 +144,49 @@ static void vqkv__fp8_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
     }
 }
 
+#if defined(__x86_64__)
+/* vqkv_e4m3_to_f32 of eight codes: the code's exponent and mantissa moved
+ * to a float's places (e4m3's bias 7 against float's 127, so the value
+ * times 2^-120, subnormals included, as float subnormals), times 2^120,
+ * exact; then the sign, and numeric.h's NaN for S.1111.111. */
+VQKV__X86 static inline __m256 vqkv__e4m3x8_to_f32(__m256i code)
+{
+    __m256i mag = _mm256_and_si256(code, _mm256_set1_epi32(0x7f));
+    __m256i sign = _mm256_slli_epi32(_mm256_and_si256(code, _mm256_set1_epi32(0x80)), 24);
+    __m256 x =
+        _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(mag, 20)), _mm256_set1_ps(0x1p120f));
+    __m256i nan = _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f));
+    __m256i bits = _mm256_blendv_epi8(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fc00000), nan);
+    return _mm256_castsi256_ps(_mm256_or_si256(bits, sign));
+}
+
+/* The fp8 rows straight into worker memory, eight values a step:
+ * vqkv__fp8_row_decode's product for each, then the tile's dtype. */
+VQKV__X86 static void vqkv__fp8_decode_x86(const vqkv_codec_t *codec, const uint8_t *in,
+                                           const vqkv__tile_t *tile)
+{
+    const vqkv_layout_t *l = &codec->layout;
+    uint32_t D = l->head_dim, width = vqkv_dtype_size(tile->dtype);
+    const uint8_t *scales = in;
+    const uint8_t *codes = in + 2 * (size_t)l->block_tokens * l->num_kv_heads;
+    float tail[8];
+    for (uint32_t t = 0; t < l->block_tokens; t++) {
+        for (uint32_t h = 0; h < l->num_kv_heads; h++, scales += 2, codes += D) {
+            uint8_t *out = tile->base + t * tile->token_stride + h * tile->head_stride;
+            __m256 scale = _mm256_set1_ps(vqkv_f16_to_f32(vqkv__get_u16(scales)));
+            uint32_t c = 0;
+            for (; c + 8 <= D; c += 8) {
+                __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + c)));
+                vqkv__store8_x86(tile->dtype, _mm256_mul_ps(vqkv__e4m3x8_to_f32(code), scale),
+                                 out + (size_t)c * width);
+            }
+            vqkv__fp8_row_decode(scales, codes + c, D - c, tail);
+            vqkv_dtype_from_f32(tile->dtype, tail, D - c, out + (size_t)c * width);
+        }
+    }
+}
+#endif
+
 static void vqkv__fp8_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
                              const vqkv__tile_t *tile)
 {
@@ -151,6 +195,12 @@ static void vqkv__fp8_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, 
     const uint8_t *scales = in;
     const uint8_t *codes = in + 2 * (size_t)l->block_tokens * l->num_kv_heads;
     float row[VQKV_MAX_HEAD_DIM];
+#if defined(__x86_64__)
+    if (vqkv__simd_enabled()) {
+        vqkv__fp8_decode_x86(codec, in, tile);
+        return;
+    }
+#endif
     for (uint32_t t = 0; t < l->block_tokens; t++) {
         for (uint32_t h = 0; h < l->num_kv_heads; h++) {
             vqkv__fp8_row_decode(scales, codes, l->head_dim, row);
@@ -328,6 +378,60 @@ static void vqkv__kivi_codes(const uint8_t *codes, uint64_t first, uint32_t n, u
         q[d] = (float)vqkv__bits_get(codes, (first + d) * bits, bits);
 }
 
+#if defined(__x86_64__)
+/* Eight codes of `bits` (2 or 4) from `bits` bytes, as floats: each shifted
+ * out of a broadcast little-endian word. */
+VQKV__X86 static inline __m256 vqkv__kivi_codes8_x86(const uint8_t *codes, uint32_t bits)
+{
+    uint32_t word = bits == 4 ? (uint32_t)codes[0] | (uint32_t)codes[1] << 8 |
+                                    (uint32_t)codes[2] << 16 | (uint32_t)codes[3] << 24
+                              : (uint32_t)codes[0] | (uint32_t)codes[1] << 8;
+    __m256i shifts = bits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)
+                               : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    __m256i q = _mm256_srlv_epi32(_mm256_set1_epi32((int)word), shifts);
+    return _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32((1 << bits) - 1)));
+}
+
+/* One row of D (a multiple of 8) codes starting on a byte, into worker
+ * memory eight values a step: vqkv__kivi_decode's q * step + min (multiply,
+ * then add), with ranges per channel (keys) or per group of `group`
+ * channels, a multiple of 8 (values). Inlined with bits a constant. */
+VQKV__X86 static inline __attribute__((always_inline)) void
+vqkv__kivi_row_x86(const uint8_t *codes, uint32_t bits, uint32_t D, const float *min,
+                   const float *step, bool per_channel, uint32_t group, uint8_t *out,
+                   vqkv_dtype_t dtype)
+{
+    size_t width = vqkv_dtype_size(dtype);
+    for (uint32_t c0 = 0, g = 0; c0 < D; c0 += group, g++) {
+        __m256 s = _mm256_set1_ps(step[g]), m = _mm256_set1_ps(min[g]);
+        for (uint32_t c = c0; c < c0 + group; c += 8, codes += bits) {
+            if (per_channel) {
+                s = _mm256_loadu_ps(step + c);
+                m = _mm256_loadu_ps(min + c);
+            }
+            __m256 q = vqkv__kivi_codes8_x86(codes, bits);
+            vqkv__store8_x86(dtype, _mm256_add_ps(_mm256_mul_ps(q, s), m), out + c * width);
+        }
+    }
+}
+
+/* vqkv__kivi_decode's rows with AVX2: keys' ranges per channel (the row
+ * taken as one group of D), values' per group. */
+VQKV__X86 static void vqkv__kivi_row_dispatch_x86(const uint8_t *codes, uint32_t bits, uint32_t D,
+                                                  const float *min, const float *step, int kv,
+                                                  uint32_t group, const vqkv__tile_t *tile,
+                                                  uint32_t t, uint32_t h)
+{
+    uint8_t *out = tile->base + t * tile->token_stride + h * tile->head_stride;
+    bool keys = kv == 0;
+    uint32_t g = keys ? D : group;
+    if (bits == 4)
+        vqkv__kivi_row_x86(codes, 4, D, min, step, keys, g, out, tile->dtype);
+    else
+        vqkv__kivi_row_x86(codes, 2, D, min, step, keys, g, out, tile->dtype);
+}
+#endif
+
 static void vqkv__kivi_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
                               const vqkv__tile_t *tile)
 {
@@ -340,6 +444,10 @@ static void vqkv__kivi_decode(const vqkv_codec_t *codec, uint32_t layer, int kv,
     float row[VQKV_MAX_HEAD_DIM];
 
     float min[VQKV_MAX_HEAD_DIM], step[VQKV_MAX_HEAD_DIM];
+#if defined(__x86_64__)
+    /* Rows of whole bytes and value groups of whole registers. */
+    bool x86 = vqkv__simd_enabled() && D % 8 == 0 && (kv == 0 || k->group % 8 == 0);
+#endif
 
     /* Heads outermost, so a key head's per-channel ranges are converted
      * once for all its tokens; a value row's groups are its own. */
@@ -355,6 +463,13 @@ static void vqkv__kivi_decode(const vqkv_codec_t *codec, uint32_t layer, int kv,
                 vqkv_dtype_to_f32(VQKV_DTYPE_F16, mins + 2 * g0, n, min);
                 vqkv_dtype_to_f32(VQKV_DTYPE_F16, steps + 2 * g0, n, step);
             }
+#if defined(__x86_64__)
+            if (x86) {
+                vqkv__kivi_row_dispatch_x86(codes + base * k->bits / 8, k->bits, D, min, step, kv,
+                                            k->group, tile, t, h);
+                continue;
+            }
+#endif
             /* Codes first, then the arithmetic in a loop without branches
              * or bit fiddling, which the compiler vectorizes. */
             float q[VQKV_MAX_HEAD_DIM];

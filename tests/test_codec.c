@@ -2383,6 +2383,58 @@ static void test_fp16_bit_exact_all_patterns(void **state)
     vqkv_codec_free(codec);
 }
 
+/* fp8 decodes every code byte, NaN codes and subnormals included, with
+ * scales of every kind, to numeric.h's e4m3 value times the scale, in f32
+ * memory bit for bit and in f16 memory as that product rounded: whichever
+ * path the CPU takes (the vector one converts codes by arithmetic, not by
+ * numeric.h's function), on head_dims with and without a tail under 8. */
+static void test_fp8_decodes_every_code(void **state)
+{
+    (void)state;
+    static const uint16_t scales[] = {0x3c00, 0x3a00, 0x0001, 0x7bff, 0xbc00, 0x0000, 0x8000};
+    static const uint32_t head_dims[] = {64, 12};
+    static const vqkv_dtype_t kinds[] = {VQKV_DTYPE_F32, VQKV_DTYPE_F16};
+    for (size_t hi = 0; hi < 2; hi++)
+        for (size_t ki = 0; ki < 2; ki++) {
+            vqkv_layout_t l = {1, 2, head_dims[hi], 16, kinds[ki]};
+            uint32_t D = l.head_dim, vectors = l.block_tokens * l.num_kv_heads;
+            vqkv_codec_t *codec = NULL;
+            assert_ok(vqkv_codec_create("fp8", &l, &codec));
+            vqkv_kv_view_t v;
+            vqkv_kv_view_vllm(&v, &l, 1);
+            size_t part = vqkv_codec_block_bytes(codec) / 2, width = vqkv_dtype_size(l.dtype);
+            uint8_t *block = malloc(2 * part), *out = malloc(v.region_bytes);
+            float *want = malloc(D * sizeof *want);
+            assert_true(block && out && want);
+            uint32_t code = 0;
+            for (int kv = 0; kv < 2; kv++)
+                for (uint32_t i = 0; i < vectors; i++) {
+                    uint8_t *p = block + kv * part;
+                    uint16_t scale = scales[(i + kv) % (sizeof scales / sizeof scales[0])];
+                    p[2 * i] = (uint8_t)scale;
+                    p[2 * i + 1] = (uint8_t)(scale >> 8);
+                    for (uint32_t d = 0; d < D; d++)
+                        p[2 * vectors + (size_t)i * D + d] = (uint8_t)code++;
+                }
+            assert_true(code >= 512); /* every code, at least twice */
+            assert_ok(vqkv_codec_decode(codec, block, out, &v, 0));
+            for (int kv = 0; kv < 2; kv++)
+                for (uint32_t t = 0; t < l.block_tokens; t++)
+                    for (uint32_t h = 0; h < l.num_kv_heads; h++) {
+                        const uint8_t *p = block + kv * part;
+                        uint32_t i = t * l.num_kv_heads + h;
+                        test_fp8_row_decode(test_get_u16(p + 2 * i),
+                                            p + 2 * vectors + (size_t)i * D, D, want);
+                        uint8_t bytes[VQKV_MAX_HEAD_DIM * 4];
+                        vqkv_dtype_from_f32(l.dtype, want, D, bytes);
+                        assert_memory_equal(out + test_element_offset(&l, &v, 0, kv, 0, t, h, 0),
+                                            bytes, D * width);
+                    }
+            test_free_all(block, out, want);
+            vqkv_codec_free(codec);
+        }
+}
+
 /* In f32 memory the fp16 codec keeps every fp16-representable value
  * exactly (signed zeros, subnormals, infinities) and NaN stays NaN. */
 static void test_fp16_codec_f32_memory_specials(void **state)
@@ -3047,6 +3099,7 @@ int main(void)
         cmocka_unit_test(test_round_trip_views_and_dtypes),
         cmocka_unit_test(test_decode_dtypes_agree),
         cmocka_unit_test(test_fp16_bit_exact_all_patterns),
+        cmocka_unit_test(test_fp8_decodes_every_code),
         cmocka_unit_test(test_fp16_codec_f32_memory_specials),
         EVERY_CASE_TEST(determinism, VQKV_DTYPE_F16),
         EVERY_CASE_TEST(decode_batch, VQKV_DTYPE_BF16),
