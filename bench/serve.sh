@@ -18,9 +18,9 @@
 # VQKV_REDIS_REQUESTS (4000 large GETs; small ones run 25x as many),
 # VQKV_BENCH_PARTS ("serving capacity": which halves run).
 #
-# A VQ codec's capacity is measured after online calibration: vqkvd starts
-# with --calibration-tokens 1024, the benchmark puts as many warm-up tokens,
-# waits for the codebooks and evicts the warm-up before it counts.
+# A VQ codec is measured after online calibration, in both parts: vqkvd
+# starts with --calibration-tokens 1024, the benchmark puts as many warm-up
+# tokens, waits for the codebooks and evicts the warm-up before it counts.
 set -eu
 cd "$(dirname "$0")/.."
 build=${VQKV_BUILD_DIR:-build}
@@ -83,7 +83,7 @@ vqkvd_start 1G
 for n in $clients; do
     echo "vqkv-benchmark: $n clients, $seconds s, codec $codec" >&2
     "$bench" --socket "$dir/vqkv.sock" --clients "$n" --seconds "$seconds" --codec "$codec" \
-        --json "$dir/vqkv-$n.json" >&2
+        --warmup-tokens "$calib_tokens" --json "$dir/vqkv-$n.json" >&2
 done
 vqkvd_stop
 

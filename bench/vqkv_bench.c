@@ -23,8 +23,8 @@
  * eviction watermark are all in it. It needs a fresh daemon per codec and
  * shape, as a daemon refuses a second codec under one model id. A VQ codec
  * the daemon has no codebooks for is stored fp16 while it calibrates, so
- * the fill first puts --warmup-tokens of other blocks, waits for the
- * codebooks, evicts those blocks and counts from there: the fallback's
+ * either mode first puts --warmup-tokens of other blocks, waits for the
+ * codebooks, evicts those blocks and measures from there: the fallback's
  * chunks go back to the pool but for the one its class keeps (pool.h).
  * When stderr is a terminal the fill shows a progress line there
  * (client/progress.h): blocks held, blocks/s, how full the pool is and an
@@ -209,6 +209,63 @@ static int bench_put_prefix(const bench_t *b, vqkv_worker_t *w, uint32_t first,
     return VQKV_OK;
 }
 
+/* ---- warm-up ------------------------------------------------------------------ */
+
+/* Puts block `id` of the fill, a one-block prefix of its own, from slot 0;
+ * with fill, first writes the block's own synthetic KV there (calibration
+ * needs varied data; the count does not). */
+static int bench_capacity_put(const bench_t *b, vqkv_worker_t *w, uint64_t id, int fill,
+                              vqkv_put_status_t *ps)
+{
+    uint32_t tokens[64];
+    uint8_t key[1][VQKV_KEY_BYTES];
+    size_t n = 0;
+    const uint32_t slot = 0;
+    for (uint32_t i = 0; i < b->layout.block_tokens; i++)
+        tokens[i] = 1u + bench_mix32(id * 64 + i) % 49151u;
+    tokens[0] = (uint32_t)id;
+    int rc =
+        vqkv_model_block_keys(w->model, NULL, tokens, b->layout.block_tokens, NULL, 0, key, 1, &n);
+    if (rc != VQKV_OK)
+        return rc;
+    if (fill)
+        vqkv_worker_fill_synthetic(&b->layout, &w->view, w->base, slot, key[0]);
+    *ps = VQKV_PUT_STORED;
+    return vqkv_put(w->client, w->model, w->region, (const uint8_t(*)[VQKV_KEY_BYTES])key, NULL,
+                    &slot, 1, ps);
+}
+
+/* Puts --warmup-tokens of blocks for the daemon to calibrate the codec on
+ * (one it has no codebooks for stores fp16 until then), waits for its
+ * codebooks and evicts those blocks again: both modes measure the codec
+ * asked for, not the fallback. Sets *next_id to
+ * the first block id the fill may use and st to the counters after; -1,
+ * said on stderr, when any step fails. */
+static int bench_warmup(const bench_t *b, vqkv_worker_t *w, uint64_t *next_id, vqkv_stats_t *st)
+{
+    char err[512];
+    uint64_t id = 0, warmup_blocks = b->o.warmup_tokens / b->layout.block_tokens;
+    vqkv_put_status_t ps = VQKV_PUT_STORED;
+    size_t evicted = 0;
+    int rc = VQKV_OK;
+    for (; id < warmup_blocks && rc >= 0; id++)
+        rc = bench_capacity_put(b, w, id, 1, &ps);
+    if (rc >= 0)
+        rc = vqkv_worker_wait_codebooks(w, b->model_id, 1800.0, err, sizeof err);
+    else
+        snprintf(err, sizeof err, "warm-up put: %s", vqkv_last_error(w->client));
+    if (rc >= 0 && (rc = vqkv_evict(w->client, w->model, NULL, 0, 1, &evicted)) < 0)
+        snprintf(err, sizeof err, "evict the warm-up: %s", vqkv_last_error(w->client));
+    if (rc >= 0 && (rc = vqkv_stats(w->client, st)) < 0)
+        snprintf(err, sizeof err, "stats: %s", vqkv_last_error(w->client));
+    if (rc < 0) {
+        fprintf(stderr, "vqkv-benchmark: warm-up: %s\n", err);
+        return -1;
+    }
+    *next_id = id;
+    return 0;
+}
+
 /* ---- serving mode ------------------------------------------------------------- */
 
 /* Puts the shared prefixes and pins them for the run (and a minute more),
@@ -223,6 +280,12 @@ static int bench_setup(bench_t *b)
         return -1;
     }
     snprintf(b->codec, sizeof b->codec, "%s", vqkv_model_codec(w.model));
+    uint64_t next_id;
+    vqkv_stats_t st;
+    if (!vqkv_model_codebooks_ready(w.model) && bench_warmup(b, &w, &next_id, &st) < 0) {
+        vqkv_worker_close(&w);
+        return -1;
+    }
     size_t n_tokens = (size_t)b->o.blocks_per_get * b->layout.block_tokens;
     uint32_t *tokens = malloc(n_tokens * sizeof *tokens);
     uint8_t(*keys)[VQKV_KEY_BYTES] = malloc(b->o.blocks_per_get * sizeof *keys);
@@ -549,60 +612,6 @@ static int bench_serve(bench_t *b)
 
 /* ---- capacity mode ------------------------------------------------------------- */
 
-/* Puts block `id` of the fill, a one-block prefix of its own, from slot 0;
- * with fill, first writes the block's own synthetic KV there (calibration
- * needs varied data; the count does not). */
-static int bench_capacity_put(const bench_t *b, vqkv_worker_t *w, uint64_t id, int fill,
-                              vqkv_put_status_t *ps)
-{
-    uint32_t tokens[64];
-    uint8_t key[1][VQKV_KEY_BYTES];
-    size_t n = 0;
-    const uint32_t slot = 0;
-    for (uint32_t i = 0; i < b->layout.block_tokens; i++)
-        tokens[i] = 1u + bench_mix32(id * 64 + i) % 49151u;
-    tokens[0] = (uint32_t)id;
-    int rc =
-        vqkv_model_block_keys(w->model, NULL, tokens, b->layout.block_tokens, NULL, 0, key, 1, &n);
-    if (rc != VQKV_OK)
-        return rc;
-    if (fill)
-        vqkv_worker_fill_synthetic(&b->layout, &w->view, w->base, slot, key[0]);
-    *ps = VQKV_PUT_STORED;
-    return vqkv_put(w->client, w->model, w->region, (const uint8_t(*)[VQKV_KEY_BYTES])key, NULL,
-                    &slot, 1, ps);
-}
-
-/* Puts --warmup-tokens of blocks for the daemon to calibrate the codec on,
- * waits for its codebooks and evicts those blocks again. Sets *next_id to
- * the first block id the fill may use and st to the counters after; -1,
- * said on stderr, when any step fails. */
-static int bench_capacity_warmup(const bench_t *b, vqkv_worker_t *w, uint64_t *next_id,
-                                 vqkv_stats_t *st)
-{
-    char err[512];
-    uint64_t id = 0, warmup_blocks = b->o.warmup_tokens / b->layout.block_tokens;
-    vqkv_put_status_t ps = VQKV_PUT_STORED;
-    size_t evicted = 0;
-    int rc = VQKV_OK;
-    for (; id < warmup_blocks && rc >= 0; id++)
-        rc = bench_capacity_put(b, w, id, 1, &ps);
-    if (rc >= 0)
-        rc = vqkv_worker_wait_codebooks(w, b->model_id, 1800.0, err, sizeof err);
-    else
-        snprintf(err, sizeof err, "warm-up put: %s", vqkv_last_error(w->client));
-    if (rc >= 0 && (rc = vqkv_evict(w->client, w->model, NULL, 0, 1, &evicted)) < 0)
-        snprintf(err, sizeof err, "evict the warm-up: %s", vqkv_last_error(w->client));
-    if (rc >= 0 && (rc = vqkv_stats(w->client, st)) < 0)
-        snprintf(err, sizeof err, "stats: %s", vqkv_last_error(w->client));
-    if (rc < 0) {
-        fprintf(stderr, "vqkv-benchmark: capacity: %s\n", err);
-        return -1;
-    }
-    *next_id = id;
-    return 0;
-}
-
 /* Redraws the fill's progress line, done blocks into it. Every put adds
  * the same slot bytes, so the blocks the fill will have put are the ones so
  * far over the fraction of the way to the watermark the pool has come. */
@@ -676,7 +685,7 @@ static int bench_capacity(bench_t *b)
     uint64_t id = 0, evictions_before = 0;
     vqkv_put_status_t ps = VQKV_PUT_STORED;
     if (!vqkv_model_codebooks_ready(w.model)) {
-        if (bench_capacity_warmup(b, &w, &id, &st) < 0) {
+        if (bench_warmup(b, &w, &id, &st) < 0) {
             vqkv_worker_close(&w);
             return 1;
         }
@@ -737,8 +746,8 @@ static void bench_usage(FILE *f)
           "  --prefixes P       prefixes put and pinned before the run (default 64)\n"
           "  --put-every M      a client puts a new prefix every M loops (default 16, 0: never)\n"
           "  --capacity         instead: fill a fresh daemon until it evicts, report tokens/GiB\n"
-          "  --warmup-tokens N  capacity of a VQ codec the daemon has no codebooks for: first\n"
-          "                     put N tokens for it to calibrate on (default 2048)\n"
+          "  --warmup-tokens N  a VQ codec the daemon has no codebooks for: first put N\n"
+          "                     tokens for it to calibrate on, then evict them (default 2048)\n"
           "  --json FILE        also write the figures as one JSON object\n"
           "  --version          print the version\n",
           f);
