@@ -162,11 +162,12 @@ VQKV__X86 static inline __m256 vqkv__e4m3x8_to_f32(__m256i code)
 
 /* The fp8 rows straight into worker memory, eight values a step:
  * vqkv__fp8_row_decode's product for each, then the tile's dtype. */
-VQKV__X86 static void vqkv__fp8_decode_x86(const vqkv_codec_t *codec, const uint8_t *in,
-                                           const vqkv__tile_t *tile)
+VQKV__X86 static inline __attribute__((always_inline)) void
+vqkv__fp8_rows_x86(const vqkv_codec_t *codec, const uint8_t *in, const vqkv__tile_t *tile,
+                   vqkv_dtype_t dtype)
 {
     const vqkv_layout_t *l = &codec->layout;
-    uint32_t D = l->head_dim, width = vqkv_dtype_size(tile->dtype);
+    uint32_t D = l->head_dim, width = dtype == VQKV_DTYPE_F32 ? 4 : 2;
     const uint8_t *scales = in;
     const uint8_t *codes = in + 2 * (size_t)l->block_tokens * l->num_kv_heads;
     float tail[8];
@@ -177,12 +178,23 @@ VQKV__X86 static void vqkv__fp8_decode_x86(const vqkv_codec_t *codec, const uint
             uint32_t c = 0;
             for (; c + 8 <= D; c += 8) {
                 __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + c)));
-                vqkv__store8_x86(tile->dtype, _mm256_mul_ps(vqkv__e4m3x8_to_f32(code), scale),
+                vqkv__store8_x86(dtype, _mm256_mul_ps(vqkv__e4m3x8_to_f32(code), scale),
                                  out + (size_t)c * width);
             }
             vqkv__fp8_row_decode(scales, codes + c, D - c, tail);
-            vqkv_dtype_from_f32(tile->dtype, tail, D - c, out + (size_t)c * width);
+            vqkv_dtype_from_f32(dtype, tail, D - c, out + (size_t)c * width);
         }
+    }
+}
+
+/* One loop per dtype, so the store is not chosen per value. */
+VQKV__X86 static void vqkv__fp8_decode_x86(const vqkv_codec_t *codec, const uint8_t *in,
+                                           const vqkv__tile_t *tile)
+{
+    switch (tile->dtype) {
+    case VQKV_DTYPE_F16: vqkv__fp8_rows_x86(codec, in, tile, VQKV_DTYPE_F16); break;
+    case VQKV_DTYPE_BF16: vqkv__fp8_rows_x86(codec, in, tile, VQKV_DTYPE_BF16); break;
+    case VQKV_DTYPE_F32: vqkv__fp8_rows_x86(codec, in, tile, VQKV_DTYPE_F32); break;
     }
 }
 #endif
@@ -401,22 +413,23 @@ vqkv__kivi_row_x86(const uint8_t *codes, uint32_t bits, uint32_t D, const float 
                    const float *step, bool per_channel, uint32_t group, uint8_t *out,
                    vqkv_dtype_t dtype)
 {
-    size_t width = vqkv_dtype_size(dtype);
+    uint32_t width = dtype == VQKV_DTYPE_F32 ? 4 : 2;
     for (uint32_t c0 = 0, g = 0; c0 < D; c0 += group, g++) {
         __m256 s = _mm256_set1_ps(step[g]), m = _mm256_set1_ps(min[g]);
-        for (uint32_t c = c0; c < c0 + group; c += 8, codes += bits) {
+        for (uint32_t c = c0; c < c0 + group; c += 8, codes += bits, out += 8 * width) {
             if (per_channel) {
                 s = _mm256_loadu_ps(step + c);
                 m = _mm256_loadu_ps(min + c);
             }
             __m256 q = vqkv__kivi_codes8_x86(codes, bits);
-            vqkv__store8_x86(dtype, _mm256_add_ps(_mm256_mul_ps(q, s), m), out + c * width);
+            vqkv__store8_x86(dtype, _mm256_add_ps(_mm256_mul_ps(q, s), m), out);
         }
     }
 }
 
 /* vqkv__kivi_decode's rows with AVX2: keys' ranges per channel (the row
- * taken as one group of D), values' per group. */
+ * taken as one group of D), values' per group; one loop per code width and
+ * dtype, so neither is tested per value. */
 VQKV__X86 static void vqkv__kivi_row_dispatch_x86(const uint8_t *codes, uint32_t bits, uint32_t D,
                                                   const float *min, const float *step, int kv,
                                                   uint32_t group, const vqkv__tile_t *tile,
@@ -425,10 +438,19 @@ VQKV__X86 static void vqkv__kivi_row_dispatch_x86(const uint8_t *codes, uint32_t
     uint8_t *out = tile->base + t * tile->token_stride + h * tile->head_stride;
     bool keys = kv == 0;
     uint32_t g = keys ? D : group;
-    if (bits == 4)
-        vqkv__kivi_row_x86(codes, 4, D, min, step, keys, g, out, tile->dtype);
-    else
-        vqkv__kivi_row_x86(codes, 2, D, min, step, keys, g, out, tile->dtype);
+#define VQKV__KIVI_ROW(BITS, DTYPE)                                                                \
+    case (BITS) << 4 | (DTYPE):                                                                    \
+        vqkv__kivi_row_x86(codes, BITS, D, min, step, keys, g, out, DTYPE);                        \
+        break
+    switch (bits << 4 | tile->dtype) {
+        VQKV__KIVI_ROW(2, VQKV_DTYPE_F16);
+        VQKV__KIVI_ROW(2, VQKV_DTYPE_BF16);
+        VQKV__KIVI_ROW(2, VQKV_DTYPE_F32);
+        VQKV__KIVI_ROW(4, VQKV_DTYPE_F16);
+        VQKV__KIVI_ROW(4, VQKV_DTYPE_BF16);
+        VQKV__KIVI_ROW(4, VQKV_DTYPE_F32);
+    }
+#undef VQKV__KIVI_ROW
 }
 #endif
 

@@ -865,22 +865,24 @@ VQKV__X86 static inline __m256 vqkv__row_finish_x86(const vqkv__head_decode_t *h
     return x;
 }
 
-VQKV__X86 static void vqkv__vq_decode_head_x86(const vqkv__head_decode_t *hd)
+/* Inlined with dtype a constant, so the store is not chosen per value. */
+VQKV__X86 static inline __attribute__((always_inline)) void
+vqkv__vq_decode_rows_x86(const vqkv__head_decode_t *hd, vqkv_dtype_t dtype)
 {
     const vqkv__side_t *side = hd->side;
     const vqkv__tile_t *tile = hd->tile;
-    uint32_t D = hd->head_dim, width = vqkv_dtype_size(tile->dtype);
+    uint32_t D = hd->head_dim, width = dtype == VQKV_DTYPE_F32 ? 4 : 2;
     float sums[VQKV_MAX_HEAD_DIM], tail[8];
     for (uint32_t t = 0; t < hd->tokens; t++) {
         vqkv__vq_sums_x86(hd, (size_t)t * hd->heads + hd->head, sums);
         uint8_t *out = tile->base + t * tile->token_stride + hd->head * tile->head_stride;
         uint32_t c = 0;
-        for (; c + 8 <= D; c += 8) {
+        for (; c + 8 <= D; c += 8, out += 8 * width) {
             __m256 x = side->in_order
                            ? _mm256_loadu_ps(sums + c)
                            : _mm256_i32gather_ps(
                                  sums, _mm256_loadu_si256((const __m256i *)(side->order + c)), 4);
-            vqkv__store8_x86(tile->dtype, vqkv__row_finish_x86(hd, c, x), out + (size_t)c * width);
+            vqkv__store8_x86(dtype, vqkv__row_finish_x86(hd, c, x), out);
         }
         /* The last D % 8 channels, as vqkv__vq_decode_head does them. */
         for (uint32_t i = 0; c + i < D; i++) {
@@ -891,7 +893,16 @@ VQKV__X86 static void vqkv__vq_decode_head_x86(const vqkv__head_decode_t *hd)
                 x += hd->bm[c + i];
             tail[i] = x;
         }
-        vqkv_dtype_from_f32(tile->dtype, tail, D - c, out + (size_t)c * width);
+        vqkv_dtype_from_f32(dtype, tail, D - c, out);
+    }
+}
+
+VQKV__X86 static void vqkv__vq_decode_head_x86(const vqkv__head_decode_t *hd)
+{
+    switch (hd->tile->dtype) {
+    case VQKV_DTYPE_F16: vqkv__vq_decode_rows_x86(hd, VQKV_DTYPE_F16); break;
+    case VQKV_DTYPE_BF16: vqkv__vq_decode_rows_x86(hd, VQKV_DTYPE_BF16); break;
+    case VQKV_DTYPE_F32: vqkv__vq_decode_rows_x86(hd, VQKV_DTYPE_F32); break;
     }
 }
 #endif
