@@ -38,15 +38,19 @@ static inline void bench_fill(uint16_t *cache, size_t n, uint32_t head_dim)
 }
 
 /* The command line the codec benchmarks share:
- *   NAME [--blocks N] [--min-seconds S] [--json FILE] [SPEC ...]
+ *   NAME [--blocks N] [--threads T] [--min-seconds S] [--json FILE] [SPEC ...]
  * the codecs of the table below when no SPEC is given. */
 typedef struct {
     const char *specs[32];
     size_t n_specs;
     uint32_t blocks;    /* the caller's default before parsing */
+    uint32_t threads;   /* likewise; 0: the program takes no --threads */
     double min_seconds; /* likewise */
     const char *json_path;
 } bench_args_t;
+
+/* Most threads a pass is split over. */
+#define BENCH_MAX_THREADS 64
 
 /* Parses argv over a's defaults: 0, or 2 (the exit status) after saying
  * what is wrong. --blocks must be 1 to max_blocks. */
@@ -58,15 +62,21 @@ static inline int bench_args_parse(bench_args_t *a, int argc, char **argv, const
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--blocks") == 0 && i + 1 < argc)
             a->blocks = (uint32_t)strtoul(argv[++i], NULL, 10);
-        else if (strcmp(argv[i], "--min-seconds") == 0 && i + 1 < argc)
+        else if (strcmp(argv[i], "--threads") == 0 && i + 1 < argc && a->threads != 0) {
+            a->threads = (uint32_t)strtoul(argv[++i], NULL, 10);
+            if (a->threads == 0 || a->threads > BENCH_MAX_THREADS) {
+                fprintf(stderr, "%s: --threads must be 1 to %u\n", name, BENCH_MAX_THREADS);
+                return 2;
+            }
+        } else if (strcmp(argv[i], "--min-seconds") == 0 && i + 1 < argc)
             a->min_seconds = strtod(argv[++i], NULL);
         else if (strcmp(argv[i], "--json") == 0 && i + 1 < argc)
             a->json_path = argv[++i];
         else if (argv[i][0] != '-' && a->n_specs < 32)
             a->specs[a->n_specs++] = argv[i];
         else {
-            fprintf(stderr, "usage: %s [--blocks N] [--min-seconds S] [--json FILE] [SPEC ...]\n",
-                    name);
+            fprintf(stderr, "usage: %s [--blocks N]%s [--min-seconds S] [--json FILE] [SPEC ...]\n",
+                    name, a->threads != 0 ? " [--threads T]" : "");
             return 2;
         }
     }

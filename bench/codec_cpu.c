@@ -3,18 +3,21 @@
  * Blocks of a Llama-8B-like layout (32 layers, 8 kv heads, head_dim 128,
  * 32 tokens per block: 4 MiB of fp16 per block) live in a vLLM-style paged
  * fp16 cache. Each codec encodes blocks out of it and decodes them back
- * into a second cache, one thread, and the figures are GB/s of fp16 in
- * (encode) and out (decode). Decode takes all blocks as one batch, as a
- * get does (vqkv_codec_decode_batch: layer by layer). memcpy of the same number of fp16 bytes
- * between the two caches, in the same run, is the baseline. VQ codebooks are trained briefly on the
- * same synthetic data: their quality does not matter here, only the work per block does.
+ * into a second cache, and the figures are GB/s of fp16 in (encode) and out
+ * (decode). Decode takes all blocks as one batch, as a get does
+ * (vqkv_codec_decode_batch: layer by layer). memcpy of the same number of
+ * fp16 bytes between the two caches, in the same run, is the baseline.
+ * With --threads T (default 1) each pass is split T ways as vqkvd splits
+ * a request: encode by blocks, decode by layers, memcpy by bytes. VQ codebooks are trained briefly
+ * on the same synthetic data: their quality does not matter here, only the work per block does.
  *
- * usage: codec_cpu [--blocks N] [--min-seconds S] [--json FILE] [SPEC ...]
+ * usage: codec_cpu [--blocks N] [--threads T] [--min-seconds S] [--json FILE] [SPEC ...]
  */
 #include "bench_util.h"
 #include "vqkv_codec.h"
 
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -39,36 +42,85 @@ typedef struct {
     size_t fp16_bytes;
 } bench_pass_t;
 
-static int bench_pass(const bench_pass_t *p)
+/* Share `share` of `shares` of a range of n: [n*share/shares, n*(share+1)/shares). */
+static size_t bench_share_begin(size_t n, uint32_t share, uint32_t shares)
+{
+    return n * share / shares;
+}
+
+static int bench_pass(const bench_pass_t *p, uint32_t share, uint32_t shares)
 {
     size_t block_bytes = p->codec ? vqkv_codec_block_bytes(p->codec) : 0;
     int rc = VQKV_OK;
-    for (uint32_t s = 0; s < p->blocks && rc == VQKV_OK && p->kind == BENCH_ENCODE; s++)
-        rc = vqkv_codec_encode(p->codec, p->cache, p->view, s, p->packed + s * block_bytes);
+    if (p->kind == BENCH_ENCODE) {
+        size_t end = bench_share_begin(p->blocks, share + 1, shares);
+        for (size_t s = bench_share_begin(p->blocks, share, shares); s < end && rc == VQKV_OK; s++)
+            rc = vqkv_codec_encode(p->codec, p->cache, p->view, (uint32_t)s,
+                                   p->packed + s * block_bytes);
+    }
     if (p->kind == BENCH_DECODE) { /* all blocks at once, as one get */
         const uint8_t *in[BENCH_MAX_BLOCKS];
-        uint32_t slots[BENCH_MAX_BLOCKS];
+        uint32_t slots[BENCH_MAX_BLOCKS], layers = vqkv_codec_layout(p->codec)->num_layers;
         for (uint32_t s = 0; s < p->blocks; s++) {
             in[s] = p->packed + s * block_bytes;
             slots[s] = s;
         }
-        rc = vqkv_codec_decode_batch(p->codec, in, p->restored, p->view, slots, p->blocks, 0,
-                                     vqkv_codec_layout(p->codec)->num_layers);
+        rc = vqkv_codec_decode_batch(p->codec, in, p->restored, p->view, slots, p->blocks,
+                                     (uint32_t)bench_share_begin(layers, share, shares),
+                                     (uint32_t)bench_share_begin(layers, share + 1, shares));
     }
     if (p->kind == BENCH_MEMCPY) {
-        memcpy(p->restored, p->cache, p->fp16_bytes);
+        size_t begin = bench_share_begin(p->fp16_bytes / 64, share, shares) * 64;
+        size_t end = share + 1 == shares
+                         ? p->fp16_bytes
+                         : bench_share_begin(p->fp16_bytes / 64, share + 1, shares) * 64;
+        memcpy((uint8_t *)p->restored + begin, (const uint8_t *)p->cache + begin, end - begin);
         __asm__ volatile("" : : "r"(p->restored) : "memory");
     }
     return rc;
 }
 
+typedef struct {
+    const bench_pass_t *pass;
+    uint32_t share, shares;
+    int rc;
+} bench_share_t;
+
+static void *bench_share_run(void *arg)
+{
+    bench_share_t *s = arg;
+    s->rc = bench_pass(s->pass, s->share, s->shares);
+    return NULL;
+}
+
+/* One pass split over `threads` threads (this one and threads - 1 more,
+ * started per pass: tens of microseconds against passes of milliseconds). */
+static int bench_pass_threads(const bench_pass_t *p, uint32_t threads)
+{
+    bench_share_t shares[BENCH_MAX_THREADS] = {{NULL, 0, 1, VQKV_OK}};
+    pthread_t tid[BENCH_MAX_THREADS];
+    uint32_t started = 1;
+    for (uint32_t i = 0; i < threads; i++)
+        shares[i] = (bench_share_t){p, i, threads, VQKV_OK};
+    for (; started < threads; started++)
+        if (pthread_create(&tid[started], NULL, bench_share_run, &shares[started]) != 0)
+            break;
+    bench_share_run(&shares[0]);
+    int rc = started == threads ? VQKV_OK : VQKV_ENOMEM;
+    for (uint32_t i = 1; i < started; i++)
+        pthread_join(tid[i], NULL);
+    for (uint32_t i = 0; i < started && rc == VQKV_OK; i++)
+        rc = shares[i].rc;
+    return rc;
+}
+
 /* Repeats the pass until min_seconds have passed: GB/s of fp16 bytes. */
-static double bench_timed(const bench_pass_t *p, double min_seconds, int *rc)
+static double bench_timed(const bench_pass_t *p, uint32_t threads, double min_seconds, int *rc)
 {
     double t0 = bench_now(), elapsed;
     size_t passes = 0;
     do {
-        *rc = bench_pass(p);
+        *rc = bench_pass_threads(p, threads);
         passes++;
         elapsed = bench_now() - t0;
     } while (*rc == VQKV_OK && elapsed < min_seconds);
@@ -76,8 +128,8 @@ static double bench_timed(const bench_pass_t *p, double min_seconds, int *rc)
 }
 
 static int bench_codec(const char *spec, const vqkv_layout_t *layout, const vqkv_kv_view_t *view,
-                       uint16_t *cache, uint16_t *restored, uint32_t blocks, double min_seconds,
-                       bench_row_t *row)
+                       uint16_t *cache, uint16_t *restored, uint32_t blocks, uint32_t threads,
+                       double min_seconds, bench_row_t *row)
 {
     vqkv_codec_t *codec;
     int rc = vqkv_codec_create(spec, layout, &codec);
@@ -94,13 +146,13 @@ static int bench_codec(const char *spec, const vqkv_layout_t *layout, const vqkv
     snprintf(row->spec, sizeof row->spec, "%s", vqkv_codec_spec(codec));
     row->bits = vqkv_codec_bits_per_value(codec);
     if (rc == VQKV_OK)
-        row->encode_gbps = bench_timed(&pass, min_seconds, &rc);
+        row->encode_gbps = bench_timed(&pass, threads, min_seconds, &rc);
     pass.kind = BENCH_DECODE;
     if (rc == VQKV_OK)
-        row->decode_gbps = bench_timed(&pass, min_seconds, &rc);
+        row->decode_gbps = bench_timed(&pass, threads, min_seconds, &rc);
     pass.kind = BENCH_MEMCPY;
     if (rc == VQKV_OK)
-        row->memcpy_gbps = bench_timed(&pass, min_seconds, &rc);
+        row->memcpy_gbps = bench_timed(&pass, threads, min_seconds, &rc);
     free(packed);
     vqkv_codec_free(codec);
     if (rc != VQKV_OK)
@@ -110,11 +162,11 @@ static int bench_codec(const char *spec, const vqkv_layout_t *layout, const vqkv
 
 int main(int argc, char **argv)
 {
-    bench_args_t args = {.blocks = 4, .min_seconds = 0.5};
+    bench_args_t args = {.blocks = 4, .threads = 1, .min_seconds = 0.5};
     int bad = bench_args_parse(&args, argc, argv, "codec_cpu", BENCH_MAX_BLOCKS);
     if (bad != 0)
         return bad;
-    uint32_t blocks = args.blocks;
+    uint32_t blocks = args.blocks, threads = args.threads;
     double min_seconds = args.min_seconds;
     const char *json_path = args.json_path;
     const char *const *specs = args.specs;
@@ -133,13 +185,13 @@ int main(int argc, char **argv)
 
     bench_row_t rows[32];
     printf("layout: 32 layers, 8 kv heads, head_dim 128, 32 tokens/block (%.1f MiB fp16/block), "
-           "%u blocks, 1 thread\n",
-           (double)view.region_bytes / blocks / (1 << 20), blocks);
+           "%u blocks, %u thread%s\n",
+           (double)view.region_bytes / blocks / (1 << 20), blocks, threads, threads > 1 ? "s" : "");
     printf("%-40s %6s %12s %12s %12s %8s %8s\n", "codec", "bits", "enc GB/s", "dec GB/s",
            "memcpy GB/s", "enc/cpy", "dec/cpy");
     for (size_t i = 0; i < n_specs; i++) {
-        if (bench_codec(specs[i], &layout, &view, cache, restored, blocks, min_seconds, &rows[i]) !=
-            VQKV_OK)
+        if (bench_codec(specs[i], &layout, &view, cache, restored, blocks, threads, min_seconds,
+                        &rows[i]) != VQKV_OK)
             return 1;
         bench_row_t *r = &rows[i];
         printf("%-40s %6.3f %12.3f %12.3f %12.3f %8.3f %8.3f\n", r->spec, r->bits, r->encode_gbps,
@@ -156,8 +208,8 @@ int main(int argc, char **argv)
         fprintf(f,
                 "{\"bench\": \"codec_cpu\", \"layout\": {\"num_layers\": 32, \"num_kv_heads\": 8, "
                 "\"head_dim\": 128, \"block_tokens\": 32, \"dtype\": \"f16\"}, \"blocks\": %u, "
-                "\"threads\": 1, \"results\": [\n",
-                blocks);
+                "\"threads\": %u, \"results\": [\n",
+                blocks, threads);
         for (size_t i = 0; i < n_specs; i++)
             fprintf(f,
                     "  {\"codec\": \"%s\", \"bits_per_value\": %.4f, \"encode_gbps\": %.4f, "
