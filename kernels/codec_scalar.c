@@ -160,11 +160,49 @@ VQKV__X86 static inline __m256 vqkv__e4m3x8_to_f32(__m256i code)
     return _mm256_castsi256_ps(_mm256_or_si256(bits, sign));
 }
 
+/* vqkv__e4m3x8_to_f32 on sixteen codes. */
+VQKV__X512 static inline __m512 vqkv__e4m3x16_to_f32(__m512i code)
+{
+    __m512i mag = _mm512_and_si512(code, _mm512_set1_epi32(0x7f));
+    __m512i sign = _mm512_slli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(0x80)), 24);
+    __m512 x =
+        _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(mag, 20)), _mm512_set1_ps(0x1p120f));
+    __mmask16 nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
+    __m512i bits =
+        _mm512_mask_blend_epi32(nan, _mm512_castps_si512(x), _mm512_set1_epi32(0x7fc00000));
+    return _mm512_castsi512_ps(_mm512_or_si512(bits, sign));
+}
+
+/* A row's first values, sixteen a step, into out: how many it did. */
+VQKV__X512 static inline __attribute__((always_inline)) uint32_t
+vqkv__fp8_row16_body(const uint8_t *codes, float scale, uint32_t D, uint8_t *out,
+                     vqkv_dtype_t dtype)
+{
+    uint32_t c = 0, width = dtype == VQKV_DTYPE_F32 ? 4 : 2;
+    for (; c + 16 <= D; c += 16, out += 16 * width) {
+        __m512i code = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + c)));
+        vqkv__store16_x512(dtype, _mm512_mul_ps(vqkv__e4m3x16_to_f32(code), _mm512_set1_ps(scale)),
+                           out);
+    }
+    return c;
+}
+
+VQKV__X512 static uint32_t vqkv__fp8_row16_x512(const uint8_t *codes, float scale, uint32_t D,
+                                                uint8_t *out, vqkv_dtype_t dtype)
+{
+    switch (dtype) {
+    case VQKV_DTYPE_F16: return vqkv__fp8_row16_body(codes, scale, D, out, VQKV_DTYPE_F16);
+    case VQKV_DTYPE_BF16: return vqkv__fp8_row16_body(codes, scale, D, out, VQKV_DTYPE_BF16);
+    case VQKV_DTYPE_F32: return vqkv__fp8_row16_body(codes, scale, D, out, VQKV_DTYPE_F32);
+    }
+    return 0;
+}
+
 /* The fp8 rows straight into worker memory, eight values a step:
  * vqkv__fp8_row_decode's product for each, then the tile's dtype. */
 VQKV__X86 static inline __attribute__((always_inline)) void
 vqkv__fp8_rows_x86(const vqkv_codec_t *codec, const uint8_t *in, const vqkv__tile_t *tile,
-                   vqkv_dtype_t dtype)
+                   vqkv_dtype_t dtype, bool wide)
 {
     const vqkv_layout_t *l = &codec->layout;
     uint32_t D = l->head_dim, width = dtype == VQKV_DTYPE_F32 ? 4 : 2;
@@ -175,7 +213,8 @@ vqkv__fp8_rows_x86(const vqkv_codec_t *codec, const uint8_t *in, const vqkv__til
         for (uint32_t h = 0; h < l->num_kv_heads; h++, scales += 2, codes += D) {
             uint8_t *out = tile->base + t * tile->token_stride + h * tile->head_stride;
             __m256 scale = _mm256_set1_ps(vqkv_f16_to_f32(vqkv__get_u16(scales)));
-            uint32_t c = 0;
+            uint32_t c =
+                wide ? vqkv__fp8_row16_x512(codes, _mm256_cvtss_f32(scale), D, out, dtype) : 0;
             for (; c + 8 <= D; c += 8) {
                 __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + c)));
                 vqkv__store8_x86(dtype, _mm256_mul_ps(vqkv__e4m3x8_to_f32(code), scale),
@@ -188,15 +227,18 @@ vqkv__fp8_rows_x86(const vqkv_codec_t *codec, const uint8_t *in, const vqkv__til
 }
 
 /* One loop per dtype, so the store is not chosen per value. */
-VQKV__X86 static void vqkv__fp8_decode_x86(const vqkv_codec_t *codec, const uint8_t *in,
-                                           const vqkv__tile_t *tile)
-{
-    switch (tile->dtype) {
-    case VQKV_DTYPE_F16: vqkv__fp8_rows_x86(codec, in, tile, VQKV_DTYPE_F16); break;
-    case VQKV_DTYPE_BF16: vqkv__fp8_rows_x86(codec, in, tile, VQKV_DTYPE_BF16); break;
-    case VQKV_DTYPE_F32: vqkv__fp8_rows_x86(codec, in, tile, VQKV_DTYPE_F32); break;
+#define VQKV__FP8_ROWS(NAME, TARGET, WIDE)                                                         \
+    TARGET static void NAME(const vqkv_codec_t *codec, const uint8_t *in,                          \
+                            const vqkv__tile_t *tile)                                              \
+    {                                                                                              \
+        switch (tile->dtype) {                                                                     \
+        case VQKV_DTYPE_F16: vqkv__fp8_rows_x86(codec, in, tile, VQKV_DTYPE_F16, WIDE); break;     \
+        case VQKV_DTYPE_BF16: vqkv__fp8_rows_x86(codec, in, tile, VQKV_DTYPE_BF16, WIDE); break;   \
+        case VQKV_DTYPE_F32: vqkv__fp8_rows_x86(codec, in, tile, VQKV_DTYPE_F32, WIDE); break;     \
+        }                                                                                          \
     }
-}
+VQKV__FP8_ROWS(vqkv__fp8_decode_x86, VQKV__X86, false)
+VQKV__FP8_ROWS(vqkv__fp8_decode_x512, VQKV__X86, true)
 #endif
 
 static void vqkv__fp8_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
@@ -209,7 +251,7 @@ static void vqkv__fp8_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, 
     float row[VQKV_MAX_HEAD_DIM];
 #if defined(__x86_64__)
     if (vqkv__simd_enabled()) {
-        vqkv__fp8_decode_x86(codec, in, tile);
+        (vqkv__simd_avx512() ? vqkv__fp8_decode_x512 : vqkv__fp8_decode_x86)(codec, in, tile);
         return;
     }
 #endif

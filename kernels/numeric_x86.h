@@ -61,6 +61,26 @@ VQKV__X86 static inline void vqkv__store8_x86(vqkv_dtype_t dtype, __m256 x, uint
     case VQKV_DTYPE_F32: _mm256_storeu_ps((float *)dst, x); break;
     }
 }
+
+#define VQKV__X512 __attribute__((target("avx2,f16c,avx512f")))
+
+/* Sixteen values to dst in dtype, as vqkv_dtype_from_f32 writes them: f16
+ * in one conversion unless a lane holds NaN, the rest as two halves. */
+VQKV__X512 static inline void vqkv__store16_x512(vqkv_dtype_t dtype, __m512 x, uint8_t *dst)
+{
+    if (dtype == VQKV_DTYPE_F32) {
+        _mm512_storeu_ps((float *)dst, x);
+        return;
+    }
+    if (dtype == VQKV_DTYPE_F16 && _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q) == 0) {
+        _mm256_storeu_si256((__m256i *)dst,
+                            _mm512_cvtps_ph(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        return;
+    }
+    vqkv__store8_x86(dtype, _mm512_castps512_ps256(x), dst);
+    vqkv__store8_x86(dtype, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(x), 1)),
+                     dst + 16);
+}
 #endif
 
 #endif

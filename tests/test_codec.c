@@ -2385,7 +2385,7 @@ static void test_fp16_bit_exact_all_patterns(void **state)
 
 /* fp8 decodes every code byte, NaN codes and subnormals included, with
  * scales of every kind, to numeric.h's e4m3 value times the scale, in f32
- * memory bit for bit and in f16 memory as that product rounded: whichever
+ * memory bit for bit and in f16 and bf16 memory as that product rounded: whichever
  * path the CPU takes (the vector one converts codes by arithmetic, not by
  * numeric.h's function), on head_dims with and without a tail under 8. */
 static void test_fp8_decodes_every_code(void **state)
@@ -2393,9 +2393,9 @@ static void test_fp8_decodes_every_code(void **state)
     (void)state;
     static const uint16_t scales[] = {0x3c00, 0x3a00, 0x0001, 0x7bff, 0xbc00, 0x0000, 0x8000};
     static const uint32_t head_dims[] = {64, 12};
-    static const vqkv_dtype_t kinds[] = {VQKV_DTYPE_F32, VQKV_DTYPE_F16};
+    static const vqkv_dtype_t kinds[] = {VQKV_DTYPE_F32, VQKV_DTYPE_F16, VQKV_DTYPE_BF16};
     for (size_t hi = 0; hi < 2; hi++)
-        for (size_t ki = 0; ki < 2; ki++) {
+        for (size_t ki = 0; ki < 3; ki++) {
             vqkv_layout_t l = {1, 2, head_dims[hi], 16, kinds[ki]};
             uint32_t D = l.head_dim, vectors = l.block_tokens * l.num_kv_heads;
             vqkv_codec_t *codec = NULL;
