@@ -446,53 +446,102 @@ VQKV__X86 static inline __m256 vqkv__kivi_codes8_x86(const uint8_t *codes, uint3
     return _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32((1 << bits) - 1)));
 }
 
-/* One row of D (a multiple of 8) codes starting on a byte, into worker
- * memory eight values a step: vqkv__kivi_decode's q * step + min (multiply,
- * then add), with ranges per channel (keys) or per group of `group`
- * channels, a multiple of 8 (values). Inlined with bits a constant. */
-VQKV__X86 static inline __attribute__((always_inline)) void
-vqkv__kivi_row_x86(const uint8_t *codes, uint32_t bits, uint32_t D, const float *min,
-                   const float *step, bool per_channel, uint32_t group, uint8_t *out,
-                   vqkv_dtype_t dtype)
+/* vqkv__kivi_codes8_x86 on sixteen codes from 2 * bits bytes. */
+VQKV__X512 static inline __m512 vqkv__kivi_codes16_x512(const uint8_t *codes, uint32_t bits)
 {
-    uint32_t width = dtype == VQKV_DTYPE_F32 ? 4 : 2;
-    for (uint32_t c0 = 0, g = 0; c0 < D; c0 += group, g++) {
-        __m256 s = _mm256_set1_ps(step[g]), m = _mm256_set1_ps(min[g]);
-        for (uint32_t c = c0; c < c0 + group; c += 8, codes += bits, out += 8 * width) {
-            if (per_channel) {
-                s = _mm256_loadu_ps(step + c);
-                m = _mm256_loadu_ps(min + c);
-            }
-            __m256 q = vqkv__kivi_codes8_x86(codes, bits);
-            vqkv__store8_x86(dtype, _mm256_add_ps(_mm256_mul_ps(q, s), m), out);
-        }
+    __m512i q;
+    if (bits == 4) {
+        uint32_t lo = (uint32_t)codes[0] | (uint32_t)codes[1] << 8 | (uint32_t)codes[2] << 16 |
+                      (uint32_t)codes[3] << 24;
+        uint32_t hi = (uint32_t)codes[4] | (uint32_t)codes[5] << 8 | (uint32_t)codes[6] << 16 |
+                      (uint32_t)codes[7] << 24;
+        q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)lo)),
+                               _mm256_set1_epi32((int)hi), 1);
+        q = _mm512_srlv_epi32(
+            q, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28));
+    } else {
+        uint32_t word = (uint32_t)codes[0] | (uint32_t)codes[1] << 8 | (uint32_t)codes[2] << 16 |
+                        (uint32_t)codes[3] << 24;
+        q = _mm512_srlv_epi32(
+            _mm512_set1_epi32((int)word),
+            _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30));
     }
+    return _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32((1 << bits) - 1)));
 }
 
-/* vqkv__kivi_decode's rows with AVX2: keys' ranges per channel (the row
- * taken as one group of D), values' per group; one loop per code width and
- * dtype, so neither is tested per value. */
-VQKV__X86 static void vqkv__kivi_row_dispatch_x86(const uint8_t *codes, uint32_t bits, uint32_t D,
-                                                  const float *min, const float *step, int kv,
-                                                  uint32_t group, const vqkv__tile_t *tile,
-                                                  uint32_t t, uint32_t h)
-{
-    uint8_t *out = tile->base + t * tile->token_stride + h * tile->head_stride;
-    bool keys = kv == 0;
-    uint32_t g = keys ? D : group;
-#define VQKV__KIVI_ROW(BITS, DTYPE)                                                                \
-    case (BITS) << 4 | (DTYPE):                                                                    \
-        vqkv__kivi_row_x86(codes, BITS, D, min, step, keys, g, out, DTYPE);                        \
-        break
-    switch (bits << 4 | tile->dtype) {
-        VQKV__KIVI_ROW(2, VQKV_DTYPE_F16);
-        VQKV__KIVI_ROW(2, VQKV_DTYPE_BF16);
-        VQKV__KIVI_ROW(2, VQKV_DTYPE_F32);
-        VQKV__KIVI_ROW(4, VQKV_DTYPE_F16);
-        VQKV__KIVI_ROW(4, VQKV_DTYPE_BF16);
-        VQKV__KIVI_ROW(4, VQKV_DTYPE_F32);
+/* NAME: one row of D (a multiple of LANES) codes starting on a byte, into
+ * worker memory LANES values a step: vqkv__kivi_decode's q * step + min
+ * (multiply, then add), with ranges per channel (keys) or per group of
+ * `group` channels, a multiple of LANES (values); inlined with bits a
+ * constant. DISPATCH: the row with one loop per code width and dtype, so
+ * neither is tested per value; keys' ranges per channel (the row taken as
+ * one group of D). For AVX2 (8 lanes) and AVX-512 (16). */
+#define VQKV__KIVI_ROWS(NAME, DISPATCH, TARGET, W, LANES, CODES, STORE)                            \
+    TARGET static inline __attribute__((always_inline)) void NAME(                                 \
+        const uint8_t *codes, uint32_t bits, uint32_t D, const float *min, const float *step,      \
+        bool per_channel, uint32_t group, uint8_t *out, vqkv_dtype_t dtype)                        \
+    {                                                                                              \
+        uint32_t width = dtype == VQKV_DTYPE_F32 ? 4 : 2;                                          \
+        for (uint32_t c0 = 0, g = 0; c0 < D; c0 += group, g++) {                                   \
+            __m##W s = _mm##W##_set1_ps(step[g]), m = _mm##W##_set1_ps(min[g]);                    \
+            for (uint32_t c = c0; c < c0 + group;                                                  \
+                 c += (LANES), codes += bits * (LANES) / 8, out += (LANES)*width) {                \
+                if (per_channel) {                                                                 \
+                    s = _mm##W##_loadu_ps(step + c);                                               \
+                    m = _mm##W##_loadu_ps(min + c);                                                \
+                }                                                                                  \
+                __m##W q = CODES(codes, bits);                                                     \
+                STORE(dtype, _mm##W##_add_ps(_mm##W##_mul_ps(q, s), m), out);                      \
+            }                                                                                      \
+        }                                                                                          \
+    }                                                                                              \
+    TARGET static void DISPATCH(const uint8_t *codes, uint32_t bits, uint32_t D, const float *min, \
+                                const float *step, int kv, uint32_t group,                         \
+                                const vqkv__tile_t *tile, uint32_t t, uint32_t h)                  \
+    {                                                                                              \
+        uint8_t *out = tile->base + t * tile->token_stride + h * tile->head_stride;                \
+        bool keys = kv == 0;                                                                       \
+        uint32_t g = keys ? D : group;                                                             \
+        switch (bits << 4 | tile->dtype) {                                                         \
+        case 2 << 4 | VQKV_DTYPE_F16:                                                              \
+            NAME(codes, 2, D, min, step, keys, g, out, VQKV_DTYPE_F16);                            \
+            break;                                                                                 \
+        case 2 << 4 | VQKV_DTYPE_BF16:                                                             \
+            NAME(codes, 2, D, min, step, keys, g, out, VQKV_DTYPE_BF16);                           \
+            break;                                                                                 \
+        case 2 << 4 | VQKV_DTYPE_F32:                                                              \
+            NAME(codes, 2, D, min, step, keys, g, out, VQKV_DTYPE_F32);                            \
+            break;                                                                                 \
+        case 4 << 4 | VQKV_DTYPE_F16:                                                              \
+            NAME(codes, 4, D, min, step, keys, g, out, VQKV_DTYPE_F16);                            \
+            break;                                                                                 \
+        case 4 << 4 | VQKV_DTYPE_BF16:                                                             \
+            NAME(codes, 4, D, min, step, keys, g, out, VQKV_DTYPE_BF16);                           \
+            break;                                                                                 \
+        case 4 << 4 | VQKV_DTYPE_F32:                                                              \
+            NAME(codes, 4, D, min, step, keys, g, out, VQKV_DTYPE_F32);                            \
+            break;                                                                                 \
+        }                                                                                          \
     }
-#undef VQKV__KIVI_ROW
+
+VQKV__KIVI_ROWS(vqkv__kivi_row_x86, vqkv__kivi_row_dispatch_x86, VQKV__X86, 256, 8,
+                vqkv__kivi_codes8_x86, vqkv__store8_x86)
+VQKV__KIVI_ROWS(vqkv__kivi_row_x512, vqkv__kivi_row_dispatch_x512, VQKV__X512, 512, 16,
+                vqkv__kivi_codes16_x512, vqkv__store16_x512)
+
+/* The vector row for this CPU and part, or NULL: rows of whole bytes and
+ * value groups of whole registers. */
+typedef void (*vqkv__kivi_row_fn)(const uint8_t *, uint32_t, uint32_t, const float *, const float *,
+                                  int, uint32_t, const vqkv__tile_t *, uint32_t, uint32_t);
+static vqkv__kivi_row_fn vqkv__kivi_row_pick(uint32_t D, int kv, uint32_t group)
+{
+    if (!vqkv__simd_enabled())
+        return NULL;
+    if (vqkv__simd_avx512() && D % 16 == 0 && (kv == 0 || group % 16 == 0))
+        return vqkv__kivi_row_dispatch_x512;
+    if (D % 8 == 0 && (kv == 0 || group % 8 == 0))
+        return vqkv__kivi_row_dispatch_x86;
+    return NULL;
 }
 #endif
 
@@ -509,8 +558,7 @@ static void vqkv__kivi_decode(const vqkv_codec_t *codec, uint32_t layer, int kv,
 
     float min[VQKV_MAX_HEAD_DIM], step[VQKV_MAX_HEAD_DIM];
 #if defined(__x86_64__)
-    /* Rows of whole bytes and value groups of whole registers. */
-    bool x86 = vqkv__simd_enabled() && D % 8 == 0 && (kv == 0 || k->group % 8 == 0);
+    vqkv__kivi_row_fn row_simd = vqkv__kivi_row_pick(D, kv, k->group);
 #endif
 
     /* Heads outermost, so a key head's per-channel ranges are converted
@@ -528,9 +576,9 @@ static void vqkv__kivi_decode(const vqkv_codec_t *codec, uint32_t layer, int kv,
                 vqkv_dtype_to_f32(VQKV_DTYPE_F16, steps + 2 * g0, n, step);
             }
 #if defined(__x86_64__)
-            if (x86) {
-                vqkv__kivi_row_dispatch_x86(codes + base * k->bits / 8, k->bits, D, min, step, kv,
-                                            k->group, tile, t, h);
+            if (row_simd != NULL) {
+                row_simd(codes + base * k->bits / 8, k->bits, D, min, step, kv, k->group, tile, t,
+                         h);
                 continue;
             }
 #endif
