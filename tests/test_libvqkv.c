@@ -721,6 +721,34 @@ static void test_codebook_files(void **state)
 
 /* ---- reconnecting ----------------------------------------------------------- */
 
+/* A model registered with a RoPE is registered with it again when the
+ * client reconnects: the restarted daemon knows that RoPE, so another
+ * client naming a different one is refused as it was before the restart
+ * (a daemon told nothing would take the other as the first named). */
+static void test_reconnect_resends_rope(void **state)
+{
+    daemon_t *d = *state;
+    vqkv_client_t *c = connect_ok(d, "rope-reconnect");
+    const vqkv_rope_t rope = {10000.0, VQKV_ROPE_NEOX}, other = {500000.0, VQKV_ROPE_NEOX};
+    vqkv_model_t *m, *m_other;
+    assert_vqkv(vqkv_register_model_rope(c, MODEL, &layout, VQ_SPEC, NULL, &rope, &m), VQKV_OK);
+    assert_int_equal(kill(d->pid, SIGKILL), 0);
+    assert_int_equal(waitpid(d->pid, NULL, 0), d->pid);
+    d->pid = daemon_spawn(d, NULL);
+    daemon_wait_listening(d);
+    vqkv_stats_t st;
+    assert_vqkv(vqkv_stats(c, &st), VQKV_OK); /* reconnects, registering the model again */
+    assert_int_equal(st.clients, 1);
+    vqkv_client_t *c2 = connect_ok(d, "rope-other");
+    assert_vqkv(vqkv_register_model_rope(c2, MODEL, &layout, VQ_SPEC, NULL, &other, &m_other),
+                VQKV_EMISMATCH);
+    assert_non_null(strstr(vqkv_last_error(c2), "RoPE base 10000"));
+    assert_vqkv(vqkv_register_model_rope(c2, MODEL, &layout, VQ_SPEC, NULL, &rope, &m_other),
+                VQKV_OK);
+    vqkv_close(c2);
+    vqkv_close(c);
+}
+
 /* The daemon dies (SIGKILL) under a client holding a model, a region and
  * a lease: the next call says so, the one after (no daemon yet) says it
  * could not reconnect, and once a daemon is back on the socket the client
@@ -1379,6 +1407,7 @@ int main(void)
         cmocka_unit_test(test_reencode_waits_for_leases),
         cmocka_unit_test_setup_teardown(test_codebook_files, setup, teardown),
         cmocka_unit_test_setup_teardown(test_reconnect, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_reconnect_resends_rope, setup, teardown),
         cmocka_unit_test_setup_teardown(test_default_socket, setup, teardown),
         cmocka_unit_test(test_large_calls),
         cmocka_unit_test_setup_teardown(test_async_calls, setup, teardown),
