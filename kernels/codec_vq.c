@@ -69,6 +69,10 @@ typedef struct {
     int32_t order[VQKV_MAX_HEAD_DIM];
     uint32_t ordered; /* channels of the branches so far */
     bool in_order;
+    /* One branch of d = 8 whose group g holds channels g, g + G, g + 2G, ...
+     * (rvq's strided keys) with G a multiple of 8: decoded eight groups at a
+     * time and transposed in registers (vqkv__vq_decode_strided8_x86). */
+    bool strided8;
     size_t words;   /* codewords per layer */
     size_t floats;  /* codebook parameter floats per layer (what files hold) */
     size_t wfloats; /* codeword floats per layer */
@@ -220,9 +224,14 @@ static int vqkv__vq_finish(vqkv_codec_t *codec)
     size_t vectors = (size_t)l->block_tokens * l->num_kv_heads;
     for (int kv = 0; kv < 2; kv++) {
         vqkv__side_t *side = &vq->side[kv];
+        uint32_t G = l->head_dim / 8;
         side->in_order = true;
-        for (uint32_t c = 0; c < l->head_dim; c++)
+        side->strided8 = side->n_branches == 1 && side->br[0].d == 8 && G % 8 == 0;
+        for (uint32_t c = 0; c < l->head_dim; c++) {
             side->in_order = side->in_order && side->order[c] == (int32_t)c;
+            /* channel c = j * G + g is value j of group g: code order g * 8 + j */
+            side->strided8 = side->strided8 && side->order[c] == (int32_t)(c % G * 8 + c / G);
+        }
         codec->part_bytes[kv] = vqkv__block_mean_bytes(codec, kv) + vectors * side->n_branches * 2 +
                                 vqkv__bits_bytes(vectors * side->codes, vq->bits) +
                                 (size_t)vq->escapes * VQKV__ESCAPE_BYTES(l->head_dim);
@@ -771,16 +780,23 @@ static void vqkv__vq_decode_head(const vqkv__head_decode_t *hd)
 
 /* One group's stage sums times the branch norm, from 0 in stage order, d
  * values to out. Inlined with d a constant, so d = 4, 8, 16 unroll. */
+/* Eight channels of a group: the stage sum from 0 in stage order, times
+ * the norm. */
+VQKV__X86 static inline __m256 vqkv__sum8_x86(const float *const *w, uint32_t stages, uint32_t j,
+                                              __m256 norm)
+{
+    __m256 acc = _mm256_setzero_ps();
+    for (uint32_t s = 0; s < stages; s++)
+        acc = _mm256_add_ps(acc, _mm256_loadu_ps(w[s] + j));
+    return _mm256_mul_ps(acc, norm);
+}
+
 VQKV__X86 static inline __attribute__((always_inline)) void
 vqkv__group_sums_x86(const float *const *w, uint32_t stages, uint32_t d, float norm, float *out)
 {
     uint32_t j = 0;
-    for (; j + 8 <= d; j += 8) {
-        __m256 acc = _mm256_setzero_ps();
-        for (uint32_t s = 0; s < stages; s++)
-            acc = _mm256_add_ps(acc, _mm256_loadu_ps(w[s] + j));
-        _mm256_storeu_ps(out + j, _mm256_mul_ps(acc, _mm256_set1_ps(norm)));
-    }
+    for (; j + 8 <= d; j += 8)
+        _mm256_storeu_ps(out + j, vqkv__sum8_x86(w, stages, j, _mm256_set1_ps(norm)));
     for (; j + 4 <= d; j += 4) {
         __m128 acc = _mm_setzero_ps();
         for (uint32_t s = 0; s < stages; s++)
@@ -804,9 +820,11 @@ vqkv__branch_sums8_x86(const float *base, const uint8_t *codes, uint32_t groups,
                        uint32_t d, float norm, float *sums)
 {
     const float *w[VQKV__MAX_STAGES];
-    for (uint32_t g = 0, i = 0; g < groups; g++, sums += d) {
-        for (uint32_t s = 0; s < stages; s++, i++)
-            w[s] = base + (((size_t)i << 8) + codes[i]) * d;
+    size_t table = (size_t)256 * d; /* floats from one stage's table to the next */
+#pragma GCC unroll 4
+    for (uint32_t g = 0; g < groups; g++, sums += d, codes += stages, base += stages * table) {
+        for (uint32_t s = 0; s < stages; s++)
+            w[s] = base + s * table + (size_t)codes[s] * d;
         vqkv__group_sums_x86(w, stages, d, norm, sums);
     }
 }
@@ -865,6 +883,60 @@ VQKV__X86 static inline __m256 vqkv__row_finish_x86(const vqkv__head_decode_t *h
     return x;
 }
 
+/* Rows r[0..8) become the columns: r[j][k] <- r[k][j]. Data movement only. */
+VQKV__X86 static inline void vqkv__transpose8_x86(__m256 *r)
+{
+    __m256 t[8], u[8];
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+        u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+        u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+        u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+    }
+    for (int i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+        r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+}
+
+/* A side->strided8 head with byte codes: per token, eight groups' sums in
+ * registers, transposed, so that value j of groups g0..g0+7 are channels
+ * j * G + g0 .. + 7, eight adjacent channels stored at once: the
+ * permutation without a gather. Inlined with stages and dtype constants. */
+VQKV__X86 static inline __attribute__((always_inline)) void
+vqkv__vq_decode_strided8_x86(const vqkv__head_decode_t *hd, uint32_t stages, vqkv_dtype_t dtype)
+{
+    const vqkv__side_t *side = hd->side;
+    const vqkv__tile_t *tile = hd->tile;
+    uint32_t D = hd->head_dim, G = D / 8, width = dtype == VQKV_DTYPE_F32 ? 4 : 2;
+    size_t table = (size_t)256 * 8; /* floats from one stage's table to the next */
+    for (uint32_t t = 0; t < hd->tokens; t++) {
+        size_t v = (size_t)t * hd->heads + hd->head;
+        const uint8_t *codes = hd->codes + v * side->codes;
+        __m256 norm = _mm256_set1_ps(vqkv_f16_to_f32(vqkv__get_u16(hd->norms + 2 * v)));
+        uint8_t *out = tile->base + t * tile->token_stride + hd->head * tile->head_stride;
+        const float *base = hd->tables[0];
+        for (uint32_t g0 = 0; g0 < G; g0 += 8) {
+            __m256 r[8];
+            for (uint32_t k = 0; k < 8; k++, codes += stages, base += stages * table) {
+                const float *w[VQKV__MAX_STAGES];
+                for (uint32_t s = 0; s < stages; s++)
+                    w[s] = base + s * table + (size_t)codes[s] * 8;
+                r[k] = vqkv__sum8_x86(w, stages, 0, norm);
+            }
+            vqkv__transpose8_x86(r);
+            for (uint32_t j = 0; j < 8; j++) {
+                uint32_t c = j * G + g0;
+                vqkv__store8_x86(dtype, vqkv__row_finish_x86(hd, c, r[j]), out + (size_t)c * width);
+            }
+        }
+    }
+}
+
 /* Inlined with dtype a constant, so the store is not chosen per value. */
 VQKV__X86 static inline __attribute__((always_inline)) void
 vqkv__vq_decode_rows_x86(const vqkv__head_decode_t *hd, vqkv_dtype_t dtype)
@@ -899,6 +971,19 @@ vqkv__vq_decode_rows_x86(const vqkv__head_decode_t *hd, vqkv_dtype_t dtype)
 
 VQKV__X86 static void vqkv__vq_decode_head_x86(const vqkv__head_decode_t *hd)
 {
+    if (hd->side->strided8 && hd->vq->bits == 8) {
+        uint32_t shape = hd->side->br[0].stages << 4 | hd->tile->dtype;
+#define VQKV__STRIDED(R, DTYPE)                                                                    \
+    case (R) << 4 | (DTYPE): vqkv__vq_decode_strided8_x86(hd, R, DTYPE); return
+        switch (shape) {
+            VQKV__STRIDED(1, VQKV_DTYPE_F16);
+            VQKV__STRIDED(2, VQKV_DTYPE_F16);
+            VQKV__STRIDED(3, VQKV_DTYPE_F16);
+            VQKV__STRIDED(2, VQKV_DTYPE_BF16);
+            VQKV__STRIDED(2, VQKV_DTYPE_F32);
+        }
+#undef VQKV__STRIDED
+    }
     switch (hd->tile->dtype) {
     case VQKV_DTYPE_F16: vqkv__vq_decode_rows_x86(hd, VQKV_DTYPE_F16); break;
     case VQKV_DTYPE_BF16: vqkv__vq_decode_rows_x86(hd, VQKV_DTYPE_BF16); break;

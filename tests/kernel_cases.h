@@ -40,6 +40,7 @@ static const kcase_t kcases[] = {
     {"rvq:esc=2", MAIN_LAYOUT},
     {"rvq:d=4,b=6,r=3,bc=1", MAIN_LAYOUT},
     {"rvq:b=6,ph=1", MAIN_LAYOUT},
+    {"rvq:r=1,ph=1", MAIN_LAYOUT},
     {"rvq:cs=1,bc=1,esc=3", MAIN_LAYOUT},
     {"rvq:d=16,b=5,r=1", MAIN_LAYOUT},
     {"rvq:r=3,dv=16,rv=2", MAIN_LAYOUT},
