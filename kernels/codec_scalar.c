@@ -160,17 +160,13 @@ VQKV__X86 static inline __m256 vqkv__e4m3x8_to_f32(__m256i code)
     return _mm256_castsi256_ps(_mm256_or_si256(bits, sign));
 }
 
-/* vqkv__e4m3x8_to_f32 on sixteen codes. */
+/* vqkv__e4m3x8_to_f32 on sixteen codes, eight at a time. */
 VQKV__X512 static inline __m512 vqkv__e4m3x16_to_f32(__m512i code)
 {
-    __m512i mag = _mm512_and_si512(code, _mm512_set1_epi32(0x7f));
-    __m512i sign = _mm512_slli_epi32(_mm512_and_si512(code, _mm512_set1_epi32(0x80)), 24);
-    __m512 x =
-        _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(mag, 20)), _mm512_set1_ps(0x1p120f));
-    __mmask16 nan = _mm512_cmpeq_epi32_mask(mag, _mm512_set1_epi32(0x7f));
-    __m512i bits =
-        _mm512_mask_blend_epi32(nan, _mm512_castps_si512(x), _mm512_set1_epi32(0x7fc00000));
-    return _mm512_castsi512_ps(_mm512_or_si512(bits, sign));
+    __m256 lo = vqkv__e4m3x8_to_f32(_mm512_castsi512_si256(code));
+    __m256 hi = vqkv__e4m3x8_to_f32(_mm512_extracti64x4_epi64(code, 1));
+    return _mm512_castpd_ps(
+        _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
 }
 
 /* A row's first values, sixteen a step, into out: how many it did. */
@@ -476,6 +472,11 @@ VQKV__X512 static inline __m512 vqkv__kivi_codes16_x512(const uint8_t *codes, ui
  * constant. DISPATCH: the row with one loop per code width and dtype, so
  * neither is tested per value; keys' ranges per channel (the row taken as
  * one group of D). For AVX2 (8 lanes) and AVX-512 (16). */
+/* One (code width, dtype) case of a row dispatch. */
+#define VQKV__KIVI_CASE(NAME, BITS, DTYPE)                                                         \
+    case (BITS) << 4 | (DTYPE):                                                                    \
+        NAME(codes, BITS, D, min, step, keys, g, out, DTYPE);                                      \
+        break;
 #define VQKV__KIVI_ROWS(NAME, DISPATCH, TARGET, W, LANES, CODES, STORE)                            \
     TARGET static inline __attribute__((always_inline)) void NAME(                                 \
         const uint8_t *codes, uint32_t bits, uint32_t D, const float *min, const float *step,      \
@@ -503,24 +504,12 @@ VQKV__X512 static inline __m512 vqkv__kivi_codes16_x512(const uint8_t *codes, ui
         bool keys = kv == 0;                                                                       \
         uint32_t g = keys ? D : group;                                                             \
         switch (bits << 4 | tile->dtype) {                                                         \
-        case 2 << 4 | VQKV_DTYPE_F16:                                                              \
-            NAME(codes, 2, D, min, step, keys, g, out, VQKV_DTYPE_F16);                            \
-            break;                                                                                 \
-        case 2 << 4 | VQKV_DTYPE_BF16:                                                             \
-            NAME(codes, 2, D, min, step, keys, g, out, VQKV_DTYPE_BF16);                           \
-            break;                                                                                 \
-        case 2 << 4 | VQKV_DTYPE_F32:                                                              \
-            NAME(codes, 2, D, min, step, keys, g, out, VQKV_DTYPE_F32);                            \
-            break;                                                                                 \
-        case 4 << 4 | VQKV_DTYPE_F16:                                                              \
-            NAME(codes, 4, D, min, step, keys, g, out, VQKV_DTYPE_F16);                            \
-            break;                                                                                 \
-        case 4 << 4 | VQKV_DTYPE_BF16:                                                             \
-            NAME(codes, 4, D, min, step, keys, g, out, VQKV_DTYPE_BF16);                           \
-            break;                                                                                 \
-        case 4 << 4 | VQKV_DTYPE_F32:                                                              \
-            NAME(codes, 4, D, min, step, keys, g, out, VQKV_DTYPE_F32);                            \
-            break;                                                                                 \
+            VQKV__KIVI_CASE(NAME, 2, VQKV_DTYPE_F16)                                               \
+            VQKV__KIVI_CASE(NAME, 2, VQKV_DTYPE_BF16)                                              \
+            VQKV__KIVI_CASE(NAME, 2, VQKV_DTYPE_F32)                                               \
+            VQKV__KIVI_CASE(NAME, 4, VQKV_DTYPE_F16)                                               \
+            VQKV__KIVI_CASE(NAME, 4, VQKV_DTYPE_BF16)                                              \
+            VQKV__KIVI_CASE(NAME, 4, VQKV_DTYPE_F32)                                               \
         }                                                                                          \
     }
 

@@ -6,9 +6,10 @@
 # test under compute-sanitizer memcheck, racecheck and initcheck, and
 # bench/codec_gpu; then, when the daemon's libraries are there too, vqkvd's
 # CUDA backend between worker processes (test_cuda_daemon), also with the
-# daemon under memcheck. Logs and JSON go to
-# OUT_DIR (default $OUT, else gpu-check-out); summary.txt lists each step
-# with PASS, FAIL or SKIP. Exits non-zero when any step failed.
+# daemon under memcheck, and restore vs recompute (bench/restore.py). Logs
+# and JSON go to OUT_DIR (default $OUT, else gpu-check-out); summary.txt
+# lists each step with PASS, FAIL or SKIP. Exits non-zero when any step
+# failed.
 #
 # usage: tools/gpu-check.sh [OUT_DIR]
 #
@@ -16,8 +17,9 @@
 # .devdeps/ when present (its unpack.sh puts them in /opt/deps). Budget: the
 # kernel part under 8 minutes on an H100/H200, about half of it the
 # sanitizers; the daemon part is new and not yet timed on a GPU (estimated
-# 3-5 minutes: a full build, 30 s of soak, the memcheck run). Each step has a
-# time limit so one stuck step cannot take the rest with it.
+# 3-5 minutes: a full build, 30 s of soak, the memcheck run, bench/restore.py
+# with a Llama-8B-shaped model of random weights, about a minute). Each step
+# has a time limit so one stuck step cannot take the rest with it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -89,11 +91,15 @@ if pkg-config --exists libuv libprotobuf-c libmicrohttpd libsystemd inih json-c 
     full=build-gpu-full
     step configure-full 120 cmake -S . -B "$full" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
         -DVQKV_CUDA=ON -DVQKV_WERROR=OFF &&
-        step build-full 300 cmake --build "$full" -j"$jobs" --target test_cuda_daemon &&
+        step build-full 300 cmake --build "$full" -j"$jobs" --target test_cuda_daemon vqkvd libvqkv &&
         {
             VQKV_GPU_SOAK_S=30 step cuda-daemon 180 "$full/tests/test_cuda_daemon"
             VQKV_GPU_SOAK_S=5 VQKV_DAEMON_WRAPPER="compute-sanitizer --tool memcheck --error-exitcode 1" \
                 step cuda-daemon-memcheck 240 "$full/tests/test_cuda_daemon"
+            # The headline: a Llama-8B-shaped prefix restored through vqkvd
+            # against its prefill (the machine's own torch).
+            VQKV_LIBRARY="$full/client/libvqkv.so" step restore 300 python3 bench/restore.py \
+                --vqkvd "$full/daemon/vqkvd" --json "$out/restore.json"
         }
 else
     echo "cuda-daemon            SKIP (the daemon's libraries are not in .devdeps)" | tee -a "$summary"
