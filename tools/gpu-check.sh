@@ -6,7 +6,8 @@
 # test under compute-sanitizer memcheck, racecheck and initcheck, and
 # bench/codec_gpu; then, when the daemon's libraries are there too, vqkvd's
 # CUDA backend between worker processes (test_cuda_daemon), also with the
-# daemon under memcheck, and restore vs recompute (bench/restore.py). Logs
+# daemon under memcheck, restore vs recompute (bench/restore.py) and gets
+# and puts from worker processes (bench/serve_gpu.py). Logs
 # and JSON go to OUT_DIR (default $OUT, else gpu-check-out); summary.txt
 # lists each step with PASS, FAIL or SKIP. Exits non-zero when any step
 # failed.
@@ -17,9 +18,10 @@
 # .devdeps/ when present (its unpack.sh puts them in /opt/deps). Budget: the
 # kernel part under 8 minutes on an H100/H200, about half of it the
 # sanitizers; the daemon part is new and not yet timed on a GPU (estimated
-# 3-5 minutes: a full build, 30 s of soak, the memcheck run, bench/restore.py
-# with a Llama-8B-shaped model of random weights, about a minute). Each step
-# has a time limit so one stuck step cannot take the rest with it.
+# 4-6 minutes: a full build, 30 s of soak, the memcheck run, bench/restore.py
+# with a Llama-8B-shaped model of random weights and a short
+# bench/serve_gpu.py, about a minute each). Each step has a time limit so
+# one stuck step cannot take the rest with it.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -100,6 +102,11 @@ if pkg-config --exists libuv libprotobuf-c libmicrohttpd libsystemd inih json-c 
             # against its prefill (the machine's own torch).
             VQKV_LIBRARY="$full/client/libvqkv.so" step restore 300 python3 bench/restore.py \
                 --vqkvd "$full/daemon/vqkvd" --json "$out/restore.json"
+            # Gets and puts through vqkvd from 1 and 8 worker processes, a
+            # short run (the full one: bench/serve_gpu.py's defaults).
+            VQKV_LIBRARY="$full/client/libvqkv.so" step serve-gpu 240 python3 bench/serve_gpu.py \
+                --vqkvd "$full/daemon/vqkvd" --codec-gpu "$build/bench/codec_gpu" \
+                --sizes 16M,256M --seconds 1 --json "$out/serve_gpu.json"
         }
 else
     echo "cuda-daemon            SKIP (the daemon's libraries are not in .devdeps)" | tee -a "$summary"
