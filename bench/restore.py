@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+BUILD = ROOT / os.environ.get("VQKV_BUILD_DIR", "build")
 sys.path.insert(0, str(ROOT / "client" / "python" / "src"))
 
 import numpy as np  # noqa: E402
@@ -213,6 +214,22 @@ class Cache:
             self.region = client.register_cache(model, self.memfd)
 
 
+def get_into(client: vqkv.Client, model: vqkv.Model, keys: Any, cache: Cache, slots: list[int], device: str) -> None:
+    """Looks keys up and gets every block into cache's slots; on a GPU the
+    get returns with an event that the current stream then waits on."""
+    import torch
+
+    with client.lookup(model, keys) as lease:
+        if lease.found != len(slots):
+            raise SystemExit(f"{sys.argv[0]}: {lease.found} of {len(slots)} blocks found")
+        if device == "cuda":
+            event = torch.cuda.Event(interprocess=True)
+            lease.get(cache.region, slots, event=event)
+            torch.cuda.current_stream().wait_event(event)
+        else:
+            lease.get(cache.region, slots)
+
+
 def warm_up_codec(client: vqkv.Client, model: vqkv.Model, cache: Cache, tokens: int, device: str) -> vqkv.Model:
     """Puts `tokens` of other random KV for vqkvd to calibrate a VQ codec on,
     waits for its codebooks, then evicts those blocks; the model as
@@ -278,15 +295,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                     raise SystemExit(f"restore.py: {put.stored} of {blocks} blocks stored: {put.statuses[:4]}")
 
                 def restore() -> None:
-                    with client.lookup(model, keys) as lease:
-                        if lease.found != blocks:
-                            raise SystemExit(f"restore.py: {lease.found} of {blocks} blocks found")
-                        if device == "cuda":
-                            event = torch.cuda.Event(interprocess=True)
-                            lease.get(dst.region, used, event=event)
-                            torch.cuda.current_stream().wait_event(event)
-                        else:
-                            lease.get(dst.region, used)
+                    get_into(client, model, keys, dst, used, device)
 
                 restore_s = median_of(device, restore, args.repeats)
                 copy_s = median_of(device, lambda: dst.tensor[:, :, :blocks].copy_(src.tensor[:, :, :blocks]),
@@ -320,16 +329,21 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def common_args(ap: argparse.ArgumentParser) -> None:
+    """The options this script and serve_gpu.py share."""
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    ap.add_argument("--warmup-tokens", type=int, default=2048, help="calibration for a VQ codec")
+    ap.add_argument("--vqkvd", default=str(BUILD / "daemon" / "vqkvd"))
+    ap.add_argument("--json")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common_args(ap)
     ap.add_argument("--tokens", default="4096,16384,32768", help="prefix lengths, multiples of 16")
     ap.add_argument("--codec", default="fp16")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--warmup-tokens", type=int, default=2048, help="calibration for a VQ codec")
-    ap.add_argument("--vqkvd", default=str(ROOT / os.environ.get("VQKV_BUILD_DIR", "build") / "daemon" / "vqkvd"))
-    ap.add_argument("--json")
     args = ap.parse_args()
     try:
         args.tokens = [int(t) for t in args.tokens.split(",")]

@@ -84,15 +84,7 @@ def worker(index: int, cfg: dict[str, Any], start: Any, results: Any) -> None:
     start.wait()
 
     def get_once() -> None:
-        with client.lookup(model, shared) as lease:
-            if lease.found != blocks:
-                raise SystemExit(f"serve_gpu.py: worker {index}: {lease.found} of {blocks} blocks found")
-            if device == "cuda":
-                event = torch.cuda.Event(interprocess=True)
-                lease.get(cache.region, slots, event=event)
-                torch.cuda.current_stream().wait_event(event)
-            else:
-                lease.get(cache.region, slots)
+        restore.get_into(client, model, shared, cache, slots, device)
 
     t_end = time.perf_counter() + cfg["seconds"]
     t_gets = time.perf_counter()
@@ -210,18 +202,13 @@ def run_codec(args: argparse.Namespace, codec: str, tmp: str) -> list[dict[str, 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
-    ap.add_argument("--shape", choices=sorted(restore.SHAPES), default="llama3-8b")
+    restore.common_args(ap)
     ap.add_argument("--codecs", default="fp16,kivi4")
     ap.add_argument("--sizes", default="16M,64M,256M,1G", help="logical KV bytes a request moves")
     ap.add_argument("--workers", default="1,8")
     ap.add_argument("--seconds", type=float, default=3.0, help="per phase (gets, puts) and worker count")
     ap.add_argument("--repeats", type=int, default=5, help="of the copy baseline")
-    ap.add_argument("--warmup-tokens", type=int, default=2048, help="calibration for a VQ codec")
-    build = restore.ROOT / os.environ.get("VQKV_BUILD_DIR", "build")
-    ap.add_argument("--vqkvd", default=str(build / "daemon" / "vqkvd"))
-    ap.add_argument("--codec-gpu", default=str(build / "bench" / "codec_gpu"))
-    ap.add_argument("--json")
+    ap.add_argument("--codec-gpu", default=str(restore.BUILD / "bench" / "codec_gpu"))
     args = ap.parse_args()
     try:
         args.sizes = [parse_size(s) for s in args.sizes.split(",")]
