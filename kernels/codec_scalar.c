@@ -194,8 +194,9 @@ VQKV__X512 static uint32_t vqkv__fp8_row16_x512(const uint8_t *codes, float scal
     return 0;
 }
 
-/* The fp8 rows straight into worker memory, eight values a step:
- * vqkv__fp8_row_decode's product for each, then the tile's dtype. */
+/* The fp8 rows straight into worker memory, eight values a step (with
+ * wide, sixteen first, by AVX-512): vqkv__fp8_row_decode's product for
+ * each, then the tile's dtype. */
 VQKV__X86 static inline __attribute__((always_inline)) void
 vqkv__fp8_rows_x86(const vqkv_codec_t *codec, const uint8_t *in, const vqkv__tile_t *tile,
                    vqkv_dtype_t dtype, bool wide)
@@ -223,9 +224,9 @@ vqkv__fp8_rows_x86(const vqkv_codec_t *codec, const uint8_t *in, const vqkv__til
 }
 
 /* One loop per dtype, so the store is not chosen per value. */
-#define VQKV__FP8_ROWS(NAME, TARGET, WIDE)                                                         \
-    TARGET static void NAME(const vqkv_codec_t *codec, const uint8_t *in,                          \
-                            const vqkv__tile_t *tile)                                              \
+#define VQKV__FP8_ROWS(NAME, WIDE)                                                                 \
+    VQKV__X86 static void NAME(const vqkv_codec_t *codec, const uint8_t *in,                       \
+                               const vqkv__tile_t *tile)                                           \
     {                                                                                              \
         switch (tile->dtype) {                                                                     \
         case VQKV_DTYPE_F16: vqkv__fp8_rows_x86(codec, in, tile, VQKV_DTYPE_F16, WIDE); break;     \
@@ -233,8 +234,8 @@ vqkv__fp8_rows_x86(const vqkv_codec_t *codec, const uint8_t *in, const vqkv__til
         case VQKV_DTYPE_F32: vqkv__fp8_rows_x86(codec, in, tile, VQKV_DTYPE_F32, WIDE); break;     \
         }                                                                                          \
     }
-VQKV__FP8_ROWS(vqkv__fp8_decode_x86, VQKV__X86, false)
-VQKV__FP8_ROWS(vqkv__fp8_decode_x512, VQKV__X86, true)
+VQKV__FP8_ROWS(vqkv__fp8_decode_x86, false)
+VQKV__FP8_ROWS(vqkv__fp8_decode_x512, true)
 #endif
 
 static void vqkv__fp8_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
