@@ -163,10 +163,8 @@ VQKV__X86 static inline __m256 vqkv__e4m3x8_to_f32(__m256i code)
 /* vqkv__e4m3x8_to_f32 on sixteen codes, eight at a time. */
 VQKV__X512 static inline __m512 vqkv__e4m3x16_to_f32(__m512i code)
 {
-    __m256 lo = vqkv__e4m3x8_to_f32(_mm512_castsi512_si256(code));
-    __m256 hi = vqkv__e4m3x8_to_f32(_mm512_extracti64x4_epi64(code, 1));
-    return _mm512_castpd_ps(
-        _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+    return vqkv__join16_x512(vqkv__e4m3x8_to_f32(_mm512_castsi512_si256(code)),
+                             vqkv__e4m3x8_to_f32(_mm512_extracti64x4_epi64(code, 1)));
 }
 
 /* A row's first values, sixteen a step, into out: how many it did. */
@@ -209,12 +207,12 @@ vqkv__fp8_rows_x86(const vqkv_codec_t *codec, const uint8_t *in, const vqkv__til
     for (uint32_t t = 0; t < l->block_tokens; t++) {
         for (uint32_t h = 0; h < l->num_kv_heads; h++, scales += 2, codes += D) {
             uint8_t *out = tile->base + t * tile->token_stride + h * tile->head_stride;
-            __m256 scale = _mm256_set1_ps(vqkv_f16_to_f32(vqkv__get_u16(scales)));
-            uint32_t c =
-                wide ? vqkv__fp8_row16_x512(codes, _mm256_cvtss_f32(scale), D, out, dtype) : 0;
+            float scale = vqkv_f16_to_f32(vqkv__get_u16(scales));
+            uint32_t c = wide ? vqkv__fp8_row16_x512(codes, scale, D, out, dtype) : 0;
             for (; c + 8 <= D; c += 8) {
                 __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + c)));
-                vqkv__store8_x86(dtype, _mm256_mul_ps(vqkv__e4m3x8_to_f32(code), scale),
+                vqkv__store8_x86(dtype,
+                                 _mm256_mul_ps(vqkv__e4m3x8_to_f32(code), _mm256_set1_ps(scale)),
                                  out + (size_t)c * width);
             }
             vqkv__fp8_row_decode(scales, codes + c, D - c, tail);
@@ -443,28 +441,17 @@ VQKV__X86 static inline __m256 vqkv__kivi_codes8_x86(const uint8_t *codes, uint3
     return _mm256_cvtepi32_ps(_mm256_and_si256(q, _mm256_set1_epi32((1 << bits) - 1)));
 }
 
-/* vqkv__kivi_codes8_x86 on sixteen codes from 2 * bits bytes. */
+/* vqkv__kivi_codes8_x86 on sixteen codes from 2 * bits bytes, eight at a
+ * time. */
 VQKV__X512 static inline __m512 vqkv__kivi_codes16_x512(const uint8_t *codes, uint32_t bits)
 {
-    __m512i q;
-    if (bits == 4) {
-        uint32_t lo = (uint32_t)codes[0] | (uint32_t)codes[1] << 8 | (uint32_t)codes[2] << 16 |
-                      (uint32_t)codes[3] << 24;
-        uint32_t hi = (uint32_t)codes[4] | (uint32_t)codes[5] << 8 | (uint32_t)codes[6] << 16 |
-                      (uint32_t)codes[7] << 24;
-        q = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi32((int)lo)),
-                               _mm256_set1_epi32((int)hi), 1);
-        q = _mm512_srlv_epi32(
-            q, _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 0, 4, 8, 12, 16, 20, 24, 28));
-    } else {
-        uint32_t word = (uint32_t)codes[0] | (uint32_t)codes[1] << 8 | (uint32_t)codes[2] << 16 |
-                        (uint32_t)codes[3] << 24;
-        q = _mm512_srlv_epi32(
-            _mm512_set1_epi32((int)word),
-            _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30));
-    }
-    return _mm512_cvtepi32_ps(_mm512_and_si512(q, _mm512_set1_epi32((1 << bits) - 1)));
+    return vqkv__join16_x512(vqkv__kivi_codes8_x86(codes, bits),
+                             vqkv__kivi_codes8_x86(codes + bits, bits));
 }
+
+/* One (code width, dtype) case of a row dispatch. */
+#define VQKV__KIVI_CASE(NAME, BITS, DTYPE)                                                         \
+    case (BITS) << 4 | (DTYPE): NAME(codes, BITS, D, min, step, keys, g, out, DTYPE); break;
 
 /* NAME: one row of D (a multiple of LANES) codes starting on a byte, into
  * worker memory LANES values a step: vqkv__kivi_decode's q * step + min
@@ -473,11 +460,6 @@ VQKV__X512 static inline __m512 vqkv__kivi_codes16_x512(const uint8_t *codes, ui
  * constant. DISPATCH: the row with one loop per code width and dtype, so
  * neither is tested per value; keys' ranges per channel (the row taken as
  * one group of D). For AVX2 (8 lanes) and AVX-512 (16). */
-/* One (code width, dtype) case of a row dispatch. */
-#define VQKV__KIVI_CASE(NAME, BITS, DTYPE)                                                         \
-    case (BITS) << 4 | (DTYPE):                                                                    \
-        NAME(codes, BITS, D, min, step, keys, g, out, DTYPE);                                      \
-        break;
 #define VQKV__KIVI_ROWS(NAME, DISPATCH, TARGET, W, LANES, CODES, STORE)                            \
     TARGET static inline __attribute__((always_inline)) void NAME(                                 \
         const uint8_t *codes, uint32_t bits, uint32_t D, const float *min, const float *step,      \

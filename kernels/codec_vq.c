@@ -67,7 +67,6 @@ typedef struct {
      * in code order (branch by branch, group by group): the permutation a
      * decode applies; in_order where it is the identity. */
     int32_t order[VQKV_MAX_HEAD_DIM];
-    uint32_t ordered; /* channels of the branches so far */
     bool in_order;
     /* One branch of d = 8 whose group g holds channels g, g + G, g + 2G, ...
      * (rvq's strided keys) with G a multiple of 8: decoded eight groups at a
@@ -130,9 +129,6 @@ static void vqkv__branch_add(vqkv__vq_t *vq, int kv, const uint16_t *chan, uint3
     br->first_wfloat = side->wfloats;
     br->first_xfloat = side->xfloats;
     memcpy(br->chan, chan, n * sizeof *chan);
-    for (uint32_t i = 0; i < n; i++)
-        side->order[chan[i]] = (int32_t)(side->ordered + i);
-    side->ordered += n;
     size_t books = (size_t)br->groups * r, words = books << vq->bits;
     side->codes += br->groups * r;
     side->words += words;
@@ -225,6 +221,9 @@ static int vqkv__vq_finish(vqkv_codec_t *codec)
     for (int kv = 0; kv < 2; kv++) {
         vqkv__side_t *side = &vq->side[kv];
         uint32_t G = l->head_dim / 8;
+        for (uint32_t bi = 0, at = 0; bi < side->n_branches; at += side->br[bi++].n_channels)
+            for (uint32_t i = 0; i < side->br[bi].n_channels; i++)
+                side->order[side->br[bi].chan[i]] = (int32_t)(at + i);
         side->in_order = true;
         side->strided8 = side->n_branches == 1 && side->br[0].d == 8 && G % 8 == 0;
         for (uint32_t c = 0; c < l->head_dim; c++) {
@@ -746,8 +745,19 @@ typedef struct {
     uint32_t head, heads, head_dim, tokens;
 } vqkv__head_decode_t;
 
-/* The scalar reference: each vector's channels from its codes, then its
- * statistics and block means, then stored. */
+/* What channel c's value x gets after the codewords: its statistics
+ * (multiply, then add) and its block mean. */
+static inline float vqkv__value_finish(const vqkv__head_decode_t *hd, uint32_t c, float x)
+{
+    if (hd->scale != NULL)
+        x = x * hd->scale[c] + hd->mean[c];
+    if (hd->bm != NULL)
+        x += hd->bm[c];
+    return x;
+}
+
+/* The scalar reference: each vector's channels from its codes, then what
+ * each value gets after them, then stored. */
 static void vqkv__vq_decode_head(const vqkv__head_decode_t *hd)
 {
     const vqkv__side_t *side = hd->side;
@@ -757,12 +767,8 @@ static void vqkv__vq_decode_head(const vqkv__head_decode_t *hd)
         size_t v = (size_t)t * hd->heads + hd->head;
         vqkv__vq_decode_vector(hd->vq, side, hd->tables, hd->norms + 2 * v * side->n_branches,
                                hd->codes, (uint64_t)v * side->codes, row);
-        if (hd->scale != NULL)
-            for (uint32_t c = 0; c < D; c++)
-                row[c] = row[c] * hd->scale[c] + hd->mean[c];
-        if (hd->bm != NULL)
-            for (uint32_t c = 0; c < D; c++)
-                row[c] += hd->bm[c];
+        for (uint32_t c = 0; c < D; c++)
+            row[c] = vqkv__value_finish(hd, c, row[c]);
         vqkv__tile_store(hd->tile, t, hd->head, D, row);
     }
 }
@@ -959,20 +965,15 @@ vqkv__vq_decode_rows_x86(const vqkv__head_decode_t *hd, vqkv_dtype_t dtype)
             vqkv__store8_x86(dtype, vqkv__row_finish_x86(hd, c, x), out);
         }
         /* The last D % 8 channels, as vqkv__vq_decode_head does them. */
-        for (uint32_t i = 0; c + i < D; i++) {
-            float x = sums[side->order[c + i]];
-            if (hd->scale != NULL)
-                x = x * hd->scale[c + i] + hd->mean[c + i];
-            if (hd->bm != NULL)
-                x += hd->bm[c + i];
-            tail[i] = x;
-        }
+        for (uint32_t i = 0; c + i < D; i++)
+            tail[i] = vqkv__value_finish(hd, c + i, sums[side->order[c + i]]);
         vqkv_dtype_from_f32(dtype, tail, D - c, out);
     }
 }
 
 VQKV__X86 static void vqkv__vq_decode_head_x86(const vqkv__head_decode_t *hd)
 {
+    /* The shapes in use; any other takes the gather below. */
     if (hd->side->strided8 && hd->vq->bits == 8) {
         uint32_t shape = hd->side->br[0].stages << 4 | hd->tile->dtype;
 #define VQKV__STRIDED(R, DTYPE)                                                                    \

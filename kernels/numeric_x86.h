@@ -1,5 +1,6 @@
 /* numeric_x86.h -- numeric.h's float-to-16-bit conversions on eight values
- * in an AVX2 register, for the row converters of numeric_x86.c and for
+ * in an AVX2 register (sixteen in an AVX-512 one, as two halves unless
+ * f16 without NaN), for the row converters of numeric_x86.c and for
  * decoders that convert what they compute straight into worker memory
  * instead of through a row of floats.
  *
@@ -63,6 +64,13 @@ VQKV__X86 static inline void vqkv__store8_x86(vqkv_dtype_t dtype, __m256 x, uint
 }
 
 #define VQKV__X512 __attribute__((target("avx2,f16c,avx512f")))
+
+/* One register of sixteen from two of eight, lo in lanes 0-7. */
+VQKV__X512 static inline __m512 vqkv__join16_x512(__m256 lo, __m256 hi)
+{
+    return _mm512_castpd_ps(
+        _mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+}
 
 /* Sixteen values to dst in dtype, as vqkv_dtype_from_f32 writes them: f16
  * in one conversion unless a lane holds NaN, the rest as two halves. */
