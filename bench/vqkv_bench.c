@@ -214,8 +214,8 @@ static int bench_put_prefix(const bench_t *b, vqkv_worker_t *w, uint32_t first,
 /* Puts block `id` of the fill, a one-block prefix of its own, from slot 0;
  * with fill, first writes the block's own synthetic KV there (calibration
  * needs varied data; the count does not). */
-static int bench_capacity_put(const bench_t *b, vqkv_worker_t *w, uint64_t id, int fill,
-                              vqkv_put_status_t *ps)
+static int bench_put_block(const bench_t *b, vqkv_worker_t *w, uint64_t id, int fill,
+                           vqkv_put_status_t *ps)
 {
     uint32_t tokens[64];
     uint8_t key[1][VQKV_KEY_BYTES];
@@ -235,34 +235,36 @@ static int bench_capacity_put(const bench_t *b, vqkv_worker_t *w, uint64_t id, i
                     &slot, 1, ps);
 }
 
-/* Puts --warmup-tokens of blocks for the daemon to calibrate the codec on
- * (one it has no codebooks for stores fp16 until then), waits for its
- * codebooks and evicts those blocks again: both modes measure the codec
- * asked for, not the fallback. Sets *next_id to
- * the first block id the fill may use and st to the counters after; -1,
- * said on stderr, when any step fails. */
-static int bench_warmup(const bench_t *b, vqkv_worker_t *w, uint64_t *next_id, vqkv_stats_t *st)
+/* Block ids the warm-up takes: 0 up to this one. */
+static uint64_t bench_warmup_blocks(const bench_t *b)
+{
+    return b->o.warmup_tokens / b->layout.block_tokens;
+}
+
+/* Puts --warmup-tokens of blocks (ids below bench_warmup_blocks) for the
+ * daemon to calibrate the codec on (one it has no codebooks for stores fp16
+ * until then), waits for its codebooks and evicts those blocks again: both
+ * modes measure the codec asked for, not the fallback. 0, or -1 said on
+ * stderr when any step fails. */
+static int bench_warmup(const bench_t *b, vqkv_worker_t *w)
 {
     char err[512];
-    uint64_t id = 0, warmup_blocks = b->o.warmup_tokens / b->layout.block_tokens;
+    uint64_t id = 0, warmup_blocks = bench_warmup_blocks(b);
     vqkv_put_status_t ps = VQKV_PUT_STORED;
     size_t evicted = 0;
     int rc = VQKV_OK;
     for (; id < warmup_blocks && rc >= 0; id++)
-        rc = bench_capacity_put(b, w, id, 1, &ps);
+        rc = bench_put_block(b, w, id, 1, &ps);
     if (rc >= 0)
         rc = vqkv_worker_wait_codebooks(w, b->model_id, 1800.0, err, sizeof err);
     else
         snprintf(err, sizeof err, "warm-up put: %s", vqkv_last_error(w->client));
     if (rc >= 0 && (rc = vqkv_evict(w->client, w->model, NULL, 0, 1, &evicted)) < 0)
         snprintf(err, sizeof err, "evict the warm-up: %s", vqkv_last_error(w->client));
-    if (rc >= 0 && (rc = vqkv_stats(w->client, st)) < 0)
-        snprintf(err, sizeof err, "stats: %s", vqkv_last_error(w->client));
     if (rc < 0) {
         fprintf(stderr, "vqkv-benchmark: warm-up: %s\n", err);
         return -1;
     }
-    *next_id = id;
     return 0;
 }
 
@@ -280,9 +282,7 @@ static int bench_setup(bench_t *b)
         return -1;
     }
     snprintf(b->codec, sizeof b->codec, "%s", vqkv_model_codec(w.model));
-    uint64_t next_id;
-    vqkv_stats_t st;
-    if (!vqkv_model_codebooks_ready(w.model) && bench_warmup(b, &w, &next_id, &st) < 0) {
+    if (!vqkv_model_codebooks_ready(w.model) && bench_warmup(b, &w) < 0) {
         vqkv_worker_close(&w);
         return -1;
     }
@@ -685,10 +685,16 @@ static int bench_capacity(bench_t *b)
     uint64_t id = 0, evictions_before = 0;
     vqkv_put_status_t ps = VQKV_PUT_STORED;
     if (!vqkv_model_codebooks_ready(w.model)) {
-        if (bench_warmup(b, &w, &id, &st) < 0) {
+        if (bench_warmup(b, &w) < 0) {
             vqkv_worker_close(&w);
             return 1;
         }
+        if (vqkv_stats(w.client, &st) != VQKV_OK) {
+            fprintf(stderr, "vqkv-benchmark: stats: %s\n", vqkv_last_error(w.client));
+            vqkv_worker_close(&w);
+            return 1;
+        }
+        id = bench_warmup_blocks(b);
         evictions_before = st.evictions;
     }
     uint64_t first = id, limit = id + 2 * st.pool_bytes / vqkv_model_block_bytes(w.model) + 2;
@@ -697,7 +703,7 @@ static int bench_capacity(bench_t *b)
     vqkv_progress_t progress;
     vqkv_progress_start(&progress, stderr);
     for (; id < limit; id++) {
-        rc = bench_capacity_put(b, &w, id, 0, &ps);
+        rc = bench_put_block(b, &w, id, 0, &ps);
         if (rc >= 0)
             rc = vqkv_stats(w.client, &st);
         if (rc < 0) {
