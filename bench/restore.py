@@ -40,7 +40,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -50,8 +49,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / os.environ.get("VQKV_BUILD_DIR", "build")
 sys.path.insert(0, str(ROOT / "client" / "python" / "src"))
+sys.path.insert(0, str(ROOT / "tests"))
 
 import numpy as np  # noqa: E402
+from daemon_harness import Daemon  # noqa: E402
 
 import vqkv  # noqa: E402
 
@@ -160,40 +161,11 @@ def median_of(device: str, fn: Any, repeats: int) -> float:
     return statistics.median(timed(device, fn) for _ in range(repeats))
 
 
-class Daemon:
-    """vqkvd on a socket of its own, stopped with the object."""
-
-    def __init__(self, binary: str, device: str, pool_bytes: int, calibration_tokens: int, tmp: str) -> None:
-        self.socket = os.path.join(tmp, "vqkv.sock")
-        cmd = [
-            binary,
-            "--socket", self.socket,
-            "--pool-bytes", str(pool_bytes),
-            "--device", "cuda:0" if device == "cuda" else "cpu",
-            "--config", "/dev/null",
-            "--state-dir", os.path.join(tmp, "state"),
-            "--log-level", "warn",
-            "--calibration-tokens", str(calibration_tokens),
-        ]  # fmt: skip
-        self.proc = subprocess.Popen(cmd)
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                vqkv.Client(self.socket, name="restore-probe").close()
-                return
-            except (vqkv.VqkvError, ConnectionError):
-                if self.proc.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise SystemExit(f"restore.py: vqkvd did not come up ({' '.join(cmd)})")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+def start_vqkvd(binary: str, device: str, pool_bytes: int, calibration_tokens: int, tmp: str) -> Daemon:
+    """vqkvd on tmp/vqkv.sock (tests/daemon_harness.py: an empty config, a
+    state dir there, dying with this process), on cuda:0 or the CPU."""
+    return Daemon(binary, tmp, "--device", "cuda:0" if device == "cuda" else "cpu", "--log-level", "warn",
+                  "--calibration-tokens", str(calibration_tokens), pool_bytes=pool_bytes)  # fmt: skip
 
 
 class Cache:
@@ -268,9 +240,9 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     pool = int(layout.block_bytes * (slots + args.warmup_tokens // BLOCK_TOKENS) * 1.25) + (64 << 20)
     rows = []
     with tempfile.TemporaryDirectory(prefix="vqkv-restore.") as tmp:
-        daemon = Daemon(args.vqkvd, device, pool, args.warmup_tokens, tmp)
+        daemon = start_vqkvd(args.vqkvd, device, pool, args.warmup_tokens, tmp)
         try:
-            client = vqkv.Client(daemon.socket, name="restore", timeout_ms=600_000)
+            client = vqkv.Client(str(daemon.socket), name="restore", timeout_ms=600_000)
             model = client.register_model(f"bench/restore-{args.shape}", layout, args.codec)
             model_dtype = torch.float16
             llama = Llama(shape, device, model_dtype, seed=1)

@@ -135,10 +135,10 @@ def run_codec(args: argparse.Namespace, codec: str, tmp: str) -> list[dict[str, 
     # next to the shared one and the warm-up: fp16 at worst.
     pool_blocks = most * (max(args.workers) + 1) + args.warmup_tokens // BLOCK_TOKENS
     pool = int(layout.block_bytes * pool_blocks * 1.25) + (64 << 20)
-    daemon = restore.Daemon(args.vqkvd, args.device, pool, args.warmup_tokens, tmp)
+    daemon = restore.start_vqkvd(args.vqkvd, args.device, pool, args.warmup_tokens, tmp)
     rows = []
     try:
-        client = vqkv.Client(daemon.socket, name="serve-gpu-setup", timeout_ms=600_000)
+        client = vqkv.Client(str(daemon.socket), name="serve-gpu-setup", timeout_ms=600_000)
         model_id = f"bench/serve-gpu-{args.shape}"
         model = client.register_model(model_id, layout, codec)
         setup = restore.Cache(client, model, layout, most, args.device)
@@ -159,7 +159,7 @@ def run_codec(args: argparse.Namespace, codec: str, tmp: str) -> list[dict[str, 
             copy_gbps = copy_baseline(args.device, logical, args.repeats)
             kernels = kernel_baseline(args.codec_gpu, codec, logical, tmp) if args.device == "cuda" else None
             for n in args.workers:
-                cfg = dict(device=args.device, blocks=blocks, socket=daemon.socket, shape=args.shape,
+                cfg = dict(device=args.device, blocks=blocks, socket=str(daemon.socket), shape=args.shape,
                            model_id=model_id, codec=codec, seconds=args.seconds)  # fmt: skip
                 start = ctx.Barrier(n + 1)
                 results = ctx.Queue()
