@@ -166,10 +166,10 @@ int vqkvd_backend_create(const char *device, uint64_t arena_bytes, uint64_t chun
 int vqkvd_backend_cpu_create(vqkvd_backend_t **be);
 
 /* vqkvd built with CUDA only (VQKVD_CUDA): GPU ordinal's backend with its
- * arena of arena_bytes in device memory (one allocation of at most
- * VQKVD_CUDA_MAX_ALLOC), carved into chunk_bytes chunks. VQKV_OK,
- * VQKV_EINVAL (no such GPU, sizes), VQKV_ENOMEM or VQKV_EDEVICE, with why
- * filled and nothing left allocated. */
+ * arena of arena_bytes in device memory (one address range over pieces of
+ * at most VQKVD_CUDA_MAX_ALLOC: cuda_store.h), carved into chunk_bytes
+ * chunks. VQKV_OK, VQKV_EINVAL (no such GPU, sizes), VQKV_ENOMEM or
+ * VQKV_EDEVICE, with why filled and nothing left allocated. */
 #define VQKVD_CUDA_MAX_ALLOC (64ull << 30)
 int vqkvd_backend_cuda_create(int ordinal, uint64_t arena_bytes, uint64_t chunk_bytes,
                               vqkvd_backend_t **be, vqkvd_arena_t *arena, char *why,

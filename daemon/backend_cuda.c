@@ -3,12 +3,11 @@
  * and the codec kernels of kernels/cuda run between the two on streams of
  * the daemon's own. Built only when vqkvd is built with CUDA (VQKVD_CUDA).
  *
- * The arena is one cudaMalloc of the pool's size (at most
- * VQKVD_CUDA_MAX_ALLOC; a larger pool would need one kernel store per
- * allocation, not needed so far), carved into chunks like the CPU's; a slot
- * "pointer" is a device address the host never dereferences. A batch's
- * device addresses become offsets into that one store, which is what the
- * kernels take.
+ * The arena is one range of device addresses over pieces of at most
+ * VQKVD_CUDA_MAX_ALLOC bytes each (cuda_store.h), carved into chunks like
+ * the CPU's; a slot "pointer" is a device address the host never
+ * dereferences. A batch's device addresses become offsets into that one
+ * store, which is what the kernels take, however many pieces it has.
  *
  * Regions. A CUDA_IPC region is opened with cudaIpcOpenMemHandle (the
  * handle names the allocation; the view's offset finds the tensor in it);
@@ -47,6 +46,7 @@
 #include <cuda_runtime_api.h>
 
 #include "backend.h"
+#include "cuda_store.h"
 #include "log.h"
 #include "vqkv_cuda.h"
 
@@ -57,19 +57,6 @@
 #define VQKVD__CUDA_MAX_CODECS (2 * 1024)
 /* The exit status after a sticky CUDA error (EX_SOFTWARE). */
 #define VQKVD__CUDA_EXIT_STICKY 70
-/* The driver API version the entry points are asked for. */
-#define VQKVD__CUDA_DRIVER_API 12000
-
-typedef struct {
-    CUresult (*import)(CUmemGenericAllocationHandle *, void *, CUmemAllocationHandleType);
-    CUresult (*reserve)(CUdeviceptr *, size_t, size_t, CUdeviceptr, unsigned long long);
-    CUresult (*map)(CUdeviceptr, size_t, size_t, CUmemGenericAllocationHandle, unsigned long long);
-    CUresult (*set_access)(CUdeviceptr, size_t, const CUmemAccessDesc *, size_t);
-    CUresult (*unmap)(CUdeviceptr, size_t);
-    CUresult (*address_free)(CUdeviceptr, size_t);
-    CUresult (*release)(CUmemGenericAllocationHandle);
-    CUresult (*address_range)(CUdeviceptr *, size_t *, CUdeviceptr);
-} vqkvd__cuda_driver_t;
 
 typedef struct vqkvd__cuda_job_entry {
     struct vqkvd__cuda_job_entry *next;
@@ -81,10 +68,9 @@ typedef struct {
     vqkvd_backend_t base; /* first: the session sees this */
     vqkvd_device_t info;
     int ordinal;
-    vqkvd__cuda_driver_t driver;
-    uint8_t *store; /* the arena's device allocation */
-    uint64_t store_bytes;
-    pthread_mutex_t lock; /* jobs and codecs */
+    vqkvd_cuda_driver_t driver;
+    vqkvd_cuda_store_t store; /* the arena's device memory */
+    pthread_mutex_t lock;     /* jobs and codecs */
     vqkvd__cuda_job_entry_t *idle_jobs;
     struct {
         const vqkv_codec_t *host;
@@ -162,8 +148,9 @@ static int vqkvd__cuda_arena_alloc(vqkvd_arena_t *a, void **ptr, uint64_t *offse
 
 static void vqkvd__cuda_arena_free(vqkvd_arena_t *a)
 {
-    if (a->base != NULL)
-        cudaFree(a->base);
+    vqkvd__cuda_t *g = a->owner;
+    cudaSetDevice(g->ordinal);
+    vqkvd_cuda_store_close(&g->driver, &g->store);
     a->base = NULL;
 }
 
@@ -270,7 +257,7 @@ static int vqkvd__cuda_open_ipc(vqkvd__cuda_t *g, const Vqkv__RegisterRegion *rr
 static int vqkvd__cuda_open_vmm(vqkvd__cuda_t *g, const Vqkv__RegisterRegion *rr, int fd,
                                 vqkvd_region_mem_t *mem, char *why, size_t why_size)
 {
-    const vqkvd__cuda_driver_t *d = &g->driver;
+    const vqkvd_cuda_driver_t *d = &g->driver;
     CUmemGenericAllocationHandle h = 0;
     CUdeviceptr va = 0;
     size_t size = rr->region_bytes;
@@ -386,15 +373,15 @@ static int vqkvd__cuda_launch(vqkvd__cuda_t *g, vqkvd__cuda_job_entry_t *e, vqkv
             if (slot == NULL)
                 continue;
             slots[n] = b->slots[end];
-            at[n++] = (uint64_t)(slot - g->store);
+            at[n++] = (uint64_t)(slot - g->store.base);
         }
         vqkv_cuda_codec_t *dc = vqkvd__cuda_codec(g, codec);
         if (dc == NULL)
             rc = VQKV_EDEVICE;
         else if (n > 0)
-            rc = encode ? vqkv_cuda_encode(e->job, dc, g->store, g->store_bytes, at, b->base,
+            rc = encode ? vqkv_cuda_encode(e->job, dc, g->store.base, g->store.bytes, at, b->base,
                                            b->view, slots, n)
-                        : vqkv_cuda_decode(e->job, dc, g->store, g->store_bytes, at, b->base,
+                        : vqkv_cuda_decode(e->job, dc, g->store.base, g->store.bytes, at, b->base,
                                            b->view, slots, n);
         if (rc != VQKV_OK)
             b->failed = i;
@@ -570,37 +557,7 @@ static const vqkvd_backend_ops_t vqkvd__cuda_ops = {
 
 /* ---- creation ---------------------------------------------------------------------- */
 
-/* The driver entry points for VMM regions, through the runtime. */
-static int vqkvd__cuda_driver_load(vqkvd__cuda_driver_t *d, char *why, size_t why_size)
-{
-    static const struct {
-        const char *symbol;
-        size_t offset;
-    } symbols[] = {
-        {"cuMemImportFromShareableHandle", offsetof(vqkvd__cuda_driver_t, import)},
-        {"cuMemAddressReserve", offsetof(vqkvd__cuda_driver_t, reserve)},
-        {"cuMemMap", offsetof(vqkvd__cuda_driver_t, map)},
-        {"cuMemSetAccess", offsetof(vqkvd__cuda_driver_t, set_access)},
-        {"cuMemUnmap", offsetof(vqkvd__cuda_driver_t, unmap)},
-        {"cuMemAddressFree", offsetof(vqkvd__cuda_driver_t, address_free)},
-        {"cuMemRelease", offsetof(vqkvd__cuda_driver_t, release)},
-        {"cuMemGetAddressRange", offsetof(vqkvd__cuda_driver_t, address_range)},
-    };
-    for (size_t i = 0; i < sizeof symbols / sizeof symbols[0]; i++) {
-        void *fn = NULL;
-        enum cudaDriverEntryPointQueryResult found;
-        cudaError_t err = cudaGetDriverEntryPointByVersion(
-            symbols[i].symbol, &fn, VQKVD__CUDA_DRIVER_API, cudaEnableDefault, &found);
-        if (err != cudaSuccess || found != cudaDriverEntryPointSuccess || fn == NULL) {
-            snprintf(why, why_size, "the CUDA driver has no %s", symbols[i].symbol);
-            return VQKV_EDEVICE;
-        }
-        memcpy((char *)d + symbols[i].offset, &fn, sizeof fn);
-    }
-    return VQKV_OK;
-}
-
-/* The device's name and UUID, and the arena's one allocation. */
+/* The device's name and UUID, and the arena's store (cuda_store.h). */
 static int vqkvd__cuda_device_open(vqkvd__cuda_t *g, uint64_t arena_bytes, char *why,
                                    size_t why_size)
 {
@@ -614,19 +571,14 @@ static int vqkvd__cuda_device_open(vqkvd__cuda_t *g, uint64_t arena_bytes, char 
     snprintf(g->info.name, sizeof g->info.name, "%s", prop.name);
     memcpy(g->info.uuid, prop.uuid.bytes, sizeof g->info.uuid);
     g->info.pool_bytes = arena_bytes;
-    rc = vqkvd__cuda_driver_load(&g->driver, why, why_size);
+    rc = vqkvd_cuda_driver_load(&g->driver, why, why_size);
     if (rc != VQKV_OK)
         return rc;
-    void *store = NULL;
-    cudaError_t err = cudaMalloc(&store, arena_bytes);
-    if (err != cudaSuccess) {
-        snprintf(why, why_size, "cudaMalloc of %llu bytes on %s: %s (lower pool_bytes)",
-                 (unsigned long long)arena_bytes, prop.name, cudaGetErrorName(err));
-        return err == cudaErrorMemoryAllocation ? VQKV_ENOMEM : VQKV_EDEVICE;
-    }
-    g->store = store;
-    g->store_bytes = arena_bytes;
-    return VQKV_OK;
+    rc = vqkvd_cuda_store_open(&g->driver, g->ordinal, arena_bytes, VQKVD_CUDA_MAX_ALLOC, &g->store,
+                               why, why_size);
+    if (rc == VQKV_ENOMEM)
+        snprintf(why + strlen(why), why_size - strlen(why), " on %s", prop.name);
+    return rc;
 }
 
 int vqkvd_backend_cuda_create(int ordinal, uint64_t arena_bytes, uint64_t chunk_bytes,
@@ -640,9 +592,9 @@ int vqkvd_backend_cuda_create(int ordinal, uint64_t arena_bytes, uint64_t chunk_
                  n == 1 ? "" : "s");
         return VQKV_EINVAL;
     }
-    if (chunk_bytes == 0 || arena_bytes < chunk_bytes || arena_bytes > VQKVD_CUDA_MAX_ALLOC) {
-        snprintf(why, why_size, "a GPU pool of %llu bytes: between one chunk and %llu GiB",
-                 (unsigned long long)arena_bytes, VQKVD_CUDA_MAX_ALLOC >> 30);
+    if (chunk_bytes == 0 || arena_bytes < chunk_bytes) {
+        snprintf(why, why_size, "a GPU pool of %llu bytes: at least one chunk (%llu bytes)",
+                 (unsigned long long)arena_bytes, (unsigned long long)chunk_bytes);
         return VQKV_EINVAL;
     }
     vqkvd__cuda_t *g = calloc(1, sizeof *g);
@@ -665,12 +617,14 @@ int vqkvd_backend_cuda_create(int ordinal, uint64_t arena_bytes, uint64_t chunk_
         .chunk_bytes = chunk_bytes,
         .max_chunks = (uint32_t)(arena_bytes / chunk_bytes),
         .fd = -1,
-        .base = g->store,
+        .base = g->store.base,
+        .owner = g,
     };
     char uuid[VQKVD_GPU_UUID_TEXT];
     vqkvd_gpu_uuid_format(g->info.uuid, uuid);
-    vqkvd_log(VQKVD_LOG_INFO, "cuda:%d: %s (%s), a pool of %llu MiB in its memory", ordinal,
-              g->info.name, uuid, (unsigned long long)(arena_bytes >> 20));
+    vqkvd_log(VQKVD_LOG_INFO, "cuda:%d: %s (%s), a pool of %llu MiB in its memory (%u piece%s)",
+              ordinal, g->info.name, uuid, (unsigned long long)(arena_bytes >> 20),
+              (unsigned)g->store.n_pieces, g->store.n_pieces == 1 ? "" : "s");
     *be = &g->base;
     return VQKV_OK;
 }

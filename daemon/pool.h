@@ -57,7 +57,8 @@ struct vqkvd_arena {
     uint32_t max_chunks;  /* bytes / chunk_bytes; a tail shorter than a chunk is never used */
     uint32_t chunks_used;
     int fd;        /* CPU: the memfd; -1 where there is none */
-    uint8_t *base; /* CPU: the mapping of all bytes; NULL otherwise */
+    uint8_t *base; /* the address of byte 0 (CPU: the mapping; CUDA: a device address) */
+    void *owner;   /* the backend state the ops need; NULL on the CPU */
 };
 
 /* Creates the CPU arena: memfd_create + ftruncate + mmap(MAP_SHARED) of

@@ -5,7 +5,8 @@
 # kernel tests and libvqkv's CUDA driver test (ctest label gpu), the kernel
 # test under compute-sanitizer memcheck, racecheck and initcheck, and
 # bench/codec_gpu; then, when the daemon's libraries are there too, vqkvd's
-# CUDA backend between worker processes (test_cuda_daemon), also with the
+# CUDA backend: its pool's store (test_cuda_store) and the backend between
+# worker processes (test_cuda_daemon), also with the
 # daemon under memcheck, restore vs recompute (bench/restore.py) and gets
 # and puts from worker processes (bench/serve_gpu.py). Logs
 # and JSON go to OUT_DIR (default $OUT, else gpu-check-out); summary.txt
@@ -93,8 +94,10 @@ if pkg-config --exists libuv libprotobuf-c libmicrohttpd libsystemd inih json-c 
     full=build-gpu-full
     step configure-full 120 cmake -S . -B "$full" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
         -DVQKV_CUDA=ON -DVQKV_WERROR=OFF &&
-        step build-full 300 cmake --build "$full" -j"$jobs" --target test_cuda_daemon vqkvd libvqkv &&
+        step build-full 300 cmake --build "$full" -j"$jobs" --target test_cuda_daemon test_cuda_store vqkvd libvqkv &&
         {
+            # The pool's store over pieces, and over 64 GiB where the GPU has it.
+            step cuda-store 120 "$full/tests/test_cuda_store" gpu
             VQKV_GPU_SOAK_S=30 step cuda-daemon 180 "$full/tests/test_cuda_daemon"
             VQKV_GPU_SOAK_S=5 VQKV_DAEMON_WRAPPER="compute-sanitizer --tool memcheck --error-exitcode 1" \
                 step cuda-daemon-memcheck 240 "$full/tests/test_cuda_daemon"
