@@ -449,19 +449,38 @@ VQKV__X512 static inline __m512 vqkv__kivi_codes16_x512(const uint8_t *codes, ui
                              vqkv__kivi_codes8_x86(codes + bits, bits));
 }
 
-/* One (code width, dtype) case of a row dispatch. */
-#define VQKV__KIVI_CASE(NAME, BITS, DTYPE)                                                         \
-    case (BITS) << 4 | (DTYPE): NAME(codes, BITS, D, min, step, keys, g, out, DTYPE); break;
+/* One pass of a KIVI decode: the rows of heads [h0, h1) of every token.
+ * Keys' ranges per channel come converted (min, step: the tile's heads);
+ * values' per group are read from the part's fp16 (mins, steps) row by
+ * row. */
+typedef struct {
+    const uint8_t *codes, *mins, *steps;
+    const float *min, *step;
+    uint32_t bits, D, H, h0, h1, group, tokens;
+    int kv;
+} vqkv__kivi_pass_t;
 
-/* NAME: one row of D (a multiple of LANES) codes starting on a byte, into
+/* Group g's bound of a part's fp16 mins or steps, as vqkv_dtype_to_f32
+ * converts it. */
+static inline float vqkv__kivi_range_at(const uint8_t *halves, size_t g)
+{
+    return vqkv_f16_to_f32((uint16_t)(halves[2 * g] | halves[2 * g + 1] << 8));
+}
+
+/* One (code width, dtype) case of a pass. */
+#define VQKV__KIVI_CASE(NAME, BITS, DTYPE)                                                         \
+    case (BITS) << 4 | (DTYPE): NAME(ps, tile, BITS, DTYPE); break;
+
+/* ROW: one row of D (a multiple of LANES) codes starting on a byte, into
  * worker memory LANES values a step: vqkv__kivi_decode's q * step + min
  * (multiply, then add), with ranges per channel (keys) or per group of
  * `group` channels, a multiple of LANES (values); inlined with bits a
- * constant. DISPATCH: the row with one loop per code width and dtype, so
- * neither is tested per value; keys' ranges per channel (the row taken as
- * one group of D). For AVX2 (8 lanes) and AVX-512 (16). */
-#define VQKV__KIVI_ROWS(NAME, DISPATCH, TARGET, W, LANES, CODES, STORE)                            \
-    TARGET static inline __attribute__((always_inline)) void NAME(                                 \
+ * constant. ROWS: a pass's rows in address order, a value row's ranges
+ * converted as the scalar path converts them. DISPATCH: the pass with one
+ * loop per code width and dtype, so neither is tested per value or per
+ * row. For AVX2 (8 lanes) and AVX-512 (16). */
+#define VQKV__KIVI_ROWS(ROW, ROWS, DISPATCH, TARGET, W, LANES, CODES, STORE)                       \
+    TARGET static inline __attribute__((always_inline)) void ROW(                                  \
         const uint8_t *codes, uint32_t bits, uint32_t D, const float *min, const float *step,      \
         bool per_channel, uint32_t group, uint8_t *out, vqkv_dtype_t dtype)                        \
     {                                                                                              \
@@ -479,43 +498,63 @@ VQKV__X512 static inline __m512 vqkv__kivi_codes16_x512(const uint8_t *codes, ui
             }                                                                                      \
         }                                                                                          \
     }                                                                                              \
-    TARGET static void DISPATCH(const uint8_t *codes, uint32_t bits, uint32_t D, const float *min, \
-                                const float *step, int kv, uint32_t group,                         \
-                                const vqkv__tile_t *tile, uint32_t t, uint32_t h)                  \
+    TARGET static inline __attribute__((always_inline)) void ROWS(                                 \
+        const vqkv__kivi_pass_t *ps, const vqkv__tile_t *tile, uint32_t bits, vqkv_dtype_t dtype)  \
     {                                                                                              \
-        uint8_t *out = tile->base + t * tile->token_stride + h * tile->head_stride;                \
-        bool keys = kv == 0;                                                                       \
-        uint32_t g = keys ? D : group;                                                             \
-        switch (bits << 4 | tile->dtype) {                                                         \
-            VQKV__KIVI_CASE(NAME, 2, VQKV_DTYPE_F16)                                               \
-            VQKV__KIVI_CASE(NAME, 2, VQKV_DTYPE_BF16)                                              \
-            VQKV__KIVI_CASE(NAME, 2, VQKV_DTYPE_F32)                                               \
-            VQKV__KIVI_CASE(NAME, 4, VQKV_DTYPE_F16)                                               \
-            VQKV__KIVI_CASE(NAME, 4, VQKV_DTYPE_BF16)                                              \
-            VQKV__KIVI_CASE(NAME, 4, VQKV_DTYPE_F32)                                               \
+        uint32_t D = ps->D, n = D / ps->group;                                                     \
+        float vmin[VQKV_MAX_HEAD_DIM], vstep[VQKV_MAX_HEAD_DIM];                                   \
+        for (uint32_t t = 0; t < ps->tokens; t++)                                                  \
+            for (uint32_t h = ps->h0; h < ps->h1; h++) {                                           \
+                uint64_t base = ((uint64_t)t * ps->H + h) * D;                                     \
+                uint8_t *out = tile->base + t * tile->token_stride + h * tile->head_stride;        \
+                const uint8_t *codes = ps->codes + base * bits / 8;                                \
+                if (ps->kv == 0) {                                                                 \
+                    size_t at = (size_t)(h - ps->h0) * D;                                          \
+                    ROW(codes, bits, D, ps->min + at, ps->step + at, true, D, out, dtype);         \
+                    continue;                                                                      \
+                }                                                                                  \
+                size_t g0 = (size_t)(base / ps->group);                                            \
+                for (uint32_t g = 0; g < n; g++) {                                                 \
+                    vmin[g] = vqkv__kivi_range_at(ps->mins, g0 + g);                               \
+                    vstep[g] = vqkv__kivi_range_at(ps->steps, g0 + g);                             \
+                }                                                                                  \
+                ROW(codes, bits, D, vmin, vstep, false, ps->group, out, dtype);                    \
+            }                                                                                      \
+    }                                                                                              \
+    TARGET static void DISPATCH(const vqkv__kivi_pass_t *ps, const vqkv__tile_t *tile)             \
+    {                                                                                              \
+        switch (ps->bits << 4 | tile->dtype) {                                                     \
+            VQKV__KIVI_CASE(ROWS, 2, VQKV_DTYPE_F16)                                               \
+            VQKV__KIVI_CASE(ROWS, 2, VQKV_DTYPE_BF16)                                              \
+            VQKV__KIVI_CASE(ROWS, 2, VQKV_DTYPE_F32)                                               \
+            VQKV__KIVI_CASE(ROWS, 4, VQKV_DTYPE_F16)                                               \
+            VQKV__KIVI_CASE(ROWS, 4, VQKV_DTYPE_BF16)                                              \
+            VQKV__KIVI_CASE(ROWS, 4, VQKV_DTYPE_F32)                                               \
         }                                                                                          \
     }
 
-VQKV__KIVI_ROWS(vqkv__kivi_row_x86, vqkv__kivi_row_dispatch_x86, VQKV__X86, 256, 8,
+VQKV__KIVI_ROWS(vqkv__kivi_row_x86, vqkv__kivi_rows_x86, vqkv__kivi_pass_x86, VQKV__X86, 256, 8,
                 vqkv__kivi_codes8_x86, vqkv__store8_x86)
-VQKV__KIVI_ROWS(vqkv__kivi_row_x512, vqkv__kivi_row_dispatch_x512, VQKV__X512, 512, 16,
-                vqkv__kivi_codes16_x512, vqkv__store16_x512)
+VQKV__KIVI_ROWS(vqkv__kivi_row_x512, vqkv__kivi_rows_x512, vqkv__kivi_pass_x512, VQKV__X512, 512,
+                16, vqkv__kivi_codes16_x512, vqkv__store16_x512)
 
-/* The vector row for this CPU and part, or NULL: rows of whole bytes and
+/* The vector pass for this CPU and part, or NULL: rows of whole bytes and
  * value groups of whole registers. */
-typedef void (*vqkv__kivi_row_fn)(const uint8_t *, uint32_t, uint32_t, const float *, const float *,
-                                  int, uint32_t, const vqkv__tile_t *, uint32_t, uint32_t);
-static vqkv__kivi_row_fn vqkv__kivi_row_pick(uint32_t D, int kv, uint32_t group)
+typedef void (*vqkv__kivi_pass_fn)(const vqkv__kivi_pass_t *, const vqkv__tile_t *);
+static vqkv__kivi_pass_fn vqkv__kivi_pass_pick(uint32_t D, int kv, uint32_t group)
 {
     if (!vqkv__simd_enabled())
         return NULL;
     if (vqkv__simd_avx512() && D % 16 == 0 && (kv == 0 || group % 16 == 0))
-        return vqkv__kivi_row_dispatch_x512;
+        return vqkv__kivi_pass_x512;
     if (D % 8 == 0 && (kv == 0 || group % 8 == 0))
-        return vqkv__kivi_row_dispatch_x86;
+        return vqkv__kivi_pass_x86;
     return NULL;
 }
 #endif
+
+/* Floats of key ranges a decode converts at once: 8 heads of 128. */
+#define VQKV__KIVI_TILE 1024
 
 static void vqkv__kivi_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
                               const vqkv__tile_t *tile)
@@ -527,47 +566,71 @@ static void vqkv__kivi_decode(const vqkv_codec_t *codec, uint32_t layer, int kv,
     const uint8_t *mins = in, *steps = in + 2 * groups, *codes = in + 4 * groups;
     uint32_t D = l->head_dim, H = l->num_kv_heads;
     float row[VQKV_MAX_HEAD_DIM];
-
-    float min[VQKV_MAX_HEAD_DIM], step[VQKV_MAX_HEAD_DIM];
+    /* keys: the per-channel ranges of a tile of heads; values: one row's */
+    float min[VQKV__KIVI_TILE], step[VQKV__KIVI_TILE];
+    uint32_t tile_heads = D <= VQKV__KIVI_TILE / H ? H : VQKV__KIVI_TILE / D;
 #if defined(__x86_64__)
-    vqkv__kivi_row_fn row_simd = vqkv__kivi_row_pick(D, kv, k->group);
+    vqkv__kivi_pass_fn pass_simd = vqkv__kivi_pass_pick(D, kv, k->group);
 #endif
 
-    /* Heads outermost, so a key head's per-channel ranges are converted
-     * once for all its tokens; a value row's groups are its own. */
-    for (uint32_t h = 0; h < H; h++) {
+    /* Tokens outer and heads inner within a tile of heads, so worker memory
+     * is written in address order (a head at a time over the tokens strides
+     * by a token's bytes, a stall on every load that aliases a recent store
+     * 4 KiB apart); a key head's per-channel ranges are converted once a
+     * tile for all its tokens, a value row's groups are its own. */
+    for (uint32_t h0 = 0; h0 < H; h0 += tile_heads) {
+        uint32_t h1 = h0 + tile_heads < H ? h0 + tile_heads : H;
         if (kv == 0) {
-            vqkv_dtype_to_f32(VQKV_DTYPE_F16, mins + 2 * (size_t)h * D, D, min);
-            vqkv_dtype_to_f32(VQKV_DTYPE_F16, steps + 2 * (size_t)h * D, D, step);
+            vqkv_dtype_to_f32(VQKV_DTYPE_F16, mins + 2 * (size_t)h0 * D, (size_t)(h1 - h0) * D,
+                              min);
+            vqkv_dtype_to_f32(VQKV_DTYPE_F16, steps + 2 * (size_t)h0 * D, (size_t)(h1 - h0) * D,
+                              step);
         }
-        for (uint32_t t = 0; t < l->block_tokens; t++) {
-            uint64_t base = ((uint64_t)t * H + h) * D;
-            if (kv == 1) {
-                size_t g0 = (size_t)(base / k->group), n = D / k->group;
-                vqkv_dtype_to_f32(VQKV_DTYPE_F16, mins + 2 * g0, n, min);
-                vqkv_dtype_to_f32(VQKV_DTYPE_F16, steps + 2 * g0, n, step);
-            }
 #if defined(__x86_64__)
-            if (row_simd != NULL) {
-                row_simd(codes + base * k->bits / 8, k->bits, D, min, step, kv, k->group, tile, t,
-                         h);
-                continue;
-            }
-#endif
-            /* Codes first, then the arithmetic in a loop without branches
-             * or bit fiddling, which the compiler vectorizes. */
-            float q[VQKV_MAX_HEAD_DIM];
-            vqkv__kivi_codes(codes, base, D, k->bits, q);
-            if (kv == 0) {
-                for (uint32_t d = 0; d < D; d++)
-                    row[d] = q[d] * step[d] + min[d];
-            } else {
-                for (uint32_t c0 = 0, g = 0; c0 < D; c0 += k->group, g++)
-                    for (uint32_t d = c0; d < c0 + k->group; d++)
-                        row[d] = q[d] * step[g] + min[g];
-            }
-            vqkv__tile_store(tile, t, h, D, row);
+        if (pass_simd != NULL) {
+            vqkv__kivi_pass_t ps = {.codes = codes,
+                                    .mins = mins,
+                                    .steps = steps,
+                                    .min = min,
+                                    .step = step,
+                                    .bits = k->bits,
+                                    .D = D,
+                                    .H = H,
+                                    .h0 = h0,
+                                    .h1 = h1,
+                                    .group = k->group,
+                                    .tokens = l->block_tokens,
+                                    .kv = kv};
+            pass_simd(&ps, tile);
+            continue;
         }
+#endif
+        for (uint32_t t = 0; t < l->block_tokens; t++)
+            for (uint32_t h = h0; h < h1; h++) {
+                uint64_t base = ((uint64_t)t * H + h) * D;
+                const float *rmin = min, *rstep = step;
+                if (kv == 0) {
+                    rmin += (size_t)(h - h0) * D;
+                    rstep += (size_t)(h - h0) * D;
+                } else {
+                    size_t g0 = (size_t)(base / k->group), n = D / k->group;
+                    vqkv_dtype_to_f32(VQKV_DTYPE_F16, mins + 2 * g0, n, min);
+                    vqkv_dtype_to_f32(VQKV_DTYPE_F16, steps + 2 * g0, n, step);
+                }
+                /* Codes first, then the arithmetic in a loop without
+                 * branches or bit fiddling, which the compiler vectorizes. */
+                float q[VQKV_MAX_HEAD_DIM];
+                vqkv__kivi_codes(codes, base, D, k->bits, q);
+                if (kv == 0) {
+                    for (uint32_t d = 0; d < D; d++)
+                        row[d] = q[d] * rstep[d] + rmin[d];
+                } else {
+                    for (uint32_t c0 = 0, g = 0; c0 < D; c0 += k->group, g++)
+                        for (uint32_t d = c0; d < c0 + k->group; d++)
+                            row[d] = q[d] * rstep[g] + rmin[g];
+                }
+                vqkv__tile_store(tile, t, h, D, row);
+            }
     }
 }
 

@@ -24,6 +24,12 @@ typedef struct {
     {                                                                                              \
         2, 2, 64, 16, VQKV_DTYPE_F16                                                               \
     }
+/* Heads wider than the key ranges a KIVI decode converts at once (1024
+ * floats): its heads go in tiles, the last one short. */
+#define WIDE_LAYOUT                                                                                \
+    {                                                                                              \
+        1, 3, 512, 2, VQKV_DTYPE_F16                                                               \
+    }
 #define ODD_LAYOUT                                                                                 \
     {                                                                                              \
         2, 3, 10, 3, VQKV_DTYPE_F16                                                                \
@@ -48,6 +54,8 @@ static const kcase_t kcases[] = {
     {"vqkv:bc=1,esc=1,cs=1", MAIN_LAYOUT},
     {"commvq", MAIN_LAYOUT},
     {"commvq:b=6,rope=inter,esc=1", MAIN_LAYOUT},
+    {"kivi4", WIDE_LAYOUT},
+    {"kivi2:g=16", WIDE_LAYOUT},
     {"fp16", ODD_LAYOUT},
     {"fp8", ODD_LAYOUT},
     {"kivi2", ODD_LAYOUT},
