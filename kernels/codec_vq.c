@@ -916,7 +916,8 @@ VQKV__X86 static inline void vqkv__transpose8_x86(__m256 *r)
  * j * G + g0 .. + 7, eight adjacent channels stored at once: the
  * permutation without a gather. Inlined with stages and dtype constants. */
 VQKV__X86 static inline __attribute__((always_inline)) void
-vqkv__vq_decode_strided8_x86(const vqkv__head_decode_t *hd, uint32_t stages, vqkv_dtype_t dtype)
+vqkv__vq_decode_strided8_x86(const vqkv__head_decode_t *hd, uint32_t stages, vqkv_dtype_t dtype,
+                             bool plain)
 {
     const vqkv__side_t *side = hd->side;
     const vqkv__tile_t *tile = hd->tile;
@@ -939,31 +940,37 @@ vqkv__vq_decode_strided8_x86(const vqkv__head_decode_t *hd, uint32_t stages, vqk
             vqkv__transpose8_x86(r);
             for (uint32_t j = 0; j < 8; j++) {
                 uint32_t c = j * G + g0;
-                vqkv__store8_x86(dtype, vqkv__row_finish_x86(hd, c, r[j]), out + (size_t)c * width);
+                vqkv__store8_x86(dtype, plain ? r[j] : vqkv__row_finish_x86(hd, c, r[j]),
+                                 out + (size_t)c * width);
             }
         }
     }
 }
 
-/* Inlined with dtype a constant, so the store is not chosen per value. */
+/* Inlined with dtype a constant, so the store is not chosen per value,
+ * and with plain (no statistics, no block means) a constant too, so the
+ * common case tests neither per register. */
 VQKV__X86 static inline __attribute__((always_inline)) void
-vqkv__vq_decode_rows_x86(const vqkv__head_decode_t *hd, vqkv_dtype_t dtype)
+vqkv__vq_decode_rows_x86(const vqkv__head_decode_t *hd, vqkv_dtype_t dtype, bool plain)
 {
     const vqkv__side_t *side = hd->side;
     const vqkv__tile_t *tile = hd->tile;
     uint32_t D = hd->head_dim, width = dtype == VQKV_DTYPE_F32 ? 4 : 2;
+    bool in_order = side->in_order;
     float sums[VQKV_MAX_HEAD_DIM], tail[8];
     for (uint32_t t = 0; t < hd->tokens; t++) {
         vqkv__vq_sums_x86(hd, (size_t)t * hd->heads + hd->head, sums);
         uint8_t *out = tile->base + t * tile->token_stride + hd->head * tile->head_stride;
         uint32_t c = 0;
         for (; c + 8 <= D; c += 8, out += 8 * width) {
-            __m256 x = side->in_order
+            __m256 x = in_order
                            ? _mm256_loadu_ps(sums + c)
                            : _mm256_i32gather_ps(
                                  sums, _mm256_loadu_si256((const __m256i *)(side->order + c)), 4);
-            vqkv__store8_x86(dtype, vqkv__row_finish_x86(hd, c, x), out);
+            vqkv__store8_x86(dtype, plain ? x : vqkv__row_finish_x86(hd, c, x), out);
         }
+        if (c == D)
+            continue;
         /* The last D % 8 channels, as vqkv__vq_decode_head does them. */
         for (uint32_t i = 0; c + i < D; i++)
             tail[i] = vqkv__value_finish(hd, c + i, sums[side->order[c + i]]);
@@ -974,10 +981,12 @@ vqkv__vq_decode_rows_x86(const vqkv__head_decode_t *hd, vqkv_dtype_t dtype)
 VQKV__X86 static void vqkv__vq_decode_head_x86(const vqkv__head_decode_t *hd)
 {
     /* The shapes in use; any other takes the gather below. */
+    bool plain = hd->scale == NULL && hd->bm == NULL;
     if (hd->side->strided8 && hd->vq->bits == 8) {
-        uint32_t shape = hd->side->br[0].stages << 4 | hd->tile->dtype;
+        uint32_t shape = plain << 8 | hd->side->br[0].stages << 4 | hd->tile->dtype;
 #define VQKV__STRIDED(R, DTYPE)                                                                    \
-    case (R) << 4 | (DTYPE): vqkv__vq_decode_strided8_x86(hd, R, DTYPE); return
+    case (R) << 4 | (DTYPE): vqkv__vq_decode_strided8_x86(hd, R, DTYPE, false); return;            \
+    case 1 << 8 | (R) << 4 | (DTYPE): vqkv__vq_decode_strided8_x86(hd, R, DTYPE, true); return
         switch (shape) {
             VQKV__STRIDED(1, VQKV_DTYPE_F16);
             VQKV__STRIDED(2, VQKV_DTYPE_F16);
@@ -987,11 +996,15 @@ VQKV__X86 static void vqkv__vq_decode_head_x86(const vqkv__head_decode_t *hd)
         }
 #undef VQKV__STRIDED
     }
-    switch (hd->tile->dtype) {
-    case VQKV_DTYPE_F16: vqkv__vq_decode_rows_x86(hd, VQKV_DTYPE_F16); break;
-    case VQKV_DTYPE_BF16: vqkv__vq_decode_rows_x86(hd, VQKV_DTYPE_BF16); break;
-    case VQKV_DTYPE_F32: vqkv__vq_decode_rows_x86(hd, VQKV_DTYPE_F32); break;
+#define VQKV__ROWS(DTYPE)                                                                          \
+    case (DTYPE): vqkv__vq_decode_rows_x86(hd, DTYPE, false); break;                               \
+    case 1 << 8 | (DTYPE): vqkv__vq_decode_rows_x86(hd, DTYPE, true); break
+    switch (plain << 8 | hd->tile->dtype) {
+        VQKV__ROWS(VQKV_DTYPE_F16);
+        VQKV__ROWS(VQKV_DTYPE_BF16);
+        VQKV__ROWS(VQKV_DTYPE_F32);
     }
+#undef VQKV__ROWS
 }
 #endif
 
