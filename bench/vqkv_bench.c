@@ -276,8 +276,9 @@ static int bench_setup(bench_t *b)
 {
     char err[512];
     vqkv_worker_t w;
-    if (vqkv_worker_open(&w, b->o.socket_path, "vqkv-benchmark-setup", b->model_id, &b->layout,
-                         b->o.codec, b->o.blocks_per_get, err, sizeof err) != VQKV_OK) {
+    if (vqkv_worker_open(&w, b->o.socket_path, "vqkv-benchmark-setup", VQKV_WORKER_TIMEOUT_MS,
+                         b->model_id, &b->layout, b->o.codec, b->o.blocks_per_get, err,
+                         sizeof err) != VQKV_OK) {
         fprintf(stderr, "vqkv-benchmark: %s\n", err);
         return -1;
     }
@@ -394,8 +395,8 @@ static void bench_client(const bench_t *b, uint32_t index, bench_result_t *r, in
     vqkv_worker_t w;
     uint32_t k = b->o.blocks_per_get;
     /* Slots 0..K-1 take gets, K..2K-1 hold the blocks this client puts. */
-    int rc = vqkv_worker_open(&w, b->o.socket_path, name, b->model_id, &b->layout, b->o.codec,
-                              2 * k, r->error, sizeof r->error);
+    int rc = vqkv_worker_open(&w, b->o.socket_path, name, VQKV_WORKER_TIMEOUT_MS, b->model_id,
+                              &b->layout, b->o.codec, 2 * k, r->error, sizeof r->error);
     size_t n_tokens = (size_t)k * b->layout.block_tokens;
     uint32_t *tokens = malloc(n_tokens * sizeof *tokens);
     uint8_t(*keys)[VQKV_KEY_BYTES] = malloc((size_t)b->o.prefixes * k * sizeof *keys);
@@ -663,8 +664,8 @@ static int bench_capacity(bench_t *b)
 {
     char err[512];
     vqkv_worker_t w;
-    if (vqkv_worker_open(&w, b->o.socket_path, "vqkv-benchmark-capacity", b->model_id, &b->layout,
-                         b->o.codec, 1, err, sizeof err) != VQKV_OK) {
+    if (vqkv_worker_open(&w, b->o.socket_path, "vqkv-benchmark-capacity", VQKV_WORKER_TIMEOUT_MS,
+                         b->model_id, &b->layout, b->o.codec, 1, err, sizeof err) != VQKV_OK) {
         fprintf(stderr, "vqkv-benchmark: %s\n", err);
         return 1;
     }

@@ -32,6 +32,7 @@
  * usage: vqkv-demo --role offload|restore [--socket PATH] [--codec SPEC]
  *                  [--kv FILE] [--prefix-tokens N] [--user-tokens N]
  *                  [--warmup-tokens N] [--codebook FILE] [--max-rel-err X]
+ *                  [--timeout-ms N]
  * Exit status 0 when everything was stored, found and restored exactly as
  * expected, 1 otherwise, 2 for a usage error.
  */
@@ -56,6 +57,7 @@ typedef struct {
     const char *codebook; /* restore: the daemon's codebook file */
     uint32_t prefix_tokens, user_tokens, warmup_tokens;
     double max_rel_err;
+    int timeout_ms; /* for every reply */
 } demo_opts_t;
 
 /* One worker's prompt, its block keys and where its KV comes from. */
@@ -82,7 +84,7 @@ static void demo_usage(FILE *f)
 {
     fputs("usage: vqkv-demo --role offload|restore [--socket PATH] [--codec SPEC] [--kv FILE]\n"
           "                 [--prefix-tokens N] [--user-tokens N] [--warmup-tokens N]\n"
-          "                 [--codebook FILE] [--max-rel-err X]\n"
+          "                 [--codebook FILE] [--max-rel-err X] [--timeout-ms N]\n"
           "  --role offload   put the KV blocks of prompt A (system prompt + user A)\n"
           "  --role restore   look up prompt B (same system prompt + user B), get the\n"
           "                   shared prefix into this worker's slots and verify it\n"
@@ -94,7 +96,9 @@ static void demo_usage(FILE *f)
           "                   wait until the daemon has trained the codec's codebooks\n"
           "  --codebook FILE  restore: the codebooks the daemon saved, for a byte check\n"
           "  --max-rel-err    bound on the relative error for codecs with codebooks and\n"
-          "                   no --codebook (default 0.5; others must match bit for bit)\n",
+          "                   no --codebook (default 0.5; others must match bit for bit)\n"
+          "  --timeout-ms N   how long to wait for any reply of vqkvd (default 30000;\n"
+          "                   longer for a daemon under valgrind)\n",
           f);
 }
 
@@ -464,10 +468,11 @@ static int demo_parse(int argc, char **argv, demo_opts_t *o)
         {"max-rel-err", required_argument, NULL, 'e'},
         {"warmup-tokens", required_argument, NULL, 'w'},
         {"codebook", required_argument, NULL, 'b'},
+        {"timeout-ms", required_argument, NULL, 't'},
         {"help", no_argument, NULL, 'h'},
         {NULL, 0, NULL, 0},
     };
-    *o = (demo_opts_t){NULL, NULL, "kivi4", NULL, NULL, 1024, 264, 0, 0.5};
+    *o = (demo_opts_t){NULL, NULL, "kivi4", NULL, NULL, 1024, 264, 0, 0.5, VQKV_WORKER_TIMEOUT_MS};
     int opt;
     while ((opt = getopt_long(argc, argv, "h", longopts, NULL)) != -1) {
         switch (opt) {
@@ -480,6 +485,7 @@ static int demo_parse(int argc, char **argv, demo_opts_t *o)
         case 'e': o->max_rel_err = strtod(optarg, NULL); break;
         case 'w': o->warmup_tokens = (uint32_t)strtoul(optarg, NULL, 10); break;
         case 'b': o->codebook = optarg; break;
+        case 't': o->timeout_ms = (int)strtol(optarg, NULL, 10); break;
         case 'h': demo_usage(stdout); exit(0);
         default: return -1;
         }
@@ -488,10 +494,10 @@ static int demo_parse(int argc, char **argv, demo_opts_t *o)
         (strcmp(o->role, "offload") != 0 && strcmp(o->role, "restore") != 0))
         return -1;
     if (o->prefix_tokens < 16 || o->prefix_tokens > (1u << 20) || o->user_tokens > (1u << 20) ||
-        o->warmup_tokens > (1u << 20) || !(o->max_rel_err > 0.0)) {
+        o->warmup_tokens > (1u << 20) || !(o->max_rel_err > 0.0) || o->timeout_ms <= 0) {
         fprintf(stderr, "vqkv-demo: --prefix-tokens must be 16..2^20 (a block at least), "
                         "--user-tokens and --warmup-tokens at most 2^20, --max-rel-err "
-                        "positive\n");
+                        "and --timeout-ms positive\n");
         return -1;
     }
     return 0;
@@ -537,7 +543,7 @@ int main(int argc, char **argv)
     snprintf(name, sizeof name, "vqkv-demo-%s", o.role);
     /* Enough slots for the whole prompt's full blocks. */
     d.codec_name = o.codec;
-    if (vqkv_worker_open(&w, o.socket_path, name, DEMO_MODEL_ID, &d.layout, o.codec,
+    if (vqkv_worker_open(&w, o.socket_path, name, o.timeout_ms, DEMO_MODEL_ID, &d.layout, o.codec,
                          (uint32_t)(max_keys ? max_keys : 1), err, sizeof err) != VQKV_OK) {
         fprintf(stderr, "vqkv-demo: %s\n", err);
         return 1;

@@ -53,17 +53,15 @@ uint64_t vqkv_worker_block_logical_bytes(const vqkv_layout_t *layout)
 }
 
 int vqkv_worker_open(vqkv_worker_t *w, const char *socket_path, const char *client_name,
-                     const char *model_id, const vqkv_layout_t *layout, const char *codec_spec,
-                     uint32_t num_slots, char *err, size_t errlen)
+                     int timeout_ms, const char *model_id, const vqkv_layout_t *layout,
+                     const char *codec_spec, uint32_t num_slots, char *err, size_t errlen)
 {
     memset(w, 0, sizeof *w);
     w->fd = -1;
     w->layout = *layout;
     vqkv_kv_view_vllm(&w->view, layout, num_slots);
 
-    /* Generous: with dozens of clients on a few cores a get queues behind
-     * many others' decodes, and a slow reply is a figure, not an error. */
-    int rc = vqkv_connect(socket_path, client_name, 30000, &w->client);
+    int rc = vqkv_connect(socket_path, client_name, timeout_ms, &w->client);
     if (rc != VQKV_OK) {
         int saved = errno;
         return vqkv__worker_fail(err, errlen, rc, "cannot connect to %s: %s%s%s", socket_path,

@@ -41,16 +41,22 @@ typedef struct {
  * per block, f16. VQKV_EINVAL for any other name. */
 int vqkv_worker_shape(const char *name, vqkv_layout_t *layout);
 
+/* The reply timeout the tools use: generous, since with dozens of clients
+ * on a few cores a get queues behind many others' decodes, and a slow reply
+ * is a figure, not an error. */
+#define VQKV_WORKER_TIMEOUT_MS 30000
+
 /* Bytes of one block in the worker's dtype: what a get writes per block. */
 uint64_t vqkv_worker_block_logical_bytes(const vqkv_layout_t *layout);
 
-/* Connects to socket_path as client_name, registers model_id with layout
- * and codec_spec, creates and maps a memfd of num_slots blocks in vLLM's
- * layout and registers it. On failure everything made so far is undone,
- * the reason is in err and the code returned. */
+/* Connects to socket_path as client_name (every reply awaited up to
+ * timeout_ms), registers model_id with layout and codec_spec, creates and
+ * maps a memfd of num_slots blocks in vLLM's layout and registers it. On
+ * failure everything made so far is undone, the reason is in err and the
+ * code returned. */
 int vqkv_worker_open(vqkv_worker_t *w, const char *socket_path, const char *client_name,
-                     const char *model_id, const vqkv_layout_t *layout, const char *codec_spec,
-                     uint32_t num_slots, char *err, size_t errlen);
+                     int timeout_ms, const char *model_id, const vqkv_layout_t *layout,
+                     const char *codec_spec, uint32_t num_slots, char *err, size_t errlen);
 
 /* Unmaps, closes the memfd and the connection (the daemon drops the
  * region and the model's handle with it; stored blocks stay). */

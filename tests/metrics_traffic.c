@@ -119,8 +119,8 @@ int main(int argc, char **argv)
                                   .dtype = VQKV_DTYPE_F16};
     vqkv_worker_t w;
     char err[256];
-    int rc = vqkv_worker_open(&w, argv[1], "metrics-traffic", "metrics-test", &layout, "kivi4",
-                              blocks + extra, err, sizeof err);
+    int rc = vqkv_worker_open(&w, argv[1], "metrics-traffic", VQKV_WORKER_TIMEOUT_MS,
+                              "metrics-test", &layout, "kivi4", blocks + extra, err, sizeof err);
     if (rc < 0) {
         fprintf(stderr, "metrics_traffic: %s\n", err);
         return 1;

@@ -348,9 +348,10 @@ static void load_client_main(load_shared_t *sh, uint32_t index, const daemon_t *
     snprintf(name, sizeof name, "load-%u", index);
     vqkv_kv_view_vllm(&lw.expect_view, &load_layout, 1);
     lw.expect = malloc(lw.expect_view.region_bytes);
-    int rc = lw.expect == NULL ? VQKV_ENOMEM
-                               : vqkv_worker_open(&lw.w, d->path, name, LOAD_MODEL, &load_layout,
-                                                  "fp16", LOAD_SLOTS, err, sizeof err);
+    int rc = lw.expect == NULL
+                 ? VQKV_ENOMEM
+                 : vqkv_worker_open(&lw.w, d->path, name, VQKV_WORKER_TIMEOUT_MS, LOAD_MODEL,
+                                    &load_layout, "fp16", LOAD_SLOTS, err, sizeof err);
     if (rc != VQKV_OK) {
         snprintf(lw.out->error, sizeof lw.out->error, "setup: %s", err);
         atomic_store(&lw.out->setup_failed, 1);

@@ -51,6 +51,9 @@ pid=$!
 vqkvd_wait_ready "$pid" "$sock"
 
 set -- --socket "$sock" --codec "$codec"
+# Under a wrapper (valgrind) every reply may take ten times as long: a get
+# can wait behind the re-encoding of the calibration's blocks.
+[ -n "${VQKV_DAEMON_WRAPPER:-}" ] && set -- "$@" --timeout-ms 300000
 if [ -f "$kv" ]; then
     set -- "$@" --kv "$kv"
 fi
