@@ -70,8 +70,12 @@ typedef struct {
     bool in_order;
     /* One branch of d = 8 whose group g holds channels g, g + G, g + 2G, ...
      * (rvq's strided keys) with G a multiple of 8: decoded eight groups at a
-     * time and transposed in registers (vqkv__vq_decode_strided8_x86). */
+     * time and transposed in registers (vqkv__vq_decode_bytes8_x86). */
     bool strided8;
+    /* One branch of d = 8 in channel order (values' contiguous groups),
+     * with a multiple of 8 groups: decoded by the same loop, each group's
+     * register stored where it is. */
+    bool contig8;
     size_t words;   /* codewords per layer */
     size_t floats;  /* codebook parameter floats per layer (what files hold) */
     size_t wfloats; /* codeword floats per layer */
@@ -231,6 +235,7 @@ static int vqkv__vq_finish(vqkv_codec_t *codec)
             /* channel c = j * G + g is value j of group g: code order g * 8 + j */
             side->strided8 = side->strided8 && side->order[c] == (int32_t)(c % G * 8 + c / G);
         }
+        side->contig8 = side->n_branches == 1 && side->br[0].d == 8 && G % 8 == 0 && side->in_order;
         codec->part_bytes[kv] = vqkv__block_mean_bytes(codec, kv) + vectors * side->n_branches * 2 +
                                 vqkv__bits_bytes(vectors * side->codes, vq->bits) +
                                 (size_t)vq->escapes * VQKV__ESCAPE_BYTES(l->head_dim);
@@ -911,13 +916,15 @@ VQKV__X86 static inline void vqkv__transpose8_x86(__m256 *r)
     }
 }
 
-/* A side->strided8 head with byte codes: per token, eight groups' sums in
- * registers, transposed, so that value j of groups g0..g0+7 are channels
- * j * G + g0 .. + 7, eight adjacent channels stored at once: the
- * permutation without a gather. Inlined with stages and dtype constants. */
+/* A side->strided8 or side->contig8 head with byte codes: per token,
+ * eight groups' sums in registers; strided, transposed, so that value j of
+ * groups g0..g0+7 are channels j * G + g0 .. + 7, eight adjacent channels
+ * stored at once (the permutation without a gather); contiguous, each
+ * group's register stored at its channels (no trip through a row of sums).
+ * Inlined with stages, dtype, plain and strided constants. */
 VQKV__X86 static inline __attribute__((always_inline)) void
-vqkv__vq_decode_strided8_x86(const vqkv__head_decode_t *hd, uint32_t stages, vqkv_dtype_t dtype,
-                             bool plain)
+vqkv__vq_decode_bytes8_x86(const vqkv__head_decode_t *hd, uint32_t stages, vqkv_dtype_t dtype,
+                           bool plain, bool strided)
 {
     const vqkv__side_t *side = hd->side;
     const vqkv__tile_t *tile = hd->tile;
@@ -937,9 +944,10 @@ vqkv__vq_decode_strided8_x86(const vqkv__head_decode_t *hd, uint32_t stages, vqk
                     w[s] = base + s * table + (size_t)codes[s] * 8;
                 r[k] = vqkv__sum8_x86(w, stages, 0, norm);
             }
-            vqkv__transpose8_x86(r);
+            if (strided)
+                vqkv__transpose8_x86(r);
             for (uint32_t j = 0; j < 8; j++) {
-                uint32_t c = j * G + g0;
+                uint32_t c = strided ? j * G + g0 : (g0 + j) * 8;
                 vqkv__store8_x86(dtype, plain ? r[j] : vqkv__row_finish_x86(hd, c, r[j]),
                                  out + (size_t)c * width);
             }
@@ -982,11 +990,16 @@ VQKV__X86 static void vqkv__vq_decode_head_x86(const vqkv__head_decode_t *hd)
 {
     /* The shapes in use; any other takes the gather below. */
     bool plain = hd->scale == NULL && hd->bm == NULL;
-    if (hd->side->strided8 && hd->vq->bits == 8) {
-        uint32_t shape = plain << 8 | hd->side->br[0].stages << 4 | hd->tile->dtype;
+    bool strided = hd->side->strided8;
+    if ((strided || hd->side->contig8) && hd->vq->bits == 8) {
+        uint32_t shape = strided << 9 | plain << 8 | hd->side->br[0].stages << 4 | hd->tile->dtype;
 #define VQKV__STRIDED(R, DTYPE)                                                                    \
-    case (R) << 4 | (DTYPE): vqkv__vq_decode_strided8_x86(hd, R, DTYPE, false); return;            \
-    case 1 << 8 | (R) << 4 | (DTYPE): vqkv__vq_decode_strided8_x86(hd, R, DTYPE, true); return
+    case (R) << 4 | (DTYPE): vqkv__vq_decode_bytes8_x86(hd, R, DTYPE, false, false); return;       \
+    case 1 << 8 | (R) << 4 |                                                                       \
+        (DTYPE): vqkv__vq_decode_bytes8_x86(hd, R, DTYPE, true, false); return;                    \
+    case 2 << 8 | (R) << 4 |                                                                       \
+        (DTYPE): vqkv__vq_decode_bytes8_x86(hd, R, DTYPE, false, true); return;                    \
+    case 3 << 8 | (R) << 4 | (DTYPE): vqkv__vq_decode_bytes8_x86(hd, R, DTYPE, true, true); return
         switch (shape) {
             VQKV__STRIDED(1, VQKV_DTYPE_F16);
             VQKV__STRIDED(2, VQKV_DTYPE_F16);

@@ -30,6 +30,12 @@ typedef struct {
     {                                                                                              \
         1, 3, 512, 2, VQKV_DTYPE_F16                                                               \
     }
+/* head_dim 128: sixteen 8-channel groups, so the decode's eight-group
+ * steps (strided keys, contiguous values) take more than one. */
+#define D128_LAYOUT                                                                                \
+    {                                                                                              \
+        1, 2, 128, 4, VQKV_DTYPE_F16                                                               \
+    }
 #define ODD_LAYOUT                                                                                 \
     {                                                                                              \
         2, 3, 10, 3, VQKV_DTYPE_F16                                                                \
@@ -54,6 +60,8 @@ static const kcase_t kcases[] = {
     {"vqkv:bc=1,esc=1,cs=1", MAIN_LAYOUT},
     {"commvq", MAIN_LAYOUT},
     {"commvq:b=6,rope=inter,esc=1", MAIN_LAYOUT},
+    {"rvq", D128_LAYOUT},
+    {"rvq:cs=1,bc=1", D128_LAYOUT},
     {"kivi4", WIDE_LAYOUT},
     {"kivi2:g=16", WIDE_LAYOUT},
     {"fp16", ODD_LAYOUT},
