@@ -427,6 +427,57 @@ static void vqkv__kivi_codes(const uint8_t *codes, uint64_t first, uint32_t n, u
         q[d] = (float)vqkv__bits_get(codes, (first + d) * bits, bits);
 }
 
+/* One pass of a KIVI decode: the rows of heads [h0, h1) of every token.
+ * Keys' ranges per channel come converted (min, step: the tile's heads);
+ * values' per group are read from the part's fp16 (mins, steps) row by
+ * row. */
+typedef struct {
+    const uint8_t *codes, *mins, *steps;
+    const float *min, *step;
+    uint32_t bits, D, H, h0, h1, group, tokens;
+    int kv;
+} vqkv__kivi_pass_t;
+
+typedef void (*vqkv__kivi_pass_fn)(const vqkv__kivi_pass_t *, const vqkv__tile_t *);
+
+/* The ranges of the value row starting at value `base`, one per group. */
+static inline void vqkv__kivi_value_ranges(const vqkv__kivi_pass_t *ps, uint64_t base, float *min,
+                                           float *step)
+{
+    size_t g0 = (size_t)(base / ps->group);
+    for (uint32_t g = 0; g < ps->D / ps->group; g++) {
+        const uint8_t *m = ps->mins + 2 * (g0 + g), *st = ps->steps + 2 * (g0 + g);
+        min[g] = vqkv_f16_to_f32((uint16_t)(m[0] | m[1] << 8));
+        step[g] = vqkv_f16_to_f32((uint16_t)(st[0] | st[1] << 8));
+    }
+}
+
+/* The reference pass: codes first, then the arithmetic in a loop without
+ * branches or bit fiddling, which the compiler vectorizes. */
+static void vqkv__kivi_pass_scalar(const vqkv__kivi_pass_t *ps, const vqkv__tile_t *tile)
+{
+    uint32_t D = ps->D;
+    float q[VQKV_MAX_HEAD_DIM], row[VQKV_MAX_HEAD_DIM];
+    float vmin[VQKV_MAX_HEAD_DIM], vstep[VQKV_MAX_HEAD_DIM];
+    for (uint32_t t = 0; t < ps->tokens; t++)
+        for (uint32_t h = ps->h0; h < ps->h1; h++) {
+            uint64_t base = ((uint64_t)t * ps->H + h) * D;
+            vqkv__kivi_codes(ps->codes, base, D, ps->bits, q);
+            if (ps->kv == 0) {
+                const float *min = ps->min + (size_t)(h - ps->h0) * D;
+                const float *step = ps->step + (size_t)(h - ps->h0) * D;
+                for (uint32_t d = 0; d < D; d++)
+                    row[d] = q[d] * step[d] + min[d];
+            } else {
+                vqkv__kivi_value_ranges(ps, base, vmin, vstep);
+                for (uint32_t c0 = 0, g = 0; c0 < D; c0 += ps->group, g++)
+                    for (uint32_t d = c0; d < c0 + ps->group; d++)
+                        row[d] = q[d] * vstep[g] + vmin[g];
+            }
+            vqkv__tile_store(tile, t, h, D, row);
+        }
+}
+
 #if defined(__x86_64__)
 /* Eight codes of `bits` (2 or 4) from `bits` bytes, as floats: each shifted
  * out of a broadcast little-endian word. */
@@ -447,24 +498,6 @@ VQKV__X512 static inline __m512 vqkv__kivi_codes16_x512(const uint8_t *codes, ui
 {
     return vqkv__join16_x512(vqkv__kivi_codes8_x86(codes, bits),
                              vqkv__kivi_codes8_x86(codes + bits, bits));
-}
-
-/* One pass of a KIVI decode: the rows of heads [h0, h1) of every token.
- * Keys' ranges per channel come converted (min, step: the tile's heads);
- * values' per group are read from the part's fp16 (mins, steps) row by
- * row. */
-typedef struct {
-    const uint8_t *codes, *mins, *steps;
-    const float *min, *step;
-    uint32_t bits, D, H, h0, h1, group, tokens;
-    int kv;
-} vqkv__kivi_pass_t;
-
-/* Group g's bound of a part's fp16 mins or steps, as vqkv_dtype_to_f32
- * converts it. */
-static inline float vqkv__kivi_range_at(const uint8_t *halves, size_t g)
-{
-    return vqkv_f16_to_f32((uint16_t)(halves[2 * g] | halves[2 * g + 1] << 8));
 }
 
 /* One (code width, dtype) case of a pass. */
@@ -501,7 +534,7 @@ static inline float vqkv__kivi_range_at(const uint8_t *halves, size_t g)
     TARGET static inline __attribute__((always_inline)) void ROWS(                                 \
         const vqkv__kivi_pass_t *ps, const vqkv__tile_t *tile, uint32_t bits, vqkv_dtype_t dtype)  \
     {                                                                                              \
-        uint32_t D = ps->D, n = D / ps->group;                                                     \
+        uint32_t D = ps->D;                                                                        \
         float vmin[VQKV_MAX_HEAD_DIM], vstep[VQKV_MAX_HEAD_DIM];                                   \
         for (uint32_t t = 0; t < ps->tokens; t++)                                                  \
             for (uint32_t h = ps->h0; h < ps->h1; h++) {                                           \
@@ -513,11 +546,7 @@ static inline float vqkv__kivi_range_at(const uint8_t *halves, size_t g)
                     ROW(codes, bits, D, ps->min + at, ps->step + at, true, D, out, dtype);         \
                     continue;                                                                      \
                 }                                                                                  \
-                size_t g0 = (size_t)(base / ps->group);                                            \
-                for (uint32_t g = 0; g < n; g++) {                                                 \
-                    vmin[g] = vqkv__kivi_range_at(ps->mins, g0 + g);                               \
-                    vstep[g] = vqkv__kivi_range_at(ps->steps, g0 + g);                             \
-                }                                                                                  \
+                vqkv__kivi_value_ranges(ps, base, vmin, vstep);                                    \
                 ROW(codes, bits, D, vmin, vstep, false, ps->group, out, dtype);                    \
             }                                                                                      \
     }                                                                                              \
@@ -538,20 +567,23 @@ VQKV__KIVI_ROWS(vqkv__kivi_row_x86, vqkv__kivi_rows_x86, vqkv__kivi_pass_x86, VQ
 VQKV__KIVI_ROWS(vqkv__kivi_row_x512, vqkv__kivi_rows_x512, vqkv__kivi_pass_x512, VQKV__X512, 512,
                 16, vqkv__kivi_codes16_x512, vqkv__store16_x512)
 
-/* The vector pass for this CPU and part, or NULL: rows of whole bytes and
- * value groups of whole registers. */
-typedef void (*vqkv__kivi_pass_fn)(const vqkv__kivi_pass_t *, const vqkv__tile_t *);
+#endif
+
+/* The pass for this CPU and part: a vector one for rows of whole bytes and
+ * value groups of whole registers, else the reference. */
 static vqkv__kivi_pass_fn vqkv__kivi_pass_pick(uint32_t D, int kv, uint32_t group)
 {
-    if (!vqkv__simd_enabled())
-        return NULL;
-    if (vqkv__simd_avx512() && D % 16 == 0 && (kv == 0 || group % 16 == 0))
-        return vqkv__kivi_pass_x512;
-    if (D % 8 == 0 && (kv == 0 || group % 8 == 0))
-        return vqkv__kivi_pass_x86;
-    return NULL;
-}
+#if defined(__x86_64__)
+    if (vqkv__simd_enabled()) {
+        if (vqkv__simd_avx512() && D % 16 == 0 && (kv == 0 || group % 16 == 0))
+            return vqkv__kivi_pass_x512;
+        if (D % 8 == 0 && (kv == 0 || group % 8 == 0))
+            return vqkv__kivi_pass_x86;
+    }
 #endif
+    (void)D, (void)kv, (void)group;
+    return vqkv__kivi_pass_scalar;
+}
 
 /* Floats of key ranges a decode converts at once: 8 heads of 128. */
 #define VQKV__KIVI_TILE 1024
@@ -563,74 +595,36 @@ static void vqkv__kivi_decode(const vqkv_codec_t *codec, uint32_t layer, int kv,
     const vqkv_layout_t *l = &codec->layout;
     const vqkv__kivi_t *k = codec->state;
     size_t groups = vqkv__kivi_groups(codec, kv);
-    const uint8_t *mins = in, *steps = in + 2 * groups, *codes = in + 4 * groups;
     uint32_t D = l->head_dim, H = l->num_kv_heads;
-    float row[VQKV_MAX_HEAD_DIM];
-    /* keys: the per-channel ranges of a tile of heads; values: one row's */
+    /* keys: the per-channel ranges of a tile of heads */
     float min[VQKV__KIVI_TILE], step[VQKV__KIVI_TILE];
     uint32_t tile_heads = D <= VQKV__KIVI_TILE / H ? H : VQKV__KIVI_TILE / D;
-#if defined(__x86_64__)
-    vqkv__kivi_pass_fn pass_simd = vqkv__kivi_pass_pick(D, kv, k->group);
-#endif
+    vqkv__kivi_pass_fn pass = vqkv__kivi_pass_pick(D, kv, k->group);
+    vqkv__kivi_pass_t ps = {.codes = in + 4 * groups,
+                            .mins = in,
+                            .steps = in + 2 * groups,
+                            .min = min,
+                            .step = step,
+                            .bits = k->bits,
+                            .D = D,
+                            .H = H,
+                            .group = k->group,
+                            .tokens = l->block_tokens,
+                            .kv = kv};
 
     /* Tokens outer and heads inner within a tile of heads, so worker memory
-     * is written in address order (a head at a time over the tokens strides
-     * by a token's bytes, a stall on every load that aliases a recent store
-     * 4 KiB apart); a key head's per-channel ranges are converted once a
-     * tile for all its tokens, a value row's groups are its own. */
-    for (uint32_t h0 = 0; h0 < H; h0 += tile_heads) {
-        uint32_t h1 = h0 + tile_heads < H ? h0 + tile_heads : H;
+     * is written in address order (a head at a time over the tokens wrote
+     * 256 bytes every 2 KiB and decoded at half the speed: bench/RESULTS.md);
+     * a key head's per-channel ranges are converted once a tile for all its
+     * tokens, a value row's groups are its own. */
+    for (ps.h0 = 0; ps.h0 < H; ps.h0 = ps.h1) {
+        ps.h1 = ps.h0 + tile_heads < H ? ps.h0 + tile_heads : H;
         if (kv == 0) {
-            vqkv_dtype_to_f32(VQKV_DTYPE_F16, mins + 2 * (size_t)h0 * D, (size_t)(h1 - h0) * D,
-                              min);
-            vqkv_dtype_to_f32(VQKV_DTYPE_F16, steps + 2 * (size_t)h0 * D, (size_t)(h1 - h0) * D,
-                              step);
+            size_t n = (size_t)(ps.h1 - ps.h0) * D;
+            vqkv_dtype_to_f32(VQKV_DTYPE_F16, ps.mins + 2 * (size_t)ps.h0 * D, n, min);
+            vqkv_dtype_to_f32(VQKV_DTYPE_F16, ps.steps + 2 * (size_t)ps.h0 * D, n, step);
         }
-#if defined(__x86_64__)
-        if (pass_simd != NULL) {
-            vqkv__kivi_pass_t ps = {.codes = codes,
-                                    .mins = mins,
-                                    .steps = steps,
-                                    .min = min,
-                                    .step = step,
-                                    .bits = k->bits,
-                                    .D = D,
-                                    .H = H,
-                                    .h0 = h0,
-                                    .h1 = h1,
-                                    .group = k->group,
-                                    .tokens = l->block_tokens,
-                                    .kv = kv};
-            pass_simd(&ps, tile);
-            continue;
-        }
-#endif
-        for (uint32_t t = 0; t < l->block_tokens; t++)
-            for (uint32_t h = h0; h < h1; h++) {
-                uint64_t base = ((uint64_t)t * H + h) * D;
-                const float *rmin = min, *rstep = step;
-                if (kv == 0) {
-                    rmin += (size_t)(h - h0) * D;
-                    rstep += (size_t)(h - h0) * D;
-                } else {
-                    size_t g0 = (size_t)(base / k->group), n = D / k->group;
-                    vqkv_dtype_to_f32(VQKV_DTYPE_F16, mins + 2 * g0, n, min);
-                    vqkv_dtype_to_f32(VQKV_DTYPE_F16, steps + 2 * g0, n, step);
-                }
-                /* Codes first, then the arithmetic in a loop without
-                 * branches or bit fiddling, which the compiler vectorizes. */
-                float q[VQKV_MAX_HEAD_DIM];
-                vqkv__kivi_codes(codes, base, D, k->bits, q);
-                if (kv == 0) {
-                    for (uint32_t d = 0; d < D; d++)
-                        row[d] = q[d] * rstep[d] + rmin[d];
-                } else {
-                    for (uint32_t c0 = 0, g = 0; c0 < D; c0 += k->group, g++)
-                        for (uint32_t d = c0; d < c0 + k->group; d++)
-                            row[d] = q[d] * rstep[g] + rmin[g];
-                }
-                vqkv__tile_store(tile, t, h, D, row);
-            }
+        pass(&ps, tile);
     }
 }
 
