@@ -91,7 +91,6 @@ int vqkvd_cuda_store_open(const vqkvd_cuda_driver_t *d, int ordinal, uint64_t by
                           uint64_t max_piece, vqkvd_cuda_store_t *s, char *why, size_t why_size)
 {
     memset(s, 0, sizeof *s);
-    s->ordinal = ordinal;
     CUmemAllocationProp prop = {.type = CU_MEM_ALLOCATION_TYPE_PINNED,
                                 .location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = ordinal}};
     size_t granularity = 0;

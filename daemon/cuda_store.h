@@ -53,7 +53,6 @@ typedef struct {
     uint64_t bytes; /* the range, rounded up to the granularity */
     uint64_t piece_bytes;
     uint32_t n_pieces; /* mapped so far (all of them once open) */
-    int ordinal;
     CUmemGenericAllocationHandle pieces[VQKVD_CUDA_STORE_MAX_PIECES];
 } vqkvd_cuda_store_t;
 

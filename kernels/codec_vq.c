@@ -993,7 +993,7 @@ VQKV__X86 static void vqkv__vq_decode_head_x86(const vqkv__head_decode_t *hd)
     bool strided = hd->side->strided8;
     if ((strided || hd->side->contig8) && hd->vq->bits == 8) {
         uint32_t shape = strided << 9 | plain << 8 | hd->side->br[0].stages << 4 | hd->tile->dtype;
-#define VQKV__STRIDED(R, DTYPE)                                                                    \
+#define VQKV__BYTES8(R, DTYPE)                                                                     \
     case (R) << 4 | (DTYPE): vqkv__vq_decode_bytes8_x86(hd, R, DTYPE, false, false); return;       \
     case 1 << 8 | (R) << 4 |                                                                       \
         (DTYPE): vqkv__vq_decode_bytes8_x86(hd, R, DTYPE, true, false); return;                    \
@@ -1001,13 +1001,13 @@ VQKV__X86 static void vqkv__vq_decode_head_x86(const vqkv__head_decode_t *hd)
         (DTYPE): vqkv__vq_decode_bytes8_x86(hd, R, DTYPE, false, true); return;                    \
     case 3 << 8 | (R) << 4 | (DTYPE): vqkv__vq_decode_bytes8_x86(hd, R, DTYPE, true, true); return
         switch (shape) {
-            VQKV__STRIDED(1, VQKV_DTYPE_F16);
-            VQKV__STRIDED(2, VQKV_DTYPE_F16);
-            VQKV__STRIDED(3, VQKV_DTYPE_F16);
-            VQKV__STRIDED(2, VQKV_DTYPE_BF16);
-            VQKV__STRIDED(2, VQKV_DTYPE_F32);
+            VQKV__BYTES8(1, VQKV_DTYPE_F16);
+            VQKV__BYTES8(2, VQKV_DTYPE_F16);
+            VQKV__BYTES8(3, VQKV_DTYPE_F16);
+            VQKV__BYTES8(2, VQKV_DTYPE_BF16);
+            VQKV__BYTES8(2, VQKV_DTYPE_F32);
         }
-#undef VQKV__STRIDED
+#undef VQKV__BYTES8
     }
 #define VQKV__ROWS(DTYPE)                                                                          \
     case (DTYPE): vqkv__vq_decode_rows_x86(hd, DTYPE, false); break;                               \
