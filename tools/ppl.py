@@ -36,6 +36,11 @@ default book, see tools/corpus.py):
     [offset, +calib)            calibration
     then N x (P + C + 1)        evaluation sequences, back to back
 
+With --calib-windows W the calibration tokens are W windows of calib/W
+tokens, each run from position 0 as a sequence of its own (the way a
+daemon calibrates: on the first blocks of the requests it sees), their K/V
+concatenated for training; with 1 (the default) they are one sequence.
+
     python tools/ppl.py --sequences 8 --json ppl.json
 
 On a terminal, stderr shows a progress line for each long loop (the
@@ -291,6 +296,12 @@ def main() -> None:
     ap.add_argument("--cont", type=int, default=256, help="continuation tokens scored (default 256)")
     ap.add_argument("--block-tokens", type=int, default=32, help="tokens per block (default 32)")
     ap.add_argument("--calib", type=int, default=2048, help="calibration tokens (default 2048)")
+    ap.add_argument(
+        "--calib-windows",
+        type=int,
+        default=1,
+        help="calibration as this many sequences from position 0, calib/W tokens each (default 1)",
+    )
     ap.add_argument("--offset", type=int, default=0, help="first token of the text to use (default 0)")
     ap.add_argument("--kv-dtype", choices=CACHE_DTYPES, default="f16", help="cache dtype (default f16)")
     ap.add_argument("--seed", type=int, default=1, help="codebook training seed (default 1)")
@@ -313,6 +324,8 @@ def main() -> None:
         ap.error("--prefix must be a positive multiple of --block-tokens")
     if args.cont < 1 or args.sequences < 1 or args.calib < 1 or args.offset < 0:
         ap.error("--cont, --sequences and --calib must be positive, --offset not negative")
+    if args.calib_windows < 1 or args.calib % args.calib_windows:
+        ap.error("--calib-windows must be positive and divide --calib")
     if args.range_tokens <= 0 or args.range_tokens % args.block_tokens:
         ap.error("--range-tokens must be a positive multiple of --block-tokens")
     slots = args.prefix // args.block_tokens
@@ -345,11 +358,24 @@ def main() -> None:
     train_s: dict[str, float] = {}
     if to_train:
         t0 = time.perf_counter()
+        window = args.calib // args.calib_windows
+        calib_k = [[] for _ in range(cfg.n_layers)]
+        calib_v = [[] for _ in range(cfg.n_layers)]
         with Progress("layers") as progress:
-            what = f"calibration forward, {args.calib} tokens"
-            calib = model.forward(
-                ids[args.offset : eval_start], on_layer=lambda i: progress.update(i, cfg.n_layers, what)
-            )
+            for w in range(args.calib_windows):
+                what = f"calibration forward, window {w + 1}/{args.calib_windows} of {window} tokens"
+                start = args.offset + w * window
+                total = args.calib_windows * cfg.n_layers
+                res = model.forward(
+                    ids[start : start + window],
+                    on_layer=lambda i: progress.update(w * cfg.n_layers + i, total, what),
+                )
+                for layer in range(cfg.n_layers):
+                    calib_k[layer].append(res.k[layer])
+                    calib_v[layer].append(res.v[layer])
+                del res
+        calib_k = [np.concatenate(k) for k in calib_k]
+        calib_v = [np.concatenate(v) for v in calib_v]
         t_calib = time.perf_counter() - t0
         opts = TrainOpts(seed=args.seed, rope_positions=args.calib_positions, rope=Rope(cfg.rope_theta, 0))
         with Progress("layers") as progress:
@@ -362,11 +388,11 @@ def main() -> None:
                         len(to_train) * cfg.n_layers,
                         f"training {given[c.spec]} ({n + 1}/{len(to_train)})",
                     )
-                    for kv, x in enumerate((calib.k[layer], calib.v[layer])):
+                    for kv, x in enumerate((calib_k[layer], calib_v[layer])):
                         vectors = x.astype(cache_dtype).astype(np.float32).reshape(-1, cfg.head_dim)
                         c.train(layer, kv, vectors, opts)
                 train_s[c.spec] = time.perf_counter() - t0
-        del calib
+        del calib_k, calib_v
     for c in codecs:
         rows[c.spec].train_s = sum(train_s.get(part.spec, 0.0) for part in stage_codecs(c))
 
@@ -455,6 +481,7 @@ def main() -> None:
             "scored_tokens": args.cont,
             "block_tokens": args.block_tokens,
             "calibration_tokens": args.calib,
+            "calibration_windows": args.calib_windows,
             "token_offset": args.offset,
             "kv_dtype": args.kv_dtype,
             "seed": args.seed,
