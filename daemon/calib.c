@@ -19,7 +19,8 @@
  * kernels/README.md): exact for fp16 workers, rounded to fp16 for bf16 and
  * f32 ones, which moves a codebook by far less than quantization does. They
  * cost calib_tokens * layers * 2 * heads * head_dim * 2 bytes until the
- * training ends (64 MiB for an 8B model at the default 2048 tokens).
+ * training ends (1 GiB for a Llama-3-8B shape, 32 layers of 8 kv heads of
+ * 128, at the default 8192 tokens).
  */
 #include <errno.h>
 #include <limits.h>

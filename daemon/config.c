@@ -288,13 +288,16 @@ const vqkvd_config_key_t vqkvd_config_keys[] = {
         .name = "calibration_tokens",
         .type = VQKVD_CONFIG_COUNT,
         .live = 1,
-        .def = "2048",
+        .def = "8192",
         .flag = "calibration-tokens",
         .arg = "N",
         .help = "tokens a VQ model stores in fp16 before its codebooks are trained",
         .doc = "A model with a VQ codec but no codebooks yet stores its blocks uncompressed "
                "(fp16) until this many tokens have arrived, then trains its codebooks on them "
-               "in the background.",
+               "in the background. The samples are kept in host memory until the training "
+               "ends: tokens x layers x 2 x kv heads x head_dim x 2 bytes (1 GiB for a "
+               "Llama-3-8B shape at 8192). Fewer tokens train sooner and code worse "
+               "(bench/RESULTS.md: SmolLM2 at 2048 and 8192 tokens).",
         VQKVD__AT(calib_tokens),
     },
     {

@@ -575,7 +575,7 @@ static void test_version_and_help(void **state)
     static const char *const own[] = {"--config FILE",          "--check-config",
                                       "--print-default-config", "--version",
                                       "(default: 1G)",          "(default: 30000)",
-                                      "(default: 2048)",        "vqkv/vqkvd.conf, if it exists"};
+                                      "(default: 8192)",        "vqkv/vqkvd.conf, if it exists"};
     for (size_t i = 0; i < sizeof own / sizeof own[0]; i++)
         expect_output(out, own[i]);
     for (size_t i = 0; i < VQKVD_CONFIG_N_KEYS; i++) {
@@ -626,7 +626,7 @@ static void test_table(void **state)
     assert_null(vqkvd_config_find("pol_bytes"));
     assert_int_equal(defaults.pool_bytes, 1ull << 30);
     assert_string_equal(defaults.device, "auto");
-    assert_int_equal(defaults.calib_tokens, 2048);
+    assert_int_equal(defaults.calib_tokens, 8192);
     assert_int_equal(defaults.lease_ms, 30000);
     assert_int_equal(defaults.max_clients, 1024);
     assert_int_equal(defaults.max_inflight, 64);
