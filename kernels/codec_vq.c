@@ -1241,10 +1241,15 @@ static int vqkv__vq_train(vqkv_codec_t *codec, uint32_t layer, int kv, const flo
     vqkv__vq_t *vq = codec->state;
     const vqkv__side_t *side = &vq->side[kv];
     uint32_t D = codec->layout.head_dim, H = codec->layout.num_kv_heads;
-    /* With a set per head, each set learns from its head's vectors only. */
-    size_t rows = vq->sets > 1 ? n / H : n;
+    /* Samples are whole tokens, evenly spaced, each with its vectors of
+     * the set's heads: every head of a shared set, its own head of a set
+     * per head. (A stride over single vectors takes the same heads over and
+     * over whenever it is a multiple of the head count, or a fraction of
+     * it: 1.5 over 3 heads never takes head 2.) */
+    size_t per_token = vq->sets > 1 ? 1 : H, tokens = n / H;
     size_t cap = opts->max_samples ? opts->max_samples : 16384;
-    size_t m = rows < cap ? rows : cap;
+    size_t cap_tokens = cap / per_token > 0 ? cap / per_token : 1;
+    size_t m_tokens = tokens < cap_tokens ? tokens : cap_tokens, m = m_tokens * per_token;
     vqkv__train_job_t job = {.codec = codec, .kv = kv, .m = m, .opts = opts};
     float *u[2] = {NULL, NULL}, *centered = NULL;
     int rc = VQKV_ENOMEM;
@@ -1275,10 +1280,10 @@ static int vqkv__vq_train(vqkv_codec_t *codec, uint32_t layer, int kv, const flo
     pthread_mutex_init(&job.lock, NULL);
     rc = VQKV_OK;
     for (uint32_t set = 0; set < vq->sets && rc == VQKV_OK; set++) {
-        /* An even stride over the rows keeps every part of the sequence. */
+        /* An even stride over the tokens keeps every part of the sequence. */
         for (size_t i = 0; i < m; i++) {
-            size_t r = (size_t)((double)i * (double)rows / (double)m);
-            size_t pick = vq->sets > 1 ? r * H + set : r;
+            size_t t = (size_t)((double)(i / per_token) * (double)tokens / (double)m_tokens);
+            size_t pick = t * H + (vq->sets > 1 ? set : i % per_token);
             float row[VQKV_MAX_HEAD_DIM];
             memcpy(row, x + pick * D, D * sizeof *row);
             vqkv__channel_whiten(codec, layer, kv, (uint32_t)(pick % H), row);

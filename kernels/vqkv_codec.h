@@ -189,7 +189,10 @@ typedef struct {
     uint64_t seed;        /* same seed, same data: same codebooks */
     uint32_t iterations;  /* Lloyd iterations per stage (default 16) */
     uint32_t threads;     /* worker threads (0: one per online CPU) */
-    uint32_t max_samples; /* subsample to at most this many vectors (0: 16384) */
+    /* Subsample to at most this many vectors (0: 16384): whole tokens,
+     * evenly spaced, with all their heads (a set per head: that head's),
+     * at least one token. */
+    uint32_t max_samples;
     /* NULL: every step on this CPU's threads. Otherwise k-means hands its
      * assignment steps to it, and the codebooks come out the same. commvq's
      * key tables (EM) are trained on the CPU either way. */

@@ -534,10 +534,9 @@ static void test_training_max_samples(void **state)
 typedef void (*vector_gen_t)(const vqkv_layout_t *l, uint32_t layer, int kv, size_t n, float *out,
                              const void *arg);
 
-static vqkv_codec_t *trained_on(const char *spec, const vqkv_layout_t *l, size_t n,
-                                vector_gen_t gen, const void *arg)
+static vqkv_codec_t *trained_with(const char *spec, const vqkv_layout_t *l, size_t n,
+                                  vector_gen_t gen, const void *arg, const vqkv_train_opts_t *opts)
 {
-    vqkv_train_opts_t opts = {.seed = 21, .iterations = 8};
     vqkv_codec_t *codec = NULL;
     float *x = malloc(n * l->head_dim * sizeof *x);
     assert_non_null(x);
@@ -545,10 +544,17 @@ static vqkv_codec_t *trained_on(const char *spec, const vqkv_layout_t *l, size_t
     for (uint32_t layer = 0; layer < l->num_layers; layer++)
         for (int kv = 0; kv < 2; kv++) {
             gen(l, layer, kv, n, x, arg);
-            assert_ok(vqkv_codec_train(codec, layer, kv, x, n, &opts));
+            assert_ok(vqkv_codec_train(codec, layer, kv, x, n, opts));
         }
     free(x);
     return codec;
+}
+
+static vqkv_codec_t *trained_on(const char *spec, const vqkv_layout_t *l, size_t n,
+                                vector_gen_t gen, const void *arg)
+{
+    vqkv_train_opts_t opts = {.seed = 21, .iterations = 8};
+    return trained_with(spec, l, n, gen, arg, &opts);
 }
 
 /* Encodes and decodes src[block values] in f32 memory. */
@@ -618,16 +624,17 @@ static void test_per_head_sets_fit_each_head(void **state)
     free(got);
 }
 
-/* Synthetic vectors, with head 1's replaced by other draws from another
- * distribution when *arg is nonzero. */
-static void synth_maybe_other_head1(const vqkv_layout_t *l, uint32_t layer, int kv, size_t n,
-                                    float *out, const void *arg)
+/* Synthetic vectors, with head *arg's replaced by other draws from another
+ * distribution (none when *arg is negative). */
+static void synth_maybe_other_head(const vqkv_layout_t *l, uint32_t layer, int kv, size_t n,
+                                   float *out, const void *arg)
 {
     uint32_t H = l->num_kv_heads, D = l->head_dim;
+    int head = *(const int *)arg;
     test_synth_vectors(42, 0x7a11u, layer, kv, D, n, out);
-    if (*(const int *)arg) {
+    if (head >= 0) {
         test_rng_t rng = {99 + layer * 2u + (uint64_t)kv};
-        for (size_t i = 1; i < n; i += H)
+        for (size_t i = (size_t)head; i < n; i += H)
             for (uint32_t d = 0; d < D; d++)
                 out[i * D + d] = (float)(5.0 + 3.0 * test_rng_gaussian(&rng));
     }
@@ -644,7 +651,7 @@ static void test_per_head_sets_learn_from_their_head_only(void **state)
     static const char *const specs[] = {"rvq:d=4,b=4,r=2,ph=1,bc=1",
                                         "vqkv:b=4,dlo=2,dhi=4,dv=4,ph=1",
                                         "rvq:d=4,b=4,r=2,ph=1,cs=1", "rvq:d=4,b=4,r=2,ph=0"};
-    const int same = 0, other = 1;
+    const int same = -1, other = 1;
     size_t n = test_block_values(&l);
     float *src = malloc(n * sizeof *src), *got[2];
     got[0] = malloc(n * sizeof *got[0]);
@@ -652,8 +659,8 @@ static void test_per_head_sets_learn_from_their_head_only(void **state)
     assert_true(src && got[0] && got[1]);
     test_synth_block(&l, 42, 555, src);
     for (size_t si = 0; si < sizeof specs / sizeof specs[0]; si++) {
-        vqkv_codec_t *a = trained_on(specs[si], &l, 240, synth_maybe_other_head1, &same);
-        vqkv_codec_t *b = trained_on(specs[si], &l, 240, synth_maybe_other_head1, &other);
+        vqkv_codec_t *a = trained_on(specs[si], &l, 240, synth_maybe_other_head, &same);
+        vqkv_codec_t *b = trained_on(specs[si], &l, 240, synth_maybe_other_head, &other);
         round_trip(a, src, got[0]);
         round_trip(b, src, got[1]);
         int per_head = strstr(specs[si], "ph=1") != NULL;
@@ -680,6 +687,48 @@ static void test_per_head_sets_learn_from_their_head_only(void **state)
     test_free_all(src, got[0], got[1]);
 }
 
+/* A cap on the samples (max_samples) still gives a shared set every
+ * head's vectors: the even stride runs over tokens, each taken with all
+ * its heads. It ran over (token, head) rows, so a stride that is a
+ * multiple of the head count took one head alone (4 heads at 4x the cap:
+ * rows 0, 4, 8, ..., head 0) and 1.5 with 3 heads never took head 2: on
+ * SmolLM2's 3 heads at 8192 calibration tokens, a shared set that never
+ * saw head 2 raised perplexity by 155%. Data that differ only in head h
+ * must then train a shared set differently, for every h. */
+static void test_max_samples_keep_every_head(void **state)
+{
+    (void)state;
+    static const struct {
+        uint32_t heads, tokens, cap;
+    } cases[] = {{4, 64, 64}, {3, 128, 256}};
+    const int none = -1;
+    for (size_t ci = 0; ci < sizeof cases / sizeof cases[0]; ci++) {
+        vqkv_layout_t l = {1, cases[ci].heads, 16, 8, VQKV_DTYPE_F32};
+        vqkv_train_opts_t opts = {.seed = 21, .iterations = 4, .max_samples = cases[ci].cap};
+        size_t n = (size_t)cases[ci].tokens * cases[ci].heads, len_a, len_b;
+        uint8_t *a = NULL, *b = NULL;
+        vqkv_codec_t *base = trained_with("rvq:d=4,b=4,r=2", &l, n, synth_maybe_other_head, &none,
+                                          &opts);
+        assert_ok(vqkv_codebook_save_buffer(base, &a, &len_a));
+        for (int h = 0; h < (int)cases[ci].heads; h++) {
+            vqkv_codec_t *c =
+                trained_with("rvq:d=4,b=4,r=2", &l, n, synth_maybe_other_head, &h, &opts);
+            assert_ok(vqkv_codebook_save_buffer(c, &b, &len_b));
+            assert_int_equal(len_a, len_b);
+            if (memcmp(a, b, len_a) == 0) {
+                print_error("%u heads, %zu vectors, at most %u samples: head %d's vectors "
+                            "were not trained on\n",
+                            cases[ci].heads, n, cases[ci].cap, h);
+                fail();
+            }
+            free(b);
+            vqkv_codec_free(c);
+        }
+        free(a);
+        vqkv_codec_free(base);
+    }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -697,6 +746,7 @@ int main(void)
         cmocka_unit_test(test_more_stages_lower_error),
         cmocka_unit_test(test_training_refuses_non_finite),
         cmocka_unit_test(test_training_max_samples),
+        cmocka_unit_test(test_max_samples_keep_every_head),
         cmocka_unit_test(test_per_head_sets_fit_each_head),
         cmocka_unit_test(test_per_head_sets_learn_from_their_head_only),
     };
