@@ -4,9 +4,11 @@
 # each layer's prefix KV round-tripped through the codec (ppl.py) on two
 # books, 32 sequences each, with the standard error of every change.
 #
-#   tools/fidelity.sh           the full run (26 min 21 s on 2 cores with the KV dump kept)
+#   tools/fidelity.sh           the full run (26 min 21 s on 2 cores with the KV
+#                               dump kept, timed with the earlier 2048-token
+#                               calibration and more codecs)
 #   tools/fidelity.sh --quick   8 sequences of one book, the candidate
-#                               codecs only (2 min 46 s)
+#                               codecs only (see bench/RESULTS.md for its time)
 #
 # Writes bench/out/fidelity.json and bench/out/ppl_<book>.json (--quick:
 # bench/out/ppl_quick.json). Expects tools/bootstrap.sh to have made .venv.
@@ -18,9 +20,12 @@ cd "$(dirname "$0")/.."
 mkdir -p bench/out
 books=/usr/share/gocode/src/github.com/pierrec/lz4/testdata
 # The candidates at 2.25, 3.25 and 1.25 bits/value: a codebook set per kv
-# head, and keys given more of the bits than values, each of the latter also
-# with the chain's root block in fp8.
-recommended="rvq:ph=1 rvq:r=3,ph=1 rvq:d=16,ph=1 rvq:r=3,dv=16,rv=2 rvq:r=3,dv=16,rv=2@fp8 rvq:r=4,dv=8,rv=2 rvq:r=4,dv=8,rv=2@fp8 rvq:d=16,r=3,dv=32,rv=2 rvq:d=16,r=3,dv=32,rv=2@fp8"
+# head (ph=1), beside the shared set.
+recommended="rvq:ph=1 rvq:r=3,ph=1 rvq:d=16,ph=1"
+# Codebooks trained as vqkvd trains them by default: on its first 8192
+# tokens, which arrive as the first blocks of many requests, each from
+# position 0 (here 16 windows of 512 tokens before the evaluated ones).
+calib="--calib 8192 --calib-windows 16"
 codec_args() {
     for c in "$@"; do printf ' --codec %s' "$c"; done
 }
@@ -29,8 +34,8 @@ step() {
 }
 if [ "${1:-}" = "--quick" ]; then
     step 1/1 "perplexity, 8 sequences: tools/ppl.py -> bench/out/ppl_quick.json"
-    # shellcheck disable=SC2046
-    .venv/bin/python tools/ppl.py --sequences 8 $(codec_args rvq $recommended) --json bench/out/ppl_quick.json
+    # shellcheck disable=SC2046,SC2086
+    .venv/bin/python tools/ppl.py --sequences 8 $calib $(codec_args $recommended) --json bench/out/ppl_quick.json
     exit 0
 fi
 if [ -f bench/out/kv.safetensors ]; then
@@ -41,13 +46,13 @@ else
 fi
 eval_codecs="fp16 fp8 kivi4 kivi2 rvq rvq:kgroup=contig rvq:esc=3 rvq:bc=1,esc=3 rvq:r=3 vqkv vqkv:esc=3 rvq:d=16 commvq commvq:d=16 rvq:r=3,dv=16,rv=2 rvq:r=4,dv=8,rv=2 rvq:d=16,r=3,dv=32,rv=2"
 step 2/4 "codec fidelity: vqkvctl eval -> bench/out/fidelity.json"
-# shellcheck disable=SC2046
+# shellcheck disable=SC2046,SC2086
 ./build/client/vqkvctl eval --kv bench/out/kv.safetensors $(codec_args $eval_codecs) --json-file bench/out/fidelity.json
 ppl_codecs="kivi2 rvq rvq:r=3 rvq:d=16 $recommended"
 step 3/4 "perplexity on Sherlock Holmes, 32 sequences -> bench/out/ppl_sherlock.json"
-# shellcheck disable=SC2046
-.venv/bin/python tools/ppl.py --sequences 32 $(codec_args $ppl_codecs) --json bench/out/ppl_sherlock.json
+# shellcheck disable=SC2046,SC2086
+.venv/bin/python tools/ppl.py --sequences 32 $calib $(codec_args $ppl_codecs) --json bench/out/ppl_sherlock.json
 step 4/4 "perplexity on Tom Sawyer, 32 sequences -> bench/out/ppl_sawyer.json"
-# shellcheck disable=SC2046
-.venv/bin/python tools/ppl.py --sequences 32 --text "$books/Mark.Twain-Tom.Sawyer.txt" \
+# shellcheck disable=SC2046,SC2086
+.venv/bin/python tools/ppl.py --sequences 32 $calib --text "$books/Mark.Twain-Tom.Sawyer.txt" \
     $(codec_args $ppl_codecs) --json bench/out/ppl_sawyer.json
