@@ -8,7 +8,8 @@
 #                               dump kept, timed with the earlier 2048-token
 #                               calibration and more codecs)
 #   tools/fidelity.sh --quick   8 sequences of one book, the candidate
-#                               codecs only (see bench/RESULTS.md for its time)
+#                               codecs only (3 min 57 s with the
+#                               8192-token calibration)
 #
 # Writes bench/out/fidelity.json and bench/out/ppl_<book>.json (--quick:
 # bench/out/ppl_quick.json). Expects tools/bootstrap.sh to have made .venv.
@@ -19,9 +20,9 @@ set -eu
 cd "$(dirname "$0")/.."
 mkdir -p bench/out
 books=/usr/share/gocode/src/github.com/pierrec/lz4/testdata
-# The candidates at 2.25, 3.25 and 1.25 bits/value: a codebook set per kv
-# head (ph=1), beside the shared set.
-recommended="rvq:ph=1 rvq:r=3,ph=1 rvq:d=16,ph=1"
+# The candidates at 2.25, 3.25 and 1.25 bits/value: the default shared
+# codebook set, and a set per kv head (ph=1).
+recommended="rvq rvq:r=3 rvq:d=16 rvq:ph=1 rvq:r=3,ph=1 rvq:d=16,ph=1"
 # Codebooks trained as vqkvd trains them by default: on its first 8192
 # tokens, which arrive as the first blocks of many requests, each from
 # position 0 (here 16 windows of 512 tokens before the evaluated ones).
@@ -48,7 +49,7 @@ eval_codecs="fp16 fp8 kivi4 kivi2 rvq rvq:kgroup=contig rvq:esc=3 rvq:bc=1,esc=3
 step 2/4 "codec fidelity: vqkvctl eval -> bench/out/fidelity.json"
 # shellcheck disable=SC2046,SC2086
 ./build/client/vqkvctl eval --kv bench/out/kv.safetensors $(codec_args $eval_codecs) --json-file bench/out/fidelity.json
-ppl_codecs="kivi2 rvq rvq:r=3 rvq:d=16 $recommended"
+ppl_codecs="kivi2 $recommended"
 step 3/4 "perplexity on Sherlock Holmes, 32 sequences -> bench/out/ppl_sherlock.json"
 # shellcheck disable=SC2046,SC2086
 .venv/bin/python tools/ppl.py --sequences 32 $calib $(codec_args $ppl_codecs) --json bench/out/ppl_sherlock.json
