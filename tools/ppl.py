@@ -278,6 +278,26 @@ class Row:
         return float(100.0 * d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
 
 
+def calibration_kv(model, tokens, windows: int, on_progress):
+    """Every layer's K and V of the calibration tokens, run as `windows`
+    sequences of len(tokens) // windows tokens, each from position 0, and
+    concatenated in order: ([k per layer], [v per layer]). on_progress(done,
+    total, what) is called before each layer of each window."""
+    n_layers, window = model.config.n_layers, len(tokens) // windows
+    ks = [[] for _ in range(n_layers)]
+    vs = [[] for _ in range(n_layers)]
+    for w in range(windows):
+        what = f"calibration forward, window {w + 1}/{windows} of {window} tokens"
+        res = model.forward(
+            tokens[w * window : (w + 1) * window],
+            on_layer=lambda i: on_progress(w * n_layers + i, windows * n_layers, what),
+        )
+        for layer in range(n_layers):
+            ks[layer].append(res.k[layer])
+            vs[layer].append(res.v[layer])
+    return [np.concatenate(k) for k in ks], [np.concatenate(v) for v in vs]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument(
@@ -358,24 +378,10 @@ def main() -> None:
     train_s: dict[str, float] = {}
     if to_train:
         t0 = time.perf_counter()
-        window = args.calib // args.calib_windows
-        calib_k = [[] for _ in range(cfg.n_layers)]
-        calib_v = [[] for _ in range(cfg.n_layers)]
         with Progress("layers") as progress:
-            for w in range(args.calib_windows):
-                what = f"calibration forward, window {w + 1}/{args.calib_windows} of {window} tokens"
-                start = args.offset + w * window
-                total = args.calib_windows * cfg.n_layers
-                res = model.forward(
-                    ids[start : start + window],
-                    on_layer=lambda i: progress.update(w * cfg.n_layers + i, total, what),
-                )
-                for layer in range(cfg.n_layers):
-                    calib_k[layer].append(res.k[layer])
-                    calib_v[layer].append(res.v[layer])
-                del res
-        calib_k = [np.concatenate(k) for k in calib_k]
-        calib_v = [np.concatenate(v) for v in calib_v]
+            calib_k, calib_v = calibration_kv(
+                model, ids[args.offset : eval_start], args.calib_windows, progress.update
+            )
         t_calib = time.perf_counter() - t0
         opts = TrainOpts(seed=args.seed, rope_positions=args.calib_positions, rope=Rope(cfg.rope_theta, 0))
         with Progress("layers") as progress:

@@ -155,6 +155,31 @@ def test_cache_layout_round_trip():
     assert all(np.array_equal(a, ka) and np.array_equal(b, va) for (a, b), ka, va in zip(back, k, v))
 
 
+def test_calibration_windows_each_run_from_position_zero():
+    class Model:
+        """Records each forward; a token's K is its position, its V the token."""
+
+        config = type("Config", (), {"n_layers": 2})
+
+        def __init__(self):
+            self.calls = []
+
+        def forward(self, tokens, *, on_layer=None):
+            self.calls.append(len(tokens))
+            for i in range(2):
+                on_layer(i)
+            pos = np.arange(len(tokens), dtype=np.float32)[:, None, None]
+            tok = np.asarray(tokens, dtype=np.float32)[:, None, None]
+            return type("Result", (), {"k": [pos, pos], "v": [tok, tok]})
+
+    model, seen = Model(), []
+    k, v = ppl.calibration_kv(model, list(range(100, 112)), 3, lambda *a: seen.append(a[:2]))
+    assert model.calls == [4, 4, 4]
+    assert k[1].ravel().tolist() == [0, 1, 2, 3] * 3
+    assert v[0].ravel().tolist() == list(range(100, 112))
+    assert seen[-1] == (5, 6)
+
+
 @needs_lib
 def test_fp16_codec_round_trip_is_exact():
     lib = ppl.load_library(ppl.DEFAULT_LIB)
