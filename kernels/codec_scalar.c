@@ -446,9 +446,8 @@ static inline void vqkv__kivi_value_ranges(const vqkv__kivi_pass_t *ps, uint64_t
 {
     size_t g0 = (size_t)(base / ps->group);
     for (uint32_t g = 0; g < ps->D / ps->group; g++) {
-        const uint8_t *m = ps->mins + 2 * (g0 + g), *st = ps->steps + 2 * (g0 + g);
-        min[g] = vqkv_f16_to_f32((uint16_t)(m[0] | m[1] << 8));
-        step[g] = vqkv_f16_to_f32((uint16_t)(st[0] | st[1] << 8));
+        min[g] = vqkv_f16_to_f32(vqkv__get_u16(ps->mins + 2 * (g0 + g)));
+        step[g] = vqkv_f16_to_f32(vqkv__get_u16(ps->steps + 2 * (g0 + g)));
     }
 }
 
