@@ -22,10 +22,13 @@ static inline double bench_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* Gaussian fp16 values with per-channel scales, as keys have. */
-static inline void bench_fill(uint16_t *cache, size_t n, uint32_t head_dim)
+/* Gaussian values with per-channel scales, as keys have: n of them from
+ * the stream that `seed` starts, as fp16 into cache, or as floats into
+ * floats when cache is NULL. */
+static inline void bench_fill_seeded(uint16_t *cache, float *floats, size_t n, uint32_t head_dim,
+                                     uint64_t seed)
 {
-    uint64_t state = 42;
+    uint64_t state = seed;
     for (size_t i = 0; i < n; i++) {
         state = state * 6364136223846793005ull + 1442695040888963407ull;
         double u1 = ((double)(state >> 11) + 1.0) / 9007199254740993.0;
@@ -33,8 +36,18 @@ static inline void bench_fill(uint16_t *cache, size_t n, uint32_t head_dim)
         double u2 = (double)(state >> 11) / 9007199254740992.0;
         double g = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
         float scale = 0.5f + (float)(i % head_dim) / (float)head_dim * 4.0f;
-        vqkv_dtype_from_f32(VQKV_DTYPE_F16, &(float){(float)g * scale}, 1, &cache[i]);
+        float x = (float)g * scale;
+        if (cache != NULL)
+            vqkv_dtype_from_f32(VQKV_DTYPE_F16, &x, 1, &cache[i]);
+        else
+            floats[i] = x;
     }
+}
+
+/* The cache the benchmarks encode and decode. */
+static inline void bench_fill(uint16_t *cache, size_t n, uint32_t head_dim)
+{
+    bench_fill_seeded(cache, NULL, n, head_dim, 42);
 }
 
 /* The command line the codec benchmarks share:
@@ -47,7 +60,20 @@ typedef struct {
     uint32_t threads;   /* likewise; 0: the program takes no --threads */
     double min_seconds; /* likewise */
     const char *json_path;
+    vqkv_layout_t layout; /* --shape; llama3-8b unless told */
+    const char *shape;
 } bench_args_t;
+
+/* The model shapes a benchmark can take (--shape), f16: a Llama-3-8B's KV
+ * at 32 tokens a block (4 MiB a block), and SmolLM2-135M's at 16, the
+ * shape vqkv-benchmark serves. */
+static const struct {
+    const char *name;
+    vqkv_layout_t layout;
+} bench_shapes[] = {
+    {"llama3-8b", {32, 8, 128, 32, VQKV_DTYPE_F16}},
+    {"smollm2-135m", {30, 3, 64, 16, VQKV_DTYPE_F16}},
+};
 
 /* Most threads a pass is split over. */
 #define BENCH_MAX_THREADS 64
@@ -59,6 +85,8 @@ static inline int bench_args_parse(bench_args_t *a, int argc, char **argv, const
 {
     static const char *const default_specs[] = {
         "fp16", "fp8", "kivi4", "kivi2", "rvq:d=8,b=8,r=2", "vqkv", "commvq"};
+    a->shape = bench_shapes[0].name;
+    a->layout = bench_shapes[0].layout;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--blocks") == 0 && i + 1 < argc)
             a->blocks = (uint32_t)strtoul(argv[++i], NULL, 10);
@@ -72,10 +100,24 @@ static inline int bench_args_parse(bench_args_t *a, int argc, char **argv, const
             a->min_seconds = strtod(argv[++i], NULL);
         else if (strcmp(argv[i], "--json") == 0 && i + 1 < argc)
             a->json_path = argv[++i];
-        else if (argv[i][0] != '-' && a->n_specs < 32)
+        else if (strcmp(argv[i], "--shape") == 0 && i + 1 < argc) {
+            const char *want = argv[++i];
+            a->shape = NULL;
+            for (size_t s = 0; s < sizeof bench_shapes / sizeof bench_shapes[0]; s++)
+                if (strcmp(want, bench_shapes[s].name) == 0) {
+                    a->shape = bench_shapes[s].name;
+                    a->layout = bench_shapes[s].layout;
+                }
+            if (a->shape == NULL) {
+                fprintf(stderr, "%s: unknown --shape %s (llama3-8b or smollm2-135m)\n", name, want);
+                return 2;
+            }
+        } else if (argv[i][0] != '-' && a->n_specs < 32)
             a->specs[a->n_specs++] = argv[i];
         else {
-            fprintf(stderr, "usage: %s [--blocks N]%s [--min-seconds S] [--json FILE] [SPEC ...]\n",
+            fprintf(stderr,
+                    "usage: %s [--shape llama3-8b|smollm2-135m] [--blocks N]%s [--min-seconds S] "
+                    "[--json FILE] [SPEC ...]\n",
                     name, a->threads != 0 ? " [--threads T]" : "");
             return 2;
         }
@@ -90,23 +132,27 @@ static inline int bench_args_parse(bench_args_t *a, int argc, char **argv, const
     return 0;
 }
 
-/* Trains codec on the K and V of the first slot of each layer of a fp16
- * cache laid out by view. */
-static inline int bench_train(vqkv_codec_t *codec, const vqkv_kv_view_t *view, const void *cache)
+/* Tokens the codecs are trained on, as vqkvd's calibration_tokens. */
+#define BENCH_TRAIN_TOKENS 1024
+
+/* Trains codec as vqkvd calibrates: on `tokens` tokens of the cache's
+ * distribution that are not the tokens it then codes (another seed), each
+ * layer and side on the same. Training on the coded block itself, as
+ * before, left most of a codebook unused whenever a block has fewer vectors
+ * than a codebook codewords (SmolLM2: 48 against 256), and decode then read
+ * a few codewords that stay in L1: a decode figure no real cache gives. */
+static inline int bench_train(vqkv_codec_t *codec, uint32_t tokens)
 {
     const vqkv_layout_t *layout = vqkv_codec_layout(codec);
-    size_t vectors = (size_t)layout->block_tokens * layout->num_kv_heads;
+    size_t vectors = (size_t)tokens * layout->num_kv_heads;
     float *x = malloc(vectors * layout->head_dim * sizeof *x);
     vqkv_train_opts_t topts = {.seed = 1, .iterations = 4, .max_samples = 4096};
     int rc = x == NULL ? VQKV_ENOMEM : VQKV_OK;
-    for (uint32_t l = 0; l < layout->num_layers && rc == VQKV_OK; l++) {
-        for (int kv = 0; kv < 2 && rc == VQKV_OK; kv++) {
-            const uint8_t *src = (const uint8_t *)cache + view->offset +
-                                 vqkv_kv_view_layer(view, l) + kv * view->kv_stride;
-            vqkv_dtype_to_f32(VQKV_DTYPE_F16, src, vectors * layout->head_dim, x);
+    if (rc == VQKV_OK)
+        bench_fill_seeded(NULL, x, vectors * layout->head_dim, layout->head_dim, 7);
+    for (uint32_t l = 0; l < layout->num_layers && rc == VQKV_OK; l++)
+        for (int kv = 0; kv < 2 && rc == VQKV_OK; kv++)
             rc = vqkv_codec_train(codec, l, kv, x, vectors, &topts);
-        }
-    }
     free(x);
     return rc;
 }

@@ -1,17 +1,21 @@
 /* codec_cpu.c -- CPU codec throughput next to memcpy of the same bytes.
  *
- * Blocks of a Llama-8B-like layout (32 layers, 8 kv heads, head_dim 128,
- * 32 tokens per block: 4 MiB of fp16 per block) live in a vLLM-style paged
- * fp16 cache. Each codec encodes blocks out of it and decodes them back
+ * Blocks of a model's KV (--shape: a Llama-3-8B's by default, 32 layers, 8
+ * kv heads, head_dim 128, 32 tokens per block: 4 MiB of fp16 per block; or
+ * SmolLM2-135M's, the shape vqkv-benchmark serves) live in a vLLM-style
+ * paged fp16 cache. Each codec encodes blocks out of it and decodes them back
  * into a second cache, and the figures are GB/s of fp16 in (encode) and out
  * (decode). Decode takes all blocks as one batch, as a get does
  * (vqkv_codec_decode_batch: layer by layer). memcpy of the same number of
  * fp16 bytes between the two caches, in the same run, is the baseline.
  * With --threads T (default 1) each pass is split T ways as vqkvd splits
- * a request: encode by blocks, decode by layers, memcpy by bytes. VQ codebooks are trained briefly
- * on the same synthetic data: their quality does not matter here, only the work per block does.
+ * * a request: encode by blocks, decode by layers, memcpy by bytes. VQ
+ * codebooks are trained as vqkvd calibrates (bench_train): on other tokens
+ * of the same distribution, so that codes spread over the codebooks as a
+ * real cache's do, which is what decode's codeword reads depend on.
  *
- * usage: codec_cpu [--blocks N] [--threads T] [--min-seconds S] [--json FILE] [SPEC ...]
+ * usage: codec_cpu [--shape llama3-8b|smollm2-135m] [--blocks N] [--threads T]
+ *                  [--min-seconds S] [--json FILE] [SPEC ...]
  */
 #include "bench_util.h"
 #include "vqkv_codec.h"
@@ -137,7 +141,7 @@ static int bench_codec(const char *spec, const vqkv_layout_t *layout, const vqkv
         fprintf(stderr, "codec_cpu: %s: %s\n", spec, vqkv_strerror(rc));
         return rc;
     }
-    rc = bench_train(codec, view, cache);
+    rc = bench_train(codec, BENCH_TRAIN_TOKENS);
 
     uint8_t *packed = malloc(vqkv_codec_block_bytes(codec) * blocks);
     bench_pass_t pass = {
@@ -172,7 +176,7 @@ int main(int argc, char **argv)
     const char *const *specs = args.specs;
     size_t n_specs = args.n_specs;
 
-    vqkv_layout_t layout = {32, 8, 128, 32, VQKV_DTYPE_F16};
+    vqkv_layout_t layout = args.layout;
     vqkv_kv_view_t view;
     vqkv_kv_view_vllm(&view, &layout, blocks);
     uint16_t *cache = malloc(view.region_bytes), *restored = malloc(view.region_bytes);
@@ -184,8 +188,9 @@ int main(int argc, char **argv)
     memcpy(restored, cache, view.region_bytes);
 
     bench_row_t rows[32];
-    printf("layout: 32 layers, 8 kv heads, head_dim 128, 32 tokens/block (%.1f MiB fp16/block), "
-           "%u blocks, %u thread%s\n",
+    printf("layout: %s, %u layers, %u kv heads, head_dim %u, %u tokens/block (%.2f MiB "
+           "fp16/block), %u blocks, %u thread%s\n",
+           args.shape, layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.block_tokens,
            (double)view.region_bytes / blocks / (1 << 20), blocks, threads, threads > 1 ? "s" : "");
     printf("%-40s %6s %12s %12s %12s %8s %8s\n", "codec", "bits", "enc GB/s", "dec GB/s",
            "memcpy GB/s", "enc/cpy", "dec/cpy");
@@ -206,10 +211,11 @@ int main(int argc, char **argv)
             return 1;
         }
         fprintf(f,
-                "{\"bench\": \"codec_cpu\", \"layout\": {\"num_layers\": 32, \"num_kv_heads\": 8, "
-                "\"head_dim\": 128, \"block_tokens\": 32, \"dtype\": \"f16\"}, \"blocks\": %u, "
-                "\"threads\": %u, \"results\": [\n",
-                blocks, threads);
+                "{\"bench\": \"codec_cpu\", \"shape\": \"%s\", \"layout\": {\"num_layers\": %u, "
+                "\"num_kv_heads\": %u, \"head_dim\": %u, \"block_tokens\": %u, \"dtype\": "
+                "\"f16\"}, \"train_tokens\": %u, \"blocks\": %u, \"threads\": %u, \"results\": [\n",
+                args.shape, layout.num_layers, layout.num_kv_heads, layout.head_dim,
+                layout.block_tokens, BENCH_TRAIN_TOKENS, blocks, threads);
         for (size_t i = 0; i < n_specs; i++)
             fprintf(f,
                     "  {\"codec\": \"%s\", \"bits_per_value\": %.4f, \"encode_gbps\": %.4f, "

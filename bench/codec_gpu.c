@@ -84,14 +84,14 @@ static double gpu_timed(const gpu_bench_t *g, const vqkv_cuda_codec_t *gc, int k
 }
 
 static int gpu_codec(const char *spec, const vqkv_layout_t *layout, gpu_bench_t *g,
-                     const void *host_cache, double min_seconds, gpu_row_t *row)
+                     double min_seconds, gpu_row_t *row)
 {
     vqkv_codec_t *codec = NULL;
     vqkv_cuda_codec_t *gc = NULL;
     uint64_t *store_at = malloc(g->blocks * sizeof *store_at);
     int rc = store_at == NULL ? VQKV_ENOMEM : vqkv_codec_create(spec, layout, &codec);
     if (rc == VQKV_OK)
-        rc = bench_train(codec, g->view, host_cache);
+        rc = bench_train(codec, BENCH_TRAIN_TOKENS);
     if (rc == VQKV_OK)
         rc = vqkv_cuda_codec_create(codec, &gc);
     if (rc == VQKV_OK) {
@@ -190,7 +190,7 @@ int main(int argc, char **argv)
     printf("%-40s %6s %12s %12s %12s %8s %8s\n", "codec", "bits", "enc GB/s", "dec GB/s",
            "d2d GB/s", "enc/cpy", "dec/cpy");
     for (size_t i = 0; i < n_specs; i++) {
-        if (gpu_codec(specs[i], &layout, &g, host, min_seconds, &rows[i]) != VQKV_OK)
+        if (gpu_codec(specs[i], &layout, &g, min_seconds, &rows[i]) != VQKV_OK)
             return 1;
         gpu_row_t *r = &rows[i];
         printf("%-40s %6.3f %12.2f %12.2f %12.2f %8.3f %8.3f\n", r->spec, r->bits, r->encode_gbps,

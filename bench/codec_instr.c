@@ -3,8 +3,9 @@
  *
  * A Llama-8B-like layout (32 layers, 8 kv heads, head_dim 128, 32 tokens
  * per block, f16) in a vLLM-style paged cache of 2 blocks, as in codec_cpu.
- * For each codec it trains briefly (bench_train) and encodes block 1,
- * neither of which is counted. Then two measured regions, each between
+ * For each codec it trains briefly (bench_train on INSTR_TRAIN_TOKENS
+ * tokens) and encodes block 1, neither of which is counted. Then two
+ * measured regions, each between
  * CALLGRIND_START_INSTRUMENTATION and CALLGRIND_STOP_INSTRUMENTATION and
  * dumped on its own by CALLGRIND_DUMP_STATS_AT: "encode SPEC", block 0
  * encoded, and "decode SPEC", both blocks decoded as one batch
@@ -48,6 +49,12 @@
 /* Blocks decoded as one batch; block 0 is the one whose encode is counted. */
 #define INSTR_BLOCKS 2
 
+/* Tokens the VQ codecs train on: a block's worth. Counts do not depend on
+ * which codewords the codes pick (codec_cpu's times do, and train on
+ * BENCH_TRAIN_TOKENS), and training on more under valgrind takes minutes
+ * a codec. */
+#define INSTR_TRAIN_TOKENS 32
+
 static int instr_codec(const char *spec, const vqkv_layout_t *layout, const vqkv_kv_view_t *view,
                        const uint16_t *cache, uint16_t *restored, int encode)
 {
@@ -61,7 +68,7 @@ static int instr_codec(const char *spec, const vqkv_layout_t *layout, const vqkv
     uint8_t *packed = malloc(block_bytes * INSTR_BLOCKS);
     const uint8_t *in[INSTR_BLOCKS];
     uint32_t slots[INSTR_BLOCKS];
-    rc = packed == NULL ? VQKV_ENOMEM : bench_train(codec, view, cache);
+    rc = packed == NULL ? VQKV_ENOMEM : bench_train(codec, INSTR_TRAIN_TOKENS);
     for (uint32_t s = 0; s < INSTR_BLOCKS; s++) {
         in[s] = packed + s * block_bytes;
         slots[s] = s;
