@@ -23,13 +23,13 @@
  * first), and none picks a norm of +inf either (its distance stays +inf or
  * turns NaN), so nearest searches answer as before; soft assignments
  * would not (commvq's E-step), which is why search_prepare leaves it to
- * callers. What changes is that a codebook
- * full of twins (all zero in a residual stage left nothing to code, or
- * training's repeated points) no longer hands the batch search's fused pass
- * (search_x86.c) a crowd of tied candidates to rescore. Each row hashed,
- * then looked up in an open-addressed table of 2k slots; O(k*d). Codebooks
- * over VQKV__FUSED_MAX_K codewords, which that pass leaves alone, are left
- * as they are. */
+ * callers. What changes is that a codebook full of twins (all zero in a
+ * residual stage left nothing to code, or training's repeated points) no
+ * longer hands the batch search's fused pass (search_x86.c) a tie on every
+ * vector, each then searched again exactly. Each row hashed, then looked up
+ * in an open-addressed table of 2k slots; O(k*d). Codebooks over
+ * VQKV__FUSED_MAX_K codewords, which that pass leaves alone, are left as
+ * they are. */
 void vqkv__search_mark_twins(const float *centroids, uint32_t d, uint32_t k, float *search)
 {
     uint32_t hash[VQKV__FUSED_MAX_K], mask = 2 * k - 1;

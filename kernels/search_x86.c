@@ -3,7 +3,8 @@
  * codebook training, and every VQ encode. Two searches: the exact one for
  * one vector, below, and the batch search (further down), a fused
  * multiply-add pass over four vectors at once made exact by an error bound
- * and a rescore, which is what the encoders and training call.
+ * (and the exact search on a near-tie), which is what the encoders and
+ * training call.
  *
  * Bit for bit vqkv__nearest_scalar's answer. Each codeword's distance is
  * built exactly as the scalar loop builds it, ||c||^2 then + (-2 x[j]) *
@@ -123,10 +124,11 @@ VQKV__NEAREST(vqkv__nearest_x512, VQKV__AVX512, 512, 16)
  *     F_c* <= D_c* + e <= D_f + e <= F_f + 2e,
  * f being the codeword of least F, and so has every c tied with c*: the
  * codewords with F_c <= F_f + 2e hold all of them. When there is one such
- * codeword it is the answer; when there are more, each is scored again with
- * the reference's own arithmetic and the first at the least taken, as the
- * reference does. In practice one, as codewords within e (about 1e-6 of
- * the distances' scale) of the best are rare.
+ * codeword it is the answer; when there are more, the vector goes through
+ * the exact search above, whose answer is the reference's. In practice
+ * one, as codewords within 2e (about 1e-6 of the distances' scale) of the
+ * best are rare; twins, which would always tie, are marked out of the
+ * search form (vqkv__search_mark_twins).
  *
  * The bound. In IEEE single precision, u = 2^-24, each operation's result is
  * (exact)(1 + t) + s with |t| <= u, |s| <= 2^-150 (s only where a product or
@@ -149,12 +151,13 @@ VQKV__NEAREST(vqkv__nearest_x512, VQKV__AVX512, 512, 16)
  * gives) and vectors with ||x||^2 > 2^40 (or NaN) take the reference path
  * instead; below those limits every term and partial sum of both paths is
  * under 2^51, far from FLT_MAX, so the reference's start at FLT_MAX never
- * excludes a codeword. Costs: the pass, k*d fused steps a vector; the scan
- * of the k fused distances against the threshold, k/LANES compares; a
- * d-step rescore per candidate when there are two or more. */
+ * excludes a codeword. Costs: the pass, k*d fused steps a vector and five
+ * lane operations a register to keep each lane's least two distances, so
+ * that whether one codeword is under the threshold is known without a
+ * second look at the k distances (which, stored and scanned, cost as much
+ * as the fused steps); the exact search for a vector with two or more. */
 #define VQKV__FUSED_LIMIT 0x1p40
 #define VQKV__SLACK 1.01
-/* The fused distances of a pass live on the stack, k at most this. */
 
 /* Vectors a fused pass takes at once. */
 #define VQKV__V 4
@@ -213,13 +216,28 @@ VQKV__AVX2 static inline void vqkv__thresholds(const vqkv__batch_t *bt, const do
         thr[v] = xx[v] <= VQKV__FUSED_LIMIT && least[v] < INFINITY ? thr[v] : NAN;
 }
 
-/* The reference's distance of codeword c, as vqkv__nearest_scalar builds it. */
-static float vqkv__exact_dist(const vqkv__batch_t *bt, const float *m, uint32_t c)
+/* Per register width, one step of the pass's tracking: each lane keeps the
+ * least fused distance it has seen (m1), the least of the others (s2) and
+ * the codeword of m1 (first of equals: a later equal one goes to s2). A NaN
+ * distance changes none of them (min and max return their second operand
+ * when either is NaN, compares are false). */
+VQKV__AVX2 static inline void vqkv__track256(__m256 f, __m256i cur, __m256 *m1, __m256 *s2,
+                                             __m256i *idx)
 {
-    float s = bt->search[c];
-    for (uint32_t j = 0; j < bt->d; j++)
-        s += m[j] * bt->search[bt->k + (size_t)j * bt->k + c];
-    return s;
+    __m256 lt = _mm256_cmp_ps(f, *m1, _CMP_LT_OQ);
+    *s2 = _mm256_min_ps(_mm256_max_ps(*m1, f), *s2);
+    *m1 = _mm256_min_ps(f, *m1);
+    *idx = _mm256_castps_si256(
+        _mm256_blendv_ps(_mm256_castsi256_ps(*idx), _mm256_castsi256_ps(cur), lt));
+}
+
+VQKV__AVX512 static inline void vqkv__track512(__m512 f, __m512i cur, __m512 *m1, __m512 *s2,
+                                               __m512i *idx)
+{
+    __mmask16 lt = _mm512_cmp_ps_mask(f, *m1, _CMP_LT_OQ);
+    *s2 = _mm512_min_ps(_mm512_max_ps(*m1, f), *s2);
+    *m1 = _mm512_min_ps(f, *m1);
+    *idx = _mm512_mask_mov_epi32(*idx, lt, cur);
 }
 
 VQKV__AVX2 static inline unsigned vqkv__below256(__m256 v, __m256 at)
@@ -232,60 +250,37 @@ VQKV__AVX512 static inline unsigned vqkv__below512(__m512 v, __m512 at)
     return (unsigned)_mm512_cmp_ps_mask(v, at, _CMP_LE_OQ);
 }
 
-/* One vector's answer from its fused distances f[k] and threshold: the
- * candidates counted, the first of them taken if alone, else each rescored
- * and the first at the least reference distance taken. */
-#define VQKV__SETTLE(NAME, TARGET, BITS, LANES, EXACT)                                             \
-    TARGET static uint32_t NAME(const vqkv__batch_t *bt, const float *x, const float *m,           \
-                                const float *f, float thr)                                         \
-    {                                                                                              \
-        if (thr != thr)                                                                            \
-            return EXACT(x, bt->search, bt->d, bt->k);                                             \
-        __m##BITS at = _mm##BITS##_set1_ps(thr);                                                   \
-        uint32_t count = 0, c0 = bt->k; /* c0: the first block with a candidate */                 \
-        for (uint32_t c = 0; c < bt->k; c += (LANES)) {                                            \
-            unsigned hit = vqkv__below##BITS(_mm##BITS##_loadu_ps(f + c), at);                     \
-            c0 = hit != 0 && c0 == bt->k ? c : c0;                                                 \
-            count += (uint32_t)__builtin_popcount(hit);                                            \
-        }                                                                                          \
-        if (count == 1)                                                                            \
-            return c0 +                                                                            \
-                   (uint32_t)__builtin_ctz(vqkv__below##BITS(_mm##BITS##_loadu_ps(f + c0), at));   \
-        uint32_t best = UINT32_MAX;                                                                \
-        float best_dist = INFINITY;                                                                \
-        for (; c0 < bt->k; c0 += (LANES))                                                          \
-            for (unsigned hit = vqkv__below##BITS(_mm##BITS##_loadu_ps(f + c0), at); hit != 0;     \
-                 hit &= hit - 1) {                                                                 \
-                uint32_t c = c0 + (uint32_t)__builtin_ctz(hit);                                    \
-                float dist = vqkv__exact_dist(bt, m, c);                                           \
-                if (best == UINT32_MAX || dist < best_dist) {                                      \
-                    best = c;                                                                      \
-                    best_dist = dist;                                                              \
-                }                                                                                  \
-            }                                                                                      \
-        return best;                                                                               \
-    }
+/* Lane numbers: a register's codewords are c0 + these. */
+static const int32_t vqkv__iota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
 
 /* The fused pass over VQKV__V vectors at once (x[]; the answers of the
  * first nv kept): each block of R registers of codewords is loaded once a
- * channel for all of them, whose accumulators stay in registers. */
-#define VQKV__FUSED(NAME, SETTLE, TARGET, BITS, LANES, R)                                          \
+ * channel for all of them, whose accumulators stay in registers; each
+ * vector's lanes track their least two distances and the least's codeword.
+ * A vector's answer is the one codeword at or under its threshold: the
+ * least of one lane, when no other lane's least and no lane's second
+ * reaches the threshold. Otherwise (a near-tie within 2e, or a vector or
+ * codebook the bound does not cover) the exact search answers. */
+#define VQKV__FUSED(NAME, TARGET, BITS, LANES, R, EXACT)                                           \
     TARGET static void NAME(const vqkv__batch_t *bt, const float *const *x, uint32_t nv,           \
                             uint32_t *out)                                                         \
     {                                                                                              \
         enum { V = VQKV__V };                                                                      \
         const float *norms2 = bt->search, *wt = bt->search + bt->k;                                \
         uint32_t d = bt->d, k = bt->k;                                                             \
-        float m[V][VQKV_MAX_HEAD_DIM], f[V][VQKV__FUSED_MAX_K], lst[V], thr[V];                    \
+        float m[V][VQKV_MAX_HEAD_DIM], lst[V], thr[V];                                             \
+        uint32_t lane_word[LANES];                                                                 \
         double xx[V];                                                                              \
-        __m##BITS least[V];                                                                        \
+        __m##BITS m1[V], s2[V];                                                                    \
+        __m##BITS##i idx[V], iota = _mm##BITS##_loadu_si##BITS((const void *)vqkv__iota);          \
         for (uint32_t v = 0; v < V; v++) {                                                         \
             xx[v] = 0.0;                                                                           \
             for (uint32_t j = 0; j < d; j++) {                                                     \
                 m[v][j] = -2.0f * x[v][j];                                                         \
                 xx[v] += (double)x[v][j] * x[v][j];                                                \
             }                                                                                      \
-            least[v] = _mm##BITS##_set1_ps(INFINITY);                                              \
+            m1[v] = s2[v] = _mm##BITS##_set1_ps(INFINITY);                                         \
+            idx[v] = _mm##BITS##_setzero_si##BITS();                                               \
         }                                                                                          \
         for (uint32_t c0 = 0; c0 < k; c0 += (LANES) * (R)) {                                       \
             __m##BITS acc[V][R];                                                                   \
@@ -302,17 +297,27 @@ VQKV__AVX512 static inline unsigned vqkv__below512(__m512 v, __m512 at)
                         acc[v][r] = _mm##BITS##_fmadd_ps(mv, w[r], acc[v][r]);                     \
                 }                                                                                  \
             }                                                                                      \
-            for (uint32_t v = 0; v < V; v++)                                                       \
-                for (uint32_t r = 0; r < (R); r++) {                                               \
-                    _mm##BITS##_storeu_ps(f[v] + c0 + (LANES)*r, acc[v][r]);                       \
-                    least[v] = _mm##BITS##_min_ps(acc[v][r], least[v]);                            \
-                }                                                                                  \
+            for (uint32_t r = 0; r < (R); r++) {                                                   \
+                __m##BITS##i cur =                                                                 \
+                    _mm##BITS##_add_epi32(iota, _mm##BITS##_set1_epi32((int)(c0 + (LANES)*r)));    \
+                for (uint32_t v = 0; v < V; v++)                                                   \
+                    vqkv__track##BITS(acc[v][r], cur, &m1[v], &s2[v], &idx[v]);                    \
+            }                                                                                      \
         }                                                                                          \
         for (uint32_t v = 0; v < V; v++)                                                           \
-            lst[v] = vqkv__least##BITS(least[v]);                                                  \
+            lst[v] = vqkv__least##BITS(m1[v]);                                                     \
         vqkv__thresholds(bt, xx, lst, thr);                                                        \
-        for (uint32_t v = 0; v < nv; v++)                                                          \
-            out[v] = SETTLE(bt, x[v], m[v], f[v], thr[v]);                                         \
+        for (uint32_t v = 0; v < nv; v++) {                                                        \
+            __m##BITS at = _mm##BITS##_set1_ps(thr[v]);                                            \
+            unsigned below = vqkv__below##BITS(m1[v], at);                                         \
+            if (thr[v] == thr[v] && __builtin_popcount(below) == 1 &&                              \
+                vqkv__least##BITS(s2[v]) > thr[v]) {                                               \
+                _mm##BITS##_storeu_si##BITS((void *)lane_word, idx[v]);                            \
+                out[v] = lane_word[__builtin_ctz(below)];                                          \
+            } else {                                                                               \
+                out[v] = EXACT(x[v], bt->search, d, k);                                            \
+            }                                                                                      \
+        }                                                                                          \
     }
 
 /* The batch: VQKV__V vectors a pass, the last pass padded with repeats of
@@ -340,11 +345,9 @@ VQKV__AVX512 static inline unsigned vqkv__below512(__m512 v, __m512 at)
     }
 
 #define VQKV__AVX2_FMA __attribute__((target("avx2,fma")))
-VQKV__SETTLE(vqkv__settle256, VQKV__AVX2_FMA, 256, 8, vqkv__nearest_x86)
-VQKV__FUSED(vqkv__fused256, vqkv__settle256, VQKV__AVX2_FMA, 256, 8, 2)
+VQKV__FUSED(vqkv__fused256, VQKV__AVX2_FMA, 256, 8, 2, vqkv__nearest_x86)
 VQKV__BATCH(vqkv__nearest_batch_x86, vqkv__fused256, VQKV__AVX2_FMA, 8, 2, vqkv__nearest_x86)
-VQKV__SETTLE(vqkv__settle512, VQKV__AVX512, 512, 16, vqkv__nearest_x512)
-VQKV__FUSED(vqkv__fused512, vqkv__settle512, VQKV__AVX512, 512, 16, 4)
+VQKV__FUSED(vqkv__fused512, VQKV__AVX512, 512, 16, 4, vqkv__nearest_x512)
 VQKV__BATCH(vqkv__nearest_batch_x512, vqkv__fused512, VQKV__AVX512, 16, 4, vqkv__nearest_x512)
 
 VQKV__AVX2 void vqkv__mind_update_x86(const float *xt, size_t n, uint32_t d, const float *c,
