@@ -262,12 +262,12 @@ static const int32_t vqkv__iota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
  * reaches the threshold. Otherwise (a near-tie within 2e, or a vector or
  * codebook the bound does not cover) the exact search answers. */
 #define VQKV__FUSED(NAME, TARGET, BITS, LANES, R, EXACT)                                           \
-    TARGET static void NAME(const vqkv__batch_t *bt, const float *const *x, uint32_t nv,           \
-                            uint32_t *out)                                                         \
+    TARGET static inline __attribute__((always_inline)) void NAME(                                 \
+        const vqkv__batch_t *bt, const float *const *x, uint32_t nv, uint32_t d, uint32_t *out)    \
     {                                                                                              \
         enum { V = VQKV__V };                                                                      \
         const float *norms2 = bt->search, *wt = bt->search + bt->k;                                \
-        uint32_t d = bt->d, k = bt->k;                                                             \
+        uint32_t k = bt->k;                                                                        \
         float m[V][VQKV_MAX_HEAD_DIM], lst[V], thr[V];                                             \
         uint32_t lane_word[LANES];                                                                 \
         double xx[V];                                                                              \
@@ -335,13 +335,24 @@ static const int32_t vqkv__iota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
                 out[i] = EXACT(xs + i * stride, search, d, k);                                     \
             return;                                                                                \
         }                                                                                          \
-        for (size_t i = 0; i < n; i += VQKV__V) {                                                  \
-            const float *x[VQKV__V];                                                               \
-            uint32_t nv = n - i < VQKV__V ? (uint32_t)(n - i) : VQKV__V;                           \
-            for (uint32_t v = 0; v < VQKV__V; v++)                                                 \
-                x[v] = xs + (i + (v < nv ? v : nv - 1)) * stride;                                  \
-            FUSED(&bt, x, nv, out + i);                                                            \
+        switch (d) {                                                                               \
+        case 4: VQKV__PASSES(FUSED, 4); break;                                                     \
+        case 8: VQKV__PASSES(FUSED, 8); break;                                                     \
+        case 16: VQKV__PASSES(FUSED, 16); break;                                                   \
+        default: VQKV__PASSES(FUSED, d);                                                           \
         }                                                                                          \
+    }
+
+/* The batch's passes, d a constant D in the common group sizes, so that
+ * the pass's channel loop unrolls (its counter and compare were a sixth of
+ * the pass's time). */
+#define VQKV__PASSES(FUSED, D)                                                                     \
+    for (size_t i = 0; i < n; i += VQKV__V) {                                                      \
+        const float *x[VQKV__V];                                                                   \
+        uint32_t nv = n - i < VQKV__V ? (uint32_t)(n - i) : VQKV__V;                               \
+        for (uint32_t v = 0; v < VQKV__V; v++)                                                     \
+            x[v] = xs + (i + (v < nv ? v : nv - 1)) * stride;                                      \
+        FUSED(&bt, x, nv, (D), out + i);                                                           \
     }
 
 #define VQKV__AVX2_FMA __attribute__((target("avx2,fma")))
