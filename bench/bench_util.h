@@ -60,20 +60,9 @@ typedef struct {
     uint32_t threads;   /* likewise; 0: the program takes no --threads */
     double min_seconds; /* likewise */
     const char *json_path;
-    vqkv_layout_t layout; /* --shape; llama3-8b unless told */
-    const char *shape;
+    int shapes;        /* the program takes --shape NAME (0: it does not) */
+    const char *shape; /* --shape's NAME; NULL when not given */
 } bench_args_t;
-
-/* The model shapes a benchmark can take (--shape), f16: a Llama-3-8B's KV
- * at 32 tokens a block (4 MiB a block), and SmolLM2-135M's at 16, the
- * shape vqkv-benchmark serves. */
-static const struct {
-    const char *name;
-    vqkv_layout_t layout;
-} bench_shapes[] = {
-    {"llama3-8b", {32, 8, 128, 32, VQKV_DTYPE_F16}},
-    {"smollm2-135m", {30, 3, 64, 16, VQKV_DTYPE_F16}},
-};
 
 /* Most threads a pass is split over. */
 #define BENCH_MAX_THREADS 64
@@ -85,8 +74,6 @@ static inline int bench_args_parse(bench_args_t *a, int argc, char **argv, const
 {
     static const char *const default_specs[] = {
         "fp16", "fp8", "kivi4", "kivi2", "rvq:d=8,b=8,r=2", "vqkv", "commvq"};
-    a->shape = bench_shapes[0].name;
-    a->layout = bench_shapes[0].layout;
     for (int i = 1; i < argc; i++) {
         if (strcmp(argv[i], "--blocks") == 0 && i + 1 < argc)
             a->blocks = (uint32_t)strtoul(argv[++i], NULL, 10);
@@ -100,25 +87,15 @@ static inline int bench_args_parse(bench_args_t *a, int argc, char **argv, const
             a->min_seconds = strtod(argv[++i], NULL);
         else if (strcmp(argv[i], "--json") == 0 && i + 1 < argc)
             a->json_path = argv[++i];
-        else if (strcmp(argv[i], "--shape") == 0 && i + 1 < argc) {
-            const char *want = argv[++i];
-            a->shape = NULL;
-            for (size_t s = 0; s < sizeof bench_shapes / sizeof bench_shapes[0]; s++)
-                if (strcmp(want, bench_shapes[s].name) == 0) {
-                    a->shape = bench_shapes[s].name;
-                    a->layout = bench_shapes[s].layout;
-                }
-            if (a->shape == NULL) {
-                fprintf(stderr, "%s: unknown --shape %s (llama3-8b or smollm2-135m)\n", name, want);
-                return 2;
-            }
-        } else if (argv[i][0] != '-' && a->n_specs < 32)
+        else if (strcmp(argv[i], "--shape") == 0 && i + 1 < argc && a->shapes)
+            a->shape = argv[++i];
+        else if (argv[i][0] != '-' && a->n_specs < 32)
             a->specs[a->n_specs++] = argv[i];
         else {
             fprintf(stderr,
-                    "usage: %s [--shape llama3-8b|smollm2-135m] [--blocks N]%s [--min-seconds S] "
-                    "[--json FILE] [SPEC ...]\n",
-                    name, a->threads != 0 ? " [--threads T]" : "");
+                    "usage: %s%s [--blocks N]%s [--min-seconds S] [--json FILE] [SPEC ...]\n", name,
+                    a->shapes ? " [--shape smollm2-135m|llama3-8b]" : "",
+                    a->threads != 0 ? " [--threads T]" : "");
             return 2;
         }
     }

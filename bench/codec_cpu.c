@@ -1,24 +1,24 @@
 /* codec_cpu.c -- CPU codec throughput next to memcpy of the same bytes.
  *
- * Blocks of a model's KV (--shape: a Llama-3-8B's by default, 32 layers, 8
- * kv heads, head_dim 128, 32 tokens per block: 4 MiB of fp16 per block; or
- * SmolLM2-135M's, the shape vqkv-benchmark serves) live in a vLLM-style
- * paged fp16 cache. Each codec encodes blocks out of it and decodes them back
- * into a second cache, and the figures are GB/s of fp16 in (encode) and out
- * (decode). Decode takes all blocks as one batch, as a get does
- * (vqkv_codec_decode_batch: layer by layer). memcpy of the same number of
- * fp16 bytes between the two caches, in the same run, is the baseline.
- * With --threads T (default 1) each pass is split T ways as vqkvd splits
+ * Blocks of a Llama-8B-like layout (32 layers, 8 kv heads, head_dim 128,
+ * 32 tokens per block: 4 MiB of fp16 per block), or with --shape NAME of a
+ * model shape vqkv-benchmark serves (vqkv_worker_shape: smollm2-135m or
+ * llama3-8b, 16 tokens per block), live in a vLLM-style paged fp16 cache. Each codec encodes blocks
+ * out of it and decodes them back into a second cache, and the figures are GB/s of fp16 in (encode)
+ * and out (decode). Decode takes all blocks as one batch, as a get does (vqkv_codec_decode_batch:
+ * layer by layer). memcpy of the same number of fp16 bytes between the two caches, in the same run,
+ * is the baseline. With --threads T (default 1) each pass is split T ways as vqkvd splits
  * * a request: encode by blocks, decode by layers, memcpy by bytes. VQ
  * codebooks are trained as vqkvd calibrates (bench_train): on other tokens
  * of the same distribution, so that codes spread over the codebooks as a
  * real cache's do, which is what decode's codeword reads depend on.
  *
- * usage: codec_cpu [--shape llama3-8b|smollm2-135m] [--blocks N] [--threads T]
+ * usage: codec_cpu [--shape smollm2-135m|llama3-8b] [--blocks N] [--threads T]
  *                  [--min-seconds S] [--json FILE] [SPEC ...]
  */
 #include "bench_util.h"
 #include "vqkv_codec.h"
+#include "worker.h"
 
 #include <math.h>
 #include <pthread.h>
@@ -166,7 +166,7 @@ static int bench_codec(const char *spec, const vqkv_layout_t *layout, const vqkv
 
 int main(int argc, char **argv)
 {
-    bench_args_t args = {.blocks = 4, .threads = 1, .min_seconds = 0.5};
+    bench_args_t args = {.blocks = 4, .threads = 1, .min_seconds = 0.5, .shapes = 1};
     int bad = bench_args_parse(&args, argc, argv, "codec_cpu", BENCH_MAX_BLOCKS);
     if (bad != 0)
         return bad;
@@ -176,7 +176,12 @@ int main(int argc, char **argv)
     const char *const *specs = args.specs;
     size_t n_specs = args.n_specs;
 
-    vqkv_layout_t layout = args.layout;
+    vqkv_layout_t layout = {32, 8, 128, 32, VQKV_DTYPE_F16};
+    const char *shape = args.shape != NULL ? args.shape : "llama-8b-like";
+    if (args.shape != NULL && vqkv_worker_shape(args.shape, &layout) != VQKV_OK) {
+        fprintf(stderr, "codec_cpu: unknown --shape %s (smollm2-135m or llama3-8b)\n", args.shape);
+        return 2;
+    }
     vqkv_kv_view_t view;
     vqkv_kv_view_vllm(&view, &layout, blocks);
     uint16_t *cache = malloc(view.region_bytes), *restored = malloc(view.region_bytes);
@@ -190,7 +195,7 @@ int main(int argc, char **argv)
     bench_row_t rows[32];
     printf("layout: %s, %u layers, %u kv heads, head_dim %u, %u tokens/block (%.2f MiB "
            "fp16/block), %u blocks, %u thread%s\n",
-           args.shape, layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.block_tokens,
+           shape, layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.block_tokens,
            (double)view.region_bytes / blocks / (1 << 20), blocks, threads, threads > 1 ? "s" : "");
     printf("%-40s %6s %12s %12s %12s %8s %8s\n", "codec", "bits", "enc GB/s", "dec GB/s",
            "memcpy GB/s", "enc/cpy", "dec/cpy");
@@ -214,8 +219,8 @@ int main(int argc, char **argv)
                 "{\"bench\": \"codec_cpu\", \"shape\": \"%s\", \"layout\": {\"num_layers\": %u, "
                 "\"num_kv_heads\": %u, \"head_dim\": %u, \"block_tokens\": %u, \"dtype\": "
                 "\"f16\"}, \"train_tokens\": %u, \"blocks\": %u, \"threads\": %u, \"results\": [\n",
-                args.shape, layout.num_layers, layout.num_kv_heads, layout.head_dim,
-                layout.block_tokens, BENCH_TRAIN_TOKENS, blocks, threads);
+                shape, layout.num_layers, layout.num_kv_heads, layout.head_dim, layout.block_tokens,
+                BENCH_TRAIN_TOKENS, blocks, threads);
         for (size_t i = 0; i < n_specs; i++)
             fprintf(f,
                     "  {\"codec\": \"%s\", \"bits_per_value\": %.4f, \"encode_gbps\": %.4f, "
