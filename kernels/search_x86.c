@@ -163,10 +163,11 @@ VQKV__NEAREST(vqkv__nearest_x512, VQKV__AVX512, 512, 16)
 #define VQKV__V 4
 
 /* One codebook's batch: its search form, and e = a + b ||x|| for the
- * vectors searched in it. */
+ * vectors searched in it. (d goes to each pass as an argument, a constant
+ * in the common sizes.) */
 typedef struct {
     const float *search;
-    uint32_t d, k;
+    uint32_t k;
     double a, b;
 } vqkv__batch_t;
 
@@ -190,7 +191,6 @@ VQKV__AVX2 static bool vqkv__batch_init(vqkv__batch_t *bt, const float *search, 
     double u = 0x1p-24, gd = d * u / (1.0 - d * u), gd1 = (d + 1) * u / (1.0 - (d + 1) * u);
     double g = (gd + gd1) * VQKV__SLACK, cmax = sqrt((nmax + d * 0x1p-149) / (1.0 - gd));
     bt->search = search;
-    bt->d = d;
     bt->k = k;
     bt->a = g * nmax + d * 0x1p-148 * VQKV__SLACK;
     bt->b = g * 2.0 * cmax;
