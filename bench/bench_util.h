@@ -22,36 +22,30 @@ static inline double bench_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* Gaussian values with per-channel scales, as keys have: n of them from
- * the stream that `seed` starts, as fp16 into cache, or as floats into
- * floats when cache is NULL. */
-static inline void bench_fill_seeded(uint16_t *cache, float *floats, size_t n, uint32_t head_dim,
-                                     uint64_t seed)
+/* Gaussian values with per-channel scales, as keys have: value i of the
+ * stream that *state starts (advanced). */
+static inline float bench_value(uint64_t *state, size_t i, uint32_t head_dim)
 {
-    uint64_t state = seed;
-    for (size_t i = 0; i < n; i++) {
-        state = state * 6364136223846793005ull + 1442695040888963407ull;
-        double u1 = ((double)(state >> 11) + 1.0) / 9007199254740993.0;
-        state = state * 6364136223846793005ull + 1442695040888963407ull;
-        double u2 = (double)(state >> 11) / 9007199254740992.0;
-        double g = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
-        float scale = 0.5f + (float)(i % head_dim) / (float)head_dim * 4.0f;
-        float x = (float)g * scale;
-        if (cache != NULL)
-            vqkv_dtype_from_f32(VQKV_DTYPE_F16, &x, 1, &cache[i]);
-        else
-            floats[i] = x;
-    }
+    *state = *state * 6364136223846793005ull + 1442695040888963407ull;
+    double u1 = ((double)(*state >> 11) + 1.0) / 9007199254740993.0;
+    *state = *state * 6364136223846793005ull + 1442695040888963407ull;
+    double u2 = (double)(*state >> 11) / 9007199254740992.0;
+    double g = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+    float scale = 0.5f + (float)(i % head_dim) / (float)head_dim * 4.0f;
+    return (float)g * scale;
 }
 
-/* The cache the benchmarks encode and decode. */
+/* The cache the benchmarks encode and decode: n fp16 values. */
 static inline void bench_fill(uint16_t *cache, size_t n, uint32_t head_dim)
 {
-    bench_fill_seeded(cache, NULL, n, head_dim, 42);
+    uint64_t state = 42;
+    for (size_t i = 0; i < n; i++)
+        vqkv_dtype_from_f32(VQKV_DTYPE_F16, &(float){bench_value(&state, i, head_dim)}, 1,
+                            &cache[i]);
 }
 
 /* The command line the codec benchmarks share:
- *   NAME [--blocks N] [--threads T] [--min-seconds S] [--json FILE] [SPEC ...]
+ *   NAME [--shape NAME] [--blocks N] [--threads T] [--min-seconds S] [--json FILE] [SPEC ...]
  * the codecs of the table below when no SPEC is given. */
 typedef struct {
     const char *specs[32];
@@ -113,11 +107,11 @@ static inline int bench_args_parse(bench_args_t *a, int argc, char **argv, const
 #define BENCH_TRAIN_TOKENS 1024
 
 /* Trains codec as vqkvd calibrates: on `tokens` tokens of the cache's
- * distribution that are not the tokens it then codes (another seed), each
- * layer and side on the same. Training on the coded block itself, as
- * before, left most of a codebook unused whenever a block has fewer vectors
- * than a codebook codewords (SmolLM2: 48 against 256), and decode then read
- * a few codewords that stay in L1: a decode figure no real cache gives. */
+ * distribution that are not the tokens it then codes, each layer and side
+ * on the same. Training on the coded block itself, as before, left most of
+ * a codebook unused whenever a block has fewer vectors than a codebook
+ * codewords (SmolLM2: 48 against 256), and decode then read a few
+ * codewords that stay in L1: a decode figure no real cache gives. */
 static inline int bench_train(vqkv_codec_t *codec, uint32_t tokens)
 {
     const vqkv_layout_t *layout = vqkv_codec_layout(codec);
@@ -125,8 +119,9 @@ static inline int bench_train(vqkv_codec_t *codec, uint32_t tokens)
     float *x = malloc(vectors * layout->head_dim * sizeof *x);
     vqkv_train_opts_t topts = {.seed = 1, .iterations = 4, .max_samples = 4096};
     int rc = x == NULL ? VQKV_ENOMEM : VQKV_OK;
-    if (rc == VQKV_OK)
-        bench_fill_seeded(NULL, x, vectors * layout->head_dim, layout->head_dim, 7);
+    uint64_t state = 7; /* not bench_fill's 42: other tokens than the coded ones */
+    for (size_t i = 0; rc == VQKV_OK && i < vectors * layout->head_dim; i++)
+        x[i] = bench_value(&state, i, layout->head_dim);
     for (uint32_t l = 0; l < layout->num_layers && rc == VQKV_OK; l++)
         for (int kv = 0; kv < 2 && rc == VQKV_OK; kv++)
             rc = vqkv_codec_train(codec, l, kv, x, vectors, &topts);

@@ -3,12 +3,14 @@
  * Blocks of a Llama-8B-like layout (32 layers, 8 kv heads, head_dim 128,
  * 32 tokens per block: 4 MiB of fp16 per block), or with --shape NAME of a
  * model shape vqkv-benchmark serves (vqkv_worker_shape: smollm2-135m or
- * llama3-8b, 16 tokens per block), live in a vLLM-style paged fp16 cache. Each codec encodes blocks
- * out of it and decodes them back into a second cache, and the figures are GB/s of fp16 in (encode)
- * and out (decode). Decode takes all blocks as one batch, as a get does (vqkv_codec_decode_batch:
- * layer by layer). memcpy of the same number of fp16 bytes between the two caches, in the same run,
- * is the baseline. With --threads T (default 1) each pass is split T ways as vqkvd splits
- * * a request: encode by blocks, decode by layers, memcpy by bytes. VQ
+ * llama3-8b, 16 tokens per block), live in a vLLM-style paged fp16 cache.
+ * Each codec encodes blocks out of it and decodes them back into a second
+ * cache, and the figures are GB/s of fp16 in (encode) and out (decode).
+ * Decode takes all blocks as one batch, as a get does
+ * (vqkv_codec_decode_batch: layer by layer). memcpy of the same number of
+ * fp16 bytes between the two caches, in the same run, is the baseline.
+ * With --threads T (default 1) each pass is split T ways as vqkvd splits a
+ * request: encode by blocks, decode by layers, memcpy by bytes. VQ
  * codebooks are trained as vqkvd calibrates (bench_train): on other tokens
  * of the same distribution, so that codes spread over the codebooks as a
  * real cache's do, which is what decode's codeword reads depend on.

@@ -5,9 +5,9 @@
  * per block, f16) in a vLLM-style paged cache of 2 blocks, as in codec_cpu.
  * For each codec it trains briefly (bench_train on INSTR_TRAIN_TOKENS
  * tokens) and encodes block 1, neither of which is counted. Then two
- * measured regions, each between
- * CALLGRIND_START_INSTRUMENTATION and CALLGRIND_STOP_INSTRUMENTATION and
- * dumped on its own by CALLGRIND_DUMP_STATS_AT: "encode SPEC", block 0
+ * measured regions, each between CALLGRIND_START_INSTRUMENTATION and
+ * CALLGRIND_STOP_INSTRUMENTATION and dumped on its own by
+ * CALLGRIND_DUMP_STATS_AT: "encode SPEC", block 0
  * encoded, and "decode SPEC", both blocks decoded as one batch
  * (vqkv_codec_decode_batch) into a second cache. --no-encode encodes block
  * 0 uncounted instead. Run it as
