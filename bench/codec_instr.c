@@ -49,10 +49,11 @@
 /* Blocks decoded as one batch; block 0 is the one whose encode is counted. */
 #define INSTR_BLOCKS 2
 
-/* Tokens the VQ codecs train on: a block's worth. Counts do not depend on
- * which codewords the codes pick (codec_cpu's times do, and train on
- * BENCH_TRAIN_TOKENS), and training on more under valgrind takes minutes
- * a codec. */
+/* Tokens the VQ codecs train on: a block's worth. Decode's counts do not
+ * depend on which codewords the codes pick, nor encode's but for the rare
+ * near-tie that the batch search settles by the exact search (codec_cpu's
+ * times do depend on them, and train on BENCH_TRAIN_TOKENS); training on
+ * more under valgrind takes minutes a codec. */
 #define INSTR_TRAIN_TOKENS 32
 
 static int instr_codec(const char *spec, const vqkv_layout_t *layout, const vqkv_kv_view_t *view,
