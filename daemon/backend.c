@@ -8,6 +8,7 @@
 #include <string.h>
 
 #include "backend.h"
+#include "config.h"
 #include "log.h"
 
 /* Bytes of a cudaIpcMemHandle_t and of a CUDA device UUID. */
@@ -72,11 +73,11 @@ void vqkvd_gpu_uuid_format(const uint8_t uuid[16], char out[VQKVD_GPU_UUID_TEXT]
 #else
 #define VQKVD__HAVE_CUDA 0
 /* Never called: the factory only names the CUDA backend when it is built. */
-int vqkvd_backend_cuda_create(int ordinal, uint64_t arena_bytes, uint64_t chunk_bytes,
-                              vqkvd_backend_t **be, vqkvd_arena_t *arena, char *why,
-                              size_t why_size)
+int vqkvd_backend_cuda_create(const int *ordinals, uint32_t n, uint64_t arena_bytes,
+                              uint64_t chunk_bytes, vqkvd_backend_t **be, vqkvd_arena_t *arena,
+                              char *why, size_t why_size)
 {
-    (void)ordinal, (void)arena_bytes, (void)chunk_bytes, (void)be, (void)arena;
+    (void)ordinals, (void)n, (void)arena_bytes, (void)chunk_bytes, (void)be, (void)arena;
     snprintf(why, why_size, "this vqkvd has no CUDA backend");
     return VQKV_EINVAL;
 }
@@ -87,17 +88,15 @@ int vqkvd_backend_cuda_count(void)
 }
 #endif
 
-/* The GPU ordinal of "cuda:N", or -1 for "cpu" and "auto" (checked by
- * vqkvd_config_check_device, so N fits an int). */
-static int vqkvd__backend_ordinal(const char *device)
-{
-    return device != NULL && strncmp(device, "cuda:", 5) == 0 ? atoi(device + 5) : -1;
-}
-
 int vqkvd_backend_check(const char *device, char *why, size_t why_size)
 {
-    int ordinal = vqkvd__backend_ordinal(device);
-    if (ordinal < 0)
+    int ordinals[VQKVD_MAX_GPUS];
+    uint32_t n = 0;
+    if (device != NULL && vqkvd_config_parse_gpus(device, ordinals, &n) != 0) {
+        snprintf(why, why_size, "device %s: not cpu, auto or cuda:N[,cuda:M...]", device);
+        return VQKV_EINVAL;
+    }
+    if (n == 0)
         return VQKV_OK;
     if (!VQKVD__HAVE_CUDA) {
         snprintf(why, why_size, "device %s: this vqkvd has no CUDA backend; use --device cpu",
@@ -105,11 +104,19 @@ int vqkvd_backend_check(const char *device, char *why, size_t why_size)
         return VQKV_EINVAL;
     }
     int gpus = vqkvd_backend_cuda_count();
-    if (ordinal < gpus)
-        return VQKV_OK;
-    snprintf(why, why_size, "device %s: this machine has %d CUDA device%s%s", device, gpus,
-             gpus == 1 ? "" : "s", gpus == 0 ? "; use --device cpu" : "");
-    return VQKV_EINVAL;
+    for (uint32_t i = 0; i < n; i++) {
+        if (ordinals[i] < gpus)
+            continue;
+        int at = snprintf(why, why_size, "device %s: this machine has %d CUDA device%s", device,
+                          gpus, gpus == 1 ? "" : "s");
+        size_t left = at > 0 && (size_t)at < why_size ? why_size - (size_t)at : 0;
+        if (left > 0 && gpus == 0)
+            snprintf(why + at, left, "; use --device cpu");
+        else if (left > 0 && n > 1)
+            snprintf(why + at, left, ", no cuda:%d", ordinals[i]);
+        return VQKV_EINVAL;
+    }
+    return VQKV_OK;
 }
 
 static int vqkvd__backend_create_cpu(uint64_t arena_bytes, uint64_t chunk_bytes,
@@ -131,8 +138,8 @@ static int vqkvd__backend_create_cpu(uint64_t arena_bytes, uint64_t chunk_bytes,
     return rc;
 }
 
-/* "auto" is the first GPU when there is one (one GPU per vqkvd so far),
- * else the CPU. */
+/* "auto" is every GPU this process sees (at most VQKVD_MAX_GPUS), else
+ * the CPU. */
 int vqkvd_backend_create(const char *device, uint64_t arena_bytes, uint64_t chunk_bytes,
                          vqkvd_backend_t **be, vqkvd_arena_t *arena, char *why, size_t why_size)
 {
@@ -140,18 +147,27 @@ int vqkvd_backend_create(const char *device, uint64_t arena_bytes, uint64_t chun
     int rc = vqkvd_backend_check(device, why, why_size);
     if (rc != VQKV_OK)
         return rc;
-    int ordinal = vqkvd__backend_ordinal(device);
+    int ordinals[VQKVD_MAX_GPUS];
+    uint32_t n = 0;
+    if (device != NULL)
+        vqkvd_config_parse_gpus(device, ordinals, &n); /* checked above */
     if (device != NULL && strcmp(device, "auto") == 0) {
         int gpus = vqkvd_backend_cuda_count();
-        if (gpus > 0)
-            ordinal = 0;
-        vqkvd_log(VQKVD_LOG_INFO, "device auto: %s",
-                  !VQKVD__HAVE_CUDA ? "no CUDA backend is built in; using the CPU"
-                  : gpus == 0       ? "no CUDA device; using the CPU"
-                                    : "using cuda:0");
+        for (; n < VQKVD_MAX_GPUS && (int)n < gpus; n++)
+            ordinals[n] = (int)n;
+        if (gpus > VQKVD_MAX_GPUS)
+            vqkvd_log(VQKVD_LOG_WARN, "device auto: %d GPUs seen; serving the first %d", gpus,
+                      VQKVD_MAX_GPUS);
+        if (!VQKVD__HAVE_CUDA || gpus == 0)
+            vqkvd_log(VQKVD_LOG_INFO, "device auto: %s",
+                      !VQKVD__HAVE_CUDA ? "no CUDA backend is built in; using the CPU"
+                                        : "no CUDA device; using the CPU");
+        else
+            vqkvd_log(VQKVD_LOG_INFO, "device auto: using %u GPU%s", (unsigned)n,
+                      n == 1 ? "" : "s");
     }
-    if (ordinal >= 0)
-        return vqkvd_backend_cuda_create(ordinal, arena_bytes, chunk_bytes, be, arena, why,
+    if (n > 0)
+        return vqkvd_backend_cuda_create(ordinals, n, arena_bytes, chunk_bytes, be, arena, why,
                                          why_size);
     return vqkvd__backend_create_cpu(arena_bytes, chunk_bytes, be, arena, why, why_size);
 }

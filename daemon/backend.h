@@ -35,6 +35,7 @@ typedef struct {
     uint8_t *base; /* where view offsets start (CPU: the host mapping; CUDA: a device address) */
     size_t bytes;  /* the region's size, all of it reachable from base */
     uint64_t vmm_handle; /* CUDA: the imported VMM allocation; 0 for other kinds */
+    uint32_t device;     /* CUDA: which of the backend's devices holds it; 0 on the CPU */
 } vqkvd_region_mem_t;
 
 /* A GPU a backend serves, for Welcome.devices and the logs. */
@@ -56,6 +57,7 @@ typedef struct {
  * the worker's memory and the pool. */
 typedef struct {
     uint8_t *base;
+    uint32_t device; /* the region's (vqkvd_region_mem_t.device): where the work runs */
     const vqkv_kv_view_t *view;
     const uint32_t *slots;
     uint32_t n;
@@ -131,7 +133,8 @@ typedef struct {
 /* A backend instance; a backend with state of its own embeds this first. */
 struct vqkvd_backend {
     const vqkvd_backend_ops_t *ops;
-    const vqkvd_device_t *device; /* the GPU served; NULL on the CPU */
+    const vqkvd_device_t *devices; /* the GPUs served, n_devices of them; none on the CPU */
+    uint32_t n_devices;
 };
 
 /* Whether rr's payload has the shape its kind asks for, whatever the
@@ -148,10 +151,10 @@ int vqkvd_region_payload_check(const Vqkv__RegisterRegion *rr, size_t n_fds, cha
 #define VQKVD_GPU_UUID_TEXT 41
 void vqkvd_gpu_uuid_format(const uint8_t uuid[16], char out[VQKVD_GPU_UUID_TEXT]);
 
-/* Whether this vqkvd can serve device ("cpu", "auto" or "cuda:N"):
- * VQKV_OK, or VQKV_EINVAL with why filled ("this vqkvd has no CUDA
- * backend; use --device cpu", "this machine has 1 CUDA device"). Counts
- * the GPUs but opens none: --check-config asks it. */
+/* Whether this vqkvd can serve device ("cpu", "auto" or
+ * "cuda:N[,cuda:M...]"): VQKV_OK, or VQKV_EINVAL with why filled ("this
+ * vqkvd has no CUDA backend; use --device cpu", "this machine has 1 CUDA
+ * device"). Counts the GPUs but opens none: --check-config asks it. */
 int vqkvd_backend_check(const char *device, char *why, size_t why_size);
 
 /* The factory: creates the backend of device and the arena of arena_bytes
@@ -165,15 +168,17 @@ int vqkvd_backend_create(const char *device, uint64_t arena_bytes, uint64_t chun
 /* Host memory: memfd regions, codecs run on the calling thread. */
 int vqkvd_backend_cpu_create(vqkvd_backend_t **be);
 
-/* vqkvd built with CUDA only (VQKVD_CUDA): GPU ordinal's backend with its
- * arena of arena_bytes in device memory (one address range over pieces of
- * at most VQKVD_CUDA_MAX_ALLOC: cuda_store.h), carved into chunk_bytes
- * chunks. VQKV_OK, VQKV_EINVAL (no such GPU, sizes), VQKV_ENOMEM or
- * VQKV_EDEVICE, with why filled and nothing left allocated. */
+/* vqkvd built with CUDA only (VQKVD_CUDA): the backend of the n GPUs
+ * ordinals names (1 .. VQKVD_MAX_GPUS, distinct) with its arena of
+ * arena_bytes in their memory, split evenly (one address range over pieces
+ * of at most VQKVD_CUDA_MAX_ALLOC: cuda_store.h), carved into chunk_bytes
+ * chunks. VQKV_OK, VQKV_EINVAL (no such GPU, GPUs without peer access to
+ * each other, sizes), VQKV_ENOMEM or VQKV_EDEVICE, with why filled and
+ * nothing left allocated. */
 #define VQKVD_CUDA_MAX_ALLOC (64ull << 30)
-int vqkvd_backend_cuda_create(int ordinal, uint64_t arena_bytes, uint64_t chunk_bytes,
-                              vqkvd_backend_t **be, vqkvd_arena_t *arena, char *why,
-                              size_t why_size);
+int vqkvd_backend_cuda_create(const int *ordinals, uint32_t n, uint64_t arena_bytes,
+                              uint64_t chunk_bytes, vqkvd_backend_t **be, vqkvd_arena_t *arena,
+                              char *why, size_t why_size);
 /* GPUs this process sees; 0 without a driver, a device, or CUDA support. */
 int vqkvd_backend_cuda_count(void);
 

@@ -57,6 +57,7 @@ static int vqkvd__cpu_region_open(vqkvd_backend_t *be, const Vqkv__RegisterRegio
     /* The mapping keeps the memory; the caller's frame closes the fd. */
     mem->base = base;
     mem->bytes = rr->region_bytes;
+    mem->device = 0;
     return VQKV_OK;
 }
 
@@ -154,6 +155,7 @@ int vqkvd_backend_cpu_create(vqkvd_backend_t **be)
     if (*be == NULL)
         return VQKV_ENOMEM;
     (*be)->ops = &vqkvd__cpu_ops;
-    (*be)->device = NULL;
+    (*be)->devices = NULL;
+    (*be)->n_devices = 0;
     return VQKV_OK;
 }

@@ -1,13 +1,23 @@
 /* backend_cuda.c -- vqkvd's CUDA backend (backend.h): compressed blocks in
- * the memory of one GPU, workers' paged KV caches opened through CUDA IPC,
- * and the codec kernels of kernels/cuda run between the two on streams of
- * the daemon's own. Built only when vqkvd is built with CUDA (VQKVD_CUDA).
+ * the memory of one GPU or several, workers' paged KV caches opened
+ * through CUDA IPC, and the codec kernels of kernels/cuda run between the
+ * two on streams of the daemon's own. Built only when vqkvd is built with
+ * CUDA (VQKVD_CUDA).
  *
  * The arena is one range of device addresses over pieces of at most
  * VQKVD_CUDA_MAX_ALLOC bytes each (cuda_store.h), carved into chunks like
  * the CPU's; a slot "pointer" is a device address the host never
  * dereferences. A batch's device addresses become offsets into that one
  * store, which is what the kernels take, however many pieces it has.
+ *
+ * Several GPUs. The store is shared evenly by the GPUs served and every
+ * one of them may reach all of it (peer access, checked at start), so a
+ * block is stored once wherever the pool puts it and restored into a
+ * worker on any GPU. Each GPU has its own streams, jobs and copies of the
+ * codebooks; a request runs on the GPU of its region. Placing blocks on
+ * the GPU that asked would save the peer reads; the pool's chunks are not
+ * per device, and NVLink's bandwidth is far above what a restore needs
+ * next to a recompute, so not so far.
  *
  * Regions. A CUDA_IPC region is opened with cudaIpcOpenMemHandle (the
  * handle names the allocation; the view's offset finds the tensor in it);
@@ -46,6 +56,7 @@
 #include <cuda_runtime_api.h>
 
 #include "backend.h"
+#include "config.h"
 #include "cuda_store.h"
 #include "log.h"
 #include "vqkv_cuda.h"
@@ -64,19 +75,25 @@ typedef struct vqkvd__cuda_job_entry {
     cudaStream_t stream;
 } vqkvd__cuda_job_entry_t;
 
+/* One GPU served: its jobs and its copies of the codecs. */
 typedef struct {
-    vqkvd_backend_t base; /* first: the session sees this */
-    vqkvd_device_t info;
     int ordinal;
-    vqkvd_cuda_driver_t driver;
-    vqkvd_cuda_store_t store; /* the arena's device memory */
-    pthread_mutex_t lock;     /* jobs and codecs */
     vqkvd__cuda_job_entry_t *idle_jobs;
     struct {
         const vqkv_codec_t *host;
         vqkv_cuda_codec_t *device;
     } codecs[VQKVD__CUDA_MAX_CODECS];
     uint32_t n_codecs;
+} vqkvd__cuda_gpu_t;
+
+typedef struct {
+    vqkvd_backend_t base; /* first: the session sees this */
+    vqkvd_device_t info[VQKVD_MAX_GPUS];
+    vqkvd__cuda_gpu_t *gpus[VQKVD_MAX_GPUS];
+    uint32_t n_gpus;
+    vqkvd_cuda_driver_t driver;
+    vqkvd_cuda_store_t store; /* the arena's device memory, on every GPU */
+    pthread_mutex_t lock;     /* every GPU's jobs and codecs */
 } vqkvd__cuda_t;
 
 /* ---- errors ----------------------------------------------------------------- */
@@ -149,7 +166,7 @@ static int vqkvd__cuda_arena_alloc(vqkvd_arena_t *a, void **ptr, uint64_t *offse
 static void vqkvd__cuda_arena_free(vqkvd_arena_t *a)
 {
     vqkvd__cuda_t *g = a->owner;
-    cudaSetDevice(g->ordinal);
+    cudaSetDevice(g->gpus[0]->ordinal);
     vqkvd_cuda_store_close(&g->driver, &g->store);
     a->base = NULL;
 }
@@ -162,14 +179,16 @@ static const vqkvd_arena_ops_t vqkvd__cuda_arena_ops = {
 
 /* ---- jobs and device codecs ---------------------------------------------------- */
 
-/* A job for this thread's request: an idle one, or a new one on a stream
- * of its own. NULL with why filled when CUDA cannot make one. */
-static vqkvd__cuda_job_entry_t *vqkvd__cuda_job_take(vqkvd__cuda_t *g, char *why, size_t why_size)
+/* A job on gpu (current on this thread) for this thread's request: an
+ * idle one, or a new one on a stream of its own. NULL with why filled when
+ * CUDA cannot make one. */
+static vqkvd__cuda_job_entry_t *vqkvd__cuda_job_take(vqkvd__cuda_t *g, vqkvd__cuda_gpu_t *gpu,
+                                                     char *why, size_t why_size)
 {
     pthread_mutex_lock(&g->lock);
-    vqkvd__cuda_job_entry_t *e = g->idle_jobs;
+    vqkvd__cuda_job_entry_t *e = gpu->idle_jobs;
     if (e != NULL)
-        g->idle_jobs = e->next;
+        gpu->idle_jobs = e->next;
     pthread_mutex_unlock(&g->lock);
     if (e != NULL)
         return e;
@@ -192,31 +211,34 @@ static vqkvd__cuda_job_entry_t *vqkvd__cuda_job_take(vqkvd__cuda_t *g, char *why
     return e;
 }
 
-static void vqkvd__cuda_job_give(vqkvd__cuda_t *g, vqkvd__cuda_job_entry_t *e)
+static void vqkvd__cuda_job_give(vqkvd__cuda_t *g, vqkvd__cuda_gpu_t *gpu,
+                                 vqkvd__cuda_job_entry_t *e)
 {
     pthread_mutex_lock(&g->lock);
-    e->next = g->idle_jobs;
-    g->idle_jobs = e;
+    e->next = gpu->idle_jobs;
+    gpu->idle_jobs = e;
     pthread_mutex_unlock(&g->lock);
 }
 
-/* codec's device copy, made on first use (codecs without codebooks) or
- * when its codebooks became final; NULL when CUDA cannot make it. The
- * codecs live as long as the server, so the host pointer names them. A
- * linear search under the lock, once per run of blocks: O(codecs), two
- * per model, noise next to a launch; a hash is not needed so far. */
-static vqkv_cuda_codec_t *vqkvd__cuda_codec(vqkvd__cuda_t *g, const vqkv_codec_t *codec)
+/* codec's copy on gpu (current on this thread), made on first use
+ * (codecs without codebooks) or when its codebooks became final; NULL when
+ * CUDA cannot make it. The codecs live as long as the server, so the host
+ * pointer names them. A linear search under the lock, once per run of
+ * blocks: O(codecs), two per model, noise next to a launch; a hash is not
+ * needed so far. */
+static vqkv_cuda_codec_t *vqkvd__cuda_codec(vqkvd__cuda_t *g, vqkvd__cuda_gpu_t *gpu,
+                                            const vqkv_codec_t *codec)
 {
     vqkv_cuda_codec_t *found = NULL;
     pthread_mutex_lock(&g->lock);
-    for (uint32_t i = 0; i < g->n_codecs && found == NULL; i++)
-        if (g->codecs[i].host == codec)
-            found = g->codecs[i].device;
-    if (found == NULL && g->n_codecs < VQKVD__CUDA_MAX_CODECS &&
+    for (uint32_t i = 0; i < gpu->n_codecs && found == NULL; i++)
+        if (gpu->codecs[i].host == codec)
+            found = gpu->codecs[i].device;
+    if (found == NULL && gpu->n_codecs < VQKVD__CUDA_MAX_CODECS &&
         vqkv_cuda_codec_create(codec, &found) == VQKV_OK) {
-        g->codecs[g->n_codecs].host = codec;
-        g->codecs[g->n_codecs].device = found;
-        g->n_codecs++;
+        gpu->codecs[gpu->n_codecs].host = codec;
+        gpu->codecs[gpu->n_codecs].device = found;
+        gpu->n_codecs++;
     }
     pthread_mutex_unlock(&g->lock);
     return found;
@@ -254,8 +276,8 @@ static int vqkvd__cuda_open_ipc(vqkvd__cuda_t *g, const Vqkv__RegisterRegion *rr
     return VQKV_OK;
 }
 
-static int vqkvd__cuda_open_vmm(vqkvd__cuda_t *g, const Vqkv__RegisterRegion *rr, int fd,
-                                vqkvd_region_mem_t *mem, char *why, size_t why_size)
+static int vqkvd__cuda_open_vmm(vqkvd__cuda_t *g, int ordinal, const Vqkv__RegisterRegion *rr,
+                                int fd, vqkvd_region_mem_t *mem, char *why, size_t why_size)
 {
     const vqkvd_cuda_driver_t *d = &g->driver;
     CUmemGenericAllocationHandle h = 0;
@@ -276,9 +298,8 @@ static int vqkvd__cuda_open_vmm(vqkvd__cuda_t *g, const Vqkv__RegisterRegion *rr
             d->address_free(va, size);
     }
     if (rc == VQKV_OK) {
-        CUmemAccessDesc access = {
-            .location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = g->ordinal},
-            .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
+        CUmemAccessDesc access = {.location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = ordinal},
+                                  .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
         rc = vqkvd__cuda_drv(d->set_access(va, size, &access, 1), "cuMemSetAccess", why, why_size);
         if (rc != VQKV_OK) {
             d->unmap(va, size);
@@ -307,23 +328,28 @@ static int vqkvd__cuda_region_open(vqkvd_backend_t *be, const Vqkv__RegisterRegi
                  "KV cache's CUDA memory, or run a cpu vqkvd for memfd regions");
         return VQKV_EDEVICE;
     }
-    if (memcmp(rr->gpu_uuid.data, g->info.uuid, sizeof g->info.uuid) != 0) {
+    uint32_t k = 0;
+    while (k < g->n_gpus && memcmp(rr->gpu_uuid.data, g->info[k].uuid, sizeof g->info[k].uuid))
+        k++;
+    if (k == g->n_gpus) {
         char theirs[VQKVD_GPU_UUID_TEXT], ours[VQKVD_GPU_UUID_TEXT];
         vqkvd_gpu_uuid_format(rr->gpu_uuid.data, theirs);
-        vqkvd_gpu_uuid_format(g->info.uuid, ours);
-        snprintf(why, why_size, "%s is not this vqkvd's GPU (it serves %s)", theirs, ours);
+        vqkvd_gpu_uuid_format(g->info[0].uuid, ours);
+        snprintf(why, why_size, "%s is not one of this vqkvd's GPUs (it serves %s%s)", theirs, ours,
+                 g->n_gpus > 1 ? " and others: Welcome.devices lists them" : "");
         return VQKV_EDEVICE;
     }
-    cudaSetDevice(g->ordinal);
+    cudaSetDevice(g->gpus[k]->ordinal);
+    mem->device = k;
     if (rr->kind == VQKV__REGION_KIND__REGION_KIND_CUDA_IPC)
         return vqkvd__cuda_open_ipc(g, rr, mem, why, why_size);
-    return vqkvd__cuda_open_vmm(g, rr, fds[0], mem, why, why_size);
+    return vqkvd__cuda_open_vmm(g, g->gpus[k]->ordinal, rr, fds[0], mem, why, why_size);
 }
 
 static void vqkvd__cuda_region_close(vqkvd_backend_t *be, vqkvd_region_mem_t *mem)
 {
     vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
-    cudaSetDevice(g->ordinal);
+    cudaSetDevice(g->gpus[mem->device]->ordinal);
     if (mem->vmm_handle != 0) {
         CUdeviceptr va = (CUdeviceptr)(uintptr_t)mem->base;
         g->driver.unmap(va, mem->bytes);
@@ -354,6 +380,7 @@ static cudaEvent_t vqkvd__cuda_event_open(const uint8_t *handle_bytes, char *why
 /* A decode that replied before its blocks were written: the job, busy
  * until the stream has run, and the worker's event it recorded. */
 typedef struct {
+    vqkvd__cuda_gpu_t *gpu;
     vqkvd__cuda_job_entry_t *entry;
     cudaEvent_t event;
 } vqkvd__cuda_pending_t;
@@ -361,8 +388,8 @@ typedef struct {
 /* Queues the launches for runs of blocks with one codec (and for encode,
  * only the blocks with somewhere to go), their slots and store offsets
  * gathered per run. */
-static int vqkvd__cuda_launch(vqkvd__cuda_t *g, vqkvd__cuda_job_entry_t *e, vqkvd_batch_t *b,
-                              bool encode, uint32_t *slots, uint64_t *at)
+static int vqkvd__cuda_launch(vqkvd__cuda_t *g, vqkvd__cuda_gpu_t *gpu, vqkvd__cuda_job_entry_t *e,
+                              vqkvd_batch_t *b, bool encode, uint32_t *slots, uint64_t *at)
 {
     int rc = VQKV_OK;
     for (uint32_t i = 0, end; rc == VQKV_OK && i < b->n; i = end) {
@@ -375,7 +402,7 @@ static int vqkvd__cuda_launch(vqkvd__cuda_t *g, vqkvd__cuda_job_entry_t *e, vqkv
             slots[n] = b->slots[end];
             at[n++] = (uint64_t)(slot - g->store.base);
         }
-        vqkv_cuda_codec_t *dc = vqkvd__cuda_codec(g, codec);
+        vqkv_cuda_codec_t *dc = vqkvd__cuda_codec(g, gpu, codec);
         if (dc == NULL)
             rc = VQKV_EDEVICE;
         else if (n > 0)
@@ -404,8 +431,9 @@ static int vqkvd__cuda_run(vqkvd__cuda_t *g, vqkvd_batch_t *b, bool encode)
         free(pending);
         return VQKV_ENOMEM;
     }
-    cudaSetDevice(g->ordinal);
-    vqkvd__cuda_job_entry_t *e = vqkvd__cuda_job_take(g, why, sizeof why);
+    vqkvd__cuda_gpu_t *gpu = g->gpus[b->device]; /* the region's, which region_open set */
+    cudaSetDevice(gpu->ordinal);
+    vqkvd__cuda_job_entry_t *e = vqkvd__cuda_job_take(g, gpu, why, sizeof why);
     int rc = e != NULL ? VQKV_OK : VQKV_EDEVICE;
     if (e == NULL)
         vqkvd_log(VQKVD_LOG_ERROR, "cuda: %s", why);
@@ -419,11 +447,11 @@ static int vqkvd__cuda_run(vqkvd__cuda_t *g, vqkvd_batch_t *b, bool encode)
         rc = vqkvd__cuda_rt(cudaStreamWaitEvent(e->stream, ev, 0), "cudaStreamWaitEvent", why,
                             sizeof why);
     if (rc == VQKV_OK)
-        rc = vqkvd__cuda_launch(g, e, b, encode, slots, at);
+        rc = vqkvd__cuda_launch(g, gpu, e, b, encode, slots, at);
     if (rc == VQKV_OK && pending != NULL) {
         rc = vqkvd__cuda_rt(cudaEventRecord(ev, e->stream), "cudaEventRecord", why, sizeof why);
         if (rc == VQKV_OK) {
-            *pending = (vqkvd__cuda_pending_t){.entry = e, .event = ev};
+            *pending = (vqkvd__cuda_pending_t){.gpu = gpu, .entry = e, .event = ev};
             b->pending = pending;
             /* finish's now */
             e = NULL;
@@ -446,7 +474,7 @@ static int vqkvd__cuda_run(vqkvd__cuda_t *g, vqkvd_batch_t *b, bool encode)
     if (e != NULL && e->job != NULL && rc != VQKV_OK)
         vqkv_cuda_job_sync(e->job); /* nothing of it may still run when given back */
     if (e != NULL)
-        vqkvd__cuda_job_give(g, e);
+        vqkvd__cuda_job_give(g, gpu, e);
     if (ev != NULL)
         cudaEventDestroy(ev);
     free(pending);
@@ -459,14 +487,14 @@ static void vqkvd__cuda_finish(vqkvd_backend_t *be, void *pending)
 {
     vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
     vqkvd__cuda_pending_t *p = pending;
-    cudaSetDevice(g->ordinal);
+    cudaSetDevice(p->gpu->ordinal);
     if (vqkv_cuda_job_sync(p->entry->job) != VQKV_OK) {
         vqkvd_log(VQKVD_LOG_WARN, "cuda: a decode replied early failed: %s",
                   vqkv_cuda_last_error());
         vqkvd__cuda_check_context("decode");
     }
     cudaEventDestroy(p->event);
-    vqkvd__cuda_job_give(g, p->entry);
+    vqkvd__cuda_job_give(g, p->gpu, p->entry);
     free(p);
 }
 
@@ -484,7 +512,7 @@ static int vqkvd__cuda_block_copy(vqkvd__cuda_t *g, void *dst, const void *src, 
                                   enum cudaMemcpyKind kind)
 {
     char why[96];
-    cudaSetDevice(g->ordinal);
+    cudaSetDevice(g->gpus[0]->ordinal); /* unified addressing: any GPU reaches the store */
     int rc = vqkvd__cuda_rt(cudaMemcpy(dst, src, bytes, kind), "cudaMemcpy", why, sizeof why);
     if (rc != VQKV_OK)
         vqkvd_log(VQKVD_LOG_WARN, "cuda: a stored block: %s", why);
@@ -503,37 +531,51 @@ static int vqkvd__cuda_block_write(vqkvd_backend_t *be, uint8_t *slot, const voi
     return vqkvd__cuda_block_copy((vqkvd__cuda_t *)be, slot, host, bytes, cudaMemcpyHostToDevice);
 }
 
-/* Uploads the final codebooks now, on the loop, so that no request pays
- * for it; a failure keeps the model on its fp16 fallback. */
+/* Uploads the final codebooks to every GPU now, on the loop, so that no
+ * request pays for it; a failure keeps the model on its fp16 fallback. */
 static int vqkvd__cuda_codebooks_ready(vqkvd_backend_t *be, const vqkv_codec_t *codec)
 {
     vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
-    cudaSetDevice(g->ordinal);
-    if (vqkvd__cuda_codec(g, codec) != NULL)
-        return VQKV_OK;
-    vqkvd_log(VQKVD_LOG_ERROR, "cuda: cannot upload codebooks: %s", vqkv_cuda_last_error());
-    return VQKV_EDEVICE;
+    for (uint32_t k = 0; k < g->n_gpus; k++) {
+        cudaSetDevice(g->gpus[k]->ordinal);
+        if (vqkvd__cuda_codec(g, g->gpus[k], codec) == NULL) {
+            vqkvd_log(VQKVD_LOG_ERROR, "cuda:%d: cannot upload codebooks: %s", g->gpus[k]->ordinal,
+                      vqkv_cuda_last_error());
+            return VQKV_EDEVICE;
+        }
+    }
+    return VQKV_OK;
 }
 
 static const vqkv_assigner_t *vqkvd__cuda_assigner(vqkvd_backend_t *be)
 {
-    cudaSetDevice(((vqkvd__cuda_t *)be)->ordinal);
+    cudaSetDevice(((vqkvd__cuda_t *)be)->gpus[0]->ordinal); /* training runs on the first GPU */
     return vqkv_cuda_assigner();
+}
+
+/* Frees what gpu made: its idle jobs and codec copies. */
+static void vqkvd__cuda_gpu_free(vqkvd__cuda_gpu_t *gpu)
+{
+    if (gpu == NULL)
+        return;
+    cudaSetDevice(gpu->ordinal);
+    while (gpu->idle_jobs != NULL) {
+        vqkvd__cuda_job_entry_t *e = gpu->idle_jobs;
+        gpu->idle_jobs = e->next;
+        vqkv_cuda_job_free(e->job);
+        cudaStreamDestroy(e->stream);
+        free(e);
+    }
+    for (uint32_t i = 0; i < gpu->n_codecs; i++)
+        vqkv_cuda_codec_free(gpu->codecs[i].device);
+    free(gpu);
 }
 
 static void vqkvd__cuda_destroy(vqkvd_backend_t *be)
 {
     vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
-    cudaSetDevice(g->ordinal);
-    while (g->idle_jobs != NULL) {
-        vqkvd__cuda_job_entry_t *e = g->idle_jobs;
-        g->idle_jobs = e->next;
-        vqkv_cuda_job_free(e->job);
-        cudaStreamDestroy(e->stream);
-        free(e);
-    }
-    for (uint32_t i = 0; i < g->n_codecs; i++)
-        vqkv_cuda_codec_free(g->codecs[i].device);
+    for (uint32_t k = 0; k < g->n_gpus; k++)
+        vqkvd__cuda_gpu_free(g->gpus[k]);
     pthread_mutex_destroy(&g->lock);
     free(g);
 }
@@ -557,41 +599,100 @@ static const vqkvd_backend_ops_t vqkvd__cuda_ops = {
 
 /* ---- creation ---------------------------------------------------------------------- */
 
-/* The device's name and UUID, and the arena's store (cuda_store.h). */
-static int vqkvd__cuda_device_open(vqkvd__cuda_t *g, uint64_t arena_bytes, char *why,
-                                   size_t why_size)
+/* GPU k's name and UUID; the pool share is filled once the store is open. */
+static int vqkvd__cuda_device_info(vqkvd__cuda_t *g, uint32_t k, char *why, size_t why_size)
 {
     struct cudaDeviceProp prop;
-    int rc = vqkvd__cuda_rt(cudaSetDevice(g->ordinal), "cudaSetDevice", why, why_size);
+    int ordinal = g->gpus[k]->ordinal;
+    int rc = vqkvd__cuda_rt(cudaSetDevice(ordinal), "cudaSetDevice", why, why_size);
     if (rc == VQKV_OK)
-        rc = vqkvd__cuda_rt(cudaGetDeviceProperties(&prop, g->ordinal), "cudaGetDeviceProperties",
-                            why, why_size);
+        rc = vqkvd__cuda_rt(cudaGetDeviceProperties(&prop, ordinal), "cudaGetDeviceProperties", why,
+                            why_size);
     if (rc != VQKV_OK)
         return rc;
-    snprintf(g->info.name, sizeof g->info.name, "%s", prop.name);
-    memcpy(g->info.uuid, prop.uuid.bytes, sizeof g->info.uuid);
-    g->info.pool_bytes = arena_bytes;
-    rc = vqkvd_cuda_driver_load(&g->driver, why, why_size);
+    snprintf(g->info[k].name, sizeof g->info[k].name, "%s", prop.name);
+    memcpy(g->info[k].uuid, prop.uuid.bytes, sizeof g->info[k].uuid);
+    return VQKV_OK;
+}
+
+/* Whether every pair of the GPUs can reach each other's memory, which
+ * one store over all of them needs: VQKV_OK, or VQKV_EINVAL naming a pair
+ * that cannot. O(GPUs^2) queries, once at start. */
+static int vqkvd__cuda_peers_check(const vqkvd__cuda_t *g, char *why, size_t why_size)
+{
+    for (uint32_t a = 0; a < g->n_gpus; a++)
+        for (uint32_t b = 0; b < g->n_gpus; b++) {
+            int can = 0, from = g->gpus[a]->ordinal, to = g->gpus[b]->ordinal;
+            if (a == b || (cudaDeviceCanAccessPeer(&can, from, to) == cudaSuccess && can))
+                continue;
+            snprintf(why, why_size,
+                     "cuda:%d cannot reach the memory of cuda:%d (no peer access), and one "
+                     "pool over several GPUs needs it: run one vqkvd per GPU instead",
+                     from, to);
+            return VQKV_EINVAL;
+        }
+    return VQKV_OK;
+}
+
+/* The GPUs' names and UUIDs, and the arena's store over all of them
+ * (cuda_store.h). */
+static int vqkvd__cuda_devices_open(vqkvd__cuda_t *g, uint64_t arena_bytes, char *why,
+                                    size_t why_size)
+{
+    int ordinals[VQKVD_MAX_GPUS];
+    int rc = VQKV_OK;
+    for (uint32_t k = 0; rc == VQKV_OK && k < g->n_gpus; k++) {
+        ordinals[k] = g->gpus[k]->ordinal;
+        rc = vqkvd__cuda_device_info(g, k, why, why_size);
+    }
+    if (rc == VQKV_OK)
+        rc = vqkvd__cuda_peers_check(g, why, why_size);
+    if (rc == VQKV_OK)
+        rc = vqkvd_cuda_driver_load(&g->driver, why, why_size);
     if (rc != VQKV_OK)
         return rc;
-    rc = vqkvd_cuda_store_open(&g->driver, g->ordinal, arena_bytes, VQKVD_CUDA_MAX_ALLOC, &g->store,
-                               why, why_size);
+    cudaSetDevice(ordinals[0]);
+    rc = vqkvd_cuda_store_open(&g->driver, ordinals, g->n_gpus, arena_bytes, VQKVD_CUDA_MAX_ALLOC,
+                               &g->store, why, why_size);
     if (rc == VQKV_ENOMEM)
-        snprintf(why + strlen(why), why_size - strlen(why), " on %s", prop.name);
+        snprintf(why + strlen(why), why_size - strlen(why), " on %s", g->info[0].name);
+    for (uint32_t k = 0; rc == VQKV_OK && k < g->n_gpus; k++)
+        g->info[k].pool_bytes = g->store.share_bytes;
     return rc;
 }
 
-int vqkvd_backend_cuda_create(int ordinal, uint64_t arena_bytes, uint64_t chunk_bytes,
-                              vqkvd_backend_t **be, vqkvd_arena_t *arena, char *why,
-                              size_t why_size)
+/* Refuses what the factory should never pass: no GPUs, too many, a GPU
+ * named twice or one the machine lacks. */
+static int vqkvd__cuda_ordinals_check(const int *ordinals, uint32_t n, char *why, size_t why_size)
 {
-    *be = NULL;
-    int n = vqkv_cuda_device_count();
-    if (ordinal < 0 || ordinal >= n) {
-        snprintf(why, why_size, "cuda:%d: this machine has %d CUDA device%s", ordinal, n,
-                 n == 1 ? "" : "s");
+    int gpus = vqkv_cuda_device_count();
+    if (n == 0 || n > VQKVD_MAX_GPUS) {
+        snprintf(why, why_size, "between 1 and %d GPUs (%u named)", VQKVD_MAX_GPUS, (unsigned)n);
         return VQKV_EINVAL;
     }
+    for (uint32_t k = 0; k < n; k++) {
+        if (ordinals[k] < 0 || ordinals[k] >= gpus) {
+            snprintf(why, why_size, "cuda:%d: this machine has %d CUDA device%s", ordinals[k], gpus,
+                     gpus == 1 ? "" : "s");
+            return VQKV_EINVAL;
+        }
+        for (uint32_t i = 0; i < k; i++)
+            if (ordinals[i] == ordinals[k]) {
+                snprintf(why, why_size, "cuda:%d is named twice", ordinals[k]);
+                return VQKV_EINVAL;
+            }
+    }
+    return VQKV_OK;
+}
+
+int vqkvd_backend_cuda_create(const int *ordinals, uint32_t n, uint64_t arena_bytes,
+                              uint64_t chunk_bytes, vqkvd_backend_t **be, vqkvd_arena_t *arena,
+                              char *why, size_t why_size)
+{
+    *be = NULL;
+    int rc = vqkvd__cuda_ordinals_check(ordinals, n, why, why_size);
+    if (rc != VQKV_OK)
+        return rc;
     if (chunk_bytes == 0 || arena_bytes < chunk_bytes) {
         snprintf(why, why_size, "a GPU pool of %llu bytes: at least one chunk (%llu bytes)",
                  (unsigned long long)arena_bytes, (unsigned long long)chunk_bytes);
@@ -602,15 +703,23 @@ int vqkvd_backend_cuda_create(int ordinal, uint64_t arena_bytes, uint64_t chunk_
         snprintf(why, why_size, "out of memory");
         return VQKV_ENOMEM;
     }
-    g->ordinal = ordinal;
-    int rc = vqkvd__cuda_device_open(g, arena_bytes, why, why_size);
-    if (rc != VQKV_OK) {
-        free(g);
-        return rc;
-    }
     pthread_mutex_init(&g->lock, NULL);
     g->base.ops = &vqkvd__cuda_ops;
-    g->base.device = &g->info;
+    g->base.devices = g->info;
+    for (; g->n_gpus < n; g->n_gpus++) {
+        g->gpus[g->n_gpus] = calloc(1, sizeof *g->gpus[g->n_gpus]);
+        if (g->gpus[g->n_gpus] == NULL)
+            break;
+        g->gpus[g->n_gpus]->ordinal = ordinals[g->n_gpus];
+    }
+    rc = g->n_gpus == n ? vqkvd__cuda_devices_open(g, arena_bytes, why, why_size) : VQKV_ENOMEM;
+    if (rc != VQKV_OK) {
+        if (rc == VQKV_ENOMEM && g->n_gpus < n)
+            snprintf(why, why_size, "out of memory");
+        vqkvd__cuda_destroy(&g->base);
+        return rc;
+    }
+    g->base.n_devices = n;
     *arena = (vqkvd_arena_t){
         .ops = &vqkvd__cuda_arena_ops,
         .bytes = arena_bytes,
@@ -620,11 +729,14 @@ int vqkvd_backend_cuda_create(int ordinal, uint64_t arena_bytes, uint64_t chunk_
         .base = g->store.base,
         .owner = g,
     };
-    char uuid[VQKVD_GPU_UUID_TEXT];
-    vqkvd_gpu_uuid_format(g->info.uuid, uuid);
-    vqkvd_log(VQKVD_LOG_INFO, "cuda:%d: %s (%s), a pool of %llu MiB in its memory (%u piece%s)",
-              ordinal, g->info.name, uuid, (unsigned long long)(arena_bytes >> 20),
-              (unsigned)g->store.n_pieces, g->store.n_pieces == 1 ? "" : "s");
+    for (uint32_t k = 0; k < n; k++) {
+        char uuid[VQKVD_GPU_UUID_TEXT];
+        vqkvd_gpu_uuid_format(g->info[k].uuid, uuid);
+        vqkvd_log(VQKVD_LOG_INFO,
+                  "cuda:%d: %s (%s), %llu MiB of the pool in its memory (%u piece%s)", ordinals[k],
+                  g->info[k].name, uuid, (unsigned long long)(g->info[k].pool_bytes >> 20),
+                  (unsigned)g->store.pieces_per_share, g->store.pieces_per_share == 1 ? "" : "s");
+    }
     *be = &g->base;
     return VQKV_OK;
 }

@@ -93,11 +93,13 @@ const vqkvd_config_key_t vqkvd_config_keys[] = {
         .def = "auto",
         .flag = "device",
         .arg = "DEV",
-        .help = "cpu, auto (the first GPU, else the CPU) or cuda:N",
+        .help = "cpu, auto (every GPU, else the CPU) or cuda:N[,cuda:M...]",
         .doc = "Where blocks are kept and coded: cpu (host memory; workers register memfd "
-               "regions), cuda:N (the memory of GPU N; workers register CUDA memory) or auto "
-               "(cuda:0 when vqkvd is built with CUDA and sees a GPU, else cpu). One GPU per "
-               "vqkvd. A vqkvd built without CUDA refuses cuda:N.",
+               "regions), cuda:N[,cuda:M...] (the memory of the GPUs named, the pool split "
+               "evenly over them; workers register CUDA memory on any of them) or auto "
+               "(every GPU vqkvd sees when it is built with CUDA, else cpu). Several GPUs "
+               "must reach each other's memory (peer access). A vqkvd built without CUDA "
+               "refuses cuda:N.",
         VQKVD__STRING(device),
     },
     {
@@ -385,7 +387,7 @@ _Static_assert(sizeof(uid_t) == sizeof(gid_t), "uid_t and gid_t differ");
 
 /* What a refused value of each type should have been, for messages. */
 static const char *const vqkvd__config_expected[] = {
-    [VQKVD_CONFIG_DEVICE] = "cpu, auto or cuda:N",
+    [VQKVD_CONFIG_DEVICE] = "cpu, auto or cuda:N[,cuda:M...]",
     [VQKVD_CONFIG_ADDRESS] = VQKVD_CONFIG_ADDRESS_HELP,
     [VQKVD_CONFIG_BYTES] = "a positive size such as 512M or 4G",
     [VQKVD_CONFIG_BYTES_OFF] = "a size such as 256M, or 0 for off",
@@ -491,17 +493,34 @@ int vqkvd_config_parse_count(const char *text, uint32_t *out)
     return 0;
 }
 
-int vqkvd_config_check_device(const char *text)
+int vqkvd_config_parse_gpus(const char *text, int ordinals[VQKVD_MAX_GPUS], uint32_t *n)
 {
+    *n = 0;
     if (strcmp(text, "cpu") == 0 || strcmp(text, "auto") == 0)
         return 0;
-    const char *end;
-    unsigned long long ordinal;
-    if (strncmp(text, "cuda:", 5) != 0 ||
-        vqkvd__config_parse_digits(text + 5, &end, &ordinal) < 0 || *end != '\0' ||
-        ordinal > INT_MAX)
-        return VQKV_EINVAL;
-    return 0;
+    /* O(n^2) for the duplicate check over at most VQKVD_MAX_GPUS names. */
+    for (const char *at = text;; at++) {
+        const char *end;
+        unsigned long long ordinal;
+        if (strncmp(at, "cuda:", 5) != 0 ||
+            vqkvd__config_parse_digits(at + 5, &end, &ordinal) < 0 ||
+            (*end != '\0' && *end != ',') || ordinal > INT_MAX || *n == VQKVD_MAX_GPUS)
+            return VQKV_EINVAL;
+        for (uint32_t i = 0; i < *n; i++)
+            if (ordinals[i] == (int)ordinal)
+                return VQKV_EINVAL;
+        ordinals[(*n)++] = (int)ordinal;
+        if (*end == '\0')
+            return 0;
+        at = end;
+    }
+}
+
+int vqkvd_config_check_device(const char *text)
+{
+    int ordinals[VQKVD_MAX_GPUS];
+    uint32_t n;
+    return vqkvd_config_parse_gpus(text, ordinals, &n);
 }
 
 int vqkvd_config_parse_address(const char *text, vqkvd_inet_addr_t *addr)

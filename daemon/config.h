@@ -72,7 +72,7 @@ typedef struct {
  * kept and how a reload compares it. */
 typedef enum {
     VQKVD_CONFIG_STRING,    /* any text: const char *, the copy in vqkvd_config_file_t */
-    VQKVD_CONFIG_DEVICE,    /* cpu, auto or cuda:N: likewise */
+    VQKVD_CONFIG_DEVICE,    /* cpu, auto or cuda:N[,cuda:M...]: likewise */
     VQKVD_CONFIG_ADDRESS,   /* a loopback HOST:PORT: likewise */
     VQKVD_CONFIG_BYTES,     /* uint64_t, N[K|M|G] */
     VQKVD_CONFIG_BYTES_OFF, /* uint64_t, N[K|M|G] or 0 for off */
@@ -199,10 +199,19 @@ int vqkvd_config_parse_id(const char *text, unsigned *out);
 /* A positive decimal count that fits 32 bits into *out; VQKV_EINVAL otherwise. */
 int vqkvd_config_parse_count(const char *text, uint32_t *out);
 
-/* 0 when text names a device: "cpu", "auto" or "cuda:N" (N a decimal
- * ordinal); VQKV_EINVAL otherwise. Whether the device exists is the caller's
- * question. */
+/* 0 when text names a device: "cpu", "auto" or a list of GPUs
+ * "cuda:N[,cuda:M...]" (vqkvd_config_parse_gpus); VQKV_EINVAL otherwise.
+ * Whether the devices exist is the caller's question. */
 int vqkvd_config_check_device(const char *text);
+
+/* The most GPUs one vqkvd serves. */
+#define VQKVD_MAX_GPUS 16
+
+/* The GPU ordinals a device setting names, in its order: none for "cpu" and
+ * "auto" (*n = 0; auto's GPUs are found at start), else those of
+ * "cuda:N[,cuda:M...]" (N decimal), at most VQKVD_MAX_GPUS and none twice.
+ * 0, or VQKV_EINVAL for anything else. */
+int vqkvd_config_parse_gpus(const char *text, int ordinals[VQKVD_MAX_GPUS], uint32_t *n);
 
 /* A TCP address to listen on. */
 typedef union {

@@ -3,8 +3,9 @@
  *
  * The store is one range of device addresses over as many physical
  * allocations as its size needs, none over max_piece bytes (the backend
- * passes VQKVD_CUDA_MAX_ALLOC): a kernel addresses the whole pool as one
- * base plus a 64-bit offset, whatever the number of pieces, and a pool
+ * passes VQKVD_CUDA_MAX_ALLOC), on one GPU or shared evenly by several: a
+ * kernel addresses the whole pool as one base plus a 64-bit offset,
+ * whatever the number of pieces and whichever GPU holds them, and a pool
  * larger than the largest allocation a driver grants stays possible. The
  * driver is reached through the runtime's entry points, so vqkvd links no
  * libcuda. Workers' VMM regions are imported with the same table
@@ -49,21 +50,41 @@ int vqkvd_cuda_store_plan(uint64_t bytes, uint64_t granularity, uint64_t max_pie
 #define VQKVD_CUDA_STORE_MAX_PIECES 64
 
 typedef struct {
-    uint8_t *base;  /* the device address of byte 0 */
-    uint64_t bytes; /* the range, rounded up to the granularity */
-    uint64_t piece_bytes;
-    uint32_t n_pieces; /* mapped so far (all of them once open) */
+    uint8_t *base;        /* the device address of byte 0 */
+    uint64_t bytes;       /* the range: n_devices shares */
+    uint64_t share_bytes; /* each device's part, rounded up to the granularity */
+    uint64_t piece_bytes; /* a share's pieces; its last one may be shorter */
+    uint32_t pieces_per_share;
+    uint32_t n_devices;
+    uint32_t n_pieces; /* mapped so far (all n_devices * pieces_per_share once open) */
     CUmemGenericAllocationHandle pieces[VQKVD_CUDA_STORE_MAX_PIECES];
 } vqkvd_cuda_store_t;
 
-/* The store of at least bytes on GPU ordinal (which the calling thread
- * has made current), in pieces of at most max_piece bytes, readable and
- * writable by that GPU. VQKV_OK; VQKV_ENOMEM when the GPU has not the
- * memory; VQKV_EINVAL for sizes the plan refuses or more than
- * VQKVD_CUDA_STORE_MAX_PIECES pieces; VQKV_EDEVICE for any other driver
- * error. why says which call failed; on failure nothing stays allocated. */
-int vqkvd_cuda_store_open(const vqkvd_cuda_driver_t *d, int ordinal, uint64_t bytes,
-                          uint64_t max_piece, vqkvd_cuda_store_t *s, char *why, size_t why_size);
+/* Lays out a store of at least bytes over n_devices GPUs: every device
+ * holds one share of bytes / n_devices (rounded up to granularity), the
+ * shares one after another in device order, each in pieces planned by
+ * vqkvd_cuda_store_plan. Fills s's sizes and nothing else. VQKV_OK, or
+ * VQKV_EINVAL for what the plan refuses, no devices, or more than
+ * VQKVD_CUDA_STORE_MAX_PIECES pieces. Pure, like the plan. */
+int vqkvd_cuda_store_layout(uint64_t bytes, uint64_t granularity, uint64_t max_piece,
+                            uint32_t n_devices, vqkvd_cuda_store_t *s);
+
+/* Where piece i of a laid-out store sits: its offset from base, its size,
+ * and which device (the index into the store's ordinals) holds it. Pure. */
+void vqkvd_cuda_store_piece(const vqkvd_cuda_store_t *s, uint32_t i, uint64_t *offset,
+                            uint64_t *bytes, uint32_t *device);
+
+/* The store of at least bytes over the n_devices GPUs ordinals names, in
+ * pieces of at most max_piece bytes, readable and writable by every one of
+ * them: a kernel on any of them addresses the whole pool (which needs the
+ * GPUs to reach each other's memory: peer access). VQKV_OK; VQKV_ENOMEM
+ * when a GPU has not the memory; VQKV_EINVAL for sizes the layout refuses;
+ * VQKV_EDEVICE for any other driver error (cuMemSetAccess's, when the GPUs
+ * lack peer access). why says which call failed; on failure nothing stays
+ * allocated. */
+int vqkvd_cuda_store_open(const vqkvd_cuda_driver_t *d, const int *ordinals, uint32_t n_devices,
+                          uint64_t bytes, uint64_t max_piece, vqkvd_cuda_store_t *s, char *why,
+                          size_t why_size);
 
 /* Unmaps and frees every piece and the address range. Safe on a store that
  * failed to open and twice. */

@@ -77,6 +77,7 @@ struct vqkvd_job {
     vqkvd_model_t *m;
     /* The memory the slots name: the region's, or an Encode's stage's */
     uint8_t *base;
+    uint32_t device; /* the region's device (vqkvd_region_mem_t) */
     const vqkv_kv_view_t *view;
     vqkvd_backend_t *be;
     /* Put: the stage its new blocks are copied into, encoded after the
@@ -155,6 +156,7 @@ static vqkvd_job_t *vqkvd__job_new(vqkvd_job_kind_t kind, vqkvd_server_t *s, vqk
     j->be = s->backend;
     if (r != NULL) {
         j->base = r->mem.base;
+        j->device = r->mem.device;
         j->view = &r->view;
     }
     j->request_id = request_id;
@@ -273,6 +275,7 @@ static void vqkvd__job_work(uv_work_t *w)
     vqkvd_job_part_t *part = w->data;
     vqkvd_job_t *j = part->job;
     vqkvd_batch_t b = {.base = j->base,
+                       .device = j->device,
                        .view = j->view,
                        .slots = j->slots,
                        .n = j->n,

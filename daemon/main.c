@@ -4,7 +4,7 @@
  * removed, every client closed, exit status 0).
  *
  *   vqkvd [--config FILE] [--check-config] [--socket PATH]
- *         [--pool-bytes N[K|M|G]] [--device cpu|auto|cuda:N] [--state-dir DIR]
+ *         [--pool-bytes N[K|M|G]] [--device cpu|auto|cuda:N[,cuda:M...]] [--state-dir DIR]
  *         [--log-level debug|info|warn|error] [--allow-uid N ...] [--allow-gid N ...]
  *         [--calibration-tokens N] [--lease-ms N] [--metrics-address HOST:PORT]
  *         [--print-default-config]
@@ -34,11 +34,12 @@
  * $STATE_DIRECTORY (systemd's StateDirectory=), else /var/lib/vqkv as root,
  * else $XDG_STATE_HOME/vqkv or ~/.local/state/vqkv; it is created 0700 with
  * its parents, and when that fails the daemon warns and runs without one.
- * --device cpu, cuda:N or auto (cuda:0 when built with CUDA and a GPU is
- * seen, else the CPU); a cuda:N this vqkvd cannot serve (built without
- * CUDA, or no GPU N) is refused with exit status 2. --metrics-address serves Prometheus metrics
- * and a health check over HTTP (metrics.h) on a loopback address; any
- * other address is refused with exit status 2.
+ * --device cpu, cuda:N[,cuda:M...] or auto (every GPU when built with
+ * CUDA and one is seen, else the CPU); a cuda:N this vqkvd cannot serve
+ * (built without CUDA, or no GPU N) is refused with exit status 2.
+ * --metrics-address serves Prometheus metrics and a health check over HTTP
+ * (metrics.h) on a loopback address; any other address is refused with
+ * exit status 2.
  *
  * Under systemd. Socket activation: when the service manager passes
  * exactly one listening Unix stream socket (LISTEN_FDS=1, LISTEN_PID ours),

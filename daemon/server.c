@@ -100,15 +100,18 @@ void vqkvd_client_hello(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame
     w.max_inflight = cfg->max_inflight;
     w.max_regions = cfg->max_regions;
     w.backend = (char *)c->server->backend->ops->name;
-    const vqkvd_device_t *dev = c->server->backend->device;
-    Vqkv__Device device = VQKV__DEVICE__INIT, *devices[1] = {&device};
-    if (dev != NULL) { /* one GPU per vqkvd so far */
-        device.name = (char *)dev->name;
-        device.uuid = (ProtobufCBinaryData){sizeof dev->uuid, (uint8_t *)dev->uuid};
-        device.pool_bytes = dev->pool_bytes;
-        w.n_devices = 1;
-        w.devices = devices;
+    const vqkvd_backend_t *be = c->server->backend;
+    Vqkv__Device device[VQKVD_MAX_GPUS], *devices[VQKVD_MAX_GPUS];
+    for (uint32_t i = 0; i < be->n_devices && i < VQKVD_MAX_GPUS; i++) {
+        const vqkvd_device_t *dev = &be->devices[i];
+        vqkv__device__init(&device[i]);
+        device[i].name = (char *)dev->name;
+        device[i].uuid = (ProtobufCBinaryData){sizeof dev->uuid, (uint8_t *)dev->uuid};
+        device[i].pool_bytes = dev->pool_bytes;
+        devices[i] = &device[i];
+        w.n_devices = i + 1;
     }
+    w.devices = devices;
     w.tenant = c->tenant;
     w.tenant_salt.data = c->salt;
     w.tenant_salt.len = sizeof c->salt;

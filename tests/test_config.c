@@ -254,15 +254,51 @@ static void test_numbers_and_devices(void **state)
         if (vqkvd_config_parse_count(bad_counts[i], &count) != VQKV_EINVAL)
             fail_msg("count \"%s\" was accepted", bad_counts[i]);
 
-    static const char *const devices[] = {"cpu", "auto", "cuda:0", "cuda:15"};
+    static const char *const devices[] = {"cpu", "auto", "cuda:0", "cuda:15", "cuda:3,cuda:1"};
     for (size_t i = 0; i < sizeof devices / sizeof devices[0]; i++)
         assert_int_equal(vqkvd_config_check_device(devices[i]), 0);
     static const char *const bad_devices[] = {
-        "", "CPU", "gpu", "cuda", "cuda:", "cuda:-1", "cuda:1x", "cuda:0 ", "cuda:99999999999",
+        "",
+        "CPU",
+        "gpu",
+        "cuda",
+        "cuda:",
+        "cuda:-1",
+        "cuda:1x",
+        "cuda:0 ",
+        "cuda:99999999999",
+        "cuda:0,",
+        ",cuda:0",
+        "cuda:0,,cuda:1",
+        "cuda:0,cpu",
+        "cuda:0, cuda:1",
+        "cuda:0,cuda:0",
+        "cuda:0;cuda:1",
+        "cuda:1,auto",
     };
     for (size_t i = 0; i < sizeof bad_devices / sizeof bad_devices[0]; i++)
         if (vqkvd_config_check_device(bad_devices[i]) != VQKV_EINVAL)
             fail_msg("device \"%s\" was accepted", bad_devices[i]);
+
+    /* The ordinals, in the order given; none for cpu and auto. */
+    int gpus[VQKVD_MAX_GPUS];
+    uint32_t n = 99;
+    assert_int_equal(vqkvd_config_parse_gpus("auto", gpus, &n), 0);
+    assert_int_equal(n, 0);
+    assert_int_equal(vqkvd_config_parse_gpus("cuda:7,cuda:0,cuda:12", gpus, &n), 0);
+    assert_int_equal(n, 3);
+    assert_int_equal(gpus[0], 7);
+    assert_int_equal(gpus[1], 0);
+    assert_int_equal(gpus[2], 12);
+    /* VQKVD_MAX_GPUS names fit; one more is refused before it is stored. */
+    char list[VQKVD_MAX_GPUS * 8 + 8] = "";
+    for (int i = 0; i < VQKVD_MAX_GPUS; i++)
+        sprintf(list + strlen(list), "%scuda:%d", i ? "," : "", i);
+    assert_int_equal(vqkvd_config_parse_gpus(list, gpus, &n), 0);
+    assert_int_equal(n, VQKVD_MAX_GPUS);
+    assert_int_equal(gpus[VQKVD_MAX_GPUS - 1], VQKVD_MAX_GPUS - 1);
+    strcat(list, ",cuda:99");
+    assert_int_equal(vqkvd_config_parse_gpus(list, gpus, &n), VQKV_EINVAL);
 }
 
 static void test_lists(void **state)
@@ -361,7 +397,7 @@ static void test_bad_lines(void **state)
          "bad pool_bytes \"0\" (a positive size such as 512M or 4G)"},
         {"[vqkvd]\npool_bytes = 1T\n", 2,
          "bad pool_bytes \"1T\" (a positive size such as 512M or 4G)"},
-        {"[vqkvd]\ndevice = gpu\n", 2, "bad device \"gpu\" (cpu, auto or cuda:N)"},
+        {"[vqkvd]\ndevice = gpu\n", 2, "bad device \"gpu\" (cpu, auto or cuda:N[,cuda:M...])"},
         {"[vqkvd]\nlog_level = loud\n", 2, "bad log_level \"loud\" (debug, info, warn or error)"},
         {"[vqkvd]\nallow_uids = 1000, bob\n", 2, "bad id \"bob\" in allow_uids"},
         {"[vqkvd]\nallow_gids = -1\n", 2, "bad id \"-1\" in allow_gids"},
@@ -650,7 +686,7 @@ static void test_flags_parse_as_keys(void **state)
     } bad[] = {
         {"--lease-ms", "0", "vqkvd: bad --lease-ms \"0\" (a positive whole number)\n"},
         {"--calibration-tokens", "-1", "bad --calibration-tokens \"-1\" (a positive whole"},
-        {"--device", "gpu", "vqkvd: bad --device \"gpu\" (cpu, auto or cuda:N)\n"},
+        {"--device", "gpu", "vqkvd: bad --device \"gpu\" (cpu, auto or cuda:N[,cuda:M...])\n"},
         {"--log-level", "loud", "bad --log-level \"loud\" (debug, info, warn or error)"},
         {"--allow-uid", "root", "vqkvd: bad id \"root\" in --allow-uid\n"},
         {"--state-dir", "", "vqkvd: no value for \"--state-dir\"\n"},
@@ -687,9 +723,11 @@ static void test_flags_parse_as_keys(void **state)
  * backend for any; built with it, no machine has a hundredth GPU. */
 #if VQKV_TEST_CUDA_BUILT
 #define NO_CUDA_99 "device cuda:99: this machine has "
+#define NO_CUDA_0_99 "device cuda:0,cuda:99: this machine has "
 #define AUTO_WITHOUT_GPU "device auto: "
 #else
 #define NO_CUDA_99 "device cuda:99: this vqkvd has no CUDA backend; use --device cpu"
+#define NO_CUDA_0_99 "device cuda:0,cuda:99: this vqkvd has no CUDA backend; use --device cpu"
 #define AUTO_WITHOUT_GPU "device auto: no CUDA backend is built in; using the CPU"
 #endif
 
@@ -713,6 +751,16 @@ static void test_cuda_refused(void **state)
                                       "--check-config", NULL};
     assert_int_equal(run_vqkvd(fx, overridden, out, sizeof out), 0);
     assert_string_equal(out, "ok\n");
+
+    /* A list is refused for any GPU it names that is not there. */
+    write_file(fx->conf, "[vqkvd]\ndevice = cuda:0,cuda:99\n");
+    assert_int_equal(run_vqkvd(fx, from_file, out, sizeof out), 2);
+    expect_output(out, NO_CUDA_0_99);
+#if VQKV_TEST_CUDA_BUILT
+    /* the one missing is named where the machine has some GPUs */
+    if (strstr(out, "this machine has 0 CUDA devices") == NULL)
+        expect_output(out, ", no cuda:99");
+#endif
 }
 
 /* --socket and --log-level come before --config on the command line and

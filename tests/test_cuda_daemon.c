@@ -12,7 +12,10 @@
  *   - a worker SIGKILLed right after starting a get: its regions are closed
  *     (the daemon's region count goes back to 0) and the daemon serves on;
  *   - VQKV_GPU_SOAK_S seconds (default 30) of 8 workers putting, looking up
- *     and getting blocks of their own.
+ *     and getting blocks of their own;
+ *   - on a machine with two GPUs with peer access, a vqkvd over both
+ *     (--device cuda:0,cuda:1): a worker on one GPU gets what a worker on
+ *     the other put (skipped, and said so, elsewhere).
  *
  * The parent never touches CUDA (a process that did cannot fork workers that
  * use it); the device check runs in a child too.
@@ -285,8 +288,10 @@ static void worker_soak(const char *sock, unsigned index, long until_ms)
 typedef enum { PUT, GET, PUT_EVENT, GET_EVENT, DIE_IN_GET, SOAK } role_t;
 
 static long soak_until;
+/* The GPU the next workers run on. */
+static int worker_gpu;
 
-/* A child with CUDA on device 0 in role, on cache kind, with seed (its
+/* A child with CUDA on worker_gpu in role, on cache kind, with seed (its
  * sequence too; the soak's worker index). */
 static pid_t worker_spawn(const daemon_t *d, role_t role, cache_kind_t kind, unsigned seed)
 {
@@ -294,7 +299,7 @@ static pid_t worker_spawn(const daemon_t *d, role_t role, cache_kind_t kind, uns
     assert_true(pid >= 0);
     if (pid != 0)
         return pid;
-    if (cudaSetDevice(0) != cudaSuccess)
+    if (cudaSetDevice(worker_gpu) != cudaSuccess)
         _exit(77);
     switch (role) {
     case PUT: worker_put(d->path, kind, seed, seed, false); break;
@@ -380,6 +385,47 @@ static void test_soak(void **state)
     }
 }
 
+/* Whether GPUs 0 and 1 exist and reach each other's memory, which a
+ * vqkvd over both needs; asked in a child (see the top). */
+static bool gpu_pair_present(void)
+{
+    pid_t pid = fork();
+    if (pid == 0) {
+        int n = 0, there = 0, back = 0;
+        cudaGetDeviceCount(&n);
+        bool pair = n >= 2 && cudaDeviceCanAccessPeer(&there, 0, 1) == cudaSuccess &&
+                    cudaDeviceCanAccessPeer(&back, 1, 0) == cudaSuccess && there && back;
+        _exit(pair ? 0 : 77);
+    }
+    int status = 0;
+    return pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) &&
+           WEXITSTATUS(status) == 0;
+}
+
+/* One vqkvd over GPUs 0 and 1: a worker on either restores what a worker
+ * on the other stored, whichever GPU's share of the pool holds it. */
+static void test_two_gpus(void **state)
+{
+    (void)state;
+    if (!gpu_pair_present()) {
+        fprintf(stderr, "SKIPPED part: one vqkvd over two GPUs needs two GPUs with peer "
+                        "access to each other\n");
+        return;
+    }
+    daemon_t d = {0};
+    const char *const extra[] = {"--device", "cuda:0,cuda:1", "--pool-bytes", "256M", NULL};
+    daemon_start(&d, extra);
+    for (unsigned seed = 20; seed < 24; seed++) {
+        worker_gpu = (int)(seed % 2);
+        assert_int_equal(worker_run(&d, PUT, CACHE_MALLOC, seed), 0);
+        worker_gpu = 1 - worker_gpu;
+        assert_int_equal(worker_run(&d, seed < 22 ? GET : GET_EVENT, CACHE_VMM, seed), 0);
+    }
+    worker_gpu = 0;
+    daemon_stop(&d);
+    daemon_cleanup(&d);
+}
+
 /* Whether a worker would find a GPU; asked in a child (see the top). */
 static bool gpu_present(void)
 {
@@ -402,6 +448,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_events_between_processes, setup_cuda, teardown),
         cmocka_unit_test_setup_teardown(test_worker_killed_in_get, setup_cuda, teardown),
         cmocka_unit_test_setup_teardown(test_soak, setup_cuda, teardown),
+        cmocka_unit_test(test_two_gpus),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

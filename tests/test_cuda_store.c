@@ -1,12 +1,14 @@
 /* test_cuda_store.c -- the GPU pool's store as one address range over
- * pieces (daemon/cuda_store.h). Two programs in one: `plan` (label unit) holds
- * the split of a pool into pieces on any machine; `gpu` (label gpu, exits
+ * pieces (daemon/cuda_store.h). Two programs in one: the unit one (label
+ * unit) holds the split of a pool into pieces and into equal shares over
+ * GPUs on any machine; `gpu` (label gpu, exits
  * 77, skipped, without a GPU) opens stores on GPU 0 and moves bytes through
  * them: a store of four small pieces, every byte written and read back
  * across the boundaries, a copy that straddles them, and nothing of the
  * device's memory kept after close; then, where the GPU has the memory, a
  * pool over VQKVD_CUDA_MAX_ALLOC (two pieces), the bytes on both sides of
- * the boundary checked.
+ * the boundary checked; and, on a machine with two GPUs with peer access,
+ * a store over both, each piece on its GPU and either reaching the other.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -62,7 +64,52 @@ static void test_plan(void **state)
                      VQKV_EINVAL);
 }
 
+/* The layout over GPUs: equal shares one after another, each in pieces;
+ * every byte of the range in exactly one piece, on its share's GPU. */
+static void check_layout(uint64_t bytes, uint64_t gran, uint64_t max_piece, uint32_t devices,
+                         uint64_t want_share, uint32_t want_per_share)
+{
+    vqkvd_cuda_store_t s = {0};
+    assert_int_equal(vqkvd_cuda_store_layout(bytes, gran, max_piece, devices, &s), VQKV_OK);
+    assert_int_equal(s.share_bytes, want_share);
+    assert_int_equal(s.pieces_per_share, want_per_share);
+    assert_int_equal(s.bytes, want_share * devices);
+    assert_true(s.bytes >= bytes);
+    uint64_t next = 0;
+    for (uint32_t i = 0; i < devices * s.pieces_per_share; i++) {
+        uint64_t offset, piece;
+        uint32_t device;
+        vqkvd_cuda_store_piece(&s, i, &offset, &piece, &device);
+        assert_int_equal(offset, next); /* no gap, no overlap */
+        assert_true(piece > 0 && piece <= max_piece && piece % gran == 0);
+        assert_int_equal(device, offset / s.share_bytes);
+        assert_int_equal(device, (offset + piece - 1) / s.share_bytes); /* within its share */
+        next = offset + piece;
+    }
+    assert_int_equal(next, s.bytes);
+}
+
+static void test_layout(void **state)
+{
+    (void)state;
+    /* one GPU: the plan's pieces */
+    check_layout(100 * GIB, 2 * MIB, VQKVD_CUDA_MAX_ALLOC, 1, 100 * GIB, 2);
+    /* two: halves, each under one allocation */
+    check_layout(100 * GIB, 2 * MIB, VQKVD_CUDA_MAX_ALLOC, 2, 50 * GIB, 1);
+    /* three, an odd size: each share rounded up to the granule */
+    check_layout(10 * MIB + 1, 2 * MIB, VQKVD_CUDA_MAX_ALLOC, 3, 4 * MIB, 1);
+    /* eight GPUs, small pieces: each share in pieces, the last one shorter */
+    check_layout(8 * 7 * MIB, 2 * MIB, 4 * MIB, 8, 8 * MIB, 2);
+    check_layout(8 * 5 * MIB, 2 * MIB, 4 * MIB, 8, 6 * MIB, 2);
+    vqkvd_cuda_store_t s = {0};
+    assert_int_equal(vqkvd_cuda_store_layout(MIB, 2 * MIB, 64 * GIB, 0, &s), VQKV_EINVAL);
+    /* 16 GPUs of 8 pieces each is past VQKVD_CUDA_STORE_MAX_PIECES */
+    assert_int_equal(vqkvd_cuda_store_layout(16 * 16 * MIB, 2 * MIB, 2 * MIB, 16, &s), VQKV_EINVAL);
+    assert_int_equal(vqkvd_cuda_store_layout(16 * 8 * MIB, 2 * MIB, 2 * MIB, 16, &s), VQKV_OK);
+}
+
 static vqkvd_cuda_driver_t driver;
+static const int gpu0[] = {0};
 
 static size_t device_free(void)
 {
@@ -90,7 +137,8 @@ static void test_small_pieces(void **state)
     vqkvd_cuda_store_t s;
     char why[160] = "";
     assert_int_equal(
-        vqkvd_cuda_store_open(&driver, 0, 3 * gran + gran / 2, gran, &s, why, sizeof why), VQKV_OK);
+        vqkvd_cuda_store_open(&driver, gpu0, 1, 3 * gran + gran / 2, gran, &s, why, sizeof why),
+        VQKV_OK);
     assert_int_equal(s.n_pieces, 4);
     assert_int_equal(s.bytes, 4 * gran);
     uint8_t *want = malloc(s.bytes), *got = malloc(s.bytes);
@@ -120,18 +168,19 @@ static void test_sizes_refused(void **state)
     vqkvd_cuda_store_t s;
     char why[160] = "";
     assert_int_equal(
-        vqkvd_cuda_store_open(&driver, 0, 0, VQKVD_CUDA_MAX_ALLOC, &s, why, sizeof why),
+        vqkvd_cuda_store_open(&driver, gpu0, 1, 0, VQKVD_CUDA_MAX_ALLOC, &s, why, sizeof why),
         VQKV_EINVAL);
     assert_non_null(strstr(why, "granule"));
     /* more pieces than a store keeps */
-    assert_int_equal(vqkvd_cuda_store_open(&driver, 0, 4096 * MIB, 2 * MIB, &s, why, sizeof why),
-                     VQKV_EINVAL);
+    assert_int_equal(
+        vqkvd_cuda_store_open(&driver, gpu0, 1, 4096 * MIB, 2 * MIB, &s, why, sizeof why),
+        VQKV_EINVAL);
     assert_null(s.base);
     /* more memory than the GPU has: out of memory, nothing kept */
     size_t before = device_free();
-    assert_int_equal(
-        vqkvd_cuda_store_open(&driver, 0, 4096 * GIB, VQKVD_CUDA_MAX_ALLOC, &s, why, sizeof why),
-        VQKV_ENOMEM);
+    assert_int_equal(vqkvd_cuda_store_open(&driver, gpu0, 1, 4096 * GIB, VQKVD_CUDA_MAX_ALLOC, &s,
+                                           why, sizeof why),
+                     VQKV_ENOMEM);
     assert_non_null(strstr(why, "lower pool_bytes"));
     assert_null(s.base);
     assert_true(device_free() >= before);
@@ -151,7 +200,7 @@ static void test_past_the_largest_allocation(void **state)
     vqkvd_cuda_store_t s;
     char why[160] = "";
     assert_int_equal(
-        vqkvd_cuda_store_open(&driver, 0, bytes, VQKVD_CUDA_MAX_ALLOC, &s, why, sizeof why),
+        vqkvd_cuda_store_open(&driver, gpu0, 1, bytes, VQKVD_CUDA_MAX_ALLOC, &s, why, sizeof why),
         VQKV_OK);
     assert_int_equal(s.n_pieces, 2);
     uint8_t want[2 * MIB], got[2 * MIB];
@@ -165,6 +214,52 @@ static void test_past_the_largest_allocation(void **state)
         assert_memory_equal(got, want, sizeof want);
     }
     vqkvd_cuda_store_close(&driver, &s);
+}
+
+/* A store over GPUs 0 and 1: each holds its share, and a copy run by
+ * either GPU reaches the other's bytes (peer access). */
+static void test_two_gpus(void **state)
+{
+    (void)state;
+    int n = 0, peer = 0;
+    cudaGetDeviceCount(&n);
+    if (n < 2 || cudaDeviceCanAccessPeer(&peer, 0, 1) != cudaSuccess || !peer) {
+        fprintf(stderr,
+                "SKIPPED part: a store over two GPUs needs two GPUs with peer access "
+                "(%d GPU%s here)\n",
+                n, n == 1 ? "" : "s");
+        return;
+    }
+    static const int both[] = {0, 1};
+    vqkvd_cuda_store_t s;
+    char why[160] = "";
+    assert_int_equal(
+        vqkvd_cuda_store_open(&driver, both, 2, 64 * MIB, 16 * MIB, &s, why, sizeof why), VQKV_OK);
+    assert_int_equal(s.n_pieces, 4);
+    for (uint32_t i = 0; i < s.n_pieces; i++) {
+        uint64_t offset, piece;
+        uint32_t device;
+        vqkvd_cuda_store_piece(&s, i, &offset, &piece, &device);
+        struct cudaPointerAttributes attr;
+        assert_int_equal(cudaPointerGetAttributes(&attr, s.base + offset), cudaSuccess);
+        assert_int_equal(attr.device, both[device]);
+    }
+    uint8_t *want = malloc(s.bytes), *got = malloc(s.bytes);
+    assert_non_null(want);
+    assert_non_null(got);
+    ramp(want, 0, s.bytes);
+    assert_int_equal(cudaMemcpy(s.base, want, s.bytes, cudaMemcpyHostToDevice), cudaSuccess);
+    /* GPU 1 copies GPU 0's first piece over the start of its own share */
+    assert_int_equal(cudaSetDevice(1), cudaSuccess);
+    assert_int_equal(cudaMemcpy(s.base + s.share_bytes, s.base, 8 * MIB, cudaMemcpyDeviceToDevice),
+                     cudaSuccess);
+    assert_int_equal(cudaSetDevice(0), cudaSuccess);
+    memcpy(want + s.share_bytes, want, 8 * MIB);
+    assert_int_equal(cudaMemcpy(got, s.base, s.bytes, cudaMemcpyDeviceToHost), cudaSuccess);
+    assert_memory_equal(got, want, s.bytes);
+    vqkvd_cuda_store_close(&driver, &s);
+    free(want);
+    free(got);
 }
 
 int main(int argc, char **argv)
@@ -186,9 +281,10 @@ int main(int argc, char **argv)
             cmocka_unit_test(test_small_pieces),
             cmocka_unit_test(test_sizes_refused),
             cmocka_unit_test(test_past_the_largest_allocation),
+            cmocka_unit_test(test_two_gpus),
         };
         return cmocka_run_group_tests(tests, NULL, NULL);
     }
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_plan)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_plan), cmocka_unit_test(test_layout)};
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
