@@ -1072,6 +1072,29 @@ static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, c
     }
 }
 
+/* Slice `slice` of `slices` of bytes at p, a cache line at a time. */
+static void vqkv__prefetch_slice(const void *p, size_t bytes, size_t slice, size_t slices)
+{
+    const char *at = p;
+    for (size_t off = bytes * slice / slices & ~(size_t)63, end = bytes * (slice + 1) / slices;
+         off < end; off += 64)
+        __builtin_prefetch(at + off, 0, 2);
+}
+
+/* A layer's codebooks in every set (decode reads `books`, or `expanded`
+ * for commute branches), laid out one layer after another. */
+static void vqkv__vq_prefetch_layer(const vqkv_codec_t *codec, uint32_t layer, size_t slice,
+                                    size_t slices)
+{
+    const vqkv__vq_t *vq = codec->state;
+    size_t floats = (vq->side[0].floats + vq->side[1].floats) * vq->sets;
+    size_t xfloats = (vq->side[0].xfloats + vq->side[1].xfloats) * vq->sets;
+    vqkv__prefetch_slice(vq->books + layer * floats, floats * sizeof(float), slice, slices);
+    if (xfloats > 0)
+        vqkv__prefetch_slice(vq->expanded + layer * xfloats, xfloats * sizeof(float), slice,
+                             slices);
+}
+
 /* ---- training --------------------------------------------------------- */
 
 typedef struct {
@@ -1417,6 +1440,7 @@ static int vqkv__vq_kplan(const vqkv_codec_t *codec, vqkv_kplan_t *plan, float *
         .free_state = vqkv__vq_free,                                                               \
         .encode_part = vqkv__vq_encode,                                                            \
         .decode_part = vqkv__vq_decode,                                                            \
+        .prefetch_layer = vqkv__vq_prefetch_layer,                                                 \
         .train = vqkv__vq_train,                                                                   \
         .needs_training = vqkv__vq_needs_training,                                                 \
         .books = vqkv__vq_books,                                                                   \
