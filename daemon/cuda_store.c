@@ -97,7 +97,6 @@ int vqkvd_cuda_store_layout(uint64_t bytes, uint64_t granularity, uint64_t max_p
     s->share_bytes = share;
     s->piece_bytes = piece;
     s->pieces_per_share = per_share;
-    s->n_devices = n_devices;
     s->bytes = share * n_devices;
     return VQKV_OK;
 }
