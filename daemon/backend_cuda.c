@@ -14,10 +14,10 @@
  * one of them may reach all of it (peer access, checked at start), so a
  * block is stored once wherever the pool puts it and restored into a
  * worker on any GPU. Each GPU has its own streams, jobs and copies of the
- * codebooks; a request runs on the GPU of its region. Placing blocks on
- * the GPU that asked would save the peer reads; the pool's chunks are not
- * per device, and NVLink's bandwidth is far above what a restore needs
- * next to a recompute, so not so far.
+ * codebooks; a request runs on the GPU of its region. A block another
+ * GPU holds costs peer reads (NVLink or PCIe); placing blocks on the GPU
+ * that asked would save them, but the pool's chunks are not per device:
+ * not done so far.
  *
  * Regions. A CUDA_IPC region is opened with cudaIpcOpenMemHandle (the
  * handle names the allocation; the view's offset finds the tensor in it);
@@ -89,8 +89,7 @@ typedef struct {
 typedef struct {
     vqkvd_backend_t base; /* first: the session sees this */
     vqkvd_device_t info[VQKVD_MAX_GPUS];
-    vqkvd__cuda_gpu_t *gpus[VQKVD_MAX_GPUS];
-    uint32_t n_gpus;
+    vqkvd__cuda_gpu_t *gpus[VQKVD_MAX_GPUS]; /* base.n_devices of them */
     vqkvd_cuda_driver_t driver;
     vqkvd_cuda_store_t store; /* the arena's device memory, on every GPU */
     pthread_mutex_t lock;     /* every GPU's jobs and codecs */
@@ -329,14 +328,15 @@ static int vqkvd__cuda_region_open(vqkvd_backend_t *be, const Vqkv__RegisterRegi
         return VQKV_EDEVICE;
     }
     uint32_t k = 0;
-    while (k < g->n_gpus && memcmp(rr->gpu_uuid.data, g->info[k].uuid, sizeof g->info[k].uuid))
+    while (k < g->base.n_devices &&
+           memcmp(rr->gpu_uuid.data, g->info[k].uuid, sizeof g->info[k].uuid))
         k++;
-    if (k == g->n_gpus) {
+    if (k == g->base.n_devices) {
         char theirs[VQKVD_GPU_UUID_TEXT], ours[VQKVD_GPU_UUID_TEXT];
         vqkvd_gpu_uuid_format(rr->gpu_uuid.data, theirs);
         vqkvd_gpu_uuid_format(g->info[0].uuid, ours);
         snprintf(why, why_size, "%s is not one of this vqkvd's GPUs (it serves %s%s)", theirs, ours,
-                 g->n_gpus > 1 ? " and others: Welcome.devices lists them" : "");
+                 g->base.n_devices > 1 ? " and others: Welcome.devices lists them" : "");
         return VQKV_EDEVICE;
     }
     cudaSetDevice(g->gpus[k]->ordinal);
@@ -536,7 +536,7 @@ static int vqkvd__cuda_block_write(vqkvd_backend_t *be, uint8_t *slot, const voi
 static int vqkvd__cuda_codebooks_ready(vqkvd_backend_t *be, const vqkv_codec_t *codec)
 {
     vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
-    for (uint32_t k = 0; k < g->n_gpus; k++) {
+    for (uint32_t k = 0; k < g->base.n_devices; k++) {
         cudaSetDevice(g->gpus[k]->ordinal);
         if (vqkvd__cuda_codec(g, g->gpus[k], codec) == NULL) {
             vqkvd_log(VQKVD_LOG_ERROR, "cuda:%d: cannot upload codebooks: %s", g->gpus[k]->ordinal,
@@ -574,7 +574,7 @@ static void vqkvd__cuda_gpu_free(vqkvd__cuda_gpu_t *gpu)
 static void vqkvd__cuda_destroy(vqkvd_backend_t *be)
 {
     vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
-    for (uint32_t k = 0; k < g->n_gpus; k++)
+    for (uint32_t k = 0; k < g->base.n_devices; k++)
         vqkvd__cuda_gpu_free(g->gpus[k]);
     pthread_mutex_destroy(&g->lock);
     free(g);
@@ -620,8 +620,8 @@ static int vqkvd__cuda_device_info(vqkvd__cuda_t *g, uint32_t k, char *why, size
  * that cannot. O(GPUs^2) queries, once at start. */
 static int vqkvd__cuda_peers_check(const vqkvd__cuda_t *g, char *why, size_t why_size)
 {
-    for (uint32_t a = 0; a < g->n_gpus; a++)
-        for (uint32_t b = 0; b < g->n_gpus; b++) {
+    for (uint32_t a = 0; a < g->base.n_devices; a++)
+        for (uint32_t b = 0; b < g->base.n_devices; b++) {
             int can = 0, from = g->gpus[a]->ordinal, to = g->gpus[b]->ordinal;
             if (a == b || (cudaDeviceCanAccessPeer(&can, from, to) == cudaSuccess && can))
                 continue;
@@ -641,7 +641,7 @@ static int vqkvd__cuda_devices_open(vqkvd__cuda_t *g, uint64_t arena_bytes, char
 {
     int ordinals[VQKVD_MAX_GPUS];
     int rc = VQKV_OK;
-    for (uint32_t k = 0; rc == VQKV_OK && k < g->n_gpus; k++) {
+    for (uint32_t k = 0; rc == VQKV_OK && k < g->base.n_devices; k++) {
         ordinals[k] = g->gpus[k]->ordinal;
         rc = vqkvd__cuda_device_info(g, k, why, why_size);
     }
@@ -652,11 +652,11 @@ static int vqkvd__cuda_devices_open(vqkvd__cuda_t *g, uint64_t arena_bytes, char
     if (rc != VQKV_OK)
         return rc;
     cudaSetDevice(ordinals[0]);
-    rc = vqkvd_cuda_store_open(&g->driver, ordinals, g->n_gpus, arena_bytes, VQKVD_CUDA_MAX_ALLOC,
-                               &g->store, why, why_size);
+    rc = vqkvd_cuda_store_open(&g->driver, ordinals, g->base.n_devices, arena_bytes,
+                               VQKVD_CUDA_MAX_ALLOC, &g->store, why, why_size);
     if (rc == VQKV_ENOMEM)
         snprintf(why + strlen(why), why_size - strlen(why), " on %s", g->info[0].name);
-    for (uint32_t k = 0; rc == VQKV_OK && k < g->n_gpus; k++)
+    for (uint32_t k = 0; rc == VQKV_OK && k < g->base.n_devices; k++)
         g->info[k].pool_bytes = g->store.share_bytes;
     return rc;
 }
@@ -706,20 +706,22 @@ int vqkvd_backend_cuda_create(const int *ordinals, uint32_t n, uint64_t arena_by
     pthread_mutex_init(&g->lock, NULL);
     g->base.ops = &vqkvd__cuda_ops;
     g->base.devices = g->info;
-    for (; g->n_gpus < n; g->n_gpus++) {
-        g->gpus[g->n_gpus] = calloc(1, sizeof *g->gpus[g->n_gpus]);
-        if (g->gpus[g->n_gpus] == NULL)
-            break;
-        g->gpus[g->n_gpus]->ordinal = ordinals[g->n_gpus];
-    }
-    rc = g->n_gpus == n ? vqkvd__cuda_devices_open(g, arena_bytes, why, why_size) : VQKV_ENOMEM;
-    if (rc != VQKV_OK) {
-        if (rc == VQKV_ENOMEM && g->n_gpus < n)
+    for (uint32_t k = 0; k < n && rc == VQKV_OK; k++) {
+        g->gpus[k] = calloc(1, sizeof *g->gpus[k]);
+        if (g->gpus[k] == NULL) {
             snprintf(why, why_size, "out of memory");
+            rc = VQKV_ENOMEM;
+            break;
+        }
+        g->gpus[k]->ordinal = ordinals[k];
+        g->base.n_devices = k + 1;
+    }
+    if (rc == VQKV_OK)
+        rc = vqkvd__cuda_devices_open(g, arena_bytes, why, why_size);
+    if (rc != VQKV_OK) {
         vqkvd__cuda_destroy(&g->base);
         return rc;
     }
-    g->base.n_devices = n;
     *arena = (vqkvd_arena_t){
         .ops = &vqkvd__cuda_arena_ops,
         .bytes = arena_bytes,
