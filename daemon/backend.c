@@ -88,35 +88,32 @@ int vqkvd_backend_cuda_count(void)
 }
 #endif
 
-int vqkvd_backend_check(const char *device, char *why, size_t why_size)
+/* The GPUs device names (none for cpu and auto) into ordinals, checked
+ * against this vqkvd and this machine; the GPUs are counted only when
+ * device names some. */
+static int vqkvd__backend_gpus(const char *device, int ordinals[VQKVD_MAX_GPUS], uint32_t *n,
+                               char *why, size_t why_size)
 {
-    int ordinals[VQKVD_MAX_GPUS];
-    uint32_t n = 0;
-    if (device != NULL && vqkvd_config_parse_gpus(device, ordinals, &n) != 0) {
+    *n = 0;
+    if (device != NULL && vqkvd_config_parse_gpus(device, ordinals, n) != 0) {
         snprintf(why, why_size, "device %s: not cpu, auto or cuda:N[,cuda:M...]", device);
         return VQKV_EINVAL;
     }
-    if (n == 0)
+    if (*n == 0)
         return VQKV_OK;
     if (!VQKVD__HAVE_CUDA) {
         snprintf(why, why_size, "device %s: this vqkvd has no CUDA backend; use --device cpu",
                  device);
         return VQKV_EINVAL;
     }
-    int gpus = vqkvd_backend_cuda_count();
-    for (uint32_t i = 0; i < n; i++) {
-        if (ordinals[i] < gpus)
-            continue;
-        int at = snprintf(why, why_size, "device %s: this machine has %d CUDA device%s", device,
-                          gpus, gpus == 1 ? "" : "s");
-        size_t left = at > 0 && (size_t)at < why_size ? why_size - (size_t)at : 0;
-        if (left > 0 && gpus == 0)
-            snprintf(why + at, left, "; use --device cpu");
-        else if (left > 0 && n > 1)
-            snprintf(why + at, left, ", no cuda:%d", ordinals[i]);
-        return VQKV_EINVAL;
-    }
-    return VQKV_OK;
+    return vqkvd_config_check_gpus(device, ordinals, *n, vqkvd_backend_cuda_count(), why, why_size);
+}
+
+int vqkvd_backend_check(const char *device, char *why, size_t why_size)
+{
+    int ordinals[VQKVD_MAX_GPUS];
+    uint32_t n;
+    return vqkvd__backend_gpus(device, ordinals, &n, why, why_size);
 }
 
 static int vqkvd__backend_create_cpu(uint64_t arena_bytes, uint64_t chunk_bytes,
@@ -144,13 +141,11 @@ int vqkvd_backend_create(const char *device, uint64_t arena_bytes, uint64_t chun
                          vqkvd_backend_t **be, vqkvd_arena_t *arena, char *why, size_t why_size)
 {
     *be = NULL;
-    int rc = vqkvd_backend_check(device, why, why_size);
+    int ordinals[VQKVD_MAX_GPUS];
+    uint32_t n;
+    int rc = vqkvd__backend_gpus(device, ordinals, &n, why, why_size);
     if (rc != VQKV_OK)
         return rc;
-    int ordinals[VQKVD_MAX_GPUS];
-    uint32_t n = 0;
-    if (device != NULL)
-        vqkvd_config_parse_gpus(device, ordinals, &n); /* checked above */
     if (device != NULL && strcmp(device, "auto") == 0) {
         int gpus = vqkvd_backend_cuda_count();
         for (; n < VQKVD_MAX_GPUS && (int)n < gpus; n++)

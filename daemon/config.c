@@ -516,6 +516,24 @@ int vqkvd_config_parse_gpus(const char *text, int ordinals[VQKVD_MAX_GPUS], uint
     }
 }
 
+int vqkvd_config_check_gpus(const char *device, const int *ordinals, uint32_t n, int gpus,
+                            char *why, size_t why_size)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        if (ordinals[i] < gpus)
+            continue;
+        int at = snprintf(why, why_size, "device %s: this machine has %d CUDA device%s", device,
+                          gpus, gpus == 1 ? "" : "s");
+        size_t left = at > 0 && (size_t)at < why_size ? why_size - (size_t)at : 0;
+        if (left > 0 && gpus == 0)
+            snprintf(why + at, left, "; use --device cpu");
+        else if (left > 0 && n > 1)
+            snprintf(why + at, left, ", no cuda:%d", ordinals[i]);
+        return VQKV_EINVAL;
+    }
+    return 0;
+}
+
 int vqkvd_config_check_device(const char *text)
 {
     int ordinals[VQKVD_MAX_GPUS];

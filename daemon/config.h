@@ -213,6 +213,13 @@ int vqkvd_config_check_device(const char *text);
  * 0, or VQKV_EINVAL for anything else. */
 int vqkvd_config_parse_gpus(const char *text, int ordinals[VQKVD_MAX_GPUS], uint32_t *n);
 
+/* Whether the n GPU ordinals a device setting named (vqkvd_config_parse_gpus)
+ * are all on a machine with gpus of them: 0, or VQKV_EINVAL with why
+ * saying so ("device cuda:0,cuda:5: this machine has 2 CUDA devices, no
+ * cuda:5"; with none, "...; use --device cpu"). Pure: the caller counts. */
+int vqkvd_config_check_gpus(const char *device, const int *ordinals, uint32_t n, int gpus,
+                            char *why, size_t why_size);
+
 /* A TCP address to listen on. */
 typedef union {
     struct sockaddr sa;
