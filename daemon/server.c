@@ -102,14 +102,14 @@ void vqkvd_client_hello(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame
     w.backend = (char *)c->server->backend->ops->name;
     const vqkvd_backend_t *be = c->server->backend;
     Vqkv__Device device[VQKVD_MAX_GPUS], *devices[VQKVD_MAX_GPUS];
-    for (uint32_t i = 0; i < be->n_devices && i < VQKVD_MAX_GPUS; i++) {
+    w.n_devices = be->n_devices < VQKVD_MAX_GPUS ? be->n_devices : VQKVD_MAX_GPUS;
+    for (uint32_t i = 0; i < w.n_devices; i++) {
         const vqkvd_device_t *dev = &be->devices[i];
         vqkv__device__init(&device[i]);
         device[i].name = (char *)dev->name;
         device[i].uuid = (ProtobufCBinaryData){sizeof dev->uuid, (uint8_t *)dev->uuid};
         device[i].pool_bytes = dev->pool_bytes;
         devices[i] = &device[i];
-        w.n_devices = i + 1;
     }
     w.devices = devices;
     w.tenant = c->tenant;
