@@ -76,6 +76,11 @@ typedef struct {
      * with a multiple of 8 groups: decoded by the same loop, each group's
      * register stored where it is. */
     bool contig8;
+    /* Channel p and p + D/2 (a rotate-half RoPE pair) adjacent in code
+     * order, pair by pair (vqkv's keys): channel p is sum 2p, channel
+     * p + D/2 sum 2p + 1, with D a multiple of 16: decoded as a
+     * de-interleave of two registers of sums instead of a gather. */
+    bool pairs;
     size_t words;   /* codewords per layer */
     size_t floats;  /* codebook parameter floats per layer (what files hold) */
     size_t wfloats; /* codeword floats per layer */
@@ -230,10 +235,13 @@ static int vqkv__vq_finish(vqkv_codec_t *codec)
                 side->order[side->br[bi].chan[i]] = (int32_t)(at + i);
         side->in_order = true;
         side->strided8 = side->n_branches == 1 && side->br[0].d == 8 && G % 8 == 0;
+        side->pairs = l->head_dim % 16 == 0;
         for (uint32_t c = 0; c < l->head_dim; c++) {
+            uint32_t half = l->head_dim / 2;
             side->in_order = side->in_order && side->order[c] == (int32_t)c;
             /* channel c = j * G + g is value j of group g: code order g * 8 + j */
             side->strided8 = side->strided8 && side->order[c] == (int32_t)(c % G * 8 + c / G);
+            side->pairs = side->pairs && side->order[c] == (int32_t)(c % half * 2 + c / half);
         }
         side->contig8 = side->n_branches == 1 && side->br[0].d == 8 && G % 8 == 0 && side->in_order;
         codec->part_bytes[kv] = vqkv__block_mean_bytes(codec, kv) + vectors * side->n_branches * 2 +
@@ -834,8 +842,21 @@ vqkv__branch_sums8_x86(const float *base, const uint8_t *codes, uint32_t groups,
 {
     const float *w[VQKV__MAX_STAGES];
     size_t table = (size_t)256 * d; /* floats from one stage's table to the next */
+    uint32_t g = 0;
+    /* d = 4: two groups a register, so that a later 8-channel load of the
+     * sums is forwarded from one store (from two it stalls). */
+    for (; d == 4 && g + 2 <= groups; g += 2, sums += 8, codes += 2 * stages,
+                                      base += 2 * stages * table) {
+        __m256 acc = _mm256_setzero_ps();
+        for (uint32_t s = 0; s < stages; s++)
+            acc = _mm256_add_ps(acc, _mm256_set_m128(_mm_loadu_ps(base + (stages + s) * table +
+                                                                  (size_t)codes[stages + s] * 4),
+                                                     _mm_loadu_ps(base + s * table +
+                                                                  (size_t)codes[s] * 4)));
+        _mm256_storeu_ps(sums, _mm256_mul_ps(acc, _mm256_set1_ps(norm)));
+    }
 #pragma GCC unroll 4
-    for (uint32_t g = 0; g < groups; g++, sums += d, codes += stages, base += stages * table) {
+    for (; g < groups; g++, sums += d, codes += stages, base += stages * table) {
         for (uint32_t s = 0; s < stages; s++)
             w[s] = base + s * table + (size_t)codes[s] * d;
         vqkv__group_sums_x86(w, stages, d, norm, sums);
@@ -955,6 +976,28 @@ vqkv__vq_decode_bytes8_x86(const vqkv__head_decode_t *hd, uint32_t stages, vqkv_
     }
 }
 
+/* A side->pairs vector's sums stored: sums 2p and 2p + 1 are channels p
+ * and p + D/2, so two registers of sums de-interleave into eight channels
+ * of each half. Data movement only. */
+VQKV__X86 static inline __attribute__((always_inline)) void
+vqkv__pairs_store_x86(const vqkv__head_decode_t *hd, const float *sums, vqkv_dtype_t dtype,
+                      bool plain, uint8_t *out)
+{
+    uint32_t half = hd->head_dim / 2, width = dtype == VQKV_DTYPE_F32 ? 4 : 2;
+    for (uint32_t p = 0; p < half; p += 8) {
+        __m256 a = _mm256_loadu_ps(sums + 2 * p), b = _mm256_loadu_ps(sums + 2 * p + 8);
+        /* per 128-bit lane a0 a2 b0 b2 | a4 a6 b4 b6, then lanes' halves in order */
+        __m256 lo = _mm256_castpd_ps(_mm256_permute4x64_pd(
+            _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xd8));
+        __m256 hi = _mm256_castpd_ps(_mm256_permute4x64_pd(
+            _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xdd)), 0xd8));
+        vqkv__store8_x86(dtype, plain ? lo : vqkv__row_finish_x86(hd, p, lo),
+                         out + (size_t)p * width);
+        vqkv__store8_x86(dtype, plain ? hi : vqkv__row_finish_x86(hd, p + half, hi),
+                         out + (size_t)(p + half) * width);
+    }
+}
+
 /* Inlined with dtype a constant, so the store is not chosen per value,
  * and with plain (no statistics, no block means) a constant too, so the
  * common case tests neither per register. */
@@ -969,6 +1012,10 @@ vqkv__vq_decode_rows_x86(const vqkv__head_decode_t *hd, vqkv_dtype_t dtype, bool
     for (uint32_t t = 0; t < hd->tokens; t++) {
         vqkv__vq_sums_x86(hd, (size_t)t * hd->heads + hd->head, sums);
         uint8_t *out = tile->base + t * tile->token_stride + hd->head * tile->head_stride;
+        if (side->pairs) {
+            vqkv__pairs_store_x86(hd, sums, dtype, plain, out);
+            continue;
+        }
         uint32_t c = 0;
         for (; c + 8 <= D; c += 8, out += 8 * width) {
             __m256 x = in_order
