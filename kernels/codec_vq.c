@@ -845,14 +845,14 @@ vqkv__branch_sums8_x86(const float *base, const uint8_t *codes, uint32_t groups,
     uint32_t g = 0;
     /* d = 4: two groups a register, so that a later 8-channel load of the
      * sums is forwarded from one store (from two it stalls). */
-    for (; d == 4 && g + 2 <= groups; g += 2, sums += 8, codes += 2 * stages,
-                                      base += 2 * stages * table) {
+    for (; d == 4 && g + 2 <= groups;
+         g += 2, sums += 8, codes += 2 * stages, base += 2 * stages * table) {
         __m256 acc = _mm256_setzero_ps();
         for (uint32_t s = 0; s < stages; s++)
-            acc = _mm256_add_ps(acc, _mm256_set_m128(_mm_loadu_ps(base + (stages + s) * table +
-                                                                  (size_t)codes[stages + s] * 4),
-                                                     _mm_loadu_ps(base + s * table +
-                                                                  (size_t)codes[s] * 4)));
+            acc = _mm256_add_ps(
+                acc, _mm256_set_m128(
+                         _mm_loadu_ps(base + (stages + s) * table + (size_t)codes[stages + s] * 4),
+                         _mm_loadu_ps(base + s * table + (size_t)codes[s] * 4)));
         _mm256_storeu_ps(sums, _mm256_mul_ps(acc, _mm256_set1_ps(norm)));
     }
 #pragma GCC unroll 4
@@ -987,10 +987,10 @@ vqkv__pairs_store_x86(const vqkv__head_decode_t *hd, const float *sums, vqkv_dty
     for (uint32_t p = 0; p < half; p += 8) {
         __m256 a = _mm256_loadu_ps(sums + 2 * p), b = _mm256_loadu_ps(sums + 2 * p + 8);
         /* per 128-bit lane a0 a2 b0 b2 | a4 a6 b4 b6, then lanes' halves in order */
-        __m256 lo = _mm256_castpd_ps(_mm256_permute4x64_pd(
-            _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xd8));
-        __m256 hi = _mm256_castpd_ps(_mm256_permute4x64_pd(
-            _mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xdd)), 0xd8));
+        __m256 lo = _mm256_castpd_ps(
+            _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0x88)), 0xd8));
+        __m256 hi = _mm256_castpd_ps(
+            _mm256_permute4x64_pd(_mm256_castps_pd(_mm256_shuffle_ps(a, b, 0xdd)), 0xd8));
         vqkv__store8_x86(dtype, plain ? lo : vqkv__row_finish_x86(hd, p, lo),
                          out + (size_t)p * width);
         vqkv__store8_x86(dtype, plain ? hi : vqkv__row_finish_x86(hd, p + half, hi),
