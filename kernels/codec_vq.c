@@ -76,6 +76,9 @@ typedef struct {
      * with a multiple of 8 groups: decoded by the same loop, each group's
      * register stored where it is. */
     bool contig8;
+    /* One branch of d = 4 in channel order with D a multiple of 64: the
+     * same loop, two groups a register. */
+    bool contig4;
     /* Channel p and p + D/2 (a rotate-half RoPE pair) adjacent in code
      * order, pair by pair (vqkv's keys): channel p is sum 2p, channel
      * p + D/2 sum 2p + 1, with D a multiple of 16: decoded as a
@@ -244,6 +247,7 @@ static int vqkv__vq_finish(vqkv_codec_t *codec)
             side->pairs = side->pairs && side->order[c] == (int32_t)(c % half * 2 + c / half);
         }
         side->contig8 = side->n_branches == 1 && side->br[0].d == 8 && G % 8 == 0 && side->in_order;
+        side->contig4 = side->n_branches == 1 && side->br[0].d == 4 && G % 8 == 0 && side->in_order;
         codec->part_bytes[kv] = vqkv__block_mean_bytes(codec, kv) + vectors * side->n_branches * 2 +
                                 vqkv__bits_bytes(vectors * side->codes, vq->bits) +
                                 (size_t)vq->escapes * VQKV__ESCAPE_BYTES(l->head_dim);
@@ -832,6 +836,22 @@ vqkv__group_sums_x86(const float *const *w, uint32_t stages, uint32_t d, float n
     }
 }
 
+/* Two adjacent d = 4 groups with byte codes as one register: each's stage
+ * sum from 0 in stage order, times the norm (codes: the first group's
+ * stages, then the second's; base: the first group's first table). */
+VQKV__X86 static inline __m256 vqkv__pair4_sum_x86(const float *base, const uint8_t *codes,
+                                                   uint32_t stages, __m256 norm)
+{
+    size_t table = (size_t)256 * 4; /* floats from one stage's table to the next */
+    __m256 acc = _mm256_setzero_ps();
+    for (uint32_t s = 0; s < stages; s++)
+        acc = _mm256_add_ps(acc,
+                            _mm256_set_m128(_mm_loadu_ps(base + (stages + s) * table +
+                                                         (size_t)codes[stages + s] * 4),
+                                            _mm_loadu_ps(base + s * table + (size_t)codes[s] * 4)));
+    return _mm256_mul_ps(acc, norm);
+}
+
 /* One branch's group sums when codes are bytes (b = 8): a group's stage
  * tables follow each other from the branch's first, so code position i of
  * the branch picks codeword base + ((i << 8) + code) * d. Inlined with d
@@ -846,15 +866,8 @@ vqkv__branch_sums8_x86(const float *base, const uint8_t *codes, uint32_t groups,
     /* d = 4: two groups a register, so that a later 8-channel load of the
      * sums is forwarded from one store (from two it stalls). */
     for (; d == 4 && g + 2 <= groups;
-         g += 2, sums += 8, codes += 2 * stages, base += 2 * stages * table) {
-        __m256 acc = _mm256_setzero_ps();
-        for (uint32_t s = 0; s < stages; s++)
-            acc = _mm256_add_ps(
-                acc, _mm256_set_m128(
-                         _mm_loadu_ps(base + (stages + s) * table + (size_t)codes[stages + s] * 4),
-                         _mm_loadu_ps(base + s * table + (size_t)codes[s] * 4)));
-        _mm256_storeu_ps(sums, _mm256_mul_ps(acc, _mm256_set1_ps(norm)));
-    }
+         g += 2, sums += 8, codes += 2 * stages, base += 2 * stages * table)
+        _mm256_storeu_ps(sums, vqkv__pair4_sum_x86(base, codes, stages, _mm256_set1_ps(norm)));
 #pragma GCC unroll 4
     for (; g < groups; g++, sums += d, codes += stages, base += stages * table) {
         for (uint32_t s = 0; s < stages; s++)
@@ -937,20 +950,20 @@ VQKV__X86 static inline void vqkv__transpose8_x86(__m256 *r)
     }
 }
 
-/* A side->strided8 or side->contig8 head with byte codes: per token,
- * eight groups' sums in registers; strided, transposed, so that value j of
- * groups g0..g0+7 are channels j * G + g0 .. + 7, eight adjacent channels
- * stored at once (the permutation without a gather); contiguous, each
- * group's register stored at its channels (no trip through a row of sums).
- * Inlined with stages, dtype, plain and strided constants. */
+/* A side->strided8, contig8 or contig4 head with byte codes: per token,
+ * eight registers of group sums (a group each, or for d = 4 two); strided, transposed, so that
+ * value j of groups g0..g0+7 are channels j * G + g0 .. + 7, eight adjacent channels stored at once
+ * (the permutation without a gather); contiguous, each group's register stored at its channels (no
+ * trip through a row of sums). Inlined with stages, dtype, plain and strided constants. */
 VQKV__X86 static inline __attribute__((always_inline)) void
-vqkv__vq_decode_bytes8_x86(const vqkv__head_decode_t *hd, uint32_t stages, vqkv_dtype_t dtype,
-                           bool plain, bool strided)
+vqkv__vq_decode_bytes8_x86(const vqkv__head_decode_t *hd, uint32_t d, uint32_t stages,
+                           vqkv_dtype_t dtype, bool plain, bool strided)
 {
     const vqkv__side_t *side = hd->side;
     const vqkv__tile_t *tile = hd->tile;
     uint32_t D = hd->head_dim, G = D / 8, width = dtype == VQKV_DTYPE_F32 ? 4 : 2;
-    size_t table = (size_t)256 * 8; /* floats from one stage's table to the next */
+    size_t table = (size_t)256 * d; /* floats from one stage's table to the next */
+    uint32_t per = 8 / d;           /* groups a register */
     for (uint32_t t = 0; t < hd->tokens; t++) {
         size_t v = (size_t)t * hd->heads + hd->head;
         const uint8_t *codes = hd->codes + v * side->codes;
@@ -959,7 +972,11 @@ vqkv__vq_decode_bytes8_x86(const vqkv__head_decode_t *hd, uint32_t stages, vqkv_
         const float *base = hd->tables[0];
         for (uint32_t g0 = 0; g0 < G; g0 += 8) {
             __m256 r[8];
-            for (uint32_t k = 0; k < 8; k++, codes += stages, base += stages * table) {
+            for (uint32_t k = 0; k < 8; k++, codes += per * stages, base += per * stages * table) {
+                if (d == 4) {
+                    r[k] = vqkv__pair4_sum_x86(base, codes, stages, norm);
+                    continue;
+                }
                 const float *w[VQKV__MAX_STAGES];
                 for (uint32_t s = 0; s < stages; s++)
                     w[s] = base + s * table + (size_t)codes[s] * 8;
@@ -1037,16 +1054,27 @@ VQKV__X86 static void vqkv__vq_decode_head_x86(const vqkv__head_decode_t *hd)
 {
     /* The shapes in use; any other takes the gather below. */
     bool plain = hd->scale == NULL && hd->bm == NULL;
-    bool strided = hd->side->strided8;
-    if ((strided || hd->side->contig8) && hd->vq->bits == 8) {
-        uint32_t shape = strided << 9 | plain << 8 | hd->side->br[0].stages << 4 | hd->tile->dtype;
+    bool strided = hd->side->strided8, four = hd->side->contig4;
+    if ((strided || four || hd->side->contig8) && hd->vq->bits == 8) {
+        uint32_t shape =
+            four << 10 | strided << 9 | plain << 8 | hd->side->br[0].stages << 4 | hd->tile->dtype;
 #define VQKV__BYTES8(R, DTYPE)                                                                     \
-    case (R) << 4 | (DTYPE): vqkv__vq_decode_bytes8_x86(hd, R, DTYPE, false, false); return;       \
-    case 1 << 8 | (R) << 4 |                                                                       \
-        (DTYPE): vqkv__vq_decode_bytes8_x86(hd, R, DTYPE, true, false); return;                    \
-    case 2 << 8 | (R) << 4 |                                                                       \
-        (DTYPE): vqkv__vq_decode_bytes8_x86(hd, R, DTYPE, false, true); return;                    \
-    case 3 << 8 | (R) << 4 | (DTYPE): vqkv__vq_decode_bytes8_x86(hd, R, DTYPE, true, true); return
+    case (R) << 4 | (DTYPE): vqkv__vq_decode_bytes8_x86(hd, 8, R, DTYPE, false, false); return;    \
+    case 1 << 8 | (R) << 4 | (DTYPE):                                                              \
+        vqkv__vq_decode_bytes8_x86(hd, 8, R, DTYPE, true, false);                                  \
+        return;                                                                                    \
+    case 2 << 8 | (R) << 4 | (DTYPE):                                                              \
+        vqkv__vq_decode_bytes8_x86(hd, 8, R, DTYPE, false, true);                                  \
+        return;                                                                                    \
+    case 3 << 8 | (R) << 4 | (DTYPE):                                                              \
+        vqkv__vq_decode_bytes8_x86(hd, 8, R, DTYPE, true, true);                                   \
+        return;                                                                                    \
+    case 4 << 8 | (R) << 4 | (DTYPE):                                                              \
+        vqkv__vq_decode_bytes8_x86(hd, 4, R, DTYPE, false, false);                                 \
+        return;                                                                                    \
+    case 5 << 8 | (R) << 4 | (DTYPE):                                                              \
+        vqkv__vq_decode_bytes8_x86(hd, 4, R, DTYPE, true, false);                                  \
+        return
         switch (shape) {
             VQKV__BYTES8(1, VQKV_DTYPE_F16);
             VQKV__BYTES8(2, VQKV_DTYPE_F16);
