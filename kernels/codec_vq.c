@@ -797,9 +797,10 @@ static void vqkv__vq_decode_head(const vqkv__head_decode_t *hd)
  * each rounded on its own (the target has no FMA to contract into), so the
  * bytes are the reference's: a group's stage sums are one register add a
  * codeword per 8 (or 4) channels instead of one add per value, and the
- * channel permutation (strided keys, vqkv's pair branches) is a gather from
- * the group sums laid out in code order, side->order, instead of a store
- * per value, or for rvq's strided keys a transpose in registers. Under
+ * channel permutation is a gather from the group sums laid out in code
+ * order, side->order, instead of a store per value, or where the shape is
+ * known data movement in registers: a transpose for rvq's strided keys, a
+ * de-interleave for vqkv's rotate-half pairs. Under
  * callgrind (bench/instr.sh) rvq's decode went from 15.9 instructions a
  * value to 5.2. */
 
@@ -1052,29 +1053,24 @@ vqkv__vq_decode_rows_x86(const vqkv__head_decode_t *hd, vqkv_dtype_t dtype, bool
 
 VQKV__X86 static void vqkv__vq_decode_head_x86(const vqkv__head_decode_t *hd)
 {
-    /* The shapes in use; any other takes the gather below. */
+    /* The shapes in use; any other takes the row of sums below. */
     bool plain = hd->scale == NULL && hd->bm == NULL;
     bool strided = hd->side->strided8, four = hd->side->contig4;
     if ((strided || four || hd->side->contig8) && hd->vq->bits == 8) {
         uint32_t shape =
             four << 10 | strided << 9 | plain << 8 | hd->side->br[0].stages << 4 | hd->tile->dtype;
-#define VQKV__BYTES8(R, DTYPE)                                                                     \
-    case (R) << 4 | (DTYPE): vqkv__vq_decode_bytes8_x86(hd, 8, R, DTYPE, false, false); return;    \
-    case 1 << 8 | (R) << 4 | (DTYPE):                                                              \
-        vqkv__vq_decode_bytes8_x86(hd, 8, R, DTYPE, true, false);                                  \
-        return;                                                                                    \
-    case 2 << 8 | (R) << 4 | (DTYPE):                                                              \
-        vqkv__vq_decode_bytes8_x86(hd, 8, R, DTYPE, false, true);                                  \
-        return;                                                                                    \
-    case 3 << 8 | (R) << 4 | (DTYPE):                                                              \
-        vqkv__vq_decode_bytes8_x86(hd, 8, R, DTYPE, true, true);                                   \
-        return;                                                                                    \
-    case 4 << 8 | (R) << 4 | (DTYPE):                                                              \
-        vqkv__vq_decode_bytes8_x86(hd, 4, R, DTYPE, false, false);                                 \
-        return;                                                                                    \
-    case 5 << 8 | (R) << 4 | (DTYPE):                                                              \
-        vqkv__vq_decode_bytes8_x86(hd, 4, R, DTYPE, true, false);                                  \
+/* FLAGS: plain, strided and four as the shape's bits 8, 9 and 10. */
+#define VQKV__CASE(FLAGS, D, PLAIN, STRIDED, R, DTYPE)                                             \
+    case (FLAGS) << 8 | (R) << 4 | (DTYPE):                                                        \
+        vqkv__vq_decode_bytes8_x86(hd, D, R, DTYPE, PLAIN, STRIDED);                               \
         return
+#define VQKV__BYTES8(R, DTYPE)                                                                     \
+    VQKV__CASE(0, 8, false, false, R, DTYPE);                                                      \
+    VQKV__CASE(1, 8, true, false, R, DTYPE);                                                       \
+    VQKV__CASE(2, 8, false, true, R, DTYPE);                                                       \
+    VQKV__CASE(3, 8, true, true, R, DTYPE);                                                        \
+    VQKV__CASE(4, 4, false, false, R, DTYPE);                                                      \
+    VQKV__CASE(5, 4, true, false, R, DTYPE)
         switch (shape) {
             VQKV__BYTES8(1, VQKV_DTYPE_F16);
             VQKV__BYTES8(2, VQKV_DTYPE_F16);
@@ -1083,6 +1079,7 @@ VQKV__X86 static void vqkv__vq_decode_head_x86(const vqkv__head_decode_t *hd)
             VQKV__BYTES8(2, VQKV_DTYPE_F32);
         }
 #undef VQKV__BYTES8
+#undef VQKV__CASE
     }
 #define VQKV__ROWS(DTYPE)                                                                          \
     case (DTYPE): vqkv__vq_decode_rows_x86(hd, DTYPE, false); break;                               \
