@@ -239,8 +239,8 @@ static int vqkv__vq_finish(vqkv_codec_t *codec)
         side->in_order = true;
         side->strided8 = side->n_branches == 1 && side->br[0].d == 8 && G % 8 == 0;
         side->pairs = l->head_dim % 16 == 0;
+        uint32_t half = l->head_dim / 2;
         for (uint32_t c = 0; c < l->head_dim; c++) {
-            uint32_t half = l->head_dim / 2;
             side->in_order = side->in_order && side->order[c] == (int32_t)c;
             /* channel c = j * G + g is value j of group g: code order g * 8 + j */
             side->strided8 = side->strided8 && side->order[c] == (int32_t)(c % G * 8 + c / G);
@@ -952,10 +952,12 @@ VQKV__X86 static inline void vqkv__transpose8_x86(__m256 *r)
 }
 
 /* A side->strided8, contig8 or contig4 head with byte codes: per token,
- * eight registers of group sums (a group each, or for d = 4 two); strided, transposed, so that
- * value j of groups g0..g0+7 are channels j * G + g0 .. + 7, eight adjacent channels stored at once
- * (the permutation without a gather); contiguous, each group's register stored at its channels (no
- * trip through a row of sums). Inlined with stages, dtype, plain and strided constants. */
+ * eight registers of group sums (a group each, or two for d = 4);
+ * strided, transposed, so that value j of groups g0..g0+7 are channels
+ * j * G + g0 .. + 7, eight adjacent channels stored at once (the
+ * permutation without a gather); contiguous, each register stored at its
+ * channels (no trip through a row of sums). Inlined with d, stages, dtype,
+ * plain and strided constants. */
 VQKV__X86 static inline __attribute__((always_inline)) void
 vqkv__vq_decode_bytes8_x86(const vqkv__head_decode_t *hd, uint32_t d, uint32_t stages,
                            vqkv_dtype_t dtype, bool plain, bool strided)
