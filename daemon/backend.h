@@ -169,11 +169,12 @@ int vqkvd_backend_create(const char *device, uint64_t arena_bytes, uint64_t chun
 int vqkvd_backend_cpu_create(vqkvd_backend_t **be);
 
 /* vqkvd built with CUDA only (VQKVD_CUDA): the backend of the n GPUs
- * ordinals names (1 .. VQKVD_MAX_GPUS, distinct) with its arena of
+ * ordinals names (1 .. VQKVD_MAX_GPUS, distinct and present: the factory
+ * passes only a list vqkvd_backend_check accepts) with its arena of
  * arena_bytes in their memory, split evenly (one address range over pieces
  * of at most VQKVD_CUDA_MAX_ALLOC: cuda_store.h), carved into chunk_bytes
- * chunks. VQKV_OK, VQKV_EINVAL (no such GPU, GPUs without peer access to
- * each other, sizes), VQKV_ENOMEM or VQKV_EDEVICE, with why filled and
+ * chunks. VQKV_OK, VQKV_EINVAL (n out of range, GPUs without peer access
+ * to each other, sizes), VQKV_ENOMEM or VQKV_EDEVICE, with why filled and
  * nothing left allocated. */
 #define VQKVD_CUDA_MAX_ALLOC (64ull << 30)
 int vqkvd_backend_cuda_create(const int *ordinals, uint32_t n, uint64_t arena_bytes,

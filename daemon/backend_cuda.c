@@ -636,15 +636,12 @@ static int vqkvd__cuda_peers_check(const vqkvd__cuda_t *g, char *why, size_t why
 
 /* The GPUs' names and UUIDs, and the arena's store over all of them
  * (cuda_store.h). */
-static int vqkvd__cuda_devices_open(vqkvd__cuda_t *g, uint64_t arena_bytes, char *why,
-                                    size_t why_size)
+static int vqkvd__cuda_devices_open(vqkvd__cuda_t *g, const int *ordinals, uint64_t arena_bytes,
+                                    char *why, size_t why_size)
 {
-    int ordinals[VQKVD_MAX_GPUS];
     int rc = VQKV_OK;
-    for (uint32_t k = 0; rc == VQKV_OK && k < g->base.n_devices; k++) {
-        ordinals[k] = g->gpus[k]->ordinal;
+    for (uint32_t k = 0; rc == VQKV_OK && k < g->base.n_devices; k++)
         rc = vqkvd__cuda_device_info(g, k, why, why_size);
-    }
     if (rc == VQKV_OK)
         rc = vqkvd__cuda_peers_check(g, why, why_size);
     if (rc == VQKV_OK)
@@ -661,38 +658,18 @@ static int vqkvd__cuda_devices_open(vqkvd__cuda_t *g, uint64_t arena_bytes, char
     return rc;
 }
 
-/* Refuses what the factory should never pass: no GPUs, too many, a GPU
- * named twice or one the machine lacks. */
-static int vqkvd__cuda_ordinals_check(const int *ordinals, uint32_t n, char *why, size_t why_size)
-{
-    int gpus = vqkv_cuda_device_count();
-    if (n == 0 || n > VQKVD_MAX_GPUS) {
-        snprintf(why, why_size, "between 1 and %d GPUs (%u named)", VQKVD_MAX_GPUS, (unsigned)n);
-        return VQKV_EINVAL;
-    }
-    for (uint32_t k = 0; k < n; k++) {
-        if (ordinals[k] < 0 || ordinals[k] >= gpus) {
-            snprintf(why, why_size, "cuda:%d: this machine has %d CUDA device%s", ordinals[k], gpus,
-                     gpus == 1 ? "" : "s");
-            return VQKV_EINVAL;
-        }
-        for (uint32_t i = 0; i < k; i++)
-            if (ordinals[i] == ordinals[k]) {
-                snprintf(why, why_size, "cuda:%d is named twice", ordinals[k]);
-                return VQKV_EINVAL;
-            }
-    }
-    return VQKV_OK;
-}
-
 int vqkvd_backend_cuda_create(const int *ordinals, uint32_t n, uint64_t arena_bytes,
                               uint64_t chunk_bytes, vqkvd_backend_t **be, vqkvd_arena_t *arena,
                               char *why, size_t why_size)
 {
     *be = NULL;
-    int rc = vqkvd__cuda_ordinals_check(ordinals, n, why, why_size);
-    if (rc != VQKV_OK)
-        return rc;
+    /* The list itself (distinct GPUs this machine has) the factory checked
+     * (vqkvd__backend_gpus); n bounds the arrays below. */
+    if (n == 0 || n > VQKVD_MAX_GPUS) {
+        snprintf(why, why_size, "between 1 and %d GPUs (%u named)", VQKVD_MAX_GPUS, (unsigned)n);
+        return VQKV_EINVAL;
+    }
+    int rc = VQKV_OK;
     if (chunk_bytes == 0 || arena_bytes < chunk_bytes) {
         snprintf(why, why_size, "a GPU pool of %llu bytes: at least one chunk (%llu bytes)",
                  (unsigned long long)arena_bytes, (unsigned long long)chunk_bytes);
@@ -717,7 +694,7 @@ int vqkvd_backend_cuda_create(const int *ordinals, uint32_t n, uint64_t arena_by
         g->base.n_devices = k + 1;
     }
     if (rc == VQKV_OK)
-        rc = vqkvd__cuda_devices_open(g, arena_bytes, why, why_size);
+        rc = vqkvd__cuda_devices_open(g, ordinals, arena_bytes, why, why_size);
     if (rc != VQKV_OK) {
         vqkvd__cuda_destroy(&g->base);
         return rc;

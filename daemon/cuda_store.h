@@ -51,7 +51,7 @@ int vqkvd_cuda_store_plan(uint64_t bytes, uint64_t granularity, uint64_t max_pie
 
 typedef struct {
     uint8_t *base;        /* the device address of byte 0 */
-    uint64_t bytes;       /* the range: a share a GPU */
+    uint64_t bytes;       /* the range: share_bytes times the GPUs */
     uint64_t share_bytes; /* each device's part, rounded up to the granularity */
     uint64_t piece_bytes; /* a share's pieces; its last one may be shorter */
     uint32_t pieces_per_share;
