@@ -44,22 +44,35 @@ enum {
 };
 
 typedef struct {
-    int vmm;              /* 0: ipc_handle is set; 1: fd is */
-    uint64_t alloc_bytes; /* the allocation that holds the memory */
-    uint64_t offset;      /* where the memory starts inside it */
+    int vmm;              /* 0: ipc_handle is set; 1: the pieces are */
+    uint64_t alloc_bytes; /* the allocation that holds the memory; VMM: its pieces together */
+    uint64_t offset;      /* where the memory starts inside it (VMM: in the first piece) */
     uint8_t gpu_uuid[VQKV__GPU_UUID_BYTES];
     uint8_t ipc_handle[VQKV__CUDA_IPC_HANDLE_BYTES];
-    int fd; /* the exported VMM allocation, the caller's to close; -1 otherwise */
+    /* VMM: the physical allocations mapped one after another that hold the
+     * memory, in address order, each's size and each exported as a POSIX
+     * fd; malloc'd, the caller's (vqkv__cuda_mem_free). 0 and NULL for
+     * legacy IPC memory. */
+    size_t n_pieces;
+    uint64_t *piece_bytes;
+    int *fds;
 } vqkv__cuda_mem_t;
 
 /* Describes [devptr, devptr + bytes) of device memory into *out.
  * VQKV_OK; VQKV_EDEVICE when the driver cannot be loaded (why names the
  * library and dlopen's reason), devptr is not device memory, or a driver
  * call fails (why names the call and the CUDA error); VQKV_ERANGE when the
- * memory runs past the end of its allocation. Thread-safe: the driver is
- * loaded once (pthread_once). Does not need a current CUDA context beyond
- * what the pointer queries need (the worker's own). */
+ * memory runs past the end of its allocation (legacy IPC) or past what is
+ * mapped (VMM); VQKV_ELIMIT when it spans more than
+ * VQKV_REGION_MAX_PIECES physical allocations; VQKV_ENOMEM. Nothing is
+ * left open on failure. Thread-safe: the driver is loaded once
+ * (pthread_once). Does not need a current CUDA context beyond what the
+ * pointer queries need (the worker's own). */
 int vqkv__cuda_describe(uint64_t devptr, uint64_t bytes, vqkv__cuda_mem_t *out, char *why,
                         size_t why_size);
+
+/* Closes the fds and frees the arrays of a described memory; safe on one
+ * whose arrays were taken (set to NULL). */
+void vqkv__cuda_mem_free(vqkv__cuda_mem_t *mem);
 
 #endif

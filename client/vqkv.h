@@ -356,8 +356,10 @@ int vqkv_register_memfd_region(vqkv_client_t *client, const vqkv_model_t *model,
  * library $VQKV_LIBCUDA names: neither is needed to load libvqkv), for the
  * allocation holding devptr and its GPU's UUID, and sends vqkvd either a
  * legacy IPC handle of the allocation with devptr's offset in it, or, for
- * VMM memory, the physical allocation exported as a POSIX fd (which must
- * hold all of the bytes, and be allocated with that handle type).
+ * VMM memory, each physical allocation the bytes span exported as a POSIX
+ * fd (allocated with that handle type; at most VQKV_REGION_MAX_PIECES of
+ * them, 8192, else VQKV_ELIMIT; PyTorch's expandable segments map a
+ * tensor over many), which the daemon maps one after another.
  *
  * VQKV_EDEVICE when the driver cannot be loaded, devptr is not device
  * memory or a driver call fails (the error names it: vqkv_last_error), and

@@ -9,6 +9,7 @@
 
 #include "backend.h"
 #include "config.h"
+#include "frame.h"
 #include "log.h"
 
 /* Bytes of a cudaIpcMemHandle_t and of a CUDA device UUID. */
@@ -21,8 +22,45 @@ static int vqkvd__payload_fail(char *why, size_t why_size, int rc, const char *w
     return rc;
 }
 
-int vqkvd_region_payload_check(const Vqkv__RegisterRegion *rr, size_t n_fds, char *why,
-                               size_t why_size)
+/* The pieces of a CUDA_VMM_FD region: piece_bytes, or one of region_bytes
+ * when it is empty. */
+static int vqkvd__pieces_check(const Vqkv__RegisterRegion *rr, size_t n_fds, size_t n_held,
+                               char *why, size_t why_size)
+{
+    size_t n_pieces = rr->n_piece_bytes > 0 ? rr->n_piece_bytes : 1;
+    if (rr->n_piece_bytes > VQKV_REGION_MAX_PIECES) {
+        snprintf(why, why_size, "piece_bytes has %zu entries; a region spans at most %d",
+                 rr->n_piece_bytes, VQKV_REGION_MAX_PIECES);
+        return VQKV_EINVAL;
+    }
+    if (n_fds == 0 || n_fds > VQKV_FRAME_MAX_FDS || n_held + n_fds != n_pieces) {
+        snprintf(why, why_size,
+                 "a CUDA_VMM_FD region comes with one fd a piece: it has %zu, %zu were held "
+                 "from RegionPieces and %zu came with this frame (1 to %d)",
+                 n_pieces, n_held, n_fds, VQKV_FRAME_MAX_FDS);
+        return VQKV_EFDS;
+    }
+    uint64_t sum = 0;
+    for (size_t i = 0; i < rr->n_piece_bytes; i++) {
+        if (rr->piece_bytes[i] == 0 || rr->piece_bytes[i] > UINT64_MAX - sum) {
+            snprintf(why, why_size,
+                     "piece %zu of %llu bytes: pieces are not empty and add up "
+                     "to region_bytes",
+                     i, (unsigned long long)rr->piece_bytes[i]);
+            return VQKV_EINVAL;
+        }
+        sum += rr->piece_bytes[i];
+    }
+    if (rr->n_piece_bytes > 0 && sum != rr->region_bytes) {
+        snprintf(why, why_size, "the pieces add up to %llu bytes, region_bytes says %llu",
+                 (unsigned long long)sum, (unsigned long long)rr->region_bytes);
+        return VQKV_EINVAL;
+    }
+    return VQKV_OK;
+}
+
+int vqkvd_region_payload_check(const Vqkv__RegisterRegion *rr, size_t n_fds, size_t n_held,
+                               char *why, size_t why_size)
 {
     bool memfd = rr->kind == VQKV__REGION_KIND__REGION_KIND_MEMFD;
     bool ipc = rr->kind == VQKV__REGION_KIND__REGION_KIND_CUDA_IPC;
@@ -30,15 +68,24 @@ int vqkvd_region_payload_check(const Vqkv__RegisterRegion *rr, size_t n_fds, cha
     if (!memfd && !ipc && !vmm)
         return vqkvd__payload_fail(why, why_size, VQKV_EINVAL,
                                    "kind must be MEMFD, CUDA_IPC or CUDA_VMM_FD");
-    size_t want_fds = ipc ? 0 : 1;
-    if (rr->num_fds != want_fds || n_fds != want_fds) {
-        snprintf(why, why_size, "a %s region comes with exactly %zu fd (num_fds %u, %zu came)",
-                 memfd ? "MEMFD"
-                 : ipc ? "CUDA_IPC"
-                       : "CUDA_VMM_FD",
-                 want_fds, (unsigned)rr->num_fds, n_fds);
+    if (rr->num_fds != n_fds) {
+        snprintf(why, why_size, "num_fds says %u, %zu came with the frame", (unsigned)rr->num_fds,
+                 n_fds);
         return VQKV_EFDS;
     }
+    size_t want_fds = ipc ? 0 : 1;
+    if (!vmm && (n_fds != want_fds || n_held > 0)) {
+        snprintf(why, why_size, "a %s region comes with exactly %zu fd (%zu came%s)",
+                 memfd ? "MEMFD" : "CUDA_IPC", want_fds, n_fds,
+                 n_held > 0 ? ", and RegionPieces were sent before it" : "");
+        return VQKV_EFDS;
+    }
+    if (!vmm && rr->n_piece_bytes > 0)
+        return vqkvd__payload_fail(why, why_size, VQKV_EINVAL,
+                                   "piece_bytes belongs to CUDA_VMM_FD regions only");
+    int rc = vmm ? vqkvd__pieces_check(rr, n_fds, n_held, why, why_size) : VQKV_OK;
+    if (rc != VQKV_OK)
+        return rc;
     if (rr->device != 0)
         return vqkvd__payload_fail(why, why_size, VQKV_EINVAL,
                                    "device must be 0; a GPU is named by gpu_uuid");

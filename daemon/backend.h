@@ -32,10 +32,10 @@
 
 /* Worker memory a backend opened. */
 typedef struct {
-    uint8_t *base; /* where view offsets start (CPU: the host mapping; CUDA: a device address) */
-    size_t bytes;  /* the region's size, all of it reachable from base */
-    uint64_t vmm_handle; /* CUDA: the imported VMM allocation; 0 for other kinds */
-    uint32_t device;     /* CUDA: which of the backend's devices holds it; 0 on the CPU */
+    uint8_t *base;   /* where view offsets start (CPU: the host mapping; CUDA: a device address) */
+    size_t bytes;    /* the region's size, all of it reachable from base */
+    bool vmm;        /* CUDA: VMM pieces mapped at base by us; else an IPC mapping */
+    uint32_t device; /* CUDA: which of the backend's devices holds it; 0 on the CPU */
 } vqkvd_region_mem_t;
 
 /* A GPU a backend serves, for Welcome.devices and the logs. */
@@ -91,9 +91,20 @@ typedef struct {
     /* On the loop: opens the memory of rr (its view already checked
      * against rr->region_bytes) from the kinds of region and the fds the
      * backend takes: what a region must carry is the backend's rule alone.
-     * VQKV_OK, or an error with why (a message for the client) filled. */
+     * A CUDA_VMM_FD region's first n_pieces pieces come imported already
+     * (piece_import, from RegionPieces; the caller lets them go after,
+     * whatever the answer), the rest as the frame's fds. VQKV_OK, or an
+     * error with why (a message for the client) filled. */
     int (*region_open)(vqkvd_backend_t *be, const Vqkv__RegisterRegion *rr, const int *fds,
-                       size_t n_fds, vqkvd_region_mem_t *mem, char *why, size_t why_size);
+                       size_t n_fds, const uint64_t *pieces, size_t n_pieces,
+                       vqkvd_region_mem_t *mem, char *why, size_t why_size);
+    /* On the loop: imports the VMM allocation exported as fd (the fd stays
+     * the caller's) into *piece, for a later region_open. NULL for a
+     * backend without GPU memory. VQKV_OK, or an error with why filled. */
+    int (*piece_import)(vqkvd_backend_t *be, int fd, uint64_t *piece, char *why, size_t why_size);
+    /* Lets go of a piece from piece_import; a region mapped from it keeps
+     * its memory until region_close. */
+    void (*piece_release)(vqkvd_backend_t *be, uint64_t piece);
     /* Once no job uses the region any more. */
     void (*region_close)(vqkvd_backend_t *be, vqkvd_region_mem_t *mem);
     /* On a thread-pool thread; VQKV_OK or the first block's error. */
@@ -138,13 +149,17 @@ struct vqkvd_backend {
 };
 
 /* Whether rr's payload has the shape its kind asks for, whatever the
- * backend: one fd with MEMFD and CUDA_VMM_FD, none with CUDA_IPC
- * (VQKV_EFDS); a 64-byte cuda_ipc_handle with CUDA_IPC only, a 16-byte
- * gpu_uuid with the CUDA kinds only, device 0 (VQKV_EINVAL). VQKV_OK, or
- * the code with why filled. Checked before region_open, so a malformed
- * payload reads the same to a CPU and to a CUDA daemon. */
-int vqkvd_region_payload_check(const Vqkv__RegisterRegion *rr, size_t n_fds, char *why,
-                               size_t why_size);
+ * backend: one fd with MEMFD, none with CUDA_IPC, and with CUDA_VMM_FD 1
+ * to VQKV_FRAME_MAX_FDS that with the n_held pieces of earlier
+ * RegionPieces make one a piece (VQKV_EFDS; pieces held for any other kind
+ * too); a 64-byte cuda_ipc_handle with CUDA_IPC only, a 16-byte gpu_uuid
+ * with the CUDA kinds only, device 0, piece_bytes with CUDA_VMM_FD only,
+ * at most VQKV_REGION_MAX_PIECES of them, none 0, adding up to
+ * region_bytes (VQKV_EINVAL). VQKV_OK, or the code with why filled.
+ * Checked before region_open, so a malformed payload reads the same to a
+ * CPU and to a CUDA daemon. */
+int vqkvd_region_payload_check(const Vqkv__RegisterRegion *rr, size_t n_fds, size_t n_held,
+                               char *why, size_t why_size);
 
 /* A GPU's UUID as nvidia-smi -L writes it, "GPU-xxxxxxxx-xxxx-xxxx-xxxx-
  * xxxxxxxxxxxx", for messages and logs. */

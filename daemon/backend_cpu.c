@@ -19,11 +19,14 @@
 #include "backend.h"
 
 static int vqkvd__cpu_region_open(vqkvd_backend_t *be, const Vqkv__RegisterRegion *rr,
-                                  const int *fds, size_t n_fds, vqkvd_region_mem_t *mem, char *why,
+                                  const int *fds, size_t n_fds, const uint64_t *pieces,
+                                  size_t n_pieces, vqkvd_region_mem_t *mem, char *why,
                                   size_t why_size)
 {
     (void)be;
-    (void)n_fds; /* one, for a MEMFD region: vqkvd_region_payload_check */
+    (void)n_fds;  /* one, for a MEMFD region: vqkvd_region_payload_check */
+    (void)pieces; /* none: RegionPieces are refused without piece_import */
+    (void)n_pieces;
     if (rr->kind != VQKV__REGION_KIND__REGION_KIND_MEMFD) {
         char gpu[VQKVD_GPU_UUID_TEXT];
         vqkvd_gpu_uuid_format(rr->gpu_uuid.data, gpu);
@@ -135,6 +138,8 @@ static const vqkvd_backend_ops_t vqkvd__cpu_ops = {
     .name = "cpu",
     .region_open = vqkvd__cpu_region_open,
     .region_close = vqkvd__cpu_region_close,
+    .piece_import = NULL,
+    .piece_release = NULL,
     .encode = vqkvd__cpu_encode,
     .decode = vqkvd__cpu_decode,
     .block_read = vqkvd__cpu_block_read,

@@ -58,6 +58,7 @@
 #include "backend.h"
 #include "config.h"
 #include "cuda_store.h"
+#include "frame.h"
 #include "log.h"
 #include "vqkv_cuda.h"
 
@@ -271,56 +272,108 @@ static int vqkvd__cuda_open_ipc(vqkvd__cuda_t *g, const Vqkv__RegisterRegion *rr
     }
     mem->base = ptr;
     mem->bytes = rr->region_bytes;
-    mem->vmm_handle = 0;
+    mem->vmm = false;
     return VQKV_OK;
 }
 
+static int vqkvd__cuda_piece_import(vqkvd_backend_t *be, int fd, uint64_t *piece, char *why,
+                                    size_t why_size)
+{
+    vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
+    CUmemGenericAllocationHandle h = 0;
+    cudaSetDevice(g->gpus[0]->ordinal); /* a context; the handle is not bound to it */
+    int rc = vqkvd__cuda_drv(
+        g->driver.import(&h, (void *)(intptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+        "cuMemImportFromShareableHandle (is the fd an exported VMM allocation?)", why, why_size);
+    *piece = h;
+    return rc;
+}
+
+static void vqkvd__cuda_piece_release(vqkvd_backend_t *be, uint64_t piece)
+{
+    ((vqkvd__cuda_t *)be)->driver.release(piece);
+}
+
+/* Unmaps the pieces mapped over [va, va + bytes), one call each as the
+ * driver asks (a range is unmapped as it was mapped), found by asking the
+ * driver where each mapping ends: O(pieces) calls. */
+static void vqkvd__cuda_unmap_pieces(const vqkvd_cuda_driver_t *d, CUdeviceptr va, size_t bytes)
+{
+    for (CUdeviceptr at = va, end = va + bytes; at < end;) {
+        CUdeviceptr start = 0;
+        size_t len = 0;
+        if (d->address_range(&start, &len, at) != CUDA_SUCCESS || start + len <= at) {
+            d->unmap(at, end - at); /* not expected: a last try at the rest */
+            return;
+        }
+        d->unmap(at, start + len - at);
+        at = start + len;
+    }
+}
+
+/* Maps the region's pieces one after another over a range of addresses of
+ * ours: the held ones, then those of the frame's fds (imported here and
+ * let go once mapped: a mapping keeps its memory). The driver refuses a
+ * piece larger than its allocation, or not a multiple of the granularity,
+ * so a worker's wrong piece_bytes fails here, before any job. O(pieces)
+ * driver calls, once per registration. */
 static int vqkvd__cuda_open_vmm(vqkvd__cuda_t *g, int ordinal, const Vqkv__RegisterRegion *rr,
-                                int fd, vqkvd_region_mem_t *mem, char *why, size_t why_size)
+                                const int *fds, size_t n_fds, const uint64_t *held, size_t n_held,
+                                vqkvd_region_mem_t *mem, char *why, size_t why_size)
 {
     const vqkvd_cuda_driver_t *d = &g->driver;
-    CUmemGenericAllocationHandle h = 0;
+    size_t size = rr->region_bytes, n = n_held + n_fds, n_imported = 0, n_mapped = 0, at = 0;
+    uint64_t imported[VQKV_FRAME_MAX_FDS];
     CUdeviceptr va = 0;
-    size_t size = rr->region_bytes;
-    int rc = vqkvd__cuda_drv(
-        d->import(&h, (void *)(intptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
-        "cuMemImportFromShareableHandle (is the fd an exported VMM allocation?)", why, why_size);
+    int rc = VQKV_OK;
+    for (; rc == VQKV_OK && n_imported < n_fds; n_imported++)
+        rc = vqkvd__cuda_piece_import(&g->base, fds[n_imported], &imported[n_imported], why,
+                                      why_size);
+    if (rc != VQKV_OK) {
+        n_imported--; /* the failed one holds nothing */
+        goto cleanup;
+    }
+    rc = vqkvd__cuda_drv(d->reserve(&va, size, 0, 0, 0), "cuMemAddressReserve", why, why_size);
+    if (rc != VQKV_OK)
+        goto cleanup;
+    for (; n_mapped < n; n_mapped++) {
+        size_t piece = rr->n_piece_bytes > 0 ? rr->piece_bytes[n_mapped] : size;
+        CUmemGenericAllocationHandle h =
+            n_mapped < n_held ? held[n_mapped] : imported[n_mapped - n_held];
+        if (d->map(va + at, piece, 0, h, 0) != CUDA_SUCCESS) {
+            snprintf(why, why_size,
+                     "cuMemMap of piece %zu (%zu bytes at offset %zu) failed: larger than its "
+                     "allocation, or not a multiple of its granularity?",
+                     n_mapped, piece, at);
+            rc = VQKV_EMAP;
+            goto cleanup;
+        }
+        at += piece;
+    }
+    CUmemAccessDesc access = {.location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = ordinal},
+                              .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
+    rc = vqkvd__cuda_drv(d->set_access(va, size, &access, 1), "cuMemSetAccess", why, why_size);
+cleanup:
+    if (rc != VQKV_OK && va != 0) {
+        vqkvd__cuda_unmap_pieces(d, va, at);
+        d->address_free(va, size);
+    }
+    for (size_t i = 0; i < n_imported; i++)
+        d->release(imported[i]);
     if (rc != VQKV_OK)
         return rc;
-    rc = vqkvd__cuda_drv(d->reserve(&va, size, 0, 0, 0), "cuMemAddressReserve", why, why_size);
-    if (rc == VQKV_OK) {
-        rc = vqkvd__cuda_drv(d->map(va, size, 0, h, 0),
-                             "cuMemMap (region_bytes past the "
-                             "allocation?)",
-                             why, why_size);
-        if (rc != VQKV_OK)
-            d->address_free(va, size);
-    }
-    if (rc == VQKV_OK) {
-        CUmemAccessDesc access = {.location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = ordinal},
-                                  .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
-        rc = vqkvd__cuda_drv(d->set_access(va, size, &access, 1), "cuMemSetAccess", why, why_size);
-        if (rc != VQKV_OK) {
-            d->unmap(va, size);
-            d->address_free(va, size);
-        }
-    }
-    if (rc != VQKV_OK) {
-        d->release(h);
-        return rc;
-    }
     mem->base = (uint8_t *)(uintptr_t)va;
     mem->bytes = size;
-    mem->vmm_handle = h;
+    mem->vmm = true;
     return VQKV_OK;
 }
 
 static int vqkvd__cuda_region_open(vqkvd_backend_t *be, const Vqkv__RegisterRegion *rr,
-                                   const int *fds, size_t n_fds, vqkvd_region_mem_t *mem, char *why,
+                                   const int *fds, size_t n_fds, const uint64_t *pieces,
+                                   size_t n_pieces, vqkvd_region_mem_t *mem, char *why,
                                    size_t why_size)
 {
     vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
-    (void)n_fds; /* as the kind asks: vqkvd_region_payload_check */
     if (rr->kind == VQKV__REGION_KIND__REGION_KIND_MEMFD) {
         snprintf(why, why_size,
                  "this vqkvd serves GPU memory (--device cuda); register the "
@@ -343,18 +396,18 @@ static int vqkvd__cuda_region_open(vqkvd_backend_t *be, const Vqkv__RegisterRegi
     mem->device = k;
     if (rr->kind == VQKV__REGION_KIND__REGION_KIND_CUDA_IPC)
         return vqkvd__cuda_open_ipc(g, rr, mem, why, why_size);
-    return vqkvd__cuda_open_vmm(g, g->gpus[k]->ordinal, rr, fds[0], mem, why, why_size);
+    return vqkvd__cuda_open_vmm(g, g->gpus[k]->ordinal, rr, fds, n_fds, pieces, n_pieces, mem, why,
+                                why_size);
 }
 
 static void vqkvd__cuda_region_close(vqkvd_backend_t *be, vqkvd_region_mem_t *mem)
 {
     vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
     cudaSetDevice(g->gpus[mem->device]->ordinal);
-    if (mem->vmm_handle != 0) {
+    if (mem->vmm) {
         CUdeviceptr va = (CUdeviceptr)(uintptr_t)mem->base;
-        g->driver.unmap(va, mem->bytes);
+        vqkvd__cuda_unmap_pieces(&g->driver, va, mem->bytes);
         g->driver.address_free(va, mem->bytes);
-        g->driver.release(mem->vmm_handle);
     } else {
         cudaIpcCloseMemHandle(mem->base);
     }
@@ -584,6 +637,8 @@ static const vqkvd_backend_ops_t vqkvd__cuda_ops = {
     .name = "cuda",
     .region_open = vqkvd__cuda_region_open,
     .region_close = vqkvd__cuda_region_close,
+    .piece_import = vqkvd__cuda_piece_import,
+    .piece_release = vqkvd__cuda_piece_release,
     .encode = vqkvd__cuda_encode,
     .decode = vqkvd__cuda_decode,
     .block_read = vqkvd__cuda_block_read,

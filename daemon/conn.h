@@ -84,6 +84,8 @@ struct vqkvd_client {
     struct vqkvd_region *regions; /* session.h */
     uint32_t n_regions;
     uint64_t next_region;
+    uint64_t *pieces; /* imported from RegionPieces, for the next RegisterRegion */
+    uint32_t n_pieces, cap_pieces;
     struct vqkvd_pin *pins; /* ttl_ms 0 pins: a table of cap_pins (a power of 2) */
     uint32_t n_pins, cap_pins;
 

@@ -463,6 +463,69 @@ int vqkvd_model_set_ready(vqkvd_server_t *s, vqkvd_model_t *m, const vqkvd_codec
     return VQKV_OK;
 }
 
+/* ---- RegionPieces ------------------------------------------------------------- */
+
+void vqkvd__pieces_release(vqkvd_client_t *c)
+{
+    vqkvd_backend_t *be = c->server->backend;
+    for (uint32_t i = 0; i < c->n_pieces; i++)
+        be->ops->piece_release(be, c->pieces[i]);
+    c->n_pieces = 0;
+}
+
+/* Imports the frame's pieces and holds them for the next RegisterRegion.
+ * Any refusal lets go of every piece held too, so that the RegisterRegion
+ * which follows a failed batch is refused for its count rather than
+ * registered over the wrong memory. */
+void vqkvd_session_region_pieces(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame)
+{
+    const Vqkv__RegionPieces *rp = req->region_pieces;
+    uint64_t id = req->request_id;
+    vqkvd_backend_t *be = c->server->backend;
+    char why[256];
+    int rc = VQKV_OK;
+    if (be->ops->piece_import == NULL) {
+        rc = VQKV_EDEVICE;
+        snprintf(why, sizeof why,
+                 "this vqkvd runs the %s backend and owns no GPU; RegionPieces carry CUDA VMM "
+                 "memory",
+                 be->ops->name);
+    } else if (rp->num_fds != frame->n_fds || frame->n_fds == 0) {
+        rc = VQKV_EFDS;
+        snprintf(why, sizeof why, "RegionPieces come with 1 to %d fds (num_fds %u, %zu came)",
+                 VQKV_FRAME_MAX_FDS, (unsigned)rp->num_fds, frame->n_fds);
+    } else if (c->n_pieces + frame->n_fds > VQKV_REGION_MAX_PIECES) {
+        rc = VQKV_ELIMIT;
+        snprintf(why, sizeof why, "a region spans at most %d pieces", VQKV_REGION_MAX_PIECES);
+    } else if (c->n_pieces + frame->n_fds > c->cap_pieces) {
+        /* Doubling: O(pieces) copies over a registration. */
+        uint32_t cap = c->cap_pieces ? c->cap_pieces : VQKV_FRAME_MAX_FDS;
+        while (cap < c->n_pieces + frame->n_fds)
+            cap *= 2;
+        uint64_t *grown = realloc(c->pieces, cap * sizeof *grown);
+        if (grown == NULL) {
+            rc = VQKV_ENOMEM;
+            snprintf(why, sizeof why, "out of memory");
+        } else {
+            c->pieces = grown;
+            c->cap_pieces = cap;
+        }
+    }
+    for (size_t i = 0; rc == VQKV_OK && i < frame->n_fds; i++) {
+        rc = be->ops->piece_import(be, frame->fds[i], &c->pieces[c->n_pieces], why, sizeof why);
+        if (rc == VQKV_OK)
+            c->n_pieces++;
+    }
+    if (rc != VQKV_OK) {
+        uint32_t held = c->n_pieces;
+        vqkvd__pieces_release(c);
+        vqkvd_client_error(c, id, rc, "RegionPieces: %s%s", why,
+                           held > 0 ? "; the pieces held before are let go" : "");
+        return;
+    }
+    vqkvd__ack(c, id, c->n_pieces);
+}
+
 /* ---- RegisterRegion -------------------------------------------------------- */
 
 /* The view of a RegisterRegion, checked whole against m's layout: every
@@ -501,7 +564,7 @@ static bool vqkvd__region_view(vqkvd_client_t *c, uint64_t id, const Vqkv__Regis
     return true;
 }
 
-void vqkvd_session_register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
+static void vqkvd__region_register(vqkvd_client_t *c, const Vqkv__Envelope *req,
                                    vqkv_frame_t *frame)
 {
     const Vqkv__RegisterRegion *rr = req->register_region;
@@ -546,10 +609,10 @@ void vqkvd_session_register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
         memcpy(r->layer_offsets, rr->layer_offsets, offsets_bytes);
     view.layer_offsets = r->layer_offsets;
     char why[256];
-    int rc = vqkvd_region_payload_check(rr, frame->n_fds, why, sizeof why);
+    int rc = vqkvd_region_payload_check(rr, frame->n_fds, c->n_pieces, why, sizeof why);
     if (rc == VQKV_OK)
         rc = c->server->backend->ops->region_open(c->server->backend, rr, frame->fds, frame->n_fds,
-                                                  &r->mem, why, sizeof why);
+                                                  c->pieces, c->n_pieces, &r->mem, why, sizeof why);
     if (rc != VQKV_OK) {
         free(r->layer_offsets);
         free(r);
@@ -573,6 +636,15 @@ void vqkvd_session_register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
     env.body_case = VQKV__ENVELOPE__BODY_REGION_REGISTERED;
     env.region_registered = &rg;
     vqkvd_client_reply(c, &env);
+}
+
+/* Registered or refused, the region takes the pieces RegionPieces sent
+ * before it: a mapping keeps its own hold on their memory. */
+void vqkvd_session_register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
+                                   vqkv_frame_t *frame)
+{
+    vqkvd__region_register(c, req, frame);
+    vqkvd__pieces_release(c);
 }
 
 /* Whether region r can hold model m's blocks: a region serves every model

@@ -16,6 +16,7 @@ static const vqkvd_request_t vqkvd__requests[VQKVD_BODY_CASES] = {
     VQKVD__REQUEST(STATS, "Stats", vqkvd_client_stats, false, false),
     VQKVD__REQUEST(REGISTER_MODEL, "RegisterModel", vqkvd_session_register_model, true, false),
     VQKVD__REQUEST(REGISTER_REGION, "RegisterRegion", vqkvd_session_register_region, true, false),
+    VQKVD__REQUEST(REGION_PIECES, "RegionPieces", vqkvd_session_region_pieces, true, false),
     VQKVD__REQUEST(FIND_MODEL, "FindModel", vqkvd_session_find_model, false, false),
     VQKVD__REQUEST(PUT, "Put", vqkvd_session_put, false, false),
     VQKVD__REQUEST(LOOKUP, "Lookup", vqkvd_session_lookup, false, false),

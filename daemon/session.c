@@ -281,6 +281,10 @@ void vqkvd_session_client_gone(vqkvd_client_t *c)
         vqkvd__region_unref(r);
     }
     c->n_regions = 0;
+    vqkvd__pieces_release(c);
+    free(c->pieces);
+    c->pieces = NULL;
+    c->cap_pieces = 0;
     vqkvd_server_t *s = c->server;
     for (uint32_t i = 0; i < c->cap_pins; i++)
         if (c->pins[i].model != 0)

@@ -123,6 +123,7 @@ void vqkvd_session_register_model(vqkvd_client_t *c, const Vqkv__Envelope *req,
                                   vqkv_frame_t *frame);
 void vqkvd_session_register_region(vqkvd_client_t *c, const Vqkv__Envelope *req,
                                    vqkv_frame_t *frame);
+void vqkvd_session_region_pieces(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
 void vqkvd_session_find_model(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
 void vqkvd_session_put(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
 void vqkvd_session_lookup(vqkvd_client_t *c, const Vqkv__Envelope *req, vqkv_frame_t *frame);
@@ -170,6 +171,8 @@ uint8_t *vqkvd__keys_flat(vqkvd_client_t *c, uint64_t id, const ProtobufCBinaryD
                           size_t n);
 /* Answers with an Ack of count. */
 void vqkvd__ack(vqkvd_client_t *c, uint64_t id, uint32_t count);
+/* models.c: lets go of the pieces c holds from RegionPieces. */
+void vqkvd__pieces_release(vqkvd_client_t *c);
 /* Whether c's peer is in cfg.admin_uids. */
 int vqkvd__is_admin(const vqkvd_client_t *c);
 

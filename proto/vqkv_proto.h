@@ -23,10 +23,15 @@ extern "C" {
 /* Hello.protocol_version. Bumped for any change an older peer would
  * misread; adding a message type or field counts, since peers refuse
  * unknown fields. */
-#define VQKV_PROTO_VERSION 2
+#define VQKV_PROTO_VERSION 3
 
 /* Bytes of a block key (SHA-256). */
 #define VQKV_PROTO_KEY_BYTES 32
+
+/* Physical allocations one CUDA_VMM_FD region may span (RegisterRegion.
+ * piece_bytes): 8192 of PyTorch's 20 MiB expandable-segment pages is
+ * 160 GiB, more than one GPU holds. */
+#define VQKV_REGION_MAX_PIECES 8192
 
 /* A static string naming err, for the codes here and those of
  * kernels/vqkv_codec.h; never NULL. */

@@ -6,7 +6,10 @@
  * wrote is checked against what the writer put (fp16 is lossless).
  *
  *   - a cudaMalloc cache (legacy IPC), the same with the tensor 4 KiB into
- *     its allocation, and a VMM cache exported as an fd;
+ *     its allocation, and a VMM cache as PyTorch's expandable segments map
+ *     one: 2 MiB pieces inside a larger reservation, the tensor 4 KiB into
+ *     the first and its layers 4.5 MiB apart, so that it spans 7 pieces,
+ *     sent as one fd each over two frames (RegionPieces, RegisterRegion);
  *   - a put and a get with the workers' interprocess events, neither
  *     worker synchronizing its stream;
  *   - a worker SIGKILLed right after starting a get: its regions are closed
@@ -79,32 +82,53 @@ static void worker_fail(const char *fmt, ...)
             worker_fail(__VA_ARGS__);                                                              \
     } while (0)
 
-/* The host image of a cache of seed: what a writer of seed put there. */
-static void cache_image(cache_t *k, unsigned seed)
+/* The VMM cache's layers lie this far apart (see the top). */
+#define VMM_LAYER_STRIDE (4608u << 10)
+#define VMM_PIECE (2u << 20)
+
+/* Where block slot of layer l, side kv starts in k. */
+static size_t cache_block_at(const cache_t *k, uint32_t l, uint32_t kv, uint32_t slot)
+{
+    return l * k->view.layer_stride + kv * k->view.kv_stride + slot * k->view.slot_stride;
+}
+
+/* The host image of a cache of kind and seed: what a writer of seed put
+ * there. A block's values depend on seed and the block alone, not on
+ * where the kind's view puts it. */
+static void cache_image(cache_t *k, cache_kind_t kind, unsigned seed)
 {
     memset(k, 0, sizeof *k);
     vqkv_kv_view_vllm(&k->view, &layout, SLOTS);
-    k->host = malloc(k->view.region_bytes);
-    WORKER_CHECK(k->host != NULL, "out of memory");
-    srand(seed);
-    uint16_t *v = (uint16_t *)k->host;
-    for (size_t i = 0; i < k->view.region_bytes / 2; i++) {
-        float x = (float)rand() / (float)RAND_MAX * 4.0f - 2.0f;
-        vqkv_dtype_from_f32(VQKV_DTYPE_F16, &x, 1, &v[i]);
+    if (kind == CACHE_VMM) {
+        k->view.layer_stride = VMM_LAYER_STRIDE;
+        k->view.region_bytes = (layout.num_layers - 1) * VMM_LAYER_STRIDE + 2 * k->view.kv_stride;
     }
+    k->host = calloc(1, k->view.region_bytes);
+    WORKER_CHECK(k->host != NULL, "out of memory");
+    for (uint32_t l = 0; l < layout.num_layers; l++)
+        for (uint32_t kv = 0; kv < 2; kv++)
+            for (uint32_t slot = 0; slot < SLOTS; slot++) {
+                uint32_t x = seed * 2654435761u ^ (l * 131u + kv * 17u + slot) * 40503u;
+                uint16_t *v = (uint16_t *)(k->host + cache_block_at(k, l, kv, slot));
+                for (size_t i = 0; i < k->view.slot_stride / 2; i++) {
+                    x = x * 1664525u + 1013904223u;
+                    float f = (float)(x >> 8) / (float)(1u << 24) * 4.0f - 2.0f;
+                    vqkv_dtype_from_f32(VQKV_DTYPE_F16, &f, 1, &v[i]);
+                }
+            }
 }
 
 /* A cache of kind on the GPU holding the image of seed, unless clear: then
  * zeros on the GPU (the image stays, for the writer to copy in itself). */
 static void cache_new(cache_t *k, cache_kind_t kind, unsigned seed, bool clear)
 {
-    cache_image(k, seed);
+    cache_image(k, kind, seed);
     k->kind = kind;
-    size_t bytes = k->view.region_bytes, skip = kind == CACHE_AT_OFFSET ? 4096 : 0;
+    size_t bytes = k->view.region_bytes, skip = kind != CACHE_MALLOC ? 4096 : 0;
     if (kind == CACHE_VMM) {
-        CUresult err = vmm_alloc(bytes, &k->vmm);
+        CUresult err = vmm_alloc(VMM_PIECE, (bytes + skip + VMM_PIECE - 1) / VMM_PIECE, &k->vmm);
         WORKER_CHECK(err == CUDA_SUCCESS, "VMM allocation: driver error %d", (int)err);
-        k->tensor = (uint8_t *)(uintptr_t)k->vmm.va;
+        k->tensor = (uint8_t *)(uintptr_t)k->vmm.va + skip;
     } else {
         cudaError_t err = cudaMalloc(&k->alloc, bytes + skip);
         WORKER_CHECK(err == cudaSuccess, "cudaMalloc: %s", cudaGetErrorName(err));
@@ -122,16 +146,15 @@ static void cache_pull(cache_t *k)
     WORKER_CHECK(err == cudaSuccess, "cudaMemcpy back: %s", cudaGetErrorName(err));
 }
 
-/* Block `slot` of a equals block `other` of b, byte for byte. */
+/* Block `slot` of a equals block `other` of b, byte for byte, wherever
+ * their views put them. */
 static bool cache_block_equal(const cache_t *a, uint32_t slot, const cache_t *b, uint32_t other)
 {
     for (uint32_t l = 0; l < layout.num_layers; l++)
-        for (uint32_t kv = 0; kv < 2; kv++) {
-            uint64_t at = l * a->view.layer_stride + kv * a->view.kv_stride;
-            if (memcmp(a->host + at + slot * a->view.slot_stride,
-                       b->host + at + other * b->view.slot_stride, a->view.slot_stride) != 0)
+        for (uint32_t kv = 0; kv < 2; kv++)
+            if (memcmp(a->host + cache_block_at(a, l, kv, slot),
+                       b->host + cache_block_at(b, l, kv, other), a->view.slot_stride) != 0)
                 return false;
-        }
     return true;
 }
 
@@ -226,7 +249,7 @@ static void worker_get(const char *sock, cache_kind_t kind, unsigned seed, unsig
 {
     cache_t k, want;
     cache_new(&k, kind, seed + 1000, false);
-    cache_image(&want, seed);
+    cache_image(&want, CACHE_MALLOC, seed);
     vqkv_model_t *m;
     vqkv_region_t r;
     uint8_t keys[BLOCKS][VQKV_KEY_BYTES];

@@ -7,13 +7,23 @@
  *   stub        VQKV_LIBCUDA names the toolkit's stub libcuda.so, which
  *               exports every symbol and fails every call: each name
  *               libvqkv looks up exists, and cuInit's failure is reported
+ *   fake        VQKV_LIBCUDA names fake_libcuda.so (fake_libcuda.c), a
+ *               driver without a GPU: VMM memory over many pieces inside a
+ *               larger reservation is walked piece by piece (sizes, the
+ *               offset in the first, an fd each), memory past what is
+ *               mapped and more pieces than a region may span are refused
+ *               before any fd is made, a failed export leaves no fd open
+ *               and no handle retained; a legacy allocation is described
+ *               from its RANGE_START and RANGE_SIZE
  *   gpu         the real driver (label gpu; 77, skipped, without a GPU):
  *               cudaMalloc memory is described as a legacy IPC allocation
- *               with the right offset, size and UUID, VMM memory exported
- *               as an fd, host memory and a range past the allocation are
- *               refused
+ *               with the right offset, size and UUID, VMM memory over
+ *               three pieces exported as three fds, host memory and a
+ *               range past the allocation are refused
  */
+#include <dlfcn.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -26,7 +36,10 @@
 #include <cmocka.h>
 
 #include "cuda_driver.h"
+#include "fake_libcuda.h"
+#include "test_util.h"
 #include "vqkv_codec.h"
+#include "vqkv_proto.h"
 
 #ifdef VQKV_TEST_GPU
 #include <cuda_runtime.h>
@@ -89,7 +102,7 @@ static void check_legacy(void)
     if (rc != VQKV_OK)
         fail_msg("cudaMalloc memory: %s", why);
     assert_int_equal(mem.vmm, 0);
-    assert_int_equal(mem.fd, -1);
+    assert_int_equal(mem.n_pieces, 0);
     assert_int_equal(mem.offset, 4096);
     assert_true(mem.alloc_bytes >= bytes);
     assert_memory_equal(mem.gpu_uuid, uuid, sizeof uuid);
@@ -102,26 +115,144 @@ static void check_legacy(void)
     assert_int_equal(cudaFree(p), cudaSuccess);
 }
 
+/* Three pieces mapped inside a larger reservation, as PyTorch's
+ * expandable segments map them: a tensor from a quarter into the first to
+ * the middle of the third spans all three. */
 static void check_vmm(void)
 {
     vmm_mem_t vm;
-    CUresult err = vmm_alloc(4u << 21, &vm);
+    CUresult err = vmm_alloc(1, 3, &vm);
     if (err != CUDA_SUCCESS)
         fail_msg("VMM allocation: CUDA driver error %d", (int)err);
-    size_t quarter = vm.bytes / 4;
+    size_t piece = vm.piece_bytes;
     vqkv__cuda_mem_t mem;
     char why[256] = "";
-    int rc = vqkv__cuda_describe(vm.va + quarter, quarter, &mem, why, sizeof why);
+    int rc = vqkv__cuda_describe(vm.va + piece / 4, 2 * piece, &mem, why, sizeof why);
     if (rc != VQKV_OK)
         fail_msg("VMM memory: %s", why);
     assert_int_equal(mem.vmm, 1);
-    assert_true(mem.fd >= 0);
-    assert_int_equal(mem.offset, quarter);
-    assert_int_equal(mem.alloc_bytes, vm.bytes);
-    close(mem.fd);
+    assert_int_equal(mem.n_pieces, 3);
+    for (size_t i = 0; i < 3; i++) {
+        assert_int_equal(mem.piece_bytes[i], piece);
+        assert_true(fcntl(mem.fds[i], F_GETFD) >= 0);
+    }
+    assert_int_equal(mem.offset, piece / 4);
+    assert_int_equal(mem.alloc_bytes, 3 * piece);
+    vqkv__cuda_mem_free(&mem);
+    assert_int_equal(vqkv__cuda_describe(vm.va + piece / 4, 3 * piece, &mem, why, sizeof why),
+                     VQKV_ERANGE);
     vmm_free(&vm);
 }
 #endif
+
+/* ---- the fake driver -------------------------------------------------------- */
+
+static fake_cuda_setup_fn fake_setup;
+static fake_cuda_counts_fn fake_counts;
+
+static void fake_open(void)
+{
+    if (!fake_cuda_open(&fake_setup, &fake_counts))
+        fail_msg("the fake driver: %s", dlerror());
+}
+
+#define FAKE_PIECE (2ull << 20)
+#define FAKE_BASE 0x7f0000200000ull
+
+static void fake_vmm(uint64_t n, int fail_export_at)
+{
+    fake_cuda_memory_t m = fake_cuda_vmm(FAKE_BASE, FAKE_PIECE, n, fail_export_at);
+    fake_setup(&m);
+}
+
+/* describe's answer, its message holding says, and no fd left open or
+ * handle retained by the failure. */
+static void fake_refused(uint64_t devptr, uint64_t bytes, int code, const char *says, int exports)
+{
+    int before = count_open_fds(), made, retained;
+    vqkv__cuda_mem_t mem;
+    char why[256] = "";
+    assert_int_equal(vqkv__cuda_describe(devptr, bytes, &mem, why, sizeof why), code);
+    if (strstr(why, says) == NULL)
+        fail_msg("\"%s\" does not say \"%s\"", why, says);
+    fake_counts(&made, &retained);
+    assert_int_equal(made, exports);
+    assert_int_equal(retained, 0);
+    assert_int_equal(count_open_fds(), before);
+}
+
+static void check_fake(void)
+{
+    fake_open();
+    /* Nine pieces: a tensor 4 KiB into the first, to 4 KiB into the ninth. */
+    fake_vmm(9, -1);
+    int before = count_open_fds(), made, retained;
+    vqkv__cuda_mem_t mem;
+    char why[256] = "";
+    uint64_t at = FAKE_BASE + 4096;
+    int rc = vqkv__cuda_describe(at, 8 * FAKE_PIECE, &mem, why, sizeof why);
+    if (rc != VQKV_OK)
+        fail_msg("fake VMM memory: %s", why);
+    assert_int_equal(mem.vmm, 1);
+    assert_int_equal(mem.n_pieces, 9);
+    assert_int_equal(mem.offset, 4096); /* from the first piece, not the reservation */
+    assert_int_equal(mem.alloc_bytes, 9 * FAKE_PIECE);
+    assert_memory_equal(mem.gpu_uuid, FAKE_CUDA_UUID, VQKV__GPU_UUID_BYTES);
+    for (size_t i = 0; i < mem.n_pieces; i++) {
+        assert_int_equal(mem.piece_bytes[i], FAKE_PIECE);
+        assert_true(fcntl(mem.fds[i], F_GETFD) >= 0);
+    }
+    assert_int_equal(count_open_fds(), before + 9);
+    fake_counts(&made, &retained);
+    assert_int_equal(made, 9);
+    assert_int_equal(retained, 0);
+    vqkv__cuda_mem_free(&mem);
+    assert_int_equal(count_open_fds(), before);
+    assert_null(mem.fds);
+
+    /* Exactly what is mapped, in one piece: one fd. */
+    assert_int_equal(vqkv__cuda_describe(FAKE_BASE, FAKE_PIECE, &mem, why, sizeof why), VQKV_OK);
+    assert_int_equal(mem.n_pieces, 1);
+    assert_int_equal(mem.offset, 0);
+    vqkv__cuda_mem_free(&mem);
+
+    /* One byte past the ninth piece: refused before any export. */
+    fake_vmm(9, -1);
+    fake_refused(at, 9 * FAKE_PIECE - 4096 + 1, VQKV_ERANGE, "is not mapped", 0);
+    /* The third export fails: the two made are closed. */
+    fake_vmm(9, 2);
+    fake_refused(at, 8 * FAKE_PIECE, VQKV_EDEVICE,
+                 "cuMemExportToShareableHandle (allocate with a POSIX fd handle type): "
+                 "CUDA_ERROR_OUT_OF_MEMORY",
+                 2);
+    /* One piece more than a region may span. */
+    fake_vmm(VQKV_REGION_MAX_PIECES + 1, -1);
+    fake_refused(FAKE_BASE, (VQKV_REGION_MAX_PIECES + 1) * FAKE_PIECE, VQKV_ELIMIT,
+                 "more than 8192 physical allocations", 0);
+    /* As many as it may: fine. */
+    fake_vmm(VQKV_REGION_MAX_PIECES, -1);
+    assert_int_equal(
+        vqkv__cuda_describe(FAKE_BASE, VQKV_REGION_MAX_PIECES * FAKE_PIECE, &mem, why, sizeof why),
+        VQKV_OK);
+    assert_int_equal(mem.n_pieces, VQKV_REGION_MAX_PIECES);
+    vqkv__cuda_mem_free(&mem);
+
+    /* A legacy allocation: RANGE_START and RANGE_SIZE are the allocation. */
+    fake_cuda_memory_t legacy = {.legacy = 1,
+                                 .base = FAKE_BASE,
+                                 .piece_bytes = FAKE_PIECE,
+                                 .n_pieces = 1,
+                                 .fail_export_at = -1};
+    fake_setup(&legacy);
+    assert_int_equal(vqkv__cuda_describe(at, FAKE_PIECE - 4096, &mem, why, sizeof why), VQKV_OK);
+    assert_int_equal(mem.vmm, 0);
+    assert_int_equal(mem.n_pieces, 0);
+    assert_null(mem.fds);
+    assert_int_equal(mem.offset, 4096);
+    assert_int_equal(mem.alloc_bytes, FAKE_PIECE);
+    assert_int_equal(mem.ipc_handle[0], 0xa5);
+    fake_refused(at, FAKE_PIECE - 4096 + 1, VQKV_ERANGE, "run past the end of their allocation", 0);
+}
 
 static void test_mode(void **state)
 {
@@ -132,6 +263,8 @@ static void test_mode(void **state)
         expect_refused(VQKV_EDEVICE, "has no cuInit");
     } else if (strcmp(mode, "stub") == 0) {
         expect_refused(VQKV_EDEVICE, "cuInit: CUDA error 34"); /* CUDA_ERROR_STUB_LIBRARY */
+    } else if (strcmp(mode, "fake") == 0) {
+        check_fake();
     } else if (strcmp(mode, "gpu") == 0) {
 #ifdef VQKV_TEST_GPU
         expect_refused(VQKV_EDEVICE, "is not device memory");
@@ -146,7 +279,7 @@ static void test_mode(void **state)
 int main(int argc, char **argv)
 {
     if (argc != 2) {
-        fprintf(stderr, "usage: %s missing|nosymbols|stub|gpu\n", argv[0]);
+        fprintf(stderr, "usage: %s missing|nosymbols|stub|fake|gpu\n", argv[0]);
         return 2;
     }
     mode = argv[1];

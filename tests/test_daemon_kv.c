@@ -10,6 +10,7 @@
  * is checked byte for byte).
  */
 #include <math.h>
+#include <stdbool.h>
 #include <sys/mman.h>
 
 #include "daemon_harness.h"
@@ -123,6 +124,11 @@ typedef struct {
     size_t n_fds; /* num_fds says the same */
     int code;
     const char *says;
+    /* piece_bytes: none, or n_pieces splitting region_bytes evenly, the
+     * last short by trim, the first empty when zero_first */
+    size_t n_pieces;
+    uint64_t trim;
+    bool zero_first;
 } cuda_case_t;
 
 /* RegisterRegion of r's whole view as cc describes, fd sent n_fds times. */
@@ -131,9 +137,20 @@ static Vqkv__Envelope *register_cuda_region(client_t *c, uint64_t model, const r
 {
     static const uint8_t uuid[16] = {0xde, 0xad, 0xbe, 0xef, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12};
     uint8_t handle[65] = {0};
-    int fds[2] = {fd, fd};
+    int fds[4] = {fd, fd, fd, fd};
+    uint64_t pieces[4];
+    assert_true(cc->n_fds <= 4 && cc->n_pieces <= 4);
     Vqkv__RegisterRegion rr;
     region_request(&rr, model, r);
+    for (size_t i = 0; i < cc->n_pieces; i++)
+        pieces[i] = rr.region_bytes / cc->n_pieces +
+                    (i + 1 == cc->n_pieces ? rr.region_bytes % cc->n_pieces - cc->trim : 0);
+    if (cc->zero_first) {
+        pieces[cc->n_pieces - 1] += pieces[0];
+        pieces[0] = 0;
+    }
+    rr.n_piece_bytes = cc->n_pieces;
+    rr.piece_bytes = pieces;
     rr.kind = cc->kind;
     rr.num_fds = (uint32_t)cc->n_fds;
     rr.cuda_ipc_handle = (ProtobufCBinaryData){cc->handle_bytes, handle};
@@ -460,7 +477,8 @@ static void test_refusals(void **state)
 
     /* Regions: no fd, a size past the memfd, an offset past the region, a
      * view past the region, an unknown model. */
-    expect_refused(register_region(&c, m, &r, bytes, 0, SLOTS, 0), VQKV_EFDS, "1 fd");
+    expect_refused(register_region(&c, m, &r, bytes, 0, SLOTS, 0), VQKV_EFDS,
+                   "num_fds says 1, 0 came with the frame");
     expect_refused(register_region(&c, m, &r, bytes + 4096, 0, SLOTS, 1), VQKV_ERANGE, "memfd");
     expect_refused(register_region(&c, m, &r, bytes, bytes, SLOTS, 1), VQKV_ERANGE, "offset");
     expect_refused(register_region(&c, m, &r, bytes, 0, SLOTS + 1, 1), VQKV_ERANGE, "slots");
@@ -507,20 +525,31 @@ static void test_cuda_regions_refused(void **state)
     const cuda_case_t cases[] = {
         {IPC, 64, 16, 0, 0, VQKV_EDEVICE,
          "GPU-deadbeef-0102-0304-0506-0708090a0b0c: this vqkvd "
-         "runs the cpu backend"},
-        {VMM, 0, 16, 0, 1, VQKV_EDEVICE, "owns no GPU"},
-        {IPC, 63, 16, 0, 0, VQKV_EINVAL, "64 bytes of a cudaIpcMemHandle_t"},
-        {IPC, 65, 16, 0, 0, VQKV_EINVAL, "64 bytes of a cudaIpcMemHandle_t"},
-        {IPC, 0, 16, 0, 0, VQKV_EINVAL, "64 bytes of a cudaIpcMemHandle_t"},
-        {IPC, 64, 15, 0, 0, VQKV_EINVAL, "16 bytes of a CUDA device UUID"},
-        {IPC, 64, 0, 0, 0, VQKV_EINVAL, "16 bytes of a CUDA device UUID"},
-        {IPC, 64, 16, 0, 1, VQKV_EFDS, "CUDA_IPC region comes with exactly 0 fd"},
-        {IPC, 64, 16, 2, 0, VQKV_EINVAL, "named by gpu_uuid"},
-        {VMM, 0, 16, 0, 0, VQKV_EFDS, "CUDA_VMM_FD region comes with exactly 1 fd"},
-        {VMM, 0, 16, 0, 2, VQKV_EFDS, "CUDA_VMM_FD region comes with exactly 1 fd"},
-        {VMM, 64, 16, 0, 1, VQKV_EINVAL, "CUDA_IPC regions only"},
-        {MEMFD, 0, 16, 0, 1, VQKV_EINVAL, "CUDA regions only"},
-        {VQKV__REGION_KIND__REGION_KIND_UNSPECIFIED, 0, 0, 0, 1, VQKV_EINVAL, "kind must be"},
+         "runs the cpu backend",
+         0, 0, false},
+        {VMM, 0, 16, 0, 1, VQKV_EDEVICE, "owns no GPU", 0, 0, false},
+        {IPC, 63, 16, 0, 0, VQKV_EINVAL, "64 bytes of a cudaIpcMemHandle_t", 0, 0, false},
+        {IPC, 65, 16, 0, 0, VQKV_EINVAL, "64 bytes of a cudaIpcMemHandle_t", 0, 0, false},
+        {IPC, 0, 16, 0, 0, VQKV_EINVAL, "64 bytes of a cudaIpcMemHandle_t", 0, 0, false},
+        {IPC, 64, 15, 0, 0, VQKV_EINVAL, "16 bytes of a CUDA device UUID", 0, 0, false},
+        {IPC, 64, 0, 0, 0, VQKV_EINVAL, "16 bytes of a CUDA device UUID", 0, 0, false},
+        {IPC, 64, 16, 0, 1, VQKV_EFDS, "CUDA_IPC region comes with exactly 0 fd", 0, 0, false},
+        {IPC, 64, 16, 2, 0, VQKV_EINVAL, "named by gpu_uuid", 0, 0, false},
+        {VMM, 0, 16, 0, 0, VQKV_EFDS, "it has 1, 0 were held from RegionPieces and 0 came", 0, 0,
+         false},
+        {VMM, 0, 16, 0, 2, VQKV_EFDS, "it has 1, 0 were held from RegionPieces and 2 came", 0, 0,
+         false},
+        {VMM, 0, 16, 0, 1, VQKV_EFDS, "it has 2, 0 were held from RegionPieces and 1 came", 2, 0,
+         false},
+        {VMM, 0, 16, 0, 3, VQKV_EDEVICE, "owns no GPU", 3, 0, false},
+        {VMM, 0, 16, 0, 2, VQKV_EINVAL, "the pieces add up to", 2, 1, false},
+        {VMM, 0, 16, 0, 2, VQKV_EINVAL, "pieces are not empty", 2, 0, true},
+        {MEMFD, 0, 0, 0, 1, VQKV_EINVAL, "piece_bytes belongs to CUDA_VMM_FD regions only", 2, 0,
+         false},
+        {VMM, 64, 16, 0, 1, VQKV_EINVAL, "CUDA_IPC regions only", 0, 0, false},
+        {MEMFD, 0, 16, 0, 1, VQKV_EINVAL, "CUDA regions only", 0, 0, false},
+        {VQKV__REGION_KIND__REGION_KIND_UNSPECIFIED, 0, 0, 0, 1, VQKV_EINVAL, "kind must be", 0, 0,
+         false},
     };
     client_t c;
     region_t r;
@@ -536,6 +565,16 @@ static void test_cuda_regions_refused(void **state)
         expect_refused(register_cuda_region(&c, m, &r, &cases[i], fd), cases[i].code,
                        cases[i].says);
     }
+    /* Pieces sent ahead of a VMM region: a daemon without a GPU imports
+     * none. */
+    Vqkv__RegionPieces rp = VQKV__REGION_PIECES__INIT;
+    rp.num_fds = 2;
+    Vqkv__Envelope pieces_env = VQKV__ENVELOPE__INIT;
+    pieces_env.body_case = VQKV__ENVELOPE__BODY_REGION_PIECES;
+    pieces_env.region_pieces = &rp;
+    const int two[2] = {pipe_fds[0], pipe_fds[0]};
+    expect_refused(call(&c, &pieces_env, two, 2), VQKV_EDEVICE,
+                   "the cpu backend and owns no GPU; RegionPieces carry CUDA VMM memory");
     /* The daemon kept none of the fds: once ours is closed, the pipe has
      * no reader left (its replies came after it closed what it got). */
     signal(SIGPIPE, SIG_IGN);
@@ -546,7 +585,7 @@ static void test_cuda_regions_refused(void **state)
     /* A CUDA region whose view runs past its allocation: the view check. */
     region_t past = r;
     past.view.num_slots = SLOTS + 1;
-    cuda_case_t ipc = {IPC, 64, 16, 0, 0, VQKV_ERANGE, NULL};
+    cuda_case_t ipc = {IPC, 64, 16, 0, 0, VQKV_ERANGE, NULL, 0, 0, false};
     expect_refused(register_cuda_region(&c, m, &past, &ipc, -1), VQKV_ERANGE, "slots");
 
     /* A worker's CUDA event with a Put or a Get: the cpu backend has none

@@ -16,6 +16,7 @@
 
 #include <cmocka.h>
 
+#include <dirent.h>
 #include <ftw.h>
 #include <math.h>
 #include <stdio.h>
@@ -26,6 +27,19 @@
 #include "numeric.h"
 #include "test_assert.h" /* assert_rc, assert_ok */
 #include "vqkv_codec.h"
+
+/* Open fds of this process, those it never saw too (received ones): the
+ * entries of /proc/self/fd, the listing's own included, the same each call. */
+static inline int count_open_fds(void)
+{
+    DIR *dir = opendir("/proc/self/fd");
+    assert_non_null(dir);
+    int n = 0;
+    while (readdir(dir) != NULL)
+        n++;
+    closedir(dir);
+    return n;
+}
 
 /* A new directory prefix-XXXXXX under $TMPDIR (else /tmp), its path in
  * dir (size bytes): 0, or -1. */

@@ -232,6 +232,31 @@ static void seeds__cuda_region(seeds__session_t *s, Vqkv__RegionKind kind)
     fuzz_record_envelope(&s->buf, &s->len, ipc ? FUZZ_OP_FRAME : FUZZ_OP_FRAME_REGION, &env);
 }
 
+/* A CUDA_VMM_FD region of two pieces, the first sent ahead in RegionPieces
+ * (each frame with the session's one fd). */
+static void seeds__vmm_pieces(seeds__session_t *s)
+{
+    static const uint8_t uuid[16] = {0xde, 0xad, 0xbe, 0xef};
+    Vqkv__RegionPieces rp = VQKV__REGION_PIECES__INIT;
+    rp.num_fds = 1;
+    Vqkv__Envelope env = seeds__env(s, VQKV__ENVELOPE__BODY_REGION_PIECES);
+    env.region_pieces = &rp;
+    fuzz_record_envelope(&s->buf, &s->len, FUZZ_OP_FRAME_REGION, &env);
+    vqkv_kv_view_t view;
+    vqkv_kv_view_vllm(&view, &fuzz_layout, 4);
+    Vqkv__RegisterRegion rr;
+    fuzz_region_request(&rr, &view);
+    rr.kind = VQKV__REGION_KIND__REGION_KIND_CUDA_VMM_FD;
+    rr.num_fds = 1;
+    uint64_t pieces[2] = {view.region_bytes / 2, view.region_bytes - view.region_bytes / 2};
+    rr.n_piece_bytes = 2;
+    rr.piece_bytes = pieces;
+    rr.gpu_uuid = (ProtobufCBinaryData){sizeof uuid, (uint8_t *)uuid};
+    env = seeds__env(s, VQKV__ENVELOPE__BODY_REGISTER_REGION);
+    env.register_region = &rr;
+    fuzz_record_envelope(&s->buf, &s->len, FUZZ_OP_FRAME_REGION, &env);
+}
+
 /* ---- session ---------------------------------------------------------------- */
 
 static void seeds__session_begin(seeds__session_t *s, uint8_t setup)
@@ -342,6 +367,7 @@ static void seeds__session(void)
     seeds__region(&s, FUZZ_OP_FRAME_REGION | FUZZ_OP_STRAY_FD);
     seeds__cuda_region(&s, VQKV__REGION_KIND__REGION_KIND_CUDA_IPC);
     seeds__cuda_region(&s, VQKV__REGION_KIND__REGION_KIND_CUDA_VMM_FD);
+    seeds__vmm_pieces(&s);
     {
         static uint8_t event_bytes[64] = {7};
         const ProtobufCBinaryData event = {sizeof event_bytes, event_bytes};
