@@ -634,8 +634,9 @@ class Client:
         [tokens][heads][dim]``) or ``"split"`` (K and V per layer,
         ``[slots][tokens][heads][dim]`` each), with as many slots as fit. The
         library finds the tensor's allocation through the CUDA driver and
-        sends vqkvd an IPC handle with the tensor's offset, or a VMM fd for
-        PyTorch's expandable segments; the GPU is named by its UUID.
+        sends vqkvd an IPC handle with the tensor's offset, or for PyTorch's
+        expandable segments one VMM fd for each physical allocation the
+        tensor spans; the GPU is named by its UUID.
 
         Raises :class:`vqkv.DeviceError` when there is no CUDA driver, the
         memory is not device memory, or the daemon does not own that GPU
