@@ -29,7 +29,8 @@
 #include <unistd.h>
 
 #include "vqkv_codec.h"
-#include "vqkv_proto.h"
+#include "vqkv_errors.h"
+#include "vqkv_limits.h"
 
 /* The default library, and the variable that names another (a container
  * whose driver lives elsewhere; the tests' stub). */

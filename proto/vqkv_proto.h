@@ -15,6 +15,7 @@
 #include "vqkv.pb-c.h"
 #include "vqkv_codec.h"
 #include "vqkv_errors.h"
+#include "vqkv_limits.h"
 
 #ifdef __cplusplus
 extern "C" {
@@ -27,11 +28,6 @@ extern "C" {
 
 /* Bytes of a block key (SHA-256). */
 #define VQKV_PROTO_KEY_BYTES 32
-
-/* Physical allocations one CUDA_VMM_FD region may span (RegisterRegion.
- * piece_bytes): 8192 of PyTorch's 20 MiB expandable-segment pages is
- * 160 GiB, more than one GPU holds. */
-#define VQKV_REGION_MAX_PIECES 8192
 
 /* A static string naming err, for the codes here and those of
  * kernels/vqkv_codec.h; never NULL. */

@@ -39,7 +39,8 @@
 #include "fake_libcuda.h"
 #include "test_util.h"
 #include "vqkv_codec.h"
-#include "vqkv_proto.h"
+#include "vqkv_errors.h"
+#include "vqkv_limits.h"
 
 #ifdef VQKV_TEST_GPU
 #include <cuda_runtime.h>
