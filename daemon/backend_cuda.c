@@ -276,17 +276,25 @@ static int vqkvd__cuda_open_ipc(vqkvd__cuda_t *g, const Vqkv__RegisterRegion *rr
     return VQKV_OK;
 }
 
+/* Imports the VMM allocation exported as fd into *piece, on the calling
+ * thread's current context. */
+static int vqkvd__cuda_import(const vqkvd_cuda_driver_t *d, int fd, uint64_t *piece, char *why,
+                              size_t why_size)
+{
+    CUmemGenericAllocationHandle h = 0;
+    int rc = vqkvd__cuda_drv(
+        d->import(&h, (void *)(intptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+        "cuMemImportFromShareableHandle (is the fd an exported VMM allocation?)", why, why_size);
+    *piece = h;
+    return rc;
+}
+
 static int vqkvd__cuda_piece_import(vqkvd_backend_t *be, int fd, uint64_t *piece, char *why,
                                     size_t why_size)
 {
     vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
-    CUmemGenericAllocationHandle h = 0;
     cudaSetDevice(g->gpus[0]->ordinal); /* a context; the handle is not bound to it */
-    int rc = vqkvd__cuda_drv(
-        g->driver.import(&h, (void *)(intptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
-        "cuMemImportFromShareableHandle (is the fd an exported VMM allocation?)", why, why_size);
-    *piece = h;
-    return rc;
+    return vqkvd__cuda_import(&g->driver, fd, piece, why, why_size);
 }
 
 static void vqkvd__cuda_piece_release(vqkvd_backend_t *be, uint64_t piece)
@@ -327,8 +335,7 @@ static int vqkvd__cuda_open_vmm(vqkvd__cuda_t *g, int ordinal, const Vqkv__Regis
     CUdeviceptr va = 0;
     int rc = VQKV_OK;
     for (; rc == VQKV_OK && n_imported < n_fds; n_imported++)
-        rc = vqkvd__cuda_piece_import(&g->base, fds[n_imported], &imported[n_imported], why,
-                                      why_size);
+        rc = vqkvd__cuda_import(d, fds[n_imported], &imported[n_imported], why, why_size);
     if (rc != VQKV_OK) {
         n_imported--; /* the failed one holds nothing */
         goto cleanup;
