@@ -813,11 +813,9 @@ int vqkv_memfd_create(const char *name, uint64_t bytes, int *fd)
     return VQKV_OK;
 }
 
-/* Registers r on the current connection (its fd sent, if it has one) and
- * keeps the daemon's handle for it. */
 /* Sends n fds in RegionPieces, VQKV_FRAME_MAX_FDS a frame, each
- * acknowledged before the next: one round trip per 4 pieces, once per
- * registration (about 30 ms for a 40 GiB cache of 20 MiB pieces). */
+ * acknowledged before the next: one round trip per 4 pieces (512 for a
+ * 40 GiB cache of 20 MiB pieces), once per registration and reconnect. */
 static int vqkv__region_pieces_send(vqkv_client_t *c, const int *fds, size_t n)
 {
     for (size_t at = 0; at < n; at += VQKV_FRAME_MAX_FDS) {
@@ -835,6 +833,8 @@ static int vqkv__region_pieces_send(vqkv_client_t *c, const int *fds, size_t n)
     return VQKV_OK;
 }
 
+/* Registers r on the current connection (its fds sent, if it has any) and
+ * keeps the daemon's handle for it. */
 static int vqkv__region_send(vqkv_client_t *c, vqkv__region_t *r)
 {
     Vqkv__RegisterRegion rr = VQKV__REGISTER_REGION__INIT;

@@ -33,7 +33,7 @@ static int vqkvd__pieces_check(const Vqkv__RegisterRegion *rr, size_t n_fds, siz
                  rr->n_piece_bytes, VQKV_REGION_MAX_PIECES);
         return VQKV_EINVAL;
     }
-    if (n_fds == 0 || n_fds > VQKV_FRAME_MAX_FDS || n_held + n_fds != n_pieces) {
+    if (n_fds == 0 || n_held + n_fds != n_pieces) { /* the frame holds at most 4 */
         snprintf(why, why_size,
                  "a CUDA_VMM_FD region comes with one fd a piece: it has %zu, %zu were held "
                  "from RegionPieces and %zu came with this frame (1 to %d)",

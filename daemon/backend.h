@@ -91,16 +91,19 @@ typedef struct {
     /* On the loop: opens the memory of rr (its view already checked
      * against rr->region_bytes) from the kinds of region and the fds the
      * backend takes: what a region must carry is the backend's rule alone.
-     * A CUDA_VMM_FD region's first n_pieces pieces come imported already
-     * (piece_import, from RegionPieces; the caller lets them go after,
-     * whatever the answer), the rest as the frame's fds. VQKV_OK, or an
-     * error with why (a message for the client) filled. */
+     * A CUDA_VMM_FD region comes as its n_pieces pieces, every one
+     * imported already, in address order (piece_import: those of
+     * RegionPieces and of the frame; the caller lets them go after,
+     * whatever the answer); fds are the frame's. VQKV_OK, or an error
+     * with why (a message for the client) filled. */
     int (*region_open)(vqkvd_backend_t *be, const Vqkv__RegisterRegion *rr, const int *fds,
                        size_t n_fds, const uint64_t *pieces, size_t n_pieces,
                        vqkvd_region_mem_t *mem, char *why, size_t why_size);
     /* On the loop: imports the VMM allocation exported as fd (the fd stays
-     * the caller's) into *piece, for a later region_open. NULL for a
-     * backend without GPU memory. VQKV_OK, or an error with why filled. */
+     * the caller's) into *piece, for region_open: the session imports every
+     * piece of a CUDA_VMM_FD region, from RegionPieces and from the
+     * RegisterRegion's own frame. NULL for a backend without GPU memory
+     * (which refuses such regions). VQKV_OK, or an error with why filled. */
     int (*piece_import)(vqkvd_backend_t *be, int fd, uint64_t *piece, char *why, size_t why_size);
     /* Lets go of a piece from piece_import; a region mapped from it keeps
      * its memory until region_close. */

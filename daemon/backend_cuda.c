@@ -58,7 +58,6 @@
 #include "backend.h"
 #include "config.h"
 #include "cuda_store.h"
-#include "frame.h"
 #include "log.h"
 #include "vqkv_cuda.h"
 
@@ -276,25 +275,17 @@ static int vqkvd__cuda_open_ipc(vqkvd__cuda_t *g, const Vqkv__RegisterRegion *rr
     return VQKV_OK;
 }
 
-/* Imports the VMM allocation exported as fd into *piece, on the calling
- * thread's current context. */
-static int vqkvd__cuda_import(const vqkvd_cuda_driver_t *d, int fd, uint64_t *piece, char *why,
-                              size_t why_size)
-{
-    CUmemGenericAllocationHandle h = 0;
-    int rc = vqkvd__cuda_drv(
-        d->import(&h, (void *)(intptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
-        "cuMemImportFromShareableHandle (is the fd an exported VMM allocation?)", why, why_size);
-    *piece = h;
-    return rc;
-}
-
 static int vqkvd__cuda_piece_import(vqkvd_backend_t *be, int fd, uint64_t *piece, char *why,
                                     size_t why_size)
 {
     vqkvd__cuda_t *g = (vqkvd__cuda_t *)be;
+    CUmemGenericAllocationHandle h = 0;
     cudaSetDevice(g->gpus[0]->ordinal); /* a context; the handle is not bound to it */
-    return vqkvd__cuda_import(&g->driver, fd, piece, why, why_size);
+    int rc = vqkvd__cuda_drv(
+        g->driver.import(&h, (void *)(intptr_t)fd, CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR),
+        "cuMemImportFromShareableHandle (is the fd an exported VMM allocation?)", why, why_size);
+    *piece = h;
+    return rc;
 }
 
 static void vqkvd__cuda_piece_release(vqkvd_backend_t *be, uint64_t piece)
@@ -319,56 +310,43 @@ static void vqkvd__cuda_unmap_pieces(const vqkvd_cuda_driver_t *d, CUdeviceptr v
     }
 }
 
-/* Maps the region's pieces one after another over a range of addresses of
- * ours: the held ones, then those of the frame's fds (imported here and
- * let go once mapped: a mapping keeps its memory). The driver refuses a
- * piece larger than its allocation, or not a multiple of the granularity,
- * so a worker's wrong piece_bytes fails here, before any job. O(pieces)
- * driver calls, once per registration. */
+/* Maps the region's pieces (imported by piece_import) one after another
+ * over a range of addresses of ours; the caller lets the pieces go after,
+ * as a mapping keeps its memory. The driver refuses a piece larger than
+ * its allocation, or not a multiple of the granularity, so a worker's
+ * wrong piece_bytes fails here, before any job. O(pieces) driver calls,
+ * once per registration. */
 static int vqkvd__cuda_open_vmm(vqkvd__cuda_t *g, int ordinal, const Vqkv__RegisterRegion *rr,
-                                const int *fds, size_t n_fds, const uint64_t *held, size_t n_held,
-                                vqkvd_region_mem_t *mem, char *why, size_t why_size)
+                                const uint64_t *pieces, size_t n_pieces, vqkvd_region_mem_t *mem,
+                                char *why, size_t why_size)
 {
     const vqkvd_cuda_driver_t *d = &g->driver;
-    size_t size = rr->region_bytes, n = n_held + n_fds, n_imported = 0, n_mapped = 0, at = 0;
-    uint64_t imported[VQKV_FRAME_MAX_FDS];
+    size_t size = rr->region_bytes, at = 0;
     CUdeviceptr va = 0;
-    int rc = VQKV_OK;
-    for (; rc == VQKV_OK && n_imported < n_fds; n_imported++)
-        rc = vqkvd__cuda_import(d, fds[n_imported], &imported[n_imported], why, why_size);
-    if (rc != VQKV_OK) {
-        n_imported--; /* the failed one holds nothing */
-        goto cleanup;
-    }
-    rc = vqkvd__cuda_drv(d->reserve(&va, size, 0, 0, 0), "cuMemAddressReserve", why, why_size);
+    int rc = vqkvd__cuda_drv(d->reserve(&va, size, 0, 0, 0), "cuMemAddressReserve", why, why_size);
     if (rc != VQKV_OK)
-        goto cleanup;
-    for (; n_mapped < n; n_mapped++) {
-        size_t piece = rr->n_piece_bytes > 0 ? rr->piece_bytes[n_mapped] : size;
-        CUmemGenericAllocationHandle h =
-            n_mapped < n_held ? held[n_mapped] : imported[n_mapped - n_held];
-        if (d->map(va + at, piece, 0, h, 0) != CUDA_SUCCESS) {
+        return rc;
+    for (size_t i = 0; i < n_pieces; i++) {
+        size_t piece = rr->n_piece_bytes > 0 ? rr->piece_bytes[i] : size;
+        if (d->map(va + at, piece, 0, pieces[i], 0) != CUDA_SUCCESS) {
             snprintf(why, why_size,
                      "cuMemMap of piece %zu (%zu bytes at offset %zu) failed: larger than its "
                      "allocation, or not a multiple of its granularity?",
-                     n_mapped, piece, at);
+                     i, piece, at);
             rc = VQKV_EMAP;
-            goto cleanup;
+            break;
         }
         at += piece;
     }
     CUmemAccessDesc access = {.location = {.type = CU_MEM_LOCATION_TYPE_DEVICE, .id = ordinal},
                               .flags = CU_MEM_ACCESS_FLAGS_PROT_READWRITE};
-    rc = vqkvd__cuda_drv(d->set_access(va, size, &access, 1), "cuMemSetAccess", why, why_size);
-cleanup:
-    if (rc != VQKV_OK && va != 0) {
+    if (rc == VQKV_OK)
+        rc = vqkvd__cuda_drv(d->set_access(va, size, &access, 1), "cuMemSetAccess", why, why_size);
+    if (rc != VQKV_OK) {
         vqkvd__cuda_unmap_pieces(d, va, at);
         d->address_free(va, size);
-    }
-    for (size_t i = 0; i < n_imported; i++)
-        d->release(imported[i]);
-    if (rc != VQKV_OK)
         return rc;
+    }
     mem->base = (uint8_t *)(uintptr_t)va;
     mem->bytes = size;
     mem->vmm = true;
@@ -403,8 +381,8 @@ static int vqkvd__cuda_region_open(vqkvd_backend_t *be, const Vqkv__RegisterRegi
     mem->device = k;
     if (rr->kind == VQKV__REGION_KIND__REGION_KIND_CUDA_IPC)
         return vqkvd__cuda_open_ipc(g, rr, mem, why, why_size);
-    return vqkvd__cuda_open_vmm(g, g->gpus[k]->ordinal, rr, fds, n_fds, pieces, n_pieces, mem, why,
-                                why_size);
+    (void)fds, (void)n_fds; /* the pieces' fds were imported by the session */
+    return vqkvd__cuda_open_vmm(g, g->gpus[k]->ordinal, rr, pieces, n_pieces, mem, why, why_size);
 }
 
 static void vqkvd__cuda_region_close(vqkvd_backend_t *be, vqkvd_region_mem_t *mem)

@@ -473,6 +473,39 @@ void vqkvd__pieces_release(vqkvd_client_t *c)
     c->n_pieces = 0;
 }
 
+/* Imports the n fds (from RegionPieces, or a VMM RegisterRegion's own)
+ * after the pieces c holds already. VQKV_OK, or an error with why filled
+ * and the pieces imported so far held (the caller lets every one go). */
+static int vqkvd__pieces_import(vqkvd_client_t *c, const int *fds, size_t n, char *why,
+                                size_t why_size)
+{
+    vqkvd_backend_t *be = c->server->backend;
+    if (c->n_pieces + n > VQKV_REGION_MAX_PIECES) {
+        snprintf(why, why_size, "a region spans at most %d pieces", VQKV_REGION_MAX_PIECES);
+        return VQKV_ELIMIT;
+    }
+    if (c->n_pieces + n > c->cap_pieces) {
+        /* Doubling: O(pieces) copies over a registration. */
+        uint32_t cap = c->cap_pieces ? c->cap_pieces : VQKV_FRAME_MAX_FDS;
+        while (cap < c->n_pieces + n)
+            cap *= 2;
+        uint64_t *grown = realloc(c->pieces, cap * sizeof *grown);
+        if (grown == NULL) {
+            snprintf(why, why_size, "out of memory");
+            return VQKV_ENOMEM;
+        }
+        c->pieces = grown;
+        c->cap_pieces = cap;
+    }
+    for (size_t i = 0; i < n; i++) {
+        int rc = be->ops->piece_import(be, fds[i], &c->pieces[c->n_pieces], why, why_size);
+        if (rc != VQKV_OK)
+            return rc;
+        c->n_pieces++;
+    }
+    return VQKV_OK;
+}
+
 /* Imports the frame's pieces and holds them for the next RegisterRegion.
  * Any refusal lets go of every piece held too, so that the RegisterRegion
  * which follows a failed batch is refused for its count rather than
@@ -494,27 +527,8 @@ void vqkvd_session_region_pieces(vqkvd_client_t *c, const Vqkv__Envelope *req, v
         rc = VQKV_EFDS;
         snprintf(why, sizeof why, "RegionPieces come with 1 to %d fds (num_fds %u, %zu came)",
                  VQKV_FRAME_MAX_FDS, (unsigned)rp->num_fds, frame->n_fds);
-    } else if (c->n_pieces + frame->n_fds > VQKV_REGION_MAX_PIECES) {
-        rc = VQKV_ELIMIT;
-        snprintf(why, sizeof why, "a region spans at most %d pieces", VQKV_REGION_MAX_PIECES);
-    } else if (c->n_pieces + frame->n_fds > c->cap_pieces) {
-        /* Doubling: O(pieces) copies over a registration. */
-        uint32_t cap = c->cap_pieces ? c->cap_pieces : VQKV_FRAME_MAX_FDS;
-        while (cap < c->n_pieces + frame->n_fds)
-            cap *= 2;
-        uint64_t *grown = realloc(c->pieces, cap * sizeof *grown);
-        if (grown == NULL) {
-            rc = VQKV_ENOMEM;
-            snprintf(why, sizeof why, "out of memory");
-        } else {
-            c->pieces = grown;
-            c->cap_pieces = cap;
-        }
-    }
-    for (size_t i = 0; rc == VQKV_OK && i < frame->n_fds; i++) {
-        rc = be->ops->piece_import(be, frame->fds[i], &c->pieces[c->n_pieces], why, sizeof why);
-        if (rc == VQKV_OK)
-            c->n_pieces++;
+    } else {
+        rc = vqkvd__pieces_import(c, frame->fds, frame->n_fds, why, sizeof why);
     }
     if (rc != VQKV_OK) {
         uint32_t held = c->n_pieces;
@@ -609,10 +623,16 @@ static void vqkvd__region_register(vqkvd_client_t *c, const Vqkv__Envelope *req,
         memcpy(r->layer_offsets, rr->layer_offsets, offsets_bytes);
     view.layer_offsets = r->layer_offsets;
     char why[256];
+    vqkvd_backend_t *be = c->server->backend;
     int rc = vqkvd_region_payload_check(rr, frame->n_fds, c->n_pieces, why, sizeof why);
+    /* A VMM region's own fds join the pieces held, so the backend maps
+     * pieces only; a backend that imports none refuses the region itself. */
+    if (rc == VQKV_OK && rr->kind == VQKV__REGION_KIND__REGION_KIND_CUDA_VMM_FD &&
+        be->ops->piece_import != NULL)
+        rc = vqkvd__pieces_import(c, frame->fds, frame->n_fds, why, sizeof why);
     if (rc == VQKV_OK)
-        rc = c->server->backend->ops->region_open(c->server->backend, rr, frame->fds, frame->n_fds,
-                                                  c->pieces, c->n_pieces, &r->mem, why, sizeof why);
+        rc = be->ops->region_open(be, rr, frame->fds, frame->n_fds, c->pieces, c->n_pieces, &r->mem,
+                                  why, sizeof why);
     if (rc != VQKV_OK) {
         free(r->layer_offsets);
         free(r);
