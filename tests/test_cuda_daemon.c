@@ -41,6 +41,7 @@
 
 #include "cuda_vmm.h"
 #include "libvqkv_harness.h"
+#include "test_util.h" /* test_rng_t */
 #include "vqkv_cuda.h"
 
 #define MODEL "test/cuda-daemon@1"
@@ -108,11 +109,10 @@ static void cache_image(cache_t *k, cache_kind_t kind, unsigned seed)
     for (uint32_t l = 0; l < layout.num_layers; l++)
         for (uint32_t kv = 0; kv < 2; kv++)
             for (uint32_t slot = 0; slot < SLOTS; slot++) {
-                uint32_t x = seed * 2654435761u ^ (l * 131u + kv * 17u + slot) * 40503u;
+                test_rng_t rng = {((uint64_t)seed << 32) + (l * 2u + kv) * SLOTS + slot};
                 uint16_t *v = (uint16_t *)(k->host + cache_block_at(k, l, kv, slot));
                 for (size_t i = 0; i < k->view.slot_stride / 2; i++) {
-                    x = x * 1664525u + 1013904223u;
-                    float f = (float)(x >> 8) / (float)(1u << 24) * 4.0f - 2.0f;
+                    float f = (float)(test_rng_uniform(&rng) * 4.0 - 2.0);
                     vqkv_dtype_from_f32(VQKV_DTYPE_F16, &f, 1, &v[i]);
                 }
             }
