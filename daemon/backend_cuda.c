@@ -459,7 +459,7 @@ static int vqkvd__cuda_launch(vqkvd__cuda_t *g, vqkvd__cuda_gpu_t *gpu, vqkvd__c
  * the worker's event and leaves them pending (decode with record_event). */
 static int vqkvd__cuda_run(vqkvd__cuda_t *g, vqkvd_batch_t *b, bool encode)
 {
-    char why[160] = "";
+    char why[sizeof b->why] = ""; /* the batch's message is all a reply carries */
     uint32_t *slots = malloc((size_t)b->n * sizeof *slots);
     uint64_t *at = malloc((size_t)b->n * sizeof *at);
     vqkvd__cuda_pending_t *pending = b->record_event != NULL ? calloc(1, sizeof *pending) : NULL;
