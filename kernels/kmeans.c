@@ -282,3 +282,96 @@ out:
     free(next);
     return rc;
 }
+
+/* Codes x[n][d] greedily through the chain into codes[stages][n], leaving
+ * resid = what it misses; returns the total squared error. */
+static double vqkv__rvq_code(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t stages,
+                             float *const *words, float *const *search, float *resid,
+                             uint32_t *codes)
+{
+    memcpy(resid, x, n * d * sizeof *resid);
+    for (uint32_t s = 0; s < stages; s++) {
+        uint32_t *cs = codes + s * n;
+        vqkv__nearest_batch(resid, n, d, search[s], d, k, cs);
+        for (size_t i = 0; i < n; i++)
+            for (uint32_t j = 0; j < d; j++)
+                resid[i * d + j] -= words[s][(size_t)cs[i] * d + j];
+    }
+    double err = 0.0;
+    for (size_t i = 0; i < n * d; i++)
+        err += (double)resid[i] * resid[i];
+    return err;
+}
+
+/* Sets each centroid of words[k][d] to the mean of what the other stages
+ * leave of the points coded with it (codes cs), resid kept as what the
+ * whole chain misses; then its search form. */
+static void vqkv__rvq_refit(size_t n, uint32_t d, uint32_t k, const uint32_t *cs, float *words,
+                            float *search, float *resid, double *sums, size_t *counts)
+{
+    memset(sums, 0, (size_t)k * d * sizeof *sums);
+    memset(counts, 0, k * sizeof *counts);
+    for (size_t i = 0; i < n; i++) { /* resid: the other stages' leftover */
+        float *ri = resid + i * d;
+        const float *w = words + (size_t)cs[i] * d;
+        counts[cs[i]]++;
+        for (uint32_t j = 0; j < d; j++) {
+            ri[j] += w[j];
+            sums[(size_t)cs[i] * d + j] += ri[j];
+        }
+    }
+    for (uint32_t c = 0; c < k; c++)
+        for (uint32_t j = 0; j < d && counts[c] > 0; j++)
+            words[(size_t)c * d + j] = (float)(sums[(size_t)c * d + j] / (double)counts[c]);
+    for (size_t i = 0; i < n; i++)
+        for (uint32_t j = 0; j < d; j++)
+            resid[i * d + j] -= words[(size_t)cs[i] * d + j];
+    vqkv__search_prepare(words, d, k, search);
+    vqkv__search_mark_twins(words, d, k, search);
+}
+
+int vqkv__rvq_refine(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t stages,
+                     uint32_t rounds, float *const *words, float *const *search, uint32_t *codes)
+{
+    size_t floats = (size_t)k * d;
+    float *saved = malloc(stages * floats * sizeof *saved);
+    float *resid = malloc(n * d * sizeof *resid);
+    double *sums = malloc(floats * sizeof *sums);
+    size_t *counts = malloc(k * sizeof *counts);
+    int rc = VQKV_ENOMEM;
+    if (saved == NULL || resid == NULL || sums == NULL || counts == NULL)
+        goto out;
+    double err = 0.0;
+    for (size_t i = 0; i < n; i++)
+        for (uint32_t j = 0; j < d; j++) {
+            float r = x[i * d + j];
+            for (uint32_t s = 0; s < stages; s++)
+                r -= words[s][(size_t)codes[s * n + i] * d + j];
+            resid[i * d + j] = r;
+            err += (double)r * r;
+        }
+    for (uint32_t round = 0; round < rounds; round++) {
+        for (uint32_t s = 0; s < stages; s++) {
+            memcpy(saved + s * floats, words[s], floats * sizeof *saved);
+            vqkv__rvq_refit(n, d, k, codes + s * n, words[s], search[s], resid, sums, counts);
+        }
+        double next = vqkv__rvq_code(x, n, d, k, stages, words, search, resid, codes);
+        if (next < err) {
+            err = next;
+            continue;
+        }
+        for (uint32_t s = 0; s < stages; s++) {
+            memcpy(words[s], saved + s * floats, floats * sizeof *saved);
+            vqkv__search_prepare(words[s], d, k, search[s]);
+            vqkv__search_mark_twins(words[s], d, k, search[s]);
+        }
+        break;
+    }
+    rc = VQKV_OK;
+out:
+    free(saved);
+    free(resid);
+    free(sums);
+    free(counts);
+    return rc;
+}

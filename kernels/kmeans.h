@@ -31,6 +31,23 @@ struct vqkv_assigner {
 int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iterations,
                  uint64_t seed, const vqkv_assigner_t *assigner, float *centroids);
 
+/* Refines a residual chain of `stages` codebooks of k centroids words[s][k][d]
+ * (search[s] their search forms, kept in step), trained greedily on
+ * x[n][d]: stage s by k-means on what stages before it left; codes[s][n]
+ * are the points' codes as the encoder gives them, kept so. Greedy
+ * training fits each stage to what came before and never to what later
+ * stages take away; residual VQ papers refine the chain jointly after.
+ * Each of up to `rounds` rounds sets every stage's centroids in turn to
+ * the mean of what the other stages leave of the points coded with them
+ * (the least-squares centroids for the codes held: the error cannot
+ * rise), then codes the points again as the encoder does, greedily stage
+ * by stage; a round that does not lower that error is undone and ends
+ * the refinement. A centroid no point uses stays as it is. Costs
+ * O(rounds * stages * n * k * d), the assignment steps' of `rounds` Lloyd
+ * iterations per stage. VQKV_OK or VQKV_ENOMEM (the chain unchanged). */
+int vqkv__rvq_refine(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t stages,
+                     uint32_t rounds, float *const *words, float *const *search, uint32_t *codes);
+
 /* Codebooks the batch search's fused pass takes (search_x86.c), and whose
  * twins vqkv__search_mark_twins marks: at most this many codewords. */
 #define VQKV__FUSED_MAX_K 512u
