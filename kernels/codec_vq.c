@@ -173,8 +173,7 @@ static void vqkv__book_ready(const vqkv__vq_t *vq, const vqkv__branch_t *br, vqk
 {
     if (br->commute)
         vqkv__commute_expand(book.params, br->d, vq->bits / 2, book.words);
-    vqkv__search_prepare(book.words, br->d, 1u << vq->bits, book.search);
-    vqkv__search_mark_twins(book.words, br->d, 1u << vq->bits, book.search);
+    vqkv__search_prepare_nearest(book.words, br->d, 1u << vq->bits, book.search);
 }
 
 /* Codebooks are addressed by "set layer" layer * sets + set. */
@@ -1231,7 +1230,7 @@ static int vqkv__train_group(vqkv__train_job_t *job, uint32_t bi, uint32_t g)
     }
     if (!br->commute && br->stages > 1)
         rc = vqkv__rvq_refine(x0, job->m, d, k, br->stages, VQKV__REFINE_ROUNDS, words, search,
-                              codes);
+                              codes, x);
 out:
     free(x0);
     free(x);

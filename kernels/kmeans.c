@@ -74,6 +74,12 @@ void vqkv__search_prepare(const float *centroids, uint32_t d, uint32_t k, float 
     }
 }
 
+void vqkv__search_prepare_nearest(const float *centroids, uint32_t d, uint32_t k, float *search)
+{
+    vqkv__search_prepare(centroids, d, k, search);
+    vqkv__search_mark_twins(centroids, d, k, search);
+}
+
 void vqkv__nearest_batch(const float *xs, size_t n, size_t stride, const float *search, uint32_t d,
                          uint32_t k, uint32_t *out)
 {
@@ -227,8 +233,7 @@ int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iter
     if (vqkv__kmeanspp(x, n, d, k, &rng, centroids, mind) != VQKV_OK)
         goto out;
     for (uint32_t it = 0; it < iterations; it++) {
-        vqkv__search_prepare(centroids, d, k, search);
-        vqkv__search_mark_twins(centroids, d, k, search);
+        vqkv__search_prepare_nearest(centroids, d, k, search);
         memset(sums, 0, (size_t)k * d * sizeof *sums);
         memset(counts, 0, k * sizeof *counts);
         size_t moved = 0;
@@ -326,30 +331,23 @@ static void vqkv__rvq_refit(size_t n, uint32_t d, uint32_t k, const uint32_t *cs
     for (size_t i = 0; i < n; i++)
         for (uint32_t j = 0; j < d; j++)
             resid[i * d + j] -= words[(size_t)cs[i] * d + j];
-    vqkv__search_prepare(words, d, k, search);
-    vqkv__search_mark_twins(words, d, k, search);
+    vqkv__search_prepare_nearest(words, d, k, search);
 }
 
 int vqkv__rvq_refine(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t stages,
-                     uint32_t rounds, float *const *words, float *const *search, uint32_t *codes)
+                     uint32_t rounds, float *const *words, float *const *search, uint32_t *codes,
+                     float *resid)
 {
     size_t floats = (size_t)k * d;
     float *saved = malloc(stages * floats * sizeof *saved);
-    float *resid = malloc(n * d * sizeof *resid);
     double *sums = malloc(floats * sizeof *sums);
     size_t *counts = malloc(k * sizeof *counts);
     int rc = VQKV_ENOMEM;
-    if (saved == NULL || resid == NULL || sums == NULL || counts == NULL)
+    if (saved == NULL || sums == NULL || counts == NULL)
         goto out;
     double err = 0.0;
-    for (size_t i = 0; i < n; i++)
-        for (uint32_t j = 0; j < d; j++) {
-            float r = x[i * d + j];
-            for (uint32_t s = 0; s < stages; s++)
-                r -= words[s][(size_t)codes[s * n + i] * d + j];
-            resid[i * d + j] = r;
-            err += (double)r * r;
-        }
+    for (size_t i = 0; i < n * d; i++)
+        err += (double)resid[i] * resid[i];
     for (uint32_t round = 0; round < rounds; round++) {
         for (uint32_t s = 0; s < stages; s++) {
             memcpy(saved + s * floats, words[s], floats * sizeof *saved);
@@ -362,15 +360,13 @@ int vqkv__rvq_refine(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t 
         }
         for (uint32_t s = 0; s < stages; s++) {
             memcpy(words[s], saved + s * floats, floats * sizeof *saved);
-            vqkv__search_prepare(words[s], d, k, search[s]);
-            vqkv__search_mark_twins(words[s], d, k, search[s]);
+            vqkv__search_prepare_nearest(words[s], d, k, search[s]);
         }
         break;
     }
     rc = VQKV_OK;
 out:
     free(saved);
-    free(resid);
     free(sums);
     free(counts);
     return rc;

@@ -34,7 +34,8 @@ int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iter
 /* Refines a residual chain of `stages` codebooks of k centroids words[s][k][d]
  * (search[s] their search forms, kept in step), trained greedily on
  * x[n][d]: stage s by k-means on what stages before it left; codes[s][n]
- * are the points' codes as the encoder gives them, kept so. Greedy
+ * are the points' codes as the encoder gives them and resid[n][d] what
+ * the chain misses of them (x less its codewords), both worked in. Greedy
  * training fits each stage to what came before and never to what later
  * stages take away; residual VQ papers refine the chain jointly after.
  * Each of up to `rounds` rounds sets every stage's centroids in turn to
@@ -44,9 +45,10 @@ int vqkv__kmeans(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t iter
  * by stage; a round that does not lower that error is undone and ends
  * the refinement. A centroid no point uses stays as it is. Costs
  * O(rounds * stages * n * k * d), the assignment steps' of `rounds` Lloyd
- * iterations per stage. VQKV_OK or VQKV_ENOMEM (the chain unchanged). */
+ * iterations per stage. VQKV_OK or VQKV_ENOMEM (nothing changed). */
 int vqkv__rvq_refine(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t stages,
-                     uint32_t rounds, float *const *words, float *const *search, uint32_t *codes);
+                     uint32_t rounds, float *const *words, float *const *search, uint32_t *codes,
+                     float *resid);
 
 /* Codebooks the batch search's fused pass takes (search_x86.c), and whose
  * twins vqkv__search_mark_twins marks: at most this many codewords. */
@@ -62,6 +64,9 @@ void vqkv__search_prepare(const float *centroids, uint32_t d, uint32_t k, float 
  * search: no search would pick it, and the batch search no longer has to
  * rule it out. Answers stay those over the true norms. O(k*d). */
 void vqkv__search_mark_twins(const float *centroids, uint32_t d, uint32_t k, float *search);
+/* The search form every nearest search takes (encoders, Lloyd's
+ * assignment): vqkv__search_prepare, then vqkv__search_mark_twins. */
+void vqkv__search_prepare_nearest(const float *centroids, uint32_t d, uint32_t k, float *search);
 
 /* The centroid nearest to x by ||c||^2 - 2 x.c, from the search form; ties
  * go to the lower index. O(k*d). vqkv__nearest_scalar is the reference:

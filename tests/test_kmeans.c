@@ -196,8 +196,7 @@ static void test_nearest_simd_matches_scalar(void **state)
             words[(size_t)(k / 2) * d] = NAN;
             if (k > 8)
                 words[(size_t)5 * d] = 3.0e38f; /* its norm overflows to inf */
-            vqkv__search_prepare(words, d, k, search);
-            vqkv__search_mark_twins(words, d, k, search); /* as the encoders search */
+            vqkv__search_prepare_nearest(words, d, k, search);
             for (int trial = 0; trial < 400; trial++) {
                 for (uint32_t j = 0; j < d; j++)
                     x[j] = trial % 7 == 0    ? words[j]               /* on codeword 0 */
@@ -301,8 +300,7 @@ static void test_nearest_batch_matches_scalar(void **state)
                 assert_non_null(words);
                 assert_non_null(search);
                 make_book(kind, &rng, d, k, words);
-                vqkv__search_prepare(words, d, k, search);
-                vqkv__search_mark_twins(words, d, k, search); /* as the encoders search */
+                vqkv__search_prepare_nearest(words, d, k, search);
                 float scale = kind == BOOK_HUGE ? 3.0e5f : kind == BOOK_TINY ? 1.0e-21f : 1.0f;
                 for (size_t i = 0; i < N; i++)
                     make_vector(&rng, words, d, k, scale, xs + i * d);
@@ -507,7 +505,7 @@ static void test_rvq_refine_lowers_error(void **state)
         wp[s] = words[s];
         sp[s] = search[s];
         assert_ok(vqkv__kmeans(resid, N, D, K, 8, 7 + s, NULL, words[s]));
-        vqkv__search_prepare(words[s], D, K, search[s]);
+        vqkv__search_prepare_nearest(words[s], D, K, search[s]);
         vqkv__nearest_batch(resid, N, D, search[s], D, K, codes + s * N);
         for (size_t i = 0; i < N; i++)
             for (uint32_t j = 0; j < D; j++)
@@ -515,7 +513,7 @@ static void test_rvq_refine_lowers_error(void **state)
     }
     double seen0 = chain_error(x, N, D, K, STAGES, wp);
     double unseen0 = chain_error(unseen, N, D, K, STAGES, wp);
-    assert_ok(vqkv__rvq_refine(x, N, D, K, STAGES, 4, wp, sp, codes));
+    assert_ok(vqkv__rvq_refine(x, N, D, K, STAGES, 4, wp, sp, codes, resid));
     double seen1 = chain_error(x, N, D, K, STAGES, wp);
     double unseen1 = chain_error(unseen, N, D, K, STAGES, wp);
     print_message("  greedy %.1f / %.1f, refined %.1f / %.1f (trained on / unseen)\n", seen0,
@@ -523,8 +521,7 @@ static void test_rvq_refine_lowers_error(void **state)
     assert_true(seen1 < 0.98 * seen0);
     assert_true(unseen1 < unseen0);
     for (uint32_t s = 0; s < STAGES; s++) {
-        vqkv__search_prepare(words[s], D, K, fresh);
-        vqkv__search_mark_twins(words[s], D, K, fresh);
+        vqkv__search_prepare_nearest(words[s], D, K, fresh);
         assert_memory_equal(fresh, search[s], K * (D + 1) * sizeof *fresh);
     }
     test_free_all(x, unseen, resid, fresh);
