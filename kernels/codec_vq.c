@@ -1184,10 +1184,9 @@ typedef struct {
     pthread_mutex_t lock;
 } vqkv__train_job_t;
 
-/* Joint refinement rounds after a chain's greedy training (kmeans.h). On
- * SmolLM2's K/V the error on the training samples fell about 4% in two
- * rounds and 5% in four; each round costs one search of the samples per
- * stage, against the 16 Lloyd iterations' per stage (bench/RESULTS.md). */
+/* Joint refinement rounds after a chain's greedy training (kmeans.h):
+ * each costs one search of the samples per stage, against the 16 Lloyd
+ * iterations' per stage; what rounds gain is in bench/RESULTS.md. */
 #define VQKV__REFINE_ROUNDS 2
 
 /* Trains the r-stage chain of one (branch, group): each stage is k-means on
