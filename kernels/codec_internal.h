@@ -94,6 +94,9 @@ bool vqkv__simd_enabled(void);
 /* Whether AVX-512F is there and allowed too (VQKV_CPU_SIMD=avx2 stops at
  * AVX2). */
 bool vqkv__simd_avx512(void);
+/* Whether AVX-512 VNNI is there and allowed too (VQKV_CPU_SIMD=avx512
+ * stops before it): the batch search's integer screen. */
+bool vqkv__simd_vnni(void);
 /* Whether the CPU has FMA as well, which the AVX2 batch search needs. */
 bool vqkv__simd_fma(void);
 bool vqkv__rows_to_f32(vqkv_dtype_t dtype, const void *src, size_t n, float *dst);

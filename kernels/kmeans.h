@@ -92,6 +92,17 @@ void vqkv__nearest_batch_x86(const float *xs, size_t n, size_t stride, const flo
                              uint32_t d, uint32_t k, uint32_t *out);
 void vqkv__nearest_batch_x512(const float *xs, size_t n, size_t stride, const float *search,
                               uint32_t d, uint32_t k, uint32_t *out);
+/* The same answers with AVX-512 VNNI, where vqkv__simd_vnni() says it may
+ * run: an integer screen made exact (search_x86.c) for d = 4, 8 and 16
+ * (VQKV__SCREEN_MAX_D the most) and k a multiple of 16 up to 256, the
+ * AVX-512F batch for the rest. Returns how many vectors the screen settled (the others
+ * took the exact search), for tests and tuning. */
+#define VQKV__SCREEN_MAX_D 16u
+/* Batches shorter than this take the AVX-512F batch instead: the screen's
+ * scaling of the codebook costs about what a few vectors' search does. */
+#define VQKV__SCREEN_MIN_N 16u
+size_t vqkv__nearest_batch_vnni(const float *xs, size_t n, size_t stride, const float *search,
+                                uint32_t d, uint32_t k, uint32_t *out);
 /* Whether the vector searches may run for this d and k (a codebook size
  * a multiple of 8). */
 bool vqkv__nearest_simd(uint32_t d, uint32_t k);

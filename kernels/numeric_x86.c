@@ -83,15 +83,16 @@ VQKV__X86 static void vqkv__bf16_to_f32_x86(const uint8_t *src, size_t n, float 
     }
 }
 
-/* 0: the scalar reference; 1: AVX2 and F16C; 2: AVX-512F as well. */
+/* 0: the scalar reference; 1: AVX2 and F16C; 2: AVX-512F as well; 3:
+ * AVX-512 VNNI too. */
 static int vqkv__simd;
 static bool vqkv__fma; /* FMA too, at level 1 or 2 */
 static pthread_once_t vqkv__simd_once = PTHREAD_ONCE_INIT;
 
 /* The best the CPU has, unless VQKV_CPU_SIMD says "0" (numeric.h's
  * one-at-a-time code and the scalar search, the references, for tests and
- * comparisons) or "avx2" (no AVX-512, to test and time that path on a CPU
- * that has both). */
+ * comparisons), "avx2" (no AVX-512, to test and time that path on a CPU
+ * that has both) or "avx512" (no VNNI: the float batch search). */
 static void vqkv__simd_init(void)
 {
     const char *env = getenv("VQKV_CPU_SIMD");
@@ -105,8 +106,10 @@ static void vqkv__simd_init(void)
         vqkv__simd = 0;
     else if (!__builtin_cpu_supports("avx512f") || (env != NULL && strcmp(env, "avx2") == 0))
         vqkv__simd = 1;
-    else
+    else if (!__builtin_cpu_supports("avx512vnni") || (env != NULL && strcmp(env, "avx512") == 0))
         vqkv__simd = 2;
+    else
+        vqkv__simd = 3;
     vqkv__fma = vqkv__simd != 0 && __builtin_cpu_supports("fma");
 }
 
@@ -119,7 +122,13 @@ bool vqkv__simd_enabled(void)
 bool vqkv__simd_avx512(void)
 {
     pthread_once(&vqkv__simd_once, vqkv__simd_init);
-    return vqkv__simd == 2;
+    return vqkv__simd >= 2;
+}
+
+bool vqkv__simd_vnni(void)
+{
+    pthread_once(&vqkv__simd_once, vqkv__simd_init);
+    return vqkv__simd == 3;
 }
 
 bool vqkv__simd_fma(void)
@@ -158,6 +167,11 @@ bool vqkv__simd_enabled(void)
 }
 
 bool vqkv__simd_avx512(void)
+{
+    return false;
+}
+
+bool vqkv__simd_vnni(void)
 {
     return false;
 }

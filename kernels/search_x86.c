@@ -162,13 +162,14 @@ VQKV__NEAREST(vqkv__nearest_x512, VQKV__AVX512, 512, 16)
 /* Vectors a fused pass takes at once. */
 #define VQKV__V 4
 
-/* One codebook's batch: its search form, and e = a + b ||x|| for the
- * vectors searched in it. (d goes to each pass as an argument, a constant
- * in the common sizes.) */
+/* One codebook's batch: its search form, e = a + b ||x|| for the vectors
+ * searched in it, and a bound on the norm of every codeword of finite
+ * norm. (d goes to each pass as an argument, a constant in the common
+ * sizes.) */
 typedef struct {
     const float *search;
     uint32_t k;
-    double a, b;
+    double a, b, cmax;
 } vqkv__batch_t;
 
 /* The codebook's part of the bound, over the codewords of finite norm (one
@@ -194,6 +195,7 @@ VQKV__AVX2 static bool vqkv__batch_init(vqkv__batch_t *bt, const float *search, 
     bt->k = k;
     bt->a = g * nmax + d * 0x1p-148 * VQKV__SLACK;
     bt->b = g * 2.0 * cmax;
+    bt->cmax = cmax;
     return _mm256_movemask_ps(bad) == 0;
 }
 
@@ -361,6 +363,263 @@ VQKV__BATCH(vqkv__nearest_batch_x86, vqkv__fused256, VQKV__AVX2_FMA, 8, 2, vqkv_
 VQKV__FUSED(vqkv__fused512, VQKV__AVX512, 512, 16, 4, vqkv__nearest_x512)
 VQKV__BATCH(vqkv__nearest_batch_x512, vqkv__fused512, VQKV__AVX512, 16, 4, vqkv__nearest_x512)
 
+/* ---- many vectors, one codebook: an integer screen made exact -------------
+ *
+ * With AVX-512 VNNI, vpdpwssd multiplies 16-bit integers two to a 32-bit
+ * lane and adds both products, where a fused multiply-add does one product
+ * a lane: a screen in integers, made exact as the fused pass is, halves the
+ * pass's arithmetic. Per batch, codewords and vectors are scaled to
+ * integers of norm at most Q = 0.998 * 2^14.5: p_j = round(c_j s_c) and
+ * q = round(x s_x), s_c = Q / (the batch bound on ||c||), s_x = Q / (the
+ * largest ||x|| of the batch), both floats. With lambda = 2 / (s_x s_c),
+ * the exact distance E_j = n_j - 2 x.c_j (n_j the stored ||c_j||^2) is
+ * lambda times
+ *     n_j / lambda - (q + delta).(p_j + eps_j),
+ * delta = x s_x - q and eps_j = c_j s_c - p_j, whose components are within
+ * 1/2 + Q 2^-24 (the float product's rounding), so their norms within D =
+ * sqrt(d) (1/2 + Q 2^-24), and ||q||, ||p_j|| within P = Q (1 + 2^-20) + D.
+ * The screen's score is A_j = K_j - q.p_j, K_j the integer nearest
+ * n_j / lambda, capped at 2^30 - 1: exact in int32, as |q.p_j| <= P^2 <
+ * 2^29. By Cauchy-Schwarz on the three cross terms, for K_j not capped,
+ *     |A_j - E_j / lambda| <= beta = 1/2 + 2^-20 + D (2 P + D).
+ * With the reference's own error r (the fused pass's bound a + b ||x||,
+ * which covers it), the fused pass's argument gives: the reference's
+ * answer, and every codeword tied with it, has A_j <= A_f + tau, tau = 2
+ * beta + 2 r / lambda, f the codeword of least A. Each lane keeps its least
+ * two scores with the codeword's block in their low four bits (A_j & ~15 |
+ * j / 16, one instruction; each then within 15 of its A_j), so the
+ * threshold on them is (m & ~15) + 30 + floor(tau), m the least: every A_j
+ * <= A_f + tau is under it. One codeword under it is the answer; for more,
+ * the reference's distance of each of them decides (vqkv__screen_resolve).
+ *
+ * Where it does not apply: codewords of norm +inf (twins) get the cap and
+ * p = 0; a threshold that reaches 2^30 - 1 - 2^29 (where a capped score
+ * could be under it) sends the vector to the exact search, as do vectors
+ * with a component past 2^18 in magnitude (so ||x||^2 <= 2^40, the fused
+ * pass's limit), NaN or infinite, which play no part in s_x. Batches whose
+ * codebook the fused pass's bound does not cover, or whose scales
+ * overflow, take the fused pass. Costs: per batch O(k d) to scale the
+ * codebook and O(n d) for s_x, which a batch of 32 vectors repays; per
+ * vector k d / 32 multiply-adds and four lane operations a register of 16
+ * codewords (the fused pass: k d / 16 and five), and for the few vectors
+ * with a near-tie (tau is about 2.4e-4 of ||x|| ||c|| at d = 8), the
+ * screen again and the reference's distances of the candidates. */
+#define VQKV__SCREEN_MAX_K 256u
+#define VQKV__SCREEN_Q (0.998 * 0x1p14 * 1.4142135623730951)
+#define VQKV__SCREEN_DOT (1 << 29)   /* |q.p_j| under this */
+#define VQKV__SCREEN_KCAP 0x3fffffff /* the cap on K: 2^30 - 1 */
+#define VQKV__SCREEN_X_MAX 0x1p18f   /* vector components the screen takes */
+
+#define VQKV__VNNI __attribute__((target("avx2,fma,avx512f,avx512vnni")))
+
+/* One batch's screen: K, and the codewords' -p_j as 16-bit pairs, block
+ * by block (16 codewords) and pair by pair, 16 lanes each. */
+typedef struct {
+    int32_t K[VQKV__SCREEN_MAX_K] __attribute__((aligned(64)));
+    int32_t P[VQKV__SCREEN_MAX_K * VQKV__SCREEN_MAX_D / 2] __attribute__((aligned(64)));
+    float s_x;
+    int32_t slack; /* 30 + floor(tau) */
+    uint32_t blocks;
+} vqkv__screen_t;
+
+/* Whether the screen takes vector x: every component within
+ * VQKV__SCREEN_X_MAX (NaN compares unordered: no). */
+VQKV__VNNI static inline bool vqkv__screen_takes(__m512 x)
+{
+    return _mm512_cmp_ps_mask(_mm512_abs_ps(x), _mm512_set1_ps(VQKV__SCREEN_X_MAX), _CMP_NLE_UQ) ==
+           0;
+}
+
+/* The largest ||x||^2 (as a float sum) of the batch's vectors the screen
+ * takes; 0 if none. O(n d). */
+VQKV__VNNI static float vqkv__screen_xmax(const float *xs, size_t n, size_t stride, uint32_t d)
+{
+    __mmask16 dm = (__mmask16)((1u << d) - 1);
+    float most = 0.0f;
+    for (size_t i = 0; i < n; i++) {
+        __m512 x = _mm512_maskz_loadu_ps(dm, xs + i * stride);
+        float xx = _mm512_reduce_add_ps(_mm512_mul_ps(x, x));
+        if (vqkv__screen_takes(x) && xx > most)
+            most = xx;
+    }
+    return most;
+}
+
+/* Scales the codebook (k a multiple of 16 up to VQKV__SCREEN_MAX_K, d = 4,
+ * 8 or 16) for vectors of ||x||^2 up to xx; false where the screen does
+ * not apply (the fused pass then). O(k d). */
+VQKV__VNNI static bool vqkv__screen_init(vqkv__screen_t *sc, const vqkv__batch_t *bt, float xx,
+                                         uint32_t d)
+{
+    const float *norms = bt->search, *wt = bt->search + bt->k;
+    uint32_t k = bt->k, pairs = d / 2;
+    /* The float sum ||x||^2 is within gamma_16 < 2^-20 of the true one. */
+    double xn = sqrt(xx * (1.0 + 0x1p-18)), Q = VQKV__SCREEN_Q;
+    float s_c = bt->cmax > 0.0 ? (float)(Q / bt->cmax) : 1.0f;
+    float s_x = xn > 0.0 ? (float)(Q / xn) : 1.0f;
+    if (!isfinite(s_c) || !isfinite(s_x))
+        return false;
+    double scale = 0.5 * s_x * s_c; /* 1 / lambda */
+    __m512d kscale = _mm512_set1_pd(scale), kcap = _mm512_set1_pd(VQKV__SCREEN_KCAP);
+    __m512 neg = _mm512_set1_ps(-s_c), inf = _mm512_set1_ps(INFINITY);
+    __m512i low16 = _mm512_set1_epi32(0xffff);
+    sc->blocks = k / 16;
+    for (uint32_t r = 0; r < sc->blocks; r++) {
+        const float *nr = norms + 16 * r;
+        __mmask16 live = _mm512_cmp_ps_mask(_mm512_loadu_ps(nr), inf, _CMP_NEQ_UQ);
+        /* min(+inf, cap) is the cap: twins get it. */
+        __m512d k0 =
+            _mm512_min_pd(_mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(nr)), kscale), kcap);
+        __m512d k1 =
+            _mm512_min_pd(_mm512_mul_pd(_mm512_cvtps_pd(_mm256_loadu_ps(nr + 8)), kscale), kcap);
+        _mm256_store_si256((__m256i *)(sc->K + 16 * r), _mm512_cvtpd_epi32(k0));
+        _mm256_store_si256((__m256i *)(sc->K + 16 * r + 8), _mm512_cvtpd_epi32(k1));
+        for (uint32_t t = 0; t < pairs; t++) {
+            /* round(-c s_c) = -round(c s_c): rounding to even is odd. */
+            __m512i lo = _mm512_maskz_cvtps_epi32(
+                live, _mm512_mul_ps(_mm512_loadu_ps(wt + 2 * t * k + 16 * r), neg));
+            __m512i hi = _mm512_maskz_cvtps_epi32(
+                live, _mm512_mul_ps(_mm512_loadu_ps(wt + (2 * t + 1) * k + 16 * r), neg));
+            _mm512_store_si512(sc->P + (r * pairs + t) * 16,
+                               _mm512_ternarylogic_epi32(lo, low16, _mm512_slli_epi32(hi, 16),
+                                                         0xea)); /* lo & 0xffff | hi << 16 */
+        }
+    }
+    double D = sqrt((double)d) * (0.5 + Q * 0x1p-24), P = Q * (1.0 + 0x1p-20) + D;
+    double beta = 0.5 + 0x1p-20 + D * (2.0 * P + D);
+    double tau = (2.0 * beta + 2.0 * (bt->a + bt->b * xn) * scale) * VQKV__SLACK;
+    if (!(P * P < VQKV__SCREEN_DOT) || !(tau < VQKV__SCREEN_DOT))
+        return false;
+    sc->s_x = s_x;
+    sc->slack = 30 + (int32_t)tau;
+    return true;
+}
+
+/* Block r's tagged scores (A_j & ~15 | r) for the vector whose pairs are
+ * xq, the block's codeword pairs in p. */
+VQKV__VNNI static inline __attribute__((always_inline)) __m512i
+vqkv__screen_scores(const vqkv__screen_t *sc, uint32_t r, uint32_t pairs, const int32_t *xq,
+                    const __m512i *p)
+{
+    __m512i acc = _mm512_load_si512(sc->K + 16 * r);
+    _Pragma("GCC unroll 8") for (uint32_t t = 0; t < pairs; t++) acc =
+        _mm512_dpwssd_epi32(acc, p[t], _mm512_set1_epi32(xq[t]));
+    return _mm512_ternarylogic_epi32(acc, _mm512_set1_epi32(~15), _mm512_set1_epi32((int32_t)r),
+                                     0xea);
+}
+
+/* The reference's answer for x among the codewords whose tagged score is
+ * at or under thr, which hold it and every codeword tied with it: each
+ * one's distance built as the reference builds it, the first least kept
+ * (they come in index order). O(k d / 32 + candidates * d). */
+VQKV__VNNI static uint32_t vqkv__screen_resolve(const vqkv__screen_t *sc, const vqkv__batch_t *bt,
+                                                const float *x, const int32_t *xq, int32_t thr,
+                                                uint32_t d)
+{
+    const float *norms2 = bt->search, *wt = bt->search + bt->k;
+    uint32_t pairs = d / 2, best = 0;
+    float m[VQKV__SCREEN_MAX_D], best_dist = FLT_MAX;
+    for (uint32_t j = 0; j < d; j++)
+        m[j] = -2.0f * x[j];
+    for (uint32_t r = 0; r < sc->blocks; r++) {
+        __m512i p[VQKV__SCREEN_MAX_D / 2];
+        for (uint32_t t = 0; t < pairs; t++)
+            p[t] = _mm512_load_si512(sc->P + (r * pairs + t) * 16);
+        __m512i acc = vqkv__screen_scores(sc, r, pairs, xq, p);
+        for (unsigned under = _mm512_cmple_epi32_mask(acc, _mm512_set1_epi32(thr)); under != 0;
+             under &= under - 1) {
+            uint32_t c = 16 * r + (uint32_t)__builtin_ctz(under);
+            float dist = norms2[c];
+            for (uint32_t j = 0; j < d; j++)
+                dist += m[j] * wt[(size_t)j * bt->k + c];
+            if (dist < best_dist) {
+                best_dist = dist;
+                best = c;
+            }
+        }
+    }
+    return best;
+}
+
+/* The screen over VQKV__V vectors at once, as the fused pass: each block's
+ * K and pairs loaded once for all of them; each vector's lanes keep their
+ * least two tagged scores. Returns how many the screen settled alone. */
+VQKV__VNNI static inline __attribute__((always_inline)) size_t
+vqkv__screen_pass(const vqkv__screen_t *sc, const vqkv__batch_t *bt, const float *const *x,
+                  uint32_t nv, uint32_t d, uint32_t *out)
+{
+    enum { V = VQKV__V };
+    uint32_t pairs = d / 2;
+    __mmask16 dm = (__mmask16)((1u << d) - 1);
+    __m512i m1[V], s2[V];
+    int32_t xq[V][VQKV__SCREEN_MAX_D / 2];
+    bool takes[V];
+    size_t settled = 0;
+    for (uint32_t v = 0; v < V; v++) {
+        __m512 xv = _mm512_maskz_loadu_ps(dm, x[v]);
+        takes[v] = vqkv__screen_takes(xv);
+        _mm256_storeu_si256((__m256i *)xq[v], _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(
+                                                  _mm512_mul_ps(xv, _mm512_set1_ps(sc->s_x)))));
+        m1[v] = s2[v] = _mm512_set1_epi32(INT32_MAX);
+    }
+    for (uint32_t r = 0; r < sc->blocks; r++) {
+        __m512i p[VQKV__SCREEN_MAX_D / 2];
+        _Pragma("GCC unroll 8") for (uint32_t t = 0; t < pairs; t++) p[t] =
+            _mm512_load_si512(sc->P + (r * pairs + t) * 16);
+        _Pragma("GCC unroll 4") for (uint32_t v = 0; v < V; v++)
+        {
+            __m512i acc = vqkv__screen_scores(sc, r, pairs, xq[v], p);
+            s2[v] = _mm512_min_epi32(_mm512_max_epi32(m1[v], acc), s2[v]);
+            m1[v] = _mm512_min_epi32(acc, m1[v]);
+        }
+    }
+    for (uint32_t v = 0; v < nv; v++) {
+        int32_t m = _mm512_reduce_min_epi32(m1[v]);
+        int64_t thr = (int64_t)(m & ~15) + sc->slack;
+        if (!takes[v] || thr >= VQKV__SCREEN_KCAP - VQKV__SCREEN_DOT) {
+            out[v] = vqkv__nearest_x512(x[v], bt->search, d, bt->k);
+            continue;
+        }
+        __m512i at = _mm512_set1_epi32((int32_t)thr);
+        __mmask16 below = _mm512_cmple_epi32_mask(m1[v], at);
+        if (__builtin_popcount(below) == 1 && _mm512_cmple_epi32_mask(s2[v], at) == 0) {
+            out[v] = 16u * (uint32_t)(m & 15) + (uint32_t)__builtin_ctz(below);
+            settled++;
+        } else {
+            out[v] = vqkv__screen_resolve(sc, bt, x[v], xq[v], (int32_t)thr, d);
+        }
+    }
+    return settled;
+}
+
+VQKV__VNNI size_t vqkv__nearest_batch_vnni(const float *xs, size_t n, size_t stride,
+                                           const float *search, uint32_t d, uint32_t k,
+                                           uint32_t *out)
+{
+    vqkv__batch_t bt;
+    vqkv__screen_t sc;
+    size_t settled = 0;
+    if ((d != 4 && d != 8 && d != 16) || k % 16 != 0 || k > VQKV__SCREEN_MAX_K ||
+        !vqkv__batch_init(&bt, search, d, k) ||
+        !vqkv__screen_init(&sc, &bt, vqkv__screen_xmax(xs, n, stride, d), d)) {
+        vqkv__nearest_batch_x512(xs, n, stride, search, d, k, out);
+        return 0;
+    }
+    for (size_t i = 0; i < n; i += VQKV__V) {
+        const float *x[VQKV__V];
+        uint32_t nv = n - i < VQKV__V ? (uint32_t)(n - i) : VQKV__V;
+        for (uint32_t v = 0; v < VQKV__V; v++)
+            x[v] = xs + (i + (v < nv ? v : nv - 1)) * stride;
+        if (d == 4)
+            settled += vqkv__screen_pass(&sc, &bt, x, nv, 4, out + i);
+        else if (d == 8)
+            settled += vqkv__screen_pass(&sc, &bt, x, nv, 8, out + i);
+        else
+            settled += vqkv__screen_pass(&sc, &bt, x, nv, 16, out + i);
+    }
+    return settled;
+}
+
 VQKV__AVX2 void vqkv__mind_update_x86(const float *xt, size_t n, uint32_t d, const float *c,
                                       float *mind, bool first)
 {
@@ -412,6 +671,13 @@ void vqkv__nearest_batch_x512(const float *xs, size_t n, size_t stride, const fl
                               uint32_t d, uint32_t k, uint32_t *out)
 {
     vqkv__nearest_batch_scalar(xs, n, stride, search, d, k, out);
+}
+
+size_t vqkv__nearest_batch_vnni(const float *xs, size_t n, size_t stride, const float *search,
+                                uint32_t d, uint32_t k, uint32_t *out)
+{
+    vqkv__nearest_batch_scalar(xs, n, stride, search, d, k, out);
+    return 0;
 }
 
 bool vqkv__nearest_simd(uint32_t d, uint32_t k)

@@ -274,10 +274,10 @@ static void make_vector(test_rng_t *rng, const float *words, uint32_t d, uint32_
 }
 
 /* The batch searches (AVX2 with FMA, AVX-512F: the fused pass and its
- * rescore) give the scalar reference's answer for every vector of every
- * codebook kind, d from 1 to 16 (odd ones too) and k from 8 to 512, batch
- * lengths not a multiple of the pass's four vectors. About two million
- * vectors; the dispatcher's answer too, whatever path it takes. */
+ * rescore; AVX-512 VNNI: the integer screen) give the scalar reference's answer for every vector of
+ * every codebook kind, d from 1 to 16 (odd ones too) and k from 8 to 512, batch lengths not a
+ * multiple of the pass's four vectors. About two million vectors; the dispatcher's answer too,
+ * whatever path it takes. */
 static void test_nearest_batch_matches_scalar(void **state)
 {
     (void)state;
@@ -285,6 +285,7 @@ static void test_nearest_batch_matches_scalar(void **state)
     static const uint32_t ds[] = {1, 3, 4, 5, 8, 16};
     enum { N = 2003 };
     bool x86 = vqkv__nearest_simd(8, 256) && vqkv__simd_fma(), x512 = vqkv__simd_avx512();
+    bool vnni = vqkv__simd_vnni();
     test_rng_t rng = {.state = 4242};
     float *xs = malloc((size_t)N * 16 * sizeof *xs);
     uint32_t *got = malloc(N * sizeof *got);
@@ -304,14 +305,17 @@ static void test_nearest_batch_matches_scalar(void **state)
                 float scale = kind == BOOK_HUGE ? 3.0e5f : kind == BOOK_TINY ? 1.0e-21f : 1.0f;
                 for (size_t i = 0; i < N; i++)
                     make_vector(&rng, words, d, k, scale, xs + i * d);
-                for (int path = 0; path < 3; path++) {
-                    if ((path == 1 && !x86) || (path == 2 && !x512))
+                for (int path = 0; path < 4; path++) {
+                    if ((path == 1 && !x86) || (path == 2 && !x512) || (path == 3 && !vnni))
                         continue;
-                    void (*batch)(const float *, size_t, size_t, const float *, uint32_t, uint32_t,
-                                  uint32_t *) = path == 0   ? vqkv__nearest_batch
-                                                : path == 1 ? vqkv__nearest_batch_x86
-                                                            : vqkv__nearest_batch_x512;
-                    batch(xs, N, d, search, d, k, got);
+                    if (path == 0)
+                        vqkv__nearest_batch(xs, N, d, search, d, k, got);
+                    else if (path == 1)
+                        vqkv__nearest_batch_x86(xs, N, d, search, d, k, got);
+                    else if (path == 2)
+                        vqkv__nearest_batch_x512(xs, N, d, search, d, k, got);
+                    else
+                        vqkv__nearest_batch_vnni(xs, N, d, search, d, k, got);
                     for (size_t i = 0; i < N; i++) {
                         uint32_t want = vqkv__nearest_scalar(xs + i * d, search, d, k);
                         if (got[i] != want)
@@ -324,6 +328,56 @@ static void test_nearest_batch_matches_scalar(void **state)
             }
     print_message("%zu vectors checked\n", checked);
     test_free_all(xs, got);
+}
+
+/* The integer screen as the encoders call it (batches of 32 vectors strided
+ * through 128-channel rows, the codebook's groups of 4, 8 or 16 channels)
+ * settles nearly every vector itself and gives the reference's answers:
+ * vectors at the codebook's scale, and vectors fifty times smaller, for
+ * which about a third of the codewords score past the screen's range
+ * (clamped).
+ * On a CPU without AVX-512 VNNI it has nothing to check and says so. */
+static void test_screen_settles_encoder_batches(void **state)
+{
+    (void)state;
+    enum { BATCH = 32, BATCHES = 64, ROW = 128, K = 256 };
+    static const uint32_t ds[] = {4, 8, 16};
+    if (!vqkv__simd_vnni()) {
+        print_message("SKIPPED: no AVX-512 VNNI on this CPU (or VQKV_CPU_SIMD turned it off)\n");
+        return;
+    }
+    test_rng_t rng = {.state = 777};
+    float *rows = malloc((size_t)BATCH * ROW * sizeof *rows);
+    float *words = malloc((size_t)K * 16 * sizeof *words);
+    float *search = malloc((size_t)K * 17 * sizeof *search);
+    assert_non_null(rows);
+    assert_non_null(words);
+    assert_non_null(search);
+    for (size_t di = 0; di < sizeof ds / sizeof ds[0]; di++)
+        for (int small = 0; small < 2; small++) {
+            uint32_t d = ds[di], got[BATCH];
+            size_t settled = 0;
+            for (size_t i = 0; i < (size_t)K * d; i++)
+                words[i] = (float)test_rng_gaussian(&rng);
+            vqkv__search_prepare_nearest(words, d, K, search);
+            for (int b = 0; b < BATCHES; b++) {
+                for (size_t i = 0; i < (size_t)BATCH * ROW; i++)
+                    rows[i] = (float)test_rng_gaussian(&rng) * (small ? 0.1f : 1.1f);
+                uint32_t g = (uint32_t)b % (ROW / d); /* the group's channels in each row */
+                settled += vqkv__nearest_batch_vnni(rows + g * d, BATCH, ROW, search, d, K, got);
+                for (uint32_t i = 0; i < BATCH; i++) {
+                    uint32_t want =
+                        vqkv__nearest_scalar(rows + (size_t)i * ROW + g * d, search, d, K);
+                    if (got[i] != want)
+                        fail_msg("d %u small %d batch %d vector %u: %u, scalar %u", d, small, b, i,
+                                 got[i], want);
+                }
+            }
+            print_message("d %u, small vectors %d: the screen settled %zu of %d\n", d, small,
+                          settled, BATCH * BATCHES);
+            assert_true(settled >= (size_t)BATCH * BATCHES * 9 / 10);
+        }
+    test_free_all(rows, words, search);
 }
 
 /* Twins get norm +inf in the search form, the first of them its own; the
@@ -803,6 +857,7 @@ int main(void)
         cmocka_unit_test(test_nearest_matches_brute_force),
         cmocka_unit_test(test_nearest_simd_matches_scalar),
         cmocka_unit_test(test_nearest_batch_matches_scalar),
+        cmocka_unit_test(test_screen_settles_encoder_batches),
         cmocka_unit_test(test_search_mark_twins),
         cmocka_unit_test(test_mind_update_simd_matches_scalar),
         cmocka_unit_test(test_training_deterministic_across_threads),
