@@ -560,13 +560,16 @@ static uint32_t vqkv__center_and_escape(const vqkv_codec_t *codec, uint32_t laye
 }
 
 /* Vectors encoded together share every codebook search (vqkv__nearest_batch,
- * which loads each codeword once for four of them and keeps the codebook in
- * L1 across the batch): all of a part's vectors with one codebook set, one
- * head's tokens with a set per head. Their rows and residuals live on the
- * stack, VQKV__CHUNK_FLOATS floats each (16 KiB): 32 vectors of head_dim 128
- * at once, never more than VQKV__CHUNK_VECTORS. */
-#define VQKV__CHUNK_FLOATS 4096u
-#define VQKV__CHUNK_VECTORS 64u
+ * which loads each codeword once for four of them, keeps the codebook in
+ * L1 across the batch, and with VNNI scales it to integers once a batch):
+ * all of a part's vectors with one codebook set, one head's tokens with a
+ * set per head. Their rows and residuals live on the stack,
+ * VQKV__CHUNK_FLOATS floats each (64 KiB; vqkvd's pool threads have 8 MiB
+ * of stack): a 32-token block's 256 vectors of head_dim 128 at once, never
+ * more than VQKV__CHUNK_VECTORS. Batches of 256 rather than 32 made rvq's
+ * encode about a fifth faster with the VNNI search (bench/RESULTS.md). */
+#define VQKV__CHUNK_FLOATS 16384u
+#define VQKV__CHUNK_VECTORS 256u
 
 /* A chunk: n vectors v0, v0 + step, ..., of one codebook set. */
 typedef struct {
