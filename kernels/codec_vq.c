@@ -601,7 +601,8 @@ static void vqkv__chunk_rows(const vqkv_codec_t *codec, uint32_t layer, int kv,
 }
 
 /* Encodes a chunk: per branch each vector's norm, then per group and stage
- * one batch search for all of its vectors and their residuals' update. */
+ * one batch search for all of its vectors and, but after the last stage,
+ * their residuals' update. */
 static void vqkv__vq_encode_chunk(const vqkv_codec_t *codec, uint32_t layer, int kv,
                                   const vqkv__tile_t *tile, const uint8_t *block_means,
                                   const vqkv__chunk_t *chunk, uint8_t *norms, uint8_t *codes)
@@ -633,6 +634,8 @@ static void vqkv__vq_encode_chunk(const vqkv_codec_t *codec, uint32_t layer, int
                     uint64_t v = chunk->v0 + i * chunk->step;
                     uint64_t pos = v * side->codes + br->first_code + g * br->stages + s;
                     vqkv__bits_put(codes, pos * b, b, found[i]);
+                    if (s + 1 == br->stages)
+                        continue; /* the last stage's residual is never read */
                     float *r = resid + (size_t)i * br->n_channels;
                     for (uint32_t j = 0; j < br->d; j++)
                         r[j] -= book.words[(size_t)found[i] * br->d + j];
