@@ -333,10 +333,10 @@ static void test_nearest_batch_matches_scalar(void **state)
 /* The integer screen as the encoders call it (batches of 32 vectors strided
  * through 128-channel rows, the codebook's groups of 4, 8 or 16 channels)
  * settles nearly every vector itself and gives the reference's answers:
- * vectors at the codebook's scale, and vectors fifty times smaller, for
- * which about a third of the codewords score past the screen's range
- * (clamped).
- * On a CPU without AVX-512 VNNI it has nothing to check and says so. */
+ * vectors at the codebook's scale, and vectors ten times smaller, for
+ * which a third to half of the codewords score past the screen's range
+ * (capped). On a CPU without AVX-512 VNNI it has nothing to check and
+ * says so. */
 static void test_screen_settles_encoder_batches(void **state)
 {
     (void)state;
