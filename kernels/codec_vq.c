@@ -628,17 +628,13 @@ static void vqkv__vq_encode_chunk(const vqkv_codec_t *codec, uint32_t layer, int
             for (uint32_t s = 0; s < br->stages; s++) {
                 vqkv__book_t book = vqkv__book(vq, set_layer, kv, br, g, s);
                 float *resid = u + (size_t)g * br->d;
-                vqkv__nearest_batch(resid, chunk->n, br->n_channels, book.search, br->d, 1u << b,
-                                    found);
+                /* The last stage's residual is never read. */
+                vqkv__rvq_stage(resid, chunk->n, br->n_channels, book.words, book.search, br->d,
+                                1u << b, found, s + 1 < br->stages);
                 for (uint32_t i = 0; i < chunk->n; i++) {
                     uint64_t v = chunk->v0 + i * chunk->step;
                     uint64_t pos = v * side->codes + br->first_code + g * br->stages + s;
                     vqkv__bits_put(codes, pos * b, b, found[i]);
-                    if (s + 1 == br->stages)
-                        continue; /* the last stage's residual is never read */
-                    float *r = resid + (size_t)i * br->n_channels;
-                    for (uint32_t j = 0; j < br->d; j++)
-                        r[j] -= book.words[(size_t)found[i] * br->d + j];
                 }
             }
     }
@@ -1227,11 +1223,7 @@ static int vqkv__train_group(vqkv__train_job_t *job, uint32_t bi, uint32_t g)
         vqkv__book_ready(vq, br, book);
         words[s] = book.words;
         search[s] = book.search;
-        uint32_t *cs = codes + s * job->m;
-        vqkv__nearest_batch(x, job->m, d, book.search, d, k, cs);
-        for (size_t i = 0; i < job->m; i++)
-            for (uint32_t j = 0; j < d; j++)
-                x[i * d + j] -= book.words[(size_t)cs[i] * d + j];
+        vqkv__rvq_stage(x, job->m, d, book.words, book.search, d, k, codes + s * job->m, true);
     }
     if (!br->commute && br->stages > 1)
         rc = vqkv__rvq_refine(x0, job->m, d, k, br->stages, VQKV__REFINE_ROUNDS, words, search,

@@ -290,6 +290,24 @@ out:
     return rc;
 }
 
+void vqkv__rvq_stage(float *xs, size_t n, size_t stride, const float *words, const float *search,
+                     uint32_t d, uint32_t k, uint32_t *codes, bool subtract)
+{
+    vqkv__nearest_batch(xs, n, stride, search, d, k, codes);
+    for (size_t i = 0; i < n && subtract; i++)
+        for (uint32_t j = 0; j < d; j++)
+            xs[i * stride + j] -= words[(size_t)codes[i] * d + j];
+}
+
+/* The sum of v[i]^2 over n floats, in double. */
+static double vqkv__sum_squares(const float *v, size_t n)
+{
+    double sum = 0.0;
+    for (size_t i = 0; i < n; i++)
+        sum += (double)v[i] * v[i];
+    return sum;
+}
+
 /* Codes x[n][d] greedily through the chain into codes[stages][n], leaving
  * resid = what it misses; returns the total squared error. */
 static double vqkv__rvq_code(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t stages,
@@ -297,17 +315,9 @@ static double vqkv__rvq_code(const float *x, size_t n, uint32_t d, uint32_t k, u
                              uint32_t *codes)
 {
     memcpy(resid, x, n * d * sizeof *resid);
-    for (uint32_t s = 0; s < stages; s++) {
-        uint32_t *cs = codes + s * n;
-        vqkv__nearest_batch(resid, n, d, search[s], d, k, cs);
-        for (size_t i = 0; i < n; i++)
-            for (uint32_t j = 0; j < d; j++)
-                resid[i * d + j] -= words[s][(size_t)cs[i] * d + j];
-    }
-    double err = 0.0;
-    for (size_t i = 0; i < n * d; i++)
-        err += (double)resid[i] * resid[i];
-    return err;
+    for (uint32_t s = 0; s < stages; s++)
+        vqkv__rvq_stage(resid, n, d, words[s], search[s], d, k, codes + s * n, true);
+    return vqkv__sum_squares(resid, n * d);
 }
 
 /* Sets each centroid of words[k][d] to the mean of what the other stages
@@ -347,9 +357,7 @@ int vqkv__rvq_refine(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t 
     int rc = VQKV_ENOMEM;
     if (saved == NULL || sums == NULL || counts == NULL)
         goto out;
-    double err = 0.0;
-    for (size_t i = 0; i < n * d; i++)
-        err += (double)resid[i] * resid[i];
+    double err = vqkv__sum_squares(resid, n * d);
     for (uint32_t round = 0; round < rounds; round++) {
         for (uint32_t s = 0; s < stages; s++) {
             memcpy(saved + s * floats, words[s], floats * sizeof *saved);

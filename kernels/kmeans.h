@@ -50,6 +50,13 @@ int vqkv__rvq_refine(const float *x, size_t n, uint32_t d, uint32_t k, uint32_t 
                      uint32_t rounds, float *const *words, float *const *search, uint32_t *codes,
                      float *resid);
 
+/* One stage of a residual chain, as the encoders and training code it:
+ * codes[i] = the centroid of words[k][d] (search, its search form)
+ * nearest to x_i = xs + i * stride (vqkv__nearest_batch), then, if
+ * subtract, x_i less that centroid, what the next stage codes. O(n*k*d). */
+void vqkv__rvq_stage(float *xs, size_t n, size_t stride, const float *words, const float *search,
+                     uint32_t d, uint32_t k, uint32_t *codes, bool subtract);
+
 /* Codebooks the batch search's fused pass takes (search_x86.c), and whose
  * twins vqkv__search_mark_twins marks: at most this many codewords. */
 #define VQKV__FUSED_MAX_K 512u
@@ -94,12 +101,12 @@ void vqkv__nearest_batch_x512(const float *xs, size_t n, size_t stride, const fl
                               uint32_t d, uint32_t k, uint32_t *out);
 /* The same answers with AVX-512 VNNI, where vqkv__simd_vnni() says it may
  * run: an integer screen made exact (search_x86.c) for d = 4, 8 and 16
- * (VQKV__SCREEN_MAX_D the most) and k a multiple of 16 up to 256, the
- * AVX-512F batch for the rest. Returns how many vectors the screen settled (the others
- * took the exact search), for tests and tuning. */
-#define VQKV__SCREEN_MAX_D 16u
-/* Batches shorter than this take the AVX-512F batch instead: the screen's
- * scaling of the codebook costs about what a few vectors' search does. */
+ * and k a multiple of 16 up to 256, the AVX-512F batch for the rest.
+ * Returns how many vectors the screen settled alone (the others took the
+ * reference's distances or the exact search), for tests and tuning. */
+/* Batches shorter than this take the AVX-512F batch instead: by operation
+ * count, the screen's scaling of the codebook costs about what four to
+ * five vectors' search does (not measured). */
 #define VQKV__SCREEN_MIN_N 16u
 size_t vqkv__nearest_batch_vnni(const float *xs, size_t n, size_t stride, const float *search,
                                 uint32_t d, uint32_t k, uint32_t *out);

@@ -337,24 +337,26 @@ static const int32_t vqkv__iota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12,
                 out[i] = EXACT(xs + i * stride, search, d, k);                                     \
             return;                                                                                \
         }                                                                                          \
+        /* d a constant in the common group sizes, so that the pass's channel                      \
+         * loop unrolls (its counter and compare were a sixth of its time). */                     \
         switch (d) {                                                                               \
-        case 4: VQKV__PASSES(FUSED, 4); break;                                                     \
-        case 8: VQKV__PASSES(FUSED, 8); break;                                                     \
-        case 16: VQKV__PASSES(FUSED, 16); break;                                                   \
-        default: VQKV__PASSES(FUSED, d);                                                           \
+        case 4: VQKV__PASSES(FUSED(&bt, x, nv, 4, out + i)); break;                                \
+        case 8: VQKV__PASSES(FUSED(&bt, x, nv, 8, out + i)); break;                                \
+        case 16: VQKV__PASSES(FUSED(&bt, x, nv, 16, out + i)); break;                              \
+        default: VQKV__PASSES(FUSED(&bt, x, nv, d, out + i));                                      \
         }                                                                                          \
     }
 
-/* The batch's passes, d a constant D in the common group sizes, so that
- * the pass's channel loop unrolls (its counter and compare were a sixth of
- * the pass's time). */
-#define VQKV__PASSES(FUSED, D)                                                                     \
+/* A batch's passes over xs: VQKV__V vectors x[] at a time (nv of them
+ * real, the last pass padded with repeats of its last vector), the pass
+ * PASS run on each, i its first vector's index. */
+#define VQKV__PASSES(PASS)                                                                         \
     for (size_t i = 0; i < n; i += VQKV__V) {                                                      \
         const float *x[VQKV__V];                                                                   \
         uint32_t nv = n - i < VQKV__V ? (uint32_t)(n - i) : VQKV__V;                               \
         for (uint32_t v = 0; v < VQKV__V; v++)                                                     \
             x[v] = xs + (i + (v < nv ? v : nv - 1)) * stride;                                      \
-        FUSED(&bt, x, nv, (D), out + i);                                                           \
+        PASS;                                                                                      \
     }
 
 #define VQKV__AVX2_FMA __attribute__((target("avx2,fma")))
@@ -408,6 +410,7 @@ VQKV__BATCH(vqkv__nearest_batch_x512, vqkv__fused512, VQKV__AVX512, 16, 4, vqkv_
  * the fused pass: on Gaussian codebooks 1.6-1.9% of vectors have a
  * near-tie (test_screen_settles_encoder_batches). */
 #define VQKV__SCREEN_MAX_K 256u
+#define VQKV__SCREEN_MAX_D 16u
 #define VQKV__SCREEN_Q (0.998 * 0x1p14 * 1.4142135623730951)
 #define VQKV__SCREEN_DOT (1 << 29)   /* |q.p_j| under this */
 #define VQKV__SCREEN_KCAP 0x3fffffff /* the cap on K: 2^30 - 1 */
@@ -422,7 +425,6 @@ typedef struct {
     int32_t P[VQKV__SCREEN_MAX_K * VQKV__SCREEN_MAX_D / 2] __attribute__((aligned(64)));
     float s_x;
     int32_t slack; /* 30 + floor(tau) */
-    uint32_t blocks;
 } vqkv__screen_t;
 
 /* Whether the screen takes vector x: every component within
@@ -466,8 +468,7 @@ VQKV__VNNI static bool vqkv__screen_init(vqkv__screen_t *sc, const vqkv__batch_t
     __m512d kscale = _mm512_set1_pd(scale), kcap = _mm512_set1_pd(VQKV__SCREEN_KCAP);
     __m512 neg = _mm512_set1_ps(-s_c), inf = _mm512_set1_ps(INFINITY);
     __m512i low16 = _mm512_set1_epi32(0xffff);
-    sc->blocks = k / 16;
-    for (uint32_t r = 0; r < sc->blocks; r++) {
+    for (uint32_t r = 0; r < k / 16; r++) {
         const float *nr = norms + 16 * r;
         __mmask16 live = _mm512_cmp_ps_mask(_mm512_loadu_ps(nr), inf, _CMP_NEQ_UQ);
         /* min(+inf, cap) is the cap: twins get it. */
@@ -524,7 +525,7 @@ VQKV__VNNI static uint32_t vqkv__screen_resolve(const vqkv__screen_t *sc, const 
     float m[VQKV__SCREEN_MAX_D], best_dist = FLT_MAX;
     for (uint32_t j = 0; j < d; j++)
         m[j] = -2.0f * x[j];
-    for (uint32_t r = 0; r < sc->blocks; r++) {
+    for (uint32_t r = 0; r < bt->k / 16; r++) {
         __m512i p[VQKV__SCREEN_MAX_D / 2];
         for (uint32_t t = 0; t < pairs; t++)
             p[t] = _mm512_load_si512(sc->P + (r * pairs + t) * 16);
@@ -565,7 +566,7 @@ vqkv__screen_pass(const vqkv__screen_t *sc, const vqkv__batch_t *bt, const float
                                                   _mm512_mul_ps(xv, _mm512_set1_ps(sc->s_x)))));
         m1[v] = s2[v] = _mm512_set1_epi32(INT32_MAX);
     }
-    for (uint32_t r = 0; r < sc->blocks; r++) {
+    for (uint32_t r = 0; r < bt->k / 16; r++) {
         __m512i p[VQKV__SCREEN_MAX_D / 2];
         _Pragma("GCC unroll 8") for (uint32_t t = 0; t < pairs; t++) p[t] =
             _mm512_load_si512(sc->P + (r * pairs + t) * 16);
@@ -608,17 +609,10 @@ VQKV__VNNI size_t vqkv__nearest_batch_vnni(const float *xs, size_t n, size_t str
         vqkv__nearest_batch_x512(xs, n, stride, search, d, k, out);
         return 0;
     }
-    for (size_t i = 0; i < n; i += VQKV__V) {
-        const float *x[VQKV__V];
-        uint32_t nv = n - i < VQKV__V ? (uint32_t)(n - i) : VQKV__V;
-        for (uint32_t v = 0; v < VQKV__V; v++)
-            x[v] = xs + (i + (v < nv ? v : nv - 1)) * stride;
-        if (d == 4)
-            settled += vqkv__screen_pass(&sc, &bt, x, nv, 4, out + i);
-        else if (d == 8)
-            settled += vqkv__screen_pass(&sc, &bt, x, nv, 8, out + i);
-        else
-            settled += vqkv__screen_pass(&sc, &bt, x, nv, 16, out + i);
+    switch (d) {
+    case 4: VQKV__PASSES(settled += vqkv__screen_pass(&sc, &bt, x, nv, 4, out + i)); break;
+    case 8: VQKV__PASSES(settled += vqkv__screen_pass(&sc, &bt, x, nv, 8, out + i)); break;
+    default: VQKV__PASSES(settled += vqkv__screen_pass(&sc, &bt, x, nv, 16, out + i));
     }
     return settled;
 }

@@ -560,10 +560,7 @@ static void test_rvq_refine_lowers_error(void **state)
         sp[s] = search[s];
         assert_ok(vqkv__kmeans(resid, N, D, K, 8, 7 + s, NULL, words[s]));
         vqkv__search_prepare_nearest(words[s], D, K, search[s]);
-        vqkv__nearest_batch(resid, N, D, search[s], D, K, codes + s * N);
-        for (size_t i = 0; i < N; i++)
-            for (uint32_t j = 0; j < D; j++)
-                resid[i * D + j] -= words[s][codes[s * N + i] * D + j];
+        vqkv__rvq_stage(resid, N, D, words[s], search[s], D, K, codes + s * N, true);
     }
     double seen0 = chain_error(x, N, D, K, STAGES, wp);
     double unseen0 = chain_error(unseen, N, D, K, STAGES, wp);
