@@ -290,13 +290,36 @@ out:
     return rc;
 }
 
+/* Each x_i = xs + i * stride less its codeword words[codes[i]] (d at
+ * most VQKV_MAX_HEAD_DIM). The differences go through t so that GCC,
+ * which cannot tell x from w, still vectorizes the row. */
+static inline void vqkv__subtract_codewords(float *xs, size_t n, size_t stride, const float *words,
+                                            uint32_t d, const uint32_t *codes)
+{
+    float t[VQKV_MAX_HEAD_DIM];
+    for (size_t i = 0; i < n; i++) {
+        float *x = xs + i * stride;
+        const float *w = words + (size_t)codes[i] * d;
+        for (uint32_t j = 0; j < d; j++)
+            t[j] = x[j] - w[j];
+        memcpy(x, t, d * sizeof *x);
+    }
+}
+
 void vqkv__rvq_stage(float *xs, size_t n, size_t stride, const float *words, const float *search,
                      uint32_t d, uint32_t k, uint32_t *codes, bool subtract)
 {
     vqkv__nearest_batch(xs, n, stride, search, d, k, codes);
-    for (size_t i = 0; i < n && subtract; i++)
-        for (uint32_t j = 0; j < d; j++)
-            xs[i * stride + j] -= words[(size_t)codes[i] * d + j];
+    if (!subtract)
+        return;
+    /* d a constant in the common group sizes: a row's update is then one
+     * or two vector operations rather than a counted loop. */
+    switch (d) {
+    case 4: vqkv__subtract_codewords(xs, n, stride, words, 4, codes); break;
+    case 8: vqkv__subtract_codewords(xs, n, stride, words, 8, codes); break;
+    case 16: vqkv__subtract_codewords(xs, n, stride, words, 16, codes); break;
+    default: vqkv__subtract_codewords(xs, n, stride, words, d, codes);
+    }
 }
 
 /* The sum of v[i]^2 over n floats, in double. */
