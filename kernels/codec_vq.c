@@ -633,17 +633,20 @@ static void vqkv__prefetch_slice(const void *p, size_t bytes, size_t slice, size
         __builtin_prefetch(at + off, 0, 2);
 }
 
-/* Codebook book of br (its codewords and search form) fetched toward the
- * caches while the one before it is searched. A Llama-8B block's rvq
- * encode reads 35 MB of codebooks (per layer 2 sides x 16 groups x 2
- * stages of 17 KB), which no cache holds from one block to the next;
- * fetched on demand, the residual update's scattered codeword reads alone
- * took 2.8 ms of a block's 27 (1.1 ms prefetched; bench/RESULTS.md). */
+/* The codewords of br's codebook `book` fetched toward the caches while
+ * the book before it is searched. A Llama-8B block's rvq encode reads 35
+ * MB of codebooks (per layer 2 sides x 16 groups x 2 stages of 17 KB),
+ * which no cache holds from one block to the next. The search reads its
+ * search form from start to end, which the hardware prefetcher follows;
+ * the residual update reads the codewords in code order, scattered: on
+ * demand, those reads took 2.8 ms of a block's 27, 1.1 ms prefetched
+ * (bench/RESULTS.md). Prefetching the search form as well measured no
+ * faster (perf then put a third of the encoder loop's own samples on the
+ * prefetch instructions). */
 static void vqkv__book_prefetch(const vqkv__vq_t *vq, const vqkv__branch_t *br, vqkv__book_t book)
 {
     size_t words = (size_t)1 << vq->bits;
     vqkv__prefetch_slice(book.words, words * br->d * sizeof(float), 0, 1);
-    vqkv__prefetch_slice(book.search, words * (br->d + 1) * sizeof(float), 0, 1);
 }
 
 /* Encodes a chunk: per branch each vector's norm, then per group and stage
