@@ -676,11 +676,9 @@ static void vqkv__vq_encode_chunk(const vqkv_codec_t *codec, uint32_t layer, int
         for (uint32_t g = 0; g < br->groups; g++)
             for (uint32_t s = 0; s < br->stages; s++) {
                 vqkv__book_t book = vqkv__book(vq, set_layer, kv, br, g, s);
-                if (s + 1 < br->stages || g + 1 < br->groups)
-                    vqkv__book_prefetch(vq, br,
-                                        s + 1 < br->stages
-                                            ? vqkv__book(vq, set_layer, kv, br, g, s + 1)
-                                            : vqkv__book(vq, set_layer, kv, br, g + 1, 0));
+                uint32_t next_s = s + 1 < br->stages ? s + 1 : 0, next_g = next_s ? g : g + 1;
+                if (next_g < br->groups)
+                    vqkv__book_prefetch(vq, br, vqkv__book(vq, set_layer, kv, br, next_g, next_s));
                 float *resid = u + (size_t)g * br->d;
                 /* The last stage's residual is never read. */
                 vqkv__rvq_stage(resid, chunk->n, br->n_channels, book.words, book.search, br->d,

@@ -293,8 +293,8 @@ out:
 /* Each x_i = xs + i * stride less its codeword words[codes[i]] (d at
  * most VQKV_MAX_HEAD_DIM). The differences go through t so that GCC,
  * which cannot tell x from w, still vectorizes the row. */
-static inline void vqkv__subtract_codewords(float *xs, size_t n, size_t stride, const float *words,
-                                            uint32_t d, const uint32_t *codes)
+static inline void vqkv__subtract_rows(float *xs, size_t n, size_t stride, const float *words,
+                                       uint32_t d, const uint32_t *codes)
 {
     float t[VQKV_MAX_HEAD_DIM];
     for (size_t i = 0; i < n; i++) {
@@ -306,20 +306,26 @@ static inline void vqkv__subtract_codewords(float *xs, size_t n, size_t stride, 
     }
 }
 
+/* vqkv__subtract_rows with d a constant in the common group sizes: a
+ * row's update is then one or two vector operations rather than a counted
+ * loop. */
+static void vqkv__subtract_codewords(float *xs, size_t n, size_t stride, const float *words,
+                                     uint32_t d, const uint32_t *codes)
+{
+    switch (d) {
+    case 4: vqkv__subtract_rows(xs, n, stride, words, 4, codes); break;
+    case 8: vqkv__subtract_rows(xs, n, stride, words, 8, codes); break;
+    case 16: vqkv__subtract_rows(xs, n, stride, words, 16, codes); break;
+    default: vqkv__subtract_rows(xs, n, stride, words, d, codes);
+    }
+}
+
 void vqkv__rvq_stage(float *xs, size_t n, size_t stride, const float *words, const float *search,
                      uint32_t d, uint32_t k, uint32_t *codes, bool subtract)
 {
     vqkv__nearest_batch(xs, n, stride, search, d, k, codes);
-    if (!subtract)
-        return;
-    /* d a constant in the common group sizes: a row's update is then one
-     * or two vector operations rather than a counted loop. */
-    switch (d) {
-    case 4: vqkv__subtract_codewords(xs, n, stride, words, 4, codes); break;
-    case 8: vqkv__subtract_codewords(xs, n, stride, words, 8, codes); break;
-    case 16: vqkv__subtract_codewords(xs, n, stride, words, 16, codes); break;
-    default: vqkv__subtract_codewords(xs, n, stride, words, d, codes);
-    }
+    if (subtract)
+        vqkv__subtract_codewords(xs, n, stride, words, d, codes);
 }
 
 /* The sum of v[i]^2 over n floats, in double. */
@@ -363,9 +369,7 @@ static void vqkv__rvq_refit(size_t n, uint32_t d, uint32_t k, const uint32_t *cs
     for (uint32_t c = 0; c < k; c++)
         for (uint32_t j = 0; j < d && counts[c] > 0; j++)
             words[(size_t)c * d + j] = (float)(sums[(size_t)c * d + j] / (double)counts[c]);
-    for (size_t i = 0; i < n; i++)
-        for (uint32_t j = 0; j < d; j++)
-            resid[i * d + j] -= words[(size_t)cs[i] * d + j];
+    vqkv__subtract_codewords(resid, n, d, words, d, cs);
     vqkv__search_prepare_nearest(words, d, k, search);
 }
 

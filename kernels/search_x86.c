@@ -401,7 +401,7 @@ VQKV__BATCH(vqkv__nearest_batch_x512, vqkv__fused512, VQKV__AVX512, 16, 4, vqkv_
  * pass's limit), NaN or infinite, which play no part in s_x. Batches whose
  * codebook the fused pass's bound does not cover, or whose scales
  * overflow, take the fused pass. Costs: per batch O(k d) to scale the
- * codebook and O(n d) for s_x, which a batch of 32 vectors repays; per
+ * codebook and O(n d) for s_x (hence VQKV__SCREEN_MIN_N, kmeans.h); per
  * vector k d / 32 multiply-adds and four lane operations a register of 16
  * codewords (the fused pass: k d / 16 and five), and for the vectors with a
  * near-tie, the screen again and the reference's distances of the

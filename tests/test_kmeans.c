@@ -330,8 +330,9 @@ static void test_nearest_batch_matches_scalar(void **state)
     test_free_all(xs, got);
 }
 
-/* The integer screen as the encoders call it (batches of 32 vectors strided
- * through 128-channel rows, the codebook's groups of 4, 8 or 16 channels)
+/* The integer screen as the encoders call it (batches strided through
+ * 128-channel rows, here of 32 vectors where the encoders' are 256; the
+ * codebook's groups of 4, 8 or 16 channels)
  * settles nearly every vector itself and gives the reference's answers:
  * vectors at the codebook's scale, and vectors ten times smaller, for
  * which a third to half of the codewords score past the screen's range
