@@ -6,11 +6,12 @@
  * llama3-8b, 16 tokens per block), live in a vLLM-style paged fp16 cache.
  * Each codec encodes blocks out of it and decodes them back into a second
  * cache, and the figures are GB/s of fp16 in (encode) and out (decode).
- * Decode takes all blocks as one batch, as a get does
- * (vqkv_codec_decode_batch: layer by layer). memcpy of the same number of
- * fp16 bytes between the two caches, in the same run, is the baseline.
- * With --threads T (default 1) each pass is split T ways as vqkvd splits a
- * request: encode by blocks, decode by layers, memcpy by bytes. VQ
+ * Encode takes the blocks 4 at a time, as puts of vqkv-benchmark's 4-block
+ * prefixes (vqkv_codec_encode_batch), decode all of them as one batch, as
+ * a get does (vqkv_codec_decode_batch); both go layer by layer. memcpy of
+ * the same number of fp16 bytes between the two caches, in the same run,
+ * is the baseline. With --threads T (default 1) each pass is split T ways
+ * as vqkvd splits a request: encode and decode by layers, memcpy by bytes. VQ
  * codebooks are trained as vqkvd calibrates (bench_train): on other tokens
  * of the same distribution, so that codes spread over the codebooks as a
  * real cache's do, which is what decode's codeword reads depend on.
@@ -31,6 +32,8 @@
 
 /* Blocks one run holds: a get of 64 blocks of 4 MiB is 256 MiB. */
 #define BENCH_MAX_BLOCKS 64
+/* Blocks a put carries: vqkv-benchmark's default prefix of 4 blocks. */
+#define BENCH_PUT_BLOCKS 4
 
 typedef struct {
     char spec[96];
@@ -58,23 +61,26 @@ static int bench_pass(const bench_pass_t *p, uint32_t share, uint32_t shares)
 {
     size_t block_bytes = p->codec ? vqkv_codec_block_bytes(p->codec) : 0;
     int rc = VQKV_OK;
-    if (p->kind == BENCH_ENCODE) {
-        size_t end = bench_share_begin(p->blocks, share + 1, shares);
-        for (size_t s = bench_share_begin(p->blocks, share, shares); s < end && rc == VQKV_OK; s++)
-            rc = vqkv_codec_encode(p->codec, p->cache, p->view, (uint32_t)s,
-                                   p->packed + s * block_bytes);
+    uint32_t layers = p->codec ? vqkv_codec_layout(p->codec)->num_layers : 0;
+    uint32_t first_layer = (uint32_t)bench_share_begin(layers, share, shares);
+    uint32_t end_layer = (uint32_t)bench_share_begin(layers, share + 1, shares);
+    uint8_t *out[BENCH_MAX_BLOCKS];
+    const uint8_t *in[BENCH_MAX_BLOCKS];
+    uint32_t slots[BENCH_MAX_BLOCKS];
+    for (uint32_t s = 0; s < p->blocks; s++) {
+        out[s] = p->packed + s * block_bytes;
+        in[s] = out[s];
+        slots[s] = s;
     }
-    if (p->kind == BENCH_DECODE) { /* all blocks at once, as one get */
-        const uint8_t *in[BENCH_MAX_BLOCKS];
-        uint32_t slots[BENCH_MAX_BLOCKS], layers = vqkv_codec_layout(p->codec)->num_layers;
-        for (uint32_t s = 0; s < p->blocks; s++) {
-            in[s] = p->packed + s * block_bytes;
-            slots[s] = s;
-        }
+    if (p->kind == BENCH_ENCODE) /* puts of BENCH_PUT_BLOCKS blocks */
+        for (uint32_t s = 0; s < p->blocks && rc == VQKV_OK; s += BENCH_PUT_BLOCKS)
+            rc = vqkv_codec_encode_batch(p->codec, p->cache, p->view, slots + s, out + s,
+                                         p->blocks - s < BENCH_PUT_BLOCKS ? p->blocks - s
+                                                                          : BENCH_PUT_BLOCKS,
+                                         first_layer, end_layer);
+    if (p->kind == BENCH_DECODE) /* all blocks at once, as one get */
         rc = vqkv_codec_decode_batch(p->codec, in, p->restored, p->view, slots, p->blocks,
-                                     (uint32_t)bench_share_begin(layers, share, shares),
-                                     (uint32_t)bench_share_begin(layers, share + 1, shares));
-    }
+                                     first_layer, end_layer);
     if (p->kind == BENCH_MEMCPY) {
         size_t begin = bench_share_begin(p->fp16_bytes / 64, share, shares) * 64;
         size_t end = share + 1 == shares

@@ -71,14 +71,21 @@ static void vqkvd__cpu_region_close(vqkvd_backend_t *be, vqkvd_region_mem_t *mem
     mem->base = NULL;
 }
 
+/* Runs of blocks to encode (a NULL dst is a block already held) encoded
+ * as one batch each: layer by layer, so a layer's codebooks are read once
+ * for the run. */
 static int vqkvd__cpu_encode(vqkvd_backend_t *be, vqkvd_batch_t *b)
 {
     (void)be;
-    for (uint32_t i = 0; i < b->n; i++) {
-        if (b->dst[i] == NULL)
+    for (uint32_t i = 0, end; i < b->n; i = end) {
+        if (b->dst[i] == NULL) {
+            end = i + 1;
             continue;
-        int rc = vqkv_codec_encode_layers(b->codec, b->base, b->view, b->slots[i], b->dst[i],
-                                          b->first_layer, b->end_layer);
+        }
+        for (end = i + 1; end < b->n && b->dst[end] != NULL; end++)
+            ;
+        int rc = vqkv_codec_encode_batch(b->codec, b->base, b->view, b->slots + i, b->dst + i,
+                                         end - i, b->first_layer, b->end_layer);
         if (rc != VQKV_OK) {
             b->failed = i;
             return rc;

@@ -228,11 +228,16 @@ int vqkv_codec_train(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x
 int vqkv_codec_encode(const vqkv_codec_t *codec, const void *base, const vqkv_kv_view_t *view,
                       uint32_t slot, uint8_t *out);
 
-/* vqkv_codec_encode of layers [first_layer, end_layer) only: their parts
- * of out, nothing else of it written (threads share a block by layers). */
-int vqkv_codec_encode_layers(const vqkv_codec_t *codec, const void *base,
-                             const vqkv_kv_view_t *view, uint32_t slot, uint8_t *out,
-                             uint32_t first_layer, uint32_t end_layer);
+/* Compresses slots[i] of the view at base into out[i][block_bytes], i < n,
+ * layers [first_layer, end_layer) only (0 and num_layers for whole blocks;
+ * nothing else of out[i] is written, so threads can share a put's blocks
+ * by layers). Every slot is checked before anything is written. The same
+ * bytes as vqkv_codec_encode block by block, faster for several blocks:
+ * layer by layer, so a VQ codec's codebooks for a layer are read from
+ * memory once for all of them. */
+int vqkv_codec_encode_batch(const vqkv_codec_t *codec, const void *base, const vqkv_kv_view_t *view,
+                            const uint32_t *slots, uint8_t *const *out, size_t n,
+                            uint32_t first_layer, uint32_t end_layer);
 
 /* Writes the block in[block_bytes] into slot `slot` of the view at base. */
 int vqkv_codec_decode(const vqkv_codec_t *codec, const uint8_t *in, void *base,

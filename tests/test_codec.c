@@ -2500,8 +2500,8 @@ static void test_fp16_codec_f32_memory_specials(void **state)
 /* vqkv_codec_decode_batch writes what vqkv_codec_decode writes block by
  * block, also in two layer ranges (as threads split a get), with slots in
  * any order; a bad slot or layer range refuses the whole batch before any
- * byte is written. vqkv_codec_encode_layers in two ranges writes what one
- * encode writes. */
+ * byte is written. vqkv_codec_encode_batch likewise writes what
+ * vqkv_codec_encode writes block by block. */
 static void check_decode_batch(vqkv_codec_t *codec, size_t ci)
 {
     (void)ci;
@@ -2522,15 +2522,29 @@ static void check_decode_batch(vqkv_codec_t *codec, size_t ci)
         in[i] = packed + i * block_bytes;
         assert_ok(vqkv_codec_encode(codec, region, &v, i, packed + i * block_bytes));
     }
-    uint8_t *split = malloc(block_bytes + 1);
+    /* The batch in reverse slot order, its layers in two ranges. */
+    uint8_t *split = malloc(N * (block_bytes + 1)), *out[N];
+    const uint32_t reversed[N] = {2, 1, 0};
     assert_non_null(split);
-    memset(split, 0xee, block_bytes + 1);
+    memset(split, 0xee, N * (block_bytes + 1));
+    for (uint32_t i = 0; i < N; i++)
+        out[i] = split + i * (block_bytes + 1);
     uint32_t mid = l->num_layers / 2;
-    assert_ok(vqkv_codec_encode_layers(codec, region, &v, 1, split, mid, l->num_layers));
-    assert_ok(vqkv_codec_encode_layers(codec, region, &v, 1, split, 0, mid));
-    assert_memory_equal(split, packed + block_bytes, block_bytes);
-    assert_int_equal(split[block_bytes], 0xee);
-    assert_rc(vqkv_codec_encode_layers(codec, region, &v, 1, split, 1, 0), VQKV_EINVAL);
+    assert_ok(vqkv_codec_encode_batch(codec, region, &v, reversed, out, N, mid, l->num_layers));
+    assert_ok(vqkv_codec_encode_batch(codec, region, &v, reversed, out, N, 0, mid));
+    for (uint32_t i = 0; i < N; i++) {
+        assert_memory_equal(out[i], packed + reversed[i] * block_bytes, block_bytes);
+        assert_int_equal(out[i][block_bytes], 0xee);
+    }
+    memset(split, 0xee, N * (block_bytes + 1));
+    const uint32_t past_end[N] = {0, 1, SLOTS};
+    assert_rc(vqkv_codec_encode_batch(codec, region, &v, past_end, out, N, 0, l->num_layers),
+              VQKV_ERANGE);
+    assert_rc(vqkv_codec_encode_batch(codec, region, &v, reversed, out, N, 1, 0), VQKV_EINVAL);
+    assert_rc(vqkv_codec_encode_batch(codec, region, &v, reversed, out, N, 0, l->num_layers + 1),
+              VQKV_EINVAL);
+    for (size_t i = 0; i < N * (block_bytes + 1); i++)
+        assert_int_equal(split[i], 0xee);
     free(split);
     memset(one, 0x5a, v.region_bytes);
     for (uint32_t i = 0; i < N; i++)
