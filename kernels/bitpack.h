@@ -14,6 +14,11 @@
 
 VQKV_HD void vqkv__bits_put(uint8_t *buf, uint64_t bitpos, uint32_t width, uint32_t value)
 {
+    uint32_t first = (uint32_t)(bitpos & 7u);
+    if (first + width <= 8u) { /* within one byte: every 1/2/4/8-bit code */
+        buf[bitpos >> 3] |= (uint8_t)((value & ((1u << width) - 1u)) << first);
+        return;
+    }
     while (width > 0) {
         uint32_t off = (uint32_t)(bitpos & 7u);
         uint32_t take = 8u - off < width ? 8u - off : width;

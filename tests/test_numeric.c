@@ -1,4 +1,5 @@
-/* test_numeric.c -- fp16, bf16 and e4m3 conversions (kernels/numeric.h).
+/* test_numeric.c -- fp16, bf16 and e4m3 conversions (kernels/numeric.h),
+ * and the code bit streams (kernels/bitpack.h).
  *
  * Rounding is checked exhaustively rather than on samples: for every pair of
  * adjacent representable values, the float exactly halfway between them
@@ -7,6 +8,7 @@
  * of it to the nearer one. That covers every rounding boundary, subnormals
  * and the carry into the next binade included.
  */
+#include "bitpack.h"
 #include "test_util.h"
 
 #include <float.h>
@@ -318,6 +320,40 @@ static void test_rows_match_numeric_h(void **state)
     free(x);
 }
 
+/* ---- bit streams -------------------------------------------------------- */
+
+/* Codes of every width 1..16 put at every bit offset 0..15 of a zeroed
+ * stream land bit by bit where bitpack.h says (bit k of the stream is bit
+ * k % 8 of byte k / 8), only their low `width` bits, no bit outside them
+ * set; vqkv__bits_get reads each back. Both have a one-byte fast path
+ * (codes of 1, 2, 4 and 8 bits) and a general loop, so every width and
+ * offset crosses both. */
+static void test_bits_put_get_every_width_and_offset(void **state)
+{
+    (void)state;
+    enum { CODES = 37, BYTES = (16 + CODES * 16) / 8 + 2 };
+    uint64_t rng = 99;
+    for (uint32_t width = 1; width <= 16; width++)
+        for (uint32_t offset = 0; offset < 16; offset++) {
+            uint8_t buf[BYTES] = {0};
+            uint32_t value[CODES];
+            for (uint32_t i = 0; i < CODES; i++) {
+                rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+                value[i] = (uint32_t)(rng >> 32); /* high bits set: put must mask them */
+                vqkv__bits_put(buf, offset + (uint64_t)i * width, width, value[i]);
+            }
+            for (uint32_t k = 0; k < 8 * BYTES; k++) {
+                uint32_t bit = (buf[k / 8] >> (k % 8)) & 1u, want = 0;
+                if (k >= offset && k < offset + CODES * width)
+                    want = (value[(k - offset) / width] >> ((k - offset) % width)) & 1u;
+                assert_int_equal(bit, want);
+            }
+            for (uint32_t i = 0; i < CODES; i++)
+                assert_int_equal(vqkv__bits_get(buf, offset + (uint64_t)i * width, width),
+                                 value[i] & ((1u << width) - 1u));
+        }
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -332,6 +368,7 @@ int main(void)
         cmocka_unit_test(test_e4m3_rounding_every_boundary),
         cmocka_unit_test(test_e4m3_saturation_and_specials),
         cmocka_unit_test(test_rows_match_numeric_h),
+        cmocka_unit_test(test_bits_put_get_every_width_and_offset),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
