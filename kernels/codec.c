@@ -434,6 +434,24 @@ static int vqkv__codec_check(const vqkv_codec_t *codec, const void *base, const 
     return vqkv_kv_view_check(&codec->layout, view, slot);
 }
 
+/* A batch's arguments, every block's slot among them, checked before any
+ * block is touched. */
+static int vqkv__batch_check(const vqkv_codec_t *codec, const void *base,
+                             const uint8_t *const *blocks, const vqkv_kv_view_t *view,
+                             const uint32_t *slots, size_t n, uint32_t first_layer,
+                             uint32_t end_layer)
+{
+    if (codec == NULL || (n > 0 && (blocks == NULL || slots == NULL)) || first_layer > end_layer ||
+        end_layer > codec->layout.num_layers)
+        return VQKV_EINVAL;
+    for (size_t i = 0; i < n; i++) {
+        int rc = vqkv__codec_check(codec, base, blocks[i], view, slots[i]);
+        if (rc != VQKV_OK)
+            return rc;
+    }
+    return VQKV_OK;
+}
+
 int vqkv_codec_encode(const vqkv_codec_t *codec, const void *base, const vqkv_kv_view_t *view,
                       uint32_t slot, uint8_t *out)
 {
@@ -445,18 +463,14 @@ int vqkv_codec_encode_batch(const vqkv_codec_t *codec, const void *base, const v
                             const uint32_t *slots, uint8_t *const *out, size_t n,
                             uint32_t first_layer, uint32_t end_layer)
 {
-    if (codec == NULL || (n > 0 && (out == NULL || slots == NULL)) || first_layer > end_layer ||
-        end_layer > codec->layout.num_layers)
-        return VQKV_EINVAL;
-    for (size_t i = 0; i < n; i++) {
-        int rc = vqkv__codec_check(codec, base, out[i], view, slots[i]);
-        if (rc != VQKV_OK)
-            return rc;
-    }
+    int rc = vqkv__batch_check(codec, base, (const uint8_t *const *)out, view, slots, n,
+                               first_layer, end_layer);
+    if (rc != VQKV_OK)
+        return rc;
     /* Layer-major, as decode: a VQ codec's codebooks for one (layer, kv)
      * (544 KB for rvq on a Llama-8B layer) stay in L2 over all the blocks,
      * where block by block the 35 MB of a block's codebooks come from
-     * memory again for every block (bench/RESULTS.md: +25% for 4 blocks). */
+     * memory again for every block (bench/RESULTS.md). */
     size_t layer_bytes = codec->part_bytes[0] + codec->part_bytes[1];
     for (uint32_t layer = first_layer; layer < end_layer; layer++)
         for (int kv = 0; kv < 2; kv++)
@@ -489,14 +503,9 @@ int vqkv_codec_decode_batch(const vqkv_codec_t *codec, const uint8_t *const *in,
                             const vqkv_kv_view_t *view, const uint32_t *slots, size_t n,
                             uint32_t first_layer, uint32_t end_layer)
 {
-    if (codec == NULL || (n > 0 && (in == NULL || slots == NULL)) || first_layer > end_layer ||
-        end_layer > codec->layout.num_layers)
-        return VQKV_EINVAL;
-    for (size_t i = 0; i < n; i++) {
-        int rc = vqkv__codec_check(codec, base, in[i], view, slots[i]);
-        if (rc != VQKV_OK)
-            return rc;
-    }
+    int rc = vqkv__batch_check(codec, base, in, view, slots, n, first_layer, end_layer);
+    if (rc != VQKV_OK)
+        return rc;
     /* Layer-major: a layer's codebooks stay in cache over all the blocks.
      * The next layer's are fetched meanwhile, a slice after each part, so
      * that its decode does not start with misses on every codeword. */
