@@ -1173,6 +1173,64 @@ static void test_concurrent_puts_of_a_chain(void **state)
     vqkv_close(c);
 }
 
+/* A put whose middle block is held already stores the blocks either side
+ * of it, each from its own slot. */
+static void check_put_around_a_held_block(const daemon_t *d)
+{
+    vqkv_client_t *c = connect_ok(d, "around-held");
+    vqkv_model_t *m;
+    assert_vqkv(vqkv_register_model(c, MODEL, &layout, "fp16", &m), VQKV_OK);
+    region_t src, dst;
+    region_new(&src, 71);
+    region_new(&dst, 72);
+    vqkv_region_t hs, hd;
+    assert_vqkv(vqkv_register_memfd_region(c, m, src.fd, src.view.region_bytes, 0, &src.view, &hs),
+                VQKV_OK);
+    assert_vqkv(vqkv_register_memfd_region(c, m, dst.fd, dst.view.region_bytes, 0, &dst.view, &hd),
+                VQKV_OK);
+    /* Three one-block chains, put as roots (all-zero parents). */
+    uint8_t keys[3][VQKV_KEY_BYTES], parents[3][VQKV_KEY_BYTES] = {{0}};
+    uint32_t slots[3] = {0, 1, 2}, one;
+    for (uint32_t i = 0; i < 3; i++)
+        chain_keys(m, 8000 + 1000 * i, &keys[i], i, &one, 1);
+    assert_vqkv(vqkv_put(c, m, hs, &keys[1], &parents[1], &slots[1], 1, NULL), 1);
+    vqkv_put_status_t st[3];
+    assert_vqkv(vqkv_put(c, m, hs, keys, parents, slots, 3, st), 2);
+    assert_int_equal(st[0], VQKV_PUT_STORED);
+    assert_int_equal(st[1], VQKV_PUT_PRESENT);
+    assert_int_equal(st[2], VQKV_PUT_STORED);
+    for (uint32_t i = 0; i < 3; i++) {
+        size_t found = 0;
+        vqkv_lease_t lease = 0;
+        uint32_t to = 5 - i;
+        assert_vqkv(vqkv_lookup(c, m, &keys[i], 1, &found, &lease), VQKV_OK);
+        assert_int_equal(found, 1);
+        assert_vqkv(vqkv_get(c, lease, hd, &to, 1), 1);
+        assert_block_equal(&dst, to, &src, i);
+        assert_vqkv(vqkv_release(c, lease), VQKV_OK);
+    }
+    region_free(&src);
+    region_free(&dst);
+    vqkv_close(c);
+}
+
+/* check_put_around_a_held_block with staging (the put's new blocks copied
+ * to a stage, encoded from there) and without (encoded from the worker's
+ * region, the runs between held blocks as batches). */
+static void test_put_around_a_held_block(void **state)
+{
+    (void)state;
+    const char *const no_staging[] = {"--staging-bytes", "0", NULL};
+    const char *const *extra[] = {NULL, no_staging};
+    for (int i = 0; i < 2; i++) {
+        daemon_t d;
+        daemon_start(&d, extra[i]);
+        check_put_around_a_held_block(&d);
+        daemon_stop(&d);
+        daemon_cleanup(&d);
+    }
+}
+
 static void test_async_calls(void **state)
 {
     daemon_t *d = *state;
@@ -1412,6 +1470,7 @@ int main(void)
         cmocka_unit_test(test_large_calls),
         cmocka_unit_test_setup_teardown(test_async_calls, setup, teardown),
         cmocka_unit_test_setup_teardown(test_concurrent_puts_of_a_chain, setup, teardown),
+        cmocka_unit_test(test_put_around_a_held_block),
         cmocka_unit_test_setup_teardown(test_region_shared_by_models, setup, teardown),
         cmocka_unit_test_setup_teardown(test_region_layer_offsets, setup, teardown),
         cmocka_unit_test_setup_teardown(test_cuda_region_refused, setup, teardown),
