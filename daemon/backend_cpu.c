@@ -71,18 +71,14 @@ static void vqkvd__cpu_region_close(vqkvd_backend_t *be, vqkvd_region_mem_t *mem
     mem->base = NULL;
 }
 
-/* Runs of blocks to encode (a NULL dst is a block already held) encoded
- * as one batch each: layer by layer, so a layer's codebooks are read once
- * for the run. */
+/* The runs of blocks between NULL dsts (blocks already held) encoded as
+ * one batch each (an empty run is a batch of none): layer by layer, so a
+ * layer's codebooks are read once for the run. */
 static int vqkvd__cpu_encode(vqkvd_backend_t *be, vqkvd_batch_t *b)
 {
     (void)be;
-    for (uint32_t i = 0, end; i < b->n; i = end) {
-        if (b->dst[i] == NULL) {
-            end = i + 1;
-            continue;
-        }
-        for (end = i + 1; end < b->n && b->dst[end] != NULL; end++)
+    for (uint32_t i = 0, end; i < b->n; i = end + 1) {
+        for (end = i; end < b->n && b->dst[end] != NULL; end++)
             ;
         int rc = vqkv_codec_encode_batch(b->codec, b->base, b->view, b->slots + i, b->dst + i,
                                          end - i, b->first_layer, b->end_layer);
