@@ -72,6 +72,15 @@ static void region_new(region_t *r, unsigned seed)
     }
 }
 
+/* Registers the whole of region r for model m on c: its handle. */
+static vqkv_region_t region_register(vqkv_client_t *c, const vqkv_model_t *m, const region_t *r)
+{
+    vqkv_region_t h = 0;
+    assert_vqkv(vqkv_register_memfd_region(c, m, r->fd, r->view.region_bytes, 0, &r->view, &h),
+                VQKV_OK);
+    return h;
+}
+
 static void region_free(region_t *r)
 {
     munmap(r->base, r->view.region_bytes);
@@ -122,11 +131,8 @@ static void test_put_lookup_get(void **state)
     region_t ra, rb;
     region_new(&ra, 1);
     region_new(&rb, 2);
-    vqkv_region_t ha, hb;
-    assert_vqkv(vqkv_register_memfd_region(a, ma, ra.fd, ra.view.region_bytes, 0, &ra.view, &ha),
-                VQKV_OK);
-    assert_vqkv(vqkv_register_memfd_region(b, mb, rb.fd, rb.view.region_bytes, 0, &rb.view, &hb),
-                VQKV_OK);
+    vqkv_region_t ha = region_register(a, ma, &ra);
+    vqkv_region_t hb = region_register(b, mb, &rb);
     assert_true(ha != 0 && hb != 0);
 
     /* 3 full blocks and a partial tail. */
@@ -275,8 +281,7 @@ static void test_errors(void **state)
     assert_vqkv(vqkv_register_memfd_region(c, m, r.fd, r.view.region_bytes / 2, 0, &r.view, &h),
                 VQKV_ERANGE);
     assert_true(strlen(vqkv_last_error(c)) > 0);
-    assert_vqkv(vqkv_register_memfd_region(c, m, r.fd, r.view.region_bytes, 0, &r.view, &h),
-                VQKV_OK);
+    h = region_register(c, m, &r);
     uint8_t key[1][VQKV_KEY_BYTES] = {{1, 2, 3}};
     const uint32_t bad_slot = SLOTS;
     assert_vqkv(vqkv_put(c, m, h, key, NULL, &bad_slot, 1, NULL), VQKV_ERANGE);
@@ -485,11 +490,8 @@ static void online_calibration(const char *spec)
     region_t ra, rb;
     region_new(&ra, 21);
     region_new(&rb, 22);
-    vqkv_region_t ha, hb;
-    assert_vqkv(vqkv_register_memfd_region(c, m, ra.fd, ra.view.region_bytes, 0, &ra.view, &ha),
-                VQKV_OK);
-    assert_vqkv(vqkv_register_memfd_region(c, m, rb.fd, rb.view.region_bytes, 0, &rb.view, &hb),
-                VQKV_OK);
+    vqkv_region_t ha = region_register(c, m, &ra);
+    vqkv_region_t hb = region_register(c, m, &rb);
 
     /* Before the codebooks: fp16, so the round trip is exact. */
     uint64_t fp16_bytes = 2u * LAYERS * TOKENS * HEADS * DIM * 2;
@@ -535,10 +537,8 @@ static void online_calibration(const char *spec)
     c = connect_ok(&d, "after restart");
     assert_vqkv(vqkv_register_model(c, MODEL, &layout, spec, &m), VQKV_OK);
     assert_true(vqkv_model_codebooks_ready(m));
-    assert_vqkv(vqkv_register_memfd_region(c, m, ra.fd, ra.view.region_bytes, 0, &ra.view, &ha),
-                VQKV_OK);
-    assert_vqkv(vqkv_register_memfd_region(c, m, rb.fd, rb.view.region_bytes, 0, &rb.view, &hb),
-                VQKV_OK);
+    ha = region_register(c, m, &ra);
+    hb = region_register(c, m, &rb);
     put_chain(c, m, ha, 900, 4, CALIB_BLOCKS);
     memset(rb.base, 0, rb.view.region_bytes);
     get_chain(c, m, hb, 900, 4, CALIB_BLOCKS);
@@ -618,9 +618,7 @@ static void test_online_calibration_rope(void **state)
     assert_vqkv(vqkv_register_model(c, MODEL, &layout, VQ_SPEC, &m), VQKV_OK);
     region_t r;
     region_new(&r, 23);
-    vqkv_region_t h;
-    assert_vqkv(vqkv_register_memfd_region(c, m, r.fd, r.view.region_bytes, 0, &r.view, &h),
-                VQKV_OK);
+    vqkv_region_t h = region_register(c, m, &r);
     /* One block a put, so the daemon keeps its samples in slot order, as
      * train_codec reads them (the blocks of one put may finish in any). */
     for (uint32_t s = 0; s < CALIB_BLOCKS; s++)
@@ -700,9 +698,7 @@ static void test_codebook_files(void **state)
     assert_vqkv(vqkv_codebook_load(codec, cb1), VQKV_OK);
     region_t want;
     region_expected(&want, codec, &r, 0, 2);
-    vqkv_region_t h;
-    assert_vqkv(vqkv_register_memfd_region(c, m, r.fd, r.view.region_bytes, 0, &r.view, &h),
-                VQKV_OK);
+    vqkv_region_t h = region_register(c, m, &r);
     put_chain(c, m, h, 7, 0, 2);
     get_chain(c, m, h, 7, 2, 2);
     for (uint32_t s = 0; s < 2; s++)
@@ -763,11 +759,8 @@ static void test_reconnect(void **state)
     region_t ra, rb;
     region_new(&ra, 41);
     region_new(&rb, 42);
-    vqkv_region_t ha, hb;
-    assert_vqkv(vqkv_register_memfd_region(c, m, ra.fd, ra.view.region_bytes, 0, &ra.view, &ha),
-                VQKV_OK);
-    assert_vqkv(vqkv_register_memfd_region(c, m, rb.fd, rb.view.region_bytes, 0, &rb.view, &hb),
-                VQKV_OK);
+    vqkv_region_t ha = region_register(c, m, &ra);
+    vqkv_region_t hb = region_register(c, m, &rb);
     put_chain(c, m, ha, 10, 0, CALIB_BLOCKS);
     uint8_t keys[CALIB_BLOCKS][VQKV_KEY_BYTES];
     uint32_t slots[CALIB_BLOCKS];
@@ -916,11 +909,8 @@ static void test_reencode_waits_for_leases(void **state)
     region_t ra, rb;
     region_new(&ra, 61);
     region_new(&rb, 62);
-    vqkv_region_t ha, hb;
-    assert_vqkv(vqkv_register_memfd_region(c, m, ra.fd, ra.view.region_bytes, 0, &ra.view, &ha),
-                VQKV_OK);
-    assert_vqkv(vqkv_register_memfd_region(c, m, rb.fd, rb.view.region_bytes, 0, &rb.view, &hb),
-                VQKV_OK);
+    vqkv_region_t ha = region_register(c, m, &ra);
+    vqkv_region_t hb = region_register(c, m, &rb);
     uint8_t keys[CALIB_BLOCKS][VQKV_KEY_BYTES];
     uint32_t slots[CALIB_BLOCKS];
     chain_keys(m, 7, keys, 0, slots, CALIB_BLOCKS);
@@ -972,9 +962,7 @@ static void test_region_shared_by_models(void **state)
     assert_vqkv(vqkv_register_model(c, "test/deeper@main", &other, "fp16", &mc), VQKV_OK);
     region_t r;
     region_new(&r, 71);
-    vqkv_region_t h;
-    assert_vqkv(vqkv_register_memfd_region(c, ma, r.fd, r.view.region_bytes, 0, &r.view, &h),
-                VQKV_OK);
+    vqkv_region_t h = region_register(c, ma, &r);
     uint8_t keys[2][VQKV_KEY_BYTES];
     uint32_t slots[2];
     chain_keys(mb, 3, keys, 0, slots, 2);
@@ -1024,9 +1012,7 @@ static void test_region_layer_offsets(void **state)
     vqkv_region_t ha, hs;
     assert_vqkv(vqkv_register_memfd_region(c, m, fd, apart.region_bytes, 0, &apart, &ha), VQKV_OK);
     offsets[0] = 0; /* the caller's array may change: the library copied it */
-    assert_vqkv(vqkv_register_memfd_region(c, m, strided.fd, strided.view.region_bytes, 0,
-                                           &strided.view, &hs),
-                VQKV_OK);
+    hs = region_register(c, m, &strided);
     uint8_t keys[2][VQKV_KEY_BYTES];
     uint32_t slots[2];
     chain_keys(m, 11, keys, 0, slots, 2);
@@ -1134,9 +1120,7 @@ static void test_concurrent_puts_of_a_chain(void **state)
     assert_vqkv(vqkv_register_model(c, MODEL, &layout, "fp16", &m), VQKV_OK);
     region_t r;
     region_new(&r, 61);
-    vqkv_region_t h;
-    assert_vqkv(vqkv_register_memfd_region(c, m, r.fd, r.view.region_bytes, 0, &r.view, &h),
-                VQKV_OK);
+    vqkv_region_t h = region_register(c, m, &r);
     uint8_t keys[CALIB_BLOCKS][VQKV_KEY_BYTES];
     uint32_t slots[CALIB_BLOCKS];
     chain_keys(m, 7000, keys, 0, slots, CALIB_BLOCKS);
@@ -1183,11 +1167,8 @@ static void check_put_around_a_held_block(const daemon_t *d)
     region_t src, dst;
     region_new(&src, 71);
     region_new(&dst, 72);
-    vqkv_region_t hs, hd;
-    assert_vqkv(vqkv_register_memfd_region(c, m, src.fd, src.view.region_bytes, 0, &src.view, &hs),
-                VQKV_OK);
-    assert_vqkv(vqkv_register_memfd_region(c, m, dst.fd, dst.view.region_bytes, 0, &dst.view, &hd),
-                VQKV_OK);
+    vqkv_region_t hs = region_register(c, m, &src);
+    vqkv_region_t hd = region_register(c, m, &dst);
     /* Three one-block chains, put as roots (all-zero parents). */
     uint8_t keys[3][VQKV_KEY_BYTES], parents[3][VQKV_KEY_BYTES] = {{0}};
     uint32_t slots[3] = {0, 1, 2}, one;
@@ -1241,11 +1222,8 @@ static void test_async_calls(void **state)
     region_new(&ra, 51);
     region_new(&rb, 52);
     memset(rb.base, 0, rb.view.region_bytes);
-    vqkv_region_t ha, hb;
-    assert_vqkv(vqkv_register_memfd_region(c, m, ra.fd, ra.view.region_bytes, 0, &ra.view, &ha),
-                VQKV_OK);
-    assert_vqkv(vqkv_register_memfd_region(c, m, rb.fd, rb.view.region_bytes, 0, &rb.view, &hb),
-                VQKV_OK);
+    vqkv_region_t ha = region_register(c, m, &ra);
+    vqkv_region_t hb = region_register(c, m, &rb);
     vqkv_completion_t done[16];
     assert_int_equal(vqkv_complete(c, 0, done, 16), 0); /* nothing in flight */
 
@@ -1385,11 +1363,8 @@ static void test_large_calls(void **state)
                 memset(rb.base + l * rb.view.layer_stride + kv * rb.view.kv_stride +
                            s * rb.view.slot_stride,
                        (int)(s * 7 + l + kv) & 0x3f, rb.view.slot_stride);
-    vqkv_region_t hb, hg;
-    assert_vqkv(vqkv_register_memfd_region(c, mb, rb.fd, rb.view.region_bytes, 0, &rb.view, &hb),
-                VQKV_OK);
-    assert_vqkv(vqkv_register_memfd_region(c, mb, got.fd, got.view.region_bytes, 0, &got.view, &hg),
-                VQKV_OK);
+    vqkv_region_t hb = region_register(c, mb, &rb);
+    vqkv_region_t hg = region_register(c, mb, &got);
     uint32_t *tokens = malloc(SMALL * 4 * sizeof *tokens), *slots = malloc(SMALL * sizeof *slots);
     uint8_t(*keys)[VQKV_KEY_BYTES] = calloc(VQKV_KEYS_MAX, VQKV_KEY_BYTES);
     assert_non_null(tokens);
@@ -1418,9 +1393,7 @@ static void test_large_calls(void **state)
     region_t rs;
     region_make(&rs, &tiny, SMALL);
     memset(rs.base, 0x11, rs.view.region_bytes);
-    vqkv_region_t hs;
-    assert_vqkv(vqkv_register_memfd_region(c, ms, rs.fd, rs.view.region_bytes, 0, &rs.view, &hs),
-                VQKV_OK);
+    vqkv_region_t hs = region_register(c, ms, &rs);
     assert_vqkv(vqkv_model_block_keys(ms, NULL, tokens, SMALL * 4, NULL, 0, keys, SMALL, &n),
                 VQKV_OK);
     assert_int_equal(n, SMALL);
