@@ -507,8 +507,9 @@ int vqkv_codec_decode_batch(const vqkv_codec_t *codec, const uint8_t *const *in,
     if (rc != VQKV_OK)
         return rc;
     /* Layer-major: a layer's codebooks stay in cache over all the blocks.
-     * The next layer's are fetched meanwhile, a slice after each part, so
-     * that its decode does not start with misses on every codeword. */
+     * The next layer's are not fetched ahead: asking for all of them cost
+     * 8-20% at 1-4 blocks, more lines than a small batch reads, and gained
+     * nothing at 16-64 (bench/RESULTS.md). */
     size_t layer_bytes = codec->part_bytes[0] + codec->part_bytes[1];
     for (uint32_t layer = first_layer; layer < end_layer; layer++)
         for (size_t i = 0; i < n; i++)
@@ -517,8 +518,6 @@ int vqkv_codec_decode_batch(const vqkv_codec_t *codec, const uint8_t *const *in,
                 codec->ops->decode_part(
                     codec, layer, kv, in[i] + layer * layer_bytes + (kv ? codec->part_bytes[0] : 0),
                     &tile);
-                if (codec->ops->prefetch_layer != NULL && layer + 1 < end_layer)
-                    codec->ops->prefetch_layer(codec, layer + 1, 2 * i + (size_t)kv, 2 * n);
             }
     return VQKV_OK;
 }

@@ -52,9 +52,6 @@ typedef struct vqkv__codec_ops {
                         uint8_t *out);
     void (*decode_part)(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
                         const vqkv__tile_t *tile);
-    /* Asks the cache for slice `slice` of `slices` of the tables a decode
-     * of layer reads (a layer's codebooks); NULL for codecs without. */
-    void (*prefetch_layer)(const vqkv_codec_t *codec, uint32_t layer, size_t slice, size_t slices);
     /* NULL for codecs without codebooks. */
     int (*train)(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x, size_t n,
                  const vqkv_train_opts_t *opts);

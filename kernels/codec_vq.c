@@ -624,15 +624,6 @@ static void vqkv__chunk_rows(const vqkv_codec_t *codec, uint32_t layer, int kv,
     }
 }
 
-/* Slice `slice` of `slices` of bytes at p, a cache line at a time. */
-static void vqkv__prefetch_slice(const void *p, size_t bytes, size_t slice, size_t slices)
-{
-    const char *at = p;
-    for (size_t off = bytes * slice / slices & ~(size_t)63, end = bytes * (slice + 1) / slices;
-         off < end; off += 64)
-        __builtin_prefetch(at + off, 0, 2);
-}
-
 /* The codewords of br's codebook `book` fetched toward the caches while
  * the book before it is searched. A Llama-8B block's rvq encode reads 35
  * MB of codebooks (per layer 2 sides x 16 groups x 2 stages of 17 KB),
@@ -645,8 +636,10 @@ static void vqkv__prefetch_slice(const void *p, size_t bytes, size_t slice, size
  * prefetch instructions). */
 static void vqkv__book_prefetch(const vqkv__vq_t *vq, const vqkv__branch_t *br, vqkv__book_t book)
 {
-    size_t words = (size_t)1 << vq->bits;
-    vqkv__prefetch_slice(book.words, words * br->d * sizeof(float), 0, 1);
+    const char *at = (const char *)book.words;
+    size_t bytes = ((size_t)1 << vq->bits) * br->d * sizeof(float);
+    for (size_t off = 0; off < bytes; off += 64)
+        __builtin_prefetch(at + off, 0, 2);
 }
 
 /* Encodes a chunk: per branch each vector's norm, then per group and stage
@@ -1200,20 +1193,6 @@ static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, c
     }
 }
 
-/* A layer's codebooks in every set (decode reads `books`, or `expanded`
- * for commute branches), laid out one layer after another. */
-static void vqkv__vq_prefetch_layer(const vqkv_codec_t *codec, uint32_t layer, size_t slice,
-                                    size_t slices)
-{
-    const vqkv__vq_t *vq = codec->state;
-    size_t floats = (vq->side[0].floats + vq->side[1].floats) * vq->sets;
-    size_t xfloats = (vq->side[0].xfloats + vq->side[1].xfloats) * vq->sets;
-    vqkv__prefetch_slice(vq->books + layer * floats, floats * sizeof(float), slice, slices);
-    if (xfloats > 0)
-        vqkv__prefetch_slice(vq->expanded + layer * xfloats, xfloats * sizeof(float), slice,
-                             slices);
-}
-
 /* ---- training --------------------------------------------------------- */
 
 typedef struct {
@@ -1567,7 +1546,6 @@ static int vqkv__vq_kplan(const vqkv_codec_t *codec, vqkv_kplan_t *plan, float *
         .free_state = vqkv__vq_free,                                                               \
         .encode_part = vqkv__vq_encode,                                                            \
         .decode_part = vqkv__vq_decode,                                                            \
-        .prefetch_layer = vqkv__vq_prefetch_layer,                                                 \
         .train = vqkv__vq_train,                                                                   \
         .needs_training = vqkv__vq_needs_training,                                                 \
         .books = vqkv__vq_books,                                                                   \
