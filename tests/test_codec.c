@@ -2384,17 +2384,20 @@ static void test_fp16_bit_exact_all_patterns(void **state)
 }
 
 /* fp8 decodes every code byte, NaN codes and subnormals included, with
- * scales of every kind, to numeric.h's e4m3 value times the scale, in f32
- * memory bit for bit and in f16 and bf16 memory as that product rounded: whichever
- * path the CPU takes (the vector one converts codes by arithmetic, not by
- * numeric.h's function), on head_dims with and without a tail under 8. */
+ * scales of every kind (a damaged block's infinities too; not NaN, as of
+ * two NaN factors the compiler picks which one a product returns), to numeric.h's
+ * e4m3 value times the scale, in f32 memory bit for bit and in f16 and
+ * bf16 memory as that product rounded: whichever path the CPU takes (the
+ * vector one converts codes by arithmetic, not by numeric.h's function),
+ * on head_dims of 16-value steps, 8-value steps, both, and a tail. */
 static void test_fp8_decodes_every_code(void **state)
 {
     (void)state;
-    static const uint16_t scales[] = {0x3c00, 0x3a00, 0x0001, 0x7bff, 0xbc00, 0x0000, 0x8000};
-    static const uint32_t head_dims[] = {64, 12};
+    static const uint16_t scales[] = {0x3c00, 0x3a00, 0x0001, 0x7bff, 0xbc00,
+                                      0x0000, 0x8000, 0x7c00, 0xfc00};
+    static const uint32_t head_dims[] = {64, 12, 24, 8};
     static const vqkv_dtype_t kinds[] = {VQKV_DTYPE_F32, VQKV_DTYPE_F16, VQKV_DTYPE_BF16};
-    for (size_t hi = 0; hi < 2; hi++)
+    for (size_t hi = 0; hi < sizeof head_dims / sizeof head_dims[0]; hi++)
         for (size_t ki = 0; ki < 3; ki++) {
             vqkv_layout_t l = {1, 2, head_dims[hi], 16, kinds[ki]};
             uint32_t D = l.head_dim, vectors = l.block_tokens * l.num_kv_heads;
@@ -3097,6 +3100,7 @@ int main(void)
         cmocka_unit_test(test_equal_vectors_decode_equally),
         cmocka_unit_test(test_scalar_codecs_per_value_bounds),
         cmocka_unit_test(test_scalar_codecs_match_documented_layout),
+        cmocka_unit_test(test_fp8_decodes_every_code),
         cmocka_unit_test(test_means_and_escapes_stored_as_documented),
         cmocka_unit_test(test_block_centering_leaves_values_alone),
         cmocka_unit_test(test_block_means_beyond_f16_range),
