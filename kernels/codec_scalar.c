@@ -145,95 +145,66 @@ static void vqkv__fp8_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
 }
 
 #if defined(__x86_64__)
-/* vqkv_e4m3_to_f32 of eight codes: the code's exponent and mantissa moved
- * to a float's places (e4m3's bias 7 against float's 127, so the value
- * times 2^-120, subnormals included, as float subnormals), times 2^120,
- * exact; then the sign, and numeric.h's NaN for S.1111.111. */
-VQKV__X86 static inline __m256 vqkv__e4m3x8_to_f32(__m256i code)
+/* Sixteen e4m3 codes as f16 bits of their values times 2^-8, exact: the
+ * code's exponent and mantissa moved to f16's places (bias 7 against 15),
+ * subnormals to subnormals, the sign above them; S.1111.111 becomes f16's
+ * NaN with that sign, which widens to numeric.h's NaN. Sixteen-bit lanes
+ * and one F16C widening cost a third of assembling float bits per value. */
+VQKV__X86 static inline __m256i vqkv__e4m3x16_to_f16(__m128i codes)
 {
-    __m256i mag = _mm256_and_si256(code, _mm256_set1_epi32(0x7f));
-    __m256i sign = _mm256_slli_epi32(_mm256_and_si256(code, _mm256_set1_epi32(0x80)), 24);
-    __m256 x =
-        _mm256_mul_ps(_mm256_castsi256_ps(_mm256_slli_epi32(mag, 20)), _mm256_set1_ps(0x1p120f));
-    __m256i nan = _mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f));
-    __m256i bits = _mm256_blendv_epi8(_mm256_castps_si256(x), _mm256_set1_epi32(0x7fc00000), nan);
-    return _mm256_castsi256_ps(_mm256_or_si256(bits, sign));
+    __m256i b = _mm256_cvtepu8_epi16(codes);
+    __m256i mag = _mm256_and_si256(_mm256_slli_epi16(b, 7), _mm256_set1_epi16(0x3f80));
+    __m256i sign = _mm256_and_si256(_mm256_slli_epi16(b, 8), _mm256_set1_epi16((short)0x8000));
+    __m256i nan = _mm256_cmpeq_epi16(mag, _mm256_set1_epi16(0x3f80));
+    mag = _mm256_blendv_epi8(mag, _mm256_set1_epi16(0x7e00), nan);
+    return _mm256_or_si256(mag, sign);
 }
 
-/* vqkv__e4m3x8_to_f32 on sixteen codes, eight at a time. */
-VQKV__X512 static inline __m512 vqkv__e4m3x16_to_f32(__m512i code)
+VQKV__X86 static inline __m256 vqkv__fp8_codes8_x86(const uint8_t *codes)
 {
-    return vqkv__join16_x512(vqkv__e4m3x8_to_f32(_mm512_castsi512_si256(code)),
-                             vqkv__e4m3x8_to_f32(_mm512_extracti64x4_epi64(code, 1)));
+    __m256i h = vqkv__e4m3x16_to_f16(_mm_loadl_epi64((const __m128i *)codes));
+    return _mm256_cvtph_ps(_mm256_castsi256_si128(h));
 }
 
-/* A row's first values, sixteen a step, into out: how many it did. */
-VQKV__X512 static inline __attribute__((always_inline)) uint32_t
-vqkv__fp8_row16_body(const uint8_t *codes, float scale, uint32_t D, uint8_t *out,
-                     vqkv_dtype_t dtype)
+VQKV__X512 static inline __m512 vqkv__fp8_codes16_x512(const uint8_t *codes)
 {
-    uint32_t c = 0, width = dtype == VQKV_DTYPE_F32 ? 4 : 2;
-    for (; c + 16 <= D; c += 16, out += 16 * width) {
-        __m512i code = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(codes + c)));
-        vqkv__store16_x512(dtype, _mm512_mul_ps(vqkv__e4m3x16_to_f32(code), _mm512_set1_ps(scale)),
-                           out);
-    }
-    return c;
+    return _mm512_cvtph_ps(vqkv__e4m3x16_to_f16(_mm_loadu_si128((const __m128i *)codes)));
 }
 
-VQKV__X512 static uint32_t vqkv__fp8_row16_x512(const uint8_t *codes, float scale, uint32_t D,
-                                                uint8_t *out, vqkv_dtype_t dtype)
-{
-    switch (dtype) {
-    case VQKV_DTYPE_F16: return vqkv__fp8_row16_body(codes, scale, D, out, VQKV_DTYPE_F16);
-    case VQKV_DTYPE_BF16: return vqkv__fp8_row16_body(codes, scale, D, out, VQKV_DTYPE_BF16);
-    case VQKV_DTYPE_F32: return vqkv__fp8_row16_body(codes, scale, D, out, VQKV_DTYPE_F32);
-    }
-    return 0;
-}
-
-/* The fp8 rows straight into worker memory, eight values a step (with
- * wide, sixteen first, by AVX-512): vqkv__fp8_row_decode's product for
- * each, then the tile's dtype. */
-VQKV__X86 static inline __attribute__((always_inline)) void
-vqkv__fp8_rows_x86(const vqkv_codec_t *codec, const uint8_t *in, const vqkv__tile_t *tile,
-                   vqkv_dtype_t dtype, bool wide)
-{
-    const vqkv_layout_t *l = &codec->layout;
-    uint32_t D = l->head_dim, width = dtype == VQKV_DTYPE_F32 ? 4 : 2;
-    const uint8_t *scales = in;
-    const uint8_t *codes = in + 2 * (size_t)l->block_tokens * l->num_kv_heads;
-    float tail[8];
-    for (uint32_t t = 0; t < l->block_tokens; t++) {
-        for (uint32_t h = 0; h < l->num_kv_heads; h++, scales += 2, codes += D) {
-            uint8_t *out = tile->base + t * tile->token_stride + h * tile->head_stride;
-            float scale = vqkv_f16_to_f32(vqkv__get_u16(scales));
-            uint32_t c = wide ? vqkv__fp8_row16_x512(codes, scale, D, out, dtype) : 0;
-            for (; c + 8 <= D; c += 8) {
-                __m256i code = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(codes + c)));
-                vqkv__store8_x86(dtype,
-                                 _mm256_mul_ps(vqkv__e4m3x8_to_f32(code), _mm256_set1_ps(scale)),
-                                 out + (size_t)c * width);
-            }
-            vqkv__fp8_row_decode(scales, codes + c, D - c, tail);
-            vqkv_dtype_from_f32(dtype, tail, D - c, out + (size_t)c * width);
-        }
-    }
-}
-
-/* One loop per dtype, so the store is not chosen per value. */
-#define VQKV__FP8_ROWS(NAME, WIDE)                                                                 \
-    VQKV__X86 static void NAME(const vqkv_codec_t *codec, const uint8_t *in,                       \
-                               const vqkv__tile_t *tile)                                           \
+/* ROWS: every row of a part straight into worker memory, LANES values a
+ * step (D a multiple of LANES): each code's value times 2^-8 by the scale
+ * times 2^8, both factors exact, so the product is vqkv__fp8_row_decode's
+ * to the bit. DISPATCH: one loop per dtype, so the store is not chosen
+ * per value. For AVX2 (8 lanes) and AVX-512 (16). */
+#define VQKV__FP8_ROWS(ROWS, DISPATCH, TARGET, W, LANES, CODES, STORE)                             \
+    TARGET static inline __attribute__((always_inline)) void ROWS(                                 \
+        const vqkv_layout_t *l, const uint8_t *in, const vqkv__tile_t *tile, vqkv_dtype_t dtype)   \
+    {                                                                                              \
+        uint32_t D = l->head_dim, width = dtype == VQKV_DTYPE_F32 ? 4 : 2;                         \
+        const uint8_t *scales = in;                                                                \
+        const uint8_t *codes = in + 2 * (size_t)l->block_tokens * l->num_kv_heads;                 \
+        for (uint32_t t = 0; t < l->block_tokens; t++)                                             \
+            for (uint32_t h = 0; h < l->num_kv_heads; h++, scales += 2, codes += D) {              \
+                uint8_t *out = tile->base + t * tile->token_stride + h * tile->head_stride;        \
+                __m##W s = _mm##W##_set1_ps(vqkv_f16_to_f32(vqkv__get_u16(scales)) * 0x1p8f);      \
+                for (uint32_t c = 0; c < D; c += (LANES))                                          \
+                    STORE(dtype, _mm##W##_mul_ps(CODES(codes + c), s), out + (size_t)c * width);   \
+            }                                                                                      \
+    }                                                                                              \
+    TARGET static void DISPATCH(const vqkv_layout_t *l, const uint8_t *in,                         \
+                                const vqkv__tile_t *tile)                                          \
     {                                                                                              \
         switch (tile->dtype) {                                                                     \
-        case VQKV_DTYPE_F16: vqkv__fp8_rows_x86(codec, in, tile, VQKV_DTYPE_F16, WIDE); break;     \
-        case VQKV_DTYPE_BF16: vqkv__fp8_rows_x86(codec, in, tile, VQKV_DTYPE_BF16, WIDE); break;   \
-        case VQKV_DTYPE_F32: vqkv__fp8_rows_x86(codec, in, tile, VQKV_DTYPE_F32, WIDE); break;     \
+        case VQKV_DTYPE_F16: ROWS(l, in, tile, VQKV_DTYPE_F16); break;                             \
+        case VQKV_DTYPE_BF16: ROWS(l, in, tile, VQKV_DTYPE_BF16); break;                           \
+        case VQKV_DTYPE_F32: ROWS(l, in, tile, VQKV_DTYPE_F32); break;                             \
         }                                                                                          \
     }
-VQKV__FP8_ROWS(vqkv__fp8_decode_x86, false)
-VQKV__FP8_ROWS(vqkv__fp8_decode_x512, true)
+
+VQKV__FP8_ROWS(vqkv__fp8_rows_x86, vqkv__fp8_decode_x86, VQKV__X86, 256, 8, vqkv__fp8_codes8_x86,
+               vqkv__store8_x86)
+VQKV__FP8_ROWS(vqkv__fp8_rows_x512, vqkv__fp8_decode_x512, VQKV__X512, 512, 16,
+               vqkv__fp8_codes16_x512, vqkv__store16_x512)
 #endif
 
 static void vqkv__fp8_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
@@ -245,8 +216,12 @@ static void vqkv__fp8_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, 
     const uint8_t *codes = in + 2 * (size_t)l->block_tokens * l->num_kv_heads;
     float row[VQKV_MAX_HEAD_DIM];
 #if defined(__x86_64__)
-    if (vqkv__simd_enabled()) {
-        (vqkv__simd_avx512() ? vqkv__fp8_decode_x512 : vqkv__fp8_decode_x86)(codec, in, tile);
+    if (vqkv__simd_enabled() && vqkv__simd_avx512() && l->head_dim % 16 == 0) {
+        vqkv__fp8_decode_x512(l, in, tile);
+        return;
+    }
+    if (vqkv__simd_enabled() && l->head_dim % 8 == 0) {
+        vqkv__fp8_decode_x86(l, in, tile);
         return;
     }
 #endif
