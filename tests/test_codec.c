@@ -2438,6 +2438,66 @@ static void test_fp8_decodes_every_code(void **state)
         }
 }
 
+/* fp8 encodes as the README defines, byte for byte, where rounding is
+ * hardest: values exactly halfway between two e4m3 codes (the scale a
+ * power of two, so x / scale is exact), subnormal codes, values past 448
+ * times the scale (saturated), NaN, infinities and signed zeros beside
+ * finite values, and vectors of zeros and NaN only (scale 0); from f32
+ * memory, so the values are exactly these, on head_dims of 16- and
+ * 8-value steps and a tail. */
+static void test_fp8_encodes_halfway_and_specials(void **state)
+{
+    (void)state;
+    static const uint32_t head_dims[] = {64, 24, 12};
+    test_rng_t rng = {0x5eed};
+    for (size_t di = 0; di < sizeof head_dims / sizeof head_dims[0]; di++) {
+        vqkv_layout_t l = {1, 4, head_dims[di], 16, VQKV_DTYPE_F32};
+        uint32_t D = l.head_dim;
+        size_t vectors = (size_t)l.block_tokens * l.num_kv_heads, n = test_block_values(&l);
+        vqkv_codec_t *codec = NULL;
+        assert_ok(vqkv_codec_create("fp8", &l, &codec));
+        vqkv_kv_view_t v;
+        vqkv_kv_view_vllm(&v, &l, 1);
+        size_t block_bytes = vqkv_codec_block_bytes(codec);
+        float *x = malloc(n * sizeof *x);
+        uint8_t *region = malloc(v.region_bytes), *block = malloc(block_bytes);
+        uint8_t *readme = calloc(block_bytes, 1);
+        assert_true(x && region && block && readme);
+        for (size_t vi = 0; vi < 2 * vectors; vi++) {
+            float *row = x + vi * D;
+            int k = (int)(test_rng_next(&rng) % 40) - 24; /* scale 2^k, f16 normal or not */
+            for (uint32_t d = 0; d < D; d++) {
+                uint8_t code = (uint8_t)(test_rng_next(&rng) % 0x7e);
+                float lo = vqkv_e4m3_to_f32(code), hi = vqkv_e4m3_to_f32((uint8_t)(code + 1));
+                float y = test_rng_next(&rng) % 2 ? (lo + hi) / 2 : lo;
+                row[d] = ldexpf(test_rng_next(&rng) % 2 ? -y : y, k);
+            }
+            row[0] = ldexpf(448.0f, k); /* amax: the scale is exactly 2^k */
+            switch (vi % 8) {
+            case 1: row[D - 1] = ldexpf(-600.0f, k); break; /* past 448: saturates */
+            case 2: row[1] = NAN, row[D - 1] = -0.0f; break;
+            case 3: row[D / 2] = -INFINITY; break;
+            case 4:
+                for (uint32_t d = 0; d < D; d++)
+                    row[d] = d % 3 ? 0.0f : (d % 2 ? -0.0f : NAN);
+                break;
+            }
+        }
+        test_write_block(&l, &v, region, 0, x);
+        assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
+        readme_fp8_encode(&l, x, readme);
+        readme_fp8_encode(&l, x + vectors * D, readme + block_bytes / 2);
+        for (size_t i = 0; i < block_bytes; i++)
+            if (block[i] != readme[i]) {
+                print_error("fp8 D=%u: block byte %zu is 0x%02x, the README says 0x%02x\n", D, i,
+                            block[i], readme[i]);
+                fail();
+            }
+        test_free_all(x, region, block, readme);
+        vqkv_codec_free(codec);
+    }
+}
+
 /* In f32 memory the fp16 codec keeps every fp16-representable value
  * exactly (signed zeros, subnormals, infinities) and NaN stays NaN. */
 static void test_fp16_codec_f32_memory_specials(void **state)
@@ -3101,6 +3161,7 @@ int main(void)
         cmocka_unit_test(test_scalar_codecs_per_value_bounds),
         cmocka_unit_test(test_scalar_codecs_match_documented_layout),
         cmocka_unit_test(test_fp8_decodes_every_code),
+        cmocka_unit_test(test_fp8_encodes_halfway_and_specials),
         cmocka_unit_test(test_means_and_escapes_stored_as_documented),
         cmocka_unit_test(test_block_centering_leaves_values_alone),
         cmocka_unit_test(test_block_means_beyond_f16_range),
