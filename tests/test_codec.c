@@ -2438,13 +2438,43 @@ static void test_fp8_decodes_every_code(void **state)
         }
 }
 
-/* fp8 encodes as the README defines, byte for byte, where rounding is
- * hardest: values exactly halfway between two e4m3 codes (the scale a
- * power of two, so x / scale is exact), subnormal codes, values past 448
- * times the scale (saturated), NaN, infinities and signed zeros beside
- * finite values, and vectors of zeros and NaN only (scale 0); from f32
- * memory, so the values are exactly these, on head_dims of 16- and
- * 8-value steps and a tail. */
+/* Encodes x (from f32 memory, so the values are exactly these) with spec
+ * and holds the block to the README's encoder, fp8 or KIVI of `bits` and
+ * group g, byte for byte. */
+static void check_encode_as_readme(const char *spec, const vqkv_layout_t *l, codec_kind_t kind,
+                                   uint32_t bits, uint32_t g, const float *x)
+{
+    vqkv_codec_t *codec = NULL;
+    assert_ok(vqkv_codec_create(spec, l, &codec));
+    vqkv_kv_view_t v;
+    vqkv_kv_view_vllm(&v, l, 1);
+    size_t block_bytes = vqkv_codec_block_bytes(codec), side = test_block_values(l) / 2;
+    uint8_t *region = malloc(v.region_bytes), *block = malloc(block_bytes);
+    uint8_t *readme = calloc(block_bytes, 1);
+    assert_true(region && block && readme && l->num_layers == 1);
+    test_write_block(l, &v, region, 0, x);
+    assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
+    size_t at = 0;
+    for (int kv = 0; kv < 2; kv++)
+        at += kind == KIND_FP8 ? readme_fp8_encode(l, x + kv * side, readme + at)
+                               : readme_kivi_encode(l, kv, bits, g, x + kv * side, readme + at);
+    assert_int_equal(at, block_bytes);
+    for (size_t i = 0; i < block_bytes; i++)
+        if (block[i] != readme[i]) {
+            print_error("%s D=%u: block byte %zu is 0x%02x, the README says 0x%02x\n", spec,
+                        l->head_dim, i, block[i], readme[i]);
+            fail();
+        }
+    test_free_all(region, block, readme);
+    vqkv_codec_free(codec);
+}
+
+/* fp8 encodes as the README defines where rounding is hardest: values
+ * exactly halfway between two e4m3 codes (the scale a power of two, so x /
+ * scale is exact), subnormal codes, values past 448 times the scale
+ * (saturated), NaN, infinities and signed zeros beside finite values, and
+ * vectors of zeros and NaN only (scale 0); on head_dims of 16- and 8-value
+ * steps and a tail. */
 static void test_fp8_encodes_halfway_and_specials(void **state)
 {
     (void)state;
@@ -2453,17 +2483,10 @@ static void test_fp8_encodes_halfway_and_specials(void **state)
     for (size_t di = 0; di < sizeof head_dims / sizeof head_dims[0]; di++) {
         vqkv_layout_t l = {1, 4, head_dims[di], 16, VQKV_DTYPE_F32};
         uint32_t D = l.head_dim;
-        size_t vectors = (size_t)l.block_tokens * l.num_kv_heads, n = test_block_values(&l);
-        vqkv_codec_t *codec = NULL;
-        assert_ok(vqkv_codec_create("fp8", &l, &codec));
-        vqkv_kv_view_t v;
-        vqkv_kv_view_vllm(&v, &l, 1);
-        size_t block_bytes = vqkv_codec_block_bytes(codec);
-        float *x = malloc(n * sizeof *x);
-        uint8_t *region = malloc(v.region_bytes), *block = malloc(block_bytes);
-        uint8_t *readme = calloc(block_bytes, 1);
-        assert_true(x && region && block && readme);
-        for (size_t vi = 0; vi < 2 * vectors; vi++) {
+        size_t vectors = 2 * (size_t)l.block_tokens * l.num_kv_heads;
+        float *x = malloc(vectors * D * sizeof *x);
+        assert_non_null(x);
+        for (size_t vi = 0; vi < vectors; vi++) {
             float *row = x + vi * D;
             int k = (int)(test_rng_next(&rng) % 40) - 24; /* scale 2^k, f16 normal or not */
             for (uint32_t d = 0; d < D; d++) {
@@ -2483,19 +2506,59 @@ static void test_fp8_encodes_halfway_and_specials(void **state)
                 break;
             }
         }
-        test_write_block(&l, &v, region, 0, x);
-        assert_ok(vqkv_codec_encode(codec, region, &v, 0, block));
-        readme_fp8_encode(&l, x, readme);
-        readme_fp8_encode(&l, x + vectors * D, readme + block_bytes / 2);
-        for (size_t i = 0; i < block_bytes; i++)
-            if (block[i] != readme[i]) {
-                print_error("fp8 D=%u: block byte %zu is 0x%02x, the README says 0x%02x\n", D, i,
-                            block[i], readme[i]);
-                fail();
-            }
-        test_free_all(x, region, block, readme);
-        vqkv_codec_free(codec);
+        check_encode_as_readme("fp8", &l, KIND_FP8, 0, 0, x);
+        free(x);
     }
+}
+
+/* KIVI encodes as the README defines where rounding is hardest: every
+ * range from 0 to (2^bits - 1) * 2^e, so that (x - min) / step is exact
+ * and values fall on codes and halfway between them (ties to even); a
+ * NaN and a constant range (step 0) beside them (not -0 in a range with
+ * +0: which of the two fminf returns is the C library's choice); keys'
+ * ranges per channel over the tokens, values' per group; on head_dims
+ * and groups of 8-value steps and not. */
+static void test_kivi_encodes_halfway_and_specials(void **state)
+{
+    (void)state;
+    static const struct {
+        uint32_t D, g;
+    } shapes[] = {{64, 32}, {24, 8}, {12, 4}};
+    test_rng_t rng = {0x41f1};
+    for (uint32_t bits = 2; bits <= 4; bits += 2)
+        for (size_t si = 0; si < sizeof shapes / sizeof shapes[0]; si++) {
+            vqkv_layout_t l = {1, 2, shapes[si].D, 16, VQKV_DTYPE_F32};
+            uint32_t D = l.head_dim, g = shapes[si].g, top = (1u << bits) - 1;
+            float *x = malloc(test_block_values(&l) * sizeof *x);
+            assert_non_null(x);
+            for (int kv = 0; kv < 2; kv++)
+                for (uint32_t h = 0; h < l.num_kv_heads; h++)
+                    for (uint32_t d = 0; d < D; d++) {
+                        int e = (int)(test_rng_next(&rng) % 16) - 10;
+                        for (uint32_t t = 0; t < l.block_tokens; t++) {
+                            /* where this value's range starts: its first token
+                             * (keys) or its group's first channel (values) */
+                            uint32_t pos = kv == 0 ? t : d % g;
+                            float y = (float)(test_rng_next(&rng) % top) +
+                                      (test_rng_next(&rng) % 2 ? 0.5f : 0.0f);
+                            y = pos == 0 ? 0.0f : pos == 1 ? (float)top : y;
+                            if (kv == 1)
+                                e = (int)(d / g) - 3; /* one scale a group */
+                            x[test_block_index(&l, 0, kv, t, h, d)] = ldexpf(y, e);
+                        }
+                    }
+            /* specials, where neither 0 nor the top of a range sits */
+            x[test_block_index(&l, 0, 0, 5, 0, 3)] = NAN;
+            for (uint32_t t = 0; t < l.block_tokens; t++)
+                x[test_block_index(&l, 0, 0, t, 1, 3)] = 1.5f; /* a constant key channel */
+            x[test_block_index(&l, 0, 1, 3, 0, 2)] = NAN;
+            for (uint32_t d = 0; d < g; d++)
+                x[test_block_index(&l, 0, 1, 7, 1, d)] = -2.0f; /* a constant value group */
+            char spec[32];
+            snprintf(spec, sizeof spec, "kivi%u:g=%u", bits, g);
+            check_encode_as_readme(spec, &l, KIND_KIVI, bits, g, x);
+            free(x);
+        }
 }
 
 /* In f32 memory the fp16 codec keeps every fp16-representable value
@@ -3162,6 +3225,7 @@ int main(void)
         cmocka_unit_test(test_scalar_codecs_match_documented_layout),
         cmocka_unit_test(test_fp8_decodes_every_code),
         cmocka_unit_test(test_fp8_encodes_halfway_and_specials),
+        cmocka_unit_test(test_kivi_encodes_halfway_and_specials),
         cmocka_unit_test(test_means_and_escapes_stored_as_documented),
         cmocka_unit_test(test_block_centering_leaves_values_alone),
         cmocka_unit_test(test_block_means_beyond_f16_range),
