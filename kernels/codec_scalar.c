@@ -390,6 +390,61 @@ static uint32_t vqkv__kivi_code(float x, float min, float step, uint32_t bits)
     return (uint32_t)(q > 0.0f ? (q > top ? top : q) : 0.0f);
 }
 
+#if defined(__x86_64__)
+/* vqkv__kivi_code of eight values, packed at out (byte-aligned: 8 * bits
+ * bits): the same difference, quotient and rounding (nearest even, as
+ * nearbyintf in the default mode); max(q, 0) keeps 0 where q is NaN or
+ * negative, and a range whose step is not positive gives 0, as there. */
+VQKV__X86 static inline void vqkv__kivi_codes8_put_x86(__m256 x, __m256 min, __m256 step,
+                                                       uint32_t bits, uint8_t *out)
+{
+    __m256 q = _mm256_round_ps(_mm256_div_ps(_mm256_sub_ps(x, min), step),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm256_min_ps(_mm256_max_ps(q, _mm256_setzero_ps()),
+                      _mm256_set1_ps((float)((1u << bits) - 1u)));
+    q = _mm256_and_ps(q, _mm256_cmp_ps(step, _mm256_setzero_ps(), _CMP_GT_OQ));
+    __m256i shifts = bits == 4 ? _mm256_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28)
+                               : _mm256_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14);
+    __m256i v = _mm256_sllv_epi32(_mm256_cvttps_epi32(q), shifts);
+    __m128i o = _mm_or_si128(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    o = _mm_or_si128(o, _mm_shuffle_epi32(o, 0x4e));
+    o = _mm_or_si128(o, _mm_shuffle_epi32(o, 0xb1));
+    uint32_t word = (uint32_t)_mm_cvtsi128_si32(o);
+    memcpy(out, &word, bits); /* 8 codes of `bits` bits: `bits` bytes, little-endian */
+}
+
+VQKV__X86 static void vqkv__kivi_put_codes_x86(uint8_t *codes, uint64_t at, const float *x,
+                                               uint32_t n, const float *min, const float *step,
+                                               size_t stride, uint32_t bits)
+{
+    __m256 m = _mm256_set1_ps(min[0]), s = _mm256_set1_ps(step[0]);
+    for (uint32_t d = 0; d < n; d += 8) {
+        if (stride != 0) {
+            m = _mm256_loadu_ps(min + d);
+            s = _mm256_loadu_ps(step + d);
+        }
+        vqkv__kivi_codes8_put_x86(_mm256_loadu_ps(x + d), m, s, bits, codes + (at + d) * bits / 8);
+    }
+}
+#endif
+
+/* The codes of x[0..n) from stream index `at` on, against ranges min[d *
+ * stride] and step[d * stride] (a key's per channel, stride 1; a value
+ * group's one, stride 0); eight at a time where they fill whole bytes. */
+static void vqkv__kivi_put_codes(uint8_t *codes, uint64_t at, const float *x, uint32_t n,
+                                 const float *min, const float *step, size_t stride, uint32_t bits)
+{
+#if defined(__x86_64__)
+    if (vqkv__simd_enabled() && n % 8 == 0 && at % 8 == 0) {
+        vqkv__kivi_put_codes_x86(codes, at, x, n, min, step, stride, bits);
+        return;
+    }
+#endif
+    for (uint32_t d = 0; d < n; d++)
+        vqkv__bits_put(codes, (at + d) * bits, bits,
+                       vqkv__kivi_code(x[d], min[d * stride], step[d * stride], bits));
+}
+
 static void vqkv__kivi_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
                               const vqkv__tile_t *tile, uint8_t *out)
 {
@@ -423,10 +478,8 @@ static void vqkv__kivi_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
             }
             for (uint32_t t = 0; t < l->block_tokens; t++) {
                 vqkv__tile_load(tile, t, h, D, row);
-                uint64_t base = ((uint64_t)t * H + h) * D;
-                for (uint32_t d = 0; d < D; d++)
-                    vqkv__bits_put(codes, (base + d) * k->bits, k->bits,
-                                   vqkv__kivi_code(row[d], min[d], step[d], k->bits));
+                vqkv__kivi_put_codes(codes, ((uint64_t)t * H + h) * D, row, D, min, step, 1,
+                                     k->bits);
             }
         }
         return;
@@ -443,9 +496,7 @@ static void vqkv__kivi_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
                 }
                 size_t g = (base + c0) / k->group;
                 vqkv__kivi_range(lo, hi, k->bits, mins + 2 * g, steps + 2 * g, &min, &step);
-                for (uint32_t d = c0; d < c0 + k->group; d++)
-                    vqkv__bits_put(codes, (base + d) * k->bits, k->bits,
-                                   vqkv__kivi_code(row[d], min, step, k->bits));
+                vqkv__kivi_put_codes(codes, base + c0, row + c0, k->group, &min, &step, 0, k->bits);
             }
         }
     }
