@@ -1050,7 +1050,7 @@ static size_t readme_kivi_encode(const vqkv_layout_t *l, int kv, uint32_t bits, 
             float min = vqkv_f16_to_f32(get_u16_le(part + 2 * grp));
             float step = vqkv_f16_to_f32(get_u16_le(part + 2 * G + 2 * grp));
             float q = step > 0.0f ? nearbyintf((x[v * D + d] - min) / step) : 0.0f;
-            q = q < 0.0f ? 0.0f : (q > top ? top : q);
+            q = q > 0.0f ? (q > top ? top : q) : 0.0f; /* NaN too: 0 */
             put_bits(part + 4 * G, v * D + d, bits, (uint32_t)q);
         }
     free(lo);
