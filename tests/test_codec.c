@@ -2514,10 +2514,10 @@ static void test_fp8_encodes_halfway_and_specials(void **state)
 /* KIVI encodes as the README defines where rounding is hardest: every
  * range from 0 to (2^bits - 1) * 2^e, so that (x - min) / step is exact
  * and values fall on codes and halfway between them (ties to even); a
- * NaN and a constant range (step 0) beside them (not -0 in a range with
- * +0: which of the two fminf returns is the C library's choice); keys'
- * ranges per channel over the tokens, values' per group; on head_dims
- * and groups of 8-value steps and not. */
+ * NaN, a constant range and one whose step rounds to 0 beside them (not
+ * -0 in a range with +0: which of the two fminf returns is the C
+ * library's choice); keys' ranges per channel over the tokens, values'
+ * per group; on head_dims and groups of 8-value steps and not. */
 static void test_kivi_encodes_halfway_and_specials(void **state)
 {
     (void)state;
@@ -2534,7 +2534,9 @@ static void test_kivi_encodes_halfway_and_specials(void **state)
             for (int kv = 0; kv < 2; kv++)
                 for (uint32_t h = 0; h < l.num_kv_heads; h++)
                     for (uint32_t d = 0; d < D; d++) {
-                        int e = (int)(test_rng_next(&rng) % 16) - 10;
+                        /* keys: one scale a channel; values: one a group */
+                        int drawn = (int)(test_rng_next(&rng) % 16) - 10;
+                        int e = kv == 0 ? drawn : (int)(d / g) - 3;
                         for (uint32_t t = 0; t < l.block_tokens; t++) {
                             /* where this value's range starts: its first token
                              * (keys) or its group's first channel (values) */
@@ -2542,8 +2544,6 @@ static void test_kivi_encodes_halfway_and_specials(void **state)
                             float y = (float)(test_rng_next(&rng) % top) +
                                       (test_rng_next(&rng) % 2 ? 0.5f : 0.0f);
                             y = pos == 0 ? 0.0f : pos == 1 ? (float)top : y;
-                            if (kv == 1)
-                                e = (int)(d / g) - 3; /* one scale a group */
                             x[test_block_index(&l, 0, kv, t, h, d)] = ldexpf(y, e);
                         }
                     }
@@ -2554,6 +2554,12 @@ static void test_kivi_encodes_halfway_and_specials(void **state)
             x[test_block_index(&l, 0, 1, 3, 0, 2)] = NAN;
             for (uint32_t d = 0; d < g; d++)
                 x[test_block_index(&l, 0, 1, 7, 1, d)] = -2.0f; /* a constant value group */
+            /* ranges so narrow that their step rounds to f16 0: code 0, not
+             * the top a division by zero would give */
+            for (uint32_t t = 0; t < l.block_tokens; t++)
+                x[test_block_index(&l, 0, 0, t, 0, 4)] = (float)t * 1e-10f;
+            for (uint32_t d = 0; d < g; d++)
+                x[test_block_index(&l, 0, 1, 8, 0, d)] = (float)d * 1e-11f;
             char spec[32];
             snprintf(spec, sizeof spec, "kivi%u:g=%u", bits, g);
             check_encode_as_readme(spec, &l, KIND_KIVI, bits, g, x);
