@@ -507,9 +507,9 @@ int vqkv_codec_decode_batch(const vqkv_codec_t *codec, const uint8_t *const *in,
     if (rc != VQKV_OK)
         return rc;
     /* Layer-major: a layer's codebooks stay in cache over all the blocks.
-     * The next layer's are not fetched ahead: asking for all of them cost
-     * 8-20% at 1-4 blocks, more lines than a small batch reads, and gained
-     * nothing at 16-64 (bench/RESULTS.md). */
+     * The next layer's are not fetched ahead: asking for all of them, more
+     * lines than a small batch reads, made decode 7-24% slower at 1-4
+     * blocks and gained nothing at 16-64 (bench/RESULTS.md). */
     size_t layer_bytes = codec->part_bytes[0] + codec->part_bytes[1];
     for (uint32_t layer = first_layer; layer < end_layer; layer++)
         for (size_t i = 0; i < n; i++)

@@ -284,12 +284,9 @@ static void vqkv__fp8_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, 
     const uint8_t *codes = in + 2 * (size_t)l->block_tokens * l->num_kv_heads;
     float row[VQKV_MAX_HEAD_DIM];
 #if defined(__x86_64__)
-    if (vqkv__simd_enabled() && vqkv__simd_avx512() && l->head_dim % 16 == 0) {
-        vqkv__fp8_decode_x512(l, in, tile);
-        return;
-    }
     if (vqkv__simd_enabled() && l->head_dim % 8 == 0) {
-        vqkv__fp8_decode_x86(l, in, tile);
+        (vqkv__simd_avx512() && l->head_dim % 16 == 0 ? vqkv__fp8_decode_x512
+                                                      : vqkv__fp8_decode_x86)(l, in, tile);
         return;
     }
 #endif
