@@ -111,6 +111,22 @@ static vqkv_client_t *connect_ok(const daemon_t *d, const char *name)
     return c;
 }
 
+/* A client with the fp16 model and two regions, seeded `seed` and seed + 1,
+ * registered: the setup of the tests that put from one region and get
+ * into the other. */
+static vqkv_client_t *connect_with_regions(const daemon_t *d, const char *name, unsigned seed,
+                                           vqkv_model_t **m, region_t *a, region_t *b,
+                                           vqkv_region_t *ha, vqkv_region_t *hb)
+{
+    vqkv_client_t *c = connect_ok(d, name);
+    assert_vqkv(vqkv_register_model(c, MODEL, &layout, "fp16", m), VQKV_OK);
+    region_new(a, seed);
+    region_new(b, seed + 1);
+    *ha = region_register(c, *m, a);
+    *hb = region_register(c, *m, b);
+    return c;
+}
+
 /* ---- tests ------------------------------------------------------------------ */
 
 /* Put three blocks on one connection; a second one finds, gets and checks
@@ -753,14 +769,10 @@ static void test_reconnect_resends_rope(void **state)
 static void test_reconnect(void **state)
 {
     daemon_t *d = *state;
-    vqkv_client_t *c = connect_ok(d, "reconnect");
     vqkv_model_t *m;
-    assert_vqkv(vqkv_register_model(c, MODEL, &layout, "fp16", &m), VQKV_OK);
     region_t ra, rb;
-    region_new(&ra, 41);
-    region_new(&rb, 42);
-    vqkv_region_t ha = region_register(c, m, &ra);
-    vqkv_region_t hb = region_register(c, m, &rb);
+    vqkv_region_t ha, hb;
+    vqkv_client_t *c = connect_with_regions(d, "reconnect", 41, &m, &ra, &rb, &ha, &hb);
     put_chain(c, m, ha, 10, 0, CALIB_BLOCKS);
     uint8_t keys[CALIB_BLOCKS][VQKV_KEY_BYTES];
     uint32_t slots[CALIB_BLOCKS];
@@ -1161,14 +1173,10 @@ static void test_concurrent_puts_of_a_chain(void **state)
  * of it, each from its own slot. */
 static void check_put_around_a_held_block(const daemon_t *d)
 {
-    vqkv_client_t *c = connect_ok(d, "around-held");
     vqkv_model_t *m;
-    assert_vqkv(vqkv_register_model(c, MODEL, &layout, "fp16", &m), VQKV_OK);
     region_t src, dst;
-    region_new(&src, 71);
-    region_new(&dst, 72);
-    vqkv_region_t hs = region_register(c, m, &src);
-    vqkv_region_t hd = region_register(c, m, &dst);
+    vqkv_region_t hs, hd;
+    vqkv_client_t *c = connect_with_regions(d, "around-held", 71, &m, &src, &dst, &hs, &hd);
     /* Three one-block chains, put as roots (all-zero parents). */
     uint8_t keys[3][VQKV_KEY_BYTES], parents[3][VQKV_KEY_BYTES] = {{0}};
     uint32_t slots[3] = {0, 1, 2}, one;
@@ -1215,15 +1223,11 @@ static void test_put_around_a_held_block(void **state)
 static void test_async_calls(void **state)
 {
     daemon_t *d = *state;
-    vqkv_client_t *c = connect_ok(d, "async");
     vqkv_model_t *m;
-    assert_vqkv(vqkv_register_model(c, MODEL, &layout, "fp16", &m), VQKV_OK);
     region_t ra, rb;
-    region_new(&ra, 51);
-    region_new(&rb, 52);
+    vqkv_region_t ha, hb;
+    vqkv_client_t *c = connect_with_regions(d, "async", 51, &m, &ra, &rb, &ha, &hb);
     memset(rb.base, 0, rb.view.region_bytes);
-    vqkv_region_t ha = region_register(c, m, &ra);
-    vqkv_region_t hb = region_register(c, m, &rb);
     vqkv_completion_t done[16];
     assert_int_equal(vqkv_complete(c, 0, done, 16), 0); /* nothing in flight */
 
