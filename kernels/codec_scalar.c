@@ -425,6 +425,87 @@ VQKV__X86 static void vqkv__kivi_put_codes_x86(uint8_t *codes, uint64_t at, cons
 }
 #endif
 
+#if defined(__x86_64__)
+/* vqkv_range_lo and vqkv_range_hi of eight lanes: minps and maxps keep
+ * their second operand on a +0/-0 tie, as those do, and their second
+ * where either is NaN, which the blend sets back to the bound where x is. */
+VQKV__X86 static inline __m256 vqkv__range_lo8(__m256 lo, __m256 x)
+{
+    return _mm256_blendv_ps(_mm256_min_ps(lo, x), lo, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+VQKV__X86 static inline __m256 vqkv__range_hi8(__m256 hi, __m256 x)
+{
+    return _mm256_blendv_ps(_mm256_max_ps(hi, x), hi, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
+}
+
+VQKV__X86 static void vqkv__kivi_widen_x86(float *lo, float *hi, const float *row, uint32_t D)
+{
+    for (uint32_t d = 0; d < D; d += 8) {
+        __m256 x = _mm256_loadu_ps(row + d);
+        _mm256_storeu_ps(lo + d, vqkv__range_lo8(_mm256_loadu_ps(lo + d), x));
+        _mm256_storeu_ps(hi + d, vqkv__range_hi8(_mm256_loadu_ps(hi + d), x));
+    }
+}
+
+/* Lane i takes values i, i + 8, ... in order; then halves, quarters and
+ * pairs combine, the lower lanes as the bound. */
+VQKV__X86 static void vqkv__kivi_span_x86(const float *x, uint32_t n, float *lo_out, float *hi_out)
+{
+    __m256 lo = _mm256_loadu_ps(x), hi = lo;
+    for (uint32_t d = 8; d < n; d += 8) {
+        __m256 v = _mm256_loadu_ps(x + d);
+        lo = vqkv__range_lo8(lo, v);
+        hi = vqkv__range_hi8(hi, v);
+    }
+    lo = vqkv__range_lo8(lo, _mm256_permute2f128_ps(lo, lo, 1));
+    hi = vqkv__range_hi8(hi, _mm256_permute2f128_ps(hi, hi, 1));
+    lo = vqkv__range_lo8(lo, _mm256_permute_ps(lo, 0x4e));
+    hi = vqkv__range_hi8(hi, _mm256_permute_ps(hi, 0x4e));
+    lo = vqkv__range_lo8(lo, _mm256_permute_ps(lo, 0xb1));
+    hi = vqkv__range_hi8(hi, _mm256_permute_ps(hi, 0xb1));
+    *lo_out = _mm256_cvtss_f32(lo);
+    *hi_out = _mm256_cvtss_f32(hi);
+}
+#endif
+
+/* Widens each key channel's range [lo[d], hi[d]] by the next token's
+ * row[d]: token order in every lane, so the vector path is the scalar one
+ * value for value. */
+static void vqkv__kivi_widen(float *lo, float *hi, const float *row, uint32_t D)
+{
+#if defined(__x86_64__)
+    if (vqkv__simd_enabled() && D % 8 == 0) {
+        vqkv__kivi_widen_x86(lo, hi, row, D);
+        return;
+    }
+#endif
+    for (uint32_t d = 0; d < D; d++) {
+        lo[d] = vqkv_range_lo(lo[d], row[d]);
+        hi[d] = vqkv_range_hi(hi[d], row[d]);
+    }
+}
+
+/* The range of a value group x[0..n): the least and greatest value in
+ * channel order. The vector path takes them in another order, which gives
+ * the same bits except for which zero wins a +0/-0 tie; a range with a
+ * zero bound is taken again in order (O(n), and rare outside zeros). */
+static void vqkv__kivi_span(const float *x, uint32_t n, float *lo, float *hi)
+{
+#if defined(__x86_64__)
+    if (vqkv__simd_enabled() && n % 8 == 0) {
+        vqkv__kivi_span_x86(x, n, lo, hi);
+        if (*lo != 0.0f && *hi != 0.0f)
+            return;
+    }
+#endif
+    *lo = *hi = x[0];
+    for (uint32_t d = 1; d < n; d++) {
+        *lo = vqkv_range_lo(*lo, x[d]);
+        *hi = vqkv_range_hi(*hi, x[d]);
+    }
+}
+
 /* The codes of x[0..n) from stream index `at` on, against ranges min[d *
  * stride] and step[d * stride] (a key's per channel, stride 1; a value
  * group's one, stride 0); eight at a time where they fill whole bytes. */
@@ -461,12 +542,11 @@ static void vqkv__kivi_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
         float lo[VQKV_MAX_HEAD_DIM], hi[VQKV_MAX_HEAD_DIM];
         float min[VQKV_MAX_HEAD_DIM], step[VQKV_MAX_HEAD_DIM];
         for (uint32_t h = 0; h < H; h++) {
-            for (uint32_t t = 0; t < l->block_tokens; t++) {
+            vqkv__tile_load(tile, 0, h, D, lo);
+            memcpy(hi, lo, D * sizeof *hi);
+            for (uint32_t t = 1; t < l->block_tokens; t++) {
                 vqkv__tile_load(tile, t, h, D, row);
-                for (uint32_t d = 0; d < D; d++) {
-                    lo[d] = t == 0 ? row[d] : fminf(lo[d], row[d]);
-                    hi[d] = t == 0 ? row[d] : fmaxf(hi[d], row[d]);
-                }
+                vqkv__kivi_widen(lo, hi, row, D);
             }
             for (uint32_t d = 0; d < D; d++) {
                 size_t g = (size_t)h * D + d;
@@ -486,11 +566,8 @@ static void vqkv__kivi_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
             vqkv__tile_load(tile, t, h, D, row);
             uint64_t base = ((uint64_t)t * H + h) * D;
             for (uint32_t c0 = 0; c0 < D; c0 += k->group) {
-                float lo = row[c0], hi = row[c0], min, step;
-                for (uint32_t d = c0; d < c0 + k->group; d++) {
-                    lo = fminf(lo, row[d]);
-                    hi = fmaxf(hi, row[d]);
-                }
+                float lo, hi, min, step;
+                vqkv__kivi_span(row + c0, k->group, &lo, &hi);
                 size_t g = (base + c0) / k->group;
                 vqkv__kivi_range(lo, hi, k->bits, mins + 2 * g, steps + 2 * g, &min, &step);
                 vqkv__kivi_put_codes(codes, base + c0, row + c0, k->group, &min, &step, 0, k->bits);

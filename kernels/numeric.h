@@ -33,6 +33,21 @@ VQKV_HD uint32_t vqkv_f32_to_bits(float f)
     return u;
 }
 
+/* A range's running least and greatest value, as KIVI takes them: a NaN x
+ * leaves the range as it is and a NaN bound takes x (fminf's and fmaxf's
+ * rule); between +0 and -0, the later x (x86's minps and maxps do so; C
+ * libraries and GPUs differ there, so the rule is written out for every
+ * path to share). */
+VQKV_HD float vqkv_range_lo(float lo, float x)
+{
+    return x != x ? lo : (lo < x ? lo : x);
+}
+
+VQKV_HD float vqkv_range_hi(float hi, float x)
+{
+    return x != x ? hi : (hi > x ? hi : x);
+}
+
 /* Largest finite fp16, used to saturate scales and norms. */
 #define VQKV_F16_MAX 65504.0f
 

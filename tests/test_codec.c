@@ -1029,15 +1029,17 @@ static size_t readme_kivi_encode(const vqkv_layout_t *l, int kv, uint32_t bits, 
     size_t G = kivi_groups(l, kv, g);
     float *lo = malloc(G * sizeof *lo), *hi = malloc(G * sizeof *hi);
     assert_true(lo && hi);
-    for (size_t i = 0; i < G; i++) {
-        lo[i] = INFINITY;
-        hi[i] = -INFINITY;
-    }
+    for (size_t i = 0; i < G; i++)
+        lo[i] = hi[i] = NAN;
+    /* NaN skipped; of equal values (+0 and -0) the later kept */
     for (size_t v = 0; v < vectors; v++)
         for (size_t d = 0; d < D; d++) {
             size_t grp = kivi_group(l, kv, g, v, d);
-            lo[grp] = fminf(lo[grp], x[v * D + d]);
-            hi[grp] = fmaxf(hi[grp], x[v * D + d]);
+            float y = x[v * D + d];
+            if (!isnan(y) && (isnan(lo[grp]) || y <= lo[grp]))
+                lo[grp] = y;
+            if (!isnan(y) && (isnan(hi[grp]) || y >= hi[grp]))
+                hi[grp] = y;
         }
     float top = (float)((1u << bits) - 1u);
     for (size_t i = 0; i < G; i++) {
@@ -2514,10 +2516,11 @@ static void test_fp8_encodes_halfway_and_specials(void **state)
 /* KIVI encodes as the README defines where rounding is hardest: every
  * range from 0 to (2^bits - 1) * 2^e, so that (x - min) / step is exact
  * and values fall on codes and halfway between them (ties to even); a
- * NaN, a constant range and one whose step rounds to 0 beside them (not
- * -0 in a range with +0: which of the two fminf returns is the C
- * library's choice); keys' ranges per channel over the tokens, values'
- * per group; on head_dims and groups of 8-value steps and not. */
+ * NaN, a range of NaN only, a constant range and one whose step rounds to
+ * 0 beside them, and ranges holding both +0 and -0 (the later is the
+ * bound, whatever order a vector path takes the values in); keys' ranges
+ * per channel over the tokens, values' per group; on head_dims and groups
+ * of 8-value steps and not. */
 static void test_kivi_encodes_halfway_and_specials(void **state)
 {
     (void)state;
@@ -2560,6 +2563,18 @@ static void test_kivi_encodes_halfway_and_specials(void **state)
                 x[test_block_index(&l, 0, 0, t, 0, 4)] = (float)t * 1e-10f;
             for (uint32_t d = 0; d < g; d++)
                 x[test_block_index(&l, 0, 1, 8, 0, d)] = (float)d * 1e-11f;
+            for (uint32_t t = 0; t < l.block_tokens; t++)
+                x[test_block_index(&l, 0, 0, t, 1, 5)] = NAN;
+            for (uint32_t d = 0; d < g; d++)
+                x[test_block_index(&l, 0, 1, 9, 1, d)] = NAN;
+            /* -0 after the +0 that starts a key channel's range, and a
+             * value group whose -0 comes after its +0 in channel order
+             * but in a lower vector lane (g = 32) */
+            x[test_block_index(&l, 0, 0, 9, 0, 1)] = -0.0f;
+            for (uint32_t d = 0; d < g; d++)
+                x[test_block_index(&l, 0, 1, 10, 0, d)] = d == g / 2 + 1   ? -0.0f
+                                                          : d == g / 4 - 1 ? 0.0f
+                                                                           : (float)(d + 1);
             char spec[32];
             snprintf(spec, sizeof spec, "kivi%u:g=%u", bits, g);
             check_encode_as_readme(spec, &l, KIND_KIVI, bits, g, x);

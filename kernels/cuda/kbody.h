@@ -319,8 +319,8 @@ VQKV_KB void vqkv__kencode_kivi_keys(const vqkv_kbatch_t *b, const vqkv_kunit_t 
             float lo = 0.0f, hi = 0.0f, min, step;
             for (uint32_t t = 0; t < T; t++) {
                 float x = vqkv__kget(u, t, h, c);
-                lo = t == 0 ? x : fminf(lo, x);
-                hi = t == 0 ? x : fmaxf(hi, x);
+                lo = t == 0 ? x : vqkv_range_lo(lo, x);
+                hi = t == 0 ? x : vqkv_range_hi(hi, x);
             }
             vqkv__kkivi_range(p, u->part, groups, (uint64_t)h * D + c, lo, hi, &min, &step);
             for (uint32_t t = 0; t < T; t++) {
@@ -350,8 +350,8 @@ VQKV_KB void vqkv__kencode_kivi_values(const vqkv_kbatch_t *b, const vqkv_kunit_
             float lo = vqkv__kget(u, t, h, c0), hi = lo, min, step;
             for (uint32_t c = c0; c < c0 + p->group; c++) {
                 float x = vqkv__kget(u, t, h, c);
-                lo = fminf(lo, x);
-                hi = fmaxf(hi, x);
+                lo = vqkv_range_lo(lo, x);
+                hi = vqkv_range_hi(hi, x);
             }
             vqkv__kkivi_range(p, u->part, groups, (v * D + c0) / p->group, lo, hi, &min, &step);
             for (uint32_t c = c0; c < c0 + p->group; c++)
