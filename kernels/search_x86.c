@@ -387,12 +387,15 @@ VQKV__BATCH(vqkv__nearest_batch_x512, vqkv__fused512, VQKV__AVX512, 16, 4, vqkv_
  * With the reference's own error r (the fused pass's bound a + b ||x||,
  * which covers it), the fused pass's argument gives: the reference's
  * answer, and every codeword tied with it, has A_j <= A_f + tau, tau = 2
- * beta + 2 r / lambda, f the codeword of least A. Each lane keeps its least
- * two scores with the codeword's block in their low four bits (A_j & ~15 |
- * j / 16, one instruction; each then within 15 of its A_j), so the
- * threshold on them is (m & ~15) + 30 + floor(tau), m the least: every A_j
- * <= A_f + tau is under it. One codeword under it is the answer; for more,
- * the reference's distance of each of them decides (vqkv__screen_resolve).
+ * beta + 2 r / lambda, f the codeword of least A. Each of the 16 lanes
+ * (codewords j = i mod 16) keeps only its least score, and the threshold
+ * is m + floor(tau) + 1, m the least of all: every A_j <= A_f + tau is at
+ * or under it. A lane whose least is over it holds no candidate; where one
+ * lane alone is under it, that lane's column (its codeword of every block,
+ * stored as a block is) is scored in one more step, and one score under
+ * the threshold there is the answer. Otherwise the reference's distance of
+ * each candidate decides (vqkv__screen_resolve). Tracking a second score
+ * per lane instead cost two operations a block for every vector.
  *
  * Where it does not apply: codewords of norm +inf (twins) get the cap and
  * p = 0; a threshold that reaches 2^30 - 1 - 2^29 (where a capped score
@@ -402,13 +405,14 @@ VQKV__BATCH(vqkv__nearest_batch_x512, vqkv__fused512, VQKV__AVX512, 16, 4, vqkv_
  * codebook the fused pass's bound does not cover, or whose scales
  * overflow, take the fused pass. Costs: per batch O(k d) to scale the
  * codebook and O(n d) for s_x (hence VQKV__SCREEN_MIN_N, kmeans.h); per
- * vector k d / 32 multiply-adds and four lane operations a register of 16
- * codewords (the fused pass: k d / 16 and five), and for the vectors with a
- * near-tie, the screen again and the reference's distances of the
- * candidates. Tau times lambda is about 5e-4 of the batch's largest ||x||
- * times the largest ||c|| at d = 8 (beta ~ 2 D Q), against about 1e-6 for
- * the fused pass: on Gaussian codebooks 1.6-1.9% of vectors have a
- * near-tie (test_screen_settles_encoder_batches). */
+ * vector k d / 32 multiply-adds and one lane minimum a register of 16
+ * codewords (the fused pass: k d / 16 and five), d / 2 more for the
+ * column, and for the vectors with a near-tie, the screen again and the
+ * reference's distances of the candidates. Tau times lambda is about
+ * 5e-4 of the batch's largest ||x|| times the largest ||c|| at d = 8
+ * (beta ~ 2 D Q), against about 1e-6 for the fused pass: on Gaussian
+ * codebooks 1.6-1.9% of vectors have a near-tie
+ * (test_screen_settles_encoder_batches). */
 #define VQKV__SCREEN_MAX_K 256u
 #define VQKV__SCREEN_MAX_D 16u
 #define VQKV__SCREEN_Q (0.998 * 0x1p14 * 1.4142135623730951)
@@ -419,12 +423,16 @@ VQKV__BATCH(vqkv__nearest_batch_x512, vqkv__fused512, VQKV__AVX512, 16, 4, vqkv_
 #define VQKV__VNNI __attribute__((target("avx2,fma,avx512f,avx512vnni")))
 
 /* One batch's screen: K, and the codewords' -p_j as 16-bit pairs, block
- * by block (16 codewords) and pair by pair, 16 lanes each. */
+ * by block (16 codewords) and pair by pair, 16 lanes each; and the same
+ * again by columns: column i holds codeword 16 r + i in lane r (blocks
+ * past k / 16 give the cap and p = 0). */
 typedef struct {
     int32_t K[VQKV__SCREEN_MAX_K] __attribute__((aligned(64)));
     int32_t P[VQKV__SCREEN_MAX_K * VQKV__SCREEN_MAX_D / 2] __attribute__((aligned(64)));
+    int32_t K_col[VQKV__SCREEN_MAX_K] __attribute__((aligned(64)));
+    int32_t P_col[VQKV__SCREEN_MAX_K * VQKV__SCREEN_MAX_D / 2] __attribute__((aligned(64)));
     float s_x;
-    int32_t slack; /* 30 + floor(tau) */
+    int32_t slack; /* floor(tau) + 1 */
 } vqkv__screen_t;
 
 /* Whether the screen takes vector x: every component within
@@ -489,31 +497,35 @@ VQKV__VNNI static bool vqkv__screen_init(vqkv__screen_t *sc, const vqkv__batch_t
                                                          0xea)); /* lo & 0xffff | hi << 16 */
         }
     }
+    for (uint32_t i = 0; i < 16; i++)
+        for (uint32_t r = 0; r < 16; r++) {
+            bool held = r < k / 16;
+            sc->K_col[16 * i + r] = held ? sc->K[16 * r + i] : VQKV__SCREEN_KCAP;
+            for (uint32_t t = 0; t < pairs; t++)
+                sc->P_col[(i * pairs + t) * 16 + r] = held ? sc->P[(r * pairs + t) * 16 + i] : 0;
+        }
     double D = sqrt((double)d) * (0.5 + Q * 0x1p-24), P = Q * (1.0 + 0x1p-20) + D;
     double beta = 0.5 + 0x1p-20 + D * (2.0 * P + D);
     double tau = (2.0 * beta + 2.0 * (bt->a + bt->b * xn) * scale) * VQKV__SLACK;
     if (!(P * P < VQKV__SCREEN_DOT) || !(tau < VQKV__SCREEN_DOT))
         return false;
     sc->s_x = s_x;
-    sc->slack = 30 + (int32_t)tau;
+    sc->slack = (int32_t)tau + 1;
     return true;
 }
 
-/* Block r's tagged scores (A_j & ~15 | r) for the vector whose pairs are
- * xq, the block's codeword pairs in p. */
+/* The scores A_j of 16 codewords (a block, or a column) for the vector
+ * whose pairs are xq: their K in k, their pairs in p. */
 VQKV__VNNI static inline __attribute__((always_inline)) __m512i
-vqkv__screen_scores(const vqkv__screen_t *sc, uint32_t r, uint32_t pairs, const int32_t *xq,
-                    const __m512i *p)
+vqkv__screen_scores(__m512i k, uint32_t pairs, const int32_t *xq, const __m512i *p)
 {
-    __m512i acc = _mm512_load_si512(sc->K + 16 * r);
-    _Pragma("GCC unroll 8") for (uint32_t t = 0; t < pairs; t++) acc =
-        _mm512_dpwssd_epi32(acc, p[t], _mm512_set1_epi32(xq[t]));
-    return _mm512_ternarylogic_epi32(acc, _mm512_set1_epi32(~15), _mm512_set1_epi32((int32_t)r),
-                                     0xea);
+    _Pragma("GCC unroll 8") for (uint32_t t = 0; t < pairs; t++) k =
+        _mm512_dpwssd_epi32(k, p[t], _mm512_set1_epi32(xq[t]));
+    return k;
 }
 
-/* The reference's answer for x among the codewords whose tagged score is
- * at or under thr, which hold it and every codeword tied with it: each
+/* The reference's answer for x among the codewords whose score is at or
+ * under thr, which hold it and every codeword tied with it: each
  * one's distance built as the reference builds it, the first least kept
  * (they come in index order). O(k d / 32 + candidates * d). */
 VQKV__VNNI static uint32_t vqkv__screen_resolve(const vqkv__screen_t *sc, const vqkv__batch_t *bt,
@@ -529,7 +541,7 @@ VQKV__VNNI static uint32_t vqkv__screen_resolve(const vqkv__screen_t *sc, const 
         __m512i p[VQKV__SCREEN_MAX_D / 2];
         for (uint32_t t = 0; t < pairs; t++)
             p[t] = _mm512_load_si512(sc->P + (r * pairs + t) * 16);
-        __m512i acc = vqkv__screen_scores(sc, r, pairs, xq, p);
+        __m512i acc = vqkv__screen_scores(_mm512_load_si512(sc->K + 16 * r), pairs, xq, p);
         for (unsigned under = _mm512_cmple_epi32_mask(acc, _mm512_set1_epi32(thr)); under != 0;
              under &= under - 1) {
             uint32_t c = 16 * r + (uint32_t)__builtin_ctz(under);
@@ -545,9 +557,22 @@ VQKV__VNNI static uint32_t vqkv__screen_resolve(const vqkv__screen_t *sc, const 
     return best;
 }
 
+/* The one codeword of column i (of the codewords 16 r + i) whose score is
+ * at or under thr, or -1 where there are more. */
+VQKV__VNNI static inline int32_t vqkv__screen_column(const vqkv__screen_t *sc, uint32_t i,
+                                                     uint32_t pairs, const int32_t *xq, int32_t thr)
+{
+    __m512i p[VQKV__SCREEN_MAX_D / 2];
+    for (uint32_t t = 0; t < pairs; t++)
+        p[t] = _mm512_load_si512(sc->P_col + (i * pairs + t) * 16);
+    __m512i acc = vqkv__screen_scores(_mm512_load_si512(sc->K_col + 16 * i), pairs, xq, p);
+    __mmask16 under = _mm512_cmple_epi32_mask(acc, _mm512_set1_epi32(thr));
+    return __builtin_popcount(under) == 1 ? (int32_t)(16 * (uint32_t)__builtin_ctz(under) + i) : -1;
+}
+
 /* The screen over VQKV__V vectors at once, as the fused pass: each block's
  * K and pairs loaded once for all of them; each vector's lanes keep their
- * least two tagged scores. Returns how many the screen settled alone. */
+ * least score. Returns how many the screen settled alone. */
 VQKV__VNNI static inline __attribute__((always_inline)) size_t
 vqkv__screen_pass(const vqkv__screen_t *sc, const vqkv__batch_t *bt, const float *const *x,
                   uint32_t nv, uint32_t d, uint32_t *out)
@@ -555,7 +580,7 @@ vqkv__screen_pass(const vqkv__screen_t *sc, const vqkv__batch_t *bt, const float
     enum { V = VQKV__V };
     uint32_t pairs = d / 2;
     __mmask16 dm = (__mmask16)((1u << d) - 1);
-    __m512i m1[V], s2[V];
+    __m512i least[V];
     int32_t xq[V][VQKV__SCREEN_MAX_D / 2];
     bool takes[V];
     size_t settled = 0;
@@ -564,30 +589,29 @@ vqkv__screen_pass(const vqkv__screen_t *sc, const vqkv__batch_t *bt, const float
         takes[v] = vqkv__screen_takes(xv);
         _mm256_storeu_si256((__m256i *)xq[v], _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(
                                                   _mm512_mul_ps(xv, _mm512_set1_ps(sc->s_x)))));
-        m1[v] = s2[v] = _mm512_set1_epi32(INT32_MAX);
+        least[v] = _mm512_set1_epi32(INT32_MAX);
     }
     for (uint32_t r = 0; r < bt->k / 16; r++) {
         __m512i p[VQKV__SCREEN_MAX_D / 2];
         _Pragma("GCC unroll 8") for (uint32_t t = 0; t < pairs; t++) p[t] =
             _mm512_load_si512(sc->P + (r * pairs + t) * 16);
-        _Pragma("GCC unroll 4") for (uint32_t v = 0; v < V; v++)
-        {
-            __m512i acc = vqkv__screen_scores(sc, r, pairs, xq[v], p);
-            s2[v] = _mm512_min_epi32(_mm512_max_epi32(m1[v], acc), s2[v]);
-            m1[v] = _mm512_min_epi32(acc, m1[v]);
-        }
+        __m512i k = _mm512_load_si512(sc->K + 16 * r);
+        _Pragma("GCC unroll 4") for (uint32_t v = 0; v < V; v++) least[v] =
+            _mm512_min_epi32(vqkv__screen_scores(k, pairs, xq[v], p), least[v]);
     }
     for (uint32_t v = 0; v < nv; v++) {
-        int32_t m = _mm512_reduce_min_epi32(m1[v]);
-        int64_t thr = (int64_t)(m & ~15) + sc->slack;
+        int64_t thr = (int64_t)_mm512_reduce_min_epi32(least[v]) + sc->slack;
         if (!takes[v] || thr >= VQKV__SCREEN_KCAP - VQKV__SCREEN_DOT) {
             out[v] = vqkv__nearest_x512(x[v], bt->search, d, bt->k);
             continue;
         }
-        __m512i at = _mm512_set1_epi32((int32_t)thr);
-        __mmask16 below = _mm512_cmple_epi32_mask(m1[v], at);
-        if (__builtin_popcount(below) == 1 && _mm512_cmple_epi32_mask(s2[v], at) == 0) {
-            out[v] = 16u * (uint32_t)(m & 15) + (uint32_t)__builtin_ctz(below);
+        __mmask16 below = _mm512_cmple_epi32_mask(least[v], _mm512_set1_epi32((int32_t)thr));
+        int32_t only = __builtin_popcount(below) == 1
+                           ? vqkv__screen_column(sc, (uint32_t)__builtin_ctz(below), pairs, xq[v],
+                                                 (int32_t)thr)
+                           : -1;
+        if (only >= 0) {
+            out[v] = (uint32_t)only;
             settled++;
         } else {
             out[v] = vqkv__screen_resolve(sc, bt, x[v], xq[v], (int32_t)thr, d);
