@@ -21,6 +21,12 @@ without a parent, which holds the attention sink) with ROOT and every other
 block with SPEC, as a store that picks a root block's codec by parentage
 would; its bits/value is the prefix's average over both.
 
+A codec given as SPEC/LAYERS/OTHER codes the listed layers (e.g. 0,3-5)
+with OTHER and every other layer with SPEC, as a codec that spends a
+different number of bits on some layers would: to measure which layers
+perplexity is sensitive to (rvq:r=3/L/fp16 for each L), and what a bit
+allocation across layers gains at the bits it costs.
+
 Each codec row also reports the standard error of its perplexity change:
 the per-sequence differences of mean log-likelihood against the reference
 (paired: the same tokens), their standard deviation over sqrt(N), as a
@@ -233,16 +239,62 @@ class RootedCodec:
         return out
 
 
-def make_codec(lib: ctypes.CDLL, spec: str, layout: Layout):
-    """A Codec for SPEC, or a RootedCodec for SPEC@ROOT."""
+class LayeredCodec:
+    """SPEC/LAYERS/OTHER: the listed layers (comma-separated, a-b for a
+    range) through other, every other layer through body, as a codec with
+    a stage count per layer would code them; its bits/value is the
+    average over the layers (they are the same size)."""
+
+    def __init__(self, body, other: Codec, layers: list[int], n_layers: int):
+        if not layers or min(layers) < 0 or max(layers) >= n_layers:
+            raise CodecError(f"layers {layers} outside 0..{n_layers - 1}")
+        self.body, self.other, self.layers, self.n_layers = body, other, sorted(set(layers)), n_layers
+        spans = ",".join(str(x) for x in self.layers)
+        self.spec = f"{body.spec}/{spans}/{other.spec}"
+
+    def bits_per_value(self, slots: int) -> float:
+        def bits(c) -> float:
+            return c.bits_per_value(slots) if callable(c.bits_per_value) else c.bits_per_value
+
+        n = len(self.layers)
+        return ((self.n_layers - n) * bits(self.body) + n * bits(self.other)) / self.n_layers
+
+    def roundtrip(self, cache: np.ndarray) -> np.ndarray:
+        out = self.body.roundtrip(cache)
+        out[self.layers] = self.other.roundtrip(cache)[self.layers]
+        return out
+
+
+def parse_layers(text: str) -> list[int]:
+    """"0,3-5" -> [0, 3, 4, 5]."""
+    layers = []
+    for part in text.split(","):
+        a, _, b = part.partition("-")
+        layers.extend(range(int(a), int(b or a) + 1))
+    return layers
+
+
+def make_codec(lib: ctypes.CDLL, spec: str, layout: Layout, made: dict[str, Codec]):
+    """A Codec for SPEC, a RootedCodec for SPEC@ROOT, or a LayeredCodec for
+    SPEC/LAYERS/OTHER; library codecs of one spec made once (in made), so
+    that their codebooks are trained once."""
+
+    def one(s: str) -> Codec:
+        if s not in made:
+            made[s] = Codec(lib, s, layout)
+        return made[s]
+
+    if spec.count("/") == 2:
+        body, layers, other = spec.split("/")
+        return LayeredCodec(make_codec(lib, body, layout, made), one(other), parse_layers(layers), layout.num_layers)
     body, _, root = spec.partition("@")
-    if not root:
-        return Codec(lib, body, layout)
-    return RootedCodec(Codec(lib, body, layout), Codec(lib, root, layout))
+    return RootedCodec(one(body), one(root)) if root else one(body)
 
 
 def stage_codecs(codec) -> list[Codec]:
-    """The library codecs a (rooted) codec is made of."""
+    """The library codecs a rooted or layered codec is made of."""
+    if isinstance(codec, LayeredCodec):
+        return stage_codecs(codec.body) + [codec.other]
     return [codec.body, codec.root] if isinstance(codec, RootedCodec) else [codec]
 
 
@@ -308,7 +360,8 @@ def main() -> None:
         action="append",
         dest="codecs",
         metavar="SPEC",
-        help=f"codec spec, or SPEC@ROOT for a root block of its own codec; repeatable "
+        help=f"codec spec, SPEC@ROOT for a root block of its own codec, or SPEC/LAYERS/OTHER "
+        f"for layers (0,3-5) of another; repeatable "
         f"(default: {' '.join(DEFAULT_CODECS)})",
     )
     ap.add_argument("--sequences", type=int, default=8, help="evaluation sequences (default 8)")
@@ -365,15 +418,15 @@ def main() -> None:
     layout = Layout(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim, args.block_tokens, dtype_id)
 
     # Codecs (one per canonical spec), and codebooks for those that need them.
-    codecs, rows, given = [], {}, {}
+    codecs, rows, given, made = [], {}, {}, {}
     for spec in specs:
-        c = make_codec(lib, spec, layout)
+        c = make_codec(lib, spec, layout, made)
         if c.spec not in rows:
             codecs.append(c)
-            bits = c.bits_per_value(slots) if isinstance(c, RootedCodec) else c.bits_per_value
+            bits = c.bits_per_value if isinstance(c, Codec) else c.bits_per_value(slots)
             rows[c.spec] = Row(c.spec, bits)
             given[c.spec] = spec  # the progress line's name for it: shorter
-    to_train = [part for c in codecs for part in stage_codecs(c) if part.needs_training]
+    to_train = [c for c in made.values() if c.needs_training]
     t_calib = 0.0
     train_s: dict[str, float] = {}
     if to_train:
@@ -400,7 +453,7 @@ def main() -> None:
                 train_s[c.spec] = time.perf_counter() - t0
         del calib_k, calib_v
     for c in codecs:
-        rows[c.spec].train_s = sum(train_s.get(part.spec, 0.0) for part in stage_codecs(c))
+        rows[c.spec].train_s = sum(train_s.get(part.spec, 0.0) for part in set(stage_codecs(c)))
 
     reference = Row("reference", float(np.dtype(cache_dtype).itemsize * 8))
     t_model = 0.0
