@@ -22,7 +22,8 @@ block with SPEC, as a store that picks a root block's codec by parentage
 would; its bits/value is the prefix's average over both.
 
 A codec given as SPEC/LAYERS/OTHER codes the listed layers (e.g. 0,3-5)
-with OTHER and every other layer with SPEC, as a codec that spends a
+with OTHER and every other layer with SPEC (more LAYERS/OTHER pairs may
+follow, each applied over the ones before), as a codec that spends a
 different number of bits on some layers would: to measure which layers
 perplexity is sensitive to (rvq:r=3/L/fp16 for each L), and what a bit
 allocation across layers gains at the bits it costs.
@@ -252,12 +253,19 @@ class LayeredCodec:
         spans = ",".join(str(x) for x in self.layers)
         self.spec = f"{body.spec}/{spans}/{other.spec}"
 
-    def bits_per_value(self, slots: int) -> float:
-        def bits(c) -> float:
-            return c.bits_per_value(slots) if callable(c.bits_per_value) else c.bits_per_value
+    def layer_bits(self, slots: int) -> list[float]:
+        """Each layer's bits/value."""
+        if isinstance(self.body, LayeredCodec):
+            bits = self.body.layer_bits(slots)
+        else:
+            body = self.body.bits_per_value
+            bits = [body(slots) if callable(body) else body] * self.n_layers
+        for layer in self.layers:
+            bits[layer] = self.other.bits_per_value
+        return bits
 
-        n = len(self.layers)
-        return ((self.n_layers - n) * bits(self.body) + n * bits(self.other)) / self.n_layers
+    def bits_per_value(self, slots: int) -> float:
+        return sum(self.layer_bits(slots)) / self.n_layers
 
     def roundtrip(self, cache: np.ndarray) -> np.ndarray:
         out = self.body.roundtrip(cache)
@@ -274,19 +282,26 @@ def parse_layers(text: str) -> list[int]:
     return layers
 
 
-def make_codec(lib: ctypes.CDLL, spec: str, layout: Layout, made: dict[str, Codec]):
+def make_codec(lib: ctypes.CDLL, spec: str, layout: Layout, made: dict[str, Codec] | None = None):
     """A Codec for SPEC, a RootedCodec for SPEC@ROOT, or a LayeredCodec for
     SPEC/LAYERS/OTHER; library codecs of one spec made once (in made), so
     that their codebooks are trained once."""
+
+    made = {} if made is None else made
 
     def one(s: str) -> Codec:
         if s not in made:
             made[s] = Codec(lib, s, layout)
         return made[s]
 
-    if spec.count("/") == 2:
-        body, layers, other = spec.split("/")
-        return LayeredCodec(make_codec(lib, body, layout, made), one(other), parse_layers(layers), layout.num_layers)
+    parts = spec.split("/")
+    if len(parts) > 1:
+        if len(parts) % 2 == 0:
+            raise CodecError(f"{spec}: SPEC/LAYERS/OTHER[/LAYERS/OTHER...] expected")
+        codec = make_codec(lib, parts[0], layout, made)
+        for layers, other in zip(parts[1::2], parts[2::2]):
+            codec = LayeredCodec(codec, one(other), parse_layers(layers), layout.num_layers)
+        return codec
     body, _, root = spec.partition("@")
     return RootedCodec(one(body), one(root)) if root else one(body)
 

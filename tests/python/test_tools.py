@@ -209,6 +209,30 @@ def test_rooted_codec_codes_slot_0_with_its_root_codec():
     assert [c.spec for c in ppl.stage_codecs(rooted)] == ["fp8", "fp16"]
 
 
+@needs_lib
+def test_layered_codec_codes_its_layers_with_their_codecs():
+    """SPEC/LAYERS/OTHER[/LAYERS/OTHER]: the listed layers through their
+    codec (later pairs over earlier ones), the rest as SPEC alone codes
+    them; bits averaged layer by layer; one library codec per spec."""
+    lib = ppl.load_library(ppl.DEFAULT_LIB)
+    layout = ppl.Layout(4, 3, 64, 16, ppl.CACHE_DTYPES["f16"][0])
+    made = {}
+    layered = ppl.make_codec(lib, "fp8/0,2-3/kivi4/3/fp16", layout, made)
+    assert isinstance(layered, ppl.LayeredCodec) and layered.spec == "fp8/0,2,3/kivi4:g=32/3/fp16"
+    assert sorted(made) == ["fp16", "fp8", "kivi4"]
+    cache = np.random.default_rng(6).standard_normal((4, 2, 2, 16, 3, 64)).astype(np.float16)
+    got = layered.roundtrip(cache)
+    assert np.array_equal(got[1], made["fp8"].roundtrip(cache)[1])
+    assert np.array_equal(got[[0, 2]], made["kivi4"].roundtrip(cache)[[0, 2]])
+    assert np.array_equal(got[3], cache[3])
+    kivi4 = made["kivi4"].bits_per_value
+    assert layered.bits_per_value(2) == pytest.approx((8.25 + 2 * kivi4 + 16.0) / 4)
+    with pytest.raises(ppl.CodecError):
+        ppl.make_codec(lib, "fp8/4/fp16", layout)
+    with pytest.raises(ppl.CodecError):
+        ppl.make_codec(lib, "fp8/0", layout)
+
+
 def test_delta_stderr_is_paired_over_sequences():
     ref = ppl.Row("reference", 16.0, nll=[np.full(4, 1.0), np.full(4, 2.0), np.full(4, 3.0)])
     row = ppl.Row("c", 2.0, nll=[np.full(4, 1.01), np.full(4, 2.03), np.full(4, 3.02)])
