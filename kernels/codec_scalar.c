@@ -426,9 +426,10 @@ VQKV__X86 static void vqkv__kivi_put_codes_x86(uint8_t *codes, uint64_t at, cons
 #endif
 
 #if defined(__x86_64__)
-/* vqkv_range_lo and vqkv_range_hi of eight lanes: minps and maxps keep
- * their second operand on a +0/-0 tie, as those do, and their second
- * where either is NaN, which the blend sets back to the bound where x is. */
+/* vqkv_range_lo and vqkv_range_hi of eight lanes. minps and maxps return
+ * their second operand, x, on a +0/-0 tie (as those do) and wherever
+ * either operand is NaN: right where the bound is NaN; where x is, the
+ * blend puts the bound back. */
 VQKV__X86 static inline __m256 vqkv__range_lo8(__m256 lo, __m256 x)
 {
     return _mm256_blendv_ps(_mm256_min_ps(lo, x), lo, _mm256_cmp_ps(x, x, _CMP_UNORD_Q));
@@ -488,8 +489,9 @@ static void vqkv__kivi_widen(float *lo, float *hi, const float *row, uint32_t D)
 
 /* The range of a value group x[0..n): the least and greatest value in
  * channel order. The vector path takes them in another order, which gives
- * the same bits except for which zero wins a +0/-0 tie; a range with a
- * zero bound is taken again in order (O(n), and rare outside zeros). */
+ * the same bits except for which zero wins a +0/-0 tie, so a range with
+ * a zero bound is taken again in order (O(n) more, for groups that hold
+ * a zero only). */
 static void vqkv__kivi_span(const float *x, uint32_t n, float *lo, float *hi)
 {
 #if defined(__x86_64__)
