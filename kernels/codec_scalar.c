@@ -423,9 +423,7 @@ VQKV__X86 static void vqkv__kivi_put_codes_x86(uint8_t *codes, uint64_t at, cons
         vqkv__kivi_codes8_put_x86(_mm256_loadu_ps(x + d), m, s, bits, codes + (at + d) * bits / 8);
     }
 }
-#endif
 
-#if defined(__x86_64__)
 /* vqkv_range_lo and vqkv_range_hi of eight lanes. minps and maxps return
  * their second operand, x, on a +0/-0 tie (as those do) and wherever
  * either operand is NaN: right where the bound is NaN; where x is, the
