@@ -524,6 +524,17 @@ vqkv__screen_scores(__m512i k, uint32_t pairs, const int32_t *xq, const __m512i 
     return k;
 }
 
+/* The scores of row r of a (K, P) table pair, blocks or columns, for the
+ * vector whose pairs are xq. */
+VQKV__VNNI static inline __attribute__((always_inline)) __m512i
+vqkv__screen_row(const int32_t *K, const int32_t *P, uint32_t r, uint32_t pairs, const int32_t *xq)
+{
+    __m512i p[VQKV__SCREEN_MAX_D / 2];
+    for (uint32_t t = 0; t < pairs; t++)
+        p[t] = _mm512_load_si512(P + (r * pairs + t) * 16);
+    return vqkv__screen_scores(_mm512_load_si512(K + 16 * r), pairs, xq, p);
+}
+
 /* The reference's answer for x among the codewords whose score is at or
  * under thr, which hold it and every codeword tied with it: each
  * one's distance built as the reference builds it, the first least kept
@@ -538,10 +549,7 @@ VQKV__VNNI static uint32_t vqkv__screen_resolve(const vqkv__screen_t *sc, const 
     for (uint32_t j = 0; j < d; j++)
         m[j] = -2.0f * x[j];
     for (uint32_t r = 0; r < bt->k / 16; r++) {
-        __m512i p[VQKV__SCREEN_MAX_D / 2];
-        for (uint32_t t = 0; t < pairs; t++)
-            p[t] = _mm512_load_si512(sc->P + (r * pairs + t) * 16);
-        __m512i acc = vqkv__screen_scores(_mm512_load_si512(sc->K + 16 * r), pairs, xq, p);
+        __m512i acc = vqkv__screen_row(sc->K, sc->P, r, pairs, xq);
         for (unsigned under = _mm512_cmple_epi32_mask(acc, _mm512_set1_epi32(thr)); under != 0;
              under &= under - 1) {
             uint32_t c = 16 * r + (uint32_t)__builtin_ctz(under);
@@ -562,10 +570,7 @@ VQKV__VNNI static uint32_t vqkv__screen_resolve(const vqkv__screen_t *sc, const 
 VQKV__VNNI static inline int32_t vqkv__screen_column(const vqkv__screen_t *sc, uint32_t i,
                                                      uint32_t pairs, const int32_t *xq, int32_t thr)
 {
-    __m512i p[VQKV__SCREEN_MAX_D / 2];
-    for (uint32_t t = 0; t < pairs; t++)
-        p[t] = _mm512_load_si512(sc->P_col + (i * pairs + t) * 16);
-    __m512i acc = vqkv__screen_scores(_mm512_load_si512(sc->K_col + 16 * i), pairs, xq, p);
+    __m512i acc = vqkv__screen_row(sc->K_col, sc->P_col, i, pairs, xq);
     __mmask16 under = _mm512_cmple_epi32_mask(acc, _mm512_set1_epi32(thr));
     return __builtin_popcount(under) == 1 ? (int32_t)(16 * (uint32_t)__builtin_ctz(under) + i) : -1;
 }
