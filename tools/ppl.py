@@ -258,8 +258,7 @@ class LayeredCodec:
         if isinstance(self.body, LayeredCodec):
             bits = self.body.layer_bits(slots)
         else:
-            body = self.body.bits_per_value
-            bits = [body(slots) if callable(body) else body] * self.n_layers
+            bits = [codec_bits(self.body, slots)] * self.n_layers
         for layer in self.layers:
             bits[layer] = self.other.bits_per_value
         return bits
@@ -271,6 +270,12 @@ class LayeredCodec:
         out = self.body.roundtrip(cache)
         out[self.layers] = self.other.roundtrip(cache)[self.layers]
         return out
+
+
+def codec_bits(codec, slots: int) -> float:
+    """Bits/value of any codec here over a prefix of `slots` blocks: a
+    library codec's own, a rooted or layered one's average."""
+    return codec.bits_per_value if isinstance(codec, Codec) else codec.bits_per_value(slots)
 
 
 def parse_layers(text: str) -> list[int]:
@@ -438,8 +443,7 @@ def main() -> None:
         c = make_codec(lib, spec, layout, made)
         if c.spec not in rows:
             codecs.append(c)
-            bits = c.bits_per_value if isinstance(c, Codec) else c.bits_per_value(slots)
-            rows[c.spec] = Row(c.spec, bits)
+            rows[c.spec] = Row(c.spec, codec_bits(c, slots))
             given[c.spec] = spec  # the progress line's name for it: shorter
     to_train = [c for c in made.values() if c.needs_training]
     t_calib = 0.0
