@@ -89,6 +89,8 @@ void vqkv__nearest_batch(const float *xs, size_t n, size_t stride, const float *
         vqkv__nearest_batch_vnni(xs, n, stride, search, d, k, out);
     else if (vqkv__simd_avx512())
         vqkv__nearest_batch_x512(xs, n, stride, search, d, k, out);
+    else if (vqkv__simd_fma() && n >= VQKV__SCREEN_MIN_N)
+        vqkv__nearest_batch_madd(xs, n, stride, search, d, k, out);
     else if (vqkv__simd_fma())
         vqkv__nearest_batch_x86(xs, n, stride, search, d, k, out);
     else

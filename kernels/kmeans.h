@@ -99,9 +99,9 @@ void vqkv__nearest_batch_x86(const float *xs, size_t n, size_t stride, const flo
                              uint32_t d, uint32_t k, uint32_t *out);
 void vqkv__nearest_batch_x512(const float *xs, size_t n, size_t stride, const float *search,
                               uint32_t d, uint32_t k, uint32_t *out);
-/* Batches shorter than this take the AVX-512F batch instead of the VNNI
- * screen: by operation count, the screen's scaling of the codebook costs
- * about what four to five vectors' search does (not measured). */
+/* Batches shorter than this take the fused batch instead of a screen: by operation count, the
+ * screen's scaling of the codebook costs about what four to five vectors' search does (not
+ * measured). */
 #define VQKV__SCREEN_MIN_N 16u
 /* The same answers with AVX-512 VNNI, where vqkv__simd_vnni() says it may
  * run: an integer screen made exact (search_x86.c) for d = 4, 8 and 16
@@ -109,6 +109,12 @@ void vqkv__nearest_batch_x512(const float *xs, size_t n, size_t stride, const fl
  * Returns how many vectors the screen settled alone (the others took the
  * reference's distances or the exact search), for tests and tuning. */
 size_t vqkv__nearest_batch_vnni(const float *xs, size_t n, size_t stride, const float *search,
+                                uint32_t d, uint32_t k, uint32_t *out);
+/* The same screen with AVX2 (vpmaddwd), where vqkv__simd_fma() says it
+ * may run and AVX-512 may not: d = 4, 8 and 16, k a multiple of 8 up to
+ * 256, the AVX2 fused batch for the rest. Returns the settled count as
+ * vqkv__nearest_batch_vnni does. */
+size_t vqkv__nearest_batch_madd(const float *xs, size_t n, size_t stride, const float *search,
                                 uint32_t d, uint32_t k, uint32_t *out);
 /* Whether the vector searches may run for this d and k (a codebook size
  * a multiple of 8). */

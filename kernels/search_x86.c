@@ -435,6 +435,62 @@ typedef struct {
     int32_t slack; /* floor(tau) + 1 */
 } vqkv__screen_t;
 
+/* A batch's scales, for taken vectors of ||x||^2 up to xx: s_x and the
+ * slack (floor(tau) + 1) into sc, s_c and 1 / lambda out. False where the
+ * screen does not apply: a scale not finite, or scores or the threshold
+ * past the room int32 leaves them. The same for either register width. */
+static bool vqkv__screen_frame(vqkv__screen_t *sc, const vqkv__batch_t *bt, float xx, uint32_t d,
+                               float *s_c, double *scale)
+{
+    /* The float sum ||x||^2 is within gamma_16 < 2^-20 of the true one. */
+    double xn = sqrt(xx * (1.0 + 0x1p-18)), Q = VQKV__SCREEN_Q;
+    float s_x = xn > 0.0 ? (float)(Q / xn) : 1.0f;
+    *s_c = bt->cmax > 0.0 ? (float)(Q / bt->cmax) : 1.0f;
+    if (!isfinite(*s_c) || !isfinite(s_x))
+        return false;
+    *scale = 0.5 * s_x * *s_c; /* 1 / lambda */
+    double D = sqrt((double)d) * (0.5 + Q * 0x1p-24), P = Q * (1.0 + 0x1p-20) + D;
+    double beta = 0.5 + 0x1p-20 + D * (2.0 * P + D);
+    double tau = (2.0 * beta + 2.0 * (bt->a + bt->b * xn) * *scale) * VQKV__SLACK;
+    if (!(P * P < VQKV__SCREEN_DOT) || !(tau < VQKV__SCREEN_DOT))
+        return false;
+    sc->s_x = s_x;
+    sc->slack = (int32_t)tau + 1;
+    return true;
+}
+
+/* The column tables from the block tables of w lanes (blocks of w
+ * codewords): column i holds codeword w r + i in lane r mod w of its row
+ * r / w, rows i * rows .. i * rows + rows - 1; lanes past the blocks get
+ * the cap and p = 0. One row a column at w = 16 (k <= 256), up to four at
+ * w = 8. O(k d) scalar: a batch's setup, not its passes. */
+static void vqkv__screen_columns(vqkv__screen_t *sc, uint32_t k, uint32_t pairs, uint32_t w)
+{
+    uint32_t blocks = k / w, rows = (blocks + w - 1) / w;
+    for (uint32_t i = 0; i < w; i++)
+        for (uint32_t g = 0; g < rows; g++)
+            for (uint32_t l = 0; l < w; l++) {
+                uint32_t r = w * g + l, row = i * rows + g;
+                bool held = r < blocks;
+                sc->K_col[row * w + l] = held ? sc->K[w * r + i] : VQKV__SCREEN_KCAP;
+                for (uint32_t t = 0; t < pairs; t++)
+                    sc->P_col[(row * pairs + t) * w + l] =
+                        held ? sc->P[(r * pairs + t) * w + i] : 0;
+            }
+}
+
+/* Codeword c's distance to the vector whose -2 x is m, built as the
+ * reference builds it. */
+static inline float vqkv__screen_distance(const vqkv__batch_t *bt, const float *m, uint32_t c,
+                                          uint32_t d)
+{
+    const float *wt = bt->search + bt->k;
+    float dist = bt->search[c];
+    for (uint32_t j = 0; j < d; j++)
+        dist += m[j] * wt[(size_t)j * bt->k + c];
+    return dist;
+}
+
 /* Whether the screen takes vector x: every component within
  * VQKV__SCREEN_X_MAX (NaN compares unordered: no). */
 VQKV__VNNI static inline bool vqkv__screen_takes(__m512 x)
@@ -466,13 +522,10 @@ VQKV__VNNI static bool vqkv__screen_init(vqkv__screen_t *sc, const vqkv__batch_t
 {
     const float *norms = bt->search, *wt = bt->search + bt->k;
     uint32_t k = bt->k, pairs = d / 2;
-    /* The float sum ||x||^2 is within gamma_16 < 2^-20 of the true one. */
-    double xn = sqrt(xx * (1.0 + 0x1p-18)), Q = VQKV__SCREEN_Q;
-    float s_c = bt->cmax > 0.0 ? (float)(Q / bt->cmax) : 1.0f;
-    float s_x = xn > 0.0 ? (float)(Q / xn) : 1.0f;
-    if (!isfinite(s_c) || !isfinite(s_x))
+    float s_c;
+    double scale;
+    if (!vqkv__screen_frame(sc, bt, xx, d, &s_c, &scale))
         return false;
-    double scale = 0.5 * s_x * s_c; /* 1 / lambda */
     __m512d kscale = _mm512_set1_pd(scale), kcap = _mm512_set1_pd(VQKV__SCREEN_KCAP);
     __m512 neg = _mm512_set1_ps(-s_c), inf = _mm512_set1_ps(INFINITY);
     __m512i low16 = _mm512_set1_epi32(0xffff);
@@ -497,20 +550,7 @@ VQKV__VNNI static bool vqkv__screen_init(vqkv__screen_t *sc, const vqkv__batch_t
                                                          0xea)); /* lo & 0xffff | hi << 16 */
         }
     }
-    for (uint32_t i = 0; i < 16; i++)
-        for (uint32_t r = 0; r < 16; r++) {
-            bool held = r < k / 16;
-            sc->K_col[16 * i + r] = held ? sc->K[16 * r + i] : VQKV__SCREEN_KCAP;
-            for (uint32_t t = 0; t < pairs; t++)
-                sc->P_col[(i * pairs + t) * 16 + r] = held ? sc->P[(r * pairs + t) * 16 + i] : 0;
-        }
-    double D = sqrt((double)d) * (0.5 + Q * 0x1p-24), P = Q * (1.0 + 0x1p-20) + D;
-    double beta = 0.5 + 0x1p-20 + D * (2.0 * P + D);
-    double tau = (2.0 * beta + 2.0 * (bt->a + bt->b * xn) * scale) * VQKV__SLACK;
-    if (!(P * P < VQKV__SCREEN_DOT) || !(tau < VQKV__SCREEN_DOT))
-        return false;
-    sc->s_x = s_x;
-    sc->slack = (int32_t)tau + 1;
+    vqkv__screen_columns(sc, k, pairs, 16);
     return true;
 }
 
@@ -543,7 +583,6 @@ VQKV__VNNI static uint32_t vqkv__screen_resolve(const vqkv__screen_t *sc, const 
                                                 const float *x, const int32_t *xq, int32_t thr,
                                                 uint32_t d)
 {
-    const float *norms2 = bt->search, *wt = bt->search + bt->k;
     uint32_t pairs = d / 2, best = 0;
     float m[VQKV__SCREEN_MAX_D], best_dist = FLT_MAX;
     for (uint32_t j = 0; j < d; j++)
@@ -553,9 +592,7 @@ VQKV__VNNI static uint32_t vqkv__screen_resolve(const vqkv__screen_t *sc, const 
         for (unsigned under = _mm512_cmple_epi32_mask(acc, _mm512_set1_epi32(thr)); under != 0;
              under &= under - 1) {
             uint32_t c = 16 * r + (uint32_t)__builtin_ctz(under);
-            float dist = norms2[c];
-            for (uint32_t j = 0; j < d; j++)
-                dist += m[j] * wt[(size_t)j * bt->k + c];
+            float dist = vqkv__screen_distance(bt, m, c, d);
             if (dist < best_dist) {
                 best_dist = dist;
                 best = c;
@@ -646,6 +683,235 @@ VQKV__VNNI size_t vqkv__nearest_batch_vnni(const float *xs, size_t n, size_t str
     return settled;
 }
 
+/* ---- the same screen with AVX2: vpmaddwd -----------------------------------
+ *
+ * Without VNNI, AVX2's vpmaddwd still multiplies 16-bit integers two to a
+ * 32-bit lane and adds both products; a vpaddd adds them to the score.
+ * The scores are the VNNI screen's to the bit (same scaling, same K and
+ * pairs), so its exactness argument holds unchanged, in blocks of 8
+ * codewords: each of 8 lanes keeps its least score, and a lane's column
+ * (codewords 8 r + i, up to 32) is up to four rows of 8. Per vector and 8
+ * codewords: d / 2 multiply-adds, d / 2 adds and one min, where the fused
+ * AVX2 pass does d fused multiply-adds and five lane operations to track
+ * two distances and an index (on Zen 3 the pass runs about twice as fast:
+ * bench/RESULTS.md). Vector setup is SSE, four channels a step, d = 4, 8
+ * or 16. */
+#define VQKV__MADD __attribute__((target("avx2,fma")))
+
+/* Components of v out of the screen's reach (past VQKV__SCREEN_X_MAX, or
+ * NaN), as bits. */
+VQKV__MADD static inline int vqkv__screen_out128(__m128 v)
+{
+    __m128 mag = _mm_andnot_ps(_mm_set1_ps(-0.0f), v);
+    return _mm_movemask_ps(_mm_cmp_ps(mag, _mm_set1_ps(VQKV__SCREEN_X_MAX), _CMP_NLE_UQ));
+}
+
+/* vqkv__screen_xmax, four channels a step. */
+VQKV__MADD static float vqkv__screen_xmax128(const float *xs, size_t n, size_t stride, uint32_t d)
+{
+    float most = 0.0f;
+    for (size_t i = 0; i < n; i++) {
+        __m128 sum = _mm_setzero_ps();
+        int out = 0;
+        for (uint32_t j = 0; j < d; j += 4) {
+            __m128 v = _mm_loadu_ps(xs + i * stride + j);
+            sum = _mm_add_ps(sum, _mm_mul_ps(v, v));
+            out |= vqkv__screen_out128(v);
+        }
+        sum = _mm_add_ps(sum, _mm_movehl_ps(sum, sum));
+        float xx = _mm_cvtss_f32(_mm_add_ss(sum, _mm_shuffle_ps(sum, sum, 1)));
+        if (out == 0 && xx > most)
+            most = xx;
+    }
+    return most;
+}
+
+/* x's pairs into xq (round(x s_x), 16 bits each, two to an int32), and
+ * whether the screen takes x. */
+VQKV__MADD static inline bool vqkv__screen_quantize128(const float *x, uint32_t d, float s_x,
+                                                       int32_t *xq)
+{
+    int out = 0;
+    for (uint32_t j = 0; j < d; j += 4) {
+        __m128 v = _mm_loadu_ps(x + j);
+        __m128i q = _mm_cvtps_epi32(_mm_mul_ps(v, _mm_set1_ps(s_x)));
+        _mm_storel_epi64((__m128i *)(xq + j / 2), _mm_packs_epi32(q, q));
+        out |= vqkv__screen_out128(v);
+    }
+    return out == 0;
+}
+
+/* vqkv__screen_init in blocks of 8 codewords. */
+VQKV__MADD static bool vqkv__screen_init256(vqkv__screen_t *sc, const vqkv__batch_t *bt, float xx,
+                                            uint32_t d)
+{
+    const float *norms = bt->search, *wt = bt->search + bt->k;
+    uint32_t k = bt->k, pairs = d / 2;
+    float s_c;
+    double scale;
+    if (!vqkv__screen_frame(sc, bt, xx, d, &s_c, &scale))
+        return false;
+    __m256d kscale = _mm256_set1_pd(scale), kcap = _mm256_set1_pd(VQKV__SCREEN_KCAP);
+    __m256 neg = _mm256_set1_ps(-s_c);
+    __m256i low16 = _mm256_set1_epi32(0xffff);
+    for (uint32_t r = 0; r < k / 8; r++) {
+        const float *nr = norms + 8 * r;
+        __m256i live = _mm256_castps_si256(
+            _mm256_cmp_ps(_mm256_loadu_ps(nr), _mm256_set1_ps(INFINITY), _CMP_NEQ_UQ));
+        for (uint32_t h = 0; h < 2; h++) /* min(+inf, cap) is the cap: twins get it. */
+            _mm_store_si128(
+                (__m128i *)(sc->K + 8 * r + 4 * h),
+                _mm256_cvtpd_epi32(_mm256_min_pd(
+                    _mm256_mul_pd(_mm256_cvtps_pd(_mm_loadu_ps(nr + 4 * h)), kscale), kcap)));
+        for (uint32_t t = 0; t < pairs; t++) {
+            __m256i lo = _mm256_and_si256(live, _mm256_cvtps_epi32(_mm256_mul_ps(
+                                                    _mm256_loadu_ps(wt + 2 * t * k + 8 * r), neg)));
+            __m256i hi =
+                _mm256_and_si256(live, _mm256_cvtps_epi32(_mm256_mul_ps(
+                                           _mm256_loadu_ps(wt + (2 * t + 1) * k + 8 * r), neg)));
+            _mm256_store_si256(
+                (__m256i *)(sc->P + (r * pairs + t) * 8),
+                _mm256_or_si256(_mm256_and_si256(lo, low16), _mm256_slli_epi32(hi, 16)));
+        }
+    }
+    vqkv__screen_columns(sc, k, pairs, 8);
+    return true;
+}
+
+/* The scores of row r of a (K, P) table pair, 8 lanes, for the vector
+ * whose pairs are xq. */
+VQKV__MADD static inline __attribute__((always_inline)) __m256i
+vqkv__screen_row256(const int32_t *K, const int32_t *P, uint32_t r, uint32_t pairs,
+                    const int32_t *xq)
+{
+    __m256i acc = _mm256_load_si256((const __m256i *)(K + 8 * r));
+    _Pragma("GCC unroll 8") for (uint32_t t = 0; t < pairs; t++) acc = _mm256_add_epi32(
+        acc, _mm256_madd_epi16(_mm256_load_si256((const __m256i *)(P + (r * pairs + t) * 8)),
+                               _mm256_set1_epi32(xq[t])));
+    return acc;
+}
+
+/* The lanes of v at or under thr, as bits. */
+VQKV__MADD static inline unsigned vqkv__screen_under256(__m256i v, int32_t thr)
+{
+    __m256i over = _mm256_cmpgt_epi32(v, _mm256_set1_epi32(thr));
+    return ~(unsigned)_mm256_movemask_ps(_mm256_castsi256_ps(over)) & 0xffu;
+}
+
+VQKV__MADD static inline int32_t vqkv__screen_least256(__m256i v)
+{
+    __m128i m = _mm_min_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+    m = _mm_min_epi32(m, _mm_shuffle_epi32(m, 0x4e));
+    m = _mm_min_epi32(m, _mm_shuffle_epi32(m, 0xb1));
+    return _mm_cvtsi128_si32(m);
+}
+
+/* vqkv__screen_resolve in blocks of 8. */
+VQKV__MADD static uint32_t vqkv__screen_resolve256(const vqkv__screen_t *sc,
+                                                   const vqkv__batch_t *bt, const float *x,
+                                                   const int32_t *xq, int32_t thr, uint32_t d)
+{
+    uint32_t pairs = d / 2, best = 0;
+    float m[VQKV__SCREEN_MAX_D], best_dist = FLT_MAX;
+    for (uint32_t j = 0; j < d; j++)
+        m[j] = -2.0f * x[j];
+    for (uint32_t r = 0; r < bt->k / 8; r++) {
+        __m256i acc = vqkv__screen_row256(sc->K, sc->P, r, pairs, xq);
+        for (unsigned under = vqkv__screen_under256(acc, thr); under != 0; under &= under - 1) {
+            uint32_t c = 8 * r + (uint32_t)__builtin_ctz(under);
+            float dist = vqkv__screen_distance(bt, m, c, d);
+            if (dist < best_dist) {
+                best_dist = dist;
+                best = c;
+            }
+        }
+    }
+    return best;
+}
+
+/* The one codeword of column i (codewords 8 r + i) at or under thr, or -1
+ * where there are more. */
+VQKV__MADD static int32_t vqkv__screen_column256(const vqkv__screen_t *sc, uint32_t k, uint32_t i,
+                                                 uint32_t pairs, const int32_t *xq, int32_t thr)
+{
+    uint32_t rows = (k / 8 + 7) / 8, under = 0; /* bit 8 g + l: row g, lane l */
+    for (uint32_t g = 0; g < rows; g++)
+        under |= vqkv__screen_under256(
+                     vqkv__screen_row256(sc->K_col, sc->P_col, i * rows + g, pairs, xq), thr)
+                 << 8 * g;
+    return __builtin_popcount(under) == 1 ? (int32_t)(8 * (uint32_t)__builtin_ctz(under) + i) : -1;
+}
+
+/* vqkv__screen_pass in blocks of 8. */
+VQKV__MADD static inline __attribute__((always_inline)) size_t
+vqkv__screen_pass256(const vqkv__screen_t *sc, const vqkv__batch_t *bt, const float *const *x,
+                     uint32_t nv, uint32_t d, uint32_t *out)
+{
+    enum { V = VQKV__V };
+    uint32_t pairs = d / 2;
+    __m256i least[V];
+    int32_t xq[V][VQKV__SCREEN_MAX_D / 2];
+    bool takes[V];
+    size_t settled = 0;
+    for (uint32_t v = 0; v < V; v++) {
+        takes[v] = vqkv__screen_quantize128(x[v], d, sc->s_x, xq[v]);
+        least[v] = _mm256_set1_epi32(INT32_MAX);
+    }
+    for (uint32_t r = 0; r < bt->k / 8; r++) {
+        __m256i p[VQKV__SCREEN_MAX_D / 2];
+        _Pragma("GCC unroll 8") for (uint32_t t = 0; t < pairs; t++) p[t] =
+            _mm256_load_si256((const __m256i *)(sc->P + (r * pairs + t) * 8));
+        __m256i k = _mm256_load_si256((const __m256i *)(sc->K + 8 * r));
+        _Pragma("GCC unroll 4") for (uint32_t v = 0; v < V; v++)
+        {
+            __m256i acc = k;
+            _Pragma("GCC unroll 8") for (uint32_t t = 0; t < pairs; t++) acc =
+                _mm256_add_epi32(acc, _mm256_madd_epi16(p[t], _mm256_set1_epi32(xq[v][t])));
+            least[v] = _mm256_min_epi32(acc, least[v]);
+        }
+    }
+    for (uint32_t v = 0; v < nv; v++) {
+        int64_t thr = (int64_t)vqkv__screen_least256(least[v]) + sc->slack;
+        if (!takes[v] || thr >= VQKV__SCREEN_KCAP - VQKV__SCREEN_DOT) {
+            out[v] = vqkv__nearest_x86(x[v], bt->search, d, bt->k);
+            continue;
+        }
+        unsigned below = vqkv__screen_under256(least[v], (int32_t)thr);
+        int32_t only = __builtin_popcount(below) == 1
+                           ? vqkv__screen_column256(sc, bt->k, (uint32_t)__builtin_ctz(below),
+                                                    pairs, xq[v], (int32_t)thr)
+                           : -1;
+        if (only >= 0) {
+            out[v] = (uint32_t)only;
+            settled++;
+        } else {
+            out[v] = vqkv__screen_resolve256(sc, bt, x[v], xq[v], (int32_t)thr, d);
+        }
+    }
+    return settled;
+}
+
+VQKV__MADD size_t vqkv__nearest_batch_madd(const float *xs, size_t n, size_t stride,
+                                           const float *search, uint32_t d, uint32_t k,
+                                           uint32_t *out)
+{
+    vqkv__batch_t bt;
+    vqkv__screen_t sc;
+    size_t settled = 0;
+    if ((d != 4 && d != 8 && d != 16) || k % 8 != 0 || k > VQKV__SCREEN_MAX_K ||
+        !vqkv__batch_init(&bt, search, d, k) ||
+        !vqkv__screen_init256(&sc, &bt, vqkv__screen_xmax128(xs, n, stride, d), d)) {
+        vqkv__nearest_batch_x86(xs, n, stride, search, d, k, out);
+        return 0;
+    }
+    switch (d) {
+    case 4: VQKV__PASSES(settled += vqkv__screen_pass256(&sc, &bt, x, nv, 4, out + i)); break;
+    case 8: VQKV__PASSES(settled += vqkv__screen_pass256(&sc, &bt, x, nv, 8, out + i)); break;
+    default: VQKV__PASSES(settled += vqkv__screen_pass256(&sc, &bt, x, nv, 16, out + i));
+    }
+    return settled;
+}
+
 VQKV__AVX2 void vqkv__mind_update_x86(const float *xt, size_t n, uint32_t d, const float *c,
                                       float *mind, bool first)
 {
@@ -700,6 +966,13 @@ void vqkv__nearest_batch_x512(const float *xs, size_t n, size_t stride, const fl
 }
 
 size_t vqkv__nearest_batch_vnni(const float *xs, size_t n, size_t stride, const float *search,
+                                uint32_t d, uint32_t k, uint32_t *out)
+{
+    vqkv__nearest_batch_scalar(xs, n, stride, search, d, k, out);
+    return 0;
+}
+
+size_t vqkv__nearest_batch_madd(const float *xs, size_t n, size_t stride, const float *search,
                                 uint32_t d, uint32_t k, uint32_t *out)
 {
     vqkv__nearest_batch_scalar(xs, n, stride, search, d, k, out);

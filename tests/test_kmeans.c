@@ -274,10 +274,10 @@ static void make_vector(test_rng_t *rng, const float *words, uint32_t d, uint32_
 }
 
 /* The batch searches (AVX2 with FMA, AVX-512F: the fused pass and its
- * rescore; AVX-512 VNNI: the integer screen) give the scalar reference's answer for every vector of
- * every codebook kind, d from 1 to 16 (odd ones too) and k from 8 to 512, batch lengths not a
- * multiple of the pass's four vectors. About two million vectors; the dispatcher's answer too,
- * whatever path it takes. */
+ * rescore; AVX-512 VNNI and AVX2: the integer screen) give the scalar reference's answer for every
+ * vector of every codebook kind, d from 1 to 16 (odd ones too) and k from 8 to 512, batch lengths
+ * not a multiple of the pass's four vectors. About two million vectors; the dispatcher's answer
+ * too, whatever path it takes. */
 static void test_nearest_batch_matches_scalar(void **state)
 {
     (void)state;
@@ -305,8 +305,9 @@ static void test_nearest_batch_matches_scalar(void **state)
                 float scale = kind == BOOK_HUGE ? 3.0e5f : kind == BOOK_TINY ? 1.0e-21f : 1.0f;
                 for (size_t i = 0; i < N; i++)
                     make_vector(&rng, words, d, k, scale, xs + i * d);
-                for (int path = 0; path < 4; path++) {
-                    if ((path == 1 && !x86) || (path == 2 && !x512) || (path == 3 && !vnni))
+                for (int path = 0; path < 5; path++) {
+                    if ((path == 1 && !x86) || (path == 2 && !x512) || (path == 3 && !vnni) ||
+                        (path == 4 && !x86))
                         continue;
                     if (path == 0)
                         vqkv__nearest_batch(xs, N, d, search, d, k, got);
@@ -314,8 +315,10 @@ static void test_nearest_batch_matches_scalar(void **state)
                         vqkv__nearest_batch_x86(xs, N, d, search, d, k, got);
                     else if (path == 2)
                         vqkv__nearest_batch_x512(xs, N, d, search, d, k, got);
-                    else
+                    else if (path == 3)
                         vqkv__nearest_batch_vnni(xs, N, d, search, d, k, got);
+                    else
+                        vqkv__nearest_batch_madd(xs, N, d, search, d, k, got);
                     for (size_t i = 0; i < N; i++) {
                         uint32_t want = vqkv__nearest_scalar(xs + i * d, search, d, k);
                         if (got[i] != want)
@@ -336,17 +339,15 @@ static void test_nearest_batch_matches_scalar(void **state)
  * settles nearly every vector itself and gives the reference's answers:
  * vectors at the codebook's scale, and vectors ten times smaller, for
  * which a third to half of the codewords score past the screen's range
- * (capped). On a CPU without AVX-512 VNNI it has nothing to check and
- * says so. */
-static void test_screen_settles_encoder_batches(void **state)
+ * (capped). Both screens: AVX2's where the CPU has AVX2 and FMA, VNNI's
+ * where it has AVX-512 VNNI (and says so where it has not). */
+typedef size_t (*screen_fn)(const float *, size_t, size_t, const float *, uint32_t, uint32_t,
+                            uint32_t *);
+
+static void screen_settles_encoder_batches(const char *name, screen_fn screen)
 {
-    (void)state;
     enum { BATCH = 32, BATCHES = 64, ROW = 128, K = 256 };
     static const uint32_t ds[] = {4, 8, 16};
-    if (!vqkv__simd_vnni()) {
-        print_message("SKIPPED: no AVX-512 VNNI on this CPU (or VQKV_CPU_SIMD turned it off)\n");
-        return;
-    }
     test_rng_t rng = {.state = 777};
     float *rows = malloc((size_t)BATCH * ROW * sizeof *rows);
     float *words = malloc((size_t)K * 16 * sizeof *words);
@@ -365,20 +366,33 @@ static void test_screen_settles_encoder_batches(void **state)
                 for (size_t i = 0; i < (size_t)BATCH * ROW; i++)
                     rows[i] = (float)test_rng_gaussian(&rng) * (small ? 0.1f : 1.1f);
                 uint32_t g = (uint32_t)b % (ROW / d); /* the group's channels in each row */
-                settled += vqkv__nearest_batch_vnni(rows + g * d, BATCH, ROW, search, d, K, got);
+                settled += screen(rows + g * d, BATCH, ROW, search, d, K, got);
                 for (uint32_t i = 0; i < BATCH; i++) {
                     uint32_t want =
                         vqkv__nearest_scalar(rows + (size_t)i * ROW + g * d, search, d, K);
                     if (got[i] != want)
-                        fail_msg("d %u small %d batch %d vector %u: %u, scalar %u", d, small, b, i,
-                                 got[i], want);
+                        fail_msg("%s: d %u small %d batch %d vector %u: %u, scalar %u", name, d,
+                                 small, b, i, got[i], want);
                 }
             }
-            print_message("d %u, small vectors %d: the screen settled %zu of %d\n", d, small,
-                          settled, BATCH * BATCHES);
+            print_message("%s: d %u, small vectors %d: the screen settled %zu of %d\n", name, d,
+                          small, settled, BATCH * BATCHES);
             assert_true(settled >= (size_t)BATCH * BATCHES * 9 / 10);
         }
     test_free_all(rows, words, search);
+}
+
+static void test_screen_settles_encoder_batches(void **state)
+{
+    (void)state;
+    if (!vqkv__nearest_simd(8, 256) || !vqkv__simd_fma())
+        skip(); /* no AVX2 and FMA here, or VQKV_CPU_SIMD=0: no screen to check */
+    screen_settles_encoder_batches("AVX2", vqkv__nearest_batch_madd);
+    if (vqkv__simd_vnni())
+        screen_settles_encoder_batches("AVX-512 VNNI", vqkv__nearest_batch_vnni);
+    else
+        print_message("SKIPPED the VNNI screen: no AVX-512 VNNI on this CPU (or VQKV_CPU_SIMD "
+                      "turned it off)\n");
 }
 
 /* Twins get norm +inf in the search form, the first of them its own; the
