@@ -172,41 +172,64 @@ void vqkv__mind_update(const float *xt, size_t n, uint32_t d, const float *c, fl
         vqkv__mind_update_scalar(xt, n, 0, d, c, mind, first);
 }
 
+/* mind's running sums in point order, in double (run[i] the sum of
+ * mind[0..i], each addition rounded in turn); returns the total. O(n), a
+ * chain of dependent additions: the sampling's cost, kept for its order. */
+static double vqkv__running_sums(const float *mind, size_t n, double *run)
+{
+    double total = 0.0;
+    for (size_t i = 0; i < n; i++)
+        run[i] = total += mind[i];
+    return total;
+}
+
+/* The point a k-means++ draw picks for target: the first i < n - 1 whose
+ * running sum passes it, else the last point. The sums never fall (mind is
+ * never negative; a NaN total skips the draw), so a binary search finds
+ * what a scan in point order would: O(log n) where the scan was O(n). */
+static size_t vqkv__draw_point(const double *run, size_t n, double target)
+{
+    size_t lo = 0, hi = n - 1;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        if (run[mid] > target)
+            hi = mid;
+        else
+            lo = mid + 1;
+    }
+    return lo;
+}
+
 /* k-means++: O(n*k*d), each pass over the points reading them transposed
  * (xt), so that eight points' distances are built at once. */
 static int vqkv__kmeanspp(const float *x, size_t n, uint32_t d, uint32_t k, uint64_t *rng,
                           float *centroids, float *mind)
 {
     float *xt = malloc(n * d * sizeof *xt);
-    if (xt == NULL)
+    double *run = malloc(n * sizeof *run);
+    if (xt == NULL || run == NULL) {
+        free(xt);
+        free(run);
         return VQKV_ENOMEM;
+    }
     for (size_t i = 0; i < n; i++)
         for (uint32_t j = 0; j < d; j++)
             xt[(size_t)j * n + i] = x[i * d + j];
     size_t first = (size_t)(vqkv__uniform(rng) * (double)n);
     memcpy(centroids, x + first * d, d * sizeof(float));
-    double total = 0.0;
     vqkv__mind_update(xt, n, d, centroids, mind, true);
-    for (size_t i = 0; i < n; i++)
-        total += mind[i];
+    double total = vqkv__running_sums(mind, n, run);
     for (uint32_t c = 1; c < k; c++) {
         size_t pick = (size_t)c % n;
-        if (total > 0.0) {
-            double target = vqkv__uniform(rng) * total, run = 0.0;
-            for (pick = 0; pick + 1 < n; pick++) {
-                run += mind[pick];
-                if (run > target)
-                    break;
-            }
-        }
+        if (total > 0.0)
+            pick = vqkv__draw_point(run, n, vqkv__uniform(rng) * total);
         float *cv = centroids + (size_t)c * d;
         memcpy(cv, x + pick * d, d * sizeof(float));
         vqkv__mind_update(xt, n, d, cv, mind, false);
-        total = 0.0;
-        for (size_t i = 0; i < n; i++)
-            total += mind[i];
+        total = vqkv__running_sums(mind, n, run);
     }
     free(xt);
+    free(run);
     return VQKV_OK;
 }
 

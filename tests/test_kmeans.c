@@ -134,6 +134,37 @@ static void test_kmeans_identical_points(void **state)
         assert_memory_equal(centroids + c * D, x, D * sizeof(float));
 }
 
+/* k-means++ draws a point with chance in proportion to its distance from
+ * the centroids so far: with one point away from all the others (copies of
+ * one vector), the second draw must take it, wherever it sits (first,
+ * inside, last) and whichever point was drawn first. Catches a draw one
+ * off the running sums (the point after or before the one whose sum passes
+ * the target). */
+static void test_kmeanspp_draws_the_only_far_point(void **state)
+{
+    (void)state;
+    enum { D = 4 };
+    static const size_t ns[] = {2, 3, 7, 64, 1001};
+    float centroids[2 * D], far[D] = {9.0f, -9.0f, 9.0f, -9.0f}, near[D] = {1.0f, 2.0f, 3.0f, 4.0f};
+    for (size_t ni = 0; ni < sizeof ns / sizeof ns[0]; ni++) {
+        size_t n = ns[ni];
+        float *x = malloc(n * D * sizeof *x);
+        assert_non_null(x);
+        size_t ats[] = {0, n / 2, n - 1};
+        for (size_t a = 0; a < sizeof ats / sizeof ats[0]; a++)
+            for (uint64_t seed = 1; seed <= 8; seed++) {
+                for (size_t i = 0; i < n; i++)
+                    memcpy(x + i * D, i == ats[a] ? far : near, sizeof far);
+                assert_ok(vqkv__kmeans(x, n, D, 2, 0, seed, NULL, centroids));
+                bool far_first = memcmp(centroids, far, sizeof far) == 0;
+                if (memcmp(centroids + D, far_first ? near : far, sizeof far) != 0)
+                    fail_msg("n %zu, far point %zu, seed %llu: the second draw missed it", n,
+                             ats[a], (unsigned long long)seed);
+            }
+        free(x);
+    }
+}
+
 /* The batch search for one vector. */
 static uint32_t nearest(const float *x, const float *search, uint32_t d, uint32_t k)
 {
@@ -866,6 +897,7 @@ int main(void)
         cmocka_unit_test(test_kmeans_iterations_lower_distortion),
         cmocka_unit_test(test_kmeans_fewer_points_than_centroids),
         cmocka_unit_test(test_kmeans_identical_points),
+        cmocka_unit_test(test_kmeanspp_draws_the_only_far_point),
         cmocka_unit_test(test_nearest_matches_brute_force),
         cmocka_unit_test(test_nearest_simd_matches_scalar),
         cmocka_unit_test(test_nearest_batch_matches_scalar),
