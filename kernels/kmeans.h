@@ -111,8 +111,8 @@ void vqkv__nearest_batch_x512(const float *xs, size_t n, size_t stride, const fl
 size_t vqkv__nearest_batch_vnni(const float *xs, size_t n, size_t stride, const float *search,
                                 uint32_t d, uint32_t k, uint32_t *out);
 /* The same screen with AVX2 (vpmaddwd), where vqkv__simd_fma() says it
- * may run and AVX-512 may not: d = 4, 8 and 16, k a multiple of 8 up to
- * 256, the AVX2 fused batch for the rest. Returns the settled count as
+ * may run and AVX-512 may not: d = 4 and 8, k a multiple of 8 up to 256,
+ * the AVX2 fused batch for the rest. Returns the settled count as
  * vqkv__nearest_batch_vnni does. */
 size_t vqkv__nearest_batch_madd(const float *xs, size_t n, size_t stride, const float *search,
                                 uint32_t d, uint32_t k, uint32_t *out);

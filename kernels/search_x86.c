@@ -693,9 +693,11 @@ VQKV__VNNI size_t vqkv__nearest_batch_vnni(const float *xs, size_t n, size_t str
  * (codewords 8 r + i, up to 32) is up to four rows of 8. Per vector and 8
  * codewords: d / 2 multiply-adds, d / 2 adds and one min, where the fused
  * AVX2 pass does d fused multiply-adds and five lane operations to track
- * two distances and an index (on Zen 3 the pass runs about twice as fast:
- * bench/RESULTS.md). Vector setup is SSE, four channels a step, d = 4, 8
- * or 16. */
+ * two distances and an index. d = 4 and 8 only: at d = 16 the pass's eight
+ * pairs and four vectors' least scores do not fit AVX2's sixteen registers,
+ * and it ran no faster than the fused pass (bench/search_cpu, where d = 4
+ * and 8 run 1.2-1.6x the fused pass on Zen 3). Vector setup is SSE, four
+ * channels a step. */
 #define VQKV__MADD __attribute__((target("avx2,fma")))
 
 /* Components of v out of the screen's reach (past VQKV__SCREEN_X_MAX, or
@@ -898,7 +900,7 @@ VQKV__MADD size_t vqkv__nearest_batch_madd(const float *xs, size_t n, size_t str
     vqkv__batch_t bt;
     vqkv__screen_t sc;
     size_t settled = 0;
-    if ((d != 4 && d != 8 && d != 16) || k % 8 != 0 || k > VQKV__SCREEN_MAX_K ||
+    if ((d != 4 && d != 8) || k % 8 != 0 || k > VQKV__SCREEN_MAX_K ||
         !vqkv__batch_init(&bt, search, d, k) ||
         !vqkv__screen_init256(&sc, &bt, vqkv__screen_xmax128(xs, n, stride, d), d)) {
         vqkv__nearest_batch_x86(xs, n, stride, search, d, k, out);
@@ -906,8 +908,7 @@ VQKV__MADD size_t vqkv__nearest_batch_madd(const float *xs, size_t n, size_t str
     }
     switch (d) {
     case 4: VQKV__PASSES(settled += vqkv__screen_pass256(&sc, &bt, x, nv, 4, out + i)); break;
-    case 8: VQKV__PASSES(settled += vqkv__screen_pass256(&sc, &bt, x, nv, 8, out + i)); break;
-    default: VQKV__PASSES(settled += vqkv__screen_pass256(&sc, &bt, x, nv, 16, out + i));
+    default: VQKV__PASSES(settled += vqkv__screen_pass256(&sc, &bt, x, nv, 8, out + i));
     }
     return settled;
 }
