@@ -8,8 +8,8 @@
  * (vqkv__nearest_batch_scalar) and the AVX2 fused pass the screens
  * replace. Every search's answers are checked against the reference's
  * first (a mismatch fails the run). Each figure is the best of five
- * rounds of at least --min-seconds / 5, as a shared machine slows some
- * rounds and never speeds one up.
+ * rounds of at least --min-seconds / 5, the paths taking turns round by
+ * round: a shared machine slows some rounds and never speeds one up.
  *
  * usage: search_cpu [--min-seconds S] [--json FILE]
  */
@@ -147,21 +147,23 @@ int main(int argc, char **argv)
         for (size_t i = 0; i < (size_t)SEARCH_K * d; i++)
             words[i] = (float)search_gauss(&rng);
         vqkv__search_prepare_nearest(words, d, SEARCH_K, search);
-        double scalar_ns = 0.0, fused_ns = 0.0;
-        for (size_t p = 0; p < n_paths; p++) {
-            double best = INFINITY, share = 0.0;
-            for (int round = 0; round < SEARCH_ROUNDS; round++) {
+        double best[5], share[5], scalar_ns = 0.0, fused_ns = 0.0;
+        /* Rounds go through every path in turn, so that a slow spell of
+         * the machine falls on all of them rather than on one path. */
+        for (int round = 0; round < SEARCH_ROUNDS; round++)
+            for (size_t p = 0; p < n_paths; p++) {
                 double s =
                     search_round(paths[p].fn, rows, search, d, p == 0 && round == 0 ? want : got,
-                                 min_seconds / SEARCH_ROUNDS, &share);
-                best = s < best ? s : best;
+                                 min_seconds / SEARCH_ROUNDS, &share[p]);
+                best[p] = round == 0 || s < best[p] ? s : best[p];
                 if (p > 0 && round == 0 && memcmp(got, want, total * sizeof *got) != 0) {
                     fprintf(stderr, "search_cpu: %s at d %u differs from the reference\n",
                             paths[p].name, d);
                     goto out;
                 }
             }
-            double ns = best * 1e9;
+        for (size_t p = 0; p < n_paths; p++) {
+            double ns = best[p] * 1e9;
             if (p == 0)
                 scalar_ns = ns;
             if (paths[p].fn == search_fused256)
@@ -170,7 +172,7 @@ int main(int argc, char **argv)
             if (fused_ns > 0.0)
                 snprintf(vs_fused, sizeof vs_fused, "%.2fx", fused_ns / ns);
             if (paths[p].screen)
-                snprintf(settled, sizeof settled, "%.3f", share);
+                snprintf(settled, sizeof settled, "%.3f", share[p]);
             printf("%-18s %3u %10.1f %9.2fx %10s %9s\n", paths[p].name, d, ns, scalar_ns / ns,
                    vs_fused, settled);
             if (json)
