@@ -13,6 +13,7 @@
  *
  * usage: search_cpu [--min-seconds S] [--json FILE]
  */
+#include "bench_util.h"
 #include "codec_internal.h"
 #include "kmeans.h"
 
@@ -51,13 +52,6 @@ typedef struct {
     bool screen; /* returns how many vectors it settled alone */
 } search_path_t;
 
-static double search_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
-
 /* A Gaussian from the stream *state advances (Box-Muller). */
 static double search_gauss(uint64_t *state)
 {
@@ -75,7 +69,7 @@ static double search_round(search_fn fn, const float *rows, const float *search,
                            uint32_t *out, double min_seconds, double *share)
 {
     size_t vectors = 0, settled = 0;
-    double t0 = search_now(), elapsed;
+    double t0 = bench_now(), elapsed;
     do {
         for (uint32_t b = 0; b < SEARCH_BATCHES; b++) {
             const float *xs =
@@ -84,7 +78,7 @@ static double search_round(search_fn fn, const float *rows, const float *search,
                           out + (size_t)b * SEARCH_BATCH);
         }
         vectors += (size_t)SEARCH_BATCHES * SEARCH_BATCH;
-        elapsed = search_now() - t0;
+        elapsed = bench_now() - t0;
     } while (elapsed < min_seconds);
     *share = (double)settled / (double)vectors;
     return elapsed / (double)vectors;

@@ -612,6 +612,30 @@ VQKV__VNNI static inline int32_t vqkv__screen_column(const vqkv__screen_t *sc, u
     return __builtin_popcount(under) == 1 ? (int32_t)(16 * (uint32_t)__builtin_ctz(under) + i) : -1;
 }
 
+/* A screen pass's answers for its first nv vectors (v), from each one's
+ * lanes' least scores, as either register width words them: LEAST the
+ * least of vector v's lanes, BELOW its lanes at or under thr as bits,
+ * COLUMN the one codeword of lane ctz(below)'s column at or under thr (or
+ * -1), RESOLVE the candidates' reference distances, EXACT the exact search
+ * (vectors the screen does not take, or a threshold past the cap's reach).
+ * Counts the vectors settled without RESOLVE or EXACT in settled. */
+#define VQKV__SCREEN_SETTLE(LEAST, BELOW, COLUMN, RESOLVE, EXACT)                                  \
+    for (uint32_t v = 0; v < nv; v++) {                                                            \
+        int64_t thr = (int64_t)(LEAST) + sc->slack;                                                \
+        if (!takes[v] || thr >= VQKV__SCREEN_KCAP - VQKV__SCREEN_DOT) {                            \
+            out[v] = (EXACT);                                                                      \
+            continue;                                                                              \
+        }                                                                                          \
+        unsigned below = (BELOW);                                                                  \
+        int32_t only = __builtin_popcount(below) == 1 ? (COLUMN) : -1;                             \
+        if (only >= 0) {                                                                           \
+            out[v] = (uint32_t)only;                                                               \
+            settled++;                                                                             \
+        } else {                                                                                   \
+            out[v] = (RESOLVE);                                                                    \
+        }                                                                                          \
+    }
+
 /* The screen over VQKV__V vectors at once, as the fused pass: each block's
  * K and pairs loaded once for all of them; each vector's lanes keep their
  * least score. Returns how many the screen settled alone. */
@@ -641,24 +665,12 @@ vqkv__screen_pass(const vqkv__screen_t *sc, const vqkv__batch_t *bt, const float
         _Pragma("GCC unroll 4") for (uint32_t v = 0; v < V; v++) least[v] =
             _mm512_min_epi32(vqkv__screen_scores(k, pairs, xq[v], p), least[v]);
     }
-    for (uint32_t v = 0; v < nv; v++) {
-        int64_t thr = (int64_t)_mm512_reduce_min_epi32(least[v]) + sc->slack;
-        if (!takes[v] || thr >= VQKV__SCREEN_KCAP - VQKV__SCREEN_DOT) {
-            out[v] = vqkv__nearest_x512(x[v], bt->search, d, bt->k);
-            continue;
-        }
-        __mmask16 below = _mm512_cmple_epi32_mask(least[v], _mm512_set1_epi32((int32_t)thr));
-        int32_t only = __builtin_popcount(below) == 1
-                           ? vqkv__screen_column(sc, (uint32_t)__builtin_ctz(below), pairs, xq[v],
-                                                 (int32_t)thr)
-                           : -1;
-        if (only >= 0) {
-            out[v] = (uint32_t)only;
-            settled++;
-        } else {
-            out[v] = vqkv__screen_resolve(sc, bt, x[v], xq[v], (int32_t)thr, d);
-        }
-    }
+    VQKV__SCREEN_SETTLE(
+        _mm512_reduce_min_epi32(least[v]),
+        _mm512_cmple_epi32_mask(least[v], _mm512_set1_epi32((int32_t)thr)),
+        vqkv__screen_column(sc, (uint32_t)__builtin_ctz(below), pairs, xq[v], (int32_t)thr),
+        vqkv__screen_resolve(sc, bt, x[v], xq[v], (int32_t)thr, d),
+        vqkv__nearest_x512(x[v], bt->search, d, bt->k));
     return settled;
 }
 
@@ -872,24 +884,12 @@ vqkv__screen_pass256(const vqkv__screen_t *sc, const vqkv__batch_t *bt, const fl
             least[v] = _mm256_min_epi32(acc, least[v]);
         }
     }
-    for (uint32_t v = 0; v < nv; v++) {
-        int64_t thr = (int64_t)vqkv__screen_least256(least[v]) + sc->slack;
-        if (!takes[v] || thr >= VQKV__SCREEN_KCAP - VQKV__SCREEN_DOT) {
-            out[v] = vqkv__nearest_x86(x[v], bt->search, d, bt->k);
-            continue;
-        }
-        unsigned below = vqkv__screen_under256(least[v], (int32_t)thr);
-        int32_t only = __builtin_popcount(below) == 1
-                           ? vqkv__screen_column256(sc, bt->k, (uint32_t)__builtin_ctz(below),
-                                                    pairs, xq[v], (int32_t)thr)
-                           : -1;
-        if (only >= 0) {
-            out[v] = (uint32_t)only;
-            settled++;
-        } else {
-            out[v] = vqkv__screen_resolve256(sc, bt, x[v], xq[v], (int32_t)thr, d);
-        }
-    }
+    VQKV__SCREEN_SETTLE(vqkv__screen_least256(least[v]),
+                        vqkv__screen_under256(least[v], (int32_t)thr),
+                        vqkv__screen_column256(sc, bt->k, (uint32_t)__builtin_ctz(below), pairs,
+                                               xq[v], (int32_t)thr),
+                        vqkv__screen_resolve256(sc, bt, x[v], xq[v], (int32_t)thr, d),
+                        vqkv__nearest_x86(x[v], bt->search, d, bt->k));
     return settled;
 }
 
