@@ -578,29 +578,32 @@ vqkv__screen_row(const int32_t *K, const int32_t *P, uint32_t r, uint32_t pairs,
 /* The reference's answer for x among the codewords whose score is at or
  * under thr, which hold it and every codeword tied with it: each
  * one's distance built as the reference builds it, the first least kept
- * (they come in index order). O(k d / 32 + candidates * d). */
-VQKV__VNNI static uint32_t vqkv__screen_resolve(const vqkv__screen_t *sc, const vqkv__batch_t *bt,
-                                                const float *x, const int32_t *xq, int32_t thr,
-                                                uint32_t d)
-{
-    uint32_t pairs = d / 2, best = 0;
-    float m[VQKV__SCREEN_MAX_D], best_dist = FLT_MAX;
-    for (uint32_t j = 0; j < d; j++)
-        m[j] = -2.0f * x[j];
-    for (uint32_t r = 0; r < bt->k / 16; r++) {
-        __m512i acc = vqkv__screen_row(sc->K, sc->P, r, pairs, xq);
-        for (unsigned under = _mm512_cmple_epi32_mask(acc, _mm512_set1_epi32(thr)); under != 0;
-             under &= under - 1) {
-            uint32_t c = 16 * r + (uint32_t)__builtin_ctz(under);
-            float dist = vqkv__screen_distance(bt, m, c, d);
-            if (dist < best_dist) {
-                best_dist = dist;
-                best = c;
-            }
-        }
+ * (they come in index order). O(k d / 32 + candidates * d). One function
+ * per register width: W lanes a block, UNDER(r) the lanes of block r
+ * whose score is at or under thr, as bits. */
+#define VQKV__SCREEN_RESOLVE(NAME, TARGET, W, UNDER)                                               \
+    TARGET static uint32_t NAME(const vqkv__screen_t *sc, const vqkv__batch_t *bt, const float *x, \
+                                const int32_t *xq, int32_t thr, uint32_t d)                        \
+    {                                                                                              \
+        uint32_t pairs = d / 2, best = 0;                                                          \
+        float m[VQKV__SCREEN_MAX_D], best_dist = FLT_MAX;                                          \
+        for (uint32_t j = 0; j < d; j++)                                                           \
+            m[j] = -2.0f * x[j];                                                                   \
+        for (uint32_t r = 0; r < bt->k / (W); r++) {                                               \
+            for (unsigned under = (UNDER); under != 0; under &= under - 1) {                       \
+                uint32_t c = (W)*r + (uint32_t)__builtin_ctz(under);                               \
+                float dist = vqkv__screen_distance(bt, m, c, d);                                   \
+                if (dist < best_dist) {                                                            \
+                    best_dist = dist;                                                              \
+                    best = c;                                                                      \
+                }                                                                                  \
+            }                                                                                      \
+        }                                                                                          \
+        return best;                                                                               \
     }
-    return best;
-}
+VQKV__SCREEN_RESOLVE(vqkv__screen_resolve, VQKV__VNNI, 16,
+                     _mm512_cmple_epi32_mask(vqkv__screen_row(sc->K, sc->P, r, pairs, xq),
+                                             _mm512_set1_epi32(thr)))
 
 /* The one codeword of column i (of the codewords 16 r + i) whose score is
  * at or under thr, or -1 where there are more. */
@@ -707,9 +710,9 @@ VQKV__VNNI size_t vqkv__nearest_batch_vnni(const float *xs, size_t n, size_t str
  * AVX2 pass does d fused multiply-adds and five lane operations to track
  * two distances and an index. d = 4 and 8 only: at d = 16 the pass's eight
  * pairs and four vectors' least scores do not fit AVX2's sixteen registers,
- * and it ran no faster than the fused pass (bench/search_cpu, where d = 4
- * and 8 run 1.2-1.6x the fused pass on Zen 3). Vector setup is SSE, four
- * channels a step. */
+ * and it ran no faster than the fused pass (bench/search_cpu; at d = 4
+ * and 8 it ran 1.06-1.28x the fused pass on Zen 3, bench/RESULTS.md).
+ * Vector setup is SSE, four channels a step. */
 #define VQKV__MADD __attribute__((target("avx2,fma")))
 
 /* Components of v out of the screen's reach (past VQKV__SCREEN_X_MAX, or
@@ -792,17 +795,24 @@ VQKV__MADD static bool vqkv__screen_init256(vqkv__screen_t *sc, const vqkv__batc
     return true;
 }
 
-/* The scores of row r of a (K, P) table pair, 8 lanes, for the vector
- * whose pairs are xq. */
+/* vqkv__screen_scores in 8 lanes. */
+VQKV__MADD static inline __attribute__((always_inline)) __m256i
+vqkv__screen_scores256(__m256i k, uint32_t pairs, const int32_t *xq, const __m256i *p)
+{
+    _Pragma("GCC unroll 8") for (uint32_t t = 0; t < pairs; t++) k =
+        _mm256_add_epi32(k, _mm256_madd_epi16(p[t], _mm256_set1_epi32(xq[t])));
+    return k;
+}
+
+/* vqkv__screen_row in 8 lanes. */
 VQKV__MADD static inline __attribute__((always_inline)) __m256i
 vqkv__screen_row256(const int32_t *K, const int32_t *P, uint32_t r, uint32_t pairs,
                     const int32_t *xq)
 {
-    __m256i acc = _mm256_load_si256((const __m256i *)(K + 8 * r));
-    _Pragma("GCC unroll 8") for (uint32_t t = 0; t < pairs; t++) acc = _mm256_add_epi32(
-        acc, _mm256_madd_epi16(_mm256_load_si256((const __m256i *)(P + (r * pairs + t) * 8)),
-                               _mm256_set1_epi32(xq[t])));
-    return acc;
+    __m256i p[VQKV__SCREEN_MAX_D / 2];
+    for (uint32_t t = 0; t < pairs; t++)
+        p[t] = _mm256_load_si256((const __m256i *)(P + (r * pairs + t) * 8));
+    return vqkv__screen_scores256(_mm256_load_si256((const __m256i *)(K + 8 * r)), pairs, xq, p);
 }
 
 /* The lanes of v at or under thr, as bits. */
@@ -820,28 +830,8 @@ VQKV__MADD static inline int32_t vqkv__screen_least256(__m256i v)
     return _mm_cvtsi128_si32(m);
 }
 
-/* vqkv__screen_resolve in blocks of 8. */
-VQKV__MADD static uint32_t vqkv__screen_resolve256(const vqkv__screen_t *sc,
-                                                   const vqkv__batch_t *bt, const float *x,
-                                                   const int32_t *xq, int32_t thr, uint32_t d)
-{
-    uint32_t pairs = d / 2, best = 0;
-    float m[VQKV__SCREEN_MAX_D], best_dist = FLT_MAX;
-    for (uint32_t j = 0; j < d; j++)
-        m[j] = -2.0f * x[j];
-    for (uint32_t r = 0; r < bt->k / 8; r++) {
-        __m256i acc = vqkv__screen_row256(sc->K, sc->P, r, pairs, xq);
-        for (unsigned under = vqkv__screen_under256(acc, thr); under != 0; under &= under - 1) {
-            uint32_t c = 8 * r + (uint32_t)__builtin_ctz(under);
-            float dist = vqkv__screen_distance(bt, m, c, d);
-            if (dist < best_dist) {
-                best_dist = dist;
-                best = c;
-            }
-        }
-    }
-    return best;
-}
+VQKV__SCREEN_RESOLVE(vqkv__screen_resolve256, VQKV__MADD, 8,
+                     vqkv__screen_under256(vqkv__screen_row256(sc->K, sc->P, r, pairs, xq), thr))
 
 /* The one codeword of column i (codewords 8 r + i) at or under thr, or -1
  * where there are more. */
@@ -876,13 +866,8 @@ vqkv__screen_pass256(const vqkv__screen_t *sc, const vqkv__batch_t *bt, const fl
         _Pragma("GCC unroll 8") for (uint32_t t = 0; t < pairs; t++) p[t] =
             _mm256_load_si256((const __m256i *)(sc->P + (r * pairs + t) * 8));
         __m256i k = _mm256_load_si256((const __m256i *)(sc->K + 8 * r));
-        _Pragma("GCC unroll 4") for (uint32_t v = 0; v < V; v++)
-        {
-            __m256i acc = k;
-            _Pragma("GCC unroll 8") for (uint32_t t = 0; t < pairs; t++) acc =
-                _mm256_add_epi32(acc, _mm256_madd_epi16(p[t], _mm256_set1_epi32(xq[v][t])));
-            least[v] = _mm256_min_epi32(acc, least[v]);
-        }
+        _Pragma("GCC unroll 4") for (uint32_t v = 0; v < V; v++) least[v] =
+            _mm256_min_epi32(vqkv__screen_scores256(k, pairs, xq[v], p), least[v]);
     }
     VQKV__SCREEN_SETTLE(vqkv__screen_least256(least[v]),
                         vqkv__screen_under256(least[v], (int32_t)thr),
