@@ -22,17 +22,22 @@ static inline double bench_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-/* Gaussian values with per-channel scales, as keys have: value i of the
- * stream that *state starts (advanced). */
-static inline float bench_value(uint64_t *state, size_t i, uint32_t head_dim)
+/* A standard Gaussian from the stream *state starts (advanced; Box-Muller). */
+static inline double bench_gauss(uint64_t *state)
 {
     *state = *state * 6364136223846793005ull + 1442695040888963407ull;
     double u1 = ((double)(*state >> 11) + 1.0) / 9007199254740993.0;
     *state = *state * 6364136223846793005ull + 1442695040888963407ull;
     double u2 = (double)(*state >> 11) / 9007199254740992.0;
-    double g = sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+    return sqrt(-2.0 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+/* Gaussian values with per-channel scales, as keys have: value i of the
+ * stream that *state starts (advanced). */
+static inline float bench_value(uint64_t *state, size_t i, uint32_t head_dim)
+{
     float scale = 0.5f + (float)(i % head_dim) / (float)head_dim * 4.0f;
-    return (float)g * scale;
+    return (float)bench_gauss(state) * scale;
 }
 
 /* The cache the benchmarks encode and decode: n fp16 values. */

@@ -21,7 +21,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 
 enum {
     SEARCH_K = 256,
@@ -51,17 +50,6 @@ typedef struct {
     search_fn fn;
     bool screen; /* returns how many vectors it settled alone */
 } search_path_t;
-
-/* A Gaussian from the stream *state advances (Box-Muller). */
-static double search_gauss(uint64_t *state)
-{
-    double u[2];
-    for (int i = 0; i < 2; i++) {
-        *state = *state * 6364136223846793005ull + 1442695040888963407ull;
-        u[i] = ((double)(*state >> 11) + 0.5) * (1.0 / 9007199254740992.0);
-    }
-    return sqrt(-2.0 * log(u[0])) * cos(6.283185307179586 * u[1]);
-}
 
 /* One round, every batch searched as often as min_seconds takes: seconds
  * a vector, and the share of vectors a screen settled alone. */
@@ -127,7 +115,7 @@ int main(int argc, char **argv)
     }
     uint64_t rng = 12345;
     for (size_t i = 0; i < total * SEARCH_ROW; i++)
-        rows[i] = (float)(search_gauss(&rng) * 1.1);
+        rows[i] = (float)(bench_gauss(&rng) * 1.1);
     printf("nearest of %u codewords, batches of %u vectors strided in %u-channel rows, best of %d "
            "rounds\n",
            SEARCH_K, SEARCH_BATCH, SEARCH_ROW, SEARCH_ROUNDS);
@@ -139,7 +127,7 @@ int main(int argc, char **argv)
     for (size_t di = 0; di < sizeof ds / sizeof ds[0]; di++) {
         uint32_t d = ds[di];
         for (size_t i = 0; i < (size_t)SEARCH_K * d; i++)
-            words[i] = (float)search_gauss(&rng);
+            words[i] = (float)bench_gauss(&rng);
         vqkv__search_prepare_nearest(words, d, SEARCH_K, search);
         double best[5], share[5], scalar_ns = 0.0, fused_ns = 0.0;
         /* Rounds go through every path in turn, so that a slow spell of

@@ -99,9 +99,9 @@ void vqkv__nearest_batch_x86(const float *xs, size_t n, size_t stride, const flo
                              uint32_t d, uint32_t k, uint32_t *out);
 void vqkv__nearest_batch_x512(const float *xs, size_t n, size_t stride, const float *search,
                               uint32_t d, uint32_t k, uint32_t *out);
-/* Batches shorter than this take the fused batch instead of a screen: by operation count, the
- * screen's scaling of the codebook costs about what four to five vectors' search does (not
- * measured). */
+/* Batches shorter than this take the fused batch instead of a screen: by
+ * operation count, the screen's scaling of the codebook costs about what
+ * four to five vectors' search does (not measured). */
 #define VQKV__SCREEN_MIN_N 16u
 /* The same answers with AVX-512 VNNI, where vqkv__simd_vnni() says it may
  * run: an integer screen made exact (search_x86.c) for d = 4, 8 and 16
