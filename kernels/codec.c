@@ -486,17 +486,8 @@ int vqkv_codec_encode_batch(const vqkv_codec_t *codec, const void *base, const v
 int vqkv_codec_decode(const vqkv_codec_t *codec, const uint8_t *in, void *base,
                       const vqkv_kv_view_t *view, uint32_t slot)
 {
-    int rc = vqkv__codec_check(codec, base, in, view, slot);
-    if (rc != VQKV_OK)
-        return rc;
-    for (uint32_t layer = 0; layer < codec->layout.num_layers; layer++) {
-        for (int kv = 0; kv < 2; kv++) {
-            vqkv__tile_t tile = vqkv__tile_at(codec, base, view, slot, layer, kv);
-            codec->ops->decode_part(codec, layer, kv, in, &tile);
-            in += codec->part_bytes[kv];
-        }
-    }
-    return VQKV_OK;
+    return vqkv_codec_decode_batch(codec, &in, base, view, &slot, 1, 0,
+                                   codec != NULL ? codec->layout.num_layers : 0);
 }
 
 int vqkv_codec_decode_batch(const vqkv_codec_t *codec, const uint8_t *const *in, void *base,
@@ -506,19 +497,24 @@ int vqkv_codec_decode_batch(const vqkv_codec_t *codec, const uint8_t *const *in,
     int rc = vqkv__batch_check(codec, base, in, view, slots, n, first_layer, end_layer);
     if (rc != VQKV_OK)
         return rc;
-    /* Layer-major: a layer's codebooks stay in cache over all the blocks.
-     * The next layer's are not fetched ahead: asking for all of them, more
-     * lines than a small batch reads, made decode 7-24% slower at 1-4
-     * blocks and gained nothing at 16-64 (bench/RESULTS.md). */
+    /* Part-major, as encode: a part's codebooks (256 KiB for rvq's keys on
+     * a Llama-8B layer) stay in cache over all the blocks. Block i also
+     * fetches the i-th n-th of the next part's codebooks as it decodes
+     * (vqkv__ahead_t): on a Zen 3 core (512 KiB L2) that doubled rvq's
+     * decode at 1-2 blocks and gained 1.3-1.8x at 16 (bench/RESULTS.md);
+     * fetching a whole next part at once was slower at 1-4 blocks. */
     size_t layer_bytes = codec->part_bytes[0] + codec->part_bytes[1];
     for (uint32_t layer = first_layer; layer < end_layer; layer++)
-        for (size_t i = 0; i < n; i++)
-            for (int kv = 0; kv < 2; kv++) {
+        for (int kv = 0; kv < 2; kv++) {
+            bool last = kv == 1 && layer + 1 == end_layer;
+            vqkv__ahead_t ahead = {kv ? layer + 1 : layer, !kv, 0, (uint32_t)n};
+            for (size_t i = 0; i < n; i++, ahead.share++) {
                 vqkv__tile_t tile = vqkv__tile_at(codec, base, view, slots[i], layer, kv);
                 codec->ops->decode_part(
                     codec, layer, kv, in[i] + layer * layer_bytes + (kv ? codec->part_bytes[0] : 0),
-                    &tile);
+                    &tile, last ? NULL : &ahead);
             }
+        }
     return VQKV_OK;
 }
 

@@ -42,6 +42,16 @@ typedef struct {
     uint32_t n;
 } vqkv__spec_t;
 
+/* The part a batch decodes after the current one, and the current call's
+ * share of the batch: a codec with codebooks fetches that share of the
+ * next part's codewords into cache while it decodes, so that they arrive
+ * as a stream instead of as one cache miss per lookup. */
+typedef struct {
+    uint32_t layer;
+    int kv;
+    uint32_t share, shares;
+} vqkv__ahead_t;
+
 typedef struct vqkv__codec_ops {
     const char *name;
     /* Reads its parameters from spec, fills codec->part_bytes and
@@ -50,8 +60,9 @@ typedef struct vqkv__codec_ops {
     void (*free_state)(void *state);
     void (*encode_part)(const vqkv_codec_t *codec, uint32_t layer, int kv, const vqkv__tile_t *tile,
                         uint8_t *out);
+    /* ahead: NULL where no part follows (vqkv__ahead_t). */
     void (*decode_part)(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
-                        const vqkv__tile_t *tile);
+                        const vqkv__tile_t *tile, const vqkv__ahead_t *ahead);
     /* NULL for codecs without codebooks. */
     int (*train)(vqkv_codec_t *codec, uint32_t layer, int kv, const float *x, size_t n,
                  const vqkv_train_opts_t *opts);

@@ -48,9 +48,9 @@ static void vqkv__fp16_encode(const vqkv_codec_t *codec, uint32_t layer, int kv,
 }
 
 static void vqkv__fp16_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
-                              const vqkv__tile_t *tile)
+                              const vqkv__tile_t *tile, const vqkv__ahead_t *ahead)
 {
-    (void)layer, (void)kv;
+    (void)layer, (void)kv, (void)ahead;
     const vqkv_layout_t *l = &codec->layout;
     float row[VQKV_MAX_HEAD_DIM];
     size_t row_bytes = (size_t)l->head_dim * 2;
@@ -276,9 +276,9 @@ VQKV__FP8_ROWS(vqkv__fp8_rows_x512, vqkv__fp8_decode_x512, VQKV__X512, 512, 16,
 #endif
 
 static void vqkv__fp8_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
-                             const vqkv__tile_t *tile)
+                             const vqkv__tile_t *tile, const vqkv__ahead_t *ahead)
 {
-    (void)layer, (void)kv;
+    (void)layer, (void)kv, (void)ahead;
     const vqkv_layout_t *l = &codec->layout;
     const uint8_t *scales = in;
     const uint8_t *codes = in + 2 * (size_t)l->block_tokens * l->num_kv_heads;
@@ -756,9 +756,9 @@ static vqkv__kivi_pass_fn vqkv__kivi_pass_pick(uint32_t D, int kv, uint32_t grou
 #define VQKV__KIVI_TILE 1024
 
 static void vqkv__kivi_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
-                              const vqkv__tile_t *tile)
+                              const vqkv__tile_t *tile, const vqkv__ahead_t *ahead)
 {
-    (void)layer;
+    (void)layer, (void)ahead;
     const vqkv_layout_t *l = &codec->layout;
     const vqkv__kivi_t *k = codec->state;
     size_t groups = vqkv__kivi_groups(codec, kv);

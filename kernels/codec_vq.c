@@ -796,6 +796,55 @@ static void vqkv__vq_decode_vector(const vqkv__vq_t *vq, const vqkv__side_t *sid
     }
 }
 
+/* The codewords a part's decode fetches ahead (vqkv__ahead_t): its share
+ * of the next part's, a few 64-byte lines a vector, so that the fetches
+ * overlap the decode's own work. The next part's codewords are one span
+ * per branch (a branch's books follow each other), taken as laid end to
+ * end. With a set per head (ph=1) a part's codebooks are many times the
+ * L2 and fetching more would evict them: nothing is fetched. */
+typedef struct {
+    const char *span[2]; /* per branch of the next part: its first codeword */
+    size_t lines[2];     /* and its lines */
+    size_t next, end;    /* this share's lines still to fetch */
+    uint32_t per_vector;
+} vqkv__warm_t;
+
+static void vqkv__warm_init(const vqkv_codec_t *codec, const vqkv__ahead_t *ahead,
+                            vqkv__warm_t *warm)
+{
+    const vqkv__vq_t *vq = codec->state;
+    *warm = (vqkv__warm_t){{NULL, NULL}, {0, 0}, 0, 0, 0};
+    if (ahead == NULL || vq->sets > 1)
+        return;
+    const vqkv__side_t *side = &vq->side[ahead->kv];
+    size_t total = 0;
+    for (uint32_t bi = 0; bi < side->n_branches; bi++) {
+        const vqkv__branch_t *br = &side->br[bi];
+        warm->span[bi] =
+            (const char *)vqkv__book(vq, vqkv__set_layer(vq, ahead->layer, 0), ahead->kv, br, 0, 0)
+                .words;
+        warm->lines[bi] =
+            ((size_t)br->groups * br->stages * br->d * sizeof(float) << vq->bits) / 64;
+        total += warm->lines[bi];
+    }
+    warm->next = total * ahead->share / ahead->shares;
+    warm->end = total * (ahead->share + 1) / ahead->shares;
+    size_t vectors = (size_t)codec->layout.block_tokens * codec->layout.num_kv_heads;
+    warm->per_vector = (uint32_t)((warm->end - warm->next + vectors - 1) / vectors);
+}
+
+/* The next per_vector lines of the share; O(per_vector), the lines are
+ * fetched, never waited for. */
+static inline void vqkv__warm_step(vqkv__warm_t *warm)
+{
+    for (uint32_t i = 0; i < warm->per_vector && warm->next < warm->end; i++, warm->next++) {
+        size_t k = warm->next;
+        __builtin_prefetch(k < warm->lines[0] ? warm->span[0] + 64 * k
+                                              : warm->span[1] + 64 * (k - warm->lines[0]),
+                           0, 3);
+    }
+}
+
 /* One head's vectors of a part being decoded: where their codes, norms and
  * codeword tables are, and what the rows get after the codewords. */
 typedef struct {
@@ -806,6 +855,7 @@ typedef struct {
     const float *mean, *scale; /* channel statistics; NULL with cs=0 (the identity) */
     const float *bm;           /* block means; NULL without them */
     const vqkv__tile_t *tile;
+    vqkv__warm_t *warm; /* stepped once a vector */
     uint32_t head, heads, head_dim, tokens;
 } vqkv__head_decode_t;
 
@@ -829,6 +879,7 @@ static void vqkv__vq_decode_head(const vqkv__head_decode_t *hd)
     float row[VQKV_MAX_HEAD_DIM];
     for (uint32_t t = 0; t < hd->tokens; t++) {
         size_t v = (size_t)t * hd->heads + hd->head;
+        vqkv__warm_step(hd->warm);
         vqkv__vq_decode_vector(hd->vq, side, hd->tables, hd->norms + 2 * v * side->n_branches,
                                hd->codes, (uint64_t)v * side->codes, row);
         for (uint32_t c = 0; c < D; c++)
@@ -1016,6 +1067,7 @@ vqkv__vq_decode_bytes8_x86(const vqkv__head_decode_t *hd, uint32_t d, uint32_t s
     uint32_t per = 8 / d;           /* groups a register */
     for (uint32_t t = 0; t < hd->tokens; t++) {
         size_t v = (size_t)t * hd->heads + hd->head;
+        vqkv__warm_step(hd->warm);
         const uint8_t *codes = hd->codes + v * side->codes;
         __m256 norm = _mm256_set1_ps(vqkv_f16_to_f32(vqkv__get_u16(hd->norms + 2 * v)));
         uint8_t *out = tile->base + t * tile->token_stride + hd->head * tile->head_stride;
@@ -1077,6 +1129,7 @@ vqkv__vq_decode_rows_x86(const vqkv__head_decode_t *hd, vqkv_dtype_t dtype, bool
     bool in_order = side->in_order;
     float sums[VQKV_MAX_HEAD_DIM], tail[8];
     for (uint32_t t = 0; t < hd->tokens; t++) {
+        vqkv__warm_step(hd->warm);
         vqkv__vq_sums_x86(hd, (size_t)t * hd->heads + hd->head, sums);
         uint8_t *out = tile->base + t * tile->token_stride + hd->head * tile->head_stride;
         if (side->pairs) {
@@ -1145,7 +1198,7 @@ VQKV__X86 static void vqkv__vq_decode_head_x86(const vqkv__head_decode_t *hd)
 /* Heads outermost, so each head's codebook tables (its own set with ph=1),
  * statistics and block means are set up once for all its tokens. */
 static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, const uint8_t *in,
-                            const vqkv__tile_t *tile)
+                            const vqkv__tile_t *tile, const vqkv__ahead_t *ahead)
 {
     const vqkv__vq_t *vq = codec->state;
     const vqkv__side_t *side = &vq->side[kv];
@@ -1157,8 +1210,10 @@ static void vqkv__vq_decode(const vqkv_codec_t *codec, uint32_t layer, int kv, c
     const uint8_t *codes = norms + 2 * vectors * side->n_branches;
     float row[VQKV_MAX_HEAD_DIM], bm[VQKV_MAX_HEAD_DIM];
     const float *tables[VQKV_MAX_HEAD_DIM * VQKV__MAX_STAGES];
-    vqkv__head_decode_t hd = {vq,   side, tables, norms, codes, NULL,           NULL,
-                              NULL, tile, 0,      H,     D,     l->block_tokens};
+    vqkv__warm_t warm;
+    vqkv__warm_init(codec, ahead, &warm);
+    vqkv__head_decode_t hd = {vq,   side, tables, norms, codes, NULL, NULL,
+                              NULL, tile, &warm,  0,     H,     D,    l->block_tokens};
 #if defined(__x86_64__)
     void (*decode_head)(const vqkv__head_decode_t *) =
         vqkv__simd_enabled() ? vqkv__vq_decode_head_x86 : vqkv__vq_decode_head;
