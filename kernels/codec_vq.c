@@ -817,19 +817,30 @@ static void vqkv__warm_init(const vqkv_codec_t *codec, const vqkv__ahead_t *ahea
     if (ahead == NULL || vq->sets > 1)
         return;
     const vqkv__side_t *side = &vq->side[ahead->kv];
-    size_t total = 0;
+    size_t total = 0, books = 0;
     for (uint32_t bi = 0; bi < side->n_branches; bi++) {
         const vqkv__branch_t *br = &side->br[bi];
-        warm->span[bi] =
-            (const char *)vqkv__book(vq, vqkv__set_layer(vq, ahead->layer, 0), ahead->kv, br, 0, 0)
-                .words;
+        vqkv__book_t first =
+            vqkv__book(vq, vqkv__set_layer(vq, ahead->layer, 0), ahead->kv, br, 0, 0);
+        warm->span[bi] = (const char *)first.words;
         warm->lines[bi] =
             ((size_t)br->groups * br->stages * br->d * sizeof(float) << vq->bits) / 64;
         total += warm->lines[bi];
+        books += (size_t)br->groups * br->stages;
     }
+    /* Only where the batch's lookups into the next part are at least twice
+     * its lines, so that nearly all the lines fetched are read (a line
+     * escapes twice as many random lookups with odds about e^-2). Under
+     * that, fetching every line cost more than the misses it saved:
+     * SmolLM2's rvq decode at 1, 2 and 4 blocks (0.4, 0.8 and 1.5 lookups
+     * a line) ran at 0.45x, 0.61x and 0.78x, at 6 and 8 blocks (2.3, 3)
+     * at 1.52x and 1.42x; Llama-8B's at 2-16 blocks at 1.22-1.29x
+     * (bench/RESULTS.md). */
+    size_t vectors = (size_t)codec->layout.block_tokens * codec->layout.num_kv_heads;
+    if (vectors * books * ahead->shares < 2 * total)
+        return;
     warm->next = total * ahead->share / ahead->shares;
     warm->end = total * (ahead->share + 1) / ahead->shares;
-    size_t vectors = (size_t)codec->layout.block_tokens * codec->layout.num_kv_heads;
     warm->per_vector = (uint32_t)((warm->end - warm->next + vectors - 1) / vectors);
 }
 
