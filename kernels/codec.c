@@ -498,11 +498,11 @@ int vqkv_codec_decode_batch(const vqkv_codec_t *codec, const uint8_t *const *in,
     if (rc != VQKV_OK)
         return rc;
     /* Part-major, as encode: a part's codebooks (256 KiB for rvq's keys on
-     * a Llama-8B layer) stay in cache over all the blocks. Block i also
+     * a Llama-8B layer) stay in cache over all the blocks, and block i
      * fetches the i-th n-th of the next part's codebooks as it decodes
-     * (vqkv__ahead_t): on a Zen 3 core (512 KiB L2) that doubled rvq's
-     * decode at 1-2 blocks and gained 1.3-1.8x at 16 (bench/RESULTS.md);
-     * fetching a whole next part at once was slower at 1-4 blocks. */
+     * (vqkv__ahead_t), where the batch reads most of their lines. On a
+     * Zen 3 core (512 KiB of L2) the two took rvq's decode of 4 Llama-8B
+     * blocks from 1.5-1.9 GB/s to 2.8-3.4 (bench/RESULTS.md). */
     size_t layer_bytes = codec->part_bytes[0] + codec->part_bytes[1];
     for (uint32_t layer = first_layer; layer < end_layer; layer++)
         for (int kv = 0; kv < 2; kv++) {
