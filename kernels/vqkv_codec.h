@@ -247,9 +247,10 @@ int vqkv_codec_decode(const vqkv_codec_t *codec, const uint8_t *in, void *base,
  * [first_layer, end_layer) only (0 and num_layers for whole blocks; a
  * range lets threads share one request's blocks by layers). Every slot is
  * checked before anything is written. The same bytes as vqkv_codec_decode
- * block by block, faster for several blocks: layer by layer, so a VQ
- * codec's codebooks for a layer (often larger than the blocks' bytes for
- * it) are read from memory once for all of them, not once per block. */
+ * block by block, faster for several blocks: part by part (a layer's K
+ * over all blocks, then its V), so a VQ codec's codebooks for a part
+ * (often larger than the blocks' bytes for it) are read from memory once
+ * for all of them, not once per block. */
 int vqkv_codec_decode_batch(const vqkv_codec_t *codec, const uint8_t *const *in, void *base,
                             const vqkv_kv_view_t *view, const uint32_t *slots, size_t n,
                             uint32_t first_layer, uint32_t end_layer);
