@@ -502,7 +502,8 @@ int vqkv_codec_decode_batch(const vqkv_codec_t *codec, const uint8_t *const *in,
      * fetches the i-th n-th of the next part's codebooks as it decodes
      * (vqkv__ahead_t), where the batch reads most of their lines. On a
      * Zen 3 core (512 KiB of L2) the two took rvq's decode of 4 Llama-8B
-     * blocks from 1.5-1.9 GB/s to 2.8-3.4 (bench/RESULTS.md). */
+     * blocks from 1.1-1.4 GB/s to 1.4-2.3 (codec_cpu --shape llama3-8b,
+     * builds alternated; bench/RESULTS.md). */
     size_t layer_bytes = codec->part_bytes[0] + codec->part_bytes[1];
     for (uint32_t layer = first_layer; layer < end_layer; layer++)
         for (int kv = 0; kv < 2; kv++) {

@@ -43,7 +43,7 @@ typedef struct {
 } vqkv__spec_t;
 
 /* The part a batch decodes after the current one, and the current call's
- * share of the batch: a codec with codebooks fetches that share of the
+ * share of the batch: a codec with codebooks may fetch that share of the
  * next part's codewords into cache while it decodes, so that they arrive
  * as a stream instead of as one cache miss per lookup. */
 typedef struct {

@@ -800,8 +800,9 @@ static void vqkv__vq_decode_vector(const vqkv__vq_t *vq, const vqkv__side_t *sid
  * of the next part's, a few 64-byte lines a vector, so that the fetches
  * overlap the decode's own work. The next part's codewords are one span
  * per branch (a branch's books follow each other), taken as laid end to
- * end. With a set per head (ph=1) a part's codebooks are many times the
- * L2 and fetching more would evict them: nothing is fetched. */
+ * end. With ph=1 a part's codebooks are a set per head (2 MiB for rvq on
+ * Llama-8B, four times a Zen 3 core's L2), and fetching the next part's
+ * as well was not measured: nothing is fetched. */
 typedef struct {
     const char *span[2]; /* per branch of the next part: its first codeword */
     size_t lines[2];     /* and its lines */
@@ -834,8 +835,8 @@ static void vqkv__warm_init(const vqkv_codec_t *codec, const vqkv__ahead_t *ahea
      * that, fetching every line cost more than the misses it saved:
      * SmolLM2's rvq decode at 1, 2 and 4 blocks (0.4, 0.8 and 1.5 lookups
      * a line) ran at 0.45x, 0.61x and 0.78x, at 6 and 8 blocks (2.3, 3)
-     * at 1.52x and 1.42x; Llama-8B's at 2-16 blocks at 1.22-1.29x
-     * (bench/RESULTS.md). */
+     * at 1.52x and 1.42x; Llama-8B's at 2-16 blocks at 1.22-1.29x (a
+     * one-off A/B with a temporary switch, bench/RESULTS.md). */
     size_t vectors = (size_t)codec->layout.block_tokens * codec->layout.num_kv_heads;
     if (vectors * books * ahead->shares < 2 * total)
         return;
