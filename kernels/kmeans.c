@@ -152,35 +152,25 @@ static double vqkv__uniform(uint64_t *state)
     return (double)(*state >> 11) * (1.0 / 9007199254740992.0);
 }
 
-void vqkv__mind_update_scalar(const float *xt, size_t n, size_t start, uint32_t d, const float *c,
-                              float *mind, bool first)
+double vqkv__mind_update_scalar(const float *xt, size_t n, size_t start, uint32_t d, const float *c,
+                                float *mind, bool first, double *run, double total)
 {
     for (size_t i = start; i < n; i++) {
         float s = 0.0f;
         for (uint32_t j = 0; j < d; j++)
             s += (xt[(size_t)j * n + i] - c[j]) * (xt[(size_t)j * n + i] - c[j]);
         mind[i] = first || s < mind[i] ? s : mind[i];
+        run[i] = total += mind[i];
     }
+    return total;
 }
 
-void vqkv__mind_update(const float *xt, size_t n, uint32_t d, const float *c, float *mind,
-                       bool first)
+double vqkv__mind_update(const float *xt, size_t n, uint32_t d, const float *c, float *mind,
+                         bool first, double *run)
 {
     if (vqkv__simd_enabled())
-        vqkv__mind_update_x86(xt, n, d, c, mind, first);
-    else
-        vqkv__mind_update_scalar(xt, n, 0, d, c, mind, first);
-}
-
-/* mind's running sums in point order, in double (run[i] the sum of
- * mind[0..i], each addition rounded in turn); returns the total. O(n), a
- * chain of dependent additions: the sampling's cost, kept for its order. */
-static double vqkv__running_sums(const float *mind, size_t n, double *run)
-{
-    double total = 0.0;
-    for (size_t i = 0; i < n; i++)
-        run[i] = total += mind[i];
-    return total;
+        return vqkv__mind_update_x86(xt, n, d, c, mind, first, run);
+    return vqkv__mind_update_scalar(xt, n, 0, d, c, mind, first, run, 0.0);
 }
 
 /* The point a k-means++ draw picks for target: the first i < n - 1 whose
@@ -217,16 +207,14 @@ static int vqkv__kmeanspp(const float *x, size_t n, uint32_t d, uint32_t k, uint
             xt[(size_t)j * n + i] = x[i * d + j];
     size_t first = (size_t)(vqkv__uniform(rng) * (double)n);
     memcpy(centroids, x + first * d, d * sizeof(float));
-    vqkv__mind_update(xt, n, d, centroids, mind, true);
-    double total = vqkv__running_sums(mind, n, run);
+    double total = vqkv__mind_update(xt, n, d, centroids, mind, true, run);
     for (uint32_t c = 1; c < k; c++) {
         size_t pick = (size_t)c % n;
         if (total > 0.0)
             pick = vqkv__draw_point(run, n, vqkv__uniform(rng) * total);
         float *cv = centroids + (size_t)c * d;
         memcpy(cv, x + pick * d, d * sizeof(float));
-        vqkv__mind_update(xt, n, d, cv, mind, false);
-        total = vqkv__running_sums(mind, n, run);
+        total = vqkv__mind_update(xt, n, d, cv, mind, false, run);
     }
     free(xt);
     free(run);

@@ -120,16 +120,23 @@ size_t vqkv__nearest_batch_madd(const float *xs, size_t n, size_t stride, const 
  * a multiple of 8). */
 bool vqkv__nearest_simd(uint32_t d, uint32_t k);
 
-/* mind[i] = ||x[i] - c||^2 for every point (first), or the least of it and
- * mind[i], with the points given transposed, xt[d][n]: each distance summed
- * in channel order, every step rounded on its own, so the AVX2 path
- * (search_x86.c) and the scalar one give the same floats. */
-void vqkv__mind_update(const float *xt, size_t n, uint32_t d, const float *c, float *mind,
-                       bool first);
-void vqkv__mind_update_scalar(const float *xt, size_t n, size_t start, uint32_t d, const float *c,
-                              float *mind, bool first);
-void vqkv__mind_update_x86(const float *xt, size_t n, uint32_t d, const float *c, float *mind,
-                           bool first);
+/* k-means++'s pass over the points for a new centroid c: mind[i] =
+ * ||x[i] - c||^2 for every point (first), or the least of it and mind[i],
+ * with the points given transposed, xt[d][n]: each distance summed in
+ * channel order, every step rounded on its own, so the AVX2 path
+ * (search_x86.c) and the scalar one give the same floats. With them,
+ * mind's running sums in point order, in double: run[i] the sum of
+ * mind[0..i], each addition rounded in turn (the draws' binary search
+ * reads them); returns the total. The sums are a chain of dependent
+ * additions, kept for its order: in one pass with the distances, the
+ * chain's latency hides their arithmetic. _scalar starts at point start,
+ * the sum so far total. O(n*d). */
+double vqkv__mind_update(const float *xt, size_t n, uint32_t d, const float *c, float *mind,
+                         bool first, double *run);
+double vqkv__mind_update_scalar(const float *xt, size_t n, size_t start, uint32_t d, const float *c,
+                                float *mind, bool first, double *run, double total);
+double vqkv__mind_update_x86(const float *xt, size_t n, uint32_t d, const float *c, float *mind,
+                             bool first, double *run);
 
 /* splitmix64: a tiny, well-mixed generator and seed combiner. */
 static inline uint64_t vqkv__mix64(uint64_t x)

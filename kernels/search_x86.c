@@ -898,9 +898,10 @@ VQKV__MADD size_t vqkv__nearest_batch_madd(const float *xs, size_t n, size_t str
     return settled;
 }
 
-VQKV__AVX2 void vqkv__mind_update_x86(const float *xt, size_t n, uint32_t d, const float *c,
-                                      float *mind, bool first)
+VQKV__AVX2 double vqkv__mind_update_x86(const float *xt, size_t n, uint32_t d, const float *c,
+                                        float *mind, bool first, double *run)
 {
+    double total = 0.0, wide[8];
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
         __m256 s = _mm256_setzero_ps();
@@ -912,8 +913,13 @@ VQKV__AVX2 void vqkv__mind_update_x86(const float *xt, size_t n, uint32_t d, con
         /* s < mind ? s : mind, as the scalar comparison. */
         __m256 m = first ? s : _mm256_min_ps(s, _mm256_loadu_ps(mind + i));
         _mm256_storeu_ps(mind + i, m);
+        _mm256_storeu_pd(wide, _mm256_cvtps_pd(_mm256_castps256_ps128(m)));
+        _mm256_storeu_pd(wide + 4, _mm256_cvtps_pd(_mm256_extractf128_ps(m, 1)));
+        for (uint32_t l = 0; l < 8; l++)
+            run[i + l] = total += wide[l];
     }
-    vqkv__mind_update_scalar(xt, n, i, d, c, mind, first); /* the last n % 8 */
+    /* the last n % 8 */
+    return vqkv__mind_update_scalar(xt, n, i, d, c, mind, first, run, total);
 }
 
 bool vqkv__nearest_simd(uint32_t d, uint32_t k)
@@ -928,10 +934,10 @@ uint32_t vqkv__nearest_x512(const float *x, const float *search, uint32_t d, uin
     return vqkv__nearest_scalar(x, search, d, k);
 }
 
-void vqkv__mind_update_x86(const float *xt, size_t n, uint32_t d, const float *c, float *mind,
-                           bool first)
+double vqkv__mind_update_x86(const float *xt, size_t n, uint32_t d, const float *c, float *mind,
+                             bool first, double *run)
 {
-    vqkv__mind_update_scalar(xt, n, 0, d, c, mind, first);
+    return vqkv__mind_update_scalar(xt, n, 0, d, c, mind, first, run, 0.0);
 }
 
 uint32_t vqkv__nearest_x86(const float *x, const float *search, uint32_t d, uint32_t k)

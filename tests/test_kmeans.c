@@ -444,8 +444,9 @@ static void test_search_mark_twins(void **state)
     assert_int_equal(nearest((const float[2]){0.0f, 0.0f}, search, 2, 4), 1);
 }
 
-/* k-means++'s distance pass: the AVX2 path's floats are the scalar
- * reference's, first pass and later ones, tails of every length. */
+/* k-means++'s distance pass: the AVX2 path's floats, running sums and
+ * total are the scalar reference's, first pass and later ones, tails of
+ * every length; the sums are mind's, added in point order. */
 static void test_mind_update_simd_matches_scalar(void **state)
 {
     (void)state;
@@ -460,19 +461,29 @@ static void test_mind_update_simd_matches_scalar(void **state)
             uint32_t d = ds[di];
             float *xt = malloc(n * d * sizeof *xt), *want = malloc(n * sizeof *want);
             float *got = malloc(n * sizeof *got), c[16];
+            double *want_run = malloc(n * sizeof *want_run), *got_run = malloc(n * sizeof *got_run);
             assert_non_null(xt);
             assert_non_null(want);
             assert_non_null(got);
+            assert_non_null(want_run);
+            assert_non_null(got_run);
             for (size_t i = 0; i < n * d; i++)
                 xt[i] = (float)test_rng_gaussian(&rng) * 3.0f;
             for (int pass = 0; pass < 3; pass++) {
                 for (uint32_t j = 0; j < d; j++)
                     c[j] = (float)test_rng_gaussian(&rng);
-                vqkv__mind_update_scalar(xt, n, 0, d, c, want, pass == 0);
-                vqkv__mind_update_x86(xt, n, d, c, got, pass == 0);
+                double want_total =
+                    vqkv__mind_update_scalar(xt, n, 0, d, c, want, pass == 0, want_run, 0.0);
+                double got_total = vqkv__mind_update_x86(xt, n, d, c, got, pass == 0, got_run);
                 assert_memory_equal(got, want, n * sizeof *got);
+                assert_memory_equal(got_run, want_run, n * sizeof *got_run);
+                assert_true(got_total == want_total && want_total == want_run[n - 1]);
+                double sum = 0.0;
+                for (size_t i = 0; i < n; i++)
+                    sum += want[i];
+                assert_true(sum == want_total);
             }
-            test_free_all(xt, want, got);
+            test_free_all(xt, want, got, want_run, got_run);
         }
 }
 
